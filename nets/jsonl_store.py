@@ -1,0 +1,114 @@
+"""Append-only JSON-lines result store that survives interrupts.
+
+Long sweeps (batch-size sweeps, learning-rate bisection, learner comparisons, the
+paper checks) write each finished item as one JSON line keyed by a string. A line is
+written with a single `os.write` on a file opened with O_APPEND and then fsync'ed, so
+a SIGKILL leaves either the whole line or a truncated last line; a truncated or
+unparsable last line is ignored (and repaired) on the next open. Re-running a sweep
+therefore skips the keys already present and never duplicates them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+
+def _jsonable(obj):
+    """Convert numpy/torch scalars and arrays to plain JSON types; NaN/inf to strings."""
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover
+        np = None
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if np is not None and isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if np is not None and isinstance(obj, np.generic):
+        return _jsonable(obj.item())
+    if hasattr(obj, "detach") and hasattr(obj, "tolist"):  # torch tensor
+        return _jsonable(obj.detach().cpu().tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return repr(obj)  # 'nan', 'inf', '-inf'
+    return obj
+
+
+class JsonlStore:
+    """A keyed, resumable record of finished results in one `.jsonl` file.
+
+    >>> store = JsonlStore(path)
+    >>> for key in keys:
+    ...     if key in store: continue
+    ...     store.put(key, compute(key))
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._records: dict[str, Any] = {}
+        self._load()
+
+    def _load(self) -> None:
+        if not self.path.exists():
+            return
+        raw = self.path.read_bytes()
+        good_end = 0
+        pos = 0
+        for line in raw.splitlines(keepends=True):
+            pos += len(line)
+            if not line.endswith(b"\n"):
+                break  # truncated final line from a kill mid-write
+            try:
+                rec = json.loads(line)
+                self._records[str(rec["key"])] = rec["value"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                break
+            good_end = pos
+        if good_end < len(raw):  # drop the damaged tail so later appends stay parseable
+            with open(self.path, "r+b") as fh:
+                fh.truncate(good_end)
+
+    def __contains__(self, key: str) -> bool:
+        return str(key) in self._records
+
+    def __getitem__(self, key: str):
+        return self._records[str(key)]
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def keys(self) -> list[str]:
+        return list(self._records)
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        return iter(self._records.items())
+
+    def get(self, key: str, default=None):
+        return self._records.get(str(key), default)
+
+    def put(self, key: str, value: Any) -> None:
+        """Append one record atomically (one write + fsync). Re-putting a key is an error,
+        so that resumed runs cannot silently duplicate work."""
+        key = str(key)
+        if key in self._records:
+            raise KeyError(f"key {key!r} already stored in {self.path}")
+        value = _jsonable(value)
+        line = (json.dumps({"key": key, "value": value}, allow_nan=False) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._records[key] = value
+
+    def get_or_compute(self, key: str, fn: Callable[[], Any]):
+        """Return the stored value for `key`, computing and storing it if absent."""
+        if key not in self:
+            self.put(key, fn())
+        return self[key]

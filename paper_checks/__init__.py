@@ -1,0 +1,1 @@
+"""paper_checks: every claim of the paper as a runnable check (the main job)."""

@@ -1,0 +1,76 @@
+"""Input checks shared by the public functions of `rmt` (and reused by `nets`).
+
+Every checker names the offending argument in its message, raises `TypeError` for a
+value of the wrong kind and `ValueError` for a value of the right kind out of range,
+and returns the value converted to the canonical type (float, int or ndarray).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+
+def as_float(name: str, value, *, positive: bool = False, nonnegative: bool = False,
+             allow_inf: bool = False) -> float:
+    """Return `value` as a finite float; reject bools, non-numbers, NaN and (unless
+    `allow_inf`) infinities; optionally require > 0 or >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
+        if isinstance(value, np.ndarray) and value.ndim == 0:
+            value = value.item()
+        else:
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    x = float(value)
+    if math.isnan(x):
+        raise ValueError(f"{name} must not be NaN")
+    if math.isinf(x) and not allow_inf:
+        raise ValueError(f"{name} must be finite, got {x}")
+    if positive and not x > 0:
+        raise ValueError(f"{name} must be > 0, got {x}")
+    if nonnegative and not x >= 0:
+        raise ValueError(f"{name} must be >= 0, got {x}")
+    return x
+
+
+def as_int(name: str, value, *, minimum: int | None = None) -> int:
+    """Return `value` as an int (integral floats such as 8.0 are accepted)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got bool")
+    if isinstance(value, (numbers.Integral, np.integer)):
+        n = int(value)
+    elif isinstance(value, (numbers.Real, np.floating)) and float(value).is_integer():
+        n = int(value)
+    else:
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if minimum is not None and n < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {n}")
+    return n
+
+
+def as_array(name: str, value, *, ndim: int | None = None, nonnegative: bool = False,
+             dtype=float) -> np.ndarray:
+    """Return `value` as a finite ndarray of `dtype`; check dimensionality and sign."""
+    try:
+        arr = np.asarray(value, dtype=dtype)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be array-like of numbers: {exc}") from None
+    if ndim is not None and arr.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"{name} must not be empty")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains NaN or inf")
+    if nonnegative and np.any(arr < 0):
+        raise ValueError(f"{name} must be non-negative")
+    return arr
+
+
+def as_rng(rng) -> np.random.Generator:
+    """Accept a Generator, an int seed or None (fresh entropy); never global state."""
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if rng is None or (isinstance(rng, (numbers.Integral, np.integer)) and not isinstance(rng, bool)):
+        return np.random.default_rng(rng)
+    raise TypeError(f"rng must be a numpy.random.Generator, an int seed or None, got {type(rng).__name__}")

@@ -1,0 +1,41 @@
+"""The finite-population sampling factor c(B, N) of THEORY.md §1.
+
+For a per-sample quantity x_i (i = 1..N) with unbiased variance
+S² = (1/(N−1)) Σ (x_i − x̄)², the mean over a uniformly random batch of size B has
+variance c(B, N)·S² with
+
+    c(B, N) = 1/B − 1/N      (without replacement; Cochran, *Sampling Techniques*, §2.5)
+    c(B, N) = 1/B            (with replacement, or N = ∞)
+
+Hence every entry of the fluctuation ε = H_B − H has variance c(B, N)·σ²_jk and
+ε ≡ 0 at B = N without replacement.
+"""
+
+from __future__ import annotations
+
+from ._validation import as_float
+
+
+def batch_noise_factor(B, N=None, replacement: bool = False) -> float:
+    """Return c(B, N): the variance of a batch mean in units of the per-sample variance.
+
+    Parameters
+    ----------
+    B : batch size, > 0 (need not be an integer, so that formulas can be evaluated on a
+        continuum of batch sizes).
+    N : data-set size, or None for an infinite population (then c = 1/B).
+    replacement : sample with replacement (c = 1/B whatever N is).
+
+    Raises ValueError if B <= 0, N <= 0, or B > N when sampling without replacement.
+    """
+    B = as_float("B", B, positive=True)
+    if not isinstance(replacement, bool):
+        raise TypeError("replacement must be a bool")
+    if N is None:
+        return 1.0 / B
+    N = as_float("N", N, positive=True, allow_inf=True)
+    if replacement or N == float("inf"):
+        return 1.0 / B
+    if B > N:
+        raise ValueError(f"B must be <= N when sampling without replacement, got B={B}, N={N}")
+    return max(1.0 / B - 1.0 / N, 0.0)
