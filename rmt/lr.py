@@ -1,21 +1,419 @@
-"""Placeholder: being written (remove this line when implemented)."""
+"""Learning rates as a function of batch size (THEORY.md §5).
+
+Three different things are called "the learning rate" in this literature; every function
+here says which one it returns:
+
+* **stability limit** (ours, Granziol et al. 2022): the largest step for which the
+  quadratic model of the *batch* loss does not diverge, ``α·λ'(B) < 2·(momentum factor)``
+  with ``λ'(B)`` the top eigenvalue of the batch Hessian;
+* **greedy optimal** (McCandlish et al. 2018): the step that maximises the expected
+  one-step decrease of the loss, ``ε_opt(B) = ε_max/(1 + B_noise/B)``;
+* **SDE matching** (Malladi et al. 2022): hyper-parameters that keep the stochastic
+  differential equation of Adam/RMSprop unchanged when the batch grows ``B → κB``.
+
+Batch curvature model (THEORY.md §2-§3): with ``c = c(B, N) = 1/B − 1/N``
+(:func:`rmt.sampling.batch_noise_factor`; ``1/B`` with replacement or ``N = None``)
+
+    λ'(B) = λ + c(B, N)·s²/λ,
+
+``s² = P·σ²`` for isotropic (Wigner) noise, ``s² = s_u²`` (the per-sample variance of the
+Hessian-vector product along the top eigenvector ``u``) for the directional form. The
+isotropic *clipped* model replaces λ' by the semicircle edge ``2√v`` (``v = c·P·σ²``)
+below the threshold ``λ ≤ √v`` (:func:`isotropic_batch_curvature`).
+
+Batch sizes ``B`` may be scalars (the result is a ``float``) or array-likes (the result
+is an ``ndarray`` of the same shape); all other arguments are scalars.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ._validation import as_array, as_float
+from .sampling import batch_noise_factor
+
+__all__ = [
+    "noise_factor",
+    "batch_curvature",
+    "isotropic_batch_curvature",
+    "momentum_factor",
+    "sgd_max_lr",
+    "sgd_max_lr_isotropic",
+    "critical_batch_size",
+    "adam_max_lr",
+    "min_damping",
+    "min_damping_at_batch",
+    "heavy_ball",
+    "underlying_curvature",
+    "rescale_curvature",
+    "mccandlish_b_simple",
+    "mccandlish_b_noise",
+    "mccandlish_eps_max",
+    "mccandlish_optimal_lr",
+    "mccandlish_two_batch_estimate",
+    "malladi_adam_scaling",
+]
 
 
-def sgd_max_lr(*args, **kwargs):
-    raise NotImplementedError("sgd_max_lr")
+# --------------------------------------------------------------------------- helpers
+
+def _is_scalar(x) -> bool:
+    return np.ndim(x) == 0
 
 
-def critical_batch_size(*args, **kwargs):
-    raise NotImplementedError("critical_batch_size")
+def _out(x, scalar: bool):
+    return float(x) if scalar else np.asarray(x, dtype=float)
 
 
-def adam_max_lr(*args, **kwargs):
-    raise NotImplementedError("adam_max_lr")
+def noise_factor(B, N=None, replacement: bool = False):
+    """Vectorised :func:`rmt.sampling.batch_noise_factor`: ``c(B, N) = 1/B − 1/N``.
+
+    ``B`` scalar → float (delegates to ``batch_noise_factor``); array-like → ndarray of the
+    same shape, validated the same way (every B > 0 and finite; B ≤ N without
+    replacement; N > 0).
+    """
+    if _is_scalar(B):
+        return batch_noise_factor(B, N, replacement)
+    arr = as_array("B", B)
+    if np.any(arr <= 0):
+        raise ValueError(f"B must be > 0, got min(B)={arr.min()}")
+    # validate N, replacement and B <= N with the scalar routine on the extreme entries
+    batch_noise_factor(float(arr.max()), N, replacement)
+    batch_noise_factor(float(arr.min()), N, replacement)
+    c = 1.0 / arr
+    if N is not None and not replacement and math.isfinite(float(N)):
+        c = np.maximum(c - 1.0 / float(N), 0.0)
+    return c
 
 
-def min_damping(*args, **kwargs):
-    raise NotImplementedError("min_damping")
+def _momentum(name: str, value) -> float:
+    m = as_float(name, value, nonnegative=True)
+    if not m < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {m}")
+    return m
 
 
-def heavy_ball(*args, **kwargs):
-    raise NotImplementedError("heavy_ball")
+# --------------------------------------------------------------------------- curvature
+
+def batch_curvature(B, lam, s2, N=None, replacement: bool = False):
+    """Top eigenvalue of the batch Hessian, unclipped: ``λ'(B) = λ + c(B, N)·s²/λ``.
+
+    Second-order perturbation of an isolated outlier ``λ > 0`` of ``H`` by the batch
+    fluctuation ``ε = H_B − H`` (THEORY.md §3): ``λ' ≈ λ + uᵀE[ε²]u/λ``, and
+    ``uᵀE[ε²]u = c(B, N)·s²``. Pass ``s2 = s_u²`` for the directional form or
+    ``s2 = P·σ²`` for the isotropic form without the threshold clip.
+    """
+    lam = as_float("lam", lam, positive=True)
+    s2 = as_float("s2", s2, nonnegative=True)
+    scalar = _is_scalar(B)
+    c = noise_factor(B, N, replacement)
+    return _out(lam + c * s2 / lam, scalar)
+
+
+def isotropic_batch_curvature(B, lam, sigma2, P, N=None, clip: bool = True,
+                              replacement: bool = False):
+    """Top batch eigenvalue in the paper's isotropic spiked-Wigner model (THEORY.md §2).
+
+    The fluctuation is a Wigner matrix with semicircle variance ``v = P·c(B, N)·σ²``
+    (edges ``±2√v``); the spike ``λ > 0`` gives ``λ' = λ + v/λ`` if ``λ > √v``, else the
+    bulk edge ``2√v`` (``clip=True``). With ``clip=False`` the formula ``λ + v/λ`` is used
+    for every B (identical to :func:`batch_curvature` with ``s2 = P·σ²``).
+
+    Note: since ``λ + v/λ ≥ 2√v`` with equality at the threshold, the clipped model is
+    continuous, and the learning rate ``2/λ'`` it implies changes by at most a factor
+    two between ``B = ∞`` (``2/λ``) and the threshold batch (``2/(2λ)``); below it the
+    edge ``2√v ∝ 1/√B`` takes over.
+    """
+    lam = as_float("lam", lam, positive=True)
+    sigma2 = as_float("sigma2", sigma2, nonnegative=True)
+    P = as_float("P", P, positive=True)
+    if not isinstance(clip, bool):
+        raise TypeError("clip must be a bool")
+    scalar = _is_scalar(B)
+    v = P * sigma2 * noise_factor(B, N, replacement)
+    top = lam + v / lam
+    if clip:
+        top = np.where(lam > np.sqrt(v), top, 2.0 * np.sqrt(v))
+    return _out(top, scalar)
+
+
+# --------------------------------------------------------------------------- momentum
+
+def momentum_factor(beta=0.0, kind: str = "heavy_ball") -> float:
+    """Numerator ``F`` of the quadratic stability limit ``α·λ < F``.
+
+    * ``kind="heavy_ball"`` (``x⁺ = x − α∇f + ρ(x − x⁻)``): ``F = 2(1 + ρ)``;
+    * ``kind="ema"`` (Adam's first moment ``m ← β₁m + (1 − β₁)g``, ``x⁺ = x − αm``):
+      ``F = 2(1 + β₁)/(1 − β₁)`` (38 at β₁ = 0.9).
+
+    Both come from the characteristic root of the two-step recursion crossing −1
+    (derived in :func:`rmt.symbolic.derive_momentum_factors`). ``beta`` in [0, 1).
+    """
+    b = _momentum("beta", beta)
+    if kind == "heavy_ball":
+        return 2.0 * (1.0 + b)
+    if kind == "ema":
+        return 2.0 * (1.0 + b) / (1.0 - b)
+    raise ValueError(f"kind must be 'heavy_ball' or 'ema', got {kind!r}")
+
+
+# --------------------------------------------------------------------------- SGD
+
+def sgd_max_lr(B, lam, s2, N=None, momentum=0.0, *, momentum_kind: str = "heavy_ball",
+               replacement: bool = False):
+    """Stability-limit learning rate of SGD at batch size B (THEORY.md §5).
+
+    ``α_max(B) = F/λ'(B)``, ``λ'(B) = λ + c(B, N)·s²/λ`` (unclipped; directional if
+    ``s2 = s_u²``), ``F = 2(1 + momentum)`` for heavy-ball momentum (default) or
+    ``2(1 + β)/(1 − β)`` for ``momentum_kind="ema"``. Equivalently
+    ``α_max = (F/λ)/(1 + B*·c(B, N))`` with ``B* = s²/λ²`` (:func:`critical_batch_size`);
+    with replacement (or ``N=None``) ``α_max = (F/λ)·B/(B + B*)``: linear in B for
+    ``B ≪ B*``, saturating at ``F/λ`` (reached exactly at ``B = N`` without replacement).
+
+    This is a *stability limit* (largest non-divergent step of the batch quadratic), not
+    McCandlish's greedy-optimal step nor an SDE-matching rule.
+    """
+    F = momentum_factor(_momentum("momentum", momentum), momentum_kind)
+    return F / batch_curvature(B, lam, s2, N, replacement)
+
+
+def sgd_max_lr_isotropic(B, lam, sigma2, P, N=None, momentum=0.0, clip: bool = True, *,
+                         momentum_kind: str = "heavy_ball", replacement: bool = False):
+    """Stability-limit SGD learning rate in the paper's isotropic spiked-Wigner model.
+
+    ``α_max = F/λ'_iso(B)`` with ``λ'_iso`` from :func:`isotropic_batch_curvature`
+    (``v = P·c(B,N)·σ²``; ``λ + v/λ`` above the threshold ``λ > √v``, ``2√v`` below when
+    ``clip=True``). Between ``B = ∞`` and the threshold batch this model changes α by at
+    most a factor two (``2/λ → 1/λ``); below threshold ``α = F/(2√v) ∝ √B``. Use
+    :func:`sgd_max_lr` with the directional ``s_u²`` for the linear-scaling regime.
+    """
+    F = momentum_factor(_momentum("momentum", momentum), momentum_kind)
+    return F / isotropic_batch_curvature(B, lam, sigma2, P, N, clip, replacement)
+
+
+def critical_batch_size(lam, s2) -> float:
+    """Critical batch size ``B* = s²/λ²`` of the stability-limit law (THEORY.md §5).
+
+    At ``B = B*`` (with replacement / N = ∞) the SGD stability limit is half its
+    saturated value ``2/λ``; below B* it grows linearly in B, above it saturates.
+    Analogous to (but not the same quantity as) McCandlish's ``B_noise``.
+    """
+    lam = as_float("lam", lam, positive=True)
+    s2 = as_float("s2", s2, nonnegative=True)
+    return s2 / lam ** 2
+
+
+# --------------------------------------------------------------------------- Adam
+
+def adam_max_lr(B, lam, s2, grad_mean_sq, grad_var, N=None, eps=0.0, beta1=0.0, *,
+                replacement: bool = False):
+    """Stability-limit learning rate of Adam/RMSprop, isotropic closed form (THEORY.md §5).
+
+    With an isotropic (scalar) preconditioner ``D = 1/(√v + eps)``,
+    ``v = grad_mean_sq + c(B, N)·grad_var`` (mean squared gradient plus batch gradient
+    noise per coordinate), stability needs ``α·D·λ'(B) < 2(1 + β₁)/(1 − β₁)``:
+
+        α_max(B) = 2(1 + β₁)/(1 − β₁) · (√(grad_mean_sq + c·grad_var) + eps) / λ'(B),
+        λ'(B) = λ + c·s²/λ.
+
+    For ``B → 0`` (noise-dominated) α_max ∝ √B (square-root scaling); for large B it
+    saturates. This is a *stability limit*; for the SDE-matching rule see
+    :func:`malladi_adam_scaling`.
+    """
+    g2 = as_float("grad_mean_sq", grad_mean_sq, nonnegative=True)
+    gv = as_float("grad_var", grad_var, nonnegative=True)
+    eps = as_float("eps", eps, nonnegative=True)
+    F = momentum_factor(_momentum("beta1", beta1), "ema")
+    lam_b = batch_curvature(B, lam, s2, N, replacement)
+    c = noise_factor(B, N, replacement)
+    return _out(F * (np.sqrt(g2 + c * gv) + eps) / lam_b, _is_scalar(B))
+
+
+# --------------------------------------------------------------------------- damping
+
+def min_damping(lr, lam_noise) -> float:
+    """Smallest stable damping ``δ_min = α·λ'/2`` for damped second-order steps.
+
+    In a direction where the curvature estimate is ≈ 0 but the batch curvature is the
+    noise value λ', the step ``α·(Ĥ + δ)⁻¹g`` multiplies the error by ``1 − αλ'/δ``;
+    stability (``|·| < 1``) needs ``δ > αλ'/2`` (THEORY.md §5). ``lr`` is the step size
+    actually used (any of the three kinds).
+    """
+    lr = as_float("lr", lr, positive=True)
+    lam_noise = as_float("lam_noise", lam_noise, nonnegative=True)
+    return lr * lam_noise / 2.0
+
+
+def min_damping_at_batch(lr, lam_noise_ref, B_ref, B, N=None, power=1.0,
+                         replacement: bool = False):
+    """``δ_min(B) = α·λ'_noise(B)/2`` from a noise curvature measured at batch ``B_ref``.
+
+    The noise curvature is rescaled as ``λ'_noise(B) = λ'_noise(B_ref)·(c(B)/c(B_ref))^power``.
+    ``power=1`` (default) is the Wishart/GGN regime ``P ≫ B`` where the MP edge
+    ``σ²(1 + √q)² ≈ σ²q ∝ c(B, N)``, which gives THEORY.md's rule ``δ_min ∝ α/B`` (keep
+    ``δ·B`` fixed at fixed α); ``power=0.5`` is the semicircle edge ``2√v ∝ √c``.
+    """
+    lr = as_float("lr", lr, positive=True)
+    lam_noise_ref = as_float("lam_noise_ref", lam_noise_ref, nonnegative=True)
+    power = as_float("power", power, positive=True)
+    c_ref = noise_factor(as_float("B_ref", B_ref, positive=True), N, replacement)
+    if c_ref == 0.0:
+        raise ValueError("B_ref must be < N (at B_ref = N the noise curvature is zero and "
+                         "cannot be rescaled)")
+    scalar = _is_scalar(B)
+    c = noise_factor(B, N, replacement)
+    return _out(lr * lam_noise_ref * (c / c_ref) ** power / 2.0, scalar)
+
+
+# --------------------------------------------------------------------------- heavy ball
+
+def heavy_ball(lam_max, lam_min, *, variant: str = "polyak"):
+    """Quadratic-optimal heavy-ball hyper-parameters for ``μ ≤ H ≤ L`` (Polyak 1964).
+
+    ``variant="polyak"``: ``α = 4/(√L + √μ)²``, ``ρ = ((√κ − 1)/(√κ + 1))²``, κ = L/μ;
+    the convergence rate is √ρ (μ = 0.01, L = 1 → α = 3.306, ρ = 0.669).
+    ``variant="paper"``: the same α with ``ρ = (√κ − 1)/(√κ + 1)`` (used in the authors'
+    PreResNet runs, THEORY.md §6). Both are within the stability limit ``α·L < 2(1+ρ)``.
+
+    The returned α is an *optimal-rate* step for the deterministic quadratic, not a
+    stability limit. Returns ``(lr, momentum)``.
+    """
+    L = as_float("lam_max", lam_max, positive=True)
+    mu = as_float("lam_min", lam_min, positive=True)
+    if mu > L:
+        raise ValueError(f"lam_min must be <= lam_max, got lam_min={mu}, lam_max={L}")
+    sk = math.sqrt(L / mu)
+    lr = 4.0 / (math.sqrt(L) + math.sqrt(mu)) ** 2
+    r = (sk - 1.0) / (sk + 1.0)
+    if variant == "polyak":
+        return lr, r * r
+    if variant == "paper":
+        return lr, r
+    raise ValueError(f"variant must be 'polyak' or 'paper', got {variant!r}")
+
+
+# --------------------------------------------------------------------------- rescaling
+
+def underlying_curvature(lam_measured, B, s2, N=None, replacement: bool = False,
+                         strict: bool = True) -> float:
+    """Invert ``λ' = λ + c(B, N)·s²/λ`` for the empirical (B = N) curvature λ.
+
+    Solves ``λ² − λ'λ + c·s² = 0`` and returns the larger root
+    ``λ = (λ' + √(λ'² − 4c·s²))/2`` (the branch λ > √(c·s²) on which λ' increases with λ,
+    i.e. the supercritical spike). If ``λ'² < 4c·s²`` the measurement is below the
+    minimum ``2√(c·s²)`` the model allows: ``strict=True`` raises ValueError, otherwise
+    the discriminant is clipped to 0 (λ = λ'/2).
+    """
+    lam_m = as_float("lam_measured", lam_measured, positive=True)
+    s2 = as_float("s2", s2, nonnegative=True)
+    c = batch_noise_factor(B, N, replacement)
+    disc = lam_m ** 2 - 4.0 * c * s2
+    if disc < 0:
+        if strict:
+            raise ValueError(
+                f"lam_measured={lam_m} is below the model minimum 2*sqrt(c*s2)="
+                f"{2 * math.sqrt(c * s2)}: no underlying curvature (pass strict=False to clip)")
+        disc = 0.0
+    return 0.5 * (lam_m + math.sqrt(disc))
+
+
+def rescale_curvature(lam_measured, B_from, B_to, s2, N=None, replacement: bool = False,
+                      strict: bool = True):
+    """Move a top curvature measured at batch ``B_from`` to batch ``B_to`` (THEORY.md §6).
+
+    Removes ``c(B_from)·s²/λ`` and adds ``c(B_to)·s²/λ``, with the underlying λ from
+    :func:`underlying_curvature` (larger root of ``λ² − λ'λ + c(B_from)s² = 0``).
+    ``B_to`` may be an array.
+    """
+    lam = underlying_curvature(lam_measured, B_from, s2, N, replacement, strict)
+    return batch_curvature(B_to, lam, s2, N, replacement)
+
+
+# --------------------------------------------------------------------------- McCandlish
+
+def mccandlish_b_simple(trace_sigma, grad_sq_norm) -> float:
+    """McCandlish et al. (2018) simple noise scale ``B_simple = tr Σ / |G|²``.
+
+    ``Σ`` is the per-sample gradient covariance, ``G`` the full-batch gradient.
+    """
+    t = as_float("trace_sigma", trace_sigma, nonnegative=True)
+    g = as_float("grad_sq_norm", grad_sq_norm, positive=True)
+    return t / g
+
+
+def mccandlish_b_noise(trace_h_sigma, g_h_g) -> float:
+    """McCandlish et al. (2018) noise scale ``B_noise = tr(HΣ) / (GᵀHG)``.
+
+    Requires ``GᵀHG > 0`` (locally convex along the gradient).
+    """
+    t = as_float("trace_h_sigma", trace_h_sigma, nonnegative=True)
+    q = as_float("g_h_g", g_h_g, positive=True)
+    return t / q
+
+
+def mccandlish_eps_max(grad_sq_norm, g_h_g) -> float:
+    """Greedy-optimal full-batch step ``ε_max = |G|²/(GᵀHG)`` (McCandlish et al. 2018)."""
+    g = as_float("grad_sq_norm", grad_sq_norm, nonnegative=True)
+    q = as_float("g_h_g", g_h_g, positive=True)
+    return g / q
+
+
+def mccandlish_optimal_lr(B, eps_max, b_noise, N=None, replacement: bool = False):
+    """Greedy-optimal learning rate ``ε_opt(B) = ε_max/(1 + B_noise·c(B, N))``.
+
+    With ``N=None`` this is McCandlish et al.'s ``ε_max/(1 + B_noise/B)``; a finite N uses
+    the without-replacement factor ``c = 1/B − 1/N`` (so ``ε_opt(N) = ε_max``). This is
+    the step minimising the expected loss after one step of the quadratic model — a
+    *greedy optimum*, roughly half the stability limit when the noise is small.
+    """
+    eps_max = as_float("eps_max", eps_max, positive=True)
+    b_noise = as_float("b_noise", b_noise, nonnegative=True)
+    scalar = _is_scalar(B)
+    c = noise_factor(B, N, replacement)
+    return _out(eps_max / (1.0 + b_noise * c), scalar)
+
+
+def mccandlish_two_batch_estimate(B_small, sq_norm_small, B_big, sq_norm_big, N=None,
+                                  replacement: bool = False):
+    """Unbiased ``(|G|², tr Σ)`` from mean squared gradient norms at two batch sizes.
+
+    Uses ``E|G_B|² = |G|² + c(B, N)·tr Σ`` (McCandlish et al. 2018, App. A; finite-N
+    factor c from :func:`rmt.sampling.batch_noise_factor`) at two batch sizes and solves
+    the 2×2 linear system. The estimates can be negative from noisy inputs; they are
+    returned as computed. Returns ``(grad_sq_norm, trace_sigma)``.
+    """
+    ns = as_float("sq_norm_small", sq_norm_small, nonnegative=True)
+    nb = as_float("sq_norm_big", sq_norm_big, nonnegative=True)
+    cs = batch_noise_factor(B_small, N, replacement)
+    cb = batch_noise_factor(B_big, N, replacement)
+    if not cs > cb:
+        raise ValueError(f"B_small must be < B_big, got B_small={B_small}, B_big={B_big}")
+    trace_sigma = (ns - nb) / (cs - cb)
+    grad_sq = (cs * nb - cb * ns) / (cs - cb)
+    return grad_sq, trace_sigma
+
+
+# --------------------------------------------------------------------------- Malladi
+
+def malladi_adam_scaling(kappa, lr, beta1=0.9, beta2=0.999, eps=1e-8) -> dict:
+    """SDE-matching Adam/RMSprop hyper-parameters when the batch grows ``B → κB``.
+
+    Malladi et al. (2022) square-root rule: ``η → √κ·η``, ``1 − β_i → κ(1 − β_i)``,
+    ``ε → ε/√κ``. This keeps Adam's SDE approximation unchanged; it is neither a
+    stability limit nor a greedy optimum. Raises ValueError if ``κ(1 − β_i) > 1``.
+    Returns ``{"lr", "beta1", "beta2", "eps"}``.
+    """
+    kappa = as_float("kappa", kappa, positive=True)
+    lr = as_float("lr", lr, positive=True)
+    b1 = _momentum("beta1", beta1)
+    b2 = _momentum("beta2", beta2)
+    eps = as_float("eps", eps, nonnegative=True)
+    out = {"lr": math.sqrt(kappa) * lr, "eps": eps / math.sqrt(kappa)}
+    for name, b in (("beta1", b1), ("beta2", b2)):
+        one_minus = kappa * (1.0 - b)
+        if one_minus > 1.0:
+            raise ValueError(f"kappa*(1-{name}) = {one_minus} > 1: {name} would be negative")
+        out[name] = 1.0 - one_minus
+    return out

@@ -1,5 +1,355 @@
-"""Placeholder: being written (remove this line when implemented)."""
+"""Symbolic (sympy) derivations of the closed forms used in `rmt` (THEORY.md §2, §4, §5).
+
+Each ``derive_*`` function *derives* its result from the defining equation (a Stieltjes
+transform equation, a characteristic polynomial, a stability condition) rather than
+restating it, and returns a frozen :class:`Derivation` holding the sympy symbols, the
+expressions (and conditions) obtained along the way, and their LaTeX. Results are cached
+(``functools.lru_cache``); each derivation takes well under a second.
+
+Conventions: Stieltjes transform ``g(z) = ∫ dμ(x)/(x − z)`` (so ``g(z) ~ −1/z`` as
+``z → ∞`` and ``g < 0``, ``g' > 0`` to the right of the support); Wishart ratio
+``q = p/n``; batch noise factor ``c(B, N) = 1/B − 1/N``.
+
+    >>> from rmt.symbolic import derive_spiked_wigner
+    >>> d = derive_spiked_wigner()
+    >>> d.exprs["outlier"]
+    theta + v/theta
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Mapping
+
+import sympy as sp
+
+__all__ = [
+    "Derivation",
+    "derive_spiked_wigner",
+    "derive_spiked_wishart",
+    "derive_momentum_factors",
+    "derive_lr_laws",
+    "derive_directional_stability",
+    "derive_critical_batch_size",
+    "lr_scaling_exponent",
+]
 
 
-def lr_scaling_exponent(*args, **kwargs):
-    raise NotImplementedError("lr_scaling_exponent")
+@dataclass(frozen=True, eq=False)
+class Derivation:
+    """Result of a symbolic derivation.
+
+    Attributes
+    ----------
+    name : what was derived.
+    symbols : name → sympy Symbol used in the expressions.
+    exprs : name → derived sympy expression (or relation, for conditions).
+    latex : name → ``sympy.latex`` of the corresponding entry of ``exprs``.
+    """
+
+    name: str
+    symbols: Mapping[str, sp.Symbol]
+    exprs: Mapping[str, sp.Basic]
+    latex: Mapping[str, str]
+
+    def lambdify(self, key: str, *args: str):
+        """Numpy function of the symbols named in ``args`` (in that order) for ``exprs[key]``."""
+        if key not in self.exprs:
+            raise KeyError(f"key must be one of {sorted(self.exprs)}, got {key!r}")
+        missing = [a for a in args if a not in self.symbols]
+        if missing:
+            raise KeyError(f"unknown symbol name(s) {missing}; known: {sorted(self.symbols)}")
+        return sp.lambdify([self.symbols[a] for a in args], self.exprs[key], "numpy")
+
+
+def _make(name: str, symbols: dict, exprs: dict) -> Derivation:
+    return Derivation(
+        name=name,
+        symbols=MappingProxyType(dict(symbols)),
+        exprs=MappingProxyType(dict(exprs)),
+        latex=MappingProxyType({k: sp.latex(v) for k, v in exprs.items()}),
+    )
+
+
+def _single(solutions, what: str):
+    sols = list(solutions)
+    if len(sols) != 1:
+        raise RuntimeError(f"expected one solution for {what}, got {sols}")  # pragma: no cover
+    return sols[0]
+
+
+# --------------------------------------------------------------------------- spiked Wigner
+
+@functools.lru_cache(maxsize=None)
+def derive_spiked_wigner() -> Derivation:
+    """Outlier, threshold and overlap of ``W + θuuᵀ``, W semicircle of variance v.
+
+    1. The semicircle Stieltjes transform solves ``v g² + z g + 1 = 0``; of its two roots
+       the one with ``z·g(z) → −1`` as ``z → ∞`` is selected (computed by a limit). With
+       sympy's principal square root this expression is the transform for real
+       ``z > 2√v`` (right of the support, where the top outlier lives); negative spikes
+       follow by the symmetry ``θ → −θ, z → −z``.
+    2. The bulk edges are where the discriminant ``z² − 4v`` vanishes: ``±2√v``.
+    3. Outlier: ``1 + θ g(z) = 0``; substituting ``g = −1/θ`` into the quadratic and
+       solving for z gives ``z(θ) = θ + v/θ``.
+    4. Threshold: z(θ) is the outlier only where it is increasing (where the chosen
+       branch really takes the value −1/θ); ``z'(θ) = 0`` at ``θ_c = √v`` and
+       ``z(θ_c) = 2√v`` is the edge. Outlier exists iff ``θ > √v``.
+    5. Overlap ``|⟨u, û⟩|² = 1/(θ² g'(z))`` with ``g'`` from implicit differentiation of
+       the quadratic, ``g' = −g/(2vg + z)``, at ``(z, g) = (θ + v/θ, −1/θ)``: ``1 − v/θ²``.
+
+    exprs: ``stieltjes_equation``, ``stieltjes`` (chosen branch), ``edge``,
+    ``outlier``, ``threshold``, ``outlier_condition``, ``overlap``.
+    """
+    z, g = sp.symbols("z g")
+    theta, v = sp.symbols("theta v", positive=True)
+    eq = v * g**2 + z * g + 1
+    roots = sp.solve(eq, g)
+    branch = _single([r for r in roots if sp.limit(z * r, z, sp.oo) == -1],
+                     "the branch with g ~ -1/z")
+    disc = sp.discriminant(eq, g)
+    edge = max(sp.solve(sp.Eq(disc, 0), z), key=lambda e: e.subs(v, 1))
+    outlier = sp.simplify(_single(sp.solve(eq.subs(g, -1 / theta), z), "z(theta)"))
+    threshold = _single(sp.solve(sp.diff(outlier, theta), theta), "z'(theta) = 0")
+    edge_check = sp.simplify(outlier.subs(theta, threshold) - edge)
+    if edge_check != 0:  # pragma: no cover - guards the derivation
+        raise RuntimeError(f"outlier at threshold differs from the edge by {edge_check}")
+    g_prime = -sp.diff(eq, z) / sp.diff(eq, g)  # implicit differentiation
+    g_prime_at = sp.simplify(g_prime.subs(g, -1 / theta).subs(z, outlier))
+    overlap = sp.simplify(sp.expand(1 / (theta**2 * g_prime_at)))
+    return _make(
+        "spiked Wigner (BBP for the semicircle)",
+        {"z": z, "g": g, "theta": theta, "v": v},
+        {
+            "stieltjes_equation": sp.Eq(eq, 0),
+            "stieltjes": branch,
+            "edge": edge,
+            "outlier": outlier,
+            "threshold": threshold,
+            "outlier_condition": sp.StrictGreaterThan(theta, threshold),
+            "overlap": overlap,
+        },
+    )
+
+
+# --------------------------------------------------------------------------- spiked Wishart
+
+@functools.lru_cache(maxsize=None)
+def derive_spiked_wishart() -> Derivation:
+    """BBP outlier, threshold and overlap for ``S = Σ^{1/2}XXᵀΣ^{1/2}/n``, ``q = p/n``.
+
+    Population ``Σ`` has bulk eigenvalue σ² and one spike ℓ.
+
+    1. Silverstein–Bai equation for ``H = δ_{σ²}``:
+       ``m = 1/(σ²(1 − q − q z m) − z)``, i.e. the MP quadratic
+       ``qσ² z m² + (z − σ²(1 − q)) m + 1 = 0``; its discriminant gives the edges
+       ``σ²(1 ± √q)²``.
+    2. Companion transform ``m̲ = −(1 − q)/z + q m`` (of ``XᵀΣX/n``); eliminating m and
+       solving for z gives the inverse ``z(m̲) = −1/m̲ + qσ²/(1 + σ² m̲)``.
+    3. A population spike ℓ gives a sample outlier where ``1 + ℓ m̲(z) = 0``
+       (Baik–Silverstein 2006): ``ψ(ℓ) = z(−1/ℓ) = ℓ(1 + qσ²/(ℓ − σ²))``.
+    4. Threshold: ψ is the outlier only where increasing; ``ψ'(ℓ) = 0`` at
+       ``ℓ_c = σ²(1 + √q)`` and ``ψ(ℓ_c) = σ²(1 + √q)²`` is the right MP edge.
+    5. Overlap of the sample and population spike eigenvectors:
+       ``ℓψ'(ℓ)/ψ(ℓ) = (1 − qσ⁴/(ℓ − σ²)²)/(1 + qσ²/(ℓ − σ²))`` (Paul 2007; the general
+       ``αψ'(α)/ψ(α)`` form of Bai–Yao / Mestre 2008).
+
+    exprs: ``mp_equation``, ``edge_right``, ``edge_left``, ``companion_inverse``,
+    ``outlier``, ``threshold``, ``outlier_condition``, ``overlap``.
+    """
+    z, m = sp.symbols("z m")
+    mc = sp.Symbol(r"\underline{m}")
+    ell, q, s2 = sp.symbols("ell q sigma^2", positive=True)
+    # 1. Silverstein–Bai with a point-mass population at sigma^2, cleared of denominators
+    sb = sp.expand(m * (s2 * (1 - q - q * z * m) - z) - 1)
+    mp_eq = sp.expand(-sb)  # q s2 z m^2 + (z - s2 (1 - q)) m + 1
+    edges = sp.solve(sp.Eq(sp.discriminant(mp_eq, m), 0), z)
+    edges = sorted(edges, key=lambda e: float(e.subs({s2: 1, q: sp.Rational(1, 4)})))
+    edge_left, edge_right = [sp.factor(e) for e in edges]
+    # 2. companion transform; solve for z as a function of mc
+    in_mc = sp.together(mp_eq.subs(m, (mc + (1 - q) / z) / q))
+    num = sp.factor(sp.numer(in_mc))
+    z_sols = [s for s in sp.solve(num, z) if s != 0]
+    z_of_mc = sp.simplify(_single(z_sols, "z(m_companion)"))
+    # 3. outlier from 1 + ell * m_companion = 0
+    outlier = sp.factor(sp.simplify(z_of_mc.subs(mc, -1 / ell)))
+    # 4. threshold: psi'(ell) = 0 on ell > sigma^2
+    crit = sp.solve(sp.diff(outlier, ell), ell)
+    thr = [c for c in crit if sp.simplify(c - s2).subs({s2: 1, q: sp.Rational(1, 4)}) > 0]
+    threshold = sp.factor(_single(thr, "psi'(ell) = 0 above sigma^2"))
+    edge_check = sp.simplify(outlier.subs(ell, threshold) - edge_right)
+    if edge_check != 0:  # pragma: no cover
+        raise RuntimeError(f"outlier at threshold differs from the edge by {edge_check}")
+    overlap = sp.factor(sp.simplify(ell * sp.diff(outlier, ell) / outlier))
+    return _make(
+        "spiked Wishart (BBP)",
+        {"z": z, "m": m, "m_companion": mc, "ell": ell, "q": q, "sigma2": s2},
+        {
+            "mp_equation": sp.Eq(mp_eq, 0),
+            "edge_left": edge_left,
+            "edge_right": edge_right,
+            "companion_inverse": z_of_mc,
+            "outlier": outlier,
+            "threshold": threshold,
+            "outlier_condition": sp.StrictGreaterThan(ell, threshold),
+            "overlap": overlap,
+        },
+    )
+
+
+# --------------------------------------------------------------------------- momentum
+
+@functools.lru_cache(maxsize=None)
+def derive_momentum_factors() -> Derivation:
+    """Stability limits ``α·h < F`` of heavy-ball and EMA momentum on ``f = h x²/2``.
+
+    Write each method as a linear map on ``(x_t, ·)``; its characteristic polynomial
+    ``p(μ) = μ² − T μ + D`` has ``D = ρ`` (resp. β₁) < 1, so the only way a root leaves
+    the unit disc as α grows is through ``μ = −1`` (Jury); solving ``p(−1) = 0`` for
+    ``α h`` gives ``F``:
+
+    * heavy ball ``x⁺ = x − αh x + ρ(x − x⁻)``: ``F = 2(1 + ρ)``;
+    * EMA ``m⁺ = β₁m + (1 − β₁)h x``, ``x⁺ = x − α m⁺``: ``F = 2(1 + β₁)/(1 − β₁)``.
+    """
+    alpha, h = sp.symbols("alpha h", positive=True)
+    rho, beta1 = sp.symbols("rho beta1", nonnegative=True)
+    mu = sp.Symbol("mu")
+    hb = sp.Matrix([[1 + rho - alpha * h, -rho], [1, 0]])  # (x_t, x_{t-1})
+    ema = sp.Matrix([[1 - alpha * (1 - beta1) * h, -alpha * beta1],
+                     [(1 - beta1) * h, beta1]])  # (x_t, m_t)
+    out = {}
+    for key, M in (("heavy_ball", hb), ("ema", ema)):
+        p = M.charpoly(mu).as_expr()
+        a = _single(sp.solve(p.subs(mu, -1), alpha), f"{key} boundary")
+        out[f"{key}_charpoly"] = p
+        out[key] = sp.factor(sp.simplify(a * h))
+    return _make("momentum stability factors",
+                 {"alpha": alpha, "h": h, "rho": rho, "beta1": beta1, "mu": mu}, out)
+
+
+# --------------------------------------------------------------------------- lr laws
+
+def _lr_symbols():
+    B, N, lam, s2 = sp.symbols("B N lambda s^2", positive=True)
+    g2, gv, eps = sp.symbols("gbar^2 sigma_g^2 epsilon", positive=True)
+    rho, beta1 = sp.symbols("rho beta1", nonnegative=True)
+    return dict(B=B, N=N, lam=lam, s2=s2, g2=g2, gv=gv, eps=eps, rho=rho, beta1=beta1)
+
+
+@functools.lru_cache(maxsize=None)
+def derive_lr_laws() -> Derivation:
+    """Stability-limit learning rate as a function of batch size (THEORY.md §5).
+
+    The batch curvature ``λ'(B) = λ + c s²/λ`` with ``c = 1/B − 1/N``; the boundary
+    ``α·λ_eff = F`` is solved for α, F taken from :func:`derive_momentum_factors`:
+
+    * SGD (heavy-ball ρ): ``λ_eff = λ'`` → ``α = 2(1 + ρ)/(λ + c s²/λ)``;
+    * Adam (EMA β₁, isotropic preconditioner ``1/(√(ḡ² + c σ_g²) + ε)``):
+      ``λ_eff = λ'/(√(ḡ² + c σ_g²) + ε)`` →
+      ``α = 2(1 + β₁)/(1 − β₁)·(√(ḡ² + c σ_g²) + ε)/(λ + c s²/λ)``.
+
+    exprs: ``c``, ``batch_curvature``, ``sgd``, ``adam`` (with finite N) and
+    ``sgd_inf``, ``adam_inf`` (N = ∞), ``sgd_at_N`` (= 2(1+ρ)/λ).
+    """
+    S = _lr_symbols()
+    B, N, lam, s2 = S["B"], S["N"], S["lam"], S["s2"]
+    alpha = sp.Symbol("alpha", positive=True)
+    mf = derive_momentum_factors()
+    F_hb = mf.exprs["heavy_ball"].subs(mf.symbols["rho"], S["rho"])
+    F_ema = mf.exprs["ema"].subs(mf.symbols["beta1"], S["beta1"])
+    c = 1 / B - 1 / N
+    lam_b = lam + c * s2 / lam
+    precond = sp.sqrt(S["g2"] + c * S["gv"]) + S["eps"]
+    sgd = _single(sp.solve(sp.Eq(alpha * lam_b, F_hb), alpha), "SGD boundary")
+    adam = _single(sp.solve(sp.Eq(alpha * lam_b / precond, F_ema), alpha), "Adam boundary")
+    exprs = {
+        "c": c,
+        "batch_curvature": lam_b,
+        "sgd": sgd,
+        "adam": adam,
+        "sgd_inf": sp.simplify(sp.limit(sgd, N, sp.oo)),
+        "adam_inf": sp.limit(adam, N, sp.oo),
+        "sgd_at_N": sp.simplify(sgd.subs(B, N)),
+    }
+    return _make("learning rate vs batch size", {**S, "alpha": alpha}, exprs)
+
+
+_OPTIMIZERS = ("sgd", "adam")
+
+
+def lr_scaling_exponent(optimizer: str, *, finite_N: bool = False, regime: str = "small"):
+    """Exponent ``k`` of ``α_max(B) ∝ B^k``, derived by a sympy limit.
+
+    ``k = lim d log α / d log B = lim B α'(B)/α(B)`` as ``B → 0⁺`` (``regime="small"``)
+    or ``B → ∞`` (``regime="large"``, N = ∞ only), for the stability-limit laws of
+    :func:`derive_lr_laws` (with N = ∞, or N kept symbolic if ``finite_N``).
+    Returns a sympy number: ``'sgd'`` → 1 (linear scaling), ``'adam'`` → 1/2
+    (square-root scaling); both → 0 at large B (saturation). ``optimizer`` is
+    case-insensitive; anything else raises ValueError (TypeError if not a str).
+    """
+    if not isinstance(optimizer, str):
+        raise TypeError(f"optimizer must be a str, got {type(optimizer).__name__}")
+    key = optimizer.lower()
+    if key not in _OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {_OPTIMIZERS}, got {optimizer!r}")
+    if not isinstance(finite_N, bool):
+        raise TypeError("finite_N must be a bool")
+    if regime not in ("small", "large"):
+        raise ValueError(f"regime must be 'small' or 'large', got {regime!r}")
+    if regime == "large" and finite_N:
+        raise ValueError("regime='large' needs finite_N=False (B cannot exceed N)")
+    return _scaling_exponent(key, finite_N, regime)
+
+
+@functools.lru_cache(maxsize=None)
+def _scaling_exponent(key: str, finite_N: bool, regime: str):
+    d = derive_lr_laws()
+    B = d.symbols["B"]
+    alpha = d.exprs[key] if finite_N else d.exprs[f"{key}_inf"]
+    elasticity = sp.simplify(B * sp.diff(alpha, B) / alpha)
+    if regime == "small":
+        return sp.limit(elasticity, B, 0, "+")
+    return sp.limit(elasticity, B, sp.oo)
+
+
+# --------------------------------------------------------------------------- directional
+
+@functools.lru_cache(maxsize=None)
+def derive_directional_stability() -> Derivation:
+    """Mean-square stability of one SGD step along the outlier direction u (THEORY.md §5).
+
+    With ``H u = λu``, ``H_B = H + ε``, ``e₁ = uᵀεu`` (mean 0) and ``e₂ = ‖εu‖²``
+    (mean ``c s²``): ``‖(I − αH_B)u‖² = 1 − 2α(λ + e₁) + α²(λ² + 2λe₁ + e₂)``; its
+    expectation is ``1 − 2αλ + α²(λ² + c s²)``; ``< 1`` for ``0 < α < 2λ/(λ² + c s²)``,
+    which equals ``2/(λ + c s²/λ)`` (the directional SGD limit).
+    """
+    alpha, lam, s2, c = sp.symbols("alpha lambda s_u^2 c", positive=True)
+    e1, e2 = sp.symbols("e1 e2", real=True)
+    sq_norm = 1 - 2 * alpha * (lam + e1) + alpha**2 * (lam**2 + 2 * lam * e1 + e2)
+    mean_sq = sp.expand(sq_norm.subs({e1: 0, e2: c * s2}))
+    roots = [r for r in sp.solve(sp.Eq(mean_sq, 1), alpha) if r != 0]
+    bound = sp.simplify(_single(roots, "nonzero root"))
+    same = sp.simplify(bound - 2 / (lam + c * s2 / lam))
+    return _make("directional mean-square stability",
+                 {"alpha": alpha, "lam": lam, "s2": s2, "c": c, "e1": e1, "e2": e2},
+                 {"mean_square": mean_sq, "condition": sp.StrictLessThan(mean_sq, 1),
+                  "alpha_max": bound, "difference_from_directional": same})
+
+
+@functools.lru_cache(maxsize=None)
+def derive_critical_batch_size() -> Derivation:
+    """Batch size where the SGD stability limit is half its saturated value ``2/λ``.
+
+    Solves ``α(B) = (2/λ)/2`` for B using :func:`derive_lr_laws` (ρ = 0): ``B* = s²/λ²``
+    for N = ∞, and ``B*_N = 1/(λ²/s² + 1/N)`` (= ``B*N/(B* + N)``) for finite N.
+    """
+    d = derive_lr_laws()
+    B, N, lam, rho = d.symbols["B"], d.symbols["N"], d.symbols["lam"], d.symbols["rho"]
+    sat = d.exprs["sgd_at_N"].subs(rho, 0)
+    b_inf = _single(sp.solve(sp.Eq(d.exprs["sgd_inf"].subs(rho, 0), sat / 2), B), "B* (N=inf)")
+    b_fin = _single(sp.solve(sp.Eq(d.exprs["sgd"].subs(rho, 0), sat / 2), B), "B* (finite N)")
+    return _make("critical batch size", dict(d.symbols),
+                 {"saturated_lr": sat, "critical_batch_size": sp.simplify(b_inf),
+                  "critical_batch_size_finite_N": sp.simplify(b_fin)})

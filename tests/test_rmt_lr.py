@@ -1,0 +1,305 @@
+"""Tests for rmt.lr: contract forms, anchors, stability oracles, vectorisation, bad input."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from scipy.optimize import minimize_scalar
+
+import rmt
+from rmt import lr as L
+
+
+def _random_points(n=25, seed=0):
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        N = int(rng.integers(50, 5000))
+        B = float(rng.integers(1, N + 1))
+        yield dict(B=B, N=N, lam=float(rng.uniform(0.1, 10)), s2=float(rng.uniform(0, 50)),
+                   rho=float(rng.uniform(0, 0.99)))
+
+
+# ---------------------------------------------------------------- public contract forms
+
+def test_sgd_max_lr_contract_form():
+    for p in _random_points():
+        c = rmt.batch_noise_factor(p["B"], p["N"])
+        expected = 2 * (1 + p["rho"]) / (p["lam"] + c * p["s2"] / p["lam"])
+        got = L.sgd_max_lr(p["B"], p["lam"], p["s2"], N=p["N"], momentum=p["rho"])
+        assert type(got) is float
+        assert got == pytest.approx(expected, rel=1e-12)
+        # equivalent saturating form (2(1+rho)/lam) / (1 + B* c)
+        bstar = L.critical_batch_size(p["lam"], p["s2"])
+        assert got == pytest.approx(2 * (1 + p["rho"]) / p["lam"] / (1 + bstar * c), rel=1e-12)
+
+
+def test_adam_max_lr_contract_form():
+    rng = np.random.default_rng(1)
+    for _ in range(25):
+        N = int(rng.integers(100, 10000))
+        B = float(rng.integers(1, N))
+        lam, s2 = rng.uniform(0.1, 5), rng.uniform(0, 20)
+        g2, gv, eps, b1 = rng.uniform(0, 1), rng.uniform(0, 5), rng.uniform(0, 1e-3), rng.uniform(0, 0.99)
+        c = 1 / B - 1 / N
+        expected = 2 * (1 + b1) / (1 - b1) * (math.sqrt(g2 + c * gv) + eps) / (lam + c * s2 / lam)
+        got = L.adam_max_lr(B, lam, s2, g2, gv, N=N, eps=eps, beta1=b1)
+        assert type(got) is float
+        assert got == pytest.approx(expected, rel=1e-12)
+
+
+def test_ema_factor_38_at_0p9_and_heavy_ball_factor():
+    assert L.momentum_factor(0.9, "ema") == pytest.approx(38.0, rel=1e-12)
+    assert L.momentum_factor(0.9, "heavy_ball") == pytest.approx(3.8, rel=1e-12)
+    # adam with no noise, lam'=lam: 38 * sqrt(g2) / lam
+    assert L.adam_max_lr(10, 2.0, 0.0, 0.04, 1.0, N=10, beta1=0.9) == pytest.approx(38 * 0.2 / 2.0)
+
+
+@pytest.mark.parametrize("kind", ["heavy_ball", "ema"])
+def test_momentum_factor_is_the_spectral_stability_boundary(kind):
+    """Spectral radius of the two-step iteration on f = h x²/2 crosses 1 at alpha*h = F."""
+    h = 1.7
+    for beta in (0.0, 0.3, 0.9):
+        F = L.momentum_factor(beta, kind)
+
+        def radius(alpha):
+            if kind == "heavy_ball":
+                M = np.array([[1 + beta - alpha * h, -beta], [1.0, 0.0]])
+            else:
+                M = np.array([[1 - alpha * (1 - beta) * h, -alpha * beta], [(1 - beta) * h, beta]])
+            return np.max(np.abs(np.linalg.eigvals(M)))
+
+        assert radius(0.99 * F / h) < 1.0
+        assert radius(1.01 * F / h) > 1.0
+
+
+def test_min_damping_and_critical_batch_size():
+    assert L.min_damping(0.1, 3.0) == pytest.approx(0.15)
+    assert L.critical_batch_size(2.0, 12.0) == pytest.approx(3.0)
+    # damped step on a direction with true curvature 0 and batch curvature lam_noise:
+    # multiplier 1 - lr*lam/delta has modulus < 1 iff delta > lr*lam/2
+    lr, lam = 0.3, 5.0
+    d = L.min_damping(lr, lam)
+    assert abs(1 - lr * lam / (1.01 * d)) < 1 < abs(1 - lr * lam / (0.99 * d))
+
+
+def test_heavy_ball_anchor_and_optimal_rate():
+    lr, rho = L.heavy_ball(1.0, 0.01)
+    assert lr == pytest.approx(3.306, abs=5e-4)
+    assert rho == pytest.approx(0.669, abs=5e-4)
+    # oracle: worst-case spectral radius over the spectrum [mu, L] equals sqrt(rho),
+    # and perturbing lr or rho makes it worse (Polyak optimality)
+    mu, Lmax = 0.01, 1.0
+    lams = np.linspace(mu, Lmax, 400)
+
+    def worst(a, b):
+        return max(np.max(np.abs(np.roots([1, -(1 + b - a * x), b]))) for x in lams)
+
+    assert worst(lr, rho) == pytest.approx(math.sqrt(rho), rel=1e-4)
+    for a, b in [(lr * 1.05, rho), (lr * 0.95, rho), (lr, rho * 1.05), (lr, rho * 0.95)]:
+        assert worst(a, b) > worst(lr, rho) + 1e-4
+    lr_p, rho_p = L.heavy_ball(1.0, 0.01, variant="paper")
+    assert lr_p == lr and rho_p == pytest.approx(math.sqrt(rho), rel=1e-12)
+    for (a, b) in [(lr, rho), (lr_p, rho_p)]:
+        assert a * Lmax < 2 * (1 + b)  # within the stability limit
+
+
+# ---------------------------------------------------------------- laws in B
+
+def test_sgd_increasing_in_B_saturates_at_N_and_replacement_form():
+    N, lam, s2 = 1000, 2.0, 400.0
+    Bs = np.arange(1, N + 1)
+    a = L.sgd_max_lr(Bs, lam, s2, N=N)
+    assert a.shape == Bs.shape
+    assert np.all(np.diff(a) > 0)
+    assert a[-1] == 2 / lam  # exactly: c(N, N) = 0
+    bstar = L.critical_batch_size(lam, s2)
+    a_rep = L.sgd_max_lr(Bs, lam, s2, N=N, replacement=True)
+    np.testing.assert_allclose(a_rep, (2 / lam) * Bs / (Bs + bstar), rtol=1e-12)
+    np.testing.assert_allclose(L.sgd_max_lr(Bs, lam, s2), a_rep, rtol=1e-12)  # N=None
+    # linear for B << B*, half the saturated value at B = B*
+    assert L.sgd_max_lr(2.0, lam, s2) / L.sgd_max_lr(1.0, lam, s2) == pytest.approx(2, rel=0.01)
+    assert L.sgd_max_lr(bstar, lam, s2) == pytest.approx(1 / lam, rel=1e-12)
+
+
+def test_small_batch_slopes_sgd_1_adam_half():
+    B = np.array([1e-4, 2e-4])
+    a = L.sgd_max_lr(B, 1.0, 100.0)
+    assert math.log(a[1] / a[0]) / math.log(2) == pytest.approx(1.0, abs=1e-4)
+    a = L.adam_max_lr(B, 1.0, 100.0, 0.01, 1.0)
+    assert math.log(a[1] / a[0]) / math.log(2) == pytest.approx(0.5, abs=1e-3)
+    # large-batch saturation of adam at 2*sqrt(g2)/lam
+    assert L.adam_max_lr(1e12, 1.0, 100.0, 0.01, 1.0) == pytest.approx(0.2, rel=1e-6)
+
+
+def test_vectorised_matches_scalar_and_keeps_shape():
+    Bs = np.array([[1, 2, 3], [10, 20, 64]])
+    for f, args in [(L.sgd_max_lr, (1.5, 7.0)), (L.batch_curvature, (1.5, 7.0)),
+                    (L.adam_max_lr, (1.5, 7.0, 0.1, 2.0)),
+                    (L.mccandlish_optimal_lr, (0.5, 30.0))]:
+        arr = f(Bs, *args, N=64)
+        assert isinstance(arr, np.ndarray) and arr.shape == Bs.shape
+        loop = np.array([[f(float(b), *args, N=64) for b in row] for row in Bs])
+        np.testing.assert_allclose(arr, loop, rtol=1e-14)
+    np.testing.assert_allclose(L.noise_factor(Bs, 64),
+                               [[rmt.batch_noise_factor(b, 64) for b in r] for r in Bs])
+    assert type(L.sgd_max_lr(np.float64(4.0), 1.0, 1.0)) is float
+    assert type(L.sgd_max_lr(np.array(4.0), 1.0, 1.0)) is float
+
+
+def test_isotropic_clipped_model_factor_two():
+    lam, sigma2, P = 1.0, 0.01, 200
+    Bs = np.arange(1, 2001)
+    v = P * sigma2 / Bs
+    clipped = L.sgd_max_lr_isotropic(Bs, lam, sigma2, P)
+    unclipped = L.sgd_max_lr_isotropic(Bs, lam, sigma2, P, clip=False)
+    np.testing.assert_allclose(unclipped, L.sgd_max_lr(Bs, lam, P * sigma2), rtol=1e-14)
+    above = lam > np.sqrt(v)
+    np.testing.assert_allclose(clipped[above], unclipped[above], rtol=1e-14)
+    np.testing.assert_allclose(clipped[~above], 2 / (2 * np.sqrt(v[~above])), rtol=1e-14)
+    # above threshold alpha lies in [1/lam, 2/lam]: at most a factor two
+    assert np.all(clipped[above] >= 1 / lam) and np.all(clipped[above] <= 2 / lam)
+    b_thr = P * sigma2 / lam**2  # v = lam^2
+    assert L.sgd_max_lr_isotropic(b_thr, lam, sigma2, P) == pytest.approx(1 / lam, rel=1e-12)
+    # edge continuous at the threshold
+    top = L.isotropic_batch_curvature(np.array([b_thr * (1 - 1e-9), b_thr * (1 + 1e-9)]), lam, sigma2, P)
+    assert top[0] == pytest.approx(top[1], rel=1e-6)
+
+
+# ---------------------------------------------------------------- rescaling, damping
+
+def test_rescale_round_trip_and_branch():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        N = 10000
+        lam, s2 = rng.uniform(0.5, 5), rng.uniform(0, 100)
+        bc = float(rng.integers(max(2, int(s2 / lam**2) + 2), 5000))  # lam above sqrt(c s2)
+        b = float(rng.integers(1, N))
+        measured = L.batch_curvature(bc, lam, s2, N=N)
+        assert L.underlying_curvature(measured, bc, s2, N=N) == pytest.approx(lam, rel=1e-10)
+        assert L.rescale_curvature(measured, bc, b, s2, N=N) == pytest.approx(
+            L.batch_curvature(b, lam, s2, N=N), rel=1e-10)
+    # below the model minimum 2 sqrt(c s2): strict raises, non-strict gives lam'/2
+    with pytest.raises(ValueError, match="lam_measured"):
+        L.underlying_curvature(1.0, 4, 16.0)
+    assert L.underlying_curvature(1.0, 4, 16.0, strict=False) == 0.5
+
+
+def test_min_damping_at_batch_keeps_delta_times_B():
+    Bs = np.array([8, 16, 64, 512])
+    d = L.min_damping_at_batch(0.1, 2.0, 32, Bs)
+    np.testing.assert_allclose(d * Bs, 0.1 * 2.0 / 2 * 32, rtol=1e-14)
+    d_sc = L.min_damping_at_batch(0.1, 2.0, 32, Bs, power=0.5)
+    # semicircle edge 2 sqrt(P c sigma2) scaling
+    edge = L.isotropic_batch_curvature(Bs, 1e-9, 1.0, 100.0)
+    edge_ref = L.isotropic_batch_curvature(32, 1e-9, 1.0, 100.0)
+    np.testing.assert_allclose(d_sc, 0.1 * 2.0 * edge / edge_ref / 2, rtol=1e-10)
+    with pytest.raises(ValueError, match="B_ref"):
+        L.min_damping_at_batch(0.1, 2.0, 64, 8, N=64)
+
+
+# ---------------------------------------------------------------- McCandlish
+
+def _quadratic_problem(seed=4, d=5, N=40):
+    rng = np.random.default_rng(seed)
+    A = rng.standard_normal((d, d))
+    H = A @ A.T + 0.5 * np.eye(d)
+    grads = rng.standard_normal((N, d)) * rng.uniform(0.5, 2, d) + rng.standard_normal(d)
+    return H, grads
+
+
+def test_mccandlish_optimal_lr_minimises_expected_one_step_loss():
+    H, grads = _quadratic_problem()
+    N = len(grads)
+    G = grads.mean(0)
+    Sigma = np.cov(grads.T, bias=True)  # with replacement: Cov(g_B) = Sigma_pop / B
+    eps_max = L.mccandlish_eps_max(G @ G, G @ H @ G)
+    b_noise = L.mccandlish_b_noise(np.trace(H @ Sigma), G @ H @ G)
+    for B in (1, 4, 32):
+        second = np.outer(G, G) + Sigma / B
+
+        def expected_change(eps):  # E[L(w - eps g_B)] - L(w) for the quadratic
+            return -eps * G @ G + 0.5 * eps**2 * np.trace(H @ second)
+
+        best = minimize_scalar(expected_change, bounds=(0, 10 * eps_max), method="bounded",
+                               options={"xatol": 1e-12}).x
+        assert L.mccandlish_optimal_lr(B, eps_max, b_noise) == pytest.approx(best, rel=1e-6)
+    assert L.mccandlish_b_simple(np.trace(Sigma), G @ G) == pytest.approx(np.trace(Sigma) / (G @ G))
+    assert L.mccandlish_optimal_lr(N, eps_max, b_noise, N=N) == pytest.approx(eps_max)
+
+
+def test_mccandlish_two_batch_estimate_exact_by_enumeration():
+    """E|g_B|² over all subsets (without replacement) recovers |G|² and tr S² (ddof=1)."""
+    rng = np.random.default_rng(5)
+    N, d = 7, 3
+    grads = rng.standard_normal((N, d)) + 0.7
+    G = grads.mean(0)
+    trS = np.trace(np.cov(grads.T, ddof=1))
+
+    def mean_sq(B):
+        return np.mean([np.sum(grads[list(s)].mean(0) ** 2)
+                        for s in itertools.combinations(range(N), B)])
+
+    g2, ts = L.mccandlish_two_batch_estimate(2, mean_sq(2), 5, mean_sq(5), N=N)
+    assert g2 == pytest.approx(G @ G, rel=1e-12)
+    assert ts == pytest.approx(trS, rel=1e-12)
+
+
+def test_malladi_scaling():
+    out = L.malladi_adam_scaling(4.0, 1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
+    assert out["lr"] == pytest.approx(2e-3)
+    assert out["beta1"] == pytest.approx(0.6)
+    assert out["beta2"] == pytest.approx(0.996)
+    assert out["eps"] == pytest.approx(5e-9)
+    with pytest.raises(ValueError, match="beta1"):
+        L.malladi_adam_scaling(20.0, 1e-3, beta1=0.9)
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("call, name", [
+    (lambda: L.sgd_max_lr(0, 1.0, 1.0), "B"),
+    (lambda: L.sgd_max_lr(-3, 1.0, 1.0), "B"),
+    (lambda: L.sgd_max_lr(65, 1.0, 1.0, N=64), "B"),
+    (lambda: L.sgd_max_lr([1, 65], 1.0, 1.0, N=64), "B"),
+    (lambda: L.sgd_max_lr([1, float("nan")], 1.0, 1.0), "B"),
+    (lambda: L.sgd_max_lr([0, 2], 1.0, 1.0), "B"),
+    (lambda: L.sgd_max_lr(8, 0.0, 1.0), "lam"),
+    (lambda: L.sgd_max_lr(8, -1.0, 1.0), "lam"),
+    (lambda: L.sgd_max_lr(8, float("nan"), 1.0), "lam"),
+    (lambda: L.sgd_max_lr(8, 1.0, -1.0), "s2"),
+    (lambda: L.sgd_max_lr(8, 1.0, 1.0, N=-5), "N"),
+    (lambda: L.sgd_max_lr(8, 1.0, 1.0, momentum=1.0), "momentum"),
+    (lambda: L.sgd_max_lr(8, 1.0, 1.0, momentum=-0.1), "momentum"),
+    (lambda: L.sgd_max_lr(8, 1.0, 1.0, momentum_kind="nesterov"), "kind"),
+    (lambda: L.critical_batch_size(0.0, 1.0), "lam"),
+    (lambda: L.critical_batch_size(1.0, -1.0), "s2"),
+    (lambda: L.adam_max_lr(8, 1.0, 1.0, -0.1, 1.0), "grad_mean_sq"),
+    (lambda: L.adam_max_lr(8, 1.0, 1.0, 0.1, float("nan")), "grad_var"),
+    (lambda: L.adam_max_lr(8, 1.0, 1.0, 0.1, 1.0, eps=-1.0), "eps"),
+    (lambda: L.adam_max_lr(8, 1.0, 1.0, 0.1, 1.0, beta1=1.0), "beta1"),
+    (lambda: L.min_damping(0.0, 1.0), "lr"),
+    (lambda: L.min_damping(0.1, -1.0), "lam_noise"),
+    (lambda: L.heavy_ball(0.0, 0.01), "lam_max"),
+    (lambda: L.heavy_ball(1.0, -0.01), "lam_min"),
+    (lambda: L.heavy_ball(1.0, 2.0), "lam_min"),
+    (lambda: L.heavy_ball(1.0, 0.1, variant="nesterov"), "variant"),
+    (lambda: L.isotropic_batch_curvature(8, 1.0, 1.0, 0), "P"),
+    (lambda: L.isotropic_batch_curvature(8, 1.0, -1.0, 10), "sigma2"),
+    (lambda: L.mccandlish_b_noise(1.0, 0.0), "g_h_g"),
+    (lambda: L.mccandlish_two_batch_estimate(8, 1.0, 4, 2.0), "B_small"),
+])
+def test_bad_input_value_errors_name_argument(call, name):
+    with pytest.raises(ValueError, match=name):
+        call()
+
+
+@pytest.mark.parametrize("call", [
+    lambda: L.sgd_max_lr("8", 1.0, 1.0),
+    lambda: L.sgd_max_lr(8, None, 1.0),
+    lambda: L.heavy_ball(True, 0.1),
+    lambda: L.sgd_max_lr(8, 1.0, 1.0, replacement="yes"),
+])
+def test_bad_input_type_errors(call):
+    with pytest.raises(TypeError):
+        call()
