@@ -1,9 +1,132 @@
-"""Placeholder: being written (remove this line when implemented)."""
+"""The batch Hessian's top eigenvalue λ'_1(B): measured, and predicted from one pass.
+
+Measured (`measure_batch_top_eigenvalue`): for each B, `n_batches` index sets S of size
+B drawn without replacement (by default) from `numpy.random.default_rng(seed)`; the top
+eigenvalue of H_B = (1/B) Σ_{i∈S} ∇²ℓ_i (or G_B) by restarted Lanczos.
+
+Predicted (`predict_batch_top_eigenvalue`), THEORY.md §2–§3, with c = c(B, N) =
+`rmt.batch_noise_factor(B, N)` and (λ, u) the top eigenpair of the full-data H:
+
+    directional:  λ'(B) = λ + c·s_u²/λ,        s_u² = (1/(N−1)) Σ_i ‖(H_i − H)u‖²
+    isotropic:    λ'(B) = λ + c·Pσ²_avg/λ      (unclipped spiked-Wigner form, s² = Pσ²)
+
+`isotropic` is the unclipped form λ + v/λ, v = c·Pσ²_avg, for every B; the paper's
+clipped form (2√v below the threshold λ ≤ √v) is `rmt.spiked_wigner_outlier(λ, v)`,
+returned as "isotropic_clipped" when that function is available. Both forms are
+second-order perturbation / large-P statements: they need λ to be a separated outlier.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rmt._validation import as_int
+from rmt.sampling import batch_noise_factor
+
+from .lanczos import eigsh
+from .noise import directional_noise_from_operator, isotropic_noise_from_operator
+from .operators import curvature_operator
+
+__all__ = ["measure_batch_top_eigenvalue", "predict_batch_top_eigenvalue"]
 
 
-def measure_batch_top_eigenvalue(*args, **kwargs):
-    raise NotImplementedError("measure_batch_top_eigenvalue")
+def _batch_sizes(batch_sizes, N: int, replacement: bool) -> np.ndarray:
+    arr = np.atleast_1d(np.asarray(batch_sizes))
+    if arr.size == 0 or arr.ndim != 1:
+        raise ValueError("batch_sizes must be a non-empty 1-d list of integers")
+    out = np.array([as_int("batch_sizes", b, minimum=1) for b in arr.tolist()], dtype=np.int64)
+    if not replacement and np.any(out > N):
+        raise ValueError(f"batch_sizes must be <= N={N} when drawing without replacement, "
+                         f"got {out.tolist()}")
+    return out
 
 
-def predict_batch_top_eigenvalue(*args, **kwargs):
-    raise NotImplementedError("predict_batch_top_eigenvalue")
+def measure_batch_top_eigenvalue(model, loss_fn, dataset, batch_sizes, n_batches=10,
+                                 kind="hessian", seed=0, device=None, dtype=None, params=None,
+                                 policy=None, replacement=False, tol=1e-8) -> dict:
+    """Top eigenvalue of H_B (or G_B) over `n_batches` random batches per batch size.
+
+    Returns {"mean", "std" (ddof=1; 0 for one batch), "stderr", "values" (list of
+    arrays, one per B), "converged" (list of bool arrays), "indices" (list of
+    (n_batches, B) sample-index arrays), "batch_sizes"} — numpy.
+    The top eigenvalue is found to relative residual `tol` (eigenvalue error ≈ tol²
+    relative); small batches cache their gradient graph across Lanczos products
+    (`cache_graph="auto"` in `nets.operators`).
+    """
+    n_batches = as_int("n_batches", n_batches, minimum=1)
+    if not isinstance(replacement, bool):
+        raise TypeError("replacement must be a bool")
+    full = curvature_operator(model, loss_fn, dataset, kind=kind, params=params, device=device,
+                              dtype=dtype, policy=policy)
+    Bs = _batch_sizes(batch_sizes, full.N, replacement)
+    rng = np.random.default_rng(seed)
+    values, conv, indices = [], [], []
+    for B in Bs:
+        vals, oks = np.empty(n_batches), np.empty(n_batches, dtype=bool)
+        idx_B = np.empty((n_batches, int(B)), dtype=np.int64)
+        for r in range(n_batches):
+            idx = idx_B[r] = rng.choice(full.N, size=int(B), replace=replacement)
+            op = full.subset(idx, cache_graph="auto")
+            res = eigsh(op, k=1, which="LA", tol=tol, seed=int(rng.integers(2**31)),
+                        return_vectors=False)
+            vals[r], oks[r] = res.values[0], res.converged[0]
+        values.append(vals)
+        conv.append(oks)
+        indices.append(idx_B)
+    mean = np.array([v.mean() for v in values])
+    std = np.array([v.std(ddof=1) if len(v) > 1 else 0.0 for v in values])
+    return {"mean": mean, "std": std, "stderr": std / np.sqrt(n_batches), "values": values,
+            "converged": conv, "indices": indices, "batch_sizes": Bs}
+
+
+def predict_batch_top_eigenvalue(model, loss_fn, dataset, batch_sizes, kind="hessian", seed=0,
+                                 device=None, dtype=None, params=None, policy=None,
+                                 micro_batch=1, num_probes=10, replacement=False) -> dict:
+    """Predicted λ'_1(B) from the full-data top eigenpair and one noise pass.
+
+    Returns numpy arrays over batch_sizes: "isotropic" (unclipped λ + c·Pσ²_avg/λ),
+    "directional" (λ + c·s_u²/λ), "directional_stderr" (c·stderr(s_u²)/λ),
+    "isotropic_stderr", and, when `rmt.spiked_wigner_outlier` is implemented,
+    "isotropic_clipped"; scalars "lam" (λ), "s2_directional", "s2_directional_stderr",
+    "s2_isotropic" (Pσ²_avg), "s2_isotropic_stderr", "critical_batch_size" (s_u²/λ²),
+    "N", "P"; and "c" (c(B,N) per batch size), "batch_sizes".
+    micro_batch, num_probes : as in `nets.noise` (probes for the isotropic average).
+    """
+    if not isinstance(replacement, bool):
+        raise TypeError("replacement must be a bool")
+    op = curvature_operator(model, loss_fn, dataset, kind=kind, params=params, device=device,
+                            dtype=dtype, policy=policy)
+    Bs = _batch_sizes(batch_sizes, op.N, replacement)
+    top = eigsh(op, k=1, which="LA", tol=1e-8, seed=seed)
+    lam = float(top.values[0])
+    if not lam > 0:
+        raise ValueError(f"the top eigenvalue is {lam:.3g} <= 0: the outlier formulas need a "
+                         "positive top eigenvalue")
+    u = top.vectors[:, 0]
+    dn = directional_noise_from_operator(op, u, micro_batch=micro_batch, seed=seed)
+    iso = isotropic_noise_from_operator(op, num_probes=num_probes, micro_batch=micro_batch,
+                                        seed=seed)
+    c = np.array([batch_noise_factor(int(B), op.N, replacement=replacement) for B in Bs])
+    out = {
+        "directional": lam + c * dn.s2 / lam,
+        "isotropic": lam + c * iso.s2 / lam,
+        "directional_stderr": c * dn.stderr / lam,
+        "isotropic_stderr": c * iso.stderr / lam,
+        "lam": lam,
+        "s2_directional": dn.s2,
+        "s2_directional_stderr": dn.stderr,
+        "s2_isotropic": iso.s2,
+        "s2_isotropic_stderr": iso.stderr,
+        "critical_batch_size": dn.s2 / lam ** 2,
+        "c": c,
+        "batch_sizes": Bs,
+        "N": op.N,
+        "P": op.P,
+    }
+    try:
+        from rmt import spiked_wigner_outlier
+        out["isotropic_clipped"] = np.array([spiked_wigner_outlier(lam, ci * iso.s2, clip=True)
+                                             for ci in c])
+    except NotImplementedError:
+        pass
+    return out

@@ -1,0 +1,402 @@
+"""Lanczos on curvature operators: the tridiagonalisation and a restarted eigensolver.
+
+`lanczos(op, m)` runs m steps of the symmetric Lanczos recurrence from a unit vector
+q_1 = v0/‖v0‖,
+
+    β_j q_{j+1} = A q_j − α_j q_j − β_{j−1} q_{j−1},     α_j = q_jᵀ A q_j,
+
+in float64 (the operator's output is cast, so float32 Hessian-vector products are
+fine), with full reorthogonalisation: after each step w is projected off all previous
+q's by two passes of classical Gram–Schmidt, so that Ritz values do not acquire ghost
+copies (a peer defect). T_m = tridiag(β, α, β) is diagonalised with the symmetric
+tridiagonal solver `scipy.linalg.eigh_tridiagonal`: T_m = S diag(θ) Sᵀ. Returned per
+Ritz value θ_i: the weight w_i = S_{1i}² (the Gauss-quadrature weight of q_1's spectral
+measure, used by SLQ) and the residual norm ‖A y_i − θ_i y_i‖ = |β_m S_{mi}|.
+If β_j falls to round-off the Krylov space is invariant: the recurrence stops
+(`breakdown=True`) and the Ritz values are exact eigenvalues of A (restricted to the
+space spanned by q_1's spectral components, each distinct eigenvalue once).
+
+`eigsh(op, k, which)` finds extremal eigenpairs with a thick-restart (Krylov–Schur)
+Lanczos method with full reorthogonalisation: the Krylov basis grows to `krylov_dim`,
+then is compressed to the best Ritz vectors plus the residual vector and grown again,
+until the k wanted pairs satisfy ‖A y − θ y‖ ≤ max(tol·|θ|, 100·eps·‖A‖) (eps of the
+operator's dtype: the attainable floor). On an invariant subspace it continues with a
+fresh random vector orthogonal to the basis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.linalg import eigh_tridiagonal
+
+from rmt._validation import as_float, as_int
+
+from .operators import CurvatureOperator
+
+__all__ = ["LanczosResult", "EigenResult", "lanczos", "lanczos_batch", "eigsh"]
+
+
+@dataclass(frozen=True)
+class LanczosResult:
+    """Output of m Lanczos steps from one start vector.
+
+    alpha : (m,) diagonal of T; beta : (m−1,) off-diagonal of T; beta_last : β_m, the
+    coupling to the next (unused) Lanczos vector (0 on breakdown).
+    ritz_values : (m,) ascending eigenvalues θ of T; ritz_weights : (m,) squared first
+    components S_{1i}² (sum to 1); residual_norms : |β_m S_{mi}|; converged :
+    residual_norms ≤ tol·max|θ|. num_steps : m actually taken (< requested on
+    breakdown); v0_norm : ‖v0‖ (so v0ᵀ f(A) v0 ≈ v0_norm² Σ_i w_i f(θ_i)); seed.
+    """
+
+    alpha: np.ndarray
+    beta: np.ndarray
+    beta_last: float
+    ritz_values: np.ndarray
+    ritz_weights: np.ndarray
+    residual_norms: np.ndarray
+    converged: np.ndarray
+    num_steps: int
+    seed: int | None
+    breakdown: bool
+    v0_norm: float
+    tol: float
+
+    def tridiagonal(self) -> np.ndarray:
+        """Dense T_m (m×m), for inspection."""
+        return np.diag(self.alpha) + np.diag(self.beta, 1) + np.diag(self.beta, -1)
+
+    def quadrature(self, f) -> float:
+        """Gauss quadrature q_1ᵀ f(A) q_1 ≈ Σ_i w_i f(θ_i) (unit start vector)."""
+        return float(np.sum(self.ritz_weights * f(self.ritz_values)))
+
+
+@dataclass(frozen=True)
+class EigenResult:
+    """Extremal eigenpairs from `eigsh`.
+
+    values : (k,) ordered by `which` ("LA": descending, "SA": ascending, "LM":
+    descending |λ|); vectors : torch (P, k) float64 unit eigenvectors or None;
+    residuals : ‖A y − θ y‖; converged : bool per pair; num_matvecs : operator
+    products used; num_restarts; seed; which; tol.
+    """
+
+    values: np.ndarray
+    vectors: torch.Tensor | None
+    residuals: np.ndarray
+    converged: np.ndarray
+    num_matvecs: int
+    num_restarts: int
+    seed: int | None
+    which: str
+    tol: float
+
+
+# ----------------------------------------------------------------------------------
+
+def _check_op(op):
+    if not isinstance(op, CurvatureOperator):
+        if not all(hasattr(op, a) for a in ("matvec", "matmat", "P")):
+            raise TypeError(f"op must be a CurvatureOperator (or have P, matvec, matmat), "
+                            f"got {type(op).__name__}")
+    return op
+
+
+def _op_device(op):
+    return getattr(op, "device", torch.device("cpu"))
+
+
+def _op_eps(op) -> float:
+    dt = getattr(op, "dtype", torch.float64)
+    return float(torch.finfo(dt).eps)
+
+
+def _apply(op, Q: torch.Tensor) -> torch.Tensor:
+    """A applied to the rows of Q (k, P), returned in float64 (k, P)."""
+    if Q.shape[0] == 1:
+        return op.matvec(Q[0]).to(torch.float64)[None, :]
+    return op.matmat(Q.T).to(torch.float64).T.contiguous()
+
+
+def _start_vectors(op, k: int, v0, seed, kind: str) -> torch.Tensor:
+    P = op.P
+    dev = _op_device(op)
+    if v0 is None:
+        rng = np.random.default_rng(seed)
+        if kind == "rademacher":
+            V = rng.choice(np.array([-1.0, 1.0]), size=(k, P))
+        else:
+            V = rng.standard_normal((k, P))
+        return torch.from_numpy(V).to(dev)
+    if isinstance(v0, np.ndarray):
+        v0 = torch.from_numpy(np.asarray(v0, dtype=np.float64))
+    if not isinstance(v0, torch.Tensor):
+        raise TypeError(f"v0 must be a torch.Tensor or numpy array, got {type(v0).__name__}")
+    V = v0.to(device=dev, dtype=torch.float64)
+    if V.ndim == 1:
+        V = V[None, :]
+    else:
+        V = V.T   # (P, k) columns -> rows
+    if V.shape != (k, P):
+        raise ValueError(f"v0 must have shape (P,) or (P, k) with P={P}, got {tuple(v0.shape)}")
+    if not bool(torch.isfinite(V).all()):
+        raise ValueError("v0 contains NaN or inf")
+    return V
+
+
+def lanczos(op, num_steps, v0=None, seed=0, reorth: str = "full", tol: float = 1e-8) -> LanczosResult:
+    """Run `num_steps` Lanczos steps on the symmetric operator `op` (module docstring).
+
+    v0 : start vector (P,), default a Rademacher vector drawn from
+        `numpy.random.default_rng(seed)` (the SLQ probe); normalised internally.
+    reorth : "full" (two-pass classical Gram–Schmidt against all previous vectors) or
+        "none" (plain three-term recurrence: cheaper, but Ritz values get ghost copies).
+    tol : a Ritz pair counts as converged when |β_m S_mi| ≤ tol·max|θ|.
+    num_steps is capped at P.
+    """
+    return lanczos_batch(op, num_steps, num_vectors=1, v0=v0, seed=seed, reorth=reorth, tol=tol)[0]
+
+
+def lanczos_batch(op, num_steps, num_vectors=1, v0=None, seed=0, reorth: str = "full",
+                  tol: float = 1e-8) -> list[LanczosResult]:
+    """`num_vectors` independent Lanczos recurrences run side by side, each step one
+    batched `op.matmat` on the active start vectors (vmap over probes). v0 may be
+    (P, num_vectors). Returns one LanczosResult per start vector (the same as running
+    `lanczos` on each column)."""
+    op = _check_op(op)
+    m = min(as_int("num_steps", num_steps, minimum=1), op.P)
+    k = as_int("num_vectors", num_vectors, minimum=1)
+    tol = as_float("tol", tol, positive=True)
+    if reorth not in ("full", "none"):
+        raise ValueError(f"reorth must be 'full' or 'none', got {reorth!r}")
+    V0 = _start_vectors(op, k, v0, seed, "rademacher")
+    norms = torch.linalg.vector_norm(V0, dim=1)
+    if bool((norms == 0).any()):
+        raise ValueError("v0 must be non-zero")
+    if k == 1:
+        alpha, beta, steps, broke = _recurrence_single(op, V0[0] / norms[0], m, reorth)
+    else:
+        alpha, beta, steps, broke = _recurrence_batch(op, V0 / norms[:, None], m, reorth)
+    results = []
+    for c in range(k):
+        n = int(steps[c])
+        a_c, b_c = alpha[c, :n].copy(), beta[c, : n - 1].copy()
+        b_last = 0.0 if broke[c] else float(beta[c, n - 1])
+        if n == 1:
+            theta, S = a_c.copy(), np.ones((1, 1))
+        else:
+            theta, S = eigh_tridiagonal(a_c, b_c)
+        weights = S[0, :] ** 2
+        resid = np.abs(b_last * S[-1, :])
+        anorm = max(float(np.max(np.abs(theta))), np.finfo(float).tiny)
+        results.append(LanczosResult(
+            alpha=a_c, beta=b_c, beta_last=b_last, ritz_values=theta, ritz_weights=weights,
+            residual_norms=resid, converged=resid <= tol * anorm, num_steps=n,
+            seed=None if v0 is not None else int(seed) if seed is not None else None,
+            breakdown=bool(broke[c]), v0_norm=float(norms[c]), tol=tol))
+    return results
+
+
+def _breakdown_tol(op) -> float:
+    """β below this × (running estimate of ‖A‖) means an invariant subspace."""
+    return 10.0 * _op_eps(op) * np.sqrt(op.P)
+
+
+def _recurrence_single(op, q0: torch.Tensor, m: int, reorth: str):
+    """One Lanczos recurrence (lean path: ~10 tensor calls per step besides A·q)."""
+    P = q0.shape[0]
+    Q = torch.empty((m + 1, P), dtype=torch.float64, device=q0.device)
+    Q[0] = q0
+    alpha, beta = np.zeros((1, m)), np.zeros((1, m))
+    bd = _breakdown_tol(op)
+    scale, b_prev = 0.0, 0.0
+    for j in range(m):
+        q = Q[j]
+        w = op.matvec(q).to(torch.float64)
+        if reorth == "full":
+            Qj = Q[: j + 1]
+            h = Qj @ w                               # (α_j, β_{j−1}, ~0, ...) first pass
+            w = w - Qj.T @ h
+            h2 = Qj @ w                              # second pass (Kahan's "twice is enough")
+            w = w - Qj.T @ h2
+            a = float(h[j] + h2[j])
+        else:
+            a = float(torch.dot(w, q))
+            w = w - a * q
+            if j > 0:
+                w = w - b_prev * Q[j - 1]
+        b = float(torch.linalg.vector_norm(w))
+        alpha[0, j], beta[0, j] = a, b
+        scale = max(scale, abs(a) + b)
+        if b <= bd * max(scale, np.finfo(float).tiny):
+            beta[0, j] = 0.0
+            return alpha, beta, np.array([j + 1]), np.array([True])
+        if j + 1 < m:
+            Q[j + 1] = w / b
+        b_prev = b
+    return alpha, beta, np.array([m]), np.array([False])
+
+
+def _recurrence_batch(op, Q0: torch.Tensor, m: int, reorth: str):
+    """k independent recurrences; each step one `op.matmat` on the active columns."""
+    k, P = Q0.shape
+    dev = Q0.device
+    Q = torch.zeros((k, m + 1, P), dtype=torch.float64, device=dev)
+    Q[:, 0] = Q0
+    alpha = np.zeros((k, m))
+    beta = np.zeros((k, m))
+    steps = np.full(k, m)
+    broke = np.zeros(k, dtype=bool)
+    active = np.arange(k)
+    bd_rel = _breakdown_tol(op)
+    scale = np.zeros(k)
+    for j in range(m):
+        all_active = active.size == k
+        act_t = torch.as_tensor(active, device=dev)
+        qj = Q[:, j] if all_active else Q[act_t, j]          # (ka, P)
+        W = _apply(op, qj)
+        a = (W * qj).sum(dim=1)
+        W = W - a[:, None] * qj
+        if j > 0:
+            W = W - torch.as_tensor(beta[active, j - 1], device=dev)[:, None] * \
+                (Q[:, j - 1] if all_active else Q[act_t, j - 1])
+        if reorth == "full":
+            Qa = Q[:, : j + 1] if all_active else Q[act_t, : j + 1]   # (ka, j+1, P)
+            for _ in range(2):
+                h = torch.bmm(Qa, W[:, :, None])             # (ka, j+1, 1)
+                W = W - torch.bmm(Qa.transpose(1, 2), h)[:, :, 0]
+        b = torch.linalg.vector_norm(W, dim=1)
+        a_np, b_np = a.cpu().numpy(), b.cpu().numpy()
+        alpha[active, j] = a_np
+        beta[active, j] = b_np
+        scale[active] = np.maximum(scale[active], np.abs(a_np) + b_np)
+        done = b_np <= bd_rel * np.maximum(scale[active], np.finfo(float).tiny)
+        if j + 1 < m:
+            keep = ~done
+            if keep.any():
+                kt = torch.as_tensor(np.flatnonzero(keep), device=dev)
+                Q[act_t[kt], j + 1] = W[kt] / b[kt][:, None]
+        for c in active[done]:
+            broke[c] = True
+            steps[c] = j + 1
+            beta[c, j] = 0.0
+        active = active[~done]
+        if active.size == 0:
+            break
+    return alpha, beta, steps, broke
+
+
+# ----------------------------------------------------------------------------------
+
+def _order(theta: np.ndarray, which: str) -> np.ndarray:
+    if which == "LA":
+        return np.argsort(-theta, kind="stable")
+    if which == "SA":
+        return np.argsort(theta, kind="stable")
+    return np.argsort(-np.abs(theta), kind="stable")
+
+
+def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-10, max_steps: int | None = None,
+          seed=0, return_vectors: bool = True, krylov_dim: int | None = None,
+          v0=None) -> EigenResult:
+    """k extremal eigenpairs of the symmetric operator `op` (thick-restart Lanczos).
+
+    which : "LA" largest algebraic (values descending), "SA" smallest algebraic
+        (ascending), "LM" largest magnitude (descending |λ|).
+    tol : relative residual target ‖A y − θ y‖ ≤ tol·|θ| (floored at 100·eps·‖A‖ with eps
+        of the operator's dtype, the attainable accuracy); eigenvalue errors are then
+        ≈ residual²/gap.
+    max_steps : budget of operator products (default 50·krylov_dim); if exhausted the
+        best pairs are returned with `converged` False where the target was missed.
+    krylov_dim : basis size before a restart (default min(P, max(2k + 20, 40))).
+    seed : seeds the Gaussian start vector (and fresh vectors after an invariant
+        subspace); v0 : optional start vector.
+    """
+    op = _check_op(op)
+    P = op.P
+    k = as_int("k", k, minimum=1)
+    if k > P:
+        raise ValueError(f"k must be <= P={P}, got {k}")
+    if which not in ("LA", "SA", "LM"):
+        raise ValueError(f"which must be 'LA', 'SA' or 'LM', got {which!r}")
+    tol = as_float("tol", tol, positive=True)
+    m = min(P, max(2 * k + 20, 40)) if krylov_dim is None else as_int("krylov_dim", krylov_dim, minimum=1)
+    m = min(m, P)
+    if m <= k and m < P:
+        raise ValueError(f"krylov_dim must exceed k (got krylov_dim={m}, k={k})")
+    max_mv = 50 * m if max_steps is None else as_int("max_steps", max_steps, minimum=1)
+    rng = np.random.default_rng(seed)
+    dev = _op_device(op)
+    eps = _op_eps(op)
+
+    V = torch.zeros((m + 1, P), dtype=torch.float64, device=dev)
+    if v0 is None:
+        q = torch.from_numpy(rng.standard_normal(P)).to(dev)
+    else:
+        q = _start_vectors(op, 1, v0, seed, "gaussian")[0]
+    nq = torch.linalg.vector_norm(q)
+    if float(nq) == 0.0:
+        raise ValueError("v0 must be non-zero")
+    V[0] = q / nq
+    T = np.zeros((m, m))
+    l, matvecs, restarts, anorm = 0, 0, 0, 0.0
+    while True:
+        size, beta_last = m, 0.0
+        for j in range(l, m):
+            w = op.matvec(V[j]).to(torch.float64)
+            matvecs += 1
+            Vj = V[: j + 1]
+            h = Vj @ w
+            w = w - Vj.T @ h
+            h2 = Vj @ w
+            w = w - Vj.T @ h2
+            h = (h + h2).cpu().numpy()
+            T[: j + 1, j] = h
+            T[j, : j + 1] = h
+            beta = float(torch.linalg.vector_norm(w))
+            anorm = max(anorm, abs(h[j]) + beta)
+            if j + 1 == P:                      # the basis spans the whole space
+                size, beta_last = j + 1, 0.0
+                break
+            if beta <= 10.0 * eps * np.sqrt(P) * max(anorm, np.finfo(float).tiny):
+                # invariant subspace: exact Ritz values so far; continue with a fresh
+                # random direction orthogonal to the basis (zero coupling in T)
+                r = torch.from_numpy(rng.standard_normal(P)).to(dev)
+                for _ in range(2):
+                    r = r - Vj.T @ (Vj @ r)
+                V[j + 1] = r / torch.linalg.vector_norm(r)
+                beta = 0.0
+            else:
+                V[j + 1] = w / beta
+            beta_last = beta
+        Tm = T[:size, :size]
+        theta, S = np.linalg.eigh((Tm + Tm.T) / 2)
+        anorm = max(anorm, float(np.max(np.abs(theta))))
+        resid = np.abs(beta_last * S[size - 1, :])
+        order = _order(theta, which)
+        want = order[:k]
+        floor = 100.0 * eps * anorm
+        ok = resid[want] <= np.maximum(tol * np.abs(theta[want]), floor)
+        if bool(ok.all()) or matvecs >= max_mv or size == P:
+            break
+        # thick restart: keep the best l Ritz vectors and the residual direction
+        l = min(size - 1, max(k + (m - k) // 2, k + 1))
+        keep = order[:l]
+        Skeep = torch.from_numpy(S[:, keep]).to(dev)
+        newV = Skeep.T @ V[:size]
+        resid_vec = V[size].clone()
+        V.zero_()
+        V[:l] = newV
+        V[l] = resid_vec
+        T = np.zeros((m, m))
+        T[np.arange(l), np.arange(l)] = theta[keep]
+        restarts += 1
+    vectors = None
+    if return_vectors:
+        vectors = (V[:size].T @ torch.from_numpy(S[:, want]).to(dev)).contiguous()
+    return EigenResult(values=theta[want].copy(), vectors=vectors, residuals=resid[want].copy(),
+                       converged=(resid[want] <= np.maximum(tol * np.abs(theta[want]), floor)),
+                       num_matvecs=matvecs, num_restarts=restarts,
+                       seed=None if v0 is not None else seed, which=which, tol=tol)

@@ -1,0 +1,153 @@
+"""Flat parameter vectors for a `torch.nn.Module` (THEORY.md §1: w ∈ R^P).
+
+Curvature operators act on one flat vector `w ∈ R^P` made of a chosen subset of the
+module's parameters (all trainable ones by default, or a named subset for per-layer
+spectra). `ParamLayout` records names, shapes and offsets, and converts between the
+flat vector and the tuple of tensors that `torch.func.functional_call` consumes.
+Flattening order is the order of `model.named_parameters()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+
+def select_parameter_names(model: nn.Module, params=None) -> list[str]:
+    """Names of the parameters that make up w, in `named_parameters()` order.
+
+    params : None (every parameter with `requires_grad`), a sequence of parameter names,
+        a single name, or a predicate `params(name, tensor) -> bool`.
+
+    Raises TypeError for another kind of `params`, ValueError for unknown names,
+    duplicates, or an empty selection.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    named = dict(model.named_parameters())
+    if params is None:
+        names = [n for n, p in named.items() if p.requires_grad]
+    elif isinstance(params, str):
+        names = _check_names([params], named)
+    elif callable(params):
+        names = [n for n, p in named.items() if params(n, p)]
+    elif isinstance(params, Iterable):
+        wanted = list(params)
+        if not all(isinstance(n, str) for n in wanted):
+            raise TypeError("params must be a sequence of parameter names (str)")
+        _check_names(wanted, named)
+        wanted_set = set(wanted)
+        names = [n for n in named if n in wanted_set]     # canonical order
+    else:
+        raise TypeError("params must be None, a list of parameter names or a predicate "
+                        f"(name, tensor) -> bool, got {type(params).__name__}")
+    if not names:
+        raise ValueError("params selects no parameters")
+    return names
+
+
+def _check_names(wanted: Sequence[str], named: dict) -> list[str]:
+    unknown = [n for n in wanted if n not in named]
+    if unknown:
+        raise ValueError(f"params names not in the model: {unknown}; "
+                         f"available: {list(named)}")
+    if len(set(wanted)) != len(wanted):
+        raise ValueError("params contains duplicate names")
+    return list(wanted)
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """Layout of the flat vector: `names[i]` occupies `offsets[i]:offsets[i]+numels[i]`
+    with shape `shapes[i]`."""
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+    numels: tuple[int, ...]
+
+    @classmethod
+    def from_module(cls, model: nn.Module, params=None) -> "ParamLayout":
+        names = select_parameter_names(model, params)
+        named = dict(model.named_parameters())
+        shapes = tuple(named[n].shape for n in names)
+        return cls(tuple(names), shapes, tuple(int(s.numel()) for s in shapes))
+
+    @property
+    def P(self) -> int:
+        return int(sum(self.numels))
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        out, acc = [], 0
+        for n in self.numels:
+            out.append(acc)
+            acc += n
+        return tuple(out)
+
+    def flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Concatenate tensors (one per name, any leading batch dims allowed only when
+        used under `torch.func.vmap`) into a flat vector of length P."""
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def unflatten(self, vec: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Split a flat vector of length P into a tuple of tensors shaped like the
+        parameters (views, no copy)."""
+        return tuple(c.view(s) for c, s in zip(torch.split(vec, self.numels), self.shapes))
+
+
+def flatten_parameters(model: nn.Module, params=None) -> torch.Tensor:
+    """Detached copy of the selected parameters as one flat vector."""
+    layout = ParamLayout.from_module(model, params)
+    named = dict(model.named_parameters())
+    return layout.flatten([named[n].detach() for n in layout.names]).clone()
+
+
+def unflatten_to_dict(model: nn.Module, vec: torch.Tensor, params=None) -> dict[str, torch.Tensor]:
+    """{name: tensor} views of `vec` shaped like the selected parameters."""
+    layout = ParamLayout.from_module(model, params)
+    if vec.ndim != 1 or vec.numel() != layout.P:
+        raise ValueError(f"vec must be a flat vector of length {layout.P}, got shape {tuple(vec.shape)}")
+    return dict(zip(layout.names, layout.unflatten(vec)))
+
+
+def make_functional(model: nn.Module, names: Sequence[str], *, device=None, dtype=None):
+    """Split a module into (selected primals, frozen rest) for `functional_call`.
+
+    Returns (primals, frozen): `primals` is a tuple of detached copies of the selected
+    parameters; `frozen` holds detached copies of every other parameter and of every
+    buffer (floating ones cast to `dtype`). Copies guarantee that functional products
+    never write to the user's module (e.g. BatchNorm running statistics).
+    """
+    named_p = dict(model.named_parameters())
+    named_b = dict(model.named_buffers())
+
+    def copy(t):
+        t = t.detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        if device is not None:
+            t = t.to(device)
+        return t.clone()
+
+    primals = tuple(copy(named_p[n]) for n in names)
+    chosen = set(names)
+    frozen = {n: copy(p) for n, p in named_p.items() if n not in chosen}
+    frozen.update({n: copy(b) for n, b in named_b.items()})
+    return primals, frozen
+
+
+def functional_forward(model: nn.Module, names: Sequence[str], frozen: dict,
+                       primals: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """`model(x)` with the selected parameters replaced by `primals`."""
+    state = dict(frozen)
+    state.update(zip(names, primals))
+    return torch.func.functional_call(model, state, (x,))
+
+
+def functional_loss(model: nn.Module, loss_fn: Callable, names: Sequence[str], frozen: dict,
+                    primals: Sequence[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """`loss_fn(model(x), y)` as a function of the selected parameters."""
+    return loss_fn(functional_forward(model, names, frozen, primals, x), y)

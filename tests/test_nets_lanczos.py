@@ -1,0 +1,161 @@
+"""Lanczos and the restarted eigensolver against dense eigendecompositions."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from nets.lanczos import eigsh, lanczos, lanczos_batch
+from nets.operators import CurvatureOperator, hessian_operator
+
+CE = nn.functional.cross_entropy
+
+
+class DenseOperator(CurvatureOperator):
+    """A symmetric matrix as an operator (the oracle for the algorithms)."""
+
+    def __init__(self, A, dtype=torch.float64):
+        super().__init__(A.shape[0], dtype, "cpu")
+        self.A = torch.as_tensor(A, dtype=dtype)
+
+    def _matmat(self, V):
+        return self.A @ V
+
+
+def with_spectrum(eigs, seed=0):
+    rng = np.random.default_rng(seed)
+    Q, _ = np.linalg.qr(rng.standard_normal((len(eigs), len(eigs))))
+    return (Q * np.asarray(eigs, float)) @ Q.T, Q
+
+
+def mlp_hessian(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+    g = torch.Generator().manual_seed(seed + 1)
+    X = torch.randn(40, 6, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 4, (40,), generator=g)
+    return hessian_operator(model, CE, [(X[:17], y[:17]), (X[17:], y[17:])])
+
+
+def test_eigsh_top_and_bottom_match_dense_hessian():
+    op = mlp_hessian()
+    ev = np.linalg.eigvalsh(op.to_dense().numpy())            # P = 92
+    top = eigsh(op, k=3, which="LA", krylov_dim=30)          # forces restarts
+    bot = eigsh(op, k=3, which="SA", krylov_dim=30)
+    lm = eigsh(op, k=2, which="LM")
+    np.testing.assert_allclose(top.values, ev[::-1][:3], rtol=1e-8, atol=0)
+    np.testing.assert_allclose(bot.values, ev[:3], rtol=1e-8, atol=0)
+    np.testing.assert_allclose(lm.values, ev[np.argsort(-np.abs(ev))][:2], rtol=1e-8, atol=0)
+    assert top.converged.all() and bot.converged.all() and top.num_restarts > 0
+    H = op.to_dense()
+    Y = top.vectors
+    assert Y.shape == (op.P, 3)
+    np.testing.assert_allclose((Y.T @ Y).numpy(), np.eye(3), atol=1e-10)
+    res = torch.linalg.vector_norm(H @ Y - Y * torch.from_numpy(top.values), dim=0).numpy()
+    assert np.all(res < 1e-8 * abs(ev).max())
+    np.testing.assert_allclose(res, top.residuals, atol=1e-10 * abs(ev).max())
+
+
+def test_eigsh_restarted_on_a_large_spiked_matrix():
+    rng = np.random.default_rng(3)
+    n = 400
+    G = rng.standard_normal((n, n))
+    A = (G + G.T) / np.sqrt(2 * n)
+    A[0, 0] += 4.0
+    A[1, 1] -= 3.0
+    ev = np.linalg.eigvalsh(A)
+    op = DenseOperator(A)
+    for which, ref in [("LA", ev[::-1][:4]), ("SA", ev[:4])]:
+        r = eigsh(op, k=4, which=which, krylov_dim=14, max_steps=4000, seed=1)
+        np.testing.assert_allclose(r.values, ref, rtol=1e-9, atol=1e-12)
+        assert r.converged.all() and r.num_restarts > 0 and r.num_matvecs < n
+    again = eigsh(op, k=4, krylov_dim=14, max_steps=4000, seed=1)
+    np.testing.assert_array_equal(again.values, eigsh(op, k=4, krylov_dim=14, max_steps=4000,
+                                                      seed=1).values)
+
+
+def test_lanczos_breakdown_returns_exact_distinct_eigenvalues_without_ghosts():
+    eigs = np.r_[5.0, 5.0, 5.0, 3.0, 3.0, -1.0, np.zeros(94)]     # rank 6, repeated
+    A, Q = with_spectrum(eigs)
+    r = lanczos(DenseOperator(A), 50, seed=2)
+    assert r.breakdown and r.num_steps == 4                      # 4 distinct eigenvalues
+    np.testing.assert_allclose(r.ritz_values, [-1.0, 0.0, 3.0, 5.0], atol=1e-12)
+    assert np.all(r.residual_norms < 1e-12) and r.converged.all()
+    # weights = squared projections of q1 on each eigenspace
+    rng = np.random.default_rng(2)
+    q = rng.choice([-1.0, 1.0], size=100)
+    q /= np.linalg.norm(q)
+    proj = (Q.T @ q) ** 2
+    expected = [proj[5], proj[6:].sum(), proj[3:5].sum(), proj[:3].sum()]
+    np.testing.assert_allclose(r.ritz_weights, expected, atol=1e-12)
+    assert r.alpha.dtype == np.float64 and r.seed == 2
+
+
+def test_full_reorthogonalisation_prevents_ghost_copies():
+    eigs = np.r_[np.linspace(0, 1, 190), 10, 9, 8, 7, 6, 5, 4, 3, 2, 1.5]
+    A, _ = with_spectrum(eigs, seed=1)
+    full = lanczos(DenseOperator(A), 120)
+    plain = lanczos(DenseOperator(A), 120, reorth="none")
+    near_top = lambda r: int(np.sum(np.abs(r.ritz_values - 10.0) < 1e-6))
+    assert near_top(full) == 1
+    assert near_top(plain) > 1                                   # ghosts without it
+    np.testing.assert_allclose(np.sort(full.ritz_values)[-10:], np.sort(eigs)[-10:], atol=1e-10)
+    np.testing.assert_allclose(full.ritz_weights.sum(), 1.0, rtol=1e-12)
+
+
+def test_tridiagonal_reproduces_quadratic_forms():
+    # q1ᵀ A^j q1 = e1ᵀ T^j e1 exactly for j < 2m (Gauss quadrature exactness)
+    A, _ = with_spectrum(np.random.default_rng(4).standard_normal(60), seed=4)
+    v0 = np.random.default_rng(5).standard_normal(60)
+    r = lanczos(DenseOperator(A), 8, v0=v0)
+    q = v0 / np.linalg.norm(v0)
+    T = r.tridiagonal()
+    for j in range(1, 15):
+        lhs = q @ np.linalg.matrix_power(A, j) @ q
+        rhs = np.linalg.matrix_power(T, j)[0, 0]
+        assert abs(lhs - rhs) < 1e-10 * max(1.0, abs(lhs))
+        assert abs(r.quadrature(lambda t: t ** j) - rhs) < 1e-10 * max(1.0, abs(rhs))
+    assert r.v0_norm == pytest.approx(np.linalg.norm(v0)) and r.seed is None
+
+
+def test_batched_lanczos_equals_separate_runs():
+    A, _ = with_spectrum(np.random.default_rng(6).standard_normal(50), seed=6)
+    op = DenseOperator(A)
+    V0 = np.random.default_rng(7).standard_normal((50, 3))
+    batch = lanczos_batch(op, 12, num_vectors=3, v0=V0)
+    for j in range(3):
+        single = lanczos(op, 12, v0=V0[:, j])
+        np.testing.assert_allclose(batch[j].alpha, single.alpha, atol=1e-12)
+        np.testing.assert_allclose(batch[j].beta, single.beta, atol=1e-12)
+        np.testing.assert_allclose(batch[j].ritz_weights, single.ritz_weights, atol=1e-10)
+
+
+def test_float32_operator_runs_float64_recurrence():
+    op64 = mlp_hessian(1)
+    ev = np.linalg.eigvalsh(op64.to_dense().numpy())
+    model = op64.model
+    op32 = hessian_operator(model, CE, op64.batches, dtype=torch.float32)
+    r = eigsh(op32, k=1)
+    assert r.converged.all()
+    assert abs(r.values[0] - ev[-1]) < 1e-5 * abs(ev[-1])
+    lz = lanczos(op32, 20)
+    assert lz.alpha.dtype == np.float64
+    assert abs(lz.ritz_values[-1] - ev[-1]) < 1e-5 * abs(ev[-1])
+
+
+def test_bad_arguments():
+    op = DenseOperator(np.eye(5))
+    with pytest.raises(ValueError, match="num_steps"):
+        lanczos(op, 0)
+    with pytest.raises(ValueError, match="reorth"):
+        lanczos(op, 3, reorth="partial")
+    with pytest.raises(ValueError, match="which"):
+        eigsh(op, which="BE")
+    with pytest.raises(ValueError, match="k must be"):
+        eigsh(op, k=6)
+    with pytest.raises(ValueError, match="v0"):
+        lanczos(op, 3, v0=np.zeros(5))
+    with pytest.raises(ValueError, match="v0"):
+        lanczos(op, 3, v0=np.ones(4))
+    with pytest.raises(TypeError, match="op"):
+        lanczos(np.eye(5), 3)

@@ -1,0 +1,151 @@
+"""Directional and isotropic curvature noise against dense per-sample Hessians."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+import rmt
+from nets.noise import (directional_noise, directional_noise_from_operator, isotropic_noise,
+                        isotropic_noise_from_operator)
+from nets.operators import hessian_operator
+from nets.params import ParamLayout, flatten_parameters
+
+CE = nn.functional.cross_entropy
+MSE = nn.functional.mse_loss
+
+
+def make(kind_of_data, seed=0, N=15):
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 10)
+    if kind_of_data == "classifier":
+        model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+        X = torch.randn(N, 5, dtype=torch.float64, generator=g)
+        y = torch.randint(0, 3, (N,), generator=g)
+        return model, X, y, CE
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    X = torch.randn(N, 3, dtype=torch.float64, generator=g)
+    y = torch.randn(N, 2, dtype=torch.float64, generator=g)
+    return model, X, y, MSE
+
+
+def per_sample_curvatures(model, loss_fn, X, y, kind="hessian"):
+    """Dense C_i (N, P, P): Hessians by torch.func.hessian, or J_iᵀΛ_iJ_i."""
+    layout = ParamLayout.from_module(model)
+    w = flatten_parameters(model)
+
+    def out(w, x):
+        return functional_call(model, dict(zip(layout.names, layout.unflatten(w))), (x,))
+    Cs = []
+    for i in range(X.shape[0]):
+        x, t = X[i:i + 1], y[i:i + 1]
+        if kind == "hessian":
+            Cs.append(torch.func.hessian(lambda w: loss_fn(out(w, x), t))(w))
+        else:
+            J = torch.func.jacrev(lambda w: out(w, x))(w)[0]              # (C, P)
+            L = torch.func.hessian(lambda o: loss_fn(o, t))(out(w, x))[0, :, 0, :]
+            Cs.append(J.T @ L @ J)
+    return torch.stack(Cs)
+
+
+def dense_s2(C, u):
+    D = (C - C.mean(0)) @ u
+    return float((D * D).sum() / (C.shape[0] - 1))
+
+
+@pytest.mark.parametrize("data", ["classifier", "regressor"])
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_directional_noise_matches_dense_per_sample_oracle(data, kind):
+    model, X, y, loss_fn = make(data)
+    C = per_sample_curvatures(model, loss_fn, X, y, kind)
+    u = torch.from_numpy(np.random.default_rng(1).standard_normal(C.shape[1]))
+    u = u / u.norm()
+    est = directional_noise(model, loss_fn, (X, y), 3.0 * u, kind=kind, chunk_size=4)
+    exact = dense_s2(C, u)
+    assert est.s2 == pytest.approx(exact, rel=1e-8)
+    assert est.lam == pytest.approx(float(u @ C.mean(0) @ u), rel=1e-8, abs=1e-14)
+    assert est.n_groups == X.shape[0] and est.micro_batch == 1 and est.stderr > 0
+
+
+@pytest.mark.parametrize("m,N", [(3, 15), (4, 15)])
+def test_micro_batch_estimate_uses_the_documented_partition(m, N):
+    model, X, y, loss_fn = make("classifier", seed=2, N=N)
+    C = per_sample_curvatures(model, loss_fn, X, y)
+    u = torch.from_numpy(np.random.default_rng(3).standard_normal(C.shape[1]))
+    u = u / u.norm()
+    est = directional_noise(model, loss_fn, (X, y), u, micro_batch=m, seed=9)
+    G = N // m
+    groups = np.random.default_rng(9).permutation(N)[: G * m].reshape(G, m)
+    Cg = torch.stack([C[g].mean(0) for g in groups])                 # group means
+    D = (Cg - Cg.mean(0)) @ u
+    exact = m * float((D * D).sum()) / (G - 1)
+    assert est.n_groups == G
+    assert est.s2 == pytest.approx(exact, rel=1e-8)
+
+
+def test_micro_batch_estimate_is_unbiased_for_per_sample_variance():
+    model, X, y, loss_fn = make("classifier", seed=4, N=24)
+    op = hessian_operator(model, loss_fn, (X, y))
+    u = torch.from_numpy(np.random.default_rng(5).standard_normal(op.P))
+    exact = directional_noise_from_operator(op, u).s2
+    ests = np.array([directional_noise_from_operator(op, u, micro_batch=4, seed=s).s2
+                     for s in range(60)])
+    z = (ests.mean() - exact) / (ests.std(ddof=1) / np.sqrt(len(ests)))
+    assert abs(z) < 4
+
+
+def test_fluctuation_second_moment_is_c_times_s2():
+    """E_S ‖(H_B − H)u‖² = c(B, N)·s_u² exactly (sampling without replacement)."""
+    model, X, y, loss_fn = make("classifier", seed=6, N=20)
+    C = per_sample_curvatures(model, loss_fn, X, y)
+    H = C.mean(0)
+    u = torch.from_numpy(np.random.default_rng(7).standard_normal(C.shape[1]))
+    u = u / u.norm()
+    s2 = directional_noise(model, loss_fn, (X, y), u).s2
+    rng = np.random.default_rng(8)
+    N, B, reps = 20, 5, 4000
+    Cu = (C @ u).numpy()
+    Hu = (H @ u).numpy()
+    vals = np.empty(reps)
+    for r in range(reps):
+        idx = rng.choice(N, size=B, replace=False)
+        vals[r] = np.sum((Cu[idx].mean(0) - Hu) ** 2)
+    expected = rmt.batch_noise_factor(B, N) * s2
+    z = (vals.mean() - expected) / (vals.std(ddof=1) / np.sqrt(reps))
+    assert abs(z) < 4
+
+
+def test_isotropic_noise_estimates_trace_of_the_noise_covariance():
+    model, X, y, loss_fn = make("classifier", seed=1)
+    C = per_sample_curvatures(model, loss_fn, X, y)
+    Dc = C - C.mean(0)
+    A = torch.einsum("ijk,ikl->jl", Dc, Dc) / (C.shape[0] - 1)
+    P = C.shape[1]
+    exact = float(torch.trace(A)) / P                                 # = P·σ²_avg
+    sig2 = (Dc ** 2).sum(0) / (C.shape[0] - 1)                        # σ²_jk
+    assert exact == pytest.approx(P * float(sig2.mean()), rel=1e-12)
+    est = isotropic_noise(model, loss_fn, (X, y), num_probes=40, seed=3)
+    assert abs(est.s2 - exact) / est.stderr < 4
+    # each probe value is the directional noise along that (unit Rademacher) probe
+    z = np.random.default_rng(3).choice([-1.0, 1.0], size=(P, 40))[:, 0] / np.sqrt(P)
+    assert est.per_probe[0] == pytest.approx(dense_s2(C, torch.from_numpy(z)), rel=1e-8)
+
+
+def test_bad_input():
+    model, X, y, loss_fn = make("classifier")
+    op = hessian_operator(model, loss_fn, (X, y))
+    with pytest.raises(ValueError, match="u must have"):
+        directional_noise_from_operator(op, torch.ones(op.P + 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="non-zero"):
+        directional_noise_from_operator(op, torch.zeros(op.P, dtype=torch.float64))
+    with pytest.raises(ValueError, match="micro_batch"):
+        directional_noise_from_operator(op, torch.ones(op.P, dtype=torch.float64), micro_batch=8)
+    with pytest.raises(ValueError, match="micro_batch"):
+        directional_noise_from_operator(op, torch.ones(op.P, dtype=torch.float64), micro_batch=0)
+    with pytest.raises(ValueError, match="num_probes"):
+        isotropic_noise_from_operator(op, num_probes=0)
+    bn = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).double().train()
+    with pytest.raises(ValueError, match="train_batch_stats"):
+        directional_noise(bn, loss_fn, (X, y), torch.ones(47, dtype=torch.float64),
+                          policy="train_batch_stats")
