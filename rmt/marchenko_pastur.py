@@ -1,0 +1,80 @@
+"""Marchenko–Pastur law of a real Wishart matrix S = X Xᵀ/n (REFERENCES "Bulk laws").
+
+X is p×n with i.i.d. entries of variance σ²; the ratio is q = p/n (the *dimension over
+the number of samples*; other libraries use its inverse).  As p, n → ∞ the spectrum of
+S tends to MP(q, σ²):
+
+    edges  λ± = σ²(1 ± √q)²,
+    density  √((λ₊ − x)(x − λ₋)) / (2π σ² q x)   on [λ₋, λ₊],
+    plus an atom of mass 1 − 1/q at 0 when q > 1.
+
+Stieltjes transform g(z) = ∫ dμ(x)/(x − z) (package convention) solves, for σ² = 1,
+
+    q z g² + (z − 1 + q) g + 1 = 0,
+    g(z) = (−(z − 1 + q) + √(z − λ₊)·√(z − λ₋)) / (2 q z),
+
+with g ~ −1/z at infinity and Im g > 0 for Im z > 0; g(z; σ²) = g(z/σ²; 1)/σ².  The
+product of principal roots puts the cut on [λ₋, λ₊] and produces the pole
+−(1 − 1/q)/z of the atom automatically when q > 1.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._validation import as_float
+
+
+def _check(ratio, variance):
+    q = as_float("ratio", ratio, positive=True)
+    s2 = as_float("variance", variance, positive=True)
+    return q, s2
+
+
+def mp_edges(ratio, variance=1.0) -> tuple[float, float]:
+    """Return (λ₋, λ₊) = σ²(1 ∓ √q)² (the continuous part; atom at 0 when q > 1).
+    q = 0 is allowed (the degenerate law δ_{σ²}: no sampling noise, e.g. B = N)."""
+    q = as_float("ratio", ratio, nonnegative=True)
+    s2 = as_float("variance", variance, positive=True)
+    return float(s2 * (1.0 - np.sqrt(q)) ** 2), float(s2 * (1.0 + np.sqrt(q)) ** 2)
+
+
+def mp_atom(ratio) -> float:
+    """Mass of the atom at 0: max(0, 1 − 1/q)."""
+    q = as_float("ratio", ratio, positive=True)
+    return max(0.0, 1.0 - 1.0 / q)
+
+
+def mp_density(x, ratio, variance=1.0) -> np.ndarray:
+    """Density of the continuous part (integrates to min(1, 1/q))."""
+    q, s2 = _check(ratio, variance)
+    lo, hi = mp_edges(q, s2)
+    x = np.asarray(x, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = np.sqrt(np.clip((hi - x) * (x - lo), 0.0, None)) / (2.0 * np.pi * s2 * q * x)
+    return np.where((x > lo) & (x < hi), d, 0.0)
+
+
+def mp_stieltjes(z, ratio, variance=1.0) -> np.ndarray:
+    """g(z) = ∫ dμ(x)/(x − z) for MP(q, σ²) including the atom; complex array.
+
+    On the real support the upper boundary value g(x + i0) is returned.
+    """
+    q, s2 = _check(ratio, variance)
+    z = np.asarray(z, dtype=complex) / s2
+    lo, hi = mp_edges(q, 1.0)
+    z = np.where((z.imag == 0) & (z.real >= lo) & (z.real <= hi), z + 1e-300j, z)
+    root = np.sqrt(z - hi) * np.sqrt(z - lo)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # (−b + root)/(2qz) = −2/(b + root), b = z − 1 + q: no cancellation at large |z|
+        g = -2.0 / (z - 1.0 + q + root)
+    return g / s2
+
+
+def mp_stieltjes_derivative(z, ratio, variance=1.0) -> np.ndarray:
+    """g'(z) = ∫ dμ(x)/(x − z)²; from the quadratic, dg/dz = −(q g² + g)/(2 q z g + z − 1 + q)
+    (σ² = 1 units, then g'(z; σ²) = g'(z/σ²; 1)/σ⁴)."""
+    q, s2 = _check(ratio, variance)
+    w = np.asarray(z, dtype=complex) / s2
+    g = mp_stieltjes(w, q, 1.0)
+    return -(q * g * g + g) / (2.0 * q * w * g + w - 1.0 + q) / s2 ** 2

@@ -1,0 +1,90 @@
+"""Outliers created by a rank-one additive spike on an arbitrary bulk
+(Benaych-Georges & Nadakuditi 2011; REFERENCES "Any bulk"; THEORY §2 general form).
+
+For X with limiting spectral law μ (Stieltjes g(z) = ∫ dμ(x)/(x − z)) and a spike
+θ·u uᵀ with u independent of X (or X orthogonally invariant), the eigenvalues of
+X + θ u uᵀ outside supp μ converge to the solutions z of
+
+    1 + θ·g(z) = 0,
+
+and the squared overlap of the outlier eigenvector with u converges to
+
+    |⟨u, û⟩|² = 1/(θ²·g'(z)),      g'(z) = ∫ dμ(x)/(x − z)² > 0 on ℝ \\ supp μ.
+
+For θ > 0 the root lies to the right of the support (g < 0 there), for θ < 0 to the
+left (g > 0).  On (right edge, ∞), g is negative and increasing to 0 with
+|g(z)| ≤ 1/(z − right edge), so the root, if any, lies in (edge, edge + θ]; it exists
+iff 1 + θ·g(edge⁺) < 0.  If there is none the function returns the edge and overlap 0
+("below threshold return the bulk edge").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import brentq
+
+from ._validation import as_float
+
+
+@dataclass(frozen=True)
+class Outlier:
+    """Result of ``find_outlier``: ``location`` (the outlier, or the edge if none),
+    ``squared_overlap`` (0 if none), ``is_outlier`` and ``residual`` = |1 + θ g(z)|."""
+
+    location: float
+    squared_overlap: float
+    is_outlier: bool
+    residual: float
+
+
+def _real_g(stieltjes, z: float) -> float:
+    val = complex(np.asarray(stieltjes(z)).reshape(()))
+    return val.real
+
+
+def find_outlier(spike, stieltjes, support, stieltjes_derivative=None,
+                 edge_offset: float = 1e-12) -> Outlier:
+    """Solve 1 + θ g(z) = 0 outside ``support`` = (left edge, right edge) by brentq.
+
+    ``stieltjes(z)`` returns g at real z outside the support (package convention);
+    ``stieltjes_derivative`` returns g'(z) (central difference if omitted).  The edge
+    value g(edge⁺) is evaluated at edge ± ``edge_offset``·scale.
+    """
+    theta = as_float("spike", spike)
+    lo = as_float("support[0]", support[0])
+    hi = as_float("support[1]", support[1])
+    if lo > hi:
+        raise ValueError("support must be (left edge, right edge) with left <= right")
+    scale = max(1.0, abs(lo), abs(hi), abs(theta))
+    if theta == 0.0:
+        return Outlier(hi, 0.0, False, 1.0)
+    if theta > 0:
+        edge, sgn = hi, 1.0
+    else:
+        edge, sgn = lo, -1.0
+    h = lambda z: 1.0 + theta * _real_g(stieltjes, z)  # noqa: E731
+    z_in = edge + sgn * edge_offset * scale
+    if h(z_in) >= 0.0:
+        return Outlier(edge, 0.0, False, 0.0)
+    z_out = edge + sgn * (abs(theta) * (1.0 + 1e-9) + edge_offset * scale)
+    a, b = (z_in, z_out) if sgn > 0 else (z_out, z_in)
+    z = brentq(h, a, b, xtol=1e-14 * scale, rtol=4 * np.finfo(float).eps, maxiter=500)
+    if stieltjes_derivative is not None:
+        gp = complex(np.asarray(stieltjes_derivative(z)).reshape(())).real
+    else:
+        d = 1e-6 * max(abs(z - edge), 1e-8)
+        gp = (_real_g(stieltjes, z + d) - _real_g(stieltjes, z - d)) / (2 * d)
+    overlap = 1.0 / (theta * theta * gp) if gp > 0 else 0.0
+    return Outlier(float(z), float(min(max(overlap, 0.0), 1.0)), True, abs(h(z)))
+
+
+def outlier_location(spike, stieltjes, support) -> float:
+    """The outlier of a spike θ on a bulk with Stieltjes ``stieltjes``, or the edge."""
+    return find_outlier(spike, stieltjes, support).location
+
+
+def outlier_overlap(spike, stieltjes, support, stieltjes_derivative=None) -> float:
+    """Squared overlap 1/(θ² g'(z)) at the outlier, or 0 if there is none."""
+    return find_outlier(spike, stieltjes, support, stieltjes_derivative).squared_overlap

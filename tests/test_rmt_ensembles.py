@@ -1,0 +1,152 @@
+"""Exact finite-n identities for the dense and tridiagonal samplers (normalisation
+oracles, REFERENCES "Bulk laws"), checked with z-scores against the standard error."""
+
+import numpy as np
+import pytest
+
+from rmt.ensembles import goe, gue, wishart, profile_wigner, spiked_additive, spiked_multiplicative, block_sizes
+from rmt.tridiagonal import hermite_tridiagonal, laguerre_tridiagonal
+
+Z_MAX = 4.5
+
+
+def zscore(samples, expected):
+    samples = np.asarray(samples, dtype=float)
+    return (samples.mean() - expected) / (samples.std(ddof=1) / np.sqrt(samples.size))
+
+
+def traces_dense(h):
+    h2 = h @ h
+    return np.trace(h2).real, np.sum(np.abs(h2) ** 2)  # tr H², tr H⁴ = ‖H²‖_F²
+
+
+def tridiag_dense(d, e):
+    return np.diag(d) + np.diag(e, 1) + np.diag(e, -1)
+
+
+N_SMALL, REPS = 8, 3000
+
+
+def test_goe_raw_moments_dense():
+    rng = np.random.default_rng(1)
+    t2, t4 = np.array([traces_dense(goe(N_SMALL, rng, "raw")) for _ in range(REPS)]).T
+    n = N_SMALL
+    assert abs(zscore(t2, n * n + n)) < Z_MAX
+    assert abs(zscore(t4, 2 * n ** 3 + 5 * n ** 2 + 5 * n)) < Z_MAX
+
+
+def test_goe_raw_moments_tridiagonal():
+    rng = np.random.default_rng(2)
+    n = N_SMALL
+    t2, t4 = np.array([traces_dense(tridiag_dense(*hermite_tridiagonal(n, 1, rng, "raw")))
+                       for _ in range(REPS)]).T
+    assert abs(zscore(t2, n * n + n)) < Z_MAX
+    assert abs(zscore(t4, 2 * n ** 3 + 5 * n ** 2 + 5 * n)) < Z_MAX
+
+
+def test_gue_raw_fourth_moment_dense_and_tridiagonal():
+    rng = np.random.default_rng(3)
+    n = N_SMALL
+    expected = 2 * n ** 3 + n  # Harer–Zagier
+    dense = [traces_dense(gue(n, rng, "raw"))[1] for _ in range(REPS)]
+    tri = [traces_dense(tridiag_dense(*hermite_tridiagonal(n, 2, rng, "raw")))[1] for _ in range(REPS)]
+    assert abs(zscore(dense, expected)) < Z_MAX
+    assert abs(zscore(tri, expected)) < Z_MAX
+    # and the Hermitian sampler really is Hermitian with E|h_12|² = 1
+    h = gue(4, rng, "raw")
+    assert np.allclose(h, h.conj().T)
+
+
+def test_semicircle_normalisation_is_raw_over_sqrt_n():
+    n = 50
+    a = goe(n, np.random.default_rng(7), "raw")
+    b = goe(n, np.random.default_rng(7), "semicircle")
+    assert np.allclose(a / np.sqrt(n), b)
+    d1, e1 = hermite_tridiagonal(n, 1, np.random.default_rng(8), "raw")
+    d2, e2 = hermite_tridiagonal(n, 1, np.random.default_rng(8), "semicircle")
+    assert np.allclose(d1 / np.sqrt(n), d2) and np.allclose(e1 / np.sqrt(n), e2)
+
+
+@pytest.mark.parametrize("p,n", [(6, 10), (12, 5)])
+def test_wishart_second_moment_dense_and_tridiagonal(p, n):
+    rng = np.random.default_rng(4)
+    expected = p * (n + p + 1) / n
+    dense = [np.sum(wishart(p, n, rng) ** 2) for _ in range(REPS)]
+    tri = []
+    for _ in range(REPS):
+        d, e = laguerre_tridiagonal(p, n, 1, rng)
+        tri.append(np.sum(d ** 2) + 2 * np.sum(e ** 2))
+    assert abs(zscore(dense, expected)) < Z_MAX
+    assert abs(zscore(tri, expected)) < Z_MAX
+
+
+def test_spiked_laguerre_matches_dense_spiked_wishart_trace():
+    # E tr S = (ℓ + p − 1)·σ² for Σ = diag(ℓ, 1, …): the spike enters only b₁₁
+    rng = np.random.default_rng(5)
+    p, n, ell = 5, 7, 4.0
+    pop = np.r_[ell, np.ones(p - 1)]
+    dense = [np.trace(wishart(p, n, rng, population=pop)) for _ in range(REPS)]
+    tri = [laguerre_tridiagonal(p, n, 1, rng, spike=ell)[0].sum() for _ in range(REPS)]
+    assert abs(zscore(dense, ell + p - 1)) < Z_MAX
+    assert abs(zscore(tri, ell + p - 1)) < Z_MAX
+    # second moment: E tr S² for Σ: (tr Σ² (n+1) + (tr Σ)²)/n
+    tri2 = []
+    for _ in range(REPS):
+        d, e = laguerre_tridiagonal(p, n, 1, rng, spike=ell)
+        tri2.append(np.sum(d ** 2) + 2 * np.sum(e ** 2))
+    expected = (np.sum(pop ** 2) * (n + 1) + np.sum(pop) ** 2) / n
+    assert abs(zscore(tri2, expected)) < Z_MAX
+
+
+def test_profile_wigner_entry_variances():
+    rng = np.random.default_rng(6)
+    S = np.array([[4.0, 0.5], [0.5, 0.25]])
+    f = np.array([0.4, 0.6])
+    P = 400
+    h = profile_wigner(P, S, f, rng)
+    assert np.allclose(h, h.T)
+    sizes = block_sizes(P, f)
+    assert list(sizes) == [160, 240]
+    blocks = [slice(0, 160), slice(160, 400)]
+    for a in range(2):
+        for b in range(2):
+            x = h[blocks[a], blocks[b]]
+            if a == b:
+                x = x[np.triu_indices(x.shape[0], 1)]
+            x = x.ravel() * np.sqrt(P)
+            # sample variance vs S[a, b]; SE of a Gaussian variance is S·√(2/(k−1))
+            se = S[a, b] * np.sqrt(2.0 / (x.size - 1))
+            assert abs(np.mean(x ** 2) - S[a, b]) / se < Z_MAX
+
+
+def test_spiked_models_are_exact_algebra():
+    rng = np.random.default_rng(9)
+    h = goe(30, rng)
+    u = rng.standard_normal(30)
+    hs = spiked_additive(h, 2.0, u)
+    un = u / np.linalg.norm(u)
+    assert np.allclose(hs - h, 2.0 * np.outer(un, un))
+    G = np.diag(np.r_[5.0, np.ones(29)])
+    W = wishart(30, 60, rng)
+    M = spiked_multiplicative(G, W)
+    Gh = np.diag(np.sqrt(np.diag(G)))
+    assert np.allclose(M, Gh @ W @ Gh)
+
+
+def test_bad_input_names_argument():
+    with pytest.raises(ValueError, match="normalization"):
+        goe(5, 0, "unit")
+    with pytest.raises(ValueError, match="n"):
+        goe(0, 0)
+    with pytest.raises(TypeError, match="rng"):
+        goe(5, "seed")
+    with pytest.raises(ValueError, match="variance"):
+        wishart(3, 4, 0, variance=-1.0)
+    with pytest.raises(ValueError, match="block_variances"):
+        profile_wigner(10, [[1.0, 2.0], [0.5, 1.0]], [0.5, 0.5], 0)
+    with pytest.raises(ValueError, match="block_fractions"):
+        profile_wigner(10, [[1.0, 0.5], [0.5, 1.0]], [0.5, 0.6], 0)
+    with pytest.raises(ValueError, match="spike"):
+        spiked_additive(np.eye(3), float("nan"))
+    with pytest.raises(ValueError, match="G"):
+        spiked_multiplicative(-np.eye(3), np.eye(3))

@@ -1,0 +1,185 @@
+"""Bulk laws (semicircle, Marchenko–Pastur) and free convolutions with a semicircle,
+against quadrature, exact reductions, closed forms from REFERENCES and sampled
+matrices."""
+
+import numpy as np
+import pytest
+from scipy.integrate import quad
+from scipy.linalg import eigvalsh
+
+from rmt.ensembles import goe, wishart
+from rmt.semicircle import (semicircle_density, semicircle_edges, semicircle_stieltjes,
+                            semicircle_stieltjes_derivative)
+from rmt.marchenko_pastur import mp_atom, mp_density, mp_edges, mp_stieltjes, mp_stieltjes_derivative
+from rmt.free_convolution import (discrete_stieltjes, sc_mp_density, sc_mp_edges,
+                                  semicircle_free_convolution, semicircle_free_convolution_density,
+                                  semicircle_free_convolution_edges)
+from rmt.tridiagonal import hermite_tridiagonal, sample_spiked_goe_top, tridiagonal_eigvals
+from rmt.tracy_widom import TW_MEAN, TW_VARIANCE
+
+Z_POINTS = [3.0 + 0j, -2.7 + 0j, 1.0 + 1.0j, -0.5 + 0.2j, 0.3 + 2.0j]
+
+
+def stieltjes_quad(density, lo, hi, z, atom=0.0):
+    re = quad(lambda x: (density(x) / (x - z)).real, lo, hi, limit=200)[0]
+    im = quad(lambda x: (density(x) / (x - z)).imag, lo, hi, limit=200)[0]
+    return re + 1j * im + atom / (0.0 - z)
+
+
+@pytest.mark.parametrize("v", [1.0, 0.37])
+def test_semicircle_stieltjes_matches_quadrature_and_branch(v):
+    lo, hi = semicircle_edges(v)
+    for z in Z_POINTS:
+        z = z * np.sqrt(v)
+        assert semicircle_stieltjes(z, v) == pytest.approx(
+            stieltjes_quad(lambda x: semicircle_density(x, v), lo, hi, z), abs=1e-8)
+        if z.imag > 0:
+            assert semicircle_stieltjes(z, v).imag > 0
+    assert semicircle_stieltjes(1e6, v) == pytest.approx(-1e-6, rel=1e-5)
+    # derivative by central difference
+    z = 3.1 * np.sqrt(v)
+    fd = (semicircle_stieltjes(z + 1e-6, v) - semicircle_stieltjes(z - 1e-6, v)) / 2e-6
+    assert semicircle_stieltjes_derivative(z, v).real == pytest.approx(fd.real, rel=1e-6)
+    # density integrates to 1 and has variance v
+    assert quad(lambda x: semicircle_density(x, v), lo, hi)[0] == pytest.approx(1.0, abs=1e-8)
+    assert quad(lambda x: x * x * semicircle_density(x, v), lo, hi)[0] == pytest.approx(v, rel=1e-8)
+
+
+@pytest.mark.parametrize("q,s2", [(0.5, 2.0), (2.0, 1.0)])
+def test_mp_stieltjes_matches_quadrature_with_atom(q, s2):
+    lo, hi = mp_edges(q, s2)
+    for z in [hi + 1.0 + 0j, 1.0 + 1.0j, -1.0 + 0j, -1.0 + 0.2j, 0.1 + 0.05j]:
+        exact = stieltjes_quad(lambda x: mp_density(x, q, s2), lo, hi, z, mp_atom(q))
+        assert mp_stieltjes(z, q, s2) == pytest.approx(exact, abs=1e-7)
+    z = hi + 0.7
+    fd = (mp_stieltjes(z + 1e-6, q, s2) - mp_stieltjes(z - 1e-6, q, s2)) / 2e-6
+    assert mp_stieltjes_derivative(z, q, s2).real == pytest.approx(fd.real, rel=1e-6)
+    mass = quad(lambda x: mp_density(x, q, s2), lo, hi, limit=200)[0]
+    assert mass + mp_atom(q) == pytest.approx(1.0, abs=1e-7)
+
+
+def test_semicircle_edges_and_stieltjes_vs_dense_goe():
+    rng = np.random.default_rng(11)
+    n = 1000
+    tops, bottoms, gs = [], [], []
+    z = 0.5 + 0.3j
+    for _ in range(4):
+        lam = eigvalsh(goe(n, rng))
+        tops.append(lam[-1])
+        bottoms.append(lam[0])
+        gs.append(np.mean(1.0 / (lam - z)))
+    # the extremes sit within a few Tracy–Widom widths (≈ n^{-2/3}) of ±2
+    assert abs(np.mean(tops) - 2.0) < 0.05 and abs(np.mean(bottoms) + 2.0) < 0.05
+    # linear statistics have O(1/n) fluctuations and bias
+    assert abs(np.mean(gs) - semicircle_stieltjes(z)) < 5e-3
+    # histogram vs the semicircle density
+    edges = np.linspace(-2, 2, 9)
+    frac = np.histogram(lam, edges)[0] / n
+    expect = [quad(semicircle_density, a, b)[0] for a, b in zip(edges[:-1], edges[1:])]
+    assert np.max(np.abs(frac - expect)) < 0.01
+
+
+def test_tridiagonal_top_eigenvalue_is_tracy_widom():
+    # n^{2/3}(λ_max − 2) → TW₁ (Bornemann mean −1.2065, variance 1.6078)
+    rng = np.random.default_rng(12)
+    n, reps = 5000, 200
+    x = np.array([n ** (2 / 3) * (sample_spiked_goe_top(n, 0.0, rng) - 2.0) for _ in range(reps)])
+    se = np.sqrt(TW_VARIANCE[1] / reps)
+    assert abs(x.mean() - TW_MEAN[1]) / se < 4.0
+    assert x.var(ddof=1) == pytest.approx(TW_VARIANCE[1], rel=4 * np.sqrt(2.0 / reps) * 1.3)
+    # bottom eigenvalue of the unspiked model mirrors the top
+    d, e = hermite_tridiagonal(n, 1, rng)
+    assert abs(tridiagonal_eigvals(d, e, "bottom") + 2.0) < 10 * n ** (-2 / 3)
+
+
+@pytest.mark.parametrize("p,n,s2", [(500, 1000, 2.0), (1000, 500, 1.0)])
+def test_mp_edges_atom_and_stieltjes_vs_sampled_wishart(p, n, s2):
+    rng = np.random.default_rng(13)
+    q = p / n
+    lam = eigvalsh(wishart(p, n, rng, variance=s2))
+    lo, hi = mp_edges(q, s2)
+    # Johnstone (2001): λ_max ≈ hi + s2·scale·TW₁, scale symmetric in (p, n)
+    scale = s2 * (np.sqrt(n) + np.sqrt(p)) * (1 / np.sqrt(n) + 1 / np.sqrt(p)) ** (1 / 3) / n
+    assert abs(lam[-1] - hi - TW_MEAN[1] * scale) < 5 * np.sqrt(TW_VARIANCE[1]) * scale
+    if q < 1:
+        assert abs(lam[0] - lo) < 0.03 * hi
+    else:  # exactly p − n zero eigenvalues
+        assert np.sum(lam < 1e-9 * hi) == p - n
+        assert abs(lam[p - n] - lo) < 0.03 * hi
+    for z in [hi + 0.5, 1.0 + 0.5j, -0.5]:
+        assert abs(np.mean(1.0 / (lam - z)) - mp_stieltjes(z, q, s2)) < 5e-3
+
+
+def test_deformed_wigner_two_atom_edge_reference_value():
+    left, right = semicircle_free_convolution_edges([-1.5, 1.5], [0.5, 0.5], 1.0)
+    assert right == pytest.approx(3.04885, abs=1e-5)  # REFERENCES
+    assert left == pytest.approx(-right, abs=1e-12)
+
+
+def test_free_convolution_reductions():
+    z = np.array([2.5 + 0j, 0.3 + 0.1j, -1.0 + 1.0j, -4.0 + 0j])
+    # A = δ₀: the semicircle itself
+    r = semicircle_free_convolution(z, [0.0], [1.0], 0.8)
+    assert np.allclose(r.g, semicircle_stieltjes(z, 0.8), atol=1e-12)
+    assert np.max(r.residual) < 1e-12
+    # v → 0: the discrete spectrum itself (off the atoms)
+    atoms, w = [-1.0, 0.5, 2.0], [0.2, 0.5, 0.3]
+    z2 = np.array([3.0 + 0j, 0.0 + 0.5j, -2.0 + 0j])
+    r0 = semicircle_free_convolution(z2, atoms, w, 1e-12)
+    assert np.allclose(r0.g, discrete_stieltjes(z2, atoms, w), atol=1e-9)
+    # Im g > 0 on the upper half plane and the density's first two moments
+    x = np.linspace(-4.5, 4.5, 9001)
+    dens = semicircle_free_convolution_density(x, [-1.5, 1.5], [0.5, 0.5], 1.0)
+    dx = x[1] - x[0]
+    assert np.sum(dens) * dx == pytest.approx(1.0, abs=1e-4)
+    assert np.sum(dens * x) * dx == pytest.approx(0.0, abs=1e-6)
+    assert np.sum(dens * x * x) * dx == pytest.approx(1.5 ** 2 + 1.0, abs=1e-3)
+    support = x[dens > 1e-4]
+    assert support.max() == pytest.approx(3.04885, abs=5e-3)
+
+
+def test_deformed_wigner_vs_sampled_matrix():
+    rng = np.random.default_rng(14)
+    n = 1000
+    A = np.r_[np.full(n // 2, -1.5), np.full(n // 2, 1.5)]
+    tops, bottoms, hist = [], [], []
+    grid = np.linspace(-3.5, 3.5, 8)
+    for _ in range(4):
+        lam = eigvalsh(goe(n, rng) + np.diag(A))
+        tops.append(lam[-1])
+        bottoms.append(lam[0])
+        hist.append(np.histogram(lam, grid)[0] / n)
+    edge = semicircle_free_convolution_edges([-1.5, 1.5], [0.5, 0.5], 1.0)[1]
+    assert abs(np.mean(tops) - edge) < 0.04 and abs(np.mean(bottoms) + edge) < 0.04
+    # wrong laws are far: a semicircle of the same variance would give 2√3.25 = 3.61
+    x = np.linspace(-3.5, 3.5, 7001)
+    dens = semicircle_free_convolution_density(x, [-1.5, 1.5], [0.5, 0.5], 1.0)
+    cdf = np.concatenate([[0], np.cumsum((dens[1:] + dens[:-1]) / 2) * (x[1] - x[0])])
+    expect = np.diff(np.interp(grid, x, cdf))
+    assert np.max(np.abs(np.mean(hist, axis=0) - expect)) < 0.01
+
+
+def test_sc_mp_edge_reference_and_limits():
+    left, right = sc_mp_edges(0.5, 0.5)
+    assert right == pytest.approx(3.308, abs=1e-3)  # REFERENCES
+    # s² → 0 gives back the MP edges
+    l0, r0 = sc_mp_edges(1e-12, 0.3)
+    lo, hi = mp_edges(0.3)
+    assert r0 == pytest.approx(hi, abs=1e-4) and l0 == pytest.approx(lo, abs=1e-4)
+    # density: mass 1, mean 1 (MP mean), variance s² + c, support = edges
+    x = np.linspace(-1.5, 4.0, 5501)
+    d = sc_mp_density(x, 0.5, 0.5)
+    dx = x[1] - x[0]
+    assert np.sum(d) * dx == pytest.approx(1.0, abs=1e-3)
+    assert np.sum(d * x) * dx == pytest.approx(1.0, abs=1e-3)
+    assert np.sum(d * (x - 1) ** 2) * dx == pytest.approx(1.0, abs=2e-3)
+    assert x[d > 1e-3].max() == pytest.approx(right, abs=0.01)
+    assert x[d > 1e-3].min() == pytest.approx(left, abs=0.01)
+
+
+def test_sc_mp_edge_vs_sampled_matrix():
+    rng = np.random.default_rng(15)
+    p, n, s2 = 1000, 2000, 0.5
+    tops = [eigvalsh(np.sqrt(s2) * goe(p, rng) + wishart(p, n, rng), subset_by_index=[p - 1, p - 1])[0]
+            for _ in range(3)]
+    assert abs(np.mean(tops) - sc_mp_edges(s2, p / n)[1]) < 0.05  # REFERENCES sample: 3.29

@@ -1,0 +1,150 @@
+"""Block variance profiles (quadratic vector equation): exact reductions, the
+spike-location ("field-dependent") effect against simulation, and bad input."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy.linalg import eigh
+
+import rmt
+from rmt.ensembles import block_sizes, profile_wigner
+from rmt.semicircle import semicircle_stieltjes
+from rmt.variance_profile import (profile_density, profile_outlier_overlap, solve_qve,
+                                  solve_qve_real)
+
+FLAT_PROFILES = [
+    (np.array([[1.3]]), np.array([1.0]), 1.3),
+    (np.array([[0.5, 1.5], [1.5, 0.5]]), np.array([0.5, 0.5]), 1.0),
+    (np.array([[2.5, 0.5], [0.5, 7.0 / 6.0]]), np.array([0.25, 0.75]), 1.0),
+]
+TWO_BLOCK = (np.array([[4.0, 0.5], [0.5, 0.25]]), np.array([0.5, 0.5]))
+
+
+@pytest.mark.parametrize("S,f,s", FLAT_PROFILES)
+def test_flat_profile_is_the_semicircle(S, f, s):
+    assert np.allclose((S * f).sum(axis=1), s)
+    assert rmt.profile_edge(S, f) == pytest.approx(2 * math.sqrt(s), rel=1e-10)
+    z = np.array([0.4 + 0.05j, -1.0 + 0.5j, 3.0 + 1.0j])
+    sol = solve_qve(z, S, f)
+    assert np.max(sol.residual) < 1e-12
+    for a in range(len(f)):
+        assert np.allclose(sol.m[:, a], semicircle_stieltjes(z, s), atol=1e-10)
+    real = solve_qve_real(3.0 * math.sqrt(s), S, f)
+    assert np.allclose(real.m, semicircle_stieltjes(3.0 * math.sqrt(s), s).real, atol=1e-12)
+    assert real.rho < 1
+    for w in ([1.0] + [0.0] * (len(f) - 1), list(f)):
+        for theta in (2.0, -2.5, 0.5):
+            assert rmt.profile_outlier(theta, S, f, w) == pytest.approx(
+                rmt.spiked_wigner_outlier(theta, s), rel=1e-9)
+        assert profile_outlier_overlap(2.0, S, f, w) == pytest.approx(
+            rmt.spiked_wigner_overlap(2.0, s), rel=1e-7)
+
+
+def test_qve_symmetry_and_density_moments():
+    S, f = TWO_BLOCK
+    a = solve_qve_real(3.5, S, f)
+    b = solve_qve_real(-3.5, S, f)
+    assert np.allclose(a.m, -b.m) and a.residual < 1e-13
+    with pytest.raises(ValueError, match="inside the support"):
+        solve_qve_real(1.0, S, f)
+    x = np.linspace(-3.2, 3.2, 6401)
+    d = profile_density(x, S, f)
+    dx = x[1] - x[0]
+    assert np.sum(d) * dx == pytest.approx(1.0, abs=1e-4)
+    # second moment = average variance Σ_ab f_a S_ab f_b
+    assert np.sum(d * x * x) * dx == pytest.approx(f @ S @ f, abs=1e-3)
+    assert x[d > 1e-4].max() == pytest.approx(rmt.profile_edge(S, f), abs=5e-3)
+
+
+def test_two_block_edge_and_density_vs_simulation():
+    S, f = TWO_BLOCK
+    rng = np.random.default_rng(31)
+    P, reps = 1000, 3
+    e = rmt.profile_edge(S, f)
+    extremes, hist = [], []
+    grid = np.linspace(-3, 3, 7)
+    for _ in range(reps):
+        lam = eigh(profile_wigner(P, S, f, rng), eigvals_only=True)
+        extremes += [lam[-1], -lam[0]]
+        hist.append(np.histogram(lam, grid)[0] / P)
+    # extremes sit a few Tracy–Widom widths (~n^{-2/3}) inside the edge
+    # (measured bias ≈ −3.5·P^{-2/3} ≈ −0.037 at P = 1000, shrinking with P)
+    assert abs(np.mean(extremes) - e) < 0.075
+    # the isotropic semicircle of the same average variance has a different edge
+    assert abs(e - 2 * math.sqrt(f @ S @ f)) > 0.3
+    x = np.linspace(-3.0, 3.0, 6001)
+    d = profile_density(x, S, f)
+    cdf = np.concatenate([[0], np.cumsum((d[1:] + d[:-1]) / 2) * (x[1] - x[0])])
+    expect = np.diff(np.interp(grid, x, cdf))
+    assert np.max(np.abs(np.mean(hist, axis=0) - expect)) < 0.01
+
+
+@pytest.mark.parametrize("block", [0, 1])
+def test_two_block_spike_location_matters_vs_simulation(block):
+    S, f = TWO_BLOCK
+    rng = np.random.default_rng(32 + block)
+    P, theta, reps = 1000, 3.0, 8
+    w = np.eye(2)[block]
+    pred = rmt.profile_outlier(theta, S, f, w)
+    other = rmt.profile_outlier(theta, S, f, np.eye(2)[1 - block])
+    j = 0 if block == 0 else P - 1  # a coordinate in the chosen block
+    assert (j < block_sizes(P, f)[0]) == (block == 0)
+    tops, ovs = [], []
+    for _ in range(reps):
+        h = profile_wigner(P, S, f, rng)
+        h[j, j] += theta
+        lam, vec = eigh(h, subset_by_index=[P - 1, P - 1])
+        tops.append(lam[0])
+        ovs.append(vec[j, 0] ** 2)
+    se = np.std(tops, ddof=1) / math.sqrt(reps)
+    # a spike on one coordinate: fluctuations O(P^{-1/2}), skewed (h_jj enters directly)
+    assert abs(np.mean(tops) - pred) < 4 * se + 0.01
+    assert abs(pred - other) > 0.5
+    assert abs(np.mean(tops) - other) > 0.3  # the other block's prediction is rejected
+    se_ov = np.std(ovs, ddof=1) / math.sqrt(reps)
+    assert abs(np.mean(ovs) - profile_outlier_overlap(theta, S, f, w)) < 4 * se_ov + 5e-3
+
+
+def test_below_threshold_returns_edge_and_negative_spikes_mirror():
+    S, f = TWO_BLOCK
+    e = rmt.profile_edge(S, f)
+    assert rmt.profile_outlier(0.3, S, f, [0.0, 1.0]) == pytest.approx(e)
+    assert rmt.profile_outlier(-0.3, S, f, [0.0, 1.0]) == pytest.approx(-e)
+    assert rmt.profile_outlier(-3.0, S, f, [1.0, 0.0]) == pytest.approx(
+        -rmt.profile_outlier(3.0, S, f, [1.0, 0.0]), rel=1e-12)
+    assert profile_outlier_overlap(0.3, S, f, [0.0, 1.0]) == 0.0
+
+
+def test_bad_input_names_argument():
+    S, f = TWO_BLOCK
+    with pytest.raises(ValueError, match="symmetric"):
+        rmt.profile_edge([[1.0, 0.2], [0.3, 1.0]], f)
+    with pytest.raises(ValueError, match="block_variances"):
+        rmt.profile_edge([[1.0, -0.2], [-0.2, 1.0]], f)
+    with pytest.raises(ValueError, match="block_fractions"):
+        rmt.profile_edge(S, [0.5, 0.4])
+    with pytest.raises(ValueError, match="block_fractions"):
+        rmt.profile_edge(S, [0.5, 0.25, 0.25])
+    with pytest.raises(ValueError, match="block_variances"):
+        rmt.profile_edge([[1.0, float("nan")], [float("nan"), 1.0]], f)
+    with pytest.raises(ValueError, match="spike_block_weights"):
+        rmt.profile_outlier(2.0, S, f, [0.5, 0.6])
+    with pytest.raises(ValueError, match="spike_block_weights"):
+        rmt.profile_outlier(2.0, S, f, [1.0])
+    with pytest.raises(ValueError, match="spike"):
+        rmt.profile_outlier(float("nan"), S, f, [1.0, 0.0])
+    with pytest.raises(TypeError, match="block_variances"):
+        rmt.profile_edge("flat", f)
+
+
+@pytest.mark.parametrize("f1", [0.5, 0.2])
+def test_non_flat_exact_edges(f1):
+    f = np.array([f1, 1 - f1])
+    # bipartite (chiral) profile [[0, X], [Xᵀ, 0]]: edge = largest singular value of the
+    # (f1 P)×(f2 P) block with entries of variance 1/P, i.e. √f1 + √f2
+    assert rmt.profile_edge([[0.0, 1.0], [1.0, 0.0]], f) == pytest.approx(math.sqrt(f1) + math.sqrt(1 - f1), rel=1e-10)
+    # a silent block (zero variance) leaves the semicircle of the other block, radius 2√f1
+    assert rmt.profile_edge([[1.0, 0.0], [0.0, 0.0]], f) == pytest.approx(2 * math.sqrt(f1), rel=1e-10)
+    # a spike confined to the silent block is not seen by the noise: its outlier is θ
+    assert rmt.profile_outlier(5.0, [[1.0, 0.0], [0.0, 0.0]], f, [0.0, 1.0]) == pytest.approx(5.0, rel=1e-10)
