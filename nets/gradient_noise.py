@@ -1,0 +1,183 @@
+"""Per-sample gradient statistics and McCandlish et al.'s noise scales (THEORY.md §5).
+
+For per-sample gradients g_i = ∇ℓ_i(w), i = 1..N (computed with
+`torch.func.vmap(torch.func.grad(...))` in chunks, never stored all at once):
+
+    ḡ      = (1/N) Σ g_i                                  mean gradient
+    Σ      = (1/(N−1)) Σ (g_i − ḡ)(g_i − ḡ)ᵀ               per-sample covariance (unbiased;
+                                                           only its diagonal is stored)
+    tr Σ,  |ḡ|²,  B_simple = tr Σ / |ḡ|²
+    tr(HΣ) = (1/(N−1)) Σ_i (g_i − ḡ)ᵀ H (g_i − ḡ),   ḡᵀHḡ,   B_noise = tr(HΣ)/(ḡᵀHḡ)
+    ε_max  = |ḡ|² / (ḡᵀHḡ)
+
+(McCandlish, Kaplan, Amodei et al. 2018, "An empirical model of large-batch training";
+their Σ is the per-example covariance; we use the unbiased 1/(N−1) form, so that a
+batch mean has covariance c(B, N)·Σ with c = 1/B − 1/N.) tr(HΣ) needs one full-data
+Hessian-vector product per sample; with `hessian_samples = m < N` it is estimated from a
+uniformly random subset of m samples (without replacement, seeded):
+tr(HΣ) ≈ (N/(N−1))·(1/m) Σ_{i∈subset} (g_i − ḡ)ᵀH(g_i − ḡ), unbiased; exact at m = N.
+
+Which "learning rate": McCandlish's ε_opt(B) = ε_max/(1 + B_noise/B) is the **greedy
+optimal** step (largest one-step loss decrease), not a stability limit; B_simple and
+B_noise are reported beside our critical batch size B* = s_u²/λ_1² (a stability
+quantity, `nets.lr_prediction`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.func import grad, vmap
+
+from rmt._validation import as_int
+from .operators import _check_policy, _policy_mode, _resolve_device_dtype, hessian_operator
+from .params import ParamLayout, functional_loss, make_functional
+
+__all__ = ["GradientNoise", "per_sample_gradients", "gradient_noise"]
+
+
+def _check_dataset(dataset):
+    if not (isinstance(dataset, (tuple, list)) and len(dataset) == 2):
+        raise TypeError("dataset must be a pair (X, y) of tensors")
+    X, y = (torch.as_tensor(t) for t in dataset)
+    if X.shape[0] != y.shape[0]:
+        raise ValueError("dataset inputs and targets must have the same first dimension")
+    if X.shape[0] < 2:
+        raise ValueError("dataset must hold at least 2 samples")
+    if X.is_floating_point() and not bool(torch.isfinite(X).all()):
+        raise ValueError("dataset inputs contain NaN or inf")
+    if y.is_floating_point() and not bool(torch.isfinite(y).all()):
+        raise ValueError("dataset targets contain NaN or inf")
+    return X, y
+
+
+class _PerSample:
+    """vmap(grad) of the per-sample loss ℓ_i(w) = loss_fn(model(x_i[None]), y_i[None])."""
+
+    def __init__(self, model, loss_fn, params, device, dtype, policy):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError("loss_fn must be callable")
+        _check_policy(model, policy)
+        self.model, self.loss_fn, self.policy = model, loss_fn, policy
+        self.layout = ParamLayout.from_module(model, params)
+        self.device, self.dtype = _resolve_device_dtype(model, self.layout.names, device, dtype)
+        self.primals, self.frozen = make_functional(model, self.layout.names,
+                                                    device=self.device, dtype=self.dtype)
+        names = self.layout.names
+
+        def one(prim, x, y):
+            return functional_loss(model, loss_fn, names, self.frozen, prim, x[None], y[None])
+
+        g = grad(one)
+        self._vg = vmap(lambda x, y: self.layout.flatten(g(self.primals, x, y)))
+
+    def _cast(self, t):
+        t = t.to(self.device)
+        return t.to(self.dtype) if t.is_floating_point() else t
+
+    def __call__(self, X, y):
+        with _policy_mode(self.model, self.policy):
+            return self._vg(self._cast(X), self._cast(y))
+
+
+def per_sample_gradients(model, loss_fn, dataset, indices=None, params=None, device=None,
+                         dtype=None, policy=None, chunk_size=256) -> torch.Tensor:
+    """Matrix (n, P) of per-sample gradients ∇ℓ_i(w) for the samples `indices` (default
+    all). Use only when n·P fits in memory; `gradient_noise` streams instead."""
+    X, y = _check_dataset(dataset)
+    ps = _PerSample(model, loss_fn, params, device, dtype, policy)
+    idx = np.arange(X.shape[0]) if indices is None else np.asarray(indices, dtype=np.int64)
+    chunk_size = as_int("chunk_size", chunk_size, minimum=1)
+    parts = []
+    for s in range(0, len(idx), chunk_size):
+        sel = torch.as_tensor(idx[s:s + chunk_size])
+        parts.append(ps(X[sel], y[sel]).detach())
+    return torch.cat(parts)
+
+
+@dataclass(frozen=True)
+class GradientNoise:
+    """Gradient statistics at one point w (module docstring for the formulas).
+
+    N, P; mean (ḡ, array P); var (per-coordinate Σ_jj, unbiased, array P);
+    trace_cov (tr Σ); mean_sq_norm (|ḡ|²); B_simple; tr_HSigma; gHg (ḡᵀHḡ); B_noise;
+    eps_max (|ḡ|²/ḡᵀHḡ, McCandlish's greedy-optimal full-batch step);
+    hessian_samples (m used for tr(HΣ)); seed.
+    """
+
+    N: int
+    P: int
+    mean: np.ndarray
+    var: np.ndarray
+    trace_cov: float
+    mean_sq_norm: float
+    B_simple: float
+    tr_HSigma: float
+    gHg: float
+    B_noise: float
+    eps_max: float
+    hessian_samples: int
+    seed: int
+
+    def greedy_optimal_lr(self, B) -> float:
+        """McCandlish's ε_opt(B) = ε_max/(1 + B_noise/B) (greedy optimal, not a limit)."""
+        return self.eps_max / (1.0 + self.B_noise / float(B))
+
+
+def gradient_noise(model, loss_fn, dataset, chunk_size=256, hessian_samples=128, params=None,
+                   device=None, dtype=None, policy=None, seed=0, hessian=True) -> GradientNoise:
+    """Mean, per-coordinate variance and noise scales of the per-sample gradients.
+
+    hessian_samples: m for the tr(HΣ) estimate (None or ≥ N: all samples, exact).
+    hessian=False skips tr(HΣ), ḡᵀHḡ (B_noise, eps_max are then NaN).
+    """
+    X, y = _check_dataset(dataset)
+    N = X.shape[0]
+    chunk_size = as_int("chunk_size", chunk_size, minimum=1)
+    ps = _PerSample(model, loss_fn, params, device, dtype, policy)
+    P = ps.layout.P
+    acc = torch.float64
+    n = 0
+    mean = torch.zeros(P, dtype=acc, device=ps.device)
+    M2 = torch.zeros(P, dtype=acc, device=ps.device)
+    for s in range(0, N, chunk_size):
+        G = ps(X[s:s + chunk_size], y[s:s + chunk_size]).detach().to(acc)
+        nb = G.shape[0]
+        mb = G.mean(0)
+        M2b = ((G - mb) ** 2).sum(0)
+        delta = mb - mean
+        tot = n + nb
+        mean = mean + delta * (nb / tot)
+        M2 = M2 + M2b + delta ** 2 * (n * nb / tot)
+        n = tot
+    var = M2 / (N - 1)
+    trace_cov = float(var.sum())
+    gsq = float(mean @ mean)
+    B_simple = trace_cov / gsq if gsq > 0 else float("inf")
+
+    tr_hs = gHg = B_noise = eps_max = float("nan")
+    m = 0
+    if hessian:
+        m = N if hessian_samples is None else min(as_int("hessian_samples", hessian_samples, minimum=1), N)
+        rng = np.random.default_rng(seed)
+        idx = np.arange(N) if m == N else np.sort(rng.choice(N, m, replace=False))
+        H = hessian_operator(model, loss_fn, (X, y), params=params, device=ps.device,
+                             dtype=ps.dtype, policy=policy, batch_size=chunk_size)
+        gbar = mean.to(ps.dtype)
+        gHg = float(gbar.to(acc) @ H.matvec(gbar).to(acc))
+        quad = 0.0
+        cols = 32
+        for s in range(0, m, cols):
+            sel = torch.as_tensor(idx[s:s + cols])
+            Gc = (ps(X[sel], y[sel]).detach() - gbar)          # (k, P)
+            HG = H.matmat(Gc.T.contiguous())                     # (P, k)
+            quad += float((Gc.to(acc) * HG.T.to(acc)).sum())
+        tr_hs = quad / m * N / (N - 1)
+        B_noise = tr_hs / gHg if gHg != 0 else float("inf")
+        eps_max = gsq / gHg if gHg != 0 else float("inf")
+    return GradientNoise(N, P, mean.cpu().numpy(), var.cpu().numpy(), trace_cov, gsq, B_simple,
+                         float(tr_hs), float(gHg), float(B_noise), float(eps_max), m, int(seed))

@@ -1,0 +1,293 @@
+"""Empirical maximal stable learning rate by bisection (THEORY.md §5: "measure it").
+
+Which "learning rate": the **measured stability limit** of a finite run — the largest
+constant step size α for which K steps of the optimizer, started from a fixed
+checkpoint w_0 with a fixed batch sequence (seed), do not diverge. It is compared with
+the mean-square threshold (`nets.stability`) and the predictions of
+`nets.lr_prediction`; it is neither McCandlish's greedy-optimal step nor an
+SDE-matching rule.
+
+Divergence criteria (`criterion=`):
+
+* ``"growth"`` (default for SGD / SGD+momentum): fit a least-squares line to
+  log‖w_t − w_0‖ over the last `window` fraction of the run; the run diverged iff the
+  fitted slope (growth rate per step) exceeds `growth_threshold` (default 3/K, i.e. an
+  exponential growth that multiplies ‖w − w_0‖ by e^1.5 over the last half of the run)
+  or any parameter/loss becomes NaN/inf. Below the threshold the iterates converge or
+  fluctuate around a stationary law (slope ≈ 0, or ≈ 0.7/K for still-diffusing noise);
+  above it ‖w_t − w_0‖ grows like e^{γt} with γ the (almost-sure) Lyapunov exponent.
+  This is not a fixed blow-up factor: a run is judged by its fitted rate.
+* ``"loss"`` (default for Adam): Adam does not blow up exponentially when unstable — its
+  second-moment estimate v grows with the oscillation and caps the step, so it
+  oscillates at a higher loss instead. We call a run **stable iff every loss is finite
+  and the time-averaged full-data loss over the last `window` of the run does not
+  exceed the full-data loss at w_0** (so w_0 must be a checkpoint above the noise floor,
+  e.g. a partly trained one). Measured on noisy least squares, Adam's window loss rises
+  smoothly with α (≈ ∝ α²/B at small B; no exponential growth of ‖w − w_0‖ even 100×
+  above the predicted stability limit), so this criterion measures where Adam's noise
+  floor reaches the starting loss — it scales like √B, but it is a noise-floor limit,
+  not the edge-of-stability limit α·λ_max(D^{1/2}H_BD^{1/2}) < 2(1+β₁)/(1−β₁) of
+  `nets.lr_prediction`, and we say so when reporting it.
+
+Trials run the model in eval mode (`net.train(False)`: deterministic per-sample losses,
+no dropout, BatchNorm on running statistics), matching the curvature operators.
+
+Bisection is done in log α: expand from `alpha0` by factors of 2 until the bracket
+[lo stable, hi diverged] is found, then halve log(hi/lo) until hi/lo ≤ 1 + rel_tol.
+`lr_sweep` repeats it over batch sizes and seeds and writes each finished (B, seed) to a
+`JsonlStore`; a re-run skips the keys already stored.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from rmt._validation import as_float, as_int
+from .jsonl_store import JsonlStore
+
+__all__ = ["TrialResult", "run_trial", "bisect_max_lr", "BisectionResult", "lr_sweep",
+           "fit_growth_rate"]
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """One training run: lr, batch_size, steps, seed, optimizer, diverged (bool),
+    growth_rate (fitted slope of log‖w_t − w_0‖ per step over the window), initial_loss
+    and final_loss (time-average of the full-data loss over the window; NaN when not
+    evaluated), final_distance ‖w_K − w_0‖, criterion, reason (a short string)."""
+
+    lr: float
+    batch_size: int
+    steps: int
+    seed: int
+    optimizer: str
+    diverged: bool
+    growth_rate: float
+    initial_loss: float
+    final_loss: float
+    final_distance: float
+    criterion: str
+    reason: str
+
+
+def fit_growth_rate(distances, window=0.5) -> float:
+    """Least-squares slope of log(distances) over the last `window` fraction (per step).
+    Zero distances are ignored; returns 0 if fewer than 3 positive points remain, +inf
+    if any distance is NaN/inf."""
+    d = np.asarray(distances, dtype=float)
+    if not np.all(np.isfinite(d)):
+        return math.inf
+    start = int(len(d) * (1.0 - window))
+    t = np.arange(len(d))[start:]
+    d = d[start:]
+    ok = d > 0
+    if ok.sum() < 3:
+        return 0.0
+    return float(np.polyfit(t[ok], np.log(d[ok]), 1)[0])
+
+
+def _full_loss(model, loss_fn, X, y, chunk=4096):
+    with torch.no_grad():
+        tot = 0.0
+        for i in range(0, len(X), chunk):
+            xb, yb = X[i:i + chunk], y[i:i + chunk]
+            tot += float(loss_fn(model(xb), yb)) * len(xb)
+        return tot / len(X)
+
+
+def run_trial(model, loss_fn, dataset, state_dict, lr, batch_size, steps, optimizer="sgd",
+              momentum=0.0, betas=(0.9, 0.999), eps=1e-8, seed=0, replacement=False,
+              criterion=None, window=0.5, growth_threshold=None, n_loss_evals=20,
+              loss_factor=1.0) -> TrialResult:
+    """Train `steps` steps from `state_dict` at constant lr and batch size; judge divergence.
+
+    Batches: a fresh uniformly random subset of size B at every step (without replacement
+    inside the batch unless `replacement`), drawn from a `torch.Generator` seeded with
+    `seed`, so all trials with the same seed see the same batch sequence. optimizer:
+    "sgd" (heavy-ball `momentum`, torch convention v ← ρv + g, w ← w − αv) or "adam"
+    (torch.optim.Adam with `betas`, `eps`). The model passed in is not modified.
+    criterion "loss" compares the window-averaged full-data loss with
+    `loss_factor` × the loss at w_0 (module docstring; default factor 1).
+    """
+    X, y = dataset
+    N = len(X)
+    lr = as_float("lr", lr, positive=True)
+    B = as_int("batch_size", batch_size, minimum=1)
+    steps = as_int("steps", steps, minimum=8)
+    if not replacement and B > N:
+        raise ValueError(f"batch_size must be <= N={N}, got {B}")
+    if optimizer not in ("sgd", "adam"):
+        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+    criterion = criterion or ("loss" if optimizer == "adam" else "growth")
+    if criterion not in ("growth", "loss"):
+        raise ValueError(f"criterion must be 'growth' or 'loss', got {criterion!r}")
+    window = as_float("window", window, positive=True)
+    if window > 1:
+        raise ValueError(f"window must be in (0, 1], got {window}")
+    thr = 3.0 / steps if growth_threshold is None else as_float("growth_threshold", growth_threshold)
+    loss_factor = as_float("loss_factor", loss_factor, positive=True)
+
+    net = copy.deepcopy(model)
+    net.load_state_dict(state_dict)
+    net.train(False)
+    params = [p for p in net.parameters() if p.requires_grad]
+    w0 = [p.detach().clone() for p in params]
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
+    else:
+        opt = torch.optim.Adam(params, lr=lr, betas=betas, eps=eps)
+    gen = torch.Generator().manual_seed(int(seed))
+    init_loss = _full_loss(net, loss_fn, X, y) if criterion == "loss" else math.nan
+    start = int(steps * (1.0 - window))
+    eval_at = set(np.linspace(start, steps - 1, max(1, n_loss_evals)).astype(int).tolist())
+    dist = np.empty(steps)
+    losses = []
+    reason = "stable"
+    diverged = False
+    for t in range(steps):
+        if replacement:
+            idx = torch.randint(N, (B,), generator=gen)
+        else:
+            idx = torch.randperm(N, generator=gen)[:B]
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(net(X[idx]), y[idx])
+        if not torch.isfinite(loss):
+            diverged, reason = True, "non-finite loss"
+            dist[t:] = math.inf
+            break
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            sq = sum(float(((p - q) ** 2).sum()) for p, q in zip(params, w0))
+        dist[t] = math.sqrt(sq) if math.isfinite(sq) else math.inf
+        if not math.isfinite(dist[t]):
+            diverged, reason = True, "non-finite parameters"
+            dist[t:] = math.inf
+            break
+        if criterion == "loss" and t in eval_at:
+            losses.append(_full_loss(net, loss_fn, X, y))
+    rate = fit_growth_rate(dist, window)
+    final_loss = float(np.mean(losses)) if losses and not diverged else math.nan
+    if not diverged:
+        if criterion == "growth" and rate > thr:
+            diverged, reason = True, f"growth rate {rate:.3g} > {thr:.3g}"
+        elif criterion == "loss" and not (math.isfinite(final_loss)
+                                          and final_loss <= loss_factor * init_loss):
+            diverged, reason = True, f"window loss {final_loss:.4g} > {loss_factor:g} × initial {init_loss:.4g}"
+    return TrialResult(lr, B, steps, int(seed), optimizer, bool(diverged), float(rate),
+                       float(init_loss), final_loss, float(dist[-1]), criterion, reason)
+
+
+@dataclass(frozen=True)
+class BisectionResult:
+    """lo (largest α found stable), hi (smallest α found diverged), alpha = √(lo·hi),
+    n_trials, and history [(α, diverged, growth_rate), …] in evaluation order."""
+
+    lo: float
+    hi: float
+    alpha: float
+    n_trials: int
+    history: tuple
+
+    def as_dict(self):
+        return asdict(self)
+
+
+def bisect_max_lr(is_diverged, alpha0, rel_tol=0.02, max_expand=40) -> BisectionResult:
+    """Bisection in log α for the stability edge of a monotone-in-α predicate.
+
+    is_diverged: callable α -> bool or TrialResult (its `.diverged` is used).
+    Starting at `alpha0`, α is doubled (or halved) until a stable/diverged bracket is
+    found, then log(hi/lo) is halved until hi/lo ≤ 1 + rel_tol.
+    """
+    alpha0 = as_float("alpha0", alpha0, positive=True)
+    rel_tol = as_float("rel_tol", rel_tol, positive=True)
+    hist = []
+
+    def div(a):
+        r = is_diverged(a)
+        d = bool(r.diverged) if isinstance(r, TrialResult) else bool(r)
+        g = float(r.growth_rate) if isinstance(r, TrialResult) else math.nan
+        hist.append((float(a), d, g))
+        return d
+
+    a = alpha0
+    if div(a):
+        hi = a
+        for _ in range(max_expand):
+            a *= 0.5
+            if not div(a):
+                break
+        else:
+            raise RuntimeError("no stable learning rate found while halving")
+        lo = a
+    else:
+        lo = a
+        for _ in range(max_expand):
+            a *= 2.0
+            if div(a):
+                break
+        else:
+            raise RuntimeError("no divergent learning rate found while doubling")
+        hi = a
+        lo = a / 2.0
+    while hi / lo > 1.0 + rel_tol:
+        mid = math.sqrt(lo * hi)
+        if div(mid):
+            hi = mid
+        else:
+            lo = mid
+    return BisectionResult(lo, hi, math.sqrt(lo * hi), len(hist), tuple(hist))
+
+
+def lr_sweep(model, loss_fn, dataset, state_dict, batch_sizes, seeds=(0,), steps=1000,
+             optimizer="sgd", alpha0=None, rel_tol=0.02, store=None, tag="",
+             trial_fn=None, **trial_kwargs) -> dict:
+    """Measured maximal stable lr for every (B, seed); resumable.
+
+    alpha0: starting guess, a float or a callable B -> float (e.g. a prediction); default
+    1e-2. steps: K, an int or a callable B -> int (e.g. a fixed number of epochs: at
+    small B a run shorter than an epoch may never meet the rare high-curvature samples
+    that make it diverge). store: a `JsonlStore`, a path, or None (in memory). Each finished (B, seed) is
+    stored under the key "{tag}|{optimizer}|B={B}|seed={seed}|K={steps}" with the
+    bisection result;
+    keys already in the store are skipped (no trial is run for them). trial_fn defaults
+    to `run_trial` (same signature); **trial_kwargs go to it (momentum, betas, eps,
+    criterion, window, growth_threshold, replacement …).
+
+    Returns {"batch_sizes": array, "seeds": tuple, "alpha": array (n_B, n_seeds),
+    "lo": …, "hi": …, "keys": list}.
+    """
+    trial_fn = run_trial if trial_fn is None else trial_fn
+    if store is not None and not isinstance(store, JsonlStore):
+        store = JsonlStore(store)
+    bs = [as_int("batch_sizes", b, minimum=1) for b in np.atleast_1d(batch_sizes)]
+    seeds = tuple(int(s) for s in seeds)
+    out = {k: np.full((len(bs), len(seeds)), np.nan) for k in ("alpha", "lo", "hi")}
+    keys = []
+    for i, B in enumerate(bs):
+        for j, s in enumerate(seeds):
+            K = as_int("steps", steps(B) if callable(steps) else steps, minimum=8)
+            key = f"{tag}|{optimizer}|B={B}|seed={s}|K={K}"
+            keys.append(key)
+            if store is not None and key in store:
+                rec = store[key]
+            else:
+                a0 = alpha0(B) if callable(alpha0) else (1e-2 if alpha0 is None else alpha0)
+                res = bisect_max_lr(
+                    lambda a: trial_fn(model, loss_fn, dataset, state_dict, a, B, K,
+                                       optimizer=optimizer, seed=s, **trial_kwargs),
+                    a0, rel_tol=rel_tol)
+                rec = res.as_dict()
+                rec.update(batch_size=B, seed=s, optimizer=optimizer, steps=K)
+                if store is not None:
+                    store.put(key, rec)
+            for k in ("alpha", "lo", "hi"):
+                out[k][i, j] = float(rec[k])
+    out.update(batch_sizes=np.array(bs), seeds=seeds, keys=keys)
+    return out

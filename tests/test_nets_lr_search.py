@@ -1,0 +1,97 @@
+"""The empirical lr harness (nets.lr_search): bisection finds a known threshold, the
+growth-rate fit, and resumability of the JSONL-backed sweep."""
+
+import math
+
+import numpy as np
+import pytest
+
+from nets.jsonl_store import JsonlStore
+from nets.least_squares import spiked_regression
+from nets.lr_search import bisect_max_lr, fit_growth_rate, lr_sweep, run_trial
+
+
+def _quadratic(seed=0):
+    p = spiked_regression(48, 8, 4.0, noise_std=0.0, rng=seed)
+    model, loss, data = p.torch_problem(w=np.zeros(p.d))
+    lam = np.linalg.eigvalsh(p.hessian())[-1]
+    return p, model, loss, data, lam
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5])
+def test_full_batch_threshold_found_within_tolerance(momentum):
+    """B = N is gradient descent: the exact edge is 2(1+ρ)/λ_max. The growth criterion
+    with threshold τ shifts the detected edge by at most a relative τ/2 (|1−αλ| = e^τ)."""
+    p, model, loss, data, lam = _quadratic()
+    steps, rel_tol = 1500, 0.01
+    exact = 2 * (1 + momentum) / lam
+    res = bisect_max_lr(lambda a: run_trial(model, loss, data, model.state_dict(), a, p.N, steps,
+                                            momentum=momentum), 0.3 * exact, rel_tol=rel_tol)
+    assert res.hi / res.lo <= 1 + rel_tol
+    tau = 3.0 / steps
+    assert res.lo <= exact * (1 + tau) and res.hi >= exact
+    assert abs(res.alpha / exact - 1) <= rel_tol
+    # the history holds both outcomes around the edge
+    assert any(d for _, d, _ in res.history) and any(not d for _, d, _ in res.history)
+
+
+def test_trial_growth_rate_equals_gd_multiplier():
+    """Above 2/λ GD grows like |1 − αλ|^t along u: the fitted rate is log|1 − αλ|."""
+    p, model, loss, data, lam = _quadratic(1)
+    a = 1.03 * 2 / lam
+    r = run_trial(model, loss, data, model.state_dict(), a, p.N, 600)
+    assert r.diverged
+    assert r.growth_rate == pytest.approx(math.log(abs(1 - a * lam)), rel=0.02)
+    r2 = run_trial(model, loss, data, model.state_dict(), 0.97 * 2 / lam, p.N, 600)
+    assert not r2.diverged and r2.growth_rate < 1e-3
+
+
+def test_fit_growth_rate():
+    t = np.arange(200)
+    assert fit_growth_rate(np.exp(0.05 * t) * 3.0) == pytest.approx(0.05)
+    assert fit_growth_rate(np.r_[np.ones(100), np.full(100, np.inf)]) == math.inf
+    assert fit_growth_rate(np.zeros(50)) == 0.0
+
+
+def test_sweep_resumes_without_redoing(tmp_path):
+    p, model, loss, data, lam = _quadratic(2)
+    calls = []
+
+    def counting_trial(*args, **kwargs):
+        calls.append((args[4], args[5], kwargs["seed"]))
+        return run_trial(*args, **kwargs)
+
+    path = tmp_path / "sweep.jsonl"
+    kw = dict(steps=200, rel_tol=0.1, alpha0=lambda B: 1.0 / lam, tag="t")
+    first = lr_sweep(model, loss, data, model.state_dict(), [p.N], seeds=(0, 1), store=path,
+                     trial_fn=counting_trial, **kw)
+    n_first = len(calls)
+    assert n_first > 0 and len(JsonlStore(path)) == 2
+    # a re-run of the finished sweep performs no trial and returns the same numbers
+    again = lr_sweep(model, loss, data, model.state_dict(), [p.N], seeds=(0, 1), store=path,
+                     trial_fn=counting_trial, **kw)
+    assert len(calls) == n_first
+    np.testing.assert_array_equal(first["alpha"], again["alpha"])
+    # extending the sweep runs only the new key
+    calls.clear()
+    more = lr_sweep(model, loss, data, model.state_dict(), [p.N, p.N // 2], seeds=(0, 1),
+                    store=path, trial_fn=counting_trial, **kw)
+    assert {(B, s) for _, B, s in calls} == {(p.N // 2, 0), (p.N // 2, 1)}
+    assert len(JsonlStore(path)) == 4
+    np.testing.assert_array_equal(more["alpha"][0], first["alpha"][0])
+
+
+def test_adam_loss_criterion_and_bad_inputs():
+    p = spiked_regression(64, 8, 4.0, noise_std=0.5, rng=3)
+    model, loss, data = p.torch_problem(w=np.zeros(p.d))
+    stable = run_trial(model, loss, data, model.state_dict(), 1e-2, 8, 200, optimizer="adam")
+    assert stable.criterion == "loss" and not stable.diverged
+    assert stable.final_loss < stable.initial_loss
+    wild = run_trial(model, loss, data, model.state_dict(), 50.0, 8, 200, optimizer="adam")
+    assert wild.diverged and wild.final_loss > wild.initial_loss
+    with pytest.raises(ValueError, match="batch_size"):
+        run_trial(model, loss, data, model.state_dict(), 0.1, 65, 100)
+    with pytest.raises(ValueError, match="optimizer"):
+        run_trial(model, loss, data, model.state_dict(), 0.1, 8, 100, optimizer="lbfgs")
+    with pytest.raises(ValueError, match="lr"):
+        run_trial(model, loss, data, model.state_dict(), -0.1, 8, 100)
