@@ -1,0 +1,159 @@
+"""`python -m paper_checks` (or `paper-checks`): run every paper check, print the pass/fail
+table, write the report folder.
+
+Exit code 0 when every check passed or was honestly skipped (a dependency not available),
+1 if any check failed or raised, 2 for invalid arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="paper_checks",
+        description="Run every claim of Granziol, Zohren & Roberts (JMLR 2022) as a check and "
+                    "write a report (markdown + PNG + JSON). Default: embedded data (synthetic "
+                    "random matrices, sklearn digits), < 10 min on 2 CPU cores.")
+    p.add_argument("--only", action="append", metavar="NAME",
+                   help="run only these checks (repeatable, or a comma-separated list)")
+    p.add_argument("--quick", action="store_true", help="small sizes (for tests; minutes → seconds)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="device for the network checks (default cpu)")
+    p.add_argument("--out", default="report", metavar="DIR", help="report folder (default: report)")
+    p.add_argument("--seed", type=int, default=0, help="run seed (default 0)")
+    p.add_argument("--fresh", action="store_true",
+                   help="ignore results stored by an earlier (interrupted) run and recompute")
+    p.add_argument("--list", action="store_true", help="list the checks and exit")
+    p.add_argument("--scale", choices=("default", "paper"), default="default",
+                   help="'paper': add the GPU-sized VGG-16 / WideResNet-28-10 CIFAR-100 "
+                        "batch-Hessian spectra (needs --data and a CUDA GPU)")
+    p.add_argument("--data", metavar="DIR", help="CIFAR-100 folder (python pickle format) for --scale paper")
+    p.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="BLAS/OpenMP/torch threads (default 1: the job is many small products, "
+                        "where more threads mostly add contention on a shared 2-core machine)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--redraw", metavar="DIR",
+                   help="only rebuild the figures and README of an existing report from its JSON")
+    return p
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+        return bool(torch.cuda.is_available())
+    except Exception:  # pragma: no cover
+        return False
+
+
+def validate(args, parser: argparse.ArgumentParser) -> None:
+    """Argument checks that argparse cannot express; errors name the option."""
+    if args.scale == "paper":
+        if not args.data:
+            parser.error("--scale paper needs --data DIR (a folder holding CIFAR-100 in the "
+                         "python pickle format, e.g. cifar-100-python/)")
+        if not Path(args.data).is_dir():
+            parser.error(f"--data {args.data!r} does not exist or is not a folder")
+        if not _cuda_available():
+            parser.error("--scale paper needs a CUDA GPU (torch.cuda.is_available() is False); "
+                         "run the default scale on CPU instead")
+        if args.device != "cuda":
+            args.device = "cuda"
+    elif args.data:
+        parser.error("--data is only used with --scale paper")
+    if args.device == "cuda" and not _cuda_available():
+        parser.error("--device cuda requested but no CUDA GPU is available")
+    if args.seed < 0:
+        parser.error("--seed must be >= 0")
+    if args.threads < 1:
+        parser.error("--threads must be >= 1")
+
+
+def _limit_threads(n: int) -> None:
+    """Cap BLAS/OpenMP/torch threads. Environment variables only act on libraries not yet
+    loaded, so this runs before the checks import numpy-heavy code; torch is capped
+    directly, and threadpoolctl is used for an already-loaded BLAS when available."""
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+    try:
+        import torch
+        torch.set_num_threads(n)
+    except Exception:  # pragma: no cover
+        pass
+    try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(n)
+    except Exception:
+        pass
+
+
+def _selected(args, parser) -> list[str]:
+    from .checks import all_names
+
+    names = all_names(args.scale)
+    if not args.only:
+        return names
+    wanted = [n.strip() for item in args.only for n in item.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in names]
+    if unknown:
+        parser.error(f"--only: unknown check(s) {unknown}; known: {', '.join(names)}")
+    return [n for n in names if n in wanted]
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .checks import all_names, load
+
+    if args.list:
+        for mod in load(all_names(args.scale)):
+            print(f"{mod.NAME:28s} {mod.CLAIM}")
+        return 0
+    if args.redraw:
+        from .report import redraw, write_readme
+        from .result import CheckResult
+
+        out = Path(args.redraw)
+        if not out.is_dir():
+            parser.error(f"--redraw {args.redraw!r} is not a folder")
+        redraw(out)
+        results = [CheckResult.load(p) for p in sorted(out.glob("*.json"))]
+        write_readme(results, out)
+        return 0
+    validate(args, parser)
+    names = _selected(args, parser)
+    _limit_threads(args.threads)
+
+    from .context import Context
+    from .report import text_table, write_readme
+    from .runner import run_checks
+
+    ctx = Context(seed=args.seed, quick=args.quick, device=args.device, scale=args.scale,
+                  data=Path(args.data) if args.data else None, progress=not args.no_progress)
+    out = Path(args.out)
+    command = "python -m paper_checks " + " ".join(argv if argv is not None else sys.argv[1:])
+    t0 = time.perf_counter()
+    done = []
+
+    def refresh(result, resumed):
+        done.append(result)
+        write_readme(done, out, wall_seconds=time.perf_counter() - t0, command=command.strip())
+
+    results = run_checks(load(names), ctx, out, fresh=args.fresh,
+                         progress=not args.no_progress, on_result=refresh)
+    wall = time.perf_counter() - t0
+    write_readme(results, out, wall_seconds=wall, command=command.strip())
+    print()
+    print(text_table(results))
+    print(f"\nwall time {wall:.0f} s; report written to {out}/README.md")
+    return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

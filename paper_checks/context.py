@@ -1,0 +1,73 @@
+"""Run-wide settings shared by the checks: seed, sizes, device, progress display.
+
+Randomness: every check draws from `ctx.rng(tag)`, a numpy Generator seeded from the
+run seed and the tag, so checks are independent of the order they run in and a re-run
+with the same seed gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+
+class MissingDependency(Exception):
+    """A function a check needs is not available (not written yet, or absent)."""
+
+
+@dataclasses.dataclass
+class Context:
+    seed: int = 0
+    quick: bool = False
+    device: str = "cpu"
+    scale: str = "default"           # "default" (CPU, embedded data) | "paper" (GPU, CIFAR)
+    data: Path | None = None         # CIFAR folder for --scale paper
+    progress: bool = True            # show nested tqdm bars inside checks
+    cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    def rng(self, tag: str) -> np.random.Generator:
+        """Generator seeded by (run seed, tag): order-independent, reproducible."""
+        return np.random.default_rng([self.seed, zlib.crc32(tag.encode())])
+
+    def pick(self, default, quick):
+        """`quick` in --quick mode, else `default` (problem sizes)."""
+        return quick if self.quick else default
+
+    def bar(self, iterable: Iterable, desc: str, total: int | None = None):
+        """A nested progress bar (tqdm) over `iterable`, or the iterable when disabled."""
+        if not self.progress:
+            return iterable
+        from tqdm.auto import tqdm
+        return tqdm(iterable, desc=f"  {desc}", total=total, leave=False, position=1,
+                    dynamic_ncols=True)
+
+    def config_key(self) -> str:
+        """What makes results of two runs interchangeable (used as the resume key)."""
+        return f"seed={self.seed},quick={int(self.quick)},scale={self.scale},device={self.device}"
+
+
+def require(*names: str) -> None:
+    """Raise MissingDependency unless every 'module:attr' (or 'module') is importable and
+    is not one of the team's placeholders (module docstring 'Placeholder: ...')."""
+    import importlib
+
+    for spec in names:
+        mod_name, _, attr = spec.partition(":")
+        try:
+            mod = importlib.import_module(mod_name)
+        except Exception as exc:  # ImportError or an error inside a half-written module
+            raise MissingDependency(f"{mod_name} not importable ({type(exc).__name__}: {exc})") from None
+        obj = mod
+        if attr:
+            for part in attr.split("."):
+                if not hasattr(obj, part):
+                    raise MissingDependency(f"{mod_name}.{attr} does not exist")
+                obj = getattr(obj, part)
+        for m in {mod, importlib.import_module(getattr(obj, "__module__", mod_name) or mod_name)}:
+            doc = (m.__doc__ or "").lstrip()
+            if doc.startswith("Placeholder"):
+                raise MissingDependency(f"{m.__name__} is still a placeholder")

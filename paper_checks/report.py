@@ -1,0 +1,137 @@
+"""The report folder and the terminal table.
+
+`<out>/README.md` holds a table (check, claim, predicted, measured, tolerance, verdict)
+followed by each check's figure embedded with a caption; `<out>/<check>.json` holds the
+full `CheckResult` (every plotted series) and `<out>/<check>.png` the figure. `redraw`
+rebuilds every PNG from the JSON files alone, without recomputing anything.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+from pathlib import Path
+from typing import Sequence
+
+from .result import CheckResult, atomic_write_text
+
+COLUMNS = ("check", "claim", "predicted", "measured", "tolerance", "verdict")
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ").strip()
+
+
+def verdict_label(r: CheckResult) -> str:
+    if r.verdict == "skipped":
+        return r.reason if r.reason.startswith("skipped") else f"skipped: {r.reason}"
+    if r.verdict == "error":
+        return f"ERROR: {r.reason}"
+    if r.verdict == "fail":
+        return f"FAIL: {r.reason}" if r.reason else "FAIL"
+    return "pass"
+
+
+def table_rows(results: Sequence[CheckResult]) -> list[tuple[str, ...]]:
+    """One row per result, in COLUMNS order (the README table and the JSON agree by
+    construction: both come from the same CheckResult fields)."""
+    return [(r.name, r.claim, r.predicted, r.measured, r.tolerance, verdict_label(r))
+            for r in results]
+
+
+def markdown_table(results: Sequence[CheckResult]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in table_rows(results):
+        lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
+    return "\n".join(lines)
+
+
+def summary_counts(results: Sequence[CheckResult]) -> dict[str, int]:
+    counts = {"pass": 0, "fail": 0, "skipped": 0, "error": 0}
+    for r in results:
+        counts[r.verdict] += 1
+    return counts
+
+
+def write_readme(results: Sequence[CheckResult], out_dir: str | Path, *,
+                 title: str = "Paper checks", wall_seconds: float | None = None,
+                 command: str = "python -m paper_checks") -> Path:
+    out_dir = Path(out_dir)
+    counts = summary_counts(results)
+    parts = [f"# {title}", ""]
+    parts.append(f"Command: `{command}` — {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M UTC}, "
+                 f"Python {platform.python_version()} on {platform.machine()}"
+                 + (f", wall time {wall_seconds:.0f} s" if wall_seconds is not None else "") + ".")
+    parts.append("")
+    parts.append(", ".join(f"**{v}** {k}" for k, v in counts.items()) + ".")
+    parts.append("")
+    parts.append(markdown_table(results))
+    parts.append("")
+    parts.append("Each check's JSON file holds every number behind its verdict (`details`) and "
+                 "every plotted series (`series`); `python -m paper_checks --redraw DIR` "
+                 "rebuilds the figures from them without recomputing.")
+    parts.append("")
+    for r in results:
+        parts.append(f"## {r.name}")
+        parts.append("")
+        parts.append(f"*Claim.* {r.claim}")
+        parts.append("")
+        parts.append(f"*Verdict:* {verdict_label(r)} (ran {r.seconds:.1f} s). "
+                     f"*Predicted:* {r.predicted or '—'}. *Measured:* {r.measured or '—'}. "
+                     f"*Tolerance:* {r.tolerance or '—'}.")
+        parts.append("")
+        png = out_dir / f"{r.name}.png"
+        if png.exists():
+            caption = r.details.get("caption", r.claim) if isinstance(r.details, dict) else r.claim
+            parts.append(f"![{_cell(r.name)}]({r.name}.png)")
+            parts.append("")
+            parts.append(f"*Figure: {caption}* Data: [`{r.name}.json`]({r.name}.json).")
+            parts.append("")
+    path = out_dir / "README.md"
+    atomic_write_text(path, "\n".join(parts) + "\n")
+    return path
+
+
+def text_table(results: Sequence[CheckResult], width: int = 60) -> str:
+    """Plain-text pass/fail table for the terminal (long cells are shortened)."""
+    def short(s: str, n: int) -> str:
+        s = _cell(s)
+        return s if len(s) <= n else s[: n - 1] + "…"
+
+    rows = [("check", "verdict", "predicted", "measured")]
+    for r in results:
+        v = r.verdict.upper() if r.verdict != "skipped" else "SKIPPED"
+        rows.append((r.name, v, short(r.predicted, width), short(r.measured, width)))
+    w = [max(len(row[i]) for row in rows) for i in range(4)]
+    out = []
+    for i, row in enumerate(rows):
+        out.append("  ".join(c.ljust(w[j]) for j, c in enumerate(row)).rstrip())
+        if i == 0:
+            out.append("  ".join("-" * x for x in w))
+    notes = [f"  {r.name}: {verdict_label(r)}" for r in results if r.verdict != "pass"]
+    if notes:
+        out.append("")
+        out.append("Notes:")
+        out.extend(notes)
+    c = summary_counts(results)
+    out.append("")
+    out.append(f"{c['pass']} passed, {c['fail']} failed, {c['skipped']} skipped, {c['error']} errors")
+    return "\n".join(out)
+
+
+def redraw(out_dir: str | Path) -> list[Path]:
+    """Rebuild every `<check>.png` in `out_dir` from its JSON (no recomputation)."""
+    from .checks import by_name
+    from .runner import draw
+
+    out_dir = Path(out_dir)
+    written = []
+    for js in sorted(out_dir.glob("*.json")):
+        result = CheckResult.load(js)
+        try:
+            check = by_name(result.name)
+        except KeyError:
+            continue
+        if draw(check, result, out_dir / f"{result.name}.png") is None and result.series:
+            written.append(out_dir / f"{result.name}.png")
+    return written

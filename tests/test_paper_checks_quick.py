@@ -1,0 +1,226 @@
+"""Every paper check in --quick mode on the real computed numbers: the verdict follows the
+stated rule applied to the stored series, the synthetic checks pass at quick sizes, and
+a perturbed theory makes them fail (so no check can pass without computing)."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pytest
+
+from paper_checks.checks import _montecarlo as mc
+from paper_checks.checks import by_name, default_names
+from paper_checks.context import Context
+from paper_checks.result import CheckResult
+from paper_checks.runner import run_one
+
+
+def _ctx():
+    return Context(quick=True, progress=False, seed=0)
+
+
+@pytest.fixture(scope="module")
+def results():
+    return {name: run_one(by_name(name), _ctx()) for name in default_names()}
+
+
+def _rerun(name):
+    return run_one(by_name(name), _ctx())
+
+
+def test_no_check_errors_and_each_redraws_from_its_json(results, tmp_path):
+    for name, r in results.items():
+        assert r.verdict in ("pass", "fail"), (name, r.reason)
+        back = CheckResult.from_json(r.to_json())
+        fig = by_name(name).plot(back)                 # figure from stored series only
+        fig.savefig(tmp_path / f"{name}.png")
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000
+
+
+# ------------------------------------------------------------ synthetic random matrices
+@pytest.mark.parametrize("name", ["batch_hessian_top", "batch_hessian_bottom"])
+def test_batch_hessian_extremes_verdict_follows_rule(results, name):
+    r = results[name]
+    lam = r.details["lambda"]
+    ok = mc.within(r.array("measured_mean"), r.array("measured_se"), r.array("predicted"),
+                   lam, 4.0, 0.05)
+    ok_nofpc = mc.within(r.array("measured_mean"), r.array("measured_se"),
+                         r.array("predicted_no_fpc"), lam, 4.0, 0.05)
+    assert r.verdict == ("pass" if ok.all() and not ok_nofpc.all() else "fail")
+    assert r.verdict == "pass", r.reason
+    # B = N: ε ≡ 0, the batch Hessian is the empirical one
+    assert r.array("measured_mean")[-1] == pytest.approx(lam, abs=1e-5)
+
+
+def test_batch_hessian_top_fails_when_theory_is_perturbed(monkeypatch):
+    import rmt
+
+    real = rmt.batch_hessian_extremes
+
+    def shifted(lam_top, lam_bottom, *a, **k):
+        top, bottom = real(lam_top, lam_bottom, *a, **k)
+        return lam_top + 1.3 * (top - lam_top), bottom
+
+    monkeypatch.setattr(rmt, "batch_hessian_extremes", shifted)
+    r = _rerun("batch_hessian_top")
+    assert r.verdict == "fail" and "predicted" in r.reason
+
+
+def test_overlap_verdict_and_perturbation(results, monkeypatch):
+    r = results["eigenvector_overlap"]
+    judged = np.asarray(r.details["judged"], bool)
+    ok = np.abs(r.array("measured_mean") - r.array("predicted")) <= \
+        4 * r.array("measured_se") + 10 / r.details["P"]
+    assert r.verdict == ("pass" if ok[judged].all() else "fail") == "pass"
+    import rmt
+
+    monkeypatch.setattr(rmt, "spiked_wigner_overlap", lambda th, v: max(0.0, 1 - 2 * v / th**2))
+    assert _rerun("eigenvector_overlap").verdict == "fail"
+
+
+def test_variance_profile_beats_isotropic_and_fails_if_perturbed(results, monkeypatch):
+    r = results["variance_profile"]
+    assert r.verdict == "pass", r.reason
+    # the measured block-1 and block-2 outliers differ significantly (location matters)
+    d = r.array("mean_block1") - r.array("mean_block2")
+    se = np.hypot(r.array("se_block1"), r.array("se_block2"))
+    assert np.all(np.abs(d) > 4 * se)
+    import rmt
+
+    real = rmt.profile_outlier
+    monkeypatch.setattr(rmt, "profile_outlier", lambda th, *a: th + 1.3 * (real(th, *a) - th))
+    assert _rerun("variance_profile").verdict == "fail"
+
+
+def test_ggn_wishart_verdict_follows_rule(results):
+    r = results["ggn_wishart"]
+    ell = r.details["ell_empirical"]
+    ok = mc.within(r.array("measured_mean"), r.array("measured_se"), r.array("predicted"),
+                   ell, 4.0, 0.05)
+    assert r.verdict == ("pass" if ok.all() else "fail") == "pass"
+
+
+# ------------------------------------------------------------ learning rates (least squares)
+def test_sgd_least_squares_verdict_follows_rule(results, monkeypatch):
+    r = results["sgd_scaling_least_squares"]
+    d = r.details
+    ratio = r.array("predicted") / r.array("oracle")
+    nm = len(r.array("measured_batch_sizes"))
+    rule = (abs(d["fit_measured"]["exponent"] - 1) <= 0.2 and abs(d["k_oracle"] - 1) <= 0.15
+            and np.all((ratio >= 0.6) & (ratio <= 1.1))
+            and np.all(r.array("measured_runs") >= 0.95 * r.array("oracle")[:nm, None]))
+    assert r.verdict == ("pass" if rule else "fail")
+    # mean-square stability implies almost-sure stability: measured ≥ oracle (grid slack)
+    assert np.all(r.array("measured_mean") >= 0.95 * r.array("oracle")[:nm])
+    import rmt.lr
+
+    real = rmt.lr.sgd_max_lr
+    monkeypatch.setattr(rmt.lr, "sgd_max_lr", lambda *a, **k: 2.0 * np.asarray(real(*a, **k)))
+    bad = _rerun("sgd_scaling_least_squares")
+    assert bad.verdict == "fail" and "oracle" in bad.reason
+
+
+def test_adam_verdict_follows_rule_and_fails_if_perturbed(results, monkeypatch):
+    r = results["adam_sqrt_scaling"]
+    d = r.details
+    ratio = r.array("predicted") / r.array("oracle")
+    rule = (abs(d["fit_measured"]["exponent"] - 0.5) <= 0.15 and abs(d["k_oracle"] - 0.5) <= 0.1
+            and np.all((ratio >= 0.6) & (ratio <= 1.1)))
+    if not rule:
+        assert r.verdict == "fail"
+    import rmt.lr
+
+    real = rmt.lr.adam_max_lr
+    monkeypatch.setattr(rmt.lr, "adam_max_lr", lambda *a, **k: 3.0 * real(*a, **k))
+    assert _rerun("adam_sqrt_scaling").verdict == "fail"
+
+
+def test_damping_verdict_follows_rule_and_fails_if_perturbed(results, monkeypatch):
+    r = results["damping_inverse_batch"]
+    ratio = r.array("measured_mean") / r.array("predicted")
+    rule = (abs(r.details["fit_measured"]["exponent"] + 1) <= 0.2
+            and np.all((ratio >= 0.5) & (ratio <= 1.1)))
+    assert r.verdict == ("pass" if rule else "fail")
+    # the measured δ_min·B is roughly constant (the α/B law)
+    dB = np.asarray(r.details["delta_times_B"])
+    assert dB.max() / dB.min() < 1.5
+    import rmt.lr
+
+    monkeypatch.setattr(rmt.lr, "min_damping", lambda lr, lam: 3.0 * lr * lam / 2)
+    assert _rerun("damping_inverse_batch").verdict == "fail"
+
+
+def test_symbolic_exponents_and_perturbation(results, monkeypatch):
+    r = results["symbolic_derivations"]
+    assert r.verdict == "pass", r.reason
+    assert r.details["exponents_small_B"] == {"sgd": "1", "adam": "1/2"}
+    import sympy as sp
+
+    import rmt.symbolic
+
+    monkeypatch.setattr(rmt.symbolic, "lr_scaling_exponent",
+                        lambda opt, **k: sp.Integer(2) if opt == "sgd" else sp.Rational(1, 2))
+    bad = _rerun("symbolic_derivations")
+    assert bad.verdict == "fail" and "sgd exponent" in bad.reason
+
+
+# ------------------------------------------------------------ networks
+def test_network_spectra_verdict_follows_20_percent_rule(results):
+    r = results["network_batch_spectra"]
+    rel = r.array("predicted_directional") / r.array("measured_mean") - 1
+    assert r.verdict == ("pass" if np.all(np.abs(rel) <= 0.2) else "fail")
+    # the top eigenvalue of H_B grows as B falls, and the directional form is far closer
+    # than the isotropic one at the smallest B
+    assert np.all(np.diff(r.array("measured_mean")) < 0)
+    assert abs(rel[0]) < abs(r.array("predicted_isotropic")[0] / r.array("measured_mean")[0] - 1)
+
+
+def test_sgd_mlp_verdict_follows_rule(results):
+    r = results["sgd_scaling_mlp"]
+    d = r.details
+    ratio = np.asarray(d["pred_over_measured"])
+    rule = abs(d["fit_measured"]["exponent"] - 1) <= 0.2 and np.all((ratio >= 0.6) & (ratio <= 1.1))
+    assert r.verdict == ("pass" if rule else "fail")
+    # the factor-based GGN and the nets operator agree on λ₁
+    assert d["lambda1_from_factors"] == pytest.approx(d["lambda1_ggn"], rel=1e-4)
+
+
+def test_learner_verdict_follows_rule(results):
+    if "on_the_fly_learner" not in results:
+        pytest.skip("nets.learner not present")
+    r = results["on_the_fly_learner"]
+    rows = {row["method"]: row for row in r.details["summary"]}
+    best = max(rows["sgd"]["test_acc_mean"], rows["adam"]["test_acc_mean"])
+    rule = rows["learner"]["diverged"] == 0 and best - rows["learner"]["test_acc_mean"] <= 0.03
+    assert r.verdict == ("pass" if rule else "fail")
+
+
+# ------------------------------------------------------------ the measurement harness
+def test_divergence_harness_recovers_exact_threshold_without_noise():
+    """Identical samples x_i = x: H_B = xxᵀ for every batch (no batch noise), so
+    e ← (I − α xxᵀ)e grows at rate max(0, log|1 − α‖x‖²|) and SGD diverges exactly at
+    α = 2/‖x‖²; the harness and the grid interpolation must reproduce both."""
+    from paper_checks.checks._quadratic_runs import (GROWTH_TOL, growth_rates, steps_for,
+                                                      threshold_from_grid)
+
+    x = np.array([2.0, 1.0, 0.5])
+    X = np.tile(x, (16, 1))
+    lam = float(x @ x)
+    steps = steps_for(4, 3, 1, sweeps=40, min_steps=400)
+    assert steps == 400 and steps_for(1, 3000, 10, 40, 10) == 12000
+    grid = np.geomspace(0.5, 1.5, 41) * 2 / lam
+    rate = growth_rates(X, 4, grid.size, lambda E, G: E - grid * G, steps,
+                        np.random.default_rng(0))
+    with np.errstate(divide="ignore"):
+        expected = np.maximum(0.0, np.log(np.abs(1 - grid * lam)))
+    np.testing.assert_allclose(rate, expected, atol=1e-4)   # slow transients near |1−αλ|≈1
+    thr = threshold_from_grid(grid, rate, GROWTH_TOL / steps)
+    exact = (1 + np.exp(GROWTH_TOL / steps)) / lam     # where log|1 − αλ| = 3/T
+    assert thr == pytest.approx(exact, rel=1e-2)          # grid spacing 2.7%
+    assert thr == pytest.approx(2 / lam, rel=1e-2)
+    assert np.isnan(threshold_from_grid(grid, -np.ones_like(grid), 0.0))
+    # damping-style scan: divergence at small values of the parameter
+    delta = 1.0 / grid[::-1]                            # step 1/δ: increasing δ grid
+    assert threshold_from_grid(delta, rate[::-1], GROWTH_TOL / steps,
+                               unstable_high=False) == pytest.approx(1 / thr, rel=1e-2)
