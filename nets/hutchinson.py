@@ -14,7 +14,7 @@ import math
 import numpy as np
 import torch
 
-from rmt._validation import as_int
+from rmt._validation import as_int, as_seed
 
 __all__ = ["hutchinson_trace"]
 
@@ -30,7 +30,7 @@ def hutchinson_trace(op, num_probes=32, seed=0, block_size=None) -> tuple[float,
     P = op.P
     bs = max(1, min(k, (1 << 24) // max(P, 1))) if block_size is None else \
         as_int("block_size", block_size, minimum=1)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(as_seed("seed", seed))
     device = getattr(op, "device", torch.device("cpu"))
     quad = []
     for a in range(0, k, bs):
@@ -40,5 +40,8 @@ def hutchinson_trace(op, num_probes=32, seed=0, block_size=None) -> tuple[float,
         AZ = op.matmat(Z).to(torch.float64)
         quad.append((Z * AZ).sum(dim=0).cpu().numpy())
     q = np.concatenate(quad)
+    if not np.all(np.isfinite(q)):
+        raise ValueError("the operator returned NaN or inf in a product: the loss is not "
+                         "twice differentiable to a finite value at these parameters and data")
     se = float(q.std(ddof=1) / math.sqrt(k)) if k > 1 else float("nan")
     return float(q.mean()), se

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from scipy.linalg import eigh_tridiagonal
 
-from rmt._validation import as_float, as_int
+from rmt._validation import as_float, as_int, as_seed
 
 from .operators import CurvatureOperator
 
@@ -104,6 +104,15 @@ def _check_op(op):
     return op
 
 
+def _check_finite_step(a, b) -> None:
+    """Refuse NaN/inf from the operator (e.g. a loss whose curvature is not finite at
+    these parameters) instead of returning NaN eigenvalues."""
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        raise ValueError("the operator returned NaN or inf in a product: the loss is not "
+                         "twice differentiable to a finite value at these parameters and data "
+                         "(check loss_fn, the model outputs and the data)")
+
+
 def _op_device(op):
     return getattr(op, "device", torch.device("cpu"))
 
@@ -169,6 +178,7 @@ def lanczos_batch(op, num_steps, num_vectors=1, v0=None, seed=0, reorth: str = "
     m = min(as_int("num_steps", num_steps, minimum=1), op.P)
     k = as_int("num_vectors", num_vectors, minimum=1)
     tol = as_float("tol", tol, positive=True)
+    seed = as_seed("seed", seed)
     if reorth not in ("full", "none"):
         raise ValueError(f"reorth must be 'full' or 'none', got {reorth!r}")
     V0 = _start_vectors(op, k, v0, seed, "rademacher")
@@ -228,6 +238,7 @@ def _recurrence_single(op, q0: torch.Tensor, m: int, reorth: str):
             if j > 0:
                 w = w - b_prev * Q[j - 1]
         b = float(torch.linalg.vector_norm(w))
+        _check_finite_step(a, b)
         alpha[0, j], beta[0, j] = a, b
         scale = max(scale, abs(a) + b)
         if b <= bd * max(scale, np.finfo(float).tiny):
@@ -269,6 +280,7 @@ def _recurrence_batch(op, Q0: torch.Tensor, m: int, reorth: str):
                 W = W - torch.bmm(Qa.transpose(1, 2), h)[:, :, 0]
         b = torch.linalg.vector_norm(W, dim=1)
         a_np, b_np = a.cpu().numpy(), b.cpu().numpy()
+        _check_finite_step(a_np, b_np)
         alpha[active, j] = a_np
         beta[active, j] = b_np
         scale[active] = np.maximum(scale[active], np.abs(a_np) + b_np)
@@ -327,7 +339,7 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-10, max_steps: int 
     if m <= k and m < P:
         raise ValueError(f"krylov_dim must exceed k (got krylov_dim={m}, k={k})")
     max_mv = 50 * m if max_steps is None else as_int("max_steps", max_steps, minimum=1)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(as_seed("seed", seed))
     dev = _op_device(op)
     eps = _op_eps(op)
 
@@ -356,6 +368,7 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-10, max_steps: int 
             T[: j + 1, j] = h
             T[j, : j + 1] = h
             beta = float(torch.linalg.vector_norm(w))
+            _check_finite_step(h, beta)
             anorm = max(anorm, abs(h[j]) + beta)
             if j + 1 == P:                      # the basis spans the whole space
                 size, beta_last = j + 1, 0.0

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rmt._validation import as_int
+from rmt._validation import as_int, as_seed
 
 from .operators import ModelCurvatureOperator, curvature_operator
 
@@ -102,6 +102,9 @@ def _noise_columns(op: ModelCurvatureOperator, U: torch.Tensor, micro_batch: int
         sum_d += D.sum(dim=0)
         sq.append((D * D).sum(dim=1).cpu().numpy())                        # (g, k)
     sq = np.concatenate(sq, axis=0)                                        # ‖d_g‖², (G, k)
+    if not (np.all(np.isfinite(sq)) and bool(torch.isfinite(shift).all())):
+        raise ValueError("a per-sample curvature product is NaN or inf: the loss is not twice "
+                         "differentiable to a finite value at these parameters and data")
     dbar = (sum_d / G)
     # Σ_g ‖(C̄_g − C̄)u‖² = Σ_g ‖d_g‖² − G‖d̄‖²  (d̄ ≈ 0 by the choice of shift)
     ss = sq.sum(axis=0) - G * (dbar * dbar).sum(dim=0).cpu().numpy()
@@ -143,6 +146,7 @@ def directional_noise_from_operator(op: ModelCurvatureOperator, u, micro_batch=1
     """s_u² for the data and curvature kind held by `op` (module docstring); u is
     normalised to unit length first."""
     _check_noise_op(op)
+    as_seed("seed", seed)
     u = _as_direction(u, op.P, op.device)
     s2, se, lam, G = _noise_columns(op, u[:, None], micro_batch, seed, chunk_size)
     return NoiseEstimate(s2=float(s2[0]), stderr=float(se[0]), n_groups=G,
@@ -156,7 +160,7 @@ def isotropic_noise_from_operator(op: ModelCurvatureOperator, num_probes=10, mic
     `numpy.random.default_rng(seed)` (module docstring); stderr over the probes."""
     _check_noise_op(op)
     k = as_int("num_probes", num_probes, minimum=1)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(as_seed("seed", seed))
     Z = rng.choice(np.array([-1.0, 1.0]), size=(op.P, k)) / math.sqrt(op.P)
     U = torch.from_numpy(Z).to(op.device)
     s2, _, lam, G = _noise_columns(op, U, micro_batch, seed, chunk_size)

@@ -21,7 +21,9 @@ product never writes to the user's module (BatchNorm running statistics included
 
 Train-mode layers (the `policy` argument):
   * None (default): the model is used as it is, which must be deterministic: a
-    BatchNorm layer or an active Dropout (p > 0) in train mode raises ValueError.
+    BatchNorm layer, an active Dropout (p > 0) or an RReLU in train mode raises
+    ValueError. Parameters and floating buffers must be finite, `loss_fn` must return a
+    0-d tensor.
   * "eval": every module is switched to eval mode for the product (BatchNorm uses its
     running statistics, Dropout is the identity); flags are restored afterwards.
   * "train_batch_stats": normalisation layers use the statistics of the batch being
@@ -48,6 +50,8 @@ POLICIES = (None, "eval", "train_batch_stats")
 AUTO_CACHE_INPUT_NUMEL = 1 << 18
 _NORM_TYPES = (nn.modules.batchnorm._NormBase,)
 _DROPOUT_TYPES = (nn.modules.dropout._DropoutNd,)
+#: layers that are random in train mode whatever their parameters (randomised leaky ReLU)
+_RANDOM_TYPES = (nn.RReLU,)
 
 
 # ----------------------------------------------------------------------------------
@@ -213,6 +217,10 @@ def _check_policy(model: nn.Module, policy) -> None:
             raise ValueError(
                 f"Dropout layer {name!r} is active (train mode, p={m.p}): curvature products "
                 "would be random; pass policy='eval' or call model.eval()")
+        if isinstance(m, _RANDOM_TYPES) and m.training:
+            raise ValueError(
+                f"{type(m).__name__} layer {name!r} is random in train mode: curvature products "
+                "would be random; pass policy='eval' or call model.eval()")
 
 
 @contextlib.contextmanager
@@ -319,7 +327,11 @@ def _resolve_device_dtype(model: nn.Module, names, device, dtype):
         if len(devs) > 1:
             raise ValueError(f"model parameters live on several devices {sorted(map(str, devs))}; pass device=")
         device = next(iter(devs)) if devs else torch.device("cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must name a torch device (e.g. 'cpu', 'cuda'), got {device!r}: "
+                         f"{exc}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("device='cuda' requested but CUDA is not available")
@@ -335,7 +347,18 @@ def _resolve_device_dtype(model: nn.Module, names, device, dtype):
     for n, p in model.named_parameters():
         if p.is_floating_point() and not bool(torch.isfinite(p.detach()).all()):
             raise ValueError(f"model parameter {n!r} contains NaN or inf")
+    for n, b in model.named_buffers():
+        if b.is_floating_point() and not bool(torch.isfinite(b.detach()).all()):
+            raise ValueError(f"model buffer {n!r} contains NaN or inf")
     return device, dtype
+
+
+def _scalar_loss(loss):
+    """The loss value, checked to be a 0-d tensor (shapes are static under torch.func)."""
+    if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+        got = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"loss_fn must return a scalar tensor (a mean-reduced loss), got {got}")
+    return loss
 
 
 # ----------------------------------------------------------------------------------
@@ -385,7 +408,7 @@ class ModelCurvatureOperator(CurvatureOperator):
         return functional_call(self.model, state, (x,))
 
     def _loss(self, prim, x, y):
-        return self.loss_fn(self._forward(prim, x), y)
+        return _scalar_loss(self.loss_fn(self._forward(prim, x), y))
 
     def _pullback(self, x, y):
         """The linear map vt ↦ (curvature of batch (x, y)) · vt on parameter tuples.
@@ -403,7 +426,7 @@ class ModelCurvatureOperator(CurvatureOperator):
         out, pull = vjp(f, *self.primals)
         # Λ·u as the pullback of the output gradient (Λ is symmetric); forward-mode
         # here trips a torch bug for mse_loss ("ZeroTensors are immutable")
-        lam = vjp(grad(lambda o: self.loss_fn(o, y)), out)[1]
+        lam = vjp(grad(lambda o: _scalar_loss(self.loss_fn(o, y))), out)[1]
 
         def ggn_product(vt):
             Jv = jvp(f, self.primals, vt)[1]
@@ -436,7 +459,9 @@ class ModelCurvatureOperator(CurvatureOperator):
             pb = self._pullback(xg, yg)
             if U.shape[1] == 1:
                 return lay.flatten(pb(lay.unflatten(U[:, 0])))[:, None]
-            return vmap(lambda u: lay.flatten(pb(lay.unflatten(u))), in_dims=1, out_dims=1)(U)
+            # out_dims=0 then transpose: a product that does not depend on u (H = 0)
+            # comes back unbatched, and vmap can broadcast it along dim 0 but not dim 1
+            return vmap(lambda u: lay.flatten(pb(lay.unflatten(u))), in_dims=1)(U).transpose(0, 1)
 
         with _policy_mode(self.model, self.policy):
             return vmap(one_group)(Xg, Yg)
@@ -457,8 +482,8 @@ class ModelCurvatureOperator(CurvatureOperator):
         with _policy_mode(self.model, self.policy):
             for pb, w in zip(self._pullbacks(), self.weights):
                 prod = vmap(lambda v: self.layout.flatten(pb(self.layout.unflatten(v))),
-                            in_dims=1, out_dims=1)
-                term = prod(V) * w
+                            in_dims=1)       # (k, P); see group_products for why not out_dims=1
+                term = prod(V).transpose(0, 1) * w
                 out = term if out is None else out + term
         return out
 

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rmt._validation import as_array, as_float, as_int
+from rmt._validation import as_array, as_float, as_int, as_seed
 
-from .lanczos import LanczosResult, lanczos_batch
+from .lanczos import LanczosResult, _check_op, lanczos_batch
 
 __all__ = ["SpectralDensity", "slq_density"]
 
@@ -79,12 +79,13 @@ def slq_density(op, num_probes=10, num_steps=50, seed=0, probe_block=None) -> Sp
     probe_block : probes run together per batched matmat (default: all, capped so that
     the Lanczos bases hold ≤ 5·10⁷ numbers).
     """
+    op = _check_op(op)
     k = as_int("num_probes", num_probes, minimum=1)
     m = min(as_int("num_steps", num_steps, minimum=1), op.P)
     P = op.P
     blk = max(1, min(k, int(5e7 // ((m + 1) * P)))) if probe_block is None else \
         as_int("probe_block", probe_block, minimum=1)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(as_seed("seed", seed))
     Z = rng.choice(np.array([-1.0, 1.0]), size=(P, k))
     results = []
     for a in range(0, k, blk):

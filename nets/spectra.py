@@ -36,8 +36,14 @@ def top_eigenvalues(model, loss_fn, dataset, k=1, kind="hessian", batch_size=Non
 
     dataset : pair (X, y); batch_size splits the full-data product into chunks (exact
     n_b/N weighting); device/dtype: where and in what precision the products run
-    (float64 gives eigenvalues to ~1e-10 relative, float32 to ~1e-5); seed: Lanczos
-    start vector; params/policy: as in `nets.operators.hessian_operator`.
+    (float64 gives eigenvalues to ~1e-10 relative, float32 to ~1e-5; default: the
+    model's); floating data are cast to that dtype and moved to that device, integer
+    data (labels, token ids) only moved; seed: Lanczos start vector (an int >= 0);
+    params/policy: as in `nets.operators.hessian_operator`.
+
+    Raises ValueError for NaN/inf in data, parameters or buffers, empty data, a
+    train-mode BatchNorm/Dropout/RReLU without `policy`, a non-scalar loss, or NaN/inf
+    curvature products; TypeError for arguments of the wrong kind.
     """
     return extremal_eigenpairs(model, loss_fn, dataset, k, "LA", kind, batch_size, device,
                                dtype, seed, params, policy, tol).values

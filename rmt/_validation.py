@@ -52,6 +52,10 @@ def as_int(name: str, value, *, minimum: int | None = None) -> int:
 def as_array(name: str, value, *, ndim: int | None = None, nonnegative: bool = False,
              dtype=float) -> np.ndarray:
     """Return `value` as a finite ndarray of `dtype`; check dimensionality and sign."""
+    if value is None or isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be array-like of numbers, got {type(value).__name__}")
+    if np.iscomplexobj(value) and not np.issubdtype(np.dtype(dtype), np.complexfloating):
+        raise TypeError(f"{name} must be real, got complex values")
     try:
         arr = np.asarray(value, dtype=dtype)
     except (TypeError, ValueError) as exc:
@@ -68,9 +72,26 @@ def as_array(name: str, value, *, ndim: int | None = None, nonnegative: bool = F
 
 
 def as_rng(rng) -> np.random.Generator:
-    """Accept a Generator, an int seed or None (fresh entropy); never global state."""
+    """Accept a Generator, an int seed >= 0 or None (fresh entropy); never global state."""
     if isinstance(rng, np.random.Generator):
         return rng
     if rng is None or (isinstance(rng, (numbers.Integral, np.integer)) and not isinstance(rng, bool)):
+        if rng is not None and rng < 0:
+            raise ValueError(f"rng seed must be >= 0, got {rng}")
         return np.random.default_rng(rng)
     raise TypeError(f"rng must be a numpy.random.Generator, an int seed or None, got {type(rng).__name__}")
+
+
+def as_seed(name: str, seed):
+    """Check a seed for `numpy.random.default_rng`: None, an int >= 0, a sequence of
+    ints >= 0, a SeedSequence or a Generator. Returns `seed` unchanged (so the stream it
+    starts is the one the caller documents); errors name the argument."""
+    if isinstance(seed, bool) or isinstance(seed, (str, bytes, float, np.floating)):
+        raise TypeError(f"{name} must be an int seed >= 0 (or None), got {seed!r}")
+    try:
+        np.random.default_rng(seed)
+    except TypeError:
+        raise TypeError(f"{name} must be an int seed >= 0 (or None), got {type(seed).__name__}") from None
+    except ValueError:
+        raise ValueError(f"{name} must be an int seed >= 0, got {seed!r}") from None
+    return seed

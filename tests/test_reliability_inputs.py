@@ -1,0 +1,639 @@
+"""Reliability: bad input is refused with an error naming the argument, degenerate but
+valid input gives exact results (never NaN), and no code path unpickles untrusted data.
+
+rmt: every fixed public function (PRODUCT.md "Public API contract") is called with
+NaN/±inf/wrong-typed values in each argument, exhaustively, and with random
+out-of-range values (hypothesis): B > N, B ≤ 0, negative variances, non-symmetric
+profiles, fractions or weights not summing to 1.  Random *valid* input must give a
+finite number.
+
+nets: the entry points top_eigenvalues, measure_batch_top_eigenvalue,
+predict_batch_top_eigenvalue and hessian_operator (+ one product) are fed NaN/inf in
+data, parameters and buffers, empty data and loaders, mismatched dtypes/devices,
+train-mode BatchNorm/Dropout/RReLU, a non-scalar loss and a loss whose curvature is
+NaN.  Degenerate spectra (H = 0, rank one, repeated eigenvalues, a zero-gradient model)
+are checked against their exact eigenvalues.
+"""
+
+import ast
+import copy
+import math
+import pathlib
+import re
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+import nets
+import rmt
+from nets.hutchinson import hutchinson_trace
+from nets.lanczos import lanczos
+from nets.noise import directional_noise
+from nets.operators import hessian_operator
+from nets.slq import slq_density
+from rmt import lr as L
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+NAN, INF = float("nan"), float("inf")
+CE = nn.functional.cross_entropy
+MSE = nn.functional.mse_loss
+
+
+def names(arg: str) -> str:
+    """Regex matching `arg` as a whole word (so 'spike' does not match
+    'spike_block_weights' and 'B' does not match 'Bs')."""
+    return rf"(?<![A-Za-z_]){re.escape(arg)}(?![A-Za-z_])"
+
+
+# ==================================================================================
+# rmt: the fixed public API
+# ==================================================================================
+
+S2 = [[1.0, 0.5], [0.5, 2.0]]
+F2 = [0.4, 0.6]
+W2 = [0.3, 0.7]
+
+# function, valid keyword arguments, scalar arguments, array arguments,
+# arguments that may be None, arguments that may be +inf
+API = {
+    "batch_noise_factor": (rmt.batch_noise_factor, dict(B=8, N=100), ["B", "N"], [], ["N"], ["N"]),
+    "spiked_wigner_outlier": (rmt.spiked_wigner_outlier, dict(spike=2.0, noise_var=1.0),
+                              ["spike", "noise_var"], [], [], []),
+    "spiked_wigner_overlap": (rmt.spiked_wigner_overlap, dict(spike=2.0, noise_var=1.0),
+                              ["spike", "noise_var"], [], [], []),
+    "spiked_wishart_outlier": (rmt.spiked_wishart_outlier, dict(spike=3.0, ratio=0.5, noise_var=1.0),
+                               ["spike", "ratio", "noise_var"], [], [], []),
+    "spiked_wishart_overlap": (rmt.spiked_wishart_overlap, dict(spike=3.0, ratio=0.5, noise_var=1.0),
+                               ["spike", "ratio", "noise_var"], [], [], []),
+    "batch_hessian_extremes": (rmt.batch_hessian_extremes,
+                               dict(lam_top=1.0, lam_bottom=-0.5, sigma2=1e-3, P=100, B=8, N=64),
+                               ["lam_top", "lam_bottom", "sigma2", "P", "B", "N"], [], ["N"], ["N"]),
+    "profile_outlier": (rmt.profile_outlier,
+                        dict(spike=3.0, block_variances=S2, block_fractions=F2, spike_block_weights=W2),
+                        ["spike"], ["block_variances", "block_fractions", "spike_block_weights"], [], []),
+    "profile_edge": (rmt.profile_edge, dict(block_variances=S2, block_fractions=F2),
+                     [], ["block_variances", "block_fractions"], [], []),
+    "sample_spiked_goe_top": (rmt.sample_spiked_goe_top, dict(n=50, spike=2.0, rng=0),
+                              ["n", "spike"], [], [], []),
+    "lr.sgd_max_lr": (L.sgd_max_lr, dict(B=8, lam=1.0, s2=2.0, N=64, momentum=0.5),
+                      ["lam", "s2", "N", "momentum"], ["B"], ["N"], ["N"]),
+    "lr.critical_batch_size": (L.critical_batch_size, dict(lam=1.0, s2=2.0), ["lam", "s2"], [], [], []),
+    "lr.adam_max_lr": (L.adam_max_lr, dict(B=8, lam=1.0, s2=2.0, grad_mean_sq=0.1, grad_var=1.0,
+                                           N=64, eps=1e-8, beta1=0.9),
+                       ["lam", "s2", "grad_mean_sq", "grad_var", "N", "eps", "beta1"], ["B"], ["N"], ["N"]),
+    "lr.min_damping": (L.min_damping, dict(lr=0.1, lam_noise=2.0), ["lr", "lam_noise"], [], [], []),
+    "lr.heavy_ball": (L.heavy_ball, dict(lam_max=10.0, lam_min=0.1), ["lam_max", "lam_min"], [], [], []),
+}
+
+
+INTEGER_ARGS = {"n"}   # integer-valued: NaN/inf are refused as "not an integer" (TypeError)
+
+
+def _bad_value_cases():
+    for fname, (fn, kw, scalars, arrays, nullable, inf_ok) in API.items():
+        for a in scalars:
+            nonfinite = TypeError if a in INTEGER_ARGS else ValueError  # "not an integer"
+            yield fname, a, NAN, nonfinite
+            if a not in inf_ok:
+                yield fname, a, INF, nonfinite
+            yield fname, a, -INF, nonfinite
+            yield fname, a, "1.0", TypeError
+            yield fname, a, True, TypeError
+            yield fname, a, [1.0, 2.0] if a != "n" else [10, 20], TypeError
+            if a not in nullable:
+                yield fname, a, None, TypeError
+        for a in arrays:
+            good = np.asarray(kw[a], dtype=float)
+            with_nan = good.copy()
+            with_nan.flat[-1] = NAN
+            yield fname, a, with_nan, ValueError
+            with_inf = good.copy()
+            with_inf.flat[0] = INF
+            yield fname, a, with_inf, ValueError
+            yield fname, a, "abc", TypeError
+            yield fname, a, None, TypeError
+            if a != "B":
+                yield fname, a, good + 0.5j, TypeError
+
+
+BAD_VALUE_CASES = list(_bad_value_cases())
+
+
+@pytest.mark.parametrize("fname, arg, bad, exc", BAD_VALUE_CASES,
+                         ids=[f"{f}-{a}-{b!r}"[:60] for f, a, b, _ in BAD_VALUE_CASES])
+def test_rmt_api_rejects_nonfinite_and_wrong_types_naming_the_argument(fname, arg, bad, exc):
+    fn, kw = API[fname][:2]
+    fn(**kw)  # the valid call works: only `arg` is at fault below
+    with pytest.raises(exc, match=names(arg)):
+        fn(**{**kw, arg: bad})
+
+
+SET = settings(max_examples=30, deadline=None)
+
+
+@SET
+@given(N=st.integers(1, 10_000), excess=st.floats(1e-6, 1e4))
+def test_batch_size_above_N_is_refused_everywhere(N, excess):
+    B = N + max(excess, 1e-9 * N) if excess < 1 else N + math.ceil(excess)
+    calls = [lambda: rmt.batch_noise_factor(B, N),
+             lambda: rmt.batch_hessian_extremes(1.0, -1.0, 1e-3, 50, B, N),
+             lambda: L.sgd_max_lr(B, 1.0, 1.0, N=N),
+             lambda: L.adam_max_lr(B, 1.0, 1.0, 0.1, 1.0, N=N)]
+    for call in calls:
+        with pytest.raises(ValueError, match=names("B")):
+            call()
+    # with replacement any B > 0 is allowed (c = 1/B)
+    assert rmt.batch_noise_factor(B, N, replacement=True) == pytest.approx(1.0 / B)
+
+
+@SET
+@given(B=st.one_of(st.floats(-1e6, 0.0), st.integers(-10**6, 0)))
+def test_nonpositive_batch_size_is_refused_everywhere(B):
+    calls = [lambda: rmt.batch_noise_factor(B), lambda: rmt.batch_noise_factor(B, 100),
+             lambda: rmt.batch_hessian_extremes(1.0, -1.0, 1e-3, 50, B),
+             lambda: L.sgd_max_lr(B, 1.0, 1.0), lambda: L.adam_max_lr(B, 1.0, 1.0, 0.1, 1.0)]
+    for call in calls:
+        with pytest.raises(ValueError, match=names("B")):
+            call()
+
+
+@SET
+@given(v=st.floats(-1e6, -1e-300))
+def test_negative_variances_are_refused_everywhere(v):
+    calls = [(lambda: rmt.spiked_wigner_outlier(1.0, v), "noise_var"),
+             (lambda: rmt.spiked_wigner_overlap(1.0, v), "noise_var"),
+             (lambda: rmt.spiked_wishart_outlier(3.0, 0.5, v), "noise_var"),
+             (lambda: rmt.spiked_wishart_overlap(3.0, 0.5, v), "noise_var"),
+             (lambda: rmt.spiked_wishart_outlier(3.0, v), "ratio"),
+             (lambda: rmt.batch_hessian_extremes(1.0, -1.0, v, 50, 8, 64), "sigma2"),
+             (lambda: rmt.profile_edge([[1.0, v], [v, 1.0]], F2), "block_variances"),
+             (lambda: rmt.profile_outlier(3.0, [[v]], [1.0], [1.0]), "block_variances"),
+             (lambda: L.sgd_max_lr(8, 1.0, v), "s2"),
+             (lambda: L.adam_max_lr(8, 1.0, 1.0, 0.1, v), "grad_var"),
+             (lambda: L.critical_batch_size(1.0, v), "s2")]
+    for call, arg in calls:
+        with pytest.raises(ValueError, match=names(arg)):
+            call()
+
+
+def _profile(seed, K):
+    rng = np.random.default_rng(seed)
+    A = rng.uniform(0.1, 3.0, (K, K))
+    return (A + A.T) / 2, rng.dirichlet(np.ones(K)) * 0.8 + 0.2 / K
+
+
+@SET
+@given(seed=st.integers(0, 10**6), K=st.integers(2, 5), skew=st.floats(1e-6, 1.0))
+def test_non_symmetric_profiles_are_refused(seed, K, skew):
+    S, f = _profile(seed, K)
+    f = f / f.sum()
+    i, j = np.random.default_rng(seed).choice(K, 2, replace=False)
+    S[i, j] += skew * S[i, j]          # relative asymmetry far above the 1e-12 tolerance
+    w = np.full(K, 1.0 / K)
+    with pytest.raises(ValueError, match=r"block_variances.*symmetric"):
+        rmt.profile_edge(S, f)
+    with pytest.raises(ValueError, match=r"block_variances.*symmetric"):
+        rmt.profile_outlier(2.0, S, f, w)
+
+
+@SET
+@given(seed=st.integers(0, 10**6), K=st.integers(1, 5), off=st.floats(1e-6, 0.5),
+       sign=st.sampled_from([-1.0, 1.0]))
+def test_fractions_and_weights_must_sum_to_one(seed, K, off, sign):
+    S, f = _profile(seed, K)
+    f = f / f.sum()
+    w = np.random.default_rng(seed + 1).dirichlet(np.ones(K))
+    bad_f = f * (1.0 + sign * off)
+    bad_w = w * (1.0 + sign * off)
+    with pytest.raises(ValueError, match=names("block_fractions")):
+        rmt.profile_edge(S, bad_f)
+    with pytest.raises(ValueError, match=names("block_fractions")):
+        rmt.profile_outlier(2.0, S, bad_f, w)
+    with pytest.raises(ValueError, match=names("spike_block_weights")):
+        rmt.profile_outlier(2.0, S, f, bad_w)
+    # and the correctly normalised inputs are accepted
+    assert math.isfinite(rmt.profile_outlier(2.0, S, f, w))
+
+
+@SET
+@given(lam=st.floats(-1e3, 1e3), gap=st.floats(0.0, 1e3), sigma2=st.floats(0.0, 10.0),
+       P=st.integers(1, 10**6), N=st.integers(1, 10**5), frac=st.floats(0.0, 1.0),
+       spike=st.floats(-1e3, 1e3), v=st.floats(0.0, 1e3), q=st.floats(1e-3, 1e2))
+def test_valid_input_never_gives_nan(lam, gap, sigma2, P, N, frac, spike, v, q):
+    B = max(1, int(round(frac * N)))
+    top, bottom = rmt.batch_hessian_extremes(lam, lam - gap, sigma2, P, B, N)
+    assert math.isfinite(top) and math.isfinite(bottom) and top >= bottom
+    assert 0.0 <= rmt.batch_noise_factor(B, N) <= 1.0
+    assert math.isfinite(rmt.spiked_wigner_outlier(spike, v))
+    assert 0.0 <= rmt.spiked_wigner_overlap(spike, v) <= 1.0
+    ell = abs(spike) + 1e-3
+    assert math.isfinite(rmt.spiked_wishart_outlier(ell, q))
+    assert 0.0 <= rmt.spiked_wishart_overlap(ell, q) <= 1.0
+
+
+# -- properties not already in tests/test_rmt_properties.py --------------------------
+
+@SET
+@given(seed=st.integers(0, 10**6), K=st.integers(1, 4), theta=st.floats(0.05, 8.0))
+def test_profile_outlier_negative_spike_is_the_mirror_image(seed, K, theta):
+    S, f = _profile(seed, K)
+    f = f / f.sum()
+    w = np.random.default_rng(seed + 5).dirichlet(np.ones(K))
+    assert rmt.profile_outlier(-theta, S, f, w) == -rmt.profile_outlier(theta, S, f, w)
+
+
+@SET
+@given(lam=st.floats(0.05, 20.0), P=st.integers(100, 10**5), N=st.integers(2_000, 10**6),
+       eps=st.floats(1e-9, 1e-6))
+def test_batch_extremes_continuous_in_B_across_the_transition(lam, P, N, eps):
+    """λ' = λ + v/λ above threshold, 2√v below, v = P·c(B, N)·σ²: choose σ² so that the
+    transition λ² = v sits at B* = N/2; on both sides of B* the prediction is ≈ 2λ."""
+    Bstar = N / 2
+    sigma2 = lam * lam / (P * rmt.batch_noise_factor(Bstar, N))
+    for B in (Bstar * (1 - eps), Bstar * (1 + eps)):
+        top, bottom = rmt.batch_hessian_extremes(lam, -lam, sigma2, P, B, N)
+        assert top == pytest.approx(2 * lam, rel=1e-5)
+        assert bottom == pytest.approx(-2 * lam, rel=1e-5)
+
+
+@SET
+@given(lam=st.floats(1e-3, 1e3), s2=st.floats(0.0, 1e4), N=st.integers(2, 10**5),
+       momentum=st.floats(0.0, 0.99), g2=st.floats(0.0, 10.0), gv=st.floats(0.0, 10.0))
+def test_max_lr_nondecreasing_in_B_and_exact_at_B_equals_N(lam, s2, N, momentum, g2, gv):
+    Bs = np.unique(np.linspace(1, N, 12).round().astype(int))
+    sgd = [L.sgd_max_lr(int(B), lam, s2, N=N, momentum=momentum) for B in Bs]
+    assert all(a <= b * (1 + 1e-12) for a, b in zip(sgd, sgd[1:]))
+    assert sgd[-1] == pytest.approx(2 * (1 + momentum) / lam, rel=1e-12)   # c(N, N) = 0
+    assert math.isfinite(sgd[0]) and sgd[0] > 0
+    adam = [L.adam_max_lr(int(B), lam, s2, g2, gv, N=N) for B in Bs]
+    assert all(math.isfinite(a) and a >= 0 for a in adam)
+
+
+def test_rng_and_seed_arguments_are_checked():
+    with pytest.raises(ValueError, match=names("rng")):
+        rmt.sample_spiked_goe_top(10, 1.0, rng=-1)
+    with pytest.raises(TypeError, match=names("rng")):
+        rmt.sample_spiked_goe_top(10, 1.0, rng="0")
+    with pytest.raises(TypeError, match=names("rng")):
+        rmt.sample_spiked_goe_top(10, 1.0, rng=1.5)
+
+
+# ==================================================================================
+# nets: the entry points
+# ==================================================================================
+
+def tiny(seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.7)
+    model = model.to(dtype)
+    X = torch.randn(20, 5, generator=g, dtype=dtype)
+    y = torch.randint(0, 3, (20,), generator=g)
+    return model, X, y
+
+
+ENTRY = {
+    "top_eigenvalues": lambda m, lf, d, **kw: nets.top_eigenvalues(m, lf, d, **kw),
+    "top_eigenvalues_ggn": lambda m, lf, d, **kw: nets.top_eigenvalues(m, lf, d, kind="ggn", **kw),
+    "measure_batch_top_eigenvalue":
+        lambda m, lf, d, **kw: nets.measure_batch_top_eigenvalue(m, lf, d, [4], n_batches=2, **kw),
+    "predict_batch_top_eigenvalue":
+        lambda m, lf, d, **kw: nets.predict_batch_top_eigenvalue(m, lf, d, [4], num_probes=2, **kw),
+    "hessian_operator":
+        lambda m, lf, d, **kw: hessian_operator(m, lf, d, **kw).matvec(
+            torch.ones(sum(p.numel() for p in m.parameters()), dtype=torch.float64)),
+}
+
+
+def _nan_X():
+    m, X, y = tiny()
+    X = X.clone()
+    X[3, 2] = NAN
+    return m, CE, (X, y), {}
+
+
+def _inf_X_numpy():
+    m, X, y = tiny()
+    X = X.clone()
+    X[0, 0] = -INF
+    return m, CE, (X.numpy(), y.numpy()), {}
+
+
+def _inf_regression_targets():
+    m, X, _ = tiny()
+    Y = torch.zeros(20, 3, dtype=torch.float64)
+    Y[7, 1] = INF
+    return m, MSE, (X, Y), {}
+
+
+def _nan_in_second_loader_batch():
+    m, X, y = tiny()
+    Xb = X[10:].clone()
+    Xb[0, 0] = NAN
+    return m, CE, [(X[:10], y[:10]), (Xb, y[10:])], {}
+
+
+def _nan_parameter():
+    m, X, y = tiny()
+    with torch.no_grad():
+        m[2].bias[1] = NAN
+    return m, CE, (X, y), {}
+
+
+def _inf_buffer():
+    m, X, y = tiny()
+    bn = nn.Sequential(m[0], nn.BatchNorm1d(4).double(), m[1], m[2]).eval()
+    with torch.no_grad():
+        bn[1].running_var[2] = INF
+    return bn, CE, (X, y), {}
+
+
+def _empty_pair():
+    m, X, y = tiny()
+    return m, CE, (X[:0], y[:0]), {}
+
+
+def _empty_loader():
+    m, _, _ = tiny()
+    return m, CE, [], {}
+
+
+def _loader_of_empty_batches():
+    m, X, y = tiny()
+    return m, CE, ((X[:0], y[:0]) for _ in range(3)), {}
+
+
+def _mismatched_lengths():
+    m, X, y = tiny()
+    return m, CE, (X, y[:-2]), {}
+
+
+def _batchnorm_train_mode():
+    m, X, y = tiny()
+    return nn.Sequential(m[0], nn.BatchNorm1d(4).double(), m[1], m[2]).train(), CE, (X, y), {}
+
+
+def _dropout_active():
+    m, X, y = tiny()
+    return nn.Sequential(m[0], m[1], nn.Dropout(0.2), m[2]).train(), CE, (X, y), {}
+
+
+def _rrelu_train_mode():
+    m, X, y = tiny()
+    return nn.Sequential(m[0], nn.RReLU(), m[2]).train(), CE, (X, y), {}
+
+
+def _mixed_parameter_dtypes():
+    m, X, y = tiny()
+    return nn.Sequential(m[0].float(), m[1], m[2]), CE, (X, y), {}
+
+
+def _parameters_on_two_devices():
+    m, X, y = tiny()
+    return nn.Sequential(m[0], m[1], nn.Linear(4, 3, device="meta", dtype=torch.float64)), CE, (X, y), {}
+
+
+def _unknown_device():
+    m, X, y = tiny()
+    return m, CE, (X, y), {"device": "gpu0"}
+
+
+def _integer_dtype_requested():
+    m, X, y = tiny()
+    return m, CE, (X, y), {"dtype": torch.int64}
+
+
+def _non_scalar_loss():
+    m, X, y = tiny()
+    return m, (lambda o, t: CE(o, t, reduction="none")), (X, y), {}
+
+
+def _nan_curvature_loss():
+    m, X, y = tiny()
+    return m, (lambda o, t: torch.sqrt(o).mean()), (X, y), {}   # sqrt of negative outputs
+
+
+NETS_CASES = [
+    (_nan_X, ValueError, r"NaN or inf"),
+    (_inf_X_numpy, ValueError, r"NaN or inf"),
+    (_inf_regression_targets, ValueError, r"targets contains NaN or inf"),
+    (_nan_in_second_loader_batch, ValueError, r"\[1\] inputs contains NaN"),
+    (_nan_parameter, ValueError, r"parameter '2.bias' contains NaN"),
+    (_inf_buffer, ValueError, r"buffer '1.running_var' contains NaN or inf"),
+    (_empty_pair, ValueError, r"empty"),
+    (_empty_loader, ValueError, r"empty"),
+    (_loader_of_empty_batches, ValueError, r"empty"),
+    (_mismatched_lengths, ValueError, r"first dimension"),
+    (_batchnorm_train_mode, ValueError, r"BatchNorm.*policy"),
+    (_dropout_active, ValueError, r"Dropout"),
+    (_rrelu_train_mode, ValueError, r"RReLU"),
+    (_mixed_parameter_dtypes, ValueError, r"mixed dtypes.*dtype="),
+    (_parameters_on_two_devices, ValueError, r"several devices.*device="),
+    (_unknown_device, ValueError, names("device")),
+    (_integer_dtype_requested, TypeError, names("dtype")),
+    (_non_scalar_loss, ValueError, names("loss_fn")),
+    (_nan_curvature_loss, ValueError, r"NaN or inf"),
+]
+
+
+@pytest.mark.parametrize("entry", list(ENTRY))
+@pytest.mark.parametrize("case, exc, pattern", NETS_CASES, ids=[c[0].__name__[1:] for c in NETS_CASES])
+def test_nets_entry_points_refuse_bad_input(entry, case, exc, pattern):
+    model, loss_fn, data, kw = case()
+    if entry == "hessian_operator" and case is _nan_curvature_loss:
+        # operators are raw linear maps (no per-product check): the product is NaN, and
+        # every algorithm built on it refuses it (test_nan_curvature_is_refused_...)
+        assert not torch.isfinite(ENTRY[entry](model, loss_fn, data, **kw)).all()
+        return
+    with pytest.raises(exc, match=pattern):
+        ENTRY[entry](model, loss_fn, data, **kw)
+
+
+@pytest.mark.parametrize("call, arg, exc", [
+    (lambda m, d: nets.top_eigenvalues(m, CE, d, seed=-1), "seed", ValueError),
+    (lambda m, d: nets.top_eigenvalues(m, CE, d, seed="0"), "seed", TypeError),
+    (lambda m, d: nets.top_eigenvalues(m, CE, d, seed=0.5), "seed", TypeError),
+    (lambda m, d: nets.predict_batch_top_eigenvalue(m, CE, d, [4], seed=-3), "seed", ValueError),
+    (lambda m, d: slq_density(hessian_operator(m, CE, d), 2, 3, seed="x"), "seed", TypeError),
+    (lambda m, d: hutchinson_trace(hessian_operator(m, CE, d), 2, seed=-1), "seed", ValueError),
+    (lambda m, d: directional_noise(m, CE, d, np.ones(39), seed=[-1]), "seed", ValueError),
+    (lambda m, d: slq_density(None), "op", TypeError),
+    (lambda m, d: nets.top_eigenvalues(m, CE, d, k=0), "k", ValueError),
+    (lambda m, d: nets.top_eigenvalues(m, CE, d, k=40), "k", ValueError),
+    (lambda m, d: nets.measure_batch_top_eigenvalue(m, CE, d, [21]), "batch_sizes", ValueError),
+    (lambda m, d: nets.measure_batch_top_eigenvalue(m, CE, d, [0]), "batch_sizes", ValueError),
+    (lambda m, d: nets.measure_batch_top_eigenvalue(m, CE, d, [2.5]), "batch_sizes", TypeError),
+    (lambda m, d: nets.predict_batch_top_eigenvalue(m, CE, d, [21]), "batch_sizes", ValueError),
+    (lambda m, d: nets.predict_batch_top_eigenvalue(m, CE, (d[0][:1], d[1][:1]), [1]), "micro_batch", ValueError),
+])
+def test_nets_scalar_arguments_are_checked(call, arg, exc):
+    model, X, y = tiny()
+    with pytest.raises(exc, match=names(arg)):
+        call(model, (X, y))
+
+
+def test_nan_curvature_is_refused_by_every_algorithm():
+    """A loss with NaN curvature (sqrt of negative outputs) reaches the algorithms only
+    through products: each refuses it instead of returning NaN."""
+    model, X, y = tiny()
+    bad = lambda o, t: torch.sqrt(o).mean()   # noqa: E731
+    op = hessian_operator(model, bad, (X, y))
+    for call in (lambda: slq_density(op, 2, 5), lambda: hutchinson_trace(op, 3),
+                 lambda: lanczos(op, 5), lambda: directional_noise(model, bad, (X, y), np.ones(op.P))):
+        with pytest.raises(ValueError, match="NaN or inf"):
+            call()
+    # the same model with a finite-curvature loss works (the failure is the loss's)
+    assert np.isfinite(nets.top_eigenvalues(model, CE, (X, y))).all()
+
+
+def test_dtype_mismatch_is_cast_as_documented():
+    """Floating data are cast to the operator's dtype (the model's unless `dtype=`):
+    float64 data on a float32 model give exactly the float32-data result, and
+    dtype=float64 on a float32 model gives the float64 Hessian."""
+    model64, X, y = tiny(3)
+    model32 = copy.deepcopy(model64).float()
+    a = nets.top_eigenvalues(model32, CE, (X, y), k=2)
+    b = nets.top_eigenvalues(model32, CE, (X.float(), y), k=2)
+    assert np.array_equal(a, b)
+    exact = nets.top_eigenvalues(model64, CE, (X, y), k=2)
+    up = nets.top_eigenvalues(model32, CE, (X.float(), y), k=2, dtype=torch.float64)
+    # model32 holds the float64 weights rounded to float32: compare with that model in float64
+    exact32w = nets.top_eigenvalues(copy.deepcopy(model32).double(), CE, (X.float().double(), y), k=2)
+    np.testing.assert_allclose(up, exact32w, rtol=1e-10)
+    np.testing.assert_allclose(a, exact, rtol=1e-4)       # float32 round-off only
+
+
+# ---------------------------------------------------------------- degenerate spectra
+
+def _dense_eigs(op):
+    return np.sort(np.linalg.eigvalsh(op.to_dense().double().numpy()))[::-1]
+
+
+def test_zero_hessian_gives_exact_zeros_not_nan():
+    """loss linear in w: H = 0 exactly; Lanczos breaks down at once and must return
+    zeros; SLQ puts all weight at 0; the batch prediction refuses λ = 0 clearly."""
+    g = torch.Generator().manual_seed(1)
+    model = nn.Linear(6, 1, bias=False).double()
+    X = torch.randn(12, 6, generator=g, dtype=torch.float64)
+    y = torch.randn(12, 1, generator=g, dtype=torch.float64)
+    lin = lambda o, t: (o * t).mean()   # noqa: E731
+    vals = nets.top_eigenvalues(model, lin, (X, y), k=3)
+    assert np.array_equal(vals, np.zeros(3))
+    dens = slq_density(hessian_operator(model, lin, (X, y)), num_probes=3, num_steps=4)
+    assert np.all(dens.nodes[dens.weights > 0] == 0.0)
+    np.testing.assert_allclose(dens.weights.sum(axis=1), 1.0, rtol=1e-14)
+    assert np.isfinite(dens.density(np.linspace(-1, 1, 5), 0.1)).all()
+    m = nets.measure_batch_top_eigenvalue(model, lin, (X, y), [3, 12], n_batches=2)
+    assert np.array_equal(m["mean"], [0.0, 0.0]) and np.array_equal(m["std"], [0.0, 0.0])
+    with pytest.raises(ValueError, match="top eigenvalue"):
+        nets.predict_batch_top_eigenvalue(model, lin, (X, y), [3])
+
+
+def test_rank_one_hessian_exact():
+    """MSE of a linear model on N copies of one input x: H = 2 x xᵀ (rank one)."""
+    x = torch.tensor([[1.0, -2.0, 0.5, 3.0, 0.0, 1.5]], dtype=torch.float64)
+    X = x.repeat(7, 1)
+    y = torch.randn(7, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    model = nn.Linear(6, 1, bias=False).double()
+    lam = 2.0 * float((x * x).sum())
+    vals = nets.top_eigenvalues(model, MSE, (X, y), k=3)
+    assert vals[0] == pytest.approx(lam, rel=1e-13)
+    assert np.all(np.abs(vals[1:]) <= 1e-13 * lam)
+    res = lanczos(hessian_operator(model, MSE, (X, y)), 6, seed=3)
+    assert res.breakdown and res.num_steps <= 2
+    assert res.ritz_values.max() == pytest.approx(lam, rel=1e-13)
+
+
+def test_repeated_top_eigenvalue_found_with_its_multiplicity():
+    """H = (2/N) diag(a²) with a = (2, 2, 2, 1, 1): λ = 1.6 three times, 0.4 twice.
+    One Krylov space sees each distinct eigenvalue once; the solver must still return
+    all three copies (fresh directions after the invariant subspace), exactly."""
+    a = torch.tensor([2.0, 2.0, 2.0, 1.0, 1.0], dtype=torch.float64)
+    X = torch.diag(a)
+    y = torch.zeros(5, 1, dtype=torch.float64)
+    model = nn.Linear(5, 1, bias=False).double()
+    vals = nets.top_eigenvalues(model, MSE, (X, y), k=4)
+    np.testing.assert_allclose(vals, [1.6, 1.6, 1.6, 0.4], rtol=1e-13)
+    res = lanczos(hessian_operator(model, MSE, (X, y)), 5, seed=0)
+    assert res.breakdown
+    np.testing.assert_allclose(np.sort(res.ritz_values), [0.4, 1.6], rtol=1e-13)
+
+
+def test_zero_gradient_model_gives_exact_curvature_and_zero_noise():
+    """All-zero weights, MSE to zero targets: w = 0 is a stationary point (gradient
+    exactly 0) and every per-sample Hessian is (2/C)·I on the output bias, 0 elsewhere.
+    So λ = 2/C with multiplicity C, then 0; every batch Hessian equals H; the
+    directional and isotropic noise vanish; predictions equal λ, never NaN."""
+    C = 3
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, C)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    X = torch.randn(16, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    Y = torch.zeros(16, C, dtype=torch.float64)
+    op = hessian_operator(model, MSE, (X, Y))
+    assert torch.count_nonzero(op.gradient()) == 0
+    lam = 2.0 / C
+    vals = nets.top_eigenvalues(model, MSE, (X, Y), k=C + 1)
+    np.testing.assert_allclose(vals[:C], lam, rtol=1e-13)
+    assert abs(vals[C]) <= 1e-13
+    np.testing.assert_allclose(_dense_eigs(op)[:C + 1], vals, atol=1e-13)
+    meas = nets.measure_batch_top_eigenvalue(model, MSE, (X, Y), [2, 8], n_batches=3)
+    np.testing.assert_allclose(meas["mean"], lam, rtol=1e-12)
+    assert np.all(meas["std"] <= 1e-12)
+    pred = nets.predict_batch_top_eigenvalue(model, MSE, (X, Y), [2, 8], num_probes=3)
+    for key in ("directional", "isotropic", "directional_stderr", "isotropic_stderr"):
+        assert np.isfinite(pred[key]).all(), key
+    np.testing.assert_allclose(pred["directional"], lam, rtol=1e-12)
+    np.testing.assert_allclose(pred["isotropic"], lam, rtol=1e-12)
+    dn = directional_noise(model, MSE, (X, Y), np.ones(op.P))
+    assert dn.s2 == pytest.approx(0.0, abs=1e-28) and math.isfinite(dn.stderr)
+
+
+# ---------------------------------------------------------------- untrusted files
+
+def _calls(tree):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            f = node.func
+            name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+            base = f.value.id if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) else ""
+            yield base, name, node
+
+
+def test_no_unrestricted_deserialisation_in_the_package():
+    """Every torch.load passes weights_only=True; no pickle.load(s)/np.load with
+    allow_pickle=True/marshal/shelve anywhere in rmt, nets, paper_checks, benchmarks;
+    the only Unpickler subclass is the restricted CIFAR one (which overrides
+    find_class)."""
+    offenders, unpicklers = [], []
+    files = [p for d in ("rmt", "nets", "paper_checks", "benchmarks") for p in (ROOT / d).rglob("*.py")]
+    assert len(files) > 20
+    for path in files:
+        tree = ast.parse(path.read_text(), filename=str(path))
+        rel = path.relative_to(ROOT)
+        for base, name, node in _calls(tree):
+            kw = {k.arg: k.value for k in node.keywords}
+            if base == "torch" and name == "load":
+                wo = kw.get("weights_only")
+                if not (isinstance(wo, ast.Constant) and wo.value is True):
+                    offenders.append(f"{rel}:{node.lineno} torch.load without weights_only=True")
+            if base in ("pickle", "cPickle", "dill", "marshal", "shelve", "joblib") and name in (
+                    "load", "loads", "open"):
+                offenders.append(f"{rel}:{node.lineno} {base}.{name}")
+            if base == "np" and name == "load":
+                ap = kw.get("allow_pickle")
+                if isinstance(ap, ast.Constant) and ap.value is True or (ap is not None and not isinstance(ap, ast.Constant)):
+                    offenders.append(f"{rel}:{node.lineno} np.load(allow_pickle=...)")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef) and any(
+                    (isinstance(b, ast.Attribute) and b.attr == "Unpickler") for b in node.bases):
+                methods = {n.name for n in node.body if isinstance(n, ast.FunctionDef)}
+                unpicklers.append((str(rel), node.name, "find_class" in methods))
+    assert offenders == []
+    assert unpicklers == [("nets/data.py", "_CifarUnpickler", True)]
