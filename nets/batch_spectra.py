@@ -14,6 +14,10 @@ Predicted (`predict_batch_top_eigenvalue`), THEORY.md §2–§3, with c = c(B, N
 clipped form (2√v below the threshold λ ≤ √v) is `rmt.spiked_wigner_outlier(λ, v)`,
 returned as "isotropic_clipped" when that function is available. Both forms are
 second-order perturbation / large-P statements: they need λ to be a separated outlier.
+
+Optionally (`subspace_k`), the quasi-degenerate subspace form of `nets.subspace_noise`:
+Löwdin partitioning onto the top-k eigenspace, λ'(B) ≈ E_S λ_max(Λ_k + a_S + c·D/λ_1)
+with the in-subspace fluctuation a_S resampled exactly from per-sample k×k projections.
 """
 
 from __future__ import annotations
@@ -81,7 +85,9 @@ def measure_batch_top_eigenvalue(model, loss_fn, dataset, batch_sizes, n_batches
 
 def predict_batch_top_eigenvalue(model, loss_fn, dataset, batch_sizes, kind="hessian", seed=0,
                                  device=None, dtype=None, params=None, policy=None,
-                                 micro_batch=1, num_probes=10, replacement=False) -> dict:
+                                 micro_batch=1, num_probes=10, replacement=False,
+                                 subspace_k=None, subspace_batches=2000,
+                                 subspace_self_consistent=False) -> dict:
     """Predicted λ'_1(B) from the full-data top eigenpair and one noise pass.
 
     Returns numpy arrays over batch_sizes: "isotropic" (unclipped λ + c·Pσ²_avg/λ),
@@ -91,13 +97,31 @@ def predict_batch_top_eigenvalue(model, loss_fn, dataset, batch_sizes, kind="hes
     "s2_isotropic" (Pσ²_avg), "s2_isotropic_stderr", "critical_batch_size" (s_u²/λ²),
     "N", "P"; and "c" (c(B,N) per batch size), "batch_sizes".
     micro_batch, num_probes : as in `nets.noise` (probes for the isotropic average).
+
+    subspace_k : None (default: skipped), "auto" (k = number of model outputs,
+    `nets.subspace_noise.default_subspace_dim`) or an int: adds "subspace" (the
+    quasi-degenerate form E_S λ_max of the k×k batch model, `nets.subspace_noise`, with
+    `subspace_batches` resampled batches drawn with `seed`, complement term c·D/λ_1 or,
+    with `subspace_self_consistent`, c·D/z solved per batch), "subspace_stderr"
+    (Monte-Carlo), "subspace_k", "subspace_lams" (Λ_k). Needs micro_batch=1 (k
+    per-sample products per sample; the top-k eigenpairs replace the k=1 solve, so λ and
+    u are the first of them).
     """
     if not isinstance(replacement, bool):
         raise TypeError("replacement must be a bool")
     op = curvature_operator(model, loss_fn, dataset, kind=kind, params=params, device=device,
                             dtype=dtype, policy=policy)
     Bs = _batch_sizes(batch_sizes, op.N, replacement)
-    top = eigsh(op, k=1, which="LA", tol=1e-8, seed=seed)
+    k_sub = None
+    if subspace_k is not None:
+        from .subspace_noise import default_subspace_dim
+        if micro_batch != 1:
+            raise ValueError("subspace_k needs micro_batch=1 (per-sample projections)")
+        k_sub = (default_subspace_dim(model, dataset, op.P) if subspace_k == "auto"
+                 else as_int("subspace_k", subspace_k, minimum=1))
+        if k_sub > op.P:
+            raise ValueError(f"subspace_k must be <= P={op.P}, got {k_sub}")
+    top = eigsh(op, k=1 if k_sub is None else k_sub, which="LA", tol=1e-8, seed=seed)
     lam = float(top.values[0])
     if not lam > 0:
         raise ValueError(f"the top eigenvalue is {lam:.3g} <= 0: the outlier formulas need a "
@@ -123,6 +147,14 @@ def predict_batch_top_eigenvalue(model, loss_fn, dataset, batch_sizes, kind="hes
         "N": op.N,
         "P": op.P,
     }
+    if k_sub is not None:
+        from .subspace_noise import subspace_batch_top_eigenvalue, subspace_noise_from_operator
+        sn = subspace_noise_from_operator(op, top.vectors)
+        sub = subspace_batch_top_eigenvalue(sn, Bs, n_batches=subspace_batches,
+                                            self_consistent=subspace_self_consistent,
+                                            replacement=replacement, seed=seed)
+        out.update({"subspace": sub["mean"], "subspace_stderr": sub["stderr"],
+                    "subspace_k": k_sub, "subspace_lams": sn.lam})
     try:
         from rmt import spiked_wigner_outlier
         out["isotropic_clipped"] = np.array([spiked_wigner_outlier(lam, ci * iso.s2, clip=True)

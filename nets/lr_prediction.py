@@ -278,7 +278,8 @@ class ScalingFit:
 def fit_scaling_exponent(batch_sizes, lrs, max_batch=None, level=0.95) -> ScalingFit:
     """Least-squares fit log α = a + k·log B over the points with B ≤ max_batch.
 
-    lrs: array (n_B,) or (n_B, n_seeds) (each seed a separate point; NaNs dropped).
+    lrs: array (n_B,) or (n_B, n_seeds) (each seed a separate point; NaNs are missing
+    measurements and are dropped; a non-positive lr raises ValueError).
     The confidence interval is the t-interval k ± t_{level, n−2}·se(k); with exactly two
     points the slope is returned with an infinite interval.
     """
@@ -290,7 +291,9 @@ def fit_scaling_exponent(batch_sizes, lrs, max_batch=None, level=0.95) -> Scalin
         a = a[:, None]
     x = np.repeat(bs, a.shape[1]).astype(float)
     yv = a.reshape(-1)
-    keep = np.isfinite(yv) & (yv > 0)
+    if np.any(np.isfinite(yv) & (yv <= 0)):
+        raise ValueError("lrs must be > 0 (NaN marks a missing measurement and is dropped)")
+    keep = np.isfinite(yv)
     if max_batch is not None:
         keep &= x <= as_float("max_batch", max_batch, positive=True)
     x, yv = np.log(x[keep]), np.log(yv[keep])

@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from rmt._validation import as_float, as_int
+from rmt._validation import as_float, as_int, as_seed
 from .jsonl_store import JsonlStore
 
 __all__ = ["TrialResult", "run_trial", "bisect_max_lr", "BisectionResult", "lr_sweep",
@@ -100,6 +100,22 @@ def _full_loss(model, loss_fn, X, y, chunk=4096):
         return tot / len(X)
 
 
+def _check_trial_inputs(dataset, state_dict):
+    """Refuse empty data and NaN/inf in data or checkpoint before any training step
+    (otherwise every trial looks 'diverged' and bisection halves down to nonsense)."""
+    from .data import check_dataset
+
+    if not (isinstance(dataset, (tuple, list)) and len(dataset) == 2):
+        raise TypeError("dataset must be a pair (X, y) of tensors")
+    X, y = check_dataset(*dataset, name="dataset")
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
+    for k, v in state_dict.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all():
+            raise ValueError(f"state_dict entry {k!r} contains NaN or inf")
+    return X, y
+
+
 def run_trial(model, loss_fn, dataset, state_dict, lr, batch_size, steps, optimizer="sgd",
               momentum=0.0, betas=(0.9, 0.999), eps=1e-8, seed=0, replacement=False,
               criterion=None, window=0.5, growth_threshold=None, n_loss_evals=20,
@@ -114,7 +130,7 @@ def run_trial(model, loss_fn, dataset, state_dict, lr, batch_size, steps, optimi
     criterion "loss" compares the window-averaged full-data loss with
     `loss_factor` × the loss at w_0 (module docstring; default factor 1).
     """
-    X, y = dataset
+    X, y = _check_trial_inputs(dataset, state_dict)
     N = len(X)
     lr = as_float("lr", lr, positive=True)
     B = as_int("batch_size", batch_size, minimum=1)
@@ -267,7 +283,8 @@ def lr_sweep(model, loss_fn, dataset, state_dict, batch_sizes, seeds=(0,), steps
     if store is not None and not isinstance(store, JsonlStore):
         store = JsonlStore(store)
     bs = [as_int("batch_sizes", b, minimum=1) for b in np.atleast_1d(batch_sizes)]
-    seeds = tuple(int(s) for s in seeds)
+    seeds = tuple(as_seed("seeds", s) for s in np.atleast_1d(seeds).tolist())
+    _check_trial_inputs(dataset, state_dict)
     out = {k: np.full((len(bs), len(seeds)), np.nan) for k in ("alpha", "lo", "hi")}
     keys = []
     for i, B in enumerate(bs):

@@ -100,7 +100,7 @@ def test_bad_input():
 
 
 # ------------------------------------------------------------------------------------
-# Issue acceptance: digits MLP, directional vs isotropic prediction of λ'_1(B)
+# Issue acceptance: digits MLP, directional vs isotropic (and subspace) prediction of λ'_1(B)
 
 BATCHES = [8, 32, 128, 512]
 
@@ -109,7 +109,10 @@ BATCHES = [8, 32, 128, 512]
 def digits_curves():
     from nets.training import trained_digits_mlp
     model, (X, y) = trained_digits_mlp(seed=0)
-    pred = predict_batch_top_eigenvalue(model, CE, (X, y), BATCHES, seed=0, num_probes=10)
+    # subspace_k="auto": k = number of outputs (10 classes), the rule fixed in
+    # nets.subspace_noise.default_subspace_dim before looking at any result
+    pred = predict_batch_top_eigenvalue(model, CE, (X, y), BATCHES, seed=0, num_probes=10,
+                                        subspace_k="auto")
     meas = measure_batch_top_eigenvalue(model, CE, (X, y), BATCHES, n_batches=80, seed=1)
     return pred, meas
 
@@ -138,4 +141,37 @@ def test_digits_directional_prediction_tracks_measurement(digits_curves):
 def test_digits_directional_within_20_percent_at_every_B(digits_curves):
     pred, meas = digits_curves
     ratio = pred["directional"] / meas["mean"]
+    assert np.all(np.abs(ratio - 1) < 0.2), ratio
+
+
+@pytest.mark.slow
+def test_digits_subspace_prediction(digits_curves):
+    """Quasi-degenerate (Löwdin, top-k eigenspace, k = 10 outputs) form, nets.subspace_noise.
+    Measured (n_batches=80): ratio subspace/measured ≈ 0.80, 0.74, 0.85, 1.02 at
+    B = 8, 32, 128, 512 — it does not close the B = 32 gap (see the xfail below)."""
+    pred, meas = digits_curves
+    assert pred["subspace_k"] == 10
+    lams = pred["subspace_lams"]
+    assert lams[0] == pytest.approx(pred["lam"], rel=1e-6)       # float32 products
+    assert lams[1] > 0.8 * lams[0]                          # quasi-degenerate top
+    ratio = pred["subspace"] / meas["mean"]
+    # Monte-Carlo error of the k×k resampling is negligible against the measurement's
+    assert np.all(pred["subspace_stderr"] < 0.25 * meas["stderr"])
+    assert abs(ratio[-1] - 1) < 0.2, ratio
+    assert np.all(np.abs(ratio - 1) < 0.35), ratio
+    # at the intermediate B = 32, 128 (around the critical batch size s_u²/λ² ≈ 90) it
+    # underpredicts, like the directional form (measurement > prediction + 2 stderr)
+    mid = np.isin(pred["batch_sizes"], [32, 128])
+    assert np.all((meas["mean"] - pred["subspace"])[mid] > 2 * meas["stderr"][mid]), ratio
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="the quasi-degenerate subspace form (k = 10) is also "
+                   "> 20 % low at B = 32 (ratio ≈ 0.74): the missing shift comes from the "
+                   "complement, (z − Q H_B Q)⁻¹ ≠ 1/z when c·s²/λ² ≫ 1, not from near-"
+                   "degeneracy of the top outliers (moving more complement directions into the exact "
+                   "block closes it: k = 64 gives 0.89, k = 100 gives 0.94; k = P is exact)")
+def test_digits_subspace_within_20_percent_at_every_B(digits_curves):
+    pred, meas = digits_curves
+    ratio = pred["subspace"] / meas["mean"]
     assert np.all(np.abs(ratio - 1) < 0.2), ratio

@@ -95,3 +95,36 @@ def test_adam_loss_criterion_and_bad_inputs():
         run_trial(model, loss, data, model.state_dict(), 0.1, 8, 100, optimizer="lbfgs")
     with pytest.raises(ValueError, match="lr"):
         run_trial(model, loss, data, model.state_dict(), -0.1, 8, 100)
+
+
+def test_lr_sweep_refuses_bad_data_state_and_seeds():
+    import pytest as _pytest
+    import torch as _torch
+    from nets.lr_search import lr_sweep, run_trial
+
+    model = _torch.nn.Linear(3, 1)
+    X, y = _torch.randn(10, 3), _torch.randn(10, 1)
+    sd = model.state_dict()
+    mse = _torch.nn.functional.mse_loss
+    Xbad = X.clone(); Xbad[2, 1] = float("nan")
+    with _pytest.raises(ValueError, match="NaN"):
+        run_trial(model, mse, (Xbad, y), sd, 0.1, 4, 10)
+    sdbad = {k: v.clone() for k, v in sd.items()}; sdbad["weight"][0, 0] = float("inf")
+    with _pytest.raises(ValueError, match="weight"):
+        lr_sweep(model, mse, (X, y), sdbad, [2], steps=10)
+    with _pytest.raises(ValueError, match="empty"):
+        run_trial(model, mse, (X[:0], y[:0]), sd, 0.1, 1, 10)
+    with _pytest.raises(TypeError, match="seeds"):
+        lr_sweep(model, mse, (X, y), sd, [2], seeds=(0.7,), steps=10)
+    with _pytest.raises(TypeError, match="seeds"):
+        lr_sweep(model, mse, (X, y), sd, [2], seeds=("a",), steps=10)
+
+
+def test_fit_scaling_exponent_refuses_non_positive_lr():
+    import pytest as _pytest
+    from nets.lr_prediction import fit_scaling_exponent
+
+    with _pytest.raises(ValueError, match="lrs"):
+        fit_scaling_exponent([1, 2, 4], [0.1, -0.2, 0.4])
+    fit = fit_scaling_exponent([1, 2, 4, 8], [0.1, float("nan"), 0.4, 0.8])
+    assert abs(fit.exponent - 1) < 1e-12

@@ -1,0 +1,289 @@
+"""Quasi-degenerate (subspace) form of the batch top eigenvalue λ'_1(B) (THEORY.md §3 [ext]).
+
+The directional form λ' = λ + c·s_u²/λ is second-order perturbation theory with every
+denominator λ_1 − λ_j replaced by λ_1 (the rest of the spectrum at 0). When other
+outliers lie close to λ_1 (digits MLP: λ1 ≈ 0.27, λ2 ≈ 0.23) that replacement fails.
+The standard fix is Löwdin partitioning onto the top-k eigenspace U (P×k, H U = U Λ_k,
+Q = I − U Uᵀ). For the batch Hessian H_B = H + ε, z is an eigenvalue of H_B iff it is
+an eigenvalue of the k×k matrix (exact, Schur complement / Brillouin–Wigner)
+
+    M_B(z) = Λ_k + Uᵀ ε U + Uᵀ ε Q (z − Q H_B Q)⁻¹ Q ε U.
+
+Approximations made here (and only these):
+1. the complement is at 0, (z − Q H_B Q)⁻¹ → 1/z (the same approximation as the
+   directional form, now only for the directions outside U);
+2. the complement second moment is replaced by its batch mean,
+   Uᵀ ε Q ε U → E[Uᵀ ε Q ε U] = c(B,N)·D,   D = (1/(N−1)) Σ_i R_iᵀ R_i,
+   R_i = Q (H_i − H) U (exact for the mean over batches drawn without replacement,
+   THEORY.md §1, with c = `rmt.batch_noise_factor(B, N, replacement)`).
+The in-subspace part a_B = Uᵀ ε U = (1/B) Σ_{i∈S} a_i, a_i = Uᵀ (H_i − H) U, is kept
+exactly: batches are resampled from the N stored k×k projections ("resample", no
+P-dimensional eigensolves), or drawn from the Gaussian with the same covariance,
+a_B = √(c/(N−1)) Σ_i g_i a_i, g_i ~ N(0, 1) ("gaussian"). Then
+
+    λ'_1(B) ≈ E_S[z_S],   z_S = λ_max(Λ_k + a_S + c·D/λ_1)      (self_consistent=False)
+                          z_S = λ_max(Λ_k + a_S + c·D/z_S)      (self_consistent=True)
+
+The default evaluates the complement resolvent at z = λ_1 (Rayleigh–Schrödinger), as the
+directional form does. Reason: for a spike θ on a semicircular complement of variance v
+the exact complement term is v·G(z) with G the semicircle resolvent, and at the BBP
+outlier G(z*) = 1/θ, so "1/z at z = λ_1" is exact there (z* = θ + v/θ), whereas the
+self-consistent 1/z* gives (θ + √(θ² + 4v))/2 < θ + v/θ: it drops the complement's own
+noise bulk, which makes (z − Q H_B Q)⁻¹ larger than 1/z. The self-consistent
+(Brillouin–Wigner) variant is kept for comparison: z ↦ λ_max(A + cD/z) is
+non-increasing for z > 0 (D is PSD), so z − λ_max(A + cD/z) is increasing, the root
+z > 0 is unique, and it is found by bisection.
+
+Limits (tested). k = P: Q = 0, D = 0 and Λ_k + a_S = Uᵀ H_S U, so z_S is exactly the top
+eigenvalue of the batch Hessian on the same batch. k = 1, self_consistent=False: the
+1×1 model is linear in a_S (mean 0), so λ'_1 = λ + c·D/λ exactly, with
+D = s_u² − σ_uu², s_u² the directional noise of `nets.noise` and σ_uu² =
+(1/(N−1)) Σ_i (uᵀ(H_i − H)u)² (the exact split ‖(H_i−H)u‖² = (uᵀ(H_i−H)u)² +
+‖Q(H_i−H)u‖²). The THEORY directional form λ + c·s_u²/λ is this plus c·σ_uu²/λ: the
+diagonal second-order term that vanishes (O(1/P)) for Wigner noise but is not part of
+second-order perturbation theory (it is cancelled by the a_S/z expansion). So at k = 1
+the subspace form is the directional form with s_u² replaced by its complement part
+s_u² − σ_uu²; `directional_s2` reports both pieces so the two are comparable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from rmt._validation import as_int, as_rng
+from rmt.sampling import batch_noise_factor
+
+from .lanczos import eigsh
+from .operators import ModelCurvatureOperator, curvature_operator
+
+__all__ = ["SubspaceNoise", "subspace_noise_from_operator", "subspace_noise",
+           "subspace_batch_top_eigenvalue", "default_subspace_dim"]
+
+
+@dataclass(frozen=True)
+class SubspaceNoise:
+    """Per-sample curvature statistics on a k-dimensional subspace U.
+
+    lam : (k,) Rayleigh quotients diag(Uᵀ H U) (the eigenvalues Λ_k when U holds
+    eigenvectors), in the order of U's columns; H_U : (k, k) Uᵀ H U (symmetrised);
+    a : (N, k, k) a_i = Uᵀ (H_i − H) U (symmetrised, Σ_i a_i = 0 up to round-off);
+    D : (k, k) complement noise (1/(N−1)) Σ_i R_iᵀ R_i, R_i = Q (H_i − H) U;
+    S : (k, k) in-subspace noise (1/(N−1)) Σ_i a_i a_i. The directional noise along
+    column j is s²_j = S_jj + D_jj (`directional_s2`). N, P, k; vectors : (P, k) U."""
+
+    lam: np.ndarray
+    H_U: np.ndarray
+    a: np.ndarray
+    D: np.ndarray
+    S: np.ndarray
+    N: int
+    P: int
+    k: int
+    vectors: torch.Tensor
+
+    def restrict(self, k: int) -> "SubspaceNoise":
+        """The statistics for the span of the first k columns of U (exact: the
+        complement of the smaller span gains the dropped in-subspace rows,
+        D_k = (S + D)[:k, :k] − (1/(N−1)) Σ_i a_i[:k, :k]²)."""
+        k = as_int("k", k, minimum=1)
+        if k > self.k:
+            raise ValueError(f"k must be <= {self.k}, got {k}")
+        a = self.a[:, :k, :k]
+        S = np.einsum("nij,njl->il", a, a) / (self.N - 1)
+        D = (self.S + self.D)[:k, :k] - S
+        return SubspaceNoise(lam=self.lam[:k].copy(), H_U=self.H_U[:k, :k].copy(), a=a.copy(),
+                             D=0.5 * (D + D.T), S=0.5 * (S + S.T), N=self.N, P=self.P, k=k,
+                             vectors=self.vectors[:, :k])
+
+    @property
+    def directional_s2(self) -> np.ndarray:
+        """s_u² = (1/(N−1)) Σ_i ‖(H_i − H)u_j‖² for each column u_j of U."""
+        return np.diag(self.S) + np.diag(self.D)
+
+
+def default_subspace_dim(model, dataset, P: int) -> int:
+    """The fixed rule for k: the number of model outputs C (the class outliers of
+    cross-entropy Hessians, Papyan 2019/2020), capped at P. One forward pass on one sample."""
+    X = dataset[0]
+    with torch.no_grad():
+        was = model.training
+        model.eval()
+        try:
+            out = model(X[:1])
+        finally:
+            model.train(was)
+    C = int(out.reshape(1, -1).shape[1])
+    return max(1, min(C, P))
+
+
+def _orthonormal(U, P: int, device) -> torch.Tensor:
+    if isinstance(U, np.ndarray):
+        U = torch.from_numpy(np.asarray(U, dtype=np.float64))
+    if not isinstance(U, torch.Tensor) or not U.is_floating_point():
+        raise TypeError("U must be a floating torch.Tensor or numpy array")
+    U = U.detach().to(device=device, dtype=torch.float64)
+    if U.ndim == 1:
+        U = U[:, None]
+    if U.ndim != 2 or U.shape[0] != P or U.shape[1] < 1 or U.shape[1] > P:
+        raise ValueError(f"U must have shape (P={P}, k) with 1 <= k <= P, got {tuple(U.shape)}")
+    if not bool(torch.isfinite(U).all()):
+        raise ValueError("U contains NaN or inf")
+    err = torch.linalg.matrix_norm(U.T @ U - torch.eye(U.shape[1], dtype=U.dtype, device=device))
+    if float(err) > 1e-6:
+        raise ValueError(f"U must have orthonormal columns (‖UᵀU − I‖ = {float(err):.2e})")
+    return U
+
+
+def subspace_noise_from_operator(op: ModelCurvatureOperator, U, chunk_size=None) -> SubspaceNoise:
+    """Per-sample projections a_i = Uᵀ(H_i − H)U and complement noise D (module docstring)
+    for the data and curvature kind held by `op`. One per-sample pass of k curvature
+    products each (vmapped over samples in chunks; memory chunk × P × k)."""
+    if not isinstance(op, ModelCurvatureOperator):
+        raise TypeError("op must be a ModelCurvatureOperator (from nets.operators)")
+    if op.policy == "train_batch_stats":
+        raise ValueError("per-sample curvature noise is undefined with policy='train_batch_stats'")
+    U = _orthonormal(U, op.P, op.device)
+    P, k = U.shape
+    X, Y = op.batches_full_tensors()
+    N = X.shape[0]
+    if N < 2:
+        raise ValueError("need at least 2 samples")
+    Uo = U.to(op.dtype)
+    chunk = (max(1, min(N, 256, (1 << 24) // max(P * k, 1))) if chunk_size is None
+             else as_int("chunk_size", chunk_size, minimum=1))
+    HU = op.matmat(Uo).to(torch.float64)                                   # (P, k)
+    a_list, D = [], torch.zeros(k, k, dtype=torch.float64, device=U.device)
+    for s in range(0, N, chunk):
+        Xg, Yg = X[s:s + chunk, None], Y[s:s + chunk, None]                 # groups of 1
+        Dl = op.group_products(Xg, Yg, Uo).to(torch.float64) - HU          # (g, P, k)
+        a = U.T @ Dl                                                       # (g, k, k)
+        R = Dl - U @ a                                                     # Q (H_i − H) U
+        D += torch.einsum("gpi,gpj->ij", R, R)
+        a_list.append(0.5 * (a + a.transpose(1, 2)))
+    a = torch.cat(a_list).cpu().numpy()
+    D = D.cpu().numpy() / (N - 1)
+    S = np.einsum("nij,njl->il", a, a) / (N - 1)
+    H_U = (U.T @ HU).cpu().numpy()
+    H_U = 0.5 * (H_U + H_U.T)
+    return SubspaceNoise(lam=np.diag(H_U).copy(), H_U=H_U, a=a, D=0.5 * (D + D.T),
+                         S=0.5 * (S + S.T), N=int(N), P=int(P), k=int(k), vectors=U)
+
+
+def subspace_noise(model, loss_fn, dataset, k=None, kind="hessian", device=None, dtype=None,
+                   params=None, policy=None, seed=0, tol=1e-8, chunk_size=None) -> SubspaceNoise:
+    """Top-k eigenpairs of the full-data curvature (thick-restart Lanczos, `seed`, `tol`)
+    and the per-sample statistics on their span. k=None: `default_subspace_dim`."""
+    op = curvature_operator(model, loss_fn, dataset, kind=kind, params=params, device=device,
+                            dtype=dtype, policy=policy)
+    k = default_subspace_dim(model, dataset, op.P) if k is None else as_int("k", k, minimum=1)
+    if k > op.P:
+        raise ValueError(f"k must be <= P={op.P}, got {k}")
+    top = eigsh(op, k=k, which="LA", tol=tol, seed=seed)
+    return subspace_noise_from_operator(op, top.vectors, chunk_size=chunk_size)
+
+
+def _top_self_consistent(A: np.ndarray, cD: np.ndarray, z0: float, iters: int = 80) -> np.ndarray:
+    """Root z > 0 of z = λ_max(A_b + cD/z) for each b (A: (n, k, k)); bisection on the
+    increasing function z − λ_max(A_b + cD/z)."""
+    lo_A = np.linalg.eigvalsh(A)[:, -1]
+    dmax = max(float(np.linalg.eigvalsh(cD)[-1]), 0.0)
+    if dmax == 0.0:
+        return lo_A
+    # the root exceeds max(lo_A, 0) and, writing m = max(lo_A, z0, tiny), is at most
+    # m + dmax/m (since λ_max(A + cD/z) ≤ lo_A + dmax/z)
+    lo = np.where(lo_A > 0, lo_A, np.sqrt(dmax) * 1e-8)
+    m = np.maximum(np.maximum(lo_A, z0), np.sqrt(dmax))
+    hi = m + dmax / m
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        f = np.linalg.eigvalsh(A + cD[None] / mid[:, None, None])[:, -1]
+        up = mid - f < 0
+        lo = np.where(up, mid, lo)
+        hi = np.where(up, hi, mid)
+    return 0.5 * (lo + hi)
+
+
+def subspace_batch_top_eigenvalue(noise: SubspaceNoise, batch_sizes, n_batches=2000,
+                                  method="resample", self_consistent=False, replacement=False,
+                                  seed=0, indices=None) -> dict:
+    """E_S λ_max of the k×k batch model (module docstring) for each batch size.
+
+    method : "resample" (a_S = mean of the stored a_i over a uniformly random batch S,
+        without replacement unless `replacement`) or "gaussian" (a_S Gaussian with the
+        same covariance c·(1/(N−1))Σ a_i⊗a_i). Randomness from
+        `numpy.random.default_rng(seed)` (or a Generator).
+    self_consistent : complement term c·D/z solved per batch (True) or c·D/λ_1 (False,
+        default; module docstring).
+    indices : optional list (one per batch size) of (n, B) sample-index arrays (e.g.
+        `measure_batch_top_eigenvalue(...)["indices"]`): evaluate on exactly those batches
+        (method "resample" only).
+    Returns {"mean", "stderr" (Monte-Carlo, over batches), "values" (per B), "c",
+    "batch_sizes", "k", "self_consistent", "method"}.
+    """
+    if not isinstance(noise, SubspaceNoise):
+        raise TypeError("noise must be a SubspaceNoise")
+    if method not in ("resample", "gaussian"):
+        raise ValueError(f"method must be 'resample' or 'gaussian', got {method!r}")
+    for name, v in (("self_consistent", self_consistent), ("replacement", replacement)):
+        if not isinstance(v, bool):
+            raise TypeError(f"{name} must be a bool")
+    n_batches = as_int("n_batches", n_batches, minimum=1)
+    rng = as_rng(seed)
+    Bs = np.atleast_1d(np.asarray(batch_sizes))
+    if Bs.ndim != 1 or Bs.size == 0:
+        raise ValueError("batch_sizes must be a non-empty 1-d list of integers")
+    Bs = np.array([as_int("batch_sizes", b, minimum=1) for b in Bs.tolist()], dtype=np.int64)
+    N, k = noise.N, noise.k
+    if not replacement and np.any(Bs > N):
+        raise ValueError(f"batch_sizes must be <= N={N} when drawing without replacement")
+    if indices is not None:
+        if method != "resample":
+            raise ValueError("indices need method='resample'")
+        if len(indices) != len(Bs):
+            raise ValueError("indices must hold one (n, B) array per batch size")
+    a_flat = noise.a.reshape(N, k * k)
+    lam1 = float(np.linalg.eigvalsh(noise.H_U)[-1])
+    if self_consistent is False and not lam1 > 0:
+        raise ValueError(f"the top eigenvalue {lam1:.3g} must be positive")
+    means, ses, values, cs = [], [], [], []
+    for j, B in enumerate(Bs):
+        B = int(B)
+        c = batch_noise_factor(B, N, replacement=replacement)
+        if indices is not None:
+            idx = np.asarray(indices[j])
+            if idx.ndim != 2 or idx.shape[1] != B:
+                raise ValueError(f"indices[{j}] must have shape (n, {B})")
+            aS = a_flat[idx].mean(axis=1)
+        elif method == "resample":
+            step = max(1, (1 << 22) // max(B * k * k, 1))
+            parts = []
+            for s in range(0, n_batches, step):
+                nb = min(step, n_batches - s)
+                if replacement:
+                    idx = rng.integers(0, N, size=(nb, B))
+                else:
+                    idx = np.argsort(rng.random((nb, N)), axis=1)[:, :B] if B > N // 4 else \
+                        np.stack([rng.choice(N, size=B, replace=False) for _ in range(nb)])
+                parts.append(a_flat[idx].mean(axis=1))
+            aS = np.concatenate(parts)
+        else:
+            g = rng.standard_normal((n_batches, N))
+            aS = math.sqrt(c / (N - 1)) * (g @ a_flat)
+        A = noise.H_U[None] + aS.reshape(-1, k, k)
+        A = 0.5 * (A + A.transpose(0, 2, 1))
+        cD = c * noise.D
+        if self_consistent:
+            z = _top_self_consistent(A, cD, lam1)
+        else:
+            z = np.linalg.eigvalsh(A + cD[None] / lam1)[:, -1]
+        values.append(z)
+        means.append(z.mean())
+        ses.append(z.std(ddof=1) / math.sqrt(len(z)) if len(z) > 1 else 0.0)
+        cs.append(c)
+    return {"mean": np.array(means), "stderr": np.array(ses), "values": values,
+            "c": np.array(cs), "batch_sizes": Bs, "k": k, "self_consistent": self_consistent,
+            "method": method}
