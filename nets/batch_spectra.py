@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from rmt._validation import as_int
+from rmt._validation import as_int, as_seed
 from rmt.sampling import batch_noise_factor
 
+from .jsonl_store import JsonlStore
 from .lanczos import eigsh
 from .noise import directional_noise_from_operator, isotropic_noise_from_operator
 from .operators import curvature_operator
@@ -47,8 +48,16 @@ def _batch_sizes(batch_sizes, N: int, replacement: bool) -> np.ndarray:
 
 def measure_batch_top_eigenvalue(model, loss_fn, dataset, batch_sizes, n_batches=10,
                                  kind="hessian", seed=0, device=None, dtype=None, params=None,
-                                 policy=None, replacement=False, tol=1e-8) -> dict:
+                                 policy=None, replacement=False, tol=1e-8, store=None,
+                                 tag="") -> dict:
     """Top eigenvalue of H_B (or G_B) over `n_batches` random batches per batch size.
+
+    The batches of size B are drawn from `numpy.random.default_rng([seed, B])`, so each
+    batch size's draws do not depend on which other sizes are measured. store: a
+    `nets.jsonl_store.JsonlStore` or a path (None: in memory only); each finished batch
+    size is written atomically under "{tag}|{kind}|B=..|n=..|seed=..|repl=..", and a
+    re-run after an interrupt reads it back instead of recomputing (bit-identical). A
+    store belongs to one model and data set: use `tag` to tell runs apart.
 
     Returns {"mean", "std" (ddof=1; 0 for one batch), "stderr", "values" (list of
     arrays, one per B), "converged" (list of bool arrays), "indices" (list of
@@ -63,17 +72,30 @@ def measure_batch_top_eigenvalue(model, loss_fn, dataset, batch_sizes, n_batches
     full = curvature_operator(model, loss_fn, dataset, kind=kind, params=params, device=device,
                               dtype=dtype, policy=policy)
     Bs = _batch_sizes(batch_sizes, full.N, replacement)
-    rng = np.random.default_rng(seed)
+    seed = as_seed("seed", seed)
+    if store is not None and not isinstance(store, JsonlStore):
+        store = JsonlStore(store)
     values, conv, indices = [], [], []
     for B in Bs:
-        vals, oks = np.empty(n_batches), np.empty(n_batches, dtype=bool)
-        idx_B = np.empty((n_batches, int(B)), dtype=np.int64)
-        for r in range(n_batches):
-            idx = idx_B[r] = rng.choice(full.N, size=int(B), replace=replacement)
-            op = full.subset(idx, cache_graph="auto")
-            res = eigsh(op, k=1, which="LA", tol=tol, seed=int(rng.integers(2**31)),
-                        return_vectors=False)
-            vals[r], oks[r] = res.values[0], res.converged[0]
+        key = f"{tag}|{kind}|B={int(B)}|n={n_batches}|seed={seed}|repl={replacement}"
+        if store is not None and key in store:
+            rec = store[key]
+            vals = np.asarray(rec["values"], dtype=float)
+            oks = np.asarray(rec["converged"], dtype=bool)
+            idx_B = np.asarray(rec["indices"], dtype=np.int64).reshape(n_batches, int(B))
+        else:
+            rng = np.random.default_rng([seed, int(B)])
+            vals, oks = np.empty(n_batches), np.empty(n_batches, dtype=bool)
+            idx_B = np.empty((n_batches, int(B)), dtype=np.int64)
+            for r in range(n_batches):
+                idx = idx_B[r] = rng.choice(full.N, size=int(B), replace=replacement)
+                op = full.subset(idx, cache_graph="auto")
+                res = eigsh(op, k=1, which="LA", tol=tol, seed=int(rng.integers(2**31)),
+                            return_vectors=False)
+                vals[r], oks[r] = res.values[0], res.converged[0]
+            if store is not None:
+                store.put(key, {"values": [float(v) for v in vals],
+                                "converged": [bool(o) for o in oks], "indices": idx_B})
         values.append(vals)
         conv.append(oks)
         indices.append(idx_B)
