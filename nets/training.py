@@ -16,7 +16,6 @@ import copy
 import functools
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from torch import nn
 
 from rmt._validation import as_float, as_int
 
+from .atomic import atomic_write
 from .data import check_dataset, load_digits
 from .models import MLP
 
@@ -288,20 +288,7 @@ def save_checkpoint(model: nn.Module, path) -> Path:
     """Write `model.state_dict()` with `torch.save`, atomically (temp file + rename)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    path = Path(os.fspath(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(model.state_dict(), fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda fh: torch.save(model.state_dict(), fh))
 
 
 def load_checkpoint(model: nn.Module, path, map_location="cpu", strict: bool = True) -> nn.Module:

@@ -1,0 +1,31 @@
+"""Atomic file replacement: readers see either the old file or the whole new one.
+
+The new content is written to a temporary file in the same folder, flushed and
+fsync'ed, then moved over the target with `os.replace` (atomic on POSIX and Windows);
+on any error the temporary file is removed and the target is left as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, IO
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], binary: bool = True) -> Path:
+    """Call `write(fh)` on a temporary file and atomically move it to `path`."""
+    path = Path(os.fspath(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
