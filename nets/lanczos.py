@@ -19,7 +19,7 @@ space spanned by q_1's spectral components, each distinct eigenvalue once).
 `eigsh(op, k, which)` finds extremal eigenpairs with a thick-restart (Krylov–Schur)
 Lanczos method with full reorthogonalisation: the Krylov basis grows to `krylov_dim`,
 then is compressed to the best Ritz vectors plus the residual vector and grown again,
-until the k wanted pairs satisfy ‖A y − θ y‖ ≤ max(tol·|θ|, 100·eps·‖A‖) (eps of the
+until the k wanted pairs satisfy ‖A y − θ y‖ ≤ max(tol·|θ|, min(100·eps, 0.02)·‖A‖) (eps of the
 operator's dtype: the attainable floor). On an invariant subspace it continues with a
 fresh random vector orthogonal to the basis.
 """
@@ -122,6 +122,21 @@ def _op_eps(op) -> float:
     return float(torch.finfo(dt).eps)
 
 
+def _breakdown_eps(op) -> float:
+    """Unit round-off used in the invariant-subspace test: the operator's, but never
+    coarser than float32's. With bfloat16/float16 products (eps ≈ 1e-2..1e-3) the
+    product noise keeps β far above 10·eps32·√P·‖A‖, whereas the operator's own eps
+    made 10·eps·√P exceed 1 and stopped every run after one step (false breakdown)."""
+    return min(_op_eps(op), float(torch.finfo(torch.float32).eps))
+
+
+def _convergence_floor(op) -> float:
+    """Relative residual below which a Ritz pair counts as converged whatever `tol`
+    asks: 100·eps of the products, capped at 2 % of ‖A‖ so that low-precision products
+    (bfloat16: 100·eps ≈ 0.8) cannot declare an unconverged pair converged."""
+    return min(100.0 * _op_eps(op), 0.02)
+
+
 def _apply(op, Q: torch.Tensor) -> torch.Tensor:
     """A applied to the rows of Q (k, P), returned in float64 (k, P)."""
     if Q.shape[0] == 1:
@@ -211,7 +226,7 @@ def lanczos_batch(op, num_steps, num_vectors=1, v0=None, seed=0, reorth: str = "
 
 def _breakdown_tol(op) -> float:
     """β below this × (running estimate of ‖A‖) means an invariant subspace."""
-    return 10.0 * _op_eps(op) * np.sqrt(op.P)
+    return 10.0 * _breakdown_eps(op) * np.sqrt(op.P)
 
 
 def _recurrence_single(op, q0: torch.Tensor, m: int, reorth: str):
@@ -341,7 +356,7 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-10, max_steps: int 
     max_mv = 50 * m if max_steps is None else as_int("max_steps", max_steps, minimum=1)
     rng = np.random.default_rng(as_seed("seed", seed))
     dev = _op_device(op)
-    eps = _op_eps(op)
+    bd_tol = _breakdown_tol(op)
 
     V = torch.zeros((m + 1, P), dtype=torch.float64, device=dev)
     if v0 is None:
@@ -373,7 +388,7 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-10, max_steps: int 
             if j + 1 == P:                      # the basis spans the whole space
                 size, beta_last = j + 1, 0.0
                 break
-            if beta <= 10.0 * eps * np.sqrt(P) * max(anorm, np.finfo(float).tiny):
+            if beta <= bd_tol * max(anorm, np.finfo(float).tiny):
                 # invariant subspace: exact Ritz values so far; continue with a fresh
                 # random direction orthogonal to the basis (zero coupling in T)
                 r = torch.from_numpy(rng.standard_normal(P)).to(dev)
@@ -390,7 +405,7 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-10, max_steps: int 
         resid = np.abs(beta_last * S[size - 1, :])
         order = _order(theta, which)
         want = order[:k]
-        floor = 100.0 * eps * anorm
+        floor = _convergence_floor(op) * anorm
         ok = resid[want] <= np.maximum(tol * np.abs(theta[want]), floor)
         if bool(ok.all()) or matvecs >= max_mv or size == P:
             break

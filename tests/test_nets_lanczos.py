@@ -159,3 +159,30 @@ def test_bad_arguments():
         lanczos(op, 3, v0=np.ones(4))
     with pytest.raises(TypeError, match="op"):
         lanczos(np.eye(5), 3)
+
+
+def test_low_precision_products_do_not_cause_false_breakdown():
+    """bfloat16 products: eps ≈ 8e-3, so a breakdown test scaled by the operator's eps
+    (10·eps·√P > 1) stopped after one step; the recurrence is float64 and must go on."""
+    import torch as _torch
+    from nets.lanczos import eigsh as _eigsh, lanczos as _lanczos
+    from nets.operators import CurvatureOperator as _Op
+
+    rng = np.random.default_rng(0)
+    P = 400
+    Qm, _ = np.linalg.qr(rng.standard_normal((P, P)))
+    evals = np.r_[10.0, 6.0, 3.0, rng.uniform(0, 1, P - 3)]
+    A = _torch.from_numpy((Qm * evals) @ Qm.T)
+
+    class _BF16(_Op):
+        def __init__(self):
+            super().__init__(P, _torch.bfloat16, "cpu")
+
+        def _matmat(self, V):
+            return (A.to(_torch.bfloat16) @ V.to(_torch.bfloat16))
+
+    res = _lanczos(_BF16(), 30, seed=0)
+    assert res.num_steps == 30 and not res.breakdown
+    assert abs(res.ritz_values[-1] - 10.0) / 10.0 < 0.02
+    top = _eigsh(_BF16(), k=2, seed=0, tol=1e-3, max_steps=400)
+    assert np.allclose(top.values, [10.0, 6.0], rtol=0.03), top.values
