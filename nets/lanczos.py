@@ -337,7 +337,7 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-10, max_steps: int 
         ≈ residual²/gap.
     max_steps : budget of operator products (default 50·krylov_dim); if exhausted the
         best pairs are returned with `converged` False where the target was missed.
-    krylov_dim : basis size before a restart (default min(P, max(2k + 20, 40))).
+    krylov_dim : basis size before a restart (default min(P, max(2k + 10, 20)), near ARPACK's 2k+1..20).
     seed : seeds the Gaussian start vector (and fresh vectors after an invariant
         subspace); v0 : optional start vector.
     """
@@ -349,7 +349,7 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-10, max_steps: int 
     if which not in ("LA", "SA", "LM"):
         raise ValueError(f"which must be 'LA', 'SA' or 'LM', got {which!r}")
     tol = as_float("tol", tol, positive=True)
-    m = min(P, max(2 * k + 20, 40)) if krylov_dim is None else as_int("krylov_dim", krylov_dim, minimum=1)
+    m = min(P, max(2 * k + 10, 20)) if krylov_dim is None else as_int("krylov_dim", krylov_dim, minimum=1)
     m = min(m, P)
     if m <= k and m < P:
         raise ValueError(f"krylov_dim must exceed k (got krylov_dim={m}, k={k})")
