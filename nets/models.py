@@ -280,7 +280,16 @@ class _WideBasic(nn.Module):
         return o + sc
 
 
-class WideResNet(nn.Module):
+class _PreActResidualNet(nn.Module):
+    """Shared trunk of the pre-activation residual networks: conv1 → stages → BN →
+    ReLU → global average pool → fc (subclasses build `conv1`, `stages`, `bn`, `fc`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o = torch.relu(self.bn(self.stages(self.conv1(x))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(o, 1), 1))
+
+
+class WideResNet(_PreActResidualNet):
     """Wide residual network WRN-depth-widen (Zagoruyko & Komodakis 2016), 32×32 input.
 
     conv3×3(3→16) · 3 stages of n = (depth−4)/6 wide blocks with 16k, 32k, 64k
@@ -319,10 +328,6 @@ class WideResNet(nn.Module):
             self.fc = nn.Linear(c, n_classes)
 
         _build(self, builder, seed)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        o = torch.relu(self.bn(self.stages(self.conv1(x))))
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(o, 1), 1))
 
 
 # -------------------------------------------------------------------------- PreResNet
@@ -367,7 +372,7 @@ class _PreBottleneck(nn.Module):
         return o + (x if self.downsample is None else self.downsample(x))
 
 
-class PreResNet(nn.Module):
+class PreResNet(_PreActResidualNet):
     """Pre-activation ResNet for 32×32 inputs (He et al. 2016, "Identity mappings"),
     laid out as in the SWA / curvature code used for the paper's learner runs.
 
@@ -412,10 +417,6 @@ class PreResNet(nn.Module):
             self.fc = nn.Linear(c, n_classes)
 
         _build(self, builder, seed)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        o = torch.relu(self.bn(self.stages(self.conv1(x))))
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(o, 1), 1))
 
 
 # ---------------------------------------------------------------------------- factory
