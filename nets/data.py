@@ -26,6 +26,8 @@ import torch
 
 from rmt._validation import as_float, as_int
 
+from .seeding import torch_generator
+
 __all__ = [
     "check_dataset",
     "load_digits",
@@ -73,14 +75,6 @@ def _check_dtype(dtype):
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     return dtype
-
-
-def _torch_generator(seed) -> torch.Generator:
-    if isinstance(seed, torch.Generator):
-        return seed
-    g = torch.Generator()
-    g.manual_seed(as_int("seed", seed, minimum=0))
-    return g
 
 
 # ----------------------------------------------------------------------------- digits
@@ -140,7 +134,7 @@ def gaussian_mixture(n: int, dim: int, n_classes: int = 2, separation: float = 3
     n_classes = as_int("n_classes", n_classes, minimum=2)
     separation = as_float("separation", separation, nonnegative=True)
     dtype = _check_dtype(dtype)
-    g = _torch_generator(seed)
+    g = torch_generator(seed)
     u = torch.randn(n_classes, dim, generator=g, dtype=torch.float64)
     means = separation * u / u.norm(dim=1, keepdim=True)
     y = torch.arange(n, dtype=torch.int64) % n_classes
@@ -164,7 +158,7 @@ def teacher_student_regression(n: int, dim: int, hidden: int = 16, noise: float 
     hidden = as_int("hidden", hidden, minimum=1)
     noise = as_float("noise", noise, nonnegative=True)
     dtype = _check_dtype(dtype)
-    g = _torch_generator(seed)
+    g = torch_generator(seed)
     W1 = torch.randn(hidden, dim, generator=g, dtype=torch.float64) / dim ** 0.5
     w2 = torch.randn(hidden, generator=g, dtype=torch.float64) / hidden ** 0.5
     X = torch.randn(n, dim, generator=g, dtype=torch.float64)
@@ -206,7 +200,7 @@ def spiked_covariance_regression(n: int, dim: int, spikes=(5.0,), noise: float =
         raise ValueError(f"spikes must all be > -1 (Σ positive definite), got {s.tolist()}")
     if s.size > dim:
         raise ValueError(f"spikes has {s.size} entries but dim is {dim}")
-    g = _torch_generator(seed)
+    g = torch_generator(seed)
     k = s.size
     if k:
         A = torch.randn(dim, k, generator=g, dtype=torch.float64)

@@ -229,6 +229,15 @@ def _breakdown_tol(op) -> float:
     return 10.0 * _breakdown_eps(op) * np.sqrt(op.P)
 
 
+def _cgs2(Qj: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthogonalise w against the orthonormal rows of Qj by classical Gram–Schmidt
+    twice (Kahan's "twice is enough"); returns (w ⟂ Qj, the total coefficients Qj·w)."""
+    h = Qj @ w
+    w = w - Qj.T @ h
+    h2 = Qj @ w
+    return w - Qj.T @ h2, h + h2
+
+
 def _recurrence_single(op, q0: torch.Tensor, m: int, reorth: str):
     """One Lanczos recurrence (lean path: ~10 tensor calls per step besides A·q)."""
     P = q0.shape[0]
@@ -241,12 +250,8 @@ def _recurrence_single(op, q0: torch.Tensor, m: int, reorth: str):
         q = Q[j]
         w = op.matvec(q).to(torch.float64)
         if reorth == "full":
-            Qj = Q[: j + 1]
-            h = Qj @ w                               # (α_j, β_{j−1}, ~0, ...) first pass
-            w = w - Qj.T @ h
-            h2 = Qj @ w                              # second pass (Kahan's "twice is enough")
-            w = w - Qj.T @ h2
-            a = float(h[j] + h2[j])
+            w, h = _cgs2(Q[: j + 1], w)              # h = (…, β_{j−1}, α_j)
+            a = float(h[j])
         else:
             a = float(torch.dot(w, q))
             w = w - a * q
@@ -394,11 +399,8 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-10, max_steps: int 
             w = op.matvec(V[j]).to(torch.float64)
             matvecs += 1
             Vj = V[: j + 1]
-            h = Vj @ w
-            w = w - Vj.T @ h
-            h2 = Vj @ w
-            w = w - Vj.T @ h2
-            h = (h + h2).cpu().numpy()
+            w, h = _cgs2(Vj, w)
+            h = h.cpu().numpy()
             T[: j + 1, j] = h
             T[j, : j + 1] = h
             beta = float(torch.linalg.vector_norm(w))

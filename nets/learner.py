@@ -39,7 +39,7 @@ settings with which the digits MLP and CNN trained without divergence over 5 see
      B (:func:`rmt.lr.rescale_curvature`, clipped rather than raising when the
      measurement is below the model minimum 2√(c s_u²)). s_u² is estimated on the
      same curvature batch: split it into n = B_c/b micro-batches of
-     `noise_micro_batch_size` = b samples, compute m_j = H_j u (one vmapped pass) and
+     `noise_micro_batch_size` = b samples, compute m_j = H_j u (one vmapped pass of `nets.noise`) and
 
          ŝ_u² = b/(n − 1) · Σ_j ‖m_j − m̄‖²,     m̄ = (1/n) Σ_j m_j = H_{B_c} u.
 
@@ -112,6 +112,7 @@ from rmt.lr import heavy_ball, rescale_curvature
 
 from .data import check_dataset
 from .lanczos import lanczos
+from .noise import directional_noise_from_operator
 from .operators import CurvatureOperator, _check_policy, curvature_operator
 from .params import ParamLayout
 
@@ -216,29 +217,21 @@ def micro_batch_directional_noise(op, u, micro_batch_size=1) -> float:
 
     `op` is a model curvature operator (:func:`nets.operators.curvature_operator`)
     holding the B_c curvature samples; H_j is the curvature of the mean loss over
-    micro-batch j (consecutive samples), m̄ the mean of the H_j u (= H_{B_c}u). The n
-    products run as one `torch.func.vmap` over micro-batches. Unbiased, for fixed u, for
-    the per-sample variance s_u² = (1/(N−1)) Σ_i ‖(H_i − H)u‖² of the population the
-    curvature batch was sampled from (module docstring, step 4); with b = 1 it is
-    exactly the sample variance of the per-sample products.
+    micro-batch j, m̄ the mean of the H_j u (= H_{B_c}u). This is
+    :func:`nets.noise.directional_noise_from_operator` (micro-batches: a random
+    partition seeded with 0, products vmapped over micro-batches) with the learner's
+    extra requirement that b divide B_c, so that every curvature sample is used.
+    Unbiased, for fixed u, for the per-sample variance s_u² = (1/(N−1)) Σ_i ‖(H_i − H)u‖²
+    of the population the curvature batch was sampled from (module docstring, step 4);
+    with b = 1 it is exactly the sample variance of the per-sample products.
     """
     b = as_int("micro_batch_size", micro_batch_size, minimum=1)
-    X, Y = op.batches_full_tensors()
-    Bc = X.shape[0]
+    Bc = op.N
     if Bc % b:
         raise ValueError(f"micro_batch_size={b} must divide the curvature batch size {Bc}")
-    n = Bc // b
-    if n < 2:
-        raise ValueError(f"need at least 2 micro-batches, got B_c/micro_batch_size = {n}")
-    u = torch.as_tensor(u).to(device=op.device, dtype=op.dtype).reshape(-1)
-    if u.numel() != op.P:
-        raise ValueError(f"u must have length P={op.P}, got {u.numel()}")
-    Xs = X.reshape((n, b) + tuple(X.shape[1:]))
-    Ys = Y.reshape((n, b) + tuple(Y.shape[1:]))
-    M = torch.func.vmap(lambda x, y: op.batch_product(x, y, u))(Xs, Ys).to(torch.float64)
-    dev = M - M.mean(dim=0, keepdim=True)
-    op.num_matvecs += n
-    return float(b * (dev * dev).sum() / (n - 1))
+    if Bc // b < 2:
+        raise ValueError(f"need at least 2 micro-batches, got B_c/micro_batch_size = {Bc // b}")
+    return directional_noise_from_operator(op, u, micro_batch=b, seed=0).s2
 
 
 class _RecordingOperator(CurvatureOperator):

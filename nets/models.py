@@ -25,6 +25,8 @@ from torch import nn
 
 from rmt._validation import as_float, as_int
 
+from .seeding import torch_generator
+
 __all__ = [
     "MLP",
     "LogisticRegression",
@@ -50,14 +52,6 @@ def _activation(name: str) -> Callable[[], nn.Module]:
     return _ACTIVATIONS[name.lower()]
 
 
-def _generator(seed) -> torch.Generator:
-    if isinstance(seed, torch.Generator):
-        return seed
-    g = torch.Generator()
-    g.manual_seed(as_int("seed", seed, minimum=0))
-    return g
-
-
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
     """Number of scalar parameters (only those with `requires_grad` by default)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
@@ -73,7 +67,7 @@ def init_parameters(model: nn.Module, seed=0) -> nn.Module:
     running statistics reset. Parameters are drawn on CPU and copied, so the numbers
     do not depend on the device.
     """
-    g = _generator(seed)
+    g = torch_generator(seed)
     for m in model.modules():
         if isinstance(m, nn.Linear):
             bound = 1.0 / math.sqrt(m.in_features)

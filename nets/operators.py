@@ -179,18 +179,7 @@ class LinearCombinationOperator(CurvatureOperator):
         self.coefficients = [float(c) for c in coefficients]
 
     def _matmat(self, V):
-        out = None
-        for c, op in zip(self.coefficients, self.operators):
-            term = op.matmat(V) * c
-            out = term if out is None else out + term
-        return out
-
-    def _matvec(self, v):
-        out = None
-        for c, op in zip(self.coefficients, self.operators):
-            term = op.matvec(v) * c
-            out = term if out is None else out + term
-        return out
+        return sum(op.matmat(V) * c for c, op in zip(self.coefficients, self.operators))
 
 
 def fluctuation_operator(batch_op: CurvatureOperator, full_op: CurvatureOperator) -> CurvatureOperator:

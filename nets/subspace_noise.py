@@ -58,6 +58,7 @@ from rmt._validation import as_int, as_rng
 from rmt.sampling import batch_noise_factor
 
 from .lanczos import eigsh
+from .noise import _check_noise_op
 from .operators import ModelCurvatureOperator, curvature_operator
 
 __all__ = ["SubspaceNoise", "subspace_noise_from_operator", "subspace_noise",
@@ -142,10 +143,7 @@ def subspace_noise_from_operator(op: ModelCurvatureOperator, U, chunk_size=None)
     """Per-sample projections a_i = Uᵀ(H_i − H)U and complement noise D (module docstring)
     for the data and curvature kind held by `op`. One per-sample pass of k curvature
     products each (vmapped over samples in chunks; memory chunk × P × k)."""
-    if not isinstance(op, ModelCurvatureOperator):
-        raise TypeError("op must be a ModelCurvatureOperator (from nets.operators)")
-    if op.policy == "train_batch_stats":
-        raise ValueError("per-sample curvature noise is undefined with policy='train_batch_stats'")
+    _check_noise_op(op)
     U = _orthonormal(U, op.P, op.device)
     P, k = U.shape
     X, Y = op.batches_full_tensors()

@@ -346,7 +346,7 @@ def derive_critical_batch_size() -> Derivation:
     for N = ∞, and ``B*_N = 1/(λ²/s² + 1/N)`` (= ``B*N/(B* + N)``) for finite N.
     """
     d = derive_lr_laws()
-    B, N, lam, rho = d.symbols["B"], d.symbols["N"], d.symbols["lam"], d.symbols["rho"]
+    B, rho = d.symbols["B"], d.symbols["rho"]
     sat = d.exprs["sgd_at_N"].subs(rho, 0)
     b_inf = _single(sp.solve(sp.Eq(d.exprs["sgd_inf"].subs(rho, 0), sat / 2), B), "B* (N=inf)")
     b_fin = _single(sp.solve(sp.Eq(d.exprs["sgd"].subs(rho, 0), sat / 2), B), "B* (finite N)")

@@ -11,7 +11,7 @@ from nets.gradient_noise import gradient_noise, per_sample_gradients
 from nets.least_squares import (digits_feature_regression, lr_study, naive_batch_lr,
                                 spiked_regression)
 from nets.lr_prediction import fit_scaling_exponent, lr_table
-from nets.stability import ms_stability_threshold, ms_threshold_curve
+from nets.stability import ms_stability_threshold
 
 
 # ----------------------------------------------------------------- gradient noise

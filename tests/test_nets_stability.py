@@ -16,7 +16,7 @@ from scipy.optimize import brentq
 import rmt
 from nets.least_squares import spiked_regression, spike_for_critical_batch
 from nets.stability import (PerSampleHessians, ms_spectral_radius, ms_stability_threshold,
-                            second_moment_operator, ms_threshold_curve)
+                            second_moment_operator)
 
 
 def _tiny(seed=0, N=6, d=3):
