@@ -18,13 +18,18 @@ second-order perturbation / large-P statements: they need λ to be a separated o
 Optionally (`subspace_k`), the quasi-degenerate subspace form of `nets.subspace_noise`:
 Löwdin partitioning onto the top-k eigenspace, λ'(B) ≈ E_S λ_max(Λ_k + a_S + c·D/λ_1)
 with the in-subspace fluctuation a_S resampled exactly from per-sample k×k projections.
+
+Optionally (`resolve_samples`), the sample-resolved form of `nets.resolved_noise`: the
+same subspace model, plus each sample in the batch whose own curvature spike γ_i/B
+exceeds λ_1 kept exactly as a rank-one term. Per-sample curvatures of trained networks
+are heavy-tailed, and at small B such samples, not the average noise, set λ'_1(B).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from rmt._validation import as_int, as_seed
+from rmt._validation import as_batch_sizes, as_int, as_seed
 from rmt.sampling import batch_noise_factor
 
 from .jsonl_store import JsonlStore
@@ -33,17 +38,6 @@ from .noise import directional_noise_from_operator, isotropic_noise_from_operato
 from .operators import curvature_operator
 
 __all__ = ["measure_batch_top_eigenvalue", "predict_batch_top_eigenvalue"]
-
-
-def _batch_sizes(batch_sizes, N: int, replacement: bool) -> np.ndarray:
-    arr = np.atleast_1d(np.asarray(batch_sizes))
-    if arr.size == 0 or arr.ndim != 1:
-        raise ValueError("batch_sizes must be a non-empty 1-d list of integers")
-    out = np.array([as_int("batch_sizes", b, minimum=1) for b in arr.tolist()], dtype=np.int64)
-    if not replacement and np.any(out > N):
-        raise ValueError(f"batch_sizes must be <= N={N} when drawing without replacement, "
-                         f"got {out.tolist()}")
-    return out
 
 
 def measure_batch_top_eigenvalue(model, loss_fn, dataset, batch_sizes, n_batches=10,
@@ -71,7 +65,7 @@ def measure_batch_top_eigenvalue(model, loss_fn, dataset, batch_sizes, n_batches
         raise TypeError("replacement must be a bool")
     full = curvature_operator(model, loss_fn, dataset, kind=kind, params=params, device=device,
                               dtype=dtype, policy=policy)
-    Bs = _batch_sizes(batch_sizes, full.N, replacement)
+    Bs = as_batch_sizes(batch_sizes, full.N, replacement)
     seed = as_seed("seed", seed)
     if store is not None and not isinstance(store, JsonlStore):
         store = JsonlStore(store)
@@ -109,7 +103,8 @@ def predict_batch_top_eigenvalue(model, loss_fn, dataset, batch_sizes, kind="hes
                                  device=None, dtype=None, params=None, policy=None,
                                  micro_batch=1, num_probes=10, replacement=False,
                                  subspace_k=None, subspace_batches=2000,
-                                 subspace_self_consistent=False) -> dict:
+                                 subspace_self_consistent=False, resolve_samples=False,
+                                 resolved_batches=2000, resolved_steps=None) -> dict:
     """Predicted λ'_1(B) from the full-data top eigenpair and one noise pass.
 
     Returns numpy arrays over batch_sizes: "isotropic" (unclipped λ + c·Pσ²_avg/λ),
@@ -128,17 +123,29 @@ def predict_batch_top_eigenvalue(model, loss_fn, dataset, batch_sizes, kind="hes
     (Monte-Carlo), "subspace_k", "subspace_lams" (Λ_k). Needs micro_batch=1 (k
     per-sample products per sample; the top-k eigenpairs replace the k=1 solve, so λ and
     u are the first of them).
+
+    resolve_samples : also return the sample-resolved form of `nets.resolved_noise`
+    ("resolved", "resolved_stderr" (Monte-Carlo, `resolved_batches` batches per B drawn
+    with `seed`), "resolved_n" (mean number of resolved samples per batch), "resolved_m"
+    (samples whose spike can be resolved at the smallest B), "resolved_k"): per-sample
+    spikes with γ_i/B > λ_1 kept exactly, the rest as in the subspace form. Uses the
+    subspace of `subspace_k` ("auto" when None). resolved_steps : per-sample Lanczos steps.
     """
     if not isinstance(replacement, bool):
         raise TypeError("replacement must be a bool")
     op = curvature_operator(model, loss_fn, dataset, kind=kind, params=params, device=device,
                             dtype=dtype, policy=policy)
-    Bs = _batch_sizes(batch_sizes, op.N, replacement)
+    Bs = as_batch_sizes(batch_sizes, op.N, replacement)
+    if not isinstance(resolve_samples, bool):
+        raise TypeError("resolve_samples must be a bool")
+    if resolve_samples and subspace_k is None:
+        subspace_k = "auto"
     k_sub = None
     if subspace_k is not None:
         from .subspace_noise import default_subspace_dim
         if micro_batch != 1:
-            raise ValueError("subspace_k needs micro_batch=1 (per-sample projections)")
+            raise ValueError("subspace_k and resolve_samples need micro_batch=1 "
+                             "(per-sample projections)")
         k_sub = (default_subspace_dim(model, dataset, op.P) if subspace_k == "auto"
                  else as_int("subspace_k", subspace_k, minimum=1))
         if k_sub > op.P:
@@ -171,7 +178,18 @@ def predict_batch_top_eigenvalue(model, loss_fn, dataset, batch_sizes, kind="hes
     }
     if k_sub is not None:
         from .subspace_noise import subspace_batch_top_eigenvalue, subspace_noise_from_operator
-        sn = subspace_noise_from_operator(op, top.vectors)
+        if resolve_samples:
+            from .resolved_noise import resolved_batch_top_eigenvalue, resolved_noise_from_operator
+            rn = resolved_noise_from_operator(op, top.vectors, min_batch=int(Bs.min()),
+                                              steps=resolved_steps, seed=seed)
+            res = resolved_batch_top_eigenvalue(rn, Bs, n_batches=resolved_batches,
+                                                replacement=replacement, seed=seed)
+            sn = rn.subspace
+            out.update({"resolved": res["mean"], "resolved_stderr": res["stderr"],
+                        "resolved_n": res["n_resolved"], "resolved_m": int(rn.index.size),
+                        "resolved_k": k_sub})
+        else:
+            sn = subspace_noise_from_operator(op, top.vectors)
         sub = subspace_batch_top_eigenvalue(sn, Bs, n_batches=subspace_batches,
                                             self_consistent=subspace_self_consistent,
                                             replacement=replacement, seed=seed)

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rmt._validation import as_int, as_rng
+from rmt._validation import as_batch_sizes, as_int, as_rng
 from rmt.sampling import batch_noise_factor
 
 from .lanczos import eigsh
@@ -231,13 +231,8 @@ def subspace_batch_top_eigenvalue(noise: SubspaceNoise, batch_sizes, n_batches=2
             raise TypeError(f"{name} must be a bool")
     n_batches = as_int("n_batches", n_batches, minimum=1)
     rng = as_rng(seed)
-    Bs = np.atleast_1d(np.asarray(batch_sizes))
-    if Bs.ndim != 1 or Bs.size == 0:
-        raise ValueError("batch_sizes must be a non-empty 1-d list of integers")
-    Bs = np.array([as_int("batch_sizes", b, minimum=1) for b in Bs.tolist()], dtype=np.int64)
+    Bs = as_batch_sizes(batch_sizes, noise.N, replacement)
     N, k = noise.N, noise.k
-    if not replacement and np.any(Bs > N):
-        raise ValueError(f"batch_sizes must be <= N={N} when drawing without replacement")
     if indices is not None:
         if method != "resample":
             raise ValueError("indices need method='resample'")

@@ -49,6 +49,19 @@ def as_int(name: str, value, *, minimum: int | None = None) -> int:
     return n
 
 
+def as_batch_sizes(batch_sizes, N: int | None = None, replacement: bool = False) -> np.ndarray:
+    """A non-empty 1-d int64 array of batch sizes >= 1; when drawing without replacement
+    from N samples (N given, `replacement` False) every size must be <= N."""
+    arr = np.atleast_1d(np.asarray(batch_sizes, dtype=object))
+    if arr.size == 0 or arr.ndim != 1:
+        raise ValueError("batch_sizes must be a non-empty 1-d list of integers")
+    out = np.array([as_int("batch_sizes", b, minimum=1) for b in arr.tolist()], dtype=np.int64)
+    if N is not None and not replacement and np.any(out > N):
+        raise ValueError(f"batch_sizes must be <= N={N} when drawing without replacement, "
+                         f"got {out.tolist()}")
+    return out
+
+
 def as_array(name: str, value, *, ndim: int | None = None, nonnegative: bool = False,
              dtype=float) -> np.ndarray:
     """Return `value` as a finite ndarray of `dtype`; check dimensionality and sign."""

@@ -103,6 +103,8 @@ def test_bad_input():
 # Issue acceptance: digits MLP, directional vs isotropic (and subspace) prediction of λ'_1(B)
 
 BATCHES = [8, 32, 128, 512]
+# per-batch λ'_1 is heavy-tailed at small B (std ≈ 0.6× the mean at B = 8): more batches there
+N_BATCHES = {8: 320, 32: 160, 128: 80, 512: 80}
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +114,12 @@ def digits_curves():
     # subspace_k="auto": k = number of outputs (10 classes), the rule fixed in
     # nets.subspace_noise.default_subspace_dim before looking at any result
     pred = predict_batch_top_eigenvalue(model, CE, (X, y), BATCHES, seed=0, num_probes=10,
-                                        subspace_k="auto")
-    meas = measure_batch_top_eigenvalue(model, CE, (X, y), BATCHES, n_batches=80, seed=1)
+                                        subspace_k="auto", resolve_samples=True)
+    runs = [measure_batch_top_eigenvalue(model, CE, (X, y), [B], n_batches=N_BATCHES[B], seed=1)
+            for B in BATCHES]
+    meas = {key: np.array([r[key][0] for r in runs]) for key in ("mean", "std", "stderr")}
+    for key in ("values", "converged", "indices"):
+        meas[key] = [r[key][0] for r in runs]
     return pred, meas
 
 
@@ -126,11 +132,11 @@ def test_digits_directional_prediction_tracks_measurement(digits_curves):
     # the isotropic form underpredicts strongly at small B, and at every B
     assert np.all(pred["isotropic"] < meas["mean"])
     assert np.all(pred["isotropic"][:2] < 0.35 * meas["mean"][:2])
-    # the directional form: within 20 % at B = 512 and within 40 % throughout. Over five
-    # measurement seeds (80 batches each) the ratio predicted/measured was 1.18–1.27 at
-    # B = 8, 0.68–0.78 at B = 32, 0.71–0.78 at B = 128 and 0.90–0.93 at B = 512, so the
-    # issue's 20 % at every B is missed (strict xfail below); it is still 3–10× closer
-    # than the isotropic form at B ≤ 32.
+    # the plain (second-order) directional form: within 20 % at B = 512 and within 40 %
+    # throughout. Against 400–2000 measured batches per B the ratio predicted/measured is
+    # 1.15, 0.72, 0.77, 0.91 at B = 8, 32, 128, 512, so it misses 20 % at every B (strict
+    # xfail below; the sample-resolved form further down meets it); it is still 3–10×
+    # closer than the isotropic form at B ≤ 32.
     assert abs(ratio[-1] - 1) < 0.2, ratio
     assert np.all(np.abs(ratio - 1) < 0.4), ratio
     iso_err = np.abs(pred["isotropic"] / meas["mean"] - 1)
@@ -139,10 +145,10 @@ def test_digits_directional_prediction_tracks_measurement(digits_curves):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue criterion 'directional within 20% at every B' "
-                   "is missed at B=32 and 128 (ratio ≈ 0.68–0.78) and at B=8 (1.18–1.27): the digits MLP's top "
-                   "eigenvalue is not a separated outlier (λ1≈0.27, λ2≈0.23) and the "
-                   "second-order shift c·s²/λ exceeds λ there")
+@pytest.mark.xfail(strict=True, reason="the plain second-order directional form misses 20% at "
+                   "B=32 and 128 (ratio ≈ 0.72–0.77): per-sample curvatures are heavy-tailed and "
+                   "single samples are not small perturbations of the batch there (the "
+                   "sample-resolved form meets the criterion, test below)")
 def test_digits_directional_within_20_percent_at_every_B(digits_curves):
     pred, meas = digits_curves
     ratio = pred["directional"] / meas["mean"]
@@ -152,8 +158,8 @@ def test_digits_directional_within_20_percent_at_every_B(digits_curves):
 @pytest.mark.slow
 def test_digits_subspace_prediction(digits_curves):
     """Quasi-degenerate (Löwdin, top-k eigenspace, k = 10 outputs) form, nets.subspace_noise.
-    Measured (n_batches=80): ratio subspace/measured ≈ 0.80, 0.74, 0.85, 1.02 at
-    B = 8, 32, 128, 512 — it does not close the B = 32 gap (see the xfail below)."""
+    Ratio subspace/measured ≈ 0.87, 0.71, 0.87, 0.97 at B = 8, 32, 128, 512 — it does not
+    close the B = 32 gap (see the xfail below)."""
     pred, meas = digits_curves
     assert pred["subspace_k"] == 10
     lams = pred["subspace_lams"]
@@ -172,14 +178,52 @@ def test_digits_subspace_prediction(digits_curves):
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="the quasi-degenerate subspace form (k = 10) is also "
-                   "> 20 % low at B = 32 (ratio ≈ 0.74): the missing shift comes from the "
-                   "complement, (z − Q H_B Q)⁻¹ ≠ 1/z when c·s²/λ² ≫ 1, not from near-"
-                   "degeneracy of the top outliers (moving more complement directions into the exact "
-                   "block closes it: k = 64 gives 0.89, k = 100 gives 0.94; k = P is exact)")
+                   "> 20 % low at B = 32 (ratio ≈ 0.71): the missing shift comes from single "
+                   "heavy samples whose curvature spikes lie outside the top-10 eigenspace and "
+                   "are not small perturbations (a larger k partly captures them: k = 64 gives "
+                   "0.89, k = 100 gives 0.94; the sample-resolved form below resolves them)")
 def test_digits_subspace_within_20_percent_at_every_B(digits_curves):
     pred, meas = digits_curves
     ratio = pred["subspace"] / meas["mean"]
     assert np.all(np.abs(ratio - 1) < 0.2), ratio
+
+
+@pytest.mark.slow
+def test_digits_resolved_directional_within_20_percent_at_every_B(digits_curves):
+    """Issue acceptance: the sample-resolved directional form (nets.resolved_noise: the
+    subspace form plus each sample's own curvature spike kept exactly when γ_i/B > λ_1, a
+    rule fixed before comparing) is within 20 % of the measured mean at every B.
+    Against 2000/1000/400/200 measured batches it is 1.01, 1.02, 1.08, 0.97; on five
+    other digits MLPs (seeds 1, 2; ReLU; width 64; 3 epochs) 0.95–1.11."""
+    pred, meas = digits_curves
+    ratio = pred["resolved"] / meas["mean"]
+    assert np.all(np.abs(ratio - 1) < 0.2), ratio
+    # not by Monte-Carlo luck: the model's own sampling error is small against 20 %
+    assert np.all(pred["resolved_stderr"] < 0.03 * pred["resolved"])
+    # the resolved samples matter exactly where the second-order forms fail
+    assert pred["resolved_n"][0] > 1 and pred["resolved_n"][-1] == 0
+    # a minority of samples (γ_i > 8·λ_1) can ever be resolved in this B range
+    assert 0 < pred["resolved_m"] < 0.5 * pred["N"]
+
+
+@pytest.mark.slow
+def test_digits_resolved_is_right_batch_by_batch(digits_curves):
+    """Paired check on the measured batches themselves: the model's λ'_1 for each batch
+    correlates with the measured one (ρ > 0.9) and their means agree within 10 %."""
+    from nets.lanczos import eigsh
+    from nets.operators import curvature_operator
+    from nets.resolved_noise import resolved_batch_top_eigenvalue, resolved_noise_from_operator
+    from nets.training import trained_digits_mlp
+    pred, meas = digits_curves
+    model, (X, y) = trained_digits_mlp(seed=0)
+    op = curvature_operator(model, CE, (X, y))
+    top = eigsh(op, k=10, which="LA", tol=1e-8, seed=0)
+    rn = resolved_noise_from_operator(op, top.vectors, min_batch=8, seed=0)
+    res = resolved_batch_top_eigenvalue(rn, BATCHES, indices=meas["indices"])
+    for j, B in enumerate(BATCHES):
+        v, p = meas["values"][j], res["values"][j]
+        assert abs(p.mean() / v.mean() - 1) < 0.1, (B, p.mean(), v.mean())
+        assert np.corrcoef(p, v)[0, 1] > 0.9, B
 
 
 def test_measure_sweep_resumes_from_store_bit_identically(tmp_path):

@@ -1,0 +1,353 @@
+"""Sample-resolved form of the batch top eigenvalue λ'_1(B) (THEORY.md §3 [ext]).
+
+Why. The directional and subspace forms (`nets.noise`, `nets.subspace_noise`) treat the
+batch fluctuation ε = H_B − H as many small independent pieces: second order in ε, its
+effect is c(B,N)·s_u²/λ. That needs every single sample to be a small perturbation.
+Per-sample curvatures of trained networks are heavy-tailed: on the digits MLP the top
+eigenvalue γ_i of H_i has median 0.64 but mean 4.5 and maximum 71, while λ_1(H) = 0.27.
+A sample whose own spike γ_i/B exceeds λ_1 is not a perturbation of the batch: at small
+B the batch's top eigenvalue is, to within a few per cent, max_{i∈S} γ_i/B.
+
+Model. Each per-sample curvature is split into its top eigenpair and the rest,
+H_i = γ_i v_i v_iᵀ + (H_i − γ_i v_i v_iᵀ). At batch size B, sample i is *resolved* iff
+
+    γ_i / B > λ_1            (its spike alone exceeds the full-data top eigenvalue).
+
+This threshold is the only rule; it is fixed, not fitted. For a batch S with resolved
+samples h = S ∩ {resolved at B}, f = 1 − |h|/B, the batch Hessian is modelled on the
+span of W = [U, v_h] (U: top-k eigenvectors of H, as in `nets.subspace_noise`) by the
+(generally non-orthogonal) Rayleigh–Ritz pencil (A, WᵀW) with
+
+    A = Wᵀ [ Σ_{i∈h} (γ_i/B) v_i v_iᵀ ] W + blocks of the unresolved remainder R_S:
+    UᵀR_S U   = Λ_U + mean_{i∈S} a_i − Σ_{i∈h} (γ_i/B) t_i t_iᵀ + c·D_h(B)/λ_1   (exact + 2nd order)
+    UᵀR_S v_h = f·UᵀH v_h,    v_hᵀR_S v_h = f·v_hᵀH v_h                         (mean field)
+
+t_i = Uᵀv_i, a_i = Uᵀ(H_i − H)U, c = c(B,N). D_h(B) is the complement noise of
+`nets.subspace_noise` computed with the resolved spikes removed from the per-sample
+curvatures (they are in the subspace now, and must not be counted twice):
+x_i = Q(H_i − 1[i resolved]·γ_i v_i v_iᵀ)U, D_h(B) = (1/(N−1)) Σ_i (x_i − x̄)ᵀ(x_i − x̄),
+evaluated exactly from k-dimensional per-sample quantities (`_complement_noise`). Then
+
+    λ'_1(B) ≈ E_S λ_max(A, WᵀW),
+
+sampled over batches S (Monte-Carlo, no curvature products). Limits: with no resolved
+samples (B ≥ max γ_i/λ_1) it is exactly the subspace form; with one resolved sample in an
+otherwise empty batch it is that sample's spike γ_i/B plus f·v_iᵀHv_i.
+
+Approximations (and only these): one spike per resolved sample (its top eigenpair); the
+remainder acts on the resolved directions through its mean f·H (no noise on v_h); the
+complement of span(U) at second order with denominator λ_1, as in the subspace form.
+
+Cost. One batched per-sample Lanczos run (`per_sample_top_eigenpairs`: `steps`
+per-sample products for every sample, vmapped, ≈ `steps` full-data products), one pass
+of products with the kept vectors on their own samples, and m full-data products (m =
+samples resolved at the smallest batch size asked for). Memory: P × m for the kept
+vectors, N × k × k for the subspace projections.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.func import vmap
+
+from rmt._validation import as_batch_sizes, as_float, as_int, as_rng
+from rmt.sampling import batch_noise_factor
+
+from .noise import _check_noise_op
+from .operators import ModelCurvatureOperator
+from .seeding import torch_generator
+from .subspace_noise import SubspaceNoise, subspace_noise_from_operator
+
+__all__ = ["SampleSpikes", "ResolvedNoise", "per_sample_top_eigenpairs",
+           "resolved_noise_from_operator", "resolved_batch_top_eigenvalue"]
+
+
+@dataclass(frozen=True)
+class SampleSpikes:
+    """Top eigenpair of every per-sample curvature C_i (largest algebraic eigenvalue).
+
+    gamma : (N,) Ritz value γ_i; residual : (N,) ‖C_i v_i − γ_i v_i‖ (computed from the
+    Lanczos recurrence); index : (m,) the samples whose vectors are kept (ascending);
+    vectors : (P, m) their unit Ritz vectors v_i (float64); steps : Lanczos steps; seed."""
+
+    gamma: np.ndarray
+    residual: np.ndarray
+    index: np.ndarray
+    vectors: torch.Tensor
+    steps: int
+    seed: int
+
+
+def _per_sample_product(op: ModelCurvatureOperator):
+    """(x_i, y_i, v_i) ↦ C_i v_i for one sample, to be vmapped over samples."""
+    def one(x, y, v):
+        return op.batch_product(x[None], y[None], v)
+    return vmap(one)
+
+
+def _tridiagonal(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """Batched Lanczos matrices T (g, j, j) from α (g, j) and β (g, j) (β[:, -1] unused)."""
+    off = beta[:, :-1]
+    return torch.diag_embed(alpha) + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
+
+
+def per_sample_top_eigenpairs(op: ModelCurvatureOperator, steps=None, seed=0, keep_above=None,
+                              chunk_size=None, tol=1e-10) -> SampleSpikes:
+    """Top eigenpair of each per-sample curvature C_i = ∇²ℓ_i (or its GGN term).
+
+    Lanczos with full reorthogonalisation (two classical Gram–Schmidt passes), run for all
+    samples at once: every step is one per-sample product for each sample, vmapped over
+    samples in chunks (memory: chunk × steps × P). Recurrence in float64. A sample whose
+    Krylov space closes early (per-sample curvatures are low-rank) stops there exactly
+    (β below 1e-12 of the largest Ritz value is treated as a breakdown). A chunk stops
+    when the top Ritz pair of every sample in it has residual |β_j s_j| ≤ tol·max|θ|.
+
+    steps : at most this many Lanczos steps (default min(P, 40)); seed : start vectors
+    N(0, I) from `nets.seeding.torch_generator(seed)`; keep_above : keep the vectors of
+    samples with γ_i > keep_above (None: keep all; memory P × m).
+    """
+    _check_noise_op(op)
+    P = op.P
+    steps = min(P, 40) if steps is None else min(P, as_int("steps", steps, minimum=1))
+    tol = as_float("tol", tol, positive=True)
+    if keep_above is not None:
+        keep_above = as_float("keep_above", keep_above)
+    X, Y = op.batches_full_tensors()
+    N = X.shape[0]
+    chunk = (max(1, min(N, 512, (1 << 24) // max(P * (steps + 1), 1))) if chunk_size is None
+             else as_int("chunk_size", chunk_size, minimum=1))
+    gen = torch_generator(seed)
+    prod = _per_sample_product(op)
+    f64 = torch.float64
+    gammas, resids, kept_idx, kept_vecs = [], [], [], []
+    for s in range(0, N, chunk):
+        Xc, Yc = X[s:s + chunk], Y[s:s + chunk]
+        g = Xc.shape[0]
+        q = torch.randn(g, P, generator=gen, dtype=f64).to(op.device)
+        q = q / torch.linalg.vector_norm(q, dim=1, keepdim=True)
+        Qb = torch.zeros(g, steps, P, dtype=f64, device=op.device)
+        alpha = torch.zeros(g, steps, dtype=f64, device=op.device)
+        beta = torch.zeros(g, steps, dtype=f64, device=op.device)
+        alive = torch.ones(g, dtype=torch.bool, device=op.device)
+        used = steps
+        for j in range(steps):
+            Qb[:, j] = q
+            w = prod(Xc, Yc, q.to(op.dtype)).to(f64)
+            alpha[:, j] = (q * w).sum(1)
+            for _ in range(2):
+                w = w - torch.einsum("gjp,gj->gp", Qb[:, :j + 1],
+                                     torch.einsum("gjp,gp->gj", Qb[:, :j + 1], w))
+            b = torch.linalg.vector_norm(w, dim=1)
+            scale = alpha[:, :j + 1].abs().amax(1).clamp_min(1e-300)
+            alive = alive & (b > 1e-12 * scale)
+            beta[:, j] = torch.where(alive, b, torch.zeros_like(b))
+            q = torch.where(alive[:, None], w / b.clamp_min(1e-300)[:, None], torch.zeros_like(w))
+            theta, S = torch.linalg.eigh(_tridiagonal(alpha[:, :j + 1], beta[:, :j + 1]))
+            res = (beta[:, j] * S[:, -1, -1]).abs()
+            if bool((res <= tol * theta.abs().amax(1).clamp_min(1e-300)).all()):
+                used = j + 1
+                break
+        top = theta[:, -1]
+        vec = torch.einsum("gjp,gj->gp", Qb[:, :used], S[:, :, -1])
+        vec = vec / torch.linalg.vector_norm(vec, dim=1, keepdim=True).clamp_min(1e-300)
+        gammas.append(top.cpu())
+        resids.append(res.cpu())
+        keep = torch.ones(g, dtype=torch.bool) if keep_above is None else top.cpu() > keep_above
+        if bool(keep.any()):
+            kept_idx.append(np.arange(s, s + g)[keep.numpy()])
+            kept_vecs.append(vec[keep.to(vec.device)])
+    gamma = torch.cat(gammas).numpy()
+    index = np.concatenate(kept_idx) if kept_idx else np.zeros(0, dtype=np.int64)
+    vectors = (torch.cat(kept_vecs).T.contiguous() if kept_vecs
+               else torch.zeros(P, 0, dtype=f64, device=op.device))
+    return SampleSpikes(gamma=gamma, residual=torch.cat(resids).numpy(), index=index,
+                        vectors=vectors, steps=int(steps), seed=int(seed))
+
+
+@dataclass(frozen=True)
+class ResolvedNoise:
+    """Everything the sample-resolved batch model needs, as small arrays.
+
+    subspace : the `SubspaceNoise` on U (k columns); gamma : (N,) per-sample top
+    eigenvalues; index : (m,) samples whose spikes can be resolved (γ_i > min_batch·λ_1);
+    T : (k, m) Uᵀv_i; Gv : (m, m) v_iᵀv_j; VHV : (m, m) v_iᵀHv_j; UHV : (k, m) UᵀHv_j;
+    w : (m, k) v_iᵀQ(H_i − H)U (exact, for the complement-noise correction);
+    lam1 : λ_1 (top of UᵀHU); min_batch : smallest batch size the model can evaluate;
+    residual : (m,) Lanczos residuals of the kept spikes."""
+
+    subspace: SubspaceNoise
+    gamma: np.ndarray
+    index: np.ndarray
+    T: np.ndarray
+    Gv: np.ndarray
+    VHV: np.ndarray
+    UHV: np.ndarray
+    w: np.ndarray
+    lam1: float
+    min_batch: int
+    residual: np.ndarray
+
+
+def resolved_noise_from_operator(op: ModelCurvatureOperator, U, min_batch, steps=None, seed=0,
+                                 chunk_size=None) -> ResolvedNoise:
+    """Per-sample spikes and subspace statistics for `resolved_batch_top_eigenvalue`.
+
+    U : (P, k) orthonormal (the top-k eigenvectors of the full-data curvature);
+    min_batch : the smallest batch size to be evaluated (fixes which spikes are kept:
+    γ_i > min_batch·λ_1); steps, seed : `per_sample_top_eigenpairs`.
+    """
+    min_batch = as_int("min_batch", min_batch, minimum=1)
+    sub = subspace_noise_from_operator(op, U, chunk_size=chunk_size)
+    lam1 = float(np.linalg.eigvalsh(sub.H_U)[-1])
+    if not lam1 > 0:
+        raise ValueError(f"the top eigenvalue {lam1:.3g} must be positive")
+    spikes = per_sample_top_eigenpairs(op, steps=steps, seed=seed, keep_above=min_batch * lam1,
+                                       chunk_size=chunk_size)
+    Uo = sub.vectors                                             # (P, k) float64
+    V = spikes.vectors                                           # (P, m) float64
+    m = V.shape[1]
+    if m:
+        HV = op.matmat(V.to(op.dtype)).to(torch.float64)         # m full-data products
+        X, Yt = op.batches_full_tensors()
+        prod = _per_sample_product(op)
+        HiV = []
+        idx = torch.as_tensor(spikes.index, device=X.device)
+        step = 256
+        for s in range(0, m, step):
+            sl = idx[s:s + step]
+            HiV.append(prod(X[sl], Yt[sl], V[:, s:s + step].T.to(op.dtype)).to(torch.float64))
+        HiV = torch.cat(HiV)                                     # (m, P): H_i v_i
+        T = (Uo.T @ V).cpu().numpy()
+        UHV = (Uo.T @ HV).cpu().numpy()
+        UHiv = (HiV @ Uo).cpu().numpy()                          # (m, k): Uᵀ H_i v_i
+        a = sub.a[spikes.index]                                  # (m, k, k)
+        w = UHiv - UHV.T - np.einsum("mij,jm->mi", a, T)
+        Gv = (V.T @ V).cpu().numpy()
+        VHV = (V.T @ HV).cpu().numpy()
+        VHV = 0.5 * (VHV + VHV.T)
+    else:
+        k = Uo.shape[1]
+        T, UHV, w = np.zeros((k, 0)), np.zeros((k, 0)), np.zeros((0, k))
+        Gv, VHV = np.zeros((0, 0)), np.zeros((0, 0))
+    return ResolvedNoise(subspace=sub, gamma=spikes.gamma, index=spikes.index, T=T, Gv=Gv,
+                         VHV=VHV, UHV=UHV, w=w, lam1=lam1, min_batch=min_batch,
+                         residual=spikes.residual[spikes.index])
+
+
+def _complement_noise(rn: ResolvedNoise, sel: np.ndarray) -> np.ndarray:
+    """D_h(B): the complement noise with the spikes of the kept samples `sel` (positions
+    in rn.index) removed, x_i = Q(H_i − H)U − γ_i (Qv_i) t_iᵀ for those samples:
+
+        Σ(x_i − x̄)ᵀ(x_i − x̄) = Σ R_iᵀR_i − Σ_sel [γ_i(t_i w_iᵀ + w_i t_iᵀ) − γ_i² q_i t_i t_iᵀ]
+                               − YᵀY/N,   YᵀY = T_s Γ (Gv − TᵀT)_s Γ T_sᵀ,
+
+    q_i = 1 − ‖t_i‖², w_i = v_iᵀQ(H_i − H)U, Σ_i Q(H_i − H)U = 0."""
+    sub = rn.subspace
+    N = sub.N
+    if sel.size == 0:
+        return sub.D
+    g = rn.gamma[rn.index[sel]]
+    T = rn.T[:, sel]
+    w = rn.w[sel]
+    q = 1.0 - (T * T).sum(0)
+    cross = np.einsum("m,km,ml->kl", g, T, w)
+    corr = cross + cross.T - np.einsum("m,km,lm->kl", g * g * q, T, T)
+    GQ = rn.Gv[np.ix_(sel, sel)] - T.T @ T
+    TG = T * g
+    YY = TG @ GQ @ TG.T
+    D = sub.D - (corr + YY / N) / (N - 1)
+    return 0.5 * (D + D.T)
+
+
+def _top_pencil(A: np.ndarray, Gram: np.ndarray) -> float:
+    """Largest eigenvalue of the pencil (A, Gram), Gram PSD: restricted to the range of
+    Gram (eigenvalues above 1e-10 of the largest)."""
+    g, E = np.linalg.eigh(Gram)
+    keep = g > 1e-10 * g[-1]
+    Xm = E[:, keep] / np.sqrt(g[keep])
+    M = Xm.T @ A @ Xm
+    return float(np.linalg.eigvalsh(0.5 * (M + M.T))[-1])
+
+
+def resolved_batch_top_eigenvalue(rn: ResolvedNoise, batch_sizes, n_batches=2000,
+                                  replacement=False, seed=0, indices=None,
+                                  resolve_factor=1.0) -> dict:
+    """E_S λ_max of the sample-resolved batch model (module docstring) per batch size.
+
+    Batches are drawn uniformly (without replacement unless `replacement`) from
+    `numpy.random.default_rng(seed)`, or taken from `indices` (one (n, B) array per batch
+    size, e.g. `measure_batch_top_eigenvalue(...)["indices"]`). Every B must be at least
+    rn.min_batch. resolve_factor : sample i is resolved at B iff γ_i > resolve_factor·B·λ_1
+    (default 1, the rule of the module docstring; other values are for sensitivity
+    studies and need resolve_factor·B >= rn.min_batch). Returns {"mean", "stderr"
+    (Monte-Carlo), "values", "n_resolved" (mean number of resolved samples per batch), "c",
+    "batch_sizes"}.
+    """
+    if not isinstance(rn, ResolvedNoise):
+        raise TypeError("rn must be a ResolvedNoise")
+    if not isinstance(replacement, bool):
+        raise TypeError("replacement must be a bool")
+    n_batches = as_int("n_batches", n_batches, minimum=1)
+    rng = as_rng(seed)
+    Bs = as_batch_sizes(batch_sizes, rn.subspace.N, replacement)
+    sub = rn.subspace
+    N, k = sub.N, sub.k
+    resolve_factor = as_float("resolve_factor", resolve_factor, positive=True)
+    if np.any(resolve_factor * Bs < rn.min_batch):
+        raise ValueError(f"resolve_factor·batch_sizes must be >= min_batch={rn.min_batch} (the "
+                         f"spikes kept by resolved_noise_from_operator), got {Bs.tolist()}")
+    if indices is not None and len(indices) != len(Bs):
+        raise ValueError("indices must hold one (n, B) array per batch size")
+    pos = np.full(N, -1, dtype=np.int64)
+    pos[rn.index] = np.arange(rn.index.size)
+    lam1 = rn.lam1
+    means, ses, values, nres, cs = [], [], [], [], []
+    for j, B in enumerate(Bs):
+        B = int(B)
+        c = batch_noise_factor(B, N, replacement=replacement)
+        resolved = rn.gamma > resolve_factor * B * lam1   # ⊂ kept (factor·B >= min_batch)
+        sel = np.flatnonzero(resolved[rn.index])
+        base = sub.H_U + c * _complement_noise(rn, sel) / lam1
+        if indices is not None:
+            idx_all = np.asarray(indices[j])
+            if idx_all.ndim != 2 or idx_all.shape[1] != B:
+                raise ValueError(f"indices[{j}] must have shape (n, {B})")
+        elif replacement:
+            idx_all = rng.integers(0, N, size=(n_batches, B))
+        else:
+            idx_all = np.stack([rng.choice(N, size=B, replace=False) for _ in range(n_batches)])
+        aS = sub.a[idx_all].mean(axis=1)                       # (n, k, k)
+        z = np.empty(len(idx_all))
+        counts = np.empty(len(idx_all))
+        for r, idx in enumerate(idx_all):
+            h, cnt = np.unique(idx[resolved[idx]], return_counts=True)
+            counts[r] = cnt.sum()
+            A_UU = base + aS[r]
+            if h.size == 0:
+                z[r] = float(np.linalg.eigvalsh(0.5 * (A_UU + A_UU.T))[-1])
+                continue
+            p = pos[h]
+            sp = cnt * rn.gamma[h] / B
+            f = 1.0 - cnt.sum() / B
+            T = rn.T[:, p]
+            Ghh = rn.Gv[np.ix_(p, p)]
+            A = np.empty((k + h.size,) * 2)
+            A[:k, :k] = A_UU - (T * sp) @ T.T
+            A[:k, k:] = f * rn.UHV[:, p]
+            A[k:, :k] = A[:k, k:].T
+            A[k:, k:] = f * rn.VHV[np.ix_(p, p)]
+            WV = np.vstack([T, Ghh])                           # Wᵀ v_h
+            A += (WV * sp) @ WV.T
+            Gram = np.block([[np.eye(k), T], [T.T, Ghh]])
+            z[r] = _top_pencil(A, Gram)
+        values.append(z)
+        nres.append(counts.mean())
+        means.append(z.mean())
+        ses.append(z.std(ddof=1) / math.sqrt(len(z)) if len(z) > 1 else 0.0)
+        cs.append(c)
+    return {"mean": np.array(means), "stderr": np.array(ses), "values": values,
+            "n_resolved": np.array(nres), "c": np.array(cs), "batch_sizes": Bs}
