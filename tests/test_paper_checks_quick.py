@@ -166,14 +166,27 @@ def test_symbolic_exponents_and_perturbation(results, monkeypatch):
 
 
 # ------------------------------------------------------------ networks
-def test_network_spectra_verdict_follows_20_percent_rule(results):
+def test_network_spectra_verdict_follows_20_percent_rule(results, monkeypatch):
     r = results["network_batch_spectra"]
-    rel = r.array("predicted_directional") / r.array("measured_mean") - 1
+    mean = r.array("measured_mean")
+    rel = r.array("predicted_resolved") / mean - 1
     assert r.verdict == ("pass" if np.all(np.abs(rel) <= 0.2) else "fail")
-    # the top eigenvalue of H_B grows as B falls, and the directional form is far closer
-    # than the isotropic one at the smallest B
-    assert np.all(np.diff(r.array("measured_mean")) < 0)
-    assert abs(rel[0]) < abs(r.array("predicted_isotropic")[0] / r.array("measured_mean")[0] - 1)
+    # the top eigenvalue of H_B grows as B falls, and the judged form is far closer than
+    # the isotropic one at the smallest B
+    assert np.all(np.diff(mean) < 0)
+    assert abs(rel[0]) < abs(r.array("predicted_isotropic")[0] / mean[0] - 1)
+    # the other forms are reported as computed, not copied from the judged one
+    assert not np.allclose(r.array("predicted_directional"), r.array("predicted_resolved"))
+    # a sample-resolved model that overstates every batch by 30 % must fail the check
+    import nets.resolved_noise as rn_mod
+    real = rn_mod.resolved_batch_top_eigenvalue
+
+    def inflated(*a, **k):
+        out = real(*a, **k)
+        return dict(out, mean=1.3 * out["mean"])
+    monkeypatch.setattr(rn_mod, "resolved_batch_top_eigenvalue", inflated)
+    bad = _rerun("network_batch_spectra")
+    assert bad.verdict == "fail" and "sample-resolved" in bad.reason
 
 
 def test_sgd_mlp_verdict_follows_rule(results):
