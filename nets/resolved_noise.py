@@ -96,7 +96,7 @@ def _tridiagonal(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
 
 
 def per_sample_top_eigenpairs(op: ModelCurvatureOperator, steps=None, seed=0, keep_above=None,
-                              chunk_size=None, tol=1e-10) -> SampleSpikes:
+                              chunk_size=None, tol=None) -> SampleSpikes:
     """Top eigenpair of each per-sample curvature C_i = ∇²ℓ_i (or its GGN term).
 
     Lanczos with full reorthogonalisation (two classical Gram–Schmidt passes), run for all
@@ -104,7 +104,9 @@ def per_sample_top_eigenpairs(op: ModelCurvatureOperator, steps=None, seed=0, ke
     samples in chunks (memory: chunk × steps × P). Recurrence in float64. A sample whose
     Krylov space closes early (per-sample curvatures are low-rank) stops there exactly
     (β below 1e-12 of the largest Ritz value is treated as a breakdown). A chunk stops
-    when the top Ritz pair of every sample in it has residual |β_j s_j| ≤ tol·max|θ|.
+    when the top Ritz pair of every sample in it has residual |β_j s_j| ≤ tol·max|θ|
+    (default tol: 1e-10 for float64 products, 1e-5 otherwise — rounding in float32
+    products keeps residuals near 1e-7; the eigenvalue error is ≈ residual²/gap).
 
     steps : at most this many Lanczos steps (default min(P, 40)); seed : start vectors
     N(0, I) from `nets.seeding.torch_generator(seed)`; keep_above : keep the vectors of
@@ -113,7 +115,8 @@ def per_sample_top_eigenpairs(op: ModelCurvatureOperator, steps=None, seed=0, ke
     _check_noise_op(op)
     P = op.P
     steps = min(P, 40) if steps is None else min(P, as_int("steps", steps, minimum=1))
-    tol = as_float("tol", tol, positive=True)
+    tol = ((1e-10 if op.dtype == torch.float64 else 1e-5) if tol is None
+           else as_float("tol", tol, positive=True))
     if keep_above is not None:
         keep_above = as_float("keep_above", keep_above)
     X, Y = op.batches_full_tensors()

@@ -236,3 +236,15 @@ def test_with_replacement_and_seeded(dense):
     dup = resolved_batch_top_eigenvalue(rn, [3], indices=[np.array([[i, i, i]])], replacement=True)
     assert dup["n_resolved"][0] == 3
     assert dup["values"][0][0] == pytest.approx(rn.gamma[i], rel=0.05)
+
+
+def test_per_sample_top_eigenpairs_float32_is_accurate(dense):
+    """float32 products: the default tolerance (1e-5 relative residual) is reached and γ_i
+    agree with the dense float64 values to ~1e-5."""
+    model, X, y, Hs, H, ev, V = dense
+    op32 = hessian_operator(model.float(), CE, (X.float(), y))
+    sp = per_sample_top_eigenpairs(op32, steps=60, seed=0)
+    model.double()
+    top = np.linalg.eigvalsh(Hs)[:, -1]
+    np.testing.assert_allclose(sp.gamma, top, rtol=1e-4, atol=1e-6)
+    assert np.all(sp.residual <= 1e-5 * np.abs(np.linalg.eigvalsh(Hs)).max(axis=1) + 1e-12)

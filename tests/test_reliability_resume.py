@@ -93,7 +93,7 @@ def test_lr_sweep_killed_midway_resumes_without_loss_or_duplicates(tmp_path, sig
         from nets.lr_search import run_trial
         from test_reliability_resume import _sweep
         def slow_trial(*a, **k):        # widen the window between two stored keys
-            time.sleep(0.01)
+            time.sleep(0.05)
             return run_trial(*a, **k)
         _sweep({str(path)!r}, slow_trial)
     """)
