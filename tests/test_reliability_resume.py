@@ -88,12 +88,15 @@ def uninterrupted_sweep():
 def test_lr_sweep_killed_midway_resumes_without_loss_or_duplicates(tmp_path, sig, uninterrupted_sweep):
     path = tmp_path / "sweep.jsonl"
     script = textwrap.dedent(f"""
-        import sys, time
+        import signal, sys, time
+        # a shell starting the test run in the background leaves SIGINT ignored in its
+        # children; restore Python's handler so SIGINT raises KeyboardInterrupt here
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         sys.path[:0] = [{ROOT!r}, {os.path.dirname(os.path.abspath(__file__))!r}]
         from nets.lr_search import run_trial
         from test_reliability_resume import _sweep
         def slow_trial(*a, **k):        # widen the window between two stored keys
-            time.sleep(0.05)
+            time.sleep(0.01)
             return run_trial(*a, **k)
         _sweep({str(path)!r}, slow_trial)
     """)
