@@ -323,16 +323,19 @@ def resolved_batch_top_eigenvalue(rn: ResolvedNoise, batch_sizes, n_batches=2000
             idx_all = rng.integers(0, N, size=(n_batches, B))
         else:
             idx_all = np.stack([rng.choice(N, size=B, replace=False) for _ in range(n_batches)])
-        aS = sub.a[idx_all].mean(axis=1)                       # (n, k, k)
+        step = max(1, (1 << 22) // max(B * k * k, 1))         # ≤ 32 MB of gathered a_i
+        aS = np.concatenate([sub.a[idx_all[s:s + step]].mean(axis=1)
+                             for s in range(0, len(idx_all), step)])   # (n, k, k)
+        counts = resolved[idx_all].sum(axis=1).astype(float)
         z = np.empty(len(idx_all))
-        counts = np.empty(len(idx_all))
-        for r, idx in enumerate(idx_all):
+        plain = counts == 0                                    # no resolved sample: k×k
+        if plain.any():
+            A = base[None] + aS[plain]
+            z[plain] = np.linalg.eigvalsh(0.5 * (A + A.transpose(0, 2, 1)))[:, -1]
+        for r in np.flatnonzero(~plain):
+            idx = idx_all[r]
             h, cnt = np.unique(idx[resolved[idx]], return_counts=True)
-            counts[r] = cnt.sum()
             A_UU = base + aS[r]
-            if h.size == 0:
-                z[r] = float(np.linalg.eigvalsh(0.5 * (A_UU + A_UU.T))[-1])
-                continue
             p = pos[h]
             sp = cnt * rn.gamma[h] / B
             f = 1.0 - cnt.sum() / B

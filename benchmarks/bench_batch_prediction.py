@@ -1,0 +1,90 @@
+"""Cost of predicting λ'_1(B) against measuring it (digits MLP, N = 1797, P = 2410).
+
+Times, interleaved in one process (`_common.race`, ratios of minima):
+
+  hvp         one full-data Hessian-vector product, the operator's default (cached
+              gradient graph on this small model): the unit
+  directional `predict_batch_top_eigenvalue` with the default forms (top eigenpair,
+              directional s_u², isotropic Pσ² with 10 probes)
+  subspace    + the k = 10 subspace form (`subspace_k="auto"`)
+  resolved    + the sample-resolved form (`resolve_samples=True`: per-sample Lanczos,
+              full-data products with the candidate spikes, Monte-Carlo of the model)
+  measure     `measure_batch_top_eigenvalue` at B = 8, 32, 128, 512 with the batch counts
+              the acceptance test uses (320 / 160 / 80 / 80)
+
+and the accuracy of each form against that measurement. Run:
+`python benchmarks/bench_batch_prediction.py [--device cuda] [--quick]`.
+"""
+
+from __future__ import annotations
+
+from _common import (base_parser, environment, fmt_time, print_table, race, setup_torch, timeit,
+                     write_json)
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nets.batch_spectra import measure_batch_top_eigenvalue, predict_batch_top_eigenvalue
+from nets.operators import hessian_operator
+from nets.training import trained_digits_mlp
+
+BATCHES = [8, 32, 128, 512]
+N_BATCHES = {8: 320, 32: 160, 128: 80, 512: 80}
+
+
+def main(argv=None):
+    p = base_parser(__doc__.splitlines()[0])
+    args = p.parse_args(argv)
+    device = setup_torch(args)
+    model, (X, y) = trained_digits_mlp(seed=0)
+    model = model.to(device)
+    data = (X.to(device), y.to(device))
+    nb = {B: max(4, n // (8 if args.quick else 1)) for B, n in N_BATCHES.items()}
+    op = hessian_operator(model, F.cross_entropy, data, device=device)
+    v = torch.randn(op.P, generator=torch.Generator().manual_seed(0)).to(device, op.dtype)
+    out = {}
+
+    def predict(**kw):
+        def fn():
+            out[tuple(sorted(kw))] = predict_batch_top_eigenvalue(
+                model, F.cross_entropy, data, BATCHES, seed=0, device=device, **kw)
+        return fn
+
+    def measure():
+        runs = [measure_batch_top_eigenvalue(model, F.cross_entropy, data, [B], n_batches=nb[B],
+                                             seed=1, device=device) for B in BATCHES]
+        out["measured"] = np.array([r["mean"][0] for r in runs])
+
+    fns = {"directional": predict(),
+           "subspace": predict(subspace_k="auto"), "resolved": predict(resolve_samples=True),
+           "measure": measure}
+    repeats = 1 if args.quick else min(args.repeats, 3)
+    times = race(fns, device=device, repeats=repeats, warmup=0)
+    hvp = timeit(lambda: op.matvec(v), device=device, repeats=5, min_time=0.3)[0]
+    times["hvp"] = {"min": hvp, "median": hvp, "samples": [hvp]}
+    meas = out["measured"]
+    rows = []
+    unit = times["hvp"]["min"]
+    for name in ("directional", "subspace", "resolved", "measure"):
+        t = times[name]["min"]
+        row = {"what": name, "time": fmt_time(t), "hvps": f"{t / unit:.0f}",
+               "vs_measure": f"{t / times['measure']['min']:.2f}"}
+        if name != "measure":
+            key = {"directional": (), "subspace": ("subspace_k",),
+                   "resolved": ("resolve_samples",)}[name]
+            pred = out[key]
+            form = {"directional": "directional", "subspace": "subspace",
+                    "resolved": "resolved"}[name]
+            row["pred/meas"] = " / ".join(f"{r:.2f}" for r in pred[form] / meas)
+        rows.append(row)
+    print_table(rows, [("what", "form"), ("time", "time"), ("hvps", "÷ one HVP"),
+                       ("vs_measure", "÷ measurement"),
+                       ("pred/meas", "predicted/measured at B=8/32/128/512")])
+    write_json("bench_batch_prediction", {"environment": environment(device), "times": times,
+                                          "rows": rows, "measured": meas,
+                                          "n_batches": nb, "quick": args.quick}, args.out)
+
+
+if __name__ == "__main__":
+    main()
