@@ -119,7 +119,8 @@ def run(ctx):
                  "relative_error_subspace": rel_sub, "relative_error_isotropic": rel_iso,
                  "resolved_samples_per_batch": pred["resolved_n"][at],
                  "resolved_candidates": int(pred["resolved_m"]),
-                 "n_batches": {str(int(B)): n_batches[int(B)] for B in Bs}, "slq_probes": slq_probes, "slq_steps": slq_steps,
+                 "n_batches": {str(int(B)): n_batches[int(B)] for B in Bs},
+                 "slq_probes": slq_probes, "slq_steps": slq_steps,
                  "caption": "Digits MLP: (left) measured top eigenvalue of H_B (mean ± std over "
                             "batches) vs the sample-resolved, plain directional, subspace and "
                             "isotropic predictions; (right) SLQ spectral densities of H_B for one "
