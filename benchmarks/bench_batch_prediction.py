@@ -45,10 +45,10 @@ def main(argv=None):
     v = torch.randn(op.P, generator=torch.Generator().manual_seed(0)).to(device, op.dtype)
     out = {}
 
-    def predict(**kw):
+    def predict(form, **kw):
         def fn():
-            out[tuple(sorted(kw))] = predict_batch_top_eigenvalue(
-                model, F.cross_entropy, data, BATCHES, seed=0, device=device, **kw)
+            out[form] = predict_batch_top_eigenvalue(
+                model, F.cross_entropy, data, BATCHES, seed=0, device=device, **kw)[form]
         return fn
 
     def measure():
@@ -56,9 +56,9 @@ def main(argv=None):
                                              seed=1, device=device) for B in BATCHES]
         out["measured"] = np.array([r["mean"][0] for r in runs])
 
-    fns = {"directional": predict(),
-           "subspace": predict(subspace_k="auto"), "resolved": predict(resolve_samples=True),
-           "measure": measure}
+    fns = {"directional": predict("directional"),
+           "subspace": predict("subspace", subspace_k="auto"),
+           "resolved": predict("resolved", resolve_samples=True), "measure": measure}
     repeats = 1 if args.quick else min(args.repeats, 3)
     times = race(fns, device=device, repeats=repeats, warmup=0)
     hvp = timeit(lambda: op.matvec(v), device=device, repeats=5, min_time=0.3)[0]
@@ -71,12 +71,7 @@ def main(argv=None):
         row = {"what": name, "time": fmt_time(t), "hvps": f"{t / unit:.0f}",
                "vs_measure": f"{t / times['measure']['min']:.2f}"}
         if name != "measure":
-            key = {"directional": (), "subspace": ("subspace_k",),
-                   "resolved": ("resolve_samples",)}[name]
-            pred = out[key]
-            form = {"directional": "directional", "subspace": "subspace",
-                    "resolved": "resolved"}[name]
-            row["pred/meas"] = " / ".join(f"{r:.2f}" for r in pred[form] / meas)
+            row["pred/meas"] = " / ".join(f"{r:.2f}" for r in out[name] / meas)
         rows.append(row)
     print_table(rows, [("what", "form"), ("time", "time"), ("hvps", "÷ one HVP"),
                        ("vs_measure", "÷ measurement"),

@@ -306,6 +306,15 @@ def slq_methods(ref):
 
 
 # -------------------------------------------------------------------------------- driver
+def _attach_times(rows, times, ours):
+    """Add "time_s" (best of repeats), "median_s" and "ratio_vs_ours" to each timed row."""
+    for r in rows:
+        if r["method"] in times:
+            r["time_s"] = times[r["method"]]["min"]
+            r["median_s"] = times[r["method"]]["median"]
+            r["ratio_vs_ours"] = r["time_s"] / times[ours]["min"]
+
+
 def bench_dtype(dtype, device, args):
     pb = Problem(dtype, device)
     ref = reference(pb)
@@ -349,12 +358,7 @@ def bench_dtype(dtype, device, args):
         print(f"  calibrated {name:34s} {knob}={chosen}  products={work}  max rel err {err:.1e}"
               f"  [{status}]", flush=True)
     times = race(runners, device, repeats=args.repeats, warmup=0)
-    t_ours = times["ours eigsh (cache_graph)"]["min"]
-    for r in rows:
-        if r["method"] in times:
-            r["time_s"] = times[r["method"]]["min"]
-            r["median_s"] = times[r["method"]]["median"]
-            r["ratio_vs_ours"] = r["time_s"] / t_ours
+    _attach_times(rows, times, "ours eigsh (cache_graph)")
     print(f"\n  top-{K} eigenvalues, target max rel err {args.target:g} ({dname}); "
           "ratio = method time / ours eigsh (cache_graph) time")
     print_table([dict(r, time=fmt_time(r.get("time_s"))) for r in rows],
@@ -381,12 +385,7 @@ def bench_dtype(dtype, device, args):
         if st == "ok":
             sruns[name] = (lambda fn=fn: fn(pb, n_v, m))
     stimes = race(sruns, device, repeats=max(2, args.repeats - 2), warmup=0)
-    t_ours = stimes["ours slq_density (vmap probes)"]["min"]
-    for r in srows:
-        if r["method"] in stimes:
-            r["time_s"] = stimes[r["method"]]["min"]
-            r["median_s"] = stimes[r["method"]]["median"]
-            r["ratio_vs_ours"] = r["time_s"] / t_ours
+    _attach_times(srows, stimes, "ours slq_density (vmap probes)")
     print(f"\n  SLQ density, {n_v} probes × {m} Lanczos steps ({dname}); "
           "accuracy = rel. error of tr(H)/P and tr(H²)/P estimates (Monte-Carlo)")
     print_table([dict(r, time=fmt_time(r.get("time_s"))) for r in srows],

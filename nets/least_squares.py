@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rmt._validation import as_array, as_float, as_int, as_rng
+from rmt._validation import as_array, as_batch_sizes, as_float, as_int, as_rng
 
 __all__ = [
     "LeastSquaresProblem",
@@ -246,10 +246,8 @@ def naive_batch_lr(problem: LeastSquaresProblem, batch_sizes, n_batches=100, rep
     "measure the batch spectrum and invert" estimate of the SGD stability limit."""
     rng = as_rng(rng)
     out = []
-    for b in np.atleast_1d(batch_sizes):
-        b = as_int("batch_sizes", b, minimum=1)
-        if not replacement and b > problem.N:
-            raise ValueError(f"batch_sizes must be <= N={problem.N}, got {b}")
+    for b in as_batch_sizes(batch_sizes, problem.N, replacement):
+        b = int(b)
         reps = 1 if (b == problem.N and not replacement) else n_batches
         tops = []
         for _ in range(reps):

@@ -43,7 +43,7 @@ import torch
 from scipy import stats
 
 import rmt.lr as rlr
-from rmt._validation import as_array, as_float, as_int
+from rmt._validation import as_array, as_batch_sizes, as_float, as_int
 from rmt.sampling import batch_noise_factor
 from .gradient_noise import gradient_noise
 from .lanczos import eigsh
@@ -73,16 +73,6 @@ class DiagonalScaledOperator(CurvatureOperator):
 
     def _matvec(self, v):
         return self.sqrt_d * self.base.matvec(self.sqrt_d * v)
-
-
-def _check_batch_sizes(batch_sizes, N):
-    bs = np.atleast_1d(as_array("batch_sizes", batch_sizes))
-    if bs.ndim != 1:
-        raise ValueError("batch_sizes must be a 1-d sequence")
-    out = np.array([as_int("batch_sizes", b, minimum=1) for b in bs])
-    if np.any(out > N):
-        raise ValueError(f"batch_sizes must be <= N={N}, got max {out.max()}")
-    return out
 
 
 def _isotropic_s2(op, n_probes, seed):
@@ -177,7 +167,7 @@ def lr_table(model, loss_fn, dataset, batch_sizes, momentum=0.0, beta1=0.0, eps=
     if not (isinstance(dataset, (tuple, list)) and len(dataset) == 2):
         raise TypeError("dataset must be a pair (X, y) of tensors")
     N = int(dataset[0].shape[0])
-    bs = _check_batch_sizes(batch_sizes, N)
+    bs = as_batch_sizes(batch_sizes, N)
     momentum = as_float("momentum", momentum, nonnegative=True)
     beta1 = as_float("beta1", beta1, nonnegative=True)
     if momentum >= 1 or beta1 >= 1:

@@ -81,7 +81,8 @@ class SampleSpikes:
 
     gamma : (N,) Ritz value γ_i; residual : (N,) ‖C_i v_i − γ_i v_i‖ (computed from the
     Lanczos recurrence); index : (m,) the samples whose vectors are kept (ascending);
-    vectors : (P, m) their unit Ritz vectors v_i (float64); steps : Lanczos steps; seed."""
+    vectors : (P, m) their unit Ritz vectors v_i (float64); steps : the Lanczos step
+    limit (a chunk stops earlier once every top pair has converged); seed."""
 
     gamma: np.ndarray
     residual: np.ndarray

@@ -145,17 +145,6 @@ def test_digits_directional_prediction_tracks_measurement(digits_curves):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the plain second-order directional form misses 20% at "
-                   "B=32 and 128 (ratio ≈ 0.72–0.77): per-sample curvatures are heavy-tailed and "
-                   "single samples are not small perturbations of the batch there (the "
-                   "sample-resolved form meets the criterion, test below)")
-def test_digits_directional_within_20_percent_at_every_B(digits_curves):
-    pred, meas = digits_curves
-    ratio = pred["directional"] / meas["mean"]
-    assert np.all(np.abs(ratio - 1) < 0.2), ratio
-
-
-@pytest.mark.slow
 def test_digits_subspace_prediction(digits_curves):
     """Quasi-degenerate (Löwdin, top-k eigenspace, k = 10 outputs) form, nets.subspace_noise.
     Ratio subspace/measured ≈ 0.87, 0.71, 0.87, 0.97 at B = 8, 32, 128, 512 — it does not
@@ -176,15 +165,26 @@ def test_digits_subspace_prediction(digits_curves):
     assert np.all((meas["mean"] - pred["subspace"])[mid] > 2 * meas["stderr"][mid]), ratio
 
 
+# the second-order forms miss the issue's 20 % (strict xfails, kept as measured limits)
+MISSES_20_PERCENT = {
+    "directional": "the plain second-order directional form misses 20% at B=32 and 128 "
+                   "(ratio ≈ 0.72–0.77): per-sample curvatures are heavy-tailed and single "
+                   "samples are not small perturbations of the batch there (the "
+                   "sample-resolved form meets the criterion, test below)",
+    "subspace": "the quasi-degenerate subspace form (k = 10) is also > 20 % low at B = 32 "
+                "(ratio ≈ 0.71): the missing shift comes from single heavy samples whose "
+                "curvature spikes lie outside the top-10 eigenspace and are not small "
+                "perturbations (a larger k partly captures them: k = 64 gives 0.89, k = 100 "
+                "gives 0.94; the sample-resolved form below resolves them)",
+}
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the quasi-degenerate subspace form (k = 10) is also "
-                   "> 20 % low at B = 32 (ratio ≈ 0.71): the missing shift comes from single "
-                   "heavy samples whose curvature spikes lie outside the top-10 eigenspace and "
-                   "are not small perturbations (a larger k partly captures them: k = 64 gives "
-                   "0.89, k = 100 gives 0.94; the sample-resolved form below resolves them)")
-def test_digits_subspace_within_20_percent_at_every_B(digits_curves):
+@pytest.mark.parametrize("form", [pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=r))
+                                  for f, r in MISSES_20_PERCENT.items()])
+def test_digits_second_order_form_within_20_percent_at_every_B(digits_curves, form):
     pred, meas = digits_curves
-    ratio = pred["subspace"] / meas["mean"]
+    ratio = pred[form] / meas["mean"]
     assert np.all(np.abs(ratio - 1) < 0.2), ratio
 
 
