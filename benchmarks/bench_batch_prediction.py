@@ -25,9 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nets.batch_spectra import measure_batch_top_eigenvalue, predict_batch_top_eigenvalue
-from nets.operators import hessian_operator
-from nets.training import trained_digits_mlp
+from nets.noise.batch_spectra import measure_batch_top_eigenvalue, predict_batch_top_eigenvalue
+from nets.curvature.operators import hessian_operator
+from nets.training.loops import trained_digits_mlp
 
 BATCHES = [8, 32, 128, 512]
 N_BATCHES = {8: 320, 32: 160, 128: 80, 512: 80}

@@ -10,10 +10,10 @@ chunk, this measures the median wall time of
               cache_graph=False: forward + backward + pullback every product
   hvp_cached  the same with cache_graph=True (the gradient graph is kept; a product
               is one pullback through it)
-  lanczos     `nets.lanczos.lanczos(op, m)` (full reorthogonalisation), per step
-  eigsh       `nets.lanczos.eigsh(op, k=5)`, per operator product
+  lanczos     `nets.algorithms.lanczos.lanczos(op, m)` (full reorthogonalisation), per step
+  eigsh       `nets.algorithms.lanczos.eigsh(op, k=5)`, per operator product
   matmat_k    `op.matmat(V)` with k columns (torch.func.vmap) vs k sequential matvecs
-  bfloat16    error of bfloat16 products and what nets.lanczos does with them
+  bfloat16    error of bfloat16 products and what nets.algorithms.lanczos does with them
   variants    forward-over-reverse (jvp∘grad) and reverse-over-reverse (vjp∘grad)
               HVPs as bare torch.func functions (no operator), and torch.compile of
               the bare HVPs (opt-in with `--compile`; compile time reported separately)
@@ -33,12 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, jvp, vjp
 
-from nets.data import load_digits
-from nets.lanczos import eigsh, lanczos
-from nets.models import MLP, SmallCNN
-from nets.operators import CurvatureOperator, hessian_operator
-from nets.slq import slq_density
-from nets.training import trained_digits_mlp
+from nets.training.data import load_digits
+from nets.algorithms.lanczos import eigsh, lanczos
+from nets.training.models import MLP, SmallCNN
+from nets.curvature.operators import CurvatureOperator, hessian_operator
+from nets.algorithms.slq import slq_density
+from nets.training.loops import trained_digits_mlp
 
 #: bar -> limit. "_cached": the operator as built by default for these data sizes
 #: (cache_graph="auto" keeps the graph); without suffix: every product from scratch.
@@ -98,7 +98,7 @@ def bare_hvps(model, X, y):
 
 
 def bf16_check(label, model0, X0, y0, device):
-    """bfloat16 products: their error, and what nets.lanczos makes of them (raw, and
+    """bfloat16 products: their error, and what nets.algorithms.lanczos makes of them (raw, and
     through benchmarks/paper_scale.LowPrecisionProducts, which shows them as float32)."""
     from paper_scale import LowPrecisionProducts
 

@@ -2,7 +2,7 @@
 
 Same model, same data, same accuracy target, one process, methods interleaved.
 
-Problem: the trained digits MLP 64-32-10 (`nets.training.trained_digits_mlp`,
+Problem: the trained digits MLP 64-32-10 (`nets.training.loops.trained_digits_mlp`,
 P = 2410) on the full digits set (N = 1797, one batch), cross-entropy, float64 and
 float32. Reference: the top-5 eigenvalues of the dense float64 Hessian
 (`op.to_dense()`, `numpy.linalg.eigvalsh`).
@@ -39,10 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nets.lanczos import eigsh
-from nets.operators import hessian_operator
-from nets.slq import slq_density
-from nets.training import trained_digits_mlp
+from nets.algorithms.lanczos import eigsh
+from nets.curvature.operators import hessian_operator
+from nets.algorithms.slq import slq_density
+from nets.training.loops import trained_digits_mlp
 
 K = 5
 
@@ -116,7 +116,7 @@ def ours_eigsh(pb, setting, cache=True):
 
 
 def ours_public(pb, setting):
-    from nets.spectra import top_eigenvalues
+    from nets.algorithms.spectra import top_eigenvalues
 
     return top_eigenvalues(pb.model, F.cross_entropy, (pb.X, pb.y), k=K), None
 

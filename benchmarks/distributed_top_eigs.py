@@ -4,9 +4,9 @@
     torchrun --standalone --nproc_per_node=8 benchmarks/distributed_top_eigs.py \
         --backend nccl --device cuda                                                      # one GPU per rank
 
-Each rank takes its contiguous shard of the digits data (`nets.distributed.shard_dataset`,
+Each rank takes its contiguous shard of the digits data (`nets.curvature.distributed.shard_dataset`,
 sizes differ by at most one), builds `distributed_hessian_operator` and runs the same
-`nets.lanczos.eigsh` with the same seed (replicated Lanczos; every product is an
+`nets.algorithms.lanczos.eigsh` with the same seed (replicated Lanczos; every product is an
 all-reduce of the shard products weighted by N_r/N). Rank 0 checks the result against a
 single-process operator on the full data (`--check`), prints the eigenvalues and the
 time per distributed product, and writes benchmarks/results/distributed_top_eigs_<world>.json.
@@ -25,10 +25,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from nets.distributed import distributed_hessian_operator, shard_dataset
-from nets.lanczos import eigsh
-from nets.operators import hessian_operator
-from nets.training import trained_digits_mlp
+from nets.curvature.distributed import distributed_hessian_operator, shard_dataset
+from nets.algorithms.lanczos import eigsh
+from nets.curvature.operators import hessian_operator
+from nets.training.loops import trained_digits_mlp
 
 
 def main(argv=None):

@@ -4,12 +4,12 @@ on CIFAR-100, on a CUDA GPU. UNMEASURED in this repository (no GPU was available
 What it does, per checkpoint: for every batch size B in `--batch-sizes` (default
 1, 2, 4, …, 1024) and every seed in 0..`--seeds`−1, draw B training samples without
 replacement (`numpy.random.default_rng(seed·7919 + B)`), build the batch Hessian H_B
-(`nets.operators.batch_hessian_operator`, BatchNorm in eval mode by default:
+(`nets.curvature.operators.batch_hessian_operator`, BatchNorm in eval mode by default:
 `--policy`), run `--steps` Lanczos steps (default 100, full reorthogonalisation,
 float64 recurrence and basis) on HVPs computed in `--dtype` (float32 or bfloat16), and
 store λ_max, λ_min, the Ritz values/weights, timings and the HVP count under the key
 "<model>/<checkpoint>/B=<B>/seed=<seed>" in a JSON-lines store
-(`nets.jsonl_store.JsonlStore`): an interrupted run resumes where it stopped.
+(`nets.utils.jsonl_store.JsonlStore`): an interrupted run resumes where it stopped.
 The full-data λ_1(H) (B = N) is measured once per checkpoint with `eigsh` on chunks of
 `--chunk` samples.
 
@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 class LowPrecisionProducts:
     """Workaround, used for --dtype bfloat16: present an operator whose products run in
-    bfloat16 to `nets.lanczos` as a float32 operator. nets.lanczos derives its breakdown
+    bfloat16 to `nets.algorithms.lanczos` as a float32 operator. nets.algorithms.lanczos derives its breakdown
     threshold from the operator dtype's eps (10·eps·√P·‖A‖, about ‖A‖ for bfloat16), so
     on a raw bfloat16 operator it stops after one step (measured on the digits MLP:
     `lanczos(op_bf16, 30)` returns 1 step, λ_max 0.0034 instead of 0.266). Through this
@@ -51,7 +51,7 @@ class LowPrecisionProducts:
     and bfloat16 error (≈ 1.6e-2 relative on the digits MLP)."""
 
     def __new__(cls, inner, report_dtype=torch.float32):
-        from nets.operators import CurvatureOperator
+        from nets.curvature.operators import CurvatureOperator
 
         class _Wrapped(CurvatureOperator):
             def __init__(self):
@@ -76,7 +76,7 @@ def parse(argv=None):
     p.add_argument("--root", help="folder holding cifar-100-python/ (nets.load_cifar)")
     p.add_argument("--model", choices=sorted(MODELS), default="vgg16")
     p.add_argument("--checkpoint", action="append", default=[],
-                   help="state dict saved by nets.training.save_checkpoint (repeatable); "
+                   help="state dict saved by nets.training.loops.save_checkpoint (repeatable); "
                         "none: the freshly initialised network")
     p.add_argument("--batch-sizes", default=",".join(str(2 ** i) for i in range(11)))
     p.add_argument("--seeds", type=int, default=10)
@@ -116,12 +116,12 @@ def main(argv=None):
     if not args.root:
         raise SystemExit("--root is required: the folder holding cifar-100-python/")
 
-    from nets.data import load_cifar
-    from nets.jsonl_store import JsonlStore
-    from nets.lanczos import eigsh, lanczos
-    from nets.models import make_model
-    from nets.operators import batch_hessian_operator, hessian_operator
-    from nets.training import load_checkpoint
+    from nets.training.data import load_cifar
+    from nets.utils.jsonl_store import JsonlStore
+    from nets.algorithms.lanczos import eigsh, lanczos
+    from nets.training.models import make_model
+    from nets.curvature.operators import batch_hessian_operator, hessian_operator
+    from nets.training.loops import load_checkpoint
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)

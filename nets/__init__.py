@@ -11,8 +11,8 @@ a user composes them from: operators (`hessian_operator`, `ggn_operator`,
 on-the-fly learner (`CurvatureAdaptiveSGD`).
 """
 
-from .data import load_cifar, load_digits
-from .operators import (
+from nets.training.data import load_cifar, load_digits
+from nets.curvature.operators import (
     CurvatureOperator,
     batch_ggn_operator,
     batch_hessian_operator,
@@ -20,14 +20,18 @@ from .operators import (
     ggn_operator,
     hessian_operator,
 )
-from .lanczos import eigsh, lanczos
-from .slq import slq_density
-from .hutchinson import hutchinson_trace
-from .noise import directional_noise, isotropic_noise
-from .spectra import bottom_eigenvalues, top_eigenvalues
-from .batch_spectra import measure_batch_top_eigenvalue, predict_batch_top_eigenvalue
-from .lr_prediction import fit_scaling_exponent, lr_table, predict_max_lr
-from .learner import CurvatureAdaptiveSGD
+from nets.algorithms.lanczos import eigsh, lanczos
+from nets.algorithms.slq import slq_density
+from nets.algorithms.hutchinson import hutchinson_trace
+from nets.noise.directional import directional_noise, isotropic_noise
+from nets.algorithms.spectra import bottom_eigenvalues, top_eigenvalues
+from nets.noise.batch_spectra import measure_batch_top_eigenvalue, predict_batch_top_eigenvalue
+from nets.learning_rates.lr_prediction import fit_scaling_exponent, lr_table, predict_max_lr
+from nets.learning_rates.learner import CurvatureAdaptiveSGD
+# modules users reach by name (`nets.lr_search.lr_sweep`, `nets.stability...`)
+from nets.learning_rates import learner, least_squares, lr_prediction, lr_search, stability
+from nets.noise import batch_spectra, gradient_noise, resolved_noise, subspace_noise
+from nets.training import data, models  # noqa: F401
 
 __all__ = [
     "load_cifar",

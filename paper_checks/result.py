@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from nets.atomic import atomic_write
+from nets.utils.atomic import atomic_write
 
 VERDICTS = ("pass", "fail", "skipped", "error")
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}

@@ -30,7 +30,7 @@ STORE_NAME = ".resume.jsonl"
 
 
 def _store(out_dir: Path, fresh: bool):
-    from nets.jsonl_store import JsonlStore
+    from nets.utils.jsonl_store import JsonlStore
 
     path = out_dir / STORE_NAME
     if fresh and path.exists():

@@ -14,7 +14,7 @@ empirical ones.  At B = N (without replacement) c = 0, so the inputs come back.
 
 from __future__ import annotations
 
-from ._validation import as_float
+from .validation import as_float
 from .sampling import batch_noise_factor
 from .spiked_wigner import spiked_wigner_outlier
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validation import as_array, as_float, as_int, as_rng
+from .validation import as_array, as_float, as_int, as_rng
 
 _NORMALIZATIONS = ("semicircle", "raw")
 

@@ -31,7 +31,7 @@ import math
 
 import numpy as np
 
-from ._validation import as_array, as_float
+from .validation import as_array, as_float
 from .sampling import batch_noise_factor
 
 __all__ = [

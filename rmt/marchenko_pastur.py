@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validation import as_float
+from .validation import as_float
 
 
 def _check(ratio, variance):

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import brentq
 
-from ._validation import as_float
+from .validation import as_float
 
 
 @dataclass(frozen=True)

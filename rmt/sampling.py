@@ -13,7 +13,7 @@ Hence every entry of the fluctuation ε = H_B − H has variance c(B, N)·σ²_j
 
 from __future__ import annotations
 
-from ._validation import as_float
+from .validation import as_float
 
 
 def batch_noise_factor(B, N=None, replacement: bool = False) -> float:

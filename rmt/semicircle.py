@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validation import as_float
+from .validation import as_float
 
 
 def semicircle_edges(variance=1.0) -> tuple[float, float]:

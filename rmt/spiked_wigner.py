@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-from ._validation import as_float
+from .validation import as_float
 
 
 def spiked_wigner_outlier(spike, noise_var, clip=True) -> float:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-from ._validation import as_float
+from .validation import as_float
 
 
 def _args(spike, ratio, noise_var):

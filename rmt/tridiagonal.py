@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.linalg import eigvalsh_tridiagonal
 
-from ._validation import as_float, as_int, as_rng
+from .validation import as_float, as_int, as_rng
 
 
 def _beta(beta) -> float:

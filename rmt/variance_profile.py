@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import brentq
 
-from ._validation import as_array, as_float
+from .validation import as_array, as_float
 from .ensembles import check_profile
 
 

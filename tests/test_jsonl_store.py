@@ -8,7 +8,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from nets.jsonl_store import JsonlStore
+from nets.utils.jsonl_store import JsonlStore
 
 
 def test_roundtrip_and_resume(tmp_path):
@@ -41,7 +41,7 @@ def test_sigkill_midway_then_resume_loses_and_duplicates_nothing(tmp_path):
     script = textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {os.getcwd()!r})
-        from nets.jsonl_store import JsonlStore
+        from nets.utils.jsonl_store import JsonlStore
         s = JsonlStore({str(p)!r})
         for i in range(40):
             if str(i) in s:

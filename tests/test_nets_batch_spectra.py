@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 import rmt
-from nets.batch_spectra import measure_batch_top_eigenvalue, predict_batch_top_eigenvalue
-from nets.noise import directional_noise
-from nets.operators import hessian_operator
-from nets.spectra import bottom_eigenvalues, top_eigenvalues
+from nets.noise.batch_spectra import measure_batch_top_eigenvalue, predict_batch_top_eigenvalue
+from nets.noise.directional import directional_noise
+from nets.curvature.operators import hessian_operator
+from nets.algorithms.spectra import bottom_eigenvalues, top_eigenvalues
 
 CE = nn.functional.cross_entropy
 
@@ -31,7 +31,7 @@ def test_top_and_bottom_eigenvalues_entry_points_match_dense():
     assert isinstance(top, np.ndarray) and top.dtype == np.float64
     np.testing.assert_allclose(top, ev[::-1][:3], rtol=1e-8)
     np.testing.assert_allclose(bottom_eigenvalues(model, CE, (X, y), k=2), ev[:2], rtol=1e-8)
-    from nets.operators import ggn_operator
+    from nets.curvature.operators import ggn_operator
     evg = np.linalg.eigvalsh(ggn_operator(model, CE, (X, y)).to_dense().numpy())
     np.testing.assert_allclose(top_eigenvalues(model, CE, (X, y), k=2, kind="ggn"),
                                evg[::-1][:2], rtol=1e-8)
@@ -76,7 +76,7 @@ def test_prediction_formulas_and_the_B_equals_N_limit():
     clipped = [rmt.spiked_wigner_outlier(lam, ci * pred["s2_isotropic"], clip=True) for ci in c]
     np.testing.assert_allclose(pred["isotropic_clipped"], clipped, rtol=1e-6)
     # GGN version: λ is the top eigenvalue of the dense GGN
-    from nets.operators import ggn_operator
+    from nets.curvature.operators import ggn_operator
     pg = predict_batch_top_eigenvalue(model, CE, (X, y), [2, 10], kind="ggn")
     lam_g = np.linalg.eigvalsh(ggn_operator(model, CE, (X, y)).to_dense().numpy())[-1]
     assert pg["lam"] == pytest.approx(lam_g, rel=1e-7)
@@ -109,10 +109,10 @@ N_BATCHES = {8: 320, 32: 160, 128: 80, 512: 80}
 
 @pytest.fixture(scope="module")
 def digits_curves():
-    from nets.training import trained_digits_mlp
+    from nets.training.loops import trained_digits_mlp
     model, (X, y) = trained_digits_mlp(seed=0)
     # subspace_k="auto": k = number of outputs (10 classes), the rule fixed in
-    # nets.subspace_noise.default_subspace_dim before looking at any result
+    # nets.noise.subspace_noise.default_subspace_dim before looking at any result
     pred = predict_batch_top_eigenvalue(model, CE, (X, y), BATCHES, seed=0, num_probes=10,
                                         subspace_k="auto", resolve_samples=True)
     runs = [measure_batch_top_eigenvalue(model, CE, (X, y), [B], n_batches=N_BATCHES[B], seed=1)
@@ -146,7 +146,7 @@ def test_digits_directional_prediction_tracks_measurement(digits_curves):
 
 @pytest.mark.slow
 def test_digits_subspace_prediction(digits_curves):
-    """Quasi-degenerate (Löwdin, top-k eigenspace, k = 10 outputs) form, nets.subspace_noise.
+    """Quasi-degenerate (Löwdin, top-k eigenspace, k = 10 outputs) form, nets.noise.subspace_noise.
     Ratio subspace/measured ≈ 0.87, 0.71, 0.87, 0.97 at B = 8, 32, 128, 512 — it does not
     close the B = 32 gap (see the xfail below)."""
     pred, meas = digits_curves
@@ -190,7 +190,7 @@ def test_digits_second_order_form_within_20_percent_at_every_B(digits_curves, fo
 
 @pytest.mark.slow
 def test_digits_resolved_directional_within_20_percent_at_every_B(digits_curves):
-    """Issue acceptance: the sample-resolved directional form (nets.resolved_noise: the
+    """Issue acceptance: the sample-resolved directional form (nets.noise.resolved_noise: the
     subspace form plus each sample's own curvature spike kept exactly when γ_i/B > λ_1, a
     rule fixed before comparing) is within 20 % of the measured mean at every B.
     Against 2000/1000/400/200 measured batches it is 1.01, 1.02, 1.08, 0.97; on five
@@ -210,10 +210,10 @@ def test_digits_resolved_directional_within_20_percent_at_every_B(digits_curves)
 def test_digits_resolved_is_right_batch_by_batch(digits_curves):
     """Paired check on the measured batches themselves: the model's λ'_1 for each batch
     correlates with the measured one (ρ > 0.9) and their means agree within 10 %."""
-    from nets.lanczos import eigsh
-    from nets.operators import curvature_operator
-    from nets.resolved_noise import resolved_batch_top_eigenvalue, resolved_noise_from_operator
-    from nets.training import trained_digits_mlp
+    from nets.algorithms.lanczos import eigsh
+    from nets.curvature.operators import curvature_operator
+    from nets.noise.resolved_noise import resolved_batch_top_eigenvalue, resolved_noise_from_operator
+    from nets.training.loops import trained_digits_mlp
     pred, meas = digits_curves
     model, (X, y) = trained_digits_mlp(seed=0)
     op = curvature_operator(model, CE, (X, y))
@@ -229,8 +229,8 @@ def test_digits_resolved_is_right_batch_by_batch(digits_curves):
 def test_measure_sweep_resumes_from_store_bit_identically(tmp_path):
     import torch as _torch
     import torch.nn.functional as _F
-    from nets.batch_spectra import measure_batch_top_eigenvalue as _measure
-    from nets.jsonl_store import JsonlStore as _Store
+    from nets.noise.batch_spectra import measure_batch_top_eigenvalue as _measure
+    from nets.utils.jsonl_store import JsonlStore as _Store
 
     g = _torch.Generator().manual_seed(0)
     model = _torch.nn.Sequential(_torch.nn.Linear(4, 5), _torch.nn.Tanh(), _torch.nn.Linear(5, 3)).double()

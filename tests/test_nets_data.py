@@ -1,4 +1,4 @@
-"""Tests for nets.data: digits scaling, synthetic ground truths, CIFAR reading with a
+"""Tests for nets.training.data: digits scaling, synthetic ground truths, CIFAR reading with a
 restricted unpickler (including a malicious file), dataset validation."""
 
 import math
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from nets.data import (
+from nets.training.data import (
     CIFAR_MEAN,
     CIFAR_STD,
     check_dataset,

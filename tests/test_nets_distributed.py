@@ -1,6 +1,6 @@
 """Sharded curvature products with torch.distributed (gloo, 2 CPU processes).
 
-Oracle: the single-process full-data operator of nets.operators and a dense float64
+Oracle: the single-process full-data operator of nets.curvature.operators and a dense float64
 Hessian from torch.func.hessian. Shards are deliberately uneven (200 / 101 samples,
 with different chunk sizes inside each shard), so a product that averaged the shards
 with equal weight would be off by O(1) and fail the 1e-10 comparisons.
@@ -16,12 +16,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from nets.data import load_digits
-from nets.distributed import (DistributedCurvatureOperator, distributed_ggn_operator,
+from nets.training.data import load_digits
+from nets.curvature.distributed import (DistributedCurvatureOperator, distributed_ggn_operator,
                               distributed_hessian_operator, shard_bounds, shard_dataset)
-from nets.lanczos import eigsh
-from nets.models import MLP
-from nets.operators import ggn_operator, hessian_operator
+from nets.algorithms.lanczos import eigsh
+from nets.training.models import MLP
+from nets.curvature.operators import ggn_operator, hessian_operator
 
 N_SAMPLES = 301
 SPLIT = 200                         # rank 0: samples [0, 200), rank 1: [200, 301)

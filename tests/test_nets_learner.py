@@ -15,12 +15,12 @@ import pytest
 import torch
 from torch import nn
 
-from nets.learner import (CurvatureAdaptiveSGD, CurvatureUpdate, choose_mu,
+from nets.learning_rates.learner import (CurvatureAdaptiveSGD, CurvatureUpdate, choose_mu,
                           micro_batch_directional_noise)
-from nets.learner_comparison import (LEARNER_DEFAULTS, ComparisonResult, compare,
+from paper_checks.experiments.learner_comparison import (LEARNER_DEFAULTS, ComparisonResult, compare,
                                      digits_split, train_run)
-from nets.models import MLP
-from nets.operators import curvature_operator
+from nets.training.models import MLP
+from nets.curvature.operators import curvature_operator
 from rmt.lr import heavy_ball, rescale_curvature
 
 

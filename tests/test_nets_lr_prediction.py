@@ -1,5 +1,5 @@
-"""Learning rates from spectra: predicted vs exact vs measured (nets.lr_prediction,
-nets.gradient_noise, nets.least_squares), including the issue's acceptance numbers."""
+"""Learning rates from spectra: predicted vs exact vs measured (nets.learning_rates.lr_prediction,
+nets.noise.gradient_noise, nets.learning_rates.least_squares), including the issue's acceptance numbers."""
 
 import numpy as np
 import pytest
@@ -7,11 +7,11 @@ import torch
 
 import rmt
 from nets import predict_max_lr
-from nets.gradient_noise import gradient_noise, per_sample_gradients
-from nets.least_squares import (digits_feature_regression, lr_study, naive_batch_lr,
+from nets.noise.gradient_noise import gradient_noise, per_sample_gradients
+from nets.learning_rates.least_squares import (digits_feature_regression, lr_study, naive_batch_lr,
                                 spiked_regression)
-from nets.lr_prediction import fit_scaling_exponent, lr_table
-from nets.stability import ms_stability_threshold
+from nets.learning_rates.lr_prediction import fit_scaling_exponent, lr_table
+from nets.learning_rates.stability import ms_stability_threshold
 
 
 # ----------------------------------------------------------------- gradient noise
@@ -221,7 +221,7 @@ def test_acceptance_digits_features_naive_batch_spectrum_is_far_off():
 
 @pytest.mark.slow
 def test_acceptance_adam_exponent_on_noisy_regression():
-    """Adam (β = (0.9, 0.999)), loss criterion of nets.lr_search, label noise 0.5: the
+    """Adam (β = (0.9, 0.999)), loss criterion of nets.learning_rates.lr_search, label noise 0.5: the
     measured threshold grows like B^k with k ≈ 1/2 (we measure ≈ 0.53)."""
     p = spiked_regression(1600, 100, 1.5, noise_std=0.5, rng=1)
     r = lr_study(p, [1, 2, 4, 8, 16, 32], seeds=(0,), steps=500, measure_batches=[],

@@ -1,4 +1,4 @@
-"""The empirical lr harness (nets.lr_search): bisection finds a known threshold, the
+"""The empirical lr harness (nets.learning_rates.lr_search): bisection finds a known threshold, the
 growth-rate fit, and resumability of the JSONL-backed sweep."""
 
 import math
@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from nets.jsonl_store import JsonlStore
-from nets.least_squares import spiked_regression
-from nets.lr_search import bisect_max_lr, fit_growth_rate, lr_sweep, run_trial
+from nets.utils.jsonl_store import JsonlStore
+from nets.learning_rates.least_squares import spiked_regression
+from nets.learning_rates.lr_search import bisect_max_lr, fit_growth_rate, lr_sweep, run_trial
 
 
 def _quadratic(seed=0):
@@ -100,7 +100,7 @@ def test_adam_loss_criterion_and_bad_inputs():
 def test_lr_sweep_refuses_bad_data_state_and_seeds():
     import pytest as _pytest
     import torch as _torch
-    from nets.lr_search import lr_sweep, run_trial
+    from nets.learning_rates.lr_search import lr_sweep, run_trial
 
     model = _torch.nn.Linear(3, 1)
     X, y = _torch.randn(10, 3), _torch.randn(10, 1)
@@ -122,7 +122,7 @@ def test_lr_sweep_refuses_bad_data_state_and_seeds():
 
 def test_fit_scaling_exponent_refuses_non_positive_lr():
     import pytest as _pytest
-    from nets.lr_prediction import fit_scaling_exponent
+    from nets.learning_rates.lr_prediction import fit_scaling_exponent
 
     with _pytest.raises(ValueError, match="lrs"):
         fit_scaling_exponent([1, 2, 4], [0.1, -0.2, 0.4])

@@ -1,11 +1,11 @@
-"""Tests for nets.models: output shapes, parameter counts against independent
+"""Tests for nets.training.models: output shapes, parameter counts against independent
 formulas and published figures, seed-determined initialisation without global state."""
 
 import pytest
 import torch
 from torch import nn
 
-from nets.models import (
+from nets.training.models import (
     MLP,
     VGG16,
     LogisticRegression,

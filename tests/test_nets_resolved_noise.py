@@ -1,15 +1,15 @@
-"""Sample-resolved form of λ'_1(B) (nets.resolved_noise): dense oracles and exact limits."""
+"""Sample-resolved form of λ'_1(B) (nets.noise.resolved_noise): dense oracles and exact limits."""
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from nets.batch_spectra import measure_batch_top_eigenvalue
-from nets.operators import hessian_operator
-from nets.resolved_noise import (ResolvedNoise, per_sample_top_eigenpairs,
+from nets.noise.batch_spectra import measure_batch_top_eigenvalue
+from nets.curvature.operators import hessian_operator
+from nets.noise.resolved_noise import (ResolvedNoise, per_sample_top_eigenpairs,
                                  resolved_batch_top_eigenvalue, resolved_noise_from_operator)
-from nets.subspace_noise import subspace_batch_top_eigenvalue
+from nets.noise.subspace_noise import subspace_batch_top_eigenvalue
 
 CE = nn.functional.cross_entropy
 
@@ -91,7 +91,7 @@ def test_spike_quantities_match_dense(dense):
 
 @pytest.mark.parametrize("B", [2, 5, 12])
 def test_complement_noise_with_spikes_removed_matches_dense(dense, B):
-    from nets.resolved_noise import _complement_noise
+    from nets.noise.resolved_noise import _complement_noise
     model, X, y, Hs, H, ev, V = dense
     k = 3
     rn = _resolved(dense, k=k)
@@ -178,7 +178,7 @@ def test_small_batches_track_measurement_on_a_heavy_tailed_model():
     model allowance), where the subspace form misses the heavy samples' spikes."""
     model, X, y = tiny(seed=2, N=60, heavy=(1, 9, 17, 33, 48))
     op = hessian_operator(model, CE, (X, y))
-    from nets.lanczos import eigsh
+    from nets.algorithms.lanczos import eigsh
     top = eigsh(op, k=3, which="LA", tol=1e-10, seed=0)
     rn = resolved_noise_from_operator(op, top.vectors, min_batch=4, seed=0)
     Bs = [4, 8]

@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from nets.hutchinson import hutchinson_trace
-from nets.operators import hessian_operator
-from nets.slq import slq_density
+from nets.algorithms.hutchinson import hutchinson_trace
+from nets.curvature.operators import hessian_operator
+from nets.algorithms.slq import slq_density
 
 CE = nn.functional.cross_entropy
 
@@ -83,7 +83,7 @@ def test_hutchinson_trace_z_score_and_blocking(mlp):
     est2, se2 = hutchinson_trace(op, num_probes=64, seed=2, block_size=5)
     assert est2 == pytest.approx(est, rel=1e-12) and se2 == pytest.approx(se, rel=1e-9)
     # Rademacher quadratic forms are exact for a diagonal operator: zero variance
-    from nets.operators import CurvatureOperator
+    from nets.curvature.operators import CurvatureOperator
 
     class Diag(CurvatureOperator):
         def __init__(self, d):

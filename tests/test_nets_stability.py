@@ -1,4 +1,4 @@
-"""Oracles for the exact mean-square stability threshold (nets.stability).
+"""Oracles for the exact mean-square stability threshold (nets.learning_rates.stability).
 
 - explicit d²×d² second-moment matrix built by enumerating every batch (d=3, N=6, all B,
   with and without replacement) — independent of the c(B,N) algebra;
@@ -14,8 +14,8 @@ import pytest
 from scipy.optimize import brentq
 
 import rmt
-from nets.least_squares import spiked_regression, spike_for_critical_batch
-from nets.stability import (PerSampleHessians, ms_spectral_radius, ms_stability_threshold,
+from nets.learning_rates.least_squares import spiked_regression, spike_for_critical_batch
+from nets.learning_rates.stability import (PerSampleHessians, ms_spectral_radius, ms_stability_threshold,
                             second_moment_operator)
 
 

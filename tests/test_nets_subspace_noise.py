@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 import rmt
-from nets.batch_spectra import measure_batch_top_eigenvalue, predict_batch_top_eigenvalue
-from nets.noise import directional_noise
-from nets.operators import hessian_operator
-from nets.subspace_noise import (SubspaceNoise, default_subspace_dim,
+from nets.noise.batch_spectra import measure_batch_top_eigenvalue, predict_batch_top_eigenvalue
+from nets.noise.directional import directional_noise
+from nets.curvature.operators import hessian_operator
+from nets.noise.subspace_noise import (SubspaceNoise, default_subspace_dim,
                                  subspace_batch_top_eigenvalue, subspace_noise,
                                  subspace_noise_from_operator)
 
@@ -51,7 +51,7 @@ def test_projections_match_dense_per_sample_hessians(dense):
     np.testing.assert_allclose(sn.S, np.einsum("nij,njl->il", a, a) / (N - 1), atol=1e-12)
     np.testing.assert_allclose(sn.lam, ev[:k], rtol=1e-10)
     assert np.abs(sn.a.sum(axis=0)).max() < 1e-12
-    # s_u² = S_jj + D_jj is the directional noise of nets.noise along each column
+    # s_u² = S_jj + D_jj is the directional noise of nets.noise.directional along each column
     for j in range(k):
         s2 = directional_noise(model, CE, (X, y), torch.from_numpy(U[:, j])).s2
         assert sn.directional_s2[j] == pytest.approx(s2, rel=1e-10)

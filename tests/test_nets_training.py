@@ -1,4 +1,4 @@
-"""Tests for nets.training: exact optimizer steps, determinism, evaluation with uneven
+"""Tests for nets.training.loops: exact optimizer steps, determinism, evaluation with uneven
 chunks, the cached digits checkpoint, and weights-only checkpoint loading."""
 
 import math
@@ -11,9 +11,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad
 
-from nets.data import gaussian_mixture, load_digits, teacher_student_regression
-from nets.models import MLP, count_parameters
-from nets.training import (
+from nets.training.data import gaussian_mixture, load_digits, teacher_student_regression
+from nets.training.models import MLP, count_parameters
+from nets.training.loops import (
     accuracy,
     evaluate,
     load_checkpoint,

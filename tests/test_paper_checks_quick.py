@@ -9,7 +9,7 @@ matplotlib.use("Agg")
 import numpy as np
 import pytest
 
-from paper_checks.checks import _montecarlo as mc
+from paper_checks.checks import montecarlo as mc
 from paper_checks.checks import by_name, default_names
 from paper_checks.context import Context
 from paper_checks.result import CheckResult
@@ -178,7 +178,7 @@ def test_network_spectra_verdict_follows_20_percent_rule(results, monkeypatch):
     # the other forms are reported as computed, not copied from the judged one
     assert not np.allclose(r.array("predicted_directional"), r.array("predicted_resolved"))
     # a sample-resolved model that overstates every batch by 30 % must fail the check
-    import nets.resolved_noise as rn_mod
+    import nets.noise.resolved_noise as rn_mod
     real = rn_mod.resolved_batch_top_eigenvalue
 
     def inflated(*a, **k):
@@ -201,7 +201,7 @@ def test_sgd_mlp_verdict_follows_rule(results):
 
 def test_learner_verdict_follows_rule(results):
     if "on_the_fly_learner" not in results:
-        pytest.skip("nets.learner not present")
+        pytest.skip("nets.learning_rates.learner not present")
     r = results["on_the_fly_learner"]
     rows = {row["method"]: row for row in r.details["summary"]}
     best = max(rows["sgd"]["test_acc_mean"], rows["adam"]["test_acc_mean"])

@@ -5,7 +5,7 @@ no public function touches the global numpy / torch / random RNG state.
 
 Covered: top_eigenvalues, slq_density, hutchinson_trace, directional_noise (per-sample
 and micro-batched), isotropic_noise, measure_batch_top_eigenvalue,
-predict_batch_top_eigenvalue, sample_spiked_goe_top, and training (nets.training.train,
+predict_batch_top_eigenvalue, sample_spiked_goe_top, and training (nets.training.loops.train,
 SGD with momentum and Adam, dropout active). GPU determinism is not tested here (no GPU
 in CI); see the README section "What is validated".
 """
@@ -26,8 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _problem():
-    from nets.data import gaussian_mixture
-    from nets.models import MLP
+    from nets.training.data import gaussian_mixture
+    from nets.training.models import MLP
     X, y = gaussian_mixture(40, 6, n_classes=3, seed=5, dtype=torch.float64)
     model = MLP(6, (7,), 3, seed=3).double()
     return model, torch.nn.functional.cross_entropy, (X, y)
@@ -51,12 +51,12 @@ def run_all(seed: int) -> dict:
     """Every covered computation at `seed`; returns {name: raw outputs}."""
     import nets
     import rmt
-    from nets.hutchinson import hutchinson_trace
-    from nets.models import MLP
-    from nets.noise import directional_noise, isotropic_noise
-    from nets.operators import hessian_operator
-    from nets.slq import slq_density
-    from nets.training import train
+    from nets.algorithms.hutchinson import hutchinson_trace
+    from nets.training.models import MLP
+    from nets.noise.directional import directional_noise, isotropic_noise
+    from nets.curvature.operators import hessian_operator
+    from nets.algorithms.slq import slq_density
+    from nets.training.loops import train
 
     model, loss, data = _problem()
     out = {}

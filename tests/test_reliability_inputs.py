@@ -29,11 +29,11 @@ from torch import nn
 
 import nets
 import rmt
-from nets.hutchinson import hutchinson_trace
-from nets.lanczos import lanczos
-from nets.noise import directional_noise
-from nets.operators import hessian_operator
-from nets.slq import slq_density
+from nets.algorithms.hutchinson import hutchinson_trace
+from nets.algorithms.lanczos import lanczos
+from nets.noise.directional import directional_noise
+from nets.curvature.operators import hessian_operator
+from nets.algorithms.slq import slq_density
 from rmt import lr as L
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -636,4 +636,4 @@ def test_no_unrestricted_deserialisation_in_the_package():
                 methods = {n.name for n in node.body if isinstance(n, ast.FunctionDef)}
                 unpicklers.append((str(rel), node.name, "find_class" in methods))
     assert offenders == []
-    assert unpicklers == [("nets/data.py", "_CifarUnpickler", True)]
+    assert unpicklers == [("nets/training/data.py", "_CifarUnpickler", True)]

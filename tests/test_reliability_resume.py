@@ -1,13 +1,13 @@
 """Long runs survive interrupts: each finished item is written atomically and a re-run
 resumes without redoing or losing anything.
 
-* lr bisection sweep (`nets.lr_search.lr_sweep`, JsonlStore-backed): a child process is
+* lr bisection sweep (`nets.learning_rates.lr_search.lr_sweep`, JsonlStore-backed): a child process is
   killed (SIGKILL, and SIGINT) mid-sweep; the re-run performs trials only for the
   missing (B, seed) keys and ends with exactly the numbers of an uninterrupted sweep.
 * `python -m paper_checks`: killed (SIGKILL) after its first check is recorded; the
   re-run does not call that check's `run` again, runs the second once, and the runner's
   own store holds each check exactly once.
-* learner comparison (`nets.learner_comparison.compare`): interrupted by
+* learner comparison (`paper_checks.experiments.learner_comparison.compare`): interrupted by
   KeyboardInterrupt (what SIGINT raises) after two finished runs; the re-run trains only
   the missing runs and reproduces an uninterrupted comparison bit for bit.
 
@@ -25,7 +25,7 @@ import time
 import numpy as np
 import pytest
 
-from nets.jsonl_store import JsonlStore
+from nets.utils.jsonl_store import JsonlStore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,7 +64,7 @@ SWEEP = dict(batch_sizes=[4, 16, 48], seeds=(0, 1), steps=64, rel_tol=0.1, tag="
 
 
 def _sweep_problem():
-    from nets.least_squares import spiked_regression
+    from nets.learning_rates.least_squares import spiked_regression
     p = spiked_regression(48, 8, 4.0, noise_std=0.0, rng=2)
     model, loss, data = p.torch_problem(w=np.zeros(p.d))
     lam = float(np.linalg.eigvalsh(p.hessian())[-1])
@@ -72,7 +72,7 @@ def _sweep_problem():
 
 
 def _sweep(store, trial_fn=None):
-    from nets.lr_search import lr_sweep
+    from nets.learning_rates.lr_search import lr_sweep
     model, loss, data, lam = _sweep_problem()
     kw = dict(SWEEP)
     return lr_sweep(model, loss, data, model.state_dict(), kw.pop("batch_sizes"),
@@ -93,7 +93,7 @@ def test_lr_sweep_killed_midway_resumes_without_loss_or_duplicates(tmp_path, sig
         # children; restore Python's handler so SIGINT raises KeyboardInterrupt here
         signal.signal(signal.SIGINT, signal.default_int_handler)
         sys.path[:0] = [{ROOT!r}, {os.path.dirname(os.path.abspath(__file__))!r}]
-        from nets.lr_search import run_trial
+        from nets.learning_rates.lr_search import run_trial
         from test_reliability_resume import _sweep
         def slow_trial(*a, **k):        # widen the window between two stored keys
             time.sleep(0.01)
@@ -120,7 +120,7 @@ def test_lr_sweep_killed_midway_resumes_without_loss_or_duplicates(tmp_path, sig
     calls = []
 
     def counting_trial(*args, **kwargs):
-        from nets.lr_search import run_trial
+        from nets.learning_rates.lr_search import run_trial
         calls.append((args[5], kwargs["seed"]))
         return run_trial(*args, **kwargs)
 
@@ -214,7 +214,7 @@ def _same_runs(a, b):
 
 
 def test_learner_comparison_interrupted_resumes(tmp_path, monkeypatch):
-    import nets.learner_comparison as lc
+    import paper_checks.experiments.learner_comparison as lc
 
     path = tmp_path / "cmp.jsonl"
     reference = lc.compare(**LEARNER_CFG)

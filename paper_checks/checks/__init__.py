@@ -24,7 +24,7 @@ _DEFAULT_NAMES = [
     "damping_inverse_batch",
     "symbolic_derivations",
 ]
-_OPTIONAL = {"on_the_fly_learner": "nets.learner"}   # included only if the module exists
+_OPTIONAL = {"on_the_fly_learner": "nets.learning_rates.learner"}   # included only if the module exists
 _PAPER_SCALE_NAMES = ["cifar_batch_spectra"]
 
 

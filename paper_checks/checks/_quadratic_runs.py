@@ -7,15 +7,15 @@ learning rate, or the damping) are run side by side as the columns of one d×K m
 seeing the same batch sequence (common random numbers), so the measured threshold is a
 clean sign change along the grid.
 
-Divergence criterion (almost-sure, as `nets.lr_search`'s "growth" criterion): the
+Divergence criterion (almost-sure, as `nets.learning_rates.lr_search`'s "growth" criterion): the
 growth rate γ = d log‖e_t‖/dt over the second half of a run of T steps exceeds
-GROWTH_TOL/T (= 3/T, the same margin as `nets.lr_search`: an e^1.5 growth over the half
+GROWTH_TOL/T (= 3/T, the same margin as `nets.learning_rates.lr_search`: an e^1.5 growth over the half
 run), so that finite-run noise in γ does not flag stable runs; the run length scales
 like dim/B (`steps_for`) so that γ is resolved equally well at every B. The threshold is
 interpolated where γ crosses the margin (`threshold_from_grid`). The columns are
 renormalised every step and log-norms accumulated, so nothing overflows. This measures
 the almost-sure (Lyapunov) threshold, which lies at or above the mean-square threshold
-of `nets.stability` (mean-square stability implies almost-sure stability).
+of `nets.learning_rates.stability` (mean-square stability implies almost-sure stability).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Check 8 — Adam square-root scaling: α_max(B) ∝ √B in the noise-dominated regime
 (THEORY §5, "Adam / adaptive").
 
-Problem: `nets.least_squares.spiked_regression` with label noise, at its least-squares
+Problem: `nets.learning_rates.least_squares.spiked_regression` with label noise, at its least-squares
 minimizer ŵ: the mean gradient is exactly 0 and the per-sample gradients g_i = x_i r_i
 have per-coordinate variance Σ_jj. Adam's stationary second moment is
 v_j = ḡ_j² + c(B,N)·Σ_jj = c·Σ_jj, so its (frozen) preconditioner is
@@ -9,7 +9,7 @@ D = diag(1/√(c·Σ_jj)) ∝ √B and the error obeys e ← e − α·D·H_B·e
 
 Three curves: the isotropic closed form `rmt.lr.adam_max_lr(B, λ₁, s_u², 0, mean Σ_jj, N)`;
 the exact mean-square threshold of the preconditioned iteration (oracle:
-`nets.stability.ms_threshold_curve` on the factors x_i·√D₀, D₀ = diag(Σ_jj^{-1/2}),
+`nets.learning_rates.stability.ms_threshold_curve` on the factors x_i·√D₀, D₀ = diag(Σ_jj^{-1/2}),
 times √c); and the measured almost-sure divergence threshold (R runs per B, growth-rate
 criterion, `_quadratic_runs`). Exponent of log α vs log B over B ≤ B*/6 with a bootstrap
 CI over runs.
@@ -23,21 +23,21 @@ from __future__ import annotations
 import numpy as np
 
 from ..result import judged
-from . import _montecarlo as mc
+from . import montecarlo as mc
 from ._quadratic_runs import GROWTH_TOL, growth_rates, steps_for, threshold_from_grid
 from .sgd_scaling_least_squares import plot_scaling
 
 NAME = "adam_sqrt_scaling"
 CLAIM = ("Adam (adaptive preconditioning): the largest stable learning rate grows like √B "
          "for B ≪ B* (square-root rule), fitted exponent vs 1/2.")
-REQUIRES = ("rmt.lr:adam_max_lr", "nets.least_squares:spiked_regression",
-            "nets.stability:ms_threshold_curve")
+REQUIRES = ("rmt.lr:adam_max_lr", "nets.learning_rates.least_squares:spiked_regression",
+            "nets.learning_rates.stability:ms_threshold_curve")
 TOL_MEASURED, TOL_ORACLE, RATIO_BAND, MS_FLOOR = 0.15, 0.1, (0.6, 1.1), 0.95
 
 
 def run(ctx):
-    from nets.least_squares import spike_for_critical_batch, spiked_regression
-    from nets.stability import ms_threshold_curve
+    from nets.learning_rates.least_squares import spike_for_critical_batch, spiked_regression
+    from nets.learning_rates.stability import ms_threshold_curve
     from rmt import batch_noise_factor
     from rmt.lr import adam_max_lr, critical_batch_size
 

@@ -2,7 +2,7 @@
 top eigenvalues of VGG-16 and WideResNet-28-10 on CIFAR-100 across B (THEORY §7).
 
 For each network: train with SGD (lr 0.05, momentum 0.9, weight decay 5e-4, B = 128) for
-a few epochs from the package's seeded initialisation (`nets.training.train`), switch to
+a few epochs from the package's seeded initialisation (`nets.training.loops.train`), switch to
 eval mode (BatchNorm running statistics: `policy="eval"`), then on a fixed random subset
 of N_c training images (the curvature data set; c(B, N_c) uses N_c):
 measured λ'₁(B) (`nets.measure_batch_top_eigenvalue`, n batches per B) vs the directional
@@ -23,9 +23,9 @@ from . import _plotting as pl
 NAME = "cifar_batch_spectra"
 CLAIM = ("VGG-16 and WRN-28-10 on CIFAR-100: the batch Hessian's top eigenvalue grows as B "
          "falls, as predicted by λ + c(B,N)·s_u²/λ (directional noise).")
-REQUIRES = ("nets.data:load_cifar", "nets.models:VGG16", "nets.models:WideResNet",
-            "nets.training:train", "nets.batch_spectra:measure_batch_top_eigenvalue",
-            "nets.batch_spectra:predict_batch_top_eigenvalue")
+REQUIRES = ("nets.training.data:load_cifar", "nets.training.models:VGG16", "nets.training.models:WideResNet",
+            "nets.training.loops:train", "nets.noise.batch_spectra:measure_batch_top_eigenvalue",
+            "nets.noise.batch_spectra:predict_batch_top_eigenvalue")
 REL = 0.20
 SETTINGS = dict(epochs={"vgg16": 10, "wrn28_10": 3}, lr=0.05, momentum=0.9, weight_decay=5e-4,
                 train_batch=128, curvature_N=5000, batch_sizes=[2, 8, 32, 128, 512, 1024],
@@ -33,7 +33,7 @@ SETTINGS = dict(epochs={"vgg16": 10, "wrn28_10": 3}, lr=0.05, momentum=0.9, weig
 
 
 def _models():
-    from nets.models import VGG16, WideResNet
+    from nets.training.models import VGG16, WideResNet
 
     return {"vgg16": lambda seed: VGG16(n_classes=100, seed=seed),
             "wrn28_10": lambda seed: WideResNet(depth=28, widen=10, n_classes=100, seed=seed)}
@@ -43,9 +43,9 @@ def run(ctx):
     import torch
     import torch.nn.functional as F
 
-    from nets.batch_spectra import measure_batch_top_eigenvalue, predict_batch_top_eigenvalue
-    from nets.data import load_cifar
-    from nets.training import train
+    from nets.noise.batch_spectra import measure_batch_top_eigenvalue, predict_batch_top_eigenvalue
+    from nets.training.data import load_cifar
+    from nets.training.loops import train
 
     if ctx.data is None:
         raise MissingDependency("--scale paper needs --data (CIFAR-100 folder)")

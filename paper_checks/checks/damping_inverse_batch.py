@@ -1,6 +1,6 @@
 """Check 9 — minimal damping of second-order steps scales like α/B (THEORY §5, "Damping").
 
-Problem: `nets.least_squares.spiked_regression` (realizable), a strong spike λ₁ in a random
+Problem: `nets.learning_rates.least_squares.spiked_regression` (realizable), a strong spike λ₁ in a random
 direction u over a bulk of variance 1 in d − 1 directions. The damped step uses a rank-one
 curvature estimate Ĥ = λ₁uuᵀ (the dominant curvature, as a low-rank/K-FAC estimate
 captures; ≈ 0 elsewhere): e ← e − α(Ĥ + δI)⁻¹H_B e, at fixed α = 1. In the bulk directions
@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..result import judged
-from . import _montecarlo as mc
+from . import montecarlo as mc
 from . import _plotting as pl
 from ._quadratic_runs import GROWTH_TOL, growth_rates, steps_for, threshold_from_grid
 
@@ -32,13 +32,13 @@ NAME = "damping_inverse_batch"
 CLAIM = ("Damped second-order steps (Ĥ + δI)⁻¹g need δ > α·λ'_noise/2 with noise curvature "
          "λ'_noise ∝ 1/B, so δ_min ∝ α/B (keep δ·B fixed at fixed α).")
 REQUIRES = ("rmt.lr:min_damping", "rmt.lr:min_damping_at_batch",
-            "rmt.marchenko_pastur:mp_edges", "nets.least_squares:spiked_regression")
+            "rmt.marchenko_pastur:mp_edges", "nets.learning_rates.least_squares:spiked_regression")
 TOL_EXPONENT, RATIO_BAND = 0.2, (0.5, 1.1)
 ALPHA = 1.0
 
 
 def run(ctx):
-    from nets.least_squares import spiked_regression
+    from nets.learning_rates.least_squares import spiked_regression
     from rmt import batch_noise_factor
     from rmt.lr import min_damping, min_damping_at_batch
     from rmt.marchenko_pastur import mp_edges

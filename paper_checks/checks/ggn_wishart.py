@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..result import judged
-from . import _montecarlo as mc
+from . import montecarlo as mc
 from . import _plotting as pl
 
 NAME = "ggn_wishart"

@@ -1,16 +1,16 @@
 """Check 6 — batch-Hessian spectra of a real network across B (MLP on the sklearn digits).
 
-Model: `nets.training.trained_digits_mlp(seed)` (64 → 32 → 10 tanh MLP, cross-entropy,
+Model: `nets.training.loops.trained_digits_mlp(seed)` (64 → 32 → 10 tanh MLP, cross-entropy,
 the package's fixed recipe). Measured: `nets.measure_batch_top_eigenvalue` — the top
 eigenvalue of H_B by Lanczos for n random batches per B (without replacement; more
 batches at small B, where the per-batch values are heavy-tailed). Predicted from
 full-data passes, all by `nets.predict_batch_top_eigenvalue`:
 - directional λ + c(B,N)·s_u²/λ and isotropic λ + c(B,N)·Pσ²_avg/λ (THEORY §3 [ext]);
-- subspace: the same noise on the top-k eigenspace (k = 10 outputs, `nets.subspace_noise`);
-- sample-resolved (`nets.resolved_noise`): the subspace form plus, exactly, the top
+- subspace: the same noise on the top-k eigenspace (k = 10 outputs, `nets.noise.subspace_noise`);
+- sample-resolved (`nets.noise.resolved_noise`): the subspace form plus, exactly, the top
   curvature spike of every sample in the batch with γ_i/B > λ_1 (per-sample curvatures
   are heavy-tailed; at small B one such sample sets λ'_1(B)).
-Spectra: SLQ densities (`nets.slq.slq_density`) of H_B for one batch at several B and of
+Spectra: SLQ densities (`nets.algorithms.slq.slq_density`) of H_B for one batch at several B and of
 H (B = N), with the predicted top eigenvalues marked.
 
 Pass iff the sample-resolved directional prediction is within 20% of the measured mean
@@ -31,19 +31,19 @@ NAME = "network_batch_spectra"
 CLAIM = ("On a real network (digits MLP) the batch Hessian's top eigenvalue grows as B falls, "
          "as predicted from directional (per-sample, field-dependent) curvature noise with the "
          "heavy per-sample spikes resolved (isotropic noise underestimates it).")
-REQUIRES = ("nets.training:trained_digits_mlp", "nets.batch_spectra:measure_batch_top_eigenvalue",
-            "nets.batch_spectra:predict_batch_top_eigenvalue", "nets.slq:slq_density",
-            "nets.operators:batch_hessian_operator")
+REQUIRES = ("nets.training.loops:trained_digits_mlp", "nets.noise.batch_spectra:measure_batch_top_eigenvalue",
+            "nets.noise.batch_spectra:predict_batch_top_eigenvalue", "nets.algorithms.slq:slq_density",
+            "nets.curvature.operators:batch_hessian_operator")
 REL = 0.20
 
 
 def run(ctx):
     import torch.nn.functional as F
 
-    from nets.batch_spectra import measure_batch_top_eigenvalue, predict_batch_top_eigenvalue
-    from nets.operators import batch_hessian_operator
-    from nets.slq import slq_density
-    from nets.training import trained_digits_mlp
+    from nets.noise.batch_spectra import measure_batch_top_eigenvalue, predict_batch_top_eigenvalue
+    from nets.curvature.operators import batch_hessian_operator
+    from nets.algorithms.slq import slq_density
+    from nets.training.loops import trained_digits_mlp
 
     model, data = trained_digits_mlp(ctx.seed)
     model = model.to(ctx.device)

@@ -1,7 +1,7 @@
 """Check 11 — the paper's on-the-fly learner (THEORY §6) trains without tuning.
 
-`nets.learner_comparison.compare` trains the digits MLP (64→32→10, tanh) with
-(i) `nets.learner.CurvatureAdaptiveSGD` — α and heavy-ball ρ set every epoch from 20
+`paper_checks.experiments.learner_comparison.compare` trains the digits MLP (64→32→10, tanh) with
+(i) `nets.learning_rates.learner.CurvatureAdaptiveSGD` — α and heavy-ball ρ set every epoch from 20
 Lanczos steps on a fixed curvature batch of 128, Polyak's rule, batch correction of
 λ_max from B_c to B (THEORY §3 [ext]) — with no tuning, (ii) SGD + momentum 0.9 and
 (iii) Adam, both at the learning rate tuned on a grid (lowest final training loss), over
@@ -21,12 +21,12 @@ from . import _plotting as pl
 NAME = "on_the_fly_learner"
 CLAIM = ("The on-the-fly learner (Lanczos λ_max, μ → Polyak α, ρ, re-estimated every epoch) "
          "trains without tuning, matching tuned SGD+momentum and tuned Adam.")
-REQUIRES = ("nets.learner:CurvatureAdaptiveSGD", "nets.learner_comparison:compare")
+REQUIRES = ("nets.learning_rates.learner:CurvatureAdaptiveSGD", "paper_checks.experiments.learner_comparison:compare")
 ACC_MARGIN = 0.03
 
 
 def run(ctx):
-    from nets.learner_comparison import compare
+    from paper_checks.experiments.learner_comparison import compare
 
     seeds = tuple(range(ctx.seed, ctx.seed + ctx.pick(3, 2)))
     res = compare(models=("mlp",), seeds=seeds, epochs=ctx.pick(10, 3), quick=ctx.quick,

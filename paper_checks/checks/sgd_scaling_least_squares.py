@@ -1,12 +1,12 @@
 """Check 7a — SGD linear scaling on least squares: α_max(B) = (2/λ)/(1 + B*·c(B,N)),
 linear in B for B ≪ B* = s_u²/λ² (THEORY §5).
 
-Problem: `nets.least_squares.spiked_regression` (Gaussian inputs, one spike in a random
+Problem: `nets.learning_rates.least_squares.spiked_regression` (Gaussian inputs, one spike in a random
 direction, B* ≈ 48 by construction), realizable so that e ← (I − αH_B)e exactly.
 
 Three curves: the prediction `rmt.lr.sgd_max_lr(B, λ₁, s_u², N)` (directional s_u²
 measured from the per-sample Hessians), the exact mean-square threshold
-(`nets.stability.ms_threshold_curve`, the oracle), and the measured almost-sure
+(`nets.learning_rates.stability.ms_threshold_curve`, the oracle), and the measured almost-sure
 divergence threshold (`_quadratic_runs`, R independent runs per B, growth-rate
 criterion). The small-B exponent is the slope of log α vs log B over B ≤ B*/6, with a
 bootstrap CI over the runs.
@@ -22,15 +22,15 @@ from __future__ import annotations
 import numpy as np
 
 from ..result import judged
-from . import _montecarlo as mc
+from . import montecarlo as mc
 from . import _plotting as pl
 from ._quadratic_runs import GROWTH_TOL, growth_rates, steps_for, threshold_from_grid
 
 NAME = "sgd_scaling_least_squares"
 CLAIM = ("SGD: the largest stable learning rate grows linearly with B for B ≪ B* and "
          "saturates at 2/λ₁ (least squares: prediction vs exact mean-square oracle vs measured).")
-REQUIRES = ("rmt.lr:sgd_max_lr", "nets.least_squares:spiked_regression",
-            "nets.stability:ms_threshold_curve")
+REQUIRES = ("rmt.lr:sgd_max_lr", "nets.learning_rates.least_squares:spiked_regression",
+            "nets.learning_rates.stability:ms_threshold_curve")
 TOL_MEASURED, TOL_ORACLE, RATIO_BAND, MS_FLOOR = 0.2, 0.15, (0.6, 1.1), 0.95
 
 
@@ -48,8 +48,8 @@ def measure_sgd_thresholds(X, Bs, oracle, runs, sweeps, min_steps, rng, bar, n_g
 
 
 def run(ctx):
-    from nets.least_squares import spike_for_critical_batch, spiked_regression
-    from nets.stability import ms_threshold_curve
+    from nets.learning_rates.least_squares import spike_for_critical_batch, spiked_regression
+    from nets.learning_rates.stability import ms_threshold_curve
     from rmt.lr import critical_batch_size, sgd_max_lr, sgd_max_lr_isotropic
 
     rng = ctx.rng(NAME)

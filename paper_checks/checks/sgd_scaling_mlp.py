@@ -6,7 +6,7 @@ w.r.t. all P parameters, Λ_i = diag(p_i) − p_i p_iᵀ the softmax Hessian), s
 model is PSD and SGD on it, e ← (I − α G_B)e, has a sharp divergence threshold. (The
 exact Hessian has negative directions at a trained point, where any step size diverges
 on the quadratic model; running the real nonlinear network instead mixes instability
-with the noise floor, see `nets.lr_search`.)
+with the noise floor, see `nets.learning_rates.lr_search`.)
 
 Measured: the almost-sure divergence threshold of that iteration (growth-rate criterion,
 batches without replacement, R runs per B; per-sample factors A_i = J_iᵀL_i with
@@ -23,14 +23,14 @@ from __future__ import annotations
 import numpy as np
 
 from ..result import judged
-from . import _montecarlo as mc
+from . import montecarlo as mc
 from ._quadratic_runs import GROWTH_TOL, growth_rates, steps_for, threshold_from_grid
 from .sgd_scaling_least_squares import plot_scaling
 
 NAME = "sgd_scaling_mlp"
 CLAIM = ("SGD on the digits MLP (Gauss–Newton quadratic model): the largest stable learning "
          "rate grows linearly in B for B ≪ B*, as 2/(λ + c(B,N)·s_u²/λ).")
-REQUIRES = ("nets.training:trained_digits_mlp", "nets.batch_spectra:predict_batch_top_eigenvalue",
+REQUIRES = ("nets.training.loops:trained_digits_mlp", "nets.noise.batch_spectra:predict_batch_top_eigenvalue",
             "rmt.lr:sgd_max_lr")
 TOL_EXPONENT, RATIO_BAND = 0.2, (0.6, 1.1)
 
@@ -67,8 +67,8 @@ def run(ctx):
     import torch
     import torch.nn.functional as F
 
-    from nets.batch_spectra import predict_batch_top_eigenvalue
-    from nets.training import trained_digits_mlp
+    from nets.noise.batch_spectra import predict_batch_top_eigenvalue
+    from nets.training.loops import trained_digits_mlp
     from rmt.lr import critical_batch_size, sgd_max_lr
 
     rng = ctx.rng(NAME)

@@ -21,7 +21,7 @@ import numpy as np
 import scipy.linalg
 
 from ..result import judged
-from . import _montecarlo as mc
+from . import montecarlo as mc
 from . import _plotting as pl
 
 NAME = "variance_profile"

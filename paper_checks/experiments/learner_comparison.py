@@ -5,8 +5,8 @@ a `SmallCNN` (8×8 images, width 8, ReLU) with three optimizers and records, per
 the final full-data training loss, the held-out test accuracy, wall time and the
 fraction of wall time spent on curvature:
 
-* ``"learner"`` – :class:`nets.learner.CurvatureAdaptiveSGD` with `learner_kwargs`
-  (defaults `LEARNER_DEFAULTS` = `nets.learner.ROBUST_SETTINGS` plus curvature batch
+* ``"learner"`` – :class:`nets.learning_rates.learner.CurvatureAdaptiveSGD` with `learner_kwargs`
+  (defaults `LEARNER_DEFAULTS` = `nets.learning_rates.learner.ROBUST_SETTINGS` plus curvature batch
   128, 20 Lanczos steps; updates at steps 0, 5, 15, 35, 75, then every
   `update_every_epochs` = 2 epochs). Run over every seed in `seeds` (default 5).
 * ``"sgd"`` – `torch.optim.SGD(momentum=0.9)` at a constant lr tuned on the grid
@@ -18,7 +18,7 @@ Robustness of the learner settings (20 epochs, update every 2 epochs; a run coun
 failed when its final training loss exceeds 0.5): `LEARNER_DEFAULTS` failed 0 of 10
 seeds on each model; with growth guard 2 instead of 1.5, 1 of 5 CNN seeds failed;
 without the batch correction 2 of 5 on each model; with the "micro_batch" correction
-1 of 10 MLP seeds (late catapult, see nets.learner step 5).
+1 of 10 MLP seeds (late catapult, see nets.learning_rates.learner step 5).
 
 Defaults: 20 epochs at B = 32 (45 steps per epoch). Cost: 25 runs per model; the
 default `compare()` took 76–108 s on the shared 2-core machine (load average 4–5; 199 s
@@ -29,13 +29,13 @@ the full budget; the lr with the lowest final full-data training loss (diverged 
 count as +inf) is then run over the same `seeds` as the learner. The learner gets no
 tuning. All methods see the same data split and, for a given seed, the same
 initialisation and the same mini-batch order (`torch.Generator().manual_seed(seed)`,
-one permutation per epoch, as in :func:`nets.training.train`).
+one permutation per epoch, as in :func:`nets.training.loops.train`).
 
 Data: the standardised digits (1797 samples) split once by
 `numpy.random.default_rng(split_seed)` into a training part and a hold-out test part
 (`test_fraction`, default 0.2 → 1437 / 360).
 
-Every finished run is written to a :class:`nets.jsonl_store.JsonlStore` (if `store` is
+Every finished run is written to a :class:`nets.utils.jsonl_store.JsonlStore` (if `store` is
 given) under a key that contains a fingerprint of the settings, so an interrupted
 comparison resumes without redoing finished runs, and changed settings never reuse
 stale results. The result (:class:`ComparisonResult`) holds every run with its
@@ -61,13 +61,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from rmt._validation import as_float, as_int
+from rmt.validation import as_float, as_int
 
-from .data import load_digits
-from .jsonl_store import JsonlStore
-from .learner import ROBUST_SETTINGS, CurvatureAdaptiveSGD
-from .models import MLP, PreResNet, SmallCNN
-from .training import evaluate
+from nets.training.data import load_digits
+from nets.utils.jsonl_store import JsonlStore
+from nets.learning_rates.learner import ROBUST_SETTINGS, CurvatureAdaptiveSGD
+from nets.training.models import MLP, PreResNet, SmallCNN
+from nets.training.loops import evaluate
 
 __all__ = ["RunRecord", "TuningRecord", "ComparisonResult", "compare", "compare_cifar",
            "LEARNER_DEFAULTS", "CIFAR_CONFIG", "digits_split", "train_run"]
@@ -230,7 +230,7 @@ def _make_model(name: str, seed: int) -> nn.Module:
 
 def train_run(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable, train,
               *, epochs: int, batch_size: int, seed: int, device="cpu"):
-    """Mini-batch training loop shared by all methods (same order as nets.training.train).
+    """Mini-batch training loop shared by all methods (same order as nets.training.loops.train).
 
     Returns (loss_history, wall_time, diverged): the per-epoch mean on-the-fly loss,
     the loop's wall seconds, and whether a non-finite loss or parameter (or the
@@ -448,7 +448,7 @@ def compare_cifar(root, *, seeds=(0,), epochs=None, store=None, progress=None,
     time; not exercised by the tests. BatchNorm is handled by the learner's `policy`
     (default "train_batch_stats": curvature of the train-mode loss, buffers untouched).
     """
-    from .data import load_cifar
+    from nets.training.data import load_cifar
 
     cfg0 = dict(CIFAR_CONFIG)
     if config:

@@ -35,7 +35,7 @@ on the span of the data (directions outside it are frozen and dropped).
 Which "learning rate": this is the **stability limit** (largest constant step for which
 the mean-square error stays bounded), not McCandlish's greedy-optimal step and not the
 SDE-matching rule of Malladi et al. Almost-sure divergence of single runs happens at a
-somewhat larger α (`nets.lr_search` measures it).
+somewhat larger α (`nets.learning_rates.lr_search` measures it).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ import numpy as np
 from scipy.optimize import brentq
 from scipy.sparse.linalg import LinearOperator, eigs, eigsh
 
-from rmt._validation import as_array, as_float, as_int
+from rmt.validation import as_array, as_float, as_int
 from rmt.sampling import batch_noise_factor
 
 __all__ = [

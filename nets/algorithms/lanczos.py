@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from scipy.linalg import eigh_tridiagonal
 
-from rmt._validation import as_float, as_int, as_seed
+from rmt.validation import as_float, as_int, as_seed
 
-from .operators import CurvatureOperator
+from nets.curvature.operators import CurvatureOperator
 
 __all__ = ["LanczosResult", "EigenResult", "lanczos", "lanczos_batch", "eigsh"]
 
@@ -96,7 +96,7 @@ class EigenResult:
 
 # ----------------------------------------------------------------------------------
 
-def _check_op(op):
+def check_operator(op):
     if not isinstance(op, CurvatureOperator):
         if not all(hasattr(op, a) for a in ("matvec", "matmat", "P")):
             raise TypeError(f"op must be a CurvatureOperator (or have P, matvec, matmat), "
@@ -189,7 +189,7 @@ def lanczos_batch(op, num_steps, num_vectors=1, v0=None, seed=0, reorth: str = "
     batched `op.matmat` on the active start vectors (vmap over probes). v0 may be
     (P, num_vectors). Returns one LanczosResult per start vector (the same as running
     `lanczos` on each column)."""
-    op = _check_op(op)
+    op = check_operator(op)
     m = min(as_int("num_steps", num_steps, minimum=1), op.P)
     k = as_int("num_vectors", num_vectors, minimum=1)
     tol = as_float("tol", tol, positive=True)
@@ -365,7 +365,7 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-10, max_steps: int 
     seed : seeds the Gaussian start vector (and fresh vectors after an invariant
         subspace); v0 : optional start vector.
     """
-    op = _check_op(op)
+    op = check_operator(op)
     P = op.P
     k = as_int("k", k, minimum=1)
     if k > P:

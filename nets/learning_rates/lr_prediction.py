@@ -2,11 +2,11 @@
 
 From a trained model and its data, ONE pass measures
 
-* λ_1, u — top eigenpair of the full-data Hessian H (thick-restart Lanczos, `nets.lanczos`);
+* λ_1, u — top eigenpair of the full-data Hessian H (thick-restart Lanczos, `nets.algorithms.lanczos`);
 * s_u² = (1/(N−1)) Σ_i ‖(H_i − H)u‖² — directional noise along u (per-sample HVPs,
-  `nets.noise`);
-* Pσ² — isotropic noise (average per-sample entry variance of H_i times P, `nets.noise`);
-* ḡ, Σ_jj, tr Σ, tr(HΣ) — per-sample gradient statistics (`nets.gradient_noise`);
+  `nets.noise.directional`);
+* Pσ² — isotropic noise (average per-sample entry variance of H_i times P, `nets.noise.directional`);
+* ḡ, Σ_jj, tr Σ, tr(HΣ) — per-sample gradient statistics (`nets.noise.gradient_noise`);
 
 and turns them into, for each batch size B (c = c(B, N) = 1/B − 1/N):
 
@@ -43,12 +43,12 @@ import torch
 from scipy import stats
 
 import rmt.lr as rlr
-from rmt._validation import as_array, as_batch_sizes, as_float, as_int
+from rmt.validation import as_array, as_batch_sizes, as_float, as_int
 from rmt.sampling import batch_noise_factor
-from .gradient_noise import gradient_noise
-from .lanczos import eigsh
-from .noise import directional_noise_from_operator, isotropic_noise_from_operator
-from .operators import CurvatureOperator, batch_hessian_operator, hessian_operator
+from nets.noise.gradient_noise import gradient_noise
+from nets.algorithms.lanczos import eigsh
+from nets.noise.directional import directional_noise_from_operator, isotropic_noise_from_operator
+from nets.curvature.operators import CurvatureOperator, batch_hessian_operator, hessian_operator
 
 __all__ = ["LRTable", "lr_table", "predict_max_lr", "ScalingFit", "fit_scaling_exponent",
            "DiagonalScaledOperator"]
@@ -76,7 +76,7 @@ class DiagonalScaledOperator(CurvatureOperator):
 
 
 def _isotropic_s2(op, n_probes, seed):
-    """Pσ² (module docstring of `nets.noise`): Rademacher estimate with `n_probes`
+    """Pσ² (module docstring of `nets.noise.directional`): Rademacher estimate with `n_probes`
     directions, or exact (n_probes=None) as the mean of s²_{e_j} over the P unit vectors
     (P passes: small models only)."""
     if n_probes is not None:

@@ -1,6 +1,6 @@
 """Sample-resolved form of the batch top eigenvalue λ'_1(B) (THEORY.md §3 [ext]).
 
-Why. The directional and subspace forms (`nets.noise`, `nets.subspace_noise`) treat the
+Why. The directional and subspace forms (`nets.noise.directional`, `nets.noise.subspace_noise`) treat the
 batch fluctuation ε = H_B − H as many small independent pieces: second order in ε, its
 effect is c(B,N)·s_u²/λ. That needs every single sample to be a small perturbation.
 Per-sample curvatures of trained networks are heavy-tailed: on the digits MLP the top
@@ -15,7 +15,7 @@ H_i = γ_i v_i v_iᵀ + (H_i − γ_i v_i v_iᵀ). At batch size B, sample i is 
 
 This threshold is the only rule; it is fixed, not fitted. For a batch S with resolved
 samples h = S ∩ {resolved at B}, f = 1 − |h|/B, the batch Hessian is modelled on the
-span of W = [U, v_h] (U: top-k eigenvectors of H, as in `nets.subspace_noise`) by the
+span of W = [U, v_h] (U: top-k eigenvectors of H, as in `nets.noise.subspace_noise`) by the
 (generally non-orthogonal) Rayleigh–Ritz pencil (A, WᵀW) with
 
     A = Wᵀ [ Σ_{i∈h} (γ_i/B) v_i v_iᵀ ] W + blocks of the unresolved remainder R_S:
@@ -23,7 +23,7 @@ span of W = [U, v_h] (U: top-k eigenvectors of H, as in `nets.subspace_noise`) b
     UᵀR_S v_h = f·UᵀH v_h,    v_hᵀR_S v_h = f·v_hᵀH v_h                         (mean field)
 
 t_i = Uᵀv_i, a_i = Uᵀ(H_i − H)U, c = c(B,N). D_h(B) is the complement noise of
-`nets.subspace_noise` computed with the resolved spikes removed from the per-sample
+`nets.noise.subspace_noise` computed with the resolved spikes removed from the per-sample
 curvatures (they are in the subspace now, and must not be counted twice):
 x_i = Q(H_i − 1[i resolved]·γ_i v_i v_iᵀ)U, D_h(B) = (1/(N−1)) Σ_i (x_i − x̄)ᵀ(x_i − x̄),
 evaluated exactly from k-dimensional per-sample quantities (`_complement_noise`). Then
@@ -63,13 +63,13 @@ import numpy as np
 import torch
 from torch.func import vmap
 
-from rmt._validation import as_batch_sizes, as_float, as_int, as_rng
+from rmt.validation import as_batch_sizes, as_float, as_int, as_rng
 from rmt.sampling import batch_noise_factor
 
-from .noise import _check_noise_op
-from .operators import ModelCurvatureOperator
-from .seeding import torch_generator
-from .subspace_noise import SubspaceNoise, subspace_noise_from_operator
+from nets.noise.directional import check_noise_operator
+from nets.curvature.operators import ModelCurvatureOperator
+from nets.utils.seeding import torch_generator
+from nets.noise.subspace_noise import SubspaceNoise, subspace_noise_from_operator
 
 __all__ = ["SampleSpikes", "ResolvedNoise", "per_sample_top_eigenpairs",
            "resolved_noise_from_operator", "resolved_batch_top_eigenvalue"]
@@ -119,10 +119,10 @@ def per_sample_top_eigenpairs(op: ModelCurvatureOperator, steps=None, seed=0, ke
     products keeps residuals near 1e-7; the eigenvalue error is ≈ residual²/gap).
 
     steps : at most this many Lanczos steps (default min(P, 40)); seed : start vectors
-    N(0, I) from `nets.seeding.torch_generator(seed)`; keep_above : keep the vectors of
+    N(0, I) from `nets.utils.seeding.torch_generator(seed)`; keep_above : keep the vectors of
     samples with γ_i > keep_above (None: keep all; memory P × m).
     """
-    _check_noise_op(op)
+    check_noise_operator(op)
     P = op.P
     steps = min(P, 40) if steps is None else min(P, as_int("steps", steps, minimum=1))
     tol = ((1e-10 if op.dtype == torch.float64 else 1e-5) if tol is None

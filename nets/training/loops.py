@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from rmt._validation import as_float, as_int
+from rmt.validation import as_float, as_int
 
-from .atomic import atomic_write
-from .data import check_dataset, load_digits
-from .models import MLP
+from nets.utils.atomic import atomic_write
+from nets.training.data import check_dataset, load_digits
+from nets.training.models import MLP
 
 __all__ = [
     "TrainResult",

@@ -15,11 +15,11 @@ clipped form (2√v below the threshold λ ≤ √v) is `rmt.spiked_wigner_outli
 returned as "isotropic_clipped" when that function is available. Both forms are
 second-order perturbation / large-P statements: they need λ to be a separated outlier.
 
-Optionally (`subspace_k`), the quasi-degenerate subspace form of `nets.subspace_noise`:
+Optionally (`subspace_k`), the quasi-degenerate subspace form of `nets.noise.subspace_noise`:
 Löwdin partitioning onto the top-k eigenspace, λ'(B) ≈ E_S λ_max(Λ_k + a_S + c·D/λ_1)
 with the in-subspace fluctuation a_S resampled exactly from per-sample k×k projections.
 
-Optionally (`resolve_samples`), the sample-resolved form of `nets.resolved_noise`: the
+Optionally (`resolve_samples`), the sample-resolved form of `nets.noise.resolved_noise`: the
 same subspace model, plus each sample in the batch whose own curvature spike γ_i/B
 exceeds λ_1 kept exactly as a rank-one term. Per-sample curvatures of trained networks
 are heavy-tailed, and at small B such samples, not the average noise, set λ'_1(B).
@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from rmt._validation import as_batch_sizes, as_int, as_seed
+from rmt.validation import as_batch_sizes, as_int, as_seed
 from rmt.sampling import batch_noise_factor
 
-from .jsonl_store import JsonlStore
-from .lanczos import eigsh
-from .noise import directional_noise_from_operator, isotropic_noise_from_operator
-from .operators import curvature_operator
+from nets.utils.jsonl_store import JsonlStore
+from nets.algorithms.lanczos import eigsh
+from nets.noise.directional import directional_noise_from_operator, isotropic_noise_from_operator
+from nets.curvature.operators import curvature_operator
 
 __all__ = ["measure_batch_top_eigenvalue", "predict_batch_top_eigenvalue"]
 
@@ -48,7 +48,7 @@ def measure_batch_top_eigenvalue(model, loss_fn, dataset, batch_sizes, n_batches
 
     The batches of size B are drawn from `numpy.random.default_rng([seed, B])`, so each
     batch size's draws do not depend on which other sizes are measured. store: a
-    `nets.jsonl_store.JsonlStore` or a path (None: in memory only); each finished batch
+    `nets.utils.jsonl_store.JsonlStore` or a path (None: in memory only); each finished batch
     size is written atomically under "{tag}|{kind}|B=..|n=..|seed=..|repl=..", and a
     re-run after an interrupt reads it back instead of recomputing (bit-identical). A
     store belongs to one model and data set: use `tag` to tell runs apart.
@@ -58,7 +58,7 @@ def measure_batch_top_eigenvalue(model, loss_fn, dataset, batch_sizes, n_batches
     (n_batches, B) sample-index arrays), "batch_sizes"} — numpy.
     The top eigenvalue is found to relative residual `tol` (eigenvalue error ≈ tol²
     relative); small batches cache their gradient graph across Lanczos products
-    (`cache_graph="auto"` in `nets.operators`).
+    (`cache_graph="auto"` in `nets.curvature.operators`).
     """
     n_batches = as_int("n_batches", n_batches, minimum=1)
     if not isinstance(replacement, bool):
@@ -113,18 +113,18 @@ def predict_batch_top_eigenvalue(model, loss_fn, dataset, batch_sizes, kind="hes
     "isotropic_clipped"; scalars "lam" (λ), "s2_directional", "s2_directional_stderr",
     "s2_isotropic" (Pσ²_avg), "s2_isotropic_stderr", "critical_batch_size" (s_u²/λ²),
     "N", "P"; and "c" (c(B,N) per batch size), "batch_sizes".
-    micro_batch, num_probes : as in `nets.noise` (probes for the isotropic average).
+    micro_batch, num_probes : as in `nets.noise.directional` (probes for the isotropic average).
 
     subspace_k : None (default: skipped), "auto" (k = number of model outputs,
-    `nets.subspace_noise.default_subspace_dim`) or an int: adds "subspace" (the
-    quasi-degenerate form E_S λ_max of the k×k batch model, `nets.subspace_noise`, with
+    `nets.noise.subspace_noise.default_subspace_dim`) or an int: adds "subspace" (the
+    quasi-degenerate form E_S λ_max of the k×k batch model, `nets.noise.subspace_noise`, with
     `subspace_batches` resampled batches drawn with `seed`, complement term c·D/λ_1 or,
     with `subspace_self_consistent`, c·D/z solved per batch), "subspace_stderr"
     (Monte-Carlo), "subspace_k", "subspace_lams" (Λ_k). Needs micro_batch=1 (k
     per-sample products per sample; the top-k eigenpairs replace the k=1 solve, so λ and
     u are the first of them).
 
-    resolve_samples : also return the sample-resolved form of `nets.resolved_noise`
+    resolve_samples : also return the sample-resolved form of `nets.noise.resolved_noise`
     ("resolved", "resolved_stderr" (Monte-Carlo, `resolved_batches` batches per B drawn
     with `seed`), "resolved_n" (mean number of resolved samples per batch), "resolved_m"
     (samples whose spike can be resolved at the smallest B), "resolved_k"): per-sample
@@ -142,7 +142,7 @@ def predict_batch_top_eigenvalue(model, loss_fn, dataset, batch_sizes, kind="hes
         subspace_k = "auto"
     k_sub = None
     if subspace_k is not None:
-        from .subspace_noise import default_subspace_dim
+        from nets.noise.subspace_noise import default_subspace_dim
         if micro_batch != 1:
             raise ValueError("subspace_k and resolve_samples need micro_batch=1 "
                              "(per-sample projections)")
@@ -177,9 +177,9 @@ def predict_batch_top_eigenvalue(model, loss_fn, dataset, batch_sizes, kind="hes
         "P": op.P,
     }
     if k_sub is not None:
-        from .subspace_noise import subspace_batch_top_eigenvalue, subspace_noise_from_operator
+        from nets.noise.subspace_noise import subspace_batch_top_eigenvalue, subspace_noise_from_operator
         if resolve_samples:
-            from .resolved_noise import resolved_batch_top_eigenvalue, resolved_noise_from_operator
+            from nets.noise.resolved_noise import resolved_batch_top_eigenvalue, resolved_noise_from_operator
             rn = resolved_noise_from_operator(op, top.vectors, min_batch=int(Bs.min()),
                                               steps=resolved_steps, seed=seed)
             res = resolved_batch_top_eigenvalue(rn, Bs, n_batches=resolved_batches,

@@ -23,9 +23,9 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from rmt._validation import as_float, as_int
+from rmt.validation import as_float, as_int
 
-from .seeding import torch_generator
+from nets.utils.seeding import torch_generator
 
 __all__ = [
     "MLP",

@@ -1,18 +1,18 @@
 """Extremal eigenvalues of a network's full-data Hessian or GGN (THEORY.md §1).
 
 `top_eigenvalues` / `bottom_eigenvalues` build the curvature operator of
-`loss_fn(model(X), y)` over the dataset pair (X, y) (see `nets.operators`) and run the
-thick-restart Lanczos eigensolver `nets.lanczos.eigsh` on it.
+`loss_fn(model(X), y)` over the dataset pair (X, y) (see `nets.curvature.operators`) and run the
+thick-restart Lanczos eigensolver `nets.algorithms.lanczos.eigsh` on it.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from rmt._validation import as_int
+from rmt.validation import as_int
 
-from .lanczos import EigenResult, eigsh
-from .operators import curvature_operator
+from nets.algorithms.lanczos import EigenResult, eigsh
+from nets.curvature.operators import curvature_operator
 
 __all__ = ["top_eigenvalues", "bottom_eigenvalues", "extremal_eigenpairs"]
 
@@ -39,7 +39,7 @@ def top_eigenvalues(model, loss_fn, dataset, k=1, kind="hessian", batch_size=Non
     (float64 gives eigenvalues to ~1e-10 relative, float32 to ~1e-5; default: the
     model's); floating data are cast to that dtype and moved to that device, integer
     data (labels, token ids) only moved; seed: Lanczos start vector (an int >= 0);
-    params/policy: as in `nets.operators.hessian_operator`.
+    params/policy: as in `nets.curvature.operators.hessian_operator`.
 
     Raises ValueError for NaN/inf in data, parameters or buffers, empty data, a
     train-mode BatchNorm/Dropout/RReLU without `policy`, a non-scalar loss, or NaN/inf

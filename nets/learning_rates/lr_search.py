@@ -3,8 +3,8 @@
 Which "learning rate": the **measured stability limit** of a finite run — the largest
 constant step size α for which K steps of the optimizer, started from a fixed
 checkpoint w_0 with a fixed batch sequence (seed), do not diverge. It is compared with
-the mean-square threshold (`nets.stability`) and the predictions of
-`nets.lr_prediction`; it is neither McCandlish's greedy-optimal step nor an
+the mean-square threshold (`nets.learning_rates.stability`) and the predictions of
+`nets.learning_rates.lr_prediction`; it is neither McCandlish's greedy-optimal step nor an
 SDE-matching rule.
 
 Divergence criteria (`criterion=`):
@@ -27,7 +27,7 @@ Divergence criteria (`criterion=`):
   above the predicted stability limit), so this criterion measures where Adam's noise
   floor reaches the starting loss — it scales like √B, but it is a noise-floor limit,
   not the edge-of-stability limit α·λ_max(D^{1/2}H_BD^{1/2}) < 2(1+β₁)/(1−β₁) of
-  `nets.lr_prediction`, and we say so when reporting it.
+  `nets.learning_rates.lr_prediction`, and we say so when reporting it.
 
 Trials run the model in eval mode (`net.train(False)`: deterministic per-sample losses,
 no dropout, BatchNorm on running statistics), matching the curvature operators.
@@ -47,8 +47,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from rmt._validation import as_float, as_int, as_seed
-from .jsonl_store import JsonlStore
+from rmt.validation import as_float, as_int, as_seed
+from nets.utils.jsonl_store import JsonlStore
 
 __all__ = ["TrialResult", "run_trial", "bisect_max_lr", "BisectionResult", "lr_sweep",
            "fit_growth_rate"]
@@ -103,7 +103,7 @@ def _full_loss(model, loss_fn, X, y, chunk=4096):
 def _check_trial_inputs(dataset, state_dict):
     """Refuse empty data and NaN/inf in data or checkpoint before any training step
     (otherwise every trial looks 'diverged' and bisection halves down to nonsense)."""
-    from .data import check_dataset
+    from nets.training.data import check_dataset
 
     if not (isinstance(dataset, (tuple, list)) and len(dataset) == 2):
         raise TypeError("dataset must be a pair (X, y) of tensors")

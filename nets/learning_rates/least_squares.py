@@ -3,7 +3,7 @@
 Per-sample loss ℓ_i(w) = ½ (x_iᵀw − y_i)², so H_i = x_i x_iᵀ (rank one, PSD) and the
 batch Hessian H_B = (1/B) Σ_{i∈S} x_i x_iᵀ is a (finite-population) Wishart matrix.
 This is the one setting where the mean-square stability threshold of mini-batch SGD
-(`nets.stability`) is exact: with realizable targets the SGD error e_t = w_t − w*
+(`nets.learning_rates.stability`) is exact: with realizable targets the SGD error e_t = w_t − w*
 obeys e_{t+1} = (I − αH_B) e_t; with label noise an additive zero-mean forcing is added,
 which leaves the threshold unchanged (THEORY.md §5, [ext] mean-square stability).
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rmt._validation import as_array, as_batch_sizes, as_float, as_int, as_rng
+from rmt.validation import as_array, as_batch_sizes, as_float, as_int, as_rng
 
 __all__ = [
     "LeastSquaresProblem",
@@ -87,7 +87,7 @@ class LeastSquaresProblem:
         return self.X.T @ self.X / self.N
 
     def per_sample_factors(self) -> np.ndarray:
-        """Factors A_i (N, d, 1) with H_i = A_i A_iᵀ, for `nets.stability`."""
+        """Factors A_i (N, d, 1) with H_i = A_i A_iᵀ, for `nets.learning_rates.stability`."""
         return self.X[:, :, None]
 
     def top_eigenpair(self) -> tuple[float, np.ndarray]:
@@ -267,14 +267,14 @@ def lr_study(problem: LeastSquaresProblem, batch_sizes, seeds=(0,), steps=1000, 
 
     All learning rates here are stability limits except `greedy_optimal` (McCandlish).
     Per B in `batch_sizes` (sampling without replacement):
-      oracle          exact mean-square threshold (`nets.stability`)
+      oracle          exact mean-square threshold (`nets.learning_rates.stability`)
       directional     2/λ'(B) from the one-pass network measurement (`lr_table`)
       iso_clipped / iso_unclipped   the isotropic (Pσ²) forms
       naive           2/E[λ_max(H_B)] (`naive_batch_lr`)
-      measured        single-run divergence threshold (`nets.lr_search`, growth criterion),
+      measured        single-run divergence threshold (`nets.learning_rates.lr_search`, growth criterion),
                       for B in `measure_batches` (default: all), one column per seed
     Adam (if `adam_batches`): loss-criterion threshold of torch Adam with `adam_betas`
-    (see `nets.lr_search`), with the predicted `adam_closed`/`adam_measured` stability
+    (see `nets.learning_rates.lr_search`), with the predicted `adam_closed`/`adam_measured` stability
     limits (β₁ = adam_betas[0]) beside it.
     Every run starts at w_0 = start_fraction·ŵ (ŵ the least-squares minimizer), so that
     McCandlish's B_simple, B_noise are finite and Adam starts above its noise floor; the
@@ -288,9 +288,9 @@ def lr_study(problem: LeastSquaresProblem, batch_sizes, seeds=(0,), steps=1000, 
     and overstate the divergence threshold (B = 1: 3.7–35× the oracle at K = 1000 but
     ≈ 1.9× at K = 10000 ≈ 5.6 epochs).
     """
-    from .lr_prediction import fit_scaling_exponent, lr_table
-    from .lr_search import lr_sweep
-    from .stability import ms_threshold_curve
+    from nets.learning_rates.lr_prediction import fit_scaling_exponent, lr_table
+    from nets.learning_rates.lr_search import lr_sweep
+    from nets.learning_rates.stability import ms_threshold_curve
 
     bs = np.array([as_int("batch_sizes", b, minimum=1) for b in np.atleast_1d(batch_sizes)])
     w0 = start_fraction * problem.minimizer()

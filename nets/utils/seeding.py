@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from rmt._validation import as_int
+from rmt.validation import as_int
 
 
 def torch_generator(seed) -> torch.Generator:

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rmt._validation import as_array, as_float, as_int, as_seed
+from rmt.validation import as_array, as_float, as_int, as_seed
 
-from .lanczos import LanczosResult, _check_op, lanczos_batch
+from nets.algorithms.lanczos import LanczosResult, check_operator, lanczos_batch
 
 __all__ = ["SpectralDensity", "slq_density"]
 
@@ -79,7 +79,7 @@ def slq_density(op, num_probes=10, num_steps=50, seed=0, probe_block=None) -> Sp
     probe_block : probes run together per batched matmat (default: all, capped so that
     the Lanczos bases hold ≤ 5·10⁷ numbers).
     """
-    op = _check_op(op)
+    op = check_operator(op)
     k = as_int("num_probes", num_probes, minimum=1)
     m = min(as_int("num_steps", num_steps, minimum=1), op.P)
     P = op.P

@@ -37,7 +37,7 @@ z > 0 is unique, and it is found by bisection.
 Limits (tested). k = P: Q = 0, D = 0 and Λ_k + a_S = Uᵀ H_S U, so z_S is exactly the top
 eigenvalue of the batch Hessian on the same batch. k = 1, self_consistent=False: the
 1×1 model is linear in a_S (mean 0), so λ'_1 = λ + c·D/λ exactly, with
-D = s_u² − σ_uu², s_u² the directional noise of `nets.noise` and σ_uu² =
+D = s_u² − σ_uu², s_u² the directional noise of `nets.noise.directional` and σ_uu² =
 (1/(N−1)) Σ_i (uᵀ(H_i − H)u)² (the exact split ‖(H_i−H)u‖² = (uᵀ(H_i−H)u)² +
 ‖Q(H_i−H)u‖²). The THEORY directional form λ + c·s_u²/λ is this plus c·σ_uu²/λ: the
 diagonal second-order term that vanishes (O(1/P)) for Wigner noise but is not part of
@@ -54,12 +54,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rmt._validation import as_batch_sizes, as_int, as_rng
+from rmt.validation import as_batch_sizes, as_int, as_rng
 from rmt.sampling import batch_noise_factor
 
-from .lanczos import eigsh
-from .noise import _check_noise_op
-from .operators import ModelCurvatureOperator, curvature_operator
+from nets.algorithms.lanczos import eigsh
+from nets.noise.directional import check_noise_operator
+from nets.curvature.operators import ModelCurvatureOperator, curvature_operator
 
 __all__ = ["SubspaceNoise", "subspace_noise_from_operator", "subspace_noise",
            "subspace_batch_top_eigenvalue", "default_subspace_dim"]
@@ -143,7 +143,7 @@ def subspace_noise_from_operator(op: ModelCurvatureOperator, U, chunk_size=None)
     """Per-sample projections a_i = Uᵀ(H_i − H)U and complement noise D (module docstring)
     for the data and curvature kind held by `op`. One per-sample pass of k curvature
     products each (vmapped over samples in chunks; memory chunk × P × k)."""
-    _check_noise_op(op)
+    check_noise_operator(op)
     U = _orthonormal(U, op.P, op.device)
     P, k = U.shape
     X, Y = op.batches_full_tensors()

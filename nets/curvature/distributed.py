@@ -6,13 +6,13 @@ over R ranks into shards S_r of sizes N_r (Σ_r N_r = N, sizes may differ),
     H v = (1/N) Σ_i ∇²ℓ_i(w) v = Σ_r (N_r/N) · H_r v,      H_r = (1/N_r) Σ_{i∈S_r} ∇²ℓ_i(w),
 
 so each rank computes its local product H_r v with an ordinary operator of
-`nets.operators` (itself exact over uneven batches inside the shard), scales it by
+`nets.curvature.operators` (itself exact over uneven batches inside the shard), scales it by
 N_r/N and an `all_reduce(SUM)` leaves H v on every rank. Weighting by shard size
 makes uneven shards exact (averaging the R shard products with equal weight, a peer
 defect, would be biased). The GGN works the same way.
 
 How the eigensolver runs: **replicated**. Every rank runs the same algorithm
-(`nets.lanczos.eigsh`, `lanczos`, scipy's `eigsh` through `to_scipy()`, ...) with the
+(`nets.algorithms.lanczos.eigsh`, `lanczos`, scipy's `eigsh` through `to_scipy()`, ...) with the
 same seed, in lock-step: each product is a collective call, so all ranks must call
 `matvec`/`matmat` the same number of times in the same order. Before every product
 the input vector is broadcast from rank `root` (P numbers, cheap next to the product),
@@ -38,9 +38,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from rmt._validation import as_int
+from rmt.validation import as_int
 
-from .operators import CurvatureOperator, ModelCurvatureOperator, curvature_operator
+from nets.curvature.operators import CurvatureOperator, ModelCurvatureOperator, curvature_operator
 
 __all__ = [
     "DistributedCurvatureOperator",
@@ -99,7 +99,7 @@ class DistributedCurvatureOperator(CurvatureOperator):
     operator (a `ModelCurvatureOperator` over its shard of N_r samples).
 
     Same interface as `CurvatureOperator` (`P`, `dtype`, `device`, `matvec`, `matmat`,
-    `to_scipy`, `num_matvecs`), so `nets.lanczos` runs on it unchanged; every product is
+    `to_scipy`, `num_matvecs`), so `nets.algorithms.lanczos` runs on it unchanged; every product is
     a collective (module docstring: replicated, lock-step use). Extra: `gradient()`,
     `loss()` (full-data, by the same weighted all-reduce), `N` (total samples),
     `local_N`, `rank`, `world_size`.
@@ -191,7 +191,7 @@ def distributed_hessian_operator(model: nn.Module, loss_fn: Callable, shard, par
                                  cache_graph="auto", group=None, root: int = 0,
                                  sync_inputs: bool = True) -> DistributedCurvatureOperator:
     """Full-data Hessian H = Σ_r (N_r/N) H_r from this rank's `shard` (a dataset pair or
-    an iterable of (x, y) batches); the other arguments as `nets.operators.
+    an iterable of (x, y) batches); the other arguments as `nets.curvature.operators.
     hessian_operator`, plus the process `group`, the broadcast `root` and `sync_inputs`
     (DistributedCurvatureOperator). Collective: call on every rank."""
     return _distributed("hessian", model, loss_fn, shard, params, device, dtype, policy,

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from .params import ParamLayout, make_functional
+from nets.curvature.params import ParamLayout, make_functional
 
 POLICIES = (None, "eval", "train_batch_stats")
 #: cache_graph="auto" keeps the per-batch gradient graphs when the inputs held total at
@@ -191,7 +191,7 @@ def fluctuation_operator(batch_op: CurvatureOperator, full_op: CurvatureOperator
 # policy for train-mode layers
 # ----------------------------------------------------------------------------------
 
-def _check_policy(model: nn.Module, policy) -> None:
+def check_policy(model: nn.Module, policy) -> None:
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     if policy is not None:
@@ -213,7 +213,7 @@ def _check_policy(model: nn.Module, policy) -> None:
 
 
 @contextlib.contextmanager
-def _policy_mode(model: nn.Module, policy):
+def policy_mode(model: nn.Module, policy):
     """Temporarily set train/eval flags as `policy` says; restore them afterwards."""
     if policy is None:
         yield
@@ -308,7 +308,7 @@ def prepare_batches(data, batch_size=None, *, device, dtype, name="batches"):
     return batches, N
 
 
-def _resolve_device_dtype(model: nn.Module, names, device, dtype):
+def resolve_device_dtype(model: nn.Module, names, device, dtype):
     named = dict(model.named_parameters())
     sel = [named[n] for n in names]
     devs = {p.device for p in model.parameters()}
@@ -373,9 +373,9 @@ class ModelCurvatureOperator(CurvatureOperator):
             raise TypeError("loss_fn must be callable: loss_fn(outputs, targets) -> scalar mean loss")
         if kind not in ("hessian", "ggn"):
             raise ValueError(f"kind must be 'hessian' or 'ggn', got {kind!r}")
-        _check_policy(model, policy)
+        check_policy(model, policy)
         layout = ParamLayout.from_module(model, params)
-        device, dtype = _resolve_device_dtype(model, layout.names, device, dtype)
+        device, dtype = resolve_device_dtype(model, layout.names, device, dtype)
         super().__init__(layout.P, dtype, device, layout.names)
         self.model, self.loss_fn, self.kind, self.policy = model, loss_fn, kind, policy
         self.layout = layout
@@ -435,7 +435,7 @@ class ModelCurvatureOperator(CurvatureOperator):
     def batch_product(self, x, y, v):
         """(curvature of loss_fn(model(x), y)) · v for one batch; flat v of length P.
         Pure in (x, y, v): usable under `vmap` over groups of samples."""
-        with _policy_mode(self.model, self.policy):
+        with policy_mode(self.model, self.policy):
             return self.layout.flatten(self._pullback(x, y)(self.layout.unflatten(v)))
 
     def group_products(self, Xg, Yg, U):
@@ -452,13 +452,13 @@ class ModelCurvatureOperator(CurvatureOperator):
             # comes back unbatched, and vmap can broadcast it along dim 0 but not dim 1
             return vmap(lambda u: lay.flatten(pb(lay.unflatten(u))), in_dims=1)(U).transpose(0, 1)
 
-        with _policy_mode(self.model, self.policy):
+        with policy_mode(self.model, self.policy):
             return vmap(one_group)(Xg, Yg)
 
     def _matvec(self, v):
         vt = self.layout.unflatten(v)
         out = None
-        with _policy_mode(self.model, self.policy):
+        with policy_mode(self.model, self.policy):
             for pb, w in zip(self._pullbacks(), self.weights):
                 term = self.layout.flatten(pb(vt)) * w
                 out = term if out is None else out + term
@@ -468,7 +468,7 @@ class ModelCurvatureOperator(CurvatureOperator):
         if V.shape[1] == 1:
             return self._matvec(V[:, 0])[:, None]
         out = None
-        with _policy_mode(self.model, self.policy):
+        with policy_mode(self.model, self.policy):
             for pb, w in zip(self._pullbacks(), self.weights):
                 prod = vmap(lambda v: self.layout.flatten(pb(self.layout.unflatten(v))),
                             in_dims=1)       # (k, P); see group_products for why not out_dims=1
@@ -481,7 +481,7 @@ class ModelCurvatureOperator(CurvatureOperator):
         """Full-data gradient ∇L(w) = Σ_b (n_b/N) ∇L_b(w) as a flat vector."""
         n = len(self.primals)
         out = None
-        with _policy_mode(self.model, self.policy):
+        with policy_mode(self.model, self.policy):
             for (x, y), w in zip(self.batches, self.weights):
                 g = self.layout.flatten(grad(lambda *p: self._loss(p, x, y),
                                              argnums=tuple(range(n)))(*self.primals))
@@ -491,7 +491,7 @@ class ModelCurvatureOperator(CurvatureOperator):
     def loss(self) -> float:
         """Full-data mean loss Σ_b (n_b/N) L_b(w)."""
         total = 0.0
-        with torch.no_grad(), _policy_mode(self.model, self.policy):
+        with torch.no_grad(), policy_mode(self.model, self.policy):
             for (x, y), w in zip(self.batches, self.weights):
                 total += w * float(self._loss(self.primals, x, y))
         return total

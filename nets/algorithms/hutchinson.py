@@ -14,7 +14,7 @@ import math
 import numpy as np
 import torch
 
-from rmt._validation import as_int, as_seed
+from rmt.validation import as_int, as_seed
 
 __all__ = ["hutchinson_trace"]
 

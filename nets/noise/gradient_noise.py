@@ -20,7 +20,7 @@ tr(HΣ) ≈ (N/(N−1))·(1/m) Σ_{i∈subset} (g_i − ḡ)ᵀH(g_i − ḡ), u
 Which "learning rate": McCandlish's ε_opt(B) = ε_max/(1 + B_noise/B) is the **greedy
 optimal** step (largest one-step loss decrease), not a stability limit; B_simple and
 B_noise are reported beside our critical batch size B* = s_u²/λ_1² (a stability
-quantity, `nets.lr_prediction`).
+quantity, `nets.learning_rates.lr_prediction`).
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from torch.func import grad, vmap
 
-from rmt._validation import as_int
-from .operators import _check_policy, _policy_mode, _resolve_device_dtype, hessian_operator
-from .params import ParamLayout, functional_loss, make_functional
+from rmt.validation import as_int
+from nets.curvature.operators import check_policy, policy_mode, resolve_device_dtype, hessian_operator
+from nets.curvature.params import ParamLayout, functional_loss, make_functional
 
 __all__ = ["GradientNoise", "per_sample_gradients", "gradient_noise"]
 
@@ -61,10 +61,10 @@ class _PerSample:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
             raise TypeError("loss_fn must be callable")
-        _check_policy(model, policy)
+        check_policy(model, policy)
         self.model, self.loss_fn, self.policy = model, loss_fn, policy
         self.layout = ParamLayout.from_module(model, params)
-        self.device, self.dtype = _resolve_device_dtype(model, self.layout.names, device, dtype)
+        self.device, self.dtype = resolve_device_dtype(model, self.layout.names, device, dtype)
         self.primals, self.frozen = make_functional(model, self.layout.names,
                                                     device=self.device, dtype=self.dtype)
         names = self.layout.names
@@ -80,7 +80,7 @@ class _PerSample:
         return t.to(self.dtype) if t.is_floating_point() else t
 
     def __call__(self, X, y):
-        with _policy_mode(self.model, self.policy):
+        with policy_mode(self.model, self.policy):
             return self._vg(self._cast(X), self._cast(y))
 
 

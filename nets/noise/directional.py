@@ -39,9 +39,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rmt._validation import as_int, as_seed
+from rmt.validation import as_int, as_seed
 
-from .operators import ModelCurvatureOperator, curvature_operator
+from nets.curvature.operators import ModelCurvatureOperator, curvature_operator
 
 __all__ = ["NoiseEstimate", "directional_noise", "isotropic_noise",
            "directional_noise_from_operator", "isotropic_noise_from_operator"]
@@ -117,9 +117,9 @@ def _noise_columns(op: ModelCurvatureOperator, U: torch.Tensor, micro_batch: int
     return s2, stderr, lam, G
 
 
-def _check_noise_op(op):
+def check_noise_operator(op):
     if not isinstance(op, ModelCurvatureOperator):
-        raise TypeError("op must be a ModelCurvatureOperator (from nets.operators)")
+        raise TypeError("op must be a ModelCurvatureOperator (from nets.curvature.operators)")
     if op.policy == "train_batch_stats":
         raise ValueError("per-sample curvature noise is undefined with policy='train_batch_stats' "
                          "(batch statistics couple the samples); use policy='eval'")
@@ -145,7 +145,7 @@ def directional_noise_from_operator(op: ModelCurvatureOperator, u, micro_batch=1
                                     chunk_size=None) -> NoiseEstimate:
     """s_u² for the data and curvature kind held by `op` (module docstring); u is
     normalised to unit length first."""
-    _check_noise_op(op)
+    check_noise_operator(op)
     as_seed("seed", seed)
     u = _as_direction(u, op.P, op.device)
     s2, se, lam, G = _noise_columns(op, u[:, None], micro_batch, seed, chunk_size)
@@ -158,7 +158,7 @@ def isotropic_noise_from_operator(op: ModelCurvatureOperator, num_probes=10, mic
                                   seed=0, chunk_size=None) -> NoiseEstimate:
     """P·σ²_avg = E_v[s_v²] over Rademacher unit directions v = z/√P drawn from
     `numpy.random.default_rng(seed)` (module docstring); stderr over the probes."""
-    _check_noise_op(op)
+    check_noise_operator(op)
     k = as_int("num_probes", num_probes, minimum=1)
     rng = np.random.default_rng(as_seed("seed", seed))
     Z = rng.choice(np.array([-1.0, 1.0]), size=(op.P, k)) / math.sqrt(op.P)

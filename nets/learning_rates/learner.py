@@ -5,13 +5,13 @@ learning rate α and momentum ρ are re-estimated from the curvature at schedule
 (step 6) and held in between. The class defaults are the paper's rule without guards
 (safety 1, no batch correction, fixed period); `ROBUST_SETTINGS` are the guarded
 settings with which the digits MLP and CNN trained without divergence over 5 seeds
-(`nets.learner_comparison`; the unguarded rule catapulted or killed some runs there):
+(`paper_checks.experiments.learner_comparison`; the unguarded rule catapulted or killed some runs there):
 
 1. **Curvature batch.** `curvature_batch_size` = B_c samples of the training set are
    chosen once, without replacement, by `numpy.random.default_rng(seed)` (or given as
    `curvature_indices`), and kept fixed for the whole run.
 2. **Lanczos.** At the current weights, `lanczos_steps` = m steps of Lanczos with full
-   reorthogonalisation (:func:`nets.lanczos.lanczos`) on the Hessian (or GGN,
+   reorthogonalisation (:func:`nets.algorithms.lanczos.lanczos`) on the Hessian (or GGN,
    `kind="ggn"`) of the mean loss over the curvature batch, H_{B_c}, from a Rademacher
    start vector seeded by `seed + update index`. Weight decay δ adds δ·I, so every Ritz
    value is shifted by δ.
@@ -39,7 +39,7 @@ settings with which the digits MLP and CNN trained without divergence over 5 see
      B (:func:`rmt.lr.rescale_curvature`, clipped rather than raising when the
      measurement is below the model minimum 2√(c s_u²)). s_u² is estimated on the
      same curvature batch: split it into n = B_c/b micro-batches of
-     `noise_micro_batch_size` = b samples, compute m_j = H_j u (one vmapped pass of `nets.noise`) and
+     `noise_micro_batch_size` = b samples, compute m_j = H_j u (one vmapped pass of `nets.noise.directional`) and
 
          ŝ_u² = b/(n − 1) · Σ_j ‖m_j − m̄‖²,     m̄ = (1/n) Σ_j m_j = H_{B_c} u.
 
@@ -107,14 +107,14 @@ import torch
 from scipy.linalg import eigh_tridiagonal
 from torch import nn
 
-from rmt._validation import as_float, as_int
+from rmt.validation import as_float, as_int
 from rmt.lr import heavy_ball, rescale_curvature
 
-from .data import check_dataset
-from .lanczos import lanczos
-from .noise import directional_noise_from_operator
-from .operators import CurvatureOperator, _check_policy, curvature_operator
-from .params import ParamLayout
+from nets.training.data import check_dataset
+from nets.algorithms.lanczos import lanczos
+from nets.noise.directional import directional_noise_from_operator
+from nets.curvature.operators import CurvatureOperator, check_policy, curvature_operator
+from nets.curvature.params import ParamLayout
 
 __all__ = ["CurvatureUpdate", "CurvatureAdaptiveSGD", "micro_batch_directional_noise",
            "choose_mu", "ROBUST_SETTINGS"]
@@ -215,10 +215,10 @@ def choose_mu(ritz_values, ritz_weights, lam_max, mu_rule="weighted", weight_thr
 def micro_batch_directional_noise(op, u, micro_batch_size=1) -> float:
     """ŝ_u² = b/(n − 1)·Σ_j ‖H_j u − m̄‖² over n = B_c/b micro-batches of op's data.
 
-    `op` is a model curvature operator (:func:`nets.operators.curvature_operator`)
+    `op` is a model curvature operator (:func:`nets.curvature.operators.curvature_operator`)
     holding the B_c curvature samples; H_j is the curvature of the mean loss over
     micro-batch j, m̄ the mean of the H_j u (= H_{B_c}u). This is
-    :func:`nets.noise.directional_noise_from_operator` (micro-batches: a random
+    :func:`nets.noise.directional.directional_noise_from_operator` (micro-batches: a random
     partition seeded with 0, products vmapped over micro-batches) with the learner's
     extra requirement that b divide B_c, so that every curvature sample is used.
     Unbiased, for fixed u, for the per-sample variance s_u² = (1/(N−1)) Σ_i ‖(H_i − H)u‖²
@@ -290,7 +290,7 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
         optional cap (≥ 1) on α_new/α_previous.
     weight_decay : δ ≥ 0, added to the gradient (δθ) and to the curvature (δI).
     kind : "hessian" | "ggn"; policy : train-mode layer policy of the curvature
-        products (None | "eval" | "train_batch_stats", see nets.operators).
+        products (None | "eval" | "train_batch_stats", see nets.curvature.operators).
     curvature_dtype : dtype of the products (default: the model's).
     seed : picks the curvature batch and (seed + update index) the Lanczos start.
     """
@@ -353,7 +353,7 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
         if kind not in ("hessian", "ggn"):
             raise ValueError(f"kind must be 'hessian' or 'ggn', got {kind!r}")
         self.kind = kind
-        _check_policy(model, policy)
+        check_policy(model, policy)
         self.policy = policy
         if curvature_dtype is not None and (not isinstance(curvature_dtype, torch.dtype)
                                             or not curvature_dtype.is_floating_point):

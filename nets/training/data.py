@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rmt._validation import as_float, as_int
+from rmt.validation import as_float, as_int
 
-from .seeding import torch_generator
+from nets.utils.seeding import torch_generator
 
 __all__ = [
     "check_dataset",
