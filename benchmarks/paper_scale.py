@@ -1,4 +1,4 @@
-"""Paper-scale run plan (THEORY.md §7): batch-Hessian spectra of VGG-16 / WideResNet-28-10
+"""Paper-scale run plan (docs/theory.md §7): batch-Hessian spectra of VGG-16 / WideResNet-28-10
 on CIFAR-100, on a CUDA GPU. UNMEASURED in this repository (no GPU was available).
 
 What it does, per checkpoint: for every batch size B in `--batch-sizes` (default
@@ -141,7 +141,7 @@ def main(argv=None):
 
         def full():
             op = hessian_operator(model, F.cross_entropy, (X, y), dtype=dtype,
-                                  policy=args.policy, batch_size=args.chunk)
+                                  policy=args.policy, chunk_size=args.chunk)
             if dtype == torch.bfloat16:
                 op = LowPrecisionProducts(op)
             t0 = time.perf_counter()
@@ -161,7 +161,7 @@ def main(argv=None):
                 idx = np.random.default_rng(seed * 7919 + B).choice(N, size=B, replace=False)
                 op = batch_hessian_operator(model, F.cross_entropy, (X, y), idx, dtype=dtype,
                                             policy=args.policy,
-                                            batch_size=min(B, args.chunk))
+                                            chunk_size=min(B, args.chunk))
                 if dtype == torch.bfloat16:
                     op = LowPrecisionProducts(op)
                 torch.cuda.synchronize()

@@ -6,9 +6,8 @@ table), the tolerance rule, the verdict, every number the verdict used (`details
 every plotted series (`series`, name → array). `plot(result)` in each check module reads
 only `result.series` and `result.details`.
 
-JSON conventions: numpy arrays/scalars become lists/numbers; non-finite floats are
-written as the strings "nan", "inf", "-inf" (strict JSON has no NaN) and turned back
-into floats on reading.
+JSON conventions: the project's one encoder, `nets.utils.jsonio` (non-finite floats
+as the strings "nan", "inf", "-inf", turned back into floats on reading).
 """
 
 from __future__ import annotations
@@ -23,38 +22,9 @@ from typing import Any
 import numpy as np
 
 from nets.utils.atomic import atomic_write
+from nets.utils.jsonio import from_jsonable, to_jsonable  # noqa: F401  (re-exported)
 
 VERDICTS = ("pass", "fail", "skipped", "error")
-_NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Plain-JSON version of `obj` (dicts, lists, numbers, strings; NaN/inf as strings)."""
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return to_jsonable(obj.item())
-    if hasattr(obj, "detach") and hasattr(obj, "tolist"):  # torch tensor
-        return to_jsonable(obj.detach().cpu().tolist())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    return obj
-
-
-def from_jsonable(obj: Any) -> Any:
-    """Inverse of `to_jsonable` for numbers: the strings 'nan', 'inf', '-inf' become floats."""
-    if isinstance(obj, dict):
-        return {k: from_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [from_jsonable(v) for v in obj]
-    if isinstance(obj, str) and obj in _NONFINITE:
-        return _NONFINITE[obj]
-    return obj
-
 
 @dataclasses.dataclass(frozen=True)
 class CheckResult:

@@ -51,7 +51,7 @@ def _worker(rank, world_size, store_path, out_dir):
         lo, hi = (0, SPLIT) if rank == 0 else (SPLIT, N_SAMPLES)
         shard = (X[lo:hi], y[lo:hi])
         op = distributed_hessian_operator(model, F.cross_entropy, shard, dtype=torch.float64,
-                                          batch_size=CHUNKS[rank])
+                                          chunk_size=CHUNKS[rank])
         V = _probes(op.P)
         res = eigsh(op, k=K, which="LA", tol=1e-12, seed=0)
         out = dict(

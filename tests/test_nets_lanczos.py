@@ -134,7 +134,7 @@ def test_float32_operator_runs_float64_recurrence():
     op64 = mlp_hessian(1)
     ev = np.linalg.eigvalsh(op64.to_dense().numpy())
     model = op64.model
-    op32 = hessian_operator(model, CE, op64.batches, dtype=torch.float32)
+    op32 = hessian_operator(model, CE, list(op64.iter_batches()), dtype=torch.float32)
     r = eigsh(op32, k=1)
     assert r.converged.all()
     assert abs(r.values[0] - ev[-1]) < 1e-5 * abs(ev[-1])

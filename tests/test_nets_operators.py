@@ -110,7 +110,7 @@ def test_dataset_pair_with_batch_size_and_cached_graph(name, make, loss_fn):
     model, X, y = make()
     H = dense_hessian(model, loss_fn, X, y)
     for bs, cache in [(4, False), (5, True), (None, True)]:
-        op = hessian_operator(model, loss_fn, (X, y), batch_size=bs, cache_graph=cache)
+        op = hessian_operator(model, loss_fn, (X, y), chunk_size=bs, cache_graph=cache)
         D1 = op.to_dense()
         D2 = op.to_dense()      # second pass reuses the cache when enabled
         assert torch.allclose(D1, H, rtol=0, atol=1e-10 * H.abs().max())
@@ -300,8 +300,8 @@ def test_bad_input_raises_clear_errors():
         hessian_operator(lambda x: x, CE, (X, y))
     with pytest.raises(TypeError, match="dtype"):
         hessian_operator(model, CE, (X, y), dtype=torch.int64)
-    with pytest.raises(ValueError, match="batch_size"):
-        hessian_operator(model, CE, (X, y), batch_size=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        hessian_operator(model, CE, (X, y), chunk_size=0)
     with pytest.raises(ValueError, match="indices"):
         batch_hessian_operator(model, CE, (X, y), [0, 15])
     op = hessian_operator(model, CE, (X, y))

@@ -19,7 +19,7 @@ def mlp():
     g = torch.Generator().manual_seed(1)
     X = torch.randn(40, 6, dtype=torch.float64, generator=g)
     y = torch.randint(0, 4, (40,), generator=g)
-    op = hessian_operator(model, CE, (X, y), batch_size=16)
+    op = hessian_operator(model, CE, (X, y), chunk_size=16)
     H = op.to_dense().numpy()
     return op, H
 

@@ -28,10 +28,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import sys
+
 import numpy as np
 import torch
 from scipy.linalg import eigh_tridiagonal
 
+from nets.utils.progress import wants_progress
 from rmt.validation import as_float, as_int, as_seed
 
 from nets.curvature.operators import CurvatureOperator
@@ -341,6 +344,14 @@ def _recurrence_batch(op, Q0: torch.Tensor, m: int, reorth: str):
 
 # ----------------------------------------------------------------------------------
 
+def _bar(progress, total: int, P: int):
+    """A tqdm bar over operator products, or None (`nets.utils.progress`)."""
+    if not wants_progress(progress, expected_s=None if P > 200_000 else 0.0):
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="eigsh: products", leave=False, file=sys.stderr)
+
+
 def _order(theta: np.ndarray, which: str) -> np.ndarray:
     if which == "LA":
         return np.argsort(-theta, kind="stable")
@@ -351,7 +362,7 @@ def _order(theta: np.ndarray, which: str) -> np.ndarray:
 
 def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-10, max_steps: int | None = None,
           seed=0, return_vectors: bool = True, krylov_dim: int | None = None,
-          v0=None) -> EigenResult:
+          v0=None, *, progress=None) -> EigenResult:
     """k extremal eigenpairs of the symmetric operator `op` (thick-restart Lanczos).
 
     which : "LA" largest algebraic (values descending), "SA" smallest algebraic
@@ -364,6 +375,7 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-10, max_steps: int 
     krylov_dim : basis size before a restart (default min(P, max(2k + 10, 20)), near ARPACK's 2k+1..20).
     seed : seeds the Gaussian start vector (and fresh vectors after an invariant
         subspace); v0 : optional start vector.
+    progress : True/False/None: a bar over operator products (None: on a terminal only).
     """
     op = check_operator(op)
     P = op.P
@@ -393,11 +405,14 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-10, max_steps: int 
     V[0] = q / nq
     T = np.zeros((m, m))
     l, matvecs, restarts, anorm = 0, 0, 0, 0.0
+    bar = _bar(progress, max_mv, P)
     while True:
         size, beta_last = m, 0.0
         for j in range(l, m):
             w = op.matvec(V[j]).to(torch.float64)
             matvecs += 1
+            if bar is not None:
+                bar.update(1)
             Vj = V[: j + 1]
             w, h = _cgs2(Vj, w)
             h = h.cpu().numpy()
@@ -442,6 +457,8 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-10, max_steps: int 
         T = np.zeros((m, m))
         T[np.arange(l), np.arange(l)] = theta[keep]
         restarts += 1
+    if bar is not None:
+        bar.close()
     vectors = None
     if return_vectors:
         vectors = (V[:size].T @ torch.from_numpy(S[:, want]).to(dev)).contiguous()

@@ -1,4 +1,4 @@
-"""Curvature products over data shards with `torch.distributed` (THEORY.md §1).
+"""Curvature products over data shards with `torch.distributed` (docs/theory.md §1).
 
 The full-data Hessian is a weighted sum of shard Hessians. With the N samples split
 over R ranks into shards S_r of sizes N_r (Σ_r N_r = N, sizes may differ),
@@ -178,16 +178,16 @@ class DistributedCurvatureOperator(CurvatureOperator):
         return float(self._all_reduce(t)[0])
 
 
-def _distributed(kind, model, loss_fn, shard, params, device, dtype, policy, batch_size,
+def _distributed(kind, model, loss_fn, shard, params, device, dtype, policy, chunk_size,
                  cache_graph, group, root, sync_inputs):
-    local = curvature_operator(model, loss_fn, shard, kind, params=params, device=device,
-                               dtype=dtype, policy=policy, batch_size=batch_size,
+    local = curvature_operator(model, loss_fn, shard, kind=kind, params=params, device=device,
+                               dtype=dtype, policy=policy, chunk_size=chunk_size,
                                cache_graph=cache_graph)
     return DistributedCurvatureOperator(local, group=group, root=root, sync_inputs=sync_inputs)
 
 
-def distributed_hessian_operator(model: nn.Module, loss_fn: Callable, shard, params=None,
-                                 device=None, dtype=None, policy=None, batch_size=None,
+def distributed_hessian_operator(model: nn.Module, loss_fn: Callable, shard, *, params=None,
+                                 policy=None, chunk_size=None, device=None, dtype=None,
                                  cache_graph="auto", group=None, root: int = 0,
                                  sync_inputs: bool = True) -> DistributedCurvatureOperator:
     """Full-data Hessian H = Σ_r (N_r/N) H_r from this rank's `shard` (a dataset pair or
@@ -195,14 +195,14 @@ def distributed_hessian_operator(model: nn.Module, loss_fn: Callable, shard, par
     hessian_operator`, plus the process `group`, the broadcast `root` and `sync_inputs`
     (DistributedCurvatureOperator). Collective: call on every rank."""
     return _distributed("hessian", model, loss_fn, shard, params, device, dtype, policy,
-                        batch_size, cache_graph, group, root, sync_inputs)
+                        chunk_size, cache_graph, group, root, sync_inputs)
 
 
-def distributed_ggn_operator(model: nn.Module, loss_fn: Callable, shard, params=None,
-                             device=None, dtype=None, policy=None, batch_size=None,
+def distributed_ggn_operator(model: nn.Module, loss_fn: Callable, shard, *, params=None,
+                             policy=None, chunk_size=None, device=None, dtype=None,
                              cache_graph="auto", group=None, root: int = 0,
                              sync_inputs: bool = True) -> DistributedCurvatureOperator:
     """Full-data GGN G = Σ_r (N_r/N) G_r from this rank's shard (as
     `distributed_hessian_operator`)."""
     return _distributed("ggn", model, loss_fn, shard, params, device, dtype, policy,
-                        batch_size, cache_graph, group, root, sync_inputs)
+                        chunk_size, cache_graph, group, root, sync_inputs)

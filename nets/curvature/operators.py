@@ -1,4 +1,4 @@
-"""Matrix-free curvature operators of a network's loss (THEORY.md §1, §4).
+"""Matrix-free curvature operators of a network's loss (docs/theory.md §1, §4).
 
 For parameters w ∈ R^P (all trainable parameters, or a named subset) and per-sample
 losses ℓ_i(w), i = 1..N, the operators here apply, without ever forming a P×P matrix,
@@ -8,10 +8,11 @@ losses ℓ_i(w), i = 1..N, the operators here apply, without ever forming a P×P
     H_B = (1/B) Σ_{i∈S} ∇²ℓ_i(w), G_B likewise  batch_hessian_operator / batch_ggn_operator
     ε   = H_B − H                                fluctuation_operator
 
-`loss_fn(outputs, targets)` must be mean-reduced. Data come as an iterable of (x, y)
-batches or as a dataset pair (X, y) split into chunks of `batch_size`; batch b of size
-n_b contributes with weight n_b/N, so uneven batches are averaged exactly (a peer
-defect is to weight them equally).
+`loss_fn(outputs, targets)` must be mean-reduced. Data come in any form of the data
+contract (`nets.utils.data_source`: an (X, y) pair, a torch Dataset, or a re-iterable
+of (x, y) batches such as a non-shuffling DataLoader), split into memory chunks of at
+most `chunk_size` samples; batch b of size n_b contributes with weight n_b/N, so uneven
+batches are averaged exactly (a peer defect is to weight them equally).
 
 Products use `torch.func`: Hessian-vector products are forward-over-reverse
 (`jvp` of `grad`), GGN-vector products are `vjp ∘ (loss Hessian) ∘ jvp`; several
@@ -42,6 +43,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from nets.curvature.params import ParamLayout, make_functional
+from nets.utils.data_source import as_data_source
 
 POLICIES = (None, "eval", "train_batch_stats")
 #: cache_graph="auto" keeps the per-batch gradient graphs when the inputs held total at
@@ -183,7 +185,7 @@ class LinearCombinationOperator(CurvatureOperator):
 
 
 def fluctuation_operator(batch_op: CurvatureOperator, full_op: CurvatureOperator) -> CurvatureOperator:
-    """ε = H_B − H (THEORY.md §1) as the operator difference `batch_op − full_op`."""
+    """ε = H_B − H (docs/theory.md §1) as the operator difference `batch_op − full_op`."""
     return LinearCombinationOperator([batch_op, full_op], [1.0, -1.0])
 
 
@@ -238,74 +240,14 @@ def policy_mode(model: nn.Module, policy):
 # data
 # ----------------------------------------------------------------------------------
 
-def _is_dataset_pair(data) -> bool:
-    return (isinstance(data, (tuple, list)) and len(data) == 2
-            and all(isinstance(t, (torch.Tensor, np.ndarray)) for t in data))
-
-
-def _as_tensor(t, name):
-    if isinstance(t, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(t))
-    if isinstance(t, torch.Tensor):
-        return t
-    raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(t).__name__}")
-
-
-def _prepare_tensor(t, name, device, dtype):
-    t = _as_tensor(t, name)
-    if t.is_floating_point():
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name} contains NaN or inf")
-        t = t.to(device=device, dtype=dtype)
-    else:
-        t = t.to(device=device)
-    return t
-
-
-def prepare_batches(data, batch_size=None, *, device, dtype, name="batches"):
-    """Materialise data once as a list of (x, y) on `device` (floating tensors cast to
-    `dtype`). Returns (batches, N). Accepts a dataset pair (X, y), split into chunks of
-    `batch_size` (None: a single chunk), or any iterable of (x, y) pairs."""
-    if _is_dataset_pair(data):
-        X = _prepare_tensor(data[0], f"{name} inputs", device, dtype)
-        Y = _prepare_tensor(data[1], f"{name} targets", device, dtype)
-        if X.ndim == 0 or Y.ndim == 0 or X.shape[0] != Y.shape[0]:
-            raise ValueError(f"{name}: inputs and targets must have the same first dimension, "
-                             f"got {tuple(X.shape)} and {tuple(Y.shape)}")
-        N = X.shape[0]
-        if N == 0:
-            raise ValueError(f"{name} is empty")
-        if batch_size is None:
-            bs = N
-        else:
-            if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-                raise TypeError(f"batch_size must be an integer or None, got {batch_size!r}")
-            bs = int(batch_size)
-            if bs <= 0:
-                raise ValueError(f"batch_size must be >= 1, got {bs}")
-        return [(X[i:i + bs], Y[i:i + bs]) for i in range(0, N, bs)], N
-    if batch_size is not None:
-        raise ValueError("batch_size applies to a dataset pair (X, y), not to an iterable of batches")
-    try:
-        items = list(data)
-    except TypeError:
-        raise TypeError(f"{name} must be a dataset pair (X, y) or an iterable of (x, y) batches, "
-                        f"got {type(data).__name__}") from None
-    batches, N = [], 0
-    for j, item in enumerate(items):
-        if not isinstance(item, (tuple, list)) or len(item) != 2:
-            raise TypeError(f"{name}[{j}] must be an (x, y) pair")
-        x = _prepare_tensor(item[0], f"{name}[{j}] inputs", device, dtype)
-        y = _prepare_tensor(item[1], f"{name}[{j}] targets", device, dtype)
-        if x.ndim == 0 or y.ndim == 0 or x.shape[0] != y.shape[0]:
-            raise ValueError(f"{name}[{j}]: inputs and targets must have the same first dimension")
-        if x.shape[0] == 0:
-            continue
-        batches.append((x, y))
-        N += x.shape[0]
-    if N == 0:
-        raise ValueError(f"{name} is empty")
-    return batches, N
+def _as_chunk_size(chunk_size):
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)):
+        raise TypeError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    if int(chunk_size) <= 0:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return int(chunk_size)
 
 
 def resolve_device_dtype(model: nn.Module, names, device, dtype):
@@ -365,8 +307,8 @@ class ModelCurvatureOperator(CurvatureOperator):
     are not seen (build a new operator after a training step).
     """
 
-    def __init__(self, model, loss_fn, batches, kind="hessian", params=None, device=None,
-                 dtype=None, policy=None, batch_size=None, cache_graph="auto"):
+    def __init__(self, model, loss_fn, data, kind="hessian", *, params=None, policy=None,
+                 chunk_size=None, device=None, dtype=None, cache_graph="auto"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
@@ -380,15 +322,31 @@ class ModelCurvatureOperator(CurvatureOperator):
         self.model, self.loss_fn, self.kind, self.policy = model, loss_fn, kind, policy
         self.layout = layout
         self.primals, self.frozen = make_functional(model, layout.names, device=device, dtype=dtype)
-        self.batch_size = batch_size
-        self.batches, self.N = prepare_batches(batches, batch_size, device=device, dtype=dtype)
-        self.weights = [x.shape[0] / self.N for x, _ in self.batches]   # n_b / N
+        self.chunk_size = _as_chunk_size(chunk_size)
+        self.source = as_data_source(data)
+        self.N = self.source.N
         if cache_graph == "auto":
-            cache_graph = sum(x.numel() for x, _ in self.batches) <= AUTO_CACHE_INPUT_NUMEL
+            cache_graph = self.N * self.source.first_sample_numel() <= AUTO_CACHE_INPUT_NUMEL
         elif not isinstance(cache_graph, bool):
             raise TypeError(f"cache_graph must be True, False or 'auto', got {cache_graph!r}")
         self.cache_graph = cache_graph
+        # in-memory pairs (views, no copy when device/dtype already match) and small
+        # data are held as a batch list; anything else is streamed for every product
+        self._batch_list = None
+        if self.source.form == "pair" or cache_graph:
+            self._batch_list = list(self._stream())
         self._cached = None
+
+    def _stream(self):
+        return self.source.batches(self.chunk_size, device=self.device, dtype=self.dtype)
+
+    def iter_batches(self):
+        """The operator's data as (x, y) batches on its device, in sample order."""
+        return iter(self._batch_list) if self._batch_list is not None else self._stream()
+
+    def _weighted_batches(self):
+        for x, y in self.iter_batches():
+            yield x, y, x.shape[0] / self.N          # batch b enters with weight n_b / N
 
     # -- functional pieces (pure functions of tensors) -----------------------------
     def _forward(self, prim, x):
@@ -428,9 +386,9 @@ class ModelCurvatureOperator(CurvatureOperator):
         if self._cached is not None:
             return self._cached
         if self.cache_graph:
-            self._cached = [self._pullback(x, y) for x, y in self.batches]
+            self._cached = [(self._pullback(x, y), w) for x, y, w in self._weighted_batches()]
             return self._cached
-        return (self._pullback(x, y) for x, y in self.batches)
+        return ((self._pullback(x, y), w) for x, y, w in self._weighted_batches())
 
     def batch_product(self, x, y, v):
         """(curvature of loss_fn(model(x), y)) · v for one batch; flat v of length P.
@@ -459,7 +417,7 @@ class ModelCurvatureOperator(CurvatureOperator):
         vt = self.layout.unflatten(v)
         out = None
         with policy_mode(self.model, self.policy):
-            for pb, w in zip(self._pullbacks(), self.weights):
+            for pb, w in self._pullbacks():
                 term = self.layout.flatten(pb(vt)) * w
                 out = term if out is None else out + term
         return out
@@ -469,7 +427,7 @@ class ModelCurvatureOperator(CurvatureOperator):
             return self._matvec(V[:, 0])[:, None]
         out = None
         with policy_mode(self.model, self.policy):
-            for pb, w in zip(self._pullbacks(), self.weights):
+            for pb, w in self._pullbacks():
                 prod = vmap(lambda v: self.layout.flatten(pb(self.layout.unflatten(v))),
                             in_dims=1)       # (k, P); see group_products for why not out_dims=1
                 term = prod(V).transpose(0, 1) * w
@@ -482,7 +440,7 @@ class ModelCurvatureOperator(CurvatureOperator):
         n = len(self.primals)
         out = None
         with policy_mode(self.model, self.policy):
-            for (x, y), w in zip(self.batches, self.weights):
+            for x, y, w in self._weighted_batches():
                 g = self.layout.flatten(grad(lambda *p: self._loss(p, x, y),
                                              argnums=tuple(range(n)))(*self.primals))
                 out = g * w if out is None else out + g * w
@@ -492,105 +450,93 @@ class ModelCurvatureOperator(CurvatureOperator):
         """Full-data mean loss Σ_b (n_b/N) L_b(w)."""
         total = 0.0
         with torch.no_grad(), policy_mode(self.model, self.policy):
-            for (x, y), w in zip(self.batches, self.weights):
+            for x, y, w in self._weighted_batches():
                 total += w * float(self._loss(self.primals, x, y))
         return total
 
     def subset(self, indices, cache_graph=None) -> "ModelCurvatureOperator":
-        """The same operator restricted to samples `indices` (positions in the
-        concatenation of the batches it holds); reuses the parameter copies.
+        """The same operator restricted to samples `indices` (positions in the sample
+        order of its data); reuses the parameter copies. Samples are fetched by random
+        access (`nets.utils.data_source.DataSource.take`).
         cache_graph : None (inherit), True, False or "auto" (judged on the subset)."""
-        X, Y = self.batches_full_tensors()
-        idx = _check_indices(indices, X.shape[0])
+        Xs, Ys = self.source.take(indices, device=self.device, dtype=self.dtype)
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         new.num_matvecs = 0
         new._cached = None
-        bs = self.batch_size or len(idx)
-        idx_t = torch.as_tensor(idx, device=X.device)
-        Xs, Ys = X.index_select(0, idx_t), Y.index_select(0, idx_t)
+        new.source = as_data_source((Xs, Ys))
+        new.N = new.source.N
         if cache_graph == "auto":
             new.cache_graph = Xs.numel() <= AUTO_CACHE_INPUT_NUMEL
         elif cache_graph is not None:
             new.cache_graph = bool(cache_graph)
-        new.batches = [(Xs[i:i + bs], Ys[i:i + bs]) for i in range(0, len(idx), bs)]
-        new.N = len(idx)
-        new.weights = [x.shape[0] / new.N for x, _ in new.batches]
+        new._batch_list = list(new._stream())
         return new
 
     def batches_full_tensors(self):
         """(X, Y) of all data held by the operator, concatenated (on its device)."""
-        if len(self.batches) == 1:
-            return self.batches[0]
-        return (torch.cat([x for x, _ in self.batches]), torch.cat([y for _, y in self.batches]))
+        if self._batch_list is not None and len(self._batch_list) == 1:
+            return self._batch_list[0]
+        return self.source.tensors(device=self.device, dtype=self.dtype)
 
 
-def _check_indices(indices, N) -> np.ndarray:
-    idx = np.asarray(indices)
-    if idx.ndim != 1 or idx.size == 0:
-        raise ValueError("indices must be a non-empty 1-d array of sample indices")
-    if not np.issubdtype(idx.dtype, np.integer):
-        raise TypeError(f"indices must be integers, got dtype {idx.dtype}")
-    if idx.min() < 0 or idx.max() >= N:
-        raise ValueError(f"indices must lie in [0, {N}), got range [{idx.min()}, {idx.max()}]")
-    return idx.astype(np.int64)
-
-
-def hessian_operator(model: nn.Module, loss_fn: Callable, batches, params=None, device=None,
-                     dtype=None, policy=None, batch_size=None, cache_graph="auto") -> ModelCurvatureOperator:
+def hessian_operator(model: nn.Module, loss_fn: Callable, data, *, params=None, policy=None,
+                     chunk_size=None, device=None, dtype=None,
+                     cache_graph="auto") -> ModelCurvatureOperator:
     """Full-data Hessian H = Σ_b (n_b/N) ∇²L_b(w) = (1/N) Σ_i ∇²ℓ_i(w).
 
-    batches : iterable of (x, y), or a dataset pair (X, y) split into `batch_size` chunks.
+    data : an (X, y) pair, a torch Dataset of (x, y) samples, or a re-iterable of (x, y)
+        batches such as a non-shuffling DataLoader (`nets.utils.data_source`).
     params : None (all trainable parameters), names, or a predicate (name, tensor) -> bool.
+    policy : None | "eval" | "train_batch_stats" (module docstring).
+    chunk_size : at most this many samples per forward/backward pass (memory); the
+        product is the exact n_b/N-weighted average whatever the chunking.
     device, dtype : where/in what precision products run (default: the model's).
         dtype=torch.float64 gives products exact to round-off.
-    policy : None | "eval" | "train_batch_stats" (module docstring).
     cache_graph : True: keep each batch's gradient graph between products, so that a
         product costs one backward pass through it (about a gradient's cost) instead of
         a fresh forward + backward; memory grows with the data held. False: rebuild per
-        product (one batch's graph alive at a time). "auto" (default): True when the
-        inputs total ≤ AUTO_CACHE_INPUT_NUMEL numbers. Parameters are frozen copies, so
-        the cache stays valid for the operator's lifetime.
+        product (one batch's graph alive at a time; data other than an in-memory pair
+        are then streamed from their source for every product). "auto" (default): True
+        when the inputs total ≤ AUTO_CACHE_INPUT_NUMEL numbers. Parameters are frozen
+        copies, so the cache stays valid for the operator's lifetime.
     """
-    return ModelCurvatureOperator(model, loss_fn, batches, "hessian", params, device, dtype,
-                                  policy, batch_size, cache_graph)
+    return ModelCurvatureOperator(model, loss_fn, data, "hessian", params=params, policy=policy,
+                                  chunk_size=chunk_size, device=device, dtype=dtype,
+                                  cache_graph=cache_graph)
 
 
-def ggn_operator(model: nn.Module, loss_fn: Callable, batches, params=None, device=None,
-                 dtype=None, policy=None, batch_size=None, cache_graph="auto") -> ModelCurvatureOperator:
+def ggn_operator(model: nn.Module, loss_fn: Callable, data, *, params=None, policy=None,
+                 chunk_size=None, device=None, dtype=None,
+                 cache_graph="auto") -> ModelCurvatureOperator:
     """Generalised Gauss–Newton G = (1/N) Σ_i J_iᵀ Λ_i J_i (PSD for convex losses),
     applied as vjp(Λ · jvp(v)) without forming Jacobians. Arguments as `hessian_operator`."""
-    return ModelCurvatureOperator(model, loss_fn, batches, "ggn", params, device, dtype,
-                                  policy, batch_size, cache_graph)
+    return ModelCurvatureOperator(model, loss_fn, data, "ggn", params=params, policy=policy,
+                                  chunk_size=chunk_size, device=device, dtype=dtype,
+                                  cache_graph=cache_graph)
 
 
-def _subset_pair(dataset, indices):
-    if not _is_dataset_pair(dataset):
-        raise TypeError("dataset must be a pair (X, y) of tensors or arrays")
-    X, Y = _as_tensor(dataset[0], "dataset inputs"), _as_tensor(dataset[1], "dataset targets")
-    if X.shape[0] != Y.shape[0]:
-        raise ValueError("dataset inputs and targets must have the same first dimension")
-    if X.shape[0] == 0:
-        raise ValueError("dataset is empty")
-    idx = torch.as_tensor(_check_indices(indices, X.shape[0]), device=X.device)
-    return X.index_select(0, idx), Y.index_select(0, idx)
+def batch_hessian_operator(model, loss_fn, data, indices, *, params=None, policy=None,
+                           chunk_size=None, device=None, dtype=None,
+                           cache_graph="auto") -> ModelCurvatureOperator:
+    """Batch Hessian H_B = (1/B) Σ_{i∈S} ∇²ℓ_i(w) for the samples S = `indices` (positions
+    in the sample order of `data`, any of the three forms)."""
+    pair = as_data_source(data).take(indices)
+    return hessian_operator(model, loss_fn, pair, params=params, policy=policy,
+                            chunk_size=chunk_size, device=device, dtype=dtype,
+                            cache_graph=cache_graph)
 
 
-def batch_hessian_operator(model, loss_fn, dataset, indices, params=None, device=None,
-                           dtype=None, policy=None, batch_size=None, cache_graph="auto") -> ModelCurvatureOperator:
-    """Batch Hessian H_B = (1/B) Σ_{i∈S} ∇²ℓ_i(w) for the samples S = `indices` of the
-    dataset pair (X, y)."""
-    return hessian_operator(model, loss_fn, _subset_pair(dataset, indices), params, device,
-                            dtype, policy, batch_size, cache_graph)
-
-
-def batch_ggn_operator(model, loss_fn, dataset, indices, params=None, device=None,
-                       dtype=None, policy=None, batch_size=None, cache_graph="auto") -> ModelCurvatureOperator:
+def batch_ggn_operator(model, loss_fn, data, indices, *, params=None, policy=None,
+                       chunk_size=None, device=None, dtype=None,
+                       cache_graph="auto") -> ModelCurvatureOperator:
     """Batch GGN G_B = (1/B) Σ_{i∈S} J_iᵀ Λ_i J_i for S = `indices`."""
-    return ggn_operator(model, loss_fn, _subset_pair(dataset, indices), params, device,
-                        dtype, policy, batch_size, cache_graph)
+    pair = as_data_source(data).take(indices)
+    return ggn_operator(model, loss_fn, pair, params=params, policy=policy,
+                        chunk_size=chunk_size, device=device, dtype=dtype,
+                        cache_graph=cache_graph)
 
 
-def curvature_operator(model, loss_fn, batches, kind="hessian", **kwargs) -> ModelCurvatureOperator:
+def curvature_operator(model, loss_fn, data, *, kind="hessian", **kwargs) -> ModelCurvatureOperator:
     """`hessian_operator` or `ggn_operator` chosen by `kind`."""
-    return ModelCurvatureOperator(model, loss_fn, batches, kind, **kwargs)
+    return ModelCurvatureOperator(model, loss_fn, data, kind, **kwargs)

@@ -1,4 +1,4 @@
-"""Flat parameter vectors for a `torch.nn.Module` (THEORY.md §1: w ∈ R^P).
+"""Flat parameter vectors for a `torch.nn.Module` (docs/theory.md §1: w ∈ R^P).
 
 Curvature operators act on one flat vector `w ∈ R^P` made of a chosen subset of the
 module's parameters (all trainable ones by default, or a named subset for per-layer

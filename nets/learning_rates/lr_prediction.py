@@ -1,4 +1,4 @@
-"""Learning rates from one curvature/noise measurement pass (THEORY.md §3, §5).
+"""Learning rates from one curvature/noise measurement pass (docs/theory.md §3, §5).
 
 From a trained model and its data, ONE pass measures
 
@@ -137,7 +137,7 @@ class LRTable:
 def _measure(model, loss_fn, dataset, *, dtype, device, chunk_size, iso_probes, seed,
              hessian_samples, tol, mccandlish):
     H = hessian_operator(model, loss_fn, dataset, device=device, dtype=dtype,
-                         batch_size=chunk_size)
+                         chunk_size=chunk_size)
     top = eigsh(H, k=1, which="LA", tol=tol, seed=seed)
     lam = float(top.values[0])
     if not lam > 0:
@@ -211,7 +211,7 @@ def lr_table(model, loss_fn, dataset, batch_sizes, momentum=0.0, beta1=0.0, eps=
             for r in range(reps):
                 idx = np.arange(N) if b == N else np.sort(rng.choice(N, int(b), replace=False))
                 HB = batch_hessian_operator(model, loss_fn, dataset, idx, device=device,
-                                            dtype=dtype, batch_size=chunk_size, cache_graph=True)
+                                            dtype=dtype, chunk_size=chunk_size, cache_graph=True)
                 tops.append(float(eigsh(HB, k=1, which="LA", tol=tol, seed=seed + r,
                                         return_vectors=False).values[0]))
                 atops.append(float(eigsh(DiagonalScaledOperator(HB, Dg), k=1, which="LA", tol=tol,

@@ -1,4 +1,4 @@
-"""Per-sample gradient statistics and McCandlish et al.'s noise scales (THEORY.md §5).
+"""Per-sample gradient statistics and McCandlish et al.'s noise scales (docs/theory.md §5).
 
 For per-sample gradients g_i = ∇ℓ_i(w), i = 1..N (computed with
 `torch.func.vmap(torch.func.grad(...))` in chunks, never stored all at once):
@@ -166,7 +166,7 @@ def gradient_noise(model, loss_fn, dataset, chunk_size=256, hessian_samples=128,
         rng = np.random.default_rng(seed)
         idx = np.arange(N) if m == N else np.sort(rng.choice(N, m, replace=False))
         H = hessian_operator(model, loss_fn, (X, y), params=params, device=ps.device,
-                             dtype=ps.dtype, policy=policy, batch_size=chunk_size)
+                             dtype=ps.dtype, policy=policy, chunk_size=chunk_size)
         gbar = mean.to(ps.dtype)
         gHg = float(gbar.to(acc) @ H.matvec(gbar).to(acc))
         quad = 0.0

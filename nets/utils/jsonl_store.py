@@ -16,26 +16,10 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from nets.utils.jsonio import to_jsonable
 
-def _jsonable(obj):
-    """Convert numpy/torch scalars and arrays to plain JSON types; NaN/inf to strings."""
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover
-        np = None
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if np is not None and isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if np is not None and isinstance(obj, np.generic):
-        return _jsonable(obj.item())
-    if hasattr(obj, "detach") and hasattr(obj, "tolist"):  # torch tensor
-        return _jsonable(obj.detach().cpu().tolist())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return repr(obj)  # 'nan', 'inf', '-inf'
-    return obj
+
+_jsonable = to_jsonable
 
 
 class JsonlStore:

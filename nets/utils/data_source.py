@@ -1,0 +1,240 @@
+"""The data contract of every `nets` function that takes data.
+
+`data` may be given in three forms, and each gives the same numbers:
+
+* an `(X, y)` pair of tensors or numpy arrays with the same first dimension N;
+* a map-style torch `Dataset` whose item `i` is one sample `(x_i, y_i)`;
+* a re-iterable of `(x, y)` batches, such as a `DataLoader` or a list of pairs.
+
+The sample order is the pair's row order, the Dataset's index order, or the iteration
+order of the batches. Curvature is an average over a *fixed* set of samples, so a
+DataLoader that shuffles (a `RandomSampler`, or any sampler that is not sequential) is
+refused with a ValueError (curvlinops does the same), and so is a one-shot iterator (a
+generator), which could not be read twice.
+
+`as_data_source(data)` wraps any form in a `DataSource`, which
+
+* streams `batches(chunk_size=...)` one batch at a time, moved to the device and, for
+  floating tensors, cast to the requested dtype (integer tensors — class labels, token
+  ids — are only moved); nothing is copied whole unless the form is already a pair;
+* `take(indices)` gives the samples at `indices` as one `(X, y)` pair (random access:
+  rows of the pair, items of the Dataset — stacked with the DataLoader's `collate_fn`
+  when a DataLoader over a Dataset was given — and, for a plain iterable of batches,
+  the concatenation of its batches, read once and kept);
+* knows `N`, the number of samples.
+
+Floating data must be finite; an empty data set is refused.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+__all__ = ["DataSource", "as_data_source", "is_pair"]
+
+
+def is_pair(data) -> bool:
+    """True for an `(X, y)` pair of tensors/arrays."""
+    return (isinstance(data, (tuple, list)) and len(data) == 2
+            and all(isinstance(t, (torch.Tensor, np.ndarray)) for t in data))
+
+
+def _as_tensor(t, name: str) -> torch.Tensor:
+    if isinstance(t, torch.Tensor):
+        return t
+    if isinstance(t, np.ndarray):
+        if t.dtype == object or t.dtype.kind in "USV":
+            raise TypeError(f"{name} must hold numbers, got a numpy array of dtype {t.dtype}")
+        return torch.from_numpy(np.ascontiguousarray(t))
+    if isinstance(t, (bool, int, float, np.number)):
+        return torch.as_tensor(t)
+    raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(t).__name__}")
+
+
+def _place(t: torch.Tensor, name: str, device, dtype) -> torch.Tensor:
+    """Move to `device`; cast floating tensors to `dtype`; refuse NaN/inf and complex."""
+    if t.is_complex():
+        raise TypeError(f"{name} is complex ({t.dtype}); real data are expected")
+    if t.is_floating_point():
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or inf")
+        return t.to(device=device, dtype=dtype)
+    return t.to(device=device)
+
+
+def _check_sampler(loader, name: str) -> None:
+    from torch.utils.data import DataLoader, SequentialSampler
+    if not isinstance(loader, DataLoader):
+        return
+    sampler = loader.batch_sampler.sampler if loader.batch_sampler is not None else loader.sampler
+    if not isinstance(sampler, SequentialSampler) and not _is_iterable_dataset(loader.dataset):
+        raise ValueError(
+            f"{name} is a DataLoader with a {type(sampler).__name__}: curvature is an average over "
+            "a fixed sample order, so a shuffling loader is refused; build it with shuffle=False "
+            "(the package draws its own random batches where it needs them)")
+
+
+def _is_iterable_dataset(ds) -> bool:
+    from torch.utils.data import IterableDataset
+    return isinstance(ds, IterableDataset)
+
+
+class DataSource:
+    """One view of the three data forms (module docstring). Build with `as_data_source`."""
+
+    def __init__(self, data, *, name: str = "data"):
+        from torch.utils.data import DataLoader, Dataset
+        self.name = name
+        self._pair = None
+        self._dataset = None
+        self._iterable = None
+        self._collate = None
+        self._cached_pair = None
+        if is_pair(data):
+            X, Y = _as_tensor(data[0], f"{name} inputs"), _as_tensor(data[1], f"{name} targets")
+            if X.ndim == 0 or Y.ndim == 0 or X.shape[0] != Y.shape[0]:
+                raise ValueError(f"{name}: inputs and targets must have the same first dimension, "
+                                 f"got {tuple(X.shape)} and {tuple(Y.shape)}")
+            self._pair, self.N, self.form = (X, Y), int(X.shape[0]), "pair"
+        elif isinstance(data, Dataset) and not _is_iterable_dataset(data) and hasattr(data, "__len__"):
+            self._dataset, self.N, self.form = data, len(data), "dataset"
+        elif isinstance(data, (str, bytes, dict)) or torch.is_tensor(data) or isinstance(data, np.ndarray):
+            raise TypeError(f"{name} must be an (X, y) pair, a torch Dataset of (x, y) samples or a "
+                            f"re-iterable of (x, y) batches, got {type(data).__name__}")
+        else:
+            try:
+                it = iter(data)
+            except TypeError:
+                raise TypeError(f"{name} must be an (X, y) pair, a torch Dataset of (x, y) samples or "
+                                f"a re-iterable of (x, y) batches, got {type(data).__name__}") from None
+            if it is data:
+                raise TypeError(f"{name} is a one-shot iterator ({type(data).__name__}); pass a "
+                                "re-iterable such as a list of (x, y) batches or a DataLoader")
+            _check_sampler(data, name)
+            self._iterable, self.form = data, "batches"
+            if (isinstance(data, DataLoader) and not _is_iterable_dataset(data.dataset)
+                    and not data.drop_last and hasattr(data.dataset, "__len__")):
+                self._dataset, self._collate = data.dataset, data.collate_fn
+                self.N = len(data.dataset)
+            else:
+                self.N = sum(int(self._check_item(item, j)[0].shape[0])
+                             for j, item in enumerate(self._iterable))
+        if self.N == 0:
+            raise ValueError(f"{name} is empty")
+
+    # -- pieces ---------------------------------------------------------------------
+    def _check_item(self, item, j, *, sample=False):
+        what = f"{self.name}[{j}]"
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            kind = "sample" if sample else "batch"
+            raise TypeError(f"{what} must be an (x, y) {kind}, got {type(item).__name__}")
+        x, y = _as_tensor(item[0], f"{what} inputs"), _as_tensor(item[1], f"{what} targets")
+        if not sample and (x.ndim == 0 or y.ndim == 0 or x.shape[0] != y.shape[0]):
+            raise ValueError(f"{what}: inputs and targets must have the same first dimension, "
+                             f"got {tuple(x.shape)} and {tuple(y.shape)}")
+        return x, y
+
+    def _stack_samples(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
+        items = [self._dataset[int(i)] for i in idx]
+        if self._collate is not None:
+            return self._check_item(self._collate(items), f"{int(idx[0])}:")
+        xs, ys = zip(*(self._check_item(it, int(i), sample=True) for it, i in zip(items, idx)))
+        return torch.stack(xs), torch.stack(ys)
+
+    def _all_pair(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole data as one pair, on its own device/dtype (read once, then kept for
+        plain iterables; pairs are returned as they are)."""
+        if self._pair is not None:
+            return self._pair
+        if self._cached_pair is None:
+            if self._dataset is not None:
+                self._cached_pair = self._stack_samples(np.arange(self.N))
+            else:
+                xs, ys = zip(*(self._check_item(b, j) for j, b in enumerate(self._iterable)))
+                self._cached_pair = (torch.cat(xs), torch.cat(ys))
+        return self._cached_pair
+
+    # -- public ---------------------------------------------------------------------
+    def batches(self, chunk_size: int | None = None, *, device=None, dtype=None
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The data, in order, as (x, y) batches placed on `device` (floating data cast
+        to `dtype`). chunk_size: at most this many samples per batch (None: a pair is one
+        batch, a Dataset is read in chunks of 1024, an iterable keeps its own batches)."""
+        if self._pair is not None:
+            X, Y = self._pair
+            step = self.N if chunk_size is None else chunk_size
+            for i in range(0, self.N, step):
+                yield (_place(X[i:i + step], f"{self.name} inputs", device, dtype),
+                       _place(Y[i:i + step], f"{self.name} targets", device, dtype))
+            return
+        if self.form == "dataset":
+            step = 1024 if chunk_size is None else chunk_size
+            for i in range(0, self.N, step):
+                x, y = self._stack_samples(np.arange(i, min(i + step, self.N)))
+                yield (_place(x, f"{self.name} inputs", device, dtype),
+                       _place(y, f"{self.name} targets", device, dtype))
+            return
+        for j, item in enumerate(self._iterable):
+            x, y = self._check_item(item, j)
+            if x.shape[0] == 0:
+                continue
+            step = x.shape[0] if chunk_size is None else chunk_size
+            for i in range(0, x.shape[0], step):
+                yield (_place(x[i:i + step], f"{self.name}[{j}] inputs", device, dtype),
+                       _place(y[i:i + step], f"{self.name}[{j}] targets", device, dtype))
+
+    def take(self, indices, *, device=None, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples `indices` (positions in the sample order) as one (X, y) pair."""
+        idx = check_indices(indices, self.N)
+        if self._dataset is not None and self._pair is None and self._cached_pair is None:
+            X, Y = self._stack_samples(idx)
+        else:
+            X, Y = self._all_pair()
+            t = torch.as_tensor(idx, device=X.device)
+            X, Y = X.index_select(0, t), Y.index_select(0, t.to(Y.device))
+        return (_place(X, f"{self.name} inputs", device, dtype),
+                _place(Y, f"{self.name} targets", device, dtype))
+
+    def tensors(self, *, device=None, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """All samples as one (X, y) pair (materialised for Datasets and iterables)."""
+        X, Y = self._all_pair()
+        return (_place(X, f"{self.name} inputs", device, dtype),
+                _place(Y, f"{self.name} targets", device, dtype))
+
+    def first_sample_numel(self) -> int:
+        """Numbers in one input sample (for memory estimates)."""
+        if self._pair is not None:
+            return int(self._pair[0][0].numel())
+        if self._dataset is not None:
+            x, _ = self._check_item(self._dataset[0], 0, sample=True)
+            return int(x.numel())
+        for j, item in enumerate(self._iterable):
+            x, _ = self._check_item(item, j)
+            if x.shape[0]:
+                return int(x[0].numel())
+        return 0
+
+    def __repr__(self) -> str:
+        return f"DataSource(form={self.form!r}, N={self.N})"
+
+
+def check_indices(indices, N: int, *, name: str = "indices") -> np.ndarray:
+    """A non-empty 1-d integer array of positions in [0, N)."""
+    idx = np.asarray(indices)
+    if idx.ndim != 1 or idx.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-d array of sample indices")
+    if idx.dtype == bool or not np.issubdtype(idx.dtype, np.integer):
+        raise TypeError(f"{name} must be integers, got dtype {idx.dtype}")
+    if idx.min() < 0 or idx.max() >= N:
+        raise ValueError(f"{name} must lie in [0, {N}), got range [{idx.min()}, {idx.max()}]")
+    return idx.astype(np.int64)
+
+
+def as_data_source(data, *, name: str = "data") -> DataSource:
+    """`data` in any of the three forms (module docstring) as a `DataSource`."""
+    if isinstance(data, DataSource):
+        return data
+    return DataSource(data, name=name)
