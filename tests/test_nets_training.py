@@ -110,14 +110,14 @@ def test_train_leaves_global_rng_and_mode_alone():
 def test_evaluate_exact_with_uneven_chunks_and_accuracy_oracle():
     X, y = gaussian_mixture(103, 5, 4, 1.0, seed=2, dtype=torch.float64)
     m = MLP(5, (7,), 4, seed=1).double()
-    full, acc_full = evaluate(m, ce, (X, y), batch_size=None)
-    chunked, acc_chunk = evaluate(m, ce, (X, y), batch_size=10)
+    full, acc_full = evaluate(m, ce, (X, y), chunk_size=None)
+    chunked, acc_chunk = evaluate(m, ce, (X, y), chunk_size=10)
     assert math.isclose(full, chunked, rel_tol=1e-13)
     with torch.no_grad():
         out = m(X)
     assert math.isclose(full, float(ce(out, y)), rel_tol=1e-13)
     expect = float((out.argmax(1) == y).double().mean())
-    assert acc_full == acc_chunk == accuracy(m, (X, y), batch_size=7) == expect
+    assert acc_full == acc_chunk == accuracy(m, (X, y), chunk_size=7) == expect
 
 
 def test_adam_regression_and_divergence():
@@ -159,7 +159,7 @@ def test_train_bad_input():
         train(m, ce, (Xn, y), **kw)
     with pytest.raises(ValueError, match="empty"):
         train(m, ce, (X[:0], y[:0]), **kw)
-    with pytest.raises(TypeError, match="dataset"):
+    with pytest.raises(TypeError, match="data"):
         train(m, ce, X, **kw)
     with pytest.raises(TypeError, match="model"):
         train(lambda x: x, ce, (X, y), **kw)

@@ -1,4 +1,4 @@
-"""The on-the-fly learning-rate and momentum learner (THEORY.md §6) as a torch optimizer.
+"""The on-the-fly learning-rate and momentum learner (docs/theory.md §6) as a torch optimizer.
 
 `CurvatureAdaptiveSGD` is a `torch.optim.Optimizer` running heavy-ball SGD whose
 learning rate α and momentum ρ are re-estimated from the curvature at scheduled steps
@@ -28,7 +28,7 @@ settings with which the digits MLP and CNN trained without divergence over 5 see
    condition number κ = λ/μ never exceeds `kappa_max`, and capped at λ (κ ≥ 1). On
    networks the Hessian has a heavy bulk at ≈ 0, so with the weighted rule the floor
    usually decides: `kappa_max` is then the effective momentum knob.
-4. **[ext] Batch-size correction** (`batch_correction`, THEORY.md §3). λ_max was
+4. **[ext] Batch-size correction** (`batch_correction`, docs/theory.md §3). λ_max was
    measured at batch B_c, but the iteration is driven by the batch Hessian at the
    training batch B = `batch_size`. Two estimates of λ'(B) are offered:
 
@@ -111,6 +111,7 @@ from rmt.validation import as_float, as_int
 from rmt.lr import heavy_ball, rescale_curvature
 
 from nets.training.data import check_dataset
+from nets.utils.data_source import as_data_source
 from nets.algorithms.lanczos import lanczos
 from nets.noise.directional import directional_noise_from_operator
 from nets.curvature.operators import CurvatureOperator, check_policy, curvature_operator
@@ -259,7 +260,7 @@ class _RecordingOperator(CurvatureOperator):
 # ----------------------------------------------------------------------------- optimizer
 
 class CurvatureAdaptiveSGD(torch.optim.Optimizer):
-    """Heavy-ball SGD with α, ρ re-estimated on the fly from Lanczos (THEORY.md §6).
+    """Heavy-ball SGD with α, ρ re-estimated on the fly from Lanczos (docs/theory.md §6).
 
     See the module docstring for the algorithm and every rule. Use it like any
     optimizer: ``loss.backward(); opt.step(); opt.zero_grad()`` (or ``opt.step(closure)``).
@@ -273,8 +274,9 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
     model : the network; the optimizer updates all its trainable parameters (one
         parameter group), and the curvature is that of these parameters.
     loss_fn : mean-reduced ``loss_fn(model(x), y)``.
-    dataset : the training set ``(X, y)``; it supplies the curvature batch and
-        N = len(X) for the sampling factor c(B, N).
+    dataset : the training set in any form of `nets.utils.data_source` (an (X, y) pair,
+        a torch Dataset, a non-shuffling DataLoader); it supplies the curvature batch
+        (read by random access) and N for the sampling factor c(B, N).
     batch_size : the training batch B (used by the batch correction; required).
     curvature_batch_size : B_c (default 128, capped at N); `curvature_indices` overrides.
     update_every : steps between updates (e.g. steps per epoch for "every epoch").
@@ -309,10 +311,8 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
             raise TypeError("loss_fn must be callable: loss_fn(outputs, targets) -> scalar mean loss")
-        if not isinstance(dataset, (tuple, list)) or len(dataset) != 2:
-            raise TypeError("dataset must be a pair (X, y) of tensors")
-        X, y = check_dataset(*dataset, name="dataset")
-        N = int(X.shape[0])
+        source = as_data_source(dataset, name="dataset")
+        N = int(source.N)
         self.N = N
         self.batch_size = as_int("batch_size", batch_size, minimum=1)
         if self.batch_size > N:
@@ -382,8 +382,8 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
                 raise ValueError(
                     f"noise_micro_batch_size={b} must divide the curvature batch size "
                     f"{self.curvature_batch_size} into at least 2 micro-batches")
-        it = torch.as_tensor(self.curvature_indices, device=X.device)
-        self._curv_data = (X.index_select(0, it), y.index_select(0, it))
+        # the curvature batch, read by random access (any form of nets.utils.data_source)
+        self._curv_data = check_dataset(*source.take(self.curvature_indices), name="dataset")
 
         self.model, self.loss_fn = model, loss_fn
         self.layout = ParamLayout.from_module(model)

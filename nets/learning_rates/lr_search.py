@@ -1,4 +1,4 @@
-"""Empirical maximal stable learning rate by bisection (THEORY.md §5: "measure it").
+"""Empirical maximal stable learning rate by bisection (docs/theory.md §5: "measure it").
 
 Which "learning rate": the **measured stability limit** of a finite run — the largest
 constant step size α for which K steps of the optimizer, started from a fixed
@@ -104,10 +104,9 @@ def _check_trial_inputs(dataset, state_dict):
     """Refuse empty data and NaN/inf in data or checkpoint before any training step
     (otherwise every trial looks 'diverged' and bisection halves down to nonsense)."""
     from nets.training.data import check_dataset
+    from nets.utils.data_source import as_data_source
 
-    if not (isinstance(dataset, (tuple, list)) and len(dataset) == 2):
-        raise TypeError("dataset must be a pair (X, y) of tensors")
-    X, y = check_dataset(*dataset, name="dataset")
+    X, y = check_dataset(*as_data_source(dataset, name="dataset").tensors(), name="dataset")
     if not isinstance(state_dict, dict):
         raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
     for k, v in state_dict.items():

@@ -1,4 +1,4 @@
-"""Per-sample curvature noise along directions (THEORY.md §3 [ext], §2).
+"""Per-sample curvature noise along directions (docs/theory.md §3.3–§3.5 [ext], §2).
 
 Directional noise. For a unit vector u and per-sample curvatures C_i (Hessians H_i, or
 GGN terms J_iᵀΛ_iJ_i) with mean C = (1/N) Σ_i C_i,
@@ -20,10 +20,10 @@ group, m× cheaper than per-sample), and
 
 This is unbiased for the per-sample s_u² over random partitions: a size-m mean drawn
 without replacement from the G·m used samples has variance c(m, G·m)·S² =
-(G−1)/(G·m)·S² (THEORY.md §1), and E[(1/G)Σ_g‖(C̄_g − C̄)u‖²] equals exactly that.
+(G−1)/(G·m)·S² (docs/theory.md §1), and E[(1/G)Σ_g‖(C̄_g − C̄)u‖²] equals exactly that.
 With m = 1 it is the per-sample formula (all N samples, no randomness).
 
-Isotropic noise. THEORY.md §2 models ε with i.i.d. entries of variance c(B,N)·σ²; its
+Isotropic noise. docs/theory.md §2 models ε with i.i.d. entries of variance c(B,N)·σ²; its
 directional variance is then s_v² = Pσ² for *every* unit v. On a real network the
 isotropic estimate is the average over random unit directions: with A =
 (1/(N−1)) Σ_i (C_i − C)², E_v[s_v²] = tr(A)/P = (1/P) Σ_jk σ²_jk = P·σ²_avg, where
@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from nets.utils.progress import progress_bar
 from rmt.validation import as_int, as_seed
 
 from nets.curvature.operators import ModelCurvatureOperator, curvature_operator
@@ -76,12 +77,11 @@ def _groups(N: int, m: int, seed) -> np.ndarray:
 
 
 def _noise_columns(op: ModelCurvatureOperator, U: torch.Tensor, micro_batch: int, seed,
-                   chunk_size) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+                   chunk_size, progress=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """For each column u of U (P, k): the per-group values d_g = m‖(C̄_g − C̄)u‖²
     summarised as (s2 (k,), stderr (k,), lam (k,), G)."""
     m = as_int("micro_batch", micro_batch, minimum=1)
-    X, Y = op.batches_full_tensors()
-    N = X.shape[0]
+    N = op.N
     idx = _groups(N, m, seed)
     G = idx.shape[0]
     P, k = U.shape
@@ -94,10 +94,13 @@ def _noise_columns(op: ModelCurvatureOperator, U: torch.Tensor, micro_batch: int
     shift = (op.subset(idx.reshape(-1)).matmat(U) if G * m < N else op.matmat(U)).to(torch.float64)
     sum_d = torch.zeros(P, k, dtype=torch.float64, device=U.device)
     sq = []
-    for a in range(0, G, chunk):
-        rows = torch.as_tensor(idx[a:a + chunk], device=X.device)          # (g, m)
-        Xg = X[rows.reshape(-1)].reshape(rows.shape + X.shape[1:])
-        Yg = Y[rows.reshape(-1)].reshape(rows.shape + Y.shape[1:])
+    starts = progress_bar(range(0, G, chunk), progress=progress, desc="per-sample products",
+                          expected_s=None if G * P * k > 10**9 else 0.0)
+    for a in starts:
+        rows = idx[a:a + chunk]                                            # (g, m)
+        X, Y = op.source.take(rows.reshape(-1), device=op.device, dtype=op.dtype)
+        Xg = X.reshape(rows.shape + X.shape[1:])
+        Yg = Y.reshape(rows.shape + Y.shape[1:])
         D = op.group_products(Xg, Yg, U).to(torch.float64) - shift        # (g, P, k)
         sum_d += D.sum(dim=0)
         sq.append((D * D).sum(dim=1).cpu().numpy())                        # (g, k)
@@ -141,51 +144,57 @@ def _as_direction(u, P, device, name="u") -> torch.Tensor:
     return u / n
 
 
-def directional_noise_from_operator(op: ModelCurvatureOperator, u, micro_batch=1, seed=0,
-                                    chunk_size=None) -> NoiseEstimate:
+def directional_noise_from_operator(op: ModelCurvatureOperator, u, *, micro_batch=1,
+                                    chunk_size=None, seed=0, progress=None) -> NoiseEstimate:
     """s_u² for the data and curvature kind held by `op` (module docstring); u is
-    normalised to unit length first."""
+    normalised to unit length first. chunk_size: groups per vmapped chunk (memory)."""
     check_noise_operator(op)
     as_seed("seed", seed)
     u = _as_direction(u, op.P, op.device)
-    s2, se, lam, G = _noise_columns(op, u[:, None], micro_batch, seed, chunk_size)
+    s2, se, lam, G = _noise_columns(op, u[:, None], micro_batch, seed, chunk_size, progress)
     return NoiseEstimate(s2=float(s2[0]), stderr=float(se[0]), n_groups=G,
                          micro_batch=int(micro_batch), lam=float(lam[0]), num_probes=1,
                          per_probe=s2.copy(), seed=None if micro_batch == 1 else seed)
 
 
-def isotropic_noise_from_operator(op: ModelCurvatureOperator, num_probes=10, micro_batch=1,
-                                  seed=0, chunk_size=None) -> NoiseEstimate:
+def isotropic_noise_from_operator(op: ModelCurvatureOperator, *, num_probes=10, micro_batch=1,
+                                  chunk_size=None, seed=0, progress=None) -> NoiseEstimate:
     """P·σ²_avg = E_v[s_v²] over Rademacher unit directions v = z/√P drawn from
     `numpy.random.default_rng(seed)` (module docstring); stderr over the probes."""
     check_noise_operator(op)
     k = as_int("num_probes", num_probes, minimum=1)
-    rng = np.random.default_rng(as_seed("seed", seed))
+    seed = as_seed("seed", seed)
+    rng = np.random.default_rng(seed)
     Z = rng.choice(np.array([-1.0, 1.0]), size=(op.P, k)) / math.sqrt(op.P)
     U = torch.from_numpy(Z).to(op.device)
-    s2, _, lam, G = _noise_columns(op, U, micro_batch, seed, chunk_size)
+    s2, _, lam, G = _noise_columns(op, U, micro_batch, seed, chunk_size, progress)
     se = float(s2.std(ddof=1) / math.sqrt(k)) if k > 1 else float("nan")
     return NoiseEstimate(s2=float(s2.mean()), stderr=se, n_groups=G, micro_batch=int(micro_batch),
                          lam=float(lam.mean()), num_probes=k, per_probe=s2, seed=seed)
 
 
-def directional_noise(model, loss_fn, dataset, u, micro_batch=1, kind="hessian", device=None,
-                      dtype=None, seed=0, params=None, policy=None, chunk_size=None) -> NoiseEstimate:
-    """s_u² = (1/(N−1)) Σ_i ‖(C_i − C)u‖² on the dataset pair (X, y) (module docstring).
+def directional_noise(model, loss_fn, data, u, *, micro_batch=1, kind="hessian", params=None,
+                      policy=None, chunk_size=None, device=None, dtype=None, seed=0,
+                      progress=None) -> NoiseEstimate:
+    """s_u² = (1/(N−1)) Σ_i ‖(C_i − C)u‖² (module docstring) on `data` (an (X, y) pair, a
+    torch Dataset or a re-iterable of (x, y) batches; `nets.utils.data_source`).
 
     u : direction (P,) in the flat parameter space of `params` (normalised here);
     micro_batch : m ≥ 1 (per-micro-batch products rescaled by m; unbiased);
-    kind : "hessian" or "ggn"; chunk_size : groups per vmapped chunk.
+    kind : "hessian" or "ggn"; chunk_size : groups per vmapped chunk (memory).
+    Samples are fetched chunk by chunk by random access, never all at once.
     """
-    op = curvature_operator(model, loss_fn, dataset, kind=kind, params=params, device=device,
-                            dtype=dtype, policy=policy)
-    return directional_noise_from_operator(op, u, micro_batch, seed, chunk_size)
+    op = curvature_operator(model, loss_fn, data, kind=kind, params=params, device=device,
+                            dtype=dtype, policy=policy, cache_graph=False)
+    return directional_noise_from_operator(op, u, micro_batch=micro_batch, chunk_size=chunk_size,
+                                           seed=seed, progress=progress)
 
 
-def isotropic_noise(model, loss_fn, dataset, num_probes=10, micro_batch=1, kind="hessian",
-                    device=None, dtype=None, seed=0, params=None, policy=None,
-                    chunk_size=None) -> NoiseEstimate:
-    """Isotropic-model noise P·σ²_avg = E_v[s_v²] (random unit v) on (X, y)."""
-    op = curvature_operator(model, loss_fn, dataset, kind=kind, params=params, device=device,
-                            dtype=dtype, policy=policy)
-    return isotropic_noise_from_operator(op, num_probes, micro_batch, seed, chunk_size)
+def isotropic_noise(model, loss_fn, data, *, num_probes=10, micro_batch=1, kind="hessian",
+                    params=None, policy=None, chunk_size=None, device=None, dtype=None, seed=0,
+                    progress=None) -> NoiseEstimate:
+    """Isotropic-model noise P·σ²_avg = E_v[s_v²] (random unit v) on `data`."""
+    op = curvature_operator(model, loss_fn, data, kind=kind, params=params, device=device,
+                            dtype=dtype, policy=policy, cache_graph=False)
+    return isotropic_noise_from_operator(op, num_probes=num_probes, micro_batch=micro_batch,
+                                         chunk_size=chunk_size, seed=seed, progress=progress)

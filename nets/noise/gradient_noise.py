@@ -31,26 +31,20 @@ import numpy as np
 import torch
 from torch.func import grad, vmap
 
-from rmt.validation import as_int
+from nets.utils.data_source import as_data_source, check_indices
+from nets.utils.progress import progress_bar
+from rmt.validation import as_int, as_seed
 from nets.curvature.operators import check_policy, policy_mode, resolve_device_dtype, hessian_operator
 from nets.curvature.params import ParamLayout, functional_loss, make_functional
 
 __all__ = ["GradientNoise", "per_sample_gradients", "gradient_noise"]
 
 
-def _check_dataset(dataset):
-    if not (isinstance(dataset, (tuple, list)) and len(dataset) == 2):
-        raise TypeError("dataset must be a pair (X, y) of tensors")
-    X, y = (torch.as_tensor(t) for t in dataset)
-    if X.shape[0] != y.shape[0]:
-        raise ValueError("dataset inputs and targets must have the same first dimension")
-    if X.shape[0] < 2:
-        raise ValueError("dataset must hold at least 2 samples")
-    if X.is_floating_point() and not bool(torch.isfinite(X).all()):
-        raise ValueError("dataset inputs contain NaN or inf")
-    if y.is_floating_point() and not bool(torch.isfinite(y).all()):
-        raise ValueError("dataset targets contain NaN or inf")
-    return X, y
+def _source(data):
+    src = as_data_source(data)
+    if src.N < 2:
+        raise ValueError("data must hold at least 2 samples")
+    return src
 
 
 class _PerSample:
@@ -84,18 +78,18 @@ class _PerSample:
             return self._vg(self._cast(X), self._cast(y))
 
 
-def per_sample_gradients(model, loss_fn, dataset, indices=None, params=None, device=None,
-                         dtype=None, policy=None, chunk_size=256) -> torch.Tensor:
+def per_sample_gradients(model, loss_fn, data, *, indices=None, params=None, policy=None,
+                         chunk_size=256, device=None, dtype=None) -> torch.Tensor:
     """Matrix (n, P) of per-sample gradients ∇ℓ_i(w) for the samples `indices` (default
-    all). Use only when n·P fits in memory; `gradient_noise` streams instead."""
-    X, y = _check_dataset(dataset)
+    all) of `data` (any form of `nets.utils.data_source`). Use only when n·P fits in
+    memory; `gradient_noise` streams instead."""
+    src = _source(data)
     ps = _PerSample(model, loss_fn, params, device, dtype, policy)
-    idx = np.arange(X.shape[0]) if indices is None else np.asarray(indices, dtype=np.int64)
+    idx = np.arange(src.N) if indices is None else check_indices(indices, src.N)
     chunk_size = as_int("chunk_size", chunk_size, minimum=1)
     parts = []
     for s in range(0, len(idx), chunk_size):
-        sel = torch.as_tensor(idx[s:s + chunk_size])
-        parts.append(ps(X[sel], y[sel]).detach())
+        parts.append(ps(*src.take(idx[s:s + chunk_size])).detach())
     return torch.cat(parts)
 
 
@@ -128,15 +122,19 @@ class GradientNoise:
         return self.eps_max / (1.0 + self.B_noise / float(B))
 
 
-def gradient_noise(model, loss_fn, dataset, chunk_size=256, hessian_samples=128, params=None,
-                   device=None, dtype=None, policy=None, seed=0, hessian=True) -> GradientNoise:
-    """Mean, per-coordinate variance and noise scales of the per-sample gradients.
+def gradient_noise(model, loss_fn, data, *, hessian_samples=128, hessian=True, params=None,
+                   policy=None, chunk_size=256, device=None, dtype=None, seed=0,
+                   progress=None) -> GradientNoise:
+    """Mean, per-coordinate variance and noise scales of the per-sample gradients of
+    `data` (any form of `nets.utils.data_source`; read chunk by chunk).
 
     hessian_samples: m for the tr(HΣ) estimate (None or ≥ N: all samples, exact).
     hessian=False skips tr(HΣ), ḡᵀHḡ (B_noise, eps_max are then NaN).
+    chunk_size: samples per vmapped per-sample-gradient chunk (memory chunk × P).
     """
-    X, y = _check_dataset(dataset)
-    N = X.shape[0]
+    src = _source(data)
+    N = src.N
+    seed = as_seed("seed", seed)
     chunk_size = as_int("chunk_size", chunk_size, minimum=1)
     ps = _PerSample(model, loss_fn, params, device, dtype, policy)
     P = ps.layout.P
@@ -144,8 +142,9 @@ def gradient_noise(model, loss_fn, dataset, chunk_size=256, hessian_samples=128,
     n = 0
     mean = torch.zeros(P, dtype=acc, device=ps.device)
     M2 = torch.zeros(P, dtype=acc, device=ps.device)
-    for s in range(0, N, chunk_size):
-        G = ps(X[s:s + chunk_size], y[s:s + chunk_size]).detach().to(acc)
+    for s in progress_bar(range(0, N, chunk_size), progress=progress, desc="per-sample gradients",
+                          expected_s=None if N * P > 10**9 else 0.0):
+        G = ps(*src.take(np.arange(s, min(s + chunk_size, N)))).detach().to(acc)
         nb = G.shape[0]
         mb = G.mean(0)
         M2b = ((G - mb) ** 2).sum(0)
@@ -165,15 +164,14 @@ def gradient_noise(model, loss_fn, dataset, chunk_size=256, hessian_samples=128,
         m = N if hessian_samples is None else min(as_int("hessian_samples", hessian_samples, minimum=1), N)
         rng = np.random.default_rng(seed)
         idx = np.arange(N) if m == N else np.sort(rng.choice(N, m, replace=False))
-        H = hessian_operator(model, loss_fn, (X, y), params=params, device=ps.device,
+        H = hessian_operator(model, loss_fn, src, params=params, device=ps.device,
                              dtype=ps.dtype, policy=policy, chunk_size=chunk_size)
         gbar = mean.to(ps.dtype)
         gHg = float(gbar.to(acc) @ H.matvec(gbar).to(acc))
         quad = 0.0
         cols = 32
         for s in range(0, m, cols):
-            sel = torch.as_tensor(idx[s:s + cols])
-            Gc = (ps(X[sel], y[sel]).detach() - gbar)          # (k, P)
+            Gc = (ps(*src.take(idx[s:s + cols])).detach() - gbar)   # (k, P)
             HG = H.matmat(Gc.T.contiguous())                     # (P, k)
             quad += float((Gc.to(acc) * HG.T.to(acc)).sum())
         tr_hs = quad / m * N / (N - 1)

@@ -1,4 +1,4 @@
-"""Sample-resolved form of the batch top eigenvalue λ'_1(B) (THEORY.md §3 [ext]).
+"""Sample-resolved form of the batch top eigenvalue λ'_1(B) (docs/theory.md §3.7 [ext]).
 
 Why. The directional and subspace forms (`nets.noise.directional`, `nets.noise.subspace_noise`) treat the
 batch fluctuation ε = H_B − H as many small independent pieces: second order in ε, its
@@ -105,7 +105,7 @@ def _tridiagonal(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     return torch.diag_embed(alpha) + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
 
 
-def per_sample_top_eigenpairs(op: ModelCurvatureOperator, steps=None, seed=0, keep_above=None,
+def per_sample_top_eigenpairs(op: ModelCurvatureOperator, *, steps=None, seed=0, keep_above=None,
                               chunk_size=None, tol=None) -> SampleSpikes:
     """Top eigenpair of each per-sample curvature C_i = ∇²ℓ_i (or its GGN term).
 
@@ -129,8 +129,7 @@ def per_sample_top_eigenpairs(op: ModelCurvatureOperator, steps=None, seed=0, ke
            else as_float("tol", tol, positive=True))
     if keep_above is not None:
         keep_above = as_float("keep_above", keep_above)
-    X, Y = op.batches_full_tensors()
-    N = X.shape[0]
+    N = op.N
     chunk = (max(1, min(N, 512, (1 << 24) // max(P * (steps + 1), 1))) if chunk_size is None
              else as_int("chunk_size", chunk_size, minimum=1))
     gen = torch_generator(seed)
@@ -138,7 +137,7 @@ def per_sample_top_eigenpairs(op: ModelCurvatureOperator, steps=None, seed=0, ke
     f64 = torch.float64
     gammas, resids, kept_idx, kept_vecs = [], [], [], []
     for s in range(0, N, chunk):
-        Xc, Yc = X[s:s + chunk], Y[s:s + chunk]
+        Xc, Yc = op.source.take(np.arange(s, min(s + chunk, N)), device=op.device, dtype=op.dtype)
         g = Xc.shape[0]
         q = torch.randn(g, P, generator=gen, dtype=f64).to(op.device)
         q = q / torch.linalg.vector_norm(q, dim=1, keepdim=True)
@@ -205,7 +204,7 @@ class ResolvedNoise:
     residual: np.ndarray
 
 
-def resolved_noise_from_operator(op: ModelCurvatureOperator, U, min_batch, steps=None, seed=0,
+def resolved_noise_from_operator(op: ModelCurvatureOperator, U, *, min_batch, steps=None, seed=0,
                                  chunk_size=None) -> ResolvedNoise:
     """Per-sample spikes and subspace statistics for `resolved_batch_top_eigenvalue`.
 
@@ -225,14 +224,12 @@ def resolved_noise_from_operator(op: ModelCurvatureOperator, U, min_batch, steps
     m = V.shape[1]
     if m:
         HV = op.matmat(V.to(op.dtype)).to(torch.float64)         # m full-data products
-        X, Yt = op.batches_full_tensors()
         prod = _per_sample_product(op)
         HiV = []
-        idx = torch.as_tensor(spikes.index, device=X.device)
         step = 256
         for s in range(0, m, step):
-            sl = idx[s:s + step]
-            HiV.append(prod(X[sl], Yt[sl], V[:, s:s + step].T.to(op.dtype)).to(torch.float64))
+            Xs, Ys = op.source.take(spikes.index[s:s + step], device=op.device, dtype=op.dtype)
+            HiV.append(prod(Xs, Ys, V[:, s:s + step].T.to(op.dtype)).to(torch.float64))
         HiV = torch.cat(HiV)                                     # (m, P): H_i v_i
         T = (Uo.T @ V).cpu().numpy()
         UHV = (Uo.T @ HV).cpu().numpy()
@@ -286,7 +283,7 @@ def _top_pencil(A: np.ndarray, Gram: np.ndarray) -> float:
     return float(np.linalg.eigvalsh(0.5 * (M + M.T))[-1])
 
 
-def resolved_batch_top_eigenvalue(rn: ResolvedNoise, batch_sizes, n_batches=2000,
+def resolved_batch_top_eigenvalue(rn: ResolvedNoise, batch_sizes, *, n_batches=2000,
                                   replacement=False, seed=0, indices=None,
                                   resolve_factor=1.0) -> dict:
     """E_S λ_max of the sample-resolved batch model (module docstring) per batch size.

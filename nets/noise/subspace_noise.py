@@ -1,4 +1,4 @@
-"""Quasi-degenerate (subspace) form of the batch top eigenvalue λ'_1(B) (THEORY.md §3 [ext]).
+"""Quasi-degenerate (subspace) form of the batch top eigenvalue λ'_1(B) (docs/theory.md §3.6 [ext]).
 
 The directional form λ' = λ + c·s_u²/λ is second-order perturbation theory with every
 denominator λ_1 − λ_j replaced by λ_1 (the rest of the spectrum at 0). When other
@@ -15,7 +15,7 @@ Approximations made here (and only these):
 2. the complement second moment is replaced by its batch mean,
    Uᵀ ε Q ε U → E[Uᵀ ε Q ε U] = c(B,N)·D,   D = (1/(N−1)) Σ_i R_iᵀ R_i,
    R_i = Q (H_i − H) U (exact for the mean over batches drawn without replacement,
-   THEORY.md §1, with c = `rmt.batch_noise_factor(B, N, replacement)`).
+   docs/theory.md §1, with c = `rmt.batch_noise_factor(B, N, replacement)`).
 The in-subspace part a_B = Uᵀ ε U = (1/B) Σ_{i∈S} a_i, a_i = Uᵀ (H_i − H) U, is kept
 exactly: batches are resampled from the N stored k×k projections ("resample", no
 P-dimensional eigensolves), or drawn from the Gaussian with the same covariance,
@@ -39,7 +39,7 @@ eigenvalue of the batch Hessian on the same batch. k = 1, self_consistent=False:
 1×1 model is linear in a_S (mean 0), so λ'_1 = λ + c·D/λ exactly, with
 D = s_u² − σ_uu², s_u² the directional noise of `nets.noise.directional` and σ_uu² =
 (1/(N−1)) Σ_i (uᵀ(H_i − H)u)² (the exact split ‖(H_i−H)u‖² = (uᵀ(H_i−H)u)² +
-‖Q(H_i−H)u‖²). The THEORY directional form λ + c·s_u²/λ is this plus c·σ_uu²/λ: the
+‖Q(H_i−H)u‖²). The directional form λ + c·s_u²/λ (docs/theory.md §3.3) is this plus c·σ_uu²/λ: the
 diagonal second-order term that vanishes (O(1/P)) for Wigner noise but is not part of
 second-order perturbation theory (it is cancelled by the a_S/z expansion). So at k = 1
 the subspace form is the directional form with s_u² replaced by its complement part
@@ -54,6 +54,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from nets.utils.data_source import as_data_source
+from nets.utils.progress import progress_bar
 from rmt.validation import as_batch_sizes, as_int, as_rng
 from rmt.sampling import batch_noise_factor
 
@@ -106,15 +108,19 @@ class SubspaceNoise:
         return np.diag(self.S) + np.diag(self.D)
 
 
-def default_subspace_dim(model, dataset, P: int) -> int:
+def default_subspace_dim(model, data, P: int) -> int:
     """The fixed rule for k: the number of model outputs C (the class outliers of
-    cross-entropy Hessians, Papyan 2019/2020), capped at P. One forward pass on one sample."""
-    X = dataset[0]
+    cross-entropy Hessians, Papyan 2019/2020), capped at P. One forward pass on one sample
+    of `data` (any form of `nets.utils.data_source`)."""
+    X, _ = as_data_source(data).take([0])
+    dev = next((p.device for p in model.parameters()), X.device)
+    dt = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    X = X.to(device=dev, dtype=dt) if X.is_floating_point() and dt is not None else X.to(dev)
     with torch.no_grad():
         was = model.training
         model.eval()
         try:
-            out = model(X[:1])
+            out = model(X)
         finally:
             model.train(was)
     C = int(out.reshape(1, -1).shape[1])
@@ -139,15 +145,15 @@ def _orthonormal(U, P: int, device) -> torch.Tensor:
     return U
 
 
-def subspace_noise_from_operator(op: ModelCurvatureOperator, U, chunk_size=None) -> SubspaceNoise:
+def subspace_noise_from_operator(op: ModelCurvatureOperator, U, *, chunk_size=None,
+                                 progress=None) -> SubspaceNoise:
     """Per-sample projections a_i = Uᵀ(H_i − H)U and complement noise D (module docstring)
     for the data and curvature kind held by `op`. One per-sample pass of k curvature
     products each (vmapped over samples in chunks; memory chunk × P × k)."""
     check_noise_operator(op)
     U = _orthonormal(U, op.P, op.device)
     P, k = U.shape
-    X, Y = op.batches_full_tensors()
-    N = X.shape[0]
+    N = op.N
     if N < 2:
         raise ValueError("need at least 2 samples")
     Uo = U.to(op.dtype)
@@ -155,8 +161,10 @@ def subspace_noise_from_operator(op: ModelCurvatureOperator, U, chunk_size=None)
              else as_int("chunk_size", chunk_size, minimum=1))
     HU = op.matmat(Uo).to(torch.float64)                                   # (P, k)
     a_list, D = [], torch.zeros(k, k, dtype=torch.float64, device=U.device)
-    for s in range(0, N, chunk):
-        Xg, Yg = X[s:s + chunk, None], Y[s:s + chunk, None]                 # groups of 1
+    for s in progress_bar(range(0, N, chunk), progress=progress, desc="per-sample projections",
+                          expected_s=None if N * P * k > 10**9 else 0.0):
+        X, Y = op.source.take(np.arange(s, min(s + chunk, N)), device=op.device, dtype=op.dtype)
+        Xg, Yg = X[:, None], Y[:, None]                                    # groups of 1
         Dl = op.group_products(Xg, Yg, Uo).to(torch.float64) - HU          # (g, P, k)
         a = U.T @ Dl                                                       # (g, k, k)
         R = Dl - U @ a                                                     # Q (H_i − H) U
@@ -171,17 +179,19 @@ def subspace_noise_from_operator(op: ModelCurvatureOperator, U, chunk_size=None)
                          S=0.5 * (S + S.T), N=int(N), P=int(P), k=int(k), vectors=U)
 
 
-def subspace_noise(model, loss_fn, dataset, k=None, kind="hessian", device=None, dtype=None,
-                   params=None, policy=None, seed=0, tol=1e-8, chunk_size=None) -> SubspaceNoise:
+def subspace_noise(model, loss_fn, data, *, k=None, kind="hessian", tol=1e-8, params=None,
+                   policy=None, chunk_size=None, device=None, dtype=None, seed=0,
+                   progress=None) -> SubspaceNoise:
     """Top-k eigenpairs of the full-data curvature (thick-restart Lanczos, `seed`, `tol`)
-    and the per-sample statistics on their span. k=None: `default_subspace_dim`."""
-    op = curvature_operator(model, loss_fn, dataset, kind=kind, params=params, device=device,
+    and the per-sample statistics on their span. k=None: `default_subspace_dim`.
+    data: any form of `nets.utils.data_source`; samples are read chunk by chunk."""
+    op = curvature_operator(model, loss_fn, data, kind=kind, params=params, device=device,
                             dtype=dtype, policy=policy)
-    k = default_subspace_dim(model, dataset, op.P) if k is None else as_int("k", k, minimum=1)
+    k = default_subspace_dim(model, data, op.P) if k is None else as_int("k", k, minimum=1)
     if k > op.P:
         raise ValueError(f"k must be <= P={op.P}, got {k}")
-    top = eigsh(op, k=k, which="LA", tol=tol, seed=seed)
-    return subspace_noise_from_operator(op, top.vectors, chunk_size=chunk_size)
+    top = eigsh(op, k=k, which="LA", tol=tol, seed=seed, progress=progress)
+    return subspace_noise_from_operator(op, top.vectors, chunk_size=chunk_size, progress=progress)
 
 
 def _top_self_consistent(A: np.ndarray, cD: np.ndarray, z0: float, iters: int = 80) -> np.ndarray:
@@ -205,7 +215,7 @@ def _top_self_consistent(A: np.ndarray, cD: np.ndarray, z0: float, iters: int = 
     return 0.5 * (lo + hi)
 
 
-def subspace_batch_top_eigenvalue(noise: SubspaceNoise, batch_sizes, n_batches=2000,
+def subspace_batch_top_eigenvalue(noise: SubspaceNoise, batch_sizes, *, n_batches=2000,
                                   method="resample", self_consistent=False, replacement=False,
                                   seed=0, indices=None) -> dict:
     """E_S λ_max of the k×k batch model (module docstring) for each batch size.

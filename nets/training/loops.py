@@ -29,6 +29,7 @@ from rmt.validation import as_float, as_int
 
 from nets.utils.atomic import atomic_write
 from nets.training.data import check_dataset, load_digits
+from nets.utils.data_source import as_data_source
 from nets.training.models import MLP
 
 __all__ = [
@@ -85,25 +86,26 @@ def _check_model(model):
             raise ValueError(f"model parameter {name!r} contains NaN or inf")
 
 
-def _check_dataset_arg(dataset):
-    if not isinstance(dataset, (tuple, list)) or len(dataset) != 2:
-        raise TypeError("dataset must be a pair (X, y) of tensors")
-    return check_dataset(*dataset)
+def _check_dataset_arg(data):
+    """`data` in any form of `nets.utils.data_source` as one validated (X, y) pair (the
+    training loop draws random batches from it)."""
+    X, y = as_data_source(data).tensors()
+    return check_dataset(X, y, name="data")
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loss_fn: Callable, dataset, batch_size: int | None = 1024,
+def evaluate(model: nn.Module, loss_fn: Callable, data, *, chunk_size: int | None = 1024,
              device=None) -> tuple[float, float | None]:
     """Full-data mean loss and (for int64 class targets) accuracy of `model`.
 
     The loss is Σ_b |b|·loss_fn(f(X_b), y_b) / N, exact for a mean-reduced loss with
     uneven chunks. The model is evaluated in eval mode and its mode restored.
-    `batch_size=None` evaluates in one chunk. Returns (loss, accuracy or None).
+    `chunk_size=None` evaluates in one chunk. Returns (loss, accuracy or None).
     """
     _check_model(model)
-    X, y = _check_dataset_arg(dataset)
+    X, y = _check_dataset_arg(data)
     n = X.shape[0]
-    bs = n if batch_size is None else as_int("batch_size", batch_size, minimum=1)
+    bs = n if chunk_size is None else as_int("chunk_size", chunk_size, minimum=1)
     dev = _resolve_device(device, model)
     classify = _is_classification(y)
     was_training = model.training
@@ -121,12 +123,13 @@ def evaluate(model: nn.Module, loss_fn: Callable, dataset, batch_size: int | Non
     return total / n, (correct / n if classify else None)
 
 
-def accuracy(model: nn.Module, dataset, batch_size: int | None = 1024, device=None) -> float:
+def accuracy(model: nn.Module, data, *, chunk_size: int | None = 1024, device=None) -> float:
     """Fraction of samples whose arg-max output equals the int64 label (eval mode)."""
-    X, y = _check_dataset_arg(dataset)
+    X, y = _check_dataset_arg(data)
     if not _is_classification(y):
-        raise ValueError("dataset: accuracy needs int64 class labels y of shape (N,)")
-    return evaluate(model, lambda o, t: o.new_zeros(()), (X, y), batch_size, device)[1]
+        raise ValueError("data: accuracy needs int64 class labels y of shape (N,)")
+    return evaluate(model, lambda o, t: o.new_zeros(()), (X, y), chunk_size=chunk_size,
+                    device=device)[1]
 
 
 def _make_optimizer(name, params, lr, momentum, weight_decay):
@@ -135,11 +138,12 @@ def _make_optimizer(name, params, lr, momentum, weight_decay):
     return torch.optim.Adam(params, lr=lr, betas=(momentum, 0.999), weight_decay=weight_decay)
 
 
-def train(model: nn.Module, loss_fn: Callable, dataset, *, epochs: int, lr: float,
+def train(model: nn.Module, loss_fn: Callable, data, *, epochs: int, lr: float,
           batch_size: int, optimizer: str = "sgd", momentum: float | None = None,
           weight_decay: float = 0.0, seed: int = 0, device=None,
           stop_on_divergence: bool = True) -> TrainResult:
-    """Train `model` in place on `dataset = (X, y)` by mini-batch SGD or Adam.
+    """Train `model` in place on `data` (any form of `nets.utils.data_source`, read
+    into one (X, y) pair) by mini-batch SGD or Adam.
 
     Each epoch visits a fresh permutation of the N samples (from
     `torch.Generator().manual_seed(seed)`) in ⌈N/B⌉ batches, the last one possibly
@@ -155,7 +159,7 @@ def train(model: nn.Module, loss_fn: Callable, dataset, *, epochs: int, lr: floa
     With `stop_on_divergence`, a non-finite loss ends training (result.diverged).
     """
     _check_model(model)
-    X, y = _check_dataset_arg(dataset)
+    X, y = _check_dataset_arg(data)
     epochs = as_int("epochs", epochs, minimum=1)
     lr = as_float("lr", lr, positive=True)
     n = X.shape[0]
