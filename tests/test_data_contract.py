@@ -1,0 +1,171 @@
+"""The data contract: an (X, y) pair, a torch Dataset of (x, y) samples and a
+non-shuffling DataLoader give the same numbers (1e-6) at every data-taking entry point;
+shuffling loaders and one-shot iterators are refused with clear errors.
+
+The oracle for "same numbers" is the pair form itself: the forms share the arithmetic
+after the data are read, so any difference is a data-handling bug (order, weighting of
+uneven batches, dropped or duplicated samples)."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+import nets
+from nets.noise.gradient_noise import gradient_noise
+from nets.noise.subspace_noise import subspace_noise
+from nets.training import evaluate, train
+from nets.utils.data_source import as_data_source
+
+RTOL = 1e-6
+
+
+class SampleDataset(Dataset):
+    """A map-style Dataset returning (x, int) samples, as user code often does."""
+
+    def __init__(self, X, y):
+        self.X, self.y = X, y
+
+    def __len__(self):
+        return len(self.X)
+
+    def __getitem__(self, i):
+        return self.X[i], int(self.y[i])
+
+
+@pytest.fixture(scope="module")
+def problem():
+    g = torch.Generator().manual_seed(0)
+    N, d, C = 37, 5, 3
+    X = torch.randn(N, d, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (N,), generator=g)
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(d, 6), torch.nn.Tanh(),
+                                torch.nn.Linear(6, C)).double()
+    return model, X, y
+
+
+def _forms(X, y):
+    """Same data in every accepted form (uneven last batches on purpose)."""
+    return {
+        "pair": (X, y),
+        "numpy_pair": (X.numpy(), y.numpy()),
+        "tensor_dataset": TensorDataset(X, y),
+        "sample_dataset": SampleDataset(X, y),
+        "loader": DataLoader(TensorDataset(X, y), batch_size=8, shuffle=False),
+        "loader_of_samples": DataLoader(SampleDataset(X, y), batch_size=10),
+        "list_of_batches": [(X[i:i + 11], y[i:i + 11]) for i in range(0, len(X), 11)],
+    }
+
+
+def test_data_source_reads_every_form_in_order(problem):
+    _, X, y = problem
+    for name, data in _forms(X, y).items():
+        src = as_data_source(data)
+        assert src.N == len(X), name
+        Xa, ya = src.tensors()
+        np.testing.assert_array_equal(Xa.numpy(), X.numpy(), err_msg=name)
+        np.testing.assert_array_equal(ya.numpy(), y.numpy(), err_msg=name)
+        idx = np.array([5, 0, 36, 5])
+        Xt, yt = src.take(idx)
+        np.testing.assert_array_equal(Xt.numpy(), X[idx].numpy(), err_msg=name)
+        np.testing.assert_array_equal(yt.numpy(), y[idx].numpy(), err_msg=name)
+        got = torch.cat([xb for xb, _ in src.batches(chunk_size=7)])
+        np.testing.assert_array_equal(got.numpy(), X.numpy(), err_msg=name)
+
+
+@pytest.mark.parametrize("form", ["tensor_dataset", "sample_dataset", "loader",
+                                  "loader_of_samples", "list_of_batches", "numpy_pair"])
+def test_curvature_entry_points_agree_across_forms(problem, form):
+    model, X, y = problem
+    data = _forms(X, y)[form]
+    ref = nets.top_eigenvalues(model, F.cross_entropy, (X, y), k=2)
+    np.testing.assert_allclose(nets.top_eigenvalues(model, F.cross_entropy, data, k=2), ref,
+                               rtol=RTOL)
+    np.testing.assert_allclose(
+        nets.top_eigenvalues(model, F.cross_entropy, data, k=1, kind="ggn", chunk_size=5),
+        nets.top_eigenvalues(model, F.cross_entropy, (X, y), k=1, kind="ggn"), rtol=RTOL)
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(2))
+    Hv = nets.hessian_operator(model, F.cross_entropy, data).matvec(v)
+    Hv_ref = nets.hessian_operator(model, F.cross_entropy, (X, y)).matvec(v)
+    np.testing.assert_allclose(Hv.numpy(), Hv_ref.numpy(), rtol=RTOL, atol=1e-12)
+    idx = np.array([3, 30, 7, 11])
+    HBv = nets.batch_hessian_operator(model, F.cross_entropy, data, idx).matvec(v)
+    HBv_ref = nets.batch_hessian_operator(model, F.cross_entropy, (X, y), idx).matvec(v)
+    np.testing.assert_allclose(HBv.numpy(), HBv_ref.numpy(), rtol=RTOL, atol=1e-12)
+
+
+@pytest.mark.parametrize("form", ["tensor_dataset", "loader", "list_of_batches"])
+def test_noise_entry_points_agree_across_forms(problem, form):
+    model, X, y = problem
+    data = _forms(X, y)[form]
+    P = sum(p.numel() for p in model.parameters())
+    u = np.random.default_rng(3).standard_normal(P)
+    for fn, kw in ((nets.directional_noise, dict(u=u)),
+                   (nets.directional_noise, dict(u=u, micro_batch=3, seed=4)),
+                   (nets.isotropic_noise, dict(num_probes=3, seed=5))):
+        kw = dict(kw)
+        args = (kw.pop("u"),) if "u" in kw else ()
+        got = fn(model, F.cross_entropy, data, *args, chunk_size=4, **kw)
+        ref = fn(model, F.cross_entropy, (X, y), *args, **kw)
+        assert got.s2 == pytest.approx(ref.s2, rel=RTOL), (fn.__name__, kw)
+        assert got.stderr == pytest.approx(ref.stderr, rel=RTOL, nan_ok=True)
+    sn, sn_ref = (subspace_noise(model, F.cross_entropy, d, k=2, seed=1) for d in (data, (X, y)))
+    np.testing.assert_allclose(sn.S, sn_ref.S, rtol=RTOL, atol=1e-12)
+    np.testing.assert_allclose(sn.D, sn_ref.D, rtol=RTOL, atol=1e-12)
+    gn, gn_ref = (gradient_noise(model, F.cross_entropy, d, chunk_size=6, hessian_samples=9,
+                                 seed=2) for d in (data, (X, y)))
+    np.testing.assert_allclose(gn.var, gn_ref.var, rtol=RTOL)
+    assert gn.B_noise == pytest.approx(gn_ref.B_noise, rel=RTOL)
+
+
+def test_training_and_learner_accept_every_form(problem):
+    model, X, y = problem
+    ref_loss = evaluate(model, F.cross_entropy, (X, y))[0]
+    for name, data in _forms(X, y).items():
+        assert evaluate(model, F.cross_entropy, data, chunk_size=5)[0] == pytest.approx(
+            ref_loss, rel=1e-12), name
+    results = []
+    for data in ((X, y), DataLoader(TensorDataset(X, y), batch_size=16)):
+        m = copy.deepcopy(model)
+        results.append(train(m, F.cross_entropy, data, epochs=2, lr=0.1, batch_size=8, seed=0).losses)
+    np.testing.assert_array_equal(results[0], results[1])
+    opt = nets.CurvatureAdaptiveSGD(model, F.cross_entropy, SampleDataset(X, y), batch_size=8,
+                                    curvature_batch_size=12)
+    assert opt.N == len(X)
+
+
+def test_refused_forms_have_clear_errors(problem):
+    model, X, y = problem
+    shuffling = DataLoader(TensorDataset(X, y), batch_size=8, shuffle=True)
+    with pytest.raises(ValueError, match="shuffl"):
+        nets.top_eigenvalues(model, F.cross_entropy, shuffling)
+    with pytest.raises(ValueError, match="shuffl"):
+        nets.directional_noise(model, F.cross_entropy, shuffling, np.ones(57))
+    gen = ((X[i:i + 8], y[i:i + 8]) for i in range(0, len(X), 8))
+    with pytest.raises(TypeError, match="one-shot"):
+        nets.top_eigenvalues(model, F.cross_entropy, gen)
+    with pytest.raises(TypeError, match="data must be"):
+        nets.top_eigenvalues(model, F.cross_entropy, X)
+    with pytest.raises(TypeError, match=r"data\[0\] must be an \(x, y\) batch"):
+        nets.top_eigenvalues(model, F.cross_entropy, [X[0], X[1], X[2]])
+    with pytest.raises(ValueError, match="empty"):
+        nets.top_eigenvalues(model, F.cross_entropy, TensorDataset(X[:0], y[:0]))
+    Xn = X.clone()
+    Xn[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        nets.top_eigenvalues(model, F.cross_entropy, DataLoader(TensorDataset(Xn, y), batch_size=8))
+
+
+def test_options_after_the_data_are_keyword_only(problem):
+    model, X, y = problem
+    with pytest.raises(TypeError):
+        nets.top_eigenvalues(model, F.cross_entropy, (X, y), 1, "hessian")
+    with pytest.raises(TypeError):
+        nets.directional_noise(model, F.cross_entropy, (X, y), np.ones(57), 2)
+    with pytest.raises(TypeError):
+        nets.hessian_operator(model, F.cross_entropy, (X, y), None)
