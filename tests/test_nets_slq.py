@@ -77,10 +77,12 @@ def test_moments_match_dense_traces_within_monte_carlo_error(mlp):
 
 def test_hutchinson_trace_z_score_and_blocking(mlp):
     op, H = mlp
-    est, se = hutchinson_trace(op, num_probes=64, seed=2)
+    r = hutchinson_trace(op, num_probes=64, seed=2)
+    est, se = r.estimate, r.stderr
     assert se > 0
     assert abs(est - np.trace(H)) / se < 4
-    est2, se2 = hutchinson_trace(op, num_probes=64, seed=2, block_size=5)
+    r2 = hutchinson_trace(op, num_probes=64, seed=2, block_size=5)
+    est2, se2 = r2.estimate, r2.stderr
     assert est2 == pytest.approx(est, rel=1e-12) and se2 == pytest.approx(se, rel=1e-9)
     # Rademacher quadratic forms are exact for a diagonal operator: zero variance
     from nets.curvature.operators import CurvatureOperator
@@ -92,7 +94,8 @@ def test_hutchinson_trace_z_score_and_blocking(mlp):
 
         def _matmat(self, V):
             return self.d[:, None] * V
-    est_d, se_d = hutchinson_trace(Diag(np.arange(5.0)), num_probes=3, seed=0)
+    rd = hutchinson_trace(Diag(np.arange(5.0)), num_probes=3, seed=0)
+    est_d, se_d = rd.estimate, rd.stderr
     assert est_d == pytest.approx(10.0) and se_d == pytest.approx(0.0, abs=1e-12)
 
 

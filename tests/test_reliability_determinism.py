@@ -63,7 +63,8 @@ def run_all(seed: int) -> dict:
     out["top_eigenvalues"] = nets.top_eigenvalues(model, loss, data, k=3, seed=seed, tol=1e-6)
     d = slq_density(hessian_operator(model, loss, data), num_probes=3, num_steps=8, seed=seed)
     out["slq_density"] = (d.nodes, d.weights)
-    out["hutchinson_trace"] = hutchinson_trace(hessian_operator(model, loss, data), 6, seed=seed)
+    tr = hutchinson_trace(hessian_operator(model, loss, data), 6, seed=seed)
+    out["hutchinson_trace"] = (tr.estimate, tr.stderr, tr.per_probe)
     u = np.cos(np.arange(sum(p.numel() for p in model.parameters())))
     out["directional_noise"] = directional_noise(model, loss, data, u, seed=seed).s2
     dm = directional_noise(model, loss, data, u, micro_batch=4, seed=seed)
@@ -72,7 +73,8 @@ def run_all(seed: int) -> dict:
     out["isotropic_noise"] = iso.per_probe
     m = nets.measure_batch_top_eigenvalue(model, loss, data, [5, 20], n_batches=2, seed=seed, tol=1e-6)
     out["measure_batch_top_eigenvalue"] = (m["values"], m["indices"])
-    p = nets.predict_batch_top_eigenvalue(model, loss, data, [5, 20], seed=seed, micro_batch=4,
+    p = nets.predict_batch_top_eigenvalue(model, loss, data, [5, 20], form=["directional", "isotropic"],
+                                          seed=seed, micro_batch=4,
                                           num_probes=2)
     out["predict_batch_top_eigenvalue"] = {k: p[k] for k in ("directional", "isotropic")}
     out["sample_spiked_goe_top"] = [rmt.sample_spiked_goe_top(2000, 1.5, rng=seed),

@@ -14,13 +14,27 @@ import math
 import numpy as np
 import torch
 
+from nets.utils.results import Result, result
 from rmt.validation import as_int, as_seed
 
-__all__ = ["hutchinson_trace"]
+__all__ = ["TraceEstimate", "hutchinson_trace"]
 
 
-def hutchinson_trace(op, num_probes=32, seed=0, block_size=None) -> tuple[float, float]:
-    """(estimate of tr(op), its standard error) from `num_probes` Rademacher probes
+@result
+class TraceEstimate(Result):
+    """Hutchinson estimate of tr(A): `estimate` (mean of the per-probe quadratic forms
+    `per_probe` = zᵀAz), `stderr` (their standard deviation / √num_probes; NaN for one
+    probe), `num_probes`, `seed`."""
+
+    estimate: float
+    stderr: float
+    num_probes: int
+    seed: int
+    per_probe: np.ndarray
+
+
+def hutchinson_trace(op, num_probes=32, *, seed=0, block_size=None) -> TraceEstimate:
+    """Estimate of tr(op) and its standard error from `num_probes` Rademacher probes
     drawn from `numpy.random.default_rng(seed)`; `block_size` probes per matmat
     (default: all of them, capped at 2²⁴ numbers per block). The standard error is NaN
     for a single probe."""
@@ -30,7 +44,8 @@ def hutchinson_trace(op, num_probes=32, seed=0, block_size=None) -> tuple[float,
     P = op.P
     bs = max(1, min(k, (1 << 24) // max(P, 1))) if block_size is None else \
         as_int("block_size", block_size, minimum=1)
-    rng = np.random.default_rng(as_seed("seed", seed))
+    seed = as_seed("seed", seed)
+    rng = np.random.default_rng(seed)
     device = getattr(op, "device", torch.device("cpu"))
     quad = []
     for a in range(0, k, bs):
@@ -44,4 +59,5 @@ def hutchinson_trace(op, num_probes=32, seed=0, block_size=None) -> tuple[float,
         raise ValueError("the operator returned NaN or inf in a product: the loss is not "
                          "twice differentiable to a finite value at these parameters and data")
     se = float(q.std(ddof=1) / math.sqrt(k)) if k > 1 else float("nan")
-    return float(q.mean()), se
+    return TraceEstimate(estimate=float(q.mean()), stderr=se, num_probes=k, seed=seed,
+                         per_probe=q)

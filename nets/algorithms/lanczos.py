@@ -38,12 +38,13 @@ from nets.utils.progress import wants_progress
 from rmt.validation import as_float, as_int, as_seed
 
 from nets.curvature.operators import CurvatureOperator
+from nets.utils.results import Result, result
 
 __all__ = ["LanczosResult", "EigenResult", "lanczos", "lanczos_batch", "eigsh"]
 
 
-@dataclass(frozen=True)
-class LanczosResult:
+@result
+class LanczosResult(Result):
     """Output of m Lanczos steps from one start vector.
 
     alpha : (m,) diagonal of T; beta : (m−1,) off-diagonal of T; beta_last : β_m, the
@@ -76,8 +77,8 @@ class LanczosResult:
         return float(np.sum(self.ritz_weights * f(self.ritz_values)))
 
 
-@dataclass(frozen=True)
-class EigenResult:
+@result
+class EigenResult(Result):
     """Extremal eigenpairs from `eigsh`.
 
     values : (k,) ordered by `which` ("LA": descending, "SA": ascending, "LM":

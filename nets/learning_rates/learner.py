@@ -116,6 +116,7 @@ from nets.algorithms.lanczos import lanczos
 from nets.noise.directional import directional_noise_from_operator
 from nets.curvature.operators import CurvatureOperator, check_policy, curvature_operator
 from nets.curvature.params import ParamLayout
+from nets.utils.results import Result, result
 
 __all__ = ["CurvatureUpdate", "CurvatureAdaptiveSGD", "micro_batch_directional_noise",
            "choose_mu", "ROBUST_SETTINGS"]
@@ -130,8 +131,8 @@ CORRECTIONS = (None, "directional", "micro_batch")
 VARIANTS = ("polyak", "paper")
 
 
-@dataclass(frozen=True)
-class CurvatureUpdate:
+@result
+class CurvatureUpdate(Result):
     """One hyper-parameter update of :class:`CurvatureAdaptiveSGD`.
 
     step : optimizer steps taken before this update (the update applies from this step).

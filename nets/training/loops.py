@@ -31,6 +31,7 @@ from nets.utils.atomic import atomic_write
 from nets.training.data import check_dataset, load_digits
 from nets.utils.data_source import as_data_source
 from nets.training.models import MLP
+from nets.utils.results import Result, result
 
 __all__ = [
     "TrainResult",
@@ -43,8 +44,8 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class TrainResult:
+@result
+class TrainResult(Result):
     """What `train` did, enough to redo a plot without retraining.
 
     losses[e]: mean training loss over epoch e (mini-batch losses weighted by batch

@@ -29,7 +29,8 @@ def short_repr(value: Any, width: int = 60) -> str:
         head = ", ".join(_num(x) for x in flat[:4])
         more = ", …" if flat.size > 4 else ""
         return f"array{tuple(arr.shape)}[{head}{more}]"
-    if isinstance(value, (list, tuple)) and len(value) > 4:
+    if isinstance(value, (list, tuple)) and (
+            len(value) > 4 or any(not isinstance(v, (int, float, str, bool, type(None))) for v in value)):
         return f"{type(value).__name__}(len={len(value)})"
     if isinstance(value, float):
         return _num(value)
@@ -38,6 +39,8 @@ def short_repr(value: Any, width: int = 60) -> str:
 
 
 def _num(x) -> str:
+    if isinstance(x, (bool, np.bool_)):
+        return str(bool(x))
     try:
         return f"{float(x):.4g}"
     except (TypeError, ValueError):
