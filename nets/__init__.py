@@ -1,9 +1,9 @@
-"""nets: curvature of real networks, measured (THEORY.md §1, §3–§6).
+"""nets: curvature of real networks, measured (docs/theory.md §1, §3–§6).
 
 Data flows model + data → operator → algorithm → result. CPU by default; pass
 `device="cuda"` to run on a GPU.
 
-The fixed entry points (PRODUCT.md) are re-exported here together with the objects
+The fixed public entry points (see the README) are re-exported here together with the objects
 a user composes them from: operators (`hessian_operator`, `ggn_operator`,
 `batch_hessian_operator`, `fluctuation_operator`), algorithms (`lanczos`, `eigsh`,
 `slq_density`, `hutchinson_trace`), noise estimators (`directional_noise`,
@@ -26,7 +26,16 @@ from nets.algorithms.hutchinson import hutchinson_trace
 from nets.noise.directional import directional_noise, isotropic_noise
 from nets.algorithms.spectra import bottom_eigenvalues, top_eigenvalues
 from nets.noise.batch_spectra import measure_batch_top_eigenvalue, predict_batch_top_eigenvalue
-from nets.learning_rates.lr_prediction import fit_scaling_exponent, lr_table, predict_max_lr
+from nets.learning_rates.lr_prediction import (
+    OptimizerSettings,
+    fit_scaling_exponent,
+    lr_table,
+    optimizer_settings,
+    predict_max_lr,
+)
+from nets.curvature.loss_check import check_mean_reduced
+from nets.utils.data_source import DataSource, as_data_source
+from nets.learning_rates.transfer import transfer_lr
 from nets.learning_rates.learner import CurvatureAdaptiveSGD
 # modules users reach by name (`nets.lr_search.lr_sweep`, `nets.stability...`)
 from nets.learning_rates import learner, least_squares, lr_prediction, lr_search, stability
@@ -55,5 +64,11 @@ __all__ = [
     "lr_table",
     "fit_scaling_exponent",
     "predict_max_lr",
+    "transfer_lr",
     "CurvatureAdaptiveSGD",
+    "OptimizerSettings",
+    "optimizer_settings",
+    "check_mean_reduced",
+    "DataSource",
+    "as_data_source",
 ]

@@ -12,6 +12,7 @@ import numpy as np
 from rmt.validation import as_int
 
 from nets.algorithms.lanczos import EigenResult, eigsh
+from nets.curvature.loss_check import check_mean_reduced
 from nets.curvature.operators import curvature_operator
 
 __all__ = ["top_eigenvalues", "bottom_eigenvalues", "extremal_eigenpairs"]
@@ -26,6 +27,7 @@ def extremal_eigenpairs(model, loss_fn, data, k=1, *, which="LA", kind="hessian"
     k = as_int("k", k, minimum=1)
     op = curvature_operator(model, loss_fn, data, kind=kind, params=params, device=device,
                             dtype=dtype, policy=policy, chunk_size=chunk_size)
+    check_mean_reduced(model, loss_fn, op.source)
     return eigsh(op, k=k, which=which, tol=tol, max_steps=max_steps, seed=seed,
                  progress=progress)
 
