@@ -18,8 +18,9 @@ from nets.training.data import (
     load_digits,
     spiked_covariance_regression,
     teacher_student_regression,
-    write_fake_cifar,
 )
+
+from cifar_files import write_fake_cifar
 
 
 # ------------------------------------------------------------------------------ digits

@@ -8,10 +8,13 @@ import torch
 import rmt
 from nets import predict_max_lr
 from nets.noise.gradient_noise import gradient_noise, per_sample_gradients
-from nets.learning_rates.least_squares import (digits_feature_regression, lr_study, naive_batch_lr,
+from nets.learning_rates.least_squares import (digits_feature_regression, naive_batch_lr,
                                 spiked_regression)
-from nets.learning_rates.lr_prediction import fit_scaling_exponent, lr_table
+from nets.curvature.loss_check import check_mean_reduced
+from nets.learning_rates.lr_prediction import (LRTable, fit_scaling_exponent, lr_table,
+                                             optimizer_settings)
 from nets.learning_rates.stability import ms_stability_threshold
+from paper_checks.experiments.least_squares_study import lr_study
 
 
 # ----------------------------------------------------------------- gradient noise
@@ -27,34 +30,21 @@ def _tiny_mlp(seed=0):
     return model, torch.nn.functional.cross_entropy, (X, y)
 
 
-def _dense_reference(model, loss_fn, data):
+def _dense_gradients(model, loss_fn, data):
+    """Per-sample gradients (N, P) by one backward pass per sample."""
     X, y = data
-    names = [n for n, _ in model.named_parameters()]
-    params = dict(model.named_parameters())
     G = []
     for i in range(len(X)):
         model.zero_grad()
         loss_fn(model(X[i:i + 1]), y[i:i + 1]).backward()
-        G.append(torch.cat([params[n].grad.reshape(-1) for n in names]).clone())
-    G = torch.stack(G).numpy()
-    flat = torch.cat([params[n].detach().reshape(-1) for n in names])
-    shapes = [params[n].shape for n in names]
-
-    def full_loss(w):
-        out, k = {}, 0
-        for n, s in zip(names, shapes):
-            m = int(np.prod(s))
-            out[n] = w[k:k + m].reshape(s)
-            k += m
-        return loss_fn(torch.func.functional_call(model, out, (X,)), y)
-
-    H = torch.func.hessian(full_loss)(flat).numpy()
-    return G, H
+        G.append(torch.cat([p.grad.reshape(-1) for _, p in model.named_parameters()]).clone())
+    return torch.stack(G).numpy()
 
 
-def test_gradient_noise_matches_dense_loops():
+def test_gradient_noise_matches_dense_loops(dense_hessian):
     model, loss_fn, data = _tiny_mlp()
-    G, H = _dense_reference(model, loss_fn, data)
+    G = _dense_gradients(model, loss_fn, data)
+    H = dense_hessian(model, loss_fn, *data).numpy()
     N = G.shape[0]
     gbar = G.mean(0)
     C = np.cov(G.T, ddof=1)
@@ -85,8 +75,9 @@ def small_ls():
     p = spiked_regression(120, 12, 5.0, noise_std=0.3, rng=4)
     model, loss_fn, data = p.torch_problem(w=0.5 * p.minimizer())
     bs = [1, 3, 10, 40, 120]
-    table = lr_table(model, loss_fn, data, bs, momentum=0.5, beta1=0.9, n_batches=3,
-                     iso_probes=None, hessian_samples=None, seed=7)
+    # SGD with heavy-ball ρ = 0.5; the Adam columns take torch's Adam defaults (β₁ = 0.9)
+    table = lr_table(model, loss_fn, data, bs, optimizer="sgd", momentum=0.5, n_batches=3,
+                     num_probes=None, hessian_samples=None, seed=7)
     return p, model, loss_fn, data, bs, table
 
 
@@ -117,24 +108,25 @@ def test_lr_table_formulas_are_rmt_lr_with_measured_quantities(small_ls):
     assert t.grad_var_u == pytest.approx(u ** 2 @ G.var(0, ddof=1), rel=1e-8)
     pred = predict_max_lr(model, loss_fn, data, bs, momentum=0.5)
     np.testing.assert_allclose(pred, t.sgd_momentum, rtol=1e-8)
-    pa = predict_max_lr(model, loss_fn, data, bs, optimizer="adam", momentum=0.9)
+    pa = predict_max_lr(model, loss_fn, data, bs, optimizer="adam")     # β₁ = 0.9 by default
     np.testing.assert_allclose(pa, t.adam_closed, rtol=1e-8)
 
 
 def test_lr_table_batch_measurements_against_dense_batches(small_ls):
-    """λ_max(H_B) and λ_max(D^{1/2}H_B D^{1/2}) on the same seeded batches, densely."""
+    """λ_max(H_B) and λ_max(D^{1/2}H_B D^{1/2}) on the batches the table reports, densely."""
     p, model, loss_fn, data, bs, t = small_ls
     N = p.N
     w0 = 0.5 * p.minimizer()
     G = p.X * (p.X @ w0 - p.y)[:, None]
     g2, var = G.mean(0) ** 2, G.var(0, ddof=1)
-    rng = np.random.default_rng(7)
+    assert len(t.batch_indices) == len(bs)
     for i, B in enumerate(bs):
         c = rmt.batch_noise_factor(B, N)
         sd = np.sqrt(1.0 / (np.sqrt(g2 + c * var) + 1e-8))
         tops, atops = [], []
-        for _ in range(1 if B == N else 3):
-            idx = np.arange(N) if B == N else np.sort(rng.choice(N, B, replace=False))
+        assert t.batch_indices[i].shape == (3, B)
+        for idx in t.batch_indices[i]:
+            assert len(set(idx.tolist())) == B            # without replacement
             HB = p.X[idx].T @ p.X[idx] / B
             tops.append(np.linalg.eigvalsh(HB)[-1])
             atops.append(np.linalg.eigvalsh(sd[:, None] * HB * sd[None, :])[-1])
@@ -178,6 +170,203 @@ def test_bad_inputs(small_ls):
         predict_max_lr(model, loss_fn, data, [4], optimizer="lion")
 
 
+def test_lr_table_reuses_measure_batch_top_eigenvalue(small_ls):
+    """Same seed ⇒ the table's λ'(B) values are measure_batch_top_eigenvalue's, exactly."""
+    from nets import measure_batch_top_eigenvalue
+    p, model, loss_fn, data, bs, t = small_ls
+    r = measure_batch_top_eigenvalue(model, loss_fn, data, bs, n_batches=3, seed=7)
+    np.testing.assert_array_equal(t.lam_batch_mean, np.asarray(r["mean"]))
+    np.testing.assert_array_equal(t.lam_batch_std, np.asarray(r["std"]))
+    for a, b in zip(t.batch_indices, r["indices"]):
+        np.testing.assert_array_equal(a, b)
+
+
+# ----------------------------------------------------------------- API: options, optimizers, data
+
+def test_options_are_keyword_only(small_ls):
+    p, model, loss_fn, data, bs, t = small_ls
+    with pytest.raises(TypeError):
+        lr_table(model, loss_fn, data, bs, "sgd")
+    with pytest.raises(TypeError):
+        predict_max_lr(model, loss_fn, data, bs, "adam")
+    with pytest.raises(TypeError):
+        optimizer_settings("sgd", 0.9)
+
+
+def test_optimizer_settings_from_names_classes_and_instances():
+    w = [torch.nn.Parameter(torch.zeros(3))]
+    sgd = optimizer_settings(torch.optim.SGD(w, lr=0.1, momentum=0.9))
+    assert sgd == optimizer_settings("sgd", momentum=0.9) == optimizer_settings(torch.optim.SGD, momentum=0.9)
+    assert (sgd.name, sgd.momentum, sgd.nesterov) == ("sgd", 0.9, False)
+    assert sgd.sgd_factor == pytest.approx(2 * 1.9)
+    assert optimizer_settings("sgd").momentum == 0.0
+    # Adam: β₁, β₂, ε read from the class defaults or the instance's first param group
+    cls = optimizer_settings(torch.optim.Adam)
+    assert (cls.name, cls.beta1, cls.beta2, cls.eps, cls.momentum) == ("adam", 0.9, 0.999, 1e-8, 0.0)
+    inst = optimizer_settings(torch.optim.Adam(w, lr=1e-3, betas=(0.8, 0.99), eps=1e-6))
+    assert (inst.beta1, inst.beta2, inst.eps) == (0.8, 0.99, 1e-6)
+    assert inst.adam_factor == pytest.approx(2 * 1.8 / 0.2)
+    assert optimizer_settings("adam", betas=(0.5, 0.9)).beta1 == 0.5
+    assert optimizer_settings(torch.optim.AdamW(w)).name == "adam"
+    for s in (sgd, inst, optimizer_settings("sgd", momentum=0.9), optimizer_settings(
+            torch.optim.SGD(w, lr=0.1, momentum=0.8, nesterov=True))):
+        assert optimizer_settings(s) == s                  # settings pass through unchanged
+    rms = optimizer_settings("rmsprop")
+    assert (rms.name, rms.beta1, rms.beta2) == ("rmsprop", 0.0, 0.99)
+    # one argument, one meaning: momentum is SGD's ρ only
+    with pytest.raises(ValueError, match="momentum"):
+        optimizer_settings("adam", momentum=0.9)
+    with pytest.raises(ValueError, match="momentum"):
+        optimizer_settings(torch.optim.Adam(w), momentum=0.9)
+    with pytest.raises(ValueError, match="betas"):
+        optimizer_settings("sgd", betas=(0.9, 0.999))
+    with pytest.raises(ValueError, match="eps"):
+        optimizer_settings("sgd", eps=1e-8)
+    with pytest.raises(ValueError, match="momentum"):      # an instance fixes its own ρ
+        optimizer_settings(torch.optim.SGD(w, lr=0.1, momentum=0.9), momentum=0.5)
+    with pytest.raises(ValueError, match="momentum"):
+        optimizer_settings("sgd", momentum=1.0)
+    with pytest.raises(ValueError, match="momentum"):
+        optimizer_settings(torch.optim.RMSprop(w, momentum=0.5))
+    with pytest.raises(ValueError, match="optimizer"):
+        optimizer_settings("lion")
+    with pytest.raises(ValueError, match="optimizer"):
+        optimizer_settings(torch.optim.Adagrad)
+    with pytest.raises(TypeError, match="optimizer"):
+        optimizer_settings(0.1)
+
+
+@pytest.mark.parametrize("kw", [dict(momentum=0.9), dict(momentum=0.9, nesterov=True),
+                                dict(momentum=0.5, dampening=0.5), dict()])
+def test_sgd_factor_is_the_torch_sgd_stability_threshold(kw):
+    """Oracle: torch.optim.SGD itself on f(x) = λx²/2 converges just below α = F/λ and
+    diverges just above it (heavy ball, dampening, Nesterov)."""
+    lam = 3.0
+    w = [torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))]
+    F = optimizer_settings(torch.optim.SGD(w, lr=1.0, **kw)).sgd_factor
+
+    def final(alpha):
+        x = torch.nn.Parameter(torch.ones(1, dtype=torch.float64))
+        opt = torch.optim.SGD([x], lr=alpha, **kw)
+        for _ in range(4000):
+            opt.zero_grad()
+            (0.5 * lam * x ** 2).sum().backward()
+            opt.step()
+            if abs(float(x.detach())) > 1e6:
+                return float("inf")
+        return abs(float(x.detach()))
+
+    assert final(0.98 * F / lam) < 1e-3
+    assert final(1.02 * F / lam) > 1e3
+
+
+def test_predict_max_lr_reads_the_optimizer(small_ls):
+    p, model, loss_fn, data, bs, t = small_ls
+    w = [torch.nn.Parameter(torch.zeros(2))]
+    by_name = predict_max_lr(model, loss_fn, data, bs, optimizer="sgd", momentum=0.9)
+    by_inst = predict_max_lr(model, loss_fn, data, bs, optimizer=torch.optim.SGD(w, lr=0.1, momentum=0.9))
+    np.testing.assert_allclose(by_inst, by_name, rtol=1e-12)
+    np.testing.assert_allclose(by_name, t.sgd_directional * 1.9, rtol=1e-8)
+    adam = predict_max_lr(model, loss_fn, data, bs, optimizer=torch.optim.Adam(w, betas=(0.9, 0.999)))
+    np.testing.assert_allclose(adam, t.adam_closed, rtol=1e-8)     # β₁ = 0.9, ε = 1e-8
+    with pytest.raises(ValueError, match="momentum"):
+        predict_max_lr(model, loss_fn, data, bs, optimizer="adam", momentum=0.9)
+
+
+def _close_tables(a, b, rtol):
+    for k in a.keys():
+        va, vb = a[k], b[k]
+        if k == "batch_indices":
+            for x, y in zip(va, vb):
+                np.testing.assert_array_equal(x, y)
+        elif isinstance(va, np.ndarray) or isinstance(va, float):
+            np.testing.assert_allclose(va, vb, rtol=rtol, err_msg=k)
+        else:
+            assert va == vb, k
+
+
+def test_data_forms_give_the_same_table():
+    from torch.utils.data import DataLoader, TensorDataset
+    p = spiked_regression(40, 6, 5.0, noise_std=0.3, rng=2)
+    model, loss_fn, (X, y) = p.torch_problem(w=0.5 * p.minimizer())
+    kw = dict(n_batches=2, num_probes=2, hessian_samples=None, seed=3)
+    ref = lr_table(model, loss_fn, (X, y), [2, 10, 40], **kw)
+    assert np.all(np.isfinite(ref.sgd_measured)) and np.all(np.isfinite(ref.greedy_optimal))
+    ds = TensorDataset(X, y)
+    _close_tables(lr_table(model, loss_fn, ds, [2, 10, 40], **kw), ref, 1e-6)
+    _close_tables(lr_table(model, loss_fn, DataLoader(ds, batch_size=7, shuffle=False),
+                           [2, 10, 40], **kw), ref, 1e-6)
+    with pytest.raises(ValueError, match="shuffl"):
+        lr_table(model, loss_fn, DataLoader(ds, batch_size=7, shuffle=True), [2], **kw)
+
+
+def test_lr_table_result_json_repr_and_plot(small_ls):
+    import json
+    import matplotlib
+    matplotlib.use("Agg")
+    p, model, loss_fn, data, bs, t = small_ls
+    assert t["lam"] == t.lam and "sgd_measured" in t
+    text = json.dumps(t.to_dict(), allow_nan=False)
+    back = LRTable.from_dict(json.loads(text))
+    _close_tables(back, t, 0)
+    # NaN columns (measure=False) survive the round trip as "nan"
+    u = lr_table(model, loss_fn, data, bs, measure=False, mccandlish=False, num_probes=1)
+    d = json.loads(json.dumps(u.to_dict(), allow_nan=False))
+    assert d["sgd_measured"][0] == "nan" and d["batch_indices"] == []
+    v = LRTable.from_dict(d)
+    assert np.all(np.isnan(v.sgd_measured)) and np.isnan(v.B_noise)
+    np.testing.assert_array_equal(v.sgd_directional, u.sgd_directional)
+    assert len(repr(t).splitlines()) <= 9
+    ax = t.plot()
+    assert ax.get_xscale() == ax.get_yscale() == "log"
+    assert len(ax.get_lines()) == 7
+    np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), t.sgd_directional)
+
+
+def test_progress_is_forwarded_to_every_inner_call(small_ls, monkeypatch):
+    import nets.learning_rates.lr_prediction as lp
+    p, model, loss_fn, data, bs, t = small_ls
+    seen = {}
+
+    def spy(name, fn):
+        def wrapped(*a, **kw):
+            seen.setdefault(name, []).append(kw.get("progress", "missing"))
+            return fn(*a, **kw)
+        monkeypatch.setattr(lp, name, wrapped)
+
+    for name in ("eigsh", "directional_noise_from_operator", "isotropic_noise_from_operator",
+                 "gradient_noise", "measure_batch_top_eigenvalue", "progress_bar"):
+        spy(name, getattr(lp, name))
+    lp.lr_table(model, loss_fn, data, [3, 10], n_batches=2, progress=False)
+    for name in ("directional_noise_from_operator", "isotropic_noise_from_operator",
+                 "gradient_noise", "measure_batch_top_eigenvalue", "progress_bar"):
+        assert seen[name] == [False] * len(seen[name]), name
+    assert seen["eigsh"][0] is False          # the full-data solve (batch solves sit under a bar)
+
+
+# ----------------------------------------------------------------- summed-loss check
+
+def test_check_mean_reduced_warns_on_summed_losses():
+    import warnings
+    import torch.nn.functional as F
+    from functools import partial
+    model, _, data = _tiny_mlp()
+    with pytest.warns(UserWarning, match="reduction"):
+        r = check_mean_reduced(model, partial(F.cross_entropy, reduction="sum"), data)
+    assert r == pytest.approx(8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check_mean_reduced(model, F.cross_entropy, data) == pytest.approx(1)
+        smooth = partial(F.cross_entropy, label_smoothing=0.1)
+        assert check_mean_reduced(model, smooth, data) == pytest.approx(1)
+    # lr_table / predict_max_lr call it
+    p = spiked_regression(30, 4, 5.0, noise_std=0.3, rng=0)
+    m, _, d = p.torch_problem()
+    summed = lambda out, y: 0.5 * ((out - y) ** 2).sum()
+    with pytest.warns(UserWarning, match="summed"):
+        predict_max_lr(m, summed, d, [4])
+
+
 # ----------------------------------------------------------------- issue acceptance
 
 @pytest.mark.slow
@@ -203,7 +392,7 @@ def test_acceptance_regression_prediction_vs_oracle_vs_measured():
 def test_acceptance_digits_features_naive_batch_spectrum_is_far_off():
     """Standardized digits (heavy-tailed ‖x_i‖²): at B = 1 with replacement
     2/E[λ_max(H_B)] overestimates the exact mean-square threshold by > 10×
-    (REFERENCES.md); we measure ≈ 29×. The directional formula is also ≫ the oracle
+    (docs/references.md); we measure ≈ 29×. The directional formula is also ≫ the oracle
     there (≈ 18×); both agree with it at B = N."""
     p = digits_feature_regression(rng=0)
     exact = ms_stability_threshold(p, 1, replacement=True).alpha

@@ -10,21 +10,30 @@ From a trained model and its data, ONE pass measures
 
 and turns them into, for each batch size B (c = c(B, N) = 1/B − 1/N):
 
-    SGD stability limit   α = 2(1+ρ)/λ'(B),  λ'(B) = λ_1 + c·s²/λ_1
+    SGD stability limit   α = F/λ'(B),  λ'(B) = λ_1 + c·s²/λ_1,  F = 2 for plain SGD
                           s² = s_u² (directional), or Pσ² (isotropic; clipped at the
                           semicircle edge 2√(cPσ²) below threshold, or unclipped)
+    momentum              heavy ball ρ (torch SGD, dampening τ): F = 2(1+ρ)/(1−τ);
+                          Nesterov (torch SGD nesterov=True): F = 2(1+ρ)/(1+2ρ)
+                          (Jury's criterion for z² − (1+ρ)(1−h)z + ρ(1−h), h = αλ)
     critical batch size   B* = s_u²/λ_1²  (α halves from its B = ∞ value at B ≈ B*)
     Adam, closed form     rmt.lr.adam_max_lr with the u²-weighted preconditioner inputs
                           ḡ_u² = Σ_j u_j² ḡ_j², Σ_u = Σ_j u_j² Σ_jj  (directional s_u²)
     Adam, measured        2(1+β₁)/(1−β₁) / E_S[λ_max(D^{1/2} H_B D^{1/2})],
-                          D = diag(1/(√v + eps)), v_j = ḡ_j² + c·Σ_jj, averaged over
-                          `n_batches` random batches S of size B (a composed operator,
-                          never a P×P matrix)
-    SGD, measured         2(1+ρ)/E_S[λ_max(H_B)] (the naive batch-spectrum estimate)
+                          D = diag(1/(√v + eps)), v_j = ḡ_j² + c·Σ_jj, averaged over the
+                          same random batches S as the SGD measurement (a composed
+                          operator, never a P×P matrix)
+    SGD, measured         F/E_S[λ_max(H_B)] (the naive batch-spectrum estimate;
+                          `nets.noise.batch_spectra.measure_batch_top_eigenvalue`)
     McCandlish            B_simple = tr Σ/|ḡ|², B_noise = tr(HΣ)/ḡᵀHḡ and the greedy
                           optimum ε_opt(B) = ε_max/(1 + c·B_noise)
     min damping           δ_min(B) = α_dir(B)·λ_noise(B)/2 with the isotropic noise edge
                           λ_noise = 2√(c·Pσ²) (curvature of a direction with no signal)
+
+The optimizer's hyper-parameters (ρ, τ, Nesterov; β₁, β₂, ε) are read by
+`optimizer_settings` from a name, a `torch.optim.Optimizer` class (its defaults) or an
+instance (its first param group). The loss must be mean-reduced; `lr_table` warns when
+it looks summed (`nets.curvature.loss_check`).
 
 Which "learning rate": every α above is a **stability limit** (largest step for which
 the quadratic model of the batch loss does not diverge) except `greedy_optimal`
@@ -35,24 +44,206 @@ Adam's hyper-parameters with B (`rmt.lr.malladi_adam_scaling`), not a limit.
 
 from __future__ import annotations
 
+import inspect
 import math
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from scipy import stats
 
 import rmt.lr as rlr
-from rmt.validation import as_array, as_batch_sizes, as_float, as_int
+from rmt.validation import as_array, as_batch_sizes, as_float, as_int, as_seed
 from rmt.sampling import batch_noise_factor
 from nets.noise.gradient_noise import gradient_noise
+from nets.noise.batch_spectra import measure_batch_top_eigenvalue
 from nets.algorithms.lanczos import eigsh
 from nets.noise.directional import directional_noise_from_operator, isotropic_noise_from_operator
+from nets.curvature.loss_check import check_mean_reduced
 from nets.curvature.operators import CurvatureOperator, batch_hessian_operator, hessian_operator
+from nets.utils.data_source import as_data_source
+from nets.utils.jsonio import from_jsonable
+from nets.utils.progress import progress_bar, wants_progress
+from nets.utils.results import Result, result
 
-__all__ = ["LRTable", "lr_table", "predict_max_lr", "ScalingFit", "fit_scaling_exponent",
-           "DiagonalScaledOperator"]
+__all__ = ["LRTable", "lr_table", "predict_max_lr", "OptimizerSettings", "optimizer_settings",
+           "ScalingFit", "fit_scaling_exponent", "DiagonalScaledOperator"]
 
+
+# ----------------------------------------------------------------- optimizer settings
+
+#: optimizer names and the torch class whose defaults they take
+_NAMED = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
+          "rmsprop": torch.optim.RMSprop}
+
+
+@result
+class OptimizerSettings(Result):
+    """The hyper-parameters the stability limits depend on (see `optimizer_settings`).
+
+    name: the family, "sgd", "adam" (Adam, AdamW) or "rmsprop". SGD: momentum (heavy-ball
+    ρ), dampening (τ), nesterov. Adam/RMSprop: beta1 (β₁; 0 for RMSprop), beta2 (β₂;
+    RMSprop's alpha), eps. The fields of the other family hold torch's defaults
+    (ρ = 0 for Adam; β = (0.9, 0.999), eps = 1e-8 for SGD): an `LRTable` fills both
+    its SGD and its Adam columns from one settings object.
+    """
+
+    name: str
+    momentum: float
+    dampening: float
+    nesterov: bool
+    beta1: float
+    beta2: float
+    eps: float
+
+    @property
+    def sgd_factor(self) -> float:
+        """F in α_max = F/λ' for the SGD columns: 2(1+ρ)/(1−τ), or 2(1+ρ)/(1+2ρ) (Nesterov)."""
+        rho = self.momentum
+        if self.nesterov:
+            return 2.0 * (1.0 + rho) / (1.0 + 2.0 * rho)
+        return rlr.momentum_factor(rho, "heavy_ball") / (1.0 - self.dampening)
+
+    @property
+    def adam_factor(self) -> float:
+        """F = 2(1+β₁)/(1−β₁) for the Adam columns (EMA first moment)."""
+        return rlr.momentum_factor(self.beta1, "ema")
+
+
+def _class_defaults(cls) -> dict:
+    return {k: p.default for k, p in inspect.signature(cls).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+_KEYS = ("momentum", "dampening", "nesterov", "betas", "eps", "alpha", "centered")
+
+
+def _group_settings(opt: torch.optim.Optimizer) -> dict:
+    """Hyper-parameters of the first param group (all groups must agree on them)."""
+    groups = opt.param_groups
+    first = {k: groups[0][k] for k in _KEYS if k in groups[0]}
+    for g in groups[1:]:
+        other = {k: g[k] for k in _KEYS if k in g}
+        if other != first:
+            raise ValueError(f"optimizer: param groups differ in {sorted(set(first.items()) ^ set(other.items()))}; "
+                             "the stability limit needs one setting (pass optimizer_settings "
+                             "for the group you want)")
+    return first
+
+
+def _source(optimizer) -> tuple[type, dict, bool]:
+    """(torch class, hyper-parameters, fixed?) for a name, class, instance or settings."""
+    if isinstance(optimizer, OptimizerSettings):
+        cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam,
+               "rmsprop": torch.optim.RMSprop}[optimizer.name]
+        hp = dict(momentum=optimizer.momentum, dampening=optimizer.dampening,
+                  nesterov=optimizer.nesterov, betas=(optimizer.beta1, optimizer.beta2),
+                  eps=optimizer.eps, alpha=optimizer.beta2)
+        if optimizer.name == "rmsprop":
+            hp["momentum"] = 0.0
+        return cls, hp, True
+    if isinstance(optimizer, str):
+        key = optimizer.lower()
+        if key not in _NAMED:
+            raise ValueError(f"optimizer must be one of {sorted(_NAMED)}, a torch.optim.Optimizer "
+                             f"class or instance, got {optimizer!r}")
+        return _NAMED[key], _class_defaults(_NAMED[key]), False
+    if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
+        return optimizer, _class_defaults(optimizer), False
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return type(optimizer), _group_settings(optimizer), True
+    raise TypeError(f"optimizer must be a name ({sorted(_NAMED)}), a torch.optim.Optimizer "
+                    f"class or instance, got {type(optimizer).__name__}")
+
+
+def _family(cls) -> str:
+    if issubclass(cls, torch.optim.SGD):
+        return "sgd"
+    if issubclass(cls, torch.optim.Adam):
+        return "adam"
+    if issubclass(cls, torch.optim.RMSprop):
+        return "rmsprop"
+    raise ValueError(f"optimizer: no stability limit for {cls.__name__}; supported: SGD (heavy "
+                     "ball, Nesterov), Adam/AdamW, RMSprop")
+
+
+def _override(hp: dict, key: str, value, fixed: bool, what: str) -> None:
+    if value is None:
+        return
+    if fixed and key in hp and _same(hp[key], value) is False:
+        raise ValueError(f"{key}={value!r} conflicts with the {what}'s own {key}={hp[key]!r}; "
+                         f"give {key} once")
+    hp[key] = value
+
+
+def _same(a, b) -> bool:
+    try:
+        return bool(np.allclose(np.asarray(a, dtype=float), np.asarray(b, dtype=float),
+                                rtol=0, atol=0))
+    except (TypeError, ValueError):
+        return a == b
+
+
+def _unit_interval(name: str, value) -> float:
+    v = as_float(name, float(value), nonnegative=True)
+    if v >= 1:
+        raise ValueError(f"{name} must be in [0, 1), got {v}")
+    return v
+
+
+def optimizer_settings(optimizer="sgd", *, momentum=None, betas=None, eps=None) -> OptimizerSettings:
+    """The hyper-parameters that set the stability limit, from a name or a torch optimizer.
+
+    optimizer : "sgd", "adam", "adamw" or "rmsprop" (torch's defaults for that class), a
+        `torch.optim.Optimizer` subclass (its constructor defaults, read with
+        `inspect.signature`), an instance (its `param_groups[0]`; all groups must agree)
+        or an `OptimizerSettings`.
+    momentum : SGD's heavy-ball ρ only (torch SGD `momentum`). Adam has no "momentum":
+        its first-moment factor β₁ is `betas[0]`, so momentum= with an Adam optimizer is
+        a ValueError (one argument, one meaning).
+    betas : Adam's (β₁, β₂); eps : Adam's/RMSprop's ε. Not for SGD (ValueError).
+    An override of a value that an instance (or settings object) already fixes must
+    agree with it. RMSprop is supported without momentum and uncentred (β₁ = 0,
+    β₂ = alpha). Nesterov momentum and SGD dampening change the stability factor
+    (`OptimizerSettings.sgd_factor`).
+    """
+    cls, hp, fixed = _source(optimizer)
+    family = _family(cls)
+    what = "optimizer"
+    if momentum is not None and family != "sgd":
+        hint = (" (Adam's β₁ is betas[0]: pass betas=(β₁, β₂))" if family == "adam"
+                else " (RMSprop is supported without momentum)")
+        raise ValueError(f"momentum is SGD's heavy-ball ρ and does not apply to {cls.__name__}{hint}")
+    if betas is not None and family != "adam":
+        raise ValueError(f"betas are Adam's (β₁, β₂) and do not apply to {cls.__name__}")
+    if eps is not None and family == "sgd":
+        raise ValueError(f"eps is Adam's/RMSprop's ε and does not apply to {cls.__name__}")
+    _override(hp, "momentum", momentum, fixed, what)
+    _override(hp, "betas", None if betas is None else tuple(betas), fixed, what)
+    _override(hp, "eps", eps, fixed, what)
+    adam = _class_defaults(torch.optim.Adam)
+    if family == "sgd":
+        rho = _unit_interval("momentum", hp.get("momentum", 0.0))
+        tau = _unit_interval("dampening", hp.get("dampening", 0.0))
+        nesterov = bool(hp.get("nesterov", False))
+        if nesterov and (rho <= 0 or tau != 0):
+            raise ValueError("nesterov needs momentum > 0 and dampening = 0")
+        b1, b2 = adam["betas"]
+        return OptimizerSettings("sgd", rho, tau, nesterov, float(b1), float(b2), float(adam["eps"]))
+    if family == "adam":
+        b = hp.get("betas", adam["betas"])
+        if len(tuple(b)) != 2:
+            raise ValueError(f"betas must be a pair (β₁, β₂), got {b!r}")
+        b1, b2 = (_unit_interval(f"betas[{i}]", x) for i, x in enumerate(b))
+        e = as_float("eps", hp.get("eps", adam["eps"]), nonnegative=True)
+        return OptimizerSettings("adam", 0.0, 0.0, False, b1, b2, e)
+    if float(hp.get("momentum", 0.0)) != 0.0 or bool(hp.get("centered", False)):
+        raise ValueError("momentum: RMSprop is supported without momentum and uncentred "
+                         "(momentum=0, centered=False)")
+    b2 = _unit_interval("alpha", hp.get("alpha", 0.99))
+    e = as_float("eps", hp.get("eps", 1e-8), nonnegative=True)
+    return OptimizerSettings("rmsprop", 0.0, 0.0, False, 0.0, b2, e)
+
+
+# ----------------------------------------------------------------- operators
 
 class DiagonalScaledOperator(CurvatureOperator):
     """D^{1/2} A D^{1/2} for a diagonal D = diag(d) ≥ 0 and a curvature operator A."""
@@ -75,27 +266,47 @@ class DiagonalScaledOperator(CurvatureOperator):
         return self.sqrt_d * self.base.matvec(self.sqrt_d * v)
 
 
-def _isotropic_s2(op, n_probes, seed):
-    """Pσ² (module docstring of `nets.noise.directional`): Rademacher estimate with `n_probes`
-    directions, or exact (n_probes=None) as the mean of s²_{e_j} over the P unit vectors
-    (P passes: small models only)."""
-    if n_probes is not None:
-        return isotropic_noise_from_operator(op, num_probes=n_probes, seed=seed).s2
+def _isotropic_s2(op, num_probes, *, chunk_size, seed, progress):
+    """Pσ² (module docstring of `nets.noise.directional`): Rademacher estimate with
+    `num_probes` directions, or exact (num_probes=None) as the mean of s²_{e_j} over the
+    P unit vectors (P passes: small models only)."""
+    if num_probes is not None:
+        return isotropic_noise_from_operator(op, num_probes=num_probes, chunk_size=chunk_size,
+                                             seed=seed, progress=progress).s2
     eye = torch.eye(op.P, dtype=torch.float64)
-    return float(np.mean([directional_noise_from_operator(op, e).s2 for e in eye]))
+    bar = progress_bar(eye, progress=progress, total=op.P, desc="exact Pσ²")
+    return float(np.mean([directional_noise_from_operator(op, e, chunk_size=chunk_size).s2
+                          for e in bar]))
 
 
-@dataclass(frozen=True)
-class LRTable:
+# ----------------------------------------------------------------- the table
+
+_SCALARS = ("N", "P", "lam", "s2_dir", "s2_iso", "B_star", "B_star_iso", "B_simple",
+            "B_noise", "eps_max", "momentum", "beta1", "eps", "grad_mean_sq_u", "grad_var_u")
+_COLUMNS = ("sgd_iso_clipped", "sgd_iso_unclipped", "sgd_directional", "sgd_momentum",
+            "sgd_measured", "lam_batch_mean", "lam_batch_std", "adam_closed", "adam_measured",
+            "adam_lam_mean", "adam_lam_std", "greedy_optimal", "min_damping")
+#: the learning-rate columns `LRTable.plot` draws, with their labels
+_LR_COLUMNS = {"sgd_directional": "SGD, directional", "sgd_momentum": "SGD with momentum",
+               "sgd_iso_clipped": "SGD, isotropic (clipped)", "sgd_measured": "SGD, measured",
+               "adam_closed": "Adam, closed form", "adam_measured": "Adam, measured",
+               "greedy_optimal": "greedy optimum (McCandlish)"}
+
+
+@result
+class LRTable(Result):
     """Predicted (and batch-measured) learning rates per batch size; see module docstring.
 
     Scalars: N, P, lam (λ_1), s2_dir (s_u²), s2_iso (Pσ²), B_star (s_u²/λ_1²), B_star_iso
-    (Pσ²/λ_1²), B_simple, B_noise, eps_max, momentum (heavy-ball ρ), beta1, eps,
+    (Pσ²/λ_1²), B_simple, B_noise, eps_max, the optimizer settings — optimizer (family
+    name), momentum (heavy-ball ρ), dampening, nesterov, beta1, beta2, eps — and
     grad_mean_sq_u, grad_var_u (u²-weighted ḡ_j², Σ_jj), n_batches, seed.
-    Arrays over batch_sizes: sgd_iso_clipped, sgd_iso_unclipped, sgd_directional,
-    sgd_momentum (directional with ρ), sgd_measured (2(1+ρ)/E λ_max(H_B); NaN if not
-    measured), lam_batch_mean/std, adam_closed, adam_measured, adam_lam_mean/std
-    (λ_max(D^{1/2}H_BD^{1/2})), greedy_optimal, min_damping.
+    Arrays over batch_sizes: sgd_iso_clipped, sgd_iso_unclipped, sgd_directional
+    (plain SGD), sgd_momentum (directional with the optimizer's momentum factor),
+    sgd_measured (F/E λ_max(H_B); NaN if not measured), lam_batch_mean/std,
+    adam_closed, adam_measured, adam_lam_mean/std (λ_max(D^{1/2}H_BD^{1/2})),
+    greedy_optimal, min_damping. batch_indices: one (n_batches, B) array of sample
+    indices per batch size, the batches both measurements used (empty if not measured).
     """
 
     batch_sizes: np.ndarray
@@ -128,129 +339,203 @@ class LRTable:
     greedy_optimal: np.ndarray
     min_damping: np.ndarray
     n_batches: int
-    seed: int
+    seed: object
+    optimizer: str = "sgd"
+    dampening: float = 0.0
+    nesterov: bool = False
+    beta2: float = 0.999
+    batch_indices: tuple = ()
 
-    def as_dict(self) -> dict:
-        return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self.__dict__.items()}
+    @classmethod
+    def from_dict(cls, d: dict) -> "LRTable":
+        """The table back from `to_dict()` (or its JSON): lists become numpy arrays and
+        "nan"/"inf" strings floats."""
+        d = from_jsonable(dict(d))
+        kw = dict(d)
+        kw["batch_sizes"] = np.asarray(d["batch_sizes"], dtype=np.int64)
+        for k in _COLUMNS:
+            kw[k] = np.asarray(d[k], dtype=float)
+        for k in _SCALARS[2:] + ("dampening", "beta2"):
+            kw[k] = float(d[k])
+        kw["batch_indices"] = tuple(np.asarray(i, dtype=np.int64).reshape(-1, int(b))
+                                    for i, b in zip(d.get("batch_indices", ()), d["batch_sizes"]))
+        return cls(**kw)
+
+    def plot(self, ax=None):
+        """The learning-rate columns against B on log-log axes (columns that are all NaN
+        are left out; measured ones as markers). Returns the axes."""
+        if ax is None:
+            import matplotlib.pyplot as plt
+            _, ax = plt.subplots()
+        B = np.asarray(self.batch_sizes, dtype=float)
+        for key, label in _LR_COLUMNS.items():
+            y = np.asarray(getattr(self, key), dtype=float)
+            if key == "sgd_momentum" and np.allclose(y, self.sgd_directional, equal_nan=True):
+                continue
+            if not np.any(np.isfinite(y) & (y > 0)):
+                continue
+            style = "o" if key.endswith("measured") else "-"
+            ax.plot(B, y, style, label=label)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size B")
+        ax.set_ylabel("learning rate α")
+        ax.set_title(f"stability limits ({self.optimizer}; B* = {self.B_star:.3g})")
+        ax.legend(fontsize="small")
+        return ax
 
 
-def _measure(model, loss_fn, dataset, *, dtype, device, chunk_size, iso_probes, seed,
-             hessian_samples, tol, mccandlish):
-    H = hessian_operator(model, loss_fn, dataset, device=device, dtype=dtype,
-                         chunk_size=chunk_size)
-    top = eigsh(H, k=1, which="LA", tol=tol, seed=seed)
+def _noise_pass(model, loss_fn, src, *, num_probes, hessian_samples, mccandlish, tol, opts,
+                chunk_size, seed, progress):
+    """The one measurement pass: H, λ_1, u, s_u², Pσ² and the gradient statistics."""
+    H = hessian_operator(model, loss_fn, src, chunk_size=chunk_size, **opts)
+    top = eigsh(H, k=1, which="LA", tol=tol, seed=seed, progress=progress)
     lam = float(top.values[0])
     if not lam > 0:
         raise ValueError(f"the top Hessian eigenvalue is not positive ({lam}); no stability limit")
     u = top.vectors[:, 0]
-    s2_dir = directional_noise_from_operator(H, u).s2
-    s2_iso = _isotropic_s2(H, iso_probes, seed)
-    gn = gradient_noise(model, loss_fn, dataset, chunk_size=chunk_size,
-                        hessian_samples=hessian_samples, device=device, dtype=dtype, seed=seed,
-                        hessian=mccandlish)
+    s2_dir = directional_noise_from_operator(H, u, chunk_size=chunk_size, progress=progress).s2
+    s2_iso = _isotropic_s2(H, num_probes, chunk_size=chunk_size, seed=seed, progress=progress)
+    gn = gradient_noise(model, loss_fn, src, hessian_samples=hessian_samples, hessian=mccandlish,
+                        chunk_size=256 if chunk_size is None else chunk_size, seed=seed,
+                        progress=progress, **opts)
     return H, lam, u, s2_dir, s2_iso, gn
 
 
-def lr_table(model, loss_fn, dataset, batch_sizes, momentum=0.0, beta1=0.0, eps=1e-8,
-             n_batches=4, measure=True, iso_probes=4, hessian_samples=128, chunk_size=256,
-             dtype=torch.float64, device=None, seed=0, tol=1e-8, mccandlish=True) -> LRTable:
+def _adam_batch_tops(model, loss_fn, src, bs, indices, gbar2, var, eps, *, tol, opts,
+                     chunk_size, seed, progress):
+    """λ_max(D^{1/2} H_S D^{1/2}) on the given batches S, D = diag(1/(√(ḡ² + c·Σ) + eps))."""
+    N = src.N
+    total = sum(len(i) for i in indices)
+    seeds = iter(np.random.default_rng(seed).integers(2**31, size=total))
+    bar = progress_bar(range(total), progress=progress, total=total, desc="Adam batch λ_max")
+    it = iter(bar)
+    means, stds = np.empty(len(bs)), np.empty(len(bs))
+    for i, (b, idx_B) in enumerate(zip(bs, indices)):
+        c = batch_noise_factor(int(b), N)
+        Dg = 1.0 / (torch.sqrt(gbar2 + c * var) + eps)
+        tops = []
+        for idx in idx_B:
+            next(it, None)
+            HB = batch_hessian_operator(model, loss_fn, src, np.asarray(idx), chunk_size=chunk_size,
+                                        **opts)
+            tops.append(float(eigsh(DiagonalScaledOperator(HB, Dg), k=1, which="LA", tol=tol,
+                                    seed=int(next(seeds)), return_vectors=False).values[0]))
+        means[i] = np.mean(tops)
+        stds[i] = np.std(tops, ddof=1) if len(tops) > 1 else 0.0
+    next(it, None)
+    return means, stds
+
+
+def lr_table(model, loss_fn, data, batch_sizes, *, optimizer="sgd", momentum=None, betas=None,
+             eps=None, n_batches=4, measure=True, num_probes=4, hessian_samples=128,
+             mccandlish=True, tol=1e-8, params=None, policy=None, chunk_size=None, device=None,
+             dtype=None, seed=0, progress=None) -> LRTable:
     """Predicted learning rates for every B in `batch_sizes` from one measurement pass.
 
-    momentum: heavy-ball ρ for `sgd_momentum`; beta1, eps: Adam's EMA momentum factor
-    2(1+β₁)/(1−β₁) and ε (β₁ = 0 is RMSprop without momentum). measure: also average
-    λ_max(H_B) and λ_max(D^{1/2}H_BD^{1/2}) over `n_batches` random batches (without
-    replacement, numpy Generator seeded by `seed`; one "batch" at B = N). iso_probes:
-    Hutchinson probes for Pσ² (None: exact, P probes). hessian_samples: samples used for
-    tr(HΣ) (None: all); mccandlish=False skips tr(HΣ) and ḡᵀHḡ (B_noise, eps_max,
-    greedy_optimal NaN). Products run in `dtype` (float64 by default) on `device`.
+    data : an (X, y) pair, a torch Dataset or a non-shuffling DataLoader / re-iterable of
+        (x, y) batches (`nets.utils.data_source`); `loss_fn` mean-reduced (a summed loss
+        triggers a UserWarning, `nets.curvature.loss_check.check_mean_reduced`).
+    optimizer, momentum, betas, eps : see `optimizer_settings`. The SGD columns use its
+        momentum factor, the Adam columns its β₁ and ε (torch's Adam defaults for an SGD
+        optimizer; ρ = 0 for an Adam one).
+    measure : also measure λ_max(H_B) with `measure_batch_top_eigenvalue(...,
+        n_batches=n_batches, seed=seed)` (same seed, same batches, same values as calling
+        it directly) and λ_max(D^{1/2}H_BD^{1/2}) on those same batches.
+    num_probes : Hutchinson probes for Pσ² (None: exact, P passes). hessian_samples :
+        samples used for tr(HΣ) (None: all); mccandlish=False skips tr(HΣ) and ḡᵀHḡ
+        (B_noise, eps_max, greedy_optimal NaN). tol : Lanczos relative residual.
+    params, policy, chunk_size, device, dtype : as `nets.curvature.operators.hessian_operator`
+        (dtype None: the model's). seed : int or numpy Generator. progress : forwarded
+        to every long inner call (True/False/None).
     """
-    if not (isinstance(dataset, (tuple, list)) and len(dataset) == 2):
-        raise TypeError("dataset must be a pair (X, y) of tensors")
-    N = int(dataset[0].shape[0])
+    opt = optimizer_settings(optimizer, momentum=momentum, betas=betas, eps=eps)
+    src = as_data_source(data)
+    N = src.N
     bs = as_batch_sizes(batch_sizes, N)
-    momentum = as_float("momentum", momentum, nonnegative=True)
-    beta1 = as_float("beta1", beta1, nonnegative=True)
-    if momentum >= 1 or beta1 >= 1:
-        raise ValueError("momentum and beta1 must be < 1")
-    eps = as_float("eps", eps, nonnegative=True)
     n_batches = as_int("n_batches", n_batches, minimum=1)
-    H, lam, u, s2_dir, s2_iso, gn = _measure(
-        model, loss_fn, dataset, dtype=dtype, device=device, chunk_size=chunk_size,
-        iso_probes=None if iso_probes is None else as_int("iso_probes", iso_probes, minimum=1),
-        seed=seed, hessian_samples=hessian_samples, tol=tol, mccandlish=mccandlish)
+    if not isinstance(measure, bool) or not isinstance(mccandlish, bool):
+        raise TypeError("measure and mccandlish must be bools")
+    num_probes = None if num_probes is None else as_int("num_probes", num_probes, minimum=1)
+    tol = as_float("tol", tol, positive=True)
+    seed = as_seed("seed", seed)
+    wants_progress(progress)
+    check_mean_reduced(model, loss_fn, src)
+    opts = dict(params=params, policy=policy, device=device, dtype=dtype)
+    H, lam, u, s2_dir, s2_iso, gn = _noise_pass(
+        model, loss_fn, src, num_probes=num_probes, hessian_samples=hessian_samples,
+        mccandlish=mccandlish, tol=tol, opts=opts, chunk_size=chunk_size, seed=seed,
+        progress=progress)
     P = H.P
+    Bf = bs.astype(float)
     u2 = (u.to(torch.float64) ** 2).cpu().numpy()
     g2u = float(u2 @ gn.mean ** 2)
     vu = float(u2 @ gn.var)
     c = np.array([batch_noise_factor(b, N) for b in bs])
-    sig2 = s2_iso / P
-    iso_c = rlr.sgd_max_lr_isotropic(bs.astype(float), lam, sig2, P, N, clip=True)
-    iso_u = rlr.sgd_max_lr_isotropic(bs.astype(float), lam, sig2, P, N, clip=False)
-    sgd_dir = rlr.sgd_max_lr(bs.astype(float), lam, s2_dir, N)
-    sgd_mom = rlr.sgd_max_lr(bs.astype(float), lam, s2_dir, N, momentum=momentum)
-    adam_closed = rlr.adam_max_lr(bs.astype(float), lam, s2_dir, g2u, vu, N, eps=eps, beta1=beta1)
-    F_adam = rlr.momentum_factor(beta1, "ema")
-    F_sgd = rlr.momentum_factor(momentum, "heavy_ball")
-    greedy = (rlr.mccandlish_optimal_lr(bs.astype(float), gn.eps_max, gn.B_noise, N)
+    iso_c = rlr.sgd_max_lr_isotropic(Bf, lam, s2_iso / P, P, N, clip=True)
+    iso_u = rlr.sgd_max_lr_isotropic(Bf, lam, s2_iso / P, P, N, clip=False)
+    sgd_dir = np.asarray(rlr.sgd_max_lr(Bf, lam, s2_dir, N))
+    sgd_mom = sgd_dir * opt.sgd_factor / 2.0
+    adam_closed = rlr.adam_max_lr(Bf, lam, s2_dir, g2u, vu, N, eps=opt.eps, beta1=opt.beta1)
+    greedy = (rlr.mccandlish_optimal_lr(Bf, gn.eps_max, gn.B_noise, N)
               if math.isfinite(gn.eps_max) and gn.eps_max > 0 and math.isfinite(gn.B_noise)
               else np.full(len(bs), np.nan))
-    lam_noise = 2.0 * np.sqrt(c * s2_iso)
-    damping = sgd_dir * lam_noise / 2.0
+    damping = sgd_dir * np.sqrt(c * s2_iso)          # α_dir · λ_noise/2, λ_noise = 2√(c Pσ²)
 
     nan = np.full(len(bs), np.nan)
-    lam_m, lam_s, alam_m, alam_s = nan.copy(), nan.copy(), nan.copy(), nan.copy()
+    lam_m, lam_s, alam_m, alam_s, indices = nan, nan, nan, nan, ()
     if measure:
-        rng = np.random.default_rng(seed)
+        mb = measure_batch_top_eigenvalue(model, loss_fn, data, bs, n_batches=n_batches,
+                                          kind="hessian", tol=tol, chunk_size=chunk_size,
+                                          seed=seed, progress=progress, **opts)
+        lam_m, lam_s = np.asarray(mb["mean"], dtype=float), np.asarray(mb["std"], dtype=float)
+        indices = tuple(np.asarray(i, dtype=np.int64) for i in mb["indices"])
         gbar2 = torch.as_tensor(gn.mean ** 2, dtype=torch.float64)
         var = torch.as_tensor(gn.var, dtype=torch.float64)
-        for i, (b, ci) in enumerate(zip(bs, c)):
-            reps = 1 if b == N else n_batches
-            tops, atops = [], []
-            v = gbar2 + ci * var
-            Dg = 1.0 / (torch.sqrt(v) + eps)
-            for r in range(reps):
-                idx = np.arange(N) if b == N else np.sort(rng.choice(N, int(b), replace=False))
-                HB = batch_hessian_operator(model, loss_fn, dataset, idx, device=device,
-                                            dtype=dtype, chunk_size=chunk_size, cache_graph=True)
-                tops.append(float(eigsh(HB, k=1, which="LA", tol=tol, seed=seed + r,
-                                        return_vectors=False).values[0]))
-                atops.append(float(eigsh(DiagonalScaledOperator(HB, Dg), k=1, which="LA", tol=tol,
-                                         seed=seed + r, return_vectors=False).values[0]))
-            lam_m[i], lam_s[i] = np.mean(tops), (np.std(tops, ddof=1) if reps > 1 else 0.0)
-            alam_m[i], alam_s[i] = np.mean(atops), (np.std(atops, ddof=1) if reps > 1 else 0.0)
+        alam_m, alam_s = _adam_batch_tops(model, loss_fn, src, bs, indices, gbar2, var, opt.eps,
+                                          tol=tol, opts=opts, chunk_size=chunk_size, seed=seed,
+                                          progress=progress)
     return LRTable(
         batch_sizes=bs, N=N, P=P, lam=lam, s2_dir=s2_dir, s2_iso=s2_iso,
         B_star=rlr.critical_batch_size(lam, s2_dir), B_star_iso=rlr.critical_batch_size(lam, s2_iso),
-        B_simple=gn.B_simple, B_noise=gn.B_noise, eps_max=gn.eps_max, momentum=momentum,
-        beta1=beta1, eps=eps, grad_mean_sq_u=g2u, grad_var_u=vu,
+        B_simple=gn.B_simple, B_noise=gn.B_noise, eps_max=gn.eps_max, momentum=opt.momentum,
+        beta1=opt.beta1, eps=opt.eps, grad_mean_sq_u=g2u, grad_var_u=vu,
         sgd_iso_clipped=np.asarray(iso_c), sgd_iso_unclipped=np.asarray(iso_u),
-        sgd_directional=np.asarray(sgd_dir), sgd_momentum=np.asarray(sgd_mom),
-        sgd_measured=F_sgd / lam_m, lam_batch_mean=lam_m, lam_batch_std=lam_s,
-        adam_closed=np.asarray(adam_closed), adam_measured=F_adam / alam_m,
+        sgd_directional=sgd_dir, sgd_momentum=sgd_mom,
+        sgd_measured=opt.sgd_factor / lam_m, lam_batch_mean=lam_m, lam_batch_std=lam_s,
+        adam_closed=np.asarray(adam_closed), adam_measured=opt.adam_factor / alam_m,
         adam_lam_mean=alam_m, adam_lam_std=alam_s, greedy_optimal=np.asarray(greedy),
-        min_damping=np.asarray(damping), n_batches=n_batches, seed=int(seed))
+        min_damping=np.asarray(damping), n_batches=n_batches, seed=seed,
+        optimizer=opt.name, dampening=opt.dampening, nesterov=opt.nesterov, beta2=opt.beta2,
+        batch_indices=indices)
 
 
-def predict_max_lr(model, loss_fn, dataset, batch_sizes, optimizer="sgd", momentum=0.0,
-                   seed=0) -> np.ndarray:
+def predict_max_lr(model, loss_fn, data, batch_sizes, *, optimizer="sgd", momentum=None,
+                   num_probes=1, params=None, policy=None, chunk_size=None, device=None,
+                   dtype=None, seed=0, progress=None) -> np.ndarray:
     """Predicted maximal stable learning rate per batch size (directional form).
 
-    optimizer "sgd": 2(1+ρ)/λ'(B), λ'(B) = λ_1 + c(B,N)·s_u²/λ_1 (`rmt.lr.sgd_max_lr`),
-    ρ = `momentum` (heavy ball). optimizer "adam": `rmt.lr.adam_max_lr` with directional
-    s_u², the u²-weighted ḡ_j² and Σ_jj, eps = 1e-8 and β₁ = `momentum` (EMA factor
-    2(1+β₁)/(1−β₁)). A **stability limit**, not a greedy optimum or SDE-matching rule.
-    Returns a numpy array aligned with `batch_sizes`.
+    optimizer SGD (name, class or instance): F/λ'(B), λ'(B) = λ_1 + c(B,N)·s_u²/λ_1
+    (`rmt.lr.sgd_max_lr`), F = 2(1+ρ) for heavy-ball momentum ρ (`momentum`, or the
+    instance's), 2(1+ρ)/(1+2ρ) with Nesterov. Adam/AdamW: `rmt.lr.adam_max_lr` with the
+    directional s_u², the u²-weighted ḡ_j² and Σ_jj, the optimizer's eps and β₁ =
+    betas[0] (EMA factor 2(1+β₁)/(1−β₁); torch's default β₁ = 0.9 for "adam"); passing
+    `momentum` with Adam is a ValueError (see `optimizer_settings`). RMSprop: β₁ = 0.
+    A **stability limit**, not a greedy optimum or SDE-matching rule. Other options as
+    `lr_table` (run with measure=False, mccandlish=False). Returns a numpy array
+    aligned with `batch_sizes`.
     """
-    if optimizer not in ("sgd", "adam"):
-        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
-    kw = dict(momentum=momentum) if optimizer == "sgd" else dict(beta1=momentum)
-    t = lr_table(model, loss_fn, dataset, batch_sizes, measure=False, iso_probes=1, seed=seed,
-                 mccandlish=False, **kw)
-    return t.sgd_momentum.copy() if optimizer == "sgd" else t.adam_closed.copy()
+    opt = optimizer_settings(optimizer, momentum=momentum)
+    t = lr_table(model, loss_fn, data, batch_sizes, optimizer=opt, measure=False,
+                 num_probes=num_probes, mccandlish=False, params=params, policy=policy,
+                 chunk_size=chunk_size, device=device, dtype=dtype, seed=seed, progress=progress)
+    return t.sgd_momentum.copy() if opt.name == "sgd" else t.adam_closed.copy()
 
 
-@dataclass(frozen=True)
-class ScalingFit:
+# ----------------------------------------------------------------- scaling exponents
+
+@result
+class ScalingFit(Result):
     """Slope of log α against log B: exponent, stderr, (ci_low, ci_high) at `level`,
     intercept, n points, dof, max_batch used."""
 

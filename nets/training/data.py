@@ -5,20 +5,17 @@ targets are int64 class indices; regression targets are float tensors of shape (
 
 * `load_digits` – scikit-learn's bundled 8×8 digits (1797 × 64, 10 classes), no download.
 * `gaussian_mixture`, `teacher_student_regression`, `spiked_covariance_regression` –
-  synthetic problems with a known ground truth (THEORY.md §4 for the Wishart case).
+  synthetic problems with a known ground truth (docs/theory.md §4 for the Wishart case).
 * `load_cifar` – CIFAR-10/100 from the standard python-pickle files in a local folder,
   read through a restricted unpickler that can build nothing but dicts, lists,
   strings, numbers and numpy uint8 arrays (no arbitrary code runs on load).
-* `write_fake_cifar` – tiny files in exactly the real on-disk format (for tests).
 * `check_dataset` – the shared validation of `(X, y)` pairs.
 """
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +32,6 @@ __all__ = [
     "teacher_student_regression",
     "spiked_covariance_regression",
     "load_cifar",
-    "write_fake_cifar",
     "CIFAR_MEAN",
     "CIFAR_STD",
     "RefusedPickleError",
@@ -172,7 +168,7 @@ def teacher_student_regression(n: int, dim: int, hidden: int = 16, noise: float 
 def spiked_covariance_regression(n: int, dim: int, spikes=(5.0,), noise: float = 0.1,
                                  seed: int = 0, *, dtype: torch.dtype = torch.float32,
                                  return_params: bool = False):
-    """Linear regression with spiked-covariance inputs (THEORY.md §4).
+    """Linear regression with spiked-covariance inputs (docs/theory.md §4).
 
     x ~ N(0, Σ),  Σ = I + Σ_i s_i u_i u_iᵀ  with orthonormal random u_i (Haar);
     y = w*ᵀ x + noise · ξ,  w* entries N(0, 1/dim),  ξ ~ N(0, 1).
@@ -386,86 +382,3 @@ def _parse_batch(batch, label_key: bytes, path: Path, n_classes: int):
     if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
         raise ValueError(f"{path}: labels outside 0..{n_classes - 1}")
     return data, labels
-
-
-class _Py2StylePickler(pickle._Pickler):
-    """Protocol-2 pickler that writes what Python 2's cPickle wrote for CIFAR.
-
-    Byte strings and text strings become BINSTRING opcodes (Python 2 `str`), and the
-    array reconstructor is named `numpy.core.multiarray._reconstruct` as in the
-    original files, whatever numpy writes today.
-    """
-
-    def save_bytes(self, obj):
-        n = len(obj)
-        if n < 256:
-            self.write(pickle.SHORT_BINSTRING + bytes([n]) + obj)
-        else:
-            self.write(pickle.BINSTRING + struct.pack("<i", n) + obj)
-        self.memoize(obj)
-
-    def save_str(self, obj):
-        self.save_bytes(obj.encode("latin-1"))
-
-    def save_global(self, obj, name=None):
-        if obj is _numpy_reconstruct():
-            self.write(pickle.GLOBAL + b"numpy.core.multiarray\n_reconstruct\n")
-            self.memoize(obj)
-        else:
-            super().save_global(obj, name)
-
-    dispatch = dict(pickle._Pickler.dispatch)
-    dispatch[bytes] = save_bytes
-    dispatch[str] = save_str
-
-
-def write_fake_cifar(root, name: str = "cifar100", n_train: int = 20, n_test: int = 10,
-                     seed: int = 0) -> Path:
-    """Write a tiny random CIFAR dataset in the exact on-disk format of the real one.
-
-    Creates `root/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}` or
-    `root/cifar-100-python/{train, test, meta}`: protocol-2 pickles of dicts with
-    byte-string keys (b'batch_label', b'labels' or b'fine_labels'/b'coarse_labels',
-    b'data' as a uint8 ndarray (N, 3072), b'filenames'). For CIFAR-10 the `n_train`
-    images are split over the five batches (n_train must be ≥ 5). Random uint8 pixels
-    and labels from `numpy.random.default_rng(seed)`. Returns the data folder.
-    """
-    if not isinstance(name, str) or name.lower() not in _CIFAR_LAYOUT:
-        raise ValueError(f"name must be one of {sorted(_CIFAR_LAYOUT)}, got {name!r}")
-    name = name.lower()
-    n_train = as_int("n_train", n_train, minimum=5 if name == "cifar10" else 1)
-    n_test = as_int("n_test", n_test, minimum=1)
-    rng = np.random.default_rng(as_int("seed", seed, minimum=0))
-    folder, train_files, test_files, _ = _CIFAR_LAYOUT[name]
-    out = Path(os.fspath(root)) / folder
-    out.mkdir(parents=True, exist_ok=True)
-
-    def batch(n, label):
-        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
-        files = [f"fake_{label}_{i}.png".encode() for i in range(n)]
-        if name == "cifar10":
-            return {b"batch_label": label.encode(), b"labels": rng.integers(0, 10, n).tolist(),
-                    b"data": data, b"filenames": files}
-        fine = rng.integers(0, 100, n)
-        return {b"filenames": files, b"batch_label": label.encode(),
-                b"fine_labels": fine.tolist(), b"coarse_labels": (fine // 5).tolist(),
-                b"data": data}
-
-    def dump(obj, path):
-        buf = io.BytesIO()
-        _Py2StylePickler(buf, protocol=2).dump(obj)
-        path.write_bytes(buf.getvalue())
-
-    if name == "cifar10":
-        sizes = [n_train // 5 + (i < n_train % 5) for i in range(5)]
-        for i, (fname, n) in enumerate(zip(train_files, sizes)):
-            dump(batch(n, f"training batch {i + 1} of 5"), out / fname)
-        dump(batch(n_test, "testing batch 1 of 1"), out / test_files[0])
-        dump({b"num_cases_per_batch": 10000, b"label_names": [b"c%d" % i for i in range(10)],
-              b"num_vis": 3072}, out / "batches.meta")
-    else:
-        dump(batch(n_train, "training batch 1 of 1"), out / train_files[0])
-        dump(batch(n_test, "testing batch 1 of 1"), out / test_files[0])
-        dump({b"fine_label_names": [b"f%d" % i for i in range(100)],
-              b"coarse_label_names": [b"c%d" % i for i in range(20)]}, out / "meta")
-    return out

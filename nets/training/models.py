@@ -1,7 +1,7 @@
 """Model definitions in plain torch (no torchvision) and the `make_model` factory.
 
 Small models for CPU checks (`MLP`, `LogisticRegression`, `SmallCNN`) and the CIFAR
-architectures of the paper (THEORY.md §7): `VGG16` (with BatchNorm), `WideResNet`
+architectures of the paper (docs/theory.md §7): `VGG16` (with BatchNorm), `WideResNet`
 (WRN-28-10) and the pre-activation `PreResNet` (PreResNet-110), all for 32×32 inputs.
 
 Initialisation is a function of the `seed` argument only: every model is built with

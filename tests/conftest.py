@@ -1,0 +1,78 @@
+"""Shared small test problems and dense float64 oracles.
+
+Fixtures (each returns a function, so a test can pick seeds and sizes):
+
+* `tiny_mlp(seed=0, N=30, heavy=())` – a float64 5→6→3 tanh MLP (P = 57) and N
+  classification samples with 3 classes; inputs of the samples in `heavy` are scaled ×6.
+* `dense_hessian(model, loss_fn, X, y)` – the exact Hessian ∇²_w loss_fn(model_w(X), y)
+  (P, P) by `torch.func.hessian`, w the concatenation of `model.named_parameters()` in
+  order (each flattened row-major); buffers are held fixed.
+* `per_sample_hessians(model, loss_fn, X, y)` – the dense per-sample Hessians H_i
+  (N, P, P), their mean H and the eigenpairs of H in descending order.
+
+These are independent of the package: no operator or parameter layout of `nets` is used.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+
+def build_tiny_mlp(seed=0, N=30, heavy=()):
+    """A float64 5→6→3 tanh MLP (initialised from `torch.manual_seed(seed)`) and data
+    (X (N, 5), y (N,)) from a generator seeded `seed + 1`; samples listed in `heavy` get
+    inputs scaled ×6 (large per-sample curvature)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    g = torch.Generator().manual_seed(seed + 1)
+    X = torch.randn(N, 5, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 3, (N,), generator=g)
+    for i in heavy:
+        X[i] *= 6.0
+    return model, X, y
+
+
+def flat_dense_hessian(model, loss_fn, X, y):
+    """∇²_w loss_fn(model_w(X), y) at the model's current weights, by torch.func.hessian
+    on the flat vector of all named parameters (detached; buffers fixed)."""
+    names = [n for n, _ in model.named_parameters()]
+    params = [p.detach() for _, p in model.named_parameters()]
+    shapes = [p.shape for p in params]
+    sizes = [p.numel() for p in params]
+    buffers = dict(model.named_buffers())
+    flat = torch.cat([p.reshape(-1) for p in params])
+
+    def loss(w):
+        state = dict(buffers)
+        state.update(zip(names, (c.view(s) for c, s in zip(torch.split(w, sizes), shapes))))
+        return loss_fn(torch.func.functional_call(model, state, (X,)), y)
+
+    return torch.func.hessian(loss)(flat)
+
+
+def per_sample_dense_hessians(model, loss_fn, X, y):
+    """(Hs, H, ev, V): Hs[i] = ∇²ℓ_i (N, P, P) as numpy float64, H = mean_i Hs[i], and
+    its eigenvalues `ev` in descending order with eigenvectors as the columns of `V`."""
+    Hs = np.stack([flat_dense_hessian(model, loss_fn, X[i:i + 1], y[i:i + 1]).numpy()
+                   for i in range(X.shape[0])])
+    H = Hs.mean(axis=0)
+    ev, V = np.linalg.eigh(H)
+    return Hs, H, ev[::-1].copy(), V[:, ::-1].copy()
+
+
+@pytest.fixture(scope="session")
+def tiny_mlp():
+    return build_tiny_mlp
+
+
+@pytest.fixture(scope="session")
+def dense_hessian():
+    return flat_dense_hessian
+
+
+@pytest.fixture(scope="session")
+def per_sample_hessians():
+    return per_sample_dense_hessians
