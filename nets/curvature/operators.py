@@ -263,6 +263,9 @@ def resolve_device_dtype(model: nn.Module, names, device, dtype):
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"device must name a torch device (e.g. 'cpu', 'cuda'), got {device!r}: "
                          f"{exc}") from None
+    if device.type == "meta":
+        raise ValueError("device='meta' holds no numbers: curvature needs a real device "
+                         "('cpu' or 'cuda'); move the model with model.to('cpu') or pass device=")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("device='cuda' requested but CUDA is not available")
@@ -282,6 +285,18 @@ def resolve_device_dtype(model: nn.Module, names, device, dtype):
         if b.is_floating_point() and not bool(torch.isfinite(b.detach()).all()):
             raise ValueError(f"model buffer {n!r} contains NaN or inf")
     return device, dtype
+
+
+def _graph_fits(input_numel: int, dtype, device) -> bool:
+    """cache_graph="auto": keep the gradient graphs when the inputs hold at most
+    AUTO_CACHE_INPUT_NUMEL numbers, or when a conservative estimate of their graph memory
+    (GRAPH_FACTOR = 64 numbers per input number) fits the default memory budget
+    (`nets.utils.memory.memory_budget`)."""
+    if input_numel <= AUTO_CACHE_INPUT_NUMEL:
+        return True
+    from nets.utils.memory import memory_budget
+    itemsize = torch.finfo(dtype).bits // 8
+    return 64 * input_numel * itemsize <= memory_budget(None, device)
 
 
 def _scalar_loss(loss):
@@ -326,7 +341,7 @@ class ModelCurvatureOperator(CurvatureOperator):
         self.source = as_data_source(data)
         self.N = self.source.N
         if cache_graph == "auto":
-            cache_graph = self.N * self.source.first_sample_numel() <= AUTO_CACHE_INPUT_NUMEL
+            cache_graph = _graph_fits(self.N * self.source.first_sample_numel(), dtype, device)
         elif not isinstance(cache_graph, bool):
             raise TypeError(f"cache_graph must be True, False or 'auto', got {cache_graph!r}")
         self.cache_graph = cache_graph
@@ -336,6 +351,23 @@ class ModelCurvatureOperator(CurvatureOperator):
         if self.source.form == "pair" or cache_graph:
             self._batch_list = list(self._stream())
         self._cached = None
+        self._check_inputs()
+
+    def _check_inputs(self) -> None:
+        """Integer inputs to a network whose parameters are floating: refuse with a
+        message instead of torch's dtype error deep inside a product."""
+        x, _ = self.source.take([0], device=self.device, dtype=self.dtype)
+        if x.is_floating_point() or x.dtype == torch.bool:
+            return
+        try:
+            with torch.no_grad(), policy_mode(self.model, self.policy):
+                self._forward(self.primals, x)
+        except RuntimeError as exc:
+            raise TypeError(
+                f"data inputs have dtype {x.dtype} but the model does not accept them "
+                f"({str(exc).splitlines()[0]}); integer inputs are passed as they are (token "
+                "ids), so convert images or features to floating point first, e.g. X.float()"
+            ) from None
 
     def _stream(self):
         return self.source.batches(self.chunk_size, device=self.device, dtype=self.dtype)
@@ -401,6 +433,7 @@ class ModelCurvatureOperator(CurvatureOperator):
         hold G groups of m samples; U (P, k). Returns (G, P, k) with [g] = C_g U where
         C_g is the curvature of the group's mean loss loss_fn(model(Xg[g]), Yg[g])."""
         lay = self.layout
+        # the caller sizes (G, k) to its memory budget (nets.utils.memory.product_bytes)
 
         def one_group(xg, yg):
             pb = self._pullback(xg, yg)
@@ -430,9 +463,22 @@ class ModelCurvatureOperator(CurvatureOperator):
             for pb, w in self._pullbacks():
                 prod = vmap(lambda v: self.layout.flatten(pb(self.layout.unflatten(v))),
                             in_dims=1)       # (k, P); see group_products for why not out_dims=1
-                term = prod(V).transpose(0, 1) * w
+                # columns split so one vmapped call fits the memory budget (nets.utils.memory)
+                blk = self._column_block(V.shape[1], max(1, round(w * self.N)))
+                term = torch.cat([prod(V[:, a:a + blk]) for a in range(0, V.shape[1], blk)])
+                term = term.transpose(0, 1) * w
                 out = term if out is None else out + term
         return out
+
+    def _column_block(self, k: int, samples: int) -> int:
+        """Vectors per vmapped product on a batch of `samples` samples within the budget
+        `self.memory` (bytes, or None: a share of the free memory; `nets.utils.memory`)."""
+        from nets.utils.memory import chunk_count, memory_budget, product_bytes
+        if getattr(self, "_sample_numel", None) is None:
+            self._sample_numel = self.source.first_sample_numel()
+        per = product_bytes(self.P, 1, samples, self._sample_numel,
+                            torch.finfo(self.dtype).bits // 8)
+        return chunk_count(k, per, memory_budget(getattr(self, "memory", None), self.device))
 
     # -- extras ------------------------------------------------------------------
     def gradient(self) -> torch.Tensor:
@@ -498,7 +544,8 @@ def hessian_operator(model: nn.Module, loss_fn: Callable, data, *, params=None, 
         a fresh forward + backward; memory grows with the data held. False: rebuild per
         product (one batch's graph alive at a time; data other than an in-memory pair
         are then streamed from their source for every product). "auto" (default): True
-        when the inputs total ≤ AUTO_CACHE_INPUT_NUMEL numbers. Parameters are frozen
+        when the inputs total ≤ AUTO_CACHE_INPUT_NUMEL numbers or 64× their size fits the
+        default memory budget (`nets.utils.memory`). Parameters are frozen
         copies, so the cache stays valid for the operator's lifetime.
     """
     return ModelCurvatureOperator(model, loss_fn, data, "hessian", params=params, policy=policy,

@@ -23,7 +23,11 @@ generator), which could not be read twice.
   the concatenation of its batches, read once and kept);
 * knows `N`, the number of samples.
 
-Floating data must be finite; an empty data set is refused.
+Floating data must be finite; an empty data set is refused. Type rules: floating inputs
+and targets are cast to the dtype of the products; integer inputs (token ids, pixel
+bytes) are passed to the model as they are — a float network fed integer inputs gets a
+TypeError from the operators saying to convert them; integer targets of any width are
+cast to int64 (class indices).
 """
 
 from __future__ import annotations
@@ -55,13 +59,17 @@ def _as_tensor(t, name: str) -> torch.Tensor:
 
 
 def _place(t: torch.Tensor, name: str, device, dtype) -> torch.Tensor:
-    """Move to `device`; cast floating tensors to `dtype`; refuse NaN/inf and complex."""
+    """Move to `device`; cast floating tensors to `dtype`; integer *targets* to int64
+    (torch's class-index type, so int32/uint8 labels work with cross-entropy); refuse
+    NaN/inf and complex."""
     if t.is_complex():
         raise TypeError(f"{name} is complex ({t.dtype}); real data are expected")
     if t.is_floating_point():
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} contains NaN or inf")
         return t.to(device=device, dtype=dtype)
+    if name.endswith("targets") and t.dtype not in (torch.bool, torch.int64):
+        t = t.to(torch.int64)
     return t.to(device=device)
 
 
