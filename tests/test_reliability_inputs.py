@@ -1,7 +1,7 @@
 """Reliability: bad input is refused with an error naming the argument, degenerate but
 valid input gives exact results (never NaN), and no code path unpickles untrusted data.
 
-rmt: every fixed public function (PRODUCT.md "Public API contract") is called with
+rmt: every fixed public function (the API contract listed in the README) is called with
 NaN/±inf/wrong-typed values in each argument, exhaustively, and with random
 out-of-range values (hypothesis): B > N, B ≤ 0, negative variances, non-symmetric
 profiles, fractions or weights not summing to 1.  Random *valid* input must give a
@@ -365,7 +365,7 @@ def _empty_loader():
 
 def _loader_of_empty_batches():
     m, X, y = tiny()
-    return m, CE, ((X[:0], y[:0]) for _ in range(3)), {}
+    return m, CE, [(X[:0], y[:0]) for _ in range(3)], {}
 
 
 def _mismatched_lengths():
@@ -586,7 +586,8 @@ def test_zero_gradient_model_gives_exact_curvature_and_zero_noise():
     meas = nets.measure_batch_top_eigenvalue(model, MSE, (X, Y), [2, 8], n_batches=3)
     np.testing.assert_allclose(meas["mean"], lam, rtol=1e-12)
     assert np.all(meas["std"] <= 1e-12)
-    pred = nets.predict_batch_top_eigenvalue(model, MSE, (X, Y), [2, 8], num_probes=3)
+    pred = nets.predict_batch_top_eigenvalue(model, MSE, (X, Y), [2, 8],
+                                             form=["directional", "isotropic"], num_probes=3)
     for key in ("directional", "isotropic", "directional_stderr", "isotropic_stderr"):
         assert np.isfinite(pred[key]).all(), key
     np.testing.assert_allclose(pred["directional"], lam, rtol=1e-12)
