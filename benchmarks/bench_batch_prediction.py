@@ -4,11 +4,12 @@ Times, interleaved in one process (`_common.race`, ratios of minima):
 
   hvp         one full-data Hessian-vector product, the operator's default (cached
               gradient graph on this small model): the unit
-  directional `predict_batch_top_eigenvalue` with the default forms (top eigenpair,
-              directional s_u², isotropic Pσ² with 10 probes)
-  subspace    + the k = 10 subspace form (`subspace_k="auto"`)
-  resolved    + the sample-resolved form (`resolve_samples=True`: per-sample Lanczos,
-              full-data products with the candidate spikes, Monte-Carlo of the model)
+  directional `predict_batch_top_eigenvalue(form="directional")` (top eigenpair,
+              one per-sample pass along it)
+  subspace    `form="subspace"`: the k = 10 subspace form (top-10 eigenpairs,
+              per-sample 10×10 projections, Monte-Carlo of the model)
+  resolved    `form="resolved"`: the sample-resolved form (as subspace, plus per-sample
+              Lanczos and full-data products with the candidate spikes)
   measure     `measure_batch_top_eigenvalue` at B = 8, 32, 128, 512 with the batch counts
               the acceptance test uses (320 / 160 / 80 / 80)
 
@@ -18,15 +19,13 @@ and the accuracy of each form against that measurement. Run:
 
 from __future__ import annotations
 
-from _common import (base_parser, environment, fmt_time, print_table, race, setup_torch, timeit,
-                     write_json)
-
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _common import base_parser, environment, fmt_time, print_table, race, setup_torch, timeit, write_json
 
-from nets.noise.batch_spectra import measure_batch_top_eigenvalue, predict_batch_top_eigenvalue
 from nets.curvature.operators import hessian_operator
+from nets.noise.batch_spectra import measure_batch_top_eigenvalue, predict_batch_top_eigenvalue
 from nets.training.loops import trained_digits_mlp
 
 BATCHES = [8, 32, 128, 512]
@@ -45,10 +44,10 @@ def main(argv=None):
     v = torch.randn(op.P, generator=torch.Generator().manual_seed(0)).to(device, op.dtype)
     out = {}
 
-    def predict(form, **kw):
+    def predict(form):
         def fn():
             out[form] = predict_batch_top_eigenvalue(
-                model, F.cross_entropy, data, BATCHES, seed=0, device=device, **kw)[form]
+                model, F.cross_entropy, data, BATCHES, form=form, seed=0, device=device)[form]
         return fn
 
     def measure():
@@ -56,9 +55,8 @@ def main(argv=None):
                                              seed=1, device=device) for B in BATCHES]
         out["measured"] = np.array([r["mean"][0] for r in runs])
 
-    fns = {"directional": predict("directional"),
-           "subspace": predict("subspace", subspace_k="auto"),
-           "resolved": predict("resolved", resolve_samples=True), "measure": measure}
+    fns = {"directional": predict("directional"), "subspace": predict("subspace"),
+           "resolved": predict("resolved"), "measure": measure}
     repeats = 1 if args.quick else min(args.repeats, 3)
     times = race(fns, device=device, repeats=repeats, warmup=0)
     hvp = timeit(lambda: op.matvec(v), device=device, repeats=5, min_time=0.3)[0]

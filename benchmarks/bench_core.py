@@ -1,4 +1,4 @@
-"""Cost of the curvature primitives, as ratios (PRODUCT.md "Quality bars").
+"""Cost of the curvature primitives, as ratios (the "Quality bars" of benchmarks/README.md).
 
 For each model (digits MLP 64-32-10, a wide MLP 64-256-256-10, SmallCNN on 8×8
 digits images) and dtype (float64, float32), on the full digits set (N = 1797) in one
@@ -27,18 +27,17 @@ from __future__ import annotations
 import copy
 import time
 
-from _common import base_parser, environment, fmt_time, print_table, race, setup_torch, write_json
-
 import torch
 import torch.nn.functional as F
+from _common import base_parser, environment, fmt_time, print_table, race, setup_torch, write_json
 from torch.func import functional_call, grad, jvp, vjp
 
-from nets.training.data import load_digits
 from nets.algorithms.lanczos import eigsh, lanczos
-from nets.training.models import MLP, SmallCNN
-from nets.curvature.operators import CurvatureOperator, hessian_operator
 from nets.algorithms.slq import slq_density
+from nets.curvature.operators import CurvatureOperator, hessian_operator
+from nets.training.data import load_digits
 from nets.training.loops import trained_digits_mlp
+from nets.training.models import MLP, SmallCNN
 
 #: bar -> limit. "_cached": the operator as built by default for these data sizes
 #: (cache_graph="auto" keeps the graph); without suffix: every product from scratch.

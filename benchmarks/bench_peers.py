@@ -32,16 +32,15 @@ import contextlib
 import copy
 import importlib.util
 
-from _common import base_parser, environment, fmt_time, print_table, race, setup_torch, write_json
-
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _common import base_parser, environment, fmt_time, print_table, race, setup_torch, write_json
 from torch import nn
 
 from nets.algorithms.lanczos import eigsh
-from nets.curvature.operators import hessian_operator
 from nets.algorithms.slq import slq_density
+from nets.curvature.operators import hessian_operator
 from nets.training.loops import trained_digits_mlp
 
 K = 5

@@ -1,6 +1,6 @@
 """Spiked-GOE top eigenvalue: O(n) tridiagonal model vs dense eigvalsh (vs scikit-rmt).
 
-Model (THEORY.md §2, REFERENCES spiked Wigner): H = GOE (semicircle on [−2, 2]) +
+Model (docs/theory.md §2, docs/references.md spiked Wigner): H = GOE (semicircle on [−2, 2]) +
 θ e₁e₁ᵀ. For θ > 1 the top eigenvalue → θ + 1/θ with fluctuations
 N(0, 2(1 − 1/θ²)/n).
 
@@ -27,9 +27,8 @@ import math
 import subprocess
 import time
 
-from _common import ROOT, base_parser, environment, race, write_json
-
 import numpy as np
+from _common import ROOT, base_parser, environment, race, write_json
 from scipy import stats
 
 from rmt.ensembles import goe

@@ -18,15 +18,14 @@ import argparse
 import os
 import time
 
-from _common import environment, write_json
-
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from _common import environment, write_json
 
-from nets.curvature.distributed import distributed_hessian_operator, shard_dataset
 from nets.algorithms.lanczos import eigsh
+from nets.curvature.distributed import distributed_hessian_operator, shard_dataset
 from nets.curvature.operators import hessian_operator
 from nets.training.loops import trained_digits_mlp
 

@@ -35,11 +35,11 @@ import sys
 import time
 from pathlib import Path
 
-from _common import RESULTS, environment
-
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _common import RESULTS, environment
+
 
 class LowPrecisionProducts:
     """Workaround, used for --dtype bfloat16: present an operator whose products run in
@@ -116,12 +116,12 @@ def main(argv=None):
     if not args.root:
         raise SystemExit("--root is required: the folder holding cifar-100-python/")
 
-    from nets.training.data import load_cifar
-    from nets.utils.jsonl_store import JsonlStore
     from nets.algorithms.lanczos import eigsh, lanczos
-    from nets.training.models import make_model
     from nets.curvature.operators import batch_hessian_operator, hessian_operator
+    from nets.training.data import load_cifar
     from nets.training.loops import load_checkpoint
+    from nets.training.models import make_model
+    from nets.utils.jsonl_store import JsonlStore
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)

@@ -3,7 +3,7 @@
     python benchmarks/run_all.py [--device cuda] [--quick]
     python benchmarks/run_all.py --summary-only     # re-render summary.md from the JSONs
 
-The summary lists the quality bars of PRODUCT.md with the measured ratio and
+The summary lists the quality bars (benchmarks/README.md) with the measured ratio and
 MET / MISSED, then the full tables (times are best-of-repeats wall clock).
 """
 

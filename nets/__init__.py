@@ -11,7 +11,11 @@ a user composes them from: operators (`hessian_operator`, `ggn_operator`,
 on-the-fly learner (`CurvatureAdaptiveSGD`).
 """
 
-from nets.training.data import load_cifar, load_digits
+from nets.algorithms.hutchinson import hutchinson_trace
+from nets.algorithms.lanczos import eigsh, lanczos
+from nets.algorithms.slq import slq_density
+from nets.algorithms.spectra import bottom_eigenvalues, top_eigenvalues
+from nets.curvature.loss_check import check_mean_reduced
 from nets.curvature.operators import (
     CurvatureOperator,
     batch_ggn_operator,
@@ -20,12 +24,16 @@ from nets.curvature.operators import (
     ggn_operator,
     hessian_operator,
 )
-from nets.algorithms.lanczos import eigsh, lanczos
-from nets.algorithms.slq import slq_density
-from nets.algorithms.hutchinson import hutchinson_trace
-from nets.noise.directional import directional_noise, isotropic_noise
-from nets.algorithms.spectra import bottom_eigenvalues, top_eigenvalues
-from nets.noise.batch_spectra import measure_batch_top_eigenvalue, predict_batch_top_eigenvalue
+
+# modules users reach by name (`nets.lr_search.lr_sweep`, `nets.stability...`)
+from nets.learning_rates import learner, least_squares, lr_prediction, lr_search, stability
+from nets.learning_rates.adam import (  # noqa: F401
+    adam_threshold,
+    adam_transfer_lr,
+    preconditioned_batch_sharpness,
+    predict_adam_max_lr,
+)
+from nets.learning_rates.learner import CurvatureAdaptiveSGD
 from nets.learning_rates.lr_prediction import (
     OptimizerSettings,
     fit_scaling_exponent,
@@ -33,14 +41,14 @@ from nets.learning_rates.lr_prediction import (
     optimizer_settings,
     predict_max_lr,
 )
-from nets.curvature.loss_check import check_mean_reduced
-from nets.utils.data_source import DataSource, as_data_source
+from nets.learning_rates.monitor import CurvatureMonitor, eoss_plateau
 from nets.learning_rates.transfer import transfer_lr
-from nets.learning_rates.learner import CurvatureAdaptiveSGD
-# modules users reach by name (`nets.lr_search.lr_sweep`, `nets.stability...`)
-from nets.learning_rates import learner, least_squares, lr_prediction, lr_search, stability
 from nets.noise import batch_spectra, gradient_noise, resolved_noise, subspace_noise
+from nets.noise.batch_spectra import measure_batch_top_eigenvalue, predict_batch_top_eigenvalue
+from nets.noise.directional import directional_noise, isotropic_noise
 from nets.training import data, models  # noqa: F401
+from nets.training.data import load_cifar, load_digits
+from nets.utils.data_source import DataSource, as_data_source
 
 __all__ = [
     "load_cifar",

@@ -1,21 +1,35 @@
 """`python -m paper_checks` (or `paper-checks`): run every paper check, print the pass/fail
 table, write the report folder.
 
-Exit code 0 when every check passed or was honestly skipped (a dependency not available),
-1 if any check failed or raised, 2 for invalid arguments.
+Exit code 0 when every check passed or was honestly skipped (not applicable in this run,
+e.g. no CIFAR data for --scale paper), 1 if any check failed or raised (a dependency that
+does not import is an error, not a skip), 2 for invalid arguments — reported in one line
+naming the option, before any work — and when another run holds the report folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+MAX_SEED = 2 ** 31 - 1
+MAX_THREADS = 1024
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `paper_checks: error: <option>: <why> (see --help)`."""
+
+    def error(self, message):  # noqa: D401 - argparse API
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="paper_checks",
         description="Run every claim of Granziol, Zohren & Roberts (JMLR 2022) as a check and "
                     "write a report (markdown + PNG + JSON). Default: embedded data (synthetic "
@@ -68,10 +82,28 @@ def validate(args, parser: argparse.ArgumentParser) -> None:
         parser.error("--data is only used with --scale paper")
     if args.device == "cuda" and not _cuda_available():
         parser.error("--device cuda requested but no CUDA GPU is available")
-    if args.seed < 0:
-        parser.error("--seed must be >= 0")
-    if args.threads < 1:
-        parser.error("--threads must be >= 1")
+    if not 0 <= args.seed <= MAX_SEED:
+        parser.error(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
+    if not 1 <= args.threads <= MAX_THREADS:
+        parser.error(f"--threads must be in [1, {MAX_THREADS}], got {args.threads}")
+    check_out_dir(args.out, parser, "--out")
+
+
+def check_out_dir(value: str, parser: argparse.ArgumentParser, option: str) -> Path:
+    """The report folder must be a non-empty path to a folder that exists or can be
+    created, and that this process can write to (probed with a temporary file)."""
+    if not value or not value.strip():
+        parser.error(f"{option} must name a folder, got an empty string")
+    out = Path(value)
+    if out.exists() and not out.is_dir():
+        parser.error(f"{option} {value!r} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-probe-"):
+            pass
+    except OSError as exc:
+        parser.error(f"{option} {value!r} is not a writable folder ({exc.strerror or exc})")
+    return out
 
 
 def _limit_threads(n: int) -> None:
@@ -99,6 +131,8 @@ def _selected(args, parser) -> list[str]:
     if not args.only:
         return names
     wanted = [n.strip() for item in args.only for n in item.split(",") if n.strip()]
+    if not wanted:
+        parser.error(f"--only: no check named (got {args.only!r}); known: {', '.join(names)}")
     unknown = [n for n in wanted if n not in names]
     if unknown:
         parser.error(f"--only: unknown check(s) {unknown}; known: {', '.join(names)}")
@@ -115,16 +149,21 @@ def main(argv=None) -> int:
         for mod in load(all_names(args.scale)):
             print(f"{mod.NAME:28s} {mod.CLAIM}")
         return 0
-    if args.redraw:
+    if args.redraw is not None:
         from .report import redraw, write_readme
         from .result import CheckResult
+        from .runner import ReportFolderInUse, report_lock
 
-        out = Path(args.redraw)
-        if not out.is_dir():
+        if not args.redraw.strip() or not Path(args.redraw).is_dir():
             parser.error(f"--redraw {args.redraw!r} is not a folder")
-        redraw(out)
-        results = [CheckResult.load(p) for p in sorted(out.glob("*.json"))]
-        write_readme(results, out)
+        out = check_out_dir(args.redraw, parser, "--redraw")
+        try:
+            with report_lock(out):
+                redraw(out)
+                results = [CheckResult.load(p) for p in sorted(out.glob("*.json"))]
+                write_readme(results, out)
+        except ReportFolderInUse as exc:
+            parser.error(f"--redraw: {exc}")
         return 0
     validate(args, parser)
     names = _selected(args, parser)
@@ -132,7 +171,7 @@ def main(argv=None) -> int:
 
     from .context import Context
     from .report import text_table, write_readme
-    from .runner import run_checks
+    from .runner import ReportFolderInUse, report_lock, run_checks
 
     ctx = Context(seed=args.seed, quick=args.quick, device=args.device, scale=args.scale,
                   data=Path(args.data) if args.data else None, progress=not args.no_progress)
@@ -145,10 +184,15 @@ def main(argv=None) -> int:
         done.append(result)
         write_readme(done, out, wall_seconds=time.perf_counter() - t0, command=command.strip())
 
-    results = run_checks(load(names), ctx, out, fresh=args.fresh,
-                         progress=not args.no_progress, on_result=refresh)
-    wall = time.perf_counter() - t0
-    write_readme(results, out, wall_seconds=wall, command=command.strip())
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(report_lock(out))   # before any work: one run per folder
+        except ReportFolderInUse as exc:
+            parser.error(f"--out: {exc}")
+        results = run_checks(load(names), ctx, out, fresh=args.fresh,
+                             progress=not args.no_progress, on_result=refresh, lock=False)
+        wall = time.perf_counter() - t0
+        write_readme(results, out, wall_seconds=wall, command=command.strip())
     print()
     print(text_table(results))
     print(f"\nwall time {wall:.0f} s; report written to {out}/README.md")

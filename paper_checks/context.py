@@ -16,7 +16,15 @@ import numpy as np
 
 
 class MissingDependency(Exception):
-    """A function a check needs is not available (not written yet, or absent)."""
+    """Raised by a check's `run` when it is honestly not applicable in this run (e.g. no
+    CIFAR folder given, no GPU): the runner reports it as "skipped". A dependency that
+    fails to import is *not* this: see `require`."""
+
+
+class DependencyError(ImportError):
+    """A 'module:attr' a check REQUIRES cannot be imported, does not exist or is a
+    placeholder: the runner reports it as an error (with the import's traceback), and
+    the job's exit code is non-zero."""
 
 
 @dataclasses.dataclass
@@ -51,8 +59,9 @@ class Context:
 
 
 def require(*names: str) -> None:
-    """Raise MissingDependency unless every 'module:attr' (or 'module') is importable and
-    is not one of the team's placeholders (module docstring 'Placeholder: ...')."""
+    """Raise DependencyError (an ImportError, chained to the original exception so its
+    traceback is kept) unless every 'module:attr' (or 'module') is importable and is not
+    one of the team's placeholders (module docstring 'Placeholder: ...')."""
     import importlib
 
     for spec in names:
@@ -60,14 +69,14 @@ def require(*names: str) -> None:
         try:
             mod = importlib.import_module(mod_name)
         except Exception as exc:  # ImportError or an error inside a half-written module
-            raise MissingDependency(f"{mod_name} not importable ({type(exc).__name__}: {exc})") from None
+            raise DependencyError(f"{mod_name} not importable ({type(exc).__name__}: {exc})") from exc
         obj = mod
         if attr:
             for part in attr.split("."):
                 if not hasattr(obj, part):
-                    raise MissingDependency(f"{mod_name}.{attr} does not exist")
+                    raise DependencyError(f"{mod_name}.{attr} does not exist")
                 obj = getattr(obj, part)
         for m in {mod, importlib.import_module(getattr(obj, "__module__", mod_name) or mod_name)}:
             doc = (m.__doc__ or "").lstrip()
             if doc.startswith("Placeholder"):
-                raise MissingDependency(f"{m.__name__} is still a placeholder")
+                raise DependencyError(f"{m.__name__} is still a placeholder")

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 

@@ -1,4 +1,4 @@
-"""The paper's theorem (THEORY §2): extremal eigenvalues of the batch Hessian.
+"""The paper's theorem (docs/theory.md §2): extremal eigenvalues of the batch Hessian.
 
 Model: H_B = H + ε, with ε a Wigner-type matrix whose P×P entries have equal variance
 c(B, N)·σ² (``sigma2`` = per-sample variance of one Hessian entry, c from
@@ -14,9 +14,9 @@ empirical ones.  At B = N (without replacement) c = 0, so the inputs come back.
 
 from __future__ import annotations
 
-from .validation import as_float
 from .sampling import batch_noise_factor
 from .spiked_wigner import spiked_wigner_outlier
+from .validation import as_float, guard_module
 
 
 def batch_noise_variance(sigma2, P, B, N=None, replacement: bool = False) -> float:
@@ -47,3 +47,7 @@ def batch_hessian_extremes(lam_top, lam_bottom, sigma2, P, B, N=None,
     new_top = spiked_wigner_outlier(top, v) if top > 0 else edge
     new_bottom = spiked_wigner_outlier(bottom, v) if bottom < 0 else -edge
     return new_top, new_bottom
+
+
+# every public function above: errors name the caller's arguments, results are finite
+guard_module(globals())

@@ -1,6 +1,6 @@
 """Dense random-matrix ensembles (samplers only; laws live in semicircle.py etc.).
 
-Normalisations (state them, because peers mix them up — STYLE.md):
+Normalisations (state them, because peer libraries mix them up):
 
 * ``normalization="semicircle"`` (default): off-diagonal variance 1/n, diagonal
   variance 2/n (GOE) or 1/n (GUE), so the spectrum tends to the semicircle on [−2, 2].
@@ -11,17 +11,20 @@ Normalisations (state them, because peers mix them up — STYLE.md):
 
 The tridiagonal samplers in tridiagonal.py use the same two conventions, so a dense
 and a tridiagonal matrix with the same ``normalization`` have the same spectrum law at
-every finite n.  All randomness comes from the explicit ``rng`` (Generator, int seed or
-None).
+every finite n.  All randomness comes from the keyword ``seed`` — an int >= 0 seeds
+``numpy.random.default_rng(seed)``, a ``numpy.random.Generator`` is drawn from directly,
+None draws fresh entropy — or, equivalently, from ``rng`` (the older name of the same
+argument; give at most one of the two).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .validation import as_array, as_float, as_int, as_rng
+from .validation import as_array, as_float, as_int, guard_module, rng_from
 
 _NORMALIZATIONS = ("semicircle", "raw")
+MAX_DENSE = 2 ** 20        # n×n float64 beyond this (8 TiB) cannot be allocated
 
 
 def _norm_scale(normalization: str, n: int) -> float:
@@ -30,36 +33,36 @@ def _norm_scale(normalization: str, n: int) -> float:
     return 1.0 / np.sqrt(n) if normalization == "semicircle" else 1.0
 
 
-def goe(n, rng=None, normalization: str = "semicircle") -> np.ndarray:
+def goe(n, rng=None, normalization: str = "semicircle", *, seed=None) -> np.ndarray:
     """Sample an n×n GOE matrix H = (A + Aᵀ)/√2 · scale (see module docstring)."""
-    n = as_int("n", n, minimum=1)
+    n = as_int("n", n, minimum=1, maximum=MAX_DENSE)
     scale = _norm_scale(normalization, n)
-    rng = as_rng(rng)
+    rng = rng_from(rng, seed)
     a = rng.standard_normal((n, n))
     h = (a + a.T) * (scale / np.sqrt(2.0))
     return h
 
 
-def gue(n, rng=None, normalization: str = "semicircle") -> np.ndarray:
+def gue(n, rng=None, normalization: str = "semicircle", *, seed=None) -> np.ndarray:
     """Sample an n×n GUE matrix (Hermitian, E|h_ij|² = 1 raw, diagonal N(0, 1) raw)."""
-    n = as_int("n", n, minimum=1)
+    n = as_int("n", n, minimum=1, maximum=MAX_DENSE)
     scale = _norm_scale(normalization, n)
-    rng = as_rng(rng)
+    rng = rng_from(rng, seed)
     a = (rng.standard_normal((n, n)) + 1j * rng.standard_normal((n, n))) / np.sqrt(2.0)
     return (a + a.conj().T) * (scale / np.sqrt(2.0))
 
 
-def wishart(p, n, rng=None, variance=1.0, population=None) -> np.ndarray:
+def wishart(p, n, rng=None, variance=1.0, population=None, *, seed=None) -> np.ndarray:
     """Real sample covariance S = X Xᵀ/n with X p×n, columns N(0, σ²·Σ).
 
     ``population`` (optional, length p, positive) gives Σ = diag(population); the
     spiked Wishart model is population = (ℓ, 1, …, 1).  E tr S² = p(n + p + 1)/n for
     Σ = I, σ² = 1.  Spectrum → MP(q = p/n, σ²).
     """
-    p = as_int("p", p, minimum=1)
-    n = as_int("n", n, minimum=1)
+    p = as_int("p", p, minimum=1, maximum=MAX_DENSE)
+    n = as_int("n", n, minimum=1, maximum=MAX_DENSE)
     s2 = as_float("variance", variance, positive=True)
-    rng = as_rng(rng)
+    rng = rng_from(rng, seed)
     x = rng.standard_normal((p, n)) * np.sqrt(s2)
     if population is not None:
         pop = as_array("population", population, ndim=1, nonnegative=True)
@@ -99,7 +102,9 @@ def check_profile(block_variances, block_fractions):
 def block_sizes(P, block_fractions) -> np.ndarray:
     """Integer block sizes summing to P, as close as possible to P·f (largest remainder)."""
     P = as_int("P", P, minimum=1)
-    f = np.asarray(block_fractions, dtype=float)
+    f = as_array("block_fractions", block_fractions, ndim=1, nonnegative=True)
+    if abs(f.sum() - 1.0) > 1e-9:
+        raise ValueError(f"block_fractions must sum to 1, got {f.sum()}")
     raw = P * f
     sizes = np.floor(raw).astype(int)
     rem = P - sizes.sum()
@@ -107,7 +112,7 @@ def block_sizes(P, block_fractions) -> np.ndarray:
     return sizes
 
 
-def profile_wigner(P, block_variances, block_fractions, rng=None) -> np.ndarray:
+def profile_wigner(P, block_variances, block_fractions, rng=None, *, seed=None) -> np.ndarray:
     """Real symmetric P×P Wigner-type matrix with a block variance profile.
 
     Entry (j, k) with j in block a and k in block b is N(0, S[a, b]/P) (diagonal too),
@@ -116,8 +121,8 @@ def profile_wigner(P, block_variances, block_fractions, rng=None) -> np.ndarray:
     variance_profile.py.
     """
     S, f = check_profile(block_variances, block_fractions)
-    P = as_int("P", P, minimum=1)
-    rng = as_rng(rng)
+    P = as_int("P", P, minimum=1, maximum=MAX_DENSE)
+    rng = rng_from(rng, seed)
     labels = np.repeat(np.arange(len(f)), block_sizes(P, f))
     sd = np.sqrt(S[labels][:, labels] / P)
     a = rng.standard_normal((P, P))
@@ -146,7 +151,7 @@ def spiked_additive(H, spike, vector=None) -> np.ndarray:
 def spiked_multiplicative(G, W) -> np.ndarray:
     """Return G^{1/2} W G^{1/2} for symmetric PSD G (e.g. a population covariance with a
     spike) and symmetric W (e.g. a white Wishart matrix): the multiplicative model of
-    THEORY §4.  G^{1/2} is the symmetric PSD square root (eigendecomposition)."""
+    docs/theory.md §4.  G^{1/2} is the symmetric PSD square root (eigendecomposition)."""
     G = as_array("G", G, ndim=2)
     W = as_array("W", W, ndim=2)
     if G.shape != W.shape or G.shape[0] != G.shape[1]:
@@ -158,3 +163,7 @@ def spiked_multiplicative(G, W) -> np.ndarray:
         raise ValueError("G must be positive semi-definite")
     root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     return root @ W @ root
+
+
+# every public function above: errors name the caller's arguments, results are finite
+guard_module(globals())

@@ -6,8 +6,8 @@
 
        g(z) = g_A(ω(z)),     ω(z) = z + v·g(z),     g_A(ω) = Σ_k w_k/(a_k − ω).
 
-   (THEORY §2 writes g(z) = g_A(z − v g(z)); that is the same equation in the other
-   convention G = −g = ∫ dμ/(z − x): G(z) = G_A(z − v G(z)).  With g the sign in front
+   (docs/theory.md §2.  Sources that write g_A(z − v·g(z)) use the other convention
+   G = −g = ∫ dμ/(z − x), where it reads G(z) = G_A(z − v G(z)).  With g the sign in front
    of v must be +, as A = δ₀ shows: g = −1/(z + v g) ⇔ v g² + z g + 1 = 0.)
    ω is the subordination function: Im ω ≥ Im z on the upper half plane.
    Edges: z = ω − v g_A(ω) is stationary where v Σ_k w_k/(ω − a_k)² = 1; the right
@@ -17,7 +17,7 @@
 
 2. SC(s²) ⊞ MP(c) (MP with σ² = 1, ratio c = p/n): with G = −g the inverse is
    z(G) = 1/G + s²G + 1/(1 − cG) (sum of R-transforms), the right edge is the local
-   minimum of z on (0, 1/c) (REFERENCES: s² = c = 0.5 gives ≈ 3.308).
+   minimum of z on (0, 1/c) (docs/references.md: s² = c = 0.5 gives ≈ 3.308).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import brentq
 
-from .validation import as_array, as_float
+from .validation import as_array, as_float, guard_module
 
 
 def _atoms(atoms, weights):
@@ -47,7 +47,7 @@ def _atoms(atoms, weights):
 def discrete_stieltjes(z, atoms, weights=None):
     """g_A(z) = Σ_k w_k/(a_k − z) (uniform weights by default)."""
     a, w = _atoms(atoms, weights)
-    z = np.asarray(z, dtype=complex)
+    z = as_array("z", z, dtype=complex, allow_empty=True)
     return np.sum(w / (a - z[..., None]), axis=-1)
 
 
@@ -74,7 +74,7 @@ def semicircle_free_convolution(z, atoms, weights=None, noise_var=1.0, tol=1e-13
     """
     a, w = _atoms(atoms, weights)
     v = as_float("noise_var", noise_var, nonnegative=True)
-    z = np.asarray(z, dtype=complex)
+    z = as_array("z", z, dtype=complex, allow_empty=True)
     shape = z.shape
     z = z.ravel()
     real = z.imag == 0
@@ -111,7 +111,7 @@ def semicircle_free_convolution(z, atoms, weights=None, noise_var=1.0, tol=1e-13
 
 def semicircle_free_convolution_density(x, atoms, weights=None, noise_var=1.0, eta=1e-9):
     """Density of A ⊞ SC(v) on a real grid: Im g(x + iη)/π (η → 0; v > 0)."""
-    x = np.asarray(x, dtype=float)
+    x = as_array("x", x, allow_empty=True)
     res = semicircle_free_convolution(x + 1j * eta, atoms, weights, noise_var)
     return np.clip(res.g.imag, 0.0, None) / np.pi
 
@@ -132,7 +132,7 @@ def _critical_omega(a, w, v, side):
 
 def semicircle_free_convolution_edges(atoms, weights=None, noise_var=1.0) -> tuple[float, float]:
     """(left, right) edges of A ⊞ SC(v), v > 0: z = ω − v g_A(ω) at the outermost
-    critical points v Σ w_k/(ω − a_k)² = 1 (REFERENCES: A = ±1.5, v = 1 → ±3.04885).
+    critical points v Σ w_k/(ω − a_k)² = 1 (docs/references.md: A = ±1.5, v = 1 → ±3.04885).
     Internal gaps, if any, are not reported."""
     a, w = _atoms(atoms, weights)
     v = as_float("noise_var", noise_var, positive=True)
@@ -160,7 +160,9 @@ def semicircle_free_convolution_outlier(spike, atoms, weights=None, noise_var=1.
 
 def sc_mp_inverse(G, s2, ratio):
     """z(G) = 1/G + s²G + 1/(1 − cG): the inverse of G = −g for SC(s²) ⊞ MP(c)."""
-    G = np.asarray(G, dtype=complex)
+    G = as_array("G", G, dtype=complex, allow_empty=True)
+    s2 = as_float("s2", s2, nonnegative=True)
+    ratio = as_float("ratio", ratio, positive=True)
     return 1.0 / G + s2 * G + 1.0 / (1.0 - ratio * G)
 
 
@@ -190,9 +192,13 @@ def sc_mp_density(x, s2, ratio):
     inside the support it has one complex-conjugate pair and the density is |Im G|/π."""
     s2 = as_float("s2", s2, nonnegative=True)
     c = as_float("ratio", ratio, positive=True)
-    x = np.atleast_1d(np.asarray(x, dtype=float))
+    x = np.atleast_1d(as_array("x", x, allow_empty=True))
     out = np.empty(x.shape)
     for i, xi in enumerate(x.ravel()):
         r = np.roots([c * s2, -(c * xi + s2), xi + c - 1.0, -1.0])
         out.ravel()[i] = np.abs(r.imag).max() / np.pi
     return out
+
+
+# every public function above: errors name the caller's arguments, results are finite
+guard_module(globals())

@@ -1,4 +1,4 @@
-"""Learning rates as a function of batch size (THEORY.md §5).
+"""Learning rates as a function of batch size (docs/theory.md §5).
 
 Three different things are called "the learning rate" in this literature; every function
 here says which one it returns:
@@ -11,7 +11,7 @@ here says which one it returns:
 * **SDE matching** (Malladi et al. 2022): hyper-parameters that keep the stochastic
   differential equation of Adam/RMSprop unchanged when the batch grows ``B → κB``.
 
-Batch curvature model (THEORY.md §2-§3): with ``c = c(B, N) = 1/B − 1/N``
+Batch curvature model (docs/theory.md §2-§3): with ``c = c(B, N) = 1/B − 1/N``
 (:func:`rmt.sampling.batch_noise_factor`; ``1/B`` with replacement or ``N = None``)
 
     λ'(B) = λ + c(B, N)·s²/λ,
@@ -31,8 +31,8 @@ import math
 
 import numpy as np
 
-from .validation import as_array, as_float
 from .sampling import batch_noise_factor
+from .validation import as_array, as_float, guard_module
 
 __all__ = [
     "noise_factor",
@@ -41,6 +41,8 @@ __all__ = [
     "momentum_factor",
     "sgd_max_lr",
     "sgd_max_lr_isotropic",
+    "momentum_noise_gain",
+    "sgd_momentum_ms_max_lr",
     "critical_batch_size",
     "adam_max_lr",
     "min_damping",
@@ -67,21 +69,21 @@ def _out(x, scalar: bool):
     return float(x) if scalar else np.asarray(x, dtype=float)
 
 
-def noise_factor(B, N=None, replacement: bool = False):
+def noise_factor(B, N=None, replacement: bool = False, *, name: str = "B"):
     """Vectorised :func:`rmt.sampling.batch_noise_factor`: ``c(B, N) = 1/B − 1/N``.
 
     ``B`` scalar → float (delegates to ``batch_noise_factor``); array-like → ndarray of the
     same shape, validated the same way (every B > 0 and finite; B ≤ N without
-    replacement; N > 0).
+    replacement; N > 0). ``name`` is B's name in error messages (e.g. ``B_to``).
     """
     if _is_scalar(B):
-        return batch_noise_factor(B, N, replacement)
-    arr = as_array("B", B)
+        return batch_noise_factor(B, N, replacement, name=name)
+    arr = as_array(name, B)
     if np.any(arr <= 0):
-        raise ValueError(f"B must be > 0, got min(B)={arr.min()}")
+        raise ValueError(f"{name} must be > 0, got min({name})={arr.min()}")
     # validate N, replacement and B <= N with the scalar routine on the extreme entries
-    batch_noise_factor(float(arr.max()), N, replacement)
-    batch_noise_factor(float(arr.min()), N, replacement)
+    batch_noise_factor(float(arr.max()), N, replacement, name=name)
+    batch_noise_factor(float(arr.min()), N, replacement, name=name)
     c = 1.0 / arr
     if N is not None and not replacement and math.isfinite(float(N)):
         c = np.maximum(c - 1.0 / float(N), 0.0)
@@ -101,7 +103,7 @@ def batch_curvature(B, lam, s2, N=None, replacement: bool = False):
     """Top eigenvalue of the batch Hessian, unclipped: ``λ'(B) = λ + c(B, N)·s²/λ``.
 
     Second-order perturbation of an isolated outlier ``λ > 0`` of ``H`` by the batch
-    fluctuation ``ε = H_B − H`` (THEORY.md §3): ``λ' ≈ λ + uᵀE[ε²]u/λ``, and
+    fluctuation ``ε = H_B − H`` (docs/theory.md §3): ``λ' ≈ λ + uᵀE[ε²]u/λ``, and
     ``uᵀE[ε²]u = c(B, N)·s²``. Pass ``s2 = s_u²`` for the directional form or
     ``s2 = P·σ²`` for the isotropic form without the threshold clip.
     """
@@ -114,7 +116,7 @@ def batch_curvature(B, lam, s2, N=None, replacement: bool = False):
 
 def isotropic_batch_curvature(B, lam, sigma2, P, N=None, clip: bool = True,
                               replacement: bool = False):
-    """Top batch eigenvalue in the paper's isotropic spiked-Wigner model (THEORY.md §2).
+    """Top batch eigenvalue in the paper's isotropic spiked-Wigner model (docs/theory.md §2).
 
     The fluctuation is a Wigner matrix with semicircle variance ``v = P·c(B, N)·σ²``
     (edges ``±2√v``); the spike ``λ > 0`` gives ``λ' = λ + v/λ`` if ``λ > √v``, else the
@@ -163,7 +165,7 @@ def momentum_factor(beta=0.0, kind: str = "heavy_ball") -> float:
 
 def sgd_max_lr(B, lam, s2, N=None, momentum=0.0, *, momentum_kind: str = "heavy_ball",
                replacement: bool = False):
-    """Stability-limit learning rate of SGD at batch size B (THEORY.md §5).
+    """Stability-limit learning rate of SGD at batch size B (docs/theory.md §5).
 
     ``α_max(B) = F/λ'(B)``, ``λ'(B) = λ + c(B, N)·s²/λ`` (unclipped; directional if
     ``s2 = s_u²``), ``F = 2(1 + momentum)`` for heavy-ball momentum (default) or
@@ -193,8 +195,41 @@ def sgd_max_lr_isotropic(B, lam, sigma2, P, N=None, momentum=0.0, clip: bool = T
     return F / isotropic_batch_curvature(B, lam, sigma2, P, N, clip, replacement)
 
 
+def momentum_noise_gain(momentum=0.0) -> float:
+    """Factor ``(1 + ρ)/(1 − ρ)`` by which heavy-ball momentum ρ multiplies the batch-noise
+    term of the mean-square stability limit (:func:`sgd_momentum_ms_max_lr`); 1 at ρ = 0,
+    19 at ρ = 0.9."""
+    m = _momentum("momentum", momentum)
+    return (1.0 + m) / (1.0 - m)
+
+
+def sgd_momentum_ms_max_lr(B, lam, s2, N=None, momentum=0.0, *, replacement: bool = False):
+    """Mean-square stability limit of heavy-ball SGD with batch noise, directional form.
+
+    Along the outlier direction the batch curvature ``h_t`` has mean λ and variance
+    ``c(B, N)·s²``; heavy ball ``x⁺ = x − αh_t x + ρ(x − x⁻)`` (torch's ``v ← ρv + g``,
+    ``w ← w − αv`` is the same iteration) is mean-square stable iff
+
+        α < 2(1 + ρ)/λ'_ρ(B),   λ'_ρ(B) = λ + (1 + ρ)/(1 − ρ) · c(B, N)·s²/λ
+
+    (derived in :func:`rmt.symbolic.derive_momentum_mean_square`). At ρ = 0 this is
+    :func:`sgd_max_lr`; without noise it is the deterministic ``2(1 + ρ)/λ``. Momentum
+    raises the numerator by (1 + ρ) but the noise term by (1 + ρ)/(1 − ρ), so in the
+    noise-dominated regime (B ≪ B*) the limit *falls* with momentum, by (1 − ρ):
+    ``α ≈ 2(1 − ρ)λ/(c s²)``. The exact (matrix) form is
+    `nets.learning_rates.stability.ms_stability_threshold(..., momentum=ρ)`.
+    """
+    m = _momentum("momentum", momentum)
+    lam = as_float("lam", lam, positive=True)
+    s2 = as_float("s2", s2, nonnegative=True)
+    scalar = _is_scalar(B)
+    c = noise_factor(B, N, replacement)
+    gain = (1.0 + m) / (1.0 - m)
+    return _out(2.0 * (1.0 + m) / (lam + gain * c * s2 / lam), scalar)
+
+
 def critical_batch_size(lam, s2) -> float:
-    """Critical batch size ``B* = s²/λ²`` of the stability-limit law (THEORY.md §5).
+    """Critical batch size ``B* = s²/λ²`` of the stability-limit law (docs/theory.md §5).
 
     At ``B = B*`` (with replacement / N = ∞) the SGD stability limit is half its
     saturated value ``2/λ``; below B* it grows linearly in B, above it saturates.
@@ -209,7 +244,7 @@ def critical_batch_size(lam, s2) -> float:
 
 def adam_max_lr(B, lam, s2, grad_mean_sq, grad_var, N=None, eps=0.0, beta1=0.0, *,
                 replacement: bool = False):
-    """Stability-limit learning rate of Adam/RMSprop, isotropic closed form (THEORY.md §5).
+    """Stability-limit learning rate of Adam/RMSprop, isotropic closed form (docs/theory.md §5).
 
     With an isotropic (scalar) preconditioner ``D = 1/(√v + eps)``,
     ``v = grad_mean_sq + c(B, N)·grad_var`` (mean squared gradient plus batch gradient
@@ -238,7 +273,7 @@ def min_damping(lr, lam_noise) -> float:
 
     In a direction where the curvature estimate is ≈ 0 but the batch curvature is the
     noise value λ', the step ``α·(Ĥ + δ)⁻¹g`` multiplies the error by ``1 − αλ'/δ``;
-    stability (``|·| < 1``) needs ``δ > αλ'/2`` (THEORY.md §5). ``lr`` is the step size
+    stability (``|·| < 1``) needs ``δ > αλ'/2`` (docs/theory.md §5). ``lr`` is the step size
     actually used (any of the three kinds).
     """
     lr = as_float("lr", lr, positive=True)
@@ -252,13 +287,13 @@ def min_damping_at_batch(lr, lam_noise_ref, B_ref, B, N=None, power=1.0,
 
     The noise curvature is rescaled as ``λ'_noise(B) = λ'_noise(B_ref)·(c(B)/c(B_ref))^power``.
     ``power=1`` (default) is the Wishart/GGN regime ``P ≫ B`` where the MP edge
-    ``σ²(1 + √q)² ≈ σ²q ∝ c(B, N)``, which gives THEORY.md's rule ``δ_min ∝ α/B`` (keep
+    ``σ²(1 + √q)² ≈ σ²q ∝ c(B, N)``, which gives docs/theory.md's rule ``δ_min ∝ α/B`` (keep
     ``δ·B`` fixed at fixed α); ``power=0.5`` is the semicircle edge ``2√v ∝ √c``.
     """
     lr = as_float("lr", lr, positive=True)
     lam_noise_ref = as_float("lam_noise_ref", lam_noise_ref, nonnegative=True)
     power = as_float("power", power, positive=True)
-    c_ref = noise_factor(as_float("B_ref", B_ref, positive=True), N, replacement)
+    c_ref = noise_factor(as_float("B_ref", B_ref, positive=True), N, replacement, name="B_ref")
     if c_ref == 0.0:
         raise ValueError("B_ref must be < N (at B_ref = N the noise curvature is zero and "
                          "cannot be rescaled)")
@@ -275,7 +310,7 @@ def heavy_ball(lam_max, lam_min, *, variant: str = "polyak"):
     ``variant="polyak"``: ``α = 4/(√L + √μ)²``, ``ρ = ((√κ − 1)/(√κ + 1))²``, κ = L/μ;
     the convergence rate is √ρ (μ = 0.01, L = 1 → α = 3.306, ρ = 0.669).
     ``variant="paper"``: the same α with ``ρ = (√κ − 1)/(√κ + 1)`` (used in the authors'
-    PreResNet runs, THEORY.md §6). Both are within the stability limit ``α·L < 2(1+ρ)``.
+    PreResNet runs, docs/theory.md §6). Both are within the stability limit ``α·L < 2(1+ρ)``.
 
     The returned α is an *optimal-rate* step for the deterministic quadratic, not a
     stability limit. Returns ``(lr, momentum)``.
@@ -297,7 +332,7 @@ def heavy_ball(lam_max, lam_min, *, variant: str = "polyak"):
 # --------------------------------------------------------------------------- rescaling
 
 def underlying_curvature(lam_measured, B, s2, N=None, replacement: bool = False,
-                         strict: bool = True) -> float:
+                         strict: bool = True, *, B_name: str = "B") -> float:
     """Invert ``λ' = λ + c(B, N)·s²/λ`` for the empirical (B = N) curvature λ.
 
     Solves ``λ² − λ'λ + c·s² = 0`` and returns the larger root
@@ -308,27 +343,30 @@ def underlying_curvature(lam_measured, B, s2, N=None, replacement: bool = False,
     """
     lam_m = as_float("lam_measured", lam_measured, positive=True)
     s2 = as_float("s2", s2, nonnegative=True)
-    c = batch_noise_factor(B, N, replacement)
-    disc = lam_m ** 2 - 4.0 * c * s2
-    if disc < 0:
+    c = batch_noise_factor(B, N, replacement, name=B_name)
+    # λ = λ'/2·(1 + √(1 − r)), r = 4c·s²/λ'² (computed without squaring λ', which overflows)
+    r = 4.0 * c * s2 / lam_m / lam_m
+    if r > 1.0:
         if strict:
             raise ValueError(
                 f"lam_measured={lam_m} is below the model minimum 2*sqrt(c*s2)="
-                f"{2 * math.sqrt(c * s2)}: no underlying curvature (pass strict=False to clip)")
-        disc = 0.0
-    return 0.5 * (lam_m + math.sqrt(disc))
+                f"{2 * math.sqrt(c) * math.sqrt(s2)}: no underlying curvature (pass strict=False to clip)")
+        r = 1.0
+    return 0.5 * lam_m * (1.0 + math.sqrt(1.0 - r))
 
 
 def rescale_curvature(lam_measured, B_from, B_to, s2, N=None, replacement: bool = False,
                       strict: bool = True):
-    """Move a top curvature measured at batch ``B_from`` to batch ``B_to`` (THEORY.md §6).
+    """Move a top curvature measured at batch ``B_from`` to batch ``B_to`` (docs/theory.md §6).
 
     Removes ``c(B_from)·s²/λ`` and adds ``c(B_to)·s²/λ``, with the underlying λ from
     :func:`underlying_curvature` (larger root of ``λ² − λ'λ + c(B_from)s² = 0``).
     ``B_to`` may be an array.
     """
-    lam = underlying_curvature(lam_measured, B_from, s2, N, replacement, strict)
-    return batch_curvature(B_to, lam, s2, N, replacement)
+    lam = underlying_curvature(lam_measured, B_from, s2, N, replacement, strict, B_name="B_from")
+    scalar = _is_scalar(B_to)
+    c = noise_factor(B_to, N, replacement, name="B_to")
+    return _out(lam + c * as_float("s2", s2) / lam, scalar)
 
 
 # --------------------------------------------------------------------------- McCandlish
@@ -386,8 +424,8 @@ def mccandlish_two_batch_estimate(B_small, sq_norm_small, B_big, sq_norm_big, N=
     """
     ns = as_float("sq_norm_small", sq_norm_small, nonnegative=True)
     nb = as_float("sq_norm_big", sq_norm_big, nonnegative=True)
-    cs = batch_noise_factor(B_small, N, replacement)
-    cb = batch_noise_factor(B_big, N, replacement)
+    cs = batch_noise_factor(B_small, N, replacement, name="B_small")
+    cb = batch_noise_factor(B_big, N, replacement, name="B_big")
     if not cs > cb:
         raise ValueError(f"B_small must be < B_big, got B_small={B_small}, B_big={B_big}")
     trace_sigma = (ns - nb) / (cs - cb)
@@ -417,3 +455,7 @@ def malladi_adam_scaling(kappa, lr, beta1=0.9, beta2=0.999, eps=1e-8) -> dict:
             raise ValueError(f"kappa*(1-{name}) = {one_minus} > 1: {name} would be negative")
         out[name] = 1.0 - one_minus
     return out
+
+
+# every public function above: errors name the caller's arguments, results are finite
+guard_module(globals())

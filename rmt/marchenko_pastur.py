@@ -1,4 +1,4 @@
-"""Marchenko–Pastur law of a real Wishart matrix S = X Xᵀ/n (REFERENCES "Bulk laws").
+"""Marchenko–Pastur law of a real Wishart matrix S = X Xᵀ/n (docs/references.md "Bulk laws").
 
 X is p×n with i.i.d. entries of variance σ²; the ratio is q = p/n (the *dimension over
 the number of samples*; other libraries use its inverse).  As p, n → ∞ the spectrum of
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .validation import as_float
+from .validation import as_array, as_float, guard_module
 
 
 def _check(ratio, variance):
@@ -49,7 +49,7 @@ def mp_density(x, ratio, variance=1.0) -> np.ndarray:
     """Density of the continuous part (integrates to min(1, 1/q))."""
     q, s2 = _check(ratio, variance)
     lo, hi = mp_edges(q, s2)
-    x = np.asarray(x, dtype=float)
+    x = as_array("x", x, allow_empty=True)
     with np.errstate(divide="ignore", invalid="ignore"):
         d = np.sqrt(np.clip((hi - x) * (x - lo), 0.0, None)) / (2.0 * np.pi * s2 * q * x)
     return np.where((x > lo) & (x < hi), d, 0.0)
@@ -61,7 +61,7 @@ def mp_stieltjes(z, ratio, variance=1.0) -> np.ndarray:
     On the real support the upper boundary value g(x + i0) is returned.
     """
     q, s2 = _check(ratio, variance)
-    z = np.asarray(z, dtype=complex) / s2
+    z = as_array("z", z, dtype=complex, allow_empty=True) / s2
     lo, hi = mp_edges(q, 1.0)
     z = np.where((z.imag == 0) & (z.real >= lo) & (z.real <= hi), z + 1e-300j, z)
     root = np.sqrt(z - hi) * np.sqrt(z - lo)
@@ -75,6 +75,10 @@ def mp_stieltjes_derivative(z, ratio, variance=1.0) -> np.ndarray:
     """g'(z) = ∫ dμ(x)/(x − z)²; from the quadratic, dg/dz = −(q g² + g)/(2 q z g + z − 1 + q)
     (σ² = 1 units, then g'(z; σ²) = g'(z/σ²; 1)/σ⁴)."""
     q, s2 = _check(ratio, variance)
-    w = np.asarray(z, dtype=complex) / s2
+    w = as_array("z", z, dtype=complex, allow_empty=True) / s2
     g = mp_stieltjes(w, q, 1.0)
     return -(q * g * g + g) / (2.0 * q * w * g + w - 1.0 + q) / s2 ** 2
+
+
+# every public function above: errors name the caller's arguments, results are finite
+guard_module(globals())

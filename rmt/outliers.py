@@ -1,5 +1,5 @@
 """Outliers created by a rank-one additive spike on an arbitrary bulk
-(Benaych-Georges & Nadakuditi 2011; REFERENCES "Any bulk"; THEORY §2 general form).
+(Benaych-Georges & Nadakuditi 2011; docs/references.md "Any bulk"; docs/theory.md §2 general form).
 
 For X with limiting spectral law μ (Stieltjes g(z) = ∫ dμ(x)/(x − z)) and a spike
 θ·u uᵀ with u independent of X (or X orthogonally invariant), the eigenvalues of
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import brentq
 
-from .validation import as_float
+from .validation import as_float, guard_module
 
 
 @dataclass(frozen=True)
@@ -88,3 +88,7 @@ def outlier_location(spike, stieltjes, support) -> float:
 def outlier_overlap(spike, stieltjes, support, stieltjes_derivative=None) -> float:
     """Squared overlap 1/(θ² g'(z)) at the outlier, or 0 if there is none."""
     return find_outlier(spike, stieltjes, support, stieltjes_derivative).squared_overlap
+
+
+# every public function above: errors name the caller's arguments, results are finite
+guard_module(globals())

@@ -1,4 +1,4 @@
-"""The finite-population sampling factor c(B, N) of THEORY.md §1.
+"""The finite-population sampling factor c(B, N) of docs/theory.md §1.
 
 For a per-sample quantity x_i (i = 1..N) with unbiased variance
 S² = (1/(N−1)) Σ (x_i − x̄)², the mean over a uniformly random batch of size B has
@@ -13,10 +13,10 @@ Hence every entry of the fluctuation ε = H_B − H has variance c(B, N)·σ²_j
 
 from __future__ import annotations
 
-from .validation import as_float
+from .validation import as_float, guard_module
 
 
-def batch_noise_factor(B, N=None, replacement: bool = False) -> float:
+def batch_noise_factor(B, N=None, replacement: bool = False, *, name: str = "B") -> float:
     """Return c(B, N): the variance of a batch mean in units of the per-sample variance.
 
     Parameters
@@ -25,10 +25,12 @@ def batch_noise_factor(B, N=None, replacement: bool = False) -> float:
         continuum of batch sizes).
     N : data-set size, or None for an infinite population (then c = 1/B).
     replacement : sample with replacement (c = 1/B whatever N is).
+    name : the name of B in error messages (for callers whose own argument is, e.g.,
+        ``B_from``), so that every message names the argument the user passed.
 
     Raises ValueError if B <= 0, N <= 0, or B > N when sampling without replacement.
     """
-    B = as_float("B", B, positive=True)
+    B = as_float(name, B, positive=True)
     if not isinstance(replacement, bool):
         raise TypeError("replacement must be a bool")
     if N is None:
@@ -37,5 +39,9 @@ def batch_noise_factor(B, N=None, replacement: bool = False) -> float:
     if replacement or N == float("inf"):
         return 1.0 / B
     if B > N:
-        raise ValueError(f"B must be <= N when sampling without replacement, got B={B}, N={N}")
+        raise ValueError(f"{name} must be <= N when sampling without replacement, got {name}={B}, N={N}")
     return max(1.0 / B - 1.0 / N, 0.0)
+
+
+# every public function above: errors name the caller's arguments, results are finite
+guard_module(globals())

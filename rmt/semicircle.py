@@ -1,4 +1,4 @@
-"""Wigner semicircle law of variance v (REFERENCES "Bulk laws").
+"""Wigner semicircle law of variance v (docs/references.md "Bulk laws").
 
 Density ρ(x) = √(4v − x²)/(2πv) on [−2√v, 2√v].  Stieltjes transform in the package
 convention g(z) = ∫ dρ(x)/(x − z) solves the quadratic
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .validation import as_float
+from .validation import as_array, as_float, guard_module
 
 
 def semicircle_edges(variance=1.0) -> tuple[float, float]:
@@ -26,7 +26,7 @@ def semicircle_edges(variance=1.0) -> tuple[float, float]:
 def semicircle_density(x, variance=1.0) -> np.ndarray:
     """Density √(4v − x²)/(2πv) (zero outside the support); v > 0."""
     v = as_float("variance", variance, positive=True)
-    x = np.asarray(x, dtype=float)
+    x = as_array("x", x, allow_empty=True)
     return np.sqrt(np.clip(4.0 * v - x * x, 0.0, None)) / (2.0 * np.pi * v)
 
 
@@ -37,7 +37,7 @@ def semicircle_stieltjes(z, variance=1.0) -> np.ndarray:
     from the upper half plane, g(x + i0) = (−x + i√(4v − x²))/(2v).  v = 0 gives −1/z.
     """
     v = as_float("variance", variance, nonnegative=True)
-    z = np.asarray(z, dtype=complex)
+    z = as_array("z", z, dtype=complex, allow_empty=True)
     if v == 0.0:
         return -1.0 / z
     r = 2.0 * np.sqrt(v)
@@ -52,5 +52,9 @@ def semicircle_stieltjes_derivative(z, variance=1.0) -> np.ndarray:
     """g'(z) = ∫ dρ(x)/(x − z)² = −g/(2v·g + z) (differentiate v g² + z g + 1 = 0)."""
     v = as_float("variance", variance, nonnegative=True)
     g = semicircle_stieltjes(z, v)
-    z = np.asarray(z, dtype=complex)
+    z = as_array("z", z, dtype=complex, allow_empty=True)
     return -g / (2.0 * v * g + z)
+
+
+# every public function above: errors name the caller's arguments, results are finite
+guard_module(globals())

@@ -1,7 +1,7 @@
 """Spiked Wigner model W + θ·v vᵀ, W with semicircle law of variance σ² (= noise_var).
 
-Theorem (Féral & Péché 2007; Benaych-Georges & Nadakuditi 2011; REFERENCES "Spiked
-models"; THEORY §2): as n → ∞,
+Theorem (Féral & Péché 2007; Benaych-Georges & Nadakuditi 2011; docs/references.md "Spiked
+models"; docs/theory.md §2): as n → ∞,
 
     top eigenvalue → θ + σ²/θ        if θ > σ,   else the edge 2σ,
     |⟨v, v̂⟩|²      → 1 − σ²/θ²       if θ > σ,   else 0,
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-from .validation import as_float
+from .validation import as_float, guard_module
 
 
 def spiked_wigner_outlier(spike, noise_var, clip=True) -> float:
@@ -51,7 +51,7 @@ def spiked_wigner_overlap(spike, noise_var) -> float:
 
 def spiked_wigner_outlier_variance(spike, noise_var, n, beta=1.0) -> float:
     """Variance of the outlier at size n: (2/β)·v·(1 − v/θ²)/n above threshold
-    (REFERENCES; the spike along a delocalised or e₁ direction of a GOE/GUE)."""
+    (docs/references.md; the spike along a delocalised or e₁ direction of a GOE/GUE)."""
     theta = as_float("spike", spike)
     v = as_float("noise_var", noise_var, nonnegative=True)
     n = as_float("n", n, positive=True)
@@ -59,3 +59,7 @@ def spiked_wigner_outlier_variance(spike, noise_var, n, beta=1.0) -> float:
     if theta * theta <= v:
         raise ValueError("spike must be above the threshold |θ| > √noise_var")
     return (2.0 / beta) * v * (1.0 - v / theta ** 2) / n
+
+
+# every public function above: errors name the caller's arguments, results are finite
+guard_module(globals())

@@ -1,5 +1,5 @@
 """Spiked Wishart (sample covariance) model, the BBP transition (Baik, Ben Arous &
-Péché 2005; Paul 2007; REFERENCES "Spiked models"; THEORY §4).
+Péché 2005; Paul 2007; docs/references.md "Spiked models"; docs/theory.md §4).
 
 S = X Xᵀ/n, X p×n with columns N(0, Σ), Σ = σ²·diag(ℓ/σ², 1, …, 1): population spike
 ℓ on a bulk of scale σ² (= noise_var), ratio q = p/n (= ratio).  In units λ/σ² the
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-from .validation import as_float
+from .validation import as_float, guard_module
 
 
 def _args(spike, ratio, noise_var):
@@ -67,3 +67,7 @@ def spiked_wishart_outlier_variance(spike, ratio, n, noise_var=1.0, beta=1.0) ->
     if L <= 1.0 + math.sqrt(q):
         raise ValueError("spike must be above the BBP threshold σ²(1 + √ratio)")
     return s2 ** 2 * (2.0 / beta) * L * L * (1.0 - q / (L - 1.0) ** 2) / n
+
+
+# every public function above: errors name the caller's arguments, results are finite
+guard_module(globals())

@@ -1,4 +1,4 @@
-"""Symbolic (sympy) derivations of the closed forms used in `rmt` (THEORY.md §2, §4, §5).
+"""Symbolic (sympy) derivations of the closed forms used in `rmt` (docs/theory.md §2, §4, §5).
 
 Each ``derive_*`` function *derives* its result from the defining equation (a Stieltjes
 transform equation, a characteristic polynomial, a stability condition) rather than
@@ -32,6 +32,7 @@ __all__ = [
     "derive_momentum_factors",
     "derive_lr_laws",
     "derive_directional_stability",
+    "derive_momentum_mean_square",
     "derive_critical_batch_size",
     "lr_scaling_exponent",
 ]
@@ -240,7 +241,7 @@ def _lr_symbols():
 
 @functools.lru_cache(maxsize=None)
 def derive_lr_laws() -> Derivation:
-    """Stability-limit learning rate as a function of batch size (THEORY.md §5).
+    """Stability-limit learning rate as a function of batch size (docs/theory.md §5).
 
     The batch curvature ``λ'(B) = λ + c s²/λ`` with ``c = 1/B − 1/N``; the boundary
     ``α·λ_eff = F`` is solved for α, F taken from :func:`derive_momentum_factors`:
@@ -318,7 +319,7 @@ def _scaling_exponent(key: str, finite_N: bool, regime: str):
 
 @functools.lru_cache(maxsize=None)
 def derive_directional_stability() -> Derivation:
-    """Mean-square stability of one SGD step along the outlier direction u (THEORY.md §5).
+    """Mean-square stability of one SGD step along the outlier direction u (docs/theory.md §5).
 
     With ``H u = λu``, ``H_B = H + ε``, ``e₁ = uᵀεu`` (mean 0) and ``e₂ = ‖εu‖²``
     (mean ``c s²``): ``‖(I − αH_B)u‖² = 1 − 2α(λ + e₁) + α²(λ² + 2λe₁ + e₂)``; its
@@ -336,6 +337,82 @@ def derive_directional_stability() -> Derivation:
                  {"alpha": alpha, "lam": lam, "s2": s2, "c": c, "e1": e1, "e2": e2},
                  {"mean_square": mean_sq, "condition": sp.StrictLessThan(mean_sq, 1),
                   "alpha_max": bound, "difference_from_directional": same})
+
+
+@functools.lru_cache(maxsize=None)
+def derive_momentum_mean_square() -> Derivation:
+    """Mean-square stability of heavy-ball SGD with multiplicative batch noise.
+
+    **Directional (one-direction) form.** Along the outlier u the iteration is
+    ``x_{t+1} = a_t x_t − ρ x_{t−1}``, ``a_t = 1 + ρ − α h_t``, with the batch curvature
+    ``h_t`` independent across steps, mean λ and variance ``σ² = c(B,N)·s_u²`` (the same
+    ``uᵀE[ε²]u`` as the SGD directional form; without-replacement batches). The second
+    moments ``(P, Q, R) = (E x_t², E x_t x_{t−1}, E x_{t−1}²)`` evolve by a 3×3 linear map
+    ``M``; it is a positive map, so its spectral radius is an eigenvalue and the boundary
+    is ``det(M − I) = 0``. Its nonzero root is
+
+        α* = 2(1 + ρ)λ / (λ² + (1 + ρ)/(1 − ρ)·c s²)  =  2(1 + ρ)/λ'_ρ(B),
+        λ'_ρ(B) = λ + (1 + ρ)/(1 − ρ)·c s²/λ:
+
+    momentum multiplies the numerator by (1 + ρ) but the noise term by (1 + ρ)/(1 − ρ)
+    (19 at ρ = 0.9). ρ = 0 gives ``2/λ'`` and σ² = 0 gives ``2(1 + ρ)/λ``.
+
+    **Exact (matrix) form.** For ``e_{t+1} = ((1+ρ)I − αH_B)e_t − ρe_{t−1}`` the fixed
+    point of the second-moment map, written in the eigenbasis of ``H`` (entries j, k with
+    curvatures λ_j, λ_k), reads ``α L_jk P_jk = α²(K_jk P_jk + E[εPε]_jk)`` with
+
+        L_jk = (1 − ρ)(λ_j + λ_k),
+        K_jk = λ_jλ_k − ρ(λ_j² + λ_k² − 2ρλ_jλ_k)/(1 − ρ²),
+
+    derived here from the cross moment ``C = E e_t e_{t−1}ᵀ`` (``C + ρCᵀ = ĀP``). So the
+    threshold is ``α* = 1/μ_max`` of the symmetric pencil ``(K∘ + E[ε·ε], L∘)``
+    (`nets.learning_rates.stability.ms_stability_threshold`, ``method="pencil"``); at ρ = 0
+    ``K∘P = HPH`` and it is the SGD pencil.
+
+    exprs: ``second_moment_map`` (M), ``alpha_max``, ``effective_curvature`` (λ'_ρ),
+    ``noise_gain`` ((1+ρ)/(1−ρ)), ``alpha_max_rho0`` and ``alpha_max_noiseless`` (limits),
+    ``L`` and ``K`` (exact form), ``K_rho0``.
+    """
+    alpha, lam, c, s2 = sp.symbols("alpha lambda c s_u^2", positive=True)
+    rho = sp.Symbol("rho", nonnegative=True)
+    sig2 = c * s2
+    abar = 1 + rho - alpha * lam
+    a2 = abar**2 + alpha**2 * sig2                     # E a_t²
+    M = sp.Matrix([[a2, -2 * rho * abar, rho**2],      # P' = E a² P − 2ρ ā Q + ρ² R
+                   [abar, -rho, 0],                     # Q' = ā P − ρ Q
+                   [1, 0, 0]])                          # R' = P
+    det = sp.factor((M - sp.eye(3)).det())
+    roots = [r for r in sp.solve(det, alpha) if sp.simplify(r) != 0]
+    a_star = sp.factor(sp.simplify(_single(roots, "nonzero mean-square root")))
+    gain = (1 + rho) / (1 - rho)
+    lam_eff = lam + gain * c * s2 / lam
+    # exact form: elementwise coefficients of the fixed-point equation
+    lj, lk, Pjk = sp.symbols("lambda_j lambda_k P_jk", positive=True)
+    Cjk, Ckj = sp.symbols("C_jk C_kj")
+    aj, ak = 1 + rho - alpha * lj, 1 + rho - alpha * lk
+    sol = sp.solve([sp.Eq(Cjk + rho * Ckj, aj * Pjk), sp.Eq(Ckj + rho * Cjk, ak * Pjk)],
+                   [Cjk, Ckj], dict=True)[0]
+    D = sp.expand(sp.simplify((1 - rho**2 - aj * ak + rho * (aj * sol[Cjk] + ak * sol[Ckj]) / Pjk)
+                              * (1 - rho**2)) / (1 - rho**2))
+    D = sp.simplify(D)
+    L = sp.factor(sp.simplify(sp.diff(D, alpha).subs(alpha, 0)))
+    K = sp.simplify(-sp.diff(D, alpha, 2) / 2)
+    exprs = {
+        "second_moment_map": M,
+        "boundary_determinant": det,
+        "alpha_max": a_star,
+        "effective_curvature": lam_eff,
+        "noise_gain": gain,
+        "difference_from_closed_form": sp.simplify(a_star - 2 * (1 + rho) / lam_eff),
+        "alpha_max_rho0": sp.simplify(a_star.subs(rho, 0)),
+        "alpha_max_noiseless": sp.simplify(a_star.subs(s2, 0)),
+        "L": L,
+        "K": K,
+        "K_rho0": sp.simplify(K.subs(rho, 0)),
+    }
+    return _make("heavy-ball mean-square stability",
+                 {"alpha": alpha, "lam": lam, "c": c, "s2": s2, "rho": rho,
+                  "lambda_j": lj, "lambda_k": lk}, exprs)
 
 
 @functools.lru_cache(maxsize=None)

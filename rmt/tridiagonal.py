@@ -19,6 +19,11 @@ gives a lower-bidiagonal B with diagonal χ_{βn}, χ_{β(n−1)}, … and sub-d
 χ_{β(p−1)}, χ_{β(p−2)}, …, and X Xᵀ has the nonzero eigenvalues of B Bᵀ (β = 1 real).
 
 Tridiagonals are returned as (diagonal, off_diagonal) arrays and never materialised.
+
+Randomness: every sampler takes ``seed=`` — an int >= 0 seeds
+``numpy.random.default_rng(seed)``, a ``numpy.random.Generator`` is drawn from directly,
+None draws fresh entropy — or, equivalently, ``rng=`` (the older name of the same
+argument; give at most one of the two).
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ from __future__ import annotations
 import numpy as np
 from scipy.linalg import eigvalsh_tridiagonal
 
-from .validation import as_float, as_int, as_rng
+from .validation import as_array, as_float, as_int, guard_module, rng_from
+
+MAX_N = 2 ** 34             # tridiagonal length beyond which the arrays cannot be allocated
 
 
 def _beta(beta) -> float:
@@ -34,17 +41,17 @@ def _beta(beta) -> float:
     return b
 
 
-def hermite_tridiagonal(n, beta=1.0, rng=None, normalization: str = "semicircle"):
+def hermite_tridiagonal(n, beta=1.0, rng=None, normalization: str = "semicircle", *, seed=None):
     """Sample the β-Hermite tridiagonal model; return (diagonal, off_diagonal).
 
     See the module docstring for the two normalisations (both agree with the dense
     samplers of ensembles.py at finite n).
     """
-    n = as_int("n", n, minimum=1)
+    n = as_int("n", n, minimum=1, maximum=MAX_N)
     b = _beta(beta)
     if normalization not in ("semicircle", "raw"):
         raise ValueError(f"normalization must be 'semicircle' or 'raw', got {normalization!r}")
-    rng = as_rng(rng)
+    rng = rng_from(rng, seed)
     scale = 1.0 / np.sqrt(n) if normalization == "semicircle" else 1.0
     diag = rng.standard_normal(n) * (np.sqrt(2.0 / b) * scale)
     dof = b * np.arange(n - 1, 0, -1, dtype=float)
@@ -52,7 +59,7 @@ def hermite_tridiagonal(n, beta=1.0, rng=None, normalization: str = "semicircle"
     return diag, off
 
 
-def laguerre_tridiagonal(p, n, beta=1.0, rng=None, spike=1.0):
+def laguerre_tridiagonal(p, n, beta=1.0, rng=None, spike=1.0, *, seed=None):
     """Tridiagonal T with the nonzero spectrum of S = X Xᵀ/n, X p×n (β = 1: real
     Gaussian, columns N(0, Σ) with Σ = diag(spike, 1, …, 1)); return (diagonal, off).
 
@@ -61,11 +68,11 @@ def laguerre_tridiagonal(p, n, beta=1.0, rng=None, spike=1.0):
     and row 1 is the only row scaled by √ℓ.  The size of T is min(p, n); when p > n the
     remaining p − n eigenvalues of S are exactly 0.
     """
-    p = as_int("p", p, minimum=1)
-    n = as_int("n", n, minimum=1)
+    p = as_int("p", p, minimum=1, maximum=MAX_N)
+    n = as_int("n", n, minimum=1, maximum=MAX_N)
     b = _beta(beta)
     ell = as_float("spike", spike, positive=True)
-    rng = as_rng(rng)
+    rng = rng_from(rng, seed)
     k = min(p, n)
     a = np.sqrt(rng.chisquare(b * np.arange(n, n - k, -1, dtype=float)))
     a[0] *= np.sqrt(ell)
@@ -86,18 +93,22 @@ def tridiagonal_eigvals(diag, off, which: str = "top") -> float:
     """Largest ('top') or smallest ('bottom') eigenvalue of a symmetric tridiagonal,
     by bisection (LAPACK stebz via scipy ``eigvalsh_tridiagonal(select="i")``): O(n)
     memory, O(n·log(1/tol)) time; nothing else is computed."""
-    diag = np.asarray(diag, dtype=float)
-    off = np.asarray(off, dtype=float)
+    diag = as_array("diag", diag, ndim=1)
+    off = as_array("off", off, ndim=1, allow_empty=True)
     n = diag.shape[0]
     if n == 1:
         return float(diag[0])
     idx = {"top": n - 1, "bottom": 0}.get(which)
     if idx is None:
         raise ValueError(f"which must be 'top' or 'bottom', got {which!r}")
-    return float(eigvalsh_tridiagonal(diag, off, select="i", select_range=(idx, idx))[0])
+    vals = eigvalsh_tridiagonal(diag, off, select="i", select_range=(idx, idx))
+    if vals.size != 1:   # LAPACK's bisection gave up (entries near the float64 limit)
+        raise ValueError("diag and off are too large in magnitude for the tridiagonal "
+                         f"eigenvalue solver (max |entry| {max(np.abs(diag).max(), np.abs(off).max(initial=0)):.3g})")
+    return float(vals[0])
 
 
-def sample_spiked_goe_top(n, spike, rng=None) -> float:
+def sample_spiked_goe_top(n, spike, rng=None, *, seed=None) -> float:
     """Top eigenvalue of H + θ·e₁e₁ᵀ, H a GOE normalised to the semicircle on [−2, 2]
     (off-diagonal variance 1/n, diagonal 2/n), in O(n) time and memory.
 
@@ -108,20 +119,24 @@ def sample_spiked_goe_top(n, spike, rng=None) -> float:
     orthogonal invariance of the GOE a rank-one spike along any unit u has the same
     spectrum as one along e₁.  Only the top eigenvalue is computed (bisection).
 
-    Theory (REFERENCES, spiked Wigner, σ² = 1): for θ > 1 the top eigenvalue tends to
+    Theory (docs/references.md, spiked Wigner, σ² = 1): for θ > 1 the top eigenvalue tends to
     θ + 1/θ with fluctuations N(0, 2(1 − 1/θ²)/n); for θ ≤ 1 it sticks to the edge 2
     (Tracy–Widom scale n^{−2/3}).  n = 10⁶ takes about a second.
     """
-    n = as_int("n", n, minimum=1)
+    n = as_int("n", n, minimum=1, maximum=MAX_N)
     theta = as_float("spike", spike)
-    diag, off = hermite_tridiagonal(n, 1.0, rng, "semicircle")
+    diag, off = hermite_tridiagonal(n, 1.0, rng_from(rng, seed), "semicircle")
     diag[0] += theta
     return tridiagonal_eigvals(diag, off, "top")
 
 
-def sample_spiked_wishart_top(p, n, spike, rng=None) -> float:
+def sample_spiked_wishart_top(p, n, spike, rng=None, *, seed=None) -> float:
     """Top eigenvalue of S = X Xᵀ/n, X p×n real Gaussian with population covariance
     diag(ℓ, 1, …, 1), in O(min(p, n)) via ``laguerre_tridiagonal``.  BBP: → ℓ(1 + q/(ℓ−1))
     for ℓ > 1 + √q (q = p/n), else (1 + √q)²."""
-    diag, off = laguerre_tridiagonal(p, n, 1.0, rng, spike)
+    diag, off = laguerre_tridiagonal(p, n, 1.0, rng_from(rng, seed), spike)
     return tridiagonal_eigvals(diag, off, "top")
+
+
+# every public function above: errors name the caller's arguments, results are finite
+guard_module(globals())

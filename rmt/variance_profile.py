@@ -1,6 +1,6 @@
 """Wigner-type matrices with a block variance profile: the quadratic vector equation
 (QVE) of Ajanki, Erdős & Krüger ("Quadratic vector equations on complex upper half
-plane", Mem. AMS 2019), its edge, density, and the outlier of a spike (THEORY §3).
+plane", Mem. AMS 2019), its edge, density, and the outlier of a spike (docs/theory.md §3).
 
 Model: a real symmetric P×P matrix whose entry (j, k), j in block a and k in block b,
 has variance S[a, b]/P; block a holds the fraction f[a] of the coordinates.  The
@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import brentq
 
-from .validation import as_array, as_float
 from .ensembles import check_profile
+from .validation import as_array, as_float, guard_module
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def solve_qve(z, block_variances, block_fractions, tol=1e-13, maxiter=2000) -> Q
     otherwise a damped fixed-point step m ← ½m − ½/(z + S F m) is taken.
     """
     S, f = check_profile(block_variances, block_fractions)
-    z = np.asarray(z, dtype=complex)
+    z = as_array("z", z, dtype=complex, allow_empty=True)
     if np.any(z.imag <= 0):
         raise ValueError("z must have positive imaginary part (use solve_qve_real on the real axis)")
     shape = z.shape
@@ -156,7 +156,7 @@ def solve_qve(z, block_variances, block_fractions, tol=1e-13, maxiter=2000) -> Q
 
 def profile_density(x, block_variances, block_fractions, eta=1e-9) -> np.ndarray:
     """Density of the spectral law, Im g(x + iη)/π with g = Σ_a f_a m_a."""
-    x = np.asarray(x, dtype=float)
+    x = as_array("x", x, allow_empty=True)
     sol = solve_qve(x + 1j * eta, block_variances, block_fractions)
     return np.clip(sol.g.imag, 0.0, None) / np.pi
 
@@ -258,3 +258,7 @@ def profile_outlier_overlap(spike, block_variances, block_fractions, spike_block
     # u = 1/(z − SFu) ⇒ (I − diag(u²) S F) du/dz = −u²;  m' = −du/dz > 0
     du = np.linalg.solve(np.eye(K) - (u * u)[:, None] * (S * f[None, :]), -(u * u))
     return float(min(1.0, 1.0 / (theta * theta * (w @ (-du)))))
+
+
+# every public function above: errors name the caller's arguments, results are finite
+guard_module(globals())

@@ -1,4 +1,4 @@
-"""λ'_1(B): measured batch top eigenvalues and their predictions (THEORY.md §2–§3)."""
+"""λ'_1(B): measured batch top eigenvalues and their predictions (docs/theory.md §2–§3)."""
 
 import numpy as np
 import pytest
@@ -6,28 +6,19 @@ import torch
 from torch import nn
 
 import rmt
+from nets.algorithms.spectra import bottom_eigenvalues, top_eigenvalues
+from nets.curvature.operators import hessian_operator
 from nets.noise.batch_spectra import measure_batch_top_eigenvalue, predict_batch_top_eigenvalue
 from nets.noise.directional import directional_noise
-from nets.curvature.operators import hessian_operator
-from nets.algorithms.spectra import bottom_eigenvalues, top_eigenvalues
 
 CE = nn.functional.cross_entropy
 
 
-def tiny(seed=0, N=30):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-    g = torch.Generator().manual_seed(seed + 1)
-    X = torch.randn(N, 5, dtype=torch.float64, generator=g)
-    y = torch.randint(0, 3, (N,), generator=g)
-    return model, X, y
-
-
-def test_top_and_bottom_eigenvalues_entry_points_match_dense():
-    model, X, y = tiny()
+def test_top_and_bottom_eigenvalues_entry_points_match_dense(tiny_mlp):
+    model, X, y = tiny_mlp()
     H = hessian_operator(model, CE, (X, y)).to_dense().numpy()
     ev = np.linalg.eigvalsh(H)
-    top = top_eigenvalues(model, CE, (X, y), k=3, batch_size=7)
+    top = top_eigenvalues(model, CE, (X, y), k=3, chunk_size=7)
     assert isinstance(top, np.ndarray) and top.dtype == np.float64
     np.testing.assert_allclose(top, ev[::-1][:3], rtol=1e-8)
     np.testing.assert_allclose(bottom_eigenvalues(model, CE, (X, y), k=2), ev[:2], rtol=1e-8)
@@ -40,10 +31,10 @@ def test_top_and_bottom_eigenvalues_entry_points_match_dense():
     assert abs(t32[0] - ev[-1]) < 1e-5 * abs(ev[-1])
 
 
-def test_measured_values_are_dense_batch_top_eigenvalues():
-    model, X, y = tiny(1)
+def test_measured_values_are_dense_batch_top_eigenvalues(tiny_mlp):
+    model, X, y = tiny_mlp(1)
     res = measure_batch_top_eigenvalue(model, CE, (X, y), [4, 30], n_batches=3, seed=2)
-    assert set(res) >= {"mean", "std", "values", "indices"}
+    assert set(res.keys()) >= {"mean", "std", "values", "indices"}
     for j, B in enumerate([4, 30]):
         idx = res["indices"][j]
         assert idx.shape == (3, B)
@@ -57,10 +48,11 @@ def test_measured_values_are_dense_batch_top_eigenvalues():
     assert res["mean"][1] == pytest.approx(top_eigenvalues(model, CE, (X, y))[0], rel=1e-7)
 
 
-def test_prediction_formulas_and_the_B_equals_N_limit():
-    model, X, y = tiny(2)
+def test_prediction_formulas_and_the_B_equals_N_limit(tiny_mlp):
+    model, X, y = tiny_mlp(2)
     N = X.shape[0]
-    pred = predict_batch_top_eigenvalue(model, CE, (X, y), [2, 10, N], seed=1)
+    pred = predict_batch_top_eigenvalue(model, CE, (X, y), [2, 10, N], seed=1,
+                                        form=["directional", "isotropic"])
     lam = top_eigenvalues(model, CE, (X, y))[0]
     assert pred["lam"] == pytest.approx(lam, rel=1e-7)
     op = hessian_operator(model, CE, (X, y))
@@ -83,8 +75,8 @@ def test_prediction_formulas_and_the_B_equals_N_limit():
     assert pg["s2_directional"] > 0 and np.all(pg["directional"] > lam_g)
 
 
-def test_bad_input():
-    model, X, y = tiny()
+def test_bad_input(tiny_mlp):
+    model, X, y = tiny_mlp()
     with pytest.raises(ValueError, match="batch_sizes"):
         measure_batch_top_eigenvalue(model, CE, (X, y), [31])
     with pytest.raises(ValueError, match="batch_sizes"):
@@ -111,10 +103,10 @@ N_BATCHES = {8: 320, 32: 160, 128: 80, 512: 80}
 def digits_curves():
     from nets.training.loops import trained_digits_mlp
     model, (X, y) = trained_digits_mlp(seed=0)
-    # subspace_k="auto": k = number of outputs (10 classes), the rule fixed in
+    # subspace_dim=None: k = number of outputs (10 classes), the rule fixed in
     # nets.noise.subspace_noise.default_subspace_dim before looking at any result
-    pred = predict_batch_top_eigenvalue(model, CE, (X, y), BATCHES, seed=0, num_probes=10,
-                                        subspace_k="auto", resolve_samples=True)
+    pred = predict_batch_top_eigenvalue(model, CE, (X, y), BATCHES, form="all", seed=0,
+                                        num_probes=10)
     runs = [measure_batch_top_eigenvalue(model, CE, (X, y), [B], n_batches=N_BATCHES[B], seed=1)
             for B in BATCHES]
     meas = {key: np.array([r[key][0] for r in runs]) for key in ("mean", "std", "stderr")}
@@ -127,7 +119,7 @@ def digits_curves():
 def test_digits_directional_prediction_tracks_measurement(digits_curves):
     pred, meas = digits_curves
     ratio = pred["directional"] / meas["mean"]
-    # noise concentrates on the outlier direction (THEORY §3): s_u² ≫ P·σ²_avg
+    # noise concentrates on the outlier direction (docs/theory.md §3): s_u² ≫ P·σ²_avg
     assert pred["s2_directional"] > 20 * pred["s2_isotropic"]
     # the isotropic form underpredicts strongly at small B, and at every B
     assert np.all(pred["isotropic"] < meas["mean"])
@@ -229,6 +221,7 @@ def test_digits_resolved_is_right_batch_by_batch(digits_curves):
 def test_measure_sweep_resumes_from_store_bit_identically(tmp_path):
     import torch as _torch
     import torch.nn.functional as _F
+
     from nets.noise.batch_spectra import measure_batch_top_eigenvalue as _measure
     from nets.utils.jsonl_store import JsonlStore as _Store
 
@@ -248,3 +241,234 @@ def test_measure_sweep_resumes_from_store_bit_identically(tmp_path):
     # a stored record is what is returned: corrupting it shows up in the result
     again = _measure(model, _F.cross_entropy, (X, y), [8], n_batches=3, seed=5, store=path)
     assert np.array_equal(again["indices"][0], ref["indices"][1])
+
+
+# ------------------------------------------------------------------------------------
+# One function per form, each against an oracle built from dense per-sample Hessians
+# (torch.func.hessian in conftest; no operator or noise code of the package)
+
+from nets.noise import batch_spectra as bs  # noqa: E402
+
+FORM_BS = [2, 4, 8, 30]
+
+
+@pytest.fixture(scope="module")
+def dense_problem():
+    from conftest import build_tiny_mlp, per_sample_dense_hessians
+    model, X, y = build_tiny_mlp(3, N=30, heavy=(4, 11))
+    Hs, H, ev, V = per_sample_dense_hessians(model, CE, X, y)
+    return model, X, y, Hs, H, ev, V
+
+
+@pytest.fixture(scope="module")
+def pred_all(dense_problem):
+    model, X, y = dense_problem[:3]
+    return predict_batch_top_eigenvalue(model, CE, (X, y), FORM_BS, form="all", subspace_dim=3,
+                                        num_probes=40, seed=0)
+
+
+def _c(Bs, N):
+    Bs = np.asarray(Bs, dtype=float)
+    return 1.0 / Bs - 1.0 / N
+
+
+def test_form_functions_closed_forms():
+    # c(4, 16) = 3/16: λ + c·s²/λ = 2 + (3/16)·8/2
+    np.testing.assert_allclose(bs.directional_form(2.0, 8.0, [4, 16], 16).values, [2.75, 2.0])
+    # v = c(2, 4)·16 = 4 > λ² = 1: unclipped λ + v/λ = 5, clipped edge 2√v = 4
+    assert bs.isotropic_form(1.0, 16.0, [2], 4).values[0] == pytest.approx(5.0)
+    clipped = bs.isotropic_form(1.0, 16.0, [2, 4], 4, s2_stderr=1.0, clip=True)
+    np.testing.assert_allclose(clipped.values, [4.0, 1.0])
+    assert clipped.stderr[0] == pytest.approx(0.25 / 2.0)        # d(2√v)/dv · c·se = c·se/√v
+    with pytest.raises(ValueError, match="lam"):
+        bs.directional_form(-1.0, 1.0, [2], 4)
+
+
+def test_directional_form_vs_dense_per_sample_hessians(dense_problem, pred_all, monkeypatch):
+    model, X, y, Hs, H, ev, V = dense_problem
+    N = X.shape[0]
+    # form="directional" runs neither the isotropic probes nor the subspace pass
+    for name in ("isotropic_noise_from_operator", "_sampled_forms"):
+        monkeypatch.setattr(bs, name, lambda *a, **k: pytest.fail("computed an unrequested form"))
+    pred = predict_batch_top_eigenvalue(model, CE, (X, y), FORM_BS, seed=0)
+    monkeypatch.undo()
+    assert pred.forms == ("directional",)
+    assert pred.isotropic is None and pred.subspace is None and pred.resolved is None
+    lam, u = ev[0], V[:, 0]
+    d = np.einsum("nij,j->ni", Hs - H, u)
+    sq = (d * d).sum(axis=1)
+    s2 = sq.sum() / (N - 1)
+    se = np.std(sq * N / (N - 1), ddof=1) / np.sqrt(N)
+    c = _c(FORM_BS, N)
+    assert pred.lam == pytest.approx(lam, rel=1e-9)
+    assert pred.s2_directional == pytest.approx(s2, rel=1e-8)
+    assert pred.s2_directional_stderr == pytest.approx(se, rel=1e-6)
+    np.testing.assert_allclose(pred.directional, lam + c * s2 / lam, rtol=1e-8)
+    np.testing.assert_allclose(pred.directional_stderr, c * se / lam, rtol=1e-6, atol=1e-15)
+    assert pred.critical_batch_size == pytest.approx(s2 / lam ** 2, rel=1e-8)
+    # form="all" gives the same directional curve (its u comes from a k=3 Lanczos run)
+    np.testing.assert_allclose(pred_all.directional, pred.directional, rtol=1e-7)
+
+
+def test_isotropic_form_vs_dense_entry_variance(dense_problem, pred_all, monkeypatch):
+    model, X, y, Hs, H, ev, V = dense_problem
+    N, P = Hs.shape[:2]
+    monkeypatch.setattr(bs, "directional_noise_from_operator",
+                        lambda *a, **k: pytest.fail("ran the directional pass"))
+    pred = predict_batch_top_eigenvalue(model, CE, (X, y), FORM_BS, form="isotropic",
+                                        num_probes=40, seed=0)
+    monkeypatch.undo()
+    assert pred.forms == ("isotropic",) and pred.directional is None
+    # P·σ²_avg = (1/P) Σ_jk var_i(H_i[j, k]) (ddof 1): the dense entry variances
+    target = ((Hs - H) ** 2).sum(axis=0).sum() / (N - 1) / P
+    z = (pred.s2_isotropic - target) / pred.s2_isotropic_stderr
+    assert abs(z) < 4, (pred.s2_isotropic, target, z)
+    assert pred.s2_isotropic_stderr < 0.2 * target               # the z-test has power
+    lam, c = ev[0], _c(FORM_BS, N)
+    zc = (pred.isotropic - (lam + c * target / lam))[:-1] / pred.isotropic_stderr[:-1]
+    assert np.all(np.abs(zc) < 4), zc
+    v = c * pred.s2_isotropic
+    clipped = np.where(lam ** 2 > v, lam + v / lam, 2 * np.sqrt(v))
+    np.testing.assert_allclose(pred.isotropic_clipped, clipped, rtol=1e-12)
+    np.testing.assert_allclose(pred_all.isotropic, pred.isotropic, rtol=1e-7)
+
+
+def _dense_subspace_model(Hs, H, ev, V, k, Bs, n, seed):
+    """E_S λ_max(Λ_k + a_S + c·D/λ_1) from dense per-sample Hessians (mean, stderr)."""
+    N, P = Hs.shape[:2]
+    U = V[:, :k]
+    E = Hs - H
+    a = np.einsum("pi,npq,qj->nij", U, E, U)
+    R = np.einsum("pq,nqj->npj", np.eye(P) - U @ U.T, E @ U)
+    D = np.einsum("npi,npj->ij", R, R) / (N - 1)
+    rng = np.random.default_rng(seed)
+    out = []
+    for B, c in zip(Bs, _c(Bs, N)):
+        idx = np.stack([rng.choice(N, B, replace=False) for _ in range(n)])
+        z = np.linalg.eigvalsh(np.diag(ev[:k]) + a[idx].mean(axis=1) + c * D / ev[0])[:, -1]
+        out.append((z.mean(), z.std(ddof=1) / np.sqrt(n)))
+    return np.array(out).T
+
+
+def test_subspace_form_vs_dense_model(dense_problem, pred_all):
+    model, X, y, Hs, H, ev, V = dense_problem
+    mean, se = _dense_subspace_model(Hs, H, ev, V, 3, FORM_BS[:-1], 3000, seed=11)
+    z = (pred_all.subspace[:-1] - mean) / np.hypot(se, pred_all.subspace_stderr[:-1])
+    assert np.all(np.abs(z) < 4), (pred_all.subspace, mean, z)
+    assert pred_all.subspace[-1] == pytest.approx(ev[0], rel=1e-9)     # B = N: c = 0, a_S = 0
+    assert pred_all.subspace_k == 3
+    np.testing.assert_allclose(pred_all.subspace_lams, ev[:3], rtol=1e-8)
+    single = predict_batch_top_eigenvalue(model, CE, (X, y), FORM_BS, form="subspace",
+                                          subspace_dim=3, seed=0)
+    assert single.forms == ("subspace",) and single.resolved is None
+    assert np.array_equal(single.subspace, pred_all.subspace)
+
+
+def test_resolved_form_vs_dense_batches(dense_problem, pred_all):
+    model, X, y, Hs, H, ev, V = dense_problem
+    N = X.shape[0]
+    gamma = np.linalg.eigvalsh(Hs)[:, -1] / ev[0]                # per-sample spikes / λ_1
+    assert pred_all.resolved_m == np.sum(gamma > FORM_BS[0])
+    # mean number of resolved samples per batch: B·#{γ_i > B·λ_1}/N (Monte-Carlo, 2000)
+    expect = np.array([B * np.sum(gamma > B) / N for B in FORM_BS])
+    assert np.all(np.abs(pred_all.resolved_n - expect) < 0.15 + 0.05 * expect)
+    assert expect[2] == 0 and pred_all.resolved_n[2] == 0
+    # no sample resolved at B = 8: the subspace model
+    mean, se = _dense_subspace_model(Hs, H, ev, V, 3, [8], 3000, seed=12)
+    assert abs(pred_all.resolved[2] - mean[0]) < 4 * np.hypot(se[0], pred_all.resolved_stderr[2])
+    # at B = 2, 4 (heavy samples resolved): close to the true mean top eigenvalue of the
+    # dense batch Hessians, and closer than the second-order directional form at B = 4
+    rng = np.random.default_rng(13)
+    true = np.array([np.mean([np.linalg.eigvalsh(Hs[rng.choice(N, B, replace=False)].mean(0))[-1]
+                              for _ in range(2000)]) for B in FORM_BS[:2]])
+    err = np.abs(pred_all.resolved[:2] / true - 1)
+    assert np.all(err < 0.08), err
+    assert err[1] < np.abs(pred_all.directional[1] / true[1] - 1)
+    single = predict_batch_top_eigenvalue(model, CE, (X, y), FORM_BS, form="resolved",
+                                          subspace_dim=3, seed=0)
+    assert single.forms == ("resolved",) and single.subspace is None
+    assert np.array_equal(single.resolved, pred_all.resolved)
+
+
+def test_prediction_result_object(pred_all):
+    import json
+    d = pred_all.to_dict()
+    text = json.dumps(d, allow_nan=False)
+    assert json.loads(text)["forms"] == list(bs.FORMS)
+    assert len(repr(pred_all).splitlines()) <= 12
+    assert pred_all["resolved"] is pred_all.resolved
+    with pytest.raises(KeyError):
+        pred_all["nonsense"]
+    ax = pred_all.plot()
+    assert len(ax.get_lines()) == 5                                # 4 forms + clipped variant
+    import matplotlib.pyplot as plt
+    plt.close(ax.figure)
+    with pytest.raises(ValueError, match="form"):
+        predict_batch_top_eigenvalue(None, CE, None, [2], form="wigner")
+
+
+def test_measured_result_object_and_plot(tiny_mlp):
+    import json
+    model, X, y = tiny_mlp(1)
+    meas = measure_batch_top_eigenvalue(model, CE, (X, y), [4, 8], n_batches=3, seed=2)
+    assert isinstance(meas, bs.BatchTopEigenvalues)
+    assert meas.n_batches == 3 and meas.kind == "hessian" and meas.seed == 2
+    json.dumps(meas.to_dict(), allow_nan=False)
+    assert len(repr(meas).splitlines()) <= 12
+    pred = predict_batch_top_eigenvalue(model, CE, (X, y), [4, 8], seed=0)
+    ax = pred.plot(measured=meas)
+    assert len(ax.get_lines()) >= 2
+    np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), pred.directional)
+    import matplotlib.pyplot as plt
+    plt.close(ax.figure)
+
+
+def test_data_forms_give_the_same_numbers(dense_problem, pred_all):
+    from torch.utils.data import DataLoader, TensorDataset
+    model, X, y = dense_problem[:3]
+    ref = measure_batch_top_eigenvalue(model, CE, (X, y), [3, 9], n_batches=3, seed=4)
+    ds = TensorDataset(X, y)
+    for data in (ds, DataLoader(ds, batch_size=7, shuffle=False)):
+        pred = predict_batch_top_eigenvalue(model, CE, data, FORM_BS, form="all", subspace_dim=3,
+                                            num_probes=40, seed=0)
+        for key in bs.FORMS + ("lam", "s2_directional", "s2_isotropic"):
+            np.testing.assert_allclose(pred[key], pred_all[key], rtol=1e-6, err_msg=key)
+        meas = measure_batch_top_eigenvalue(model, CE, data, [3, 9], n_batches=3, seed=4)
+        for a, b in zip(meas.indices, ref.indices):
+            assert np.array_equal(a, b)
+        np.testing.assert_allclose(np.concatenate(meas.values), np.concatenate(ref.values),
+                                   rtol=1e-6)
+
+
+def test_store_key_changes_with_every_setting(tmp_path, tiny_mlp):
+    """A changed tol, dtype, policy, parameter set, model or data recomputes (a new
+    record) instead of returning the stored values; the same settings read them back."""
+    from nets.utils.jsonl_store import JsonlStore
+    model, X, y = tiny_mlp(4)
+    path = tmp_path / "m.jsonl"
+
+    def run(m=model, data=(X, y), **kw):
+        return measure_batch_top_eigenvalue(m, CE, data, [5], n_batches=2, seed=1, store=path, **kw)
+
+    ref = run()
+    variants = [dict(tol=1e-6), dict(dtype=torch.float32), dict(policy="eval"),
+                dict(params=["2.weight"]), dict(replacement=True), dict(kind="ggn")]
+    outs = []
+    for n, kw in enumerate(variants, start=2):
+        outs.append(run(**kw))
+        assert len(JsonlStore(path)) == n, kw
+    assert not np.array_equal(outs[3].values[0], ref.values[0])     # other parameters
+    import copy
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        moved[0].bias.add_(1e-3)
+    changed = run(m=moved)
+    assert len(JsonlStore(path)) == len(variants) + 2
+    assert not np.array_equal(changed.values[0], ref.values[0])
+    X2 = X.clone()
+    X2[17, 2] += 1e-3
+    run(data=(X2, y))
+    assert len(JsonlStore(path)) == len(variants) + 3
+    again = run()
+    assert len(JsonlStore(path)) == len(variants) + 3
+    assert np.array_equal(again.values[0], ref.values[0])

@@ -8,6 +8,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from cifar_files import write_fake_cifar
 
 from nets.training.data import (
     CIFAR_MEAN,
@@ -19,8 +20,6 @@ from nets.training.data import (
     spiked_covariance_regression,
     teacher_student_regression,
 )
-
-from cifar_files import write_fake_cifar
 
 
 # ------------------------------------------------------------------------------ digits

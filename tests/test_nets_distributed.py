@@ -16,12 +16,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from nets.training.data import load_digits
-from nets.curvature.distributed import (DistributedCurvatureOperator, distributed_ggn_operator,
-                              distributed_hessian_operator, shard_bounds, shard_dataset)
 from nets.algorithms.lanczos import eigsh
-from nets.training.models import MLP
+from nets.curvature.distributed import (
+    DistributedCurvatureOperator,
+    distributed_ggn_operator,
+    distributed_hessian_operator,
+    shard_bounds,
+    shard_dataset,
+)
 from nets.curvature.operators import ggn_operator, hessian_operator
+from nets.training.data import load_digits
+from nets.training.models import MLP
 
 N_SAMPLES = 301
 SPLIT = 200                         # rank 0: samples [0, 200), rank 1: [200, 301)

@@ -165,7 +165,9 @@ def test_low_precision_products_do_not_cause_false_breakdown():
     """bfloat16 products: eps ≈ 8e-3, so a breakdown test scaled by the operator's eps
     (10·eps·√P > 1) stopped after one step; the recurrence is float64 and must go on."""
     import torch as _torch
-    from nets.algorithms.lanczos import eigsh as _eigsh, lanczos as _lanczos
+
+    from nets.algorithms.lanczos import eigsh as _eigsh
+    from nets.algorithms.lanczos import lanczos as _lanczos
     from nets.curvature.operators import CurvatureOperator as _Op
 
     rng = np.random.default_rng(0)

@@ -15,12 +15,23 @@ import pytest
 import torch
 from torch import nn
 
-from nets.learning_rates.learner import (CurvatureAdaptiveSGD, CurvatureUpdate, choose_mu,
-                          micro_batch_directional_noise)
-from paper_checks.experiments.learner_comparison import (LEARNER_DEFAULTS, ComparisonResult, compare,
-                                     digits_split, train_run)
-from nets.training.models import MLP
 from nets.curvature.operators import curvature_operator
+from nets.learning_rates.learner import (
+    PAPER_SETTINGS,
+    ROBUST_SETTINGS,
+    CurvatureAdaptiveSGD,
+    CurvatureUpdate,
+    choose_mu,
+    micro_batch_directional_noise,
+)
+from nets.training.models import MLP
+from paper_checks.experiments.learner_comparison import (
+    LEARNER_DEFAULTS,
+    ComparisonResult,
+    compare,
+    digits_split,
+    train_run,
+)
 from rmt.lr import heavy_ball, rescale_curvature
 
 
@@ -43,21 +54,6 @@ def _linear(d, seed=0, bias=True):
         return nn.Linear(d, 1, bias=bias).double()
 
 
-def _dense_hessian(model, X, y):
-    names = [n for n, _ in model.named_parameters()]
-    params = [p.detach() for _, p in model.named_parameters()]
-    shapes = [p.shape for p in params]
-    sizes = [p.numel() for p in params]
-    flat = torch.cat([p.reshape(-1) for p in params])
-
-    def f(w):
-        parts = [c.view(s) for c, s in zip(torch.split(w, sizes), shapes)]
-        out = torch.func.functional_call(model, dict(zip(names, parts)), (X,))
-        return half_mse(out, y)
-
-    return torch.func.hessian(f)(flat)
-
-
 def _step(opt, model, X, y):
     opt.zero_grad()
     loss = half_mse(model(X), y)
@@ -69,15 +65,16 @@ def _step(opt, model, X, y):
 # ----------------------------------------------------------------------------- exactness
 
 @pytest.mark.parametrize("variant", ["polyak", "paper"])
-def test_exact_lanczos_matches_dense_hessian_and_heavy_ball(variant):
+def test_exact_lanczos_matches_dense_hessian_and_heavy_ball(variant, dense_hessian):
     X, y = _regression(N=60, d=5)
     model = _linear(5)                                         # P = 6
     idx = np.array([1, 4, 7, 10, 13, 20, 25, 31, 33, 40, 41, 50, 52, 58])
     opt = CurvatureAdaptiveSGD(model, half_mse, (X, y), batch_size=16, curvature_indices=idx,
-                               lanczos_steps=10, variant=variant, weight_threshold=0.0,
-                               kappa_max=math.inf)
-    rec = opt.update_hyperparameters()
-    ev = torch.linalg.eigvalsh(_dense_hessian(model, X[idx], y[idx])).numpy()
+                               lanczos_steps=10, **dict(PAPER_SETTINGS, variant=variant,
+                                                        kappa_max=math.inf),
+                               weight_threshold=0.0)
+    rec = opt.history[0]                                       # measured in the constructor
+    ev = torch.linalg.eigvalsh(dense_hessian(model, half_mse, X[idx], y[idx])).numpy()
     assert len(rec.ritz_values) == 6                           # capped at P: Lanczos exact
     np.testing.assert_allclose(rec.ritz_values, ev, rtol=1e-10, atol=1e-12)
     assert rec.lam_max == pytest.approx(ev[-1], rel=1e-12)
@@ -94,8 +91,9 @@ def test_exact_lanczos_matches_dense_hessian_and_heavy_ball(variant):
 def test_weight_decay_shifts_the_curvature():
     X, y = _regression(N=40, d=4)
     model = _linear(4, bias=False)
-    kw = dict(batch_size=40, curvature_batch_size=40, lanczos_steps=4, weight_threshold=0.0,
-              kappa_max=math.inf)
+    kw = dict(PAPER_SETTINGS, batch_size=40, curvature_batch_size=40, lanczos_steps=4,
+              weight_threshold=0.0)
+    kw["kappa_max"] = math.inf
     r0 = CurvatureAdaptiveSGD(model, half_mse, (X, y), **kw).update_hyperparameters()
     r1 = CurvatureAdaptiveSGD(model, half_mse, (X, y), weight_decay=0.25, **kw).update_hyperparameters()
     np.testing.assert_allclose(np.array(r1.ritz_values) - 0.25, r0.ritz_values, atol=1e-12)
@@ -112,8 +110,8 @@ def test_converges_at_the_polyak_rate_on_a_quadratic():
     y = X @ w_star
     model = _linear(eigs.size, bias=False)
     opt = CurvatureAdaptiveSGD(model, half_mse, (X, y), batch_size=N, curvature_batch_size=N,
-                               lanczos_steps=eigs.size, weight_threshold=0.0,
-                               kappa_max=math.inf, update_every=10_000)
+                               lanczos_steps=eigs.size, **dict(PAPER_SETTINGS, kappa_max=math.inf),
+                               weight_threshold=0.0, update_every=10_000)
     errs = []
     for _ in range(81):
         errs.append(float(torch.linalg.vector_norm(model.weight.detach().T - w_star)))
@@ -191,7 +189,8 @@ def test_batch_correction_moves_lr_the_right_way():
     recs = {}
     for B in (8, 32, 128):
         opt = CurvatureAdaptiveSGD(model, ce, (X, y), batch_size=B, curvature_batch_size=128,
-                                   batch_correction=True, noise_micro_batch_size=8, seed=3)
+                                   batch_correction=True, noise_micro_batch_size=8, seed=3,
+                                   max_lr_growth=None)
         recs[B] = opt.update_hyperparameters()
     N = X.shape[0]
     s2 = recs[8].s2
@@ -207,19 +206,20 @@ def test_batch_correction_moves_lr_the_right_way():
     assert recs[8].lr < recs[32].lr < recs[128].lr
 
 
-def test_micro_batch_correction_is_the_mean_chunk_top_eigenvalue():
+def test_micro_batch_correction_is_the_mean_chunk_top_eigenvalue(dense_hessian):
     X, y = _regression(N=80, d=5, seed=9)
     model = _linear(5)
     B = 12
     opt = CurvatureAdaptiveSGD(model, half_mse, (X, y), batch_size=B, curvature_batch_size=40,
-                               lanczos_steps=8, batch_correction="micro_batch", seed=4)
+                               lanczos_steps=8, batch_correction="micro_batch", seed=4,
+                               safety=1.0, max_lr_growth=None)
     rec = opt.update_hyperparameters()
     idx = opt.curvature_indices                      # random order; chunks of B in order
-    tops = [torch.linalg.eigvalsh(_dense_hessian(model, X[idx[j:j + B]], y[idx[j:j + B]]))[-1]
+    tops = [torch.linalg.eigvalsh(dense_hessian(model, half_mse, X[idx[j:j + B]], y[idx[j:j + B]]))[-1]
             for j in range(0, 3 * B, B)]                              # ⌊40/12⌋ = 3 chunks
     assert rec.lam_max == pytest.approx(float(np.mean(tops)), rel=1e-10)
     assert rec.lam_measured == pytest.approx(
-        float(torch.linalg.eigvalsh(_dense_hessian(model, X[idx], y[idx]))[-1]), rel=1e-10)
+        float(torch.linalg.eigvalsh(dense_hessian(model, half_mse, X[idx], y[idx]))[-1]), rel=1e-10)
     assert rec.lr == pytest.approx(heavy_ball(rec.lam_max, rec.mu)[0], rel=1e-12)
 
 
@@ -227,15 +227,16 @@ def test_update_refuses_non_finite_weights_and_flat_curvature():
     X, y = _regression(N=30, d=3)
     model = _linear(3)
     opt = CurvatureAdaptiveSGD(model, half_mse, (X, y), batch_size=10)
+    assert opt.noise_micro_batch_size == 6          # "auto": the largest divisor of 30 <= 8
     with torch.no_grad():
         model.weight[0, 1] = float("inf")
     with pytest.raises(FloatingPointError, match="not finite"):
         opt.update_hyperparameters()
     # zero inputs, no bias: the Hessian is exactly 0, so no learning rate can be set
-    flat = CurvatureAdaptiveSGD(_linear(3, bias=False), half_mse, (torch.zeros_like(X), y),
-                                batch_size=10)
+    # refused in the constructor, which takes the first measurement
     with pytest.raises(FloatingPointError, match="no positive curvature"):
-        flat.update_hyperparameters()
+        CurvatureAdaptiveSGD(_linear(3, bias=False), half_mse, (torch.zeros_like(X), y),
+                             batch_size=10)
 
 
 # ----------------------------------------------------------------------------- state
@@ -383,3 +384,64 @@ def test_input_validation_names_the_argument():
         compare(seeds=0)
     with pytest.raises(TypeError, match="quick"):
         compare(quick=1)
+
+
+# ----------------------------------------------------------------------------- drop-in use
+
+def test_defaults_are_the_robust_settings_and_lr_is_set_before_the_first_step():
+    import inspect
+    sig = inspect.signature(CurvatureAdaptiveSGD.__init__).parameters
+    for k, v in ROBUST_SETTINGS.items():
+        assert sig[k].default == v, k
+    X, y = _regression(N=64, d=4)
+    model = _linear(4)
+    opt = CurvatureAdaptiveSGD(model, half_mse, (X, y), batch_size=16, curvature_batch_size=32)
+    g = opt.param_groups[0]
+    rec = opt.history[0]
+    assert g["lr"] == rec.lr > 0 and 0 <= g["momentum"] == rec.momentum < 1
+    # the guarded rule: safety 0.5 of Polyak's α at the batch-corrected curvature, κ <= 10
+    lr, rho = heavy_ball(rec.lam_max, rec.mu)
+    assert rec.lr == pytest.approx(0.5 * lr, rel=1e-12) and rec.kappa <= 10 + 1e-9
+    assert rec.lam_max > rec.lam_measured          # B = 16 < B_c = 32: larger curvature
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)   # reads lr now
+    assert sched.base_lrs == [rec.lr]
+
+
+def test_data_contract_forms_give_the_same_updates():
+    from torch.utils.data import DataLoader, TensorDataset
+    X, y = _regression(N=48, d=4, seed=3)
+    kw = dict(batch_size=12, curvature_batch_size=24, lanczos_steps=5, seed=1)
+    recs = [CurvatureAdaptiveSGD(_linear(4), half_mse, data, **kw).history[0]
+            for data in ((X, y), TensorDataset(X, y),
+                         DataLoader(TensorDataset(X, y), batch_size=10, shuffle=False),
+                         [(X[i:i + 16], y[i:i + 16]) for i in range(0, 48, 16)])]
+    for r in recs[1:]:
+        assert r.lr == pytest.approx(recs[0].lr, rel=1e-12)
+        assert r.s2 == pytest.approx(recs[0].s2, rel=1e-12)
+    with pytest.raises(ValueError, match="shuffl"):
+        CurvatureAdaptiveSGD(_linear(4), half_mse,
+                             DataLoader(TensorDataset(X, y), batch_size=10, shuffle=True), **kw)
+
+
+def test_batchnorm_dropout_cnn_trains_with_train_batch_stats():
+    (X, y), _ = digits_split(as_images=True)
+    X, y = X[:256], y[:256]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                              nn.Flatten(), nn.Dropout(0.2), nn.Linear(4 * 64, 10))
+    ce = nn.functional.cross_entropy
+    with pytest.raises(ValueError, match="micro_batch"):          # refused, with the fix named
+        CurvatureAdaptiveSGD(model, ce, (X, y), batch_size=32, policy="train_batch_stats",
+                             batch_correction="directional")
+    opt = CurvatureAdaptiveSGD(model, ce, (X, y), batch_size=32, policy="train_batch_stats",
+                               curvature_batch_size=64, lanczos_steps=8, update_every=8)
+    assert opt.batch_correction == "micro_batch"
+    buffers = [b.clone() for b in model.buffers()]
+    model.train()
+    first = float(ce(model(X), y))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        hist, _, diverged = train_run(model, opt, ce, (X, y), epochs=6, batch_size=32, seed=0)
+    assert not diverged and hist[-1] < 0.6 * first, hist
+    assert any(not torch.equal(a, b) for a, b in zip(buffers, model.buffers()))  # SGD's BN stats

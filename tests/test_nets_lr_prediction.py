@@ -7,15 +7,12 @@ import torch
 
 import rmt
 from nets import predict_max_lr
-from nets.noise.gradient_noise import gradient_noise, per_sample_gradients
-from nets.learning_rates.least_squares import (digits_feature_regression, naive_batch_lr,
-                                spiked_regression)
 from nets.curvature.loss_check import check_mean_reduced
-from nets.learning_rates.lr_prediction import (LRTable, fit_scaling_exponent, lr_table,
-                                             optimizer_settings)
+from nets.learning_rates.least_squares import digits_feature_regression, naive_batch_lr, spiked_regression
+from nets.learning_rates.lr_prediction import LRTable, fit_scaling_exponent, lr_table, optimizer_settings
 from nets.learning_rates.stability import ms_stability_threshold
+from nets.noise.gradient_noise import gradient_noise, per_sample_gradients
 from paper_checks.experiments.least_squares_study import lr_study
-
 
 # ----------------------------------------------------------------- gradient noise
 
@@ -302,6 +299,7 @@ def test_data_forms_give_the_same_table():
 
 def test_lr_table_result_json_repr_and_plot(small_ls):
     import json
+
     import matplotlib
     matplotlib.use("Agg")
     p, model, loss_fn, data, bs, t = small_ls
@@ -348,8 +346,9 @@ def test_progress_is_forwarded_to_every_inner_call(small_ls, monkeypatch):
 
 def test_check_mean_reduced_warns_on_summed_losses():
     import warnings
-    import torch.nn.functional as F
     from functools import partial
+
+    import torch.nn.functional as F
     model, _, data = _tiny_mlp()
     with pytest.warns(UserWarning, match="reduction"):
         r = check_mean_reduced(model, partial(F.cross_entropy, reduction="sum"), data)

@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from nets.utils.jsonl_store import JsonlStore
 from nets.learning_rates.least_squares import spiked_regression
 from nets.learning_rates.lr_search import bisect_max_lr, fit_growth_rate, lr_sweep, run_trial
+from nets.utils.jsonl_store import JsonlStore
 
 
 def _quadratic(seed=0):
@@ -100,6 +100,7 @@ def test_adam_loss_criterion_and_bad_inputs():
 def test_lr_sweep_refuses_bad_data_state_and_seeds():
     import pytest as _pytest
     import torch as _torch
+
     from nets.learning_rates.lr_search import lr_sweep, run_trial
 
     model = _torch.nn.Linear(3, 1)
@@ -122,6 +123,7 @@ def test_lr_sweep_refuses_bad_data_state_and_seeds():
 
 def test_fit_scaling_exponent_refuses_non_positive_lr():
     import pytest as _pytest
+
     from nets.learning_rates.lr_prediction import fit_scaling_exponent
 
     with _pytest.raises(ValueError, match="lrs"):

@@ -7,10 +7,14 @@ from torch import nn
 from torch.func import functional_call
 
 import rmt
-from nets.noise.directional import (directional_noise, directional_noise_from_operator, isotropic_noise,
-                        isotropic_noise_from_operator)
 from nets.curvature.operators import hessian_operator
 from nets.curvature.params import ParamLayout, flatten_parameters
+from nets.noise.directional import (
+    directional_noise,
+    directional_noise_from_operator,
+    isotropic_noise,
+    isotropic_noise_from_operator,
+)
 
 CE = nn.functional.cross_entropy
 MSE = nn.functional.mse_loss

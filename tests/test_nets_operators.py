@@ -8,8 +8,13 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from nets.curvature.operators import (batch_ggn_operator, batch_hessian_operator, fluctuation_operator,
-                            ggn_operator, hessian_operator)
+from nets.curvature.operators import (
+    batch_ggn_operator,
+    batch_hessian_operator,
+    fluctuation_operator,
+    ggn_operator,
+    hessian_operator,
+)
 from nets.curvature.params import ParamLayout, flatten_parameters
 
 CE = nn.functional.cross_entropy

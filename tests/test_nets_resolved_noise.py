@@ -5,36 +5,25 @@ import pytest
 import torch
 from torch import nn
 
-from nets.noise.batch_spectra import measure_batch_top_eigenvalue
 from nets.curvature.operators import hessian_operator
-from nets.noise.resolved_noise import (ResolvedNoise, per_sample_top_eigenpairs,
-                                 resolved_batch_top_eigenvalue, resolved_noise_from_operator)
+from nets.noise.batch_spectra import measure_batch_top_eigenvalue
+from nets.noise.resolved_noise import (
+    ResolvedNoise,
+    per_sample_top_eigenpairs,
+    resolved_batch_top_eigenvalue,
+    resolved_noise_from_operator,
+)
 from nets.noise.subspace_noise import subspace_batch_top_eigenvalue
 
 CE = nn.functional.cross_entropy
 
 
-def tiny(seed=0, N=30, heavy=()):
-    """A float64 5→6→3 tanh MLP; samples listed in `heavy` get inputs scaled ×6 (large
-    per-sample curvature: the heavy tail the module is about)."""
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-    g = torch.Generator().manual_seed(seed + 1)
-    X = torch.randn(N, 5, dtype=torch.float64, generator=g)
-    y = torch.randint(0, 3, (N,), generator=g)
-    for i in heavy:
-        X[i] *= 6.0
-    return model, X, y
-
-
 @pytest.fixture(scope="module")
-def dense():
-    model, X, y = tiny(heavy=(3, 11, 20))
-    Hs = np.stack([hessian_operator(model, CE, (X[i:i + 1], y[i:i + 1])).to_dense().numpy()
-                   for i in range(X.shape[0])])
-    H = Hs.mean(axis=0)
-    ev, V = np.linalg.eigh(H)
-    return model, X, y, Hs, H, ev[::-1].copy(), V[:, ::-1].copy()
+def dense(tiny_mlp, per_sample_hessians):
+    """The `tiny_mlp` with heavy samples 3, 11, 20 (large per-sample curvature: the heavy
+    tail the module is about) and its dense per-sample Hessians."""
+    model, X, y = tiny_mlp(heavy=(3, 11, 20))
+    return (model, X, y) + per_sample_hessians(model, CE, X, y)
 
 
 def test_per_sample_top_eigenpairs_match_dense(dense):
@@ -172,11 +161,11 @@ def test_single_resolved_sample_is_its_spike_plus_mean_field():
     assert res["values"][0][0] == pytest.approx(true, rel=0.1)
 
 
-def test_small_batches_track_measurement_on_a_heavy_tailed_model():
+def test_small_batches_track_measurement_on_a_heavy_tailed_model(tiny_mlp):
     """Monte-Carlo check on a model with a few very heavy samples: the resolved form tracks
     the measured mean at small B (|z| < 4 with the measurement's standard error and a 10 %
     model allowance), where the subspace form misses the heavy samples' spikes."""
-    model, X, y = tiny(seed=2, N=60, heavy=(1, 9, 17, 33, 48))
+    model, X, y = tiny_mlp(seed=2, N=60, heavy=(1, 9, 17, 33, 48))
     op = hessian_operator(model, CE, (X, y))
     from nets.algorithms.lanczos import eigsh
     top = eigsh(op, k=3, which="LA", tol=1e-10, seed=0)

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from nets.algorithms.hutchinson import hutchinson_trace
-from nets.curvature.operators import hessian_operator
 from nets.algorithms.slq import slq_density
+from nets.curvature.operators import hessian_operator
 
 CE = nn.functional.cross_entropy
 

@@ -14,9 +14,13 @@ import pytest
 from scipy.optimize import brentq
 
 import rmt
-from nets.learning_rates.least_squares import spiked_regression, spike_for_critical_batch
-from nets.learning_rates.stability import (PerSampleHessians, ms_spectral_radius, ms_stability_threshold,
-                            second_moment_operator)
+from nets.learning_rates.least_squares import spike_for_critical_batch, spiked_regression
+from nets.learning_rates.stability import (
+    PerSampleHessians,
+    ms_spectral_radius,
+    ms_stability_threshold,
+    second_moment_operator,
+)
 
 
 def _tiny(seed=0, N=6, d=3):
@@ -197,7 +201,7 @@ def test_rank_deficient_data_uses_the_span():
 
 
 def test_isotropic_gaussian_reference_value():
-    """REFERENCES.md: with replacement, B = 1, isotropic Gaussian d = 50: α* ≈ 0.0384.
+    """docs/references.md: with replacement, B = 1, isotropic Gaussian d = 50: α* ≈ 0.0384.
     Population value: E[xxᵀSxxᵀ] = 2S + tr(S)I, so α* = 2/(d + 2) = 0.03846; a sample of
     N = 20000 carries O(√(d/N)) fluctuations (a few %)."""
     X = np.random.default_rng(0).standard_normal((20000, 50))

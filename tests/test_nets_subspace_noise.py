@@ -6,34 +6,25 @@ import torch
 from torch import nn
 
 import rmt
+from nets.curvature.operators import hessian_operator
 from nets.noise.batch_spectra import measure_batch_top_eigenvalue, predict_batch_top_eigenvalue
 from nets.noise.directional import directional_noise
-from nets.curvature.operators import hessian_operator
-from nets.noise.subspace_noise import (SubspaceNoise, default_subspace_dim,
-                                 subspace_batch_top_eigenvalue, subspace_noise,
-                                 subspace_noise_from_operator)
+from nets.noise.subspace_noise import (
+    SubspaceNoise,
+    default_subspace_dim,
+    subspace_batch_top_eigenvalue,
+    subspace_noise,
+    subspace_noise_from_operator,
+)
 
 CE = nn.functional.cross_entropy
 
 
-def tiny(seed=0, N=30):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-    g = torch.Generator().manual_seed(seed + 1)
-    X = torch.randn(N, 5, dtype=torch.float64, generator=g)
-    y = torch.randint(0, 3, (N,), generator=g)
-    return model, X, y
-
-
 @pytest.fixture(scope="module")
-def dense():
+def dense(tiny_mlp, per_sample_hessians):
     """Dense float64 per-sample Hessians H_i (N, P, P), their mean H, eigenpairs of H."""
-    model, X, y = tiny()
-    Hs = np.stack([hessian_operator(model, CE, (X[i:i + 1], y[i:i + 1])).to_dense().numpy()
-                   for i in range(X.shape[0])])
-    H = Hs.mean(axis=0)
-    ev, V = np.linalg.eigh(H)
-    return model, X, y, Hs, H, ev[::-1].copy(), V[:, ::-1].copy()
+    model, X, y = tiny_mlp()
+    return (model, X, y) + per_sample_hessians(model, CE, X, y)
 
 
 def test_projections_match_dense_per_sample_hessians(dense):
@@ -84,13 +75,13 @@ def test_k_equals_P_is_exactly_the_batch_hessian(dense):
 
 def test_k1_reduction_to_the_directional_form(dense):
     """k = 1 (complement term at z = λ): the 1×1 model is λ + a_S + c·D/λ, D = s_u² − σ_uu²,
-    so E λ' = λ + c·D/λ exactly, and adding back c·σ_uu²/λ gives the THEORY directional
+    so E λ' = λ + c·D/λ exactly, and adding back c·σ_uu²/λ gives the docs/theory.md §3.3 directional
     form λ + c·s_u²/λ of `predict_batch_top_eigenvalue` exactly."""
     model, X, y, Hs, H, ev, V = dense
     N = X.shape[0]
     Bs = [2, 10, N]
-    pred = predict_batch_top_eigenvalue(model, CE, (X, y), Bs, seed=1, subspace_k=1,
-                                        subspace_batches=4000)
+    pred = predict_batch_top_eigenvalue(model, CE, (X, y), Bs, form=["directional", "subspace"],
+                                        seed=1, subspace_dim=1, n_batches_mc=4000)
     sn = subspace_noise(model, CE, (X, y), k=1, seed=1)
     lam, D, S = sn.lam[0], sn.D[0, 0], sn.S[0, 0]
     assert pred["subspace_k"] == 1 and pred["lam"] == pytest.approx(lam, rel=1e-10)
@@ -163,4 +154,5 @@ def test_default_dim_and_bad_input(dense):
     with pytest.raises(ValueError, match="k"):
         sn.restrict(3)
     with pytest.raises(ValueError, match="micro_batch"):
-        predict_batch_top_eigenvalue(model, CE, (X, y), [4], subspace_k=2, micro_batch=2)
+        predict_batch_top_eigenvalue(model, CE, (X, y), [4], form="subspace", subspace_dim=2,
+                                     micro_batch=2)

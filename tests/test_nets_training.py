@@ -12,7 +12,6 @@ from torch import nn
 from torch.func import functional_call, grad
 
 from nets.training.data import gaussian_mixture, load_digits, teacher_student_regression
-from nets.training.models import MLP, count_parameters
 from nets.training.loops import (
     accuracy,
     evaluate,
@@ -21,6 +20,7 @@ from nets.training.loops import (
     train,
     trained_digits_mlp,
 )
+from nets.training.models import MLP, count_parameters
 
 ce = nn.functional.cross_entropy
 

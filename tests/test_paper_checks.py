@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from paper_checks.__main__ import main
-from paper_checks.context import Context, MissingDependency, require
+from paper_checks.context import Context, DependencyError, MissingDependency, require
 from paper_checks.report import COLUMNS, markdown_table, redraw, table_rows, write_readme
 from paper_checks.result import CheckResult, judged
 from paper_checks.runner import STORE_NAME, run_checks
@@ -141,16 +141,26 @@ def test_interrupted_run_resumes_with_finished_checks_kept(tmp_path):
 
 
 def test_runner_reports_errors_and_skips_and_keeps_going(tmp_path):
+    """Only a check that declares itself not applicable (MissingDependency from run) is
+    skipped; a failed import, a missing REQUIRES and a NotImplementedError are errors
+    (a skip counts as success, a broken dependency must not)."""
     boom = _CountingCheck("boom", raises=RuntimeError("exploded at B=8"))
     todo = _CountingCheck("todo", raises=NotImplementedError("rmt.lr.sgd_max_lr"))
     missing = _CountingCheck("missing", requires=("no_such_module_xyz:f",))
+    broken = _CountingCheck("broken", raises=ImportError("cannot import name 'x' from 'nets'"))
+    na = _CountingCheck("na", raises=MissingDependency("--scale paper needs --data"))
     fine = _CountingCheck("fine")
-    res = run_checks([boom, todo, missing, fine], Context(progress=False), tmp_path,
+    res = run_checks([boom, todo, missing, broken, na, fine], Context(progress=False), tmp_path,
                      progress=False)
     verdicts = {r.name: r for r in res}
     assert verdicts["boom"].verdict == "error" and "exploded at B=8" in verdicts["boom"].reason
-    assert verdicts["todo"].verdict == "skipped" and "sgd_max_lr" in verdicts["todo"].reason
-    assert verdicts["missing"].verdict == "skipped" and missing.calls == 0
+    assert verdicts["todo"].verdict == "error" and "sgd_max_lr" in verdicts["todo"].reason
+    assert verdicts["missing"].verdict == "error" and missing.calls == 0
+    assert "no_such_module_xyz" in verdicts["missing"].reason
+    assert "ModuleNotFoundError" in verdicts["missing"].details["traceback"]   # the import's own
+    assert verdicts["broken"].verdict == "error" and "ImportError" in verdicts["broken"].details["traceback"]
+    assert verdicts["na"].verdict == "skipped" and verdicts["na"].ok
+    assert not any(verdicts[n].ok for n in ("boom", "todo", "missing", "broken"))
     assert verdicts["fine"].verdict == "pass"
     assert CheckResult.load(tmp_path / "boom.json").verdict == "error"
     # errors and skips are retried on the next run; the pass is resumed
@@ -162,14 +172,16 @@ def test_require_detects_placeholder_modules(monkeypatch):
     mod = types.ModuleType("fake_placeholder_mod", "Placeholder: being written")
     mod.f = lambda: 1
     monkeypatch.setitem(sys.modules, "fake_placeholder_mod", mod)
-    with pytest.raises(MissingDependency, match="placeholder"):
+    with pytest.raises(DependencyError, match="placeholder"):
         require("fake_placeholder_mod:f")
     real = types.ModuleType("fake_real_mod", "Real module.")
     real.f = lambda: 1
     monkeypatch.setitem(sys.modules, "fake_real_mod", real)
     require("fake_real_mod:f")
-    with pytest.raises(MissingDependency, match="does not exist"):
+    with pytest.raises(DependencyError, match="does not exist"):
         require("fake_real_mod:g")
+    with pytest.raises(ImportError):             # a DependencyError is an ImportError
+        require("no_such_module_xyz")
 
 
 def test_redraw_rebuilds_figures_from_json_only(tmp_path, monkeypatch):

@@ -52,11 +52,11 @@ def run_all(seed: int) -> dict:
     import nets
     import rmt
     from nets.algorithms.hutchinson import hutchinson_trace
-    from nets.training.models import MLP
-    from nets.noise.directional import directional_noise, isotropic_noise
-    from nets.curvature.operators import hessian_operator
     from nets.algorithms.slq import slq_density
+    from nets.curvature.operators import hessian_operator
+    from nets.noise.directional import directional_noise, isotropic_noise
     from nets.training.loops import train
+    from nets.training.models import MLP
 
     model, loss, data = _problem()
     out = {}
@@ -135,7 +135,8 @@ def test_different_seed_gives_different_draws(reference):
         assert _as_bytes(other[name]) != _as_bytes(ref[name]), name
     np.testing.assert_allclose(other["top_eigenvalues"], ref["top_eigenvalues"], rtol=1e-8)
     # with micro_batch=1 the directional estimate uses all samples: no randomness at all
-    assert other["directional_noise"] == ref["directional_noise"]
+    # (the sampled estimator visits the samples in a seeded order: equal to round-off)
+    assert other["directional_noise"] == pytest.approx(ref["directional_noise"], rel=1e-12)
 
 
 def test_bit_identical_in_a_fresh_process(reference, tmp_path):

@@ -24,16 +24,17 @@ import re
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import nets
 import rmt
 from nets.algorithms.hutchinson import hutchinson_trace
 from nets.algorithms.lanczos import lanczos
-from nets.noise.directional import directional_noise
-from nets.curvature.operators import hessian_operator
 from nets.algorithms.slq import slq_density
+from nets.curvature.operators import hessian_operator
+from nets.noise.directional import directional_noise
 from rmt import lr as L
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -1,10 +1,10 @@
 """Exact finite-n identities for the dense and tridiagonal samplers (normalisation
-oracles, REFERENCES "Bulk laws"), checked with z-scores against the standard error."""
+oracles, docs/references.md "Bulk laws"), checked with z-scores against the standard error."""
 
 import numpy as np
 import pytest
 
-from rmt.ensembles import goe, gue, wishart, profile_wigner, spiked_additive, spiked_multiplicative, block_sizes
+from rmt.ensembles import block_sizes, goe, gue, profile_wigner, spiked_additive, spiked_multiplicative, wishart
 from rmt.tridiagonal import hermite_tridiagonal, laguerre_tridiagonal
 
 Z_MAX = 4.5

@@ -1,5 +1,5 @@
 """Bulk laws (semicircle, Marchenko–Pastur) and free convolutions with a semicircle,
-against quadrature, exact reductions, closed forms from REFERENCES and sampled
+against quadrature, exact reductions, closed forms from docs/references.md and sampled
 matrices."""
 
 import numpy as np
@@ -8,14 +8,18 @@ from scipy.integrate import quad
 from scipy.linalg import eigvalsh
 
 from rmt.ensembles import goe, wishart
-from rmt.semicircle import (semicircle_density, semicircle_edges, semicircle_stieltjes,
-                            semicircle_stieltjes_derivative)
+from rmt.free_convolution import (
+    discrete_stieltjes,
+    sc_mp_density,
+    sc_mp_edges,
+    semicircle_free_convolution,
+    semicircle_free_convolution_density,
+    semicircle_free_convolution_edges,
+)
 from rmt.marchenko_pastur import mp_atom, mp_density, mp_edges, mp_stieltjes, mp_stieltjes_derivative
-from rmt.free_convolution import (discrete_stieltjes, sc_mp_density, sc_mp_edges,
-                                  semicircle_free_convolution, semicircle_free_convolution_density,
-                                  semicircle_free_convolution_edges)
-from rmt.tridiagonal import hermite_tridiagonal, sample_spiked_goe_top, tridiagonal_eigvals
+from rmt.semicircle import semicircle_density, semicircle_edges, semicircle_stieltjes, semicircle_stieltjes_derivative
 from rmt.tracy_widom import TW_MEAN, TW_VARIANCE
+from rmt.tridiagonal import hermite_tridiagonal, sample_spiked_goe_top, tridiagonal_eigvals
 
 Z_POINTS = [3.0 + 0j, -2.7 + 0j, 1.0 + 1.0j, -0.5 + 0.2j, 0.3 + 2.0j]
 
@@ -112,7 +116,7 @@ def test_mp_edges_atom_and_stieltjes_vs_sampled_wishart(p, n, s2):
 
 def test_deformed_wigner_two_atom_edge_reference_value():
     left, right = semicircle_free_convolution_edges([-1.5, 1.5], [0.5, 0.5], 1.0)
-    assert right == pytest.approx(3.04885, abs=1e-5)  # REFERENCES
+    assert right == pytest.approx(3.04885, abs=1e-5)  # docs/references.md
     assert left == pytest.approx(-right, abs=1e-12)
 
 
@@ -161,7 +165,7 @@ def test_deformed_wigner_vs_sampled_matrix():
 
 def test_sc_mp_edge_reference_and_limits():
     left, right = sc_mp_edges(0.5, 0.5)
-    assert right == pytest.approx(3.308, abs=1e-3)  # REFERENCES
+    assert right == pytest.approx(3.308, abs=1e-3)  # docs/references.md
     # s² → 0 gives back the MP edges
     l0, r0 = sc_mp_edges(1e-12, 0.3)
     lo, hi = mp_edges(0.3)
@@ -182,4 +186,4 @@ def test_sc_mp_edge_vs_sampled_matrix():
     p, n, s2 = 1000, 2000, 0.5
     tops = [eigvalsh(np.sqrt(s2) * goe(p, rng) + wishart(p, n, rng), subset_by_index=[p - 1, p - 1])[0]
             for _ in range(3)]
-    assert abs(np.mean(tops) - sc_mp_edges(s2, p / n)[1]) < 0.05  # REFERENCES sample: 3.29
+    assert abs(np.mean(tops) - sc_mp_edges(s2, p / n)[1]) < 0.05  # docs/references.md sample: 3.29

@@ -16,8 +16,8 @@ from rmt.outliers import find_outlier
 from rmt.semicircle import semicircle_edges, semicircle_stieltjes, semicircle_stieltjes_derivative
 from rmt.spiked_wigner import spiked_wigner_outlier_variance
 from rmt.spiked_wishart import spiked_wishart_outlier_variance
-from rmt.tridiagonal import sample_spiked_wishart_top
 from rmt.tracy_widom import TW_MEAN, TW_VARIANCE
+from rmt.tridiagonal import sample_spiked_wishart_top
 
 
 def top_pair(m):

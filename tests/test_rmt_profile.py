@@ -10,8 +10,7 @@ from scipy.linalg import eigh
 import rmt
 from rmt.ensembles import block_sizes, profile_wigner
 from rmt.semicircle import semicircle_stieltjes
-from rmt.variance_profile import (profile_density, profile_outlier_overlap, solve_qve,
-                                  solve_qve_real)
+from rmt.variance_profile import profile_density, profile_outlier_overlap, solve_qve, solve_qve_real
 
 FLAT_PROFILES = [
     (np.array([[1.3]]), np.array([1.0]), 1.3),

@@ -12,7 +12,6 @@ import rmt
 from rmt import lr as L
 from rmt import symbolic as S
 
-
 # ---------------------------------------------------------------- spiked Wigner
 
 def test_wigner_stieltjes_branch_matches_semicircle_integral():
@@ -37,7 +36,7 @@ def test_wigner_outlier_and_overlap_match_rmt():
     for _ in range(20):
         v = rng.uniform(0.1, 4)
         theta = thr(v) * rng.uniform(1.01, 5)
-        assert out(theta, v) == pytest.approx(theta + v / theta, rel=1e-12)  # REFERENCES
+        assert out(theta, v) == pytest.approx(theta + v / theta, rel=1e-12)  # docs/references.md
         assert rmt.spiked_wigner_outlier(theta, v) == pytest.approx(out(theta, v), rel=1e-10)
         assert rmt.spiked_wigner_overlap(theta, v) == pytest.approx(ov(theta, v), rel=1e-10)
         below = thr(v) * rng.uniform(0.05, 0.99)
@@ -97,7 +96,7 @@ def test_wishart_outlier_and_overlap_match_rmt_and_references():
     for _ in range(20):
         q, s2 = rng.uniform(0.05, 3), rng.uniform(0.2, 3)
         ell = thr(q, s2) * rng.uniform(1.01, 4)
-        # REFERENCES closed forms (sigma^2 = 1 after rescaling by sigma^2)
+        # docs/references.md closed forms (sigma^2 = 1 after rescaling by sigma^2)
         l1 = ell / s2
         assert out(ell, q, s2) == pytest.approx(s2 * l1 * (1 + q / (l1 - 1)), rel=1e-12)
         assert ov(ell, q, s2) == pytest.approx((1 - q / (l1 - 1) ** 2) / (1 + q / (l1 - 1)), rel=1e-12)

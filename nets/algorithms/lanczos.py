@@ -26,19 +26,16 @@ fresh random vector orthogonal to the basis.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import sys
 
 import numpy as np
 import torch
 from scipy.linalg import eigh_tridiagonal
 
-from nets.utils.progress import wants_progress
-from rmt.validation import as_float, as_int, as_seed
-
 from nets.curvature.operators import CurvatureOperator
+from nets.utils.progress import wants_progress
 from nets.utils.results import Result, result
+from rmt.validation import as_float, as_int, as_seed
 
 __all__ = ["LanczosResult", "EigenResult", "lanczos", "lanczos_batch", "eigsh"]
 

@@ -17,19 +17,19 @@ All probes run side by side: each Lanczos step is one batched `matmat`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
-from rmt.validation import as_array, as_float, as_int, as_seed
-
 from nets.algorithms.lanczos import LanczosResult, check_operator, lanczos_batch
+from nets.utils.memory import chunk_count, memory_budget, product_bytes
+from nets.utils.results import Result, result
+from rmt.validation import as_array, as_float, as_int, as_seed
 
 __all__ = ["SpectralDensity", "slq_density"]
 
 
-@dataclass(frozen=True)
-class SpectralDensity:
+@result
+class SpectralDensity(Result):
     """SLQ result. nodes, weights : (num_probes, num_steps) arrays (Ritz values and
     their quadrature weights per probe; rows shorter after a Lanczos breakdown are
     padded with weight 0); P; num_probes; num_steps; seed; lanczos : the per-probe
@@ -69,22 +69,47 @@ class SpectralDensity:
         mask = self.weights > 0
         return float(self.nodes[mask].min()), float(self.nodes[mask].max())
 
+    def plot(self, ax=None, *, sigma=None, num_points=400, log=True, label=None):
+        """Draw the broadened density on its support (σ default: 1 % of the support's
+        width) with a log density axis by default; returns the matplotlib axes."""
+        import matplotlib.pyplot as plt
+        if ax is None:
+            ax = plt.gca()
+        lo, hi = self.support()
+        width = max(hi - lo, 1e-12)
+        s = 0.01 * width if sigma is None else as_float("sigma", sigma, positive=True)
+        x = np.linspace(lo - 5 * s, hi + 5 * s, as_int("num_points", num_points, minimum=2))
+        rho = self.density(x, s)
+        ax.plot(x, rho, label=label)
+        if log:
+            ax.set_yscale("log")
+            ax.set_ylim(max(rho.max() * 1e-8, 1e-300), rho.max() * 2)
+        ax.set_xlabel("eigenvalue")
+        ax.set_ylabel("density")
+        return ax
 
-def slq_density(op, num_probes=10, num_steps=50, seed=0, probe_block=None) -> SpectralDensity:
+
+def slq_density(op, num_probes=10, num_steps=50, seed=0, probe_block=None,
+                memory=None) -> SpectralDensity:
     """SLQ spectral density of `op` (module docstring).
 
     num_probes Rademacher probes: the columns of
     `numpy.random.default_rng(seed).choice([-1.0, 1.0], size=(P, num_probes))`; num_steps
     Lanczos steps each (full reorthogonalisation, float64 recurrence; capped at P);
-    probe_block : probes run together per batched matmat (default: all, capped so that
-    the Lanczos bases hold ≤ 5·10⁷ numbers).
+    probe_block : probes run together per batched matmat (default: all that fit the
+    memory budget `memory` — bytes, "2GB", or None for a share of the free memory,
+    `nets.utils.memory` — with the float64 Lanczos basis, (num_steps + 1)·P·8 bytes, and
+    one product, per probe; the products themselves are split further by the operator).
     """
     op = check_operator(op)
     k = as_int("num_probes", num_probes, minimum=1)
     m = min(as_int("num_steps", num_steps, minimum=1), op.P)
     P = op.P
-    blk = max(1, min(k, int(5e7 // ((m + 1) * P)))) if probe_block is None else \
-        as_int("probe_block", probe_block, minimum=1)
+    if probe_block is None:
+        budget = memory_budget(memory, getattr(op, "device", None))
+        blk = chunk_count(k, (m + 1) * P * 8 + product_bytes(P, 1, 0, 0), budget)
+    else:
+        blk = as_int("probe_block", probe_block, minimum=1)
     rng = np.random.default_rng(as_seed("seed", seed))
     Z = rng.choice(np.array([-1.0, 1.0]), size=(P, k))
     results = []

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from rmt.validation import as_int
-
 from nets.algorithms.lanczos import EigenResult, eigsh
 from nets.curvature.loss_check import check_mean_reduced
 from nets.curvature.operators import curvature_operator
+from rmt.validation import as_int
 
 __all__ = ["top_eigenvalues", "bottom_eigenvalues", "extremal_eigenpairs"]
 

@@ -38,9 +38,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from rmt.validation import as_int
-
 from nets.curvature.operators import CurvatureOperator, ModelCurvatureOperator, curvature_operator
+from rmt.validation import as_int
 
 __all__ = [
     "DistributedCurvatureOperator",

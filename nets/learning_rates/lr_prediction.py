@@ -18,11 +18,20 @@ and turns them into, for each batch size B (c = c(B, N) = 1/B − 1/N):
                           (Jury's criterion for z² − (1+ρ)(1−h)z + ρ(1−h), h = αλ)
     critical batch size   B* = s_u²/λ_1²  (α halves from its B = ∞ value at B ≈ B*)
     Adam, closed form     rmt.lr.adam_max_lr with the u²-weighted preconditioner inputs
-                          ḡ_u² = Σ_j u_j² ḡ_j², Σ_u = Σ_j u_j² Σ_jj  (directional s_u²)
+                          ḡ_u² = Σ_j u_j² ḡ_j², Σ_u = Σ_j u_j² Σ_jj  (directional s_u²).
+                          Which quantity: a scalar-preconditioner (one √v for all
+                          coordinates, along the *unpreconditioned* top direction u) model
+                          of the warmed-state curvature limit. It ignores how D rotates the
+                          top direction, so on networks it can be several times too high
+                          (5.7–9.8× on a digits MLP); it is NOT the fresh-state first-step
+                          limit (≈ α·sign(g)). For real training use
+                          `nets.learning_rates.adam` (D^{1/2}HD^{1/2} with the actual state,
+                          `predict_adam_max_lr`, `adam_threshold`).
     Adam, measured        2(1+β₁)/(1−β₁) / E_S[λ_max(D^{1/2} H_B D^{1/2})],
                           D = diag(1/(√v + eps)), v_j = ḡ_j² + c·Σ_jj, averaged over the
                           same random batches S as the SGD measurement (a composed
-                          operator, never a P×P matrix)
+                          operator, never a P×P matrix): the warmed-state (noise-model D)
+                          curvature limit, the quantity `nets.learning_rates.adam` measures
     SGD, measured         F/E_S[λ_max(H_B)] (the naive batch-spectrum estimate;
                           `nets.noise.batch_spectra.measure_batch_top_eigenvalue`)
     McCandlish            B_simple = tr Σ/|ḡ|², B_noise = tr(HΣ)/ḡᵀHḡ and the greedy
@@ -46,23 +55,24 @@ from __future__ import annotations
 
 import inspect
 import math
+
 import numpy as np
 import torch
 from scipy import stats
 
 import rmt.lr as rlr
-from rmt.validation import as_array, as_batch_sizes, as_float, as_int, as_seed
-from rmt.sampling import batch_noise_factor
-from nets.noise.gradient_noise import gradient_noise
-from nets.noise.batch_spectra import measure_batch_top_eigenvalue
 from nets.algorithms.lanczos import eigsh
-from nets.noise.directional import directional_noise_from_operator, isotropic_noise_from_operator
 from nets.curvature.loss_check import check_mean_reduced
 from nets.curvature.operators import CurvatureOperator, batch_hessian_operator, hessian_operator
+from nets.noise.batch_spectra import measure_batch_top_eigenvalue
+from nets.noise.directional import directional_noise_from_operator, isotropic_noise_from_operator
+from nets.noise.gradient_noise import gradient_noise
 from nets.utils.data_source import as_data_source
 from nets.utils.jsonio import from_jsonable
 from nets.utils.progress import progress_bar, wants_progress
 from nets.utils.results import Result, result
+from rmt.sampling import batch_noise_factor
+from rmt.validation import as_array, as_batch_sizes, as_float, as_int, as_seed
 
 __all__ = ["LRTable", "lr_table", "predict_max_lr", "OptimizerSettings", "optimizer_settings",
            "ScalingFit", "fit_scaling_exponent", "DiagonalScaledOperator"]
@@ -521,7 +531,10 @@ def predict_max_lr(model, loss_fn, data, batch_sizes, *, optimizer="sgd", moment
     directional s_u², the u²-weighted ḡ_j² and Σ_jj, the optimizer's eps and β₁ =
     betas[0] (EMA factor 2(1+β₁)/(1−β₁); torch's default β₁ = 0.9 for "adam"); passing
     `momentum` with Adam is a ValueError (see `optimizer_settings`). RMSprop: β₁ = 0.
-    A **stability limit**, not a greedy optimum or SDE-matching rule. Other options as
+    A **stability limit**, not a greedy optimum or SDE-matching rule. For Adam it is the
+    scalar closed form (`LRTable.adam_closed`, see the module docstring for which
+    quantity and its known bias); `nets.learning_rates.adam.predict_adam_max_lr` is the
+    preconditioned-operator prediction for a warmed state. Other options as
     `lr_table` (run with measure=False, mccandlish=False). Returns a numpy array
     aligned with `batch_sizes`.
     """

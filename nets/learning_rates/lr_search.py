@@ -36,6 +36,10 @@ Bisection is done in log α: expand from `alpha0` by factors of 2 until the brac
 [lo stable, hi diverged] is found, then halve log(hi/lo) until hi/lo ≤ 1 + rel_tol.
 `lr_sweep` repeats it over batch sizes and seeds and writes each finished (B, seed) to a
 `JsonlStore`; a re-run skips the keys already stored.
+
+Real training of a nonlinear network from a checkpoint: `training_threshold` (criteria
+"divergence", "final", "onset"; see the section below), returning `TrainingThresholds`
+with the mean over seeds, standard errors and per-seed values; resumable the same way.
 """
 
 from __future__ import annotations
@@ -47,11 +51,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from rmt.validation import as_float, as_int, as_seed
 from nets.utils.jsonl_store import JsonlStore
+from nets.utils.results import Result, result
+from rmt.validation import as_float, as_int, as_seed
 
 __all__ = ["TrialResult", "run_trial", "bisect_max_lr", "BisectionResult", "lr_sweep",
-           "fit_growth_rate"]
+           "fit_growth_rate", "TRAINING_CRITERIA", "TrainingTrial", "training_trial",
+           "TrainingThresholds", "training_threshold"]
 
 
 @dataclass(frozen=True)
@@ -226,8 +232,8 @@ def bisect_max_lr(is_diverged, alpha0, rel_tol=0.02, max_expand=40) -> Bisection
 
     def div(a):
         r = is_diverged(a)
-        d = bool(r.diverged) if isinstance(r, TrialResult) else bool(r)
-        g = float(r.growth_rate) if isinstance(r, TrialResult) else math.nan
+        d = bool(r.diverged) if hasattr(r, "diverged") else bool(r)
+        g = float(getattr(r, "growth_rate", math.nan))
         hist.append((float(a), d, g))
         return d
 
@@ -307,3 +313,299 @@ def lr_sweep(model, loss_fn, dataset, state_dict, batch_sizes, seeds=(0,), steps
                 out[k][i, j] = float(rec[k])
     out.update(batch_sizes=np.array(bs), seeds=seeds, keys=keys)
     return out
+
+
+# =============================================================================
+# Real-training thresholds of a nonlinear network, from a checkpoint
+# =============================================================================
+#
+# `training_threshold` measures, by bisection in log α and separately for each seed (each
+# seed fixes the batch sequence), the largest constant learning rate at which SGD (with or
+# without heavy-ball momentum) started from the model's current parameters is judged
+# stable by one of three named criteria:
+#
+#   "divergence" — unstable iff the full-data loss ever exceeds `factor` × its value at
+#                  the checkpoint, or anything becomes non-finite, within `steps` steps;
+#   "final"      — unstable iff the full-data loss after `steps` steps exceeds its start;
+#   "onset"      — unstable iff the component c_t = ⟨w_t − w_0, u⟩ of the displacement
+#                  along the top Hessian eigenvector u grows in the first `steps` steps:
+#                  the least-squares slope of log|c_t| over the second half of the run
+#                  exceeds `growth_threshold` (default 3/steps). This is the local
+#                  (quadratic-model) instability the stability formulas are about; the
+#                  network has not yet had time to reduce its curvature (catapult).
+#
+# The three are ordered onset ≤ divergence in practice, and "final" sits between
+# them when the network self-stabilises. All trials run the model in eval mode.
+
+TRAINING_CRITERIA = ("divergence", "final", "onset")
+
+
+@dataclass(frozen=True)
+class TrainingTrial:
+    """One run from the checkpoint: lr, batch_size, steps, momentum, seed, criterion,
+    unstable (bool), initial_loss, max_loss, final_loss (full-data), growth_rate (onset
+    criterion: slope of log|⟨w_t − w_0, u⟩| per step; NaN otherwise), steps_run, reason."""
+
+    lr: float
+    batch_size: int
+    steps: int
+    momentum: float
+    seed: int
+    criterion: str
+    unstable: bool
+    initial_loss: float
+    max_loss: float
+    final_loss: float
+    growth_rate: float
+    steps_run: int
+    reason: str
+
+    @property
+    def diverged(self) -> bool:          # read by `bisect_max_lr`
+        return self.unstable
+
+
+def _flat_params(net):
+    return [p for p in net.parameters() if p.requires_grad]
+
+
+def _full_data_loss(net, loss_fn, X, y, chunk):
+    with torch.no_grad():
+        tot = 0.0
+        for i in range(0, len(X), chunk):
+            tot += float(loss_fn(net(X[i:i + chunk]), y[i:i + chunk])) * len(X[i:i + chunk])
+    return tot / len(X)
+
+
+def _top_direction(model, loss_fn, data, seed):
+    """Unit top eigenvector of the full-data Hessian (k=1 Lanczos), as a flat tensor."""
+    from nets.algorithms.lanczos import eigsh
+    from nets.curvature.operators import curvature_operator
+
+    op = curvature_operator(model, loss_fn, data, kind="hessian")
+    top = eigsh(op, k=1, which="LA", tol=1e-8, seed=seed)
+    u = torch.as_tensor(np.asarray(top.vectors[:, 0]), dtype=torch.float64)
+    return u / u.norm(), float(top.values[0])
+
+
+def training_trial(model, loss_fn, X, y, lr, batch_size, *, steps, momentum=0.0, seed=0,
+                   criterion="divergence", factor=10.0, direction=None,
+                   growth_threshold=None, chunk_size=4096) -> TrainingTrial:
+    """Train `steps` SGD steps from the model's parameters at constant lr; judge stability.
+
+    Update (torch's heavy-ball convention): v ← m·v + g_B, w ← w − α·v, with g_B the
+    gradient of the mean loss on a fresh uniformly random batch of `batch_size` distinct
+    samples per step (torch.Generator seeded by `seed`: same seed, same batches). X, y are
+    the full data tensors; the model is not modified (a deep copy is trained, eval mode).
+    criterion: "divergence" (loss ever > factor × start, or non-finite), "final" (loss at
+    the end > start), "onset" (growth of ⟨w_t − w_0, direction⟩; `direction` is the flat
+    unit top eigenvector).
+    """
+    if criterion not in TRAINING_CRITERIA:
+        raise ValueError(f"criterion must be one of {TRAINING_CRITERIA}, got {criterion!r}")
+    if criterion == "onset" and direction is None:
+        raise ValueError("criterion='onset' needs the top eigenvector (direction=)")
+    N = len(X)
+    net = copy.deepcopy(model)
+    net.train(False)
+    params = _flat_params(net)
+    w0 = torch.cat([p.detach().reshape(-1) for p in params]).double()
+    bufs = [torch.zeros_like(p) for p in params]
+    gen = torch.Generator().manual_seed(int(seed))
+    L0 = _full_data_loss(net, loss_fn, X, y, chunk_size)
+    max_loss, loss_t, proj = L0, L0, []
+    unstable, reason, t = False, "stable", 0
+    for t in range(1, steps + 1):
+        idx = torch.randperm(N, generator=gen)[:batch_size]
+        loss = loss_fn(net(X[idx]), y[idx])
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            for p, g, b in zip(params, grads, bufs):
+                if momentum:
+                    b.mul_(momentum).add_(g)
+                    g = b
+                p.sub_(lr * g)
+        if criterion == "onset":
+            w = torch.cat([p.detach().reshape(-1) for p in params]).double()
+            c = float(torch.dot(w - w0, direction))
+            if not math.isfinite(c):
+                unstable, reason = True, "non-finite parameters"
+                break
+            proj.append(abs(c))
+            continue
+        if criterion == "divergence" or t == steps:
+            loss_t = _full_data_loss(net, loss_fn, X, y, chunk_size)
+            if not math.isfinite(loss_t):
+                unstable, reason, max_loss = True, "non-finite loss", math.inf
+                break
+            max_loss = max(max_loss, loss_t)
+            if criterion == "divergence" and loss_t > factor * L0:
+                unstable, reason = True, f"loss {loss_t:.4g} > {factor:g} x start {L0:.4g} at step {t}"
+                break
+    rate = math.nan
+    if criterion == "final" and not unstable and loss_t > L0:
+        unstable, reason = True, f"final loss {loss_t:.4g} > start {L0:.4g}"
+    if criterion == "onset" and not unstable:
+        thr = 3.0 / steps if growth_threshold is None else float(growth_threshold)
+        rate = fit_growth_rate(proj, 0.5)
+        if rate > thr:
+            unstable, reason = True, f"growth rate along u {rate:.3g} > {thr:.3g}"
+    return TrainingTrial(float(lr), int(batch_size), int(steps), float(momentum), int(seed),
+                         criterion, bool(unstable), float(L0), float(max_loss),
+                         float(loss_t), float(rate), int(t), reason)
+
+
+@result
+class TrainingThresholds(Result):
+    """Measured real-training learning-rate thresholds per batch size.
+
+    batch_sizes (n_B,); lr : mean over seeds of the per-seed threshold √(lo·hi) (n_B,);
+    stderr : standard error over seeds (std ddof=1 / √n_seeds; NaN for one seed);
+    per_seed, lo, hi : (n_B, n_seeds); seeds; criterion; momentum; steps (n_B,); factor;
+    rel_tol; n_trials (total training runs, resumed ones included); store_keys."""
+
+    batch_sizes: np.ndarray
+    lr: np.ndarray
+    stderr: np.ndarray
+    per_seed: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    seeds: tuple
+    criterion: str
+    momentum: float
+    steps: np.ndarray
+    factor: float
+    rel_tol: float
+    n_trials: int
+    store_keys: tuple
+
+    def plot(self, ax=None, *, label=None, color="k"):
+        """Measured thresholds ± stderr against B (log-log); returns the axes."""
+        import matplotlib.pyplot as plt
+
+        ax = plt.gca() if ax is None else ax
+        err = np.nan_to_num(self.stderr)
+        ax.errorbar(self.batch_sizes, self.lr, yerr=err, fmt="o", color=color, capsize=3,
+                    label=label or f"measured ({self.criterion}, m={self.momentum:g})")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size B")
+        ax.set_ylabel("learning rate")
+        return ax
+
+
+def _model_tag(model, X) -> str:
+    import hashlib
+
+    h = hashlib.sha1()
+    for p in model.state_dict().values():
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    h.update(X.detach().cpu().contiguous().numpy().tobytes()[:1 << 20])
+    h.update(str(len(X)).encode())
+    return h.hexdigest()[:12]
+
+
+def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergence",
+                       optimizer="sgd", momentum=0.0, steps=200, seeds=(0, 1, 2),
+                       factor=10.0, lr0=None, rel_tol=0.03, growth_threshold=None,
+                       store=None, tag="", chunk_size=4096, device=None, dtype=None,
+                       seed=0, progress=None) -> TrainingThresholds:
+    """Real training threshold of SGD (± heavy-ball momentum) per batch size, by bisection.
+
+    From the model's current parameters (the checkpoint; the model is not modified), for
+    each B and each seed in `seeds` (the batch sequence), bisect in log α for the edge
+    between runs judged stable and unstable by `criterion` ("divergence": full-data loss
+    ever > `factor` × start or non-finite; "final": loss after `steps` steps > start;
+    "onset": ⟨w_t − w_0, u⟩ along the top Hessian eigenvector u grows in the first
+    `steps` steps, fitted slope of log|·| > `growth_threshold`, default 3/steps).
+    Bisection (`bisect_max_lr`) starts at `lr0` (float, callable B -> float, or None:
+    1/λ₁ from a k=1 Lanczos) and stops at hi/lo ≤ 1 + rel_tol.
+
+    optimizer: "sgd" or a `torch.optim.SGD` instance/class-less spec whose momentum is read.
+    steps: an int or a callable B -> int. store: a `JsonlStore`, a path or None; every
+    finished (B, seed) is written at once and re-runs skip stored keys (resumable).
+    seed: seeds the Lanczos start of the onset direction and the default lr0.
+    Returns a `TrainingThresholds` (mean over seeds, standard error, per-seed values).
+    """
+    from nets.utils.data_source import as_data_source
+    from nets.utils.progress import progress_bar
+
+    if criterion not in TRAINING_CRITERIA:
+        raise ValueError(f"criterion must be one of {TRAINING_CRITERIA}, got {criterion!r}")
+    momentum = _read_momentum(optimizer, momentum)
+    src = as_data_source(data, name="data")
+    X, y = src.tensors()
+    if device is not None or dtype is not None:
+        X = X.to(device=device, dtype=dtype if X.is_floating_point() else None)
+        y = y.to(device=device)
+    N = len(X)
+    bs = [as_int("batch_sizes", b, minimum=1) for b in np.atleast_1d(batch_sizes)]
+    for B in bs:
+        if B > N:
+            raise ValueError(f"batch_sizes must be <= N={N}, got {B}")
+    seeds = tuple(as_seed("seeds", s) for s in np.atleast_1d(seeds).tolist())
+    factor = as_float("factor", factor, positive=True)
+    rel_tol = as_float("rel_tol", rel_tol, positive=True)
+    if store is not None and not isinstance(store, JsonlStore):
+        store = JsonlStore(store)
+    direction, lam = None, None
+    if criterion == "onset" or lr0 is None:
+        direction, lam = _top_direction(model, loss_fn, (X, y), as_seed("seed", seed))
+    if lr0 is None:
+        lr0 = 1.0 / lam
+    mtag = _model_tag(model, X)
+    shape = (len(bs), len(seeds))
+    per, lo, hi = np.full(shape, np.nan), np.full(shape, np.nan), np.full(shape, np.nan)
+    Ks, keys, n_trials = [], [], 0
+    jobs = [(i, j) for i in range(len(bs)) for j in range(len(seeds))]
+    for i, j in progress_bar(jobs, progress=progress, total=len(jobs),
+                             desc=f"lr threshold ({criterion}, m={momentum:g})", expected_s=10):
+        B, s = bs[i], seeds[j]
+        K = as_int("steps", steps(B) if callable(steps) else steps, minimum=8)
+        if len(Ks) <= i:
+            Ks.append(K)
+        key = (f"{tag}|{mtag}|{criterion}|m={momentum:g}|B={B}|seed={s}|K={K}"
+               f"|factor={factor:g}|tol={rel_tol:g}")
+        keys.append(key)
+        if store is not None and key in store:
+            rec = store[key]
+        else:
+            a0 = lr0(B) if callable(lr0) else float(lr0)
+            res = bisect_max_lr(
+                lambda a: training_trial(model, loss_fn, X, y, a, B, steps=K, momentum=momentum,
+                                         seed=s, criterion=criterion, factor=factor,
+                                         direction=direction, growth_threshold=growth_threshold,
+                                         chunk_size=chunk_size),
+                a0, rel_tol=rel_tol)
+            rec = {"lo": res.lo, "hi": res.hi, "alpha": res.alpha, "n_trials": res.n_trials,
+                   "batch_size": B, "seed": s, "steps": K, "momentum": momentum,
+                   "criterion": criterion}
+            if store is not None:
+                store.put(key, rec)
+        per[i, j], lo[i, j], hi[i, j] = rec["alpha"], rec["lo"], rec["hi"]
+        n_trials += int(rec["n_trials"])
+    mean = per.mean(axis=1)
+    se = per.std(axis=1, ddof=1) / np.sqrt(len(seeds)) if len(seeds) > 1 else np.full(len(bs), np.nan)
+    return TrainingThresholds(np.array(bs), mean, se, per, lo, hi, seeds, criterion,
+                              float(momentum), np.array(Ks), factor, rel_tol, n_trials,
+                              tuple(keys))
+
+
+def _read_momentum(optimizer, momentum) -> float:
+    """Heavy-ball momentum from `optimizer` ("sgd" or a torch.optim.SGD instance) or the
+    explicit `momentum`; refuses other optimizers, dampening and Nesterov."""
+    if isinstance(optimizer, str):
+        if optimizer.lower() != "sgd":
+            raise ValueError(f"optimizer must be 'sgd' or a torch.optim.SGD, got {optimizer!r}")
+        m = as_float("momentum", momentum, nonnegative=True)
+    elif isinstance(optimizer, torch.optim.SGD):
+        g = optimizer.param_groups[0]
+        if g.get("nesterov") or g.get("dampening", 0.0):
+            raise ValueError("optimizer: Nesterov momentum and dampening are not supported")
+        m = float(g.get("momentum", 0.0))
+    else:
+        raise TypeError(f"optimizer must be 'sgd' or a torch.optim.SGD instance, "
+                        f"got {type(optimizer).__name__}")
+    if not m < 1:
+        raise ValueError(f"momentum must be in [0, 1), got {m}")
+    return m

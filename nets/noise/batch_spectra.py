@@ -30,10 +30,6 @@ import math
 import numpy as np
 import torch
 
-from rmt.sampling import batch_noise_factor
-from rmt.spiked_wigner import spiked_wigner_outlier
-from rmt.validation import as_batch_sizes, as_float, as_int, as_seed
-
 from nets.algorithms.lanczos import eigsh
 from nets.curvature.loss_check import check_mean_reduced
 from nets.curvature.operators import curvature_operator
@@ -41,6 +37,9 @@ from nets.noise.directional import directional_noise_from_operator, isotropic_no
 from nets.utils.jsonl_store import JsonlStore
 from nets.utils.progress import progress_bar
 from nets.utils.results import Result, result
+from rmt.sampling import batch_noise_factor
+from rmt.spiked_wigner import spiked_wigner_outlier
+from rmt.validation import as_batch_sizes, as_float, as_int, as_seed
 
 __all__ = ["measure_batch_top_eigenvalue", "predict_batch_top_eigenvalue", "BatchTopEigenvalues",
            "BatchTopEigenvaluePrediction", "FormCurve", "isotropic_form", "directional_form",

@@ -25,17 +25,17 @@ quantity, `nets.learning_rates.lr_prediction`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch.func import grad, vmap
 
-from nets.utils.data_source import as_data_source, check_indices
-from nets.utils.progress import progress_bar
-from rmt.validation import as_int, as_seed
-from nets.curvature.operators import check_policy, policy_mode, resolve_device_dtype, hessian_operator
+from nets.curvature.operators import check_policy, hessian_operator, policy_mode, resolve_device_dtype
 from nets.curvature.params import ParamLayout, functional_loss, make_functional
+from nets.utils.data_source import as_data_source, check_indices
+from nets.utils.memory import chunk_count, memory_budget, product_bytes
+from nets.utils.progress import progress_bar
+from nets.utils.results import Result, result
+from rmt.validation import as_int, as_seed
 
 __all__ = ["GradientNoise", "per_sample_gradients", "gradient_noise"]
 
@@ -78,23 +78,34 @@ class _PerSample:
             return self._vg(self._cast(X), self._cast(y))
 
 
+def _chunk(chunk_size, memory, ps, src) -> int:
+    """Samples per vmapped chunk: `chunk_size`, or what fits the memory budget."""
+    if chunk_size is not None:
+        return as_int("chunk_size", chunk_size, minimum=1)
+    per = product_bytes(ps.layout.P, 1, 1, src.first_sample_numel(),
+                        torch.finfo(ps.dtype).bits // 8)
+    return chunk_count(src.N, per, memory_budget(memory, ps.device), cap=4096)
+
+
 def per_sample_gradients(model, loss_fn, data, *, indices=None, params=None, policy=None,
-                         chunk_size=256, device=None, dtype=None) -> torch.Tensor:
+                         chunk_size=None, device=None, dtype=None,
+                         memory=None) -> torch.Tensor:
     """Matrix (n, P) of per-sample gradients ∇ℓ_i(w) for the samples `indices` (default
     all) of `data` (any form of `nets.utils.data_source`). Use only when n·P fits in
-    memory; `gradient_noise` streams instead."""
+    memory; `gradient_noise` streams instead. chunk_size : samples per vmapped chunk
+    (None: from the memory budget `memory`, `nets.utils.memory`)."""
     src = _source(data)
     ps = _PerSample(model, loss_fn, params, device, dtype, policy)
     idx = np.arange(src.N) if indices is None else check_indices(indices, src.N)
-    chunk_size = as_int("chunk_size", chunk_size, minimum=1)
+    chunk_size = _chunk(chunk_size, memory, ps, src)
     parts = []
     for s in range(0, len(idx), chunk_size):
         parts.append(ps(*src.take(idx[s:s + chunk_size])).detach())
     return torch.cat(parts)
 
 
-@dataclass(frozen=True)
-class GradientNoise:
+@result
+class GradientNoise(Result):
     """Gradient statistics at one point w (module docstring for the formulas).
 
     N, P; mean (ḡ, array P); var (per-coordinate Σ_jj, unbiased, array P);
@@ -123,20 +134,23 @@ class GradientNoise:
 
 
 def gradient_noise(model, loss_fn, data, *, hessian_samples=128, hessian=True, params=None,
-                   policy=None, chunk_size=256, device=None, dtype=None, seed=0,
-                   progress=None) -> GradientNoise:
+                   policy=None, chunk_size=None, device=None, dtype=None, seed=0,
+                   progress=None, memory=None) -> GradientNoise:
     """Mean, per-coordinate variance and noise scales of the per-sample gradients of
     `data` (any form of `nets.utils.data_source`; read chunk by chunk).
 
     hessian_samples: m for the tr(HΣ) estimate (None or ≥ N: all samples, exact).
     hessian=False skips tr(HΣ), ḡᵀHḡ (B_noise, eps_max are then NaN).
-    chunk_size: samples per vmapped per-sample-gradient chunk (memory chunk × P).
+    chunk_size: samples per vmapped per-sample-gradient chunk (memory chunk × P; None:
+    from the memory budget `memory` — bytes, "2GB", or None for a share of the free
+    memory, `nets.utils.memory`); the Hessian products on several gradients are split
+    to the same budget by the operator.
     """
     src = _source(data)
     N = src.N
     seed = as_seed("seed", seed)
-    chunk_size = as_int("chunk_size", chunk_size, minimum=1)
     ps = _PerSample(model, loss_fn, params, device, dtype, policy)
+    chunk_size = _chunk(chunk_size, memory, ps, src)
     P = ps.layout.P
     acc = torch.float64
     n = 0

@@ -49,26 +49,26 @@ s_u² − σ_uu²; `directional_s2` reports both pieces so the two are comparabl
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from nets.utils.data_source import as_data_source
-from nets.utils.progress import progress_bar
-from rmt.validation import as_batch_sizes, as_int, as_rng
-from rmt.sampling import batch_noise_factor
-
 from nets.algorithms.lanczos import eigsh
-from nets.noise.directional import check_noise_operator
 from nets.curvature.operators import ModelCurvatureOperator, curvature_operator
+from nets.noise.directional import check_noise_operator
+from nets.utils.data_source import as_data_source
+from nets.utils.memory import chunk_count, memory_budget, product_bytes
+from nets.utils.progress import progress_bar
+from nets.utils.results import Result, result
+from rmt.sampling import batch_noise_factor
+from rmt.validation import as_batch_sizes, as_int, as_rng
 
 __all__ = ["SubspaceNoise", "subspace_noise_from_operator", "subspace_noise",
            "subspace_batch_top_eigenvalue", "default_subspace_dim"]
 
 
-@dataclass(frozen=True)
-class SubspaceNoise:
+@result
+class SubspaceNoise(Result):
     """Per-sample curvature statistics on a k-dimensional subspace U.
 
     lam : (k,) Rayleigh quotients diag(Uᵀ H U) (the eigenvalues Λ_k when U holds
@@ -146,10 +146,11 @@ def _orthonormal(U, P: int, device) -> torch.Tensor:
 
 
 def subspace_noise_from_operator(op: ModelCurvatureOperator, U, *, chunk_size=None,
-                                 progress=None) -> SubspaceNoise:
+                                 progress=None, memory=None) -> SubspaceNoise:
     """Per-sample projections a_i = Uᵀ(H_i − H)U and complement noise D (module docstring)
     for the data and curvature kind held by `op`. One per-sample pass of k curvature
-    products each (vmapped over samples in chunks; memory chunk × P × k)."""
+    products each (vmapped over samples in chunks; memory chunk × P × k, the chunk
+    from the budget `memory` unless `chunk_size` is given, `nets.utils.memory`)."""
     check_noise_operator(op)
     U = _orthonormal(U, op.P, op.device)
     P, k = U.shape
@@ -157,7 +158,9 @@ def subspace_noise_from_operator(op: ModelCurvatureOperator, U, *, chunk_size=No
     if N < 2:
         raise ValueError("need at least 2 samples")
     Uo = U.to(op.dtype)
-    chunk = (max(1, min(N, 256, (1 << 24) // max(P * k, 1))) if chunk_size is None
+    chunk = (chunk_count(N, product_bytes(P, k, 1, op.source.first_sample_numel(),
+                                          torch.finfo(op.dtype).bits // 8),
+                         memory_budget(memory, op.device), cap=4096) if chunk_size is None
              else as_int("chunk_size", chunk_size, minimum=1))
     HU = op.matmat(Uo).to(torch.float64)                                   # (P, k)
     a_list, D = [], torch.zeros(k, k, dtype=torch.float64, device=U.device)

@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rmt.validation import as_float, as_int
-
 from nets.utils.seeding import torch_generator
+from rmt.validation import as_float, as_int
 
 __all__ = [
     "check_dataset",

@@ -17,7 +17,7 @@ import functools
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Callable
 
@@ -25,13 +25,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from rmt.validation import as_float, as_int
-
-from nets.utils.atomic import atomic_write
 from nets.training.data import check_dataset, load_digits
-from nets.utils.data_source import as_data_source
 from nets.training.models import MLP
+from nets.utils.atomic import atomic_write
+from nets.utils.data_source import as_data_source
 from nets.utils.results import Result, result
+from rmt.validation import as_float, as_int
 
 __all__ = [
     "TrainResult",

@@ -23,9 +23,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from rmt.validation import as_float, as_int
-
 from nets.utils.seeding import torch_generator
+from rmt.validation import as_float, as_int
 
 __all__ = [
     "MLP",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, IO
+from typing import IO, Callable
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], binary: bool = True) -> Path:

@@ -11,13 +11,11 @@ therefore skips the keys already present and never duplicates them.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from nets.utils.jsonio import to_jsonable
-
 
 _jsonable = to_jsonable
 

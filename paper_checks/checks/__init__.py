@@ -20,9 +20,12 @@ _DEFAULT_NAMES = [
     "network_batch_spectra",
     "sgd_scaling_least_squares",
     "sgd_scaling_mlp",
+    "lr_transfer",
     "adam_sqrt_scaling",
+    "adam_real_training",
     "damping_inverse_batch",
     "symbolic_derivations",
+    "edge_of_stochastic_stability",
 ]
 _OPTIONAL = {"on_the_fly_learner": "nets.learning_rates.learner"}   # included only if the module exists
 _PAPER_SCALE_NAMES = ["cifar_batch_spectra"]

@@ -6,7 +6,7 @@ A finite population of N per-sample Hessians is built explicitly,
 
 Z_i symmetric with i.i.d. N(0, σ²) off-diagonal and N(0, 2σ²) diagonal entries (GOE
 normalisation), centred so that the empirical Hessian (1/N)Σ H_i is exactly H. A batch
-is a uniformly random subset S of size B drawn **without replacement** (THEORY §1), and
+is a uniformly random subset S of size B drawn **without replacement** (docs/theory.md §1), and
 H_B = (1/B) Σ_{i∈S} H_i. Nothing here uses the theory: the per-sample entry variance
 σ² fed to the predictions is *measured* from the population (mean over off-diagonal
 entries of the ddof=1 variance), as a practitioner would.

@@ -1,5 +1,5 @@
 """Check 8 — Adam square-root scaling: α_max(B) ∝ √B in the noise-dominated regime
-(THEORY §5, "Adam / adaptive").
+(docs/theory.md §5, "Adam / adaptive").
 
 Problem: `nets.learning_rates.least_squares.spiked_regression` with label noise, at its least-squares
 minimizer ŵ: the mean gradient is exactly 0 and the per-sample gradients g_i = x_i r_i

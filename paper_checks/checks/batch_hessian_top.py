@@ -17,8 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..result import judged
-from . import montecarlo as mc
 from . import _plotting as pl
+from . import montecarlo as mc
 from ._batch_wigner import shared_simulation
 
 NAME = "batch_hessian_top"

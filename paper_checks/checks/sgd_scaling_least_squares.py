@@ -1,5 +1,5 @@
 """Check 7a — SGD linear scaling on least squares: α_max(B) = (2/λ)/(1 + B*·c(B,N)),
-linear in B for B ≪ B* = s_u²/λ² (THEORY §5).
+linear in B for B ≪ B* = s_u²/λ² (docs/theory.md §5).
 
 Problem: `nets.learning_rates.least_squares.spiked_regression` (Gaussian inputs, one spike in a random
 direction, B* ≈ 48 by construction), realizable so that e ← (I − αH_B)e exactly.
@@ -22,8 +22,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..result import judged
-from . import montecarlo as mc
 from . import _plotting as pl
+from . import montecarlo as mc
 from ._quadratic_runs import GROWTH_TOL, growth_rates, steps_for, threshold_from_grid
 
 NAME = "sgd_scaling_least_squares"

@@ -1,6 +1,6 @@
 """Check 7b — SGD linear scaling on the digits MLP (Gauss–Newton quadratic model).
 
-Near a minimum the batch loss is quadratic (THEORY §5); we use the network's own
+Near a minimum the batch loss is quadratic (docs/theory.md §5); we use the network's own
 per-sample Gauss–Newton curvature, G_i = J_iᵀ Λ_i J_i (J_i the Jacobian of the logits
 w.r.t. all P parameters, Λ_i = diag(p_i) − p_i p_iᵀ the softmax Hessian), so the quadratic
 model is PSD and SGD on it, e ← (I − α G_B)e, has a sharp divergence threshold. (The

@@ -1,5 +1,5 @@
 """Check 4 — field-dependent noise: with a variance profile the outlier depends on where
-the spike lives, not on the average variance (THEORY §3).
+the spike lives, not on the average variance (docs/theory.md §3).
 
 Simulation: P×P symmetric Wigner-type matrices W with independent entries of variance
 S[a,b]/P for a coordinate in block a and one in block b (two blocks, fractions f), plus a
@@ -21,8 +21,8 @@ import numpy as np
 import scipy.linalg
 
 from ..result import judged
-from . import montecarlo as mc
 from . import _plotting as pl
+from . import montecarlo as mc
 
 NAME = "variance_profile"
 CLAIM = ("Field-dependent (variance-profile) noise: the outlier of a spike depends on the "

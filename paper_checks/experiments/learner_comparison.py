@@ -1,4 +1,4 @@
-"""The on-the-fly learner against tuned SGD + momentum and tuned Adam (THEORY.md §6).
+"""The on-the-fly learner against tuned SGD + momentum and tuned Adam (docs/theory.md §6).
 
 `compare` trains, on the sklearn digits (CPU, no download), an MLP 64→32→10 (tanh) and
 a `SmallCNN` (8×8 images, width 8, ReLU) with three optimizers and records, per run,
@@ -61,22 +61,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from rmt.validation import as_float, as_int
-
-from nets.training.data import load_digits
-from nets.utils.jsonl_store import JsonlStore
 from nets.learning_rates.learner import ROBUST_SETTINGS, CurvatureAdaptiveSGD
-from nets.training.models import MLP, PreResNet, SmallCNN
+from nets.training.data import load_digits
 from nets.training.loops import evaluate
+from nets.training.models import MLP, PreResNet, SmallCNN
+from nets.utils.jsonl_store import JsonlStore
+from rmt.validation import as_float, as_int
 
 __all__ = ["RunRecord", "TuningRecord", "ComparisonResult", "compare", "compare_cifar",
            "LEARNER_DEFAULTS", "CIFAR_CONFIG", "digits_split", "train_run"]
 
-#: Learner settings used by `compare` unless `learner_kwargs` overrides them.
+#: Learner settings used by `compare` unless `learner_kwargs` overrides them (the guarded
+#: `ROBUST_SETTINGS`, which are also CurvatureAdaptiveSGD's defaults).
 LEARNER_DEFAULTS = dict(curvature_batch_size=128, lanczos_steps=20, mu_rule="weighted",
                         weight_threshold=1e-2, **ROBUST_SETTINGS)
 
-#: The paper's learner run (THEORY.md §6–7) at full scale: PreResNet-110 on CIFAR-100.
+#: The paper's learner run (docs/theory.md §6–7) at full scale: PreResNet-110 on CIFAR-100.
 #: Documented, not run here (GPU + the CIFAR-100 python files needed).
 CIFAR_CONFIG = dict(
     model="preresnet", depth=110, n_classes=100, dataset="cifar100", batch_size=128,
@@ -88,7 +88,7 @@ CIFAR_CONFIG = dict(
                  weight_decay=5e-4, policy="train_batch_stats"),
     sgd_lrs=(0.03, 0.05, 0.1), sgd_momentum=0.9, adam_lrs=(3e-4, 1e-3), weight_decay=5e-4,
     device="cuda")
-"""PreResNet-110 on CIFAR-100 (THEORY.md §7). B_c = B = 128, so the batch-size correction
+"""PreResNet-110 on CIFAR-100 (docs/theory.md §7). B_c = B = 128, so the batch-size correction
 is the identity and is off. Curvature products use ``policy="train_batch_stats"`` (the
 curvature of the train-mode loss that SGD follows; BatchNorm buffers are not written).
 The "paper" momentum variant is the authors' choice; on the digits CNN it was less

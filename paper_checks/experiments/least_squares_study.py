@@ -14,9 +14,8 @@ import math
 
 import numpy as np
 
-from rmt.validation import as_int
-
 from nets.learning_rates.least_squares import LeastSquaresProblem, naive_batch_lr
+from rmt.validation import as_int
 
 __all__ = ["lr_study"]
 

@@ -1,0 +1,94 @@
+"""Adam in real training: warmed-state thresholds vs the preconditioned prediction.
+
+For the digits MLP (cross-entropy) or a small CNN trained briefly on digits, and for
+β₁ ∈ {0.9, 0} (β₂ = 0.999, ε = 1e-8): the warmed-state onset threshold
+(`nets.learning_rates.adam.adam_threshold`), the fresh-state first-step limit, the
+noise-model prediction (`predict_adam_max_lr`), transfers anchored at B₀ = 32 and the
+largest B, and the small-B exponent with a bootstrap interval over seeds. Writes
+benchmarks/results/bench_adam_<model>.json.
+
+    python benchmarks/bench_adam.py --model mlp --seeds 3
+    python benchmarks/bench_adam.py --model cnn --batch-sizes 8 32 128 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from _common import write_json
+
+
+def _model(name):
+    from nets.training.loops import train, trained_digits_mlp
+    from nets.training.models import SmallCNN
+
+    if name == "mlp":
+        return trained_digits_mlp(seed=0)
+    model, (X, y) = trained_digits_mlp(seed=0)
+    X = X.reshape(-1, 1, 8, 8)
+    cnn = SmallCNN(in_channels=1, image_size=8, width=8, activation="tanh", seed=0)
+    train(cnn, torch.nn.functional.cross_entropy, (X, y), epochs=10, lr=0.05, batch_size=64,
+          optimizer="sgd", momentum=0.9, seed=0)
+    return cnn.eval(), (X, y)
+
+
+def _exponent(Bs, per_seed, rng, max_b=128, n_boot=2000):
+    keep = Bs <= max_b
+    x, Y = np.log(Bs[keep]), per_seed[keep]
+    k = np.polyfit(x, np.log(Y.mean(1)), 1)[0]
+    boots = [np.polyfit(x, np.log(np.array([r[rng.integers(0, len(r), len(r))].mean()
+                                            for r in Y])), 1)[0] for _ in range(n_boot)]
+    lo, hi = np.quantile(boots, [0.025, 0.975])
+    return {"exponent": float(k), "ci_low": float(lo), "ci_high": float(hi)}
+
+
+def main():
+    from nets.learning_rates.adam import adam_threshold, adam_transfer_lr, predict_adam_max_lr
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256, 512])
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=500)
+    ap.add_argument("--warmup-lr", type=float, default=1e-4)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--criterion", choices=("divergence", "onset", "final"), default="divergence")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    model, (X, y) = _model(args.model)
+    lf = torch.nn.functional.cross_entropy
+    Bs = np.array(args.batch_sizes)
+    seeds = tuple(range(args.seeds))
+    out = {"model": args.model, "criterion": args.criterion, "batch_sizes": Bs, "warmup": args.warmup,
+           "warmup_lr": args.warmup_lr, "steps": args.steps, "seeds": seeds, "runs": {}}
+    for b1 in (0.9, 0.0):
+        betas = (b1, 0.999)
+        t = time.perf_counter()
+        pred = predict_adam_max_lr(model, lf, (X, y), Bs, betas=betas)
+        warm = adam_threshold(model, lf, (X, y), Bs, betas=betas, warmup_steps=args.warmup,
+                              warmup_lr=args.warmup_lr, steps=args.steps, seeds=seeds,
+                              criterion=args.criterion)
+        fresh = adam_threshold(model, lf, (X, y), Bs, betas=betas, warmup_steps=0, steps=8,
+                               criterion="divergence", seeds=seeds[:1], lr0=1e-2)
+        run = {"predicted": pred.lr, "predicted_state": warm.predicted_state,
+               "measured": warm.lr, "measured_per_seed": warm.per_seed,
+               "fresh": fresh.lr, "fresh_first_step": fresh.first_step,
+               "exponent": _exponent(Bs, warm.per_seed, np.random.default_rng(0)),
+               "seconds": time.perf_counter() - t}
+        for B0 in (32, int(Bs.max())):
+            a0 = float(warm.lr[list(Bs).index(B0)])
+            tr = adam_transfer_lr(model, lf, (X, y), Bs, reference=(B0, a0), prediction=pred)
+            run[f"transfer_{B0}_ratio"] = tr.lr / warm.lr
+        out["runs"][f"beta1={b1:g}"] = run
+        print(f"β₁={b1:g}: measured {np.round(warm.lr, 4)} predicted {np.round(pred.lr, 4)} "
+              f"fresh {np.round(fresh.lr, 4)} exponent {run['exponent']} "
+              f"({run['seconds']:.0f} s)", flush=True)
+    print("wrote", write_json(f"bench_adam_{args.model}", out, args.out))
+
+
+if __name__ == "__main__":
+    main()

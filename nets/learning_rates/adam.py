@@ -1,0 +1,661 @@
+"""Adam's stability limit in real training: the preconditioned sharpness and its threshold.
+
+Which quantity. Adam (torch convention, bias-corrected) updates
+
+    m ← β₁m + (1−β₁)g_B,  v ← β₂v + (1−β₂)g_B²,  w ← w − α·m̂ / (√v̂ + ε),
+    m̂ = m/(1−β₁ᵗ),  v̂ = v/(1−β₂ᵗ).
+
+With the second moment frozen, P = diag(√v̂ + ε) is a fixed preconditioner and, in the
+coordinates z = P^{1/2}w, Adam is EMA-momentum gradient descent on the preconditioned
+curvature P^{-1/2} H_B P^{-1/2}. Its local (quadratic-model) stability limit is
+
+    α_max = 2(1+β₁)/(1−β₁) / λ_max(P^{-1/2} H_B P^{-1/2})       (38/λ at β₁ = 0.9)
+
+(Cohen et al. 2022, "adaptive edge of stability"). `preconditioned_operator` builds the
+composed operator D^{1/2} H_B D^{1/2}, D = P^{-1} = diag(1/(√v̂ + ε)), from the actual
+state of a `torch.optim.Adam` (never a P×P matrix), and
+`preconditioned_batch_sharpness` averages its top eigenvalue over random batches S.
+
+So the state matters: P is built from v at the moment the lr is raised. A **fresh**
+state has v = 0 and the first step is α·g/(|g| + ε) ≈ α·sign(g) — a step of length
+≈ α·√P whatever the curvature; runs that blow up on step one measure that sign-step
+limit (which falls with B only through how the sign pattern of g_B lines up with the
+curvature), not the curvature limit above. The **warmed-state protocol**
+(`adam_threshold`, module section below) therefore first runs `warmup_steps` Adam steps
+at a small stated lr `warmup_lr` at the same batch size B (so v̂ ≈ E[g_B²] = ḡ² +
+c(B,N)·Σ_jj, the noise model of the square-root rule), then raises the lr to α from that
+warmed (model, optimizer) state and judges the run. `warmup_steps=0` gives the fresh-state
+(first-step) limit, reported separately.
+
+Random-matrix prediction from one pass (`predict_adam_max_lr`). The same forms as for
+SGD, applied to the preconditioned per-sample curvatures A_i = D^{1/2} H_i D^{1/2}: with
+the top eigenpair (λ̃, ũ) of A = D^{1/2} H D^{1/2} and the directional noise
+
+    s̃² = (1/(N−1)) Σ_i ‖(A_i − A) ũ‖²,
+
+λ̃'(B) = λ̃ + c(B,N)·s̃²/λ̃ and α_max(B) = 2(1+β₁)/(1−β₁)/λ̃'(B). D(B) is taken from the
+noise model D = diag(1/(√(ḡ_j² + c(B,N)·Σ_jj) + ε)) (per-sample gradient mean ḡ and
+variance Σ_jj, `nets.noise.gradient_noise`) — the state a warmup at batch size B
+reaches — or from given optimizer states. In the noise-dominated regime D ≈ √B·Σ^{-1/2},
+so λ̃ ∝ √B and s̃² ∝ B, λ̃' ≈ c·s̃²/λ̃ ∝ 1/√B and α_max ∝ √B; where ḡ² dominates v, D stops
+growing with B and α_max saturates.
+`adam_transfer_lr` rescales a known-good (B₀, α₀) along that curve.
+
+None of these is Malladi et al.'s SDE rule (`rmt.lr.malladi_adam_scaling`), which says how
+to change α, β, ε together to keep the same dynamics, not where Adam becomes unstable.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import torch
+
+from nets.algorithms.lanczos import eigsh
+from nets.curvature.operators import batch_hessian_operator, hessian_operator
+from nets.learning_rates.lr_prediction import DiagonalScaledOperator
+from nets.learning_rates.lr_search import bisect_max_lr
+from nets.utils.data_source import as_data_source
+from nets.utils.progress import progress_bar
+from nets.utils.results import Result, result
+from rmt.sampling import batch_noise_factor
+from rmt.validation import as_float, as_int, as_seed
+
+__all__ = ["adam_factor", "adam_preconditioner", "preconditioned_operator",
+           "PreconditionedSharpness", "preconditioned_batch_sharpness",
+           "PreconditionedNoise", "preconditioned_noise", "noise_model_preconditioner",
+           "AdamPrediction", "predict_adam_max_lr", "adam_transfer_lr", "AdamTransfer",
+           "adam_noise_floor_lr",
+           "WarmState", "warm_adam_state", "AdamTrial", "adam_trial", "AdamThresholds",
+           "adam_threshold", "ADAM_CRITERIA"]
+
+ADAM_CRITERIA = ("onset", "final", "divergence")
+
+
+def adam_factor(beta1: float) -> float:
+    """F = 2(1+β₁)/(1−β₁): EMA-momentum stability factor (2 at β₁ = 0, 38 at 0.9)."""
+    b = as_float("beta1", beta1, nonnegative=True)
+    if b >= 1:
+        raise ValueError(f"beta1 must be in [0, 1), got {b}")
+    return 2.0 * (1.0 + b) / (1.0 - b)
+
+
+# ------------------------------------------------------------------ the preconditioner
+
+def _trainable(model, params=None):
+    from nets.curvature.params import ParamLayout
+    layout = ParamLayout.from_module(model, params)
+    named = dict(model.named_parameters())
+    return layout, [named[n] for n in layout.names]
+
+
+def adam_preconditioner(model, optimizer, *, params=None) -> torch.Tensor:
+    """D = 1/(√v̂ + ε) as a flat float64 vector in the parameter order of the curvature
+    operators, from a `torch.optim.Adam`/`AdamW` `optimizer` stepping `model`'s parameters.
+
+    v̂ = exp_avg_sq/(1 − β₂ᵗ) (torch's bias correction, t = the state's step count);
+    ε is the group's eps, added outside the square root as torch does. A parameter with
+    no state yet (fresh optimizer) has v̂ = 0, so D = 1/ε there: the fresh-state limit.
+    """
+    if not isinstance(optimizer, torch.optim.Adam):
+        raise TypeError(f"optimizer must be a torch.optim.Adam or AdamW, got {type(optimizer).__name__}")
+    _, plist = _trainable(model, params)
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    out = []
+    for p in plist:
+        if id(p) not in group_of:
+            raise ValueError("optimizer does not step every selected parameter of model "
+                             "(build it on this model's parameters)")
+        g = group_of[id(p)]
+        if g.get("amsgrad"):
+            raise ValueError("optimizer: amsgrad is not supported")
+        st = optimizer.state.get(p, {})
+        if "exp_avg_sq" in st:
+            t = float(st["step"])
+            vhat = st["exp_avg_sq"].detach().to(torch.float64) / (1.0 - g["betas"][1] ** t)
+        else:
+            vhat = torch.zeros_like(p, dtype=torch.float64)
+        out.append((1.0 / (vhat.sqrt() + g["eps"])).reshape(-1).cpu())
+    return torch.cat(out)
+
+
+def noise_model_preconditioner(grad_mean, grad_var, batch_size, N, *, eps=1e-8) -> torch.Tensor:
+    """D(B) = 1/(√(ḡ_j² + c(B,N)·Σ_jj) + ε): the stationary Adam state at batch size B
+    when the weights barely move (E[g_B,j²] = ḡ_j² + c·Σ_jj, c = 1/B − 1/N)."""
+    c = batch_noise_factor(int(batch_size), int(N))
+    g = torch.as_tensor(np.asarray(grad_mean), dtype=torch.float64)
+    s = torch.as_tensor(np.asarray(grad_var), dtype=torch.float64)
+    return 1.0 / (torch.sqrt(g ** 2 + c * s) + as_float("eps", eps, nonnegative=True))
+
+
+def preconditioned_operator(model, loss_fn, data, preconditioner, *, indices=None, params=None,
+                            policy=None, chunk_size=None, device=None, dtype=None):
+    """The composed operator D^{1/2} H_S D^{1/2} (H_S: Hessian of the samples `indices`,
+    or of all data), D = `preconditioner`: a flat vector 1/(√v̂ + ε) or a torch Adam
+    optimizer stepping `model` (read with `adam_preconditioner`)."""
+    opts = dict(params=params, policy=policy, chunk_size=chunk_size, device=device, dtype=dtype)
+    if isinstance(preconditioner, torch.optim.Optimizer):
+        preconditioner = adam_preconditioner(model, preconditioner, params=params)
+    if indices is None:
+        base = hessian_operator(model, loss_fn, data, **opts)
+    else:
+        base = batch_hessian_operator(model, loss_fn, data, np.asarray(indices), **opts)
+    return DiagonalScaledOperator(base, torch.as_tensor(preconditioner).to(base.device))
+
+
+# ------------------------------------------------------------------ batch sharpness
+
+@result
+class PreconditionedSharpness(Result):
+    """E_S λ_max(D^{1/2} H_S D^{1/2}) over random batches S: batch_sizes, mean, std
+    (ddof=1), values (n_B, n_batches), lr = F/mean (the stability limit it implies),
+    beta1, n_batches, seed."""
+
+    batch_sizes: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    values: np.ndarray
+    lr: np.ndarray
+    beta1: float
+    n_batches: int
+    seed: int
+
+
+def _precond_for(preconditioner, model, B, params):
+    if callable(preconditioner) and not isinstance(preconditioner, torch.optim.Optimizer):
+        preconditioner = preconditioner(int(B))
+    if isinstance(preconditioner, torch.optim.Optimizer):
+        return adam_preconditioner(model, preconditioner, params=params)
+    return torch.as_tensor(preconditioner, dtype=torch.float64)
+
+
+def preconditioned_batch_sharpness(model, loss_fn, data, batch_sizes, *, preconditioner,
+                                   n_batches=5, beta1=0.9, tol=1e-6, params=None, policy=None,
+                                   chunk_size=None, device=None, dtype=None, seed=0,
+                                   progress=None) -> PreconditionedSharpness:
+    """λ_max(D^{1/2} H_S D^{1/2}) on `n_batches` random batches S of each size B (drawn
+    without replacement by `numpy.random.default_rng(seed)`), and α = F/mean with
+    F = 2(1+β₁)/(1−β₁). preconditioner: a flat D, a torch Adam optimizer on `model`, or
+    a callable B -> either (one state per batch size)."""
+    src = as_data_source(data)
+    bs = np.array([as_int("batch_sizes", b, minimum=1) for b in np.atleast_1d(batch_sizes)])
+    if bs.max() > src.N:
+        raise ValueError(f"batch_sizes must be <= N={src.N}")
+    n_batches = as_int("n_batches", n_batches, minimum=1)
+    seed = as_seed("seed", seed)
+    rng = np.random.default_rng(seed)
+    vals = np.empty((len(bs), n_batches))
+    jobs = [(i, k) for i in range(len(bs)) for k in range(n_batches)]
+    for i, k in progress_bar(jobs, progress=progress, total=len(jobs), desc="preconditioned λ_max"):
+        d = _precond_for(preconditioner, model, bs[i], params)
+        idx = rng.choice(src.N, size=int(bs[i]), replace=False)
+        op = preconditioned_operator(model, loss_fn, src, d, indices=idx, params=params,
+                                     policy=policy, chunk_size=chunk_size, device=device,
+                                     dtype=dtype)
+        vals[i, k] = float(eigsh(op, k=1, which="LA", tol=tol, seed=int(rng.integers(2**31)),
+                                 return_vectors=False).values[0])
+    mean = vals.mean(1)
+    std = vals.std(1, ddof=1) if n_batches > 1 else np.zeros(len(bs))
+    return PreconditionedSharpness(bs, mean, std, vals, adam_factor(beta1) / mean,
+                                   float(beta1), n_batches, seed)
+
+
+# ------------------------------------------------------------------ one-pass prediction
+
+@result
+class PreconditionedNoise(Result):
+    """Top eigenpair of A = D^{1/2} H D^{1/2} and its per-sample noise along it:
+    lam (λ̃), s2 (s̃² = (1/(N−1)) Σ_i ‖(A_i − A)ũ‖²), B_star (s̃²/λ̃²), N, P,
+    vector (ũ, float64 numpy), direction (D^{-1/2}ũ: ⟨direction, Δw⟩ is the component of
+    a weight change along ũ in the preconditioned coordinates z = D^{-1/2}w)."""
+
+    lam: float
+    s2: float
+    B_star: float
+    N: int
+    P: int
+    vector: np.ndarray
+    direction: np.ndarray
+
+
+def preconditioned_noise(model, loss_fn, data, preconditioner, *, tol=1e-8, params=None,
+                         policy=None, chunk_size=256, device=None, dtype=torch.float64,
+                         seed=0) -> PreconditionedNoise:
+    """One pass: λ̃, ũ of D^{1/2} H D^{1/2} (Lanczos) and s̃² from per-sample Hessian-vector
+    products H_i(D^{1/2}ũ), vmapped in chunks of `chunk_size` samples, scaled by D^{1/2}
+    (float64 sums; H ũ' recomputed as the mean of the per-sample products)."""
+    if isinstance(preconditioner, torch.optim.Optimizer):
+        preconditioner = adam_preconditioner(model, preconditioner, params=params)
+    d = torch.as_tensor(preconditioner, dtype=torch.float64)
+    H = hessian_operator(model, loss_fn, data, params=params, policy=policy, device=device,
+                         dtype=dtype)
+    A = DiagonalScaledOperator(H, d.to(H.device))
+    top = eigsh(A, k=1, which="LA", tol=tol, seed=as_seed("seed", seed))
+    lam = float(top.values[0])
+    u = torch.as_tensor(np.asarray(top.vectors[:, 0]), dtype=H.dtype, device=H.device)
+    sq = A.sqrt_d
+    w = sq * u
+    X, Y = H.source.tensors(device=H.device, dtype=H.dtype)
+    N = len(X)
+    chunk = as_int("chunk_size", chunk_size or N, minimum=1)
+    tot = torch.zeros(H.P, dtype=torch.float64, device=H.device)
+    ss = 0.0
+    for s in range(0, N, chunk):
+        R = H.group_products(X[s:s + chunk, None], Y[s:s + chunk, None], w[:, None])[:, :, 0]
+        R = (R * sq).to(torch.float64)
+        tot += R.sum(0)
+        ss += float((R ** 2).sum())
+    mean = tot / N
+    s2 = max(ss - N * float(mean @ mean), 0.0) / (N - 1)
+    un = u.to(torch.float64).cpu()
+    return PreconditionedNoise(lam, s2, s2 / lam ** 2, N, H.P, un.numpy(),
+                               (un / sq.to(torch.float64).cpu()).numpy())
+
+
+@result
+class AdamPrediction(Result):
+    """Predicted Adam stability limit per batch size (module docstring):
+    batch_sizes, lr (F/λ̃'(B)), lam (λ̃(B), top of D(B)^{1/2} H D(B)^{1/2}), s2 (s̃²(B)),
+    lam_batch (λ̃'(B) = λ̃ + c·s̃²/λ̃), beta1, eps, N, preconditioner ("noise_model" or
+    "given")."""
+
+    batch_sizes: np.ndarray
+    lr: np.ndarray
+    lam: np.ndarray
+    s2: np.ndarray
+    lam_batch: np.ndarray
+    beta1: float
+    eps: float
+    N: int
+    preconditioner: str
+
+
+def predict_adam_max_lr(model, loss_fn, data, batch_sizes, *, betas=(0.9, 0.999), eps=1e-8,
+                        preconditioner=None, tol=1e-8, params=None, policy=None,
+                        chunk_size=256, device=None, dtype=torch.float64, seed=0,
+                        progress=None) -> AdamPrediction:
+    """α_max(B) = 2(1+β₁)/(1−β₁) / (λ̃ + c(B,N)·s̃²/λ̃) for every B (module docstring).
+
+    preconditioner : None — the noise model D(B) = 1/(√(ḡ² + c(B,N)Σ_jj) + ε) from one
+        per-sample gradient pass (the state a warmup at B reaches); or a callable
+        B -> D / Adam optimizer (e.g. the measured warmed states).
+    Cost per B: one Lanczos on the full-data preconditioned Hessian and one per-sample
+    HVP pass.
+    """
+    from nets.noise.gradient_noise import gradient_noise
+
+    src = as_data_source(data)
+    N = src.N
+    bs = np.array([as_int("batch_sizes", b, minimum=1) for b in np.atleast_1d(batch_sizes)])
+    if bs.max() > N:
+        raise ValueError(f"batch_sizes must be <= N={N}")
+    b1 = float(betas[0])
+    F = adam_factor(b1)
+    kind = "given"
+    if preconditioner is None:
+        kind = "noise_model"
+        gn = gradient_noise(model, loss_fn, src, hessian=False, params=params, policy=policy,
+                            device=device, seed=seed)
+
+        def preconditioner(B):
+            return noise_model_preconditioner(gn.mean, gn.var, B, N, eps=eps)
+    lam, s2 = np.empty(len(bs)), np.empty(len(bs))
+    for i, B in enumerate(progress_bar(list(bs), progress=progress, desc="Adam prediction")):
+        d = _precond_for(preconditioner, model, B, params)
+        pn = preconditioned_noise(model, loss_fn, src, d, tol=tol, params=params, policy=policy,
+                                  chunk_size=chunk_size, device=device, dtype=dtype, seed=seed)
+        lam[i], s2[i] = pn.lam, pn.s2
+    c = np.array([batch_noise_factor(int(B), N) for B in bs])
+    lam_b = lam + c * s2 / lam
+    return AdamPrediction(bs, F / lam_b, lam, s2, lam_b, b1, float(eps), N, kind)
+
+
+def adam_noise_floor_lr(grad_mean, grad_var, batch_sizes, N, *, excess_loss, eps=1e-8) -> np.ndarray:
+    """The lr at which Adam's stationary noise floor reaches `excess_loss` above the minimum.
+
+    Small-α quadratic model in z = D^{-1/2}w: the iterate noise has covariance
+    solves the Lyapunov equation AS + SA = α·D^{1/2}Σ_B D^{1/2}, so the excess loss
+    E[½ zᵀAz] = ½tr(AS) ≈ (α/4)·tr(DΣ_B) (EMA momentum does not change it at small α),
+    Σ_B = c(B,N)·diag(Σ_jj). Hence
+    α_floor(B) = 4·excess_loss / (c·Σ_j D_j(B)Σ_jj), D(B) the noise-model preconditioner;
+    noise-dominated D_j = (cΣ_jj)^{-1/2} gives α_floor ∝ 1/√c ≈ √B — the square-root rule
+    as a *loss* (noise-floor) limit, not a curvature limit. On the digits MLP the measured
+    loss-threshold (`adam_threshold(criterion="divergence")`) follows this shape within
+    ±20 % for B = 8…128 at about 0.25× its absolute value."""
+    bs = np.array([as_int("batch_sizes", b, minimum=1) for b in np.atleast_1d(batch_sizes)])
+    var = np.asarray(grad_var, dtype=float)
+    out = np.empty(len(bs))
+    for i, B in enumerate(bs):
+        c = batch_noise_factor(int(B), int(N))
+        d = noise_model_preconditioner(grad_mean, var, B, N, eps=eps).numpy()
+        out[i] = 4.0 * as_float("excess_loss", excess_loss, positive=True) / (c * float(d @ var))
+    return out
+
+
+@result
+class AdamTransfer(Result):
+    """A known-good Adam lr carried across batch sizes along the predicted curve:
+    batch_sizes, lr (α₀·α_pred(B)/α_pred(B₀)), reference (B₀, α₀), predicted (the
+    AdamPrediction's absolute stability limits), sqrt_rule (α₀√(B/B₀)), linear_rule
+    (α₀·B/B₀)."""
+
+    batch_sizes: np.ndarray
+    lr: np.ndarray
+    reference: tuple
+    predicted: np.ndarray
+    sqrt_rule: np.ndarray
+    linear_rule: np.ndarray
+
+
+def adam_transfer_lr(model, loss_fn, data, batch_sizes, *, reference, betas=(0.9, 0.999),
+                     eps=1e-8, prediction=None, params=None, policy=None, chunk_size=256,
+                     device=None, dtype=torch.float64, seed=0, progress=None) -> AdamTransfer:
+    """Transfer (B₀, α₀) to every B: α(B) = α₀·α_pred(B)/α_pred(B₀), with α_pred from
+    `predict_adam_max_lr` (or a given `prediction`, an AdamPrediction whose batch sizes
+    include B₀ and every B)."""
+    B0, a0 = int(reference[0]), as_float("reference lr", reference[1], positive=True)
+    bs = np.array([as_int("batch_sizes", b, minimum=1) for b in np.atleast_1d(batch_sizes)])
+    allb = np.unique(np.r_[bs, B0])
+    if prediction is None:
+        prediction = predict_adam_max_lr(model, loss_fn, data, allb, betas=betas, eps=eps,
+                                         params=params, policy=policy, chunk_size=chunk_size,
+                                         device=device, dtype=dtype, seed=seed, progress=progress)
+    table = dict(zip(np.asarray(prediction.batch_sizes).tolist(), np.asarray(prediction.lr)))
+    missing = [int(b) for b in allb if int(b) not in table]
+    if missing:
+        raise ValueError(f"prediction has no value for batch sizes {missing}")
+    pred = np.array([table[int(b)] for b in bs])
+    lr = a0 * pred / table[B0]
+    return AdamTransfer(bs, lr, (B0, a0), pred, a0 * np.sqrt(bs / B0), a0 * bs / B0)
+
+
+# ------------------------------------------------------------------ the threshold protocol
+#
+# Per (B, seed): warm a copy of the model and a fresh torch Adam for `warmup_steps` steps
+# at `warmup_lr` on random batches of size B (torch.Generator(seed)); that (weights,
+# optimizer state) pair is the checkpoint. Each trial restores it, sets the lr to α and
+# runs `steps` steps on another seeded batch sequence (the same for every α). Criteria:
+#   "onset"      — unstable iff c_t = ⟨D^{-1/2}(w_t − w_0), ũ⟩, the displacement along the
+#                  top eigenvector ũ of D^{1/2} H D^{1/2} at the warmed state (z-coordinates),
+#                  has a growth peak: max_t |c_t| > growth_factor × median_t |c_t|
+#                  (default 10), or anything non-finite. Not a slope fit over the end of the
+#                  run: real Adam self-stabilises (the oscillation inflates v, which shrinks
+#                  D — the adaptive edge of stability) within a few steps, so the growth is
+#                  a transient peak. A stable run's c_t is a noise-driven stationary process,
+#                  max/median ≈ 2.5–4 (noisy least squares: ≈ 2.3 up to 1.2× the prediction,
+#                  17 at 2×, 28 at 4×).
+#                  A loss above `factor` × start after step 1 also counts as unstable (for
+#                  every criterion: the sign-step blow-up, flagged `first_step_blowup`);
+#   "final"      — unstable iff the full-data loss after `steps` steps exceeds its start;
+#   "divergence" — unstable iff the full-data loss ever exceeds `factor` × start, or
+#                  anything non-finite.
+# warmup_steps = 0 is the fresh-state protocol (first step ≈ α·sign(g)).
+
+
+@result
+class WarmState(Result):
+    """A warmed checkpoint: model (a copy, eval mode), optimizer_state (torch Adam
+    state_dict), batch_size, warmup_steps, warmup_lr, betas, eps, seed, loss (full data)."""
+
+    model: object
+    optimizer_state: dict
+    batch_size: int
+    warmup_steps: int
+    warmup_lr: float
+    betas: tuple
+    eps: float
+    seed: int
+    loss: float
+
+
+def _batches(N, B, steps, seed):
+    gen = torch.Generator().manual_seed(int(seed))
+    for _ in range(steps):
+        yield torch.randperm(N, generator=gen)[:B]
+
+
+def _full_loss(net, loss_fn, X, y, chunk=4096):
+    with torch.no_grad():
+        return sum(float(loss_fn(net(X[i:i + chunk]), y[i:i + chunk])) * len(X[i:i + chunk])
+                   for i in range(0, len(X), chunk)) / len(X)
+
+
+def _adam(net, lr, betas, eps):
+    return torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=lr,
+                            betas=tuple(betas), eps=eps)
+
+
+def warm_adam_state(model, loss_fn, X, y, batch_size, *, warmup_steps, warmup_lr,
+                    betas=(0.9, 0.999), eps=1e-8, seed=0) -> WarmState:
+    """Run `warmup_steps` Adam steps at `warmup_lr` (batch size B, batches from
+    torch.Generator(seed)) on a copy of `model` (eval mode); return the warmed pair."""
+    net = copy.deepcopy(model)
+    net.train(False)
+    opt = _adam(net, warmup_lr, betas, eps)
+    for idx in _batches(len(X), int(batch_size), int(warmup_steps), seed):
+        opt.zero_grad(set_to_none=True)
+        loss_fn(net(X[idx]), y[idx]).backward()
+        opt.step()
+    return WarmState(net, copy.deepcopy(opt.state_dict()), int(batch_size), int(warmup_steps),
+                     float(warmup_lr), tuple(betas), float(eps), int(seed),
+                     _full_loss(net, loss_fn, X, y))
+
+
+class _FrozenAdam:
+    """Adam with its second moment held at the restored state: m ← β₁m + (1−β₁)g,
+    w ← w − α·m̂·D, D = 1/(√v̂ + ε) fixed (the linearised dynamics the prediction is about)."""
+
+    def __init__(self, params, opt, lr):
+        self.params, self.lr = params, lr
+        g = opt.param_groups[0]
+        self.b1, b2, eps = g["betas"][0], g["betas"][1], g["eps"]
+        self.m, self.D, self.t = [], [], []
+        for p in params:
+            st = opt.state.get(p, {})
+            if "exp_avg_sq" not in st:
+                raise ValueError("second_moment='frozen' needs a warmed state (warmup_steps > 0)")
+            t = float(st["step"])
+            self.m.append(st["exp_avg"].detach().clone())
+            self.D.append(1.0 / ((st["exp_avg_sq"] / (1.0 - b2 ** t)).sqrt() + eps))
+            self.t.append(t)
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self):
+        for k, p in enumerate(self.params):
+            self.t[k] += 1
+            self.m[k].mul_(self.b1).add_(p.grad, alpha=1.0 - self.b1)
+            p.sub_(self.lr / (1.0 - self.b1 ** self.t[k]) * self.m[k] * self.D[k])
+
+
+@result
+class AdamTrial(Result):
+    """One run from a warmed state: lr, batch_size, steps, criterion, unstable,
+    initial_loss, max_loss, final_loss, growth_rate (onset: max_t|c_t| / median_t|c_t|),
+    steps_run, first_step_blowup
+    (unstable already after step 1), reason."""
+
+    lr: float
+    batch_size: int
+    steps: int
+    criterion: str
+    unstable: bool
+    initial_loss: float
+    max_loss: float
+    final_loss: float
+    growth_rate: float
+    steps_run: int
+    first_step_blowup: bool
+    reason: str
+
+    @property
+    def diverged(self) -> bool:          # read by `bisect_max_lr`
+        return self.unstable
+
+
+def adam_trial(warm: WarmState, loss_fn, X, y, lr, *, steps, criterion="onset",
+               direction=None, factor=10.0, growth_factor=10.0, second_moment="adaptive",
+               seed=0) -> AdamTrial:
+    """Restore `warm`, set the lr to α = `lr`, run `steps` steps and judge by `criterion`
+    (module section comment). direction: flat D^{-1/2}ũ (`PreconditionedNoise.direction`)
+    for "onset". Batches: torch.Generator(seed + 7919), the same for every α."""
+    if criterion not in ADAM_CRITERIA:
+        raise ValueError(f"criterion must be one of {ADAM_CRITERIA}, got {criterion!r}")
+    if criterion == "onset" and direction is None:
+        raise ValueError("criterion='onset' needs direction= (PreconditionedNoise.direction)")
+    net = copy.deepcopy(warm.model)
+    opt = _adam(net, lr, warm.betas, warm.eps)
+    if warm.warmup_steps > 0:
+        opt.load_state_dict(warm.optimizer_state)
+    for g in opt.param_groups:
+        g["lr"] = float(lr)
+    params = [p for p in net.parameters() if p.requires_grad]
+    if second_moment not in ("adaptive", "frozen"):
+        raise ValueError(f"second_moment must be 'adaptive' or 'frozen', got {second_moment!r}")
+    if second_moment == "frozen":
+        opt = _FrozenAdam(params, opt, float(lr))
+    w0 = torch.cat([p.detach().reshape(-1) for p in params]).double()
+    q = None if direction is None else torch.as_tensor(np.asarray(direction), dtype=torch.float64)
+    L0 = warm.loss
+    max_loss = loss_t = L0
+    proj, unstable, reason, first, t = [], False, "stable", False, 0
+    for t, idx in enumerate(_batches(len(X), warm.batch_size, int(steps), seed + 7919), start=1):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(net(X[idx]), y[idx])
+        if not torch.isfinite(loss):
+            unstable, reason, max_loss = True, f"non-finite batch loss at step {t}", math.inf
+            break
+        loss.backward()
+        opt.step()
+        if criterion == "onset":
+            w = torch.cat([p.detach().reshape(-1) for p in params]).double()
+            c = float(torch.dot(w - w0, q))
+            if not math.isfinite(c):
+                unstable, reason = True, f"non-finite parameters at step {t}"
+                break
+            proj.append(abs(c))
+        if criterion == "divergence" or t == steps or t == 1:
+            loss_t = _full_loss(net, loss_fn, X, y)
+            if not math.isfinite(loss_t):
+                unstable, reason, max_loss = True, f"non-finite loss at step {t}", math.inf
+                break
+            max_loss = max(max_loss, loss_t)
+            if loss_t > factor * L0 and (criterion == "divergence" or t == 1):
+                # a first-step blow-up ends every criterion's run: it is the sign-step limit
+                unstable = True
+                reason = f"loss {loss_t:.4g} > {factor:g} x start {L0:.4g} at step {t}"
+                break
+    first = unstable and t == 1
+    rate = math.nan
+    if not unstable and criterion == "final" and loss_t > L0:
+        unstable, reason = True, f"final loss {loss_t:.4g} > start {L0:.4g}"
+    if not unstable and criterion == "onset":
+        rate = max(proj) / max(float(np.median(proj)), 1e-300)
+        if rate > growth_factor:
+            unstable, reason = True, f"max|c_t| = {rate:.3g} x median > {growth_factor:g}"
+    return AdamTrial(float(lr), warm.batch_size, int(steps), criterion, bool(unstable), float(L0),
+                     float(max_loss), float(loss_t), float(rate), int(t), bool(first), reason)
+
+
+@result
+class AdamThresholds(Result):
+    """Measured Adam thresholds per batch size (warmed-state protocol, module comment).
+
+    batch_sizes; lr (mean over seeds of √(lo·hi)); stderr; per_seed, lo, hi (n_B, n_seeds);
+    first_step (n_B, n_seeds: fraction of the bisection's unstable trials that blew up on
+    step one); lam_precond (n_B, n_seeds: λ̃ at the warmed state); predicted_state
+    (F/(λ̃ + c·s̃²/λ̃) from the warmed state itself, n_B × n_seeds); criterion, betas, eps,
+    warmup_steps, warmup_lr, steps, rel_tol, seeds, n_trials."""
+
+    batch_sizes: np.ndarray
+    lr: np.ndarray
+    stderr: np.ndarray
+    per_seed: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    first_step: np.ndarray
+    lam_precond: np.ndarray
+    predicted_state: np.ndarray
+    criterion: str
+    betas: tuple
+    eps: float
+    warmup_steps: int
+    warmup_lr: float
+    steps: int
+    rel_tol: float
+    seeds: tuple
+    n_trials: int
+
+
+def adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 0.999), eps=1e-8,
+                   warmup_steps=500, warmup_lr=1e-4, steps=100, criterion="onset",
+                   seeds=(0, 1), factor=10.0, growth_factor=10.0, second_moment="adaptive",
+                   rel_tol=0.05, lr0=None,
+                   device=None, dtype=None, seed=0, progress=None) -> AdamThresholds:
+    """Largest stable Adam lr per batch size from a warmed state (module comment), by
+    bisection in log α (`nets.learning_rates.lr_search.bisect_max_lr`, to hi/lo ≤ 1+rel_tol).
+
+    warmup_steps, warmup_lr : the stated warmup at each B (0: fresh state — the first-step
+        limit, with criterion "divergence"). steps : run length at α. lr0 : bisection start
+        (float, callable B -> float, or None: the warmed state's own prediction
+        F/(λ̃ + c·s̃²/λ̃)). The model is not modified.
+    """
+    if criterion not in ADAM_CRITERIA:
+        raise ValueError(f"criterion must be one of {ADAM_CRITERIA}, got {criterion!r}")
+    src = as_data_source(data)
+    X, y = src.tensors(device=device, dtype=dtype)
+    N = len(X)
+    bs = np.array([as_int("batch_sizes", b, minimum=1) for b in np.atleast_1d(batch_sizes)])
+    if bs.max() > N:
+        raise ValueError(f"batch_sizes must be <= N={N}")
+    warmup_steps = as_int("warmup_steps", warmup_steps, minimum=0)
+    steps = as_int("steps", steps, minimum=8)
+    warmup_lr = as_float("warmup_lr", warmup_lr, positive=True)
+    seeds = tuple(as_seed("seeds", s) for s in np.atleast_1d(seeds).tolist())
+    F = adam_factor(betas[0])
+    shape = (len(bs), len(seeds))
+    per, lo, hi, first, lam, pst = (np.full(shape, np.nan) for _ in range(6))
+    n_trials = 0
+    jobs = [(i, j) for i in range(len(bs)) for j in range(len(seeds))]
+    for i, j in progress_bar(jobs, progress=progress, total=len(jobs), desc="Adam threshold"):
+        B, s = int(bs[i]), seeds[j]
+        warm = warm_adam_state(model, loss_fn, X, y, B, warmup_steps=warmup_steps,
+                               warmup_lr=warmup_lr, betas=betas, eps=eps, seed=s)
+        direction = None
+        if warmup_steps > 0:
+            opt = _adam(warm.model, warmup_lr, betas, eps)
+            opt.load_state_dict(warm.optimizer_state)
+            pn = preconditioned_noise(warm.model, loss_fn, (X, y), opt, seed=seed)
+            lam[i, j] = pn.lam
+            pst[i, j] = F / (pn.lam + batch_noise_factor(B, N) * pn.s2 / pn.lam)
+            direction = pn.direction
+        elif criterion == "onset":
+            raise ValueError("criterion='onset' needs a warmed state (warmup_steps > 0)")
+        a0 = lr0(B) if callable(lr0) else lr0
+        if a0 is None:
+            a0 = pst[i, j] if math.isfinite(pst[i, j]) else 1e-2
+        trials = []
+
+        def is_unstable(a):
+            r = adam_trial(warm, loss_fn, X, y, a, steps=steps, criterion=criterion,
+                           direction=direction, factor=factor,
+                           growth_factor=growth_factor, second_moment=second_moment,
+                           seed=s)
+            trials.append(r)
+            return r
+
+        res = bisect_max_lr(is_unstable, float(a0), rel_tol=rel_tol)
+        per[i, j], lo[i, j], hi[i, j] = res.alpha, res.lo, res.hi
+        bad = [r for r in trials if r.unstable]
+        first[i, j] = np.mean([r.first_step_blowup for r in bad]) if bad else np.nan
+        n_trials += res.n_trials
+    mean = per.mean(1)
+    se = per.std(1, ddof=1) / math.sqrt(len(seeds)) if len(seeds) > 1 else np.full(len(bs), np.nan)
+    return AdamThresholds(bs, mean, se, per, lo, hi, first, lam, pst, criterion, tuple(betas),
+                          float(eps), warmup_steps, warmup_lr, steps, float(rel_tol), seeds,
+                          n_trials)

@@ -1,0 +1,424 @@
+"""Curvature during training: `CurvatureMonitor` (docs/theory.md §3, §5).
+
+Attach the monitor to any training loop — call ``monitor.maybe_record(step)`` every
+step (or every k steps), or ``monitor.attach(optimizer)`` to record from an optimizer
+step hook. At each record it measures, at the current weights:
+
+* λ₁, the top eigenvalue of the full-data Hessian (or GGN), by thick-restart Lanczos
+  (:func:`nets.algorithms.lanczos.eigsh`) **warm-started** from the previous record's
+  top eigenvector (the curvature changes slowly between records, so a warm start needs
+  a fraction of the products of a cold one);
+* s_u² = (1/(N−1)) Σ_i ‖(H_i − H)u‖² along that eigenvector u
+  (:func:`nets.noise.directional.directional_noise_from_operator`, sampled to relative
+  standard error `noise_rel_error`), and the critical batch size B* = s_u²/λ₁²;
+* the predicted batch sharpness λ'(B) = λ₁ + c(B, N)·s_u²/λ₁ (c = 1/B − 1/N) at the
+  training batch B = `batch_size`;
+* the measured batch sharpness E_S λ_max(H_S) over `n_batches` random batches S of size
+  B (:func:`nets.noise.batch_spectra.measure_batch_top_eigenvalue`), mean ± standard
+  error (`n_batches=0` skips it);
+* the table of stability-limit learning rates α_max(B') = 2(1 + ρ)/λ'(B') for every B'
+  in `batch_sizes` (:func:`rmt.lr.sgd_max_lr`), and, when the training learning rate α
+  is known (from the attached optimizer or passed as `lr`), its batch-size transfer
+  α·λ'(B)/λ'(B');
+* the edge-of-stochastic-stability plateau :func:`eoss_plateau`: the λ₁* at which the
+  predicted batch sharpness reaches the stability limit, λ'(B; λ₁*) = 2(1 + ρ)/α.
+
+**Budget.** Every record costs a few full-data products; the monitor times itself and
+skips a due record while its spent time would exceed `budget` (default 0.1) of the
+wall time since it started, taking it at the first later call that fits. The first
+record is always taken. `overhead()` reports the measured fraction.
+
+**Resumable records.** With `path`, every record is one JSON line
+(:class:`nets.utils.jsonl_store.JsonlStore`, written atomically) keyed by its step; the
+first line holds the settings, and a monitor opened on the same file with other
+settings is refused. A run killed and restarted from a checkpoint re-reads its records:
+steps already recorded are skipped (nothing duplicated) and none is lost. The warm-start
+vector is not stored: the first record after a restart starts cold.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from nets.algorithms.lanczos import eigsh
+from nets.curvature.operators import check_policy, curvature_operator
+from nets.noise.batch_spectra import measure_batch_top_eigenvalue
+from nets.noise.directional import directional_noise_from_operator
+from nets.utils.data_source import as_data_source
+from nets.utils.jsonl_store import JsonlStore
+from nets.utils.results import Result, result
+from rmt.lr import batch_curvature, momentum_factor, noise_factor
+from rmt.validation import as_float, as_int, as_seed
+
+__all__ = ["CurvatureMonitor", "MonitorRecord", "CurvatureTracker", "eoss_plateau"]
+
+
+def eoss_plateau(lr, batch_size, s2, N=None, *, momentum=0.0) -> float:
+    """The full-data sharpness λ₁* at the edge of stochastic stability.
+
+    Solves λ'(B; λ₁*) = λ₁* + c(B, N)·s²/λ₁* = F/α with F = 2(1 + ρ) (heavy-ball ρ), i.e.
+    the larger root λ₁* = (a + √(a² − 4cs²))/2, a = F/α. If SGD's batch sharpness settles
+    at the stability limit F/α (Andreyev & Beneventano 2024), λ₁ of the full-data Hessian
+    settles at λ₁* ≤ F/α, lower the smaller B. Returns nan when a² < 4cs² (the batch
+    noise alone puts λ' above F/α for every λ₁: no plateau). With B = N (c = 0): F/α,
+    the full-batch edge of stability (Cohen et al. 2021).
+    """
+    a = momentum_factor(momentum) / as_float("lr", lr, positive=True)
+    c = float(noise_factor(batch_size, N))
+    s2 = as_float("s2", s2, nonnegative=True)
+    disc = a * a - 4.0 * c * s2
+    return float("nan") if disc < 0 else 0.5 * (a + math.sqrt(disc))
+
+
+@result
+class MonitorRecord(Result):
+    """One record of :class:`CurvatureMonitor` (module docstring).
+
+    step; time : wall seconds since the monitor started; loss : the training loss passed
+    in (nan if none); lr, momentum : the optimizer's α, ρ (nan / 0 if unknown);
+    lam, lam_residual, lam_converged : λ₁ and its Lanczos residual; s2, s2_stderr : s_u²;
+    b_star : s_u²/λ₁²; batch_size : B; lam_prime : predicted λ'(B);
+    batch_sharpness, batch_sharpness_std, batch_sharpness_stderr : measured
+    E λ_max(H_B) over n_batches batches (nan if n_batches = 0); plateau : eoss_plateau(α)
+    (nan if α unknown); batch_sizes, max_lr, transfer_lr : the lr table (transfer nan
+    if α unknown); cost : wall seconds of this record; num_matvecs : full-data products
+    for λ₁; overhead : the monitor's time fraction when this record was taken.
+    """
+
+    step: int
+    time: float
+    loss: float
+    lr: float
+    momentum: float
+    lam: float
+    lam_residual: float
+    lam_converged: bool
+    s2: float
+    s2_stderr: float
+    b_star: float
+    batch_size: int
+    lam_prime: float
+    batch_sharpness: float
+    batch_sharpness_std: float
+    batch_sharpness_stderr: float
+    plateau: float
+    batch_sizes: tuple
+    max_lr: tuple
+    transfer_lr: tuple
+    cost: float
+    num_matvecs: int
+    overhead: float
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MonitorRecord":
+        kw = {}
+        for k in (f.name for f in cls.__dataclass_fields__.values()):
+            v = d[k]
+            if k in ("step", "batch_size", "num_matvecs"):
+                kw[k] = int(v)
+            elif k == "lam_converged":
+                kw[k] = bool(v)
+            elif k == "batch_sizes":
+                kw[k] = tuple(int(x) for x in v)
+            elif k in ("max_lr", "transfer_lr"):
+                kw[k] = tuple(float(x) for x in v)
+            else:
+                kw[k] = float(v)            # also turns "nan" back into a float
+        return cls(**kw)
+
+
+class CurvatureTracker:
+    """The curvature machinery shared by :class:`CurvatureMonitor` and the learner.
+
+    Holds the model, loss and data settings, builds a fresh operator at the current
+    weights, and finds the top eigenpair by `eigsh` warm-started from the previous top
+    eigenvector (cold, from `seed`, the first time); `noise(op, u)` gives s_u².
+    """
+
+    def __init__(self, model, loss_fn, data, *, kind="hessian", tol=1e-6, params=None,
+                 policy=None, chunk_size=None, device=None, dtype=None, seed=0):
+        if kind not in ("hessian", "ggn"):
+            raise ValueError(f"kind must be 'hessian' or 'ggn', got {kind!r}")
+        check_policy(model, policy)
+        self.model, self.loss_fn, self.data = model, loss_fn, data
+        self.kind, self.params, self.policy = kind, params, policy
+        self.chunk_size, self.device, self.dtype = chunk_size, device, dtype
+        self.tol = as_float("tol", tol, positive=True)
+        self.seed = as_seed("seed", seed)
+        self.v0 = None
+
+    def operator(self, data=None):
+        return curvature_operator(self.model, self.loss_fn, self.data if data is None else data,
+                                  kind=self.kind, params=self.params, policy=self.policy,
+                                  chunk_size=self.chunk_size, device=self.device,
+                                  dtype=self.dtype)
+
+    def top(self, op):
+        """EigenResult of the top eigenpair of `op`, warm-started; keeps the vector."""
+        v0 = self.v0 if self.v0 is not None and self.v0.shape[0] == op.P else None
+        res = eigsh(op, k=1, which="LA", tol=self.tol, seed=self.seed, v0=v0)
+        self.v0 = res.vectors[:, 0].detach().clone()
+        return res
+
+    def noise(self, op, u, *, rel_error=0.1, seed=0, micro_batch=1):
+        return directional_noise_from_operator(op, u, micro_batch=micro_batch, seed=seed,
+                                               rel_error=rel_error)
+
+
+def _default_batch_sizes(N: int, B: int) -> tuple:
+    sizes = {int(2 ** k) for k in range(0, 20) if 2 ** k <= N} | {int(B), int(N)}
+    return tuple(sorted(s for s in sizes if s >= 2 or s == N))
+
+
+class CurvatureMonitor:
+    """Records λ₁, s_u², B*, batch sharpness and the lr table during training.
+
+    Parameters
+    ----------
+    model, loss_fn, data : the network, the mean-reduced loss and the training data in any
+        form of `nets.utils.data_source` (pair, Dataset, non-shuffling DataLoader).
+    batch_size : the training batch B.
+    every : record every `every` steps (None: as often as the budget allows).
+    budget : the largest fraction of wall time the monitor may use (default 0.1).
+    n_batches : batches of size B for the measured batch sharpness (0: skip).
+    batch_sizes : B' of the lr table (default powers of 2 up to N, with B and N).
+    lr, momentum : the training α and heavy-ball ρ if no optimizer is attached.
+    path : JSON-lines file for resumable records (None: in memory only).
+    tol : Lanczos relative residual for λ₁ and the batch sharpness; noise_rel_error :
+        target relative standard error of s_u².
+    kind, params, policy, chunk_size, device, dtype, seed : as everywhere in `nets`.
+    """
+
+    def __init__(self, model, loss_fn, data, *, batch_size, every=None, budget=0.1,
+                 n_batches=4, batch_sizes=None, lr=None, momentum=0.0, path=None, tol=1e-6,
+                 noise_rel_error=0.1, kind="hessian", params=None, policy=None,
+                 chunk_size=None, device=None, dtype=None, seed=0, clock: Callable = None):
+        source = as_data_source(data, name="data")
+        self.N = int(source.N)
+        self.batch_size = as_int("batch_size", batch_size, minimum=1)
+        if self.batch_size > self.N:
+            raise ValueError(f"batch_size must be <= N = {self.N}, got {self.batch_size}")
+        self.every = None if every is None else as_int("every", every, minimum=1)
+        self.budget = as_float("budget", budget, positive=True)
+        if not self.budget <= 1:
+            raise ValueError(f"budget must be a fraction in (0, 1], got {self.budget}")
+        self.n_batches = as_int("n_batches", n_batches, minimum=0)
+        if batch_sizes is None:
+            batch_sizes = _default_batch_sizes(self.N, self.batch_size)
+        self.batch_sizes = tuple(as_int("batch_sizes", b, minimum=1) for b in batch_sizes)
+        if not self.batch_sizes or max(self.batch_sizes) > self.N:
+            raise ValueError(f"batch_sizes must be non-empty, each in [1, N = {self.N}]")
+        self.lr = None if lr is None else as_float("lr", lr, positive=True)
+        self.momentum = as_float("momentum", momentum, nonnegative=True)
+        if not self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        self.noise_rel_error = as_float("noise_rel_error", noise_rel_error, positive=True)
+        self.seed = as_int("seed", seed, minimum=0)
+        self.tracker = CurvatureTracker(model, loss_fn, data, kind=kind, tol=tol, params=params,
+                                        policy=policy, chunk_size=chunk_size, device=device,
+                                        dtype=dtype, seed=self.seed)
+        self._clock = time.perf_counter if clock is None else clock
+        self.config = dict(batch_size=self.batch_size, n_batches=self.n_batches,
+                           batch_sizes=list(self.batch_sizes), tol=self.tracker.tol,
+                           noise_rel_error=self.noise_rel_error, kind=kind, policy=policy,
+                           seed=self.seed, N=self.N)
+        self.records: list[MonitorRecord] = []
+        self.store = None
+        if path is not None:
+            self.store = JsonlStore(path)
+            if "config" in self.store:
+                if self.store["config"] != self.config:
+                    raise ValueError(f"{path} holds records with other settings "
+                                     f"({self.store['config']}); use another path")
+            else:
+                self.store.put("config", self.config)
+            self.records = sorted((MonitorRecord.from_dict(v) for k, v in self.store.items()
+                                   if k.startswith("step=")), key=lambda r: r.step)
+        self._optimizer = None
+        self._hook = None
+        self._steps = 0
+        self._t_start = None
+        self.time_spent = 0.0
+        self._last_cost = 0.0
+        self._next_step = 0
+        if self.records and self.every is not None:      # resumed: keep the schedule
+            self._next_step = self.records[-1].step + self.every
+
+    # -- scheduling -------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the wall clock the budget is measured against (else: the first call)."""
+        if self._t_start is None:
+            self._t_start = self._clock()
+
+    def elapsed(self) -> float:
+        return 0.0 if self._t_start is None else self._clock() - self._t_start
+
+    def overhead(self) -> float:
+        """Measured fraction of wall time (since start) spent in the monitor."""
+        e = self.elapsed()
+        return self.time_spent / e if e > 0 else float("nan")
+
+    def recorded_steps(self) -> list[int]:
+        return [r.step for r in self.records]
+
+    def due(self, step: int) -> bool:
+        """Whether `maybe_record(step)` would measure now (schedule and budget)."""
+        if step in self._done_steps():
+            return False
+        if self.every is not None and step < self._next_step:
+            return False
+        if self.time_spent == 0.0:
+            return True
+        e = self.elapsed()
+        return self.time_spent + self._last_cost <= self.budget * (e + self._last_cost)
+
+    def _done_steps(self):
+        return {r.step for r in self.records}
+
+    def maybe_record(self, step: int, *, loss=None, lr=None):
+        """Record at `step` if due (module docstring); returns the record or None."""
+        step = as_int("step", step, minimum=0)
+        self.start()
+        if not self.due(step):
+            return None
+        return self.record(step, loss=loss, lr=lr)
+
+    def attach(self, optimizer: torch.optim.Optimizer, *, start_step: int = 0):
+        """Record from a step post-hook of `optimizer` (lr and momentum read from its
+        first parameter group); steps are counted from `start_step` (pass the step a
+        resumed run restarts at). Returns the hook handle (``.remove()`` detaches)."""
+        self._optimizer = optimizer
+        self._steps = as_int("start_step", start_step, minimum=0)
+
+        def hook(opt, args, kwargs):
+            self._steps += 1
+            self.maybe_record(self._steps)
+
+        self._hook = optimizer.register_step_post_hook(hook)
+        self.start()
+        return self._hook
+
+    def _lr_momentum(self, lr):
+        if lr is not None:
+            return as_float("lr", lr, positive=True), self.momentum
+        if self._optimizer is not None:
+            g = self._optimizer.param_groups[0]
+            mom = g.get("momentum", 0.0)
+            return float(g["lr"]), float(mom if mom else 0.0)
+        return self.lr, self.momentum
+
+    # -- measurement --------------------------------------------------------------------
+    def measure(self, step: int = 0, *, loss=None, lr=None) -> MonitorRecord:
+        """Measure at the current weights (module docstring) without storing."""
+        t0 = self._clock()
+        tr = self.tracker
+        model = tr.model
+        was_training = model.training
+        with torch.enable_grad():
+            op = tr.operator()
+            eig = tr.top(op)
+            lam = float(eig.values[0])
+            u = tr.v0
+            if lam > 0:
+                nz = tr.noise(op, u, rel_error=self.noise_rel_error, seed=self.seed + step)
+                s2, s2_se = float(nz.s2), float(nz.stderr)
+            else:
+                s2, s2_se = float("nan"), float("nan")
+            B, N = self.batch_size, self.N
+            bs_mean = bs_std = bs_se = float("nan")
+            if self.n_batches and B < N:
+                m = measure_batch_top_eigenvalue(
+                    model, tr.loss_fn, tr.data, [B], n_batches=self.n_batches, kind=tr.kind,
+                    tol=tr.tol, params=tr.params, policy=tr.policy, chunk_size=tr.chunk_size,
+                    device=tr.device, dtype=tr.dtype, seed=self.seed + step)
+                bs_mean, bs_std, bs_se = (float(m["mean"][0]), float(m["std"][0]),
+                                          float(m["stderr"][0]))
+            elif self.n_batches:
+                bs_mean, bs_std, bs_se = lam, 0.0, 0.0
+        model.train(was_training)
+        a, rho = self._lr_momentum(lr)
+        ok = lam > 0 and math.isfinite(s2)
+        Bs = np.asarray(self.batch_sizes)
+        nanv = tuple(float("nan") for _ in Bs)
+        lam_prime = float(batch_curvature(B, lam, s2, N)) if ok else float("nan")
+        max_lr = tuple(momentum_factor(rho) / np.atleast_1d(batch_curvature(Bs, lam, s2, N))) \
+            if ok else nanv
+        transfer = tuple(a * lam_prime / np.atleast_1d(batch_curvature(Bs, lam, s2, N))) \
+            if ok and a is not None else nanv
+        plateau = eoss_plateau(a, B, s2, N, momentum=rho) if ok and a is not None else float("nan")
+        cost = self._clock() - t0
+        return MonitorRecord(
+            step=int(step), time=self.elapsed(), loss=float("nan") if loss is None else float(loss),
+            lr=float("nan") if a is None else float(a), momentum=float(rho), lam=lam,
+            lam_residual=float(eig.residuals[0]), lam_converged=bool(eig.converged[0]),
+            s2=s2, s2_stderr=s2_se, b_star=s2 / lam ** 2 if ok else float("nan"),
+            batch_size=B, lam_prime=lam_prime, batch_sharpness=bs_mean,
+            batch_sharpness_std=bs_std, batch_sharpness_stderr=bs_se, plateau=plateau,
+            batch_sizes=tuple(int(b) for b in Bs), max_lr=tuple(map(float, max_lr)),
+            transfer_lr=tuple(map(float, transfer)), cost=float(cost),
+            num_matvecs=int(eig.num_matvecs), overhead=float("nan"))
+
+    def record(self, step: int, *, loss=None, lr=None) -> MonitorRecord:
+        """Measure now and keep (and write) the record; a step already recorded is
+        returned as it is (never measured or written twice)."""
+        step = as_int("step", step, minimum=0)
+        for r in self.records:
+            if r.step == step:
+                return r
+        self.start()
+        t0 = self._clock()
+        rec = self.measure(step, loss=loss, lr=lr)
+        dt = self._clock() - t0
+        self.time_spent += dt
+        self._last_cost = dt
+        e = self.elapsed()
+        rec = MonitorRecord(**{**{k: getattr(rec, k) for k in rec.keys()},
+                               "overhead": self.time_spent / e if e > 0 else float("nan")})
+        if self.store is not None:
+            self.store.put(f"step={step}", rec.to_dict())
+        self.records.append(rec)
+        self.records.sort(key=lambda r: r.step)
+        if self.every is not None:
+            self._next_step = step + self.every
+        return rec
+
+    # -- reading ------------------------------------------------------------------------
+    def trace(self, key: str) -> np.ndarray:
+        """One field over the records, in step order (numpy array)."""
+        return np.asarray([getattr(r, key) for r in self.records])
+
+    def to_dict(self) -> dict:
+        return dict(config=self.config, records=[r.to_dict() for r in self.records],
+                    time_spent=self.time_spent, overhead=self.overhead())
+
+    def plot(self, ax=None):
+        """λ₁, measured and predicted batch sharpness, 2(1+ρ)/α and the EoSS plateau
+        against the step; returns the axes."""
+        if ax is None:
+            import matplotlib.pyplot as plt
+            ax = plt.figure(figsize=(5, 3.5)).gca()
+        steps = self.trace("step")
+        ax.plot(steps, self.trace("lam"), "o-", ms=3, label="λ₁ (full data)")
+        if np.isfinite(self.trace("batch_sharpness")).any():
+            ax.errorbar(steps, self.trace("batch_sharpness"),
+                        yerr=self.trace("batch_sharpness_stderr"), fmt="s-", ms=3, capsize=2,
+                        label=f"batch sharpness (B={self.batch_size})")
+        ax.plot(steps, self.trace("lam_prime"), "--", label="predicted λ'(B)")
+        lr = self.trace("lr")
+        if np.isfinite(lr).any():
+            ax.plot(steps, _momentum_factors(self.trace("momentum")) / lr, "k:",
+                    label="2(1+ρ)/α")
+            ax.plot(steps, self.trace("plateau"), "-.", label="EoSS plateau λ₁*")
+        ax.set_xlabel("step")
+        ax.set_ylabel("curvature")
+        ax.legend(fontsize=7)
+        return ax
+
+
+def _momentum_factors(rho) -> np.ndarray:
+    return 2.0 * (1.0 + np.asarray(rho, dtype=float))

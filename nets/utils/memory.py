@@ -1,0 +1,85 @@
+"""Memory budgets for batched curvature products.
+
+Every batched computation in `nets` (per-sample products vmapped over samples, products
+on several vectors vmapped over the vectors, SLQ probes run side by side) is split into
+chunks whose working memory stays below a budget in bytes:
+
+* `memory=None` (default): a fraction of the memory free now on the device
+  (CUDA: `DEFAULT_FRACTION` of `torch.cuda.mem_get_info()[0]`; CPU: of the available
+  system memory, capped at `CPU_CAP` bytes, so a shared machine is not swamped);
+* an int or float: that many bytes; a string such as "512MB" or "2 GiB".
+
+The working memory of one item of a chunk is an estimate (`per_item_bytes`), not a
+measurement: a vmapped curvature product along k vectors holds about
+`PRODUCT_COPIES` parameter-sized tensors per vector (tangent, cotangent and the output)
+plus the activations of the samples it sees, `ACTIVATION_FACTOR` × the input numbers.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+
+__all__ = ["memory_budget", "chunk_count", "product_bytes", "DEFAULT_FRACTION", "CPU_CAP"]
+
+DEFAULT_FRACTION = 0.25
+CPU_CAP = 4 << 30
+PRODUCT_COPIES = 4
+ACTIVATION_FACTOR = 16
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def _available_cpu_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 30
+
+
+def memory_budget(memory=None, device=None) -> int:
+    """The budget in bytes (module docstring). Raises ValueError/TypeError on bad input."""
+    if memory is None:
+        dev = torch.device("cpu" if device is None else device)
+        if dev.type == "cuda" and torch.cuda.is_available():
+            free, _ = torch.cuda.mem_get_info(dev)
+            return max(1 << 24, int(DEFAULT_FRACTION * free))
+        return max(1 << 24, min(CPU_CAP, int(DEFAULT_FRACTION * _available_cpu_bytes())))
+    if isinstance(memory, bool):
+        raise TypeError(f"memory must be bytes (int), a string like '2GB', or None, got {memory!r}")
+    if isinstance(memory, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", memory)
+        if m is None or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"memory must look like '512MB' or '2GiB', got {memory!r}")
+        memory = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if not isinstance(memory, (int, float)):
+        raise TypeError(f"memory must be bytes (int), a string like '2GB', or None, got {memory!r}")
+    if not memory > 0 or memory != memory or memory == float("inf"):
+        raise ValueError(f"memory must be a positive finite number of bytes, got {memory!r}")
+    return int(memory)
+
+
+def product_bytes(P: int, k: int, samples: int, sample_numel: int, itemsize: int = 4) -> int:
+    """Estimated working memory of one vmapped curvature product along k vectors on a
+    group of `samples` samples: k·(PRODUCT_COPIES·P·itemsize + 8·P) for the tangents and
+    the float64 result, plus k·ACTIVATION_FACTOR·samples·sample_numel·itemsize."""
+    per_vec = PRODUCT_COPIES * P * itemsize + 8 * P
+    act = ACTIVATION_FACTOR * samples * max(sample_numel, 1) * itemsize
+    return int(max(k, 1) * (per_vec + act))
+
+
+def chunk_count(total: int, per_item_bytes: int, budget: int, cap: int | None = None) -> int:
+    """How many of `total` items fit the budget at once (at least 1, at most `cap`)."""
+    n = max(1, int(budget // max(int(per_item_bytes), 1)))
+    n = min(n, max(int(total), 1))
+    return n if cap is None else max(1, min(n, int(cap)))

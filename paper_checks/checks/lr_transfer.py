@@ -1,0 +1,152 @@
+"""Check — learning-rate transfer across batch sizes in real training (digits MLP).
+
+Measured: the real training threshold of SGD from the trained digits MLP checkpoint,
+`nets.learning_rates.lr_search.training_threshold` with criterion "divergence" (the
+full-data loss ever exceeds 10× its start, or is non-finite, within `steps` steps;
+bisection in log α per seed), at B = 8 … 512, heavy-ball momentum m = 0 and 0.9.
+Predicted: `nets.transfer_lr` anchored at the *measured* threshold at B₀ = 32 and at
+B₀ = 512: α(B) = α₀·λ'_m(B₀)/λ'_m(B), λ'_m = λ + (1+m)/(1−m)·c(B,N)·s_u²/λ (the
+mean-square limit of heavy ball with batch noise). Compared with the linear (α ∝ B),
+square-root and constant rules through the same anchor. The absolute level is reported
+as measured/(2(1+m)/λ'_m(B)) and measured/(2(1+m)/λ'(B)) (the deterministic momentum
+factor) — no correction factor enters the prediction.
+
+Pass iff transfer/measured ∈ [0.85, 1.15] (m = 0) and [0.80, 1.20] (m = 0.9) at every B,
+for both anchors. Default run: B ∈ {8, 32, 128, 512}, one seed, 200 steps (≈1–2 min CPU). The CNN and more seeds: benchmarks/bench_lr_transfer.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..result import judged
+from ._plotting import new_figure, verdict_title
+
+NAME = "lr_transfer"
+CLAIM = ("Anchored at one measured (B₀, α₀), the curvature-noise transfer "
+         "α(B) = α₀·λ'_m(B₀)/λ'_m(B) gives the real SGD training threshold at every B "
+         "(with and without momentum), where linear / square-root / constant rules do not.")
+REQUIRES = ("nets.training.loops:trained_digits_mlp", "nets.learning_rates.transfer:transfer_lr",
+            "nets.learning_rates.lr_search:training_threshold")
+TOLERANCE = {0.0: 0.15, 0.9: 0.20}
+ANCHORS = (32, 512)
+RULES = ("linear", "sqrt", "constant")
+
+
+def transfer_study(model, loss_fn, data, batch_sizes, *, momenta=(0.0, 0.9), anchors=ANCHORS,
+                   seeds=(0,), steps=200, criterion="divergence", store=None, seed=0,
+                   progress=None, bar=None) -> dict:
+    """Measured thresholds and transferred predictions for every momentum and anchor.
+
+    Returns a flat dict of arrays/numbers: for each momentum m (key suffix `_m{m}`):
+    measured, measured_stderr, transfer_B{B0}, ratio_B{B0} (transfer/measured), rule ratios
+    {rule}_B{B0}, local limit 2(1+m)/λ'_m and the deterministic-factor limit 2(1+m)/λ'.
+    """
+    from nets.learning_rates.lr_search import training_threshold
+    from nets.learning_rates.transfer import scaling_rule, transfer_lr
+
+    Bs = np.asarray(sorted(set(int(b) for b in batch_sizes) | set(anchors)))
+    out = {"batch_sizes": Bs}
+    it = momenta if bar is None else bar(list(momenta), "momentum")
+    for m in it:
+        key = f"m{m:g}"
+        local = transfer_lr(model, loss_fn, data, Bs, reference=(int(Bs[0]), 1.0),
+                            momentum=m, seed=seed)
+        lr0_guess = lambda B, local=local: float(np.interp(B, local.batch_sizes,
+                                                           local.stability_limit))
+        meas = training_threshold(model, loss_fn, data, Bs, criterion=criterion, momentum=m,
+                                  steps=steps, seeds=seeds, lr0=lr0_guess, store=store,
+                                  tag="lr_transfer", seed=seed, progress=progress)
+        out[f"measured_{key}"] = meas.lr
+        out[f"measured_stderr_{key}"] = meas.stderr
+        out[f"measured_per_seed_{key}"] = meas.per_seed
+        out[f"local_limit_{key}"] = local.stability_limit
+        out[f"deterministic_factor_limit_{key}"] = 2.0 * (1.0 + m) / local.batch_curvature
+        out[f"level_{key}"] = meas.lr / local.stability_limit
+        out[f"level_deterministic_{key}"] = meas.lr / out[f"deterministic_factor_limit_{key}"]
+        for B0 in anchors:
+            a0 = float(meas.lr[list(Bs).index(B0)])
+            tr = transfer_lr(model, loss_fn, data, Bs, reference=(B0, a0), momentum=m, seed=seed)
+            out[f"transfer_B{B0}_{key}"] = tr.lr
+            out[f"transfer_stderr_B{B0}_{key}"] = tr.lr_stderr
+            out[f"ratio_B{B0}_{key}"] = tr.lr / meas.lr
+            for rule in RULES:
+                out[f"{rule}_B{B0}_{key}"] = scaling_rule(Bs, reference=(B0, a0), rule=rule) / meas.lr
+        out["lam"], out["s2"], out["N"] = local.lam, local.s2, local.N
+        out["critical_batch_size"] = local.critical_batch_size
+    return out
+
+
+def _worst(r):
+    r = np.asarray(r, dtype=float)
+    return float(r[np.argmax(np.abs(np.log(r)))])
+
+
+def run(ctx):
+    import torch.nn.functional as F
+
+    from nets.training.loops import trained_digits_mlp
+
+    model, (X, y) = trained_digits_mlp(ctx.seed)
+    Bs = ctx.pick([8, 32, 128, 512], [8, 32, 512])       # benchmark: all of 8 … 512
+    momenta = (0.0, 0.9)
+    steps = ctx.pick(200, 120)
+    st = transfer_study(model, F.cross_entropy, (X, y), Bs, momenta=momenta, seeds=(ctx.seed,),
+                        steps=steps, seed=ctx.seed, progress=False, bar=ctx.bar)
+    failures, summary, details = [], [], {"lam": st["lam"], "s_u2": st["s2"], "N": st["N"],
+                                          "B_star": st["critical_batch_size"], "steps": steps,
+                                          "criterion": "divergence (loss > 10x start)",
+                                          "seeds": [ctx.seed]}
+    for m in momenta:
+        key, tol = f"m{m:g}", TOLERANCE[m]
+        for B0 in ANCHORS:
+            ratio = st[f"ratio_B{B0}_{key}"]
+            details[f"transfer_over_measured_B{B0}_{key}"] = ratio
+            for rule in RULES:
+                details[f"{rule}_over_measured_B{B0}_{key}"] = st[f"{rule}_B{B0}_{key}"]
+            bad = [(int(B), float(r)) for B, r in zip(st["batch_sizes"], ratio)
+                   if not abs(r - 1.0) <= tol]
+            failures += [f"m={m:g}, B0={B0}: B={B} ratio {r:.3f}" for B, r in bad]
+            summary.append(f"m={m:g},B0={B0}: {np.min(ratio):.2f}–{np.max(ratio):.2f}")
+        details[f"measured_{key}"] = st[f"measured_{key}"]
+        details[f"level_ms_{key}"] = st[f"level_{key}"]
+        details[f"level_deterministic_{key}"] = st[f"level_deterministic_{key}"]
+    rules_txt = "; ".join(
+        f"{rule} worst {_worst(np.concatenate([st[f'{rule}_B{B0}_m{m:g}'] for B0 in ANCHORS for m in momenta])):.2f}"
+        for rule in RULES)
+    details["caption"] = ("Digits MLP, real SGD training: measured divergence threshold vs B "
+                          "(dots), transfer_lr anchored at B0 = 32 and 512 (lines), linear / "
+                          "sqrt / constant rules through B0 = 32 (dotted); left m = 0, right "
+                          "m = 0.9.")
+    series = {k: v for k, v in st.items() if isinstance(v, np.ndarray)}
+    return judged(
+        name=NAME, claim=CLAIM,
+        predicted="transfer/measured = 1 at every B",
+        measured="ratio ranges " + "; ".join(summary) + f" (rules: {rules_txt})",
+        tolerance=f"|ratio − 1| ≤ {TOLERANCE[0.0]} (m=0), ≤ {TOLERANCE[0.9]} (m=0.9), "
+                  f"B0 ∈ {list(ANCHORS)}; 1 seed, {steps} steps",
+        failures=failures, details=details, series=series)
+
+
+def plot(result):
+    fig, axes = new_figure(2)
+    B = result.array("batch_sizes")
+    for ax, m in zip(axes, (0.0, 0.9)):
+        key = f"m{m:g}"
+        meas = result.array(f"measured_{key}")
+        ax.plot(B, meas, "o", color="k", label="measured (divergence)")
+        for B0, color in zip(ANCHORS, ("C0", "C3")):
+            ax.plot(B, result.array(f"transfer_B{B0}_{key}"), "-", color=color,
+                    label=f"transfer_lr, B0={B0}")
+        for rule, color in zip(RULES, ("C1", "C2", "C4")):
+            ax.plot(B, result.array(f"{rule}_B32_{key}") * meas, ":", color=color,
+                    label=f"{rule} (B0=32)")
+        ax.plot(B, result.array(f"local_limit_{key}"), "--", color="0.5",
+                label="2(1+m)/λ'_m (local)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size B")
+        ax.set_ylabel("learning rate")
+        ax.legend(fontsize=7)
+        verdict_title(ax, result, f"digits MLP, SGD m={m:g}")
+    return fig

@@ -1,0 +1,205 @@
+"""Tests of nets.learning_rates.monitor (CurvatureMonitor, eoss_plateau).
+
+Oracles: the package's public entry points called independently at the same checkpoint
+(top_eigenvalues with a cold start; measure_batch_top_eigenvalue with the same seed),
+a dense float64 Hessian (torch.func.hessian), the closed-form root of the plateau
+equation, and a fake clock for the budget.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from nets import measure_batch_top_eigenvalue, top_eigenvalues
+from nets.learning_rates.monitor import CurvatureMonitor, MonitorRecord, eoss_plateau
+from nets.training.models import MLP
+from rmt.lr import batch_curvature, sgd_max_lr
+
+
+def _data(N=120, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(N, 6, generator=g, dtype=torch.float64)
+    y = (X[:, 0] + 0.5 * X[:, 1] > 0).long() + (X[:, 2] > 1).long()
+    return X, y
+
+
+def _model(seed=0):
+    return MLP(6, (5,), 3, activation="tanh", seed=seed).double()
+
+
+CE = nn.functional.cross_entropy
+
+
+def _train_steps(model, opt, X, y, steps, B=16, start=0, mon=None):
+    g = torch.Generator().manual_seed(123)
+    orders = [torch.randperm(X.shape[0], generator=g) for _ in range(50)]
+    flat = torch.cat(orders)
+    for k in range(start, start + steps):
+        idx = flat[k * B:(k + 1) * B]
+        opt.zero_grad()
+        CE(model(X[idx]), y[idx]).backward()
+        opt.step()
+        if mon is not None:
+            mon.maybe_record(k + 1)
+
+
+def test_record_reproduces_the_public_measurements(dense_hessian):
+    X, y = _data()
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    _train_steps(model, opt, X, y, 5)
+    mon = CurvatureMonitor(model, CE, (X, y), batch_size=16, n_batches=3, lr=0.5, seed=4,
+                           tol=1e-8)
+    rec = mon.record(5)
+    lam_ref = top_eigenvalues(model, CE, (X, y), k=1, seed=11)[0]
+    assert rec.lam == pytest.approx(lam_ref, rel=1e-6)
+    lam_dense = float(torch.linalg.eigvalsh(dense_hessian(model, CE, X, y))[-1])
+    assert rec.lam == pytest.approx(lam_dense, rel=1e-6)
+    ref = measure_batch_top_eigenvalue(model, CE, (X, y), [16], n_batches=3, seed=4 + 5)
+    assert abs(rec.batch_sharpness - float(ref["mean"][0])) <= float(ref["stderr"][0])
+    # the derived quantities are the formulas of rmt.lr at the recorded λ₁, s_u²
+    N = X.shape[0]
+    assert rec.lam_prime == pytest.approx(batch_curvature(16, rec.lam, rec.s2, N), rel=1e-12)
+    assert rec.b_star == pytest.approx(rec.s2 / rec.lam ** 2, rel=1e-12)
+    np.testing.assert_allclose(rec.max_lr, sgd_max_lr(np.array(rec.batch_sizes), rec.lam,
+                                                      rec.s2, N), rtol=1e-12)
+    i = rec.batch_sizes.index(16)
+    assert rec.transfer_lr[i] == pytest.approx(0.5, rel=1e-12)
+    assert rec.plateau == pytest.approx(eoss_plateau(0.5, 16, rec.s2, N), rel=1e-12)
+    assert rec.s2 > 0 and rec.s2_stderr >= 0
+
+
+def test_warm_start_uses_fewer_products():
+    X, y = _data(seed=1)
+    model = _model(1)
+    mon = CurvatureMonitor(model, CE, (X, y), batch_size=16, n_batches=0)
+    cold = mon.record(0)
+    with torch.no_grad():                       # a small move of the weights
+        for p in model.parameters():
+            p.mul_(1.001)
+    warm = mon.record(1)
+    lam_ref = top_eigenvalues(model, CE, (X, y), k=1)[0]
+    assert warm.lam == pytest.approx(lam_ref, rel=1e-6)
+    assert warm.num_matvecs < cold.num_matvecs
+
+
+def test_killed_run_resumes_without_loss_or_duplicates(tmp_path):
+    X, y = _data(seed=2)
+    path = tmp_path / "mon.jsonl"
+    kw = dict(batch_size=16, n_batches=2, every=5, budget=1.0, lr=0.3, path=path)
+    model = _model(2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    mon = CurvatureMonitor(model, CE, (X, y), **kw)
+    mon.maybe_record(0)
+    _train_steps(model, opt, X, y, 12, mon=mon)          # records 0, 5, 10
+    ckpt = {k: v.clone() for k, v in model.state_dict().items()}     # saved at step 10
+    _train_steps(model, opt, X, y, 3, start=12, mon=mon)   # step 15 recorded, then "killed"
+    assert mon.recorded_steps() == [0, 5, 10, 15]
+    with open(path, "ab") as fh:                          # a kill in the middle of a write
+        fh.write(b'{"key": "step=20", "val')
+    model2 = _model(99)
+    model2.load_state_dict(ckpt)
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.3)
+    mon2 = CurvatureMonitor(model2, CE, (X, y), **kw)
+    assert mon2.recorded_steps() == [0, 5, 10, 15]
+    assert mon2.records[1].to_dict() == mon.records[1].to_dict()
+    _train_steps(model2, opt2, X, y, 15, start=10, mon=mon2)           # steps 11..25
+    assert mon2.recorded_steps() == [0, 5, 10, 15, 20, 25]
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    keys = [x["key"] for x in lines]
+    assert keys == ["config", "step=0", "step=5", "step=10", "step=15", "step=20", "step=25"]
+    # other settings on the same file are refused
+    with pytest.raises(ValueError, match="other settings"):
+        CurvatureMonitor(model2, CE, (X, y), **dict(kw, batch_size=8))
+    rec = MonitorRecord.from_dict(lines[-1]["value"])
+    assert rec.to_dict() == mon2.records[-1].to_dict()
+
+
+def test_budget_bounds_the_overhead_with_a_fake_clock():
+    X, y = _data(seed=3)
+    model = _model(3)
+    t = [0.0]
+    mon = CurvatureMonitor(model, CE, (X, y), batch_size=16, n_batches=0, budget=0.1,
+                           clock=lambda: t[0])
+    real_measure = mon.measure
+
+    def slow_measure(step, **kw):           # every record costs 2 time units
+        t[0] += 2.0
+        return real_measure(step, **kw)
+
+    mon.measure = slow_measure
+    for step in range(400):                 # every training step costs 1 unit
+        mon.maybe_record(step)
+        t[0] += 1.0
+    n = len(mon.records)
+    # records at 0 and then whenever spent + 2 <= 0.1·(elapsed + 2): about every 20 units
+    assert 15 <= n <= 22, mon.recorded_steps()
+    assert mon.overhead() <= 0.1 + 1e-12
+    assert mon.records[0].step == 0
+    # with a budget of 1 every call records
+    t2 = [0.0]
+    mon_all = CurvatureMonitor(model, CE, (X, y), batch_size=16, n_batches=0, budget=1.0,
+                               every=3, clock=lambda: t2[0])
+    for step in range(10):
+        mon_all.maybe_record(step)
+        t2[0] += 1.0
+    assert mon_all.recorded_steps() == [0, 3, 6, 9]
+
+
+def test_attach_reads_lr_from_the_optimizer_and_plots():
+    X, y = _data(seed=4)
+    model = _model(4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.5)
+    mon = CurvatureMonitor(model, CE, (X, y), batch_size=16, n_batches=0, every=2, budget=1.0)
+    handle = mon.attach(opt)
+    _train_steps(model, opt, X, y, 4)
+    handle.remove()
+    assert mon.recorded_steps() == [1, 3]
+    r = mon.records[-1]
+    assert (r.lr, r.momentum) == (0.2, 0.5)
+    assert r.plateau == pytest.approx(eoss_plateau(0.2, 16, r.s2, X.shape[0], momentum=0.5))
+    import matplotlib
+    matplotlib.use("Agg")
+    ax = mon.plot()
+    assert len(ax.lines) >= 3
+    d = mon.to_dict()
+    assert json.dumps(d) and len(d["records"]) == 2
+
+
+def test_eoss_plateau_closed_form():
+    lr, N, s2 = 0.1, 1000, 30.0
+    assert eoss_plateau(lr, N, s2, N) == pytest.approx(2 / lr)              # c(N, N) = 0
+    for B in (8, 32, 128):
+        lam = eoss_plateau(lr, B, s2, N)
+        c = 1 / B - 1 / N
+        assert lam + c * s2 / lam == pytest.approx(2 / lr, rel=1e-12)       # on the edge
+        assert lam < 2 / lr
+    assert eoss_plateau(lr, 8, s2, N) < eoss_plateau(lr, 128, s2, N)        # lower at small B
+    assert eoss_plateau(lr, 32, s2, N, momentum=0.9) == pytest.approx(
+        eoss_plateau(lr / 1.9, 32, s2, N))
+    assert math.isnan(eoss_plateau(1.0, 1, 10.0, N))         # 4cs² = 39.96 > (2/1)² = 4
+
+
+def test_monitor_validates_its_arguments():
+    X, y = _data()
+    model = _model()
+    for kw, exc, name in [(dict(batch_size=0), ValueError, "batch_size"),
+                          (dict(batch_size=1000), ValueError, "batch_size"),
+                          (dict(batch_size=8, budget=0.0), ValueError, "budget"),
+                          (dict(batch_size=8, budget=2.0), ValueError, "budget"),
+                          (dict(batch_size=8, every=0), ValueError, "every"),
+                          (dict(batch_size=8, momentum=1.0), ValueError, "momentum"),
+                          (dict(batch_size=8, kind="fisher"), ValueError, "kind"),
+                          (dict(batch_size=8, batch_sizes=[4, 10_000]), ValueError,
+                           "batch_sizes")]:
+        with pytest.raises(exc, match=name):
+            CurvatureMonitor(model, CE, (X, y), **kw)
+    bn = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).double()
+    with pytest.raises(ValueError, match="BatchNorm"):
+        CurvatureMonitor(bn, CE, (X, y), batch_size=8)
