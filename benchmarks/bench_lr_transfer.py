@@ -87,6 +87,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--nets", default="mlp,cnn")
     p.add_argument("--criteria", default="divergence,final,onset")
+    p.add_argument("--measured-batches", type=int, default=200,
+                   help="batches per B for the measured-λ' diagnostic transfer (0: skip)")
     args = p.parse_args(argv)
     setup_torch(args)
     Bs = [8, 32, 128, 512] if args.quick else [8, 16, 32, 64, 128, 256, 512]
@@ -98,7 +100,8 @@ def main(argv=None):
     for name in args.nets.split(","):
         model, data = trained_digits_mlp(0) if name == "mlp" else trained_cnn(0)
         res = {"study": transfer_study(model, loss, data, Bs, seeds=seeds, steps=args.steps,
-                                       store=store, progress=True)}
+                                       store=store, extra_forms=("resolved",),
+                                       measured_batches=args.measured_batches, progress=True)}
         for crit in args.criteria.split(","):
             if crit == "divergence":
                 continue
@@ -121,6 +124,9 @@ def main(argv=None):
             print(f"   level measured/(2(1+m)/λ')   {np.round(st[f'level_deterministic_m{m}'], 3)}")
             for B0 in (32, 512):
                 print(f"   transfer/measured B0={B0}: {np.round(st[f'ratio_B{B0}_m{m}'], 3)}")
+                for f in ("resolved", "measuredcurv"):
+                    if f"ratio_{f}_B{B0}_m{m}" in st:
+                        print(f"   {f} transfer/measured B0={B0}: {np.round(st[f'ratio_{f}_B{B0}_m{m}'], 3)}")
                 for rule in ("linear", "sqrt", "constant"):
                     print(f"   {rule:8s}/measured B0={B0}: {np.round(st[f'{rule}_B{B0}_m{m}'], 3)}")
         for k, v in res.items():

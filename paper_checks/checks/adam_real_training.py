@@ -76,8 +76,12 @@ def run(ctx):
         a0 = float(warm.lr[list(Bs).index(B0)])
         tr = adam_transfer_lr(model, loss_fn, (X, y), Bs, reference=(B0, a0), prediction=pred)
         ratio = tr.lr / warm.lr
+        i0 = list(Bs).index(B0)
         transfers[B0] = {"lr": tr.lr, "ratio": ratio, "sqrt_rule": tr.sqrt_rule,
-                         "linear_rule": tr.linear_rule}
+                         "linear_rule": tr.linear_rule,
+                         # reported, not judged: the same anchor carried along the
+                         # noise-floor shape α_floor(B)/α_floor(B0) (a loss limit)
+                         "floor_ratio": a0 * floor / floor[i0] / warm.lr}
         failures += [f"anchor B0={B0}: B={B} transfer {t:.4g} vs measured {m:.4g} (ratio {r:.2f})"
                      for B, t, m, r in zip(Bs, tr.lr, warm.lr, ratio) if not abs(r - 1) <= TOL]
     cut = Bs <= FIT_MAX_B
@@ -110,6 +114,9 @@ def run(ctx):
                  "betas": BETAS, "eps": EPS, "seeds": list(seeds), "fit": fit,
                  "k_predicted": k_pred, "k_noise_floor": k_floor,
                  "measured_over_noise_floor": warm.lr / floor, "sqrt_verdict": verdict,
+                 **{f"noise_floor_transfer_over_measured_B{B0}": v["floor_ratio"]
+                    for B0, v in transfers.items()},
+                 **{f"transfer_over_measured_B{B0}": v["ratio"] for B0, v in transfers.items()},
                  "fresh_first_step_fraction": fresh_first, "n_trials": warm.n_trials,
                  "caption": "Adam on the digits MLP: measured warmed-state threshold "
                             "(points), fresh-state first-step limit (crosses), predicted "

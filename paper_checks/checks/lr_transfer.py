@@ -35,18 +35,35 @@ RULES = ("linear", "sqrt", "constant")
 
 def transfer_study(model, loss_fn, data, batch_sizes, *, momenta=(0.0, 0.9), anchors=ANCHORS,
                    seeds=(0,), steps=200, criterion="divergence", store=None, seed=0,
-                   progress=None, bar=None) -> dict:
+                   extra_forms=(), measured_batches=0, progress=None, bar=None) -> dict:
     """Measured thresholds and transferred predictions for every momentum and anchor.
 
     Returns a flat dict of arrays/numbers: for each momentum m (key suffix `_m{m}`):
     measured, measured_stderr, transfer_B{B0}, ratio_B{B0} (transfer/measured), rule ratios
     {rule}_B{B0}, local limit 2(1+m)/λ'_m and the deterministic-factor limit 2(1+m)/λ'.
+
+    extra_forms : other λ'(B) forms of `transfer_lr` ("resolved", "subspace") compared the
+        same way (keys ratio_{form}_B{B0}_m{m}). measured_batches > 0 adds the diagnostic
+        "measured" transfer: the same rule with λ'(B) replaced by the *measured* mean top
+        eigenvalue of H_B over that many batches (`measure_batch_top_eigenvalue`) — it
+        says how well a perfect λ'(B) would transfer, separating the curvature model's
+        error from the rule's (keys ratio_measuredcurv_B{B0}_m{m}).
     """
     from nets.learning_rates.lr_search import training_threshold
     from nets.learning_rates.transfer import scaling_rule, transfer_lr
 
     Bs = np.asarray(sorted(set(int(b) for b in batch_sizes) | set(anchors)))
     out = {"batch_sizes": Bs}
+    curves = {}
+    for form in extra_forms:
+        curves[form] = transfer_lr(model, loss_fn, data, Bs, reference=(int(Bs[0]), 1.0),
+                                   form=form, seed=seed)
+    if measured_batches:
+        from nets.noise.batch_spectra import measure_batch_top_eigenvalue
+        mb = measure_batch_top_eigenvalue(model, loss_fn, data, Bs, n_batches=measured_batches,
+                                          seed=seed)
+        out["measured_batch_curvature"] = np.asarray(mb["mean"], dtype=float)
+        out["measured_batch_curvature_stderr"] = np.asarray(mb["stderr"], dtype=float)
     it = momenta if bar is None else bar(list(momenta), "momentum")
     for m in it:
         key = f"m{m:g}"
@@ -72,6 +89,14 @@ def transfer_study(model, loss_fn, data, batch_sizes, *, momenta=(0.0, 0.9), anc
             out[f"ratio_B{B0}_{key}"] = tr.lr / meas.lr
             for rule in RULES:
                 out[f"{rule}_B{B0}_{key}"] = scaling_rule(Bs, reference=(B0, a0), rule=rule) / meas.lr
+            i0 = list(Bs).index(B0)
+            gain = (1.0 + m) / (1.0 - m)
+            others = {f: (c.lam, c.batch_curvature) for f, c in curves.items()}
+            if measured_batches:
+                others["measuredcurv"] = (local.lam, out["measured_batch_curvature"])
+            for f, (lam_f, lp) in others.items():
+                eff = lam_f + gain * (np.asarray(lp) - lam_f)
+                out[f"ratio_{f}_B{B0}_{key}"] = a0 * eff[i0] / eff / meas.lr
         out["lam"], out["s2"], out["N"] = local.lam, local.s2, local.N
         out["critical_batch_size"] = local.critical_batch_size
     return out
