@@ -21,7 +21,6 @@ every bisection (benchmarks/results/lr_transfer_store.jsonl): interrupt and re-r
 
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 from _common import RESULTS, base_parser, environment, setup_torch
@@ -44,38 +43,12 @@ def trained_cnn(seed=0):
     return model, (X, y)
 
 
-def self_stabilisation(model, loss_fn, data, *, B=512, factor=4.0, steps=200, seed=0):
-    """λ₁ before, and after `steps` SGD steps at α = factor/λ₁ (batch B)."""
-    import torch
-
-    from nets import top_eigenvalues
-
-    X, y = data
-    lam0 = float(top_eigenvalues(model, loss_fn, data, k=1, seed=seed)[0])
-    net = copy.deepcopy(model)
-    lr = factor / lam0
-    g = torch.Generator().manual_seed(seed)
-    losses = []
-    for _ in range(steps):
-        idx = torch.randperm(len(X), generator=g)[:B]
-        loss = loss_fn(net(X[idx]), y[idx])
-        grads = torch.autograd.grad(loss, list(net.parameters()))
-        with torch.no_grad():
-            for p, gr in zip(net.parameters(), grads):
-                p.sub_(lr * gr)
-        losses.append(float(loss))
-    lam1 = float(top_eigenvalues(net, loss_fn, data, k=1, seed=seed)[0])
-    return {"lam_before": lam0, "lam_after": lam1, "alpha_times_lam": factor, "B": B,
-            "steps": steps, "loss_first": losses[0], "loss_max": max(losses),
-            "loss_last": losses[-1]}
-
-
 def main(argv=None):
     import json
 
     import torch.nn.functional as F
 
-    from nets.learning_rates.lr_search import training_threshold
+    from nets.learning_rates.lr_search import self_stabilisation, training_threshold
     from nets.learning_rates.transfer import transfer_lr
     from nets.training.loops import trained_digits_mlp
     from nets.utils.atomic import atomic_write
@@ -114,7 +87,7 @@ def main(argv=None):
                                          progress=True)
                 res[f"{crit}_m{m:g}"] = {"lr": thr.lr, "stderr": thr.stderr,
                                          "level_ms": thr.lr / local.stability_limit}
-        res["self_stabilisation"] = self_stabilisation(model, loss, data)
+        res["self_stabilisation"] = self_stabilisation(model, loss, data).to_dict()
         out["nets"][name] = res
         st = res["study"]
         print(f"\n== {name}: λ₁={st['lam']:.4g}, s_u²={st['s2']:.4g}, B*={st['critical_batch_size']:.4g}")

@@ -115,3 +115,27 @@ def test_threshold_validates():
         training_threshold(model, loss, (X, y), [1000])
     with pytest.raises(ValueError, match="momentum"):
         training_threshold(model, loss, (X, y), [4], momentum=1.0)
+
+
+def test_self_stabilisation_linear_model_keeps_its_curvature():
+    """A linear model under MSE has a weight-independent Hessian 2XᵀX/N: λ₁ after any stable
+    run equals λ₁ before (oracle: dense eigvalsh), and the model itself is not modified."""
+    from nets.learning_rates.lr_search import self_stabilisation
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(64, 5, generator=g, dtype=torch.float64)
+    y = torch.randn(64, 1, generator=g, dtype=torch.float64)
+    model = torch.nn.Linear(5, 1, bias=False).double()
+    before = model.weight.detach().clone()
+    st = self_stabilisation(model, torch.nn.functional.mse_loss, (X, y), factor=1.0,
+                            batch_size=16, steps=30, seed=0)
+    lam = float(torch.linalg.eigvalsh(2.0 * X.T @ X / len(X))[-1])
+    assert st.lam_before == pytest.approx(lam, rel=1e-8)
+    assert st.lam_after == pytest.approx(lam, rel=1e-8)
+    assert st.lr == pytest.approx(1.0 / lam)
+    assert torch.equal(model.weight, before)
+    assert st.to_dict()["steps"] == 30
+    with pytest.raises(ValueError, match="batch_size"):
+        self_stabilisation(model, torch.nn.functional.mse_loss, (X, y), batch_size=65)
+    with pytest.raises(ValueError, match="momentum"):
+        self_stabilisation(model, torch.nn.functional.mse_loss, (X, y), batch_size=16, momentum=1.0)

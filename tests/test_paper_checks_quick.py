@@ -242,3 +242,24 @@ def test_divergence_harness_recovers_exact_threshold_without_noise():
     delta = 1.0 / grid[::-1]                            # step 1/δ: increasing δ grid
     assert threshold_from_grid(delta, rate[::-1], GROWTH_TOL / steps,
                                unstable_high=False) == pytest.approx(1 / thr, rel=1e-2)
+
+
+# ------------------------------------------------------------ real-training learning rates
+def test_lr_transfer_verdict_follows_its_bands(results):
+    r = results["lr_transfer"]
+    ok = True
+    for m, tol in ((0.0, 0.15), (0.9, 0.20)):
+        for B0 in (32, 512):
+            ratio = np.asarray(r.details[f"transfer_over_measured_B{B0}_m{m:g}"], float)
+            np.testing.assert_allclose(ratio, r.array(f"transfer_B{B0}_m{m:g}")
+                                       / r.array(f"measured_m{m:g}"), rtol=1e-12)
+            ok &= bool(np.all(np.abs(ratio - 1.0) <= tol))
+    assert r.verdict == ("pass" if ok else "fail")
+
+
+def test_stability_onset_verdict_follows_its_band(results):
+    r = results["stability_onset"]
+    ratios = np.concatenate([r.array(f"onset_m{m:g}") / r.array(f"predicted_m{m:g}")
+                             for m in (0.0, 0.9)])
+    ok = np.all(np.isfinite(ratios)) and np.all(np.abs(ratios - 1.0) <= 0.2)
+    assert r.verdict == ("pass" if ok else "fail")

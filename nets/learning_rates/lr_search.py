@@ -57,7 +57,8 @@ from rmt.validation import as_float, as_int, as_seed
 
 __all__ = ["TrialResult", "run_trial", "bisect_max_lr", "BisectionResult", "lr_sweep",
            "fit_growth_rate", "TRAINING_CRITERIA", "TrainingTrial", "training_trial",
-           "TrainingThresholds", "training_threshold"]
+           "TrainingThresholds", "training_threshold", "SelfStabilisation",
+           "self_stabilisation"]
 
 
 @dataclass(frozen=True)
@@ -609,3 +610,70 @@ def _read_momentum(optimizer, momentum) -> float:
     if not m < 1:
         raise ValueError(f"momentum must be in [0, 1), got {m}")
     return m
+
+
+@result
+class SelfStabilisation(Result):
+    """λ₁ of the full-data Hessian before and after a run above the local stability limit.
+
+    lam_before, lam_after : top eigenvalue at the checkpoint and after the run; lr =
+    factor/lam_before; factor; batch_size; steps; momentum; loss_start, loss_max,
+    loss_last : mini-batch losses of the run (first, largest, last); seed."""
+
+    lam_before: float
+    lam_after: float
+    lr: float
+    factor: float
+    batch_size: int
+    steps: int
+    momentum: float
+    loss_start: float
+    loss_max: float
+    loss_last: float
+    seed: int
+
+
+def self_stabilisation(model, loss_fn, data, *, factor=4.0, batch_size=512, steps=200,
+                       momentum=0.0, seed=0) -> SelfStabilisation:
+    """Run SGD at α = factor/λ₁ (above the deterministic limit 2/λ₁ when factor > 2) from
+    the checkpoint and measure λ₁ again: a network that reduces its own curvature when
+    pushed past the local limit (catapult, self-stabilisation) ends with λ₁·α < 2.
+
+    Heavy-ball momentum `momentum`; batches of `batch_size` drawn without replacement by
+    `torch.Generator().manual_seed(seed)`; the model is not modified (a copy is trained,
+    in eval mode). λ₁ by `nets.algorithms.spectra.top_eigenvalues` (k = 1)."""
+    from nets.algorithms.spectra import top_eigenvalues
+    from nets.utils.data_source import as_data_source
+
+    X, y = as_data_source(data, name="data").tensors()
+    factor = as_float("factor", factor, positive=True)
+    B = as_int("batch_size", batch_size, minimum=1, maximum=len(X))
+    steps = as_int("steps", steps, minimum=1)
+    momentum = as_float("momentum", momentum, nonnegative=True)
+    if momentum >= 1:
+        raise ValueError(f"momentum must be < 1, got {momentum}")
+    seed = as_seed("seed", seed)
+    lam0 = float(top_eigenvalues(model, loss_fn, (X, y), k=1, seed=seed)[0])
+    net = copy.deepcopy(model).eval()
+    params = [p for p in net.parameters() if p.requires_grad]
+    bufs = [torch.zeros_like(p) for p in params]
+    lr = factor / lam0
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        idx = torch.randperm(len(X), generator=g)[:B]
+        loss = loss_fn(net(X[idx]), y[idx])
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            for p, gr, b in zip(params, grads, bufs):
+                if momentum:
+                    b.mul_(momentum).add_(gr)
+                    gr = b
+                p.sub_(lr * gr)
+        losses.append(float(loss.detach()))
+        if not math.isfinite(losses[-1]):
+            break
+    lam1 = (float(top_eigenvalues(net, loss_fn, (X, y), k=1, seed=seed)[0])
+            if math.isfinite(losses[-1]) else math.nan)
+    return SelfStabilisation(lam0, lam1, lr, factor, B, steps, momentum, losses[0],
+                             max(losses), losses[-1], seed)

@@ -21,6 +21,7 @@ _DEFAULT_NAMES = [
     "sgd_scaling_least_squares",
     "sgd_scaling_mlp",
     "lr_transfer",
+    "stability_onset",
     "adam_sqrt_scaling",
     "adam_real_training",
     "damping_inverse_batch",
