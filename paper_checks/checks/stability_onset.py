@@ -21,8 +21,9 @@ Pass iff measured onset / predicted ∈ [0.8, 1.2] at every (m, B). One seed by 
 
 What it finds (measured, 2026-12-03): it fails, and not because the prediction is off —
 the onset criterion is not a sharp measurement on this network. Along u the displacement
-is diffusive at small B (at B = 8 its late-window growth rate is the same, ±0.2/step,
-from 0.5× to 2× the predicted limit) and transient at large B (at B = 512 and 2× the
+is diffusive at small B (at B = 8 the fitted growth rates of |⟨w_t − w_0, u⟩| — first 20
+steps 0.04–0.25/step, last 30 steps −0.06–0.03/step over two seeds — do not change
+between 0.5× and 2× the predicted limit) and transient at large B (at B = 512 and 2× the
 limit it jumps 40-fold in 4 steps — a catapult — then decays, so a late-window slope
 never sees it), so the bisection lands anywhere (0.6× to 10⁵× the prediction, or never
 fires). The *divergence* threshold, which is sharp, sits at 0.98–1.23× the
