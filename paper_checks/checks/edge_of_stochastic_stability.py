@@ -23,7 +23,8 @@ plateau is ≤ PLATEAU_TOL, and at least two runs reached the edge. (Measured du
 development: at B = 8 the batch sharpness overshoots 2/η by ~50 % and λ₁* overshoots λ₁
 by ~60 %: the second-order formula is least accurate where the noise is largest.) Runs whose batch
 sharpness stays below the edge (the loss flattens before the sharpness rises to 2/η)
-are reported but not judged.
+are reported but not judged, and so are runs that diverged (non-finite loss, or a batch
+loss above DIVERGED × its first value).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ CLAIM = ("SGD's batch sharpness settles at 2/η while λ₁ settles lower, at th
 REQUIRES = ("nets.learning_rates.monitor:CurvatureMonitor",
             "nets.learning_rates.monitor:eoss_plateau")
 EDGE_TOL, PLATEAU_TOL = 0.25, 0.25
+DIVERGED = 100.0           # a run whose batch loss exceeds 100× its first value diverged
 LRS = (0.25, 0.5, 1.0)
 BATCH_SIZES = (8, 32, 128, None)        # None = full batch
 
@@ -62,7 +64,7 @@ def train_monitored(lr, B, *, steps, records, seed, train, loss="ce"):
                            n_batches=4 if B < N else 0, batch_sizes=(B,), seed=seed)
     mon.attach(opt)
     gen = torch.Generator().manual_seed(seed)
-    perm, pos, diverged = torch.randperm(N, generator=gen), 0, False
+    perm, pos, diverged, first = torch.randperm(N, generator=gen), 0, False, None
     for _ in range(steps):
         if pos + B > N:
             perm, pos = torch.randperm(N, generator=gen), 0
@@ -70,7 +72,8 @@ def train_monitored(lr, B, *, steps, records, seed, train, loss="ce"):
         pos += B
         opt.zero_grad(set_to_none=True)
         loss = ce(model(X[idx]), y[idx])
-        if not torch.isfinite(loss):
+        first = float(loss) if first is None else first
+        if not torch.isfinite(loss) or float(loss) > DIVERGED * max(first, 1e-12):
             diverged = True
             break
         loss.backward()
@@ -134,7 +137,8 @@ def run(ctx):
     if lam_err and not float(np.median(lam_err)) <= PLATEAU_TOL:
         failures.append(f"predicted λ₁* off the measured λ₁ plateau by {np.median(lam_err):.0%} "
                         "(median)")
-    table = "; ".join(f"η={r['lr']:g},B={r['B']}: bs {r['batch_sharpness']:.2f}±{r['batch_sharpness_sd']:.2f}"
+    table = "; ".join(f"η={r['lr']:g},B={r['B']}: diverged" if r["diverged"] else
+                      f"η={r['lr']:g},B={r['B']}: bs {r['batch_sharpness']:.2f}±{r['batch_sharpness_sd']:.2f}"
                       f" vs 2/η {r['edge']:.2f}, λ₁ {r['lam']:.2f}±{r['lam_sd']:.2f} vs λ₁* "
                       f"{r['predicted_lam']:.2f}" for r in rows)
     return judged(
