@@ -12,7 +12,8 @@ as measured/(2(1+m)/λ'_m(B)) and measured/(2(1+m)/λ'(B)) (the deterministic mo
 factor) — no correction factor enters the prediction.
 
 Pass iff transfer/measured ∈ [0.85, 1.15] (m = 0) and [0.80, 1.20] (m = 0.9) at every B,
-for both anchors. Default run: B ∈ {8, 32, 128, 512}, one seed, 200 steps (≈1–2 min CPU). The CNN and more seeds: benchmarks/bench_lr_transfer.py.
+for both anchors. Default run: B ∈ {8, 32, 128, 512}, three seeds, 200 steps (≈2–3 min CPU;
+--quick: one seed). The CNN and more seeds: benchmarks/bench_lr_transfer.py.
 """
 
 from __future__ import annotations
@@ -116,12 +117,13 @@ def run(ctx):
     Bs = ctx.pick([8, 32, 128, 512], [8, 32, 512])       # benchmark: all of 8 … 512
     momenta = (0.0, 0.9)
     steps = ctx.pick(200, 120)
-    st = transfer_study(model, F.cross_entropy, (X, y), Bs, momenta=momenta, seeds=(ctx.seed,),
+    seeds = ctx.pick((ctx.seed, ctx.seed + 1, ctx.seed + 2), (ctx.seed,))
+    st = transfer_study(model, F.cross_entropy, (X, y), Bs, momenta=momenta, seeds=seeds,
                         steps=steps, seed=ctx.seed, progress=False, bar=ctx.bar)
     failures, summary, details = [], [], {"lam": st["lam"], "s_u2": st["s2"], "N": st["N"],
                                           "B_star": st["critical_batch_size"], "steps": steps,
                                           "criterion": "divergence (loss > 10x start)",
-                                          "seeds": [ctx.seed]}
+                                          "seeds": list(seeds)}
     for m in momenta:
         key, tol = f"m{m:g}", TOLERANCE[m]
         for B0 in ANCHORS:
@@ -149,7 +151,7 @@ def run(ctx):
         predicted="transfer/measured = 1 at every B",
         measured="ratio ranges " + "; ".join(summary) + f" (rules: {rules_txt})",
         tolerance=f"|ratio − 1| ≤ {TOLERANCE[0.0]} (m=0), ≤ {TOLERANCE[0.9]} (m=0.9), "
-                  f"B0 ∈ {list(ANCHORS)}; 1 seed, {steps} steps",
+                  f"B0 ∈ {list(ANCHORS)}; {len(seeds)} seed(s), {steps} steps",
         failures=failures, details=details, series=series)
 
 
