@@ -1,9 +1,11 @@
 """Check 11 — the paper's on-the-fly learner (docs/theory.md §6) trains without tuning.
 
 `paper_checks.experiments.learner_comparison.compare` trains the digits MLP (64→32→10, tanh) with
-(i) `nets.learning_rates.learner.CurvatureAdaptiveSGD` with its default (guarded) settings — α and heavy-ball ρ set from 20
-Lanczos steps on a fixed curvature batch of 128, Polyak's rule, batch correction of
-λ_max from B_c to B (docs/theory.md §3 [ext]) — with no tuning, (ii) SGD + momentum 0.9 and
+(i) `nets.learning_rates.learner.CurvatureAdaptiveSGD` with its default (guarded) settings — α and heavy-ball ρ from
+Polyak's rule at the batch sharpness (mean top Lanczos eigenvalue over chunks of B
+samples of a fixed curvature batch), κ = κ_max = 10, safety ½, and the hold rule (α
+kept while inside the measured stability edge, cut only beyond it, raised only during
+the warm-up) — with no tuning, (ii) SGD + momentum 0.9 and
 (iii) Adam, both at the learning rate tuned on a grid (lowest final training loss), over
 several seeds with identical initialisations and batch orders.
 
@@ -19,7 +21,7 @@ from ..result import judged
 from . import _plotting as pl
 
 NAME = "on_the_fly_learner"
-CLAIM = ("The on-the-fly learner (Lanczos λ_max, μ → Polyak α, ρ, re-estimated every epoch) "
+CLAIM = ("The on-the-fly learner (Lanczos batch sharpness → Polyak α, ρ, held while stable) "
          "trains without tuning, matching tuned SGD+momentum and tuned Adam.")
 REQUIRES = ("nets.learning_rates.learner:CurvatureAdaptiveSGD", "paper_checks.experiments.learner_comparison:compare")
 ACC_MARGIN = 0.03
