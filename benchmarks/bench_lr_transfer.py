@@ -21,7 +21,6 @@ every bisection (benchmarks/results/lr_transfer_store.jsonl): interrupt and re-r
 
 from __future__ import annotations
 
-
 import numpy as np
 from _common import RESULTS, base_parser, environment, setup_torch
 
