@@ -166,8 +166,6 @@ def test_symbolic_exponents_and_perturbation(results, monkeypatch):
 
 
 # ------------------------------------------------------------ networks
-@pytest.mark.xfail(reason="after the sampled resolved form (max 256 candidates) the perturbed prediction in this test passes the 20 % + t·SE rule; the perturbation must be re-sized "
-                   "(open, see closing note)", strict=False)
 def test_network_spectra_verdict_follows_20_percent_plus_se_rule(results, monkeypatch):
     r = results["network_batch_spectra"]
     mean = r.array("measured_mean")
@@ -183,13 +181,15 @@ def test_network_spectra_verdict_follows_20_percent_plus_se_rule(results, monkey
     assert abs(rel[0]) < abs(r.array("predicted_isotropic")[0] / mean[0] - 1)
     # the other forms are reported as computed, not copied from the judged one
     assert not np.allclose(r.array("predicted_directional"), r.array("predicted_resolved"))
-    # a sample-resolved model that overstates every batch by 30 % must fail the check
+    # a sample-resolved model that overstates every batch by 50 % must fail the check (with
+    # the quick run's few batches the allowed band at B = 128 is 20 % + 2.4 SE ≈ 38 %, so a
+    # 30 % inflation is inside it: measured, 2026-12-03)
     import nets.noise.resolved_noise as rn_mod
     real = rn_mod.resolved_batch_top_eigenvalue
 
     def inflated(*a, **k):
         out = real(*a, **k)
-        return dict(out, mean=1.3 * out["mean"])
+        return dict(out, mean=1.5 * out["mean"])
     monkeypatch.setattr(rn_mod, "resolved_batch_top_eigenvalue", inflated)
     bad = _rerun("network_batch_spectra")
     assert bad.verdict == "fail" and "sample-resolved" in bad.reason
