@@ -27,6 +27,10 @@ def _model(name):
 
     if name == "mlp":
         return trained_digits_mlp(seed=0)
+    if name == "mse":
+        from _common import trained_mse_mlp
+        model, data, _ = trained_mse_mlp(0)
+        return model, data
     model, (X, y) = trained_digits_mlp(seed=0)
     X = X.reshape(-1, 1, 8, 8)
     cnn = SmallCNN(in_channels=1, image_size=8, width=8, activation="tanh", seed=0)
@@ -49,7 +53,7 @@ def main():
     from nets.learning_rates.adam import adam_threshold, adam_transfer_lr, predict_adam_max_lr
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
+    ap.add_argument("--model", choices=("mlp", "cnn", "mse"), default="mlp")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256, 512])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=500)
@@ -60,7 +64,8 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(1)
     model, (X, y) = _model(args.model)
-    lf = torch.nn.functional.cross_entropy
+    from _common import half_mse_onehot
+    lf = half_mse_onehot if args.model == "mse" else torch.nn.functional.cross_entropy
     Bs = np.array(args.batch_sizes)
     seeds = tuple(range(args.seeds))
     out = {"model": args.model, "criterion": args.criterion, "batch_sizes": Bs, "warmup": args.warmup,

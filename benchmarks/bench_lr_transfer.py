@@ -22,7 +22,7 @@ every bisection (benchmarks/results/lr_transfer_store.jsonl): interrupt and re-r
 from __future__ import annotations
 
 import numpy as np
-from _common import RESULTS, base_parser, environment, setup_torch
+from _common import RESULTS, base_parser, environment, setup_torch, trained_mse_mlp
 
 
 def trained_cnn(seed=0):
@@ -57,7 +57,8 @@ def main(argv=None):
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--nets", default="mlp,cnn")
+    p.add_argument("--nets", default="mlp,cnn",
+                   help="comma-separated: mlp, cnn (cross-entropy), mse (the MLP trained on ½‖f − e_y‖²)")
     p.add_argument("--criteria", default="divergence,final,onset")
     p.add_argument("--measured-batches", type=int, default=200,
                    help="batches per B for the measured-λ' diagnostic transfer (0: skip)")
@@ -70,7 +71,11 @@ def main(argv=None):
     out = {"environment": environment(), "batch_sizes": Bs, "seeds": list(seeds),
            "steps": args.steps, "nets": {}}
     for name in args.nets.split(","):
-        model, data = trained_digits_mlp(0) if name == "mlp" else trained_cnn(0)
+        if name == "mse":
+            model, data, loss = trained_mse_mlp(0)
+        else:
+            model, data = trained_digits_mlp(0) if name == "mlp" else trained_cnn(0)
+            loss = F.cross_entropy
         res = {"study": transfer_study(model, loss, data, Bs, seeds=seeds, steps=args.steps,
                                        store=store, extra_forms=("resolved",),
                                        measured_batches=args.measured_batches, progress=True)}
