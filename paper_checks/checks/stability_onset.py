@@ -25,7 +25,7 @@ is diffusive at small B (at B = 8 the fitted growth rates of |⟨w_t − w_0, u�
 steps 0.04–0.25/step, last 30 steps −0.06–0.03/step over two seeds — do not change
 between 0.5× and 2× the predicted limit) and transient at large B (at B = 512 and 2× the
 limit it jumps 40-fold in 4 steps — a catapult — then decays, so a late-window slope
-never sees it), so the bisection lands anywhere (0.6× to 10⁵× the prediction, or never
+never sees it), so the bisection lands anywhere (0.59× to 5.7·10⁵× the prediction, or never
 fires). The *divergence* threshold, which is sharp, sits at 0.98–1.23× the
 mean-square limit for m = 0 (benchmarks/bench_lr_transfer.py, 3 seeds); the
 self-stabilisation numbers below show why it can exceed it at large B.
