@@ -1,113 +1,429 @@
-"""Cost of the λ'(B) prediction forms at scale, in full-data HVPs, time and peak memory.
+"""The λ'(B) prediction forms and `lr_table` at real scale: cost, accuracy, peak memory.
 
-For each problem (the digits MLP; CIFAR-shaped synthetic data through a small CNN):
-one full-data HVP is timed, then each noise estimate is timed and expressed as a
-multiple of it, with its result against the exhaustive form (exact=True) where that
-is affordable. Ratios are measured in the same run. Peak memory: `tracemalloc` does not
-see torch's allocator, so the CPU figure is the growth of the process's peak RSS
-(`resource.getrusage`), an upper bound; on CUDA `torch.cuda.max_memory_allocated`.
+Bars (issue 13; each row reports measured vs bar and met / missed):
 
-Usage: python -m benchmarks.bench_scale [--quick] [--device cuda]
-Prints one JSON object per line.
+* ``directional`` — wide digits MLP 64-512-512-10 (≈300k parameters, N = 1797, trained
+  briefly): the directional form of λ'(B) costs ≤ 40 full-data HVPs in all, the top
+  eigenpair included (the sampled noise pass itself ≤ ~10);
+* ``resolved`` / ``resolved_cnn`` — the sample-resolved form (top-10 eigenpairs +
+  `resolved_noise_from_operator`) costs ≤ 150 full-data HVPs in all and is within 15 %
+  of the measured λ'(B) (`measure_batch_top_eigenvalue`, its standard error reported)
+  at B = 8…512, on the same MLP and on a ≈270k-parameter CNN on CIFAR-shaped synthetic
+  data; peak memory ≤ 8 GiB;
+* ``lr_table`` — `nets.lr_table` (defaults) on the wide MLP with N = 5000 (the digits
+  plus jittered copies) in under 5 minutes on 2 cores;
+* ``preresnet`` — PreResNet-8 (basic blocks, ≈78k parameters, BatchNorm in eval mode
+  after brief training) on N = 2000 CIFAR-shaped images: top-5 eigenvalues and the
+  directional λ'(B) curve each within 15 minutes and 8 GiB; SLQ's cost per probe-step;
+* ``scaling`` — time and peak memory of one HVP and of the sampled directional pass
+  against N and P, with fitted growth exponents.
+
+Costs are multiples of one full-data HVP timed in the same process (median of 3, after
+a warm-up), so they are comparable across machines; "counted" figures are the
+library's own product counts (`num_matvecs`, `full_products`). Peak memory is the
+process's peak RSS (`resource.getrusage`; every row runs in its own child process
+unless --inline, so each row's figure is its own). On CUDA `torch.cuda.max_memory_allocated`.
+
+Usage: python -m benchmarks.bench_scale [--quick] [--rows directional,resolved,...]
+       [--device cuda] [--threads 1] [--out benchmarks/results/bench_scale.json]
+Prints one JSON object per row; writes all rows to --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+ROWS = ("directional", "resolved", "resolved_cnn", "lr_table", "preresnet", "scaling")
+GiB = 2**30
+BATCH_SIZES = (8, 32, 128, 512)
 
-def _peak_mb(device) -> float:
+
+# ------------------------------------------------------------------------ helpers
+def _peak_gib(device="cpu") -> float:
     if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return torch.cuda.max_memory_allocated() / GiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB
 
 
-def _timed(fn):
+def _timed(fn, label=None):
     t = time.perf_counter()
     out = fn()
-    return out, time.perf_counter() - t
+    dt = time.perf_counter() - t
+    if label:
+        _log(f"{label}: {dt:.1f} s")
+    return out, dt
 
 
-def _cifar_like(N, seed=0, device="cpu"):
+def _log(msg):
+    """Progress on stderr (a row's partial results survive a timeout)."""
+    print(time.strftime("%H:%M:%S"), msg, file=sys.stderr, flush=True)
+
+
+def _hvp_seconds(op, reps=3) -> float:
+    """Median wall time of one full-data HVP (after one warm-up product)."""
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(op.P, generator=g, dtype=torch.float64).to(op.device)
+    op.matvec(v)
+    ts = [_timed(lambda: op.matvec(v))[1] for _ in range(reps)]
+    op.num_matvecs -= reps + 1
+    return float(np.median(ts))
+
+
+def _bar(value, bar, *, upper=True) -> str:
+    ok = value <= bar if upper else value >= bar
+    return "met" if ok else f"missed by {100 * (value / bar - 1):+.0f} %"
+
+
+def _r(x, n=4):
+    return None if x is None else round(float(x), n)
+
+
+def _load_info() -> dict:
+    return dict(loadavg=[round(x, 2) for x in os.getloadavg()],
+                torch_threads=torch.get_num_threads())
+
+
+# ------------------------------------------------------------------------ problems
+def wide_digits_mlp(N=None, seed=0, epochs=3):
+    """MLP 64-512-512-10 (tanh, 301,066 parameters) trained briefly (`epochs` of SGD,
+    lr 0.05, momentum 0.9, batch 64) on the standardised digits; N > 1797 appends
+    jittered copies (x + 0.3·N(0, 1), same label) — a stand-in for a larger data set."""
+    from nets.training.data import load_digits
+    from nets.training.loops import train
+    from nets.training.models import MLP
+    X, y = load_digits(standardize=True)
+    if N is not None and N > X.shape[0]:
+        g = torch.Generator().manual_seed(seed + 1)
+        reps = -(-N // X.shape[0])
+        Xr = X.repeat(reps, 1)[:N]
+        Xr[X.shape[0]:] += 0.3 * torch.randn(N - X.shape[0], X.shape[1], generator=g)
+        X, y = Xr, y.repeat(reps)[:N]
+    model = MLP(64, (512, 512), 10, activation="tanh", seed=seed)
+    train(model, F.cross_entropy, (X, y), epochs=epochs, lr=0.05, batch_size=64,
+          optimizer="sgd", momentum=0.9, seed=seed)
+    return model.eval(), (X, y)
+
+
+class CifarCNN(nn.Module):
+    """conv(3→32, s2)·ReLU·conv(32→64, s2)·ReLU·conv(64→128, s2)·ReLU·flatten·
+    Linear(2048→96)·ReLU·Linear(96→10): 291,978 parameters for 32×32×3 inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 32, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(32, 64, 3, stride=2, padding=1)
+        self.c3 = nn.Conv2d(64, 128, 3, stride=2, padding=1)
+        self.f1 = nn.Linear(2048, 96)
+        self.f2 = nn.Linear(96, 10)
+
+    def forward(self, x):
+        x = F.relu(self.c1(x))
+        x = F.relu(self.c2(x))
+        x = F.relu(self.c3(x))
+        return self.f2(F.relu(self.f1(x.flatten(1))))
+
+
+def cifar_like(N, seed=0):
+    """N CIFAR-shaped images (3×32×32) with labels that a linear map of a smoothed
+    copy of the image decides (learnable, not random), for a network to fit briefly."""
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(N, 3, 32, 32, generator=g)
-    y = torch.randint(0, 10, (N,), generator=g)
+    X = F.avg_pool2d(X, 3, stride=1, padding=1) * 3.0        # spatially correlated
+    W = torch.randn(3 * 8 * 8, 10, generator=g)
+    y = (F.avg_pool2d(X, 4).flatten(1) @ W).argmax(1)
+    return X, y
+
+
+def trained_cnn(N, seed=0, epochs=2):
+    from nets.training.loops import train
+    X, y = cifar_like(N, seed)
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
-                          nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 10))
-    return model.to(device).eval(), (X.to(device), y.to(device))
+    model = CifarCNN()
+    train(model, F.cross_entropy, (X, y), epochs=epochs, lr=0.02, batch_size=64,
+          optimizer="sgd", momentum=0.9, seed=seed)
+    return model.eval(), (X, y)
 
 
-def bench(name, model, data, device, *, exact_ok=True):
+def trained_preresnet8(N, seed=0, epochs=1):
+    """PreResNet-8 (basic blocks, 10 classes) trained `epochs` on `cifar_like(N)`, then
+    switched to eval mode (BatchNorm on its running statistics)."""
+    from nets.training.loops import train
+    from nets.training.models import PreResNet
+    X, y = cifar_like(N, seed)
+    model = PreResNet(depth=8, n_classes=10, seed=seed)
+    train(model, F.cross_entropy, (X, y), epochs=epochs, lr=0.05, batch_size=64,
+          optimizer="sgd", momentum=0.9, seed=seed)
+    return model.eval(), (X, y)
+
+
+# ------------------------------------------------------------------------ measured λ'(B)
+def measured_curve(model, data, batch_sizes, n_batches, seed=0):
+    """measure_batch_top_eigenvalue per batch size (n_batches[j] batches at B_j)."""
+    from nets.noise.batch_spectra import measure_batch_top_eigenvalue
+    mean, se, t = [], [], 0.0
+    for B, n in zip(batch_sizes, n_batches):
+        r, dt = _timed(lambda: measure_batch_top_eigenvalue(
+            model, F.cross_entropy, data, [B], n_batches=n, tol=1e-6, seed=seed))
+        mean.append(float(r.mean[0]))
+        se.append(float(r.stderr[0]))
+        t += dt
+    return np.array(mean), np.array(se), t
+
+
+def _compare(pred, meas, se):
+    rel = pred / meas - 1.0
+    return dict(pred=np.round(pred, 5).tolist(), measured=np.round(meas, 5).tolist(),
+                measured_rel_se=np.round(se / meas, 4).tolist(),
+                rel_err=np.round(rel, 4).tolist(), max_abs_rel_err=_r(np.abs(rel).max()))
+
+
+# ------------------------------------------------------------------------ rows
+def row_directional(quick, device):
     from nets.algorithms.lanczos import eigsh
     from nets.curvature.operators import hessian_operator
-    from nets.noise.directional import directional_noise_from_operator, isotropic_noise_from_operator
-
+    from nets.noise.batch_spectra import directional_form
+    from nets.noise.directional import directional_noise_from_operator
+    model, data = wide_digits_mlp()
     op = hessian_operator(model, F.cross_entropy, data, device=device)
-    v = torch.randn(op.P, dtype=op.dtype, device=op.device)
-    op.matvec(v)
-    _, t_hvp = _timed(lambda: op.matvec(v))
+    t_hvp = _hvp_seconds(op)
     top, t_top = _timed(lambda: eigsh(op, k=1, which="LA", tol=1e-6, seed=0))
+    top_counted = op.num_matvecs
     u = top.vectors[:, 0]
-    row = dict(problem=name, N=op.N, P=op.P, hvp_s=round(t_hvp, 4),
-               top_eig_hvps=round(t_top / t_hvp, 1), cache_graph=op.cache_graph)
-    est, t = _timed(lambda: directional_noise_from_operator(op, u, seed=0))
-    row.update(directional_hvps=round(t / t_hvp, 1), directional_s2=est.s2,
-               directional_rel_se=est.stderr / est.s2, directional_used=est.n_used)
-    if exact_ok:
-        ex, t = _timed(lambda: directional_noise_from_operator(op, u, exact=True))
-        row.update(directional_exact_hvps=round(t / t_hvp, 1), directional_exact_s2=ex.s2)
-    est, t = _timed(lambda: isotropic_noise_from_operator(op, num_probes=10, seed=0))
-    row.update(isotropic_hvps=round(t / t_hvp, 1), isotropic_used=est.n_used)
-    row["peak_mb"] = round(_peak_mb(device), 1)
+    lam = float(top.values[0])
+    row = dict(row="directional", problem="digits MLP 64-512-512-10", N=op.N, P=op.P,
+               dtype=str(op.dtype), cache_graph=op.cache_graph, hvp_s=_r(t_hvp),
+               top_eig_hvps=_r(t_top / t_hvp, 1), top_eig_counted=top_counted, lam=lam)
+    curves = {}
+    # default (per-sample, m = 1) and micro-batches of 8 (unbiased for the same s_u²)
+    for m in (1, 8):
+        est, t_dir = _timed(lambda: directional_noise_from_operator(op, u, seed=0, micro_batch=m))
+        curves[m] = directional_form(lam, est.s2, BATCH_SIZES, op.N, s2_stderr=est.stderr)
+        total = (t_top + t_dir) / t_hvp
+        row[f"m{m}"] = dict(
+            noise_hvps=_r(t_dir / t_hvp, 1), noise_counted=_r(est.full_products, 2),
+            noise_used=est.n_used, n_groups=est.n_groups, s2=est.s2,
+            s2_rel_se=_r(est.stderr / est.s2), total_hvps=_r(total, 1),
+            total_s=_r(t_top + t_dir, 2),
+            bar_total=f"{total:.1f} ≤ 40 HVPs: {_bar(total, 40)}",
+            bar_noise=f"{t_dir / t_hvp:.1f} ≤ ~10 HVPs: {_bar(t_dir / t_hvp, 10)}")
+    if not quick:
+        ex, t_ex = _timed(lambda: directional_noise_from_operator(op, u, exact=True))
+        row.update(exact_hvps=_r(t_ex / t_hvp, 1), exact_s2=ex.s2)
+        for m in (1, 8):
+            row[f"m{m}"]["vs_exact"] = _r(row[f"m{m}"]["s2"] / ex.s2 - 1)
+        meas, se, t_meas = measured_curve(model, data, BATCH_SIZES, (100, 60, 30, 20))
+        row.update(curve_m1=_compare(curves[1].values, meas, se),
+                   curve_m8=_compare(curves[8].values, meas, se), measure_s=_r(t_meas, 1))
+    row["peak_gib"] = _r(_peak_gib(device), 3)
     return row
 
 
-def bench_resolved(model, data, device, Bs):
+def _resolved(name, model, data, device, quick, n_meas):
     from nets.algorithms.lanczos import eigsh
     from nets.curvature.operators import hessian_operator
     from nets.noise.resolved_noise import resolved_batch_top_eigenvalue, resolved_noise_from_operator
     op = hessian_operator(model, F.cross_entropy, data, device=device)
-    v = torch.randn(op.P, dtype=op.dtype, device=op.device)
-    op.matvec(v)
-    _, t_hvp = _timed(lambda: op.matvec(v))
-    top = eigsh(op, k=10, which="LA", tol=1e-6, seed=0)
-    out = {}
-    for label, kw in (("scaled", {}), ("exact", dict(exact=True))):
-        rn, t = _timed(lambda: resolved_noise_from_operator(op, top.vectors, min_batch=min(Bs),
-                                                            seed=0, **kw))
-        r = resolved_batch_top_eigenvalue(rn, Bs, n_batches=500, seed=0)
-        out[label] = dict(hvps=round(t / t_hvp, 1), counted_products=rn.full_products,
-                          kept=int(rn.index.size), candidates=rn.n_candidates,
-                          mean=np.round(r["mean"], 4).tolist())
-    return dict(problem="digits resolved", batch_sizes=list(Bs), **out)
+    t_hvp = _hvp_seconds(op)
+    top, t_top = _timed(lambda: eigsh(op, k=10, which="LA", tol=1e-6, seed=0), "top-10")
+    top_counted = op.num_matvecs
+    rn, t_rn = _timed(lambda: resolved_noise_from_operator(op, top.vectors, min_batch=min(BATCH_SIZES),
+                                                           seed=0), "resolved noise")
+    r, t_mc = _timed(lambda: resolved_batch_top_eigenvalue(rn, BATCH_SIZES, n_batches=1000, seed=0))
+    total = (t_top + t_rn + t_mc) / t_hvp
+    peak = _peak_gib(device)
+    row = dict(problem=name, N=op.N, P=op.P, dtype=str(op.dtype), cache_graph=op.cache_graph,
+               hvp_s=_r(t_hvp), top10_hvps=_r(t_top / t_hvp, 1), top10_counted=top_counted,
+               resolved_hvps=_r(t_rn / t_hvp, 1), resolved_counted=_r(rn.full_products, 1),
+               montecarlo_hvps=_r(t_mc / t_hvp, 1), candidates=rn.n_candidates,
+               kept=int(rn.index.size), cross=rn.cross, lam1=rn.lam1,
+               total_hvps=_r(total, 1), total_s=_r(t_top + t_rn + t_mc, 1),
+               peak_gib_prediction=_r(peak, 3),
+               bar_total=f"{total:.1f} ≤ 150 HVPs: {_bar(total, 150)}",
+               bar_memory=f"{peak:.2f} ≤ 8 GiB: {_bar(peak, 8)}")
+    if not quick:
+        meas, se, t_meas = measured_curve(model, data, BATCH_SIZES, n_meas)
+        cmp_ = _compare(r["mean"], meas, se)
+        row.update(curve=cmp_, measure_s=_r(t_meas, 1), n_measured=list(n_meas),
+                   bar_accuracy=f"max |pred/meas − 1| = {100 * cmp_['max_abs_rel_err']:.1f} % "
+                                f"≤ 15 %: {_bar(cmp_['max_abs_rel_err'], 0.15)}")
+    row["peak_gib"] = _r(_peak_gib(device), 3)
+    return row
+
+
+def row_resolved(quick, device):
+    model, data = wide_digits_mlp()
+    return dict(row="resolved", **_resolved("digits MLP 64-512-512-10", model, data, device,
+                                            quick, (200, 100, 40, 20)))
+
+
+def row_resolved_cnn(quick, device):
+    model, data = trained_cnn(500 if quick else 2000)
+    return dict(row="resolved_cnn", **_resolved("CIFAR-shaped CNN (CifarCNN)", model, data, device,
+                                                quick, (200, 100, 40, 20)))
+
+
+def row_lr_table(quick, device):
+    from nets.learning_rates.lr_prediction import lr_table
+    N = 2000 if quick else 5000
+    model, data = wide_digits_mlp(N=N)
+    tab, t = _timed(lambda: lr_table(model, F.cross_entropy, data, list(BATCH_SIZES), seed=0,
+                                     device=device))
+    d = tab.to_dict() if hasattr(tab, "to_dict") else {}
+    keep = {k: d[k] for k in ("lam", "s2_dir", "s2_iso") if k in d}
+    return dict(row="lr_table", problem="digits MLP 64-512-512-10 + jittered copies", N=N,
+                P=sum(p.numel() for p in model.parameters()), seconds=_r(t, 1),
+                bar=f"{t:.0f} s ≤ 300 s: {_bar(t, 300)}", **keep,
+                peak_gib=_r(_peak_gib(device), 3))
+
+
+def row_preresnet(quick, device):
+    from nets.algorithms.lanczos import eigsh
+    from nets.algorithms.slq import slq_density
+    from nets.curvature.operators import hessian_operator
+    from nets.noise.batch_spectra import directional_form
+    from nets.noise.directional import directional_noise_from_operator
+    N = 500 if quick else 2000
+    model, data = trained_preresnet8(N)
+    op = hessian_operator(model, F.cross_entropy, data, device=device, policy="eval")
+    t_hvp = _hvp_seconds(op, reps=1 if not quick else 1)
+    top5, t5 = _timed(lambda: eigsh(op, k=5, which="LA", tol=1e-4, seed=0), "top-5")
+    _log(f"hvp {t_hvp:.2f} s; top-5 {top5.values} in {op.num_matvecs} products")
+    c5 = op.num_matvecs
+    p5 = _peak_gib(device)
+    op.num_matvecs = 0
+    top1, t1 = _timed(lambda: eigsh(op, k=1, which="LA", tol=1e-4, seed=0), "top-1")
+    c1 = op.num_matvecs
+    est, t_dir = _timed(lambda: directional_noise_from_operator(op, top1.vectors[:, 0], seed=0),
+                        "directional noise")
+    curve = directional_form(float(top1.values[0]), est.s2, [b for b in BATCH_SIZES if b <= op.N], op.N,
+                             s2_stderr=est.stderr)
+    op.num_matvecs = 0
+    probes, steps = 2, 4
+    _, t_slq = _timed(lambda: slq_density(op, num_probes=probes, num_steps=steps, seed=0))
+    per_ps = t_slq / (probes * steps) / t_hvp
+    t_curve = t1 + t_dir
+    peak = _peak_gib(device)
+    extra = {}
+    if quick:
+        # the counts do not depend on N; time one HVP at the bar's N = 2000 and scale
+        m2, d2 = trained_preresnet8(2000)
+        op2 = hessian_operator(m2, F.cross_entropy, d2, device=device, policy="eval")
+        h2 = _hvp_seconds(op2, reps=1)
+        extra = dict(hvp_s_N2000=_r(h2, 2),
+                     top5_min_at_N2000_extrapolated=_r(t5 / t_hvp * h2 / 60, 1),
+                     curve_min_at_N2000_extrapolated=_r(t_curve / t_hvp * h2 / 60, 1))
+        _log(f"N=2000 hvp {h2:.2f} s: {extra}")
+    return dict(row="preresnet", **extra, problem="PreResNet-8 (eval BN), CIFAR-shaped", N=op.N, P=op.P,
+                cache_graph=op.cache_graph, hvp_s=_r(t_hvp, 2),
+                top5=np.round(top5.values, 5).tolist(), top5_converged=top5.converged.tolist(),
+                top5_s=_r(t5, 1), top5_hvps=_r(t5 / t_hvp, 1), top5_counted=c5,
+                top5_peak_gib=_r(p5, 3),
+                curve_s=_r(t_curve, 1), curve_hvps=_r(t_curve / t_hvp, 1), top1_counted=c1,
+                noise_hvps=_r(t_dir / t_hvp, 1), noise_used=est.n_used,
+                s2_rel_se=_r(est.stderr / est.s2), curve=np.round(curve.values, 5).tolist(),
+                slq_hvps_per_probe_step=_r(per_ps, 2), slq_counted=op.num_matvecs,
+                peak_gib=_r(peak, 3),
+                bar_top5=f"{t5 / 60:.1f} min ≤ 15 min: {_bar(t5, 900)}",
+                bar_curve=f"{t_curve / 60:.1f} min ≤ 15 min: {_bar(t_curve, 900)}",
+                bar_memory=f"{peak:.2f} ≤ 8 GiB: {_bar(peak, 8)}")
+
+
+def _scaling_point(kind, size, device):
+    """(hvp_s, directional pass s, peak GiB) for one (model, N) point, in this process."""
+    from nets.curvature.operators import hessian_operator
+    from nets.noise.directional import directional_noise_from_operator
+    from nets.training.models import MLP
+    if kind == "N":
+        X = torch.randn(size, 64, generator=torch.Generator().manual_seed(0))
+        width = 256
+    else:
+        X = torch.randn(1000, 64, generator=torch.Generator().manual_seed(0))
+        width = size
+    y = X[:, :10].argmax(1)
+    model = MLP(64, (width, width), 10, activation="tanh", seed=0).eval()
+    op = hessian_operator(model, F.cross_entropy, (X, y), device=device)
+    t = _hvp_seconds(op)
+    u = torch.randn(op.P, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    _, td = _timed(lambda: directional_noise_from_operator(op, u, seed=0, exact=True))
+    return dict(N=op.N, P=op.P, hvp_s=t, pass_s=td, peak_gib=_peak_gib(device))
+
+
+def row_scaling(quick, device):
+    """Each point in its own child process (so peak RSS is its own); exponents are
+    least-squares slopes of log(time) and log(peak RSS − baseline) on log N or log P."""
+    Ns = (1000, 2000, 4000) if quick else (1000, 2000, 4000, 8000, 16000)
+    widths = (64, 128, 256) if quick else (64, 128, 256, 512, 1024)
+    pts = {"N": [], "P": []}
+    for kind, sizes in (("N", Ns), ("P", widths)):
+        for s in sizes:
+            pts[kind].append(_child(["--point", f"{kind}:{s}", "--device", device]))
+    out = dict(row="scaling", problem="MLP 64-w-w-10 on Gaussian inputs (exhaustive pass)")
+    for kind in ("N", "P"):
+        p = pts[kind]
+        x = np.log([q[kind] for q in p])
+        fit = lambda key: _r(np.polyfit(x, np.log([q[key] for q in p]), 1)[0], 2)
+        out[f"vs_{kind}"] = [{k: _r(v, 4) for k, v in q.items()} for q in p]
+        out[f"exp_{kind}"] = dict(hvp=fit("hvp_s"), directional_exact=fit("pass_s"),
+                                  peak_rss=fit("peak_gib"))
+    return out
+
+
+# ------------------------------------------------------------------------ driver
+def _child(args):
+    cmd = [sys.executable, "-m", "benchmarks.bench_scale", "--inline", *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    if res.returncode != 0:
+        return dict(error=res.stderr[-2000:])
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--inline", action="store_true", help="run rows in this process")
+    ap.add_argument("--point", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    from nets.training.loops import trained_digits_mlp
-    model, data = trained_digits_mlp(0)
-    print(json.dumps(bench("digits MLP", model.to(args.device),
-                           tuple(t.to(args.device) for t in data), args.device)), flush=True)
-    for N in ([1000] if args.quick else [1000, 5000]):
-        m, d = _cifar_like(N, device=args.device)
-        print(json.dumps(bench(f"CIFAR-shaped CNN N={N}", m, d, args.device,
-                               exact_ok=N <= 1000)), flush=True)
-    if not args.quick:
-        print(json.dumps(bench_resolved(model, data, args.device, [8, 32, 128, 512])),
-              flush=True)
+    torch.set_num_threads(args.threads)
+    if args.point is not None:
+        kind, size = args.point.split(":")
+        print(json.dumps(_scaling_point(kind, int(size), args.device)), flush=True)
+        return
+    rows = [r for r in args.rows.split(",") if r]
+    bad = [r for r in rows if r not in ROWS]
+    if bad:
+        raise SystemExit(f"unknown rows {bad}; choose from {ROWS}")
+    results = []
+    for name in rows:
+        if args.inline:
+            t0 = time.perf_counter()
+            row = globals()[f"row_{name}"](args.quick, args.device)
+            row.update(wall_s=_r(time.perf_counter() - t0, 1), quick=args.quick, **_load_info())
+        else:
+            row = _child(["--rows", name, "--device", args.device, "--threads",
+                          str(args.threads)] + (["--quick"] if args.quick else []))
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    if args.out:
+        path = Path(args.out)
+        old = json.loads(path.read_text()) if path.exists() else {}
+        old.update({r.get("row", f"row{i}"): r for i, r in enumerate(results)})
+        path.write_text(json.dumps(old, indent=1) + "\n")
 
 
 if __name__ == "__main__":

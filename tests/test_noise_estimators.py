@@ -18,7 +18,7 @@ from nets.noise.resolved_noise import (
     resolved_batch_top_eigenvalue,
     resolved_noise_from_operator,
 )
-from nets.utils.memory import chunk_count, memory_budget
+from nets.utils.memory import CPU_LANCZOS_BYTES, chunk_count, lanczos_chunk_budget, memory_budget
 
 CE = F.cross_entropy
 N = 240
@@ -56,6 +56,26 @@ def test_memory_budget_parsing_and_chunks():
             memory_budget(bad)
     with pytest.raises(TypeError, match="memory"):
         memory_budget(True)
+
+
+def test_lanczos_chunk_budget_caps_only_the_default_cpu_budget():
+    assert lanczos_chunk_budget(None, "cpu") <= CPU_LANCZOS_BYTES
+    assert lanczos_chunk_budget(None, "cpu") <= memory_budget(None, "cpu")
+    assert lanczos_chunk_budget("2GiB", "cpu") == 2 << 30      # explicit budget as given
+    with pytest.raises(ValueError, match="memory"):
+        lanczos_chunk_budget(0)
+
+
+def test_float32_pass_matches_float64_oracle(problem):
+    """Products and their difference from the shift in float32 (no float64 copy of the
+    chunk), squared norms summed in float64: agrees with the dense float64 oracle to
+    float32 accuracy."""
+    model, X, y, Hs, H, ev, V = problem
+    op = hessian_operator(model, CE, (X, y), dtype=torch.float32)
+    u = V[:, 0]
+    est = directional_noise_from_operator(op, torch.from_numpy(u.copy()), exact=True,
+                                          chunk_size=16)
+    assert est.s2 == pytest.approx(_dense_s2(Hs, H, u), rel=1e-4)
 
 
 def test_exact_pass_matches_dense_oracle_whatever_the_chunking(problem):

@@ -170,6 +170,7 @@ def _noise_columns(op: ModelCurvatureOperator, U: torch.Tensor, micro_batch: int
     if not bool(torch.isfinite(shift).all()):
         raise ValueError("a curvature product is NaN or inf: the loss is not twice "
                          "differentiable to a finite value at these parameters and data")
+    shift_lo = shift.to(op.dtype)          # exact: shift was computed in op.dtype
     order = np.arange(G) if exact else _subset_rng(seed).permutation(G)
     cap_groups = G if (exact or max_samples is None) else max(2, min(G, max_samples // m))
     target = G if exact else min(cap_groups, max(2, -(-min_samples // m)))
@@ -184,8 +185,12 @@ def _noise_columns(op: ModelCurvatureOperator, U: torch.Tensor, micro_batch: int
                 X, Y = op.source.take(rows.reshape(-1), device=op.device, dtype=op.dtype)
                 Xg = X.reshape(rows.shape + X.shape[1:])
                 Yg = Y.reshape(rows.shape + Y.shape[1:])
-                D = op.group_products(Xg, Yg, U).to(torch.float64) - shift    # (g, P, k)
-                sq.append((D * D).sum(dim=1).cpu().numpy())                    # (g, k)
+                # difference in the products' dtype (no (g, P, k) float64 copy), squared
+                # norm accumulated in float64
+                D = op.group_products(Xg, Yg, U) - shift_lo                   # (g, P, k)
+                sq.append(torch.linalg.vector_norm(D, dim=1, dtype=torch.float64)
+                          .square().cpu().numpy())                             # (g, k)
+                del D
                 if bar is not None:
                     bar.update(rows.shape[0])
             done = target

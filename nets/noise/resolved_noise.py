@@ -76,7 +76,7 @@ from torch.func import vmap
 from nets.curvature.operators import ModelCurvatureOperator
 from nets.noise.directional import check_noise_operator
 from nets.noise.subspace_noise import SubspaceNoise, subspace_noise_from_operator
-from nets.utils.memory import chunk_count, memory_budget, product_bytes
+from nets.utils.memory import chunk_count, lanczos_chunk_budget, memory_budget, product_bytes
 from nets.utils.results import Result, result
 from nets.utils.seeding import torch_generator
 from rmt.sampling import batch_noise_factor
@@ -147,7 +147,8 @@ def per_sample_top_eigenpairs(op: ModelCurvatureOperator, *, steps=None, seed=0,
     The samples with the largest spikes are always kept. Streaming: the pool never holds
     more than max_keep + one chunk of vectors.
     chunk_size : samples per vmapped chunk (None: from the memory budget `memory`,
-    `nets.utils.memory`, with the float64 Lanczos bases steps·P·8 bytes per sample).
+    `nets.utils.memory.lanczos_chunk_budget` — on CPU at most CPU_LANCZOS_BYTES by
+    default — with the float64 Lanczos bases (steps + 2)·P·8 bytes per sample).
     """
     check_noise_operator(op)
     P = op.P
@@ -162,7 +163,7 @@ def per_sample_top_eigenpairs(op: ModelCurvatureOperator, *, steps=None, seed=0,
     if chunk_size is None:
         per = (steps + 2) * P * 8 + product_bytes(P, 1, 1, op.source.first_sample_numel(),
                                                   torch.finfo(op.dtype).bits // 8)
-        chunk = chunk_count(N, per, memory_budget(memory, op.device), cap=4096)
+        chunk = chunk_count(N, per, lanczos_chunk_budget(memory, op.device), cap=4096)
     else:
         chunk = as_int("chunk_size", chunk_size, minimum=1)
     gen = torch_generator(seed)

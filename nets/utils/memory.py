@@ -13,6 +13,14 @@ The working memory of one item of a chunk is an estimate (`per_item_bytes`), not
 measurement: a vmapped curvature product along k vectors holds about
 `PRODUCT_COPIES` parameter-sized tensors per vector (tangent, cotangent and the output)
 plus the activations of the samples it sees, `ACTIVATION_FACTOR` × the input numbers.
+
+Batched per-sample Lanczos (`lanczos_chunk_budget`): with the default budget on CPU the
+chunk is also capped at `CPU_LANCZOS_BYTES`. Every step re-reads the chunk's float64
+bases (full reorthogonalisation), so the work is bound by memory traffic and larger
+chunks are slower per sample: on a 301,066-parameter MLP (1 thread) a chunk of 2 samples
+(0.1 GB of bases) took 9 ms per sample-step, chunks of 16 and 32 took 36 and 59 ms
+(`benchmarks/bench_scale.py`, README "Predictions at scale"). Small models are
+unaffected (their bases are small); an explicit `memory` is used as given.
 """
 
 from __future__ import annotations
@@ -22,10 +30,12 @@ import re
 
 import torch
 
-__all__ = ["memory_budget", "chunk_count", "product_bytes", "DEFAULT_FRACTION", "CPU_CAP"]
+__all__ = ["memory_budget", "chunk_count", "product_bytes", "lanczos_chunk_budget",
+           "DEFAULT_FRACTION", "CPU_CAP", "CPU_LANCZOS_BYTES"]
 
 DEFAULT_FRACTION = 0.25
 CPU_CAP = 4 << 30
+CPU_LANCZOS_BYTES = 128 << 20
 PRODUCT_COPIES = 4
 ACTIVATION_FACTOR = 16
 
@@ -67,6 +77,15 @@ def memory_budget(memory=None, device=None) -> int:
     if not memory > 0 or memory != memory or memory == float("inf"):
         raise ValueError(f"memory must be a positive finite number of bytes, got {memory!r}")
     return int(memory)
+
+
+def lanczos_chunk_budget(memory=None, device=None) -> int:
+    """The budget for chunks of batched per-sample Lanczos runs: `memory_budget`, capped
+    at CPU_LANCZOS_BYTES when memory is None and the device is the CPU (module docstring)."""
+    budget = memory_budget(memory, device)
+    if memory is None and torch.device("cpu" if device is None else device).type == "cpu":
+        return min(budget, CPU_LANCZOS_BYTES)
+    return budget
 
 
 def product_bytes(P: int, k: int, samples: int, sample_numel: int, itemsize: int = 4) -> int:
