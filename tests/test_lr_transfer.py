@@ -139,3 +139,22 @@ def test_self_stabilisation_linear_model_keeps_its_curvature():
         self_stabilisation(model, torch.nn.functional.mse_loss, (X, y), batch_size=65)
     with pytest.raises(ValueError, match="momentum"):
         self_stabilisation(model, torch.nn.functional.mse_loss, (X, y), batch_size=16, momentum=1.0)
+
+
+def test_unbracketed_threshold_is_nan_or_raises(tmp_path, monkeypatch):
+    """A (B, seed) whose criterion never fires gives NaN with unbracketed="nan" (the other
+    B are still measured, exactly) and raises by default, also when read from a store."""
+    model, loss, X, y = _problem()
+    fake = lambda model, loss_fn, X, y, a, B, **k: B == 4 and a > 0.5   # B = 16 never fires
+    monkeypatch.setattr(lr_search, "training_trial", fake)
+    path = tmp_path / "thr.jsonl"
+    kw = dict(criterion="divergence", steps=40, seeds=(0,), lr0=0.1, rel_tol=0.01)
+    thr = training_threshold(model, loss, (X, y), [4, 16], unbracketed="nan", store=path, **kw)
+    assert thr.lr[0] == pytest.approx(0.5, rel=0.01) and np.isnan(thr.lr[1])
+    assert thr.n_trials > 41                       # the unbracketed search ran 1 + 40 trials
+    with pytest.raises(RuntimeError, match="no divergent learning rate"):
+        training_threshold(model, loss, (X, y), [4, 16], **kw)
+    with pytest.raises(RuntimeError, match="stored"):
+        training_threshold(model, loss, (X, y), [4, 16], store=path, **kw)
+    with pytest.raises(ValueError, match="unbracketed"):
+        training_threshold(model, loss, (X, y), [4], unbracketed="skip")

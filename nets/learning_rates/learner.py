@@ -540,12 +540,10 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
         params = [named[n] for n in self.layout.names]
         super().__init__(params, dict(lr=0.0, momentum=0.0, weight_decay=wd))
         self.history: list[CurvatureUpdate] = []
-        k = self.curvature_batch_size // self.batch_size
-        self._has_chunks = self.batch_size < self.curvature_batch_size and k >= 1
+        self._has_chunks = self.batch_size < self.curvature_batch_size   # ≥ 1 chunk of B
         self._chunks_only = (self.batch_correction == "micro_batch" and self.mu_rule == "floor"
                              and self._has_chunks)
         self._chunk_vectors: dict[int, torch.Tensor] = {}
-        self._chunk_matvecs = 0
         self.steps_taken = 0
         self._next_update = 0
         self._interval = self.first_update_every
@@ -580,7 +578,6 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
                         f"parameters are not finite at step {self.steps_taken} (training "
                         "diverged); no curvature can be measured")
         lseed = self.seed + len(self.history)
-        self._chunk_matvecs = 0
         s2 = float("nan")
         tops = ()
         with torch.enable_grad():
@@ -597,15 +594,16 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
                 self._check_positive(lam)
                 if self.batch_correction is not None:
                     u = _top_ritz_vector(res, op.inputs)
+                chunk_matvecs = 0
                 if self.batch_correction == "micro_batch" and self._has_chunks:
-                    tops = self._batch_tops(lseed, wd, u)[3]
+                    *_, tops, chunk_matvecs = self._batch_tops(lseed, wd, u)
                     lam_train = float(np.mean(tops))
                 elif self.batch_correction == "directional":
                     s2 = micro_batch_directional_noise(base, u, self.noise_micro_batch_size)
                     lam_train = float(rescale_curvature(lam, self.curvature_batch_size,
                                                         self.batch_size, s2, N=self.N,
                                                         strict=False))
-                nmv = int(base.num_matvecs) + self._chunk_matvecs
+                nmv = int(base.num_matvecs) + chunk_matvecs
             self._check_positive(lam_train)
         mu, source = choose_mu(theta, weights, lam_train, self.mu_rule,
                                self.weight_threshold, self.kappa_max)
@@ -613,8 +611,9 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
         lr *= self.safety
         lr_target = lr
         held = False
+        se = _stderr(tops)
         if self.hold_lr and self.history:
-            lr, held = self._hold(lr, rho, lam_train, tops)
+            lr, held = self._hold(lr, rho, lam_train, se)
         if self.max_lr is not None:
             lr = min(lr, self.max_lr)
         if self.max_lr_growth is not None and self.history:
@@ -623,7 +622,6 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
             g["lr"], g["momentum"] = lr, rho
         dt = time.perf_counter() - t0
         self.curvature_time += dt
-        se = _stderr(tops)
         rec = CurvatureUpdate(
             step=self.steps_taken, lam_measured=lam, lam_max=lam_train, mu=mu,
             kappa=lam_train / mu, mu_source=source, lr=lr, momentum=rho, s2=s2,
@@ -635,11 +633,11 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
         self.history.append(rec)
         return rec
 
-    def _hold(self, lr, rho, lam_b, tops) -> tuple[float, bool]:
-        """The hold rule (module docstring, step 5): returns (α, held)."""
+    def _hold(self, lr, rho, lam_b, se) -> tuple[float, bool]:
+        """The hold rule (module docstring, step 5): returns (α, held); `se` is the
+        standard error of lam_b (NaN: no chunks, taken as 0)."""
         prev = self.history[-1].lr
         warmup = self.steps_taken - self.history[-1].step < self.update_every
-        se = _stderr(tops)
         se = 0.0 if not math.isfinite(se) else se
         if prev * (lam_b - 2.0 * se) > 2.0 * (1.0 + rho):
             return lr, False           # significantly outside the stability region: cut
@@ -681,7 +679,6 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
             resid.append(res.residual_norms)
             tops.append(float(res.ritz_values[-1]) + wd)
             nmv += op.num_matvecs
-        self._chunk_matvecs = nmv
         order = np.argsort(np.concatenate(thetas), kind="stable")
         return (np.concatenate(thetas)[order], np.concatenate(weights)[order],
                 np.concatenate(resid)[order], tuple(tops), nmv)

@@ -220,7 +220,10 @@ class BisectionResult:
         return asdict(self)
 
 
-def bisect_max_lr(is_diverged, alpha0, rel_tol=0.02, max_expand=40) -> BisectionResult:
+_MAX_EXPAND = 40          # doublings/halvings before a bisection gives up
+
+
+def bisect_max_lr(is_diverged, alpha0, rel_tol=0.02, max_expand=_MAX_EXPAND) -> BisectionResult:
     """Bisection in log α for the stability edge of a monotone-in-α predicate.
 
     is_diverged: callable α -> bool or TrialResult (its `.diverged` is used).
@@ -370,6 +373,22 @@ def _flat_params(net):
     return [p for p in net.parameters() if p.requires_grad]
 
 
+def _sgd_step(net, params, bufs, loss_fn, X, y, batch_size, gen, lr, momentum):
+    """One heavy-ball SGD step in torch's convention (v ← m·v + g_B, w ← w − α·v) on a
+    uniformly random batch of `batch_size` distinct samples drawn with `gen`; returns
+    the batch loss (a tensor)."""
+    idx = torch.randperm(len(X), generator=gen)[:batch_size]
+    loss = loss_fn(net(X[idx]), y[idx])
+    grads = torch.autograd.grad(loss, params)
+    with torch.no_grad():
+        for p, g, b in zip(params, grads, bufs):
+            if momentum:
+                b.mul_(momentum).add_(g)
+                g = b
+            p.sub_(lr * g)
+    return loss
+
+
 def _full_data_loss(net, loss_fn, X, y, chunk):
     with torch.no_grad():
         tot = 0.0
@@ -406,7 +425,6 @@ def training_trial(model, loss_fn, X, y, lr, batch_size, *, steps, momentum=0.0,
         raise ValueError(f"criterion must be one of {TRAINING_CRITERIA}, got {criterion!r}")
     if criterion == "onset" and direction is None:
         raise ValueError("criterion='onset' needs the top eigenvector (direction=)")
-    N = len(X)
     net = copy.deepcopy(model)
     net.train(False)
     params = _flat_params(net)
@@ -417,15 +435,7 @@ def training_trial(model, loss_fn, X, y, lr, batch_size, *, steps, momentum=0.0,
     max_loss, loss_t, proj = L0, L0, []
     unstable, reason, t = False, "stable", 0
     for t in range(1, steps + 1):
-        idx = torch.randperm(N, generator=gen)[:batch_size]
-        loss = loss_fn(net(X[idx]), y[idx])
-        grads = torch.autograd.grad(loss, params)
-        with torch.no_grad():
-            for p, g, b in zip(params, grads, bufs):
-                if momentum:
-                    b.mul_(momentum).add_(g)
-                    g = b
-                p.sub_(lr * g)
+        _sgd_step(net, params, bufs, loss_fn, X, y, batch_size, gen, lr, momentum)
         if criterion == "onset":
             w = torch.cat([p.detach().reshape(-1) for p in params]).double()
             c = float(torch.dot(w - w0, direction))
@@ -509,8 +519,8 @@ def _model_tag(model, X) -> str:
 def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergence",
                        optimizer="sgd", momentum=0.0, steps=200, seeds=(0, 1, 2),
                        factor=10.0, lr0=None, rel_tol=0.03, growth_threshold=None,
-                       store=None, tag="", chunk_size=4096, device=None, dtype=None,
-                       seed=0, progress=None) -> TrainingThresholds:
+                       unbracketed="raise", store=None, tag="", chunk_size=4096, device=None,
+                       dtype=None, seed=0, progress=None) -> TrainingThresholds:
     """Real training threshold of SGD (± heavy-ball momentum) per batch size, by bisection.
 
     From the model's current parameters (the checkpoint; the model is not modified), for
@@ -523,6 +533,10 @@ def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergen
     1/λ₁ from a k=1 Lanczos) and stops at hi/lo ≤ 1 + rel_tol.
 
     optimizer: "sgd" or a `torch.optim.SGD` instance/class-less spec whose momentum is read.
+    unbracketed: what a (B, seed) whose bisection finds no stable/unstable bracket (the
+    criterion never fires while doubling α, or always fires while halving) gives:
+    "raise" (RuntimeError, the default) or "nan" (that entry is NaN, so is the mean over
+    seeds at that B; the other B are still measured — e.g. for the "onset" criterion).
     steps: an int or a callable B -> int. store: a `JsonlStore`, a path or None; every
     finished (B, seed) is written at once and re-runs skip stored keys (resumable).
     seed: seeds the Lanczos start of the onset direction and the default lr0.
@@ -533,6 +547,8 @@ def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergen
 
     if criterion not in TRAINING_CRITERIA:
         raise ValueError(f"criterion must be one of {TRAINING_CRITERIA}, got {criterion!r}")
+    if unbracketed not in ("raise", "nan"):
+        raise ValueError(f"unbracketed must be 'raise' or 'nan', got {unbracketed!r}")
     momentum = _read_momentum(optimizer, momentum)
     src = as_data_source(data, name="data")
     X, y = src.tensors()
@@ -572,18 +588,29 @@ def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergen
             rec = store[key]
         else:
             a0 = lr0(B) if callable(lr0) else float(lr0)
-            res = bisect_max_lr(
-                lambda a: training_trial(model, loss_fn, X, y, a, B, steps=K, momentum=momentum,
-                                         seed=s, criterion=criterion, factor=factor,
-                                         direction=direction, growth_threshold=growth_threshold,
-                                         chunk_size=chunk_size),
-                a0, rel_tol=rel_tol)
-            rec = {"lo": res.lo, "hi": res.hi, "alpha": res.alpha, "n_trials": res.n_trials,
-                   "batch_size": B, "seed": s, "steps": K, "momentum": momentum,
+            rec = {"batch_size": B, "seed": s, "steps": K, "momentum": momentum,
                    "criterion": criterion}
+            try:
+                res = bisect_max_lr(
+                    lambda a: training_trial(model, loss_fn, X, y, a, B, steps=K,
+                                             momentum=momentum, seed=s, criterion=criterion,
+                                             factor=factor, direction=direction,
+                                             growth_threshold=growth_threshold,
+                                             chunk_size=chunk_size),
+                    a0, rel_tol=rel_tol, max_expand=_MAX_EXPAND)
+                rec.update(lo=res.lo, hi=res.hi, alpha=res.alpha, n_trials=res.n_trials)
+            except RuntimeError as err:
+                if unbracketed == "raise":
+                    raise
+                # the first trial and every doubling/halving ran: 1 + _MAX_EXPAND trials
+                rec.update(lo=math.nan, hi=math.nan, alpha=math.nan,
+                           n_trials=1 + _MAX_EXPAND, unbracketed=str(err))
             if store is not None:
                 store.put(key, rec)
-        per[i, j], lo[i, j], hi[i, j] = rec["alpha"], rec["lo"], rec["hi"]
+        if "unbracketed" in rec and unbracketed == "raise":
+            raise RuntimeError(f"{rec['unbracketed']} (stored for {key})")
+        per[i, j], lo[i, j], hi[i, j] = (float(rec["alpha"]), float(rec["lo"]),
+                                         float(rec["hi"]))
         n_trials += int(rec["n_trials"])
     mean = per.mean(axis=1)
     se = per.std(axis=1, ddof=1) / np.sqrt(len(seeds)) if len(seeds) > 1 else np.full(len(bs), np.nan)
@@ -655,21 +682,13 @@ def self_stabilisation(model, loss_fn, data, *, factor=4.0, batch_size=512, step
     seed = as_seed("seed", seed)
     lam0 = float(top_eigenvalues(model, loss_fn, (X, y), k=1, seed=seed)[0])
     net = copy.deepcopy(model).eval()
-    params = [p for p in net.parameters() if p.requires_grad]
+    params = _flat_params(net)
     bufs = [torch.zeros_like(p) for p in params]
     lr = factor / lam0
-    g = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
     losses = []
     for _ in range(steps):
-        idx = torch.randperm(len(X), generator=g)[:B]
-        loss = loss_fn(net(X[idx]), y[idx])
-        grads = torch.autograd.grad(loss, params)
-        with torch.no_grad():
-            for p, gr, b in zip(params, grads, bufs):
-                if momentum:
-                    b.mul_(momentum).add_(gr)
-                    gr = b
-                p.sub_(lr * gr)
+        loss = _sgd_step(net, params, bufs, loss_fn, X, y, B, gen, lr, momentum)
         losses.append(float(loss.detach()))
         if not math.isfinite(losses[-1]):
             break

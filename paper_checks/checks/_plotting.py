@@ -28,6 +28,16 @@ def verdict_title(ax, result, text: str):
     ax.set_title(f"{text}\n[{result.verdict}]", fontsize=10)
 
 
+def lr_vs_batch_axes(ax, result, title: str):
+    """Finish a log-log learning-rate-vs-B panel: labels, legend, verdict title."""
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size B")
+    ax.set_ylabel("learning rate")
+    ax.legend(fontsize=7)
+    verdict_title(ax, result, title)
+
+
 def log2_ticks(ax, xs):
     xs = np.asarray(xs, float)
     ax.set_xscale("log", base=2)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..result import judged
-from ._plotting import new_figure, verdict_title
+from ._plotting import lr_vs_batch_axes, new_figure
 
 NAME = "lr_transfer"
 CLAIM = ("Anchored at one measured (B₀, α₀), the curvature-noise transfer "
@@ -52,6 +52,7 @@ def transfer_study(model, loss_fn, data, batch_sizes, *, momenta=(0.0, 0.9), anc
     """
     from nets.learning_rates.lr_search import training_threshold
     from nets.learning_rates.transfer import scaling_rule, transfer_lr
+    from rmt.lr import momentum_noise_gain
 
     Bs = np.asarray(sorted(set(int(b) for b in batch_sizes) | set(anchors)))
     out = {"batch_sizes": Bs}
@@ -82,21 +83,22 @@ def transfer_study(model, loss_fn, data, batch_sizes, *, momenta=(0.0, 0.9), anc
         out[f"deterministic_factor_limit_{key}"] = 2.0 * (1.0 + m) / local.batch_curvature
         out[f"level_{key}"] = meas.lr / local.stability_limit
         out[f"level_deterministic_{key}"] = meas.lr / out[f"deterministic_factor_limit_{key}"]
+        gain = momentum_noise_gain(m)
+        others = {f: (c.lam, c.batch_curvature) for f, c in curves.items()}
+        if measured_batches:
+            others["measuredcurv"] = (local.lam, out["measured_batch_curvature"])
+        effective = {f: lam_f + gain * (np.asarray(lp) - lam_f)      # λ'_m of each form
+                     for f, (lam_f, lp) in others.items()}
         for B0 in anchors:
-            a0 = float(meas.lr[list(Bs).index(B0)])
+            i0 = list(Bs).index(B0)
+            a0 = float(meas.lr[i0])
             tr = transfer_lr(model, loss_fn, data, Bs, reference=(B0, a0), momentum=m, seed=seed)
             out[f"transfer_B{B0}_{key}"] = tr.lr
             out[f"transfer_stderr_B{B0}_{key}"] = tr.lr_stderr
             out[f"ratio_B{B0}_{key}"] = tr.lr / meas.lr
             for rule in RULES:
                 out[f"{rule}_B{B0}_{key}"] = scaling_rule(Bs, reference=(B0, a0), rule=rule) / meas.lr
-            i0 = list(Bs).index(B0)
-            gain = (1.0 + m) / (1.0 - m)
-            others = {f: (c.lam, c.batch_curvature) for f, c in curves.items()}
-            if measured_batches:
-                others["measuredcurv"] = (local.lam, out["measured_batch_curvature"])
-            for f, (lam_f, lp) in others.items():
-                eff = lam_f + gain * (np.asarray(lp) - lam_f)
+            for f, eff in effective.items():
                 out[f"ratio_{f}_B{B0}_{key}"] = a0 * eff[i0] / eff / meas.lr
         out["lam"], out["s2"], out["N"] = local.lam, local.s2, local.N
         out["critical_batch_size"] = local.critical_batch_size
@@ -170,10 +172,5 @@ def plot(result):
                     label=f"{rule} (B0=32)")
         ax.plot(B, result.array(f"local_limit_{key}"), "--", color="0.5",
                 label="2(1+m)/λ'_m (local)")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("batch size B")
-        ax.set_ylabel("learning rate")
-        ax.legend(fontsize=7)
-        verdict_title(ax, result, f"digits MLP, SGD m={m:g}")
+        lr_vs_batch_axes(ax, result, f"digits MLP, SGD m={m:g}")
     return fig

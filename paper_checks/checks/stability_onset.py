@@ -36,7 +36,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..result import judged
-from ._plotting import new_figure, verdict_title
+from ._plotting import lr_vs_batch_axes, new_figure
 
 NAME = "stability_onset"
 CLAIM = ("The onset of instability along the top eigenvector in real SGD training (with and "
@@ -64,15 +64,13 @@ def run(ctx):
         local = transfer_lr(model, loss_fn, data, Bs, reference=(int(Bs[0]), 1.0), momentum=m,
                             seed=ctx.seed)
         guess = lambda B, local=local: float(np.interp(B, local.batch_sizes, local.stability_limit))
-        found = np.full(len(Bs), np.nan)
-        for i, B in enumerate(Bs):
-            try:
-                found[i] = training_threshold(model, loss_fn, data, [int(B)], criterion="onset",
-                                              momentum=m, steps=STEPS, seeds=(ctx.seed,),
-                                              lr0=guess, seed=ctx.seed).lr[0]
-            except RuntimeError as err:       # the growth test never fired while doubling α
-                failures.append(f"m={m:g}, B={int(B)}: no onset found ({err}; started at "
-                                f"{guess(B):.3g})")
+        found = training_threshold(model, loss_fn, data, Bs, criterion="onset", momentum=m,
+                                   steps=STEPS, seeds=(ctx.seed,), lr0=guess,
+                                   unbracketed="nan", seed=ctx.seed).lr
+        # NaN: the growth test never fired while doubling α
+        failures += [f"m={m:g}, B={int(B)}: no onset found (no divergent learning rate found "
+                     f"while doubling; started at {guess(B):.3g})"
+                     for B, a in zip(Bs, found) if not np.isfinite(a)]
         det = 2.0 * (1.0 + m) / local.batch_curvature
         ratio = found / local.stability_limit
         series[f"onset_{key}"] = found
@@ -113,10 +111,5 @@ def plot(result):
         ax.plot(B, result.array(f"predicted_{key}"), "-", color="C0", label="2(1+m)/λ'_m(B)")
         ax.plot(B, result.array(f"deterministic_{key}"), "--", color="C1",
                 label="2(1+m)/λ'(B) (deterministic momentum)")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("batch size B")
-        ax.set_ylabel("learning rate")
-        ax.legend(fontsize=7)
-        verdict_title(ax, result, f"digits MLP, SGD m={m:g}")
+        lr_vs_batch_axes(ax, result, f"digits MLP, SGD m={m:g}")
     return fig
