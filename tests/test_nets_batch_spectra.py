@@ -210,7 +210,8 @@ def test_digits_resolved_is_right_batch_by_batch(digits_curves):
     model, (X, y) = trained_digits_mlp(seed=0)
     op = curvature_operator(model, CE, (X, y))
     top = eigsh(op, k=10, which="LA", tol=1e-8, seed=0)
-    rn = resolved_noise_from_operator(op, top.vectors, min_batch=8, seed=0)
+    # every sample (not the sampled population), so the measured batches can be replayed
+    rn = resolved_noise_from_operator(op, top.vectors, min_batch=8, seed=0, max_samples=None)
     res = resolved_batch_top_eigenvalue(rn, BATCHES, indices=meas["indices"])
     for j, B in enumerate(BATCHES):
         v, p = meas["values"][j], res["values"][j]

@@ -433,7 +433,12 @@ class ModelCurvatureOperator(CurvatureOperator):
         hold G groups of m samples; U (P, k). Returns (G, P, k) with [g] = C_g U where
         C_g is the curvature of the group's mean loss loss_fn(model(Xg[g]), Yg[g])."""
         lay = self.layout
-        # the caller sizes (G, k) to its memory budget (nets.utils.memory.product_bytes)
+        # the caller sizes (G, k) to its memory budget (nets.utils.memory.product_chunk).
+        # On CPU the vectors run one after the other: one vmapped call along k vectors
+        # holds k times the working set and is bound by memory traffic (nets.utils.memory)
+        if U.shape[1] > 1 and U.device.type == "cpu":
+            return torch.cat([self.group_products(Xg, Yg, U[:, j:j + 1])
+                              for j in range(U.shape[1])], dim=2)
 
         def one_group(xg, yg):
             pb = self._pullback(xg, yg)

@@ -276,13 +276,14 @@ class DiagonalScaledOperator(CurvatureOperator):
         return self.sqrt_d * self.base.matvec(self.sqrt_d * v)
 
 
-def _isotropic_s2(op, num_probes, *, chunk_size, seed, progress):
+def _isotropic_s2(op, num_probes, *, chunk_size, seed, progress, micro_batch=1):
     """Pσ² (module docstring of `nets.noise.directional`): Rademacher estimate with
     `num_probes` directions, or exact (num_probes=None) as the mean of s²_{e_j} over the
     P unit vectors (P passes: small models only)."""
     if num_probes is not None:
         return isotropic_noise_from_operator(op, num_probes=num_probes, chunk_size=chunk_size,
-                                             seed=seed, progress=progress).s2
+                                             seed=seed, progress=progress,
+                                             micro_batch=micro_batch).s2
     eye = torch.eye(op.P, dtype=torch.float64)
     bar = progress_bar(eye, progress=progress, total=op.P, desc="exact Pσ²")
     return float(np.mean([directional_noise_from_operator(op, e, chunk_size=chunk_size).s2
@@ -396,7 +397,7 @@ class LRTable(Result):
 
 
 def _noise_pass(model, loss_fn, src, *, num_probes, hessian_samples, mccandlish, tol, opts,
-                chunk_size, seed, progress):
+                chunk_size, seed, progress, micro_batch):
     """The one measurement pass: H, λ_1, u, s_u², Pσ² and the gradient statistics."""
     H = hessian_operator(model, loss_fn, src, chunk_size=chunk_size, **opts)
     top = eigsh(H, k=1, which="LA", tol=tol, seed=seed, progress=progress)
@@ -404,8 +405,10 @@ def _noise_pass(model, loss_fn, src, *, num_probes, hessian_samples, mccandlish,
     if not lam > 0:
         raise ValueError(f"the top Hessian eigenvalue is not positive ({lam}); no stability limit")
     u = top.vectors[:, 0]
-    s2_dir = directional_noise_from_operator(H, u, chunk_size=chunk_size, progress=progress).s2
-    s2_iso = _isotropic_s2(H, num_probes, chunk_size=chunk_size, seed=seed, progress=progress)
+    s2_dir = directional_noise_from_operator(H, u, chunk_size=chunk_size, progress=progress,
+                                             micro_batch=micro_batch, seed=seed).s2
+    s2_iso = _isotropic_s2(H, num_probes, chunk_size=chunk_size, seed=seed, progress=progress,
+                           micro_batch=micro_batch)
     gn = gradient_noise(model, loss_fn, src, hessian_samples=hessian_samples, hessian=mccandlish,
                         chunk_size=256 if chunk_size is None else chunk_size, seed=seed,
                         progress=progress, **opts)
@@ -439,8 +442,8 @@ def _adam_batch_tops(model, loss_fn, src, bs, indices, gbar2, var, eps, *, tol, 
 
 def lr_table(model, loss_fn, data, batch_sizes, *, optimizer="sgd", momentum=None, betas=None,
              eps=None, n_batches=4, measure=True, num_probes=4, hessian_samples=128,
-             mccandlish=True, tol=1e-8, params=None, policy=None, chunk_size=None, device=None,
-             dtype=None, seed=0, progress=None) -> LRTable:
+             mccandlish=True, tol=1e-8, micro_batch="auto", params=None, policy=None,
+             chunk_size=None, device=None, dtype=None, seed=0, progress=None) -> LRTable:
     """Predicted learning rates for every B in `batch_sizes` from one measurement pass.
 
     data : an (X, y) pair, a torch Dataset or a non-shuffling DataLoader / re-iterable of
@@ -455,6 +458,8 @@ def lr_table(model, loss_fn, data, batch_sizes, *, optimizer="sgd", momentum=Non
     num_probes : Hutchinson probes for Pσ² (None: exact, P passes). hessian_samples :
         samples used for tr(HΣ) (None: all); mccandlish=False skips tr(HΣ) and ḡᵀHḡ
         (B_noise, eps_max, greedy_optimal NaN). tol : Lanczos relative residual.
+    micro_batch : group size of the noise passes for s_u² and Pσ², an int m ≥ 1 or "auto"
+        (m = max(1, ⌊N/256⌋); `nets.noise.directional`).
     params, policy, chunk_size, device, dtype : as `nets.curvature.operators.hessian_operator`
         (dtype None: the model's). seed : int or numpy Generator. progress : forwarded
         to every long inner call (True/False/None).
@@ -475,7 +480,7 @@ def lr_table(model, loss_fn, data, batch_sizes, *, optimizer="sgd", momentum=Non
     H, lam, u, s2_dir, s2_iso, gn = _noise_pass(
         model, loss_fn, src, num_probes=num_probes, hessian_samples=hessian_samples,
         mccandlish=mccandlish, tol=tol, opts=opts, chunk_size=chunk_size, seed=seed,
-        progress=progress)
+        progress=progress, micro_batch=micro_batch)
     P = H.P
     Bf = bs.astype(float)
     u2 = (u.to(torch.float64) ** 2).cpu().numpy()
@@ -521,8 +526,9 @@ def lr_table(model, loss_fn, data, batch_sizes, *, optimizer="sgd", momentum=Non
 
 
 def predict_max_lr(model, loss_fn, data, batch_sizes, *, optimizer="sgd", momentum=None,
-                   num_probes=1, params=None, policy=None, chunk_size=None, device=None,
-                   dtype=None, seed=0, progress=None) -> np.ndarray:
+                   num_probes=1, micro_batch="auto", params=None, policy=None,
+                   chunk_size=None, device=None, dtype=None, seed=0,
+                   progress=None) -> np.ndarray:
     """Predicted maximal stable learning rate per batch size (directional form).
 
     optimizer SGD (name, class or instance): F/λ'(B), λ'(B) = λ_1 + c(B,N)·s_u²/λ_1
@@ -540,7 +546,8 @@ def predict_max_lr(model, loss_fn, data, batch_sizes, *, optimizer="sgd", moment
     """
     opt = optimizer_settings(optimizer, momentum=momentum)
     t = lr_table(model, loss_fn, data, batch_sizes, optimizer=opt, measure=False,
-                 num_probes=num_probes, mccandlish=False, params=params, policy=policy,
+                 num_probes=num_probes, mccandlish=False, micro_batch=micro_batch,
+                 params=params, policy=policy,
                  chunk_size=chunk_size, device=device, dtype=dtype, seed=seed, progress=progress)
     return t.sgd_momentum.copy() if opt.name == "sgd" else t.adam_closed.copy()
 

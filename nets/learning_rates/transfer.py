@@ -132,8 +132,9 @@ def _momentum_of(optimizer, momentum) -> float:
 
 def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd",
                 momentum=None, form="directional", kind="hessian", num_probes=10,
-                n_batches_mc=2000, params=None, policy=None, chunk_size=None, device=None,
-                dtype=None, seed=0, progress=None) -> LRTransfer:
+                n_batches_mc=2000, micro_batch="auto", params=None, policy=None,
+                chunk_size=None, device=None, dtype=None, seed=0,
+                progress=None) -> LRTransfer:
     """Learning rate for each B from one known at B₀ (module docstring for the equation).
 
     reference : (B₀, α₀), a learning rate that works — or the measured threshold — at B₀.
@@ -141,8 +142,9 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
         momentum : ρ (overrides/must agree with the optimizer's).
     form : which λ'(B) of `predict_batch_top_eigenvalue` ("directional" default,
         "resolved", "subspace", "isotropic"). One curvature/noise pass at the model's
-        current parameters (kind, num_probes, n_batches_mc, params, policy, chunk_size,
-        device, dtype, seed, progress as there).
+        current parameters (kind, num_probes, n_batches_mc, micro_batch, params, policy,
+        chunk_size, device, dtype, seed, progress as there; micro_batch="auto" groups the
+        noise pass into about 256 micro-batches, `nets.noise.directional`).
     Returns an `LRTransfer` with .lr (numpy, aligned with `batch_sizes`) and the λ'(B),
     B* and standard errors it came from.
     """
@@ -160,9 +162,9 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
     allB = np.unique(np.append(Bs, B0))
     pred = predict_batch_top_eigenvalue(model, loss_fn, data, allB, form=form, kind=kind,
                                         num_probes=num_probes, n_batches_mc=n_batches_mc,
-                                        params=params, policy=policy, chunk_size=chunk_size,
-                                        device=device, dtype=dtype, seed=seed,
-                                        progress=progress)
+                                        micro_batch=micro_batch, params=params,
+                                        policy=policy, chunk_size=chunk_size, device=device,
+                                        dtype=dtype, seed=seed, progress=progress)
     lam = float(pred["lam"])
     curve = np.asarray(pred[form], dtype=float)
     se = pred.get(f"{form}_stderr")

@@ -23,6 +23,15 @@ without replacement from the G·m used samples has variance c(m, G·m)·S² =
 (G−1)/(G·m)·S² (docs/theory.md §1), and E[(1/G)Σ_g‖(C̄_g − C̄)u‖²] equals exactly that.
 With m = 1 it is the per-sample formula (all N samples, no randomness).
 
+`micro_batch="auto"` (the default of the λ'(B) predictions, not of the measurement
+functions here) picks m = max(1, ⌊N/256⌋), i.e. about 256 groups. Why: a vmapped
+per-group product writes one P-vector per group whatever m is, so on a dense network it
+costs about as much as a per-sample one (301k-parameter MLP, N = 1797: a group of 8 cost
+1.26× one sample, one sample 1/17 of a full-data product). The pass then costs ≈ 256
+group products however large N is, instead of N per-sample products, for the same
+(unbiased) s_u²; the price is the extra partition variance, which the standard error
+carries.
+
 Isotropic noise. docs/theory.md §2 models ε with i.i.d. entries of variance c(B,N)·σ²; its
 directional variance is then s_v² = Pσ² for *every* unit v. On a real network the
 isotropic estimate is the average over random unit directions: with A =
@@ -56,19 +65,36 @@ import numpy as np
 import torch
 
 from nets.curvature.operators import ModelCurvatureOperator, curvature_operator
-from nets.utils.memory import chunk_count, memory_budget, product_bytes
+from nets.utils.memory import product_chunk
 from nets.utils.progress import progress_bar
 from nets.utils.results import Result, result
 from rmt.validation import as_float, as_int, as_seed
 
 __all__ = ["NoiseEstimate", "directional_noise", "isotropic_noise",
            "directional_noise_from_operator", "isotropic_noise_from_operator",
-           "DEFAULT_REL_ERROR", "DEFAULT_MIN_SAMPLES"]
+           "DEFAULT_REL_ERROR", "DEFAULT_MIN_SAMPLES", "AUTO_GROUPS", "auto_micro_batch",
+           "resolve_micro_batch"]
 
 #: relative standard error the sampled estimate stops at (module docstring)
 DEFAULT_REL_ERROR = 0.05
 #: samples of the first stage of the sampled estimate
 DEFAULT_MIN_SAMPLES = 256
+#: about this many micro-batch groups with micro_batch="auto" (module docstring)
+AUTO_GROUPS = 256
+
+
+def auto_micro_batch(N: int) -> int:
+    """m for micro_batch="auto": max(1, ⌊N / AUTO_GROUPS⌋) (module docstring)."""
+    return max(1, int(N) // AUTO_GROUPS)
+
+
+def resolve_micro_batch(micro_batch, N: int) -> int:
+    """An int m ≥ 1 from `micro_batch` (an int or "auto") for N samples."""
+    if isinstance(micro_batch, str):
+        if micro_batch != "auto":
+            raise ValueError(f'micro_batch must be an int >= 1 or "auto", got {micro_batch!r}')
+        return auto_micro_batch(N)
+    return as_int("micro_batch", micro_batch, minimum=1)
 
 
 @result
@@ -108,6 +134,19 @@ def _groups(N: int, m: int, seed) -> np.ndarray:
     if m == 1:
         return np.arange(N)[:, None]
     return np.random.default_rng(seed).permutation(N)[: G * m].reshape(G, m)
+
+
+def micro_batch_partition(N: int, micro_batch, seed) -> tuple[int, np.ndarray]:
+    """(m, idx): the group size for `micro_batch` (an int or "auto") and the (G, m) sample
+    indices of the seeded partition (module docstring)."""
+    m = resolve_micro_batch(micro_batch, N)
+    return m, _groups(N, m, seed)
+
+
+def fetch_groups(op: ModelCurvatureOperator, rows: np.ndarray):
+    """Inputs and targets of the groups `rows` (g, m) as (g, m, ...) tensors on op's device."""
+    X, Y = op.source.take(rows.reshape(-1), device=op.device, dtype=op.dtype)
+    return X.reshape(rows.shape + X.shape[1:]), Y.reshape(rows.shape + Y.shape[1:])
 
 
 def _subset_rng(seed) -> np.random.Generator:
@@ -151,17 +190,15 @@ def _noise_columns(op: ModelCurvatureOperator, U: torch.Tensor, micro_batch: int
     size (from min_samples/m groups) until the relative standard error is ≤ rel_error
     (criterion "each": for every column; "mean": for the mean over the columns) or
     max_samples samples or all groups are used."""
-    m = as_int("micro_batch", micro_batch, minimum=1)
     N = op.N
-    idx = _groups(N, m, seed)
+    m, idx = micro_batch_partition(N, micro_batch, seed)
     G = idx.shape[0]
     P, k = U.shape
     U = U.to(op.dtype)
     if chunk_size is None:
-        budget = memory_budget(memory, op.device)
-        per = product_bytes(P, k, m, op.source.first_sample_numel(),
-                            torch.finfo(op.dtype).bits // 8)
-        chunk = chunk_count(G, per, budget, cap=max(1, 4096 // m))
+        chunk = product_chunk(G, P, k, m, op.source.first_sample_numel(),
+                              torch.finfo(op.dtype).bits // 8, memory=memory, device=op.device,
+                              cap=max(1, 4096 // m))
     else:
         chunk = as_int("chunk_size", chunk_size, minimum=1)
     # shift = C̄ U on the used samples: exact, so every term is unbiased on its own
@@ -182,9 +219,7 @@ def _noise_columns(op: ModelCurvatureOperator, U: torch.Tensor, micro_batch: int
         while True:
             for a in range(done, target, chunk):
                 rows = idx[order[a:min(a + chunk, target)]]                    # (g, m)
-                X, Y = op.source.take(rows.reshape(-1), device=op.device, dtype=op.dtype)
-                Xg = X.reshape(rows.shape + X.shape[1:])
-                Yg = Y.reshape(rows.shape + Y.shape[1:])
+                Xg, Yg = fetch_groups(op, rows)
                 # difference in the products' dtype (no (g, P, k) float64 copy), squared
                 # norm accumulated in float64
                 D = op.group_products(Xg, Yg, U) - shift_lo                   # (g, P, k)
@@ -265,7 +300,8 @@ def directional_noise_from_operator(op: ModelCurvatureOperator, u, *, micro_batc
                                     min_samples=DEFAULT_MIN_SAMPLES, exact=False,
                                     memory=None) -> NoiseEstimate:
     """s_u² for the data and curvature kind held by `op` (module docstring); u is
-    normalised to unit length first. chunk_size : groups per vmapped chunk (None: from
+    normalised to unit length first. micro_batch : m ≥ 1 or "auto" (module docstring).
+    chunk_size : groups per vmapped chunk (None: from
     the memory budget `memory`, `nets.utils.memory`). rel_error, max_samples,
     min_samples, exact : the sampled estimate (module docstring); exact=True visits
     every group."""
@@ -274,6 +310,7 @@ def directional_noise_from_operator(op: ModelCurvatureOperator, u, *, micro_batc
     rel_error, max_samples, min_samples = _check_sampling(rel_error, max_samples, min_samples,
                                                           exact)
     u = _as_direction(u, op.P, op.device)
+    micro_batch = resolve_micro_batch(micro_batch, op.N)
     r = _noise_columns(op, u[:, None], micro_batch, seed, chunk_size, progress,
                        rel_error=rel_error, max_samples=max_samples, min_samples=min_samples,
                        exact=exact, memory=memory)
@@ -296,6 +333,7 @@ def isotropic_noise_from_operator(op: ModelCurvatureOperator, *, num_probes=10, 
     and, when the groups were subsampled, the sampling error of the probe mean."""
     check_noise_operator(op)
     k = as_int("num_probes", num_probes, minimum=1)
+    micro_batch = resolve_micro_batch(micro_batch, op.N)
     seed = as_seed("seed", seed)
     rel_error, max_samples, min_samples = _check_sampling(rel_error, max_samples, min_samples,
                                                           exact)
@@ -324,7 +362,8 @@ def directional_noise(model, loss_fn, data, u, *, micro_batch=1, kind="hessian",
     torch Dataset or a re-iterable of (x, y) batches; `nets.utils.data_source`).
 
     u : direction (P,) in the flat parameter space of `params` (normalised here);
-    micro_batch : m ≥ 1 (per-micro-batch products rescaled by m; unbiased);
+    micro_batch : m ≥ 1 (per-micro-batch products rescaled by m; unbiased) or "auto"
+    (m = max(1, ⌊N/256⌋), module docstring);
     kind : "hessian" or "ggn"; chunk_size : groups per vmapped chunk (memory; None: from
     `memory`, a budget in bytes or None for a share of the free memory).
     rel_error, max_samples : the sampled estimate stops at this relative standard error

@@ -32,7 +32,7 @@ from torch.func import grad, vmap
 from nets.curvature.operators import check_policy, hessian_operator, policy_mode, resolve_device_dtype
 from nets.curvature.params import ParamLayout, functional_loss, make_functional
 from nets.utils.data_source import as_data_source, check_indices
-from nets.utils.memory import chunk_count, memory_budget, product_bytes
+from nets.utils.memory import product_chunk
 from nets.utils.progress import progress_bar
 from nets.utils.results import Result, result
 from rmt.validation import as_int, as_seed
@@ -82,9 +82,8 @@ def _chunk(chunk_size, memory, ps, src) -> int:
     """Samples per vmapped chunk: `chunk_size`, or what fits the memory budget."""
     if chunk_size is not None:
         return as_int("chunk_size", chunk_size, minimum=1)
-    per = product_bytes(ps.layout.P, 1, 1, src.first_sample_numel(),
-                        torch.finfo(ps.dtype).bits // 8)
-    return chunk_count(src.N, per, memory_budget(memory, ps.device), cap=4096)
+    return product_chunk(src.N, ps.layout.P, 1, 1, src.first_sample_numel(),
+                         torch.finfo(ps.dtype).bits // 8, memory=memory, device=ps.device)
 
 
 def per_sample_gradients(model, loss_fn, data, *, indices=None, params=None, policy=None,

@@ -34,6 +34,23 @@ noise bulk, which makes (z − Q H_B Q)⁻¹ larger than 1/z. The self-consisten
 non-increasing for z > 0 (D is PSD), so z − λ_max(A + cD/z) is increasing, the root
 z > 0 is unique, and it is found by bisection.
 
+Sampled population (`samples=`). At scale the per-sample pass runs on a uniformly random
+subset of n of the N samples (`samples`, drawn without replacement), with the full-data
+H (k exact full-data products HU) as the centre, so a_i = Uᵀ(H_i − H)U is the same
+quantity as in the exhaustive pass. Sums over the data are Horvitz–Thompson estimates:
+D = (N/n)·(1/(N−1)) Σ_{i∈samples} R_iᵀR_i, and likewise S (unbiased; exact when n = N).
+With `moments=` (what the resolved form uses) D and S come instead from one more pass over
+every sample in micro-batches (`micro_batch_moments`): heavy-tailed per-sample curvature
+makes the row estimate fragile (on a model whose 15 of 240 samples are heavy, subsets of
+n = 120 put D at 1.6–1.8× its exhaustive value), and a pass in ≈ 256 groups includes
+every sample at the cost of ≈ 256 group products per direction. The same pass scores each
+group, and `stratified_rows` takes the highest-scoring groups whole (weight 1) and the
+rest of the rows uniformly (`row_weight`: how many samples each row stands for).
+A batch of B of the N samples is emulated by B rows drawn with replacement from the n
+stored ones, centred on their mean, and scaled by f_B = √((N−B)/N · n/(n−1)), so that the
+covariance of a_S is c(B,N)·S as for a batch drawn without replacement from the data.
+Evaluating on given batches (`indices`) needs the exhaustive pass.
+
 Limits (tested). k = P: Q = 0, D = 0 and Λ_k + a_S = Uᵀ H_S U, so z_S is exactly the top
 eigenvalue of the batch Hessian on the same batch. k = 1, self_consistent=False: the
 1×1 model is linear in a_S (mean 0), so λ'_1 = λ + c·D/λ exactly, with
@@ -49,6 +66,7 @@ s_u² − σ_uu²; `directional_s2` reports both pieces so the two are comparabl
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -57,14 +75,15 @@ from nets.algorithms.lanczos import eigsh
 from nets.curvature.operators import ModelCurvatureOperator, curvature_operator
 from nets.noise.directional import check_noise_operator
 from nets.utils.data_source import as_data_source
-from nets.utils.memory import chunk_count, memory_budget, product_bytes
+from nets.utils.memory import product_chunk
 from nets.utils.progress import progress_bar
 from nets.utils.results import Result, result
 from rmt.sampling import batch_noise_factor
 from rmt.validation import as_batch_sizes, as_int, as_rng
 
 __all__ = ["SubspaceNoise", "subspace_noise_from_operator", "subspace_noise",
-           "subspace_batch_top_eigenvalue", "default_subspace_dim"]
+           "subspace_batch_top_eigenvalue", "default_subspace_dim", "population_draws",
+           "population_factor", "micro_batch_moments", "Moments", "stratified_rows"]
 
 
 @result
@@ -76,7 +95,13 @@ class SubspaceNoise(Result):
     a : (N, k, k) a_i = Uᵀ (H_i − H) U (symmetrised, Σ_i a_i = 0 up to round-off);
     D : (k, k) complement noise (1/(N−1)) Σ_i R_iᵀ R_i, R_i = Q (H_i − H) U;
     S : (k, k) in-subspace noise (1/(N−1)) Σ_i a_i a_i. The directional noise along
-    column j is s²_j = S_jj + D_jj (`directional_s2`). N, P, k; vectors : (P, k) U."""
+    column j is s²_j = S_jj + D_jj (`directional_s2`). N, P, k; vectors : (P, k) U.
+    samples : None (a holds every sample) or the (n,) indices of the sampled population
+    whose rows a holds (module docstring; D and S are then Horvitz–Thompson estimates);
+    a_cov : None, or the (k², k²) per-sample covariance of vec(a_i) over every sample
+    from the micro-batch pass (`micro_batch_moments`; with a sampled population);
+    row_weight : None (every row stands for N/n samples) or (n,) how many samples of the
+    data each row stands for (inverse inclusion probabilities of a stratified draw)."""
 
     lam: np.ndarray
     H_U: np.ndarray
@@ -87,6 +112,27 @@ class SubspaceNoise(Result):
     P: int
     k: int
     vectors: torch.Tensor
+    samples: np.ndarray | None = None
+    a_cov: np.ndarray | None = None
+    row_weight: np.ndarray | None = None
+
+    @property
+    def n_rows(self) -> int:
+        """Number of stored per-sample rows (N, or n for a sampled population)."""
+        return int(self.a.shape[0])
+
+    @property
+    def ht_scale(self) -> float:
+        """N/n: the Horvitz–Thompson factor of sums over the stored rows (1 when exhaustive)."""
+        return self.N / self.n_rows
+
+    @property
+    def weights(self) -> np.ndarray:
+        """(rows,) how many samples of the data each stored row stands for (all 1 when
+        exhaustive; N/n for a uniform subset; `row_weight` for a stratified one)."""
+        if self.row_weight is not None:
+            return np.asarray(self.row_weight, dtype=float)
+        return np.full(self.n_rows, self.ht_scale)
 
     def restrict(self, k: int) -> "SubspaceNoise":
         """The statistics for the span of the first k columns of U (exact: the
@@ -96,11 +142,11 @@ class SubspaceNoise(Result):
         if k > self.k:
             raise ValueError(f"k must be <= {self.k}, got {k}")
         a = self.a[:, :k, :k]
-        S = np.einsum("nij,njl->il", a, a) / (self.N - 1)
+        S = self.ht_scale * np.einsum("nij,njl->il", a, a) / (self.N - 1)
         D = (self.S + self.D)[:k, :k] - S
         return SubspaceNoise(lam=self.lam[:k].copy(), H_U=self.H_U[:k, :k].copy(), a=a.copy(),
                              D=0.5 * (D + D.T), S=0.5 * (S + S.T), N=self.N, P=self.P, k=k,
-                             vectors=self.vectors[:, :k])
+                             vectors=self.vectors[:, :k], samples=self.samples)
 
     @property
     def directional_s2(self) -> np.ndarray:
@@ -146,40 +192,209 @@ def _orthonormal(U, P: int, device) -> torch.Tensor:
 
 
 def subspace_noise_from_operator(op: ModelCurvatureOperator, U, *, chunk_size=None,
-                                 progress=None, memory=None) -> SubspaceNoise:
+                                 progress=None, memory=None, samples=None) -> SubspaceNoise:
     """Per-sample projections a_i = Uᵀ(H_i − H)U and complement noise D (module docstring)
     for the data and curvature kind held by `op`. One per-sample pass of k curvature
     products each (vmapped over samples in chunks; memory chunk × P × k, the chunk
-    from the budget `memory` unless `chunk_size` is given, `nets.utils.memory`)."""
+    from the budget `memory` unless `chunk_size` is given, `nets.utils.memory`).
+    samples : None (every sample) or distinct sample indices, a uniformly random subset
+    (the sampled population of the module docstring; H is still the full-data one)."""
+    return subspace_pass(op, U, chunk_size=chunk_size, progress=progress, memory=memory,
+                         samples=samples)[0]
+
+
+def subspace_pass(op: ModelCurvatureOperator, U, *, chunk_size=None, progress=None,
+                  memory=None, samples=None, moments=None, seed=0, HU=None,
+                  row_weight=None) -> tuple[SubspaceNoise, torch.Tensor]:
+    """`subspace_noise_from_operator` and the full-data products HU (P, k) float64 it
+    computed on the way (for callers that need them too).
+
+    moments : with a sampled population, where D and S come from: None (Horvitz–Thompson
+    over the rows) or a micro-batch size m (an int or "auto", `nets.noise.directional`):
+    one more pass over *every* sample in groups of m (`micro_batch_moments`), so a few
+    heavy samples outside the rows still count, or a `Moments` already computed.
+    seed : the micro-batch partition. HU : the full-data products (P, k) if already
+    computed. row_weight : (n,) samples each row stands for (stratified rows; with a
+    sampled population only)."""
     check_noise_operator(op)
     U = _orthonormal(U, op.P, op.device)
     P, k = U.shape
     N = op.N
     if N < 2:
         raise ValueError("need at least 2 samples")
+    rows = _as_samples(samples, N)
+    n = N if rows is None else rows.size
     Uo = U.to(op.dtype)
-    chunk = (chunk_count(N, product_bytes(P, k, 1, op.source.first_sample_numel(),
-                                          torch.finfo(op.dtype).bits // 8),
-                         memory_budget(memory, op.device), cap=4096) if chunk_size is None
-             else as_int("chunk_size", chunk_size, minimum=1))
-    HU = op.matmat(Uo).to(torch.float64)                                   # (P, k)
-    a_list, D = [], torch.zeros(k, k, dtype=torch.float64, device=U.device)
-    for s in progress_bar(range(0, N, chunk), progress=progress, desc="per-sample projections",
-                          expected_s=None if N * P * k > 10**9 else 0.0):
-        X, Y = op.source.take(np.arange(s, min(s + chunk, N)), device=op.device, dtype=op.dtype)
+    chunk = (product_chunk(n, P, k, 1, op.source.first_sample_numel(),
+                           torch.finfo(op.dtype).bits // 8, memory=memory, device=op.device)
+             if chunk_size is None else as_int("chunk_size", chunk_size, minimum=1))
+    HU = (op.matmat(Uo) if HU is None else HU).to(torch.float64)           # (P, k)
+    HU_lo = HU.to(op.dtype)
+    f64 = torch.float64
+    a_list, D = [], torch.zeros(k, k, dtype=f64, device=U.device)
+    order = np.arange(N) if rows is None else rows
+    for s in progress_bar(range(0, n, chunk), progress=progress, desc="per-sample projections",
+                          expected_s=None if n * P * k > 10**9 else 0.0):
+        X, Y = op.source.take(order[s:s + chunk], device=op.device, dtype=op.dtype)
         Xg, Yg = X[:, None], Y[:, None]                                    # groups of 1
-        Dl = op.group_products(Xg, Yg, Uo).to(torch.float64) - HU          # (g, P, k)
-        a = U.T @ Dl                                                       # (g, k, k)
-        R = Dl - U @ a                                                     # Q (H_i − H) U
-        D += torch.einsum("gpi,gpj->ij", R, R)
+        Dl = op.group_products(Xg, Yg, Uo)
+        Dl -= HU_lo                                                        # (H_i − H) U, (g, P, k)
+        # k×k reductions in the products' dtype (no (g, P, k) float64 copies, which cost
+        # more than the products on CPU), summed in float64. With R_i = Q(H_i − H)U and
+        # a_i = Uᵀ(H_i − H)U: R_iᵀR_i = (H_i − H)Uᵀ(H_i − H)U − a_iᵀa_i, since UᵀU = I.
+        DtD = torch.bmm(Dl.transpose(1, 2), Dl).to(f64)                   # (g, k, k)
+        a = torch.bmm(Dl.transpose(1, 2), Uo.expand(Dl.shape[0], -1, -1)).to(f64)
+        a = a.transpose(1, 2)                                              # Uᵀ(H_i − H)U
+        D += (DtD - a.transpose(1, 2) @ a).sum(0)
         a_list.append(0.5 * (a + a.transpose(1, 2)))
+        del Dl
     a = torch.cat(a_list).cpu().numpy()
-    D = D.cpu().numpy() / (N - 1)
-    S = np.einsum("nij,njl->il", a, a) / (N - 1)
+    ht = N / n                                          # Horvitz–Thompson (1 when exhaustive)
+    D = ht * D.cpu().numpy() / (N - 1)
+    S = ht * np.einsum("nij,njl->il", a, a) / (N - 1)
+    a_cov = None
+    if rows is not None and moments is not None:
+        if not isinstance(moments, Moments):
+            moments = micro_batch_moments(op, U, HU, micro_batch=moments, seed=seed,
+                                          chunk_size=chunk_size, memory=memory)
+        D, S, a_cov = moments.D, moments.S, moments.C
+    if row_weight is not None and rows is not None and moments is None:
+        raise ValueError("row_weight needs moments= (D and S from every sample)")
+    if rows is None or row_weight is None:
+        row_weight = None
+    else:
+        row_weight = np.asarray(row_weight, dtype=float)
+        if row_weight.shape != (rows.size,) or not np.all(row_weight >= 1.0 - 1e-9):
+            raise ValueError("row_weight must hold one weight >= 1 per sample")
     H_U = (U.T @ HU).cpu().numpy()
     H_U = 0.5 * (H_U + H_U.T)
     return SubspaceNoise(lam=np.diag(H_U).copy(), H_U=H_U, a=a, D=0.5 * (D + D.T),
-                         S=0.5 * (S + S.T), N=int(N), P=int(P), k=int(k), vectors=U)
+                         S=0.5 * (S + S.T), N=int(N), P=int(P), k=int(k), vectors=U,
+                         samples=rows, a_cov=a_cov, row_weight=row_weight), HU
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Output of `micro_batch_moments`: D, S (k, k), C (k², k²); groups (G, m) the
+    partition; score (G,) ‖(H̄_g − H)U‖_F² of each group (large for groups holding a
+    heavy sample)."""
+
+    D: np.ndarray
+    S: np.ndarray
+    C: np.ndarray
+    groups: np.ndarray
+    score: np.ndarray
+
+
+def micro_batch_moments(op: ModelCurvatureOperator, U: torch.Tensor, HU: torch.Tensor, *,
+                        micro_batch="auto", seed=0, chunk_size=None,
+                        memory=None) -> Moments:
+    """D, S (module docstring) and the (k², k²) covariance C of vec(a_i) from one pass
+    over every sample in micro-batches (returned as a `Moments`, with each group's score).
+
+    With the seeded partition of `nets.noise.directional` (G groups of m samples),
+    x̄_g = (H̄_g − H)U the group's mean shift, μ = mean_g x̄_g, a_g = Uᵀx̄_g:
+
+        D = m/(G−1)·Σ_g (x̄_g − μ)ᵀ Q (x̄_g − μ),   S = m/(G−1)·Σ_g (a_g − Uᵀμ)ᵀ(a_g − Uᵀμ),
+        C = m/(G−1)·Σ_g vec(ã_g − ã)vec(ã_g − ã)ᵀ   (ã: a symmetrised),
+
+    unbiased over partitions for the per-sample D and S of the used samples (the same
+    argument as for s_u²: a size-m mean without replacement from G·m samples has
+    covariance c(m, G·m)·S = (G−1)/(G·m)·S). Cost: G·k group products (G ≈ 256 with
+    m = "auto"; on CPU one costs about as much as a per-sample product); memory one
+    chunk × P × k."""
+    from nets.noise.directional import fetch_groups, micro_batch_partition
+    m, idx = micro_batch_partition(op.N, micro_batch, seed)
+    G = idx.shape[0]
+    P, k = U.shape
+    Uo = U.to(op.dtype)
+    HU_lo = HU.to(op.dtype)
+    chunk = (product_chunk(G, P, k, m, op.source.first_sample_numel(),
+                           torch.finfo(op.dtype).bits // 8, memory=memory, device=op.device,
+                           cap=max(1, 4096 // m))
+             if chunk_size is None else as_int("chunk_size", chunk_size, minimum=1))
+    f64 = torch.float64
+    gram = torch.zeros(k, k, dtype=f64, device=U.device)      # Σ x̄ᵀx̄
+    aa = torch.zeros(k, k, dtype=f64, device=U.device)        # Σ aᵀa
+    total = torch.zeros(P, k, dtype=f64, device=U.device)     # Σ x̄
+    vecs, score = [], []                                      # vec(ã_g), (G, k²); ‖x̄_g‖²
+    for s in range(0, G, chunk):
+        Dl = op.group_products(*fetch_groups(op, idx[s:s + chunk]), Uo)
+        Dl -= HU_lo                                                        # (g, P, k)
+        DtD = torch.bmm(Dl.transpose(1, 2), Dl).to(f64)
+        gram += DtD.sum(0)
+        score.append(torch.diagonal(DtD, dim1=1, dim2=2).sum(1).cpu().numpy())
+        a = torch.bmm(Dl.transpose(1, 2), Uo.expand(Dl.shape[0], -1, -1)).to(f64)
+        aa += (a @ a.transpose(1, 2)).sum(0)                               # (Uᵀx̄)ᵀ(Uᵀx̄)
+        vecs.append((0.5 * (a + a.transpose(1, 2))).reshape(a.shape[0], k * k).cpu().numpy())
+        total += Dl.sum(0, dtype=f64)
+        del Dl
+    mu = total / G
+    mu_a = U.T @ mu
+    C_all = gram - G * (mu.T @ mu)
+    C_a = aa - G * (mu_a.T @ mu_a)
+    scale = m / (G - 1)
+    D = (scale * (C_all - C_a)).cpu().numpy()
+    S = (scale * C_a).cpu().numpy()
+    V = np.concatenate(vecs)
+    V = V - V.mean(axis=0)
+    C = scale * (V.T @ V)
+    return Moments(D=0.5 * (D + D.T), S=0.5 * (S + S.T), C=0.5 * (C + C.T), groups=idx,
+                   score=np.concatenate(score))
+
+
+def stratified_rows(moments: Moments, N: int, n: int, seed=0, *,
+                    certain=0.25) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, weight): n sample indices for a sampled population, stratified on the
+    micro-batch scores. Stratum 1: every sample of the highest-scoring groups, up to
+    `certain`·n samples (taken with probability 1, weight 1: the groups that hold the
+    heaviest samples); stratum 2: the rest of the n drawn uniformly without replacement
+    from all other samples (weight (N − n₁)/(n − n₁)). Σ weights = N; every Horvitz–
+    Thompson sum over the rows is unbiased."""
+    rng = np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(17,)))
+    groups = moments.groups
+    per = groups.shape[1]
+    n_groups = int(min(groups.shape[0], max(0, (certain * n) // per)))
+    top = np.argsort(-moments.score, kind="stable")[:n_groups]
+    first = np.sort(groups[top].reshape(-1))
+    rest = np.setdiff1d(np.arange(N), first, assume_unique=False)
+    n2 = n - first.size
+    second = np.sort(rng.choice(rest, size=n2, replace=False)) if n2 > 0 else first[:0]
+    rows = np.concatenate([first, second])
+    weight = np.concatenate([np.ones(first.size), np.full(second.size, rest.size / max(n2, 1))])
+    order = np.argsort(rows, kind="stable")
+    return rows[order], weight[order]
+
+
+def _as_samples(samples, N: int) -> np.ndarray | None:
+    """None, or the sampled population's indices as a sorted int64 array (distinct, in
+    [0, N), at least 2); every index given means the exhaustive pass (None)."""
+    if samples is None:
+        return None
+    rows = np.asarray(samples)
+    if rows.ndim != 1 or rows.size < 2 or not np.issubdtype(rows.dtype, np.integer):
+        raise ValueError("samples must be a 1-d array of at least 2 sample indices")
+    rows = np.sort(rows.astype(np.int64))
+    if rows[0] < 0 or rows[-1] >= N or np.any(np.diff(rows) == 0):
+        raise ValueError(f"samples must be distinct indices in [0, {N})")
+    return None if rows.size == N else rows
+
+
+def population_draws(noise: SubspaceNoise, B: int, n_batches: int, rng) -> np.ndarray:
+    """(n_batches, B) row indices of batches of a sampled population (module docstring):
+    drawn with replacement from the stored rows."""
+    return rng.integers(0, noise.n_rows, size=(n_batches, int(B)))
+
+
+def population_factor(noise: SubspaceNoise, B: int, replacement: bool = False) -> float:
+    """f_B = √(c(B,N)·B·n/(n−1)) for a sampled population (1 when exhaustive); without
+    replacement √((N−B)/N · n/(n−1)). With the rows centred on their mean and drawn with
+    replacement, f_B·a_S has covariance c(B,N)·S, as a batch of the data would."""
+    if noise.samples is None:
+        return 1.0
+    n = noise.n_rows
+    c = batch_noise_factor(int(B), noise.N, replacement=replacement)
+    return math.sqrt(c * int(B) * n / (n - 1))
 
 
 def subspace_noise(model, loss_fn, data, *, k=None, kind="hessian", tol=1e-8, params=None,
@@ -246,12 +461,18 @@ def subspace_batch_top_eigenvalue(noise: SubspaceNoise, batch_sizes, *, n_batche
     rng = as_rng(seed)
     Bs = as_batch_sizes(batch_sizes, noise.N, replacement)
     N, k = noise.N, noise.k
+    sampled = noise.samples is not None
     if indices is not None:
         if method != "resample":
             raise ValueError("indices need method='resample'")
+        if sampled:
+            raise ValueError("indices need the exhaustive pass (this SubspaceNoise holds a "
+                             "sampled population)")
         if len(indices) != len(Bs):
             raise ValueError("indices must hold one (n, B) array per batch size")
-    a_flat = noise.a.reshape(N, k * k)
+    a_flat = noise.a.reshape(noise.n_rows, k * k)
+    if sampled:
+        a_flat = a_flat - a_flat.mean(axis=0)
     lam1 = float(np.linalg.eigvalsh(noise.H_U)[-1])
     if self_consistent is False and not lam1 > 0:
         raise ValueError(f"the top eigenvalue {lam1:.3g} must be positive")
@@ -269,16 +490,20 @@ def subspace_batch_top_eigenvalue(noise: SubspaceNoise, batch_sizes, *, n_batche
             parts = []
             for s in range(0, n_batches, step):
                 nb = min(step, n_batches - s)
-                if replacement:
+                if sampled:
+                    idx = population_draws(noise, B, nb, rng)
+                elif replacement:
                     idx = rng.integers(0, N, size=(nb, B))
                 else:
                     idx = np.argsort(rng.random((nb, N)), axis=1)[:, :B] if B > N // 4 else \
                         np.stack([rng.choice(N, size=B, replace=False) for _ in range(nb)])
                 parts.append(a_flat[idx].mean(axis=1))
             aS = np.concatenate(parts)
+            if sampled:
+                aS = aS * population_factor(noise, B, replacement)
         else:
-            g = rng.standard_normal((n_batches, N))
-            aS = math.sqrt(c / (N - 1)) * (g @ a_flat)
+            g = rng.standard_normal((n_batches, noise.n_rows))
+            aS = math.sqrt(c * noise.ht_scale / (N - 1)) * (g @ a_flat)
         A = noise.H_U[None] + aS.reshape(-1, k, k)
         A = 0.5 * (A + A.transpose(0, 2, 1))
         cD = c * noise.D

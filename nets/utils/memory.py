@@ -21,6 +21,16 @@ chunks are slower per sample: on a 301,066-parameter MLP (1 thread) a chunk of 2
 (0.1 GB of bases) took 9 ms per sample-step, chunks of 16 and 32 took 36 and 59 ms
 (`benchmarks/bench_scale.py`, README "Predictions at scale"). Small models are
 unaffected (their bases are small); an explicit `memory` is used as given.
+
+Per-sample products (`product_chunk`): the same holds for vmapped per-sample (or
+per-group) curvature products on CPU. Each call writes one P-vector per sample and
+vector, and once a call's working set leaves the caches the time per product grows:
+on the same MLP (1 thread, `product_bytes` per sample-product ≈ 7 MB) one product cost
+0.012–0.019 full-data HVPs in calls of 8–32 samples along one vector, but 0.04 in
+calls of 8 samples along 10 vectors and 0.13 in calls of 256 samples along 10 vectors.
+So with the default budget on CPU a call holds at most `CPU_PRODUCT_BYTES` of product
+working set, and `ModelCurvatureOperator.group_products` runs the vectors one after
+the other on CPU (the result, chunk × P × k, must still fit `memory_budget`).
 """
 
 from __future__ import annotations
@@ -31,11 +41,13 @@ import re
 import torch
 
 __all__ = ["memory_budget", "chunk_count", "product_bytes", "lanczos_chunk_budget",
-           "DEFAULT_FRACTION", "CPU_CAP", "CPU_LANCZOS_BYTES"]
+           "product_chunk", "DEFAULT_FRACTION", "CPU_CAP", "CPU_LANCZOS_BYTES",
+           "CPU_PRODUCT_BYTES"]
 
 DEFAULT_FRACTION = 0.25
 CPU_CAP = 4 << 30
 CPU_LANCZOS_BYTES = 128 << 20
+CPU_PRODUCT_BYTES = 64 << 20
 PRODUCT_COPIES = 4
 ACTIVATION_FACTOR = 16
 
@@ -83,9 +95,30 @@ def lanczos_chunk_budget(memory=None, device=None) -> int:
     """The budget for chunks of batched per-sample Lanczos runs: `memory_budget`, capped
     at CPU_LANCZOS_BYTES when memory is None and the device is the CPU (module docstring)."""
     budget = memory_budget(memory, device)
-    if memory is None and torch.device("cpu" if device is None else device).type == "cpu":
+    if memory is None and _is_cpu(device):
         return min(budget, CPU_LANCZOS_BYTES)
     return budget
+
+
+def _is_cpu(device) -> bool:
+    return torch.device("cpu" if device is None else device).type == "cpu"
+
+
+def product_chunk(total: int, P: int, k: int, samples: int, sample_numel: int,
+                  itemsize: int = 4, *, memory=None, device=None, cap: int | None = 4096) -> int:
+    """Groups of `samples` samples per vmapped call of per-group products along k vectors
+    (`ModelCurvatureOperator.group_products`), out of `total` groups.
+
+    The whole chunk (product_bytes(P, k, samples, ...) per group) fits
+    `memory_budget(memory, device)`; with the default budget on CPU, where the vectors
+    run one after the other, one vector's working set per call is also at most
+    CPU_PRODUCT_BYTES (module docstring). At least 1, at most `cap`."""
+    budget = memory_budget(memory, device)
+    n = chunk_count(total, product_bytes(P, k, samples, sample_numel, itemsize), budget, cap)
+    if memory is None and _is_cpu(device):
+        n = min(n, chunk_count(total, product_bytes(P, 1, samples, sample_numel, itemsize),
+                               CPU_PRODUCT_BYTES, cap))
+    return n
 
 
 def product_bytes(P: int, k: int, samples: int, sample_numel: int, itemsize: int = 4) -> int:
