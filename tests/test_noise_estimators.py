@@ -200,10 +200,12 @@ def test_product_chunk_caps_only_the_default_cpu_budget():
     assert product_chunk(3, 10, 1, 1, 4) == 3                      # never more than the total
 
 
-def test_auto_micro_batch_rule_and_its_use_in_the_prediction(tiny_mlp):
+def test_auto_micro_batch_rule_and_its_use_in_the_prediction(tiny_mlp, monkeypatch):
     from nets.noise.batch_spectra import predict_batch_top_eigenvalue
     from nets.noise.directional import auto_micro_batch, resolve_micro_batch
     assert [auto_micro_batch(n) for n in (10, 511, 512, 1797, 5000)] == [1, 1, 2, 7, 19]
+    # small per-sample passes stay exact: N·P ≤ 2²⁷
+    assert auto_micro_batch(1797, 3000) == 1 and auto_micro_batch(1797, 301_066) == 7
     assert resolve_micro_batch(3, 100) == 3 and resolve_micro_batch("auto", 1797) == 7
     with pytest.raises(ValueError, match="auto"):
         resolve_micro_batch("many", 100)
@@ -211,6 +213,10 @@ def test_auto_micro_batch_rule_and_its_use_in_the_prediction(tiny_mlp):
         resolve_micro_batch(0, 100)
     model, X, y = tiny_mlp(seed=4, N=1100)
     op = hessian_operator(model, CE, (X, y))
+    small = predict_batch_top_eigenvalue(model, CE, (X, y), [8, 64], seed=3)
+    assert small.micro_batch == 1                         # N·P = 1100·57: per-sample
+    import nets.noise.directional as dmod
+    monkeypatch.setattr(dmod, "AUTO_PER_SAMPLE_NUMBERS", 1000)   # as if the model were large
     pred = predict_batch_top_eigenvalue(model, CE, (X, y), [8, 64], seed=3)
     from nets.algorithms.lanczos import eigsh
     u = eigsh(op, k=1, which="LA", tol=1e-8, seed=3).vectors[:, 0]

@@ -459,7 +459,7 @@ def lr_table(model, loss_fn, data, batch_sizes, *, optimizer="sgd", momentum=Non
         samples used for tr(HΣ) (None: all); mccandlish=False skips tr(HΣ) and ḡᵀHḡ
         (B_noise, eps_max, greedy_optimal NaN). tol : Lanczos relative residual.
     micro_batch : group size of the noise passes for s_u² and Pσ², an int m ≥ 1 or "auto"
-        (m = max(1, ⌊N/256⌋); `nets.noise.directional`).
+        (per-sample while N·P ≤ 2²⁷, else m = ⌊N/256⌋; `nets.noise.directional`).
     params, policy, chunk_size, device, dtype : as `nets.curvature.operators.hessian_operator`
         (dtype None: the model's). seed : int or numpy Generator. progress : forwarded
         to every long inner call (True/False/None).

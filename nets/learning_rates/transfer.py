@@ -144,7 +144,7 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
         "resolved", "subspace", "isotropic"). One curvature/noise pass at the model's
         current parameters (kind, num_probes, n_batches_mc, micro_batch, params, policy,
         chunk_size, device, dtype, seed, progress as there; micro_batch="auto" groups the
-        noise pass into about 256 micro-batches, `nets.noise.directional`).
+        noise pass into about 256 micro-batches once N·P > 2²⁷, `nets.noise.directional`).
     Returns an `LRTransfer` with .lr (numpy, aligned with `batch_sizes`) and the λ'(B),
     B* and standard errors it came from.
     """

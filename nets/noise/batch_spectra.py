@@ -413,7 +413,8 @@ def predict_batch_top_eigenvalue(model, loss_fn, data, batch_sizes, *, form="dir
                       per-sample pass of k products; λ and u are then the first pair;
         resolved    — as subspace, plus per-sample Lanczos spikes (`nets.noise.resolved_noise`;
                       its defaults: on a sampled population of 512 rows once N > 512).
-    micro_batch : m ≥ 1 or "auto" (default: m = max(1, ⌊N/256⌋), about 256 groups), as in
+    micro_batch : m ≥ 1 or "auto" (default: per-sample while N·P ≤ 2²⁷, else about 256
+        groups of m = ⌊N/256⌋), as in
         `nets.noise.directional` (directional/isotropic only; subspace and resolved need
         per-sample projections and always use m = 1, so only an explicit m > 1 is refused).
     n_batches_mc : Monte-Carlo batches per B of the subspace and resolved forms (an int, or

@@ -24,13 +24,15 @@ without replacement from the G·m used samples has variance c(m, G·m)·S² =
 With m = 1 it is the per-sample formula (all N samples, no randomness).
 
 `micro_batch="auto"` (the default of the λ'(B) predictions, not of the measurement
-functions here) picks m = max(1, ⌊N/256⌋), i.e. about 256 groups. Why: a vmapped
-per-group product writes one P-vector per group whatever m is, so on a dense network it
-costs about as much as a per-sample one (301k-parameter MLP, N = 1797: a group of 8 cost
-1.26× one sample, one sample 1/17 of a full-data product). The pass then costs ≈ 256
-group products however large N is, instead of N per-sample products, for the same
-(unbiased) s_u²; the price is the extra partition variance, which the standard error
-carries.
+functions here) keeps the exact per-sample pass (m = 1) while it writes at most
+AUTO_PER_SAMPLE_NUMBERS = 2²⁷ numbers (N·P: the digits networks, whose pass costs about
+one full-data product), and otherwise picks m = max(1, ⌊N/256⌋), about 256 groups. Why:
+a vmapped per-group product writes one P-vector per group whatever m is, so on a large
+network it costs about as much as a per-sample one (301k-parameter MLP, N = 1797: one
+per-sample product ≈ 0.01–0.04 of a full-data product, a group of 8 about the same).
+The pass then costs ≈ 256 group products however large N is, for the same (unbiased)
+s_u²; the price is the partition's extra variance, which the standard error carries
+(+0.3 % against the exhaustive s_u² on that MLP).
 
 Isotropic noise. docs/theory.md §2 models ε with i.i.d. entries of variance c(B,N)·σ²; its
 directional variance is then s_v² = Pσ² for *every* unit v. On a real network the
@@ -72,8 +74,8 @@ from rmt.validation import as_float, as_int, as_seed
 
 __all__ = ["NoiseEstimate", "directional_noise", "isotropic_noise",
            "directional_noise_from_operator", "isotropic_noise_from_operator",
-           "DEFAULT_REL_ERROR", "DEFAULT_MIN_SAMPLES", "AUTO_GROUPS", "auto_micro_batch",
-           "resolve_micro_batch"]
+           "DEFAULT_REL_ERROR", "DEFAULT_MIN_SAMPLES", "AUTO_GROUPS", "AUTO_PER_SAMPLE_NUMBERS",
+           "auto_micro_batch", "resolve_micro_batch"]
 
 #: relative standard error the sampled estimate stops at (module docstring)
 DEFAULT_REL_ERROR = 0.05
@@ -81,19 +83,24 @@ DEFAULT_REL_ERROR = 0.05
 DEFAULT_MIN_SAMPLES = 256
 #: about this many micro-batch groups with micro_batch="auto" (module docstring)
 AUTO_GROUPS = 256
+#: micro_batch="auto" keeps the per-sample pass while N·P is at most this (module docstring)
+AUTO_PER_SAMPLE_NUMBERS = 1 << 27
 
 
-def auto_micro_batch(N: int) -> int:
-    """m for micro_batch="auto": max(1, ⌊N / AUTO_GROUPS⌋) (module docstring)."""
+def auto_micro_batch(N: int, P: int | None = None) -> int:
+    """m for micro_batch="auto" (module docstring): 1 when N·P ≤ AUTO_PER_SAMPLE_NUMBERS,
+    else max(1, ⌊N / AUTO_GROUPS⌋) (P None: the latter)."""
+    if P is not None and int(N) * int(P) <= AUTO_PER_SAMPLE_NUMBERS:
+        return 1
     return max(1, int(N) // AUTO_GROUPS)
 
 
-def resolve_micro_batch(micro_batch, N: int) -> int:
-    """An int m ≥ 1 from `micro_batch` (an int or "auto") for N samples."""
+def resolve_micro_batch(micro_batch, N: int, P: int | None = None) -> int:
+    """An int m ≥ 1 from `micro_batch` (an int or "auto") for N samples of P parameters."""
     if isinstance(micro_batch, str):
         if micro_batch != "auto":
             raise ValueError(f'micro_batch must be an int >= 1 or "auto", got {micro_batch!r}')
-        return auto_micro_batch(N)
+        return auto_micro_batch(N, P)
     return as_int("micro_batch", micro_batch, minimum=1)
 
 
@@ -136,10 +143,11 @@ def _groups(N: int, m: int, seed) -> np.ndarray:
     return np.random.default_rng(seed).permutation(N)[: G * m].reshape(G, m)
 
 
-def micro_batch_partition(N: int, micro_batch, seed) -> tuple[int, np.ndarray]:
+def micro_batch_partition(N: int, micro_batch, seed, P: int | None = None
+                          ) -> tuple[int, np.ndarray]:
     """(m, idx): the group size for `micro_batch` (an int or "auto") and the (G, m) sample
     indices of the seeded partition (module docstring)."""
-    m = resolve_micro_batch(micro_batch, N)
+    m = resolve_micro_batch(micro_batch, N, P)
     return m, _groups(N, m, seed)
 
 
@@ -191,7 +199,7 @@ def _noise_columns(op: ModelCurvatureOperator, U: torch.Tensor, micro_batch: int
     (criterion "each": for every column; "mean": for the mean over the columns) or
     max_samples samples or all groups are used."""
     N = op.N
-    m, idx = micro_batch_partition(N, micro_batch, seed)
+    m, idx = micro_batch_partition(N, micro_batch, seed, op.P)
     G = idx.shape[0]
     P, k = U.shape
     U = U.to(op.dtype)
@@ -310,7 +318,7 @@ def directional_noise_from_operator(op: ModelCurvatureOperator, u, *, micro_batc
     rel_error, max_samples, min_samples = _check_sampling(rel_error, max_samples, min_samples,
                                                           exact)
     u = _as_direction(u, op.P, op.device)
-    micro_batch = resolve_micro_batch(micro_batch, op.N)
+    micro_batch = resolve_micro_batch(micro_batch, op.N, op.P)
     r = _noise_columns(op, u[:, None], micro_batch, seed, chunk_size, progress,
                        rel_error=rel_error, max_samples=max_samples, min_samples=min_samples,
                        exact=exact, memory=memory)
@@ -333,7 +341,7 @@ def isotropic_noise_from_operator(op: ModelCurvatureOperator, *, num_probes=10, 
     and, when the groups were subsampled, the sampling error of the probe mean."""
     check_noise_operator(op)
     k = as_int("num_probes", num_probes, minimum=1)
-    micro_batch = resolve_micro_batch(micro_batch, op.N)
+    micro_batch = resolve_micro_batch(micro_batch, op.N, op.P)
     seed = as_seed("seed", seed)
     rel_error, max_samples, min_samples = _check_sampling(rel_error, max_samples, min_samples,
                                                           exact)
@@ -363,7 +371,7 @@ def directional_noise(model, loss_fn, data, u, *, micro_batch=1, kind="hessian",
 
     u : direction (P,) in the flat parameter space of `params` (normalised here);
     micro_batch : m ≥ 1 (per-micro-batch products rescaled by m; unbiased) or "auto"
-    (m = max(1, ⌊N/256⌋), module docstring);
+    (per-sample while N·P ≤ 2²⁷, else m = max(1, ⌊N/256⌋); module docstring);
     kind : "hessian" or "ggn"; chunk_size : groups per vmapped chunk (memory; None: from
     `memory`, a budget in bytes or None for a share of the free memory).
     rel_error, max_samples : the sampled estimate stops at this relative standard error
