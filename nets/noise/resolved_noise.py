@@ -61,7 +61,8 @@ cross terms v_iᵀHv_j use the Nyström approximation on span(U),
 Memory O(P·(k + max_candidates)). `exact=True` keeps every sample and candidate and
 computes the cross terms with one full-data product per candidate (the exhaustive form).
 
-Sampled population (default once N > `max_samples` = 512). Even subsampled candidates
+Sampled population (default once N > 512 and N·P > 2²⁷, as for `micro_batch="auto"` in
+`nets.noise.directional`; the digits networks keep every sample). Even subsampled candidates
 need γ_i of every sample, i.e. a per-sample Lanczos run (`steps` per-sample products)
 for all N: on a 301k-parameter MLP one per-sample product costs 0.03–0.1 of a full-data
 product (it reads and writes P numbers for a single sample), so that alone was ~2,000
@@ -340,7 +341,7 @@ EXACT_CROSS_MAX = 32
 
 def resolved_noise_from_operator(op: ModelCurvatureOperator, U, *, min_batch, steps=None, seed=0,
                                  chunk_size=None, max_candidates=DEFAULT_MAX_CANDIDATES,
-                                 max_samples=DEFAULT_MAX_SAMPLES, cross="auto", exact=False,
+                                 max_samples="auto", cross="auto", exact=False,
                                  memory=None) -> ResolvedNoise:
     """Per-sample spikes and subspace statistics for `resolved_batch_top_eigenvalue`.
 
@@ -351,15 +352,17 @@ def resolved_noise_from_operator(op: ModelCurvatureOperator, U, *, min_batch, st
     Scale options (module docstring, "At scale"):
     max_candidates : keep at most this many candidate spike vectors (priority sampling
         on γ_i; None: all); memory P × max_candidates.
-    max_samples : the per-sample passes (projections and spikes) run on a uniformly random
-        subset of this many samples when N is larger (the sampled population, module
-        docstring; None: every sample).
+    max_samples : the per-sample passes (projections and spikes) run on a sampled
+        population of this many samples when N is larger (module docstring; None: every
+        sample; "auto" (default): DEFAULT_MAX_SAMPLES = 512 once the per-sample passes
+        would write more than 2²⁷ numbers (N·P), every sample below that).
     cross : "nystrom": v_iᵀHv_j ≈ (UᵀHv_i)ᵀ(UᵀHU)⁺(UᵀHv_j), no product per
         candidate; "exact": one full-data product per kept candidate; "auto" (default):
         exact when at most EXACT_CROSS_MAX candidates are kept, else nystrom.
     exact=True : every sample, every candidate and exact cross terms (the exhaustive form).
     memory : budget in bytes for every batched product (`nets.utils.memory`).
     """
+    check_noise_operator(op)
     min_batch = as_int("min_batch", min_batch, minimum=1)
     if not isinstance(exact, bool):
         raise TypeError(f"exact must be a bool, got {exact!r}")
@@ -367,11 +370,16 @@ def resolved_noise_from_operator(op: ModelCurvatureOperator, U, *, min_batch, st
         raise ValueError(f"cross must be 'auto', 'nystrom' or 'exact', got {cross!r}")
     if max_candidates is not None:
         max_candidates = as_int("max_candidates", max_candidates, minimum=1)
+    if isinstance(max_samples, str):
+        if max_samples != "auto":
+            raise ValueError(f'max_samples must be an int, None or "auto", got {max_samples!r}')
+        from nets.noise.directional import AUTO_PER_SAMPLE_NUMBERS
+        max_samples = (DEFAULT_MAX_SAMPLES if op.N * op.P > AUTO_PER_SAMPLE_NUMBERS
+                       else None)
     if max_samples is not None:
         max_samples = as_int("max_samples", max_samples, minimum=2)
     if exact:
         max_candidates, max_samples, cross = None, None, "exact"
-    check_noise_operator(op)
     rows = row_weight = moments = HU = None
     if max_samples is not None and op.N > max_samples:
         Uo = _orthonormal(U, op.P, op.device)
