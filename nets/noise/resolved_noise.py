@@ -186,7 +186,7 @@ def per_sample_top_eigenpairs(op: ModelCurvatureOperator, *, steps=None, seed=0,
     kept with probability π_i = min(1, γ_i/τ), and Σ_kept f_i/π_i is an unbiased
     estimate of Σ_candidates f_i for any per-sample f (the weights 1/π_i are returned).
     The samples with the largest spikes are always kept. Streaming: the pool never holds
-    more than max_keep + one chunk of vectors.
+    more than 2·(max_keep + 1) + one chunk of vectors.
     chunk_size : samples per vmapped chunk (None: from the memory budget `memory`,
     `nets.utils.memory.lanczos_chunk_budget` — on CPU at most CPU_LANCZOS_BYTES by
     default — with the float64 Lanczos bases (steps + 2)·P·8 bytes per sample).
@@ -265,7 +265,9 @@ def per_sample_top_eigenpairs(op: ModelCurvatureOperator, *, steps=None, seed=0,
         if bool(keep.any()):
             kept_idx.append(np.arange(s, s + g)[keep.numpy()])
             kept_vecs.append(vec[keep.to(vec.device)])
-            if max_keep is not None:
+            # pruned once the pool doubles (amortised: pruning copies the whole pool, and
+            # per-sample chunks of one sample made that a copy of max_keep vectors each)
+            if max_keep is not None and sum(map(len, kept_idx)) > 2 * (max_keep + 1):
                 kept_idx, kept_vecs = _prune_pool(kept_idx, kept_vecs,
                                                   np.concatenate(prio_all), max_keep + 1)
     gamma = torch.cat(gammas).numpy()
