@@ -411,9 +411,8 @@ def predict_batch_top_eigenvalue(model, loss_fn, data, batch_sizes, *, form="dir
         subspace    — the top-k eigenpairs (k = `subspace_dim`; None: the number of model
                       outputs, `nets.noise.subspace_noise.default_subspace_dim`) and one
                       per-sample pass of k products; λ and u are then the first pair;
-        resolved    — as subspace, plus per-sample Lanczos spikes (`nets.noise.resolved_noise`;
-                      its defaults: on a sampled population of 512 rows once N > 512
-                      and N·P > 2²⁷).
+        resolved    — as subspace, plus per-sample Lanczos spikes (`nets.noise.resolved_noise`,
+                      its defaults: every sample, at most 256 candidate spike vectors).
     micro_batch : m ≥ 1 or "auto" (default: per-sample while N·P ≤ 2²⁷, else about 256
         groups of m = ⌊N/256⌋), as in
         `nets.noise.directional` (directional/isotropic only; subspace and resolved need
