@@ -46,9 +46,11 @@ n = 120 put D at 1.6–1.8× its exhaustive value), and a pass in ≈ 256 groups
 every sample at the cost of ≈ 256 group products per direction. The same pass scores each
 group, and `stratified_rows` takes the highest-scoring groups whole (weight 1) and the
 rest of the rows uniformly (`row_weight`: how many samples each row stands for).
-A batch of B of the N samples is emulated by B rows drawn with replacement from the n
-stored ones, centred on their mean, and scaled by f_B = √((N−B)/N · n/(n−1)), so that the
-covariance of a_S is c(B,N)·S as for a batch drawn without replacement from the data.
+For a sampled population `subspace_batch_top_eigenvalue` draws a_S, whatever `method`,
+from the Gaussian with covariance c(B,N)·C, C the data's covariance of vec(a_i) (`a_cov`,
+from the micro-batch pass, or the rows' own): rows drawn again would add a heavy row
+coherently, which a batch of distinct samples never does (301k-parameter MLP, N = 5000,
+512 uniform rows resampled: λ'(8) = 32.5 against 9.75 for the exhaustive form).
 Evaluating on given batches (`indices`) needs the exhaustive pass.
 
 Limits (tested). k = P: Q = 0, D = 0 and Λ_k + a_S = Uᵀ H_S U, so z_S is exactly the top
@@ -82,8 +84,8 @@ from rmt.sampling import batch_noise_factor
 from rmt.validation import as_batch_sizes, as_int, as_rng
 
 __all__ = ["SubspaceNoise", "subspace_noise_from_operator", "subspace_noise",
-           "subspace_batch_top_eigenvalue", "default_subspace_dim", "population_draws",
-           "population_factor", "micro_batch_moments", "Moments", "stratified_rows"]
+           "subspace_batch_top_eigenvalue", "default_subspace_dim", "micro_batch_moments",
+           "Moments", "stratified_rows"]
 
 
 @result
@@ -380,23 +382,6 @@ def _as_samples(samples, N: int) -> np.ndarray | None:
     return None if rows.size == N else rows
 
 
-def population_draws(noise: SubspaceNoise, B: int, n_batches: int, rng) -> np.ndarray:
-    """(n_batches, B) row indices of batches of a sampled population (module docstring):
-    drawn with replacement from the stored rows."""
-    return rng.integers(0, noise.n_rows, size=(n_batches, int(B)))
-
-
-def population_factor(noise: SubspaceNoise, B: int, replacement: bool = False) -> float:
-    """f_B = √(c(B,N)·B·n/(n−1)) for a sampled population (1 when exhaustive); without
-    replacement √((N−B)/N · n/(n−1)). With the rows centred on their mean and drawn with
-    replacement, f_B·a_S has covariance c(B,N)·S, as a batch of the data would."""
-    if noise.samples is None:
-        return 1.0
-    n = noise.n_rows
-    c = batch_noise_factor(int(B), noise.N, replacement=replacement)
-    return math.sqrt(c * int(B) * n / (n - 1))
-
-
 def subspace_noise(model, loss_fn, data, *, k=None, kind="hessian", tol=1e-8, params=None,
                    policy=None, chunk_size=None, device=None, dtype=None, seed=0,
                    progress=None) -> SubspaceNoise:
@@ -472,7 +457,13 @@ def subspace_batch_top_eigenvalue(noise: SubspaceNoise, batch_sizes, *, n_batche
             raise ValueError("indices must hold one (n, B) array per batch size")
     a_flat = noise.a.reshape(noise.n_rows, k * k)
     if sampled:
-        a_flat = a_flat - a_flat.mean(axis=0)
+        # the data's covariance of vec(a_i) (every sample, micro-batches) or the rows' own
+        C = noise.a_cov
+        if C is None:
+            dev = a_flat - a_flat.mean(axis=0)
+            C = dev.T @ dev / (noise.n_rows - 1)
+        w, E = np.linalg.eigh(0.5 * (C + C.T))
+        L = E * np.sqrt(np.clip(w, 0.0, None))                 # C = L Lᵀ (PSD part)
     lam1 = float(np.linalg.eigvalsh(noise.H_U)[-1])
     if self_consistent is False and not lam1 > 0:
         raise ValueError(f"the top eigenvalue {lam1:.3g} must be positive")
@@ -485,25 +476,23 @@ def subspace_batch_top_eigenvalue(noise: SubspaceNoise, batch_sizes, *, n_batche
             if idx.ndim != 2 or idx.shape[1] != B:
                 raise ValueError(f"indices[{j}] must have shape (n, {B})")
             aS = a_flat[idx].mean(axis=1)
+        elif sampled:
+            aS = math.sqrt(c) * (rng.standard_normal((n_batches, k * k)) @ L.T)
         elif method == "resample":
             step = max(1, (1 << 22) // max(B * k * k, 1))
             parts = []
             for s in range(0, n_batches, step):
                 nb = min(step, n_batches - s)
-                if sampled:
-                    idx = population_draws(noise, B, nb, rng)
-                elif replacement:
+                if replacement:
                     idx = rng.integers(0, N, size=(nb, B))
                 else:
                     idx = np.argsort(rng.random((nb, N)), axis=1)[:, :B] if B > N // 4 else \
                         np.stack([rng.choice(N, size=B, replace=False) for _ in range(nb)])
                 parts.append(a_flat[idx].mean(axis=1))
             aS = np.concatenate(parts)
-            if sampled:
-                aS = aS * population_factor(noise, B, replacement)
         else:
-            g = rng.standard_normal((n_batches, noise.n_rows))
-            aS = math.sqrt(c * noise.ht_scale / (N - 1)) * (g @ a_flat)
+            g = rng.standard_normal((n_batches, N))
+            aS = math.sqrt(c / (N - 1)) * (g @ a_flat)
         A = noise.H_U[None] + aS.reshape(-1, k, k)
         A = 0.5 * (A + A.transpose(0, 2, 1))
         cD = c * noise.D
