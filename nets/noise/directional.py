@@ -75,7 +75,8 @@ from rmt.validation import as_float, as_int, as_seed
 __all__ = ["NoiseEstimate", "directional_noise", "isotropic_noise",
            "directional_noise_from_operator", "isotropic_noise_from_operator",
            "DEFAULT_REL_ERROR", "DEFAULT_MIN_SAMPLES", "AUTO_GROUPS", "AUTO_PER_SAMPLE_NUMBERS",
-           "auto_micro_batch", "resolve_micro_batch"]
+           "auto_micro_batch", "resolve_micro_batch", "large_per_sample_pass", "group_chunk",
+           "fetch_groups", "micro_batch_partition"]
 
 #: relative standard error the sampled estimate stops at (module docstring)
 DEFAULT_REL_ERROR = 0.05
@@ -87,10 +88,17 @@ AUTO_GROUPS = 256
 AUTO_PER_SAMPLE_NUMBERS = 1 << 27
 
 
+def large_per_sample_pass(N: int, P: int) -> bool:
+    """Whether a per-sample pass over N samples of P parameters writes more than
+    AUTO_PER_SAMPLE_NUMBERS numbers: the one rule behind micro_batch="auto" here and
+    max_samples="auto" in `nets.noise.resolved_noise` (module docstring)."""
+    return int(N) * int(P) > AUTO_PER_SAMPLE_NUMBERS
+
+
 def auto_micro_batch(N: int, P: int | None = None) -> int:
-    """m for micro_batch="auto" (module docstring): 1 when N·P ≤ AUTO_PER_SAMPLE_NUMBERS,
-    else max(1, ⌊N / AUTO_GROUPS⌋) (P None: the latter)."""
-    if P is not None and int(N) * int(P) <= AUTO_PER_SAMPLE_NUMBERS:
+    """m for micro_batch="auto" (module docstring): 1 when the per-sample pass is small
+    (`large_per_sample_pass`), else max(1, ⌊N / AUTO_GROUPS⌋) (P None: the latter)."""
+    if P is not None and not large_per_sample_pass(N, P):
         return 1
     return max(1, int(N) // AUTO_GROUPS)
 
@@ -151,6 +159,18 @@ def micro_batch_partition(N: int, micro_batch, seed, P: int | None = None
     return m, _groups(N, m, seed)
 
 
+def group_chunk(op: ModelCurvatureOperator, total: int, k: int, m: int = 1, *,
+                chunk_size=None, memory=None, cap: int | None = 4096) -> int:
+    """Groups of m samples per vmapped call of `op.group_products` along k vectors:
+    `chunk_size` if given, else `nets.utils.memory.product_chunk` for op's parameters,
+    sample size, dtype and device."""
+    if chunk_size is not None:
+        return as_int("chunk_size", chunk_size, minimum=1)
+    return product_chunk(total, op.P, k, m, op.source.first_sample_numel(),
+                         torch.finfo(op.dtype).bits // 8, memory=memory, device=op.device,
+                         cap=cap)
+
+
 def fetch_groups(op: ModelCurvatureOperator, rows: np.ndarray):
     """Inputs and targets of the groups `rows` (g, m) as (g, m, ...) tensors on op's device."""
     X, Y = op.source.take(rows.reshape(-1), device=op.device, dtype=op.dtype)
@@ -203,12 +223,8 @@ def _noise_columns(op: ModelCurvatureOperator, U: torch.Tensor, micro_batch: int
     G = idx.shape[0]
     P, k = U.shape
     U = U.to(op.dtype)
-    if chunk_size is None:
-        chunk = product_chunk(G, P, k, m, op.source.first_sample_numel(),
-                              torch.finfo(op.dtype).bits // 8, memory=memory, device=op.device,
-                              cap=max(1, 4096 // m))
-    else:
-        chunk = as_int("chunk_size", chunk_size, minimum=1)
+    chunk = group_chunk(op, G, k, m, chunk_size=chunk_size, memory=memory,
+                        cap=max(1, 4096 // m))
     # shift = C̄ U on the used samples: exact, so every term is unbiased on its own
     used = op.subset(idx.reshape(-1)) if G * m < N else op
     shift = used.matmat(U).to(torch.float64)

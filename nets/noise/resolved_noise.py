@@ -62,8 +62,8 @@ Memory O(P·(k + max_candidates)). `exact=True` keeps every sample and candidate
 computes the cross terms with one full-data product per candidate (the exhaustive form).
 
 Sampled population (opt-in: `max_samples=n`, or "auto" for n = 512 once N·P > 2²⁷ as
-for `micro_batch="auto"` in `nets.noise.directional`; the default keeps every sample). Even subsampled candidates
-need γ_i of every sample, i.e. a per-sample Lanczos run (`steps` per-sample products)
+for `micro_batch="auto"` in `nets.noise.directional`; the default keeps every sample).
+Even subsampled candidates need γ_i of every sample, i.e. a per-sample Lanczos run (`steps` per-sample products)
 for all N: on a 301k-parameter MLP one per-sample product costs 0.03–0.1 of a full-data
 product (it reads and writes P numbers for a single sample), so that alone was ~2,000
 full-data products at N = 1797. Instead:
@@ -106,15 +106,16 @@ import torch
 from torch.func import vmap
 
 from nets.curvature.operators import ModelCurvatureOperator
-from nets.noise.directional import check_noise_operator
+from nets.noise.directional import check_noise_operator, group_chunk, large_per_sample_pass
 from nets.noise.subspace_noise import (
     SubspaceNoise,
     _orthonormal,
+    _psd_factor,
     micro_batch_moments,
     stratified_rows,
     subspace_pass,
 )
-from nets.utils.memory import chunk_count, lanczos_chunk_budget, product_bytes, product_chunk
+from nets.utils.memory import chunk_count, lanczos_chunk_budget, product_bytes
 from nets.utils.results import Result, result
 from nets.utils.seeding import torch_generator
 from rmt.sampling import batch_noise_factor
@@ -312,7 +313,8 @@ class ResolvedNoise(Result):
     inclusion probabilities of the kept candidates (all 1 when every sample and candidate
     is kept; N/n × 1/π_i for a sampled population); proxy : (rows,) for every candidate
     the position (in index) of the kept sample whose spike direction stands for it (itself
-    when kept; the kept candidate of nearest log γ otherwise), −1 for non-candidates; n_candidates; cross : "exact" or
+    when kept; the kept candidate of nearest log γ otherwise), −1 for non-candidates;
+    n_candidates; cross : "exact" or
     "nystrom" (how VHV was obtained); full_products : cost in full-data products."""
 
     subspace: SubspaceNoise
@@ -378,9 +380,7 @@ def resolved_noise_from_operator(op: ModelCurvatureOperator, U, *, min_batch, st
     if isinstance(max_samples, str):
         if max_samples != "auto":
             raise ValueError(f'max_samples must be an int, None or "auto", got {max_samples!r}')
-        from nets.noise.directional import AUTO_PER_SAMPLE_NUMBERS
-        max_samples = (DEFAULT_MAX_SAMPLES if op.N * op.P > AUTO_PER_SAMPLE_NUMBERS
-                       else None)
+        max_samples = DEFAULT_MAX_SAMPLES if large_per_sample_pass(op.N, op.P) else None
     if max_samples is not None:
         max_samples = as_int("max_samples", max_samples, minimum=2)
     if exact:
@@ -453,10 +453,8 @@ def _own_products(op, V, index, Uo, chunk_size, memory) -> np.ndarray:
     """Uᵀ C_i v_i for each kept sample i (its own per-sample product), (m, k), in chunks
     sized to the memory budget; the P-vectors C_i v_i are reduced at once."""
     prod = _per_sample_product(op)
-    m, P = V.shape[1], op.P
-    step = (product_chunk(m, P, 1, 1, op.source.first_sample_numel(),
-                          torch.finfo(op.dtype).bits // 8, memory=memory, device=op.device)
-            if chunk_size is None else as_int("chunk_size", chunk_size, minimum=1))
+    m = V.shape[1]
+    step = group_chunk(op, m, 1, chunk_size=chunk_size, memory=memory)
     out = []
     for s in range(0, m, step):
         Xs, Ys = op.source.take(index[s:s + step], device=op.device, dtype=op.dtype)
@@ -540,8 +538,8 @@ def _population_fluctuation(sub, resolved, idx_all, counts, B, replacement, rng)
     C the covariance of vec(a_i) over every sample (`SubspaceNoise.a_cov`, from the
     micro-batch pass; the rows' own covariance when absent) and the sums over resolved
     samples Horvitz–Thompson estimates from the resolved rows (× the samples each row
-    stands for); Σ_u is clipped to be positive semi-definite. A Gaussian rather than rows drawn again: a row drawn twice
-    would add its heavy-tailed a_i coherently, which a batch of distinct samples never
+    stands for); Σ_u is clipped to be positive semi-definite. A Gaussian rather than rows
+    drawn again: a row drawn twice would add its heavy-tailed a_i coherently, which a batch of distinct samples never
     does, and the unresolved part is a sum of many moderate terms."""
     N, n, k = sub.N, sub.n_rows, sub.k
     flat = sub.a.reshape(n, k * k)
@@ -549,18 +547,10 @@ def _population_fluctuation(sub, resolved, idx_all, counts, B, replacement, rng)
     res_rows = flat[resolved]
     n_res = min(N - 1, float(w_res.sum()))
     N_u = N - n_res
-    if sub.a_cov is not None:
-        C = sub.a_cov
-    else:
-        dev = flat - flat.mean(axis=0)
-        C = dev.T @ dev / max(n - 1, 1)
-    sum_res = w_res @ res_rows
-    mu_u = -sum_res / N_u
-    cov_u = ((N - 1) * C - (res_rows * w_res[:, None]).T @ res_rows
-             - N_u * np.outer(mu_u, mu_u))
-    cov_u = cov_u / max(N_u - 1, 1.0)
-    w, E = np.linalg.eigh(0.5 * (cov_u + cov_u.T))
-    L = E * np.sqrt(np.clip(w, 0.0, None))                    # cov_u = L Lᵀ (PSD part)
+    mu_u = -(w_res @ res_rows) / N_u
+    cov_u = ((N - 1) * sub.a_covariance() - (res_rows * w_res[:, None]).T @ res_rows
+             - N_u * np.outer(mu_u, mu_u)) / max(N_u - 1, 1.0)
+    L = _psd_factor(cov_u)                                    # N(0, cov_u) as g @ Lᵀ
     out = np.zeros((idx_all.shape[0], k * k))
     for b in np.flatnonzero(counts):                          # resolved rows, as they are
         row = idx_all[b]
@@ -621,7 +611,6 @@ def resolved_batch_top_eigenvalue(rn: ResolvedNoise, batch_sizes, *, n_batches=2
     else:
         pos = np.full(n_rows, -1, dtype=np.int64)
         pos[rn.index] = np.arange(rn.index.size)
-    a_rows = sub.a
     lam1 = rn.lam1
     means, ses, values, nres, cs = [], [], [], [], []
     for j, B in enumerate(Bs):
@@ -646,7 +635,7 @@ def resolved_batch_top_eigenvalue(rn: ResolvedNoise, batch_sizes, *, n_batches=2
             aS = _population_fluctuation(sub, resolved, idx_all, counts, B, replacement, rng)
         else:
             step = max(1, (1 << 22) // max(B * k * k, 1))     # ≤ 32 MB of gathered a_i
-            aS = np.concatenate([a_rows[idx_all[s:s + step]].mean(axis=1)
+            aS = np.concatenate([sub.a[idx_all[s:s + step]].mean(axis=1)
                                  for s in range(0, len(idx_all), step)])   # (n, k, k)
         z = np.empty(len(idx_all))
         plain = counts == 0                                    # no resolved sample: k×k

@@ -75,9 +75,13 @@ import torch
 
 from nets.algorithms.lanczos import eigsh
 from nets.curvature.operators import ModelCurvatureOperator, curvature_operator
-from nets.noise.directional import check_noise_operator
+from nets.noise.directional import (
+    check_noise_operator,
+    fetch_groups,
+    group_chunk,
+    micro_batch_partition,
+)
 from nets.utils.data_source import as_data_source
-from nets.utils.memory import product_chunk
 from nets.utils.progress import progress_bar
 from nets.utils.results import Result, result
 from rmt.sampling import batch_noise_factor
@@ -128,6 +132,15 @@ class SubspaceNoise(Result):
         """N/n: the Horvitz–Thompson factor of sums over the stored rows (1 when exhaustive)."""
         return self.N / self.n_rows
 
+    def a_covariance(self) -> np.ndarray:
+        """(k², k²) covariance of vec(a_i): `a_cov` (every sample, micro-batches) when
+        computed, else the stored rows' own (ddof 1)."""
+        if self.a_cov is not None:
+            return self.a_cov
+        flat = self.a.reshape(self.n_rows, self.k * self.k)
+        dev = flat - flat.mean(axis=0)
+        return dev.T @ dev / max(self.n_rows - 1, 1)
+
     @property
     def weights(self) -> np.ndarray:
         """(rows,) how many samples of the data each stored row stands for (all 1 when
@@ -144,11 +157,19 @@ class SubspaceNoise(Result):
         if k > self.k:
             raise ValueError(f"k must be <= {self.k}, got {k}")
         a = self.a[:, :k, :k]
-        S = self.ht_scale * np.einsum("nij,njl->il", a, a) / (self.N - 1)
+        a_cov = None
+        if self.a_cov is not None:       # S from the same source as self.S: the moments
+            K = self.k
+            C4 = self.a_cov.reshape(K, K, K, K)[:k, :k, :k, :k]
+            a_cov = C4.reshape(k * k, k * k).copy()
+            S = np.einsum("jmlm->jl", C4)
+        else:
+            S = np.einsum("n,nij,njl->il", self.weights, a, a) / (self.N - 1)
         D = (self.S + self.D)[:k, :k] - S
         return SubspaceNoise(lam=self.lam[:k].copy(), H_U=self.H_U[:k, :k].copy(), a=a.copy(),
                              D=0.5 * (D + D.T), S=0.5 * (S + S.T), N=self.N, P=self.P, k=k,
-                             vectors=self.vectors[:, :k], samples=self.samples)
+                             vectors=self.vectors[:, :k], samples=self.samples, a_cov=a_cov,
+                             row_weight=self.row_weight)
 
     @property
     def directional_s2(self) -> np.ndarray:
@@ -227,52 +248,66 @@ def subspace_pass(op: ModelCurvatureOperator, U, *, chunk_size=None, progress=No
     rows = _as_samples(samples, N)
     n = N if rows is None else rows.size
     Uo = U.to(op.dtype)
-    chunk = (product_chunk(n, P, k, 1, op.source.first_sample_numel(),
-                           torch.finfo(op.dtype).bits // 8, memory=memory, device=op.device)
-             if chunk_size is None else as_int("chunk_size", chunk_size, minimum=1))
+    if rows is None:
+        moments = row_weight = None                     # exhaustive: the rows are the data
+    elif row_weight is not None:
+        if moments is None:
+            raise ValueError("row_weight needs moments= (D and S from every sample)")
+        row_weight = np.asarray(row_weight, dtype=float)
+        if row_weight.shape != (rows.size,) or not np.all(row_weight >= 1.0 - 1e-9):
+            raise ValueError("row_weight must hold one weight >= 1 per sample")
+    chunk = group_chunk(op, n, k, chunk_size=chunk_size, memory=memory)
     HU = (op.matmat(Uo) if HU is None else HU).to(torch.float64)           # (P, k)
     HU_lo = HU.to(op.dtype)
-    f64 = torch.float64
-    a_list, D = [], torch.zeros(k, k, dtype=f64, device=U.device)
+    D = torch.zeros(k, k, dtype=torch.float64, device=U.device)
+    a_list = []
     order = np.arange(N) if rows is None else rows
     for s in progress_bar(range(0, n, chunk), progress=progress, desc="per-sample projections",
                           expected_s=None if n * P * k > 10**9 else 0.0):
         X, Y = op.source.take(order[s:s + chunk], device=op.device, dtype=op.dtype)
-        Xg, Yg = X[:, None], Y[:, None]                                    # groups of 1
-        Dl = op.group_products(Xg, Yg, Uo)
+        Dl = op.group_products(X[:, None], Y[:, None], Uo)                # groups of 1
         Dl -= HU_lo                                                        # (H_i − H) U, (g, P, k)
-        # k×k reductions in the products' dtype (no (g, P, k) float64 copies, which cost
-        # more than the products on CPU), summed in float64. With R_i = Q(H_i − H)U and
-        # a_i = Uᵀ(H_i − H)U: R_iᵀR_i = (H_i − H)Uᵀ(H_i − H)U − a_iᵀa_i, since UᵀU = I.
-        DtD = torch.bmm(Dl.transpose(1, 2), Dl).to(f64)                   # (g, k, k)
-        a = torch.bmm(Dl.transpose(1, 2), Uo.expand(Dl.shape[0], -1, -1)).to(f64)
-        a = a.transpose(1, 2)                                              # Uᵀ(H_i − H)U
-        D += (DtD - a.transpose(1, 2) @ a).sum(0)
+        a = _projection(Dl, Uo)
+        if moments is None:          # D from the rows; the moments pass supplies it otherwise
+            D += (_gram(Dl) - a.transpose(1, 2) @ a).sum(0)
         a_list.append(0.5 * (a + a.transpose(1, 2)))
         del Dl
     a = torch.cat(a_list).cpu().numpy()
-    ht = N / n                                          # Horvitz–Thompson (1 when exhaustive)
-    D = ht * D.cpu().numpy() / (N - 1)
-    S = ht * np.einsum("nij,njl->il", a, a) / (N - 1)
-    a_cov = None
-    if rows is not None and moments is not None:
+    if moments is None:
+        ht = N / n                                      # Horvitz–Thompson (1 when exhaustive)
+        D = ht * D.cpu().numpy() / (N - 1)
+        S = ht * np.einsum("nij,njl->il", a, a) / (N - 1)
+        a_cov = None
+    else:
         if not isinstance(moments, Moments):
             moments = micro_batch_moments(op, U, HU, micro_batch=moments, seed=seed,
                                           chunk_size=chunk_size, memory=memory)
         D, S, a_cov = moments.D, moments.S, moments.C
-    if row_weight is not None and rows is not None and moments is None:
-        raise ValueError("row_weight needs moments= (D and S from every sample)")
-    if rows is None or row_weight is None:
-        row_weight = None
-    else:
-        row_weight = np.asarray(row_weight, dtype=float)
-        if row_weight.shape != (rows.size,) or not np.all(row_weight >= 1.0 - 1e-9):
-            raise ValueError("row_weight must hold one weight >= 1 per sample")
     H_U = (U.T @ HU).cpu().numpy()
     H_U = 0.5 * (H_U + H_U.T)
     return SubspaceNoise(lam=np.diag(H_U).copy(), H_U=H_U, a=a, D=0.5 * (D + D.T),
                          S=0.5 * (S + S.T), N=int(N), P=int(P), k=int(k), vectors=U,
                          samples=rows, a_cov=a_cov, row_weight=row_weight), HU
+
+
+def _gram(Dl: torch.Tensor) -> torch.Tensor:
+    """(g, k, k) float64 X_gᵀX_g of the (g, P, k) shifts, reduced in their own dtype (no
+    (g, P, k) float64 copy, which costs more than the products on CPU)."""
+    return torch.bmm(Dl.transpose(1, 2), Dl).to(torch.float64)
+
+
+def _projection(Dl: torch.Tensor, Uo: torch.Tensor) -> torch.Tensor:
+    """(g, k, k) float64 a_g = UᵀX_g of the (g, P, k) shifts X_g. With R_g = QX_g,
+    R_gᵀR_g = X_gᵀX_g − a_gᵀa_g since UᵀU = I."""
+    return torch.bmm(Dl.transpose(1, 2), Uo.expand(Dl.shape[0], -1, -1)).to(
+        torch.float64).transpose(1, 2)
+
+
+def _psd_factor(C: np.ndarray) -> np.ndarray:
+    """L with L Lᵀ the positive semi-definite part of the symmetric C (negative
+    eigenvalues, from estimation noise, clipped at 0): Gaussians N(0, C) as g @ Lᵀ."""
+    w, E = np.linalg.eigh(0.5 * (C + C.T))
+    return E * np.sqrt(np.clip(w, 0.0, None))
 
 
 @dataclass(frozen=True)
@@ -305,16 +340,13 @@ def micro_batch_moments(op: ModelCurvatureOperator, U: torch.Tensor, HU: torch.T
     covariance c(m, G·m)·S = (G−1)/(G·m)·S). Cost: G·k group products (G ≈ 256 with
     m = "auto"; on CPU one costs about as much as a per-sample product); memory one
     chunk × P × k."""
-    from nets.noise.directional import fetch_groups, micro_batch_partition
     m, idx = micro_batch_partition(op.N, micro_batch, seed)
     G = idx.shape[0]
     P, k = U.shape
     Uo = U.to(op.dtype)
     HU_lo = HU.to(op.dtype)
-    chunk = (product_chunk(G, P, k, m, op.source.first_sample_numel(),
-                           torch.finfo(op.dtype).bits // 8, memory=memory, device=op.device,
-                           cap=max(1, 4096 // m))
-             if chunk_size is None else as_int("chunk_size", chunk_size, minimum=1))
+    chunk = group_chunk(op, G, k, m, chunk_size=chunk_size, memory=memory,
+                        cap=max(1, 4096 // m))
     f64 = torch.float64
     gram = torch.zeros(k, k, dtype=f64, device=U.device)      # Σ x̄ᵀx̄
     aa = torch.zeros(k, k, dtype=f64, device=U.device)        # Σ aᵀa
@@ -323,11 +355,11 @@ def micro_batch_moments(op: ModelCurvatureOperator, U: torch.Tensor, HU: torch.T
     for s in range(0, G, chunk):
         Dl = op.group_products(*fetch_groups(op, idx[s:s + chunk]), Uo)
         Dl -= HU_lo                                                        # (g, P, k)
-        DtD = torch.bmm(Dl.transpose(1, 2), Dl).to(f64)
+        DtD = _gram(Dl)
         gram += DtD.sum(0)
         score.append(torch.diagonal(DtD, dim1=1, dim2=2).sum(1).cpu().numpy())
-        a = torch.bmm(Dl.transpose(1, 2), Uo.expand(Dl.shape[0], -1, -1)).to(f64)
-        aa += (a @ a.transpose(1, 2)).sum(0)                               # (Uᵀx̄)ᵀ(Uᵀx̄)
+        a = _projection(Dl, Uo)                                            # Uᵀx̄_g
+        aa += (a.transpose(1, 2) @ a).sum(0)                               # (Uᵀx̄)ᵀ(Uᵀx̄)
         vecs.append((0.5 * (a + a.transpose(1, 2))).reshape(a.shape[0], k * k).cpu().numpy())
         total += Dl.sum(0, dtype=f64)
         del Dl
@@ -457,13 +489,7 @@ def subspace_batch_top_eigenvalue(noise: SubspaceNoise, batch_sizes, *, n_batche
             raise ValueError("indices must hold one (n, B) array per batch size")
     a_flat = noise.a.reshape(noise.n_rows, k * k)
     if sampled:
-        # the data's covariance of vec(a_i) (every sample, micro-batches) or the rows' own
-        C = noise.a_cov
-        if C is None:
-            dev = a_flat - a_flat.mean(axis=0)
-            C = dev.T @ dev / (noise.n_rows - 1)
-        w, E = np.linalg.eigh(0.5 * (C + C.T))
-        L = E * np.sqrt(np.clip(w, 0.0, None))                 # C = L Lᵀ (PSD part)
+        L = _psd_factor(noise.a_covariance())                  # N(0, C) as g @ Lᵀ
     lam1 = float(np.linalg.eigvalsh(noise.H_U)[-1])
     if self_consistent is False and not lam1 > 0:
         raise ValueError(f"the top eigenvalue {lam1:.3g} must be positive")
