@@ -185,6 +185,26 @@ def test_scaled_resolved_form_tracks_exhaustive(problem):
     np.testing.assert_allclose(b["mean"], a["mean"], rtol=0.15)
 
 
+def test_dropped_candidates_get_distinct_stand_ins_within_a_batch():
+    """Two dropped candidates of one batch never share a kept spike direction (they would
+    add along it coherently); a kept candidate stands for itself, a repeated sample keeps
+    one stand-in, and stand-ins are shared only when the kept vectors run out."""
+    from types import SimpleNamespace
+
+    from nets.noise.resolved_noise import _StandIns
+    gamma = np.array([1.0, 10.0, 11.0, 12.0, 13.0, 30.0, 31.0, 32.0])
+    index = np.array([1, 5])                       # kept candidates (positions 0, 1)
+    pos = np.array([-1, 0, 0, 0, 0, 1, 1, 1])      # nearest kept in log γ
+    si = _StandIns(SimpleNamespace(index=index, gamma=gamma), pos)
+    assert si(np.array([1, 5])).tolist() == [0, 1]              # kept: themselves
+    assert sorted(si(np.array([2, 3])).tolist()) == [0, 1]      # distinct, nearest first
+    assert si(np.array([2, 3]))[0] == 0                         # 2 is nearest to kept 1
+    assert si(np.array([1, 2])).tolist() == [0, 1]              # own stand-in stays taken
+    assert si(np.array([6, 6])).tolist() == [1, 1]              # same sample twice
+    out = si(np.array([2, 3, 4]))                               # 3 samples, 2 vectors
+    assert sorted(out[:2].tolist()) == [0, 1] and out[2] in (0, 1)
+
+
 # ---------------------------------------------------------------- chunking and micro-batches
 
 def test_product_chunk_caps_only_the_default_cpu_budget():

@@ -54,7 +54,10 @@ min_batch 8) are subsampled to at most `max_candidates` by priority sampling on 
 (`per_sample_top_eigenpairs(max_keep=...)`): the largest spikes are always kept, the
 rest with probability γ_i/τ. γ_i of *every* sample is known (scalars), so the resolved
 rule is exact; a dropped candidate is represented in a batch by the kept candidate of
-nearest log γ (its direction, its own γ_i), and the sums over resolved samples of the
+nearest log γ that no other sample of that batch already uses (its direction, its own
+γ_i: two samples sharing one direction would add coherently, `_StandIns`; digits MLP,
+64 of 561 candidates kept: 0.94–1.04 × the exhaustive form with distinct stand-ins,
+1.02–1.07 × when they may be shared), and the sums over resolved samples of the
 complement-noise correction are Horvitz–Thompson weighted (exact in expectation). The
 cross terms v_iᵀHv_j use the Nyström approximation on span(U),
 (UᵀHv_i)ᵀ(UᵀHU)⁺(UᵀHv_j), UᵀHv_i = (HU)ᵀv_i being exact: no product per candidate.
@@ -562,6 +565,60 @@ def _population_fluctuation(sub, resolved, idx_all, counts, B, replacement, rng)
     return (out / B).reshape(-1, k, k)
 
 
+class _StandIns:
+    """Kept spike vectors standing for a batch's resolved samples, distinct within a batch.
+
+    A kept candidate stands for itself. A dropped candidate (priority sampling,
+    `max_candidates`) is represented by the kept candidate of nearest log γ that no other
+    sample of the same batch already uses: two distinct samples sharing one stand-in
+    would add their spikes along one direction (γ_a + γ_b)/B, which distinct samples —
+    whose top directions are as far apart as the kept ones' are from each other — do not.
+    A sample drawn twice (batches with replacement) keeps one stand-in. Only when a
+    batch holds more resolved samples than there are kept vectors are stand-ins shared."""
+
+    def __init__(self, rn: ResolvedNoise, pos: np.ndarray):
+        self.pos = pos
+        self.index = rn.index
+        lg = np.log(rn.gamma[rn.index]) if rn.index.size else np.zeros(0)
+        self.order = np.argsort(lg, kind="stable")
+        self.lg_sorted = lg[self.order]
+        self.lg_all = np.log(np.maximum(rn.gamma, 1e-300))
+        self.m = rn.index.size
+
+    def __call__(self, hs: np.ndarray) -> np.ndarray:
+        p = self.pos[hs].copy()
+        own = self.index[p] == hs
+        if own.all() or self.m == 0:
+            return p
+        used = set(p[own].tolist())
+        given: dict[int, int] = {}
+        for t in np.flatnonzero(~own):
+            sample = int(hs[t])
+            if sample in given:                      # the same sample again
+                p[t] = given[sample]
+                continue
+            if len(used) >= self.m:                  # more resolved samples than kept vectors
+                given[sample] = int(p[t])
+                continue
+            g = self.lg_all[sample]
+            hi = int(np.searchsorted(self.lg_sorted, g))
+            lo = hi - 1
+            while True:                              # nearest unused in log γ
+                take_lo = lo >= 0 and (hi >= self.m or g - self.lg_sorted[lo] <= self.lg_sorted[hi] - g)
+                j = lo if take_lo else hi
+                if take_lo:
+                    lo -= 1
+                else:
+                    hi += 1
+                q = int(self.order[j])
+                if q not in used:
+                    break
+            used.add(q)
+            given[sample] = q
+            p[t] = q
+        return p
+
+
 def _top_pencil(A: np.ndarray, Gram: np.ndarray) -> float:
     """Largest eigenvalue of the pencil (A, Gram), Gram PSD: restricted to the range of
     Gram (eigenvalues above 1e-10 of the largest)."""
@@ -611,6 +668,7 @@ def resolved_batch_top_eigenvalue(rn: ResolvedNoise, batch_sizes, *, n_batches=2
     else:
         pos = np.full(n_rows, -1, dtype=np.int64)
         pos[rn.index] = np.arange(rn.index.size)
+    stand_ins = _StandIns(rn, pos)
     lam1 = rn.lam1
     means, ses, values, nres, cs = [], [], [], [], []
     for j, B in enumerate(Bs):
@@ -645,7 +703,7 @@ def resolved_batch_top_eigenvalue(rn: ResolvedNoise, batch_sizes, *, n_batches=2
         for r in np.flatnonzero(~plain):
             idx = idx_all[r]
             hs = idx[resolved[idx]]                            # resolved, with repeats
-            p, inv = np.unique(pos[hs], return_inverse=True)   # kept stand-ins (proxy)
+            p, inv = np.unique(stand_ins(hs), return_inverse=True)   # kept stand-ins
             A_UU = base + aS[r]
             sp = np.bincount(inv.reshape(-1), weights=rn.gamma[hs], minlength=p.size) / B
             f = 1.0 - hs.size / B
