@@ -56,7 +56,7 @@ import torch
 from nets.algorithms.lanczos import eigsh
 from nets.curvature.operators import batch_hessian_operator, hessian_operator
 from nets.learning_rates.lr_prediction import DiagonalScaledOperator
-from nets.learning_rates.lr_search import bisect_max_lr
+from nets.learning_rates.lr_search import Trial, bisect_max_lr
 from nets.utils.data_source import as_data_source
 from nets.utils.progress import progress_bar
 from nets.utils.results import Result, result
@@ -474,28 +474,12 @@ class _FrozenAdam:
 
 
 @result
-class AdamTrial(Result):
-    """One run from a warmed state: lr, batch_size, steps, criterion, unstable,
-    initial_loss, max_loss, final_loss, growth_rate (onset: max_t|c_t| / median_t|c_t|),
-    steps_run, first_step_blowup
-    (unstable already after step 1), reason."""
+class AdamTrial(Trial):
+    """A `nets.learning_rates.lr_search.Trial` of Adam from a warmed state (onset:
+    growth_rate is max_t|c_t| / median_t|c_t|), with first_step_blowup (unstable
+    already after step 1)."""
 
-    lr: float
-    batch_size: int
-    steps: int
-    criterion: str
-    unstable: bool
-    initial_loss: float
-    max_loss: float
-    final_loss: float
-    growth_rate: float
-    steps_run: int
-    first_step_blowup: bool
-    reason: str
-
-    @property
-    def diverged(self) -> bool:          # read by `bisect_max_lr`
-        return self.unstable
+    first_step_blowup: bool = False
 
 
 def adam_trial(warm: WarmState, loss_fn, X, y, lr, *, steps, criterion="onset",
@@ -558,8 +542,10 @@ def adam_trial(warm: WarmState, loss_fn, X, y, lr, *, steps, criterion="onset",
         rate = max(proj) / max(float(np.median(proj)), 1e-300)
         if rate > growth_factor:
             unstable, reason = True, f"max|c_t| = {rate:.3g} x median > {growth_factor:g}"
-    return AdamTrial(float(lr), warm.batch_size, int(steps), criterion, bool(unstable), float(L0),
-                     float(max_loss), float(loss_t), float(rate), int(t), bool(first), reason)
+    return AdamTrial(lr=float(lr), batch_size=warm.batch_size, steps=int(steps),
+                     criterion=criterion, unstable=bool(unstable), initial_loss=float(L0),
+                     max_loss=float(max_loss), final_loss=float(loss_t), growth_rate=float(rate),
+                     steps_run=int(t), reason=reason, first_step_blowup=bool(first))
 
 
 @result

@@ -56,7 +56,7 @@ from nets.utils.results import Result, result
 from rmt.validation import as_float, as_int, as_seed
 
 __all__ = ["TrialResult", "run_trial", "bisect_max_lr", "BisectionResult", "lr_sweep",
-           "fit_growth_rate", "TRAINING_CRITERIA", "TrainingTrial", "training_trial",
+           "fit_growth_rate", "TRAINING_CRITERIA", "Trial", "TrainingTrial", "training_trial",
            "TrainingThresholds", "training_threshold", "SelfStabilisation",
            "self_stabilisation"]
 
@@ -344,17 +344,17 @@ def lr_sweep(model, loss_fn, dataset, state_dict, batch_sizes, seeds=(0,), steps
 TRAINING_CRITERIA = ("divergence", "final", "onset")
 
 
-@dataclass(frozen=True)
-class TrainingTrial:
-    """One run from the checkpoint: lr, batch_size, steps, momentum, seed, criterion,
-    unstable (bool), initial_loss, max_loss, final_loss (full-data), growth_rate (onset
-    criterion: slope of log|⟨w_t − w_0, u⟩| per step; NaN otherwise), steps_run, reason."""
+@result
+class Trial(Result):
+    """One training run at one learning rate, as judged by a named criterion — the
+    outcome shared by `training_trial` (SGD from a checkpoint) and
+    `nets.learning_rates.adam.adam_trial` (Adam from a warmed state): lr, batch_size,
+    steps, criterion, unstable (bool), initial_loss, max_loss, final_loss (full-data),
+    growth_rate (the onset statistic; NaN for the other criteria), steps_run, reason."""
 
     lr: float
     batch_size: int
     steps: int
-    momentum: float
-    seed: int
     criterion: str
     unstable: bool
     initial_loss: float
@@ -367,6 +367,15 @@ class TrainingTrial:
     @property
     def diverged(self) -> bool:          # read by `bisect_max_lr`
         return self.unstable
+
+
+@result
+class TrainingTrial(Trial):
+    """A `Trial` of SGD from the checkpoint, with its momentum and batch-order seed
+    (onset criterion: growth_rate is the slope of log|⟨w_t − w_0, u⟩| per step)."""
+
+    momentum: float = 0.0
+    seed: int = 0
 
 
 def _flat_params(net):
@@ -461,9 +470,11 @@ def training_trial(model, loss_fn, X, y, lr, batch_size, *, steps, momentum=0.0,
         rate = fit_growth_rate(proj, 0.5)
         if rate > thr:
             unstable, reason = True, f"growth rate along u {rate:.3g} > {thr:.3g}"
-    return TrainingTrial(float(lr), int(batch_size), int(steps), float(momentum), int(seed),
-                         criterion, bool(unstable), float(L0), float(max_loss),
-                         float(loss_t), float(rate), int(t), reason)
+    return TrainingTrial(lr=float(lr), batch_size=int(batch_size), steps=int(steps),
+                         criterion=criterion, unstable=bool(unstable), initial_loss=float(L0),
+                         max_loss=float(max_loss), final_loss=float(loss_t),
+                         growth_rate=float(rate), steps_run=int(t), reason=reason,
+                         momentum=float(momentum), seed=int(seed))
 
 
 @result
