@@ -263,3 +263,23 @@ def test_stability_onset_verdict_follows_its_band(results):
                              for m in (0.0, 0.9)])
     ok = np.all(np.isfinite(ratios)) and np.all(np.abs(ratios - 1.0) <= 0.2)
     assert r.verdict == ("pass" if ok else "fail")
+
+
+def test_edge_of_stochastic_stability_verdict_follows_its_rule_per_network(results):
+    from paper_checks.checks.edge_of_stochastic_stability import EDGE_TOL, NETS, PLATEAU_TOL
+    r = results["edge_of_stochastic_stability"]
+    rows = r.details["rows"]
+    assert {row["net"] for row in rows} == set(NETS)
+    ok = True
+    for net in NETS:
+        mine = [row for row in rows if row["net"] == net]
+        judged = [row for row in mine if not row["diverged"]
+                  and float(row["batch_sharpness"]) >= (1 - EDGE_TOL) * row["edge"]]
+        assert [row["at_edge"] for row in mine] == [row in judged for row in mine]
+        ok &= len(judged) >= 2
+        if judged:
+            ok &= np.median([abs(float(row["batch_sharpness"]) / row["edge"] - 1)
+                             for row in judged]) <= EDGE_TOL
+            ok &= np.median([abs(float(row["predicted_lam"]) / float(row["lam"]) - 1)
+                             for row in judged]) <= PLATEAU_TOL
+    assert r.verdict == ("pass" if ok else "fail")

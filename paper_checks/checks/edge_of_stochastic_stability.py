@@ -7,16 +7,18 @@ at small B. The batch-curvature shift λ'(B) = λ₁ + c(B, N)·s_u²/λ₁ (doc
 turns this into a prediction of the plateau: λ₁* solving λ'(B; λ₁*) = 2/η
 (`nets.learning_rates.monitor.eoss_plateau`), with s_u² measured along the way.
 
-Run: the digits MLP (64→32→10, tanh, N = 1437 training samples) trained with plain SGD
+Run: the digits MLP (64→32→10, tanh, N = 1437 training samples) and the digits CNN (the
+learner comparison's SmallCNN, 8×8 images, ReLU) trained with plain SGD
 on the half squared error to one-hot targets (the loss of Cohen et al.; with cross-entropy
 on digits λ₁ falls as the loss flattens and no run reaches the edge: measured, 240 steps,
-η = 0.5–2) at every (η, B) of the grid for a fixed number of steps, a `nets.CurvatureMonitor`
+η = 0.5–2) at every (η, B) of the grid (MLP η = 0.25, 0.5, 1; CNN η = 0.125, 0.25, 0.5,
+since at η = 1 every CNN run diverged) for a fixed number of steps, a `nets.CurvatureMonitor`
 recording λ₁, s_u² and the measured batch sharpness (4 batches) at 12 checkpoints. The
 plateau of each trace is its mean over the last half of the checkpoints (spread: std
 over them). Reported per (η, B): measured batch-sharpness plateau vs 2/η, measured λ₁
 plateau vs predicted λ₁*.
 
-Pass iff, over the runs that reached the edge (measured batch sharpness plateau ≥
+Pass iff, for each network, over its runs that reached the edge (measured batch sharpness plateau ≥
 (1 − EDGE_TOL)·2/η, not diverged), the median relative error of (a) the batch sharpness
 plateau against 2/η is ≤ EDGE_TOL and (b) of the predicted λ₁* against the measured λ₁
 plateau is ≤ PLATEAU_TOL, and at least two runs reached the edge. (Measured during
@@ -32,7 +34,6 @@ from __future__ import annotations
 import numpy as np
 
 from ..result import judged
-from . import _plotting as pl
 
 NAME = "edge_of_stochastic_stability"
 CLAIM = ("SGD's batch sharpness settles at 2/η while λ₁ settles lower, at the λ₁* solving "
@@ -42,21 +43,23 @@ REQUIRES = ("nets.learning_rates.monitor:CurvatureMonitor",
 EDGE_TOL, PLATEAU_TOL = 0.25, 0.25
 DIVERGED = 100.0           # a run whose batch loss exceeds 100× its first value diverged
 LRS = (0.25, 0.5, 1.0)
+LRS_CNN = (0.125, 0.25, 0.5)            # the CNN is sharper: at η = 1 every B diverged
 BATCH_SIZES = (8, 32, 128, None)        # None = full batch
 
 
-def train_monitored(lr, B, *, steps, records, seed, train, loss="ce"):
-    """Plain SGD on the digits MLP at (lr, B); returns the monitor's records."""
+def train_monitored(lr, B, *, steps, records, seed, train, loss="ce", net="mlp"):
+    """Plain SGD on the digits MLP (net="mlp") or CNN (net="cnn": the learner
+    comparison's SmallCNN, 8×8 images) at (lr, B); returns the monitor's records."""
     import torch
     from torch import nn
 
     from nets.learning_rates.monitor import CurvatureMonitor
-    from nets.training.models import MLP
+    from paper_checks.experiments.learner_comparison import _make_model
 
     X, y = train
     N = X.shape[0]
     B = N if B is None else B
-    model = MLP(64, (32,), 10, activation="tanh", seed=seed)
+    model = _make_model(net, seed)
     ce = nn.functional.cross_entropy if loss == "ce" else _half_mse_one_hot
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     every = max(1, steps // records)
@@ -72,7 +75,7 @@ def train_monitored(lr, B, *, steps, records, seed, train, loss="ce"):
         pos += B
         opt.zero_grad(set_to_none=True)
         loss = ce(model(X[idx]), y[idx])
-        first = float(loss) if first is None else first
+        first = float(loss.detach()) if first is None else first
         if not torch.isfinite(loss) or float(loss) > DIVERGED * max(first, 1e-12):
             diverged = True
             break
@@ -97,82 +100,111 @@ def _plateau(values):
     return float(tail.mean()), float(tail.std(ddof=1)) if tail.size > 1 else 0.0
 
 
-def run(ctx):
+NETS = ("mlp", "cnn")
+
+
+def _runs(ctx, net):
+    """Every (η, B) run of one network: (rows, series)."""
     from paper_checks.experiments.learner_comparison import digits_split
 
-    train, _ = digits_split()
+    train, _ = digits_split(as_images=(net == "cnn"))
     N = train[0].shape[0]
     steps = ctx.pick(240, 120)
-    lrs = ctx.pick(LRS, (0.5, 1.0))
-    Bs = ctx.pick(BATCH_SIZES, (32, 128, None))
+    if net == "mlp":
+        lrs, Bs = ctx.pick(LRS, (0.5, 1.0)), ctx.pick(BATCH_SIZES, (32, 128, None))
+    else:
+        lrs, Bs = ctx.pick(LRS_CNN, (0.25,)), ctx.pick(BATCH_SIZES, (128, None))
     rows, series = [], {}
-    for lr in ctx.bar(lrs, desc="EoSS learning rates"):
+    for lr in ctx.bar(lrs, desc=f"EoSS learning rates ({net})"):
         for B in Bs:
             mon, diverged = train_monitored(lr, B, steps=steps, records=12, seed=ctx.seed,
-                                            train=train, loss="mse")
+                                            train=train, loss="mse", net=net)
             Bv = N if B is None else B
             lam, lam_sd = _plateau(mon.trace("lam"))
             bs, bs_sd = _plateau(mon.trace("batch_sharpness") if Bv < N else mon.trace("lam"))
             pred, pred_sd = _plateau(mon.trace("plateau"))
             s2, _ = _plateau(mon.trace("s2"))
             edge = 2.0 / lr
-            rows.append(dict(lr=lr, B=Bv, edge=edge, batch_sharpness=bs, batch_sharpness_sd=bs_sd,
-                             lam=lam, lam_sd=lam_sd, predicted_lam=pred, predicted_lam_sd=pred_sd,
+            rows.append(dict(net=net, lr=lr, B=Bv, edge=edge, batch_sharpness=bs,
+                             batch_sharpness_sd=bs_sd, lam=lam, lam_sd=lam_sd,
+                             predicted_lam=pred, predicted_lam_sd=pred_sd,
                              s2=s2, diverged=bool(diverged),
                              at_edge=bool(not diverged and bs >= (1 - EDGE_TOL) * edge),
                              overhead=float(mon.overhead())))
-            key = f"lr{lr:g}_B{Bv}"
+            key = f"{net}_lr{lr:g}_B{Bv}"
             series[f"{key}_step"] = mon.trace("step")
             series[f"{key}_lam"] = mon.trace("lam")
             series[f"{key}_bs"] = mon.trace("batch_sharpness") if Bv < N else mon.trace("lam")
             series[f"{key}_pred"] = mon.trace("plateau")
-    judged_rows = [r for r in rows if r["at_edge"] and not r["diverged"]]
-    failures = []
-    if len(judged_rows) < 2:
-        failures.append(f"only {len(judged_rows)} runs reached the edge 2/η")
-    bs_err = [abs(r["batch_sharpness"] / r["edge"] - 1) for r in judged_rows]
-    lam_err = [abs(r["predicted_lam"] / r["lam"] - 1) for r in judged_rows]
-    if bs_err and not float(np.median(bs_err)) <= EDGE_TOL:
-        failures.append(f"batch sharpness off 2/η by {np.median(bs_err):.0%} (median)")
-    if lam_err and not float(np.median(lam_err)) <= PLATEAU_TOL:
-        failures.append(f"predicted λ₁* off the measured λ₁ plateau by {np.median(lam_err):.0%} "
-                        "(median)")
-    table = "; ".join(f"η={r['lr']:g},B={r['B']}: diverged" if r["diverged"] else
-                      f"η={r['lr']:g},B={r['B']}: bs {r['batch_sharpness']:.2f}±{r['batch_sharpness_sd']:.2f}"
-                      f" vs 2/η {r['edge']:.2f}, λ₁ {r['lam']:.2f}±{r['lam_sd']:.2f} vs λ₁* "
-                      f"{r['predicted_lam']:.2f}" for r in rows)
+    return rows, series, steps, N
+
+
+def run(ctx):
+    rows, series, info = [], {}, {}
+    for net in NETS:
+        r, s, steps, N = _runs(ctx, net)
+        rows += r
+        series.update(s)
+        info[net] = dict(steps=steps, N=N)
+    failures, judged_counts = [], {}
+    for net in NETS:
+        judged_rows = [r for r in rows if r["net"] == net and r["at_edge"] and not r["diverged"]]
+        judged_counts[net] = len(judged_rows)
+        if len(judged_rows) < 2:
+            failures.append(f"{net}: only {len(judged_rows)} runs reached the edge 2/η")
+        bs_err = [abs(r["batch_sharpness"] / r["edge"] - 1) for r in judged_rows]
+        lam_err = [abs(r["predicted_lam"] / r["lam"] - 1) for r in judged_rows]
+        if bs_err and not float(np.median(bs_err)) <= EDGE_TOL:
+            failures.append(f"{net}: batch sharpness off 2/η by {np.median(bs_err):.0%} (median)")
+        if lam_err and not float(np.median(lam_err)) <= PLATEAU_TOL:
+            failures.append(f"{net}: predicted λ₁* off the measured λ₁ plateau by "
+                            f"{np.median(lam_err):.0%} (median)")
+    table = "; ".join(f"{r['net']} η={r['lr']:g},B={r['B']}: diverged" if r["diverged"] else
+                      f"{r['net']} η={r['lr']:g},B={r['B']}: bs {r['batch_sharpness']:.2f}±"
+                      f"{r['batch_sharpness_sd']:.2f} vs 2/η {r['edge']:.2f}, λ₁ {r['lam']:.2f}±"
+                      f"{r['lam_sd']:.2f} vs λ₁* {r['predicted_lam']:.2f}" for r in rows)
     return judged(
         name=NAME, claim=CLAIM,
         predicted="batch sharpness → 2/η; λ₁ → λ₁* with λ₁* + c(B,N)s_u²/λ₁* = 2/η",
         measured=table,
-        tolerance=f"runs at the edge: |bs/(2/η) − 1| ≤ {EDGE_TOL}, median |λ₁*/λ₁ − 1| ≤ "
-                  f"{PLATEAU_TOL}",
+        tolerance=f"per network, runs at the edge: median |bs/(2/η) − 1| ≤ {EDGE_TOL}, median "
+                  f"|λ₁*/λ₁ − 1| ≤ {PLATEAU_TOL}",
         failures=failures,
-        details={"rows": rows, "steps": steps, "N": N, "judged": len(judged_rows),
-                 "caption": "Digits MLP, plain SGD on the squared error: λ₁ (solid), measured batch sharpness "
-                            "(dashed), predicted plateau λ₁* (dotted) and 2/η (grey) per "
-                            "(η, B); plateaus are means over the last half of 12 checkpoints."},
+        details={"rows": rows, "nets": info, "judged": judged_counts,
+                 "caption": "Digits MLP (top) and CNN (bottom), plain SGD on the squared error: "
+                            "λ₁ (solid), measured batch sharpness (dashed), predicted plateau "
+                            "λ₁* (dotted) and 2/η (grey) per (η, B); plateaus are means over the "
+                            "last half of 12 checkpoints."},
         series=series,
     )
 
 
 def plot(result):
+    from matplotlib.figure import Figure
+
     rows = result.details["rows"]
-    lrs = sorted({r["lr"] for r in rows})
-    fig, axes = pl.new_figure(len(lrs), width=4.0)
-    axes = np.atleast_1d(axes)
-    for ax, lr in zip(axes, lrs):
-        for j, r in enumerate(r for r in rows if r["lr"] == lr):
-            key = f"lr{lr:g}_B{r['B']}"
-            st = result.array(f"{key}_step")
-            col = f"C{j}"
-            ax.plot(st, result.array(f"{key}_lam"), "-", color=col, label=f"B={r['B']}")
-            ax.plot(st, result.array(f"{key}_bs"), "--", color=col)
-            ax.plot(st, result.array(f"{key}_pred"), ":", color=col)
-        ax.axhline(2 / lr, color="0.5", lw=1)
-        ax.set_xlabel("step")
-        ax.set_ylabel("curvature")
-        ax.set_title(f"η = {lr:g}", fontsize=9)
-        ax.legend(fontsize=7)
-    pl.verdict_title(axes[0], result, "edge of stochastic stability")
+    nets = [n for n in NETS if any(r.get("net", "mlp") == n for r in rows)]
+    lrs = {n: sorted({r["lr"] for r in rows if r.get("net", "mlp") == n}) for n in nets}
+    ncols = max(len(v) for v in lrs.values())
+    fig = Figure(figsize=(4.0 * ncols, 3.6 * len(nets)), layout="constrained")
+    axes = fig.subplots(len(nets), ncols, squeeze=False)
+    for i, net in enumerate(nets):
+        for ax in axes[i][len(lrs[net]):]:
+            ax.set_visible(False)
+        for ax, lr in zip(axes[i], lrs[net]):
+            mine = [r for r in rows if r.get("net", "mlp") == net and r["lr"] == lr]
+            for j, r in enumerate(mine):
+                key = f"{net}_lr{lr:g}_B{r['B']}"
+                st = result.array(f"{key}_step")
+                col = f"C{j}"
+                ax.plot(st, result.array(f"{key}_lam"), "-", color=col, label=f"B={r['B']}")
+                ax.plot(st, result.array(f"{key}_bs"), "--", color=col)
+                ax.plot(st, result.array(f"{key}_pred"), ":", color=col)
+            ax.axhline(2 / lr, color="0.5", lw=1)
+            ax.set_xlabel("step")
+            ax.set_ylabel("curvature")
+            ax.set_title(f"{net}, η = {lr:g}", fontsize=9)
+            if mine:
+                ax.legend(fontsize=7)
+    fig.suptitle(f"edge of stochastic stability [{result.verdict}]", fontsize=10)
     return fig
