@@ -42,6 +42,7 @@ from nets.learning_rates.lr_prediction import (
     predict_max_lr,
 )
 from nets.learning_rates.monitor import CurvatureMonitor, eoss_plateau
+from nets.learning_rates.sharpness_gap import sharpness_gap_terms, stochastic_sharpness_gap
 from nets.learning_rates.transfer import transfer_lr
 from nets.noise import batch_spectra, gradient_noise, resolved_noise, subspace_noise
 from nets.noise.batch_spectra import measure_batch_top_eigenvalue, predict_batch_top_eigenvalue

@@ -27,6 +27,13 @@ by ~60 %: the second-order formula is least accurate where the noise is largest.
 sharpness stays below the edge (the loss flattens before the sharpness rises to 2/η)
 are reported but not judged, and so are runs that diverged (non-finite loss, or a batch
 loss above DIVERGED × its first value).
+
+Reported beside it, not judged: the stochastic sharpness gap of Liao, Kolomvaki &
+Kyrillidis (2026), λ₁ → 2/η − η·β·c(B,N)·v_u/(4α)
+(`nets.learning_rates.sharpness_gap`), with the self-stabilisation rates α (progressive
+sharpening, at the reference point), β and the per-sample gradient variance along u, v_u,
+averaged over the records of the second half; nan where that mean α ≤ 0 (the sharpness
+is not rising: outside the theory), with the fraction of records with α > 0.
 """
 
 from __future__ import annotations
@@ -47,13 +54,16 @@ LRS_CNN = (0.125, 0.25, 0.5)            # the CNN is sharper: at η = 1 every B 
 BATCH_SIZES = (8, 32, 128, None)        # None = full batch
 
 
-def train_monitored(lr, B, *, steps, records, seed, train, loss="ce", net="mlp"):
+def train_monitored(lr, B, *, steps, records, seed, train, loss="ce", net="mlp",
+                    gap_terms=False):
     """Plain SGD on the digits MLP (net="mlp") or CNN (net="cnn": the learner
-    comparison's SmallCNN, 8×8 images) at (lr, B); returns the monitor's records."""
+    comparison's SmallCNN, 8×8 images) at (lr, B); returns (monitor, diverged) and, with
+    `gap_terms`, the `sharpness_gap_terms` at every record of the second half (list)."""
     import torch
     from torch import nn
 
     from nets.learning_rates.monitor import CurvatureMonitor
+    from nets.learning_rates.sharpness_gap import sharpness_gap_terms
     from paper_checks.experiments.learner_comparison import _make_model
 
     X, y = train
@@ -66,6 +76,7 @@ def train_monitored(lr, B, *, steps, records, seed, train, loss="ce", net="mlp")
     mon = CurvatureMonitor(model, ce, (X, y), batch_size=B, every=every, budget=1.0,
                            n_batches=4 if B < N else 0, batch_sizes=(B,), seed=seed)
     mon.attach(opt)
+    terms, n_rec = [], 0
     gen = torch.Generator().manual_seed(seed)
     perm, pos, diverged, first = torch.randperm(N, generator=gen), 0, False, None
     for _ in range(steps):
@@ -81,7 +92,11 @@ def train_monitored(lr, B, *, steps, records, seed, train, loss="ce", net="mlp")
             break
         loss.backward()
         opt.step()
-    return mon, diverged
+        if gap_terms and len(mon.records) > n_rec:
+            n_rec = len(mon.records)
+            if mon.records[-1].step >= steps // 2 and mon.records[-1].lam > 0:
+                terms.append(sharpness_gap_terms(model, ce, (X, y), mon.tracker.v0))
+    return (mon, diverged, terms) if gap_terms else (mon, diverged)
 
 
 def _half_mse_one_hot(out, y):
@@ -103,6 +118,22 @@ def _plateau(values):
 NETS = ("mlp", "cnn")
 
 
+def _liao_plateau(lr, B, terms):
+    """(2/η − ΔS, fraction of records with α > 0): ΔS of Liao et al. from the
+    second-half records' mean α, β and v_u (`nets.learning_rates.sharpness_gap`); nan when
+    the mean α ≤ 0 (no progressive sharpening: outside that theory) or no record."""
+    from nets.learning_rates.sharpness_gap import SharpnessGapTerms, stochastic_sharpness_gap
+    if not terms:
+        return float("nan"), float("nan")
+    mean = SharpnessGapTerms(
+        sharpening=float(np.mean([t.sharpening for t in terms])),
+        stabilisation=float(np.mean([t.stabilisation for t in terms])),
+        v_u=float(np.mean([t.v_u for t in terms])), S=float(np.mean([t.S for t in terms])),
+        grad_norm=float(np.mean([t.grad_norm for t in terms])), N=terms[0].N)
+    pos = float(np.mean([t.sharpening > 0 for t in terms]))
+    return 2.0 / lr - stochastic_sharpness_gap(lr, B, mean), pos
+
+
 def _runs(ctx, net):
     """Every (η, B) run of one network: (rows, series)."""
     from paper_checks.experiments.learner_comparison import digits_split
@@ -117,9 +148,11 @@ def _runs(ctx, net):
     rows, series = [], {}
     for lr in ctx.bar(lrs, desc=f"EoSS learning rates ({net})"):
         for B in Bs:
-            mon, diverged = train_monitored(lr, B, steps=steps, records=12, seed=ctx.seed,
-                                            train=train, loss="mse", net=net)
+            mon, diverged, terms = train_monitored(lr, B, steps=steps, records=12, seed=ctx.seed,
+                                                   train=train, loss="mse", net=net,
+                                                   gap_terms=True)
             Bv = N if B is None else B
+            liao, alpha_pos = _liao_plateau(lr, Bv, terms)
             lam, lam_sd = _plateau(mon.trace("lam"))
             bs, bs_sd = _plateau(mon.trace("batch_sharpness") if Bv < N else mon.trace("lam"))
             pred, pred_sd = _plateau(mon.trace("plateau"))
@@ -128,7 +161,8 @@ def _runs(ctx, net):
             rows.append(dict(net=net, lr=lr, B=Bv, edge=edge, batch_sharpness=bs,
                              batch_sharpness_sd=bs_sd, lam=lam, lam_sd=lam_sd,
                              predicted_lam=pred, predicted_lam_sd=pred_sd,
-                             s2=s2, diverged=bool(diverged),
+                             s2=s2, diverged=bool(diverged), liao_lam=liao,
+                             liao_alpha_positive=alpha_pos,
                              at_edge=bool(not diverged and bs >= (1 - EDGE_TOL) * edge),
                              overhead=float(mon.overhead())))
             key = f"{net}_lr{lr:g}_B{Bv}"
@@ -162,7 +196,8 @@ def run(ctx):
     table = "; ".join(f"{r['net']} η={r['lr']:g},B={r['B']}: diverged" if r["diverged"] else
                       f"{r['net']} η={r['lr']:g},B={r['B']}: bs {r['batch_sharpness']:.2f}±"
                       f"{r['batch_sharpness_sd']:.2f} vs 2/η {r['edge']:.2f}, λ₁ {r['lam']:.2f}±"
-                      f"{r['lam_sd']:.2f} vs λ₁* {r['predicted_lam']:.2f}" for r in rows)
+                      f"{r['lam_sd']:.2f} vs λ₁* {r['predicted_lam']:.2f} (Liao {r['liao_lam']:.2f})"
+                      for r in rows)
     return judged(
         name=NAME, claim=CLAIM,
         predicted="batch sharpness → 2/η; λ₁ → λ₁* with λ₁* + c(B,N)s_u²/λ₁* = 2/η",

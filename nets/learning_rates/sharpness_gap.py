@@ -1,0 +1,144 @@
+"""The stochastic sharpness gap of Liao, Kolomvaki & Kyrillidis (2026) (docs/references.md).
+
+Self-stabilisation (Damian, Nichani & Lee 2023) explains why full-batch gradient descent
+hovers at the edge of stability S(θ) = λ₁(∇²L(θ)) = 2/η: along the top eigenvector u the
+iterate oscillates, and the cubic term of the loss pulls the sharpness back down. Its two
+rates are
+
+    α = −∇L(θ)·∇S(θ)      progressive sharpening (S grows at rate α along −∇L),
+    β = ‖∇S(θ)‖²          self-stabilisation strength,
+    ∇S(θ) = ∇_θ [uᵀ ∇²L(θ) u]   (u held fixed: the third derivative ∇³L[u, u]).
+
+Liao et al. extend it to SGD: the mini-batch gradient noise along u feeds the
+oscillation, which strengthens the cubic restoring force, so the full-data sharpness
+settles below 2/η by
+
+    ΔS = η·β·σ_u²/(4α),
+
+σ_u² the variance of the mini-batch gradient noise projected on u. For batches of B of
+the N samples drawn without replacement (this package's convention, docs/theory.md §1)
+σ_u²(B) = c(B, N)·v_u, c = 1/B − 1/N, v_u = (1/(N−1)) Σ_i (⟨g_i − ḡ, u⟩)² the per-sample
+variance of the gradient's projection (g_i = ∇ℓ_i); at B = N the gap vanishes (full-batch
+GD). Reading σ_u² as the batch-gradient variance is ours (the abstract says "the
+gradient noise variance projected onto the top eigenvector"); the formula needs α > 0
+(the regime the theory describes) and gives no prediction otherwise (nan).
+
+Where α is evaluated. The theory's α and β belong to the slowly moving reference point
+θ† of the projected dynamics; a training iterate at the edge is θ ≈ θ† + x·u with an
+oscillation x along u, and ∇L(θ) ≈ ∇L(θ†) + x·S·u, so −∇L(θ)·∇S is dominated by the
+oscillation (on the digits MLP at the edge it was negative at most checkpoints).
+`sharpening` therefore uses the gradient with its component along u removed,
+∇L⊥ = ∇L − (∇L·u)u, as the estimate of ∇L(θ†) (`sharpening_raw` keeps −∇L·∇S); β and
+∇S are taken at the iterate (their change over one oscillation is second order).
+
+Cost: one pass over the data with a third-order product (forward, backward,
+forward-over-backward and its backward: a few gradient costs) and one forward-mode pass
+for the projections ⟨g_i, u⟩ (vmapped, per sample), in chunks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch.func import grad, jvp, vmap
+
+from nets.curvature.operators import check_policy, policy_mode, resolve_device_dtype
+from nets.curvature.params import ParamLayout, functional_loss, make_functional
+from nets.utils.data_source import as_data_source
+from nets.utils.results import Result, result
+from rmt.lr import noise_factor
+from rmt.validation import as_float, as_int
+
+__all__ = ["SharpnessGapTerms", "sharpness_gap_terms", "stochastic_sharpness_gap"]
+
+
+@result
+class SharpnessGapTerms(Result):
+    """The self-stabilisation rates at one point (module docstring): sharpening α =
+    −∇L⊥·∇S with ∇L⊥ = ∇L − (∇L·u)u (the reference point's gradient, below),
+    stabilisation β = ‖∇S‖², v_u the per-sample variance of ⟨g_i, u⟩ (unbiased,
+    1/(N−1)), S = uᵀHu (the sharpness along u), grad_norm ‖∇L‖, N; sharpening_raw =
+    −∇L·∇S at the iterate itself."""
+
+    sharpening: float
+    stabilisation: float
+    v_u: float
+    S: float
+    grad_norm: float
+    N: int
+    sharpening_raw: float = float("nan")
+
+
+def sharpness_gap_terms(model, loss_fn, data, u, *, params=None, policy=None, chunk_size=256,
+                        device=None, dtype=torch.float64) -> SharpnessGapTerms:
+    """α, β and v_u at the model's current weights for the unit direction u (P,), e.g. the
+    top eigenvector of the full-data Hessian. data : any form of `nets.utils.data_source`
+    (the mean loss over it is L); loss_fn(outputs, targets) must return the batch mean.
+    chunk_size : samples per chunk (the full-data quantities are sums over chunks)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError("loss_fn must be callable")
+    check_policy(model, policy)
+    src = as_data_source(data)
+    N = src.N
+    if N < 2:
+        raise ValueError("data must hold at least 2 samples")
+    chunk = as_int("chunk_size", chunk_size, minimum=1)
+    layout = ParamLayout.from_module(model, params)
+    dev, dt = resolve_device_dtype(model, layout.names, device, dtype)
+    prim, frozen = make_functional(model, layout.names, device=dev, dtype=dt)
+    u = torch.as_tensor(u).to(device=dev, dtype=dt).reshape(-1)
+    if u.numel() != layout.P:
+        raise ValueError(f"u must have {layout.P} entries (the selected parameters), got {u.numel()}")
+    norm = float(torch.linalg.vector_norm(u))
+    if not norm > 0 or not math.isfinite(norm):
+        raise ValueError("u must be a finite, non-zero vector")
+    u = u / norm
+    ut = layout.unflatten(u)
+    names = layout.names
+
+    def chunk_loss(p, X, Y):
+        return functional_loss(model, loss_fn, names, frozen, p, X, Y)
+
+    def s_along_u(p, X, Y):                       # uᵀ ∇²L_chunk(p) u
+        _, hu = jvp(lambda q: grad(chunk_loss)(q, X, Y), (p,), (ut,))
+        return sum((h * v).sum() for h, v in zip(hu, ut))
+
+    def one(p, x, y):
+        return chunk_loss(p, x[None], y[None])
+
+    proj = vmap(lambda x, y: jvp(lambda q: one(q, x, y), (prim,), (ut,))[1])
+
+    gL = torch.zeros(layout.P, dtype=dt, device=dev)
+    gS = torch.zeros(layout.P, dtype=dt, device=dev)
+    S = 0.0
+    dots = []
+    with policy_mode(model, policy):
+        for X, Y in src.batches(chunk, device=dev, dtype=dt):
+            w = X.shape[0] / N
+            gL += w * layout.flatten(grad(chunk_loss)(prim, X, Y)).detach()
+            s, gs = torch.func.grad_and_value(s_along_u)(prim, X, Y)[::-1]
+            gS += w * layout.flatten(gs).detach()
+            S += w * float(s)
+            dots.append(proj(X, Y).detach().reshape(-1))
+    d = torch.cat(dots).to(torch.float64).cpu().numpy()
+    g_perp = gL - (gL @ u) * u
+    return SharpnessGapTerms(sharpening=float(-(g_perp @ gS)), stabilisation=float(gS @ gS),
+                             v_u=float(np.var(d, ddof=1)), S=float(S),
+                             grad_norm=float(torch.linalg.vector_norm(gL)), N=int(N),
+                             sharpening_raw=float(-(gL @ gS)))
+
+
+def stochastic_sharpness_gap(lr, batch_size, terms: SharpnessGapTerms) -> float:
+    """ΔS = η·β·c(B, N)·v_u/(4α) (module docstring); nan when α ≤ 0 (no progressive
+    sharpening: outside the theory). The predicted full-data plateau is 2/η − ΔS."""
+    if not isinstance(terms, SharpnessGapTerms):
+        raise TypeError("terms must be a SharpnessGapTerms (from sharpness_gap_terms)")
+    eta = as_float("lr", lr, positive=True)
+    c = float(noise_factor(as_int("batch_size", batch_size, minimum=1), terms.N))
+    if not terms.sharpening > 0:
+        return float("nan")
+    return eta * terms.stabilisation * c * terms.v_u / (4.0 * terms.sharpening)
