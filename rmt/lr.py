@@ -32,7 +32,7 @@ import math
 import numpy as np
 
 from .sampling import batch_noise_factor
-from .validation import as_array, as_float, guard_module
+from .validation import as_array, as_float, as_int, guard_module
 
 __all__ = [
     "noise_factor",
@@ -43,6 +43,8 @@ __all__ = [
     "sgd_max_lr_isotropic",
     "momentum_noise_gain",
     "sgd_momentum_ms_max_lr",
+    "heavy_ball_lyapunov_exponent",
+    "sgd_momentum_as_max_lr",
     "critical_batch_size",
     "adam_max_lr",
     "min_damping",
@@ -226,6 +228,64 @@ def sgd_momentum_ms_max_lr(B, lam, s2, N=None, momentum=0.0, *, replacement: boo
     c = noise_factor(B, N, replacement)
     gain = (1.0 + m) / (1.0 - m)
     return _out(2.0 * (1.0 + m) / (lam + gain * c * s2 / lam), scalar)
+
+
+def heavy_ball_lyapunov_exponent(lr, lam, var, momentum=0.0, *, steps=20000, seed=0):
+    """Top Lyapunov exponent γ(α) of heavy ball along one direction with Gaussian
+    multiplicative noise: ``x_{t+1} = (1 + ρ − α h_t) x_t − ρ x_{t−1}``, h_t i.i.d.
+    N(λ, var), estimated from one seeded path of `steps` products of the 2×2 companion
+    matrices (renormalised each step): γ = (1/T) Σ_t log‖M_t u_t‖. ``lr`` may be an array
+    (all α share the same h_t, so γ(α) is a smooth function of α for a fixed seed).
+    The iteration is almost surely stable (a typical path decays) iff γ < 0; the mean
+    square (:func:`sgd_momentum_ms_max_lr`) asks more, E x_t² → 0."""
+    m = _momentum("momentum", momentum)
+    lam = as_float("lam", lam)
+    var = as_float("var", var, nonnegative=True)
+    steps = as_int("steps", steps, minimum=10)
+    scalar = _is_scalar(lr)
+    a = np.atleast_1d(np.asarray(lr, dtype=float))
+    if np.any(~np.isfinite(a)) or np.any(a <= 0):
+        raise ValueError("lr must be finite and > 0")
+    h = lam + math.sqrt(var) * np.random.default_rng(seed).standard_normal(steps)
+    x, xp = np.ones_like(a), np.zeros_like(a)
+    acc = np.zeros_like(a)
+    for t in range(steps):
+        x, xp = (1.0 + m - a * h[t]) * x - m * xp, x
+        n = np.hypot(x, xp)
+        acc += np.log(n)
+        x, xp = x / n, xp / n
+    g = acc / steps
+    return float(g[0]) if scalar else g
+
+
+def sgd_momentum_as_max_lr(B, lam, s2, N=None, momentum=0.0, *, replacement: bool = False,
+                           steps=20000, seed=0):
+    """Almost-sure (typical-path) stability limit of heavy-ball SGD in the directional
+    model of :func:`sgd_momentum_ms_max_lr` (h_t ~ N(λ, c(B, N)·s²)): the α at which
+    :func:`heavy_ball_lyapunov_exponent` crosses 0, by bisection in log α on one seeded
+    path. It is never below the mean-square limit (Jensen: γ ≤ ½ log of the mean-square
+    growth), equals 2(1 + ρ)/λ without noise, and for ρ = 0 solves E log|1 − αh| = 0."""
+    m = _momentum("momentum", momentum)
+    lam = as_float("lam", lam, positive=True)
+    s2 = as_float("s2", s2, nonnegative=True)
+    scalar = _is_scalar(B)
+    cs = np.atleast_1d(noise_factor(B, N, replacement))
+    out = []
+    for c in cs:
+        lo = float(sgd_momentum_ms_max_lr(1.0, lam, 0.0, None, m)) * 1e-3
+        hi = 2.0 * (1.0 + m) / lam
+        while heavy_ball_lyapunov_exponent(hi, lam, c * s2, m, steps=steps, seed=seed) < 0:
+            hi *= 2.0
+        for _ in range(50):
+            mid = math.sqrt(lo * hi)
+            if heavy_ball_lyapunov_exponent(mid, lam, c * s2, m, steps=steps, seed=seed) < 0:
+                lo = mid
+            else:
+                hi = mid
+            if hi / lo < 1 + 1e-6:
+                break
+        out.append(math.sqrt(lo * hi))
+    return out[0] if scalar else np.array(out)
 
 
 def critical_batch_size(lam, s2) -> float:

@@ -303,3 +303,49 @@ def test_bad_input_value_errors_name_argument(call, name):
 def test_bad_input_type_errors(call):
     with pytest.raises(TypeError):
         call()
+
+
+# ---------------------------------------------------------------- almost-sure (Lyapunov) limit
+
+def _gauss_log_mean(alpha, lam, var):
+    """E log|1 − αh|, h ~ N(λ, var), by quadrature (the oracle for ρ = 0)."""
+    from scipy import integrate, stats
+    sd = math.sqrt(var)
+    f = lambda h: math.log(abs(1.0 - alpha * h)) * stats.norm.pdf(h, lam, sd)
+    pole = 1.0 / alpha
+    a, b = lam - 12 * sd, lam + 12 * sd
+    pts = [pole] if a < pole < b else None
+    return integrate.quad(f, a, b, points=pts, limit=400)[0]
+
+
+def test_lyapunov_exponent_at_zero_momentum_matches_quadrature():
+    from rmt.lr import heavy_ball_lyapunov_exponent
+    lam, var, T = 0.3, 0.8, 40000
+    for alpha in (0.5, 2.0, 4.0):
+        g = heavy_ball_lyapunov_exponent(alpha, lam, var, 0.0, steps=T, seed=3)
+        # per-step terms log|1 − αh_t| have sd ≲ 1.5 here: 4 standard errors
+        assert abs(g - _gauss_log_mean(alpha, lam, var)) < 4 * 1.5 / math.sqrt(T)
+
+
+def test_almost_sure_limit_oracles():
+    from scipy.optimize import brentq
+
+    from rmt.lr import sgd_momentum_as_max_lr, sgd_momentum_ms_max_lr
+    lam, s2, N = 0.266, 6.38, 1797
+    # ρ = 0: the root of E log|1 − αh| = 0 (quadrature), within the path's sampling error
+    B = 32
+    var = (1 / B - 1 / N) * s2
+    root = brentq(lambda a: _gauss_log_mean(a, lam, var), 0.5, 50.0)
+    got = sgd_momentum_as_max_lr(B, lam, s2, N, 0.0, steps=40000, seed=1)
+    assert got == pytest.approx(root, rel=0.05)
+    # no noise: the deterministic heavy-ball limit 2(1 + ρ)/λ
+    for m in (0.0, 0.5, 0.9):
+        assert sgd_momentum_as_max_lr(8, lam, 0.0, None, m, steps=2000) == pytest.approx(
+            2 * (1 + m) / lam, rel=1e-4)
+    # Jensen: a typical path is stable wherever the mean square is
+    Bs = np.array([8, 128])
+    for m in (0.0, 0.9):
+        a_s = sgd_momentum_as_max_lr(Bs, lam, s2, N, m, steps=8000)
+        assert np.all(a_s >= sgd_momentum_ms_max_lr(Bs, lam, s2, N, m) * 0.98)
+    with pytest.raises(ValueError):
+        sgd_momentum_as_max_lr(8, lam, s2, N, 1.0)
