@@ -230,6 +230,10 @@ def sgd_momentum_ms_max_lr(B, lam, s2, N=None, momentum=0.0, *, replacement: boo
     return _out(2.0 * (1.0 + m) / (lam + gain * c * s2 / lam), scalar)
 
 
+#: longest path `heavy_ball_lyapunov_exponent` accepts (a Python loop over steps)
+MAX_LYAPUNOV_STEPS = 10**7
+
+
 def heavy_ball_lyapunov_exponent(lr, lam, var, momentum=0.0, *, steps=20000, seed=0):
     """Top Lyapunov exponent γ(α) of heavy ball along one direction with Gaussian
     multiplicative noise: ``x_{t+1} = (1 + ρ − α h_t) x_t − ρ x_{t−1}``, h_t i.i.d.
@@ -242,16 +246,18 @@ def heavy_ball_lyapunov_exponent(lr, lam, var, momentum=0.0, *, steps=20000, see
     lam = as_float("lam", lam)
     var = as_float("var", var, nonnegative=True)
     steps = as_int("steps", steps, minimum=10)
+    if steps > MAX_LYAPUNOV_STEPS:
+        raise ValueError(f"steps must be at most {MAX_LYAPUNOV_STEPS}, got {steps}")
     scalar = _is_scalar(lr)
-    a = np.atleast_1d(np.asarray(lr, dtype=float))
-    if np.any(~np.isfinite(a)) or np.any(a <= 0):
-        raise ValueError("lr must be finite and > 0")
+    a = np.atleast_1d(as_float("lr", lr, positive=True) if scalar else as_array("lr", lr))
+    if np.any(a <= 0):
+        raise ValueError("lr must be > 0")
     h = lam + math.sqrt(var) * np.random.default_rng(seed).standard_normal(steps)
     x, xp = np.ones_like(a), np.zeros_like(a)
     acc = np.zeros_like(a)
     for t in range(steps):
         x, xp = (1.0 + m - a * h[t]) * x - m * xp, x
-        n = np.hypot(x, xp)
+        n = np.maximum(np.hypot(x, xp), 1e-300)   # an exactly annihilated path: γ → very negative
         acc += np.log(n)
         x, xp = x / n, xp / n
     g = acc / steps
@@ -263,22 +269,39 @@ def sgd_momentum_as_max_lr(B, lam, s2, N=None, momentum=0.0, *, replacement: boo
     """Almost-sure (typical-path) stability limit of heavy-ball SGD in the directional
     model of :func:`sgd_momentum_ms_max_lr` (h_t ~ N(λ, c(B, N)·s²)): the α at which
     :func:`heavy_ball_lyapunov_exponent` crosses 0, by bisection in log α on one seeded
-    path. It is never below the mean-square limit (Jensen: γ ≤ ½ log of the mean-square
-    growth), equals 2(1 + ρ)/λ without noise, and for ρ = 0 solves E log|1 − αh| = 0."""
+    path (bracketed from half the mean-square limit upwards). It is never below the
+    mean-square limit (Jensen: γ ≤ ½ log of the mean-square growth rate) up to the path's
+    sampling error, equals 2(1 + ρ)/λ without noise, and for ρ = 0 solves
+    E log|1 − αh| = 0."""
     m = _momentum("momentum", momentum)
     lam = as_float("lam", lam, positive=True)
     s2 = as_float("s2", s2, nonnegative=True)
     scalar = _is_scalar(B)
     cs = np.atleast_1d(noise_factor(B, N, replacement))
+    ms_all = np.atleast_1d(sgd_momentum_ms_max_lr(B, lam, s2, N, m, replacement=replacement))
+
+    def gamma(alpha, var):
+        return heavy_ball_lyapunov_exponent(alpha, lam, var, m, steps=steps, seed=seed)
+
     out = []
-    for c in cs:
-        lo = float(sgd_momentum_ms_max_lr(1.0, lam, 0.0, None, m)) * 1e-3
-        hi = 2.0 * (1.0 + m) / lam
-        while heavy_ball_lyapunov_exponent(hi, lam, c * s2, m, steps=steps, seed=seed) < 0:
+    for c, ms in zip(cs, ms_all):
+        var = float(c) * s2
+        lo = 0.5 * float(ms)
+        for _ in range(60):
+            if gamma(lo, var) < 0:
+                break
+            lo *= 0.5
+        else:
+            raise ValueError(f"no stable step found below the mean-square limit for lam={lam}, "
+                             f"s2={s2}")
+        hi = max(2.0 * (1.0 + m) / lam, 2.0 * lo)
+        for _ in range(200):
+            if not gamma(hi, var) < 0:
+                break
             hi *= 2.0
-        for _ in range(50):
+        for _ in range(60):
             mid = math.sqrt(lo * hi)
-            if heavy_ball_lyapunov_exponent(mid, lam, c * s2, m, steps=steps, seed=seed) < 0:
+            if gamma(mid, var) < 0:
                 lo = mid
             else:
                 hi = mid
