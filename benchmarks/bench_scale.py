@@ -14,6 +14,8 @@ Bars (issue 13; each row reports measured vs bar and met / missed):
 * ``resolved_cnn_diagnosis`` — no bar: on a smaller copy of that CNN (N = 500), the
   resolved form with every candidate against the capped one, and its parts (spikes
   alone, the complement term) against measurement (README, "Predictions at scale");
+* ``resolved_cnn_spikes`` — no bar: per-sample Hessian against GGN spikes on that CNN and
+  on the wide MLP, with the cost of a Jacobian-based GGN spike pass;
 * ``lr_table`` — `nets.lr_table` (defaults) on the wide MLP with N = 5000 (the digits
   plus jittered copies) in under 5 minutes on 2 cores;
 * ``preresnet`` — PreResNet-8 (basic blocks, ≈78k parameters, BatchNorm in eval mode
@@ -50,7 +52,8 @@ import torch.nn.functional as F
 from torch import nn
 
 ROWS = ("directional", "resolved", "resolved_sampled", "resolved_5000", "resolved_5000_sampled",
-        "resolved_cnn", "resolved_cnn_diagnosis", "lr_table", "preresnet", "scaling")
+        "resolved_cnn", "resolved_cnn_diagnosis", "resolved_cnn_spikes", "lr_table", "preresnet",
+        "scaling")
 GiB = 2**30
 BATCH_SIZES = (8, 32, 128, 512)
 
@@ -316,8 +319,7 @@ def row_resolved_cnn_diagnosis(quick, device):
     the complement term c·D_h(B)/λ_1 (`_complement_noise`)."""
     from nets.algorithms.lanczos import eigsh
     from nets.curvature.operators import hessian_operator
-    from nets.noise.resolved_noise import (_complement_noise, resolved_batch_top_eigenvalue,
-                                           resolved_noise_from_operator)
+    from nets.noise.resolved_noise import _complement_noise, resolved_batch_top_eigenvalue, resolved_noise_from_operator
     from rmt.sampling import batch_noise_factor
     N = 200 if quick else 500
     Bs = (8, 16, 32, 128)
@@ -362,6 +364,60 @@ def row_resolved_cnn_diagnosis(quick, device):
                 measured=np.round(meas, 4).tolist(), measured_rel_se=np.round(se / meas, 4).tolist(),
                 every_candidate_vs_measured=np.round(full["mean"] / meas, 3).tolist(),
                 resolved_s=_r(t_rn, 1), peak_gib=_r(_peak_gib(device), 3))
+
+
+def _ggn_spikes(model, X, chunk=16):
+    """Top eigenvalue of every per-sample cross-entropy GGN J_iᵀ(diag p − ppᵀ)J_i, from the
+    C×C matrix A^{1/2} J_iJ_iᵀ A^{1/2} (per-sample Jacobians by vmap(jacrev))."""
+    from torch.func import functional_call, jacrev, vmap
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    jac = vmap(jacrev(lambda p, x: functional_call(model, p, (x[None],))[0]), in_dims=(None, 0))
+    out = []
+    for s in range(0, X.shape[0], chunk):
+        J = jac(params, X[s:s + chunk])
+        Jm = torch.cat([v.reshape(v.shape[0], v.shape[1], -1) for v in J.values()], dim=2)
+        with torch.no_grad():
+            p = torch.softmax(functional_call(model, params, (X[s:s + chunk],)), 1)
+        A = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+        ev, V = torch.linalg.eigh(A)
+        Ah = V @ torch.diag_embed(ev.clamp_min(0).sqrt()) @ V.transpose(1, 2)
+        out.append(torch.linalg.eigvalsh(Ah @ (Jm @ Jm.transpose(1, 2)) @ Ah)[:, -1])
+    return torch.cat(out).double().numpy()
+
+
+def row_resolved_cnn_spikes(quick, device):
+    """What the per-sample spikes of that CNN are: for n samples, the top eigenvalue of
+    each per-sample Hessian (`per_sample_top_eigenpairs`) against that of its GGN (exact,
+    from the C×C Jacobian Gram), both extremes of a few per-sample Hessians, and the
+    network's training accuracy; the same on the wide digits MLP, with the cost of the two
+    per-sample passes in HVPs of the same n samples."""
+    from nets.algorithms.lanczos import eigsh
+    from nets.curvature.operators import hessian_operator
+    from nets.noise.resolved_noise import per_sample_top_eigenpairs
+    n = 64 if quick else 256
+    out = dict(row="resolved_cnn_spikes", problem="per-sample Hessian vs GGN spikes", n=n)
+    for name, (model, (X, y)) in (("cnn", trained_cnn(500)), ("mlp", wide_digits_mlp())):
+        with torch.no_grad():
+            acc = float((model(X).argmax(1) == y).float().mean())
+        Xs, ys = X[:n], y[:n]
+        op = hessian_operator(model, F.cross_entropy, (Xs, ys), device=device)
+        t_h = _hvp_seconds(op)
+        sp, t_l = _timed(lambda: per_sample_top_eigenpairs(op, seed=0))
+        g, t_j = _timed(lambda: _ggn_spikes(model, Xs))
+        ends = []
+        for i in range(3):
+            o1 = hessian_operator(model, F.cross_entropy, (X[i:i + 1], y[i:i + 1]), device=device)
+            ends.append([float(eigsh(o1, k=1, which=w, tol=1e-6, seed=0).values[0])
+                         for w in ("SA", "LA")])
+        r = g / sp.gamma
+        out[name] = dict(train_accuracy=_r(acc), P=op.P,
+                         hessian_spike_q50_q100=np.round(np.quantile(sp.gamma, [0.5, 1.0]), 3).tolist(),
+                         ggn_spike_q50_q100=np.round(np.quantile(g, [0.5, 1.0]), 3).tolist(),
+                         ggn_over_hessian_q5_q50_q95=np.round(np.quantile(r, [0.05, 0.5, 0.95]), 3).tolist(),
+                         per_sample_hessian_min_max=np.round(ends, 3).tolist(),
+                         lanczos_pass_hvps=_r(t_l / t_h, 1), jacobian_pass_hvps=_r(t_j / t_h, 1))
+        _log(f"{name}: {out[name]}")
+    return out
 
 
 def row_lr_table(quick, device):
