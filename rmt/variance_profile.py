@@ -30,6 +30,7 @@ on where the spike lives.  Negative spikes are symmetric (outlier below the left
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -237,7 +238,11 @@ def profile_outlier(spike, block_variances, block_fractions, spike_block_weights
     z_in = e + 1e-10 * scale
     if h(z_in) >= 0:
         return float(e)
-    z = brentq(h, z_in, e + theta * (1 + 1e-9) + 1e-10 * scale, xtol=1e-14 * scale, rtol=1e-15)
+    hi = e + theta * (1 + 1e-9) + 1e-10 * scale
+    if not math.isfinite(hi):
+        raise ValueError(f"spike={theta} is too large: the outlier's bracket (edge + spike) "
+                         "overflows float64")
+    z = brentq(h, z_in, hi, xtol=1e-14 * scale, rtol=1e-15)
     return float(z)
 
 

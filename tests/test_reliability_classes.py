@@ -301,10 +301,10 @@ def test_list_of_batch_sizes_with_non_numbers_is_refused(bad):
 
 # ---- class 3: huge and tiny values ----------------------------------------------
 
-EXTREME = st.sampled_from([1e300, -1e300, 1.7976931348623157e308, -1.7976931348623157e308,
-                           2.0 ** 63, 2 ** 63, 2 ** 64 + 1, 10 ** 400, -(10 ** 400), 1e-300, -1e-300,
-                           5e-324, -5e-324, 0.0, -0.0, np.float64(1e300), np.int64(2 ** 62),
-                           np.uint64(2 ** 64 - 1), np.float32(3e38)])
+EXTREMES = (1e300, -1e300, 1.7976931348623157e308, -1.7976931348623157e308,
+            2.0 ** 63, 2 ** 63, 2 ** 64 + 1, 10 ** 400, -(10 ** 400), 1e-300, -1e-300,
+            5e-324, -5e-324, 0.0, -0.0, np.float64(1e300), np.int64(2 ** 62),
+            np.uint64(2 ** 64 - 1), np.float32(3e38))
 
 RAW = (OverflowError, ZeroDivisionError, FloatingPointError, ArithmeticError, MemoryError, RecursionError,
        IndexError, KeyError, AttributeError)
@@ -342,19 +342,23 @@ def _numbers(out):
     return a.astype(float).ravel() if a.dtype.kind in "biuf" else np.zeros(0)
 
 
-@SET
-@given(case=st.sampled_from(SCALARS), x=EXTREME)
-def test_extreme_scalars_give_a_finite_answer_or_an_error_naming_an_argument(case, x):
-    fname, arg = case
-    assert _finite_or_named(fname, arg, lambda: _call(fname, **{arg: x})) in ("finite", "named")
+# Every (function, argument) × every extreme value, deterministically (≈ 3,000 cheap calls
+# in ≈ 5 s): a random sample of them (hypothesis, 60 examples) passed for months and then
+# found `profile_outlier(spike=1.8e308)` raising a bare RuntimeError on one CI run.
+@pytest.mark.parametrize("x", EXTREMES, ids=[f"x{i}" for i in range(len(EXTREMES))])
+def test_extreme_scalars_give_a_finite_answer_or_an_error_naming_an_argument(x):
+    for fname, arg in SCALARS:
+        assert _finite_or_named(fname, arg, lambda: _call(fname, **{arg: x})) in ("finite", "named")
 
 
-@SET
-@given(case=st.sampled_from(ARRAYS), pos=st.integers(0, 10**6), x=EXTREME)
-def test_extreme_list_elements_give_a_finite_answer_or_an_error_naming_an_argument(case, pos, x):
-    fname, arg = case
-    value = _replace_element(RMT[fname][1][arg], pos, x)
-    assert _finite_or_named(fname, arg, lambda: _call(fname, **{arg: value})) in ("finite", "named")
+@pytest.mark.parametrize("x", EXTREMES, ids=[f"x{i}" for i in range(len(EXTREMES))])
+def test_extreme_list_elements_give_a_finite_answer_or_an_error_naming_an_argument(x):
+    for fname, arg in ARRAYS:
+        base = RMT[fname][1][arg]
+        for pos in sorted({0, 7 % int(np.size(base)), int(np.size(base)) - 1}):
+            value = _replace_element(base, pos, x)
+            assert _finite_or_named(fname, arg, lambda: _call(fname, **{arg: value})) in (
+                "finite", "named")
 
 
 @pytest.mark.parametrize("B", [1e300, 2 ** 63, 2.0 ** 63, 10 ** 400, np.float64(1e300)])
