@@ -32,7 +32,8 @@ oscillation (on the digits MLP at the edge it was negative at most checkpoints).
 ∇S are taken at the iterate (their change over one oscillation is second order).
 
 Cost: one pass over the data with a third-order product (forward, backward,
-forward-over-backward and its backward: a few gradient costs) and one forward-mode pass
+forward-over-backward and its backward: a few gradient costs; ∇L is that pass's primal,
+not a pass of its own) and one forward-mode pass
 for the projections ⟨g_i, u⟩ (vmapped, per sample), in chunks.
 """
 
@@ -103,9 +104,9 @@ def sharpness_gap_terms(model, loss_fn, data, u, *, params=None, policy=None, ch
     def chunk_loss(p, X, Y):
         return functional_loss(model, loss_fn, names, frozen, p, X, Y)
 
-    def s_along_u(p, X, Y):                       # uᵀ ∇²L_chunk(p) u
-        _, hu = jvp(lambda q: grad(chunk_loss)(q, X, Y), (p,), (ut,))
-        return sum((h * v).sum() for h, v in zip(hu, ut))
+    def s_along_u(p, X, Y):          # (uᵀ ∇²L_chunk(p) u, ∇L_chunk(p)): the jvp's primal
+        g, hu = jvp(lambda q: grad(chunk_loss)(q, X, Y), (p,), (ut,))   # is the gradient
+        return sum((h * v).sum() for h, v in zip(hu, ut)), g
 
     def one(p, x, y):
         return chunk_loss(p, x[None], y[None])
@@ -119,8 +120,8 @@ def sharpness_gap_terms(model, loss_fn, data, u, *, params=None, policy=None, ch
     with policy_mode(model, policy):
         for X, Y in src.batches(chunk, device=dev, dtype=dt):
             w = X.shape[0] / N
-            gL += w * layout.flatten(grad(chunk_loss)(prim, X, Y)).detach()
-            s, gs = torch.func.grad_and_value(s_along_u)(prim, X, Y)[::-1]
+            gs, (s, g) = torch.func.grad_and_value(s_along_u, has_aux=True)(prim, X, Y)
+            gL += w * layout.flatten(g).detach()
             gS += w * layout.flatten(gs).detach()
             S += w * float(s)
             dots.append(proj(X, Y).detach().reshape(-1))

@@ -580,42 +580,28 @@ class _StandIns:
         self.pos = pos
         self.index = rn.index
         lg = np.log(rn.gamma[rn.index]) if rn.index.size else np.zeros(0)
-        self.order = np.argsort(lg, kind="stable")
+        self.order = np.argsort(lg, kind="stable")         # kept positions by γ
         self.lg_sorted = lg[self.order]
         self.lg_all = np.log(np.maximum(rn.gamma, 1e-300))
-        self.m = rn.index.size
 
     def __call__(self, hs: np.ndarray) -> np.ndarray:
         p = self.pos[hs].copy()
         own = self.index[p] == hs
-        if own.all() or self.m == 0:
+        m = self.index.size
+        if own.all() or m == 0:
             return p
         used = set(p[own].tolist())
         given: dict[int, int] = {}
         for t in np.flatnonzero(~own):
             sample = int(hs[t])
-            if sample in given:                      # the same sample again
-                p[t] = given[sample]
-                continue
-            if len(used) >= self.m:                  # more resolved samples than kept vectors
-                given[sample] = int(p[t])
-                continue
-            g = self.lg_all[sample]
-            hi = int(np.searchsorted(self.lg_sorted, g))
-            lo = hi - 1
-            while True:                              # nearest unused in log γ
-                take_lo = lo >= 0 and (hi >= self.m or g - self.lg_sorted[lo] <= self.lg_sorted[hi] - g)
-                j = lo if take_lo else hi
-                if take_lo:
-                    lo -= 1
-                else:
-                    hi += 1
-                q = int(self.order[j])
-                if q not in used:
-                    break
-            used.add(q)
-            given[sample] = q
-            p[t] = q
+            if sample not in given and len(used) < m:
+                # kept candidates by distance in log γ (ties: the smaller γ, as for `proxy`)
+                dist = np.abs(self.lg_sorted - self.lg_all[sample])
+                near = self.order[np.argsort(dist, kind="stable")]
+                q = next(int(j) for j in near if int(j) not in used)
+                used.add(q)
+                given[sample] = q
+            p[t] = given.get(sample, p[t])    # the same sample again, or no vector left
         return p
 
 

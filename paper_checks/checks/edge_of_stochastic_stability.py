@@ -57,8 +57,9 @@ BATCH_SIZES = (8, 32, 128, None)        # None = full batch
 def train_monitored(lr, B, *, steps, records, seed, train, loss="ce", net="mlp",
                     gap_terms=False):
     """Plain SGD on the digits MLP (net="mlp") or CNN (net="cnn": the learner
-    comparison's SmallCNN, 8×8 images) at (lr, B); returns (monitor, diverged) and, with
-    `gap_terms`, the `sharpness_gap_terms` at every record of the second half (list)."""
+    comparison's SmallCNN, 8×8 images) at (lr, B); returns (monitor, diverged, terms):
+    with `gap_terms`, the `sharpness_gap_terms` at every record of the second half
+    (else an empty list)."""
     import torch
     from torch import nn
 
@@ -96,7 +97,7 @@ def train_monitored(lr, B, *, steps, records, seed, train, loss="ce", net="mlp",
             n_rec = len(mon.records)
             if mon.records[-1].step >= steps // 2 and mon.records[-1].lam > 0:
                 terms.append(sharpness_gap_terms(model, ce, (X, y), mon.tracker.v0))
-    return (mon, diverged, terms) if gap_terms else (mon, diverged)
+    return mon, diverged, terms
 
 
 def _half_mse_one_hot(out, y):
@@ -125,11 +126,8 @@ def _liao_plateau(lr, B, terms):
     from nets.learning_rates.sharpness_gap import SharpnessGapTerms, stochastic_sharpness_gap
     if not terms:
         return float("nan"), float("nan")
-    mean = SharpnessGapTerms(
-        sharpening=float(np.mean([t.sharpening for t in terms])),
-        stabilisation=float(np.mean([t.stabilisation for t in terms])),
-        v_u=float(np.mean([t.v_u for t in terms])), S=float(np.mean([t.S for t in terms])),
-        grad_norm=float(np.mean([t.grad_norm for t in terms])), N=terms[0].N)
+    mean = SharpnessGapTerms(**{k: float(np.mean([getattr(t, k) for t in terms]))
+                                for k in terms[0].keys() if k != "N"}, N=terms[0].N)
     pos = float(np.mean([t.sharpening > 0 for t in terms]))
     return 2.0 / lr - stochastic_sharpness_gap(lr, B, mean), pos
 
