@@ -534,3 +534,44 @@ def test_batchnorm_dropout_cnn_trains_with_train_batch_stats():
         hist, _, diverged = train_run(model, opt, ce, (X, y), epochs=6, batch_size=32, seed=0)
     assert not diverged and hist[-1] < 0.6 * first, hist
     assert any(not torch.equal(a, b) for a, b in zip(buffers, model.buffers()))  # SGD's BN stats
+
+
+def test_chunk_runs_side_by_side_match_one_by_one(monkeypatch):
+    """The k chunk runs as one `lanczos_batch` on `SideBySideHessians` give the same
+    updates as one operator per chunk (cold first update, warm later ones)."""
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(120, 6, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 3, (120,), generator=g)
+
+    def run():
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+        torch.manual_seed(0)
+        for p in model.parameters():
+            nn.init.normal_(p, std=0.5)
+        opt = CurvatureAdaptiveSGD(model, nn.functional.cross_entropy, (X, y), batch_size=16,
+                                   curvature_batch_size=48, lanczos_steps=12,
+                                   first_update_every=2, update_every=4, seed=3)
+        for t in range(10):
+            idx = torch.arange(16 * t, 16 * t + 16) % 120
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
+            opt.step()
+        return [(h.lam_max, h.lr, h.num_matvecs) for h in opt.history]
+
+    original, used = CurvatureAdaptiveSGD._chunk_runs_side_by_side, []
+
+    def counted(self, *a):
+        out = original(self, *a)
+        used.append(out is not None)
+        return out
+
+    monkeypatch.setattr(CurvatureAdaptiveSGD, "_chunk_runs_side_by_side", counted)
+    side = run()
+    assert used and all(used)                     # every update went side by side
+    monkeypatch.setattr(CurvatureAdaptiveSGD, "_chunk_runs_side_by_side", lambda *a: None)
+    seq = run()
+    assert len(side) == len(seq) >= 3
+    for a, b in zip(side, seq):
+        assert a[0] == pytest.approx(b[0], rel=1e-9)
+        assert a[1] == pytest.approx(b[1], rel=1e-9)
+        assert a[2] == b[2]

@@ -145,15 +145,20 @@ def _apply(op, Q: torch.Tensor) -> torch.Tensor:
     return op.matmat(Q.T).to(torch.float64).T.contiguous()
 
 
+def rademacher_vectors(P: int, k: int, seed) -> np.ndarray:
+    """(k, P) Rademacher (±1) rows from `numpy.random.default_rng(seed)`: the start
+    vectors of `lanczos(..., seed=seed)` (k = 1) and of `lanczos_batch`."""
+    return np.random.default_rng(seed).choice(np.array([-1.0, 1.0]), size=(k, P))
+
+
 def _start_vectors(op, k: int, v0, seed, kind: str) -> torch.Tensor:
     P = op.P
     dev = _op_device(op)
     if v0 is None:
-        rng = np.random.default_rng(seed)
         if kind == "rademacher":
-            V = rng.choice(np.array([-1.0, 1.0]), size=(k, P))
+            V = rademacher_vectors(P, k, seed)
         else:
-            V = rng.standard_normal((k, P))
+            V = np.random.default_rng(seed).standard_normal((k, P))
         return torch.from_numpy(V).to(dev)
     if isinstance(v0, np.ndarray):
         v0 = torch.from_numpy(np.asarray(v0, dtype=np.float64))
