@@ -11,6 +11,8 @@ a user composes them from: operators (`hessian_operator`, `ggn_operator`,
 on-the-fly learner (`CurvatureAdaptiveSGD`).
 """
 
+import sys as _sys
+
 from nets.algorithms.hutchinson import hutchinson_trace
 from nets.algorithms.lanczos import eigsh, lanczos
 from nets.algorithms.slq import slq_density
@@ -26,7 +28,13 @@ from nets.curvature.operators import (
 )
 
 # modules users reach by name (`nets.lr_search.lr_sweep`, `nets.stability...`)
-from nets.learning_rates import learner, least_squares, lr_prediction, lr_search, stability
+from nets.learning_rates import (  # noqa: F401
+    learner,
+    least_squares,
+    lr_prediction,
+    lr_search,
+    stability,
+)
 from nets.learning_rates.adam import (  # noqa: F401
     adam_threshold,
     adam_transfer_lr,
@@ -44,7 +52,7 @@ from nets.learning_rates.lr_prediction import (
 from nets.learning_rates.monitor import CurvatureMonitor, eoss_plateau
 from nets.learning_rates.sharpness_gap import sharpness_gap_terms, stochastic_sharpness_gap
 from nets.learning_rates.transfer import transfer_lr
-from nets.noise import batch_spectra, gradient_noise, resolved_noise, subspace_noise
+from nets.noise import batch_spectra, gradient_noise, resolved_noise, subspace_noise  # noqa: F401
 from nets.noise.batch_spectra import measure_batch_top_eigenvalue, predict_batch_top_eigenvalue
 from nets.noise.directional import directional_noise, isotropic_noise
 from nets.training import data, models  # noqa: F401
@@ -75,9 +83,18 @@ __all__ = [
     "predict_max_lr",
     "transfer_lr",
     "CurvatureAdaptiveSGD",
+    "CurvatureMonitor",
+    "eoss_plateau",
+    "sharpness_gap_terms",
+    "stochastic_sharpness_gap",
     "OptimizerSettings",
     "optimizer_settings",
     "check_mean_reduced",
     "DataSource",
     "as_data_source",
 ]
+
+# ... and import by that name: `from nets.lr_search import training_threshold`
+for _name in ("learner", "least_squares", "lr_prediction", "lr_search", "stability"):
+    _sys.modules.setdefault(f"nets.{_name}", globals()[_name])
+del _name

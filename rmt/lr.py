@@ -337,7 +337,11 @@ def adam_max_lr(B, lam, s2, grad_mean_sq, grad_var, N=None, eps=0.0, beta1=0.0, 
         λ'(B) = λ + c·s²/λ.
 
     For ``B → 0`` (noise-dominated) α_max ∝ √B (square-root scaling); for large B it
-    saturates. This is a *stability limit*; for the SDE-matching rule see
+    saturates. Two crossovers set the shape: the curvature noise stops mattering above
+    B* = s²/λ² (λ' → λ), the gradient noise in v above B_g = grad_var/grad_mean_sq. When
+    B_g > B* the limit *falls* as 1/√B between them (λ' is already flat while the noise
+    that enlarges √v shrinks), so a decreasing α_max(B) is what the formula says there,
+    not an error. This is a *stability limit*; for the SDE-matching rule see
     :func:`malladi_adam_scaling`.
     """
     g2 = as_float("grad_mean_sq", grad_mean_sq, nonnegative=True)

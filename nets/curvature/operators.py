@@ -29,21 +29,27 @@ Train-mode layers (the `policy` argument):
     running statistics, Dropout is the identity); flags are restored afterwards.
   * "train_batch_stats": normalisation layers use the statistics of the batch being
     multiplied (the curvature of the train-mode loss) but their running buffers are
-    not written; Dropout is switched off.
+    not written; Dropout is switched off. "The batch" is each chunk the operator
+    processes (`chunk_size`, or each batch of a DataLoader): batch statistics couple
+    the samples of a chunk, so with this policy the operator is the average of the
+    chunks' train-mode curvatures and depends on the chunking (one chunk of all N
+    samples is the full-batch train-mode curvature).
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import grad, jvp, vjp, vmap
 
-from nets.curvature.params import ParamLayout, make_functional
+from nets.curvature.params import ParamLayout, call_model, make_functional, output_tensors
 from nets.utils.data_source import as_data_source
+from nets.utils.vmapping import vmap_or_loop
 
 POLICIES = (None, "eval", "train_batch_stats")
 #: cache_graph="auto" keeps the per-batch gradient graphs when the inputs held total at
@@ -199,9 +205,12 @@ def check_policy(model: nn.Module, policy) -> None:
     if policy is not None:
         return
     for name, m in model.named_modules():
-        if isinstance(m, _NORM_TYPES) and m.training and isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if isinstance(m, _NORM_TYPES) and m.training and (
+                isinstance(m, nn.modules.batchnorm._BatchNorm) or m.track_running_stats):
+            kind = ("BatchNorm" if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                    else f"{type(m).__name__} (with running statistics)")
             raise ValueError(
-                f"BatchNorm layer {name!r} is in train mode; pass policy='eval' (use running "
+                f"{kind} layer {name!r} is in train mode; pass policy='eval' (use running "
                 "statistics) or policy='train_batch_stats' (use batch statistics; buffers are "
                 "never written), or call model.eval()")
         if isinstance(m, _DROPOUT_TYPES) and m.training and m.p > 0:
@@ -212,6 +221,21 @@ def check_policy(model: nn.Module, policy) -> None:
             raise ValueError(
                 f"{type(m).__name__} layer {name!r} is random in train mode: curvature products "
                 "would be random; pass policy='eval' or call model.eval()")
+
+
+def _warn_weight_norm(model: nn.Module) -> None:
+    """torch.nn.utils.parametrizations.weight_norm runs the fused `_weight_norm_interface`
+    kernel, whose second derivative is not symmetric in torch (dense Hessian of a small
+    weight-normed MLP: max |H − Hᵀ| = 0.035; its top eigenvalues 1–4 % below those of the
+    same network with w = g·v/‖v‖ written out). Warn: the Hessian is unreliable there."""
+    for name, m in model.named_modules():
+        for plist in getattr(m, "parametrizations", {}).values():
+            if any(type(p).__name__ == "_WeightNorm" for p in plist):
+                warnings.warn(
+                    f"module {name!r} uses weight_norm: torch's second derivative of its fused "
+                    "kernel is not symmetric, so Hessian products are off by a few per cent; "
+                    "use kind='ggn', or write w = g·v/‖v‖ in the forward", stacklevel=3)
+                return
 
 
 @contextlib.contextmanager
@@ -331,6 +355,8 @@ class ModelCurvatureOperator(CurvatureOperator):
         if kind not in ("hessian", "ggn"):
             raise ValueError(f"kind must be 'hessian' or 'ggn', got {kind!r}")
         check_policy(model, policy)
+        if kind == "hessian":
+            _warn_weight_norm(model)
         layout = ParamLayout.from_module(model, params)
         device, dtype = resolve_device_dtype(model, layout.names, device, dtype)
         super().__init__(layout.P, dtype, device, layout.names)
@@ -351,13 +377,19 @@ class ModelCurvatureOperator(CurvatureOperator):
         if self.source.form == "pair" or cache_graph:
             self._batch_list = list(self._stream())
         self._cached = None
+        self._no_forward_ad = False
         self._check_inputs()
 
     def _check_inputs(self) -> None:
         """Integer inputs to a network whose parameters are floating: refuse with a
-        message instead of torch's dtype error deep inside a product."""
+        message instead of torch's dtype error deep inside a product. A forward that is
+        random (dropout called as a function, `F.dropout(x, p, self.training)`, in
+        train mode; noise injection): refuse, as for an active nn.Dropout — found by
+        running the forward twice on the first two samples (the global RNG state is
+        restored afterwards)."""
         x, _ = self.source.take([0], device=self.device, dtype=self.dtype)
         if x.is_floating_point() or x.dtype == torch.bool:
+            self._check_deterministic()
             return
         try:
             with torch.no_grad(), policy_mode(self.model, self.policy):
@@ -368,6 +400,26 @@ class ModelCurvatureOperator(CurvatureOperator):
                 f"({str(exc).splitlines()[0]}); integer inputs are passed as they are (token "
                 "ids), so convert images or features to floating point first, e.g. X.float()"
             ) from None
+        self._check_deterministic()
+
+    def _check_deterministic(self) -> None:
+        x, _ = self.source.take(list(range(min(2, self.N))), device=self.device,
+                                dtype=self.dtype)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.no_grad(), policy_mode(self.model, self.policy), \
+                torch.random.fork_rng(devices=devices):
+            a, b = (self._forward(self.primals, x) for _ in range(2))
+        # a tolerance, not bitwise: some GPU kernels are not bitwise reproducible
+        same = all(torch.allclose(u.nan_to_num(), v.nan_to_num(), rtol=1e-4, atol=1e-6)
+                   if u.is_floating_point() else torch.equal(u, v)
+                   for u, v in zip(output_tensors(a), output_tensors(b)))
+        if not same:
+            raise ValueError(
+                "the model's forward is not repeatable (two calls on the same input differ): "
+                "dropout called as a function, e.g. F.dropout(x, p, self.training), another "
+                "random layer, or a layer that updates its state on every forward in train "
+                "mode (spectral_norm's power iteration); curvature products would change "
+                "from call to call. Call model.eval() or pass policy='eval'")
 
     def _stream(self):
         return self.source.batches(self.chunk_size, device=self.device, dtype=self.dtype)
@@ -384,7 +436,7 @@ class ModelCurvatureOperator(CurvatureOperator):
     def _forward(self, prim, x):
         state = dict(self.frozen)
         state.update(zip(self.layout.names, prim))
-        return functional_call(self.model, state, (x,))
+        return call_model(self.model, state, x)
 
     def _loss(self, prim, x, y):
         return _scalar_loss(self.loss_fn(self._forward(prim, x), y))
@@ -396,7 +448,11 @@ class ModelCurvatureOperator(CurvatureOperator):
         backward builds the gradient graph, each product is one pullback through it
         (measured ~2.5× a gradient on CPU, vs ~3.5× for forward-over-reverse).
         GGN: Jv by `jvp` through the network, Λ(Jv) by the pullback of the loss
-        gradient w.r.t. the outputs, then the network's `vjp` pullback."""
+        gradient w.r.t. the outputs, then the network's `vjp` pullback. A layer without
+        forward-mode AD (torch's CPU LSTM kernel, "forward AD with mkldnn_rnn_layer")
+        gets Jv by the double-vjp identity instead: z ↦ Jᵀz is linear, so the pullback
+        of that map at z = 0 along v is Jv (one more backward pass; the operator then
+        stays on this path)."""
         n = len(self.primals)
         if self.kind == "hessian":
             g = grad(lambda *p: self._loss(p, x, y), argnums=tuple(range(n)))
@@ -407,8 +463,18 @@ class ModelCurvatureOperator(CurvatureOperator):
         # here trips a torch bug for mse_loss ("ZeroTensors are immutable")
         lam = vjp(grad(lambda o: _scalar_loss(self.loss_fn(o, y))), out)[1]
 
+        def jv_reverse(vt):
+            zero = torch.zeros_like(out)
+            return vjp(lambda z: pull(z), zero)[1](tuple(vt))[0]
+
         def ggn_product(vt):
-            Jv = jvp(f, self.primals, vt)[1]
+            if not self._no_forward_ad:
+                try:
+                    Jv = jvp(f, self.primals, vt)[1]
+                except NotImplementedError:
+                    self._no_forward_ad = True
+            if self._no_forward_ad:
+                Jv = jv_reverse(vt)
             return pull(lam(Jv)[0])
         return ggn_product
 
@@ -449,7 +515,7 @@ class ModelCurvatureOperator(CurvatureOperator):
             return vmap(lambda u: lay.flatten(pb(lay.unflatten(u))), in_dims=1)(U).transpose(0, 1)
 
         with policy_mode(self.model, self.policy):
-            return vmap(one_group)(Xg, Yg)
+            return vmap_or_loop(one_group)(Xg, Yg)
 
     def _matvec(self, v):
         vt = self.layout.unflatten(v)
@@ -541,7 +607,8 @@ def hessian_operator(model: nn.Module, loss_fn: Callable, data, *, params=None, 
     params : None (all trainable parameters), names, or a predicate (name, tensor) -> bool.
     policy : None | "eval" | "train_batch_stats" (module docstring).
     chunk_size : at most this many samples per forward/backward pass (memory); the
-        product is the exact n_b/N-weighted average whatever the chunking.
+        product is the exact n_b/N-weighted average whatever the chunking (except with
+        policy="train_batch_stats", where each chunk normalises by its own statistics).
     device, dtype : where/in what precision products run (default: the model's).
         dtype=torch.float64 gives products exact to round-off.
     cache_graph : True: keep each batch's gradient graph between products, so that a

@@ -9,6 +9,7 @@ Flattening order is the order of `model.named_parameters()`.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -139,12 +140,51 @@ def make_functional(model: nn.Module, names: Sequence[str], *, device=None, dtyp
     return primals, frozen
 
 
+@contextlib.contextmanager
+def twice_differentiable():
+    """Kernels that curvature products can differentiate twice and in forward mode.
+
+    Attention through `F.scaled_dot_product_attention` picks a fused CPU/GPU kernel
+    whose backward has no derivative ("derivative for aten::_scaled_dot_product_flash_
+    attention_for_cpu_backward is not implemented"), and `nn.TransformerEncoderLayer`
+    in eval mode takes a fused fast path without forward-mode AD. Inside this context
+    attention uses the reference (math) kernel and the fast path is off; both are
+    restored afterwards. The math kernel computes the same function."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+
+
+def call_model(model: nn.Module, state: dict, x) -> torch.Tensor:
+    """`torch.func.functional_call(model, state, (x,))` inside `twice_differentiable`:
+    the forward every curvature product differentiates."""
+    with twice_differentiable():
+        return torch.func.functional_call(model, state, (x,))
+
+
+def output_tensors(out) -> list:
+    """The tensors of a model output: a tensor, or a dict / tuple / list of them."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in output_tensors(o)]
+    return []
+
+
 def functional_forward(model: nn.Module, names: Sequence[str], frozen: dict,
                        primals: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """`model(x)` with the selected parameters replaced by `primals`."""
     state = dict(frozen)
     state.update(zip(names, primals))
-    return torch.func.functional_call(model, state, (x,))
+    return call_model(model, state, x)
 
 
 def functional_loss(model: nn.Module, loss_fn: Callable, names: Sequence[str], frozen: dict,

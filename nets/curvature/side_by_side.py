@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
 from nets.curvature.operators import (
     CurvatureOperator,
@@ -40,7 +40,7 @@ from nets.curvature.operators import (
     policy_mode,
     resolve_device_dtype,
 )
-from nets.curvature.params import ParamLayout, make_functional
+from nets.curvature.params import ParamLayout, call_model, make_functional
 
 __all__ = ["SideBySideHessians", "ColumnCountError"]
 
@@ -85,7 +85,7 @@ class SideBySideHessians(CurvatureOperator):
         def chunk_loss(prim, x, y):
             state = dict(frozen)
             state.update(zip(names, prim))
-            return _scalar_loss(loss_fn(functional_call(model, state, (x,)), y))
+            return _scalar_loss(loss_fn(call_model(model, state, x), y))
 
         self._stacked = tuple(p.unsqueeze(0).expand(self.k, *p.shape).clone().requires_grad_()
                               for p in primals)

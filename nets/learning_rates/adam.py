@@ -163,6 +163,24 @@ class PreconditionedSharpness(Result):
     seed: int
 
 
+def _beta1_from(preconditioner, beta1, default=0.9) -> float:
+    """β₁ for the factor 2(1+β₁)/(1−β₁): an Adam optimizer given as the preconditioner
+    sets it (its `betas[0]`); an explicit `beta1` must then agree; else `beta1`, or the
+    default."""
+    own = None
+    if isinstance(preconditioner, torch.optim.Optimizer):
+        betas = preconditioner.param_groups[0].get("betas")
+        if betas is not None:
+            own = float(betas[0])
+    if beta1 is None:
+        return default if own is None else own
+    b = as_float("beta1", beta1, nonnegative=True)
+    if own is not None and b != own:
+        raise ValueError(f"beta1={b} disagrees with the preconditioner optimizer's betas[0]={own}"
+                         " (leave beta1 out to use the optimizer's)")
+    return b
+
+
 def _precond_for(preconditioner, model, B, params):
     if callable(preconditioner) and not isinstance(preconditioner, torch.optim.Optimizer):
         preconditioner = preconditioner(int(B))
@@ -172,13 +190,15 @@ def _precond_for(preconditioner, model, B, params):
 
 
 def preconditioned_batch_sharpness(model, loss_fn, data, batch_sizes, *, preconditioner,
-                                   n_batches=5, beta1=0.9, tol=1e-6, params=None, policy=None,
+                                   n_batches=5, beta1=None, tol=1e-6, params=None, policy=None,
                                    chunk_size=None, device=None, dtype=None, seed=0,
                                    progress=None) -> PreconditionedSharpness:
     """λ_max(D^{1/2} H_S D^{1/2}) on `n_batches` random batches S of each size B (drawn
     without replacement by `numpy.random.default_rng(seed)`), and α = F/mean with
     F = 2(1+β₁)/(1−β₁). preconditioner: a flat D, a torch Adam optimizer on `model`, or
-    a callable B -> either (one state per batch size)."""
+    a callable B -> either (one state per batch size). beta1 : None — the optimizer's
+    betas[0] when the preconditioner is one, else 0.9."""
+    beta1 = _beta1_from(preconditioner, beta1)
     src = as_data_source(data)
     bs = np.array([as_int("batch_sizes", b, minimum=1) for b in np.atleast_1d(batch_sizes)])
     if bs.max() > src.N:
@@ -272,7 +292,7 @@ class AdamPrediction(Result):
     preconditioner: str
 
 
-def predict_adam_max_lr(model, loss_fn, data, batch_sizes, *, betas=(0.9, 0.999), eps=1e-8,
+def predict_adam_max_lr(model, loss_fn, data, batch_sizes, *, betas=None, eps=1e-8,
                         preconditioner=None, tol=1e-8, params=None, policy=None,
                         chunk_size=256, device=None, dtype=torch.float64, seed=0,
                         progress=None) -> AdamPrediction:
@@ -281,6 +301,8 @@ def predict_adam_max_lr(model, loss_fn, data, batch_sizes, *, betas=(0.9, 0.999)
     preconditioner : None — the noise model D(B) = 1/(√(ḡ² + c(B,N)Σ_jj) + ε) from one
         per-sample gradient pass (the state a warmup at B reaches); or a callable
         B -> D / Adam optimizer (e.g. the measured warmed states).
+    betas : None — an Adam optimizer given as the preconditioner sets β₁ (its betas), else
+        (0.9, 0.999); β₁ sets the factor 2(1+β₁)/(1−β₁).
     Cost per B: one Lanczos on the full-data preconditioned Hessian and one per-sample
     HVP pass.
     """
@@ -291,7 +313,7 @@ def predict_adam_max_lr(model, loss_fn, data, batch_sizes, *, betas=(0.9, 0.999)
     bs = np.array([as_int("batch_sizes", b, minimum=1) for b in np.atleast_1d(batch_sizes)])
     if bs.max() > N:
         raise ValueError(f"batch_sizes must be <= N={N}")
-    b1 = float(betas[0])
+    b1 = _beta1_from(preconditioner, None if betas is None else betas[0])
     F = adam_factor(b1)
     kind = "given"
     if preconditioner is None:
@@ -595,6 +617,8 @@ def adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 0.999), eps
         raise ValueError(f"criterion must be one of {ADAM_CRITERIA}, got {criterion!r}")
     src = as_data_source(data)
     X, y = src.tensors(device=device, dtype=dtype)
+    if device is not None or dtype is not None:     # the trials train copies: cast one
+        model = copy.deepcopy(model).to(device=device, dtype=dtype)
     N = len(X)
     bs = np.array([as_int("batch_sizes", b, minimum=1) for b in np.atleast_1d(batch_sizes)])
     if bs.max() > N:

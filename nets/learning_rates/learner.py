@@ -551,6 +551,7 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
         self._chunks_only = (self.batch_correction == "micro_batch" and self.mu_rule == "floor"
                              and self._has_chunks)
         self._chunk_vectors: dict[int, torch.Tensor] = {}
+        self._side_by_side_fails = False
         self.steps_taken = 0
         self._next_update = 0
         self._interval = self.first_update_every
@@ -562,8 +563,10 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
                                         policy=self.policy, dtype=self.curvature_dtype,
                                         seed=self.seed)
         # the first update now, so that param_groups[...]["lr"] holds a real value
-        # before the first step (LR schedulers and loggers read it at construction)
+        # before the first step (LR schedulers and loggers read it at construction);
+        # its time is training time too (else overhead_fraction could exceed 1)
         self._update_now()
+        self._wall += self.history[-1].curvature_time
 
     def _update_now(self) -> None:
         self.update_hyperparameters()
@@ -709,14 +712,23 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
     def _chunk_runs_side_by_side(self, lseed, starts, warm):
         """All k chunk runs as one `lanczos_batch` on `SideBySideHessians` (column j is
         chunk j); None when a run stops early (an invariant subspace), which leaves
-        fewer columns than chunks: the caller then runs the chunks one by one."""
+        fewer columns than chunks, or when the model cannot run under `vmap` (e.g.
+        torch's recurrent kernels): the caller then runs the chunks one by one."""
         B = self.batch_size
         k = self.curvature_batch_size // B
         X, Y = self._curv_data
         X, Y = X[:k * B], Y[:k * B]
-        base = SideBySideHessians(self.model, self.loss_fn, X.reshape(k, B, *X.shape[1:]),
-                                  Y.reshape(k, B, *Y.shape[1:]), policy=self.policy,
-                                  dtype=self.curvature_dtype)
+        if self._side_by_side_fails:
+            return None
+        try:
+            base = SideBySideHessians(self.model, self.loss_fn, X.reshape(k, B, *X.shape[1:]),
+                                      Y.reshape(k, B, *Y.shape[1:]), policy=self.policy,
+                                      dtype=self.curvature_dtype)
+        except (RuntimeError, NotImplementedError):
+            # a layer without a vmap batching rule (torch's GRU/LSTM/RNN kernels): the
+            # chunks run one by one from now on
+            self._side_by_side_fails = True
+            return None
         op = _RecordingOperator(base)
         if warm:
             V0 = torch.stack([v.to(torch.float64) for v in starts], dim=1)
@@ -783,8 +795,9 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
 
     @property
     def wall_time(self) -> float:
-        """Wall seconds from the first `step` call to the end of the last one
-        (the training loop's time as seen by the optimizer, curvature included)."""
+        """Wall seconds from the first `step` call to the end of the last one, plus
+        the constructor's curvature update (the training loop's time as seen by the
+        optimizer, curvature included; so `overhead_fraction()` ≤ 1)."""
         return self._wall
 
     def overhead_fraction(self, total_wall_time=None) -> float:

@@ -407,11 +407,12 @@ def _full_data_loss(net, loss_fn, X, y, chunk):
 
 
 def _top_direction(model, loss_fn, data, seed):
-    """Unit top eigenvector of the full-data Hessian (k=1 Lanczos), as a flat tensor."""
+    """Unit top eigenvector of the full-data Hessian (k=1 Lanczos), as a flat tensor; in
+    eval mode, as the trials train (a model left in train mode is not refused)."""
     from nets.algorithms.lanczos import eigsh
     from nets.curvature.operators import curvature_operator
 
-    op = curvature_operator(model, loss_fn, data, kind="hessian")
+    op = curvature_operator(model, loss_fn, data, kind="hessian", policy="eval")
     top = eigsh(op, k=1, which="LA", tol=1e-8, seed=seed)
     u = torch.as_tensor(np.asarray(top.vectors[:, 0]), dtype=torch.float64)
     return u / u.norm(), float(top.values[0])
@@ -566,6 +567,9 @@ def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergen
     if device is not None or dtype is not None:
         X = X.to(device=device, dtype=dtype if X.is_floating_point() else None)
         y = y.to(device=device)
+        # the trials train copies of the model: cast it with the data (floating
+        # parameters and buffers only), never the caller's module
+        model = copy.deepcopy(model).to(device=device, dtype=dtype)
     N = len(X)
     bs = [as_int("batch_sizes", b, minimum=1) for b in np.atleast_1d(batch_sizes)]
     for B in bs:
@@ -679,7 +683,7 @@ def self_stabilisation(model, loss_fn, data, *, factor=4.0, batch_size=512, step
 
     Heavy-ball momentum `momentum`; batches of `batch_size` drawn without replacement by
     `torch.Generator().manual_seed(seed)`; the model is not modified (a copy is trained,
-    in eval mode). λ₁ by `nets.algorithms.spectra.top_eigenvalues` (k = 1)."""
+    in eval mode). λ₁ by `nets.algorithms.spectra.top_eigenvalues` (k = 1, eval mode too)."""
     from nets.algorithms.spectra import top_eigenvalues
     from nets.utils.data_source import as_data_source
 
@@ -691,7 +695,7 @@ def self_stabilisation(model, loss_fn, data, *, factor=4.0, batch_size=512, step
     if momentum >= 1:
         raise ValueError(f"momentum must be < 1, got {momentum}")
     seed = as_seed("seed", seed)
-    lam0 = float(top_eigenvalues(model, loss_fn, (X, y), k=1, seed=seed)[0])
+    lam0 = float(top_eigenvalues(model, loss_fn, (X, y), k=1, seed=seed, policy="eval")[0])
     net = copy.deepcopy(model).eval()
     params = _flat_params(net)
     bufs = [torch.zeros_like(p) for p in params]
@@ -703,7 +707,7 @@ def self_stabilisation(model, loss_fn, data, *, factor=4.0, batch_size=512, step
         losses.append(float(loss.detach()))
         if not math.isfinite(losses[-1]):
             break
-    lam1 = (float(top_eigenvalues(net, loss_fn, (X, y), k=1, seed=seed)[0])
+    lam1 = (float(top_eigenvalues(net, loss_fn, (X, y), k=1, seed=seed, policy="eval")[0])
             if math.isfinite(losses[-1]) else math.nan)
     return SelfStabilisation(lam0, lam1, lr, factor, B, steps, momentum, losses[0],
                              max(losses), losses[-1], seed)

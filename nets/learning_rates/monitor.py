@@ -38,6 +38,7 @@ vector is not stored: the first record after a restart starts cold.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Callable
@@ -47,6 +48,7 @@ import torch
 
 from nets.algorithms.lanczos import eigsh
 from nets.curvature.operators import check_policy, curvature_operator
+from nets.learning_rates.lr_prediction import optimizer_settings
 from nets.noise.batch_spectra import measure_batch_top_eigenvalue
 from nets.noise.directional import directional_noise_from_operator
 from nets.utils.data_source import as_data_source
@@ -58,7 +60,7 @@ from rmt.validation import as_float, as_int, as_seed
 __all__ = ["CurvatureMonitor", "MonitorRecord", "CurvatureTracker", "eoss_plateau"]
 
 
-def eoss_plateau(lr, batch_size, s2, N=None, *, momentum=0.0) -> float:
+def eoss_plateau(lr, batch_size, s2, N=None, *, momentum=0.0, factor=None) -> float:
     """The full-data sharpness λ₁* at the edge of stochastic stability.
 
     Solves λ'(B; λ₁*) = λ₁* + c(B, N)·s²/λ₁* = F/α with F = 2(1 + ρ) (heavy-ball ρ), i.e.
@@ -66,9 +68,11 @@ def eoss_plateau(lr, batch_size, s2, N=None, *, momentum=0.0) -> float:
     at the stability limit F/α (Andreyev & Beneventano 2024), λ₁ of the full-data Hessian
     settles at λ₁* ≤ F/α, lower the smaller B. Returns nan when a² < 4cs² (the batch
     noise alone puts λ' above F/α for every λ₁: no plateau). With B = N (c = 0): F/α,
-    the full-batch edge of stability (Cohen et al. 2021).
+    the full-batch edge of stability (Cohen et al. 2021). factor : F itself, overriding
+    2(1 + ρ) (Nesterov momentum or dampening, `OptimizerSettings.sgd_factor`).
     """
-    a = momentum_factor(momentum) / as_float("lr", lr, positive=True)
+    F = momentum_factor(momentum) if factor is None else as_float("factor", factor, positive=True)
+    a = F / as_float("lr", lr, positive=True)
     c = float(noise_factor(batch_size, N))
     s2 = as_float("s2", s2, nonnegative=True)
     disc = a * a - 4.0 * c * s2
@@ -240,6 +244,7 @@ class CurvatureMonitor:
             self.records = sorted((MonitorRecord.from_dict(v) for k, v in self.store.items()
                                    if k.startswith("step=")), key=lambda r: r.step)
         self._optimizer = None
+        self._settings = None
         self._hook = None
         self._steps = 0
         self._t_start = None
@@ -290,10 +295,16 @@ class CurvatureMonitor:
 
     def attach(self, optimizer: torch.optim.Optimizer, *, start_step: int = 0):
         """Record from a step post-hook of `optimizer` (lr and momentum read from its
-        first parameter group); steps are counted from `start_step` (pass the step a
-        resumed run restarts at). Returns the hook handle (``.remove()`` detaches)."""
+        first parameter group; torch SGD's Nesterov momentum and dampening change the
+        limit's factor, and for Adam/RMSprop the SGD lr table is nan); steps are counted
+        from `start_step` (pass the step a resumed run restarts at). Returns the hook
+        handle (``.remove()`` detaches)."""
         self._optimizer = optimizer
         self._steps = as_int("start_step", start_step, minimum=0)
+        try:                       # torch's SGD / Adam / RMSprop: their stability factor
+            self._settings = optimizer_settings(optimizer)
+        except (TypeError, ValueError):   # any other optimizer: heavy ball with its momentum
+            self._settings = None
 
         def hook(opt, args, kwargs):
             self._steps += 1
@@ -304,13 +315,24 @@ class CurvatureMonitor:
         return self._hook
 
     def _lr_momentum(self, lr):
+        """(α, ρ, F): the training lr, its heavy-ball momentum and the factor F of the
+        SGD limit F/λ'. F = 2(1 + ρ), or `OptimizerSettings.sgd_factor` for an attached
+        torch SGD (Nesterov, dampening); nan for an attached Adam/RMSprop, whose limit is
+        not SGD's (`nets.adam`): the lr table (max_lr and transfer_lr) and the plateau
+        are then nan."""
         if lr is not None:
-            return as_float("lr", lr, positive=True), self.momentum
+            return as_float("lr", lr, positive=True), self.momentum, momentum_factor(self.momentum)
         if self._optimizer is not None:
             g = self._optimizer.param_groups[0]
             mom = g.get("momentum", 0.0)
-            return float(g["lr"]), float(mom if mom else 0.0)
-        return self.lr, self.momentum
+            rho = float(mom if mom else 0.0)
+            s = self._settings
+            if s is None:
+                return float(g["lr"]), rho, momentum_factor(rho)
+            if s.name != "sgd":
+                return float(g["lr"]), 0.0, float("nan")
+            return float(g["lr"]), rho, dataclasses.replace(s, momentum=rho).sgd_factor
+        return self.lr, self.momentum, momentum_factor(self.momentum)
 
     # -- measurement --------------------------------------------------------------------
     def measure(self, step: int = 0, *, loss=None, lr=None) -> MonitorRecord:
@@ -341,16 +363,16 @@ class CurvatureMonitor:
             elif self.n_batches:
                 bs_mean, bs_std, bs_se = lam, 0.0, 0.0
         model.train(was_training)
-        a, rho = self._lr_momentum(lr)
+        a, rho, F = self._lr_momentum(lr)
         ok = lam > 0 and math.isfinite(s2)
         Bs = np.asarray(self.batch_sizes)
         nanv = tuple(float("nan") for _ in Bs)
         lam_prime = float(batch_curvature(B, lam, s2, N)) if ok else float("nan")
-        max_lr = tuple(momentum_factor(rho) / np.atleast_1d(batch_curvature(Bs, lam, s2, N))) \
-            if ok else nanv
+        max_lr = tuple(F / np.atleast_1d(batch_curvature(Bs, lam, s2, N))) if ok else nanv
         transfer = tuple(a * lam_prime / np.atleast_1d(batch_curvature(Bs, lam, s2, N))) \
-            if ok and a is not None else nanv
-        plateau = eoss_plateau(a, B, s2, N, momentum=rho) if ok and a is not None else float("nan")
+            if ok and a is not None and math.isfinite(F) else nanv
+        plateau = (eoss_plateau(a, B, s2, N, factor=F) if ok and a is not None and math.isfinite(F)
+                   else float("nan"))
         cost = self._clock() - t0
         return MonitorRecord(
             step=int(step), time=self.elapsed(), loss=float("nan") if loss is None else float(loss),

@@ -43,12 +43,13 @@ import math
 
 import numpy as np
 import torch
-from torch.func import grad, jvp, vmap
+from torch.func import grad, jvp
 
 from nets.curvature.operators import check_policy, policy_mode, resolve_device_dtype
 from nets.curvature.params import ParamLayout, functional_loss, make_functional
 from nets.utils.data_source import as_data_source
 from nets.utils.results import Result, result
+from nets.utils.vmapping import vmap_or_loop
 from rmt.lr import noise_factor
 from rmt.validation import as_float, as_int
 
@@ -111,7 +112,7 @@ def sharpness_gap_terms(model, loss_fn, data, u, *, params=None, policy=None, ch
     def one(p, x, y):
         return chunk_loss(p, x[None], y[None])
 
-    proj = vmap(lambda x, y: jvp(lambda q: one(q, x, y), (prim,), (ut,))[1])
+    proj = vmap_or_loop(lambda x, y: jvp(lambda q: one(q, x, y), (prim,), (ut,))[1])
 
     gL = torch.zeros(layout.P, dtype=dt, device=dev)
     gS = torch.zeros(layout.P, dtype=dt, device=dev)

@@ -33,9 +33,10 @@ from __future__ import annotations
 import numpy as np
 
 from nets.learning_rates.lr_prediction import optimizer_settings
+from nets.utils.data_source import as_data_source
 from nets.utils.results import Result, result
 from rmt.lr import momentum_noise_gain
-from rmt.validation import as_float, as_int, as_seed
+from rmt.validation import as_batch_sizes, as_float, as_int, as_seed
 
 __all__ = ["transfer_lr", "LRTransfer", "scaling_rule", "TRANSFER_FORMS", "CLASSICAL_RULES"]
 
@@ -155,10 +156,11 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
     if form not in TRANSFER_FORMS:
         raise ValueError(f"form must be one of {TRANSFER_FORMS}, got {form!r}")
     seed = as_seed("seed", seed)
-    Bs = np.atleast_1d(np.asarray(batch_sizes))
-    if Bs.ndim != 1 or Bs.size == 0:
-        raise ValueError("batch_sizes must be a non-empty 1-d sequence of ints")
-    Bs = np.array([as_int("batch_sizes", b, minimum=1) for b in Bs.tolist()])
+    N = as_data_source(data).N
+    Bs = as_batch_sizes(batch_sizes, N)
+    if B0 > N:
+        raise ValueError(f"reference[0] (B0) must be <= N={N} (batches are drawn without "
+                         f"replacement), got {B0}")
     allB = np.unique(np.append(Bs, B0))
     pred = predict_batch_top_eigenvalue(model, loss_fn, data, allB, form=form, kind=kind,
                                         num_probes=num_probes, n_batches_mc=n_batches_mc,

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.func import grad, vmap
+from torch.func import grad
 
 from nets.curvature.operators import check_policy, hessian_operator, policy_mode, resolve_device_dtype
 from nets.curvature.params import ParamLayout, functional_loss, make_functional
@@ -35,6 +35,7 @@ from nets.utils.data_source import as_data_source, check_indices
 from nets.utils.memory import product_chunk
 from nets.utils.progress import progress_bar
 from nets.utils.results import Result, result
+from nets.utils.vmapping import vmap_or_loop
 from rmt.validation import as_int, as_seed
 
 __all__ = ["GradientNoise", "per_sample_gradients", "gradient_noise"]
@@ -67,7 +68,7 @@ class _PerSample:
             return functional_loss(model, loss_fn, names, self.frozen, prim, x[None], y[None])
 
         g = grad(one)
-        self._vg = vmap(lambda x, y: self.layout.flatten(g(self.primals, x, y)))
+        self._vg = vmap_or_loop(lambda x, y: self.layout.flatten(g(self.primals, x, y)))
 
     def _cast(self, t):
         t = t.to(self.device)

@@ -75,6 +75,7 @@ import torch
 
 from nets.algorithms.lanczos import eigsh
 from nets.curvature.operators import ModelCurvatureOperator, curvature_operator
+from nets.curvature.params import output_tensors
 from nets.noise.directional import (
     check_noise_operator,
     fetch_groups,
@@ -178,9 +179,11 @@ class SubspaceNoise(Result):
 
 
 def default_subspace_dim(model, data, P: int) -> int:
-    """The fixed rule for k: the number of model outputs C (the class outliers of
-    cross-entropy Hessians, Papyan 2019/2020), capped at P. One forward pass on one sample
-    of `data` (any form of `nets.utils.data_source`)."""
+    """The fixed rule for k: the number of model outputs C per sample (the class outliers
+    of cross-entropy Hessians, Papyan 2019/2020), capped at P. One forward pass on one
+    sample of `data` (any form of `nets.utils.data_source`). C is the size of the last
+    dimension of the output — for per-token outputs (1, T, C) the number of classes, not
+    T·C — summed over the tensors of a dict / tuple output."""
     X, _ = as_data_source(data).take([0])
     dev = next((p.device for p in model.parameters()), X.device)
     dt = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
@@ -192,7 +195,7 @@ def default_subspace_dim(model, data, P: int) -> int:
             out = model(X)
         finally:
             model.train(was)
-    C = int(out.reshape(1, -1).shape[1])
+    C = sum(int(t.shape[-1]) if t.ndim >= 2 else 1 for t in output_tensors(out))
     return max(1, min(C, P))
 
 

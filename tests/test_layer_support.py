@@ -1,0 +1,291 @@
+"""Networks beyond MLPs and CNNs: attention, recurrent layers, random forwards, dict
+outputs, optimizers the monitor reads. Oracles are dense float64 matrices built with
+torch.func from the model alone, or the same model written so that torch's vmap works."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nets
+from nets.curvature.operators import hessian_operator
+from nets.utils.vmapping import vmap_or_loop
+
+
+def _flat_loss(model, loss_fn, X, y):
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    sizes = [p.numel() for _, p in model.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()])
+    buffers = dict(model.named_buffers())
+
+    def loss(w):
+        st = dict(buffers)
+        st.update(zip(names, (c.view(s) for c, s in zip(torch.split(w, sizes), shapes))))
+        return loss_fn(torch.func.functional_call(model, st, (X,)), y)
+    return loss, flat
+
+
+def _fd_hessian(loss, flat, h=1e-5):
+    """Dense Hessian from central differences of the gradient, column by column
+    (error O(h²) ≈ 1e-10 here), symmetrised. Used for attention layers: a dense
+    torch.func.hessian / jacrev(jacrev) of this flat-vector loss came out asymmetric
+    (0.04) on nn.TransformerEncoderLayer, while the operator matches these differences
+    to 5e-10."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    g = torch.func.grad(loss)
+    eye = torch.eye(flat.numel(), dtype=flat.dtype)
+    with sdpa_kernel(SDPBackend.MATH):
+        cols = [(g(flat + h * e) - g(flat - h * e)) / (2 * h) for e in eye]
+    H = torch.stack(cols, dim=1)
+    return 0.5 * (H + H.T)
+
+
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.t = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.t(x).mean(1))
+
+
+def test_attention_layers_get_twice_differentiable_kernels():
+    """nn.TransformerEncoderLayer (scaled_dot_product_attention, eval fast path): the
+    Hessian's top eigenvalue equals the dense one; the GGN runs; flags are restored."""
+    torch.manual_seed(0)
+    model = _Attention().double().eval()
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(24, 3, 4, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 3, (24,), generator=g)
+    loss, flat = _flat_loss(model, F.cross_entropy, X, y)
+    top = float(torch.linalg.eigvalsh(_fd_hessian(loss, flat))[-1])
+    fast = torch.backends.mha.get_fastpath_enabled()
+    got = nets.top_eigenvalues(model, F.cross_entropy, (X, y), k=1, tol=1e-10)
+    assert got[0] == pytest.approx(top, rel=1e-7)
+    ggn = nets.top_eigenvalues(model, F.cross_entropy, (X, y), kind="ggn")
+    assert np.isfinite(ggn).all() and ggn[0] > 0
+    assert torch.backends.mha.get_fastpath_enabled() == fast
+
+
+class _Recurrent(nn.Module):
+    def __init__(self, cell, explicit_h0=False):
+        super().__init__()
+        self.r = cell(3, 5, batch_first=True)
+        self.fc = nn.Linear(5, 3)
+        self.explicit_h0 = explicit_h0
+
+    def forward(self, x):
+        if self.explicit_h0:           # a state vmap can batch: the same function
+            o, _ = self.r(x, x.new_zeros(1, x.shape[0], 5))
+        else:
+            o, _ = self.r(x)
+        return self.fc(o[:, -1])
+
+
+@pytest.mark.parametrize("cell", [nn.GRU, nn.RNN])
+def test_recurrent_layers_per_sample_passes_fall_back_to_a_loop(cell):
+    """torch's GRU/RNN build their zero state with the un-vmapped batch size and fail
+    under vmap; the per-sample passes then loop, with the same numbers as a model whose
+    state vmap can batch."""
+    torch.manual_seed(0)
+    a = _Recurrent(cell).double()
+    b = _Recurrent(cell, explicit_h0=True).double()
+    b.load_state_dict(a.state_dict())
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(40, 4, 3, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 3, (40,), generator=g)
+    pa = nets.predict_batch_top_eigenvalue(a, F.cross_entropy, (X, y), [4, 16], seed=0)
+    pb = nets.predict_batch_top_eigenvalue(b, F.cross_entropy, (X, y), [4, 16], seed=0)
+    np.testing.assert_allclose(pa["directional"], pb["directional"], rtol=1e-9)
+    opt = nets.CurvatureAdaptiveSGD(a, F.cross_entropy, (X, y), batch_size=8,
+                                    curvature_batch_size=16, lanczos_steps=6)
+    assert opt._side_by_side_fails and opt.lr > 0
+
+
+def test_vmap_or_loop_matches_a_loop_and_keeps_real_errors():
+    def not_vmappable(x):
+        return x * float(x.sum().item())         # .item() is refused under vmap
+    X = torch.arange(12.0).reshape(4, 3)
+    f = vmap_or_loop(not_vmappable)
+    out = f(X)
+    assert f.looped
+    np.testing.assert_allclose(out.numpy(), np.stack([not_vmappable(x).numpy() for x in X]))
+    with pytest.raises(RuntimeError, match="boom"):
+        vmap_or_loop(lambda x: (_ for _ in ()).throw(RuntimeError("boom")))(X)
+    g = vmap_or_loop(lambda x, w: x @ w, in_dims=(0, None))
+    np.testing.assert_allclose(g(X, torch.ones(3)).numpy(), X.sum(1).numpy())
+    assert not g.looped
+
+
+def test_random_forward_is_refused_and_the_rng_is_untouched():
+    class FunctionalDropout(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.b(F.dropout(torch.tanh(self.a(x)), 0.5, self.training))
+
+    torch.manual_seed(0)
+    model = FunctionalDropout().train()
+    X, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
+    state = torch.random.get_rng_state()
+    with pytest.raises(ValueError, match="forward is not repeatable"):
+        nets.top_eigenvalues(model, F.cross_entropy, (X, y))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    ev = nets.top_eigenvalues(model, F.cross_entropy, (X, y), policy="eval")
+    model.eval()
+    assert ev[0] == pytest.approx(nets.top_eigenvalues(model, F.cross_entropy, (X, y))[0],
+                                  rel=1e-6)
+
+
+def test_instance_norm_with_running_stats_in_train_mode_needs_a_policy():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.InstanceNorm2d(2, track_running_stats=True),
+                          nn.Flatten(), nn.Linear(32, 3)).train()
+    X, y = torch.randn(10, 1, 6, 6), torch.randint(0, 3, (10,))
+    with pytest.raises(ValueError, match="InstanceNorm2d.*train mode"):
+        nets.top_eigenvalues(model, F.cross_entropy, (X, y))
+    assert np.isfinite(nets.top_eigenvalues(model, F.cross_entropy, (X, y), policy="eval")).all()
+
+
+def test_ggn_without_forward_mode_uses_the_double_vjp(tiny_mlp):
+    """The reverse-mode Jv (used when a layer lacks forward AD) equals the jvp path."""
+    model, X, y = tiny_mlp(seed=4, N=16)
+    op1 = nets.ggn_operator(model, F.cross_entropy, (X, y))
+    op2 = nets.ggn_operator(model, F.cross_entropy, (X, y))
+    op2._no_forward_ad = True
+    V = torch.randn(op1.P, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(op2.matmat(V).numpy(), op1.matmat(V).numpy(), rtol=1e-10,
+                               atol=1e-13)
+
+
+def test_dict_and_sequence_outputs_set_the_subspace_size():
+    class DictOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(5, 4)
+
+        def forward(self, x):
+            return {"logits": self.a(x)}
+
+    torch.manual_seed(0)
+    X, y = torch.randn(48, 5), torch.randint(0, 4, (48,))
+
+    def loss(o, t):
+        return F.cross_entropy(o["logits"], t)
+    r = nets.predict_batch_top_eigenvalue(DictOut(), loss, (X, y), [8, 16], form="subspace")
+    assert np.isfinite(r["subspace"]).all()
+    from nets.noise.subspace_noise import default_subspace_dim
+    seq = nn.Sequential(nn.Linear(5, 7))                       # (1, T, 7) per-token output
+    assert default_subspace_dim(seq, (torch.randn(4, 6, 5), torch.zeros(4)), 1000) == 7
+
+
+def test_monitor_reads_nesterov_and_refuses_sgd_limits_for_adam():
+    torch.manual_seed(0)
+    X, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    rho = 0.9
+    for opt, factor in ((torch.optim.SGD(model.parameters(), lr=0.05, momentum=rho,
+                                         nesterov=True), 2 * (1 + rho) / (1 + 2 * rho)),
+                        (torch.optim.SGD(model.parameters(), lr=0.05, momentum=rho,
+                                         dampening=0.5), 2 * (1 + rho) / 0.5),
+                        (torch.optim.Adam(model.parameters(), lr=1e-3), float("nan"))):
+        mon = nets.CurvatureMonitor(model, F.cross_entropy, (X, y), batch_size=16,
+                                    batch_sizes=[16, 64], n_batches=0, budget=1.0)
+        hook = mon.attach(opt)
+        opt.zero_grad()
+        F.cross_entropy(model(X[:16]), y[:16]).backward()
+        opt.step()
+        hook.remove()
+        rec = mon.records[-1]
+        if np.isnan(factor):
+            assert np.isnan(rec.max_lr).all() and np.isnan(rec.plateau)
+            assert np.isnan(rec.transfer_lr).all()
+        else:
+            assert rec.max_lr[0] * rec.lam_prime == pytest.approx(factor, rel=1e-12)
+
+
+def test_learner_overhead_fraction_counts_the_constructor():
+    torch.manual_seed(0)
+    X, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = nets.CurvatureAdaptiveSGD(model, F.cross_entropy, (X, y), batch_size=16,
+                                    curvature_batch_size=32)
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(X[:16]), y[:16]).backward()
+        opt.step()
+    assert 0 < opt.overhead_fraction() <= 1
+
+
+def test_transfer_lr_names_the_reference_and_refuses_bools():
+    torch.manual_seed(0)
+    X, y = torch.randn(48, 5), torch.randint(0, 3, (48,))
+    model = nn.Sequential(nn.Linear(5, 3))
+    with pytest.raises(ValueError, match=r"reference\[0\]"):
+        nets.transfer_lr(model, F.cross_entropy, (X, y), [8, 16], reference=(64, 0.1))
+    with pytest.raises(TypeError, match="batch_sizes"):
+        nets.transfer_lr(model, F.cross_entropy, (X, y), [True, 16], reference=(16, 0.1))
+
+
+def test_hessian_operator_on_attention_matches_dense_products():
+    torch.manual_seed(3)
+    model = _Attention().double().eval()
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(10, 3, 4, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 3, (10,), generator=g)
+    loss, flat = _flat_loss(model, F.cross_entropy, X, y)
+    H = _fd_hessian(loss, flat)
+    op = hessian_operator(model, F.cross_entropy, (X, y))
+    V = torch.randn(op.P, 2, dtype=torch.float64, generator=g)
+    np.testing.assert_allclose(op.matmat(V).numpy(), (H @ V).numpy(), rtol=1e-7, atol=1e-8)
+
+
+def test_adam_preconditioner_instance_sets_beta1():
+    torch.manual_seed(0)
+    X, y = torch.randn(48, 5), torch.randint(0, 3, (48,))
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.5, 0.99))
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(X), y).backward()
+        opt.step()
+    ps = nets.preconditioned_batch_sharpness(model, F.cross_entropy, (X, y), [8],
+                                             preconditioner=opt, n_batches=2)
+    assert ps.beta1 == 0.5
+    assert ps.lr[0] * ps.mean[0] == pytest.approx(2 * 1.5 / 0.5, rel=1e-12)
+    pa = nets.predict_adam_max_lr(model, F.cross_entropy, (X, y), [8], preconditioner=opt)
+    assert pa.beta1 == 0.5
+    with pytest.raises(ValueError, match="betas"):
+        nets.preconditioned_batch_sharpness(model, F.cross_entropy, (X, y), [8],
+                                            preconditioner=opt, beta1=0.9)
+
+
+def test_training_thresholds_accept_train_mode_models_and_a_dtype():
+    """The trials train an eval-mode copy, so the curvature step does too; dtype= casts
+    that copy with the data."""
+    torch.manual_seed(0)
+    X, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Dropout(0.1), nn.Linear(8, 3))
+    from nets.lr_search import self_stabilisation, training_threshold  # import by name
+    r = training_threshold(model, F.cross_entropy, (X, y), [16], steps=10, seeds=(0,))
+    assert np.isfinite(r.lr).all() and r.lr[0] > 0
+    s = self_stabilisation(model, F.cross_entropy, (X, y), batch_size=16, steps=5)
+    assert s.lam_before > 0
+    r64 = training_threshold(model.eval(), F.cross_entropy, (X, y), [16], steps=10, seeds=(0,),
+                             dtype=torch.float64)
+    assert np.isfinite(r64.lr).all()
+    assert next(model.parameters()).dtype == torch.float32        # the caller's model
+
+
+def test_weight_norm_hessians_warn():
+    from torch.nn.utils.parametrizations import weight_norm
+    model = nn.Sequential(weight_norm(nn.Linear(4, 5)), nn.Tanh(), nn.Linear(5, 3))
+    X, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
+    with pytest.warns(UserWarning, match="weight_norm"):
+        nets.hessian_operator(model, F.cross_entropy, (X, y))
