@@ -11,6 +11,9 @@ Bars (issue 13; each row reports measured vs bar and met / missed):
   (`measure_batch_top_eigenvalue`, its standard error reported) at B = 8…512, on the
   same MLP (N = 1797, and N = 5000 with jittered copies, the size the bar names) and on
   a ≈290k-parameter CNN on CIFAR-shaped synthetic data; peak memory ≤ 8 GiB;
+* ``resolved_ggn`` / ``resolved_5000_ggn`` — the same with the per-sample spikes of the
+  Gauss–Newton terms from C×C Jacobian Grams (`spikes="ggn"`) instead of per-sample
+  Lanczos runs;
 * ``resolved_cnn_diagnosis`` — no bar: on a smaller copy of that CNN (N = 500), the
   resolved form with every candidate against the capped one, and its parts (spikes
   alone, the complement term) against measurement (README, "Predictions at scale");
@@ -51,7 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROWS = ("directional", "resolved", "resolved_sampled", "resolved_5000", "resolved_5000_sampled",
+ROWS = ("directional", "resolved", "resolved_ggn", "resolved_sampled", "resolved_5000",
+        "resolved_5000_ggn", "resolved_5000_sampled",
         "resolved_cnn", "resolved_cnn_diagnosis", "resolved_cnn_spikes", "lr_table", "preresnet",
         "scaling")
 GiB = 2**30
@@ -244,7 +248,7 @@ def row_directional(quick, device):
     return row
 
 
-def _resolved(name, model, data, device, quick, n_meas, max_samples=None):
+def _resolved(name, model, data, device, quick, n_meas, max_samples=None, spikes="lanczos"):
     from nets.algorithms.lanczos import eigsh
     from nets.curvature.operators import hessian_operator
     from nets.noise.resolved_noise import resolved_batch_top_eigenvalue, resolved_noise_from_operator
@@ -253,12 +257,14 @@ def _resolved(name, model, data, device, quick, n_meas, max_samples=None):
     top, t_top = _timed(lambda: eigsh(op, k=10, which="LA", tol=1e-6, seed=0), "top-10")
     top_counted = op.num_matvecs
     rn, t_rn = _timed(lambda: resolved_noise_from_operator(op, top.vectors, min_batch=min(BATCH_SIZES),
-                                                           seed=0, max_samples=max_samples),
+                                                           seed=0, max_samples=max_samples,
+                                                           spikes=spikes),
                       "resolved noise")
     r, t_mc = _timed(lambda: resolved_batch_top_eigenvalue(rn, BATCH_SIZES, n_batches=1000, seed=0))
     total = (t_top + t_rn + t_mc) / t_hvp
     peak = _peak_gib(device)
-    row = dict(problem=name, N=op.N, P=op.P, max_samples=max_samples, dtype=str(op.dtype),
+    row = dict(problem=name, N=op.N, P=op.P, max_samples=max_samples, spikes=spikes,
+               dtype=str(op.dtype),
                cache_graph=op.cache_graph,
                hvp_s=_r(t_hvp), top10_hvps=_r(t_top / t_hvp, 1), top10_counted=top_counted,
                resolved_hvps=_r(t_rn / t_hvp, 1), resolved_counted=_r(rn.full_products, 1),
@@ -285,6 +291,12 @@ def row_resolved(quick, device):
                                             quick, (200, 100, 40, 20)))
 
 
+def row_resolved_ggn(quick, device):
+    model, data = wide_digits_mlp()
+    return dict(row="resolved_ggn", **_resolved("digits MLP 64-512-512-10", model, data, device,
+                                                quick, (200, 100, 40, 20), spikes="ggn"))
+
+
 def row_resolved_sampled(quick, device):
     model, data = wide_digits_mlp()
     return dict(row="resolved_sampled", **_resolved("digits MLP 64-512-512-10", model, data,
@@ -292,12 +304,16 @@ def row_resolved_sampled(quick, device):
                                                     max_samples=512))
 
 
-def row_resolved_5000(quick, device, max_samples=None, name="resolved_5000"):
+def row_resolved_5000(quick, device, max_samples=None, name="resolved_5000", spikes="lanczos"):
     N = 2000 if quick else 5000
     model, data = wide_digits_mlp(N=N)
     return dict(row=name, **_resolved("digits MLP 64-512-512-10 + jittered copies",
                                       model, data, device, quick, (200, 100, 40, 20),
-                                      max_samples=max_samples))
+                                      max_samples=max_samples, spikes=spikes))
+
+
+def row_resolved_5000_ggn(quick, device):
+    return row_resolved_5000(quick, device, name="resolved_5000_ggn", spikes="ggn")
 
 
 def row_resolved_5000_sampled(quick, device):
