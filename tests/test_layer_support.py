@@ -289,3 +289,13 @@ def test_weight_norm_hessians_warn():
     X, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
     with pytest.warns(UserWarning, match="weight_norm"):
         nets.hessian_operator(model, F.cross_entropy, (X, y))
+
+
+def test_sharpness_gap_names_a_layer_without_forward_mode():
+    from torch.nn.utils.parametrizations import weight_norm
+    torch.manual_seed(0)
+    model = nn.Sequential(weight_norm(nn.Linear(4, 5)), nn.Tanh(), nn.Linear(5, 3))
+    X, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
+    u = torch.randn(sum(p.numel() for p in model.parameters()))
+    with pytest.raises(ValueError, match="forward-mode derivative"):
+        nets.sharpness_gap_terms(model, F.cross_entropy, (X, y), u)

@@ -249,7 +249,8 @@ def bisect_max_lr(is_diverged, alpha0, rel_tol=0.02, max_expand=_MAX_EXPAND) -> 
             if not div(a):
                 break
         else:
-            raise RuntimeError("no stable learning rate found while halving")
+            raise RuntimeError(f"no stable learning rate found while halving from {alpha0:.3g} "
+                               f"to {a:.3g} ({max_expand} halvings)")
         lo = a
     else:
         lo = a
@@ -258,7 +259,11 @@ def bisect_max_lr(is_diverged, alpha0, rel_tol=0.02, max_expand=_MAX_EXPAND) -> 
             if div(a):
                 break
         else:
-            raise RuntimeError("no divergent learning rate found while doubling")
+            raise RuntimeError(
+                f"no divergent learning rate found while doubling from {alpha0:.3g} to "
+                f"{a:.3g} ({max_expand} doublings); with a bounded-gradient loss (cross-entropy, "
+                "BCE) the 'growth' criterion may never fire — use criterion='loss', or "
+                "nets.lr_search.training_threshold (divergence of the loss)")
         hi = a
         lo = a / 2.0
     while hi / lo > 1.0 + rel_tol:
@@ -286,7 +291,7 @@ def lr_sweep(model, loss_fn, dataset, state_dict, batch_sizes, seeds=(0,), steps
     criterion, window, growth_threshold, replacement …).
 
     Returns {"batch_sizes": array, "seeds": tuple, "alpha": array (n_B, n_seeds),
-    "lo": …, "hi": …, "keys": list}.
+    "lo": …, "hi": …, "keys": list} (`nets.utils.jsonio.to_jsonable` makes it JSON-ready).
     """
     trial_fn = run_trial if trial_fn is None else trial_fn
     if store is not None and not isinstance(store, JsonlStore):

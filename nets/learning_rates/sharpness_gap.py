@@ -121,7 +121,14 @@ def sharpness_gap_terms(model, loss_fn, data, u, *, params=None, policy=None, ch
     with policy_mode(model, policy):
         for X, Y in src.batches(chunk, device=dev, dtype=dt):
             w = X.shape[0] / N
-            gs, (s, g) = torch.func.grad_and_value(s_along_u, has_aux=True)(prim, X, Y)
+            try:
+                gs, (s, g) = torch.func.grad_and_value(s_along_u, has_aux=True)(prim, X, Y)
+            except NotImplementedError as exc:
+                raise ValueError(
+                    "the third-order pass (forward mode over reverse mode) needs every layer "
+                    "to have a forward-mode derivative, and one does not: "
+                    f"{str(exc).splitlines()[0]} (e.g. weight_norm's fused kernel, torch's "
+                    "CPU LSTM); write that layer out in plain tensor operations") from None
             gL += w * layout.flatten(g).detach()
             gS += w * layout.flatten(gs).detach()
             S += w * float(s)
