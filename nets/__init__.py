@@ -35,7 +35,8 @@ from nets.learning_rates import (  # noqa: F401
     lr_search,
     stability,
 )
-from nets.learning_rates.adam import (  # noqa: F401
+from nets.learning_rates.adam import (
+    adam_noise_floor_lr,
     adam_threshold,
     adam_transfer_lr,
     preconditioned_batch_sharpness,
@@ -55,6 +56,7 @@ from nets.learning_rates.transfer import transfer_lr
 from nets.noise import batch_spectra, gradient_noise, resolved_noise, subspace_noise  # noqa: F401
 from nets.noise.batch_spectra import measure_batch_top_eigenvalue, predict_batch_top_eigenvalue
 from nets.noise.directional import directional_noise, isotropic_noise
+from nets.noise.resolved_noise import resolved_noise_from_operator
 from nets.training import data, models  # noqa: F401
 from nets.training.data import load_cifar, load_digits
 from nets.utils.data_source import DataSource, as_data_source
@@ -84,6 +86,12 @@ __all__ = [
     "transfer_lr",
     "CurvatureAdaptiveSGD",
     "CurvatureMonitor",
+    "adam_threshold",
+    "adam_transfer_lr",
+    "adam_noise_floor_lr",
+    "predict_adam_max_lr",
+    "preconditioned_batch_sharpness",
+    "resolved_noise_from_operator",
     "eoss_plateau",
     "sharpness_gap_terms",
     "stochastic_sharpness_gap",
