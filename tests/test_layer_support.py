@@ -299,3 +299,35 @@ def test_sharpness_gap_names_a_layer_without_forward_mode():
     u = torch.randn(sum(p.numel() for p in model.parameters()))
     with pytest.raises(ValueError, match="forward-mode derivative"):
         nets.sharpness_gap_terms(model, F.cross_entropy, (X, y), u)
+
+
+def test_data_and_wrapper_mistakes_get_messages_that_say_what_to_do():
+    from torch.utils.data import Dataset
+    torch.manual_seed(0)
+    X, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    ref = nets.top_eigenvalues(model, F.cross_entropy, (X, y))
+    np.testing.assert_allclose(nets.top_eigenvalues(model, F.cross_entropy, (X, y.tolist())), ref)
+    with pytest.raises(TypeError, match="exactly two tensors"):
+        nets.top_eigenvalues(model, F.cross_entropy, (X, y, y))
+
+    class Dicts(Dataset):
+        def __len__(self):
+            return 32
+
+        def __getitem__(self, i):
+            return {"x": X[i], "y": int(y[i])}
+    with pytest.raises(TypeError, match=r"keys \['x', 'y'\]"):
+        nets.top_eigenvalues(model, F.cross_entropy, Dicts())
+    with pytest.raises(TypeError, match="model.module"):
+        nets.top_eigenvalues(nn.DataParallel(model), F.cross_entropy, (X, y))
+    one = nets.top_eigenvalues(model, lambda o, t: F.cross_entropy(o, t).reshape(1), (X, y))
+    np.testing.assert_allclose(one, ref, rtol=1e-6)
+    ae = nn.Sequential(nn.Linear(6, 3), nn.Tanh(), nn.Linear(3, 6))
+    samples = [(X[i], X[i].clone()) for i in range(32)]      # per-sample pairs in a list
+    with pytest.raises(ValueError, match="rows of X"):
+        nets.CurvatureAdaptiveSGD(ae, F.mse_loss, samples, batch_size=8,
+                                  curvature_batch_size=32)
+    with pytest.warns(UserWarning, match="summed"):
+        nets.CurvatureAdaptiveSGD(ae, nn.MSELoss(reduction="sum"), (X, X.clone()),
+                                  batch_size=8, curvature_batch_size=32)

@@ -200,6 +200,10 @@ def fluctuation_operator(batch_op: CurvatureOperator, full_op: CurvatureOperator
 # ----------------------------------------------------------------------------------
 
 def check_policy(model: nn.Module, policy) -> None:
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        raise TypeError(f"model is wrapped in {type(model).__name__}, whose forward cannot be "
+                        "called with substituted parameters; pass model.module (the same "
+                        "network and weights)")
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     if policy is not None:
@@ -324,7 +328,10 @@ def _graph_fits(input_numel: int, dtype, device) -> bool:
 
 
 def _scalar_loss(loss):
-    """The loss value, checked to be a 0-d tensor (shapes are static under torch.func)."""
+    """The loss value, checked to be one number (a 0-d tensor; a 1-element tensor is
+    reshaped to 0-d, as torch's backward accepts it). Shapes are static under torch.func."""
+    if isinstance(loss, torch.Tensor) and loss.ndim > 0 and loss.numel() == 1:
+        return loss.reshape(())
     if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
         got = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise ValueError(f"loss_fn must return a scalar tensor (a mean-reduced loss), got {got}")
@@ -406,10 +413,23 @@ class ModelCurvatureOperator(CurvatureOperator):
         x, _ = self.source.take(list(range(min(2, self.N))), device=self.device,
                                 dtype=self.dtype)
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.no_grad(), policy_mode(self.model, self.policy), \
-                torch.random.fork_rng(devices=devices):
-            a, b = (self._forward(self.primals, x) for _ in range(2))
+        try:
+            with torch.no_grad(), policy_mode(self.model, self.policy), \
+                    torch.random.fork_rng(devices=devices):
+                a, b = (self._forward(self.primals, x) for _ in range(2))
+        except RuntimeError as exc:
+            raise ValueError(
+                f"the model cannot run on {x.shape[0]} samples of shape {tuple(x.shape[1:])} "
+                f"({str(exc).splitlines()[0]}). Samples are the rows of X; a list is read as "
+                "(x, y) batches (for per-sample pairs use a torch Dataset)") from None
         # a tolerance, not bitwise: some GPU kernels are not bitwise reproducible
+        if isinstance(a, torch.Tensor) and x.shape[0] > 1 and (a.ndim == 0
+                                                               or a.shape[0] != x.shape[0]):
+            raise ValueError(
+                f"the model maps {x.shape[0]} samples of shape {tuple(x.shape[1:])} to an output "
+                f"of shape {tuple(a.shape)}: its first dimension must be the batch dimension. "
+                "Samples are the rows of X (a list is read as (x, y) batches; for per-sample "
+                "pairs use a torch Dataset)")
         same = all(torch.allclose(u.nan_to_num(), v.nan_to_num(), rtol=1e-4, atol=1e-6)
                    if u.is_floating_point() else torch.equal(u, v)
                    for u, v in zip(output_tensors(a), output_tensors(b)))

@@ -85,7 +85,12 @@ class SideBySideHessians(CurvatureOperator):
         def chunk_loss(prim, x, y):
             state = dict(frozen)
             state.update(zip(names, prim))
-            return _scalar_loss(loss_fn(call_model(model, state, x), y))
+            out = call_model(model, state, x)
+            if isinstance(out, torch.Tensor) and (out.ndim == 0 or out.shape[0] != x.shape[0]):
+                raise ValueError(f"the model maps a chunk of {x.shape[0]} samples to an output of "
+                                 f"shape {tuple(out.shape)}: its first dimension must be the "
+                                 "batch dimension")
+            return _scalar_loss(loss_fn(out, y))
 
         self._stacked = tuple(p.unsqueeze(0).expand(self.k, *p.shape).clone().requires_grad_()
                               for p in primals)

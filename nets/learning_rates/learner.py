@@ -198,6 +198,7 @@ from scipy.linalg import eigh_tridiagonal
 from torch import nn
 
 from nets.algorithms.lanczos import lanczos, lanczos_batch, rademacher_vectors
+from nets.curvature.loss_check import check_mean_reduced
 from nets.curvature.operators import CurvatureOperator, check_policy, curvature_operator
 from nets.curvature.params import ParamLayout
 from nets.curvature.side_by_side import ColumnCountError, SideBySideHessians
@@ -505,6 +506,7 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
         self.kind = kind
         check_policy(model, policy)
         self.policy = policy
+        check_mean_reduced(model, loss_fn, dataset)      # warns on a summed loss
         if curvature_dtype is not None and (not isinstance(curvature_dtype, torch.dtype)
                                             or not curvature_dtype.is_floating_point):
             raise TypeError(f"curvature_dtype must be a floating torch.dtype, got {curvature_dtype!r}")
@@ -540,6 +542,10 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
                     f"{self.curvature_batch_size} into at least 2 micro-batches")
         # the curvature batch, read by random access (any form of nets.utils.data_source)
         self._curv_data = check_dataset(*source.take(self.curvature_indices), name="dataset")
+        # the model runs on these samples, deterministically (the operator's checks, on 2)
+        Xc, Yc = self._curv_data
+        curvature_operator(model, loss_fn, (Xc[:2], Yc[:2]), kind=self.kind, policy=self.policy,
+                           dtype=self.curvature_dtype, cache_graph=False)
 
         self.model, self.loss_fn = model, loss_fn
         self.layout = ParamLayout.from_module(model)

@@ -41,14 +41,23 @@ __all__ = ["DataSource", "as_data_source", "is_pair"]
 
 
 def is_pair(data) -> bool:
-    """True for an `(X, y)` pair of tensors/arrays."""
+    """True for an `(X, y)` pair of tensors/arrays (y may also be a list of numbers)."""
     return (isinstance(data, (tuple, list)) and len(data) == 2
-            and all(isinstance(t, (torch.Tensor, np.ndarray)) for t in data))
+            and isinstance(data[0], (torch.Tensor, np.ndarray))
+            and (isinstance(data[1], (torch.Tensor, np.ndarray)) or _number_list(data[1])))
+
+
+def _number_list(t) -> bool:
+    return (isinstance(t, list) and len(t) > 0
+            and all(isinstance(v, (int, float, np.integer, np.floating))
+                    and not isinstance(v, bool) for v in t))
 
 
 def _as_tensor(t, name: str) -> torch.Tensor:
     if isinstance(t, torch.Tensor):
         return t
+    if _number_list(t):                               # y given as a list of labels / values
+        return torch.as_tensor(np.asarray(t))
     if isinstance(t, np.ndarray):
         if t.dtype == object or t.dtype.kind in "USV":
             raise TypeError(f"{name} must hold numbers, got a numpy array of dtype {t.dtype}")
@@ -138,11 +147,25 @@ class DataSource:
         what = f"{self.name}[{j}]"
         if not isinstance(item, (tuple, list)) or len(item) != 2:
             kind = "sample" if sample else "batch"
-            raise TypeError(f"{what} must be an (x, y) {kind}, got {type(item).__name__}")
+            got = (f"a {type(item).__name__} of {len(item)} items"
+                   if isinstance(item, (tuple, list)) else type(item).__name__)
+            hint = ""
+            if isinstance(item, dict):
+                hint = (f" (keys {sorted(map(str, item))}); wrap the dataset so that it returns "
+                        "(x, y)")
+            elif not sample and torch.is_tensor(item):
+                hint = ("; the data were read as a re-iterable of (x, y) batches because they "
+                        "are not an (X, y) pair of exactly two tensors/arrays")
+            elif isinstance(item, (tuple, list)):
+                hint = ("; extra items (or several model inputs) are not part of the data "
+                        "contract: one input tensor x and one target y per " + kind)
+            raise TypeError(f"{what} must be an (x, y) {kind}, got {got}{hint}")
         x, y = _as_tensor(item[0], f"{what} inputs"), _as_tensor(item[1], f"{what} targets")
         if not sample and (x.ndim == 0 or y.ndim == 0 or x.shape[0] != y.shape[0]):
             raise ValueError(f"{what}: inputs and targets must have the same first dimension, "
-                             f"got {tuple(x.shape)} and {tuple(y.shape)}")
+                             f"got {tuple(x.shape)} and {tuple(y.shape)} (a list is read as (x, y) "
+                             "batches; for per-sample pairs use a torch Dataset, or stack them "
+                             "into an (X, y) pair)")
         return x, y
 
     def _stack_samples(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
