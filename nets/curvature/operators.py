@@ -423,8 +423,8 @@ class ModelCurvatureOperator(CurvatureOperator):
                 f"({str(exc).splitlines()[0]}). Samples are the rows of X; a list is read as "
                 "(x, y) batches (for per-sample pairs use a torch Dataset)") from None
         # a tolerance, not bitwise: some GPU kernels are not bitwise reproducible
-        if isinstance(a, torch.Tensor) and x.shape[0] > 1 and (a.ndim == 0
-                                                               or a.shape[0] != x.shape[0]):
+        # (a 0-d output — a model that returns its own mean loss — is left alone)
+        if isinstance(a, torch.Tensor) and x.shape[0] > 1 and a.ndim > 0 and a.shape[0] != x.shape[0]:
             raise ValueError(
                 f"the model maps {x.shape[0]} samples of shape {tuple(x.shape[1:])} to an output "
                 f"of shape {tuple(a.shape)}: its first dimension must be the batch dimension. "

@@ -86,7 +86,7 @@ class SideBySideHessians(CurvatureOperator):
             state = dict(frozen)
             state.update(zip(names, prim))
             out = call_model(model, state, x)
-            if isinstance(out, torch.Tensor) and (out.ndim == 0 or out.shape[0] != x.shape[0]):
+            if isinstance(out, torch.Tensor) and out.ndim > 0 and out.shape[0] != x.shape[0]:
                 raise ValueError(f"the model maps a chunk of {x.shape[0]} samples to an output of "
                                  f"shape {tuple(out.shape)}: its first dimension must be the "
                                  "batch dimension")
