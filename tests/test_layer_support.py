@@ -54,16 +54,23 @@ class _Attention(nn.Module):
         return self.fc(self.t(x).mean(1))
 
 
+def _attention_problem(seed, N):
+    """A float64 `_Attention` in eval mode, N sequences (3 × 4) with 3 classes, and its
+    finite-difference dense Hessian H; returns (model, X, y, H, generator)."""
+    torch.manual_seed(seed)
+    model = _Attention().double().eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    X = torch.randn(N, 3, 4, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 3, (N,), generator=g)
+    loss, flat = _flat_loss(model, F.cross_entropy, X, y)
+    return model, X, y, _fd_hessian(loss, flat), g
+
+
 def test_attention_layers_get_twice_differentiable_kernels():
     """nn.TransformerEncoderLayer (scaled_dot_product_attention, eval fast path): the
     Hessian's top eigenvalue equals the dense one; the GGN runs; flags are restored."""
-    torch.manual_seed(0)
-    model = _Attention().double().eval()
-    g = torch.Generator().manual_seed(1)
-    X = torch.randn(24, 3, 4, dtype=torch.float64, generator=g)
-    y = torch.randint(0, 3, (24,), generator=g)
-    loss, flat = _flat_loss(model, F.cross_entropy, X, y)
-    top = float(torch.linalg.eigvalsh(_fd_hessian(loss, flat))[-1])
+    model, X, y, H, _ = _attention_problem(0, 24)
+    top = float(torch.linalg.eigvalsh(H)[-1])
     fast = torch.backends.mha.get_fastpath_enabled()
     got = nets.top_eigenvalues(model, F.cross_entropy, (X, y), k=1, tol=1e-10)
     assert got[0] == pytest.approx(top, rel=1e-7)
@@ -234,13 +241,7 @@ def test_transfer_lr_names_the_reference_and_refuses_bools():
 
 
 def test_hessian_operator_on_attention_matches_dense_products():
-    torch.manual_seed(3)
-    model = _Attention().double().eval()
-    g = torch.Generator().manual_seed(4)
-    X = torch.randn(10, 3, 4, dtype=torch.float64, generator=g)
-    y = torch.randint(0, 3, (10,), generator=g)
-    loss, flat = _flat_loss(model, F.cross_entropy, X, y)
-    H = _fd_hessian(loss, flat)
+    model, X, y, H, g = _attention_problem(3, 10)
     op = hessian_operator(model, F.cross_entropy, (X, y))
     V = torch.randn(op.P, 2, dtype=torch.float64, generator=g)
     np.testing.assert_allclose(op.matmat(V).numpy(), (H @ V).numpy(), rtol=1e-7, atol=1e-8)
@@ -287,8 +288,10 @@ def test_weight_norm_hessians_warn():
     from torch.nn.utils.parametrizations import weight_norm
     model = nn.Sequential(weight_norm(nn.Linear(4, 5)), nn.Tanh(), nn.Linear(5, 3))
     X, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
-    with pytest.warns(UserWarning, match="weight_norm"):
-        nets.hessian_operator(model, F.cross_entropy, (X, y))
+    with pytest.warns(UserWarning, match="weight_norm") as record:
+        op = nets.hessian_operator(model, F.cross_entropy, (X, y))
+    assert sum("weight_norm" in str(w.message) for w in record) == 1    # warned once
+    assert op.P == sum(p.numel() for p in model.parameters())          # and still built
 
 
 def test_sharpness_gap_names_a_layer_without_forward_mode():

@@ -388,28 +388,13 @@ class ModelCurvatureOperator(CurvatureOperator):
         self._check_inputs()
 
     def _check_inputs(self) -> None:
-        """Integer inputs to a network whose parameters are floating: refuse with a
-        message instead of torch's dtype error deep inside a product. A forward that is
-        random (dropout called as a function, `F.dropout(x, p, self.training)`, in
-        train mode; noise injection): refuse, as for an active nn.Dropout — found by
-        running the forward twice on the first two samples (the global RNG state is
-        restored afterwards)."""
-        x, _ = self.source.take([0], device=self.device, dtype=self.dtype)
-        if x.is_floating_point() or x.dtype == torch.bool:
-            self._check_deterministic()
-            return
-        try:
-            with torch.no_grad(), policy_mode(self.model, self.policy):
-                self._forward(self.primals, x)
-        except RuntimeError as exc:
-            raise TypeError(
-                f"data inputs have dtype {x.dtype} but the model does not accept them "
-                f"({str(exc).splitlines()[0]}); integer inputs are passed as they are (token "
-                "ids), so convert images or features to floating point first, e.g. X.float()"
-            ) from None
-        self._check_deterministic()
-
-    def _check_deterministic(self) -> None:
+        """Run the forward twice on the first two samples (the global RNG state restored
+        afterwards) and refuse with a message: integer inputs to a network whose
+        parameters are floating (instead of torch's dtype error deep inside a product);
+        samples the model cannot run on, or an output without the batch dimension first;
+        a forward that is not repeatable (dropout called as a function,
+        `F.dropout(x, p, self.training)`, in train mode; noise injection), as for an
+        active nn.Dropout."""
         x, _ = self.source.take(list(range(min(2, self.N))), device=self.device,
                                 dtype=self.dtype)
         devices = [self.device] if self.device.type == "cuda" else []
@@ -418,11 +403,16 @@ class ModelCurvatureOperator(CurvatureOperator):
                     torch.random.fork_rng(devices=devices):
                 a, b = (self._forward(self.primals, x) for _ in range(2))
         except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            if not (x.is_floating_point() or x.dtype == torch.bool):
+                raise TypeError(
+                    f"data inputs have dtype {x.dtype} but the model does not accept them "
+                    f"({first}); integer inputs are passed as they are (token ids), so convert "
+                    "images or features to floating point first, e.g. X.float()") from None
             raise ValueError(
                 f"the model cannot run on {x.shape[0]} samples of shape {tuple(x.shape[1:])} "
-                f"({str(exc).splitlines()[0]}). Samples are the rows of X; a list is read as "
+                f"({first}). Samples are the rows of X; a list is read as "
                 "(x, y) batches (for per-sample pairs use a torch Dataset)") from None
-        # a tolerance, not bitwise: some GPU kernels are not bitwise reproducible
         # (a 0-d output — a model that returns its own mean loss — is left alone)
         if isinstance(a, torch.Tensor) and x.shape[0] > 1 and a.ndim > 0 and a.shape[0] != x.shape[0]:
             raise ValueError(
@@ -430,6 +420,7 @@ class ModelCurvatureOperator(CurvatureOperator):
                 f"of shape {tuple(a.shape)}: its first dimension must be the batch dimension. "
                 "Samples are the rows of X (a list is read as (x, y) batches; for per-sample "
                 "pairs use a torch Dataset)")
+        # a tolerance, not bitwise: some GPU kernels are not bitwise reproducible
         same = all(torch.allclose(u.nan_to_num(), v.nan_to_num(), rtol=1e-4, atol=1e-6)
                    if u.is_floating_point() else torch.equal(u, v)
                    for u, v in zip(output_tensors(a), output_tensors(b)))
@@ -484,8 +475,7 @@ class ModelCurvatureOperator(CurvatureOperator):
         lam = vjp(grad(lambda o: _scalar_loss(self.loss_fn(o, y))), out)[1]
 
         def jv_reverse(vt):
-            zero = torch.zeros_like(out)
-            return vjp(lambda z: pull(z), zero)[1](tuple(vt))[0]
+            return vjp(pull, torch.zeros_like(out))[1](tuple(vt))[0]
 
         def ggn_product(vt):
             if not self._no_forward_ad:

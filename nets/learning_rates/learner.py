@@ -720,12 +720,12 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
         chunk j); None when a run stops early (an invariant subspace), which leaves
         fewer columns than chunks, or when the model cannot run under `vmap` (e.g.
         torch's recurrent kernels): the caller then runs the chunks one by one."""
+        if self._side_by_side_fails:
+            return None
         B = self.batch_size
         k = self.curvature_batch_size // B
         X, Y = self._curv_data
         X, Y = X[:k * B], Y[:k * B]
-        if self._side_by_side_fails:
-            return None
         try:
             base = SideBySideHessians(self.model, self.loss_fn, X.reshape(k, B, *X.shape[1:]),
                                       Y.reshape(k, B, *Y.shape[1:]), policy=self.policy,
@@ -747,14 +747,9 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
             results = lanczos_batch(op, steps, num_vectors=k, v0=V0.to(base.device))
         except ColumnCountError:
             return None
-        runs = []
-        for j, res in enumerate(results):
-            Q = torch.stack(op.inputs[j::k][:res.num_steps])
-            S = (eigh_tridiagonal(res.alpha, res.beta)[1] if res.num_steps > 1
-                 else np.ones((1, 1)))
-            vec = torch.from_numpy(S[:, -1]).to(Q) @ Q
-            runs.append((res, vec / torch.linalg.vector_norm(vec), res.num_steps))
-        return runs
+        # chunk j's basis is every k-th recorded column, starting at j
+        return [(res, _top_ritz_vector(res, op.inputs[j::k]), res.num_steps)
+                for j, res in enumerate(results)]
 
     # -- torch.optim interface ----------------------------------------------------
     @torch.no_grad()

@@ -224,11 +224,10 @@ def per_sample_top_eigenpairs(op: ModelCurvatureOperator, *, steps=None, seed=0,
     else:
         chunk = as_int("chunk_size", chunk_size, minimum=1)
     gen = torch_generator(seed)
-    prio_rng = np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(11,)))
-    prio_all = []
+    pool = _SpikePool(seed, keep_above, max_keep, P, op.device)
     prod = _per_sample_product(op)
     f64 = torch.float64
-    gammas, resids, kept_idx, kept_vecs = [], [], [], []
+    resids = []
     for s in range(0, N, chunk):
         Xc, Yc = op.source.take(np.arange(s, min(s + chunk, N)), device=op.device, dtype=op.dtype)
         g = Xc.shape[0]
@@ -269,43 +268,55 @@ def per_sample_top_eigenpairs(op: ModelCurvatureOperator, *, steps=None, seed=0,
         top = theta[:, -1]
         vec = torch.einsum("gjp,gj->gp", Qb[:, :used], S[:, :, -1])
         vec = vec / torch.linalg.vector_norm(vec, dim=1, keepdim=True).clamp_min(1e-300)
-        gammas.append(top.cpu())
         resids.append(res.cpu())
-        keep = torch.ones(g, dtype=torch.bool) if keep_above is None else top.cpu() > keep_above
-        # priorities γ_i/u_i (u_i ∈ (0, 1]) drawn for every sample, so they do not depend
-        # on the chunking
-        prio_all.append(top.cpu().numpy() / (1.0 - prio_rng.random(g)))
+        pool.add(s, top, vec)
+    return pool.result(torch.cat(resids).numpy(), steps=steps)
+
+
+class _SpikePool:
+    """The spikes of a streamed per-sample pass: every γ_i, and the vectors of the samples
+    above `keep_above`, cut to the `max_keep` largest priorities γ_i/u_i (u_i ∈ (0, 1]
+    from `numpy.random.default_rng(seed)`, spawn key 11, drawn for every sample so that
+    they do not depend on the chunking; threshold τ, weights 1/π_i = max(1, τ/γ_i))."""
+
+    def __init__(self, seed, keep_above, max_keep, P, device):
+        self.rng = np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(11,)))
+        self.seed, self.keep_above, self.max_keep, self.P, self.device = (
+            int(seed), keep_above, max_keep, P, device)
+        self.gammas, self.prio, self.idx, self.vecs = [], [], [], []
+
+    def add(self, start: int, top: torch.Tensor, vec: torch.Tensor) -> None:
+        """The chunk of samples start, start + 1, …: top eigenvalues (g,), vectors (g, P)."""
+        g = top.shape[0]
+        top = top.cpu()
+        self.gammas.append(top)
+        keep = torch.ones(g, dtype=torch.bool) if self.keep_above is None else top > self.keep_above
+        self.prio.append(top.numpy() / (1.0 - self.rng.random(g)))
         if bool(keep.any()):
-            kept_idx.append(np.arange(s, s + g)[keep.numpy()])
-            kept_vecs.append(vec[keep.to(vec.device)])
+            self.idx.append(np.arange(start, start + g)[keep.numpy()])
+            self.vecs.append(vec[keep.to(vec.device)])
             # pruned once the pool doubles (amortised: pruning copies the whole pool, and
             # per-sample chunks of one sample made that a copy of max_keep vectors each)
-            if max_keep is not None and sum(map(len, kept_idx)) > 2 * (max_keep + 1):
-                kept_idx, kept_vecs = _prune_pool(kept_idx, kept_vecs,
-                                                  np.concatenate(prio_all), max_keep + 1)
-    return _spikes(gammas, torch.cat(resids).numpy(), kept_idx, kept_vecs, prio_all,
-                   max_keep, P, op.device, steps=steps, seed=seed)
+            if self.max_keep is not None and sum(map(len, self.idx)) > 2 * (self.max_keep + 1):
+                self.idx, self.vecs = _prune_pool(self.idx, self.vecs, np.concatenate(self.prio),
+                                                  self.max_keep + 1)
 
-
-def _spikes(gammas, residual, kept_idx, kept_vecs, prio_all, max_keep, P, device, *, steps,
-            seed, products=None) -> SampleSpikes:
-    """The `SampleSpikes` of a streamed pass: every γ_i, the pooled kept vectors cut to
-    the `max_keep` largest priorities (threshold τ, weights 1/π_i = max(1, τ/γ_i))."""
-    gamma = torch.cat(gammas).numpy()
-    index = np.concatenate(kept_idx) if kept_idx else np.zeros(0, dtype=np.int64)
-    vectors = (torch.cat(kept_vecs).T.contiguous() if kept_vecs
-               else torch.zeros(P, 0, dtype=torch.float64, device=device))
-    weight, tau = np.ones(index.size), 0.0
-    if max_keep is not None and index.size > max_keep:
-        prio = np.concatenate(prio_all)[index]
-        order = np.argsort(-prio, kind="stable")
-        tau = float(prio[order[max_keep]])
-        sel = np.sort(order[:max_keep])
-        index, vectors = index[sel], vectors[:, torch.from_numpy(sel).to(vectors.device)]
-        weight = np.maximum(1.0, tau / gamma[index])
-    return SampleSpikes(gamma=gamma, residual=residual, index=index, vectors=vectors,
-                        steps=int(steps), seed=int(seed), weight=weight, threshold=tau,
-                        products=products)
+    def result(self, residual, *, steps, products=None) -> SampleSpikes:
+        gamma = torch.cat(self.gammas).numpy()
+        index = np.concatenate(self.idx) if self.idx else np.zeros(0, dtype=np.int64)
+        vectors = (torch.cat(self.vecs).T.contiguous() if self.vecs
+                   else torch.zeros(self.P, 0, dtype=torch.float64, device=self.device))
+        weight, tau, m = np.ones(index.size), 0.0, self.max_keep
+        if m is not None and index.size > m:
+            prio = np.concatenate(self.prio)[index]
+            order = np.argsort(-prio, kind="stable")
+            tau = float(prio[order[m]])
+            sel = np.sort(order[:m])
+            index, vectors = index[sel], vectors[:, torch.from_numpy(sel).to(vectors.device)]
+            weight = np.maximum(1.0, tau / gamma[index])
+        return SampleSpikes(gamma=gamma, residual=residual, index=index, vectors=vectors,
+                            steps=int(steps), seed=self.seed, weight=weight, threshold=tau,
+                            products=products)
 
 
 def per_sample_ggn_top_eigenpairs(op: ModelCurvatureOperator, *, seed=0, keep_above=None,
@@ -368,9 +379,8 @@ def per_sample_ggn_top_eigenpairs(op: ModelCurvatureOperator, *, seed=0, keep_ab
 
     jac = vmap_or_loop(jac_one)
     lam_of = vmap_or_loop(lam_one)
-    prio_rng = np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(11,)))
+    pool = _SpikePool(seed, keep_above, max_keep, P, op.device)
     f64 = torch.float64
-    gammas, kept_idx, kept_vecs, prio_all = [], [], [], []
     with policy_mode(op.model, op.policy):
         for s in range(0, N, chunk):
             Xc, Yc = op.source.take(np.arange(s, min(s + chunk, N)), device=op.device,
@@ -388,17 +398,8 @@ def per_sample_ggn_top_eigenpairs(op: ModelCurvatureOperator, *, seed=0, keep_ab
             top = mu[:, -1]
             vec = torch.einsum("gcp,gc->gp", J, (Lh @ W[:, :, -1:])[:, :, 0])
             vec = vec / torch.linalg.vector_norm(vec, dim=1, keepdim=True).clamp_min(1e-300)
-            gammas.append(top.cpu())
-            keep = torch.ones(g, dtype=torch.bool) if keep_above is None else top.cpu() > keep_above
-            prio_all.append(top.cpu().numpy() / (1.0 - prio_rng.random(g)))
-            if bool(keep.any()):
-                kept_idx.append(np.arange(s, s + g)[keep.numpy()])
-                kept_vecs.append(vec[keep.to(vec.device)])
-                if max_keep is not None and sum(map(len, kept_idx)) > 2 * (max_keep + 1):
-                    kept_idx, kept_vecs = _prune_pool(kept_idx, kept_vecs,
-                                                      np.concatenate(prio_all), max_keep + 1)
-    return _spikes(gammas, np.zeros(N), kept_idx, kept_vecs, prio_all, max_keep, P,
-                   op.device, steps=0, seed=seed, products=float(C))
+            pool.add(s, top, vec)
+    return pool.result(np.zeros(N), steps=0, products=float(C))
 
 
 def _prune_pool(kept_idx, kept_vecs, prio, size):
