@@ -287,3 +287,85 @@ def test_resolved_form_with_ggn_spikes_on_a_ggn_operator_is_the_lanczos_form(den
     np.testing.assert_allclose(ra["mean"], rb["mean"], rtol=1e-7)
     with pytest.raises(ValueError, match="spikes"):
         resolved_noise_from_operator(op, U, min_batch=2, spikes="dense")
+
+
+def test_gauss_newton_per_sample_form_on_a_ggn_operator_is_the_products_form(dense):
+    """per_sample="ggn" computes every per-sample quantity from C×C and C×k matrices; on a
+    GGN operator those are the per-sample curvatures themselves, so the whole model equals
+    the per-sample-products form to round-off."""
+    model, X, y = dense[:3]
+    op = ggn_operator(model, CE, (X, y))
+    U = torch.linalg.eigh(torch.stack([op.matvec(e) for e in torch.eye(op.P, dtype=torch.float64)]))[1][:, -4:]
+    a = resolved_noise_from_operator(op, U, min_batch=2, exact=True, spikes="ggn")
+    b = resolved_noise_from_operator(op, U, min_batch=2, exact=True, per_sample="ggn")
+    np.testing.assert_array_equal(a.index, b.index)
+    for f in ("gamma", "T", "Gv", "VHV", "UHV", "w"):
+        np.testing.assert_allclose(getattr(b, f), getattr(a, f), rtol=1e-9, atol=1e-12)
+    for f in ("a", "D", "S", "H_U"):
+        np.testing.assert_allclose(getattr(b.subspace, f), getattr(a.subspace, f), rtol=1e-9,
+                                   atol=1e-12)
+    ra = resolved_batch_top_eigenvalue(a, [2, 4, 8], n_batches=300, seed=1)
+    rb = resolved_batch_top_eigenvalue(b, [2, 4, 8], n_batches=300, seed=1)
+    np.testing.assert_allclose(rb["mean"], ra["mean"], rtol=1e-9)
+
+
+def test_gauss_newton_per_sample_form_on_the_hessian_matches_dense_ggn_terms(dense):
+    """On the Hessian: the fluctuations are those of the dense per-sample GGN terms
+    G_i = J_iᵀ(diag p − ppᵀ)J_i about their mean, the centre (UᵀHU) the Hessian's."""
+    model, X, y, Hs, H, ev, V = dense
+    N = X.shape[0]
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    sizes = [p.numel() for _, p in model.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()])
+    G = []
+    for i in range(N):
+        def f(w):
+            st = dict(zip(names, (c.view(s) for c, s in zip(torch.split(w, sizes), shapes))))
+            return torch.func.functional_call(model, st, (X[i:i + 1],))[0]
+        J = torch.func.jacrev(f)(flat)
+        p = torch.softmax(f(flat), 0)
+        G.append((J.T @ (torch.diag(p) - torch.outer(p, p)) @ J).numpy())
+    G = np.stack(G)
+    Gbar = G.mean(0)
+    k = 3
+    U = V[:, :k].copy()                                                 # descending
+    op = hessian_operator(model, CE, (X, y))
+    rn = resolved_noise_from_operator(op, torch.from_numpy(U), min_batch=2, per_sample="ggn",
+                                      exact=True)
+    Xs = np.einsum("npq,qk->npk", G - Gbar, U)                          # (G_i − Ḡ)U
+    a = np.einsum("pj,npk->njk", U, Xs)
+    R = Xs - np.einsum("pj,njk->npk", U, a)
+    np.testing.assert_allclose(rn.subspace.a, a, rtol=1e-8, atol=1e-11)
+    np.testing.assert_allclose(rn.subspace.D, np.einsum("npj,npk->jk", R, R) / (N - 1),
+                               rtol=1e-8, atol=1e-11)
+    np.testing.assert_allclose(rn.subspace.S, np.einsum("nij,njk->ik", a, a) / (N - 1),
+                               rtol=1e-8, atol=1e-11)
+    np.testing.assert_allclose(rn.subspace.H_U, U.T @ H @ U, rtol=1e-8, atol=1e-11)
+    top = np.linalg.eigh(G)
+    np.testing.assert_allclose(rn.gamma, top[0][:, -1], rtol=1e-8)
+    assert rn.index.size > 0
+    for j, i in enumerate(rn.index):      # v_i up to its sign: compare sign-free products
+        v = top[1][i][:, -1]
+        t = U.T @ v
+        want = v @ (G[i] - Gbar) @ U - t @ a[i]                         # v_iᵀQ(G_i − Ḡ)U
+        np.testing.assert_allclose(np.abs(rn.w[j]), np.abs(want), rtol=1e-7, atol=1e-10)
+        np.testing.assert_allclose(np.outer(rn.w[j], rn.T[:, j]), np.outer(want, t),
+                                   rtol=1e-7, atol=1e-10)
+    with pytest.raises(ValueError, match="per_sample"):
+        resolved_noise_from_operator(op, torch.from_numpy(U), min_batch=2, per_sample="dense")
+    with pytest.raises(ValueError, match="max_samples"):
+        resolved_noise_from_operator(op, torch.from_numpy(U), min_batch=2, per_sample="ggn",
+                                     max_samples=10)
+
+
+def test_predict_batch_top_eigenvalue_passes_per_sample(dense):
+    from nets.noise.batch_spectra import predict_batch_top_eigenvalue
+    model, X, y = dense[:3]
+    kw = dict(form="resolved", kind="ggn", subspace_dim=3, n_batches_mc=200, seed=2)
+    a = predict_batch_top_eigenvalue(model, CE, (X, y), [2, 4, 8], per_sample="products", **kw)
+    b = predict_batch_top_eigenvalue(model, CE, (X, y), [2, 4, 8], per_sample="ggn", **kw)
+    assert (a.resolved_per_sample, b.resolved_per_sample) == ("products", "ggn")
+    np.testing.assert_allclose(b.resolved, a.resolved, rtol=1e-6)
+    with pytest.raises(ValueError, match="per_sample"):
+        predict_batch_top_eigenvalue(model, CE, (X, y), [2], per_sample="dense", **kw)

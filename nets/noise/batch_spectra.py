@@ -107,7 +107,8 @@ class BatchTopEigenvaluePrediction(Result):
     resolved_m (samples resolvable at the smallest B); c : c(B, N); N, P; kind; seed;
     micro_batch : the group size m of the directional/isotropic noise pass (None when
     neither was computed); resolved_rows : the resolved form's sampled population size
-    (None: every sample, or form not computed)."""
+    (None: every sample, or form not computed); resolved_per_sample : "products" or
+    "ggn", how the resolved form got its per-sample quantities."""
 
     forms: tuple
     batch_sizes: np.ndarray
@@ -137,6 +138,7 @@ class BatchTopEigenvaluePrediction(Result):
     resolved_m: int | None = None
     micro_batch: int | None = None
     resolved_rows: int | None = None
+    resolved_per_sample: str | None = None
 
     def plot(self, ax=None, measured=None):
         """Each computed form against B (log-log) and, when `measured` (a
@@ -398,7 +400,7 @@ def predict_batch_top_eigenvalue(model, loss_fn, data, batch_sizes, *, form="dir
                                  kind="hessian", num_probes=10, subspace_dim=None,
                                  n_batches_mc=2000, micro_batch="auto", replacement=False,
                                  params=None, policy=None, chunk_size=None, device=None,
-                                 dtype=None, seed=0,
+                                 dtype=None, seed=0, per_sample="products",
                                  progress=None) -> BatchTopEigenvaluePrediction:
     """Predicted λ'_1(B) from the full-data top eigenpair and one noise pass per form.
 
@@ -413,6 +415,12 @@ def predict_batch_top_eigenvalue(model, loss_fn, data, batch_sizes, *, form="dir
                       per-sample pass of k products; λ and u are then the first pair;
         resolved    — as subspace, plus per-sample Lanczos spikes (`nets.noise.resolved_noise`,
                       its defaults: every sample, at most 256 candidate spike vectors).
+    per_sample : how the resolved form gets its per-sample quantities: "products"
+        (default: k per-sample curvature products and a per-sample Lanczos run for every
+        sample) or "ggn" (from the per-sample Gauss–Newton factors, C×C and C×k matrices
+        per sample, `nets.noise.ggn_samples`: about 10–25× cheaper at ~300k parameters,
+        and a good approximation of the Hessian's fluctuations near a minimum of a
+        cross-entropy network, not at initialisation).
     micro_batch : m ≥ 1 or "auto" (default: per-sample while N·P ≤ 2²⁷, else about 256
         groups of m = ⌊N/256⌋), as in
         `nets.noise.directional` (directional/isotropic only; subspace and resolved need
@@ -425,6 +433,8 @@ def predict_batch_top_eigenvalue(model, loss_fn, data, batch_sizes, *, form="dir
     Returns a `BatchTopEigenvaluePrediction` (fields of forms not computed are None).
     """
     forms = _as_forms(form)
+    if per_sample not in ("products", "ggn"):
+        raise ValueError(f"per_sample must be 'products' or 'ggn', got {per_sample!r}")
     if not isinstance(replacement, bool):
         raise TypeError("replacement must be a bool")
     seed = as_seed("seed", seed)
@@ -466,22 +476,25 @@ def predict_batch_top_eigenvalue(model, loss_fn, data, batch_sizes, *, form="dir
                    s2_isotropic_stderr=iso.stderr, micro_batch=iso.micro_batch)
     if sampled:
         out.update(_sampled_forms(op, top.vectors, Bs, sampled, n_batches_mc=n_batches_mc,
-                                  replacement=replacement, seed=seed))
+                                  replacement=replacement, seed=seed, per_sample=per_sample))
     return BatchTopEigenvaluePrediction(**out)
 
 
-def _sampled_forms(op, U, Bs, forms, *, n_batches_mc, replacement, seed) -> dict:
+def _sampled_forms(op, U, Bs, forms, *, n_batches_mc, replacement, seed,
+                   per_sample="products") -> dict:
     """The subspace and/or resolved forms on the span of U (one per-sample pass)."""
     out = {}
     if "resolved" in forms:
         from nets.noise.resolved_noise import resolved_noise_from_operator
-        rn = resolved_noise_from_operator(op, U, min_batch=int(Bs.min()), seed=seed)
+        rn = resolved_noise_from_operator(op, U, min_batch=int(Bs.min()), seed=seed,
+                                          per_sample=per_sample)
         curve = resolved_form(rn, Bs, n_batches=_mc_batches(n_batches_mc, "resolved"),
                               replacement=replacement, seed=seed)
         sn = rn.subspace
         out.update(resolved=curve.values, resolved_stderr=curve.stderr,
                    resolved_n=curve.n_resolved, resolved_m=int(rn.index.size),
-                   resolved_rows=None if sn.samples is None else sn.n_rows)
+                   resolved_rows=None if sn.samples is None else sn.n_rows,
+                   resolved_per_sample=per_sample)
     if "resolved" not in forms or ("subspace" in forms and sn.samples is not None):
         # the subspace form always takes every sample: without the resolved spikes its
         # complement noise is dominated by a few heavy samples, and a sampled population

@@ -113,8 +113,10 @@ import math
 import numpy as np
 import torch
 
-from nets.curvature.operators import ModelCurvatureOperator, policy_mode
+from nets.curvature.operators import ModelCurvatureOperator
+from nets.curvature.sample_jacobians import SampleJacobians
 from nets.noise.directional import check_noise_operator, group_chunk, large_per_sample_pass
+from nets.noise.ggn_samples import ggn_sample_pass, ggn_spike_pass, priority_keep
 from nets.noise.subspace_noise import (
     SubspaceNoise,
     _orthonormal,
@@ -322,84 +324,46 @@ class _SpikePool:
 def per_sample_ggn_top_eigenpairs(op: ModelCurvatureOperator, *, seed=0, keep_above=None,
                                   chunk_size=None, max_keep=None, memory=None) -> SampleSpikes:
     """Top eigenpair of each per-sample Gauss–Newton curvature G_i = J_iᵀ Λ_i J_i, exactly,
-    from a C×C matrix per sample instead of a Lanczos run.
+    from C×C matrices per sample instead of a Lanczos run.
 
-    J_i (C×P) is the Jacobian of sample i's C outputs (vmap over samples of `jacrev`),
-    Λ_i = ∇²_o ℓ_i (C×C, the loss's Hessian in the outputs; its negative eigenvalues are
-    clipped to 0, so G_i ⪰ 0). With A_i = Λ_i^{1/2} J_i J_iᵀ Λ_i^{1/2} = W diag(μ) Wᵀ the
-    non-zero spectrum of G_i is that of A_i, so
+    K_i = J_iJ_iᵀ (C×C) comes from one batched forward and C backward passes
+    (`nets.curvature.sample_jacobians.SampleJacobians`; per-sample Jacobians are formed
+    only for parameters outside dense and convolution layers), Λ_i = ∇²_o ℓ_i (C×C, the
+    loss's Hessian in the outputs; its negative eigenvalues are clipped to 0, so G_i ⪰ 0).
+    With A_i = Λ_i^{1/2} K_i Λ_i^{1/2} = W diag(μ) Wᵀ the non-zero spectrum of G_i is that
+    of A_i, so
 
         γ_i = μ_max(A_i),   v_i = J_iᵀ Λ_i^{1/2} w_max / √γ_i   (a unit vector),
 
-    exact to rounding (residuals are reported as 0). For a cross-entropy network near a
-    minimum G_i is most of the per-sample Hessian H_i (trained wide digits MLP: GGN spike
-    / Hessian spike 0.993–1.001 over 256 samples); for an untrained one it need not be
+    exact to rounding (residuals are reported as 0); v_i is formed (one per-sample
+    backward pass) only for the kept samples. For a cross-entropy network near a minimum
+    G_i is most of the per-sample Hessian H_i (trained wide digits MLP: GGN spike /
+    Hessian spike 0.993–1.001 over 256 samples); for an untrained one it need not be
     (a CIFAR-shaped CNN at chance: 0.07–0.10, its per-sample Hessians indefinite;
-    benchmarks/README.md, `resolved_cnn_spikes`). Cost: C vector-Jacobian products per
-    sample and a (g, C, P) Jacobian block per chunk of g samples (sized to `memory`),
-    against `steps` per-sample products plus a float64 Krylov basis for the Lanczos form.
-    The model's output must be one tensor (1, C…) per sample.
+    benchmarks/README.md, `resolved_cnn_spikes`). The model's output must be one tensor
+    (1, C…) per sample.
 
     keep_above, max_keep, seed : as `per_sample_top_eigenpairs` (priority sampling of the
-    kept vectors from `numpy.random.default_rng(seed)`, spawn key 11). Returns a
-    `SampleSpikes` with steps = 0.
+    kept vectors, `nets.noise.ggn_samples.priority_keep`: the same rule and draws).
+    chunk_size : samples per batched pass (None: from the memory budget `memory`).
+    Returns a `SampleSpikes` with steps = 0 and products = C.
     """
-    from torch.func import hessian, jacrev
-
     check_noise_operator(op)
-    P, N = op.P, op.N
     if keep_above is not None:
         keep_above = as_float("keep_above", keep_above)
     if max_keep is not None:
         max_keep = as_int("max_keep", max_keep, minimum=1)
-    x0, y0 = op.source.take([0], device=op.device, dtype=op.dtype)
-    with torch.no_grad():
-        out0 = op._forward(op.primals, x0)
-    if not isinstance(out0, torch.Tensor):
-        raise TypeError("GGN spikes need a model whose output is one tensor per sample, got "
-                        f"{type(out0).__name__}; use spikes='lanczos'")
-    C = int(out0[0].numel())
-    itemsize = torch.finfo(op.dtype).bits // 8
-    if chunk_size is None:
-        per = C * P * (itemsize + 8) + product_bytes(P, C, 1, op.source.first_sample_numel(),
-                                                     itemsize)
-        chunk = chunk_count(N, per, lanczos_chunk_budget(memory, op.device), cap=4096)
-    else:
-        chunk = as_int("chunk_size", chunk_size, minimum=1)
-    shape = tuple(out0.shape[1:])
-
-    def outputs(prim, x):
-        return op._forward(prim, x[None]).reshape(-1)
-
-    def jac_one(x):                                     # (C, P) in the layout's order
-        return torch.cat([j.reshape(C, -1) for j in jacrev(outputs)(op.primals, x)], dim=1)
-
-    def lam_one(o, y):
-        return hessian(lambda z: op.loss_fn(z.reshape(1, *shape), y[None]))(o)
-
-    jac = vmap_or_loop(jac_one)
-    lam_of = vmap_or_loop(lam_one)
-    pool = _SpikePool(seed, keep_above, max_keep, P, op.device)
-    f64 = torch.float64
-    with policy_mode(op.model, op.policy):
-        for s in range(0, N, chunk):
-            Xc, Yc = op.source.take(np.arange(s, min(s + chunk, N)), device=op.device,
-                                    dtype=op.dtype)
-            g = Xc.shape[0]
-            with torch.no_grad():
-                out = op._forward(op.primals, Xc).reshape(g, C)
-            J = jac(Xc).to(f64)                                          # (g, C, P)
-            Lam = lam_of(out, Yc).to(f64).reshape(g, C, C)
-            Lam = 0.5 * (Lam + Lam.transpose(1, 2))
-            ev, E = torch.linalg.eigh(Lam)
-            Lh = E @ torch.diag_embed(ev.clamp_min(0).sqrt()) @ E.transpose(1, 2)
-            A = Lh @ (J @ J.transpose(1, 2)) @ Lh
-            mu, W = torch.linalg.eigh(0.5 * (A + A.transpose(1, 2)))
-            top = mu[:, -1]
-            vec = torch.einsum("gcp,gc->gp", J, (Lh @ W[:, :, -1:])[:, :, 0])
-            vec = vec / torch.linalg.vector_norm(vec, dim=1, keepdim=True).clamp_min(1e-300)
-            pool.add(s, top, vec)
-    return pool.result(np.zeros(N), steps=0, products=float(C))
+    if chunk_size is not None:
+        chunk_size = as_int("chunk_size", chunk_size, minimum=1)
+    try:
+        jac = SampleJacobians(op)
+    except TypeError as exc:
+        raise TypeError(f"GGN spikes: {exc}; use spikes='lanczos'") from None
+    gp = ggn_spike_pass(op, jac, chunk_size=chunk_size, memory=memory)
+    index, weight, tau = priority_keep(gp.gamma, keep_above, max_keep, seed)
+    return SampleSpikes(gamma=gp.gamma, residual=np.zeros(op.N), index=index,
+                        vectors=gp.vectors(index), steps=0, seed=int(seed), weight=weight,
+                        threshold=tau, products=float(jac.C))
 
 
 def _prune_pool(kept_idx, kept_vecs, prio, size):
@@ -460,7 +424,8 @@ EXACT_CROSS_MAX = 32
 def resolved_noise_from_operator(op: ModelCurvatureOperator, U, *, min_batch, steps=None, seed=0,
                                  chunk_size=None, max_candidates=DEFAULT_MAX_CANDIDATES,
                                  max_samples=None, cross="auto", exact=False,
-                                 memory=None, spikes="lanczos") -> ResolvedNoise:
+                                 memory=None, spikes="lanczos",
+                                 per_sample="products") -> ResolvedNoise:
     """Per-sample spikes and subspace statistics for `resolved_batch_top_eigenvalue`.
 
     U : (P, k) orthonormal (the top-k eigenvectors of the full-data curvature);
@@ -489,6 +454,14 @@ def resolved_noise_from_operator(op: ModelCurvatureOperator, U, *, min_batch, st
         operator, an approximation of the Hessian's spikes otherwise (good near a
         minimum of a cross-entropy network, not at initialisation); the rest of the
         model (U, the projections a_i, the cross terms) stays op's.
+    per_sample : "products" (default): the projections a_i and the complement noise from
+        per-sample curvature products of op (k per sample), spikes as `spikes` says;
+        "ggn": every per-sample quantity (a_i, D, S, the spikes, w_i) from the
+        Gauss–Newton factors of every sample (`nets.noise.ggn_samples`: C×C and C×k
+        matrices per sample, no per-sample curvature product; one per-sample backward
+        pass per kept spike vector). H (the centre, HU, λ_1 and the cross terms) stays
+        op's. The same approximation as spikes="ggn", now for the fluctuations too:
+        H_i − H ≈ G_i − Ḡ. Not with max_samples (every sample is cheap).
     """
     check_noise_operator(op)
     min_batch = as_int("min_batch", min_batch, minimum=1)
@@ -498,6 +471,10 @@ def resolved_noise_from_operator(op: ModelCurvatureOperator, U, *, min_batch, st
         raise ValueError(f"cross must be 'auto', 'nystrom' or 'exact', got {cross!r}")
     if spikes not in ("lanczos", "ggn"):
         raise ValueError(f"spikes must be 'lanczos' or 'ggn', got {spikes!r}")
+    if per_sample not in ("products", "ggn"):
+        raise ValueError(f"per_sample must be 'products' or 'ggn', got {per_sample!r}")
+    if per_sample == "ggn" and max_samples not in (None, "auto"):
+        raise ValueError("per_sample='ggn' runs on every sample; leave max_samples=None")
     if max_candidates is not None:
         max_candidates = as_int("max_candidates", max_candidates, minimum=1)
     if isinstance(max_samples, str):
@@ -508,20 +485,35 @@ def resolved_noise_from_operator(op: ModelCurvatureOperator, U, *, min_batch, st
         max_samples = as_int("max_samples", max_samples, minimum=2)
     if exact:
         max_candidates, max_samples, cross = None, None, "exact"
-    rows = row_weight = moments = HU = None
-    if max_samples is not None and op.N > max_samples:
+    rows = row_weight = moments = HU = gp = None
+    if per_sample == "ggn":
+        max_samples = None
+        Uo = _orthonormal(U, op.P, op.device)
+        HU = op.matmat(Uo.to(op.dtype)).to(torch.float64)
+        gp = ggn_sample_pass(op, Uo, chunk_size=chunk_size, memory=memory)
+        H_U = (Uo.T @ HU).cpu().numpy()
+        H_U = 0.5 * (H_U + H_U.T)
+        sub = SubspaceNoise(lam=np.diag(H_U).copy(), H_U=H_U, a=gp.a, D=gp.D, S=gp.S,
+                            N=int(op.N), P=int(op.P), k=int(Uo.shape[1]), vectors=Uo)
+    elif max_samples is not None and op.N > max_samples:
         Uo = _orthonormal(U, op.P, op.device)
         HU = op.matmat(Uo.to(op.dtype)).to(torch.float64)
         moments = micro_batch_moments(op, Uo, HU, micro_batch="auto", seed=seed,
                                       chunk_size=chunk_size, memory=memory)
         rows, row_weight = stratified_rows(moments, op.N, max_samples, seed)
-    sub, HU = subspace_pass(op, U, chunk_size=chunk_size, memory=memory, samples=rows,
-                            moments=moments, seed=seed, HU=HU, row_weight=row_weight)
+    if gp is None:
+        sub, HU = subspace_pass(op, U, chunk_size=chunk_size, memory=memory, samples=rows,
+                                moments=moments, seed=seed, HU=HU, row_weight=row_weight)
     lam1 = float(np.linalg.eigvalsh(sub.H_U)[-1])
     if not lam1 > 0:
         raise ValueError(f"the top eigenvalue {lam1:.3g} must be positive")
     op_rows = op if rows is None else op.subset(rows)            # the stored rows' samples
-    if spikes == "ggn":
+    if gp is not None:
+        index, weight, tau = priority_keep(gp.gamma, min_batch * lam1, max_candidates, seed)
+        spikes = SampleSpikes(gamma=gp.gamma, residual=np.zeros(op.N), index=index,
+                              vectors=gp.vectors(index), steps=0, seed=int(seed),
+                              weight=weight, threshold=tau, products=0.0)
+    elif spikes == "ggn":
         spikes = per_sample_ggn_top_eigenpairs(op_rows, seed=seed, keep_above=min_batch * lam1,
                                                chunk_size=chunk_size, max_keep=max_candidates,
                                                memory=memory)
@@ -537,8 +529,11 @@ def resolved_noise_from_operator(op: ModelCurvatureOperator, U, *, min_batch, st
         cross = "exact" if m <= EXACT_CROSS_MAX else "nystrom"
     cand = np.flatnonzero(spikes.gamma > min_batch * lam1)
     frac = sub.n_rows / op.N
-    per_sample = spikes.steps if spikes.products is None else spikes.products
-    cost = k + frac * (k + per_sample)                           # HU, pass, per-sample spikes
+    if gp is None:
+        per = spikes.steps if spikes.products is None else spikes.products
+        cost = k + frac * (k + per)                              # HU, pass, per-sample spikes
+    else:       # HU; data passes (C + 3k backward or forward-mode, each ≈ half a product)
+        cost = k + 0.5 * (gp.jac.C + 3 * k)
     if rows is not None:
         cost += k                                    # moments: every sample once, k directions
     if m:
@@ -551,11 +546,18 @@ def resolved_noise_from_operator(op: ModelCurvatureOperator, U, *, min_batch, st
         else:
             VHV = UHV.T @ np.linalg.pinv(sub.H_U, rcond=1e-10, hermitian=True) @ UHV
         VHV = 0.5 * (VHV + VHV.T)
-        UHiv = _own_products(op_rows, V, spikes.index, Uo, chunk_size, memory)   # (m, k)
-        cost += m / op.N
         T = (Uo.T @ V).cpu().numpy()
         a = sub.a[spikes.index]                                  # (m, k, k)
-        w = UHiv - UHV.T - np.einsum("mij,jm->mi", a, T)
+        if gp is None:
+            UHiv = _own_products(op_rows, V, spikes.index, Uo, chunk_size, memory)  # (m, k)
+            w = UHiv - UHV.T - np.einsum("mij,jm->mi", a, T)
+        else:           # v_iᵀ(G_i − Ḡ)U − t_iᵀa_i with J_iv_i = K_ic_i (ggn_samples)
+            ix = torch.from_numpy(spikes.index).to(gp.K.device)
+            Jv = (gp.K[ix] @ gp.coef[ix][:, :, None])[:, :, 0]                    # (m, C)
+            UGiv = (gp.JU[ix].transpose(1, 2) @ (gp.Lam[ix] @ Jv[:, :, None]))[:, :, 0]
+            UGV = (gp.GU.T @ V).T                                                  # (m, k)
+            w = (UGiv - UGV).cpu().numpy() - np.einsum("mij,jm->mi", a, T)
+        cost += m / op.N
         Gv = (V.T @ V).cpu().numpy()
     else:
         T, UHV, w = np.zeros((k, 0)), np.zeros((k, 0)), np.zeros((0, k))

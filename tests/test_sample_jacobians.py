@@ -1,0 +1,163 @@
+"""Per-sample Jacobian pieces (nets.curvature.sample_jacobians) against dense per-sample
+Jacobians from torch.func.jacrev of the flat parameter vector, float64."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nets.curvature.operators import hessian_operator
+from nets.curvature.sample_jacobians import SampleJacobians, _layer_gram
+
+CE = F.cross_entropy
+
+
+def _dense_jacobians(model, X, names=None):
+    """(N, C, P) per-sample Jacobians of the flattened outputs, one jacrev per sample."""
+    named = dict(model.named_parameters())
+    names = list(named) if names is None else names
+    shapes = [named[n].shape for n in names]
+    sizes = [named[n].numel() for n in names]
+    flat = torch.cat([named[n].detach().reshape(-1) for n in names])
+    rest = {n: p.detach() for n, p in named.items() if n not in names}
+    rest.update(dict(model.named_buffers()))
+
+    def f(w, x):
+        st = dict(rest)
+        st.update(zip(names, (c.view(s) for c, s in zip(torch.split(w, sizes), shapes))))
+        return torch.func.functional_call(model, st, (x[None],)).reshape(-1)
+
+    return torch.stack([torch.func.jacrev(f)(flat, X[i]) for i in range(X.shape[0])])
+
+
+class ConvNet(nn.Module):
+    """Conv2d (padding 'same', dilation), strided Conv2d, BatchNorm (eval), Conv1d, Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding="same", dilation=2)
+        self.c2 = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.c3 = nn.Conv1d(6, 5, 2, padding=1, bias=False)
+        self.fc = nn.Linear(5 * 26, 7)
+
+    def forward(self, x):
+        x = F.relu(self.c1(x))
+        x = self.bn(self.c2(x)).flatten(2)                 # (g, 6, 25)
+        return self.fc(torch.tanh(self.c3(x)).flatten(1))
+
+
+class SeqNet(nn.Module):
+    """Linear on sequences, LayerNorm, and a layer applied twice (shared weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.ln = nn.LayerNorm(6)
+        self.shared = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.ln(self.a(x)))
+        h = torch.tanh(self.shared(torch.tanh(self.shared(h))))
+        return self.b(h).mean(1)
+
+
+def _case(name):
+    torch.manual_seed(0)
+    if name == "conv":
+        model = ConvNet().double()
+        with torch.no_grad():
+            model.bn.running_mean.uniform_(-0.5, 0.5)
+            model.bn.running_var.uniform_(0.5, 2.0)
+        model.eval()
+        X = torch.randn(7, 3, 10, 10, dtype=torch.float64)
+        y = torch.randint(0, 7, (7,))
+    else:
+        model = SeqNet().double()
+        X = torch.randn(6, 5, 4, dtype=torch.float64)
+        y = torch.randint(0, 3, (6,))
+    return model, X, y
+
+
+@pytest.mark.parametrize("name", ["conv", "seq"])
+def test_pieces_match_dense_jacobians(name):
+    model, X, y = _case(name)
+    op = hessian_operator(model, CE, (X, y), dtype=torch.float64)
+    sj = SampleJacobians(op)
+    if name == "conv":
+        assert sj.ghost == ("c1", "c2", "c3", "fc") and sj.formed == ("bn.weight", "bn.bias")
+    else:   # the shared layer is called twice: its Jacobians are formed
+        assert sj.ghost == ("a", "b")
+        assert set(sj.formed) == {"ln.weight", "ln.bias", "shared.weight", "shared.bias"}
+    J = _dense_jacobians(model, X)
+    out, K = sj.grams(X)
+    np.testing.assert_allclose(K.numpy(), (J @ J.transpose(1, 2)).numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(out.numpy(), model(X).detach().reshape(X.shape[0], -1).numpy(),
+                               rtol=1e-12)
+    g = torch.Generator().manual_seed(1)
+    V = torch.randn(op.P, 3, generator=g, dtype=torch.float64)
+    np.testing.assert_allclose(sj.jvp(X, V).numpy(), (J @ V).numpy(), rtol=1e-10, atol=1e-12)
+    cot = torch.randn(X.shape[0], sj.C, 2, generator=g, dtype=torch.float64)
+    np.testing.assert_allclose(sj.vjp_sum(X, cot).numpy(),
+                               torch.einsum("ncp,nck->pk", J, cot).numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(sj.vjp_each(X, cot[:, :, 0]).numpy(),
+                               torch.einsum("ncp,nc->np", J, cot[:, :, 0]).numpy(),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_parameter_subset_and_layers_that_mix_samples():
+    """Only the selected parameters count; with BatchNorm on batch statistics (train mode)
+    the batched backward would couple samples, so every Jacobian is formed per sample."""
+    model, X, y = _case("conv")
+    names = ["c2.weight", "bn.weight", "fc.bias"]
+    op = hessian_operator(model, CE, (X, y), dtype=torch.float64, params=names)
+    sj = SampleJacobians(op)
+    assert sj.ghost == ("c2",) and sj.formed == ("bn.weight", "fc.bias")
+    J = _dense_jacobians(model, X, names)
+    np.testing.assert_allclose(sj.grams(X)[1].numpy(), (J @ J.transpose(1, 2)).numpy(),
+                               rtol=1e-10, atol=1e-12)
+    model.train()
+    op = hessian_operator(model, CE, (X, y), dtype=torch.float64, policy="eval")
+    assert SampleJacobians(op).batched                  # the policy puts BatchNorm in eval
+    mixed = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).double().train()
+    Xm = torch.randn(6, 3, dtype=torch.float64)
+    op = hessian_operator(mixed, CE, (Xm, torch.randint(0, 2, (6,))), dtype=torch.float64,
+                          policy="train_batch_stats")
+    sj = SampleJacobians(op)
+    assert not sj.batched and sj.ghost == () and len(sj.formed) == 6
+
+
+@pytest.mark.parametrize("T,din,dout", [(1, 5, 2), (3, 60, 40), (40, 5, 2)])
+def test_layer_gram_branches_agree_with_formed_gradients(T, din, dout):
+    """Each branch of the per-layer Gram (vectors T = 1; the double sum over positions,
+    chosen for wide layers at few positions; formed weight gradients, for many positions)
+    against Σ_t δ_t a_tᵀ formed explicitly."""
+    g = torch.Generator().manual_seed(T)
+    A = torch.randn(4, T, din, generator=g, dtype=torch.float64)
+    D = torch.randn(4, 3, T, dout, generator=g, dtype=torch.float64)
+    W = torch.einsum("gctd,gte->gcde", D, A).reshape(4, 3, -1)
+    b = D.sum(2)
+    want = W @ W.transpose(1, 2) + b @ b.transpose(1, 2)
+    np.testing.assert_allclose(_layer_gram(A, D, True).numpy(), want.numpy(), rtol=1e-12)
+
+
+def test_refusals():
+    class DictOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return {"logits": self.fc(x)}
+
+    X = torch.randn(4, 3)
+    op = hessian_operator(DictOut(), lambda o, y: CE(o["logits"], y), (X, torch.tensor([0, 1, 0, 1])))
+    with pytest.raises(TypeError, match="one tensor"):
+        SampleJacobians(op)
+    op = hessian_operator(nn.Linear(3, 50), CE, (X, torch.tensor([0, 1, 0, 1])))
+    with pytest.raises(ValueError, match="max_outputs"):
+        SampleJacobians(op, max_outputs=10)
+    with pytest.raises(TypeError, match="ModelCurvatureOperator"):
+        SampleJacobians("op")
