@@ -369,3 +369,15 @@ def test_predict_batch_top_eigenvalue_passes_per_sample(dense):
     np.testing.assert_allclose(b.resolved, a.resolved, rtol=1e-6)
     with pytest.raises(ValueError, match="per_sample"):
         predict_batch_top_eigenvalue(model, CE, (X, y), [2], per_sample="dense", **kw)
+
+
+def test_per_sample_auto_picks_the_gauss_newton_form_for_large_passes(dense, monkeypatch):
+    import nets.noise.resolved_noise as rnm
+    model, X, y, Hs, H, ev, V = dense
+    op = hessian_operator(model, CE, (X, y))
+    U = torch.from_numpy(V[:, :3].copy())
+    assert resolved_noise_from_operator(op, U, min_batch=2).per_sample == "products"
+    monkeypatch.setattr(rnm, "large_per_sample_pass", lambda N, P: True)   # as if N·P > 2²⁷
+    assert resolved_noise_from_operator(op, U, min_batch=2).per_sample == "ggn"
+    assert resolved_noise_from_operator(op, U, min_batch=2, exact=True).per_sample == "products"
+    assert resolved_noise_from_operator(op, U, min_batch=2, max_samples=20).per_sample == "products"

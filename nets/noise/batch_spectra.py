@@ -108,7 +108,7 @@ class BatchTopEigenvaluePrediction(Result):
     micro_batch : the group size m of the directional/isotropic noise pass (None when
     neither was computed); resolved_rows : the resolved form's sampled population size
     (None: every sample, or form not computed); resolved_per_sample : "products" or
-    "ggn", how the resolved form got its per-sample quantities."""
+    "ggn", how the resolved form got its per-sample quantities (what "auto" chose)."""
 
     forms: tuple
     batch_sizes: np.ndarray
@@ -400,7 +400,7 @@ def predict_batch_top_eigenvalue(model, loss_fn, data, batch_sizes, *, form="dir
                                  kind="hessian", num_probes=10, subspace_dim=None,
                                  n_batches_mc=2000, micro_batch="auto", replacement=False,
                                  params=None, policy=None, chunk_size=None, device=None,
-                                 dtype=None, seed=0, per_sample="products",
+                                 dtype=None, seed=0, per_sample="auto",
                                  progress=None) -> BatchTopEigenvaluePrediction:
     """Predicted λ'_1(B) from the full-data top eigenpair and one noise pass per form.
 
@@ -416,11 +416,12 @@ def predict_batch_top_eigenvalue(model, loss_fn, data, batch_sizes, *, form="dir
         resolved    — as subspace, plus per-sample Lanczos spikes (`nets.noise.resolved_noise`,
                       its defaults: every sample, at most 256 candidate spike vectors).
     per_sample : how the resolved form gets its per-sample quantities: "products"
-        (default: k per-sample curvature products and a per-sample Lanczos run for every
-        sample) or "ggn" (from the per-sample Gauss–Newton factors, C×C and C×k matrices
-        per sample, `nets.noise.ggn_samples`: about 10–25× cheaper at ~300k parameters,
-        and a good approximation of the Hessian's fluctuations near a minimum of a
-        cross-entropy network, not at initialisation).
+        (k per-sample curvature products and a per-sample Lanczos run for every sample),
+        "ggn" (from the per-sample Gauss–Newton factors, C×C and C×k matrices per
+        sample, `nets.noise.ggn_samples`: about 20× cheaper at ~300k parameters, and a
+        good approximation of the Hessian's fluctuations near a minimum of a
+        cross-entropy network, not at initialisation), or "auto" (default: "ggn" once
+        N·P > 2²⁷, `nets.noise.resolved_noise.resolved_noise_from_operator`).
     micro_batch : m ≥ 1 or "auto" (default: per-sample while N·P ≤ 2²⁷, else about 256
         groups of m = ⌊N/256⌋), as in
         `nets.noise.directional` (directional/isotropic only; subspace and resolved need
@@ -433,8 +434,8 @@ def predict_batch_top_eigenvalue(model, loss_fn, data, batch_sizes, *, form="dir
     Returns a `BatchTopEigenvaluePrediction` (fields of forms not computed are None).
     """
     forms = _as_forms(form)
-    if per_sample not in ("products", "ggn"):
-        raise ValueError(f"per_sample must be 'products' or 'ggn', got {per_sample!r}")
+    if per_sample not in ("products", "ggn", "auto"):
+        raise ValueError(f"per_sample must be 'products', 'ggn' or 'auto', got {per_sample!r}")
     if not isinstance(replacement, bool):
         raise TypeError("replacement must be a bool")
     seed = as_seed("seed", seed)
@@ -494,7 +495,7 @@ def _sampled_forms(op, U, Bs, forms, *, n_batches_mc, replacement, seed,
         out.update(resolved=curve.values, resolved_stderr=curve.stderr,
                    resolved_n=curve.n_resolved, resolved_m=int(rn.index.size),
                    resolved_rows=None if sn.samples is None else sn.n_rows,
-                   resolved_per_sample=per_sample)
+                   resolved_per_sample=rn.per_sample)
     if "resolved" not in forms or ("subspace" in forms and sn.samples is not None):
         # the subspace form always takes every sample: without the resolved spikes its
         # complement noise is dominated by a few heavy samples, and a sampled population
