@@ -161,3 +161,28 @@ def test_refusals():
         SampleJacobians(op, max_outputs=10)
     with pytest.raises(TypeError, match="ModelCurvatureOperator"):
         SampleJacobians("op")
+
+
+def test_a_weight_also_read_outside_its_layer_is_formed():
+    """A decoder tied to an encoder's weight (read with F.linear, not through the module):
+    the encoder's per-layer share would miss that use; the two-sample check at
+    construction moves it to the formed path, and K_i stays exact."""
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Linear(5, 4, bias=False)
+            self.mid = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return F.linear(torch.tanh(self.mid(self.enc(x))), self.enc.weight.T)
+
+    torch.manual_seed(3)
+    model = Tied().double()
+    X = torch.randn(6, 5, dtype=torch.float64)
+    op = hessian_operator(model, F.mse_loss, (X, torch.randn(6, 5, dtype=torch.float64)),
+                          dtype=torch.float64)
+    sj = SampleJacobians(op)
+    assert sj.ghost == ("mid",) and sj.formed == ("enc.weight",)
+    J = _dense_jacobians(model, X)
+    np.testing.assert_allclose(sj.grams(X)[1].numpy(), (J @ J.transpose(1, 2)).numpy(),
+                               rtol=1e-10, atol=1e-12)

@@ -87,7 +87,6 @@ class SampleJacobians:
         names = list(op.layout.names)
         index = {n: j for j, n in enumerate(names)}
         self._ghost = []                  # (module name, module, weight pos, bias pos or None)
-        taken = set()
         if self.batched:
             for mname, mod in op.model.named_modules():
                 pre = f"{mname}." if mname else ""
@@ -97,12 +96,42 @@ class SampleJacobians:
                 bname = pre + "bias"
                 bpos = index.get(bname) if getattr(mod, "bias", None) is not None else None
                 self._ghost.append((mname, mod, index[wname], bpos))
-                taken.add(wname)
-                if bpos is not None:
-                    taken.add(bname)
+        self._names = names
+        self._set_formed()
+        if self._ghost:
+            self._verify(x0)
+
+    def _set_formed(self) -> None:
+        taken = {p for _, _, w, b in self._ghost for p in (w, b) if p is not None}
         self.ghost = tuple(g[0] for g in self._ghost)
-        self._formed = [index[n] for n in names if n not in taken]
-        self.formed = tuple(names[j] for j in self._formed)
+        self._formed = [j for j in range(len(self._names)) if j not in taken]
+        self.formed = tuple(self._names[j] for j in self._formed)
+
+    def _verify(self, x0) -> None:
+        """Check each layer's share of K_i on two samples against ‖(J_iᵀr)_layer‖² for a
+        random r (one per-sample backward pass): a weight also used outside its module
+        (tied to another layer, read functionally) would make the share incomplete.
+        Layers that disagree take the formed path."""
+        op = self.op
+        g = torch.Generator().manual_seed(0)
+        r = torch.randn(x0.shape[0], self.C, generator=g, dtype=torch.float64).to(op.device)
+        shares = []
+        with policy_mode(op.model, op.policy):
+            self._ghost_grams(x0, None, shares)
+        JTr = self.vjp_each(x0, r).to(torch.float64)                        # (2, P)
+        offsets = op.layout.offsets
+        numels = op.layout.numels
+        tol = 1e-8 if op.dtype == torch.float64 else 1e-3
+        keep = []
+        for (entry, Kl) in zip(self._ghost, shares):
+            cols = [j for j in entry[2:] if j is not None]
+            want = sum((JTr[:, offsets[j]:offsets[j] + numels[j]] ** 2).sum(1) for j in cols)
+            got = torch.einsum("gc,gcd,gd->g", r, Kl, r)
+            if bool(((got - want).abs() <= tol * (want.abs() + got.abs() + 1e-30)).all()):
+                keep.append(entry)
+        if len(keep) != len(self._ghost):
+            self._ghost = keep
+            self._set_formed()
 
     # -- forward pieces ---------------------------------------------------------------
     def _f(self, prim, x):
@@ -128,7 +157,9 @@ class SampleJacobians:
                 K += self._formed_grams(X)
         return out, K
 
-    def _ghost_grams(self, X, K):
+    def _ghost_grams(self, X, K, shares=None):
+        """Add the ghost layers' shares of K_i to K (or, with `shares`, append each
+        layer's (g, C, C) share to it); returns the outputs (g, C)."""
         op = self.op
         seen: dict[str, tuple] = {}
         mods = {id(m): n for n, m, _, _ in self._ghost}
@@ -152,7 +183,11 @@ class SampleJacobians:
                 deltas[j].append(torch.zeros_like(zs[j]) if d is None else d)
         for j, (name, mod, _, bpos) in enumerate(self._ghost):
             A, D = _patches(mod, seen[name][0], torch.stack(deltas[j], 1))  # (g,T,din), (g,C,T,dout)
-            K += _layer_gram(A, D, bpos is not None).to(torch.float64)
+            Kl = _layer_gram(A, D, bpos is not None).to(torch.float64)
+            if shares is not None:
+                shares.append(Kl)
+            else:
+                K += Kl
         return out.detach()
 
     def _formed_grams(self, X) -> torch.Tensor:

@@ -109,6 +109,7 @@ full-data products.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -482,7 +483,8 @@ def resolved_noise_from_operator(op: ModelCurvatureOperator, U, *, min_batch, st
         raise ValueError(f"spikes must be 'lanczos' or 'ggn', got {spikes!r}")
     if per_sample not in ("products", "ggn", "auto"):
         raise ValueError(f"per_sample must be 'products', 'ggn' or 'auto', got {per_sample!r}")
-    if per_sample == "auto":
+    auto = per_sample == "auto"
+    if auto:
         per_sample = ("ggn" if max_samples is None and not exact
                       and large_per_sample_pass(op.N, op.P) and _gauss_newton_ready(op)
                       else "products")
@@ -503,7 +505,15 @@ def resolved_noise_from_operator(op: ModelCurvatureOperator, U, *, min_batch, st
         max_samples = None
         Uo = _orthonormal(U, op.P, op.device)
         HU = op.matmat(Uo.to(op.dtype)).to(torch.float64)
-        gp = ggn_sample_pass(op, Uo, chunk_size=chunk_size, memory=memory)
+        try:
+            gp = ggn_sample_pass(op, Uo, chunk_size=chunk_size, memory=memory)
+        except (RuntimeError, NotImplementedError) as exc:
+            if not auto:
+                raise
+            warnings.warn("per_sample='auto': the Gauss–Newton per-sample pass failed "
+                          f"({str(exc).splitlines()[0][:200]}); using per-sample products",
+                          RuntimeWarning, stacklevel=2)
+    if gp is not None:
         H_U = (Uo.T @ HU).cpu().numpy()
         H_U = 0.5 * (H_U + H_U.T)
         sub = SubspaceNoise(lam=np.diag(H_U).copy(), H_U=H_U, a=gp.a, D=gp.D, S=gp.S,
