@@ -134,7 +134,7 @@ def wide_digits_mlp(N=None, seed=0, epochs=3):
 
 class CifarCNN(nn.Module):
     """conv(3→32, s2)·ReLU·conv(32→64, s2)·ReLU·conv(64→128, s2)·ReLU·flatten·
-    Linear(2048→96)·ReLU·Linear(96→10): 291,978 parameters for 32×32×3 inputs."""
+    Linear(2048→96)·ReLU·Linear(96→10): 290,922 parameters for 32×32×3 inputs."""
 
     def __init__(self):
         super().__init__()

@@ -186,3 +186,19 @@ def test_a_weight_also_read_outside_its_layer_is_formed():
     J = _dense_jacobians(model, X)
     np.testing.assert_allclose(sj.grams(X)[1].numpy(), (J @ J.transpose(1, 2)).numpy(),
                                rtol=1e-10, atol=1e-12)
+
+
+def test_gauss_newton_pass_does_not_depend_on_the_chunking():
+    from nets.noise.ggn_samples import _chunk, ggn_sample_pass
+    model, X, y = _case("conv")
+    op = hessian_operator(model, CE, (X, y), dtype=torch.float64)
+    U = torch.linalg.qr(torch.randn(op.P, 3, dtype=torch.float64,
+                                    generator=torch.Generator().manual_seed(0)))[0]
+    sj = SampleJacobians(op)
+    assert sj.bytes_per_sample > 0
+    assert _chunk(op, sj, None, 1) == 1 and _chunk(op, sj, None, "1GB") == X.shape[0]
+    a = ggn_sample_pass(op, U)
+    b = ggn_sample_pass(op, U, chunk_size=3)                # uneven chunks
+    for f in ("gamma", "a", "D", "S"):
+        np.testing.assert_allclose(getattr(b, f), getattr(a, f), rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(b.GU.numpy(), a.GU.numpy(), rtol=1e-10, atol=1e-13)

@@ -66,7 +66,14 @@ class SampleJacobians:
         self.op = op
         x0, _ = op.source.take([0, min(1, op.N - 1)], device=op.device, dtype=op.dtype)
         calls: dict[str, int] = {}
-        hooks = [m.register_forward_hook(lambda m, i, o, n=n: calls.__setitem__(n, calls.get(n, 0) + 1))
+        sizes: dict[str, tuple] = {}           # module: (input numel, output numel) per sample
+
+        def count(m, i, o, n):
+            calls[n] = calls.get(n, 0) + 1
+            if isinstance(o, torch.Tensor) and i and isinstance(i[0], torch.Tensor):
+                sizes[n] = (i[0].numel() // x0.shape[0], o.numel() // x0.shape[0])
+
+        hooks = [m.register_forward_hook(lambda m, i, o, n=n: count(m, i, o, n))
                  for n, m in op.model.named_modules()]
         try:
             with torch.no_grad(), policy_mode(op.model, op.policy):
@@ -97,6 +104,9 @@ class SampleJacobians:
                 bpos = index.get(bname) if getattr(mod, "bias", None) is not None else None
                 self._ghost.append((mname, mod, index[wname], bpos))
         self._names = names
+        self._sizes = sizes
+        self._activations = sum(o for n, (_, o) in sizes.items()
+                                if not any(True for _ in dict(op.model.named_modules())[n].children()))
         self._set_formed()
         if self._ghost:
             self._verify(x0)
@@ -132,6 +142,34 @@ class SampleJacobians:
         if len(keep) != len(self._ghost):
             self._ghost = keep
             self._set_formed()
+
+    @property
+    def bytes_per_sample(self) -> int:
+        """Estimated working memory of `grams` per sample: the graph's activations and C
+        output-gradients of every layer, each ghost layer's largest intermediate
+        (`_layer_gram`'s branch), and the formed Jacobians (twice, with their Gram)."""
+        op = self.op
+        item = torch.finfo(op.dtype).bits // 8
+        C = self.C
+        total = (C + 2) * self._activations * item
+        numel = dict(zip(op.layout.names, op.layout.numels))
+        total += 2 * C * sum(numel[n] for n in self.formed) * item
+        for name, mod, _, _ in self._ghost:
+            n_in, n_out = self._sizes.get(name, (0, 0))
+            if isinstance(mod, nn.Linear):
+                din, dout = mod.in_features, mod.out_features
+            else:
+                din = mod.in_channels * int(torch.tensor(mod.kernel_size).prod())
+                dout = mod.out_channels
+            T = max(1, n_out // max(dout, 1))
+            if T == 1:
+                extra = C * dout + din
+            elif T * T * (din + C * C * dout) <= C * dout * din * (T + C):
+                extra = T * T * (C * C + 1) + T * din
+            else:
+                extra = C * dout * din + T * din
+            total += (extra + C * T * dout) * item
+        return int(total)
 
     # -- forward pieces ---------------------------------------------------------------
     def _f(self, prim, x):

@@ -121,14 +121,12 @@ def priority_keep(gamma: np.ndarray, keep_above, max_keep, seed) -> tuple[np.nda
 
 
 def _chunk(op, jac: SampleJacobians, chunk_size, memory) -> int:
+    """Samples per batched pass: `chunk_size`, or as many as fit the memory budget with
+    `SampleJacobians.bytes_per_sample` each (at most 4096)."""
     if chunk_size is not None:
         return int(chunk_size)
-    itemsize = torch.finfo(op.dtype).bits // 8
-    numel = dict(zip(op.layout.names, op.layout.numels))
-    P_formed = sum(numel[n] for n in jac.formed)
-    per = (2 * jac.C * P_formed * itemsize + 64 * op.source.first_sample_numel() * itemsize
-           * max(1, jac.C) + 16 * jac.C * jac.C * 8)
-    return chunk_count(op.N, per, memory_budget(memory, op.device), cap=4096)
+    return chunk_count(op.N, max(1, jac.bytes_per_sample), memory_budget(memory, op.device),
+                       cap=4096)
 
 
 def ggn_spike_pass(op: ModelCurvatureOperator, jac: SampleJacobians | None = None, *,
