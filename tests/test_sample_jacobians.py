@@ -202,3 +202,13 @@ def test_gauss_newton_pass_does_not_depend_on_the_chunking():
     for f in ("gamma", "a", "D", "S"):
         np.testing.assert_allclose(getattr(b, f), getattr(a, f), rtol=1e-10, atol=1e-13)
     np.testing.assert_allclose(b.GU.numpy(), a.GU.numpy(), rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_grams_inside_a_callers_no_grad_or_inference_mode(mode):
+    model, X, y = _case("conv")
+    op = hessian_operator(model, CE, (X, y), dtype=torch.float64)
+    want = SampleJacobians(op).grams(X)[1]
+    with mode():
+        got = SampleJacobians(op).grams(X)[1]
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-12)

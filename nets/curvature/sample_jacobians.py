@@ -204,21 +204,24 @@ class SampleJacobians:
         hooks = [m.register_forward_hook(
             lambda m, i, o: seen.__setitem__(mods[id(m)], (i[0].detach(), o)))
             for _, m, _, _ in self._ghost]
-        prim = tuple(p.detach().requires_grad_(True) for p in op.primals)
-        try:
-            with torch.enable_grad():
-                out = self._f(prim, X)
-        finally:
-            for h in hooks:
-                h.remove()
         order = [n for n, _, _, _ in self._ghost]
-        zs = [seen[n][1] for n in order]
         deltas = [[] for _ in order]                       # per layer: C tensors like z
-        for c in range(self.C):
-            gr = torch.autograd.grad(out[:, c].sum(), zs, retain_graph=c < self.C - 1,
-                                     allow_unused=True)
-            for j, d in enumerate(gr):
-                deltas[j].append(torch.zeros_like(zs[j]) if d is None else d)
+        # autograd also inside a caller's no_grad or inference_mode (clones: tensors made
+        # in inference mode cannot be saved for backward)
+        with torch.inference_mode(False), torch.enable_grad():
+            prim = tuple(p.detach().clone().requires_grad_(True) for p in op.primals)
+            X = X.clone() if X.is_inference() else X
+            try:
+                out = self._f(prim, X)
+            finally:
+                for h in hooks:
+                    h.remove()
+            zs = [seen[n][1] for n in order]
+            for c in range(self.C):
+                gr = torch.autograd.grad(out[:, c].sum(), zs, retain_graph=c < self.C - 1,
+                                         allow_unused=True)
+                for j, d in enumerate(gr):
+                    deltas[j].append(torch.zeros_like(zs[j]) if d is None else d)
         for j, (name, mod, _, bpos) in enumerate(self._ghost):
             A, D = _patches(mod, seen[name][0], torch.stack(deltas[j], 1))  # (g,T,din), (g,C,T,dout)
             Kl = _layer_gram(A, D, bpos is not None).to(torch.float64)
