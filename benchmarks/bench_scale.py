@@ -17,7 +17,8 @@ Bars (issue 13; each row reports measured vs bar and met / missed):
 * ``resolved_gn`` / ``resolved_5000_gn`` / ``resolved_cnn_gn`` — the same with every
   per-sample quantity from the Gauss–Newton factors (`per_sample="ggn"`,
   `nets.noise.ggn_samples`: C×C and C×k matrices per sample, no per-sample curvature
-  product);
+  product); ``resolved_small`` — no bar: both per-sample forms against measurement on
+  the small digits MLP after 5 epochs, where the residual term still matters;
 * ``resolved_cnn_diagnosis`` — no bar: on a smaller copy of that CNN (N = 500), the
   resolved form with every candidate against the capped one, and its parts (spikes
   alone, the complement term) against measurement (README, "Predictions at scale");
@@ -58,7 +59,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROWS = ("directional", "resolved", "resolved_ggn", "resolved_gn", "resolved_sampled",
+ROWS = ("directional", "resolved", "resolved_ggn", "resolved_gn", "resolved_small",
+        "resolved_sampled",
         "resolved_5000", "resolved_5000_ggn", "resolved_5000_gn", "resolved_5000_sampled",
         "resolved_cnn", "resolved_cnn_gn", "resolved_cnn_diagnosis", "resolved_cnn_spikes", "lr_table", "preresnet",
         "scaling")
@@ -322,6 +324,24 @@ def row_resolved_gn(quick, device):
     model, data = wide_digits_mlp()
     return dict(row="resolved_gn", **_resolved("digits MLP 64-512-512-10", model, data, device,
                                                quick, (200, 100, 40, 20), per_sample="ggn"))
+
+
+def row_resolved_small(quick, device):
+    """The two per-sample forms side by side on the small digits MLP (64-32-10, tanh,
+    5 epochs of SGD + momentum): a network where the Hessian's top eigenvalue (0.55) is
+    well above the Gauss–Newton one (0.37), i.e. the residual term still matters."""
+    from nets.training.data import load_digits
+    from nets.training.loops import train
+    from nets.training.models import MLP
+    X, y = load_digits(standardize=True)
+    model = MLP(64, (32,), 10, activation="tanh", seed=0)
+    train(model, F.cross_entropy, (X, y), epochs=5, lr=0.05, batch_size=64, optimizer="sgd",
+          momentum=0.9, seed=0)
+    model.eval()
+    rows = {ps: _resolved("digits MLP 64-32-10", model, (X, y), device, quick,
+                          (300, 150, 60, 30), per_sample=ps) for ps in ("products", "ggn")}
+    return dict(row="resolved_small", **{f"{ps}_{k}": v for ps, r in rows.items()
+                                         for k, v in r.items()})
 
 
 def row_resolved_sampled(quick, device):
