@@ -105,8 +105,9 @@ class SampleJacobians:
                 self._ghost.append((mname, mod, index[wname], bpos))
         self._names = names
         self._sizes = sizes
-        self._activations = sum(o for n, (_, o) in sizes.items()
-                                if not any(True for _ in dict(op.model.named_modules())[n].children()))
+        modules = dict(op.model.named_modules())
+        self._activations = sum(o for n, (_, o) in sizes.items()           # leaf modules
+                                if next(modules[n].children(), None) is None)
         self._set_formed()
         if self._ghost:
             self._verify(x0)
