@@ -70,6 +70,15 @@ cross terms v_iᵀHv_j use the Nyström approximation on span(U),
 Memory O(P·(k + max_candidates)). `exact=True` keeps every sample and candidate and
 computes the cross terms with one full-data product per candidate (the exhaustive form).
 
+Gauss–Newton per-sample form (`per_sample="ggn"`; the default "auto" takes it once
+N·P > 2²⁷). Every per-sample input of the model above — a_i, D, S, γ_i, v_i, Uᵀv_i and
+w_i — comes from the per-sample Gauss–Newton factors instead of per-sample curvature
+products, with H_i − H ≈ G_i − Ḡ (`nets.noise.ggn_samples`: C×C and C×k matrices per
+sample from a few batched passes over the data; the centre H, HU and λ_1 stay op's).
+Cost on the 301k-parameter MLP, N = 5000: the whole prediction 74–116 full-data products
+instead of ≈1,800 for the per-sample passes alone, with the same accuracy; not for
+networks far from a minimum, where per-sample Hessians are indefinite.
+
 Sampled population (opt-in: `max_samples=n`, or "auto" for n = 512 once N·P > 2²⁷ as
 for `micro_batch="auto"` in `nets.noise.directional`; the default keeps every sample).
 Even subsampled candidates need γ_i of every sample, i.e. a per-sample Lanczos run (`steps` per-sample products)
@@ -470,8 +479,9 @@ def resolved_noise_from_operator(op: ModelCurvatureOperator, U, *, min_batch, st
         tensor of at most 1024 numbers per sample, with neither max_samples nor
         exact=True given; "products" otherwise (so small networks keep the exact
         per-sample curvatures). On the 301k-parameter digits MLP with N = 5000 the
-        whole prediction took 74 full-data products with "ggn" against ≈1,800 with
-        "products", both within 6 % of the measured λ'(B) (benchmarks/README.md).
+        whole prediction took 74–116 full-data products with "ggn" (two runs) against
+        ≈1,800 for the per-sample passes alone with "products", both within 6 % of the
+        measured λ'(B) (benchmarks/README.md). `spikes` is not used with "ggn".
     """
     check_noise_operator(op)
     min_batch = as_int("min_batch", min_batch, minimum=1)
