@@ -14,8 +14,9 @@ Bars (issue 13; each row reports measured vs bar and met / missed):
 * ``resolved_ggn`` / ``resolved_5000_ggn`` — the same with the per-sample spikes of the
   Gauss–Newton terms from C×C Jacobian Grams (`spikes="ggn"`) instead of per-sample
   Lanczos runs;
-* ``resolved_gn`` / ``resolved_5000_gn`` / ``resolved_cnn_gn`` — the same with every
-  per-sample quantity from the Gauss–Newton factors (`per_sample="ggn"`,
+* ``resolved_gn`` / ``resolved_5000_gn`` / ``resolved_cnn_gn`` — the default
+  `per_sample="auto"`, which picks every per-sample quantity from the Gauss–Newton
+  factors here (`per_sample="ggn"`, after its check of the directional noise,
   `nets.noise.ggn_samples`: C×C and C×k matrices per sample, no per-sample curvature
   product); ``resolved_small`` — no bar: both per-sample forms against measurement on
   the small digits MLP after 5 epochs, where the residual term still matters;
@@ -286,7 +287,8 @@ def _resolved(name, model, data, device, quick, n_meas, max_samples=None, spikes
     total = (t_top + t_rn + t_mc) / t_hvp
     peak = _peak_gib(device)
     row = dict(problem=name, N=op.N, P=op.P, max_samples=max_samples, spikes=spikes,
-               per_sample=per_sample, train_accuracy=_r(_train_accuracy(model, data), 4),
+               per_sample=per_sample, per_sample_used=rn.per_sample, ggn_check=rn.ggn_check,
+               train_accuracy=_r(_train_accuracy(model, data), 4),
                dtype=str(op.dtype),
                cache_graph=op.cache_graph,
                hvp_s=_r(t_hvp), top10_hvps=_r(t_top / t_hvp, 1), top10_counted=top_counted,
@@ -323,7 +325,7 @@ def row_resolved_ggn(quick, device):
 def row_resolved_gn(quick, device):
     model, data = wide_digits_mlp()
     return dict(row="resolved_gn", **_resolved("digits MLP 64-512-512-10", model, data, device,
-                                               quick, (200, 100, 40, 20), per_sample="ggn"))
+                                               quick, (200, 100, 40, 20), per_sample="auto"))
 
 
 def row_resolved_small(quick, device):
@@ -362,7 +364,7 @@ def row_resolved_5000(quick, device, max_samples=None, name="resolved_5000", spi
 
 
 def row_resolved_5000_gn(quick, device):
-    return row_resolved_5000(quick, device, name="resolved_5000_gn", per_sample="ggn")
+    return row_resolved_5000(quick, device, name="resolved_5000_gn", per_sample="auto")
 
 
 def row_resolved_5000_ggn(quick, device):
@@ -380,7 +382,7 @@ def row_resolved_cnn(quick, device, per_sample="products", name="resolved_cnn"):
 
 
 def row_resolved_cnn_gn(quick, device):
-    return row_resolved_cnn(quick, device, per_sample="ggn", name="resolved_cnn_gn")
+    return row_resolved_cnn(quick, device, per_sample="auto", name="resolved_cnn_gn")
 
 
 def row_resolved_cnn_diagnosis(quick, device):

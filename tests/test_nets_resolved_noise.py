@@ -381,3 +381,28 @@ def test_per_sample_auto_picks_the_gauss_newton_form_for_large_passes(dense, mon
     assert resolved_noise_from_operator(op, U, min_batch=2).per_sample == "ggn"
     assert resolved_noise_from_operator(op, U, min_batch=2, exact=True).per_sample == "products"
     assert resolved_noise_from_operator(op, U, min_batch=2, max_samples=20).per_sample == "products"
+
+
+def test_per_sample_auto_keeps_the_products_where_the_residual_term_dominates(monkeypatch):
+    """A regression network far from its targets with a near-zero last layer: the output
+    Jacobians (so the Gauss–Newton terms) are small while the residual term r_i·∇²f_i is
+    not. The Gauss–Newton directional noise is then a small fraction of the Hessian's,
+    and "auto" warns and uses the per-sample products."""
+    import nets.noise.resolved_noise as rnm
+    monkeypatch.setattr(rnm, "large_per_sample_pass", lambda N, P: True)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 1)).double()
+    with torch.no_grad():
+        model[2].weight.mul_(0.01)
+        model[2].bias.zero_()
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(60, 5, dtype=torch.float64, generator=g)
+    y = 10 * torch.randn(60, 1, dtype=torch.float64, generator=g)
+    op = hessian_operator(model, nn.functional.mse_loss, (X, y))
+    U = torch.linalg.eigh(torch.stack([op.matvec(e) for e in torch.eye(op.P, dtype=torch.float64)]))[1][:, -3:]
+    with pytest.warns(RuntimeWarning, match="residual term dominates"):
+        rn = resolved_noise_from_operator(op, U, min_batch=2)
+    assert rn.per_sample == "products"
+    forced = resolved_noise_from_operator(op, U, min_batch=2, per_sample="ggn")
+    assert forced.per_sample == "ggn"
+    assert forced.subspace.directional_s2.max() < 0.1 * rn.subspace.directional_s2.max()
