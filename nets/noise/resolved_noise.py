@@ -485,8 +485,9 @@ def resolved_noise_from_operator(op: ModelCurvatureOperator, U, *, min_batch, st
         GGN_NOISE_FRACTION = ½ of the Hessian's directional noise along the top
         eigenvector (lower 2-s.e. bound of a micro-batch estimate, a few full-data
         products; a warning says when not); "products" otherwise (so small networks
-        keep the exact per-sample curvatures, and so do networks far from a minimum). On the 301k-parameter digits MLP with N = 5000 the
-        whole prediction took 74–116 full-data products with "ggn" (two runs) against
+        keep the exact per-sample curvatures, and so do networks far from a minimum).
+        On the 301k-parameter digits MLP with N = 5000 the whole prediction took
+        74–116 full-data products with "ggn" (two runs) against
         ≈1,800 for the per-sample passes alone with "products", both within 6 % of the
         measured λ'(B) (benchmarks/README.md). `spikes` is not used with "ggn".
     """
