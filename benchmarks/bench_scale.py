@@ -18,7 +18,8 @@ Bars (issue 13; each row reports measured vs bar and met / missed):
   `per_sample="auto"`, which picks every per-sample quantity from the Gauss–Newton
   factors here (`per_sample="ggn"`, after its check of the directional noise,
   `nets.noise.ggn_samples`: C×C and C×k matrices per sample, no per-sample curvature
-  product); ``resolved_small`` — no bar: both per-sample forms against measurement on
+  product); ``resolved_cnn_chance`` — no bar: the Gauss–Newton form and its check on the
+  at-chance CNN; ``resolved_small`` — no bar: both per-sample forms against measurement on
   the small digits MLP after 5 epochs, where the residual term still matters;
 * ``resolved_cnn_diagnosis`` — no bar: on a smaller copy of that CNN (N = 500), the
   resolved form with every candidate against the capped one, and its parts (spikes
@@ -63,7 +64,8 @@ from torch import nn
 ROWS = ("directional", "resolved", "resolved_ggn", "resolved_gn", "resolved_small",
         "resolved_sampled",
         "resolved_5000", "resolved_5000_ggn", "resolved_5000_gn", "resolved_5000_sampled",
-        "resolved_cnn", "resolved_cnn_gn", "resolved_cnn_diagnosis", "resolved_cnn_spikes", "lr_table", "preresnet",
+        "resolved_cnn", "resolved_cnn_gn", "resolved_cnn_chance", "resolved_cnn_diagnosis",
+        "resolved_cnn_spikes", "lr_table", "preresnet",
         "scaling")
 GiB = 2**30
 BATCH_SIZES = (8, 32, 128, 512)
@@ -379,6 +381,35 @@ def row_resolved_cnn(quick, device, per_sample="products", name="resolved_cnn"):
     model, data = trained_cnn(500 if quick else 2000)
     return dict(row=name, **_resolved("CIFAR-shaped CNN (CifarCNN, Adam-trained)", model, data,
                                       device, quick, (200, 100, 40, 20), per_sample=per_sample))
+
+
+def row_resolved_cnn_chance(quick, device):
+    """The at-chance CNN (`trained_cnn(recipe="sgd")`, N = 2000): the Gauss–Newton form's
+    prediction and the check `per_sample="auto"` runs before using it (no measurement:
+    the measured curve of this network is in the `resolved_cnn_diagnosis` notes)."""
+    from nets.algorithms.lanczos import eigsh
+    from nets.curvature.operators import hessian_operator
+    from nets.noise.ggn_samples import ggn_sample_pass
+    from nets.noise.resolved_noise import (
+        _gauss_newton_noise_check,
+        _orthonormal,
+        resolved_batch_top_eigenvalue,
+        resolved_noise_from_operator,
+    )
+    model, data = trained_cnn(500 if quick else 2000, recipe="sgd")
+    op = hessian_operator(model, F.cross_entropy, data, device=device)
+    top = eigsh(op, k=10, which="LA", tol=1e-6, seed=0)
+    rn = resolved_noise_from_operator(op, top.vectors, min_batch=min(BATCH_SIZES), seed=0,
+                                      per_sample="ggn")
+    r = resolved_batch_top_eigenvalue(rn, BATCH_SIZES, n_batches=1000, seed=0)
+    Uo = _orthonormal(top.vectors, op.P, op.device)
+    HU = op.matmat(Uo.to(op.dtype)).to(torch.float64)
+    check = _gauss_newton_noise_check(op, Uo, HU, ggn_sample_pass(op, Uo), 0, None, None)
+    return dict(row="resolved_cnn_chance", N=op.N,
+                train_accuracy=_r(_train_accuracy(model, data), 4),
+                lam1=rn.lam1, ggn_pred=np.round(r["mean"], 4).tolist(),
+                candidates=rn.n_candidates, check={k: _r(v, 5) for k, v in check.items()},
+                peak_gib=_r(_peak_gib(device), 3))
 
 
 def row_resolved_cnn_gn(quick, device):
