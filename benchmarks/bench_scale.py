@@ -389,10 +389,8 @@ def row_resolved_cnn_chance(quick, device):
     the measured curve of this network is in the `resolved_cnn_diagnosis` notes)."""
     from nets.algorithms.lanczos import eigsh
     from nets.curvature.operators import hessian_operator
-    from nets.noise.ggn_samples import ggn_sample_pass
     from nets.noise.resolved_noise import (
         _gauss_newton_noise_check,
-        _orthonormal,
         resolved_batch_top_eigenvalue,
         resolved_noise_from_operator,
     )
@@ -402,9 +400,7 @@ def row_resolved_cnn_chance(quick, device):
     rn = resolved_noise_from_operator(op, top.vectors, min_batch=min(BATCH_SIZES), seed=0,
                                       per_sample="ggn")
     r = resolved_batch_top_eigenvalue(rn, BATCH_SIZES, n_batches=1000, seed=0)
-    Uo = _orthonormal(top.vectors, op.P, op.device)
-    HU = op.matmat(Uo.to(op.dtype)).to(torch.float64)
-    check = _gauss_newton_noise_check(op, Uo, HU, ggn_sample_pass(op, Uo), 0, None, None)
+    check = _gauss_newton_noise_check(op, rn.subspace, 0, None, None)   # what "auto" checks
     return dict(row="resolved_cnn_chance", N=op.N,
                 train_accuracy=_r(_train_accuracy(model, data), 4),
                 lam1=rn.lam1, ggn_pred=np.round(r["mean"], 4).tolist(),

@@ -474,19 +474,23 @@ class ModelCurvatureOperator(CurvatureOperator):
         # here trips a torch bug for mse_loss ("ZeroTensors are immutable")
         lam = vjp(grad(lambda o: _scalar_loss(self.loss_fn(o, y))), out)[1]
 
-        def jv_reverse(vt):
-            return vjp(pull, torch.zeros_like(out))[1](tuple(vt))[0]
-
         def ggn_product(vt):
-            if not self._no_forward_ad:
-                try:
-                    Jv = jvp(f, self.primals, vt)[1]
-                except NotImplementedError:
-                    self._no_forward_ad = True
-            if self._no_forward_ad:
-                Jv = jv_reverse(vt)
-            return pull(lam(Jv)[0])
+            return pull(lam(self._jv(f, vt, (out, pull)))[0])
         return ggn_product
+
+    def _jv(self, f, vt, out_pull=None):
+        """J v for the Jacobian J of f (a function of the primals) at the primals: forward
+        mode, or, once a layer has shown it has no forward-mode derivative, the
+        double-vjp identity (z ↦ Jᵀz is linear, so its pullback at z = 0 along v is Jv;
+        one more backward pass). out_pull : (f(primals), its vjp pullback) if already
+        built."""
+        if not self._no_forward_ad:
+            try:
+                return jvp(f, self.primals, vt)[1]
+            except NotImplementedError:
+                self._no_forward_ad = True
+        out, pull = vjp(f, *self.primals) if out_pull is None else out_pull
+        return vjp(pull, torch.zeros_like(out))[1](tuple(vt))[0]
 
     def _pullbacks(self):
         """Per-batch product maps: built lazily one batch at a time (only one batch's

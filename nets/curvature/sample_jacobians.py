@@ -37,10 +37,12 @@ K_i returned in float64; the policy (train/eval modes) is the operator's.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import jacrev, jvp, vjp
+from torch.func import jacrev, vjp
 
 from nets.curvature.operators import ModelCurvatureOperator, policy_mode
 from nets.utils.vmapping import vmap_or_loop
@@ -66,12 +68,12 @@ class SampleJacobians:
         self.op = op
         x0, _ = op.source.take([0, min(1, op.N - 1)], device=op.device, dtype=op.dtype)
         calls: dict[str, int] = {}
-        sizes: dict[str, tuple] = {}           # module: (input numel, output numel) per sample
+        sizes: dict[str, int] = {}             # module: output numbers per sample
 
         def count(m, i, o, n):
             calls[n] = calls.get(n, 0) + 1
-            if isinstance(o, torch.Tensor) and i and isinstance(i[0], torch.Tensor):
-                sizes[n] = (i[0].numel() // x0.shape[0], o.numel() // x0.shape[0])
+            if isinstance(o, torch.Tensor):
+                sizes[n] = o.numel() // x0.shape[0]
 
         hooks = [m.register_forward_hook(lambda m, i, o, n=n: count(m, i, o, n))
                  for n, m in op.model.named_modules()]
@@ -106,7 +108,7 @@ class SampleJacobians:
         self._names = names
         self._sizes = sizes
         modules = dict(op.model.named_modules())
-        self._activations = sum(o for n, (_, o) in sizes.items()           # leaf modules
+        self._activations = sum(o for n, o in sizes.items()                # leaf modules
                                 if next(modules[n].children(), None) is None)
         self._set_formed()
         if self._ghost:
@@ -126,9 +128,8 @@ class SampleJacobians:
         op = self.op
         g = torch.Generator().manual_seed(0)
         r = torch.randn(x0.shape[0], self.C, generator=g, dtype=torch.float64).to(op.device)
-        shares = []
         with policy_mode(op.model, op.policy):
-            self._ghost_grams(x0, None, shares)
+            shares = self._ghost_shares(x0)[1]
         JTr = self.vjp_each(x0, r).to(torch.float64)                        # (2, P)
         offsets = op.layout.offsets
         numels = op.layout.numels
@@ -156,16 +157,15 @@ class SampleJacobians:
         numel = dict(zip(op.layout.names, op.layout.numels))
         total += 2 * C * sum(numel[n] for n in self.formed) * item
         for name, mod, _, _ in self._ghost:
-            n_in, n_out = self._sizes.get(name, (0, 0))
             if isinstance(mod, nn.Linear):
                 din, dout = mod.in_features, mod.out_features
             else:
-                din = mod.in_channels * int(torch.tensor(mod.kernel_size).prod())
+                din = mod.in_channels * math.prod(mod.kernel_size)
                 dout = mod.out_channels
-            T = max(1, n_out // max(dout, 1))
+            T = max(1, self._sizes.get(name, 0) // max(dout, 1))
             if T == 1:
                 extra = C * dout + din
-            elif T * T * (din + C * C * dout) <= C * dout * din * (T + C):
+            elif _double_sum_cheaper(T, din, dout, C):
                 extra = T * T * (C * C + 1) + T * din
             else:
                 extra = C * dout * din + T * din
@@ -189,16 +189,16 @@ class SampleJacobians:
         K = torch.zeros(g, self.C, self.C, dtype=torch.float64, device=op.device)
         with policy_mode(op.model, op.policy):
             if self._ghost:
-                out = self._ghost_grams(X, K)
+                out, shares = self._ghost_shares(X)
+                K += sum(shares)
             else:
                 out = self.outputs(X)
             if self._formed:
                 K += self._formed_grams(X)
         return out, K
 
-    def _ghost_grams(self, X, K, shares=None):
-        """Add the ghost layers' shares of K_i to K (or, with `shares`, append each
-        layer's (g, C, C) share to it); returns the outputs (g, C)."""
+    def _ghost_shares(self, X) -> tuple[torch.Tensor, list]:
+        """(outputs (g, C), each ghost layer's (g, C, C) float64 share of K_i)."""
         op = self.op
         seen: dict[str, tuple] = {}
         mods = {id(m): n for n, m, _, _ in self._ghost}
@@ -223,14 +223,11 @@ class SampleJacobians:
                                          allow_unused=True)
                 for j, d in enumerate(gr):
                     deltas[j].append(torch.zeros_like(zs[j]) if d is None else d)
+        shares = []
         for j, (name, mod, _, bpos) in enumerate(self._ghost):
             A, D = _patches(mod, seen[name][0], torch.stack(deltas[j], 1))  # (g,T,din), (g,C,T,dout)
-            Kl = _layer_gram(A, D, bpos is not None).to(torch.float64)
-            if shares is not None:
-                shares.append(Kl)
-            else:
-                K += Kl
-        return out.detach()
+            shares.append(_layer_gram(A, D, bpos is not None).to(torch.float64))
+        return out.detach(), shares
 
     def _formed_grams(self, X) -> torch.Tensor:
         op = self.op
@@ -256,21 +253,10 @@ class SampleJacobians:
         pass per column (the operator's double-vjp fallback where forward-mode AD is
         missing)."""
         op = self.op
-        lay = op.layout
         f = lambda *p: self._f(p, X)
-        cols = []
         with policy_mode(op.model, op.policy):
-            for j in range(V.shape[1]):
-                vt = lay.unflatten(V[:, j].to(op.dtype))
-                if not op._no_forward_ad:
-                    try:
-                        cols.append(jvp(f, op.primals, vt)[1])
-                        continue
-                    except NotImplementedError:
-                        op._no_forward_ad = True
-                out, pull = vjp(f, *op.primals)
-                cols.append(vjp(pull, torch.zeros_like(out))[1](tuple(vt))[0])
-        return torch.stack(cols, dim=2)
+            return torch.stack([op._jv(f, op.layout.unflatten(V[:, j].to(op.dtype)))
+                                for j in range(V.shape[1])], dim=2)
 
     def vjp_sum(self, X, cot) -> torch.Tensor:
         """(P, k) Σ_i J_iᵀ cot_i[:, j] over the chunk for cot (g, C, k): one batched
@@ -334,6 +320,12 @@ def _patches(mod, a, delta):
     return A, D
 
 
+def _double_sum_cheaper(T: int, din: int, dout: int, C: int) -> bool:
+    """Whether the double sum over positions, ~T²(d_in + C²·d_out) per sample, costs no
+    more than forming the C weight gradients, ~C·d_out·d_in·(T + C)."""
+    return T * T * (din + C * C * dout) <= C * dout * din * (T + C)
+
+
 def _layer_gram(A, D, bias: bool) -> torch.Tensor:
     """(g, C, C) Σ of ⟨∂f_c/∂θ, ∂f_d/∂θ⟩ over the layer's weight (and bias)."""
     g, C, T, dout = D.shape
@@ -341,7 +333,7 @@ def _layer_gram(A, D, bias: bool) -> torch.Tensor:
     if T == 1:
         Dm = D[:, :, 0]                                               # (g, C, dout)
         K = (Dm @ Dm.transpose(1, 2)) * (A[:, 0] * A[:, 0]).sum(1)[:, None, None]
-    elif T * T * (din + C * C * dout) <= C * dout * din * (T + C):
+    elif _double_sum_cheaper(T, din, dout, C):
         AA = A @ A.transpose(1, 2)                                    # (g, T, T)
         Df = D.reshape(g, C * T, dout)
         DD = (Df @ Df.transpose(1, 2)).reshape(g, C, T, C, T)

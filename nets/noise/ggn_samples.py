@@ -129,54 +129,52 @@ def _chunk(op, jac: SampleJacobians, chunk_size, memory) -> int:
                        cap=4096)
 
 
+def _chunks(op, step):
+    """(X, Y) chunks of `step` samples of op's data, in order, on its device and dtype."""
+    for s in range(0, op.N, step):
+        yield op.source.take(np.arange(s, min(s + step, op.N)), device=op.device, dtype=op.dtype)
+
+
+def _grams_and_loss_hessians(jac, lam_of, X, Y):
+    """(K (g, C, C), Λ (g, C, C), both float64, Λ symmetrised) for the chunk (X, Y)."""
+    out, K = jac.grams(X)
+    Lam = lam_of(out, Y).to(torch.float64).reshape(X.shape[0], jac.C, jac.C)
+    return K, 0.5 * (Lam + Lam.transpose(1, 2))
+
+
 def ggn_spike_pass(op: ModelCurvatureOperator, jac: SampleJacobians | None = None, *,
                    chunk_size=None, memory=None) -> GGNSamplePass:
     """K_i, Λ_i and the top eigenpair (γ_i, c_i) of every per-sample Gauss–Newton term
     (no subspace statistics: JU, GU, a, D, S are None)."""
     jac = SampleJacobians(op) if jac is None else jac
-    N = op.N
-    step = _chunk(op, jac, chunk_size, memory)
     lam_of = _loss_hessians(op, jac.shape)
-    Ks, Lams = [], []
-    for s in range(0, N, step):
-        X, Y = op.source.take(np.arange(s, min(s + step, N)), device=op.device, dtype=op.dtype)
-        out, K = jac.grams(X)
-        Lams.append(_symmetric(lam_of(out, Y), X.shape[0], jac.C))
-        Ks.append(K)
+    Ks, Lams = zip(*(_grams_and_loss_hessians(jac, lam_of, X, Y)
+                     for X, Y in _chunks(op, _chunk(op, jac, chunk_size, memory))))
     K, Lam = torch.cat(Ks), torch.cat(Lams)
     gamma, coef = ggn_spikes(Lam, K)
     return GGNSamplePass(gamma=gamma.cpu().numpy(), coef=coef, Lam=Lam, K=K, jac=jac)
 
 
-def _symmetric(Lam, g, C) -> torch.Tensor:
-    Lam = Lam.to(torch.float64).reshape(g, C, C)
-    return 0.5 * (Lam + Lam.transpose(1, 2))
-
-
 def ggn_sample_pass(op: ModelCurvatureOperator, U: torch.Tensor, *, chunk_size=None,
-                    memory=None) -> GGNSamplePass:
+                    memory=None, jac: SampleJacobians | None = None) -> GGNSamplePass:
     """The per-sample Gauss–Newton statistics on span(U) for every sample (module
     docstring). U : (P, k) orthonormal, float64. chunk_size : samples per batched pass
-    (None: from the memory budget `memory`)."""
-    jac = SampleJacobians(op)
+    (None: from the memory budget `memory`). jac : the `SampleJacobians` of op if already
+    built."""
+    jac = SampleJacobians(op) if jac is None else jac
     N, k = op.N, U.shape[1]
     f64 = torch.float64
     step = _chunk(op, jac, chunk_size, memory)
     lam_of = _loss_hessians(op, jac.shape)
     Ks, Lams, JUs = [], [], []
     GU = torch.zeros(op.P, k, dtype=f64, device=op.device)
-    for s in range(0, N, step):
-        X, Y = op.source.take(np.arange(s, min(s + step, N)), device=op.device, dtype=op.dtype)
-        out, K = jac.grams(X)
-        Lam = _symmetric(lam_of(out, Y), X.shape[0], jac.C)
+    for X, Y in _chunks(op, step):
+        K, Lam = _grams_and_loss_hessians(jac, lam_of, X, Y)
         JU = jac.jvp(X, U).to(f64)                                         # (g, C, k)
         GU += jac.vjp_sum(X, Lam @ JU).to(f64)
         Ks.append(K), Lams.append(Lam), JUs.append(JU)
     GU /= N
-    JGU = []
-    for s in range(0, N, step):
-        X, _ = op.source.take(np.arange(s, min(s + step, N)), device=op.device, dtype=op.dtype)
-        JGU.append(jac.jvp(X, GU).to(f64))
+    JGU = [jac.jvp(X, GU).to(f64) for X, _ in _chunks(op, step)]
     K, Lam, JU, JGU = (torch.cat(t) for t in (Ks, Lams, JUs, JGU))
     M = Lam @ JU                                                           # (N, C, k)
     UGU = U.T @ GU

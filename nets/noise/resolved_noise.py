@@ -370,10 +370,16 @@ def per_sample_ggn_top_eigenpairs(op: ModelCurvatureOperator, *, seed=0, keep_ab
     except TypeError as exc:
         raise TypeError(f"GGN spikes: {exc}; use spikes='lanczos'") from None
     gp = ggn_spike_pass(op, jac, chunk_size=chunk_size, memory=memory)
+    return _kept_spikes(gp, keep_above, max_keep, seed, products=float(jac.C))
+
+
+def _kept_spikes(gp, keep_above, max_keep, seed, *, products) -> SampleSpikes:
+    """`SampleSpikes` from a Gauss–Newton pass: every γ_i, and the vectors of the samples
+    `priority_keep` keeps (one per-sample backward pass each); residuals 0 (exact)."""
     index, weight, tau = priority_keep(gp.gamma, keep_above, max_keep, seed)
-    return SampleSpikes(gamma=gp.gamma, residual=np.zeros(op.N), index=index,
+    return SampleSpikes(gamma=gp.gamma, residual=np.zeros(gp.gamma.size), index=index,
                         vectors=gp.vectors(index), steps=0, seed=int(seed), weight=weight,
-                        threshold=tau, products=float(jac.C))
+                        threshold=tau, products=products)
 
 
 def _prune_pool(kept_idx, kept_vecs, prio, size):
@@ -502,10 +508,11 @@ def resolved_noise_from_operator(op: ModelCurvatureOperator, U, *, min_batch, st
     if per_sample not in ("products", "ggn", "auto"):
         raise ValueError(f"per_sample must be 'products', 'ggn' or 'auto', got {per_sample!r}")
     auto = per_sample == "auto"
+    jac = None
     if auto:
-        per_sample = ("ggn" if max_samples is None and not exact
-                      and large_per_sample_pass(op.N, op.P) and _gauss_newton_ready(op)
-                      else "products")
+        if max_samples is None and not exact and large_per_sample_pass(op.N, op.P):
+            jac = _sample_jacobians_or_none(op)
+        per_sample = "products" if jac is None else "ggn"
     if per_sample == "ggn" and max_samples not in (None, "auto"):
         raise ValueError("per_sample='ggn' runs on every sample; leave max_samples=None")
     if max_candidates is not None:
@@ -521,32 +528,9 @@ def resolved_noise_from_operator(op: ModelCurvatureOperator, U, *, min_batch, st
     rows = row_weight = moments = HU = gp = check = None
     if per_sample == "ggn":
         max_samples = None
-        Uo = _orthonormal(U, op.P, op.device)
-        HU = op.matmat(Uo.to(op.dtype)).to(torch.float64)
-        try:
-            gp = ggn_sample_pass(op, Uo, chunk_size=chunk_size, memory=memory)
-        except (RuntimeError, NotImplementedError) as exc:
-            if not auto:
-                raise
-            warnings.warn("per_sample='auto': the Gauss–Newton per-sample pass failed "
-                          f"({str(exc).splitlines()[0][:200]}); using per-sample products",
-                          RuntimeWarning, stacklevel=2)
-        if gp is not None and auto:
-            check = _gauss_newton_noise_check(op, Uo, HU, gp, seed, chunk_size, memory)
-            if check["s2_ggn"] < GGN_NOISE_FRACTION * check["s2_lower"]:
-                warnings.warn(
-                    "per_sample='auto': the per-sample Gauss–Newton terms give a directional "
-                    f"noise s_u² = {check['s2_ggn']:.3g} along the top eigenvector against the "
-                    f"Hessian's {check['s2_hessian']:.3g} ± {check['s2_hessian_stderr']:.2g} (the "
-                    "residual term dominates the fluctuations: a network far from a minimum); "
-                    "using per-sample products", RuntimeWarning, stacklevel=2)
-                gp = None
-    if gp is not None:
-        H_U = (Uo.T @ HU).cpu().numpy()
-        H_U = 0.5 * (H_U + H_U.T)
-        sub = SubspaceNoise(lam=np.diag(H_U).copy(), H_U=H_U, a=gp.a, D=gp.D, S=gp.S,
-                            N=int(op.N), P=int(op.P), k=int(Uo.shape[1]), vectors=Uo)
-    elif max_samples is not None and op.N > max_samples:
+        sub, HU, gp, check = _gauss_newton_subspace(op, U, jac, auto=auto, seed=seed,
+                                                    chunk_size=chunk_size, memory=memory)
+    if gp is None and max_samples is not None and op.N > max_samples:
         Uo = _orthonormal(U, op.P, op.device)
         HU = op.matmat(Uo.to(op.dtype)).to(torch.float64)
         moments = micro_batch_moments(op, Uo, HU, micro_batch="auto", seed=seed,
@@ -560,10 +544,7 @@ def resolved_noise_from_operator(op: ModelCurvatureOperator, U, *, min_batch, st
         raise ValueError(f"the top eigenvalue {lam1:.3g} must be positive")
     op_rows = op if rows is None else op.subset(rows)            # the stored rows' samples
     if gp is not None:
-        index, weight, tau = priority_keep(gp.gamma, min_batch * lam1, max_candidates, seed)
-        spikes = SampleSpikes(gamma=gp.gamma, residual=np.zeros(op.N), index=index,
-                              vectors=gp.vectors(index), steps=0, seed=int(seed),
-                              weight=weight, threshold=tau, products=0.0)
+        spikes = _kept_spikes(gp, min_batch * lam1, max_candidates, seed, products=0.0)
     elif spikes == "ggn":
         spikes = per_sample_ggn_top_eigenpairs(op_rows, seed=seed, keep_above=min_batch * lam1,
                                                chunk_size=chunk_size, max_keep=max_candidates,
@@ -639,17 +620,52 @@ def resolved_noise_from_operator(op: ModelCurvatureOperator, U, *, min_batch, st
 GGN_NOISE_FRACTION = 0.5
 
 
-def _gauss_newton_noise_check(op, Uo, HU, gp, seed, chunk_size, memory) -> dict:
-    """The Gauss–Newton form's directional noise along the top eigenvector u of UᵀHU,
-    s²_GGN = wᵀ(S + D)w (u = Uw), against the Hessian's s_u² from `nets.noise.directional`
-    (micro-batches once N·P > 2²⁷: a few full-data products) — the quantity λ'(B)
-    depends on. On trained networks the two agree (301k-parameter MLP 0.98, an
-    Adam-trained CIFAR-shaped CNN 0.95); on a CNN at chance the Gauss–Newton terms carried
-    0.5 % of it, and the form predicted λ'(8) 77 % low."""
-    from nets.noise.directional import directional_noise_from_operator
+def _gauss_newton_subspace(op, U, jac, *, auto, seed, chunk_size, memory):
+    """(sub, HU, gp, check) for per_sample="ggn": HU by k full-data products, the
+    Gauss–Newton pass `gp` and its `SubspaceNoise` `sub` (the centre H_U the operator's).
+    With auto=True, a pass that raises or fails `_gauss_newton_noise_check` gives a
+    warning and gp = sub = None (HU is kept for the per-sample-products pass); check is
+    the comparison (None without auto)."""
+    Uo = _orthonormal(U, op.P, op.device)
+    HU = op.matmat(Uo.to(op.dtype)).to(torch.float64)
+    try:
+        gp = ggn_sample_pass(op, Uo, chunk_size=chunk_size, memory=memory, jac=jac)
+    except (RuntimeError, NotImplementedError) as exc:
+        if not auto:
+            raise
+        warnings.warn("per_sample='auto': the Gauss–Newton per-sample pass failed "
+                      f"({str(exc).splitlines()[0][:200]}); using per-sample products",
+                      RuntimeWarning, stacklevel=3)
+        return None, HU, None, None
     H_U = (Uo.T @ HU).cpu().numpy()
-    w = np.linalg.eigh(0.5 * (H_U + H_U.T))[1][:, -1]
-    s2_ggn = float(w @ (gp.S + gp.D) @ w)
+    H_U = 0.5 * (H_U + H_U.T)
+    sub = SubspaceNoise(lam=np.diag(H_U).copy(), H_U=H_U, a=gp.a, D=gp.D, S=gp.S,
+                        N=int(op.N), P=int(op.P), k=int(Uo.shape[1]), vectors=Uo)
+    if not auto:
+        return sub, HU, gp, None
+    check = _gauss_newton_noise_check(op, sub, seed, chunk_size, memory)
+    if check["s2_ggn"] < GGN_NOISE_FRACTION * check["s2_lower"]:
+        warnings.warn(
+            "per_sample='auto': the per-sample Gauss–Newton terms give a directional "
+            f"noise s_u² = {check['s2_ggn']:.3g} along the top eigenvector against the "
+            f"Hessian's {check['s2_hessian']:.3g} ± {check['s2_hessian_stderr']:.2g} (the "
+            "residual term dominates the fluctuations: a network far from a minimum); "
+            "using per-sample products", RuntimeWarning, stacklevel=3)
+        return None, HU, None, check
+    return sub, HU, gp, check
+
+
+def _gauss_newton_noise_check(op, sub: SubspaceNoise, seed, chunk_size, memory) -> dict:
+    """The Gauss–Newton form's directional noise along the top eigenvector u of UᵀHU,
+    s²_GGN = wᵀ(S + D)w (u = Uw; S, D of the Gauss–Newton `sub`), against the Hessian's
+    s_u² from `nets.noise.directional` (micro-batches once N·P > 2²⁷: a few full-data
+    products) — the quantity λ'(B) depends on. On trained networks the two agree
+    (301k-parameter MLP 0.98, an Adam-trained CIFAR-shaped CNN 0.95); on a CNN at chance
+    the Gauss–Newton terms carried 0.5 % of it, and the form predicted λ'(8) 77 % low."""
+    from nets.noise.directional import directional_noise_from_operator
+    w = np.linalg.eigh(sub.H_U)[1][:, -1]
+    s2_ggn = float(w @ (sub.S + sub.D) @ w)
+    Uo = sub.vectors
     u = Uo @ torch.as_tensor(w, dtype=Uo.dtype, device=Uo.device)
     dn = directional_noise_from_operator(op, u, micro_batch="auto", seed=seed,
                                          chunk_size=chunk_size, memory=memory)
@@ -657,14 +673,13 @@ def _gauss_newton_noise_check(op, Uo, HU, gp, seed, chunk_size, memory) -> dict:
                 s2_lower=float(dn.s2) - 2.0 * float(dn.stderr))
 
 
-def _gauss_newton_ready(op) -> bool:
-    """Whether `per_sample="ggn"` can run on op's model (one output tensor per sample,
-    at most 1024 numbers)."""
+def _sample_jacobians_or_none(op):
+    """op's `SampleJacobians` when `per_sample="ggn"` can run on its model (one output
+    tensor per sample, at most 1024 numbers), else None."""
     try:
-        SampleJacobians(op)
+        return SampleJacobians(op)
     except (TypeError, ValueError):
-        return False
-    return True
+        return None
 
 
 def _own_products(op, V, index, Uo, chunk_size, memory) -> np.ndarray:
