@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from dense_oracles import flat_state
 from torch import nn
 
 
@@ -38,19 +39,9 @@ def build_tiny_mlp(seed=0, N=30, heavy=()):
 def flat_dense_hessian(model, loss_fn, X, y):
     """∇²_w loss_fn(model_w(X), y) at the model's current weights, by torch.func.hessian
     on the flat vector of all named parameters (detached; buffers fixed)."""
-    names = [n for n, _ in model.named_parameters()]
-    params = [p.detach() for _, p in model.named_parameters()]
-    shapes = [p.shape for p in params]
-    sizes = [p.numel() for p in params]
-    buffers = dict(model.named_buffers())
-    flat = torch.cat([p.reshape(-1) for p in params])
-
-    def loss(w):
-        state = dict(buffers)
-        state.update(zip(names, (c.view(s) for c, s in zip(torch.split(w, sizes), shapes))))
-        return loss_fn(torch.func.functional_call(model, state, (X,)), y)
-
-    return torch.func.hessian(loss)(flat)
+    flat, state = flat_state(model)
+    return torch.func.hessian(
+        lambda w: loss_fn(torch.func.functional_call(model, state(w), (X,)), y))(flat)
 
 
 def per_sample_dense_hessians(model, loss_fn, X, y):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from dense_oracles import flat_state
 from torch import nn
 
 import nets
@@ -16,17 +17,8 @@ from nets.utils.vmapping import vmap_or_loop
 
 
 def _flat_loss(model, loss_fn, X, y):
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    sizes = [p.numel() for _, p in model.named_parameters()]
-    flat = torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()])
-    buffers = dict(model.named_buffers())
-
-    def loss(w):
-        st = dict(buffers)
-        st.update(zip(names, (c.view(s) for c, s in zip(torch.split(w, sizes), shapes))))
-        return loss_fn(torch.func.functional_call(model, st, (X,)), y)
-    return loss, flat
+    flat, state = flat_state(model)
+    return (lambda w: loss_fn(torch.func.functional_call(model, state(w), (X,)), y)), flat
 
 
 def _fd_hessian(loss, flat, h=1e-5):

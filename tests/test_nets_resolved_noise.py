@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from dense_oracles import output_jacobians
 from torch import nn
 
 from nets.curvature.operators import ggn_operator, hessian_operator
@@ -243,21 +244,20 @@ def test_per_sample_top_eigenpairs_float32_is_accurate(dense):
 def _dense_ggn_spikes(model, X, y):
     """Top eigenpair of each per-sample cross-entropy GGN J_iᵀ(diag p − ppᵀ)J_i, dense:
     J_i by torch.func.jacrev of the model output in the flat parameters."""
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    sizes = [p.numel() for _, p in model.named_parameters()]
-    flat = torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()])
     out = []
-    for i in range(X.shape[0]):
-        def f(w):
-            st = dict(zip(names, (c.view(s) for c, s in zip(torch.split(w, sizes), shapes))))
-            return torch.func.functional_call(model, st, (X[i:i + 1],))[0]
-        J = torch.func.jacrev(f)(flat)
-        p = torch.softmax(f(flat), 0)
-        G = J.T @ (torch.diag(p) - torch.outer(p, p)) @ J
+    for G in _dense_ggn_terms(model, X):
         ev, V = torch.linalg.eigh(G)
         out.append((float(ev[-1]), V[:, -1]))
     return out
+
+
+def _dense_ggn_terms(model, X):
+    """(N, P, P) per-sample cross-entropy GGN terms J_iᵀ(diag p_i − p_ip_iᵀ)J_i, dense."""
+    J = output_jacobians(model, X)
+    with torch.no_grad():
+        p = torch.softmax(model(X), 1)
+    A = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    return J.transpose(1, 2) @ A @ J
 
 
 def test_ggn_spikes_match_dense(dense):
@@ -314,19 +314,7 @@ def test_gauss_newton_per_sample_form_on_the_hessian_matches_dense_ggn_terms(den
     G_i = J_iᵀ(diag p − ppᵀ)J_i about their mean, the centre (UᵀHU) the Hessian's."""
     model, X, y, Hs, H, ev, V = dense
     N = X.shape[0]
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    sizes = [p.numel() for _, p in model.named_parameters()]
-    flat = torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()])
-    G = []
-    for i in range(N):
-        def f(w):
-            st = dict(zip(names, (c.view(s) for c, s in zip(torch.split(w, sizes), shapes))))
-            return torch.func.functional_call(model, st, (X[i:i + 1],))[0]
-        J = torch.func.jacrev(f)(flat)
-        p = torch.softmax(f(flat), 0)
-        G.append((J.T @ (torch.diag(p) - torch.outer(p, p)) @ J).numpy())
-    G = np.stack(G)
+    G = _dense_ggn_terms(model, X).numpy()
     Gbar = G.mean(0)
     k = 3
     U = V[:, :k].copy()                                                 # descending

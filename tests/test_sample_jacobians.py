@@ -5,30 +5,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from dense_oracles import output_jacobians
 from torch import nn
 
 from nets.curvature.operators import hessian_operator
 from nets.curvature.sample_jacobians import SampleJacobians, _layer_gram
 
 CE = F.cross_entropy
-
-
-def _dense_jacobians(model, X, names=None):
-    """(N, C, P) per-sample Jacobians of the flattened outputs, one jacrev per sample."""
-    named = dict(model.named_parameters())
-    names = list(named) if names is None else names
-    shapes = [named[n].shape for n in names]
-    sizes = [named[n].numel() for n in names]
-    flat = torch.cat([named[n].detach().reshape(-1) for n in names])
-    rest = {n: p.detach() for n, p in named.items() if n not in names}
-    rest.update(dict(model.named_buffers()))
-
-    def f(w, x):
-        st = dict(rest)
-        st.update(zip(names, (c.view(s) for c, s in zip(torch.split(w, sizes), shapes))))
-        return torch.func.functional_call(model, st, (x[None],)).reshape(-1)
-
-    return torch.stack([torch.func.jacrev(f)(flat, X[i]) for i in range(X.shape[0])])
 
 
 class ConvNet(nn.Module):
@@ -82,7 +65,7 @@ def _case(name):
 
 
 @pytest.mark.parametrize("name", ["conv", "seq"])
-def test_pieces_match_dense_jacobians(name):
+def test_pieces_matchoutput_jacobians(name):
     model, X, y = _case(name)
     op = hessian_operator(model, CE, (X, y), dtype=torch.float64)
     sj = SampleJacobians(op)
@@ -91,7 +74,7 @@ def test_pieces_match_dense_jacobians(name):
     else:   # the shared layer is called twice: its Jacobians are formed
         assert sj.ghost == ("a", "b")
         assert set(sj.formed) == {"ln.weight", "ln.bias", "shared.weight", "shared.bias"}
-    J = _dense_jacobians(model, X)
+    J = output_jacobians(model, X)
     out, K = sj.grams(X)
     np.testing.assert_allclose(K.numpy(), (J @ J.transpose(1, 2)).numpy(), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(out.numpy(), model(X).detach().reshape(X.shape[0], -1).numpy(),
@@ -115,7 +98,7 @@ def test_parameter_subset_and_layers_that_mix_samples():
     op = hessian_operator(model, CE, (X, y), dtype=torch.float64, params=names)
     sj = SampleJacobians(op)
     assert sj.ghost == ("c2",) and sj.formed == ("bn.weight", "fc.bias")
-    J = _dense_jacobians(model, X, names)
+    J = output_jacobians(model, X, names)
     np.testing.assert_allclose(sj.grams(X)[1].numpy(), (J @ J.transpose(1, 2)).numpy(),
                                rtol=1e-10, atol=1e-12)
     model.train()
@@ -183,7 +166,7 @@ def test_a_weight_also_read_outside_its_layer_is_formed():
                           dtype=torch.float64)
     sj = SampleJacobians(op)
     assert sj.ghost == ("mid",) and sj.formed == ("enc.weight",)
-    J = _dense_jacobians(model, X)
+    J = output_jacobians(model, X)
     np.testing.assert_allclose(sj.grams(X)[1].numpy(), (J @ J.transpose(1, 2)).numpy(),
                                rtol=1e-10, atol=1e-12)
 

@@ -421,7 +421,8 @@ def predict_batch_top_eigenvalue(model, loss_fn, data, batch_sizes, *, form="dir
         sample, `nets.noise.ggn_samples`: about 20× cheaper at ~300k parameters, and a
         good approximation of the Hessian's fluctuations near a minimum of a
         cross-entropy network, not at initialisation), or "auto" (default: "ggn" once
-        N·P > 2²⁷, `nets.noise.resolved_noise.resolved_noise_from_operator`).
+        N·P > 2²⁷ and if it passes its check of the directional noise,
+        `nets.noise.resolved_noise.resolved_noise_from_operator`).
     micro_batch : m ≥ 1 or "auto" (default: per-sample while N·P ≤ 2²⁷, else about 256
         groups of m = ⌊N/256⌋), as in
         `nets.noise.directional` (directional/isotropic only; subspace and resolved need
