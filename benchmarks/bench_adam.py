@@ -3,7 +3,8 @@
 For the digits MLP (cross-entropy) or a small CNN trained briefly on digits, and for
 β₁ ∈ {0.9, 0} (β₂ = 0.999, ε = 1e-8): the warmed-state onset threshold
 (`nets.learning_rates.adam.adam_threshold`), the fresh-state first-step limit, the
-noise-model prediction (`predict_adam_max_lr`), transfers anchored at B₀ = 32 and the
+noise-model prediction (`predict_adam_max_lr`, mean-square and deterministic forms),
+transfers anchored at B₀ = 32 and the
 largest B, and the small-B exponent with a bootstrap interval over seeds. Writes
 benchmarks/results/bench_adam_<model>.json.
 
@@ -79,15 +80,22 @@ def main():
                               criterion=args.criterion)
         fresh = adam_threshold(model, lf, (X, y), Bs, betas=betas, warmup_steps=0, steps=8,
                                criterion="divergence", seeds=seeds[:1], lr0=1e-2)
-        run = {"predicted": pred.lr, "predicted_state": warm.predicted_state,
+        run = {"predicted": pred.lr, "form": pred.form,
+               "predicted_deterministic": pred.lr_deterministic,
+               "lam_precond": pred.lam, "s2_precond": pred.s2,
+               "predicted_state": warm.predicted_state,
+               "predicted_state_mean_square": warm.predicted_state_mean_square,
                "measured": warm.lr, "measured_per_seed": warm.per_seed,
                "fresh": fresh.lr, "fresh_first_step": fresh.first_step,
                "exponent": _exponent(Bs, warm.per_seed, np.random.default_rng(0)),
                "seconds": time.perf_counter() - t}
         for B0 in (32, int(Bs.max())):
             a0 = float(warm.lr[list(Bs).index(B0)])
-            tr = adam_transfer_lr(model, lf, (X, y), Bs, reference=(B0, a0), prediction=pred)
-            run[f"transfer_{B0}_ratio"] = tr.lr / warm.lr
+            for form in ("mean_square", "deterministic"):
+                tr = adam_transfer_lr(model, lf, (X, y), Bs, reference=(B0, a0), prediction=pred,
+                                      form=form)
+                key = "" if form == "mean_square" else "_deterministic"
+                run[f"transfer_{B0}_ratio{key}"] = tr.lr / warm.lr
         out["runs"][f"beta1={b1:g}"] = run
         print(f"β₁={b1:g}: measured {np.round(warm.lr, 4)} predicted {np.round(pred.lr, 4)} "
               f"fresh {np.round(fresh.lr, 4)} exponent {run['exponent']} "

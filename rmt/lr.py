@@ -47,6 +47,7 @@ __all__ = [
     "sgd_momentum_as_max_lr",
     "critical_batch_size",
     "adam_max_lr",
+    "adam_ms_max_lr",
     "min_damping",
     "min_damping_at_batch",
     "heavy_ball",
@@ -351,6 +352,31 @@ def adam_max_lr(B, lam, s2, grad_mean_sq, grad_var, N=None, eps=0.0, beta1=0.0, 
     lam_b = batch_curvature(B, lam, s2, N, replacement)
     c = noise_factor(B, N, replacement)
     return _out(F * (np.sqrt(g2 + c * gv) + eps) / lam_b, _is_scalar(B))
+
+
+def adam_ms_max_lr(B, lam, s2, N=None, beta1=0.0, *, replacement: bool = False):
+    """Mean-square stability limit of Adam/RMSprop with a frozen preconditioner, directional
+    form, from the *preconditioned* curvature λ̃ and noise s̃² (docs/theory.md §5).
+
+    With the second moment frozen, D = diag(1/(√v̂ + ε)), Adam in the coordinates
+    z = D^{-1/2}w is EMA momentum ``m ← β₁m + (1−β₁)g``, ``z ← z − α m`` on the curvature
+    A_B = D^{1/2} H_B D^{1/2}. Writing m = (1−β₁)v turns it into heavy ball with step
+    α(1−β₁) and momentum β₁, so :func:`sgd_momentum_ms_max_lr` applies to α(1−β₁):
+
+        α < F/λ̃'_β(B),   F = 2(1+β₁)/(1−β₁),   λ̃'_β(B) = λ̃ + (1+β₁)/(1−β₁)·c(B,N)·s̃²/λ̃,
+
+    λ̃ the top eigenvalue of D^{1/2} H D^{1/2} and s̃² the directional noise of the
+    preconditioned per-sample curvatures along its eigenvector
+    (`nets.learning_rates.adam.preconditioned_noise`). Derived in
+    :func:`rmt.symbolic.derive_adam_mean_square`. At β₁ = 0 it is the deterministic form
+    F/λ̃'(B) (= 2/λ̃'); at β₁ > 0 the noise term is amplified (×19 at β₁ = 0.9) and the
+    noise-dominated limit is 2λ̃/(c·s̃²) *whatever β₁* — with the noise-model preconditioner
+    (λ̃ ∝ √B, s̃² ∝ B while the gradient noise dominates v̂) that is the square-root rule,
+    which with β₁ = 0.9 holds up to (1+β₁)/(1−β₁)·B̃*, B̃* = s̃²/λ̃², instead of B̃*.
+    A **stability limit** of the local model (not the fresh-state first step)."""
+    b = _momentum("beta1", beta1)
+    return _out(np.asarray(sgd_momentum_ms_max_lr(B, lam, s2, N, b, replacement=replacement))
+                / (1.0 - b), _is_scalar(B))
 
 
 # --------------------------------------------------------------------------- damping

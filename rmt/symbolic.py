@@ -33,6 +33,7 @@ __all__ = [
     "derive_lr_laws",
     "derive_directional_stability",
     "derive_momentum_mean_square",
+    "derive_adam_mean_square",
     "derive_critical_batch_size",
     "lr_scaling_exponent",
 ]
@@ -413,6 +414,61 @@ def derive_momentum_mean_square() -> Derivation:
     return _make("heavy-ball mean-square stability",
                  {"alpha": alpha, "lam": lam, "c": c, "s2": s2, "rho": rho,
                   "lambda_j": lj, "lambda_k": lk}, exprs)
+
+
+@functools.lru_cache(maxsize=None)
+def derive_adam_mean_square() -> Derivation:
+    """Mean-square stability of Adam with a frozen preconditioner (EMA momentum β₁).
+
+    With D frozen, Adam on the preconditioned curvature is ``m ← β₁m + (1−β₁)g``,
+    ``z ← z − α m``; with ``m = (1−β₁)v`` this is heavy ball ``v ← β₁v + g``,
+    ``z ← z − α(1−β₁)v``. The boundary of :func:`derive_momentum_mean_square` (its 3×3
+    second-moment map, ρ = β₁) with the step ``α(1−β₁)`` substituted is solved for α:
+
+        α* = F/λ̃'_β,   F = 2(1+β₁)/(1−β₁),   λ̃'_β = λ̃ + (1+β₁)/(1−β₁)·c s̃²/λ̃.
+
+    β₁ = 0 gives ``2/(λ̃ + c s̃²/λ̃)`` (the deterministic form with the batch shift).
+    Noise model of the warmed state: an isotropic preconditioner ``1/√(ḡ² + c σ_g²)``
+    (ε = 0) scales the curvature by it and the noise by its square, λ̃ = λ/√(ḡ² + cσ_g²),
+    s̃² = s²/(ḡ² + cσ_g²); with N = ∞ the small-B exponent of α* is derived by a limit
+    (1/2: the square-root rule) and the small-B limit ``2λσ_g√B/s²`` does not depend on
+    β₁; the noise term equals λ̃ at ``B = (1+β₁)/(1−β₁)·s²/λ²``, the batch size up to
+    which momentum keeps the noise-dominated (√B) regime.
+
+    exprs: ``alpha_max`` (in λ̃, s̃², c), ``difference_from_closed_form``,
+    ``alpha_max_beta0``, ``noise_model`` (α* with the isotropic preconditioner, N = ∞),
+    ``small_B_exponent``, ``small_B_limit``, ``noise_crossover_batch_size``.
+    """
+    hb = derive_momentum_mean_square()
+    a_hb, lam, c, s2, rho = (hb.symbols[k] for k in ("alpha", "lam", "c", "s2", "rho"))
+    alpha = sp.Symbol("alpha", positive=True)
+    beta1 = sp.Symbol("beta1", nonnegative=True)
+    det = hb.exprs["boundary_determinant"].subs({a_hb: alpha * (1 - beta1), rho: beta1})
+    roots = [r for r in sp.solve(det, alpha) if sp.simplify(r) != 0]
+    a_star = sp.factor(sp.simplify(_single(roots, "nonzero Adam mean-square root")))
+    F = 2 * (1 + beta1) / (1 - beta1)
+    closed = F / (lam + (1 + beta1) / (1 - beta1) * c * s2 / lam)
+    # noise model: isotropic preconditioner 1/√(ḡ² + c σ_g²), N = ∞ (c = 1/B)
+    B, lam0, s20, g2, gv = sp.symbols("B lambda_H s_H^2 gbar^2 sigma_g^2", positive=True)
+    p = sp.sqrt(g2 + gv / B)
+    model = sp.simplify(a_star.subs({lam: lam0 / p, s2: s20 / p**2, c: 1 / B}))
+    elasticity = sp.simplify(B * sp.diff(model, B) / model)
+    exponent = sp.simplify(sp.limit(elasticity, B, 0, "+"))
+    small = sp.simplify(sp.limit(model / sp.sqrt(B), B, 0, "+") * sp.sqrt(B))
+    noise_eq = sp.Eq(lam0 / p, (1 + beta1) / (1 - beta1) * (s20 / p**2) / B / (lam0 / p))
+    crossover = sp.simplify(_single(sp.solve(noise_eq, B), "noise crossover"))
+    exprs = {
+        "alpha_max": a_star,
+        "difference_from_closed_form": sp.simplify(a_star - closed),
+        "alpha_max_beta0": sp.simplify(a_star.subs(beta1, 0)),
+        "noise_model": model,
+        "small_B_exponent": exponent,
+        "small_B_limit": small,
+        "noise_crossover_batch_size": crossover,
+    }
+    return _make("Adam mean-square stability (frozen preconditioner)",
+                 {"alpha": alpha, "lam": lam, "c": c, "s2": s2, "beta1": beta1, "B": B,
+                  "lambda_H": lam0, "s2_H": s20, "g2": g2, "gv": gv}, exprs)
 
 
 @functools.lru_cache(maxsize=None)

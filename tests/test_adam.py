@@ -112,6 +112,34 @@ def test_prediction_formula_transfer_and_noise_model():
     assert A.adam_factor(0.9) == pytest.approx(38.0)
 
 
+def test_mean_square_and_deterministic_forms():
+    """β₁ = 0.9: the mean-square form amplifies the noise term by 19, the deterministic one
+    does not; at β₁ = 0 they coincide; the transfer follows the form it is asked for."""
+    model, X, y = _tiny(3, N=32)
+    Bs = [2, 8, 32]
+    cs = np.array([1 / b - 1 / 32 for b in Bs])
+    ms = A.predict_adam_max_lr(model, _mse, (X, y), Bs, betas=(0.9, 0.999))
+    assert ms.form == "mean_square" and ms.noise_gain == pytest.approx(19.0)
+    np.testing.assert_allclose(ms.lr, 38.0 / (ms.lam + 19.0 * cs * ms.s2 / ms.lam), rtol=1e-12)
+    np.testing.assert_allclose(ms.lr_deterministic, 38.0 / (ms.lam + cs * ms.s2 / ms.lam),
+                               rtol=1e-12)
+    det = A.predict_adam_max_lr(model, _mse, (X, y), Bs, betas=(0.9, 0.999), form="deterministic")
+    np.testing.assert_allclose(det.lr, ms.lr_deterministic, rtol=1e-12)
+    assert np.all(ms.lr[:-1] < det.lr[:-1]) and ms.lr[-1] == pytest.approx(det.lr[-1])
+    b0 = A.predict_adam_max_lr(model, _mse, (X, y), Bs, betas=(0.0, 0.999))
+    np.testing.assert_allclose(b0.lr_mean_square, b0.lr_deterministic, rtol=1e-12)
+    for form, curve in (("mean_square", ms.lr), ("deterministic", ms.lr_deterministic)):
+        tr = A.adam_transfer_lr(model, _mse, (X, y), Bs, reference=(8, 0.01), prediction=ms,
+                                form=form)
+        assert tr.form == form
+        np.testing.assert_allclose(tr.lr, 0.01 * curve / curve[1], rtol=1e-12)
+    with pytest.raises(ValueError, match="form"):
+        A.predict_adam_max_lr(model, _mse, (X, y), Bs, form="exact")
+    with pytest.raises(ValueError, match="form"):
+        A.adam_transfer_lr(model, _mse, (X, y), Bs, reference=(8, 0.01), prediction=ms,
+                           form="exact")
+
+
 def _least_squares(N=256, d=6, seed=0):
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(N, d, generator=g) * torch.linspace(0.3, 2.0, d)

@@ -93,6 +93,7 @@ RMT = {
     "critical_batch_size": (L.critical_batch_size, dict(lam=1.0, s2=2.0)),
     "adam_max_lr": (L.adam_max_lr, dict(B=[8, 16], lam=1.0, s2=2.0, grad_mean_sq=0.1, grad_var=1.0,
                                         N=64, eps=1e-8, beta1=0.9)),
+    "adam_ms_max_lr": (L.adam_ms_max_lr, dict(B=[8, 16], lam=1.0, s2=2.0, N=64, beta1=0.9)),
     "min_damping": (L.min_damping, dict(lr=0.1, lam_noise=2.0)),
     "min_damping_at_batch": (L.min_damping_at_batch, dict(lr=0.1, lam_noise_ref=2.0, B_ref=8, B=[16, 32],
                                                           N=64, power=1.0)),

@@ -33,13 +33,23 @@ the top eigenpair (λ̃, ũ) of A = D^{1/2} H D^{1/2} and the directional noise
 
     s̃² = (1/(N−1)) Σ_i ‖(A_i − A) ũ‖²,
 
-λ̃'(B) = λ̃ + c(B,N)·s̃²/λ̃ and α_max(B) = 2(1+β₁)/(1−β₁)/λ̃'(B). D(B) is taken from the
-noise model D = diag(1/(√(ḡ_j² + c(B,N)·Σ_jj) + ε)) (per-sample gradient mean ḡ and
-variance Σ_jj, `nets.noise.gradient_noise`) — the state a warmup at batch size B
-reaches — or from given optimizer states. In the noise-dominated regime D ≈ √B·Σ^{-1/2},
-so λ̃ ∝ √B and s̃² ∝ B, λ̃' ≈ c·s̃²/λ̃ ∝ 1/√B and α_max ∝ √B; where ḡ² dominates v, D stops
-growing with B and α_max saturates.
-`adam_transfer_lr` rescales a known-good (B₀, α₀) along that curve.
+the batch-shifted curvature is λ̃'(B) = λ̃ + c(B,N)·s̃²/λ̃. Two forms of the limit:
+
+* "mean_square" (default, `rmt.lr.adam_ms_max_lr`): with D frozen, EMA momentum is heavy
+  ball with step α(1−β₁) and momentum β₁, whose mean-square limit under batch noise
+  amplifies the noise term by G = (1+β₁)/(1−β₁):
+  α_max(B) = F/(λ̃ + G·c(B,N)·s̃²/λ̃), F = 2(1+β₁)/(1−β₁);
+* "deterministic": α_max(B) = F/λ̃'(B), the EMA factor against the batch-shifted
+  curvature (the noise counted once, as for plain SGD).
+
+They coincide at β₁ = 0. D(B) is taken from the noise model
+D = diag(1/(√(ḡ_j² + c(B,N)·Σ_jj) + ε)) (per-sample gradient mean ḡ and variance Σ_jj,
+`nets.noise.gradient_noise`) — the state a warmup at batch size B reaches — or from given
+optimizer states. In the noise-dominated regime D ≈ √B·Σ^{-1/2}, so λ̃ ∝ √B and s̃² ∝ B:
+the mean-square form tends to 2λ̃/(c·s̃²) ∝ √B whatever β₁, and with β₁ = 0.9 that regime
+lasts up to B ≈ G·s̃²/λ̃² (19× further than at β₁ = 0); where ḡ² dominates v, D stops
+growing with B and α_max saturates. `adam_transfer_lr` rescales a known-good (B₀, α₀)
+along either curve.
 
 None of these is Malladi et al.'s SDE rule (`rmt.lr.malladi_adam_scaling`), which says how
 to change α, β, ε together to keep the same dynamics, not where Adam becomes unstable.
@@ -60,13 +70,14 @@ from nets.learning_rates.lr_search import Trial, bisect_max_lr
 from nets.utils.data_source import as_data_source
 from nets.utils.progress import progress_bar
 from nets.utils.results import Result, result
+from rmt.lr import adam_ms_max_lr, momentum_noise_gain
 from rmt.sampling import batch_noise_factor
 from rmt.validation import as_float, as_int, as_seed
 
 __all__ = ["adam_factor", "adam_preconditioner", "preconditioned_operator",
            "PreconditionedSharpness", "preconditioned_batch_sharpness",
            "PreconditionedNoise", "preconditioned_noise", "noise_model_preconditioner",
-           "AdamPrediction", "predict_adam_max_lr", "adam_transfer_lr", "AdamTransfer",
+           "AdamPrediction", "ADAM_FORMS", "predict_adam_max_lr", "adam_transfer_lr", "AdamTransfer",
            "adam_noise_floor_lr",
            "WarmState", "warm_adam_state", "AdamTrial", "adam_trial", "AdamThresholds",
            "adam_threshold", "ADAM_CRITERIA"]
@@ -277,9 +288,11 @@ def preconditioned_noise(model, loss_fn, data, preconditioner, *, tol=1e-8, para
 @result
 class AdamPrediction(Result):
     """Predicted Adam stability limit per batch size (module docstring):
-    batch_sizes, lr (F/λ̃'(B)), lam (λ̃(B), top of D(B)^{1/2} H D(B)^{1/2}), s2 (s̃²(B)),
-    lam_batch (λ̃'(B) = λ̃ + c·s̃²/λ̃), beta1, eps, N, preconditioner ("noise_model" or
-    "given")."""
+    batch_sizes, lr (the `form`'s limit), lam (λ̃(B), top of D(B)^{1/2} H D(B)^{1/2}),
+    s2 (s̃²(B)), lam_batch (λ̃'(B) = λ̃ + c·s̃²/λ̃), beta1, eps, N, preconditioner
+    ("noise_model" or "given"); form ("mean_square" or "deterministic"),
+    lr_mean_square (F/λ̃'_β(B), λ̃'_β = λ̃ + G·c·s̃²/λ̃, G = (1+β₁)/(1−β₁),
+    `rmt.lr.adam_ms_max_lr`), lr_deterministic (F/λ̃'(B)), noise_gain G."""
 
     batch_sizes: np.ndarray
     lr: np.ndarray
@@ -290,13 +303,26 @@ class AdamPrediction(Result):
     eps: float
     N: int
     preconditioner: str
+    form: str
+    lr_mean_square: np.ndarray
+    lr_deterministic: np.ndarray
+    noise_gain: float
+
+
+ADAM_FORMS = ("mean_square", "deterministic")
 
 
 def predict_adam_max_lr(model, loss_fn, data, batch_sizes, *, betas=None, eps=1e-8,
-                        preconditioner=None, tol=1e-8, params=None, policy=None,
-                        chunk_size=256, device=None, dtype=torch.float64, seed=0,
+                        form="mean_square", preconditioner=None, tol=1e-8, params=None,
+                        policy=None, chunk_size=256, device=None, dtype=torch.float64, seed=0,
                         progress=None) -> AdamPrediction:
-    """α_max(B) = 2(1+β₁)/(1−β₁) / (λ̃ + c(B,N)·s̃²/λ̃) for every B (module docstring).
+    """Adam's stability limit α_max(B) for every B (module docstring).
+
+    form : "mean_square" (default) — F/(λ̃ + G·c(B,N)·s̃²/λ̃), G = (1+β₁)/(1−β₁), the
+        mean-square limit of EMA momentum with batch noise (`rmt.lr.adam_ms_max_lr`);
+        "deterministic" — F/(λ̃ + c·s̃²/λ̃), the deterministic EMA factor applied to the
+        batch-shifted preconditioned curvature. Both are returned (`lr_mean_square`,
+        `lr_deterministic`); they coincide at β₁ = 0. F = 2(1+β₁)/(1−β₁).
 
     preconditioner : None — the noise model D(B) = 1/(√(ḡ² + c(B,N)Σ_jj) + ε) from one
         per-sample gradient pass (the state a warmup at B reaches); or a callable
@@ -313,6 +339,8 @@ def predict_adam_max_lr(model, loss_fn, data, batch_sizes, *, betas=None, eps=1e
     bs = np.array([as_int("batch_sizes", b, minimum=1) for b in np.atleast_1d(batch_sizes)])
     if bs.max() > N:
         raise ValueError(f"batch_sizes must be <= N={N}")
+    if form not in ADAM_FORMS:
+        raise ValueError(f"form must be one of {ADAM_FORMS}, got {form!r}")
     b1 = _beta1_from(preconditioner, None if betas is None else betas[0])
     F = adam_factor(b1)
     kind = "given"
@@ -331,7 +359,11 @@ def predict_adam_max_lr(model, loss_fn, data, batch_sizes, *, betas=None, eps=1e
         lam[i], s2[i] = pn.lam, pn.s2
     c = np.array([batch_noise_factor(int(B), N) for B in bs])
     lam_b = lam + c * s2 / lam
-    return AdamPrediction(bs, F / lam_b, lam, s2, lam_b, b1, float(eps), N, kind)
+    det = F / lam_b
+    ms = np.array([adam_ms_max_lr(int(B), lm, sv, N, b1) for B, lm, sv in zip(bs, lam, s2)])
+    return AdamPrediction(bs, ms if form == "mean_square" else det, lam, s2, lam_b, b1,
+                          float(eps), N, kind, form=form, lr_mean_square=ms,
+                          lr_deterministic=det, noise_gain=momentum_noise_gain(b1))
 
 
 def adam_noise_floor_lr(grad_mean, grad_var, batch_sizes, N, *, excess_loss, eps=1e-8) -> np.ndarray:
@@ -361,7 +393,7 @@ class AdamTransfer(Result):
     """A known-good Adam lr carried across batch sizes along the predicted curve:
     batch_sizes, lr (α₀·α_pred(B)/α_pred(B₀)), reference (B₀, α₀), predicted (the
     AdamPrediction's absolute stability limits), sqrt_rule (α₀√(B/B₀)), linear_rule
-    (α₀·B/B₀)."""
+    (α₀·B/B₀), form (the prediction's form)."""
 
     batch_sizes: np.ndarray
     lr: np.ndarray
@@ -369,28 +401,34 @@ class AdamTransfer(Result):
     predicted: np.ndarray
     sqrt_rule: np.ndarray
     linear_rule: np.ndarray
+    form: str
 
 
 def adam_transfer_lr(model, loss_fn, data, batch_sizes, *, reference, betas=(0.9, 0.999),
-                     eps=1e-8, prediction=None, params=None, policy=None, chunk_size=256,
-                     device=None, dtype=torch.float64, seed=0, progress=None) -> AdamTransfer:
-    """Transfer (B₀, α₀) to every B: α(B) = α₀·α_pred(B)/α_pred(B₀), with α_pred from
-    `predict_adam_max_lr` (or a given `prediction`, an AdamPrediction whose batch sizes
-    include B₀ and every B)."""
+                     eps=1e-8, form="mean_square", prediction=None, params=None, policy=None,
+                     chunk_size=256, device=None, dtype=torch.float64, seed=0,
+                     progress=None) -> AdamTransfer:
+    """Transfer (B₀, α₀) to every B: α(B) = α₀·α_pred(B)/α_pred(B₀), with α_pred the `form`
+    ("mean_square" default, or "deterministic") of `predict_adam_max_lr` (or of a given
+    `prediction`, an AdamPrediction whose batch sizes include B₀ and every B)."""
+    if form not in ADAM_FORMS:
+        raise ValueError(f"form must be one of {ADAM_FORMS}, got {form!r}")
     B0, a0 = int(reference[0]), as_float("reference lr", reference[1], positive=True)
     bs = np.array([as_int("batch_sizes", b, minimum=1) for b in np.atleast_1d(batch_sizes)])
     allb = np.unique(np.r_[bs, B0])
     if prediction is None:
         prediction = predict_adam_max_lr(model, loss_fn, data, allb, betas=betas, eps=eps,
-                                         params=params, policy=policy, chunk_size=chunk_size,
-                                         device=device, dtype=dtype, seed=seed, progress=progress)
-    table = dict(zip(np.asarray(prediction.batch_sizes).tolist(), np.asarray(prediction.lr)))
+                                         form=form, params=params, policy=policy,
+                                         chunk_size=chunk_size, device=device, dtype=dtype,
+                                         seed=seed, progress=progress)
+    curve = prediction.lr_mean_square if form == "mean_square" else prediction.lr_deterministic
+    table = dict(zip(np.asarray(prediction.batch_sizes).tolist(), np.asarray(curve)))
     missing = [int(b) for b in allb if int(b) not in table]
     if missing:
         raise ValueError(f"prediction has no value for batch sizes {missing}")
     pred = np.array([table[int(b)] for b in bs])
     lr = a0 * pred / table[B0]
-    return AdamTransfer(bs, lr, (B0, a0), pred, a0 * np.sqrt(bs / B0), a0 * bs / B0)
+    return AdamTransfer(bs, lr, (B0, a0), pred, a0 * np.sqrt(bs / B0), a0 * bs / B0, form)
 
 
 # ------------------------------------------------------------------ the threshold protocol
@@ -576,9 +614,11 @@ class AdamThresholds(Result):
 
     batch_sizes; lr (mean over seeds of √(lo·hi)); stderr; per_seed, lo, hi (n_B, n_seeds);
     first_step (n_B, n_seeds: fraction of the bisection's unstable trials that blew up on
-    step one); lam_precond (n_B, n_seeds: λ̃ at the warmed state); predicted_state
-    (F/(λ̃ + c·s̃²/λ̃) from the warmed state itself, n_B × n_seeds); criterion, betas, eps,
-    warmup_steps, warmup_lr, steps, rel_tol, seeds, n_trials."""
+    step one); lam_precond, s2_precond (n_B, n_seeds: λ̃ and s̃² at the warmed state);
+    predicted_state (deterministic form F/(λ̃ + c·s̃²/λ̃) from the warmed state itself,
+    n_B × n_seeds; the bisection's default start) and predicted_state_mean_square
+    (F/(λ̃ + G·c·s̃²/λ̃), `rmt.lr.adam_ms_max_lr`); criterion, betas, eps, warmup_steps,
+    warmup_lr, steps, rel_tol, seeds, n_trials."""
 
     batch_sizes: np.ndarray
     lr: np.ndarray
@@ -588,7 +628,9 @@ class AdamThresholds(Result):
     hi: np.ndarray
     first_step: np.ndarray
     lam_precond: np.ndarray
+    s2_precond: np.ndarray
     predicted_state: np.ndarray
+    predicted_state_mean_square: np.ndarray
     criterion: str
     betas: tuple
     eps: float
@@ -629,7 +671,7 @@ def adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 0.999), eps
     seeds = tuple(as_seed("seeds", s) for s in np.atleast_1d(seeds).tolist())
     F = adam_factor(betas[0])
     shape = (len(bs), len(seeds))
-    per, lo, hi, first, lam, pst = (np.full(shape, np.nan) for _ in range(6))
+    per, lo, hi, first, lam, s2, pst, pms = (np.full(shape, np.nan) for _ in range(8))
     n_trials = 0
     jobs = [(i, j) for i in range(len(bs)) for j in range(len(seeds))]
     for i, j in progress_bar(jobs, progress=progress, total=len(jobs), desc="Adam threshold"):
@@ -641,8 +683,9 @@ def adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 0.999), eps
             opt = _adam(warm.model, warmup_lr, betas, eps)
             opt.load_state_dict(warm.optimizer_state)
             pn = preconditioned_noise(warm.model, loss_fn, (X, y), opt, seed=seed)
-            lam[i, j] = pn.lam
+            lam[i, j], s2[i, j] = pn.lam, pn.s2
             pst[i, j] = F / (pn.lam + batch_noise_factor(B, N) * pn.s2 / pn.lam)
+            pms[i, j] = adam_ms_max_lr(B, pn.lam, pn.s2, N, betas[0])
             direction = pn.direction
         elif criterion == "onset":
             raise ValueError("criterion='onset' needs a warmed state (warmup_steps > 0)")
@@ -666,6 +709,6 @@ def adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 0.999), eps
         n_trials += res.n_trials
     mean = per.mean(1)
     se = per.std(1, ddof=1) / math.sqrt(len(seeds)) if len(seeds) > 1 else np.full(len(bs), np.nan)
-    return AdamThresholds(bs, mean, se, per, lo, hi, first, lam, pst, criterion, tuple(betas),
-                          float(eps), warmup_steps, warmup_lr, steps, float(rel_tol), seeds,
-                          n_trials)
+    return AdamThresholds(bs, mean, se, per, lo, hi, first, lam, s2, pst, pms, criterion,
+                          tuple(betas), float(eps), warmup_steps, warmup_lr, steps,
+                          float(rel_tol), seeds, n_trials)
