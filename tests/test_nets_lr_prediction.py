@@ -92,7 +92,8 @@ def test_lr_table_formulas_are_rmt_lr_with_measured_quantities(small_ls):
     N, P = p.N, p.d
     for i, B in enumerate(bs):
         assert t.sgd_directional[i] == pytest.approx(rmt.lr.sgd_max_lr(B, t.lam, t.s2_dir, N), rel=1e-12)
-        assert t.sgd_momentum[i] == pytest.approx(rmt.lr.sgd_max_lr(B, t.lam, t.s2_dir, N, momentum=0.5), rel=1e-12)
+        assert t.sgd_momentum[i] == pytest.approx(
+            rmt.lr.sgd_momentum_ms_max_lr(B, t.lam, t.s2_dir, N, momentum=0.5), rel=1e-12)
         assert t.sgd_iso_clipped[i] == pytest.approx(
             rmt.lr.sgd_max_lr_isotropic(B, t.lam, t.s2_iso / P, P, N, clip=True), rel=1e-12)
         assert t.adam_closed[i] == pytest.approx(rmt.lr.adam_max_lr(
@@ -106,7 +107,9 @@ def test_lr_table_formulas_are_rmt_lr_with_measured_quantities(small_ls):
     pred = predict_max_lr(model, loss_fn, data, bs, momentum=0.5)
     np.testing.assert_allclose(pred, t.sgd_momentum, rtol=1e-8)
     pa = predict_max_lr(model, loss_fn, data, bs, optimizer="adam")     # β₁ = 0.9 by default
-    np.testing.assert_allclose(pa, t.adam_closed, rtol=1e-8)
+    from nets.learning_rates.adam import predict_adam_max_lr
+    ref = predict_adam_max_lr(model, loss_fn, data, bs, betas=(0.9, 0.999), eps=1e-8)
+    np.testing.assert_allclose(pa, ref.lr_mean_square, rtol=1e-8)
 
 
 def test_lr_table_batch_measurements_against_dense_batches(small_ls):
@@ -263,9 +266,21 @@ def test_predict_max_lr_reads_the_optimizer(small_ls):
     by_name = predict_max_lr(model, loss_fn, data, bs, optimizer="sgd", momentum=0.9)
     by_inst = predict_max_lr(model, loss_fn, data, bs, optimizer=torch.optim.SGD(w, lr=0.1, momentum=0.9))
     np.testing.assert_allclose(by_inst, by_name, rtol=1e-12)
-    np.testing.assert_allclose(by_name, t.sgd_directional * 1.9, rtol=1e-8)
+    # heavy ball 0.9: 3.8/(λ + 19·c·s²/λ) — below the deterministic 1.9× plain SGD
+    c = np.array([1 / b - 1 / p.N for b in bs])
+    np.testing.assert_allclose(by_name, 3.8 / (t.lam + 19 * c * t.s2_dir / t.lam), rtol=1e-8)
+    assert np.all(by_name <= t.sgd_directional * 1.9 * (1 + 1e-12))
+    damp = predict_max_lr(model, loss_fn, data, bs,
+                          optimizer=torch.optim.SGD(w, lr=0.1, momentum=0.9, dampening=0.5))
+    np.testing.assert_allclose(damp, 2 * by_name, rtol=1e-10)      # step α(1−τ)
+    nest = predict_max_lr(model, loss_fn, data, bs,
+                          optimizer=torch.optim.SGD(w, lr=0.1, momentum=0.9, nesterov=True))
+    np.testing.assert_allclose(nest, t.sgd_directional * 1.9 / 2.8, rtol=1e-8)
+    by_name_a = predict_max_lr(model, loss_fn, data, bs, optimizer="adam")
     adam = predict_max_lr(model, loss_fn, data, bs, optimizer=torch.optim.Adam(w, betas=(0.9, 0.999)))
-    np.testing.assert_allclose(adam, t.adam_closed, rtol=1e-8)     # β₁ = 0.9, ε = 1e-8
+    np.testing.assert_allclose(adam, by_name_a, rtol=1e-12)        # β₁ = 0.9, ε = 1e-8
+    rms = predict_max_lr(model, loss_fn, data, bs, optimizer=torch.optim.RMSprop(w))
+    assert np.all(np.isfinite(rms)) and np.all(rms > 0)
     with pytest.raises(ValueError, match="momentum"):
         predict_max_lr(model, loss_fn, data, bs, optimizer="adam", momentum=0.9)
 

@@ -13,9 +13,12 @@ and turns them into, for each batch size B (c = c(B, N) = 1/B − 1/N):
     SGD stability limit   α = F/λ'(B),  λ'(B) = λ_1 + c·s²/λ_1,  F = 2 for plain SGD
                           s² = s_u² (directional), or Pσ² (isotropic; clipped at the
                           semicircle edge 2√(cPσ²) below threshold, or unclipped)
-    momentum              heavy ball ρ (torch SGD, dampening τ): F = 2(1+ρ)/(1−τ);
-                          Nesterov (torch SGD nesterov=True): F = 2(1+ρ)/(1+2ρ)
-                          (Jury's criterion for z² − (1+ρ)(1−h)z + ρ(1−h), h = αλ)
+    momentum              heavy ball ρ (torch SGD, dampening τ): the mean-square limit
+                          α = 2(1+ρ)/((1−τ)·λ'_ρ(B)), λ'_ρ = λ_1 + (1+ρ)/(1−ρ)·c·s²/λ_1
+                          (`rmt.lr.sgd_momentum_ms_max_lr`: momentum amplifies the
+                          batch-noise term by (1+ρ)/(1−ρ)); Nesterov (nesterov=True):
+                          F/λ'(B) with F = 2(1+ρ)/(1+2ρ) (Jury's criterion for
+                          z² − (1+ρ)(1−h)z + ρ(1−h), h = αλ; no mean-square form derived)
     critical batch size   B* = s_u²/λ_1²  (α halves from its B = ∞ value at B ≈ B*)
     Adam, closed form     rmt.lr.adam_max_lr with the u²-weighted preconditioner inputs
                           ḡ_u² = Σ_j u_j² ḡ_j², Σ_u = Σ_j u_j² Σ_jj  (directional s_u²).
@@ -313,7 +316,9 @@ class LRTable(Result):
     name), momentum (heavy-ball ρ), dampening, nesterov, beta1, beta2, eps — and
     grad_mean_sq_u, grad_var_u (u²-weighted ḡ_j², Σ_jj), n_batches, seed.
     Arrays over batch_sizes: sgd_iso_clipped, sgd_iso_unclipped, sgd_directional
-    (plain SGD), sgd_momentum (directional with the optimizer's momentum factor),
+    (plain SGD), sgd_momentum (heavy ball ρ, dampening τ: the mean-square limit
+    2(1+ρ)/((1−τ)·λ'_ρ(B)), λ'_ρ = λ_1 + (1+ρ)/(1−ρ)·c·s_u²/λ_1,
+    `rmt.lr.sgd_momentum_ms_max_lr`; Nesterov: Jury's factor over λ'(B)),
     sgd_measured (F/E λ_max(H_B); NaN if not measured), lam_batch_mean/std,
     adam_closed, adam_measured, adam_lam_mean/std (λ_max(D^{1/2}H_BD^{1/2})),
     greedy_optimal, min_damping. batch_indices: one (n_batches, B) array of sample
@@ -490,7 +495,11 @@ def lr_table(model, loss_fn, data, batch_sizes, *, optimizer="sgd", momentum=Non
     iso_c = rlr.sgd_max_lr_isotropic(Bf, lam, s2_iso / P, P, N, clip=True)
     iso_u = rlr.sgd_max_lr_isotropic(Bf, lam, s2_iso / P, P, N, clip=False)
     sgd_dir = np.asarray(rlr.sgd_max_lr(Bf, lam, s2_dir, N))
-    sgd_mom = sgd_dir * opt.sgd_factor / 2.0
+    if opt.nesterov:      # deterministic (Jury) factor: no mean-square form derived
+        sgd_mom = sgd_dir * opt.sgd_factor / 2.0
+    else:                 # heavy ball, dampening τ = step α(1−τ): mean-square limit
+        sgd_mom = (np.asarray(rlr.sgd_momentum_ms_max_lr(Bf, lam, s2_dir, N, opt.momentum))
+                   / (1.0 - opt.dampening))
     adam_closed = rlr.adam_max_lr(Bf, lam, s2_dir, g2u, vu, N, eps=opt.eps, beta1=opt.beta1)
     greedy = (rlr.mccandlish_optimal_lr(Bf, gn.eps_max, gn.B_noise, N)
               if math.isfinite(gn.eps_max) and gn.eps_max > 0 and math.isfinite(gn.B_noise)
@@ -529,27 +538,45 @@ def predict_max_lr(model, loss_fn, data, batch_sizes, *, optimizer="sgd", moment
                    num_probes=1, micro_batch="auto", params=None, policy=None,
                    chunk_size=None, device=None, dtype=None, seed=0,
                    progress=None) -> np.ndarray:
-    """Predicted maximal stable learning rate per batch size (directional form).
+    """Predicted maximal stable learning rate per batch size (directional, mean-square).
 
-    optimizer SGD (name, class or instance): F/λ'(B), λ'(B) = λ_1 + c(B,N)·s_u²/λ_1
-    (`rmt.lr.sgd_max_lr`), F = 2(1+ρ) for heavy-ball momentum ρ (`momentum`, or the
-    instance's), 2(1+ρ)/(1+2ρ) with Nesterov. Adam/AdamW: `rmt.lr.adam_max_lr` with the
-    directional s_u², the u²-weighted ḡ_j² and Σ_jj, the optimizer's eps and β₁ =
-    betas[0] (EMA factor 2(1+β₁)/(1−β₁); torch's default β₁ = 0.9 for "adam"); passing
-    `momentum` with Adam is a ValueError (see `optimizer_settings`). RMSprop: β₁ = 0.
-    A **stability limit**, not a greedy optimum or SDE-matching rule. For Adam it is the
-    scalar closed form (`LRTable.adam_closed`, see the module docstring for which
-    quantity and its known bias); `nets.learning_rates.adam.predict_adam_max_lr` is the
-    preconditioned-operator prediction for a warmed state. Other options as
-    `lr_table` (run with measure=False, mccandlish=False). Returns a numpy array
-    aligned with `batch_sizes`.
+    optimizer SGD (name, class or instance): plain SGD 2/λ'(B), λ'(B) = λ_1 +
+    c(B,N)·s_u²/λ_1 (`rmt.lr.sgd_max_lr`); heavy-ball momentum ρ (`momentum`, or the
+    instance's; dampening τ) the mean-square limit 2(1+ρ)/((1−τ)·λ'_ρ(B)),
+    λ'_ρ = λ_1 + (1+ρ)/(1−ρ)·c·s_u²/λ_1 (`rmt.lr.sgd_momentum_ms_max_lr`; this is
+    `LRTable.sgd_momentum`); Nesterov: 2(1+ρ)/(1+2ρ)/λ'(B).
+    Adam/AdamW/RMSprop: the mean-square limit of the preconditioned iteration
+    (`nets.learning_rates.adam.predict_adam_max_lr`, form "mean_square"):
+    F/(λ̃ + (1+β₁)/(1−β₁)·c·s̃²/λ̃), F = 2(1+β₁)/(1−β₁), λ̃ and s̃² of D(B)^{1/2}HD(B)^{1/2}
+    with the noise-model state D(B) = 1/(√(ḡ² + c(B,N)Σ_jj) + ε) a warmup at batch size B
+    reaches; β₁ = betas[0] and ε from the optimizer (torch's defaults for "adam"; β₁ = 0
+    for RMSprop); passing `momentum` with Adam is a ValueError (see `optimizer_settings`).
+    It costs one Lanczos run and one per-sample pass per batch size. The scalar closed
+    form `LRTable.adam_closed` is not used: it ignores how D rotates the top direction
+    (5.7–9.8× too high on the digits MLP).
+    A **stability limit** of the local model, not a greedy optimum or SDE-matching rule:
+    real networks sit above it by a factor (1.1–2.6 for SGD, 1.8–4 for Adam on the digits
+    nets, README), which `transfer_lr` / `adam_transfer_lr` carry from a measured anchor.
+    Other options as `lr_table` (run with measure=False, mccandlish=False). Returns a numpy
+    array aligned with `batch_sizes`.
     """
     opt = optimizer_settings(optimizer, momentum=momentum)
+    if opt.name != "sgd":
+        from nets.learning_rates.adam import predict_adam_max_lr
+
+        src = as_data_source(data)
+        bs = as_batch_sizes(batch_sizes, src.N)
+        pred = predict_adam_max_lr(model, loss_fn, src, bs, betas=(opt.beta1, opt.beta2),
+                                   eps=opt.eps, form="mean_square", params=params,
+                                   policy=policy, chunk_size=256 if chunk_size is None else chunk_size,
+                                   device=device, dtype=torch.float64 if dtype is None else dtype,
+                                   seed=seed, progress=progress)
+        return np.asarray(pred.lr, dtype=float).copy()
     t = lr_table(model, loss_fn, data, batch_sizes, optimizer=opt, measure=False,
                  num_probes=num_probes, mccandlish=False, micro_batch=micro_batch,
                  params=params, policy=policy,
                  chunk_size=chunk_size, device=device, dtype=dtype, seed=seed, progress=progress)
-    return t.sgd_momentum.copy() if opt.name == "sgd" else t.adam_closed.copy()
+    return t.sgd_momentum.copy()
 
 
 # ----------------------------------------------------------------- scaling exponents
