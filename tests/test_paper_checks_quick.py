@@ -283,3 +283,23 @@ def test_edge_of_stochastic_stability_verdict_follows_its_rule_per_network(resul
             ok &= np.median([abs(float(row["predicted_lam"]) / float(row["lam"]) - 1)
                              for row in judged]) <= PLATEAU_TOL
     assert r.verdict == ("pass" if ok else "fail")
+
+
+def test_adam_real_training_verdict_follows_its_band_and_judges_the_mean_square_form(results):
+    r = results["adam_real_training"]
+    B = r.array("batch_sizes")
+    lam, s2 = r.array("lam_precond"), r.array("s2_precond")
+    c = 1.0 / B - 1.0 / 1797
+    np.testing.assert_allclose(r.array("predicted"), 38.0 / (lam + 19.0 * c * s2 / lam), rtol=1e-10)
+    np.testing.assert_allclose(r.array("predicted_deterministic"), 38.0 / (lam + c * s2 / lam),
+                               rtol=1e-10)
+    ok = True
+    for B0 in (32, int(B.max())):
+        ratio = np.asarray(r.details[f"transfer_over_measured_B{B0}"], float)
+        i0 = list(B).index(B0)
+        want = r.array("measured")[i0] * r.array("predicted") / r.array("predicted")[i0]
+        np.testing.assert_allclose(ratio, want / r.array("measured"), rtol=1e-10)
+        ok &= bool(np.all(np.abs(ratio - 1.0) <= 0.20))
+    fit = r.details["fit"]
+    ok &= bool(np.isfinite(fit["ci_high"] - fit["ci_low"]))
+    assert r.verdict == ("pass" if ok else "fail")
