@@ -18,7 +18,7 @@ import json
 import numpy as np
 import torch
 from _common import RESULTS, base_parser, environment, setup_torch
-from bench_momentum_linear import growth_rates
+from bench_momentum_linear import growth_rates, top_and_directional_noise
 
 BATCH_SIZES = (8, 32, 128, 512)
 BETAS1 = (0.9, 0.0)
@@ -48,11 +48,7 @@ def main(argv=None):
         ms, lin, lams, s2s = [], [], [], []
         for B in BATCH_SIZES:
             Rs = R * noise_model_preconditioner(gn.mean, gn.var, B, N).float().sqrt()[None, None, :]
-            Rd = Rs.double()
-            ev, EV = torch.linalg.eigh(torch.einsum("nkp,nkq->pq", Rd, Rd) / N)
-            lam, u = float(ev[-1]), EV[:, -1]
-            Au = torch.einsum("nkp,nk->np", Rd, torch.einsum("nkp,p->nk", Rd, u))
-            s2 = float(((Au - Au.mean(0)) ** 2).sum() / (N - 1))
+            lam, s2 = top_and_directional_noise(Rs)
             a_ms = adam_ms_max_lr(B, lam, s2, N, b1)
             grid = np.geomspace(0.05 * a_ms, (8.0 if b1 else 3.0) * a_ms, 32)
             steps = max(steps_for(B, P, K), 400)

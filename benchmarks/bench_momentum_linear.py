@@ -65,6 +65,16 @@ def growth_rates(R, B, m, grid, steps, seed):
     return torch.nan_to_num((log_norm - at_half) / (steps - half), nan=float("inf")).numpy()
 
 
+def top_and_directional_noise(R):
+    """λ₁ of G = (1/N)Σ R_iᵀR_i and s_u² = (1/(N−1))Σ‖(G_i − G)u‖² along its top
+    eigenvector u, densely in float64 from per-sample factors R (N, K, P)."""
+    Rd = R.double()
+    ev, EV = torch.linalg.eigh(torch.einsum("nkp,nkq->pq", Rd, Rd) / len(Rd))
+    u = EV[:, -1]
+    Gu = torch.einsum("nkp,nk->np", Rd, torch.einsum("nkp,p->nk", Rd, u))
+    return float(ev[-1]), float(((Gu - Gu.mean(0)) ** 2).sum() / (len(Rd) - 1))
+
+
 def trajectory(model, X, y, lr, B, m, seed):
     from nets.algorithms.spectra import top_eigenvalues
     from nets.learning_rates.lr_search import _flat_params, _full_data_loss, _sgd_step
@@ -99,12 +109,7 @@ def main(argv=None):
     model, (X, y) = trained_digits_mlp(0)
     R = ggn_factors(model, X)                                            # (N, K, P) float32
     N, K, P = R.shape
-    Rd = R.double()
-    G = torch.einsum("nkp,nkq->pq", Rd, Rd) / N
-    ev, EV = torch.linalg.eigh(G)
-    lam, u = float(ev[-1]), EV[:, -1]
-    Gu = torch.einsum("nkp,nk->np", Rd, torch.einsum("nkp,p->nk", Rd, u))
-    s2 = float(((Gu - Gu.mean(0)) ** 2).sum() / (N - 1))
+    lam, s2 = top_and_directional_noise(R)
     st = json.loads((RESULTS / "bench_lr_transfer.json").read_text())["nets"]["mlp"]["study"]
     measured = {m: np.asarray(st[f"measured_m{m:g}"], float) for m in MOMENTA}
     out = {"environment": environment(), "batch_sizes": list(BATCH_SIZES), "seeds": list(SEEDS),

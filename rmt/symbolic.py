@@ -310,10 +310,13 @@ def _scaling_exponent(key: str, finite_N: bool, regime: str):
     d = derive_lr_laws()
     B = d.symbols["B"]
     alpha = d.exprs[key] if finite_N else d.exprs[f"{key}_inf"]
+    return _elasticity_limit(alpha, B, 0 if regime == "small" else sp.oo)
+
+
+def _elasticity_limit(alpha, B, point):
+    """lim d log α / d log B = lim B α'(B)/α(B) as B → point (0⁺ or ∞)."""
     elasticity = sp.simplify(B * sp.diff(alpha, B) / alpha)
-    if regime == "small":
-        return sp.limit(elasticity, B, 0, "+")
-    return sp.limit(elasticity, B, sp.oo)
+    return sp.limit(elasticity, B, point, "+") if point == 0 else sp.limit(elasticity, B, point)
 
 
 # --------------------------------------------------------------------------- directional
@@ -452,8 +455,7 @@ def derive_adam_mean_square() -> Derivation:
     B, lam0, s20, g2, gv = sp.symbols("B lambda_H s_H^2 gbar^2 sigma_g^2", positive=True)
     p = sp.sqrt(g2 + gv / B)
     model = sp.simplify(a_star.subs({lam: lam0 / p, s2: s20 / p**2, c: 1 / B}))
-    elasticity = sp.simplify(B * sp.diff(model, B) / model)
-    exponent = sp.simplify(sp.limit(elasticity, B, 0, "+"))
+    exponent = sp.simplify(_elasticity_limit(model, B, 0))
     small = sp.simplify(sp.limit(model / sp.sqrt(B), B, 0, "+") * sp.sqrt(B))
     noise_eq = sp.Eq(lam0 / p, (1 + beta1) / (1 - beta1) * (s20 / p**2) / B / (lam0 / p))
     crossover = sp.simplify(_single(sp.solve(noise_eq, B), "noise crossover"))

@@ -421,8 +421,8 @@ def adam_transfer_lr(model, loss_fn, data, batch_sizes, *, reference, betas=(0.9
                                          form=form, params=params, policy=policy,
                                          chunk_size=chunk_size, device=device, dtype=dtype,
                                          seed=seed, progress=progress)
-    curve = prediction.lr_mean_square if form == "mean_square" else prediction.lr_deterministic
-    table = dict(zip(np.asarray(prediction.batch_sizes).tolist(), np.asarray(curve)))
+    table = dict(zip(np.asarray(prediction.batch_sizes).tolist(),
+                     np.asarray(getattr(prediction, f"lr_{form}"))))
     missing = [int(b) for b in allb if int(b) not in table]
     if missing:
         raise ValueError(f"prediction has no value for batch sizes {missing}")
