@@ -17,8 +17,8 @@ import json
 
 import numpy as np
 import torch
-from _common import RESULTS, base_parser, environment, setup_torch
-from bench_momentum_linear import growth_rates, top_and_directional_noise
+from _common import RESULTS, environment, write_json
+from bench_momentum_linear import digits_mlp_factors, growth_rates, top_and_directional_noise
 
 BATCH_SIZES = (8, 32, 128, 512)
 BETAS1 = (0.9, 0.0)
@@ -28,16 +28,10 @@ SEEDS = (0, 1)
 def main(argv=None):
     from nets.learning_rates.adam import noise_model_preconditioner
     from nets.noise.gradient_noise import gradient_noise
-    from nets.training.loops import trained_digits_mlp
     from paper_checks.checks._quadratic_runs import GROWTH_TOL, steps_for, threshold_from_grid
-    from paper_checks.checks.sgd_scaling_mlp import ggn_factors
     from rmt.lr import adam_ms_max_lr
 
-    p = base_parser(__doc__.splitlines()[0])
-    args = p.parse_args(argv)
-    setup_torch(args)
-    model, (X, y) = trained_digits_mlp(0)
-    R = ggn_factors(model, X)                                            # (N, K, P) float32
+    args, model, X, y, R = digits_mlp_factors(__doc__.splitlines()[0], argv)
     N, K, P = R.shape
     gn = gradient_noise(model, torch.nn.functional.cross_entropy, (X, y), hessian=False, seed=0)
     measured = json.loads((RESULTS / "bench_adam_mlp.json").read_text())["runs"]
@@ -63,11 +57,7 @@ def main(argv=None):
         print(f"β₁={b1:g}: one-direction mean-square {np.round(ms, 4)}; full linear model "
               f"{np.round(lin.mean(1), 4)} (= {np.round(lin.mean(1) / ms, 2)} × it); real "
               f"{np.round(real, 4)} (= {np.round(real / lin.mean(1), 2)} × linear)", flush=True)
-    from nets.utils.atomic import atomic_write
-    from nets.utils.jsonio import to_jsonable
-    path = RESULTS / "bench_adam_linear.json" if args.out is None else args.out
-    atomic_write(path, lambda fh: fh.write(json.dumps(to_jsonable(out), indent=1)), binary=False)
-    print("wrote", path)
+    print("wrote", write_json("bench_adam_linear", out, args.out))
 
 
 if __name__ == "__main__":

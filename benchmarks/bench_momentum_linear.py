@@ -29,7 +29,7 @@ import json
 
 import numpy as np
 import torch
-from _common import RESULTS, base_parser, environment, setup_torch
+from _common import RESULTS, base_parser, environment, setup_torch, write_json
 
 BATCH_SIZES = (8, 32, 128, 512)
 MOMENTA = (0.0, 0.9)
@@ -97,17 +97,23 @@ def trajectory(model, X, y, lr, B, m, seed):
     return rows
 
 
-def main(argv=None):
+def digits_mlp_factors(description, argv):
+    """Parse the benchmark's options, set torch up, and return them with the trained digits
+    MLP, its data and its per-sample Gauss–Newton factors R (N, K, P) float32."""
     from nets.training.loops import trained_digits_mlp
-    from paper_checks.checks._quadratic_runs import GROWTH_TOL, steps_for, threshold_from_grid
     from paper_checks.checks.sgd_scaling_mlp import ggn_factors
-    from rmt.lr import sgd_momentum_ms_max_lr
 
-    p = base_parser(__doc__.splitlines()[0])
-    args = p.parse_args(argv)
+    args = base_parser(description).parse_args(argv)
     setup_torch(args)
     model, (X, y) = trained_digits_mlp(0)
-    R = ggn_factors(model, X)                                            # (N, K, P) float32
+    return args, model, X, y, ggn_factors(model, X)
+
+
+def main(argv=None):
+    from paper_checks.checks._quadratic_runs import GROWTH_TOL, steps_for, threshold_from_grid
+    from rmt.lr import sgd_momentum_ms_max_lr
+
+    args, model, X, y, R = digits_mlp_factors(__doc__.splitlines()[0], argv)
     N, K, P = R.shape
     lam, s2 = top_and_directional_noise(R)
     st = json.loads((RESULTS / "bench_lr_transfer.json").read_text())["nets"]["mlp"]["study"]
@@ -138,11 +144,7 @@ def main(argv=None):
         print(f"m={m:g} B={B} lr={lr:.4g} ({tag}): " + "; ".join(
             f"t={r['step']} λ₁={r['lam1']:.3g} ‖Δw‖={r['displacement']:.3g} "
             f"L/L₀={r['loss_over_start']:.2f}" for r in rows), flush=True)
-    from nets.utils.atomic import atomic_write
-    from nets.utils.jsonio import to_jsonable
-    path = RESULTS / "bench_momentum_linear.json" if args.out is None else args.out
-    atomic_write(path, lambda fh: fh.write(json.dumps(to_jsonable(out), indent=1)), binary=False)
-    print("wrote", path)
+    print("wrote", write_json("bench_momentum_linear", out, args.out))
 
 
 if __name__ == "__main__":
