@@ -97,13 +97,14 @@ def trajectory(model, X, y, lr, B, m, seed):
     return rows
 
 
-def digits_mlp_factors(description, argv):
-    """Parse the benchmark's options, set torch up, and return them with the trained digits
-    MLP, its data and its per-sample Gauss–Newton factors R (N, K, P) float32."""
+def digits_mlp_factors(description, argv, parser=None):
+    """Parse the benchmark's options (`parser`, default the base parser), set torch up, and
+    return them with the trained digits MLP, its data and its per-sample Gauss–Newton
+    factors R (N, K, P) float32."""
     from nets.training.loops import trained_digits_mlp
     from paper_checks.checks.sgd_scaling_mlp import ggn_factors
 
-    args = base_parser(description).parse_args(argv)
+    args = (parser or base_parser(description)).parse_args(argv)
     setup_torch(args)
     model, (X, y) = trained_digits_mlp(0)
     return args, model, X, y, ggn_factors(model, X)

@@ -1,0 +1,296 @@
+"""How sharp is a real-training "divergence threshold"? Loss tolerance k, real nets against their quadratic model.
+
+`bench_lr_transfer.py` measures the largest SGD learning rate at which the full-data loss
+never exceeds k = 10× its start within 200 steps. This script asks how much that number
+depends on k, i.e. whether it marks an instability or a loss tolerance:
+
+1. **Real training** (`nets.learning_rates.lr_search.training_threshold`, criterion
+   "divergence", `factor=k`, 3 seeds, B = 8 … 512, heavy-ball m ∈ {0, 0.9}) at
+   k = 3, 10 and 100 on the digits MLP, the digits CNN and the MSE-loss MLP. The k = 10
+   column is re-measured with the same 3 seeds. For each k: the level (measured ÷ the
+   local mean-square limit 2(1+m)/λ'_m(B) of `bench_lr_transfer.json`) and the
+   directional transfer anchored at B₀ = 32 and 512, and the softness
+   d log α / d log k between k = 3 and 100 (0 for a sharp edge). On the MLP also
+   k = 10⁶: does the loss ever blow up, or only rise?
+2. **The MLP's quadratic model under the same protocol**: every sample's loss replaced
+   by its second-order model around the checkpoint,
+   ℓ_i(w₀ + e) = ℓ_i + g_iᵀe + ½‖R_i e‖² (g_i its gradient, R_iᵀR_i its Gauss–Newton
+   matrix; all 2,410 directions), heavy ball on the same kind of fresh batches without
+   replacement, 200 steps, the full-data model loss judged against k× its start —
+   additive batch noise, multiplicative batch noise, the drift of the non-zero full
+   gradient and the finite horizon are all in; only the nonlinearity is not. 32
+   learning rates side by side on common batches, 2 seeds; the threshold of each k is
+   the first grid step whose running maximum of the loss exceeds k× its start.
+3. **Adam** (`nets.learning_rates.adam.adam_threshold`, β = (0.9, 0.999), state warmed
+   500 steps at 1e-4, 100 steps at α, criterion "divergence" with `factor=k`, 3 seeds)
+   at k = 3, 10, 100 on the networks of `--adam-nets`, with the mean-square transfer of
+   `bench_adam_<net>.json`'s predicted curve anchored at B₀ = 32 and 512.
+
+4. **Where a soft run goes** (MLP, one seed): 200 steps at a few lrs above the local
+   limit, then the directional λ'(B) of the end point; the local margin
+   α·λ'_m(B)/(2(1+m)) (> 1: mean-square unstable) before and after, and the loss.
+
+    python benchmarks/bench_criterion.py          # MLP + MSE MLP: ~35 min on one core
+    python benchmarks/bench_criterion.py --nets cnn --seeds 2 --momenta 0 --skip-surrogate
+        --adam-nets '' --out benchmarks/results/bench_criterion_cnn.json     # (one line) ~30 min
+
+Real thresholds go to a resumable store (benchmarks/results/criterion_store.jsonl).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from _common import RESULTS, base_parser, environment, trained_mse_mlp, write_json
+
+BATCH_SIZES = (8, 32, 128, 512)
+MOMENTA = (0.0, 0.9)
+FACTORS = (3.0, 10.0, 100.0)
+EXTREME = 1e6          # MLP only: does anything ever become non-finite?
+SEEDS = (0, 1, 2)
+SURROGATE_SEEDS = (0, 1)
+STEPS = 200
+
+
+def per_sample_gradients(model, loss_fn, X, y, chunk=512):
+    """(N, P) float32: the gradient of each sample's loss at the current parameters
+    (parameter order: model.named_parameters())."""
+    import torch
+    from torch.func import functional_call, grad, vmap
+
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+
+    def one(p, x, t):
+        return loss_fn(functional_call(model, p, (x[None],)), t[None])
+
+    out = []
+    for s in range(0, len(X), chunk):
+        g = vmap(grad(one), in_dims=(None, 0, 0))(params, X[s:s + chunk], y[s:s + chunk])
+        out.append(torch.cat([g[k].reshape(len(X[s:s + chunk]), -1) for k in params], 1))
+    return torch.cat(out)
+
+
+def surrogate_max_loss(R, Gi, L0, B, m, grid, steps, seed):
+    """Heavy ball on the per-sample quadratic model, one column per learning rate.
+
+    ℓ_i(e) = ℓ_i + g_iᵀe + ½‖R_i e‖², batch step v ← m·v + (1/B)Σ_{i∈S}(g_i + R_iᵀR_i e),
+    e ← e − α·v from e = 0; returns the running maximum over `steps` steps of the
+    full-data model loss ÷ L0 (inf for a column that became non-finite)."""
+    import torch
+
+    N, _, P = R.shape
+    gen = torch.Generator().manual_seed(int(seed))
+    a = torch.tensor(np.asarray(grid), dtype=R.dtype)
+    E = torch.zeros(P, len(grid), dtype=R.dtype)
+    V = torch.zeros_like(E)
+    gbar = Gi.mean(0)
+    worst = torch.ones(len(grid), dtype=torch.float64)
+    dead = torch.zeros(len(grid), dtype=torch.bool)
+    for _ in range(steps):
+        idx = torch.randperm(N, generator=gen)[:B]
+        RB = R[idx]
+        V = m * V + torch.einsum("bkp,bkc->pc", RB, torch.einsum("bkp,pc->bkc", RB, E)) / B \
+            + Gi[idx].mean(0)[:, None]
+        E = E - a * V
+        RE = torch.einsum("nkp,pc->nkc", R, E)
+        L = L0 + gbar @ E + 0.5 * (RE ** 2).sum((0, 1)) / N
+        dead |= ~torch.isfinite(L)
+        worst = torch.maximum(worst, torch.nan_to_num(L.double() / L0, nan=0.0))
+        E[:, dead], V[:, dead] = 0.0, 0.0
+    worst[dead] = float("inf")
+    return worst.numpy()
+
+
+def first_crossing(grid, worst, k):
+    """Geometric midpoint of the first grid step where the running maximum exceeds k
+    (NaN if it never does or already does at the bottom of the grid)."""
+    hit = np.asarray(worst) > k
+    if not hit.any() or hit[0]:
+        return float("nan")
+    j = int(np.argmax(hit))
+    return float(np.sqrt(grid[j] * grid[j - 1]))
+
+
+def transfer_ratios(measured, limit, B0):
+    """Directional transfer anchored at the measured α(B₀), divided by the measured α."""
+    i0 = list(BATCH_SIZES).index(B0)
+    return measured[i0] * limit / limit[i0] / measured
+
+
+def summary(label, lr, limit, **extra):
+    """Level (lr ÷ limit) and the transfer ratios at both anchors of one threshold curve."""
+    row = {"lr": lr, **extra, "level": lr / limit,
+           **{f"transfer_B{B0}": transfer_ratios(lr, limit, B0) for B0 in (32, 512)}}
+    print(f"{label}: threshold {np.round(lr, 4)}, level {np.round(lr / limit, 2)}, transfer "
+          f"B0=32 {np.round(row['transfer_B32'], 2)}, B0=512 {np.round(row['transfer_B512'], 2)}",
+          flush=True)
+    return row
+
+
+def softness(rows):
+    """d log α / d log k between the smallest and the largest k of FACTORS."""
+    lo, hi = rows[f"k{FACTORS[0]:g}"]["lr"], rows[f"k{FACTORS[-1]:g}"]["lr"]
+    return np.log(hi / lo) / np.log(FACTORS[-1] / FACTORS[0])
+
+
+def real_thresholds(name, store, seeds=SEEDS, momenta=MOMENTA):
+    import torch.nn.functional as F
+    from bench_lr_transfer import trained_cnn
+
+    from nets.learning_rates.lr_search import training_threshold
+    from nets.training.loops import trained_digits_mlp
+
+    if name == "mse":
+        model, data, loss = trained_mse_mlp(0)
+        ref = json.loads((RESULTS / "bench_lr_transfer_mse.json").read_text())["nets"][name]["study"]
+    else:
+        model, data = trained_digits_mlp(0) if name == "mlp" else trained_cnn(0)
+        loss = F.cross_entropy
+        ref = json.loads((RESULTS / "bench_lr_transfer.json").read_text())["nets"][name]["study"]
+    out = {}
+    for m in momenta:
+        key = f"m{m:g}"
+        anchor = np.asarray(ref[f"measured_{key}"], float)      # bisection start: k = 10
+        limit = np.asarray(ref[f"local_limit_{key}"], float)
+        res = {"local_limit": limit}
+        for k in FACTORS:
+            thr = training_threshold(model, loss, data, BATCH_SIZES, momentum=m, factor=k,
+                                     seeds=seeds, steps=STEPS, store=store, progress=False,
+                                     lr0=lambda B, a=anchor: float(a[BATCH_SIZES.index(B)]))
+            res[f"k{k:g}"] = summary(f"{name} m={m:g} k={k:g}", thr.lr, limit,
+                                     stderr=thr.stderr, per_seed=thr.per_seed)
+        res["softness"] = softness(res)
+        if name == "mlp":
+            thr = training_threshold(model, loss, data, BATCH_SIZES, momentum=m, factor=EXTREME,
+                                     seeds=seeds, steps=STEPS, store=store, progress=False,
+                                     lr0=lambda B, a=anchor: float(a[BATCH_SIZES.index(B)]))
+            res["extreme"] = {"factor": EXTREME, "lr": thr.lr}
+            print(f"{name} m={m:g} k={EXTREME:g}: threshold {np.round(thr.lr, 1)}", flush=True)
+        out[key] = res
+    return out
+
+
+def adam_thresholds(name):
+    import torch.nn.functional as F
+    from bench_adam import _model
+
+    from nets.learning_rates.adam import adam_threshold
+
+    model, data = _model(name)
+    loss = F.cross_entropy
+    if name == "mse":
+        from _common import half_mse_onehot
+        loss = half_mse_onehot
+    ref = json.loads((RESULTS / f"bench_adam_{name}.json").read_text())["runs"]["beta1=0.9"]
+    pred, anchor = np.asarray(ref["predicted"], float), np.asarray(ref["measured"], float)
+    out = {"predicted_mean_square": pred}
+    for k in FACTORS:
+        thr = adam_threshold(model, loss, data, BATCH_SIZES, betas=(0.9, 0.999), warmup_steps=500,
+                             warmup_lr=1e-4, steps=100, seeds=SEEDS, criterion="divergence",
+                             factor=k, lr0=lambda B, a=anchor: float(a[BATCH_SIZES.index(B)]))
+        out[f"k{k:g}"] = summary(f"adam {name} k={k:g}", thr.lr, pred, per_seed=thr.per_seed)
+    out["softness"] = softness(out)
+    return out
+
+
+AFTER_RUNS = ((8, 0.0, (0.5, 1.0, 1.8)), (32, 0.0, (3.0, 4.5)), (8, 0.9, (0.15, 0.3)))
+
+
+def after_runs(model, X, y):
+    """Local mean-square margin α·λ'_m(B)/(2(1+m)) of the checkpoint and of the end point
+    of 200 real SGD steps at each (B, m, lr) of AFTER_RUNS, with the loss ratio."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    from nets.learning_rates.lr_search import _flat_params, _full_data_loss, _sgd_step
+    from nets.noise.batch_spectra import predict_batch_top_eigenvalue
+    from rmt.lr import momentum_noise_gain
+
+    def margin(net, B, m, lr):
+        p = predict_batch_top_eigenvalue(net, F.cross_entropy, (X, y), [B], form="directional",
+                                         seed=0)
+        lam, lp = float(p["lam"]), float(p["directional"][0])
+        return lam, lp, lr * (lam + momentum_noise_gain(m) * (lp - lam)) / (2 * (1 + m))
+
+    L0 = _full_data_loss(model, F.cross_entropy, X, y, 4096)
+    rows = []
+    for B, m, lrs in AFTER_RUNS:
+        for lr in lrs:
+            net = copy.deepcopy(model).eval()
+            params = _flat_params(net)
+            bufs = [torch.zeros_like(q) for q in params]
+            gen = torch.Generator().manual_seed(0)
+            before = margin(net, B, m, lr)
+            for _ in range(STEPS):
+                _sgd_step(net, params, bufs, F.cross_entropy, X, y, B, gen, lr, m)
+            after = margin(net, B, m, lr)
+            row = {"batch_size": B, "momentum": m, "lr": lr, "lam": [before[0], after[0]],
+                   "batch_curvature": [before[1], after[1]], "margin": [before[2], after[2]],
+                   "loss_over_start": _full_data_loss(net, F.cross_entropy, X, y, 4096) / L0}
+            rows.append(row)
+            print(f"after 200 steps, B={B} m={m:g} lr={lr:g}: λ₁ {before[0]:.3g} → "
+                  f"{after[0]:.3g}, λ'(B) {before[1]:.3g} → {after[1]:.3g}, margin "
+                  f"{before[2]:.2f} → {after[2]:.2f}, loss {row['loss_over_start']:.2f}× start",
+                  flush=True)
+    return rows
+
+
+def quadratic_model_thresholds(model, X, y, R):
+    """Thresholds of the MLP's per-sample quadratic model (module docstring, 2) per k:
+    {"m0": {"k3": (n_B, n_seeds), ...}, "m0.9": ...}, on a grid of 32 lrs from 0.3× to 5×
+    the full linear model's typical-path threshold (`bench_momentum_linear.json`)."""
+    import torch
+    import torch.nn.functional as F
+
+    Gi = per_sample_gradients(model, F.cross_entropy, X, y)
+    with torch.no_grad():
+        L0 = float(F.cross_entropy(model(X), y))
+    lin = json.loads((RESULTS / "bench_momentum_linear.json").read_text())["linear_as"]
+    out = {}
+    for m in MOMENTA:
+        key, rows = f"m{m:g}", {f"k{k:g}": [] for k in FACTORS}
+        for i, B in enumerate(BATCH_SIZES):
+            centre = float(np.mean(lin[key][i]))
+            grid = np.geomspace(0.3 * centre, 5.0 * centre, 32)
+            worst = [surrogate_max_loss(R, Gi, L0, B, m, grid, STEPS, s) for s in SURROGATE_SEEDS]
+            for k in FACTORS:
+                rows[f"k{k:g}"].append([first_crossing(grid, w, k) for w in worst])
+        out[key] = {k: np.asarray(v) for k, v in rows.items()}
+        print(f"quadratic model m={m:g}: " + "; ".join(
+            f"{k} {np.round(np.nanmean(v, 1), 4)}" for k, v in out[key].items()), flush=True)
+    return out
+
+
+def main(argv=None):
+    from bench_momentum_linear import digits_mlp_factors
+
+    from nets.utils.jsonl_store import JsonlStore
+
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--nets", default="mlp,mse", help="comma-separated: mlp, cnn, mse")
+    p.add_argument("--seeds", type=int, default=len(SEEDS))
+    p.add_argument("--momenta", default="0,0.9")
+    p.add_argument("--adam-nets", default="mlp,mse", help="comma-separated, or '' to skip")
+    p.add_argument("--skip-surrogate", action="store_true",
+                   help="skip the MLP's quadratic model and the after-run margins (2, 4)")
+    args, model, X, y, R = digits_mlp_factors(__doc__.splitlines()[0], argv, parser=p)
+    store = JsonlStore(RESULTS / "criterion_store.jsonl")
+    out = {"environment": environment(), "batch_sizes": list(BATCH_SIZES), "factors": list(FACTORS),
+           "seeds": list(range(args.seeds)), "steps": STEPS, "real": {}, "surrogate": {},
+           "adam": {}}
+    for name in args.nets.split(","):
+        out["real"][name] = real_thresholds(name, store, tuple(range(args.seeds)),
+                                            tuple(float(m) for m in args.momenta.split(",")))
+    for name in filter(None, args.adam_nets.split(",")):
+        out["adam"][name] = adam_thresholds(name)
+    if not args.skip_surrogate:
+        out["after_runs"] = after_runs(model, X, y)
+        out["surrogate"] = quadratic_model_thresholds(model, X, y, R)
+    print("wrote", write_json("bench_criterion", out, args.out))
+
+
+if __name__ == "__main__":
+    main()
