@@ -28,7 +28,10 @@ depends on k, i.e. whether it marks an instability or a loss tolerance:
 
 4. **Where a soft run goes** (MLP, one seed): 200 steps at a few lrs above the local
    limit, then the directional λ'(B) of the end point; the local margin
-   α·λ'_m(B)/(2(1+m)) (> 1: mean-square unstable) before and after, and the loss.
+   α·λ'_m(B)/(2(1+m)) (> 1: mean-square unstable) before and after, the loss, and the
+   typical-path growth rate per step of the full linear (Gauss–Newton) model at α
+   before and after (`bench_momentum_linear.growth_rates`, 400 steps): is the end point
+   locally stable for typical paths even where the mean square is not?
 
     python benchmarks/bench_criterion.py          # MLP + MSE MLP: ~35 min on one core
     python benchmarks/bench_criterion.py --nets cnn --seeds 2 --momenta 0 --skip-surrogate
@@ -199,21 +202,25 @@ AFTER_RUNS = ((8, 0.0, (0.5, 1.0, 1.8)), (32, 0.0, (3.0, 4.5)), (8, 0.9, (0.15, 
 
 def after_runs(model, X, y):
     """Local mean-square margin α·λ'_m(B)/(2(1+m)) of the checkpoint and of the end point
-    of 200 real SGD steps at each (B, m, lr) of AFTER_RUNS, with the loss ratio."""
+    of 200 real SGD steps at each (B, m, lr) of AFTER_RUNS, with the loss ratio and the
+    typical-path growth rate per step of the full linear model at lr."""
     import copy
 
     import torch
     import torch.nn.functional as F
+    from bench_momentum_linear import growth_rates
 
     from nets.learning_rates.lr_search import _flat_params, _full_data_loss, _sgd_step
     from nets.noise.batch_spectra import predict_batch_top_eigenvalue
+    from paper_checks.checks.sgd_scaling_mlp import ggn_factors
     from rmt.lr import momentum_noise_gain
 
     def margin(net, B, m, lr):
         p = predict_batch_top_eigenvalue(net, F.cross_entropy, (X, y), [B], form="directional",
                                          seed=0)
         lam, lp = float(p["lam"]), float(p["directional"][0])
-        return lam, lp, lr * (lam + momentum_noise_gain(m) * (lp - lam)) / (2 * (1 + m))
+        growth = float(growth_rates(ggn_factors(net, X), B, m, [lr], 400, 0)[0])
+        return lam, lp, lr * (lam + momentum_noise_gain(m) * (lp - lam)) / (2 * (1 + m)), growth
 
     L0 = _full_data_loss(model, F.cross_entropy, X, y, 4096)
     rows = []
@@ -229,11 +236,13 @@ def after_runs(model, X, y):
             after = margin(net, B, m, lr)
             row = {"batch_size": B, "momentum": m, "lr": lr, "lam": [before[0], after[0]],
                    "batch_curvature": [before[1], after[1]], "margin": [before[2], after[2]],
+                   "linear_growth_rate": [before[3], after[3]],
                    "loss_over_start": _full_data_loss(net, F.cross_entropy, X, y, 4096) / L0}
             rows.append(row)
             print(f"after 200 steps, B={B} m={m:g} lr={lr:g}: λ₁ {before[0]:.3g} → "
                   f"{after[0]:.3g}, λ'(B) {before[1]:.3g} → {after[1]:.3g}, margin "
-                  f"{before[2]:.2f} → {after[2]:.2f}, loss {row['loss_over_start']:.2f}× start",
+                  f"{before[2]:.2f} → {after[2]:.2f}, linear growth/step {before[3]:.3g} → "
+                  f"{after[3]:.3g}, loss {row['loss_over_start']:.2f}× start",
                   flush=True)
     return rows
 
