@@ -43,6 +43,13 @@ def _model(name):
     return cnn.eval(), (X, y)
 
 
+def _loss(name):
+    """The training loss of `_model(name)`: ½‖f − e_y‖² for "mse", cross-entropy otherwise."""
+    from _common import half_mse_onehot
+
+    return half_mse_onehot if name == "mse" else torch.nn.functional.cross_entropy
+
+
 def _exponent(Bs, per_seed, rng, max_b=128, n_boot=2000):
     keep = Bs <= max_b
     x, Y = np.log(Bs[keep]), per_seed[keep]
@@ -68,8 +75,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(1)
     model, (X, y) = _model(args.model)
-    from _common import half_mse_onehot
-    lf = half_mse_onehot if args.model == "mse" else torch.nn.functional.cross_entropy
+    lf = _loss(args.model)
     Bs = np.array(args.batch_sizes)
     seeds = tuple(range(args.seeds))
     out = {"model": args.model, "criterion": args.criterion, "batch_sizes": Bs, "warmup": args.warmup,

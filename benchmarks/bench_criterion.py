@@ -46,6 +46,7 @@ import json
 
 import numpy as np
 from _common import RESULTS, base_parser, environment, trained_mse_mlp, write_json
+from bench_momentum_linear import batch_ggn_times, digits_mlp_factors, growth_rates, sgd_run
 
 BATCH_SIZES = (8, 32, 128, 512)
 MOMENTA = (0.0, 0.9)
@@ -54,24 +55,6 @@ EXTREME = 1e6          # MLP only: does anything ever become non-finite?
 SEEDS = (0, 1, 2)
 SURROGATE_SEEDS = (0, 1)
 STEPS = 200
-
-
-def per_sample_gradients(model, loss_fn, X, y, chunk=512):
-    """(N, P) float32: the gradient of each sample's loss at the current parameters
-    (parameter order: model.named_parameters())."""
-    import torch
-    from torch.func import functional_call, grad, vmap
-
-    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
-
-    def one(p, x, t):
-        return loss_fn(functional_call(model, p, (x[None],)), t[None])
-
-    out = []
-    for s in range(0, len(X), chunk):
-        g = vmap(grad(one), in_dims=(None, 0, 0))(params, X[s:s + chunk], y[s:s + chunk])
-        out.append(torch.cat([g[k].reshape(len(X[s:s + chunk]), -1) for k in params], 1))
-    return torch.cat(out)
 
 
 def surrogate_max_loss(R, Gi, L0, B, m, grid, steps, seed):
@@ -92,9 +75,7 @@ def surrogate_max_loss(R, Gi, L0, B, m, grid, steps, seed):
     dead = torch.zeros(len(grid), dtype=torch.bool)
     for _ in range(steps):
         idx = torch.randperm(N, generator=gen)[:B]
-        RB = R[idx]
-        V = m * V + torch.einsum("bkp,bkc->pc", RB, torch.einsum("bkp,pc->bkc", RB, E)) / B \
-            + Gi[idx].mean(0)[:, None]
+        V = m * V + batch_ggn_times(R[idx], E) + Gi[idx].mean(0)[:, None]
         E = E - a * V
         RE = torch.einsum("nkp,pc->nkc", R, E)
         L = L0 + gbar @ E + 0.5 * (RE ** 2).sum((0, 1)) / N
@@ -157,17 +138,19 @@ def real_thresholds(name, store, seeds=SEEDS, momenta=MOMENTA):
         anchor = np.asarray(ref[f"measured_{key}"], float)      # bisection start: k = 10
         limit = np.asarray(ref[f"local_limit_{key}"], float)
         res = {"local_limit": limit}
+
+        def measure(k, m=m, anchor=anchor):
+            return training_threshold(model, loss, data, BATCH_SIZES, momentum=m, factor=k,
+                                      seeds=seeds, steps=STEPS, store=store, progress=False,
+                                      lr0=lambda B: float(anchor[BATCH_SIZES.index(B)]))
+
         for k in FACTORS:
-            thr = training_threshold(model, loss, data, BATCH_SIZES, momentum=m, factor=k,
-                                     seeds=seeds, steps=STEPS, store=store, progress=False,
-                                     lr0=lambda B, a=anchor: float(a[BATCH_SIZES.index(B)]))
+            thr = measure(k)
             res[f"k{k:g}"] = summary(f"{name} m={m:g} k={k:g}", thr.lr, limit,
                                      stderr=thr.stderr, per_seed=thr.per_seed)
         res["softness"] = softness(res)
         if name == "mlp":
-            thr = training_threshold(model, loss, data, BATCH_SIZES, momentum=m, factor=EXTREME,
-                                     seeds=seeds, steps=STEPS, store=store, progress=False,
-                                     lr0=lambda B, a=anchor: float(a[BATCH_SIZES.index(B)]))
+            thr = measure(EXTREME)
             res["extreme"] = {"factor": EXTREME, "lr": thr.lr}
             print(f"{name} m={m:g} k={EXTREME:g}: threshold {np.round(thr.lr, 1)}", flush=True)
         out[key] = res
@@ -175,16 +158,12 @@ def real_thresholds(name, store, seeds=SEEDS, momenta=MOMENTA):
 
 
 def adam_thresholds(name):
-    import torch.nn.functional as F
-    from bench_adam import _model
+    from bench_adam import _loss, _model
 
     from nets.learning_rates.adam import adam_threshold
 
     model, data = _model(name)
-    loss = F.cross_entropy
-    if name == "mse":
-        from _common import half_mse_onehot
-        loss = half_mse_onehot
+    loss = _loss(name)
     ref = json.loads((RESULTS / f"bench_adam_{name}.json").read_text())["runs"]["beta1=0.9"]
     pred, anchor = np.asarray(ref["predicted"], float), np.asarray(ref["measured"], float)
     out = {"predicted_mean_square": pred}
@@ -200,40 +179,37 @@ def adam_thresholds(name):
 AFTER_RUNS = ((8, 0.0, (0.5, 1.0, 1.8)), (32, 0.0, (3.0, 4.5)), (8, 0.9, (0.15, 0.3)))
 
 
-def after_runs(model, X, y):
+def after_runs(model, X, y, R):
     """Local mean-square margin α·λ'_m(B)/(2(1+m)) of the checkpoint and of the end point
     of 200 real SGD steps at each (B, m, lr) of AFTER_RUNS, with the loss ratio and the
-    typical-path growth rate per step of the full linear model at lr."""
-    import copy
+    typical-path growth rate per step of the full linear model at lr (R: the checkpoint's
+    per-sample Gauss–Newton factors)."""
+    from collections import deque
 
-    import torch
     import torch.nn.functional as F
-    from bench_momentum_linear import growth_rates
 
-    from nets.learning_rates.lr_search import _flat_params, _full_data_loss, _sgd_step
+    from nets.learning_rates.lr_search import _full_data_loss
     from nets.noise.batch_spectra import predict_batch_top_eigenvalue
     from paper_checks.checks.sgd_scaling_mlp import ggn_factors
     from rmt.lr import momentum_noise_gain
 
-    def margin(net, B, m, lr):
+    def curvature(net, B):
         p = predict_batch_top_eigenvalue(net, F.cross_entropy, (X, y), [B], form="directional",
                                          seed=0)
-        lam, lp = float(p["lam"]), float(p["directional"][0])
-        growth = float(growth_rates(ggn_factors(net, X), B, m, [lr], 400, 0)[0])
+        return float(p["lam"]), float(p["directional"][0])
+
+    def margin(lam, lp, R_net, B, m, lr):
+        growth = float(growth_rates(R_net, B, m, [lr], 400, 0)[0])
         return lam, lp, lr * (lam + momentum_noise_gain(m) * (lp - lam)) / (2 * (1 + m)), growth
 
     L0 = _full_data_loss(model, F.cross_entropy, X, y, 4096)
+    at_start = {B: curvature(model, B) for B in {B for B, _, _ in AFTER_RUNS}}
     rows = []
     for B, m, lrs in AFTER_RUNS:
         for lr in lrs:
-            net = copy.deepcopy(model).eval()
-            params = _flat_params(net)
-            bufs = [torch.zeros_like(q) for q in params]
-            gen = torch.Generator().manual_seed(0)
-            before = margin(net, B, m, lr)
-            for _ in range(STEPS):
-                _sgd_step(net, params, bufs, F.cross_entropy, X, y, B, gen, lr, m)
-            after = margin(net, B, m, lr)
+            before = margin(*at_start[B], R, B, m, lr)
+            _, net, _ = deque(sgd_run(model, X, y, lr, B, m, 0, STEPS), maxlen=1)[0]
+            after = margin(*curvature(net, B), ggn_factors(net, X), B, m, lr)
             row = {"batch_size": B, "momentum": m, "lr": lr, "lam": [before[0], after[0]],
                    "batch_curvature": [before[1], after[1]], "margin": [before[2], after[2]],
                    "linear_growth_rate": [before[3], after[3]],
@@ -254,7 +230,9 @@ def quadratic_model_thresholds(model, X, y, R):
     import torch
     import torch.nn.functional as F
 
-    Gi = per_sample_gradients(model, F.cross_entropy, X, y)
+    from nets.noise.gradient_noise import per_sample_gradients
+
+    Gi = per_sample_gradients(model, F.cross_entropy, (X, y))
     with torch.no_grad():
         L0 = float(F.cross_entropy(model(X), y))
     lin = json.loads((RESULTS / "bench_momentum_linear.json").read_text())["linear_as"]
@@ -274,8 +252,6 @@ def quadratic_model_thresholds(model, X, y, R):
 
 
 def main(argv=None):
-    from bench_momentum_linear import digits_mlp_factors
-
     from nets.utils.jsonl_store import JsonlStore
 
     p = base_parser(__doc__.splitlines()[0])
@@ -296,7 +272,7 @@ def main(argv=None):
     for name in filter(None, args.adam_nets.split(",")):
         out["adam"][name] = adam_thresholds(name)
     if not args.skip_surrogate:
-        out["after_runs"] = after_runs(model, X, y)
+        out["after_runs"] = after_runs(model, X, y, R)
         out["surrogate"] = quadratic_model_thresholds(model, X, y, R)
     print("wrote", write_json("bench_criterion", out, args.out))
 

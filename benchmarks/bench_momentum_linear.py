@@ -37,6 +37,11 @@ SEEDS = (0, 1)
 CHECKPOINTS = (5, 10, 25, 50, 100, 200)
 
 
+def batch_ggn_times(RB, E):
+    """(1/B)·Σ_{i∈batch} R_iᵀR_i·E for batch factors RB (B, K, P) and columns E (P, c)."""
+    return torch.einsum("bkp,bkc->pc", RB, torch.einsum("bkp,pc->bkc", RB, E)) / len(RB)
+
+
 def growth_rates(R, B, m, grid, steps, seed):
     """Growth rate per step of ‖(e, v)‖ over the second half, one column per lr."""
     N, _, P = R.shape
@@ -48,9 +53,7 @@ def growth_rates(R, B, m, grid, steps, seed):
     log_norm = torch.zeros(len(grid), dtype=torch.float64)
     half, at_half = steps // 2, None
     for t in range(steps):
-        RB = R[torch.randperm(N, generator=g)[:B]]                       # (B, K, P)
-        GE = torch.einsum("bkp,bkc->pc", RB, torch.einsum("bkp,pc->bkc", RB, E)) / B
-        V = m * V + GE
+        V = m * V + batch_ggn_times(R[torch.randperm(N, generator=g)[:B]], E)
         E = E - a * V
         n = torch.sqrt((E ** 2).sum(0) + (V ** 2).sum(0))
         bad = ~torch.isfinite(n) | (n == 0)
@@ -75,22 +78,33 @@ def top_and_directional_noise(R):
     return float(ev[-1]), float(((Gu - Gu.mean(0)) ** 2).sum() / (len(Rd) - 1))
 
 
-def trajectory(model, X, y, lr, B, m, seed):
-    from nets.algorithms.spectra import top_eigenvalues
-    from nets.learning_rates.lr_search import _flat_params, _full_data_loss, _sgd_step
+def sgd_run(model, X, y, lr, B, m, seed, steps):
+    """Real heavy-ball SGD on the cross-entropy of a deep copy of `model` (eval mode),
+    fresh batches of B drawn with a generator seeded by `seed`: yields (t, net, params)
+    at t = 0 (before any step) and after each of the `steps` steps."""
+    from nets.learning_rates.lr_search import _flat_params, _sgd_step
 
-    F = torch.nn.functional.cross_entropy
     net = copy.deepcopy(model).eval()
     params = _flat_params(net)
     bufs = [torch.zeros_like(p) for p in params]
-    w0 = torch.cat([p.detach().reshape(-1) for p in params]).clone()
     gen = torch.Generator().manual_seed(seed)
-    L0 = _full_data_loss(net, F, X, y, 4096)
+    yield 0, net, params
+    for t in range(1, steps + 1):
+        _sgd_step(net, params, bufs, torch.nn.functional.cross_entropy, X, y, B, gen, lr, m)
+        yield t, net, params
+
+
+def trajectory(model, X, y, lr, B, m, seed):
+    from nets.algorithms.spectra import top_eigenvalues
+    from nets.learning_rates.lr_search import _full_data_loss
+
+    F = torch.nn.functional.cross_entropy
     rows = []
-    for t in range(1, max(CHECKPOINTS) + 1):
-        _sgd_step(net, params, bufs, F, X, y, B, gen, lr, m)
-        if t in CHECKPOINTS:
-            w = torch.cat([p.detach().reshape(-1) for p in params])
+    for t, net, params in sgd_run(model, X, y, lr, B, m, seed, max(CHECKPOINTS)):
+        w = torch.cat([p.detach().reshape(-1) for p in params])
+        if t == 0:
+            w0, L0 = w.clone(), _full_data_loss(net, F, X, y, 4096)
+        elif t in CHECKPOINTS:
             lam = float(top_eigenvalues(net, F, (X, y), k=1, seed=0, policy="eval")[0])
             rows.append({"step": t, "lam1": lam, "displacement": float((w - w0).norm()),
                          "loss_over_start": _full_data_loss(net, F, X, y, 4096) / L0})
