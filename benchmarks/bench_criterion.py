@@ -48,6 +48,8 @@ import numpy as np
 from _common import RESULTS, base_parser, environment, trained_mse_mlp, write_json
 from bench_momentum_linear import batch_ggn_times, digits_mlp_factors, growth_rates, sgd_run
 
+from nets.learning_rates.linearized import first_crossing  # the grid rule, shared
+
 BATCH_SIZES = (8, 32, 128, 512)
 MOMENTA = (0.0, 0.9)
 FACTORS = (3.0, 10.0, 100.0)
@@ -84,16 +86,6 @@ def surrogate_max_loss(R, Gi, L0, B, m, grid, steps, seed):
         E[:, dead], V[:, dead] = 0.0, 0.0
     worst[dead] = float("inf")
     return worst.numpy()
-
-
-def first_crossing(grid, worst, k):
-    """Geometric midpoint of the first grid step where the running maximum exceeds k
-    (NaN if it never does or already does at the bottom of the grid)."""
-    hit = np.asarray(worst) > k
-    if not hit.any() or hit[0]:
-        return float("nan")
-    j = int(np.argmax(hit))
-    return float(np.sqrt(grid[j] * grid[j - 1]))
 
 
 def transfer_ratios(measured, limit, B0):

@@ -43,6 +43,7 @@ from nets.learning_rates.adam import (
     predict_adam_max_lr,
 )
 from nets.learning_rates.learner import CurvatureAdaptiveSGD
+from nets.learning_rates.linearized import linearized_threshold
 from nets.learning_rates.lr_prediction import (
     OptimizerSettings,
     fit_scaling_exponent,
@@ -84,6 +85,7 @@ __all__ = [
     "fit_scaling_exponent",
     "predict_max_lr",
     "transfer_lr",
+    "linearized_threshold",
     "CurvatureAdaptiveSGD",
     "CurvatureMonitor",
     "adam_threshold",

@@ -1,0 +1,275 @@
+"""The divergence threshold of the linearised network (docs/theory.md §5.6).
+
+A real-training threshold "the full-data loss never exceeds k× its start within K steps"
+(`nets.learning_rates.lr_search.training_threshold`, criterion "divergence") is, on a
+cross-entropy network at small batch size, a loss *tolerance*: it moves several-fold
+between k = 3 and k = 100, where the network's quadratic model has a sharp edge at its
+local stability limit. The linearised network explains most of it. Around the
+checkpoint w₀ every sample's outputs are replaced by their first-order model,
+
+    z_i(w₀ + e) = z_i(w₀) + J_i e,     J_i = ∂z_i/∂w at w₀  (K outputs × P parameters),
+
+and the loss is the *exact* loss of those outputs, ℓ_i(e) = loss_fn(z_i(e), y_i). Its
+Hessian at e = 0 is the Gauss–Newton matrix, so below the local limit it behaves like the
+quadratic model; above it the loss's own nonlinearity is kept — the cross-entropy's
+gradient is bounded (‖softmax(z) − e_y‖ ≤ √2) and its curvature diag p − ppᵀ vanishes as
+the softmax saturates, so a growing oscillation is capped and the loss grows linearly in
+the outputs instead of exponentially in time. For a quadratic loss (MSE) the linearised
+network *is* the quadratic model. For a network linear in its parameters (softmax
+regression) it is the real network, exactly.
+
+Protocol (the same as `training_trial`, criterion "divergence", with `factor` = k): from
+e = 0 and a zero buffer, heavy ball in torch's convention v ← m·v + g_B, e ← e − α·v, with
+g_B = Σ_{i∈S} J_iᵀ ∂L_S/∂z_i the gradient of the batch-mean loss on a fresh batch S of B
+distinct samples drawn as `torch.randperm(N, generator)[:B]` with the generator seeded
+by the seed (the real trials' batch sequence); after every step the full-data loss
+L(e) = (1/N)·Σ loss, judged against k× its start (a non-finite loss is unstable). All
+learning rates of a grid run side by side (one column each); the threshold of a
+(B, seed) is the geometric midpoint of the first grid step whose running maximum exceeds
+k — the grid's spacing is the resolution. Grid: a coarse geometric grid 10⁻³…10² / λ₁
+(λ₁ the checkpoint's top Hessian eigenvalue, 31 points), then `n_grid` points between
+the coarse brackets of all seeds (and of `extra_factors`); or `lr_range=(lo, hi)`.
+
+Cost: the per-sample Jacobians once (N·K·P numbers held in memory, refused above
+`max_bytes`), then per step and learning rate one product with J over the data
+(N·K·P multiply-adds); no pass through the network after the Jacobians.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import torch
+
+from nets.utils.results import Result, result
+from rmt.validation import as_float, as_int, as_seed
+
+__all__ = ["LinearizedThresholds", "linearized_threshold", "output_jacobians",
+           "linearized_max_loss"]
+
+_COARSE = (1e-3, 1e2, 31)
+
+
+@result
+class LinearizedThresholds(Result):
+    """Thresholds of the linearised network per batch size (module docstring).
+
+    batch_sizes (n_B,); lr : mean over seeds of the per-seed threshold at `factor` (n_B,);
+    stderr (std ddof=1 / √n_seeds; NaN for one seed); per_seed (n_B, n_seeds), NaN where
+    the grid does not bracket it; seeds; momentum; steps; factor; lam (λ₁ of the
+    checkpoint, NaN if `lr_range` was given); grid (n_B, n_grid) learning rates;
+    max_loss (n_B, n_seeds, n_grid) running maximum of L/L₀ of each grid column, from
+    which `at(k)` reads the threshold of any other tolerance the grid brackets."""
+
+    batch_sizes: np.ndarray
+    lr: np.ndarray
+    stderr: np.ndarray
+    per_seed: np.ndarray
+    seeds: tuple
+    momentum: float
+    steps: int
+    factor: float
+    lam: float
+    grid: np.ndarray
+    max_loss: np.ndarray
+
+    def at(self, factor) -> np.ndarray:
+        """Per-seed thresholds (n_B, n_seeds) for the tolerance `factor` (loss ever >
+        factor × start), read off the stored running maxima; NaN where not bracketed."""
+        k = as_float("factor", factor, positive=True)
+        return np.array([[first_crossing(self.grid[i], self.max_loss[i, j], k)
+                          for j in range(self.max_loss.shape[1])]
+                         for i in range(len(self.batch_sizes))])
+
+    def plot(self, ax=None, *, label=None, color="C2"):
+        """Thresholds ± stderr against B (log-log); returns the axes."""
+        import matplotlib.pyplot as plt
+
+        ax = plt.gca() if ax is None else ax
+        ax.errorbar(self.batch_sizes, self.lr, yerr=np.nan_to_num(self.stderr), fmt="s-",
+                    color=color, capsize=3,
+                    label=label or f"linearised network (k={self.factor:g}, m={self.momentum:g})")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size B")
+        ax.set_ylabel("learning rate")
+        return ax
+
+
+def first_crossing(grid, max_loss, factor) -> float:
+    """Geometric midpoint of the first grid step whose running maximum exceeds `factor`;
+    NaN if none does or the first one already does (not bracketed)."""
+    hit = np.asarray(max_loss) > factor
+    if not hit.any() or hit[0]:
+        return float("nan")
+    j = int(np.argmax(hit))
+    return float(np.sqrt(grid[j] * grid[j - 1]))
+
+
+def output_jacobians(model, X, *, chunk_size=256, dtype=torch.float32):
+    """Per-sample output Jacobians J (N, K, P) and outputs z (N, K) of `model` (eval mode,
+    its trainable parameters in `named_parameters()` order; K = outputs per sample)."""
+    from torch.func import functional_call, jacrev, vmap
+
+    net = copy.deepcopy(model).eval()
+    params = {k: v.detach() for k, v in net.named_parameters() if v.requires_grad}
+
+    def out(p, x):
+        return functional_call(net, p, (x[None],))[0].reshape(-1)
+
+    Js, zs = [], []
+    with torch.no_grad():
+        for s in range(0, len(X), chunk_size):
+            xb = X[s:s + chunk_size]
+            jac = vmap(jacrev(out), in_dims=(None, 0))(params, xb)
+            Js.append(torch.cat([jac[k].reshape(len(xb), jac[k].shape[1], -1) for k in params],
+                                dim=2).to(dtype))
+            zs.append(functional_call(net, params, (xb,)).reshape(len(xb), -1).to(dtype))
+    return torch.cat(Js).contiguous(), torch.cat(zs)
+
+
+def linearized_max_loss(J, z0, y, loss_fn, batch_size, momentum, lrs, steps, seed, *,
+                        out_shape=None):
+    """Running maximum of L(e_t)/L(0) over `steps` heavy-ball steps on the linearised
+    network (module docstring), one entry per learning rate of `lrs` (inf where the loss
+    became non-finite). J (N, K, P), z0 (N, K): `output_jacobians`; y : targets;
+    loss_fn(outputs, targets) the batch-mean loss; out_shape : per-sample output shape
+    passed to loss_fn (default (K,))."""
+    from torch.func import grad, vmap
+
+    N, K, P = J.shape
+    shape = tuple(out_shape) if out_shape is not None else (K,)
+
+    def col_loss(z, t):                                 # z (n, K) one column → scalar
+        return loss_fn(z.reshape(len(z), *shape), t)
+
+    batch_grad = vmap(grad(col_loss), in_dims=(2, None), out_dims=2)
+    full_loss = vmap(col_loss, in_dims=(2, None))
+    gen = torch.Generator().manual_seed(int(seed))
+    a = torch.as_tensor(np.asarray(lrs, float), dtype=J.dtype, device=J.device)
+    E = torch.zeros(P, len(a), dtype=J.dtype, device=J.device)
+    V = torch.zeros_like(E)
+    with torch.no_grad():
+        L0 = float(col_loss(z0, y))
+    if not (math.isfinite(L0) and L0 > 0):
+        raise ValueError(f"the loss at the checkpoint must be finite and positive, got {L0}")
+    worst = torch.ones(len(a), dtype=torch.float64)
+    dead = torch.zeros(len(a), dtype=torch.bool)
+    for _ in range(steps):
+        idx = torch.randperm(N, generator=gen)[:batch_size].to(J.device)
+        JB = J[idx]
+        with torch.no_grad():
+            ZB = z0[idx][:, :, None] + torch.einsum("bkp,pg->bkg", JB, E)
+        G = batch_grad(ZB, y[idx])
+        with torch.no_grad():
+            V = momentum * V + torch.einsum("bkp,bkg->pg", JB, G)
+            E = E - a * V
+            L = full_loss(z0[:, :, None] + torch.einsum("nkp,pg->nkg", J, E), y).double().cpu()
+        bad = ~torch.isfinite(L)
+        dead |= bad
+        worst = torch.maximum(worst, torch.where(bad, 0.0, L / L0))
+        if bad.any():                  # a non-finite column stays dead; keep it finite
+            E[:, bad.to(E.device)], V[:, bad.to(V.device)] = 0.0, 0.0
+    worst[dead] = math.inf
+    return worst.numpy()
+
+
+def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", momentum=0.0,
+                         factor=10.0, steps=200, seeds=(0, 1, 2), extra_factors=(),
+                         lr_range=None, n_grid=48, chunk_size=256, max_bytes=4 << 30,
+                         device=None, dtype=torch.float32, seed=0,
+                         progress=None) -> LinearizedThresholds:
+    """The "divergence" threshold (loss ever > factor × start within `steps` steps) of
+    heavy-ball SGD on the linearised network at the model's weights, per batch size
+    (module docstring). Same signature conventions as `training_threshold`: data any form
+    of `nets.utils.data_source`; loss_fn(outputs, targets) the batch mean; optimizer
+    "sgd" or a `torch.optim.SGD` whose momentum is read; seeds the batch sequences.
+    extra_factors : other tolerances the fine grid must also bracket (read them with
+    `.at(k)`); lr_range : (lo, hi) of the grid instead of the coarse pass; n_grid :
+    points of the fine grid. max_bytes : the Jacobians' memory above which the call is
+    refused (N·K·P·itemsize; pass a subset of the data or a larger limit).
+    seed : seeds the Lanczos start of λ₁ (used for the coarse grid)."""
+    from nets.learning_rates.lr_search import _read_momentum, _top_direction
+    from nets.utils.data_source import as_data_source
+    from nets.utils.progress import progress_bar
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError("loss_fn must be callable")
+    m = _read_momentum(optimizer, momentum)
+    k = as_float("factor", factor, positive=True)
+    extras = tuple(as_float("extra_factors", f, positive=True) for f in np.atleast_1d(extra_factors))
+    K = as_int("steps", steps, minimum=1)
+    n_grid = as_int("n_grid", n_grid, minimum=4)
+    seeds = tuple(as_seed("seeds", s) for s in np.atleast_1d(seeds).tolist())
+    if not seeds:
+        raise ValueError("seeds must not be empty")
+    X, y = as_data_source(data, name="data").tensors()
+    if device is not None:
+        X, y = X.to(device), y.to(device)
+        model = copy.deepcopy(model).to(device)
+    N = len(X)
+    bs = [as_int("batch_sizes", b, minimum=1) for b in np.atleast_1d(batch_sizes)]
+    for B in bs:
+        if B > N:
+            raise ValueError(f"batch_sizes must be <= N={N}, got {B}")
+    with torch.no_grad():
+        out = copy.deepcopy(model).eval()(X[:1])
+    out_shape = tuple(out.shape[1:])
+    P = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    need = N * max(1, int(np.prod(out_shape))) * P * torch.tensor([], dtype=dtype).element_size()
+    if need > max_bytes:
+        raise ValueError(f"the Jacobians need {need / 2**30:.2f} GiB (N={N} × outputs × P={P}), "
+                         f"above max_bytes={max_bytes / 2**30:.2f} GiB; pass a subset of the "
+                         "data or raise max_bytes")
+    lam = math.nan
+    if lr_range is None:
+        _, lam = _top_direction(model, loss_fn, (X, y), as_seed("seed", seed))
+        if not (math.isfinite(lam) and lam > 0):
+            raise ValueError(f"the top Hessian eigenvalue is {lam}; give lr_range=(lo, hi)")
+        coarse = np.geomspace(_COARSE[0] / lam, _COARSE[1] / lam, _COARSE[2])
+    else:
+        lo, hi = (as_float("lr_range", v, positive=True) for v in lr_range)
+        if not hi > lo:
+            raise ValueError(f"lr_range must be (lo, hi) with hi > lo, got {lr_range}")
+    J, z0 = output_jacobians(model, X, chunk_size=as_int("chunk_size", chunk_size, minimum=1),
+                             dtype=dtype)
+    grids = np.zeros((len(bs), n_grid))
+    worst = np.zeros((len(bs), len(seeds), n_grid))
+    jobs = list(range(len(bs)))
+    for i in progress_bar(jobs, progress=progress, total=len(jobs),
+                          desc=f"linearised threshold (m={m:g})", expected_s=10):
+        B = bs[i]
+        if lr_range is None:
+            runs = [linearized_max_loss(J, z0, y, loss_fn, B, m, coarse, K, s, out_shape=out_shape)
+                    for s in seeds]
+            lo, hi = _bracket(coarse, runs, (k, *extras))
+        grids[i] = np.geomspace(lo, hi, n_grid)
+        for j, s in enumerate(seeds):
+            worst[i, j] = linearized_max_loss(J, z0, y, loss_fn, B, m, grids[i], K, s,
+                                              out_shape=out_shape)
+    per = np.array([[first_crossing(grids[i], worst[i, j], k) for j in range(len(seeds))]
+                    for i in range(len(bs))])
+    mean = per.mean(axis=1)
+    se = per.std(axis=1, ddof=1) / np.sqrt(len(seeds)) if len(seeds) > 1 else np.full(len(bs), np.nan)
+    return LinearizedThresholds(np.array(bs), mean, se, per, seeds, float(m), K, k, float(lam),
+                                grids, worst)
+
+
+def _bracket(grid, runs, factors):
+    """(lo, hi) of the fine grid: from the last coarse point below every run's first
+    crossing of the smallest factor to the first point above every run's first crossing
+    of the largest (the coarse ends where a run never or always crosses)."""
+    firsts = []
+    for f in (min(factors), max(factors)):
+        for w in runs:
+            hit = np.asarray(w) > f
+            firsts.append(int(np.argmax(hit)) if hit.any() else len(grid) - 1)
+    j_lo = max(0, min(firsts[:len(runs)]) - 1)
+    j_hi = min(len(grid) - 1, max(firsts[len(runs):]) + 1)
+    if j_hi <= j_lo:
+        j_hi = min(len(grid) - 1, j_lo + 2)
+    return float(grid[j_lo]), float(grid[j_hi])

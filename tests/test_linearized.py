@@ -1,0 +1,148 @@
+"""The linearised network's divergence threshold (nets.learning_rates.linearized).
+
+Oracles: a network linear in its parameters (softmax regression) *is* its linearisation,
+so the linearised run must reproduce real training (`training_trial`, autograd on the
+module) step for step, and `linearized_threshold` must agree with the real bisection
+(`training_threshold`); for a quadratic loss on a linear model with the full batch, the
+loss never exceeds its start below 2/λ_max and blows up above it (exact), λ_max from a
+dense float64 torch.func.hessian; Jacobians against torch.autograd.functional.jacobian.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from dense_oracles import flat_state
+from torch import nn
+
+from nets.learning_rates.linearized import (
+    LinearizedThresholds,
+    first_crossing,
+    linearized_max_loss,
+    linearized_threshold,
+    output_jacobians,
+)
+from nets.learning_rates.lr_search import training_threshold, training_trial
+
+
+def softmax_regression(seed=0, N=48, d=6, K=3):
+    """A float64 linear classifier and separable-ish data, trained a little (the
+    checkpoint has a moderate loss and a non-zero gradient)."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(N, d, dtype=torch.float64, generator=g)
+    W = torch.randn(d, K, dtype=torch.float64, generator=g)
+    y = (X @ W + 0.5 * torch.randn(N, K, dtype=torch.float64, generator=g)).argmax(1)
+    torch.manual_seed(seed)
+    model = nn.Linear(d, K).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(30):
+        opt.zero_grad()
+        F.cross_entropy(model(X), y).backward()
+        opt.step()
+    return model, X, y
+
+
+def test_jacobians_match_autograd(tiny_mlp):
+    model, X, _ = tiny_mlp(seed=3, N=7)
+    J, z = output_jacobians(model, X, chunk_size=3, dtype=torch.float64)
+    flat, state = flat_state(model)
+    ref = torch.autograd.functional.jacobian(
+        lambda w: torch.func.functional_call(model, state(w), (X,)), flat)      # (N, K, P)
+    assert J.shape == ref.shape
+    assert torch.allclose(J, ref, atol=1e-12)
+    assert torch.allclose(z, model(X).detach(), atol=1e-12)
+
+
+@pytest.mark.parametrize("m", [0.0, 0.9])
+def test_linear_network_runs_like_real_training(m):
+    model, X, y = softmax_regression()
+    J, z0 = output_jacobians(model, X, dtype=torch.float64)
+    lrs = [0.3, 3.0, 30.0]
+    worst = linearized_max_loss(J, z0, y, F.cross_entropy, 8, m, lrs, 40, 5)
+    for lr, w in zip(lrs, worst):
+        real = training_trial(model, F.cross_entropy, X, y, lr, 8, steps=40, momentum=m, seed=5,
+                              criterion="divergence", factor=1e12)
+        assert w == pytest.approx(real.max_loss / real.initial_loss, rel=1e-7)
+    assert worst[-1] > 1.5          # the grid reaches the unstable side
+
+
+def test_linear_network_threshold_matches_real_bisection():
+    model, X, y = softmax_regression(seed=1)
+    kw = dict(momentum=0.5, factor=3.0, steps=40, seeds=(0, 1))
+    lin = linearized_threshold(model, F.cross_entropy, (X, y), [4, 16], n_grid=40,
+                               dtype=torch.float64, **kw)
+    real = training_threshold(model, F.cross_entropy, (X, y), [4, 16], rel_tol=0.01,
+                              lr0=lin.lr[0], **kw)
+    spacing = np.exp(np.diff(np.log(lin.grid), axis=1)).max()        # grid resolution
+    ratio = lin.per_seed / real.per_seed
+    assert np.all(np.isfinite(ratio))
+    assert np.all(np.abs(np.log(ratio)) <= np.log(spacing) + np.log(1.01))
+
+
+def test_quadratic_loss_full_batch_edge_is_two_over_lambda(dense_hessian):
+    """Half-MSE on a linear model, B = N, m = 0: each eigen-component of the loss change
+    is (g_j²/2λ_j)(r_j^{2t} − 1) with r_j = 1 − αλ_j, ≤ 0 while α ≤ 2/λ_max, and grows
+    like (αλ_max − 1)^{2t} above it: the threshold is 2/λ_max to the grid's resolution."""
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(40, 5, dtype=torch.float64, generator=g)
+    Y = torch.randn(40, 2, dtype=torch.float64, generator=g)
+    torch.manual_seed(0)
+    model = nn.Linear(5, 2).double()
+
+    def loss(out, t):
+        return 0.5 * ((out - t) ** 2).sum(1).mean()
+
+    lam = float(torch.linalg.eigvalsh(dense_hessian(model, loss, X, Y))[-1])
+    edge = 2.0 / lam
+    res = linearized_threshold(model, loss, (X, Y), [40], factor=10.0, steps=300, seeds=(0,),
+                               lr_range=(0.5 * edge, 2.0 * edge), n_grid=64, dtype=torch.float64)
+    assert res.lr[0] / edge == pytest.approx(1.0, abs=0.025)
+    assert np.isnan(res.lam)
+
+
+def test_at_and_result_contract():
+    model, X, y = softmax_regression(seed=2)
+    res = linearized_threshold(model, F.cross_entropy, (X, y), [8], factor=10.0,
+                               extra_factors=(3.0,), steps=40, seeds=(0, 1), n_grid=24)
+    assert isinstance(res, LinearizedThresholds)
+    np.testing.assert_allclose(res.at(10.0), res.per_seed)
+    three = res.at(3.0)
+    assert np.all(np.isfinite(three)) and np.all(three <= res.per_seed)
+    assert res.max_loss.shape == (1, 2, 24) and res.grid.shape == (1, 24)
+    assert res.lam > 0
+    json.dumps(res.to_dict())
+    import matplotlib
+
+    matplotlib.use("Agg")
+    ax = res.plot()
+    assert ax.get_xscale() == "log"
+
+
+def test_first_crossing_rule():
+    grid = np.array([1.0, 2.0, 4.0])
+    assert first_crossing(grid, [1.0, 5.0, 9.0], 3.0) == pytest.approx(np.sqrt(2.0))
+    assert np.isnan(first_crossing(grid, [1.0, 1.1, 1.2], 3.0))
+    assert np.isnan(first_crossing(grid, [4.0, 5.0, 9.0], 3.0))
+
+
+def test_bad_inputs():
+    model, X, y = softmax_regression()
+    data = (X, y)
+    with pytest.raises(TypeError):
+        linearized_threshold("net", F.cross_entropy, data, [8])
+    with pytest.raises(TypeError):
+        linearized_threshold(model, "ce", data, [8])
+    with pytest.raises(ValueError, match="batch_sizes"):
+        linearized_threshold(model, F.cross_entropy, data, [len(X) + 1], lr_range=(0.1, 1.0))
+    with pytest.raises(ValueError):
+        linearized_threshold(model, F.cross_entropy, data, [8], factor=0.0)
+    with pytest.raises(ValueError):
+        linearized_threshold(model, F.cross_entropy, data, [8], momentum=1.0)
+    with pytest.raises(ValueError, match="lr_range"):
+        linearized_threshold(model, F.cross_entropy, data, [8], lr_range=(1.0, 0.5))
+    with pytest.raises(ValueError, match="seeds"):
+        linearized_threshold(model, F.cross_entropy, data, [8], seeds=(), lr_range=(0.1, 1.0))
+    with pytest.raises(ValueError, match="GiB"):
+        linearized_threshold(model, F.cross_entropy, data, [8], max_bytes=1000)
