@@ -168,6 +168,21 @@ def test_warmed_threshold_brackets_the_preconditioned_prediction():
     assert hi.unstable, hi.reason
 
 
+def test_trials_do_not_advance_the_warm_state():
+    """Every trial restarts from the same warmed state: the stored optimizer state is
+    unchanged by a trial, and a trial repeated after an unstable one gives the same run."""
+    model, X, y = _least_squares(seed=2)
+    lf = nn.functional.mse_loss
+    warm = A.warm_adam_state(model, lf, X, y, 8, warmup_steps=20, warmup_lr=1e-3, seed=0)
+    before = {k: v.clone() for k, v in warm.optimizer_state["state"][0].items()}
+    first = A.adam_trial(warm, lf, X, y, 1e-3, steps=20, criterion="divergence", seed=1)
+    A.adam_trial(warm, lf, X, y, 50.0, steps=20, criterion="divergence", seed=1)
+    for k, v in warm.optimizer_state["state"][0].items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    again = A.adam_trial(warm, lf, X, y, 1e-3, steps=20, criterion="divergence", seed=1)
+    assert again.max_loss == first.max_loss and again.final_loss == first.final_loss
+
+
 def test_fresh_first_step_is_a_sign_step_and_is_flagged():
     model, X, y = _least_squares(seed=3)
     lf = nn.functional.mse_loss

@@ -555,7 +555,10 @@ def adam_trial(warm: WarmState, loss_fn, X, y, lr, *, steps, criterion="onset",
     net = copy.deepcopy(warm.model)
     opt = _adam(net, lr, warm.betas, warm.eps)
     if warm.warmup_steps > 0:
-        opt.load_state_dict(warm.optimizer_state)
+        # a copy: Optimizer.load_state_dict keeps the given tensors (exp_avg, exp_avg_sq,
+        # step) when dtype and device match, and Adam updates them in place, so loading
+        # `warm.optimizer_state` itself would advance the warm state with every trial
+        opt.load_state_dict(copy.deepcopy(warm.optimizer_state))
     for g in opt.param_groups:
         g["lr"] = float(lr)
     params = [p for p in net.parameters() if p.requires_grad]
