@@ -146,3 +146,25 @@ def test_bad_inputs():
         linearized_threshold(model, F.cross_entropy, data, [8], seeds=(), lr_range=(0.1, 1.0))
     with pytest.raises(ValueError, match="GiB"):
         linearized_threshold(model, F.cross_entropy, data, [8], max_bytes=1000)
+
+
+@pytest.mark.parametrize("warm", [0, 20])
+def test_linear_network_adam_runs_like_adam_trial(warm):
+    from nets.learning_rates.adam import _adam, adam_trial, warm_adam_state
+    from nets.learning_rates.linearized import flat_adam_state, linearized_adam_max_loss
+
+    model, X, y = softmax_regression(seed=3)
+    ws = warm_adam_state(model, F.cross_entropy, X, y, 8, warmup_steps=warm, warmup_lr=1e-2, seed=4)
+    opt = _adam(ws.model, 1e-2, ws.betas, ws.eps)
+    if warm:
+        opt.load_state_dict(ws.optimizer_state)
+    state = flat_adam_state(opt)
+    assert state[2] == warm
+    J, z0 = output_jacobians(ws.model, X, dtype=torch.float64)
+    lrs = [0.01, 0.3, 3.0]
+    worst = linearized_adam_max_loss(J, z0, y, F.cross_entropy, 8, lrs, 30, 4 + 7919, state=state)
+    for lr, w in zip(lrs, worst):
+        real = adam_trial(ws, F.cross_entropy, X, y, lr, steps=30, criterion="divergence",
+                          factor=1e12, seed=4)
+        assert w == pytest.approx(real.max_loss / real.initial_loss, rel=1e-7)
+    assert worst[-1] > 1.5

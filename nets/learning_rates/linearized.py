@@ -47,7 +47,7 @@ from nets.utils.results import Result, result
 from rmt.validation import as_float, as_int, as_seed
 
 __all__ = ["LinearizedThresholds", "linearized_threshold", "output_jacobians",
-           "linearized_max_loss"]
+           "linearized_max_loss", "linearized_adam_max_loss", "flat_adam_state"]
 
 _COARSE = (1e-3, 1e2, 31)
 
@@ -130,13 +130,12 @@ def output_jacobians(model, X, *, chunk_size=256, dtype=torch.float32):
     return torch.cat(Js).contiguous(), torch.cat(zs)
 
 
-def linearized_max_loss(J, z0, y, loss_fn, batch_size, momentum, lrs, steps, seed, *,
-                        out_shape=None):
-    """Running maximum of L(e_t)/L(0) over `steps` heavy-ball steps on the linearised
-    network (module docstring), one entry per learning rate of `lrs` (inf where the loss
-    became non-finite). J (N, K, P), z0 (N, K): `output_jacobians`; y : targets;
-    loss_fn(outputs, targets) the batch-mean loss; out_shape : per-sample output shape
-    passed to loss_fn (default (K,))."""
+def _run_columns(J, z0, y, loss_fn, batch_size, n_cols, steps, seed, step, out_shape):
+    """The linearised network's loop shared by the optimizers: each step draws a batch
+    (`torch.randperm(N, generator)[:B]`, generator seeded by `seed`), forms the batch
+    gradient of every column, G (P, n_cols), calls `step(G, t)` (t = 1, 2, …) for the new
+    displacements E (P, n_cols), and tracks the running maximum of L(E)/L(0) (inf for a
+    column whose loss became non-finite; its state is left to `step`)."""
     from torch.func import grad, vmap
 
     N, K, P = J.shape
@@ -148,32 +147,88 @@ def linearized_max_loss(J, z0, y, loss_fn, batch_size, momentum, lrs, steps, see
     batch_grad = vmap(grad(col_loss), in_dims=(2, None), out_dims=2)
     full_loss = vmap(col_loss, in_dims=(2, None))
     gen = torch.Generator().manual_seed(int(seed))
-    a = torch.as_tensor(np.asarray(lrs, float), dtype=J.dtype, device=J.device)
-    E = torch.zeros(P, len(a), dtype=J.dtype, device=J.device)
-    V = torch.zeros_like(E)
     with torch.no_grad():
         L0 = float(col_loss(z0, y))
     if not (math.isfinite(L0) and L0 > 0):
         raise ValueError(f"the loss at the checkpoint must be finite and positive, got {L0}")
-    worst = torch.ones(len(a), dtype=torch.float64)
-    dead = torch.zeros(len(a), dtype=torch.bool)
-    for _ in range(steps):
+    E = torch.zeros(P, n_cols, dtype=J.dtype, device=J.device)
+    worst = torch.ones(n_cols, dtype=torch.float64)
+    dead = torch.zeros(n_cols, dtype=torch.bool)
+    for t in range(1, steps + 1):
         idx = torch.randperm(N, generator=gen)[:batch_size].to(J.device)
         JB = J[idx]
         with torch.no_grad():
             ZB = z0[idx][:, :, None] + torch.einsum("bkp,pg->bkg", JB, E)
         G = batch_grad(ZB, y[idx])
         with torch.no_grad():
-            V = momentum * V + torch.einsum("bkp,bkg->pg", JB, G)
-            E = E - a * V
+            E = step(torch.einsum("bkp,bkg->pg", JB, G), t)
             L = full_loss(z0[:, :, None] + torch.einsum("nkp,pg->nkg", J, E), y).double().cpu()
         bad = ~torch.isfinite(L)
         dead |= bad
         worst = torch.maximum(worst, torch.where(bad, 0.0, L / L0))
         if bad.any():                  # a non-finite column stays dead; keep it finite
-            E[:, bad.to(E.device)], V[:, bad.to(V.device)] = 0.0, 0.0
+            E[:, bad.to(E.device)] = 0.0
     worst[dead] = math.inf
     return worst.numpy()
+
+
+def linearized_max_loss(J, z0, y, loss_fn, batch_size, momentum, lrs, steps, seed, *,
+                        out_shape=None):
+    """Running maximum of L(e_t)/L(0) over `steps` heavy-ball steps on the linearised
+    network (module docstring), one entry per learning rate of `lrs` (inf where the loss
+    became non-finite). J (N, K, P), z0 (N, K): `output_jacobians`; y : targets;
+    loss_fn(outputs, targets) the batch-mean loss; out_shape : per-sample output shape
+    passed to loss_fn (default (K,))."""
+    a = torch.as_tensor(np.asarray(lrs, float), dtype=J.dtype, device=J.device)
+    st = {"E": torch.zeros(J.shape[2], len(a), dtype=J.dtype, device=J.device)}
+    st["V"] = torch.zeros_like(st["E"])
+
+    def step(g, t):
+        st["V"] = torch.nan_to_num(momentum * st["V"] + g)
+        st["E"] = torch.nan_to_num(st["E"] - a * st["V"])
+        return st["E"]
+
+    return _run_columns(J, z0, y, loss_fn, batch_size, len(a), steps, seed, step, out_shape)
+
+
+def flat_adam_state(optimizer):
+    """(exp_avg, exp_avg_sq, step) of a torch Adam with one parameter group, flattened in
+    parameter order (P,) each; step the number of steps taken (0 for a fresh state)."""
+    params = optimizer.param_groups[0]["params"]
+    st = [optimizer.state.get(p, {}) for p in params]
+    if not all(st):
+        zeros = torch.cat([torch.zeros_like(p).reshape(-1) for p in params])
+        return zeros, zeros.clone(), 0
+    m = torch.cat([s["exp_avg"].reshape(-1) for s in st])
+    v = torch.cat([s["exp_avg_sq"].reshape(-1) for s in st])
+    return m.detach().clone(), v.detach().clone(), int(float(st[0]["step"]))
+
+
+def linearized_adam_max_loss(J, z0, y, loss_fn, batch_size, lrs, steps, batch_seed, *,
+                             state=None, betas=(0.9, 0.999), eps=1e-8, out_shape=None):
+    """`linearized_max_loss` for Adam (torch's update, bias-corrected, no weight decay):
+    m ← β₁m + (1−β₁)g, v ← β₂v + (1−β₂)g², e ← e − α·(m/(1−β₁ᵗ))/(√(v/(1−β₂ᵗ)) + ε),
+    started from `state` = (exp_avg, exp_avg_sq, step) (`flat_adam_state` of a warmed
+    optimizer; None: fresh) at e = 0; batches as in `nets.learning_rates.adam.adam_trial`:
+    `torch.randperm(N, generator)[:B]` with the generator seeded by `batch_seed` (that
+    function uses seed + 7919). Returns the running maximum of L/L(0) per learning rate."""
+    P = J.shape[2]
+    b1, b2 = (float(b) for b in betas)
+    a = torch.as_tensor(np.asarray(lrs, float), dtype=J.dtype, device=J.device)
+    m0, v0, t0 = state if state is not None else (torch.zeros(P), torch.zeros(P), 0)
+    st = {"E": torch.zeros(P, len(a), dtype=J.dtype, device=J.device),
+          "M": m0.to(J.dtype).to(J.device).reshape(P, 1).repeat(1, len(a)),
+          "V": v0.to(J.dtype).to(J.device).reshape(P, 1).repeat(1, len(a))}
+
+    def step(g, t):
+        t = t0 + t
+        st["M"] = b1 * st["M"] + (1 - b1) * g
+        st["V"] = b2 * st["V"] + (1 - b2) * g * g
+        denom = st["V"].sqrt() / math.sqrt(1 - b2 ** t) + eps
+        st["E"] = torch.nan_to_num(st["E"] - (a / (1 - b1 ** t)) * st["M"] / denom)
+        return st["E"]
+
+    return _run_columns(J, z0, y, loss_fn, batch_size, len(a), steps, batch_seed, step, out_shape)
 
 
 def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", momentum=0.0,
