@@ -253,7 +253,16 @@ def main(argv=None):
     p.add_argument("--adam-nets", default="mlp,mse", help="comma-separated, or '' to skip")
     p.add_argument("--skip-surrogate", action="store_true",
                    help="skip the MLP's quadratic model and the after-run margins (2, 4)")
+    p.add_argument("--adam-only", action="store_true",
+                   help="re-measure only the Adam rows (3) and replace them in the stored JSON")
     args, model, X, y, R = digits_mlp_factors(__doc__.splitlines()[0], argv, parser=p)
+    if args.adam_only:
+        path = RESULTS / "bench_criterion.json"
+        out = json.loads(path.read_text())
+        out["adam"] = {name: adam_thresholds(name) for name in filter(None, args.adam_nets.split(","))}
+        out["adam_environment"] = environment()
+        print("wrote", write_json("bench_criterion", out, args.out))
+        return
     store = JsonlStore(RESULTS / "criterion_store.jsonl")
     out = {"environment": environment(), "batch_sizes": list(BATCH_SIZES), "factors": list(FACTORS),
            "seeds": list(range(args.seeds)), "steps": STEPS, "real": {}, "surrogate": {},

@@ -22,7 +22,7 @@ Predicted (judged): the mean-square limit of EMA momentum with batch noise,
 D(B)^{1/2} H D(B)^{1/2}, D(B) = 1/(√(ḡ² + c(B,N)Σ_jj) + ε) from one per-sample gradient
 pass (`predict_adam_max_lr`, form "mean_square"), and the same formula on each measured
 warmed state. Reported beside it: the deterministic form F/(λ̃ + c·s̃²/λ̃) (noise counted
-once), which is right at B = 512 but 6× too high at B = 8.
+once), which is right at B = 512 but 10× too high at B = 8.
 Transfer (`adam_transfer_lr`) anchored at the measured (B₀, α₀) for B₀ = 32 and B₀ = the
 largest B. Exponent of the measured threshold over B ≤ 128 with a bootstrap 95 %
 interval over seeds, compared with 1/2 (√B rule, also Malladi et al.'s SDE rule for the lr)
