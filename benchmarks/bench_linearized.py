@@ -34,7 +34,15 @@ runs. Networks: the digits MLP (where the question was asked), the digits CNN (n
 to develop it: the held-out case) and the MSE-loss MLP (a quadratic loss: there the
 linearised network is the quadratic model, and the real threshold is sharp).
 
+Adam (`--adam-nets mlp,mse`): the same question for Adam β = (0.9, 0.999), ε = 1e-8,
+with the real protocol of `nets.learning_rates.adam.adam_threshold` (warm-up of 500 real
+steps at 1e-4 with batches of B from seed s, then 100 steps at α with the batches of
+seed s + 7919): the linearisation is taken at each warmed model, Adam runs on it from the
+warmed (exp_avg, exp_avg_sq, step), against the re-measured real Adam thresholds of
+`bench_criterion.json` at k = 3, 10, 100.
+
     python benchmarks/bench_linearized.py            # MLP, CNN, MSE MLP: ~40 min on two cores
+    python benchmarks/bench_linearized.py --nets '' --adam-nets mlp,mse    # ~10 min
 """
 
 from __future__ import annotations
@@ -92,17 +100,78 @@ def compare(name, m, thr, real, quadratic=None):
     return row
 
 
+def adam_rows(name, seeds):
+    """Linearised-Adam thresholds per k (n_B, n_seeds) at the warmed states, with the
+    real ones of bench_criterion.json (module docstring)."""
+    import copy
+
+    from nets.learning_rates.adam import _adam, warm_adam_state
+    from nets.learning_rates.linearized import (
+        _bracket,
+        first_crossing,
+        flat_adam_state,
+        linearized_adam_max_loss,
+        output_jacobians,
+    )
+
+    model, (X, y), loss = network(name)
+    betas, coarse = (0.9, 0.999), np.geomspace(1e-4, 10.0, 31)
+    per = {f"k{k:g}": np.full((len(BATCH_SIZES), len(seeds)), np.nan) for k in FACTORS}
+    for i, B in enumerate(BATCH_SIZES):
+        for j, s in enumerate(seeds):
+            warm = warm_adam_state(model, loss, X, y, B, warmup_steps=500, warmup_lr=1e-4,
+                                   betas=betas, seed=s)
+            opt = _adam(warm.model, 1e-4, betas, 1e-8)
+            opt.load_state_dict(copy.deepcopy(warm.optimizer_state))
+            state = flat_adam_state(opt)
+            J, z0 = output_jacobians(warm.model, X)
+
+            def run(grid, J=J, z0=z0, state=state, B=B, s=s):
+                return linearized_adam_max_loss(J, z0, y, loss, B, grid, 100, s + 7919,
+                                                state=state, betas=betas)
+
+            lo, hi = _bracket(coarse, [run(coarse)], FACTORS)
+            grid = np.geomspace(lo, hi, 48)
+            worst = run(grid)
+            for k in FACTORS:
+                per[f"k{k:g}"][i, j] = first_crossing(grid, worst, k)
+    real = json.loads((RESULTS / "bench_criterion.json").read_text())["adam"][name]
+    row = {}
+    for k in FACTORS:
+        kk = f"k{k:g}"
+        lin = np.nanmean(per[kk], 1)
+        r = np.asarray(real[kk]["lr"], float)
+        row[kk] = {"lr": lin, "per_seed": per[kk], "real": r, "real_over_linearized": r / lin}
+        print(f"adam {name} k={k:g}: linearised {np.round(lin, 4)}, real {np.round(r, 4)}, "
+              f"real ÷ linearised {np.round(r / lin, 2)}", flush=True)
+    span = np.log(FACTORS[-1] / FACTORS[0])
+    row["softness"] = np.log(row[f"k{FACTORS[-1]:g}"]["lr"] / row[f"k{FACTORS[0]:g}"]["lr"]) / span
+    row["real_softness"] = np.asarray(real["softness"], float)
+    print(f"adam {name} softness: linearised {np.round(row['softness'], 2)}, real "
+          f"{np.round(row['real_softness'], 2)}", flush=True)
+    return row
+
+
 def main(argv=None):
     from nets.learning_rates.linearized import linearized_threshold
 
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--nets", default="mlp,cnn,mse")
     p.add_argument("--seeds", type=int, default=len(SEEDS))
+    p.add_argument("--adam-nets", default="", help="comma-separated (mlp, cnn, mse) or ''")
     args = p.parse_args(argv)
     setup_torch(args)
     out = {"environment": environment(), "batch_sizes": list(BATCH_SIZES), "factors": list(FACTORS),
            "seeds": list(range(args.seeds)), "steps": STEPS, "nets": {}}
-    for name in args.nets.split(","):
+    path = RESULTS / "bench_linearized.json"
+    if args.out is None and path.exists():           # keep the parts this call does not redo
+        stored = json.loads(path.read_text())
+        out["nets"], out["adam"] = stored.get("nets", {}), stored.get("adam", {})
+    out.setdefault("adam", {})
+    for name in filter(None, args.adam_nets.split(",")):
+        out["adam"][name] = adam_rows(name, tuple(range(args.seeds)))
+        write_json("bench_linearized", out, args.out)
+    for name in filter(None, args.nets.split(",")):
         fname, momenta = REAL[name]
         stored = json.loads((RESULTS / fname).read_text())
         real, quad = stored["real"][name], stored["surrogate"] if name == "mlp" else None
