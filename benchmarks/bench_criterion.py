@@ -110,20 +110,26 @@ def softness(rows):
     return np.log(hi / lo) / np.log(FACTORS[-1] / FACTORS[0])
 
 
-def real_thresholds(name, store, seeds=SEEDS, momenta=MOMENTA):
+def network(name):
+    """(model, (X, y), loss_fn) of the SGD studies: the digits MLP ("mlp") or CNN ("cnn")
+    with cross-entropy, or the MSE-loss MLP ("mse")."""
     import torch.nn.functional as F
     from bench_lr_transfer import trained_cnn
 
-    from nets.learning_rates.lr_search import training_threshold
     from nets.training.loops import trained_digits_mlp
 
     if name == "mse":
-        model, data, loss = trained_mse_mlp(0)
-        ref = json.loads((RESULTS / "bench_lr_transfer_mse.json").read_text())["nets"][name]["study"]
-    else:
-        model, data = trained_digits_mlp(0) if name == "mlp" else trained_cnn(0)
-        loss = F.cross_entropy
-        ref = json.loads((RESULTS / "bench_lr_transfer.json").read_text())["nets"][name]["study"]
+        return trained_mse_mlp(0)
+    model, data = trained_digits_mlp(0) if name == "mlp" else trained_cnn(0)
+    return model, data, F.cross_entropy
+
+
+def real_thresholds(name, store, seeds=SEEDS, momenta=MOMENTA):
+    from nets.learning_rates.lr_search import training_threshold
+
+    model, data, loss = network(name)
+    study = "bench_lr_transfer_mse.json" if name == "mse" else "bench_lr_transfer.json"
+    ref = json.loads((RESULTS / study).read_text())["nets"][name]["study"]
     out = {}
     for m in momenta:
         key = f"m{m:g}"

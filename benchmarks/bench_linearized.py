@@ -50,25 +50,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from _common import RESULTS, base_parser, environment, setup_torch, trained_mse_mlp, write_json
-from bench_criterion import BATCH_SIZES, FACTORS, MOMENTA, SEEDS, STEPS
+from _common import RESULTS, base_parser, environment, setup_torch, write_json
+from bench_criterion import BATCH_SIZES, FACTORS, MOMENTA, SEEDS, STEPS, network
 
 # real thresholds of bench_criterion (file, momenta measured there)
 REAL = {"mlp": ("bench_criterion.json", MOMENTA), "cnn": ("bench_criterion_cnn.json", (0.0,)),
         "mse": ("bench_criterion.json", MOMENTA)}
-
-
-def network(name):
-    import torch.nn.functional as F
-    from bench_lr_transfer import trained_cnn
-
-    from nets.training.loops import trained_digits_mlp
-
-    if name == "mse":
-        model, data, loss = trained_mse_mlp(0)
-        return model, data, loss
-    model, data = trained_digits_mlp(0) if name == "mlp" else trained_cnn(0)
-    return model, data, F.cross_entropy
 
 
 def compare(name, m, thr, real, quadratic=None):
@@ -103,15 +90,13 @@ def compare(name, m, thr, real, quadratic=None):
 def adam_rows(name, seeds):
     """Linearised-Adam thresholds per k (n_B, n_seeds) at the warmed states, with the
     real ones of bench_criterion.json (module docstring)."""
-    import copy
-
-    from nets.learning_rates.adam import _adam, warm_adam_state
+    from nets.learning_rates.adam import restored_adam, warm_adam_state
     from nets.learning_rates.linearized import (
-        _bracket,
         first_crossing,
         flat_adam_state,
         linearized_adam_max_loss,
         output_jacobians,
+        refined_runs,
     )
 
     model, (X, y), loss = network(name)
@@ -121,18 +106,14 @@ def adam_rows(name, seeds):
         for j, s in enumerate(seeds):
             warm = warm_adam_state(model, loss, X, y, B, warmup_steps=500, warmup_lr=1e-4,
                                    betas=betas, seed=s)
-            opt = _adam(warm.model, 1e-4, betas, 1e-8)
-            opt.load_state_dict(copy.deepcopy(warm.optimizer_state))
-            state = flat_adam_state(opt)
+            state = flat_adam_state(restored_adam(warm.model, warm, 1e-4))
             J, z0 = output_jacobians(warm.model, X)
 
             def run(grid, J=J, z0=z0, state=state, B=B, s=s):
                 return linearized_adam_max_loss(J, z0, y, loss, B, grid, 100, s + 7919,
                                                 state=state, betas=betas)
 
-            lo, hi = _bracket(coarse, [run(coarse)], FACTORS)
-            grid = np.geomspace(lo, hi, 48)
-            worst = run(grid)
+            grid, (worst,) = refined_runs([run], coarse, FACTORS, 48)
             for k in FACTORS:
                 per[f"k{k:g}"][i, j] = first_crossing(grid, worst, k)
     real = json.loads((RESULTS / "bench_criterion.json").read_text())["adam"][name]

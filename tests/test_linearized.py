@@ -150,15 +150,12 @@ def test_bad_inputs():
 
 @pytest.mark.parametrize("warm", [0, 20])
 def test_linear_network_adam_runs_like_adam_trial(warm):
-    from nets.learning_rates.adam import _adam, adam_trial, warm_adam_state
+    from nets.learning_rates.adam import adam_trial, restored_adam, warm_adam_state
     from nets.learning_rates.linearized import flat_adam_state, linearized_adam_max_loss
 
     model, X, y = softmax_regression(seed=3)
     ws = warm_adam_state(model, F.cross_entropy, X, y, 8, warmup_steps=warm, warmup_lr=1e-2, seed=4)
-    opt = _adam(ws.model, 1e-2, ws.betas, ws.eps)
-    if warm:
-        opt.load_state_dict(ws.optimizer_state)
-    state = flat_adam_state(opt)
+    state = flat_adam_state(restored_adam(ws.model, ws, 1e-2))
     assert state[2] == warm
     J, z0 = output_jacobians(ws.model, X, dtype=torch.float64)
     lrs = [0.01, 0.3, 3.0]

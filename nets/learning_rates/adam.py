@@ -487,6 +487,20 @@ def _adam(net, lr, betas, eps):
                             betas=tuple(betas), eps=eps)
 
 
+def restored_adam(net, warm, lr):
+    """A torch Adam on `net`'s trainable parameters at lr with `warm`'s state (a fresh one
+    if `warm.warmup_steps == 0`). The state is loaded from a copy: Optimizer.load_state_dict
+    keeps the given tensors (exp_avg, exp_avg_sq, step) when dtype and device match and
+    Adam updates them in place, so loading `warm.optimizer_state` itself would advance the
+    warm state with every run started from it."""
+    opt = _adam(net, lr, warm.betas, warm.eps)
+    if warm.warmup_steps > 0:
+        opt.load_state_dict(copy.deepcopy(warm.optimizer_state))
+    for g in opt.param_groups:
+        g["lr"] = float(lr)
+    return opt
+
+
 def warm_adam_state(model, loss_fn, X, y, batch_size, *, warmup_steps, warmup_lr,
                     betas=(0.9, 0.999), eps=1e-8, seed=0) -> WarmState:
     """Run `warmup_steps` Adam steps at `warmup_lr` (batch size B, batches from
@@ -553,14 +567,7 @@ def adam_trial(warm: WarmState, loss_fn, X, y, lr, *, steps, criterion="onset",
     if criterion == "onset" and direction is None:
         raise ValueError("criterion='onset' needs direction= (PreconditionedNoise.direction)")
     net = copy.deepcopy(warm.model)
-    opt = _adam(net, lr, warm.betas, warm.eps)
-    if warm.warmup_steps > 0:
-        # a copy: Optimizer.load_state_dict keeps the given tensors (exp_avg, exp_avg_sq,
-        # step) when dtype and device match, and Adam updates them in place, so loading
-        # `warm.optimizer_state` itself would advance the warm state with every trial
-        opt.load_state_dict(copy.deepcopy(warm.optimizer_state))
-    for g in opt.param_groups:
-        g["lr"] = float(lr)
+    opt = restored_adam(net, warm, lr)
     params = [p for p in net.parameters() if p.requires_grad]
     if second_moment not in ("adaptive", "frozen"):
         raise ValueError(f"second_moment must be 'adaptive' or 'frozen', got {second_moment!r}")
@@ -683,8 +690,7 @@ def adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 0.999), eps
                                warmup_lr=warmup_lr, betas=betas, eps=eps, seed=s)
         direction = None
         if warmup_steps > 0:
-            opt = _adam(warm.model, warmup_lr, betas, eps)
-            opt.load_state_dict(warm.optimizer_state)
+            opt = restored_adam(warm.model, warm, warmup_lr)
             pn = preconditioned_noise(warm.model, loss_fn, (X, y), opt, seed=seed)
             lam[i, j], s2[i, j] = pn.lam, pn.s2
             pst[i, j] = F / (pn.lam + batch_noise_factor(B, N) * pn.s2 / pn.lam)

@@ -47,7 +47,8 @@ from nets.utils.results import Result, result
 from rmt.validation import as_float, as_int, as_seed
 
 __all__ = ["LinearizedThresholds", "linearized_threshold", "output_jacobians",
-           "linearized_max_loss", "linearized_adam_max_loss", "flat_adam_state"]
+           "linearized_max_loss", "linearized_adam_max_loss", "flat_adam_state",
+           "refined_runs", "first_crossing"]
 
 _COARSE = (1e-3, 1e2, 31)
 
@@ -297,21 +298,30 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
     jobs = list(range(len(bs)))
     for i in progress_bar(jobs, progress=progress, total=len(jobs),
                           desc=f"linearised threshold (m={m:g})", expected_s=10):
-        B = bs[i]
+        runs = [lambda g, B=bs[i], s=s: linearized_max_loss(J, z0, y, loss_fn, B, m, g, K, s,
+                                                            out_shape=out_shape)
+                for s in seeds]
         if lr_range is None:
-            runs = [linearized_max_loss(J, z0, y, loss_fn, B, m, coarse, K, s, out_shape=out_shape)
-                    for s in seeds]
-            lo, hi = _bracket(coarse, runs, (k, *extras))
-        grids[i] = np.geomspace(lo, hi, n_grid)
-        for j, s in enumerate(seeds):
-            worst[i, j] = linearized_max_loss(J, z0, y, loss_fn, B, m, grids[i], K, s,
-                                              out_shape=out_shape)
+            grids[i], worst[i] = refined_runs(runs, coarse, (k, *extras), n_grid)
+        else:
+            grids[i] = np.geomspace(lo, hi, n_grid)
+            worst[i] = [run(grids[i]) for run in runs]
     per = np.array([[first_crossing(grids[i], worst[i, j], k) for j in range(len(seeds))]
                     for i in range(len(bs))])
     mean = per.mean(axis=1)
     se = per.std(axis=1, ddof=1) / np.sqrt(len(seeds)) if len(seeds) > 1 else np.full(len(bs), np.nan)
     return LinearizedThresholds(np.array(bs), mean, se, per, seeds, float(m), K, k, float(lam),
                                 grids, worst)
+
+
+def refined_runs(runs, coarse, factors, n_grid):
+    """Coarse-to-fine grid (module docstring): each of `runs` (callables grid → running
+    maximum of L/L₀ per grid point, one per seed) is run on `coarse`, then all of them on
+    `n_grid` points between the coarse brackets of the smallest and largest of
+    `factors`. Returns (fine grid, [running maxima on it])."""
+    lo, hi = _bracket(coarse, [run(coarse) for run in runs], factors)
+    grid = np.geomspace(lo, hi, n_grid)
+    return grid, [run(grid) for run in runs]
 
 
 def _bracket(grid, runs, factors):
