@@ -11,9 +11,14 @@ Fixtures (each returns a function, so a test can pick seeds and sizes):
   (N, P, P), their mean H and the eigenpairs of H in descending order.
 
 These are independent of the package: no operator or parameter layout of `nets` is used.
+`import_benchmark(name)` imports a script of `benchmarks/` (for tests of its own helpers).
 """
 
 from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,3 +72,14 @@ def dense_hessian():
 @pytest.fixture(scope="session")
 def per_sample_hessians():
     return per_sample_dense_hessians
+
+
+def import_benchmark(name: str):
+    """The module `benchmarks/<name>.py`, imported with that folder briefly on sys.path
+    (its scripts import each other and `_common` by plain name)."""
+    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, bench)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(bench)

@@ -6,24 +6,15 @@ deterministic heavy ball on L0 + gᵀe + ½eᵀGe, stable iff α < 2(1+m)/λ_max
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import import_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bench_criterion
-    finally:
-        sys.path.remove(str(BENCH))
-    return bench_criterion
+    return import_benchmark("bench_criterion")
 
 
 @pytest.mark.parametrize("m", [0.0, 0.5, 0.9])
