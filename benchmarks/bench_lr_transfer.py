@@ -58,7 +58,8 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--nets", default="mlp,cnn",
-                   help="comma-separated: mlp, cnn (cross-entropy), mse (the MLP trained on ½‖f − e_y‖²)")
+                   help="comma-separated: mlp, cnn (cross-entropy), mse (the MLP trained on "
+                        "½‖f − e_y‖²), mlp_relu (held out: a ReLU MLP 64-64-32, seed 1)")
     p.add_argument("--criteria", default="divergence,final,onset")
     p.add_argument("--measured-batches", type=int, default=200,
                    help="batches per B for the measured-λ' diagnostic transfer (0: skip)")
@@ -67,15 +68,16 @@ def main(argv=None):
     Bs = [8, 32, 128, 512] if args.quick else [8, 16, 32, 64, 128, 256, 512]
     seeds = tuple(range(args.seeds))
     store = JsonlStore(RESULTS / "lr_transfer_store.jsonl")
-    loss = F.cross_entropy
     out = {"environment": environment(), "batch_sizes": Bs, "seeds": list(seeds),
            "steps": args.steps, "nets": {}}
     for name in args.nets.split(","):
+        loss = F.cross_entropy
         if name == "mse":
             model, data, loss = trained_mse_mlp(0)
+        elif name == "mlp_relu":    # not used to develop any SGD form: the held-out case
+            model, data = trained_digits_mlp(seed=1, hidden=(64, 32), activation="relu")
         else:
             model, data = trained_digits_mlp(0) if name == "mlp" else trained_cnn(0)
-            loss = F.cross_entropy
         res = {"study": transfer_study(model, loss, data, Bs, seeds=seeds, steps=args.steps,
                                        store=store, extra_forms=("resolved",),
                                        measured_batches=args.measured_batches, progress=True)}

@@ -10,6 +10,10 @@ measured real-training divergence thresholds (8 seeds, benchmarks/bench_lr_trans
 are compared.
 
     python benchmarks/bench_ms_subspace.py            # ~1 min on one core
+    python benchmarks/bench_ms_subspace.py --net mlp_relu --out benchmarks/results/bench_ms_subspace_relu.json
+
+`--net mlp_relu`: the held-out ReLU MLP 64-64-32 (seed 1) of `bench_lr_transfer.py
+--nets mlp_relu`, against its measured thresholds in bench_lr_transfer_relu.json.
 """
 
 from __future__ import annotations
@@ -30,9 +34,14 @@ def main(argv=None):
     from paper_checks.checks.sgd_scaling_mlp import ggn_factors
 
     p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--net", choices=("mlp", "mlp_relu"), default="mlp")
     args = p.parse_args(argv)
     setup_torch(args)
-    model, (X, _) = trained_digits_mlp(0)
+    if args.net == "mlp_relu":
+        model, (X, _) = trained_digits_mlp(seed=1, hidden=(64, 32), activation="relu")
+    else:
+        model, (X, _) = trained_digits_mlp(0)
+    measured_file = "bench_lr_transfer_relu.json" if args.net == "mlp_relu" else "bench_lr_transfer.json"
     Rt = ggn_factors(model, X).double()                       # (N, K, P)
     N, _, P = Rt.shape
     R_all = Rt.reshape(-1, P)
@@ -41,11 +50,11 @@ def main(argv=None):
     A = torch.einsum("nkp,pr->nrk", Rt, torch.from_numpy(V)).numpy()     # (N, r, K)
     measured = {}
     try:
-        st = json.loads((RESULTS / "bench_lr_transfer.json").read_text())["nets"]["mlp"]["study"]
+        st = json.loads((RESULTS / measured_file).read_text())["nets"][args.net]["study"]
         measured = {m: st[f"measured_m{m:g}"] for m in (0.0, 0.9)}
     except (OSError, KeyError, ValueError):
         pass
-    out = {"environment": environment(), "batch_sizes": list(BATCH_SIZES), "ranks": list(RANKS),
+    out = {"environment": environment(), "net": args.net, "batch_sizes": list(BATCH_SIZES), "ranks": list(RANKS),
            "top_ggn_eigenvalues": w[:5].tolist(), "oracle": {}, "measured": measured}
     for m in (0.0, 0.9):
         for r in RANKS:
