@@ -15,18 +15,17 @@ for comparison with the real ones in bench_lr_transfer_relu.json.
 import json
 
 import torch
-import torch.nn.functional as F
 from _common import RESULTS
+from bench_criterion import network
 
 from nets import linearized_threshold
-from nets.training.loops import trained_digits_mlp
 
 if __name__ == "__main__":
     torch.set_num_threads(2)
-    model, data = trained_digits_mlp(seed=1, hidden=(64, 32), activation="relu")
+    model, data, loss = network("mlp_relu")
     out = {}
     for m in (0.0, 0.9):
-        thr = linearized_threshold(model, F.cross_entropy, data, [8, 32, 128, 512], momentum=m,
+        thr = linearized_threshold(model, loss, data, [8, 32, 128, 512], momentum=m,
                                    factor=10.0, extra_factors=(3.0, 100.0), steps=200, seeds=(0, 1),
                                    progress=False)
         out[m] = {k: thr.at(k).tolist() for k in (3.0, 10.0, 100.0)}

@@ -22,7 +22,7 @@ every bisection (benchmarks/results/lr_transfer_store.jsonl): interrupt and re-r
 from __future__ import annotations
 
 import numpy as np
-from _common import RESULTS, base_parser, environment, setup_torch, trained_mse_mlp
+from _common import RESULTS, base_parser, environment, setup_torch
 
 
 def trained_cnn(seed=0):
@@ -45,11 +45,10 @@ def trained_cnn(seed=0):
 def main(argv=None):
     import json
 
-    import torch.nn.functional as F
+    from bench_criterion import network
 
     from nets.learning_rates.lr_search import self_stabilisation, training_threshold
     from nets.learning_rates.transfer import transfer_lr
-    from nets.training.loops import trained_digits_mlp
     from nets.utils.atomic import atomic_write
     from nets.utils.jsonl_store import JsonlStore
     from paper_checks.checks.lr_transfer import transfer_study
@@ -71,13 +70,7 @@ def main(argv=None):
     out = {"environment": environment(), "batch_sizes": Bs, "seeds": list(seeds),
            "steps": args.steps, "nets": {}}
     for name in args.nets.split(","):
-        loss = F.cross_entropy
-        if name == "mse":
-            model, data, loss = trained_mse_mlp(0)
-        elif name == "mlp_relu":    # not used to develop any SGD form: the held-out case
-            model, data = trained_digits_mlp(seed=1, hidden=(64, 32), activation="relu")
-        else:
-            model, data = trained_digits_mlp(0) if name == "mlp" else trained_cnn(0)
+        model, data, loss = network(name)
         res = {"study": transfer_study(model, loss, data, Bs, seeds=seeds, steps=args.steps,
                                        store=store, extra_forms=("resolved",),
                                        measured_batches=args.measured_batches, progress=True)}

@@ -29,18 +29,16 @@ RANKS = (1, 5, 20, 60)
 
 
 def main(argv=None):
+    from bench_criterion import network
+
     from nets.learning_rates.stability import PerSampleHessians, ms_threshold_curve
-    from nets.training.loops import trained_digits_mlp
     from paper_checks.checks.sgd_scaling_mlp import ggn_factors
 
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--net", choices=("mlp", "mlp_relu"), default="mlp")
     args = p.parse_args(argv)
     setup_torch(args)
-    if args.net == "mlp_relu":
-        model, (X, _) = trained_digits_mlp(seed=1, hidden=(64, 32), activation="relu")
-    else:
-        model, (X, _) = trained_digits_mlp(0)
+    model, (X, _), _ = network(args.net)
     measured_file = "bench_lr_transfer_relu.json" if args.net == "mlp_relu" else "bench_lr_transfer.json"
     Rt = ggn_factors(model, X).double()                       # (N, K, P)
     N, _, P = Rt.shape

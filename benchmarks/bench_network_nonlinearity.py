@@ -39,11 +39,12 @@ import torch
 import torch.nn.functional as F
 from _common import RESULTS, base_parser, environment, setup_torch, write_json
 from bench_criterion import network
+from bench_momentum_linear import sgd_run
 
 from nets import eigsh, ggn_operator, hessian_operator
 from nets.curvature.operators import CurvatureOperator
 from nets.learning_rates.linearized import linearized_max_loss, output_jacobians
-from nets.learning_rates.lr_search import _full_data_loss, _sgd_step
+from nets.learning_rates.lr_search import _full_data_loss
 
 XS = (-2.0, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 2.0)
 SETTINGS = ((512, 0.9), (512, 0.0), (32, 0.9))
@@ -102,22 +103,20 @@ def along_top_direction(model, data, J, z0):
 
 
 def real_run(model, data, B, m, lr, seed):
-    """Running max of L/L₀ over STEPS heavy-ball steps, the step of the max, and the real
-    Hessian's top eigenvalue after each of PROBE_STEPS (None once the loss is not finite)."""
+    """Running max of L/L₀ over STEPS heavy-ball steps (`bench_momentum_linear.sgd_run`),
+    the step of the max, and the real Hessian's top eigenvalue after each of PROBE_STEPS
+    (stops at a non-finite loss)."""
     X, y = data
-    net = copy.deepcopy(model).eval()
-    params = [p for p in net.parameters() if p.requires_grad]
-    bufs = [torch.zeros_like(p) for p in params]
-    gen = torch.Generator().manual_seed(int(seed))
-    L0 = _full_data_loss(net, F.cross_entropy, X, y, 4096)
     worst, at, lams = 1.0, 0, {}
-    for t in range(1, STEPS + 1):
-        _sgd_step(net, params, bufs, F.cross_entropy, X, y, B, gen, lr, m)
-        L = _full_data_loss(net, F.cross_entropy, X, y, 4096) / L0
+    for t, net, _ in sgd_run(model, X, y, lr, B, m, seed, STEPS):
+        L = _full_data_loss(net, F.cross_entropy, X, y, 4096)
+        if t == 0:
+            L0 = L
+            continue
         if not math.isfinite(L):
             return math.inf, t, lams
-        if L > worst:
-            worst, at = L, t
+        if L / L0 > worst:
+            worst, at = L / L0, t
         if t in PROBE_STEPS:
             lams[str(t)] = top(hessian_operator(net, F.cross_entropy, (X, y)))
     return worst, at, lams

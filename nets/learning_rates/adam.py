@@ -66,7 +66,7 @@ import torch
 from nets.algorithms.lanczos import eigsh
 from nets.curvature.operators import batch_hessian_operator, hessian_operator
 from nets.learning_rates.lr_prediction import DiagonalScaledOperator
-from nets.learning_rates.lr_search import Trial, bisect_max_lr
+from nets.learning_rates.lr_search import Trial, bisect_max_lr, seed_mean_stderr
 from nets.utils.data_source import as_data_source
 from nets.utils.progress import progress_bar
 from nets.utils.results import Result, result
@@ -716,8 +716,7 @@ def adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 0.999), eps
         bad = [r for r in trials if r.unstable]
         first[i, j] = np.mean([r.first_step_blowup for r in bad]) if bad else np.nan
         n_trials += res.n_trials
-    mean = per.mean(1)
-    se = per.std(1, ddof=1) / math.sqrt(len(seeds)) if len(seeds) > 1 else np.full(len(bs), np.nan)
+    mean, se = seed_mean_stderr(per)
     return AdamThresholds(bs, mean, se, per, lo, hi, first, lam, s2, pst, pms, criterion,
                           tuple(betas), float(eps), warmup_steps, warmup_lr, steps,
                           float(rel_tol), seeds, n_trials)

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from nets.utils.results import Result, result
-from rmt.validation import as_float, as_int, as_seed
+from rmt.validation import as_batch_sizes, as_float, as_int, as_seed
 
 __all__ = ["LinearizedThresholds", "linearized_threshold", "output_jacobians",
            "linearized_max_loss", "linearized_adam_max_loss", "flat_adam_state",
@@ -86,17 +86,11 @@ class LinearizedThresholds(Result):
 
     def plot(self, ax=None, *, label=None, color="C2"):
         """Thresholds ± stderr against B (log-log); returns the axes."""
-        import matplotlib.pyplot as plt
+        from nets.learning_rates.lr_search import plot_thresholds
 
-        ax = plt.gca() if ax is None else ax
-        ax.errorbar(self.batch_sizes, self.lr, yerr=np.nan_to_num(self.stderr), fmt="s-",
-                    color=color, capsize=3,
-                    label=label or f"linearised network (k={self.factor:g}, m={self.momentum:g})")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("batch size B")
-        ax.set_ylabel("learning rate")
-        return ax
+        return plot_thresholds(ax, self.batch_sizes, self.lr, self.stderr, fmt="s-", color=color,
+                               label=label or f"linearised network (k={self.factor:g}, "
+                                              f"m={self.momentum:g})")
 
 
 def first_crossing(grid, max_loss, factor) -> float:
@@ -247,7 +241,7 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
     points of the fine grid. max_bytes : the Jacobians' memory above which the call is
     refused (N·K·P·itemsize; pass a subset of the data or a larger limit).
     seed : seeds the Lanczos start of λ₁ (used for the coarse grid)."""
-    from nets.learning_rates.lr_search import _read_momentum, _top_direction
+    from nets.learning_rates.lr_search import _read_momentum, _top_direction, seed_mean_stderr
     from nets.utils.data_source import as_data_source
     from nets.utils.progress import progress_bar
 
@@ -268,10 +262,7 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
         X, y = X.to(device), y.to(device)
         model = copy.deepcopy(model).to(device)
     N = len(X)
-    bs = [as_int("batch_sizes", b, minimum=1) for b in np.atleast_1d(batch_sizes)]
-    for B in bs:
-        if B > N:
-            raise ValueError(f"batch_sizes must be <= N={N}, got {B}")
+    bs = as_batch_sizes(batch_sizes, N).tolist()
     with torch.no_grad():
         out = copy.deepcopy(model).eval()(X[:1])
     out_shape = tuple(out.shape[1:])
@@ -308,8 +299,7 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
             worst[i] = [run(grids[i]) for run in runs]
     per = np.array([[first_crossing(grids[i], worst[i, j], k) for j in range(len(seeds))]
                     for i in range(len(bs))])
-    mean = per.mean(axis=1)
-    se = per.std(axis=1, ddof=1) / np.sqrt(len(seeds)) if len(seeds) > 1 else np.full(len(bs), np.nan)
+    mean, se = seed_mean_stderr(per)
     return LinearizedThresholds(np.array(bs), mean, se, per, seeds, float(m), K, k, float(lam),
                                 grids, worst)
 

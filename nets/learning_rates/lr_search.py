@@ -53,7 +53,7 @@ import torch
 
 from nets.utils.jsonl_store import JsonlStore
 from nets.utils.results import Result, result
-from rmt.validation import as_float, as_int, as_seed
+from rmt.validation import as_batch_sizes, as_float, as_int, as_seed
 
 __all__ = ["TrialResult", "run_trial", "bisect_max_lr", "BisectionResult", "lr_sweep",
            "fit_growth_rate", "TRAINING_CRITERIA", "Trial", "TrainingTrial", "training_trial",
@@ -509,17 +509,32 @@ class TrainingThresholds(Result):
 
     def plot(self, ax=None, *, label=None, color="k"):
         """Measured thresholds ± stderr against B (log-log); returns the axes."""
-        import matplotlib.pyplot as plt
+        return plot_thresholds(ax, self.batch_sizes, self.lr, self.stderr, fmt="o", color=color,
+                               label=label or f"measured ({self.criterion}, m={self.momentum:g})")
 
-        ax = plt.gca() if ax is None else ax
-        err = np.nan_to_num(self.stderr)
-        ax.errorbar(self.batch_sizes, self.lr, yerr=err, fmt="o", color=color, capsize=3,
-                    label=label or f"measured ({self.criterion}, m={self.momentum:g})")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("batch size B")
-        ax.set_ylabel("learning rate")
-        return ax
+
+def plot_thresholds(ax, batch_sizes, lr, stderr, *, fmt, color, label):
+    """Thresholds ± stderr (NaN drawn as no bar) against B on log-log axes (the current
+    axes if `ax` is None); returns the axes."""
+    import matplotlib.pyplot as plt
+
+    ax = plt.gca() if ax is None else ax
+    ax.errorbar(batch_sizes, lr, yerr=np.nan_to_num(stderr), fmt=fmt, color=color, capsize=3,
+                label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size B")
+    ax.set_ylabel("learning rate")
+    return ax
+
+
+def seed_mean_stderr(per):
+    """Mean over seeds (axis 1 of `per`, shape (n_B, n_seeds)) and its standard error
+    std(ddof=1)/√n_seeds (NaN for one seed)."""
+    per = np.asarray(per, dtype=float)
+    n = per.shape[1]
+    se = per.std(axis=1, ddof=1) / np.sqrt(n) if n > 1 else np.full(per.shape[0], np.nan)
+    return per.mean(axis=1), se
 
 
 def _model_tag(model, X) -> str:
@@ -576,10 +591,7 @@ def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergen
         # parameters and buffers only), never the caller's module
         model = copy.deepcopy(model).to(device=device, dtype=dtype)
     N = len(X)
-    bs = [as_int("batch_sizes", b, minimum=1) for b in np.atleast_1d(batch_sizes)]
-    for B in bs:
-        if B > N:
-            raise ValueError(f"batch_sizes must be <= N={N}, got {B}")
+    bs = as_batch_sizes(batch_sizes, N).tolist()
     seeds = tuple(as_seed("seeds", s) for s in np.atleast_1d(seeds).tolist())
     factor = as_float("factor", factor, positive=True)
     rel_tol = as_float("rel_tol", rel_tol, positive=True)
@@ -632,8 +644,7 @@ def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergen
         per[i, j], lo[i, j], hi[i, j] = (float(rec["alpha"]), float(rec["lo"]),
                                          float(rec["hi"]))
         n_trials += int(rec["n_trials"])
-    mean = per.mean(axis=1)
-    se = per.std(axis=1, ddof=1) / np.sqrt(len(seeds)) if len(seeds) > 1 else np.full(len(bs), np.nan)
+    mean, se = seed_mean_stderr(per)
     return TrainingThresholds(np.array(bs), mean, se, per, lo, hi, seeds, criterion,
                               float(momentum), np.array(Ks), factor, rel_tol, n_trials,
                               tuple(keys))
