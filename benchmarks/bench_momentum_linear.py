@@ -20,6 +20,11 @@ causes.
 The measured real thresholds are read from benchmarks/results/bench_lr_transfer.json.
 
     python benchmarks/bench_momentum_linear.py          # ~10 min on one core
+    python benchmarks/bench_momentum_linear.py --net mlp_relu --threads 2   # part 1 only
+
+`--net cnn` / `--net mlp_relu` run part 1 (the linear model's threshold) on the digits
+CNN or the held-out ReLU MLP 64-64-32 (P = 6,570) of `bench_lr_transfer.py`, against
+their measured thresholds, into bench_momentum_linear_<net>.json; part 2 is the MLP's.
 """
 
 from __future__ import annotations
@@ -124,16 +129,35 @@ def digits_mlp_factors(description, argv, parser=None):
     return args, model, X, y, ggn_factors(model, X)
 
 
+def network_factors(argv, parser):
+    """Parse the options, set torch up, and return them with the network of
+    `bench_criterion.network` named by --net ("mlp" is `digits_mlp_factors`'s MLP, "cnn",
+    "mlp_relu"), its data, its per-sample Gauss–Newton factors R (N, K, P) and its
+    measured-threshold study (the dict stored by `bench_lr_transfer.py`)."""
+    from bench_criterion import network
+
+    from paper_checks.checks.sgd_scaling_mlp import ggn_factors
+
+    args = parser.parse_args(argv)
+    setup_torch(args)
+    model, (X, y), _ = network(args.net)
+    study = "bench_lr_transfer_relu.json" if args.net == "mlp_relu" else "bench_lr_transfer.json"
+    st = json.loads((RESULTS / study).read_text())["nets"][args.net]["study"]
+    return args, model, X, y, ggn_factors(model, X), st
+
+
 def main(argv=None):
     from paper_checks.checks._quadratic_runs import GROWTH_TOL, steps_for, threshold_from_grid
     from rmt.lr import sgd_momentum_ms_max_lr
 
-    args, model, X, y, R = digits_mlp_factors(__doc__.splitlines()[0], argv)
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--net", choices=("mlp", "cnn", "mlp_relu"), default="mlp")
+    args, model, X, y, R, st = network_factors(argv, p)
+    net = args.net
     N, K, P = R.shape
     lam, s2 = top_and_directional_noise(R)
-    st = json.loads((RESULTS / "bench_lr_transfer.json").read_text())["nets"]["mlp"]["study"]
     measured = {m: np.asarray(st[f"measured_m{m:g}"], float) for m in MOMENTA}
-    out = {"environment": environment(), "batch_sizes": list(BATCH_SIZES), "seeds": list(SEEDS),
+    out = {"environment": environment(), "net": net, "batch_sizes": list(BATCH_SIZES), "seeds": list(SEEDS),
            "ggn_lam": lam, "ggn_s2": s2, "N": N, "P": P, "measured": measured,
            "mean_square": {}, "linear_as": {}, "trajectories": {}}
     for m in MOMENTA:
@@ -146,6 +170,11 @@ def main(argv=None):
                                             GROWTH_TOL / steps) for s in SEEDS])
         lin = np.asarray(lin)
         out["mean_square"][f"m{m:g}"], out["linear_as"][f"m{m:g}"] = ms, lin
+        shape = lin.mean(1)
+        for i0, B0 in ((1, 32), (3, 512)):        # the linear threshold's B-shape, anchored
+            tr = measured[m][i0] * shape / shape[i0] / measured[m]
+            out.setdefault("transfer", {})[f"m{m:g}_B{B0}"] = tr
+            print(f"m={m:g}: linear-model shape anchored at B0={B0}, ÷ real: {np.round(tr, 2)}")
         print(f"m={m:g}: directional mean-square {np.round(ms, 4)}; linear model a.s. "
               f"{np.round(lin.mean(1), 4)} (= {np.round(lin.mean(1) / ms, 2)} × mean-square); "
               f"real {np.round(measured[m], 4)} (= {np.round(measured[m] / lin.mean(1), 2)} × "
@@ -153,13 +182,16 @@ def main(argv=None):
     runs = [(m, B, 0.9 * float(measured[m][i]), "0.9x_measured")
             for m in MOMENTA for i, B in enumerate(BATCH_SIZES)]
     runs.append((0.9, 512, float(np.mean(out["linear_as"]["m0.9"][-1])), "linear_threshold"))
+    if net != "mlp":
+        runs = []                         # part 2 (real trajectories) is the MLP's only
     for m, B, lr, tag in runs:
         rows = trajectory(model, X, y, lr, B, m, SEEDS[0])
         out["trajectories"][f"m{m:g}_B{B}_{tag}"] = {"lr": lr, "rows": rows}
         print(f"m={m:g} B={B} lr={lr:.4g} ({tag}): " + "; ".join(
             f"t={r['step']} λ₁={r['lam1']:.3g} ‖Δw‖={r['displacement']:.3g} "
             f"L/L₀={r['loss_over_start']:.2f}" for r in rows), flush=True)
-    print("wrote", write_json("bench_momentum_linear", out, args.out))
+    name = "bench_momentum_linear" if net == "mlp" else f"bench_momentum_linear_{net}"
+    print("wrote", write_json(name, out, args.out))
 
 
 if __name__ == "__main__":
