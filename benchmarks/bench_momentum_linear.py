@@ -17,7 +17,8 @@ causes.
    (and, at B = 512, at the linear model's threshold) for 200 steps: λ₁, ‖w − w₀‖ and the
    full-data loss relative to its start after 5…200 steps.
 
-The measured real thresholds are read from benchmarks/results/bench_lr_transfer.json.
+The measured real thresholds are read from benchmarks/results/bench_lr_transfer.json
+(bench_lr_transfer_relu.json for the ReLU MLP).
 
     python benchmarks/bench_momentum_linear.py          # ~10 min on one core
     python benchmarks/bench_momentum_linear.py --net mlp_relu --threads 2   # part 1 only
@@ -179,11 +180,11 @@ def main(argv=None):
               f"{np.round(lin.mean(1), 4)} (= {np.round(lin.mean(1) / ms, 2)} × mean-square); "
               f"real {np.round(measured[m], 4)} (= {np.round(measured[m] / lin.mean(1), 2)} × "
               "linear)", flush=True)
-    runs = [(m, B, 0.9 * float(measured[m][i]), "0.9x_measured")
-            for m in MOMENTA for i, B in enumerate(BATCH_SIZES)]
-    runs.append((0.9, 512, float(np.mean(out["linear_as"]["m0.9"][-1])), "linear_threshold"))
-    if net != "mlp":
-        runs = []                         # part 2 (real trajectories) is the MLP's only
+    runs = []                             # part 2 (real trajectories): the MLP's only
+    if net == "mlp":
+        runs = [(m, B, 0.9 * float(measured[m][i]), "0.9x_measured")
+                for m in MOMENTA for i, B in enumerate(BATCH_SIZES)]
+        runs.append((0.9, 512, float(np.mean(out["linear_as"]["m0.9"][-1])), "linear_threshold"))
     for m, B, lr, tag in runs:
         rows = trajectory(model, X, y, lr, B, m, SEEDS[0])
         out["trajectories"][f"m{m:g}_B{B}_{tag}"] = {"lr": lr, "rows": rows}
