@@ -18,7 +18,7 @@ import json
 import numpy as np
 import torch
 from _common import RESULTS, environment, write_json
-from bench_momentum_linear import digits_mlp_factors, growth_rates, top_and_directional_noise
+from bench_momentum_linear import growth_rates, network_factors, top_and_directional_noise
 
 BATCH_SIZES = (8, 32, 128, 512)
 BETAS1 = (0.9, 0.0)
@@ -31,7 +31,7 @@ def main(argv=None):
     from paper_checks.checks._quadratic_runs import GROWTH_TOL, steps_for, threshold_from_grid
     from rmt.lr import adam_ms_max_lr
 
-    args, model, X, y, R = digits_mlp_factors(__doc__.splitlines()[0], argv)
+    args, model, X, y, R = network_factors(__doc__.splitlines()[0], argv)
     N, K, P = R.shape
     gn = gradient_noise(model, torch.nn.functional.cross_entropy, (X, y), hessian=False, seed=0)
     measured = json.loads((RESULTS / "bench_adam_mlp.json").read_text())["runs"]

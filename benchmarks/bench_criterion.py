@@ -46,7 +46,7 @@ import json
 
 import numpy as np
 from _common import RESULTS, base_parser, environment, trained_mse_mlp, write_json
-from bench_momentum_linear import batch_ggn_times, digits_mlp_factors, growth_rates, sgd_run
+from bench_momentum_linear import batch_ggn_times, growth_rates, network_factors, sgd_run
 
 from nets.learning_rates.linearized import first_crossing  # the grid rule, shared
 
@@ -128,12 +128,22 @@ def network(name):
     return model, data, F.cross_entropy
 
 
+STUDY_FILES = {"mse": "bench_lr_transfer_mse.json", "mlp_relu": "bench_lr_transfer_relu.json"}
+
+
+def study(name):
+    """The stored `bench_lr_transfer.py` study (measured thresholds, transfer ratios) of
+    the network `network(name)`: results/bench_lr_transfer.json for "mlp" and "cnn",
+    bench_lr_transfer_mse.json and bench_lr_transfer_relu.json for the other two."""
+    path = RESULTS / STUDY_FILES.get(name, "bench_lr_transfer.json")
+    return json.loads(path.read_text())["nets"][name]["study"]
+
+
 def real_thresholds(name, store, seeds=SEEDS, momenta=MOMENTA):
     from nets.learning_rates.lr_search import training_threshold
 
     model, data, loss = network(name)
-    study = "bench_lr_transfer_mse.json" if name == "mse" else "bench_lr_transfer.json"
-    ref = json.loads((RESULTS / study).read_text())["nets"][name]["study"]
+    ref = study(name)
     out = {}
     for m in momenta:
         key = f"m{m:g}"
@@ -265,7 +275,7 @@ def main(argv=None):
                    help="skip the MLP's quadratic model and the after-run margins (2, 4)")
     p.add_argument("--adam-only", action="store_true",
                    help="re-measure only the Adam rows (3) and replace them in the stored JSON")
-    args, model, X, y, R = digits_mlp_factors(__doc__.splitlines()[0], argv, parser=p)
+    args, model, X, y, R = network_factors(__doc__.splitlines()[0], argv, parser=p)
     if args.adam_only:
         path = RESULTS / "bench_criterion.json"
         out = json.loads(path.read_text())

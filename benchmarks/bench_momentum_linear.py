@@ -31,11 +31,10 @@ their measured thresholds, into bench_momentum_linear_<net>.json; part 2 is the 
 from __future__ import annotations
 
 import copy
-import json
 
 import numpy as np
 import torch
-from _common import RESULTS, base_parser, environment, setup_torch, write_json
+from _common import base_parser, environment, setup_torch, write_json
 
 BATCH_SIZES = (8, 32, 128, 512)
 MOMENTA = (0.0, 0.9)
@@ -117,44 +116,32 @@ def trajectory(model, X, y, lr, B, m, seed):
     return rows
 
 
-def digits_mlp_factors(description, argv, parser=None):
+def network_factors(description, argv, parser=None):
     """Parse the benchmark's options (`parser`, default the base parser), set torch up, and
-    return them with the trained digits MLP, its data and its per-sample Gauss–Newton
-    factors R (N, K, P) float32."""
-    from nets.training.loops import trained_digits_mlp
-    from paper_checks.checks.sgd_scaling_mlp import ggn_factors
-
-    args = (parser or base_parser(description)).parse_args(argv)
-    setup_torch(args)
-    model, (X, y) = trained_digits_mlp(0)
-    return args, model, X, y, ggn_factors(model, X)
-
-
-def network_factors(argv, parser):
-    """Parse the options, set torch up, and return them with the network of
-    `bench_criterion.network` named by --net ("mlp" is `digits_mlp_factors`'s MLP, "cnn",
-    "mlp_relu"), its data, its per-sample Gauss–Newton factors R (N, K, P) and its
-    measured-threshold study (the dict stored by `bench_lr_transfer.py`)."""
+    return them with the network of `bench_criterion.network` named by the option --net
+    (the digits MLP when the parser has no such option), its data and its per-sample
+    Gauss–Newton factors R (N, K, P) float32."""
     from bench_criterion import network
 
     from paper_checks.checks.sgd_scaling_mlp import ggn_factors
 
-    args = parser.parse_args(argv)
+    args = (parser or base_parser(description)).parse_args(argv)
     setup_torch(args)
-    model, (X, y), _ = network(args.net)
-    study = "bench_lr_transfer_relu.json" if args.net == "mlp_relu" else "bench_lr_transfer.json"
-    st = json.loads((RESULTS / study).read_text())["nets"][args.net]["study"]
-    return args, model, X, y, ggn_factors(model, X), st
+    model, (X, y), _ = network(getattr(args, "net", "mlp"))
+    return args, model, X, y, ggn_factors(model, X)
 
 
 def main(argv=None):
+    from bench_criterion import study
+
     from paper_checks.checks._quadratic_runs import GROWTH_TOL, steps_for, threshold_from_grid
     from rmt.lr import sgd_momentum_ms_max_lr
 
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--net", choices=("mlp", "cnn", "mlp_relu"), default="mlp")
-    args, model, X, y, R, st = network_factors(argv, p)
+    args, model, X, y, R = network_factors(__doc__.splitlines()[0], argv, parser=p)
     net = args.net
+    st = study(net)
     N, K, P = R.shape
     lam, s2 = top_and_directional_noise(R)
     measured = {m: np.asarray(st[f"measured_m{m:g}"], float) for m in MOMENTA}
@@ -172,13 +159,14 @@ def main(argv=None):
         lin = np.asarray(lin)
         out["mean_square"][f"m{m:g}"], out["linear_as"][f"m{m:g}"] = ms, lin
         shape = lin.mean(1)
-        for i0, B0 in ((1, 32), (3, 512)):        # the linear threshold's B-shape, anchored
+        for B0 in (32, 512):                      # the linear threshold's B-shape, anchored
+            i0 = BATCH_SIZES.index(B0)
             tr = measured[m][i0] * shape / shape[i0] / measured[m]
             out.setdefault("transfer", {})[f"m{m:g}_B{B0}"] = tr
             print(f"m={m:g}: linear-model shape anchored at B0={B0}, ÷ real: {np.round(tr, 2)}")
         print(f"m={m:g}: directional mean-square {np.round(ms, 4)}; linear model a.s. "
-              f"{np.round(lin.mean(1), 4)} (= {np.round(lin.mean(1) / ms, 2)} × mean-square); "
-              f"real {np.round(measured[m], 4)} (= {np.round(measured[m] / lin.mean(1), 2)} × "
+              f"{np.round(shape, 4)} (= {np.round(shape / ms, 2)} × mean-square); "
+              f"real {np.round(measured[m], 4)} (= {np.round(measured[m] / shape, 2)} × "
               "linear)", flush=True)
     runs = []                             # part 2 (real trajectories): the MLP's only
     if net == "mlp":

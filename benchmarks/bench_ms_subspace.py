@@ -29,7 +29,7 @@ RANKS = (1, 5, 20, 60)
 
 
 def main(argv=None):
-    from bench_criterion import network
+    from bench_criterion import network, study
 
     from nets.learning_rates.stability import PerSampleHessians, ms_threshold_curve
     from paper_checks.checks.sgd_scaling_mlp import ggn_factors
@@ -39,7 +39,6 @@ def main(argv=None):
     args = p.parse_args(argv)
     setup_torch(args)
     model, (X, _), _ = network(args.net)
-    measured_file = "bench_lr_transfer_relu.json" if args.net == "mlp_relu" else "bench_lr_transfer.json"
     Rt = ggn_factors(model, X).double()                       # (N, K, P)
     N, _, P = Rt.shape
     R_all = Rt.reshape(-1, P)
@@ -48,7 +47,7 @@ def main(argv=None):
     A = torch.einsum("nkp,pr->nrk", Rt, torch.from_numpy(V)).numpy()     # (N, r, K)
     measured = {}
     try:
-        st = json.loads((RESULTS / measured_file).read_text())["nets"][args.net]["study"]
+        st = study(args.net)
         measured = {m: st[f"measured_m{m:g}"] for m in (0.0, 0.9)}
     except (OSError, KeyError, ValueError):
         pass
