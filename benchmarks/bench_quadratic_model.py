@@ -1,0 +1,139 @@
+"""Where real training fails before the linear model's typical path: is it the gradient noise and the loss criterion?
+
+On the digits CNN (m = 0) and the held-out ReLU MLP 64-64-32, real SGD diverges at
+0.63–0.78× the threshold of the network's full linear model with multiplicative batch
+noise only (`bench_momentum_linear.py --net cnn|mlp_relu`, typical path), while the
+linearised network — which adds the additive gradient noise, the drift of the non-zero
+gradient, the finite horizon, the criterion "loss ever > k× start", and the
+cross-entropy of the linearised logits — matches it. This script drops the last of
+these and keeps the rest: the per-sample **quadratic model** around the checkpoint,
+
+    ℓ_i(w₀ + e) = ℓ_i + g_iᵀe + ½‖R_i e‖²      (g_i its gradient, R_iᵀR_i its Gauss–Newton matrix),
+
+heavy ball on fresh batches without replacement, 200 steps from e = 0, the full-data
+model loss judged against k× its start (k = 3, 10, 100), 32 learning rates side by
+side, 2 seeds (`bench_criterion.surrogate_max_loss`, the model run on the tanh MLP in
+`bench_criterion.py`). Its grid spans 0.3…5× the stored typical-path threshold. If real ÷
+quadratic ≈ 1 at k = 10 where real ÷ typical path is 0.6–0.8, the early failure is the
+additive noise with the loss criterion, with no nonlinearity needed.
+
+Part 2, what the nonlinearity does along the top eigenvector u of the Hessian: the
+full-data loss f(x) = L(w₀ + x·u) of the real network and of the linearised network
+(logits z_i + x·J_i u, exact cross-entropy), and its even secant curvature
+s(x) = (f(x) + f(−x) − 2f(0))/x² (→ λ₁ as x → 0 for the real network, → uᵀGu, the
+Gauss–Newton curvature along u, for the linearised one), read at the amplitude A_k where
+max(f(A), f(−A)) first exceeds k·f(0). s(A_k)/λ₁ > 1: the loss sharpens on the way to
+the criterion (a confident checkpoint losing confidence), < 1: it saturates.
+
+    python benchmarks/bench_quadratic_model.py --net cnn                    # ~5 min
+    python benchmarks/bench_quadratic_model.py --net mlp                    # ~10 min
+    python benchmarks/bench_quadratic_model.py --net mlp_relu --threads 2   # ~10 min
+
+(the stored results: cnn and mlp with one thread, mlp_relu with two). The MLP's row
+repeats `bench_criterion.py`'s quadratic model against the 8-seed thresholds.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+from _common import RESULTS, base_parser, environment, write_json
+from bench_criterion import BATCH_SIZES, FACTORS, MOMENTA, STEPS, SURROGATE_SEEDS, study, surrogate_max_loss
+from bench_momentum_linear import network_factors
+
+from nets.learning_rates.linearized import first_crossing
+
+
+def secant_along_top(model, X, y, factors=FACTORS, n=60):
+    """Part 2 (module docstring): {"lam", "x", "real": {...}, "linearized": {...}} with, per
+    model, f(±x)/f(0) on a geometric grid of n amplitudes 0.02…20/√λ₁ and, per k of
+    `factors`, the amplitude A_k and s(A_k)/λ₁; float64, u from k = 1 Lanczos."""
+    import torch
+    import torch.nn.functional as F
+    from torch.func import functional_call, jvp
+
+    from nets.learning_rates.lr_search import _top_direction
+
+    net = copy.deepcopy(model).double().eval()
+    Xd = X.double()
+    names = [k for k, _ in net.named_parameters()]
+    w0 = {k: p.detach() for k, p in net.named_parameters()}
+    u, lam = _top_direction(net, F.cross_entropy, (Xd, y), 0)
+    du, i = {}, 0
+    for k in names:
+        du[k] = u[i:i + w0[k].numel()].reshape(w0[k].shape).to(torch.float64)
+        i += w0[k].numel()
+    with torch.no_grad():
+        z0, Ju = jvp(lambda p: functional_call(net, p, (Xd,)), (w0,), (du,))
+        L0 = float(F.cross_entropy(z0, y))
+    xs = np.geomspace(0.02, 20.0, n) / np.sqrt(lam)
+    out = {"lam": lam, "L0": L0, "x": xs}
+    models = {"real": lambda x: functional_call(net, {k: w0[k] + x * du[k] for k in names}, (Xd,)),
+              "linearized": lambda x: z0 + x * Ju}
+    for name, logits in models.items():
+        with torch.no_grad():
+            fp = np.array([float(F.cross_entropy(logits(float(x)), y)) for x in xs])
+            fm = np.array([float(F.cross_entropy(logits(-float(x)), y)) for x in xs])
+        sec = (fp + fm - 2 * L0) / xs ** 2 / lam
+        row = {"plus": fp / L0, "minus": fm / L0, "secant_over_lam": sec}
+        for k in factors:
+            j = int(np.argmax(np.maximum(fp, fm) > k * L0))
+            row[f"k{k:g}"] = {"A": float(xs[j]), "secant_over_lam": float(sec[j])}
+        out[name] = row
+        print(f"along u ({name}): s(A_k)/λ₁ " + ", ".join(
+            f"k={k:g} {row[f'k{k:g}']['secant_over_lam']:.2f} (A√λ₁={row[f'k{k:g}']['A'] * lam ** 0.5:.2f})"
+            for k in factors), flush=True)
+    return out
+
+
+def main(argv=None):
+    import torch
+    import torch.nn.functional as F
+
+    from nets.noise.gradient_noise import per_sample_gradients
+
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--net", choices=("mlp", "cnn", "mlp_relu"), default="cnn")
+    args, model, X, y, R = network_factors(__doc__.splitlines()[0], argv, parser=p)
+    net = args.net
+    Gi = per_sample_gradients(model, F.cross_entropy, (X, y)).to(R.dtype)
+    with torch.no_grad():
+        L0 = float(F.cross_entropy(model.eval()(X), y))
+    name = "bench_momentum_linear" if net == "mlp" else f"bench_momentum_linear_{net}"
+    typical = json.loads((RESULTS / f"{name}.json").read_text())["linear_as"]
+    st = study(net)
+    out = {"environment": environment(), "net": net, "batch_sizes": list(BATCH_SIZES),
+           "seeds": list(SURROGATE_SEEDS), "steps": STEPS, "factors": list(FACTORS), "L0": L0}
+    out["along_top"] = secant_along_top(model, X, y)
+    for m in MOMENTA:
+        key = f"m{m:g}"
+        real = np.asarray(st[f"measured_{key}"], float)
+        centre = np.asarray(typical[key], float).mean(1)
+        per = {f"k{k:g}": [] for k in FACTORS}
+        for B, c in zip(BATCH_SIZES, centre):
+            grid = np.geomspace(0.3 * c, 5.0 * c, 32)
+            worst = [surrogate_max_loss(R, Gi, L0, B, m, grid, STEPS, s) for s in SURROGATE_SEEDS]
+            for k in FACTORS:
+                per[f"k{k:g}"].append([first_crossing(grid, w, k) for w in worst])
+        q = np.nanmean(np.asarray(per["k10"]), 1)
+        row = {"typical_path": centre, "real_k10": real, "per_seed": per,
+               "quadratic": {k: np.nanmean(np.asarray(v), 1) for k, v in per.items()},
+               "real_over_quadratic_k10": real / q, "real_over_typical": real / centre,
+               "quadratic_over_typical_k10": q / centre}
+        for B0 in (32, 512):
+            i0 = BATCH_SIZES.index(B0)
+            row[f"transfer_B{B0}"] = real[i0] * q / q[i0] / real
+        out[key] = row
+        print(f"{net} m={m:g}: quadratic model k=3/10/100 "
+              + "; ".join(f"{k} {np.round(v, 4)}" for k, v in row["quadratic"].items())
+              + f"\n  typical path {np.round(centre, 4)}; real (k=10) {np.round(real, 4)}; real ÷ "
+              f"quadratic {np.round(real / q, 2)}; real ÷ typical {np.round(real / centre, 2)}; "
+              f"transfer B0=32 {np.round(row['transfer_B32'], 2)}, B0=512 "
+              f"{np.round(row['transfer_B512'], 2)}", flush=True)
+    print("wrote", write_json(f"bench_quadratic_model_{net}", out, args.out))
+
+
+if __name__ == "__main__":
+    main()
