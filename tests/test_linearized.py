@@ -20,6 +20,7 @@ from torch import nn
 from nets.learning_rates.linearized import (
     LinearizedThresholds,
     first_crossing,
+    ggn_top_basis,
     linearized_max_loss,
     linearized_threshold,
     output_jacobians,
@@ -165,3 +166,69 @@ def test_linear_network_adam_runs_like_adam_trial(warm):
                           factor=1e12, seed=4)
         assert w == pytest.approx(real.max_loss / real.initial_loss, rel=1e-7)
     assert worst[-1] > 1.5
+
+
+# ------------------------------------------------------------------ subspace form (rank=r)
+def _orthonormal(P, r, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(P, r, dtype=torch.float64, generator=g))[0]
+
+
+def test_subspace_jacobians_are_the_jacobian_times_the_basis(tiny_mlp):
+    model, X, _ = tiny_mlp(seed=4, N=9)
+    flat, state = flat_state(model)
+    ref = torch.autograd.functional.jacobian(
+        lambda w: torch.func.functional_call(model, state(w), (X,)), flat)      # (N, K, P)
+    V = _orthonormal(ref.shape[2], 4, 0)
+    JV, z = output_jacobians(model, X, chunk_size=4, dtype=torch.float64, basis=V)
+    assert JV.shape == (9, ref.shape[1], 4)
+    assert torch.allclose(JV, torch.einsum("nkp,pr->nkr", ref, V), atol=1e-12)
+    assert torch.allclose(z, model(X).detach(), atol=1e-12)
+    with pytest.raises(ValueError, match="basis"):
+        output_jacobians(model, X, basis=V[:-1])
+
+
+def test_full_rank_dynamics_do_not_depend_on_the_basis():
+    """e = Q·a with Q orthogonal (P × P): the same logits, losses and running maxima."""
+    model, X, y = softmax_regression(seed=4)
+    J, z0 = output_jacobians(model, X, dtype=torch.float64)
+    Q = _orthonormal(J.shape[2], J.shape[2], 1)
+    lrs = [0.3, 3.0, 30.0]
+    for m in (0.0, 0.9):
+        a = linearized_max_loss(J, z0, y, F.cross_entropy, 8, m, lrs, 30, 2)
+        b = linearized_max_loss(torch.einsum("nkp,pq->nkq", J, Q), z0, y, F.cross_entropy, 8,
+                                m, lrs, 30, 2)
+        np.testing.assert_allclose(a, b, rtol=1e-9)
+
+
+def test_ggn_top_basis_against_the_dense_gauss_newton_matrix(tiny_mlp):
+    model, X, y = tiny_mlp(seed=5, N=20)
+    flat, state = flat_state(model)
+    J = torch.autograd.functional.jacobian(
+        lambda w: torch.func.functional_call(model, state(w), (X,)), flat)
+    p = torch.softmax(model(X).detach(), 1)
+    Lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    G = torch.einsum("nkp,nkl,nlq->pq", J, Lam, J) / len(X)
+    ev, EV = torch.linalg.eigh(G)
+    V, values = ggn_top_basis(model, F.cross_entropy, (X, y), 3, tol=1e-10)
+    np.testing.assert_allclose(values, ev.flip(0)[:3].numpy(), rtol=1e-8)
+    overlap = torch.linalg.svdvals(V.T @ EV[:, -3:])          # cosines of principal angles
+    assert torch.allclose(overlap, torch.ones(3, dtype=torch.float64), atol=1e-6)
+
+
+def test_subspace_spanning_every_gradient_is_the_full_model():
+    """Softmax regression, K classes, d inputs: every per-sample gradient J_iᵀ(p_i − e_{y_i})
+    lies in the (K−1)(d+1)-dimensional range of the Gauss–Newton matrix (the logit
+    gradients sum to zero), and e starts at 0, so rank = (K−1)(d+1) < P runs the full
+    model exactly; a smaller rank does not."""
+    model, X, y = softmax_regression(seed=5)
+    d, K = X.shape[1], int(y.max()) + 1
+    kw = dict(factor=10.0, steps=40, seeds=(0, 1), lr_range=(0.5, 500.0), n_grid=24,
+              dtype=torch.float64)
+    full = linearized_threshold(model, F.cross_entropy, (X, y), [8], **kw)
+    sub = linearized_threshold(model, F.cross_entropy, (X, y), [8], rank=(K - 1) * (d + 1), **kw)
+    low = linearized_threshold(model, F.cross_entropy, (X, y), [8], rank=2, **kw)
+    assert full.rank == K * (d + 1) and sub.rank == (K - 1) * (d + 1) and low.rank == 2
+    np.testing.assert_allclose(sub.max_loss, full.max_loss, rtol=1e-6)
+    assert not np.allclose(low.max_loss, full.max_loss, rtol=1e-3)
+    json.dumps(sub.to_dict())

@@ -33,6 +33,17 @@ the coarse brackets of all seeds (and of `extra_factors`); or `lr_range=(lo, hi)
 Cost: the per-sample Jacobians once (N·K·P numbers held in memory, refused above
 `max_bytes`), then per step and learning rate one product with J over the data
 (N·K·P multiply-adds); no pass through the network after the Jacobians.
+
+Subspace form (`rank=r`): the displacement is kept in the span of the top-r eigenvectors
+V (P × r, orthonormal) of the full-data Gauss–Newton matrix, e = V·a, so only J_i·V is
+needed (N·K·r numbers, formed by r Jacobian-vector products per sample chunk; the full J
+is never built) and the batch gradient is its projection Vᵀg_B. The dynamics in that
+span do not depend on the basis chosen inside it, and r = P is the full model. Every
+direction outside the span is frozen at e = 0, so the form is an approximation whose
+error is read off by doubling r: on the digits MLP, CNN and a ReLU MLP (P = 2,410 …
+6,570) the thresholds at r = 200 are within a few per cent of r = 400 and of the full
+model, while r ≤ 60 is not (README). V comes from thick-restart Lanczos on the
+Gauss–Newton operator (`nets.algorithms.lanczos.eigsh`, eval mode).
 """
 
 from __future__ import annotations
@@ -46,7 +57,7 @@ import torch
 from nets.utils.results import Result, result
 from rmt.validation import as_batch_sizes, as_float, as_int, as_seed
 
-__all__ = ["LinearizedThresholds", "linearized_threshold", "output_jacobians",
+__all__ = ["LinearizedThresholds", "linearized_threshold", "output_jacobians", "ggn_top_basis",
            "linearized_max_loss", "linearized_adam_max_loss", "flat_adam_state",
            "refined_runs", "first_crossing"]
 
@@ -62,7 +73,8 @@ class LinearizedThresholds(Result):
     the grid does not bracket it; seeds; momentum; steps; factor; lam (λ₁ of the
     checkpoint, NaN if `lr_range` was given); grid (n_B, n_grid) learning rates;
     max_loss (n_B, n_seeds, n_grid) running maximum of L/L₀ of each grid column, from
-    which `at(k)` reads the threshold of any other tolerance the grid brackets."""
+    which `at(k)` reads the threshold of any other tolerance the grid brackets; rank the
+    dimension the displacement lives in (P for the full model, r for `rank=r`)."""
 
     batch_sizes: np.ndarray
     lr: np.ndarray
@@ -75,6 +87,7 @@ class LinearizedThresholds(Result):
     lam: float
     grid: np.ndarray
     max_loss: np.ndarray
+    rank: int
 
     def at(self, factor) -> np.ndarray:
         """Per-seed thresholds (n_B, n_seeds) for the tolerance `factor` (loss ever >
@@ -103,26 +116,58 @@ def first_crossing(grid, max_loss, factor) -> float:
     return float(np.sqrt(grid[j] * grid[j - 1]))
 
 
-def output_jacobians(model, X, *, chunk_size=256, dtype=torch.float32):
+def output_jacobians(model, X, *, chunk_size=256, dtype=torch.float32, basis=None):
     """Per-sample output Jacobians J (N, K, P) and outputs z (N, K) of `model` (eval mode,
-    its trainable parameters in `named_parameters()` order; K = outputs per sample)."""
-    from torch.func import functional_call, jacrev, vmap
+    its trainable parameters in `named_parameters()` order; K = outputs per sample).
+
+    basis : optional (P, r) tensor V; then J·V (N, K, r) is returned instead of J, formed
+    by r Jacobian-vector products per chunk (the full J is never built)."""
+    from torch.func import functional_call, jacrev, jvp, vmap
 
     net = copy.deepcopy(model).eval()
     params = {k: v.detach() for k, v in net.named_parameters() if v.requires_grad}
+    if basis is not None:
+        basis = torch.as_tensor(basis)
+        P = sum(v.numel() for v in params.values())
+        if basis.ndim != 2 or basis.shape[0] != P:
+            raise ValueError(f"basis must have shape (P={P}, r), got {tuple(basis.shape)}")
+        cols, i = {}, 0
+        for k, v in params.items():              # basis columns as parameter-shaped tangents
+            cols[k] = basis[i:i + v.numel()].T.reshape(basis.shape[1], *v.shape).to(v)
+            i += v.numel()
 
     def out(p, x):
         return functional_call(net, p, (x[None],))[0].reshape(-1)
+
+    def outs(p, xb):
+        return functional_call(net, p, (xb,)).reshape(len(xb), -1)
 
     Js, zs = [], []
     with torch.no_grad():
         for s in range(0, len(X), chunk_size):
             xb = X[s:s + chunk_size]
-            jac = vmap(jacrev(out), in_dims=(None, 0))(params, xb)
-            Js.append(torch.cat([jac[k].reshape(len(xb), jac[k].shape[1], -1) for k in params],
-                                dim=2).to(dtype))
-            zs.append(functional_call(net, params, (xb,)).reshape(len(xb), -1).to(dtype))
+            if basis is None:
+                jac = vmap(jacrev(out), in_dims=(None, 0))(params, xb)
+                Js.append(torch.cat([jac[k].reshape(len(xb), jac[k].shape[1], -1)
+                                     for k in params], dim=2).to(dtype))
+            else:                                 # (r, n, K) → (n, K, r)
+                jv = vmap(lambda t, xb=xb: jvp(lambda p: outs(p, xb), (params,), (t,))[1])(cols)
+                Js.append(jv.permute(1, 2, 0).to(dtype))
+            zs.append(outs(params, xb).to(dtype))
     return torch.cat(Js).contiguous(), torch.cat(zs)
+
+
+def ggn_top_basis(model, loss_fn, data, rank, *, seed=0, tol=1e-4):
+    """(V, values): the top-`rank` eigenvectors V (P, rank, float64, orthonormal) and
+    eigenvalues of the full-data Gauss–Newton matrix of `model` (eval mode) by
+    thick-restart Lanczos to relative residual `tol`."""
+    from nets.algorithms.lanczos import eigsh
+    from nets.curvature.operators import curvature_operator
+
+    op = curvature_operator(model, loss_fn, data, kind="ggn", policy="eval")
+    top = eigsh(op, k=as_int("rank", rank, minimum=1), which="LA", tol=tol, seed=seed)
+    V, _ = torch.linalg.qr(torch.as_tensor(np.asarray(top.vectors), dtype=torch.float64))
+    return V, np.asarray(top.values)
 
 
 def _run_columns(J, z0, y, loss_fn, batch_size, n_cols, steps, seed, step, out_shape):
@@ -229,7 +274,7 @@ def linearized_adam_max_loss(J, z0, y, loss_fn, batch_size, lrs, steps, batch_se
 def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", momentum=0.0,
                          factor=10.0, steps=200, seeds=(0, 1, 2), extra_factors=(),
                          lr_range=None, n_grid=48, chunk_size=256, max_bytes=4 << 30,
-                         device=None, dtype=torch.float32, seed=0,
+                         device=None, dtype=torch.float32, seed=0, rank=None,
                          progress=None) -> LinearizedThresholds:
     """The "divergence" threshold (loss ever > factor × start within `steps` steps) of
     heavy-ball SGD on the linearised network at the model's weights, per batch size
@@ -240,7 +285,10 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
     `.at(k)`); lr_range : (lo, hi) of the grid instead of the coarse pass; n_grid :
     points of the fine grid. max_bytes : the Jacobians' memory above which the call is
     refused (N·K·P·itemsize; pass a subset of the data or a larger limit).
-    seed : seeds the Lanczos start of λ₁ (used for the coarse grid)."""
+    seed : seeds the Lanczos start of λ₁ (used for the coarse grid) and of the basis.
+    rank : None (every direction, J of N·K·P numbers) or r: the subspace form of the
+    module docstring (J·V of N·K·r numbers; r ≥ P means every direction); check it by
+    doubling r."""
     from nets.learning_rates.lr_search import _read_momentum, _top_direction, seed_mean_stderr
     from nets.utils.data_source import as_data_source
     from nets.utils.progress import progress_bar
@@ -267,11 +315,12 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
         out = copy.deepcopy(model).eval()(X[:1])
     out_shape = tuple(out.shape[1:])
     P = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    need = N * max(1, int(np.prod(out_shape))) * P * torch.tensor([], dtype=dtype).element_size()
+    r = P if rank is None else min(P, as_int("rank", rank, minimum=1))
+    need = N * max(1, int(np.prod(out_shape))) * r * torch.tensor([], dtype=dtype).element_size()
     if need > max_bytes:
-        raise ValueError(f"the Jacobians need {need / 2**30:.2f} GiB (N={N} × outputs × P={P}), "
-                         f"above max_bytes={max_bytes / 2**30:.2f} GiB; pass a subset of the "
-                         "data or raise max_bytes")
+        raise ValueError(f"the Jacobians need {need / 2**30:.2f} GiB (N={N} × outputs × {r} "
+                         f"directions), above max_bytes={max_bytes / 2**30:.2f} GiB; pass a "
+                         "subset of the data, a smaller rank or a larger max_bytes")
     lam = math.nan
     if lr_range is None:
         _, lam = _top_direction(model, loss_fn, (X, y), as_seed("seed", seed))
@@ -282,8 +331,12 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
         lo, hi = (as_float("lr_range", v, positive=True) for v in lr_range)
         if not hi > lo:
             raise ValueError(f"lr_range must be (lo, hi) with hi > lo, got {lr_range}")
+    basis = None
+    if r < P:
+        basis, _ = ggn_top_basis(model, loss_fn, (X, y), r, seed=as_seed("seed", seed))
+        basis = basis.to(X.device)
     J, z0 = output_jacobians(model, X, chunk_size=as_int("chunk_size", chunk_size, minimum=1),
-                             dtype=dtype)
+                             dtype=dtype, basis=basis)
     grids = np.zeros((len(bs), n_grid))
     worst = np.zeros((len(bs), len(seeds), n_grid))
     jobs = list(range(len(bs)))
@@ -301,7 +354,7 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
                     for i in range(len(bs))])
     mean, se = seed_mean_stderr(per)
     return LinearizedThresholds(np.array(bs), mean, se, per, seeds, float(m), K, k, float(lam),
-                                grids, worst)
+                                grids, worst, int(r))
 
 
 def refined_runs(runs, coarse, factors, n_grid):
