@@ -41,9 +41,10 @@ is never built) and the batch gradient is its projection Vᵀg_B. The dynamics i
 span do not depend on the basis chosen inside it, and r = P is the full model. Every
 direction outside the span is frozen at e = 0, so the form is an approximation whose
 error is read off by doubling r: on the digits MLP, CNN and a ReLU MLP (P = 2,410 …
-6,570) the thresholds at r = 200 are within a few per cent of r = 400 and of the full
-model, while r ≤ 60 is not (README). V comes from thick-restart Lanczos on the
-Gauss–Newton operator (`nets.algorithms.lanczos.eigsh`, eval mode).
+6,570) the SGD thresholds at r = 200 are within a few per cent of r = 400 and of the
+full model at m = 0, less closely with momentum, and r ≤ 60 is not close (README).
+V comes from thick-restart Lanczos on the Gauss–Newton operator
+(`nets.algorithms.lanczos.eigsh`, eval mode).
 """
 
 from __future__ import annotations
