@@ -147,6 +147,8 @@ def test_bad_inputs():
         linearized_threshold(model, F.cross_entropy, data, [8], seeds=(), lr_range=(0.1, 1.0))
     with pytest.raises(ValueError, match="GiB"):
         linearized_threshold(model, F.cross_entropy, data, [8], max_bytes=1000)
+    with pytest.raises(ValueError, match="rank"):
+        linearized_threshold(model, F.cross_entropy, data, [8], rank=0, lr_range=(0.1, 1.0))
 
 
 @pytest.mark.parametrize("warm", [0, 20])
@@ -174,14 +176,17 @@ def _orthonormal(P, r, seed):
     return torch.linalg.qr(torch.randn(P, r, dtype=torch.float64, generator=g))[0]
 
 
-def test_subspace_jacobians_are_the_jacobian_times_the_basis(tiny_mlp):
+def test_subspace_jacobians_are_the_jacobian_times_the_basis(tiny_mlp, monkeypatch):
+    import nets.learning_rates.linearized as lin
+
+    monkeypatch.setattr(lin, "_TANGENT_BLOCK", 16)          # 40 columns: three blocks
     model, X, _ = tiny_mlp(seed=4, N=9)
     flat, state = flat_state(model)
     ref = torch.autograd.functional.jacobian(
         lambda w: torch.func.functional_call(model, state(w), (X,)), flat)      # (N, K, P)
-    V = _orthonormal(ref.shape[2], 4, 0)
+    V = _orthonormal(ref.shape[2], 40, 0)
     JV, z = output_jacobians(model, X, chunk_size=4, dtype=torch.float64, basis=V)
-    assert JV.shape == (9, ref.shape[1], 4)
+    assert JV.shape == (9, ref.shape[1], 40)
     assert torch.allclose(JV, torch.einsum("nkp,pr->nkr", ref, V), atol=1e-12)
     assert torch.allclose(z, model(X).detach(), atol=1e-12)
     with pytest.raises(ValueError, match="basis"):

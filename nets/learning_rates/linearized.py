@@ -63,6 +63,7 @@ __all__ = ["LinearizedThresholds", "linearized_threshold", "output_jacobians", "
            "refined_runs", "first_crossing"]
 
 _COARSE = (1e-3, 1e2, 31)
+_TANGENT_BLOCK = 64          # Jacobian-vector products vmapped at once (memory ∝ block)
 
 
 @result
@@ -151,9 +152,11 @@ def output_jacobians(model, X, *, chunk_size=256, dtype=torch.float32, basis=Non
                 jac = vmap(jacrev(out), in_dims=(None, 0))(params, xb)
                 Js.append(torch.cat([jac[k].reshape(len(xb), jac[k].shape[1], -1)
                                      for k in params], dim=2).to(dtype))
-            else:                                 # (r, n, K) → (n, K, r)
-                jv = vmap(lambda t, xb=xb: jvp(lambda p: outs(p, xb), (params,), (t,))[1])(cols)
-                Js.append(jv.permute(1, 2, 0).to(dtype))
+            else:                    # blocks of ≤ 64 tangents: (c, n, K) → (n, K, r)
+                jv = [vmap(lambda t, xb=xb: jvp(lambda p: outs(p, xb), (params,), (t,))[1])(
+                    {k: c[b:b + _TANGENT_BLOCK] for k, c in cols.items()})
+                    for b in range(0, basis.shape[1], _TANGENT_BLOCK)]
+                Js.append(torch.cat(jv).permute(1, 2, 0).to(dtype))
             zs.append(outs(params, xb).to(dtype))
     return torch.cat(Js).contiguous(), torch.cat(zs)
 

@@ -1,0 +1,124 @@
+"""Two new networks, held out: the directional transfer, the subspace linearised network, and its correction along u.
+
+The forms were fixed before these networks' thresholds were measured (SGD, m = 0):
+
+* directional: lr(B) ∝ 1/λ'(B), λ'(B) = λ₁ + c(B, N)·s_u²/λ₁ (`transfer_lr`);
+* linearised: the threshold of the linearised network in its top-200 Gauss–Newton
+  directions under the real protocol (`linearized_threshold(rank=200)`, 3 seeds, k = 10);
+* corrected linearised: that threshold × [1 − (1 − s_lin/s_real)·λ₁/λ'(B)], where s_lin
+  and s_real are the secant curvatures of the linearised and the real network along the
+  top eigenvector u where the loss first reaches 10× its start
+  (`bench_quadratic_model.secant_along_top`). Reasoning: a growing oscillation along u
+  reaches the criterion at the same amplitude in both models, and there the lr that
+  sustains it scales as 1/secant, so the network's own nonlinearity rescales the
+  linearised threshold by s_lin/s_real — for the part of the instability that is the
+  deterministic curvature along u, the fraction λ₁/λ'(B) of λ'(B); the batch-noise part
+  is left as the linearised network has it.
+
+Each is anchored at the measured threshold at B₀ = 32 or 512 and compared with the real
+divergence threshold (loss ever > 10× start within 200 steps, 8 seeds, `training_threshold`)
+at B = 8, 32, 128, 512. Networks: digits MLPs trained with the package's recipe that no
+form was developed on — "gelu" (64-48-10, GELU, seed 2) and "tanh64" (64-64-10, tanh,
+seed 3). The three development networks are summarised from the stored results of
+`bench_linearized_rank.py` and `bench_quadratic_model.py`.
+
+    python benchmarks/bench_heldout_transfer.py --net gelu      # ~5 min, one thread
+    python benchmarks/bench_heldout_transfer.py --net tanh64
+    python benchmarks/bench_heldout_transfer.py --net summary    # all five from stored JSON
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from _common import RESULTS, base_parser, environment, setup_torch, write_json
+
+BATCH_SIZES = (8, 32, 128, 512)
+HELD_OUT = {"gelu": dict(seed=2, hidden=(48,), activation="gelu"),
+            "tanh64": dict(seed=3, hidden=(64,), activation="tanh")}
+
+
+def correction(lam, lam_prime, s_lin, s_real):
+    """1 − (1 − s_lin/s_real)·λ₁/λ'(B) (module docstring)."""
+    return 1.0 - (1.0 - s_lin / s_real) * lam / np.asarray(lam_prime, float)
+
+
+def transfers(real, shape):
+    """The shape anchored at the measured threshold at B₀ = 32 and at 512, divided by the
+    measured thresholds: {"B32": (n_B,), "B512": (n_B,)}."""
+    real, shape = np.asarray(real, float), np.asarray(shape, float)
+    return {f"B{B0}": real[i] * shape / shape[i] / real
+            for B0, i in ((32, BATCH_SIZES.index(32)), (512, BATCH_SIZES.index(512)))}
+
+
+def rows(real, lam, lam_prime, lin, s_lin, s_real):
+    pred = np.asarray(lin, float) * correction(lam, lam_prime, s_lin, s_real)
+    out = {"real": real, "lam": lam, "lam_prime": lam_prime, "linearized": lin,
+           "secant_ratio": s_lin / s_real, "corrected": pred}
+    for name, shape in (("directional", 1.0 / np.asarray(lam_prime, float)),
+                        ("linearized", lin), ("corrected", pred)):
+        t = transfers(real, shape)
+        out[f"transfer_{name}"] = t
+        out[f"worst_{name}"] = [float(min(v.min() for v in t.values())),
+                                float(max(v.max() for v in t.values()))]
+    return out
+
+
+def measure(name):
+    import torch.nn.functional as F
+    from bench_quadratic_model import secant_along_top
+
+    from nets import linearized_threshold, transfer_lr
+    from nets.learning_rates.lr_search import training_threshold
+    from nets.training.loops import trained_digits_mlp
+
+    model, data = trained_digits_mlp(**HELD_OUT[name])
+    local = transfer_lr(model, F.cross_entropy, data, BATCH_SIZES, reference=(8, 1.0), momentum=0.0)
+    limit = np.asarray(local.stability_limit, float)
+    real = training_threshold(model, F.cross_entropy, data, BATCH_SIZES, criterion="divergence",
+                              momentum=0.0, steps=200, seeds=tuple(range(8)), progress=False,
+                              unbracketed="nan",
+                              lr0=lambda B: float(np.interp(B, local.batch_sizes, limit)))
+    sec = secant_along_top(model, *data)
+    lin = linearized_threshold(model, F.cross_entropy, data, BATCH_SIZES, momentum=0.0,
+                               factor=10.0, steps=200, seeds=(0, 1, 2), rank=200, progress=False)
+    out = rows(real.lr, sec["lam"], 2.0 / limit, lin.lr, sec["linearized"]["k10"]["secant_over_lam"],
+               sec["real"]["k10"]["secant_over_lam"])
+    out["real_stderr"] = real.stderr
+    return out
+
+
+def stored(name):
+    """A development network's row from the stored JSON files."""
+    from bench_criterion import study
+
+    st = study(name)
+    q = json.loads((RESULTS / f"bench_quadratic_model_{name}.json").read_text())["along_top"]
+    lin = json.loads((RESULTS / f"bench_linearized_rank_{name}.json").read_text())["m0"]["ranks"]["r200"]["lr"]
+    return rows(np.asarray(st["measured_m0"], float), st["lam"], 2.0 / np.asarray(st["local_limit_m0"], float),
+                np.asarray(lin, float), q["linearized"]["k10"]["secant_over_lam"],
+                q["real"]["k10"]["secant_over_lam"])
+
+
+def main(argv=None):
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--net", choices=(*HELD_OUT, "summary"), default="summary")
+    args = p.parse_args(argv)
+    setup_torch(args)
+    if args.net != "summary":
+        out = {"environment": environment(), "net": args.net, **HELD_OUT[args.net],
+               "batch_sizes": list(BATCH_SIZES), **measure(args.net)}
+        print("wrote", write_json(f"bench_heldout_transfer_{args.net}", out, args.out))
+        return
+    table = {name: stored(name) for name in ("mlp", "cnn", "mlp_relu")}
+    for name in HELD_OUT:
+        table[name] = json.loads((RESULTS / f"bench_heldout_transfer_{name}.json").read_text())
+    for name, r in table.items():
+        print(f"{name}: real {np.round(np.asarray(r['real'], float), 3)}; worst transfer "
+              + ", ".join(f"{k} {np.round(r[f'worst_{k}'], 2)}" for k in ("directional", "linearized", "corrected")))
+    print("wrote", write_json("bench_heldout_transfer", {"environment": environment(), "nets": table}, args.out))
+
+
+if __name__ == "__main__":
+    main()
