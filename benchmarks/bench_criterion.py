@@ -235,19 +235,21 @@ def after_runs(model, X, y, R):
     return rows
 
 
-def quadratic_model_thresholds(model, X, y, R):
-    """Thresholds of the MLP's per-sample quadratic model (module docstring, 2) per k:
+def quadratic_model_thresholds(model, X, y, R, net="mlp"):
+    """Thresholds of a network's per-sample quadratic model (module docstring, 2) per k:
     {"m0": {"k3": (n_B, n_seeds), ...}, "m0.9": ...}, on a grid of 32 lrs from 0.3× to 5×
-    the full linear model's typical-path threshold (`bench_momentum_linear.json`)."""
+    the full linear model's typical-path threshold stored by `bench_momentum_linear.py
+    --net net` (`output_name(net)`)."""
     import torch
     import torch.nn.functional as F
+    from bench_momentum_linear import output_name
 
     from nets.noise.gradient_noise import per_sample_gradients
 
-    Gi = per_sample_gradients(model, F.cross_entropy, (X, y))
+    Gi = per_sample_gradients(model, F.cross_entropy, (X, y)).to(R.dtype)
     with torch.no_grad():
-        L0 = float(F.cross_entropy(model(X), y))
-    lin = json.loads((RESULTS / "bench_momentum_linear.json").read_text())["linear_as"]
+        L0 = float(F.cross_entropy(model.eval()(X), y))
+    lin = json.loads((RESULTS / f"{output_name(net)}.json").read_text())["linear_as"]
     out = {}
     for m in MOMENTA:
         key, rows = f"m{m:g}", {f"k{k:g}": [] for k in FACTORS}

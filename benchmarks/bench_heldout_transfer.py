@@ -33,8 +33,8 @@ import json
 
 import numpy as np
 from _common import RESULTS, base_parser, environment, setup_torch, write_json
+from bench_criterion import BATCH_SIZES, transfer_ratios
 
-BATCH_SIZES = (8, 32, 128, 512)
 HELD_OUT = {"gelu": dict(seed=2, hidden=(48,), activation="gelu"),
             "tanh64": dict(seed=3, hidden=(64,), activation="tanh")}
 
@@ -48,8 +48,7 @@ def transfers(real, shape):
     """The shape anchored at the measured threshold at B₀ = 32 and at 512, divided by the
     measured thresholds: {"B32": (n_B,), "B512": (n_B,)}."""
     real, shape = np.asarray(real, float), np.asarray(shape, float)
-    return {f"B{B0}": real[i] * shape / shape[i] / real
-            for B0, i in ((32, BATCH_SIZES.index(32)), (512, BATCH_SIZES.index(512)))}
+    return {f"B{B0}": transfer_ratios(real, shape, B0) for B0 in (32, 512)}
 
 
 def rows(real, lam, lam_prime, lin, s_lin, s_real):

@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 from _common import RESULTS, base_parser, environment, setup_torch, write_json
-from bench_criterion import BATCH_SIZES, network, study
+from bench_criterion import BATCH_SIZES, network, study, transfer_ratios
 
 RANKS = (20, 60, 200, 400)
 SEEDS = (0, 1, 2)
@@ -71,8 +71,7 @@ def main(argv=None):
                        "time_s": time.perf_counter() - t0, "jacobian_bytes": N * K * thr.rank * 4,
                        "real_over_model": real / thr.lr}
                 for B0 in (32, 512):
-                    i0 = BATCH_SIZES.index(B0)
-                    row[f"transfer_B{B0}"] = real[i0] * thr.lr / thr.lr[i0] / real
+                    row[f"transfer_B{B0}"] = transfer_ratios(real, thr.lr, B0)
                 rows[f"r{thr.rank}"] = row
                 print(f"{name} m={m:g} r={thr.rank}: {np.round(thr.lr, 4)} ({row['time_s']:.0f} s); "
                       f"real ÷ model {np.round(row['real_over_model'], 2)}; transfer B0=32 "

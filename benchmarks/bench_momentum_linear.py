@@ -131,8 +131,14 @@ def network_factors(description, argv, parser=None):
     return args, model, X, y, ggn_factors(model, X)
 
 
+def output_name(net):
+    """The results file (without .json) of `--net net`: bench_momentum_linear for the MLP,
+    bench_momentum_linear_<net> otherwise."""
+    return "bench_momentum_linear" if net == "mlp" else f"bench_momentum_linear_{net}"
+
+
 def main(argv=None):
-    from bench_criterion import study
+    from bench_criterion import study, transfer_ratios
 
     from paper_checks.checks._quadratic_runs import GROWTH_TOL, steps_for, threshold_from_grid
     from rmt.lr import sgd_momentum_ms_max_lr
@@ -160,8 +166,7 @@ def main(argv=None):
         out["mean_square"][f"m{m:g}"], out["linear_as"][f"m{m:g}"] = ms, lin
         shape = lin.mean(1)
         for B0 in (32, 512):                      # the linear threshold's B-shape, anchored
-            i0 = BATCH_SIZES.index(B0)
-            tr = measured[m][i0] * shape / shape[i0] / measured[m]
+            tr = transfer_ratios(measured[m], shape, B0)
             out.setdefault("transfer", {})[f"m{m:g}_B{B0}"] = tr
             print(f"m={m:g}: linear-model shape anchored at B0={B0}, ÷ real: {np.round(tr, 2)}")
         print(f"m={m:g}: directional mean-square {np.round(ms, 4)}; linear model a.s. "
@@ -179,8 +184,7 @@ def main(argv=None):
         print(f"m={m:g} B={B} lr={lr:.4g} ({tag}): " + "; ".join(
             f"t={r['step']} λ₁={r['lam1']:.3g} ‖Δw‖={r['displacement']:.3g} "
             f"L/L₀={r['loss_over_start']:.2f}" for r in rows), flush=True)
-    name = "bench_momentum_linear" if net == "mlp" else f"bench_momentum_linear_{net}"
-    print("wrote", write_json(name, out, args.out))
+    print("wrote", write_json(output_name(net), out, args.out))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ these and keeps the rest: the per-sample **quadratic model** around the checkpoi
 
 heavy ball on fresh batches without replacement, 200 steps from e = 0, the full-data
 model loss judged against k× its start (k = 3, 10, 100), 32 learning rates side by
-side, 2 seeds (`bench_criterion.surrogate_max_loss`, the model run on the tanh MLP in
+side, 2 seeds (`bench_criterion.quadratic_model_thresholds`, the model run on the tanh MLP in
 `bench_criterion.py`). Its grid spans 0.3…5× the stored typical-path threshold. If real ÷
 quadratic ≈ 1 at k = 10 where real ÷ typical path is 0.6–0.8, the early failure is the
 additive noise with the loss criterion, with no nonlinearity needed.
@@ -40,10 +40,17 @@ import json
 
 import numpy as np
 from _common import RESULTS, base_parser, environment, write_json
-from bench_criterion import BATCH_SIZES, FACTORS, MOMENTA, STEPS, SURROGATE_SEEDS, study, surrogate_max_loss
-from bench_momentum_linear import network_factors
-
-from nets.learning_rates.linearized import first_crossing
+from bench_criterion import (
+    BATCH_SIZES,
+    FACTORS,
+    MOMENTA,
+    STEPS,
+    SURROGATE_SEEDS,
+    quadratic_model_thresholds,
+    study,
+    transfer_ratios,
+)
+from bench_momentum_linear import network_factors, output_name
 
 
 def secant_along_top(model, X, y, factors=FACTORS, n=60):
@@ -92,39 +99,30 @@ def main(argv=None):
     import torch
     import torch.nn.functional as F
 
-    from nets.noise.gradient_noise import per_sample_gradients
-
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--net", choices=("mlp", "cnn", "mlp_relu"), default="cnn")
     args, model, X, y, R = network_factors(__doc__.splitlines()[0], argv, parser=p)
     net = args.net
-    Gi = per_sample_gradients(model, F.cross_entropy, (X, y)).to(R.dtype)
     with torch.no_grad():
         L0 = float(F.cross_entropy(model.eval()(X), y))
-    name = "bench_momentum_linear" if net == "mlp" else f"bench_momentum_linear_{net}"
-    typical = json.loads((RESULTS / f"{name}.json").read_text())["linear_as"]
+    typical = json.loads((RESULTS / f"{output_name(net)}.json").read_text())["linear_as"]
     st = study(net)
     out = {"environment": environment(), "net": net, "batch_sizes": list(BATCH_SIZES),
            "seeds": list(SURROGATE_SEEDS), "steps": STEPS, "factors": list(FACTORS), "L0": L0}
     out["along_top"] = secant_along_top(model, X, y)
+    thresholds = quadratic_model_thresholds(model, X, y, R, net=net)
     for m in MOMENTA:
         key = f"m{m:g}"
         real = np.asarray(st[f"measured_{key}"], float)
         centre = np.asarray(typical[key], float).mean(1)
-        per = {f"k{k:g}": [] for k in FACTORS}
-        for B, c in zip(BATCH_SIZES, centre):
-            grid = np.geomspace(0.3 * c, 5.0 * c, 32)
-            worst = [surrogate_max_loss(R, Gi, L0, B, m, grid, STEPS, s) for s in SURROGATE_SEEDS]
-            for k in FACTORS:
-                per[f"k{k:g}"].append([first_crossing(grid, w, k) for w in worst])
+        per = thresholds[key]
         q = np.nanmean(np.asarray(per["k10"]), 1)
         row = {"typical_path": centre, "real_k10": real, "per_seed": per,
                "quadratic": {k: np.nanmean(np.asarray(v), 1) for k, v in per.items()},
                "real_over_quadratic_k10": real / q, "real_over_typical": real / centre,
                "quadratic_over_typical_k10": q / centre}
         for B0 in (32, 512):
-            i0 = BATCH_SIZES.index(B0)
-            row[f"transfer_B{B0}"] = real[i0] * q / q[i0] / real
+            row[f"transfer_B{B0}"] = transfer_ratios(real, q, B0)
         out[key] = row
         print(f"{net} m={m:g}: quadratic model k=3/10/100 "
               + "; ".join(f"{k} {np.round(v, 4)}" for k, v in row["quadratic"].items())

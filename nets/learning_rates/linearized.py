@@ -338,7 +338,6 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
     basis = None
     if r < P:
         basis, _ = ggn_top_basis(model, loss_fn, (X, y), r, seed=as_seed("seed", seed))
-        basis = basis.to(X.device)
     J, z0 = output_jacobians(model, X, chunk_size=as_int("chunk_size", chunk_size, minimum=1),
                              dtype=dtype, basis=basis)
     grids = np.zeros((len(bs), n_grid))
