@@ -35,7 +35,6 @@ repeats `bench_criterion.py`'s quadratic model against the 8-seed thresholds.
 
 from __future__ import annotations
 
-import copy
 import json
 
 import numpy as np
@@ -56,41 +55,22 @@ from bench_momentum_linear import network_factors, output_name
 def secant_along_top(model, X, y, factors=FACTORS, n=60):
     """Part 2 (module docstring): {"lam", "x", "real": {...}, "linearized": {...}} with, per
     model, f(±x)/f(0) on a geometric grid of n amplitudes 0.02…20/√λ₁ and, per k of
-    `factors`, the amplitude A_k and s(A_k)/λ₁; float64, u from k = 1 Lanczos."""
-    import torch
+    `factors`, the amplitude A_k and s(A_k)/λ₁ (`nets.learning_rates.along_top`)."""
     import torch.nn.functional as F
-    from torch.func import functional_call, jvp
 
-    from nets.learning_rates.lr_search import _top_direction
+    from nets.learning_rates.along_top import loss_along_top
 
-    net = copy.deepcopy(model).double().eval()
-    Xd = X.double()
-    names = [k for k, _ in net.named_parameters()]
-    w0 = {k: p.detach() for k, p in net.named_parameters()}
-    u, lam = _top_direction(net, F.cross_entropy, (Xd, y), 0)
-    du, i = {}, 0
-    for k in names:
-        du[k] = u[i:i + w0[k].numel()].reshape(w0[k].shape).to(torch.float64)
-        i += w0[k].numel()
-    with torch.no_grad():
-        z0, Ju = jvp(lambda p: functional_call(net, p, (Xd,)), (w0,), (du,))
-        L0 = float(F.cross_entropy(z0, y))
-    xs = np.geomspace(0.02, 20.0, n) / np.sqrt(lam)
-    out = {"lam": lam, "L0": L0, "x": xs}
-    models = {"real": lambda x: functional_call(net, {k: w0[k] + x * du[k] for k in names}, (Xd,)),
-              "linearized": lambda x: z0 + x * Ju}
-    for name, logits in models.items():
-        with torch.no_grad():
-            fp = np.array([float(F.cross_entropy(logits(float(x)), y)) for x in xs])
-            fm = np.array([float(F.cross_entropy(logits(-float(x)), y)) for x in xs])
-        sec = (fp + fm - 2 * L0) / xs ** 2 / lam
-        row = {"plus": fp / L0, "minus": fm / L0, "secant_over_lam": sec}
+    prof = loss_along_top(model, F.cross_entropy, (X, y), factor=max(factors), n=n)
+    out = {"lam": prof.lam, "L0": prof.L0, "x": prof.amplitudes}
+    for name in ("real", "linearized"):
+        row = {"plus": getattr(prof, f"{name}_plus"), "minus": getattr(prof, f"{name}_minus"),
+               "secant_over_lam": getattr(prof, f"{name}_secant")}
         for k in factors:
-            j = int(np.argmax(np.maximum(fp, fm) > k * L0))
-            row[f"k{k:g}"] = {"A": float(xs[j]), "secant_over_lam": float(sec[j])}
+            A, s = prof.at(k)[name]
+            row[f"k{k:g}"] = {"A": A, "secant_over_lam": s}
         out[name] = row
         print(f"along u ({name}): s(A_k)/λ₁ " + ", ".join(
-            f"k={k:g} {row[f'k{k:g}']['secant_over_lam']:.2f} (A√λ₁={row[f'k{k:g}']['A'] * lam ** 0.5:.2f})"
+            f"k={k:g} {row[f'k{k:g}']['secant_over_lam']:.2f} (A√λ₁={row[f'k{k:g}']['A'] * prof.lam ** 0.5:.2f})"
             for k in factors), flush=True)
     return out
 

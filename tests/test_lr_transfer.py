@@ -14,7 +14,7 @@ import torch
 
 from nets.learning_rates import lr_search
 from nets.learning_rates.lr_search import training_threshold
-from nets.learning_rates.transfer import scaling_rule, transfer_lr
+from nets.learning_rates.transfer import scaling_rule, secant_correction, transfer_lr
 
 
 def _problem(N=64, d=6, seed=0):
@@ -47,7 +47,8 @@ def test_transfer_matches_dense_closed_form(m):
     N = len(X)
     lam, s2 = _dense_lam_s2(X)
     Bs = [1, 4, 16, 64]
-    res = transfer_lr(model, loss, (X, y), Bs, reference=(4, 0.1), momentum=m, seed=0)
+    res = transfer_lr(model, loss, (X, y), Bs, reference=(4, 0.1), momentum=m, seed=0,
+                      form="directional")
     gain = (1 + m) / (1 - m)
     eff = lambda B: lam + gain * (1 / B - 1 / N) * s2 / lam
     expect = np.array([0.1 * eff(4) / eff(B) for B in Bs])
@@ -59,14 +60,16 @@ def test_transfer_matches_dense_closed_form(m):
     assert np.all(res.lr_stderr >= 0)
     json.dumps(res.to_dict())
     if m == 0.9:   # momentum with batch noise: the small-B limit falls below plain SGD's
-        plain = transfer_lr(model, loss, (X, y), [1], reference=(4, 0.1), momentum=0.0)
+        plain = transfer_lr(model, loss, (X, y), [1], reference=(4, 0.1), momentum=0.0,
+                            form="directional")
         assert res.stability_limit[0] < plain.stability_limit[0]
 
 
 def test_transfer_reads_optimizer_and_validates():
     model, loss, X, y = _problem()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
-    r = transfer_lr(model, loss, (X, y), [8], reference=(8, 0.2), optimizer=opt)
+    r = transfer_lr(model, loss, (X, y), [8], reference=(8, 0.2), optimizer=opt,
+                     form="directional")
     assert r.momentum == 0.5 and r.lr[0] == pytest.approx(0.2)
     with pytest.raises(ValueError):
         transfer_lr(model, loss, (X, y), [8], reference=(8, 0.2), optimizer="adam")
@@ -158,3 +161,70 @@ def test_unbracketed_threshold_is_nan_or_raises(tmp_path, monkeypatch):
         training_threshold(model, loss, (X, y), [4, 16], store=path, **kw)
     with pytest.raises(ValueError, match="unbracketed"):
         training_threshold(model, loss, (X, y), [4], unbracketed="skip")
+
+
+def test_linearized_form_on_a_linear_model_is_real_training():
+    """For a model linear in its parameters the linearised network is the network and the
+    two secant profiles coincide (correction ≡ 1), so the linearised transfer anchored at
+    the real threshold at B₀ must give the real SGD thresholds (oracle: training_threshold,
+    torch SGD on the model, the same batch sequences) at the other B within the two
+    methods' resolutions."""
+    model, loss, X, y = _problem()
+    Bs, seeds = [2, 8, 32], (0, 1)
+    for m in (0.0, 0.5):
+        real = training_threshold(model, loss, (X, y), Bs, criterion="divergence", factor=10.0,
+                                  momentum=m, steps=60, seeds=seeds, lr0=0.05, rel_tol=0.01)
+        res = transfer_lr(model, loss, (X, y), Bs, reference=(8, float(real.lr[1])), momentum=m,
+                          form="linearized", factor=10.0, steps=60, n_seeds=2, seed=0)
+        np.testing.assert_allclose(res.correction, 1.0, rtol=1e-6)
+        assert res.secant_ratio == pytest.approx(1.0, rel=1e-6)
+        assert res.rank == X.shape[1] and res.form == "linearized"
+        np.testing.assert_allclose(res.lr, real.lr, rtol=0.06)
+        assert res.lr[1] == pytest.approx(real.lr[1], rel=1e-12) and res.lr_stderr[1] == 0
+        np.testing.assert_allclose(res.shape, res.linearized_lr)
+
+
+def test_linearized_form_reanchors_and_checks_its_rank(tiny_mlp):
+    model, X, y = tiny_mlp(seed=2, N=48)
+    loss = torch.nn.functional.cross_entropy
+    kw = dict(form="linearized", rank=8, steps=40, n_seeds=2, seed=0)
+    a = transfer_lr(model, loss, (X, y), [4, 16, 48], reference=(16, 0.3), rank_check=True, **kw)
+    assert a.rank == 8 and a.rank_change.shape == (3,) and np.all(np.isfinite(a.rank_change))
+    assert a.rank_change[1] == pytest.approx(1.0)
+    corr = 1 - (1 - a.secant_ratio) * a.lam / a.effective_curvature
+    np.testing.assert_allclose(a.correction, corr, rtol=1e-12)
+    np.testing.assert_allclose(a.shape, a.linearized_lr * a.correction, rtol=1e-12)
+    np.testing.assert_allclose(a.lr, 0.3 * a.shape / a.shape[1], rtol=1e-12)
+    b = a.with_reference((48, 2.0))
+    np.testing.assert_allclose(b.lr, 2.0 * a.shape / a.shape[2], rtol=1e-12)
+    assert b.reference_batch_size == 48 and b.lr_stderr[2] == 0 and b.lr_stderr[1] > 0
+    back = b.with_reference((16, 0.3))
+    np.testing.assert_allclose(back.lr, a.lr, rtol=1e-12)
+    np.testing.assert_allclose(back.lr_stderr, a.lr_stderr, rtol=1e-12)
+    json.dumps(a.to_dict())
+    full = transfer_lr(model, loss, (X, y), [4], reference=(16, 0.3), rank_check=True,
+                       **{**kw, "rank": 500})
+    assert full.rank == sum(p.numel() for p in model.parameters())
+    np.testing.assert_array_equal(full.rank_change, [1.0])
+    with pytest.raises(ValueError, match="batch_sizes"):
+        a.with_reference((32, 1.0))
+    for bad, match in ((dict(factor=1.0), "factor"), (dict(rank=0), "rank"),
+                       (dict(n_seeds=0), "n_seeds"), (dict(steps=0), "steps")):
+        with pytest.raises(ValueError, match=match):
+            transfer_lr(model, loss, (X, y), [4], reference=(16, 0.3), **{**kw, **bad})
+
+
+def test_curvature_forms_reanchor_with_coherent_errors():
+    model, loss, X, y = _problem()
+    a = transfer_lr(model, loss, (X, y), [2, 8, 32], reference=(8, 0.1), form="directional")
+    b = transfer_lr(model, loss, (X, y), [2, 8, 32], reference=(32, 0.4), form="directional")
+    c = a.with_reference((32, 0.4))
+    np.testing.assert_allclose(c.lr, b.lr, rtol=1e-12)
+    np.testing.assert_allclose(c.lr_stderr, b.lr_stderr, rtol=1e-9, atol=1e-15)
+    assert c.reference_curvature == pytest.approx(b.reference_curvature)
+
+
+def test_secant_correction_by_hand():
+    # 1 − (1 − 0.8)·λ/λ': λ = 1, λ' = 1 (deterministic) → 0.8; λ' = 4 → 0.95; ratio 1 → 1
+    np.testing.assert_allclose(secant_correction(1.0, [1.0, 4.0], 0.8), [0.8, 0.95])
+    np.testing.assert_allclose(secant_correction(0.3, [0.5, 2.0], 1.0), [1.0, 1.0])

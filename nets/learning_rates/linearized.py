@@ -75,8 +75,10 @@ class LinearizedThresholds(Result):
     the grid does not bracket it; seeds; momentum; steps; factor; lam (λ₁ of the
     checkpoint, NaN if `lr_range` was given); grid (n_B, n_grid) learning rates;
     max_loss (n_B, n_seeds, n_grid) running maximum of L/L₀ of each grid column, from
-    which `at(k)` reads the threshold of any other tolerance the grid brackets; rank the
-    dimension the displacement lives in (P for the full model, r for `rank=r`)."""
+    which `at(k)` reads the threshold of any other tolerance the grid brackets (a column
+    is no longer run once its maximum exceeds `tracked_up_to` = the largest of factor and
+    extra_factors, so values above it are lower bounds); rank the dimension the
+    displacement lives in (P for the full model, r for `rank=r`)."""
 
     batch_sizes: np.ndarray
     lr: np.ndarray
@@ -90,11 +92,15 @@ class LinearizedThresholds(Result):
     grid: np.ndarray
     max_loss: np.ndarray
     rank: int
+    tracked_up_to: float = math.inf
 
     def at(self, factor) -> np.ndarray:
         """Per-seed thresholds (n_B, n_seeds) for the tolerance `factor` (loss ever >
         factor × start), read off the stored running maxima; NaN where not bracketed."""
         k = as_float("factor", factor, positive=True)
+        if k > self.tracked_up_to:
+            raise ValueError(f"factor {k:g} is above the largest tolerance tracked "
+                             f"({self.tracked_up_to:g}); pass it in extra_factors")
         return np.array([[first_crossing(self.grid[i], self.max_loss[i, j], k)
                           for j in range(self.max_loss.shape[1])]
                          for i in range(len(self.batch_sizes))])
@@ -174,12 +180,16 @@ def ggn_top_basis(model, loss_fn, data, rank, *, seed=0, tol=1e-4):
     return V, np.asarray(top.values)
 
 
-def _run_columns(J, z0, y, loss_fn, batch_size, n_cols, steps, seed, step, out_shape):
+def _run_columns(J, z0, y, loss_fn, batch_size, n_cols, steps, seed, step, out_shape,
+                 stop_above=None):
     """The linearised network's loop shared by the optimizers: each step draws a batch
     (`torch.randperm(N, generator)[:B]`, generator seeded by `seed`), forms the batch
     gradient of every column, G (P, n_cols), calls `step(G, t)` (t = 1, 2, …) for the new
     displacements E (P, n_cols), and tracks the running maximum of L(E)/L(0) (inf for a
-    column whose loss became non-finite; its state is left to `step`)."""
+    column whose loss became non-finite; its state is left to `step`). stop_above : a
+    column whose running maximum exceeds it is decided for every tolerance up to it and
+    is no longer evaluated (its gradient is zero from then on, its maximum stays the last
+    value, a lower bound); columns are independent, so the others are unchanged."""
     from torch.func import grad, vmap
 
     N, K, P = J.shape
@@ -195,34 +205,44 @@ def _run_columns(J, z0, y, loss_fn, batch_size, n_cols, steps, seed, step, out_s
         L0 = float(col_loss(z0, y))
     if not (math.isfinite(L0) and L0 > 0):
         raise ValueError(f"the loss at the checkpoint must be finite and positive, got {L0}")
+    cap = math.inf if stop_above is None else float(stop_above)
     E = torch.zeros(P, n_cols, dtype=J.dtype, device=J.device)
     worst = torch.ones(n_cols, dtype=torch.float64)
     dead = torch.zeros(n_cols, dtype=torch.bool)
+    live = torch.ones(n_cols, dtype=torch.bool)
     for t in range(1, steps + 1):
         idx = torch.randperm(N, generator=gen)[:batch_size].to(J.device)
+        if not live.any():
+            continue                   # keep drawing: the batch sequence is the seed's
+        on = live.nonzero().flatten().to(J.device)
         JB = J[idx]
         with torch.no_grad():
-            ZB = z0[idx][:, :, None] + torch.einsum("bkp,pg->bkg", JB, E)
+            ZB = z0[idx][:, :, None] + torch.einsum("bkp,pg->bkg", JB, E[:, on])
         G = batch_grad(ZB, y[idx])
         with torch.no_grad():
-            E = step(torch.einsum("bkp,bkg->pg", JB, G), t)
-            L = full_loss(z0[:, :, None] + torch.einsum("nkp,pg->nkg", J, E), y).double().cpu()
-        bad = ~torch.isfinite(L)
+            g = torch.zeros(P, n_cols, dtype=J.dtype, device=J.device)
+            g[:, on] = torch.einsum("bkp,bkg->pg", JB, G)
+            E = step(g, t)
+            L = full_loss(z0[:, :, None] + torch.einsum("nkp,pg->nkg", J, E[:, on]), y).double().cpu()
+        bad = torch.zeros(n_cols, dtype=torch.bool)
+        bad[live] = ~torch.isfinite(L)
         dead |= bad
-        worst = torch.maximum(worst, torch.where(bad, 0.0, L / L0))
+        worst[live] = torch.maximum(worst[live], torch.where(bad[live], 0.0, L / L0))
         if bad.any():                  # a non-finite column stays dead; keep it finite
             E[:, bad.to(E.device)] = 0.0
+        live &= ~dead & (worst <= cap)
     worst[dead] = math.inf
     return worst.numpy()
 
 
 def linearized_max_loss(J, z0, y, loss_fn, batch_size, momentum, lrs, steps, seed, *,
-                        out_shape=None):
+                        out_shape=None, stop_above=None):
     """Running maximum of L(e_t)/L(0) over `steps` heavy-ball steps on the linearised
     network (module docstring), one entry per learning rate of `lrs` (inf where the loss
     became non-finite). J (N, K, P), z0 (N, K): `output_jacobians`; y : targets;
     loss_fn(outputs, targets) the batch-mean loss; out_shape : per-sample output shape
-    passed to loss_fn (default (K,))."""
+    passed to loss_fn (default (K,)); stop_above : stop evaluating a learning rate once
+    its running maximum exceeds this (its value is then a lower bound; default never)."""
     a = torch.as_tensor(np.asarray(lrs, float), dtype=J.dtype, device=J.device)
     st = {"E": torch.zeros(J.shape[2], len(a), dtype=J.dtype, device=J.device)}
     st["V"] = torch.zeros_like(st["E"])
@@ -232,7 +252,8 @@ def linearized_max_loss(J, z0, y, loss_fn, batch_size, momentum, lrs, steps, see
         st["E"] = torch.nan_to_num(st["E"] - a * st["V"])
         return st["E"]
 
-    return _run_columns(J, z0, y, loss_fn, batch_size, len(a), steps, seed, step, out_shape)
+    return _run_columns(J, z0, y, loss_fn, batch_size, len(a), steps, seed, step, out_shape,
+                        stop_above)
 
 
 def flat_adam_state(optimizer):
@@ -249,13 +270,15 @@ def flat_adam_state(optimizer):
 
 
 def linearized_adam_max_loss(J, z0, y, loss_fn, batch_size, lrs, steps, batch_seed, *,
-                             state=None, betas=(0.9, 0.999), eps=1e-8, out_shape=None):
+                             state=None, betas=(0.9, 0.999), eps=1e-8, out_shape=None,
+                             stop_above=None):
     """`linearized_max_loss` for Adam (torch's update, bias-corrected, no weight decay):
     m ← β₁m + (1−β₁)g, v ← β₂v + (1−β₂)g², e ← e − α·(m/(1−β₁ᵗ))/(√(v/(1−β₂ᵗ)) + ε),
     started from `state` = (exp_avg, exp_avg_sq, step) (`flat_adam_state` of a warmed
     optimizer; None: fresh) at e = 0; batches as in `nets.learning_rates.adam.adam_trial`:
     `torch.randperm(N, generator)[:B]` with the generator seeded by `batch_seed` (that
-    function uses seed + 7919). Returns the running maximum of L/L(0) per learning rate."""
+    function uses seed + 7919). Returns the running maximum of L/L(0) per learning rate
+    (stop_above as in `linearized_max_loss`)."""
     P = J.shape[2]
     b1, b2 = (float(b) for b in betas)
     a = torch.as_tensor(np.asarray(lrs, float), dtype=J.dtype, device=J.device)
@@ -272,7 +295,8 @@ def linearized_adam_max_loss(J, z0, y, loss_fn, batch_size, lrs, steps, batch_se
         st["E"] = torch.nan_to_num(st["E"] - (a / (1 - b1 ** t)) * st["M"] / denom)
         return st["E"]
 
-    return _run_columns(J, z0, y, loss_fn, batch_size, len(a), steps, batch_seed, step, out_shape)
+    return _run_columns(J, z0, y, loss_fn, batch_size, len(a), steps, batch_seed, step, out_shape,
+                        stop_above)
 
 
 def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", momentum=0.0,
@@ -342,11 +366,13 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
                              dtype=dtype, basis=basis)
     grids = np.zeros((len(bs), n_grid))
     worst = np.zeros((len(bs), len(seeds), n_grid))
+    top = max((k, *extras))
     jobs = list(range(len(bs)))
     for i in progress_bar(jobs, progress=progress, total=len(jobs),
                           desc=f"linearised threshold (m={m:g})", expected_s=10):
         runs = [lambda g, B=bs[i], s=s: linearized_max_loss(J, z0, y, loss_fn, B, m, g, K, s,
-                                                            out_shape=out_shape)
+                                                            out_shape=out_shape,
+                                                            stop_above=top)
                 for s in seeds]
         if lr_range is None:
             grids[i], worst[i] = refined_runs(runs, coarse, (k, *extras), n_grid)
@@ -357,7 +383,7 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
                     for i in range(len(bs))])
     mean, se = seed_mean_stderr(per)
     return LinearizedThresholds(np.array(bs), mean, se, per, seeds, float(m), K, k, float(lam),
-                                grids, worst, int(r))
+                                grids, worst, int(r), float(top))
 
 
 def refined_runs(runs, coarse, factors, n_grid):

@@ -1,0 +1,80 @@
+"""The loss profiles along the top Hessian eigenvector (`nets.learning_rates.along_top`)
+against exact answers that share no code with it: the dense float64 Hessian
+(`torch.func.hessian`) for λ₁ and the small-amplitude secant; for a model linear in its
+parameters the real and linearised profiles are the same function; for a linear model
+under a quadratic loss the secant curvature is λ₁ at every amplitude (the profile is a
+parabola)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nets.learning_rates.along_top import loss_along_top
+
+
+def _classification(seed=0, N=64, d=5, K=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(N, d, generator=g), torch.randint(0, K, (N,), generator=g)
+
+
+def _top_eigenvalue(dense_hessian, model, loss_fn, X, y):
+    H = dense_hessian(model.double(), loss_fn, X.double(), y)
+    return float(torch.linalg.eigvalsh(H)[-1])
+
+
+def test_softmax_regression_profiles_coincide(dense_hessian):
+    torch.manual_seed(0)
+    X, y = _classification()
+    model = torch.nn.Linear(5, 3)
+    prof = loss_along_top(model, F.cross_entropy, (X, y), factor=3.0, n=20)
+    np.testing.assert_allclose(prof.real_plus, prof.linearized_plus, rtol=1e-10)
+    np.testing.assert_allclose(prof.real_minus, prof.linearized_minus, rtol=1e-10)
+    assert prof.secant_ratio == pytest.approx(1.0, rel=1e-10)
+    lam = _top_eigenvalue(dense_hessian, model, F.cross_entropy, X, y)
+    assert prof.lam == pytest.approx(lam, rel=1e-6)
+    assert prof.real_secant[0] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_linear_least_squares_secant_is_lambda_everywhere(dense_hessian):
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(50, 4, generator=g, dtype=torch.float64)
+    y = torch.randn(50, 2, generator=g, dtype=torch.float64)
+    model = torch.nn.Linear(4, 2).double()
+    prof = loss_along_top(model, F.mse_loss, (X, y), factor=10.0, n=25)
+    lam = _top_eigenvalue(dense_hessian, model, F.mse_loss, X, y)
+    assert prof.lam == pytest.approx(lam, rel=1e-6)
+    np.testing.assert_allclose(prof.real_secant, 1.0, rtol=1e-5)
+    np.testing.assert_allclose(prof.linearized_secant, 1.0, rtol=1e-5)
+    # the first grid amplitude where max f(±x) > 10 f(0), f(±x) = f(0) ± x·gᵀu + λx²/2
+    x = prof.amplitudes
+    above = np.flatnonzero(np.maximum(prof.real_plus, prof.real_minus) > 10.0)
+    assert prof.amplitude_real == x[above[0]] and prof.amplitude_linearized == x[above[0]]
+    assert np.all(np.maximum(prof.real_plus, prof.real_minus)[:above[0]] <= 10.0)
+
+
+def test_nonlinear_network_profiles_differ_and_at_reads_other_tolerances(tiny_mlp, dense_hessian):
+    model, X, y = tiny_mlp(seed=1, N=40)
+    prof = loss_along_top(model, F.cross_entropy, (X, y), factor=3.0, n=30)
+    lam = _top_eigenvalue(dense_hessian, model, F.cross_entropy, X, y)
+    assert prof.lam == pytest.approx(lam, rel=1e-6)
+    assert prof.real_secant[0] == pytest.approx(1.0, abs=1e-3)
+    rel = np.abs(prof.real_plus / prof.linearized_plus - 1)
+    assert rel[0] < 1e-4 and rel[-1] > 1e-2
+    assert prof.at(3.0)["real"] == (prof.amplitude_real, prof.secant_real)
+    assert prof.at(3.0)["linearized"] == (prof.amplitude_linearized, prof.secant_linearized)
+    assert prof.secant_ratio == pytest.approx(prof.secant_linearized / prof.secant_real)
+    assert np.isnan(prof.at(1e12)["real"][0])                  # never reached on the grid
+    assert set(prof.to_dict()) >= {"lam", "secant_ratio", "amplitudes"}
+
+
+def test_refuses_bad_input(tiny_mlp):
+    model, X, y = tiny_mlp()
+    with pytest.raises(ValueError, match="factor"):
+        loss_along_top(model, F.cross_entropy, (X, y), factor=1.0)
+    with pytest.raises(ValueError, match="span"):
+        loss_along_top(model, F.cross_entropy, (X, y), span=(2.0, 1.0))
+    with pytest.raises(TypeError, match="model"):
+        loss_along_top(lambda x: x, F.cross_entropy, (X, y))
