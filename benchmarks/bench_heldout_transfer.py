@@ -24,6 +24,7 @@ seed 3). The three development networks are summarised from the stored results o
 
     python benchmarks/bench_heldout_transfer.py --net gelu      # ~5 min, one thread
     python benchmarks/bench_heldout_transfer.py --net tanh64
+    python benchmarks/bench_heldout_transfer.py --net gelu --momentum 0.9
     python benchmarks/bench_heldout_transfer.py --net summary    # all five from stored JSON
 """
 
@@ -35,13 +36,10 @@ import numpy as np
 from _common import RESULTS, base_parser, environment, setup_torch, write_json
 from bench_criterion import BATCH_SIZES, transfer_ratios
 
+from nets.learning_rates.transfer import secant_correction
+
 HELD_OUT = {"gelu": dict(seed=2, hidden=(48,), activation="gelu"),
             "tanh64": dict(seed=3, hidden=(64,), activation="tanh")}
-
-
-def correction(lam, lam_prime, s_lin, s_real):
-    """1 − (1 − s_lin/s_real)·λ₁/λ'(B) (module docstring)."""
-    return 1.0 - (1.0 - s_lin / s_real) * lam / np.asarray(lam_prime, float)
 
 
 def transfers(real, shape):
@@ -52,7 +50,7 @@ def transfers(real, shape):
 
 
 def rows(real, lam, lam_prime, lin, s_lin, s_real):
-    pred = np.asarray(lin, float) * correction(lam, lam_prime, s_lin, s_real)
+    pred = np.asarray(lin, float) * secant_correction(lam, lam_prime, s_lin / s_real)
     out = {"real": real, "lam": lam, "lam_prime": lam_prime, "linearized": lin,
            "secant_ratio": s_lin / s_real, "corrected": pred}
     for name, shape in (("directional", 1.0 / np.asarray(lam_prime, float)),
@@ -64,28 +62,35 @@ def rows(real, lam, lam_prime, lin, s_lin, s_real):
     return out
 
 
-def measure(name):
+def measure(name, momentum=0.0):
+    """Real thresholds (8 seeds) and the three forms on a held-out network at `momentum`;
+    the linearised threshold and its correction are `transfer_lr(form="linearized")`'s
+    (rank 200, 3 batch sequences, tolerance 10, 200 steps; with momentum the correction
+    uses λ'_ρ(B), the directional form 1/λ'_ρ(B))."""
     import torch.nn.functional as F
-    from bench_quadratic_model import secant_along_top
 
-    from nets import linearized_threshold, transfer_lr
+    from nets import transfer_lr
     from nets.learning_rates.lr_search import training_threshold
     from nets.training.loops import trained_digits_mlp
 
     model, data = trained_digits_mlp(**HELD_OUT[name])
-    local = transfer_lr(model, F.cross_entropy, data, BATCH_SIZES, reference=(8, 1.0), momentum=0.0)
+    kw = dict(reference=(8, 1.0), momentum=momentum)
+    local = transfer_lr(model, F.cross_entropy, data, BATCH_SIZES, form="directional", **kw)
     limit = np.asarray(local.stability_limit, float)
     real = training_threshold(model, F.cross_entropy, data, BATCH_SIZES, criterion="divergence",
-                              momentum=0.0, steps=200, seeds=tuple(range(8)), progress=False,
+                              momentum=momentum, steps=200, seeds=tuple(range(8)), progress=False,
                               unbracketed="nan",
                               lr0=lambda B: float(np.interp(B, local.batch_sizes, limit)))
-    sec = secant_along_top(model, *data)
-    lin = linearized_threshold(model, F.cross_entropy, data, BATCH_SIZES, momentum=0.0,
-                               factor=10.0, steps=200, seeds=(0, 1, 2), rank=200, progress=False)
-    out = rows(real.lr, sec["lam"], 2.0 / limit, lin.lr, sec["linearized"]["k10"]["secant_over_lam"],
-               sec["real"]["k10"]["secant_over_lam"])
+    lin = transfer_lr(model, F.cross_entropy, data, BATCH_SIZES, form="linearized", factor=10.0,
+                      steps=200, n_seeds=3, **kw)
+    out = rows(real.lr, lin.lam, lin.effective_curvature, lin.linearized_lr, lin.secant_ratio, 1.0)
     out["real_stderr"] = real.stderr
+    out["momentum"] = momentum
     return out
+
+
+def output_name(name, momentum=0.0):
+    return f"bench_heldout_transfer_{name}" + ("" if momentum == 0 else f"_m{momentum:g}")
 
 
 def stored(name):
@@ -103,16 +108,20 @@ def stored(name):
 def main(argv=None):
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--net", choices=(*HELD_OUT, "summary"), default="summary")
+    p.add_argument("--momentum", type=float, default=0.0, help="heavy-ball momentum (held-out nets)")
     args = p.parse_args(argv)
     setup_torch(args)
     if args.net != "summary":
         out = {"environment": environment(), "net": args.net, **HELD_OUT[args.net],
-               "batch_sizes": list(BATCH_SIZES), **measure(args.net)}
-        print("wrote", write_json(f"bench_heldout_transfer_{args.net}", out, args.out))
+               "batch_sizes": list(BATCH_SIZES), **measure(args.net, args.momentum)}
+        print("wrote", write_json(output_name(args.net, args.momentum), out, args.out))
         return
     table = {name: stored(name) for name in ("mlp", "cnn", "mlp_relu")}
     for name in HELD_OUT:
-        table[name] = json.loads((RESULTS / f"bench_heldout_transfer_{name}.json").read_text())
+        table[name] = json.loads((RESULTS / f"{output_name(name)}.json").read_text())
+        path = RESULTS / f"{output_name(name, 0.9)}.json"
+        if path.exists():
+            table[f"{name}_m0.9"] = json.loads(path.read_text())
     for name, r in table.items():
         print(f"{name}: real {np.round(np.asarray(r['real'], float), 3)}; worst transfer "
               + ", ".join(f"{k} {np.round(r[f'worst_{k}'], 2)}" for k in ("directional", "linearized", "corrected")))

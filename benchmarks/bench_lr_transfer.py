@@ -72,13 +72,14 @@ def main(argv=None):
     for name in args.nets.split(","):
         model, data, loss = network(name)
         res = {"study": transfer_study(model, loss, data, Bs, seeds=seeds, steps=args.steps,
-                                       store=store, extra_forms=("resolved",),
+                                       store=store, form="directional", extra_forms=("resolved",),
                                        measured_batches=args.measured_batches, progress=True)}
         for crit in args.criteria.split(","):
             if crit == "divergence":
                 continue
             for m in (0.0, 0.9):
-                local = transfer_lr(model, loss, data, Bs, reference=(Bs[0], 1.0), momentum=m)
+                local = transfer_lr(model, loss, data, Bs, reference=(Bs[0], 1.0), momentum=m,
+                                    form="directional")
                 thr = training_threshold(   # NaN where the criterion never fires (onset)
                     model, loss, data, Bs, criterion=crit, momentum=m,
                     steps=args.steps if crit != "onset" else 60, seeds=seeds, store=store,

@@ -1,5 +1,5 @@
-"""The correction and the transfer ratios of `benchmarks/bench_heldout_transfer.py`
-against values worked by hand."""
+"""The transfer ratios of `benchmarks/bench_heldout_transfer.py`
+against values worked by hand (the correction's own: tests/test_lr_transfer.py)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,6 @@ def bench():
     return import_benchmark("bench_heldout_transfer")
 
 
-def test_correction_by_hand(bench):
-    # 1 − (1 − 0.8)·λ/λ': λ = 1, λ' = 1 (deterministic) → 0.8; λ' = 4 → 0.95
-    np.testing.assert_allclose(bench.correction(1.0, [1.0, 4.0], 0.8, 1.0), [0.8, 0.95])
-    np.testing.assert_allclose(bench.correction(0.3, [0.5, 2.0], 2.0, 2.0), [1.0, 1.0])
-
-
 def test_transfer_ratios_by_hand(bench):
     real = np.array([1.0, 2.0, 4.0, 8.0])
     shape = real * np.array([1.0, 1.0, 1.0, 2.0])        # one point off by 2×
@@ -27,4 +21,6 @@ def test_transfer_ratios_by_hand(bench):
     np.testing.assert_allclose(t["B512"], [0.5, 0.5, 0.5, 1.0])
     r = bench.rows(real, 1.0, [2.0, 1.5, 1.2, 1.0], shape, 0.5, 1.0)
     assert r["worst_linearized"] == [0.5, 2.0]
+    assert bench.output_name("gelu") == "bench_heldout_transfer_gelu"
+    assert bench.output_name("gelu", 0.9) == "bench_heldout_transfer_gelu_m0.9"
     np.testing.assert_allclose(r["corrected"], shape * (1 - 0.5 / np.array([2.0, 1.5, 1.2, 1.0])))

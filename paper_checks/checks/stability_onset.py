@@ -62,7 +62,7 @@ def run(ctx):
     for m in ctx.bar(list(MOMENTA), "momentum"):
         key = f"m{m:g}"
         local = transfer_lr(model, loss_fn, data, Bs, reference=(int(Bs[0]), 1.0), momentum=m,
-                            seed=ctx.seed)
+                            form="directional", seed=ctx.seed)
         guess = lambda B, local=local: float(np.interp(B, local.batch_sizes, local.stability_limit))
         found = training_threshold(model, loss_fn, data, Bs, criterion="onset", momentum=m,
                                    steps=STEPS, seeds=(ctx.seed,), lr0=guess,
