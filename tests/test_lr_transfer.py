@@ -6,6 +6,7 @@ transfer rule computed by hand from them, and full-batch gradient descent on tha
 quadratic, whose divergence threshold is exactly 2(1+m)/λ_max.
 """
 
+import copy
 import json
 
 import numpy as np
@@ -228,3 +229,39 @@ def test_secant_correction_by_hand():
     # 1 − (1 − 0.8)·λ/λ': λ = 1, λ' = 1 (deterministic) → 0.8; λ' = 4 → 0.95; ratio 1 → 1
     np.testing.assert_allclose(secant_correction(1.0, [1.0, 4.0], 0.8), [0.8, 0.95])
     np.testing.assert_allclose(secant_correction(0.3, [0.5, 2.0], 1.0), [1.0, 1.0])
+
+
+def test_self_stabilisation_trace_follows_torch_sgd():
+    """every=k reads λ₁, the loss and ‖w_t − w₀‖ along the run: against a hand-run torch
+    SGD with momentum on the same batches (same generator) and the dense λ₁ of the
+    weight-independent MSE Hessian of a linear model."""
+    from nets.learning_rates.lr_search import self_stabilisation
+
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(40, 4, generator=g, dtype=torch.float64)
+    y = torch.randn(40, 1, generator=g, dtype=torch.float64)
+    model = torch.nn.Linear(4, 1, bias=False).double()
+    mse = torch.nn.functional.mse_loss
+    st = self_stabilisation(model, mse, (X, y), factor=1.5, batch_size=8, steps=30,
+                            momentum=0.5, seed=2, every=10)
+    lam = float(torch.linalg.eigvalsh(2.0 * X.T @ X / len(X))[-1])
+    np.testing.assert_array_equal(st.trace_steps, [0, 10, 20, 30])
+    np.testing.assert_allclose(st.trace_lam, lam, rtol=1e-8)
+    net = copy.deepcopy(model)
+    opt = torch.optim.SGD(net.parameters(), lr=1.5 / lam, momentum=0.5)
+    gen = torch.Generator().manual_seed(2)
+    w0 = net.weight.detach().clone()
+    dist, ratio = [0.0], [1.0]
+    L0 = float(mse(net(X), y))
+    for t in range(1, 31):
+        idx = torch.randperm(len(X), generator=gen)[:8]
+        opt.zero_grad()
+        mse(net(X[idx]), y[idx]).backward()
+        opt.step()
+        if t % 10 == 0:
+            dist.append(float((net.weight - w0).norm()))
+            ratio.append(float(mse(net(X), y)) / L0)
+    np.testing.assert_allclose(st.trace_distance, dist, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(st.trace_loss_ratio, ratio, rtol=1e-9)
+    json.dumps(st.to_dict())
+    assert self_stabilisation(model, mse, (X, y), batch_size=8, steps=5).trace_lam is None

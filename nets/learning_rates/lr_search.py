@@ -676,7 +676,10 @@ class SelfStabilisation(Result):
 
     lam_before, lam_after : top eigenvalue at the checkpoint and after the run; lr =
     factor/lam_before; factor; batch_size; steps; momentum; loss_start, loss_max,
-    loss_last : mini-batch losses of the run (first, largest, last); seed."""
+    loss_last : mini-batch losses of the run (first, largest, last); seed. With `every=k`:
+    trace_steps (the steps 0, k, 2k, … at which the run was read, until it stopped),
+    trace_lam λ₁ there, trace_loss_ratio the full-data loss over its start and
+    trace_distance ‖w_t − w₀‖ (None without `every`)."""
 
     lam_before: float
     lam_after: float
@@ -689,17 +692,24 @@ class SelfStabilisation(Result):
     loss_max: float
     loss_last: float
     seed: int
+    trace_steps: np.ndarray | None = None
+    trace_lam: np.ndarray | None = None
+    trace_loss_ratio: np.ndarray | None = None
+    trace_distance: np.ndarray | None = None
 
 
 def self_stabilisation(model, loss_fn, data, *, factor=4.0, batch_size=512, steps=200,
-                       momentum=0.0, seed=0) -> SelfStabilisation:
+                       momentum=0.0, seed=0, every=None) -> SelfStabilisation:
     """Run SGD at α = factor/λ₁ (above the deterministic limit 2/λ₁ when factor > 2) from
     the checkpoint and measure λ₁ again: a network that reduces its own curvature when
     pushed past the local limit (catapult, self-stabilisation) ends with λ₁·α < 2.
 
     Heavy-ball momentum `momentum`; batches of `batch_size` drawn without replacement by
     `torch.Generator().manual_seed(seed)`; the model is not modified (a copy is trained,
-    in eval mode). λ₁ by `nets.algorithms.spectra.top_eigenvalues` (k = 1, eval mode too)."""
+    in eval mode). λ₁ by `nets.algorithms.spectra.top_eigenvalues` (k = 1, eval mode too).
+    every : also read λ₁, the full-data loss and the distance travelled every `every`
+    steps (one Lanczos run each; the run stops early once that loss is non-finite or
+    above 10⁶× its start)."""
     from nets.algorithms.spectra import top_eigenvalues
     from nets.utils.data_source import as_data_source
 
@@ -715,15 +725,37 @@ def self_stabilisation(model, loss_fn, data, *, factor=4.0, batch_size=512, step
     net = copy.deepcopy(model).eval()
     params = _flat_params(net)
     bufs = [torch.zeros_like(p) for p in params]
+    every = None if every is None else as_int("every", every, minimum=1)
     lr = factor / lam0
     gen = torch.Generator().manual_seed(seed)
+    w0 = [p.detach().clone() for p in params]
+    trace = []
+
+    def read(t):
+        with torch.no_grad():
+            L = float(_full_data_loss(net, loss_fn, X, y, 4096))
+            dist = math.sqrt(sum(float(((p - q) ** 2).sum()) for p, q in zip(params, w0)))
+        lam = (float(top_eigenvalues(net, loss_fn, (X, y), k=1, seed=seed, policy="eval")[0])
+               if math.isfinite(L) else math.nan)
+        trace.append((t, lam, L, dist))
+        return math.isfinite(L) and L <= 1e6 * trace[0][2]
+
     losses = []
-    for _ in range(steps):
+    if every is not None:
+        read(0)
+    for t in range(1, steps + 1):
         loss = _sgd_step(net, params, bufs, loss_fn, X, y, B, gen, lr, momentum)
         losses.append(float(loss.detach()))
         if not math.isfinite(losses[-1]):
             break
+        if every is not None and t % every == 0 and not read(t):
+            break
     lam1 = (float(top_eigenvalues(net, loss_fn, (X, y), k=1, seed=seed, policy="eval")[0])
             if math.isfinite(losses[-1]) else math.nan)
+    extra = {}
+    if every is not None:
+        tr = np.array(trace, dtype=float)
+        extra = dict(trace_steps=tr[:, 0].astype(int), trace_lam=tr[:, 1],
+                     trace_loss_ratio=tr[:, 2] / tr[0, 2], trace_distance=tr[:, 3])
     return SelfStabilisation(lam0, lam1, lr, factor, B, steps, momentum, losses[0],
-                             max(losses), losses[-1], seed)
+                             max(losses), losses[-1], seed, **extra)
