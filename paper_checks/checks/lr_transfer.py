@@ -16,9 +16,9 @@ reported as measured/(2(1+m)/λ'_m(B)) and measured/(2(1+m)/λ'(B)) (the determi
 momentum factor) — no correction factor is fitted to the measurement.
 
 Pass iff transfer/measured ∈ [0.85, 1.15] (m = 0) and [0.80, 1.20] (m = 0.9) at every B,
-for both anchors. Default run: B ∈ {8, 32, 128, 512}, three seeds, 200 steps (≈5 min on
-2 CPU cores, about half of it the linearised thresholds; --quick: one seed, 120 steps,
-rank 40).
+for both anchors. Default run: B ∈ {8, 32, 128, 512}, three seeds, 200 steps (≈3 min on
+2 threads, 5 min on one, most of it the linearised thresholds; --quick: one seed, 120
+steps, rank 40).
 The CNN, held-out networks and more seeds: benchmarks/bench_lr_transfer.py,
 benchmarks/bench_heldout_transfer.py.
 """
