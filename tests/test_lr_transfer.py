@@ -210,7 +210,8 @@ def test_linearized_form_reanchors_and_checks_its_rank(tiny_mlp):
     with pytest.raises(ValueError, match="batch_sizes"):
         a.with_reference((32, 1.0))
     for bad, match in ((dict(factor=1.0), "factor"), (dict(rank=0), "rank"),
-                       (dict(n_seeds=0), "n_seeds"), (dict(steps=0), "steps")):
+                       (dict(n_seeds=0), "n_seeds"), (dict(steps=0), "steps"),
+                       (dict(factor=1e12), "never reaches")):
         with pytest.raises(ValueError, match=match):
             transfer_lr(model, loss, (X, y), [4], reference=(16, 0.3), **{**kw, **bad})
 

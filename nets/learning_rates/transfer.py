@@ -324,13 +324,13 @@ def _linearized_shape(model, loss_fn, data, batch_sizes, lam, eff, *, momentum, 
                                     seeds=tuple(range(seed, seed + n_seeds)), device=device,
                                     seed=seed, rank=r, progress=progress)
 
-    lin = threshold(rank)
-    prof = loss_along_top(model, loss_fn, data, factor=factor, seed=seed)
+    prof = loss_along_top(model, loss_fn, data, factor=factor, seed=seed)    # cheap: first
     ratio = prof.secant_ratio
     if not np.isfinite(ratio):
         raise ValueError(f"the loss along the top eigenvector never reaches {factor:g}× its "
                          "start on the profile's grid; the correction is undefined (use "
                          "form='directional' or a smaller factor)")
+    lin = threshold(rank)
     corr = secant_correction(lam, eff, ratio)
     alpha = np.asarray(lin.lr, dtype=float)
     stderr = np.nan_to_num(np.asarray(lin.stderr, dtype=float))
