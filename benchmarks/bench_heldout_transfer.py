@@ -49,10 +49,10 @@ def transfers(real, shape):
     return {f"B{B0}": transfer_ratios(real, shape, B0) for B0 in (32, 512)}
 
 
-def rows(real, lam, lam_prime, lin, s_lin, s_real):
-    pred = np.asarray(lin, float) * secant_correction(lam, lam_prime, s_lin / s_real)
+def rows(real, lam, lam_prime, lin, secant_ratio):
+    pred = np.asarray(lin, float) * secant_correction(lam, lam_prime, secant_ratio)
     out = {"real": real, "lam": lam, "lam_prime": lam_prime, "linearized": lin,
-           "secant_ratio": s_lin / s_real, "corrected": pred}
+           "secant_ratio": secant_ratio, "corrected": pred}
     for name, shape in (("directional", 1.0 / np.asarray(lam_prime, float)),
                         ("linearized", lin), ("corrected", pred)):
         t = transfers(real, shape)
@@ -74,16 +74,14 @@ def measure(name, momentum=0.0):
     from nets.training.loops import trained_digits_mlp
 
     model, data = trained_digits_mlp(**HELD_OUT[name])
-    kw = dict(reference=(8, 1.0), momentum=momentum)
-    local = transfer_lr(model, F.cross_entropy, data, BATCH_SIZES, form="directional", **kw)
-    limit = np.asarray(local.stability_limit, float)
+    lin = transfer_lr(model, F.cross_entropy, data, BATCH_SIZES, reference=(8, 1.0),
+                      momentum=momentum, form="linearized", factor=10.0, steps=200, n_seeds=3)
+    limit = np.asarray(lin.stability_limit, float)        # the directional local limit
     real = training_threshold(model, F.cross_entropy, data, BATCH_SIZES, criterion="divergence",
                               momentum=momentum, steps=200, seeds=tuple(range(8)), progress=False,
                               unbracketed="nan",
-                              lr0=lambda B: float(np.interp(B, local.batch_sizes, limit)))
-    lin = transfer_lr(model, F.cross_entropy, data, BATCH_SIZES, form="linearized", factor=10.0,
-                      steps=200, n_seeds=3, **kw)
-    out = rows(real.lr, lin.lam, lin.effective_curvature, lin.linearized_lr, lin.secant_ratio, 1.0)
+                              lr0=lambda B: float(np.interp(B, lin.batch_sizes, limit)))
+    out = rows(real.lr, lin.lam, lin.effective_curvature, lin.linearized_lr, lin.secant_ratio)
     out["real_stderr"] = real.stderr
     out["momentum"] = momentum
     return out
@@ -101,8 +99,8 @@ def stored(name):
     q = json.loads((RESULTS / f"bench_quadratic_model_{name}.json").read_text())["along_top"]
     lin = json.loads((RESULTS / f"bench_linearized_rank_{name}.json").read_text())["m0"]["ranks"]["r200"]["lr"]
     return rows(np.asarray(st["measured_m0"], float), st["lam"], 2.0 / np.asarray(st["local_limit_m0"], float),
-                np.asarray(lin, float), q["linearized"]["k10"]["secant_over_lam"],
-                q["real"]["k10"]["secant_over_lam"])
+                np.asarray(lin, float),
+                q["linearized"]["k10"]["secant_over_lam"] / q["real"]["k10"]["secant_over_lam"])
 
 
 def main(argv=None):

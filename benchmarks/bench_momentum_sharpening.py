@@ -48,7 +48,7 @@ def follow(name):
               f"{st.trace_loss_ratio[-1]:.3g}; ‖Δw‖ at step 10, 20: "
               f"{np.round(st.trace_distance[1:3], 1)}", flush=True)
         rows.append({"momentum": m, "multiple": mult, "threshold": threshold, "lr": lr,
-                     "edge_lam": edge, **{k: v for k, v in st.to_dict().items()}})
+                     "edge_lam": edge, **st.to_dict()})
     return {"lam": lam, "runs": rows}
 
 

@@ -19,7 +19,7 @@ def test_transfer_ratios_by_hand(bench):
     t = bench.transfers(real, shape)
     np.testing.assert_allclose(t["B32"], [1.0, 1.0, 1.0, 2.0])
     np.testing.assert_allclose(t["B512"], [0.5, 0.5, 0.5, 1.0])
-    r = bench.rows(real, 1.0, [2.0, 1.5, 1.2, 1.0], shape, 0.5, 1.0)
+    r = bench.rows(real, 1.0, [2.0, 1.5, 1.2, 1.0], shape, 0.5)
     assert r["worst_linearized"] == [0.5, 2.0]
     assert bench.output_name("gelu") == "bench_heldout_transfer_gelu"
     assert bench.output_name("gelu", 0.9) == "bench_heldout_transfer_gelu_m0.9"

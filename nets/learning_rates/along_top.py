@@ -103,6 +103,7 @@ def loss_along_top(model, loss_fn, data, *, factor=10.0, n=60, span=(0.02, 20.0)
     seed : the Lanczos start."""
     from torch.func import functional_call, jvp
 
+    from nets.curvature.params import unflatten_to_dict
     from nets.learning_rates.lr_search import _top_direction
     from nets.utils.data_source import as_data_source
 
@@ -121,15 +122,11 @@ def loss_along_top(model, loss_fn, data, *, factor=10.0, n=60, span=(0.02, 20.0)
     net = copy.deepcopy(model).double().eval()
     Xd = X.double() if X.is_floating_point() else X
     yd = y.double() if y.is_floating_point() else y
-    named = [(name, p) for name, p in net.named_parameters() if p.requires_grad]
-    w0 = {name: p.detach() for name, p in named}
+    w0 = {name: p.detach() for name, p in net.named_parameters() if p.requires_grad}
     u, lam = _top_direction(net, loss_fn, (Xd, yd), as_seed("seed", seed))
     if not lam > 0:
         raise ValueError(f"the top Hessian eigenvalue is {lam}; the profile needs λ₁ > 0")
-    du, i = {}, 0
-    for name, p in named:
-        du[name] = u[i:i + p.numel()].reshape(p.shape).to(torch.float64)
-        i += p.numel()
+    du = unflatten_to_dict(net, u.to(torch.float64))
     with torch.no_grad():
         z0, Ju = jvp(lambda p: functional_call(net, p, (Xd,)), (w0,), (du,))
         L0 = float(loss_fn(z0, yd))
@@ -145,9 +142,8 @@ def loss_along_top(model, loss_fn, data, *, factor=10.0, n=60, span=(0.02, 20.0)
             fm = np.array([float(loss_fn(outputs(-float(x)), yd)) for x in xs])
         fields[f"{name}_plus"], fields[f"{name}_minus"] = fp / L0, fm / L0
         fields[f"{name}_secant"] = (fp + fm - 2 * L0) / xs ** 2 / lam
-    A_r, s_r = _first_above(xs, fields["real_plus"], fields["real_minus"], fields["real_secant"], k)
-    A_l, s_l = _first_above(xs, fields["linearized_plus"], fields["linearized_minus"],
-                            fields["linearized_secant"], k)
+    (A_r, s_r), (A_l, s_l) = (_first_above(xs, fields[f"{name}_plus"], fields[f"{name}_minus"],
+                                           fields[f"{name}_secant"], k) for name in models)
     return LossAlongTop(lam=float(lam), L0=L0, amplitudes=xs, **fields, factor=k,
                         amplitude_real=A_r, amplitude_linearized=A_l, secant_real=s_r,
                         secant_linearized=s_l, secant_ratio=float(s_l / s_r))

@@ -211,9 +211,9 @@ def _run_columns(J, z0, y, loss_fn, batch_size, n_cols, steps, seed, step, out_s
     dead = torch.zeros(n_cols, dtype=torch.bool)
     live = torch.ones(n_cols, dtype=torch.bool)
     for t in range(1, steps + 1):
-        idx = torch.randperm(N, generator=gen)[:batch_size].to(J.device)
         if not live.any():
-            continue                   # keep drawing: the batch sequence is the seed's
+            break                      # every column decided
+        idx = torch.randperm(N, generator=gen)[:batch_size].to(J.device)
         on = live.nonzero().flatten().to(J.device)
         JB = J[idx]
         with torch.no_grad():

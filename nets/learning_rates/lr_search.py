@@ -750,8 +750,11 @@ def self_stabilisation(model, loss_fn, data, *, factor=4.0, batch_size=512, step
             break
         if every is not None and t % every == 0 and not read(t):
             break
-    lam1 = (float(top_eigenvalues(net, loss_fn, (X, y), k=1, seed=seed, policy="eval")[0])
-            if math.isfinite(losses[-1]) else math.nan)
+    if trace and trace[-1][0] == len(losses):          # read at the last step already
+        lam1 = trace[-1][1]
+    else:
+        lam1 = (float(top_eigenvalues(net, loss_fn, (X, y), k=1, seed=seed, policy="eval")[0])
+                if math.isfinite(losses[-1]) else math.nan)
     extra = {}
     if every is not None:
         tr = np.array(trace, dtype=float)

@@ -54,8 +54,10 @@ def transfer_study(model, loss_fn, data, batch_sizes, *, momenta=(0.0, 0.9), anc
     form : the `transfer_lr` form that is "the transfer" ("linearized": the linearised
         network's threshold with the same steps, tolerance 10 and as many batch sequences
         as `seeds`, in its top `rank` Gauss–Newton directions, corrected along u; it also
-        stores linearized_{key} α_lin(B), correction_{key} and secant_ratio). extra_forms : other forms of `transfer_lr`
-        ("directional", "resolved", "subspace") compared the same way (keys
+        stores linearized_{key} α_lin(B), correction_{key} and secant_ratio). For any form
+        but "directional" the directional form's ratios are stored beside it
+        (ratio_directional_B{B0}_m{m}, from the local-limit pass). extra_forms : other
+        forms of `transfer_lr` ("resolved", "subspace") compared the same way (keys
         ratio_{form}_B{B0}_m{m}). measured_batches > 0 adds the diagnostic "measured"
         transfer: the mean-square rule with λ'(B) replaced by the *measured* mean top
         eigenvalue of H_B over that many batches (`measure_batch_top_eigenvalue`) — it
@@ -112,6 +114,8 @@ def transfer_study(model, loss_fn, data, batch_sizes, *, momenta=(0.0, 0.9), anc
             i0 = list(Bs).index(B0)
             a0 = float(meas.lr[i0])
             tr = shape.with_reference((B0, a0))
+            if form != "directional":
+                out[f"ratio_directional_B{B0}_{key}"] = local.with_reference((B0, a0)).lr / meas.lr
             out[f"transfer_B{B0}_{key}"] = tr.lr
             out[f"transfer_stderr_B{B0}_{key}"] = tr.lr_stderr
             out[f"ratio_B{B0}_{key}"] = tr.lr / meas.lr
@@ -140,8 +144,7 @@ def run(ctx):
     steps = ctx.pick(200, 120)
     seeds = ctx.pick((ctx.seed, ctx.seed + 1, ctx.seed + 2), (ctx.seed,))
     st = transfer_study(model, F.cross_entropy, (X, y), Bs, momenta=momenta, seeds=seeds,
-                        steps=steps, seed=ctx.seed, extra_forms=("directional",),
-                        rank=ctx.pick(200, 40),
+                        steps=steps, seed=ctx.seed, rank=ctx.pick(200, 40),
                         progress=False, bar=ctx.bar)
     failures, summary, details = [], [], {"lam": st["lam"], "s_u2": st["s2"], "N": st["N"],
                                           "B_star": st["critical_batch_size"], "steps": steps,
