@@ -35,6 +35,7 @@ class Context:
     scale: str = "default"           # "default" (CPU, embedded data) | "paper" (GPU, CIFAR)
     data: Path | None = None         # CIFAR folder for --scale paper
     progress: bool = True            # show nested tqdm bars inside checks
+    bar_position: int = 1            # their line under the main bar (one per worker process)
     cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     def rng(self, tag: str) -> np.random.Generator:
@@ -50,7 +51,7 @@ class Context:
         if not self.progress:
             return iterable
         from tqdm.auto import tqdm
-        return tqdm(iterable, desc=f"  {desc}", total=total, leave=False, position=1,
+        return tqdm(iterable, desc=f"  {desc}", total=total, leave=False, position=self.bar_position,
                     dynamic_ncols=True)
 
     def config_key(self) -> str:

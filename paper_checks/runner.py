@@ -1,4 +1,4 @@
-"""Run checks one after another, writing each as soon as it finishes, resumably.
+"""Run checks, writing each as soon as it finishes, resumably; serially or in worker processes.
 
 A check is any object (normally a module in `paper_checks.checks`) with
 `NAME: str`, `CLAIM: str`, `REQUIRES: tuple[str, ...]` ('module:attr' it needs),
@@ -20,6 +20,19 @@ For each check the runner
    run resumes without redoing finished checks. Skipped and errored checks are retried
    on the next run.
 
+Parallel runs (`jobs` > 1): the checks still to compute are grouped — checks that
+declare the same `SHARES` tag (an in-process cache, e.g. one simulation read by three
+checks) form one group and run in one process — and the groups go to `jobs` worker
+processes (spawned, each capped at `threads` BLAS/torch threads), the costliest first
+by the checks' `COST` hints (typical seconds on one thread; 10 when absent) so that the
+longest ones start at once. Every check draws its randomness from `ctx.rng(tag)`, so
+the numbers do not depend on which process ran it or in what order; they can differ in
+the last digits from a serial run with a different thread count (floating-point
+reductions), and chaotic ones (real training near its threshold) by more. The parent
+process does all the writing (JSON, figure, store, README callback) as each result
+arrives, and returns the results in the order of `checks`. Nested progress bars of the
+workers take the lines below the main bar, one per worker.
+
 One run at a time per report folder: `run_checks` holds an exclusive lock on
 `<out>/.paper_checks.lock` (an OS file lock, released when the process ends, even if
 it is killed) and a second run into the same folder raises `ReportFolderInUse` before
@@ -29,6 +42,7 @@ computing anything.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import tempfile
 import time
@@ -40,6 +54,7 @@ from .context import Context, MissingDependency, require
 from .result import CheckResult
 
 STORE_NAME = ".resume.jsonl"
+DEFAULT_COST = 10.0          # seconds assumed for a check without a COST hint
 LOCK_NAME = ".paper_checks.lock"
 
 
@@ -149,8 +164,12 @@ def draw(check, result: CheckResult, path: Path) -> str | None:
 def run_checks(checks: Sequence, ctx: Context, out_dir: str | Path, *, fresh: bool = False,
                progress: bool = True,
                on_result: Callable[[CheckResult, bool], None] | None = None,
-               lock: bool = True) -> list[CheckResult]:
-    """Run `checks` in order; return their results (resumed ones included).
+               lock: bool = True, jobs: int = 1, threads: int = 1) -> list[CheckResult]:
+    """Run `checks`; return their results in the order of `checks` (resumed ones included).
+
+    jobs : worker processes (1: in this process, in order; module docstring); threads :
+    BLAS/torch threads of each worker (ignored for jobs = 1, where the caller's settings
+    hold).
 
     `on_result(result, resumed)` is called after each check is written (the CLI uses it
     to refresh the README so a partial run still leaves a readable report). With `lock`
@@ -158,30 +177,28 @@ def run_checks(checks: Sequence, ctx: Context, out_dir: str | Path, *, fresh: bo
     holds it); pass False only when the caller already holds `report_lock(out_dir)`.
     """
     out_dir = Path(out_dir)
+    jobs, threads = int(jobs), int(threads)
+    if jobs < 1 or threads < 1:
+        raise ValueError(f"jobs and threads must be >= 1, got jobs={jobs}, threads={threads}")
     if lock:
         with report_lock(out_dir):
-            return _run_locked(checks, ctx, out_dir, fresh, progress, on_result)
-    return _run_locked(checks, ctx, out_dir, fresh, progress, on_result)
+            return _run_locked(checks, ctx, out_dir, fresh, progress, on_result, jobs, threads)
+    return _run_locked(checks, ctx, out_dir, fresh, progress, on_result, jobs, threads)
 
 
-def _run_locked(checks, ctx, out_dir: Path, fresh: bool, progress: bool, on_result):
+def _run_locked(checks, ctx, out_dir: Path, fresh: bool, progress: bool, on_result,
+                jobs: int = 1, threads: int = 1):
     out_dir.mkdir(parents=True, exist_ok=True)
     store = _store(out_dir, fresh)
-    results: list[CheckResult] = []
+    keys = {check.NAME: f"{check.NAME}|{ctx.config_key()}" for check in checks}
+    results: dict[str, CheckResult] = {}
+    bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(checks, desc="paper checks", unit="check", position=0, dynamic_ncols=True)
-    else:
-        bar = checks
-    for check in bar:
-        if progress:
-            bar.set_postfix_str(check.NAME)
-        key = f"{check.NAME}|{ctx.config_key()}"
-        resumed = key in store
-        if resumed:
-            result = CheckResult.from_dict(store[key])
-        else:
-            result = run_one(check, ctx)
+        bar = tqdm(total=len(checks), desc="paper checks", unit="check", position=0,
+                   dynamic_ncols=True)
+
+    def finish(check, result, resumed):
         png = out_dir / f"{check.NAME}.png"
         if not resumed or not png.exists():
             err = draw(check, result, png)
@@ -189,11 +206,136 @@ def _run_locked(checks, ctx, out_dir: Path, fresh: bool, progress: bool, on_resu
                 result = result.with_(details={**result.details, "figure_error": err})
         result.save(out_dir / f"{check.NAME}.json")
         if not resumed and result.verdict in ("pass", "fail"):
-            store.put(key, result.to_dict())
-        results.append(result)
-        if progress:
+            store.put(keys[check.NAME], result.to_dict())
+        results[check.NAME] = result
+        if bar is not None:
+            bar.update(1)
             bar.write(f"  {result.verdict.upper():7s} {check.NAME} ({result.seconds:.1f}s)"
                       + (" [resumed]" if resumed else ""))
         if on_result is not None:
             on_result(result, resumed)
-    return results
+
+    pending = []
+    for check in checks:
+        if keys[check.NAME] in store:
+            finish(check, CheckResult.from_dict(store[keys[check.NAME]]), True)
+        else:
+            pending.append(check)
+    groups = _groups(pending)
+    try:
+        if jobs > 1 and len(groups) > 1:
+            _run_parallel(groups, ctx, min(jobs, len(groups)), threads, progress, finish, bar)
+        else:
+            for check in pending:
+                if bar is not None:
+                    bar.set_postfix_str(check.NAME)
+                finish(check, run_one(check, ctx), False)
+    finally:
+        if bar is not None:
+            bar.close()
+    return [results[check.NAME] for check in checks]
+
+
+def _groups(checks) -> list[list]:
+    """Checks that share a `SHARES` tag together (registry order inside a group); the
+    groups ordered by their summed `COST` hint, largest first."""
+    groups: dict[str, list] = {}
+    for check in checks:
+        groups.setdefault(getattr(check, "SHARES", None) or check.NAME, []).append(check)
+    cost = {tag: sum(float(getattr(c, "COST", DEFAULT_COST)) for c in g)
+            for tag, g in groups.items()}
+    return [groups[tag] for tag in sorted(groups, key=lambda t: -cost[t])]
+
+
+def _init_worker(threads: int, lock, slots) -> None:
+    """Worker start: cap its threads, share tqdm's lock, take a progress-bar line."""
+    from tqdm.auto import tqdm
+
+    limit_threads(threads)
+    tqdm.set_lock(lock)
+    with slots.get_lock():
+        global _BAR_POSITION
+        _BAR_POSITION = 1 + slots.value
+        slots.value += 1
+
+
+_BAR_POSITION = 1
+
+
+def _run_group(names: list[str], ctx: Context) -> list[dict]:
+    """Run one group of checks in a worker; their results as dictionaries."""
+    from .checks import load
+
+    ctx = dataclasses.replace(ctx, bar_position=_BAR_POSITION, cache={})
+    return [run_one(check, ctx).to_dict() for check in load(names)]
+
+
+def _run_parallel(groups, ctx, jobs, threads, progress, finish, bar) -> None:
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    from tqdm.auto import tqdm
+
+    spawn = mp.get_context("spawn")
+    lock = spawn.RLock()
+    tqdm.set_lock(lock)
+    with _thread_env(threads), ProcessPoolExecutor(max_workers=jobs, mp_context=spawn, initializer=_init_worker,
+                             initargs=(threads, lock, spawn.Value("i", 0))) as pool:
+        running = {pool.submit(_run_group, [c.NAME for c in g], ctx): g for g in groups}
+        try:
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    group = running.pop(fut)
+                    try:
+                        dicts = fut.result()
+                    except Exception as exc:  # noqa: BLE001 - a worker died: report, go on
+                        tb = traceback.format_exc()
+                        dicts = [CheckResult(
+                            name=c.NAME, claim=_claim(c), predicted="", measured="",
+                            tolerance="", verdict="error",
+                            reason=f"worker process failed: {type(exc).__name__}: {exc}",
+                            details={"traceback": tb}).to_dict() for c in group]
+                    for check, d in zip(group, dicts):
+                        finish(check, CheckResult.from_dict(d), False)
+                if bar is not None:
+                    bar.set_postfix_str(", ".join(c.NAME for g in running.values() for c in g)[:60])
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
+@contextlib.contextmanager
+def _thread_env(n: int):
+    """The thread-count environment variables set to `n` while worker processes start
+    (they read them when their BLAS loads, before any initializer runs)."""
+    names = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+    old = {v: os.environ.get(v) for v in names}
+    os.environ.update({v: str(n) for v in names})
+    try:
+        yield
+    finally:
+        for v, val in old.items():
+            if val is None:
+                os.environ.pop(v, None)
+            else:
+                os.environ[v] = val
+
+
+def limit_threads(n: int) -> None:
+    """Cap BLAS/OpenMP/torch threads. Environment variables only act on libraries not yet
+    loaded (and on worker processes started later), so this runs before the checks
+    import numpy-heavy code; torch is capped directly, and threadpoolctl is used for an
+    already-loaded BLAS when available."""
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+    try:
+        import torch
+        torch.set_num_threads(n)
+    except Exception:  # pragma: no cover
+        pass
+    try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(n)
+    except Exception:
+        pass

@@ -38,6 +38,9 @@ def _bad_option_cases(tmp: Path):
         (["--seed", "1.5"], "--seed"),
         (["--threads", "0"], "--threads"),
         (["--threads", "99999999999"], "--threads"),
+        (["--jobs", "0"], "--jobs"),
+        (["--jobs", "3", "--threads", "2"], "--jobs"),
+        (["--jobs", "2", "--threads", "1"], "--jobs"),
         (["--device", "tpu"], "--device"),
         (["--redraw", ""], "--redraw"),
         (["--redraw", str(a_file)], "--redraw"),
@@ -159,6 +162,44 @@ def test_failed_import_inside_a_check_is_an_error_and_exit_1(tmp_path, monkeypat
     assert saved["verdict"] == "error" and "rmt.no_such_module" in saved["reason"]
     assert "Traceback" in saved["details"]["traceback"]
     assert "ERROR" in capsys.readouterr().out
+
+
+def test_parallel_run_matches_serial_run_and_keeps_registry_order(tmp_path):
+    """--jobs 2: the checks run in two spawned processes; every check is seeded by its
+    own tag, so verdicts and numbers equal the serial run's, and the report and the
+    returned results keep the registry order whatever order they finished in."""
+    names = "ggn_wishart,eigenvector_overlap,batch_hessian_top"      # two groups
+    outs = {}
+    for jobs in (1, 2):
+        out = tmp_path / f"j{jobs}"
+        code = main(["--quick", "--no-progress", "--only", names, "--out", str(out),
+                     "--threads", "2", "--jobs", str(jobs)])
+        assert code == 0
+        outs[jobs] = out
+    registry = ["batch_hessian_top", "eigenvector_overlap", "ggn_wishart"]
+    for jobs, out in outs.items():
+        rows = [line.split("|")[1].strip() for line in (out / "README.md").read_text().splitlines()
+                if line.startswith("| ") and line.split("|")[1].strip() in registry]
+        assert rows == registry, (jobs, rows)
+        keys = [json.loads(line)["key"].split("|")[0]
+                for line in (out / STORE_NAME).read_text().splitlines()]
+        assert sorted(keys) == sorted(registry)
+        assert all((out / f"{n}.png").exists() for n in registry)
+    for n in registry:
+        a, b = (json.loads((outs[j] / f"{n}.json").read_text()) for j in (1, 2))
+        assert a["verdict"] == b["verdict"] == "pass"
+        assert a["predicted"] == b["predicted"] and a["measured"] == b["measured"], n
+
+
+def test_parallel_groups_keep_shared_checks_together_costliest_first():
+    from types import SimpleNamespace as NS
+
+    from paper_checks.runner import DEFAULT_COST, _groups
+
+    checks = [NS(NAME="a"), NS(NAME="s1", SHARES="sim"), NS(NAME="big", COST=500),
+              NS(NAME="s2", SHARES="sim", COST=DEFAULT_COST), NS(NAME="mid", COST=15)]
+    groups = [[c.NAME for c in g] for g in _groups(checks)]
+    assert groups == [["big"], ["s1", "s2"], ["mid"], ["a"]]
 
 
 # ---- the network-spectra verdict rule -------------------------------------------

@@ -154,7 +154,9 @@ def test_paper_checks_killed_after_first_check_resumes(tmp_path, monkeypatch):
     assert names.index(FIRST) < names.index(SECOND)
     out = tmp_path / "report"
     store_path = out / STORE_NAME
-    argv = ["--quick", "--only", f"{FIRST},{SECOND}", "--out", str(out), "--no-progress"]
+    # one process, in registry order: the kill must land between the two checks
+    argv = ["--quick", "--only", f"{FIRST},{SECOND}", "--out", str(out), "--no-progress",
+            "--jobs", "1"]
     env = dict(os.environ, MPLBACKEND="Agg")
     proc = subprocess.Popen([sys.executable, "-m", "paper_checks", *argv], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -46,6 +46,7 @@ CLAIM = ("Adam in real training: the largest stable lr from a warmed optimizer s
          "and the linear rule; fresh-state first-step limit reported separately.")
 REQUIRES = ("nets.learning_rates.adam:adam_threshold", "nets.learning_rates.adam:predict_adam_max_lr",
             "nets.learning_rates.adam:adam_transfer_lr", "nets.training.loops:trained_digits_mlp")
+COST = 25   # typical seconds on one thread (orders the parallel run only)
 BETAS, EPS, WARMUP, WARMUP_LR, STEPS, TOL, FIT_MAX_B = (0.9, 0.999), 1e-8, 500, 1e-4, 100, 0.20, 128
 CRITERION = "divergence"
 

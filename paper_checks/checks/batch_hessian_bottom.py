@@ -17,6 +17,7 @@ NAME = "batch_hessian_bottom"
 CLAIM = ("Bottom eigenvalue of the batch Hessian (negative spike): λ'_P = λ_P + v/λ_P for "
          "λ_P < −√v, else −2√v; more negative as B falls.")
 REQUIRES = ("rmt.batch_hessian:batch_hessian_extremes", "rmt.sampling:batch_noise_factor")
+SHARES = "batch_wigner"   # one simulation (ctx.cache): run in one process
 
 
 def run(ctx):

@@ -25,6 +25,7 @@ NAME = "batch_hessian_top"
 CLAIM = ("Top eigenvalue of the batch Hessian: λ'₁ = λ₁ + v/λ₁ above threshold, 2√v below, "
          "v = P·c(B,N)·σ² (spiked Wigner theorem, finite-population factor c = 1/B − 1/N).")
 REQUIRES = ("rmt.batch_hessian:batch_hessian_extremes", "rmt.sampling:batch_noise_factor")
+SHARES = "batch_wigner"   # one simulation (ctx.cache): run in one process
 Z, REL = 4.0, 0.05
 
 

@@ -38,6 +38,8 @@ is not rising: outside the theory), with the fraction of records with α > 0.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..result import judged
@@ -47,6 +49,7 @@ CLAIM = ("SGD's batch sharpness settles at 2/η while λ₁ settles lower, at th
          "λ₁* + c(B,N)·s_u²/λ₁* = 2/η (edge of stochastic stability).")
 REQUIRES = ("nets.learning_rates.monitor:CurvatureMonitor",
             "nets.learning_rates.monitor:eoss_plateau")
+COST = 410   # typical seconds on one thread (orders the parallel run only)
 EDGE_TOL, PLATEAU_TOL = 0.25, 0.25
 DIVERGED = 100.0           # a run whose batch loss exceeds 100× its first value diverged
 LRS = (0.25, 0.5, 1.0)
@@ -87,8 +90,9 @@ def train_monitored(lr, B, *, steps, records, seed, train, loss="ce", net="mlp",
         pos += B
         opt.zero_grad(set_to_none=True)
         loss = ce(model(X[idx]), y[idx])
-        first = float(loss.detach()) if first is None else first
-        if not torch.isfinite(loss) or float(loss) > DIVERGED * max(first, 1e-12):
+        value = float(loss.detach())
+        first = value if first is None else first
+        if not math.isfinite(value) or value > DIVERGED * max(first, 1e-12):
             diverged = True
             break
         loss.backward()

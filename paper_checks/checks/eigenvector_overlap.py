@@ -22,6 +22,7 @@ NAME = "eigenvector_overlap"
 CLAIM = ("Squared overlap between batch and empirical top eigenvectors is 1 − v/λ₁² above "
          "threshold (0 below), v = P·c(B,N)·σ².")
 REQUIRES = ("rmt.spiked_wigner:spiked_wigner_overlap", "rmt.sampling:batch_noise_factor")
+SHARES = "batch_wigner"   # one simulation (ctx.cache): run in one process
 Z = 4.0
 
 

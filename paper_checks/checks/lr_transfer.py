@@ -36,6 +36,7 @@ CLAIM = ("Anchored at one measured (B₀, α₀), transfer_lr (the linearised ne
          "(with and without momentum), where linear / square-root / constant rules do not.")
 REQUIRES = ("nets.training.loops:trained_digits_mlp", "nets.learning_rates.transfer:transfer_lr",
             "nets.learning_rates.lr_search:training_threshold")
+COST = 300   # typical seconds on one thread (orders the parallel run only)
 TOLERANCE = {0.0: 0.15, 0.9: 0.20}
 ANCHORS = (32, 512)
 RULES = ("linear", "sqrt", "constant")

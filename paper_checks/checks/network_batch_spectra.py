@@ -39,6 +39,7 @@ CLAIM = ("On a real network (digits MLP) the batch Hessian's top eigenvalue grow
 REQUIRES = ("nets.training.loops:trained_digits_mlp", "nets.noise.batch_spectra:measure_batch_top_eigenvalue",
             "nets.noise.batch_spectra:predict_batch_top_eigenvalue", "nets.algorithms.slq:slq_density",
             "nets.curvature.operators:batch_hessian_operator")
+COST = 85   # typical seconds on one thread (orders the parallel run only)
 REL = 0.20
 LEVEL = 0.95
 

@@ -32,6 +32,7 @@ CLAIM = ("SGD on the digits MLP (Gauss–Newton quadratic model): the largest st
          "rate grows linearly in B for B ≪ B*, as 2/(λ + c(B,N)·s_u²/λ).")
 REQUIRES = ("nets.training.loops:trained_digits_mlp", "nets.noise.batch_spectra:predict_batch_top_eigenvalue",
             "rmt.lr:sgd_max_lr")
+COST = 80   # typical seconds on one thread (orders the parallel run only)
 TOL_EXPONENT, RATIO_BAND = 0.2, (0.6, 1.1)
 
 
