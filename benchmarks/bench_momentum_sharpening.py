@@ -9,7 +9,27 @@ script follows real runs from the checkpoint and reads λ₁, the full-data loss
 1.2× the measured threshold (B = 512, m = 0.9, and m = 0 at 1.2× its own threshold for
 comparison; seed 0), on the two held-out MLPs of `bench_heldout_transfer.py`.
 
-    python benchmarks/bench_momentum_sharpening.py          # ~3 min, one thread
+Two further parts say where the sharpening comes from:
+
+* ``--part full_batch``: the same real-vs-linearised comparison without batch noise.
+  At B = N every step is the full-data gradient, so the runs are deterministic; the real
+  divergence threshold (`training_threshold`, one seed: the batch order is immaterial)
+  and the r = 200 linearised one (`linearized_threshold`) at m = 0 and 0.9, on the two
+  held-out and the two development MLPs. If the momentum miss at B = 512 were the
+  network's deterministic nonlinearity under heavy ball, it would be there at B = N too.
+* ``--part drift``: how far batch noise alone carries the weights. With a constant
+  full-data gradient and batch noise ξ_k of covariance c(B, N)·Σ (Σ the per-sample
+  gradient covariance, c = 1/B − 1/N), heavy ball (torch convention) moves the weights
+  after t steps by a noise part of mean square
+
+      E‖Δw_t‖²_noise = α²·c(B, N)·tr Σ · Σ_{j=1..t} ((1 − m^j)/(1 − m))²
+
+  (each ξ_k enters with weight α·(1 − m^{t−k+1})/(1 − m)). Compared with ‖w₁₀ − w₀‖ of
+  the traced runs above (tr Σ from `nets.noise.gradient_noise.gradient_noise`).
+
+    python benchmarks/bench_momentum_sharpening.py                     # ~3 min, one thread
+    python benchmarks/bench_momentum_sharpening.py --part full_batch   # ~5 min
+    python benchmarks/bench_momentum_sharpening.py --part drift        # seconds (reads the first)
 """
 
 from __future__ import annotations
@@ -52,13 +72,117 @@ def follow(name):
     return {"lam": lam, "runs": rows}
 
 
+FULL_BATCH_NETS = ("gelu", "tanh64", "mlp", "mlp_relu")
+
+
+def _net(name):
+    import torch.nn.functional as F
+
+    from nets.training.loops import trained_digits_mlp
+
+    if name in HELD_OUT:
+        model, data = trained_digits_mlp(**HELD_OUT[name])
+        return model, data, F.cross_entropy
+    from bench_criterion import network
+    return network(name)
+
+
+def _stored_ratio_512(name, m):
+    """real ÷ linearised (r = 200) at B = 512 from the stored results (NaN if absent)."""
+    if name in HELD_OUT:
+        path = RESULTS / f"{output_name(name, m)}.json"
+        if not path.exists():
+            return float("nan")
+        r = json.loads(path.read_text())
+        i = r["batch_sizes"].index(B)
+        return float(r["real"][i] / r["linearized"][i])
+    from bench_criterion import BATCH_SIZES, study
+    real = study(name)[f"measured_m{m:g}"]
+    lin = json.loads((RESULTS / f"bench_linearized_rank_{name}.json").read_text())
+    lin = lin[f"m{m:g}"]["ranks"]["r200"]["lr"]
+    i = list(BATCH_SIZES).index(B)
+    return float(real[i] / lin[i])
+
+
+def full_batch():
+    """Real and linearised (r = 200) divergence thresholds at B = N, m = 0 and 0.9."""
+    from nets.learning_rates.linearized import linearized_threshold
+    from nets.learning_rates.lr_search import training_threshold
+
+    out = {}
+    for name in FULL_BATCH_NETS:
+        model, data, loss = _net(name)
+        N = len(data[0])
+        for m in (0.0, 0.9):
+            lin = linearized_threshold(model, loss, data, [N], momentum=m, factor=10.0, steps=200,
+                                       seeds=(0,), rank=200, progress=False)
+            real = training_threshold(model, loss, data, [N], momentum=m, steps=200, seeds=(0,),
+                                      factor=10.0, progress=False, lr0=float(lin.lr[0]))
+            row = {"N": N, "momentum": m, "real": float(real.lr[0]), "linearized": float(lin.lr[0]),
+                   "ratio": float(real.lr[0] / lin.lr[0]),
+                   "ratio_B512": _stored_ratio_512(name, m)}
+            out[f"{name}_m{m:g}"] = row
+            print(f"{name} m={m:g}: B = N real {row['real']:.3g}, linearised {row['linearized']:.3g}, "
+                  f"real/lin {row['ratio']:.2f} (B = 512: {row['ratio_B512']:.2f})", flush=True)
+    return out
+
+
+def noise_drift_rms(lr, momentum, steps, c, trace):
+    """√E‖Δw_t‖² of the batch-noise part of heavy ball after `steps` steps (module docstring)."""
+    j = np.arange(1, steps + 1)
+    gain = (1 - momentum ** j) / (1 - momentum) if momentum else np.ones_like(j, float)
+    return float(lr * np.sqrt(c * trace * np.sum(gain ** 2)))
+
+
+def gradient_drift(lr, momentum, steps, grad_norm):
+    """‖Δw_t‖ of heavy ball under a constant gradient of norm `grad_norm` (no curvature):
+    α·‖ḡ‖·Σ_{j=1..t} (1 − m^j)/(1 − m) — the deterministic part beside the noise."""
+    j = np.arange(1, steps + 1)
+    gain = (1 - momentum ** j) / (1 - momentum) if momentum else np.ones_like(j, float)
+    return float(lr * grad_norm * np.sum(gain))
+
+
+def drift():
+    """Predicted noise drift at step 10 against the traced runs' ‖w₁₀ − w₀‖."""
+    from nets.noise.gradient_noise import gradient_noise
+
+    traced = json.loads((RESULTS / "bench_momentum_sharpening.json").read_text())["nets"]
+    out = {}
+    for name, rec in traced.items():
+        model, data, loss = _net(name)
+        N = len(data[0])
+        gn = gradient_noise(model, loss, data, hessian=False, progress=False)
+        trace, c = float(gn.trace_cov), 1.0 / B - 1.0 / N
+        gnorm = float(np.sqrt(gn.mean_sq_norm))
+        rows = []
+        for run in rec["runs"]:
+            i = run["trace_steps"].index(10)
+            pred = noise_drift_rms(run["lr"], run["momentum"], 10, c, trace)
+            grad = gradient_drift(run["lr"], run["momentum"], 10, gnorm)
+            rows.append({"momentum": run["momentum"], "multiple": run["multiple"], "lr": run["lr"],
+                         "predicted_noise_drift": pred, "constant_gradient_drift": grad,
+                         "measured_distance": run["trace_distance"][i],
+                         "loss_ratio": run["trace_loss_ratio"][i]})
+            print(f"{name} m={run['momentum']:g} {run['multiple']:g}×: ‖Δw₁₀‖ measured "
+                  f"{run['trace_distance'][i]:.2f} (loss/start {run['trace_loss_ratio'][i]:.3g}); "
+                  f"noise drift {pred:.2f}, constant-gradient drift {grad:.2f}", flush=True)
+        out[name] = {"trace_cov": trace, "grad_norm": gnorm, "c": c, "runs": rows}
+    return out
+
+
 def main(argv=None):
     p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--part", choices=("trace", "full_batch", "drift"), default="trace")
     args = p.parse_args(argv)
     setup_torch(args)
-    out = {"environment": environment(), "batch_size": B, "cases": CASES,
-           "nets": {name: follow(name) for name in HELD_OUT}}
-    print("wrote", write_json("bench_momentum_sharpening", out, args.out))
+    if args.part == "trace":
+        out = {"environment": environment(), "batch_size": B, "cases": CASES,
+               "nets": {name: follow(name) for name in HELD_OUT}}
+        print("wrote", write_json("bench_momentum_sharpening", out, args.out))
+        return
+    body = full_batch() if args.part == "full_batch" else drift()
+    out = {"environment": environment(), "batch_size": B, args.part: body}
+    print("wrote", write_json(f"bench_momentum_sharpening_{args.part}", out, args.out))
 
 
 if __name__ == "__main__":

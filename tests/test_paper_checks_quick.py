@@ -9,11 +9,11 @@ matplotlib.use("Agg")
 import numpy as np
 import pytest
 
-from paper_checks.checks import by_name, default_names
+from paper_checks.checks import by_name, default_names, load
 from paper_checks.checks import montecarlo as mc
 from paper_checks.context import Context
 from paper_checks.result import CheckResult
-from paper_checks.runner import run_one
+from paper_checks.runner import run_checks, run_one
 
 
 def _ctx():
@@ -21,8 +21,13 @@ def _ctx():
 
 
 @pytest.fixture(scope="module")
-def results():
-    return {name: run_one(by_name(name), _ctx()) for name in default_names()}
+def results(tmp_path_factory):
+    """Every default check in --quick mode, run the way the main job runs them: two
+    worker processes of one thread (`run_checks(jobs=2)`), results in registry order."""
+    out = tmp_path_factory.mktemp("quick_report")
+    res = run_checks(load(default_names()), _ctx(), out, progress=False, jobs=2, threads=1)
+    assert [r.name for r in res] == default_names()
+    return {r.name: r for r in res}
 
 
 def _rerun(name):
