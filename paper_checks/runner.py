@@ -224,7 +224,7 @@ def _run_locked(checks, ctx, out_dir: Path, fresh: bool, progress: bool, on_resu
     groups = _groups(pending)
     try:
         if jobs > 1 and len(groups) > 1:
-            _run_parallel(groups, ctx, min(jobs, len(groups)), threads, progress, finish, bar)
+            _run_parallel(groups, ctx, min(jobs, len(groups)), threads, finish, bar)
         else:
             for check in pending:
                 if bar is not None:
@@ -247,19 +247,19 @@ def _groups(checks) -> list[list]:
     return [groups[tag] for tag in sorted(groups, key=lambda t: -cost[t])]
 
 
+_BAR_POSITION = 1           # a worker's line for nested bars (set when it starts)
+
+
 def _init_worker(threads: int, lock, slots) -> None:
     """Worker start: cap its threads, share tqdm's lock, take a progress-bar line."""
+    global _BAR_POSITION
     from tqdm.auto import tqdm
 
     limit_threads(threads)
     tqdm.set_lock(lock)
     with slots.get_lock():
-        global _BAR_POSITION
         _BAR_POSITION = 1 + slots.value
         slots.value += 1
-
-
-_BAR_POSITION = 1
 
 
 def _run_group(names: list[str], ctx: Context) -> list[dict]:
@@ -270,7 +270,7 @@ def _run_group(names: list[str], ctx: Context) -> list[dict]:
     return [run_one(check, ctx).to_dict() for check in load(names)]
 
 
-def _run_parallel(groups, ctx, jobs, threads, progress, finish, bar) -> None:
+def _run_parallel(groups, ctx, jobs, threads, finish, bar) -> None:
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
