@@ -19,12 +19,18 @@ Each is anchored at the measured threshold at B₀ = 32 or 512 and compared with
 divergence threshold (loss ever > 10× start within 200 steps, 8 seeds, `training_threshold`)
 at B = 8, 32, 128, 512. Networks: digits MLPs trained with the package's recipe that no
 form was developed on — "gelu" (64-48-10, GELU, seed 2) and "tanh64" (64-64-10, tanh,
-seed 3). The three development networks are summarised from the stored results of
-`bench_linearized_rank.py` and `bench_quadratic_model.py`.
+seed 3) — and a convolutional net with BatchNorm set up the way a user would ("bn_cnn":
+conv 8 → BN → ReLU → max-pool → conv 16 → BN → ReLU → 2×2 average pool → linear, 1,946
+parameters, trained on the 8×8 digit images scaled to [0, 1] with SGD lr 0.1, m = 0.9,
+B = 64, 15 epochs, seed 0; measured and predicted in eval mode, BatchNorm on its running
+statistics, as the real trials of `training_threshold` run). The three development
+networks are summarised from the stored results of `bench_linearized_rank.py` and
+`bench_quadratic_model.py`.
 
     python benchmarks/bench_heldout_transfer.py --net gelu      # ~5 min, one thread
     python benchmarks/bench_heldout_transfer.py --net tanh64
     python benchmarks/bench_heldout_transfer.py --net gelu --momentum 0.9
+    python benchmarks/bench_heldout_transfer.py --net bn_cnn     # ~12 min
     python benchmarks/bench_heldout_transfer.py --net summary    # all five from stored JSON
 """
 
@@ -40,6 +46,38 @@ from nets.learning_rates.transfer import secant_correction
 
 HELD_OUT = {"gelu": dict(seed=2, hidden=(48,), activation="gelu"),
             "tanh64": dict(seed=3, hidden=(64,), activation="tanh")}
+HELD_OUT_CNN = ("bn_cnn",)
+
+
+def trained_bn_cnn(seed=0, epochs=15):
+    """(model in eval mode, (X, y)): the "bn_cnn" of the module docstring."""
+    import torch
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+    from torch import nn
+
+    torch.manual_seed(seed)
+    digits = load_digits()
+    X = torch.tensor(digits.images[:, None] / 16.0, dtype=torch.float32)
+    y = torch.tensor(digits.target)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 10))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(X), generator=gen).split(64):
+            opt.zero_grad()
+            F.cross_entropy(net(X[idx]), y[idx]).backward()
+            opt.step()
+    return net.eval(), (X, y)
+
+
+def held_out_network(name):
+    """(model, (X, y)) of a held-out network."""
+    from nets.training.loops import trained_digits_mlp
+
+    return trained_bn_cnn() if name == "bn_cnn" else trained_digits_mlp(**HELD_OUT[name])
 
 
 def transfers(real, shape):
@@ -71,9 +109,8 @@ def measure(name, momentum=0.0):
 
     from nets import transfer_lr
     from nets.learning_rates.lr_search import training_threshold
-    from nets.training.loops import trained_digits_mlp
 
-    model, data = trained_digits_mlp(**HELD_OUT[name])
+    model, data = held_out_network(name)
     lin = transfer_lr(model, F.cross_entropy, data, BATCH_SIZES, reference=(8, 1.0),
                       momentum=momentum, form="linearized", factor=10.0, steps=200, n_seeds=3)
     limit = np.asarray(lin.stability_limit, float)        # the directional local limit
@@ -105,18 +142,21 @@ def stored(name):
 
 def main(argv=None):
     p = base_parser(__doc__.splitlines()[0])
-    p.add_argument("--net", choices=(*HELD_OUT, "summary"), default="summary")
+    p.add_argument("--net", choices=(*HELD_OUT, *HELD_OUT_CNN, "summary"), default="summary")
     p.add_argument("--momentum", type=float, default=0.0, help="heavy-ball momentum (held-out nets)")
     args = p.parse_args(argv)
     setup_torch(args)
     if args.net != "summary":
-        out = {"environment": environment(), "net": args.net, **HELD_OUT[args.net],
+        out = {"environment": environment(), "net": args.net, **HELD_OUT.get(args.net, {}),
                "batch_sizes": list(BATCH_SIZES), **measure(args.net, args.momentum)}
         print("wrote", write_json(output_name(args.net, args.momentum), out, args.out))
         return
     table = {name: stored(name) for name in ("mlp", "cnn", "mlp_relu")}
-    for name in HELD_OUT:
-        table[name] = json.loads((RESULTS / f"{output_name(name)}.json").read_text())
+    for name in (*HELD_OUT, *HELD_OUT_CNN):
+        path = RESULTS / f"{output_name(name)}.json"
+        if not path.exists():
+            continue
+        table[name] = json.loads(path.read_text())
         path = RESULTS / f"{output_name(name, 0.9)}.json"
         if path.exists():
             table[f"{name}_m0.9"] = json.loads(path.read_text())

@@ -5,8 +5,7 @@ Monte-Carlo mean square of the noise part (z-score) and the exact constant-gradi
 import numpy as np
 import pytest
 import torch
-
-from tests.conftest import import_benchmark
+from conftest import import_benchmark
 
 bench = import_benchmark("bench_momentum_sharpening")
 
