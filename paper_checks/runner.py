@@ -169,7 +169,9 @@ def run_checks(checks: Sequence, ctx: Context, out_dir: str | Path, *, fresh: bo
 
     jobs : worker processes (1: in this process, in order; module docstring); threads :
     BLAS/torch threads of each worker (ignored for jobs = 1, where the caller's settings
-    hold).
+    hold). Workers are spawned, so they import the caller's main module: a script that
+    calls this with jobs > 1 needs the `if __name__ == "__main__":` guard (without it
+    every check comes back as an "error" result naming the worker failure).
 
     `on_result(result, resumed)` is called after each check is written (the CLI uses it
     to refresh the README so a partial run still leaves a readable report). With `lock`
