@@ -241,7 +241,7 @@ def test_cli_list_names_every_check(capsys):
 def test_cli_runs_selected_checks_and_exit_code_follows_verdicts(tmp_path, monkeypatch, capsys):
     out = tmp_path / "rep"
     code = main(["--quick", "--only", "ggn_wishart,batch_hessian_top", "--out", str(out),
-                 "--no-progress"])
+                 "--no-progress", "--jobs", "1"])     # --jobs 2: tests/test_paper_checks_cli.py
     assert code == 0
     text = capsys.readouterr().out
     assert "ggn_wishart" in text and "2 passed" in text

@@ -127,7 +127,8 @@ def test_temporary_figure_files_have_unique_names(tmp_path, monkeypatch):
 def _main_job(out: Path):
     env = dict(os.environ, MPLBACKEND="Agg", PYTHONPATH=str(ROOT))
     return subprocess.Popen([sys.executable, "-m", "paper_checks", "--quick", "--no-progress",
-                             "--only", "batch_hessian_top,ggn_wishart", "--out", str(out)],
+                             "--only", "batch_hessian_top,ggn_wishart", "--out", str(out),
+                             "--jobs", "1"],          # the lock is the parent's either way
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
