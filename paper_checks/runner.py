@@ -56,6 +56,7 @@ from .result import CheckResult
 STORE_NAME = ".resume.jsonl"
 DEFAULT_COST = 10.0          # seconds assumed for a check without a COST hint
 LOCK_NAME = ".paper_checks.lock"
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 class ReportFolderInUse(RuntimeError):
@@ -123,21 +124,25 @@ def _claim(check) -> str:
     return getattr(check, "CLAIM", "") or (check.__doc__ or "").strip().split("\n")[0]
 
 
+def _outcome(check, verdict: str, reason: str, **kw) -> CheckResult:
+    """A result without numbers: a skip or an error of `check`."""
+    return CheckResult(name=check.NAME, claim=_claim(check), predicted="", measured="",
+                       tolerance="", verdict=verdict, reason=reason, **kw)
+
+
 def run_one(check, ctx: Context) -> CheckResult:
     """Run a single check, turning missing dependencies and exceptions into results."""
     t0 = time.perf_counter()
-    base = dict(name=check.NAME, claim=_claim(check), predicted="", measured="", tolerance="")
     try:
         require(*getattr(check, "REQUIRES", ()))
         result = check.run(ctx)
         if not isinstance(result, CheckResult):
             raise TypeError(f"{check.NAME}.run returned {type(result).__name__}, not CheckResult")
     except MissingDependency as exc:     # raised by the check: not applicable in this run
-        result = CheckResult(verdict="skipped", reason=f"skipped: {exc}", **base)
+        result = _outcome(check, "skipped", f"skipped: {exc}")
     except Exception as exc:  # noqa: BLE001 - reported (with traceback), not swallowed
-        tb = traceback.format_exc()
-        result = CheckResult(verdict="error", reason=f"{type(exc).__name__}: {exc}",
-                             details={"traceback": tb}, **base)
+        result = _outcome(check, "error", f"{type(exc).__name__}: {exc}",
+                          details={"traceback": traceback.format_exc()})
     return result.with_(seconds=round(time.perf_counter() - t0, 3))
 
 
@@ -189,7 +194,7 @@ def run_checks(checks: Sequence, ctx: Context, out_dir: str | Path, *, fresh: bo
 
 
 def _run_locked(checks, ctx, out_dir: Path, fresh: bool, progress: bool, on_result,
-                jobs: int = 1, threads: int = 1):
+                jobs: int, threads: int):
     out_dir.mkdir(parents=True, exist_ok=True)
     store = _store(out_dir, fresh)
     keys = {check.NAME: f"{check.NAME}|{ctx.config_key()}" for check in checks}
@@ -281,8 +286,9 @@ def _run_parallel(groups, ctx, jobs, threads, finish, bar) -> None:
     spawn = mp.get_context("spawn")
     lock = spawn.RLock()
     tqdm.set_lock(lock)
-    with _thread_env(threads), ProcessPoolExecutor(max_workers=jobs, mp_context=spawn, initializer=_init_worker,
-                             initargs=(threads, lock, spawn.Value("i", 0))) as pool:
+    with _thread_env(threads), ProcessPoolExecutor(
+            max_workers=jobs, mp_context=spawn, initializer=_init_worker,
+            initargs=(threads, lock, spawn.Value("i", 0))) as pool:
         running = {pool.submit(_run_group, [c.NAME for c in g], ctx): g for g in groups}
         try:
             while running:
@@ -290,16 +296,14 @@ def _run_parallel(groups, ctx, jobs, threads, finish, bar) -> None:
                 for fut in done:
                     group = running.pop(fut)
                     try:
-                        dicts = fut.result()
+                        done_results = [CheckResult.from_dict(d) for d in fut.result()]
                     except Exception as exc:  # noqa: BLE001 - a worker died: report, go on
                         tb = traceback.format_exc()
-                        dicts = [CheckResult(
-                            name=c.NAME, claim=_claim(c), predicted="", measured="",
-                            tolerance="", verdict="error",
-                            reason=f"worker process failed: {type(exc).__name__}: {exc}",
-                            details={"traceback": tb}).to_dict() for c in group]
-                    for check, d in zip(group, dicts):
-                        finish(check, CheckResult.from_dict(d), False)
+                        done_results = [_outcome(c, "error", f"worker process failed: "
+                                                 f"{type(exc).__name__}: {exc}",
+                                                 details={"traceback": tb}) for c in group]
+                    for check, result in zip(group, done_results):
+                        finish(check, result, False)
                 if bar is not None:
                     bar.set_postfix_str(", ".join(c.NAME for g in running.values() for c in g)[:60])
         except BaseException:
@@ -311,9 +315,8 @@ def _run_parallel(groups, ctx, jobs, threads, finish, bar) -> None:
 def _thread_env(n: int):
     """The thread-count environment variables set to `n` while worker processes start
     (they read them when their BLAS loads, before any initializer runs)."""
-    names = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-    old = {v: os.environ.get(v) for v in names}
-    os.environ.update({v: str(n) for v in names})
+    old = {v: os.environ.get(v) for v in _THREAD_VARS}
+    os.environ.update({v: str(n) for v in _THREAD_VARS})
     try:
         yield
     finally:
@@ -329,8 +332,7 @@ def limit_threads(n: int) -> None:
     loaded (and on worker processes started later), so this runs before the checks
     import numpy-heavy code; torch is capped directly, and threadpoolctl is used for an
     already-loaded BLAS when available."""
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(n)
+    os.environ.update({v: str(n) for v in _THREAD_VARS})
     try:
         import torch
         torch.set_num_threads(n)
