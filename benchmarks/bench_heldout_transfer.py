@@ -43,13 +43,16 @@ import json
 
 import numpy as np
 from _common import RESULTS, base_parser, environment, setup_torch, write_json
-from bench_criterion import BATCH_SIZES, transfer_ratios
+from bench_criterion import BATCH_SIZES, network, study, transfer_ratios
 
 from nets.learning_rates.transfer import secant_correction
 
 HELD_OUT = {"gelu": dict(seed=2, hidden=(48,), activation="gelu"),
             "tanh64": dict(seed=3, hidden=(64,), activation="tanh")}
 HELD_OUT_CNN = ("bn_cnn",)
+#: development networks whose forms can be re-derived here over eight sequences (their
+#: measured thresholds: `bench_lr_transfer.py`, seeds 0–7)
+DEVELOPMENT = ("mlp", "cnn", "mlp_relu")
 #: batch sequences of the linearised threshold: the measured thresholds' eight (seeds 0–7),
 #: so model and measurement see the same batches (`transfer_lr`'s default)
 LIN_SEEDS = 8
@@ -116,13 +119,17 @@ def measure(name, momentum=0.0, reuse_real=False):
     from nets import transfer_lr
     from nets.learning_rates.lr_search import training_threshold
 
-    model, data = held_out_network(name)
+    model, data = network(name)[:2] if name in DEVELOPMENT else held_out_network(name)
     lin = transfer_lr(model, F.cross_entropy, data, BATCH_SIZES, reference=(8, 1.0),
                       momentum=momentum, form="linearized", factor=10.0, steps=200,
                       n_seeds=LIN_SEEDS)
     limit = np.asarray(lin.stability_limit, float)        # the directional local limit
     path = RESULTS / f"{output_name(name, momentum)}.json"
-    if reuse_real and path.exists():        # the real thresholds do not depend on the form
+    if name in DEVELOPMENT:                 # measured by bench_lr_transfer.py, seeds 0–7
+        st = study(name)
+        real_lr = np.asarray(st[f"measured_m{momentum:g}"], float)
+        real_se = np.asarray(st[f"measured_stderr_m{momentum:g}"], float)
+    elif reuse_real and path.exists():      # the real thresholds do not depend on the form
         old = json.loads(path.read_text())
         real_lr, real_se = np.asarray(old["real"], float), np.asarray(old["real_stderr"], float)
     else:
@@ -143,9 +150,8 @@ def output_name(name, momentum=0.0):
 
 
 def stored(name):
-    """A development network's row from the stored JSON files."""
-    from bench_criterion import study
-
+    """A development network's row from the stored JSON files (three linearised
+    sequences, `bench_linearized_rank.py`)."""
     st = study(name)
     q = json.loads((RESULTS / f"bench_quadratic_model_{name}.json").read_text())["along_top"]
     lin = json.loads((RESULTS / f"bench_linearized_rank_{name}.json").read_text())["m0"]["ranks"]["r200"]["lr"]
@@ -156,7 +162,8 @@ def stored(name):
 
 def main(argv=None):
     p = base_parser(__doc__.splitlines()[0])
-    p.add_argument("--net", choices=(*HELD_OUT, *HELD_OUT_CNN, "summary"), default="summary")
+    p.add_argument("--net", choices=(*HELD_OUT, *HELD_OUT_CNN, *DEVELOPMENT, "summary"),
+                   default="summary")
     p.add_argument("--momentum", type=float, default=0.0, help="heavy-ball momentum (held-out nets)")
     p.add_argument("--reuse-real", action="store_true",
                    help="take the measured thresholds from the stored JSON (re-derive the forms only)")
@@ -167,7 +174,10 @@ def main(argv=None):
                "batch_sizes": list(BATCH_SIZES), **measure(args.net, args.momentum, args.reuse_real)}
         print("wrote", write_json(output_name(args.net, args.momentum), out, args.out))
         return
-    table = {name: stored(name) for name in ("mlp", "cnn", "mlp_relu")}
+    table = {}
+    for name in DEVELOPMENT:                # re-derived over eight sequences where run
+        path = RESULTS / f"{output_name(name)}.json"
+        table[name] = json.loads(path.read_text()) if path.exists() else stored(name)
     for name in (*HELD_OUT, *HELD_OUT_CNN):
         path = RESULTS / f"{output_name(name)}.json"
         if not path.exists():

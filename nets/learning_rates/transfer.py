@@ -37,8 +37,8 @@ of the effective curvature that is the deterministic curvature along u (the batc
 share is left as the linearised network has it). It captures what the local limit
 misses on confident cross-entropy networks — the bounded cross-entropy gradient caps a
 growing oscillation, and the loss sharpens along u — and is the form that transferred
-within 15 % on five of six digits networks at m = 0, three of them held out when the
-form was fixed (README; benchmarks/bench_heldout_transfer.py), where the directional
+within 15 % on six digits networks at m = 0 (over eight batch sequences), three of
+them held out when the form was fixed (README; benchmarks/bench_heldout_transfer.py), where the directional
 form missed the held-out ones by up to 2×. With momentum (m = 0.9) neither form meets
 20 % on every network. Cost: the top-`rank` Lanczos basis, N·K·rank Jacobian entries
 and a few hundred linearised steps per learning rate and batch size (minutes on one CPU
