@@ -26,14 +26,16 @@ conv 8 → BN → ReLU → max-pool → conv 16 → BN → ReLU → 2×2 average
 parameters, trained on the 8×8 digit images scaled to [0, 1] with SGD lr 0.1, m = 0.9,
 B = 64, 15 epochs, seed 0; measured and predicted in eval mode, BatchNorm on its running
 statistics, as the real trials of `training_threshold` run). The three development
-networks are summarised from the stored results of `bench_linearized_rank.py` and
-`bench_quadratic_model.py`.
+networks ("mlp", "cnn", "mlp_relu") are re-derived the same way against their thresholds
+measured by `bench_lr_transfer.py` (seeds 0–7); without that run, the summary falls back
+to the three-sequence results of `bench_linearized_rank.py` and `bench_quadratic_model.py`.
 
     python benchmarks/bench_heldout_transfer.py --net gelu      # ~5 min, one thread
     python benchmarks/bench_heldout_transfer.py --net tanh64
     python benchmarks/bench_heldout_transfer.py --net gelu --momentum 0.9
     python benchmarks/bench_heldout_transfer.py --net bn_cnn     # ~12 min
-    python benchmarks/bench_heldout_transfer.py --net summary    # all five from stored JSON
+    python benchmarks/bench_heldout_transfer.py --net mlp        # a development net (~5 min)
+    python benchmarks/bench_heldout_transfer.py --net summary    # every net from stored JSON
     python benchmarks/bench_heldout_transfer.py --net bn_cnn --reuse-real   # forms only (~7 min)
 """
 
@@ -65,6 +67,8 @@ def trained_bn_cnn(seed=0, epochs=15):
     from sklearn.datasets import load_digits
     from torch import nn
 
+    from nets.training.loops import train
+
     torch.manual_seed(seed)
     digits = load_digits()
     X = torch.tensor(digits.images[:, None] / 16.0, dtype=torch.float32)
@@ -72,13 +76,8 @@ def trained_bn_cnn(seed=0, epochs=15):
     net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
                         nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
                         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 10))
-    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(X), generator=gen).split(64):
-            opt.zero_grad()
-            F.cross_entropy(net(X[idx]), y[idx]).backward()
-            opt.step()
+    train(net, F.cross_entropy, (X, y), epochs=epochs, lr=0.1, batch_size=64, momentum=0.9,
+          seed=seed)
     return net.eval(), (X, y)
 
 
@@ -124,13 +123,13 @@ def measure(name, momentum=0.0, reuse_real=False):
                       momentum=momentum, form="linearized", factor=10.0, steps=200,
                       n_seeds=LIN_SEEDS)
     limit = np.asarray(lin.stability_limit, float)        # the directional local limit
-    path = RESULTS / f"{output_name(name, momentum)}.json"
+    stored_real = RESULTS / f"{output_name(name, momentum)}.json"
     if name in DEVELOPMENT:                 # measured by bench_lr_transfer.py, seeds 0–7
         st = study(name)
         real_lr = np.asarray(st[f"measured_m{momentum:g}"], float)
         real_se = np.asarray(st[f"measured_stderr_m{momentum:g}"], float)
-    elif reuse_real and path.exists():      # the real thresholds do not depend on the form
-        old = json.loads(path.read_text())
+    elif reuse_real and stored_real.exists():   # the thresholds do not depend on the form
+        old = json.loads(stored_real.read_text())
         real_lr, real_se = np.asarray(old["real"], float), np.asarray(old["real_stderr"], float)
     else:
         real = training_threshold(model, F.cross_entropy, data, BATCH_SIZES,

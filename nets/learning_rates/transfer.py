@@ -38,8 +38,8 @@ share is left as the linearised network has it). It captures what the local limi
 misses on confident cross-entropy networks — the bounded cross-entropy gradient caps a
 growing oscillation, and the loss sharpens along u — and is the form that transferred
 within 15 % on six digits networks at m = 0 (over eight batch sequences), three of
-them held out when the form was fixed (README; benchmarks/bench_heldout_transfer.py), where the directional
-form missed the held-out ones by up to 2×. With momentum (m = 0.9) neither form meets
+them held out when the form was fixed (README; benchmarks/bench_heldout_transfer.py),
+where the directional form missed the held-out ones by up to 2×. With momentum (m = 0.9) neither form meets
 20 % on every network. Cost: the top-`rank` Lanczos basis, N·K·rank Jacobian entries
 and a few hundred linearised steps per learning rate and batch size (minutes on one CPU
 thread for a 2k–7k-parameter network on 1,797 samples), against seconds for the
@@ -240,8 +240,8 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
         the small-B threshold is set by rare batches whose large gradient kicks the
         weights into a sharper region, so a few sequences can miss them all — on the
         README's BatchNorm CNN seeds 0–2 put B = 32 at 0.106 and seeds 0–7 at 0.085, in
-        the top-200 subspace and in the full model alike), rank_check (also run 2·rank and report the anchored ratio as
-        rank_change).
+        the top-200 subspace and in the full model alike), rank_check (also run 2·rank
+        and report the anchored ratio as rank_change).
     Returns an `LRTransfer` with .lr (numpy, aligned with `batch_sizes`), the shape and
     the λ'(B), B* and standard errors it came from.
     """
