@@ -392,8 +392,8 @@ def adam_noise_floor_lr(grad_mean, grad_var, batch_sizes, N, *, excess_loss, eps
 class AdamTransfer(Result):
     """A known-good Adam lr carried across batch sizes along the predicted curve:
     batch_sizes, lr (α₀·α_pred(B)/α_pred(B₀)), reference (B₀, α₀), predicted (the
-    AdamPrediction's absolute stability limits), sqrt_rule (α₀√(B/B₀)), linear_rule
-    (α₀·B/B₀), form (the prediction's form)."""
+    AdamPrediction's absolute stability limits; for form "linearized" the corrected
+    linearised-Adam thresholds), sqrt_rule (α₀√(B/B₀)), linear_rule (α₀·B/B₀), form."""
 
     batch_sizes: np.ndarray
     lr: np.ndarray
@@ -407,22 +407,38 @@ class AdamTransfer(Result):
 def adam_transfer_lr(model, loss_fn, data, batch_sizes, *, reference, betas=(0.9, 0.999),
                      eps=1e-8, form="mean_square", prediction=None, params=None, policy=None,
                      chunk_size=256, device=None, dtype=torch.float64, seed=0,
-                     progress=None) -> AdamTransfer:
+                     linearized=None, progress=None) -> AdamTransfer:
     """Transfer (B₀, α₀) to every B: α(B) = α₀·α_pred(B)/α_pred(B₀), with α_pred the `form`
     ("mean_square" default, or "deterministic") of `predict_adam_max_lr` (or of a given
-    `prediction`, an AdamPrediction whose batch sizes include B₀ and every B)."""
-    if form not in ADAM_FORMS:
-        raise ValueError(f"form must be one of {ADAM_FORMS}, got {form!r}")
+    `prediction`, an AdamPrediction whose batch sizes include B₀ and every B), or, with
+    form="linearized", the corrected thresholds of Adam on the linearised network at the
+    warmed states (`nets.learning_rates.adam_linearized.linearized_adam_threshold`; pass
+    its result as `prediction`, or its keyword options as the dict `linearized`, e.g.
+    {"seeds": range(8), "warmup_steps": 500, "warmup_lr": 1e-4, "steps": 100,
+    "factor": 10} — give the anchor's protocol)."""
+    forms = (*ADAM_FORMS, "linearized")
+    if form not in forms:
+        raise ValueError(f"form must be one of {forms}, got {form!r}")
     B0, a0 = int(reference[0]), as_float("reference lr", reference[1], positive=True)
     bs = np.array([as_int("batch_sizes", b, minimum=1) for b in np.atleast_1d(batch_sizes)])
     allb = np.unique(np.r_[bs, B0])
-    if prediction is None:
+    if form == "linearized":
+        from nets.learning_rates.adam_linearized import linearized_adam_threshold
+
+        if prediction is None:
+            prediction = linearized_adam_threshold(model, loss_fn, data, allb, betas=betas,
+                                                   eps=eps, seed=seed, progress=progress,
+                                                   **dict(linearized or {}))
+        table = dict(zip(np.asarray(prediction.batch_sizes).tolist(),
+                         np.asarray(prediction.corrected, dtype=float)))
+    elif prediction is None:
         prediction = predict_adam_max_lr(model, loss_fn, data, allb, betas=betas, eps=eps,
                                          form=form, params=params, policy=policy,
                                          chunk_size=chunk_size, device=device, dtype=dtype,
                                          seed=seed, progress=progress)
-    table = dict(zip(np.asarray(prediction.batch_sizes).tolist(),
-                     np.asarray(getattr(prediction, f"lr_{form}"))))
+    if form != "linearized":
+        table = dict(zip(np.asarray(prediction.batch_sizes).tolist(),
+                         np.asarray(getattr(prediction, f"lr_{form}"))))
     missing = [int(b) for b in allb if int(b) not in table]
     if missing:
         raise ValueError(f"prediction has no value for batch sizes {missing}")

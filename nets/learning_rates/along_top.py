@@ -87,6 +87,18 @@ class LossAlongTop(Result):
         return ax
 
 
+def _rayleigh(net, loss_fn, data, direction):
+    """(u, uᵀHu) for u = direction/‖direction‖ (float64, the full-data Hessian)."""
+    from nets.curvature.operators import curvature_operator
+
+    u = torch.as_tensor(np.asarray(direction, dtype=np.float64)).reshape(-1)
+    H = curvature_operator(net, loss_fn, data, kind="hessian", policy="eval")
+    if u.numel() != H.P or not bool(torch.isfinite(u).all()) or not float(u.norm()) > 0:
+        raise ValueError(f"direction must be a finite non-zero vector of length P={H.P}")
+    u = u / u.norm()
+    return u, float(u @ H.matvec(u.to(H.dtype)).to(torch.float64).cpu())
+
+
 def _first_above(xs, plus, minus, secant, k):
     hit = np.maximum(plus, minus) > k
     if not hit.any():
@@ -96,11 +108,14 @@ def _first_above(xs, plus, minus, secant, k):
 
 
 def loss_along_top(model, loss_fn, data, *, factor=10.0, n=60, span=(0.02, 20.0),
-                   seed=0) -> LossAlongTop:
+                   seed=0, direction=None) -> LossAlongTop:
     """The real and linearised loss profiles along the top Hessian eigenvector and their
     secant curvatures at the tolerance `factor` (module docstring). data : any form of
     `nets.utils.data_source` (materialised); loss_fn(outputs, targets) the batch mean;
-    seed : the Lanczos start."""
+    seed : the Lanczos start. direction : None (u from Lanczos) or a weight-space vector
+    (P,) to profile along instead, normalised to a unit vector u; `lam` is then its
+    Rayleigh quotient uᵀHu (must be > 0) — e.g. D^{1/2}ũ, the weight-space direction of
+    an oscillation along Adam's top preconditioned eigenvector ũ."""
     from torch.func import functional_call, jvp
 
     from nets.curvature.params import unflatten_to_dict
@@ -123,7 +138,10 @@ def loss_along_top(model, loss_fn, data, *, factor=10.0, n=60, span=(0.02, 20.0)
     Xd = X.double() if X.is_floating_point() else X
     yd = y.double() if y.is_floating_point() else y
     w0 = {name: p.detach() for name, p in net.named_parameters() if p.requires_grad}
-    u, lam = _top_direction(net, loss_fn, (Xd, yd), as_seed("seed", seed))
+    if direction is None:
+        u, lam = _top_direction(net, loss_fn, (Xd, yd), as_seed("seed", seed))
+    else:
+        u, lam = _rayleigh(net, loss_fn, (Xd, yd), direction)
     if not lam > 0:
         raise ValueError(f"the top Hessian eigenvalue is {lam}; the profile needs λ₁ > 0")
     du = unflatten_to_dict(net, u.to(torch.float64))

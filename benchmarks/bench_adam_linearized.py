@@ -1,0 +1,81 @@
+"""Adam on the linearised network from each warmed state, corrected along ũ, against real Adam.
+
+`nets.learning_rates.adam_linearized.linearized_adam_threshold` under the real protocol
+of `bench_adam.py` (warm-up 500 steps at 1e-4 with batches of B from seed s, then 100
+steps at α with the batches of seed s + 7919, unstable iff the full-data loss ever
+exceeds 10× its start; β₂ = 0.999, ε = 1e-8), all P directions, over the first `--seeds`
+batch sequences, with the correction α_lin·(1 − (1 − r)·q) (r = s_lin/s_real along
+D^{1/2}ũ, q = min(1, α_lin·λ̃/F)). Compared with the measured thresholds of
+`benchmarks/results/bench_adam_<model>.json` (8 seeds): real ÷ linearised, real ÷
+corrected, and both shapes as a transfer anchored at B₀ = 32 and 512, beside the
+mean-square form's. Writes benchmarks/results/bench_adam_linearized_<model>_b<β₁>.json.
+
+The correction's share q was written down after seeing the development MLP (both β₁);
+the CNN and the ReLU MLP are the networks it was then run on unchanged.
+
+    python benchmarks/bench_adam_linearized.py --model mlp --beta1 0.9    # ~15 min, one thread
+    python benchmarks/bench_adam_linearized.py --model cnn --beta1 0.9 --seeds 3
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+from _common import RESULTS, base_parser, environment, setup_torch, write_json
+from bench_adam import _loss, _model
+
+BATCH_SIZES = (8, 32, 128, 512)
+
+
+def _transfer(real, shape):
+    """Worst-case transfer ratios anchored at B₀ = 32 and 512: α₀·a/a(B₀) ÷ measured."""
+    out = {}
+    for B0 in (32, 512):
+        i0 = BATCH_SIZES.index(B0)
+        out[f"B{B0}"] = real[i0] * shape / shape[i0] / real
+    return out
+
+
+def main(argv=None):
+    from nets.learning_rates.adam_linearized import linearized_adam_threshold
+
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--model", choices=("mlp", "mlp_relu", "cnn", "mse"), default="mlp")
+    p.add_argument("--beta1", type=float, default=0.9)
+    p.add_argument("--seeds", type=int, default=8)
+    args = p.parse_args(argv)
+    setup_torch(args)
+    model, data = _model(args.model)
+    loss = _loss(args.model)
+    t = time.perf_counter()
+    lin = linearized_adam_threshold(model, loss, data, BATCH_SIZES, betas=(args.beta1, 0.999),
+                                    seeds=tuple(range(args.seeds)), progress=False)
+    seconds = time.perf_counter() - t
+    stored = json.loads((RESULTS / f"bench_adam_{args.model}.json").read_text())
+    run = stored["runs"][f"beta1={args.beta1:g}"]
+    real = np.asarray(run["measured"], float)
+    pred = np.asarray(run["predicted"], float)
+    out = {"environment": environment(), "model": args.model, "beta1": args.beta1,
+           "batch_sizes": list(BATCH_SIZES), "seeds": list(range(args.seeds)),
+           "real_seeds": stored["seeds"], "seconds": seconds, "linearized": lin.to_dict(),
+           "real": real, "real_over_linearized": real / lin.lr,
+           "real_over_corrected": real / lin.corrected}
+    for name, shape in (("linearized", lin.lr), ("corrected", lin.corrected),
+                        ("mean_square", pred)):
+        tr = _transfer(real, shape)
+        out[f"transfer_{name}"] = tr
+        worst = (min(v.min() for v in tr.values()), max(v.max() for v in tr.values()))
+        out[f"worst_{name}"] = worst
+        print(f"{args.model} β₁={args.beta1:g} {name}: B0=32 {np.round(tr['B32'], 3)}, "
+              f"B0=512 {np.round(tr['B512'], 3)}, worst {worst[0]:.2f}-{worst[1]:.2f}", flush=True)
+    print(f"real {np.round(real, 4)}; linearised {np.round(lin.lr, 4)}; secant ratio "
+          f"{np.round(lin.secant_ratio, 3)}; share {np.round(lin.share, 3)}; real ÷ corrected "
+          f"{np.round(real / lin.corrected, 2)} ({seconds:.0f} s)", flush=True)
+    name = f"bench_adam_linearized_{args.model}_b{args.beta1:g}"
+    print("wrote", write_json(name, out, args.out))
+
+
+if __name__ == "__main__":
+    main()

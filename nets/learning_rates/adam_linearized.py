@@ -1,0 +1,204 @@
+"""Adam on the linearised network from the warmed state, and its correction along ũ.
+
+The SGD form (`nets.learning_rates.linearized`) carried to Adam. For each batch size B and
+batch sequence s the real warm-up of `adam_threshold` is run (`warm_adam_state`:
+`warmup_steps` Adam steps at `warmup_lr`, batches of B from seed s); at the warmed
+weights w₀ every sample's outputs are replaced by z_i + J_i e (J_i = ∂z_i/∂w at w₀, all
+P directions: N·K·P numbers), the loss is the exact loss of those outputs, and torch's
+Adam update (bias-corrected, ε outside the root) runs on e from the warmed
+(exp_avg, exp_avg_sq, step) with the batches of the real trials (seed s + 7919),
+`steps` steps, unstable iff the full-data loss ever exceeds `factor` × its start
+(`linearized_adam_max_loss`; a grid of learning rates side by side, coarse 31 points
+over `lr_range`, then `n_grid` points between the brackets of all sequences; the
+threshold of a sequence is the geometric midpoint of its first crossing step). The
+second moment adapts as in real Adam: as an oscillation grows, v grows and D = 1/(√v̂+ε)
+shrinks, which the frozen-preconditioner limits of `predict_adam_max_lr` do not have.
+
+Correction along ũ (the network's own nonlinearity). The linearised network keeps the
+loss's curvature and drops the change of the Jacobian. Its size along the direction
+that goes unstable is read off the loss profile: with ũ the top eigenvector of
+D^{1/2} H D^{1/2} at the warmed state (λ̃ its eigenvalue) and d = D^{1/2}ũ the weight-space
+direction of an oscillation along it, `loss_along_top(direction=d)` gives the ratio
+r = s_lin/s_real of the linearised to the real secant curvature where the loss first
+reaches `factor` × its start. The corrected threshold is
+
+    α_corr(B) = α_lin(B)·(1 − (1 − r)·q(B)),   q(B) = min(1, α_lin(B)·λ̃(B)/F),
+    F = 2(1+β₁)/(1−β₁),
+
+i.e. the rescaling of a growing oscillation along ũ applied to the share q of the
+deterministic edge F/λ̃ at which the linearised network fails (q = 1: it fails at that
+edge, where the curvature along ũ alone decides; q ≪ 1: the batch noise decides, and the
+correction vanishes). For SGD without momentum, where the linearised threshold sits at
+the directional mean-square limit 2/λ'(B), q is λ₁/λ'(B), the share `transfer_lr` uses.
+r and λ̃ are measured at the first sequence's warmed state of each B.
+
+Cost: per (B, sequence) a warm-up, the Jacobians (refused above `max_bytes`) and one
+product with them per step and learning rate; per B one Lanczos run and 2n + 1 forward
+passes for the profile. On the digits MLP (P = 2,410) about 2 minutes per B for eight
+sequences on one thread: more than measuring the real threshold (seconds), so the form
+explains a threshold rather than saving its measurement.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from nets.learning_rates.adam import (
+    adam_factor,
+    adam_preconditioner,
+    preconditioned_noise,
+    restored_adam,
+    warm_adam_state,
+)
+from nets.learning_rates.along_top import loss_along_top
+from nets.learning_rates.linearized import (
+    first_crossing,
+    flat_adam_state,
+    linearized_adam_max_loss,
+    output_jacobians,
+    refined_runs,
+)
+from nets.learning_rates.lr_search import seed_mean_stderr
+from nets.utils.data_source import as_data_source
+from nets.utils.progress import progress_bar
+from nets.utils.results import Result, result
+from rmt.validation import as_batch_sizes, as_float, as_int, as_seed
+
+__all__ = ["LinearizedAdamThresholds", "linearized_adam_threshold", "share_correction"]
+
+
+@result
+class LinearizedAdamThresholds(Result):
+    """Linearised-Adam thresholds per batch size (module docstring).
+
+    batch_sizes (n_B,); lr : mean over sequences of the per-sequence threshold; stderr;
+    per_seed (n_B, n_seeds; NaN where the grid does not bracket it); lam_precond (λ̃ at
+    the first sequence's warmed state, per B); deterministic (F/λ̃); share (q);
+    secant_ratio (r; NaN without `correct`); correction (1 − (1 − r)·q; 1 without
+    `correct`); corrected (lr·correction); betas; eps; warmup_steps; warmup_lr; steps;
+    factor; seeds."""
+
+    batch_sizes: np.ndarray
+    lr: np.ndarray
+    stderr: np.ndarray
+    per_seed: np.ndarray
+    lam_precond: np.ndarray
+    deterministic: np.ndarray
+    share: np.ndarray
+    secant_ratio: np.ndarray
+    correction: np.ndarray
+    corrected: np.ndarray
+    betas: tuple
+    eps: float
+    warmup_steps: int
+    warmup_lr: float
+    steps: int
+    factor: float
+    seeds: tuple
+
+    def plot(self, ax=None, *, color="C2"):
+        """Linearised (squares) and corrected (line) thresholds against B; returns the axes."""
+        from nets.learning_rates.lr_search import plot_thresholds
+
+        ax = plot_thresholds(ax, self.batch_sizes, self.lr, self.stderr, fmt="s", color=color,
+                             label=f"linearised Adam (β₁={self.betas[0]:g})")
+        ax.plot(self.batch_sizes, self.corrected, "-", color=color, label="corrected along ũ")
+        ax.legend(fontsize=7)
+        return ax
+
+
+def share_correction(lr_linearized, lam_precond, beta1, secant_ratio):
+    """(q, 1 − (1 − r)·q) with q = min(1, α_lin·λ̃/F), F = 2(1+β₁)/(1−β₁) (module
+    docstring), elementwise."""
+    q = np.minimum(1.0, np.asarray(lr_linearized, float) * np.asarray(lam_precond, float)
+                   / adam_factor(beta1))
+    return q, 1.0 - (1.0 - np.asarray(secant_ratio, float)) * q
+
+
+def linearized_adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 0.999),
+                              eps=1e-8, warmup_steps=500, warmup_lr=1e-4, steps=100,
+                              factor=10.0, seeds=tuple(range(8)), lr_range=(1e-4, 10.0),
+                              n_grid=48, correct=True, chunk_size=256, max_bytes=4 << 30,
+                              seed=0, progress=None) -> LinearizedAdamThresholds:
+    """The "divergence" threshold of Adam on the linearised network at each warmed state
+    (the protocol of `adam_threshold` with criterion "divergence"), and its correction
+    along ũ (module docstring). data : any form of `nets.utils.data_source`; loss_fn the
+    batch mean; seeds : the batch sequences (warm-up from s, trials from s + 7919);
+    lr_range : the coarse grid's ends; correct : also measure r and λ̃ (else
+    correction = 1); max_bytes : the Jacobians' memory above which the call is refused
+    (N·K·P·4 bytes); seed : the Lanczos start."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError("loss_fn must be callable")
+    b1, b2 = (as_float("betas", b) for b in betas)
+    if not (0 <= b1 < 1 and 0 <= b2 < 1):
+        raise ValueError(f"betas must lie in [0, 1), got {betas}")
+    eps = as_float("eps", eps, positive=True)
+    warmup_steps = as_int("warmup_steps", warmup_steps, minimum=1)
+    warmup_lr = as_float("warmup_lr", warmup_lr, positive=True)
+    K = as_int("steps", steps, minimum=1)
+    k = as_float("factor", factor, positive=True)
+    if not k > 1:
+        raise ValueError(f"factor must be > 1 (a loss growth), got {factor}")
+    n_grid = as_int("n_grid", n_grid, minimum=4)
+    lo, hi = (as_float("lr_range", v, positive=True) for v in lr_range)
+    if not hi > lo:
+        raise ValueError(f"lr_range must be (lo, hi) with hi > lo, got {lr_range}")
+    seeds = tuple(as_seed("seeds", s) for s in np.atleast_1d(seeds).tolist())
+    if not seeds:
+        raise ValueError("seeds must not be empty")
+    X, y = as_data_source(data, name="data").tensors()
+    N = len(X)
+    bs = as_batch_sizes(batch_sizes, N).tolist()
+    P = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    with torch.no_grad():
+        was = model.training
+        model.eval()
+        out_shape = tuple(model(X[:1]).shape[1:])
+        model.train(was)
+    need = N * max(1, int(np.prod(out_shape))) * P * 4
+    if need > max_bytes:
+        raise ValueError(f"the Jacobians need {need / 2**30:.2f} GiB (N={N} × outputs × P={P}), "
+                         f"above max_bytes={max_bytes / 2**30:.2f} GiB; pass a subset of the "
+                         "data or a larger max_bytes")
+    coarse = np.geomspace(lo, hi, 31)
+    per = np.full((len(bs), len(seeds)), np.nan)
+    lam = np.full(len(bs), np.nan)
+    ratio = np.full(len(bs), np.nan)
+    jobs = [(i, j) for i in range(len(bs)) for j in range(len(seeds))]
+    for i, j in progress_bar(jobs, progress=progress, total=len(jobs),
+                             desc=f"linearised Adam threshold (β₁={b1:g})", expected_s=15):
+        B, s = bs[i], seeds[j]
+        warm = warm_adam_state(model, loss_fn, X, y, B, warmup_steps=warmup_steps,
+                               warmup_lr=warmup_lr, betas=(b1, b2), eps=eps, seed=s)
+        opt = restored_adam(warm.model, warm, warmup_lr)
+        state = flat_adam_state(opt)
+        J, z0 = output_jacobians(warm.model, X, chunk_size=as_int("chunk_size", chunk_size,
+                                                                   minimum=1))
+
+        def run(grid, J=J, z0=z0, state=state, B=B, s=s):
+            return linearized_adam_max_loss(J, z0, y, loss_fn, B, grid, K, s + 7919, state=state,
+                                            betas=(b1, b2), eps=eps, out_shape=out_shape,
+                                            stop_above=k)
+
+        grid, (worst,) = refined_runs([run], coarse, (k,), n_grid)
+        per[i, j] = first_crossing(grid, worst, k)
+        del J
+        if correct and j == 0:
+            pn = preconditioned_noise(warm.model, loss_fn, (X, y), opt, seed=as_seed("seed", seed))
+            lam[i] = pn.lam
+            d = torch.as_tensor(pn.vector) * adam_preconditioner(warm.model, opt).sqrt()
+            ratio[i] = loss_along_top(warm.model, loss_fn, (X, y), factor=k, direction=d,
+                                      seed=seed).secant_ratio
+    mean, se = seed_mean_stderr(per)
+    F = adam_factor(b1)
+    if correct:
+        q, corr = share_correction(mean, lam, b1, ratio)
+    else:
+        q, corr = np.full(len(bs), np.nan), np.ones(len(bs))
+    return LinearizedAdamThresholds(np.array(bs), mean, se, per, lam, F / lam, q, ratio, corr,
+                                    mean * corr, (b1, b2), eps, warmup_steps, warmup_lr, K, k,
+                                    seeds)
+
