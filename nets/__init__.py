@@ -42,6 +42,7 @@ from nets.learning_rates.adam import (
     preconditioned_batch_sharpness,
     predict_adam_max_lr,
 )
+from nets.learning_rates.adam_linearized import linearized_adam_threshold
 from nets.learning_rates.learner import CurvatureAdaptiveSGD
 from nets.learning_rates.linearized import linearized_threshold
 from nets.learning_rates.lr_prediction import (
@@ -86,6 +87,7 @@ __all__ = [
     "predict_max_lr",
     "transfer_lr",
     "linearized_threshold",
+    "linearized_adam_threshold",
     "CurvatureAdaptiveSGD",
     "CurvatureMonitor",
     "adam_threshold",
