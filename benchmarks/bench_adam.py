@@ -9,7 +9,7 @@ default "divergence"), the fresh-state first-step limit, the noise-model predict
 anchored at B₀ = 32 and the largest B, and the small-B exponent with a bootstrap interval
 over seeds. Writes benchmarks/results/bench_adam_<model>.json.
 
-    python benchmarks/bench_adam.py --model mlp --batch-sizes 8 32 128 512 --seeds 3
+    python benchmarks/bench_adam.py --model mlp --batch-sizes 8 32 128 512 --seeds 8
     python benchmarks/bench_adam.py --model cnn --batch-sizes 8 32 128 512
 """
 
@@ -66,7 +66,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=("mlp", "mlp_relu", "cnn", "mse"), default="mlp")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256, 512])
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seeds", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=500)
     ap.add_argument("--warmup-lr", type=float, default=1e-4)
     ap.add_argument("--steps", type=int, default=100)
