@@ -27,13 +27,25 @@ Two further parts say where the sharpening comes from:
   (each ξ_k enters with weight α·(1 − m^{t−k+1})/(1 − m)). Compared with ‖w₁₀ − w₀‖ of
   the traced runs above (tr Σ from `nets.noise.gradient_noise.gradient_noise`).
 
+* ``--part curvature``: does the drift sharpen the network beyond its linearisation? At the
+  measured B = 512 threshold α of each net (m = 0.9, and m = 0 on the GELU net), random
+  displacements δ with the heavy-ball noise-drift covariance after t = 5 and 10 steps,
+  α²·c(B, N)·Σ·Σ_j((1 − m^j)/(1 − m))² (sampled as a Gaussian combination of the
+  centred per-sample gradients), alone ("noise") and plus the constant-gradient drift
+  −α·Σ_j(1 − m^j)/(1 − m)·ḡ ("noise+gradient"); at w₀ + δ the top Hessian eigenvalue of
+  the real network and of the linearised one (Jᵀ∇²ℓ(z + Jδ)J with the checkpoint's J:
+  what the linearised network sees there), three samples each. The ratio real ÷
+  linearised says how much of the drift's sharpening the linearised network misses.
+
     python benchmarks/bench_momentum_sharpening.py                     # ~3 min, one thread
     python benchmarks/bench_momentum_sharpening.py --part full_batch   # ~5 min
     python benchmarks/bench_momentum_sharpening.py --part drift        # seconds (reads the first)
+    python benchmarks/bench_momentum_sharpening.py --part curvature    # ~15 min
 """
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -95,6 +107,8 @@ def _stored_ratio_512(name, m):
     from bench_criterion import BATCH_SIZES, study
     real = study(name)[f"measured_m{m:g}"]
     lin = json.loads((RESULTS / f"bench_linearized_rank_{name}.json").read_text())
+    if f"m{m:g}" not in lin:
+        return float("nan")
     lin = lin[f"m{m:g}"]["ranks"]["r200"]["lr"]
     i = list(BATCH_SIZES).index(B)
     return float(real[i] / lin[i])
@@ -169,9 +183,104 @@ def drift():
     return out
 
 
+CURVATURE_CASES = (("gelu", 0.9), ("tanh64", 0.9), ("mlp", 0.9), ("cnn", 0.9),
+                   ("mlp_relu", 0.9), ("gelu", 0.0))
+
+
+def _threshold_512(name, m):
+    """The measured B = 512 threshold (8 seeds) of `name` at momentum m."""
+    if name in HELD_OUT:
+        r = json.loads((RESULTS / f"{output_name(name, m)}.json").read_text())
+        return float(r["real"][r["batch_sizes"].index(B)])
+    from bench_criterion import BATCH_SIZES, study
+    return float(study(name)[f"measured_m{m:g}"][list(BATCH_SIZES).index(B)])
+
+
+def top_real_and_linearized(model, loss_fn, X, y, delta, *, tol=1e-5):
+    """(λ₁ of the real Hessian at w₀ + δ, λ₁ of Jᵀ∇²_zℓ(z + Jδ)J/N with J at w₀) for a
+    cross-entropy `loss_fn`, float64, by scipy Lanczos on matrix-free products."""
+    import torch
+    from scipy.sparse.linalg import LinearOperator, eigsh
+    from torch.func import functional_call, grad, jvp, vjp
+
+    net = copy.deepcopy(model).double().eval()
+    names = [k for k, _ in net.named_parameters()]
+    shapes = [v.shape for _, v in net.named_parameters()]
+    w0 = torch.cat([v.detach().reshape(-1) for v in net.parameters()])
+    Xd, P, N = X.double(), len(w0), len(X)
+
+    def unflat(v):
+        out, i = {}, 0
+        for k, sh in zip(names, shapes):
+            n = int(np.prod(sh))
+            out[k] = v[i:i + n].reshape(sh)
+            i += n
+        return out
+
+    def f(w):
+        return functional_call(net, unflat(w), (Xd,))
+
+    def top(mv):
+        op = LinearOperator((P, P), matvec=lambda v: mv(torch.as_tensor(np.ravel(v))).numpy(),
+                            dtype=np.float64)
+        return float(eigsh(op, k=1, which="LA", tol=tol)[0][0])
+
+    g = grad(lambda w: loss_fn(f(w), y))
+    w = w0 + torch.as_tensor(delta, dtype=torch.float64)
+    real = top(lambda v: jvp(g, (w,), (v,))[1])
+    z0, back = vjp(f, w0)
+    p = torch.softmax(z0 + jvp(f, (w0,), (torch.as_tensor(delta, dtype=torch.float64),))[1], 1)
+
+    def lin_mv(v):
+        Jv = jvp(f, (w0,), (v,))[1]
+        return back((p * Jv - p * (p * Jv).sum(1, keepdim=True)) / N)[0]
+
+    return real, top(lin_mv)
+
+
+def curvature(samples=3, steps=(5, 10)):
+    """λ₁ real vs linearised at drifted points (module docstring, ``--part curvature``)."""
+    import torch
+
+    from nets.noise.gradient_noise import per_sample_gradients
+
+    out = {}
+    for name, m in CURVATURE_CASES:
+        model, (X, y), loss = _net(name)
+        N, alpha = len(X), _threshold_512(name, m)
+        G = torch.as_tensor(np.asarray(per_sample_gradients(model, loss, (X, y)))).double()
+        gbar = G.mean(0)
+        C = G - gbar
+        c = 1.0 / B - 1.0 / N
+        lam_r, lam_l = top_real_and_linearized(model, loss, X, y, torch.zeros(G.shape[1]))
+        gen = torch.Generator().manual_seed(0)
+        row = {"momentum": m, "lr": alpha, "lam": lam_r, "lam_linearized": lam_l,
+               "edge": alpha * lam_r / (2 * (1 + m)), "ratio_B512": _stored_ratio_512(name, m)}
+        for t in steps:
+            gains = _gains(m, t)
+            for kind in ("noise", "noise+gradient"):
+                rr, ll = [], []
+                for _ in range(samples):
+                    z = torch.randn(N, generator=gen, dtype=torch.float64)
+                    d = alpha * np.sqrt(c * np.sum(gains ** 2)) * (C.T @ z) / np.sqrt(N - 1)
+                    if kind == "noise+gradient":
+                        d = d - alpha * float(np.sum(gains)) * gbar
+                    a, b = top_real_and_linearized(model, loss, X, y, d)
+                    rr.append(a / lam_r)
+                    ll.append(b / lam_r)
+                row[f"t{t}_{kind}"] = {"real": rr, "linearized": ll,
+                                      "real_over_linearized": list(np.divide(rr, ll))}
+                print(f"{name} m={m:g} α={alpha:.3g} t={t} {kind}: λ₁/λ₁(w₀) real "
+                      f"{np.round(rr, 2)}, linearised {np.round(ll, 2)}, real ÷ linearised "
+                      f"{np.round(np.divide(rr, ll), 2)}", flush=True)
+        out[f"{name}_m{m:g}"] = row
+    return out
+
+
 def main(argv=None):
     p = base_parser(__doc__.splitlines()[0])
-    p.add_argument("--part", choices=("trace", "full_batch", "drift"), default="trace")
+    p.add_argument("--part", choices=("trace", "full_batch", "drift", "curvature"),
+                   default="trace")
     args = p.parse_args(argv)
     setup_torch(args)
     if args.part == "trace":
@@ -179,7 +288,7 @@ def main(argv=None):
                "nets": {name: follow(name) for name in HELD_OUT}}
         print("wrote", write_json("bench_momentum_sharpening", out, args.out))
         return
-    body = full_batch() if args.part == "full_batch" else drift()
+    body = {"full_batch": full_batch, "drift": drift, "curvature": curvature}[args.part]()
     out = {"environment": environment(), "batch_size": B, args.part: body}
     print("wrote", write_json(f"bench_momentum_sharpening_{args.part}", out, args.out))
 

@@ -40,3 +40,32 @@ def test_gradient_drift_is_the_exact_constant_gradient_path(m):
     g = torch.tensor([0.3, -0.4], dtype=torch.float64)             # ‖g‖ = 0.5
     w = _heavy_ball(g.expand(12, 2), 0.8, m)
     assert np.linalg.norm(w) == pytest.approx(bench.gradient_drift(0.8, m, 12, 0.5), rel=1e-12)
+
+
+def test_real_and_linearized_top_eigenvalues_against_dense_oracles(dense_hessian):
+    """At δ = 0 the real value is λ₁ of the dense Hessian and the linearised one λ₁ of the
+    dense Gauss–Newton matrix; for softmax regression (linear in its parameters) the two
+    coincide at any δ (the network is its linearisation)."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(5)
+    X, y = torch.randn(30, 4, generator=g), torch.randint(0, 3, (30,), generator=g)
+    torch.manual_seed(2)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    P = sum(p.numel() for p in net.parameters())
+    real, lin = bench.top_real_and_linearized(net, F.cross_entropy, X, y, torch.zeros(P))
+    H = dense_hessian(net.double(), F.cross_entropy, X.double(), y)
+    assert real == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-6)
+    J = torch.autograd.functional.jacobian(
+        lambda *ps: torch.func.functional_call(
+            net, dict(zip([k for k, _ in net.named_parameters()], ps)), (X.double(),)),
+        tuple(p.detach() for p in net.parameters()))
+    J = torch.cat([j.reshape(30, 3, -1) for j in J], dim=2)               # (N, K, P)
+    p = torch.softmax(net(X.double()), 1).detach()
+    Hz = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    GN = torch.einsum("nkp,nkl,nlq->pq", J, Hz, J) / 30
+    assert lin == pytest.approx(float(torch.linalg.eigvalsh(GN)[-1]), rel=1e-6)
+    lin_model = torch.nn.Linear(4, 3)
+    d = torch.randn(15, generator=g, dtype=torch.float64)
+    r2, l2 = bench.top_real_and_linearized(lin_model, F.cross_entropy, X, y, d)
+    assert r2 == pytest.approx(l2, rel=1e-6)
