@@ -72,8 +72,13 @@ def test_transfer_reads_optimizer_and_validates():
     r = transfer_lr(model, loss, (X, y), [8], reference=(8, 0.2), optimizer=opt,
                      form="directional")
     assert r.momentum == 0.5 and r.lr[0] == pytest.approx(0.2)
-    with pytest.raises(ValueError):
-        transfer_lr(model, loss, (X, y), [8], reference=(8, 0.2), optimizer="adam")
+    with pytest.raises(ValueError, match="SGD"):
+        transfer_lr(model, loss, (X, y), [8], reference=(8, 0.2), optimizer="rmsprop")
+    with pytest.raises(ValueError, match="momentum"):
+        transfer_lr(model, loss, (X, y), [8], reference=(8, 0.2), optimizer="adam", momentum=0.9)
+    with pytest.raises(ValueError, match="form"):
+        transfer_lr(model, loss, (X, y), [8], reference=(8, 0.2), optimizer="adam",
+                    form="directional")
     with pytest.raises(TypeError, match="reference"):
         transfer_lr(model, loss, (X, y), [8], reference=0.2)
     with pytest.raises(ValueError, match="form"):
@@ -266,3 +271,35 @@ def test_self_stabilisation_trace_follows_torch_sgd():
     np.testing.assert_allclose(st.trace_loss_ratio, ratio, rtol=1e-9)
     json.dumps(st.to_dict())
     assert self_stabilisation(model, mse, (X, y), batch_size=8, steps=5).trace_lam is None
+
+
+def test_adam_optimizer_hands_over_to_adam_transfer_lr():
+    """optimizer="adam" or an Adam instance: the same numbers as adam_transfer_lr with the
+    optimizer's β₁, β₂, ε (mean-square form by default)."""
+    from nets.learning_rates.adam import adam_transfer_lr
+
+    model, loss, X, y = _problem()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.5, 0.99), eps=1e-6)
+    r = transfer_lr(model, loss, (X, y), [4, 16, 64], reference=(16, 0.01), optimizer=opt)
+    ref = adam_transfer_lr(model, loss, (X, y), [4, 16, 64], reference=(16, 0.01),
+                           betas=(0.5, 0.99), eps=1e-6)
+    assert r.form == "mean_square" and r.lr[1] == pytest.approx(0.01)
+    np.testing.assert_allclose(r.lr, ref.lr)
+    d = transfer_lr(model, loss, (X, y), [4, 16, 64], reference=(16, 0.01), optimizer="adam",
+                    form="deterministic")
+    assert d.form == "deterministic" and np.all(np.isfinite(d.lr))
+    import matplotlib
+    matplotlib.use("Agg")
+    assert r.plot() is not None
+
+
+def test_adam_linearized_form_through_transfer_lr():
+    from nets.learning_rates.adam_linearized import linearized_adam_threshold
+
+    model, loss, X, y = _problem()
+    r = transfer_lr(model, loss, (X, y), [4, 16], reference=(16, 0.01), optimizer="adam",
+                    form="linearized", n_seeds=1, steps=30, factor=3.0)
+    lin = linearized_adam_threshold(model, loss, (X, y), [4, 16], seeds=(0,), steps=30,
+                                    factor=3.0)
+    assert r.form == "linearized"
+    np.testing.assert_allclose(r.lr, 0.01 * lin.corrected / lin.corrected[1])

@@ -403,6 +403,28 @@ class AdamTransfer(Result):
     linear_rule: np.ndarray
     form: str
 
+    def plot(self, ax=None, *, measured=None):
+        """lr(B) (log-log) with the √B and linear rules through the reference and
+        `measured` (an `AdamThresholds`, plotted ± stderr) if given; returns the axes."""
+        import matplotlib.pyplot as plt
+
+        ax = plt.gca() if ax is None else ax
+        B = self.batch_sizes
+        ax.plot(B, self.lr, "-", color="C0", label=f"adam_transfer_lr ({self.form})")
+        ax.plot(B, self.sqrt_rule, ":", color="C1", label="√B rule")
+        ax.plot(B, self.linear_rule, ":", color="C2", label="linear rule")
+        if measured is not None:
+            ax.errorbar(measured.batch_sizes, measured.lr, yerr=measured.stderr, fmt="o",
+                        color="k", capsize=2, label="measured (warmed state)")
+        ax.plot([self.reference[0]], [self.reference[1]], "s", color="C3", mfc="none", ms=10,
+                label="reference")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size B")
+        ax.set_ylabel("Adam learning rate")
+        ax.legend(fontsize=7)
+        return ax
+
 
 def adam_transfer_lr(model, loss_fn, data, batch_sizes, *, reference, betas=(0.9, 0.999),
                      eps=1e-8, form="mean_square", prediction=None, params=None, policy=None,

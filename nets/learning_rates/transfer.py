@@ -185,10 +185,10 @@ def _reference(reference):
                                                                   positive=True)
 
 
-def _momentum_of(optimizer, momentum) -> float:
-    opt = optimizer_settings(optimizer, momentum=momentum)
+def _momentum_of(opt) -> float:
     if opt.name != "sgd":
-        raise ValueError(f"transfer_lr supports SGD (heavy-ball momentum) only, got {opt.name!r}")
+        raise ValueError(f"transfer_lr supports SGD (heavy-ball momentum) and Adam, got "
+                         f"{opt.name!r}")
     if opt.nesterov or opt.dampening:
         raise ValueError("transfer_lr: Nesterov momentum and dampening are not supported "
                          "(the mean-square limit is derived for plain heavy ball)")
@@ -216,17 +216,26 @@ def _anchor(shape, spread, i0, lr0, *, coherent):
 
 
 def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd",
-                momentum=None, form="linearized", kind="hessian", num_probes=10,
+                momentum=None, form=None, kind="hessian", num_probes=10,
                 n_batches_mc=2000, micro_batch="auto", rank=_LINEARIZED_RANK, factor=10.0,
-                steps=200, n_seeds=8, rank_check=False, params=None, policy=None,
+                steps=None, n_seeds=8, rank_check=False, params=None, policy=None,
                 chunk_size=None, device=None, dtype=None, seed=0,
-                progress=None) -> LRTransfer:
+                progress=None):
     """Learning rate for each B from one known at B₀ (module docstring for the equations).
 
     reference : (B₀, α₀), a learning rate that works — or the measured threshold — at B₀.
     optimizer : "sgd", a torch SGD class or instance (its heavy-ball momentum is read);
-        momentum : ρ (overrides/must agree with the optimizer's).
-    form : "linearized" (default), or a λ'(B) form of `predict_batch_top_eigenvalue`
+        momentum : ρ (overrides/must agree with the optimizer's). "adam"/"adamw" or a
+        torch Adam/AdamW class or instance (β₁, β₂, ε read) hands over to
+        `nets.learning_rates.adam.adam_transfer_lr` and returns its `AdamTransfer`:
+        form None or "mean_square" (default for Adam: the preconditioned mean-square
+        limit of the warmed state's noise model), "deterministic", or "linearized" (Adam
+        on the linearised network from each warmed state, corrected along ũ; factor,
+        steps (default 100 for Adam), n_seeds and seed set its protocol, with the
+        warm-up of `linearized_adam_threshold`). Which Adam form transfers on which
+        network is measured in the README (neither meets 20 % on every network at
+        β₁ = 0.9).
+    form : None or "linearized" (the SGD default), or a λ'(B) form of `predict_batch_top_eigenvalue`
         ("directional", "resolved", "subspace", "isotropic"). The curvature/noise pass
         runs for every form at the model's current parameters (kind, num_probes,
         n_batches_mc, micro_batch, params, policy, chunk_size, device, dtype, seed,
@@ -234,7 +243,7 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
         micro-batches once N·P > 2²⁷, `nets.noise.directional`).
     "linearized" only: rank (directions of the linearised network, None: all; Jacobian
         memory N·K·rank numbers), factor and steps (the divergence criterion "loss ever >
-        factor × start within steps steps" — give the anchor's), n_seeds (batch
+        factor × start within steps steps", default 200 — give the anchor's), n_seeds (batch
         sequences per threshold, seeds seed … seed + n_seeds − 1, the batches
         `training_threshold` draws for those seeds; default 8: on a well-trained network
         the small-B threshold is set by rare batches whose large gradient kicks the
@@ -242,13 +251,21 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
         README's BatchNorm CNN seeds 0–2 put B = 32 at 0.106 and seeds 0–7 at 0.085, in
         the top-200 subspace and in the full model alike), rank_check (also run 2·rank
         and report the anchored ratio as rank_change).
-    Returns an `LRTransfer` with .lr (numpy, aligned with `batch_sizes`), the shape and
-    the λ'(B), B* and standard errors it came from.
+    Returns an `LRTransfer` (SGD) with .lr (numpy, aligned with `batch_sizes`), the shape
+    and the λ'(B), B* and standard errors it came from, or an `AdamTransfer` (Adam).
     """
     from nets.noise.batch_spectra import predict_batch_top_eigenvalue
 
     B0, lr0 = _reference(reference)
-    rho = _momentum_of(optimizer, momentum)
+    opt = optimizer_settings(optimizer, momentum=momentum)
+    if opt.name == "adam":
+        return _adam_transfer(model, loss_fn, data, batch_sizes, (B0, lr0), opt, form=form,
+                              factor=factor, steps=steps, n_seeds=n_seeds, params=params,
+                              policy=policy, chunk_size=chunk_size, device=device,
+                              seed=seed, progress=progress)
+    rho = _momentum_of(opt)
+    form = "linearized" if form is None else form
+    steps = 200 if steps is None else steps
     if form not in TRANSFER_FORMS:
         raise ValueError(f"form must be one of {TRANSFER_FORMS}, got {form!r}")
     seed = as_seed("seed", seed)
@@ -314,6 +331,27 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
         critical_batch_size=None if bstar is None else float(bstar),
         critical_batch_size_momentum=None if bstar is None else float(gain * bstar),
         stability_limit=limit[idx], N=int(pred["N"]), seed=int(seed), **extra)
+
+
+def _adam_transfer(model, loss_fn, data, batch_sizes, reference, opt, *, form, factor, steps,
+                   n_seeds, params, policy, chunk_size, device, seed, progress):
+    """`transfer_lr` for Adam: `adam_transfer_lr` with the optimizer's β₁, β₂, ε."""
+    from nets.learning_rates.adam import ADAM_FORMS, adam_transfer_lr
+
+    form = "mean_square" if form is None else form
+    forms = (*ADAM_FORMS, "linearized")
+    if form not in forms:
+        raise ValueError(f"form must be one of {forms} for Adam, got {form!r}")
+    linearized = None
+    if form == "linearized":
+        seed = as_seed("seed", seed)
+        linearized = {"factor": factor, "steps": 100 if steps is None else steps,
+                      "seeds": tuple(range(seed, seed + as_int("n_seeds", n_seeds, minimum=1)))}
+    extra = {} if chunk_size is None else {"chunk_size": chunk_size}
+    return adam_transfer_lr(model, loss_fn, data, batch_sizes, reference=reference,
+                            betas=(opt.beta1, opt.beta2), eps=opt.eps, form=form,
+                            params=params, policy=policy, device=device, seed=seed,
+                            linearized=linearized, progress=progress, **extra)
 
 
 def _linearized_shape(model, loss_fn, data, batch_sizes, lam, eff, *, momentum, rank, factor,
