@@ -408,6 +408,8 @@ class AdamTransfer(Result):
         `measured` (an `AdamThresholds`, plotted ± stderr) if given; returns the axes."""
         import matplotlib.pyplot as plt
 
+        from nets.learning_rates.transfer import finish_lr_axes
+
         ax = plt.gca() if ax is None else ax
         B = self.batch_sizes
         ax.plot(B, self.lr, "-", color="C0", label=f"adam_transfer_lr ({self.form})")
@@ -416,14 +418,7 @@ class AdamTransfer(Result):
         if measured is not None:
             ax.errorbar(measured.batch_sizes, measured.lr, yerr=measured.stderr, fmt="o",
                         color="k", capsize=2, label="measured (warmed state)")
-        ax.plot([self.reference[0]], [self.reference[1]], "s", color="C3", mfc="none", ms=10,
-                label="reference")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("batch size B")
-        ax.set_ylabel("Adam learning rate")
-        ax.legend(fontsize=7)
-        return ax
+        return finish_lr_axes(ax, self.reference, "Adam learning rate")
 
 
 def adam_transfer_lr(model, loss_fn, data, batch_sizes, *, reference, betas=(0.9, 0.999),

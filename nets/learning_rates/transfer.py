@@ -154,13 +154,19 @@ class LRTransfer(Result):
             ax.plot(B, scaling_rule(B, reference=ref, rule=r), ":", color=f"C{k + 1}", label=r)
         if measured is not None:
             measured.plot(ax=ax)
-        ax.plot([ref[0]], [ref[1]], "s", color="C3", mfc="none", ms=10, label="reference")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("batch size B")
-        ax.set_ylabel("learning rate")
-        ax.legend(fontsize=7)
-        return ax
+        return finish_lr_axes(ax, ref)
+
+
+def finish_lr_axes(ax, reference, ylabel="learning rate"):
+    """Mark the reference (B₀, α₀), log-log axes, labels and legend; returns `ax`."""
+    ax.plot([reference[0]], [reference[1]], "s", color="C3", mfc="none", ms=10,
+            label="reference")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size B")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    return ax
 
 
 def scaling_rule(batch_sizes, *, reference, rule="linear") -> np.ndarray:
