@@ -100,6 +100,19 @@ def as_int(name: str, value, *, minimum: int | None = None, maximum: int | None 
     return n
 
 
+def as_range(name: str, value) -> tuple[float, float]:
+    """Return a pair (lo, hi) of positive finite floats with hi > lo (ValueError
+    otherwise; TypeError for something that is not a pair)."""
+    try:
+        lo, hi = value
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a pair (lo, hi), got {_describe(value)}") from None
+    lo, hi = as_float(name, lo, positive=True), as_float(name, hi, positive=True)
+    if not hi > lo:
+        raise ValueError(f"{name} must be (lo, hi) with hi > lo, got {value}")
+    return lo, hi
+
+
 def as_batch_sizes(batch_sizes, N: int | None = None, replacement: bool = False, *,
                    name: str = "batch_sizes") -> np.ndarray:
     """A non-empty 1-d int64 array of batch sizes >= 1; when drawing without replacement

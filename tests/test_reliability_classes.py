@@ -501,3 +501,13 @@ def test_nets_seed_takes_an_int_or_a_generator_drawing_one_int():
     by_gen = nets.measure_batch_top_eigenvalue(model, CE, data, [4], n_batches=2, seed=g)
     by_int = nets.measure_batch_top_eigenvalue(model, CE, data, [4], n_batches=2, seed=drawn)
     assert np.array_equal(by_gen["mean"], by_int["mean"])
+
+
+def test_as_range_takes_an_increasing_positive_pair():
+    assert V.as_range("span", (0.5, np.float32(2.0))) == (0.5, 2.0)
+    for bad in [(1.0, 1.0), (2.0, 1.0), (0.0, 1.0), (-1.0, 1.0), (1.0, float("inf"))]:
+        with pytest.raises(ValueError, match="span"):
+            V.as_range("span", bad)
+    for bad in [3.0, (1.0, 2.0, 3.0), ("a", 2.0), None]:
+        with pytest.raises((TypeError, ValueError), match="span"):
+            V.as_range("span", bad)

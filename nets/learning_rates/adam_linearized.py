@@ -63,7 +63,7 @@ from nets.learning_rates.lr_search import seed_mean_stderr
 from nets.utils.data_source import as_data_source
 from nets.utils.progress import progress_bar
 from nets.utils.results import Result, result
-from rmt.validation import as_batch_sizes, as_float, as_int, as_seed
+from rmt.validation import as_batch_sizes, as_float, as_int, as_range, as_seed
 
 __all__ = ["LinearizedAdamThresholds", "linearized_adam_threshold", "share_correction"]
 
@@ -143,9 +143,7 @@ def linearized_adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 
     if not k > 1:
         raise ValueError(f"factor must be > 1 (a loss growth), got {factor}")
     n_grid = as_int("n_grid", n_grid, minimum=4)
-    lo, hi = (as_float("lr_range", v, positive=True) for v in lr_range)
-    if not hi > lo:
-        raise ValueError(f"lr_range must be (lo, hi) with hi > lo, got {lr_range}")
+    lo, hi = as_range("lr_range", lr_range)
     seeds = tuple(as_seed("seeds", s) for s in np.atleast_1d(seeds).tolist())
     if not seeds:
         raise ValueError("seeds must not be empty")

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from nets.utils.results import Result, result
-from rmt.validation import as_float, as_int, as_seed
+from rmt.validation import as_float, as_int, as_range, as_seed
 
 __all__ = ["LossAlongTop", "loss_along_top"]
 
@@ -130,9 +130,7 @@ def loss_along_top(model, loss_fn, data, *, factor=10.0, n=60, span=(0.02, 20.0)
     if not k > 1:
         raise ValueError(f"factor must be > 1 (a loss growth), got {factor}")
     n = as_int("n", n, minimum=2)
-    lo, hi = (as_float("span", v, positive=True) for v in span)
-    if not hi > lo:
-        raise ValueError(f"span must be (lo, hi) with hi > lo, got {span}")
+    lo, hi = as_range("span", span)
     X, y = as_data_source(data, name="data").tensors()
     net = copy.deepcopy(model).double().eval()
     Xd = X.double() if X.is_floating_point() else X

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from nets.utils.results import Result, result
-from rmt.validation import as_batch_sizes, as_float, as_int, as_seed
+from rmt.validation import as_batch_sizes, as_float, as_int, as_range, as_seed
 
 __all__ = ["LinearizedThresholds", "linearized_threshold", "output_jacobians", "ggn_top_basis",
            "linearized_max_loss", "linearized_adam_max_loss", "flat_adam_state",
@@ -356,9 +356,7 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
             raise ValueError(f"the top Hessian eigenvalue is {lam}; give lr_range=(lo, hi)")
         coarse = np.geomspace(_COARSE[0] / lam, _COARSE[1] / lam, _COARSE[2])
     else:
-        lo, hi = (as_float("lr_range", v, positive=True) for v in lr_range)
-        if not hi > lo:
-            raise ValueError(f"lr_range must be (lo, hi) with hi > lo, got {lr_range}")
+        lo, hi = as_range("lr_range", lr_range)
     basis = None
     if r < P:
         basis, _ = ggn_top_basis(model, loss_fn, (X, y), r, seed=as_seed("seed", seed))
