@@ -14,7 +14,7 @@ The correction's share q was written down after seeing the development MLP (both
 the CNN and the ReLU MLP are the networks it was then run on unchanged.
 
     python benchmarks/bench_adam_linearized.py --model mlp --beta1 0.9    # ~15 min, one thread
-    python benchmarks/bench_adam_linearized.py --model cnn --beta1 0.9 --seeds 3
+    python benchmarks/bench_adam_linearized.py --model cnn --beta1 0.9   # ~6 min
 """
 
 from __future__ import annotations
