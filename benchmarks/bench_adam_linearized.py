@@ -25,17 +25,8 @@ import time
 import numpy as np
 from _common import RESULTS, base_parser, environment, setup_torch, write_json
 from bench_adam import _loss, _model
-
-BATCH_SIZES = (8, 32, 128, 512)
-
-
-def _transfer(real, shape):
-    """Worst-case transfer ratios anchored at B₀ = 32 and 512: α₀·a/a(B₀) ÷ measured."""
-    out = {}
-    for B0 in (32, 512):
-        i0 = BATCH_SIZES.index(B0)
-        out[f"B{B0}"] = real[i0] * shape / shape[i0] / real
-    return out
+from bench_criterion import BATCH_SIZES
+from bench_heldout_transfer import transfers
 
 
 def main(argv=None):
@@ -64,7 +55,7 @@ def main(argv=None):
            "real_over_corrected": real / lin.corrected}
     for name, shape in (("linearized", lin.lr), ("corrected", lin.corrected),
                         ("mean_square", pred)):
-        tr = _transfer(real, shape)
+        tr = transfers(real, shape)
         out[f"transfer_{name}"] = tr
         worst = (min(v.min() for v in tr.values()), max(v.max() for v in tr.values()))
         out[f"worst_{name}"] = worst

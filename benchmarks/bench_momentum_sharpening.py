@@ -203,22 +203,14 @@ def top_real_and_linearized(model, loss_fn, X, y, delta, *, tol=1e-5):
     from scipy.sparse.linalg import LinearOperator, eigsh
     from torch.func import functional_call, grad, jvp, vjp
 
+    from nets.curvature.params import unflatten_to_dict
+
     net = copy.deepcopy(model).double().eval()
-    names = [k for k, _ in net.named_parameters()]
-    shapes = [v.shape for _, v in net.named_parameters()]
     w0 = torch.cat([v.detach().reshape(-1) for v in net.parameters()])
     Xd, P, N = X.double(), len(w0), len(X)
 
-    def unflat(v):
-        out, i = {}, 0
-        for k, sh in zip(names, shapes):
-            n = int(np.prod(sh))
-            out[k] = v[i:i + n].reshape(sh)
-            i += n
-        return out
-
     def f(w):
-        return functional_call(net, unflat(w), (Xd,))
+        return functional_call(net, unflatten_to_dict(net, w), (Xd,))
 
     def top(mv):
         op = LinearOperator((P, P), matvec=lambda v: mv(torch.as_tensor(np.ravel(v))).numpy(),

@@ -439,23 +439,19 @@ def adam_transfer_lr(model, loss_fn, data, batch_sizes, *, reference, betas=(0.9
     B0, a0 = int(reference[0]), as_float("reference lr", reference[1], positive=True)
     bs = np.array([as_int("batch_sizes", b, minimum=1) for b in np.atleast_1d(batch_sizes)])
     allb = np.unique(np.r_[bs, B0])
-    if form == "linearized":
+    if prediction is None and form == "linearized":
         from nets.learning_rates.adam_linearized import linearized_adam_threshold
 
-        if prediction is None:
-            prediction = linearized_adam_threshold(model, loss_fn, data, allb, betas=betas,
-                                                   eps=eps, seed=seed, progress=progress,
-                                                   **dict(linearized or {}))
-        table = dict(zip(np.asarray(prediction.batch_sizes).tolist(),
-                         np.asarray(prediction.corrected, dtype=float)))
+        prediction = linearized_adam_threshold(model, loss_fn, data, allb, betas=betas,
+                                               eps=eps, seed=seed, progress=progress,
+                                               **dict(linearized or {}))
     elif prediction is None:
         prediction = predict_adam_max_lr(model, loss_fn, data, allb, betas=betas, eps=eps,
                                          form=form, params=params, policy=policy,
                                          chunk_size=chunk_size, device=device, dtype=dtype,
                                          seed=seed, progress=progress)
-    if form != "linearized":
-        table = dict(zip(np.asarray(prediction.batch_sizes).tolist(),
-                         np.asarray(getattr(prediction, f"lr_{form}"))))
+    values = prediction.corrected if form == "linearized" else getattr(prediction, f"lr_{form}")
+    table = dict(zip(np.asarray(prediction.batch_sizes).tolist(), np.asarray(values, float)))
     missing = [int(b) for b in allb if int(b) not in table]
     if missing:
         raise ValueError(f"prediction has no value for batch sizes {missing}")

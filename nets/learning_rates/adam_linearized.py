@@ -44,15 +44,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from nets.algorithms.lanczos import eigsh
 from nets.learning_rates.adam import (
     adam_factor,
-    adam_preconditioner,
-    preconditioned_noise,
+    preconditioned_operator,
     restored_adam,
     warm_adam_state,
 )
 from nets.learning_rates.along_top import loss_along_top
 from nets.learning_rates.linearized import (
+    checked_output_shape,
     first_crossing,
     flat_adam_state,
     linearized_adam_max_loss,
@@ -151,16 +152,7 @@ def linearized_adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 
     N = len(X)
     bs = as_batch_sizes(batch_sizes, N).tolist()
     P = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    with torch.no_grad():
-        was = model.training
-        model.eval()
-        out_shape = tuple(model(X[:1]).shape[1:])
-        model.train(was)
-    need = N * max(1, int(np.prod(out_shape))) * P * 4
-    if need > max_bytes:
-        raise ValueError(f"the Jacobians need {need / 2**30:.2f} GiB (N={N} × outputs × P={P}), "
-                         f"above max_bytes={max_bytes / 2**30:.2f} GiB; pass a subset of the "
-                         "data or a larger max_bytes")
+    out_shape = checked_output_shape(model, X, P, dtype=torch.float32, max_bytes=max_bytes)
     coarse = np.geomspace(lo, hi, 31)
     per = np.full((len(bs), len(seeds)), np.nan)
     lam = np.full(len(bs), np.nan)
@@ -184,10 +176,11 @@ def linearized_adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 
         grid, (worst,) = refined_runs([run], coarse, (k,), n_grid)
         per[i, j] = first_crossing(grid, worst, k)
         del J
-        if correct and j == 0:
-            pn = preconditioned_noise(warm.model, loss_fn, (X, y), opt, seed=as_seed("seed", seed))
-            lam[i] = pn.lam
-            d = torch.as_tensor(pn.vector) * adam_preconditioner(warm.model, opt).sqrt()
+        if correct and j == 0:              # λ̃, ũ only: no per-sample noise pass
+            A = preconditioned_operator(warm.model, loss_fn, (X, y), opt, dtype=torch.float64)
+            top = eigsh(A, k=1, which="LA", tol=1e-8, seed=as_seed("seed", seed))
+            lam[i] = float(top.values[0])
+            d = A.sqrt_d.cpu() * torch.as_tensor(np.asarray(top.vectors[:, 0]), dtype=torch.float64)
             ratio[i] = loss_along_top(warm.model, loss_fn, (X, y), factor=k, direction=d,
                                       seed=seed).secant_ratio
     mean, se = seed_mean_stderr(per)

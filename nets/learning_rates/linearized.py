@@ -339,16 +339,10 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
         model = copy.deepcopy(model).to(device)
     N = len(X)
     bs = as_batch_sizes(batch_sizes, N).tolist()
-    with torch.no_grad():
-        out = copy.deepcopy(model).eval()(X[:1])
-    out_shape = tuple(out.shape[1:])
     P = sum(p.numel() for p in model.parameters() if p.requires_grad)
     r = P if rank is None else min(P, as_int("rank", rank, minimum=1))
-    need = N * max(1, int(np.prod(out_shape))) * r * torch.tensor([], dtype=dtype).element_size()
-    if need > max_bytes:
-        raise ValueError(f"the Jacobians need {need / 2**30:.2f} GiB (N={N} × outputs × {r} "
-                         f"directions), above max_bytes={max_bytes / 2**30:.2f} GiB; pass a "
-                         "subset of the data, a smaller rank or a larger max_bytes")
+    out_shape = checked_output_shape(model, X, r, dtype=dtype, max_bytes=max_bytes,
+                                     smaller=", a smaller rank")
     lam = math.nan
     if lr_range is None:
         _, lam = _top_direction(model, loss_fn, (X, y), as_seed("seed", seed))
@@ -382,6 +376,21 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
     mean, se = seed_mean_stderr(per)
     return LinearizedThresholds(np.array(bs), mean, se, per, seeds, float(m), K, k, float(lam),
                                 grids, worst, int(r), float(top))
+
+
+def checked_output_shape(model, X, directions, *, dtype, max_bytes, smaller=""):
+    """The per-sample output shape of `model` (a copy in eval mode, on X[:1]), after
+    checking that the Jacobians of N samples along `directions` directions fit in
+    `max_bytes` (ValueError otherwise; `smaller` names a further way out in the message)."""
+    with torch.no_grad():
+        out_shape = tuple(copy.deepcopy(model).eval()(X[:1]).shape[1:])
+    need = (len(X) * max(1, int(np.prod(out_shape))) * directions
+            * torch.tensor([], dtype=dtype).element_size())
+    if need > max_bytes:
+        raise ValueError(f"the Jacobians need {need / 2**30:.2f} GiB (N={len(X)} × outputs × "
+                         f"{directions} directions), above max_bytes={max_bytes / 2**30:.2f} "
+                         f"GiB; pass a subset of the data{smaller} or a larger max_bytes")
+    return out_shape
 
 
 def refined_runs(runs, coarse, factors, n_grid):

@@ -342,12 +342,9 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
 def _adam_transfer(model, loss_fn, data, batch_sizes, reference, opt, *, form, factor, steps,
                    n_seeds, params, policy, chunk_size, device, seed, progress):
     """`transfer_lr` for Adam: `adam_transfer_lr` with the optimizer's β₁, β₂, ε."""
-    from nets.learning_rates.adam import ADAM_FORMS, adam_transfer_lr
+    from nets.learning_rates.adam import adam_transfer_lr
 
-    form = "mean_square" if form is None else form
-    forms = (*ADAM_FORMS, "linearized")
-    if form not in forms:
-        raise ValueError(f"form must be one of {forms} for Adam, got {form!r}")
+    form = "mean_square" if form is None else form        # adam_transfer_lr checks it
     linearized = None
     if form == "linearized":
         seed = as_seed("seed", seed)
