@@ -35,6 +35,7 @@ to the three-sequence results of `bench_linearized_rank.py` and `bench_quadratic
     python benchmarks/bench_heldout_transfer.py --net gelu --momentum 0.9
     python benchmarks/bench_heldout_transfer.py --net bn_cnn     # ~12 min
     python benchmarks/bench_heldout_transfer.py --net mlp        # a development net (~5 min)
+    python benchmarks/bench_heldout_transfer.py --net mlp --momentum 0.9   # its m = 0.9 forms (~5 min)
     python benchmarks/bench_heldout_transfer.py --net summary    # every net from stored JSON
     python benchmarks/bench_heldout_transfer.py --net bn_cnn --reuse-real   # forms only (~7 min)
 """
@@ -163,7 +164,7 @@ def main(argv=None):
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--net", choices=(*HELD_OUT, *HELD_OUT_CNN, *DEVELOPMENT, "summary"),
                    default="summary")
-    p.add_argument("--momentum", type=float, default=0.0, help="heavy-ball momentum (held-out nets)")
+    p.add_argument("--momentum", type=float, default=0.0, help="heavy-ball momentum")
     p.add_argument("--reuse-real", action="store_true",
                    help="take the measured thresholds from the stored JSON (re-derive the forms only)")
     args = p.parse_args(argv)
@@ -179,9 +180,9 @@ def main(argv=None):
         table[name] = json.loads(path.read_text()) if path.exists() else stored(name)
     for name in (*HELD_OUT, *HELD_OUT_CNN):
         path = RESULTS / f"{output_name(name)}.json"
-        if not path.exists():
-            continue
-        table[name] = json.loads(path.read_text())
+        if path.exists():
+            table[name] = json.loads(path.read_text())
+    for name in (*DEVELOPMENT, *HELD_OUT, *HELD_OUT_CNN):    # with momentum, where run
         path = RESULTS / f"{output_name(name, 0.9)}.json"
         if path.exists():
             table[f"{name}_m0.9"] = json.loads(path.read_text())

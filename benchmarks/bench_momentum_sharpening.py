@@ -37,10 +37,18 @@ Two further parts say where the sharpening comes from:
   what the linearised network sees there), three samples each. The ratio real ÷
   linearised says how much of the drift's sharpening the linearised network misses.
 
+* ``--part path``: the real run and the linearised network (all P directions) on the same
+  batches from w₀, B = 512, just below and above the measured threshold (m = 0.9 on the
+  GELU, tanh and development MLPs and the CNN; m = 0 on the GELU net): the full-data loss
+  of both every step, where the two paths part, and the top eigenvalue of the real
+  Hessian at w_t and of the linearised Gauss–Newton matrix at e_t, against the heavy-ball
+  edge 2(1 + m)/α, three seeds. Here the sharpening is read along the run's own path.
+
     python benchmarks/bench_momentum_sharpening.py                     # ~3 min, one thread
     python benchmarks/bench_momentum_sharpening.py --part full_batch   # ~5 min
     python benchmarks/bench_momentum_sharpening.py --part drift        # seconds (reads the first)
     python benchmarks/bench_momentum_sharpening.py --part curvature    # ~15 min
+    python benchmarks/bench_momentum_sharpening.py --part path         # ~5 min
 """
 
 from __future__ import annotations
@@ -196,9 +204,10 @@ def _threshold_512(name, m):
     return float(study(name)[f"measured_m{m:g}"][list(BATCH_SIZES).index(B)])
 
 
-def top_real_and_linearized(model, loss_fn, X, y, delta, *, tol=1e-5):
-    """(λ₁ of the real Hessian at w₀ + δ, λ₁ of Jᵀ∇²_zℓ(z + Jδ)J/N with J at w₀) for a
-    cross-entropy `loss_fn`, float64, by scipy Lanczos on matrix-free products."""
+def top_real_and_linearized(model, loss_fn, X, y, delta, *, delta_linearized=None, tol=1e-5):
+    """(λ₁ of the real Hessian at w₀ + δ, λ₁ of Jᵀ∇²_zℓ(z + Jδ')J/N with J at w₀) for a
+    cross-entropy `loss_fn`, float64, by scipy Lanczos on matrix-free products; δ' =
+    `delta_linearized` (default δ)."""
     import torch
     from scipy.sparse.linalg import LinearOperator, eigsh
     from torch.func import functional_call, grad, jvp, vjp
@@ -221,7 +230,8 @@ def top_real_and_linearized(model, loss_fn, X, y, delta, *, tol=1e-5):
     w = w0 + torch.as_tensor(delta, dtype=torch.float64)
     real = top(lambda v: jvp(g, (w,), (v,))[1])
     z0, back = vjp(f, w0)
-    p = torch.softmax(z0 + jvp(f, (w0,), (torch.as_tensor(delta, dtype=torch.float64),))[1], 1)
+    d_lin = delta if delta_linearized is None else delta_linearized
+    p = torch.softmax(z0 + jvp(f, (w0,), (torch.as_tensor(d_lin, dtype=torch.float64),))[1], 1)
 
     def lin_mv(v):
         Jv = jvp(f, (w0,), (v,))[1]
@@ -269,9 +279,103 @@ def curvature(samples=3, steps=(5, 10)):
     return out
 
 
+PATH_CASES = (("gelu", 0.9, 0.87), ("gelu", 0.9, 1.12), ("tanh64", 0.9, 0.9), ("tanh64", 0.9, 1.12),
+              ("mlp", 0.9, 0.9), ("mlp", 0.9, 1.12), ("cnn", 0.9, 1.12), ("gelu", 0.0, 0.94))
+PATH_EVERY = (0, 4, 8, 12, 16, 20, 30, 40)
+
+
+def side_by_side(model, loss, X, y, *, lr, momentum, batch_size, seed, steps, every=PATH_EVERY):
+    """Real heavy ball (torch's convention v ← m·v + g, w ← w − α·v) and the same on the
+    linearised network (all P directions, `output_jacobians`), from w₀ with a zero buffer,
+    on one batch sequence (`torch.randperm(N, generator)[:B]`, generator seeded by `seed`).
+    Returns per step t = 0…steps the full-data loss ÷ start of both, ‖w_t − w₀‖, ‖e_t‖ and
+    ‖(w_t − w₀) − e_t‖, and at the steps in `every` λ₁ of the real Hessian at w_t and of
+    the linearised Gauss–Newton matrix at e_t (`top_real_and_linearized`); a run stops
+    once the real loss exceeds 10⁴× its start."""
+    import torch
+    from torch.func import functional_call
+
+    from nets.curvature.params import unflatten_to_dict
+    from nets.learning_rates.linearized import output_jacobians
+
+    model = copy.deepcopy(model).eval()
+    J, z0 = output_jacobians(model, X)
+    N, P = len(X), J.shape[2]
+    w0 = torch.cat([v.detach().reshape(-1) for v in model.parameters()])
+    L0 = float(loss(z0, y))
+
+    def real_loss(w, idx=None):
+        xb, yb = (X, y) if idx is None else (X[idx], y[idx])
+        return loss(functional_call(model, unflatten_to_dict(model, w), (xb,)), yb)
+
+    gen = torch.Generator().manual_seed(seed)
+    w, vr = w0.clone(), torch.zeros(P)
+    e, vl = torch.zeros(P), torch.zeros(P)
+    rec = {k: [] for k in ("loss_real", "loss_linearized", "distance_real",
+                           "distance_linearized", "separation")}
+    lam = {"step": [], "real": [], "linearized": []}
+    for t in range(steps + 1):
+        if t:
+            idx = torch.randperm(N, generator=gen)[:batch_size]
+            zb = (z0[idx] + J[idx] @ e).requires_grad_(True)
+            gz, = torch.autograd.grad(loss(zb, y[idx]), zb)
+            vl = momentum * vl + torch.einsum("bkp,bk->p", J[idx], gz)
+            e = e - lr * vl
+            wq = w.clone().requires_grad_(True)
+            g, = torch.autograd.grad(real_loss(wq, idx), wq)
+            vr = momentum * vr + g
+            w = w - lr * vr
+        with torch.no_grad():
+            lr_, ll_ = float(real_loss(w)) / L0, float(loss(z0 + J @ e, y)) / L0
+        d = w - w0
+        for k, v in zip(rec, (lr_, ll_, float(d.norm()), float(e.norm()), float((d - e).norm()))):
+            rec[k].append(v if np.isfinite(v) else float("inf"))
+        if t in every and np.isfinite(lr_) and lr_ < 1e3:
+            a, b = top_real_and_linearized(model, loss, X, y, d.double(),
+                                           delta_linearized=e.double())
+            lam["step"].append(t)
+            lam["real"].append(a)
+            lam["linearized"].append(b)
+        if not np.isfinite(lr_) or lr_ > 1e4:
+            break
+    return {"seed": seed, "loss_start": L0, **rec, "lam": lam}
+
+
+def paths(seeds=(0, 1, 2), steps=40):
+    """``--part path``: `side_by_side` at B = 512 and `multiple` × the measured threshold
+    for each case of `PATH_CASES`, with the summaries: largest α·λ₁/(2(1 + m)) of each
+    model, the first step where the paths part (‖Δ‖ > ¼‖e‖), the largest loss ÷ start."""
+    out = {}
+    for name, m, mult in PATH_CASES:
+        model, (X, y), loss = _net(name)
+        alpha = mult * _threshold_512(name, m)
+        edge = 2 * (1 + m) / alpha
+        runs = []
+        for seed in seeds:
+            r = side_by_side(model, loss, X, y, lr=alpha, momentum=m, batch_size=B, seed=seed,
+                             steps=steps)
+            lam = r["lam"]
+            er, el = np.asarray(lam["real"]) / edge, np.asarray(lam["linearized"]) / edge
+            sep = np.asarray(r["separation"]) > 0.25 * np.maximum(r["distance_linearized"], 1e-12)
+            r.update({"max_edge_real": float(er.max()), "max_edge_linearized": float(el.max()),
+                      "separates_at": int(np.argmax(sep)) if sep.any() else None,
+                      "max_loss_real": float(np.max(r["loss_real"])),
+                      "max_loss_linearized": float(np.max(r["loss_linearized"]))})
+            runs.append(r)
+            print(f"{name} m={m:g} {mult:g}× (α={alpha:.3g}) seed {seed}: max loss/start real "
+                  f"{r['max_loss_real']:.3g}, linearised {r['max_loss_linearized']:.3g}; "
+                  f"α·λ₁/(2(1+m)) at steps {lam['step']}: real {np.round(er, 2)}, linearised "
+                  f"{np.round(el, 2)}; paths separate (‖Δ‖ > 0.25‖e‖) at step "
+                  f"{r['separates_at']}", flush=True)
+        out[f"{name}_m{m:g}_x{mult:g}"] = {"net": name, "momentum": m, "multiple": mult,
+                                           "lr": alpha, "edge_lam": edge,
+                                           "loss_start": runs[0]["loss_start"], "runs": runs}
+    return out
+
+
 def main(argv=None):
     p = base_parser(__doc__.splitlines()[0])
-    p.add_argument("--part", choices=("trace", "full_batch", "drift", "curvature"),
+    p.add_argument("--part", choices=("trace", "full_batch", "drift", "curvature", "path"),
                    default="trace")
     args = p.parse_args(argv)
     setup_torch(args)
@@ -280,7 +384,8 @@ def main(argv=None):
                "nets": {name: follow(name) for name in HELD_OUT}}
         print("wrote", write_json("bench_momentum_sharpening", out, args.out))
         return
-    body = {"full_batch": full_batch, "drift": drift, "curvature": curvature}[args.part]()
+    body = {"full_batch": full_batch, "drift": drift, "curvature": curvature,
+            "path": paths}[args.part]()
     out = {"environment": environment(), "batch_size": B, args.part: body}
     print("wrote", write_json(f"bench_momentum_sharpening_{args.part}", out, args.out))
 

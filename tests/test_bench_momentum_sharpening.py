@@ -69,3 +69,44 @@ def test_real_and_linearized_top_eigenvalues_against_dense_oracles(dense_hessian
     d = torch.randn(15, generator=g, dtype=torch.float64)
     r2, l2 = bench.top_real_and_linearized(lin_model, F.cross_entropy, X, y, d)
     assert r2 == pytest.approx(l2, rel=1e-6)
+
+
+def test_side_by_side_paths_coincide_where_the_network_is_its_linearisation():
+    """Softmax regression is linear in its parameters, so real and linearised heavy ball on
+    the same batches are one path (loss, distance, λ₁); on a tanh net the first step is
+    shared (the linearised gradient at e = 0 is the real one) and the paths part later."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(7)
+    X, y = torch.randn(60, 5, generator=g), torch.randint(0, 3, (60,), generator=g)
+    torch.manual_seed(1)
+    lin_model = torch.nn.Linear(5, 3)
+    r = bench.side_by_side(lin_model, F.cross_entropy, X, y, lr=0.5, momentum=0.9,
+                           batch_size=16, seed=3, steps=12, every=(0, 6, 12))
+    assert len(r["loss_real"]) == 13
+    np.testing.assert_allclose(r["loss_real"], r["loss_linearized"], rtol=1e-4)
+    assert max(r["separation"]) < 1e-4 * max(r["distance_linearized"])
+    assert r["distance_linearized"][-1] > 0.1
+    np.testing.assert_allclose(r["lam"]["real"], r["lam"]["linearized"], rtol=1e-5)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    r = bench.side_by_side(net, F.cross_entropy, X, y, lr=2.0, momentum=0.9, batch_size=16,
+                           seed=3, steps=30, every=(0,))
+    assert r["separation"][1] < 1e-5 * r["distance_linearized"][1]
+    assert r["separation"][-1] > 1e-2 * r["distance_linearized"][-1]
+    assert r["lam"]["real"][0] == pytest.approx(
+        bench.top_real_and_linearized(net, F.cross_entropy, X, y, torch.zeros(75))[0], rel=1e-6)
+
+
+def test_linearized_curvature_can_be_read_at_its_own_displacement():
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(2)
+    X, y = torch.randn(20, 3, generator=g), torch.randint(0, 2, (20,), generator=g)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    d = torch.randn(26, generator=g, dtype=torch.float64)
+    r0, l0 = bench.top_real_and_linearized(net, F.cross_entropy, X, y, torch.zeros(26))
+    r1, l1 = bench.top_real_and_linearized(net, F.cross_entropy, X, y, d,
+                                           delta_linearized=torch.zeros(26))
+    assert l1 == pytest.approx(l0, rel=1e-8)
+    assert r1 != pytest.approx(r0, rel=1e-3)
