@@ -26,7 +26,7 @@ import numpy as np
 from _common import RESULTS, base_parser, environment, setup_torch, write_json
 from bench_adam import _loss, _model
 from bench_criterion import BATCH_SIZES
-from bench_heldout_transfer import transfers
+from bench_heldout_transfer import transfers, worst
 
 
 def main(argv=None):
@@ -56,11 +56,10 @@ def main(argv=None):
     for name, shape in (("linearized", lin.lr), ("corrected", lin.corrected),
                         ("mean_square", pred)):
         tr = transfers(real, shape)
+        lo, hi = out[f"worst_{name}"] = worst(tr)
         out[f"transfer_{name}"] = tr
-        worst = (min(v.min() for v in tr.values()), max(v.max() for v in tr.values()))
-        out[f"worst_{name}"] = worst
         print(f"{args.model} β₁={args.beta1:g} {name}: B0=32 {np.round(tr['B32'], 3)}, "
-              f"B0=512 {np.round(tr['B512'], 3)}, worst {worst[0]:.2f}-{worst[1]:.2f}", flush=True)
+              f"B0=512 {np.round(tr['B512'], 3)}, worst {lo:.2f}-{hi:.2f}", flush=True)
     print(f"real {np.round(real, 4)}; linearised {np.round(lin.lr, 4)}; secant ratio "
           f"{np.round(lin.secant_ratio, 3)}; share {np.round(lin.share, 3)}; real ÷ corrected "
           f"{np.round(real / lin.corrected, 2)} ({seconds:.0f} s)", flush=True)

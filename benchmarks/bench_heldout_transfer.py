@@ -96,6 +96,12 @@ def transfers(real, shape):
     return {f"B{B0}": transfer_ratios(real, shape, B0) for B0 in (32, 512)}
 
 
+def worst(transfer):
+    """[smallest, largest] ratio of a `transfers` dict over both anchors."""
+    return [float(min(v.min() for v in transfer.values())),
+            float(max(v.max() for v in transfer.values()))]
+
+
 def rows(real, lam, lam_prime, lin, secant_ratio):
     pred = np.asarray(lin, float) * secant_correction(lam, lam_prime, secant_ratio)
     out = {"real": real, "lam": lam, "lam_prime": lam_prime, "linearized": lin,
@@ -104,8 +110,7 @@ def rows(real, lam, lam_prime, lin, secant_ratio):
                         ("linearized", lin), ("corrected", pred)):
         t = transfers(real, shape)
         out[f"transfer_{name}"] = t
-        out[f"worst_{name}"] = [float(min(v.min() for v in t.values())),
-                                float(max(v.max() for v in t.values()))]
+        out[f"worst_{name}"] = worst(t)
     return out
 
 

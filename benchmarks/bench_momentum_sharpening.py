@@ -103,6 +103,15 @@ def _net(name):
     return network(name)
 
 
+def _threshold_512(name, m):
+    """The measured B = 512 threshold (8 seeds) of `name` at momentum m."""
+    if name in HELD_OUT:
+        r = json.loads((RESULTS / f"{output_name(name, m)}.json").read_text())
+        return float(r["real"][r["batch_sizes"].index(B)])
+    from bench_criterion import BATCH_SIZES, study
+    return float(study(name)[f"measured_m{m:g}"][list(BATCH_SIZES).index(B)])
+
+
 def _stored_ratio_512(name, m):
     """real ÷ linearised (r = 200) at B = 512 from the stored results (NaN if absent)."""
     if name in HELD_OUT:
@@ -112,14 +121,12 @@ def _stored_ratio_512(name, m):
         r = json.loads(path.read_text())
         i = r["batch_sizes"].index(B)
         return float(r["real"][i] / r["linearized"][i])
-    from bench_criterion import BATCH_SIZES, study
-    real = study(name)[f"measured_m{m:g}"]
+    from bench_criterion import BATCH_SIZES
     lin = json.loads((RESULTS / f"bench_linearized_rank_{name}.json").read_text())
     if f"m{m:g}" not in lin:
         return float("nan")
     lin = lin[f"m{m:g}"]["ranks"]["r200"]["lr"]
-    i = list(BATCH_SIZES).index(B)
-    return float(real[i] / lin[i])
+    return _threshold_512(name, m) / float(lin[list(BATCH_SIZES).index(B)])
 
 
 def full_batch():
@@ -195,15 +202,6 @@ CURVATURE_CASES = (("gelu", 0.9), ("tanh64", 0.9), ("mlp", 0.9), ("cnn", 0.9),
                    ("mlp_relu", 0.9), ("gelu", 0.0))
 
 
-def _threshold_512(name, m):
-    """The measured B = 512 threshold (8 seeds) of `name` at momentum m."""
-    if name in HELD_OUT:
-        r = json.loads((RESULTS / f"{output_name(name, m)}.json").read_text())
-        return float(r["real"][r["batch_sizes"].index(B)])
-    from bench_criterion import BATCH_SIZES, study
-    return float(study(name)[f"measured_m{m:g}"][list(BATCH_SIZES).index(B)])
-
-
 def top_real_and_linearized(model, loss_fn, X, y, delta, *, delta_linearized=None, tol=1e-5):
     """(λ₁ of the real Hessian at w₀ + δ, λ₁ of Jᵀ∇²_zℓ(z + Jδ')J/N with J at w₀) for a
     cross-entropy `loss_fn`, float64, by scipy Lanczos on matrix-free products; δ' =
@@ -212,10 +210,10 @@ def top_real_and_linearized(model, loss_fn, X, y, delta, *, delta_linearized=Non
     from scipy.sparse.linalg import LinearOperator, eigsh
     from torch.func import functional_call, grad, jvp, vjp
 
-    from nets.curvature.params import unflatten_to_dict
+    from nets.curvature.params import flatten_parameters, unflatten_to_dict
 
     net = copy.deepcopy(model).double().eval()
-    w0 = torch.cat([v.detach().reshape(-1) for v in net.parameters()])
+    w0 = flatten_parameters(net)
     Xd, P, N = X.double(), len(w0), len(X)
 
     def f(w):
@@ -295,13 +293,13 @@ def side_by_side(model, loss, X, y, *, lr, momentum, batch_size, seed, steps, ev
     import torch
     from torch.func import functional_call
 
-    from nets.curvature.params import unflatten_to_dict
+    from nets.curvature.params import flatten_parameters, unflatten_to_dict
     from nets.learning_rates.linearized import output_jacobians
 
     model = copy.deepcopy(model).eval()
     J, z0 = output_jacobians(model, X)
     N, P = len(X), J.shape[2]
-    w0 = torch.cat([v.detach().reshape(-1) for v in model.parameters()])
+    w0 = flatten_parameters(model)
     L0 = float(loss(z0, y))
 
     def real_loss(w, idx=None):

@@ -175,7 +175,7 @@ def linearized_adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 
 
         grid, (worst,) = refined_runs([run], coarse, (k,), n_grid)
         per[i, j] = first_crossing(grid, worst, k)
-        del J
+        del J, z0, run             # the closure holds J too: free it before the next (B, s)
         if correct and j == 0:              # λ̃, ũ only: no per-sample noise pass
             A = preconditioned_operator(warm.model, loss_fn, (X, y), opt, dtype=torch.float64)
             top = eigsh(A, k=1, which="LA", tol=1e-8, seed=as_seed("seed", seed))
