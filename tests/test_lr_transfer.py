@@ -221,6 +221,37 @@ def test_linearized_form_reanchors_and_checks_its_rank(tiny_mlp):
             transfer_lr(model, loss, (X, y), [4], reference=(16, 0.3), **{**kw, **bad})
 
 
+def test_secant_correction_only_where_the_real_loss_is_sharper(tiny_mlp, monkeypatch):
+    """The correction 1 − (1 − r)·λ/λ'_ρ is applied for r = s_lin/s_real ≤ 1 only; with a
+    profile whose real loss along u is flatter (r > 1) the form is the uncorrected
+    linearised threshold, flagged and warned about (the linearised thresholds themselves
+    do not depend on r: identical in both runs)."""
+    import types
+
+    import nets.learning_rates.along_top as along_top
+
+    model, X, y = tiny_mlp(seed=2, N=48)
+    loss = torch.nn.functional.cross_entropy
+    kw = dict(reference=(16, 0.3), form="linearized", rank=8, steps=40, n_seeds=2, seed=0)
+    runs = {}
+    for r in (0.8, 3.0):
+        monkeypatch.setattr(along_top, "loss_along_top",
+                            lambda *a, r=r, **k: types.SimpleNamespace(secant_ratio=r))
+        if r > 1:
+            with pytest.warns(UserWarning, match="flatter"):
+                runs[r] = transfer_lr(model, loss, (X, y), [4, 16, 48], **kw)
+        else:
+            runs[r] = transfer_lr(model, loss, (X, y), [4, 16, 48], **kw)
+    sharp, flat = runs[0.8], runs[3.0]
+    assert sharp.correction_applied and not flat.correction_applied
+    np.testing.assert_allclose(sharp.correction, 1 - 0.2 * sharp.lam / sharp.effective_curvature,
+                               rtol=1e-12)
+    np.testing.assert_array_equal(flat.correction, 1.0)
+    np.testing.assert_array_equal(flat.linearized_lr, sharp.linearized_lr)
+    np.testing.assert_allclose(flat.shape, flat.linearized_lr, rtol=1e-12)
+    assert flat.secant_ratio == 3.0 and flat.to_dict()["correction_applied"] is False
+
+
 def test_curvature_forms_reanchor_with_coherent_errors():
     model, loss, X, y = _problem()
     a = transfer_lr(model, loss, (X, y), [2, 8, 32], reference=(8, 0.1), form="directional")
