@@ -17,8 +17,19 @@ of the secant ratio (`secant_correction`), the uncorrected linearised network, a
 directional form. Reported: worst transfer ratio over both anchors, the secant ratio
 s_lin/s_real along u, real ÷ linearised per B.
 
+`--momentum 0.9`: the same with heavy-ball SGD (key "m0.9"). `--adam 0.9,0`: Adam with
+β₁ = 0.9 and 0 (β₂ = 0.999, ε = 1e-8): the warmed-state divergence threshold (500 steps at
+1e-4 with batches of size B, then 100 steps at α; `adam_threshold`, eight seeds) against
+`transfer_lr(optimizer=torch.optim.Adam(...))` in its default (mean-square) form; keys
+"adam_b0.9", "adam_b0"; with `--adam-form linearized` the linearised-Adam form over the same
+eight sequences instead (keys "adam_b0.9_linearized", …). Results of every part merge into
+one JSON.
+
     python benchmarks/bench_heldout_tabular.py            # ~8 min on one thread (4 variants)
     python benchmarks/bench_heldout_tabular.py --variants ln,smooth
+    python benchmarks/bench_heldout_tabular.py --momentum 0.9
+    python benchmarks/bench_heldout_tabular.py --adam 0.9,0
+    python benchmarks/bench_heldout_tabular.py --adam 0.9,0 --adam-form linearized --variants plain
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ import time
 
 import numpy as np
 from _common import base_parser, environment, setup_torch, write_json
+from bench_adam import _exponent
 from bench_heldout_transfer import rows, transfers, worst
 
 BATCH_SIZES = (8, 32, 128, 512)
@@ -62,17 +74,17 @@ def trained_tabular_mlp(*, layer_norm, smoothing, seed=0, epochs=30):
     return model.eval(), loss_fn, (X, y)
 
 
-def run_variant(name, *, progress=False):
+def run_variant(name, *, momentum=0.0, progress=False):
     from nets import transfer_lr
     from nets.learning_rates.lr_search import training_threshold
 
     model, loss_fn, data = trained_tabular_mlp(**VARIANTS[name])
     t0 = time.perf_counter()
     real = training_threshold(model, loss_fn, data, BATCH_SIZES, seeds=SEEDS, steps=200,
-                              progress=progress)
+                              momentum=momentum, progress=progress)
     t1 = time.perf_counter()
     default = transfer_lr(model, loss_fn, data, BATCH_SIZES, reference=(32, float(real.lr[1])),
-                          n_seeds=len(SEEDS), progress=progress)
+                          momentum=momentum, n_seeds=len(SEEDS), progress=progress)
     t2 = time.perf_counter()
     out = rows(real.lr, default.lam, default.batch_curvature, default.linearized_lr,
                default.secant_ratio)
@@ -80,7 +92,7 @@ def run_variant(name, *, progress=False):
     out.update(real_stderr=real.stderr, transfer_default=t, worst_default=worst(t),
                default_correction=default.correction, correction_applied=default.correction_applied,
                seconds_real=t1 - t0, seconds_forms=t2 - t1)
-    print(f"{name}: real {np.round(real.lr, 4)}  s_lin/s_real {default.secant_ratio:.3f}  "
+    print(f"{name}, m = {momentum:g}: real {np.round(real.lr, 4)}  s_lin/s_real {default.secant_ratio:.3f}  "
           f"real/lin {np.round(real.lr / default.linearized_lr, 2)}\n"
           f"   worst transfer: default {np.round(out['worst_default'], 2)}, corrected as derived "
           f"{np.round(out['worst_corrected'], 2)}, linearised {np.round(out['worst_linearized'], 2)}, "
@@ -89,13 +101,73 @@ def run_variant(name, *, progress=False):
     return out
 
 
+def run_adam(name, beta1, *, form=None, progress=False):
+    import torch
+
+    from nets import adam_threshold, transfer_lr
+
+    model, loss_fn, data = trained_tabular_mlp(**VARIANTS[name])
+    t0 = time.perf_counter()
+    real = adam_threshold(model, loss_fn, data, BATCH_SIZES, betas=(beta1, 0.999), eps=1e-8,
+                          warmup_steps=500, warmup_lr=1e-4, steps=100, criterion="divergence",
+                          seeds=SEEDS, progress=progress)
+    t1 = time.perf_counter()
+    opt = torch.optim.Adam(model.parameters(), betas=(beta1, 0.999), eps=1e-8)
+    pred = transfer_lr(model, loss_fn, data, BATCH_SIZES, reference=(32, float(real.lr[1])),
+                       optimizer=opt, form=form, n_seeds=len(SEEDS), progress=progress)
+    shape = np.asarray(pred.lr, float)
+    t = transfers(real.lr, shape)
+    B = np.asarray(BATCH_SIZES)
+    out = {"real": real.lr, "real_stderr": real.stderr, "real_per_seed": real.per_seed,
+           "exponent": _exponent(B, np.asarray(real.per_seed), np.random.default_rng(0)),
+           "predicted_exponent": float(np.polyfit(np.log(B[B <= 128]),
+                                                  np.log(shape[B <= 128]), 1)[0]),
+           "predicted_shape": shape,
+           # the mean-square limit of each warmed state itself (mean over seeds)
+           "predicted_state_mean_square": np.asarray(real.predicted_state_mean_square).mean(1),
+           "transfer_state_mean_square": transfers(
+               real.lr, np.asarray(real.predicted_state_mean_square).mean(1)),
+           "form": pred.form, "transfer": t, "worst": worst(t), "seconds_real": t1 - t0,
+           "seconds_forms": time.perf_counter() - t1}
+    e = out["exponent"]
+    print(f"{name}, Adam beta1 = {beta1:g}: real {np.round(real.lr, 5)}  worst transfer "
+          f"({pred.form}) {np.round(out['worst'], 2)}; exponent B <= 128 {e['exponent']:.2f} "
+          f"[{e['ci_low']:.2f}, {e['ci_high']:.2f}] predicted {out['predicted_exponent']:.2f} "
+          f"({t1 - t0:.0f} s)", flush=True)
+    return out
+
+
 def main():
+    import json
+
+    from _common import RESULTS
+
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--adam", default="", help="comma-separated beta1 values (Adam part)")
+    p.add_argument("--adam-form", default=None,
+                   help="transfer_lr's Adam form (default: its default, mean_square); "
+                        "'linearized' stores under adam_b<beta1>_linearized")
     args = p.parse_args()
     setup_torch(args)
     names = [v for v in args.variants.split(",") if v]
-    res = {name: run_variant(name) for name in names}
+    path = RESULTS / "bench_heldout_tabular.json" if args.out is None else args.out
+    try:
+        stored = json.loads(open(path).read())
+    except (OSError, ValueError):
+        stored = {}
+    res = stored.get("variants", {})
+    for name in names:
+        row = res.setdefault(name, {})
+        if args.adam:
+            for b1 in (float(b) for b in args.adam.split(",")):
+                key = f"adam_b{b1:g}" + (f"_{args.adam_form}" if args.adam_form else "")
+                row[key] = run_adam(name, b1, form=args.adam_form)
+        elif args.momentum:
+            row[f"m{args.momentum:g}"] = run_variant(name, momentum=args.momentum)
+        else:
+            row.update(run_variant(name))
     write_json("bench_heldout_tabular", {"environment": environment(), "batch_sizes": BATCH_SIZES,
                                          "seeds": SEEDS, "variants": res}, args.out)
 
