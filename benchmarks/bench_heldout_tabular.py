@@ -17,6 +17,18 @@ of the secant ratio (`secant_correction`), the uncorrected linearised network, a
 directional form. Reported: worst transfer ratio over both anchors, the secant ratio
 s_lin/s_real along u, real ÷ linearised per B.
 
+`--part spherical` (LayerNorm variant, m = 0): why the real network is *more* stable than
+its linearisation at small B. The weights (W₁, b₁) before the LayerNorm are a
+scale-invariant block (outputs unchanged under (W₁, b₁) → c·(W₁, b₁), so J_blk·w_blk = 0 and
+the gradient is orthogonal to w_blk): every SGD step raises ‖w_blk‖² by α²‖g_blk‖², and the
+curvature of the block falls as 1/‖w_blk‖² — the real network lowers its own effective
+learning rate, a fixed Jacobian cannot. The part measures the block's norm and λ₁ after
+200 real steps near the measured threshold (B = 8, 32, 512, seed 0), and the threshold
+(bisection, 8 sequences, the real protocol) of the all-P linearised network with and
+without the spherical map z = z₀ + s·J_blk·e_blk + J_rest·e_rest,
+s = ‖w_blk‖/‖w_blk + e_blk‖ (the linearisation in the block's direction only, which keeps
+the symmetry), side by side.
+
 `--momentum 0.9`: the same with heavy-ball SGD (key "m0.9"). `--adam 0.9,0`: Adam with
 β₁ = 0.9 and 0 (β₂ = 0.999, ε = 1e-8): the warmed-state divergence threshold (500 steps at
 1e-4 with batches of size B, then 100 steps at α; `adam_threshold`, eight seeds) against
@@ -28,6 +40,7 @@ one JSON.
     python benchmarks/bench_heldout_tabular.py            # ~8 min on one thread (4 variants)
     python benchmarks/bench_heldout_tabular.py --variants ln,smooth
     python benchmarks/bench_heldout_tabular.py --momentum 0.9
+    python benchmarks/bench_heldout_tabular.py --part spherical      # ~3 min, 2 threads
     python benchmarks/bench_heldout_tabular.py --adam 0.9,0
     python benchmarks/bench_heldout_tabular.py --adam 0.9,0 --adam-form linearized --variants plain
 """
@@ -137,6 +150,128 @@ def run_adam(name, beta1, *, form=None, progress=False):
     return out
 
 
+def linearized_outputs(model, X, block):
+    """(z₀ (N, K), J_blk (N, K, P_blk), J_rest (N, K, P − P_blk), w_blk) in float64 for the
+    parameter names in `block` (the scale-invariant group) and the rest."""
+    import copy
+
+    import torch
+    from torch.func import functional_call, jacrev, vmap
+
+    net = copy.deepcopy(model).double()
+    params = {n: p.detach().double() for n, p in net.named_parameters()}
+
+    def f(p, x):
+        return functional_call(net, p, (x[None],))[0]
+
+    Xd = X.double()
+    jac = vmap(jacrev(f), in_dims=(None, 0))(params, Xd)
+    z0 = vmap(lambda x: f(params, x))(Xd)
+
+    def cat(names):
+        return torch.cat([jac[n].reshape(len(X), z0.shape[1], -1) for n in names], dim=2)
+
+    rest = [n for n in params if n not in block]
+    w_blk = torch.cat([params[n].reshape(-1) for n in block])
+    return z0, cat(block), cat(rest), w_blk
+
+
+def spherical_threshold(parts, loss_fn, y, B, seed, *, spherical, steps=200, factor=10.0,
+                        rel_tol=0.03):
+    """Divergence threshold (loss ever > factor × start within `steps` steps; bisection in
+    log α to hi/lo ≤ 1 + rel_tol) of SGD on the all-P linearised network, with the
+    spherical map on the block or without; batches as `training_threshold` draws them
+    (torch.Generator seeded by `seed`, randperm[:B] per step)."""
+    import math
+
+    import torch
+
+    z0, Jb, Jr, w_blk = parts
+    N, nb = len(y), Jb.shape[2]
+    n0 = w_blk.norm()
+
+    def outputs(e, idx=slice(None)):
+        eb, er = e[:nb], e[nb:]
+        s = n0 / (w_blk + eb).norm() if spherical else 1.0
+        return z0[idx] + s * (Jb[idx] @ eb) + Jr[idx] @ er
+
+    L0 = float(loss_fn(z0, y))
+
+    def diverges(lr):
+        gen = torch.Generator().manual_seed(seed)
+        e = torch.zeros(nb + Jr.shape[2], dtype=torch.float64, requires_grad=True)
+        for _ in range(steps):
+            idx = torch.randperm(N, generator=gen)[:B]
+            g, = torch.autograd.grad(loss_fn(outputs(e, idx), y[idx]), e)
+            with torch.no_grad():
+                e -= lr * g
+                L = float(loss_fn(outputs(e), y))
+            if not math.isfinite(L) or L > factor * L0:
+                return True
+        return False
+
+    lo = 1.0
+    while diverges(lo):
+        lo /= 2
+    hi = 2 * lo
+    while not diverges(hi):
+        lo, hi = hi, 2 * hi
+    while hi / lo > 1 + rel_tol:
+        mid = math.sqrt(lo * hi)
+        lo, hi = (lo, mid) if diverges(mid) else (mid, hi)
+    return math.sqrt(lo * hi)
+
+
+def run_spherical(stored_real):
+    """The `--part spherical` of the module docstring (LayerNorm variant, m = 0)."""
+    import copy
+
+    import torch
+
+    from nets import top_eigenvalues
+    from nets.learning_rates.lr_search import _flat_params
+
+    model, loss_fn, (X, y) = trained_tabular_mlp(**VARIANTS["ln"])
+    block = ("0.weight", "0.bias")
+    parts = linearized_outputs(model, X, block)
+    z0, Jb, _, w_blk = parts
+    out = {"block": block, "symmetry_residual": float((Jb @ w_blk).abs().max()),
+           "block_norm_sq": float(w_blk.norm() ** 2),
+           "lam": float(top_eigenvalues(model, loss_fn, (X, y), k=1, seed=0)[0])}
+    real = np.asarray(stored_real, float)
+    traces = {}
+    for B, frac in ((8, 1.0), (32, 1.0), (512, 0.93)):
+        lr = frac * float(real[list(BATCH_SIZES).index(B)])
+        net = copy.deepcopy(model).eval()
+        params = _flat_params(net)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(200):
+            idx = torch.randperm(len(X), generator=gen)[:B]
+            g = torch.autograd.grad(loss_fn(net(X[idx]), y[idx]), params)
+            with torch.no_grad():
+                for p, gi in zip(params, g):
+                    p.sub_(lr * gi)
+        sq = sum(float(p.detach().norm() ** 2) for n, p in net.named_parameters() if n in block)
+        traces[f"B{B}"] = {"lr": lr, "block_norm_sq_after": sq,
+                           "lam_after": float(top_eigenvalues(net, loss_fn, (X, y), k=1,
+                                                              seed=0)[0])}
+    out["real_runs"] = traces
+    for spherical in (False, True):
+        th = np.array([np.mean([spherical_threshold(parts, loss_fn, y, B, s, spherical=spherical)
+                                for s in SEEDS]) for B in BATCH_SIZES])
+        key = "spherical" if spherical else "plain"
+        out[f"linearized_{key}"] = th
+        out[f"real_over_{key}"] = real / th
+        out[f"worst_{key}"] = worst(transfers(real, th))
+        print(f"LayerNorm, all-P linearised ({key}): {np.round(th, 3)}, real / it "
+              f"{np.round(real / th, 2)}", flush=True)
+    print("real runs (block norm² from "
+          f"{out['block_norm_sq']:.1f}, λ₁ from {out['lam']:.3f}): "
+          + ", ".join(f"{k}: {v['block_norm_sq_after']:.1f}, {v['lam_after']:.3f}"
+                      for k, v in traces.items()), flush=True)
+    return out
+
+
 def main():
     import json
 
@@ -145,6 +280,7 @@ def main():
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--part", choices=("transfer", "spherical"), default="transfer")
     p.add_argument("--adam", default="", help="comma-separated beta1 values (Adam part)")
     p.add_argument("--adam-form", default=None,
                    help="transfer_lr's Adam form (default: its default, mean_square); "
@@ -158,6 +294,9 @@ def main():
     except (OSError, ValueError):
         stored = {}
     res = stored.get("variants", {})
+    if args.part == "spherical":
+        res.setdefault("ln", {})["spherical"] = run_spherical(res["ln"]["real"])
+        names = []
     for name in names:
         row = res.setdefault(name, {})
         if args.adam:

@@ -28,3 +28,19 @@ def test_variants_are_built_trained_and_reproducible(bench, name):
     again, _, _ = bench.trained_tabular_mlp(**spec, epochs=5)
     for a, b in zip(model.parameters(), again.parameters()):
         assert torch.equal(a, b)
+
+
+def test_layer_norm_block_is_a_symmetry_of_the_jacobian(bench):
+    """Scaling the weights before a LayerNorm (eps = 0; with torch's eps the symmetry holds
+    up to eps/variance) leaves the outputs unchanged, so the Jacobian annihilates that
+    block's own weight vector (J_blk·w_blk = 0, float64), and the split covers every
+    parameter once."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.LayerNorm(6, eps=0.0),
+                                torch.nn.GELU(),
+                                torch.nn.Linear(6, 3)).eval()
+    X = torch.randn(7, 5)
+    z0, Jb, Jr, w_blk = bench.linearized_outputs(model, X, ("0.weight", "0.bias"))
+    assert z0.shape == (7, 3) and Jb.shape == (7, 3, 36) and Jr.shape == (7, 3, 12 + 21)
+    assert float((Jb @ w_blk).abs().max()) < 1e-6 * float(Jb.abs().max() * w_blk.norm())
+    torch.testing.assert_close(z0, model.double()(X.double()))
