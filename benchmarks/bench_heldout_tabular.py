@@ -29,6 +29,13 @@ without the spherical map z = z₀ + s·J_blk·e_blk + J_rest·e_rest,
 s = ‖w_blk‖/‖w_blk + e_blk‖ (the linearisation in the block's direction only, which keeps
 the symmetry), side by side.
 
+`--part adam_state` (plain variant, β = (0.9, 0.999)): the warmed Adam preconditioner
+D = 1/(√v̂ + ε) after the protocol's warm-up (500 steps at 1e-4, batches of B, seed 0)
+against the noise-model state D(B) = 1/(√(ḡ² + c(B,N)·Σ_jj) + ε) that the mean-square
+prediction uses (ḡ, Σ_jj the per-sample gradient mean and variance at the checkpoint):
+median and geometric mean of D_warm/D(B) over the coordinates, and how far the warm-up
+moved the weights, at B = 8 and 512.
+
 `--momentum 0.9`: the same with heavy-ball SGD (key "m0.9"). `--adam 0.9,0`: Adam with
 β₁ = 0.9 and 0 (β₂ = 0.999, ε = 1e-8): the warmed-state divergence threshold (500 steps at
 1e-4 with batches of size B, then 100 steps at α; `adam_threshold`, eight seeds) against
@@ -41,6 +48,7 @@ one JSON.
     python benchmarks/bench_heldout_tabular.py --variants ln,smooth
     python benchmarks/bench_heldout_tabular.py --momentum 0.9
     python benchmarks/bench_heldout_tabular.py --part spherical      # ~3 min, 2 threads
+    python benchmarks/bench_heldout_tabular.py --part adam_state     # ~20 s
     python benchmarks/bench_heldout_tabular.py --adam 0.9,0
     python benchmarks/bench_heldout_tabular.py --adam 0.9,0 --adam-form linearized --variants plain
 """
@@ -272,6 +280,39 @@ def run_spherical(stored_real):
     return out
 
 
+def run_adam_state():
+    """The `--part adam_state` of the module docstring."""
+    import torch
+
+    from nets.learning_rates.adam import (
+        adam_preconditioner,
+        noise_model_preconditioner,
+        restored_adam,
+        warm_adam_state,
+    )
+
+    model, loss_fn, (X, y) = trained_tabular_mlp(**VARIANTS["plain"])
+    params = list(model.parameters())
+    G = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+        loss_fn(model(X[i:i + 1]), y[i:i + 1]), params)]).double() for i in range(len(X))])
+    mean, var = G.mean(0), G.var(0, unbiased=False)
+    out = {}
+    for B in (8, 512):
+        warm = warm_adam_state(model, loss_fn, X, y, B, warmup_steps=500, warmup_lr=1e-4,
+                               betas=(0.9, 0.999), eps=1e-8, seed=0)
+        D = adam_preconditioner(warm.model, restored_adam(warm.model, warm, 1e-4)).double()
+        ratio = D / noise_model_preconditioner(mean.numpy(), var.numpy(), B, len(X), eps=1e-8)
+        moved = torch.cat([(a - b).detach().reshape(-1)
+                           for a, b in zip(warm.model.parameters(), params)]).norm()
+        out[f"B{B}"] = {"median_ratio": float(ratio.median()),
+                        "geometric_mean_ratio": float(torch.exp(torch.log(ratio).mean())),
+                        "warmup_distance": float(moved)}
+        print(f"B = {B}: D_warm / D(B) median {out[f'B{B}']['median_ratio']:.3f}, geometric "
+              f"mean {out[f'B{B}']['geometric_mean_ratio']:.3f}; the warm-up moved the "
+              f"weights {float(moved):.3f}", flush=True)
+    return out
+
+
 def main():
     import json
 
@@ -280,7 +321,7 @@ def main():
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--momentum", type=float, default=0.0)
-    p.add_argument("--part", choices=("transfer", "spherical"), default="transfer")
+    p.add_argument("--part", choices=("transfer", "spherical", "adam_state"), default="transfer")
     p.add_argument("--adam", default="", help="comma-separated beta1 values (Adam part)")
     p.add_argument("--adam-form", default=None,
                    help="transfer_lr's Adam form (default: its default, mean_square); "
@@ -296,6 +337,9 @@ def main():
     res = stored.get("variants", {})
     if args.part == "spherical":
         res.setdefault("ln", {})["spherical"] = run_spherical(res["ln"]["real"])
+        names = []
+    elif args.part == "adam_state":
+        res.setdefault("plain", {})["adam_state"] = run_adam_state()
         names = []
     for name in names:
         row = res.setdefault(name, {})
