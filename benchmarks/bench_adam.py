@@ -50,7 +50,9 @@ def _loss(name):
     return half_mse_onehot if name == "mse" else torch.nn.functional.cross_entropy
 
 
-def _exponent(Bs, per_seed, rng, max_b=128, n_boot=2000):
+def small_b_exponent(Bs, per_seed, rng, max_b=128, n_boot=2000):
+    """Least-squares slope of log(mean threshold) on log B over B ≤ max_b, with a 95 %
+    bootstrap interval (seeds resampled per B): {"exponent", "ci_low", "ci_high"}."""
     keep = Bs <= max_b
     x, Y = np.log(Bs[keep]), per_seed[keep]
     k = np.polyfit(x, np.log(Y.mean(1)), 1)[0]
@@ -96,7 +98,7 @@ def main():
                "predicted_state_mean_square": warm.predicted_state_mean_square,
                "measured": warm.lr, "measured_per_seed": warm.per_seed,
                "fresh": fresh.lr, "fresh_first_step": fresh.first_step,
-               "exponent": _exponent(Bs, warm.per_seed, np.random.default_rng(0)),
+               "exponent": small_b_exponent(Bs, warm.per_seed, np.random.default_rng(0)),
                "seconds": time.perf_counter() - t}
         for B0 in (32, int(Bs.max())):
             a0 = float(warm.lr[list(Bs).index(B0)])

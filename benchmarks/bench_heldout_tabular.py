@@ -59,7 +59,7 @@ import time
 
 import numpy as np
 from _common import base_parser, environment, setup_torch, write_json
-from bench_adam import _exponent
+from bench_adam import small_b_exponent
 from bench_heldout_transfer import rows, transfers, worst
 
 BATCH_SIZES = (8, 32, 128, 512)
@@ -140,7 +140,7 @@ def run_adam(name, beta1, *, form=None, progress=False):
     t = transfers(real.lr, shape)
     B = np.asarray(BATCH_SIZES)
     out = {"real": real.lr, "real_stderr": real.stderr, "real_per_seed": real.per_seed,
-           "exponent": _exponent(B, np.asarray(real.per_seed), np.random.default_rng(0)),
+           "exponent": small_b_exponent(B, np.asarray(real.per_seed), np.random.default_rng(0)),
            "predicted_exponent": float(np.polyfit(np.log(B[B <= 128]),
                                                   np.log(shape[B <= 128]), 1)[0]),
            "predicted_shape": shape,
@@ -237,7 +237,6 @@ def run_spherical(stored_real):
     import torch
 
     from nets import top_eigenvalues
-    from nets.learning_rates.lr_search import _flat_params
 
     model, loss_fn, (X, y) = trained_tabular_mlp(**VARIANTS["ln"])
     block = ("0.weight", "0.bias")
@@ -251,7 +250,7 @@ def run_spherical(stored_real):
     for B, frac in ((8, 1.0), (32, 1.0), (512, 0.93)):
         lr = frac * float(real[list(BATCH_SIZES).index(B)])
         net = copy.deepcopy(model).eval()
-        params = _flat_params(net)
+        params = [p for p in net.parameters() if p.requires_grad]
         gen = torch.Generator().manual_seed(0)
         for _ in range(200):
             idx = torch.randperm(len(X), generator=gen)[:B]

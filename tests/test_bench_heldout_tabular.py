@@ -44,3 +44,22 @@ def test_layer_norm_block_is_a_symmetry_of_the_jacobian(bench):
     assert z0.shape == (7, 3) and Jb.shape == (7, 3, 36) and Jr.shape == (7, 3, 12 + 21)
     assert float((Jb @ w_blk).abs().max()) < 1e-6 * float(Jb.abs().max() * w_blk.norm())
     torch.testing.assert_close(z0, model.double()(X.double()))
+
+
+def test_small_b_exponent_of_exact_power_laws():
+    """The bootstrap exponent of `bench_adam` (used for the tabular Adam rows): seeds that
+    all follow α = 0.01·√B give exactly 1/2 with a zero-width interval; a seed spread that
+    is the same relative at every B leaves the slope of the means at 1/2 inside the
+    interval; B > max_b is not fitted."""
+    import numpy as np
+
+    bench_adam = import_benchmark("bench_adam")
+    B = np.array([8, 32, 128, 512])
+    exact = np.outer(0.01 * np.sqrt(B), np.ones(4))
+    exact[3] = 1.0                                          # B = 512: outside max_b = 128
+    e = bench_adam.small_b_exponent(B, exact, np.random.default_rng(0), n_boot=200)
+    assert e["exponent"] == pytest.approx(0.5) and e["ci_low"] == pytest.approx(0.5)
+    assert e["ci_high"] == pytest.approx(0.5)
+    spread = np.outer(0.01 * np.sqrt(B), [0.8, 0.9, 1.1, 1.2])
+    e = bench_adam.small_b_exponent(B, spread, np.random.default_rng(0), n_boot=500)
+    assert e["exponent"] == pytest.approx(0.5) and e["ci_low"] < 0.5 < e["ci_high"]
