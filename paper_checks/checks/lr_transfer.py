@@ -16,9 +16,11 @@ reported as measured/(2(1+m)/λ'_m(B)) and measured/(2(1+m)/λ'(B)) (the determi
 momentum factor) — no correction factor is fitted to the measurement.
 
 Pass iff transfer/measured ∈ [0.85, 1.15] (m = 0) and [0.80, 1.20] (m = 0.9) at every B,
-for both anchors. Default run: B ∈ {8, 32, 128, 512}, three seeds, 200 steps (≈3 min on
-2 threads, 5 min on one, most of it the linearised thresholds; --quick: one seed, 120
-steps, rank 40).
+for both anchors. Default run: B ∈ {8, 32, 128, 512}, eight seeds, 200 steps (5 min on
+2 threads, most of it the linearised thresholds; --quick: one seed, 120 steps, rank 40).
+Eight, as `transfer_lr`'s default n_seeds: over three (seeds 0–2) the m = 0 row missed
+by 1 % (1.16 at B = 128 from B₀ = 512) where over eight it is 0.94–1.10, the measurement's
+own seed spread (README).
 The CNN, held-out networks and more seeds: benchmarks/bench_lr_transfer.py,
 benchmarks/bench_heldout_transfer.py.
 """
@@ -36,7 +38,7 @@ CLAIM = ("Anchored at one measured (B₀, α₀), transfer_lr (the linearised ne
          "(with and without momentum), where linear / square-root / constant rules do not.")
 REQUIRES = ("nets.training.loops:trained_digits_mlp", "nets.learning_rates.transfer:transfer_lr",
             "nets.learning_rates.lr_search:training_threshold")
-COST = 300   # typical seconds on one thread (orders the parallel run only)
+COST = 600   # typical seconds on one thread (orders the parallel run only)
 TOLERANCE = {0.0: 0.15, 0.9: 0.20}
 ANCHORS = (32, 512)
 RULES = ("linear", "sqrt", "constant")
@@ -143,7 +145,7 @@ def run(ctx):
     Bs = ctx.pick([8, 32, 128, 512], [8, 32, 512])       # benchmark: all of 8 … 512
     momenta = (0.0, 0.9)
     steps = ctx.pick(200, 120)
-    seeds = ctx.pick((ctx.seed, ctx.seed + 1, ctx.seed + 2), (ctx.seed,))
+    seeds = ctx.pick(tuple(range(ctx.seed, ctx.seed + 8)), (ctx.seed,))
     st = transfer_study(model, F.cross_entropy, (X, y), Bs, momenta=momenta, seeds=seeds,
                         steps=steps, seed=ctx.seed, rank=ctx.pick(200, 40),
                         progress=False, bar=ctx.bar)
