@@ -250,6 +250,7 @@ def test_secant_correction_only_where_the_real_loss_is_sharper(tiny_mlp, monkeyp
     np.testing.assert_array_equal(flat.linearized_lr, sharp.linearized_lr)
     np.testing.assert_allclose(flat.shape, flat.linearized_lr, rtol=1e-12)
     assert flat.secant_ratio == 3.0 and flat.to_dict()["correction_applied"] is False
+    assert "not applied" in flat.rule and "not applied" not in sharp.rule
 
 
 def test_curvature_forms_reanchor_with_coherent_errors():

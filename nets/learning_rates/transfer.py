@@ -34,14 +34,14 @@ tolerance `factor` and `steps` as the measured anchor should have), s_lin/s_real
 ratio of the linearised to the real secant curvature along u where the loss first
 reaches `factor`× its start (`nets.learning_rates.along_top`), and λ/λ'_ρ(B) the share
 of the effective curvature that is the deterministic curvature along u (the batch-noise
-share is left as the linearised network has it). The correction is applied only where its premise holds,
-s_lin/s_real ≤ 1 (the real loss along u at least as sharp as the linearised one): where
-the real loss along u is flatter (s_lin/s_real > 1 — measured 4.4 and 32 on a tabular MLP
-with label smoothing, with and without LayerNorm) the bracket would raise the large-B
-threshold above the linearised network's, while the real threshold there is 0.79–0.84× it;
-the form is then the uncorrected linearised threshold and a warning says so
-(`correction_applied=False`; benchmarks/bench_heldout_tabular.py). It captures what the local limit
-misses on confident cross-entropy networks — the bounded cross-entropy gradient caps a
+share is left as the linearised network has it). The correction is applied only where
+its premise holds, s_lin/s_real ≤ 1 (the real loss along u at least as sharp as the
+linearised one): where the real loss along u is flatter (s_lin/s_real > 1 — measured 4.4
+and 32 on a tabular MLP with label smoothing, with and without LayerNorm) the bracket
+would raise the large-B threshold above the linearised network's, while the real
+threshold there is 0.79–0.84× it; the form is then the uncorrected linearised threshold
+and a warning says so (`correction_applied=False`; benchmarks/bench_heldout_tabular.py).
+It captures what the local limit misses on confident cross-entropy networks — the bounded cross-entropy gradient caps a
 growing oscillation, and the loss sharpens along u — and is the form that transferred
 within 15 % on six digits networks at m = 0 (over eight batch sequences), three of
 them held out when the form was fixed (README; benchmarks/bench_heldout_transfer.py),
@@ -322,7 +322,9 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
                                                  rank_check=rank_check, device=device,
                                                  seed=seed, progress=progress, i0=i0)
         extra = {k: (v[idx] if isinstance(v, np.ndarray) else v) for k, v in extra.items()}
-        rule = ("lr(B) = lr0·a(B)/a(B0), a(B) = α_lin(B)·[1 − (1 − s_lin/s_real)·λ/λ'_ρ(B)], "
+        bracket = ("[1 − (1 − s_lin/s_real)·λ/λ'_ρ(B)]" if extra["correction_applied"] else
+                   "1 (s_lin/s_real > 1: correction not applied)")
+        rule = (f"lr(B) = lr0·a(B)/a(B0), a(B) = α_lin(B)·{bracket}, "
                 f"α_lin the linearised network's threshold (loss ever > {factor:g}× start "
                 f"within {steps} steps), rank {extra['rank']}")
     else:
