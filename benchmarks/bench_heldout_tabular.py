@@ -47,6 +47,7 @@ one JSON.
     python benchmarks/bench_heldout_tabular.py            # ~8 min on one thread (4 variants)
     python benchmarks/bench_heldout_tabular.py --variants ln,smooth
     python benchmarks/bench_heldout_tabular.py --momentum 0.9
+    python benchmarks/bench_heldout_tabular.py --train-seed 1        # another trained instance
     python benchmarks/bench_heldout_tabular.py --part spherical      # ~3 min, 2 threads
     python benchmarks/bench_heldout_tabular.py --part adam_state     # ~20 s
     python benchmarks/bench_heldout_tabular.py --adam 0.9,0
@@ -95,11 +96,11 @@ def trained_tabular_mlp(*, layer_norm, smoothing, seed=0, epochs=30):
     return model.eval(), loss_fn, (X, y)
 
 
-def run_variant(name, *, momentum=0.0, progress=False):
+def run_variant(name, *, momentum=0.0, train_seed=0, progress=False):
     from nets import transfer_lr
     from nets.learning_rates.lr_search import training_threshold
 
-    model, loss_fn, data = trained_tabular_mlp(**VARIANTS[name])
+    model, loss_fn, data = trained_tabular_mlp(**VARIANTS[name], seed=train_seed)
     t0 = time.perf_counter()
     real = training_threshold(model, loss_fn, data, BATCH_SIZES, seeds=SEEDS, steps=200,
                               momentum=momentum, progress=progress)
@@ -122,12 +123,12 @@ def run_variant(name, *, momentum=0.0, progress=False):
     return out
 
 
-def run_adam(name, beta1, *, form=None, progress=False):
+def run_adam(name, beta1, *, form=None, train_seed=0, progress=False):
     import torch
 
     from nets import adam_threshold, transfer_lr
 
-    model, loss_fn, data = trained_tabular_mlp(**VARIANTS[name])
+    model, loss_fn, data = trained_tabular_mlp(**VARIANTS[name], seed=train_seed)
     t0 = time.perf_counter()
     real = adam_threshold(model, loss_fn, data, BATCH_SIZES, betas=(beta1, 0.999), eps=1e-8,
                           warmup_steps=500, warmup_lr=1e-4, steps=100, criterion="divergence",
@@ -319,6 +320,9 @@ def main():
 
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--train-seed", type=int, default=0,
+                   help="seed of the network's training (results under '<variant>_seed<k>' "
+                        "for k > 0)")
     p.add_argument("--momentum", type=float, default=0.0)
     p.add_argument("--part", choices=("transfer", "spherical", "adam_state"), default="transfer")
     p.add_argument("--adam", default="", help="comma-separated beta1 values (Adam part)")
@@ -341,15 +345,16 @@ def main():
         res.setdefault("plain", {})["adam_state"] = run_adam_state()
         names = []
     for name in names:
-        row = res.setdefault(name, {})
+        row = res.setdefault(name if args.train_seed == 0 else f"{name}_seed{args.train_seed}", {})
         if args.adam:
             for b1 in (float(b) for b in args.adam.split(",")):
                 key = f"adam_b{b1:g}" + (f"_{args.adam_form}" if args.adam_form else "")
-                row[key] = run_adam(name, b1, form=args.adam_form)
+                row[key] = run_adam(name, b1, form=args.adam_form, train_seed=args.train_seed)
         elif args.momentum:
-            row[f"m{args.momentum:g}"] = run_variant(name, momentum=args.momentum)
+            row[f"m{args.momentum:g}"] = run_variant(name, momentum=args.momentum,
+                                                     train_seed=args.train_seed)
         else:
-            row.update(run_variant(name))
+            row.update(run_variant(name, train_seed=args.train_seed))
     write_json("bench_heldout_tabular", {"environment": environment(), "batch_sizes": BATCH_SIZES,
                                          "seeds": SEEDS, "variants": res}, args.out)
 
