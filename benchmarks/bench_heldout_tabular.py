@@ -140,6 +140,20 @@ def run_adam(name, beta1, *, form=None, train_seed=0, progress=False):
     shape = np.asarray(pred.lr, float)
     t = transfers(real.lr, shape)
     B = np.asarray(BATCH_SIZES)
+    extra = {}
+    if form == "linearized":
+        # the same linearised thresholds (linearized_adam_threshold's defaults are
+        # transfer_lr's protocol), read apart: uncorrected, and corrected as derived
+        # (the bracket also where r > 1)
+        from nets import linearized_adam_threshold
+
+        lin = linearized_adam_threshold(model, loss_fn, data, BATCH_SIZES, betas=(beta1, 0.999),
+                                        eps=1e-8, seeds=SEEDS)
+        r, q = np.asarray(lin.secant_ratio, float), np.asarray(lin.share, float)
+        derived = np.asarray(lin.lr, float) * (1.0 - (1.0 - r) * q)
+        extra = {"secant_ratio": r, "share": q, "linearized": lin.lr,
+                 "worst_uncorrected": worst(transfers(real.lr, np.asarray(lin.lr, float))),
+                 "worst_as_derived": worst(transfers(real.lr, derived))}
     out = {"real": real.lr, "real_stderr": real.stderr, "real_per_seed": real.per_seed,
            "exponent": small_b_exponent(B, np.asarray(real.per_seed), np.random.default_rng(0)),
            "predicted_exponent": float(np.polyfit(np.log(B[B <= 128]),
@@ -150,12 +164,15 @@ def run_adam(name, beta1, *, form=None, train_seed=0, progress=False):
            "transfer_state_mean_square": transfers(
                real.lr, np.asarray(real.predicted_state_mean_square).mean(1)),
            "form": pred.form, "transfer": t, "worst": worst(t), "seconds_real": t1 - t0,
-           "seconds_forms": time.perf_counter() - t1}
+           "seconds_forms": time.perf_counter() - t1, **extra}
     e = out["exponent"]
     print(f"{name}, Adam beta1 = {beta1:g}: real {np.round(real.lr, 5)}  worst transfer "
           f"({pred.form}) {np.round(out['worst'], 2)}; exponent B <= 128 {e['exponent']:.2f} "
           f"[{e['ci_low']:.2f}, {e['ci_high']:.2f}] predicted {out['predicted_exponent']:.2f} "
-          f"({t1 - t0:.0f} s)", flush=True)
+          f"({t1 - t0:.0f} s)" + (f"; r {np.round(extra['secant_ratio'], 2)}, uncorrected "
+                                  f"{np.round(extra['worst_uncorrected'], 2)}, as derived "
+                                  f"{np.round(extra['worst_as_derived'], 2)}" if extra else ""),
+          flush=True)
     return out
 
 

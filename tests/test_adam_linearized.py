@@ -49,8 +49,12 @@ def test_share_correction_by_hand():
     q, c = share_correction([0.01, 0.5, 2.0], [10.0, 10.0, 10.0], 0.0, 0.8)
     np.testing.assert_allclose(q, [0.05, 1.0, 1.0])          # F = 2 at β₁ = 0; capped at 1
     np.testing.assert_allclose(c, [1 - 0.2 * 0.05, 0.8, 0.8])
-    q, c = share_correction(0.38, 50.0, 0.9, 1.1)                # F = 38: q = 0.5
-    assert q == pytest.approx(0.5) and c == pytest.approx(1.05)
+    q, c = share_correction(0.38, 50.0, 0.9, 0.9)                # F = 38: q = 0.5
+    assert q == pytest.approx(0.5) and c == pytest.approx(0.95)
+    # r > 1 (the real loss flatter than the linearised one): not applied, as for SGD
+    q, c = share_correction([0.38, 0.38], [50.0, 50.0], 0.9, [1.1, 1.0])
+    np.testing.assert_allclose(q, 0.5)
+    np.testing.assert_allclose(c, [1.0, 1.0])
 
 
 def test_profile_along_a_given_direction(dense_hessian):
