@@ -13,7 +13,7 @@ seeds, `training_threshold`, SGD m = 0) at B = 8, 32, 128, 512. Predicted, each 
 the measured threshold at B₀ = 32 and 512: `transfer_lr`'s default (the linearised network
 in its top-200 Gauss–Newton directions over the same eight batch sequences, corrected
 along u where that correction applies), the correction as derived applied regardless
-of the secant ratio (`secant_correction`), the uncorrected linearised network, and the
+of the secant ratio (`along_top.rescaling_as_derived`), the uncorrected linearised network, and the
 directional form. Reported: worst transfer ratio over both anchors, the secant ratio
 s_lin/s_real along u, real ÷ linearised per B.
 
@@ -134,26 +134,31 @@ def run_adam(name, beta1, *, form=None, train_seed=0, progress=False):
                           warmup_steps=500, warmup_lr=1e-4, steps=100, criterion="divergence",
                           seeds=SEEDS, progress=progress)
     t1 = time.perf_counter()
-    opt = torch.optim.Adam(model.parameters(), betas=(beta1, 0.999), eps=1e-8)
-    pred = transfer_lr(model, loss_fn, data, BATCH_SIZES, reference=(32, float(real.lr[1])),
-                       optimizer=opt, form=form, n_seeds=len(SEEDS), progress=progress)
-    shape = np.asarray(pred.lr, float)
-    t = transfers(real.lr, shape)
-    B = np.asarray(BATCH_SIZES)
+    reference = (32, float(real.lr[1]))
     extra = {}
     if form == "linearized":
-        # the same linearised thresholds (linearized_adam_threshold's defaults are
-        # transfer_lr's protocol), read apart: uncorrected, and corrected as derived
-        # (the bracket also where r > 1)
-        from nets import linearized_adam_threshold
+        # the thresholds transfer_lr's linearised Adam form computes (its protocol is
+        # linearized_adam_threshold's defaults), run once and read apart: uncorrected, as
+        # transferred (corrected where r ≤ 1) and corrected as derived (for any r)
+        from nets import adam_transfer_lr, linearized_adam_threshold
+        from nets.learning_rates.along_top import rescaling_as_derived
 
         lin = linearized_adam_threshold(model, loss_fn, data, BATCH_SIZES, betas=(beta1, 0.999),
                                         eps=1e-8, seeds=SEEDS)
+        pred = adam_transfer_lr(model, loss_fn, data, BATCH_SIZES, reference=reference,
+                                betas=(beta1, 0.999), eps=1e-8, form=form, prediction=lin)
         r, q = np.asarray(lin.secant_ratio, float), np.asarray(lin.share, float)
-        derived = np.asarray(lin.lr, float) * (1.0 - (1.0 - r) * q)
+        derived = np.asarray(lin.lr, float) * rescaling_as_derived(r, q)
         extra = {"secant_ratio": r, "share": q, "linearized": lin.lr,
                  "worst_uncorrected": worst(transfers(real.lr, np.asarray(lin.lr, float))),
                  "worst_as_derived": worst(transfers(real.lr, derived))}
+    else:
+        opt = torch.optim.Adam(model.parameters(), betas=(beta1, 0.999), eps=1e-8)
+        pred = transfer_lr(model, loss_fn, data, BATCH_SIZES, reference=reference,
+                           optimizer=opt, form=form, progress=progress)
+    shape = np.asarray(pred.lr, float)
+    t = transfers(real.lr, shape)
+    B = np.asarray(BATCH_SIZES)
     out = {"real": real.lr, "real_stderr": real.stderr, "real_per_seed": real.per_seed,
            "exponent": small_b_exponent(B, np.asarray(real.per_seed), np.random.default_rng(0)),
            "predicted_exponent": float(np.polyfit(np.log(B[B <= 128]),
@@ -178,39 +183,33 @@ def run_adam(name, beta1, *, form=None, train_seed=0, progress=False):
 
 def linearized_outputs(model, X, block):
     """(z₀ (N, K), J_blk (N, K, P_blk), J_rest (N, K, P − P_blk), w_blk) in float64 for the
-    parameter names in `block` (the scale-invariant group) and the rest."""
+    parameter names in `block` (the scale-invariant group) and the rest: the columns of
+    `output_jacobians` of a float64 copy of the model, split by parameter."""
     import copy
 
     import torch
-    from torch.func import functional_call, jacrev, vmap
+
+    from nets.learning_rates.linearized import output_jacobians
 
     net = copy.deepcopy(model).double()
-    params = {n: p.detach().double() for n, p in net.named_parameters()}
-
-    def f(p, x):
-        return functional_call(net, p, (x[None],))[0]
-
-    Xd = X.double()
-    jac = vmap(jacrev(f), in_dims=(None, 0))(params, Xd)
-    z0 = vmap(lambda x: f(params, x))(Xd)
-
-    def cat(names):
-        return torch.cat([jac[n].reshape(len(X), z0.shape[1], -1) for n in names], dim=2)
-
-    rest = [n for n in params if n not in block]
-    w_blk = torch.cat([params[n].reshape(-1) for n in block])
-    return z0, cat(block), cat(rest), w_blk
+    J, z0 = output_jacobians(net, X.double(), dtype=torch.float64)
+    named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    in_block = torch.cat([torch.full((p.numel(),), n in block) for n, p in named])
+    w_blk = torch.cat([p.detach().reshape(-1) for n, p in named if n in block])
+    return z0, J[:, :, in_block], J[:, :, ~in_block], w_blk
 
 
 def spherical_threshold(parts, loss_fn, y, B, seed, *, spherical, steps=200, factor=10.0,
                         rel_tol=0.03):
-    """Divergence threshold (loss ever > factor × start within `steps` steps; bisection in
-    log α to hi/lo ≤ 1 + rel_tol) of SGD on the all-P linearised network, with the
-    spherical map on the block or without; batches as `training_threshold` draws them
+    """Divergence threshold (loss ever > factor × start within `steps` steps; `bisect_max_lr`
+    in log α from 1 to hi/lo ≤ 1 + rel_tol) of SGD on the all-P linearised network, with
+    the spherical map on the block or without; batches as `training_threshold` draws them
     (torch.Generator seeded by `seed`, randperm[:B] per step)."""
     import math
 
     import torch
+
+    from nets.learning_rates.lr_search import bisect_max_lr
 
     z0, Jb, Jr, w_blk = parts
     N, nb = len(y), Jb.shape[2]
@@ -236,16 +235,7 @@ def spherical_threshold(parts, loss_fn, y, B, seed, *, spherical, steps=200, fac
                 return True
         return False
 
-    lo = 1.0
-    while diverges(lo):
-        lo /= 2
-    hi = 2 * lo
-    while not diverges(hi):
-        lo, hi = hi, 2 * hi
-    while hi / lo > 1 + rel_tol:
-        mid = math.sqrt(lo * hi)
-        lo, hi = (lo, mid) if diverges(mid) else (mid, hi)
-    return math.sqrt(lo * hi)
+    return bisect_max_lr(diverges, 1.0, rel_tol=rel_tol).alpha
 
 
 def run_spherical(stored_real):
@@ -307,18 +297,17 @@ def run_adam_state():
         restored_adam,
         warm_adam_state,
     )
+    from nets.noise.gradient_noise import gradient_noise
 
     model, loss_fn, (X, y) = trained_tabular_mlp(**VARIANTS["plain"])
     params = list(model.parameters())
-    G = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
-        loss_fn(model(X[i:i + 1]), y[i:i + 1]), params)]).double() for i in range(len(X))])
-    mean, var = G.mean(0), G.var(0, unbiased=False)
+    gn = gradient_noise(model, loss_fn, (X, y), hessian=False)    # ḡ, Σ_jj: the prediction's
     out = {}
     for B in (8, 512):
         warm = warm_adam_state(model, loss_fn, X, y, B, warmup_steps=500, warmup_lr=1e-4,
                                betas=(0.9, 0.999), eps=1e-8, seed=0)
         D = adam_preconditioner(warm.model, restored_adam(warm.model, warm, 1e-4)).double()
-        ratio = D / noise_model_preconditioner(mean.numpy(), var.numpy(), B, len(X), eps=1e-8)
+        ratio = D / noise_model_preconditioner(gn.mean, gn.var, B, len(X), eps=1e-8)
         moved = torch.cat([(a - b).detach().reshape(-1)
                            for a, b in zip(warm.model.parameters(), params)]).norm()
         out[f"B{B}"] = {"median_ratio": float(ratio.median()),

@@ -48,7 +48,7 @@ import numpy as np
 from _common import RESULTS, base_parser, environment, setup_torch, write_json
 from bench_criterion import BATCH_SIZES, network, study, transfer_ratios
 
-from nets.learning_rates.transfer import secant_correction
+from nets.learning_rates.along_top import rescaling_as_derived
 
 HELD_OUT = {"gelu": dict(seed=2, hidden=(48,), activation="gelu"),
             "tanh64": dict(seed=3, hidden=(64,), activation="tanh")}
@@ -103,7 +103,9 @@ def worst(transfer):
 
 
 def rows(real, lam, lam_prime, lin, secant_ratio):
-    pred = np.asarray(lin, float) * secant_correction(lam, lam_prime, secant_ratio)
+    # the correction as derived, for any s_lin/s_real (transfer_lr applies it for ≤ 1 only)
+    pred = np.asarray(lin, float) * rescaling_as_derived(secant_ratio,
+                                                         lam / np.asarray(lam_prime, float))
     out = {"real": real, "lam": lam, "lam_prime": lam_prime, "linearized": lin,
            "secant_ratio": secant_ratio, "corrected": pred}
     for name, shape in (("directional", 1.0 / np.asarray(lam_prime, float)),

@@ -54,7 +54,7 @@ from nets.learning_rates.adam import (
     restored_adam,
     warm_adam_state,
 )
-from nets.learning_rates.along_top import loss_along_top
+from nets.learning_rates.along_top import loss_along_top, rescaling
 from nets.learning_rates.linearized import (
     checked_output_shape,
     first_crossing,
@@ -114,12 +114,12 @@ class LinearizedAdamThresholds(Result):
 
 def share_correction(lr_linearized, lam_precond, beta1, secant_ratio):
     """(q, 1 − (1 − r)·q) with q = min(1, α_lin·λ̃/F), F = 2(1+β₁)/(1−β₁) (module
-    docstring), elementwise; the correction is 1 where r > 1 (not applied: the real loss
-    along the direction is flatter than the linearised one, outside the argument)."""
+    docstring), elementwise; the correction is 1 where r > 1 (`along_top.rescaling`: the
+    real loss along the direction is flatter than the linearised one, outside the
+    argument)."""
     q = np.minimum(1.0, np.asarray(lr_linearized, float) * np.asarray(lam_precond, float)
                    / adam_factor(beta1))
-    r = np.asarray(secant_ratio, float)
-    return q, np.where(r <= 1.0 + 1e-6, 1.0 - (1.0 - r) * q, 1.0)
+    return q, rescaling(secant_ratio, q)
 
 
 def linearized_adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 0.999),

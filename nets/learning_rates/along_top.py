@@ -31,7 +31,8 @@ import torch
 from nets.utils.results import Result, result
 from rmt.validation import as_float, as_int, as_range, as_seed
 
-__all__ = ["LossAlongTop", "loss_along_top"]
+__all__ = ["LossAlongTop", "loss_along_top", "rescaling", "rescaling_as_derived",
+           "correction_applies"]
 
 
 @result
@@ -163,3 +164,26 @@ def loss_along_top(model, loss_fn, data, *, factor=10.0, n=60, span=(0.02, 20.0)
     return LossAlongTop(lam=float(lam), L0=L0, amplitudes=xs, **fields, factor=k,
                         amplitude_real=A_r, amplitude_linearized=A_l, secant_real=s_r,
                         secant_linearized=s_l, secant_ratio=float(s_l / s_r))
+
+
+def rescaling_as_derived(secant_ratio, share):
+    """1 − (1 − r)·share, elementwise: a linearised threshold's correction for the
+    network's own nonlinearity along a direction, r = s_lin/s_real of its profile and
+    `share` the part of the instability that is curvature along it (λ₁/λ'_ρ(B) for SGD,
+    q for Adam) — the formula for any r."""
+    return 1.0 - (1.0 - np.asarray(secant_ratio, float)) * np.asarray(share, float)
+
+
+def correction_applies(secant_ratio):
+    """r ≤ 1 (up to rounding: 1 for a linear model), elementwise: the premise of the
+    correction, a real loss along the direction at least as sharp as the linearised one.
+    Where it is flatter (label smoothing: r = 1.6–42 on the tabular MLPs of
+    benchmarks/bench_heldout_tabular.py) the formula raised the large-B threshold against
+    measurements below the linearised one."""
+    return np.asarray(secant_ratio, float) <= 1.0 + 1e-6
+
+
+def rescaling(secant_ratio, share):
+    """`rescaling_as_derived` where `correction_applies`, 1 elsewhere (elementwise)."""
+    return np.where(correction_applies(secant_ratio),
+                    rescaling_as_derived(secant_ratio, share), 1.0)

@@ -35,14 +35,15 @@ ratio of the linearised to the real secant curvature along u where the loss firs
 reaches `factor`× its start (`nets.learning_rates.along_top`), and λ/λ'_ρ(B) the share
 of the effective curvature that is the deterministic curvature along u (the batch-noise
 share is left as the linearised network has it). The correction is applied only where
-its premise holds, s_lin/s_real ≤ 1 (the real loss along u at least as sharp as the
+its premise holds (`along_top.correction_applies`), s_lin/s_real ≤ 1 (the real loss along u at least as sharp as the
 linearised one): where the real loss along u is flatter (s_lin/s_real > 1 — measured
 2.8–32 on four tabular MLPs with label smoothing, with and without LayerNorm) the bracket
 would raise the large-B threshold above the linearised network's, while the real
 threshold there is 0.78–0.90× it; the form is then the uncorrected linearised threshold
 and a warning says so (`correction_applied=False`; benchmarks/bench_heldout_tabular.py).
-It captures what the local limit misses on confident cross-entropy networks — the bounded cross-entropy gradient caps a
-growing oscillation, and the loss sharpens along u — and is the form that transferred
+It captures what the local limit misses on confident cross-entropy networks — the
+bounded cross-entropy gradient caps a growing oscillation, and the loss sharpens along u —
+and is the form that transferred
 within 15 % on six digits networks at m = 0 (over eight batch sequences), three of
 them held out when the form was fixed (README; benchmarks/bench_heldout_transfer.py),
 where the directional form missed the held-out ones by up to 2×. With momentum (m = 0.9) neither form meets
@@ -67,6 +68,7 @@ import warnings
 
 import numpy as np
 
+from nets.learning_rates.along_top import correction_applies, rescaling
 from nets.learning_rates.lr_prediction import optimizer_settings
 from nets.utils.data_source import as_data_source
 from nets.utils.results import Result, result
@@ -211,9 +213,10 @@ def _momentum_of(opt) -> float:
 
 
 def secant_correction(lam, effective_curvature, secant_ratio) -> np.ndarray:
-    """1 − (1 − s_lin/s_real)·λ/λ'_ρ(B): the linearised threshold's correction for the
-    network's own nonlinearity along u (module docstring), per effective curvature."""
-    return 1.0 - (1.0 - float(secant_ratio)) * float(lam) / np.asarray(effective_curvature, float)
+    """1 − (1 − s_lin/s_real)·λ/λ'_ρ(B) where s_lin/s_real ≤ 1, else 1: the linearised
+    threshold's correction for the network's own nonlinearity along u (module docstring;
+    `nets.learning_rates.along_top.rescaling`), per effective curvature."""
+    return rescaling(secant_ratio, float(lam) / np.asarray(effective_curvature, float))
 
 
 def _anchor(shape, spread, i0, lr0, *, coherent):
@@ -388,11 +391,9 @@ def _linearized_shape(model, loss_fn, data, batch_sizes, lam, eff, *, momentum, 
                          "start on the profile's grid; the correction is undefined (use "
                          "form='directional' or a smaller factor)")
     lin = threshold(rank)
-    applied = bool(ratio <= 1.0 + 1e-6)               # 1 up to rounding: a linear model
-    if applied:
-        corr = secant_correction(lam, eff, ratio)
-    else:
-        corr = np.ones_like(np.asarray(eff, dtype=float))
+    corr = secant_correction(lam, eff, ratio)
+    applied = bool(correction_applies(ratio))
+    if not applied:
         warnings.warn(f"transfer_lr: the real loss along the top eigenvector is flatter than the "
                       f"linearised network's (s_lin/s_real = {ratio:.3g} > 1), where the secant "
                       "correction does not apply; the uncorrected linearised threshold is used "
