@@ -190,15 +190,16 @@ def half_mse_onehot(outputs, targets):
     return 0.5 * ((outputs - onehot) ** 2).sum(dim=-1).mean()
 
 
-def trained_mse_mlp(seed=0):
-    """The digits MLP (64-32-10, tanh) trained with `half_mse_onehot` by the digits recipe
-    (10 epochs, SGD lr 0.05, momentum 0.9, batch 64). Returns (model, (X, y), loss_fn)."""
+def trained_mse_mlp(seed=0, hidden=(32,), activation="tanh"):
+    """The digits MLP (64-hidden-10, tanh by default) trained with `half_mse_onehot` by the
+    digits recipe (10 epochs, SGD lr 0.05, momentum 0.9, batch 64). Returns (model, (X, y),
+    loss_fn)."""
     from nets.training.data import load_digits
     from nets.training.loops import DIGITS_RECIPE, train
     from nets.training.models import MLP
 
     X, y = load_digits(standardize=True)
-    model = MLP(64, (32,), 10, activation="tanh", seed=seed)
+    model = MLP(64, tuple(hidden), 10, activation=activation, seed=seed)
     res = train(model, half_mse_onehot, (X, y), epochs=DIGITS_RECIPE["epochs"],
                 lr=DIGITS_RECIPE["lr"], batch_size=DIGITS_RECIPE["batch_size"],
                 momentum=DIGITS_RECIPE["momentum"], seed=seed)

@@ -29,6 +29,9 @@ statistics, as the real trials of `training_threshold` run). The three developme
 networks ("mlp", "cnn", "mlp_relu") are re-derived the same way against their thresholds
 measured by `bench_lr_transfer.py` (seeds 0–7); without that run, the summary falls back
 to the three-sequence results of `bench_linearized_rank.py` and `bench_quadratic_model.py`.
+Networks with a loss quadratic in the outputs (½‖f − e_y‖², whose linearised network is
+the quadratic model): the development MSE MLP ("mse", thresholds measured here over eight
+seeds) and, held out, "mse_gelu" and "mse_tabular" (HELD_OUT_MSE), each run with that loss.
 
     python benchmarks/bench_heldout_transfer.py --net gelu      # ~5 min, one thread
     python benchmarks/bench_heldout_transfer.py --net tanh64
@@ -36,6 +39,7 @@ to the three-sequence results of `bench_linearized_rank.py` and `bench_quadratic
     python benchmarks/bench_heldout_transfer.py --net bn_cnn     # ~12 min
     python benchmarks/bench_heldout_transfer.py --net mlp        # a development net (~5 min)
     python benchmarks/bench_heldout_transfer.py --net mlp --momentum 0.9   # its m = 0.9 forms (~5 min)
+    python benchmarks/bench_heldout_transfer.py --net mse_tabular --momentum 0.9   # ~4 min
     python benchmarks/bench_heldout_transfer.py --net summary    # every net from stored JSON
     python benchmarks/bench_heldout_transfer.py --net bn_cnn --reuse-real   # forms only (~7 min)
 """
@@ -45,7 +49,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from _common import RESULTS, base_parser, environment, setup_torch, write_json
+from _common import RESULTS, base_parser, environment, setup_torch, trained_mse_mlp, write_json
 from bench_criterion import BATCH_SIZES, network, study, transfer_ratios
 
 from nets.learning_rates.along_top import rescaling_as_derived
@@ -56,6 +60,13 @@ HELD_OUT_CNN = ("bn_cnn",)
 #: development networks whose forms can be re-derived here over eight sequences (their
 #: measured thresholds: `bench_lr_transfer.py`, seeds 0–7)
 DEVELOPMENT = ("mlp", "cnn", "mlp_relu")
+#: a development network with another loss (½‖f − e_y‖², `_common.trained_mse_mlp`): its
+#: stored study has three seeds, so its thresholds are measured here over eight
+OTHER_LOSS = ("mse",)
+#: held-out networks trained and measured with ½‖f − e_y‖² (`_common.half_mse_onehot`): the
+#: GELU digits MLP of HELD_OUT trained on it, and the breast-cancer MLP 30-48-32-2 (GELU,
+#: SiLU) of bench_heldout_tabular.py trained on it (SGD lr 0.05, m = 0.9, B = 32, 30 epochs)
+HELD_OUT_MSE = ("mse_gelu", "mse_tabular")
 #: batch sequences of the linearised threshold: the measured thresholds' eight (seeds 0–7),
 #: so model and measurement see the same batches (`transfer_lr`'s default)
 LIN_SEEDS = 8
@@ -82,8 +93,33 @@ def trained_bn_cnn(seed=0, epochs=15):
     return net.eval(), (X, y)
 
 
+def trained_mse_tabular(seed=0, epochs=30):
+    """(model in eval mode, (X, y), loss_fn): the "mse_tabular" network of HELD_OUT_MSE."""
+    import torch
+    from _common import half_mse_onehot
+    from sklearn.datasets import load_breast_cancer
+    from torch import nn
+
+    Xn, yn = load_breast_cancer(return_X_y=True)
+    Xn = (Xn - Xn.mean(0)) / Xn.std(0)
+    X, y = torch.tensor(Xn, dtype=torch.float32), torch.tensor(yn)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(30, 48), nn.GELU(), nn.Linear(48, 32), nn.SiLU(),
+                          nn.Linear(32, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        perm = torch.randperm(len(X), generator=gen)
+        for i in range(0, len(X), 32):
+            idx = perm[i:i + 32]
+            opt.zero_grad()
+            half_mse_onehot(model(X[idx]), y[idx]).backward()
+            opt.step()
+    return model.eval(), (X, y), half_mse_onehot
+
+
 def held_out_network(name):
-    """(model, (X, y)) of a held-out network."""
+    """(model, (X, y)) of a held-out cross-entropy network."""
     from nets.training.loops import trained_digits_mlp
 
     return trained_bn_cnn() if name == "bn_cnn" else trained_digits_mlp(**HELD_OUT[name])
@@ -126,8 +162,15 @@ def measure(name, momentum=0.0, reuse_real=False):
     from nets import transfer_lr
     from nets.learning_rates.lr_search import training_threshold
 
-    model, data = network(name)[:2] if name in DEVELOPMENT else held_out_network(name)
-    lin = transfer_lr(model, F.cross_entropy, data, BATCH_SIZES, reference=(8, 1.0),
+    if name in (*DEVELOPMENT, *OTHER_LOSS):
+        model, data, loss_fn = network(name)
+    elif name == "mse_gelu":
+        model, data, loss_fn = trained_mse_mlp(**HELD_OUT["gelu"])
+    elif name == "mse_tabular":
+        model, data, loss_fn = trained_mse_tabular()
+    else:
+        (model, data), loss_fn = held_out_network(name), F.cross_entropy
+    lin = transfer_lr(model, loss_fn, data, BATCH_SIZES, reference=(8, 1.0),
                       momentum=momentum, form="linearized", factor=10.0, steps=200,
                       n_seeds=LIN_SEEDS)
     limit = np.asarray(lin.stability_limit, float)        # the directional local limit
@@ -140,7 +183,7 @@ def measure(name, momentum=0.0, reuse_real=False):
         old = json.loads(stored_real.read_text())
         real_lr, real_se = np.asarray(old["real"], float), np.asarray(old["real_stderr"], float)
     else:
-        real = training_threshold(model, F.cross_entropy, data, BATCH_SIZES,
+        real = training_threshold(model, loss_fn, data, BATCH_SIZES,
                                   criterion="divergence", momentum=momentum, steps=200,
                                   seeds=tuple(range(8)), progress=False, unbracketed="nan",
                                   lr0=lambda B: float(np.interp(B, lin.batch_sizes, limit)))
@@ -169,7 +212,7 @@ def stored(name):
 
 def main(argv=None):
     p = base_parser(__doc__.splitlines()[0])
-    p.add_argument("--net", choices=(*HELD_OUT, *HELD_OUT_CNN, *DEVELOPMENT, "summary"),
+    p.add_argument("--net", choices=(*HELD_OUT, *HELD_OUT_CNN, *DEVELOPMENT, *OTHER_LOSS, *HELD_OUT_MSE, "summary"),
                    default="summary")
     p.add_argument("--momentum", type=float, default=0.0, help="heavy-ball momentum")
     p.add_argument("--reuse-real", action="store_true",
@@ -185,11 +228,11 @@ def main(argv=None):
     for name in DEVELOPMENT:                # re-derived over eight sequences where run
         path = RESULTS / f"{output_name(name)}.json"
         table[name] = json.loads(path.read_text()) if path.exists() else stored(name)
-    for name in (*HELD_OUT, *HELD_OUT_CNN):
+    for name in (*HELD_OUT, *HELD_OUT_CNN, *OTHER_LOSS, *HELD_OUT_MSE):
         path = RESULTS / f"{output_name(name)}.json"
         if path.exists():
             table[name] = json.loads(path.read_text())
-    for name in (*DEVELOPMENT, *HELD_OUT, *HELD_OUT_CNN):    # with momentum, where run
+    for name in (*DEVELOPMENT, *HELD_OUT, *HELD_OUT_CNN, *OTHER_LOSS, *HELD_OUT_MSE):    # with momentum, where run
         path = RESULTS / f"{output_name(name, 0.9)}.json"
         if path.exists():
             table[f"{name}_m0.9"] = json.loads(path.read_text())
