@@ -138,6 +138,13 @@ def _clean(x):
     return x
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far, MB (Linux ru_maxrss is in kB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def write_json(name: str, payload: dict, out: str | None = None) -> Path:
     path = Path(out) if out else RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,8 +13,15 @@ mean-square form's. Writes benchmarks/results/bench_adam_linearized_<model>_b<β
 The correction's share q was written down after seeing the development MLP (both β₁);
 the CNN and the ReLU MLP are the networks it was then run on unchanged.
 
-    python benchmarks/bench_adam_linearized.py --model mlp --beta1 0.9    # ~15 min, one thread
+    python benchmarks/bench_adam_linearized.py --model mlp --beta1 0.9    # ~4 min, one thread
     python benchmarks/bench_adam_linearized.py --model cnn --beta1 0.9   # ~6 min
+    python benchmarks/bench_adam_linearized.py --model mlp --jacobians stored   # the same, J stored
+
+`--part scale`: the 301,066-parameter MLP 64-512-512-10 of bench_scale.py on the 1,797
+digits (its stored Jacobians would need 21.6 GB, refused), one batch size and sequence
+(`--scale-batch`, seed 0), β₁ = 0.9: the linearised-Adam threshold with J·e through the
+network, its cost and peak RSS, against the real warmed-state threshold of the same
+sequence (`adam_threshold`). Writes bench_adam_linearized_scale.json.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import json
 import time
 
 import numpy as np
-from _common import RESULTS, base_parser, environment, setup_torch, write_json
+from _common import RESULTS, base_parser, environment, peak_rss_mb, setup_torch, write_json
 from bench_adam import _loss, _model
 from bench_criterion import BATCH_SIZES
 from bench_heldout_transfer import transfers, worst
@@ -36,13 +43,22 @@ def main(argv=None):
     p.add_argument("--model", choices=("mlp", "mlp_relu", "cnn", "mse"), default="mlp")
     p.add_argument("--beta1", type=float, default=0.9)
     p.add_argument("--seeds", type=int, default=8)
+    p.add_argument("--jacobians", choices=("tangent", "stored"), default="tangent",
+                   help="J·e by Jacobian-vector products (default) or stored Jacobians")
+    p.add_argument("--part", choices=("transfer", "scale"), default="transfer")
+    p.add_argument("--scale-batch", type=int, default=32)
     args = p.parse_args(argv)
     setup_torch(args)
+    if args.part == "scale":
+        print("wrote", write_json("bench_adam_linearized_scale", scale(args.scale_batch),
+                                  args.out))
+        return
     model, data = _model(args.model)
     loss = _loss(args.model)
     t = time.perf_counter()
     lin = linearized_adam_threshold(model, loss, data, BATCH_SIZES, betas=(args.beta1, 0.999),
-                                    seeds=tuple(range(args.seeds)), progress=False)
+                                    seeds=tuple(range(args.seeds)), jacobians=args.jacobians,
+                                    progress=False)
     seconds = time.perf_counter() - t
     stored = json.loads((RESULTS / f"bench_adam_{args.model}.json").read_text())
     run = stored["runs"][f"beta1={args.beta1:g}"]
@@ -50,7 +66,8 @@ def main(argv=None):
     pred = np.asarray(run["predicted"], float)
     out = {"environment": environment(), "model": args.model, "beta1": args.beta1,
            "batch_sizes": list(BATCH_SIZES), "seeds": list(range(args.seeds)),
-           "real_seeds": stored["seeds"], "seconds": seconds, "linearized": lin.to_dict(),
+           "real_seeds": stored["seeds"], "seconds": seconds, "jacobians": args.jacobians,
+           "peak_rss_mb": peak_rss_mb(), "linearized": lin.to_dict(),
            "real": real, "real_over_linearized": real / lin.lr,
            "real_over_corrected": real / lin.corrected}
     for name, shape in (("linearized", lin.lr), ("corrected", lin.corrected),
@@ -63,8 +80,47 @@ def main(argv=None):
     print(f"real {np.round(real, 4)}; linearised {np.round(lin.lr, 4)}; secant ratio "
           f"{np.round(lin.secant_ratio, 3)}; share {np.round(lin.share, 3)}; real ÷ corrected "
           f"{np.round(real / lin.corrected, 2)} ({seconds:.0f} s)", flush=True)
-    name = f"bench_adam_linearized_{args.model}_b{args.beta1:g}"
+    name = f"bench_adam_linearized_{args.model}_b{args.beta1:g}" + (
+        "" if args.jacobians == "tangent" else "_stored")
     print("wrote", write_json(name, out, args.out))
+
+
+def scale(B):
+    """The `--part scale` measurement (module docstring)."""
+    import torch.nn.functional as F
+    from bench_scale import wide_digits_mlp
+
+    from nets.learning_rates.adam import adam_threshold
+    from nets.learning_rates.adam_linearized import linearized_adam_threshold
+
+    model, data = wide_digits_mlp()
+    P = sum(p.numel() for p in model.parameters())
+    kw = dict(betas=(0.9, 0.999), eps=1e-8, warmup_steps=500, warmup_lr=1e-4, steps=100,
+              factor=10.0, seeds=(0,))
+    try:
+        linearized_adam_threshold(model, F.cross_entropy, data, [B], jacobians="stored", **kw)
+        refused = None
+    except ValueError as err:
+        refused = str(err)
+    rss0 = peak_rss_mb()
+    t = time.perf_counter()
+    lin = linearized_adam_threshold(model, F.cross_entropy, data, [B], **kw)
+    t_lin = time.perf_counter() - t
+    rss_lin = peak_rss_mb()
+    t = time.perf_counter()
+    real = adam_threshold(model, F.cross_entropy, data, [B], criterion="divergence",
+                          progress=False, **kw)
+    t_real = time.perf_counter() - t
+    out = {"environment": environment(), "P": P, "N": len(data[0]), "batch_size": B,
+           "stored_refused": refused, "seconds_linearized": t_lin, "seconds_real": t_real,
+           "peak_rss_mb_before": rss0, "peak_rss_mb_after_linearized": rss_lin,
+           "linearized": lin.to_dict(), "real": real.lr, "real_over_linearized":
+           float(real.lr[0] / lin.lr[0]), "real_over_corrected": float(real.lr[0] / lin.corrected[0])}
+    print(f"P = {P}: stored {'refused' if refused else 'ran'}; linearised {lin.lr[0]:.4g} "
+          f"(corrected {lin.corrected[0]:.4g}, r {lin.secant_ratio[0]:.3f}, q {lin.share[0]:.3f}) "
+          f"in {t_lin:.0f} s, peak RSS {rss0:.0f} -> {rss_lin:.0f} MB; real {real.lr[0]:.4g} "
+          f"in {t_real:.0f} s", flush=True)
+    return out
 
 
 if __name__ == "__main__":

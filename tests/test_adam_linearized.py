@@ -43,6 +43,11 @@ def test_linear_network_matches_the_real_warmed_bisection():
     np.testing.assert_allclose(lin.deterministic, 38.0 / lin.lam_precond)
     d = lin.to_dict()
     assert set(d) >= {"lr", "corrected", "share", "secant_ratio", "per_seed"}
+    # the same thresholds with the Jacobians stored instead of J·e through the network
+    stored = linearized_adam_threshold(model, F.cross_entropy, (X, y), [4, 16],
+                                       lr_range=(1e-3, 1e2), n_grid=40, jacobians="stored",
+                                       correct=False, **kw)
+    np.testing.assert_allclose(stored.per_seed, lin.per_seed, rtol=1e-12)
 
 
 def test_share_correction_by_hand():
@@ -91,7 +96,10 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="warmup_steps"):
         linearized_adam_threshold(model, F.cross_entropy, data, [4], warmup_steps=0)
     with pytest.raises(ValueError, match="max_bytes"):
-        linearized_adam_threshold(model, F.cross_entropy, data, [4], max_bytes=10)
+        linearized_adam_threshold(model, F.cross_entropy, data, [4], jacobians="stored",
+                                  max_bytes=10)
+    with pytest.raises(ValueError, match="jacobians"):
+        linearized_adam_threshold(model, F.cross_entropy, data, [4], jacobians="dense")
     with pytest.raises(ValueError, match="seeds"):
         linearized_adam_threshold(model, F.cross_entropy, data, [4], seeds=())
     assert LinearizedAdamThresholds.__doc__

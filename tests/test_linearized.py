@@ -146,7 +146,10 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="seeds"):
         linearized_threshold(model, F.cross_entropy, data, [8], seeds=(), lr_range=(0.1, 1.0))
     with pytest.raises(ValueError, match="GiB"):
-        linearized_threshold(model, F.cross_entropy, data, [8], max_bytes=1000)
+        linearized_threshold(model, F.cross_entropy, data, [8], jacobians="stored",
+                             max_bytes=1000)
+    with pytest.raises(ValueError, match="jacobians"):
+        linearized_threshold(model, F.cross_entropy, data, [8], jacobians="dense")
     with pytest.raises(ValueError, match="rank"):
         linearized_threshold(model, F.cross_entropy, data, [8], rank=0, lr_range=(0.1, 1.0))
 

@@ -4,7 +4,8 @@ The SGD form (`nets.learning_rates.linearized`) carried to Adam. For each batch 
 batch sequence s the real warm-up of `adam_threshold` is run (`warm_adam_state`:
 `warmup_steps` Adam steps at `warmup_lr`, batches of B from seed s); at the warmed
 weights w₀ every sample's outputs are replaced by z_i + J_i e (J_i = ∂z_i/∂w at w₀, all
-P directions: N·K·P numbers), the loss is the exact loss of those outputs, and torch's
+P directions; J·e and Jᵀ·c by Jacobian-vector products through the network, nothing
+stored: `nets.learning_rates.linear_outputs`), the loss is the exact loss of those outputs, and torch's
 Adam update (bias-corrected, ε outside the root) runs on e from the warmed
 (exp_avg, exp_avg_sq, step) with the batches of the real trials (seed s + 7919),
 `steps` steps, unstable iff the full-data loss ever exceeds `factor` × its start
@@ -35,11 +36,14 @@ direction is much flatter (r = 1.6–40 on two tabular MLPs, β₁ = 0) and the 
 the transfer from 0.41–2.42 to 0.13–9.88 on one of them (README).
 r and λ̃ are measured at the first sequence's warmed state of each B.
 
-Cost: per (B, sequence) a warm-up, the Jacobians (refused above `max_bytes`) and one
-product with them per step and learning rate; per B one Lanczos run and 2n + 1 forward
-passes for the profile. On the digits MLP (P = 2,410) about 2 minutes per B for eight
-sequences on one thread: more than measuring the real threshold (seconds), so the form
-explains a threshold rather than saving its measurement.
+Cost: per (B, sequence) a warm-up and, per step and learning rate, a Jacobian-vector
+product on the batch and on the data and a vector-Jacobian product on the batch (about a
+forward and a backward pass of the network each; memory: the weights and one chunk's
+activations per grid column); per B one Lanczos run and 2n + 1 forward passes for the
+profile. On the digits MLP (P = 2,410) 222 s for four B × eight sequences on one thread
+(742 s with `jacobians="stored"`, the same thresholds); on a 301k-parameter MLP 232 s
+per (B, sequence) at 1 GB, against 38 s for the real bisection: the form explains a
+threshold rather than saving its measurement.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from nets.learning_rates.adam import (
     warm_adam_state,
 )
 from nets.learning_rates.along_top import loss_along_top, rescaling
+from nets.learning_rates.linear_outputs import StoredOutputs, TangentOutputs
 from nets.learning_rates.linearized import (
     checked_output_shape,
     first_crossing,
@@ -125,14 +130,18 @@ def share_correction(lr_linearized, lam_precond, beta1, secant_ratio):
 def linearized_adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 0.999),
                               eps=1e-8, warmup_steps=500, warmup_lr=1e-4, steps=100,
                               factor=10.0, seeds=tuple(range(8)), lr_range=(1e-4, 10.0),
-                              n_grid=48, correct=True, chunk_size=256, max_bytes=4 << 30,
-                              seed=0, progress=None) -> LinearizedAdamThresholds:
+                              n_grid=48, correct=True, chunk_size=256, jacobians="tangent",
+                              max_bytes=4 << 30, seed=0,
+                              progress=None) -> LinearizedAdamThresholds:
     """The "divergence" threshold of Adam on the linearised network at each warmed state
     (the protocol of `adam_threshold` with criterion "divergence"), and its correction
     along ũ (module docstring). data : any form of `nets.utils.data_source`; loss_fn the
     batch mean; seeds : the batch sequences (warm-up from s, trials from s + 7919);
     lr_range : the coarse grid's ends; correct : also measure r and λ̃ (else
-    correction = 1); max_bytes : the Jacobians' memory above which the call is refused
+    correction = 1); jacobians : "tangent" (default: J·e and Jᵀ·c through the network at
+    the warmed weights, nothing stored, `linear_outputs.TangentOutputs`) or "stored" (the
+    N·K·P Jacobians in memory, `StoredOutputs`; the same numbers to float rounding);
+    max_bytes : with "stored", the Jacobians' memory above which the call is refused
     (N·K·P·4 bytes); seed : the Lanczos start."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -157,7 +166,11 @@ def linearized_adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 
     N = len(X)
     bs = as_batch_sizes(batch_sizes, N).tolist()
     P = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    out_shape = checked_output_shape(model, X, P, dtype=torch.float32, max_bytes=max_bytes)
+    if jacobians not in ("tangent", "stored"):
+        raise ValueError(f'jacobians must be "tangent" or "stored", got {jacobians!r}')
+    chunk_size = as_int("chunk_size", chunk_size, minimum=1)
+    out_shape = checked_output_shape(model, X, P if jacobians == "stored" else 0,
+                                     dtype=torch.float32, max_bytes=max_bytes)
     coarse = np.geomspace(lo, hi, 31)
     per = np.full((len(bs), len(seeds)), np.nan)
     lam = np.full(len(bs), np.nan)
@@ -170,17 +183,19 @@ def linearized_adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 
                                warmup_lr=warmup_lr, betas=(b1, b2), eps=eps, seed=s)
         opt = restored_adam(warm.model, warm, warmup_lr)
         state = flat_adam_state(opt)
-        J, z0 = output_jacobians(warm.model, X, chunk_size=as_int("chunk_size", chunk_size,
-                                                                   minimum=1))
+        if jacobians == "stored":
+            lin = StoredOutputs(*output_jacobians(warm.model, X, chunk_size=chunk_size))
+        else:
+            lin = TangentOutputs(warm.model, X, chunk_size=chunk_size)
 
-        def run(grid, J=J, z0=z0, state=state, B=B, s=s):
-            return linearized_adam_max_loss(J, z0, y, loss_fn, B, grid, K, s + 7919, state=state,
-                                            betas=(b1, b2), eps=eps, out_shape=out_shape,
-                                            stop_above=k)
+        def run(grid, lin=lin, state=state, B=B, s=s):
+            return linearized_adam_max_loss(lin, None, y, loss_fn, B, grid, K, s + 7919,
+                                            state=state, betas=(b1, b2), eps=eps,
+                                            out_shape=out_shape, stop_above=k)
 
         grid, (worst,) = refined_runs([run], coarse, (k,), n_grid)
         per[i, j] = first_crossing(grid, worst, k)
-        del J, z0, run             # the closure holds J too: free it before the next (B, s)
+        del lin, run             # the closure holds J too: free it before the next (B, s)
         if correct and j == 0:              # λ̃, ũ only: no per-sample noise pass
             A = preconditioned_operator(warm.model, loss_fn, (X, y), opt, dtype=torch.float64)
             top = eigsh(A, k=1, which="LA", tol=1e-8, seed=as_seed("seed", seed))

@@ -30,9 +30,12 @@ k — the grid's spacing is the resolution. Grid: a coarse geometric grid 10⁻�
 (λ₁ the checkpoint's top Hessian eigenvalue, 31 points), then `n_grid` points between
 the coarse brackets of all seeds (and of `extra_factors`); or `lr_range=(lo, hi)`.
 
-Cost: the per-sample Jacobians once (N·K·P numbers held in memory, refused above
-`max_bytes`), then per step and learning rate one product with J over the data
-(N·K·P multiply-adds); no pass through the network after the Jacobians.
+Cost: with every direction, per step and learning rate a Jacobian-vector product
+through the network on the batch and on the full data and one vector-Jacobian product on
+the batch (`linear_outputs.TangentOutputs`: nothing but w₀ stored; about a forward and a
+backward pass each); or, with `jacobians="stored"`, the per-sample Jacobians once (N·K·P
+numbers in memory, refused above `max_bytes`) and one product with them (N·K·P
+multiply-adds) instead — the same numbers, and on the digits MLP 2.2× slower per run.
 
 Subspace form (`rank=r`): the displacement is kept in the span of the top-r eigenvectors
 V (P × r, orthonormal) of the full-data Gauss–Newton matrix, e = V·a, so only J_i·V is
@@ -55,6 +58,7 @@ import math
 import numpy as np
 import torch
 
+from nets.learning_rates.linear_outputs import StoredOutputs, TangentOutputs, as_linear_outputs
 from nets.utils.results import Result, result
 from rmt.validation import as_batch_sizes, as_float, as_int, as_range, as_seed
 
@@ -180,19 +184,20 @@ def ggn_top_basis(model, loss_fn, data, rank, *, seed=0, tol=1e-4):
     return V, np.asarray(top.values)
 
 
-def _run_columns(J, z0, y, loss_fn, batch_size, n_cols, steps, seed, step, out_shape,
+def _run_columns(lin, y, loss_fn, batch_size, n_cols, steps, seed, step, out_shape,
                  stop_above=None):
-    """The linearised network's loop shared by the optimizers: each step draws a batch
+    """The linearised network's loop shared by the optimizers: `lin` the linear outputs
+    (`nets.learning_rates.linear_outputs`); each step draws a batch
     (`torch.randperm(N, generator)[:B]`, generator seeded by `seed`), forms the batch
-    gradient of every column, G (P, n_cols), calls `step(G, t)` (t = 1, 2, …) for the new
-    displacements E (P, n_cols), and tracks the running maximum of L(E)/L(0) (inf for a
+    gradient of every column, G (D, n_cols), calls `step(G, t)` (t = 1, 2, …) for the new
+    displacements E (D, n_cols), and tracks the running maximum of L(E)/L(0) (inf for a
     column whose loss became non-finite; its state is left to `step`). stop_above : a
     column whose running maximum exceeds it is decided for every tolerance up to it and
     is no longer evaluated (its gradient is zero from then on, its maximum stays the last
     value, a lower bound); columns are independent, so the others are unchanged."""
     from torch.func import grad, vmap
 
-    N, K, P = J.shape
+    N, K, P = lin.N, lin.K, lin.D
     shape = tuple(out_shape) if out_shape is not None else (K,)
 
     def col_loss(z, t):                                 # z (n, K) one column → scalar
@@ -202,28 +207,27 @@ def _run_columns(J, z0, y, loss_fn, batch_size, n_cols, steps, seed, step, out_s
     full_loss = vmap(col_loss, in_dims=(2, None))
     gen = torch.Generator().manual_seed(int(seed))
     with torch.no_grad():
-        L0 = float(col_loss(z0, y))
+        L0 = float(col_loss(lin.z, y))
     if not (math.isfinite(L0) and L0 > 0):
         raise ValueError(f"the loss at the checkpoint must be finite and positive, got {L0}")
     cap = math.inf if stop_above is None else float(stop_above)
-    E = torch.zeros(P, n_cols, dtype=J.dtype, device=J.device)
+    E = torch.zeros(P, n_cols, dtype=lin.dtype, device=lin.device)
     worst = torch.ones(n_cols, dtype=torch.float64)
     dead = torch.zeros(n_cols, dtype=torch.bool)
     live = torch.ones(n_cols, dtype=torch.bool)
     for t in range(1, steps + 1):
         if not live.any():
             break                      # every column decided
-        idx = torch.randperm(N, generator=gen)[:batch_size].to(J.device)
-        on = live.nonzero().flatten().to(J.device)
-        JB = J[idx]
+        idx = torch.randperm(N, generator=gen)[:batch_size].to(lin.device)
+        on = live.nonzero().flatten().to(lin.device)
         with torch.no_grad():
-            ZB = z0[idx][:, :, None] + torch.einsum("bkp,pg->bkg", JB, E[:, on])
+            ZB = lin.batch(idx, E[:, on])
         G = batch_grad(ZB, y[idx])
         with torch.no_grad():
-            g = torch.zeros(P, n_cols, dtype=J.dtype, device=J.device)
-            g[:, on] = torch.einsum("bkp,bkg->pg", JB, G)
+            g = torch.zeros(P, n_cols, dtype=lin.dtype, device=lin.device)
+            g[:, on] = lin.pullback(idx, G)
             E = step(g, t)
-            L = full_loss(z0[:, :, None] + torch.einsum("nkp,pg->nkg", J, E[:, on]), y).double().cpu()
+            L = full_loss(lin.full(E[:, on]), y).double().cpu()
         bad = torch.zeros(n_cols, dtype=torch.bool)
         bad[live] = ~torch.isfinite(L)
         dead |= bad
@@ -239,12 +243,14 @@ def linearized_max_loss(J, z0, y, loss_fn, batch_size, momentum, lrs, steps, see
                         out_shape=None, stop_above=None):
     """Running maximum of L(e_t)/L(0) over `steps` heavy-ball steps on the linearised
     network (module docstring), one entry per learning rate of `lrs` (inf where the loss
-    became non-finite). J (N, K, P), z0 (N, K): `output_jacobians`; y : targets;
+    became non-finite). J (N, K, P), z0 (N, K): `output_jacobians` — or J a
+    `linear_outputs.StoredOutputs`/`TangentOutputs` and z0 None; y : targets;
     loss_fn(outputs, targets) the batch-mean loss; out_shape : per-sample output shape
     passed to loss_fn (default (K,)); stop_above : stop evaluating a learning rate once
     its running maximum exceeds this (its value is then a lower bound; default never)."""
-    a = torch.as_tensor(np.asarray(lrs, float), dtype=J.dtype, device=J.device)
-    st = {"E": torch.zeros(J.shape[2], len(a), dtype=J.dtype, device=J.device)}
+    lin = as_linear_outputs(J, z0)
+    a = torch.as_tensor(np.asarray(lrs, float), dtype=lin.dtype, device=lin.device)
+    st = {"E": torch.zeros(lin.D, len(a), dtype=lin.dtype, device=lin.device)}
     st["V"] = torch.zeros_like(st["E"])
 
     def step(g, t):
@@ -252,7 +258,7 @@ def linearized_max_loss(J, z0, y, loss_fn, batch_size, momentum, lrs, steps, see
         st["E"] = torch.nan_to_num(st["E"] - a * st["V"])
         return st["E"]
 
-    return _run_columns(J, z0, y, loss_fn, batch_size, len(a), steps, seed, step, out_shape,
+    return _run_columns(lin, y, loss_fn, batch_size, len(a), steps, seed, step, out_shape,
                         stop_above)
 
 
@@ -279,13 +285,14 @@ def linearized_adam_max_loss(J, z0, y, loss_fn, batch_size, lrs, steps, batch_se
     `torch.randperm(N, generator)[:B]` with the generator seeded by `batch_seed` (that
     function uses seed + 7919). Returns the running maximum of L/L(0) per learning rate
     (stop_above as in `linearized_max_loss`)."""
-    P = J.shape[2]
+    lin = as_linear_outputs(J, z0)
+    P, dt, dev = lin.D, lin.dtype, lin.device
     b1, b2 = (float(b) for b in betas)
-    a = torch.as_tensor(np.asarray(lrs, float), dtype=J.dtype, device=J.device)
+    a = torch.as_tensor(np.asarray(lrs, float), dtype=dt, device=dev)
     m0, v0, t0 = state if state is not None else (torch.zeros(P), torch.zeros(P), 0)
-    st = {"E": torch.zeros(P, len(a), dtype=J.dtype, device=J.device),
-          "M": m0.to(J.dtype).to(J.device).reshape(P, 1).repeat(1, len(a)),
-          "V": v0.to(J.dtype).to(J.device).reshape(P, 1).repeat(1, len(a))}
+    st = {"E": torch.zeros(P, len(a), dtype=dt, device=dev),
+          "M": m0.to(dt).to(dev).reshape(P, 1).repeat(1, len(a)),
+          "V": v0.to(dt).to(dev).reshape(P, 1).repeat(1, len(a))}
 
     def step(g, t):
         t = t0 + t
@@ -295,7 +302,7 @@ def linearized_adam_max_loss(J, z0, y, loss_fn, batch_size, lrs, steps, batch_se
         st["E"] = torch.nan_to_num(st["E"] - (a / (1 - b1 ** t)) * st["M"] / denom)
         return st["E"]
 
-    return _run_columns(J, z0, y, loss_fn, batch_size, len(a), steps, batch_seed, step, out_shape,
+    return _run_columns(lin, y, loss_fn, batch_size, len(a), steps, batch_seed, step, out_shape,
                         stop_above)
 
 
@@ -303,7 +310,7 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
                          factor=10.0, steps=200, seeds=(0, 1, 2), extra_factors=(),
                          lr_range=None, n_grid=48, chunk_size=256, max_bytes=4 << 30,
                          device=None, dtype=torch.float32, seed=0, rank=None,
-                         progress=None) -> LinearizedThresholds:
+                         jacobians="tangent", progress=None) -> LinearizedThresholds:
     """The "divergence" threshold (loss ever > factor × start within `steps` steps) of
     heavy-ball SGD on the linearised network at the model's weights, per batch size
     (module docstring). Same signature conventions as `training_threshold`: data any form
@@ -316,7 +323,10 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
     seed : seeds the Lanczos start of λ₁ (used for the coarse grid) and of the basis.
     rank : None (every direction, J of N·K·P numbers) or r: the subspace form of the
     module docstring (J·V of N·K·r numbers; r ≥ P means every direction); check it by
-    doubling r."""
+    doubling r. jacobians : with every direction, "tangent" (default: J·e and Jᵀ·c by
+    Jacobian-vector products through the network, nothing stored; the model's own dtype,
+    `dtype` unused) or "stored" (J in memory, `dtype`, refused above max_bytes); the same
+    numbers to rounding. The subspace form always stores J·V."""
     from nets.learning_rates.lr_search import _read_momentum, _top_direction, seed_mean_stderr
     from nets.utils.data_source import as_data_source
     from nets.utils.progress import progress_bar
@@ -341,8 +351,11 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
     bs = as_batch_sizes(batch_sizes, N).tolist()
     P = sum(p.numel() for p in model.parameters() if p.requires_grad)
     r = P if rank is None else min(P, as_int("rank", rank, minimum=1))
-    out_shape = checked_output_shape(model, X, r, dtype=dtype, max_bytes=max_bytes,
-                                     smaller=", a smaller rank")
+    if jacobians not in ("tangent", "stored"):
+        raise ValueError(f'jacobians must be "tangent" or "stored", got {jacobians!r}')
+    tangent = r == P and jacobians == "tangent"
+    out_shape = checked_output_shape(model, X, 0 if tangent else r, dtype=dtype,
+                                     max_bytes=max_bytes, smaller=", a smaller rank")
     lam = math.nan
     if lr_range is None:
         _, lam = _top_direction(model, loss_fn, (X, y), as_seed("seed", seed))
@@ -354,15 +367,19 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
     basis = None
     if r < P:
         basis, _ = ggn_top_basis(model, loss_fn, (X, y), r, seed=as_seed("seed", seed))
-    J, z0 = output_jacobians(model, X, chunk_size=as_int("chunk_size", chunk_size, minimum=1),
-                             dtype=dtype, basis=basis)
+    chunk_size = as_int("chunk_size", chunk_size, minimum=1)
+    if tangent:
+        lin = TangentOutputs(model, X, chunk_size=chunk_size)
+    else:
+        lin = StoredOutputs(*output_jacobians(model, X, chunk_size=chunk_size, dtype=dtype,
+                                              basis=basis))
     grids = np.zeros((len(bs), n_grid))
     worst = np.zeros((len(bs), len(seeds), n_grid))
     top = max((k, *extras))
     jobs = list(range(len(bs)))
     for i in progress_bar(jobs, progress=progress, total=len(jobs),
                           desc=f"linearised threshold (m={m:g})", expected_s=10):
-        runs = [lambda g, B=bs[i], s=s: linearized_max_loss(J, z0, y, loss_fn, B, m, g, K, s,
+        runs = [lambda g, B=bs[i], s=s: linearized_max_loss(lin, None, y, loss_fn, B, m, g, K, s,
                                                             out_shape=out_shape,
                                                             stop_above=top)
                 for s in seeds]

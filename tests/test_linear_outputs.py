@@ -1,0 +1,99 @@
+"""The linearised network's outputs (`nets.learning_rates.linear_outputs`).
+
+Oracle: the per-sample Jacobians built densely, one `torch.func.jacrev` per sample
+(tests/dense_oracles.py, float64; no code shared with the products checked), and the
+three products written out with them: z_idx + J_idx·E, Σ J_iᵀ C_i, z + J·E. A network
+with BatchNorm is checked in eval mode (its running statistics), as the class runs it.
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from dense_oracles import output_jacobians as dense_jacobians
+
+from nets.learning_rates.linear_outputs import StoredOutputs, TangentOutputs, as_linear_outputs
+from nets.learning_rates.linearized import linearized_adam_max_loss, linearized_max_loss
+
+
+def _conv_bn(seed=0):
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.BatchNorm2d(3),
+                              torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(48, 4))
+    net.double()
+    with torch.no_grad():                  # non-trivial running statistics
+        net[1].running_mean.uniform_(-0.5, 0.5)
+        net[1].running_var.uniform_(0.5, 2.0)
+    g = torch.Generator().manual_seed(seed + 1)
+    return net.eval(), torch.randn(20, 1, 4, 4, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("which", ["mlp", "conv_bn"])
+def test_products_match_dense_jacobians(which, tiny_mlp):
+    if which == "mlp":
+        model, X, _ = tiny_mlp(seed=3, N=25)
+    else:
+        model, X = _conv_bn()
+    J = dense_jacobians(model, X)
+    with torch.no_grad():
+        z = model(X).reshape(len(X), -1)
+    N, K, P = J.shape
+    mode = model.training
+    g = torch.Generator().manual_seed(7)
+    E = torch.randn(P, 4, generator=g, dtype=torch.float64)
+    idx = torch.tensor([3, 0, 17, 9])
+    C = torch.randn(len(idx), K, 4, generator=g, dtype=torch.float64)
+    expect_batch = z[idx][:, :, None] + torch.einsum("bkp,pg->bkg", J[idx], E)
+    expect_pull = torch.einsum("bkp,bkg->pg", J[idx], C)
+    expect_full = z[:, :, None] + torch.einsum("nkp,pg->nkg", J, E)
+    for lin in (TangentOutputs(model, X, chunk_size=7), StoredOutputs(J, z)):
+        assert (lin.N, lin.K, lin.D) == (N, K, P)
+        torch.testing.assert_close(lin.z, z, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(lin.batch(idx, E), expect_batch, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(lin.pullback(idx, C), expect_pull, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(lin.full(E), expect_full, rtol=1e-10, atol=1e-12)
+    assert model.training is mode           # the module passed in is not modified
+
+
+def test_runs_agree_with_stored_jacobians(tiny_mlp):
+    from nets.learning_rates.adam import restored_adam, warm_adam_state
+    from nets.learning_rates.linearized import flat_adam_state
+
+    model, X, y = tiny_mlp(seed=4, N=40)
+    J = dense_jacobians(model, X)
+    with torch.no_grad():
+        z = model(X)
+    tangent = TangentOutputs(model, X)
+    lrs = np.geomspace(0.05, 50.0, 9)
+    a = linearized_max_loss(J, z, y, F.cross_entropy, 8, 0.5, lrs, 30, 2)
+    b = linearized_max_loss(tangent, None, y, F.cross_entropy, 8, 0.5, lrs, 30, 2)
+    np.testing.assert_allclose(b, a, rtol=1e-9)
+    assert a[0] < 10 < a[-1]                 # the grid brackets a crossing
+    warm = warm_adam_state(model, F.cross_entropy, X, y, 8, warmup_steps=10, warmup_lr=1e-2,
+                           betas=(0.9, 0.999), eps=1e-8, seed=1)
+    state = flat_adam_state(restored_adam(warm.model, warm, 1e-2))
+    Jw = dense_jacobians(warm.model, X)
+    with torch.no_grad():
+        zw = warm.model(X)
+    lrs = np.geomspace(1e-3, 10.0, 9)
+    a = linearized_adam_max_loss(Jw, zw, y, F.cross_entropy, 8, lrs, 20, 5, state=state)
+    b = linearized_adam_max_loss(TangentOutputs(warm.model, X), None, y, F.cross_entropy, 8,
+                                 lrs, 20, 5, state=state)
+    np.testing.assert_allclose(b, a, rtol=1e-9)
+
+
+def test_as_linear_outputs_and_bad_input(tiny_mlp):
+    model, X, _ = tiny_mlp()
+    t = TangentOutputs(model, X)
+    assert as_linear_outputs(t) is t
+    J = torch.zeros(len(X), 3, 4)
+    s = as_linear_outputs(J, torch.zeros(len(X), 3))
+    assert isinstance(s, StoredOutputs) and s.D == 4
+    with pytest.raises(ValueError, match="z must be None"):
+        as_linear_outputs(t, torch.zeros(len(X), 3))
+    with pytest.raises(ValueError, match="J must be"):
+        StoredOutputs(J, torch.zeros(len(X), 2))
+    with pytest.raises(TypeError, match="model"):
+        TangentOutputs(lambda x: x, X)
+    with pytest.raises(ValueError, match="chunk_size"):
+        TangentOutputs(model, X, chunk_size=0)
