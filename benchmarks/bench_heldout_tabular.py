@@ -39,9 +39,10 @@ moved the weights, at B = 8 and 512.
 `--momentum 0.9`: the same with heavy-ball SGD (key "m0.9"). `--adam 0.9,0`: Adam with
 β₁ = 0.9 and 0 (β₂ = 0.999, ε = 1e-8): the warmed-state divergence threshold (500 steps at
 1e-4 with batches of size B, then 100 steps at α; `adam_threshold`, eight seeds) against
-`transfer_lr(optimizer=torch.optim.Adam(...))` in its default (mean-square) form; keys
-"adam_b0.9", "adam_b0"; with `--adam-form linearized` the linearised-Adam form over the same
-eight sequences instead (keys "adam_b0.9_linearized", …). Results of every part merge into
+`transfer_lr(optimizer=torch.optim.Adam(...), form="mean_square")`; keys "adam_b0.9",
+"adam_b0"; with `--adam-form linearized` the linearised-Adam form (`transfer_lr`'s Adam
+default since a later revision) over the same eight sequences instead (keys
+"adam_b0.9_linearized", …). Results of every part merge into
 one JSON.
 
     python benchmarks/bench_heldout_tabular.py            # ~8 min on one thread (4 variants)
@@ -155,7 +156,7 @@ def run_adam(name, beta1, *, form=None, train_seed=0, progress=False):
     else:
         opt = torch.optim.Adam(model.parameters(), betas=(beta1, 0.999), eps=1e-8)
         pred = transfer_lr(model, loss_fn, data, BATCH_SIZES, reference=reference,
-                           optimizer=opt, form=form, progress=progress)
+                           optimizer=opt, form=form or "mean_square", progress=progress)
     shape = np.asarray(pred.lr, float)
     t = transfers(real.lr, shape)
     B = np.asarray(BATCH_SIZES)

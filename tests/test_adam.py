@@ -106,7 +106,7 @@ def test_prediction_formula_transfer_and_noise_model():
     np.testing.assert_allclose(pred.lr, 2.0 / (pred.lam + cs * pred.s2 / pred.lam), rtol=1e-12)
     assert pred.lr[-1] == pytest.approx(2.0 / pred.lam[-1])        # c(N, N) = 0
     tr = A.adam_transfer_lr(model, _mse, (X, y), Bs, reference=(8, 0.01), prediction=pred)
-    assert tr.lr[1] == pytest.approx(0.01)
+    assert tr.lr[1] == pytest.approx(0.01) and tr.form == "mean_square"   # the prediction's
     np.testing.assert_allclose(tr.lr / tr.lr[1], pred.lr / pred.lr[1], rtol=1e-12)
     np.testing.assert_allclose(tr.sqrt_rule, 0.01 * np.sqrt(np.array(Bs) / 8))
     assert A.adam_factor(0.9) == pytest.approx(38.0)

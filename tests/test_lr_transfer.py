@@ -307,14 +307,16 @@ def test_self_stabilisation_trace_follows_torch_sgd():
 
 def test_adam_optimizer_hands_over_to_adam_transfer_lr():
     """optimizer="adam" or an Adam instance: the same numbers as adam_transfer_lr with the
-    optimizer's β₁, β₂, ε (mean-square form by default)."""
+    optimizer's β₁, β₂, ε (here the mean-square form; the default is the linearised one,
+    next test)."""
     from nets.learning_rates.adam import adam_transfer_lr
 
     model, loss, X, y = _problem()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.5, 0.99), eps=1e-6)
-    r = transfer_lr(model, loss, (X, y), [4, 16, 64], reference=(16, 0.01), optimizer=opt)
+    r = transfer_lr(model, loss, (X, y), [4, 16, 64], reference=(16, 0.01), optimizer=opt,
+                    form="mean_square")
     ref = adam_transfer_lr(model, loss, (X, y), [4, 16, 64], reference=(16, 0.01),
-                           betas=(0.5, 0.99), eps=1e-6)
+                           betas=(0.5, 0.99), eps=1e-6, form="mean_square")
     assert r.form == "mean_square" and r.lr[1] == pytest.approx(0.01)
     np.testing.assert_allclose(r.lr, ref.lr)
     d = transfer_lr(model, loss, (X, y), [4, 16, 64], reference=(16, 0.01), optimizer="adam",
@@ -330,7 +332,7 @@ def test_adam_linearized_form_through_transfer_lr():
 
     model, loss, X, y = _problem()
     r = transfer_lr(model, loss, (X, y), [4, 16], reference=(16, 0.01), optimizer="adam",
-                    form="linearized", n_seeds=1, steps=30, factor=3.0)
+                    n_seeds=1, steps=30, factor=3.0)                    # the default form
     lin = linearized_adam_threshold(model, loss, (X, y), [4, 16], seeds=(0,), steps=30,
                                     factor=3.0)
     assert r.form == "linearized"

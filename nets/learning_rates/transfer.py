@@ -246,13 +246,13 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
         momentum : ρ (overrides/must agree with the optimizer's). "adam"/"adamw" or a
         torch Adam/AdamW class or instance (β₁, β₂, ε read) hands over to
         `nets.learning_rates.adam.adam_transfer_lr` and returns its `AdamTransfer`:
-        form None or "mean_square" (default for Adam: the preconditioned mean-square
-        limit of the warmed state's noise model), "deterministic", or "linearized" (Adam
-        on the linearised network from each warmed state, corrected along ũ; factor,
-        steps (default 100 for Adam), n_seeds and seed set its protocol, with the
-        warm-up of `linearized_adam_threshold`). Which Adam form transfers on which
-        network is measured in the README (neither meets 20 % on every network at
-        β₁ = 0.9).
+        form None or "linearized" (the default for Adam: Adam on the linearised network
+        from each warmed state, corrected along ũ; factor, steps (default 100 for Adam),
+        n_seeds and seed set its protocol, with the warm-up of
+        `linearized_adam_threshold`; minutes), "mean_square" (the preconditioned
+        mean-square limit of the warmed state's noise model; seconds) or
+        "deterministic". Which Adam form transfers on which network is measured in the
+        README (neither meets 20 % on every network at β₁ = 0.9).
     form : None or "linearized" (the SGD default), or a λ'(B) form of `predict_batch_top_eigenvalue`
         ("directional", "resolved", "subspace", "isotropic"). The curvature/noise pass
         runs for every form at the model's current parameters (kind, num_probes,
@@ -358,7 +358,7 @@ def _adam_transfer(model, loss_fn, data, batch_sizes, reference, opt, *, form, f
     """`transfer_lr` for Adam: `adam_transfer_lr` with the optimizer's β₁, β₂, ε."""
     from nets.learning_rates.adam import adam_transfer_lr
 
-    form = "mean_square" if form is None else form        # adam_transfer_lr checks it
+    form = "linearized" if form is None else form          # adam_transfer_lr checks it
     linearized = None
     if form == "linearized":
         seed = as_seed("seed", seed)
