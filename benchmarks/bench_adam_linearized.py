@@ -11,11 +11,15 @@ corrected, and both shapes as a transfer anchored at B₀ = 32 and 512, beside t
 mean-square form's. Writes benchmarks/results/bench_adam_linearized_<model>_b<β₁>.json.
 
 The correction's share q was written down after seeing the development MLP (both β₁);
-the CNN and the ReLU MLP are the networks it was then run on unchanged.
+the CNN and the ReLU MLP are the networks it was then run on unchanged. `--model gelu`
+and `--model bn_cnn` (the GELU digits MLP and the BatchNorm CNN of
+bench_heldout_transfer.py, their real thresholds from `bench_adam.py --model ...`) were
+run after this form became `transfer_lr`'s Adam default.
 
     python benchmarks/bench_adam_linearized.py --model mlp --beta1 0.9    # ~4 min, one thread
     python benchmarks/bench_adam_linearized.py --model cnn --beta1 0.9   # ~6 min
     python benchmarks/bench_adam_linearized.py --model mlp --jacobians stored   # the same, J stored
+    python benchmarks/bench_adam_linearized.py --model mlp --jacobians tangent  # through the network
 
 `--part scale`: the 301,066-parameter MLP 64-512-512-10 of bench_scale.py on the 1,797
 digits (its stored Jacobians would need 21.6 GB, refused), one batch size and sequence
@@ -31,7 +35,7 @@ import time
 
 import numpy as np
 from _common import RESULTS, base_parser, environment, peak_rss_mb, setup_torch, write_json
-from bench_adam import _loss, _model
+from bench_adam import MODELS, _loss, _model
 from bench_criterion import BATCH_SIZES
 from bench_heldout_transfer import transfers, worst
 
@@ -40,11 +44,11 @@ def main(argv=None):
     from nets.learning_rates.adam_linearized import linearized_adam_threshold
 
     p = base_parser(__doc__.splitlines()[0])
-    p.add_argument("--model", choices=("mlp", "mlp_relu", "cnn", "mse"), default="mlp")
+    p.add_argument("--model", choices=MODELS, default="mlp")
     p.add_argument("--beta1", type=float, default=0.9)
     p.add_argument("--seeds", type=int, default=8)
-    p.add_argument("--jacobians", choices=("tangent", "stored"), default="tangent",
-                   help="J·e by Jacobian-vector products (default) or stored Jacobians")
+    p.add_argument("--jacobians", choices=("auto", "tangent", "stored"), default="auto",
+                   help="J·e by Jacobian-vector products, stored Jacobians, or the faster (auto)")
     p.add_argument("--part", choices=("transfer", "scale"), default="transfer")
     p.add_argument("--scale-batch", type=int, default=32)
     args = p.parse_args(argv)
@@ -81,7 +85,7 @@ def main(argv=None):
           f"{np.round(lin.secant_ratio, 3)}; share {np.round(lin.share, 3)}; real ÷ corrected "
           f"{np.round(real / lin.corrected, 2)} ({seconds:.0f} s)", flush=True)
     name = f"bench_adam_linearized_{args.model}_b{args.beta1:g}" + (
-        "" if args.jacobians == "tangent" else "_stored")
+        "" if args.jacobians == "auto" else f"_{args.jacobians}")
     print("wrote", write_json(name, out, args.out))
 
 

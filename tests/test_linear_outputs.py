@@ -97,3 +97,21 @@ def test_as_linear_outputs_and_bad_input(tiny_mlp):
         TangentOutputs(lambda x: x, X)
     with pytest.raises(ValueError, match="chunk_size"):
         TangentOutputs(model, X, chunk_size=0)
+
+
+def test_linear_model_outputs_choices(tiny_mlp):
+    from nets.learning_rates.linearized import linear_model_outputs
+
+    model, X, _ = tiny_mlp(seed=5, N=30)
+    lin, choice = linear_model_outputs(model, X, jacobians="auto", max_bytes=100)
+    assert choice == "tangent" and isinstance(lin, TangentOutputs)   # J does not fit
+    lin, choice = linear_model_outputs(model, X)                     # fits: the faster one
+    assert choice in ("tangent", "stored")
+    assert isinstance(lin, TangentOutputs if choice == "tangent" else StoredOutputs)
+    lin, choice = linear_model_outputs(model, X, jacobians="stored", dtype=torch.float64)
+    assert choice == "stored" and lin.J.dtype == torch.float64
+    torch.testing.assert_close(lin.J, dense_jacobians(model, X), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="max_bytes"):
+        linear_model_outputs(model, X, jacobians="stored", max_bytes=100)
+    with pytest.raises(ValueError, match="jacobians"):
+        linear_model_outputs(model, X, jacobians="dense")

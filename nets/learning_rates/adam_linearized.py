@@ -36,14 +36,16 @@ direction is much flatter (r = 1.6–40 on two tabular MLPs, β₁ = 0) and the 
 the transfer from 0.41–2.42 to 0.13–9.88 on one of them (README).
 r and λ̃ are measured at the first sequence's warmed state of each B.
 
-Cost: per (B, sequence) a warm-up and, per step and learning rate, a Jacobian-vector
-product on the batch and on the data and a vector-Jacobian product on the batch (about a
-forward and a backward pass of the network each; memory: the weights and one chunk's
-activations per grid column); per B one Lanczos run and 2n + 1 forward passes for the
-profile. On the digits MLP (P = 2,410) 222 s for four B × eight sequences on one thread
-(742 s with `jacobians="stored"`, the same thresholds); on a 301k-parameter MLP 232 s
-per (B, sequence) at 1 GB, against 38 s for the real bisection: the form explains a
-threshold rather than saving its measurement.
+Cost: per (B, sequence) a warm-up and, per step and learning rate, J·e on the batch and
+on the data and Jᵀ·c on the batch — products with the stored Jacobians (N·K·P numbers
+per warmed state), or Jacobian-vector products through the network (about a forward and
+a backward pass each; memory: the weights and one chunk's activations per grid column),
+whichever `jacobians="auto"` finds faster where J fits (`linearized.linear_model_outputs`);
+per B one Lanczos run and 2n + 1 forward passes for the profile. On the digits MLP
+(P = 2,410) 222 s through the network for four B × eight sequences on one thread (742 s
+with the Jacobians stored, the same thresholds); on a 301k-parameter MLP, whose
+Jacobians (20 GiB) do not fit, 232 s per (B, sequence) at 1 GB, against 38 s for the real
+bisection: the form explains a threshold rather than saving its measurement.
 """
 
 from __future__ import annotations
@@ -59,13 +61,13 @@ from nets.learning_rates.adam import (
     warm_adam_state,
 )
 from nets.learning_rates.along_top import loss_along_top, rescaling
-from nets.learning_rates.linear_outputs import StoredOutputs, TangentOutputs
 from nets.learning_rates.linearized import (
+    JACOBIANS,
     checked_output_shape,
     first_crossing,
     flat_adam_state,
+    linear_model_outputs,
     linearized_adam_max_loss,
-    output_jacobians,
     refined_runs,
 )
 from nets.learning_rates.lr_search import seed_mean_stderr
@@ -130,7 +132,7 @@ def share_correction(lr_linearized, lam_precond, beta1, secant_ratio):
 def linearized_adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 0.999),
                               eps=1e-8, warmup_steps=500, warmup_lr=1e-4, steps=100,
                               factor=10.0, seeds=tuple(range(8)), lr_range=(1e-4, 10.0),
-                              n_grid=48, correct=True, chunk_size=256, jacobians="tangent",
+                              n_grid=48, correct=True, chunk_size=256, jacobians="auto",
                               max_bytes=4 << 30, seed=0,
                               progress=None) -> LinearizedAdamThresholds:
     """The "divergence" threshold of Adam on the linearised network at each warmed state
@@ -138,11 +140,12 @@ def linearized_adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 
     along ũ (module docstring). data : any form of `nets.utils.data_source`; loss_fn the
     batch mean; seeds : the batch sequences (warm-up from s, trials from s + 7919);
     lr_range : the coarse grid's ends; correct : also measure r and λ̃ (else
-    correction = 1); jacobians : "tangent" (default: J·e and Jᵀ·c through the network at
-    the warmed weights, nothing stored, `linear_outputs.TangentOutputs`) or "stored" (the
-    N·K·P Jacobians in memory, `StoredOutputs`; the same numbers to float rounding);
-    max_bytes : with "stored", the Jacobians' memory above which the call is refused
-    (N·K·P·4 bytes); seed : the Lanczos start."""
+    correction = 1); jacobians : "auto" (default; chosen once, at the first warmed
+    state, and kept), "tangent" (J·e and Jᵀ·c through the network at the warmed weights,
+    nothing stored) or "stored" (the N·K·P Jacobians in memory): the same numbers to
+    float rounding (`linearized.linear_model_outputs`); max_bytes : the Jacobians' memory
+    above which "stored" is refused and "auto" goes through the network (N·K·P·4
+    bytes); seed : the Lanczos start."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(loss_fn):
@@ -166,8 +169,8 @@ def linearized_adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 
     N = len(X)
     bs = as_batch_sizes(batch_sizes, N).tolist()
     P = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if jacobians not in ("tangent", "stored"):
-        raise ValueError(f'jacobians must be "tangent" or "stored", got {jacobians!r}')
+    if jacobians not in JACOBIANS:
+        raise ValueError(f"jacobians must be one of {JACOBIANS}, got {jacobians!r}")
     chunk_size = as_int("chunk_size", chunk_size, minimum=1)
     out_shape = checked_output_shape(model, X, P if jacobians == "stored" else 0,
                                      dtype=torch.float32, max_bytes=max_bytes)
@@ -183,10 +186,8 @@ def linearized_adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 
                                warmup_lr=warmup_lr, betas=(b1, b2), eps=eps, seed=s)
         opt = restored_adam(warm.model, warm, warmup_lr)
         state = flat_adam_state(opt)
-        if jacobians == "stored":
-            lin = StoredOutputs(*output_jacobians(warm.model, X, chunk_size=chunk_size))
-        else:
-            lin = TangentOutputs(warm.model, X, chunk_size=chunk_size)
+        lin, jacobians = linear_model_outputs(warm.model, X, jacobians=jacobians,
+                                              chunk_size=chunk_size, max_bytes=max_bytes)
 
         def run(grid, lin=lin, state=state, B=B, s=s):
             return linearized_adam_max_loss(lin, None, y, loss_fn, B, grid, K, s + 7919,

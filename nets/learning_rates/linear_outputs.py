@@ -21,7 +21,11 @@ with E (D, G) and C (|idx|, K, G). Two implementations give the same numbers:
   the network at w₀ (`torch.func.jvp`, `torch.func.vjp`, vmapped over the G columns):
   memory ∝ G·P plus one chunk's activations, and per column about the cost of a forward
   and a backward pass of the network, which is less than N·K·P multiply-adds whenever a
-  sample's forward pass costs less than K·P (every dense network: about P).
+  sample's forward pass costs less than K·P (a dense network: about P; 3.3× faster on
+  the digits MLP) but not for a convolutional network, whose forward pass costs many
+  times its shared weights (~30× slower on a small BatchNorm CNN, where vmapped weight
+  tangents of a convolution are also slow on CPU). `linearized.linear_model_outputs`
+  chooses between the two.
 
 The model is copied and put in eval mode (BatchNorm on its running statistics, Dropout
 off), as the real trials of `lr_search` run.
@@ -32,6 +36,7 @@ from __future__ import annotations
 import copy
 
 import torch
+from torch.func import functional_call, jvp, vjp, vmap
 
 from rmt.validation import as_int
 
@@ -65,8 +70,6 @@ class TangentOutputs:
     the inputs; chunk_size samples per vmapped call of `full`."""
 
     def __init__(self, model, X, *, chunk_size=256):
-        from torch.func import functional_call
-
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.chunk = as_int("chunk_size", chunk_size, minimum=1)
@@ -77,14 +80,13 @@ class TangentOutputs:
         self.D = sum(n for _, _, n in self.shapes)
         first = next(iter(self.params.values()))
         self.dtype, self.device = first.dtype, first.device
-        self._call = functional_call
         with torch.no_grad():
             self.z = torch.cat([self._outs(self.params, X[s:s + self.chunk])
                                 for s in range(0, len(X), self.chunk)])
         self.N, self.K = self.z.shape
 
     def _outs(self, p, xb):
-        return self._call(self.net, p, (xb,)).reshape(len(xb), -1)
+        return functional_call(self.net, p, (xb,)).reshape(len(xb), -1)
 
     def _tangents(self, E):
         """E (P, G) → {name: (G, *shape)}: the columns as parameter-shaped tangents."""
@@ -95,8 +97,6 @@ class TangentOutputs:
         return out
 
     def _jvp(self, xb, E):
-        from torch.func import jvp, vmap
-
         def one(t):
             return jvp(lambda p: self._outs(p, xb), (self.params,), (t,))[1]
 
@@ -107,8 +107,6 @@ class TangentOutputs:
         return self.z[idx][:, :, None] + self._jvp(self.X[idx], E)
 
     def pullback(self, idx, C):
-        from torch.func import vjp, vmap
-
         _, back = vjp(lambda p: self._outs(p, self.X[idx]), self.params)
         with torch.no_grad():
             g = vmap(back)(C.permute(2, 0, 1).to(self.dtype))[0]        # {name: (G, *shape)}
