@@ -2,7 +2,9 @@
 
 For the digits MLP (cross-entropy, `--model mlp`), a ReLU 64-64-32-10 MLP on another seed
 (`mlp_relu`, a network the forms were not developed on), a small CNN (`cnn`) and the MLP
-trained on ½‖f − e_y‖² (`mse`), and for β₁ ∈ {0.9, 0} (β₂ = 0.999, ε = 1e-8): the
+trained on ½‖f − e_y‖² (`mse`), and — held out from every Adam form, measured after
+the linearised form became the default — the GELU digits MLP (`gelu`) and the BatchNorm
+CNN (`bn_cnn`, eval mode) of bench_heldout_transfer.py, and for β₁ ∈ {0.9, 0} (β₂ = 0.999, ε = 1e-8): the
 warmed-state threshold (`nets.learning_rates.adam.adam_threshold`, `--criterion`,
 default "divergence"), the fresh-state first-step limit, the noise-model prediction
 (`predict_adam_max_lr`, mean-square and deterministic forms), transfers along both
@@ -23,6 +25,9 @@ import torch
 from _common import write_json
 
 
+MODELS = ("mlp", "mlp_relu", "cnn", "mse", "gelu", "bn_cnn")
+
+
 def _model(name):
     from nets.training.loops import train, trained_digits_mlp
     from nets.training.models import SmallCNN
@@ -35,6 +40,9 @@ def _model(name):
         from _common import trained_mse_mlp
         model, data, _ = trained_mse_mlp(0)
         return model, data
+    if name in ("gelu", "bn_cnn"):   # held out from every Adam form (bench_heldout_transfer)
+        from bench_heldout_transfer import held_out_network
+        return held_out_network(name)
     model, (X, y) = trained_digits_mlp(seed=0)
     X = X.reshape(-1, 1, 8, 8)
     cnn = SmallCNN(in_channels=1, image_size=8, width=8, activation="tanh", seed=0)
@@ -66,7 +74,7 @@ def main():
     from nets.learning_rates.adam import adam_threshold, adam_transfer_lr, predict_adam_max_lr
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=("mlp", "mlp_relu", "cnn", "mse"), default="mlp")
+    ap.add_argument("--model", choices=MODELS, default="mlp")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256, 512])
     ap.add_argument("--seeds", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=500)
