@@ -4,8 +4,8 @@ The SGD form (`nets.learning_rates.linearized`) carried to Adam. For each batch 
 batch sequence s the real warm-up of `adam_threshold` is run (`warm_adam_state`:
 `warmup_steps` Adam steps at `warmup_lr`, batches of B from seed s); at the warmed
 weights w₀ every sample's outputs are replaced by z_i + J_i e (J_i = ∂z_i/∂w at w₀, all
-P directions; J·e and Jᵀ·c by Jacobian-vector products through the network, nothing
-stored: `nets.learning_rates.linear_outputs`), the loss is the exact loss of those outputs, and torch's
+P directions; J·e and Jᵀ·c with the stored Jacobians or through the network,
+`nets.learning_rates.linear_outputs`), the loss is the exact loss of those outputs, and torch's
 Adam update (bias-corrected, ε outside the root) runs on e from the warmed
 (exp_avg, exp_avg_sq, step) with the batches of the real trials (seed s + 7919),
 `steps` steps, unstable iff the full-data loss ever exceeds `factor` × its start
