@@ -197,6 +197,34 @@ def half_mse_onehot(outputs, targets):
     return 0.5 * ((outputs - onehot) ** 2).sum(dim=-1).mean()
 
 
+def trained_breast_cancer_mlp(loss_fn, *, layer_norm=False, seed=0, epochs=30):
+    """(model in eval mode, (X, y)): the MLP 30-48-32-2 (GELU, SiLU; a LayerNorm after the
+    first layer if `layer_norm`) on the standardised breast-cancer data (569 samples),
+    trained with `loss_fn` by a plain torch loop — SGD lr 0.05, momentum 0.9, batches of 32
+    from a permutation seeded `seed` per epoch, `epochs` epochs, init from
+    `torch.manual_seed(seed)` (bench_heldout_tabular.py, bench_heldout_transfer.py)."""
+    import torch
+    from sklearn.datasets import load_breast_cancer
+    from torch import nn
+
+    Xn, yn = load_breast_cancer(return_X_y=True)
+    Xn = (Xn - Xn.mean(0)) / Xn.std(0)
+    X, y = torch.tensor(Xn, dtype=torch.float32), torch.tensor(yn)
+    torch.manual_seed(seed)
+    layers = [nn.Linear(30, 48)] + ([nn.LayerNorm(48)] if layer_norm else [])
+    model = nn.Sequential(*layers, nn.GELU(), nn.Linear(48, 32), nn.SiLU(), nn.Linear(32, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        perm = torch.randperm(len(X), generator=gen)
+        for i in range(0, len(X), 32):
+            idx = perm[i:i + 32]
+            opt.zero_grad()
+            loss_fn(model(X[idx]), y[idx]).backward()
+            opt.step()
+    return model.eval(), (X, y)
+
+
 def trained_mse_mlp(seed=0, hidden=(32,), activation="tanh"):
     """The digits MLP (64-hidden-10, tanh by default) trained with `half_mse_onehot` by the
     digits recipe (10 epochs, SGD lr 0.05, momentum 0.9, batch 64). Returns (model, (X, y),

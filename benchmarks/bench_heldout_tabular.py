@@ -60,7 +60,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from _common import base_parser, environment, setup_torch, write_json
+from _common import base_parser, environment, setup_torch, trained_breast_cancer_mlp, write_json
 from bench_adam import small_b_exponent
 from bench_heldout_transfer import rows, transfers, worst
 
@@ -73,28 +73,14 @@ VARIANTS = {"plain": dict(layer_norm=False, smoothing=0.0),
 
 
 def trained_tabular_mlp(*, layer_norm, smoothing, seed=0, epochs=30):
-    """(model in eval mode, loss_fn, (X, y)) for one variant of the module docstring."""
-    import torch
-    from sklearn.datasets import load_breast_cancer
+    """(model in eval mode, loss_fn, (X, y)) for one variant of the module docstring
+    (`_common.trained_breast_cancer_mlp` with the variant's cross-entropy)."""
     from torch import nn
 
-    Xn, yn = load_breast_cancer(return_X_y=True)
-    Xn = (Xn - Xn.mean(0)) / Xn.std(0)
-    X, y = torch.tensor(Xn, dtype=torch.float32), torch.tensor(yn)
-    torch.manual_seed(seed)
-    layers = [nn.Linear(30, 48)] + ([nn.LayerNorm(48)] if layer_norm else [])
-    model = nn.Sequential(*layers, nn.GELU(), nn.Linear(48, 32), nn.SiLU(), nn.Linear(32, 2))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=smoothing)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        perm = torch.randperm(len(X), generator=gen)
-        for i in range(0, len(X), 32):
-            idx = perm[i:i + 32]
-            opt.zero_grad()
-            loss_fn(model(X[idx]), y[idx]).backward()
-            opt.step()
-    return model.eval(), loss_fn, (X, y)
+    model, data = trained_breast_cancer_mlp(loss_fn, layer_norm=layer_norm, seed=seed,
+                                            epochs=epochs)
+    return model, loss_fn, data
 
 
 def run_variant(name, *, momentum=0.0, train_seed=0, progress=False):

@@ -49,7 +49,16 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from _common import RESULTS, base_parser, environment, setup_torch, trained_mse_mlp, write_json
+from _common import (
+    RESULTS,
+    base_parser,
+    environment,
+    half_mse_onehot,
+    setup_torch,
+    trained_breast_cancer_mlp,
+    trained_mse_mlp,
+    write_json,
+)
 from bench_criterion import BATCH_SIZES, network, study, transfer_ratios
 
 from nets.learning_rates.along_top import rescaling_as_derived
@@ -94,28 +103,10 @@ def trained_bn_cnn(seed=0, epochs=15):
 
 
 def trained_mse_tabular(seed=0, epochs=30):
-    """(model in eval mode, (X, y), loss_fn): the "mse_tabular" network of HELD_OUT_MSE."""
-    import torch
-    from _common import half_mse_onehot
-    from sklearn.datasets import load_breast_cancer
-    from torch import nn
-
-    Xn, yn = load_breast_cancer(return_X_y=True)
-    Xn = (Xn - Xn.mean(0)) / Xn.std(0)
-    X, y = torch.tensor(Xn, dtype=torch.float32), torch.tensor(yn)
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(30, 48), nn.GELU(), nn.Linear(48, 32), nn.SiLU(),
-                          nn.Linear(32, 2))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        perm = torch.randperm(len(X), generator=gen)
-        for i in range(0, len(X), 32):
-            idx = perm[i:i + 32]
-            opt.zero_grad()
-            half_mse_onehot(model(X[idx]), y[idx]).backward()
-            opt.step()
-    return model.eval(), (X, y), half_mse_onehot
+    """(model in eval mode, (X, y), loss_fn): the "mse_tabular" network of HELD_OUT_MSE,
+    the plain breast-cancer MLP of bench_heldout_tabular.py trained on ½‖f − e_y‖²."""
+    model, data = trained_breast_cancer_mlp(half_mse_onehot, seed=seed, epochs=epochs)
+    return model, data, half_mse_onehot
 
 
 def held_out_network(name):

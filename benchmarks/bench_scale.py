@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -59,6 +58,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _common import peak_rss_mb
 from torch import nn
 
 ROWS = ("directional", "resolved", "resolved_ggn", "resolved_gn", "resolved_small",
@@ -75,7 +75,7 @@ BATCH_SIZES = (8, 32, 128, 512)
 def _peak_gib(device="cpu") -> float:
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated() / GiB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB
+    return peak_rss_mb() * 2**20 / GiB
 
 
 def _timed(fn, label=None):

@@ -358,9 +358,8 @@ def _adam_transfer(model, loss_fn, data, batch_sizes, reference, opt, *, form, f
     """`transfer_lr` for Adam: `adam_transfer_lr` with the optimizer's β₁, β₂, ε."""
     from nets.learning_rates.adam import adam_transfer_lr
 
-    form = "linearized" if form is None else form          # adam_transfer_lr checks it
-    linearized = None
-    if form == "linearized":
+    linearized = None                    # form None: adam_transfer_lr's default, "linearized"
+    if form in (None, "linearized"):
         seed = as_seed("seed", seed)
         linearized = {"factor": factor, "steps": 100 if steps is None else steps,
                       "seeds": tuple(range(seed, seed + as_int("n_seeds", n_seeds, minimum=1)))}
