@@ -1,0 +1,258 @@
+"""Which part of the network's nonlinearity sets the real threshold the linearised network misses.
+
+The linearised network (outputs z + J·e, the loss exact) carries the real divergence
+threshold across B on cross-entropy networks at m = 0, but with heavy-ball momentum
+(m = 0.9) the real threshold at large B is 0.54–0.87× the linearised one on the digits
+MLPs, and on networks trained with ½‖f − e_y‖² the real network is 1.3–5× *more* stable
+than its linearisation (`bench_heldout_transfer.py`). Two models of the network that keep
+more of it than the linearisation, each run under the real protocol (divergence: the
+full-data loss ever > 10× its start within 200 steps, heavy ball in torch's convention,
+the same eight batch sequences, seeds 0–7), say which part matters:
+
+* **frozen gates** (`FrozenGates`): every elementwise activation σ is replaced by its
+  tangent at the checkpoint's own pre-activation of that sample, σ(a) → σ(a₀) + σ'(a₀)·(a − a₀),
+  while every Linear layer stays as it is. The outputs are then a polynomial in the
+  weights (bilinear for one hidden layer): the layers still multiply each other, so the
+  Jacobian changes as the weights move (the mechanism of the catapult in a two-layer
+  linear network), but no unit saturates or switches. For a ReLU network this is the
+  real network as long as no unit changes sign. At w₀ outputs and gradients equal the
+  real network's. Thresholds by `training_threshold` on the model fed [x, σ(a₀) − σ'(a₀)·a₀,
+  σ'(a₀)] per sample (`gated_inputs`), so batches and protocol are those of the real runs.
+* **second-order outputs** (`SecondOrderOutputs`): z(w₀ + e) = z + J·e + ½·∂²z[e, e] through
+  the network (nested forward-mode products), the loss exact — the next order of the
+  linearisation, which holds activation curvature and layer coupling to second order
+  only. Thresholds by `linearized_max_loss` on a grid of 41 learning rates from 1/20 to 5×
+  the measured threshold (spacing 1.16×).
+
+Networks (sequential MLPs of Linear and elementwise activations only): the development
+digits MLP (tanh, "mlp"; and trained on ½‖f − e_y‖², "mse"), the ReLU MLP ("mlp_relu"),
+the held-out GELU and tanh MLPs ("gelu", "tanh64"), and the MSE-trained GELU digits MLP
+and GELU/SiLU breast-cancer MLP ("mse_gelu", "mse_tabular"). Real thresholds, the r = 200
+linearised ones and their correction along u are read from
+`bench_heldout_transfer.py`'s stored results for the same network and momentum.
+
+    python benchmarks/bench_momentum_expansions.py --net gelu --momentum 0.9          # ~2.5 min
+    python benchmarks/bench_momentum_expansions.py --net gelu --momentum 0.9 --second-order  # +~12 min
+    python benchmarks/bench_momentum_expansions.py --net summary
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+
+import numpy as np
+import torch
+from _common import RESULTS, base_parser, environment, setup_torch, write_json
+from torch import nn
+from torch.func import grad, jvp, vmap
+
+from nets.learning_rates.linear_outputs import TangentOutputs
+
+NETS = ("mlp", "mlp_relu", "gelu", "tanh64", "mse", "mse_gelu", "mse_tabular")
+#: second-order grid: this many points from LO to HI times the measured threshold
+GRID = (1 / 20, 5.0, 41)
+ELEMENTWISE = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.ELU, nn.LeakyReLU)
+
+
+def sequential_of(model):
+    """The nn.Sequential of Linear layers and elementwise activations that `model` is
+    (or holds as `.net`); ValueError for anything else."""
+    seq = model.net if hasattr(model, "net") else model
+    if not isinstance(seq, nn.Sequential):
+        raise ValueError(f"expected an nn.Sequential (or a model with .net), got {type(seq).__name__}")
+    for mod in seq:
+        if not isinstance(mod, (nn.Linear, *ELEMENTWISE)):
+            raise ValueError(f"frozen gates need Linear layers and elementwise activations, "
+                             f"got {type(mod).__name__}")
+    return seq
+
+
+def gated_inputs(seq, X):
+    """[x, b₁, s₁, b₂, s₂, …] per sample: for the k-th activation σ at pre-activation a₀ (at
+    the current weights), its slope s = σ'(a₀) and offset b = σ(a₀) − s·a₀, so that
+    b + s·a is σ's tangent at a₀."""
+    parts, h = [X], X.detach()
+    for mod in seq:
+        if isinstance(mod, nn.Linear):
+            with torch.no_grad():
+                h = mod(h)
+            continue
+        a0 = h.detach().clone().requires_grad_(True)
+        out = mod(a0)
+        (s,) = torch.autograd.grad(out.sum(), a0)
+        parts += [(out - s * a0).detach(), s.detach()]
+        h = out.detach()
+    return torch.cat(parts, 1)
+
+
+class FrozenGates(nn.Module):
+    """The frozen-gate network of the module docstring: copies of `seq`'s Linear layers,
+    each activation replaced by the per-sample tangent carried in the input
+    (`gated_inputs`); input (n, d_in + 2·Σ widths)."""
+
+    def __init__(self, seq, d_in):
+        super().__init__()
+        self.layers = nn.ModuleList(copy.deepcopy(m) for m in seq if isinstance(m, nn.Linear))
+        self.kinds = ["linear" if isinstance(m, nn.Linear) else "gate" for m in seq]
+        self.d_in = d_in
+
+    def forward(self, xa):
+        h, off, li = xa[:, :self.d_in], self.d_in, 0
+        for kind in self.kinds:
+            if kind == "linear":
+                h, li = self.layers[li](h), li + 1
+            else:
+                n = h.shape[1]
+                h = xa[:, off:off + n] + xa[:, off + n:off + 2 * n] * h
+                off += 2 * n
+        return h
+
+
+class SecondOrderOutputs(TangentOutputs):
+    """`linear_outputs.TangentOutputs` with outputs to second order, z + J·e + ½·∂²z[e, e],
+    and the matching batch gradient (J + ∂²z[e, ·])ᵀ·C = ∇(Cᵀz) + ∇²(Cᵀz)·e at w₀
+    (forward-over-reverse). Its pullback needs the batch's displacements;
+    `linearized._run_columns` calls `batch(idx, E)` and then `pullback(idx, C)` on the
+    same batch every step, so `batch` keeps E for it."""
+
+    def _expand(self, xb, E):
+        def one(t):
+            def tangent(p):
+                return jvp(lambda q: self._outs(q, xb), (p,), (t,))[1]
+
+            first, second = jvp(tangent, (self.params,), (t,))
+            return first + 0.5 * second
+
+        with torch.no_grad():
+            return vmap(one)(self._tangents(E)).permute(1, 2, 0)
+
+    def batch(self, idx, E):
+        self._E = E
+        return self.z[idx][:, :, None] + self._expand(self.X[idx], E)
+
+    def pullback(self, idx, C):
+        xb = self.X[idx]
+
+        def one(c, t):
+            def h(p):
+                return (self._outs(p, xb) * c).sum()
+
+            g0, hv = jvp(grad(h), (self.params,), (t,))
+            return {k: g0[k] + hv[k] for k in g0}
+
+        with torch.no_grad():
+            g = vmap(one)(C.permute(2, 0, 1).to(self.dtype), self._tangents(self._E))
+            return torch.cat([g[k].reshape(C.shape[2], -1) for k, _, _ in self.shapes], 1).T
+
+    def full(self, E):
+        return self.z[:, :, None] + torch.cat([self._expand(self.X[s:s + self.chunk], E)
+                                               for s in range(0, self.N, self.chunk)])
+
+
+def network(name):
+    """(model, (X, y), loss_fn) of a network of NETS."""
+    import torch.nn.functional as F
+    from _common import trained_mse_mlp
+    from bench_criterion import network as development
+    from bench_heldout_transfer import HELD_OUT, held_out_network, trained_mse_tabular
+
+    if name in ("mlp", "mlp_relu", "mse"):
+        return development(name)
+    if name == "mse_gelu":
+        return trained_mse_mlp(**HELD_OUT["gelu"])
+    if name == "mse_tabular":
+        return trained_mse_tabular()
+    model, data = held_out_network(name)
+    return model, data, F.cross_entropy
+
+
+def measure(name, momentum, *, second_order=False, seeds=8):
+    from bench_heldout_transfer import BATCH_SIZES, output_name
+
+    from nets.learning_rates.linearized import first_crossing, linearized_max_loss
+    from nets.learning_rates.lr_search import training_threshold
+    from nets.utils.data_source import as_data_source
+
+    model, data, loss_fn = network(name)
+    X, y = as_data_source(data, name="data").tensors()
+    st = json.loads((RESULTS / f"{output_name(name, momentum)}.json").read_text())
+    real = np.asarray(st["real"], float)
+    out = {"net": name, "momentum": momentum, "batch_sizes": list(BATCH_SIZES),
+           "real": real, "real_stderr": st["real_stderr"], "linearized": st["linearized"],
+           "corrected": st["corrected"], "seeds": seeds}
+    seq = sequential_of(model)
+    gated = FrozenGates(seq, X.shape[1]).eval()
+    t = time.perf_counter()
+    res = training_threshold(gated, loss_fn, (gated_inputs(seq, X), y), BATCH_SIZES,
+                             criterion="divergence", momentum=momentum, steps=200,
+                             seeds=tuple(range(seeds)), progress=False, unbracketed="nan",
+                             lr0=lambda B: float(np.interp(B, BATCH_SIZES, real)))
+    out["frozen_gates"], out["frozen_gates_stderr"] = res.lr, res.stderr
+    out["frozen_gates_s"] = time.perf_counter() - t
+    if second_order:
+        lin = SecondOrderOutputs(model, X)
+        per, t = [], time.perf_counter()
+        for B, r in zip(BATCH_SIZES, real, strict=True):
+            grid = np.geomspace(GRID[0] * r, GRID[1] * r, GRID[2])
+            per.append([first_crossing(grid, linearized_max_loss(lin, None, y, loss_fn, B,
+                                                                 momentum, grid, 200, s,
+                                                                 stop_above=10.0), 10.0)
+                        for s in range(seeds)])
+        out["second_order_per_seed"] = per
+        out["second_order"] = np.nanmean(np.asarray(per, float), axis=1)
+        out["second_order_unbracketed"] = int(np.isnan(np.asarray(per, float)).sum())
+        out["second_order_s"] = time.perf_counter() - t
+    return out
+
+
+def output_name(name, momentum):
+    return f"bench_momentum_expansions_{name}_m{momentum:g}"
+
+
+def summary():
+    rows = []
+    for name in NETS:
+        for m in (0.0, 0.9):
+            path = RESULTS / f"{output_name(name, m)}.json"
+            if not path.exists():
+                continue
+            r = json.loads(path.read_text())
+            real = np.asarray(r["real"], float)
+            row = {"net": name, "m": m,
+                   "real/linearized": real / np.asarray(r["linearized"], float),
+                   "real/corrected": real / np.asarray(r["corrected"], float),
+                   "real/frozen_gates": real / np.asarray(r["frozen_gates"], float)}
+            if "second_order" in r:
+                row["real/second_order"] = real / np.asarray(r["second_order"], float)
+            rows.append(row)
+    return rows
+
+
+def main(argv=None):
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--net", default="gelu", choices=(*NETS, "summary"))
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--second-order", action="store_true")
+    p.add_argument("--seeds", type=int, default=8)
+    args = p.parse_args(argv)
+    if args.net == "summary":
+        for row in summary():
+            print(row["net"], row["m"], *(f"{k} {np.round(v, 2).tolist()}" for k, v in row.items()
+                                          if k.startswith("real/")))
+        return
+    device = setup_torch(args)
+    out = measure(args.net, args.momentum, second_order=args.second_order, seeds=args.seeds)
+    out["environment"] = environment(device)
+    path = write_json(output_name(args.net, args.momentum), out, args.out)
+    real = np.asarray(out["real"], float)
+    print(args.net, args.momentum, "real/frozen_gates",
+          np.round(real / np.asarray(out["frozen_gates"], float), 3).tolist(),
+          "real/corrected", np.round(real / np.asarray(out["corrected"], float), 3).tolist(),
+          *(["real/second_order", np.round(real / out["second_order"], 3).tolist()]
+            if "second_order" in out else []), "→", path)
+
+
+if __name__ == "__main__":
+    main()
