@@ -11,23 +11,26 @@ the same eight batch sequences, seeds 0–7), say which part matters:
 
 * **frozen gates** (`FrozenGates`): every elementwise activation σ is replaced by its
   tangent at the checkpoint's own pre-activation of that sample, σ(a) → σ(a₀) + σ'(a₀)·(a − a₀),
-  while every Linear layer stays as it is. The outputs are then a polynomial in the
-  weights (bilinear for one hidden layer): the layers still multiply each other, so the
-  Jacobian changes as the weights move (the mechanism of the catapult in a two-layer
-  linear network), but no unit saturates or switches. For a ReLU network this is the
-  real network as long as no unit changes sign. At w₀ outputs and gradients equal the
-  real network's. Thresholds by `training_threshold` on the model fed [x, σ(a₀) − σ'(a₀)·a₀,
-  σ'(a₀)] per sample (`gated_inputs`), so batches and protocol are those of the real runs.
+  every max-pool keeps each sample's checkpoint choices, and every other layer (Linear,
+  convolution, BatchNorm in eval mode, average pooling) stays as it is. The outputs are
+  then a polynomial in the weights (bilinear for one hidden layer): the layers still
+  multiply each other, so the Jacobian changes as the weights move (the mechanism of the
+  catapult in a two-layer linear network), but no unit saturates or switches. For a
+  ReLU network this is the real network as long as no unit changes sign and no pooling
+  choice changes. At w₀ outputs and gradients equal the real network's. Thresholds by
+  `training_threshold` on the model fed [sample index, features] per row
+  (`FrozenGates.inputs`), so batches and protocol are those of the real runs.
 * **second-order outputs** (`SecondOrderOutputs`): z(w₀ + e) = z + J·e + ½·∂²z[e, e] through
   the network (nested forward-mode products), the loss exact — the next order of the
   linearisation, which holds activation curvature and layer coupling to second order
   only. Thresholds by `linearized_max_loss` on a grid of 41 learning rates from 1/20 to 5×
   the measured threshold (spacing 1.16×).
 
-Networks (sequential MLPs of Linear and elementwise activations only): the development
-digits MLP (tanh, "mlp"; and trained on ½‖f − e_y‖², "mse"), the ReLU MLP ("mlp_relu"),
-the held-out GELU and tanh MLPs ("gelu", "tanh64"), and the MSE-trained GELU digits MLP
-and GELU/SiLU breast-cancer MLP ("mse_gelu", "mse_tabular"). Real thresholds, the r = 200
+Networks: the development digits MLP (tanh, "mlp"; and trained on ½‖f − e_y‖², "mse"),
+the ReLU MLP ("mlp_relu"), the held-out GELU and tanh MLPs ("gelu", "tanh64"), the
+MSE-trained GELU digits MLP and GELU/SiLU breast-cancer MLP ("mse_gelu", "mse_tabular"),
+and, added after the MLPs with a prediction written down first (README), the development
+CNN (tanh, max-pool, "cnn") and the held-out BatchNorm CNN (ReLU, max-pool, "bn_cnn"). Real thresholds, the r = 200
 linearised ones and their correction along u are read from
 `bench_heldout_transfer.py`'s stored results for the same network and momentum.
 
@@ -44,70 +47,106 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from _common import RESULTS, base_parser, environment, setup_torch, write_json
 from torch import nn
 from torch.func import grad, jvp, vmap
 
 from nets.learning_rates.linear_outputs import TangentOutputs
 
-NETS = ("mlp", "mlp_relu", "gelu", "tanh64", "mse", "mse_gelu", "mse_tabular")
+NETS = ("mlp", "mlp_relu", "gelu", "tanh64", "mse", "mse_gelu", "mse_tabular", "cnn", "bn_cnn")
 #: second-order grid: this many points from LO to HI times the measured threshold
 GRID = (1 / 20, 5.0, 41)
 ELEMENTWISE = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.ELU, nn.LeakyReLU)
 
 
-def sequential_of(model):
-    """The nn.Sequential of Linear layers and elementwise activations that `model` is
-    (or holds as `.net`); ValueError for anything else."""
-    seq = model.net if hasattr(model, "net") else model
-    if not isinstance(seq, nn.Sequential):
-        raise ValueError(f"expected an nn.Sequential (or a model with .net), got {type(seq).__name__}")
-    for mod in seq:
-        if not isinstance(mod, (nn.Linear, *ELEMENTWISE)):
-            raise ValueError(f"frozen gates need Linear layers and elementwise activations, "
-                             f"got {type(mod).__name__}")
-    return seq
+#: leaf modules that are affine maps of their input in eval mode (kept as they are)
+AFFINE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d,
+          nn.BatchNorm3d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
+          nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity, nn.Dropout)
 
 
-def gated_inputs(seq, X):
-    """[x, b₁, s₁, b₂, s₂, …] per sample: for the k-th activation σ at pre-activation a₀ (at
-    the current weights), its slope s = σ'(a₀) and offset b = σ(a₀) − s·a₀, so that
-    b + s·a is σ's tangent at a₀."""
-    parts, h = [X], X.detach()
-    for mod in seq:
-        if isinstance(mod, nn.Linear):
-            with torch.no_grad():
-                h = mod(h)
-            continue
-        a0 = h.detach().clone().requires_grad_(True)
-        out = mod(a0)
-        (s,) = torch.autograd.grad(out.sum(), a0)
-        parts += [(out - s * a0).detach(), s.detach()]
-        h = out.detach()
-    return torch.cat(parts, 1)
+class _Tangent(nn.Module):
+    """σ replaced by its tangent b + s·a, (b, s) per sample of the data (buffers)."""
+
+    def __init__(self, owner, offset, slope):
+        super().__init__()
+        self.owner = [owner]                 # a list: not registered as a submodule
+        self.register_buffer("offset", offset)
+        self.register_buffer("slope", slope)
+
+    def forward(self, a):
+        i = self.owner[0].index
+        return self.offset[i] + self.slope[i] * a
+
+
+class _FrozenMaxPool(nn.Module):
+    """Max-pooling with each window's choice fixed at the checkpoint (per sample)."""
+
+    def __init__(self, owner, indices):
+        super().__init__()
+        self.owner = [owner]
+        self.register_buffer("indices", indices)
+
+    def forward(self, a):
+        ind = self.indices[self.owner[0].index]
+        return a.flatten(2).gather(2, ind.flatten(2)).reshape(ind.shape)
 
 
 class FrozenGates(nn.Module):
-    """The frozen-gate network of the module docstring: copies of `seq`'s Linear layers,
-    each activation replaced by the per-sample tangent carried in the input
-    (`gated_inputs`); input (n, d_in + 2·Σ widths)."""
+    """The frozen-gate network of the module docstring, for `model` at its current weights
+    and the data X (N, ...): every elementwise activation (ELEMENTWISE) becomes its tangent
+    at each sample's checkpoint pre-activation, every MaxPool2d keeps each sample's
+    checkpoint choices, every other leaf module must be affine in eval mode (AFFINE;
+    ValueError otherwise — nonlinearities called as functions inside a forward() are not
+    seen). Input: `inputs(X)`, each row the sample's index followed by its flattened
+    features, so that batches drawn from it find their own gates. The copy is in eval
+    mode (BatchNorm on its running statistics)."""
 
-    def __init__(self, seq, d_in):
+    def __init__(self, model, X):
         super().__init__()
-        self.layers = nn.ModuleList(copy.deepcopy(m) for m in seq if isinstance(m, nn.Linear))
-        self.kinds = ["linear" if isinstance(m, nn.Linear) else "gate" for m in seq]
-        self.d_in = d_in
+        self.net = copy.deepcopy(model).eval()
+        self.shape = tuple(X.shape[1:])
+        self.index = None
+        targets = []
+        for name, mod in self.net.named_modules():
+            if len(list(mod.children())):
+                continue
+            if isinstance(mod, (*ELEMENTWISE, nn.MaxPool2d)):
+                targets.append((name, mod))
+            elif not isinstance(mod, AFFINE):
+                raise ValueError(f"frozen gates: {type(mod).__name__} ({name}) is neither an "
+                                 f"elementwise activation, a MaxPool2d nor affine in eval mode")
+        seen = {}
+        hooks = [mod.register_forward_hook(lambda m, a, o, n=n: seen.setdefault(n, []).append(a[0]))
+                 for n, mod in targets]
+        with torch.no_grad():
+            self.net(X)
+        for h in hooks:
+            h.remove()
+        for name, mod in targets:
+            a0 = torch.cat(seen[name])
+            if isinstance(mod, nn.MaxPool2d):
+                _, ind = F.max_pool2d(a0, mod.kernel_size, mod.stride, mod.padding, mod.dilation,
+                                      ceil_mode=mod.ceil_mode, return_indices=True)
+                new = _FrozenMaxPool(self, ind)
+            else:
+                a = a0.detach().clone().requires_grad_(True)
+                out = mod(a)
+                (slope,) = torch.autograd.grad(out.sum(), a)
+                new = _Tangent(self, (out - slope * a).detach(), slope.detach())
+            parent, _, leaf = name.rpartition(".")
+            setattr(self.net.get_submodule(parent) if parent else self.net, leaf, new)
+
+    @staticmethod
+    def inputs(X):
+        """(N, 1 + features): the sample index, then the sample's features."""
+        idx = torch.arange(len(X), dtype=X.dtype, device=X.device)[:, None]
+        return torch.cat([idx, X.reshape(len(X), -1)], 1)
 
     def forward(self, xa):
-        h, off, li = xa[:, :self.d_in], self.d_in, 0
-        for kind in self.kinds:
-            if kind == "linear":
-                h, li = self.layers[li](h), li + 1
-            else:
-                n = h.shape[1]
-                h = xa[:, off:off + n] + xa[:, off + n:off + 2 * n] * h
-                off += 2 * n
-        return h
+        self.index = xa[:, 0].round().long()
+        return self.net(xa[:, 1:].reshape(len(xa), *self.shape))
 
 
 class SecondOrderOutputs(TangentOutputs):
@@ -158,7 +197,7 @@ def network(name):
     from bench_criterion import network as development
     from bench_heldout_transfer import HELD_OUT, held_out_network, trained_mse_tabular
 
-    if name in ("mlp", "mlp_relu", "mse"):
+    if name in ("mlp", "mlp_relu", "mse", "cnn"):
         return development(name)
     if name == "mse_gelu":
         return trained_mse_mlp(**HELD_OUT["gelu"])
@@ -182,10 +221,9 @@ def measure(name, momentum, *, second_order=False, seeds=8):
     out = {"net": name, "momentum": momentum, "batch_sizes": list(BATCH_SIZES),
            "real": real, "real_stderr": st["real_stderr"], "linearized": st["linearized"],
            "corrected": st["corrected"], "seeds": seeds}
-    seq = sequential_of(model)
-    gated = FrozenGates(seq, X.shape[1]).eval()
+    gated = FrozenGates(model, X)
     t = time.perf_counter()
-    res = training_threshold(gated, loss_fn, (gated_inputs(seq, X), y), BATCH_SIZES,
+    res = training_threshold(gated, loss_fn, (FrozenGates.inputs(X), y), BATCH_SIZES,
                              criterion="divergence", momentum=momentum, steps=200,
                              seeds=tuple(range(seeds)), progress=False, unbracketed="nan",
                              lr0=lambda B: float(np.interp(B, BATCH_SIZES, real)))

@@ -18,8 +18,19 @@ def _mlp(act, seed=0):
 def _pair(act, seed=0):
     net = _mlp(act, seed)
     X = torch.randn(11, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
-    frozen = bench.FrozenGates(bench.sequential_of(net), 5)
-    return net, frozen, X, bench.gated_inputs(bench.sequential_of(net), X)
+    frozen = bench.FrozenGates(net, X)
+    return net, frozen, X, frozen.inputs(X)
+
+
+def _cnn(seed=0):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
+                        nn.MaxPool2d(2), nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).double()
+    with torch.no_grad():                                   # non-trivial running statistics
+        net[1].running_mean.uniform_(-0.2, 0.2)
+        net[1].running_var.uniform_(0.5, 1.5)
+    return net.eval()
 
 
 def _perturb(net, frozen, scale, seed=2):
@@ -47,13 +58,41 @@ def test_frozen_gates_equal_the_network_and_its_gradient_at_the_checkpoint(act):
 def test_frozen_gates_are_a_relu_network_while_no_unit_switches():
     net = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)).double()
     X = torch.randn(11, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    seq = bench.sequential_of(net)
-    frozen = bench.FrozenGates(seq, 5)
-    Xa = bench.gated_inputs(seq, X)
+    frozen = bench.FrozenGates(net, X)
+    Xa = frozen.inputs(X)
     signs = torch.sign(net[0](X))
     _perturb(net, frozen, 1e-4)
     assert torch.equal(torch.sign(net[0](X)), signs)       # no unit switched
     torch.testing.assert_close(frozen(Xa), net(X), rtol=0, atol=1e-12)
+    # a batch in any order finds its own samples' gates
+    torch.testing.assert_close(frozen(Xa[[7, 2, 9]]), net(X[[7, 2, 9]]), rtol=0, atol=1e-12)
+
+
+def test_frozen_gates_of_a_convolutional_net():
+    """At w₀ the network and its gradient; after a small step that switches no ReLU and no
+    max-pool choice, the tanh layer's tangent is the only difference: O(δ²)."""
+    net = _cnn()
+    X = torch.randn(6, 1, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    frozen = bench.FrozenGates(net, X)
+    Xa = frozen.inputs(X)
+    torch.testing.assert_close(frozen(Xa), net(X), rtol=0, atol=1e-12)
+    g_real = torch.autograd.grad(net(X).square().sum(), list(net.parameters()))
+    g_frozen = torch.autograd.grad(frozen(Xa).square().sum(), list(frozen.parameters()))
+    for a, b in zip(g_real, g_frozen, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+    def choices(model):
+        a = model[:2](X)
+        return torch.sign(a), torch.nn.functional.max_pool2d(a.relu(), 2, return_indices=True)[1]
+
+    before, gaps = choices(net), []
+    for scale in (1e-3, 5e-4):
+        net2, frozen2 = _cnn(), bench.FrozenGates(_cnn(), X)
+        _perturb(net2, frozen2, scale)
+        for a, b in zip(choices(net2), before, strict=True):
+            assert torch.equal(a, b)                        # nothing switched
+        gaps.append((frozen2(Xa) - net2(X)).abs().max().item())
+    assert gaps[0] / gaps[1] == pytest.approx(4.0, rel=0.1), gaps
 
 
 def test_frozen_gates_differ_from_a_smooth_network_at_second_order():
@@ -66,9 +105,10 @@ def test_frozen_gates_differ_from_a_smooth_network_at_second_order():
     assert gaps[0] / gaps[1] == pytest.approx(4.0, rel=0.1), gaps
 
 
-def test_sequential_of_refuses_other_layers():
-    with pytest.raises(ValueError, match="Conv2d"):
-        bench.sequential_of(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()))
+def test_frozen_gates_refuse_a_layer_they_cannot_freeze():
+    with pytest.raises(ValueError, match="LayerNorm"):
+        bench.FrozenGates(nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.ReLU()),
+                          torch.randn(3, 5))
 
 
 def test_second_order_outputs_match_the_dense_taylor_expansion():
