@@ -37,6 +37,9 @@ linearised ones and their correction along u are read from
     python benchmarks/bench_momentum_expansions.py --net gelu --momentum 0.9          # ~2.5 min
     python benchmarks/bench_momentum_expansions.py --net gelu --momentum 0.9 --second-order  # +~12 min
     python benchmarks/bench_momentum_expansions.py --net summary
+
+A run writes benchmarks/results/bench_momentum_expansions_<net>_m<m>.json whole: without
+--second-order it drops a second-order result stored there before.
 """
 
 from __future__ import annotations
@@ -57,9 +60,8 @@ from nets.learning_rates.linear_outputs import TangentOutputs
 NETS = ("mlp", "mlp_relu", "gelu", "tanh64", "mse", "mse_gelu", "mse_tabular", "cnn", "bn_cnn")
 #: second-order grid: this many points from LO to HI times the measured threshold
 GRID = (1 / 20, 5.0, 41)
+#: activations applied element by element (replaced by their per-sample tangent)
 ELEMENTWISE = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.ELU, nn.LeakyReLU)
-
-
 #: leaf modules that are affine maps of their input in eval mode (kept as they are)
 AFFINE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d,
           nn.BatchNorm3d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
@@ -192,7 +194,6 @@ class SecondOrderOutputs(TangentOutputs):
 
 def network(name):
     """(model, (X, y), loss_fn) of a network of NETS."""
-    import torch.nn.functional as F
     from _common import trained_mse_mlp
     from bench_criterion import network as development
     from bench_heldout_transfer import HELD_OUT, held_out_network, trained_mse_tabular
@@ -208,7 +209,8 @@ def network(name):
 
 
 def measure(name, momentum, *, second_order=False, seeds=8):
-    from bench_heldout_transfer import BATCH_SIZES, output_name
+    from bench_heldout_transfer import BATCH_SIZES
+    from bench_heldout_transfer import output_name as transfer_name
 
     from nets.learning_rates.linearized import first_crossing, linearized_max_loss
     from nets.learning_rates.lr_search import training_threshold
@@ -216,7 +218,7 @@ def measure(name, momentum, *, second_order=False, seeds=8):
 
     model, data, loss_fn = network(name)
     X, y = as_data_source(data, name="data").tensors()
-    st = json.loads((RESULTS / f"{output_name(name, momentum)}.json").read_text())
+    st = json.loads((RESULTS / f"{transfer_name(name, momentum)}.json").read_text())
     real = np.asarray(st["real"], float)
     out = {"net": name, "momentum": momentum, "batch_sizes": list(BATCH_SIZES),
            "real": real, "real_stderr": st["real_stderr"], "linearized": st["linearized"],
