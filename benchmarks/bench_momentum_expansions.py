@@ -148,7 +148,10 @@ class FrozenGates(nn.Module):
 
     def forward(self, xa):
         self.index = xa[:, 0].round().long()
-        return self.net(xa[:, 1:].reshape(len(xa), *self.shape))
+        try:
+            return self.net(xa[:, 1:].reshape(len(xa), *self.shape))
+        finally:
+            self.index = None          # no batch's tensor outlives the call (copy-safe)
 
 
 class SecondOrderOutputs(TangentOutputs):

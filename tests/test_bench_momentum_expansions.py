@@ -144,3 +144,14 @@ def test_second_order_outputs_match_the_dense_taylor_expansion():
         grad = (torch.einsum("bk,bkp->p", C[:, :, g], J[idx])
                 + torch.einsum("bk,bkpq,q->p", C[:, :, g], H[idx], e))
         torch.testing.assert_close(G[:, g], grad, rtol=0, atol=1e-12)
+
+
+def test_frozen_gates_can_be_copied_after_a_functional_call():
+    """The trials copy the model; a batch index left over from a torch.func call would not copy."""
+    import copy
+
+    net, frozen, X, Xa = _pair(nn.GELU())
+    params = {k: v.detach() for k, v in frozen.named_parameters()}
+    torch.func.vmap(lambda x: torch.func.functional_call(frozen, params, (x[None],)))(Xa)
+    twin = copy.deepcopy(frozen)
+    torch.testing.assert_close(twin(Xa), net(X), rtol=0, atol=1e-12)
