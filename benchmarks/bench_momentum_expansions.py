@@ -36,9 +36,13 @@ linearised ones and their correction along u are read from
 
     python benchmarks/bench_momentum_expansions.py --net gelu --momentum 0.9          # ~2.5 min
     python benchmarks/bench_momentum_expansions.py --net gelu --momentum 0.9 --second-order  # +~12 min
+    python benchmarks/bench_momentum_expansions.py --net gelu --momentum 0.9 --adam   # ~1 min
     python benchmarks/bench_momentum_expansions.py --net summary
 
-A run writes benchmarks/results/bench_momentum_expansions_<net>_m<m>.json whole: without
+`--adam` runs Adam (β₁ = --momentum, β₂ = 0.999) with warmed state on the frozen-gate
+network under `bench_adam.py`'s protocol, against the real thresholds that
+`bench_adam_linearized.py` stored for the net (held-out GELU MLP, BatchNorm CNN, and the
+development nets). A run writes benchmarks/results/bench_momentum_expansions_<net>_m<m>.json whole: without
 --second-order it drops a second-order result stored there before.
 """
 
@@ -250,8 +254,32 @@ def measure(name, momentum, *, second_order=False, seeds=8):
     return out
 
 
-def output_name(name, momentum):
-    return f"bench_momentum_expansions_{name}_m{momentum:g}"
+def measure_adam(name, beta1, *, seeds=8):
+    """Adam with warmed state on the frozen-gate network, the protocol of `bench_adam.py`
+    (500 warm-up steps at 1e-4, then 100 steps at α, divergence k = 10, `adam_threshold`),
+    against the real thresholds stored by `bench_adam_linearized.py` for that net and β₁."""
+    from nets.learning_rates.adam import adam_threshold
+    from nets.utils.data_source import as_data_source
+
+    model, data, loss_fn = network(name)
+    X, y = as_data_source(data, name="data").tensors()
+    st = json.loads((RESULTS / f"bench_adam_linearized_{name}_b{beta1:g}.json").read_text())
+    Bs, real = list(st["batch_sizes"]), np.asarray(st["real"], float)
+    gated = FrozenGates(model, X)
+    t = time.perf_counter()
+    res = adam_threshold(gated, loss_fn, (FrozenGates.inputs(X), y), Bs, betas=(beta1, 0.999),
+                         warmup_steps=500, warmup_lr=1e-4, steps=100, criterion="divergence",
+                         seeds=tuple(range(seeds)),
+                         lr0=lambda B: float(np.interp(B, Bs, real)))
+    return {"net": name, "optimizer": "adam", "beta1": beta1, "batch_sizes": Bs, "real": real,
+            "linearized": st["linearized"], "real_over_corrected": st["real_over_corrected"],
+            "seeds": seeds, "frozen_gates": res.lr, "frozen_gates_stderr": res.stderr,
+            "frozen_gates_s": time.perf_counter() - t}
+
+
+def output_name(name, momentum, adam=False):
+    return (f"bench_momentum_expansions_{name}_" + ("adam_b" if adam else "m")
+            + f"{momentum:g}")
 
 
 def summary():
@@ -270,6 +298,13 @@ def summary():
             if "second_order" in r:
                 row["real/second_order"] = real / np.asarray(r["second_order"], float)
             rows.append(row)
+            path = RESULTS / f"{output_name(name, m, adam=True)}.json"
+            if path.exists():
+                r = json.loads(path.read_text())
+                real = np.asarray(r["real"], float)
+                rows.append({"net": name, "m": f"Adam β₁ = {m:g}",
+                             "real/corrected": np.asarray(r["real_over_corrected"], float),
+                             "real/frozen_gates": real / np.asarray(r["frozen_gates"], float)})
     return rows
 
 
@@ -278,6 +313,8 @@ def main(argv=None):
     p.add_argument("--net", default="gelu", choices=(*NETS, "summary"))
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--second-order", action="store_true")
+    p.add_argument("--adam", action="store_true",
+                   help="Adam (β₁ = --momentum) with warmed state, frozen gates only")
     p.add_argument("--seeds", type=int, default=8)
     args = p.parse_args(argv)
     if args.net == "summary":
@@ -286,13 +323,18 @@ def main(argv=None):
                                           if k.startswith("real/")))
         return
     device = setup_torch(args)
-    out = measure(args.net, args.momentum, second_order=args.second_order, seeds=args.seeds)
+    if args.adam:
+        out = measure_adam(args.net, args.momentum, seeds=args.seeds)
+        corrected = np.asarray(out["real_over_corrected"], float)
+    else:
+        out = measure(args.net, args.momentum, second_order=args.second_order, seeds=args.seeds)
+        corrected = np.asarray(out["real"], float) / np.asarray(out["corrected"], float)
     out["environment"] = environment(device)
-    path = write_json(output_name(args.net, args.momentum), out, args.out)
+    path = write_json(output_name(args.net, args.momentum, adam=args.adam), out, args.out)
     real = np.asarray(out["real"], float)
-    print(args.net, args.momentum, "real/frozen_gates",
+    print(args.net, args.momentum, "adam" if args.adam else "sgd", "real/frozen_gates",
           np.round(real / np.asarray(out["frozen_gates"], float), 3).tolist(),
-          "real/corrected", np.round(real / np.asarray(out["corrected"], float), 3).tolist(),
+          "real/corrected", np.round(corrected, 3).tolist(),
           *(["real/second_order", np.round(real / out["second_order"], 3).tolist()]
             if "second_order" in out else []), "→", path)
 
