@@ -131,7 +131,10 @@ class FrozenGates(nn.Module):
         for h in hooks:
             h.remove()
         for name, mod in targets:
-            a0 = torch.cat(seen[name])
+            if len(seen.get(name, ())) != 1:
+                raise ValueError(f"frozen gates: {name} must run exactly once per forward "
+                                 f"(ran {len(seen.get(name, ()))} times)")
+            a0 = seen[name][0]
             if isinstance(mod, nn.MaxPool2d):
                 _, ind = F.max_pool2d(a0, mod.kernel_size, mod.stride, mod.padding, mod.dilation,
                                       ceil_mode=mod.ceil_mode, return_indices=True)

@@ -111,6 +111,13 @@ def test_frozen_gates_refuse_a_layer_they_cannot_freeze():
                           torch.randn(3, 5))
 
 
+def test_frozen_gates_refuse_an_activation_used_twice():
+    act = nn.Tanh()
+    with pytest.raises(ValueError, match="exactly once"):
+        bench.FrozenGates(nn.Sequential(nn.Linear(5, 4), act, nn.Linear(4, 4), act),
+                          torch.randn(3, 5))
+
+
 def test_second_order_outputs_match_the_dense_taylor_expansion():
     torch.manual_seed(5)          # (SiLU has no forward-over-reverse rule in torch)
     net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.GELU(),
