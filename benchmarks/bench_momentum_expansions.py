@@ -29,8 +29,10 @@ the same eight batch sequences, seeds 0–7), say which part matters:
 Networks: the development digits MLP (tanh, "mlp"; and trained on ½‖f − e_y‖², "mse"),
 the ReLU MLP ("mlp_relu"), the held-out GELU and tanh MLPs ("gelu", "tanh64"), the
 MSE-trained GELU digits MLP and GELU/SiLU breast-cancer MLP ("mse_gelu", "mse_tabular"),
-and, added after the MLPs with a prediction written down first (README), the development
-CNN (tanh, max-pool, "cnn") and the held-out BatchNorm CNN (ReLU, max-pool, "bn_cnn"). Real thresholds, the r = 200
+and, added after them with a prediction written down first (README), the development
+CNN (tanh, max-pool, "cnn"), the held-out BatchNorm CNN (ReLU, max-pool, "bn_cnn") and the
+plain cross-entropy breast-cancer MLPs of bench_heldout_tabular.py ("tabular",
+"tabular_seed1"; GELU/SiLU, train seeds 0 and 1, their stored "plain" rows). Real thresholds, the r = 200
 linearised ones and their correction along u are read from
 `bench_heldout_transfer.py`'s stored results for the same network and momentum.
 
@@ -61,7 +63,10 @@ from torch.func import grad, jvp, vmap
 
 from nets.learning_rates.linear_outputs import TangentOutputs
 
-NETS = ("mlp", "mlp_relu", "gelu", "tanh64", "mse", "mse_gelu", "mse_tabular", "cnn", "bn_cnn")
+NETS = ("mlp", "mlp_relu", "gelu", "tanh64", "mse", "mse_gelu", "mse_tabular", "cnn", "bn_cnn",
+        "tabular", "tabular_seed1")
+#: the plain cross-entropy breast-cancer MLPs of bench_heldout_tabular.py (train seeds 0, 1)
+TABULAR = {"tabular": 0, "tabular_seed1": 1}
 #: second-order grid: this many points from LO to HI times the measured threshold
 GRID = (1 / 20, 5.0, 41)
 #: activations applied element by element (replaced by their per-sample tangent)
@@ -214,13 +219,30 @@ def network(name):
         return trained_mse_mlp(**HELD_OUT["gelu"])
     if name == "mse_tabular":
         return trained_mse_tabular()
+    if name in TABULAR:
+        from bench_heldout_tabular import trained_tabular_mlp
+
+        model, loss_fn, data = trained_tabular_mlp(layer_norm=False, smoothing=0.0,
+                                                   seed=TABULAR[name])
+        return model, data, loss_fn
     model, data = held_out_network(name)
     return model, data, F.cross_entropy
 
 
+def stored_transfer(name, momentum):
+    """The stored real thresholds and linearised forms of `name` at `momentum`
+    (bench_heldout_transfer.py; the tabular nets: bench_heldout_tabular.py's "plain" rows)."""
+    from bench_heldout_transfer import output_name as transfer_name
+
+    if name in TABULAR:
+        key = "plain" + ("_seed1" if TABULAR[name] else "")
+        v = json.loads((RESULTS / "bench_heldout_tabular.json").read_text())["variants"][key]
+        return v if momentum == 0 else v[f"m{momentum:g}"]
+    return json.loads((RESULTS / f"{transfer_name(name, momentum)}.json").read_text())
+
+
 def measure(name, momentum, *, second_order=False, seeds=8):
     from bench_heldout_transfer import BATCH_SIZES
-    from bench_heldout_transfer import output_name as transfer_name
 
     from nets.learning_rates.linearized import first_crossing, linearized_max_loss
     from nets.learning_rates.lr_search import training_threshold
@@ -228,7 +250,7 @@ def measure(name, momentum, *, second_order=False, seeds=8):
 
     model, data, loss_fn = network(name)
     X, y = as_data_source(data, name="data").tensors()
-    st = json.loads((RESULTS / f"{transfer_name(name, momentum)}.json").read_text())
+    st = stored_transfer(name, momentum)
     real = np.asarray(st["real"], float)
     out = {"net": name, "momentum": momentum, "batch_sizes": list(BATCH_SIZES),
            "real": real, "real_stderr": st["real_stderr"], "linearized": st["linearized"],
