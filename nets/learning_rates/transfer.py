@@ -48,9 +48,9 @@ within 15 % on six digits networks at m = 0 (over eight batch sequences), three 
 them held out when the form was fixed (README; benchmarks/bench_heldout_transfer.py),
 where the directional form missed the held-out ones by up to 2×. With momentum (m = 0.9) neither form meets
 20 % on every network: at large B the real network's layers, multiplying each other,
-grow its Jacobian along the momentum drift (destabilising) and its units saturate
-(stabilising), and a model with a fixed Jacobian has neither (docs/theory.md §5.6,
-benchmarks/bench_momentum_expansions.py). Cost: the top-`rank` Lanczos basis, N·K·rank Jacobian entries
+grow its Jacobian along the momentum drift and its units switch (both destabilising) or
+saturate (stabilising), and a model with a fixed Jacobian has none of these (measured,
+not modelled: docs/theory.md §5.6, benchmarks/bench_momentum_expansions.py). Cost: the top-`rank` Lanczos basis, N·K·rank Jacobian entries
 and a few hundred linearised steps per learning rate and batch size (minutes on one CPU
 thread for a 2k–7k-parameter network on 1,797 samples), against seconds for the
 directional form. Check `rank` by doubling it (`rank_check=True`).
