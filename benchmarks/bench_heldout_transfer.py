@@ -116,6 +116,19 @@ def held_out_network(name):
     return trained_bn_cnn() if name == "bn_cnn" else trained_digits_mlp(**HELD_OUT[name])
 
 
+def transfer_network(name):
+    """(model, (X, y), loss_fn) of any network this script measures."""
+    import torch.nn.functional as F
+
+    if name in (*DEVELOPMENT, *OTHER_LOSS):
+        return network(name)
+    if name == "mse_gelu":
+        return trained_mse_mlp(**HELD_OUT["gelu"])
+    if name == "mse_tabular":
+        return trained_mse_tabular()
+    return (*held_out_network(name), F.cross_entropy)
+
+
 def transfers(real, shape):
     """The shape anchored at the measured threshold at B₀ = 32 and at 512, divided by the
     measured thresholds: {"B32": (n_B,), "B512": (n_B,)}."""
@@ -148,19 +161,10 @@ def measure(name, momentum=0.0, reuse_real=False):
     the linearised threshold and its correction are `transfer_lr(form="linearized")`'s
     (rank 200, the 8 measured batch sequences, tolerance 10, 200 steps; with momentum the correction
     uses λ'_ρ(B), the directional form 1/λ'_ρ(B))."""
-    import torch.nn.functional as F
-
     from nets import transfer_lr
     from nets.learning_rates.lr_search import training_threshold
 
-    if name in (*DEVELOPMENT, *OTHER_LOSS):
-        model, data, loss_fn = network(name)
-    elif name == "mse_gelu":
-        model, data, loss_fn = trained_mse_mlp(**HELD_OUT["gelu"])
-    elif name == "mse_tabular":
-        model, data, loss_fn = trained_mse_tabular()
-    else:
-        (model, data), loss_fn = held_out_network(name), F.cross_entropy
+    model, data, loss_fn = transfer_network(name)
     lin = transfer_lr(model, loss_fn, data, BATCH_SIZES, reference=(8, 1.0),
                       momentum=momentum, form="linearized", factor=10.0, steps=200,
                       n_seeds=LIN_SEEDS)

@@ -169,9 +169,7 @@ class FrozenGates(nn.Module):
 class SecondOrderOutputs(TangentOutputs):
     """`linear_outputs.TangentOutputs` with outputs to second order, z + J·e + ½·∂²z[e, e],
     and the matching batch gradient (J + ∂²z[e, ·])ᵀ·C = ∇(Cᵀz) + ∇²(Cᵀz)·e at w₀
-    (forward-over-reverse). Its pullback needs the batch's displacements;
-    `linearized._run_columns` calls `batch(idx, E)` and then `pullback(idx, C)` on the
-    same batch every step, so `batch` keeps E for it."""
+    (forward-over-reverse) at the batch's displacements E."""
 
     def _expand(self, xb, E):
         def one(t):
@@ -185,10 +183,9 @@ class SecondOrderOutputs(TangentOutputs):
             return vmap(one)(self._tangents(E)).permute(1, 2, 0)
 
     def batch(self, idx, E):
-        self._E = E
         return self.z[idx][:, :, None] + self._expand(self.X[idx], E)
 
-    def pullback(self, idx, C):
+    def pullback(self, idx, C, E=None):
         xb = self.X[idx]
 
         def one(c, t):
@@ -199,7 +196,7 @@ class SecondOrderOutputs(TangentOutputs):
             return {k: g0[k] + hv[k] for k in g0}
 
         with torch.no_grad():
-            g = vmap(one)(C.permute(2, 0, 1).to(self.dtype), self._tangents(self._E))
+            g = vmap(one)(C.permute(2, 0, 1).to(self.dtype), self._tangents(E))
             return torch.cat([g[k].reshape(C.shape[2], -1) for k, _, _ in self.shapes], 1).T
 
     def full(self, E):
@@ -209,24 +206,15 @@ class SecondOrderOutputs(TangentOutputs):
 
 def network(name):
     """(model, (X, y), loss_fn) of a network of NETS."""
-    from _common import trained_mse_mlp
-    from bench_criterion import network as development
-    from bench_heldout_transfer import HELD_OUT, held_out_network, trained_mse_tabular
+    from bench_heldout_transfer import transfer_network
 
-    if name in ("mlp", "mlp_relu", "mse", "cnn"):
-        return development(name)
-    if name == "mse_gelu":
-        return trained_mse_mlp(**HELD_OUT["gelu"])
-    if name == "mse_tabular":
-        return trained_mse_tabular()
     if name in TABULAR:
         from bench_heldout_tabular import trained_tabular_mlp
 
         model, loss_fn, data = trained_tabular_mlp(layer_norm=False, smoothing=0.0,
                                                    seed=TABULAR[name])
         return model, data, loss_fn
-    model, data = held_out_network(name)
-    return model, data, F.cross_entropy
+    return transfer_network(name)
 
 
 def stored_transfer(name, momentum):
@@ -241,15 +229,22 @@ def stored_transfer(name, momentum):
     return json.loads((RESULTS / f"{transfer_name(name, momentum)}.json").read_text())
 
 
+def network_tensors(name):
+    """(model, X, y, loss_fn) of a network of NETS, its data as tensors."""
+    from nets.utils.data_source import as_data_source
+
+    model, data, loss_fn = network(name)
+    X, y = as_data_source(data, name="data").tensors()
+    return model, X, y, loss_fn
+
+
 def measure(name, momentum, *, second_order=False, seeds=8):
     from bench_heldout_transfer import BATCH_SIZES
 
     from nets.learning_rates.linearized import first_crossing, linearized_max_loss
     from nets.learning_rates.lr_search import training_threshold
-    from nets.utils.data_source import as_data_source
 
-    model, data, loss_fn = network(name)
-    X, y = as_data_source(data, name="data").tensors()
+    model, X, y, loss_fn = network_tensors(name)
     st = stored_transfer(name, momentum)
     real = np.asarray(st["real"], float)
     out = {"net": name, "momentum": momentum, "batch_sizes": list(BATCH_SIZES),
@@ -284,10 +279,8 @@ def measure_adam(name, beta1, *, seeds=8):
     (500 warm-up steps at 1e-4, then 100 steps at α, divergence k = 10, `adam_threshold`),
     against the real thresholds stored by `bench_adam_linearized.py` for that net and β₁."""
     from nets.learning_rates.adam import adam_threshold
-    from nets.utils.data_source import as_data_source
 
-    model, data, loss_fn = network(name)
-    X, y = as_data_source(data, name="data").tensors()
+    model, X, y, loss_fn = network_tensors(name)
     st = json.loads((RESULTS / f"bench_adam_linearized_{name}_b{beta1:g}.json").read_text())
     Bs, real = list(st["batch_sizes"]), np.asarray(st["real"], float)
     gated = FrozenGates(model, X)

@@ -7,11 +7,14 @@ Around weights w₀ every sample's outputs are replaced by their first-order mod
 and a linearised training run needs three products with the Jacobians, each for a block
 of G displacements side by side (one column per learning rate of a grid):
 
-    batch(idx, E)    = z_idx + J_idx·E           (|idx|, K, G)   the batch outputs,
-    pullback(idx, C) = Σ_{i∈idx} J_iᵀ C_i        (D, G)          the batch gradient,
-    full(E)          = z + J·E                   (N, K, G)       the full-data outputs,
+    batch(idx, E)       = z_idx + J_idx·E        (|idx|, K, G)   the batch outputs,
+    pullback(idx, C, E) = Σ_{i∈idx} J_iᵀ C_i     (D, G)          the batch gradient,
+    full(E)             = z + J·E                (N, K, G)       the full-data outputs,
 
-with E (D, G) and C (|idx|, K, G). Two implementations give the same numbers:
+with E (D, G) the displacements and C (|idx|, K, G) the loss's output gradients at them.
+The pullback is the transpose of the outputs' derivative at E, which for a linear model
+does not depend on E (the argument is there for models whose derivative does). Two
+implementations give the same numbers:
 
 * `StoredOutputs(J, z)` keeps J (N, K, D) in memory (`linearized.output_jacobians`;
   D = P, or r in a basis V, J·V) and multiplies with it: N·K·D numbers, one
@@ -57,7 +60,7 @@ class StoredOutputs:
     def batch(self, idx, E):
         return self.z[idx][:, :, None] + torch.einsum("bkp,pg->bkg", self.J[idx], E)
 
-    def pullback(self, idx, C):
+    def pullback(self, idx, C, E=None):
         return torch.einsum("bkp,bkg->pg", self.J[idx], C)
 
     def full(self, E):
@@ -106,7 +109,7 @@ class TangentOutputs:
     def batch(self, idx, E):
         return self.z[idx][:, :, None] + self._jvp(self.X[idx], E)
 
-    def pullback(self, idx, C):
+    def pullback(self, idx, C, E=None):
         _, back = vjp(lambda p: self._outs(p, self.X[idx]), self.params)
         with torch.no_grad():
             g = vmap(back)(C.permute(2, 0, 1).to(self.dtype))[0]        # {name: (G, *shape)}

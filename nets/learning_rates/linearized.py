@@ -268,12 +268,13 @@ def _run_columns(lin, y, loss_fn, batch_size, n_cols, steps, seed, step, out_sha
             break                      # every column decided
         idx = torch.randperm(N, generator=gen)[:batch_size].to(lin.device)
         on = live.nonzero().flatten().to(lin.device)
+        E_on = E[:, on]
         with torch.no_grad():
-            ZB = lin.batch(idx, E[:, on])
+            ZB = lin.batch(idx, E_on)
         G = batch_grad(ZB, y[idx])
         with torch.no_grad():
             g = torch.zeros(P, n_cols, dtype=lin.dtype, device=lin.device)
-            g[:, on] = lin.pullback(idx, G)
+            g[:, on] = lin.pullback(idx, G, E_on)
             E = step(g, t)
             L = full_loss(lin.full(E[:, on]), y).double().cpu()
         bad = torch.zeros(n_cols, dtype=torch.bool)
