@@ -53,6 +53,7 @@ one JSON.
     python benchmarks/bench_heldout_tabular.py --part adam_state     # ~20 s
     python benchmarks/bench_heldout_tabular.py --adam 0.9,0
     python benchmarks/bench_heldout_tabular.py --adam 0.9,0 --adam-form linearized --variants plain
+    python benchmarks/bench_heldout_tabular.py --part rederive       # stored SGD rows' forms, seconds
 """
 
 from __future__ import annotations
@@ -66,6 +67,11 @@ from bench_heldout_transfer import rows, transfers, worst
 
 BATCH_SIZES = (8, 32, 128, 512)
 SEEDS = tuple(range(8))
+#: the fields of an SGD row (`run_variant`); a variant's m = 0 row sits at its top level
+#: beside the other parts' keys
+SGD_KEYS = ("real", "lam", "lam_prime", "linearized", "secant_ratio", "real_stderr",
+            "correction_applied", "seconds_real", "seconds_forms", "momentum",
+            "lam_prime_effective")
 VARIANTS = {"plain": dict(layer_norm=False, smoothing=0.0),
             "ln": dict(layer_norm=True, smoothing=0.0),
             "smooth": dict(layer_norm=False, smoothing=0.05),
@@ -95,12 +101,13 @@ def run_variant(name, *, momentum=0.0, train_seed=0, progress=False):
     default = transfer_lr(model, loss_fn, data, BATCH_SIZES, reference=(32, float(real.lr[1])),
                           momentum=momentum, n_seeds=len(SEEDS), progress=progress)
     t2 = time.perf_counter()
-    out = rows(real.lr, default.lam, default.batch_curvature, default.linearized_lr,
-               default.secant_ratio)
+    out = rows(real.lr, default.lam, default.effective_curvature, default.linearized_lr,
+               default.secant_ratio, momentum)
     t = transfers(real.lr, default.shape)
     out.update(real_stderr=real.stderr, transfer_default=t, worst_default=worst(t),
                default_correction=default.correction, correction_applied=default.correction_applied,
-               seconds_real=t1 - t0, seconds_forms=t2 - t1)
+               seconds_real=t1 - t0, seconds_forms=t2 - t1, momentum=momentum,
+               lam_prime_effective=True)
     print(f"{name}, m = {momentum:g}: real {np.round(real.lr, 4)}  s_lin/s_real {default.secant_ratio:.3f}  "
           f"real/lin {np.round(real.lr / default.linearized_lr, 2)}\n"
           f"   worst transfer: default {np.round(out['worst_default'], 2)}, corrected as derived "
@@ -108,6 +115,29 @@ def run_variant(name, *, momentum=0.0, train_seed=0, progress=False):
           f"directional {np.round(out['worst_directional'], 2)}  ({t1 - t0:.0f} s + {t2 - t1:.0f} s)",
           flush=True)
     return out
+
+
+def rederive(row, momentum):
+    """A stored SGD row (m = 0 or "m0.9") with every form re-derived from its stored
+    thresholds (pure arithmetic, `bench_heldout_transfer.rows`), the default as
+    `transfer_lr` computes it (the correction where s_lin/s_real ≤ 1), and the directional
+    form from λ'_m(B) = λ₁ + (1+m)/(1−m)·(λ'(B) − λ₁). Rows stored before session 39 hold
+    λ'(B) in "lam_prime" (the m = 0 curve: with momentum their directional and
+    as-derived columns used the m = 0 shape, a bug; `transfer_lr`'s own default was
+    right); they are converted once and flagged "lam_prime_effective"."""
+    from nets.learning_rates.along_top import rescaling
+    from rmt.lr import momentum_noise_gain
+
+    r = dict(row)
+    lam, lam_b = float(r["lam"]), np.asarray(r["lam_prime"], float)
+    if not r.get("lam_prime_effective", False):
+        lam_b = lam + momentum_noise_gain(momentum) * (lam_b - lam)
+    r.update(rows(r["real"], lam, lam_b, r["linearized"], r["secant_ratio"], momentum))
+    correction = rescaling(r["secant_ratio"], lam / lam_b)
+    t = transfers(r["real"], np.asarray(r["linearized"], float) * correction)
+    r.update(transfer_default=t, worst_default=worst(t), default_correction=correction,
+             momentum=momentum, lam_prime_effective=True)
+    return r
 
 
 def run_adam(name, beta1, *, form=None, train_seed=0, progress=False):
@@ -317,7 +347,8 @@ def main():
                    help="seed of the network's training (results under '<variant>_seed<k>' "
                         "for k > 0)")
     p.add_argument("--momentum", type=float, default=0.0)
-    p.add_argument("--part", choices=("transfer", "spherical", "adam_state"), default="transfer")
+    p.add_argument("--part", choices=("transfer", "spherical", "adam_state", "rederive"),
+                   default="transfer")
     p.add_argument("--adam", default="", help="comma-separated beta1 values (Adam part)")
     p.add_argument("--adam-form", default=None,
                    help="transfer_lr's Adam form (default: its default, mean_square); "
@@ -336,6 +367,17 @@ def main():
         names = []
     elif args.part == "adam_state":
         res.setdefault("plain", {})["adam_state"] = run_adam_state()
+        names = []
+    elif args.part == "rederive":           # every stored SGD row, nothing re-measured
+        for name, row in res.items():
+            if "real" in row:
+                row.update(rederive({k: v for k, v in row.items() if k in SGD_KEYS}, 0.0))
+            if "m0.9" in row:
+                row["m0.9"] = rederive(row["m0.9"], 0.9)
+            print(f"{name}: default m = 0 {np.round(row.get('worst_default', [np.nan] * 2), 2)}, "
+                  f"m = 0.9 {np.round(row.get('m0.9', {}).get('worst_default', [np.nan] * 2), 2)}; "
+                  f"directional m = 0.9 "
+                  f"{np.round(row.get('m0.9', {}).get('worst_directional', [np.nan] * 2), 2)}")
         names = []
     for name in names:
         row = res.setdefault(name if args.train_seed == 0 else f"{name}_seed{args.train_seed}", {})

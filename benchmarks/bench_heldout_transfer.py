@@ -14,8 +14,12 @@ The forms were fixed before these networks' thresholds were measured (SGD, m = 0
   reaches the criterion at the same amplitude in both models, and there the lr that
   sustains it scales as 1/secant, so the network's own nonlinearity rescales the
   linearised threshold by s_lin/s_real — for the part of the instability that is the
-  deterministic curvature along u, the fraction λ₁/λ'(B) of λ'(B); the batch-noise part
-  is left as the linearised network has it.
+  deterministic curvature along u, the fraction λ₁/λ'(B) of λ'(B) (with momentum
+  λ₁/λ'_m(B)); the batch-noise part is left as the linearised network has it.
+* tried and not kept (session 39): the same correction with the Adam form's share,
+  q(B) = min(1, α_lin(B)·λ₁/(2(1+m))), the share of the heavy-ball edge 2(1+m)/λ₁ at which
+  the linearised network fails ("corrected_q"). The summary re-derives every stored
+  file's forms from its stored thresholds (`rederive`: arithmetic, nothing re-measured).
 
 Each is anchored at the measured threshold at B₀ = 32 or 512 and compared with the real
 divergence threshold (loss ever > 10× start within 200 steps, 8 seeds, `training_threshold`)
@@ -66,6 +70,10 @@ from nets.learning_rates.along_top import rescaling_as_derived
 HELD_OUT = {"gelu": dict(seed=2, hidden=(48,), activation="gelu"),
             "tanh64": dict(seed=3, hidden=(64,), activation="tanh")}
 HELD_OUT_CNN = ("bn_cnn",)
+#: user-style nets added later (session 39, predictions written down before their
+#: thresholds were measured): a residual CNN with GroupNorm and in-place ReLUs, and an MLP
+#: with LayerNorm and SiLU; both with dropout in training, measured in eval mode
+HELD_OUT_USER = ("res_gn", "ln_mlp")
 #: development networks whose forms can be re-derived here over eight sequences (their
 #: measured thresholds: `bench_lr_transfer.py`, seeds 0–7)
 DEVELOPMENT = ("mlp", "cnn", "mlp_relu")
@@ -76,6 +84,7 @@ OTHER_LOSS = ("mse",)
 #: GELU digits MLP of HELD_OUT trained on it, and the breast-cancer MLP 30-48-32-2 (GELU,
 #: SiLU) of bench_heldout_tabular.py trained on it (SGD lr 0.05, m = 0.9, B = 32, 30 epochs)
 HELD_OUT_MSE = ("mse_gelu", "mse_tabular")
+ALL_NETS = (*DEVELOPMENT, *HELD_OUT, *HELD_OUT_CNN, *HELD_OUT_USER, *OTHER_LOSS, *HELD_OUT_MSE)
 #: batch sequences of the linearised threshold: the measured thresholds' eight (seeds 0–7),
 #: so model and measurement see the same batches (`transfer_lr`'s default)
 LIN_SEEDS = 8
@@ -102,6 +111,57 @@ def trained_bn_cnn(seed=0, epochs=15):
     return net.eval(), (X, y)
 
 
+def user_style_network(name):
+    """(untrained model, (X, y)) of a HELD_OUT_USER network: "res_gn" conv 1→8 (ReLU) →
+    residual block [conv 8→8, GroupNorm(2 groups), ReLU, conv 8→8, + input, ReLU] → dropout
+    0.1 → global average pool → linear 8→10 on the 8×8 images; "ln_mlp" 64 → 64 (LayerNorm,
+    SiLU) → dropout 0.1 → 32 (SiLU) → 10 on the flattened images (both scaled to [0, 1])."""
+    import torch
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+    from torch import nn
+
+    class Residual(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.conv1, self.norm, self.conv2 = (nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(2, c),
+                                                 nn.Conv2d(c, c, 3, padding=1))
+
+        def forward(self, x):
+            return F.relu(x + self.conv2(F.relu(self.norm(self.conv1(x)), inplace=True)))
+
+    digits = load_digits()
+    y = torch.tensor(digits.target)
+    if name == "res_gn":
+        X = torch.tensor(digits.images[:, None] / 16.0, dtype=torch.float32)
+        net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(inplace=True), Residual(8),
+                            nn.Dropout(0.1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    else:
+        X = torch.tensor(digits.data / 16.0, dtype=torch.float32)
+        net = nn.Sequential(nn.Linear(64, 64), nn.LayerNorm(64), nn.SiLU(), nn.Dropout(0.1),
+                            nn.Linear(64, 32), nn.SiLU(), nn.Linear(32, 10))
+    return net, (X, y)
+
+
+USER_STYLE_EPOCHS = {"res_gn": 40, "ln_mlp": 15}
+
+
+def trained_user_style(name, seed=0):
+    """(model in eval mode, (X, y)): a HELD_OUT_USER network trained the way bn_cnn is
+    (SGD lr 0.1, m = 0.9, B = 64, dropout active) for USER_STYLE_EPOCHS[name] epochs (the
+    small residual net needs 40 to fit the data: 79 % training accuracy after 15)."""
+    import torch
+    import torch.nn.functional as F
+
+    from nets.training.loops import train
+
+    torch.manual_seed(seed)
+    net, data = user_style_network(name)
+    train(net, F.cross_entropy, data, epochs=USER_STYLE_EPOCHS[name], lr=0.1, batch_size=64,
+          momentum=0.9, seed=seed)
+    return net.eval(), data
+
+
 def trained_mse_tabular(seed=0, epochs=30):
     """(model in eval mode, (X, y), loss_fn): the "mse_tabular" network of HELD_OUT_MSE,
     the plain breast-cancer MLP of bench_heldout_tabular.py trained on ½‖f − e_y‖²."""
@@ -113,6 +173,8 @@ def held_out_network(name):
     """(model, (X, y)) of a held-out cross-entropy network."""
     from nets.training.loops import trained_digits_mlp
 
+    if name in HELD_OUT_USER:
+        return trained_user_style(name)
     return trained_bn_cnn() if name == "bn_cnn" else trained_digits_mlp(**HELD_OUT[name])
 
 
@@ -142,14 +204,23 @@ def worst(transfer):
             float(max(v.max() for v in transfer.values()))]
 
 
-def rows(real, lam, lam_prime, lin, secant_ratio):
-    # the correction as derived, for any s_lin/s_real (transfer_lr applies it for ≤ 1 only)
-    pred = np.asarray(lin, float) * rescaling_as_derived(secant_ratio,
-                                                         lam / np.asarray(lam_prime, float))
+def share_q(lam, lin, momentum=0.0):
+    """q(B) = min(1, α_lin(B)·λ₁/(2(1+m))) (module docstring: tried, not kept)."""
+    return np.minimum(1.0, np.asarray(lin, float) * float(lam) / (2.0 * (1.0 + momentum)))
+
+
+def rows(real, lam, lam_prime, lin, secant_ratio, momentum=0.0):
+    """Every form's shape and transfers; `lam_prime` is λ'_m(B), the curve at `momentum`.
+    The corrections as derived, for any s_lin/s_real (transfer_lr applies its own for
+    s_lin/s_real ≤ 1 only)."""
+    lin_a = np.asarray(lin, float)
+    pred = lin_a * rescaling_as_derived(secant_ratio, lam / np.asarray(lam_prime, float))
+    q = share_q(lam, lin_a, momentum)
+    pred_q = lin_a * rescaling_as_derived(secant_ratio, q)
     out = {"real": real, "lam": lam, "lam_prime": lam_prime, "linearized": lin,
-           "secant_ratio": secant_ratio, "corrected": pred}
+           "secant_ratio": secant_ratio, "corrected": pred, "share_q": q, "corrected_q": pred_q}
     for name, shape in (("directional", 1.0 / np.asarray(lam_prime, float)),
-                        ("linearized", lin), ("corrected", pred)):
+                        ("linearized", lin), ("corrected", pred), ("corrected_q", pred_q)):
         t = transfers(real, shape)
         out[f"transfer_{name}"] = t
         out[f"worst_{name}"] = worst(t)
@@ -183,11 +254,21 @@ def measure(name, momentum=0.0, reuse_real=False):
                                   seeds=tuple(range(8)), progress=False, unbracketed="nan",
                                   lr0=lambda B: float(np.interp(B, lin.batch_sizes, limit)))
         real_lr, real_se = real.lr, real.stderr
-    out = rows(real_lr, lin.lam, lin.effective_curvature, lin.linearized_lr, lin.secant_ratio)
+    out = rows(real_lr, lin.lam, lin.effective_curvature, lin.linearized_lr, lin.secant_ratio,
+               momentum)
     out["real_stderr"] = real_se
     out["momentum"] = momentum
     out["rank"], out["linearized_seeds"] = lin.rank, LIN_SEEDS
     return out
+
+
+def rederive(stored_row):
+    """A stored file's row with its forms re-derived from its stored thresholds, λ₁, λ'_m(B)
+    and secant ratio (pure arithmetic: nothing is re-measured)."""
+    r = dict(stored_row)
+    r.update(rows(r["real"], r["lam"], r["lam_prime"], r["linearized"], r["secant_ratio"],
+                  r.get("momentum", 0.0)))
+    return r
 
 
 def output_name(name, momentum=0.0):
@@ -207,8 +288,7 @@ def stored(name):
 
 def main(argv=None):
     p = base_parser(__doc__.splitlines()[0])
-    p.add_argument("--net", choices=(*HELD_OUT, *HELD_OUT_CNN, *DEVELOPMENT, *OTHER_LOSS, *HELD_OUT_MSE, "summary"),
-                   default="summary")
+    p.add_argument("--net", choices=(*ALL_NETS, "summary"), default="summary")
     p.add_argument("--momentum", type=float, default=0.0, help="heavy-ball momentum")
     p.add_argument("--reuse-real", action="store_true",
                    help="take the measured thresholds from the stored JSON (re-derive the forms only)")
@@ -223,14 +303,19 @@ def main(argv=None):
     for name in DEVELOPMENT:                # re-derived over eight sequences where run
         path = RESULTS / f"{output_name(name)}.json"
         table[name] = json.loads(path.read_text()) if path.exists() else stored(name)
-    for name in (*HELD_OUT, *HELD_OUT_CNN, *OTHER_LOSS, *HELD_OUT_MSE):
+    for name in (*HELD_OUT, *HELD_OUT_CNN, *HELD_OUT_USER, *OTHER_LOSS, *HELD_OUT_MSE):
         path = RESULTS / f"{output_name(name)}.json"
         if path.exists():
             table[name] = json.loads(path.read_text())
-    for name in (*DEVELOPMENT, *HELD_OUT, *HELD_OUT_CNN, *OTHER_LOSS, *HELD_OUT_MSE):    # with momentum, where run
+    for name in ALL_NETS:                   # with momentum, where run
         path = RESULTS / f"{output_name(name, 0.9)}.json"
         if path.exists():
             table[f"{name}_m0.9"] = json.loads(path.read_text())
+    for name, r in table.items():           # every form from the stored thresholds
+        table[name] = rederive(r)
+        path = RESULTS / f"{output_name(name.removesuffix('_m0.9'), r.get('momentum', 0.0))}.json"
+        if path.exists():
+            write_json(path.stem, table[name], str(path))
     for name, r in table.items():
         print(f"{name}: real {np.round(np.asarray(r['real'], float), 3)}; worst transfer "
               + ", ".join(f"{k} {np.round(r[f'worst_{k}'], 2)}" for k in ("directional", "linearized", "corrected")))

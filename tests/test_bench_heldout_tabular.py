@@ -63,3 +63,26 @@ def test_small_b_exponent_of_exact_power_laws():
     spread = np.outer(0.01 * np.sqrt(B), [0.8, 0.9, 1.1, 1.2])
     e = bench_adam.small_b_exponent(B, spread, np.random.default_rng(0), n_boot=500)
     assert e["exponent"] == pytest.approx(0.5) and e["ci_low"] < 0.5 < e["ci_high"]
+
+
+def test_rederive_uses_the_momentum_curve(bench):
+    """A row stored with λ'(B) (before the fix) is converted to λ'_m = λ + (1+m)/(1−m)·(λ' − λ)
+    once: its directional shape is 1/λ'_m and its default the linearised threshold times
+    1 − (1 − r)·λ/λ'_m (r ≤ 1), worked by hand; re-deriving the converted row changes nothing."""
+    import numpy as np
+
+    row = {"real": [1.0, 2.0, 4.0, 8.0], "lam": 1.0, "lam_prime": [3.0, 2.0, 1.5, 1.1],
+           "linearized": [1.0, 2.0, 4.0, 8.0], "secant_ratio": 0.8}
+    out = bench.rederive(row, 0.9)
+    eff = 1.0 + 19.0 * (np.array([3.0, 2.0, 1.5, 1.1]) - 1.0)       # 39, 20, 10.5, 2.9
+    np.testing.assert_allclose(out["lam_prime"], eff)
+    np.testing.assert_allclose(out["default_correction"], 1 - 0.2 / eff)
+    lin = np.array([1.0, 2.0, 4.0, 8.0])
+    shape = lin * (1 - 0.2 / eff)                                   # real = lin: ratio = shape
+    np.testing.assert_allclose(out["transfer_default"]["B32"],
+                               shape / shape[1] * 2.0 / np.array(row["real"]))
+    np.testing.assert_allclose(out["transfer_directional"]["B512"],
+                               eff[3] / eff * 8.0 / np.array(row["real"]))
+    again = bench.rederive(out, 0.9)
+    np.testing.assert_allclose(again["lam_prime"], eff)
+    np.testing.assert_allclose(again["worst_default"], out["worst_default"])

@@ -24,6 +24,26 @@ def test_transfer_ratios_by_hand(bench):
     assert bench.output_name("gelu") == "bench_heldout_transfer_gelu"
     assert bench.output_name("gelu", 0.9) == "bench_heldout_transfer_gelu_m0.9"
     np.testing.assert_allclose(r["corrected"], shape * (1 - 0.5 / np.array([2.0, 1.5, 1.2, 1.0])))
+    # the share tried and not kept, q = min(1, α_lin·λ/(2(1+m))): α_lin = 1, 2, 4, 16, λ = 1
+    np.testing.assert_allclose(r["share_q"], [0.5, 1.0, 1.0, 1.0])
+    np.testing.assert_allclose(r["corrected_q"], shape * (1 - 0.5 * np.array([0.5, 1.0, 1.0, 1.0])))
+    m = bench.rows(real, 1.0, [2.0, 1.5, 1.2, 1.0], shape, 0.5, momentum=0.9)   # edge 3.8
+    np.testing.assert_allclose(m["share_q"], [1 / 3.8, 2 / 3.8, 1.0, 1.0])
+    np.testing.assert_allclose(m["corrected"], r["corrected"])      # λ'_m given: no m inside
+    again = bench.rederive({**m, "momentum": 0.9, "corrected_q": None})
+    np.testing.assert_allclose(again["corrected_q"], m["corrected_q"])
+
+
+def test_user_style_networks_are_built_as_documented(bench):
+    import torch
+
+    res, (X, y) = bench.user_style_network("res_gn")
+    assert X.shape == (1797, 1, 8, 8) and res(X[:4]).shape == (4, 10)
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in res.modules())
+    mlp, (X, _) = bench.user_style_network("ln_mlp")
+    assert X.shape == (1797, 64) and mlp(X[:4]).shape == (4, 10)
+    assert any(isinstance(m, torch.nn.LayerNorm) for m in mlp.modules())
+    assert set(bench.HELD_OUT_USER) == {"res_gn", "ln_mlp"}
 
 
 def test_mse_tabular_network_is_trained_on_half_mse(bench):
