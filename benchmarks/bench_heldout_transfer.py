@@ -41,6 +41,8 @@ seeds) and, held out, "mse_gelu" and "mse_tabular" (HELD_OUT_MSE), each run with
     python benchmarks/bench_heldout_transfer.py --net tanh64
     python benchmarks/bench_heldout_transfer.py --net gelu --momentum 0.9
     python benchmarks/bench_heldout_transfer.py --net bn_cnn     # ~12 min
+    python benchmarks/bench_heldout_transfer.py --net res_gn     # ~9 min (user-style, HELD_OUT_USER)
+    python benchmarks/bench_heldout_transfer.py --net ln_mlp --momentum 0.9   # ~4.5 min
     python benchmarks/bench_heldout_transfer.py --net mlp        # a development net (~5 min)
     python benchmarks/bench_heldout_transfer.py --net mlp --momentum 0.9   # its m = 0.9 forms (~5 min)
     python benchmarks/bench_heldout_transfer.py --net mse_tabular --momentum 0.9   # ~4 min
