@@ -117,8 +117,9 @@ def test_adam_transfer_along_the_linearised_form():
     np.testing.assert_allclose(tr.predicted, lin.corrected)
     np.testing.assert_allclose(tr.lr, 0.2 * lin.corrected / lin.corrected[1])
     assert tr.lr[1] == pytest.approx(0.2) and tr.form == "linearized"
-    again = adam_transfer_lr(model, F.cross_entropy, (X, y), [16, 4], reference=(8, 0.2),
-                             form="linearized", prediction=lin)
+    with pytest.warns(UserWarning, match="with momentum"):    # β₁ = 0.9 and B = 16 > B0
+        again = adam_transfer_lr(model, F.cross_entropy, (X, y), [16, 4], reference=(8, 0.2),
+                                 form="linearized", prediction=lin)
     np.testing.assert_allclose(again.lr, tr.lr[[2, 0]])
     with pytest.raises(ValueError, match="no value"):
         adam_transfer_lr(model, F.cross_entropy, (X, y), [32], reference=(8, 0.2),

@@ -463,6 +463,10 @@ def adam_transfer_lr(model, loss_fn, data, batch_sizes, *, reference, betas=(0.9
         raise ValueError(f"prediction has no value for batch sizes {missing}")
     pred = np.array([table[int(b)] for b in bs])
     lr = a0 * pred / table[B0]
+    if form == "linearized":
+        from nets.learning_rates.transfer import warn_momentum_upward
+
+        warn_momentum_upward(float(betas[0]), bs, B0, who="adam_transfer_lr")
     return AdamTransfer(bs, lr, (B0, a0), pred, a0 * np.sqrt(bs / B0), a0 * bs / B0, form)
 
 
