@@ -58,15 +58,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _common import peak_rss_mb
 from torch import nn
+
+# run as `python -m benchmarks.bench_scale` (its documented form, and how every row's child
+# process is started) the scripts' folder is not on the path that `_common` is found on
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import peak_rss_mb  # noqa: E402
 
 ROWS = ("directional", "resolved", "resolved_ggn", "resolved_gn", "resolved_small",
         "resolved_sampled",
         "resolved_5000", "resolved_5000_ggn", "resolved_5000_gn", "resolved_5000_sampled",
         "resolved_cnn", "resolved_cnn_gn", "resolved_cnn_chance", "resolved_cnn_diagnosis",
         "resolved_cnn_spikes", "lr_table", "preresnet",
-        "scaling")
+        "scaling", "transfer")
 GiB = 2**30
 BATCH_SIZES = (8, 32, 128, 512)
 
@@ -534,6 +538,38 @@ def row_lr_table(quick, device):
                 P=sum(p.numel() for p in model.parameters()), seconds=_r(t, 1),
                 bar=f"{t:.0f} s ≤ 300 s: {_bar(t, 300)}", **keep,
                 peak_gib=_r(_peak_gib(device), 3))
+
+
+def row_transfer(quick, device):
+    """`transfer_lr`'s default (SGD, m = 0: the top-200 linearised network over eight batch
+    sequences, corrected along u) on the 301k-parameter MLP, against the real divergence
+    thresholds it predicts (`training_threshold`, the same eight sequences, k = 10, 200
+    steps): its cost against the measurement's, side by side in one process, and its worst
+    transfer over the anchors B₀ = 32 and 512 (session 39; written down first: within 15 %)."""
+    import numpy as np
+
+    from nets.learning_rates.lr_search import training_threshold
+    from nets.learning_rates.transfer import transfer_lr
+    model, data = wide_digits_mlp()
+    seeds = (0,) if quick else tuple(range(8))
+    pred, t_pred = _timed(lambda: transfer_lr(model, F.cross_entropy, data, list(BATCH_SIZES),
+                                              reference=(32, 1.0), n_seeds=len(seeds),
+                                              device=device, progress=False))
+    limit = np.asarray(pred.stability_limit, float)
+    real, t_real = _timed(lambda: training_threshold(
+        model, F.cross_entropy, data, list(BATCH_SIZES), steps=200, seeds=seeds,
+        lr0=lambda B: float(np.interp(B, pred.batch_sizes, limit)), unbracketed="nan",
+        device=device, progress=False))
+    shape, meas = np.asarray(pred.shape, float), np.asarray(real.lr, float)
+    ratios = np.concatenate([shape / shape[i] * meas[i] / meas for i in (1, 3)])
+    return dict(row="transfer", problem="digits MLP 64-512-512-10, SGD m = 0, B = 8/32/128/512",
+                N=len(data[0]), P=sum(p.numel() for p in model.parameters()),
+                n_seeds=len(seeds), rank=pred.rank, secant_ratio=_r(pred.secant_ratio),
+                measured=[_r(x) for x in meas], measured_stderr=[_r(x) for x in real.stderr],
+                linearized=[_r(x) for x in pred.linearized_lr], correction=[_r(x) for x in pred.correction],
+                worst_transfer=[_r(ratios.min(), 3), _r(ratios.max(), 3)],
+                seconds_prediction=_r(t_pred, 1), seconds_measurement=_r(t_real, 1),
+                cost_ratio=_r(t_pred / t_real, 3), peak_gib=_r(_peak_gib(device), 3))
 
 
 def row_preresnet(quick, device):
