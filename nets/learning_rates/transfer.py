@@ -238,7 +238,7 @@ def warn_momentum_upward(momentum, batch_sizes, reference_batch_size, *, who="tr
     if momentum > 0 and np.any(np.asarray(batch_sizes) > reference_batch_size):
         warnings.warn(f"{who}: with momentum ({momentum:g}) the transfer to batch sizes above "
                       f"the reference B0 = {reference_batch_size} overestimated the real "
-                      "divergence threshold on 22 of 25 measured networks (up to 3.4x at "
+                      "divergence threshold in 22 of 25 measured cases (up to 3.4x at "
                       "B = 512 from B0 = 32), while the transfer to smaller B erred low; "
                       "anchor at the largest batch size you will use, or measure "
                       "(nets.lr_search.training_threshold / adam_threshold)", stacklevel=3)
