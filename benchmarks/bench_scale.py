@@ -70,7 +70,7 @@ ROWS = ("directional", "resolved", "resolved_ggn", "resolved_gn", "resolved_smal
         "resolved_5000", "resolved_5000_ggn", "resolved_5000_gn", "resolved_5000_sampled",
         "resolved_cnn", "resolved_cnn_gn", "resolved_cnn_chance", "resolved_cnn_diagnosis",
         "resolved_cnn_spikes", "lr_table", "preresnet",
-        "scaling", "transfer")
+        "scaling", "transfer", "transfer_momentum")
 GiB = 2**30
 BATCH_SIZES = (8, 32, 128, 512)
 
@@ -540,36 +540,49 @@ def row_lr_table(quick, device):
                 peak_gib=_r(_peak_gib(device), 3))
 
 
-def row_transfer(quick, device):
+def row_transfer(quick, device, momentum=0.0):
     """`transfer_lr`'s default (SGD, m = 0: the top-200 linearised network over eight batch
     sequences, corrected along u) on the 301k-parameter MLP, against the real divergence
     thresholds it predicts (`training_threshold`, the same eight sequences, k = 10, 200
     steps): its cost against the measurement's, side by side in one process, and its worst
-    transfer over the anchors B₀ = 32 and 512 (session 39; written down first: within 15 %)."""
+    transfer over the anchors B₀ = 32 and 512 (session 39; written down first: within 15 %).
+    Row "transfer_momentum": the same with m = 0.9 (written down first: the transfer from
+    B₀ = 32 to 512 above 1, from 512 to 8 below 1 — the direction `transfer_lr` warns of)."""
+    import warnings
+
     import numpy as np
 
     from nets.learning_rates.lr_search import training_threshold
     from nets.learning_rates.transfer import transfer_lr
     model, data = wide_digits_mlp()
     seeds = (0,) if quick else tuple(range(8))
-    pred, t_pred = _timed(lambda: transfer_lr(model, F.cross_entropy, data, list(BATCH_SIZES),
-                                              reference=(32, 1.0), n_seeds=len(seeds),
-                                              device=device, progress=False))
+    with warnings.catch_warnings():         # the momentum caveat: measured here
+        warnings.filterwarnings("ignore", message=r"transfer_lr: with momentum")
+        pred, t_pred = _timed(lambda: transfer_lr(model, F.cross_entropy, data,
+                                                  list(BATCH_SIZES), reference=(32, 1.0),
+                                                  momentum=momentum, n_seeds=len(seeds),
+                                                  device=device, progress=False))
     limit = np.asarray(pred.stability_limit, float)
     real, t_real = _timed(lambda: training_threshold(
-        model, F.cross_entropy, data, list(BATCH_SIZES), steps=200, seeds=seeds,
+        model, F.cross_entropy, data, list(BATCH_SIZES), steps=200, seeds=seeds, momentum=momentum,
         lr0=lambda B: float(np.interp(B, pred.batch_sizes, limit)), unbracketed="nan",
         device=device, progress=False))
     shape, meas = np.asarray(pred.shape, float), np.asarray(real.lr, float)
     ratios = np.concatenate([shape / shape[i] * meas[i] / meas for i in (1, 3)])
-    return dict(row="transfer", problem="digits MLP 64-512-512-10, SGD m = 0, B = 8/32/128/512",
+    return dict(row="transfer" if momentum == 0 else "transfer_momentum",
+                problem=f"digits MLP 64-512-512-10, SGD m = {momentum:g}, B = 8/32/128/512",
                 N=len(data[0]), P=sum(p.numel() for p in model.parameters()),
                 n_seeds=len(seeds), rank=pred.rank, secant_ratio=_r(pred.secant_ratio),
                 measured=[_r(x) for x in meas], measured_stderr=[_r(x) for x in real.stderr],
                 linearized=[_r(x) for x in pred.linearized_lr], correction=[_r(x) for x in pred.correction],
                 worst_transfer=[_r(ratios.min(), 3), _r(ratios.max(), 3)],
+                upward_32_to_512=_r(ratios[3], 3), downward_512_to_8=_r(ratios[4], 3),
                 seconds_prediction=_r(t_pred, 1), seconds_measurement=_r(t_real, 1),
                 cost_ratio=_r(t_pred / t_real, 3), peak_gib=_r(_peak_gib(device), 3))
+
+
+def row_transfer_momentum(quick, device):
+    return row_transfer(quick, device, momentum=0.9)
 
 
 def row_preresnet(quick, device):
