@@ -230,15 +230,15 @@ def secant_correction(lam, effective_curvature, secant_ratio) -> np.ndarray:
 
 def warn_momentum_upward(momentum, batch_sizes, reference_batch_size, *, who="transfer_lr"):
     """Warn when a linearised-form transfer with momentum (heavy ball ρ, or Adam's β₁) is
-    asked for batch sizes above the reference B₀. Measured (README, 25 network/optimizer
+    asked for batch sizes above the reference B₀. Measured (README, 26 network/optimizer
     cases with ρ or β₁ = 0.9, SGD and Adam): the transfer from B₀ = 32 to B = 512
-    overestimated the real divergence threshold on 22 (by up to 3.4×) — the real network
+    overestimated the real divergence threshold on 23 (by up to 3.4×) — the real network
     sharpens along the momentum drift at large B, its linearisation does not — and the
-    transfer from B₀ = 512 to B = 8 erred low on 22 (0.29–0.94×)."""
+    transfer from B₀ = 512 to B = 8 erred low on 23 (0.29–0.94×)."""
     if momentum > 0 and np.any(np.asarray(batch_sizes) > reference_batch_size):
         warnings.warn(f"{who}: with momentum ({momentum:g}) the transfer to batch sizes above "
                       f"the reference B0 = {reference_batch_size} overestimated the real "
-                      "divergence threshold in 22 of 25 measured cases (up to 3.4x at "
+                      "divergence threshold in 23 of 26 measured cases (up to 3.4x at "
                       "B = 512 from B0 = 32), while the transfer to smaller B erred low; "
                       "anchor at the largest batch size you will use, or measure "
                       "(nets.lr_search.training_threshold / adam_threshold)", stacklevel=3)
