@@ -125,7 +125,7 @@ def rederive(row, momentum):
     λ'(B) in "lam_prime" (the m = 0 curve: with momentum their directional and
     as-derived columns used the m = 0 shape, a bug; `transfer_lr`'s own default was
     right); they are converted once and flagged "lam_prime_effective"."""
-    from nets.learning_rates.along_top import rescaling
+    from nets.learning_rates.transfer import secant_correction
     from rmt.lr import momentum_noise_gain
 
     r = dict(row)
@@ -133,7 +133,7 @@ def rederive(row, momentum):
     if not r.get("lam_prime_effective", False):
         lam_b = lam + momentum_noise_gain(momentum) * (lam_b - lam)
     r.update(rows(r["real"], lam, lam_b, r["linearized"], r["secant_ratio"], momentum))
-    correction = rescaling(r["secant_ratio"], lam / lam_b)
+    correction = secant_correction(lam, lam_b, r["secant_ratio"])      # transfer_lr's own
     t = transfers(r["real"], np.asarray(r["linearized"], float) * correction)
     r.update(transfer_default=t, worst_default=worst(t), default_correction=correction,
              momentum=momentum, lam_prime_effective=True)

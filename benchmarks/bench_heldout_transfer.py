@@ -68,6 +68,7 @@ from _common import (
 from bench_criterion import BATCH_SIZES, network, study, transfer_ratios
 
 from nets.learning_rates.along_top import rescaling_as_derived
+from rmt.lr import momentum_factor
 
 HELD_OUT = {"gelu": dict(seed=2, hidden=(48,), activation="gelu"),
             "tanh64": dict(seed=3, hidden=(64,), activation="tanh")}
@@ -208,7 +209,8 @@ def worst(transfer):
 
 def share_q(lam, lin, momentum=0.0):
     """q(B) = min(1, α_lin(B)·λ₁/(2(1+m))) (module docstring: tried, not kept)."""
-    return np.minimum(1.0, np.asarray(lin, float) * float(lam) / (2.0 * (1.0 + momentum)))
+    edge = momentum_factor(momentum, "heavy_ball")          # 2(1 + m)
+    return np.minimum(1.0, np.asarray(lin, float) * float(lam) / edge)
 
 
 def rows(real, lam, lam_prime, lin, secant_ratio, momentum=0.0):

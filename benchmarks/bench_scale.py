@@ -548,16 +548,14 @@ def row_transfer(quick, device, momentum=0.0):
     transfer over the anchors B₀ = 32 and 512 (session 39; written down first: within 15 %).
     Row "transfer_momentum": the same with m = 0.9 (written down first: the transfer from
     B₀ = 32 to 512 above 1, from 512 to 8 below 1 — the direction `transfer_lr` warns of)."""
-    import warnings
-
     import numpy as np
+    from bench_heldout_transfer import transfers, worst
 
     from nets.learning_rates.lr_search import training_threshold
-    from nets.learning_rates.transfer import transfer_lr
+    from nets.learning_rates.transfer import momentum_caveat_silenced, transfer_lr
     model, data = wide_digits_mlp()
     seeds = (0,) if quick else tuple(range(8))
-    with warnings.catch_warnings():         # the momentum caveat: measured here
-        warnings.filterwarnings("ignore", message=r"transfer_lr: with momentum")
+    with momentum_caveat_silenced():        # the momentum caveat: measured here
         pred, t_pred = _timed(lambda: transfer_lr(model, F.cross_entropy, data,
                                                   list(BATCH_SIZES), reference=(32, 1.0),
                                                   momentum=momentum, n_seeds=len(seeds),
@@ -567,16 +565,16 @@ def row_transfer(quick, device, momentum=0.0):
         model, F.cross_entropy, data, list(BATCH_SIZES), steps=200, seeds=seeds, momentum=momentum,
         lr0=lambda B: float(np.interp(B, pred.batch_sizes, limit)), unbracketed="nan",
         device=device, progress=False))
-    shape, meas = np.asarray(pred.shape, float), np.asarray(real.lr, float)
-    ratios = np.concatenate([shape / shape[i] * meas[i] / meas for i in (1, 3)])
+    t = transfers(real.lr, pred.shape)             # anchored at B₀ = 32 and 512
+    lo, hi = worst(t)
     return dict(row="transfer" if momentum == 0 else "transfer_momentum",
                 problem=f"digits MLP 64-512-512-10, SGD m = {momentum:g}, B = 8/32/128/512",
                 N=len(data[0]), P=sum(p.numel() for p in model.parameters()),
                 n_seeds=len(seeds), rank=pred.rank, secant_ratio=_r(pred.secant_ratio),
-                measured=[_r(x) for x in meas], measured_stderr=[_r(x) for x in real.stderr],
+                measured=[_r(x) for x in real.lr], measured_stderr=[_r(x) for x in real.stderr],
                 linearized=[_r(x) for x in pred.linearized_lr], correction=[_r(x) for x in pred.correction],
-                worst_transfer=[_r(ratios.min(), 3), _r(ratios.max(), 3)],
-                upward_32_to_512=_r(ratios[3], 3), downward_512_to_8=_r(ratios[4], 3),
+                worst_transfer=[_r(lo, 3), _r(hi, 3)],
+                upward_32_to_512=_r(t["B32"][3], 3), downward_512_to_8=_r(t["B512"][0], 3),
                 seconds_prediction=_r(t_pred, 1), seconds_measurement=_r(t_real, 1),
                 cost_ratio=_r(t_pred / t_real, 3), peak_gib=_r(_peak_gib(device), 3))
 

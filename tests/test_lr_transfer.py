@@ -345,14 +345,24 @@ def test_momentum_upward_transfer_warns():
     does not."""
     import warnings
 
-    from nets.learning_rates.transfer import warn_momentum_upward
+    from nets.learning_rates.transfer import momentum_caveat_silenced, warn_momentum_upward
 
-    with pytest.warns(UserWarning, match="anchor at the largest batch size"):
-        warn_momentum_upward(0.9, [8, 32, 512], 32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        warn_momentum_upward(0.0, [8, 32, 512], 32)
-        warn_momentum_upward(0.9, [8, 32, 512], 512)
+    def caught(*args):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            warn_momentum_upward(*args)
+        return [str(x.message) for x in w if issubclass(x.category, UserWarning)]
+
+    upward = caught(0.9, [8, 32, 512], 32)
+    assert len(upward) == 1 and "anchor at the largest batch size" in upward[0]
+    assert "B0 = 32" in upward[0] and "(0.9)" in upward[0]
+    assert caught(0.0, [8, 32, 512], 32) == []           # no momentum
+    assert caught(0.9, [8, 32, 512], 512) == []          # downward only
+    with warnings.catch_warnings(record=True) as w:     # the checks' and benchmarks' filter
+        warnings.simplefilter("always")
+        with momentum_caveat_silenced():
+            warn_momentum_upward(0.9, [512], 32, who="adam_transfer_lr")
+    assert not [x for x in w if issubclass(x.category, UserWarning)]
 
 
 def test_linearized_transfer_with_momentum_warns_only_upward(tiny_mlp):

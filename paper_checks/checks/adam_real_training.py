@@ -40,8 +40,6 @@ interval (contains 1/2, lies above, or below).
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 
 from ..result import judged
@@ -65,6 +63,7 @@ def run(ctx):
 
     from nets.learning_rates.adam import adam_threshold, adam_transfer_lr, predict_adam_max_lr
     from nets.learning_rates.adam_linearized import linearized_adam_threshold
+    from nets.learning_rates.transfer import momentum_caveat_silenced
     from nets.training.loops import trained_digits_mlp
 
     model, (X, y) = trained_digits_mlp(seed=0)
@@ -91,8 +90,7 @@ def run(ctx):
     failures, transfers = [], {}
     for B0 in (32, int(Bs.max())):
         a0 = float(warm.lr[list(Bs).index(B0)])
-        with warnings.catch_warnings():     # the caveat this check measures
-            warnings.filterwarnings("ignore", message=r"adam_transfer_lr: with momentum")
+        with momentum_caveat_silenced():    # the caveat this check measures
             tr = adam_transfer_lr(model, loss_fn, (X, y), Bs, reference=(B0, a0), prediction=lin)
         ms = adam_transfer_lr(model, loss_fn, (X, y), Bs, reference=(B0, a0), prediction=pred)
         det = adam_transfer_lr(model, loss_fn, (X, y), Bs, reference=(B0, a0), prediction=pred,

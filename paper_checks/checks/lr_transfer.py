@@ -27,8 +27,6 @@ benchmarks/bench_heldout_transfer.py.
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 
 from ..result import judged
@@ -70,7 +68,7 @@ def transfer_study(model, loss_fn, data, batch_sizes, *, momenta=(0.0, 0.9), anc
         error from the rule's (keys ratio_measuredcurv_B{B0}_m{m}).
     """
     from nets.learning_rates.lr_search import training_threshold
-    from nets.learning_rates.transfer import scaling_rule, transfer_lr
+    from nets.learning_rates.transfer import momentum_caveat_silenced, scaling_rule, transfer_lr
     from rmt.lr import momentum_noise_gain
 
     Bs = np.asarray(sorted(set(int(b) for b in batch_sizes) | set(anchors)))
@@ -90,8 +88,7 @@ def transfer_study(model, loss_fn, data, batch_sizes, *, momenta=(0.0, 0.9), anc
         key = f"m{m:g}"
         local = transfer_lr(model, loss_fn, data, Bs, reference=(int(Bs[0]), 1.0),
                             momentum=m, form="directional", seed=seed)
-        with warnings.catch_warnings():     # the caveat this check measures; only the shape is used
-            warnings.filterwarnings("ignore", message=r"transfer_lr: with momentum")
+        with momentum_caveat_silenced():    # the caveat this check measures; only the shape is used
             shape = local if form == "directional" else transfer_lr(
                 model, loss_fn, data, Bs, reference=(int(Bs[0]), 1.0), momentum=m, form=form,
                 steps=steps, factor=10.0, n_seeds=len(seeds), rank=rank, seed=seed)
