@@ -271,7 +271,7 @@ def test_malladi_scaling():
     (lambda: L.sgd_max_lr(8, 1.0, 1.0, N=-5), "N"),
     (lambda: L.sgd_max_lr(8, 1.0, 1.0, momentum=1.0), "momentum"),
     (lambda: L.sgd_max_lr(8, 1.0, 1.0, momentum=-0.1), "momentum"),
-    (lambda: L.sgd_max_lr(8, 1.0, 1.0, momentum_kind="nesterov"), "kind"),
+    (lambda: L.sgd_max_lr(8, 1.0, 1.0, momentum_kind="polyak"), "kind"),
     (lambda: L.critical_batch_size(0.0, 1.0), "lam"),
     (lambda: L.critical_batch_size(1.0, -1.0), "s2"),
     (lambda: L.adam_max_lr(8, 1.0, 1.0, -0.1, 1.0), "grad_mean_sq"),

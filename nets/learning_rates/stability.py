@@ -25,7 +25,8 @@ every product costs O(N d² k) for rank-k factors and no d²×d² matrix is buil
 (`method="pencil"`, the default). `method="brentq"` instead finds ρ(T_α) = 1 by Brent's
 method with a Lanczos (`eigsh`) estimate of λ_max(T_α) at each α — slower, kept as an
 independent check and used for heavy-ball momentum, whose state (e_t, e_{t−1}) gives a
-non-self-adjoint positive map on 2d×2d matrices (spectral radius by Arnoldi `eigs`).
+non-self-adjoint positive map on 2d×2d matrices (spectral radius by Arnoldi `eigs`), and
+the only method for Nesterov momentum (state (e_t, v_t), `nesterov=True`).
 
 Per-sample Hessians are given as factors: H_i = A_i diag(s_i) A_iᵀ with A_i (d×k) and
 optional signs/weights s_i (k); least squares is k = 1, s = 1 (A_i = x_i). Negative
@@ -160,10 +161,13 @@ def _Q(hs: PerSampleHessians, H, S, kappa):
     return (1.0 - kappa) * HSH + kappa * hs.sandwich_mean(S)
 
 
-def second_moment_operator(hessians, B, alpha, replacement=False, momentum=0.0) -> LinearOperator:
+def second_moment_operator(hessians, B, alpha, replacement=False, momentum=0.0, *,
+                           nesterov=False) -> LinearOperator:
     """T_α as a scipy LinearOperator on vec(Σ) (row-major flattening of d×d, or 2d×2d
     with heavy-ball momentum ρ: state z = (e_t, e_{t−1}), A_B = [[(1+ρ)I − αH_B, −ρI],
-    [I, 0]], T(Z) = E[A_B Z A_Bᵀ]). Inputs are symmetrised first."""
+    [I, 0]], T(Z) = E[A_B Z A_Bᵀ]; with `nesterov` (torch's v ← ρv + g,
+    e ← e − α(g + ρv)): state z = (e_t, v_t), A_B = [[I − α(1+ρ)H_B, −αρ²I], [H_B, ρI]]).
+    Inputs are symmetrised first."""
     hs = _as_hessians(hessians)
     B = _check_B(B, hs.N, replacement)
     alpha = as_float("alpha", alpha, nonnegative=True)
@@ -173,7 +177,7 @@ def second_moment_operator(hessians, B, alpha, replacement=False, momentum=0.0) 
     kappa = batch_variance_weight(B, hs.N, replacement)
     H = hs.mean()
     d = hs.d
-    if rho == 0.0:
+    if rho == 0.0:         # plain SGD (Nesterov included)
         def mv(v):
             S = np.asarray(v, dtype=float).reshape(d, d)
             S = 0.5 * (S + S.T)
@@ -182,7 +186,14 @@ def second_moment_operator(hessians, B, alpha, replacement=False, momentum=0.0) 
         return LinearOperator((d * d, d * d), matvec=mv, dtype=float)
 
     I = np.eye(d)
-    Abar = np.block([[(1 + rho) * I - alpha * H, -rho * I], [I, np.zeros((d, d))]])
+    if nesterov:
+        a = alpha * (1 + rho)
+        Abar = np.block([[I - a * H, -alpha * rho ** 2 * I], [H, rho * I]])
+        # A_B − Ā = [[−a ε, 0], [ε, 0]]: E[(A_B − Ā)Z(A_B − Ā)ᵀ] = [[a², −a], [−a, 1]] ⊗ E[εZ₁₁ε]
+        weights = np.array([[a * a, -a], [-a, 1.0]])
+    else:
+        Abar = np.block([[(1 + rho) * I - alpha * H, -rho * I], [I, np.zeros((d, d))]])
+        weights = np.array([[alpha ** 2, 0.0], [0.0, 0.0]])
 
     def mv_m(v):
         Z = np.asarray(v, dtype=float).reshape(2 * d, 2 * d)
@@ -191,15 +202,16 @@ def second_moment_operator(hessians, B, alpha, replacement=False, momentum=0.0) 
         if kappa != 0.0:
             Z11 = Z[:d, :d]
             noise = kappa * (hs.sandwich_mean(Z11) - H @ Z11 @ H)
-            out[:d, :d] += alpha ** 2 * noise
+            out += np.kron(weights, noise)
         return out.ravel()
     return LinearOperator((4 * d * d, 4 * d * d), matvec=mv_m, dtype=float)
 
 
-def ms_spectral_radius(hessians, B, alpha, replacement=False, momentum=0.0, tol=1e-10) -> float:
+def ms_spectral_radius(hessians, B, alpha, replacement=False, momentum=0.0, tol=1e-10, *,
+                       nesterov=False) -> float:
     """ρ(T_α), the per-step growth factor of E‖e_t‖² (Lanczos without momentum, where
-    ρ = λ_max(T_α); Arnoldi with momentum, where ρ = max |eig|)."""
-    op = second_moment_operator(hessians, B, alpha, replacement, momentum)
+    ρ = λ_max(T_α); Arnoldi with momentum, heavy ball or `nesterov`, where ρ = max |eig|)."""
+    op = second_moment_operator(hessians, B, alpha, replacement, momentum, nesterov=nesterov)
     n = op.shape[0]
     if n <= 16 or (momentum != 0.0 and n <= 1024):   # ARPACK's Arnoldi stalls at ρ → 1
         M = op @ np.eye(n)
@@ -216,7 +228,7 @@ class StabilityThreshold:
     """Result of `ms_stability_threshold`: alpha (α*), B, N, replacement, momentum,
     method, mu (= 1/α* for the pencil), the top generalised eigenvector `mode` (the
     worst-case second moment Σ in the original basis, unit Frobenius norm, or None),
-    and rho_check = ρ(T_α*) (≈ 1; None if not computed)."""
+    rho_check = ρ(T_α*) (≈ 1; None if not computed), and nesterov."""
 
     alpha: float
     B: int
@@ -227,6 +239,7 @@ class StabilityThreshold:
     mu: float | None
     mode: np.ndarray | None
     rho_check: float | None
+    nesterov: bool = False
 
 
 def _range_basis(hs: PerSampleHessians, H, rel_tol):
@@ -247,13 +260,15 @@ def _range_basis(hs: PerSampleHessians, H, rel_tol):
 
 
 def ms_stability_threshold(hessians, B, replacement=False, momentum=0.0, method="auto",
-                           tol=1e-10, check=False) -> StabilityThreshold:
+                           tol=1e-10, check=False, *, nesterov=False) -> StabilityThreshold:
     """Exact mean-square stability threshold α* of mini-batch SGD: ρ(T_α*) = 1.
 
     hessians: `PerSampleHessians`, factors (N, d[, k]) or a `LeastSquaresProblem`.
     method: "pencil" (α* = 1/λ_max(L^{-1/2}QL^{-1/2})), "brentq" (root of ρ(T_α) − 1 in
     (0, 2(1+ρ)/λ_max(H)] with Arnoldi/Lanczos estimates of ρ(T_α) on the full 2d×2d state;
-    slow, kept as an independent check), or "auto" (= "pencil").
+    slow, kept as an independent check), or "auto" (= "pencil"; "brentq" with Nesterov).
+    nesterov: torch's Nesterov momentum ρ (state (e_t, v_t), `second_moment_operator`);
+    only by "brentq", from the deterministic limit 2(1+ρ)/((1+2ρ)λ_max(H)) downwards.
 
     Heavy-ball momentum ρ (pencil): the fixed point of the second-moment map of
     e_{t+1} = ((1+ρ)I − αH_B)e_t − ρe_{t−1}, with the cross moment C = E e_t e_{t−1}ᵀ
@@ -273,10 +288,14 @@ def ms_stability_threshold(hessians, B, replacement=False, momentum=0.0, method=
     rho = as_float("momentum", momentum, nonnegative=True)
     if rho >= 1:
         raise ValueError(f"momentum must be < 1, got {rho}")
+    nesterov = bool(nesterov)
     if method == "auto":
-        method = "pencil"
+        method = "brentq" if nesterov else "pencil"
     if method not in ("pencil", "brentq"):
         raise ValueError(f"method must be 'auto', 'pencil' or 'brentq', got {method!r}")
+    if nesterov and method == "pencil":
+        raise ValueError("nesterov=True: the pencil form is derived for heavy ball only; use "
+                         "method='brentq' (or 'auto')")
     kappa = batch_variance_weight(B, hs.N, replacement)
     H = hs.mean()
     lam, V = _range_basis(hs, H, 1e-12)
@@ -315,8 +334,9 @@ def ms_stability_threshold(hessians, B, replacement=False, momentum=0.0, method=
         if np.trace(mode) < 0:
             mode = -mode
     else:
-        hi = 2.0 * (1.0 + rho) / lam[-1]
-        f = lambda a: ms_spectral_radius(hs, B, a, replacement, rho, tol) - 1.0
+        hi = 2.0 * (1.0 + rho) / ((1.0 + 2.0 * rho) if nesterov else 1.0) / lam[-1]
+        f = lambda a: ms_spectral_radius(hs, B, a, replacement, rho, tol,
+                                         nesterov=nesterov) - 1.0
         if f(hi) < 0:  # only possible through round-off at B = N
             alpha = hi
         else:
@@ -328,14 +348,16 @@ def ms_stability_threshold(hessians, B, replacement=False, momentum=0.0, method=
             else:
                 raise RuntimeError("could not bracket the mean-square threshold")
             alpha = brentq(f, lo, hi, xtol=1e-12 * hi, rtol=1e-10)
-    rho_check = ms_spectral_radius(hs, B, alpha, replacement, rho, tol) if check else None
-    return StabilityThreshold(float(alpha), B, hs.N, replacement, rho, method, mu, mode, rho_check)
+    rho_check = (ms_spectral_radius(hs, B, alpha, replacement, rho, tol, nesterov=nesterov)
+                 if check else None)
+    return StabilityThreshold(float(alpha), B, hs.N, replacement, rho, method, mu, mode, rho_check,
+                              nesterov)
 
 
 def ms_threshold_curve(hessians, batch_sizes, replacement=False, momentum=0.0,
-                       method="auto") -> np.ndarray:
+                       method="auto", *, nesterov=False) -> np.ndarray:
     """α*(B) for each B in `batch_sizes` (numpy array, same order)."""
     hs = _as_hessians(hessians)
     bs = as_array("batch_sizes", batch_sizes, ndim=1)
-    return np.array([ms_stability_threshold(hs, int(b), replacement, momentum, method).alpha
-                     for b in bs])
+    return np.array([ms_stability_threshold(hs, int(b), replacement, momentum, method,
+                                            nesterov=nesterov).alpha for b in bs])
