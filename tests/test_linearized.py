@@ -240,3 +240,19 @@ def test_subspace_spanning_every_gradient_is_the_full_model():
     np.testing.assert_allclose(sub.max_loss, full.max_loss, rtol=1e-6)
     assert not np.allclose(low.max_loss, full.max_loss, rtol=1e-3)
     json.dumps(sub.to_dict())
+
+
+def test_linear_network_runs_like_real_training_with_nesterov():
+    model, X, y = softmax_regression()
+    J, z0 = output_jacobians(model, X, dtype=torch.float64)
+    lrs = [0.3, 3.0, 30.0]
+    worst = linearized_max_loss(J, z0, y, F.cross_entropy, 8, 0.9, lrs, 40, 5, nesterov=True)
+    for lr, w in zip(lrs, worst):
+        real = training_trial(model, F.cross_entropy, X, y, lr, 8, steps=40, momentum=0.9, seed=5,
+                              criterion="divergence", factor=1e12, nesterov=True)
+        assert w == pytest.approx(real.max_loss / real.initial_loss, rel=1e-7)
+    heavy = linearized_max_loss(J, z0, y, F.cross_entropy, 8, 0.9, lrs, 40, 5)
+    assert not np.allclose(heavy, worst)
+    thr = linearized_threshold(model, F.cross_entropy, (X, y), [8], momentum=0.9, nesterov=True,
+                               steps=40, seeds=(0,), n_grid=8, dtype=torch.float64)
+    assert thr.nesterov and thr.momentum == 0.9

@@ -347,10 +347,10 @@ def test_momentum_upward_transfer_warns():
 
     from nets.learning_rates.transfer import momentum_caveat_silenced, warn_momentum_upward
 
-    def caught(*args):
+    def caught(*args, **kw):
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
-            warn_momentum_upward(*args)
+            warn_momentum_upward(*args, **kw)
         return [str(x.message) for x in w if issubclass(x.category, UserWarning)]
 
     upward = caught(0.9, [8, 32, 512], 32)
@@ -358,6 +358,12 @@ def test_momentum_upward_transfer_warns():
     assert "B0 = 32" in upward[0] and "(0.9)" in upward[0]
     assert caught(0.0, [8, 32, 512], 32) == []           # no momentum
     assert caught(0.9, [8, 32, 512], 512) == []          # downward only
+    # Nesterov: any batch size other than B0, with its own measured numbers
+    down = caught(0.9, [8, 32, 512], 512, nesterov=True)
+    assert len(down) == 1 and "Nesterov" in down[0] and "either anchor" in down[0]
+    assert "NESTEROV" not in down[0]                     # the placeholders are filled in
+    assert caught(0.9, [512], 512, nesterov=True) == []
+    assert caught(0.0, [8, 512], 512, nesterov=True) == []
     with warnings.catch_warnings(record=True) as w:     # the checks' and benchmarks' filter
         warnings.simplefilter("always")
         with momentum_caveat_silenced():
@@ -377,3 +383,100 @@ def test_linearized_transfer_with_momentum_warns_only_upward(tiny_mlp):
         warnings.simplefilter("error", UserWarning)
         res = transfer_lr(model, loss, (X, y), [4, 16], reference=(16, 0.1), **kw)
     assert res.lr[1] == pytest.approx(0.1)
+
+
+def test_nesterov_trial_follows_torch_sgd():
+    """Oracle: torch.optim.SGD(nesterov=True) on a copy of the model, the same batches
+    (torch.randperm with the trial's generator seed)."""
+    model, loss, X, y = _problem()
+    lr, B, m, steps = 0.02, 8, 0.9, 30
+    trial = lr_search.training_trial(model, loss, X, y, lr, B, steps=steps, momentum=m, seed=3,
+                                     criterion="divergence", factor=1e12, nesterov=True)
+    net = copy.deepcopy(model)
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=m, nesterov=True)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        worst = L0 = float(loss(net(X), y))
+    for _ in range(steps):
+        idx = torch.randperm(len(X), generator=gen)[:B]
+        opt.zero_grad()
+        loss(net(X[idx]), y[idx]).backward()
+        opt.step()
+        with torch.no_grad():
+            last = float(loss(net(X), y))
+        worst = max(worst, last)
+    assert trial.nesterov and trial.max_loss == pytest.approx(worst, rel=1e-10)
+    assert trial.initial_loss == pytest.approx(L0, rel=1e-12)
+    assert trial.final_loss == pytest.approx(last, rel=1e-10)
+    plain = lr_search.training_trial(model, loss, X, y, lr, B, steps=steps, momentum=m, seed=3,
+                                     criterion="divergence", factor=1e12)
+    assert plain.final_loss != pytest.approx(last, rel=1e-3)     # the flag changes the run
+
+
+def test_nesterov_full_batch_threshold_and_reading():
+    """At B = N Nesterov is deterministic: unstable iff α > 2(1+m)/((1+2m)λ) (Jury)."""
+    model, loss, X, y = _problem()
+    lam, _ = _dense_lam_s2(X)
+    m = 0.5
+    res = training_threshold(model, loss, (X, y), [len(X)], momentum=m, nesterov=True,
+                             steps=120, seeds=(0,), lr0=1.0 / lam, rel_tol=0.02)
+    assert res.nesterov and "|nesterov|" in res.store_keys[0]
+    assert res.lr[0] == pytest.approx(2 * (1 + m) / ((1 + 2 * m) * lam), rel=0.04)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=m, nesterov=True)
+    via_opt = training_threshold(model, loss, (X, y), [len(X)], optimizer=opt, steps=120,
+                                 seeds=(0,), lr0=1.0 / lam, rel_tol=0.02)
+    assert via_opt.nesterov and via_opt.lr[0] == res.lr[0]
+    with pytest.raises(ValueError, match="nesterov"):
+        training_threshold(model, loss, (X, y), [4], nesterov=True)          # momentum 0
+    with pytest.raises(ValueError, match="dampening"):
+        training_threshold(model, loss, (X, y), [4], optimizer=torch.optim.SGD(
+            model.parameters(), lr=0.1, momentum=0.5, dampening=0.1))
+    with pytest.raises(TypeError, match="nesterov"):
+        training_threshold(model, loss, (X, y), [4], momentum=0.5, nesterov="yes")
+
+
+def test_nesterov_transfer_matches_dense_closed_form():
+    """Directional form with Nesterov: lr(B) = lr0·α*(B)/α*(B0) with α* the Nesterov
+    mean-square limit, written out here from the dense λ and s_u²."""
+    model, loss, X, y = _problem()
+    N, m = len(X), 0.9
+    lam, s2 = _dense_lam_s2(X)
+    Bs = [1, 4, 16, 64]
+
+    def alpha(B):
+        sig2 = (1 / B - 1 / N) * s2
+        b = (1 + m) * sig2 + (1 - m - 4 * m * m) * lam ** 2
+        return 4 * lam * (1 - m * m) / (b + np.sqrt(b * b + 8 * m * (1 + 2 * m) * (1 - m * m)
+                                                    * lam ** 2 * (lam ** 2 + sig2)))
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=m, nesterov=True)
+    res = transfer_lr(model, loss, (X, y), Bs, reference=(4, 0.1), optimizer=opt,
+                      form="directional")
+    np.testing.assert_allclose(res.lr, [0.1 * alpha(B) / alpha(4) for B in Bs], rtol=1e-5)
+    np.testing.assert_allclose(res.stability_limit, [alpha(B) for B in Bs], rtol=1e-5)
+    assert res.nesterov and "Nesterov" in res.rule
+    by_flag = transfer_lr(model, loss, (X, y), Bs, reference=(4, 0.1), momentum=m, nesterov=True,
+                          form="directional")
+    np.testing.assert_allclose(by_flag.lr, res.lr, rtol=1e-12)
+    json.dumps(res.to_dict())
+    with pytest.raises(ValueError, match="nesterov"):
+        transfer_lr(model, loss, (X, y), Bs, reference=(4, 0.1), optimizer=opt, nesterov=False)
+    with pytest.raises(ValueError, match="nesterov"):
+        transfer_lr(model, loss, (X, y), Bs, reference=(4, 0.1), optimizer="adam", nesterov=True)
+
+
+def test_nesterov_linearized_form_on_a_linear_model_is_real_training():
+    """As `test_linearized_form_on_a_linear_model_is_real_training`, with Nesterov."""
+    model, loss, X, y = _problem()
+    Bs, seeds, m = [2, 8, 32], (0, 1), 0.5
+    real = training_threshold(model, loss, (X, y), Bs, factor=10.0, momentum=m, nesterov=True,
+                              steps=60, seeds=seeds, lr0=0.05, rel_tol=0.01)
+    with pytest.warns(UserWarning, match="momentum"):
+        res = transfer_lr(model, loss, (X, y), Bs, reference=(8, float(real.lr[1])), momentum=m,
+                          nesterov=True, form="linearized", factor=10.0, steps=60, n_seeds=2)
+    np.testing.assert_allclose(res.lr, real.lr, rtol=0.06)
+    # heavy ball at the same ρ has a different threshold here (a check that the flag reaches
+    # the linearised runs)
+    hb = training_threshold(model, loss, (X, y), [32], factor=10.0, momentum=m, steps=60,
+                            seeds=seeds, lr0=0.05, rel_tol=0.01)
+    assert hb.lr[0] > 1.3 * real.lr[2]

@@ -84,7 +84,7 @@ class LinearizedThresholds(Result):
     which `at(k)` reads the threshold of any other tolerance the grid brackets (a column
     is no longer run once its maximum exceeds `tracked_up_to` = the largest of factor and
     extra_factors, so values above it are lower bounds); rank the dimension the
-    displacement lives in (P for the full model, r for `rank=r`)."""
+    displacement lives in (P for the full model, r for `rank=r`); nesterov."""
 
     batch_sizes: np.ndarray
     lr: np.ndarray
@@ -99,6 +99,7 @@ class LinearizedThresholds(Result):
     max_loss: np.ndarray
     rank: int
     tracked_up_to: float = math.inf
+    nesterov: bool = False
 
     def at(self, factor) -> np.ndarray:
         """Per-seed thresholds (n_B, n_seeds) for the tolerance `factor` (loss ever >
@@ -289,8 +290,9 @@ def _run_columns(lin, y, loss_fn, batch_size, n_cols, steps, seed, step, out_sha
 
 
 def linearized_max_loss(J, z0, y, loss_fn, batch_size, momentum, lrs, steps, seed, *,
-                        out_shape=None, stop_above=None):
-    """Running maximum of L(e_t)/L(0) over `steps` heavy-ball steps on the linearised
+                        out_shape=None, stop_above=None, nesterov=False):
+    """Running maximum of L(e_t)/L(0) over `steps` heavy-ball (or `nesterov`, torch's
+    e ← e − α(g + ρv)) steps on the linearised
     network (module docstring), one entry per learning rate of `lrs` (inf where the loss
     became non-finite). J (N, K, P), z0 (N, K): `output_jacobians` — or J a
     `linear_outputs.StoredOutputs`/`TangentOutputs` and z0 None; y : targets;
@@ -304,7 +306,8 @@ def linearized_max_loss(J, z0, y, loss_fn, batch_size, momentum, lrs, steps, see
 
     def step(g, t):
         st["V"] = torch.nan_to_num(momentum * st["V"] + g)
-        st["E"] = torch.nan_to_num(st["E"] - a * st["V"])
+        d = g + momentum * st["V"] if nesterov else st["V"]
+        st["E"] = torch.nan_to_num(st["E"] - a * d)
         return st["E"]
 
     return _run_columns(lin, y, loss_fn, batch_size, len(a), steps, seed, step, out_shape,
@@ -356,7 +359,7 @@ def linearized_adam_max_loss(J, z0, y, loss_fn, batch_size, lrs, steps, batch_se
 
 
 def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", momentum=0.0,
-                         factor=10.0, steps=200, seeds=(0, 1, 2), extra_factors=(),
+                         nesterov=None, factor=10.0, steps=200, seeds=(0, 1, 2), extra_factors=(),
                          lr_range=None, n_grid=48, chunk_size=256, max_bytes=4 << 30,
                          device=None, dtype=torch.float32, seed=0, rank=None,
                          jacobians="auto", progress=None) -> LinearizedThresholds:
@@ -364,7 +367,8 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
     heavy-ball SGD on the linearised network at the model's weights, per batch size
     (module docstring). Same signature conventions as `training_threshold`: data any form
     of `nets.utils.data_source`; loss_fn(outputs, targets) the batch mean; optimizer
-    "sgd" or a `torch.optim.SGD` whose momentum is read; seeds the batch sequences.
+    "sgd" or a `torch.optim.SGD` whose momentum and nesterov flag are read (nesterov: None,
+    the optimizer's, or a bool); seeds the batch sequences.
     extra_factors : other tolerances the fine grid must also bracket (read them with
     `.at(k)`); lr_range : (lo, hi) of the grid instead of the coarse pass; n_grid :
     points of the fine grid. max_bytes : the Jacobians' memory above which the call is
@@ -384,7 +388,7 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(loss_fn):
         raise TypeError("loss_fn must be callable")
-    m = _read_momentum(optimizer, momentum)
+    m, nest = _read_momentum(optimizer, momentum, nesterov)
     k = as_float("factor", factor, positive=True)
     extras = tuple(as_float("extra_factors", f, positive=True) for f in np.atleast_1d(extra_factors))
     K = as_int("steps", steps, minimum=1)
@@ -431,7 +435,7 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
                           desc=f"linearised threshold (m={m:g})", expected_s=10):
         runs = [lambda g, B=bs[i], s=s: linearized_max_loss(lin, None, y, loss_fn, B, m, g, K, s,
                                                             out_shape=out_shape,
-                                                            stop_above=top)
+                                                            stop_above=top, nesterov=nest)
                 for s in seeds]
         if lr_range is None:
             grids[i], worst[i] = refined_runs(runs, coarse, (k, *extras), n_grid)
@@ -442,7 +446,7 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
                     for i in range(len(bs))])
     mean, se = seed_mean_stderr(per)
     return LinearizedThresholds(np.array(bs), mean, se, per, seeds, float(m), K, k, float(lam),
-                                grids, worst, int(r), float(top))
+                                grids, worst, int(r), float(top), nest)
 
 
 def checked_output_shape(model, X, directions, *, dtype, max_bytes, smaller=""):

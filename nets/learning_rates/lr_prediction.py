@@ -202,7 +202,8 @@ def _unit_interval(name: str, value) -> float:
     return v
 
 
-def optimizer_settings(optimizer="sgd", *, momentum=None, betas=None, eps=None) -> OptimizerSettings:
+def optimizer_settings(optimizer="sgd", *, momentum=None, betas=None, eps=None,
+                       nesterov=None) -> OptimizerSettings:
     """The hyper-parameters that set the stability limit, from a name or a torch optimizer.
 
     optimizer : "sgd", "adam", "adamw" or "rmsprop" (torch's defaults for that class), a
@@ -213,6 +214,8 @@ def optimizer_settings(optimizer="sgd", *, momentum=None, betas=None, eps=None) 
         its first-moment factor β₁ is `betas[0]`, so momentum= with an Adam optimizer is
         a ValueError (one argument, one meaning).
     betas : Adam's (β₁, β₂); eps : Adam's/RMSprop's ε. Not for SGD (ValueError).
+    nesterov : SGD's Nesterov flag (None: the optimizer's; a bool otherwise). Not for
+        Adam/RMSprop (ValueError).
     An override of a value that an instance (or settings object) already fixes must
     agree with it. RMSprop is supported without momentum and uncentred (β₁ = 0,
     β₂ = alpha). Nesterov momentum and SGD dampening change the stability factor
@@ -229,9 +232,16 @@ def optimizer_settings(optimizer="sgd", *, momentum=None, betas=None, eps=None) 
         raise ValueError(f"betas are Adam's (β₁, β₂) and do not apply to {cls.__name__}")
     if eps is not None and family == "sgd":
         raise ValueError(f"eps is Adam's/RMSprop's ε and does not apply to {cls.__name__}")
+    if nesterov is not None:
+        if family != "sgd":
+            raise ValueError(f"nesterov is SGD's flag and does not apply to {cls.__name__}")
+        if not isinstance(nesterov, (bool, np.bool_)):
+            raise TypeError(f"nesterov must be a bool or None, got {type(nesterov).__name__}")
+        nesterov = bool(nesterov)
     _override(hp, "momentum", momentum, fixed, what)
     _override(hp, "betas", None if betas is None else tuple(betas), fixed, what)
     _override(hp, "eps", eps, fixed, what)
+    _override(hp, "nesterov", nesterov, fixed, what)
     adam = _class_defaults(torch.optim.Adam)
     if family == "sgd":
         rho = _unit_interval("momentum", hp.get("momentum", 0.0))
@@ -318,7 +328,8 @@ class LRTable(Result):
     Arrays over batch_sizes: sgd_iso_clipped, sgd_iso_unclipped, sgd_directional
     (plain SGD), sgd_momentum (heavy ball ρ, dampening τ: the mean-square limit
     2(1+ρ)/((1−τ)·λ'_ρ(B)), λ'_ρ = λ_1 + (1+ρ)/(1−ρ)·c·s_u²/λ_1,
-    `rmt.lr.sgd_momentum_ms_max_lr`; Nesterov: Jury's factor over λ'(B)),
+    `rmt.lr.sgd_momentum_ms_max_lr`; Nesterov: its mean-square limit
+    `rmt.lr.sgd_nesterov_ms_max_lr`),
     sgd_measured (F/E λ_max(H_B); NaN if not measured), lam_batch_mean/std,
     adam_closed, adam_measured, adam_lam_mean/std (λ_max(D^{1/2}H_BD^{1/2})),
     greedy_optimal, min_damping. batch_indices: one (n_batches, B) array of sample
@@ -495,8 +506,8 @@ def lr_table(model, loss_fn, data, batch_sizes, *, optimizer="sgd", momentum=Non
     iso_c = rlr.sgd_max_lr_isotropic(Bf, lam, s2_iso / P, P, N, clip=True)
     iso_u = rlr.sgd_max_lr_isotropic(Bf, lam, s2_iso / P, P, N, clip=False)
     sgd_dir = np.asarray(rlr.sgd_max_lr(Bf, lam, s2_dir, N))
-    if opt.nesterov:      # deterministic (Jury) factor: no mean-square form derived
-        sgd_mom = sgd_dir * opt.sgd_factor / 2.0
+    if opt.nesterov:      # Nesterov's mean-square limit (rmt.symbolic.derive_nesterov_mean_square)
+        sgd_mom = np.asarray(rlr.sgd_nesterov_ms_max_lr(Bf, lam, s2_dir, N, opt.momentum))
     else:                 # heavy ball, dampening τ = step α(1−τ): mean-square limit
         sgd_mom = (np.asarray(rlr.sgd_momentum_ms_max_lr(Bf, lam, s2_dir, N, opt.momentum))
                    / (1.0 - opt.dampening))
@@ -544,7 +555,9 @@ def predict_max_lr(model, loss_fn, data, batch_sizes, *, optimizer="sgd", moment
     c(B,N)·s_u²/λ_1 (`rmt.lr.sgd_max_lr`); heavy-ball momentum ρ (`momentum`, or the
     instance's; dampening τ) the mean-square limit 2(1+ρ)/((1−τ)·λ'_ρ(B)),
     λ'_ρ = λ_1 + (1+ρ)/(1−ρ)·c·s_u²/λ_1 (`rmt.lr.sgd_momentum_ms_max_lr`; this is
-    `LRTable.sgd_momentum`); Nesterov: 2(1+ρ)/(1+2ρ)/λ'(B).
+    `LRTable.sgd_momentum`); Nesterov (torch's nesterov=True): its mean-square limit
+    `rmt.lr.sgd_nesterov_ms_max_lr` (2(1+ρ)/((1+2ρ)λ_1) without noise, the same
+    2(1−ρ)λ_1/(c·s_u²) as heavy ball when the noise dominates).
     Adam/AdamW/RMSprop: the mean-square limit of the preconditioned iteration
     (`nets.learning_rates.adam.predict_adam_max_lr`, form "mean_square"):
     F/(λ̃ + (1+β₁)/(1−β₁)·c·s̃²/λ̃), F = 2(1+β₁)/(1−β₁), λ̃ and s̃² of D(B)^{1/2}HD(B)^{1/2}

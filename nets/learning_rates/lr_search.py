@@ -376,21 +376,23 @@ class Trial(Result):
 
 @result
 class TrainingTrial(Trial):
-    """A `Trial` of SGD from the checkpoint, with its momentum and batch-order seed
-    (onset criterion: growth_rate is the slope of log|⟨w_t − w_0, u⟩| per step)."""
+    """A `Trial` of SGD from the checkpoint, with its momentum (Nesterov or heavy ball) and
+    batch-order seed (onset criterion: growth_rate is the slope of log|⟨w_t − w_0, u⟩| per
+    step)."""
 
     momentum: float = 0.0
     seed: int = 0
+    nesterov: bool = False
 
 
 def _flat_params(net):
     return [p for p in net.parameters() if p.requires_grad]
 
 
-def _sgd_step(net, params, bufs, loss_fn, X, y, batch_size, gen, lr, momentum):
-    """One heavy-ball SGD step in torch's convention (v ← m·v + g_B, w ← w − α·v) on a
-    uniformly random batch of `batch_size` distinct samples drawn with `gen`; returns
-    the batch loss (a tensor)."""
+def _sgd_step(net, params, bufs, loss_fn, X, y, batch_size, gen, lr, momentum, nesterov=False):
+    """One SGD step in torch's convention (heavy ball: v ← m·v + g_B, w ← w − α·v;
+    `nesterov`: v ← m·v + g_B, w ← w − α·(g_B + m·v)) on a uniformly random batch of
+    `batch_size` distinct samples drawn with `gen`; returns the batch loss (a tensor)."""
     idx = torch.randperm(len(X), generator=gen)[:batch_size]
     loss = loss_fn(net(X[idx]), y[idx])
     grads = torch.autograd.grad(loss, params)
@@ -398,7 +400,7 @@ def _sgd_step(net, params, bufs, loss_fn, X, y, batch_size, gen, lr, momentum):
         for p, g, b in zip(params, grads, bufs):
             if momentum:
                 b.mul_(momentum).add_(g)
-                g = b
+                g = g.add(b, alpha=momentum) if nesterov else b
             p.sub_(lr * g)
     return loss
 
@@ -425,10 +427,11 @@ def _top_direction(model, loss_fn, data, seed):
 
 def training_trial(model, loss_fn, X, y, lr, batch_size, *, steps, momentum=0.0, seed=0,
                    criterion="divergence", factor=10.0, direction=None,
-                   growth_threshold=None, chunk_size=4096) -> TrainingTrial:
+                   growth_threshold=None, chunk_size=4096, nesterov=False) -> TrainingTrial:
     """Train `steps` SGD steps from the model's parameters at constant lr; judge stability.
 
-    Update (torch's heavy-ball convention): v ← m·v + g_B, w ← w − α·v, with g_B the
+    Update (torch's heavy-ball convention): v ← m·v + g_B, w ← w − α·v (`nesterov`:
+    w ← w − α·(g_B + m·v), torch's Nesterov), with g_B the
     gradient of the mean loss on a fresh uniformly random batch of `batch_size` distinct
     samples per step (torch.Generator seeded by `seed`: same seed, same batches). X, y are
     the full data tensors; the model is not modified (a deep copy is trained, eval mode).
@@ -450,7 +453,7 @@ def training_trial(model, loss_fn, X, y, lr, batch_size, *, steps, momentum=0.0,
     max_loss, loss_t, proj = L0, L0, []
     unstable, reason, t = False, "stable", 0
     for t in range(1, steps + 1):
-        _sgd_step(net, params, bufs, loss_fn, X, y, batch_size, gen, lr, momentum)
+        _sgd_step(net, params, bufs, loss_fn, X, y, batch_size, gen, lr, momentum, nesterov)
         if criterion == "onset":
             w = torch.cat([p.detach().reshape(-1) for p in params]).double()
             c = float(torch.dot(w - w0, direction))
@@ -480,7 +483,7 @@ def training_trial(model, loss_fn, X, y, lr, batch_size, *, steps, momentum=0.0,
                          criterion=criterion, unstable=bool(unstable), initial_loss=float(L0),
                          max_loss=float(max_loss), final_loss=float(loss_t),
                          growth_rate=float(rate), steps_run=int(t), reason=reason,
-                         momentum=float(momentum), seed=int(seed))
+                         momentum=float(momentum), seed=int(seed), nesterov=bool(nesterov))
 
 
 @result
@@ -490,7 +493,7 @@ class TrainingThresholds(Result):
     batch_sizes (n_B,); lr : mean over seeds of the per-seed threshold √(lo·hi) (n_B,);
     stderr : standard error over seeds (std ddof=1 / √n_seeds; NaN for one seed);
     per_seed, lo, hi : (n_B, n_seeds); seeds; criterion; momentum; steps (n_B,); factor;
-    rel_tol; n_trials (total training runs, resumed ones included); store_keys."""
+    rel_tol; n_trials (total training runs, resumed ones included); store_keys; nesterov."""
 
     batch_sizes: np.ndarray
     lr: np.ndarray
@@ -506,11 +509,13 @@ class TrainingThresholds(Result):
     rel_tol: float
     n_trials: int
     store_keys: tuple
+    nesterov: bool = False
 
     def plot(self, ax=None, *, label=None, color="k"):
         """Measured thresholds ± stderr against B (log-log); returns the axes."""
+        m = f"m={self.momentum:g}" + (", Nesterov" if self.nesterov else "")
         return plot_thresholds(ax, self.batch_sizes, self.lr, self.stderr, fmt="o", color=color,
-                               label=label or f"measured ({self.criterion}, m={self.momentum:g})")
+                               label=label or f"measured ({self.criterion}, {m})")
 
 
 def plot_thresholds(ax, batch_sizes, lr, stderr, *, fmt, color, label):
@@ -549,11 +554,12 @@ def _model_tag(model, X) -> str:
 
 
 def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergence",
-                       optimizer="sgd", momentum=0.0, steps=200, seeds=(0, 1, 2),
+                       optimizer="sgd", momentum=0.0, nesterov=None, steps=200, seeds=(0, 1, 2),
                        factor=10.0, lr0=None, rel_tol=0.03, growth_threshold=None,
                        unbracketed="raise", store=None, tag="", chunk_size=4096, device=None,
                        dtype=None, seed=0, progress=None) -> TrainingThresholds:
-    """Real training threshold of SGD (± heavy-ball momentum) per batch size, by bisection.
+    """Real training threshold of SGD (± heavy-ball or Nesterov momentum) per batch size, by
+    bisection.
 
     From the model's current parameters (the checkpoint; the model is not modified), for
     each B and each seed in `seeds` (the batch sequence), bisect in log α for the edge
@@ -564,7 +570,8 @@ def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergen
     Bisection (`bisect_max_lr`) starts at `lr0` (float, callable B -> float, or None:
     1/λ₁ from a k=1 Lanczos) and stops at hi/lo ≤ 1 + rel_tol.
 
-    optimizer: "sgd" or a `torch.optim.SGD` instance/class-less spec whose momentum is read.
+    optimizer: "sgd" or a `torch.optim.SGD` instance whose momentum and nesterov flag are
+    read (dampening is refused); nesterov: None (the optimizer's, False for "sgd") or a bool.
     unbracketed: what a (B, seed) whose bisection finds no stable/unstable bracket (the
     criterion never fires while doubling α, or always fires while halving) gives:
     "raise" (RuntimeError, the default) or "nan" (that entry is NaN, so is the mean over
@@ -581,7 +588,7 @@ def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergen
         raise ValueError(f"criterion must be one of {TRAINING_CRITERIA}, got {criterion!r}")
     if unbracketed not in ("raise", "nan"):
         raise ValueError(f"unbracketed must be 'raise' or 'nan', got {unbracketed!r}")
-    momentum = _read_momentum(optimizer, momentum)
+    momentum, nesterov = _read_momentum(optimizer, momentum, nesterov)
     src = as_data_source(data, name="data")
     X, y = src.tensors()
     if device is not None or dtype is not None:
@@ -609,11 +616,12 @@ def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergen
     jobs = [(i, j) for i in range(len(bs)) for j in range(len(seeds))]
     for i, j in progress_bar(jobs, progress=progress, total=len(jobs),
                              desc=f"lr threshold ({criterion}, m={momentum:g})", expected_s=10):
+        ntag = "|nesterov" if nesterov else ""           # heavy-ball keys as before
         B, s = bs[i], seeds[j]
         K = as_int("steps", steps(B) if callable(steps) else steps, minimum=8)
         if len(Ks) <= i:
             Ks.append(K)
-        key = (f"{tag}|{mtag}|{criterion}|m={momentum:g}|B={B}|seed={s}|K={K}"
+        key = (f"{tag}|{mtag}|{criterion}|m={momentum:g}{ntag}|B={B}|seed={s}|K={K}"
                f"|factor={factor:g}|tol={rel_tol:g}")
         keys.append(key)
         if store is not None and key in store:
@@ -621,14 +629,14 @@ def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergen
         else:
             a0 = lr0(B) if callable(lr0) else float(lr0)
             rec = {"batch_size": B, "seed": s, "steps": K, "momentum": momentum,
-                   "criterion": criterion}
+                   "nesterov": nesterov, "criterion": criterion}
             try:
                 res = bisect_max_lr(
                     lambda a: training_trial(model, loss_fn, X, y, a, B, steps=K,
                                              momentum=momentum, seed=s, criterion=criterion,
                                              factor=factor, direction=direction,
                                              growth_threshold=growth_threshold,
-                                             chunk_size=chunk_size),
+                                             chunk_size=chunk_size, nesterov=nesterov),
                     a0, rel_tol=rel_tol, max_expand=_MAX_EXPAND)
                 rec.update(lo=res.lo, hi=res.hi, alpha=res.alpha, n_trials=res.n_trials)
             except RuntimeError as err:
@@ -647,27 +655,36 @@ def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergen
     mean, se = seed_mean_stderr(per)
     return TrainingThresholds(np.array(bs), mean, se, per, lo, hi, seeds, criterion,
                               float(momentum), np.array(Ks), factor, rel_tol, n_trials,
-                              tuple(keys))
+                              tuple(keys), nesterov)
 
 
-def _read_momentum(optimizer, momentum) -> float:
-    """Heavy-ball momentum from `optimizer` ("sgd" or a torch.optim.SGD instance) or the
-    explicit `momentum`; refuses other optimizers, dampening and Nesterov."""
+def _read_momentum(optimizer, momentum, nesterov=None) -> tuple[float, bool]:
+    """(momentum, nesterov) from `optimizer` ("sgd" or a torch.optim.SGD instance) or the
+    explicit `momentum` / `nesterov` (None: the optimizer's, False for "sgd"); refuses
+    other optimizers, dampening, and Nesterov without momentum (as torch does)."""
     if isinstance(optimizer, str):
         if optimizer.lower() != "sgd":
             raise ValueError(f"optimizer must be 'sgd' or a torch.optim.SGD, got {optimizer!r}")
         m = as_float("momentum", momentum, nonnegative=True)
+        nest = False
     elif isinstance(optimizer, torch.optim.SGD):
         g = optimizer.param_groups[0]
-        if g.get("nesterov") or g.get("dampening", 0.0):
-            raise ValueError("optimizer: Nesterov momentum and dampening are not supported")
+        if g.get("dampening", 0.0):
+            raise ValueError("optimizer: SGD dampening is not supported")
         m = float(g.get("momentum", 0.0))
+        nest = bool(g.get("nesterov", False))
     else:
         raise TypeError(f"optimizer must be 'sgd' or a torch.optim.SGD instance, "
                         f"got {type(optimizer).__name__}")
+    if nesterov is not None:
+        if not isinstance(nesterov, (bool, np.bool_)):
+            raise TypeError(f"nesterov must be a bool or None, got {type(nesterov).__name__}")
+        nest = bool(nesterov)
     if not m < 1:
         raise ValueError(f"momentum must be in [0, 1), got {m}")
-    return m
+    if nest and m == 0:
+        raise ValueError("nesterov=True needs momentum > 0")
+    return m, nest
 
 
 @result

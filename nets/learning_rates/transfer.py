@@ -60,6 +60,15 @@ steps per learning rate and batch size (minutes on one CPU thread for a 2k–7k-
 network on 1,797 samples), against seconds for the directional form. Check `rank` by
 doubling it (`rank_check=True`).
 
+Nesterov momentum (torch's nesterov=True) is supported the same way: its mean-square limit
+F_N/λ'_ρ(B) (`rmt.lr.sgd_nesterov_ms_max_lr`, F_N = 2(1+ρ)/(1+2ρ); the same limit as heavy
+ball where the noise dominates, 2.8× lower at ρ = 0.9 where it does not) sets λ'_ρ(B) and
+the stability limit, and the linearised network runs Nesterov's update. Measured on seven
+digits networks at ρ = 0.9 (README) the default form met 20 % on one (the CNN, 0.88–1.10)
+and missed on six (0.64–1.79; closer than heavy ball's default on six of the seven), the
+directional form met on one other (the tanh MLP, 0.92–1.06); `warn_momentum_upward` warns
+for any B ≠ B₀ with Nesterov.
+
 "directional" (one per-sample pass along u), "resolved", "subspace" (Monte-Carlo over
 batches on the top eigenspace) and "isotropic" transfer 1/λ'_ρ(B) of the corresponding
 `predict_batch_top_eigenvalue` form (the first equation above) and are reported the same
@@ -81,7 +90,7 @@ from nets.learning_rates.along_top import correction_applies, rescaling
 from nets.learning_rates.lr_prediction import optimizer_settings
 from nets.utils.data_source import as_data_source
 from nets.utils.results import Result, result
-from rmt.lr import momentum_noise_gain
+from rmt.lr import momentum_effective_curvature, momentum_factor, momentum_noise_gain
 from rmt.validation import as_batch_sizes, as_float, as_int, as_seed
 
 __all__ = ["transfer_lr", "LRTransfer", "scaling_rule", "secant_correction", "warn_momentum_upward",
@@ -104,12 +113,13 @@ class LRTransfer(Result):
     across B; for the curvature forms |a(B) − a⁺(B)| with a⁺ the shape at the noise
     estimate raised by one standard error, which moves every B together;
     reference_batch_size B₀, reference_lr α₀, reference_shape a(B₀); momentum ρ;
-    noise_gain (1+ρ)/(1−ρ); lam (λ₁); s2 (s_u², directional pass; None otherwise);
-    batch_curvature λ'(B) and effective_curvature λ'_ρ(B) (n_B,), reference_curvature
-    λ'_ρ(B₀); critical_batch_size B* = s_u²/λ² and its momentum version
-    B*_ρ = (1+ρ)/(1−ρ)·B*; stability_limit 2(1+ρ)/λ'_ρ(B) (the absolute local limit, for
-    comparison); N; seed. Form "linearized" only (None otherwise): linearized_lr α_lin(B)
-    (n_B,), the linearised network's threshold; correction the bracket
+    nesterov; noise_gain (1+ρ)/(1−ρ) (Nesterov: its small-noise gain
+    (1+ρ)(1+2ρ)/(1+3ρ), as λ'_ρ is not linear in the noise there); lam (λ₁); s2 (s_u²,
+    directional pass; None otherwise); batch_curvature λ'(B) and effective_curvature
+    λ'_ρ(B) (n_B,), reference_curvature λ'_ρ(B₀); critical_batch_size B* = s_u²/λ² and its
+    momentum version B*_ρ = noise_gain·B*; stability_limit F/λ'_ρ(B) (the absolute local
+    limit, for comparison; F = 2(1+ρ), Nesterov 2(1+ρ)/(1+2ρ)); N; seed. Form "linearized"
+    only (None otherwise): linearized_lr α_lin(B) (n_B,), the linearised network's threshold; correction the bracket
     1 − (1 − s_lin/s_real)·λ/λ'_ρ(B) (n_B,; ones where not applied); correction_applied
     (False where s_lin/s_real > 1, module docstring); secant_ratio s_lin/s_real; rank; factor and
     steps of the threshold; rank_change (n_B,) the anchored shape at 2·rank over the one
@@ -145,6 +155,7 @@ class LRTransfer(Result):
     steps: int | None = None
     rank_change: np.ndarray | None = None
     correction_applied: bool | None = None
+    nesterov: bool = False
 
     def with_reference(self, reference) -> LRTransfer:
         """The same transfer anchored at another (B₀, α₀), B₀ one of `batch_sizes`: the
@@ -214,11 +225,11 @@ def _reference(reference):
 
 def _momentum_of(opt) -> float:
     if opt.name != "sgd":
-        raise ValueError(f"transfer_lr supports SGD (heavy-ball momentum) and Adam, got "
-                         f"{opt.name!r}")
-    if opt.nesterov or opt.dampening:
-        raise ValueError("transfer_lr: Nesterov momentum and dampening are not supported "
-                         "(the mean-square limit is derived for plain heavy ball)")
+        raise ValueError(f"transfer_lr supports SGD (heavy-ball or Nesterov momentum) and "
+                         f"Adam, got {opt.name!r}")
+    if opt.dampening:
+        raise ValueError("transfer_lr: SGD dampening is not supported (the mean-square limits "
+                         "are derived for heavy ball and Nesterov without it)")
     return float(opt.momentum)
 
 
@@ -242,14 +253,28 @@ def momentum_caveat_silenced():
         yield
 
 
-def warn_momentum_upward(momentum, batch_sizes, reference_batch_size, *, who="transfer_lr"):
+def warn_momentum_upward(momentum, batch_sizes, reference_batch_size, *, who="transfer_lr",
+                         nesterov=False):
     """Warn when a linearised-form transfer with momentum (heavy ball ρ, or Adam's β₁) is
     asked for batch sizes above the reference B₀. Measured (README, 26 network/optimizer
     cases with ρ or β₁ = 0.9, SGD and Adam): the transfer from B₀ = 32 to B = 512
     overestimated the real divergence threshold on 23 (by up to 3.4×) — the real network
     sharpens along the momentum drift at large B, its linearisation does not — and the
-    transfer from B₀ = 512 to B = 8 erred low on 23 (0.29–0.94×)."""
-    if momentum > 0 and np.any(np.asarray(batch_sizes) > reference_batch_size):
+    transfer from B₀ = 512 to B = 8 erred low on 23 (0.29–0.94×).
+
+    With `nesterov` (ρ > 0) it warns for any B ≠ B₀: measured on seven digits networks
+    (README, ρ = 0.9) the Nesterov transfer missed 20 % on six (0.64–1.79×; 9 of the 13
+    misses too high, most of them at B = 128 from either anchor)."""
+    Bs = np.asarray(batch_sizes)
+    if nesterov and momentum > 0 and np.any(Bs != reference_batch_size):
+        warnings.warn(f"{who}: {MOMENTUM_CAVEAT} ({momentum:g}, Nesterov) the transfer missed "
+                      "the real divergence threshold by more than 20 % on 6 of 7 measured "
+                      "networks (0.64-1.79x), mostly too high (9 of 13 misses) and from "
+                      "either anchor; measure at the batch size you will use "
+                      "(nets.lr_search.training_threshold(..., nesterov=True))",
+                      stacklevel=3)
+        return
+    if momentum > 0 and np.any(Bs > reference_batch_size):
         warnings.warn(f"{who}: {MOMENTUM_CAVEAT} ({momentum:g}) the transfer to batch sizes above "
                       f"the reference B0 = {reference_batch_size} overestimated the real "
                       "divergence threshold in 23 of 26 measured cases (up to 3.4x at "
@@ -273,7 +298,7 @@ def _anchor(shape, spread, i0, lr0, *, coherent):
 
 
 def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd",
-                momentum=None, form=None, kind="hessian", num_probes=10,
+                momentum=None, nesterov=None, form=None, kind="hessian", num_probes=10,
                 n_batches_mc=2000, micro_batch="auto", rank=_LINEARIZED_RANK, factor=10.0,
                 steps=None, n_seeds=8, rank_check=False, params=None, policy=None,
                 chunk_size=None, device=None, dtype=None, seed=0,
@@ -281,8 +306,11 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
     """Learning rate for each B from one known at B₀ (module docstring for the equations).
 
     reference : (B₀, α₀), a learning rate that works — or the measured threshold — at B₀.
-    optimizer : "sgd", a torch SGD class or instance (its heavy-ball momentum is read);
-        momentum : ρ (overrides/must agree with the optimizer's). "adam"/"adamw" or a
+    optimizer : "sgd", a torch SGD class or instance (its momentum and Nesterov flag are
+        read); momentum : ρ, nesterov : torch's Nesterov (both override/must agree with the
+        optimizer's). With Nesterov, λ'_ρ(B) = F_N/α*_N(B) of its mean-square limit
+        (`rmt.lr.momentum_effective_curvature`, F_N = 2(1+ρ)/(1+2ρ)) and the linearised
+        network runs Nesterov. "adam"/"adamw" or a
         torch Adam/AdamW class or instance (β₁, β₂, ε read) hands over to
         `nets.learning_rates.adam.adam_transfer_lr` and returns its `AdamTransfer`:
         form None or "linearized" (the default for Adam: Adam on the linearised network
@@ -314,7 +342,7 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
     from nets.noise.batch_spectra import predict_batch_top_eigenvalue
 
     B0, lr0 = _reference(reference)
-    opt = optimizer_settings(optimizer, momentum=momentum)
+    opt = optimizer_settings(optimizer, momentum=momentum, nesterov=nesterov)
     if opt.name == "adam":
         return _adam_transfer(model, loss_fn, data, batch_sizes, (B0, lr0), opt, form=form,
                               factor=factor, steps=steps, n_seeds=n_seeds, params=params,
@@ -350,21 +378,24 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
     curve = np.asarray(pred[curv], dtype=float)
     se = pred.get(f"{curv}_stderr")
     se = np.zeros_like(curve) if se is None else np.nan_to_num(np.asarray(se, dtype=float))
-    gain = momentum_noise_gain(rho)
-    eff = lam + gain * (curve - lam)                       # λ'_ρ(B)
-    limit = 2.0 * (1.0 + rho) / eff
+    nest = bool(opt.nesterov)
+    gain = (momentum_noise_gain(rho) if not nest       # Nesterov: the small-noise gain
+            else (1.0 + rho) * (1.0 + 2.0 * rho) / (1.0 + 3.0 * rho))
+    eff = momentum_effective_curvature(lam, curve, rho, nesterov=nest)      # λ'_ρ(B)
+    F = momentum_factor(rho, "nesterov" if nest else "heavy_ball")
+    limit = F / eff
     pos = {int(b): i for i, b in enumerate(allB)}
     i0 = pos[B0]
     idx = np.array([pos[int(b)] for b in Bs])
     extra = {}
     if linear:
         shape, spread, extra = _linearized_shape(model, loss_fn, data, allB, lam, eff,
-                                                 momentum=rho, rank=rank, factor=factor,
+                                                 momentum=rho, nesterov=nest, rank=rank, factor=factor,
                                                  steps=steps, n_seeds=n_seeds,
                                                  rank_check=rank_check, device=device,
                                                  seed=seed, progress=progress, i0=i0)
         extra = {k: (v[idx] if isinstance(v, np.ndarray) else v) for k, v in extra.items()}
-        warn_momentum_upward(rho, Bs, B0)
+        warn_momentum_upward(rho, Bs, B0, nesterov=nest)
         bracket = ("[1 − (1 − s_lin/s_real)·λ/λ'_ρ(B)]" if extra["correction_applied"] else
                    "1 (s_lin/s_real > 1: correction not applied)")
         rule = (f"lr(B) = lr0·a(B)/a(B0), a(B) = α_lin(B)·{bracket}, "
@@ -376,9 +407,11 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
         shift = curve - lam
         r = float(np.nanmax(np.where(shift > 0, se / np.where(shift > 0, shift, 1.0), 0.0)))
         shape = limit
-        spread = shape - 2.0 * (1.0 + rho) / (lam + gain * shift * (1.0 + r))
-        rule = ("lr(B) = lr0·λ'_ρ(B0)/λ'_ρ(B), λ'_ρ = λ + (1+ρ)/(1−ρ)·(λ'(B) − λ), "
-                f"λ'(B) {form} form")
+        spread = shape - F / momentum_effective_curvature(lam, lam + shift * (1.0 + r), rho,
+                                                          nesterov=nest)
+        rule = ("lr(B) = lr0·λ'_ρ(B0)/λ'_ρ(B), " + (
+            "λ'_ρ = F_N/α*_N the Nesterov mean-square limit's" if nest else
+            "λ'_ρ = λ + (1+ρ)/(1−ρ)·(λ'(B) − λ)") + f", λ'(B) {form} form")
     lr_all, se_all = _anchor(shape, spread, i0, lr0, coherent=not linear)
     s2 = pred.get("s2_directional")
     bstar = pred.get("critical_batch_size")
@@ -390,7 +423,7 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
         effective_curvature=eff[idx], reference_curvature=float(eff[i0]),
         critical_batch_size=None if bstar is None else float(bstar),
         critical_batch_size_momentum=None if bstar is None else float(gain * bstar),
-        stability_limit=limit[idx], N=int(pred["N"]), seed=int(seed), **extra)
+        stability_limit=limit[idx], N=int(pred["N"]), seed=int(seed), nesterov=nest, **extra)
 
 
 def _adam_transfer(model, loss_fn, data, batch_sizes, reference, opt, *, form, factor, steps,
@@ -410,8 +443,8 @@ def _adam_transfer(model, loss_fn, data, batch_sizes, reference, opt, *, form, f
                             linearized=linearized, progress=progress, **extra)
 
 
-def _linearized_shape(model, loss_fn, data, batch_sizes, lam, eff, *, momentum, rank, factor,
-                      steps, n_seeds, rank_check, device, seed, progress, i0):
+def _linearized_shape(model, loss_fn, data, batch_sizes, lam, eff, *, momentum, nesterov, rank,
+                      factor, steps, n_seeds, rank_check, device, seed, progress, i0):
     """a(B) = α_lin(B)·`secant_correction`(λ, λ'_ρ(B), s_lin/s_real) (module docstring);
     returns (a, its seed standard error, the LRTransfer fields of the form)."""
     from nets.learning_rates.along_top import loss_along_top
@@ -419,7 +452,7 @@ def _linearized_shape(model, loss_fn, data, batch_sizes, lam, eff, *, momentum, 
 
     def threshold(r):
         return linearized_threshold(model, loss_fn, data, batch_sizes, momentum=momentum,
-                                    factor=factor, steps=steps,
+                                    nesterov=nesterov, factor=factor, steps=steps,
                                     seeds=tuple(range(seed, seed + n_seeds)), device=device,
                                     seed=seed, rank=r, progress=progress)
 
