@@ -46,6 +46,8 @@ seeds) and, held out, "mse_gelu" and "mse_tabular" (HELD_OUT_MSE), each run with
     python benchmarks/bench_heldout_transfer.py --net mlp        # a development net (~5 min)
     python benchmarks/bench_heldout_transfer.py --net mlp --momentum 0.9   # its m = 0.9 forms (~5 min)
     python benchmarks/bench_heldout_transfer.py --net mse_tabular --momentum 0.9   # ~4 min
+    python benchmarks/bench_heldout_transfer.py --net gelu --momentum 0.9 --nesterov   # torch's
+        # Nesterov instead of heavy ball (real thresholds always measured here; 3–9 min)
     python benchmarks/bench_heldout_transfer.py --net summary    # every net from stored JSON
     python benchmarks/bench_heldout_transfer.py --net bn_cnn --reuse-real   # forms only (~7 min)
 """
@@ -68,6 +70,7 @@ from _common import (
 from bench_criterion import BATCH_SIZES, network, study, transfer_ratios
 
 from nets.learning_rates.along_top import rescaling_as_derived
+from nets.learning_rates.transfer import momentum_caveat_silenced
 from rmt.lr import momentum_factor
 
 HELD_OUT = {"gelu": dict(seed=2, hidden=(48,), activation="gelu"),
@@ -207,19 +210,20 @@ def worst(transfer):
             float(max(v.max() for v in transfer.values()))]
 
 
-def share_q(lam, lin, momentum=0.0):
-    """q(B) = min(1, α_lin(B)·λ₁/(2(1+m))) (module docstring: tried, not kept)."""
-    edge = momentum_factor(momentum, "heavy_ball")          # 2(1 + m)
+def share_q(lam, lin, momentum=0.0, nesterov=False):
+    """q(B) = min(1, α_lin(B)·λ₁/(2(1+m))) (module docstring: tried, not kept; Nesterov:
+    its edge 2(1+m)/(1+2m))."""
+    edge = momentum_factor(momentum, "nesterov" if nesterov else "heavy_ball")
     return np.minimum(1.0, np.asarray(lin, float) * float(lam) / edge)
 
 
-def rows(real, lam, lam_prime, lin, secant_ratio, momentum=0.0):
+def rows(real, lam, lam_prime, lin, secant_ratio, momentum=0.0, nesterov=False):
     """Every form's shape and transfers; `lam_prime` is λ'_m(B), the curve at `momentum`.
     The corrections as derived, for any s_lin/s_real (transfer_lr applies its own for
     s_lin/s_real ≤ 1 only)."""
     lin_a = np.asarray(lin, float)
     pred = lin_a * rescaling_as_derived(secant_ratio, lam / np.asarray(lam_prime, float))
-    q = share_q(lam, lin_a, momentum)
+    q = share_q(lam, lin_a, momentum, nesterov)
     pred_q = lin_a * rescaling_as_derived(secant_ratio, q)
     out = {"real": real, "lam": lam, "lam_prime": lam_prime, "linearized": lin,
            "secant_ratio": secant_ratio, "corrected": pred, "share_q": q, "corrected_q": pred_q}
@@ -231,8 +235,9 @@ def rows(real, lam, lam_prime, lin, secant_ratio, momentum=0.0):
     return out
 
 
-def measure(name, momentum=0.0, reuse_real=False):
-    """Real thresholds (8 seeds) and the three forms on a held-out network at `momentum`;
+def measure(name, momentum=0.0, reuse_real=False, nesterov=False):
+    """Real thresholds (8 seeds) and the three forms on a held-out network at `momentum`
+    (torch's Nesterov with `nesterov`; its real thresholds are always measured here);
     the linearised threshold and its correction are `transfer_lr(form="linearized")`'s
     (rank 200, the 8 measured batch sequences, tolerance 10, 200 steps; with momentum the correction
     uses λ'_ρ(B), the directional form 1/λ'_ρ(B))."""
@@ -240,12 +245,13 @@ def measure(name, momentum=0.0, reuse_real=False):
     from nets.learning_rates.lr_search import training_threshold
 
     model, data, loss_fn = transfer_network(name)
-    lin = transfer_lr(model, loss_fn, data, BATCH_SIZES, reference=(8, 1.0),
-                      momentum=momentum, form="linearized", factor=10.0, steps=200,
-                      n_seeds=LIN_SEEDS)
+    with momentum_caveat_silenced():
+        lin = transfer_lr(model, loss_fn, data, BATCH_SIZES, reference=(8, 1.0),
+                          momentum=momentum, nesterov=nesterov, form="linearized", factor=10.0,
+                          steps=200, n_seeds=LIN_SEEDS)
     limit = np.asarray(lin.stability_limit, float)        # the directional local limit
-    stored_real = RESULTS / f"{output_name(name, momentum)}.json"
-    if name in DEVELOPMENT:                 # measured by bench_lr_transfer.py, seeds 0–7
+    stored_real = RESULTS / f"{output_name(name, momentum, nesterov)}.json"
+    if name in DEVELOPMENT and not nesterov:   # measured by bench_lr_transfer.py, seeds 0–7
         st = study(name)
         real_lr = np.asarray(st[f"measured_m{momentum:g}"], float)
         real_se = np.asarray(st[f"measured_stderr_m{momentum:g}"], float)
@@ -254,14 +260,16 @@ def measure(name, momentum=0.0, reuse_real=False):
         real_lr, real_se = np.asarray(old["real"], float), np.asarray(old["real_stderr"], float)
     else:
         real = training_threshold(model, loss_fn, data, BATCH_SIZES,
-                                  criterion="divergence", momentum=momentum, steps=200,
+                                  criterion="divergence", momentum=momentum,
+                                  nesterov=nesterov, steps=200,
                                   seeds=tuple(range(8)), progress=False, unbracketed="nan",
                                   lr0=lambda B: float(np.interp(B, lin.batch_sizes, limit)))
         real_lr, real_se = real.lr, real.stderr
     out = rows(real_lr, lin.lam, lin.effective_curvature, lin.linearized_lr, lin.secant_ratio,
-               momentum)
+               momentum, nesterov)
     out["real_stderr"] = real_se
     out["momentum"] = momentum
+    out["nesterov"] = nesterov
     out["rank"], out["linearized_seeds"] = lin.rank, LIN_SEEDS
     return out
 
@@ -271,12 +279,13 @@ def rederive(stored_row):
     and secant ratio (pure arithmetic: nothing is re-measured)."""
     r = dict(stored_row)
     r.update(rows(r["real"], r["lam"], r["lam_prime"], r["linearized"], r["secant_ratio"],
-                  r.get("momentum", 0.0)))
+                  r.get("momentum", 0.0), r.get("nesterov", False)))
     return r
 
 
-def output_name(name, momentum=0.0):
-    return f"bench_heldout_transfer_{name}" + ("" if momentum == 0 else f"_m{momentum:g}")
+def output_name(name, momentum=0.0, nesterov=False):
+    return (f"bench_heldout_transfer_{name}" + ("" if momentum == 0 else f"_m{momentum:g}")
+            + ("_nesterov" if nesterov else ""))
 
 
 def stored(name):
@@ -294,14 +303,17 @@ def main(argv=None):
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--net", choices=(*ALL_NETS, "summary"), default="summary")
     p.add_argument("--momentum", type=float, default=0.0, help="heavy-ball momentum")
+    p.add_argument("--nesterov", action="store_true", help="torch's Nesterov momentum instead")
     p.add_argument("--reuse-real", action="store_true",
                    help="take the measured thresholds from the stored JSON (re-derive the forms only)")
     args = p.parse_args(argv)
     setup_torch(args)
     if args.net != "summary":
         out = {"environment": environment(), "net": args.net, **HELD_OUT.get(args.net, {}),
-               "batch_sizes": list(BATCH_SIZES), **measure(args.net, args.momentum, args.reuse_real)}
-        print("wrote", write_json(output_name(args.net, args.momentum), out, args.out))
+               "batch_sizes": list(BATCH_SIZES),
+               **measure(args.net, args.momentum, args.reuse_real, args.nesterov)}
+        print("wrote", write_json(output_name(args.net, args.momentum, args.nesterov), out,
+                                  args.out))
         return
     table = {}
     for name in DEVELOPMENT:                # re-derived over eight sequences where run
@@ -312,12 +324,14 @@ def main(argv=None):
         if path.exists():
             table[name] = json.loads(path.read_text())
     for name in ALL_NETS:                   # with momentum, where run
-        path = RESULTS / f"{output_name(name, 0.9)}.json"
-        if path.exists():
-            table[f"{name}_m0.9"] = json.loads(path.read_text())
+        for nest, suffix in ((False, "_m0.9"), (True, "_m0.9_nesterov")):
+            path = RESULTS / f"{output_name(name, 0.9, nest)}.json"
+            if path.exists():
+                table[f"{name}{suffix}"] = json.loads(path.read_text())
     for name, r in table.items():           # every form from the stored thresholds
         table[name] = rederive(r)
-        path = RESULTS / f"{output_name(name.removesuffix('_m0.9'), r.get('momentum', 0.0))}.json"
+        base = name.removesuffix("_nesterov").removesuffix("_m0.9")
+        path = RESULTS / f"{output_name(base, r.get('momentum', 0.0), r.get('nesterov', False))}.json"
         if path.exists():
             write_json(path.stem, table[name], str(path))
     for name, r in table.items():
