@@ -264,10 +264,21 @@ def sgd_nesterov_ms_max_lr(B, lam, s2, N=None, momentum=0.0, *, replacement: boo
 
 
 def _nesterov_alpha(lam, sig2, m):
-    """α* of :func:`sgd_nesterov_ms_max_lr` for the batch-curvature variance ``sig2``."""
-    b = (1.0 + m) * sig2 + (1.0 - m - 4.0 * m * m) * lam * lam
-    disc = b * b + 8.0 * m * (1.0 + 2.0 * m) * (1.0 - m * m) * lam * lam * (lam * lam + sig2)
-    return 4.0 * lam * (1.0 - m * m) / (b + np.sqrt(disc))
+    """α* of :func:`sgd_nesterov_ms_max_lr` for the batch-curvature variance ``sig2``.
+
+    In u = αλ and x = σ²/λ² (no λ² formed, so no overflow for extreme λ) the boundary is
+    a·u² + b·u − c = 0 with a = ρ(1 + 2ρ)(1 + x), b = (1 + ρ)x + 1 − ρ − 4ρ², c = 2(1 − ρ²);
+    its positive root is taken in the form without cancellation for the sign of b."""
+    with np.errstate(over="ignore"):
+        x = np.asarray(sig2, dtype=float) / lam / lam
+        a = m * (1.0 + 2.0 * m) * (1.0 + x)
+        b = (1.0 + m) * x + (1.0 - m - 4.0 * m * m)
+        c = 2.0 * (1.0 - m * m)
+        root = np.sqrt(b * b + 4.0 * a * c)
+        neg = b < 0                          # only for ρ > 0, where a > 0
+        u = np.where(neg, (root - b) / np.where(neg, 2.0 * a, 1.0),
+                     2.0 * c / np.where(neg, 1.0, b + root))
+    return u / lam
 
 
 def momentum_effective_curvature(lam, batch_curvature, momentum=0.0, *, nesterov: bool = False):
@@ -277,14 +288,20 @@ def momentum_effective_curvature(lam, batch_curvature, momentum=0.0, *, nesterov
     Heavy ball (F = 2(1 + ρ)): ``λ'_ρ = λ + (1 + ρ)/(1 − ρ)·(λ'(B) − λ)``
     (:func:`sgd_momentum_ms_max_lr`). Nesterov (F = 2(1 + ρ)/(1 + 2ρ)): ``F/α*`` of
     :func:`sgd_nesterov_ms_max_lr` with σ² = λ·(λ'(B) − λ), not linear in λ'(B).
-    ``batch_curvature`` may be an array; ρ = 0 returns it unchanged (as float)."""
+    ``batch_curvature`` may be an array; ρ = 0 returns it unchanged (as float). For Nesterov
+    a batch curvature below λ (a negative variance) counts as no noise."""
     m = _momentum("momentum", momentum)
     lam = as_float("lam", lam, positive=True)
+    if not isinstance(nesterov, (bool, np.bool_)):
+        raise TypeError(f"nesterov must be a bool, got {type(nesterov).__name__}")
     scalar = _is_scalar(batch_curvature)
-    shift = np.asarray(batch_curvature, dtype=float) - lam
+    curve = (as_float("batch_curvature", batch_curvature) if scalar
+             else as_array("batch_curvature", batch_curvature))
+    shift = np.asarray(curve, dtype=float) - lam
     if not nesterov or m == 0.0:
         return _out(lam + momentum_noise_gain(m) * shift, scalar)
-    return _out(momentum_factor(m, "nesterov") / _nesterov_alpha(lam, lam * shift, m), scalar)
+    return _out(momentum_factor(m, "nesterov") / _nesterov_alpha(lam, lam * np.maximum(shift, 0.0), m),
+                scalar)
 
 
 #: longest path `heavy_ball_lyapunov_exponent` accepts (a Python loop over steps)
