@@ -480,3 +480,25 @@ def test_nesterov_linearized_form_on_a_linear_model_is_real_training():
     hb = training_threshold(model, loss, (X, y), [32], factor=10.0, momentum=m, steps=60,
                             seeds=seeds, lr0=0.05, rel_tol=0.01)
     assert hb.lr[0] > 1.3 * real.lr[2]
+
+
+def test_inputs_of_another_dtype_are_cast_to_the_model(tiny_mlp):
+    """numpy float64 data with a float32 model (sklearn's default), and float32 data with a
+    float64 model, give the numbers of matching dtypes on the training paths."""
+    from nets.learning_rates.linearized import linearized_threshold
+
+    model, X, y = tiny_mlp(seed=2, N=48)
+    loss = torch.nn.functional.cross_entropy
+    m32 = copy.deepcopy(model).float()
+    X32 = X.float()
+    kw = dict(steps=30, seeds=(0,), lr0=0.5, rel_tol=0.05)
+    ref = training_threshold(m32, loss, (X32, y), [8], **kw)
+    got = training_threshold(m32, loss, (X32.double().numpy(), y.numpy()), [8], **kw)
+    assert got.lr[0] == pytest.approx(ref.lr[0], rel=1e-6)
+    lkw = dict(steps=20, seeds=(0,), n_grid=6, rank=4)
+    a = linearized_threshold(m32, loss, (X32, y), [8], **lkw)
+    b = linearized_threshold(m32, loss, (X32.double(), y), [8], **lkw)
+    np.testing.assert_allclose(b.lr, a.lr, rtol=1e-5)
+    m64 = copy.deepcopy(model).double()
+    d64 = training_threshold(m64, loss, (X32, y), [8], **kw)
+    assert np.isfinite(d64.lr[0])

@@ -64,10 +64,11 @@ import numpy as np
 import torch
 
 from nets.algorithms.lanczos import eigsh
+from nets.curvature.loss_check import check_mean_reduced
 from nets.curvature.operators import batch_hessian_operator, hessian_operator
 from nets.learning_rates.lr_prediction import DiagonalScaledOperator
 from nets.learning_rates.lr_search import Trial, bisect_max_lr, seed_mean_stderr
-from nets.utils.data_source import as_data_source
+from nets.utils.data_source import as_data_source, tensors_for
 from nets.utils.progress import progress_bar
 from nets.utils.results import Result, result
 from rmt.lr import adam_ms_max_lr, momentum_noise_gain
@@ -335,6 +336,7 @@ def predict_adam_max_lr(model, loss_fn, data, batch_sizes, *, betas=None, eps=1e
     from nets.noise.gradient_noise import gradient_noise
 
     src = as_data_source(data)
+    check_mean_reduced(model, loss_fn, src)
     N = src.N
     bs = np.array([as_int("batch_sizes", b, minimum=1) for b in np.atleast_1d(batch_sizes)])
     if bs.max() > N:
@@ -447,6 +449,9 @@ def adam_transfer_lr(model, loss_fn, data, batch_sizes, *, reference, betas=(0.9
     allb = np.unique(np.r_[bs, B0])
     if prediction is None and form == "linearized":
         from nets.learning_rates.adam_linearized import linearized_adam_threshold
+        from nets.learning_rates.transfer import refuse_params_for_linearized
+
+        refuse_params_for_linearized(params)
 
         prediction = linearized_adam_threshold(model, loss_fn, data, allb, betas=betas,
                                                eps=eps, seed=seed, progress=progress,
@@ -706,8 +711,8 @@ def adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 0.999), eps
     """
     if criterion not in ADAM_CRITERIA:
         raise ValueError(f"criterion must be one of {ADAM_CRITERIA}, got {criterion!r}")
-    src = as_data_source(data)
-    X, y = src.tensors(device=device, dtype=dtype)
+    check_mean_reduced(model, loss_fn, data)
+    X, y = tensors_for(model, data, device=device, dtype=dtype)
     if device is not None or dtype is not None:     # the trials train copies: cast one
         model = copy.deepcopy(model).to(device=device, dtype=dtype)
     N = len(X)

@@ -54,6 +54,7 @@ import numpy as np
 import torch
 
 from nets.algorithms.lanczos import eigsh
+from nets.curvature.loss_check import check_mean_reduced
 from nets.learning_rates.adam import (
     adam_factor,
     preconditioned_operator,
@@ -71,7 +72,7 @@ from nets.learning_rates.linearized import (
     refined_runs,
 )
 from nets.learning_rates.lr_search import seed_mean_stderr
-from nets.utils.data_source import as_data_source
+from nets.utils.data_source import tensors_for
 from nets.utils.progress import progress_bar
 from nets.utils.results import Result, result
 from rmt.validation import as_batch_sizes, as_float, as_int, as_range, as_seed
@@ -165,7 +166,8 @@ def linearized_adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 
     seeds = tuple(as_seed("seeds", s) for s in np.atleast_1d(seeds).tolist())
     if not seeds:
         raise ValueError("seeds must not be empty")
-    X, y = as_data_source(data, name="data").tensors()
+    check_mean_reduced(model, loss_fn, data)
+    X, y = tensors_for(model, data)
     N = len(X)
     bs = as_batch_sizes(batch_sizes, N).tolist()
     P = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -358,7 +358,7 @@ def linearized_adam_max_loss(J, z0, y, loss_fn, batch_size, lrs, steps, batch_se
                         stop_above)
 
 
-def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", momentum=0.0,
+def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", momentum=None,
                          nesterov=None, factor=10.0, steps=200, seeds=(0, 1, 2), extra_factors=(),
                          lr_range=None, n_grid=48, chunk_size=256, max_bytes=4 << 30,
                          device=None, dtype=torch.float32, seed=0, rank=None,
@@ -381,7 +381,7 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
     dtype) or "stored" (J in memory, `dtype`, refused above max_bytes): the same numbers
     to rounding, `linear_model_outputs`. The subspace form always stores J·V."""
     from nets.learning_rates.lr_search import _read_momentum, _top_direction, seed_mean_stderr
-    from nets.utils.data_source import as_data_source
+    from nets.utils.data_source import tensors_for
     from nets.utils.progress import progress_bar
 
     if not isinstance(model, torch.nn.Module):
@@ -396,9 +396,8 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
     seeds = tuple(as_seed("seeds", s) for s in np.atleast_1d(seeds).tolist())
     if not seeds:
         raise ValueError("seeds must not be empty")
-    X, y = as_data_source(data, name="data").tensors()
+    X, y = tensors_for(model, data, device=device)
     if device is not None:
-        X, y = X.to(device), y.to(device)
         model = copy.deepcopy(model).to(device)
     N = len(X)
     bs = as_batch_sizes(batch_sizes, N).tolist()

@@ -457,7 +457,7 @@ def _adam_batch_tops(model, loss_fn, src, bs, indices, gbar2, var, eps, *, tol, 
 
 
 def lr_table(model, loss_fn, data, batch_sizes, *, optimizer="sgd", momentum=None, betas=None,
-             eps=None, n_batches=4, measure=True, num_probes=4, hessian_samples=128,
+             eps=None, nesterov=None, n_batches=4, measure=True, num_probes=4, hessian_samples=128,
              mccandlish=True, tol=1e-8, micro_batch="auto", params=None, policy=None,
              chunk_size=None, device=None, dtype=None, seed=0, progress=None) -> LRTable:
     """Predicted learning rates for every B in `batch_sizes` from one measurement pass.
@@ -465,7 +465,7 @@ def lr_table(model, loss_fn, data, batch_sizes, *, optimizer="sgd", momentum=Non
     data : an (X, y) pair, a torch Dataset or a non-shuffling DataLoader / re-iterable of
         (x, y) batches (`nets.utils.data_source`); `loss_fn` mean-reduced (a summed loss
         triggers a UserWarning, `nets.curvature.loss_check.check_mean_reduced`).
-    optimizer, momentum, betas, eps : see `optimizer_settings`. The SGD columns use its
+    optimizer, momentum, betas, eps, nesterov : see `optimizer_settings`. The SGD columns use its
         momentum factor, the Adam columns its β₁ and ε (torch's Adam defaults for an SGD
         optimizer; ρ = 0 for an Adam one).
     measure : also measure λ_max(H_B) with `measure_batch_top_eigenvalue(...,
@@ -480,7 +480,8 @@ def lr_table(model, loss_fn, data, batch_sizes, *, optimizer="sgd", momentum=Non
         (dtype None: the model's). seed : int or numpy Generator. progress : forwarded
         to every long inner call (True/False/None).
     """
-    opt = optimizer_settings(optimizer, momentum=momentum, betas=betas, eps=eps)
+    opt = optimizer_settings(optimizer, momentum=momentum, betas=betas, eps=eps,
+                             nesterov=nesterov)
     src = as_data_source(data)
     N = src.N
     bs = as_batch_sizes(batch_sizes, N)
@@ -546,7 +547,7 @@ def lr_table(model, loss_fn, data, batch_sizes, *, optimizer="sgd", momentum=Non
 
 
 def predict_max_lr(model, loss_fn, data, batch_sizes, *, optimizer="sgd", momentum=None,
-                   num_probes=1, micro_batch="auto", params=None, policy=None,
+                   nesterov=None, num_probes=1, micro_batch="auto", params=None, policy=None,
                    chunk_size=None, device=None, dtype=None, seed=0,
                    progress=None) -> np.ndarray:
     """Predicted maximal stable learning rate per batch size (directional, mean-square).
@@ -555,7 +556,7 @@ def predict_max_lr(model, loss_fn, data, batch_sizes, *, optimizer="sgd", moment
     c(B,N)·s_u²/λ_1 (`rmt.lr.sgd_max_lr`); heavy-ball momentum ρ (`momentum`, or the
     instance's; dampening τ) the mean-square limit 2(1+ρ)/((1−τ)·λ'_ρ(B)),
     λ'_ρ = λ_1 + (1+ρ)/(1−ρ)·c·s_u²/λ_1 (`rmt.lr.sgd_momentum_ms_max_lr`; this is
-    `LRTable.sgd_momentum`); Nesterov (torch's nesterov=True): its mean-square limit
+    `LRTable.sgd_momentum`); Nesterov (`nesterov=True`, or an instance's): its mean-square limit
     `rmt.lr.sgd_nesterov_ms_max_lr` (2(1+ρ)/((1+2ρ)λ_1) without noise, the same
     2(1−ρ)λ_1/(c·s_u²) as heavy ball when the noise dominates).
     Adam/AdamW/RMSprop: the mean-square limit of the preconditioned iteration
@@ -573,7 +574,7 @@ def predict_max_lr(model, loss_fn, data, batch_sizes, *, optimizer="sgd", moment
     Other options as `lr_table` (run with measure=False, mccandlish=False). Returns a numpy
     array aligned with `batch_sizes`.
     """
-    opt = optimizer_settings(optimizer, momentum=momentum)
+    opt = optimizer_settings(optimizer, momentum=momentum, nesterov=nesterov)
     if opt.name != "sgd":
         from nets.learning_rates.adam import predict_adam_max_lr
 

@@ -51,6 +51,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from nets.curvature.loss_check import check_mean_reduced
+from nets.utils.data_source import tensors_for
 from nets.utils.jsonl_store import JsonlStore
 from nets.utils.results import Result, result
 from rmt.validation import as_batch_sizes, as_float, as_int, as_seed
@@ -554,7 +556,7 @@ def _model_tag(model, X) -> str:
 
 
 def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergence",
-                       optimizer="sgd", momentum=0.0, nesterov=None, steps=200, seeds=(0, 1, 2),
+                       optimizer="sgd", momentum=None, nesterov=None, steps=200, seeds=(0, 1, 2),
                        factor=10.0, lr0=None, rel_tol=0.03, growth_threshold=None,
                        unbracketed="raise", store=None, tag="", chunk_size=4096, device=None,
                        dtype=None, seed=0, progress=None) -> TrainingThresholds:
@@ -571,7 +573,8 @@ def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergen
     1/λ₁ from a k=1 Lanczos) and stops at hi/lo ≤ 1 + rel_tol.
 
     optimizer: "sgd" or a `torch.optim.SGD` instance whose momentum and nesterov flag are
-    read (dampening is refused); nesterov: None (the optimizer's, False for "sgd") or a bool.
+    read (dampening is refused); momentum, nesterov: None (the optimizer's; 0 and False for
+    "sgd") or values, which must agree with an instance's.
     unbracketed: what a (B, seed) whose bisection finds no stable/unstable bracket (the
     criterion never fires while doubling α, or always fires while halving) gives:
     "raise" (RuntimeError, the default) or "nan" (that entry is NaN, so is the mean over
@@ -581,7 +584,6 @@ def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergen
     seed: seeds the Lanczos start of the onset direction and the default lr0.
     Returns a `TrainingThresholds` (mean over seeds, standard error, per-seed values).
     """
-    from nets.utils.data_source import as_data_source
     from nets.utils.progress import progress_bar
 
     if criterion not in TRAINING_CRITERIA:
@@ -589,11 +591,9 @@ def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergen
     if unbracketed not in ("raise", "nan"):
         raise ValueError(f"unbracketed must be 'raise' or 'nan', got {unbracketed!r}")
     momentum, nesterov = _read_momentum(optimizer, momentum, nesterov)
-    src = as_data_source(data, name="data")
-    X, y = src.tensors()
+    check_mean_reduced(model, loss_fn, data)
+    X, y = tensors_for(model, data, device=device, dtype=dtype)
     if device is not None or dtype is not None:
-        X = X.to(device=device, dtype=dtype if X.is_floating_point() else None)
-        y = y.to(device=device)
         # the trials train copies of the model: cast it with the data (floating
         # parameters and buffers only), never the caller's module
         model = copy.deepcopy(model).to(device=device, dtype=dtype)
@@ -660,12 +660,15 @@ def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergen
 
 def _read_momentum(optimizer, momentum, nesterov=None) -> tuple[float, bool]:
     """(momentum, nesterov) from `optimizer` ("sgd" or a torch.optim.SGD instance) or the
-    explicit `momentum` / `nesterov` (None: the optimizer's, False for "sgd"); refuses
-    other optimizers, dampening, and Nesterov without momentum (as torch does)."""
+    explicit `momentum` / `nesterov` (None: the optimizer's, 0 and False for "sgd"; given
+    with an instance they must agree with it); refuses other optimizers, dampening, and
+    Nesterov without momentum (as torch does)."""
+    if nesterov is not None and not isinstance(nesterov, (bool, np.bool_)):
+        raise TypeError(f"nesterov must be a bool or None, got {type(nesterov).__name__}")
     if isinstance(optimizer, str):
         if optimizer.lower() != "sgd":
             raise ValueError(f"optimizer must be 'sgd' or a torch.optim.SGD, got {optimizer!r}")
-        m = as_float("momentum", momentum, nonnegative=True)
+        m = 0.0 if momentum is None else as_float("momentum", momentum, nonnegative=True)
         nest = False
     elif isinstance(optimizer, torch.optim.SGD):
         g = optimizer.param_groups[0]
@@ -673,12 +676,16 @@ def _read_momentum(optimizer, momentum, nesterov=None) -> tuple[float, bool]:
             raise ValueError("optimizer: SGD dampening is not supported")
         m = float(g.get("momentum", 0.0))
         nest = bool(g.get("nesterov", False))
+        if momentum is not None and as_float("momentum", momentum, nonnegative=True) != m:
+            raise ValueError(f"momentum={momentum!r} conflicts with the optimizer's own "
+                             f"momentum={m!r}; give momentum once")
+        if nesterov is not None and bool(nesterov) != nest:
+            raise ValueError(f"nesterov={nesterov!r} conflicts with the optimizer's own "
+                             f"nesterov={nest!r}; give nesterov once")
     else:
         raise TypeError(f"optimizer must be 'sgd' or a torch.optim.SGD instance, "
                         f"got {type(optimizer).__name__}")
     if nesterov is not None:
-        if not isinstance(nesterov, (bool, np.bool_)):
-            raise TypeError(f"nesterov must be a bool or None, got {type(nesterov).__name__}")
         nest = bool(nesterov)
     if not m < 1:
         raise ValueError(f"momentum must be in [0, 1), got {m}")
@@ -728,9 +735,8 @@ def self_stabilisation(model, loss_fn, data, *, factor=4.0, batch_size=512, step
     steps (one Lanczos run each; the run stops early once that loss is non-finite or
     above 10⁶× its start)."""
     from nets.algorithms.spectra import top_eigenvalues
-    from nets.utils.data_source import as_data_source
 
-    X, y = as_data_source(data, name="data").tensors()
+    X, y = tensors_for(model, data)
     factor = as_float("factor", factor, positive=True)
     B = as_int("batch_size", batch_size, minimum=1, maximum=len(X))
     steps = as_int("steps", steps, minimum=1)

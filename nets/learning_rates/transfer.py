@@ -94,6 +94,7 @@ from rmt.lr import momentum_effective_curvature, momentum_factor, momentum_noise
 from rmt.validation import as_batch_sizes, as_float, as_int, as_seed
 
 __all__ = ["transfer_lr", "LRTransfer", "scaling_rule", "secant_correction", "warn_momentum_upward",
+           "refuse_params_for_linearized",
            "momentum_caveat_silenced", "TRANSFER_FORMS",
            "CLASSICAL_RULES"]
 
@@ -233,6 +234,17 @@ def _momentum_of(opt) -> float:
     return float(opt.momentum)
 
 
+def refuse_params_for_linearized(params) -> None:
+    """The linearised forms train every parameter that requires grad, as the real training
+    they predict does; a `params` selection (which parameters' curvature is measured)
+    would mix a subset's λ₁ with the whole network's thresholds, so it is refused."""
+    if params is not None:
+        raise ValueError("params= selects the parameters whose curvature is measured, but the "
+                         "linearised form trains every parameter that requires grad (as real "
+                         "training does); freeze the others with requires_grad=False, or use "
+                         "a curvature form (SGD: form='directional'; Adam: form='mean_square')")
+
+
 def secant_correction(lam, effective_curvature, secant_ratio) -> np.ndarray:
     """1 − (1 − s_lin/s_real)·λ/λ'_ρ(B) where s_lin/s_real ≤ 1, else 1: the linearised
     threshold's correction for the network's own nonlinearity along u (module docstring;
@@ -361,6 +373,7 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
                          f"replacement), got {B0}")
     linear = form == "linearized"
     if linear:
+        refuse_params_for_linearized(params)
         rank = None if rank is None else as_int("rank", rank, minimum=1)
         factor = as_float("factor", factor, positive=True)
         if not factor > 1:
@@ -467,7 +480,7 @@ def _linearized_shape(model, loss_fn, data, batch_sizes, lam, eff, *, momentum, 
     applied = bool(correction_applies(ratio))
     if not applied:
         warnings.warn(f"transfer_lr: the real loss along the top eigenvector is flatter than the "
-                      f"linearised network's (s_lin/s_real = {ratio:.3g} > 1), where the secant "
+                      f"linearised network's (s_lin/s_real = {ratio:.4g} > 1), where the secant "
                       "correction does not apply; the uncorrected linearised threshold is used "
                       "(correction_applied=False). Its transfer is less tested there: compare "
                       "form='directional'", stacklevel=3)

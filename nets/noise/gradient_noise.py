@@ -29,7 +29,13 @@ import numpy as np
 import torch
 from torch.func import grad
 
-from nets.curvature.operators import check_policy, hessian_operator, policy_mode, resolve_device_dtype
+from nets.curvature.operators import (
+    _scalar_loss,
+    check_policy,
+    hessian_operator,
+    policy_mode,
+    resolve_device_dtype,
+)
 from nets.curvature.params import ParamLayout, functional_loss, make_functional
 from nets.utils.data_source import as_data_source, check_indices
 from nets.utils.memory import product_chunk
@@ -57,6 +63,10 @@ class _PerSample:
         if not callable(loss_fn):
             raise TypeError("loss_fn must be callable")
         check_policy(model, policy)
+        if policy == "train_batch_stats":
+            raise ValueError("per-sample gradients are undefined with policy='train_batch_stats' "
+                             "(batch statistics couple the samples; a one-sample batch has "
+                             "none); use policy='eval'")
         self.model, self.loss_fn, self.policy = model, loss_fn, policy
         self.layout = ParamLayout.from_module(model, params)
         self.device, self.dtype = resolve_device_dtype(model, self.layout.names, device, dtype)
@@ -65,7 +75,8 @@ class _PerSample:
         names = self.layout.names
 
         def one(prim, x, y):
-            return functional_loss(model, loss_fn, names, self.frozen, prim, x[None], y[None])
+            return _scalar_loss(functional_loss(model, loss_fn, names, self.frozen, prim,
+                                                x[None], y[None]))
 
         g = grad(one)
         self._vg = vmap_or_loop(lambda x, y: self.layout.flatten(g(self.primals, x, y)))

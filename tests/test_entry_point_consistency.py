@@ -1,0 +1,110 @@
+"""The entry points treat the same user input the same way (found by trying the package on
+user-style models; each case failed or was silent before its fix):
+
+* a summed loss is warned about on the Adam and real-training paths as on the SGD ones;
+* a loss that does not reduce to one number, and policy="train_batch_stats", get the
+  package's messages on the Adam path too (not a raw torch error);
+* an SGD instance's momentum / nesterov and an explicit one must agree in
+  `training_threshold` as in `transfer_lr` and `predict_max_lr`;
+* `params=` (a curvature selection) is refused by the linearised forms, which train every
+  parameter, instead of being silently dropped;
+* `nesterov=` is a keyword of `predict_max_lr` and `lr_table` as of `transfer_lr`.
+"""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nets
+from nets.learning_rates.adam import predict_adam_max_lr
+from nets.learning_rates.lr_search import training_threshold
+from rmt.lr import sgd_nesterov_ms_max_lr
+
+
+def _summed(out, y):
+    return F.cross_entropy(out, y, reduction="sum")
+
+
+def _warned_summed(fn):
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        fn()
+    return any("looks summed" in str(x.message) for x in w)
+
+
+def test_summed_loss_is_warned_on_every_path(tiny_mlp):
+    model, X, y = tiny_mlp(seed=1, N=24)
+    assert _warned_summed(lambda: training_threshold(model, _summed, (X, y), [8], steps=10,
+                                                     seeds=(0,), lr0=0.01, rel_tol=0.5,
+                                                     unbracketed="nan"))
+    assert _warned_summed(lambda: predict_adam_max_lr(model, _summed, (X, y), [8]))
+    assert not _warned_summed(lambda: predict_adam_max_lr(model, F.cross_entropy, (X, y), [8]))
+
+
+def test_adam_path_gives_the_package_messages(tiny_mlp):
+    model, X, y = tiny_mlp(seed=1, N=24)
+    with pytest.raises(ValueError, match="scalar"):
+        nets.predict_max_lr(model, lambda o, t: F.cross_entropy(o, t, reduction="none"),
+                            (X, y), [8], optimizer="adam")
+    bn = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4), torch.nn.Tanh(),
+                             torch.nn.Linear(4, 3)).double().train()
+    with pytest.raises(ValueError, match="train_batch_stats"):
+        nets.predict_max_lr(bn, F.cross_entropy, (X, y), [8], optimizer="adam",
+                            policy="train_batch_stats")
+
+
+def test_threshold_momentum_must_agree_with_the_optimizer(tiny_mlp):
+    model, X, y = tiny_mlp(seed=1, N=24)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="conflicts"):
+        training_threshold(model, F.cross_entropy, (X, y), [8], optimizer=opt, momentum=0.5)
+    with pytest.raises(ValueError, match="conflicts"):
+        training_threshold(model, F.cross_entropy, (X, y), [8], optimizer=opt, nesterov=True)
+    kw = dict(steps=10, seeds=(0,), lr0=0.05, rel_tol=0.5)
+    same = training_threshold(model, F.cross_entropy, (X, y), [8], optimizer=opt, momentum=0.9,
+                              **kw)
+    assert same.momentum == 0.9
+    assert training_threshold(model, F.cross_entropy, (X, y), [8], **kw).momentum == 0.0
+
+
+def test_linearized_forms_refuse_a_params_selection(tiny_mlp):
+    model, X, y = tiny_mlp(seed=1, N=24)
+    last = [n for n, _ in model.named_parameters()][-2:]
+    with pytest.raises(ValueError, match="requires_grad"):
+        nets.transfer_lr(model, F.cross_entropy, (X, y), [8, 24], reference=(8, 0.1),
+                         params=last, rank=4, n_seeds=1, steps=10)
+    with pytest.raises(ValueError, match="requires_grad"):
+        nets.transfer_lr(model, F.cross_entropy, (X, y), [8, 24], reference=(8, 0.01),
+                         optimizer="adam", params=last)
+    res = nets.transfer_lr(model, F.cross_entropy, (X, y), [8, 24], reference=(8, 0.1),
+                           params=last, form="directional")          # a curvature form: fine
+    assert np.all(np.isfinite(res.lr))
+
+
+def test_nesterov_keyword_on_the_prediction_entry_points(tiny_mlp):
+    model, X, y = tiny_mlp(seed=1, N=24)
+    a = nets.predict_max_lr(model, F.cross_entropy, (X, y), [4, 24], momentum=0.9, nesterov=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    b = nets.predict_max_lr(model, F.cross_entropy, (X, y), [4, 24], optimizer=opt)
+    np.testing.assert_allclose(a, b, rtol=1e-12)
+    t = nets.lr_table(model, F.cross_entropy, (X, y), [4, 24], momentum=0.9, nesterov=True,
+                      measure=False, mccandlish=False)
+    assert t.nesterov
+    np.testing.assert_allclose(t.sgd_momentum,
+                               sgd_nesterov_ms_max_lr(np.array([4, 24]), t.lam, t.s2_dir, 24, 0.9),
+                               rtol=1e-10)
+    with pytest.raises(ValueError, match="nesterov"):
+        nets.predict_max_lr(model, F.cross_entropy, (X, y), [4], optimizer="adam", nesterov=True)
+
+
+def test_secant_correction_applies_up_to_the_profile_resolution():
+    """A ratio within 10⁻³ of 1 (numerical noise of the profile) is not "flatter": the
+    correction (then within 0.1 % of 1) applies and no warning is issued."""
+    from nets.learning_rates.along_top import correction_applies, rescaling
+
+    np.testing.assert_array_equal(correction_applies([0.8, 1.0, 1.0004, 1.002, 1.06]),
+                                  [True, True, True, False, False])
+    assert abs(float(rescaling(1.0004, 0.9)) - 1.0) < 1e-3
