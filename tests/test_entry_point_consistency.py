@@ -108,3 +108,22 @@ def test_secant_correction_applies_up_to_the_profile_resolution():
     np.testing.assert_array_equal(correction_applies([0.8, 1.0, 1.0004, 1.002, 1.06]),
                                   [True, True, True, False, False])
     assert abs(float(rescaling(1.0004, 0.9)) - 1.0) < 1e-3
+
+
+def test_adam_transfer_names_its_reference(tiny_mlp):
+    model, X, y = tiny_mlp(seed=1, N=24)
+    with pytest.raises(ValueError, match=r"reference\[0\]"):
+        nets.transfer_lr(model, F.cross_entropy, (X, y), [8], reference=(64, 0.01),
+                         optimizer="adam", form="mean_square")
+    with pytest.raises(TypeError, match="B0"):
+        nets.transfer_lr(model, F.cross_entropy, (X, y), [8], reference=(8.5, 0.01),
+                         optimizer="adam", form="mean_square")
+
+
+def test_custom_sampler_message_names_the_order(tiny_mlp):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, X, y = tiny_mlp(seed=1, N=24)
+    loader = DataLoader(TensorDataset(X, y), batch_size=8, sampler=list(range(0, 24, 2)))
+    with pytest.raises(ValueError, match="custom order or subset"):
+        nets.top_eigenvalues(model, F.cross_entropy, loader)

@@ -444,7 +444,13 @@ def adam_transfer_lr(model, loss_fn, data, batch_sizes, *, reference, betas=(0.9
         form = "mean_square" if isinstance(prediction, AdamPrediction) else "linearized"
     if form not in forms:
         raise ValueError(f"form must be one of {forms}, got {form!r}")
-    B0, a0 = int(reference[0]), as_float("reference lr", reference[1], positive=True)
+    from nets.learning_rates.transfer import _reference
+
+    B0, a0 = _reference(reference)
+    N = as_data_source(data).N
+    if B0 > N:
+        raise ValueError(f"reference[0] (B0) must be <= N={N} (batches are drawn without "
+                         f"replacement), got {B0}")
     bs = np.array([as_int("batch_sizes", b, minimum=1) for b in np.atleast_1d(batch_sizes)])
     allb = np.unique(np.r_[bs, B0])
     if prediction is None and form == "linearized":

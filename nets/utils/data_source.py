@@ -106,9 +106,11 @@ def _check_sampler(loader, name: str) -> None:
     sampler = loader.batch_sampler.sampler if loader.batch_sampler is not None else loader.sampler
     if not isinstance(sampler, SequentialSampler) and not _is_iterable_dataset(loader.dataset):
         raise ValueError(
-            f"{name} is a DataLoader with a {type(sampler).__name__}: curvature is an average over "
-            "a fixed sample order, so a shuffling loader is refused; build it with shuffle=False "
-            "(the package draws its own random batches where it needs them)")
+            f"{name} is a DataLoader with a {type(sampler).__name__}: the package reads every "
+            "sample once in the dataset's own order, so a loader with any other sampler (a "
+            "shuffling one, or a custom order or subset) is refused; build it with "
+            "shuffle=False and no sampler — pass a torch.utils.data.Subset for a subset (the "
+            "package draws its own random batches where it needs them)")
 
 
 def _is_iterable_dataset(ds) -> bool:
