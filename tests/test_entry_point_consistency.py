@@ -127,3 +127,30 @@ def test_custom_sampler_message_names_the_order(tiny_mlp):
     loader = DataLoader(TensorDataset(X, y), batch_size=8, sampler=list(range(0, 24, 2)))
     with pytest.raises(ValueError, match="custom order or subset"):
         nets.top_eigenvalues(model, F.cross_entropy, loader)
+
+
+def test_unmodelled_optimizer_settings_are_said(tiny_mlp):
+    """weight decay (coupled) and AMSGrad are warned about, maximize is refused; AdamW's
+    decoupled decay and groups that differ only in weight decay are accepted quietly."""
+    model, X, y = tiny_mlp(seed=1, N=24)
+    params = list(model.parameters())
+    groups = [{"params": params[:2], "weight_decay": 5e-4}, {"params": params[2:], "weight_decay": 0.0}]
+    sgd_wd = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
+    with pytest.warns(UserWarning, match="weight_decay=0.0005 is not modelled"):
+        nets.predict_max_lr(model, F.cross_entropy, (X, y), [8], optimizer=sgd_wd)
+    with pytest.warns(UserWarning, match="weight_decay=0.0005 is not applied"):
+        training_threshold(model, F.cross_entropy, (X, y), [8], optimizer=sgd_wd, steps=10,
+                           seeds=(0,), lr0=0.05, rel_tol=0.5)
+    with pytest.warns(UserWarning, match="amsgrad"):
+        nets.predict_max_lr(model, F.cross_entropy, (X, y), [8],
+                            optimizer=torch.optim.Adam(params, amsgrad=True))
+    with pytest.raises(ValueError, match="maximize"):
+        nets.predict_max_lr(model, F.cross_entropy, (X, y), [8],
+                            optimizer=torch.optim.SGD(params, lr=0.1, maximize=True))
+    with pytest.raises(ValueError, match="maximize"):
+        training_threshold(model, F.cross_entropy, (X, y), [8],
+                           optimizer=torch.optim.SGD(params, lr=0.1, maximize=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        nets.predict_max_lr(model, F.cross_entropy, (X, y), [8],
+                            optimizer=torch.optim.AdamW(params, weight_decay=0.01))

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -126,7 +127,8 @@ def _class_defaults(cls) -> dict:
             if p.default is not inspect.Parameter.empty}
 
 
-_KEYS = ("momentum", "dampening", "nesterov", "betas", "eps", "alpha", "centered")
+_KEYS = ("momentum", "dampening", "nesterov", "betas", "eps", "alpha", "centered",
+         "maximize", "amsgrad")
 
 
 def _group_settings(opt: torch.optim.Optimizer) -> dict:
@@ -162,7 +164,10 @@ def _source(optimizer) -> tuple[type, dict, bool]:
     if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
         return optimizer, _class_defaults(optimizer), False
     if isinstance(optimizer, torch.optim.Optimizer):
-        return type(optimizer), _group_settings(optimizer), True
+        hp = _group_settings(optimizer)     # weight decay may differ by group (biases, norms)
+        hp["weight_decay"] = max(float(g.get("weight_decay") or 0.0)
+                                 for g in optimizer.param_groups)
+        return type(optimizer), hp, True
     raise TypeError(f"optimizer must be a name ({sorted(_NAMED)}), a torch.optim.Optimizer "
                     f"class or instance, got {type(optimizer).__name__}")
 
@@ -176,6 +181,24 @@ def _family(cls) -> str:
         return "rmsprop"
     raise ValueError(f"optimizer: no stability limit for {cls.__name__}; supported: SGD (heavy "
                      "ball, Nesterov), Adam/AdamW, RMSprop")
+
+
+def _check_unmodelled(hp: dict, cls) -> None:
+    """Settings of an optimizer that no limit here models: maximize (refused: the limits are
+    for minimisation), weight decay and AMSGrad (warned: the limits are those without)."""
+    if hp.get("maximize"):
+        raise ValueError(f"optimizer: {cls.__name__}(maximize=True) is not supported; the "
+                         "stability limits are for minimising the loss")
+    wd = float(hp.get("weight_decay") or 0.0)
+    if wd > 0 and not issubclass(cls, torch.optim.AdamW):   # AdamW's only contracts the weights
+        warnings.warn(f"optimizer: weight_decay={wd:g} is not modelled; the limits are those of "
+                      "the loss without it (coupled L2 decay adds it to every curvature, so "
+                      "for SGD they are too high by at most the factor (λ₁ + weight_decay)/λ₁)",
+                      UserWarning, stacklevel=3)
+    if hp.get("amsgrad"):
+        warnings.warn("optimizer: amsgrad=True is not modelled; the Adam limits use the "
+                      "second-moment state without its running maximum", UserWarning,
+                      stacklevel=3)
 
 
 def _override(hp: dict, key: str, value, fixed: bool, what: str) -> None:
@@ -223,6 +246,7 @@ def optimizer_settings(optimizer="sgd", *, momentum=None, betas=None, eps=None,
     """
     cls, hp, fixed = _source(optimizer)
     family = _family(cls)
+    _check_unmodelled(hp, cls)
     what = "optimizer"
     if momentum is not None and family != "sgd":
         hint = (" (Adam's β₁ is betas[0]: pass betas=(β₁, β₂))" if family == "adam"

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -674,6 +675,13 @@ def _read_momentum(optimizer, momentum, nesterov=None) -> tuple[float, bool]:
         g = optimizer.param_groups[0]
         if g.get("dampening", 0.0):
             raise ValueError("optimizer: SGD dampening is not supported")
+        if g.get("maximize"):
+            raise ValueError("optimizer: SGD(maximize=True) is not supported")
+        wd = max(float(gr.get("weight_decay") or 0.0) for gr in optimizer.param_groups)
+        if wd > 0:
+            warnings.warn(f"optimizer: weight_decay={wd:g} is not applied; the trials train "
+                          "without it (its coupled decay adds weight_decay to every curvature)",
+                          UserWarning, stacklevel=3)
         m = float(g.get("momentum", 0.0))
         nest = bool(g.get("nesterov", False))
         if momentum is not None and as_float("momentum", momentum, nonnegative=True) != m:
