@@ -154,3 +154,24 @@ def test_unmodelled_optimizer_settings_are_said(tiny_mlp):
         warnings.simplefilter("error", UserWarning)
         nets.predict_max_lr(model, F.cross_entropy, (X, y), [8],
                             optimizer=torch.optim.AdamW(params, weight_decay=0.01))
+
+
+def test_an_optimizer_over_part_of_the_model_is_said(tiny_mlp):
+    model, X, y = tiny_mlp(seed=1, N=24)
+    head = list(model[2].parameters())
+    opt = torch.optim.SGD(head, lr=0.1)
+    with pytest.warns(UserWarning, match="updates only 21 of the model's 57"):
+        nets.predict_max_lr(model, F.cross_entropy, (X, y), [8], optimizer=opt)
+    with pytest.warns(UserWarning, match="updates only"):
+        training_threshold(model, F.cross_entropy, (X, y), [8], optimizer=opt, steps=10,
+                           seeds=(0,), lr0=0.05, rel_tol=0.5)
+    names = [n for n, _ in model.named_parameters()][2:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        nets.predict_max_lr(model, F.cross_entropy, (X, y), [8], optimizer=opt, params=names)
+        frozen = [p.requires_grad_(False) for p in model[0].parameters()]
+        try:
+            nets.predict_max_lr(model, F.cross_entropy, (X, y), [8], optimizer=opt)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)

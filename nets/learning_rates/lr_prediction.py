@@ -183,6 +183,23 @@ def _family(cls) -> str:
                      "ball, Nesterov), Adam/AdamW, RMSprop")
 
 
+def warn_partial_optimizer(model, optimizer, params=None) -> None:
+    """Warn when a torch optimizer instance updates only some of the model's trainable
+    parameters while no `params=` selection says which: the limits would then be those of
+    every parameter (curvature, thresholds), not of the ones it trains."""
+    if not isinstance(optimizer, torch.optim.Optimizer) or params is not None:
+        return
+    trained = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    free = [p for p in model.parameters() if p.requires_grad]
+    missing = sum(p.numel() for p in free if id(p) not in trained)
+    if missing and len(trained & {id(p) for p in free}):
+        total = sum(p.numel() for p in free)
+        warnings.warn(f"optimizer: it updates only {total - missing} of the model's {total} "
+                      "trainable parameters, but the limits here are for all of them; freeze "
+                      "the others (requires_grad=False) or pass params= (the curvature forms)",
+                      UserWarning, stacklevel=3)
+
+
 def _check_unmodelled(hp: dict, cls) -> None:
     """Settings of an optimizer that no limit here models: maximize (refused: the limits are
     for minimisation), weight decay and AMSGrad (warned: the limits are those without)."""
@@ -506,6 +523,8 @@ def lr_table(model, loss_fn, data, batch_sizes, *, optimizer="sgd", momentum=Non
     """
     opt = optimizer_settings(optimizer, momentum=momentum, betas=betas, eps=eps,
                              nesterov=nesterov)
+    if not isinstance(optimizer, OptimizerSettings):      # predict_max_lr passes settings
+        warn_partial_optimizer(model, optimizer, params)
     src = as_data_source(data)
     N = src.N
     bs = as_batch_sizes(batch_sizes, N)
@@ -599,6 +618,7 @@ def predict_max_lr(model, loss_fn, data, batch_sizes, *, optimizer="sgd", moment
     array aligned with `batch_sizes`.
     """
     opt = optimizer_settings(optimizer, momentum=momentum, nesterov=nesterov)
+    warn_partial_optimizer(model, optimizer, params)
     if opt.name != "sgd":
         from nets.learning_rates.adam import predict_adam_max_lr
 

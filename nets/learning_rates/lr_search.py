@@ -592,6 +592,8 @@ def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergen
     if unbracketed not in ("raise", "nan"):
         raise ValueError(f"unbracketed must be 'raise' or 'nan', got {unbracketed!r}")
     momentum, nesterov = _read_momentum(optimizer, momentum, nesterov)
+    from nets.learning_rates.lr_prediction import warn_partial_optimizer
+    warn_partial_optimizer(model, optimizer)
     check_mean_reduced(model, loss_fn, data)
     X, y = tensors_for(model, data, device=device, dtype=dtype)
     if device is not None or dtype is not None:

@@ -87,7 +87,7 @@ import warnings
 import numpy as np
 
 from nets.learning_rates.along_top import correction_applies, rescaling
-from nets.learning_rates.lr_prediction import optimizer_settings
+from nets.learning_rates.lr_prediction import optimizer_settings, warn_partial_optimizer
 from nets.utils.data_source import as_data_source
 from nets.utils.results import Result, result
 from rmt.lr import momentum_effective_curvature, momentum_factor, momentum_noise_gain
@@ -355,6 +355,7 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
 
     B0, lr0 = _reference(reference)
     opt = optimizer_settings(optimizer, momentum=momentum, nesterov=nesterov)
+    warn_partial_optimizer(model, optimizer, params)
     if opt.name == "adam":
         return _adam_transfer(model, loss_fn, data, batch_sizes, (B0, lr0), opt, form=form,
                               factor=factor, steps=steps, n_seeds=n_seeds, params=params,
