@@ -175,3 +175,29 @@ def test_an_optimizer_over_part_of_the_model_is_said(tiny_mlp):
         finally:
             for p in frozen:
                 p.requires_grad_(True)
+
+
+def test_stores_never_serve_another_loss_model_or_labels(tiny_mlp, tmp_path):
+    """The resumable stores key on the loss, the model's structure and the targets too:
+    the same weights and inputs with another loss, activation or labels are recomputed."""
+    model, X, y = tiny_mlp(seed=1, N=24)
+    smooth = torch.nn.CrossEntropyLoss(label_smoothing=0.5)
+    relu = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3)).double()
+    relu.load_state_dict(model.state_dict())
+    path = tmp_path / "tops.jsonl"
+    kw = dict(n_batches=2, seed=0)
+    nets.measure_batch_top_eigenvalue(model, F.cross_entropy, (X, y), [4], store=path, **kw)
+    for m, loss in ((model, smooth), (relu, F.cross_entropy)):
+        via = nets.measure_batch_top_eigenvalue(m, loss, (X, y), [4], store=path, **kw)
+        fresh = nets.measure_batch_top_eigenvalue(m, loss, (X, y), [4], **kw)
+        np.testing.assert_allclose(via["mean"], fresh["mean"], rtol=1e-12)
+    tpath = tmp_path / "thr.jsonl"
+    tkw = dict(steps=20, seeds=(0,), lr0=0.5, rel_tol=0.05, store=tpath)
+    first = training_threshold(model, F.cross_entropy, (X, y), [8], **tkw)
+    shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
+    again = training_threshold(model, F.cross_entropy, (X, shuffled), [8], **tkw)
+    assert again.store_keys[0] != first.store_keys[0]
+    smoothed = training_threshold(model, smooth, (X, y), [8], **tkw)
+    assert smoothed.store_keys[0] != first.store_keys[0]
+    same = training_threshold(model, F.cross_entropy, (X, y), [8], **tkw)
+    assert same.store_keys == first.store_keys and same.lr[0] == first.lr[0]

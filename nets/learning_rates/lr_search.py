@@ -545,14 +545,23 @@ def seed_mean_stderr(per):
     return per.mean(axis=1), se
 
 
-def _model_tag(model, X) -> str:
+def _model_tag(model, loss_fn, X, y) -> str:
+    """12 hex digits of the weights and buffers, the model's structure and the loss
+    (`nets.utils.fingerprints`), the targets, and the inputs (their first MiB and their
+    float64 sum and sum of squares)."""
     import hashlib
+
+    from nets.utils.fingerprints import code_fingerprint
 
     h = hashlib.sha1()
     for p in model.state_dict().values():
         h.update(p.detach().cpu().contiguous().numpy().tobytes())
     h.update(X.detach().cpu().contiguous().numpy().tobytes()[:1 << 20])
+    Xd = X.detach().cpu().double() if X.is_floating_point() else X.detach().cpu().long().double()
+    h.update(f"{float(Xd.sum()):.10e}|{float((Xd * Xd).sum()):.10e}".encode())
+    h.update(y.detach().cpu().contiguous().numpy().tobytes())
     h.update(str(len(X)).encode())
+    h.update(code_fingerprint(model, loss_fn).encode())
     return h.hexdigest()[:12]
 
 
@@ -612,7 +621,7 @@ def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergen
         direction, lam = _top_direction(model, loss_fn, (X, y), as_seed("seed", seed))
     if lr0 is None:
         lr0 = 1.0 / lam
-    mtag = _model_tag(model, X)
+    mtag = _model_tag(model, loss_fn, X, y)
     shape = (len(bs), len(seeds))
     per, lo, hi = np.full(shape, np.nan), np.full(shape, np.nan), np.full(shape, np.nan)
     Ks, keys, n_trials = [], [], 0

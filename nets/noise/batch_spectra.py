@@ -34,6 +34,7 @@ from nets.algorithms.lanczos import eigsh
 from nets.curvature.loss_check import check_mean_reduced
 from nets.curvature.operators import curvature_operator
 from nets.noise.directional import directional_noise_from_operator, isotropic_noise_from_operator
+from nets.utils.fingerprints import code_fingerprint
 from nets.utils.jsonl_store import JsonlStore
 from nets.utils.progress import progress_bar
 from nets.utils.results import Result, result
@@ -232,7 +233,8 @@ def measure_batch_top_eigenvalue(model, loss_fn, data, batch_sizes, *, n_batches
     recomputing (bit-identical). The key holds every setting that changes a number
     (kind, B, n_batches, seed, replacement, tol, dtype, device type, the parameters
     differentiated, policy, chunk_size) and short hashes of the model's parameters and
-    buffers and of the data, so other settings or another model never read stale values;
+    buffers, of its structure and the loss function (`nets.utils.fingerprints`) and of the
+    data, so other settings, another model or another loss never read stale values;
     `tag` adds a free label. progress : a bar over batches (`nets.utils.progress`).
     """
     n_batches = as_int("n_batches", n_batches, minimum=1)
@@ -248,8 +250,8 @@ def measure_batch_top_eigenvalue(model, loss_fn, data, batch_sizes, *, n_batches
         store = JsonlStore(store)
     keys = {}
     if store is not None:
-        fps = dict(model_fp=_model_fingerprint(model), data_fp=_data_fingerprint(full),
-                   params_used=_digest(*full.layout.names))
+        fps = dict(model_fp=_model_fingerprint(model) + code_fingerprint(model, loss_fn),
+                   data_fp=_data_fingerprint(full), params_used=_digest(*full.layout.names))
         keys = {int(B): _store_key(tag, full, B, n_batches=n_batches, seed=seed,
                                    replacement=replacement, tol=tol, policy=policy,
                                    chunk_size=chunk_size, **fps) for B in Bs}

@@ -1,0 +1,72 @@
+"""Short hashes of what a resumable store's key must tell apart besides the numbers it was
+given: the model's structure and the loss function (`code_fingerprint`).
+
+Parameters and data are hashed by the stores themselves; two models with the same weights
+but another activation, or one loss with another label smoothing, must not share stored
+results. Hashed here: every submodule's class and `extra_repr`, the model's `repr`, and
+for the loss — a function's qualified name, bytecode, constants, names and closure
+values, a `functools.partial`'s function, arguments and keywords (recursively), or a
+loss module's class and its plain attributes (reduction, label smoothing, weights, ...).
+A callable it cannot read falls back to its `repr` (which may include an address, so such
+a store is not reused across processes: never stale, at worst recomputed).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+
+import torch
+
+__all__ = ["code_fingerprint"]
+
+
+def _describe(obj, depth=0) -> str:
+    if depth > 4:
+        return type(obj).__qualname__
+    if isinstance(obj, functools.partial):
+        return (f"partial({_describe(obj.func, depth + 1)}, "
+                f"{[_describe(a, depth + 1) for a in obj.args]}, "
+                f"{sorted((k, _describe(v, depth + 1)) for k, v in obj.keywords.items())})")
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        return f"tensor{tuple(t.shape)}{t.dtype}:{hashlib.sha1(t.numpy().tobytes()).hexdigest()[:12]}"
+    if isinstance(obj, torch.nn.Module):
+        plain = sorted((k, _describe(v, depth + 1)) for k, v in vars(obj).items()
+                       if not k.startswith("_") and k != "training")
+        buffers = sorted((k, _describe(v, depth + 1)) for k, v in obj.named_buffers())
+        return f"{type(obj).__module__}.{type(obj).__qualname__}{plain}{buffers}"
+    code = getattr(obj, "__code__", None)
+    if code is not None:
+        cells = [_describe(c.cell_contents, depth + 1) for c in (obj.__closure__ or ())
+                 if _has_contents(c)]
+        defaults = [_describe(d, depth + 1) for d in (obj.__defaults__ or ())]
+        return (f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}:"
+                f"{code.co_code.hex()}:{[_describe(c, depth + 1) for c in code.co_consts]}:"
+                f"{code.co_names}:{cells}:{defaults}")
+    if isinstance(obj, (int, float, str, bool, type(None), bytes)):
+        return repr(obj)
+    if isinstance(obj, (tuple, list)):
+        return f"{type(obj).__name__}{[_describe(v, depth + 1) for v in obj]}"
+    if callable(obj) and hasattr(obj, "__qualname__"):      # builtins, torch functions
+        return f"{getattr(obj, '__module__', '')}.{obj.__qualname__}"
+    return repr(obj)
+
+
+def _has_contents(cell) -> bool:
+    try:
+        _ = cell.cell_contents
+    except ValueError:           # an empty cell (a variable not yet assigned)
+        return False
+    return True
+
+
+def code_fingerprint(model: torch.nn.Module, loss_fn) -> str:
+    """16 hex digits of the model's structure (each submodule's class and extra_repr, and
+    its repr) and of the loss function (module docstring)."""
+    h = hashlib.sha1()
+    for name, m in model.named_modules():
+        h.update(f"{name}:{type(m).__module__}.{type(m).__qualname__}({m.extra_repr()})".encode())
+    h.update(repr(model).encode())
+    h.update(_describe(loss_fn).encode())
+    return h.hexdigest()[:16]
