@@ -185,6 +185,8 @@ def test_dict_and_sequence_outputs_set_the_subspace_size():
 
 
 def test_monitor_reads_nesterov_and_refuses_sgd_limits_for_adam():
+    from rmt.lr import momentum_effective_curvature
+
     torch.manual_seed(0)
     X, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
@@ -204,9 +206,15 @@ def test_monitor_reads_nesterov_and_refuses_sgd_limits_for_adam():
         rec = mon.records[-1]
         if np.isnan(factor):
             assert np.isnan(rec.max_lr).all() and np.isnan(rec.plateau)
-            assert np.isnan(rec.transfer_lr).all()
+            assert np.isnan(rec.transfer_lr).all() and np.isnan(rec.edge)
         else:
-            assert rec.max_lr[0] * rec.lam_prime == pytest.approx(factor, rel=1e-12)
+            # the mean-square limit of predict_max_lr: F/λ'_ρ(B'), exactly F/λ₁ at B' = N
+            nest = bool(opt.param_groups[0]["nesterov"])
+            eff = momentum_effective_curvature(rec.lam, rec.lam_prime, rho, nesterov=nest)
+            assert rec.max_lr[0] == pytest.approx(factor / eff, rel=1e-12)
+            assert rec.max_lr[1] * rec.lam == pytest.approx(factor, rel=1e-12)
+            assert rec.edge == pytest.approx(factor / 0.05, rel=1e-12)
+            assert rec.max_lr[0] < factor / rec.lam_prime       # below the deterministic one
 
 
 def test_learner_overhead_fraction_counts_the_constructor():

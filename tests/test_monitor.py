@@ -203,3 +203,52 @@ def test_monitor_validates_its_arguments():
     bn = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).double()
     with pytest.raises(ValueError, match="BatchNorm"):
         CurvatureMonitor(bn, CE, (X, y), batch_size=8)
+
+
+def test_monitor_user_loop_edge_cases(tmp_path):
+    """From a sweep of user loops: an optimizer with no limit here is said and gets nan
+    limits (not heavy ball's); attaching twice counts each step once; to_dict is strict
+    JSON before any record; a file written for other parameters is refused."""
+    import warnings
+
+    X, y = _data()
+    model = _model()
+    kw = dict(batch_size=16, batch_sizes=[16, 120], n_batches=0, budget=1.0)
+    mon = CurvatureMonitor(model, CE, (X, y), every=1, **kw)
+    json.dumps(mon.to_dict(), allow_nan=False)
+    nadam = torch.optim.NAdam(model.parameters(), lr=1e-3)
+    with pytest.warns(UserWarning, match="no stability limit for NAdam"):
+        mon.attach(nadam)
+    _train_steps(model, nadam, X, y, 1)
+    rec = mon.records[-1]
+    assert np.isnan(rec.max_lr).all() and np.isnan(rec.edge) and np.isnan(rec.plateau)
+    json.dumps(mon.to_dict(), allow_nan=False)
+
+    mon2 = CurvatureMonitor(model, CE, (X, y), every=10, **kw)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        mon2.attach(sgd)
+        mon2.attach(sgd)                      # again: the first hook is removed
+    _train_steps(model, sgd, X, y, 20)
+    assert mon2._steps == 20 and mon2.recorded_steps() == [1, 11]
+
+    path = tmp_path / "mon.jsonl"
+    names = [n for n, _ in model.named_parameters()][:2]
+    CurvatureMonitor(model, CE, (X, y), path=path, params=names, **kw)
+    with pytest.raises(ValueError, match="other settings"):
+        CurvatureMonitor(model, CE, (X, y), path=path, **kw)
+
+
+def test_learner_history_is_strict_json():
+    from nets import CurvatureAdaptiveSGD
+    from nets.learning_rates.learner import CurvatureUpdate
+
+    X, y = _data()
+    opt = CurvatureAdaptiveSGD(_model(), CE, (X, y), batch_size=16)
+    d = opt.history[0].to_dict()
+    text = json.dumps(d, allow_nan=False)
+    back = CurvatureUpdate.from_dict(json.loads(text))
+    for k in ("lr", "s2", "lam_measured"):
+        a, b = getattr(back, k), getattr(opt.history[0], k)
+        assert (math.isnan(a) and math.isnan(b)) or a == b

@@ -206,6 +206,7 @@ from nets.learning_rates.monitor import CurvatureTracker
 from nets.noise.directional import directional_noise_from_operator
 from nets.training.data import check_dataset
 from nets.utils.data_source import as_data_source
+from nets.utils.jsonio import to_jsonable
 from nets.utils.results import Result, result
 from rmt.lr import heavy_ball, rescale_curvature
 from rmt.validation import as_float, as_int
@@ -270,11 +271,12 @@ class CurvatureUpdate(Result):
     lam_stderr: float = float("nan")
 
     def to_dict(self) -> dict:
-        """Plain-JSON dict (tuples as lists)."""
+        """Plain-JSON dict (tuples as lists; NaN/inf as "nan"/"inf", the package's one
+        convention, read back by `from_dict`)."""
         d = asdict(self)
         for k in ("ritz_values", "ritz_weights", "residual_norms"):
             d[k] = list(d[k])
-        return d
+        return to_jsonable(d)
 
     @classmethod
     def from_dict(cls, d: dict) -> "CurvatureUpdate":

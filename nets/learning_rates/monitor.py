@@ -16,12 +16,14 @@ step hook. At each record it measures, at the current weights:
 * the measured batch sharpness E_S λ_max(H_S) over `n_batches` random batches S of size
   B (:func:`nets.noise.batch_spectra.measure_batch_top_eigenvalue`), mean ± standard
   error (`n_batches=0` skips it);
-* the table of stability-limit learning rates α_max(B') = 2(1 + ρ)/λ'(B') for every B'
-  in `batch_sizes` (:func:`rmt.lr.sgd_max_lr`), and, when the training learning rate α
-  is known (from the attached optimizer or passed as `lr`), its batch-size transfer
-  α·λ'(B)/λ'(B');
+* the table of stability-limit learning rates α_max(B') = F/λ'_ρ(B') for every B' in
+  `batch_sizes` — the mean-square limit of `predict_max_lr`: F = 2(1 + ρ) and
+  λ'_ρ = λ₁ + (1 + ρ)/(1 − ρ)·(λ'(B') − λ₁) for heavy ball (F/(1 − τ) with dampening τ),
+  Nesterov's own limit for torch's Nesterov (:func:`rmt.lr.momentum_effective_curvature`),
+  2/λ'(B') without momentum — and, when the training learning rate α is known (from the
+  attached optimizer or passed as `lr`), its batch-size transfer α·λ'_ρ(B)/λ'_ρ(B');
 * the edge-of-stochastic-stability plateau :func:`eoss_plateau`: the λ₁* at which the
-  predicted batch sharpness reaches the stability limit, λ'(B; λ₁*) = 2(1 + ρ)/α.
+  predicted batch sharpness reaches the deterministic edge, λ'(B; λ₁*) = F/α (`edge`).
 
 **Budget.** Every record costs a few full-data products; the monitor times itself and
 skips a due record while its spent time would exceed `budget` (default 0.1) of the
@@ -41,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -48,13 +51,15 @@ import torch
 
 from nets.algorithms.lanczos import eigsh
 from nets.curvature.operators import check_policy, curvature_operator
+from nets.curvature.params import ParamLayout
 from nets.learning_rates.lr_prediction import optimizer_settings
 from nets.noise.batch_spectra import measure_batch_top_eigenvalue
 from nets.noise.directional import directional_noise_from_operator
 from nets.utils.data_source import as_data_source
+from nets.utils.jsonio import to_jsonable
 from nets.utils.jsonl_store import JsonlStore
 from nets.utils.results import Result, result
-from rmt.lr import batch_curvature, momentum_factor, noise_factor
+from rmt.lr import batch_curvature, momentum_effective_curvature, momentum_factor, noise_factor
 from rmt.validation import as_float, as_int, as_seed
 
 __all__ = ["CurvatureMonitor", "MonitorRecord", "CurvatureTracker", "eoss_plateau"]
@@ -91,7 +96,8 @@ class MonitorRecord(Result):
     E λ_max(H_B) over n_batches batches (nan if n_batches = 0); plateau : eoss_plateau(α)
     (nan if α unknown); batch_sizes, max_lr, transfer_lr : the lr table (transfer nan
     if α unknown); cost : wall seconds of this record; num_matvecs : full-data products
-    for λ₁; overhead : the monitor's time fraction when this record was taken.
+    for λ₁; overhead : the monitor's time fraction when this record was taken; edge : the
+    deterministic edge F/α of the optimizer (nan if α or F unknown).
     """
 
     step: int
@@ -117,6 +123,7 @@ class MonitorRecord(Result):
     cost: float
     num_matvecs: int
     overhead: float
+    edge: float = float("nan")
 
     @classmethod
     def from_dict(cls, d: dict) -> "MonitorRecord":
@@ -230,13 +237,18 @@ class CurvatureMonitor:
         self.config = dict(batch_size=self.batch_size, n_batches=self.n_batches,
                            batch_sizes=list(self.batch_sizes), tol=self.tracker.tol,
                            noise_rel_error=self.noise_rel_error, kind=kind, policy=policy,
-                           seed=self.seed, N=self.N)
+                           seed=self.seed, N=self.N,
+                           params=list(ParamLayout.from_module(model, params).names),
+                           dtype=None if dtype is None else str(dtype),
+                           chunk_size=chunk_size,
+                           device=None if device is None else str(torch.device(device)))
         self.records: list[MonitorRecord] = []
         self.store = None
         if path is not None:
             self.store = JsonlStore(path)
             if "config" in self.store:
-                if self.store["config"] != self.config:
+                stored = self.store["config"]      # a file written before a key existed
+                if any(stored[k] != v for k, v in self.config.items() if k in stored):
                     raise ValueError(f"{path} holds records with other settings "
                                      f"({self.store['config']}); use another path")
             else:
@@ -246,6 +258,7 @@ class CurvatureMonitor:
         self._optimizer = None
         self._settings = None
         self._hook = None
+        self._unsupported = False
         self._steps = 0
         self._t_start = None
         self.time_spent = 0.0
@@ -299,12 +312,23 @@ class CurvatureMonitor:
         limit's factor, and for Adam/RMSprop the SGD lr table is nan); steps are counted
         from `start_step` (pass the step a resumed run restarts at). Returns the hook
         handle (``.remove()`` detaches)."""
+        from nets.learning_rates.learner import CurvatureAdaptiveSGD
+
+        if self._hook is not None:        # attached before: one hook, one count per step
+            self._hook.remove()
         self._optimizer = optimizer
         self._steps = as_int("start_step", start_step, minimum=0)
+        self._unsupported = False
         try:                       # torch's SGD / Adam / RMSprop: their stability factor
             self._settings = optimizer_settings(optimizer)
-        except (TypeError, ValueError):   # any other optimizer: heavy ball with its momentum
-            self._settings = None
+        except (TypeError, ValueError):
+            self._settings = None         # the package's learner: heavy ball, its momentum
+            if not isinstance(optimizer, CurvatureAdaptiveSGD):
+                self._unsupported = True
+                warnings.warn(f"CurvatureMonitor: no stability limit for "
+                              f"{type(optimizer).__name__} (supported: SGD, Adam/AdamW, "
+                              "RMSprop without momentum, the package's learner); its lr "
+                              "table and plateau are nan", UserWarning, stacklevel=2)
 
         def hook(opt, args, kwargs):
             self._steps += 1
@@ -315,24 +339,29 @@ class CurvatureMonitor:
         return self._hook
 
     def _lr_momentum(self, lr):
-        """(α, ρ, F): the training lr, its heavy-ball momentum and the factor F of the
-        SGD limit F/λ'. F = 2(1 + ρ), or `OptimizerSettings.sgd_factor` for an attached
-        torch SGD (Nesterov, dampening); nan for an attached Adam/RMSprop, whose limit is
-        not SGD's (`nets.adam`): the lr table (max_lr and transfer_lr) and the plateau
-        are then nan."""
+        """(α, ρ, F, nesterov): the training lr, its momentum, the factor F of the SGD
+        limits (F/α the deterministic edge, F/λ'_ρ the mean-square limit) and whether the
+        momentum is Nesterov's. F = 2(1 + ρ), or `OptimizerSettings.sgd_factor` for an
+        attached torch SGD (Nesterov, dampening); nan for an attached Adam/RMSprop, whose
+        limit is not SGD's (`nets.adam`), or an optimizer with no limit here: the lr table
+        (max_lr and transfer_lr), edge and plateau are then nan."""
         if lr is not None:
-            return as_float("lr", lr, positive=True), self.momentum, momentum_factor(self.momentum)
+            return (as_float("lr", lr, positive=True), self.momentum,
+                    momentum_factor(self.momentum), False)
         if self._optimizer is not None:
             g = self._optimizer.param_groups[0]
             mom = g.get("momentum", 0.0)
             rho = float(mom if mom else 0.0)
             s = self._settings
+            if self._unsupported:
+                return float(g["lr"]), rho, float("nan"), False
             if s is None:
-                return float(g["lr"]), rho, momentum_factor(rho)
+                return float(g["lr"]), rho, momentum_factor(rho), False
             if s.name != "sgd":
-                return float(g["lr"]), 0.0, float("nan")
-            return float(g["lr"]), rho, dataclasses.replace(s, momentum=rho).sgd_factor
-        return self.lr, self.momentum, momentum_factor(self.momentum)
+                return float(g["lr"]), 0.0, float("nan"), False
+            return (float(g["lr"]), rho, dataclasses.replace(s, momentum=rho).sgd_factor,
+                    bool(s.nesterov) and rho > 0)
+        return self.lr, self.momentum, momentum_factor(self.momentum), False
 
     # -- measurement --------------------------------------------------------------------
     def measure(self, step: int = 0, *, loss=None, lr=None) -> MonitorRecord:
@@ -363,14 +392,17 @@ class CurvatureMonitor:
             elif self.n_batches:
                 bs_mean, bs_std, bs_se = lam, 0.0, 0.0
         model.train(was_training)
-        a, rho, F = self._lr_momentum(lr)
+        a, rho, F, nesterov = self._lr_momentum(lr)
         ok = lam > 0 and math.isfinite(s2)
         Bs = np.asarray(self.batch_sizes)
         nanv = tuple(float("nan") for _ in Bs)
         lam_prime = float(batch_curvature(B, lam, s2, N)) if ok else float("nan")
-        max_lr = tuple(F / np.atleast_1d(batch_curvature(Bs, lam, s2, N))) if ok else nanv
-        transfer = tuple(a * lam_prime / np.atleast_1d(batch_curvature(Bs, lam, s2, N))) \
-            if ok and a is not None and math.isfinite(F) else nanv
+        if ok:          # the mean-square λ'_ρ(B') of predict_max_lr (module docstring)
+            eff = np.atleast_1d(momentum_effective_curvature(
+                lam, np.atleast_1d(batch_curvature(Bs, lam, s2, N)), rho, nesterov=nesterov))
+            eff_B = float(momentum_effective_curvature(lam, lam_prime, rho, nesterov=nesterov))
+        max_lr = tuple(F / eff) if ok else nanv
+        transfer = tuple(a * eff_B / eff) if ok and a is not None and math.isfinite(F) else nanv
         plateau = (eoss_plateau(a, B, s2, N, factor=F) if ok and a is not None and math.isfinite(F)
                    else float("nan"))
         cost = self._clock() - t0
@@ -383,7 +415,8 @@ class CurvatureMonitor:
             batch_sharpness_std=bs_std, batch_sharpness_stderr=bs_se, plateau=plateau,
             batch_sizes=tuple(int(b) for b in Bs), max_lr=tuple(map(float, max_lr)),
             transfer_lr=tuple(map(float, transfer)), cost=float(cost),
-            num_matvecs=int(eig.num_matvecs), overhead=float("nan"))
+            num_matvecs=int(eig.num_matvecs), overhead=float("nan"),
+            edge=F / a if a is not None and math.isfinite(F) else float("nan"))
 
     def record(self, step: int, *, loss=None, lr=None) -> MonitorRecord:
         """Measure now and keep (and write) the record; a step already recorded is
@@ -415,12 +448,12 @@ class CurvatureMonitor:
         return np.asarray([getattr(r, key) for r in self.records])
 
     def to_dict(self) -> dict:
-        return dict(config=self.config, records=[r.to_dict() for r in self.records],
-                    time_spent=self.time_spent, overhead=self.overhead())
+        return to_jsonable(dict(config=self.config, records=[r.to_dict() for r in self.records],
+                                time_spent=self.time_spent, overhead=self.overhead()))
 
     def plot(self, ax=None):
-        """λ₁, measured and predicted batch sharpness, 2(1+ρ)/α and the EoSS plateau
-        against the step; returns the axes."""
+        """λ₁, measured and predicted batch sharpness, the optimizer's edge F/α and the
+        EoSS plateau against the step; returns the axes."""
         if ax is None:
             import matplotlib.pyplot as plt
             ax = plt.figure(figsize=(5, 3.5)).gca()
@@ -431,16 +464,12 @@ class CurvatureMonitor:
                         yerr=self.trace("batch_sharpness_stderr"), fmt="s-", ms=3, capsize=2,
                         label=f"batch sharpness (B={self.batch_size})")
         ax.plot(steps, self.trace("lam_prime"), "--", label="predicted λ'(B)")
-        lr = self.trace("lr")
-        if np.isfinite(lr).any():
-            ax.plot(steps, _momentum_factors(self.trace("momentum")) / lr, "k:",
-                    label="2(1+ρ)/α")
+        edge = self.trace("edge")
+        if np.isfinite(edge).any():
+            ax.plot(steps, edge, "k:", label="edge F/α")
             ax.plot(steps, self.trace("plateau"), "-.", label="EoSS plateau λ₁*")
         ax.set_xlabel("step")
         ax.set_ylabel("curvature")
         ax.legend(fontsize=7)
         return ax
 
-
-def _momentum_factors(rho) -> np.ndarray:
-    return 2.0 * (1.0 + np.asarray(rho, dtype=float))
