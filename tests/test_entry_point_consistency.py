@@ -201,3 +201,24 @@ def test_stores_never_serve_another_loss_model_or_labels(tiny_mlp, tmp_path):
     assert smoothed.store_keys[0] != first.store_keys[0]
     same = training_threshold(model, F.cross_entropy, (X, y), [8], **tkw)
     assert same.store_keys == first.store_keys and same.lr[0] == first.lr[0]
+
+
+def test_adam_transfer_reanchors_and_checks_its_prediction(tiny_mlp):
+    from nets.learning_rates.adam import adam_transfer_lr
+
+    model, X, y = tiny_mlp(seed=1, N=24)
+    pred = predict_adam_max_lr(model, F.cross_entropy, (X, y), [4, 8, 24])
+    tr = adam_transfer_lr(model, F.cross_entropy, (X, y), [4, 8, 24], reference=(8, 0.01),
+                          prediction=pred, form="mean_square")
+    again = tr.with_reference((24, 0.05))
+    fresh = adam_transfer_lr(model, F.cross_entropy, (X, y), [4, 8, 24], reference=(24, 0.05),
+                             prediction=pred, form="mean_square")
+    np.testing.assert_allclose(again.lr, fresh.lr, rtol=1e-12)
+    np.testing.assert_allclose(again.sqrt_rule, fresh.sqrt_rule, rtol=1e-12)
+    with pytest.raises(ValueError, match="one of batch_sizes"):
+        tr.with_reference((16, 0.05))
+    with pytest.raises(TypeError, match="corrected"):
+        adam_transfer_lr(model, F.cross_entropy, (X, y), [4, 8], reference=(8, 0.01),
+                         prediction=pred, form="linearized")
+    with pytest.raises(TypeError, match="pair"):
+        predict_adam_max_lr(model, F.cross_entropy, (X, y), [8], betas=0.9)

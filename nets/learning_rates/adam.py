@@ -58,6 +58,7 @@ to change α, β, ε together to keep the same dynamics, not where Adam becomes 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -343,6 +344,9 @@ def predict_adam_max_lr(model, loss_fn, data, batch_sizes, *, betas=None, eps=1e
         raise ValueError(f"batch_sizes must be <= N={N}")
     if form not in ADAM_FORMS:
         raise ValueError(f"form must be one of {ADAM_FORMS}, got {form!r}")
+    if betas is not None and (isinstance(betas, (str, bytes)) or np.ndim(betas) != 1
+                              or len(betas) != 2):
+        raise TypeError(f"betas must be a pair (β₁, β₂), got {betas!r}")
     b1 = _beta1_from(preconditioner, None if betas is None else betas[0])
     F = adam_factor(b1)
     kind = "given"
@@ -404,6 +408,22 @@ class AdamTransfer(Result):
     sqrt_rule: np.ndarray
     linear_rule: np.ndarray
     form: str
+
+    def with_reference(self, reference) -> "AdamTransfer":
+        """The same transfer anchored at another (B₀, α₀), B₀ one of `batch_sizes`: the
+        stored predicted curve is reused (no new measurement), as
+        `LRTransfer.with_reference`."""
+        from nets.learning_rates.transfer import _reference
+
+        B0, a0 = _reference(reference)
+        hits = np.flatnonzero(np.asarray(self.batch_sizes) == B0)
+        if not len(hits):
+            raise ValueError(f"reference[0] (B0) must be one of batch_sizes "
+                             f"{np.asarray(self.batch_sizes).tolist()}, got {B0}")
+        bs = np.asarray(self.batch_sizes, dtype=float)
+        pred = np.asarray(self.predicted, dtype=float)
+        return dataclasses.replace(self, lr=a0 * pred / pred[hits[0]], reference=(B0, a0),
+                                   sqrt_rule=a0 * np.sqrt(bs / B0), linear_rule=a0 * bs / B0)
 
     def plot(self, ax=None, *, measured=None):
         """lr(B) (log-log) with the √B and linear rules through the reference and
@@ -467,7 +487,12 @@ def adam_transfer_lr(model, loss_fn, data, batch_sizes, *, reference, betas=(0.9
                                          form=form, params=params, policy=policy,
                                          chunk_size=chunk_size, device=device, dtype=dtype,
                                          seed=seed, progress=progress)
-    values = prediction.corrected if form == "linearized" else getattr(prediction, f"lr_{form}")
+    need = "corrected" if form == "linearized" else f"lr_{form}"
+    if not hasattr(prediction, need):
+        raise TypeError(f"prediction: a {type(prediction).__name__} has no {need!r} for "
+                        f"form={form!r} (form 'linearized' takes linearized_adam_threshold's "
+                        "result, the other forms predict_adam_max_lr's)")
+    values = getattr(prediction, need)
     table = dict(zip(np.asarray(prediction.batch_sizes).tolist(), np.asarray(values, float)))
     missing = [int(b) for b in allb if int(b) not in table]
     if missing:
