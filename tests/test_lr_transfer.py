@@ -383,6 +383,8 @@ def test_linearized_transfer_with_momentum_warns_only_upward(tiny_mlp):
         warnings.simplefilter("error", UserWarning)
         res = transfer_lr(model, loss, (X, y), [4, 16], reference=(16, 0.1), **kw)
     assert res.lr[1] == pytest.approx(0.1)
+    with pytest.warns(UserWarning, match="with_reference: with momentum"):
+        res.with_reference((4, 0.05))                 # re-anchored below: warns the same
 
 
 def test_nesterov_trial_follows_torch_sgd():

@@ -167,6 +167,9 @@ class LRTransfer(Result):
             raise ValueError(f"reference[0] (B0) must be one of batch_sizes "
                              f"{self.batch_sizes.tolist()}, got {B0}")
         i0 = int(hits[0])
+        if self.form == "linearized":           # the caveats of transfer_lr itself
+            warn_momentum_upward(self.momentum, self.batch_sizes, B0, nesterov=self.nesterov,
+                                 who="with_reference")
         lr, se = _anchor(self.shape, self.shape_stderr, i0, lr0,
                          coherent=self.form != "linearized")
         return dataclasses.replace(self, lr=lr, lr_stderr=se, reference_batch_size=B0,
