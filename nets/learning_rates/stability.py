@@ -41,12 +41,11 @@ somewhat larger α (`nets.learning_rates.lr_search` measures it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 from scipy.optimize import brentq
 from scipy.sparse.linalg import LinearOperator, eigs, eigsh
 
+from nets.utils.results import Result, result
 from rmt.sampling import batch_noise_factor
 from rmt.validation import as_array, as_float, as_int
 
@@ -223,8 +222,8 @@ def ms_spectral_radius(hessians, B, alpha, replacement=False, momentum=0.0, tol=
     return float(np.max(np.abs(vals)))
 
 
-@dataclass(frozen=True)
-class StabilityThreshold:
+@result
+class StabilityThreshold(Result):
     """Result of `ms_stability_threshold`: alpha (α*), B, N, replacement, momentum,
     method, mu (= 1/α* for the pencil), the top generalised eigenvector `mode` (the
     worst-case second moment Σ in the original basis, unit Frobenius norm, or None),
