@@ -17,7 +17,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.bench_scale import trained_preresnet8
+if __package__ in (None, ""):     # run as a script: the repository root is not on the path
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.bench_scale import trained_preresnet8  # noqa: E402
 from nets.curvature.operators import hessian_operator
 
 
