@@ -35,9 +35,14 @@ SEED_BOUND = 2 ** 63 - 1          # a Generator passed as a seed yields an int i
 
 
 def _unwrap_0d(value):
-    """The element of a 0-d numpy array (a numpy scalar), else `value` unchanged."""
+    """The element of a 0-d numpy array (a numpy scalar) or of a 0-d array of another
+    library with `.item()` (a torch scalar tensor: its Python number), else `value`
+    unchanged."""
     if isinstance(value, np.ndarray) and value.ndim == 0:
         return value[()]
+    if (not isinstance(value, (np.generic, numbers.Number)) and getattr(value, "ndim", None) == 0
+            and callable(getattr(value, "item", None))):
+        return value.item()
     return value
 
 

@@ -222,3 +222,19 @@ def test_adam_transfer_reanchors_and_checks_its_prediction(tiny_mlp):
                          prediction=pred, form="linearized")
     with pytest.raises(TypeError, match="pair"):
         predict_adam_max_lr(model, F.cross_entropy, (X, y), [8], betas=0.9)
+
+
+def test_torch_scalar_tensors_are_numbers_like_numpy_ones():
+    """A 0-d torch tensor is read as its number (as a 0-d numpy array is), wherever a
+    scalar is validated; one holding a bool, a complex or NaN is refused the same way."""
+    import rmt.lr as L
+    from nets.learning_rates.transfer import _reference
+
+    assert L.sgd_max_lr(torch.tensor(8), 1.0, 2.0, 100) == L.sgd_max_lr(8, 1.0, 2.0, 100)
+    assert _reference((torch.tensor(32), torch.tensor(0.25))) == (32, 0.25)
+    with pytest.raises(TypeError, match="lam"):
+        L.sgd_max_lr(8, torch.tensor(True), 1.0)
+    with pytest.raises(TypeError, match="lam"):
+        L.sgd_max_lr(8, torch.tensor(1 + 2j), 1.0)
+    with pytest.raises(ValueError, match="NaN"):
+        L.sgd_max_lr(8, torch.tensor(float("nan")), 1.0)
