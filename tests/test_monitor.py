@@ -252,3 +252,17 @@ def test_learner_history_is_strict_json():
     for k in ("lr", "s2", "lam_measured"):
         a, b = getattr(back, k), getattr(opt.history[0], k)
         assert (math.isnan(a) and math.isnan(b)) or a == b
+
+
+def test_refusals_come_at_construction_and_load():
+    from nets import CurvatureAdaptiveSGD
+
+    X, y = _data()
+    with pytest.raises(ValueError, match="train_batch_stats"):
+        CurvatureMonitor(_model(), CE, (X, y), batch_size=16, policy="train_batch_stats")
+    a = CurvatureAdaptiveSGD(_model(), CE, (X, y), batch_size=16)
+    b = CurvatureAdaptiveSGD(_model(), CE, (X, y), batch_size=32)
+    with pytest.raises(ValueError, match="batch_size=16"):
+        b.load_state_dict(a.state_dict())
+    c = CurvatureAdaptiveSGD(_model(), CE, (X, y), batch_size=16)
+    c.load_state_dict(a.state_dict())                       # same batch size: fine

@@ -811,7 +811,8 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
-        sd["learner"] = dict(steps_taken=self.steps_taken, next_update=self._next_update,
+        sd["learner"] = dict(batch_size=self.batch_size,
+                             steps_taken=self.steps_taken, next_update=self._next_update,
                              interval=self._interval, curvature_time=self.curvature_time,
                              wall_time=self._wall,
                              curvature_indices=self.curvature_indices.tolist(),
@@ -825,6 +826,11 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
         extra = state_dict.pop("learner", None)
         if extra is None:
             raise ValueError("state_dict has no 'learner' entry: not from CurvatureAdaptiveSGD")
+        saved_B = extra.get("batch_size")      # absent in states saved before it was kept
+        if saved_B is not None and int(saved_B) != self.batch_size:
+            raise ValueError(f"state_dict was saved with batch_size={int(saved_B)}, this learner "
+                             f"trains with batch_size={self.batch_size}: its learning rate and "
+                             "curvature correction are for the other batch size")
         idx = np.asarray(extra["curvature_indices"], dtype=np.int64)
         if not np.array_equal(idx, self.curvature_indices):
             raise ValueError("state_dict was saved with a different curvature batch "

@@ -228,6 +228,10 @@ class CurvatureMonitor:
         self.momentum = as_float("momentum", momentum, nonnegative=True)
         if not self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if policy == "train_batch_stats":        # refused now, not at the first record
+            raise ValueError("CurvatureMonitor: per-sample curvature noise is undefined with "
+                             "policy='train_batch_stats' (batch statistics couple the samples); "
+                             "use policy='eval'")
         self.noise_rel_error = as_float("noise_rel_error", noise_rel_error, positive=True)
         self.seed = as_int("seed", seed, minimum=0)
         self.tracker = CurvatureTracker(model, loss_fn, data, kind=kind, tol=tol, params=params,
