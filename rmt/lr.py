@@ -205,11 +205,16 @@ def sgd_max_lr_isotropic(B, lam, sigma2, P, N=None, momentum=0.0, clip: bool = T
     return F / isotropic_batch_curvature(B, lam, sigma2, P, N, clip, replacement)
 
 
-def momentum_noise_gain(momentum=0.0) -> float:
+def momentum_noise_gain(momentum=0.0, *, nesterov: bool = False) -> float:
     """Factor ``(1 + ρ)/(1 − ρ)`` by which heavy-ball momentum ρ multiplies the batch-noise
     term of the mean-square stability limit (:func:`sgd_momentum_ms_max_lr`); 1 at ρ = 0,
-    19 at ρ = 0.9."""
+    19 at ρ = 0.9. ``nesterov``: Nesterov's small-noise gain
+    ``(1 + ρ)(1 + 2ρ)/(1 + 3ρ)`` (1.44 at ρ = 0.9; its limit is not linear in the noise,
+    :func:`sgd_nesterov_ms_max_lr`; derived in
+    :func:`rmt.symbolic.derive_nesterov_mean_square`)."""
     m = _momentum("momentum", momentum)
+    if nesterov:
+        return (1.0 + m) * (1.0 + 2.0 * m) / (1.0 + 3.0 * m)
     return (1.0 + m) / (1.0 - m)
 
 

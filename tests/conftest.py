@@ -59,6 +59,20 @@ def per_sample_dense_hessians(model, loss_fn, X, y):
     return Hs, H, ev[::-1].copy(), V[:, ::-1].copy()
 
 
+def spiked_least_squares(N=200, d=20, seed=1, spike=10.0):
+    """Least squares with one design direction `spike`× the others (a well separated top
+    eigenvalue, the directional model's premise): (X (N, d), λ₁, s_u²) with H = XᵀX/N,
+    u its top eigenvector and s_u² the per-sample variance of H_i u (ddof 1), by numpy."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((N, d))
+    X[:, 0] *= spike
+    H = X.T @ X / N
+    lam_all, V = np.linalg.eigh(H)
+    lam, u = lam_all[-1], V[:, -1]
+    Hu = X * (X @ u)[:, None]
+    return X, lam, ((Hu - H @ u) ** 2).sum() / (N - 1)
+
+
 @pytest.fixture(scope="session")
 def tiny_mlp():
     return build_tiny_mlp

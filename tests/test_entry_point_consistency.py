@@ -166,15 +166,22 @@ def test_an_optimizer_over_part_of_the_model_is_said(tiny_mlp):
         training_threshold(model, F.cross_entropy, (X, y), [8], optimizer=opt, steps=10,
                            seeds=(0,), lr0=0.05, rel_tol=0.5)
     names = [n for n, _ in model.named_parameters()][2:]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
-        nets.predict_max_lr(model, F.cross_entropy, (X, y), [8], optimizer=opt, params=names)
-        frozen = [p.requires_grad_(False) for p in model[0].parameters()]
-        try:
-            nets.predict_max_lr(model, F.cross_entropy, (X, y), [8], optimizer=opt)
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
+
+    def partial_warnings(**kw):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            lr = nets.predict_max_lr(model, F.cross_entropy, (X, y), [8], optimizer=opt, **kw)
+        assert np.all(np.isfinite(lr)) and np.all(lr > 0)
+        return [str(x.message) for x in w if "updates only" in str(x.message)]
+
+    assert partial_warnings(params=names) == []            # params= says which part
+    frozen = [p.requires_grad_(False) for p in model[0].parameters()]
+    try:
+        assert partial_warnings() == []                    # the rest is frozen
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    assert len(partial_warnings()) == 1                    # and unfrozen again: it warns
 
 
 def test_stores_never_serve_another_loss_model_or_labels(tiny_mlp, tmp_path):

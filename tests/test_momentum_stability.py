@@ -11,6 +11,7 @@ from itertools import combinations
 import numpy as np
 import pytest
 import sympy as sp
+from conftest import spiked_least_squares
 
 from nets.learning_rates.stability import ms_stability_threshold
 from rmt.lr import momentum_noise_gain, sgd_max_lr, sgd_momentum_ms_max_lr
@@ -96,15 +97,8 @@ def test_one_dimension_closed_form_is_exact():
 def test_closed_form_within_5_percent_on_spiked_least_squares():
     """A well separated outlier (the directional model's premise): design with one
     direction 10× the others, N = 200, d = 20."""
-    rng = np.random.default_rng(1)
-    N, d = 200, 20
-    X = rng.standard_normal((N, d))
-    X[:, 0] *= 10.0
-    H = X.T @ X / N
-    lam_all, V = np.linalg.eigh(H)
-    lam, u = lam_all[-1], V[:, -1]
-    Hu = X * (X @ u)[:, None]
-    s2 = ((Hu - H @ u) ** 2).sum() / (N - 1)
+    N = 200
+    X, lam, s2 = spiked_least_squares(N=N, d=20)
     worst = {}
     for rho in (0.0, 0.9):
         r = [sgd_momentum_ms_max_lr(B, lam, s2, N, rho) / ms_stability_threshold(X, B, momentum=rho).alpha

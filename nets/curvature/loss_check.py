@@ -28,7 +28,7 @@ import warnings
 import numpy as np
 import torch
 
-from nets.utils.data_source import as_data_source
+from nets.utils.data_source import as_data_source, model_place
 
 __all__ = ["check_mean_reduced", "loss_name"]
 
@@ -41,13 +41,6 @@ def loss_name(loss_fn) -> str:
     while isinstance(loss_fn, functools.partial):
         loss_fn = loss_fn.func
     return getattr(loss_fn, "__name__", type(loss_fn).__name__)
-
-
-def _model_place(model: torch.nn.Module):
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.is_floating_point():
-            return t.device, t.dtype
-    return None, None
 
 
 def _scalar(v) -> float:
@@ -66,7 +59,7 @@ def mean_reduction_ratio(model, loss_fn, data, *, sample: int = 8) -> float:
     n = min(int(sample), src.N)
     if n < 2:
         return math.nan
-    device, dtype = _model_place(model)
+    device, dtype = model_place(model)
     X, Y = src.take(np.arange(n), device=device, dtype=dtype)
     saved = {k: b.detach().clone() for k, b in model.named_buffers()}
     try:

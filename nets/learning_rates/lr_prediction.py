@@ -111,10 +111,9 @@ class OptimizerSettings(Result):
     @property
     def sgd_factor(self) -> float:
         """F in α_max = F/λ' for the SGD columns: 2(1+ρ)/(1−τ), or 2(1+ρ)/(1+2ρ) (Nesterov)."""
-        rho = self.momentum
         if self.nesterov:
-            return 2.0 * (1.0 + rho) / (1.0 + 2.0 * rho)
-        return rlr.momentum_factor(rho, "heavy_ball") / (1.0 - self.dampening)
+            return rlr.momentum_factor(self.momentum, "nesterov")
+        return rlr.momentum_factor(self.momentum, "heavy_ball") / (1.0 - self.dampening)
 
     @property
     def adam_factor(self) -> float:
@@ -165,8 +164,7 @@ def _source(optimizer) -> tuple[type, dict, bool]:
         return optimizer, _class_defaults(optimizer), False
     if isinstance(optimizer, torch.optim.Optimizer):
         hp = _group_settings(optimizer)     # weight decay may differ by group (biases, norms)
-        hp["weight_decay"] = max(float(g.get("weight_decay") or 0.0)
-                                 for g in optimizer.param_groups)
+        hp["weight_decay"] = max_weight_decay(optimizer)
         return type(optimizer), hp, True
     raise TypeError(f"optimizer must be a name ({sorted(_NAMED)}), a torch.optim.Optimizer "
                     f"class or instance, got {type(optimizer).__name__}")
@@ -181,6 +179,11 @@ def _family(cls) -> str:
         return "rmsprop"
     raise ValueError(f"optimizer: no stability limit for {cls.__name__}; supported: SGD (heavy "
                      "ball, Nesterov), Adam/AdamW, RMSprop")
+
+
+def max_weight_decay(optimizer: torch.optim.Optimizer) -> float:
+    """The largest `weight_decay` over the optimizer's parameter groups (0 if none)."""
+    return max(float(g.get("weight_decay") or 0.0) for g in optimizer.param_groups)
 
 
 def warn_partial_optimizer(model, optimizer, params=None) -> None:
@@ -523,8 +526,7 @@ def lr_table(model, loss_fn, data, batch_sizes, *, optimizer="sgd", momentum=Non
     """
     opt = optimizer_settings(optimizer, momentum=momentum, betas=betas, eps=eps,
                              nesterov=nesterov)
-    if not isinstance(optimizer, OptimizerSettings):      # predict_max_lr passes settings
-        warn_partial_optimizer(model, optimizer, params)
+    warn_partial_optimizer(model, optimizer, params)     # (quiet for the settings predict_max_lr passes)
     src = as_data_source(data)
     N = src.N
     bs = as_batch_sizes(batch_sizes, N)

@@ -688,7 +688,9 @@ def _read_momentum(optimizer, momentum, nesterov=None) -> tuple[float, bool]:
             raise ValueError("optimizer: SGD dampening is not supported")
         if g.get("maximize"):
             raise ValueError("optimizer: SGD(maximize=True) is not supported")
-        wd = max(float(gr.get("weight_decay") or 0.0) for gr in optimizer.param_groups)
+        from nets.learning_rates.lr_prediction import max_weight_decay
+
+        wd = max_weight_decay(optimizer)
         if wd > 0:
             warnings.warn(f"optimizer: weight_decay={wd:g} is not applied; the trials train "
                           "without it (its coupled decay adds weight_decay to every curvature)",

@@ -46,6 +46,7 @@ from scipy.optimize import brentq
 from scipy.sparse.linalg import LinearOperator, eigs, eigsh
 
 from nets.utils.results import Result, result
+from rmt.lr import momentum_factor
 from rmt.sampling import batch_noise_factor
 from rmt.validation import as_array, as_float, as_int
 
@@ -333,7 +334,7 @@ def ms_stability_threshold(hessians, B, replacement=False, momentum=0.0, method=
         if np.trace(mode) < 0:
             mode = -mode
     else:
-        hi = 2.0 * (1.0 + rho) / ((1.0 + 2.0 * rho) if nesterov else 1.0) / lam[-1]
+        hi = momentum_factor(rho, "nesterov" if nesterov else "heavy_ball") / lam[-1]
         f = lambda a: ms_spectral_radius(hs, B, a, replacement, rho, tol,
                                          nesterov=nesterov) - 1.0
         if f(hi) < 0:  # only possible through round-off at B = N

@@ -396,8 +396,7 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
     se = pred.get(f"{curv}_stderr")
     se = np.zeros_like(curve) if se is None else np.nan_to_num(np.asarray(se, dtype=float))
     nest = bool(opt.nesterov)
-    gain = (momentum_noise_gain(rho) if not nest       # Nesterov: the small-noise gain
-            else (1.0 + rho) * (1.0 + 2.0 * rho) / (1.0 + 3.0 * rho))
+    gain = momentum_noise_gain(rho, nesterov=nest)      # Nesterov: the small-noise gain
     eff = momentum_effective_curvature(lam, curve, rho, nesterov=nest)      # λ'_ρ(B)
     F = momentum_factor(rho, "nesterov" if nest else "heavy_ball")
     limit = F / eff

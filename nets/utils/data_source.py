@@ -82,12 +82,13 @@ def _place(t: torch.Tensor, name: str, device, dtype) -> torch.Tensor:
     return t.to(device=device)
 
 
-def model_float_dtype(model) -> torch.dtype | None:
-    """The dtype of the model's first floating parameter (or buffer); None if it has none."""
+def model_place(model) -> tuple:
+    """(device, dtype) of the model's first floating parameter (or buffer); (None, None) if
+    it has none."""
     for t in (*model.parameters(), *model.buffers()):
         if t.is_floating_point():
-            return t.dtype
-    return None
+            return t.device, t.dtype
+    return None, None
 
 
 def tensors_for(model, data, *, name: str = "data", device=None, dtype=None):
@@ -95,7 +96,7 @@ def tensors_for(model, data, *, name: str = "data", device=None, dtype=None):
     inputs and targets cast to `dtype`, or (dtype None) to the model's own floating dtype —
     so numpy float64 data work with a float32 model and the other way round, as on the
     curvature paths."""
-    target = dtype if dtype is not None else model_float_dtype(model)
+    target = dtype if dtype is not None else model_place(model)[1]
     return as_data_source(data, name=name).tensors(device=device, dtype=target)
 
 
