@@ -8,6 +8,8 @@ correction's closed form by hand; the Rayleigh quotient of a given direction aga
 dense float64 `torch.func.hessian`.
 """
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -121,8 +123,24 @@ def test_adam_transfer_along_the_linearised_form():
         again = adam_transfer_lr(model, F.cross_entropy, (X, y), [16, 4], reference=(8, 0.2),
                                  form="linearized", prediction=lin)
     np.testing.assert_allclose(again.lr, tr.lr[[2, 0]])
+    assert again.beta1 == 0.9
+    with pytest.warns(UserWarning, match="with_reference: with momentum"):   # upward again
+        up = again.with_reference((4, 0.1))
+    np.testing.assert_allclose(up.lr, 0.1 * again.predicted / again.predicted[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again.with_reference((16, 0.4))                       # downward only: quiet
     with pytest.raises(ValueError, match="no value"):
         adam_transfer_lr(model, F.cross_entropy, (X, y), [32], reference=(8, 0.2),
                          form="linearized", prediction=lin)
     with pytest.raises(ValueError, match="form"):
         adam_transfer_lr(model, F.cross_entropy, (X, y), [4], reference=(8, 0.2), form="nope")
+
+
+def test_an_unbracketed_grid_is_said():
+    model, X, y = softmax_regression(seed=4)
+    with pytest.warns(UserWarning, match="did not bracket the threshold at B = \\[4\\]"):
+        res = linearized_adam_threshold(model, F.cross_entropy, (X, y), [4], seeds=(0,),
+                                        warmup_steps=10, warmup_lr=1e-2, steps=20, factor=3.0,
+                                        lr_range=(1e-7, 1e-6), n_grid=8)
+    assert np.isnan(res.lr[0])

@@ -166,8 +166,11 @@ def test_attach_reads_lr_from_the_optimizer_and_plots():
     assert r.plateau == pytest.approx(eoss_plateau(0.2, 16, r.s2, X.shape[0], momentum=0.5))
     import matplotlib
     matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    plt.figure()                        # plot() draws on the current axes
     ax = mon.plot()
     assert len(ax.lines) >= 3
+    plt.close(ax.figure)
     d = mon.to_dict()
     assert json.dumps(d) and len(d["records"]) == 2
 

@@ -400,9 +400,10 @@ def test_prediction_result_object(pred_all):
     assert pred_all["resolved"] is pred_all.resolved
     with pytest.raises(KeyError):
         pred_all["nonsense"]
+    import matplotlib.pyplot as plt
+    plt.figure()                        # plot() draws on the current axes
     ax = pred_all.plot()
     assert len(ax.get_lines()) == 5                                # 4 forms + clipped variant
-    import matplotlib.pyplot as plt
     plt.close(ax.figure)
     with pytest.raises(ValueError, match="form"):
         predict_batch_top_eigenvalue(None, CE, None, [2], form="wigner")

@@ -334,10 +334,17 @@ def test_lr_table_result_json_repr_and_plot(small_ls):
     assert np.all(np.isnan(v.sgd_measured)) and np.isnan(v.B_noise)
     np.testing.assert_array_equal(v.sgd_directional, u.sgd_directional)
     assert len(repr(t).splitlines()) <= 9
-    ax = t.plot()
-    assert ax.get_xscale() == ax.get_yscale() == "log"
-    assert len(ax.get_lines()) == 7
-    np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), t.sgd_directional)
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure()                  # plot() draws on the current axes
+    try:
+        ax = t.plot()
+        assert ax is fig.gca()
+        assert ax.get_xscale() == ax.get_yscale() == "log"
+        assert len(ax.get_lines()) == 7
+        np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), t.sgd_directional)
+    finally:
+        plt.close(fig)
 
 
 def test_progress_is_forwarded_to_every_inner_call(small_ls, monkeypatch):

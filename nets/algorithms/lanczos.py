@@ -33,6 +33,7 @@ import torch
 from scipy.linalg import eigh_tridiagonal
 
 from nets.curvature.operators import CurvatureOperator
+from nets.utils.autocast import no_autocast
 from nets.utils.progress import wants_progress
 from nets.utils.results import Result, result
 from rmt.validation import as_float, as_int, as_seed
@@ -176,6 +177,7 @@ def _start_vectors(op, k: int, v0, seed, kind: str) -> torch.Tensor:
     return V
 
 
+@no_autocast()
 def lanczos(op, num_steps, v0=None, seed=0, reorth: str = "full", tol: float = 1e-8) -> LanczosResult:
     """Run `num_steps` Lanczos steps on the symmetric operator `op` (module docstring).
 
@@ -189,6 +191,7 @@ def lanczos(op, num_steps, v0=None, seed=0, reorth: str = "full", tol: float = 1
     return lanczos_batch(op, num_steps, num_vectors=1, v0=v0, seed=seed, reorth=reorth, tol=tol)[0]
 
 
+@no_autocast()
 def lanczos_batch(op, num_steps, num_vectors=1, v0=None, seed=0, reorth: str = "full",
                   tol: float = 1e-8) -> list[LanczosResult]:
     """`num_vectors` independent Lanczos recurrences run side by side, each step one
@@ -363,6 +366,7 @@ def _order(theta: np.ndarray, which: str) -> np.ndarray:
     return np.argsort(-np.abs(theta), kind="stable")
 
 
+@no_autocast()
 def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-10, max_steps: int | None = None,
           seed=0, return_vectors: bool = True, krylov_dim: int | None = None,
           v0=None, *, progress=None) -> EigenResult:

@@ -16,6 +16,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from nets.utils.autocast import no_autocast
+
 
 def select_parameter_names(model: nn.Module, params=None) -> list[str]:
     """Names of the parameters that make up w, in `named_parameters()` order.
@@ -155,7 +157,7 @@ def twice_differentiable():
     fast = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with sdpa_kernel(SDPBackend.MATH):
+        with sdpa_kernel(SDPBackend.MATH), no_autocast():
             yield
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)

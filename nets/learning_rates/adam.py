@@ -399,7 +399,8 @@ class AdamTransfer(Result):
     """A known-good Adam lr carried across batch sizes along the predicted curve:
     batch_sizes, lr (α₀·α_pred(B)/α_pred(B₀)), reference (B₀, α₀), predicted (the
     AdamPrediction's absolute stability limits; for form "linearized" the corrected
-    linearised-Adam thresholds), sqrt_rule (α₀√(B/B₀)), linear_rule (α₀·B/B₀), form."""
+    linearised-Adam thresholds), sqrt_rule (α₀√(B/B₀)), linear_rule (α₀·B/B₀), form,
+    beta1 (β₁ of the transfer; NaN if not recorded)."""
 
     batch_sizes: np.ndarray
     lr: np.ndarray
@@ -408,6 +409,7 @@ class AdamTransfer(Result):
     sqrt_rule: np.ndarray
     linear_rule: np.ndarray
     form: str
+    beta1: float = float("nan")
 
     def with_reference(self, reference) -> "AdamTransfer":
         """The same transfer anchored at another (B₀, α₀), B₀ one of `batch_sizes`: the
@@ -422,6 +424,11 @@ class AdamTransfer(Result):
                              f"{np.asarray(self.batch_sizes).tolist()}, got {B0}")
         bs = np.asarray(self.batch_sizes, dtype=float)
         pred = np.asarray(self.predicted, dtype=float)
+        if self.form == "linearized" and math.isfinite(self.beta1):   # adam_transfer_lr's caveat
+            from nets.learning_rates.transfer import warn_momentum_upward
+
+            warn_momentum_upward(self.beta1, self.batch_sizes, B0,
+                                 who="AdamTransfer.with_reference")
         return dataclasses.replace(self, lr=a0 * pred / pred[hits[0]], reference=(B0, a0),
                                    sqrt_rule=a0 * np.sqrt(bs / B0), linear_rule=a0 * bs / B0)
 
@@ -503,7 +510,8 @@ def adam_transfer_lr(model, loss_fn, data, batch_sizes, *, reference, betas=(0.9
         from nets.learning_rates.transfer import warn_momentum_upward
 
         warn_momentum_upward(float(betas[0]), bs, B0, who="adam_transfer_lr")
-    return AdamTransfer(bs, lr, (B0, a0), pred, a0 * np.sqrt(bs / B0), a0 * bs / B0, form)
+    return AdamTransfer(bs, lr, (B0, a0), pred, a0 * np.sqrt(bs / B0), a0 * bs / B0, form,
+                        float(betas[0]))
 
 
 # ------------------------------------------------------------------ the threshold protocol

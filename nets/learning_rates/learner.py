@@ -35,9 +35,11 @@ there and "directional" otherwise). Models with BatchNorm/Dropout in train mode 
         opt.zero_grad(); F.cross_entropy(model(xb), yb).backward(); opt.step()
 
 Learning-rate schedulers: the learner owns ``group["lr"]`` and ``group["momentum"]``; it
-writes them at each curvature update, so a scheduler's change lasts only until the next
-update. To cap or decay the learner's step use `max_lr` (or scale `safety`), not a
-scheduler. The curvature products go through
+writes them at each curvature update, and a change made from outside (a scheduler's
+``step()``) is undone at the next step, with a warning the first time, so `history` holds
+the learning rates training uses. To cap or decay the learner's step use `max_lr` (or
+scale `safety`), not a scheduler. It has one parameter group (`add_param_group` is
+refused). The curvature products go through
 :class:`nets.learning_rates.monitor.CurvatureTracker`, the machinery of
 :class:`nets.learning_rates.monitor.CurvatureMonitor`.
 
@@ -189,6 +191,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict
 from typing import Callable
 
@@ -205,6 +208,7 @@ from nets.curvature.side_by_side import ColumnCountError, SideBySideHessians
 from nets.learning_rates.monitor import CurvatureTracker
 from nets.noise.directional import directional_noise_from_operator
 from nets.training.data import check_dataset
+from nets.utils.autocast import no_autocast
 from nets.utils.data_source import as_data_source
 from nets.utils.jsonio import to_jsonable
 from nets.utils.results import Result, result
@@ -560,6 +564,7 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
                              and self._has_chunks)
         self._chunk_vectors: dict[int, torch.Tensor] = {}
         self._side_by_side_fails = False
+        self._outside_change_warned = False
         self.steps_taken = 0
         self._next_update = 0
         self._interval = self.first_update_every
@@ -598,7 +603,7 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
         lseed = self.seed + len(self.history)
         s2 = float("nan")
         tops = ()
-        with torch.enable_grad():
+        with torch.enable_grad(), no_autocast():
             if self._chunks_only:
                 # step 2 on the chunks only: no B_c run is needed (module docstring)
                 theta, weights, resid, tops, nmv = self._batch_tops(lseed, wd, None)
@@ -768,6 +773,7 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
             self._wall += t0 - self._t_prev
         if self.steps_taken >= self._next_update:
             self._update_now()
+        self._restore_owned()
         for group in self.param_groups:
             lr, rho, wd = group["lr"], group["momentum"], group["weight_decay"]
             for p in group["params"]:
@@ -787,6 +793,27 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
         self._wall += t1 - t0
         self._t_prev = t1
         return loss
+
+    def _restore_owned(self) -> None:
+        """Undo a change of lr / momentum made outside the learner (module docstring)."""
+        last = self.history[-1]
+        for g in self.param_groups:
+            if g["lr"] != last.lr or g["momentum"] != last.momentum:
+                if not self._outside_change_warned:
+                    self._outside_change_warned = True
+                    warnings.warn(
+                        f"CurvatureAdaptiveSGD: lr/momentum were changed from outside (to "
+                        f"{g['lr']!r}/{g['momentum']!r}, e.g. by an lr scheduler); the learner "
+                        f"sets them itself and uses its own ({last.lr:.4g}/{last.momentum:.4g}): "
+                        "cap it with max_lr or scale it with safety instead", UserWarning,
+                        stacklevel=5)    # step ← torch.no_grad ← the optimizer's hook wrapper
+                g["lr"], g["momentum"] = last.lr, last.momentum
+
+    def add_param_group(self, param_group) -> None:
+        if getattr(self, "tracker", None) is not None:
+            raise ValueError("CurvatureAdaptiveSGD has one parameter group, the model's "
+                             "trainable parameters; add_param_group is not supported")
+        super().add_param_group(param_group)
 
     @property
     def lr(self) -> float:

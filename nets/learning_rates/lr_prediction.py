@@ -127,7 +127,7 @@ def _class_defaults(cls) -> dict:
 
 
 _KEYS = ("momentum", "dampening", "nesterov", "betas", "eps", "alpha", "centered",
-         "maximize", "amsgrad")
+         "maximize", "amsgrad", "decoupled_weight_decay")
 
 
 def _group_settings(opt: torch.optim.Optimizer) -> dict:
@@ -210,7 +210,8 @@ def _check_unmodelled(hp: dict, cls) -> None:
         raise ValueError(f"optimizer: {cls.__name__}(maximize=True) is not supported; the "
                          "stability limits are for minimising the loss")
     wd = float(hp.get("weight_decay") or 0.0)
-    if wd > 0 and not issubclass(cls, torch.optim.AdamW):   # AdamW's only contracts the weights
+    decoupled = issubclass(cls, torch.optim.AdamW) or bool(hp.get("decoupled_weight_decay"))
+    if wd > 0 and not decoupled:        # AdamW's decay only contracts the weights
         warnings.warn(f"optimizer: weight_decay={wd:g} is not modelled; the limits are those of "
                       "the loss without it (coupled L2 decay adds it to every curvature, so "
                       "for SGD they are too high by at most the factor (λ₁ + weight_decay)/λ₁)",
@@ -290,6 +291,8 @@ def optimizer_settings(optimizer="sgd", *, momentum=None, betas=None, eps=None,
     if family == "sgd":
         rho = _unit_interval("momentum", hp.get("momentum", 0.0))
         tau = _unit_interval("dampening", hp.get("dampening", 0.0))
+        if rho == 0:
+            tau = 0.0          # torch applies dampening inside the momentum buffer only
         nesterov = bool(hp.get("nesterov", False))
         if nesterov and (rho <= 0 or tau != 0):
             raise ValueError("nesterov needs momentum > 0 and dampening = 0")
@@ -437,7 +440,7 @@ class LRTable(Result):
         are left out; measured ones as markers). Returns the axes."""
         if ax is None:
             import matplotlib.pyplot as plt
-            _, ax = plt.subplots()
+            ax = plt.gca()
         B = np.asarray(self.batch_sizes, dtype=float)
         for key, label in _LR_COLUMNS.items():
             y = np.asarray(getattr(self, key), dtype=float)

@@ -683,8 +683,16 @@ def _read_momentum(optimizer, momentum, nesterov=None) -> tuple[float, bool]:
         m = 0.0 if momentum is None else as_float("momentum", momentum, nonnegative=True)
         nest = False
     elif isinstance(optimizer, torch.optim.SGD):
+        from nets.learning_rates.lr_prediction import _group_settings
+
+        try:                           # the groups must agree (momentum, Nesterov, …)
+            _group_settings(optimizer)
+        except ValueError as err:
+            raise ValueError(f"{str(err).split(';')[0]}; the trials train every parameter "
+                             "with one setting: pass optimizer='sgd' with the momentum= and "
+                             "nesterov= you want") from None
         g = optimizer.param_groups[0]
-        if g.get("dampening", 0.0):
+        if g.get("dampening", 0.0) and g.get("momentum", 0.0):
             raise ValueError("optimizer: SGD dampening is not supported")
         if g.get("maximize"):
             raise ValueError("optimizer: SGD(maximize=True) is not supported")

@@ -32,9 +32,12 @@ record is always taken. `overhead()` reports the measured fraction.
 
 **Resumable records.** With `path`, every record is one JSON line
 (:class:`nets.utils.jsonl_store.JsonlStore`, written atomically) keyed by its step; the
-first line holds the settings, and a monitor opened on the same file with other
-settings is refused. A run killed and restarted from a checkpoint re-reads its records:
-steps already recorded are skipped (nothing duplicated) and none is lost. The warm-start
+first line holds the settings — with the number of parameters, the model's dtype, a
+fingerprint of its structure and the loss, and one of the data — and a monitor opened on
+the same file with other settings, or for another model, loss or data, is refused, as is
+a second monitor writing to a file another one writes to. A run killed and restarted
+from a checkpoint re-reads its records: steps already recorded are skipped (nothing
+duplicated) and none is lost. The warm-start
 vector is not stored: the first record after a restart starts cold.
 """
 
@@ -52,10 +55,12 @@ import torch
 from nets.algorithms.lanczos import eigsh
 from nets.curvature.operators import check_policy, curvature_operator
 from nets.curvature.params import ParamLayout
-from nets.learning_rates.lr_prediction import optimizer_settings
+from nets.learning_rates.lr_prediction import optimizer_settings, warn_partial_optimizer
 from nets.noise.batch_spectra import measure_batch_top_eigenvalue
 from nets.noise.directional import directional_noise_from_operator
+from nets.utils.autocast import no_autocast
 from nets.utils.data_source import as_data_source
+from nets.utils.fingerprints import code_fingerprint, data_fingerprint
 from nets.utils.jsonio import to_jsonable
 from nets.utils.jsonl_store import JsonlStore
 from nets.utils.results import Result, result
@@ -238,23 +243,34 @@ class CurvatureMonitor:
                                         policy=policy, chunk_size=chunk_size, device=device,
                                         dtype=dtype, seed=self.seed)
         self._clock = time.perf_counter if clock is None else clock
+        layout = ParamLayout.from_module(model, params)
+        first = next(iter(model.parameters()), None)
         self.config = dict(batch_size=self.batch_size, n_batches=self.n_batches,
                            batch_sizes=list(self.batch_sizes), tol=self.tracker.tol,
                            noise_rel_error=self.noise_rel_error, kind=kind, policy=policy,
-                           seed=self.seed, N=self.N,
-                           params=list(ParamLayout.from_module(model, params).names),
+                           seed=self.seed, N=self.N, params=list(layout.names),
                            dtype=None if dtype is None else str(dtype),
                            chunk_size=chunk_size,
-                           device=None if device is None else str(torch.device(device)))
+                           device=None if device is None else str(torch.device(device)),
+                           P=int(layout.P),
+                           model_dtype=None if first is None else str(first.dtype),
+                           structure=code_fingerprint(model, loss_fn),
+                           data=data_fingerprint(source) if path is not None else None)
         self.records: list[MonitorRecord] = []
         self.store = None
         if path is not None:
             self.store = JsonlStore(path)
             if "config" in self.store:
                 stored = self.store["config"]      # a file written before a key existed
-                if any(stored[k] != v for k, v in self.config.items() if k in stored):
-                    raise ValueError(f"{path} holds records with other settings "
-                                     f"({self.store['config']}); use another path")
+                differ = [k for k, v in self.config.items() if k in stored and stored[k] != v]
+                if differ:
+                    said = {"structure": "the model's structure or the loss",
+                            "data": "the data", "P": "the number of parameters",
+                            "model_dtype": "the model's dtype"}
+                    what = ", ".join(said.get(k, f"{k} ({stored[k]!r} there, {self.config[k]!r} "
+                                                  "here)") for k in differ)
+                    raise ValueError(f"{path} holds records with other settings or of another "
+                                     f"run (differing: {what}); use another path")
             else:
                 self.store.put("config", self.config)
             self.records = sorted((MonitorRecord.from_dict(v) for k, v in self.store.items()
@@ -312,35 +328,57 @@ class CurvatureMonitor:
 
     def attach(self, optimizer: torch.optim.Optimizer, *, start_step: int = 0):
         """Record from a step post-hook of `optimizer` (lr and momentum read from its
-        first parameter group; torch SGD's Nesterov momentum and dampening change the
-        limit's factor, and for Adam/RMSprop the SGD lr table is nan); steps are counted
+        first parameter group — with a warning when the groups' learning rates differ;
+        groups added later are read at the next step; torch SGD's Nesterov momentum and
+        dampening change the limit's factor, and for Adam/RMSprop the SGD lr table is nan;
+        an optimizer over part of the model is warned about as in `predict_max_lr`; an lr
+        of 0, a warm-up's first step, is recorded with no edge, plateau or transfer); steps are counted
         from `start_step` (pass the step a resumed run restarts at). Returns the hook
         handle (``.remove()`` detaches)."""
-        from nets.learning_rates.learner import CurvatureAdaptiveSGD
-
         if self._hook is not None:        # attached before: one hook, one count per step
             self._hook.remove()
         self._optimizer = optimizer
         self._steps = as_int("start_step", start_step, minimum=0)
-        self._unsupported = False
-        try:                       # torch's SGD / Adam / RMSprop: their stability factor
-            self._settings = optimizer_settings(optimizer)
-        except (TypeError, ValueError):
-            self._settings = None         # the package's learner: heavy ball, its momentum
-            if not isinstance(optimizer, CurvatureAdaptiveSGD):
-                self._unsupported = True
-                warnings.warn(f"CurvatureMonitor: no stability limit for "
-                              f"{type(optimizer).__name__} (supported: SGD, Adam/AdamW, "
-                              "RMSprop without momentum, the package's learner); its lr "
-                              "table and plateau are nan", UserWarning, stacklevel=2)
+        warn_partial_optimizer(self.tracker.model, optimizer, self.tracker.params)
+        self._read_settings(stacklevel=3)
 
         def hook(opt, args, kwargs):
             self._steps += 1
+            if len(opt.param_groups) != self._n_groups:     # add_param_group since
+                self._read_settings(stacklevel=4)
             self.maybe_record(self._steps)
 
         self._hook = optimizer.register_step_post_hook(hook)
         self.start()
         return self._hook
+
+    def _read_settings(self, *, stacklevel):
+        """The attached optimizer's stability settings (torch's SGD / Adam / RMSprop: their
+        factor; the package's learner: heavy ball with its momentum; otherwise none, with
+        a warning saying why)."""
+        from nets.learning_rates.learner import CurvatureAdaptiveSGD
+
+        optimizer = self._optimizer
+        self._n_groups = len(optimizer.param_groups)
+        self._unsupported = False
+        self._settings = None
+        if isinstance(optimizer, CurvatureAdaptiveSGD):
+            return
+        try:
+            self._settings = optimizer_settings(optimizer)
+        except (TypeError, ValueError) as err:
+            self._unsupported = True
+            warnings.warn(f"CurvatureMonitor: no stability limit for this "
+                          f"{type(optimizer).__name__} ({err}); supported: SGD, Adam/AdamW, "
+                          "RMSprop without momentum, the package's learner, with one setting "
+                          "over the parameter groups; its lr table and plateau are nan",
+                          UserWarning, stacklevel=stacklevel)
+            return
+        lrs = {float(g["lr"]) for g in optimizer.param_groups}
+        if len(lrs) > 1:
+            warnings.warn(f"CurvatureMonitor: the parameter groups train at different learning "
+                          f"rates ({sorted(lrs)}); the recorded lr, edge, plateau and transfer "
+                          "use the first group's", UserWarning, stacklevel=stacklevel)
 
     def _lr_momentum(self, lr):
         """(α, ρ, F, nesterov): the training lr, its momentum, the factor F of the SGD
@@ -350,7 +388,7 @@ class CurvatureMonitor:
         limit is not SGD's (`nets.adam`), or an optimizer with no limit here: the lr table
         (max_lr and transfer_lr), edge and plateau are then nan."""
         if lr is not None:
-            return (as_float("lr", lr, positive=True), self.momentum,
+            return (as_float("lr", lr, nonnegative=True), self.momentum,
                     momentum_factor(self.momentum), False)
         if self._optimizer is not None:
             g = self._optimizer.param_groups[0]
@@ -363,7 +401,9 @@ class CurvatureMonitor:
                 return float(g["lr"]), rho, momentum_factor(rho), False
             if s.name != "sgd":
                 return float(g["lr"]), 0.0, float("nan"), False
-            return (float(g["lr"]), rho, dataclasses.replace(s, momentum=rho).sgd_factor,
+            s = dataclasses.replace(s, momentum=rho, dampening=s.dampening if rho else 0.0,
+                                    nesterov=bool(s.nesterov) and rho > 0)
+            return (float(g["lr"]), rho, s.sgd_factor,
                     bool(s.nesterov) and rho > 0)
         return self.lr, self.momentum, momentum_factor(self.momentum), False
 
@@ -374,7 +414,7 @@ class CurvatureMonitor:
         tr = self.tracker
         model = tr.model
         was_training = model.training
-        with torch.enable_grad():
+        with torch.enable_grad(), no_autocast():
             op = tr.operator()
             eig = tr.top(op)
             lam = float(eig.values[0])
@@ -397,6 +437,8 @@ class CurvatureMonitor:
                 bs_mean, bs_std, bs_se = lam, 0.0, 0.0
         model.train(was_training)
         a, rho, F, nesterov = self._lr_momentum(lr)
+        # an lr of 0 (a warm-up's first step) is recorded, but has no edge or transfer
+        known = a is not None and a > 0 and math.isfinite(F)
         ok = lam > 0 and math.isfinite(s2)
         Bs = np.asarray(self.batch_sizes)
         nanv = tuple(float("nan") for _ in Bs)
@@ -406,9 +448,8 @@ class CurvatureMonitor:
                 lam, np.atleast_1d(batch_curvature(Bs, lam, s2, N)), rho, nesterov=nesterov))
             eff_B = float(momentum_effective_curvature(lam, lam_prime, rho, nesterov=nesterov))
         max_lr = tuple(F / eff) if ok else nanv
-        transfer = tuple(a * eff_B / eff) if ok and a is not None and math.isfinite(F) else nanv
-        plateau = (eoss_plateau(a, B, s2, N, factor=F) if ok and a is not None and math.isfinite(F)
-                   else float("nan"))
+        transfer = tuple(a * eff_B / eff) if ok and known else nanv
+        plateau = eoss_plateau(a, B, s2, N, factor=F) if ok and known else float("nan")
         cost = self._clock() - t0
         return MonitorRecord(
             step=int(step), time=self.elapsed(), loss=float("nan") if loss is None else float(loss),
@@ -420,7 +461,7 @@ class CurvatureMonitor:
             batch_sizes=tuple(int(b) for b in Bs), max_lr=tuple(map(float, max_lr)),
             transfer_lr=tuple(map(float, transfer)), cost=float(cost),
             num_matvecs=int(eig.num_matvecs), overhead=float("nan"),
-            edge=F / a if a is not None and math.isfinite(F) else float("nan"))
+            edge=F / a if known else float("nan"))
 
     def record(self, step: int, *, loss=None, lr=None) -> MonitorRecord:
         """Measure now and keep (and write) the record; a step already recorded is
@@ -439,7 +480,11 @@ class CurvatureMonitor:
         rec = MonitorRecord(**{**{k: getattr(rec, k) for k in rec.keys()},
                                "overhead": self.time_spent / e if e > 0 else float("nan")})
         if self.store is not None:
-            self.store.put(f"step={step}", rec.to_dict())
+            try:
+                self.store.put(f"step={step}", rec.to_dict())
+            except KeyError as err:         # the file gained this step from another writer
+                raise ValueError(f"{self.store.path}: step {step} was written by another "
+                                 "monitor on the same file; give each run its own path") from err
         self.records.append(rec)
         self.records.sort(key=lambda r: r.step)
         if self.every is not None:
@@ -460,7 +505,7 @@ class CurvatureMonitor:
         EoSS plateau against the step; returns the axes."""
         if ax is None:
             import matplotlib.pyplot as plt
-            ax = plt.figure(figsize=(5, 3.5)).gca()
+            ax = plt.gca()
         steps = self.trace("step")
         ax.plot(steps, self.trace("lam"), "o-", ms=3, label="λ₁ (full data)")
         if np.isfinite(self.trace("batch_sharpness")).any():

@@ -28,13 +28,12 @@ import hashlib
 import math
 
 import numpy as np
-import torch
 
 from nets.algorithms.lanczos import eigsh
 from nets.curvature.loss_check import check_mean_reduced
 from nets.curvature.operators import curvature_operator
 from nets.noise.directional import directional_noise_from_operator, isotropic_noise_from_operator
-from nets.utils.fingerprints import code_fingerprint
+from nets.utils.fingerprints import _tensor_bytes, code_fingerprint, data_fingerprint
 from nets.utils.jsonl_store import JsonlStore
 from nets.utils.progress import progress_bar
 from nets.utils.results import Result, result
@@ -169,7 +168,7 @@ class BatchTopEigenvaluePrediction(Result):
 def _axes(ax):
     if ax is None:
         import matplotlib.pyplot as plt
-        _, ax = plt.subplots()
+        ax = plt.gca()
     return ax
 
 
@@ -182,11 +181,6 @@ def _digest(*chunks) -> str:
     return h.hexdigest()[:16]
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().cpu().contiguous()
-    return repr((str(t.dtype), tuple(t.shape))).encode() + t.reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
 def _model_fingerprint(model) -> str:
     """Short hash of every parameter and buffer (names, dtypes, shapes and exact bytes)."""
     chunks = []
@@ -196,16 +190,8 @@ def _model_fingerprint(model) -> str:
 
 
 def _data_fingerprint(op) -> str:
-    """Short hash of N, the exact bytes of 8 samples spread over the data, and the
-    float64 sums and sums of squares of inputs and targets (to 10 digits)."""
-    N = op.N
-    idx = np.unique(np.linspace(0, N - 1, 8).astype(np.int64))
-    X, Y = op.source.take(idx)
-    s = torch.zeros(4, dtype=torch.float64)
-    for x, y in op.source.batches(device="cpu", dtype=torch.float64):
-        x, y = x.to(torch.float64), y.to(torch.float64)
-        s += torch.stack([x.sum(), (x * x).sum(), y.sum(), (y * y).sum()])
-    return _digest(N, _tensor_bytes(X), _tensor_bytes(Y), [f"{v:.10e}" for v in s.tolist()])
+    """`nets.utils.fingerprints.data_fingerprint` of the operator's data."""
+    return data_fingerprint(op.source)
 
 
 def _store_key(tag, op, B, *, n_batches, seed, replacement, tol, params_used, policy,

@@ -32,6 +32,7 @@ cast to int64 (class indices).
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterator
 
 import numpy as np
@@ -159,8 +160,30 @@ class DataSource:
             else:
                 self.N = sum(int(self._check_item(item, j)[0].shape[0])
                              for j, item in enumerate(self._iterable))
+                full = len(data.dataset) if (isinstance(data, DataLoader) and data.drop_last
+                                             and hasattr(data.dataset, "__len__")) else None
+                if full is not None and self.N < full:
+                    warnings.warn(f"{name}: the DataLoader has drop_last=True, so {full - self.N} "
+                                  f"of its dataset's {full} samples are left out (N = {self.N}); "
+                                  "build it with drop_last=False to use them all", UserWarning,
+                                  stacklevel=3)
         if self.N == 0:
             raise ValueError(f"{name} is empty")
+        if self._dataset is not None:
+            self._check_fixed()
+
+    def _check_fixed(self) -> None:
+        """Refuse a Dataset whose items change from one read to the next (random
+        augmentation in `__getitem__`): curvature is an average over fixed samples, and
+        every pass over such data would see other ones."""
+        for i in sorted({0, self.N - 1}):
+            a = self._check_item(self._dataset[i], i, sample=True)
+            b = self._check_item(self._dataset[i], i, sample=True)
+            if not all(u.shape == v.shape and torch.equal(u, v) for u, v in zip(a, b)):
+                raise ValueError(
+                    f"{self.name}: item {i} of the dataset differs between two reads (random "
+                    "augmentation in __getitem__?); curvature is an average over fixed "
+                    "samples, so pass the data without random transforms")
 
     # -- pieces ---------------------------------------------------------------------
     def _check_item(self, item, j, *, sample=False):

@@ -1,5 +1,6 @@
 """Short hashes of what a resumable store's key must tell apart besides the numbers it was
-given: the model's structure and the loss function (`code_fingerprint`).
+given: the model's structure and the loss function (`code_fingerprint`), and the data
+(`data_fingerprint`).
 
 Parameters and data are hashed by the stores themselves; two models with the same weights
 but another activation, or one loss with another label smoothing, must not share stored
@@ -16,9 +17,10 @@ from __future__ import annotations
 import functools
 import hashlib
 
+import numpy as np
 import torch
 
-__all__ = ["code_fingerprint"]
+__all__ = ["code_fingerprint", "data_fingerprint"]
 
 
 def _describe(obj, depth=0) -> str:
@@ -69,4 +71,27 @@ def code_fingerprint(model: torch.nn.Module, loss_fn) -> str:
         h.update(f"{name}:{type(m).__module__}.{type(m).__qualname__}({m.extra_repr()})".encode())
     h.update(repr(model).encode())
     h.update(_describe(loss_fn).encode())
+    return h.hexdigest()[:16]
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().cpu().contiguous()
+    return (repr((str(t.dtype), tuple(t.shape))).encode()
+            + t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def data_fingerprint(source) -> str:
+    """16 hex digits of a `nets.utils.data_source.DataSource`: N, the exact bytes of 8
+    samples spread over the data, and the float64 sums and sums of squares of inputs and
+    targets (to 10 digits). One pass over the data."""
+    N = source.N
+    idx = np.unique(np.linspace(0, N - 1, 8).astype(np.int64))
+    X, Y = source.take(idx)
+    s = torch.zeros(4, dtype=torch.float64)
+    for x, y in source.batches(device="cpu", dtype=torch.float64):
+        x, y = x.to(torch.float64), y.to(torch.float64)
+        s += torch.stack([x.sum(), (x * x).sum(), y.sum(), (y * y).sum()])
+    h = hashlib.sha256()
+    for c in (N, _tensor_bytes(X), _tensor_bytes(Y), [f"{v:.10e}" for v in s.tolist()]):
+        h.update(c if isinstance(c, bytes) else repr(c).encode())
     return h.hexdigest()[:16]

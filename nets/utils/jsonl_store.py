@@ -33,12 +33,15 @@ class JsonlStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._records: dict[str, Any] = {}
+        self._size = 0                 # the file's size as this store last saw it
         self._load()
 
     def _load(self) -> None:
         if not self.path.exists():
+            self._size = 0
             return
         raw = self.path.read_bytes()
+        self._size = len(raw)
         good_end = 0
         pos = 0
         for line in raw.splitlines(keepends=True):
@@ -54,6 +57,7 @@ class JsonlStore:
         if good_end < len(raw):  # drop the damaged tail so later appends stay parseable
             with open(self.path, "r+b") as fh:
                 fh.truncate(good_end)
+            self._size = good_end
 
     def __contains__(self, key: str) -> bool:
         return str(key) in self._records
@@ -75,8 +79,14 @@ class JsonlStore:
 
     def put(self, key: str, value: Any) -> None:
         """Append one record atomically (one write + fsync). Re-putting a key is an error,
-        so that resumed runs cannot silently duplicate work."""
+        so that resumed runs cannot silently duplicate work — also when another writer
+        (a second store on the same file) appended the key since this one last read it."""
         key = str(key)
+        if key not in self._records and self._grown():
+            self._load()               # another writer appended: see its keys first
+            if key in self._records:
+                raise KeyError(f"key {key!r} was stored in {self.path} by another writer "
+                               "since this store read it")
         if key in self._records:
             raise KeyError(f"key {key!r} already stored in {self.path}")
         value = _jsonable(value)
@@ -85,9 +95,16 @@ class JsonlStore:
         try:
             os.write(fd, line)
             os.fsync(fd)
+            self._size = os.fstat(fd).st_size
         finally:
             os.close(fd)
         self._records[key] = value
+
+    def _grown(self) -> bool:
+        try:
+            return os.path.getsize(self.path) != self._size
+        except OSError:
+            return False
 
     def get_or_compute(self, key: str, fn: Callable[[], Any]):
         """Return the stored value for `key`, computing and storing it if absent."""

@@ -1,0 +1,274 @@
+"""The package inside a practitioner's training loop: schedulers, warm-ups, parameter
+groups, a reused records file, mixed precision, augmenting datasets, DataLoader options.
+
+Oracles: torch's own SGD update (dampening is applied inside the momentum buffer only),
+the optimizer's param_groups, a dense float64 Hessian, and the same call made outside
+the loop's context (autocast) or with the data given as a tensor pair.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from nets import CurvatureAdaptiveSGD, predict_max_lr, top_eigenvalues
+from nets.learning_rates.lr_prediction import optimizer_settings
+from nets.learning_rates.lr_search import training_threshold
+from nets.learning_rates.monitor import CurvatureMonitor
+from nets.training.models import MLP
+from nets.utils.data_source import as_data_source
+from nets.utils.jsonl_store import JsonlStore
+
+CE = nn.functional.cross_entropy
+
+
+def _data(N=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(N, 6, generator=g, dtype=torch.float64)
+    y = (X[:, 0] + 0.5 * X[:, 1] > 0).long() + (X[:, 2] > 1).long()
+    return X, y
+
+
+def _model(seed=0, width=5):
+    return MLP(6, (width,), 3, activation="tanh", seed=seed).double()
+
+
+def _steps(model, opt, X, y, n, *, B=16, sched=None):
+    for k in range(n):
+        idx = torch.arange(k * B, (k + 1) * B) % X.shape[0]
+        opt.zero_grad()
+        CE(model(X[idx]), y[idx]).backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+
+
+# ----------------------------------------------------------------- optimizer settings
+
+def test_dampening_without_momentum_is_plain_sgd():
+    """torch applies dampening inside the momentum buffer: with momentum 0 the update is
+    plain SGD, so the limit must be 2/λ'(B), not 2/((1−τ)λ'(B))."""
+    X, y = _data()
+    model = _model()
+    w0 = [p.detach().clone() for p in model.parameters()]
+    a = torch.optim.SGD(model.parameters(), lr=0.3, dampening=0.5)
+    _steps(model, a, X, y, 3)
+    w_damp = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p, w in zip(model.parameters(), w0):
+            p.copy_(w)
+    _steps(model, torch.optim.SGD(model.parameters(), lr=0.3), X, y, 3)
+    assert all(torch.equal(u, v) for u, v in zip(w_damp, model.parameters()))   # torch's own
+    s = optimizer_settings(torch.optim.SGD(model.parameters(), lr=0.1, dampening=0.5))
+    assert s.dampening == 0.0 and s.sgd_factor == 2.0
+    damp = predict_max_lr(model, CE, (X, y), [8, 32],
+                          optimizer=torch.optim.SGD(model.parameters(), lr=0.1, dampening=0.5))
+    plain = predict_max_lr(model, CE, (X, y), [8, 32], optimizer="sgd")
+    np.testing.assert_allclose(damp, plain, rtol=1e-12)
+    with_m = optimizer_settings(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5,
+                                                dampening=0.5))
+    assert with_m.dampening == 0.5 and with_m.sgd_factor == pytest.approx(2 * 1.5 / 0.5)
+
+
+def test_adam_with_decoupled_weight_decay_is_read_as_adamw():
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), weight_decay=0.01, decoupled_weight_decay=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = optimizer_settings(opt)
+    assert s.name == "adam"
+    with pytest.warns(UserWarning, match="weight_decay=0.01 is not modelled"):
+        optimizer_settings(torch.optim.Adam(model.parameters(), weight_decay=0.01))
+
+
+def test_training_threshold_refuses_groups_with_different_momenta():
+    X, y = _data()
+    model = _model()
+    params = list(model.parameters())
+    for groups in ([{"params": params[:2], "momentum": 0.9}, {"params": params[2:], "momentum": 0.0}],
+                   [{"params": params[:2], "momentum": 0.0}, {"params": params[2:], "momentum": 0.9}]):
+        opt = torch.optim.SGD(groups, lr=0.1)
+        with pytest.raises(ValueError, match="param groups differ in.*momentum"):
+            training_threshold(model, CE, (X, y), [16], optimizer=opt, seeds=(0,), steps=5)
+
+
+# ----------------------------------------------------------------- the monitor
+
+def test_monitor_records_a_zero_learning_rate_warmup_step():
+    """A warm-up from lr 0 (LambdaLR(s/10)) must not stop training: the record keeps
+    lr = 0 and has no edge, plateau or transfer."""
+    X, y = _data()
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, s / 10))
+    mon = CurvatureMonitor(model, CE, (X, y), batch_size=16, every=3, n_batches=0, budget=1.0)
+    mon.attach(opt)
+    _steps(model, opt, X, y, 5, sched=sched)
+    first, later = mon.records[0], mon.records[1]
+    assert first.step == 1 and first.lr == 0.0
+    assert math.isnan(first.edge) and math.isnan(first.plateau)
+    assert all(math.isnan(t) for t in first.transfer_lr)
+    assert all(math.isfinite(m) for m in first.max_lr)           # the limits need no lr
+    assert later.lr == pytest.approx(0.5 * 3 / 10)               # the scheduler's, at step 4
+    assert later.edge == pytest.approx(2 * 1.9 / later.lr)
+    rec = mon.measure(9, lr=0.0)
+    assert rec.lr == 0.0 and math.isnan(rec.edge)
+
+
+def test_monitor_refuses_a_file_of_another_model(tmp_path):
+    X, y = _data()
+    path = tmp_path / "curv.jsonl"
+    m1 = _model(width=5)
+    CurvatureMonitor(m1, CE, (X, y), batch_size=16, n_batches=0, path=path).record(1)
+    # the same model and data resume
+    again = CurvatureMonitor(m1, CE, (X, y), batch_size=16, n_batches=0, path=path)
+    assert again.recorded_steps() == [1]
+    cases = {"the number of parameters": (_model(width=9), CE, (X, y)),
+             "the model's structure or the loss": (m1, lambda o, t: CE(o, t, label_smoothing=0.2), (X, y)),
+             "the data": (m1, CE, (X + 0.1, y)),
+             "the model's dtype": (_model(width=5).float(), CE, (X, y))}
+    for what, (model, loss, data) in cases.items():
+        with pytest.raises(ValueError, match=f"another run \\(differing: .*{what.split()[-1]}"):
+            CurvatureMonitor(model, loss, data, batch_size=16, n_batches=0, path=path)
+
+
+def test_two_monitors_on_one_file_are_refused_not_interleaved(tmp_path):
+    X, y = _data()
+    path = tmp_path / "shared.jsonl"
+    a = CurvatureMonitor(_model(), CE, (X, y), batch_size=16, n_batches=0, path=path)
+    b = CurvatureMonitor(_model(), CE, (X, y), batch_size=16, n_batches=0, path=path)
+    a.record(1)
+    with pytest.raises(ValueError, match="step 1 was written by another monitor"):
+        b.record(1)
+    keys = [json.loads(line)["key"] for line in path.read_text().splitlines()]
+    assert keys == ["config", "step=1"]
+
+
+def test_jsonl_store_sees_a_key_another_writer_appended(tmp_path):
+    path = tmp_path / "s.jsonl"
+    one, two = JsonlStore(path), JsonlStore(path)
+    one.put("a", 1)
+    with pytest.raises(KeyError, match="by another writer"):
+        two.put("a", 2)
+    two.put("b", 3)                         # a fresh key still goes in, and `a` is seen
+    assert two["a"] == 1 and JsonlStore(path).keys() == ["a", "b"]
+
+
+def test_monitor_says_what_it_cannot_follow_in_an_optimizer():
+    X, y = _data()
+    model = _model()
+    head = list(model.parameters())[-2:]
+    with pytest.warns(UserWarning, match="updates only"):
+        CurvatureMonitor(model, CE, (X, y), batch_size=16, n_batches=0).attach(
+            torch.optim.SGD(head, lr=0.1))
+    params = list(model.parameters())
+    mixed = torch.optim.SGD([{"params": params[:2], "momentum": 0.9},
+                             {"params": params[2:], "momentum": 0.0}], lr=0.1)
+    with pytest.warns(UserWarning, match="param groups differ in"):
+        CurvatureMonitor(model, CE, (X, y), batch_size=16, n_batches=0).attach(mixed)
+    two_lrs = torch.optim.SGD([{"params": params[:2], "lr": 0.5},
+                               {"params": params[2:], "lr": 0.05}])
+    with pytest.warns(UserWarning, match="different learning rates"):
+        CurvatureMonitor(model, CE, (X, y), batch_size=16, n_batches=0).attach(two_lrs)
+    # a group added after attaching is read at the next step
+    opt = torch.optim.SGD(params[:2], lr=0.1, momentum=0.9)
+    mon = CurvatureMonitor(model, CE, (X, y), batch_size=16, n_batches=0, budget=1.0)
+    mon.attach(opt)
+    opt.add_param_group({"params": params[2:], "momentum": 0.0})
+    with pytest.warns(UserWarning, match="param groups differ in"):
+        _steps(model, opt, X, y, 1)
+    assert all(math.isnan(v) for v in mon.records[0].max_lr)
+
+
+def test_monitor_ignores_an_enclosing_autocast():
+    X, y = _data()
+    model = _model().float()
+    Xf = X.float()
+    ref = top_eigenvalues(model, CE, (Xf, y), k=1, seed=3, tol=1e-8)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = top_eigenvalues(model, CE, (Xf, y), k=1, seed=3, tol=1e-8)[0]
+        rec = CurvatureMonitor(model, CE, (Xf, y), batch_size=16, n_batches=0,
+                               tol=1e-8).record(1)
+    assert inside == ref
+    assert rec.lam == pytest.approx(ref, rel=1e-6)
+
+
+def test_monitor_plot_draws_on_the_current_axes():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    X, y = _data()
+    mon = CurvatureMonitor(_model(), CE, (X, y), batch_size=16, n_batches=0, lr=0.1)
+    mon.record(1)
+    fig, (a1, a2) = plt.subplots(1, 2)
+    plt.sca(a2)
+    try:
+        assert mon.plot() is a2 and len(a2.lines) > 0 and not a1.lines
+        assert len(plt.get_fignums()) == 1
+    finally:
+        plt.close("all")
+
+
+# ----------------------------------------------------------------- the learner
+
+def test_learner_undoes_a_schedulers_change_and_says_so():
+    X, y = _data()
+    model = _model()
+    opt = CurvatureAdaptiveSGD(model, CE, (X, y), batch_size=16, update_every=4,
+                               first_update_every=2, curvature_batch_size=32)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)
+    used = []
+    with pytest.warns(UserWarning, match="changed from outside"):
+        for k in range(8):
+            idx = torch.arange(k * 16, (k + 1) * 16) % X.shape[0]
+            opt.zero_grad()
+            CE(model(X[idx]), y[idx]).backward()
+            opt.step()
+            used.append(opt.param_groups[0]["lr"])       # the lr of the step just taken
+            sched.step()
+    learned = {h.lr for h in opt.history}
+    assert set(used) <= learned                          # every step used a learned lr
+    with pytest.raises(ValueError, match="one parameter group"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))]})
+
+
+# ----------------------------------------------------------------- data
+
+class _Augmenting(Dataset):
+    def __init__(self, X, y):
+        self.X, self.y = X, y
+
+    def __len__(self):
+        return len(self.X)
+
+    def __getitem__(self, i):
+        return self.X[i] + 0.05 * torch.randn_like(self.X[i]), self.y[i]
+
+
+def test_a_randomly_augmenting_dataset_is_refused():
+    X, y = _data()
+    with pytest.raises(ValueError, match="differs between two reads"):
+        top_eigenvalues(_model(), CE, _Augmenting(X, y), k=1)
+    with pytest.raises(ValueError, match="differs between two reads"):
+        as_data_source(DataLoader(_Augmenting(X, y), batch_size=32))
+    as_data_source(TensorDataset(X, y))                   # a fixed one passes
+
+
+def test_drop_last_is_said_and_the_numbers_are_those_of_the_kept_samples():
+    X, y = _data(N=100)
+    loader = DataLoader(TensorDataset(X, y), batch_size=32, drop_last=True)
+    with pytest.warns(UserWarning, match="4 of its dataset's 100 samples are left out"):
+        src = as_data_source(loader)
+    assert src.N == 96
+    with pytest.warns(UserWarning, match="drop_last"):
+        lam = top_eigenvalues(_model(), CE, loader, k=1, seed=2, tol=1e-10)[0]
+    ref = top_eigenvalues(_model(), CE, (X[:96], y[:96]), k=1, seed=2, tol=1e-10)[0]
+    assert lam == pytest.approx(ref, rel=1e-9)
