@@ -418,10 +418,11 @@ def test_measured_result_object_and_plot(tiny_mlp):
     json.dumps(meas.to_dict(), allow_nan=False)
     assert len(repr(meas).splitlines()) <= 12
     pred = predict_batch_top_eigenvalue(model, CE, (X, y), [4, 8], seed=0)
+    import matplotlib.pyplot as plt
+    plt.figure()                        # plot() draws on the current axes
     ax = pred.plot(measured=meas)
     assert len(ax.get_lines()) >= 2
     np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), pred.directional)
-    import matplotlib.pyplot as plt
     plt.close(ax.figure)
 
 

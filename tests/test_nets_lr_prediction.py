@@ -378,7 +378,9 @@ def test_check_mean_reduced_warns_on_summed_losses():
     model, _, data = _tiny_mlp()
     with pytest.warns(UserWarning, match="reduction"):
         r = check_mean_reduced(model, partial(F.cross_entropy, reduction="sum"), data)
-    assert r == pytest.approx(8)
+    assert r == pytest.approx(30)          # all N = 30 samples (default sample=64)
+    assert check_mean_reduced(model, partial(F.cross_entropy, reduction="sum"), data,
+                              sample=8) == pytest.approx(8)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert check_mean_reduced(model, F.cross_entropy, data) == pytest.approx(1)

@@ -208,6 +208,7 @@ def test_monitor_plot_draws_on_the_current_axes():
     X, y = _data()
     mon = CurvatureMonitor(_model(), CE, (X, y), batch_size=16, n_batches=0, lr=0.1)
     mon.record(1)
+    plt.close("all")
     fig, (a1, a2) = plt.subplots(1, 2)
     plt.sca(a2)
     try:

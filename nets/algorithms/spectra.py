@@ -7,6 +7,8 @@ thick-restart Lanczos eigensolver `nets.algorithms.lanczos.eigsh` on it.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from nets.algorithms.lanczos import EigenResult, eigsh
@@ -47,19 +49,36 @@ def top_eigenvalues(model, loss_fn, data, k=1, *, kind="hessian", tol=1e-10, par
     `nets.curvature.operators.hessian_operator`; progress: a tqdm bar over Lanczos
     restarts (None: only on a terminal for long runs).
 
+    Warns (UserWarning) when an eigenvalue misses `tol` within Lanczos' product budget.
     Raises ValueError for NaN/inf in data, parameters or buffers, empty data, a shuffling
     DataLoader, a train-mode BatchNorm/Dropout/RReLU without `policy`, a non-scalar loss,
     or NaN/inf curvature products; TypeError for arguments of the wrong kind.
     """
-    return extremal_eigenpairs(model, loss_fn, data, k, which="LA", kind=kind, tol=tol,
-                               params=params, policy=policy, chunk_size=chunk_size,
-                               device=device, dtype=dtype, seed=seed, progress=progress).values
+    return _values(extremal_eigenpairs(model, loss_fn, data, k, which="LA", kind=kind, tol=tol,
+                                       params=params, policy=policy, chunk_size=chunk_size,
+                                       device=device, dtype=dtype, seed=seed,
+                                       progress=progress), tol)
 
 
 def bottom_eigenvalues(model, loss_fn, data, k=1, *, kind="hessian", tol=1e-10, params=None,
                        policy=None, chunk_size=None, device=None, dtype=None, seed=0,
                        progress=None) -> np.ndarray:
     """The k smallest (most negative) eigenvalues, ascending; as `top_eigenvalues`."""
-    return extremal_eigenpairs(model, loss_fn, data, k, which="SA", kind=kind, tol=tol,
-                               params=params, policy=policy, chunk_size=chunk_size,
-                               device=device, dtype=dtype, seed=seed, progress=progress).values
+    return _values(extremal_eigenpairs(model, loss_fn, data, k, which="SA", kind=kind, tol=tol,
+                                       params=params, policy=policy, chunk_size=chunk_size,
+                                       device=device, dtype=dtype, seed=seed,
+                                       progress=progress), tol)
+
+
+def _values(res: EigenResult, tol) -> np.ndarray:
+    """The eigenvalues, with a warning when some missed the tolerance (the plain array
+    has no convergence flags; `extremal_eigenpairs` returns them)."""
+    bad = ~np.asarray(res.converged, dtype=bool)
+    if bad.any():
+        warnings.warn(
+            f"Lanczos stopped after {res.num_matvecs} products with {int(bad.sum())} of "
+            f"{bad.size} eigenvalues short of the tolerance tol={tol:g} (largest residual "
+            f"{float(np.max(np.asarray(res.residuals)[bad])):.3g}; an eigenvalue at 0, where a "
+            "relative tolerance cannot be met, does this): they are approximate; "
+            "extremal_eigenpairs gives the residuals and flags", UserWarning, stacklevel=3)
+    return res.values

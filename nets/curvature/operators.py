@@ -66,6 +66,24 @@ _RANDOM_TYPES = (nn.RReLU,)
 # base class
 # ----------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def _explained_missing_derivatives():
+    """torch's "the derivative for 'X' is not implemented" from a layer whose backward
+    cannot itself be differentiated (nn.EmbeddingBag, some fused kernels), said in the
+    package's terms."""
+    try:
+        yield
+    except NotImplementedError as err:
+        text = str(err)
+        if "derivative for" not in text:
+            raise
+        raise NotImplementedError(
+            f"the model's loss cannot be differentiated twice ({text.splitlines()[0]}): a "
+            "layer's backward has no derivative in torch (e.g. nn.EmbeddingBag: use "
+            "nn.Embedding followed by the mean/sum over the bag). Curvature products need "
+            "second derivatives") from None
+
+
 class CurvatureOperator:
     """A symmetric P×P linear operator acting on flat parameter-space vectors.
 
@@ -122,7 +140,8 @@ class CurvatureOperator:
         """H v for one vector v of shape (P,)."""
         v, out_dtype = self._coerce(v, 1, "v")
         self.num_matvecs += 1
-        return self._matvec(v).to(out_dtype)
+        with _explained_missing_derivatives():
+            return self._matvec(v).to(out_dtype)
 
     def matmat(self, V) -> torch.Tensor:
         """H V for V of shape (P, k), the k columns processed together (vmap)."""
@@ -130,7 +149,8 @@ class CurvatureOperator:
         if V.shape[1] == 0:
             return V.clone().to(out_dtype)
         self.num_matvecs += V.shape[1]
-        return self._matmat(V).to(out_dtype)
+        with _explained_missing_derivatives():
+            return self._matmat(V).to(out_dtype)
 
     def __matmul__(self, other):
         if isinstance(other, (torch.Tensor, np.ndarray)) and other.ndim == 1:
@@ -395,7 +415,7 @@ class ModelCurvatureOperator(CurvatureOperator):
         a forward that is not repeatable (dropout called as a function,
         `F.dropout(x, p, self.training)`, in train mode; noise injection), as for an
         active nn.Dropout."""
-        x, _ = self.source.take(list(range(min(2, self.N))), device=self.device,
+        x, y = self.source.take(list(range(min(2, self.N))), device=self.device,
                                 dtype=self.dtype)
         devices = [self.device] if self.device.type == "cuda" else []
         try:
@@ -420,10 +440,25 @@ class ModelCurvatureOperator(CurvatureOperator):
                 f"of shape {tuple(a.shape)}: its first dimension must be the batch dimension. "
                 "Samples are the rows of X (a list is read as (x, y) batches; for per-sample "
                 "pairs use a torch Dataset)")
+        if isinstance(a, torch.Tensor) and x.shape[0] > 1 and a.ndim > 0:
+            try:        # (train-mode BatchNorm cannot run on one sample: not checked then)
+                with torch.no_grad(), policy_mode(self.model, self.policy), \
+                        torch.random.fork_rng(devices=devices):
+                    one = self._forward(self.primals, x[:1])
+            except (RuntimeError, ValueError):
+                one = None
+            if isinstance(one, torch.Tensor) and tuple(one.shape) != (1, *a.shape[1:]):
+                raise ValueError(
+                    f"the model maps 2 samples to an output of shape {tuple(a.shape)} but one "
+                    f"sample to {tuple(one.shape)}: the per-sample passes need the sample "
+                    "dimension kept for a batch of one (a squeeze() at the end of forward "
+                    "drops it; use squeeze(-1) or flatten())")
         # a tolerance, not bitwise: some GPU kernels are not bitwise reproducible
         same = all(torch.allclose(u.nan_to_num(), v.nan_to_num(), rtol=1e-4, atol=1e-6)
                    if u.is_floating_point() else torch.equal(u, v)
                    for u, v in zip(output_tensors(a), output_tensors(b)))
+        if self.kind == "ggn" and isinstance(a, torch.Tensor) and a.is_floating_point():
+            self._check_output_curvature(a, y)
         if not same:
             raise ValueError(
                 "the model's forward is not repeatable (two calls on the same input differ): "
@@ -444,6 +479,25 @@ class ModelCurvatureOperator(CurvatureOperator):
             yield x, y, x.shape[0] / self.N          # batch b enters with weight n_b / N
 
     # -- functional pieces (pure functions of tensors) -----------------------------
+    def _check_output_curvature(self, out, y) -> None:
+        """Warn when the loss is linear in the model's outputs (its Hessian in the outputs
+        Λ vanishes on a random direction): the Gauss–Newton matrix JᵀΛJ is then zero,
+        as for a model ending in log_softmax with nll_loss."""
+        try:
+            with torch.enable_grad():
+                lam = vjp(grad(lambda o: _scalar_loss(self.loss_fn(o, y))), out.detach())[1]
+                g = torch.Generator(device="cpu").manual_seed(0)
+                d = torch.randn(out.shape, generator=g, dtype=out.dtype).to(out.device)
+                zero = not bool(lam(d)[0].abs().gt(0).any())
+        except (RuntimeError, ValueError, TypeError, NotImplementedError):
+            return
+        if zero:
+            warnings.warn(
+                "kind='ggn': the loss is linear in the model's outputs (its second derivative "
+                "in them is zero), so the Gauss–Newton matrix is zero — e.g. a model ending in "
+                "log_softmax with nll_loss. Return logits and use F.cross_entropy (the same "
+                "loss), or use kind='hessian'", UserWarning, stacklevel=4)
+
     def _forward(self, prim, x):
         state = dict(self.frozen)
         state.update(zip(self.layout.names, prim))

@@ -68,7 +68,7 @@ from nets.algorithms.lanczos import eigsh
 from nets.curvature.loss_check import check_mean_reduced
 from nets.curvature.operators import batch_hessian_operator, hessian_operator
 from nets.learning_rates.lr_prediction import DiagonalScaledOperator
-from nets.learning_rates.lr_search import Trial, bisect_max_lr, seed_mean_stderr
+from nets.learning_rates.lr_search import Trial, bisect_max_lr, check_start_loss, seed_mean_stderr
 from nets.utils.data_source import as_data_source, tensors_for
 from nets.utils.progress import progress_bar
 from nets.utils.results import Result, result
@@ -659,6 +659,7 @@ def adam_trial(warm: WarmState, loss_fn, X, y, lr, *, steps, criterion="onset",
     w0 = torch.cat([p.detach().reshape(-1) for p in params]).double()
     q = None if direction is None else torch.as_tensor(np.asarray(direction), dtype=torch.float64)
     L0 = warm.loss
+    check_start_loss(L0)
     max_loss = loss_t = L0
     proj, unstable, reason, first, t = [], False, "stable", False, 0
     for t, idx in enumerate(_batches(len(X), warm.batch_size, int(steps), seed + 7919), start=1):

@@ -428,6 +428,14 @@ def _top_direction(model, loss_fn, data, seed):
     return u / u.norm(), float(top.values[0])
 
 
+def check_start_loss(L0) -> None:
+    """The trials' criteria compare the loss with its start (k× it, or above it): refuse a
+    start that is not finite and positive (e.g. a Gaussian NLL below 0)."""
+    if not (math.isfinite(L0) and L0 > 0):
+        raise ValueError(f"the loss at the checkpoint must be finite and positive (the "
+                         f"criteria compare the loss with multiples of its start), got {L0}")
+
+
 def training_trial(model, loss_fn, X, y, lr, batch_size, *, steps, momentum=0.0, seed=0,
                    criterion="divergence", factor=10.0, direction=None,
                    growth_threshold=None, chunk_size=4096, nesterov=False) -> TrainingTrial:
@@ -453,6 +461,7 @@ def training_trial(model, loss_fn, X, y, lr, batch_size, *, steps, momentum=0.0,
     bufs = [torch.zeros_like(p) for p in params]
     gen = torch.Generator().manual_seed(int(seed))
     L0 = _full_data_loss(net, loss_fn, X, y, chunk_size)
+    check_start_loss(L0)
     max_loss, loss_t, proj = L0, L0, []
     unstable, reason, t = False, "stable", 0
     for t in range(1, steps + 1):

@@ -232,8 +232,12 @@ def _momentum_of(opt) -> float:
         raise ValueError(f"transfer_lr supports SGD (heavy-ball or Nesterov momentum) and "
                          f"Adam, got {opt.name!r}")
     if opt.dampening:
-        raise ValueError("transfer_lr: SGD dampening is not supported (the mean-square limits "
-                         "are derived for heavy ball and Nesterov without it)")
+        raise ValueError("transfer_lr: SGD dampening is not supported: its linearised and "
+                         "real-training thresholds run torch's heavy ball and Nesterov without "
+                         "it (predict_max_lr and lr_table give dampening's mean-square limit "
+                         "2(1+ρ)/((1−τ)λ'_ρ)); after its first step heavy ball with dampening τ "
+                         "is heavy ball at lr α(1−τ), so transfer the lr without dampening and "
+                         "divide by 1−τ")
     return float(opt.momentum)
 
 

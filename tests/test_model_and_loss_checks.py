@@ -1,0 +1,163 @@
+"""Models and losses the package's per-sample decomposition does not fit: said, not
+silently computed.
+
+Oracles: the loss's own value on the batch against its per-sample values (a weighted
+mean differs from the plain mean), the loss's second derivative in the outputs (zero for
+log_softmax + nll_loss), dense float64 GGN eigenvalues, and the start loss itself.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from nets import predict_max_lr, top_eigenvalues
+from nets.curvature.loss_check import check_mean_reduced
+from nets.learning_rates.lr_search import training_threshold
+
+
+def _data(N=80, seed=0, classes=4):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(N, 6, generator=g, dtype=torch.float64)
+    y = torch.arange(N) % classes
+    return X, y
+
+
+def _mlp(out=4, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, out)).double()
+
+
+def _quiet(fn):
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        out = fn()
+    return out, [str(w.message) for w in rec if "jit" not in str(w.message)]
+
+
+@pytest.mark.parametrize("loss", [
+    lambda o, t: F.cross_entropy(o, t, weight=torch.tensor([5.0, 1, 1, 0.2], dtype=o.dtype)),
+    lambda o, t: F.cross_entropy(o, torch.where(torch.arange(len(t)) % 3 == 0, -100, t),
+                                 ignore_index=-100),
+], ids=["class_weights", "ignore_index"])
+def test_a_weighted_mean_loss_is_said(loss):
+    X, y = _data()
+    model = _mlp()
+    # the oracle: the batch loss is not the mean of the one-sample losses
+    with torch.no_grad():
+        out = model(X)
+        per = torch.stack([loss(out[i:i + 1], y[i:i + 1]) for i in range(len(X))])
+        assert not torch.allclose(loss(out, y), per.nanmean(), rtol=1e-2)
+    with pytest.warns(UserWarning, match="not the plain mean of its per-sample values"):
+        check_mean_reduced(model, loss, (X, y))
+    with pytest.warns(UserWarning, match="weighted mean"):
+        predict_max_lr(model, loss, (X, y), [8])
+    _, said = _quiet(lambda: check_mean_reduced(model, F.cross_entropy, (X, y)))
+    assert said == []                            # the plain mean passes quietly
+
+
+def test_thresholds_refuse_a_start_loss_that_is_not_positive():
+    X, _ = _data()
+    target = torch.randn(len(X), 1, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    class Gauss(nn.Module):             # mean and log-variance; the Gaussian NLL can be < 0
+        def __init__(self):
+            super().__init__()
+            self.net = _mlp(out=2)
+
+        def forward(self, x):
+            return self.net(x)
+
+    def nll(o, t):
+        return F.gaussian_nll_loss(o[:, :1], t, torch.exp(o[:, 1:]))
+
+    model = Gauss()
+    with torch.no_grad():
+        model.net[2].bias.copy_(torch.tensor([0.0, -6.0]))   # tiny variance: NLL ≪ 0
+        model.net[2].weight.mul_(0.0)
+        start = float(nll(model(X), torch.zeros_like(target)))
+    assert start < 0
+    with pytest.raises(ValueError, match="must be finite and positive"):
+        training_threshold(model, nll, (X, torch.zeros_like(target)), [8], seeds=(0,),
+                           steps=10, lr0=0.01)
+
+
+def test_a_forward_that_squeezes_the_sample_dimension_is_refused_clearly():
+    X, y = _data()
+
+    class Binary(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _mlp(out=1)
+
+        def forward(self, x):
+            return self.net(x).squeeze()              # (n,) for n > 1 but () for n = 1
+
+    with pytest.raises(ValueError, match="squeeze"):
+        top_eigenvalues(Binary(), F.binary_cross_entropy_with_logits, (X, (y % 2).double()), k=1)
+
+
+def test_a_layer_without_a_second_derivative_is_named():
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 20, (40, 5), generator=g)
+    labels = torch.arange(40) % 3
+
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb = nn.EmbeddingBag(20, 4, mode="mean")
+            self.out = nn.Linear(4, 3)
+
+        def forward(self, t):
+            return self.out(self.emb(t))
+
+    with pytest.raises(NotImplementedError, match="cannot be differentiated twice.*EmbeddingBag"):
+        top_eigenvalues(Bag().double(), F.cross_entropy, (tokens, labels), k=1)
+
+
+def test_a_loss_linear_in_the_outputs_has_a_zero_ggn_and_is_said():
+    X, y = _data()
+    base = _mlp()
+
+    class LogProbs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = base
+
+        def forward(self, x):
+            return F.log_softmax(self.net(x), dim=1)
+
+    with pytest.warns(UserWarning, match="linear in the model's outputs"):
+        g = top_eigenvalues(LogProbs(), F.nll_loss, (X, y), k=1, kind="ggn")
+    assert g[0] == pytest.approx(0.0, abs=1e-12)
+    # the same loss split at the logits: a non-zero GGN, quietly
+    logits, said = _quiet(lambda: top_eigenvalues(base, F.cross_entropy, (X, y), k=1, kind="ggn"))
+    assert logits[0] > 1e-3 and said == []
+    # and the Hessian of the log-prob model is that of the logits one (the same function)
+    h_lp = top_eigenvalues(LogProbs(), F.nll_loss, (X, y), k=1)
+    h_lg = top_eigenvalues(base, F.cross_entropy, (X, y), k=1)
+    np.testing.assert_allclose(h_lp, h_lg, rtol=1e-8)
+
+
+def test_eigenvalues_short_of_the_tolerance_are_said():
+    """The plain arrays of top/bottom_eigenvalues carry no convergence flags: a value short
+    of the tolerance is said (forced here by a product budget too small to converge)."""
+    from nets.algorithms.lanczos import eigsh
+    from nets.algorithms.spectra import _values
+    from nets.curvature.operators import curvature_operator
+
+    X, y = _data()
+    model = _mlp()
+    op = curvature_operator(model, F.cross_entropy, (X, y), kind="ggn")
+    short = eigsh(op, k=2, which="SA", tol=1e-10, max_steps=6)
+    assert not short.converged.all()
+    with pytest.warns(UserWarning, match="short of the tolerance"):
+        np.testing.assert_array_equal(_values(short, 1e-10), short.values)
+    _, said = _quiet(lambda: top_eigenvalues(model, F.cross_entropy, (X, y), k=1, kind="ggn"))
+    assert said == []
