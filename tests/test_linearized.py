@@ -256,3 +256,32 @@ def test_linear_network_runs_like_real_training_with_nesterov():
     thr = linearized_threshold(model, F.cross_entropy, (X, y), [8], momentum=0.9, nesterov=True,
                                steps=40, seeds=(0,), n_grid=8, dtype=torch.float64)
     assert thr.nesterov and thr.momentum == 0.9
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_column_cross_entropy_fast_path_equals_torchs(dtype):
+    from nets.learning_rates.linearized import _columns_cross_entropy, _columns_cross_entropy_grad
+
+    g = torch.Generator().manual_seed(4)
+    Z = (30.0 * torch.randn(50, 7, 5, generator=g)).to(dtype)        # saturated softmaxes too
+    y = torch.randint(0, 7, (50,), generator=g)
+    ref = torch.stack([F.cross_entropy(Z[:, :, c], y) for c in range(5)])
+    tol = 1e-6 if dtype == torch.float32 else 1e-13
+    assert torch.allclose(_columns_cross_entropy(Z, y), ref, rtol=tol, atol=0)
+    Zg = Z.clone().requires_grad_(True)
+    torch.stack([F.cross_entropy(Zg[:, :, c], y) for c in range(5)]).sum().backward()
+    assert torch.allclose(_columns_cross_entropy_grad(Z, y), Zg.grad, rtol=0, atol=10 * tol / 50)
+
+
+def test_column_cross_entropy_fast_path_only_for_plain_cross_entropy():
+    from nets.learning_rates.linearized import _is_plain_cross_entropy
+
+    y = torch.tensor([0, 2, 1])
+    assert _is_plain_cross_entropy(F.cross_entropy, y, (3,))
+    assert _is_plain_cross_entropy(nn.CrossEntropyLoss(), y, (3,))
+    for other in (lambda z, t: F.cross_entropy(z, t), nn.CrossEntropyLoss(weight=torch.ones(3)),
+                  nn.CrossEntropyLoss(label_smoothing=0.1), nn.CrossEntropyLoss(reduction="sum")):
+        assert not _is_plain_cross_entropy(other, y, (3,))
+    assert not _is_plain_cross_entropy(F.cross_entropy, torch.tensor([0, -100, 1]), (3,))
+    assert not _is_plain_cross_entropy(F.cross_entropy, torch.rand(3, 3), (3,))       # soft targets
+    assert not _is_plain_cross_entropy(F.cross_entropy, y, (3, 4))                    # sequences

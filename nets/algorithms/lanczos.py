@@ -7,7 +7,8 @@ q_1 = v0/‖v0‖,
 
 in float64 (the operator's output is cast, so float32 Hessian-vector products are
 fine), with full reorthogonalisation: after each step w is projected off all previous
-q's by two passes of classical Gram–Schmidt, so that Ritz values do not acquire ghost
+q's by classical Gram–Schmidt — a second pass only where the first removed much of w
+(the DGKS criterion, `_orthogonalise`) — so that Ritz values do not acquire ghost
 copies (a peer defect). T_m = tridiag(β, α, β) is diagonalised with the symmetric
 tridiagonal solver `scipy.linalg.eigh_tridiagonal`: T_m = S diag(θ) Sᵀ. Returned per
 Ritz value θ_i: the weight w_i = S_{1i}² (the Gauss-quadrature weight of q_1's spectral
@@ -238,13 +239,32 @@ def _breakdown_tol(op) -> float:
     return 10.0 * _breakdown_eps(op) * np.sqrt(op.P)
 
 
-def _cgs2(Qj: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Orthogonalise w against the orthonormal rows of Qj by classical Gram–Schmidt
-    twice (Kahan's "twice is enough"); returns (w ⟂ Qj, the total coefficients Qj·w)."""
-    h = Qj @ w
-    w = w - Qj.T @ h
-    h2 = Qj @ w
-    return w - Qj.T @ h2, h + h2
+def _orthogonalise(Qj: torch.Tensor, w: torch.Tensor, local: int = 2
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthogonalise w against the orthonormal rows of Qj; returns (w ⟂ Qj, the total
+    coefficients Qj·w removed).
+
+    First the last `local` rows (the Lanczos recurrence's own α_j q_j + β_{j−1} q_{j−1},
+    which carry almost all of A·q_j), then one classical Gram–Schmidt pass over all rows,
+    and a second pass only where that one removed much of what was left (‖w'‖ < 0.7‖w‖:
+    the Daniel–Gragg–Kaufman–Stewart / Kahan–Parlett criterion; otherwise one pass
+    already leaves w orthogonal to working precision). Each full pass reads the (j+1)×P
+    basis twice, so this halves the cost of always making two passes (the eigensolver's
+    dominant cost once P is large and the products are cheap)."""
+    h = torch.zeros(Qj.shape[0], dtype=w.dtype, device=w.device)
+    if local > 0:
+        tail = Qj[-local:]
+        c = tail @ w
+        w = w - tail.T @ c
+        h[-local:] += c
+    n0 = float(torch.linalg.vector_norm(w))
+    for _ in range(2):
+        c = Qj @ w
+        w = w - Qj.T @ c
+        h += c
+        if float(torch.linalg.vector_norm(w)) >= 0.7 * n0:
+            break
+    return w, h
 
 
 def _recurrence_single(op, q0: torch.Tensor, m: int, reorth: str):
@@ -259,7 +279,7 @@ def _recurrence_single(op, q0: torch.Tensor, m: int, reorth: str):
         q = Q[j]
         w = op.matvec(q).to(torch.float64)
         if reorth == "full":
-            w, h = _cgs2(Q[: j + 1], w)              # h = (…, β_{j−1}, α_j)
+            w, h = _orthogonalise(Q[: j + 1], w)     # h = (…, β_{j−1}, α_j)
             a = float(h[j])
         else:
             a = float(torch.dot(w, q))
@@ -421,7 +441,8 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-10, max_steps: int 
             if bar is not None:
                 bar.update(1)
             Vj = V[: j + 1]
-            w, h = _cgs2(Vj, w)
+            # the column after a restart couples to every kept Ritz vector: no local step
+            w, h = _orthogonalise(Vj, w, local=0 if j == l and l > 0 else min(2, j + 1))
             h = h.cpu().numpy()
             T[: j + 1, j] = h
             T[j, : j + 1] = h
@@ -435,8 +456,7 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-10, max_steps: int 
                 # invariant subspace: exact Ritz values so far; continue with a fresh
                 # random direction orthogonal to the basis (zero coupling in T)
                 r = torch.from_numpy(rng.standard_normal(P)).to(dev)
-                for _ in range(2):
-                    r = r - Vj.T @ (Vj @ r)
+                r, _ = _orthogonalise(Vj, r, local=0)
                 V[j + 1] = r / torch.linalg.vector_norm(r)
                 beta = 0.0
             else:
