@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import brentq
 
-from .validation import as_array, as_float, guard_module
+from .validation import as_array, as_float, as_int, guard_module
 
 
 def _atoms(atoms, weights):
@@ -64,8 +64,12 @@ class SubordinationResult:
 
 def semicircle_free_convolution(z, atoms, weights=None, noise_var=1.0, tol=1e-13,
                                 maxiter=500) -> SubordinationResult:
-    """Solve ω = z + v·g_A(ω) (g = g_A(ω)) for complex z with Im z > 0 (or real z outside
-    the support, where the real root continuous from z = +∞ is returned).
+    """Solve ω = z + v·g_A(ω) (g = g_A(ω)) for complex z with Im z > 0, or real z.
+
+    Real z outside the support: the real root on the physical branch (F' > 0 below) is
+    returned. Real z inside the support (or at an edge) has no such root: there the
+    boundary value g(x + i0) is returned, solved at x + iη with η = 10⁻¹⁰·(1 + |x|)
+    (its imaginary part is π × the density).
 
     Newton steps on F(ω) = ω − z − v g_A(ω), F' = 1 − v g_A'(ω), are accepted when they
     reduce |F| and keep Im ω ≥ Im z (the physical branch: ω maps the upper half plane
@@ -74,9 +78,33 @@ def semicircle_free_convolution(z, atoms, weights=None, noise_var=1.0, tol=1e-13
     """
     a, w = _atoms(atoms, weights)
     v = as_float("noise_var", noise_var, nonnegative=True)
+    tol = as_float("tol", tol, positive=True)
+    maxiter = as_int("maxiter", maxiter, minimum=1)
     z = as_array("z", z, dtype=complex, allow_empty=True)
-    shape = z.shape
-    z = z.ravel()
+    if np.any(z.imag < 0):
+        raise ValueError("z must lie in the closed upper half plane (Im z >= 0)")
+    with np.errstate(divide="ignore", invalid="ignore"):      # a real z on an atom
+        res = _subordinate(z.ravel(), a, w, v, tol, maxiter)
+        om = res.omega
+        slope = 1.0 - v * np.sum(w / (a - om[:, None].real) ** 2, axis=1)
+    real = z.ravel().imag == 0
+    if real.any():
+        physical = np.isfinite(res.residual) & (res.residual <= tol * (1.0 + np.abs(om))) & \
+            (slope > 0) & (om.imag == 0)
+        inside = np.flatnonzero(real & ~physical)
+        if inside.size:                     # no physical real root: on the support
+            x = z.ravel()[inside].real
+            up = _subordinate(x + 1j * 1e-10 * (1.0 + np.abs(x)), a, w, v, tol, maxiter)
+            for field in ("g", "omega", "residual"):
+                getattr(res, field)[inside] = getattr(up, field)
+            res = SubordinationResult(res.g, res.omega, res.residual,
+                                      max(res.iterations, up.iterations))
+    return SubordinationResult(res.g.reshape(z.shape), res.omega.reshape(z.shape),
+                               res.residual.reshape(z.shape), res.iterations)
+
+
+def _subordinate(z, a, w, v, tol, maxiter) -> SubordinationResult:
+    """The iteration of `semicircle_free_convolution` on a flat z (no checks)."""
     real = z.imag == 0
     # real z: start at z itself (Newton is monotone from the outside); complex: lift up
     om = np.where(real, z, z + 1j * (np.sqrt(v) + np.abs(z.imag)))
@@ -104,14 +132,14 @@ def semicircle_free_convolution(z, atoms, weights=None, noise_var=1.0, tol=1e-13
         new = np.where(ok, cand, fp)
         om[active] = new
         F[active] = np.where(ok, fc, new - z[active] - v * gA(new))
-    g = gA(om)
-    return SubordinationResult(g.reshape(shape), om.reshape(shape),
-                               np.abs(F).reshape(shape), it)
+    return SubordinationResult(gA(om), om, np.abs(F), it)
 
 
 def semicircle_free_convolution_density(x, atoms, weights=None, noise_var=1.0, eta=1e-9):
-    """Density of A ⊞ SC(v) on a real grid: Im g(x + iη)/π (η → 0; v > 0)."""
+    """Density of A ⊞ SC(v) on a real grid: Im g(x + iη)/π (η → 0⁺; v > 0)."""
     x = as_array("x", x, allow_empty=True)
+    eta = as_float("eta", eta, positive=True)
+    noise_var = as_float("noise_var", noise_var, positive=True)
     res = semicircle_free_convolution(x + 1j * eta, atoms, weights, noise_var)
     return np.clip(res.g.imag, 0.0, None) / np.pi
 
@@ -144,18 +172,25 @@ def semicircle_free_convolution_edges(atoms, weights=None, noise_var=1.0) -> tup
 
 
 def semicircle_free_convolution_outlier(spike, atoms, weights=None, noise_var=1.0) -> float:
-    """Outlier of A + W + (isolated eigenvalue ``spike`` of A, finite rank): the z with
-    ω(z) = spike, i.e. z = spike + v Σ_k w_k/(spike − a_k), if spike lies beyond the
-    critical ω on its side; otherwise the bulk edge on that side.  A = δ₀ gives θ + v/θ."""
+    """Outlier of A + W + (isolated eigenvalue ``spike`` = θ of A, finite rank): the z with
+    ω(z) = θ, z = θ + v Σ_k w_k/(θ − a_k), which exists when θ lies in the range of ω on
+    the real line, v Σ_k w_k/(θ − a_k)² < 1 (z'(θ) > 0) — beyond the outermost critical ω,
+    or inside an internal gap of A where that holds (the outlier then sits in a gap of
+    the bulk). A θ beyond the atoms that fails it is absorbed: the bulk edge on its side
+    is returned. A θ between the atoms that fails it is inside the bulk: ValueError.
+    A = δ₀ gives θ + v/θ."""
     a, w = _atoms(atoms, weights)
     theta = as_float("spike", spike)
     v = as_float("noise_var", noise_var, positive=True)
+    with np.errstate(divide="ignore"):
+        slope = 1.0 - v * np.sum(w / (theta - a) ** 2)
+    if slope > 0:
+        return float(theta + v * np.sum(w / (theta - a)))
+    if a.min() < theta < a.max():
+        raise ValueError(f"spike={theta:g} lies between the atoms where v·Σ w/(spike − a)² "
+                         f"= {1 - slope:.4g} >= 1: it is absorbed into the bulk, no outlier")
     left, right = semicircle_free_convolution_edges(a, w, v)
-    side = 1 if theta >= np.sum(w * a) else -1
-    om_c = _critical_omega(a, w, v, side)
-    if side * (theta - om_c) <= 0:
-        return right if side > 0 else left
-    return float(theta + v * np.sum(w / (theta - a)))
+    return right if theta >= a.max() else left
 
 
 def sc_mp_inverse(G, s2, ratio):

@@ -181,7 +181,7 @@ def sgd_max_lr(B, lam, s2, N=None, momentum=0.0, *, momentum_kind: str = "heavy_
     ``s2 = s_u²``), ``F = 2(1 + momentum)`` for heavy-ball momentum (default) or
     ``2(1 + β)/(1 − β)`` for ``momentum_kind="ema"``. Equivalently
     ``α_max = (F/λ)/(1 + B*·c(B, N))`` with ``B* = s²/λ²`` (:func:`critical_batch_size`);
-    with replacement (or ``N=None``) ``α_max = (F/λ)·B/(B + B*)``: linear in B for
+    with ``N=None`` ``α_max = (F/λ)·B/(B + B*)`` (with replacement, B* → B*(1 − 1/N)): linear in B for
     ``B ≪ B*``, saturating at ``F/λ`` (reached exactly at ``B = N`` without replacement).
 
     This is a *stability limit* (largest non-divergent step of the batch quadratic), not
@@ -240,7 +240,13 @@ def sgd_momentum_ms_max_lr(B, lam, s2, N=None, momentum=0.0, *, replacement: boo
     scalar = _is_scalar(B)
     c = noise_factor(B, N, replacement)
     gain = (1.0 + m) / (1.0 - m)
-    return _out(2.0 * (1.0 + m) / (lam + gain * c * s2 / lam), scalar)
+    noise = gain * np.asarray(c, dtype=float) * s2
+    with np.errstate(over="ignore", divide="ignore"):
+        x = noise / lam / lam                      # the noise term over λ², maybe inf
+        # 2(1+ρ)/(λ(1 + x)); once x overflows, its limit 2(1+ρ)λ/(gain·c·s²)
+        alpha = np.where(np.isfinite(x), 2.0 * (1.0 + m) / lam / (1.0 + np.where(
+            np.isfinite(x), x, 0.0)), 2.0 * (1.0 + m) * lam / np.where(np.isfinite(x), 1.0, noise))
+    return _out(alpha, scalar)
 
 
 def sgd_nesterov_ms_max_lr(B, lam, s2, N=None, momentum=0.0, *, replacement: bool = False):
@@ -293,8 +299,10 @@ def momentum_effective_curvature(lam, batch_curvature, momentum=0.0, *, nesterov
     Heavy ball (F = 2(1 + ρ)): ``λ'_ρ = λ + (1 + ρ)/(1 − ρ)·(λ'(B) − λ)``
     (:func:`sgd_momentum_ms_max_lr`). Nesterov (F = 2(1 + ρ)/(1 + 2ρ)): ``F/α*`` of
     :func:`sgd_nesterov_ms_max_lr` with σ² = λ·(λ'(B) − λ), not linear in λ'(B).
-    ``batch_curvature`` may be an array; ρ = 0 returns it unchanged (as float). For Nesterov
-    a batch curvature below λ (a negative variance) counts as no noise."""
+    ``batch_curvature`` may be an array; ρ = 0 returns it unchanged (as float). With
+    momentum a batch curvature below λ (a negative variance, e.g. an estimate's noise)
+    counts as no noise, λ'_ρ = λ: the gain (1 + ρ)/(1 − ρ) would otherwise amplify it into
+    a curvature below λ, or a negative one."""
     m = _momentum("momentum", momentum)
     lam = as_float("lam", lam, positive=True)
     if not isinstance(nesterov, (bool, np.bool_)):
@@ -303,8 +311,10 @@ def momentum_effective_curvature(lam, batch_curvature, momentum=0.0, *, nesterov
     curve = (as_float("batch_curvature", batch_curvature) if scalar
              else as_array("batch_curvature", batch_curvature))
     shift = np.asarray(curve, dtype=float) - lam
-    if not nesterov or m == 0.0:
-        return _out(lam + momentum_noise_gain(m) * shift, scalar)
+    if m == 0.0:
+        return _out(lam + shift, scalar)
+    if not nesterov:
+        return _out(lam + momentum_noise_gain(m) * np.maximum(shift, 0.0), scalar)
     return _out(momentum_factor(m, "nesterov") / _nesterov_alpha(lam, lam * np.maximum(shift, 0.0), m),
                 scalar)
 
@@ -511,6 +521,8 @@ def heavy_ball(lam_max, lam_min, *, variant: str = "polyak"):
     sk = math.sqrt(L / mu)
     lr = 4.0 / (math.sqrt(L) + math.sqrt(mu)) ** 2
     r = (sk - 1.0) / (sk + 1.0)
+    if r * r >= 1.0 if variant == "polyak" else r >= 1.0:
+        raise ValueError(f"lam_max/lam_min = {L / mu:.3g} is too large: the momentum rounds to 1")
     if variant == "polyak":
         return lr, r * r
     if variant == "paper":
@@ -643,6 +655,9 @@ def malladi_adam_scaling(kappa, lr, beta1=0.9, beta2=0.999, eps=1e-8) -> dict:
         if one_minus > 1.0:
             raise ValueError(f"kappa*(1-{name}) = {one_minus} > 1: {name} would be negative")
         out[name] = 1.0 - one_minus
+        if out[name] >= 1.0:
+            raise ValueError(f"kappa={kappa:g} is too small: 1 - kappa*(1-{name}) rounds to 1 "
+                             "(an average over no steps)")
     return out
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .validation import as_array, as_float, guard_module
+from .validation import as_array, as_float, guard_module, refuse_singular_points
 
 
 def _check(ratio, variance):
@@ -58,11 +58,14 @@ def mp_density(x, ratio, variance=1.0) -> np.ndarray:
 def mp_stieltjes(z, ratio, variance=1.0) -> np.ndarray:
     """g(z) = ∫ dμ(x)/(x − z) for MP(q, σ²) including the atom; complex array.
 
-    On the real support the upper boundary value g(x + i0) is returned.
+    On the real support the upper boundary value g(x + i0) is returned. Infinite at z = 0
+    when q >= 1 (the atom's pole, or the hard edge at q = 1): ValueError there.
     """
     q, s2 = _check(ratio, variance)
     z = as_array("z", z, dtype=complex, allow_empty=True) / s2
     lo, hi = mp_edges(q, 1.0)
+    if q >= 1:
+        refuse_singular_points("z", z, (0.0,), "g(z) (the atom or hard edge at 0)")
     z = np.where((z.imag == 0) & (z.real >= lo) & (z.real <= hi), z + 1e-300j, z)
     root = np.sqrt(z - hi) * np.sqrt(z - lo)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -73,9 +76,13 @@ def mp_stieltjes(z, ratio, variance=1.0) -> np.ndarray:
 
 def mp_stieltjes_derivative(z, ratio, variance=1.0) -> np.ndarray:
     """g'(z) = ∫ dμ(x)/(x − z)²; from the quadratic, dg/dz = −(q g² + g)/(2 q z g + z − 1 + q)
-    (σ² = 1 units, then g'(z; σ²) = g'(z/σ²; 1)/σ⁴)."""
+    (σ² = 1 units, then g'(z; σ²) = g'(z/σ²; 1)/σ⁴). Infinite at the edges and at the
+    atom (ValueError there)."""
     q, s2 = _check(ratio, variance)
     w = as_array("z", z, dtype=complex, allow_empty=True) / s2
+    lo, hi = mp_edges(q, 1.0)
+    refuse_singular_points("z", w * s2, (lo * s2, hi * s2) + ((0.0,) if q > 1 else ()),
+                           "g'(z) (an edge or the atom)")
     g = mp_stieltjes(w, q, 1.0)
     return -(q * g * g + g) / (2.0 * q * w * g + w - 1.0 + q) / s2 ** 2
 

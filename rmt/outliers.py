@@ -53,8 +53,14 @@ def find_outlier(spike, stieltjes, support, stieltjes_derivative=None,
     value g(edge⁺) is evaluated at edge ± ``edge_offset``·scale.
     """
     theta = as_float("spike", spike)
+    if isinstance(support, (str, bytes)) or np.ndim(support) != 1 or len(support) != 2:
+        raise TypeError(f"support must be a pair (left edge, right edge), got "
+                        f"{type(support).__name__} {support!r}")
     lo = as_float("support[0]", support[0])
     hi = as_float("support[1]", support[1])
+    edge_offset = as_float("edge_offset", edge_offset, positive=True)
+    if edge_offset > 1e-3:
+        raise ValueError(f"edge_offset must be a small relative offset (<= 1e-3), got {edge_offset}")
     if lo > hi:
         raise ValueError("support must be (left edge, right edge) with left <= right")
     scale = max(1.0, abs(lo), abs(hi), abs(theta))
@@ -71,12 +77,19 @@ def find_outlier(spike, stieltjes, support, stieltjes_derivative=None,
     z_out = edge + sgn * (abs(theta) * (1.0 + 1e-9) + edge_offset * scale)
     a, b = (z_in, z_out) if sgn > 0 else (z_out, z_in)
     z = brentq(h, a, b, xtol=1e-14 * scale, rtol=4 * np.finfo(float).eps, maxiter=500)
+    if not abs(h(z)) <= 1e-6:
+        raise ValueError(f"spike={theta:g}: the outlier equation could not be solved to "
+                         f"precision (residual {abs(h(z)):.3g}; g is not resolved in floating "
+                         "point that far from the support)")
     if stieltjes_derivative is not None:
         gp = complex(np.asarray(stieltjes_derivative(z)).reshape(())).real
+        overlap = 1.0 / (theta * theta * gp) if gp > 0 else 0.0
     else:
+        # 1/(θ² g') = g²/g' = 1/(d/dz (−1/g)) at the root (g = −1/θ there): the derivative
+        # of −1/g ≈ z − mean stays O(1) where g' itself underflows (|θ| ≳ 1e150)
         d = 1e-6 * max(abs(z - edge), 1e-8)
-        gp = (_real_g(stieltjes, z + d) - _real_g(stieltjes, z - d)) / (2 * d)
-    overlap = 1.0 / (theta * theta * gp) if gp > 0 else 0.0
+        slope = (1.0 / _real_g(stieltjes, z - d) - 1.0 / _real_g(stieltjes, z + d)) / (2 * d)
+        overlap = 1.0 / slope if slope > 0 else 0.0
     return Outlier(float(z), float(min(max(overlap, 0.0), 1.0)), True, abs(h(z)))
 
 

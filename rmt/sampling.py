@@ -5,7 +5,9 @@ S² = (1/(N−1)) Σ (x_i − x̄)², the mean over a uniformly random batch of 
 variance c(B, N)·S² with
 
     c(B, N) = 1/B − 1/N      (without replacement; Cochran, *Sampling Techniques*, §2.5)
-    c(B, N) = 1/B            (with replacement, or N = ∞)
+    c(B, N) = (1/B)(1 − 1/N) (with replacement: the B draws are independent, each with
+                              the population variance (1/N) Σ (x_i − x̄)² = (1 − 1/N)·S²)
+    c(B, N) = 1/B            (N = ∞)
 
 Hence every entry of the fluctuation ε = H_B − H has variance c(B, N)·σ²_jk and
 ε ≡ 0 at B = N without replacement.
@@ -24,7 +26,7 @@ def batch_noise_factor(B, N=None, replacement: bool = False, *, name: str = "B")
     B : batch size, > 0 (need not be an integer, so that formulas can be evaluated on a
         continuum of batch sizes).
     N : data-set size, or None for an infinite population (then c = 1/B).
-    replacement : sample with replacement (c = 1/B whatever N is).
+    replacement : sample with replacement (c = (1 − 1/N)/B, which tends to 1/B as N grows).
     name : the name of B in error messages (for callers whose own argument is, e.g.,
         ``B_from``), so that every message names the argument the user passed.
 
@@ -36,8 +38,10 @@ def batch_noise_factor(B, N=None, replacement: bool = False, *, name: str = "B")
     if N is None:
         return 1.0 / B
     N = as_float("N", N, positive=True, allow_inf=True)
-    if replacement or N == float("inf"):
+    if N == float("inf"):
         return 1.0 / B
+    if replacement:
+        return (1.0 - 1.0 / N) / B
     if B > N:
         raise ValueError(f"{name} must be <= N when sampling without replacement, got {name}={B}, N={N}")
     return max(1.0 / B - 1.0 / N, 0.0)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .validation import as_array, as_float, guard_module
+from .validation import as_array, as_float, guard_module, refuse_singular_points
 
 
 def semicircle_edges(variance=1.0) -> tuple[float, float]:
@@ -49,10 +49,12 @@ def semicircle_stieltjes(z, variance=1.0) -> np.ndarray:
 
 
 def semicircle_stieltjes_derivative(z, variance=1.0) -> np.ndarray:
-    """g'(z) = ∫ dρ(x)/(x − z)² = −g/(2v·g + z) (differentiate v g² + z g + 1 = 0)."""
+    """g'(z) = ∫ dρ(x)/(x − z)² = −g/(2v·g + z) (differentiate v g² + z g + 1 = 0).
+    Infinite at the edges ±2√v (ValueError there)."""
     v = as_float("variance", variance, nonnegative=True)
     g = semicircle_stieltjes(z, v)
     z = as_array("z", z, dtype=complex, allow_empty=True)
+    refuse_singular_points("z", z, (-2.0 * np.sqrt(v), 2.0 * np.sqrt(v)), "g'(z) (an edge)")
     return -g / (2.0 * v * g + z)
 
 

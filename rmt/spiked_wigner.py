@@ -55,6 +55,8 @@ def spiked_wigner_outlier_variance(spike, noise_var, n, beta=1.0) -> float:
     theta = as_float("spike", spike)
     v = as_float("noise_var", noise_var, nonnegative=True)
     n = as_float("n", n, positive=True)
+    if n < 1:
+        raise ValueError(f"n (the matrix size) must be >= 1, got {n}")
     beta = as_float("beta", beta, positive=True)
     if theta * theta <= v:
         raise ValueError("spike must be above the threshold |θ| > √noise_var")

@@ -222,6 +222,18 @@ def as_array(name: str, value, *, ndim: int | None = None, nonnegative: bool = F
     return arr
 
 
+def refuse_singular_points(name: str, z: np.ndarray, points, what: str) -> None:
+    """ValueError if a real entry of the complex array `z` sits (to a few ulps) on one of
+    the real `points` where the function being evaluated is infinite (an edge or pole of
+    a Stieltjes transform); `what` says which function."""
+    real = z.real[z.imag == 0]
+    for p in points:
+        hit = np.abs(real - p) <= 4 * np.finfo(float).eps * (1.0 + abs(p))
+        if hit.any():
+            raise ValueError(f"{name}={p:.17g} is a singular point of {what}: it is infinite "
+                             "there (evaluate off the real axis or away from it)")
+
+
 def check_finite_result(names: str, value) -> None:
     """Raise ValueError naming the caller's arguments (`names`, e.g. "sigma2, P and B")
     when a quantity computed from them overflowed to inf or NaN, so that the error never

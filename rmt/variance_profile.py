@@ -37,7 +37,7 @@ import numpy as np
 from scipy.optimize import brentq
 
 from .ensembles import check_profile
-from .validation import as_array, as_float, guard_module
+from .validation import as_array, as_float, as_int, guard_module
 
 
 @dataclass(frozen=True)
@@ -122,6 +122,8 @@ def solve_qve(z, block_variances, block_fractions, tol=1e-13, maxiter=2000) -> Q
     otherwise a damped fixed-point step m ← ½m − ½/(z + S F m) is taken.
     """
     S, f = check_profile(block_variances, block_fractions)
+    tol = as_float("tol", tol, positive=True)
+    maxiter = as_int("maxiter", maxiter, minimum=1)
     z = as_array("z", z, dtype=complex, allow_empty=True)
     if np.any(z.imag <= 0):
         raise ValueError("z must have positive imaginary part (use solve_qve_real on the real axis)")
@@ -158,6 +160,7 @@ def solve_qve(z, block_variances, block_fractions, tol=1e-13, maxiter=2000) -> Q
 def profile_density(x, block_variances, block_fractions, eta=1e-9) -> np.ndarray:
     """Density of the spectral law, Im g(x + iη)/π with g = Σ_a f_a m_a."""
     x = as_array("x", x, allow_empty=True)
+    eta = as_float("eta", eta, positive=True)
     sol = solve_qve(x + 1j * eta, block_variances, block_fractions)
     return np.clip(sol.g.imag, 0.0, None) / np.pi
 

@@ -100,6 +100,10 @@ def test_effective_curvature():
     assert nv[0] == pytest.approx(lam)
     np.testing.assert_allclose(momentum_effective_curvature(lam, curve, 0.0, nesterov=True), curve)
     assert isinstance(momentum_effective_curvature(lam, 0.7, 0.5, nesterov=True), float)
+    # a batch curvature below λ (a negative variance) is no noise in both conventions,
+    # never an amplified curvature below λ (heavy ball gave 1 + 19·(0.5 − 1) = −8.5)
+    for nest in (False, True):
+        assert momentum_effective_curvature(1.0, 0.5, 0.9, nesterov=nest) == pytest.approx(1.0)
 
 
 def _enumerated_threshold(X, B, rho):

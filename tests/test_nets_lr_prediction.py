@@ -428,7 +428,7 @@ def test_acceptance_digits_features_naive_batch_spectrum_is_far_off():
     assert 2 / naive == pytest.approx(np.trace(p.hessian()), rel=0.15)
     assert naive / exact > 10
     lam, u = p.top_eigenpair()
-    c = rmt.batch_noise_factor(1, p.N, replacement=True) * (p.N - 1) / p.N
+    c = rmt.batch_noise_factor(1, p.N, replacement=True)     # (1 − 1/N)/B: units of S²
     directional = 2 * lam / (lam ** 2 + c * p.directional_noise(u))
     assert directional / exact > 5
     full = ms_stability_threshold(p, p.N).alpha

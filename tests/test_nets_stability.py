@@ -106,10 +106,8 @@ def test_one_dimensional_closed_form():
     s2 = np.var(x ** 2, ddof=1)
     for B in (1, 3, 10, 40):
         for repl in (False, True):
-            c = rmt.batch_noise_factor(B, 40, replacement=repl)
-            # with replacement the ddof=1 variance carries an extra (N-1)/N (c(B,N) convention)
-            s2_eff = s2 * ((40 - 1) / 40 if repl else 1.0)
-            exact = 2 * h / (h ** 2 + c * s2_eff)
+            c = rmt.batch_noise_factor(B, 40, replacement=repl)     # units of the ddof=1 s2
+            exact = 2 * h / (h ** 2 + c * s2)
             assert ms_stability_threshold(x[:, None], B, replacement=repl).alpha == pytest.approx(exact, rel=1e-12)
 
 

@@ -146,8 +146,8 @@ def test_batch_size_above_N_is_refused_everywhere(N, excess):
     for call in calls:
         with pytest.raises(ValueError, match=names("B")):
             call()
-    # with replacement any B > 0 is allowed (c = 1/B)
-    assert rmt.batch_noise_factor(B, N, replacement=True) == pytest.approx(1.0 / B)
+    # with replacement any B > 0 is allowed (c = (1 − 1/N)/B)
+    assert rmt.batch_noise_factor(B, N, replacement=True) == pytest.approx((1.0 - 1.0 / N) / B)
 
 
 @SET

@@ -96,6 +96,24 @@ def test_tridiagonal_top_eigenvalue_is_tracy_widom():
     assert abs(tridiagonal_eigvals(d, e, "bottom") + 2.0) < 10 * n ** (-2 / 3)
 
 
+@pytest.mark.parametrize("beta", [1, 2, 4])
+def test_tw_edge_mean_and_std_match_the_beta_hermite_ensemble(beta):
+    """tw_edge_mean/std against the top eigenvalue of the β-Hermite tridiagonal model
+    (n = 4000, 1,500 matrices): z-score of the mean, ratio of the spreads. At β = 4 the
+    edge limit is 2^{−1/6}·TW_4 in this normalisation (Tracy–Widom's GSE scaling
+    differs); without that factor the mean misses by z ≈ 15."""
+    from rmt.tracy_widom import tw_edge_mean, tw_edge_std
+
+    rng = np.random.default_rng(40 + beta)
+    n, reps = 4000, 1500
+    top = np.array([tridiagonal_eigvals(*hermite_tridiagonal(n, float(beta), rng))
+                    for _ in range(reps)])
+    sd = tw_edge_std(n, beta)
+    # finite-n bias of the mean: O(n^{-2/3}) in the scaled variable, ≲ 0.05·sd here
+    assert abs(top.mean() - tw_edge_mean(n, beta)) / (sd / np.sqrt(reps)) < 4.5
+    assert top.std(ddof=1) / sd == pytest.approx(1.0, abs=0.08)
+
+
 @pytest.mark.parametrize("p,n,s2", [(500, 1000, 2.0), (1000, 500, 1.0)])
 def test_mp_edges_atom_and_stieltjes_vs_sampled_wishart(p, n, s2):
     rng = np.random.default_rng(13)
@@ -118,6 +136,30 @@ def test_deformed_wigner_two_atom_edge_reference_value():
     left, right = semicircle_free_convolution_edges([-1.5, 1.5], [0.5, 0.5], 1.0)
     assert right == pytest.approx(3.04885, abs=1e-5)  # docs/references.md
     assert left == pytest.approx(-right, abs=1e-12)
+
+
+def test_free_convolution_at_real_points_inside_the_support_is_the_boundary_value():
+    """Real x on the support: g(x + i0), whose imaginary part is π × the density; real x
+    off it: the real physical root (the density there is 0)."""
+    atoms = [-1.0, 1.0]
+    x = np.array([-2.0, -1.0, 0.5, 1.0, 2.5, 3.0, -4.0])
+    g = semicircle_free_convolution(x, atoms, None, 1.0).g
+    ref = semicircle_free_convolution(x + 1e-8j, atoms, None, 1.0).g
+    assert np.allclose(g, ref, atol=1e-6)
+    lo, hi = semicircle_free_convolution_edges(atoms, None, 1.0)
+    on = (x > lo) & (x < hi)
+    assert np.all(g[on].imag > 1e-3) and np.all(g[~on].imag == 0)
+    # the density integrates to one
+    assert quad(lambda t: semicircle_free_convolution(t, atoms, None, 1.0).g.imag / np.pi,
+                lo, hi, limit=200)[0] == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(ValueError, match="eta"):
+        semicircle_free_convolution_density([0.0], atoms, None, 1.0, eta=-1e-3)
+    with pytest.raises(ValueError, match="noise_var"):
+        semicircle_free_convolution_density([0.0], atoms, None, 0.0)
+    with pytest.raises(ValueError, match="maxiter"):
+        semicircle_free_convolution([1j], atoms, None, 1.0, maxiter=0)
+    with pytest.raises(ValueError, match="Im z"):
+        semicircle_free_convolution([1 - 1j], atoms, None, 1.0)
 
 
 def test_free_convolution_reductions():

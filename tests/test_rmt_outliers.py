@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from numpy.linalg import eigvalsh
 from scipy.linalg import eigh
 
 import rmt
@@ -215,6 +216,27 @@ def test_deformed_wigner_isolated_eigenvalue_outlier_vs_simulation():
     # an isolated eigenvalue inside the critical point is swallowed: edge returned
     edge = semicircle_free_convolution_edges([-1.5, 1.5], [0.5, 0.5], 1.0)[1]
     assert semicircle_free_convolution_outlier(1.8, [-1.5, 1.5], [0.5, 0.5], 1.0) == edge
+
+
+def test_deformed_wigner_outlier_inside_an_internal_gap_vs_simulation():
+    """A = ±10 (half each) + W (v = 1) has a gap around 0; an isolated eigenvalue θ = 1
+    of A there gives an outlier at θ + v·Σ w/(θ − a) = 0.990 inside the gap (it used to
+    be reported as the right bulk edge, 11.44); θ = 9.8 is inside the bulk."""
+    rng = np.random.default_rng(29)
+    n, reps, theta = 800, 6, 1.0
+    pred = semicircle_free_convolution_outlier(theta, [-10.0, 10.0], None, 1.0)
+    assert pred == pytest.approx(theta + 0.5 / 11.0 + 0.5 / -9.0)
+    A = np.r_[theta, np.full(n // 2, -10.0), np.full(n // 2 - 1, 10.0)]
+    near = []
+    for _ in range(reps):
+        lam = eigvalsh(goe(n, rng) + np.diag(A))
+        inner = lam[np.abs(lam) < 5]                 # the gap holds the outlier alone
+        assert inner.size == 1
+        near.append(inner[0])
+    se = np.std(near, ddof=1) / math.sqrt(reps)
+    assert abs(np.mean(near) - pred) < 4 * se + 5e-3
+    with pytest.raises(ValueError, match="spike"):
+        semicircle_free_convolution_outlier(9.8, [-10.0, 10.0], None, 1.0)
 
 
 def test_batch_hessian_extremes_is_spiked_wigner_with_v_P_c_sigma2():

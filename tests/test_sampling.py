@@ -8,7 +8,23 @@ def test_batch_noise_factor_values():
     assert rmt.batch_noise_factor(8) == pytest.approx(1 / 8)
     assert rmt.batch_noise_factor(8, 64) == pytest.approx(1 / 8 - 1 / 64)
     assert rmt.batch_noise_factor(64, 64) == 0.0
-    assert rmt.batch_noise_factor(8, 64, replacement=True) == pytest.approx(1 / 8)
+    assert rmt.batch_noise_factor(8, 64, replacement=True) == pytest.approx((1 - 1 / 64) / 8)
+    assert rmt.batch_noise_factor(8, float("inf"), replacement=True) == pytest.approx(1 / 8)
+
+
+@pytest.mark.parametrize("replacement", [False, True])
+def test_batch_mean_variance_is_exact_by_enumeration(replacement):
+    """Var(batch mean) = c(B, N)·S² exactly, S² the ddof=1 variance, over every batch."""
+    import itertools
+
+    x = np.random.default_rng(3).standard_normal(6)
+    B = 3
+    batches = (itertools.product(range(6), repeat=B) if replacement
+               else itertools.combinations(range(6), B))
+    means = np.array([x[list(b)].mean() for b in batches])     # each batch equally likely
+    exact = np.mean((means - x.mean()) ** 2)
+    c = rmt.batch_noise_factor(B, 6, replacement=replacement)
+    assert c * x.var(ddof=1) == pytest.approx(exact, rel=1e-12)
 
 
 @pytest.mark.parametrize("replacement", [False, True])
@@ -22,8 +38,7 @@ def test_batch_mean_variance_matches_monte_carlo(replacement):
         idx = rng.choice(N, size=B, replace=replacement)
         means[r] = x[idx].mean()
     c = rmt.batch_noise_factor(B, N, replacement=replacement)
-    # with replacement the exact factor is (N-1)/N · 1/B in units of the ddof=1 variance
-    expected = c * S2 * ((N - 1) / N if replacement else 1.0)
+    expected = c * S2
     est = means.var(ddof=1)
     se = expected * np.sqrt(2 / (reps - 1)) * 1.5  # kurtosis allowance for exponential data
     assert abs(est - expected) / se < 4

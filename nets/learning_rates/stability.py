@@ -64,11 +64,10 @@ __all__ = [
 def batch_variance_weight(B, N, replacement=False) -> float:
     """κ(B,N) with E[εΣε] = κ·(1/N)Σ_i (H_i − H)Σ(H_i − H), ε = H_B − H.
 
-    Without replacement κ = (N − B)/(B(N − 1)) = c(B,N)·N/(N−1); with replacement κ = 1/B.
+    κ = c(B,N)·N/(N−1): without replacement (N − B)/(B(N − 1)), with replacement 1/B.
     """
     N = as_int("N", N, minimum=2)
-    c = batch_noise_factor(B, N, replacement=replacement)
-    return c if replacement else c * N / (N - 1)
+    return batch_noise_factor(B, N, replacement=replacement) * N / (N - 1)
 
 
 class PerSampleHessians:
