@@ -290,6 +290,8 @@ def test_ragged_nesting_inside_a_list_is_refused_naming_the_argument(case, pos):
     arr = np.asarray(RMT[fname][1][arg])
     if arr.ndim == 1:
         value[pos % len(value)] = [1.0, 2.0]
+        if len(value) == 1:          # [[1, 2]] alone is a regular (1, 2) array, not ragged
+            value.append(0.0)
     else:
         value[pos % len(value)] = value[pos % len(value)] + [1.0]
     with pytest.raises((TypeError, ValueError), match=names(arg)):

@@ -432,7 +432,7 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-10, max_steps: int 
     V[0] = q / nq
     T = np.zeros((m, m))
     l, matvecs, restarts, anorm = 0, 0, 0, 0.0
-    bar = _bar(progress, max_mv, P)
+    bar = _bar(progress, min(m, max_mv), P)      # one cycle; grown at each restart
     while True:
         size, beta_last = m, 0.0
         for j in range(l, m):
@@ -484,7 +484,12 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-10, max_steps: int 
         T = np.zeros((m, m))
         T[np.arange(l), np.arange(l)] = theta[keep]
         restarts += 1
+        if bar is not None:
+            bar.total = min(matvecs + m - l, max_mv)
+            bar.refresh()
     if bar is not None:
+        bar.total = bar.n
+        bar.refresh()
         bar.close()
     vectors = None
     if return_vectors:

@@ -271,6 +271,8 @@ def _noise_columns(op: ModelCurvatureOperator, U: torch.Tensor, micro_batch: int
             target = min(cap_groups, 2 * done)
     finally:
         if bar is not None:
+            bar.total = bar.n               # stopped early at the target precision: done
+            bar.refresh()
             bar.close()
     lam = (U.to(torch.float64) * shift).sum(dim=0).cpu().numpy()
     cost = (G * m) / N * (k + done * m * k / (G * m))

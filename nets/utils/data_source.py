@@ -120,6 +120,17 @@ def _is_iterable_dataset(ds) -> bool:
     return isinstance(ds, IterableDataset)
 
 
+def _iter_keeping_rng(data):
+    """iter(data) with torch's global CPU generator left as it was: a DataLoader draws its
+    base seed from it on every iter() even without shuffling, so reading the user's data
+    would change the random numbers their own code draws next."""
+    state = torch.random.get_rng_state()
+    try:
+        return iter(data)
+    finally:
+        torch.random.set_rng_state(state)
+
+
 class DataSource:
     """One view of the three data forms (module docstring). Build with `as_data_source`."""
 
@@ -144,7 +155,7 @@ class DataSource:
                             f"re-iterable of (x, y) batches, got {type(data).__name__}")
         else:
             try:
-                it = iter(data)
+                it = _iter_keeping_rng(data)
             except TypeError:
                 raise TypeError(f"{name} must be an (X, y) pair, a torch Dataset of (x, y) samples or "
                                 f"a re-iterable of (x, y) batches, got {type(data).__name__}") from None
@@ -159,7 +170,7 @@ class DataSource:
                 self.N = len(data.dataset)
             else:
                 self.N = sum(int(self._check_item(item, j)[0].shape[0])
-                             for j, item in enumerate(self._iterable))
+                             for j, item in enumerate(_iter_keeping_rng(self._iterable)))
                 full = len(data.dataset) if (isinstance(data, DataLoader) and data.drop_last
                                              and hasattr(data.dataset, "__len__")) else None
                 if full is not None and self.N < full:
@@ -227,7 +238,7 @@ class DataSource:
             if self._dataset is not None:
                 self._cached_pair = self._stack_samples(np.arange(self.N))
             else:
-                xs, ys = zip(*(self._check_item(b, j) for j, b in enumerate(self._iterable)))
+                xs, ys = zip(*(self._check_item(b, j) for j, b in enumerate(_iter_keeping_rng(self._iterable))))
                 self._cached_pair = (torch.cat(xs), torch.cat(ys))
         return self._cached_pair
 
@@ -251,7 +262,7 @@ class DataSource:
                 yield (_place(x, f"{self.name} inputs", device, dtype),
                        _place(y, f"{self.name} targets", device, dtype))
             return
-        for j, item in enumerate(self._iterable):
+        for j, item in enumerate(_iter_keeping_rng(self._iterable)):
             x, y = self._check_item(item, j)
             if x.shape[0] == 0:
                 continue
@@ -285,7 +296,7 @@ class DataSource:
         if self._dataset is not None:
             x, _ = self._check_item(self._dataset[0], 0, sample=True)
             return int(x.numel())
-        for j, item in enumerate(self._iterable):
+        for j, item in enumerate(_iter_keeping_rng(self._iterable)):
             x, _ = self._check_item(item, j)
             if x.shape[0]:
                 return int(x[0].numel())

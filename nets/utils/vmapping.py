@@ -8,15 +8,23 @@ shape [1, 8] doesn't match the broadcast shape [64, 1, 8]"), a few activations
 (nn.RReLU). `vmap_or_loop(fn)` tries `vmap(fn)` once; if that raises, it evaluates
 `fn` on each slice in a Python loop and stacks the results (the same numbers, at the
 cost of one call per slice), and keeps looping for later calls. An error that is not
-about vmap is raised again by the loop itself, so nothing is hidden.
+about vmap is raised again by the loop itself, so nothing is hidden. A kernel that torch
+itself loops over under vmap (nn.LSTM on CPU: "There is a performance drop …", one
+warning per call) switches to the same loop, without the warnings.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch.func import vmap
 
 __all__ = ["vmap_or_loop"]
+
+#: torch's warning when vmap falls back to a per-slice loop for a kernel without a
+#: batching rule (the CPU LSTM's mkldnn_rnn_layer): the same numbers, said once per call
+_FALLBACK_TEXT = "There is a performance drop because we have not yet implemented the batching rule"
 
 
 class vmap_or_loop:  # noqa: N801 - used like torch.func.vmap
@@ -35,9 +43,19 @@ class vmap_or_loop:  # noqa: N801 - used like torch.func.vmap
     def __call__(self, *args):
         if not self.looped:
             try:
-                return self._vmapped(*args)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    out = self._vmapped(*args)
             except (RuntimeError, NotImplementedError):
                 self.looped = True
+            else:
+                slow = [w for w in caught if _FALLBACK_TEXT in str(w.message)]
+                for w in caught:
+                    if w not in slow:
+                        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+                if slow:            # torch looped internally (nn.LSTM's kernel): say nothing
+                    self.looped = True          # and loop here from now on, silently
+                return out
         return self._loop(*args)
 
     def _loop(self, *args):
