@@ -280,7 +280,7 @@ def _nesterov_alpha(lam, sig2, m):
     In u = αλ and x = σ²/λ² (no λ² formed, so no overflow for extreme λ) the boundary is
     a·u² + b·u − c = 0 with a = ρ(1 + 2ρ)(1 + x), b = (1 + ρ)x + 1 − ρ − 4ρ², c = 2(1 − ρ²);
     its positive root is taken in the form without cancellation for the sign of b."""
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):
         x = np.asarray(sig2, dtype=float) / lam / lam
         a = m * (1.0 + 2.0 * m) * (1.0 + x)
         b = (1.0 + m) * x + (1.0 - m - 4.0 * m * m)
@@ -289,7 +289,11 @@ def _nesterov_alpha(lam, sig2, m):
         neg = b < 0                          # only for ρ > 0, where a > 0
         u = np.where(neg, (root - b) / np.where(neg, 2.0 * a, 1.0),
                      2.0 * c / np.where(neg, 1.0, b + root))
-    return u / lam
+        # x beyond 1e100 (b² would overflow past ~1e154): the limit u = 2(1 − ρ)/x, i.e.
+        # α* = 2(1 − ρ)λ/σ², exact to O(1/x); computed without forming x
+        huge = ~(x <= 1e100)
+        sig = np.where(huge, np.asarray(sig2, dtype=float), 1.0)
+        return np.where(huge, 2.0 * (1.0 - m) * lam / sig, u / lam)
 
 
 def momentum_effective_curvature(lam, batch_curvature, momentum=0.0, *, nesterov: bool = False):

@@ -165,3 +165,15 @@ def test_closed_form_within_5_percent_on_spiked_least_squares():
     # heavy ball's closed form at the same ρ is far off for Nesterov at large B
     assert sgd_momentum_ms_max_lr(200, lam, s2, N, 0.9) / ms_stability_threshold(
         X, 200, momentum=0.9, nesterov=True).alpha > 2.0
+
+
+def test_extreme_scales_keep_the_noise_dominated_limit():
+    """σ²/λ² beyond the float range of the quadratic's coefficients: the limit is the
+    noise-dominated 2(1 − ρ)λ/σ² (heavy ball and Nesterov alike), not 0."""
+    from rmt.lr import sgd_momentum_ms_max_lr
+
+    c = 1 / 8 - 1 / 100
+    for lam, s2 in ((1.0, 1e308), (1e-300, 1.0), (1.0, 1e160)):
+        expect = 2 * (1 - 0.5) * lam / (c * s2)
+        assert sgd_nesterov_ms_max_lr(8, lam, s2, 100, 0.5) == pytest.approx(expect, rel=1e-9)
+        assert sgd_momentum_ms_max_lr(8, lam, s2, 100, 0.5) == pytest.approx(expect, rel=1e-9)
