@@ -87,20 +87,14 @@ def semicircle_free_convolution(z, atoms, weights=None, noise_var=1.0, tol=1e-13
         res = _subordinate(z.ravel(), a, w, v, tol, maxiter)
         om = res.omega
         slope = 1.0 - v * np.sum(w / (a - om[:, None].real) ** 2, axis=1)
-    real = z.ravel().imag == 0
-    if real.any():
-        physical = np.isfinite(res.residual) & (res.residual <= tol * (1.0 + np.abs(om))) & \
-            (slope > 0) & (om.imag == 0)
-        inside = np.flatnonzero(real & ~physical)
-        if inside.size:                     # no physical real root: on the support
-            x = z.ravel()[inside].real
-            up = _subordinate(x + 1j * 1e-10 * (1.0 + np.abs(x)), a, w, v, tol, maxiter)
-            for field in ("g", "omega", "residual"):
-                getattr(res, field)[inside] = getattr(up, field)
-            res = SubordinationResult(res.g, res.omega, res.residual,
-                                      max(res.iterations, up.iterations))
-    return SubordinationResult(res.g.reshape(z.shape), res.omega.reshape(z.shape),
-                               res.residual.reshape(z.shape), res.iterations)
+    g, r, it = res.g, res.residual, res.iterations
+    physical = np.isfinite(r) & (r <= tol * (1.0 + np.abs(om))) & (slope > 0) & (om.imag == 0)
+    inside = np.flatnonzero((z.ravel().imag == 0) & ~physical)
+    if inside.size:                         # a real z with no physical real root: on the support
+        x = z.ravel()[inside].real
+        up = _subordinate(x + 1j * 1e-10 * (1.0 + np.abs(x)), a, w, v, tol, maxiter)
+        g[inside], om[inside], r[inside], it = up.g, up.omega, up.residual, max(it, up.iterations)
+    return SubordinationResult(g.reshape(z.shape), om.reshape(z.shape), r.reshape(z.shape), it)
 
 
 def _subordinate(z, a, w, v, tol, maxiter) -> SubordinationResult:

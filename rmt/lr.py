@@ -238,14 +238,12 @@ def sgd_momentum_ms_max_lr(B, lam, s2, N=None, momentum=0.0, *, replacement: boo
     lam = as_float("lam", lam, positive=True)
     s2 = as_float("s2", s2, nonnegative=True)
     scalar = _is_scalar(B)
-    c = noise_factor(B, N, replacement)
-    gain = (1.0 + m) / (1.0 - m)
-    noise = gain * np.asarray(c, dtype=float) * s2
-    with np.errstate(over="ignore", divide="ignore"):
-        x = noise / lam / lam                      # the noise term over λ², maybe inf
-        # 2(1+ρ)/(λ(1 + x)); once x overflows, its limit 2(1+ρ)λ/(gain·c·s²)
-        alpha = np.where(np.isfinite(x), 2.0 * (1.0 + m) / lam / (1.0 + np.where(
-            np.isfinite(x), x, 0.0)), 2.0 * (1.0 + m) * lam / np.where(np.isfinite(x), 1.0, noise))
+    noise = momentum_noise_gain(m) * np.asarray(noise_factor(B, N, replacement), dtype=float) * s2
+    F = momentum_factor(m)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        x = noise / lam / lam                  # the noise term over λ², maybe overflowed
+        # F/(λ(1 + x)); once x overflows, its limit Fλ/noise
+        alpha = np.where(np.isfinite(x), F / lam / (1.0 + x), F * lam / noise)
     return _out(alpha, scalar)
 
 
@@ -280,7 +278,7 @@ def _nesterov_alpha(lam, sig2, m):
     In u = αλ and x = σ²/λ² (no λ² formed, so no overflow for extreme λ) the boundary is
     a·u² + b·u − c = 0 with a = ρ(1 + 2ρ)(1 + x), b = (1 + ρ)x + 1 − ρ − 4ρ², c = 2(1 − ρ²);
     its positive root is taken in the form without cancellation for the sign of b."""
-    with np.errstate(over="ignore", invalid="ignore"):
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         x = np.asarray(sig2, dtype=float) / lam / lam
         a = m * (1.0 + 2.0 * m) * (1.0 + x)
         b = (1.0 + m) * x + (1.0 - m - 4.0 * m * m)
@@ -291,9 +289,7 @@ def _nesterov_alpha(lam, sig2, m):
                      2.0 * c / np.where(neg, 1.0, b + root))
         # x beyond 1e100 (b² would overflow past ~1e154): the limit u = 2(1 − ρ)/x, i.e.
         # α* = 2(1 − ρ)λ/σ², exact to O(1/x); computed without forming x
-        huge = ~(x <= 1e100)
-        sig = np.where(huge, np.asarray(sig2, dtype=float), 1.0)
-        return np.where(huge, 2.0 * (1.0 - m) * lam / sig, u / lam)
+        return np.where(x <= 1e100, u / lam, 2.0 * (1.0 - m) * lam / np.asarray(sig2, dtype=float))
 
 
 def momentum_effective_curvature(lam, batch_curvature, momentum=0.0, *, nesterov: bool = False):

@@ -79,10 +79,10 @@ def mp_stieltjes_derivative(z, ratio, variance=1.0) -> np.ndarray:
     (σ² = 1 units, then g'(z; σ²) = g'(z/σ²; 1)/σ⁴). Infinite at the edges and at the
     atom (ValueError there)."""
     q, s2 = _check(ratio, variance)
-    w = as_array("z", z, dtype=complex, allow_empty=True) / s2
-    lo, hi = mp_edges(q, 1.0)
-    refuse_singular_points("z", w * s2, (lo * s2, hi * s2) + ((0.0,) if q > 1 else ()),
+    z = as_array("z", z, dtype=complex, allow_empty=True)
+    refuse_singular_points("z", z, mp_edges(q, s2) + ((0.0,) if q > 1 else ()),
                            "g'(z) (an edge or the atom)")
+    w = z / s2
     g = mp_stieltjes(w, q, 1.0)
     return -(q * g * g + g) / (2.0 * q * w * g + w - 1.0 + q) / s2 ** 2
 

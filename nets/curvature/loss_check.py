@@ -54,7 +54,11 @@ def mean_reduction_ratio(model, loss_fn, data, *, sample: int = 8) -> float:
     """L_batch / mean_i ℓ_i on the first min(sample, N) samples (module docstring);
     NaN when it cannot be told (one sample, a zero mean, a loss that fails on one
     sample, a per-sample value that is not finite)."""
-    batch, per = _batch_and_samples(model, loss_fn, data, sample=sample)
+    return _ratio(*_batch_and_samples(model, loss_fn, data, sample=sample))
+
+
+def _ratio(batch, per) -> float:
+    """L_batch / mean_i ℓ_i; NaN when it cannot be told."""
     if per is None:
         return math.nan
     mean = float(np.mean(per))
@@ -102,7 +106,7 @@ def check_mean_reduced(model, loss_fn, data, *, sample: int = 64) -> float:
     src = as_data_source(data)
     n = min(int(sample), src.N) if isinstance(sample, (int, np.integer)) else sample
     batch, per = _batch_and_samples(model, loss_fn, src, sample=sample)
-    ratio = mean_reduction_ratio(model, loss_fn, src, sample=sample) if per is not None else math.nan
+    ratio = _ratio(batch, per)
     if isinstance(n, int) and n >= 2 and math.isfinite(ratio) and abs(ratio - n) <= RTOL * n:
         warnings.warn(
             f"loss_fn {loss_name(loss_fn)!r} looks summed over the batch: on {n} samples it "

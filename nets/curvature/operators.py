@@ -426,7 +426,7 @@ class ModelCurvatureOperator(CurvatureOperator):
         if cache_graph == "auto":
             cache_graph = small or _graph_fits(self.N, graph, device)
         self.cache_graph = cache_graph
-        if default_chunk and graph is not None:
+        if default_chunk and not small:
             # bounded memory by default: an (X, y) pair used to be one chunk of all N
             # samples (graph memory ∝ N: 5.9 GB for one product at N = 10⁴ on a 123k CNN)
             self.chunk_size = default_chunk_size(self.N, graph, device)
@@ -449,10 +449,8 @@ class ModelCurvatureOperator(CurvatureOperator):
         active nn.Dropout."""
         x, y = self.source.take(list(range(min(2, self.N))), device=self.device,
                                 dtype=self.dtype)
-        devices = [self.device] if self.device.type == "cuda" else []
         try:
-            with torch.no_grad(), policy_mode(self.model, self.policy), \
-                    torch.random.fork_rng(devices=devices):
+            with torch.no_grad(), self._trial_mode():
                 a, b = (self._forward(self.primals, x) for _ in range(2))
         except RuntimeError as exc:
             first = str(exc).splitlines()[0]
@@ -474,8 +472,7 @@ class ModelCurvatureOperator(CurvatureOperator):
                 "pairs use a torch Dataset)")
         if isinstance(a, torch.Tensor) and x.shape[0] > 1 and a.ndim > 0:
             try:        # (train-mode BatchNorm cannot run on one sample: not checked then)
-                with torch.no_grad(), policy_mode(self.model, self.policy), \
-                        torch.random.fork_rng(devices=devices):
+                with torch.no_grad(), self._trial_mode():
                     one = self._forward(self.primals, x[:1])
             except (RuntimeError, ValueError):
                 one = None
@@ -516,15 +513,23 @@ class ModelCurvatureOperator(CurvatureOperator):
                 total[0] += t.numel() * t.element_size()
             return t
 
-        devices = [self.device] if self.device.type == "cuda" else []
         prim = [p.detach().requires_grad_(True) for p in self.primals]
         try:
             with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-                    policy_mode(self.model, self.policy), torch.random.fork_rng(devices=devices):
+                    self._trial_mode():
                 self._loss(prim, x, y)
-        except (RuntimeError, ValueError, NotImplementedError):
-            return float(x[:1].numel() * x.element_size() * 16)     # the old estimate
+        except (RuntimeError, ValueError, NotImplementedError):   # _check_inputs says why
+            from nets.utils.memory import ACTIVATION_FACTOR
+            return float(ACTIVATION_FACTOR * x[:1].numel() * x.element_size())
         return total[0] / n
+
+    @contextlib.contextmanager
+    def _trial_mode(self):
+        """The operator's policy on the model and torch's generators restored afterwards:
+        the forward passes of the construction-time checks leave no trace."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with policy_mode(self.model, self.policy), torch.random.fork_rng(devices=devices):
+            yield
 
     def _stream(self):
         return self.source.batches(self.chunk_size, device=self.device, dtype=self.dtype)

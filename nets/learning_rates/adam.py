@@ -415,13 +415,9 @@ class AdamTransfer(Result):
         """The same transfer anchored at another (B₀, α₀), B₀ one of `batch_sizes`: the
         stored predicted curve is reused (no new measurement), as
         `LRTransfer.with_reference`."""
-        from nets.learning_rates.transfer import _reference
+        from nets.learning_rates.transfer import reference_index
 
-        B0, a0 = _reference(reference)
-        hits = np.flatnonzero(np.asarray(self.batch_sizes) == B0)
-        if not len(hits):
-            raise ValueError(f"reference[0] (B0) must be one of batch_sizes "
-                             f"{np.asarray(self.batch_sizes).tolist()}, got {B0}")
+        i0, B0, a0 = reference_index(self.batch_sizes, reference)
         bs = np.asarray(self.batch_sizes, dtype=float)
         pred = np.asarray(self.predicted, dtype=float)
         if self.form == "linearized" and math.isfinite(self.beta1):   # adam_transfer_lr's caveat
@@ -429,7 +425,7 @@ class AdamTransfer(Result):
 
             warn_momentum_upward(self.beta1, self.batch_sizes, B0,
                                  who="AdamTransfer.with_reference")
-        return dataclasses.replace(self, lr=a0 * pred / pred[hits[0]], reference=(B0, a0),
+        return dataclasses.replace(self, lr=a0 * pred / pred[i0], reference=(B0, a0),
                                    sqrt_rule=a0 * np.sqrt(bs / B0), linear_rule=a0 * bs / B0)
 
     def plot(self, ax=None, *, measured=None):

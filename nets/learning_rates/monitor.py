@@ -59,7 +59,7 @@ from nets.learning_rates.lr_prediction import optimizer_settings, warn_partial_o
 from nets.noise.batch_spectra import measure_batch_top_eigenvalue
 from nets.noise.directional import directional_noise_from_operator
 from nets.utils.autocast import no_autocast
-from nets.utils.data_source import as_data_source
+from nets.utils.data_source import as_data_source, model_place
 from nets.utils.fingerprints import code_fingerprint, data_fingerprint
 from nets.utils.jsonio import to_jsonable
 from nets.utils.jsonl_store import JsonlStore
@@ -244,7 +244,7 @@ class CurvatureMonitor:
                                         dtype=dtype, seed=self.seed)
         self._clock = time.perf_counter if clock is None else clock
         layout = ParamLayout.from_module(model, params)
-        first = next(iter(model.parameters()), None)
+        model_dtype = model_place(model)[1]
         self.config = dict(batch_size=self.batch_size, n_batches=self.n_batches,
                            batch_sizes=list(self.batch_sizes), tol=self.tracker.tol,
                            noise_rel_error=self.noise_rel_error, kind=kind, policy=policy,
@@ -253,7 +253,7 @@ class CurvatureMonitor:
                            chunk_size=chunk_size,
                            device=None if device is None else str(torch.device(device)),
                            P=int(layout.P),
-                           model_dtype=None if first is None else str(first.dtype),
+                           model_dtype=None if model_dtype is None else str(model_dtype),
                            structure=code_fingerprint(model, loss_fn),
                            data=data_fingerprint(source) if path is not None else None)
         self.records: list[MonitorRecord] = []
@@ -403,8 +403,7 @@ class CurvatureMonitor:
                 return float(g["lr"]), 0.0, float("nan"), False
             s = dataclasses.replace(s, momentum=rho, dampening=s.dampening if rho else 0.0,
                                     nesterov=bool(s.nesterov) and rho > 0)
-            return (float(g["lr"]), rho, s.sgd_factor,
-                    bool(s.nesterov) and rho > 0)
+            return float(g["lr"]), rho, s.sgd_factor, s.nesterov
         return self.lr, self.momentum, momentum_factor(self.momentum), False
 
     # -- measurement --------------------------------------------------------------------

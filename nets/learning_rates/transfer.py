@@ -161,12 +161,7 @@ class LRTransfer(Result):
     def with_reference(self, reference) -> LRTransfer:
         """The same transfer anchored at another (B₀, α₀), B₀ one of `batch_sizes`: the
         stored shape is reused (no new measurement) and the error re-propagated."""
-        B0, lr0 = _reference(reference)
-        hits = np.flatnonzero(self.batch_sizes == B0)
-        if not len(hits):
-            raise ValueError(f"reference[0] (B0) must be one of batch_sizes "
-                             f"{self.batch_sizes.tolist()}, got {B0}")
-        i0 = int(hits[0])
+        i0, B0, lr0 = reference_index(self.batch_sizes, reference)
         if self.form == "linearized":           # the caveats of transfer_lr itself
             warn_momentum_upward(self.momentum, self.batch_sizes, B0, nesterov=self.nesterov,
                                  who="with_reference")
@@ -225,6 +220,17 @@ def _reference(reference):
         raise TypeError(f"reference must be a pair (B0, lr0), got {reference!r}") from None
     return as_int("reference[0] (B0)", B0, minimum=1), as_float("reference[1] (lr0)", lr0,
                                                                   positive=True)
+
+
+def reference_index(batch_sizes, reference) -> tuple[int, int, float]:
+    """(i0, B0, lr0): `reference` = (B0, lr0) checked, and the position of B0 in
+    `batch_sizes` (a `with_reference` re-anchors only at a B the result holds)."""
+    B0, lr0 = _reference(reference)
+    hits = np.flatnonzero(np.asarray(batch_sizes) == B0)
+    if not len(hits):
+        raise ValueError(f"reference[0] (B0) must be one of batch_sizes "
+                         f"{np.asarray(batch_sizes).tolist()}, got {B0}")
+    return int(hits[0]), B0, lr0
 
 
 def _momentum_of(opt) -> float:

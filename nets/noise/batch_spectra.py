@@ -24,7 +24,6 @@ resolved form accounts for them.
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import numpy as np
@@ -33,7 +32,7 @@ from nets.algorithms.lanczos import eigsh
 from nets.curvature.loss_check import check_mean_reduced
 from nets.curvature.operators import curvature_operator
 from nets.noise.directional import directional_noise_from_operator, isotropic_noise_from_operator
-from nets.utils.fingerprints import _tensor_bytes, code_fingerprint, data_fingerprint
+from nets.utils.fingerprints import code_fingerprint, data_fingerprint, digest, tensor_bytes
 from nets.utils.jsonl_store import JsonlStore
 from nets.utils.progress import progress_bar
 from nets.utils.results import Result, result
@@ -174,24 +173,12 @@ def _axes(ax):
 
 # ------------------------------------------------------------------------ measured
 
-def _digest(*chunks) -> str:
-    h = hashlib.sha256()
-    for c in chunks:
-        h.update(c if isinstance(c, bytes) else repr(c).encode())
-    return h.hexdigest()[:16]
-
-
 def _model_fingerprint(model) -> str:
     """Short hash of every parameter and buffer (names, dtypes, shapes and exact bytes)."""
     chunks = []
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        chunks += [name.encode(), _tensor_bytes(t)]
-    return _digest(*chunks)
-
-
-def _data_fingerprint(op) -> str:
-    """`nets.utils.fingerprints.data_fingerprint` of the operator's data."""
-    return data_fingerprint(op.source)
+        chunks += [name.encode(), tensor_bytes(t)]
+    return digest(*chunks)
 
 
 def _store_key(tag, op, B, *, n_batches, seed, replacement, tol, params_used, policy,
@@ -237,7 +224,7 @@ def measure_batch_top_eigenvalue(model, loss_fn, data, batch_sizes, *, n_batches
     keys = {}
     if store is not None:
         fps = dict(model_fp=_model_fingerprint(model) + code_fingerprint(model, loss_fn),
-                   data_fp=_data_fingerprint(full), params_used=_digest(*full.layout.names))
+                   data_fp=data_fingerprint(full.source), params_used=digest(*full.layout.names))
         keys = {int(B): _store_key(tag, full, B, n_batches=n_batches, seed=seed,
                                    replacement=replacement, tol=tol, policy=policy,
                                    chunk_size=chunk_size, **fps) for B in Bs}

@@ -170,7 +170,7 @@ class DataSource:
                 self.N = len(data.dataset)
             else:
                 self.N = sum(int(self._check_item(item, j)[0].shape[0])
-                             for j, item in enumerate(_iter_keeping_rng(self._iterable)))
+                             for j, item in self._items())
                 full = len(data.dataset) if (isinstance(data, DataLoader) and data.drop_last
                                              and hasattr(data.dataset, "__len__")) else None
                 if full is not None and self.N < full:
@@ -197,6 +197,10 @@ class DataSource:
                     "samples, so pass the data without random transforms")
 
     # -- pieces ---------------------------------------------------------------------
+    def _items(self):
+        """(j, batch) over the iterable, the global generator untouched (`_iter_keeping_rng`)."""
+        return enumerate(_iter_keeping_rng(self._iterable))
+
     def _check_item(self, item, j, *, sample=False):
         what = f"{self.name}[{j}]"
         if not isinstance(item, (tuple, list)) or len(item) != 2:
@@ -238,7 +242,7 @@ class DataSource:
             if self._dataset is not None:
                 self._cached_pair = self._stack_samples(np.arange(self.N))
             else:
-                xs, ys = zip(*(self._check_item(b, j) for j, b in enumerate(_iter_keeping_rng(self._iterable))))
+                xs, ys = zip(*(self._check_item(b, j) for j, b in self._items()))
                 self._cached_pair = (torch.cat(xs), torch.cat(ys))
         return self._cached_pair
 
@@ -262,7 +266,7 @@ class DataSource:
                 yield (_place(x, f"{self.name} inputs", device, dtype),
                        _place(y, f"{self.name} targets", device, dtype))
             return
-        for j, item in enumerate(_iter_keeping_rng(self._iterable)):
+        for j, item in self._items():
             x, y = self._check_item(item, j)
             if x.shape[0] == 0:
                 continue
@@ -296,7 +300,7 @@ class DataSource:
         if self._dataset is not None:
             x, _ = self._check_item(self._dataset[0], 0, sample=True)
             return int(x.numel())
-        for j, item in enumerate(_iter_keeping_rng(self._iterable)):
+        for j, item in self._items():
             x, _ = self._check_item(item, j)
             if x.shape[0]:
                 return int(x[0].numel())

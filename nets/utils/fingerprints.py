@@ -20,7 +20,7 @@ import hashlib
 import numpy as np
 import torch
 
-__all__ = ["code_fingerprint", "data_fingerprint"]
+__all__ = ["code_fingerprint", "data_fingerprint", "digest", "tensor_bytes"]
 
 
 def _describe(obj, depth=0) -> str:
@@ -31,8 +31,8 @@ def _describe(obj, depth=0) -> str:
                 f"{[_describe(a, depth + 1) for a in obj.args]}, "
                 f"{sorted((k, _describe(v, depth + 1)) for k, v in obj.keywords.items())})")
     if isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu().contiguous()
-        return f"tensor{tuple(t.shape)}{t.dtype}:{hashlib.sha1(t.numpy().tobytes()).hexdigest()[:12]}"
+        t = obj.detach()
+        return f"tensor{tuple(t.shape)}{t.dtype}:{hashlib.sha1(_raw(t)).hexdigest()[:12]}"
     if isinstance(obj, torch.nn.Module):
         plain = sorted((k, _describe(v, depth + 1)) for k, v in vars(obj).items()
                        if not k.startswith("_") and k != "training")
@@ -74,10 +74,22 @@ def code_fingerprint(model: torch.nn.Module, loss_fn) -> str:
     return h.hexdigest()[:16]
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().cpu().contiguous()
-    return (repr((str(t.dtype), tuple(t.shape))).encode()
-            + t.reshape(-1).view(torch.uint8).numpy().tobytes())
+def _raw(t: torch.Tensor) -> bytes:
+    """The tensor's exact bytes (any dtype, bfloat16 included)."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """dtype, shape and exact bytes of a tensor, for hashing."""
+    return repr((str(t.dtype), tuple(t.shape))).encode() + _raw(t)
+
+
+def digest(*chunks) -> str:
+    """16 hex digits of SHA-256 over `chunks` (bytes as they are, anything else by repr)."""
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(c if isinstance(c, bytes) else repr(c).encode())
+    return h.hexdigest()[:16]
 
 
 def data_fingerprint(source) -> str:
@@ -91,7 +103,4 @@ def data_fingerprint(source) -> str:
     for x, y in source.batches(device="cpu", dtype=torch.float64):
         x, y = x.to(torch.float64), y.to(torch.float64)
         s += torch.stack([x.sum(), (x * x).sum(), y.sum(), (y * y).sum()])
-    h = hashlib.sha256()
-    for c in (N, _tensor_bytes(X), _tensor_bytes(Y), [f"{v:.10e}" for v in s.tolist()]):
-        h.update(c if isinstance(c, bytes) else repr(c).encode())
-    return h.hexdigest()[:16]
+    return digest(N, tensor_bytes(X), tensor_bytes(Y), [f"{v:.10e}" for v in s.tolist()])
