@@ -4,15 +4,24 @@ Oracle: the per-sample Jacobians built densely, one `torch.func.jacrev` per samp
 (tests/dense_oracles.py, float64; no code shared with the products checked), and the
 three products written out with them: z_idx + J_idx·E, Σ J_iᵀ C_i, z + J·E. A network
 with BatchNorm is checked in eval mode (its running statistics), as the class runs it.
+The curved model's second derivative is checked against the dense Hessian of every
+output (`torch.func.hessian`) and against the network itself along u (error O(x³)).
 """
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from dense_oracles import flat_state
 from dense_oracles import output_jacobians as dense_jacobians
 
-from nets.learning_rates.linear_outputs import StoredOutputs, TangentOutputs, as_linear_outputs
+from nets.learning_rates.linear_outputs import (
+    CurvedOutputs,
+    StoredOutputs,
+    TangentOutputs,
+    as_linear_outputs,
+    second_derivative_along,
+)
 from nets.learning_rates.linearized import linearized_adam_max_loss, linearized_max_loss
 
 
@@ -115,3 +124,83 @@ def test_linear_model_outputs_choices(tiny_mlp):
         linear_model_outputs(model, X, jacobians="stored", max_bytes=100)
     with pytest.raises(ValueError, match="jacobians"):
         linear_model_outputs(model, X, jacobians="dense")
+
+
+def _dense_second_derivative(model, X, u):
+    """q_ik = uᵀ ∇²_w z_ik u, from the dense Hessian of every output (torch.func.hessian)."""
+    flat, state = flat_state(model)
+    out = []
+    for i in range(len(X)):
+        H = torch.func.hessian(lambda w, i=i: torch.func.functional_call(
+            model, state(w), (X[i:i + 1],)).reshape(-1))(flat)          # (K, P, P)
+        out.append(torch.einsum("p,kpq,q->k", u, H, u))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("which", ["mlp", "conv_bn"])
+def test_second_derivative_along_matches_dense_hessians(which, tiny_mlp):
+    if which == "mlp":
+        model, X, _ = tiny_mlp(seed=4, N=9)
+    else:
+        model, X = _conv_bn(seed=2)
+        X = X[:9]
+    P = sum(p.numel() for p in model.parameters())
+    u = torch.randn(P, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    u /= u.norm()
+    q = second_derivative_along(model, X, u, chunk_size=4)
+    expect = _dense_second_derivative(model, X, u)
+    assert float(expect.abs().max()) > 1e-3                  # a non-trivial oracle
+    torch.testing.assert_close(q, expect, rtol=1e-9, atol=1e-11)
+    with pytest.raises(ValueError, match="P="):
+        second_derivative_along(model, X, u[:-1])
+
+
+def test_curved_outputs_are_the_second_order_model_along_u(tiny_mlp):
+    """Along e = x·u the curved model is the network's Taylor expansion to second order
+    (its error falls as x³); the pullback is the adjoint of the batch outputs' derivative
+    at E (autograd through `batch`); a zero q is the linear model exactly."""
+    model, X, _ = tiny_mlp(seed=6, N=12)
+    flat, state = flat_state(model)
+    J = dense_jacobians(model, X)
+    with torch.no_grad():
+        z = model(X).reshape(len(X), -1)
+    P = J.shape[2]
+    g = torch.Generator().manual_seed(11)
+    u = torch.randn(P, generator=g, dtype=torch.float64)
+    u /= u.norm()
+    curved = CurvedOutputs(StoredOutputs(J, z), u, second_derivative_along(model, X, u))
+    errors = []
+    for x in (0.2, 0.1, 0.05):
+        with torch.no_grad():
+            real = torch.func.functional_call(model, state(flat + x * u), (X,)).reshape(len(X), -1)
+        errors.append(float((curved.full((x * u)[:, None])[:, :, 0] - real).abs().max()))
+    assert errors[0] / errors[1] == pytest.approx(8.0, rel=0.15)
+    assert errors[1] / errors[2] == pytest.approx(8.0, rel=0.15)
+    linear_error = float((StoredOutputs(J, z).full((0.05 * u)[:, None])[:, :, 0] - real).abs().max())
+    assert errors[2] < 0.05 * linear_error
+    idx = torch.tensor([4, 0, 9])
+    E = torch.randn(P, 3, generator=g, dtype=torch.float64)
+    C = torch.randn(len(idx), z.shape[1], 3, generator=g, dtype=torch.float64)
+    Er = E.clone().requires_grad_(True)
+    (curved.batch(idx, Er) * C).sum().backward()
+    torch.testing.assert_close(curved.pullback(idx, C, E), Er.grad, rtol=1e-10, atol=1e-12)
+    flat_model = CurvedOutputs(StoredOutputs(J, z), u, torch.zeros_like(z))
+    for a, b in ((flat_model.full(E), StoredOutputs(J, z).full(E)),
+                 (flat_model.pullback(idx, C, E), StoredOutputs(J, z).pullback(idx, C))):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert as_linear_outputs(curved) is curved
+    with pytest.raises(ValueError, match="entries"):
+        CurvedOutputs(StoredOutputs(J, z), u[:-1], z)
+
+
+def test_second_derivative_falls_back_to_a_difference_where_forward_ad_stops():
+    """SiLU has no forward derivative of its derivative in torch: the central difference
+    in float64 is used, and matches the dense Hessians."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.SiLU(), torch.nn.Linear(5, 3)).double()
+    X = torch.randn(6, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    P = sum(p.numel() for p in model.parameters())
+    u = torch.randn(P, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    u /= u.norm()
+    torch.testing.assert_close(second_derivative_along(model, X, u),
+                               _dense_second_derivative(model, X, u), rtol=1e-6, atol=1e-8)

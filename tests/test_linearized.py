@@ -285,3 +285,24 @@ def test_column_cross_entropy_fast_path_only_for_plain_cross_entropy():
     assert not _is_plain_cross_entropy(F.cross_entropy, torch.tensor([0, -100, 1]), (3,))
     assert not _is_plain_cross_entropy(F.cross_entropy, torch.rand(3, 3), (3,))       # soft targets
     assert not _is_plain_cross_entropy(F.cross_entropy, y, (3, 4))                    # sequences
+
+
+def test_curved_threshold_is_the_linear_one_for_a_linear_network_and_differs_otherwise(tiny_mlp):
+    """Softmax regression is linear in its parameters (q = 0): curved=True runs the same
+    model, in every direction and in a subspace. On a tanh MLP the second-order term
+    changes the runs, and the result says it was kept."""
+    model, X, y = softmax_regression(seed=2)
+    kw = dict(factor=10.0, steps=30, seeds=(0, 1), lr_range=(0.5, 500.0), n_grid=16,
+              dtype=torch.float64)
+    for rank in (None, 6):
+        flat = linearized_threshold(model, F.cross_entropy, (X, y), [8], rank=rank, **kw)
+        bent = linearized_threshold(model, F.cross_entropy, (X, y), [8], rank=rank, curved=True,
+                                    **kw)
+        assert bent.curved and not flat.curved
+        np.testing.assert_allclose(bent.max_loss, flat.max_loss, rtol=1e-9)
+    net, Xm, ym = tiny_mlp(seed=7, N=40)
+    kw["lr_range"] = (0.5, 200.0)
+    flat = linearized_threshold(net, F.cross_entropy, (Xm, ym), [8], rank=12, **kw)
+    bent = linearized_threshold(net, F.cross_entropy, (Xm, ym), [8], rank=12, curved=True, **kw)
+    assert not np.allclose(bent.max_loss, flat.max_loss, rtol=1e-3)
+    assert json.loads(json.dumps(bent.to_dict()))["curved"] is True

@@ -8,6 +8,7 @@ quadratic, whose divergence threshold is exactly 2(1+m)/λ_max.
 
 import copy
 import json
+import math
 
 import numpy as np
 import pytest
@@ -219,6 +220,37 @@ def test_linearized_form_reanchors_and_checks_its_rank(tiny_mlp):
                        (dict(factor=1e12), "never reaches")):
         with pytest.raises(ValueError, match=match):
             transfer_lr(model, loss, (X, y), [4], reference=(16, 0.3), **{**kw, **bad})
+
+
+def test_curved_form_is_the_curved_threshold_uncorrected(tiny_mlp):
+    """form="curved": the shape is `linearized_threshold(curved=True)` itself over the same
+    batch sequences (no secant profile, no correction), anchored like the linearised form;
+    on a model linear in its parameters it is real training (q = 0)."""
+    from nets.learning_rates.linearized import linearized_threshold
+
+    model, X, y = tiny_mlp(seed=2, N=48)
+    loss = torch.nn.functional.cross_entropy
+    kw = dict(rank=8, steps=40, n_seeds=2, seed=0)
+    c = transfer_lr(model, loss, (X, y), [4, 16, 48], reference=(16, 0.3), form="curved", **kw)
+    direct = linearized_threshold(model, loss, (X, y), [4, 16, 48], steps=40, seeds=(0, 1),
+                                  rank=8, curved=True, progress=False)
+    assert c.form == "curved" and "second derivative" in c.rule
+    assert math.isnan(c.secant_ratio) and c.correction_applied is False
+    np.testing.assert_array_equal(c.correction, 1.0)
+    np.testing.assert_allclose(c.shape, direct.lr, rtol=1e-12)
+    np.testing.assert_allclose(c.lr, 0.3 * c.shape / c.shape[1], rtol=1e-12)
+    lin = transfer_lr(model, loss, (X, y), [4, 16, 48], reference=(16, 0.3), form="linearized",
+                      **kw)
+    assert not np.allclose(c.linearized_lr, lin.linearized_lr, rtol=1e-3)
+    np.testing.assert_allclose(c.with_reference((48, 2.0)).lr, 2.0 * c.shape / c.shape[2],
+                               rtol=1e-12)
+    json.dumps(c.to_dict())
+    model, loss, X, y = _problem()
+    a = transfer_lr(model, loss, (X, y), [2, 8], reference=(8, 0.1), form="curved",
+                    factor=10.0, steps=60, n_seeds=2, seed=0)
+    b = transfer_lr(model, loss, (X, y), [2, 8], reference=(8, 0.1), form="linearized",
+                    factor=10.0, steps=60, n_seeds=2, seed=0)
+    np.testing.assert_allclose(a.linearized_lr, b.linearized_lr, rtol=1e-9)
 
 
 def test_secant_correction_only_where_the_real_loss_is_sharper(tiny_mlp, monkeypatch):

@@ -43,7 +43,8 @@ from torch.func import functional_call, jvp, vjp, vmap
 
 from rmt.validation import as_int
 
-__all__ = ["StoredOutputs", "TangentOutputs", "as_linear_outputs"]
+__all__ = ["StoredOutputs", "TangentOutputs", "CurvedOutputs", "as_linear_outputs",
+           "second_derivative_along"]
 
 
 class StoredOutputs:
@@ -120,10 +121,111 @@ class TangentOutputs:
                                                for s in range(0, self.N, self.chunk)])
 
 
+class CurvedOutputs:
+    """A linear model (`StoredOutputs` or `TangentOutputs`, coordinates D) plus the
+    outputs' second derivative along one unit direction u of those coordinates:
+
+        z_i(e) = z_i + J_i e + ½ (uᵀe)² q_i,     q_i = d²/dt² z_i(w₀ + t·u)|_{t=0},
+
+    the second-order Taylor term of the network along u (docs/theory.md §5.6). Its output
+    Jacobian at e is J_i + (uᵀe)·q_i uᵀ, so along u the Jacobian changes with the
+    displacement as the network's does to first order (J(w₀ + x·u)·u = J_i u + x·q_i),
+    which is what a growing oscillation along the top eigenvector steepens; every other
+    direction stays linear. The pullback therefore depends on E. u (D,) in the base's
+    coordinates (for a basis V, Vᵀ of the parameter direction), q (N, K)."""
+
+    def __init__(self, base, u, q):
+        self.base = as_linear_outputs(base)
+        self.N, self.K, self.D = self.base.N, self.base.K, self.base.D
+        self.dtype, self.device = self.base.dtype, self.base.device
+        self.z = self.base.z
+        self.u = torch.as_tensor(u).to(self.dtype).to(self.device).reshape(-1)
+        self.q = torch.as_tensor(q).to(self.dtype).to(self.device)
+        if self.u.numel() != self.D or self.q.shape != (self.N, self.K):
+            raise ValueError(f"u must have {self.D} entries and q shape ({self.N}, {self.K}), "
+                             f"got {self.u.numel()} and {tuple(self.q.shape)}")
+
+    def _bend(self, q, E):
+        a = self.u @ E                                                  # (G,)
+        return 0.5 * q[:, :, None] * (a * a)[None, None, :]
+
+    def batch(self, idx, E):
+        return self.base.batch(idx, E) + self._bend(self.q[idx], E)
+
+    def pullback(self, idx, C, E=None):
+        g = self.base.pullback(idx, C, E)
+        if E is None:
+            return g
+        a = self.u @ E
+        return g + self.u[:, None] * (a * torch.einsum("bk,bkg->g", self.q[idx], C))[None, :]
+
+    def full(self, E):
+        return self.base.full(E) + self._bend(self.q, E)
+
+
+def second_derivative_along(model, X, direction, *, chunk_size=256, step=1e-4):
+    """q (N, K): d²/dt² z_i(w₀ + t·u) at t = 0 for every sample — the second directional
+    derivative of `model`'s outputs (eval mode, a copy; its trainable parameters in
+    `named_parameters()` order) along the flat parameter direction u, by forward-over-
+    forward Jacobian-vector products, chunk_size samples at a time. Where torch has no
+    forward derivative of a layer's derivative (e.g. SiLU's), the central difference
+    (J(w₀ + h·u)·u − J(w₀ − h·u)·u)/(2h) of the first one instead, in float64, h = `step`
+    (error O(h²))."""
+    net = copy.deepcopy(model).eval()
+    params = {k: v.detach() for k, v in net.named_parameters() if v.requires_grad}
+    u = torch.as_tensor(direction).reshape(-1)
+    P = sum(v.numel() for v in params.values())
+    if u.numel() != P:
+        raise ValueError(f"direction must have P={P} entries, got {u.numel()}")
+    chunk = as_int("chunk_size", chunk_size, minimum=1)
+    try:
+        return _second_derivative(net, params, X, _as_tangent(params, u), chunk, None)
+    except (NotImplementedError, RuntimeError) as err:
+        if "forward AD" not in str(err) and "forward-mode" not in str(err):
+            raise
+    net = net.double()
+    dtype = next(iter(params.values())).dtype
+    params = {k: v.detach() for k, v in net.named_parameters() if v.requires_grad}
+    q = _second_derivative(net, params, X.double() if X.is_floating_point() else X,
+                           _as_tangent(params, u), chunk, float(step))
+    return q.to(dtype)
+
+
+def _as_tangent(params, u):
+    out, i = {}, 0
+    for k, v in params.items():
+        out[k] = u[i:i + v.numel()].reshape(v.shape).to(v)
+        i += v.numel()
+    return out
+
+
+def _second_derivative(net, params, X, tangent, chunk, step):
+    """Forward over forward (step None) or the central difference of J·u with step h."""
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(X), chunk):
+            xb = X[s:s + chunk]
+
+            def f(p, xb=xb):
+                return functional_call(net, p, (xb,)).reshape(len(xb), -1)
+
+            def df(p, f=f):
+                return jvp(f, (p,), (tangent,))[1]
+
+            if step is None:
+                out.append(jvp(df, (params,), (tangent,))[1])
+            else:
+                shift = {k: step * t for k, t in tangent.items()}
+                plus = df({k: v + shift[k] for k, v in params.items()})
+                minus = df({k: v - shift[k] for k, v in params.items()})
+                out.append((plus - minus) / (2 * step))
+    return torch.cat(out)
+
+
 def as_linear_outputs(J, z=None):
-    """`J` itself if it already is one of the two classes (then z must be None), else
+    """`J` itself if it already is one of the three classes (then z must be None), else
     `StoredOutputs(J, z)`."""
-    if isinstance(J, StoredOutputs | TangentOutputs):
+    if isinstance(J, StoredOutputs | TangentOutputs | CurvedOutputs):
         if z is not None:
             raise ValueError("z must be None when J is a StoredOutputs/TangentOutputs")
         return J

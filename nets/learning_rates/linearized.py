@@ -59,7 +59,13 @@ import math
 import numpy as np
 import torch
 
-from nets.learning_rates.linear_outputs import StoredOutputs, TangentOutputs, as_linear_outputs
+from nets.learning_rates.linear_outputs import (
+    CurvedOutputs,
+    StoredOutputs,
+    TangentOutputs,
+    as_linear_outputs,
+    second_derivative_along,
+)
 from nets.utils.results import Result, result
 from rmt.validation import as_batch_sizes, as_float, as_int, as_range, as_seed
 
@@ -84,7 +90,8 @@ class LinearizedThresholds(Result):
     which `at(k)` reads the threshold of any other tolerance the grid brackets (a column
     is no longer run once its maximum exceeds `tracked_up_to` = the largest of factor and
     extra_factors, so values above it are lower bounds); rank the dimension the
-    displacement lives in (P for the full model, r for `rank=r`); nesterov."""
+    displacement lives in (P for the full model, r for `rank=r`); nesterov; curved (the
+    second-order term along the top eigenvector was kept)."""
 
     batch_sizes: np.ndarray
     lr: np.ndarray
@@ -100,6 +107,7 @@ class LinearizedThresholds(Result):
     rank: int
     tracked_up_to: float = math.inf
     nesterov: bool = False
+    curved: bool = False
 
     def at(self, factor) -> np.ndarray:
         """Per-seed thresholds (n_B, n_seeds) for the tolerance `factor` (loss ever >
@@ -396,7 +404,7 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
                          nesterov=None, factor=10.0, steps=200, seeds=(0, 1, 2), extra_factors=(),
                          lr_range=None, n_grid=48, chunk_size=256, max_bytes=4 << 30,
                          device=None, dtype=torch.float32, seed=0, rank=None,
-                         jacobians="auto", progress=None) -> LinearizedThresholds:
+                         jacobians="auto", curved=False, progress=None) -> LinearizedThresholds:
     """The "divergence" threshold (loss ever > factor × start within `steps` steps) of
     heavy-ball SGD on the linearised network at the model's weights, per batch size
     (module docstring). Same signature conventions as `training_threshold`: data any form
@@ -413,7 +421,11 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
     doubling r. jacobians : with every direction, "auto" (default), "tangent" (J·e and Jᵀ·c
     by Jacobian-vector products through the network, nothing stored, the model's own
     dtype) or "stored" (J in memory, `dtype`, refused above max_bytes): the same numbers
-    to rounding, `linear_model_outputs`. The subspace form always stores J·V."""
+    to rounding, `linear_model_outputs`. The subspace form always stores J·V.
+    curved : also keep the outputs' second derivative along the top Hessian eigenvector u
+    (`linear_outputs.CurvedOutputs`; in the subspace form along u's projection on the
+    span, renormalised): the linearised network plus the change of its Jacobian along u,
+    one forward-over-forward pass over the data more (module docstring)."""
     from nets.learning_rates.lr_search import _read_momentum, _top_direction, seed_mean_stderr
     from nets.utils.data_source import tensors_for
     from nets.utils.progress import progress_bar
@@ -442,9 +454,10 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
     full = r == P
     out_shape = checked_output_shape(model, X, 0 if full and jacobians != "stored" else r,
                                      dtype=dtype, max_bytes=max_bytes, smaller=", a smaller rank")
-    lam = math.nan
+    lam, u = math.nan, None
+    if lr_range is None or curved:
+        u, lam = _top_direction(model, loss_fn, (X, y), as_seed("seed", seed))
     if lr_range is None:
-        _, lam = _top_direction(model, loss_fn, (X, y), as_seed("seed", seed))
         if not (math.isfinite(lam) and lam > 0):
             raise ValueError(f"the top Hessian eigenvalue is {lam}; give lr_range=(lo, hi)")
         coarse = np.geomspace(_COARSE[0] / lam, _COARSE[1] / lam, _COARSE[2])
@@ -460,6 +473,8 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
     else:
         lin = StoredOutputs(*output_jacobians(model, X, chunk_size=chunk_size, dtype=dtype,
                                               basis=basis))
+    if curved:
+        lin = _curved(lin, model, X, u, basis, chunk_size)
     grids = np.zeros((len(bs), n_grid))
     worst = np.zeros((len(bs), len(seeds), n_grid))
     top = max((k, *extras))
@@ -479,7 +494,26 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
                     for i in range(len(bs))])
     mean, se = seed_mean_stderr(per)
     return LinearizedThresholds(np.array(bs), mean, se, per, seeds, float(m), K, k, float(lam),
-                                grids, worst, int(r), float(top), nest)
+                                grids, worst, int(r), float(top), nest, bool(curved))
+
+
+def _curved(lin, model, X, u, basis, chunk_size):
+    """`CurvedOutputs` of the linear outputs `lin` along the top eigenvector u (P,): in the
+    subspace of `basis` V along its projection ũ = Vᵀu/‖Vᵀu‖ (the second derivative then
+    taken along Vũ), with every direction along u itself."""
+    u = u.to(torch.float64)
+    if basis is not None:
+        t = basis.T @ u
+        if float(t.norm()) < 1e-3:
+            raise ValueError("the top Hessian eigenvector is orthogonal to the Gauss–Newton "
+                             "basis; curved=True needs it in the span (raise rank)")
+        t = t / t.norm()
+        u = basis @ t
+    else:
+        t = u
+    q = second_derivative_along(model, X, u.to(next(model.parameters()).dtype),
+                                chunk_size=chunk_size)
+    return CurvedOutputs(lin, t, q)
 
 
 def checked_output_shape(model, X, directions, *, dtype, max_bytes, smaller=""):

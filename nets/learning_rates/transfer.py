@@ -60,6 +60,17 @@ steps per learning rate and batch size (minutes on one CPU thread for a 2k–7k-
 network on 1,797 samples), against seconds for the directional form. Check `rank` by
 doubling it (`rank_check=True`).
 
+"curved" runs the linearised network with one more term, the outputs' second derivative
+along the top eigenvector u, z_i(e) = z_i + J_i e + ½(uᵀe)²·d²z_i/dt²(w₀ + t·u)
+(`linear_outputs.CurvedOutputs`): the change of the Jacobian along u that the secant
+correction stands for, kept in the dynamics instead of applied afterwards (so no
+correction), at the cost of one more pass over the data. It is the leading term of what
+steepens a digits tanh MLP at B = 512 with momentum (real ÷ model 0.83 → 1.03), and is
+measured against the default on eleven networks in the README
+(benchmarks/bench_curved_transfer.py): closer with momentum on the tanh MLPs, no better on
+GELU, LayerNorm, ReLU-residual or MSE networks, and worse without momentum on the digits
+MLP and CNN, so it is not the default.
+
 Nesterov momentum (torch's nesterov=True) is supported the same way: its mean-square limit
 F_N/λ'_ρ(B) (`rmt.lr.sgd_nesterov_ms_max_lr`, F_N = 2(1+ρ)/(1+2ρ); the same limit as heavy
 ball where the noise dominates, 2.8× lower at ρ = 0.9 where it does not) sets λ'_ρ(B) and
@@ -98,7 +109,7 @@ __all__ = ["transfer_lr", "LRTransfer", "scaling_rule", "secant_correction", "wa
            "momentum_caveat_silenced", "TRANSFER_FORMS",
            "CLASSICAL_RULES"]
 
-TRANSFER_FORMS = ("linearized", "directional", "resolved", "subspace", "isotropic")
+TRANSFER_FORMS = ("linearized", "curved", "directional", "resolved", "subspace", "isotropic")
 _LINEARIZED_RANK = 200
 CLASSICAL_RULES = ("linear", "sqrt", "constant")
 
@@ -110,7 +121,7 @@ class LRTransfer(Result):
     batch_sizes (n_B,); lr (n_B,) and lr_stderr (propagated from the noise estimate, or
     from the seed spread of the linearised thresholds); form (the shape used); rule (the
     equation, text); shape a(B) (n_B,) the unanchored threshold shape, lr = α₀·a/a(B₀);
-    shape_stderr (n_B,): for "linearized" the seed standard error of a(B), independent
+    shape_stderr (n_B,): for "linearized"/"curved" the seed standard error of a(B), independent
     across B; for the curvature forms |a(B) − a⁺(B)| with a⁺ the shape at the noise
     estimate raised by one standard error, which moves every B together;
     reference_batch_size B₀, reference_lr α₀, reference_shape a(B₀); momentum ρ;
@@ -119,10 +130,12 @@ class LRTransfer(Result):
     directional pass; None otherwise); batch_curvature λ'(B) and effective_curvature
     λ'_ρ(B) (n_B,), reference_curvature λ'_ρ(B₀); critical_batch_size B* = s_u²/λ² and its
     momentum version B*_ρ = noise_gain·B*; stability_limit F/λ'_ρ(B) (the absolute local
-    limit, for comparison; F = 2(1+ρ), Nesterov 2(1+ρ)/(1+2ρ)); N; seed. Form "linearized"
-    only (None otherwise): linearized_lr α_lin(B) (n_B,), the linearised network's threshold; correction the bracket
-    1 − (1 − s_lin/s_real)·λ/λ'_ρ(B) (n_B,; ones where not applied); correction_applied
-    (False where s_lin/s_real > 1, module docstring); secant_ratio s_lin/s_real; rank; factor and
+    limit, for comparison; F = 2(1+ρ), Nesterov 2(1+ρ)/(1+2ρ)); N; seed. Forms "linearized"
+    and "curved" only (None otherwise): linearized_lr α_lin(B) (n_B,), the linearised (or
+    curved) network's threshold; correction the bracket 1 − (1 − s_lin/s_real)·λ/λ'_ρ(B)
+    (n_B,; ones where not applied, and for "curved"); correction_applied (False where
+    s_lin/s_real > 1, module docstring, and for "curved"); secant_ratio s_lin/s_real (NaN
+    for "curved"); rank; factor and
     steps of the threshold; rank_change (n_B,) the anchored shape at 2·rank over the one
     at rank (`rank_check=True`)."""
 
@@ -162,11 +175,11 @@ class LRTransfer(Result):
         """The same transfer anchored at another (B₀, α₀), B₀ one of `batch_sizes`: the
         stored shape is reused (no new measurement) and the error re-propagated."""
         i0, B0, lr0 = reference_index(self.batch_sizes, reference)
-        if self.form == "linearized":           # the caveats of transfer_lr itself
+        measured = self.form in ("linearized", "curved")     # a threshold of a model, per B
+        if measured:                            # the caveats of transfer_lr itself
             warn_momentum_upward(self.momentum, self.batch_sizes, B0, nesterov=self.nesterov,
                                  who="with_reference")
-        lr, se = _anchor(self.shape, self.shape_stderr, i0, lr0,
-                         coherent=self.form != "linearized")
+        lr, se = _anchor(self.shape, self.shape_stderr, i0, lr0, coherent=not measured)
         return dataclasses.replace(self, lr=lr, lr_stderr=se, reference_batch_size=B0,
                                    reference_lr=lr0, reference_shape=float(self.shape[i0]),
                                    reference_curvature=float(self.effective_curvature[i0]))
@@ -345,13 +358,16 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
         mean-square limit of the warmed state's noise model; seconds) or
         "deterministic". Which Adam form transfers on which network is measured in the
         README (neither meets 20 % on every network at β₁ = 0.9).
-    form : None or "linearized" (the SGD default), or a λ'(B) form of `predict_batch_top_eigenvalue`
+    form : None or "linearized" (the SGD default), "curved" (the linearised network plus its
+        outputs' second derivative along the top eigenvector, `linearized_threshold(curved=
+        True)`, in place of the secant correction; the same options as "linearized"),
+        or a λ'(B) form of `predict_batch_top_eigenvalue`
         ("directional", "resolved", "subspace", "isotropic"). The curvature/noise pass
         runs for every form at the model's current parameters (kind, num_probes,
         n_batches_mc, micro_batch, params, policy, chunk_size, device, dtype, seed,
         progress as there; micro_batch="auto" groups the noise pass into about 256
         micro-batches once N·P > 2²⁷, `nets.noise.directional`).
-    "linearized" only: rank (directions of the linearised network, None: all; Jacobian
+    "linearized"/"curved" only: rank (directions of the linearised network, None: all; Jacobian
         memory N·K·rank numbers), factor and steps (the divergence criterion "loss ever >
         factor × start within steps steps", default 200 — give the anchor's), n_seeds (batch
         sequences per threshold, seeds seed … seed + n_seeds − 1, the batches
@@ -385,7 +401,7 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
     if B0 > N:
         raise ValueError(f"reference[0] (B0) must be <= N={N} (batches are drawn without "
                          f"replacement), got {B0}")
-    linear = form == "linearized"
+    linear = form in ("linearized", "curved")
     if linear:
         refuse_params_for_linearized(params)
         rank = None if rank is None else as_int("rank", rank, minimum=1)
@@ -419,14 +435,20 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
                                                  momentum=rho, nesterov=nest, rank=rank, factor=factor,
                                                  steps=steps, n_seeds=n_seeds,
                                                  rank_check=rank_check, device=device,
-                                                 seed=seed, progress=progress, i0=i0)
+                                                 seed=seed, progress=progress, i0=i0,
+                                                 curved=form == "curved")
         extra = {k: (v[idx] if isinstance(v, np.ndarray) else v) for k, v in extra.items()}
         warn_momentum_upward(rho, Bs, B0, nesterov=nest)
-        bracket = ("[1 − (1 − s_lin/s_real)·λ/λ'_ρ(B)]" if extra["correction_applied"] else
-                   "1 (s_lin/s_real > 1: correction not applied)")
-        rule = (f"lr(B) = lr0·a(B)/a(B0), a(B) = α_lin(B)·{bracket}, "
-                f"α_lin the linearised network's threshold (loss ever > {factor:g}× start "
-                f"within {steps} steps), rank {extra['rank']}")
+        if form == "curved":
+            rule = (f"lr(B) = lr0·a(B)/a(B0), a(B) = α_curved(B) the threshold of the "
+                    f"linearised network plus its outputs' second derivative along u (loss "
+                    f"ever > {factor:g}× start within {steps} steps), rank {extra['rank']}")
+        else:
+            bracket = ("[1 − (1 − s_lin/s_real)·λ/λ'_ρ(B)]" if extra["correction_applied"] else
+                       "1 (s_lin/s_real > 1: correction not applied)")
+            rule = (f"lr(B) = lr0·a(B)/a(B0), a(B) = α_lin(B)·{bracket}, "
+                    f"α_lin the linearised network's threshold (loss ever > {factor:g}× start "
+                    f"within {steps} steps), rank {extra['rank']}")
     else:
         # one noise estimate sets every shift λ'(B) − λ, so their errors move together:
         # the shape at the shift raised by its largest relative error r
@@ -470,9 +492,12 @@ def _adam_transfer(model, loss_fn, data, batch_sizes, reference, opt, *, form, f
 
 
 def _linearized_shape(model, loss_fn, data, batch_sizes, lam, eff, *, momentum, nesterov, rank,
-                      factor, steps, n_seeds, rank_check, device, seed, progress, i0):
-    """a(B) = α_lin(B)·`secant_correction`(λ, λ'_ρ(B), s_lin/s_real) (module docstring);
-    returns (a, its seed standard error, the LRTransfer fields of the form)."""
+                      factor, steps, n_seeds, rank_check, device, seed, progress, i0,
+                      curved=False):
+    """a(B) = α_lin(B)·`secant_correction`(λ, λ'_ρ(B), s_lin/s_real) (module docstring), or
+    with `curved` the curved model's threshold α_curved(B) itself (no correction: the
+    change along u it stands for is in the model); returns (a, its seed standard error,
+    the LRTransfer fields of the form)."""
     from nets.learning_rates.along_top import loss_along_top
     from nets.learning_rates.linearized import linearized_threshold
 
@@ -480,23 +505,28 @@ def _linearized_shape(model, loss_fn, data, batch_sizes, lam, eff, *, momentum, 
         return linearized_threshold(model, loss_fn, data, batch_sizes, momentum=momentum,
                                     nesterov=nesterov, factor=factor, steps=steps,
                                     seeds=tuple(range(seed, seed + n_seeds)), device=device,
-                                    seed=seed, rank=r, progress=progress)
+                                    seed=seed, rank=r, curved=curved, progress=progress)
 
-    prof = loss_along_top(model, loss_fn, data, factor=factor, seed=seed)    # cheap: first
-    ratio = prof.secant_ratio
-    if not np.isfinite(ratio):
-        raise ValueError(f"the loss along the top eigenvector never reaches {factor:g}× its "
-                         "start on the profile's grid; the correction is undefined (use "
-                         "form='directional' or a smaller factor)")
-    lin = threshold(rank)
-    corr = secant_correction(lam, eff, ratio)
-    applied = bool(correction_applies(ratio))
-    if not applied:
-        warnings.warn(f"transfer_lr: the real loss along the top eigenvector is flatter than the "
-                      f"linearised network's (s_lin/s_real = {ratio:.4g} > 1), where the secant "
-                      "correction does not apply; the uncorrected linearised threshold is used "
-                      "(correction_applied=False). Its transfer is less tested there: compare "
-                      "form='directional'", stacklevel=3)
+    if curved:
+        lin = threshold(rank)
+        ratio, applied = float("nan"), False
+        corr = np.ones(len(lin.lr))
+    else:
+        prof = loss_along_top(model, loss_fn, data, factor=factor, seed=seed)    # cheap: first
+        ratio = prof.secant_ratio
+        if not np.isfinite(ratio):
+            raise ValueError(f"the loss along the top eigenvector never reaches {factor:g}× its "
+                             "start on the profile's grid; the correction is undefined (use "
+                             "form='directional' or a smaller factor)")
+        lin = threshold(rank)
+        corr = secant_correction(lam, eff, ratio)
+        applied = bool(correction_applies(ratio))
+        if not applied:
+            warnings.warn(f"transfer_lr: the real loss along the top eigenvector is flatter than "
+                          f"the linearised network's (s_lin/s_real = {ratio:.4g} > 1), where the "
+                          "secant correction does not apply; the uncorrected linearised threshold "
+                          "is used (correction_applied=False). Its transfer is less tested there: "
+                          "compare form='directional'", stacklevel=3)
     alpha = np.asarray(lin.lr, dtype=float)
     stderr = np.nan_to_num(np.asarray(lin.stderr, dtype=float))
     fields = {"linearized_lr": alpha, "correction": corr, "secant_ratio": float(ratio),
