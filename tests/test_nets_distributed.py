@@ -77,13 +77,23 @@ def _worker(rank, world_size, store_path, out_dir):
         dist.destroy_process_group()
 
 
+def _run_workers(tmp):
+    store = os.path.join(tmp, "store")
+    mp.start_processes(_worker, args=(2, store, tmp), nprocs=2, join=True, start_method="spawn")
+    return [dict(np.load(os.path.join(tmp, f"rank{r}.npz"))) for r in range(2)]
+
+
 @pytest.fixture(scope="module")
 def distributed_results():
-    with tempfile.TemporaryDirectory() as tmp:
-        store = os.path.join(tmp, "store")
-        mp.start_processes(_worker, args=(2, store, tmp), nprocs=2, join=True,
-                           start_method="spawn")
-        yield [dict(np.load(os.path.join(tmp, f"rank{r}.npz"))) for r in range(2)]
+    """The two ranks' results. Starting two gloo processes on a loaded shared machine
+    failed once at setup in a full local run (not reproduced); a failed start is retried
+    once in a fresh directory (a wrong product still fails the tests below)."""
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            return _run_workers(tmp)
+    except (mp.ProcessRaisedException, mp.ProcessExitedException):
+        with tempfile.TemporaryDirectory() as tmp:
+            return _run_workers(tmp)
 
 
 @pytest.fixture(scope="module")
