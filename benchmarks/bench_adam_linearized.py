@@ -20,6 +20,8 @@ run after this form became `transfer_lr`'s Adam default.
     python benchmarks/bench_adam_linearized.py --model cnn --beta1 0.9   # ~6 min
     python benchmarks/bench_adam_linearized.py --model mlp --jacobians stored   # the same, J stored
     python benchmarks/bench_adam_linearized.py --model mlp --jacobians tangent  # through the network
+    python benchmarks/bench_adam_linearized.py --model cnn --beta1 0.9 --curved  # the curved model
+        # along D^{1/2}ũ (`linearized_adam_threshold(curved=True)`), no correction
 
 `--part scale`: the 301,066-parameter MLP 64-512-512-10 of bench_scale.py on the 1,797
 digits (its stored Jacobians would need 21.6 GB, refused), one batch size and sequence
@@ -50,6 +52,8 @@ def main(argv=None):
     p.add_argument("--jacobians", choices=("auto", "tangent", "stored"), default="auto",
                    help="J·e by Jacobian-vector products, stored Jacobians, or the faster (auto)")
     p.add_argument("--part", choices=("transfer", "scale"), default="transfer")
+    p.add_argument("--curved", action="store_true",
+                   help="the curved model along D^{1/2}ũ instead of the correction")
     p.add_argument("--scale-batch", type=int, default=32)
     args = p.parse_args(argv)
     setup_torch(args)
@@ -62,7 +66,7 @@ def main(argv=None):
     t = time.perf_counter()
     lin = linearized_adam_threshold(model, loss, data, BATCH_SIZES, betas=(args.beta1, 0.999),
                                     seeds=tuple(range(args.seeds)), jacobians=args.jacobians,
-                                    progress=False)
+                                    curved=args.curved, progress=False)
     seconds = time.perf_counter() - t
     stored = json.loads((RESULTS / f"bench_adam_{args.model}.json").read_text())
     run = stored["runs"][f"beta1={args.beta1:g}"]
@@ -85,7 +89,7 @@ def main(argv=None):
           f"{np.round(lin.secant_ratio, 3)}; share {np.round(lin.share, 3)}; real ÷ corrected "
           f"{np.round(real / lin.corrected, 2)} ({seconds:.0f} s)", flush=True)
     name = f"bench_adam_linearized_{args.model}_b{args.beta1:g}" + (
-        "" if args.jacobians == "auto" else f"_{args.jacobians}")
+        "" if args.jacobians == "auto" else f"_{args.jacobians}") + ("_curved" if args.curved else "")
     print("wrote", write_json(name, out, args.out))
 
 

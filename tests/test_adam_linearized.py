@@ -144,3 +144,24 @@ def test_an_unbracketed_grid_is_said():
                                         warmup_steps=10, warmup_lr=1e-2, steps=20, factor=3.0,
                                         lr_range=(1e-7, 1e-6), n_grid=8)
     assert np.isnan(res.lr[0])
+
+
+def test_curved_adam_model_is_the_linear_one_for_a_linear_network(tiny_mlp):
+    """curved=True: no correction (ones, NaN ratio and share), λ̃ still measured; on a model
+    linear in its parameters (q = 0) the thresholds are the uncorrected linearised ones,
+    on a tanh MLP the second-order term changes them."""
+    model, X, y = softmax_regression(seed=3)
+    kw = dict(betas=(0.9, 0.999), warmup_steps=10, warmup_lr=1e-2, steps=20, factor=3.0,
+              seeds=(0, 1), lr_range=(1e-3, 1e2), n_grid=12)
+    flat = linearized_adam_threshold(model, F.cross_entropy, (X, y), [4, 16], correct=False, **kw)
+    bent = linearized_adam_threshold(model, F.cross_entropy, (X, y), [4, 16], curved=True, **kw)
+    np.testing.assert_allclose(bent.per_seed, flat.per_seed, rtol=1e-9)
+    assert bent.curved and not flat.curved
+    np.testing.assert_array_equal(bent.correction, 1.0)
+    assert np.all(np.isnan(bent.secant_ratio)) and np.all(np.isnan(bent.share))
+    assert np.all(bent.lam_precond > 0)
+    np.testing.assert_allclose(bent.corrected, bent.lr)
+    net, Xm, ym = tiny_mlp(seed=8, N=40)
+    a = linearized_adam_threshold(net, F.cross_entropy, (Xm, ym), [8], correct=False, **kw)
+    b = linearized_adam_threshold(net, F.cross_entropy, (Xm, ym), [8], curved=True, **kw)
+    assert not np.allclose(a.per_seed, b.per_seed, rtol=1e-3)

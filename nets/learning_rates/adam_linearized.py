@@ -64,6 +64,7 @@ from nets.learning_rates.adam import (
     warm_adam_state,
 )
 from nets.learning_rates.along_top import loss_along_top, rescaling
+from nets.learning_rates.linear_outputs import CurvedOutputs, second_derivative_along
 from nets.learning_rates.linearized import (
     JACOBIANS,
     checked_output_shape,
@@ -110,6 +111,7 @@ class LinearizedAdamThresholds(Result):
     steps: int
     factor: float
     seeds: tuple
+    curved: bool = False
 
     def plot(self, ax=None, *, color="C2"):
         """Linearised (squares) and corrected (line) thresholds against B; returns the axes."""
@@ -136,7 +138,7 @@ def linearized_adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 
                               eps=1e-8, warmup_steps=500, warmup_lr=1e-4, steps=100,
                               factor=10.0, seeds=tuple(range(8)), lr_range=(1e-4, 10.0),
                               n_grid=48, correct=True, chunk_size=256, jacobians="auto",
-                              max_bytes=4 << 30, seed=0,
+                              max_bytes=4 << 30, seed=0, curved=False,
                               progress=None) -> LinearizedAdamThresholds:
     """The "divergence" threshold of Adam on the linearised network at each warmed state
     (the protocol of `adam_threshold` with criterion "divergence"), and its correction
@@ -148,7 +150,12 @@ def linearized_adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 
     nothing stored) or "stored" (the N·K·P Jacobians in memory): the same numbers to
     float rounding (`linearized.linear_model_outputs`); max_bytes : the Jacobians' memory
     above which "stored" is refused and "auto" goes through the network (N·K·P·4
-    bytes); seed : the Lanczos start."""
+    bytes); seed : the Lanczos start. curved : run the curved model instead
+    (`linear_outputs.CurvedOutputs`: the outputs' second derivative along the weight-space
+    direction D^{1/2}ũ of the top preconditioned eigenvector, measured at the first
+    sequence's warmed state of each B and used for every sequence of that B, the second
+    derivative taken at each sequence's own warmed weights) and apply no correction
+    (correction = 1, secant ratio and share NaN)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(loss_fn):
@@ -192,6 +199,13 @@ def linearized_adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 
         state = flat_adam_state(opt)
         lin, jacobians = linear_model_outputs(warm.model, X, jacobians=jacobians,
                                               chunk_size=chunk_size, max_bytes=max_bytes)
+        if curved:
+            if j == 0:
+                lam[i], d = _preconditioned_top(warm.model, loss_fn, (X, y), opt, seed)
+                d = d / d.norm()
+            q = second_derivative_along(warm.model, X, d.to(state[0].dtype),
+                                        chunk_size=chunk_size)
+            lin = CurvedOutputs(lin, d, q)
 
         def run(grid, lin=lin, state=state, B=B, s=s):
             return linearized_adam_max_loss(lin, None, y, loss_fn, B, grid, K, s + 7919,
@@ -201,11 +215,8 @@ def linearized_adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 
         grid, (worst,) = refined_runs([run], coarse, (k,), n_grid)
         per[i, j] = first_crossing(grid, worst, k)
         del lin, run             # the closure holds J too: free it before the next (B, s)
-        if correct and j == 0:              # λ̃, ũ only: no per-sample noise pass
-            A = preconditioned_operator(warm.model, loss_fn, (X, y), opt, dtype=torch.float64)
-            top = eigsh(A, k=1, which="LA", tol=1e-8, seed=as_seed("seed", seed))
-            lam[i] = float(top.values[0])
-            d = A.sqrt_d.cpu() * torch.as_tensor(np.asarray(top.vectors[:, 0]), dtype=torch.float64)
+        if correct and not curved and j == 0:      # λ̃, ũ only: no per-sample noise pass
+            lam[i], d = _preconditioned_top(warm.model, loss_fn, (X, y), opt, seed)
             ratio[i] = loss_along_top(warm.model, loss_fn, (X, y), factor=k, direction=d,
                                       seed=seed).secant_ratio
     mean, se = seed_mean_stderr(per)
@@ -218,11 +229,20 @@ def linearized_adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 
                       "widen lr_range (an untrained network may need a wider one)",
                       UserWarning, stacklevel=2)
     F = adam_factor(b1)
-    if correct:
+    if correct and not curved:
         q, corr = share_correction(mean, lam, b1, ratio)
     else:
         q, corr = np.full(len(bs), np.nan), np.ones(len(bs))
     return LinearizedAdamThresholds(np.array(bs), mean, se, per, lam, F / lam, q, ratio, corr,
                                     mean * corr, (b1, b2), eps, warmup_steps, warmup_lr, K, k,
-                                    seeds)
+                                    seeds, bool(curved))
+
+
+def _preconditioned_top(model, loss_fn, data, opt, seed):
+    """(λ̃, D^{1/2}ũ): the top eigenvalue of the preconditioned Hessian at the optimizer's
+    state and its eigenvector as a weight-space direction (float64, P)."""
+    A = preconditioned_operator(model, loss_fn, data, opt, dtype=torch.float64)
+    top = eigsh(A, k=1, which="LA", tol=1e-8, seed=as_seed("seed", seed))
+    d = A.sqrt_d.cpu() * torch.as_tensor(np.asarray(top.vectors[:, 0]), dtype=torch.float64)
+    return float(top.values[0]), d
 
