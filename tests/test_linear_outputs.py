@@ -153,6 +153,10 @@ def test_second_derivative_along_matches_dense_hessians(which, tiny_mlp):
     torch.testing.assert_close(q, expect, rtol=1e-9, atol=1e-11)
     with pytest.raises(ValueError, match="P="):
         second_derivative_along(model, X, u[:-1])
+    with pytest.raises(ValueError, match="chunk_size"):
+        second_derivative_along(model, X, u, chunk_size=0)
+    with pytest.raises(ValueError, match="step"):
+        second_derivative_along(model, X, u, step=0.0)
 
 
 def test_curved_outputs_are_the_second_order_model_along_u(tiny_mlp):
@@ -191,6 +195,8 @@ def test_curved_outputs_are_the_second_order_model_along_u(tiny_mlp):
     assert as_linear_outputs(curved) is curved
     with pytest.raises(ValueError, match="entries"):
         CurvedOutputs(StoredOutputs(J, z), u[:-1], z)
+    with pytest.raises(ValueError, match="shape"):
+        CurvedOutputs(StoredOutputs(J, z), u, z[:-1])
 
 
 def test_second_derivative_falls_back_to_a_difference_where_forward_ad_stops():

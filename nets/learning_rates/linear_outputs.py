@@ -41,7 +41,7 @@ import copy
 import torch
 from torch.func import functional_call, jvp, vjp, vmap
 
-from rmt.validation import as_int
+from rmt.validation import as_float, as_int
 
 __all__ = ["StoredOutputs", "TangentOutputs", "CurvedOutputs", "as_linear_outputs",
            "second_derivative_along"]
@@ -178,6 +178,7 @@ def second_derivative_along(model, X, direction, *, chunk_size=256, step=1e-4):
     if u.numel() != P:
         raise ValueError(f"direction must have P={P} entries, got {u.numel()}")
     chunk = as_int("chunk_size", chunk_size, minimum=1)
+    step = as_float("step", step, positive=True)
     try:
         return _second_derivative(net, params, X, _as_tangent(params, u), chunk, None)
     except (NotImplementedError, RuntimeError) as err:

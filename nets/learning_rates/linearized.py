@@ -49,6 +49,14 @@ error is read off by doubling r: on the digits MLP, CNN and a ReLU MLP (P = 2,41
 full model at m = 0, less closely with momentum, and r ≤ 60 is not close (README).
 V comes from thick-restart Lanczos on the Gauss–Newton operator
 (`nets.algorithms.lanczos.eigsh`, eval mode).
+
+Curved form (`curved=True`): the outputs' second derivative along the top Hessian
+eigenvector u is kept, z_i(w₀ + e) = z_i + J_i e + ½(uᵀe)²·q_i with q_i = d²z_i(w₀ + t·u)/dt²
+(`linear_outputs.CurvedOutputs`, `second_derivative_along`), so that the Jacobian along u
+grows with the displacement along u as the network's does to first order — the change
+that makes a tanh MLP sharper than its linearisation under a growing oscillation (README,
+benchmarks/bench_curved_transfer.py). In the subspace form u is replaced by its unit
+projection on the span. Every other direction stays linear.
 """
 
 from __future__ import annotations
