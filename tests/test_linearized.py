@@ -24,6 +24,7 @@ from nets.learning_rates.linearized import (
     linearized_max_loss,
     linearized_threshold,
     output_jacobians,
+    refined_runs,
 )
 from nets.learning_rates.lr_search import training_threshold, training_trial
 
@@ -306,3 +307,35 @@ def test_curved_threshold_is_the_linear_one_for_a_linear_network_and_differs_oth
     bent = linearized_threshold(net, F.cross_entropy, (Xm, ym), [8], rank=12, curved=True, **kw)
     assert not np.allclose(bent.max_loss, flat.max_loss, rtol=1e-3)
     assert json.loads(json.dumps(bent.to_dict()))["curved"] is True
+
+
+def test_refined_runs_lower_the_fine_grid_where_a_run_starts_above_the_tolerance():
+    """A run below the tolerance at an lr on the coarse pass but above it there on the fine
+    pass (a soft, non-monotone threshold) would leave its threshold unbracketed (NaN): the
+    fine grid is started one coarse step lower until it is bracketed. Runs that are
+    bracketed at once keep the plain fine grid."""
+    coarse = np.geomspace(0.01, 100.0, 31)
+
+    def steady(grid):
+        return np.where(np.asarray(grid) > 1.0, 20.0, 1.0)
+
+    def soft(grid):                                    # only the fine pass sees 0.9
+        grid = np.asarray(grid)
+        edge = 1.0 if len(grid) == len(coarse) else 0.9
+        return np.where(grid >= edge, 20.0, 1.0)
+
+    plain, _ = refined_runs([steady], coarse, (10.0,), 16)
+    assert plain[0] == pytest.approx(1.0)
+    grid, worst = refined_runs([steady, soft], coarse, (10.0,), 16)
+    assert grid[0] == pytest.approx(1.0 / (coarse[1] / coarse[0]))
+    crossings = [first_crossing(grid, w, 10.0) for w in worst]
+    assert all(np.isfinite(crossings))
+    assert 0.8 < crossings[1] < 0.95 and 0.95 < crossings[0] < 1.1
+
+
+def test_unbracketed_linearized_threshold_warns():
+    model, X, y = softmax_regression(seed=1)
+    with pytest.warns(UserWarning, match="did not bracket"):
+        res = linearized_threshold(model, F.cross_entropy, (X, y), [8], steps=10, seeds=(0,),
+                                   lr_range=(1e-4, 1e-3), n_grid=4, dtype=torch.float64)
+    assert np.isnan(res.lr[0])

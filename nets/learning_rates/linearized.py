@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -500,6 +501,14 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
             worst[i] = [run(grids[i]) for run in runs]
     per = np.array([[first_crossing(grids[i], worst[i, j], k) for j in range(len(seeds))]
                     for i in range(len(bs))])
+    miss = np.isnan(per).any(axis=1)
+    if miss.any():
+        warnings.warn(f"linearized_threshold: the grid did not bracket the threshold at B = "
+                      f"{np.asarray(bs)[miss].tolist()} for {int(np.isnan(per).sum())} of "
+                      f"{per.size} sequences (stable at its top, or above {k:g}× the start "
+                      "already at its bottom); those thresholds and their means are NaN: "
+                      "give lr_range=(lo, hi) wider than the grid used (.grid)",
+                      UserWarning, stacklevel=2)
     mean, se = seed_mean_stderr(per)
     return LinearizedThresholds(np.array(bs), mean, se, per, seeds, float(m), K, k, float(lam),
                                 grids, worst, int(r), float(top), nest, bool(curved))
@@ -539,14 +548,28 @@ def checked_output_shape(model, X, directions, *, dtype, max_bytes, smaller=""):
     return out_shape
 
 
-def refined_runs(runs, coarse, factors, n_grid):
+def refined_runs(runs, coarse, factors, n_grid, *, max_extensions=3):
     """Coarse-to-fine grid (module docstring): each of `runs` (callables grid → running
     maximum of L/L₀ per grid point, one per seed) is run on `coarse`, then all of them on
     `n_grid` points between the coarse brackets of the smallest and largest of
-    `factors`. Returns (fine grid, [running maxima on it])."""
+    `factors`. Where a run is already above the smallest factor at the fine grid's first
+    point although it was below it there on the coarse pass (near a soft threshold the
+    running maximum is not monotone in the lr, and the fine pass's other columns change
+    its float rounding), the fine grid is started one coarse step lower and all runs are
+    repeated, at most `max_extensions` times, so that the threshold stays bracketed.
+    Returns (fine grid, [running maxima on it])."""
     lo, hi = _bracket(coarse, [run(coarse) for run in runs], factors)
-    grid = np.geomspace(lo, hi, n_grid)
-    return grid, [run(grid) for run in runs]
+    step = float(coarse[1] / coarse[0]) if len(coarse) > 1 else 2.0
+    for attempt in range(max_extensions + 1):
+        grid = np.geomspace(lo, hi, n_grid)
+        worst = [run(grid) for run in runs]
+        low = min(factors)
+        if attempt == max_extensions or not any(np.asarray(w)[0] > low for w in worst):
+            return grid, worst
+        lo = max(lo / step, float(coarse[0]))
+        if lo == grid[0]:
+            return grid, worst
+    return grid, worst
 
 
 def _bracket(grid, runs, factors):
