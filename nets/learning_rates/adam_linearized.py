@@ -50,8 +50,6 @@ bisection: the form explains a threshold rather than saving its measurement.
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
 
@@ -73,6 +71,7 @@ from nets.learning_rates.linearized import (
     linear_model_outputs,
     linearized_adam_max_loss,
     refined_runs,
+    warn_unbracketed,
 )
 from nets.learning_rates.lr_search import seed_mean_stderr
 from nets.utils.data_source import tensors_for
@@ -220,14 +219,8 @@ def linearized_adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 
             ratio[i] = loss_along_top(warm.model, loss_fn, (X, y), factor=k, direction=d,
                                       seed=seed).secant_ratio
     mean, se = seed_mean_stderr(per)
-    miss = np.isnan(per).any(axis=1)
-    if miss.any():
-        warnings.warn(f"linearized_adam_threshold: the grid lr_range={tuple(lr_range)} did not "
-                      f"bracket the threshold at B = {np.asarray(bs)[miss].tolist()} for "
-                      f"{int(np.isnan(per).sum())} of {per.size} sequences (stable at its top, "
-                      "or already above the tolerance at its bottom); those thresholds are NaN: "
-                      "widen lr_range (an untrained network may need a wider one)",
-                      UserWarning, stacklevel=2)
+    warn_unbracketed("linearized_adam_threshold", per, bs,
+                     f"widen lr_range={tuple(lr_range)} (an untrained network may need a wider one)")
     F = adam_factor(b1)
     if correct and not curved:
         q, corr = share_correction(mean, lam, b1, ratio)

@@ -501,14 +501,8 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
             worst[i] = [run(grids[i]) for run in runs]
     per = np.array([[first_crossing(grids[i], worst[i, j], k) for j in range(len(seeds))]
                     for i in range(len(bs))])
-    miss = np.isnan(per).any(axis=1)
-    if miss.any():
-        warnings.warn(f"linearized_threshold: the grid did not bracket the threshold at B = "
-                      f"{np.asarray(bs)[miss].tolist()} for {int(np.isnan(per).sum())} of "
-                      f"{per.size} sequences (stable at its top, or above {k:g}× the start "
-                      "already at its bottom); those thresholds and their means are NaN: "
-                      "give lr_range=(lo, hi) wider than the grid used (.grid)",
-                      UserWarning, stacklevel=2)
+    warn_unbracketed("linearized_threshold", per, bs,
+                     "give lr_range=(lo, hi) wider than the grid used (.grid)")
     mean, se = seed_mean_stderr(per)
     return LinearizedThresholds(np.array(bs), mean, se, per, seeds, float(m), K, k, float(lam),
                                 grids, worst, int(r), float(top), nest, bool(curved))
@@ -531,6 +525,18 @@ def _curved(lin, model, X, u, basis, chunk_size):
     q = second_derivative_along(model, X, u.to(next(model.parameters()).dtype),
                                 chunk_size=chunk_size)
     return CurvedOutputs(lin, t, q)
+
+
+def warn_unbracketed(who, per, batch_sizes, advice):
+    """UserWarning naming the batch sizes whose per-sequence thresholds `per` (n_B, n_seeds)
+    contain NaN (the grid did not bracket them; their means are NaN too)."""
+    miss = np.isnan(per).any(axis=1)
+    if miss.any():
+        warnings.warn(f"{who}: the grid did not bracket the threshold at B = "
+                      f"{np.asarray(batch_sizes)[miss].tolist()} for {int(np.isnan(per).sum())} "
+                      f"of {per.size} sequences (stable at its top, or already above the "
+                      f"tolerance at its bottom); those thresholds and their means are NaN: "
+                      f"{advice}", UserWarning, stacklevel=3)
 
 
 def checked_output_shape(model, X, directions, *, dtype, max_bytes, smaller=""):
