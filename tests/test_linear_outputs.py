@@ -210,3 +210,39 @@ def test_second_derivative_falls_back_to_a_difference_where_forward_ad_stops():
     u /= u.norm()
     torch.testing.assert_close(second_derivative_along(model, X, u),
                                _dense_second_derivative(model, X, u), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("norm", ["layer", "instance"])
+def test_second_derivative_where_torchs_forward_over_forward_is_wrong(norm):
+    """torch 2.13's second forward derivative of layer_norm and instance_norm is wrong
+    (no error raised; so is torch.func.hessian there): the check against the central
+    difference catches it and the difference is used, which matches reverse-over-reverse
+    autograd of t ↦ z(w₀ + t·u)."""
+    torch.manual_seed(0)
+    if norm == "layer":
+        model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.LayerNorm(6), torch.nn.Tanh(),
+                                    torch.nn.Linear(6, 3)).double()
+        X = torch.randn(7, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    else:
+        model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.InstanceNorm2d(2, affine=True),
+                                    torch.nn.Tanh(), torch.nn.Flatten(),
+                                    torch.nn.Linear(8, 3)).double()
+        X = torch.randn(7, 1, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    P = sum(p.numel() for p in model.parameters())
+    u = torch.randn(P, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    u /= u.norm()
+    flat, state = flat_state(model)
+    t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    out = torch.func.functional_call(model.eval(), state(flat + t * u), (X,)).reshape(len(X), -1)
+    expect = torch.zeros_like(out)
+    for i in range(out.shape[0]):
+        for k in range(out.shape[1]):
+            (d1,) = torch.autograd.grad(out[i, k], t, create_graph=True, retain_graph=True)
+            (d2,) = torch.autograd.grad(d1, t, retain_graph=True)
+            expect[i, k] = d2.detach()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    from nets.learning_rates.linear_outputs import _as_tangent, _second_derivative
+    raw = _second_derivative(model.eval(), params, X, _as_tangent(params, u), 4, None)
+    assert float((raw - expect).abs().max()) > 1e-3 * float(expect.abs().max())   # torch's bug
+    torch.testing.assert_close(second_derivative_along(model, X, u), expect, rtol=1e-5,
+                               atol=1e-6 * float(expect.abs().max()))       # O(h²), h = 1e-4
