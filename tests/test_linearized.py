@@ -9,6 +9,7 @@ dense float64 torch.func.hessian; Jacobians against torch.autograd.functional.ja
 """
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -339,3 +340,19 @@ def test_unbracketed_linearized_threshold_warns():
         res = linearized_threshold(model, F.cross_entropy, (X, y), [8], steps=10, seeds=(0,),
                                    lr_range=(1e-4, 1e-3), n_grid=4, dtype=torch.float64)
     assert np.isnan(res.lr[0])
+
+
+def test_curved_subspace_warns_when_the_top_eigenvector_is_mostly_outside_it():
+    """Large-residual MSE on a ReLU MLP: the top Hessian eigenvector is far from the top
+    Gauss–Newton direction, so a rank-1 span holds little of it (|Vᵀu| ≈ 0.015)."""
+    torch.manual_seed(2)
+    X, y = torch.randn(200, 8), 5 * torch.randn(200, 2)
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    kw = dict(steps=5, seeds=(0,), lr_range=(1e-3, 1e-1), n_grid=4)
+    with pytest.warns(UserWarning, match="mostly outside"):
+        linearized_threshold(model, F.mse_loss, (X, y), [8], rank=1, curved=True, **kw)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*did not bracket")
+        warnings.filterwarnings("error", message=".*mostly outside")
+        linearized_threshold(model, F.mse_loss, (X, y), [8], rank=40, curved=True, **kw)

@@ -515,9 +515,15 @@ def _curved(lin, model, X, u, basis, chunk_size):
     u = u.to(torch.float64)
     if basis is not None:
         t = basis.T @ u
-        if float(t.norm()) < 1e-3:
+        overlap = float(t.norm())
+        if overlap < 1e-3:
             raise ValueError("the top Hessian eigenvector is orthogonal to the Gauss–Newton "
                              "basis; curved=True needs it in the span (raise rank)")
+        if overlap < 0.5:
+            warnings.warn(f"linearized_threshold: the top Hessian eigenvector lies mostly outside "
+                          f"the rank-{basis.shape[1]} Gauss–Newton span (|Vᵀu| = {overlap:.3g}); "
+                          "the curved term is taken along its projection (raise rank)",
+                          UserWarning, stacklevel=3)
         t = t / t.norm()
         u = basis @ t
     else:
