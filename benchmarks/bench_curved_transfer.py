@@ -24,11 +24,17 @@ transfer (anchored at B₀ = 32 and at 512) beside the stored linearised and cor
 Hessian eigenvector) beside the real and linearised ones stored by
 `bench_network_nonlinearity.py`; `--part full` the curved model in every direction over
 the three batch sequences of `bench_linearized.py`, against its stored real and
-linearised thresholds (k = 10, 200 steps, m = 0 and 0.9).
+linearised thresholds (k = 10, 200 steps, m = 0 and 0.9). `--part line --momentum m`
+(digits MLP, top-200 subspace, eight sequences) replaces the quadratic term by the
+network's *exact* outputs along u — z_i(w₀ + a·u) and its derivative tabulated at 801
+points of a ∈ [−10, 10] and interpolated by cubic Hermite splines (linear beyond), the
+other directions linear — to see how much of the curved model's large-B agreement is the
+change along u itself rather than its quadratic truncation (which never saturates).
 
     python benchmarks/bench_curved_transfer.py --net mlp --momentum 0.9   # ~2–3 min, one thread
     python benchmarks/bench_curved_transfer.py --part along_u             # ~1.5 min
     python benchmarks/bench_curved_transfer.py --part full                # ~5 min
+    python benchmarks/bench_curved_transfer.py --part line --momentum 0.9 # ~4.5 min
     python benchmarks/bench_curved_transfer.py --net summary              # table of the stored rows
 """
 
@@ -144,6 +150,111 @@ def full_model():
     return out
 
 
+LINE_A, LINE_M = 10.0, 801          # the table along u: a ∈ [−A, A], M points
+
+
+class LineOutputs:
+    """Linear outputs (`base`, coordinates D) with the part along the unit direction t
+    (a = tᵀe) replaced by the network's exact outputs along the parameter direction u
+    (= V·t): z_i(e) = base_i(e) − a·J_i u + [z_i(w₀ + a·u) − z_i], the exact term from a
+    cubic Hermite interpolation of the table zt (M, N, K) and its derivative dzt."""
+
+    def __init__(self, base, t, zt, dzt):
+        self.base, self.z = base, base.z
+        self.N, self.K, self.D = base.N, base.K, base.D
+        self.dtype, self.device = base.dtype, base.device
+        self.u = torch.as_tensor(t).to(self.dtype)
+        self.zt, self.dzt = zt.to(self.dtype), dzt.to(self.dtype)
+        self.Ju = self.dzt[(LINE_M - 1) // 2]
+        self.h = 2 * LINE_A / (LINE_M - 1)
+
+    def _interp(self, a, rows):
+        x = (a.clamp(-LINE_A, LINE_A) + LINE_A) / self.h
+        k = x.floor().clamp(0, LINE_M - 2).long()
+        s = (x - k)[None, None, :]
+        z0, z1 = (self.zt[j][:, rows].permute(1, 2, 0) for j in (k, k + 1))
+        d0, d1 = (self.dzt[j][:, rows].permute(1, 2, 0) * self.h for j in (k, k + 1))
+        s2, s3 = s * s, s * s * s
+        val = (2 * s3 - 3 * s2 + 1) * z0 + (s3 - 2 * s2 + s) * d0 + (3 * s2 - 2 * s3) * z1 + (s3 - s2) * d1
+        der = ((6 * s2 - 6 * s) * z0 + (3 * s2 - 4 * s + 1) * d0 + (6 * s - 6 * s2) * z1
+               + (3 * s2 - 2 * s) * d1) / self.h
+        beyond = a.abs() > LINE_A                     # linear continuation past the table
+        edge = torch.sign(a) * LINE_A
+        val = torch.where(beyond[None, None], val + der * (a - edge)[None, None], val)
+        return val, der
+
+    def _bend(self, rows, E):
+        a = self.u @ E
+        val, _ = self._interp(a, rows)
+        return val - self.z[rows][:, :, None] - self.Ju[rows][:, :, None] * a[None, None, :]
+
+    def batch(self, idx, E):
+        return self.base.batch(idx, E) + self._bend(idx, E)
+
+    def pullback(self, idx, C, E=None):
+        _, der = self._interp(self.u @ E, idx)
+        extra = torch.einsum("bkg,bkg->g", der - self.Ju[idx][:, :, None], C)
+        return self.base.pullback(idx, C, E) + self.u[:, None] * extra[None, :]
+
+    def full(self, E):
+        return self.base.full(E) + self._bend(torch.arange(self.N), E)
+
+
+def line_model(momentum):
+    """The exact-along-u model on the digits MLP (module docstring), through
+    `linearized_threshold`'s own loop with its curved hook swapped for `LineOutputs`."""
+    import copy
+
+    import torch.nn.functional as F
+    from bench_criterion import network
+    from torch.func import functional_call, jvp
+
+    import nets.learning_rates.linearized as lin_mod
+    from nets.learning_rates.linear_outputs import CurvedOutputs, _as_tangent
+
+    class Line(LineOutputs, CurvedOutputs):     # accepted wherever linear outputs are
+        pass
+
+    def line(lin, model, X, u, basis, chunk_size):
+        t = basis.T @ u.to(torch.float64)
+        t = t / t.norm()
+        net = copy.deepcopy(model).eval()
+        params = {k: v.detach() for k, v in net.named_parameters() if v.requires_grad}
+        tan = _as_tangent(params, (basis @ t).to(next(iter(params.values())).dtype))
+
+        def f(p):
+            return functional_call(net, p, (X,)).reshape(len(X), -1)
+
+        zt, dzt = [], []
+        with torch.no_grad():
+            for a in np.linspace(-LINE_A, LINE_A, LINE_M):
+                z, dz = jvp(f, ({k: v + float(a) * tan[k] for k, v in params.items()},), (tan,))
+                zt.append(z)
+                dzt.append(dz)
+        return Line(lin, t, torch.stack(zt), torch.stack(dzt))
+
+    model, data, _ = network("mlp")
+    saved, lin_mod._curved = lin_mod._curved, line
+    try:
+        res = linearized_threshold(model, F.cross_entropy, data, BATCH_SIZES, momentum=momentum,
+                                   factor=10.0, steps=200, seeds=tuple(range(LIN_SEEDS)),
+                                   rank=200, curved=True, progress=False)
+    finally:
+        lin_mod._curved = saved
+    name = output_name("mlp", momentum)
+    row = json.loads((RESULTS / f"{name}.json").read_text())
+    curved = json.loads((RESULTS / f"{name.replace('heldout_transfer', 'curved_transfer')}.json").read_text())
+    real = np.asarray(row["real"], float)
+    out = {"momentum": momentum, "real": real.tolist(), "line": res.lr.tolist(),
+           "real_over_line": (real / res.lr).tolist(),
+           "real_over_curved": curved["real_over_curved"],
+           "real_over_linearized": curved["real_over_linearized"],
+           "worst_line": worst(transfers(real, res.lr)), "worst_curved": curved["worst_curved"],
+           "worst_corrected": row["worst_corrected"]}
+    print({k: np.round(v, 3).tolist() for k, v in out.items()}, flush=True)
+    return out
+
+
 def summary():
     rows = []
     for f in sorted(RESULTS.glob("bench_curved_transfer_*.json")):
@@ -164,9 +275,14 @@ def main(argv=None):
     p.add_argument("--net", default="mlp", choices=(*NETS, "summary"))
     p.add_argument("--momentum", type=float, default=0.0)
     p.add_argument("--nesterov", action="store_true")
-    p.add_argument("--part", default="transfer", choices=("transfer", "along_u", "full"))
+    p.add_argument("--part", default="transfer", choices=("transfer", "along_u", "full", "line"))
     args = p.parse_args(argv)
     setup_torch(args)
+    if args.part == "line":
+        out = {"environment": environment(), "line": line_model(args.momentum)}
+        print("wrote", write_json(f"bench_curved_transfer_mlp_line_m{args.momentum:g}", out,
+                                  args.out))
+        return
     if args.part != "transfer":
         out = {"environment": environment(), args.part: (along_u if args.part == "along_u"
                                                          else full_model)()}
