@@ -220,7 +220,7 @@ def line_model(momentum):
         t = t / t.norm()
         net = copy.deepcopy(model).eval()
         params = {k: v.detach() for k, v in net.named_parameters() if v.requires_grad}
-        tan = _as_tangent(params, (basis @ t).to(next(iter(params.values())).dtype))
+        tan = _as_tangent(net, params, basis @ t)
 
         def f(p):
             return functional_call(net, p, (X,)).reshape(len(X), -1)

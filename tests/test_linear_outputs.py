@@ -242,7 +242,7 @@ def test_second_derivative_where_torchs_forward_over_forward_is_wrong(norm):
             expect[i, k] = d2.detach()
     params = {k: v.detach() for k, v in model.named_parameters()}
     from nets.learning_rates.linear_outputs import _as_tangent, _second_derivative
-    raw = _second_derivative(model.eval(), params, X, _as_tangent(params, u), 4, None)
+    raw = _second_derivative(model.eval(), params, X, _as_tangent(model, params, u), 4, None)
     assert float((raw - expect).abs().max()) > 1e-3 * float(expect.abs().max())   # torch's bug
     torch.testing.assert_close(second_derivative_along(model, X, u), expect, rtol=1e-5,
                                atol=1e-6 * float(expect.abs().max()))       # O(h²), h = 1e-4

@@ -350,9 +350,15 @@ def test_curved_subspace_warns_when_the_top_eigenvector_is_mostly_outside_it():
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
     kw = dict(steps=5, seeds=(0,), lr_range=(1e-3, 1e-1), n_grid=4)
-    with pytest.warns(UserWarning, match="mostly outside"):
-        linearized_threshold(model, F.mse_loss, (X, y), [8], rank=1, curved=True, **kw)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*did not bracket")
-        warnings.filterwarnings("error", message=".*mostly outside")
-        linearized_threshold(model, F.mse_loss, (X, y), [8], rank=40, curved=True, **kw)
+    with warnings.catch_warnings(record=True) as low:
+        warnings.simplefilter("always")
+        thin = linearized_threshold(model, F.mse_loss, (X, y), [8], rank=1, curved=True, **kw)
+    with warnings.catch_warnings(record=True) as high:
+        warnings.simplefilter("always")
+        wide = linearized_threshold(model, F.mse_loss, (X, y), [8], rank=40, curved=True, **kw)
+    said = [str(w.message) for w in low if "mostly outside" in str(w.message)]
+    assert len(said) == 1 and "rank-1" in said[0]
+    overlap = float(said[0].split("|Vᵀu| = ")[1].split(")")[0])
+    assert 1e-3 < overlap < 0.5
+    assert not any("mostly outside" in str(w.message) for w in high)
+    assert thin.curved and thin.rank == 1 and wide.curved and wide.rank == 40

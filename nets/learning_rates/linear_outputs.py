@@ -41,6 +41,7 @@ import copy
 import torch
 from torch.func import functional_call, jvp, vjp, vmap
 
+from nets.curvature.params import unflatten_to_dict
 from rmt.validation import as_float, as_int
 
 __all__ = ["StoredOutputs", "TangentOutputs", "CurvedOutputs", "as_linear_outputs",
@@ -193,11 +194,11 @@ def second_derivative_along(model, X, direction, *, chunk_size=256, step=1e-4,
     X64 = X.double() if X.is_floating_point() else X
 
     def difference(rows):
-        return _second_derivative(wide, wide_params, rows, _as_tangent(wide_params, u), chunk,
-                                  step).to(dtype)
+        return _second_derivative(wide, wide_params, rows, _as_tangent(wide, wide_params, u),
+                                  chunk, step).to(dtype)
 
     try:
-        q = _second_derivative(net, params, X, _as_tangent(params, u), chunk, None)
+        q = _second_derivative(net, params, X, _as_tangent(net, params, u), chunk, None)
     except (NotImplementedError, RuntimeError) as err:
         if "forward AD" not in str(err) and "forward-mode" not in str(err):
             raise
@@ -210,12 +211,9 @@ def second_derivative_along(model, X, direction, *, chunk_size=256, step=1e-4,
     return q
 
 
-def _as_tangent(params, u):
-    out, i = {}, 0
-    for k, v in params.items():
-        out[k] = u[i:i + v.numel()].reshape(v.shape).to(v)
-        i += v.numel()
-    return out
+def _as_tangent(net, params, u):
+    """The flat direction u as a tangent shaped (and typed) like `params` of `net`."""
+    return {k: t.to(params[k]) for k, t in unflatten_to_dict(net, u.contiguous()).items()}
 
 
 def _second_derivative(net, params, X, tangent, chunk, step):

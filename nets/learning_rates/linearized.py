@@ -572,15 +572,15 @@ def refined_runs(runs, coarse, factors, n_grid, *, max_extensions=3):
     Returns (fine grid, [running maxima on it])."""
     lo, hi = _bracket(coarse, [run(coarse) for run in runs], factors)
     step = float(coarse[1] / coarse[0]) if len(coarse) > 1 else 2.0
-    for attempt in range(max_extensions + 1):
+    grid = np.geomspace(lo, hi, n_grid)
+    worst = [run(grid) for run in runs]
+    for _ in range(max_extensions):
+        lower = max(lo / step, float(coarse[0]))
+        if lower == lo or not any(np.asarray(w)[0] > min(factors) for w in worst):
+            break
+        lo = lower
         grid = np.geomspace(lo, hi, n_grid)
         worst = [run(grid) for run in runs]
-        low = min(factors)
-        if attempt == max_extensions or not any(np.asarray(w)[0] > low for w in worst):
-            return grid, worst
-        lo = max(lo / step, float(coarse[0]))
-        if lo == grid[0]:
-            return grid, worst
     return grid, worst
 
 

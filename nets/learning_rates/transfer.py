@@ -110,7 +110,8 @@ __all__ = ["transfer_lr", "LRTransfer", "scaling_rule", "secant_correction", "wa
            "momentum_caveat_silenced", "TRANSFER_FORMS",
            "CLASSICAL_RULES"]
 
-TRANSFER_FORMS = ("linearized", "curved", "directional", "resolved", "subspace", "isotropic")
+MODEL_FORMS = ("linearized", "curved")      # thresholds of a model of the network, per B
+TRANSFER_FORMS = (*MODEL_FORMS, "directional", "resolved", "subspace", "isotropic")
 _LINEARIZED_RANK = 200
 CLASSICAL_RULES = ("linear", "sqrt", "constant")
 
@@ -176,7 +177,7 @@ class LRTransfer(Result):
         """The same transfer anchored at another (B₀, α₀), B₀ one of `batch_sizes`: the
         stored shape is reused (no new measurement) and the error re-propagated."""
         i0, B0, lr0 = reference_index(self.batch_sizes, reference)
-        measured = self.form in ("linearized", "curved")     # a threshold of a model, per B
+        measured = self.form in MODEL_FORMS
         if measured:                            # the caveats of transfer_lr itself
             warn_momentum_upward(self.momentum, self.batch_sizes, B0, nesterov=self.nesterov,
                                  who="with_reference")
@@ -402,7 +403,7 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
     if B0 > N:
         raise ValueError(f"reference[0] (B0) must be <= N={N} (batches are drawn without "
                          f"replacement), got {B0}")
-    linear = form in ("linearized", "curved")
+    linear = form in MODEL_FORMS
     if linear:
         refuse_params_for_linearized(params)
         rank = None if rank is None else as_int("rank", rank, minimum=1)
@@ -441,15 +442,14 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
         extra = {k: (v[idx] if isinstance(v, np.ndarray) else v) for k, v in extra.items()}
         warn_momentum_upward(rho, Bs, B0, nesterov=nest)
         if form == "curved":
-            rule = (f"lr(B) = lr0·a(B)/a(B0), a(B) = α_curved(B) the threshold of the "
-                    f"linearised network plus its outputs' second derivative along u (loss "
-                    f"ever > {factor:g}× start within {steps} steps), rank {extra['rank']}")
+            shape_text = ("α_curved(B) the threshold of the linearised network plus its "
+                          "outputs' second derivative along u")
         else:
             bracket = ("[1 − (1 − s_lin/s_real)·λ/λ'_ρ(B)]" if extra["correction_applied"] else
                        "1 (s_lin/s_real > 1: correction not applied)")
-            rule = (f"lr(B) = lr0·a(B)/a(B0), a(B) = α_lin(B)·{bracket}, "
-                    f"α_lin the linearised network's threshold (loss ever > {factor:g}× start "
-                    f"within {steps} steps), rank {extra['rank']}")
+            shape_text = f"α_lin(B)·{bracket}, α_lin the linearised network's threshold"
+        rule = (f"lr(B) = lr0·a(B)/a(B0), a(B) = {shape_text} (loss ever > {factor:g}× start "
+                f"within {steps} steps), rank {extra['rank']}")
     else:
         # one noise estimate sets every shift λ'(B) − λ, so their errors move together:
         # the shape at the shift raised by its largest relative error r
