@@ -1,7 +1,7 @@
 """The linearised network in its top-r Gauss–Newton subspace: how many directions does the threshold need?
 
 `nets.linearized_threshold` reproduces real SGD thresholds at m = 0 on the digits MLP, CNN
-and the held-out ReLU MLP (README), but it holds every sample's full Jacobian, N·K·P
+and the held-out ReLU MLP (docs/real_training.md), but it holds every sample's full Jacobian, N·K·P
 numbers (472 MB for the ReLU MLP's P = 6,570; 40 min for its two momenta). With
 `rank=r` the displacement is kept in the span of the top-r eigenvectors of the full-data
 Gauss–Newton matrix and only J·V (N·K·r numbers) is formed (docs/theory.md §5.6). This

@@ -29,7 +29,7 @@ the same eight batch sequences, seeds 0–7), say which part matters:
 Networks: the development digits MLP (tanh, "mlp"; and trained on ½‖f − e_y‖², "mse"),
 the ReLU MLP ("mlp_relu"), the held-out GELU and tanh MLPs ("gelu", "tanh64"), the
 MSE-trained GELU digits MLP and GELU/SiLU breast-cancer MLP ("mse_gelu", "mse_tabular"),
-and, added after them with a prediction written down first (README), the development
+and, added after them with a prediction written down first (docs/real_training.md), the development
 CNN (tanh, max-pool, "cnn"), the held-out BatchNorm CNN (ReLU, max-pool, "bn_cnn") and the
 plain cross-entropy breast-cancer MLPs of bench_heldout_tabular.py ("tabular",
 "tabular_seed1"; GELU/SiLU, train seeds 0 and 1, their stored "plain" rows). Real thresholds, the r = 200

@@ -2,7 +2,7 @@
 
 A measurement, not a form: `training_threshold` (loss ever > 10× its start within 200
 steps, 8 seeds, torch's heavy-ball or Nesterov update) at ρ = 0.8, 0.9, 0.95 on one of the
-networks of `bench_heldout_transfer.py`. Written down before it was run (README):
+networks of `bench_heldout_transfer.py`. Written down before it was run (docs/real_training.md):
 (j) on the GELU net, where heavy ball and Nesterov fail near one step at B = 512 and
 ρ = 0.9, α/(1 − ρ) is the same within 25 % for the three ρ and both optimizers (the
 threshold follows the long-run step); (k) on the tanh 64-64 net, where the large-B

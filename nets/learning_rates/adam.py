@@ -459,7 +459,7 @@ def adam_transfer_lr(model, loss_fn, data, batch_sizes, *, reference, betas=(0.9
     network), or the "mean_square" or "deterministic" limit of `predict_adam_max_lr`
     (seconds; or of a given `prediction`, an AdamPrediction whose batch sizes include B₀
     and every B). form=None: "mean_square" when `prediction` is an AdamPrediction,
-    "linearized" otherwise. Which form transferred on which network: README (the
+    "linearized" otherwise. Which form transferred on which network: docs/real_training.md (the
     linearised one within 20 % on five of twelve network/β₁ pairs, the mean-square one on
     three; neither on every one with β₁ = 0.9)."""
     forms = (*ADAM_FORMS, "linearized")

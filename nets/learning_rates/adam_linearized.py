@@ -33,7 +33,7 @@ correction vanishes). For SGD without momentum, where the linearised threshold s
 the directional mean-square limit 2/λ'(B), q is λ₁/λ'(B), the share `transfer_lr` uses.
 As there, it is applied only for r ≤ 1: with label smoothing the real loss along the
 direction is much flatter (r = 1.6–40 on two tabular MLPs, β₁ = 0) and the bracket moved
-the transfer from 0.41–2.42 to 0.13–9.88 on one of them (README).
+the transfer from 0.41–2.42 to 0.13–9.88 on one of them (docs/real_training.md).
 r and λ̃ are measured at the first sequence's warmed state of each B.
 
 Cost: per (B, sequence) a warm-up and, per step and learning rate, J·e on the batch and

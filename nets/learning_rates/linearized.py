@@ -46,7 +46,7 @@ span do not depend on the basis chosen inside it, and r = P is the full model. E
 direction outside the span is frozen at e = 0, so the form is an approximation whose
 error is read off by doubling r: on the digits MLP, CNN and a ReLU MLP (P = 2,410 …
 6,570) the SGD thresholds at r = 200 are within a few per cent of r = 400 and of the
-full model at m = 0, less closely with momentum, and r ≤ 60 is not close (README).
+full model at m = 0, less closely with momentum, and r ≤ 60 is not close (docs/real_training.md).
 V comes from thick-restart Lanczos on the Gauss–Newton operator
 (`nets.algorithms.lanczos.eigsh`, eval mode).
 
@@ -54,7 +54,7 @@ Curved form (`curved=True`): the outputs' second derivative along the top Hessia
 eigenvector u is kept, z_i(w₀ + e) = z_i + J_i e + ½(uᵀe)²·q_i with q_i = d²z_i(w₀ + t·u)/dt²
 (`linear_outputs.CurvedOutputs`, `second_derivative_along`), so that the Jacobian along u
 grows with the displacement along u as the network's does to first order — the change
-that makes a tanh MLP sharper than its linearisation under a growing oscillation (README,
+that makes a tanh MLP sharper than its linearisation under a growing oscillation (docs/real_training.md,
 benchmarks/bench_curved_transfer.py). In the subspace form u is replaced by its unit
 projection on the span. Every other direction stays linear.
 """
@@ -202,7 +202,7 @@ def linear_model_outputs(model, X, *, jacobians="auto", chunk_size=256, max_byte
     not fit in `max_bytes`, otherwise whichever of the two computes J·E for 8 columns over
     the data faster here (best of two timings each; they give the same numbers to
     rounding). Measured: on the digits MLP the tangent products are 3.3× faster per run,
-    on the BatchNorm CNN of the README ~30× slower (a convolution's forward pass costs far
+    on the BatchNorm CNN of docs/real_training.md ~30× slower (a convolution's forward pass costs far
     more than its P parameters, and vmapped weight tangents of a convolution are slow
     on CPU)."""
     import time

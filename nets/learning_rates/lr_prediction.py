@@ -618,7 +618,7 @@ def predict_max_lr(model, loss_fn, data, batch_sizes, *, optimizer="sgd", moment
     (5.7–9.8× too high on the digits MLP).
     A **stability limit** of the local model, not a greedy optimum or SDE-matching rule:
     real networks sit above it by a factor (1.1–2.6 for SGD, 1.8–4 for Adam on the digits
-    nets, README), which `transfer_lr` / `adam_transfer_lr` carry from a measured anchor.
+    nets, docs/real_training.md), which `transfer_lr` / `adam_transfer_lr` carry from a measured anchor.
     Other options as `lr_table` (run with measure=False, mccandlish=False). Returns a numpy
     array aligned with `batch_sizes`.
     """

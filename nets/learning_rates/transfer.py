@@ -46,7 +46,7 @@ bounded cross-entropy gradient caps a growing oscillation, and the loss sharpens
 and is the form that transferred within 15 % on six digits networks at m = 0 (over eight
 batch sequences), three of them held out when the form was fixed, and on two user-style
 networks added later with the prediction written down first (a residual CNN with
-GroupNorm, an MLP with LayerNorm; README, benchmarks/bench_heldout_transfer.py), where the
+GroupNorm, an MLP with LayerNorm; docs/real_training.md, benchmarks/bench_heldout_transfer.py), where the
 directional form missed the held-out ones by up to 2×. With momentum (m = 0.9) neither
 form meets 20 % on every network: at large B the real network's layers, multiplying each
 other, grow its Jacobian along the momentum drift and its units switch (both
@@ -67,7 +67,7 @@ correction stands for, kept in the dynamics instead of applied afterwards (so no
 correction), at the cost of one more pass over the data. On a digits tanh MLP at B = 512
 with momentum it closes the linearisation's gap (real ÷ model 0.83 → 1.03), partly by
 overshooting (the network's exact outputs along u give 0.88), and is
-measured against the default on eleven networks (28 rows) in the README
+measured against the default on eleven networks (28 rows) in docs/real_training.md
 (benchmarks/bench_curved_transfer.py): closer with momentum on the tanh MLPs, no better on
 GELU, LayerNorm, ReLU-residual or MSE networks, and worse without momentum on the digits
 MLP and CNN, so it is not the default.
@@ -76,7 +76,7 @@ Nesterov momentum (torch's nesterov=True) is supported the same way: its mean-sq
 F_N/λ'_ρ(B) (`rmt.lr.sgd_nesterov_ms_max_lr`, F_N = 2(1+ρ)/(1+2ρ); the same limit as heavy
 ball where the noise dominates, 2.8× lower at ρ = 0.9 where it does not) sets λ'_ρ(B) and
 the stability limit, and the linearised network runs Nesterov's update. Measured on seven
-digits networks at ρ = 0.9 (README) the default form met 20 % on one (the CNN, 0.88–1.10)
+digits networks at ρ = 0.9 (docs/real_training.md) the default form met 20 % on one (the CNN, 0.88–1.10)
 and missed on six (0.64–1.79; closer than heavy ball's default on six of the seven), the
 directional form met on one other (the tanh MLP, 0.92–1.06); `warn_momentum_upward` warns
 for any B ≠ B₀ with Nesterov.
@@ -296,14 +296,14 @@ def momentum_caveat_silenced():
 def warn_momentum_upward(momentum, batch_sizes, reference_batch_size, *, who="transfer_lr",
                          nesterov=False):
     """Warn when a linearised-form transfer with momentum (heavy ball ρ, or Adam's β₁) is
-    asked for batch sizes above the reference B₀. Measured (README, 26 network/optimizer
+    asked for batch sizes above the reference B₀. Measured (docs/real_training.md, 26 network/optimizer
     cases with ρ or β₁ = 0.9, SGD and Adam): the transfer from B₀ = 32 to B = 512
     overestimated the real divergence threshold on 23 (by up to 3.4×) — the real network
     sharpens along the momentum drift at large B, its linearisation does not — and the
     transfer from B₀ = 512 to B = 8 erred low on 23 (0.29–0.94×).
 
     With `nesterov` (ρ > 0) it warns for any B ≠ B₀: measured on seven digits networks
-    (README, ρ = 0.9) the Nesterov transfer missed 20 % on six (0.64–1.79×; 9 of the 13
+    (docs/real_training.md, ρ = 0.9) the Nesterov transfer missed 20 % on six (0.64–1.79×; 9 of the 13
     misses too high, most of them at B = 128 from either anchor)."""
     Bs = np.asarray(batch_sizes)
     if nesterov and momentum > 0 and np.any(Bs != reference_batch_size):
@@ -359,7 +359,7 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
         `linearized_adam_threshold`; minutes), "mean_square" (the preconditioned
         mean-square limit of the warmed state's noise model; seconds) or
         "deterministic". Which Adam form transfers on which network is measured in the
-        README (neither meets 20 % on every network at β₁ = 0.9).
+        docs/real_training.md (neither meets 20 % on every network at β₁ = 0.9).
     form : None or "linearized" (the SGD default), "curved" (the linearised network plus its
         outputs' second derivative along the top eigenvector, `linearized_threshold(curved=
         True)`, in place of the secant correction; the same options as "linearized"),
@@ -376,7 +376,8 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
         `training_threshold` draws for those seeds; default 8: on a well-trained network
         the small-B threshold is set by rare batches whose large gradient kicks the
         weights into a sharper region, so a few sequences can miss them all — on the
-        README's BatchNorm CNN seeds 0–2 put B = 32 at 0.106 and seeds 0–7 at 0.085, in
+        BatchNorm CNN of docs/real_training.md seeds 0–2 put B = 32 at 0.106 and seeds
+        0–7 at 0.085, in
         the top-200 subspace and in the full model alike), rank_check (also run 2·rank
         and report the anchored ratio as rank_change).
     Returns an `LRTransfer` (SGD) with .lr (numpy, aligned with `batch_sizes`), the shape
