@@ -8,6 +8,7 @@ correction's closed form by hand; the Rayleigh quotient of a given direction aga
 dense float64 `torch.func.hessian`.
 """
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -165,3 +166,32 @@ def test_curved_adam_model_is_the_linear_one_for_a_linear_network(tiny_mlp):
     a = linearized_adam_threshold(net, F.cross_entropy, (Xm, ym), [8], correct=False, **kw)
     b = linearized_adam_threshold(net, F.cross_entropy, (Xm, ym), [8], curved=True, **kw)
     assert not np.allclose(a.per_seed, b.per_seed, rtol=1e-3)
+
+
+def test_curved_adam_transfer_is_the_curved_model_anchored(tiny_mlp):
+    """form="curved" through `transfer_lr(optimizer=Adam)` and `adam_transfer_lr`: the
+    prediction is `linearized_adam_threshold(curved=True)`'s thresholds over the same
+    protocol, anchored at (B₀, α₀); a result of the other model is refused."""
+    from nets import transfer_lr
+    from nets.learning_rates.adam import adam_transfer_lr
+
+    net, X, y = tiny_mlp(seed=8, N=40)
+    kw = dict(betas=(0.0, 0.999), warmup_steps=500, warmup_lr=1e-4, steps=20, factor=3.0,
+              seeds=(0,))
+    bent = linearized_adam_threshold(net, F.cross_entropy, (X, y), [4, 8], curved=True, **kw)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.0, 0.999))
+    tr = transfer_lr(net, F.cross_entropy, (X, y), [4, 8], reference=(8, 0.05), optimizer=opt,
+                     form="curved", factor=3.0, steps=20, n_seeds=1, progress=False)
+    assert tr.form == "curved" and tr.beta1 == 0.0
+    np.testing.assert_allclose(tr.predicted, bent.corrected, rtol=1e-9)
+    np.testing.assert_allclose(tr.lr, 0.05 * bent.lr / bent.lr[1], rtol=1e-9)
+    flat = dataclasses.replace(bent, curved=False)          # as the linearised model's result
+    with pytest.raises(ValueError, match="curved=True"):
+        adam_transfer_lr(net, F.cross_entropy, (X, y), [4], reference=(8, 0.05), form="curved",
+                         prediction=flat)
+    with pytest.raises(ValueError, match="curved=False"):
+        adam_transfer_lr(net, F.cross_entropy, (X, y), [4], reference=(8, 0.05),
+                         form="linearized", prediction=bent)
+    with pytest.raises(ValueError, match="form='curved'"):
+        adam_transfer_lr(net, F.cross_entropy, (X, y), [4], reference=(8, 0.05),
+                         linearized={"curved": True})

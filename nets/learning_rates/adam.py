@@ -420,7 +420,7 @@ class AdamTransfer(Result):
         i0, B0, a0 = reference_index(self.batch_sizes, reference)
         bs = np.asarray(self.batch_sizes, dtype=float)
         pred = np.asarray(self.predicted, dtype=float)
-        if self.form == "linearized" and math.isfinite(self.beta1):   # adam_transfer_lr's caveat
+        if self.form in ("linearized", "curved") and math.isfinite(self.beta1):   # adam_transfer_lr's caveat
             from nets.learning_rates.transfer import warn_momentum_upward
 
             warn_momentum_upward(self.beta1, self.batch_sizes, B0,
@@ -456,13 +456,16 @@ def adam_transfer_lr(model, loss_fn, data, batch_sizes, *, reference, betas=(0.9
     pass its result as `prediction`, or its keyword options as the dict `linearized`, e.g.
     {"seeds": range(8), "warmup_steps": 500, "warmup_lr": 1e-4, "steps": 100,
     "factor": 10} — give the anchor's protocol; minutes of CPU on a few-thousand-parameter
-    network), or the "mean_square" or "deterministic" limit of `predict_adam_max_lr`
-    (seconds; or of a given `prediction`, an AdamPrediction whose batch sizes include B₀
-    and every B). form=None: "mean_square" when `prediction` is an AdamPrediction,
-    "linearized" otherwise. Which form transferred on which network: docs/real_training.md (the
+    network), form="curved" the same run on the curved model (`linearized_adam_threshold(
+    curved=True)`: the outputs' second derivative along D^{1/2}ũ kept, no correction), or
+    the "mean_square" or "deterministic" limit of `predict_adam_max_lr` (seconds; or of a
+    given `prediction`, an AdamPrediction whose batch sizes include B₀ and every B).
+    form=None: "mean_square" when `prediction` is an AdamPrediction, "linearized"
+    otherwise. Which form transferred on which network: docs/real_training.md (the
     linearised one within 20 % on five of twelve network/β₁ pairs, the mean-square one on
     three; neither on every one with β₁ = 0.9)."""
-    forms = (*ADAM_FORMS, "linearized")
+    models = ("linearized", "curved")                 # thresholds of a model of the network
+    forms = (*ADAM_FORMS, *models)
     if form is None:
         form = "mean_square" if isinstance(prediction, AdamPrediction) else "linearized"
     if form not in forms:
@@ -476,25 +479,32 @@ def adam_transfer_lr(model, loss_fn, data, batch_sizes, *, reference, betas=(0.9
                          f"replacement), got {B0}")
     bs = np.array([as_int("batch_sizes", b, minimum=1) for b in np.atleast_1d(batch_sizes)])
     allb = np.unique(np.r_[bs, B0])
-    if prediction is None and form == "linearized":
+    if prediction is None and form in models:
         from nets.learning_rates.adam_linearized import linearized_adam_threshold
         from nets.learning_rates.transfer import refuse_params_for_linearized
 
         refuse_params_for_linearized(params)
-
+        opts = dict(linearized or {})
+        if "curved" in opts:
+            raise ValueError("linearized: pass the model as form='curved' or 'linearized', "
+                             "not as the option 'curved'")
         prediction = linearized_adam_threshold(model, loss_fn, data, allb, betas=betas,
                                                eps=eps, seed=seed, progress=progress,
-                                               **dict(linearized or {}))
+                                               curved=form == "curved", **opts)
     elif prediction is None:
         prediction = predict_adam_max_lr(model, loss_fn, data, allb, betas=betas, eps=eps,
                                          form=form, params=params, policy=policy,
                                          chunk_size=chunk_size, device=device, dtype=dtype,
                                          seed=seed, progress=progress)
-    need = "corrected" if form == "linearized" else f"lr_{form}"
+    need = "corrected" if form in models else f"lr_{form}"
     if not hasattr(prediction, need):
         raise TypeError(f"prediction: a {type(prediction).__name__} has no {need!r} for "
-                        f"form={form!r} (form 'linearized' takes linearized_adam_threshold's "
-                        "result, the other forms predict_adam_max_lr's)")
+                        f"form={form!r} (forms 'linearized' and 'curved' take "
+                        "linearized_adam_threshold's result, the other forms "
+                        "predict_adam_max_lr's)")
+    if form in models and bool(prediction.curved) != (form == "curved"):
+        raise ValueError(f"prediction: form={form!r} needs linearized_adam_threshold's result "
+                         f"with curved={form == 'curved'}, got curved={prediction.curved}")
     values = getattr(prediction, need)
     table = dict(zip(np.asarray(prediction.batch_sizes).tolist(), np.asarray(values, float)))
     missing = [int(b) for b in allb if int(b) not in table]
@@ -502,7 +512,7 @@ def adam_transfer_lr(model, loss_fn, data, batch_sizes, *, reference, betas=(0.9
         raise ValueError(f"prediction has no value for batch sizes {missing}")
     pred = np.array([table[int(b)] for b in bs])
     lr = a0 * pred / table[B0]
-    if form == "linearized":
+    if form in models:
         from nets.learning_rates.transfer import warn_momentum_upward
 
         warn_momentum_upward(float(betas[0]), bs, B0, who="adam_transfer_lr")

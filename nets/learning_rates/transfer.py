@@ -356,10 +356,11 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
         form None or "linearized" (the default for Adam: Adam on the linearised network
         from each warmed state, corrected along ũ; factor, steps (default 100 for Adam),
         n_seeds and seed set its protocol, with the warm-up of
-        `linearized_adam_threshold`; minutes), "mean_square" (the preconditioned
-        mean-square limit of the warmed state's noise model; seconds) or
-        "deterministic". Which Adam form transfers on which network is measured in the
-        docs/real_training.md (neither meets 20 % on every network at β₁ = 0.9).
+        `linearized_adam_threshold`; minutes), "curved" (the same protocol on the curved
+        model, the outputs' second derivative along D^{1/2}ũ kept and no correction),
+        "mean_square" (the preconditioned mean-square limit of the warmed state's noise
+        model; seconds) or "deterministic". Which Adam form transfers on which network is
+        measured in docs/real_training.md (none meets 20 % on every network at β₁ = 0.9).
     form : None or "linearized" (the SGD default), "curved" (the linearised network plus its
         outputs' second derivative along the top eigenvector, `linearized_threshold(curved=
         True)`, in place of the secant correction; the same options as "linearized"),
@@ -482,7 +483,7 @@ def _adam_transfer(model, loss_fn, data, batch_sizes, reference, opt, *, form, f
     from nets.learning_rates.adam import adam_transfer_lr
 
     linearized = None                    # form None: adam_transfer_lr's default, "linearized"
-    if form in (None, "linearized"):
+    if form in (None, *MODEL_FORMS):
         seed = as_seed("seed", seed)
         linearized = {"factor": factor, "steps": 100 if steps is None else steps,
                       "seeds": tuple(range(seed, seed + as_int("n_seeds", n_seeds, minimum=1)))}
