@@ -334,3 +334,55 @@ def test_data_and_wrapper_mistakes_get_messages_that_say_what_to_do():
     with pytest.warns(UserWarning, match="summed"):
         nets.CurvatureAdaptiveSGD(ae, nn.MSELoss(reduction="sum"), (X, X.clone()),
                                   batch_size=8, curvature_batch_size=32)
+
+
+class _FloatAttention(nn.Module):
+    """nn.MultiheadAttention in float32: where torch picks its fused CPU attention kernel,
+    which has no forward-mode derivative."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Linear(4, 8)
+        self.att = nn.MultiheadAttention(8, 1, batch_first=True)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.emb(x)
+        return self.fc((h + self.att(h, h, h, need_weights=False)[0]).mean(1))
+
+
+def test_forward_mode_models_of_the_network_run_through_fused_attention():
+    """The linearised network's Jacobian products, the loss profile along u and the curved
+    model go through forward-mode AD; on a float32 nn.MultiheadAttention they used to stop
+    at torch's fused kernel (NotImplementedError). J·V against central differences of the
+    float64 copy's outputs (math kernel)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from nets.learning_rates.along_top import loss_along_top
+    from nets.learning_rates.linearized import output_jacobians
+
+    torch.manual_seed(0)
+    model = _FloatAttention().eval()
+    g = torch.Generator().manual_seed(1)
+    X = torch.rand(48, 5, 4, generator=g)
+    y = torch.randint(0, 3, (48,), generator=g)
+    P = sum(p.numel() for p in model.parameters())
+    V = torch.randn(P, 2, generator=g, dtype=torch.float64)
+    JV, z = output_jacobians(model, X, basis=V.float())
+    ref = _FloatAttention().double().eval()
+    ref.load_state_dict(model.state_dict())
+    flat, state = flat_state(ref)
+    h = 1e-6
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        for j in range(2):
+            plus = torch.func.functional_call(ref, state(flat + h * V[:, j]), (X.double(),))
+            minus = torch.func.functional_call(ref, state(flat - h * V[:, j]), (X.double(),))
+            fd = ((plus - minus) / (2 * h)).reshape(48, -1)
+            np.testing.assert_allclose(JV[:, :, j].double().numpy(), fd.numpy(), rtol=1e-3,
+                                       atol=1e-4 * float(fd.abs().max()))
+    prof = loss_along_top(model, F.cross_entropy, (X, y), seed=0)
+    assert np.isfinite(prof.secant_ratio)
+    kw = dict(seeds=(0,), steps=10, rank=4, progress=False)
+    flat_thr = nets.linearized_threshold(model, F.cross_entropy, (X, y), [8], **kw)
+    bent_thr = nets.linearized_threshold(model, F.cross_entropy, (X, y), [8], curved=True, **kw)
+    assert np.isfinite(flat_thr.lr).all() and np.isfinite(bent_thr.lr).all()

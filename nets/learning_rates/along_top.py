@@ -117,9 +117,9 @@ def loss_along_top(model, loss_fn, data, *, factor=10.0, n=60, span=(0.02, 20.0)
     (P,) to profile along instead, normalised to a unit vector u; `lam` is then its
     Rayleigh quotient uᵀHu (must be > 0) — e.g. D^{1/2}ũ, the weight-space direction of
     an oscillation along Adam's top preconditioned eigenvector ũ."""
-    from torch.func import functional_call, jvp
+    from torch.func import jvp
 
-    from nets.curvature.params import unflatten_to_dict
+    from nets.curvature.params import call_model, unflatten_to_dict
     from nets.learning_rates.lr_search import _top_direction
     from nets.utils.data_source import as_data_source
 
@@ -145,12 +145,12 @@ def loss_along_top(model, loss_fn, data, *, factor=10.0, n=60, span=(0.02, 20.0)
         raise ValueError(f"the top Hessian eigenvalue is {lam}; the profile needs λ₁ > 0")
     du = unflatten_to_dict(net, u.to(torch.float64))
     with torch.no_grad():
-        z0, Ju = jvp(lambda p: functional_call(net, p, (Xd,)), (w0,), (du,))
+        z0, Ju = jvp(lambda p: call_model(net, p, Xd), (w0,), (du,))
         L0 = float(loss_fn(z0, yd))
     if not L0 > 0:
         raise ValueError(f"the loss at the checkpoint must be positive, got {L0}")
     xs = np.geomspace(lo, hi, n) / np.sqrt(lam)
-    models = {"real": lambda x: functional_call(net, {k_: w0[k_] + x * du[k_] for k_ in w0}, (Xd,)),
+    models = {"real": lambda x: call_model(net, {k_: w0[k_] + x * du[k_] for k_ in w0}, Xd),
               "linearized": lambda x: z0 + x * Ju}
     fields = {}
     for name, outputs in models.items():

@@ -39,9 +39,9 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch.func import functional_call, jvp, vjp, vmap
+from torch.func import jvp, vjp, vmap
 
-from nets.curvature.params import unflatten_to_dict
+from nets.curvature.params import call_model, unflatten_to_dict
 from rmt.validation import as_float, as_int
 
 __all__ = ["StoredOutputs", "TangentOutputs", "CurvedOutputs", "as_linear_outputs",
@@ -91,7 +91,7 @@ class TangentOutputs:
         self.N, self.K = self.z.shape
 
     def _outs(self, p, xb):
-        return functional_call(self.net, p, (xb,)).reshape(len(xb), -1)
+        return call_model(self.net, p, xb).reshape(len(xb), -1)
 
     def _tangents(self, E):
         """E (P, G) → {name: (G, *shape)}: the columns as parameter-shaped tangents."""
@@ -224,7 +224,7 @@ def _second_derivative(net, params, X, tangent, chunk, step):
             xb = X[s:s + chunk]
 
             def f(p, xb=xb):
-                return functional_call(net, p, (xb,)).reshape(len(xb), -1)
+                return call_model(net, p, xb).reshape(len(xb), -1)
 
             def df(p, f=f):
                 return jvp(f, (p,), (tangent,))[1]

@@ -154,7 +154,9 @@ def output_jacobians(model, X, *, chunk_size=256, dtype=torch.float32, basis=Non
 
     basis : optional (P, r) tensor V; then J·V (N, K, r) is returned instead of J, formed
     by r Jacobian-vector products per chunk (the full J is never built)."""
-    from torch.func import functional_call, jacrev, jvp, vmap
+    from torch.func import jacrev, jvp, vmap
+
+    from nets.curvature.params import call_model
 
     net = copy.deepcopy(model).eval()
     params = {k: v.detach() for k, v in net.named_parameters() if v.requires_grad}
@@ -169,10 +171,10 @@ def output_jacobians(model, X, *, chunk_size=256, dtype=torch.float32, basis=Non
             i += v.numel()
 
     def out(p, x):
-        return functional_call(net, p, (x[None],))[0].reshape(-1)
+        return call_model(net, p, x[None])[0].reshape(-1)
 
     def outs(p, xb):
-        return functional_call(net, p, (xb,)).reshape(len(xb), -1)
+        return call_model(net, p, xb).reshape(len(xb), -1)
 
     Js, zs = [], []
     with torch.no_grad():
