@@ -743,15 +743,18 @@ class AdamThresholds(Result):
 
 
 def adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 0.999), eps=1e-8,
-                   warmup_steps=500, warmup_lr=1e-4, steps=100, criterion="onset",
-                   seeds=(0, 1), factor=10.0, growth_factor=10.0, second_moment="adaptive",
+                   warmup_steps=500, warmup_lr=1e-4, steps=100, criterion="divergence",
+                   seeds=tuple(range(8)), factor=10.0, growth_factor=10.0, second_moment="adaptive",
                    rel_tol=0.05, lr0=None,
                    device=None, dtype=None, seed=0, progress=None) -> AdamThresholds:
     """Largest stable Adam lr per batch size from a warmed state (module comment), by
     bisection in log α (`nets.learning_rates.lr_search.bisect_max_lr`, to hi/lo ≤ 1+rel_tol).
 
     warmup_steps, warmup_lr : the stated warmup at each B (0: fresh state — the first-step
-        limit, with criterion "divergence"). steps : run length at α. lr0 : bisection start
+        limit, with criterion "divergence"). criterion : "divergence" (the default, as for
+        `training_threshold`, and the protocol `linearized_adam_threshold` and
+        `transfer_lr` model), "final" or "onset". seeds : the batch sequences (default
+        0–7, as theirs). steps : run length at α. lr0 : bisection start
         (float, callable B -> float, or None: the warmed state's own prediction
         F/(λ̃ + c·s̃²/λ̃)). The model is not modified.
     """

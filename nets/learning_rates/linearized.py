@@ -412,7 +412,7 @@ def linearized_adam_max_loss(J, z0, y, loss_fn, batch_size, lrs, steps, batch_se
 
 
 def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", momentum=None,
-                         nesterov=None, factor=10.0, steps=200, seeds=(0, 1, 2), extra_factors=(),
+                         nesterov=None, factor=10.0, steps=200, seeds=tuple(range(8)), extra_factors=(),
                          lr_range=None, n_grid=48, chunk_size=256, max_bytes=4 << 30,
                          device=None, dtype=torch.float32, seed=0, rank=None,
                          jacobians="auto", curved=False, progress=None) -> LinearizedThresholds:
@@ -421,7 +421,8 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
     (module docstring). Same signature conventions as `training_threshold`: data any form
     of `nets.utils.data_source`; loss_fn(outputs, targets) the batch mean; optimizer
     "sgd" or a `torch.optim.SGD` whose momentum and nesterov flag are read (nesterov: None,
-    the optimizer's, or a bool); seeds the batch sequences.
+    the optimizer's, or a bool); seeds the batch sequences (default 0–7, as
+    `training_threshold`).
     extra_factors : other tolerances the fine grid must also bracket (read them with
     `.at(k)`); lr_range : (lo, hi) of the grid instead of the coarse pass; n_grid :
     points of the fine grid. max_bytes : the Jacobians' memory above which the call is

@@ -575,7 +575,7 @@ def _model_tag(model, loss_fn, X, y) -> str:
 
 
 def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergence",
-                       optimizer="sgd", momentum=None, nesterov=None, steps=200, seeds=(0, 1, 2),
+                       optimizer="sgd", momentum=None, nesterov=None, steps=200, seeds=tuple(range(8)),
                        factor=10.0, lr0=None, rel_tol=0.03, growth_threshold=None,
                        unbracketed="raise", store=None, tag="", chunk_size=4096, device=None,
                        dtype=None, seed=0, progress=None) -> TrainingThresholds:
@@ -583,7 +583,10 @@ def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergen
     bisection.
 
     From the model's current parameters (the checkpoint; the model is not modified), for
-    each B and each seed in `seeds` (the batch sequence), bisect in log α for the edge
+    each B and each seed in `seeds` (the batch sequence; default eight, 0–7, the sequences
+    `transfer_lr` and `linearized_threshold` use by default — at small B the threshold's
+    seed-to-seed spread is 20–30 % on the digits nets and a few sequences can miss the
+    rare batches that set it), bisect in log α for the edge
     between runs judged stable and unstable by `criterion` ("divergence": full-data loss
     ever > `factor` × start or non-finite; "final": loss after `steps` steps > start;
     "onset": ⟨w_t − w_0, u⟩ along the top Hessian eigenvector u grows in the first
