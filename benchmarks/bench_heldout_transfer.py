@@ -43,6 +43,8 @@ seeds) and, held out, "mse_gelu" and "mse_tabular" (HELD_OUT_MSE), each run with
     python benchmarks/bench_heldout_transfer.py --net bn_cnn     # ~12 min
     python benchmarks/bench_heldout_transfer.py --net res_gn     # ~9 min (user-style, HELD_OUT_USER)
     python benchmarks/bench_heldout_transfer.py --net ln_mlp --momentum 0.9   # ~4.5 min
+    python benchmarks/bench_heldout_transfer.py --net attn       # attention (HELD_OUT_ATTN)
+    python benchmarks/bench_heldout_transfer.py --net attn --momentum 0.9
     python benchmarks/bench_heldout_transfer.py --net mlp        # a development net (~5 min)
     python benchmarks/bench_heldout_transfer.py --net mlp --momentum 0.9   # its m = 0.9 forms (~5 min)
     python benchmarks/bench_heldout_transfer.py --net mse_tabular --momentum 0.9   # ~4 min
@@ -80,6 +82,9 @@ HELD_OUT_CNN = ("bn_cnn",)
 #: thresholds were measured): a residual CNN with GroupNorm and in-place ReLUs, and an MLP
 #: with LayerNorm and SiLU; both with dropout in training, measured in eval mode
 HELD_OUT_USER = ("res_gn", "ln_mlp")
+#: an attention network added in session 44 (a held-out sweep of a hand-written variant
+#: came first): each 8×8 image as 8 row tokens, torch's nn.MultiheadAttention
+HELD_OUT_ATTN = ("attn",)
 #: development networks whose forms can be re-derived here over eight sequences (their
 #: measured thresholds: `bench_lr_transfer.py`, seeds 0–7)
 DEVELOPMENT = ("mlp", "cnn", "mlp_relu")
@@ -90,7 +95,8 @@ OTHER_LOSS = ("mse",)
 #: GELU digits MLP of HELD_OUT trained on it, and the breast-cancer MLP 30-48-32-2 (GELU,
 #: SiLU) of bench_heldout_tabular.py trained on it (SGD lr 0.05, m = 0.9, B = 32, 30 epochs)
 HELD_OUT_MSE = ("mse_gelu", "mse_tabular")
-ALL_NETS = (*DEVELOPMENT, *HELD_OUT, *HELD_OUT_CNN, *HELD_OUT_USER, *OTHER_LOSS, *HELD_OUT_MSE)
+ALL_NETS = (*DEVELOPMENT, *HELD_OUT, *HELD_OUT_CNN, *HELD_OUT_USER, *HELD_OUT_ATTN, *OTHER_LOSS,
+            *HELD_OUT_MSE)
 #: batch sequences of the linearised threshold: the measured thresholds' eight (seeds 0–7),
 #: so model and measurement see the same batches (`transfer_lr`'s default)
 LIN_SEEDS = 8
@@ -168,6 +174,43 @@ def trained_user_style(name, seed=0):
     return net.eval(), data
 
 
+def trained_row_attention(seed=0, epochs=60):
+    """(model in eval mode, (X, y)): the "attn" network — each digit image as 8 tokens (its
+    rows, pixels scaled to [0, 1]), token embedding 8 → 16 plus a learned position
+    embedding, one single-head `nn.MultiheadAttention` block with a residual connection
+    and LayerNorm, mean over tokens, linear 16 → 10 (1,562 parameters); trained with SGD
+    lr 0.05, m = 0.9, B = 64 for 60 epochs (at lr 0.1 it oscillates and stalls)."""
+    import torch
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+    from torch import nn
+
+    from nets.training.loops import train
+
+    class RowAttention(nn.Module):
+        def __init__(self, d=16, tokens=8, width=8):
+            super().__init__()
+            self.emb = nn.Linear(width, d)
+            self.pos = nn.Parameter(0.1 * torch.randn(tokens, d))
+            self.att = nn.MultiheadAttention(d, 1, batch_first=True)
+            self.norm = nn.LayerNorm(d)
+            self.head = nn.Linear(d, 10)
+
+        def forward(self, x):
+            h = self.emb(x) + self.pos
+            h = self.norm(h + self.att(h, h, h, need_weights=False)[0])
+            return self.head(h.mean(1))
+
+    torch.manual_seed(seed)
+    digits = load_digits()
+    X = torch.tensor(digits.data / 16.0, dtype=torch.float32).reshape(-1, 8, 8)
+    y = torch.tensor(digits.target)
+    net = RowAttention()
+    train(net, F.cross_entropy, (X, y), epochs=epochs, lr=0.05, batch_size=64, momentum=0.9,
+          seed=seed)
+    return net.eval(), (X, y)
+
+
 def trained_mse_tabular(seed=0, epochs=30):
     """(model in eval mode, (X, y), loss_fn): the "mse_tabular" network of HELD_OUT_MSE,
     the plain breast-cancer MLP of bench_heldout_tabular.py trained on ½‖f − e_y‖²."""
@@ -181,6 +224,8 @@ def held_out_network(name):
 
     if name in HELD_OUT_USER:
         return trained_user_style(name)
+    if name in HELD_OUT_ATTN:
+        return trained_row_attention()
     return trained_bn_cnn() if name == "bn_cnn" else trained_digits_mlp(**HELD_OUT[name])
 
 
@@ -319,7 +364,7 @@ def main(argv=None):
     for name in DEVELOPMENT:                # re-derived over eight sequences where run
         path = RESULTS / f"{output_name(name)}.json"
         table[name] = json.loads(path.read_text()) if path.exists() else stored(name)
-    for name in (*HELD_OUT, *HELD_OUT_CNN, *HELD_OUT_USER, *OTHER_LOSS, *HELD_OUT_MSE):
+    for name in (*HELD_OUT, *HELD_OUT_CNN, *HELD_OUT_USER, *HELD_OUT_ATTN, *OTHER_LOSS, *HELD_OUT_MSE):
         path = RESULTS / f"{output_name(name)}.json"
         if path.exists():
             table[name] = json.loads(path.read_text())
