@@ -70,6 +70,36 @@ def test_nonlinear_network_profiles_differ_and_at_reads_other_tolerances(tiny_ml
     assert set(prof.to_dict()) >= {"lam", "secant_ratio", "amplitudes"}
 
 
+class _Scaled(torch.nn.Module):
+    def __init__(self, net, s):
+        super().__init__()
+        self.net, self.s = net, s
+
+    def forward(self, x):
+        return self.s * self.net(x)
+
+
+def test_profile_is_unchanged_by_the_scale_of_the_outputs_and_targets():
+    """Outputs and targets multiplied by s under the squared error: the same problem with
+    loss and λ₁ × s² in the same weights (an exact identity), so f(±x)/f(0), the amplitude
+    where it first exceeds k and the secant ratio do not change, up to the grids' spacing
+    — also where the loss is large (f(0) beyond the plain grid's reach for k = 10)."""
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(60, 4, generator=g, dtype=torch.float64)
+    y = torch.sin(X[:, :1] + X[:, 1:2])
+    torch.manual_seed(5)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(),
+                              torch.nn.Linear(8, 1)).double()
+    for small_s, large_s in ((1.0, 60.0), (1.0, 5.0)):
+        a = loss_along_top(_Scaled(net, small_s), F.mse_loss, (X, small_s * y), n=40)
+        b = loss_along_top(_Scaled(net, large_s), F.mse_loss, (X, large_s * y), n=40)
+        assert b.lam == pytest.approx(a.lam * (large_s / small_s) ** 2, rel=1e-6)
+        assert np.isfinite(a.secant_ratio) and np.isfinite(b.secant_ratio)
+        assert b.secant_ratio == pytest.approx(a.secant_ratio, rel=0.05)
+        assert b.amplitude_real == pytest.approx(a.amplitude_real, rel=0.2)
+    assert b.L0 > 1.5 and a.L0 < 1.0                  # the large loss needs the stretched grid
+
+
 def test_refuses_bad_input(tiny_mlp):
     model, X, y = tiny_mlp()
     with pytest.raises(ValueError, match="factor"):

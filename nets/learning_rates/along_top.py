@@ -16,7 +16,10 @@ s_lin(A_k)/s(A_k) says how much the network's own nonlinearity steepens (< 1) or
 cross-entropy checkpoints the real profile sharpens (s/λ₁ = 1.6–2.5 at k = 10 on the
 digits CNN and ReLU MLP), which the linearised network does not see.
 
-Grid: `n` amplitudes geometric in 0.02…20 / √λ₁ (`span`), float64, both signs; u from
+Grid: `n` amplitudes geometric in 0.02…20 / √λ₁ (`span`), both ends stretched by
+max(1, 4·√(2(k−1)·f(0))/20) so that it reaches 4× the amplitude at which a quadratic of
+curvature λ₁ gets to k·f(0) (a loss of order 100, as with unscaled regression targets,
+otherwise never gets there on the plain span), float64, both signs; u from
 Lanczos (k = 1, tol 1e-8) in eval mode. Cost: 2n + 1 full-data forward passes per
 profile plus one Jacobian-vector product.
 """
@@ -24,6 +27,7 @@ profile plus one Jacobian-vector product.
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import torch
@@ -149,7 +153,12 @@ def loss_along_top(model, loss_fn, data, *, factor=10.0, n=60, span=(0.02, 20.0)
         L0 = float(loss_fn(z0, yd))
     if not L0 > 0:
         raise ValueError(f"the loss at the checkpoint must be positive, got {L0}")
-    xs = np.geomspace(lo, hi, n) / np.sqrt(lam)
+    # the grid reaches at least 4× the amplitude at which a quadratic of curvature λ₁ gets
+    # to k·f(0), √(2(k−1)·f(0)) in units of 1/√λ₁: with a large loss (unscaled regression
+    # targets) a fixed grid ends before the profile reaches k·f(0); for f(0) up to ~1.4 at
+    # k = 10 (every classification checkpoint here) it is the plain span
+    stretch = max(1.0, 4.0 * math.sqrt(2.0 * (k - 1.0) * L0) / hi)
+    xs = np.geomspace(lo * stretch, hi * stretch, n) / np.sqrt(lam)
     models = {"real": lambda x: call_model(net, {k_: w0[k_] + x * du[k_] for k_ in w0}, Xd),
               "linearized": lambda x: z0 + x * Ju}
     fields = {}

@@ -519,8 +519,10 @@ def _linearized_shape(model, loss_fn, data, batch_sizes, lam, eff, *, momentum, 
         ratio = prof.secant_ratio
         if not np.isfinite(ratio):
             raise ValueError(f"the loss along the top eigenvector never reaches {factor:g}× its "
-                             "start on the profile's grid; the correction is undefined (use "
-                             "form='directional' or a smaller factor)")
+                             f"start ({prof.L0:.4g}) on the profile's grid (up to "
+                             f"{prof.amplitudes[-1]:.4g} along u, λ₁ = {prof.lam:.4g}); the "
+                             "correction is undefined (use form='directional' or a smaller "
+                             "factor)")
         lin = threshold(rank)
         corr = secant_correction(lam, eff, ratio)
         applied = bool(correction_applies(ratio))
