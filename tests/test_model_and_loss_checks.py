@@ -61,6 +61,33 @@ def test_a_weighted_mean_loss_is_said(loss):
     assert said == []                            # the plain mean passes quietly
 
 
+def test_targets_that_broadcast_across_samples_are_refused():
+    """Outputs (N, 1) against targets (N,): F.mse_loss broadcasts them to N × N, every
+    output against every target. The oracle: that loss equals the mean over all pairs
+    (i, j) of (o_i − y_j)², not the per-sample mean. Refused by every entry point; a loss
+    that reshapes the targets itself, and targets of the outputs' shape, pass quietly."""
+    X, _ = _data()
+    y = torch.sin(X[:, 0])                                     # (N,)
+    model = _mlp(out=1)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = model(X)
+        pairs = ((out - y[None, :]) ** 2).mean()               # (N, 1) − (1, N): all pairs
+        assert float(F.mse_loss(out, y)) == pytest.approx(float(pairs), rel=1e-12)
+        assert abs(float(F.mse_loss(out, y[:, None])) / float(pairs) - 1) > 1e-3
+    for call in (lambda: check_mean_reduced(model, F.mse_loss, (X, y)),
+                 lambda: top_eigenvalues(model, F.mse_loss, (X, y)),
+                 lambda: predict_max_lr(model, F.mse_loss, (X, y), [8]),
+                 lambda: training_threshold(model, F.mse_loss, (X, y), [8], seeds=(0,))):
+        with pytest.raises(ValueError, match=r"broadcast to \(64, 64\).*y.reshape\(-1, 1\)"):
+            call()
+    _, said = _quiet(lambda: check_mean_reduced(model, F.mse_loss, (X, y[:, None])))
+    assert said == []
+    own = (lambda o, t: F.mse_loss(o.reshape(-1), t))           # reshapes the outputs itself
+    ratio, said = _quiet(lambda: check_mean_reduced(model, own, (X, y)))
+    assert said == [] and ratio == pytest.approx(1.0, rel=1e-9)
+
+
 def test_thresholds_refuse_a_start_loss_that_is_not_positive():
     X, _ = _data()
     target = torch.randn(len(X), 1, dtype=torch.float64, generator=torch.Generator().manual_seed(1))

@@ -3,8 +3,10 @@
 Every curvature and learning-rate function assumes `loss_fn(outputs, targets)` returns
 the **mean** of the per-sample losses, L_S = (1/|S|) Σ_{i∈S} ℓ_i, so that H = ∇²L is an
 average and the batch noise scales like c(B, N) = 1/B − 1/N. A summed loss
-(`reduction="sum"`) silently multiplies every eigenvalue by the batch size and every
-predicted learning rate by its inverse.
+(`reduction="sum"`) multiplies every curvature by the number of samples in each
+evaluation — which depends on `chunk_size` and on the form `data` is given in (all N at
+once for a small pair, a loader's own batch size) — so its numbers are not even
+consistent between calls.
 
 `check_mean_reduced` evaluates the model once on n = min(`sample`, N) samples spread
 over the data, then compares the loss of that batch with the mean of the n per-sample
@@ -13,8 +15,11 @@ pass, so dropout and BatchNorm in train mode see one batch):
 
     ratio = L_batch / mean_i ℓ_i   (1 for a mean-reduced loss, n for a summed one)
 
-and warns (UserWarning) when the ratio is within 1 % of n. It also warns when the ratio
-is more than 1 % from 1 (or a per-sample value is not finite while the batch value is):
+and warns (UserWarning) when the ratio is within 1 % of n. Outputs and targets whose
+shapes broadcast across samples (outputs (n, 1) against targets (n,): an elementwise loss
+gives an n × n matrix of every output against every target) are refused with a
+ValueError when the ratio then differs from 1 by more than float rounding. It also warns
+when the ratio is more than 1 % from 1 (or a per-sample value is not finite while the batch value is):
 the loss is then a weighted mean — class weights, `ignore_index`, padded tokens — whose
 per-sample decomposition the noise-based predictions do not model. The model's buffers
 (BatchNorm running statistics) are restored afterwards.
@@ -35,6 +40,10 @@ __all__ = ["check_mean_reduced", "loss_name"]
 
 #: relative tolerance for "the batch loss is n × the mean of the per-sample losses"
 RTOL = 1e-2
+#: with outputs and targets that broadcast across samples, the ratio's distance from 1 (past
+#: float rounding) that shows the loss really pairs them: a broadcast squared error differs
+#: from the per-sample one by 2·cov(outputs, targets), small on an untrained network
+BROADCAST_RTOL = 1e-5
 
 
 def loss_name(loss_fn) -> str:
@@ -54,7 +63,8 @@ def mean_reduction_ratio(model, loss_fn, data, *, sample: int = 8) -> float:
     """L_batch / mean_i ℓ_i on the first min(sample, N) samples (module docstring);
     NaN when it cannot be told (one sample, a zero mean, a loss that fails on one
     sample, a per-sample value that is not finite)."""
-    return _ratio(*_batch_and_samples(model, loss_fn, data, sample=sample))
+    batch, per, _ = _batch_and_samples(model, loss_fn, data, sample=sample)
+    return _ratio(batch, per)
 
 
 def _ratio(batch, per) -> float:
@@ -68,30 +78,48 @@ def _ratio(batch, per) -> float:
 
 
 def _batch_and_samples(model, loss_fn, data, *, sample: int):
-    """(L_batch, [ℓ_i]) on the first min(sample, N) samples from one forward pass; (nan,
-    None) when it cannot be told."""
+    """(L_batch, [ℓ_i], (output shape, target shape)) on min(sample, N) samples spread over
+    the data, from one forward pass; (nan, None, shapes or None) when it cannot be told."""
     if not isinstance(sample, (int, np.integer)) or isinstance(sample, bool) or sample < 2:
         raise ValueError(f"sample must be an int >= 2, got {sample!r}")
     src = as_data_source(data)
     n = min(int(sample), src.N)
     if n < 2:
-        return math.nan, None
+        return math.nan, None, None
     device, dtype = model_place(model)
     idx = np.unique(np.linspace(0, src.N - 1, n).round().astype(np.int64))   # spread out
     X, Y = src.take(idx, device=device, dtype=dtype)
     saved = {k: b.detach().clone() for k, b in model.named_buffers()}
+    shapes = None
     try:
         with torch.no_grad():
             out = model(X)
-            batch = _scalar(loss_fn(out, Y))
-            per = [_scalar(loss_fn(out[i:i + 1], Y[i:i + 1])) for i in range(len(idx))]
+            if isinstance(out, torch.Tensor) and isinstance(Y, torch.Tensor):
+                shapes = (tuple(out.shape), tuple(Y.shape))
+            with warnings.catch_warnings():     # torch's own broadcast warning: said below
+                warnings.filterwarnings("ignore", message=".*target size.*different to the input size")
+                batch = _scalar(loss_fn(out, Y))
+                per = [_scalar(loss_fn(out[i:i + 1], Y[i:i + 1])) for i in range(len(idx))]
     except (RuntimeError, ValueError, TypeError, IndexError):
-        return math.nan, None
+        return math.nan, None, shapes
     finally:
         with torch.no_grad():
             for k, b in model.named_buffers():
                 b.copy_(saved[k])
-    return batch, per
+    return batch, per, shapes
+
+
+def _cross_sample_broadcast(shapes) -> bool:
+    """Outputs and targets of different shapes that broadcast to more elements than
+    either has (outputs (n, 1) against targets (n,) give (n, n)): an elementwise loss then
+    pairs every output with every sample's target."""
+    if shapes is None or shapes[0] == shapes[1]:
+        return False
+    try:
+        full = torch.broadcast_shapes(*shapes)
+    except RuntimeError:
+        return False
+    return math.prod(full) > max(math.prod(shapes[0]), math.prod(shapes[1]))
 
 
 def check_mean_reduced(model, loss_fn, data, *, sample: int = 64) -> float:
@@ -105,14 +133,26 @@ def check_mean_reduced(model, loss_fn, data, *, sample: int = 64) -> float:
     """
     src = as_data_source(data)
     n = min(int(sample), src.N) if isinstance(sample, (int, np.integer)) else sample
-    batch, per = _batch_and_samples(model, loss_fn, src, sample=sample)
+    batch, per, shapes = _batch_and_samples(model, loss_fn, src, sample=sample)
     ratio = _ratio(batch, per)
+    if (_cross_sample_broadcast(shapes) and math.isfinite(ratio)
+            and abs(ratio - 1.0) > BROADCAST_RTOL):
+        out_shape, y_shape = shapes
+        raise ValueError(
+            f"data: the targets (shape {y_shape} for {y_shape[0]} samples) and the model's "
+            f"outputs (shape {out_shape}) broadcast to {tuple(torch.broadcast_shapes(*shapes))} "
+            f"in loss_fn {loss_name(loss_fn)!r}, which then pairs each output with every "
+            "sample's target (it is not a per-sample loss: on these samples it returns "
+            f"{ratio:.4g}× the mean of the per-sample values). Give the targets the outputs' "
+            f"shape (e.g. y.reshape({', '.join(['-1'] + [str(d) for d in out_shape[1:]])})).")
     if isinstance(n, int) and n >= 2 and math.isfinite(ratio) and abs(ratio - n) <= RTOL * n:
         warnings.warn(
             f"loss_fn {loss_name(loss_fn)!r} looks summed over the batch: on {n} samples it "
             f"returns {ratio:.4g}× the mean of its per-sample values. Curvatures and learning "
-            "rates here assume a mean-reduced loss; use reduction=\"mean\" (e.g. "
-            "F.cross_entropy(outputs, targets, reduction=\"mean\")).",
+            "rates here assume a mean-reduced loss; a summed one multiplies them by the number "
+            "of samples in each evaluation, which depends on chunk_size and on the form of "
+            "data, so they are neither right nor consistent. Use the loss's reduction=\"mean\" "
+            "(the default of torch's losses).",
             UserWarning, stacklevel=3)
     elif per is not None and math.isfinite(batch) and (
             not all(math.isfinite(v) for v in per)
