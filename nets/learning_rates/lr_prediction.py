@@ -212,9 +212,12 @@ def _check_unmodelled(hp: dict, cls) -> None:
     wd = float(hp.get("weight_decay") or 0.0)
     decoupled = issubclass(cls, torch.optim.AdamW) or bool(hp.get("decoupled_weight_decay"))
     if wd > 0 and not decoupled:        # AdamW's decay only contracts the weights
+        bound = ("(λ̃ + weight_decay·max_i D_i)/λ̃, D = 1/(√v̂ + ε) the preconditioner and λ̃ the "
+                 "preconditioned sharpness" if issubclass(cls, torch.optim.Adam)
+                 else "(λ₁ + weight_decay)/λ₁")
         warnings.warn(f"optimizer: weight_decay={wd:g} is not modelled; the limits are those of "
                       "the loss without it (coupled L2 decay adds it to every curvature, so "
-                      "for SGD they are too high by at most the factor (λ₁ + weight_decay)/λ₁)",
+                      f"they are too high by at most the factor {bound})",
                       UserWarning, stacklevel=3)
     if hp.get("amsgrad"):
         warnings.warn("optimizer: amsgrad=True is not modelled; the Adam limits use the "
