@@ -5,7 +5,8 @@ For the digits MLP (cross-entropy, `--model mlp`), a ReLU 64-64-32-10 MLP on ano
 trained on ½‖f − e_y‖² (`mse`), and — held out from every Adam form, measured after
 the linearised form became the default — the GELU digits MLP (`gelu`) and the BatchNorm
 CNN (`bn_cnn`, eval mode) of bench_heldout_transfer.py, and later its two user-style nets
-(`res_gn`, a residual CNN with GroupNorm; `ln_mlp`, an MLP with LayerNorm), and for
+(`res_gn`, a residual CNN with GroupNorm; `ln_mlp`, an MLP with LayerNorm) and its
+attention network (`attn`, nn.MultiheadAttention over the images' rows), and for
 β₁ ∈ {0.9, 0} (β₂ = 0.999, ε = 1e-8): the
 warmed-state threshold (`nets.learning_rates.adam.adam_threshold`, `--criterion`,
 default "divergence"), the fresh-state first-step limit, the noise-model prediction
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from _common import write_json
 
-MODELS = ("mlp", "mlp_relu", "cnn", "mse", "gelu", "bn_cnn", "res_gn", "ln_mlp")
+MODELS = ("mlp", "mlp_relu", "cnn", "mse", "gelu", "bn_cnn", "res_gn", "ln_mlp", "attn")
 
 
 def _model(name):
@@ -41,8 +42,9 @@ def _model(name):
         from _common import trained_mse_mlp
         model, data, _ = trained_mse_mlp(0)
         return model, data
-    if name in ("gelu", "bn_cnn", "res_gn", "ln_mlp"):   # held out from every Adam form
-        # (bench_heldout_transfer; res_gn and ln_mlp: user-style nets added in session 39)
+    if name in ("gelu", "bn_cnn", "res_gn", "ln_mlp", "attn"):   # held out from every Adam form
+        # (bench_heldout_transfer; res_gn and ln_mlp: user-style nets added in session 39;
+        # attn, the row-token attention network, in session 44)
         from bench_heldout_transfer import held_out_network
         return held_out_network(name)
     model, (X, y) = trained_digits_mlp(seed=0)
