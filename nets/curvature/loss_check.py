@@ -19,10 +19,10 @@ and warns (UserWarning) when the ratio is within 1 % of n. Outputs and targets w
 shapes broadcast across samples (outputs (n, 1) against targets (n,): an elementwise loss
 gives an n × n matrix of every output against every target) are refused with a
 ValueError when the ratio then differs from 1 by more than float rounding. It also warns
-when the ratio is more than 1 % from 1 (or a per-sample value is not finite while the batch value is):
-the loss is then a weighted mean — class weights, `ignore_index`, padded tokens — whose
-per-sample decomposition the noise-based predictions do not model. The model's buffers
-(BatchNorm running statistics) are restored afterwards.
+when the ratio is more than 1 % from 1 (or a per-sample value is not finite while the
+batch value is): the loss is then a weighted mean — class weights, `ignore_index`,
+padded tokens — whose per-sample decomposition the noise-based predictions do not model.
+The model's buffers (BatchNorm running statistics) are restored afterwards.
 """
 
 from __future__ import annotations

@@ -312,6 +312,8 @@ class AdamPrediction(Result):
 
 
 ADAM_FORMS = ("mean_square", "deterministic")
+#: transfer forms that run Adam on a model of the network (`linearized_adam_threshold`)
+ADAM_MODEL_FORMS = ("linearized", "curved")
 
 
 def predict_adam_max_lr(model, loss_fn, data, batch_sizes, *, betas=None, eps=1e-8,
@@ -420,7 +422,7 @@ class AdamTransfer(Result):
         i0, B0, a0 = reference_index(self.batch_sizes, reference)
         bs = np.asarray(self.batch_sizes, dtype=float)
         pred = np.asarray(self.predicted, dtype=float)
-        if self.form in ("linearized", "curved") and math.isfinite(self.beta1):   # adam_transfer_lr's caveat
+        if self.form in ADAM_MODEL_FORMS and math.isfinite(self.beta1):   # adam_transfer_lr's caveat
             from nets.learning_rates.transfer import warn_momentum_upward
 
             warn_momentum_upward(self.beta1, self.batch_sizes, B0,
@@ -464,7 +466,7 @@ def adam_transfer_lr(model, loss_fn, data, batch_sizes, *, reference, betas=(0.9
     otherwise. Which form transferred on which network: docs/real_training.md (the
     linearised one within 20 % on five of twelve network/β₁ pairs, the mean-square one on
     three; neither on every one with β₁ = 0.9)."""
-    models = ("linearized", "curved")                 # thresholds of a model of the network
+    models = ADAM_MODEL_FORMS
     forms = (*ADAM_FORMS, *models)
     if form is None:
         form = "mean_square" if isinstance(prediction, AdamPrediction) else "linearized"
