@@ -290,9 +290,10 @@ def test_malicious_cifar_pickle_is_refused_without_side_effect(tmp_path, capfd):
     assert "PWNED" not in capfd.readouterr().out
 
 
-@pytest.mark.parametrize("protocol", [3, 4])
+@pytest.mark.parametrize("protocol", [3, 4, 5])
 def test_cifar_resaved_by_python3_numpy2_still_loads(tmp_path, protocol):
-    """A batch re-saved today (numpy._core names, BINBYTES keys) is read identically."""
+    """A batch re-saved today (numpy._core names, BINBYTES keys; at protocol 5 numpy's
+    `_frombuffer`, rebuilt without importing it) is read identically."""
     folder = write_fake_cifar(tmp_path, "cifar100", n_train=4, n_test=2, seed=1)
     X, y = load_cifar(tmp_path, "cifar100")
     d = _unrestricted(folder / "train")

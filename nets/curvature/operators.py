@@ -235,8 +235,10 @@ def check_policy(model: nn.Module, policy) -> None:
                     else f"{type(m).__name__} (with running statistics)")
             raise ValueError(
                 f"{kind} layer {name!r} is in train mode; pass policy='eval' (use running "
-                "statistics) or policy='train_batch_stats' (use batch statistics; buffers are "
-                "never written), or call model.eval()")
+                "statistics) or call model.eval(), or — for curvature products only, not the "
+                "per-sample noise behind the batch-size predictions, learning rates and "
+                "transfers — policy='train_batch_stats' (use batch statistics; buffers are "
+                "never written)")
         if isinstance(m, _DROPOUT_TYPES) and m.training and m.p > 0:
             raise ValueError(
                 f"Dropout layer {name!r} is active (train mode, p={m.p}): curvature products "

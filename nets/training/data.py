@@ -237,6 +237,14 @@ def _numpy_reconstruct():
     return _reconstruct
 
 
+def _array_from_buffer(buf, dtype, shape, order):
+    """An ndarray from a pickled buffer — what numpy ≥ 2 names as
+    `numpy._core.numeric._frombuffer` in pickles of protocol 5 — rebuilt here with
+    `np.frombuffer` (a copy that owns its memory) instead of importing numpy's private
+    function: it reads bytes, never code."""
+    return np.frombuffer(buf, dtype=dtype).reshape(shape, order=order).copy()
+
+
 class RefusedPickleError(pickle.UnpicklingError):
     """A CIFAR file names a global outside the format's minimal set (possibly hostile)."""
 
@@ -252,7 +260,9 @@ class _CifarUnpickler(pickle.Unpickler):
     numpy ≥ 2), `numpy.ndarray` and `numpy.dtype`. Every other global is refused with
     `RefusedPickleError` (a `pickle.UnpicklingError`) before it is imported, so no code
     outside that set runs. (Files re-saved by Python 3 at protocol 2 name
-    `_codecs.encode` for byte strings; they are refused too — re-save at protocol ≥ 3.)
+    `_codecs.encode` for byte strings; they are refused too — re-save at protocol ≥ 3.
+    Arrays pickled at protocol 5 by numpy ≥ 2 name `numpy._core.numeric._frombuffer`,
+    which is rebuilt by `_array_from_buffer` without importing it.)
     """
 
     _ALLOWED = {
@@ -260,6 +270,8 @@ class _CifarUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy.core.numeric", "_frombuffer"),
     }
 
     def find_class(self, module, name):
@@ -268,6 +280,8 @@ class _CifarUnpickler(pickle.Unpickler):
                 f"refusing to load global {module}.{name}: not part of the CIFAR format")
         if name == "_reconstruct":
             return _numpy_reconstruct()
+        if name == "_frombuffer":
+            return _array_from_buffer
         return getattr(np, name)
 
     def persistent_load(self, pid):
