@@ -254,7 +254,7 @@ class PreconditionedNoise(Result):
 
 
 def preconditioned_noise(model, loss_fn, data, preconditioner, *, tol=1e-8, params=None,
-                         policy=None, chunk_size=256, device=None, dtype=torch.float64,
+                         policy=None, chunk_size=256, device=None, dtype=None,
                          seed=0) -> PreconditionedNoise:
     """One pass: λ̃, ũ of D^{1/2} H D^{1/2} (Lanczos) and s̃² from per-sample Hessian-vector
     products H_i(D^{1/2}ũ), vmapped in chunks of `chunk_size` samples, scaled by D^{1/2}
@@ -318,7 +318,7 @@ ADAM_MODEL_FORMS = ("linearized", "curved")
 
 def predict_adam_max_lr(model, loss_fn, data, batch_sizes, *, betas=None, eps=1e-8,
                         form="mean_square", preconditioner=None, tol=1e-8, params=None,
-                        policy=None, chunk_size=256, device=None, dtype=torch.float64, seed=0,
+                        policy=None, chunk_size=256, device=None, dtype=None, seed=0,
                         progress=None) -> AdamPrediction:
     """Adam's stability limit α_max(B) for every B (module docstring).
 

@@ -635,7 +635,7 @@ def predict_max_lr(model, loss_fn, data, batch_sizes, *, optimizer="sgd", moment
         pred = predict_adam_max_lr(model, loss_fn, src, bs, betas=(opt.beta1, opt.beta2),
                                    eps=opt.eps, form="mean_square", params=params,
                                    policy=policy, chunk_size=256 if chunk_size is None else chunk_size,
-                                   device=device, dtype=torch.float64 if dtype is None else dtype,
+                                   device=device, dtype=dtype,
                                    seed=seed, progress=progress)
         return np.asarray(pred.lr, dtype=float).copy()
     t = lr_table(model, loss_fn, data, batch_sizes, optimizer=opt, measure=False,
