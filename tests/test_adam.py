@@ -4,6 +4,8 @@ Oracles: dense float64 Hessians from torch.func.hessian (never the package's pro
 a hand-rolled second-moment EMA, and closed forms."""
 
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -129,10 +131,17 @@ def test_mean_square_and_deterministic_forms():
     b0 = A.predict_adam_max_lr(model, _mse, (X, y), Bs, betas=(0.0, 0.999))
     np.testing.assert_allclose(b0.lr_mean_square, b0.lr_deterministic, rtol=1e-12)
     for form, curve in (("mean_square", ms.lr), ("deterministic", ms.lr_deterministic)):
-        tr = A.adam_transfer_lr(model, _mse, (X, y), Bs, reference=(8, 0.01), prediction=ms,
-                                form=form)
-        assert tr.form == form
+        with pytest.warns(UserWarning, match="beta1 = 0.9 the transfer along Adam's stability"):
+            tr = A.adam_transfer_lr(model, _mse, (X, y), Bs, reference=(8, 0.01),
+                                    prediction=ms, form=form)
+        assert tr.form == form and tr.beta1 == 0.9
         np.testing.assert_allclose(tr.lr, 0.01 * curve / curve[1], rtol=1e-12)
+    with warnings.catch_warnings():                  # β₁ = 0 (the prediction's): quiet
+        warnings.simplefilter("error")
+        quiet = A.adam_transfer_lr(model, _mse, (X, y), Bs, reference=(8, 0.01), prediction=b0)
+        assert quiet.beta1 == 0.0
+        with pytest.warns(UserWarning, match="with_reference: with beta1 = 0.9"):
+            tr.with_reference((32, 0.02))
     with pytest.raises(ValueError, match="form"):
         A.predict_adam_max_lr(model, _mse, (X, y), Bs, form="exact")
     with pytest.raises(ValueError, match="form"):

@@ -156,6 +156,25 @@ def test_unmodelled_optimizer_settings_are_said(tiny_mlp):
                             optimizer=torch.optim.AdamW(params, weight_decay=0.01))
 
 
+def test_parameter_groups_at_different_learning_rates_are_said(tiny_mlp):
+    """Every limit here is one lr for all parameters: groups at different lrs warn (the
+    numbers are those of a single-lr optimizer), groups at one lr stay quiet."""
+    model, X, y = tiny_mlp(seed=1, N=24)
+    params = list(model.parameters())
+    split = torch.optim.SGD([{"params": params[:2], "lr": 1e-2}, {"params": params[2:], "lr": 1e-4}],
+                            lr=0.1)
+    with pytest.warns(UserWarning, match=r"different learning rates \(0.0001, 0.01\)"):
+        got = nets.predict_max_lr(model, F.cross_entropy, (X, y), [8], optimizer=split)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        one = torch.optim.SGD([{"params": params[:2]}, {"params": params[2:]}], lr=0.1)
+        np.testing.assert_allclose(got, nets.predict_max_lr(model, F.cross_entropy, (X, y), [8],
+                                                            optimizer=one))
+    with pytest.warns(UserWarning, match="different learning rates"):
+        training_threshold(model, F.cross_entropy, (X, y), [8], optimizer=split, steps=10,
+                           seeds=(0,), lr0=0.05, rel_tol=0.5)
+
+
 def test_an_optimizer_over_part_of_the_model_is_said(tiny_mlp):
     model, X, y = tiny_mlp(seed=1, N=24)
     head = list(model[2].parameters())

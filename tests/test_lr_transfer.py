@@ -9,6 +9,7 @@ quadratic, whose divergence threshold is exactly 2(1+m)/λ_max.
 import copy
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -80,6 +81,17 @@ def test_transfer_reads_optimizer_and_validates():
     with pytest.raises(ValueError, match="form"):
         transfer_lr(model, loss, (X, y), [8], reference=(8, 0.2), optimizer="adam",
                     form="directional")
+    # SGD-only options with Adam are said, not silently dropped; the same call without them
+    # is quiet and gives the same numbers
+    adam0 = torch.optim.Adam(model.parameters(), betas=(0.0, 0.999))
+    with pytest.warns(UserWarning, match="num_probes, rank, steps are not used"):
+        said = transfer_lr(model, loss, (X, y), [4, 8], reference=(8, 0.2), optimizer=adam0,
+                           form="mean_square", num_probes=3, rank=5, steps=50)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        plain = transfer_lr(model, loss, (X, y), [4, 8], reference=(8, 0.2), optimizer=adam0,
+                            form="mean_square")
+    np.testing.assert_allclose(said.lr, plain.lr)
     with pytest.raises(TypeError, match="reference"):
         transfer_lr(model, loss, (X, y), [8], reference=0.2)
     with pytest.raises(ValueError, match="form"):

@@ -60,6 +60,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -316,6 +317,21 @@ ADAM_FORMS = ("mean_square", "deterministic")
 ADAM_MODEL_FORMS = ("linearized", "curved")
 
 
+def warn_limit_form_momentum(beta1, batch_sizes, reference_batch_size, *, who):
+    """Warn when a transfer along Adam's mean-square or deterministic limit with β₁ > 0
+    goes to any B ≠ B₀. Measured (docs/real_training.md; benchmarks/results/
+    bench_adam_linearized_*_b0.9.json, the mean-square form, β₁ = 0.9): it missed the real
+    warmed-state threshold by more than 20 % on 7 of 8 networks (0.30–2.49×), too high and
+    too low, upward and downward alike."""
+    if beta1 > 0 and np.any(np.asarray(batch_sizes) != reference_batch_size):
+        warnings.warn(f"{who}: with beta1 = {beta1:g} the transfer along Adam's stability limit "
+                      "missed the real warmed-state threshold by more than 20 % on 7 of 8 "
+                      "measured networks (0.30-2.49x), in either direction; the linearised "
+                      "form (the default) anchored at the largest batch size you will use errs "
+                      "low instead, or measure (nets.learning_rates.adam.adam_threshold)",
+                      stacklevel=3)
+
+
 def predict_adam_max_lr(model, loss_fn, data, batch_sizes, *, betas=None, eps=1e-8,
                         form="mean_square", preconditioner=None, tol=1e-8, params=None,
                         policy=None, chunk_size=256, device=None, dtype=None, seed=0,
@@ -427,6 +443,9 @@ class AdamTransfer(Result):
 
             warn_momentum_upward(self.beta1, self.batch_sizes, B0,
                                  who="AdamTransfer.with_reference")
+        elif self.form in ADAM_FORMS and math.isfinite(self.beta1):
+            warn_limit_form_momentum(self.beta1, self.batch_sizes, B0,
+                                     who="AdamTransfer.with_reference")
         return dataclasses.replace(self, lr=a0 * pred / pred[i0], reference=(B0, a0),
                                    sqrt_rule=a0 * np.sqrt(bs / B0), linear_rule=a0 * bs / B0)
 
@@ -450,7 +469,7 @@ class AdamTransfer(Result):
 
 def adam_transfer_lr(model, loss_fn, data, batch_sizes, *, reference, betas=(0.9, 0.999),
                      eps=1e-8, form=None, prediction=None, params=None, policy=None,
-                     chunk_size=256, device=None, dtype=torch.float64, seed=0,
+                     chunk_size=256, device=None, dtype=None, seed=0,
                      linearized=None, progress=None) -> AdamTransfer:
     """Transfer (B₀, α₀) to every B: α(B) = α₀·α_pred(B)/α_pred(B₀), with α_pred, for
     form="linearized" (the default), the corrected thresholds of Adam on the linearised
@@ -514,12 +533,14 @@ def adam_transfer_lr(model, loss_fn, data, batch_sizes, *, reference, betas=(0.9
         raise ValueError(f"prediction has no value for batch sizes {missing}")
     pred = np.array([table[int(b)] for b in bs])
     lr = a0 * pred / table[B0]
+    b1 = float(getattr(prediction, "beta1", betas[0]))      # a given AdamPrediction's own β₁
     if form in models:
         from nets.learning_rates.transfer import warn_momentum_upward
 
-        warn_momentum_upward(float(betas[0]), bs, B0, who="adam_transfer_lr")
-    return AdamTransfer(bs, lr, (B0, a0), pred, a0 * np.sqrt(bs / B0), a0 * bs / B0, form,
-                        float(betas[0]))
+        warn_momentum_upward(b1, bs, B0, who="adam_transfer_lr")
+    else:
+        warn_limit_form_momentum(b1, bs, B0, who="adam_transfer_lr")
+    return AdamTransfer(bs, lr, (B0, a0), pred, a0 * np.sqrt(bs / B0), a0 * bs / B0, form, b1)
 
 
 # ------------------------------------------------------------------ the threshold protocol

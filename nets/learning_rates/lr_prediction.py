@@ -186,11 +186,22 @@ def max_weight_decay(optimizer: torch.optim.Optimizer) -> float:
     return max(float(g.get("weight_decay") or 0.0) for g in optimizer.param_groups)
 
 
-def warn_partial_optimizer(model, optimizer, params=None) -> None:
+def warn_partial_optimizer(model, optimizer, params=None, *, group_lrs=True) -> None:
     """Warn when a torch optimizer instance updates only some of the model's trainable
     parameters while no `params=` selection says which: the limits would then be those of
-    every parameter (curvature, thresholds), not of the ones it trains."""
-    if not isinstance(optimizer, torch.optim.Optimizer) or params is not None:
+    every parameter (curvature, thresholds), not of the ones it trains. With `group_lrs`,
+    also when its parameter groups train at different learning rates: every limit and
+    transfer here is one learning rate applied to all parameters."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        return
+    lrs = sorted({float(g["lr"]) for g in optimizer.param_groups if "lr" in g})
+    if group_lrs and len(lrs) > 1:
+        warnings.warn(f"optimizer: its parameter groups train at different learning rates "
+                      f"({', '.join(f'{v:g}' for v in lrs)}); the limits and transfers here are "
+                      "for one learning rate applied to every parameter (a per-group lr "
+                      "rescales that group's curvature, which is not modelled)",
+                      UserWarning, stacklevel=3)
+    if params is not None:
         return
     trained = {id(p) for g in optimizer.param_groups for p in g["params"]}
     free = [p for p in model.parameters() if p.requires_grad]
@@ -220,9 +231,10 @@ def _check_unmodelled(hp: dict, cls) -> None:
                       f"they are too high by at most the factor {bound})",
                       UserWarning, stacklevel=3)
     if hp.get("amsgrad"):
-        warnings.warn("optimizer: amsgrad=True is not modelled; the Adam limits use the "
-                      "second-moment state without its running maximum", UserWarning,
-                      stacklevel=3)
+        warnings.warn("optimizer: amsgrad=True is not modelled; the Adam limits use a "
+                      "second moment without a running maximum (the noise model from the "
+                      "per-sample gradients at the current weights, or a warmed Adam state)",
+                      UserWarning, stacklevel=3)
 
 
 def _override(hp: dict, key: str, value, fixed: bool, what: str) -> None:

@@ -339,7 +339,8 @@ class CurvatureMonitor:
             self._hook.remove()
         self._optimizer = optimizer
         self._steps = as_int("start_step", start_step, minimum=0)
-        warn_partial_optimizer(self.tracker.model, optimizer, self.tracker.params)
+        warn_partial_optimizer(self.tracker.model, optimizer, self.tracker.params,
+                               group_lrs=False)     # said below, with what is recorded
         self._read_settings(stacklevel=3)
 
         def hook(opt, args, kwargs):

@@ -358,8 +358,9 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
         n_seeds and seed set its protocol, with the warm-up of
         `linearized_adam_threshold`; minutes), "curved" (the same protocol on the curved
         model, the outputs' second derivative along D^{1/2}ũ kept and no correction),
-        "mean_square" (the preconditioned mean-square limit of the warmed state's noise
-        model; seconds) or "deterministic". Which Adam form transfers on which network is
+        "mean_square" (the preconditioned mean-square limit, its second moment the noise
+        model of the per-sample gradients at the current weights, not a warmed state;
+        seconds; with β₁ > 0 it warns for any B ≠ B₀) or "deterministic". Which Adam form transfers on which network is
         measured in docs/real_training.md (none meets 20 % on every network at β₁ = 0.9).
     form : None or "linearized" (the SGD default), "curved" (the linearised network plus its
         outputs' second derivative along the top eigenvector, `linearized_threshold(curved=
@@ -390,10 +391,25 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
     opt = optimizer_settings(optimizer, momentum=momentum, nesterov=nesterov)
     warn_partial_optimizer(model, optimizer, params)
     if opt.name == "adam":
+        from nets.learning_rates.adam import ADAM_FORMS as ADAM_LIMIT_FORMS
+
+        unused = {"kind": kind != "hessian", "num_probes": num_probes != 10,
+                  "n_batches_mc": n_batches_mc != 2000, "micro_batch": micro_batch != "auto",
+                  "rank": rank != _LINEARIZED_RANK, "rank_check": bool(rank_check)}
+        if form in ADAM_LIMIT_FORMS:         # no model run: no protocol either
+            unused.update(factor=factor != 10.0, steps=steps is not None, n_seeds=n_seeds != 8)
+        else:                                # linearized_adam_threshold: all directions, its dtype
+            unused.update(dtype=dtype is not None)
+        if any(unused.values()):
+            warnings.warn(f"transfer_lr: with an Adam optimizer and form={form!r} "
+                          f"{', '.join(k for k, v in unused.items() if v)} "
+                          "are not used (they are options of the SGD forms"
+                          + (" and of Adam's model forms" if form in ADAM_LIMIT_FORMS else "")
+                          + ")", UserWarning, stacklevel=2)
         return _adam_transfer(model, loss_fn, data, batch_sizes, (B0, lr0), opt, form=form,
                               factor=factor, steps=steps, n_seeds=n_seeds, params=params,
                               policy=policy, chunk_size=chunk_size, device=device,
-                              seed=seed, progress=progress)
+                              dtype=dtype, seed=seed, progress=progress)
     rho = _momentum_of(opt)
     form = "linearized" if form is None else form
     steps = 200 if steps is None else steps
@@ -478,7 +494,7 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
 
 
 def _adam_transfer(model, loss_fn, data, batch_sizes, reference, opt, *, form, factor, steps,
-                   n_seeds, params, policy, chunk_size, device, seed, progress):
+                   n_seeds, params, policy, chunk_size, device, dtype, seed, progress):
     """`transfer_lr` for Adam: `adam_transfer_lr` with the optimizer's β₁, β₂, ε."""
     from nets.learning_rates.adam import adam_transfer_lr
 
@@ -490,8 +506,8 @@ def _adam_transfer(model, loss_fn, data, batch_sizes, reference, opt, *, form, f
     extra = {} if chunk_size is None else {"chunk_size": chunk_size}
     return adam_transfer_lr(model, loss_fn, data, batch_sizes, reference=reference,
                             betas=(opt.beta1, opt.beta2), eps=opt.eps, form=form,
-                            params=params, policy=policy, device=device, seed=seed,
-                            linearized=linearized, progress=progress, **extra)
+                            params=params, policy=policy, device=device, dtype=dtype,
+                            seed=seed, linearized=linearized, progress=progress, **extra)
 
 
 def _linearized_shape(model, loss_fn, data, batch_sizes, lam, eff, *, momentum, nesterov, rank,
