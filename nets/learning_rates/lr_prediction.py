@@ -374,8 +374,10 @@ _COLUMNS = ("sgd_iso_clipped", "sgd_iso_unclipped", "sgd_directional", "sgd_mome
             "adam_lam_mean", "adam_lam_std", "greedy_optimal", "min_damping")
 #: the learning-rate columns `LRTable.plot` draws, with their labels
 _LR_COLUMNS = {"sgd_directional": "SGD, directional", "sgd_momentum": "SGD with momentum",
-               "sgd_iso_clipped": "SGD, isotropic (clipped)", "sgd_measured": "SGD, measured",
-               "adam_closed": "Adam, closed form", "adam_measured": "Adam, measured",
+               "sgd_iso_clipped": "SGD, isotropic (clipped)",
+               "sgd_measured": "SGD, from measured batch curvature",
+               "adam_closed": "Adam, closed form",
+               "adam_measured": "Adam, from measured batch curvature",
                "greedy_optimal": "greedy optimum (McCandlish)"}
 
 
@@ -393,7 +395,9 @@ class LRTable(Result):
     `rmt.lr.sgd_momentum_ms_max_lr`; Nesterov: its mean-square limit
     `rmt.lr.sgd_nesterov_ms_max_lr`),
     sgd_measured (F/E λ_max(H_B); NaN if not measured), lam_batch_mean/std,
-    adam_closed, adam_measured, adam_lam_mean/std (λ_max(D^{1/2}H_BD^{1/2})),
+    adam_closed, adam_measured (F/E λ_max(D^{1/2}H_BD^{1/2})), adam_lam_mean/std — the
+    "measured" columns are limits from measured batch curvature, not measured training
+    thresholds (those: `nets.lr_search.training_threshold`, `adam_threshold`),
     greedy_optimal, min_damping. batch_indices: one (n_batches, B) array of sample
     indices per batch size, the batches both measurements used (empty if not measured).
     """
