@@ -364,7 +364,7 @@ def main(argv=None):
     for name in DEVELOPMENT:                # re-derived over eight sequences where run
         path = RESULTS / f"{output_name(name)}.json"
         table[name] = json.loads(path.read_text()) if path.exists() else stored(name)
-    for name in (*HELD_OUT, *HELD_OUT_CNN, *HELD_OUT_USER, *HELD_OUT_ATTN, *OTHER_LOSS, *HELD_OUT_MSE):
+    for name in (n for n in ALL_NETS if n not in DEVELOPMENT):
         path = RESULTS / f"{output_name(name)}.json"
         if path.exists():
             table[name] = json.loads(path.read_text())

@@ -386,3 +386,17 @@ def test_forward_mode_models_of_the_network_run_through_fused_attention():
     flat_thr = nets.linearized_threshold(model, F.cross_entropy, (X, y), [8], **kw)
     bent_thr = nets.linearized_threshold(model, F.cross_entropy, (X, y), [8], curved=True, **kw)
     assert np.isfinite(flat_thr.lr).all() and np.isfinite(bent_thr.lr).all()
+
+
+def test_twice_differentiable_nests_and_restores_once():
+    """Entered inside itself the context changes nothing; the outer exit restores the
+    attention fast-path flag (the inner exit does not)."""
+    from nets.curvature.params import twice_differentiable
+
+    fast = torch.backends.mha.get_fastpath_enabled()
+    with twice_differentiable():
+        assert not torch.backends.mha.get_fastpath_enabled()
+        with twice_differentiable():
+            assert not torch.backends.mha.get_fastpath_enabled()
+        assert not torch.backends.mha.get_fastpath_enabled()
+    assert torch.backends.mha.get_fastpath_enabled() == fast

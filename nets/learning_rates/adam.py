@@ -317,13 +317,21 @@ ADAM_FORMS = ("mean_square", "deterministic")
 ADAM_MODEL_FORMS = ("linearized", "curved")
 
 
-def warn_limit_form_momentum(beta1, batch_sizes, reference_batch_size, *, who):
-    """Warn when a transfer along Adam's mean-square or deterministic limit with β₁ > 0
-    goes to any B ≠ B₀. Measured (docs/real_training.md; benchmarks/results/
-    bench_adam_linearized_*_b0.9.json, the mean-square form, β₁ = 0.9): it missed the real
+def warn_adam_transfer(form, beta1, batch_sizes, reference_batch_size, *, who):
+    """The momentum caveat of an Adam transfer of `form` with β₁ = `beta1`: for the model
+    forms `transfer.warn_momentum_upward` (batch sizes above B₀); for the mean-square or
+    deterministic limit, any B ≠ B₀ when β₁ > 0. Measured for the latter
+    (docs/real_training.md; benchmarks/results/bench_adam_linearized_*_b0.9.json, the
+    mean-square form, β₁ = 0.9): it missed the real
     warmed-state threshold by more than 20 % on 7 of 8 networks (0.30–2.49×), too high and
     too low, upward and downward alike."""
-    if beta1 > 0 and np.any(np.asarray(batch_sizes) != reference_batch_size):
+    if not math.isfinite(beta1):
+        return
+    if form in ADAM_MODEL_FORMS:
+        from nets.learning_rates.transfer import warn_momentum_upward
+
+        warn_momentum_upward(beta1, batch_sizes, reference_batch_size, who=who, stacklevel=4)
+    elif beta1 > 0 and np.any(np.asarray(batch_sizes) != reference_batch_size):
         warnings.warn(f"{who}: with beta1 = {beta1:g} the transfer along Adam's stability limit "
                       "missed the real warmed-state threshold by more than 20 % on 7 of 8 "
                       "measured networks (0.30-2.49x), in either direction; the linearised "
@@ -438,14 +446,8 @@ class AdamTransfer(Result):
         i0, B0, a0 = reference_index(self.batch_sizes, reference)
         bs = np.asarray(self.batch_sizes, dtype=float)
         pred = np.asarray(self.predicted, dtype=float)
-        if self.form in ADAM_MODEL_FORMS and math.isfinite(self.beta1):   # adam_transfer_lr's caveat
-            from nets.learning_rates.transfer import warn_momentum_upward
-
-            warn_momentum_upward(self.beta1, self.batch_sizes, B0,
-                                 who="AdamTransfer.with_reference")
-        elif self.form in ADAM_FORMS and math.isfinite(self.beta1):
-            warn_limit_form_momentum(self.beta1, self.batch_sizes, B0,
-                                     who="AdamTransfer.with_reference")
+        warn_adam_transfer(self.form, self.beta1, self.batch_sizes, B0,
+                           who="AdamTransfer.with_reference")         # adam_transfer_lr's caveat
         return dataclasses.replace(self, lr=a0 * pred / pred[i0], reference=(B0, a0),
                                    sqrt_rule=a0 * np.sqrt(bs / B0), linear_rule=a0 * bs / B0)
 
@@ -485,8 +487,7 @@ def adam_transfer_lr(model, loss_fn, data, batch_sizes, *, reference, betas=(0.9
     otherwise. Which form transferred on which network: docs/real_training.md (the
     linearised one within 20 % on five of twelve network/β₁ pairs, the mean-square one on
     three; neither on every one with β₁ = 0.9)."""
-    models = ADAM_MODEL_FORMS
-    forms = (*ADAM_FORMS, *models)
+    forms = (*ADAM_FORMS, *ADAM_MODEL_FORMS)
     if form is None:
         form = "mean_square" if isinstance(prediction, AdamPrediction) else "linearized"
     if form not in forms:
@@ -500,7 +501,7 @@ def adam_transfer_lr(model, loss_fn, data, batch_sizes, *, reference, betas=(0.9
                          f"replacement), got {B0}")
     bs = np.array([as_int("batch_sizes", b, minimum=1) for b in np.atleast_1d(batch_sizes)])
     allb = np.unique(np.r_[bs, B0])
-    if prediction is None and form in models:
+    if prediction is None and form in ADAM_MODEL_FORMS:
         from nets.learning_rates.adam_linearized import linearized_adam_threshold
         from nets.learning_rates.transfer import refuse_params_for_linearized
 
@@ -517,13 +518,13 @@ def adam_transfer_lr(model, loss_fn, data, batch_sizes, *, reference, betas=(0.9
                                          form=form, params=params, policy=policy,
                                          chunk_size=chunk_size, device=device, dtype=dtype,
                                          seed=seed, progress=progress)
-    need = "corrected" if form in models else f"lr_{form}"
+    need = "corrected" if form in ADAM_MODEL_FORMS else f"lr_{form}"
     if not hasattr(prediction, need):
         raise TypeError(f"prediction: a {type(prediction).__name__} has no {need!r} for "
                         f"form={form!r} (forms 'linearized' and 'curved' take "
                         "linearized_adam_threshold's result, the other forms "
                         "predict_adam_max_lr's)")
-    if form in models and bool(prediction.curved) != (form == "curved"):
+    if form in ADAM_MODEL_FORMS and bool(prediction.curved) != (form == "curved"):
         raise ValueError(f"prediction: form={form!r} needs linearized_adam_threshold's result "
                          f"with curved={form == 'curved'}, got curved={prediction.curved}")
     values = getattr(prediction, need)
@@ -534,12 +535,7 @@ def adam_transfer_lr(model, loss_fn, data, batch_sizes, *, reference, betas=(0.9
     pred = np.array([table[int(b)] for b in bs])
     lr = a0 * pred / table[B0]
     b1 = float(getattr(prediction, "beta1", betas[0]))      # a given AdamPrediction's own β₁
-    if form in models:
-        from nets.learning_rates.transfer import warn_momentum_upward
-
-        warn_momentum_upward(b1, bs, B0, who="adam_transfer_lr")
-    else:
-        warn_limit_form_momentum(b1, bs, B0, who="adam_transfer_lr")
+    warn_adam_transfer(form, b1, bs, B0, who="adam_transfer_lr")
     return AdamTransfer(bs, lr, (B0, a0), pred, a0 * np.sqrt(bs / B0), a0 * bs / B0, form, b1)
 
 

@@ -68,6 +68,7 @@ import warnings
 import numpy as np
 import torch
 
+from nets.curvature.params import twice_differentiable
 from nets.learning_rates.linear_outputs import (
     CurvedOutputs,
     StoredOutputs,
@@ -252,6 +253,7 @@ def ggn_top_basis(model, loss_fn, data, rank, *, seed=0, tol=1e-4):
     return V, np.asarray(top.values)
 
 
+@twice_differentiable()            # the models' per-step calls through the network: set once
 def _run_columns(lin, y, loss_fn, batch_size, n_cols, steps, seed, step, out_shape,
                  stop_above=None):
     """The linearised network's loop shared by the optimizers: `lin` the linear outputs

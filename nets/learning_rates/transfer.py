@@ -94,6 +94,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import warnings
 
 import numpy as np
@@ -294,7 +295,7 @@ def momentum_caveat_silenced():
 
 
 def warn_momentum_upward(momentum, batch_sizes, reference_batch_size, *, who="transfer_lr",
-                         nesterov=False):
+                         nesterov=False, stacklevel=3):
     """Warn when a linearised-form transfer with momentum (heavy ball ρ, or Adam's β₁) is
     asked for batch sizes above the reference B₀. Measured (docs/real_training.md, 26 network/optimizer
     cases with ρ or β₁ = 0.9, SGD and Adam): the transfer from B₀ = 32 to B = 512
@@ -312,7 +313,7 @@ def warn_momentum_upward(momentum, batch_sizes, reference_batch_size, *, who="tr
                       "networks (0.64-1.79x), mostly too high (9 of 13 misses) and from "
                       "either anchor; measure at the batch size you will use "
                       "(nets.lr_search.training_threshold(..., nesterov=True))",
-                      stacklevel=3)
+                      stacklevel=stacklevel)
         return
     if momentum > 0 and np.any(Bs > reference_batch_size):
         warnings.warn(f"{who}: {MOMENTUM_CAVEAT} ({momentum:g}) the transfer to batch sizes above "
@@ -320,7 +321,8 @@ def warn_momentum_upward(momentum, batch_sizes, reference_batch_size, *, who="tr
                       "divergence threshold in 23 of 26 measured cases (up to 3.4x at "
                       "B = 512 from B0 = 32), while the transfer to smaller B erred low; "
                       "anchor at the largest batch size you will use, or measure "
-                      "(nets.lr_search.training_threshold / adam_threshold)", stacklevel=3)
+                      "(nets.lr_search.training_threshold / adam_threshold)",
+                      stacklevel=stacklevel)
 
 
 def _anchor(shape, spread, i0, lr0, *, coherent):
@@ -391,20 +393,19 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
     opt = optimizer_settings(optimizer, momentum=momentum, nesterov=nesterov)
     warn_partial_optimizer(model, optimizer, params)
     if opt.name == "adam":
-        from nets.learning_rates.adam import ADAM_FORMS as ADAM_LIMIT_FORMS
+        from nets.learning_rates.adam import ADAM_FORMS
 
-        unused = {"kind": kind != "hessian", "num_probes": num_probes != 10,
-                  "n_batches_mc": n_batches_mc != 2000, "micro_batch": micro_batch != "auto",
-                  "rank": rank != _LINEARIZED_RANK, "rank_check": bool(rank_check)}
-        if form in ADAM_LIMIT_FORMS:         # no model run: no protocol either
-            unused.update(factor=factor != 10.0, steps=steps is not None, n_seeds=n_seeds != 8)
+        given = {"kind": kind, "num_probes": num_probes, "n_batches_mc": n_batches_mc,
+                 "micro_batch": micro_batch, "rank": rank, "rank_check": rank_check}
+        if form in ADAM_FORMS:               # no model run: no protocol either
+            given.update(factor=factor, steps=steps, n_seeds=n_seeds)
         else:                                # linearized_adam_threshold: all directions, its dtype
-            unused.update(dtype=dtype is not None)
-        if any(unused.values()):
+            given.update(dtype=dtype)
+        unused = [k for k, v in given.items() if v != _TRANSFER_DEFAULTS[k]]
+        if unused:
             warnings.warn(f"transfer_lr: with an Adam optimizer and form={form!r} "
-                          f"{', '.join(k for k, v in unused.items() if v)} "
-                          "are not used (they are options of the SGD forms"
-                          + (" and of Adam's model forms" if form in ADAM_LIMIT_FORMS else "")
+                          f"{', '.join(unused)} are not used (they are options of the SGD forms"
+                          + (" and of Adam's model forms" if form in ADAM_FORMS else "")
                           + ")", UserWarning, stacklevel=2)
         return _adam_transfer(model, loss_fn, data, batch_sizes, (B0, lr0), opt, form=form,
                               factor=factor, steps=steps, n_seeds=n_seeds, params=params,
@@ -491,6 +492,10 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
         critical_batch_size=None if bstar is None else float(bstar),
         critical_batch_size_momentum=None if bstar is None else float(gain * bstar),
         stability_limit=limit[idx], N=int(pred["N"]), seed=int(seed), nesterov=nest, **extra)
+
+
+#: transfer_lr's keyword defaults (what an Adam transfer's unused options are compared with)
+_TRANSFER_DEFAULTS = {k: v.default for k, v in inspect.signature(transfer_lr).parameters.items()}
 
 
 def _adam_transfer(model, loss_fn, data, batch_sizes, reference, opt, *, form, factor, steps,
