@@ -30,7 +30,8 @@ def batch_noise_factor(B, N=None, replacement: bool = False, *, name: str = "B")
     name : the name of B in error messages (for callers whose own argument is, e.g.,
         ``B_from``), so that every message names the argument the user passed.
 
-    Raises ValueError if B <= 0, N <= 0, or B > N when sampling without replacement.
+    Raises ValueError if B <= 0, N < 1 (a data set holds at least one sample), or B > N
+    when sampling without replacement.
     """
     B = as_float(name, B, positive=True)
     if not isinstance(replacement, bool):
@@ -38,6 +39,8 @@ def batch_noise_factor(B, N=None, replacement: bool = False, *, name: str = "B")
     if N is None:
         return 1.0 / B
     N = as_float("N", N, positive=True, allow_inf=True)
+    if N < 1.0:
+        raise ValueError(f"N must be >= 1 (the number of samples), got N={N}")
     if N == float("inf"):
         return 1.0 / B
     if replacement:

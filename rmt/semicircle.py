@@ -39,6 +39,7 @@ def semicircle_stieltjes(z, variance=1.0) -> np.ndarray:
     v = as_float("variance", variance, nonnegative=True)
     z = as_array("z", z, dtype=complex, allow_empty=True)
     if v == 0.0:
+        refuse_singular_points("z", z, (0.0,), "g(z) = −1/z (the pole of variance 0)")
         return -1.0 / z
     r = 2.0 * np.sqrt(v)
     # on the real support give the upper boundary value (add +i0)

@@ -30,6 +30,12 @@ def stieltjes_quad(density, lo, hi, z, atom=0.0):
     return re + 1j * im + atom / (0.0 - z)
 
 
+def test_semicircle_stieltjes_refuses_the_pole_of_variance_zero():
+    with pytest.raises(ValueError, match="z=0 is a singular point"):
+        semicircle_stieltjes(0.0, variance=0.0)
+    np.testing.assert_allclose(semicircle_stieltjes([2.0, 1j], variance=0.0), [-0.5, 1j])
+
+
 @pytest.mark.parametrize("v", [1.0, 0.37])
 def test_semicircle_stieltjes_matches_quadrature_and_branch(v):
     lo, hi = semicircle_edges(v)

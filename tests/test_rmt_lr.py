@@ -115,8 +115,10 @@ def test_sgd_increasing_in_B_saturates_at_N_and_replacement_form():
     assert a[-1] == 2 / lam  # exactly: c(N, N) = 0
     bstar = L.critical_batch_size(lam, s2)
     a_rep = L.sgd_max_lr(Bs, lam, s2, N=N, replacement=True)
-    np.testing.assert_allclose(a_rep, (2 / lam) * Bs / (Bs + bstar), rtol=1e-12)
-    np.testing.assert_allclose(L.sgd_max_lr(Bs, lam, s2), a_rep, rtol=1e-12)  # N=None
+    # with replacement c = (1 − 1/N)/B: B* shrinks by (1 − 1/N)
+    np.testing.assert_allclose(a_rep, (2 / lam) * Bs / (Bs + bstar * (1 - 1 / N)), rtol=1e-12)
+    np.testing.assert_allclose(L.sgd_max_lr(Bs, lam, s2), (2 / lam) * Bs / (Bs + bstar),
+                               rtol=1e-12)                                      # N=None
     # linear for B << B*, half the saturated value at B = B*
     assert L.sgd_max_lr(2.0, lam, s2) / L.sgd_max_lr(1.0, lam, s2) == pytest.approx(2, rel=0.01)
     assert L.sgd_max_lr(bstar, lam, s2) == pytest.approx(1 / lam, rel=1e-12)
@@ -347,5 +349,24 @@ def test_almost_sure_limit_oracles():
     for m in (0.0, 0.9):
         a_s = sgd_momentum_as_max_lr(Bs, lam, s2, N, m, steps=8000)
         assert np.all(a_s >= sgd_momentum_ms_max_lr(Bs, lam, s2, N, m) * 0.98)
+    # a 2-D B keeps its shape, entry by entry the scalar limit
+    grid = np.array([[8, 32], [128, 512]])
+    a2 = sgd_momentum_as_max_lr(grid, lam, s2, N, 0.5, steps=2000)
+    assert a2.shape == (2, 2)
+    assert a2[1, 0] == sgd_momentum_as_max_lr(128, lam, s2, N, 0.5, steps=2000)
     with pytest.raises(ValueError):
         sgd_momentum_as_max_lr(8, lam, s2, N, 1.0)
+
+
+@pytest.mark.parametrize("replacement", [False, True])
+def test_array_batch_sizes_give_the_scalar_noise_factor(replacement):
+    """Every lr function takes B as an array; with replacement and finite N the array
+    path once gave 1/B instead of (1 − 1/N)/B (7 % off sgd_max_lr at N = 10, B = 4)."""
+    N, Bs = 10, np.array([1.0, 4.0, 10.0])
+    scalar = [rmt.batch_noise_factor(B, N, replacement=replacement) for B in Bs]
+    closed = (1 - 1 / N) / Bs if replacement else 1 / Bs - 1 / N
+    np.testing.assert_allclose(scalar, closed, rtol=1e-15)
+    np.testing.assert_allclose(L.noise_factor(Bs, N, replacement), closed, rtol=1e-15)
+    np.testing.assert_allclose(L.sgd_max_lr(Bs, 1.0, 10.0, N, replacement=replacement),
+                               [L.sgd_max_lr(B, 1.0, 10.0, N, replacement=replacement)
+                                for B in Bs], rtol=1e-15)

@@ -47,6 +47,7 @@ def test_batch_mean_variance_matches_monte_carlo(replacement):
 @pytest.mark.parametrize("kw, exc", [
     (dict(B=0), ValueError), (dict(B=-1), ValueError), (dict(B=10, N=5), ValueError),
     (dict(B=float("nan")), ValueError), (dict(B="8"), TypeError), (dict(B=4, N=0), ValueError),
+    (dict(B=0.25, N=0.5, replacement=True), ValueError),      # would give c = −4
 ])
 def test_batch_noise_factor_bad_input(kw, exc):
     with pytest.raises(exc, match="B|N"):
