@@ -317,6 +317,11 @@ def test_bad_input_raises_clear_errors():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="cuda"):
             hessian_operator(model, CE, (X, y), device="cuda")
+    # 'cpu:0' is the CPU (its tensors report no index): same products, no refusal
+    v = torch.randn(op.P, dtype=torch.float64, device="cpu:0")
+    for dev in ("cpu:0", torch.device("cpu", 0)):
+        torch.testing.assert_close(hessian_operator(model, CE, (X, y), device=dev).matvec(v),
+                                   op.matvec(v))
     other = hessian_operator(model, CE, (X, y), params=["2.bias"])
     with pytest.raises(ValueError, match="P="):
         fluctuation_operator(other, op)

@@ -157,10 +157,12 @@ def check_mean_reduced(model, loss_fn, data, *, sample: int = 64) -> float:
     elif per is not None and math.isfinite(batch) and (
             not all(math.isfinite(v) for v in per)
             or (math.isfinite(ratio) and abs(ratio - 1.0) > RTOL)):
+        how = (f"on {n} samples it returns {ratio:.4g}× their mean" if math.isfinite(ratio)
+               else f"on {n} samples a sample's own value is not finite (e.g. a sample whose "
+                    "every target is ignored)")
         warnings.warn(
             f"loss_fn {loss_name(loss_fn)!r} is not the plain mean of its per-sample values: "
-            f"on {n} samples it returns {ratio:.4g}× their mean (or a sample's own value is "
-            "not finite) — a weighted mean, as with class weights, ignore_index or padded "
+            f"{how} — a weighted mean, as with class weights, ignore_index or padded "
             "tokens. The per-sample curvature noise, the batch-size predictions and the "
             "learning rates assume L = (1/N)·Σ ℓ_i and are off for it (by 10-70 % in tests); "
             "the plain curvatures (top_eigenvalues, measured batch spectra) are exact. Use an "

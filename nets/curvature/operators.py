@@ -107,6 +107,8 @@ class CurvatureOperator:
         self.P = int(P)
         self.dtype = dtype
         self.device = torch.device(device)
+        if self.device.type == "cpu":
+            self.device = torch.device("cpu")   # CPU tensors report no index
         self.param_names = None if param_names is None else tuple(param_names)
         self.num_matvecs = 0
 
@@ -313,6 +315,8 @@ def resolve_device_dtype(model: nn.Module, names, device, dtype):
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"device must name a torch device (e.g. 'cpu', 'cuda'), got {device!r}: "
                          f"{exc}") from None
+    if device.type == "cpu":
+        device = torch.device("cpu")        # 'cpu:0': CPU tensors report no index
     if device.type == "meta":
         raise ValueError("device='meta' holds no numbers: curvature needs a real device "
                          "('cpu' or 'cuda'); move the model with model.to('cpu') or pass device=")

@@ -72,7 +72,8 @@ def _is_classification(y: torch.Tensor) -> bool:
 
 def _resolve_device(device, model: nn.Module) -> torch.device:
     if device is not None:
-        return torch.device(device)
+        device = torch.device(device)
+        return torch.device("cpu") if device.type == "cpu" else device
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
