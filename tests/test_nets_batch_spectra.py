@@ -91,6 +91,30 @@ def test_bad_input(tiny_mlp):
         predict_batch_top_eigenvalue(model, CE, (Xn, y), [4])
 
 
+def test_a_top_eigenvalue_of_zero_is_refused_not_rounded():
+    """A concave loss of a linear map, −mean((Σ_k o_k)²): H = −(2/N)·Σ_i g_i g_iᵀ is
+    negative semidefinite with a large null space, so its top eigenvalue is 0 and comes
+    out as a rounding error (7e-15 here) that a plain `> 0` test let through: λ'(B) of
+    14 and a critical batch size of 1e16."""
+    from nets.learning_rates.lr_prediction import predict_max_lr
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 5, generator=g)
+    y = torch.randint(0, 3, (40,), generator=g)
+    model = nn.Linear(5, 3, bias=False)
+
+    def concave(o, t):
+        return -(o.sum(1) ** 2).mean()
+
+    H = torch.func.hessian(lambda w: concave(X.double() @ w.reshape(3, 5).T, y))(
+        model.weight.detach().double().reshape(-1))
+    ev = torch.linalg.eigvalsh(H)
+    assert abs(float(ev[-1])) < 1e-12 and float(ev[0]) < -1     # the oracle: top = 0
+    with pytest.raises(ValueError, match="not positive"):
+        predict_batch_top_eigenvalue(model, concave, (X, y), [4, 16])
+    with pytest.raises(ValueError, match="not positive"):
+        predict_max_lr(model, concave, (X, y), [4, 16])
+
+
 # ------------------------------------------------------------------------------------
 # Issue acceptance: digits MLP, directional vs isotropic (and subspace) prediction of λ'_1(B)
 

@@ -85,7 +85,9 @@ class EigenResult(Result):
     values : (k,) ordered by `which` ("LA": descending, "SA": ascending, "LM":
     descending |λ|); vectors : torch (P, k) float64 unit eigenvectors or None;
     residuals : ‖A y − θ y‖; converged : bool per pair; num_matvecs : operator
-    products used; num_restarts; seed; which; tol.
+    products used; num_restarts; seed; which; tol; norm_estimate : the run's estimate of
+    ‖A‖ (a lower bound: the largest |Ritz value| and |α_j| + β_j seen); zero_tol :
+    100·eps·norm_estimate, below which |θ| is numerically zero (`is_zero`).
     """
 
     values: np.ndarray
@@ -97,6 +99,14 @@ class EigenResult(Result):
     seed: int | None
     which: str
     tol: float
+    norm_estimate: float = float("nan")
+    zero_tol: float = 0.0
+
+    def is_zero(self, i: int = 0) -> bool:
+        """Whether values[i] is zero to the products' precision, |θ| ≤ zero_tol =
+        100·eps·‖A‖ (eps of the operator's dtype): e.g. the top eigenvalue of a concave
+        loss, which comes out as a rounding error of either sign."""
+        return bool(abs(self.values[i]) <= self.zero_tol)
 
 
 # ----------------------------------------------------------------------------------
@@ -490,7 +500,8 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-10, max_steps: int 
     return EigenResult(values=values, vectors=vectors if return_vectors else None,
                        residuals=resid, converged=ok, num_matvecs=matvecs,
                        num_restarts=restarts, seed=None if v0 is not None else seed,
-                       which=which, tol=tol)
+                       which=which, tol=tol, norm_estimate=anorm,
+                       zero_tol=100.0 * _op_eps(op) * anorm)
 
 
 # the check's Ritz pair counts as settled behind the k-th value once its residual is

@@ -484,8 +484,9 @@ def _noise_pass(model, loss_fn, src, *, num_probes, hessian_samples, mccandlish,
     H = hessian_operator(model, loss_fn, src, chunk_size=chunk_size, **opts)
     top = eigsh(H, k=1, which="LA", tol=tol, seed=seed, progress=progress)
     lam = float(top.values[0])
-    if not lam > 0:
-        raise ValueError(f"the top Hessian eigenvalue is not positive ({lam}); no stability limit")
+    if not lam > 0 or top.is_zero(0):
+        raise ValueError(f"the top Hessian eigenvalue is not positive ({lam:.3g}, zero to "
+                         f"precision below {top.zero_tol:.2g}); no stability limit")
     u = top.vectors[:, 0]
     s2_dir = directional_noise_from_operator(H, u, chunk_size=chunk_size, progress=progress,
                                              micro_batch=micro_batch, seed=seed).s2

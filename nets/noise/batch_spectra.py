@@ -430,9 +430,10 @@ def predict_batch_top_eigenvalue(model, loss_fn, data, batch_sizes, *, form="dir
         k_sub = _subspace_dim(model, op, subspace_dim)
     top = eigsh(op, k=1 if k_sub is None else k_sub, which="LA", tol=1e-8, seed=seed)
     lam = float(top.values[0])
-    if not lam > 0:
-        raise ValueError(f"the top eigenvalue is {lam:.3g} <= 0: the outlier formulas need a "
-                         "positive top eigenvalue")
+    if not lam > 0 or top.is_zero(0):
+        raise ValueError(f"the top eigenvalue is {lam:.3g}, not positive (zero to precision "
+                         f"below {top.zero_tol:.2g} at ‖H‖ ≈ {top.norm_estimate:.3g}): the "
+                         "outlier formulas need a positive top eigenvalue")
     c = np.array([batch_noise_factor(int(B), op.N, replacement=replacement) for B in Bs])
     out = dict(forms=forms, batch_sizes=Bs, lam=lam, N=op.N, P=op.P, c=c, kind=op.kind, seed=seed)
     common = dict(batch_sizes=Bs, N=op.N, replacement=replacement)
