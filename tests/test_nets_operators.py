@@ -317,6 +317,9 @@ def test_bad_input_raises_clear_errors():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="cuda"):
             hessian_operator(model, CE, (X, y), device="cuda")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(ValueError, match="device='mps' is not available"):
+            hessian_operator(model, CE, (X, y), device="mps")
     # 'cpu:0' is the CPU (its tensors report no index): same products, no refusal
     v = torch.randn(op.P, dtype=torch.float64, device="cpu:0")
     for dev in ("cpu:0", torch.device("cpu", 0)):

@@ -325,6 +325,12 @@ def resolve_device_dtype(model: nn.Module, names, device, dtype):
             raise ValueError("device='cuda' requested but CUDA is not available")
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
+    elif device.type != "cpu":
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError):
+            raise ValueError(f"device={str(device)!r} is not available here (torch cannot "
+                             "allocate on it): use 'cpu' or an available 'cuda' device") from None
     if dtype is None:
         dts = {p.dtype for p in sel}
         if len(dts) > 1:
