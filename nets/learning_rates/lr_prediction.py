@@ -368,7 +368,7 @@ def _isotropic_s2(op, num_probes, *, chunk_size, seed, progress, micro_batch=1):
 # ----------------------------------------------------------------- the table
 
 _SCALARS = ("N", "P", "lam", "s2_dir", "s2_iso", "B_star", "B_star_iso", "B_simple",
-            "B_noise", "eps_max", "momentum", "beta1", "eps", "grad_mean_sq_u", "grad_var_u")
+            "B_noise", "B_noise_stderr", "eps_max", "momentum", "beta1", "eps", "grad_mean_sq_u", "grad_var_u")
 _COLUMNS = ("sgd_iso_clipped", "sgd_iso_unclipped", "sgd_directional", "sgd_momentum",
             "sgd_measured", "lam_batch_mean", "lam_batch_std", "adam_closed", "adam_measured",
             "adam_lam_mean", "adam_lam_std", "greedy_optimal", "min_damping")
@@ -386,7 +386,7 @@ class LRTable(Result):
     """Predicted (and batch-measured) learning rates per batch size; see module docstring.
 
     Scalars: N, P, lam (λ_1), s2_dir (s_u²), s2_iso (Pσ²), B_star (s_u²/λ_1²), B_star_iso
-    (Pσ²/λ_1²), B_simple, B_noise, eps_max, the optimizer settings — optimizer (family
+    (Pσ²/λ_1²), B_simple, B_noise (± B_noise_stderr), eps_max, the optimizer settings — optimizer (family
     name), momentum (heavy-ball ρ), dampening, nesterov, beta1, beta2, eps — and
     grad_mean_sq_u, grad_var_u (u²-weighted ḡ_j², Σ_jj), n_batches, seed.
     Arrays over batch_sizes: sgd_iso_clipped, sgd_iso_unclipped, sgd_directional
@@ -438,6 +438,7 @@ class LRTable(Result):
     nesterov: bool = False
     beta2: float = 0.999
     batch_indices: tuple = ()
+    B_noise_stderr: float = float("nan")
 
     @classmethod
     def from_dict(cls, d: dict) -> "LRTable":
@@ -524,7 +525,7 @@ def _adam_batch_tops(model, loss_fn, src, bs, indices, gbar2, var, eps, *, tol, 
 
 
 def lr_table(model, loss_fn, data, batch_sizes, *, optimizer="sgd", momentum=None, betas=None,
-             eps=None, nesterov=None, n_batches=4, measure=True, num_probes=4, hessian_samples=128,
+             eps=None, nesterov=None, n_batches=4, measure=True, num_probes=4, hessian_samples=32,
              mccandlish=True, tol=1e-8, micro_batch="auto", params=None, policy=None,
              chunk_size=None, device=None, dtype=None, seed=0, progress=None) -> LRTable:
     """Predicted learning rates for every B in `batch_sizes` from one measurement pass.
@@ -539,8 +540,10 @@ def lr_table(model, loss_fn, data, batch_sizes, *, optimizer="sgd", momentum=Non
         n_batches=n_batches, seed=seed)` (same seed, same batches, same values as calling
         it directly) and λ_max(D^{1/2}H_BD^{1/2}) on those same batches.
     num_probes : Hutchinson probes for Pσ² (None: exact, P passes). hessian_samples :
-        samples used for tr(HΣ) (None: all); mccandlish=False skips tr(HΣ) and ḡᵀHḡ
-        (B_noise, eps_max, greedy_optimal NaN). tol : Lanczos relative residual.
+        importance-sampled draws for tr(HΣ), one full-data Hessian product each (None:
+        all samples, exact; `nets.noise.gradient_noise`; B_noise_stderr says how well);
+        mccandlish=False skips tr(HΣ) and ḡᵀHḡ (B_noise, eps_max, greedy_optimal NaN).
+        tol : Lanczos relative residual.
     micro_batch : group size of the noise passes for s_u² and Pσ², an int m ≥ 1 or "auto"
         (per-sample while N·P ≤ 2²⁷, else m = ⌊N/256⌋; `nets.noise.directional`).
     params, policy, chunk_size, device, dtype : as `nets.curvature.operators.hessian_operator`
@@ -602,7 +605,8 @@ def lr_table(model, loss_fn, data, batch_sizes, *, optimizer="sgd", momentum=Non
     return LRTable(
         batch_sizes=bs, N=N, P=P, lam=lam, s2_dir=s2_dir, s2_iso=s2_iso,
         B_star=rlr.critical_batch_size(lam, s2_dir), B_star_iso=rlr.critical_batch_size(lam, s2_iso),
-        B_simple=gn.B_simple, B_noise=gn.B_noise, eps_max=gn.eps_max, momentum=opt.momentum,
+        B_simple=gn.B_simple, B_noise=gn.B_noise, B_noise_stderr=gn.B_noise_stderr,
+        eps_max=gn.eps_max, momentum=opt.momentum,
         beta1=opt.beta1, eps=opt.eps, grad_mean_sq_u=g2u, grad_var_u=vu,
         sgd_iso_clipped=np.asarray(iso_c), sgd_iso_unclipped=np.asarray(iso_u),
         sgd_directional=sgd_dir, sgd_momentum=sgd_mom,
