@@ -227,6 +227,53 @@ def test_stores_never_serve_another_loss_model_or_labels(tiny_mlp, tmp_path):
     assert smoothed.store_keys[0] != first.store_keys[0]
     same = training_threshold(model, F.cross_entropy, (X, y), [8], **tkw)
     assert same.store_keys == first.store_keys and same.lr[0] == first.lr[0]
+    # the start of the bisection (outcomes need not be monotone in α) and which
+    # parameters train are in the key too: a frozen layer once reused a 5× lower lr
+    other_start = training_threshold(model, F.cross_entropy, (X, y), [8], **{**tkw, "lr0": 5.0})
+    assert other_start.store_keys[0] != first.store_keys[0]
+    frozen = [p.requires_grad_(False) for p in model[0].parameters()]
+    try:
+        part = training_threshold(model, F.cross_entropy, (X, y), [8], **tkw)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    assert part.store_keys[0] != first.store_keys[0]
+
+
+SMOOTHING = 0.0
+
+
+def _smoothed_by_a_global(outputs, targets):
+    return F.cross_entropy(outputs, targets, label_smoothing=SMOOTHING)
+
+
+def test_a_loss_reading_a_global_setting_is_told_apart(monkeypatch):
+    from nets.utils.fingerprints import code_fingerprint
+
+    model = torch.nn.Linear(3, 2)
+    before = code_fingerprint(model, _smoothed_by_a_global)
+    monkeypatch.setattr(f"{__name__}.SMOOTHING", 0.5)
+    assert code_fingerprint(model, _smoothed_by_a_global) != before
+    monkeypatch.setattr(f"{__name__}.SMOOTHING", 0.0)
+    assert code_fingerprint(model, _smoothed_by_a_global) == before
+
+
+def test_threshold_seeds_and_factor_are_checked(tiny_mlp):
+    """Repeated seeds repeat one batch sequence ((0, 0, 0) reported a standard error of
+    0), no seeds gave NaN, and factor ≤ 1 bisected 41 trials before failing."""
+    from nets.learning_rates.adam import adam_threshold
+
+    model, X, y = tiny_mlp(seed=1, N=24)
+    kw = dict(steps=10, lr0=0.5)
+    for fn in (training_threshold, adam_threshold):
+        with pytest.raises(ValueError, match="must not repeat"):
+            fn(model, F.cross_entropy, (X, y), [8], seeds=(0, 0, 0), **kw)
+        with pytest.raises(ValueError, match="must not be empty"):
+            fn(model, F.cross_entropy, (X, y), [8], seeds=(), **kw)
+        with pytest.raises(ValueError, match="factor must be > 1"):
+            fn(model, F.cross_entropy, (X, y), [8], seeds=(0,), factor=0.9, **kw)
+        with pytest.raises(ValueError, match="lr0"):
+            fn(model, F.cross_entropy, (X, y), [8], seeds=(0,), steps=10, lr0=-1.0)
 
 
 def test_adam_transfer_reanchors_and_checks_its_prediction(tiny_mlp):

@@ -36,6 +36,23 @@ def test_truncated_tail_is_dropped_and_repaired(tmp_path):
     assert [json.loads(l)["key"] for l in p.read_text().splitlines()] == ["a", "c"]
 
 
+def test_a_bad_line_in_the_middle_loses_no_later_record(tmp_path):
+    """A blank or damaged complete line (a merged or edited file) once ended the read
+    and cut every later record off the file."""
+    p = tmp_path / "r.jsonl"
+    s = JsonlStore(p)
+    for k in "abcdef":
+        s.put(k, ord(k))
+    lines = p.read_bytes().splitlines(keepends=True)
+    p.write_bytes(b"".join(lines[:2] + [b"\n", b"not json\n"] + lines[2:]))
+    with pytest.warns(UserWarning, match=r"line\(s\) \[4\] are not records"):
+        s2 = JsonlStore(p)
+    assert s2.keys() == list("abcdef") and s2["f"] == ord("f")
+    s2.put("g", 7)
+    with pytest.warns(UserWarning):
+        assert JsonlStore(p).keys() == list("abcdefg")
+
+
 def test_sigkill_midway_then_resume_loses_and_duplicates_nothing(tmp_path):
     p = tmp_path / "r.jsonl"
     script = textwrap.dedent(f"""

@@ -35,6 +35,20 @@ def test_full_batch_threshold_found_within_tolerance(momentum):
     assert any(d for _, d, _ in res.history) and any(not d for _, d, _ in res.history)
 
 
+def test_bisection_from_far_above_keeps_the_last_unstable_value_as_its_top():
+    """Halving from an unstable start, the bracket's top is the last unstable α, not the
+    start: with an edge at 1 from α₀ = 100 no α above 1.5625 is tried after it failed,
+    and with a stable window at (8, 9.5) (outcomes not monotone) the answer lies between
+    the stable α found and the unstable one just above it, not inside the window."""
+    edge = bisect_max_lr(lambda a: a > 1.0, 100.0, rel_tol=0.01)
+    tried = [a for a, _, _ in edge.history]
+    first_fail_below_2 = tried.index(1.5625)
+    assert max(tried[first_fail_below_2 + 1:]) <= 1.5625
+    assert edge.lo < 1.0 < edge.hi <= 1.01 * edge.lo
+    window = bisect_max_lr(lambda a: not (a <= 1.0 or 8 < a < 9.5), 100.0, rel_tol=0.01)
+    assert window.lo < 1.0 < window.hi
+
+
 def test_trial_growth_rate_equals_gd_multiplier():
     """Above 2/λ GD grows like |1 − αλ|^t along u: the fitted rate is log|1 − αλ|."""
     p, model, loss, data, lam = _quadratic(1)

@@ -69,7 +69,14 @@ from nets.algorithms.lanczos import eigsh
 from nets.curvature.loss_check import check_mean_reduced
 from nets.curvature.operators import batch_hessian_operator, hessian_operator
 from nets.learning_rates.lr_prediction import DiagonalScaledOperator
-from nets.learning_rates.lr_search import Trial, bisect_max_lr, check_start_loss, seed_mean_stderr
+from nets.learning_rates.lr_search import (
+    Trial,
+    as_growth_factor,
+    as_seeds,
+    bisect_max_lr,
+    check_start_loss,
+    seed_mean_stderr,
+)
 from nets.utils.data_source import as_data_source, tensors_for
 from nets.utils.progress import progress_bar
 from nets.utils.results import Result, result
@@ -790,7 +797,10 @@ def adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 0.999), eps
     warmup_steps = as_int("warmup_steps", warmup_steps, minimum=0)
     steps = as_int("steps", steps, minimum=8)
     warmup_lr = as_float("warmup_lr", warmup_lr, positive=True)
-    seeds = tuple(as_seed("seeds", s) for s in np.atleast_1d(seeds).tolist())
+    seeds = as_seeds(seeds)
+    factor = as_growth_factor(factor)
+    if lr0 is not None and not callable(lr0):
+        lr0 = as_float("lr0", lr0, positive=True)
     F = adam_factor(betas[0])
     shape = (len(bs), len(seeds))
     per, lo, hi, first, lam, s2, pst, pms = (np.full(shape, np.nan) for _ in range(8))
@@ -810,7 +820,7 @@ def adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 0.999), eps
             direction = pn.direction
         elif criterion == "onset":
             raise ValueError("criterion='onset' needs a warmed state (warmup_steps > 0)")
-        a0 = lr0(B) if callable(lr0) else lr0
+        a0 = as_float("lr0(B)", lr0(B), positive=True) if callable(lr0) else lr0
         if a0 is None:
             a0 = pst[i, j] if math.isfinite(pst[i, j]) else 1e-2
         trials = []

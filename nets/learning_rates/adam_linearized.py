@@ -73,7 +73,7 @@ from nets.learning_rates.linearized import (
     refined_runs,
     warn_unbracketed,
 )
-from nets.learning_rates.lr_search import seed_mean_stderr
+from nets.learning_rates.lr_search import as_seeds, seed_mean_stderr
 from nets.utils.data_source import tensors_for
 from nets.utils.progress import progress_bar
 from nets.utils.results import Result, result
@@ -171,9 +171,7 @@ def linearized_adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 
         raise ValueError(f"factor must be > 1 (a loss growth), got {factor}")
     n_grid = as_int("n_grid", n_grid, minimum=4)
     lo, hi = as_range("lr_range", lr_range)
-    seeds = tuple(as_seed("seeds", s) for s in np.atleast_1d(seeds).tolist())
-    if not seeds:
-        raise ValueError("seeds must not be empty")
+    seeds = as_seeds(seeds)
     check_mean_reduced(model, loss_fn, data)
     X, y = tensors_for(model, data)
     N = len(X)

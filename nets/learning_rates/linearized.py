@@ -440,7 +440,12 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
     (`linear_outputs.CurvedOutputs`; in the subspace form along u's projection on the
     span, renormalised): the linearised network plus the change of its Jacobian along u,
     one forward-over-forward pass over the data more (module docstring)."""
-    from nets.learning_rates.lr_search import _read_momentum, _top_direction, seed_mean_stderr
+    from nets.learning_rates.lr_search import (
+        _read_momentum,
+        _top_direction,
+        as_seeds,
+        seed_mean_stderr,
+    )
     from nets.utils.data_source import tensors_for
     from nets.utils.progress import progress_bar
 
@@ -453,9 +458,7 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
     extras = tuple(as_float("extra_factors", f, positive=True) for f in np.atleast_1d(extra_factors))
     K = as_int("steps", steps, minimum=1)
     n_grid = as_int("n_grid", n_grid, minimum=4)
-    seeds = tuple(as_seed("seeds", s) for s in np.atleast_1d(seeds).tolist())
-    if not seeds:
-        raise ValueError("seeds must not be empty")
+    seeds = as_seeds(seeds)
     X, y = tensors_for(model, data, device=device)
     if device is not None:
         model = copy.deepcopy(model).to(device)

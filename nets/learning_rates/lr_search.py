@@ -251,6 +251,7 @@ def bisect_max_lr(is_diverged, alpha0, rel_tol=0.02, max_expand=_MAX_EXPAND) -> 
             a *= 0.5
             if not div(a):
                 break
+            hi = a                  # the bracket's top: the last unstable α seen
         else:
             raise RuntimeError(f"no stable learning rate found while halving from {alpha0:.3g} "
                                f"to {a:.3g} ({max_expand} halvings)")
@@ -300,7 +301,7 @@ def lr_sweep(model, loss_fn, dataset, state_dict, batch_sizes, seeds=(0,), steps
     if store is not None and not isinstance(store, JsonlStore):
         store = JsonlStore(store)
     bs = [as_int("batch_sizes", b, minimum=1) for b in np.atleast_1d(batch_sizes)]
-    seeds = tuple(as_seed("seeds", s) for s in np.atleast_1d(seeds).tolist())
+    seeds = as_seeds(seeds)
     _check_trial_inputs(dataset, state_dict)
     out = {k: np.full((len(bs), len(seeds)), np.nan) for k in ("alpha", "lo", "hi")}
     keys = []
@@ -346,8 +347,12 @@ def lr_sweep(model, loss_fn, dataset, state_dict, batch_sizes, seeds=(0,), steps
 #                  (quadratic-model) instability the stability formulas are about; the
 #                  network has not yet had time to reduce its curvature (catapult).
 #
-# The three are ordered onset ≤ divergence in practice, and "final" sits between
-# them when the network self-stabilises. All trials run the model in eval mode.
+# On the digits networks they come out ordered onset ≤ final ≤ divergence, "final"
+# between the other two where the network self-stabilises; that is not guaranteed: the
+# end loss is not monotone in α near the edge (on a small tanh MLP at B = 64 it went
+# 0.47, 1.96, 0.49, 2.36× its start over α = 12…19, and "final" came out 2.4× above
+# "divergence"), and a bisection of a non-monotone outcome returns one of its edges.
+# All trials run the model in eval mode.
 
 TRAINING_CRITERIA = ("divergence", "final", "onset")
 
@@ -545,6 +550,26 @@ def plot_thresholds(ax, batch_sizes, lr, stderr, *, fmt, color, label):
     return ax
 
 
+def as_seeds(seeds) -> tuple:
+    """The batch-sequence seeds: one int or a sequence of them, not empty and without
+    repeats (a repeated seed repeats its batches, so the standard error would count one
+    measurement twice — (0, 0, 0) reported a standard error of 0)."""
+    out = tuple(as_seed("seeds", s) for s in np.atleast_1d(seeds).tolist())
+    if not out:
+        raise ValueError("seeds must not be empty")
+    if len(set(out)) < len(out):
+        raise ValueError(f"seeds must not repeat (each is one batch sequence), got {out}")
+    return out
+
+
+def as_growth_factor(factor) -> float:
+    """The divergence criterion's k (loss ever > k× its start): a float > 1."""
+    k = as_float("factor", factor, positive=True)
+    if not k > 1:
+        raise ValueError(f"factor must be > 1 (loss ever > factor × its start), got {factor}")
+    return k
+
+
 def seed_mean_stderr(per):
     """Mean over seeds (axis 1 of `per`, shape (n_B, n_seeds)) and its standard error
     std(ddof=1)/√n_seeds (NaN for one seed)."""
@@ -556,8 +581,8 @@ def seed_mean_stderr(per):
 
 def _model_tag(model, loss_fn, X, y) -> str:
     """12 hex digits of the weights and buffers, the model's structure and the loss
-    (`nets.utils.fingerprints`), the targets, and the inputs (their first MiB and their
-    float64 sum and sum of squares)."""
+    (`nets.utils.fingerprints`), which parameters train, the targets, and the inputs
+    (their first MiB and their float64 sum and sum of squares)."""
     import hashlib
 
     from nets.utils.fingerprints import code_fingerprint
@@ -571,6 +596,7 @@ def _model_tag(model, loss_fn, X, y) -> str:
     h.update(y.detach().cpu().contiguous().numpy().tobytes())
     h.update(str(len(X)).encode())
     h.update(code_fingerprint(model, loss_fn).encode())
+    h.update(",".join(n for n, p in model.named_parameters() if p.requires_grad).encode())
     return h.hexdigest()[:12]
 
 
@@ -623,9 +649,11 @@ def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergen
         model = copy.deepcopy(model).to(device=device, dtype=dtype)
     N = len(X)
     bs = as_batch_sizes(batch_sizes, N).tolist()
-    seeds = tuple(as_seed("seeds", s) for s in np.atleast_1d(seeds).tolist())
-    factor = as_float("factor", factor, positive=True)
+    seeds = as_seeds(seeds)
+    factor = as_growth_factor(factor)
     rel_tol = as_float("rel_tol", rel_tol, positive=True)
+    if lr0 is not None and not callable(lr0):
+        lr0 = as_float("lr0", lr0, positive=True)
     if store is not None and not isinstance(store, JsonlStore):
         store = JsonlStore(store)
     direction, lam = None, None
@@ -645,13 +673,16 @@ def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergen
         K = as_int("steps", steps(B) if callable(steps) else steps, minimum=8)
         if len(Ks) <= i:
             Ks.append(K)
+        a0 = as_float("lr0(B)", lr0(B), positive=True) if callable(lr0) else lr0
+        # the start matters (outcomes are not always monotone in α), so do the onset's
+        # growth threshold and which parameters train (_model_tag)
+        gtag = f"|growth={growth_threshold}" if criterion == "onset" else ""
         key = (f"{tag}|{mtag}|{criterion}|m={momentum:g}{ntag}|B={B}|seed={s}|K={K}"
-               f"|factor={factor:g}|tol={rel_tol:g}")
+               f"|factor={factor:g}|tol={rel_tol:g}|lr0={a0:.9g}{gtag}")
         keys.append(key)
         if store is not None and key in store:
             rec = store[key]
         else:
-            a0 = lr0(B) if callable(lr0) else float(lr0)
             rec = {"batch_size": B, "seed": s, "steps": K, "momentum": momentum,
                    "nesterov": nesterov, "criterion": criterion}
             try:

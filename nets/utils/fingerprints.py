@@ -5,9 +5,10 @@ given: the model's structure and the loss function (`code_fingerprint`), and the
 Parameters and data are hashed by the stores themselves; two models with the same weights
 but another activation, or one loss with another label smoothing, must not share stored
 results. Hashed here: every submodule's class and `extra_repr`, the model's `repr`, and
-for the loss — a function's qualified name, bytecode, constants, names and closure
-values, a `functools.partial`'s function, arguments and keywords (recursively), or a
-loss module's class and its plain attributes (reduction, label smoothing, weights, ...).
+for the loss — a function's qualified name, bytecode, constants, names, closure values
+and the module-level data (and same-module functions) it reads, a `functools.partial`'s
+function, arguments and keywords (recursively), or a loss module's class and its plain
+attributes (reduction, label smoothing, weights, ...).
 A callable it cannot read falls back to its `repr` (which may include an address, so such
 a store is not reused across processes: never stale, at worst recomputed).
 """
@@ -33,6 +34,9 @@ def _describe(obj, depth=0) -> str:
     if isinstance(obj, torch.Tensor):
         t = obj.detach()
         return f"tensor{tuple(t.shape)}{t.dtype}:{hashlib.sha1(_raw(t)).hexdigest()[:12]}"
+    if isinstance(obj, np.ndarray):
+        a = np.ascontiguousarray(obj)
+        return f"ndarray{a.shape}{a.dtype}:{hashlib.sha1(a.tobytes()).hexdigest()[:12]}"
     if isinstance(obj, torch.nn.Module):
         plain = sorted((k, _describe(v, depth + 1)) for k, v in vars(obj).items()
                        if not k.startswith("_") and k != "training")
@@ -45,7 +49,7 @@ def _describe(obj, depth=0) -> str:
         defaults = [_describe(d, depth + 1) for d in (obj.__defaults__ or ())]
         return (f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}:"
                 f"{code.co_code.hex()}:{[_describe(c, depth + 1) for c in code.co_consts]}:"
-                f"{code.co_names}:{cells}:{defaults}")
+                f"{code.co_names}:{cells}:{defaults}:{_globals_read(obj, code, depth)}")
     if isinstance(obj, (int, float, str, bool, type(None), bytes)):
         return repr(obj)
     if isinstance(obj, (tuple, list)):
@@ -53,6 +57,27 @@ def _describe(obj, depth=0) -> str:
     if callable(obj) and hasattr(obj, "__qualname__"):      # builtins, torch functions
         return f"{getattr(obj, '__module__', '')}.{obj.__qualname__}"
     return repr(obj)
+
+
+_PLAIN = (int, float, str, bool, type(None), bytes, tuple, list, torch.Tensor, np.ndarray,
+          np.generic)
+
+
+def _globals_read(fn, code, depth) -> list:
+    """The module-level values a function reads by name — plain data (numbers, strings,
+    tensors, arrays, tuples) and the user's own functions, not modules or classes — so
+    that a loss reading a global setting (e.g. LABEL_SMOOTHING = 0.1) is told apart
+    when the setting changes."""
+    g = getattr(fn, "__globals__", {})
+    out = []
+    for name in code.co_names:
+        if name not in g:
+            continue
+        v = g[name]
+        if isinstance(v, _PLAIN) or (getattr(v, "__code__", None) is not None
+                                     and getattr(v, "__module__", None) == fn.__module__):
+            out.append((name, _describe(v, depth + 1)))
+    return out
 
 
 def _has_contents(cell) -> bool:

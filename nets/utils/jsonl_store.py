@@ -3,15 +3,18 @@
 Long sweeps (batch-size sweeps, learning-rate bisection, learner comparisons, the
 paper checks) write each finished item as one JSON line keyed by a string. A line is
 written with a single `os.write` on a file opened with O_APPEND and then fsync'ed, so
-a SIGKILL leaves either the whole line or a truncated last line; a truncated or
-unparsable last line is ignored (and repaired) on the next open. Re-running a sweep
-therefore skips the keys already present and never duplicates them.
+a SIGKILL leaves either the whole line or a truncated last line; a truncated last line
+(no newline) is ignored and cut off on the next open. A complete line that does not
+parse as a record (a blank line, an edited or merged file) is skipped with a warning
+and left in place: the records after it still count. Re-running a sweep therefore
+skips the keys already present and never duplicates them.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -42,18 +45,19 @@ class JsonlStore:
             return
         raw = self.path.read_bytes()
         self._size = len(raw)
-        good_end = 0
-        pos = 0
-        for line in raw.splitlines(keepends=True):
-            pos += len(line)
-            if not line.endswith(b"\n"):
-                break  # truncated final line from a kill mid-write
+        good_end = raw.rfind(b"\n") + 1          # a tail without newline: killed mid-write
+        bad = []
+        for number, line in enumerate(raw[:good_end].splitlines(), start=1):
+            if not line.strip():
+                continue
             try:
                 rec = json.loads(line)
                 self._records[str(rec["key"])] = rec["value"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                break
-            good_end = pos
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+                bad.append(number)
+        if bad:
+            warnings.warn(f"{self.path}: line(s) {bad[:10]} are not records and were skipped "
+                          f"({len(self._records)} records read)", UserWarning, stacklevel=3)
         if good_end < len(raw):  # drop the damaged tail so later appends stay parseable
             with open(self.path, "r+b") as fh:
                 fh.truncate(good_end)
