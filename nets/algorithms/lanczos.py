@@ -565,9 +565,9 @@ def _stop_now(stop, Tj, beta, which) -> bool:
 
 def _krylov_schur(op, k, which, tol, max_mv, m, rng, q, bar, want_vectors, stop=None):
     """The thick-restart iteration of `eigsh` from the start vector q: (values, vectors
-    or None, residuals, converged, products, restarts, ‖A‖ estimate). `stop(θ, r)`, if
-    given (k = 1), is asked after every product with the best Ritz value and its
-    residual norm and ends the iteration when it says so."""
+    or None, residuals, converged, products, restarts, ‖A‖ estimate). `stop(θ, r)` (k = 1;
+    by default the convergence test) is asked after every product with the best Ritz
+    value and its residual norm and ends the iteration when it says so."""
     P = op.P
     dev = _op_device(op)
     bd_tol = _breakdown_tol(op)
@@ -575,6 +575,11 @@ def _krylov_schur(op, k, which, tol, max_mv, m, rng, q, bar, want_vectors, stop=
     V[0] = q / torch.linalg.vector_norm(q)
     T = np.zeros((m, m))
     l, matvecs, restarts, anorm, halted = 0, 0, 0, 0.0, False
+    if stop is None and k == 1:
+        # one wanted pair: test convergence after every product, so that a warm start
+        # (v0 near the answer) or a well-separated top ends before the cycle is full
+        def stop(theta, r):
+            return r <= max(tol * abs(theta), _convergence_floor(op) * anorm)
     while True:
         size, beta_last = m, 0.0
         for j in range(l, m):

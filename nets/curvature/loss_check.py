@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from nets.utils.data_source import as_data_source, model_place
+from nets.utils.modes import kept_rng
 
 __all__ = ["check_mean_reduced", "loss_name"]
 
@@ -92,8 +93,8 @@ def _batch_and_samples(model, loss_fn, data, *, sample: int):
     saved = {k: b.detach().clone() for k, b in model.named_buffers()}
     shapes = None
     try:
-        with torch.no_grad():
-            out = model(X)
+        with torch.no_grad(), kept_rng(device):     # active dropout must not draw from the
+            out = model(X)                          # caller's random stream
             if isinstance(out, torch.Tensor) and isinstance(Y, torch.Tensor):
                 shapes = (tuple(out.shape), tuple(Y.shape))
             with warnings.catch_warnings():     # torch's own broadcast warning: said below

@@ -83,6 +83,7 @@ from nets.noise.directional import (
     micro_batch_partition,
 )
 from nets.utils.data_source import as_data_source
+from nets.utils.modes import kept_modes
 from nets.utils.progress import progress_bar
 from nets.utils.results import Result, result
 from rmt.sampling import batch_noise_factor
@@ -188,13 +189,9 @@ def default_subspace_dim(model, data, P: int) -> int:
     dev = next((p.device for p in model.parameters()), X.device)
     dt = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     X = X.to(device=dev, dtype=dt) if X.is_floating_point() and dt is not None else X.to(dev)
-    with torch.no_grad():
-        was = model.training
+    with torch.no_grad(), kept_modes(model):
         model.eval()
-        try:
-            out = model(X)
-        finally:
-            model.train(was)
+        out = model(X)
     C = sum(int(t.shape[-1]) if t.ndim >= 2 else 1 for t in output_tensors(out))
     return max(1, min(C, P))
 

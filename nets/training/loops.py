@@ -29,6 +29,7 @@ from nets.training.data import check_dataset, load_digits
 from nets.training.models import MLP
 from nets.utils.atomic import atomic_write
 from nets.utils.data_source import as_data_source
+from nets.utils.modes import kept_modes
 from nets.utils.results import Result, result
 from rmt.validation import as_float, as_int
 
@@ -109,9 +110,8 @@ def evaluate(model: nn.Module, loss_fn: Callable, data, *, chunk_size: int | Non
     bs = n if chunk_size is None else as_int("chunk_size", chunk_size, minimum=1)
     dev = _resolve_device(device, model)
     classify = _is_classification(y)
-    was_training = model.training
-    model.eval()
-    try:
+    with kept_modes(model):
+        model.eval()
         total, correct = 0.0, 0
         for i in range(0, n, bs):
             xb, yb = X[i:i + bs].to(dev), y[i:i + bs].to(dev)
@@ -119,8 +119,6 @@ def evaluate(model: nn.Module, loss_fn: Callable, data, *, chunk_size: int | Non
             total += float(loss_fn(out, yb)) * xb.shape[0]
             if classify:
                 correct += int((out.argmax(dim=1) == yb).sum())
-    finally:
-        model.train(was_training)
     return total / n, (correct / n if classify else None)
 
 
@@ -190,37 +188,33 @@ def train(model: nn.Module, loss_fn: Callable, data, *, epochs: int, lr: float,
     losses, accs = [], []
     steps, diverged = 0, False
     fork_devices = [dev.index or 0] if dev.type == "cuda" else []
-    was_training = model.training
     t0 = time.perf_counter()
-    with torch.random.fork_rng(devices=fork_devices):
+    with torch.random.fork_rng(devices=fork_devices), kept_modes(model):
         torch.manual_seed(seed)
         model.train()
-        try:
-            for _ in range(epochs):
-                perm = torch.randperm(n, generator=gen).to(dev)
-                total = torch.zeros((), dtype=torch.float64, device=dev)
-                correct = torch.zeros((), dtype=torch.int64, device=dev)
-                for i in range(0, n, batch_size):
-                    idx = perm[i:i + batch_size]
-                    xb, yb = Xd[idx], yd[idx]
-                    opt.zero_grad(set_to_none=True)
-                    out = model(xb)
-                    loss = loss_fn(out, yb)
-                    loss.backward()
-                    opt.step()
-                    steps += 1
-                    total += loss.detach().double() * idx.shape[0]
-                    if classify:
-                        correct += (out.detach().argmax(dim=1) == yb).sum()
-                epoch_loss = float(total) / n
-                losses.append(epoch_loss)
+        for _ in range(epochs):
+            perm = torch.randperm(n, generator=gen).to(dev)
+            total = torch.zeros((), dtype=torch.float64, device=dev)
+            correct = torch.zeros((), dtype=torch.int64, device=dev)
+            for i in range(0, n, batch_size):
+                idx = perm[i:i + batch_size]
+                xb, yb = Xd[idx], yd[idx]
+                opt.zero_grad(set_to_none=True)
+                out = model(xb)
+                loss = loss_fn(out, yb)
+                loss.backward()
+                opt.step()
+                steps += 1
+                total += loss.detach().double() * idx.shape[0]
                 if classify:
-                    accs.append(int(correct) / n)
-                if stop_on_divergence and not math.isfinite(epoch_loss):
-                    diverged = True
-                    break
-        finally:
-            model.train(was_training)
+                    correct += (out.detach().argmax(dim=1) == yb).sum()
+            epoch_loss = float(total) / n
+            losses.append(epoch_loss)
+            if classify:
+                accs.append(int(correct) / n)
+            if stop_on_divergence and not math.isfinite(epoch_loss):
+                diverged = True
+                break
     wall = time.perf_counter() - t0
     if diverged:
         final_loss, final_acc = float("nan"), None

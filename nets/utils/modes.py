@@ -1,0 +1,37 @@
+"""Leaving the caller's model and random stream as they were.
+
+`kept_modes(model)` restores every submodule's train/eval flag on exit. `model.train(flag)`
+sets *all* submodules to one flag, so restoring only `model.training` would switch a
+BatchNorm or Dropout that a fine-tuning loop keeps in eval mode inside a training model
+back to train mode (and its next forward would move the running statistics).
+
+`kept_rng(device)` restores torch's global random state (and that of a CUDA device) on
+exit, so that a forward pass with active dropout inside a measurement does not change
+the random draws of the caller's training run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+__all__ = ["kept_modes", "kept_rng"]
+
+
+@contextlib.contextmanager
+def kept_modes(model: torch.nn.Module):
+    """Every submodule's `training` flag as it was on entry, restored on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield model
+    finally:
+        for m, flag in modes:
+            m.training = flag
+
+
+def kept_rng(device=None):
+    """`torch.random.fork_rng` over the CPU and, for a CUDA device, that device."""
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    devices = [dev.index or 0] if dev.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
