@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -206,6 +207,34 @@ def test_monitor_validates_its_arguments():
     bn = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).double()
     with pytest.raises(ValueError, match="BatchNorm"):
         CurvatureMonitor(bn, CE, (X, y), batch_size=8)
+    with pytest.raises(ValueError, match="at least 2 samples"):     # not at the 1st record
+        CurvatureMonitor(model, CE, (X[:1], y[:1]), batch_size=1)
+
+
+def test_attach_says_when_a_resumed_store_and_start_step_disagree(tmp_path):
+    """Resumed from its store without start_step, the monitor labelled the step-29
+    record 16 and skipped three; and an optimizer over another model was not said."""
+    X, y = _data(seed=3)
+    model = _model(3)
+    path = tmp_path / "mon.jsonl"
+    mon = CurvatureMonitor(model, CE, (X, y), batch_size=16, n_batches=0, every=5, path=path,
+                           budget=1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    mon.attach(opt)
+    _train_steps(model, opt, X, y, 7)
+    assert mon.recorded_steps() == [1, 6]
+    again = CurvatureMonitor(model, CE, (X, y), batch_size=16, n_batches=0, every=5, path=path,
+                           budget=1.0)
+    with pytest.warns(UserWarning, match="records up to step 6"):
+        again.attach(opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again.attach(opt, start_step=7)
+    other = torch.optim.SGD(_model(4).parameters(), lr=0.05)
+    with pytest.warns(UserWarning, match="none of the model's trainable parameters"):
+        again.attach(other, start_step=7)
+    assert 1 in CurvatureMonitor(model, CE, (X[:2], y[:2]), batch_size=1,
+                                 n_batches=0).batch_sizes
 
 
 def test_monitor_user_loop_edge_cases(tmp_path):

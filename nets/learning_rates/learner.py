@@ -400,9 +400,10 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
     See the module docstring for the algorithm and every rule. Use it like any
     optimizer: ``loss.backward(); opt.step(); opt.zero_grad()`` (or ``opt.step(closure)``).
     Curvature is measured inside `step` *before* the parameter update, at the weights
-    the gradient was computed at, on the schedule of step 6 (the very first `step`
-    measures; then after first_update_every, 2·first_update_every, … steps, capped at
-    `update_every`).
+    the gradient was computed at, on the schedule of step 6: the constructor measures
+    (so that `lr` holds a value at once; the first `step` measures again if the weights
+    changed since, e.g. a checkpoint loaded after building the optimizer), then after
+    first_update_every, 2·first_update_every, … steps, capped at `update_every`.
 
     Parameters
     ----------
@@ -580,6 +581,12 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
         # its time is training time too (else overhead_fraction could exceed 1)
         self._update_now()
         self._wall += self.history[-1].curvature_time
+        self._measured_weights = self._weights_digest()
+
+    def _weights_digest(self) -> tuple:
+        """Sum and sum of squares of every parameter (float64): whether the weights moved."""
+        return tuple((float(p.detach().double().sum()), float(p.detach().double().square().sum()))
+                     for group in self.param_groups for p in group["params"])
 
     def _update_now(self) -> None:
         self.update_hyperparameters()
@@ -773,6 +780,11 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
             self._wall += t0 - self._t_prev
         if self.steps_taken >= self._next_update:
             self._update_now()
+        elif self.steps_taken == 0 and self._weights_digest() != self._measured_weights:
+            # weights loaded after the constructor: its measurement was of other weights,
+            # so it is replaced (the hold and growth rules must not start from it)
+            self.history.pop()
+            self.update_hyperparameters()
         self._restore_owned()
         for group in self.param_groups:
             lr, rho, wd = group["lr"], group["momentum"], group["weight_decay"]

@@ -206,7 +206,12 @@ def warn_partial_optimizer(model, optimizer, params=None, *, group_lrs=True) -> 
     trained = {id(p) for g in optimizer.param_groups for p in g["params"]}
     free = [p for p in model.parameters() if p.requires_grad]
     missing = sum(p.numel() for p in free if id(p) not in trained)
-    if missing and len(trained & {id(p) for p in free}):
+    if trained and free and not trained & {id(p) for p in free}:
+        warnings.warn("optimizer: it updates none of the model's trainable parameters — is it "
+                      "another model's optimizer (or one built before the model was copied)? "
+                      "Its settings are read, but it does not train this model",
+                      UserWarning, stacklevel=3)
+    elif missing and len(trained & {id(p) for p in free}):
         total = sum(p.numel() for p in free)
         warnings.warn(f"optimizer: it updates only {total - missing} of the model's {total} "
                       "trainable parameters, but the limits here are for all of them; freeze "

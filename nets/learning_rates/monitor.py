@@ -97,8 +97,10 @@ class MonitorRecord(Result):
 
     step; time : wall seconds since the monitor started; loss : the training loss passed
     in (nan if none); lr, momentum : the optimizer's α, ρ (nan / 0 if unknown);
-    lam, lam_residual, lam_converged : λ₁ and its Lanczos residual; s2, s2_stderr : s_u²;
-    b_star : s_u²/λ₁²; batch_size : B; lam_prime : predicted λ'(B);
+    lam, lam_residual, lam_converged : λ₁ and its Lanczos residual; s2, s2_stderr : s_u²
+    and its standard error — when sampled (to `noise_rel_error`), against its value on all
+    N samples; when every sample is used (small N), the data set's own sampling error
+    std/√N, which can be the larger of the two (`nets.noise.directional`); b_star : s_u²/λ₁²; batch_size : B; lam_prime : predicted λ'(B);
     batch_sharpness, batch_sharpness_std, batch_sharpness_stderr : measured
     E λ_max(H_B) over n_batches batches (nan if n_batches = 0); plateau : eoss_plateau(α)
     (nan if α unknown); batch_sizes, max_lr, transfer_lr : the lr table (transfer nan
@@ -190,7 +192,7 @@ class CurvatureTracker:
 
 def _default_batch_sizes(N: int, B: int) -> tuple:
     sizes = {int(2 ** k) for k in range(0, 20) if 2 ** k <= N} | {int(B), int(N)}
-    return tuple(sorted(s for s in sizes if s >= 2 or s == N))
+    return tuple(sorted(s for s in sizes if s >= 2 or s in (B, N)))
 
 
 class CurvatureMonitor:
@@ -218,6 +220,9 @@ class CurvatureMonitor:
                  chunk_size=None, device=None, dtype=None, seed=0, clock: Callable = None):
         source = as_data_source(data, name="data")
         self.N = int(source.N)
+        if self.N < 2:
+            raise ValueError(f"data: the monitor needs at least 2 samples (s_u² is a variance "
+                             f"across samples), got N={self.N}")
         self.batch_size = as_int("batch_size", batch_size, minimum=1)
         if self.batch_size > self.N:
             raise ValueError(f"batch_size must be <= N = {self.N}, got {self.batch_size}")
@@ -341,6 +346,13 @@ class CurvatureMonitor:
             self._hook.remove()
         self._optimizer = optimizer
         self._steps = as_int("start_step", start_step, minimum=0)
+        done = self.recorded_steps()
+        if done and self._steps < max(done):
+            warnings.warn(f"attach: the store already holds records up to step {max(done)} but "
+                          f"steps are counted from start_step={self._steps}: records of a "
+                          "resumed run would be labelled with the wrong steps (and those "
+                          "already stored skipped); pass the step the run restarts at",
+                          UserWarning, stacklevel=2)
         warn_partial_optimizer(self.tracker.model, optimizer, self.tracker.params,
                                group_lrs=False)     # said below, with what is recorded
         self._read_settings(stacklevel=3)
