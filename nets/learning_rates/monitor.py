@@ -100,7 +100,8 @@ class MonitorRecord(Result):
     lam, lam_residual, lam_converged : λ₁ and its Lanczos residual; s2, s2_stderr : s_u²
     and its standard error — when sampled (to `noise_rel_error`), against its value on all
     N samples; when every sample is used (small N), the data set's own sampling error
-    std/√N, which can be the larger of the two (`nets.noise.directional`); b_star : s_u²/λ₁²; batch_size : B; lam_prime : predicted λ'(B);
+    std/√N, which can be the larger of the two (`nets.noise.directional`);
+    b_star : s_u²/λ₁²; batch_size : B; lam_prime : predicted λ'(B);
     batch_sharpness, batch_sharpness_std, batch_sharpness_stderr : measured
     E λ_max(H_B) over n_batches batches (nan if n_batches = 0); plateau : eoss_plateau(α)
     (nan if α unknown); batch_sizes, max_lr, transfer_lr : the lr table (transfer nan
