@@ -46,6 +46,12 @@ def test_linear_network_matches_the_real_warmed_bisection():
     np.testing.assert_allclose(lin.deterministic, 38.0 / lin.lam_precond)
     d = lin.to_dict()
     assert set(d) >= {"lr", "corrected", "share", "secant_ratio", "per_seed"}
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots()
+    assert real.plot(ax=ax) is ax and ax.get_lines()            # as TrainingThresholds
+    plt.close(fig)
     # the same thresholds with the Jacobians stored instead of J·e through the network
     stored = linearized_adam_threshold(model, F.cross_entropy, (X, y), [4, 16],
                                        lr_range=(1e-3, 1e2), n_grid=40, jacobians="stored",

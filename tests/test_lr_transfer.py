@@ -227,6 +227,8 @@ def test_linearized_form_reanchors_and_checks_its_rank(tiny_mlp):
     np.testing.assert_array_equal(full.rank_change, [1.0])
     with pytest.raises(ValueError, match="batch_sizes"):
         a.with_reference((32, 1.0))
+    with pytest.raises(ValueError, match="was this transfer's reference"):
+        full.with_reference((16, 0.3))              # B0 = 16 anchored it, [4] was asked
     for bad, match in ((dict(factor=1.0), "factor"), (dict(rank=0), "rank"),
                        (dict(n_seeds=0), "n_seeds"), (dict(steps=0), "steps"),
                        (dict(factor=1e12), "never reaches")):

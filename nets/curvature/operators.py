@@ -760,8 +760,9 @@ def hessian_operator(model: nn.Module, loss_fn: Callable, data, *, params=None, 
         a fresh forward + backward; memory grows with the data held. False: rebuild per
         product (one batch's graph alive at a time; data other than an in-memory pair
         are then streamed from their source for every product). "auto" (default): True
-        when the inputs total ≤ AUTO_CACHE_INPUT_NUMEL numbers or 64× their size fits the
-        default memory budget (`nets.utils.memory`). Parameters are frozen
+        when the inputs total ≤ AUTO_CACHE_INPUT_NUMEL numbers or N × GRAPH_PRODUCT_FACTOR ×
+        the measured graph bytes per sample fits half the default memory budget
+        (`_graph_fits`, `nets.utils.memory`). Parameters are frozen
         copies, so the cache stays valid for the operator's lifetime.
     """
     return ModelCurvatureOperator(model, loss_fn, data, "hessian", params=params, policy=policy,

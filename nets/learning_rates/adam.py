@@ -75,6 +75,7 @@ from nets.learning_rates.lr_search import (
     as_seeds,
     bisect_max_lr,
     check_start_loss,
+    plot_thresholds,
     seed_mean_stderr,
 )
 from nets.utils.data_source import as_data_source, tensors_for
@@ -766,6 +767,12 @@ class AdamThresholds(Result):
     rel_tol: float
     seeds: tuple
     n_trials: int
+
+    def plot(self, ax=None, *, label=None, color="k"):
+        """Measured thresholds ± stderr against B (log-log); returns the axes."""
+        return plot_thresholds(ax, self.batch_sizes, self.lr, self.stderr, fmt="o", color=color,
+                               label=label or f"measured Adam ({self.criterion}, "
+                                              f"β₁={self.betas[0]:g})")
 
 
 def adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 0.999), eps=1e-8,

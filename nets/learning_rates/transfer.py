@@ -175,8 +175,14 @@ class LRTransfer(Result):
     nesterov: bool = False
 
     def with_reference(self, reference) -> LRTransfer:
-        """The same transfer anchored at another (B₀, α₀), B₀ one of `batch_sizes`: the
-        stored shape is reused (no new measurement) and the error re-propagated."""
+        """The same transfer anchored at another (B₀, α₀), B₀ one of `batch_sizes` (a
+        reference B₀ outside them anchors `transfer_lr` but is not kept): the stored shape is
+        reused (no new measurement) and the error re-propagated."""
+        B0 = _reference(reference)[0]
+        if B0 == self.reference_batch_size and B0 not in self.batch_sizes:
+            raise ValueError(f"with_reference: B0 = {B0} was this transfer's reference but is not "
+                             "one of its batch_sizes, so its shape there was not kept; give "
+                             "transfer_lr batch_sizes that include B0 to re-anchor at it")
         i0, B0, lr0 = reference_index(self.batch_sizes, reference)
         measured = self.form in MODEL_FORMS
         if measured:                            # the caveats of transfer_lr itself
