@@ -192,22 +192,24 @@ def test_low_precision_products_do_not_cause_false_breakdown():
 
 def multi_output_least_squares(N=200, D=40, C=6, seed=0):
     """A bias-free linear map D → C under the mean squared error: its Hessian is
-    2/(N·C)·(XᵀX) ⊗ I_C, every eigenvalue C times (the oracle: eigvalsh of XᵀX)."""
+    2/(N·C)·(XᵀX) ⊗ I_C, every eigenvalue C times (the oracle: eigvalsh of XᵀX).
+    Returns (operator, sorted eigenvalues, model, (X, Y))."""
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(N, D, dtype=torch.float64, generator=g) * torch.linspace(0.3, 3.0, D,
                                                                                dtype=torch.float64)
     Y = torch.randn(N, C, dtype=torch.float64, generator=g)
     model = nn.Linear(D, C, bias=False).double()
     ev = np.repeat(np.linalg.eigvalsh((X.T @ X).numpy()) * 2 / (N * C), C)
-    return hessian_operator(model, nn.functional.mse_loss, (X, Y)), np.sort(ev)
+    return (hessian_operator(model, nn.functional.mse_loss, (X, Y)), np.sort(ev), model,
+            (X, Y))
 
 
 @pytest.mark.parametrize("which", ["LA", "SA"])
 @pytest.mark.parametrize("k", [2, 5, 8])
 def test_eigsh_finds_every_copy_of_a_repeated_eigenvalue(which, k):
-    op, ev = multi_output_least_squares()
+    op, ev, model, data = multi_output_least_squares()
     ref = ev[::-1][:k] if which == "LA" else ev[:k]
-    r = eigsh(op, k=k, which=which, seed=3)
+    r = eigsh(op, k=k, which=which, seed=3, check_multiplicity=True)
     assert r.converged.all()
     np.testing.assert_allclose(r.values, ref, rtol=1e-9)
     V = r.vectors.numpy()
@@ -216,7 +218,7 @@ def test_eigsh_finds_every_copy_of_a_repeated_eigenvalue(which, k):
     # one Krylov space (40 distinct values, more than krylov_dim) holds one copy of
     # each (restarts recover some by round-off): without the check the next distinct
     # values take the missing copies' places
-    plain = eigsh(op, k=k, which=which, seed=3, check_multiplicity=False)
+    plain = eigsh(op, k=k, which=which, seed=3)
     assert plain.converged.all()
     copies = lambda v: int(np.sum(np.isclose(v, ref[0], rtol=1e-9)))
     assert copies(plain.values) < copies(ref) == min(k, 6)
@@ -226,8 +228,19 @@ def test_eigsh_finds_every_copy_of_a_repeated_eigenvalue(which, k):
 def test_multiplicity_check_leaves_a_simple_spectrum_alone():
     op = mlp_hessian()
     dense = np.linalg.eigvalsh(op.to_dense().numpy())[::-1]
-    checked = eigsh(op, k=6, seed=0)
-    plain = eigsh(op, k=6, seed=0, check_multiplicity=False)
+    checked = eigsh(op, k=6, seed=0, check_multiplicity=True)
+    plain = eigsh(op, k=6, seed=0)
     np.testing.assert_allclose(checked.values, dense[:6], rtol=1e-9)
     np.testing.assert_array_equal(checked.values, plain.values)
     assert plain.num_matvecs < checked.num_matvecs
+
+
+def test_the_public_spectra_find_every_copy():
+    """top_eigenvalues / bottom_eigenvalues check the complement by default (the
+    sweep's case: top-3 of a multi-output least-squares layer)."""
+    from nets.algorithms.spectra import bottom_eigenvalues, top_eigenvalues
+
+    _, ev, model, data = multi_output_least_squares()
+    mse = nn.functional.mse_loss
+    np.testing.assert_allclose(top_eigenvalues(model, mse, data, k=3), ev[::-1][:3], rtol=1e-9)
+    np.testing.assert_allclose(bottom_eigenvalues(model, mse, data, k=3), ev[:3], rtol=1e-9)
