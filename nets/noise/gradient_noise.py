@@ -213,8 +213,10 @@ def gradient_noise(model, loss_fn, data, *, hessian_samples=32, hessian=True, pa
             weight = 1.0 / (N * p[idx])
         terms = weight * _quadratic_forms(ps, src, H, gbar, idx, acc)
         tr_hs = float(terms.mean()) * N / (N - 1)
-        tr_se = 0.0 if m == N else float(terms.std(ddof=1) / np.sqrt(m)) * N / (N - 1) if m > 1 \
-            else float("nan")
+        if m == N:
+            tr_se = 0.0                                         # every sample: exact
+        elif m > 1:
+            tr_se = float(terms.std(ddof=1) / np.sqrt(m)) * N / (N - 1)
         B_noise = tr_hs / gHg if gHg != 0 else float("inf")
         B_se = tr_se / abs(gHg) if gHg != 0 else float("nan")
         eps_max = gsq / gHg if gHg != 0 else float("inf")
