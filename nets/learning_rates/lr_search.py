@@ -265,9 +265,11 @@ def bisect_max_lr(is_diverged, alpha0, rel_tol=0.02, max_expand=_MAX_EXPAND) -> 
         else:
             raise RuntimeError(
                 f"no divergent learning rate found while doubling from {alpha0:.3g} to "
-                f"{a:.3g} ({max_expand} doublings); with a bounded-gradient loss (cross-entropy, "
-                "BCE) the 'growth' criterion may never fire — use criterion='loss', or "
-                "nets.lr_search.training_threshold (divergence of the loss)")
+                f"{a:.3g} ({max_expand} doublings). In lr_sweep with a bounded-gradient loss "
+                "(cross-entropy, BCE) the 'growth' criterion may never fire: use "
+                "criterion='loss' or training_threshold; in training_threshold the loss never "
+                "left its tolerance (a 'final' or 'onset' criterion that cannot fire, or a "
+                "loss at its floor): pass unbracketed='nan' to keep the other batch sizes")
         hi = a
         lo = a / 2.0
     while hi / lo > 1.0 + rel_tol:
