@@ -126,6 +126,9 @@ def _selected(args, parser) -> list[str]:
     if not wanted:
         parser.error(f"--only: no check named (got {args.only!r}); known: {', '.join(names)}")
     unknown = [n for n in wanted if n not in names]
+    paper = [n for n in unknown if n in all_names("paper")]
+    if paper:
+        parser.error(f"--only: {paper} run only with --scale paper (CIFAR data and a GPU)")
     if unknown:
         parser.error(f"--only: unknown check(s) {unknown}; known: {', '.join(names)}")
     return [n for n in names if n in wanted]
@@ -142,8 +145,7 @@ def main(argv=None) -> int:
             print(f"{mod.NAME:28s} {mod.CLAIM}")
         return 0
     if args.redraw is not None:
-        from .report import redraw, write_readme
-        from .result import CheckResult
+        from .report import load_results, redraw, write_readme
         from .runner import ReportFolderInUse, report_lock
 
         if not args.redraw.strip() or not Path(args.redraw).is_dir():
@@ -152,19 +154,18 @@ def main(argv=None) -> int:
         try:
             with report_lock(out):
                 redraw(out)
-                results = [CheckResult.load(p) for p in sorted(out.glob("*.json"))]
-                write_readme(results, out)
+                write_readme(load_results(out), out)
         except ReportFolderInUse as exc:
             parser.error(f"--redraw: {exc}")
         return 0
+    names = _selected(args, parser)        # before validate creates the --out folder
     validate(args, parser)
-    names = _selected(args, parser)
     from .runner import limit_threads
     limit_threads(args.threads)
 
     from .context import Context
     from .report import text_table, write_readme
-    from .runner import ReportFolderInUse, report_lock, run_checks
+    from .runner import STORE_NAME, ReportFolderInUse, report_lock, run_checks
 
     ctx = Context(seed=args.seed, quick=args.quick, device=args.device, scale=args.scale,
                   data=Path(args.data) if args.data else None, progress=not args.no_progress)
@@ -173,8 +174,12 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     done = []
 
+    resumed_names = []
+
     def refresh(result, resumed):
         done.append(result)
+        if resumed:
+            resumed_names.append(result.name)
         write_readme(done, out, wall_seconds=time.perf_counter() - t0, command=command.strip())
 
     with contextlib.ExitStack() as held:
@@ -182,13 +187,21 @@ def main(argv=None) -> int:
             held.enter_context(report_lock(out))   # before any work: one run per folder
         except ReportFolderInUse as exc:
             parser.error(f"--out: {exc}")
-        results = run_checks(load(names), ctx, out, fresh=args.fresh,
-                             progress=not args.no_progress, on_result=refresh, lock=False,
-                             jobs=args.jobs, threads=max(1, args.threads // args.jobs))
+        try:
+            results = run_checks(load(names), ctx, out, fresh=args.fresh,
+                                 progress=not args.no_progress, on_result=refresh, lock=False,
+                                 jobs=args.jobs, threads=max(1, args.threads // args.jobs))
+        except KeyboardInterrupt:
+            print(f"\ninterrupted: {len(done)} finished check(s) are stored in {out}; run the "
+                  "same command again to resume", file=sys.stderr)
+            return 130
         wall = time.perf_counter() - t0
         write_readme(results, out, wall_seconds=wall, command=command.strip())
     print()
     print(text_table(results))
+    if resumed_names:
+        print(f"\nresumed from {out}/{STORE_NAME} (same settings and code, not recomputed; "
+              f"--fresh recomputes): {', '.join(resumed_names)}")
     print(f"\nwall time {wall:.0f} s; report written to {out}/README.md")
     return 0 if all(r.ok for r in results) else 1
 

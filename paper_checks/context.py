@@ -8,6 +8,7 @@ with the same seed gives the same numbers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import zlib
 from pathlib import Path
 from typing import Iterable
@@ -55,8 +56,25 @@ class Context:
                     dynamic_ncols=True)
 
     def config_key(self) -> str:
-        """What makes results of two runs interchangeable (used as the resume key)."""
-        return f"seed={self.seed},quick={int(self.quick)},scale={self.scale},device={self.device}"
+        """What makes results of two runs interchangeable (used as the resume key): the
+        settings, and the package's source (a result computed by other code is never
+        served: any edit to rmt/, nets/ or paper_checks/ recomputes)."""
+        return (f"seed={self.seed},quick={int(self.quick)},scale={self.scale},"
+                f"device={self.device},code={source_fingerprint()}")
+
+
+@functools.lru_cache(maxsize=1)
+def source_fingerprint() -> str:
+    """12 hex digits of every .py file of the rmt, nets and paper_checks packages."""
+    import hashlib
+
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for pkg in ("rmt", "nets", "paper_checks"):
+        for f in sorted((root / pkg).rglob("*.py")):
+            h.update(str(f.relative_to(root)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def require(*names: str) -> None:

@@ -95,7 +95,7 @@ def write_readme(results: Sequence[CheckResult], out_dir: str | Path, *,
 def text_table(results: Sequence[CheckResult], width: int = 60) -> str:
     """Plain-text pass/fail table for the terminal (long cells are shortened)."""
     def short(s: str, n: int) -> str:
-        s = _cell(s)
+        s = str(s).replace("\n", " ").strip()          # plain text: no markdown escapes
         return s if len(s) <= n else s[: n - 1] + "…"
 
     rows = [("check", "verdict", "predicted", "measured")]
@@ -119,6 +119,21 @@ def text_table(results: Sequence[CheckResult], width: int = 60) -> str:
     return "\n".join(out)
 
 
+def load_results(out_dir: str | Path) -> list[CheckResult]:
+    """Every check result (`<check>.json`) in `out_dir`; other or damaged JSON files are
+    skipped with a note on stderr."""
+    import sys
+
+    results = []
+    for js in sorted(Path(out_dir).glob("*.json")):
+        try:
+            results.append(CheckResult.load(js))
+        except (ValueError, KeyError, TypeError) as exc:
+            print(f"note: {js.name} is not a check result, skipped ({type(exc).__name__})",
+                  file=sys.stderr)
+    return results
+
+
 def redraw(out_dir: str | Path) -> list[Path]:
     """Rebuild every `<check>.png` in `out_dir` from its JSON (no recomputation)."""
     from .checks import by_name
@@ -126,8 +141,7 @@ def redraw(out_dir: str | Path) -> list[Path]:
 
     out_dir = Path(out_dir)
     written = []
-    for js in sorted(out_dir.glob("*.json")):
-        result = CheckResult.load(js)
+    for result in load_results(out_dir):
         try:
             check = by_name(result.name)
         except KeyError:

@@ -50,6 +50,8 @@ import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
+from nets.utils.atomic import file_umask
+
 from .context import Context, MissingDependency, require
 from .result import CheckResult
 
@@ -111,12 +113,17 @@ def _in_use(out_dir: Path, path: Path) -> str:
             f"(pid {pid or '?'}; lock {path.name}): wait for it to finish or choose another --out")
 
 
-def _store(out_dir: Path, fresh: bool):
+def _store(out_dir: Path, fresh: bool, names=()):
+    """The folder's resume store; `fresh` drops the stored results of the checks `names`
+    (every seed and setting) and keeps the other checks'."""
+    from nets.utils.atomic import atomic_write
     from nets.utils.jsonl_store import JsonlStore
 
     path = out_dir / STORE_NAME
     if fresh and path.exists():
-        path.unlink()
+        keep = [line for line in path.read_bytes().splitlines(keepends=True)
+                if not any(line.startswith(b'{"key": "' + n.encode() + b"|") for n in names)]
+        atomic_write(path, lambda fh: fh.write(b"".join(keep)))
     return JsonlStore(path)
 
 
@@ -157,6 +164,7 @@ def draw(check, result: CheckResult, path: Path) -> str | None:
         os.close(fd)
         try:
             fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+            os.chmod(tmp, 0o666 & ~file_umask())      # mkstemp's 0600 is not the umask's
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -196,7 +204,7 @@ def run_checks(checks: Sequence, ctx: Context, out_dir: str | Path, *, fresh: bo
 def _run_locked(checks, ctx, out_dir: Path, fresh: bool, progress: bool, on_result,
                 jobs: int, threads: int):
     out_dir.mkdir(parents=True, exist_ok=True)
-    store = _store(out_dir, fresh)
+    store = _store(out_dir, fresh, [check.NAME for check in checks])
     keys = {check.NAME: f"{check.NAME}|{ctx.config_key()}" for check in checks}
     results: dict[str, CheckResult] = {}
     bar = None
@@ -207,10 +215,9 @@ def _run_locked(checks, ctx, out_dir: Path, fresh: bool, progress: bool, on_resu
 
     def finish(check, result, resumed):
         png = out_dir / f"{check.NAME}.png"
-        if not resumed or not png.exists():
-            err = draw(check, result, png)
-            if err:
-                result = result.with_(details={**result.details, "figure_error": err})
+        err = draw(check, result, png)      # also when resumed: the folder's figure may
+        if err:                             # be another seed's
+            result = result.with_(details={**result.details, "figure_error": err})
         result.save(out_dir / f"{check.NAME}.json")
         if not resumed and result.verdict in ("pass", "fail"):
             store.put(keys[check.NAME], result.to_dict())

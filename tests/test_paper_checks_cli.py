@@ -240,3 +240,41 @@ def test_within_tolerance_false_fail_rate_is_small_when_the_prediction_is_right(
     big = rng.lognormal(-sig ** 2 / 2, sig, size=(1000, 320))
     bad = within_tolerance(1.4, big.mean(1), big.std(1, ddof=1) / np.sqrt(320), z=se_multiplier(320))
     assert bad.mean() < 0.03
+
+
+def test_fresh_resume_and_redraw_keep_the_folder_honest(tmp_path, capsys):
+    """From a sweep of the report folder: --fresh wiped every check's stored results, a
+    resumed run kept a figure drawn for another seed, --redraw crashed on a foreign JSON,
+    and a bad --only still created the folder."""
+    out = tmp_path / "rep"
+    run = ["--quick", "--no-progress", "--out", str(out)]
+    assert main(run + ["--only", "ggn_wishart,batch_hessian_top"]) in (0, 1)
+    store = out / STORE_NAME
+    names = lambda: sorted(json.loads(line)["key"].split("|")[0]
+                           for line in store.read_text().splitlines())
+    assert names() == ["batch_hessian_top", "ggn_wishart"]
+    assert main(run + ["--only", "ggn_wishart", "--fresh"]) in (0, 1)
+    assert names() == ["batch_hessian_top", "ggn_wishart"]      # the other check kept
+    png = out / "ggn_wishart.png"
+    png.write_bytes(b"stale")                                   # another run's figure
+    capsys.readouterr()
+    assert main(run + ["--only", "ggn_wishart"]) in (0, 1)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"          # redrawn on resume
+    assert "resumed from" in capsys.readouterr().out
+    assert oct(png.stat().st_mode & 0o777) != oct(0o600)        # the umask's mode
+    (out / "notes.json").write_text('{"mine": 1}')
+    assert main(["--redraw", str(out)]) == 0
+    assert "notes.json is not a check result" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(run[:-1] + [str(tmp_path / "never" / "made"), "--only", "nope"])
+    assert not (tmp_path / "never").exists()
+
+
+def test_report_text_is_utf8_in_an_ascii_locale(tmp_path):
+    script = ("import sys; from paper_checks.result import atomic_write_text; "
+              "atomic_write_text(sys.argv[1], '\\u03bb\\u2081 \\u2248 0.27')")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0",
+           "PYTHONCOERCECLOCALE": "0"}
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "r.md")], env=env, check=True,
+                   cwd=ROOT)
+    assert (tmp_path / "r.md").read_bytes().decode("utf-8") == "λ₁ ≈ 0.27"

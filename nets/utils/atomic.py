@@ -13,16 +13,26 @@ from pathlib import Path
 from typing import IO, Callable
 
 
+def file_umask() -> int:
+    """The process's umask (read by setting and restoring it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], binary: bool = True) -> Path:
     """Call `write(fh)` on a temporary file and atomically move it to `path`."""
     path = Path(os.fspath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb" if binary else "w") as fh:
+        # text is UTF-8 whatever the locale (an ASCII locale could not write "λ"), and the
+        # file gets the mode a plain open() would (mkstemp makes it 0600)
+        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~file_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
