@@ -290,6 +290,15 @@ def test_adam_transfer_reanchors_and_checks_its_prediction(tiny_mlp):
     np.testing.assert_allclose(again.sqrt_rule, fresh.sqrt_rule, rtol=1e-12)
     with pytest.raises(ValueError, match="one of batch_sizes"):
         tr.with_reference((16, 0.05))
+    # the β₁ caveat of the limit forms is said to users, and quiet in the main job's
+    # checks, which measure that transfer themselves
+    from nets.learning_rates.transfer import momentum_caveat_silenced
+    with pytest.warns(UserWarning, match="stability limit"):
+        tr.with_reference((24, 0.05))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with momentum_caveat_silenced():
+            tr.with_reference((24, 0.05))
     with pytest.raises(TypeError, match="corrected"):
         adam_transfer_lr(model, F.cross_entropy, (X, y), [4, 8], reference=(8, 0.01),
                          prediction=pred, form="linearized")

@@ -293,10 +293,13 @@ MOMENTUM_CAVEAT = "with momentum"
 
 @contextlib.contextmanager
 def momentum_caveat_silenced():
-    """Context in which `warn_momentum_upward` stays quiet — for code that measures the
-    upward transfer itself (the main job's checks, the benchmarks), not for users."""
+    """Context in which the momentum caveats stay quiet (`warn_momentum_upward`, and the
+    Adam limit forms' β₁ caveat) — for code that measures those transfers itself (the
+    main job's checks, the benchmarks), not for users."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=rf"\w+: {MOMENTUM_CAVEAT} ")
+        warnings.filterwarnings("ignore", message=r"\w+: with beta1 = \S+ the transfer along "
+                                                  r"Adam's stability limit")
         yield
 
 

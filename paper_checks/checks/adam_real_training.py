@@ -90,11 +90,11 @@ def run(ctx):
     failures, transfers = [], {}
     for B0 in (32, int(Bs.max())):
         a0 = float(warm.lr[list(Bs).index(B0)])
-        with momentum_caveat_silenced():    # the caveat this check measures
+        with momentum_caveat_silenced():    # the caveats this check measures
             tr = adam_transfer_lr(model, loss_fn, (X, y), Bs, reference=(B0, a0), prediction=lin)
-        ms = adam_transfer_lr(model, loss_fn, (X, y), Bs, reference=(B0, a0), prediction=pred)
-        det = adam_transfer_lr(model, loss_fn, (X, y), Bs, reference=(B0, a0), prediction=pred,
-                               form="deterministic")
+            ms = adam_transfer_lr(model, loss_fn, (X, y), Bs, reference=(B0, a0), prediction=pred)
+            det = adam_transfer_lr(model, loss_fn, (X, y), Bs, reference=(B0, a0),
+                                   prediction=pred, form="deterministic")
         ratio = tr.lr / warm.lr
         i0 = list(Bs).index(B0)
         transfers[B0] = {"lr": tr.lr, "ratio": ratio, "sqrt_rule": tr.sqrt_rule,
