@@ -297,9 +297,9 @@ def momentum_caveat_silenced():
     Adam limit forms' β₁ caveat) — for code that measures those transfers itself (the
     main job's checks, the benchmarks), not for users."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=rf"\w+: {MOMENTUM_CAVEAT} ")
-        warnings.filterwarnings("ignore", message=r"\w+: with beta1 = \S+ the transfer along "
-                                                  r"Adam's stability limit")
+        warnings.filterwarnings("ignore", message=rf"[\w.]+: {MOMENTUM_CAVEAT} ")
+        warnings.filterwarnings("ignore", message=r"[\w.]+: with beta1 = \S+ the transfer "
+                                                  r"along Adam's stability limit")
         yield
 
 
