@@ -428,7 +428,8 @@ class CurvatureMonitor:
         t0 = self._clock()
         tr = self.tracker
         model = tr.model
-        with torch.enable_grad(), no_autocast(), kept_modes(model), kept_rng(tr.device):
+        with (torch.enable_grad(), no_autocast(), kept_modes(model),
+              kept_rng(model_place(model)[0])):
             op = tr.operator()
             eig = tr.top(op)
             lam = float(eig.values[0])
