@@ -244,3 +244,18 @@ def test_the_public_spectra_find_every_copy():
     mse = nn.functional.mse_loss
     np.testing.assert_allclose(top_eigenvalues(model, mse, data, k=3), ev[::-1][:3], rtol=1e-9)
     np.testing.assert_allclose(bottom_eigenvalues(model, mse, data, k=3), ev[:3], rtol=1e-9)
+
+
+@pytest.mark.parametrize("which, want", [("LA", 10.0), ("SA", 1.0)])
+def test_a_warm_start_on_another_eigenvector_still_finds_the_end(which, want):
+    """k = 1 tests convergence after every product; a start vector that is (nearly) an
+    eigenvector of another eigenvalue has a zero residual at once (an invariant space),
+    and once stopped there with 9.8 for 10 (review of the per-product test)."""
+    eigs = np.linspace(1.0, 10.0, 50)
+    A, Q = with_spectrum(eigs, seed=3)
+    op = DenseOperator(A)
+    inner = Q[:, 40]                                   # an interior eigenvector
+    for v0 in (inner, inner + 1e-9 * Q[:, 49] + 1e-9 * Q[:, 0]):
+        r = eigsh(op, k=1, which=which, tol=1e-8, v0=torch.from_numpy(v0.copy()))
+        assert r.converged.all()
+        assert r.values[0] == pytest.approx(want, rel=1e-8)

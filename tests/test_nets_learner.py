@@ -598,4 +598,5 @@ def test_weights_loaded_after_the_constructor_are_measured_at_the_first_step():
     opt.step()
     assert [h.step for h in opt.history] == [0]
     assert opt.history[0].lr == pytest.approx(ref.lr, rel=0.05)
+    assert opt.history[0].lam_max == pytest.approx(ref.history[0].lam_max, rel=1e-6)
     assert abs(opt.history[0].lr / stale - 1) > 0.2

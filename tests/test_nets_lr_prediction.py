@@ -338,6 +338,9 @@ def test_lr_table_result_json_repr_and_plot(small_ls):
     text = json.dumps(t.to_dict(), allow_nan=False)
     back = LRTable.from_dict(json.loads(text))
     _close_tables(back, t, 0)
+    older = json.loads(text)                       # saved before B_noise_stderr existed
+    del older["B_noise_stderr"]
+    assert np.isnan(LRTable.from_dict(older).B_noise_stderr)
     # NaN columns (measure=False) survive the round trip as "nan"
     u = lr_table(model, loss_fn, data, bs, measure=False, mccandlish=False, num_probes=1)
     d = json.loads(json.dumps(u.to_dict(), allow_nan=False))

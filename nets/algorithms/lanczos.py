@@ -561,6 +561,12 @@ def _merge(values, vectors, resid, found, which, k):
             np.concatenate([resid, r2])[order], np.concatenate([ok1, ok2])[order])
 
 
+# products before the per-product stop may end a run: a start vector (a warm start) that
+# is nearly an eigenvector has a small residual at once, whichever eigenvalue it belongs
+# to, and the Krylov space needs some steps to lift a larger one out of it
+_MIN_EARLY = 10
+
+
 def _stop_now(stop, Tj, beta, which) -> bool:
     theta, S = np.linalg.eigh((Tj + Tj.T) / 2)
     i = _order(theta, which)[0]
@@ -570,15 +576,17 @@ def _stop_now(stop, Tj, beta, which) -> bool:
 def _krylov_schur(op, k, which, tol, max_mv, m, rng, q, bar, want_vectors, stop=None):
     """The thick-restart iteration of `eigsh` from the start vector q: (values, vectors
     or None, residuals, converged, products, restarts, ‖A‖ estimate). `stop(θ, r)` (k = 1;
-    by default the convergence test) is asked after every product with the best Ritz
-    value and its residual norm and ends the iteration when it says so."""
+    by default the convergence test) is asked after every product from the _MIN_EARLY-th
+    on with the best Ritz value and its residual norm and ends the iteration when it says
+    so — never after an invariant subspace was met (its Ritz values are exact but may
+    miss the wanted end of the spectrum, e.g. from a warm start on another eigenvector)."""
     P = op.P
     dev = _op_device(op)
     bd_tol = _breakdown_tol(op)
     V = torch.zeros((m + 1, P), dtype=torch.float64, device=dev)
     V[0] = q / torch.linalg.vector_norm(q)
     T = np.zeros((m, m))
-    l, matvecs, restarts, anorm, halted = 0, 0, 0, 0.0, False
+    l, matvecs, restarts, anorm, halted, broke = 0, 0, 0, 0.0, False, False
     if stop is None and k == 1:
         # one wanted pair: test convergence after every product, so that a warm start
         # (v0 near the answer) or a well-separated top ends before the cycle is full
@@ -610,10 +618,12 @@ def _krylov_schur(op, k, which, tol, max_mv, m, rng, q, bar, want_vectors, stop=
                 r, _ = _orthogonalise(Vj, r, local=0)
                 V[j + 1] = r / torch.linalg.vector_norm(r)
                 beta = 0.0
+                broke = True    # the space held only part of the spectrum: no early stop
             else:
                 V[j + 1] = w / beta
             beta_last = beta
-            if stop is not None and _stop_now(stop, T[: j + 1, : j + 1], beta, which):
+            if (stop is not None and not broke and matvecs >= _MIN_EARLY
+                    and _stop_now(stop, T[: j + 1, : j + 1], beta, which)):
                 size, halted = j + 1, True
                 break
         Tm = T[:size, :size]

@@ -784,6 +784,8 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
             # weights loaded after the constructor: its measurement was of other weights,
             # so it is replaced (the hold and growth rules must not start from it)
             self.history.pop()
+            self._chunk_vectors.clear()          # nor the warm starts it left
+            self.tracker.v0 = None
             self.update_hyperparameters()
         self._restore_owned()
         for group in self.param_groups:

@@ -455,7 +455,7 @@ class LRTable(Result):
         for k in _COLUMNS:
             kw[k] = np.asarray(d[k], dtype=float)
         for k in _SCALARS[2:] + ("dampening", "beta2"):
-            kw[k] = float(d[k])
+            kw[k] = float(d.get(k, math.nan) if k == "B_noise_stderr" else d[k])  # older JSON
         kw["batch_indices"] = tuple(np.asarray(i, dtype=np.int64).reshape(-1, int(b))
                                     for i, b in zip(d.get("batch_indices", ()), d["batch_sizes"]))
         return cls(**kw)

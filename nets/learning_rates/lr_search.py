@@ -680,7 +680,7 @@ def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergen
         # growth threshold and which parameters train (_model_tag)
         gtag = f"|growth={growth_threshold}" if criterion == "onset" else ""
         key = (f"{tag}|{mtag}|{criterion}|m={momentum:g}{ntag}|B={B}|seed={s}|K={K}"
-               f"|factor={factor:g}|tol={rel_tol:g}|lr0={a0:.9g}{gtag}")
+               f"|factor={factor:g}|tol={rel_tol:g}|lr0={a0:.6g}{gtag}")
         keys.append(key)
         if store is not None and key in store:
             rec = store[key]
