@@ -116,15 +116,12 @@ def _in_use(out_dir: Path, path: Path) -> str:
 def _store(out_dir: Path, fresh: bool, names=()):
     """The folder's resume store; `fresh` drops the stored results of the checks `names`
     (every seed and setting) and keeps the other checks'."""
-    from nets.utils.atomic import atomic_write
     from nets.utils.jsonl_store import JsonlStore
 
-    path = out_dir / STORE_NAME
-    if fresh and path.exists():
-        keep = [line for line in path.read_bytes().splitlines(keepends=True)
-                if not any(line.startswith(b'{"key": "' + n.encode() + b"|") for n in names)]
-        atomic_write(path, lambda fh: fh.write(b"".join(keep)))
-    return JsonlStore(path)
+    store = JsonlStore(out_dir / STORE_NAME)
+    if fresh:
+        store.drop(lambda key: key.split("|", 1)[0] in names)
+    return store
 
 
 def _claim(check) -> str:

@@ -86,15 +86,10 @@ def noise_factor(B, N=None, replacement: bool = False, *, name: str = "B"):
     arr = as_array(name, B)
     if np.any(arr <= 0):
         raise ValueError(f"{name} must be > 0, got min({name})={arr.min()}")
-    # validate N, replacement and B <= N with the scalar routine on the extreme entries
-    batch_noise_factor(float(arr.max()), N, replacement, name=name)
-    batch_noise_factor(float(arr.min()), N, replacement, name=name)
-    c = 1.0 / arr
-    if N is None or not math.isfinite(float(N)):
-        return c
-    if replacement:
-        return (1.0 - 1.0 / float(N)) * c
-    return np.maximum(c - 1.0 / float(N), 0.0)
+    # entry by entry the scalar routine: one formula (a vectorised copy of it once dropped
+    # the (1 − 1/N) of sampling with replacement)
+    return np.array([batch_noise_factor(float(b), N, replacement, name=name)
+                     for b in arr.ravel()]).reshape(arr.shape)
 
 
 def _momentum(name: str, value) -> float:

@@ -522,14 +522,12 @@ def _missed_pairs(op, values, vectors, which, tol, anorm, rng, bar, budget):
     soon as its best Ritz value θ comes first (found: Ritz values lie inside the
     spectrum) or θ ± its residual norm cannot (absent), or at convergence. Returns (None,
     products) if absent, else (the complement's own best pairs, products)."""
-    P, k = op.P, len(values)
-    if P - k < 1 or budget < 1:
-        return None, 0
+    P, k = op.P, len(values)                # eigsh calls it with k < P and budget ≥ 1
     span = float(np.max(np.abs(values))) + anorm
     sigma = {"LA": -3.0 * span, "SA": 3.0 * span, "LM": 0.0}[which]
     defl = _Deflated(op, vectors, sigma)
     last = float(values[-1])
-    margin = max(tol * abs(last), _convergence_floor(op) * anorm)
+    margin = float(_tolerance(last, tol, op, anorm))
     sign = {"LA": 1.0, "SA": -1.0, "LM": 1.0}[which]
 
     def settled(theta, r):
@@ -567,6 +565,12 @@ def _merge(values, vectors, resid, found, which, k):
 _MIN_EARLY = 10
 
 
+def _tolerance(theta, tol, op, anorm):
+    """The residual a Ritz pair θ must reach to count as converged: tol·|θ|, floored at
+    the products' attainable accuracy (`_convergence_floor`·‖A‖)."""
+    return np.maximum(tol * np.abs(theta), _convergence_floor(op) * anorm)
+
+
 def _stop_now(stop, Tj, beta, which) -> bool:
     theta, S = np.linalg.eigh((Tj + Tj.T) / 2)
     i = _order(theta, which)[0]
@@ -591,7 +595,7 @@ def _krylov_schur(op, k, which, tol, max_mv, m, rng, q, bar, want_vectors, stop=
         # one wanted pair: test convergence after every product, so that a warm start
         # (v0 near the answer) or a well-separated top ends before the cycle is full
         def stop(theta, r):
-            return r <= max(tol * abs(theta), _convergence_floor(op) * anorm)
+            return r <= _tolerance(theta, tol, op, anorm)
     while True:
         size, beta_last = m, 0.0
         for j in range(l, m):
@@ -632,8 +636,7 @@ def _krylov_schur(op, k, which, tol, max_mv, m, rng, q, bar, want_vectors, stop=
         resid = np.abs(beta_last * S[size - 1, :])
         order = _order(theta, which)
         want = order[:k]
-        floor = _convergence_floor(op) * anorm
-        ok = resid[want] <= np.maximum(tol * np.abs(theta[want]), floor)
+        ok = resid[want] <= _tolerance(theta[want], tol, op, anorm)
         if bool(ok.all()) or halted or matvecs >= max_mv or size == P:
             break
         # thick restart: keep the best l Ritz vectors and the residual direction

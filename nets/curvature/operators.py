@@ -49,6 +49,7 @@ from torch.func import grad, jvp, vjp, vmap
 
 from nets.curvature.params import ParamLayout, call_model, make_functional, output_tensors
 from nets.utils.data_source import as_data_source
+from nets.utils.modes import kept_modes, kept_rng
 from nets.utils.vmapping import vmap_or_loop
 
 POLICIES = (None, "eval", "train_batch_stats")
@@ -106,9 +107,7 @@ class CurvatureOperator:
     def __init__(self, P: int, dtype: torch.dtype, device, param_names=None):
         self.P = int(P)
         self.dtype = dtype
-        self.device = torch.device(device)
-        if self.device.type == "cpu":
-            self.device = torch.device("cpu")   # CPU tensors report no index
+        self.device = canonical_device(device)
         self.param_names = None if param_names is None else tuple(param_names)
         self.num_matvecs = 0
 
@@ -272,20 +271,20 @@ def policy_mode(model: nn.Module, policy):
     if policy is None:
         yield
         return
-    saved = [(m, m.training, getattr(m, "track_running_stats", None)) for m in model.modules()]
+    saved = [(m, m.track_running_stats) for m in model.modules()
+             if getattr(m, "track_running_stats", None) is not None]
     try:
-        for m in model.modules():
-            m.training = False
-            if policy == "train_batch_stats" and isinstance(m, _NORM_TYPES):
-                # batch statistics, and F.batch_norm receives no running buffers to update
-                m.training = True
-                m.track_running_stats = False
-        yield
+        with kept_modes(model):
+            for m in model.modules():
+                m.training = False
+                if policy == "train_batch_stats" and isinstance(m, _NORM_TYPES):
+                    # batch statistics, and F.batch_norm receives no running buffers to update
+                    m.training = True
+                    m.track_running_stats = False
+            yield
     finally:
-        for m, training, trs in saved:
-            m.training = training
-            if trs is not None:
-                m.track_running_stats = trs
+        for m, trs in saved:
+            m.track_running_stats = trs
 
 
 # ----------------------------------------------------------------------------------
@@ -302,6 +301,13 @@ def _as_chunk_size(chunk_size):
     return int(chunk_size)
 
 
+def canonical_device(device) -> torch.device:
+    """torch.device(device), with a CPU index dropped: 'cpu:0' is the CPU, whose tensors
+    report no index (so a device comparison with them would fail)."""
+    device = torch.device(device)
+    return torch.device("cpu") if device.type == "cpu" else device
+
+
 def resolve_device_dtype(model: nn.Module, names, device, dtype):
     named = dict(model.named_parameters())
     sel = [named[n] for n in names]
@@ -311,12 +317,10 @@ def resolve_device_dtype(model: nn.Module, names, device, dtype):
             raise ValueError(f"model parameters live on several devices {sorted(map(str, devs))}; pass device=")
         device = next(iter(devs)) if devs else torch.device("cpu")
     try:
-        device = torch.device(device)
+        device = canonical_device(device)
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"device must name a torch device (e.g. 'cpu', 'cuda'), got {device!r}: "
                          f"{exc}") from None
-    if device.type == "cpu":
-        device = torch.device("cpu")        # 'cpu:0': CPU tensors report no index
     if device.type == "meta":
         raise ValueError("device='meta' holds no numbers: curvature needs a real device "
                          "('cpu' or 'cuda'); move the model with model.to('cpu') or pass device=")
@@ -539,8 +543,7 @@ class ModelCurvatureOperator(CurvatureOperator):
     def _trial_mode(self):
         """The operator's policy on the model and torch's generators restored afterwards:
         the forward passes of the construction-time checks leave no trace."""
-        devices = [self.device] if self.device.type == "cuda" else []
-        with policy_mode(self.model, self.policy), torch.random.fork_rng(devices=devices):
+        with policy_mode(self.model, self.policy), kept_rng(self.device):
             yield
 
     def _stream(self):

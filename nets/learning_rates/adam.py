@@ -333,11 +333,11 @@ def warn_adam_transfer(form, beta1, batch_sizes, reference_batch_size, *, who):
     mean-square form, β₁ = 0.9): it missed the real
     warmed-state threshold by more than 20 % on 7 of 8 networks (0.30–2.49×), too high and
     too low, upward and downward alike."""
+    from nets.learning_rates.transfer import MomentumCaveat, warn_momentum_upward
+
     if not math.isfinite(beta1):
         return
     if form in ADAM_MODEL_FORMS:
-        from nets.learning_rates.transfer import warn_momentum_upward
-
         warn_momentum_upward(beta1, batch_sizes, reference_batch_size, who=who, stacklevel=4)
     elif beta1 > 0 and np.any(np.asarray(batch_sizes) != reference_batch_size):
         warnings.warn(f"{who}: with beta1 = {beta1:g} the transfer along Adam's stability limit "
@@ -345,7 +345,7 @@ def warn_adam_transfer(form, beta1, batch_sizes, reference_batch_size, *, who):
                       "measured networks (0.30-2.49x), in either direction; the linearised "
                       "form (the default) anchored at the largest batch size you will use errs "
                       "low instead, or measure (nets.learning_rates.adam.adam_threshold)",
-                      stacklevel=3)
+                      MomentumCaveat, stacklevel=3)
 
 
 def predict_adam_max_lr(model, loss_fn, data, batch_sizes, *, betas=None, eps=1e-8,

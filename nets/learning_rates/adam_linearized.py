@@ -73,7 +73,7 @@ from nets.learning_rates.linearized import (
     refined_runs,
     warn_unbracketed,
 )
-from nets.learning_rates.lr_search import as_seeds, seed_mean_stderr
+from nets.learning_rates.lr_search import as_growth_factor, as_seeds, seed_mean_stderr
 from nets.utils.data_source import tensors_for
 from nets.utils.progress import progress_bar
 from nets.utils.results import Result, result
@@ -166,9 +166,7 @@ def linearized_adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 
     warmup_steps = as_int("warmup_steps", warmup_steps, minimum=1)
     warmup_lr = as_float("warmup_lr", warmup_lr, positive=True)
     K = as_int("steps", steps, minimum=1)
-    k = as_float("factor", factor, positive=True)
-    if not k > 1:
-        raise ValueError(f"factor must be > 1 (a loss growth), got {factor}")
+    k = as_growth_factor(factor)
     n_grid = as_int("n_grid", n_grid, minimum=4)
     lo, hi = as_range("lr_range", lr_range)
     seeds = as_seeds(seeds)

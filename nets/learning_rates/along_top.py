@@ -124,16 +124,14 @@ def loss_along_top(model, loss_fn, data, *, factor=10.0, n=60, span=(0.02, 20.0)
     from torch.func import jvp
 
     from nets.curvature.params import call_model, unflatten_to_dict
-    from nets.learning_rates.lr_search import _top_direction
+    from nets.learning_rates.lr_search import _top_direction, as_growth_factor
     from nets.utils.data_source import as_data_source
 
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(loss_fn):
         raise TypeError("loss_fn must be callable")
-    k = as_float("factor", factor, positive=True)
-    if not k > 1:
-        raise ValueError(f"factor must be > 1 (a loss growth), got {factor}")
+    k = as_growth_factor(factor)
     n = as_int("n", n, minimum=2)
     lo, hi = as_range("span", span)
     X, y = as_data_source(data, name="data").tensors()

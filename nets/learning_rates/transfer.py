@@ -101,6 +101,7 @@ import numpy as np
 
 from nets.learning_rates.along_top import correction_applies, rescaling
 from nets.learning_rates.lr_prediction import optimizer_settings, warn_partial_optimizer
+from nets.learning_rates.lr_search import as_growth_factor
 from nets.utils.data_source import as_data_source
 from nets.utils.results import Result, result
 from rmt.lr import momentum_effective_curvature, momentum_factor, momentum_noise_gain
@@ -287,19 +288,22 @@ def secant_correction(lam, effective_curvature, secant_ratio) -> np.ndarray:
     return rescaling(secant_ratio, float(lam) / np.asarray(effective_curvature, float))
 
 
-#: the start of `warn_momentum_upward`'s message after the caller's name (a filter pattern)
+#: the start of `warn_momentum_upward`'s message after the caller's name
 MOMENTUM_CAVEAT = "with momentum"
+
+
+class MomentumCaveat(UserWarning):
+    """The measured momentum caveats of a transfer (`warn_momentum_upward`, and the Adam
+    limit forms' β₁ caveat `adam.warn_adam_transfer`): one category, so that code which
+    measures those transfers itself can silence exactly them."""
 
 
 @contextlib.contextmanager
 def momentum_caveat_silenced():
-    """Context in which the momentum caveats stay quiet (`warn_momentum_upward`, and the
-    Adam limit forms' β₁ caveat) — for code that measures those transfers itself (the
-    main job's checks, the benchmarks), not for users."""
+    """Context in which the `MomentumCaveat` warnings stay quiet — for code that measures
+    those transfers itself (the main job's checks, the benchmarks), not for users."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=rf"[\w.]+: {MOMENTUM_CAVEAT} ")
-        warnings.filterwarnings("ignore", message=r"[\w.]+: with beta1 = \S+ the transfer "
-                                                  r"along Adam's stability limit")
+        warnings.simplefilter("ignore", MomentumCaveat)
         yield
 
 
@@ -322,7 +326,7 @@ def warn_momentum_upward(momentum, batch_sizes, reference_batch_size, *, who="tr
                       "networks (0.64-1.79x), mostly too high (9 of 13 misses) and from "
                       "either anchor; measure at the batch size you will use "
                       "(nets.lr_search.training_threshold(..., nesterov=True))",
-                      stacklevel=stacklevel)
+                      MomentumCaveat, stacklevel=stacklevel)
         return
     if momentum > 0 and np.any(Bs > reference_batch_size):
         warnings.warn(f"{who}: {MOMENTUM_CAVEAT} ({momentum:g}) the transfer to batch sizes above "
@@ -331,7 +335,7 @@ def warn_momentum_upward(momentum, batch_sizes, reference_batch_size, *, who="tr
                       "B = 512 from B0 = 32), while the transfer to smaller B erred low; "
                       "anchor at the largest batch size you will use, or measure "
                       "(nets.lr_search.training_threshold / adam_threshold)",
-                      stacklevel=stacklevel)
+                      MomentumCaveat, stacklevel=stacklevel)
 
 
 def _anchor(shape, spread, i0, lr0, *, coherent):
@@ -435,9 +439,7 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
     if linear:
         refuse_params_for_linearized(params)
         rank = None if rank is None else as_int("rank", rank, minimum=1)
-        factor = as_float("factor", factor, positive=True)
-        if not factor > 1:
-            raise ValueError(f"factor must be > 1 (a loss growth), got {factor}")
+        factor = as_growth_factor(factor)
         steps = as_int("steps", steps, minimum=1)
         n_seeds = as_int("n_seeds", n_seeds, minimum=1)
     allB = np.unique(np.append(Bs, B0))

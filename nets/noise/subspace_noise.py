@@ -74,7 +74,7 @@ import numpy as np
 import torch
 
 from nets.algorithms.lanczos import eigsh
-from nets.curvature.operators import ModelCurvatureOperator, curvature_operator
+from nets.curvature.operators import ModelCurvatureOperator, curvature_operator, policy_mode
 from nets.curvature.params import output_tensors
 from nets.noise.directional import (
     check_noise_operator,
@@ -83,7 +83,6 @@ from nets.noise.directional import (
     micro_batch_partition,
 )
 from nets.utils.data_source import as_data_source
-from nets.utils.modes import kept_modes
 from nets.utils.progress import progress_bar
 from nets.utils.results import Result, result
 from rmt.sampling import batch_noise_factor
@@ -189,8 +188,7 @@ def default_subspace_dim(model, data, P: int) -> int:
     dev = next((p.device for p in model.parameters()), X.device)
     dt = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     X = X.to(device=dev, dtype=dt) if X.is_floating_point() and dt is not None else X.to(dev)
-    with torch.no_grad(), kept_modes(model):
-        model.eval()
+    with torch.no_grad(), policy_mode(model, "eval"):
         out = model(X)
     C = sum(int(t.shape[-1]) if t.ndim >= 2 else 1 for t in output_tensors(out))
     return max(1, min(C, P))

@@ -25,11 +25,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from nets.curvature.operators import canonical_device, policy_mode
 from nets.training.data import check_dataset, load_digits
 from nets.training.models import MLP
 from nets.utils.atomic import atomic_write
 from nets.utils.data_source import as_data_source
-from nets.utils.modes import kept_modes
+from nets.utils.modes import kept_modes, kept_rng
 from nets.utils.results import Result, result
 from rmt.validation import as_float, as_int
 
@@ -73,8 +74,7 @@ def _is_classification(y: torch.Tensor) -> bool:
 
 def _resolve_device(device, model: nn.Module) -> torch.device:
     if device is not None:
-        device = torch.device(device)
-        return torch.device("cpu") if device.type == "cpu" else device
+        return canonical_device(device)
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
@@ -110,8 +110,7 @@ def evaluate(model: nn.Module, loss_fn: Callable, data, *, chunk_size: int | Non
     bs = n if chunk_size is None else as_int("chunk_size", chunk_size, minimum=1)
     dev = _resolve_device(device, model)
     classify = _is_classification(y)
-    with kept_modes(model):
-        model.eval()
+    with policy_mode(model, "eval"):
         total, correct = 0.0, 0
         for i in range(0, n, bs):
             xb, yb = X[i:i + bs].to(dev), y[i:i + bs].to(dev)
@@ -187,9 +186,8 @@ def train(model: nn.Module, loss_fn: Callable, data, *, epochs: int, lr: float,
     gen = torch.Generator().manual_seed(seed)
     losses, accs = [], []
     steps, diverged = 0, False
-    fork_devices = [dev.index or 0] if dev.type == "cuda" else []
     t0 = time.perf_counter()
-    with torch.random.fork_rng(devices=fork_devices), kept_modes(model):
+    with kept_rng(dev), kept_modes(model):
         torch.manual_seed(seed)
         model.train()
         for _ in range(epochs):

@@ -18,9 +18,15 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from nets.utils.atomic import atomic_write
 from nets.utils.jsonio import to_jsonable
 
 _jsonable = to_jsonable
+
+
+def _line(key: str, value) -> bytes:
+    """One record as its line in the file (`value` already JSON-ready)."""
+    return (json.dumps({"key": key, "value": value}, allow_nan=False) + "\n").encode()
 
 
 class JsonlStore:
@@ -94,7 +100,7 @@ class JsonlStore:
         if key in self._records:
             raise KeyError(f"key {key!r} already stored in {self.path}")
         value = _jsonable(value)
-        line = (json.dumps({"key": key, "value": value}, allow_nan=False) + "\n").encode()
+        line = _line(key, value)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line)
@@ -103,6 +109,17 @@ class JsonlStore:
         finally:
             os.close(fd)
         self._records[key] = value
+
+    def drop(self, predicate: Callable[[str], bool]) -> int:
+        """Remove every record whose key satisfies `predicate`, rewriting the file
+        atomically (lines that were not records go too); returns how many."""
+        keep = {k: v for k, v in self._records.items() if not predicate(k)}
+        removed = len(self._records) - len(keep)
+        if removed:
+            text = b"".join(_line(k, v) for k, v in keep.items())
+            atomic_write(self.path, lambda fh: fh.write(text))
+            self._records, self._size = keep, len(text)
+        return removed
 
     def _grown(self) -> bool:
         try:
