@@ -259,3 +259,27 @@ def test_a_warm_start_on_another_eigenvector_still_finds_the_end(which, want):
         r = eigsh(op, k=1, which=which, tol=1e-8, v0=torch.from_numpy(v0.copy()))
         assert r.converged.all()
         assert r.values[0] == pytest.approx(want, rel=1e-8)
+
+
+@pytest.mark.parametrize("budget", [1, 7, 23, 40, 61, 80, 200])
+def test_max_steps_is_never_exceeded(budget):
+    """max_steps is a budget of products: a cycle (krylov_dim products) and the
+    multiplicity check stop where it is spent, and a check the budget cut short leaves
+    the pairs flagged unconverged (a repeated top eigenvalue, five copies wanted)."""
+    counted = []
+
+    class Counting(DenseOperator):
+        def _matmat(self, V):
+            counted.append(V.shape[1])
+            return self.A @ V
+
+    op, ev, _, _ = multi_output_least_squares()
+    A = Counting(op.to_dense())
+    counted.clear()
+    r = eigsh(A, k=5, seed=3, max_steps=budget, check_multiplicity=True)
+    assert r.num_matvecs == sum(counted) <= budget
+    if r.converged.all():
+        np.testing.assert_allclose(r.values, ev[::-1][:5], rtol=1e-9)
+    assert np.all(r.values <= ev[-1] * (1 + 1e-12))      # Ritz values lie in the spectrum
+    plain = eigsh(A, k=5, seed=3, max_steps=budget)
+    assert plain.num_matvecs <= budget

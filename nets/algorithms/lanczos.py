@@ -440,8 +440,9 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-10, max_steps: int 
     tol : relative residual target ‖A y − θ y‖ ≤ tol·|θ| (floored at 100·eps·‖A‖ with eps
         of the operator's dtype, the attainable accuracy); eigenvalue errors are then
         ≈ residual²/gap.
-    max_steps : budget of operator products (default 50·krylov_dim); if exhausted the
-        best pairs are returned with `converged` False where the target was missed.
+    max_steps : budget of operator products (default 50·krylov_dim), never exceeded; if
+        exhausted the best pairs are returned with `converged` False where the target was
+        missed.
     krylov_dim : basis size before a restart (default min(P, max(2k + 10, 20)), near ARPACK's 2k+1..20).
     seed : seeds the Gaussian start vector (and fresh vectors after an invariant
         subspace); v0 : optional start vector.
@@ -488,11 +489,17 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-10, max_steps: int 
     try:
         values, vectors, resid, ok, matvecs, restarts, anorm = _krylov_schur(
             op, k, which, tol, max_mv, m, rng, q, bar, return_vectors or check)
-        while check and bool(ok.all()) and matvecs < max_mv:
+        while check and bool(ok.all()):
+            if matvecs >= max_mv:           # no products left to check the pairs with
+                ok = np.zeros(len(values), bool)
+                break
             found, used = _missed_pairs(op, values, vectors, which, tol, anorm, rng, bar,
                                         max_mv - matvecs)
             matvecs += used
             if found is None:
+                break
+            if isinstance(found, str):      # the budget ended the check undecided
+                ok = np.zeros(len(values), bool)
                 break
             values, vectors, resid, ok = _merge(values, vectors, resid, found, which, k)
             restarts += 1
@@ -521,7 +528,8 @@ def _missed_pairs(op, values, vectors, which, tol, anorm, rng, bar, budget):
     values[-1] (in `which` order): a Lanczos run there from a random vector, stopped as
     soon as its best Ritz value θ comes first (found: Ritz values lie inside the
     spectrum) or θ ± its residual norm cannot (absent), or at convergence. Returns (None,
-    products) if absent, else (the complement's own best pairs, products)."""
+    products) if absent, ("unknown", products) if the budget ended it undecided, else
+    (the complement's own best pairs, products)."""
     P, k = op.P, len(values)                # eigsh calls it with k < P and budget ≥ 1
     span = float(np.max(np.abs(values))) + anorm
     sigma = {"LA": -3.0 * span, "SA": 3.0 * span, "LM": 0.0}[which]
@@ -538,14 +546,18 @@ def _missed_pairs(op, values, vectors, which, tol, anorm, rng, bar, budget):
 
     mc = min(P, 20)
     q = torch.from_numpy(rng.standard_normal(P)).to(vectors.device)
-    theta, _, _, _, used, _, _ = _krylov_schur(defl, 1, which, tol, budget, mc, rng, q, bar,
-                                               False, stop=settled)
-    if not _beats(float(theta[0]), last, which, margin):
-        return None, used
+    first = _krylov_schur(defl, 1, which, tol, budget, mc, rng, q, bar, True, stop=settled)
+    used = first[4]
+    theta, r = float(first[0][0]), float(first[2][0])
+    if not _beats(theta, last, which, margin):
+        # absent if the run settled or converged; the budget ran out before it could say
+        return (None if bool(first[3][0]) or settled(theta, r) else "unknown"), used
+    if used >= budget:          # a missed eigenvalue seen, no products left: its Ritz pair
+        return (first[0], first[1], first[2], np.zeros(1, bool)), used
     kc = min(k, P - k)
     mc = min(P, max(2 * kc + 10, 20))
     q = torch.from_numpy(rng.standard_normal(P)).to(vectors.device)
-    out = _krylov_schur(defl, kc, which, tol, max(budget - used, mc), mc, rng, q, bar, True)
+    out = _krylov_schur(defl, kc, which, tol, budget - used, mc, rng, q, bar, True)
     return out[:4], used + out[4]
 
 
@@ -629,6 +641,9 @@ def _krylov_schur(op, k, which, tol, max_mv, m, rng, q, bar, want_vectors, stop=
             if (stop is not None and not broke and matvecs >= _MIN_EARLY
                     and _stop_now(stop, T[: j + 1, : j + 1], beta, which)):
                 size, halted = j + 1, True
+                break
+            if matvecs >= max_mv:               # the budget is spent mid-cycle
+                size = j + 1
                 break
         Tm = T[:size, :size]
         theta, S = np.linalg.eigh((Tm + Tm.T) / 2)
