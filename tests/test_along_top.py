@@ -68,6 +68,36 @@ def test_nonlinear_network_profiles_differ_and_at_reads_other_tolerances(tiny_ml
     assert prof.secant_ratio == pytest.approx(prof.secant_linearized / prof.secant_real)
     assert np.isnan(prof.at(1e12)["real"][0])                  # never reached on the grid
     assert set(prof.to_dict()) >= {"lam", "secant_ratio", "amplitudes"}
+    # dense oracle on the profile's grid: f(w ± x·u) (real) and the loss of z0 ± x·J u
+    # (linearised), u the dense Hessian's top eigenvector (its sign is arbitrary: compare
+    # max and min of the ± pair), then A_k the first x with max f(±x) > k·f(0)
+    from dense_oracles import flat_state
+    flat, state = flat_state(model)
+    H = dense_hessian(model, F.cross_entropy, X, y)
+    u = torch.linalg.eigh(H)[1][:, -1]
+    out = lambda w: torch.func.functional_call(model, state(w), (X,))
+    z0, Ju = torch.func.jvp(out, (flat,), (u,))
+    L0 = float(F.cross_entropy(z0, y))
+    assert prof.L0 == pytest.approx(L0, rel=1e-12)
+    xs = prof.amplitudes
+    dense = {"real": lambda x: F.cross_entropy(out(flat + x * u), y),
+             "linearized": lambda x: F.cross_entropy(z0 + x * Ju, y)}
+    for name, f in dense.items():
+        with torch.no_grad():
+            fp = np.array([float(f(float(x))) for x in xs])
+            fm = np.array([float(f(-float(x))) for x in xs])
+        plus, minus = getattr(prof, f"{name}_plus"), getattr(prof, f"{name}_minus")
+        np.testing.assert_allclose(np.maximum(plus, minus), np.maximum(fp, fm) / L0, rtol=1e-6)
+        np.testing.assert_allclose(np.minimum(plus, minus), np.minimum(fp, fm) / L0, rtol=1e-6)
+        sec = (fp + fm - 2 * L0) / xs ** 2 / lam
+        np.testing.assert_allclose(getattr(prof, f"{name}_secant"), sec, rtol=1e-5, atol=1e-6)
+        for k in (3.0, 5.0, 20.0):
+            above = np.flatnonzero(np.maximum(fp, fm) > k * L0)
+            assert above.size and above[0] > 0, (name, k)
+            A, s_A = prof.at(k)[name]
+            assert A == xs[above[0]], (name, k, A, xs[above[0]])
+            assert s_A == pytest.approx(sec[above[0]], rel=1e-5, abs=1e-6)
+    assert prof.at(5.0)["real"][0] > prof.amplitude_real
 
 
 class _Scaled(torch.nn.Module):

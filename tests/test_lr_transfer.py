@@ -44,6 +44,18 @@ def _dense_lam_s2(X):
     return float(lam[-1]), float((r ** 2).sum() / (len(X) - 1))
 
 
+def _dense_s2_stderr(X):
+    """The standard error of the exhaustive s_u² (N < 256: every sample): std(t)/√N of the
+    terms t_i = N/(N−1)·‖(H_i − H)u‖², H_i = x_i x_iᵀ by torch.func.hessian."""
+    f = lambda w, x: 0.5 * (x @ w) ** 2
+    Hs = torch.stack([torch.func.hessian(f)(torch.zeros(X.shape[1], dtype=X.dtype), x) for x in X])
+    H = Hs.mean(0)
+    u = torch.linalg.eigh(H)[1][:, -1]
+    N = len(X)
+    t = N / (N - 1) * ((Hs @ u - H @ u) ** 2).sum(1)
+    return float(t.std() / math.sqrt(N))
+
+
 @pytest.mark.parametrize("m", [0.0, 0.9])
 def test_transfer_matches_dense_closed_form(m):
     model, loss, X, y = _problem()
@@ -61,6 +73,13 @@ def test_transfer_matches_dense_closed_form(m):
     assert res.critical_batch_size == pytest.approx(s2 / lam ** 2, rel=1e-5)
     np.testing.assert_allclose(res.stability_limit, [2 * (1 + m) / eff(B) for B in Bs], rtol=1e-5)
     assert np.all(res.lr_stderr >= 0)
+    # lr_stderr (coherent, `_anchor`): the anchored rule at s_u² raised by one standard
+    # error σ (one noise estimate moves every B together), |lr⁺(B) − lr(B)|
+    sig = _dense_s2_stderr(X)
+    eff_hi = lambda B: lam + gain * (1 / B - 1 / N) * (s2 + sig) / lam
+    expect_se = np.abs([0.1 * eff_hi(4) / eff_hi(B) - 0.1 * eff(4) / eff(B) for B in Bs])
+    np.testing.assert_allclose(res.lr_stderr, expect_se, rtol=1e-4, atol=1e-12)
+    assert res.lr_stderr[0] > 0.01 * res.lr[0] and res.lr_stderr[1] < 1e-12
     json.dumps(res.to_dict())
     if m == 0.9:   # momentum with batch noise: the small-B limit falls below plain SGD's
         plain = transfer_lr(model, loss, (X, y), [1], reference=(4, 0.1), momentum=0.0,
@@ -217,6 +236,13 @@ def test_linearized_form_reanchors_and_checks_its_rank(tiny_mlp):
     b = a.with_reference((48, 2.0))
     np.testing.assert_allclose(b.lr, 2.0 * a.shape / a.shape[2], rtol=1e-12)
     assert b.reference_batch_size == 48 and b.lr_stderr[2] == 0 and b.lr_stderr[1] > 0
+    # independent errors (seed spread of each threshold): lr·√(r(B)² + r(B₀)²), r = se/a
+    for t, i0 in ((a, 1), (b, 2)):
+        rel = t.shape_stderr / t.shape
+        want = t.lr * np.sqrt(rel ** 2 + rel[i0] ** 2)
+        want[i0] = 0.0
+        np.testing.assert_allclose(t.lr_stderr, want, rtol=1e-12, atol=1e-15)
+    assert np.all(a.shape_stderr[:2] > 0)           # B = N = 48: one deterministic run
     back = b.with_reference((16, 0.3))
     np.testing.assert_allclose(back.lr, a.lr, rtol=1e-12)
     np.testing.assert_allclose(back.lr_stderr, a.lr_stderr, rtol=1e-12)

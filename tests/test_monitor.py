@@ -74,6 +74,16 @@ def test_record_reproduces_the_public_measurements(dense_hessian):
     assert rec.transfer_lr[i] == pytest.approx(0.5, rel=1e-12)
     assert rec.plateau == pytest.approx(eoss_plateau(0.5, 16, rec.s2, N), rel=1e-12)
     assert rec.s2 > 0 and rec.s2_stderr >= 0
+    # N = 120 < DEFAULT_MIN_SAMPLES: s_u² is the exhaustive value along the top eigenvector,
+    # (1/(N−1)) Σ_i ‖(H_i − H)u‖², and its stderr the data's own std(t)/√N of the terms
+    # t_i = N/(N−1)·‖(H_i − H)u‖² (dense per-sample Hessians)
+    from dense_oracles import vmapped_per_sample_hessians
+    Hs, H, ev, V = vmapped_per_sample_hessians(model, CE, X, y)
+    d = np.einsum("npq,q->np", Hs - H, V[:, 0])
+    t = N / (N - 1) * (d * d).sum(axis=1)
+    assert rec.lam == pytest.approx(ev[0], rel=1e-6)
+    assert rec.s2 == pytest.approx(t.mean(), rel=1e-6)
+    assert rec.s2_stderr == pytest.approx(t.std(ddof=1) / math.sqrt(N), rel=1e-6)
 
 
 def test_warm_start_uses_fewer_products():

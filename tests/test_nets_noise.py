@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 import torch
+from dense_oracles import flat_state
 from torch import nn
 from torch.func import functional_call
 
 import rmt
 from nets.curvature.operators import hessian_operator
-from nets.curvature.params import ParamLayout, flatten_parameters
 from nets.noise.directional import (
     directional_noise,
     directional_noise_from_operator,
@@ -36,11 +36,10 @@ def make(kind_of_data, seed=0, N=15):
 
 def per_sample_curvatures(model, loss_fn, X, y, kind="hessian"):
     """Dense C_i (N, P, P): Hessians by torch.func.hessian, or J_iᵀΛ_iJ_i."""
-    layout = ParamLayout.from_module(model)
-    w = flatten_parameters(model)
+    w, state = flat_state(model)
 
     def out(w, x):
-        return functional_call(model, dict(zip(layout.names, layout.unflatten(w))), (x,))
+        return functional_call(model, state(w), (x,))
     Cs = []
     for i in range(X.shape[0]):
         x, t = X[i:i + 1], y[i:i + 1]

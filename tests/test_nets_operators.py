@@ -5,6 +5,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from dense_oracles import flat_state
 from torch import nn
 from torch.func import functional_call
 
@@ -15,7 +16,6 @@ from nets.curvature.operators import (
     ggn_operator,
     hessian_operator,
 )
-from nets.curvature.params import ParamLayout, flatten_parameters
 
 CE = nn.functional.cross_entropy
 MSE = nn.functional.mse_loss
@@ -40,16 +40,14 @@ def tiny_regressor(seed=0):
 
 
 def flat_loss(model, loss_fn, X, y, params=None):
-    """w ↦ loss_fn(model_w(X), y) on the flat selected-parameter vector."""
-    layout = ParamLayout.from_module(model, params)
-    state = {n: t.detach() for n, t in model.named_parameters()}
-    state.update({n: b for n, b in model.named_buffers()})
+    """w ↦ loss_fn(model_w(X), y) on the flat vector of the parameters named in `params`
+    (default all, in `named_parameters` order), by `dense_oracles.flat_state` (no package
+    parameter layout); the others and the buffers held fixed."""
+    flat, state = flat_state(model, params)
 
     def f(w):
-        s = dict(state)
-        s.update(zip(layout.names, layout.unflatten(w)))
-        return loss_fn(functional_call(model, s, (X,)), y)
-    return f, flatten_parameters(model, params)
+        return loss_fn(functional_call(model, state(w), (X,)), y)
+    return f, flat
 
 
 def dense_hessian(model, loss_fn, X, y, params=None):
@@ -73,11 +71,10 @@ def dense_hessian_autograd(model, loss_fn, X, y):
 
 
 def dense_ggn(model, loss_fn, X, y):
-    layout = ParamLayout.from_module(model)
-    w = flatten_parameters(model)
+    w, state = flat_state(model)
 
     def out(w):
-        return functional_call(model, dict(zip(layout.names, layout.unflatten(w))), (X,))
+        return functional_call(model, state(w), (X,))
     J = torch.func.jacrev(out)(w)                                   # (N, C, P)
     o = out(w)
     Lam = torch.func.hessian(lambda z: loss_fn(z, y))(o)            # (N, C, N, C)
