@@ -77,6 +77,57 @@ def test_data_source_reads_every_form_in_order(problem):
         np.testing.assert_array_equal(got.numpy(), X.numpy(), err_msg=name)
 
 
+class NumpySampleDataset(Dataset):
+    """A Dataset returning numpy samples, the target a 0-d array (arr[i] of a numpy-backed
+    dataset after .numpy())."""
+
+    def __init__(self, X, y):
+        self.X, self.y = X.numpy(), y.numpy()
+
+    def __len__(self):
+        return len(self.X)
+
+    def __getitem__(self, i):
+        return self.X[i], np.asarray(self.y[i])
+
+
+def test_zero_d_numpy_targets_stay_per_sample_scalars(problem):
+    """The oracle: the pair form's targets (N,) and its eigenvalues; a 0-d numpy target is
+    one number per sample, read as targets (N,), not (N, 1)."""
+    model, X, y = problem
+    data = NumpySampleDataset(X, y)
+    assert data[0][1].shape == ()
+    Xt, yt = as_data_source(data).take([0, 1, 2])
+    assert tuple(yt.shape) == (3,)
+    np.testing.assert_array_equal(yt.numpy(), y[:3].numpy())
+    np.testing.assert_allclose(nets.top_eigenvalues(model, F.cross_entropy, data, k=1),
+                               nets.top_eigenvalues(model, F.cross_entropy, (X, y), k=1),
+                               rtol=RTOL)
+
+
+def test_a_loader_without_batching_is_read_as_its_dataset(problem):
+    """DataLoader(batch_size=None) yields single samples (its collate_fn applied to each):
+    read as its Dataset, the pair's numbers (the oracle); a plain iterable of per-sample
+    pairs is refused with a message naming its type, not 'a list'."""
+    model, X, y = problem
+    loader = DataLoader(NumpySampleDataset(X, y), batch_size=None)
+    src = as_data_source(loader)
+    assert src.N == len(X) and src.form == "dataset"
+    Xa, ya = src.tensors()
+    np.testing.assert_array_equal(Xa.numpy(), X.numpy())
+    np.testing.assert_array_equal(ya.numpy(), y.numpy())
+    np.testing.assert_allclose(nets.top_eigenvalues(model, F.cross_entropy, loader, k=2),
+                               nets.top_eigenvalues(model, F.cross_entropy, (X, y), k=2),
+                               rtol=RTOL)
+
+    class Samples:
+        def __iter__(self):
+            return iter([(X[i], y[i]) for i in range(len(X))])
+
+    with pytest.raises(ValueError, match="a Samples is read as \\(x, y\\) batches"):
+        nets.top_eigenvalues(model, F.cross_entropy, Samples(), k=1)
+
+
 @pytest.mark.parametrize("form", ["tensor_dataset", "sample_dataset", "loader",
                                   "loader_of_samples", "list_of_batches", "numpy_pair"])
 def test_curvature_entry_points_agree_across_forms(problem, form):

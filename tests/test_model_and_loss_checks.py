@@ -8,6 +8,7 @@ log_softmax + nll_loss), dense float64 GGN eigenvalues, and the start loss itsel
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
@@ -87,6 +88,154 @@ def test_targets_that_broadcast_across_samples_are_refused():
     own = (lambda o, t: F.mse_loss(o.reshape(-1), t))           # reshapes the outputs itself
     ratio, said = _quiet(lambda: check_mean_reduced(model, own, (X, y)))
     assert said == [] and ratio == pytest.approx(1.0, rel=1e-9)
+
+
+class _Wrapped(nn.Module):
+    """The MLP's logits inside a container: a tuple (with an auxiliary per-sample leaf), a
+    dict, a namedtuple, or a tuple with a value head."""
+    Out = __import__("collections").namedtuple("Out", "logits aux")
+
+    def __init__(self, how, out=4):
+        super().__init__()
+        self.net, self.how = _mlp(out=out), how
+
+    def forward(self, x):
+        o = self.net(x)
+        if self.how == "tuple":
+            return o, o.sum(-1)
+        if self.how == "dict":
+            return {"logits": o}
+        if self.how == "value":                     # a value head (N, 1) beside the logits
+            return o, o[:, :1]
+        return self.Out(o, o[:, 0])
+
+
+def _logits(o):
+    return o.logits if hasattr(o, "logits") else o[0] if isinstance(o, tuple) else o["logits"]
+
+
+@pytest.mark.parametrize("how", ["tuple", "dict", "namedtuple"])
+def test_container_outputs_get_the_same_loss_checks_as_a_tensor(how):
+    """The per-sample losses slice every leaf of a tuple / dict / namedtuple output along
+    the samples: a summed and a weighted loss are said as for a tensor output (the oracle:
+    the tensor output's own ratio), and targets that broadcast against the leaf the loss
+    reads are refused."""
+    X, y = _data()
+    model = _Wrapped(how)
+    summed = (lambda o, t: F.cross_entropy(_logits(o), t, reduction="sum"))
+    with pytest.warns(UserWarning, match="looks summed"):
+        ratio = check_mean_reduced(model, summed, (X, y))
+    with pytest.warns(UserWarning, match="looks summed"):
+        want = check_mean_reduced(model.net, lambda o, t: F.cross_entropy(o, t, reduction="sum"),
+                                  (X, y))
+    assert ratio == pytest.approx(want, rel=1e-12) and want == pytest.approx(64, rel=1e-9)
+    w = torch.tensor([5.0, 1, 1, 0.2], dtype=torch.float64)
+    with pytest.warns(UserWarning, match="weighted mean"):
+        predict_max_lr(model, lambda o, t: F.cross_entropy(_logits(o), t, weight=w), (X, y), [8])
+    ratio, said = _quiet(lambda: top_eigenvalues(model, lambda o, t: F.cross_entropy(_logits(o), t),
+                                                 (X, y), k=1))
+    assert said == []
+    reg = _Wrapped(how, out=1)
+    t = torch.sin(X[:, 0])                                        # (N,) against (N, 1)
+    with pytest.raises(ValueError, match=r"broadcast to \(64, 64\)"):
+        top_eigenvalues(reg, lambda o, t: F.mse_loss(_logits(o), t), (X, t), k=1)
+    # a leaf the loss does not read may broadcast: a weighted loss on the others is only said
+    with pytest.warns(UserWarning, match="weighted mean"):
+        check_mean_reduced(_Wrapped("value"), lambda o, t: F.cross_entropy(o[0], t, weight=w),
+                           (X, y))
+
+
+@pytest.mark.parametrize("how", ["tuple", "dict"])
+def test_linearised_forms_refuse_a_container_output_and_name_the_alternative(how):
+    """The linearised / curved forms push one output tensor forward (z0 + J·δ): a tuple or
+    dict output is refused with a TypeError naming form='directional', which gives the
+    tensor model's own transfer (the oracle: the same network returning its logits)."""
+    from nets import linearized_threshold, transfer_lr
+
+    X, y = _data(N=40)
+    model = _Wrapped(how)
+    loss = (lambda o, t: F.cross_entropy(_logits(o), t))
+    kw = dict(reference=(16, 0.5), rank=4, n_seeds=1, steps=5)
+    for call in (lambda: transfer_lr(model, loss, (X, y), [4, 16], **kw),
+                 lambda: transfer_lr(model, loss, (X, y), [4, 16], form="curved", **kw),
+                 lambda: transfer_lr(model, loss, (X, y), [4, 16], optimizer="adam",
+                                     reference=(16, 0.01), n_seeds=1, steps=5),
+                 lambda: linearized_threshold(model, loss, (X, y), [4], rank=4, seeds=(0,),
+                                              steps=5)):
+        with pytest.raises(TypeError, match="returns one tensor.*form='directional'"):
+            call()
+    got = transfer_lr(model, loss, (X, y), [4, 16], reference=(16, 0.5), form="directional")
+    want = transfer_lr(model.net, F.cross_entropy, (X, y), [4, 16], reference=(16, 0.5),
+                       form="directional")
+    np.testing.assert_allclose(got.lr, want.lr, rtol=1e-9)
+
+
+class _BatchStandardised(nn.Module):
+    """A hand-written batch normalisation (h − mean over the batch) / std: each sample's
+    output depends on the other samples of its batch."""
+
+    def __init__(self, dtype=torch.float64):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(6, 8).to(dtype), nn.Linear(8, 4).to(dtype)
+
+    def forward(self, x):
+        h = self.a(x)
+        h = (h - h.mean(0, keepdim=True)) / (h.std(0, keepdim=True, unbiased=False) + 1e-3)
+        return self.b(torch.tanh(h))
+
+
+def test_a_model_that_mixes_samples_is_refused():
+    """The oracle: the model's output on one sample alone differs from its output in a
+    batch, so the curvature depends on the chunking (a pair in one chunk against chunks of
+    8). Refused at every entry point with the cause named; per-sample normalisation
+    (LayerNorm), float32 round-off and policy='train_batch_stats' pass."""
+    X, y = _data()
+    model = _BatchStandardised()
+    with torch.no_grad():
+        assert not torch.allclose(model(X[:1]), model(X[:2])[:1], rtol=1e-3)
+    for call in (lambda: top_eigenvalues(model, F.cross_entropy, (X, y), k=1),
+                 lambda: top_eigenvalues(model, F.cross_entropy,
+                                         torch.utils.data.DataLoader(
+                                             torch.utils.data.TensorDataset(X, y), batch_size=8),
+                                         k=1),
+                 lambda: predict_max_lr(model, F.cross_entropy, (X, y), [8]),
+                 lambda: top_eigenvalues(_BatchStandardised(torch.float32), F.cross_entropy,
+                                         (X.float(), y), k=1)):
+        with pytest.raises(ValueError, match="depends on the other samples in its batch"):
+            call()
+    ok, said = _quiet(lambda: top_eigenvalues(model, F.cross_entropy, (X, y), k=1,
+                                              policy="train_batch_stats"))
+    assert np.isfinite(ok).all()
+    torch.manual_seed(0)
+    norm = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 4))
+    for net, data in ((norm.double(), (X, y)), (_mlp().float(), (X.float(), y))):
+        vals, said = _quiet(lambda: top_eigenvalues(net, F.cross_entropy, data, k=1))
+        assert np.isfinite(vals).all() and said == []
+
+
+def test_training_threshold_says_it_runs_train_mode_layers_in_eval_mode():
+    """A model with train-mode BatchNorm or active Dropout is measured in eval mode (the
+    oracle: the same threshold as model.eval()); one warning per call says so, none for an
+    eval-mode model."""
+    X, y = _data(N=40)
+    torch.manual_seed(0)
+    bn = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 4)).double()
+    with torch.no_grad():
+        bn(X)                                         # running statistics away from 0 / 1
+    drop = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.3), nn.Tanh(), nn.Linear(8, 4)).double()
+    kw = dict(seeds=(0,), steps=10)
+    for net, layer in ((bn, "BatchNorm1d"), (drop, "Dropout")):
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            got = training_threshold(net, F.cross_entropy, (X, y), [4], **kw)
+        said = [str(w.message) for w in rec if "in train mode" in str(w.message)]
+        assert len(said) == 1 and layer in said[0] and "eval mode" in said[0]
+        assert net.training                           # the caller's model is left as it was
+        want, quiet = _quiet(lambda: training_threshold(copy.deepcopy(net).eval(),
+                                                        F.cross_entropy, (X, y), [4], **kw))
+        assert not any("in train mode" in m for m in quiet)
+        np.testing.assert_array_equal(got.lr, want.lr)
 
 
 def test_thresholds_refuse_a_start_loss_that_is_not_positive():

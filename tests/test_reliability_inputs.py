@@ -478,6 +478,47 @@ def test_nets_scalar_arguments_are_checked(call, arg, exc):
         call(model, (X, y))
 
 
+def test_seed_none_means_fresh_entropy_at_every_entry_point():
+    """seed=None (accepted by rmt.validation.as_seed) is accepted everywhere: one int is
+    drawn from fresh entropy and recorded where a result records its seed; passing that
+    int back reproduces the result (the oracle)."""
+    model, X, y = tiny()
+    d = (X, y)
+    calls = {
+        "top_eigenvalues": lambda s: nets.top_eigenvalues(model, CE, d, seed=s),
+        "predict_batch_top_eigenvalue": lambda s: nets.predict_batch_top_eigenvalue(
+            model, CE, d, [4], seed=s),
+        "measure_batch_top_eigenvalue": lambda s: nets.measure_batch_top_eigenvalue(
+            model, CE, d, [4], n_batches=2, seed=s),
+        "predict_max_lr": lambda s: nets.predict_max_lr(model, CE, d, [4], seed=s),
+        "lr_table": lambda s: nets.lr_table(model, CE, d, [4], n_batches=2,
+                                            hessian_samples=4, seed=s),
+        "transfer_lr": lambda s: nets.transfer_lr(model, CE, d, [4], reference=(4, 0.1),
+                                                  form="directional", seed=s),
+    }
+    for name, call in calls.items():
+        out = call(None)
+        if name in ("top_eigenvalues", "predict_max_lr"):         # plain arrays: no seed
+            assert np.isfinite(out).all(), name
+            continue
+        seed = out["seed"]
+        assert isinstance(seed, int) and seed >= 0, name
+        again = call(seed)
+        key = {"predict_batch_top_eigenvalue": "directional", "transfer_lr": "lr",
+               "measure_batch_top_eigenvalue": "values", "lr_table": "sgd_measured"}[name]
+        np.testing.assert_array_equal(np.asarray(out[key]), np.asarray(again[key]), name)
+
+
+def test_rmsprop_settings_are_refused_under_their_own_names():
+    model, X, y = tiny()
+    with pytest.raises(ValueError, match=r"^optimizer: .*centered=True"):
+        nets.predict_max_lr(model, CE, (X, y), [4],
+                            optimizer=torch.optim.RMSprop(model.parameters(), centered=True))
+    with pytest.raises(ValueError, match=r"^momentum: .*momentum=0.5"):
+        nets.predict_max_lr(model, CE, (X, y), [4],
+                            optimizer=torch.optim.RMSprop(model.parameters(), momentum=0.5))
+
+
 def test_nan_curvature_is_refused_by_every_algorithm():
     """A loss with NaN curvature (sqrt of negative outputs) reaches the algorithms only
     through products: each refuses it instead of returning NaN."""

@@ -11,14 +11,17 @@ consistent between calls.
 `check_mean_reduced` evaluates the model once on n = min(`sample`, N) samples spread
 over the data, then compares the loss of that batch with the mean of the n per-sample
 values ℓ_i = loss_fn(outputs[i:i+1], targets[i:i+1]) (the same outputs: one forward
-pass, so dropout and BatchNorm in train mode see one batch):
+pass, so dropout and BatchNorm in train mode see one batch; a dict / tuple / namedtuple /
+list output is sliced on each tensor leaf with the samples along its first dimension, its
+container kept):
 
     ratio = L_batch / mean_i ℓ_i   (1 for a mean-reduced loss, n for a summed one)
 
 and warns (UserWarning) when the ratio is within 1 % of n. Outputs and targets whose
 shapes broadcast across samples (outputs (n, 1) against targets (n,): an elementwise loss
-gives an n × n matrix of every output against every target) are refused with a
-ValueError when the ratio then differs from 1 by more than float rounding. It also warns
+gives an n × n matrix of every output against every target; for a container output, the
+tensor leaves the loss depends on) are refused with a ValueError when the ratio then
+differs from 1 by more than float rounding. It also warns
 when the ratio is more than 1 % from 1 (or a per-sample value is not finite while the
 batch value is): the loss is then a weighted mean — class weights, `ignore_index`,
 padded tokens — whose per-sample decomposition the noise-based predictions do not model.
@@ -34,6 +37,7 @@ import warnings
 import numpy as np
 import torch
 
+from nets.curvature.params import output_tensors
 from nets.utils.data_source import as_data_source, model_place
 from nets.utils.modes import kept_rng
 
@@ -78,6 +82,62 @@ def _ratio(batch, per) -> float:
     return batch / mean
 
 
+def _sample_of(out, i: int, n: int):
+    """Sample i of a model output of n samples: `t[i:i+1]` on every tensor leaf `t` with n
+    rows (a tensor, or a dict / tuple / namedtuple / list of them, the container type
+    kept); other leaves (a 0-d auxiliary loss, non-tensors) as they are."""
+    if isinstance(out, torch.Tensor):
+        return out[i:i + 1] if out.ndim > 0 and out.shape[0] == n else out
+    if isinstance(out, dict):
+        items = [(k, _sample_of(v, i, n)) for k, v in out.items()]
+        try:
+            return type(out)(items)
+        except TypeError:
+            return dict(items)
+    if isinstance(out, tuple) and hasattr(out, "_fields"):          # namedtuple
+        return type(out)(*(_sample_of(v, i, n) for v in out))
+    if isinstance(out, (tuple, list)):
+        return type(out)(_sample_of(v, i, n) for v in out)
+    return out
+
+
+def _leaves_read(out, loss_fn, Y) -> list:
+    """The floating tensor leaves of a container output that `loss_fn(out, Y)` depends on
+    (a gradient reaches them); all of its tensor leaves when that cannot be told."""
+    leaves = output_tensors(out)
+    if isinstance(out, torch.Tensor):
+        return leaves
+    floats = [t for t in leaves if t.is_floating_point() or t.is_complex()]
+    if not floats:
+        return leaves
+    try:
+        with torch.enable_grad():
+            copies = {id(t): t.detach().requires_grad_(True) for t in floats}
+            swapped = _swap_leaves(out, copies)
+            grads = torch.autograd.grad(loss_fn(swapped, Y), list(copies.values()),
+                                        allow_unused=True)
+    except (RuntimeError, ValueError, TypeError, IndexError):
+        return leaves
+    return [t for t, g in zip(floats, grads) if g is not None]
+
+
+def _swap_leaves(out, copies: dict):
+    """`out` with each tensor leaf t replaced by copies[id(t)] (when there), container kept."""
+    if isinstance(out, torch.Tensor):
+        return copies.get(id(out), out)
+    if isinstance(out, dict):
+        items = [(k, _swap_leaves(v, copies)) for k, v in out.items()]
+        try:
+            return type(out)(items)
+        except TypeError:
+            return dict(items)
+    if isinstance(out, tuple) and hasattr(out, "_fields"):
+        return type(out)(*(_swap_leaves(v, copies) for v in out))
+    if isinstance(out, (tuple, list)):
+        return type(out)(_swap_leaves(v, copies) for v in out)
+    return out
+
+
 def _batch_and_samples(model, loss_fn, data, *, sample: int):
     """(L_batch, [ℓ_i], (output shape, target shape)) on min(sample, N) samples spread over
     the data, from one forward pass; (nan, None, shapes or None) when it cannot be told."""
@@ -95,12 +155,16 @@ def _batch_and_samples(model, loss_fn, data, *, sample: int):
     try:
         with torch.no_grad(), kept_rng(device):     # active dropout must not draw from the
             out = model(X)                          # caller's random stream
-            if isinstance(out, torch.Tensor) and isinstance(Y, torch.Tensor):
-                shapes = (tuple(out.shape), tuple(Y.shape))
             with warnings.catch_warnings():     # torch's own broadcast warning: said below
                 warnings.filterwarnings("ignore", message=".*target size.*different to the input size")
+                if isinstance(Y, torch.Tensor):
+                    read = [tuple(t.shape) for t in _leaves_read(out, loss_fn, Y)]
+                    shapes = next(((o, tuple(Y.shape)) for o in read
+                                   if _cross_sample_broadcast((o, tuple(Y.shape)))),
+                                  (read[0], tuple(Y.shape)) if read else None)
                 batch = _scalar(loss_fn(out, Y))
-                per = [_scalar(loss_fn(out[i:i + 1], Y[i:i + 1])) for i in range(len(idx))]
+                per = [_scalar(loss_fn(_sample_of(out, i, len(idx)), Y[i:i + 1]))
+                       for i in range(len(idx))]
     except (RuntimeError, ValueError, TypeError, IndexError):
         return math.nan, None, shapes
     finally:

@@ -396,6 +396,40 @@ def _scalar_loss(loss):
     return loss
 
 
+def _coupling_rtol(t: torch.Tensor) -> float:
+    """Round-off allowed between a sample's output computed alone and in a batch of two,
+    relative to the output's scale (other kernels may run for another batch size)."""
+    if t.dtype == torch.float64:
+        return 1e-10
+    if t.dtype == torch.float32:
+        return 1e-2 if t.is_cuda else 1e-5        # cuDNN runs float32 convolutions in TF32
+    return 5e-2
+
+
+def _check_samples_independent(two, one) -> None:
+    """Refuse (ValueError) a forward whose output on sample 0 alone (`one`) differs from its
+    output on samples 0 and 1 together (`two`, its first row) beyond round-off, on every
+    floating leaf with the sample dimension first: the curvature of a per-sample mean loss
+    would then depend on how the data are chunked."""
+    for u, v in zip(output_tensors(two), output_tensors(one)):
+        if not (u.is_floating_point() and u.ndim > 0 and u.shape[0] == 2
+                and v.ndim > 0 and v.shape[0] == 1 and u.shape[1:] == v.shape[1:]):
+            continue
+        u, v = u[:1].nan_to_num(), v.nan_to_num()
+        scale = float(torch.maximum(u.abs().max(), v.abs().max())) if u.numel() else 0.0
+        diff = float((u - v).abs().max()) if u.numel() else 0.0
+        if diff > _coupling_rtol(u) * scale:
+            raise ValueError(
+                "the model's output for a sample depends on the other samples in its batch "
+                f"(model(x[:1]) differs from model(x[:2])[:1] by {diff / scale:.2g} of the "
+                "output's scale): statistics over the batch in forward — a hand-written batch "
+                "normalisation such as h - h.mean(0), or another layer that mixes samples — "
+                "as in a train-mode nn.BatchNorm. Curvatures of a per-sample mean loss would "
+                "then depend on how the data are chunked. Normalise per sample (LayerNorm, "
+                "GroupNorm), use fixed statistics, or pass policy='train_batch_stats' to "
+                "normalise each chunk by its own statistics on purpose")
+
+
 # ----------------------------------------------------------------------------------
 # model operators
 # ----------------------------------------------------------------------------------
@@ -462,7 +496,10 @@ class ModelCurvatureOperator(CurvatureOperator):
         samples the model cannot run on, or an output without the batch dimension first;
         a forward that is not repeatable (dropout called as a function,
         `F.dropout(x, p, self.training)`, in train mode; noise injection), as for an
-        active nn.Dropout."""
+        active nn.Dropout; a forward whose output for a sample depends on the other
+        samples of its batch (statistics over the batch, `h - h.mean(0)`: model(x[:1])
+        differs from model(x[:2])[:1] beyond round-off), as for a train-mode nn.BatchNorm —
+        except under policy="train_batch_stats", which asks for exactly that."""
         x, y = self.source.take(list(range(min(2, self.N))), device=self.device,
                                 dtype=self.dtype)
         try:
@@ -486,13 +523,15 @@ class ModelCurvatureOperator(CurvatureOperator):
                 f"of shape {tuple(a.shape)}: its first dimension must be the batch dimension. "
                 "Samples are the rows of X (a list is read as (x, y) batches; for per-sample "
                 "pairs use a torch Dataset)")
-        if isinstance(a, torch.Tensor) and x.shape[0] > 1 and a.ndim > 0:
+        one = None
+        if x.shape[0] > 1 and (not isinstance(a, torch.Tensor) or a.ndim > 0):
             try:        # (train-mode BatchNorm cannot run on one sample: not checked then)
                 with torch.no_grad(), self._trial_mode():
                     one = self._forward(self.primals, x[:1])
-            except (RuntimeError, ValueError):
+            except (RuntimeError, ValueError, TypeError, IndexError):
                 one = None
-            if isinstance(one, torch.Tensor) and tuple(one.shape) != (1, *a.shape[1:]):
+            if (isinstance(a, torch.Tensor) and isinstance(one, torch.Tensor)
+                    and tuple(one.shape) != (1, *a.shape[1:])):
                 raise ValueError(
                     f"the model maps 2 samples to an output of shape {tuple(a.shape)} but one "
                     f"sample to {tuple(one.shape)}: the per-sample passes need the sample "
@@ -511,6 +550,8 @@ class ModelCurvatureOperator(CurvatureOperator):
                 "random layer, or a layer that updates its state on every forward in train "
                 "mode (spectral_norm's power iteration); curvature products would change "
                 "from call to call. Call model.eval() or pass policy='eval'")
+        if one is not None and self.policy != "train_batch_stats":
+            _check_samples_independent(a, one)
 
     def _graph_bytes_per_sample(self) -> float:
         """Bytes the forward pass and loss save for the backward, per sample, measured on

@@ -124,6 +124,7 @@ def loss_along_top(model, loss_fn, data, *, factor=10.0, n=60, span=(0.02, 20.0)
     from torch.func import jvp
 
     from nets.curvature.params import call_model, unflatten_to_dict
+    from nets.learning_rates.linearized import refuse_container_output
     from nets.learning_rates.lr_search import _top_direction, as_growth_factor
     from nets.utils.data_source import as_data_source
 
@@ -139,6 +140,8 @@ def loss_along_top(model, loss_fn, data, *, factor=10.0, n=60, span=(0.02, 20.0)
     Xd = X.double() if X.is_floating_point() else X
     yd = y.double() if y.is_floating_point() else y
     w0 = {name: p.detach() for name, p in net.named_parameters() if p.requires_grad}
+    with torch.no_grad():                       # the linearised outputs z0 + x·Ju: one tensor
+        refuse_container_output(net(Xd[:1]))
     if direction is None:
         u, lam = _top_direction(net, loss_fn, (Xd, yd), as_seed("seed", seed))
     else:

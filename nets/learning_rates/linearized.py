@@ -560,12 +560,28 @@ def warn_unbracketed(who, per, batch_sizes, advice):
                       f"{advice}", UserWarning, stacklevel=3)
 
 
+def refuse_container_output(out) -> None:
+    """TypeError for a model output that is not one tensor (a tuple, namedtuple, dict or
+    list): the linearised and curved forms push the outputs forward as one tensor z0 + J·δ
+    and train that model, which a container of outputs does not fit."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(
+            "model: the linearised and curved forms (linearized_threshold, "
+            "linearized_adam_threshold, transfer_lr's form='linearized' and 'curved', its "
+            f"default) need a model that returns one tensor, got a {type(out).__name__} "
+            "output. Use transfer_lr(..., form='directional') (for Adam, form='mean_square'), "
+            "or wrap the model so that forward returns the tensor the loss reads")
+
+
 def checked_output_shape(model, X, directions, *, dtype, max_bytes, smaller=""):
     """The per-sample output shape of `model` (a copy in eval mode, on X[:1]), after
-    checking that the Jacobians of N samples along `directions` directions fit in
-    `max_bytes` (ValueError otherwise; `smaller` names a further way out in the message)."""
+    checking that it returns one tensor (TypeError otherwise) and that the Jacobians of N
+    samples along `directions` directions fit in `max_bytes` (ValueError otherwise;
+    `smaller` names a further way out in the message)."""
     with torch.no_grad():
-        out_shape = tuple(copy.deepcopy(model).eval()(X[:1]).shape[1:])
+        out = copy.deepcopy(model).eval()(X[:1])
+    refuse_container_output(out)
+    out_shape = tuple(out.shape[1:])
     need = (len(X) * max(1, int(np.prod(out_shape))) * directions
             * torch.tensor([], dtype=dtype).element_size())
     if need > max_bytes:

@@ -75,8 +75,9 @@ from nets.utils.data_source import as_data_source
 from nets.utils.jsonio import from_jsonable
 from nets.utils.progress import progress_bar, wants_progress
 from nets.utils.results import Result, result
+from nets.utils.seeding import resolved_seed
 from rmt.sampling import batch_noise_factor
-from rmt.validation import as_array, as_batch_sizes, as_float, as_int, as_seed
+from rmt.validation import as_array, as_batch_sizes, as_float, as_int
 
 __all__ = ["LRTable", "lr_table", "predict_max_lr", "OptimizerSettings", "optimizer_settings",
            "ScalingFit", "fit_scaling_exponent", "DiagonalScaledOperator"]
@@ -325,9 +326,12 @@ def optimizer_settings(optimizer="sgd", *, momentum=None, betas=None, eps=None,
         b1, b2 = (_unit_interval(f"betas[{i}]", x) for i, x in enumerate(b))
         e = as_float("eps", hp.get("eps", adam["eps"]), nonnegative=True)
         return OptimizerSettings("adam", 0.0, 0.0, False, b1, b2, e)
-    if float(hp.get("momentum", 0.0)) != 0.0 or bool(hp.get("centered", False)):
-        raise ValueError("momentum: RMSprop is supported without momentum and uncentred "
-                         "(momentum=0, centered=False)")
+    if float(hp.get("momentum", 0.0)) != 0.0:
+        raise ValueError("momentum: RMSprop is supported without momentum (momentum=0), got "
+                         f"momentum={hp['momentum']}")
+    if bool(hp.get("centered", False)):
+        raise ValueError("optimizer: a centred RMSprop (centered=True) is not supported; "
+                         "build it with centered=False")
     b2 = _unit_interval("alpha", hp.get("alpha", 0.99))
     e = as_float("eps", hp.get("eps", 1e-8), nonnegative=True)
     return OptimizerSettings("rmsprop", 0.0, 0.0, False, 0.0, b2, e)
@@ -552,8 +556,9 @@ def lr_table(model, loss_fn, data, batch_sizes, *, optimizer="sgd", momentum=Non
     micro_batch : group size of the noise passes for s_u² and Pσ², an int m ≥ 1 or "auto"
         (per-sample while N·P ≤ 2²⁷, else m = ⌊N/256⌋; `nets.noise.directional`).
     params, policy, chunk_size, device, dtype : as `nets.curvature.operators.hessian_operator`
-        (dtype None: the model's). seed : int or numpy Generator. progress : forwarded
-        to every long inner call (True/False/None).
+        (dtype None: the model's). seed : int, numpy Generator or None (fresh entropy:
+        the int drawn is recorded). progress : forwarded to every long inner call
+        (True/False/None).
     """
     opt = optimizer_settings(optimizer, momentum=momentum, betas=betas, eps=eps,
                              nesterov=nesterov)
@@ -566,7 +571,7 @@ def lr_table(model, loss_fn, data, batch_sizes, *, optimizer="sgd", momentum=Non
         raise TypeError("measure and mccandlish must be bools")
     num_probes = None if num_probes is None else as_int("num_probes", num_probes, minimum=1)
     tol = as_float("tol", tol, positive=True)
-    seed = as_seed("seed", seed)
+    seed = resolved_seed("seed", seed)
     wants_progress(progress)
     check_mean_reduced(model, loss_fn, src)
     opts = dict(params=params, policy=policy, device=device, dtype=dtype)

@@ -435,6 +435,28 @@ def _top_direction(model, loss_fn, data, seed):
     return u / u.norm(), float(top.values[0])
 
 
+def warn_train_mode_layers(model, who: str) -> None:
+    """One UserWarning naming the model's layers that act differently in train mode
+    (BatchNorm / InstanceNorm with running statistics, active Dropout, RReLU) when any is
+    in train mode: the trials run a copy in eval mode, not the model as it would train."""
+    from nets.curvature.operators import _DROPOUT_TYPES, _NORM_TYPES, _RANDOM_TYPES
+
+    found = [f"{name!r} ({type(m).__name__})"
+             for name, m in model.named_modules() if m.training and (
+                 (isinstance(m, _NORM_TYPES) and (isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                                                  or m.track_running_stats))
+                 or (isinstance(m, _DROPOUT_TYPES) and m.p > 0)
+                 or isinstance(m, _RANDOM_TYPES))]
+    if found:
+        more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+        warnings.warn(
+            f"{who}: the model has layers in train mode ({', '.join(found[:3])}{more}); the "
+            "trials run it in eval mode (BatchNorm on its running statistics, no dropout), "
+            "not as it would train. Call model.eval() first to run those thresholds "
+            "knowingly; a train-mode threshold needs your own training runs",
+            UserWarning, stacklevel=3)
+
+
 def check_start_loss(L0) -> None:
     """The trials' criteria compare the loss with its start (k× it, or above it): refuse a
     start that is not finite and positive (e.g. a Gaussian NLL below 0)."""
@@ -643,6 +665,7 @@ def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergen
     momentum, nesterov = _read_momentum(optimizer, momentum, nesterov)
     from nets.learning_rates.lr_prediction import warn_partial_optimizer
     warn_partial_optimizer(model, optimizer)
+    warn_train_mode_layers(model, "training_threshold")
     check_mean_reduced(model, loss_fn, data)
     X, y = tensors_for(model, data, device=device, dtype=dtype)
     if device is not None or dtype is not None:

@@ -104,8 +104,9 @@ from nets.learning_rates.lr_prediction import optimizer_settings, warn_partial_o
 from nets.learning_rates.lr_search import as_growth_factor
 from nets.utils.data_source import as_data_source
 from nets.utils.results import Result, result
+from nets.utils.seeding import resolved_seed
 from rmt.lr import momentum_effective_curvature, momentum_factor, momentum_noise_gain
-from rmt.validation import as_batch_sizes, as_float, as_int, as_seed
+from rmt.validation import as_batch_sizes, as_float, as_int
 
 __all__ = ["transfer_lr", "LRTransfer", "scaling_rule", "secant_correction", "warn_momentum_upward",
            "refuse_params_for_linearized",
@@ -429,7 +430,7 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
     steps = 200 if steps is None else steps
     if form not in TRANSFER_FORMS:
         raise ValueError(f"form must be one of {TRANSFER_FORMS}, got {form!r}")
-    seed = as_seed("seed", seed)
+    seed = resolved_seed("seed", seed)
     N = as_data_source(data).N
     Bs = as_batch_sizes(batch_sizes, N)
     if B0 > N:
@@ -516,7 +517,7 @@ def _adam_transfer(model, loss_fn, data, batch_sizes, reference, opt, *, form, f
 
     linearized = None                    # form None: adam_transfer_lr's default, "linearized"
     if form in (None, *MODEL_FORMS):
-        seed = as_seed("seed", seed)
+        seed = resolved_seed("seed", seed)
         linearized = {"factor": factor, "steps": 100 if steps is None else steps,
                       "seeds": tuple(range(seed, seed + as_int("n_seeds", n_seeds, minimum=1)))}
     extra = {} if chunk_size is None else {"chunk_size": chunk_size}

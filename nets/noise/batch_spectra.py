@@ -36,9 +36,10 @@ from nets.utils.fingerprints import code_fingerprint, data_fingerprint, digest, 
 from nets.utils.jsonl_store import JsonlStore
 from nets.utils.progress import progress_bar
 from nets.utils.results import Result, result
+from nets.utils.seeding import resolved_seed
 from rmt.sampling import batch_noise_factor
 from rmt.spiked_wigner import spiked_wigner_outlier
-from rmt.validation import as_batch_sizes, as_float, as_int, as_seed
+from rmt.validation import as_batch_sizes, as_float, as_int
 
 __all__ = ["measure_batch_top_eigenvalue", "predict_batch_top_eigenvalue", "BatchTopEigenvalues",
            "BatchTopEigenvaluePrediction", "FormCurve", "isotropic_form", "directional_form",
@@ -218,7 +219,7 @@ def measure_batch_top_eigenvalue(model, loss_fn, data, batch_sizes, *, n_batches
                               chunk_size=chunk_size, device=device, dtype=dtype)
     check_mean_reduced(model, loss_fn, full.source)
     Bs = as_batch_sizes(batch_sizes, full.N, replacement)
-    seed = as_seed("seed", seed)
+    seed = resolved_seed("seed", seed)
     if store is not None and not isinstance(store, JsonlStore):
         store = JsonlStore(store)
     keys = {}
@@ -405,7 +406,8 @@ def predict_batch_top_eigenvalue(model, loss_fn, data, batch_sizes, *, form="dir
     n_batches_mc : Monte-Carlo batches per B of the subspace and resolved forms (an int, or
         a dict {"subspace": n, "resolved": n}).
     chunk_size : samples per forward/backward pass of the full-data products (memory).
-    seed : int or numpy Generator (one int is drawn); it seeds the Lanczos start, the
+    seed : int, numpy Generator (one int is drawn) or None (one int drawn from fresh
+        entropy, recorded as `seed`); it seeds the Lanczos start, the
         micro-batch partition, the probes and the Monte-Carlo batches.
     Returns a `BatchTopEigenvaluePrediction` (fields of forms not computed are None).
     """
@@ -414,7 +416,7 @@ def predict_batch_top_eigenvalue(model, loss_fn, data, batch_sizes, *, form="dir
         raise ValueError(f"per_sample must be 'products', 'ggn' or 'auto', got {per_sample!r}")
     if not isinstance(replacement, bool):
         raise TypeError("replacement must be a bool")
-    seed = as_seed("seed", seed)
+    seed = resolved_seed("seed", seed)
     if not (isinstance(micro_batch, str) and micro_batch == "auto"):
         micro_batch = as_int("micro_batch", micro_batch, minimum=1)
     op = curvature_operator(model, loss_fn, data, kind=kind, params=params, policy=policy,

@@ -4,7 +4,9 @@
 
 * an `(X, y)` pair of tensors or numpy arrays with the same first dimension N;
 * a map-style torch `Dataset` whose item `i` is one sample `(x_i, y_i)`;
-* a re-iterable of `(x, y)` batches, such as a `DataLoader` or a list of pairs.
+* a re-iterable of `(x, y)` batches, such as a `DataLoader` or a list of pairs (a
+  DataLoader with `batch_size=None` yields single samples: it is read as its Dataset,
+  each item passed through its `collate_fn`).
 
 The sample order is the pair's row order, the Dataset's index order, or the iteration
 order of the batches. Curvature is an average over a *fixed* set of samples, so a
@@ -62,7 +64,8 @@ def _as_tensor(t, name: str) -> torch.Tensor:
     if isinstance(t, np.ndarray):
         if t.dtype == object or t.dtype.kind in "USV":
             raise TypeError(f"{name} must hold numbers, got a numpy array of dtype {t.dtype}")
-        return torch.from_numpy(np.ascontiguousarray(t))
+        # (a 0-d array stays 0-d: np.ascontiguousarray would make it 1-d)
+        return torch.from_numpy(np.ascontiguousarray(t) if t.ndim else np.array(t))
     if isinstance(t, (bool, int, float, np.number)):
         return torch.as_tensor(t)
     raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(t).__name__}")
@@ -131,6 +134,20 @@ def _iter_keeping_rng(data):
         torch.random.set_rng_state(state)
 
 
+class _PerSample:
+    """`dataset` with `convert` applied to each item (a DataLoader's per-sample collate_fn
+    when its batch_size is None)."""
+
+    def __init__(self, dataset, convert):
+        self.dataset, self.convert = dataset, convert
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.convert(self.dataset[i])
+
+
 class DataSource:
     """One view of the three data forms (module docstring). Build with `as_data_source`."""
 
@@ -150,6 +167,13 @@ class DataSource:
             self._pair, self.N, self.form = (X, Y), int(X.shape[0]), "pair"
         elif isinstance(data, Dataset) and not _is_iterable_dataset(data) and hasattr(data, "__len__"):
             self._dataset, self.N, self.form = data, len(data), "dataset"
+        elif (isinstance(data, DataLoader) and data.batch_size is None and data.batch_sampler is None
+              and not _is_iterable_dataset(data.dataset) and hasattr(data.dataset, "__len__")):
+            # batch_size=None: the loader yields single samples collate_fn(dataset[i]), in
+            # its sampler's order (checked sequential): the Dataset form of those samples
+            _check_sampler(data, name)
+            self._dataset = _PerSample(data.dataset, data.collate_fn)
+            self.N, self.form = len(data.dataset), "dataset"
         elif isinstance(data, (str, bytes, dict)) or torch.is_tensor(data) or isinstance(data, np.ndarray):
             raise TypeError(f"{name} must be an (X, y) pair, a torch Dataset of (x, y) samples or a "
                             f"re-iterable of (x, y) batches, got {type(data).__name__}")
@@ -221,9 +245,10 @@ class DataSource:
         x, y = _as_tensor(item[0], f"{what} inputs"), _as_tensor(item[1], f"{what} targets")
         if not sample and (x.ndim == 0 or y.ndim == 0 or x.shape[0] != y.shape[0]):
             raise ValueError(f"{what}: inputs and targets must have the same first dimension, "
-                             f"got {tuple(x.shape)} and {tuple(y.shape)} (a list is read as (x, y) "
-                             "batches; for per-sample pairs use a torch Dataset, or stack them "
-                             "into an (X, y) pair)")
+                             f"got {tuple(x.shape)} and {tuple(y.shape)} (a "
+                             f"{type(self._iterable).__name__} is read as (x, y) batches; for "
+                             "per-sample pairs use a torch Dataset, or stack them into an (X, y) "
+                             "pair)")
         return x, y
 
     def _stack_samples(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
