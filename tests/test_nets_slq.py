@@ -7,7 +7,7 @@ from torch import nn
 
 from nets.algorithms.hutchinson import hutchinson_trace
 from nets.algorithms.slq import slq_density
-from nets.curvature.operators import hessian_operator
+from nets.curvature.operators import CurvatureOperator, hessian_operator
 
 CE = nn.functional.cross_entropy
 
@@ -107,3 +107,59 @@ def test_bad_arguments(mlp):
         slq_density(op, num_probes=1, num_steps=3).density([0.0, 1.0], -1.0)
     with pytest.raises(ValueError, match="num_probes"):
         hutchinson_trace(op, num_probes=0)
+
+
+class _Dense(CurvatureOperator):
+    """A symmetric matrix as an operator whose products run in `dtype`."""
+
+    def __init__(self, A, dtype):
+        super().__init__(A.shape[0], dtype, "cpu")
+        self.A = torch.as_tensor(A, dtype=dtype)
+
+    def _matmat(self, V):
+        return self.A @ V.to(self.A.dtype)
+
+
+def test_float32_products_keep_a_small_bulk_below_an_outlier():
+    """One eigenvalue 1 and a bulk in [0, 3e-5]: float32 products resolve the bulk (their
+    round-off is ~1e-8), but a breakdown test of 10·eps32·√P·‖A‖ = 3.8e-5 (P = 1000)
+    stopped every probe after 3 steps and lumped the bulk into one node."""
+    rng = np.random.default_rng(0)
+    P = 1000
+    ev = np.r_[1.0, rng.uniform(0, 3e-5, P - 1)]
+    Q, _ = np.linalg.qr(rng.standard_normal((P, P)))
+    A = (Q * ev) @ Q.T
+    d64 = slq_density(_Dense(A, torch.float64), num_probes=4, num_steps=40, seed=0)
+    d32 = slq_density(_Dense(A, torch.float32), num_probes=4, num_steps=40, seed=0)
+    assert [r.num_steps for r in d32.lanczos] == [40] * 4
+    assert not any(r.breakdown for r in d32.lanczos)
+    for t in np.quantile(ev[1:], [0.1, 0.5, 0.9]):
+        cdf = [np.sum(d.weights * (d.nodes <= t)) / d.num_probes for d in (d64, d32)]
+        assert abs(cdf[0] - cdf[1]) < 1e-3, (t, cdf)
+
+
+def test_float32_low_rank_operator_quadrature_matches_float64():
+    """Rank 4: float64 products stop at the invariant subspace (5 steps); a dense float32
+    matmul's round-off there (up to ~1e-5·‖A‖, summation over P) may keep a probe going
+    with a round-off direction, which must leave the quadrature unchanged."""
+    rng = np.random.default_rng(1)
+    Q, _ = np.linalg.qr(rng.standard_normal((300, 300)))
+    A = (Q * np.r_[4.0, 2.0, 1.0, 0.5, np.zeros(296)]) @ Q.T        # 5 distinct eigenvalues
+    d64 = slq_density(_Dense(A, torch.float64), num_probes=3, num_steps=20, seed=0)
+    d32 = slq_density(_Dense(A, torch.float32), num_probes=3, num_steps=20, seed=0)
+    assert all(r.breakdown and r.num_steps <= 6 for r in d64.lanczos)
+    for j in range(1, 6):
+        np.testing.assert_allclose(d32.probe_moments(j), d64.probe_moments(j), rtol=1e-5)
+    for t in (-0.1, 0.1, 0.7, 1.5, 3.0):                 # the mass at each eigenvalue
+        cdf = [np.sum(d.weights * (d.nodes <= t), axis=1) for d in (d64, d32)]
+        np.testing.assert_allclose(cdf[1], cdf[0], atol=1e-5)
+
+
+def test_generator_seed_is_recorded_as_the_int_drawn(mlp):
+    op, _ = mlp
+    d = slq_density(op, num_probes=2, num_steps=5, seed=np.random.default_rng(5))
+    assert isinstance(d.seed, int)
+    assert d.to_dict()["seed"] == d.seed
+    again = slq_density(op, num_probes=2, num_steps=5, seed=d.seed)
+    np.testing.assert_array_equal(again.nodes, d.nodes)
+    assert slq_density(op, num_probes=1, num_steps=3, seed=4).seed == 4

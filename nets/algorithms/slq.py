@@ -32,8 +32,13 @@ __all__ = ["SpectralDensity", "slq_density"]
 class SpectralDensity(Result):
     """SLQ result. nodes, weights : (num_probes, num_steps) arrays (Ritz values and
     their quadrature weights per probe; rows shorter after a Lanczos breakdown are
-    padded with weight 0); P; num_probes; num_steps; seed; lanczos : the per-probe
-    LanczosResult objects (alpha, beta, residuals, ...)."""
+    padded with weight 0); P; num_probes; num_steps; seed : the int (or None) the probes
+    were drawn with (the one drawn from a Generator passed as `seed`), so that
+    `slq_density(op, ..., seed=result.seed)` repeats the run; lanczos : the per-probe
+    LanczosResult objects (alpha, beta, residuals, ...; `breakdown` and `num_steps`
+    record a probe that met an invariant subspace and stopped before num_steps: its
+    quadrature is then exact, A having only that many distinct eigenvalues seen from
+    the probe)."""
 
     nodes: np.ndarray
     weights: np.ndarray
@@ -94,12 +99,15 @@ def slq_density(op, num_probes=10, num_steps=50, seed=0, probe_block=None,
     """SLQ spectral density of `op` (module docstring).
 
     num_probes Rademacher probes: the columns of
-    `numpy.random.default_rng(seed).choice([-1.0, 1.0], size=(P, num_probes))`; num_steps
-    Lanczos steps each (full reorthogonalisation, float64 recurrence; capped at P);
-    probe_block : probes run together per batched matmat (default: all that fit the
+    `numpy.random.default_rng(seed).choice([-1.0, 1.0], size=(P, num_probes))` (a
+    `numpy.random.Generator` as seed gives one int, recorded as the result's seed);
+    num_steps Lanczos steps each (full reorthogonalisation, float64 recurrence; capped at
+    P); probe_block : probes run together per batched matmat (default: all that fit the
     memory budget `memory` — bytes, "2GB", or None for a share of the free memory,
     `nets.utils.memory` — with the float64 Lanczos basis, (num_steps + 1)·P·8 bytes, and
     one product, per probe; the products themselves are split further by the operator).
+    On a sharded operator (`nets.curvature.distributed`) the block is the smallest over
+    the ranks, so that every rank makes the same collective products.
     """
     op = check_operator(op)
     k = as_int("num_probes", num_probes, minimum=1)
@@ -110,7 +118,13 @@ def slq_density(op, num_probes=10, num_steps=50, seed=0, probe_block=None,
         blk = chunk_count(k, (m + 1) * P * 8 + product_bytes(P, 1, 0, 0), budget)
     else:
         blk = as_int("probe_block", probe_block, minimum=1)
-    rng = np.random.default_rng(as_seed("seed", seed))
+    agree = getattr(op, "min_over_ranks", None)
+    if callable(agree):
+        # ranks with different free memory would pick different blocks: collectives of
+        # different shapes abort the process group
+        blk = agree(blk)
+    seed = as_seed("seed", seed)
+    rng = np.random.default_rng(seed)
     Z = rng.choice(np.array([-1.0, 1.0]), size=(P, k))
     results = []
     for a in range(0, k, blk):

@@ -9,7 +9,18 @@ so each rank computes its local product H_r v with an ordinary operator of
 `nets.curvature.operators` (itself exact over uneven batches inside the shard), scales it by
 N_r/N and an `all_reduce(SUM)` leaves H v on every rank. Weighting by shard size
 makes uneven shards exact (averaging the R shard products with equal weight, a peer
-defect, would be biased). The GGN works the same way.
+defect, would be biased). The GGN works the same way. This is the single-process
+operator whenever each sample's loss depends on that sample alone (policy None or
+"eval"). Under policy="train_batch_stats" normalisation layers use the statistics of
+each chunk, and a chunk never crosses a shard: the operator is then the average of the
+shards' chunk curvatures (what data-parallel training without SyncBatchNorm sees), not
+the single-process one (eigenvalues a few % apart); the constructor warns.
+
+At construction every rank learns every rank's sample count, P, dtype and a
+fingerprint of the parameters and floating buffers (sums of x, x², and position-weighted
+x in float64) in one `all_gather`, and all ranks raise the same ValueError when a shard
+is empty or when ranks differ in P, dtype or parameters (e.g. each rank initialised
+its own model: the products would silently mix different Hessians).
 
 How the eigensolver runs: **replicated**. Every rank runs the same algorithm
 (`nets.algorithms.lanczos.eigsh`, `lanczos`, scipy's `eigsh` through `to_scipy()`, ...) with the
@@ -31,6 +42,8 @@ Use backend "gloo" on CPU and "nccl" with CUDA tensors (`device=f"cuda:{local_ra
 
 from __future__ import annotations
 
+import sys
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -39,6 +52,7 @@ import torch.distributed as dist
 from torch import nn
 
 from nets.curvature.operators import CurvatureOperator, ModelCurvatureOperator, curvature_operator
+from nets.utils.data_source import as_data_source
 from rmt.validation import as_int
 
 __all__ = [
@@ -93,6 +107,102 @@ def shard_dataset(dataset, rank=None, world_size=None):
     return X[a:b], y[a:b]
 
 
+# -- the constructor's consistency check ------------------------------------------------
+_OK, _EMPTY = 0.0, 1.0                      # status codes in the exchanged table
+_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+_META_LEN = 8                               # status, P, dtype code, N_r, Σx, Σx², Σc·x, Σ|x|
+
+
+def _caller_stacklevel() -> int:
+    """`stacklevel` naming the first frame outside this module, for a warning raised
+    in the function that calls this (the constructor, whether called by the user or
+    through `distributed_hessian_operator`)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _meta_device(group):
+    """Where the small float64 metadata tensors travel: CUDA for nccl, else the CPU."""
+    backend = str(dist.get_backend(group))
+    if "nccl" in backend and "gloo" not in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _dtype_code(dt) -> float:
+    return float(_DTYPES.index(dt) + 1) if dt in _DTYPES else 0.0
+
+
+def _fingerprint(local_op) -> list[float]:
+    """[Σx, Σx², Σ c_i x_i, Σ|x|] over the flat float64 parameters and floating buffers
+    of the local operator, c_i = 1 + (i mod 997)/997 (sensitive to a permutation too);
+    zeros for an operator without parameters (`primals`)."""
+    tensors = list(getattr(local_op, "primals", ()))
+    frozen = getattr(local_op, "frozen", {}) or {}
+    tensors += [frozen[n] for n in sorted(frozen) if frozen[n].is_floating_point()]
+    out = torch.zeros(4, dtype=torch.float64)
+    offset = 0
+    for t in tensors:
+        x = t.detach().reshape(-1).to(torch.float64)
+        c = 1.0 + torch.remainder(torch.arange(offset, offset + x.numel(), device=x.device,
+                                               dtype=torch.float64), 997.0) / 997.0
+        out += torch.stack([x.sum(), (x * x).sum(), (c * x).sum(), x.abs().sum()]).cpu()
+        offset += x.numel()
+    return out.tolist()
+
+
+def _local_meta(local_op) -> list[float]:
+    return [_OK, float(local_op.P), _dtype_code(local_op.dtype), float(local_op.N),
+            *_fingerprint(local_op)]
+
+
+def _failed_meta(status: float) -> list[float]:
+    return [status] + [0.0] * (_META_LEN - 1)
+
+
+def _exchange_meta(meta: list[float], group) -> np.ndarray:
+    """(world_size, _META_LEN) table of every rank's metadata (one all_gather)."""
+    dev = _meta_device(group)
+    t = torch.tensor(meta, dtype=torch.float64, device=dev)
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t, group=group)
+    return torch.stack(parts).cpu().numpy()
+
+
+def _check_meta(table: np.ndarray, root: int) -> None:
+    """The same checks on the same table on every rank: the same ValueError everywhere."""
+    ranks = np.arange(table.shape[0])
+    empty = ranks[table[:, 0] == _EMPTY]
+    if empty.size:
+        raise ValueError(f"the shard of rank(s) {empty.tolist()} is empty (0 samples): every "
+                         f"rank needs at least one sample (shard_dataset gives each rank one "
+                         f"when N >= world_size); sample counts per rank: "
+                         f"{[int(n) for n in table[:, 3]]} (0 for an empty shard)")
+    P = table[:, 1]
+    if np.any(P != P[root]):
+        raise ValueError(f"ranks hold operators of different sizes P (per rank: "
+                         f"{[int(p) for p in P]}): build every rank's operator from the same "
+                         "model and params selection")
+    codes = table[:, 2]
+    if np.any(codes != codes[root]):
+        names = [str(_DTYPES[int(c) - 1]) if c > 0 else "other" for c in codes]
+        raise ValueError(f"ranks hold operators of different dtypes (per rank: {names}): pass "
+                         "the same dtype (and a model of the same precision) on every rank")
+    fp = table[:, 4:]
+    scale = np.maximum(fp[:, 3], fp[root, 3])           # Σ|x| ≥ |Σx|, 2Σ|x| ≥ |Σc·x|
+    tol = 1e-9 * np.stack([scale, fp[:, 1], 2 * scale], axis=1) + 1e-300
+    differ = np.any(np.abs(fp[:, :3] - fp[root, :3]) > tol, axis=1)
+    if differ.any():
+        raise ValueError(f"rank(s) {ranks[differ].tolist()} hold model parameters or buffers "
+                         f"that differ from rank {root}'s (fingerprints Σw, Σw² per rank: "
+                         f"{[(float(a), float(b)) for a, b in fp[:, :2]]}): the sharded "
+                         "operator needs the same model state on every rank, e.g. load one "
+                         f"checkpoint everywhere or broadcast rank {root}'s state_dict "
+                         "before building it")
+
+
 class DistributedCurvatureOperator(CurvatureOperator):
     """Σ_r (N_r/N) A_r over the ranks of a process group, A_r = this rank's local
     operator (a `ModelCurvatureOperator` over its shard of N_r samples).
@@ -101,7 +211,8 @@ class DistributedCurvatureOperator(CurvatureOperator):
     `to_scipy`, `num_matvecs`), so `nets.algorithms.lanczos` runs on it unchanged; every product is
     a collective (module docstring: replicated, lock-step use). Extra: `gradient()`,
     `loss()` (full-data, by the same weighted all-reduce), `N` (total samples),
-    `local_N`, `rank`, `world_size`.
+    `local_N`, `rank`, `world_size`, `min_over_ranks(value)`. The constructor is a
+    collective that checks the ranks agree (module docstring).
 
     sync_inputs : broadcast each input vector from `root` before the product (default
         True; see the module docstring). Set False only when every rank is known to hold
@@ -126,16 +237,28 @@ class DistributedCurvatureOperator(CurvatureOperator):
         super().__init__(local_op.P, local_op.dtype, local_op.device, local_op.param_names)
         self.local_op = local_op
         self.local_N = int(local_N)
-        # every rank must act on the same parameter space: max P == min P over ranks
-        sizes = torch.tensor([float(self.P), -float(self.P)], dtype=torch.float64,
-                             device=self._comm_device())
-        self._all_reduce(sizes, op=dist.ReduceOp.MAX)
-        if int(sizes[0]) != self.P or int(-sizes[1]) != self.P:
-            raise ValueError(f"ranks hold operators of different sizes P (this rank: {self.P})")
-        meta = torch.tensor([float(self.local_N)], dtype=torch.float64, device=self._comm_device())
-        self._all_reduce(meta, op=dist.ReduceOp.SUM)
-        self.N = int(round(float(meta[0])))
+        # one collective: every rank's status, P, dtype, N_r and parameter fingerprint;
+        # every rank then runs the same checks on the same table and raises the same error
+        table = _exchange_meta(_local_meta(local_op), group)
+        _check_meta(table, self.root)
+        self.N = int(round(float(table[:, 3].sum())))
         self.weight = self.local_N / self.N          # N_r / N
+        if world > 1 and getattr(local_op, "policy", None) == "train_batch_stats":
+            warnings.warn(
+                "policy='train_batch_stats' on a sharded operator: each shard (and each "
+                "chunk inside it) normalises with its own batch statistics, so the operator "
+                "is the average of the shards' chunk curvatures, not the single-process "
+                "train-mode curvature (eigenvalues a few % apart); use policy='eval' for "
+                "the same operator on any number of ranks", UserWarning,
+                stacklevel=_caller_stacklevel())
+
+    def min_over_ranks(self, value: int) -> int:
+        """The minimum of the int `value` over the ranks (collective: call on every
+        rank), so that a choice each rank makes from its own state (e.g. a block size from
+        its free memory) is the same on all ranks and their collectives match."""
+        t = torch.tensor([float(value)], dtype=torch.float64, device=_meta_device(self.group))
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        return int(t[0])
 
     # -- communication -----------------------------------------------------------
     def _comm_device(self):
@@ -179,7 +302,21 @@ class DistributedCurvatureOperator(CurvatureOperator):
 
 def _distributed(kind, model, loss_fn, shard, params, device, dtype, policy, chunk_size,
                  cache_graph, group, root, sync_inputs):
-    local = curvature_operator(model, loss_fn, shard, kind=kind, params=params, device=device,
+    _require_initialized(group)
+    try:
+        source, empty = as_data_source(shard, name="shard"), None
+    except ValueError as e:
+        if str(e) != "shard is empty":
+            raise
+        source, empty = None, e
+    if empty is not None:
+        # take part in the constructor's collective, so that every rank raises the same
+        # error instead of the others dying in it when this rank leaves
+        try:
+            _check_meta(_exchange_meta(_failed_meta(_EMPTY), group), root)
+        except ValueError as err:
+            raise err from empty
+    local = curvature_operator(model, loss_fn, source, kind=kind, params=params, device=device,
                                dtype=dtype, policy=policy, chunk_size=chunk_size,
                                cache_graph=cache_graph)
     return DistributedCurvatureOperator(local, group=group, root=root, sync_inputs=sync_inputs)
