@@ -67,13 +67,16 @@ def default_setup(ctx) -> dict:
 
     σ² is chosen so that the semicircle variance v = P·σ²/B equals 0.5 at B = 8: the
     top spike λ=1 is then supercritical for B ≥ 4 (θ² > v) and the bulk edge takes over
-    at B = 2; the bottom spike −1.5 is supercritical for B ≥ 2.
+    at B ≤ 2 (B = 1: v/λ² = 4, far enough below the transition for the overlap check to
+    judge its 0); the bottom spike −1.5 is supercritical for B ≥ 2. B = 3N/4 and 7N/8
+    are where c = 1/B − 1/N and the plain 1/B differ by 3× and 7×, so the finite-population
+    factor is tested at B < N, not only at B = N (where ε ≡ 0 trivially).
     """
     P = ctx.pick(300, 80)
     N = ctx.pick(1024, 256)
     return dict(P=P, N=N, lam_top=1.0, lam_bottom=-1.5, sigma2=0.5 * 8 / P,
-                batch_sizes=ctx.pick([2, 4, 8, 16, 32, 64, 128, 256, 512, 1024],
-                                     [2, 8, 32, 128, 256]),
+                batch_sizes=ctx.pick([1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 768, 896, 1024],
+                                     [1, 2, 8, 32, 128, 192, 224, 256]),
                 n_batches=ctx.pick(40, 16))
 
 

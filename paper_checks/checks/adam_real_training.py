@@ -33,9 +33,13 @@ largest B. Exponent of the measured threshold over B ≤ 128 with a bootstrap 95
 interval over seeds, compared with 1/2 (√B rule, also Malladi et al.'s SDE rule for the lr)
 and 1 (linear rule).
 
-Pass iff every transferred lr is within 20 % of the measured threshold at every B for
-both anchors, and the exponent interval is finite. The verdict on √B is stated from the
-interval (contains 1/2, lies above, or below).
+Pass iff every transferred lr is within 20 % of the measured threshold at every B ≠ B₀
+for both anchors (at B₀ the ratio is 1 by construction) and the exponent of the default
+prediction over B ≤ FIT_MAX_B lies inside the measured exponent's 95 % interval (its
+B-shape, judged with the measurement's own error; a referee noted that the exponent was
+otherwise only reported). The verdict on √B is stated from the interval (contains 1/2,
+lies above, or below), not judged: the paper's √B is what is being tested, whichever way
+it comes out.
 """
 
 from __future__ import annotations
@@ -105,7 +109,8 @@ def run(ctx):
                          # noise-floor shape α_floor(B)/α_floor(B0) (a loss limit)
                          "floor_ratio": a0 * floor / floor[i0] / warm.lr}
         failures += [f"anchor B0={B0}: B={B} transfer {t:.4g} vs measured {m:.4g} (ratio {r:.2f})"
-                     for B, t, m, r in zip(Bs, tr.lr, warm.lr, ratio) if not abs(r - 1) <= TOL]
+                     for B, t, m, r in zip(Bs, tr.lr, warm.lr, ratio)
+                     if B != B0 and not abs(r - 1) <= TOL]
     cut = Bs <= FIT_MAX_B
     fit = mc.bootstrap_exponent(Bs[cut], list(warm.per_seed[cut]), ctx.rng(NAME))
     if len(seeds) == 1:      # one replicate per B: no bootstrap spread; use the t-interval
@@ -117,6 +122,9 @@ def run(ctx):
     k_det = mc.fit_power_law(Bs[cut], pred.lr_deterministic[cut])[0]
     if not np.isfinite(fit["ci_high"] - fit["ci_low"]):
         failures.append("exponent interval not finite")
+    elif not fit["ci_low"] <= k_lin <= fit["ci_high"]:
+        failures.append(f"predicted exponent {k_lin:.2f} outside the measured 95 % interval "
+                        f"[{fit['ci_low']:.2f}, {fit['ci_high']:.2f}]")
     if fit["ci_low"] <= 0.5 <= fit["ci_high"]:
         verdict = "consistent with √B (interval contains 1/2)"
     elif fit["ci_low"] > 0.5:
@@ -132,7 +140,8 @@ def run(ctx):
         measured=f"warmed {CRITERION} exponent {fit['exponent']:.2f} [{fit['ci_low']:.2f}, "
                  f"{fit['ci_high']:.2f}] ({verdict}); fresh first-step blow-ups "
                  f"{fresh_first:.0%}",
-        tolerance=f"|transfer/measured − 1| ≤ {TOL} at every B, anchors B0 = 32, {int(Bs.max())}",
+        tolerance=f"|transfer/measured − 1| ≤ {TOL} at every B ≠ B0, anchors B0 = 32, "
+                  f"{int(Bs.max())}; predicted exponent inside the measured 95 % interval",
         failures=failures,
         details={"criterion": CRITERION, "warmup_steps": WARMUP, "warmup_lr": WARMUP_LR, "steps": STEPS,
                  "betas": BETAS, "eps": EPS, "seeds": list(seeds), "fit": fit,

@@ -17,6 +17,14 @@ Pass iff (a) the fitted exponent of δ_min vs B over B ≤ d/8 is within 0.2 of 
 edge-based prediction is itself only ∝ 1/B for q ≫ 1: its own exponent is reported);
 (b) measured δ_min within [0.5, 1.1]× the edge prediction at every B (the edge is the
 worst single direction; a random-direction iteration can tolerate a little less).
+What (b) tests is that the edge is a safe bound within 2×, not that it is the threshold:
+measured, the ratio slides from 0.98 (B = 1) to 0.56 (B = 64) while the measured δ_min
+follows the plain α/B law anchored at B = 1 within 0.96–1.16. The edge (1 + √q)² of one
+fixed H_B carries a 2√q term that fresh batches do not pay: the mean-square condition
+of the bulk iteration, δ > α·(1 + (d + 1)·c(B,N))/2 from E[H_B²] = (1 + (d + 1)c)·I for
+Gaussian rows (a scratch estimate, not judged), gives 129 / 2.45 at B = 1 / 64 against
+140.5 / 2.48 measured, so the edge form's exponent is −0.87 where the measured one is
+−1.00. The report gives both ratios.
 """
 
 from __future__ import annotations
@@ -87,7 +95,9 @@ def run(ctx):
         predicted=f"exponent −1 (edge-based local fit {k_pred:.3f}); "
                   f"δ_min(B={Bs[0]})={pred[0]:.4g}, δ_min(B={Bs[-1]})={pred[-1]:.4g}",
         measured=f"exponent {fit['exponent']:.3f} [{fit['ci_low']:.3f}, {fit['ci_high']:.3f}]; "
-                 f"{mean[0]:.4g}, {mean[-1]:.4g}",
+                 f"{mean[0]:.4g}, {mean[-1]:.4g}; measured/edge bound {ratio[0]:.2f} → "
+                 f"{ratio[-1]:.2f}, measured/(α/B law from B={Bs[0]}) "
+                 f"{np.min(mean / law):.2f}–{np.max(mean / law):.2f}",
         tolerance=f"|k+1| ≤ {TOL_EXPONENT} over B ≤ d/8; measured/predicted ∈ {list(RATIO_BAND)} "
                   f"(α={ALPHA}, d={d}, N={N}, {runs} runs/B)",
         failures=failures,

@@ -21,7 +21,11 @@ plateau vs predicted λ₁*.
 Pass iff, for each network, over its runs that reached the edge (measured batch sharpness plateau ≥
 (1 − EDGE_TOL)·2/η, not diverged), the median relative error of (a) the batch sharpness
 plateau against 2/η is ≤ EDGE_TOL and (b) of the predicted λ₁* against the measured λ₁
-plateau is ≤ PLATEAU_TOL, and at least two runs reached the edge. (Measured during
+plateau is ≤ PLATEAU_TOL, (c) on those of them with B < N the prediction beats the
+plateau without batch noise, λ₁ → 2/η: median |λ₁*/λ₁ − 1| < median |(2/η)/λ₁ − 1| (at
+B = N the two are the same number, so (a) and (b) alone pass with the batch correction
+removed — a referee's injection: median 16.0 % against 15.3 % on the MLP), and at least
+two runs reached the edge. (Measured during
 development: at B = 8 the batch sharpness overshoots 2/η by ~50 % and λ₁* overshoots λ₁
 by ~60 %: the second-order formula is least accurate where the noise is largest.) Runs whose batch
 sharpness stays below the edge (the loss flattens before the sharpness rises to 2/η)
@@ -182,7 +186,7 @@ def run(ctx):
         rows += r
         series.update(s)
         info[net] = dict(steps=steps, N=N)
-    failures, judged_counts = [], {}
+    failures, judged_counts, against_plain = [], {}, {}
     for net in NETS:
         judged_rows = [r for r in rows if r["net"] == net and r["at_edge"] and not r["diverged"]]
         judged_counts[net] = len(judged_rows)
@@ -195,6 +199,17 @@ def run(ctx):
         if lam_err and not float(np.median(lam_err)) <= PLATEAU_TOL:
             failures.append(f"{net}: predicted λ₁* off the measured λ₁ plateau by "
                             f"{np.median(lam_err):.0%} (median)")
+        batch = [r for r in judged_rows if r["B"] < info[net]["N"]]
+        ours = [abs(r["predicted_lam"] / r["lam"] - 1) for r in batch]
+        plain = [abs(r["edge"] / r["lam"] - 1) for r in batch]
+        against_plain[net] = (float(np.median(ours)) if ours else float("nan"),
+                              float(np.median(plain)) if plain else float("nan"), len(batch))
+        if not batch:
+            failures.append(f"{net}: no run with B < N reached the edge")
+        elif not np.median(ours) < np.median(plain):
+            failures.append(f"{net}: over the {len(batch)} runs with B < N at the edge, λ₁* "
+                            f"(median {np.median(ours):.0%}) does not beat λ₁ → 2/η "
+                            f"(median {np.median(plain):.0%})")
     table = "; ".join(f"{r['net']} η={r['lr']:g},B={r['B']}: diverged" if r["diverged"] else
                       f"{r['net']} η={r['lr']:g},B={r['B']}: bs {r['batch_sharpness']:.2f}±"
                       f"{r['batch_sharpness_sd']:.2f} vs 2/η {r['edge']:.2f}, λ₁ {r['lam']:.2f}±"
@@ -203,11 +218,17 @@ def run(ctx):
     return judged(
         name=NAME, claim=CLAIM,
         predicted="batch sharpness → 2/η; λ₁ → λ₁* with λ₁* + c(B,N)s_u²/λ₁* = 2/η",
-        measured=table,
+        measured=table + "; median |λ₁*/λ₁ − 1| vs |(2/η)/λ₁ − 1| over runs at the edge with B < N: "
+                 + ", ".join(f"{n} {v[0]:.0%} vs {v[1]:.0%} ({v[2]} runs)"
+                             for n, v in against_plain.items()),
         tolerance=f"per network, runs at the edge: median |bs/(2/η) − 1| ≤ {EDGE_TOL}, median "
-                  f"|λ₁*/λ₁ − 1| ≤ {PLATEAU_TOL}",
+                  f"|λ₁*/λ₁ − 1| ≤ {PLATEAU_TOL}; with B < N that median below the one of "
+                  f"λ₁ → 2/η (no batch noise)",
         failures=failures,
         details={"rows": rows, "nets": info, "judged": judged_counts,
+                 "median_error_vs_no_noise": {
+                     n: {"lambda_star": v[0], "two_over_eta": v[1], "runs": v[2]}
+                     for n, v in against_plain.items()},
                  "caption": "Digits MLP (top) and CNN (bottom), plain SGD on the squared error: "
                             "λ₁ (solid), measured batch sharpness (dashed), predicted plateau "
                             "λ₁* (dotted) and 2/η (grey) per (η, B); plateaus are means over the "

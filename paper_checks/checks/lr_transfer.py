@@ -16,8 +16,10 @@ reported as measured/(2(1+m)/λ'_m(B)) and measured/(2(1+m)/λ'(B)) (the determi
 momentum factor) — no correction factor is fitted to the measurement.
 
 Pass iff transfer/measured ∈ [0.85, 1.15] (m = 0) and [0.80, 1.20] (m = 0.9) at every B,
-for both anchors. Default run: B ∈ {8, 32, 128, 512}, eight seeds, 200 steps (5 min on
-2 threads, most of it the linearised thresholds; --quick: one seed, 120 steps, rank 40).
+for both anchors (at B = B₀ the ratio is 1 by construction, so each anchor is judged at
+the other three batch sizes; the reported ranges include that 1). Default run:
+B ∈ {8, 32, 128, 512}, eight seeds, 200 steps (5 min on 2 threads, most of it the
+linearised thresholds; --quick: one seed, 120 steps, rank 40).
 Eight, as `transfer_lr`'s default n_seeds: over three (seeds 0–2) the m = 0 row missed
 by 1 % (1.16 at B = 128 from B₀ = 512) where over eight it is 0.94–1.10, the measurement's
 own seed spread (README).

@@ -12,7 +12,11 @@ criterion). The small-B exponent is the slope of log α vs log B over B ≤ B*/6
 bootstrap CI over the runs.
 
 Pass iff (a) measured small-B exponent within 0.2 of 1; (b) oracle exponent within
-0.15 of 1; (c) the prediction is within [0.6, 1.1]× the oracle at every B; (d) the
+0.15 of 1; (c) the prediction is within [0.85, 1.1]× the oracle at B ≤ B*/6, where the
+linear law's coefficient 2λ₁/(s_u²·c) is set (0.90–0.98 here; a referee's injection,
+s_u² × 1.25 and no 1/N, gave 0.74–0.79 there and passed the old single band), and within
+[0.6, 1.1]× at every other B (near B* the one-direction formula misses the noise that
+leaks into the bulk: 0.67 at B = 64, measured); (d) the
 measured threshold is ≥ 0.95× the oracle at every measured B (mean-square stability
 implies almost-sure stability; 5% for grid spacing and finite runs).
 """
@@ -32,6 +36,7 @@ CLAIM = ("SGD: the largest stable learning rate grows linearly with B for B ≪ 
 REQUIRES = ("rmt.lr:sgd_max_lr", "nets.learning_rates.least_squares:spiked_regression",
             "nets.learning_rates.stability:ms_threshold_curve")
 TOL_MEASURED, TOL_ORACLE, RATIO_BAND, MS_FLOOR = 0.2, 0.15, (0.6, 1.1), 0.95
+SMALL_B_BAND = (0.85, 1.1)
 
 
 def measure_sgd_thresholds(X, Bs, oracle, runs, sweeps, min_steps, rng, bar, n_grid=40,
@@ -86,7 +91,9 @@ def run(ctx):
                         f"{TOL_MEASURED} of 1")
     if not abs(k_oracle - 1) <= TOL_ORACLE:
         failures.append(f"oracle small-B exponent {k_oracle:.3f} not within {TOL_ORACLE} of 1")
-    bad = ~((ratio >= RATIO_BAND[0]) & (ratio <= RATIO_BAND[1]))
+    low = np.where(Bs <= cut, SMALL_B_BAND[0], RATIO_BAND[0])
+    high = np.where(Bs <= cut, SMALL_B_BAND[1], RATIO_BAND[1])
+    bad = ~((ratio >= low) & (ratio <= high))
     failures += [f"B={B}: predicted {p:.4g} vs oracle {o:.4g} (ratio {p / o:.3f})"
                  for B, p, o, b in zip(Bs, pred, oracle, bad) if b]
     below = ~(meas >= MS_FLOOR * oracle[: len(Bm), None])
@@ -101,11 +108,12 @@ def run(ctx):
                  f"{fit_meas['ci_high']:.3f}] (oracle {k_oracle:.3f}); α(1)={meas_mean[0]:.4g} "
                  f"(oracle {oracle[0]:.4g})",
         tolerance=f"|k_meas−1| ≤ {TOL_MEASURED}, |k_oracle−1| ≤ {TOL_ORACLE} over B ≤ B*/6; "
-                  f"pred/oracle ∈ {list(RATIO_BAND)}; measured ≥ {MS_FLOOR}×oracle",
+                  f"pred/oracle ∈ {list(SMALL_B_BAND)} there, ∈ {list(RATIO_BAND)} elsewhere; "
+                  f"measured ≥ {MS_FLOOR}×oracle",
         failures=failures,
         details={"N": N, "d": d, "lambda1": lam, "s_u2": s2, "B_star": Bstar,
                  "fit_measured": fit_meas, "k_oracle": k_oracle, "k_predicted": k_pred,
-                 "pred_over_oracle": ratio, "runs": runs, "steps": steps,
+                 "pred_over_oracle": ratio, "small_B_cut": cut, "runs": runs, "steps": steps,
                  "caption": f"Least squares (N={N}, d={d}, B*={Bstar:.3g}): largest stable SGD "
                             "step vs B — directional prediction, exact mean-square oracle and "
                             "measured divergence threshold (log-log)."},
