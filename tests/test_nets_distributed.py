@@ -275,13 +275,31 @@ def _mismatch_checks(rank, out_dir):
         part = shard if rank == 0 else (X[:0], y[:0])
         return distributed_hessian_operator(model, F.cross_entropy, part).P
 
-    def batch_stats(policy):
+    def batch_stats(policy, stats_per_rank=False):
         def run():
             torch.manual_seed(0)
             bn = torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.BatchNorm1d(8),
                                      torch.nn.Tanh(), torch.nn.Linear(8, 10)).double()
+            if stats_per_rank:      # data-parallel training without SyncBatchNorm
+                bn[1].running_mean.fill_(float(rank))
             return distributed_hessian_operator(bn, F.cross_entropy, shard, policy=policy).P
         return run
+
+    def local_refusal():            # rank 1's shard has a NaN: only rank 1's checks fail
+        part = shard
+        if rank == 1:
+            Xb = shard[0].clone()
+            Xb[0, 0] = float("nan")
+            part = (Xb, shard[1])
+        return distributed_hessian_operator(model, F.cross_entropy, part).P
+
+    def swapped():                  # two weights trade places on rank 1: Σw, Σw² agree
+        m = MLP(64, (8,), 10, activation="tanh", seed=3).double().eval()
+        if rank == 1:
+            with torch.no_grad():
+                w = m.net[0].weight.view(-1)
+                w[0], w[500] = w[500].clone(), w[0].clone()
+        return distributed_hessian_operator(m, F.cross_entropy, shard).P
 
     def slq_uneven_memory():
         # memory=None on ranks with different free memory: different probe blocks
@@ -297,6 +315,10 @@ def _mismatch_checks(rank, out_dir):
     record("perturbed", perturbed)
     record("bn_eval", batch_stats("eval"))
     record("bn_train_batch_stats", batch_stats("train_batch_stats"))
+    record("bn_stats_per_rank_eval", batch_stats("eval", stats_per_rank=True))
+    record("bn_stats_per_rank_batch_stats", batch_stats("train_batch_stats", stats_per_rank=True))
+    record("local_refusal", local_refusal)
+    record("swapped", swapped)
     record("slq_uneven_memory", slq_uneven_memory)
     record("mixed_dtypes", mixed_dtypes)
     record("empty_shard", empty_shard)
@@ -356,3 +378,26 @@ def test_slq_with_different_memory_per_rank_agrees_with_single_process(mismatch_
         assert o["ok"], o
         np.testing.assert_allclose(np.array(o["value"]), ref, rtol=1e-9,
                                    atol=1e-9 * np.abs(ref).max())
+
+
+def test_a_refusal_on_one_rank_stops_every_rank_with_an_error(mismatch_results):
+    """Rank 1's own input check fails (NaN in its shard); rank 0's passes: rank 1 raises
+    its own reason, rank 0 an error naming rank 1 (it died in gloo before)."""
+    r0, r1 = _both(mismatch_results, "local_refusal")
+    assert not r1["ok"] and r1["error"] == "ValueError" and "NaN" in r1["message"], r1
+    assert not r0["ok"] and r0["error"] == "ValueError", r0
+    assert "rank(s) [1] could not build" in r0["message"]
+
+
+def test_running_statistics_count_only_where_they_are_read(mismatch_results):
+    """BatchNorm running statistics differing per rank change an eval-mode operator
+    (refused) but are never read under train_batch_stats (accepted, with its warning)."""
+    for o in _both(mismatch_results, "bn_stats_per_rank_eval"):
+        assert not o["ok"] and "differ from rank 0" in o["message"], o
+    for o in _both(mismatch_results, "bn_stats_per_rank_batch_stats"):
+        assert o["ok"], o
+
+
+def test_a_permutation_of_the_weights_is_refused(mismatch_results):
+    for o in _both(mismatch_results, "swapped"):
+        assert not o["ok"] and "rank(s) [1]" in o["message"], o

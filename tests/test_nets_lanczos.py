@@ -261,7 +261,7 @@ def test_a_warm_start_on_another_eigenvector_still_finds_the_end(which, want):
         assert r.values[0] == pytest.approx(want, rel=1e-8)
 
 
-@pytest.mark.parametrize("budget", [1, 7, 23, 40, 61, 80, 200])
+@pytest.mark.parametrize("budget", [1, 4, 5, 7, 23, 40, 61, 80, 200])
 def test_max_steps_is_never_exceeded(budget):
     """max_steps is a budget of products: a cycle (krylov_dim products) and the
     multiplicity check stop where it is spent, and a check the budget cut short leaves
@@ -276,10 +276,36 @@ def test_max_steps_is_never_exceeded(budget):
     op, ev, _, _ = multi_output_least_squares()
     A = Counting(op.to_dense())
     counted.clear()
+    if budget < 5:
+        with pytest.raises(ValueError, match="max_steps"):
+            eigsh(A, k=5, max_steps=budget)
+        return
     r = eigsh(A, k=5, seed=3, max_steps=budget, check_multiplicity=True)
     assert r.num_matvecs == sum(counted) <= budget
+    assert len(r.values) == len(r.converged) == r.vectors.shape[1] == 5
     if r.converged.all():
         np.testing.assert_allclose(r.values, ev[::-1][:5], rtol=1e-9)
     assert np.all(r.values <= ev[-1] * (1 + 1e-12))      # Ritz values lie in the spectrum
     plain = eigsh(A, k=5, seed=3, max_steps=budget)
-    assert plain.num_matvecs <= budget
+    assert plain.num_matvecs <= budget and len(plain.values) == 5
+
+
+def test_seed_none_is_recorded_so_a_run_can_be_repeated():
+    """seed=None draws one int from fresh entropy; the results record it (docs/api.md),
+    and a rerun with that int gives the same numbers."""
+    from nets.algorithms.hutchinson import hutchinson_trace
+    from nets.algorithms.slq import slq_density
+
+    op = mlp_hessian()
+    calls = {
+        "slq": (lambda s: slq_density(op, num_probes=2, num_steps=6, seed=s),
+                lambda r: r.nodes),
+        "eigsh": (lambda s: eigsh(op, k=2, seed=s, tol=1e-3), lambda r: r.values),
+        "lanczos": (lambda s: lanczos(op, 6, seed=s), lambda r: r.alpha),
+        "hutchinson": (lambda s: hutchinson_trace(op, num_probes=3, seed=s),
+                       lambda r: np.array([r.estimate])),
+    }
+    for name, (run, value) in calls.items():
+        first = run(None)
+        assert isinstance(first.seed, int), name
+        np.testing.assert_array_equal(value(run(first.seed)), value(first), err_msg=name)

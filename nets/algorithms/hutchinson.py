@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from nets.utils.results import Result, result
-from rmt.validation import as_int, as_seed
+from nets.utils.seeding import resolved_seed
+from rmt.validation import as_int
 
 __all__ = ["TraceEstimate", "hutchinson_trace"]
 
@@ -44,7 +45,7 @@ def hutchinson_trace(op, num_probes=32, *, seed=0, block_size=None) -> TraceEsti
     P = op.P
     bs = max(1, min(k, (1 << 24) // max(P, 1))) if block_size is None else \
         as_int("block_size", block_size, minimum=1)
-    seed = as_seed("seed", seed)
+    seed = resolved_seed("seed", seed)
     rng = np.random.default_rng(seed)
     device = getattr(op, "device", torch.device("cpu"))
     quad = []

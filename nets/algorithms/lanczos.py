@@ -40,7 +40,8 @@ from nets.curvature.operators import CurvatureOperator
 from nets.utils.autocast import no_autocast
 from nets.utils.progress import wants_progress
 from nets.utils.results import Result, result
-from rmt.validation import as_float, as_int, as_seed
+from nets.utils.seeding import resolved_seed
+from rmt.validation import as_float, as_int
 
 __all__ = ["LanczosResult", "EigenResult", "lanczos", "lanczos_batch", "eigsh"]
 
@@ -216,7 +217,7 @@ def lanczos_batch(op, num_steps, num_vectors=1, v0=None, seed=0, reorth: str = "
     m = min(as_int("num_steps", num_steps, minimum=1), op.P)
     k = as_int("num_vectors", num_vectors, minimum=1)
     tol = as_float("tol", tol, positive=True)
-    seed = as_seed("seed", seed)
+    seed = resolved_seed("seed", seed)
     if reorth not in ("full", "none"):
         raise ValueError(f"reorth must be 'full' or 'none', got {reorth!r}")
     V0 = _start_vectors(op, k, v0, seed, "rademacher")
@@ -457,9 +458,9 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-10, max_steps: int 
     tol : relative residual target ‖A y − θ y‖ ≤ tol·|θ| (floored at 100·eps·‖A‖ with eps
         of the operator's dtype, the attainable accuracy); eigenvalue errors are then
         ≈ residual²/gap.
-    max_steps : budget of operator products (default 50·krylov_dim), never exceeded; if
-        exhausted the best pairs are returned with `converged` False where the target was
-        missed.
+    max_steps : budget of operator products (default 50·krylov_dim; at least k, so that
+        k Ritz pairs exist), never exceeded; if exhausted the best pairs are returned
+        with `converged` False where the target was missed.
     krylov_dim : basis size before a restart (default min(P, max(2k + 10, 20)), near ARPACK's 2k+1..20).
     seed : seeds the Gaussian start vector (and fresh vectors after an invariant
         subspace); v0 : optional start vector.
@@ -492,8 +493,9 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-10, max_steps: int 
     m = min(m, P)
     if m <= k and m < P:
         raise ValueError(f"krylov_dim must exceed k (got krylov_dim={m}, k={k})")
-    max_mv = 50 * m if max_steps is None else as_int("max_steps", max_steps, minimum=1)
-    rng = np.random.default_rng(as_seed("seed", seed))
+    max_mv = 50 * m if max_steps is None else as_int("max_steps", max_steps, minimum=k)
+    seed = resolved_seed("seed", seed)
+    rng = np.random.default_rng(seed)
     dev = _op_device(op)
     if v0 is None:
         q = torch.from_numpy(rng.standard_normal(P)).to(dev)

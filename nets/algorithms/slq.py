@@ -23,7 +23,8 @@ import numpy as np
 from nets.algorithms.lanczos import LanczosResult, check_operator, lanczos_batch
 from nets.utils.memory import chunk_count, memory_budget, product_bytes
 from nets.utils.results import Result, result
-from rmt.validation import as_array, as_float, as_int, as_seed
+from nets.utils.seeding import resolved_seed
+from rmt.validation import as_array, as_float, as_int
 
 __all__ = ["SpectralDensity", "slq_density"]
 
@@ -123,7 +124,7 @@ def slq_density(op, num_probes=10, num_steps=50, seed=0, probe_block=None,
         # ranks with different free memory would pick different blocks: collectives of
         # different shapes abort the process group
         blk = agree(blk)
-    seed = as_seed("seed", seed)
+    seed = resolved_seed("seed", seed)
     rng = np.random.default_rng(seed)
     Z = rng.choice(np.array([-1.0, 1.0]), size=(P, k))
     results = []

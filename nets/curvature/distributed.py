@@ -108,7 +108,7 @@ def shard_dataset(dataset, rank=None, world_size=None):
 
 
 # -- the constructor's consistency check ------------------------------------------------
-_OK, _EMPTY = 0.0, 1.0                      # status codes in the exchanged table
+_OK, _EMPTY, _FAILED = 0.0, 1.0, 2.0        # status codes in the exchanged table
 _DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 _META_LEN = 8                               # status, P, dtype code, N_r, Σx, Σx², Σc·x, Σ|x|
 
@@ -135,19 +135,28 @@ def _dtype_code(dt) -> float:
     return float(_DTYPES.index(dt) + 1) if dt in _DTYPES else 0.0
 
 
+_GOLDEN = 0.6180339887498949
+_RUNNING_STATS = ("running_mean", "running_var")
+
+
 def _fingerprint(local_op) -> list[float]:
     """[Σx, Σx², Σ c_i x_i, Σ|x|] over the flat float64 parameters and floating buffers
-    of the local operator, c_i = 1 + (i mod 997)/997 (sensitive to a permutation too);
-    zeros for an operator without parameters (`primals`)."""
+    of the local operator, c_i = 1 + frac(i·φ) (φ the golden ratio's fractional part: no
+    two positions share a weight, so a permutation changes Σ c·x too); zeros for an
+    operator without parameters (`primals`). Under policy="train_batch_stats" the
+    normalisation layers' running statistics are left out: that policy never reads them,
+    and data-parallel training without SyncBatchNorm leaves them different per rank."""
     tensors = list(getattr(local_op, "primals", ()))
     frozen = getattr(local_op, "frozen", {}) or {}
-    tensors += [frozen[n] for n in sorted(frozen) if frozen[n].is_floating_point()]
+    skip_stats = getattr(local_op, "policy", None) == "train_batch_stats"
+    tensors += [frozen[n] for n in sorted(frozen) if frozen[n].is_floating_point()
+                and not (skip_stats and n.rsplit(".", 1)[-1] in _RUNNING_STATS)]
     out = torch.zeros(4, dtype=torch.float64)
     offset = 0
     for t in tensors:
         x = t.detach().reshape(-1).to(torch.float64)
-        c = 1.0 + torch.remainder(torch.arange(offset, offset + x.numel(), device=x.device,
-                                               dtype=torch.float64), 997.0) / 997.0
+        i = torch.arange(offset, offset + x.numel(), device=x.device, dtype=torch.float64)
+        c = 1.0 + torch.remainder(i * _GOLDEN, 1.0)
         out += torch.stack([x.sum(), (x * x).sum(), (c * x).sum(), x.abs().sum()]).cpu()
         offset += x.numel()
     return out.tolist()
@@ -174,6 +183,11 @@ def _exchange_meta(meta: list[float], group) -> np.ndarray:
 def _check_meta(table: np.ndarray, root: int) -> None:
     """The same checks on the same table on every rank: the same ValueError everywhere."""
     ranks = np.arange(table.shape[0])
+    failed = ranks[table[:, 0] == _FAILED]
+    if failed.size:
+        raise ValueError(f"rank(s) {failed.tolist()} could not build their local operator "
+                         "(their own error says why: a check of the model, the loss or the "
+                         "shard); every rank stops here instead of waiting in a collective")
     empty = ranks[table[:, 0] == _EMPTY]
     if empty.size:
         raise ValueError(f"the shard of rank(s) {empty.tolist()} is empty (0 samples): every "
@@ -304,21 +318,22 @@ def _distributed(kind, model, loss_fn, shard, params, device, dtype, policy, chu
                  cache_graph, group, root, sync_inputs):
     _require_initialized(group)
     try:
-        source, empty = as_data_source(shard, name="shard"), None
-    except ValueError as e:
-        if str(e) != "shard is empty":
-            raise
-        source, empty = None, e
-    if empty is not None:
-        # take part in the constructor's collective, so that every rank raises the same
-        # error instead of the others dying in it when this rank leaves
+        source = as_data_source(shard, name="shard")
+        local, failure = curvature_operator(model, loss_fn, source, kind=kind, params=params,
+                                            device=device, dtype=dtype, policy=policy,
+                                            chunk_size=chunk_size, cache_graph=cache_graph), None
+    except (ValueError, TypeError) as e:
+        local, failure = None, e
+    if failure is not None:
+        # take part in the constructor's collective, so that every rank stops with an
+        # error instead of the others dying in it (or waiting) when this rank leaves
+        empty = isinstance(failure, ValueError) and str(failure) == "shard is empty"
         try:
-            _check_meta(_exchange_meta(_failed_meta(_EMPTY), group), root)
+            _check_meta(_exchange_meta(_failed_meta(_EMPTY if empty else _FAILED), group), root)
         except ValueError as err:
-            raise err from empty
-    local = curvature_operator(model, loss_fn, source, kind=kind, params=params, device=device,
-                               dtype=dtype, policy=policy, chunk_size=chunk_size,
-                               cache_graph=cache_graph)
+            if not empty:
+                raise failure from None     # this rank's own reason (the others name it)
+            raise err from failure
     return DistributedCurvatureOperator(local, group=group, root=root, sync_inputs=sync_inputs)
 
 

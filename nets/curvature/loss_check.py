@@ -37,7 +37,7 @@ import warnings
 import numpy as np
 import torch
 
-from nets.curvature.params import output_tensors
+from nets.curvature.params import map_output_leaves, output_tensors
 from nets.utils.data_source import as_data_source, model_place
 from nets.utils.modes import kept_rng
 
@@ -84,21 +84,9 @@ def _ratio(batch, per) -> float:
 
 def _sample_of(out, i: int, n: int):
     """Sample i of a model output of n samples: `t[i:i+1]` on every tensor leaf `t` with n
-    rows (a tensor, or a dict / tuple / namedtuple / list of them, the container type
-    kept); other leaves (a 0-d auxiliary loss, non-tensors) as they are."""
-    if isinstance(out, torch.Tensor):
-        return out[i:i + 1] if out.ndim > 0 and out.shape[0] == n else out
-    if isinstance(out, dict):
-        items = [(k, _sample_of(v, i, n)) for k, v in out.items()]
-        try:
-            return type(out)(items)
-        except TypeError:
-            return dict(items)
-    if isinstance(out, tuple) and hasattr(out, "_fields"):          # namedtuple
-        return type(out)(*(_sample_of(v, i, n) for v in out))
-    if isinstance(out, (tuple, list)):
-        return type(out)(_sample_of(v, i, n) for v in out)
-    return out
+    rows (`map_output_leaves`: containers kept); other leaves (a 0-d auxiliary loss,
+    non-tensors) as they are."""
+    return map_output_leaves(out, lambda t: t[i:i + 1] if t.ndim > 0 and t.shape[0] == n else t)
 
 
 def _leaves_read(out, loss_fn, Y) -> list:
@@ -123,19 +111,7 @@ def _leaves_read(out, loss_fn, Y) -> list:
 
 def _swap_leaves(out, copies: dict):
     """`out` with each tensor leaf t replaced by copies[id(t)] (when there), container kept."""
-    if isinstance(out, torch.Tensor):
-        return copies.get(id(out), out)
-    if isinstance(out, dict):
-        items = [(k, _swap_leaves(v, copies)) for k, v in out.items()]
-        try:
-            return type(out)(items)
-        except TypeError:
-            return dict(items)
-    if isinstance(out, tuple) and hasattr(out, "_fields"):
-        return type(out)(*(_swap_leaves(v, copies) for v in out))
-    if isinstance(out, (tuple, list)):
-        return type(out)(_swap_leaves(v, copies) for v in out)
-    return out
+    return map_output_leaves(out, lambda t: copies.get(id(t), t))
 
 
 def _batch_and_samples(model, loss_fn, data, *, sample: int):

@@ -182,15 +182,30 @@ def call_model(model: nn.Module, state: dict, x) -> torch.Tensor:
         return torch.func.functional_call(model, state, (x,))
 
 
-def output_tensors(out) -> list:
-    """The tensors of a model output: a tensor, or a dict / tuple / list of them."""
+def map_output_leaves(out, fn):
+    """A model output with `fn` applied to each tensor leaf: a tensor, or a dict / tuple /
+    namedtuple / list of them (nested), the container types kept (a dict subclass that
+    cannot be rebuilt from its items becomes a dict); other leaves as they are."""
     if isinstance(out, torch.Tensor):
-        return [out]
+        return fn(out)
     if isinstance(out, dict):
-        out = list(out.values())
+        items = [(k, map_output_leaves(v, fn)) for k, v in out.items()]
+        try:
+            return type(out)(items)
+        except TypeError:
+            return dict(items)
+    if isinstance(out, tuple) and hasattr(out, "_fields"):          # namedtuple
+        return type(out)(*(map_output_leaves(v, fn) for v in out))
     if isinstance(out, (tuple, list)):
-        return [t for o in out for t in output_tensors(o)]
-    return []
+        return type(out)(map_output_leaves(v, fn) for v in out)
+    return out
+
+
+def output_tensors(out) -> list:
+    """The tensors of a model output (`map_output_leaves`' leaves, in order)."""
+    leaves = []
+    map_output_leaves(out, leaves.append)
+    return leaves
 
 
 def functional_forward(model: nn.Module, names: Sequence[str], frozen: dict,
