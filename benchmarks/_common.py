@@ -27,13 +27,16 @@ if str(ROOT) not in sys.path:                 # run as `python benchmarks/x.py` 
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def base_parser(description: str) -> argparse.ArgumentParser:
+def base_parser(description: str, *, quick: bool = True) -> argparse.ArgumentParser:
+    """The shared options; `quick=False` for a script without a small mode (then --quick
+    is an unknown option instead of a promise the script does not keep)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: reproducible on a shared machine)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per method (median)")
-    p.add_argument("--quick", action="store_true", help="smaller sizes / fewer repeats")
+    if quick:
+        p.add_argument("--quick", action="store_true", help="smaller sizes / fewer repeats")
     p.add_argument("--out", default=None, help="JSON output path (default benchmarks/results/<name>.json)")
     return p
 

@@ -45,7 +45,7 @@ from bench_heldout_transfer import transfers, worst
 def main(argv=None):
     from nets.learning_rates.adam_linearized import linearized_adam_threshold
 
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--model", choices=MODELS, default="mlp")
     p.add_argument("--beta1", type=float, default=0.9)
     p.add_argument("--seeds", type=int, default=8)

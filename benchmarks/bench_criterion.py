@@ -268,7 +268,7 @@ def quadratic_model_thresholds(model, X, y, R, net="mlp"):
 def main(argv=None):
     from nets.utils.jsonl_store import JsonlStore
 
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--nets", default="mlp,mse", help="comma-separated: mlp, cnn, mse")
     p.add_argument("--seeds", type=int, default=len(SEEDS))
     p.add_argument("--momenta", default="0,0.9")

@@ -341,7 +341,7 @@ def main():
 
     from _common import RESULTS
 
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--train-seed", type=int, default=0,
                    help="seed of the network's training (results under '<variant>_seed<k>' "

@@ -345,7 +345,7 @@ def stored(name):
 
 
 def main(argv=None):
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--net", choices=(*ALL_NETS, "summary"), default="summary")
     p.add_argument("--momentum", type=float, default=0.0, help="heavy-ball momentum")
     p.add_argument("--nesterov", action="store_true", help="torch's Nesterov momentum instead")

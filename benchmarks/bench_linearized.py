@@ -136,7 +136,7 @@ def adam_rows(name, seeds):
 def main(argv=None):
     from nets.learning_rates.linearized import linearized_threshold
 
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--nets", default="mlp,cnn,mse")
     p.add_argument("--seeds", type=int, default=len(SEEDS))
     p.add_argument("--adam-nets", default="", help="comma-separated (mlp, cnn, mse) or ''")

@@ -45,7 +45,7 @@ def stored_full(name, m):
 def main(argv=None):
     from nets import linearized_threshold
 
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--nets", default="mlp,cnn")
     p.add_argument("--full-nets", default="mlp,cnn")
     p.add_argument("--momenta", default="0,0.9")

@@ -9,10 +9,12 @@ from the same runs, and writes the per-seed thresholds to
 benchmarks/results/bench_linearized_relu.json ({momentum: {k: [[seed thresholds] per B]}})
 for comparison with the real ones in bench_lr_transfer_relu.json.
 
-    python benchmarks/bench_linearized_relu.py        # ~40 min on two cores
+    python benchmarks/bench_linearized_relu.py [--out FILE]   # ~40 min on two cores
 """
 
+import argparse
 import json
+from pathlib import Path
 
 import torch
 from _common import RESULTS
@@ -21,6 +23,10 @@ from bench_criterion import network
 from nets import linearized_threshold
 
 if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(RESULTS / "bench_linearized_relu.json"),
+                    help="JSON file to write (default: the committed result)")
+    args = ap.parse_args()
     torch.set_num_threads(2)
     model, data, loss = network("mlp_relu")
     out = {}
@@ -30,4 +36,4 @@ if __name__ == "__main__":
                                    progress=False)
         out[m] = {k: thr.at(k).tolist() for k in (3.0, 10.0, 100.0)}
         print(m, out[m], flush=True)
-    (RESULTS / "bench_linearized_relu.json").write_text(json.dumps(out))
+    Path(args.out).write_text(json.dumps(out))

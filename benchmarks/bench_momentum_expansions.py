@@ -327,7 +327,7 @@ def summary():
 
 
 def main(argv=None):
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--net", default="gelu", choices=(*NETS, "summary"))
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--second-order", action="store_true")

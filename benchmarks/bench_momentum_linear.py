@@ -125,7 +125,7 @@ def network_factors(description, argv, parser=None):
 
     from paper_checks.checks.sgd_scaling_mlp import ggn_factors
 
-    args = (parser or base_parser(description)).parse_args(argv)
+    args = (parser or base_parser(description, quick=False)).parse_args(argv)
     setup_torch(args)
     model, (X, y), _ = network(getattr(args, "net", "mlp"))
     return args, model, X, y, ggn_factors(model, X)
@@ -143,7 +143,7 @@ def main(argv=None):
     from paper_checks.checks._quadratic_runs import GROWTH_TOL, steps_for, threshold_from_grid
     from rmt.lr import sgd_momentum_ms_max_lr
 
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--net", choices=("mlp", "cnn", "mlp_relu"), default="mlp")
     args, model, X, y, R = network_factors(__doc__.splitlines()[0], argv, parser=p)
     net = args.net

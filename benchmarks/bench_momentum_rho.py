@@ -56,7 +56,7 @@ def verdicts(row):
 
 
 def main(argv=None):
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--net", choices=ALL_NETS, default="gelu")
     args = p.parse_args(argv)
     setup_torch(args)

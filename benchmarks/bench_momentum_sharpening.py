@@ -372,7 +372,7 @@ def paths(seeds=(0, 1, 2), steps=40):
 
 
 def main(argv=None):
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--part", choices=("trace", "full_batch", "drift", "curvature", "path"),
                    default="trace")
     args = p.parse_args(argv)

@@ -34,7 +34,7 @@ def main(argv=None):
     from nets.learning_rates.stability import PerSampleHessians, ms_threshold_curve
     from paper_checks.checks.sgd_scaling_mlp import ggn_factors
 
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--net", choices=("mlp", "mlp_relu"), default="mlp")
     args = p.parse_args(argv)
     setup_torch(args)

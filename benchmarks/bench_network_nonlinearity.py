@@ -136,7 +136,7 @@ def runs(model, data, J, z0, B, m, real_threshold):
 
 
 def main(argv=None):
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser(__doc__.splitlines()[0], quick=False)
     args = p.parse_args(argv)
     setup_torch(args)
     model, data, _ = network("mlp")

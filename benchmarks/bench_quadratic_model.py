@@ -79,7 +79,7 @@ def main(argv=None):
     import torch
     import torch.nn.functional as F
 
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--net", choices=("mlp", "cnn", "mlp_relu"), default="cnn")
     args, model, X, y, R = network_factors(__doc__.splitlines()[0], argv, parser=p)
     net = args.net

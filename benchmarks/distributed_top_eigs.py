@@ -9,7 +9,9 @@ sizes differ by at most one), builds `distributed_hessian_operator` and runs the
 `nets.algorithms.lanczos.eigsh` with the same seed (replicated Lanczos; every product is an
 all-reduce of the shard products weighted by N_r/N). Rank 0 checks the result against a
 single-process operator on the full data (`--check`), prints the eigenvalues and the
-time per distributed product, and writes benchmarks/results/distributed_top_eigs_<world>.json.
+time per distributed product, and writes benchmarks/results/distributed_top_eigs_<world>.json
+(or `--out FILE`; run under torchrun, e.g. `torchrun --standalone --nproc_per_node=2
+benchmarks/distributed_top_eigs.py --check --out /tmp/d.json`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ def main(argv=None):
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--dtype", default="float64")
     p.add_argument("--check", action="store_true", help="compare with one process on rank 0")
+    p.add_argument("--out", default=None,
+                   help="JSON file to write (default: benchmarks/results/distributed_top_eigs_"
+                        "<world>.json, the committed result)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     dist.init_process_group(args.backend)
@@ -71,7 +76,8 @@ def main(argv=None):
             if "max_rel_diff_vs_single_process" in out:
                 print(f"max relative difference vs one process: "
                       f"{out['max_rel_diff_vs_single_process']:.1e}")
-            path = write_json(f"distributed_top_eigs_{world}", {"environment": environment(device), **out})
+            path = write_json(f"distributed_top_eigs_{world}", {"environment": environment(device), **out},
+                              args.out)
             print(f"wrote {path}")
     finally:
         dist.destroy_process_group()
