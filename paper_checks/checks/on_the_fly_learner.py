@@ -70,7 +70,8 @@ def run(ctx):
             series[f"learner_step_seed{r.seed}"] = [u["step"] for u in r.updates]
     return judged(
         name=NAME, claim=CLAIM,
-        predicted=f"no divergence; test acc ≥ tuned best − {ACC_MARGIN:.0%}",
+        predicted=f"no divergence; test acc ≥ tuned best − {ACC_MARGIN:.0%}; final training loss "
+                  f"≤ {LOSS_RATIO:g}× tuned SGD+momentum's",
         measured=f"learner acc {learner['test_acc_mean']:.3f} (diverged {learner['diverged']}/"
                  f"{learner['runs']}), SGD {rows['sgd']['test_acc_mean']:.3f} "
                  f"(lr {rows['sgd']['lr']:.3g}), Adam {rows['adam']['test_acc_mean']:.3f} "
