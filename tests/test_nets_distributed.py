@@ -301,9 +301,12 @@ def _mismatch_checks(rank, out_dir):
                 w[0], w[500] = w[500].clone(), w[0].clone()
         return distributed_hessian_operator(m, F.cross_entropy, shard).P
 
-    def slq_uneven_memory():
+    def slq_uneven_memory(wrapped=False):
         # memory=None on ranks with different free memory: different probe blocks
         op = distributed_hessian_operator(model, F.cross_entropy, shard)
+        if wrapped:                     # behind a linear combination (2·H)
+            from nets.curvature.operators import LinearCombinationOperator
+            op = LinearCombinationOperator([op], [2.0])
         from nets.utils.memory import product_bytes
         per_probe = (SLQ_STEPS + 1) * op.P * 8 + product_bytes(op.P, 1, 0, 0)
         d = slq_density(op, num_probes=SLQ_PROBES, num_steps=SLQ_STEPS, seed=1,
@@ -320,6 +323,7 @@ def _mismatch_checks(rank, out_dir):
     record("local_refusal", local_refusal)
     record("swapped", swapped)
     record("slq_uneven_memory", slq_uneven_memory)
+    record("slq_uneven_memory_wrapped", lambda: slq_uneven_memory(wrapped=True))
     record("mixed_dtypes", mixed_dtypes)
     record("empty_shard", empty_shard)
     record("after", lambda: distributed_hessian_operator(model, F.cross_entropy, shard).N)
@@ -401,3 +405,14 @@ def test_running_statistics_count_only_where_they_are_read(mismatch_results):
 def test_a_permutation_of_the_weights_is_refused(mismatch_results):
     for o in _both(mismatch_results, "swapped"):
         assert not o["ok"] and "rank(s) [1]" in o["message"], o
+
+
+def test_slq_behind_a_linear_combination_agrees_across_ranks(mismatch_results, single_process):
+    """A wrapper (fluctuation_operator's LinearCombinationOperator) forwards the ranks'
+    agreement on the probe block: 2·H's nodes are twice the single-process H's."""
+    op, _, _ = single_process
+    ref = slq_density(op, num_probes=SLQ_PROBES, num_steps=SLQ_STEPS, seed=1).nodes
+    for o in _both(mismatch_results, "slq_uneven_memory_wrapped"):
+        assert o["ok"], o
+        np.testing.assert_allclose(np.array(o["value"]), 2 * ref, rtol=1e-9,
+                                   atol=1e-9 * np.abs(ref).max())

@@ -210,6 +210,16 @@ class LinearCombinationOperator(CurvatureOperator):
     def _matmat(self, V):
         return sum(op.matmat(V) * c for c, op in zip(self.coefficients, self.operators))
 
+    def min_over_ranks(self, value: int) -> int:
+        """`value` agreed over the ranks of any sharded component (its `min_over_ranks`,
+        a collective), so that choices made from this rank's own state — SLQ's probe block
+        from its free memory — match across ranks; `value` itself without one."""
+        for op in self.operators:
+            agree = getattr(op, "min_over_ranks", None)
+            if callable(agree):
+                value = agree(value)
+        return value
+
 
 def fluctuation_operator(batch_op: CurvatureOperator, full_op: CurvatureOperator) -> CurvatureOperator:
     """ε = H_B − H (docs/theory.md §1) as the operator difference `batch_op − full_op`."""
