@@ -22,6 +22,17 @@ curvature λ₁ gets to k·f(0) (a loss of order 100, as with unscaled regressio
 otherwise never gets there on the plain span), float64, both signs; u from
 Lanczos (k = 1, tol 1e-8) in eval mode. Cost: 2n + 1 full-data forward passes per
 profile plus one Jacobian-vector product.
+
+Resolution (measured by an outside sweep, not yet improved): A_k and s(A_k) are read at
+the first grid point above k·f(0), not interpolated. At the default n = 60 the points
+are 12 % apart, so the secant ratio carries a discretisation error of up to ~4 % (0.530
+and 0.564 for one ReLU net, 0.553 at n = 6000), and because the grid is in units of
+1/√λ₁ it moves when the loss is multiplied by a constant: `transfer_lr`'s default lr
+changed by 1–9 % under loss × 3 on small nets (exactly invariant where the correction
+does not apply). n = 600 brings both below 0.1 %. Interpolating the crossing, or a grid
+in units of √(f(0)/λ₁) (invariant to the loss's scale), would fix it; either changes
+every stored correction by up to a few per cent, so it waits for a re-run of the
+benchmarks.
 """
 
 from __future__ import annotations
