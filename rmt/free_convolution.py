@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import numpy as np
 from scipy.optimize import brentq
 
@@ -158,10 +160,14 @@ def semicircle_free_convolution_edges(atoms, weights=None, noise_var=1.0) -> tup
     Internal gaps, if any, are not reported."""
     a, w = _atoms(atoms, weights)
     v = as_float("noise_var", noise_var, positive=True)
+    # homogeneous (atoms → s·atoms, v → s²v scales the edges by s): solved at scale 1, the
+    # root finder's tolerances being absolute (at s = 1e-16 the edge came out 2.5 % off)
+    scale = max(float(np.max(np.abs(a))), math.sqrt(v))
+    a, v = a / scale, v / scale**2
     out = []
     for side in (-1, 1):
         om = _critical_omega(a, w, v, side)
-        out.append(float(om + v * np.sum(w / (om - a))))
+        out.append(float(om + v * np.sum(w / (om - a))) * scale)
     return out[0], out[1]
 
 
@@ -206,12 +212,17 @@ def sc_mp_edges(s2, ratio) -> tuple[float, float]:
     c = as_float("ratio", ratio, positive=True)
     zp = lambda G: -1.0 / G ** 2 + s2 + c / (1.0 - c * G) ** 2  # noqa: E731
     zf = lambda G: 1.0 / G + s2 * G + 1.0 / (1.0 - c * G)  # noqa: E731
-    Gr = brentq(zp, 1e-12 / (1 + c), (1.0 - 1e-15) / c, xtol=1e-16, rtol=1e-15)
+    # near 0 the −1/G² term must dominate s² + c: start below 1/√(s² + c)
+    small = min(1e-12 / (1 + c), 1e-6 / math.sqrt(s2 + c + 1.0))
+    # roots searched in log|G|: G spans 1/√(s² + c) … 1/c, many decades when s² is large
+    Gr = math.exp(brentq(lambda u: zp(math.exp(u)), math.log(small),
+                         math.log((1.0 - 1e-15) / c), xtol=1e-15, rtol=1e-15))
     # left: walk away from 0⁻ until z' changes sign
-    t = 1e-8
+    t = min(1e-8, small)
     while zp(-t) < 0:
         t *= 1.5
-    Gl = brentq(zp, -t, -t / 1.5, xtol=1e-16, rtol=1e-15)
+    Gl = -math.exp(brentq(lambda u: zp(-math.exp(u)), math.log(t / 1.5), math.log(t),
+                          xtol=1e-15, rtol=1e-15))
     return float(zf(Gl)), float(zf(Gr))
 
 

@@ -202,7 +202,16 @@ def profile_edge(block_variances, block_fractions) -> float:
     """Right edge of the spectral law of the block variance profile (the left edge is its
     negative).  Flat profile (equal row sums s of S·F) gives 2√s."""
     S, f = check_profile(block_variances, block_fractions)
-    return float(_edge(S, f))
+    a = _unit(S)
+    return float(_edge(S / a**2, f) * a)
+
+
+def _unit(S) -> float:
+    """√max S: the profile's scale. The edge and outlier are homogeneous (S → a²S, θ → aθ
+    scales them by a; overlaps are unchanged), and the solvers' tolerances are set for
+    O(1) inputs — at 1e-20 or 1e40 they returned the edge for the outlier or stopped 20 %
+    short — so every public function solves the rescaled problem."""
+    return float(np.sqrt(np.max(S)))
 
 
 def _weights(spike_block_weights, K):
@@ -225,8 +234,14 @@ def profile_outlier(spike, block_variances, block_fractions, spike_block_weights
     theta = as_float("spike", spike)
     S, f = check_profile(block_variances, block_fractions)
     w = _weights(spike_block_weights, f.shape[0])
+    a = _unit(S)
+    return a * _outlier(theta / a, S / a**2, f, w)
+
+
+def _outlier(theta, S, f, w) -> float:
+    """`profile_outlier` for a profile of scale 1 (max S = 1)."""
     if theta < 0:
-        return -profile_outlier(-theta, S, f, w)
+        return -_outlier(-theta, S, f, w)
     e = _edge(S, f)
     if theta == 0:
         return float(e)
@@ -256,7 +271,9 @@ def profile_outlier_overlap(spike, block_variances, block_fractions, spike_block
     theta = as_float("spike", spike)
     S, f = check_profile(block_variances, block_fractions)
     w = _weights(spike_block_weights, f.shape[0])
-    z = profile_outlier(abs(theta), S, f, w)
+    a = _unit(S)                                      # the overlap is scale-free
+    theta, S = abs(theta) / a, S / a**2
+    z = _outlier(theta, S, f, w)
     st = _solve_real(z, S, f)
     e = _edge(S, f)
     if z <= e * (1 + 1e-12) or st is None:

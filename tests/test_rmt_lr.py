@@ -185,6 +185,10 @@ def test_rescale_round_trip_and_branch():
     with pytest.raises(ValueError, match="lam_measured"):
         L.underlying_curvature(1.0, 4, 16.0)
     assert L.underlying_curvature(1.0, 4, 16.0, strict=False) == 0.5
+    # exactly at the threshold λ² = c·s² batch_curvature rounds one ulp below 2λ: the
+    # round trip returns λ, not an error
+    at = L.batch_curvature(1, 1e-4, 1e-8)
+    assert L.underlying_curvature(at, 1, 1e-8) == pytest.approx(1e-4, rel=1e-7)
 
 
 def test_min_damping_at_batch_keeps_delta_times_B():

@@ -147,3 +147,43 @@ def test_non_flat_exact_edges(f1):
     assert rmt.profile_edge([[1.0, 0.0], [0.0, 0.0]], f) == pytest.approx(2 * math.sqrt(f1), rel=1e-10)
     # a spike confined to the silent block is not seen by the noise: its outlier is θ
     assert rmt.profile_outlier(5.0, [[1.0, 0.0], [0.0, 0.0]], f, [0.0, 1.0]) == pytest.approx(5.0, rel=1e-10)
+
+
+@pytest.mark.parametrize("a", [1e-150, 1e-20, 1e-10, 1e10, 1e40, 1e150])
+def test_profile_functions_are_homogeneous_at_every_scale(a):
+    """S → a²S, θ → aθ scales the edge and the outlier by a and leaves the overlap; the
+    solvers' absolute tolerances gave the edge for the outlier at a = 1e-10 (22 % low)
+    and an edge 19 % short at a = 1e20 (an outside sweep)."""
+    S, f, w = np.array([[4.0, 1.0], [1.0, 2.0]]), [0.5, 0.5], [0.7, 0.3]
+    edge, out = rmt.profile_edge(S, f), rmt.profile_outlier(3.0, S, f, w)
+    assert out > edge * (1 + 1e-6)
+    np.testing.assert_allclose(rmt.profile_edge(S * a * a, f) / a, edge, rtol=1e-12)
+    np.testing.assert_allclose(rmt.profile_outlier(3.0 * a, S * a * a, f, w) / a, out, rtol=1e-12)
+    np.testing.assert_allclose(rmt.profile_outlier(-3.0 * a, S * a * a, f, w) / a, -out, rtol=1e-12)
+    from rmt.variance_profile import profile_outlier_overlap
+    np.testing.assert_allclose(profile_outlier_overlap(3.0 * a, S * a * a, f, w),
+                               profile_outlier_overlap(3.0, S, f, w), rtol=1e-10)
+    # one block is the spiked Wigner law θ + v/θ at every scale
+    v = a * a
+    np.testing.assert_allclose(rmt.profile_outlier(3 * a, [[v]], [1.0], [1.0]),
+                               rmt.spiked_wigner_outlier(3 * a, v), rtol=1e-12)
+
+
+@pytest.mark.parametrize("a", [1e-150, 1e-16, 1.0, 1e100])
+def test_free_convolution_edges_are_homogeneous(a):
+    from rmt import free_convolution as fc
+
+    left, right = fc.semicircle_free_convolution_edges([1.5 * a, -1.5 * a], None, a * a)
+    np.testing.assert_allclose([left / a, right / a], [-3.04885297, 3.04885297], rtol=1e-8)
+
+
+@pytest.mark.parametrize("s2", [1e-10, 1.0, 1e16, 1e20, 1e100])
+def test_sc_mp_edges_for_any_noise_variance(s2):
+    """For s² ≫ 1 the semicircle dominates: edges ±2√s² to leading order (large s2
+    crashed with scipy's sign message or gave a right edge of 5.6e83 for 2e50)."""
+    from rmt import free_convolution as fc
+
+    left, right = fc.sc_mp_edges(s2, 0.5)
+    assert left < right
+    if s2 >= 1e16:
+        np.testing.assert_allclose([left, right], [-2 * np.sqrt(s2), 2 * np.sqrt(s2)], rtol=1e-6)
