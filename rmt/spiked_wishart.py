@@ -11,6 +11,8 @@ model is the standard one with spike L = ℓ/σ²:
 
 The model is multiplicative (free multiplicative convolution with MP), so ℓ < 0 has no
 meaning here; "negative spikes" are handled symmetrically by the additive models only.
+ratio = 0 (no sampling noise: a batch of the whole data, B = N, as `mp_edges` allows) is
+the population itself: the spike ℓ (if above σ²), overlap 1.
 A spike below the bulk (0 < ℓ < σ²(1 − √q), q < 1) gives a bottom outlier
 ℓ(1 + qσ²/(ℓ − σ²)) < σ²(1 − √q)²: ``side="bottom"`` returns it (or the left edge).
 """
@@ -24,7 +26,7 @@ from .validation import as_float, guard_module
 
 def _args(spike, ratio, noise_var):
     ell = as_float("spike", spike, positive=True)
-    q = as_float("ratio", ratio, positive=True)
+    q = as_float("ratio", ratio, nonnegative=True)     # 0: no sampling noise (B = N)
     s2 = as_float("noise_var", noise_var, positive=True)
     return ell, q, s2
 

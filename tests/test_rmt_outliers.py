@@ -303,3 +303,17 @@ def test_bad_input_raises_naming_argument():
         rmt.sample_spiked_goe_top(0, 1.0)
     with pytest.raises(ValueError, match="spike"):
         rmt.sample_spiked_goe_top(10, float("inf"))
+
+
+def test_spiked_wishart_at_ratio_zero_is_the_population():
+    """ratio = 0 (B = N: no sampling noise) is the continuous limit q → 0: the spike
+    itself with overlap 1 above the bulk σ², the bulk edge σ² below (it was refused
+    while mp_edges accepted q = 0)."""
+    for ell, s2 in ((3.0, 1.0), (0.5, 0.2), (7.0, 2.0)):
+        near = (rmt.spiked_wishart_outlier(ell, 1e-14, s2), rmt.spiked_wishart_overlap(ell, 1e-14, s2))
+        at = (rmt.spiked_wishart_outlier(ell, 0.0, s2), rmt.spiked_wishart_overlap(ell, 0.0, s2))
+        np.testing.assert_allclose(at, near, rtol=1e-6)
+        assert at == (ell, 1.0)
+    assert rmt.spiked_wishart_outlier(0.5, 0.0, 1.0) == 1.0
+    assert rmt.spiked_wishart_overlap(0.5, 0.0, 1.0) == 0.0
+    assert rmt.spiked_wishart_outlier(0.5, 0.0, 1.0, side="bottom") == 0.5
