@@ -144,3 +144,37 @@ def test_fit_scaling_exponent_refuses_non_positive_lr():
         fit_scaling_exponent([1, 2, 4], [0.1, -0.2, 0.4])
     fit = fit_scaling_exponent([1, 2, 4, 8], [0.1, float("nan"), 0.4, 0.8])
     assert abs(fit.exponent - 1) < 1e-12
+
+
+def test_onset_counts_a_run_that_blew_up_as_unstable():
+    """criterion='onset' fitted only the slope of log|⟨w_t − w_0, u⟩| over the second half
+    of the run: runs whose loss jumped to 10–95× its start at step 1 came out 'stable'
+    (an outside sweep), so onset thresholds sat far above divergence ones. A trial past
+    the divergence rule is onset-unstable, with its loss recorded."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from nets.learning_rates.lr_search import _top_direction, training_threshold, training_trial
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(160, 8, generator=g, dtype=torch.float64)
+    W = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    y = (X @ W + 0.8 * torch.randn(160, 3, generator=g, dtype=torch.float64)).argmax(1)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    opt = torch.optim.SGD(net.parameters(), lr=0.3)
+    for _ in range(150):
+        opt.zero_grad()
+        F.cross_entropy(net(X), y).backward()
+        opt.step()
+    net.eval()
+    u, lam = _top_direction(net, F.cross_entropy, (X, y), 0)
+    for a in (30.0, 300.0):
+        t = training_trial(net, F.cross_entropy, X, y, a, 4, steps=100, seed=0,
+                           criterion="onset", direction=u)
+        assert t.unstable and t.max_loss > 10 * t.initial_loss, t.reason
+    kw = dict(steps=100, seeds=[0, 1, 2], progress=False, unbracketed="nan")
+    div = training_threshold(net, F.cross_entropy, (X, y), [4, 16], criterion="divergence", **kw)
+    onset = training_threshold(net, F.cross_entropy, (X, y), [4, 16], criterion="onset", **kw)
+    assert np.all(onset.per_seed <= div.per_seed * (1 + 0.05))

@@ -345,12 +345,17 @@ def lr_sweep(model, loss_fn, dataset, state_dict, batch_sizes, seeds=(0,), steps
 #   "onset"      — unstable iff the component c_t = ⟨w_t − w_0, u⟩ of the displacement
 #                  along the top Hessian eigenvector u grows in the first `steps` steps:
 #                  the least-squares slope of log|c_t| over the second half of the run
-#                  exceeds `growth_threshold` (default 3/steps). This is the local
-#                  (quadratic-model) instability the stability formulas are about; the
-#                  network has not yet had time to reduce its curvature (catapult).
+#                  exceeds `growth_threshold` (default 3/steps) — or the run diverges
+#                  by the "divergence" rule (a run that blew up is past any onset: the
+#                  slope alone, fitted after the blow-up, called runs at 95× their start
+#                  loss stable, an outside sweep). This is the local (quadratic-model)
+#                  instability the stability formulas are about; the network has not yet
+#                  had time to reduce its curvature (catapult). Onset ≤ divergence holds
+#                  per trial by construction, not per bisection (outcomes need not be
+#                  monotone in α).
 #
-# On the digits networks they come out ordered onset ≤ final ≤ divergence, "final"
-# between the other two where the network self-stabilises; that is not guaranteed: the
+# "final" often lies between the other two where the network self-stabilises; that is not
+# guaranteed: the
 # end loss is not monotone in α near the edge (on a small tanh MLP at B = 64 it went
 # 0.47, 1.96, 0.49, 2.36× its start over α = 12…19, and "final" came out 2.4× above
 # "divergence"), and a bisection of a non-monotone outcome returns one of its edges.
@@ -476,8 +481,8 @@ def training_trial(model, loss_fn, X, y, lr, batch_size, *, steps, momentum=0.0,
     samples per step (torch.Generator seeded by `seed`: same seed, same batches). X, y are
     the full data tensors; the model is not modified (a deep copy is trained, eval mode).
     criterion: "divergence" (loss ever > factor × start, or non-finite), "final" (loss at
-    the end > start), "onset" (growth of ⟨w_t − w_0, direction⟩; `direction` is the flat
-    unit top eigenvector).
+    the end > start), "onset" (growth of ⟨w_t − w_0, direction⟩, or divergence;
+    `direction` is the flat unit top eigenvector).
     """
     if criterion not in TRAINING_CRITERIA:
         raise ValueError(f"criterion must be one of {TRAINING_CRITERIA}, got {criterion!r}")
@@ -502,14 +507,13 @@ def training_trial(model, loss_fn, X, y, lr, batch_size, *, steps, momentum=0.0,
                 unstable, reason = True, "non-finite parameters"
                 break
             proj.append(abs(c))
-            continue
-        if criterion == "divergence" or t == steps:
+        if criterion in ("divergence", "onset") or t == steps:
             loss_t = _full_data_loss(net, loss_fn, X, y, chunk_size)
             if not math.isfinite(loss_t):
                 unstable, reason, max_loss = True, "non-finite loss", math.inf
                 break
             max_loss = max(max_loss, loss_t)
-            if criterion == "divergence" and loss_t > factor * L0:
+            if criterion in ("divergence", "onset") and loss_t > factor * L0:
                 unstable, reason = True, f"loss {loss_t:.4g} > {factor:g} x start {L0:.4g} at step {t}"
                 break
     rate = math.nan
