@@ -144,7 +144,9 @@ def linearized_adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 
     along ũ (module docstring). data : any form of `nets.utils.data_source`; loss_fn the
     batch mean; seeds : the batch sequences (warm-up from s, trials from s + 7919);
     lr_range : the coarse grid's ends; correct : also measure r and λ̃ (else
-    correction = 1); jacobians : "auto" (default; chosen once, at the first warmed
+    correction = 1) — both at the warmed state of the *first* seed of each B, so the
+    correction (not `per_seed`) depends on the order of `seeds`: up to 0.45 % on a small
+    MLP when reordered (an outside sweep); jacobians : "auto" (default; chosen once, at the first warmed
     state, and kept), "tangent" (J·e and Jᵀ·c through the network at the warmed weights,
     nothing stored) or "stored" (the N·K·P Jacobians in memory): the same numbers to
     float rounding (`linearized.linear_model_outputs`); max_bytes : the Jacobians' memory
