@@ -600,3 +600,21 @@ def test_weights_loaded_after_the_constructor_are_measured_at_the_first_step():
     assert opt.history[0].lr == pytest.approx(ref.lr, rel=0.05)
     assert opt.history[0].lam_max == pytest.approx(ref.history[0].lam_max, rel=1e-6)
     assert abs(opt.history[0].lr / stale - 1) > 0.2
+
+
+@pytest.mark.parametrize("change", ["freeze", "unfreeze"])
+def test_a_changed_trainable_set_is_refused_at_the_next_update(change):
+    """Freezing a layer after construction crashed inside Lanczos (warm-start vectors of
+    the old size); unfreezing one set α from the curvature of a layer the learner never
+    updates (λ 0.63 → 1.34; an outside sweep). Either is refused, naming the layers."""
+    X, y = _regression(N=48, d=5)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+    if change == "unfreeze":
+        model[0].requires_grad_(False)
+    opt = CurvatureAdaptiveSGD(model, half_mse, (X, y), batch_size=8, first_update_every=1)
+    _step(opt, model, X[:8], y[:8])
+    model[0].requires_grad_(change == "unfreeze")
+    with pytest.raises(ValueError, match="trainable parameters changed.*0.weight"):
+        for i in range(1, 6):
+            _step(opt, model, X[8 * i:8 * i + 8], y[8 * i:8 * i + 8])

@@ -601,6 +601,19 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
         """Measure the curvature now and set α, ρ (normally called by `step`)."""
         t0 = time.perf_counter()
         wd = self.param_groups[0]["weight_decay"]
+        now = ParamLayout.from_module(self.model).names
+        if list(now) != list(self.layout.names):
+            # the operators are built over what is trainable now, the steps update the
+            # construction-time set: a layer frozen or unfrozen since then made the saved
+            # warm-start vectors the wrong size (a Lanczos shape error), or silently set α
+            # from the curvature of a layer the learner never updates
+            added = sorted(set(now) - set(self.layout.names))
+            removed = sorted(set(self.layout.names) - set(now))
+            raise ValueError(
+                "the model's trainable parameters changed since the learner was built "
+                f"(requires_grad now on: {added or 'none'}; now off: {removed or 'none'}): "
+                "the learner measures and updates the set it was built with — build a new "
+                "CurvatureAdaptiveSGD after freezing or unfreezing layers")
         for group in self.param_groups:
             for p in group["params"]:
                 if not bool(torch.isfinite(p).all()):

@@ -348,12 +348,15 @@ class CurvatureMonitor:
         self._optimizer = optimizer
         self._steps = as_int("start_step", start_step, minimum=0)
         done = self.recorded_steps()
-        if done and self._steps < max(done):
+        if done and self._steps == 0:
+            # start_step=0 on a store with records: most likely a resumed run that did not
+            # say where it restarts (a restart from a checkpoint before the last record,
+            # with its step passed, is fine: the steps already stored are skipped)
             warnings.warn(f"attach: the store already holds records up to step {max(done)} but "
-                          f"steps are counted from start_step={self._steps}: records of a "
-                          "resumed run would be labelled with the wrong steps (and those "
-                          "already stored skipped); pass the step the run restarts at",
-                          UserWarning, stacklevel=2)
+                          "steps are counted from start_step=0: if this run resumes from a "
+                          "checkpoint, pass the step it restarts at (start_step=), or its "
+                          "records are labelled with the wrong steps and those already "
+                          "stored skipped", UserWarning, stacklevel=2)
         warn_partial_optimizer(self.tracker.model, optimizer, self.tracker.params,
                                group_lrs=False)     # said below, with what is recorded
         self._read_settings(stacklevel=3)
