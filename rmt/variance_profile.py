@@ -235,7 +235,11 @@ def profile_outlier(spike, block_variances, block_fractions, spike_block_weights
     S, f = check_profile(block_variances, block_fractions)
     w = _weights(spike_block_weights, f.shape[0])
     a = _unit(S)
-    return a * _outlier(theta / a, S / a**2, f, w)
+    t = theta / a
+    if not math.isfinite(t):
+        # θ beyond 1e308 × the profile's scale: the outlier θ + O(scale²/θ) is θ itself
+        return float(theta)
+    return a * _outlier(t, S / a**2, f, w)
 
 
 def _outlier(theta, S, f, w) -> float:
@@ -273,6 +277,8 @@ def profile_outlier_overlap(spike, block_variances, block_fractions, spike_block
     w = _weights(spike_block_weights, f.shape[0])
     a = _unit(S)                                      # the overlap is scale-free
     theta, S = abs(theta) / a, S / a**2
+    if not math.isfinite(theta):
+        return 1.0                      # a spike beyond any bulk: its own eigenvector
     z = _outlier(theta, S, f, w)
     st = _solve_real(z, S, f)
     e = _edge(S, f)
@@ -282,7 +288,8 @@ def profile_outlier_overlap(spike, block_variances, block_fractions, spike_block
     K = f.shape[0]
     # u = 1/(z − SFu) ⇒ (I − diag(u²) S F) du/dz = −u²;  m' = −du/dz > 0
     du = np.linalg.solve(np.eye(K) - (u * u)[:, None] * (S * f[None, :]), -(u * u))
-    return float(min(1.0, 1.0 / (theta * theta * (w @ (-du)))))
+    inv = 1.0 / theta                   # (1/θ)² / m': θ² overflows beyond ~1e154
+    return float(min(1.0, inv * inv / (w @ (-du))))
 
 
 # every public function above: errors name the caller's arguments, results are finite

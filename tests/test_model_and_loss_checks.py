@@ -214,7 +214,17 @@ def test_a_model_that_mixes_samples_is_refused():
         assert np.isfinite(vals).all() and said == []
     # float32 round-off amplified far beyond eps (a LayerNorm after a large bias: the
     # batch-1 and batch-2 kernels differ by ~2e-5 of the output) is not a coupling
-    # (seed 7: 1.2e-5 relative, refused before the float64 confirmation)
+    # (seed 7: a batch of one against a batch of two differed by 1.2e-5 and was refused;
+    # the check compares two batches of two, x[[0, 1]] and x[[0, 0]], the same kernels —
+    # also for a model that casts its input inside forward)
+    class CastIn(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m(x.float())
+
     for seed in (6, 7, 8):
         torch.manual_seed(seed)
         wide = nn.Linear(64, 256)
@@ -222,8 +232,25 @@ def test_a_model_that_mixes_samples_is_refused():
             wide.bias.fill_(1000.0)
         wide = nn.Sequential(wide, nn.LayerNorm(256), nn.Linear(256, 4)).eval()
         Xw, yw = torch.randn(16, 64), torch.randn(16, 4)
-        vals, said = _quiet(lambda: top_eigenvalues(wide, F.mse_loss, (Xw, yw), k=1))
-        assert np.isfinite(vals).all()
+        for net in (wide, CastIn(wide)):
+            vals, said = _quiet(lambda: top_eigenvalues(net, F.mse_loss, (Xw, yw), k=1))
+            assert np.isfinite(vals).all()
+
+    class ComplexMix(nn.Module):                 # complex outputs are checked too
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = self.lin(x)
+            h = h - h.mean(0)
+            return torch.complex(h, 0.5 * h)
+
+    def cplx(o, t):
+        return ((o.real - t) ** 2 + o.imag ** 2).mean()
+
+    with pytest.raises(ValueError, match="depends on the other samples in its batch"):
+        top_eigenvalues(ComplexMix().double(), cplx, (X, torch.randn(len(X), 2, dtype=X.dtype)), k=1)
 
 
 def test_training_threshold_says_it_runs_train_mode_layers_in_eval_mode():

@@ -187,3 +187,12 @@ def test_sc_mp_edges_for_any_noise_variance(s2):
     assert left < right
     if s2 >= 1e16:
         np.testing.assert_allclose([left, right], [-2 * np.sqrt(s2), 2 * np.sqrt(s2)], rtol=1e-6)
+
+
+def test_profile_functions_with_a_spike_far_beyond_the_bulk():
+    """θ/√max S beyond float range or θ² overflowing: the outlier is θ, the overlap 1
+    (the rescaling overflowed on the first; θ² on the second gave 0.0)."""
+    assert rmt.profile_outlier(1e300, [[1e-150]], [1.0], [1.0]) == 1e300
+    assert profile_outlier_overlap(1e160, [[1.0]], [1.0], [1.0]) == pytest.approx(1.0, rel=1e-12)
+    np.testing.assert_allclose(profile_outlier_overlap(3.0, [[1.0]], [1.0], [1.0]),
+                               rmt.spiked_wigner_overlap(3.0, 1.0), rtol=1e-12)

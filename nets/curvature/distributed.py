@@ -322,8 +322,8 @@ def _distributed(kind, model, loss_fn, shard, params, device, dtype, policy, chu
         local, failure = curvature_operator(model, loss_fn, source, kind=kind, params=params,
                                             device=device, dtype=dtype, policy=policy,
                                             chunk_size=chunk_size, cache_graph=cache_graph), None
-    except (ValueError, TypeError) as e:
-        local, failure = None, e
+    except Exception as e:          # noqa: BLE001 -- any failure must reach the exchange,
+        local, failure = None, e    # or the other ranks wait in it (30 min under gloo)
     if failure is not None:
         # take part in the constructor's collective, so that every rank stops with an
         # error instead of the others dying in it (or waiting) when this rank leaves

@@ -416,48 +416,38 @@ def _coupling_rtol(t: torch.Tensor) -> float:
     return 5e-2
 
 
-def _coupling(two, one) -> float:
-    """The largest relative difference (to the leaf's scale) between sample 0's output
-    alone (`one`) and in a batch of two (`two`, its first row) over the floating leaves
-    with the sample dimension first, where it exceeds `_coupling_rtol`; 0 if none does."""
+def _coupling(mixed, alone) -> float:
+    """The largest relative difference (to the leaf's scale) between sample 0's output in a
+    batch with sample 1 (`mixed`, first row) and in a batch with a copy of itself (`alone`,
+    first row) over the floating and complex leaves with the sample dimension first,
+    where it exceeds `_coupling_rtol`; 0 if none does. Both batches have two rows, so the
+    same kernels run on both: only a forward that mixes samples separates them."""
     worst = 0.0
-    for u, v in zip(output_tensors(two), output_tensors(one)):
-        if not (u.is_floating_point() and u.ndim > 0 and u.shape[0] == 2
-                and v.ndim > 0 and v.shape[0] == 1 and u.shape[1:] == v.shape[1:]):
+    for u, v in zip(output_tensors(mixed), output_tensors(alone)):
+        if not ((u.is_floating_point() or u.is_complex()) and u.ndim > 0 and u.shape[0] == 2
+                and v.shape == u.shape):
             continue
-        u, v = u[:1].nan_to_num(), v.nan_to_num()
+        u, v = u[:1].nan_to_num(), v[:1].nan_to_num()
         scale = float(torch.maximum(u.abs().max(), v.abs().max())) if u.numel() else 0.0
         diff = float((u - v).abs().max()) if u.numel() else 0.0
-        if diff > _coupling_rtol(u) * scale:
+        if diff > _coupling_rtol(u.real if u.is_complex() else u) * scale:
             worst = max(worst, diff / scale)
     return worst
 
 
-def _check_samples_independent(two, one, recheck=None) -> None:
-    """Refuse (ValueError) a forward whose output on sample 0 alone (`one`) differs from its
-    output on samples 0 and 1 together (`two`, its first row) beyond round-off, on every
-    floating leaf with the sample dimension first: the curvature of a per-sample mean loss
-    would then depend on how the data are chunked. Below float64 a difference is
-    confirmed by `recheck()` → (two, one) computed in float64 before refusing: round-off
-    of kernels that differ by batch size can be amplified far beyond eps (a LayerNorm
-    after a layer with a large bias: 2e-5 relative in float32 on CPU), a coupling
-    through batch statistics cannot."""
-    worst = _coupling(two, one)
+def _check_samples_independent(mixed, alone) -> None:
+    """Refuse (ValueError) a forward whose output on sample 0 depends on the other sample
+    of its batch: model(x[[0, 1]])[0] against model(x[[0, 0]])[0] beyond round-off, on
+    every floating (or complex) leaf with the sample dimension first — the curvature of a
+    per-sample mean loss would then depend on how the data are chunked. (Comparing a
+    batch of one with a batch of two instead refused float32 models whose kernels differ
+    by batch size: a LayerNorm after a large bias, 1.2e-5 of the output.)"""
+    worst = _coupling(mixed, alone)
     if not worst:
         return
-    if recheck is not None and any(t.is_floating_point() and t.dtype != torch.float64
-                                   for t in output_tensors(two)):
-        try:
-            again = recheck()
-        except (RuntimeError, ValueError, TypeError):
-            again = None
-        if again is not None:
-            worst = _coupling(*again)
-            if not worst:
-                return
     raise ValueError(
         "the model's output for a sample depends on the other samples in its batch "
-        f"(model(x[:1]) differs from model(x[:2])[:1] by {worst:.2g} of the "
+        f"(model(x[[0, 1]])[0] differs from model(x[[0, 0]])[0] by {worst:.2g} of the "
         "output's scale): statistics over the batch in forward — a hand-written batch "
         "normalisation such as h - h.mean(0), or another layer that mixes samples — "
         "as in a train-mode nn.BatchNorm. Curvatures of a per-sample mean loss would "
@@ -586,19 +576,14 @@ class ModelCurvatureOperator(CurvatureOperator):
                 "random layer, or a layer that updates its state on every forward in train "
                 "mode (spectral_norm's power iteration); curvature products would change "
                 "from call to call. Call model.eval() or pass policy='eval'")
-        if one is not None and self.policy != "train_batch_stats":
-            _check_samples_independent(a, one, recheck=lambda: self._in_float64(x))
-
-    def _in_float64(self, x):
-        """(model(x[:2]), model(x[:1])) with every floating parameter, buffer and input in
-        float64 (the sample-independence check's confirmation)."""
-        def wide(t):
-            return t.double() if t.is_floating_point() else t
-        state = {k: wide(v) for k, v in self.frozen.items()}
-        state.update(zip(self.layout.names, (wide(p) for p in self.primals)))
-        xx = wide(x)
-        with torch.no_grad(), self._trial_mode():
-            return call_model(self.model, state, xx[:2]), call_model(self.model, state, xx[:1])
+        if x.shape[0] > 1 and self.policy != "train_batch_stats":
+            try:
+                with torch.no_grad(), self._trial_mode():
+                    alone = self._forward(self.primals, x[[0, 0]])
+            except (RuntimeError, ValueError, TypeError, IndexError):
+                alone = None
+            if alone is not None:
+                _check_samples_independent(a, alone)
 
     def _graph_bytes_per_sample(self) -> float:
         """Bytes the forward pass and loss save for the backward, per sample, measured on

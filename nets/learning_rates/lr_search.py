@@ -504,7 +504,7 @@ def training_trial(model, loss_fn, X, y, lr, batch_size, *, steps, momentum=0.0,
             w = torch.cat([p.detach().reshape(-1) for p in params]).double()
             c = float(torch.dot(w - w0, direction))
             if not math.isfinite(c):
-                unstable, reason = True, "non-finite parameters"
+                unstable, reason, max_loss, loss_t = True, "non-finite parameters", math.inf, math.nan
                 break
             proj.append(abs(c))
         if criterion in ("divergence", "onset") or t == steps:
@@ -644,7 +644,8 @@ def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergen
     between runs judged stable and unstable by `criterion` ("divergence": full-data loss
     ever > `factor` × start or non-finite; "final": loss after `steps` steps > start;
     "onset": ⟨w_t − w_0, u⟩ along the top Hessian eigenvector u grows in the first
-    `steps` steps, fitted slope of log|·| > `growth_threshold`, default 3/steps).
+    `steps` steps, fitted slope of log|·| > `growth_threshold`, default 3/steps, or the
+    run diverges by the "divergence" rule — the full-data loss is evaluated every step).
     Bisection (`bisect_max_lr`) starts at `lr0` (float, callable B -> float, or None:
     1/λ₁ from a k=1 Lanczos) and stops at hi/lo ≤ 1 + rel_tol.
 
@@ -705,7 +706,9 @@ def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergen
         a0 = as_float("lr0(B)", lr0(B), positive=True) if callable(lr0) else lr0
         # the start matters (outcomes are not always monotone in α), so do the onset's
         # growth threshold and which parameters train (_model_tag)
-        gtag = f"|growth={growth_threshold}" if criterion == "onset" else ""
+        # '|div': onset trials count a diverging run (records of the slope-only rule,
+        # written before, are not reused)
+        gtag = f"|growth={growth_threshold}|div" if criterion == "onset" else ""
         key = (f"{tag}|{mtag}|{criterion}|m={momentum:g}{ntag}|B={B}|seed={s}|K={K}"
                f"|factor={factor:g}|tol={rel_tol:g}|lr0={a0:.6g}{gtag}")
         keys.append(key)
