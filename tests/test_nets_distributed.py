@@ -293,6 +293,17 @@ def _mismatch_checks(rank, out_dir):
             part = (Xb, shard[1])
         return distributed_hessian_operator(model, F.cross_entropy, part).P
 
+    class Unreadable(torch.utils.data.Dataset):     # rank 1's data source fails to read
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            raise RuntimeError("disk read failed")
+
+    def local_runtime_error():
+        part = shard if rank == 0 else Unreadable()
+        return distributed_hessian_operator(model, F.cross_entropy, part).P
+
     def swapped():                  # two weights trade places on rank 1: Σw, Σw² agree
         m = MLP(64, (8,), 10, activation="tanh", seed=3).double().eval()
         if rank == 1:
@@ -321,6 +332,7 @@ def _mismatch_checks(rank, out_dir):
     record("bn_stats_per_rank_eval", batch_stats("eval", stats_per_rank=True))
     record("bn_stats_per_rank_batch_stats", batch_stats("train_batch_stats", stats_per_rank=True))
     record("local_refusal", local_refusal)
+    record("local_runtime_error", local_runtime_error)
     record("swapped", swapped)
     record("slq_uneven_memory", slq_uneven_memory)
     record("slq_uneven_memory_wrapped", lambda: slq_uneven_memory(wrapped=True))
@@ -416,3 +428,11 @@ def test_slq_behind_a_linear_combination_agrees_across_ranks(mismatch_results, s
         assert o["ok"], o
         np.testing.assert_allclose(np.array(o["value"]), 2 * ref, rtol=1e-9,
                                    atol=1e-9 * np.abs(ref).max())
+
+
+def test_any_failure_on_one_rank_stops_every_rank(mismatch_results):
+    """A RuntimeError on rank 1 (its data cannot be read) skipped the exchange and left
+    rank 0 waiting in the collective: now rank 0 gets an error naming rank 1 at once."""
+    r0, r1 = _both(mismatch_results, "local_runtime_error")
+    assert not r1["ok"] and r1["error"] == "RuntimeError" and "disk read" in r1["message"], r1
+    assert not r0["ok"] and "rank(s) [1] could not build" in r0["message"], r0
