@@ -355,28 +355,25 @@ def test_process_group_still_works_after_the_refusals(mismatch_results):
     assert [o["value"] for o in _both(mismatch_results, "after")] == [N_SAMPLES] * 2
 
 
-def test_ranks_with_different_parameters_are_refused_on_every_rank(mismatch_results):
-    outs = _both(mismatch_results, "perturbed")
+def _same_refusal(results, name, *fragments):
+    """Both ranks raised one ValueError, with the same message, holding `fragments`."""
+    outs = _both(results, name)
     for o in outs:
         assert not o["ok"] and o["error"] == "ValueError", o
-        assert "differ from rank 0" in o["message"] and "rank(s) [1]" in o["message"]
+        assert all(f in o["message"] for f in fragments), o["message"]
     assert outs[0]["message"] == outs[1]["message"]
+
+
+def test_ranks_with_different_parameters_are_refused_on_every_rank(mismatch_results):
+    _same_refusal(mismatch_results, "perturbed", "differ from rank 0", "rank(s) [1]")
 
 
 def test_ranks_with_different_dtypes_are_refused_on_every_rank(mismatch_results):
-    outs = _both(mismatch_results, "mixed_dtypes")
-    for o in outs:
-        assert not o["ok"] and o["error"] == "ValueError", o
-        assert "different dtypes" in o["message"] and "torch.float32" in o["message"]
-    assert outs[0]["message"] == outs[1]["message"]
+    _same_refusal(mismatch_results, "mixed_dtypes", "different dtypes", "torch.float32")
 
 
 def test_empty_shard_raises_the_same_error_on_every_rank(mismatch_results):
-    outs = _both(mismatch_results, "empty_shard")
-    for o in outs:
-        assert not o["ok"] and o["error"] == "ValueError", o
-        assert "rank(s) [1] is empty" in o["message"] and f"[{SPLIT}, 0]" in o["message"]
-    assert outs[0]["message"] == outs[1]["message"]
+    _same_refusal(mismatch_results, "empty_shard", "rank(s) [1] is empty", f"[{SPLIT}, 0]")
 
 
 def test_train_batch_stats_under_sharding_warns(mismatch_results):

@@ -509,15 +509,13 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-10, max_steps: int 
         values, vectors, resid, ok, matvecs, restarts, anorm = _krylov_schur(
             op, k, which, tol, max_mv, m, rng, q, bar, return_vectors or check)
         while check and bool(ok.all()):
-            if matvecs >= max_mv:           # no products left to check the pairs with
-                ok = np.zeros(len(values), bool)
-                break
-            found, used = _missed_pairs(op, values, vectors, which, tol, anorm, rng, bar,
-                                        max_mv - matvecs)
+            status, found, used = (_missed_pairs(op, values, vectors, which, tol, anorm, rng,
+                                                 bar, max_mv - matvecs)
+                                   if matvecs < max_mv else ("undecided", None, 0))
             matvecs += used
-            if found is None:
+            if status == "absent":
                 break
-            if isinstance(found, str):      # the budget ended the check undecided
+            if status == "undecided":       # the budget ended the check: pairs unconfirmed
                 ok = np.zeros(len(values), bool)
                 break
             values, vectors, resid, ok = _merge(values, vectors, resid, found, which, k)
@@ -546,9 +544,9 @@ def _missed_pairs(op, values, vectors, which, tol, anorm, rng, bar, budget):
     """Whether the orthogonal complement of `vectors` holds an eigenvalue before
     values[-1] (in `which` order): a Lanczos run there from a random vector, stopped as
     soon as its best Ritz value θ comes first (found: Ritz values lie inside the
-    spectrum) or θ ± its residual norm cannot (absent), or at convergence. Returns (None,
-    products) if absent, ("unknown", products) if the budget ended it undecided, else
-    (the complement's own best pairs, products)."""
+    spectrum) or θ ± its residual norm cannot (absent), or at convergence. Returns
+    (status, pairs, products): ("absent", None, ·), ("undecided", None, ·) when the budget
+    ended it first, or ("found", the complement's own best pairs, ·)."""
     P, k = op.P, len(values)                # eigsh calls it with k < P and budget ≥ 1
     span = float(np.max(np.abs(values))) + anorm
     sigma = {"LA": -3.0 * span, "SA": 3.0 * span, "LM": 0.0}[which]
@@ -570,14 +568,14 @@ def _missed_pairs(op, values, vectors, which, tol, anorm, rng, bar, budget):
     theta, r = float(first[0][0]), float(first[2][0])
     if not _beats(theta, last, which, margin):
         # absent if the run settled or converged; the budget ran out before it could say
-        return (None if bool(first[3][0]) or settled(theta, r) else "unknown"), used
+        return ("absent" if bool(first[3][0]) or settled(theta, r) else "undecided"), None, used
     if used >= budget:          # a missed eigenvalue seen, no products left: its Ritz pair
-        return (first[0], first[1], first[2], np.zeros(1, bool)), used
+        return "found", (first[0], first[1], first[2], np.zeros(1, bool)), used
     kc = min(k, P - k)
     mc = min(P, max(2 * kc + 10, 20))
     q = torch.from_numpy(rng.standard_normal(P)).to(vectors.device)
     out = _krylov_schur(defl, kc, which, tol, budget - used, mc, rng, q, bar, True)
-    return out[:4], used + out[4]
+    return "found", out[:4], used + out[4]
 
 
 def _merge(values, vectors, resid, found, which, k):

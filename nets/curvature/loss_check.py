@@ -101,17 +101,12 @@ def _leaves_read(out, loss_fn, Y) -> list:
     try:
         with torch.enable_grad():
             copies = {id(t): t.detach().requires_grad_(True) for t in floats}
-            swapped = _swap_leaves(out, copies)
+            swapped = map_output_leaves(out, lambda t: copies.get(id(t), t))
             grads = torch.autograd.grad(loss_fn(swapped, Y), list(copies.values()),
                                         allow_unused=True)
     except (RuntimeError, ValueError, TypeError, IndexError):
         return leaves
     return [t for t, g in zip(floats, grads) if g is not None]
-
-
-def _swap_leaves(out, copies: dict):
-    """`out` with each tensor leaf t replaced by copies[id(t)] (when there), container kept."""
-    return map_output_leaves(out, lambda t: copies.get(id(t), t))
 
 
 def _batch_and_samples(model, loss_fn, data, *, sample: int):

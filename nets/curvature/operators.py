@@ -239,25 +239,39 @@ def check_policy(model: nn.Module, policy) -> None:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     if policy is not None:
         return
-    for name, m in model.named_modules():
-        if isinstance(m, _NORM_TYPES) and m.training and (
-                isinstance(m, nn.modules.batchnorm._BatchNorm) or m.track_running_stats):
-            kind = ("BatchNorm" if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                    else f"{type(m).__name__} (with running statistics)")
+    for name, m, kind in train_mode_layers(model):
+        if kind == "norm":
+            label = ("BatchNorm" if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                     else f"{type(m).__name__} (with running statistics)")
             raise ValueError(
-                f"{kind} layer {name!r} is in train mode; pass policy='eval' (use running "
+                f"{label} layer {name!r} is in train mode; pass policy='eval' (use running "
                 "statistics) or call model.eval(), or — for curvature products only, not the "
                 "per-sample noise behind the batch-size predictions, learning rates and "
                 "transfers — policy='train_batch_stats' (use batch statistics; buffers are "
                 "never written)")
-        if isinstance(m, _DROPOUT_TYPES) and m.training and m.p > 0:
+        if kind == "dropout":
             raise ValueError(
                 f"Dropout layer {name!r} is active (train mode, p={m.p}): curvature products "
                 "would be random; pass policy='eval' or call model.eval()")
-        if isinstance(m, _RANDOM_TYPES) and m.training:
-            raise ValueError(
-                f"{type(m).__name__} layer {name!r} is random in train mode: curvature products "
-                "would be random; pass policy='eval' or call model.eval()")
+        raise ValueError(
+            f"{type(m).__name__} layer {name!r} is random in train mode: curvature products "
+            "would be random; pass policy='eval' or call model.eval()")
+
+
+def train_mode_layers(model: nn.Module):
+    """(name, module, kind) for every layer that acts differently in train mode, in
+    `named_modules` order: kind "norm" (BatchNorm, or another norm with running
+    statistics), "dropout" (p > 0) or "random" (RReLU)."""
+    for name, m in model.named_modules():
+        if not m.training:
+            continue
+        if isinstance(m, _NORM_TYPES) and (
+                isinstance(m, nn.modules.batchnorm._BatchNorm) or m.track_running_stats):
+            yield name, m, "norm"
+        elif isinstance(m, _DROPOUT_TYPES) and m.p > 0:
+            yield name, m, "dropout"
+        elif isinstance(m, _RANDOM_TYPES):
+            yield name, m, "random"
 
 
 def _warn_weight_norm(model: nn.Module) -> None:
@@ -407,8 +421,9 @@ def _scalar_loss(loss):
 
 
 def _coupling_rtol(t: torch.Tensor) -> float:
-    """Round-off allowed between a sample's output computed alone and in a batch of two,
-    relative to the output's scale (other kernels may run for another batch size)."""
+    """Round-off allowed between sample 0's outputs in two batches of two (`_coupling`),
+    relative to the output's scale: the same kernels run on both, so only reductions
+    whose order depends on the other row's values (TF32 convolutions on CUDA) differ."""
     if t.dtype == torch.float64:
         return 1e-10
     if t.dtype == torch.float32:
@@ -523,9 +538,9 @@ class ModelCurvatureOperator(CurvatureOperator):
         a forward that is not repeatable (dropout called as a function,
         `F.dropout(x, p, self.training)`, in train mode; noise injection), as for an
         active nn.Dropout; a forward whose output for a sample depends on the other
-        samples of its batch (statistics over the batch, `h - h.mean(0)`: model(x[:1])
-        differs from model(x[:2])[:1] beyond round-off), as for a train-mode nn.BatchNorm —
-        except under policy="train_batch_stats", which asks for exactly that."""
+        samples of its batch (statistics over the batch, `h - h.mean(0)`: model(x[[0, 1]])[0]
+        differs from model(x[[0, 0]])[0] beyond round-off), as for a train-mode
+        nn.BatchNorm — except under policy="train_batch_stats", which asks for exactly that."""
         x, y = self.source.take(list(range(min(2, self.N))), device=self.device,
                                 dtype=self.dtype)
         try:
@@ -549,15 +564,13 @@ class ModelCurvatureOperator(CurvatureOperator):
                 f"of shape {tuple(a.shape)}: its first dimension must be the batch dimension. "
                 "Samples are the rows of X (a list is read as (x, y) batches; for per-sample "
                 "pairs use a torch Dataset)")
-        one = None
-        if x.shape[0] > 1 and (not isinstance(a, torch.Tensor) or a.ndim > 0):
+        if isinstance(a, torch.Tensor) and x.shape[0] > 1 and a.ndim > 0:
             try:        # (train-mode BatchNorm cannot run on one sample: not checked then)
                 with torch.no_grad(), self._trial_mode():
                     one = self._forward(self.primals, x[:1])
             except (RuntimeError, ValueError, TypeError, IndexError):
                 one = None
-            if (isinstance(a, torch.Tensor) and isinstance(one, torch.Tensor)
-                    and tuple(one.shape) != (1, *a.shape[1:])):
+            if isinstance(one, torch.Tensor) and tuple(one.shape) != (1, *a.shape[1:]):
                 raise ValueError(
                     f"the model maps 2 samples to an output of shape {tuple(a.shape)} but one "
                     f"sample to {tuple(one.shape)}: the per-sample passes need the sample "

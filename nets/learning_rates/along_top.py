@@ -29,8 +29,9 @@ are 12 % apart, so the secant ratio carries a discretisation error of up to ~4 %
 and 0.564 for one ReLU net, 0.553 at n = 6000), and because the grid is in units of
 1/√λ₁ it moves when the loss is multiplied by a constant: `transfer_lr`'s default lr
 changed by 1–9 % under loss × 3 on small nets, SGD and Adam (`linearized_adam_threshold`'s
-`.corrected` by up to 7 %; exactly invariant where the correction does not apply). n = 600 brings both below 0.1 %. Interpolating the crossing, or a grid
-in units of √(f(0)/λ₁) (invariant to the loss's scale), would fix it; either changes
+`.corrected` by up to 7 %; exactly invariant where the correction does not apply).
+n = 600 brings both below 0.1 %. Interpolating the crossing, or a grid in units of
+√(f(0)/λ₁) (invariant to the loss's scale), would fix it; either changes
 every stored correction by up to a few per cent, so it waits for a re-run of the
 benchmarks.
 """

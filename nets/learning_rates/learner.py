@@ -210,6 +210,7 @@ from nets.noise.directional import directional_noise_from_operator
 from nets.training.data import check_dataset
 from nets.utils.autocast import no_autocast
 from nets.utils.data_source import as_data_source
+from nets.utils.fingerprints import digest, tensor_bytes
 from nets.utils.jsonio import to_jsonable
 from nets.utils.results import Result, result
 from rmt.lr import heavy_ball, rescale_curvature
@@ -583,10 +584,10 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
         self._wall += self.history[-1].curvature_time
         self._measured_weights = self._weights_digest()
 
-    def _weights_digest(self) -> tuple:
-        """Sum and sum of squares of every parameter (float64): whether the weights moved."""
-        return tuple((float(p.detach().double().sum()), float(p.detach().double().square().sum()))
-                     for group in self.param_groups for p in group["params"])
+    def _weights_digest(self) -> str:
+        """A hash of every parameter's exact bytes (`nets.utils.fingerprints`): whether the
+        weights moved."""
+        return digest(*(tensor_bytes(p) for group in self.param_groups for p in group["params"]))
 
     def _update_now(self) -> None:
         self.update_hyperparameters()

@@ -444,14 +444,9 @@ def warn_train_mode_layers(model, who: str) -> None:
     """One UserWarning naming the model's layers that act differently in train mode
     (BatchNorm / InstanceNorm with running statistics, active Dropout, RReLU) when any is
     in train mode: the trials run a copy in eval mode, not the model as it would train."""
-    from nets.curvature.operators import _DROPOUT_TYPES, _NORM_TYPES, _RANDOM_TYPES
+    from nets.curvature.operators import train_mode_layers
 
-    found = [f"{name!r} ({type(m).__name__})"
-             for name, m in model.named_modules() if m.training and (
-                 (isinstance(m, _NORM_TYPES) and (isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-                                                  or m.track_running_stats))
-                 or (isinstance(m, _DROPOUT_TYPES) and m.p > 0)
-                 or isinstance(m, _RANDOM_TYPES))]
+    found = [f"{name!r} ({type(m).__name__})" for name, m, _ in train_mode_layers(model)]
     if found:
         more = f" and {len(found) - 3} more" if len(found) > 3 else ""
         warnings.warn(
