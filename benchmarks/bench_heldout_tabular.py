@@ -54,6 +54,7 @@ one JSON.
     python benchmarks/bench_heldout_tabular.py --adam 0.9,0
     python benchmarks/bench_heldout_tabular.py --adam 0.9,0 --adam-form linearized --variants plain
     python benchmarks/bench_heldout_tabular.py --part rederive       # stored SGD rows' forms, seconds
+    python benchmarks/bench_heldout_tabular.py --part resecant       # + re-measured secant ratios (~1 min)
 """
 
 from __future__ import annotations
@@ -115,6 +116,18 @@ def run_variant(name, *, momentum=0.0, train_seed=0, progress=False):
           f"directional {np.round(out['worst_directional'], 2)}  ({t1 - t0:.0f} s + {t2 - t1:.0f} s)",
           flush=True)
     return out
+
+
+def secant_ratio_now(name):
+    """s_lin/s_real along u at k = 10 of a stored variant ("<variant>" or
+    "<variant>_seed<k>"), re-measured with the crossing solved (`loss_along_top` since
+    session 47; the rows before read it at the first grid point above 10·f(0), kept as
+    "secant_ratio_grid")."""
+    from nets.learning_rates.along_top import loss_along_top
+
+    base, _, seed = name.partition("_seed")
+    model, loss_fn, data = trained_tabular_mlp(**VARIANTS[base], seed=int(seed or 0))
+    return loss_along_top(model, loss_fn, data, factor=10.0, seed=0).secant_ratio
 
 
 def rederive(row, momentum):
@@ -347,7 +360,8 @@ def main():
                    help="seed of the network's training (results under '<variant>_seed<k>' "
                         "for k > 0)")
     p.add_argument("--momentum", type=float, default=0.0)
-    p.add_argument("--part", choices=("transfer", "spherical", "adam_state", "rederive"),
+    p.add_argument("--part", choices=("transfer", "spherical", "adam_state", "rederive",
+                                      "resecant"),
                    default="transfer")
     p.add_argument("--adam", default="", help="comma-separated beta1 values (Adam part)")
     p.add_argument("--adam-form", default=None,
@@ -368,8 +382,14 @@ def main():
     elif args.part == "adam_state":
         res.setdefault("plain", {})["adam_state"] = run_adam_state()
         names = []
-    elif args.part == "rederive":           # every stored SGD row, nothing re-measured
+    elif args.part in ("rederive", "resecant"):   # every stored SGD row, thresholds kept
         for name, row in res.items():
+            if args.part == "resecant":
+                ratio = secant_ratio_now(name)
+                for r in (row, row.get("m0.9")):
+                    if r is not None and "secant_ratio" in r:
+                        r.setdefault("secant_ratio_grid", r["secant_ratio"])
+                        r["secant_ratio"] = ratio
             if "real" in row:
                 row.update(rederive({k: v for k, v in row.items() if k in SGD_KEYS}, 0.0))
             if "m0.9" in row:

@@ -51,6 +51,7 @@ seeds) and, held out, "mse_gelu" and "mse_tabular" (HELD_OUT_MSE), each run with
     python benchmarks/bench_heldout_transfer.py --net gelu --momentum 0.9 --nesterov   # torch's
         # Nesterov instead of heavy ball (real thresholds always measured here; 3–9 min)
     python benchmarks/bench_heldout_transfer.py --net summary    # every net from stored JSON
+    python benchmarks/bench_heldout_transfer.py --net summary --resecant   # + secant ratios (~2 min)
     python benchmarks/bench_heldout_transfer.py --net bn_cnn --reuse-real   # forms only (~7 min)
 """
 
@@ -328,6 +329,17 @@ def rederive(stored_row):
     return r
 
 
+def secant_ratio_now(name):
+    """s_lin/s_real along u at k = 10 on `name`'s checkpoint (`loss_along_top`, Lanczos
+    seed 0 as in `measure`): the crossing solved with the exact loss. The stored rows
+    before session 47 read it at the first grid point above 10·f(0) (kept in those files as
+    `secant_ratio_grid`; the corrected rows moved by at most 0.03 in their worst ratio)."""
+    from nets.learning_rates.along_top import loss_along_top
+
+    model, data, loss_fn = transfer_network(name)
+    return loss_along_top(model, loss_fn, data, factor=10.0, seed=0).secant_ratio
+
+
 def output_name(name, momentum=0.0, nesterov=False):
     return (f"bench_heldout_transfer_{name}" + ("" if momentum == 0 else f"_m{momentum:g}")
             + ("_nesterov" if nesterov else ""))
@@ -351,8 +363,13 @@ def main(argv=None):
     p.add_argument("--nesterov", action="store_true", help="torch's Nesterov momentum instead")
     p.add_argument("--reuse-real", action="store_true",
                    help="take the measured thresholds from the stored JSON (re-derive the forms only)")
+    p.add_argument("--resecant", action="store_true",
+                   help="with --net summary: re-measure each stored net's secant ratio along u "
+                        "(loss_along_top, crossing solved since session 47) before re-deriving")
     args = p.parse_args(argv)
     setup_torch(args)
+    if args.resecant and args.net != "summary":
+        p.error("--resecant goes with --net summary")
     if args.net != "summary":
         out = {"environment": environment(), "net": args.net, **HELD_OUT.get(args.net, {}),
                "batch_sizes": list(BATCH_SIZES),
@@ -373,6 +390,15 @@ def main(argv=None):
             path = RESULTS / f"{output_name(name, 0.9, nest)}.json"
             if path.exists():
                 table[f"{name}{suffix}"] = json.loads(path.read_text())
+    if args.resecant:
+        ratios = {}
+        for name, r in table.items():
+            base = name.removesuffix("_nesterov").removesuffix("_m0.9")
+            if base not in ratios:
+                ratios[base] = secant_ratio_now(base)
+            if "secant_ratio_grid" not in r:
+                r["secant_ratio_grid"] = r["secant_ratio"]
+            r["secant_ratio"] = ratios[base]
     for name, r in table.items():           # every form from the stored thresholds
         table[name] = rederive(r)
         base = name.removesuffix("_nesterov").removesuffix("_m0.9")

@@ -60,13 +60,16 @@ def secant_along_top(model, X, y, factors=FACTORS, n=60):
 
     from nets.learning_rates.along_top import loss_along_top
 
-    prof = loss_along_top(model, F.cross_entropy, (X, y), factor=max(factors), n=n)
+    # one profile per k: each solves its own crossing with the exact loss (`.at(k)` would
+    # interpolate on the grid); the grid is the same for every k while f(0) is small
+    profs = {k: loss_along_top(model, F.cross_entropy, (X, y), factor=k, n=n) for k in factors}
+    prof = profs[max(factors)]
     out = {"lam": prof.lam, "L0": prof.L0, "x": prof.amplitudes}
     for name in ("real", "linearized"):
         row = {"plus": getattr(prof, f"{name}_plus"), "minus": getattr(prof, f"{name}_minus"),
                "secant_over_lam": getattr(prof, f"{name}_secant")}
         for k in factors:
-            A, s = prof.at(k)[name]
+            A, s = profs[k].at(k)[name]
             row[f"k{k:g}"] = {"A": A, "secant_over_lam": s}
         out[name] = row
         print(f"along u ({name}): s(A_k)/λ₁ " + ", ".join(

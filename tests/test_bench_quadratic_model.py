@@ -28,8 +28,8 @@ def test_secant_along_top_reports_the_library_profile(bench):
     X, y = _data(1)
     model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
     out = bench.secant_along_top(model, X, y, factors=(2.0, 3.0), n=20)
-    prof = loss_along_top(model, torch.nn.functional.cross_entropy, (X, y), factor=2.0, n=20)
-    np.testing.assert_array_equal(out["real"]["plus"], prof.real_plus)
     for k in (2.0, 3.0):
-        A, s = prof.at(k)["linearized"]
+        prof = loss_along_top(model, torch.nn.functional.cross_entropy, (X, y), factor=k, n=20)
+        np.testing.assert_array_equal(out["real"]["plus"], prof.real_plus)
+        A, s = prof.amplitude_linearized, prof.secant_linearized
         assert out["linearized"][f"k{k:g}"] == {"A": A, "secant_over_lam": s}

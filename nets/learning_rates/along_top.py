@@ -23,17 +23,17 @@ otherwise never gets there on the plain span), float64, both signs; u from
 Lanczos (k = 1, tol 1e-8) in eval mode. Cost: 2n + 1 full-data forward passes per
 profile plus one Jacobian-vector product.
 
-Resolution (measured by an outside sweep, not yet improved): A_k and s(A_k) are read at
-the first grid point above k·f(0), not interpolated. At the default n = 60 the points
-are 12 % apart, so the secant ratio carries a discretisation error of up to ~4 % (0.530
-and 0.564 for one ReLU net, 0.553 at n = 6000), and because the grid is in units of
-1/√λ₁ it moves when the loss is multiplied by a constant: `transfer_lr`'s default lr
-changed by 1–9 % under loss × 3 on small nets, SGD and Adam (`linearized_adam_threshold`'s
-`.corrected` by up to 7 %; exactly invariant where the correction does not apply).
-n = 600 brings both below 0.1 %. Interpolating the crossing, or a grid in units of
-√(f(0)/λ₁) (invariant to the loss's scale), would fix it; either changes
-every stored correction by up to a few per cent, so it waits for a re-run of the
-benchmarks.
+Resolution: the grid only brackets A_k. Between the last grid point at or below k·f(0)
+and the first above it, A_k is solved to relative precision 1e-9 (Brent's method on
+max f(±x)/f(0) − k, two full-data forward passes per evaluation, ~20–30 more passes per
+profile) and s(A_k) is evaluated there, so A_k·√λ₁ and the secant ratio do not depend on
+the grid: they are unchanged when the loss is multiplied by a constant (which rescales
+λ₁ and so moves the grid). Read at the first grid point above k·f(0) instead, as before
+session 47, the ratio carried a discretisation error of up to ~4 % at n = 60 (points
+12 % apart) and `transfer_lr`'s default lr moved by 1–9 % under loss × 3 (an outside
+sweep). `LossAlongTop.at(k)` for another tolerance has only the grid: it interpolates
+the crossing linearly in log x and log f between the two grid points that bracket it,
+and the secant linearly in log x (errors second order in the spacing).
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ class LossAlongTop(Result):
     lam : λ₁; L0 : f(0); amplitudes (n,) the grid x; real_plus, real_minus,
     linearized_plus, linearized_minus (n,) f(±x)/f(0) of each model; real_secant,
     linearized_secant (n,) s(x)/λ₁; factor k; amplitude_real, amplitude_linearized A_k
-    of each model (NaN where the profile never exceeds k·f(0) on the grid);
-    secant_real, secant_linearized s(A_k)/λ₁; secant_ratio s_lin(A_k)/s_real(A_k)."""
+    of each model, solved between the grid points that bracket it (NaN where the profile
+    never exceeds k·f(0) on the grid); secant_real, secant_linearized s(A_k)/λ₁; secant_ratio s_lin(A_k)/s_real(A_k)."""
 
     lam: float
     L0: float
@@ -79,11 +79,15 @@ class LossAlongTop(Result):
 
     def at(self, factor) -> dict:
         """{"real": (A_k, s(A_k)/λ₁), "linearized": (...)} for another tolerance k (NaN
-        where the grid never reaches k·f(0))."""
+        where the grid never reaches k·f(0)): the profile's own values at k = `factor`,
+        else interpolated on the grid (module docstring)."""
         k = as_float("factor", factor, positive=True)
-        return {name: _first_above(self.amplitudes, getattr(self, f"{name}_plus"),
-                                   getattr(self, f"{name}_minus"),
-                                   getattr(self, f"{name}_secant"), k)
+        if k == self.factor:
+            return {name: (getattr(self, f"amplitude_{name}"), getattr(self, f"secant_{name}"))
+                    for name in ("real", "linearized")}
+        return {name: _interpolated(self.amplitudes, getattr(self, f"{name}_plus"),
+                                    getattr(self, f"{name}_minus"),
+                                    getattr(self, f"{name}_secant"), k)
                 for name in ("real", "linearized")}
 
     def plot(self, ax=None):
@@ -116,12 +120,40 @@ def _rayleigh(net, loss_fn, data, direction):
     return u, float(u @ H.matvec(u.to(H.dtype)).to(torch.float64).cpu())
 
 
-def _first_above(xs, plus, minus, secant, k):
+def _bracket(plus, minus, k):
+    """Index j of the first grid point with max f(±x)/f(0) > k (None if none)."""
     hit = np.maximum(plus, minus) > k
-    if not hit.any():
+    return int(np.argmax(hit)) if hit.any() else None
+
+
+def _interpolated(xs, plus, minus, secant, k):
+    """(A_k, s(A_k)/λ₁) from the grid alone: the crossing of max f(±x)/f(0) = k linear in
+    (log x, log f) between the bracketing points, the secant linear in log x there."""
+    j = _bracket(plus, minus, k)
+    if j is None:
         return float("nan"), float("nan")
-    j = int(np.argmax(hit))
-    return float(xs[j]), float(secant[j])
+    if j == 0:
+        return float(xs[0]), float(secant[0])
+    g0, g1 = np.log(max(plus[j - 1], minus[j - 1])), np.log(max(plus[j], minus[j]))
+    t = (math.log(k) - g0) / (g1 - g0) if g1 > g0 else 1.0
+    A = math.exp((1 - t) * math.log(xs[j - 1]) + t * math.log(xs[j]))
+    return A, float((1 - t) * secant[j - 1] + t * secant[j])
+
+
+def _crossing(xs, plus, minus, k, loss_at, L0, lam):
+    """(A_k, s(A_k)/λ₁): the grid brackets the first crossing of max f(±x) = k·f(0); Brent's
+    method solves it inside the bracket (from 0 when the first grid point is already above,
+    f(0)/f(0) = 1 < k) with the exact loss `loss_at(x)`, and the secant is evaluated there."""
+    from scipy.optimize import brentq
+
+    j = _bracket(plus, minus, k)
+    if j is None:
+        return float("nan"), float("nan")
+    lo = 0.0 if j == 0 else float(xs[j - 1])
+    A = brentq(lambda x: max(loss_at(x), loss_at(-x)) / L0 - k if x > 0 else 1.0 - k,
+               lo, float(xs[j]), xtol=1e-300, rtol=1e-9)
+    fp, fm = loss_at(A), loss_at(-A)
+    return float(A), float((fp + fm - 2 * L0) / A ** 2 / lam)
 
 
 def loss_along_top(model, loss_fn, data, *, factor=10.0, n=60, span=(0.02, 20.0),
@@ -174,15 +206,20 @@ def loss_along_top(model, loss_fn, data, *, factor=10.0, n=60, span=(0.02, 20.0)
     xs = np.geomspace(lo * stretch, hi * stretch, n) / np.sqrt(lam)
     models = {"real": lambda x: call_model(net, {k_: w0[k_] + x * du[k_] for k_ in w0}, Xd),
               "linearized": lambda x: z0 + x * Ju}
-    fields = {}
+    fields, crossings = {}, {}
     for name, outputs in models.items():
+        def loss_at(x, outputs=outputs):
+            with torch.no_grad():
+                return float(loss_fn(outputs(float(x)), yd))
+
         with torch.no_grad():
             fp = np.array([float(loss_fn(outputs(float(x)), yd)) for x in xs])
             fm = np.array([float(loss_fn(outputs(-float(x)), yd)) for x in xs])
         fields[f"{name}_plus"], fields[f"{name}_minus"] = fp / L0, fm / L0
         fields[f"{name}_secant"] = (fp + fm - 2 * L0) / xs ** 2 / lam
-    (A_r, s_r), (A_l, s_l) = (_first_above(xs, fields[f"{name}_plus"], fields[f"{name}_minus"],
-                                           fields[f"{name}_secant"], k) for name in models)
+        crossings[name] = _crossing(xs, fields[f"{name}_plus"], fields[f"{name}_minus"], k,
+                                    loss_at, L0, lam)
+    (A_r, s_r), (A_l, s_l) = crossings["real"], crossings["linearized"]
     return LossAlongTop(lam=float(lam), L0=L0, amplitudes=xs, **fields, factor=k,
                         amplitude_real=A_r, amplitude_linearized=A_l, secant_real=s_r,
                         secant_linearized=s_l, secant_ratio=float(s_l / s_r))
