@@ -325,6 +325,23 @@ def test_secant_correction_only_where_the_real_loss_is_sharper(tiny_mlp, monkeyp
     assert "not applied" in flat.rule and "not applied" not in sharp.rule
 
 
+def test_default_form_scales_exactly_with_the_loss(tiny_mlp):
+    """loss × c on the same weights: every curvature × c, every threshold ÷ c, so the
+    lr transferred from (B₀, α₀/c) is the original ÷ c — the secant ratio included (read on
+    the profile's grid, in units of 1/√λ₁, it moved with c and moved the default by 1–9 %;
+    an outside sweep)."""
+    model, X, y = tiny_mlp(seed=1, N=48)        # s_lin/s_real = 0.79: the correction applies
+    loss = torch.nn.functional.cross_entropy
+    kw = dict(form="linearized", rank=8, steps=40, n_seeds=2, seed=0)
+    ref = transfer_lr(model, loss, (X, y), [4, 16, 48], reference=(16, 0.3), **kw)
+    for c in (3.0, 0.2):
+        out = transfer_lr(model, lambda z, t, c=c: c * loss(z, t), (X, y), [4, 16, 48],
+                          reference=(16, 0.3 / c), **kw)
+        assert out.secant_ratio == pytest.approx(ref.secant_ratio, rel=1e-7)
+        np.testing.assert_allclose(out.lr * c, ref.lr, rtol=1e-5)
+    assert ref.correction_applied and not np.allclose(ref.correction, 1.0)
+
+
 def test_curvature_forms_reanchor_with_coherent_errors():
     model, loss, X, y = _problem()
     a = transfer_lr(model, loss, (X, y), [2, 8, 32], reference=(8, 0.1), form="directional")
