@@ -206,15 +206,23 @@ def derive_spiked_wishart() -> Derivation:
 
 @functools.lru_cache(maxsize=None)
 def derive_momentum_factors() -> Derivation:
-    """Stability limits ``α·h < F`` of heavy-ball and EMA momentum on ``f = h x²/2``.
+    """Stability limits ``α·h < F`` of heavy-ball, EMA and Nesterov momentum on ``f = h x²/2``.
 
-    Write each method as a linear map on ``(x_t, ·)``; its characteristic polynomial
-    ``p(μ) = μ² − T μ + D`` has ``D = ρ`` (resp. β₁) < 1, so the only way a root leaves
-    the unit disc as α grows is through ``μ = −1`` (Jury); solving ``p(−1) = 0`` for
-    ``α h`` gives ``F``:
+    Write each method as a linear map on ``(x_t, ·)``; its characteristic polynomial is
+    ``p(μ) = μ² − T μ + D``, and (Jury) both roots lie in the unit disc iff ``|D| < 1``,
+    ``p(1) > 0`` and ``p(−1) > 0``. For heavy ball and EMA ``D = ρ`` (resp. β₁) < 1 and
+    ``p(1) = αh > 0`` (resp. ``(1 − β₁)αh``), so the only way a root leaves the unit disc
+    as α grows is through ``μ = −1``; solving ``p(−1) = 0`` for ``α h`` gives ``F``. For
+    Nesterov ``D = ρ(1 − αh)`` depends on α, but ``|D| ≤ ρ < 1`` for ``0 < αh ≤ 2`` and
+    ``p(1) = αh > 0``, and its ``p(−1) = 0`` root ``F_N ≤ 2``, so there too the first exit
+    is through −1:
 
     * heavy ball ``x⁺ = x − αh x + ρ(x − x⁻)``: ``F = 2(1 + ρ)``;
-    * EMA ``m⁺ = β₁m + (1 − β₁)h x``, ``x⁺ = x − α m⁺``: ``F = 2(1 + β₁)/(1 − β₁)``.
+    * EMA ``m⁺ = β₁m + (1 − β₁)h x``, ``x⁺ = x − α m⁺``: ``F = 2(1 + β₁)/(1 − β₁)``;
+    * Nesterov as torch (``v⁺ = ρv + g``, ``x⁺ = x − α(g + ρv⁺)``; state (x, v), the map
+      of :func:`derive_nesterov_mean_square` without noise): ``F = 2(1 + ρ)/(1 + 2ρ)``.
+
+    exprs: ``heavy_ball``, ``ema``, ``nesterov`` (each F) and ``<kind>_charpoly``.
     """
     alpha, h = sp.symbols("alpha h", positive=True)
     rho, beta1 = sp.symbols("rho beta1", nonnegative=True)
@@ -222,8 +230,10 @@ def derive_momentum_factors() -> Derivation:
     hb = sp.Matrix([[1 + rho - alpha * h, -rho], [1, 0]])  # (x_t, x_{t-1})
     ema = sp.Matrix([[1 - alpha * (1 - beta1) * h, -alpha * beta1],
                      [(1 - beta1) * h, beta1]])  # (x_t, m_t)
+    nag = sp.Matrix([[1 - alpha * (1 + rho) * h, -alpha * rho**2],
+                     [h, rho]])  # (x_t, v_t): x⁺ = x − α(1 + ρ)h x − αρ²v, v⁺ = h x + ρv
     out = {}
-    for key, M in (("heavy_ball", hb), ("ema", ema)):
+    for key, M in (("heavy_ball", hb), ("ema", ema), ("nesterov", nag)):
         p = M.charpoly(mu).as_expr()
         a = _single(sp.solve(p.subs(mu, -1), alpha), f"{key} boundary")
         out[f"{key}_charpoly"] = p
@@ -457,8 +467,10 @@ def derive_nesterov_mean_square() -> Derivation:
     linear in σ² (``rmt.lr.sgd_nesterov_ms_max_lr``).
 
     exprs: ``second_moment_map``, ``quadratic`` (the factor of det(M − I)/α), ``alpha_max``,
-    ``difference_from_closed_form`` (0), ``alpha_max_rho0``, ``alpha_max_noiseless``,
-    ``noise_gain``.
+    ``difference_from_closed_form`` (the root sympy's ``solve`` returns minus the closed
+    form above, simplified symbolically: 0 as an identity in λ, c, s², ρ; the root is
+    picked as the one equal to the closed form at one rational point), ``alpha_max_rho0``,
+    ``alpha_max_noiseless``, ``noise_gain``.
     """
     alpha, lam, c, s2 = sp.symbols("alpha lambda c s_u^2", positive=True)
     rho = sp.Symbol("rho", nonnegative=True)
@@ -477,7 +489,9 @@ def derive_nesterov_mean_square() -> Derivation:
     b = (1 + rho) * sig2 + (1 - rho - 4 * rho**2) * lam**2
     closed = 4 * lam * (1 - rho**2) / (
         b + sp.sqrt(b**2 + 8 * rho * (1 + 2 * rho) * (1 - rho**2) * lam**2 * (lam**2 + sig2)))
-    # the positive root: the one that the closed form equals (checked at a generic point)
+    # the positive root: the one that the closed form equals at a generic point (which of
+    # the two roots; the identity itself is then checked symbolically, exprs
+    # difference_from_closed_form)
     point = {lam: sp.Rational(7, 10), c: sp.Rational(1, 10), s2: 3, rho: sp.Rational(9, 10)}
     a_star = _single([r for r in roots if abs(float((r - closed).subs(point))) < 1e-12],
                      "positive Nesterov root")
@@ -489,7 +503,7 @@ def derive_nesterov_mean_square() -> Derivation:
         "second_moment_map": M,
         "quadratic": quad,
         "alpha_max": closed,
-        "difference_from_closed_form": sp.simplify((a_star - closed).subs(point)),
+        "difference_from_closed_form": sp.simplify(a_star - closed),
         "alpha_max_rho0": sp.simplify(closed.subs(rho, 0)),
         "alpha_max_noiseless": _root_factored(closed.subs(s2, 0)),
         "noise_gain": gain,

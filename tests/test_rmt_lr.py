@@ -374,3 +374,132 @@ def test_array_batch_sizes_give_the_scalar_noise_factor(replacement):
     np.testing.assert_allclose(L.sgd_max_lr(Bs, 1.0, 10.0, N, replacement=replacement),
                                [L.sgd_max_lr(B, 1.0, 10.0, N, replacement=replacement)
                                 for B in Bs], rtol=1e-15)
+
+
+def _gauss_log_mean_standardised(u, x):
+    """E log|1 − uη|, η ~ N(1, x), by quadrature in z = (η − 1)/√x with the pole split
+    out (usable for x ≫ 1, where the integrand in η is too wide for _gauss_log_mean)."""
+    from scipy import integrate
+    s = u * math.sqrt(x)
+    f = lambda z: math.log(abs(1.0 - u - s * z)) * math.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    pole = (1.0 - u) / s
+    edges = sorted({-12.0, 12.0, *([pole] if -12.0 < pole < 12.0 else [])})
+    return sum(integrate.quad(f, a, b, limit=400, epsabs=1e-13, epsrel=1e-12)[0]
+               for a, b in zip(edges[:-1], edges[1:]))
+
+
+def _mc_lyapunov(alphas, lam, var, rho, *, paths=400, steps=4000, burn=400, seed=11):
+    """Independent Lyapunov estimate: many heavy-ball paths in parallel after a burn-in,
+    the same draws for every α. Returns (mean γ, its standard error) per α."""
+    rng = np.random.default_rng(seed)
+    a = np.asarray(alphas, dtype=float)[:, None]
+    x, xp = np.ones((a.shape[0], paths)), np.zeros((a.shape[0], paths))
+    acc = np.zeros_like(x)
+    for t in range(burn + steps):
+        h = lam + math.sqrt(var) * rng.standard_normal(paths)
+        x, xp = (1 + rho - a * h) * x - rho * xp, x
+        n = np.hypot(x, xp)
+        x, xp = x / n, xp / n
+        if t >= burn:
+            acc += np.log(n)
+    g = acc / steps
+    return g.mean(axis=1), g.std(axis=1) / math.sqrt(paths)
+
+
+def test_almost_sure_limit_with_large_noise():
+    """With x = c·s²/λ² ≳ 10⁴ the bracket's test of γ at half the mean-square limit (where
+    the true γ is O(1/x), below the path's sampling error) failed: "no stable step found
+    below the mean-square limit". The mean-square limit is now the trusted lower end.
+    Oracles: ρ = 0 the root of E log|1 − uη| = 0 by quadrature (1.5574·10⁻³ at x = 10⁶);
+    ρ > 0 an independent many-path Monte Carlo with burn-in changing sign across it."""
+    from scipy.optimize import brentq
+    lam = 2.0
+    x = 1e6
+    u = brentq(lambda v: _gauss_log_mean_standardised(v, x), 1e-4, 1e-2, xtol=1e-15)
+    assert u == pytest.approx(1.5574e-3, rel=1e-4)
+    got = L.sgd_momentum_as_max_lr(1, lam, x * lam * lam, None, 0.0, seed=0)
+    assert got == pytest.approx(u / lam, rel=0.05)      # seed spread about 1 % here
+    for rho, x in ((0.9, 3e4), (0.5, 1e5)):
+        var = x * lam * lam
+        got = L.sgd_momentum_as_max_lr(1, lam, var, None, rho, seed=0)
+        assert got >= L.sgd_momentum_ms_max_lr(1, lam, var, None, rho)
+        g, se = _mc_lyapunov([0.85 * got, 1.15 * got], lam, var, rho)
+        assert g[0] + 4 * se[0] < 0 < g[1] - 4 * se[1]
+
+
+def test_almost_sure_limit_is_never_below_the_mean_square_limit():
+    """The result is at least the mean-square limit (Jensen), by construction, also where
+    the estimated γ would have put it a hair below (no noise: 2(1 + ρ)/λ to 10⁻⁶)."""
+    lam = 0.7
+    for m in (0.0, 0.5, 0.9):
+        ms = L.sgd_momentum_ms_max_lr(8, lam, 0.0, None, m)
+        a = L.sgd_momentum_as_max_lr(8, lam, 0.0, None, m, steps=2000)
+        assert ms <= a <= ms * (1 + 2e-6)
+        assert ms == pytest.approx(2 * (1 + m) / lam, rel=1e-15)
+
+
+def test_almost_sure_limit_seed_is_validated_and_a_generator_gives_one_path():
+    with pytest.raises(ValueError, match=r"^seed must be an int seed >= 0"):
+        L.sgd_momentum_as_max_lr(8, 1.0, 2.0, 64, 0.5, steps=50, seed=-1)
+    with pytest.raises(TypeError, match=r"^seed must be"):
+        L.sgd_momentum_as_max_lr(8, 1.0, 2.0, 64, 0.5, steps=50, seed=1.5)
+    with pytest.raises(ValueError, match=r"^seed must be"):
+        L.heavy_ball_lyapunov_exponent(0.5, 1.0, 1.0, 0.5, steps=50, seed=-1)
+    # a Generator yields one int seed (as_seed's rule), and every α of the call shares its path
+    drawn = int(np.random.default_rng(5).integers(0, 2**63 - 1))
+    a = L.sgd_momentum_as_max_lr(8, 1.0, 2.0, 64, 0.5, steps=500,
+                                 seed=np.random.default_rng(5))
+    assert a == L.sgd_momentum_as_max_lr(8, 1.0, 2.0, 64, 0.5, steps=500, seed=drawn)
+    assert math.isfinite(L.sgd_momentum_as_max_lr(8, 1.0, 2.0, 64, 0.5, steps=500, seed=None))
+
+
+@pytest.mark.parametrize("B, lam, s2, rho", [
+    (1, 1e300, 1e308, 0.9), (1, 1e150, 1e308, 0.99), (1, 1.0, 1e300, 1 - 1e-12),
+    (4, 1.0, 1e308, 0.9), (1, 1e-10, 1e300, 0.9), (3, 1e-200, 1e-10, 0.5),
+    (1, 2.0, 3.0, 0.9)])
+def test_heavy_ball_and_adam_mean_square_limits_are_scale_safe(B, lam, s2, rho):
+    """gain·c·s² overflowed float64 (λ = 1e300, s² = 1e308, ρ = 0.9) and both functions
+    returned 0.0 for a limit of 3.8e-300. Oracle: the closed form
+    2(1 + ρ)λ/(λ² + (1 + ρ)/(1 − ρ)·c·s²) in 50-digit mpmath (Adam's: that over 1 − ρ)."""
+    import mpmath as mp
+    mp.mp.dps = 50
+    L_, S_, r = mp.mpf(lam), mp.mpf(s2), mp.mpf(rho)
+    c = mp.mpf(1) / B
+    hb = 2 * (1 + r) * L_ / (L_**2 + (1 + r) / (1 - r) * c * S_)
+    got = L.sgd_momentum_ms_max_lr(B, lam, s2, None, rho)
+    assert got > 0 and got == pytest.approx(float(hb), rel=1e-9)   # subnormal: ~1e-12
+    assert L.adam_ms_max_lr(B, lam, s2, None, rho) == pytest.approx(float(hb / (1 - r)), rel=1e-9)
+
+
+def test_mean_square_limit_at_B_equal_N_ignores_an_overflowing_noise_ratio():
+    """c = 0 (B = N) with s²/λ = inf: no noise, the deterministic 2(1 + ρ)/λ, not 0·inf."""
+    got = L.sgd_momentum_ms_max_lr(np.array([1, 10]), 1e-10, 1e300, 10, 0.9)
+    assert got[1] == pytest.approx(3.8e10, rel=1e-15)
+    assert got[0] == pytest.approx(3.8 * 1e-10 / (19 * 0.9 * 1e300), rel=1e-12)
+
+
+def test_adam_max_lr_refuses_an_infinite_preconditioner():
+    """grad_mean_sq + c·grad_var = 0 with eps = 0 made D = 1/0 and returned 0.0."""
+    for args, kw in (((10, 1.0, 1.0, 0.0, 5.0), dict(N=10)),
+                     ((8, 1.0, 1.0, 0.0, 0.0), {}),
+                     (([5, 10], 1.0, 1.0, 0.0, 5.0), dict(N=10))):
+        with pytest.raises(ValueError, match="grad_mean_sq.*eps"):
+            L.adam_max_lr(*args, **kw)
+    # with eps > 0, or any gradient moment, it is finite and positive
+    assert L.adam_max_lr(10, 1.0, 1.0, 0.0, 5.0, N=10, eps=1e-8) == pytest.approx(2e-8)
+    assert L.adam_max_lr(5, 1.0, 1.0, 0.0, 5.0, N=10) > 0
+
+
+def test_docstrings_state_what_sgd_max_lr_and_momentum_factor_return():
+    """sgd_max_lr with momentum is the fixed-batch deterministic limit, not the mean-square
+    one (18.8× above it at B = 1, λ = 1, s² = 100, ρ = 0.9); it accepts Nesterov; the
+    almost-sure limit's accuracy is Monte-Carlo, not the bisection tolerance."""
+    det = L.sgd_max_lr(1, 1.0, 100.0, momentum=0.9)
+    ms = L.sgd_momentum_ms_max_lr(1, 1.0, 100.0, None, 0.9)
+    assert det == pytest.approx(3.8 / 101) and ms == pytest.approx(3.8 / 1901)
+    assert L.sgd_max_lr(1, 1.0, 100.0, momentum=0.9, momentum_kind="nesterov") == pytest.approx(
+        2 * 1.9 / 2.8 / 101)
+    doc = " ".join(L.sgd_max_lr.__doc__.split())
+    assert "nesterov" in doc and "sgd_momentum_ms_max_lr" in doc and "deterministic" in doc
+    assert "Both come" not in L.momentum_factor.__doc__
+    assert "Monte-Carlo" in L.sgd_momentum_as_max_lr.__doc__

@@ -126,6 +126,56 @@ def test_momentum_factors_match_rmt_lr():
     assert d.exprs["ema"].subs(d.symbols["beta1"], sp.Rational(9, 10)) == 38
 
 
+
+def _nesterov_spectral_radius(u, rho):
+    """Spectral radius of torch's noiseless Nesterov map at αh = u, by numpy eigenvalues
+    of its 2×2 matrix written out here: with h = 1, v⁺ = x + ρv and
+    x⁺ = x − α(x + ρv⁺) = (1 − u(1 + ρ))x − uρ²v."""
+    M = np.array([[1.0 - u * (1.0 + rho), -u * rho * rho], [1.0, rho]])
+    return max(abs(np.linalg.eigvals(M)))
+
+
+def test_momentum_factors_include_nesterov_with_the_right_constant_term():
+    """derive_momentum_factors once derived only heavy ball and EMA although
+    momentum_factor's docstring credited it with every kind; Nesterov's constant term is
+    ρ(1 − αh), not ρ. Oracle: the numpy spectral radius of the map crossing 1."""
+    d = S.derive_momentum_factors()
+    rho, alpha, h, mu = (d.symbols[k] for k in ("rho", "alpha", "h", "mu"))
+    nag = d.lambdify("nesterov", "rho")
+    const = sp.Poly(d.exprs["nesterov_charpoly"], mu).all_coeffs()[-1]
+    assert sp.simplify(const - rho * (1 - alpha * h)) == 0
+    for r in (0.1, 0.5, 0.9, 0.99):
+        F = nag(r)
+        assert F == pytest.approx(L.momentum_factor(r, "nesterov"), rel=1e-13)
+        assert _nesterov_spectral_radius(F * (1 - 1e-6), r) < 1 < _nesterov_spectral_radius(
+            F * (1 + 1e-6), r)
+        # below F the map is a contraction at every αh (no earlier exit through a complex pair)
+        assert all(_nesterov_spectral_radius(u, r) < 1 for u in np.linspace(1e-3, F, 200)[:-1])
+
+
+def test_nesterov_mean_square_difference_is_a_symbolic_identity():
+    """difference_from_closed_form was the difference at one rational point (0 there),
+    documented as 0: now the symbolic difference. Oracle: the closed form substituted
+    into the quadratic, simplified here, and both roots of the quadratic in mpmath at
+    random points (one of them equal to the closed form)."""
+    import mpmath as mp
+    d = S.derive_nesterov_mean_square()
+    assert d.exprs["difference_from_closed_form"] == 0
+    assert "at one rational point" in S.derive_nesterov_mean_square.__doc__
+    alpha, lam, c, s2, rho = (d.symbols[k] for k in ("alpha", "lam", "c", "s2", "rho"))
+    quad_ = d.exprs["quadratic"]
+    closed = d.exprs["alpha_max"]
+    assert sp.simplify(quad_.subs(alpha, closed)) == 0
+    coeffs = sp.Poly(quad_, alpha).all_coeffs()
+    rng = np.random.default_rng(4)
+    mp.mp.dps = 30
+    for _ in range(6):
+        pt = {lam: float(rng.uniform(0.1, 3)), c: float(rng.uniform(0, 1)),
+              s2: float(rng.uniform(0, 10)), rho: float(rng.uniform(0.05, 0.99))}
+        a, b, k = (mp.mpf(str(sp.N(q.subs(pt), 40))) for q in coeffs)
+        pos = (-b + mp.sqrt(b * b - 4 * a * k)) / (2 * a)
+        assert float(pos) == pytest.approx(float(closed.subs(pt)), rel=1e-12)
+
 def test_lr_laws_match_rmt_lr_functions():
     d = S.derive_lr_laws()
     sgd = d.lambdify("sgd", "B", "N", "lam", "s2", "rho")
