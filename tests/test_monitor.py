@@ -331,3 +331,84 @@ def test_a_record_leaves_layer_modes_and_the_random_stream_alone():
     mon.record(0)
     assert [m.training for m in net.modules()] == modes
     torch.testing.assert_close(torch.rand(3), before)        # the stream was not drawn from
+
+
+def test_eoss_plateau_names_momentum_when_refused():
+    """Review D4: momentum=1.0 failed with rmt.lr's "beta must be in [0, 1)", a name the
+    caller never gave."""
+    for bad in (1.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="momentum"):
+            eoss_plateau(0.1, 8, 1.0, 100, momentum=bad)
+    assert eoss_plateau(0.1, 8, 1.0, 100, momentum=0.5) > 0
+
+
+def test_unfreezing_a_layer_mid_run_is_refused_not_mixed_into_the_records(tmp_path):
+    """Review D2: after a frozen layer was unfrozen, the records silently switched from the
+    head's 18 parameters to all 53 while the file's settings still said P = 18, and the
+    restart on that file was then refused. A record over another parameter set is now
+    refused as the learner refuses it, and nothing is written; a fixed `params=` set is
+    unaffected."""
+    X, y = _data()
+    model = _model()
+    body = [p for n, p in model.named_parameters() if n.startswith("net.0.")]
+    for p in body:
+        p.requires_grad_(False)                     # fine-tuning: the head only
+    path = tmp_path / "mon.jsonl"
+    kw = dict(batch_size=16, n_batches=0, budget=1.0, path=path)
+    mon = CurvatureMonitor(model, CE, (X, y), **kw)
+    mon.record(0)
+    for p in body:
+        p.requires_grad_(True)                      # progressive unfreezing
+    with pytest.raises(ValueError, match=r"trainable parameters changed.*net\.0\.weight"):
+        mon.record(1)
+    with pytest.raises(ValueError, match="trainable parameters changed"):
+        mon.maybe_record(2)
+    assert mon.recorded_steps() == [0]
+    keys = [json.loads(x)["key"] for x in path.read_text().splitlines()]
+    assert keys == ["config", "step=0"]             # no record of the other set written
+    for p in body:
+        p.requires_grad_(False)
+    again = CurvatureMonitor(model, CE, (X, y), **kw)   # the file is still this run's
+    assert again.recorded_steps() == [0] and again.record(1).step == 1
+    # a set named with params= does not move when layers are unfrozen
+    head = ["net.2.weight", "net.2.bias"]
+    fixed = CurvatureMonitor(model, CE, (X, y), batch_size=16, n_batches=0, params=head)
+    r0 = fixed.record(0)
+    for p in body:
+        p.requires_grad_(True)
+    assert fixed.record(1).lam == pytest.approx(r0.lam, rel=1e-6)
+
+
+def test_another_run_on_the_same_file_is_refused(tmp_path):
+    """Review D3: a second run (other initialisation and lr) writing to the first run's
+    path got the first run's records back for its steps 1-16 and appended its own: one
+    trace of two runs, no warning. Each record now stores a fingerprint of the weights,
+    and a run at the step of the file's first record must have that record's weights;
+    the same run started again from scratch (deterministic) reads its records back."""
+    X, y = _data(seed=2)
+    path = tmp_path / "mon.jsonl"
+    kw = dict(batch_size=16, n_batches=0, every=5, budget=1.0, path=path)
+
+    def run(seed, lr, steps):
+        model = _model(seed)
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        mon = CurvatureMonitor(model, CE, (X, y), **kw)
+        _train_steps(model, opt, X, y, steps, mon=mon)
+        return mon
+
+    first = run(0, 0.3, 12)
+    assert first.recorded_steps() == [1, 6, 11]
+    lines = [json.loads(x)["value"] for x in path.read_text().splitlines()[1:]]
+    assert all(isinstance(v["weights"], str) and v["weights"] for v in lines)
+    with pytest.raises(ValueError, match="another run"):
+        run(7, 2.0, 20)                               # other init and lr
+    with pytest.raises(ValueError, match="another run"):
+        run(0, 2.0, 20)                               # same init, other lr: differs at step 1
+    with pytest.raises(ValueError, match="another run"):
+        CurvatureMonitor(_model(7), CE, (X, y), **kw).record(1)
+    keys = [json.loads(x)["key"] for x in path.read_text().splitlines()]
+    assert keys == ["config", "step=1", "step=6", "step=11"]     # nothing of them written
+    same = run(0, 0.3, 20)                            # the same run again: its records read back
+    assert same.recorded_steps() == [1, 6, 11, 16]
+    for a, b in zip(first.records, same.records):
+        assert a.to_dict() == b.to_dict()

@@ -618,3 +618,77 @@ def test_a_changed_trainable_set_is_refused_at_the_next_update(change):
     with pytest.raises(ValueError, match="trainable parameters changed.*0.weight"):
         for i in range(1, 6):
             _step(opt, model, X[8 * i:8 * i + 8], y[8 * i:8 * i + 8])
+
+
+def _bn_mlp(seed=0):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(),
+                             nn.Linear(6, 1)).double()
+
+
+def test_eval_mode_batchnorm_without_policy_is_warned_at_construction():
+    """Review D5: a BatchNorm model in eval mode, learner built with no policy, then
+    model.train(): the ValueError came only from inside opt.step() mid-training. The
+    constructor now warns (naming the layer and the policies), leaves the modes alone,
+    and is silent with a policy or without such layers."""
+    import warnings
+
+    X, y = _regression(N=48, d=5)
+    model = _bn_mlp().eval()
+    with pytest.warns(UserWarning, match=r"eval mode.*'1' \(BatchNorm1d\).*policy='eval'"):
+        opt = CurvatureAdaptiveSGD(model, half_mse, (X, y), batch_size=8,
+                                   curvature_batch_size=16, first_update_every=1)
+    assert not any(m.training for m in model.modules())          # modes untouched
+    model.train()
+    with pytest.raises(ValueError, match="BatchNorm"):          # what the warning foretold
+        for i in range(3):
+            _step(opt, model, X[8 * i:8 * i + 8], y[8 * i:8 * i + 8])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        CurvatureAdaptiveSGD(_bn_mlp().eval(), half_mse, (X, y), batch_size=8,
+                             curvature_batch_size=16, policy="eval")
+        CurvatureAdaptiveSGD(_linear(5), half_mse, (X, y), batch_size=8,
+                             curvature_batch_size=16)
+    doc = CurvatureAdaptiveSGD.__doc__
+    assert "model.train()" in doc and "next update raise" in doc
+
+
+def test_batch_size_one_with_train_batch_stats_batchnorm_is_refused_clearly():
+    """Review D7: BatchNorm1d, policy='train_batch_stats', batch_size=1 failed in the
+    constructor with torch's raw "Expected more than 1 value per channel"; it is now a
+    ValueError naming batch_size, the policy and the ways out (which work)."""
+    X, y = _regression(N=48, d=5)
+    model = _bn_mlp().train()
+    with pytest.raises(ValueError, match=r"batch_size=1 with policy='train_batch_stats'.*"
+                                         r"policy='eval'"):
+        CurvatureAdaptiveSGD(model, half_mse, (X, y), batch_size=1, curvature_batch_size=16,
+                             policy="train_batch_stats")
+    for kw in (dict(batch_size=1, policy="eval"), dict(batch_size=2, policy="train_batch_stats"),
+               dict(batch_size=1, policy="train_batch_stats", batch_correction=False)):
+        assert CurvatureAdaptiveSGD(model, half_mse, (X, y), curvature_batch_size=16,
+                                    **kw).lr > 0
+
+
+def test_scheduler_last_lr_is_documented_as_not_the_lr_used():
+    """Review D6: with a scheduler on the learner, sched.get_last_lr() reports learning
+    rates training never used (the learner undoes them); the module docstring, where the
+    scheduler override is described, now says so and where to read the lr used."""
+    import warnings
+
+    import nets.learning_rates.learner as learner_module
+
+    X, y = _regression(N=48, d=5)
+    model = _linear(5)
+    opt = CurvatureAdaptiveSGD(model, half_mse, (X, y), batch_size=8, curvature_batch_size=16)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for i in range(3):
+            _step(opt, model, X[8 * i:8 * i + 8], y[8 * i:8 * i + 8])
+            sched.step()
+        _step(opt, model, X[24:32], y[24:32])
+    used = [h.lr for h in opt.history]
+    assert opt.lr in used and sched.get_last_lr()[0] not in used
+    doc = " ".join(learner_module.__doc__.split())
+    assert "get_last_lr()" in doc and "training never used" in doc

@@ -95,6 +95,52 @@ def test_sweep_resumes_without_redoing(tmp_path):
     np.testing.assert_array_equal(more["alpha"][0], first["alpha"][0])
 
 
+def test_sweep_store_keys_every_setting_that_changes_the_result(tmp_path):
+    """Review D1: the store key was "{tag}|{optimizer}|B|seed|K" only, so a re-run on the
+    same store with momentum 0.9 (or ×3 inputs, another checkpoint, criterion, rel_tol or
+    alpha0) returned the first run's thresholds (0.510/0.706 instead of 0.113/0.926)
+    without running a trial. Every such change must now measure afresh and agree with a
+    run without a store; the unchanged call is still a pure read."""
+    import copy
+
+    p, model, loss, data, lam = _quadratic(2)
+    X, y = data
+    sd = copy.deepcopy(model.state_dict())
+    calls = []
+
+    def counting_trial(*args, **kwargs):
+        calls.append(1)
+        return run_trial(*args, **kwargs)
+
+    path = tmp_path / "sweep.jsonl"
+    kw = dict(steps=64, seeds=(0,), alpha0=1.0 / lam, rel_tol=0.1)
+    Bs = [4, 24]
+    base = lr_sweep(model, loss, data, sd, Bs, store=path, **kw)
+    sd2 = {k: v + 0.3 for k, v in sd.items()}
+    variants = [((data, sd), dict(momentum=0.9)),
+                (((3 * X, y), sd), {}),
+                ((data, sd2), {}),
+                ((data, sd), dict(criterion="loss")),
+                ((data, sd), dict(rel_tol=0.5)),
+                ((data, sd), dict(alpha0=0.3 / lam))]
+    for (d, state), extra in variants:
+        fresh = lr_sweep(model, loss, d, state, Bs, **{**kw, **extra})
+        calls.clear()
+        stored = lr_sweep(model, loss, d, state, Bs, store=path, trial_fn=counting_trial,
+                          **{**kw, **extra})
+        assert calls, extra                               # measured, not read back
+        np.testing.assert_array_equal(stored["alpha"], fresh["alpha"])
+        assert not set(stored["keys"]) & set(base["keys"])
+    assert not np.allclose(lr_sweep(model, loss, data, sd, Bs, store=path, momentum=0.9,
+                                     **kw)["alpha"], base["alpha"])
+    # defaults given explicitly are the same settings: read back, no trial
+    calls.clear()
+    again = lr_sweep(model, loss, data, sd, Bs, store=path, trial_fn=counting_trial,
+                     momentum=0.0, criterion="growth", **kw)
+    assert calls == [] and again["keys"] == base["keys"]
+    np.testing.assert_array_equal(again["alpha"], base["alpha"])
+
+
 def test_adam_loss_criterion_and_bad_inputs():
     p = spiked_regression(64, 8, 4.0, noise_std=0.5, rng=3)
     model, loss, data = p.torch_problem(w=np.zeros(p.d))

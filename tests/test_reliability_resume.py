@@ -125,8 +125,12 @@ def test_lr_sweep_killed_midway_resumes_without_loss_or_duplicates(tmp_path, sig
         return run_trial(*args, **kwargs)
 
     resumed = _sweep(str(path), counting_trial)
-    key = lambda B, s: f"{SWEEP['tag']}|sgd|B={B}|seed={s}|K={SWEEP['steps']}"   # noqa: E731
-    redone = {key(B, s) for B, s in calls}
+    # the keys come in (B, seed) order; they hold the model tag and every setting too
+    key = dict(zip([(B, s) for B in SWEEP["batch_sizes"] for s in SWEEP["seeds"]],
+                   resumed["keys"]))
+    assert all(k.startswith(f"{SWEEP['tag']}|") and f"|sgd|B={B}|seed={s}|K={SWEEP['steps']}|"
+               in k for (B, s), k in key.items())
+    redone = {key[B, s] for B, s in calls}
     assert redone.isdisjoint(saved)                 # nothing finished was recomputed
     assert redone | saved == set(resumed["keys"])   # nothing was lost
     keys = _assert_clean_store(path)

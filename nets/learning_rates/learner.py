@@ -25,7 +25,12 @@ Invalid combinations are refused in the constructor with a message saying what t
 (e.g. the directional batch correction with ``policy="train_batch_stats"``, where
 per-sample curvature is undefined; ``batch_correction="auto"`` picks "micro_batch"
 there and "directional" otherwise). Models with BatchNorm/Dropout in train mode need a
-`policy`::
+`policy`; so does such a model built in eval mode and trained in train mode: with
+``policy=None`` the curvature products follow the model's mode, and the first update
+after ``model.train()`` would raise inside ``opt.step()`` (the constructor warns when it
+sees such layers in eval mode with no policy). ``batch_size=1`` with
+``policy="train_batch_stats"`` is refused there when a BatchNorm would normalise over
+one value per channel (the "micro_batch" chunk runs take batches of B = 1 sample)::
 
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.Flatten(), nn.Dropout(0.2), nn.Linear(512, 10))
@@ -37,9 +42,11 @@ there and "directional" otherwise). Models with BatchNorm/Dropout in train mode 
 Learning-rate schedulers: the learner owns ``group["lr"]`` and ``group["momentum"]``; it
 writes them at each curvature update, and a change made from outside (a scheduler's
 ``step()``) is undone at the next step, with a warning the first time, so `history` holds
-the learning rates training uses. To cap or decay the learner's step use `max_lr` (or
-scale `safety`), not a scheduler. It has one parameter group (`add_param_group` is
-refused). The curvature products go through
+the learning rates training uses. The scheduler does not know this: its
+``get_last_lr()`` (and ``last_lr`` in its state) reports the values it wrote, which
+training never used; read ``opt.lr`` / ``opt.momentum`` or `history` instead. To cap or
+decay the learner's step use `max_lr` (or scale `safety`), not a scheduler. It has one
+parameter group (`add_param_group` is refused). The curvature products go through
 :class:`nets.learning_rates.monitor.CurvatureTracker`, the machinery of
 :class:`nets.learning_rates.monitor.CurvatureMonitor`.
 
@@ -393,6 +400,28 @@ class _RecordingOperator(CurvatureOperator):
         return self.base.matmat(V)
 
 
+def _warn_eval_mode_layers(model: nn.Module) -> None:
+    """One UserWarning when the model is in eval mode but has layers that act differently
+    in train mode (BatchNorm, Dropout, RReLU) and no policy was given: the curvature
+    products follow the model's mode, so a later ``model.train()`` makes the next update
+    raise mid-training (module docstring). The modes are flipped to read them and restored."""
+    from nets.curvature.operators import train_mode_layers
+    from nets.utils.modes import kept_modes
+
+    with kept_modes(model):                  # every flag restored on exit
+        model.train()
+        found = [f"{name!r} ({type(m).__name__})" for name, m, _ in train_mode_layers(model)]
+    if found:
+        more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+        warnings.warn(
+            f"CurvatureAdaptiveSGD: the model is in eval mode and has layers that act "
+            f"differently in train mode ({', '.join(found[:3])}{more}) and policy=None: the "
+            "curvature follows the model's mode, so training it after model.train() makes "
+            "the next curvature update raise inside opt.step(); pass policy='eval' (running "
+            "statistics, no dropout: what is measured now) or policy='train_batch_stats'",
+            UserWarning, stacklevel=3)
+
+
 # ----------------------------------------------------------------------------- optimizer
 
 class CurvatureAdaptiveSGD(torch.optim.Optimizer):
@@ -437,6 +466,10 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
     weight_decay : δ ≥ 0, added to the gradient (δθ) and to the curvature (δI).
     kind : "hessian" | "ggn"; policy : train-mode layer policy of the curvature
         products (None | "eval" | "train_batch_stats", see nets.curvature.operators).
+        None follows the model's mode at each update: a model with BatchNorm, Dropout
+        or RReLU built in eval mode and then switched to ``model.train()`` makes the
+        next update raise (a warning at construction says so); pass the policy the
+        training needs from the start.
     curvature_dtype : dtype of the products (default: the model's).
     seed : picks the curvature batch and (seed + update index) the Lanczos start.
     """
@@ -554,6 +587,24 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
         Xc, Yc = self._curv_data
         curvature_operator(model, loss_fn, (Xc[:2], Yc[:2]), kind=self.kind, policy=self.policy,
                            dtype=self.curvature_dtype, cache_graph=False)
+        if (policy == "train_batch_stats" and self.batch_size == 1
+                and batch_correction == "micro_batch" and self.curvature_batch_size > 1):
+            # the chunk runs take batches of B = 1: batch statistics over one sample
+            try:
+                curvature_operator(model, loss_fn, (Xc[:1], Yc[:1]), kind=self.kind,
+                                   policy=self.policy, dtype=self.curvature_dtype,
+                                   cache_graph=False)
+            except ValueError as err:
+                if "more than 1 value per channel" not in str(err):
+                    raise
+                raise ValueError(
+                    "batch_size=1 with policy='train_batch_stats': the 'micro_batch' "
+                    "correction measures the curvature of batches of B = 1 sample, and a "
+                    "BatchNorm layer has no batch statistics over one value per channel "
+                    f"(torch: {err}); use policy='eval' (running statistics), "
+                    "batch_correction=False, or a batch_size of at least 2") from None
+        if policy is None:
+            _warn_eval_mode_layers(model)
 
         self.model, self.loss_fn = model, loss_fn
         self.layout = ParamLayout.from_module(model)

@@ -35,7 +35,8 @@ no dropout, BatchNorm on running statistics), matching the curvature operators.
 Bisection is done in log α: expand from `alpha0` by factors of 2 until the bracket
 [lo stable, hi diverged] is found, then halve log(hi/lo) until hi/lo ≤ 1 + rel_tol.
 `lr_sweep` repeats it over batch sizes and seeds and writes each finished (B, seed) to a
-`JsonlStore`; a re-run skips the keys already stored.
+`JsonlStore` under a key holding the checkpoint, model, loss, data and every setting; a
+re-run skips the keys already stored.
 
 Real training of a nonlinear network from a checkpoint: `training_threshold` (criteria
 "divergence", "final", "onset"; see the section below), returning `TrainingThresholds`
@@ -290,11 +291,20 @@ def lr_sweep(model, loss_fn, dataset, state_dict, batch_sizes, seeds=(0,), steps
     1e-2. steps: K, an int or a callable B -> int (e.g. a fixed number of epochs: at
     small B a run shorter than an epoch may never meet the rare high-curvature samples
     that make it diverge). store: a `JsonlStore`, a path, or None (in memory). Each finished (B, seed) is
-    stored under the key "{tag}|{optimizer}|B={B}|seed={seed}|K={steps}" with the
-    bisection result;
-    keys already in the store are skipped (no trial is run for them). trial_fn defaults
-    to `run_trial` (same signature); **trial_kwargs go to it (momentum, betas, eps,
-    criterion, window, growth_threshold, replacement …).
+    stored with its bisection result under a key that holds everything the result
+    depends on: "{tag}|{model tag}|{optimizer}|B={B}|seed={seed}|K={steps}|tol={rel_tol}|
+    alpha0={α₀(B)}|{trial settings}" — the model tag is `training_threshold`'s (the
+    checkpoint `state_dict` loaded into the model: weights and buffers, the model's
+    structure and the loss, which parameters train, the data), the trial settings every
+    keyword of `run_trial` (its defaults updated by **trial_kwargs: momentum, betas, eps,
+    criterion, window, growth_threshold, replacement, n_loss_evals, loss_factor). Keys
+    already in the store are skipped (no trial is run for them); a re-run with another
+    checkpoint, data, loss or setting measures afresh beside them. Records written under
+    the earlier key "{tag}|{optimizer}|B=…|seed=…|K=…" (which left all that out, so a
+    run with other settings read them back) are not reused: those (B, seed) are measured
+    again. trial_fn defaults to `run_trial` (same signature; a wrapper of it shares its
+    keys, since its identity is not in them — a trial_fn that judges runs differently
+    needs its own `tag`); **trial_kwargs go to it.
 
     Returns {"batch_sizes": array, "seeds": tuple, "alpha": array (n_B, n_seeds),
     "lo": …, "hi": …, "keys": list} (`nets.utils.jsonio.to_jsonable` makes it JSON-ready).
@@ -304,18 +314,28 @@ def lr_sweep(model, loss_fn, dataset, state_dict, batch_sizes, seeds=(0,), steps
         store = JsonlStore(store)
     bs = [as_int("batch_sizes", b, minimum=1) for b in np.atleast_1d(batch_sizes)]
     seeds = as_seeds(seeds)
-    _check_trial_inputs(dataset, state_dict)
+    X, y = _check_trial_inputs(dataset, state_dict)
+    rel_tol = as_float("rel_tol", rel_tol, positive=True)
+    # what the stored results depend on besides (B, seed, K, α₀): the checkpoint, model,
+    # loss and data (training_threshold's tag) and every setting of the trials
+    net = copy.deepcopy(model)
+    net.load_state_dict(state_dict)
+    mtag = _model_tag(net, loss_fn, X, y)
+    del net
+    settings = _trial_settings(optimizer, trial_kwargs)
     out = {k: np.full((len(bs), len(seeds)), np.nan) for k in ("alpha", "lo", "hi")}
     keys = []
     for i, B in enumerate(bs):
         for j, s in enumerate(seeds):
             K = as_int("steps", steps(B) if callable(steps) else steps, minimum=8)
-            key = f"{tag}|{optimizer}|B={B}|seed={s}|K={K}"
+            a0 = alpha0(B) if callable(alpha0) else (1e-2 if alpha0 is None else alpha0)
+            a0 = as_float("alpha0", a0, positive=True)
+            key = (f"{tag}|{mtag}|{optimizer}|B={B}|seed={s}|K={K}|tol={rel_tol!r}"
+                   f"|alpha0={a0!r}|{settings}")
             keys.append(key)
             if store is not None and key in store:
                 rec = store[key]
             else:
-                a0 = alpha0(B) if callable(alpha0) else (1e-2 if alpha0 is None else alpha0)
                 res = bisect_max_lr(
                     lambda a: trial_fn(model, loss_fn, dataset, state_dict, a, B, K,
                                        optimizer=optimizer, seed=s, **trial_kwargs),
@@ -328,6 +348,35 @@ def lr_sweep(model, loss_fn, dataset, state_dict, batch_sizes, seeds=(0,), steps
                 out[k][i, j] = float(rec[k])
     out.update(batch_sizes=np.array(bs), seeds=seeds, keys=keys)
     return out
+
+
+def _trial_settings(optimizer, trial_kwargs) -> str:
+    """Every keyword setting of `run_trial` but the per-trial ones (lr, batch size, steps,
+    seed) — its defaults updated by `trial_kwargs`, the criterion resolved as `run_trial`
+    does — as "name=value|…" in name order, for `lr_sweep`'s store key. Floats are written
+    exactly (repr), so 0.9 and 0.9000001 are two settings."""
+    import inspect
+
+    per_trial = {"model", "loss_fn", "dataset", "state_dict", "lr", "batch_size", "steps",
+                 "optimizer", "seed"}
+    out = {k: p.default for k, p in inspect.signature(run_trial).parameters.items()
+           if k not in per_trial and p.default is not inspect.Parameter.empty}
+    out.update(trial_kwargs)
+    if out.get("criterion") is None:
+        out["criterion"] = "loss" if optimizer == "adam" else "growth"
+
+    def text(v):
+        if isinstance(v, (bool, np.bool_, str)) or v is None:
+            return str(v)
+        if isinstance(v, (int, np.integer)):
+            return str(int(v))
+        if isinstance(v, (float, np.floating)):
+            return repr(float(v))
+        if isinstance(v, (tuple, list)):
+            return "(" + ",".join(text(x) for x in v) + ")"
+        return repr(v)
+
+    return "|".join(f"{k}={text(v)}" for k, v in sorted(out.items()))
 
 
 # =============================================================================

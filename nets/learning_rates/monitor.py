@@ -39,7 +39,21 @@ the same file with other settings, or for another model, loss or data, is refuse
 a second monitor writing to a file another one writes to. A run killed and restarted
 from a checkpoint re-reads its records: steps already recorded are skipped (nothing
 duplicated) and none is lost. The warm-start
-vector is not stored: the first record after a restart starts cold.
+vector is not stored: the first record after a restart starts cold. Each record also
+stores a fingerprint of the weights and buffers it was measured at (`state_dict`,
+`nets.utils.fingerprints`). When a monitor on that file is at the step of the file's
+first record (``maybe_record`` / ``record``: a run starting from scratch), its weights
+must be the ones stored there, else it is another run on the same path (another
+initialisation; another learning rate or batch order too when that record is after a
+step), whose records would be mixed with the stored ones: refused with a ValueError.
+A run restarted from a checkpoint later than that step is not checked (its retraced
+steps need not be bit-identical: non-deterministic kernels, batch order not restored);
+nor is a file whose first record was written before the fingerprint was stored.
+
+**Parameters measured.** λ₁ and the rest are over the parameters selected when the
+monitor was built (`params`, default the trainable ones, as written in the file's
+settings); a record after a layer was frozen or unfrozen since then is refused with a
+ValueError, as the learner refuses it: build a new monitor (with its own path).
 """
 
 from __future__ import annotations
@@ -61,7 +75,7 @@ from nets.noise.batch_spectra import measure_batch_top_eigenvalue
 from nets.noise.directional import directional_noise_from_operator
 from nets.utils.autocast import no_autocast
 from nets.utils.data_source import as_data_source, model_place
-from nets.utils.fingerprints import code_fingerprint, data_fingerprint
+from nets.utils.fingerprints import code_fingerprint, data_fingerprint, digest, tensor_bytes
 from nets.utils.jsonio import to_jsonable
 from nets.utils.jsonl_store import JsonlStore
 from nets.utils.modes import kept_modes, kept_rng
@@ -83,6 +97,9 @@ def eoss_plateau(lr, batch_size, s2, N=None, *, momentum=0.0, factor=None) -> fl
     the full-batch edge of stability (Cohen et al. 2021). factor : F itself, overriding
     2(1 + ρ) (Nesterov momentum or dampening, `OptimizerSettings.sgd_factor`).
     """
+    momentum = as_float("momentum", momentum, nonnegative=True)
+    if not momentum < 1:          # rmt.lr would name it "beta", a name not given here
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
     F = momentum_factor(momentum) if factor is None else as_float("factor", factor, positive=True)
     a = F / as_float("lr", lr, positive=True)
     c = float(noise_factor(batch_size, N))
@@ -266,6 +283,7 @@ class CurvatureMonitor:
                            data=data_fingerprint(source) if path is not None else None)
         self.records: list[MonitorRecord] = []
         self.store = None
+        self._run_start = None          # (step, weights fingerprint) of the file's first record
         if path is not None:
             self.store = JsonlStore(path)
             if "config" in self.store:
@@ -283,6 +301,12 @@ class CurvatureMonitor:
                 self.store.put("config", self.config)
             self.records = sorted((MonitorRecord.from_dict(v) for k, v in self.store.items()
                                    if k.startswith("step=")), key=lambda r: r.step)
+            # the weights the file's run had at its first record (module docstring), if
+            # stored: a run at that step must have them too
+            if self.records:
+                first = self.store[f"step={self.records[0].step}"]
+                if "weights" in first:
+                    self._run_start = (self.records[0].step, first["weights"])
         self._optimizer = None
         self._settings = None
         self._hook = None
@@ -326,9 +350,46 @@ class CurvatureMonitor:
     def _done_steps(self):
         return {r.step for r in self.records}
 
+    def _weights_fingerprint(self) -> str:
+        """Hash of the exact bytes of the model's weights and buffers (its `state_dict`,
+        what a checkpoint restores; `nets.utils.fingerprints`)."""
+        return digest(*(tensor_bytes(t) for t in self.tracker.model.state_dict().values()))
+
+    def _check_same_run(self, step: int) -> None:
+        """At the step of the file's first record (once), refuse unless the weights are
+        those the file's run had there (module docstring)."""
+        if self._run_start is None or step != self._run_start[0]:
+            return
+        if self._weights_fingerprint() != self._run_start[1]:
+            raise ValueError(
+                f"{self.store.path} holds records of another run: the weights at step {step}, "
+                "its first record, differ from those its run had there (another "
+                "initialisation, checkpoint, learning rate or batch order), and its records "
+                "would be mixed with this run's; give each run its own path")
+        self._run_start = None           # the same run: checked once
+
+    def _check_params(self) -> None:
+        """Refuse a record over another parameter set than the monitor was built for (a
+        layer frozen or unfrozen since: module docstring), as the learner does."""
+        now = list(ParamLayout.from_module(self.tracker.model, self.tracker.params).names)
+        built = list(self.config["params"])
+        if now != built:
+            added = sorted(set(now) - set(built))
+            removed = sorted(set(built) - set(now))
+            raise ValueError(
+                "the model's trainable parameters changed since the CurvatureMonitor was "
+                f"built (requires_grad now on: {added or 'none'}; now off: "
+                f"{removed or 'none'}): its records measure the set it was built with "
+                f"(P = {self.config['P']}, written in its file's settings) — build a new "
+                "CurvatureMonitor (with its own path) after freezing or unfreezing layers, "
+                "or pass params= to name a fixed set")
+
     def maybe_record(self, step: int, *, loss=None, lr=None):
-        """Record at `step` if due (module docstring); returns the record or None."""
+        """Record at `step` if due (module docstring); returns the record or None. At the
+        step of its file's first record the weights are checked against those stored
+        there (module docstring; ValueError for another run)."""
         step = as_int("step", step, minimum=0)
+        self._check_same_run(step)
         self.start()
         if not self.due(step):
             return None
@@ -427,7 +488,9 @@ class CurvatureMonitor:
 
     # -- measurement --------------------------------------------------------------------
     def measure(self, step: int = 0, *, loss=None, lr=None) -> MonitorRecord:
-        """Measure at the current weights (module docstring) without storing."""
+        """Measure at the current weights (module docstring) without storing; refused
+        (ValueError) when the trainable parameters changed since the monitor was built."""
+        self._check_params()
         t0 = self._clock()
         tr = self.tracker
         model = tr.model
@@ -482,8 +545,10 @@ class CurvatureMonitor:
 
     def record(self, step: int, *, loss=None, lr=None) -> MonitorRecord:
         """Measure now and keep (and write) the record; a step already recorded is
-        returned as it is (never measured or written twice)."""
+        returned as it is (never measured or written twice; at the step of its file's
+        first record, after the check of `maybe_record`)."""
         step = as_int("step", step, minimum=0)
+        self._check_same_run(step)
         for r in self.records:
             if r.step == step:
                 return r
@@ -498,7 +563,8 @@ class CurvatureMonitor:
                                "overhead": self.time_spent / e if e > 0 else float("nan")})
         if self.store is not None:
             try:
-                self.store.put(f"step={step}", rec.to_dict())
+                self.store.put(f"step={step}", {**rec.to_dict(),
+                                                "weights": self._weights_fingerprint()})
             except KeyError as err:         # the file gained this step from another writer
                 raise ValueError(f"{self.store.path}: step {step} was written by another "
                                  "monitor on the same file; give each run its own path") from err
