@@ -221,3 +221,164 @@ def test_bad_inputs():
         A.adam_threshold(model, lf, (X, y), [10_000])
     with pytest.raises(ValueError, match="beta1"):
         A.adam_factor(1.0)
+
+
+def _eig_top(model, X, y, d):
+    """λ_max of D^{1/2} H D^{1/2} from the dense float64 Hessian (the oracle)."""
+    s = d.sqrt()
+    return float(torch.linalg.eigvalsh(s[:, None] * _dense_hessian(model, X, y) * s[None, :])[-1])
+
+
+def _hand_d(model, opt, key="exp_avg_sq"):
+    """D = 1/(√v̂ + ε) by hand from optimizer.state (v̂ = 0 without state)."""
+    out = []
+    for p in model.parameters():
+        g = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+        st = opt.state.get(p, {})
+        if st:
+            v = st[key].double() / (1 - g["betas"][1] ** float(st["step"]))
+        else:
+            v = torch.zeros_like(p, dtype=torch.float64)
+        out.append((1 / (v.sqrt() + g["eps"])).reshape(-1))
+    return torch.cat(out)
+
+
+def _steps(model, opt, X, y, n, B=8, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        idx = torch.randperm(len(X), generator=gen)[:B]
+        opt.zero_grad()
+        _mse(model(X[idx]), y[idx]).backward()
+        opt.step()
+
+
+def test_optimizer_preconditioner_goes_through_the_optimizer_checks():
+    """An optimizer given as the preconditioner is checked as optimizer_settings checks one:
+    groups with different betas and maximize refused, coupled weight decay and per-group
+    lrs warned about (silently dropped before: 10.4x and 5.95x the per-group oracle)."""
+    model, X, y = _tiny(4, N=16)
+    layers = (list(model[0].parameters()), list(model[2].parameters()))
+    entries = (lambda o: A.preconditioned_batch_sharpness(model, _mse, (X, y), [8],
+                                                          preconditioner=o, n_batches=1),
+               lambda o: A.predict_adam_max_lr(model, _mse, (X, y), [8], preconditioner=o))
+    betas = torch.optim.Adam([{"params": layers[0]}, {"params": layers[1], "betas": (0.0, 0.999)}])
+    lrs = torch.optim.Adam([{"params": layers[0]}, {"params": layers[1], "lr": 1e-2}], lr=1e-3)
+    for o in (betas, lrs):
+        _steps(model, o, X, y, 3)
+    for run in entries:
+        with pytest.raises(ValueError, match="param groups differ"):
+            run(betas)
+        with pytest.raises(ValueError, match="maximize"):
+            run(torch.optim.Adam(model.parameters(), maximize=True))
+        with pytest.warns(UserWarning, match="different learning rates"):
+            run(lrs)
+        wd = torch.optim.Adam(model.parameters(), weight_decay=0.1)
+        _steps(model, wd, X, y, 3)
+        with pytest.warns(UserWarning, match="weight_decay=0.1 is not modelled"):
+            run(wd)
+
+
+def test_amsgrad_preconditioner_reads_max_exp_avg_sq():
+    """amsgrad=True: D from max_exp_avg_sq (what torch divides by), not refused."""
+    model, X, y = _tiny(5, N=16)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-2, amsgrad=True, betas=(0.9, 0.9))
+    _steps(model, opt, X, y, 12)
+    d_ref = _hand_d(model, opt, "max_exp_avg_sq")
+    assert not torch.allclose(d_ref, _hand_d(model, opt, "exp_avg_sq"), rtol=1e-3)
+    torch.testing.assert_close(A.adam_preconditioner(model, opt), d_ref, rtol=1e-12, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ps = A.preconditioned_batch_sharpness(model, _mse, (X, y), [16], preconditioner=opt,
+                                              n_batches=1, tol=1e-10)
+    assert ps.mean[0] == pytest.approx(_eig_top(model, X, y, d_ref), rel=1e-8)
+
+
+class _WithUnused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f1, self.f2, self.aux = nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.f2(torch.tanh(self.f1(x)))
+
+
+def test_coordinates_at_one_over_eps_are_warned_about_when_they_matter():
+    """√v̂ ≤ ε gives D = 1/ε: warned when those coordinates carry curvature or gradient
+    (a layer without state, a fresh optimizer), not for a parameter forward never uses."""
+    model, X, y = _tiny(6, N=16)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model[0].weight.requires_grad_(False)          # no state for it in the warm-up
+    _steps(model, opt, X, y, 5)
+    model[0].weight.requires_grad_(True)
+    d = _hand_d(model, opt)
+    assert int((d == 1e8).sum()) == 12
+    with pytest.warns(UserWarning, match="12 of the 26 coordinates have √v̂ ≤ ε") as rec:
+        ps = A.preconditioned_batch_sharpness(model, _mse, (X, y), [16], preconditioner=opt,
+                                              n_batches=1, tol=1e-10)
+    assert "lr·sign(g)" in str(rec[0].message)
+    assert ps.mean[0] == pytest.approx(_eig_top(model, X, y, d), rel=1e-8)   # the value stands
+    with pytest.warns(UserWarning, match="26 of the 26 coordinates"):
+        A.predict_adam_max_lr(model, _mse, (X, y), [8],
+                              preconditioner=torch.optim.Adam(model.parameters()))
+    torch.manual_seed(0)
+    net = _WithUnused().double()
+    o = torch.optim.Adam(net.parameters(), lr=1e-2)
+    _steps(net, o, X, y, 5)
+    d = _hand_d(net, o)
+    assert int((d == 1e8).sum()) == 15                  # aux: no gradient, no state
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ps = A.preconditioned_batch_sharpness(net, _mse, (X, y), [16], preconditioner=o,
+                                              n_batches=1, tol=1e-10)
+        A.predict_adam_max_lr(net, _mse, (X, y), [8], preconditioner=o)
+    assert ps.mean[0] == pytest.approx(_eig_top(net, X, y, d), rel=1e-8)
+
+
+def test_predict_records_the_optimizers_eps_and_refuses_conflicts():
+    model, X, y = _tiny(7, N=16)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, eps=1e-3, betas=(0.5, 0.9))
+    _steps(model, opt, X, y, 6)
+    pred = A.predict_adam_max_lr(model, _mse, (X, y), [16], preconditioner=opt)
+    assert pred.eps == 1e-3 and pred.beta1 == 0.5
+    d = _hand_d(model, opt)
+    assert pred.lam[0] == pytest.approx(_eig_top(model, X, y, d), rel=1e-7)
+    assert pred.lr[0] == pytest.approx(2 * 1.5 / 0.5 / _eig_top(model, X, y, d), rel=1e-7)
+    with pytest.raises(ValueError, match="eps=1e-08 disagrees"):
+        A.predict_adam_max_lr(model, _mse, (X, y), [16], preconditioner=opt, eps=1e-8)
+    with pytest.raises(ValueError, match=r"betas\[1\]=0.999 disagrees"):
+        A.predict_adam_max_lr(model, _mse, (X, y), [16], preconditioner=opt, betas=(0.5, 0.999))
+    same = A.predict_adam_max_lr(model, _mse, (X, y), [16], preconditioner=opt,
+                                 betas=(0.5, 0.9), eps=1e-3)
+    assert same.lam[0] == pred.lam[0]
+
+
+def test_noise_floor_edges():
+    gm, gv = np.array([0.5, 0.0, 1.0]), np.array([4.0, 1.0, 0.25])
+    N, B, e = 20, 5, 0.01
+    c = 1 / B - 1 / N
+    d = 1 / (np.sqrt(gm ** 2 + c * gv) + 1e-8)
+    out = A.adam_noise_floor_lr(gm, gv, [B, N], N, excess_loss=e)
+    assert out[0] == pytest.approx(4 * e / (c * d @ gv), rel=1e-12)
+    assert out[1] == np.inf                                    # c(N, N) = 0: no noise floor
+    assert np.all(A.adam_noise_floor_lr(gm, 0 * gv, [B], N, excess_loss=e) == np.inf)
+    with pytest.raises(ValueError, match="one length"):
+        A.adam_noise_floor_lr(gm, gv[:2], [B], N, excess_loss=e)
+
+
+def test_betas_and_eps_are_validated():
+    model, X, y = _least_squares()
+    lf = nn.functional.mse_loss
+    with pytest.raises(TypeError, match="pair"):
+        A.adam_threshold(model, lf, (X, y), [8], betas=(0.9,), warmup_steps=2, steps=8,
+                         seeds=(0,))
+    for betas in ((0.9, 1.5), (0.9, -0.1), (1.0, 0.999)):
+        with pytest.raises(ValueError, match=r"betas must lie in \[0, 1\)"):
+            A.predict_adam_max_lr(model, lf, (X, y), [8], betas=betas)
+    torch.manual_seed(0)
+    net = _WithUnused().double()
+    Xs, ys = _tiny(0)[1:]
+    with pytest.raises(ValueError, match="eps=0 and 15 coordinate"):
+        A.predict_adam_max_lr(net, _mse, (Xs, ys), [8], eps=0.0)
+    fresh = torch.optim.Adam(net.parameters(), eps=0.0)
+    with pytest.raises(ValueError, match="eps=0 and 41 coordinate"):
+        A.adam_preconditioner(net, fresh)

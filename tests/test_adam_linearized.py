@@ -201,3 +201,127 @@ def test_curved_adam_transfer_is_the_curved_model_anchored(tiny_mlp):
     with pytest.raises(ValueError, match="form='curved'"):
         adam_transfer_lr(net, F.cross_entropy, (X, y), [4], reference=(8, 0.05),
                          linearized={"curved": True})
+
+
+class _WithUnusedHead(torch.nn.Module):
+    """A tanh MLP with a head forward never uses (no gradient, no Adam state)."""
+
+    def __init__(self):
+        super().__init__()
+        self.f1, self.f2 = torch.nn.Linear(6, 8), torch.nn.Linear(8, 3)
+        self.aux = torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.f2(torch.tanh(self.f1(x)))
+
+
+def _plain_and_unused(seed=0):
+    torch.manual_seed(seed)
+    b = _WithUnusedHead().double()
+    a = torch.nn.Sequential()
+    a.f1, a.f2 = torch.nn.Linear(6, 8).double(), torch.nn.Linear(8, 3).double()
+    a.load_state_dict({k: v for k, v in b.state_dict().items() if not k.startswith("aux")})
+    a.forward = b.forward.__func__.__get__(a)
+    return a, b
+
+
+def test_flat_adam_state_keeps_each_parameters_state():
+    """A parameter without state (never a gradient) gets zero m and v beside the others'
+    own state (the whole state was zeroed before); different step counts are refused."""
+    from nets.learning_rates.linearized import flat_adam_state
+
+    _, net = _plain_and_unused()
+    _, X, y = softmax_regression(seed=1)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for i in range(5):
+        opt.zero_grad()
+        F.cross_entropy(net(X[8 * i:8 * i + 8]), y[8 * i:8 * i + 8]).backward()
+        opt.step()
+    m, v, t = flat_adam_state(opt)
+    ref_m, ref_v = [], []
+    for p in net.parameters():
+        st = opt.state.get(p, {})
+        ref_m.append(st["exp_avg"].reshape(-1) if st else torch.zeros(p.numel(), dtype=p.dtype))
+        ref_v.append(st["exp_avg_sq"].reshape(-1) if st else torch.zeros(p.numel(), dtype=p.dtype))
+    assert t == 5 and sum(1 for p in net.parameters() if p in opt.state) == 4
+    torch.testing.assert_close(m, torch.cat(ref_m), rtol=0, atol=0)
+    torch.testing.assert_close(v, torch.cat(ref_v), rtol=0, atol=0)
+    assert float(v.abs().sum()) > 0
+    net.f1.weight.requires_grad_(False)                 # f1.weight falls behind by one step
+    opt.zero_grad()
+    F.cross_entropy(net(X), y).backward()
+    opt.step()
+    with pytest.raises(ValueError, match=r"different step counts \[5, 6\]"):
+        flat_adam_state(opt)
+
+
+def test_an_unused_parameter_changes_no_adam_threshold():
+    """Its function, curvature and real Adam run are the plain model's, so are its
+    linearised and frozen-second-moment thresholds (NaN / a refusal before)."""
+    plain, aux = _plain_and_unused(seed=2)
+    _, X, y = softmax_regression(seed=2)
+    assert torch.equal(plain(X), aux(X))
+    kw = dict(betas=(0.9, 0.999), warmup_steps=30, warmup_lr=1e-3, steps=12, seeds=(0,))
+    a, b = (linearized_adam_threshold(m, F.cross_entropy, (X, y), [8, 32], n_grid=12,
+                                      lr_range=(1e-3, 1e3), correct=False, **kw)
+            for m in (plain, aux))
+    assert np.all(np.isfinite(a.per_seed))
+    np.testing.assert_allclose(b.per_seed, a.per_seed, rtol=1e-9)
+    a, b = (adam_threshold(m, F.cross_entropy, (X, y), [8], second_moment="frozen", **kw)
+            for m in (plain, aux))
+    np.testing.assert_allclose(b.per_seed, a.per_seed, rtol=1e-9)
+
+
+def test_an_uncorrected_batch_size_is_said():
+    """A secant ratio that is NaN (the linearised profile never reaches factor x its start)
+    leaves the correction out at that B with a warning naming it; where it is finite and
+    at most 1 the correction is 1 − (1 − r)·q, q = min(1, α_lin·λ̃/F), as before."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(48, 6, generator=g, dtype=torch.float64)
+    W = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    y = (X @ W + 0.5 * torch.randn(48, 3, generator=g, dtype=torch.float64)).argmax(1)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(),
+                              torch.nn.Linear(8, 3)).double()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(10):
+        idx = torch.randperm(48, generator=gen)[:8]
+        opt.zero_grad()
+        F.cross_entropy(net(X[idx]), y[idx]).backward()
+        opt.step()
+    with pytest.warns(UserWarning, match=r"secant ratio r is NaN at B = \[8, 32\] \(") as rec:
+        res = linearized_adam_threshold(net, F.cross_entropy, (X, y), [8, 16, 32],
+                                        warmup_steps=20, steps=10, seeds=(0,), n_grid=8)
+    assert len([w for w in rec if "secant ratio" in str(w.message)]) == 1
+    r = res.secant_ratio
+    assert np.isnan(r[[0, 2]]).all() and 0 < r[1] < 1
+    np.testing.assert_array_equal(res.correction[[0, 2]], 1.0)
+    q = min(1.0, res.lr[1] * res.lam_precond[1] / 38.0)
+    assert res.corrected[1] == pytest.approx(res.lr[1] * (1 - (1 - r[1]) * q), rel=1e-12)
+
+
+def test_adam_transfer_takes_beta1_from_the_prediction():
+    """A linearised prediction made at β₁ = 0: the transfer records β₁ = 0 and gives no
+    momentum caveat (β₁ = 0.9, the betas default, and the caveat before); a conflicting
+    betas is refused."""
+    from nets.learning_rates.adam import adam_transfer_lr
+
+    model, X, y = softmax_regression(seed=4)
+    bs = np.array([4, 8, 16])
+    lin = np.array([1.0, 1.5, 2.0])
+    pred = LinearizedAdamThresholds(bs, lin, 0 * lin, lin[:, None], lin, lin, lin, lin,
+                                    np.ones(3), lin, (0.0, 0.999), 1e-8, 10, 1e-2, 20, 3.0, (0,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tr = adam_transfer_lr(model, F.cross_entropy, (X, y), [4, 16], reference=(8, 0.3),
+                              prediction=pred)
+    assert tr.beta1 == 0.0
+    np.testing.assert_allclose(tr.lr, 0.3 * lin[[0, 2]] / 1.5)
+    with pytest.raises(ValueError, match="disagrees with the prediction's beta1=0.0"):
+        adam_transfer_lr(model, F.cross_entropy, (X, y), [4], reference=(8, 0.3),
+                         prediction=pred, betas=(0.9, 0.999))
+    b9 = dataclasses.replace(pred, betas=(0.9, 0.999))
+    with pytest.warns(UserWarning, match="with momentum"):
+        assert adam_transfer_lr(model, F.cross_entropy, (X, y), [16], reference=(8, 0.3),
+                                prediction=b9).beta1 == 0.9

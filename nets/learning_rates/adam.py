@@ -68,7 +68,7 @@ import torch
 from nets.algorithms.lanczos import eigsh
 from nets.curvature.loss_check import check_mean_reduced
 from nets.curvature.operators import batch_hessian_operator, hessian_operator
-from nets.learning_rates.lr_prediction import DiagonalScaledOperator
+from nets.learning_rates.lr_prediction import DiagonalScaledOperator, adam_state_settings
 from nets.learning_rates.lr_search import (
     Trial,
     as_growth_factor,
@@ -96,6 +96,16 @@ __all__ = ["adam_factor", "adam_preconditioner", "preconditioned_operator",
 ADAM_CRITERIA = ("onset", "final", "divergence")
 
 
+def _as_betas(betas) -> tuple:
+    """(β₁, β₂) as floats, each in [0, 1) (TypeError unless a pair)."""
+    if isinstance(betas, (str, bytes)) or np.ndim(betas) != 1 or len(betas) != 2:
+        raise TypeError(f"betas must be a pair (β₁, β₂), got {betas!r}")
+    b1, b2 = (as_float(f"betas[{i}]", b) for i, b in enumerate(betas))
+    if not (0 <= b1 < 1 and 0 <= b2 < 1):
+        raise ValueError(f"betas must lie in [0, 1), got ({b1:g}, {b2:g})")
+    return b1, b2
+
+
 def adam_factor(beta1: float) -> float:
     """F = 2(1+β₁)/(1−β₁): EMA-momentum stability factor (2 at β₁ = 0, 38 at 0.9)."""
     b = as_float("beta1", beta1, nonnegative=True)
@@ -117,30 +127,82 @@ def adam_preconditioner(model, optimizer, *, params=None) -> torch.Tensor:
     """D = 1/(√v̂ + ε) as a flat float64 vector in the parameter order of the curvature
     operators, from a `torch.optim.Adam`/`AdamW` `optimizer` stepping `model`'s parameters.
 
-    v̂ = exp_avg_sq/(1 − β₂ᵗ) (torch's bias correction, t = the state's step count);
-    ε is the group's eps, added outside the square root as torch does. A parameter with
-    no state yet (fresh optimizer) has v̂ = 0, so D = 1/ε there: the fresh-state limit.
+    v̂ = exp_avg_sq/(1 − β₂ᵗ) (torch's bias correction, t = the state's step count;
+    with amsgrad=True max_exp_avg_sq, the running maximum torch divides by); ε is the
+    group's eps, added outside the square root as torch does. A parameter with no state
+    yet (fresh optimizer, or one that never got a gradient) has v̂ = 0, so D = 1/ε there.
+    That is *not* the fresh-state limit: a fresh Adam's first step is
+    α·g/(|g| + ε) ≈ α·sign(g) (its v̂ already holds that step's g²), not α·g/ε;
+    `preconditioned_batch_sharpness` and `predict_adam_max_lr` warn when such
+    coordinates carry gradient or curvature. ε = 0 with v̂ = 0 is refused (D infinite).
     """
+    vhat, eps = _adam_second_moment(model, optimizer, params)
+    if not torch.all(eps > 0):
+        bad = int(((vhat == 0) & (eps == 0)).sum())
+        if bad:
+            raise ValueError(f"optimizer: eps=0 and {bad} coordinate(s) with v̂ = 0 (no state, or "
+                             "no gradient yet): D = 1/(√v̂ + ε) is infinite there; use eps > 0")
+    return 1.0 / (vhat.sqrt() + eps)
+
+
+def _adam_second_moment(model, optimizer, params=None):
+    """(v̂, ε): the bias-corrected second moment torch divides by and each coordinate's
+    eps, flat float64 on the CPU in the curvature operators' order (v̂ = 0 for a
+    parameter without state)."""
     if not isinstance(optimizer, torch.optim.Adam):
         raise TypeError(f"optimizer must be a torch.optim.Adam or AdamW, got {type(optimizer).__name__}")
     _, plist = _trainable(model, params)
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    out = []
+    vs, es = [], []
     for p in plist:
         if id(p) not in group_of:
             raise ValueError("optimizer does not step every selected parameter of model "
                              "(build it on this model's parameters)")
         g = group_of[id(p)]
-        if g.get("amsgrad"):
-            raise ValueError("optimizer: amsgrad is not supported")
         st = optimizer.state.get(p, {})
         if "exp_avg_sq" in st:
             t = float(st["step"])
-            vhat = st["exp_avg_sq"].detach().to(torch.float64) / (1.0 - g["betas"][1] ** t)
+            v = st["max_exp_avg_sq"] if g.get("amsgrad") else st["exp_avg_sq"]
+            vhat = v.detach().to(torch.float64) / (1.0 - float(g["betas"][1]) ** t)
         else:
             vhat = torch.zeros_like(p, dtype=torch.float64)
-        out.append((1.0 / (vhat.sqrt() + g["eps"])).reshape(-1).cpu())
-    return torch.cat(out)
+        vs.append(vhat.reshape(-1).cpu())
+        es.append(torch.full((p.numel(),), float(g["eps"]), dtype=torch.float64))
+    return torch.cat(vs), torch.cat(es)
+
+
+def _saturated(model, optimizer, params=None):
+    """Mask of the coordinates whose D = 1/(√v̂ + ε) sits at its ceiling: √v̂ ≤ ε (no state,
+    or a gradient that vanished while the state was accumulated), where ε, not the
+    gradient, sets D (within 2× of 1/ε)."""
+    vhat, eps = _adam_second_moment(model, optimizer, params)
+    return vhat.sqrt() <= eps
+
+
+def _warn_saturated(who, model, loss_fn, src, optimizer, mask, top_weight, *, params, policy,
+                    device, dtype):
+    """UserWarning when coordinates at D = 1/ε (`_saturated`) matter: they carry at least
+    1 % of a top preconditioned eigenvector (`top_weight`, the largest Σ_saturated ũ_j²
+    over the eigenvectors computed), or a full-data gradient above ε (a frozen-D step
+    α·g/ε longer than a sign step α)."""
+    n = int(mask.sum())
+    if n == 0:
+        return
+    g = hessian_operator(model, loss_fn, src, params=params, policy=policy, device=device,
+                         dtype=dtype).gradient().detach().to(torch.float64).cpu()
+    eps = float(optimizer.param_groups[0]["eps"])
+    n_grad = int((g[mask].abs() > eps).sum())
+    if top_weight < 0.01 and n_grad == 0:
+        return
+    warnings.warn(f"{who}: {n} of the {mask.numel()} coordinates have √v̂ ≤ ε in the optimizer's "
+                  f"state (no state yet, or a gradient that vanished while it was accumulated, "
+                  f"e.g. a bias before a BatchNorm warmed in train mode), so D = 1/(√v̂ + ε) sits "
+                  f"at its ceiling 1/ε = {1 / eps:.3g} there; they carry {top_weight:.1%} of the "
+                  f"top preconditioned eigenvector and {n_grad} of them a gradient above ε, so the "
+                  "limit is set by ε. It is not the fresh-state limit: a fresh Adam's first step "
+                  "is lr·sign(g), not lr·g/ε. Warm the optimizer on this model (in the mode it "
+                  "is measured in), or freeze the parameters that get no gradient",
+                  UserWarning, stacklevel=3)
 
 
 def noise_model_preconditioner(grad_mean, grad_var, batch_size, N, *, eps=1e-8) -> torch.Tensor:
@@ -149,7 +211,14 @@ def noise_model_preconditioner(grad_mean, grad_var, batch_size, N, *, eps=1e-8) 
     c = batch_noise_factor(int(batch_size), int(N))
     g = torch.as_tensor(np.asarray(grad_mean), dtype=torch.float64)
     s = torch.as_tensor(np.asarray(grad_var), dtype=torch.float64)
-    return 1.0 / (torch.sqrt(g ** 2 + c * s) + as_float("eps", eps, nonnegative=True))
+    eps = as_float("eps", eps, nonnegative=True)
+    v = g ** 2 + c * s
+    if eps == 0 and bool((v == 0).any()):
+        raise ValueError(f"eps=0 and {int((v == 0).sum())} coordinate(s) with ḡ_j² + c·Σ_jj = 0 "
+                         f"at B={int(batch_size)} (no sample gives them a gradient, e.g. an "
+                         "unused parameter, or at B = N a zero mean gradient): D = 1/(√v + ε) is "
+                         "infinite there; use eps > 0")
+    return 1.0 / (torch.sqrt(v) + eps)
 
 
 def preconditioned_operator(model, loss_fn, data, preconditioner, *, indices=None, params=None,
@@ -219,7 +288,18 @@ def preconditioned_batch_sharpness(model, loss_fn, data, batch_sizes, *, precond
     without replacement by `numpy.random.default_rng(seed)`), and α = F/mean with
     F = 2(1+β₁)/(1−β₁). preconditioner: a flat D, a torch Adam optimizer on `model`, or
     a callable B -> either (one state per batch size). beta1 : None — the optimizer's
-    betas[0] when the preconditioner is one, else 0.9."""
+    betas[0] when the preconditioner is one, else 0.9.
+
+    An optimizer given as the preconditioner is checked as `lr_prediction.optimizer_settings`
+    checks one (`lr_prediction.adam_state_settings`): parameter groups that differ in betas
+    or eps, and maximize=True, are refused; coupled weight decay, per-group learning rates
+    (F/λ̃ is for one β₁ and one lr on every coordinate) and parameters it does not update
+    are warned about; with amsgrad D is read from max_exp_avg_sq. A UserWarning says when
+    coordinates whose D sits at its ceiling 1/ε (√v̂ ≤ ε: no state, a fresh optimizer)
+    carry the top eigenvector or a gradient (`adam_preconditioner`)."""
+    given = isinstance(preconditioner, torch.optim.Optimizer)
+    if given:
+        adam_state_settings(model, preconditioner, params)
     beta1 = _beta1_from(preconditioner, beta1)
     src = as_data_source(data)
     bs = np.array([as_int("batch_sizes", b, minimum=1) for b in np.atleast_1d(batch_sizes)])
@@ -229,6 +309,8 @@ def preconditioned_batch_sharpness(model, loss_fn, data, batch_sizes, *, precond
     seed = as_seed("seed", seed)
     rng = np.random.default_rng(seed)
     vals = np.empty((len(bs), n_batches))
+    sat = _saturated(model, preconditioner, params) if given else None
+    vectors, top_weight = sat is not None and bool(sat.any()), 0.0
     jobs = [(i, k) for i in range(len(bs)) for k in range(n_batches)]
     for i, k in progress_bar(jobs, progress=progress, total=len(jobs), desc="preconditioned λ_max"):
         d = _precond_for(preconditioner, model, bs[i], params)
@@ -236,8 +318,16 @@ def preconditioned_batch_sharpness(model, loss_fn, data, batch_sizes, *, precond
         op = preconditioned_operator(model, loss_fn, src, d, indices=idx, params=params,
                                      policy=policy, chunk_size=chunk_size, device=device,
                                      dtype=dtype)
-        vals[i, k] = float(eigsh(op, k=1, which="LA", tol=tol, seed=int(rng.integers(2**31)),
-                                 return_vectors=False).values[0])
+        top = eigsh(op, k=1, which="LA", tol=tol, seed=int(rng.integers(2**31)),
+                    return_vectors=vectors)
+        vals[i, k] = float(top.values[0])
+        if vectors:
+            u = torch.as_tensor(np.asarray(top.vectors[:, 0]), dtype=torch.float64)
+            top_weight = max(top_weight, float((u[sat] ** 2).sum()))
+    if vectors:
+        _warn_saturated("preconditioned_batch_sharpness", model, loss_fn, src, preconditioner,
+                        sat, top_weight, params=params, policy=policy, device=device,
+                        dtype=dtype)
     mean = vals.mean(1)
     std = vals.std(1, ddof=1) if n_batches > 1 else np.zeros(len(bs))
     return PreconditionedSharpness(bs, mean, std, vals, adam_factor(beta1) / mean,
@@ -348,7 +438,7 @@ def warn_adam_transfer(form, beta1, batch_sizes, reference_batch_size, *, who):
                       MomentumCaveat, stacklevel=3)
 
 
-def predict_adam_max_lr(model, loss_fn, data, batch_sizes, *, betas=None, eps=1e-8,
+def predict_adam_max_lr(model, loss_fn, data, batch_sizes, *, betas=None, eps=None,
                         form="mean_square", preconditioner=None, tol=1e-8, params=None,
                         policy=None, chunk_size=256, device=None, dtype=None, seed=0,
                         progress=None) -> AdamPrediction:
@@ -364,7 +454,12 @@ def predict_adam_max_lr(model, loss_fn, data, batch_sizes, *, betas=None, eps=1e
         per-sample gradient pass (the state a warmup at B reaches); or a callable
         B -> D / Adam optimizer (e.g. the measured warmed states).
     betas : None — an Adam optimizer given as the preconditioner sets β₁ (its betas), else
-        (0.9, 0.999); β₁ sets the factor 2(1+β₁)/(1−β₁).
+        (0.9, 0.999); β₁ sets the factor 2(1+β₁)/(1−β₁). Each in [0, 1).
+    eps : None — the optimizer's when it is the preconditioner, else 1e-8 (the noise
+        model's ε). A given betas or eps must agree with such an optimizer's; it is checked
+        as `preconditioned_batch_sharpness` checks one (groups that differ in betas or eps
+        and maximize refused, coupled weight decay and per-group lrs warned about, amsgrad
+        read from max_exp_avg_sq, coordinates at D = 1/ε that matter warned about).
     Cost per B: one Lanczos on the full-data preconditioned Hessian and one per-sample
     HVP pass.
     """
@@ -378,10 +473,20 @@ def predict_adam_max_lr(model, loss_fn, data, batch_sizes, *, betas=None, eps=1e
         raise ValueError(f"batch_sizes must be <= N={N}")
     if form not in ADAM_FORMS:
         raise ValueError(f"form must be one of {ADAM_FORMS}, got {form!r}")
-    if betas is not None and (isinstance(betas, (str, bytes)) or np.ndim(betas) != 1
-                              or len(betas) != 2):
-        raise TypeError(f"betas must be a pair (β₁, β₂), got {betas!r}")
+    if betas is not None:
+        betas = _as_betas(betas)
+    given = isinstance(preconditioner, torch.optim.Optimizer)
+    own = adam_state_settings(model, preconditioner, params) if given else None
     b1 = _beta1_from(preconditioner, None if betas is None else betas[0])
+    if given:
+        if betas is not None and betas[1] != own.beta2:
+            raise ValueError(f"betas[1]={betas[1]} disagrees with the preconditioner optimizer's "
+                             f"betas[1]={own.beta2} (leave betas out to use the optimizer's)")
+        if eps is not None and as_float("eps", eps, nonnegative=True) != own.eps:
+            raise ValueError(f"eps={eps} disagrees with the preconditioner optimizer's "
+                             f"eps={own.eps} (leave eps out to use the optimizer's)")
+        eps = own.eps
+    eps = 1e-8 if eps is None else as_float("eps", eps, nonnegative=True)
     F = adam_factor(b1)
     kind = "given"
     if preconditioner is None:
@@ -392,11 +497,18 @@ def predict_adam_max_lr(model, loss_fn, data, batch_sizes, *, betas=None, eps=1e
         def preconditioner(B):
             return noise_model_preconditioner(gn.mean, gn.var, B, N, eps=eps)
     lam, s2 = np.empty(len(bs)), np.empty(len(bs))
+    sat = _saturated(model, preconditioner, params) if given else None
+    top_weight = 0.0
     for i, B in enumerate(progress_bar(list(bs), progress=progress, desc="Adam prediction")):
         d = _precond_for(preconditioner, model, B, params)
         pn = preconditioned_noise(model, loss_fn, src, d, tol=tol, params=params, policy=policy,
                                   chunk_size=chunk_size, device=device, dtype=dtype, seed=seed)
         lam[i], s2[i] = pn.lam, pn.s2
+        if sat is not None and bool(sat.any()):
+            top_weight = max(top_weight, float((torch.as_tensor(pn.vector)[sat] ** 2).sum()))
+    if sat is not None:
+        _warn_saturated("predict_adam_max_lr", model, loss_fn, src, preconditioner, sat,
+                        top_weight, params=params, policy=policy, device=device, dtype=dtype)
     c = np.array([batch_noise_factor(int(B), N) for B in bs])
     lam_b = lam + c * s2 / lam
     det = F / lam_b
@@ -417,14 +529,22 @@ def adam_noise_floor_lr(grad_mean, grad_var, batch_sizes, N, *, excess_loss, eps
     noise-dominated D_j = (cΣ_jj)^{-1/2} gives α_floor ∝ 1/√c ≈ √B — the square-root rule
     as a *loss* (noise-floor) limit, not a curvature limit. On the digits MLP the measured
     loss-threshold (`adam_threshold(criterion="divergence")`) follows this shape within
-    ±20 % for B = 8…128 at about 0.25× its absolute value."""
+    ±20 % for B = 8…128 at about 0.25× its absolute value. Where the batch noise c·tr(DΣ)
+    vanishes (B = N, or Σ = 0) there is no noise floor: α_floor = inf, the formula's limit.
+    grad_mean and grad_var: per-coordinate arrays of one length."""
     bs = np.array([as_int("batch_sizes", b, minimum=1) for b in np.atleast_1d(batch_sizes)])
+    mean = np.asarray(grad_mean, dtype=float)
     var = np.asarray(grad_var, dtype=float)
+    if mean.shape != var.shape or mean.ndim != 1:
+        raise ValueError(f"grad_mean and grad_var must be 1-D arrays of one length (one entry per "
+                         f"parameter), got shapes {mean.shape} and {var.shape}")
+    excess_loss = as_float("excess_loss", excess_loss, positive=True)
     out = np.empty(len(bs))
     for i, B in enumerate(bs):
         c = batch_noise_factor(int(B), int(N))
-        d = noise_model_preconditioner(grad_mean, var, B, N, eps=eps).numpy()
-        out[i] = 4.0 * as_float("excess_loss", excess_loss, positive=True) / (c * float(d @ var))
+        d = noise_model_preconditioner(mean, var, B, N, eps=eps).numpy()
+        noise = c * float(d @ var)
+        out[i] = 4.0 * excess_loss / noise if noise > 0 else math.inf
     return out
 
 
@@ -477,7 +597,7 @@ class AdamTransfer(Result):
         return finish_lr_axes(ax, self.reference, "Adam learning rate")
 
 
-def adam_transfer_lr(model, loss_fn, data, batch_sizes, *, reference, betas=(0.9, 0.999),
+def adam_transfer_lr(model, loss_fn, data, batch_sizes, *, reference, betas=None,
                      eps=1e-8, form=None, prediction=None, params=None, policy=None,
                      chunk_size=256, device=None, dtype=None, seed=0,
                      linearized=None, progress=None) -> AdamTransfer:
@@ -494,8 +614,17 @@ def adam_transfer_lr(model, loss_fn, data, batch_sizes, *, reference, betas=(0.9
     form=None: "mean_square" when `prediction` is an AdamPrediction, "linearized"
     otherwise. Which form transferred on which network: docs/real_training.md (the
     linearised one within 20 % on five of twelve network/β₁ pairs, the mean-square one on
-    three; neither on every one with β₁ = 0.9)."""
+    three; neither on every one with β₁ = 0.9). betas : None — a given `prediction`'s
+    (its β₁ is recorded and sets the momentum caveat), else (0.9, 0.999); given together
+    with a prediction, its β₁ must agree with the prediction's."""
     forms = (*ADAM_FORMS, *ADAM_MODEL_FORMS)
+    own = None if prediction is None else _beta1_of(prediction)
+    if betas is not None:
+        betas = _as_betas(betas)
+        if own is not None and betas[0] != own:
+            raise ValueError(f"betas[0]={betas[0]} disagrees with the prediction's beta1={own} "
+                             "(leave betas out to use the prediction's)")
+    betas = (0.9, 0.999) if betas is None else betas
     if form is None:
         form = "mean_square" if isinstance(prediction, AdamPrediction) else "linearized"
     if form not in forms:
@@ -542,9 +671,19 @@ def adam_transfer_lr(model, loss_fn, data, batch_sizes, *, reference, betas=(0.9
         raise ValueError(f"prediction has no value for batch sizes {missing}")
     pred = np.array([table[int(b)] for b in bs])
     lr = a0 * pred / table[B0]
-    b1 = float(getattr(prediction, "beta1", betas[0]))      # a given AdamPrediction's own β₁
+    b1 = _beta1_of(prediction)                               # the prediction's own β₁
+    b1 = float(betas[0]) if b1 is None else b1
     warn_adam_transfer(form, b1, bs, B0, who="adam_transfer_lr")
     return AdamTransfer(bs, lr, (B0, a0), pred, a0 * np.sqrt(bs / B0), a0 * bs / B0, form, b1)
+
+
+def _beta1_of(prediction):
+    """β₁ a prediction was made at: an AdamPrediction's beta1, a LinearizedAdamThresholds'
+    betas[0]; None if it records neither."""
+    if hasattr(prediction, "beta1"):
+        return float(prediction.beta1)
+    betas = getattr(prediction, "betas", None)
+    return None if betas is None else float(betas[0])
 
 
 # ------------------------------------------------------------------ the threshold protocol
@@ -635,17 +774,25 @@ def warm_adam_state(model, loss_fn, X, y, batch_size, *, warmup_steps, warmup_lr
 
 class _FrozenAdam:
     """Adam with its second moment held at the restored state: m ← β₁m + (1−β₁)g,
-    w ← w − α·m̂·D, D = 1/(√v̂ + ε) fixed (the linearised dynamics the prediction is about)."""
+    w ← w − α·m̂·D, D = 1/(√v̂ + ε) fixed (the linearised dynamics the prediction is about).
+    A parameter the warm-up gave no gradient (no state: e.g. an unused head) is skipped
+    while its gradient is None, as torch's Adam skips it; it has no v̂ to freeze, so a
+    gradient for it is refused."""
 
     def __init__(self, params, opt, lr):
         self.params, self.lr = params, lr
         g = opt.param_groups[0]
         self.b1, b2, eps = g["betas"][0], g["betas"][1], g["eps"]
         self.m, self.D, self.t = [], [], []
+        if not any("exp_avg_sq" in opt.state.get(p, {}) for p in params):
+            raise ValueError("second_moment='frozen' needs a warmed state (warmup_steps > 0)")
         for p in params:
             st = opt.state.get(p, {})
-            if "exp_avg_sq" not in st:
-                raise ValueError("second_moment='frozen' needs a warmed state (warmup_steps > 0)")
+            if "exp_avg_sq" not in st:          # never had a gradient in the warm-up
+                self.m.append(None)
+                self.D.append(None)
+                self.t.append(0.0)
+                continue
             t = float(st["step"])
             self.m.append(st["exp_avg"].detach().clone())
             self.D.append(1.0 / ((st["exp_avg_sq"] / (1.0 - b2 ** t)).sqrt() + eps))
@@ -658,6 +805,12 @@ class _FrozenAdam:
     @torch.no_grad()
     def step(self):
         for k, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            if self.D[k] is None:
+                raise ValueError("second_moment='frozen': a parameter that got no gradient in the "
+                                 "warm-up (no Adam state, no v̂ to freeze) got one in the run; "
+                                 "use second_moment='adaptive'")
             self.t[k] += 1
             self.m[k].mul_(self.b1).add_(p.grad, alpha=1.0 - self.b1)
             p.sub_(self.lr / (1.0 - self.b1 ** self.t[k]) * self.m[k] * self.D[k])
@@ -808,6 +961,7 @@ def adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 0.999), eps
     factor = as_growth_factor(factor)
     if lr0 is not None and not callable(lr0):
         lr0 = as_float("lr0", lr0, positive=True)
+    betas = _as_betas(betas)
     F = adam_factor(betas[0])
     shape = (len(bs), len(seeds))
     per, lo, hi, first, lam, s2, pst, pms = (np.full(shape, np.nan) for _ in range(8))

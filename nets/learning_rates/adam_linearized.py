@@ -34,7 +34,11 @@ the directional mean-square limit 2/λ'(B), q is λ₁/λ'(B), the share `transf
 As there, it is applied only for r ≤ 1: with label smoothing the real loss along the
 direction is much flatter (r = 1.6–40 on two tabular MLPs, β₁ = 0) and the bracket moved
 the transfer from 0.41–2.42 to 0.13–9.88 on one of them (docs/real_training.md).
-r and λ̃ are measured at the first sequence's warmed state of each B.
+r and λ̃ are measured at the first sequence's warmed state of each B. Where r is NaN (the
+linearised profile never reaches k·f(0) on its grid) or above 1, the correction is not
+applied (correction 1) and a UserWarning names those batch sizes: `corrected` then mixes
+corrected and uncorrected thresholds across B, and a transfer along it can jump between
+neighbouring batch sizes (5.5× on a small tanh MLP).
 
 Cost: per (B, sequence) a warm-up and, per step and learning rate, J·e on the batch and
 on the data and Jᵀ·c on the batch — products with the stored Jacobians (N·K·P numbers
@@ -50,18 +54,21 @@ bisection: the form explains a threshold rather than saving its measurement.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
 from nets.algorithms.lanczos import eigsh
 from nets.curvature.loss_check import check_mean_reduced
 from nets.learning_rates.adam import (
+    _as_betas,
     adam_factor,
     preconditioned_operator,
     restored_adam,
     warm_adam_state,
 )
-from nets.learning_rates.along_top import loss_along_top, rescaling
+from nets.learning_rates.along_top import correction_applies, loss_along_top, rescaling
 from nets.learning_rates.linear_outputs import CurvedOutputs, second_derivative_along
 from nets.learning_rates.linearized import (
     JACOBIANS,
@@ -90,8 +97,8 @@ class LinearizedAdamThresholds(Result):
     per_seed (n_B, n_seeds; NaN where the grid does not bracket it); lam_precond (λ̃ at
     the first sequence's warmed state, per B); deterministic (F/λ̃); share (q);
     secant_ratio (r; NaN without `correct`); correction (1 − (1 − r)·q; 1 without
-    `correct`); corrected (lr·correction); betas; eps; warmup_steps; warmup_lr; steps;
-    factor; seeds."""
+    `correct`, and where r is NaN or above 1); corrected (lr·correction); betas; eps;
+    warmup_steps; warmup_lr; steps; factor; seeds."""
 
     batch_sizes: np.ndarray
     lr: np.ndarray
@@ -144,7 +151,8 @@ def linearized_adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 
     along ũ (module docstring). data : any form of `nets.utils.data_source`; loss_fn the
     batch mean; seeds : the batch sequences (warm-up from s, trials from s + 7919);
     lr_range : the coarse grid's ends; correct : also measure r and λ̃ (else
-    correction = 1) — both at the warmed state of the *first* seed of each B, so the
+    correction = 1; also 1, with a UserWarning naming the batch sizes, where r is NaN or
+    above 1) — both at the warmed state of the *first* seed of each B, so the
     correction (not `per_seed`) depends on the order of `seeds`: up to 0.45 % on a small
     MLP when reordered (an outside sweep); jacobians : "auto" (default; chosen once, at the first warmed
     state, and kept), "tangent" (J·e and Jᵀ·c through the network at the warmed weights,
@@ -161,9 +169,7 @@ def linearized_adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(loss_fn):
         raise TypeError("loss_fn must be callable")
-    b1, b2 = (as_float("betas", b) for b in betas)
-    if not (0 <= b1 < 1 and 0 <= b2 < 1):
-        raise ValueError(f"betas must lie in [0, 1), got {betas}")
+    b1, b2 = _as_betas(betas)
     eps = as_float("eps", eps, positive=True)
     warmup_steps = as_int("warmup_steps", warmup_steps, minimum=1)
     warmup_lr = as_float("warmup_lr", warmup_lr, positive=True)
@@ -213,20 +219,72 @@ def linearized_adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 
         per[i, j] = first_crossing(grid, worst, k)
         del lin, run             # the closure holds J too: free it before the next (B, s)
         if correct and not curved and j == 0:      # λ̃, ũ only: no per-sample noise pass
-            lam[i], d = _preconditioned_top(warm.model, loss_fn, (X, y), opt, seed)
-            ratio[i] = loss_along_top(warm.model, loss_fn, (X, y), factor=k, direction=d,
-                                      seed=seed).secant_ratio
+            lam[i], ratio[i] = _secant_along_preconditioned_top(warm.model, loss_fn, (X, y),
+                                                                opt, k, seed)
     mean, se = seed_mean_stderr(per)
     warn_unbracketed("linearized_adam_threshold", per, bs,
                      f"widen lr_range={tuple(lr_range)} (an untrained network may need a wider one)")
     F = adam_factor(b1)
     if correct and not curved:
         q, corr = share_correction(mean, lam, b1, ratio)
+        _warn_uncorrected(ratio, bs, k)
     else:
         q, corr = np.full(len(bs), np.nan), np.ones(len(bs))
     return LinearizedAdamThresholds(np.array(bs), mean, se, per, lam, F / lam, q, ratio, corr,
                                     mean * corr, (b1, b2), eps, warmup_steps, warmup_lr, K, k,
                                     seeds, bool(curved))
+
+
+def _warn_uncorrected(ratio, batch_sizes, factor):
+    """UserWarning naming the batch sizes where the secant ratio leaves the correction out
+    (NaN, or above 1: `along_top.correction_applies`)."""
+    bs = np.asarray(batch_sizes)
+    nan = np.isnan(ratio)
+    flat = ~nan & ~correction_applies(ratio)
+    if not (nan.any() or flat.any()):
+        return
+    parts = []
+    if nan.any():
+        parts.append(f"NaN at B = {bs[nan].tolist()} (the linearised loss along ũ never reaches "
+                     f"factor = {factor:g} x its start on the profile's grid)")
+    if flat.any():
+        parts.append(f"above 1 at B = {bs[flat].tolist()} (the real loss along ũ is flatter "
+                     f"than the linearised one: r = {np.round(ratio[flat], 4).tolist()})")
+    warnings.warn("linearized_adam_threshold: the secant ratio r is " + " and ".join(parts)
+                  + "; the correction is not applied there (correction 1), so `corrected` mixes "
+                  "corrected and uncorrected thresholds across batch sizes and a transfer along "
+                  "it can jump between them (compare `lr`, or a smaller factor)",
+                  UserWarning, stacklevel=3)
+
+
+def _secant_along_preconditioned_top(model, loss_fn, data, opt, factor, seed):
+    """(λ̃, r): the top preconditioned eigenvalue at the optimizer's state and the secant
+    ratio s_lin/s_real along its weight-space direction D^{1/2}ũ at tolerance `factor`."""
+    lam, d = _preconditioned_top(model, loss_fn, data, opt, seed)
+    return lam, loss_along_top(model, loss_fn, data, factor=factor, direction=d,
+                               seed=seed).secant_ratio
+
+
+def secant_at_warmed_states(model, loss_fn, data, batch_sizes, *, betas=(0.9, 0.999),
+                            eps=1e-8, warmup_steps=500, warmup_lr=1e-4, factor=10.0,
+                            warm_seed=0, seed=0):
+    """(λ̃(B), r(B)) as `linearized_adam_threshold` measures them for its correction — at
+    the warmed state of the batch sequence `warm_seed` (its first seed) — without the
+    linearised runs: for re-deriving a stored correction (`share_correction`) after the
+    secant measurement changed."""
+
+    b1, b2 = (as_float("betas", b) for b in betas)
+    k = as_growth_factor(factor)
+    X, y = tensors_for(model, data)
+    bs = as_batch_sizes(batch_sizes, len(X)).tolist()
+    lam, ratio = np.full(len(bs), np.nan), np.full(len(bs), np.nan)
+    for i, B in enumerate(bs):
+        warm = warm_adam_state(model, loss_fn, X, y, B, warmup_steps=warmup_steps,
+                               warmup_lr=warmup_lr, betas=(b1, b2), eps=eps, seed=warm_seed)
+        opt = restored_adam(warm.model, warm, warmup_lr)
+        lam[i], ratio[i] = _secant_along_preconditioned_top(warm.model, loss_fn, (X, y), opt,
+                                                            k, seed)
+    return lam, ratio
 
 
 def _preconditioned_top(model, loss_fn, data, opt, seed):

@@ -371,15 +371,27 @@ def linearized_max_loss(J, z0, y, loss_fn, batch_size, momentum, lrs, steps, see
 
 def flat_adam_state(optimizer):
     """(exp_avg, exp_avg_sq, step) of a torch Adam with one parameter group, flattened in
-    parameter order (P,) each; step the number of steps taken (0 for a fresh state)."""
+    parameter order (P,) each; step the number of steps taken (0 for a fresh state).
+
+    A parameter without state (it never got a gradient, e.g. an unused head) keeps
+    exp_avg = exp_avg_sq = 0 beside the others' own state: exact while it gets no gradient
+    (its update stays 0). The linearised run has one step count, so states with different
+    counts (a parameter frozen for part of the warm-up) are refused."""
+    if len(optimizer.param_groups) != 1:
+        raise ValueError(f"optimizer: flat_adam_state needs one parameter group, got "
+                         f"{len(optimizer.param_groups)}")
     params = optimizer.param_groups[0]["params"]
     st = [optimizer.state.get(p, {}) for p in params]
-    if not all(st):
-        zeros = torch.cat([torch.zeros_like(p).reshape(-1) for p in params])
-        return zeros, zeros.clone(), 0
-    m = torch.cat([s["exp_avg"].reshape(-1) for s in st])
-    v = torch.cat([s["exp_avg_sq"].reshape(-1) for s in st])
-    return m.detach().clone(), v.detach().clone(), int(float(st[0]["step"]))
+    steps = sorted({int(float(s["step"])) for s in st if "exp_avg" in s})
+    if len(steps) > 1:
+        raise ValueError(f"optimizer: its parameters' states have different step counts {steps} "
+                         "(some were frozen or got no gradient for part of the steps); the "
+                         "linearised Adam run bias-corrects all coordinates with one count")
+    m = torch.cat([(s["exp_avg"] if "exp_avg" in s else torch.zeros_like(p)).detach().reshape(-1)
+                   for p, s in zip(params, st)])
+    v = torch.cat([(s["exp_avg_sq"] if "exp_avg" in s else torch.zeros_like(p)).detach()
+                   .reshape(-1) for p, s in zip(params, st)])
+    return m.clone(), v.clone(), steps[0] if steps else 0
 
 
 def linearized_adam_max_loss(J, z0, y, loss_fn, batch_size, lrs, steps, batch_seed, *,

@@ -220,9 +220,10 @@ def warn_partial_optimizer(model, optimizer, params=None, *, group_lrs=True) -> 
                       UserWarning, stacklevel=3)
 
 
-def _check_unmodelled(hp: dict, cls) -> None:
+def _check_unmodelled(hp: dict, cls, *, amsgrad_state=False) -> None:
     """Settings of an optimizer that no limit here models: maximize (refused: the limits are
-    for minimisation), weight decay and AMSGrad (warned: the limits are those without)."""
+    for minimisation), weight decay and AMSGrad (warned: the limits are those without;
+    `amsgrad_state`: the Adam state is read, whose max_exp_avg_sq models it — no warning)."""
     if hp.get("maximize"):
         raise ValueError(f"optimizer: {cls.__name__}(maximize=True) is not supported; the "
                          "stability limits are for minimising the loss")
@@ -236,7 +237,7 @@ def _check_unmodelled(hp: dict, cls) -> None:
                       "the loss without it (coupled L2 decay adds it to every curvature, so "
                       f"they are too high by at most the factor {bound})",
                       UserWarning, stacklevel=3)
-    if hp.get("amsgrad"):
+    if hp.get("amsgrad") and not amsgrad_state:
         warnings.warn("optimizer: amsgrad=True is not modelled; the Adam limits use a "
                       "second moment without a running maximum (the noise model from the "
                       "per-sample gradients at the current weights, or a warmed Adam state)",
@@ -335,6 +336,24 @@ def optimizer_settings(optimizer="sgd", *, momentum=None, betas=None, eps=None,
     b2 = _unit_interval("alpha", hp.get("alpha", 0.99))
     e = as_float("eps", hp.get("eps", 1e-8), nonnegative=True)
     return OptimizerSettings("rmsprop", 0.0, 0.0, False, 0.0, b2, e)
+
+
+def adam_state_settings(model, optimizer, params=None) -> OptimizerSettings:
+    """The settings of a torch Adam/AdamW whose *state* is read as the preconditioner
+    D = 1/(√v̂ + ε) (`nets.learning_rates.adam`), through the checks of `optimizer_settings`
+    and `warn_partial_optimizer`: parameter groups that differ in betas, eps, amsgrad or
+    maximize and maximize=True are refused; coupled weight decay, per-group learning rates
+    and parameters it does not update are warned about. amsgrad=True is not warned about:
+    the preconditioner is then read from max_exp_avg_sq, the second moment torch divides by."""
+    if not isinstance(optimizer, torch.optim.Adam):
+        raise TypeError(f"optimizer must be a torch.optim.Adam or AdamW, got "
+                        f"{type(optimizer).__name__}")
+    cls, hp, _ = _source(optimizer)
+    _check_unmodelled(hp, cls, amsgrad_state=True)
+    warn_partial_optimizer(model, optimizer, params)
+    b1, b2 = (float(b) for b in hp["betas"])
+    return optimizer_settings(OptimizerSettings("adam", 0.0, 0.0, False, b1, b2,
+                                                float(hp["eps"])))
 
 
 # ----------------------------------------------------------------- operators
