@@ -20,6 +20,8 @@ run after this form became `transfer_lr`'s Adam default.
     python benchmarks/bench_adam_linearized.py --model cnn --beta1 0.9   # ~6 min
     python benchmarks/bench_adam_linearized.py --model mlp --jacobians stored   # the same, J stored
     python benchmarks/bench_adam_linearized.py --model mlp --jacobians tangent  # through the network
+    python benchmarks/bench_adam_linearized.py --model cnn --beta1 0.9 --part resecant   # stored
+        # file's correction with the secant ratio re-measured (minutes; thresholds kept)
     python benchmarks/bench_adam_linearized.py --model cnn --beta1 0.9 --curved  # the curved model
         # along D^{1/2}ũ (`linearized_adam_threshold(curved=True)`), no correction
 
@@ -51,7 +53,7 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--jacobians", choices=("auto", "tangent", "stored"), default="auto",
                    help="J·e by Jacobian-vector products, stored Jacobians, or the faster (auto)")
-    p.add_argument("--part", choices=("transfer", "scale"), default="transfer")
+    p.add_argument("--part", choices=("transfer", "scale", "resecant"), default="transfer")
     p.add_argument("--curved", action="store_true",
                    help="the curved model along D^{1/2}ũ instead of the correction")
     p.add_argument("--scale-batch", type=int, default=32)
@@ -63,6 +65,10 @@ def main(argv=None):
         return
     model, data = _model(args.model)
     loss = _loss(args.model)
+    if args.part == "resecant":
+        name = f"bench_adam_linearized_{args.model}_b{args.beta1:g}"
+        print("wrote", write_json(name, resecant(name, model, loss, data, args.beta1), args.out))
+        return
     t = time.perf_counter()
     lin = linearized_adam_threshold(model, loss, data, BATCH_SIZES, betas=(args.beta1, 0.999),
                                     seeds=tuple(range(args.seeds)), jacobians=args.jacobians,
@@ -91,6 +97,32 @@ def main(argv=None):
     name = f"bench_adam_linearized_{args.model}_b{args.beta1:g}" + (
         "" if args.jacobians == "auto" else f"_{args.jacobians}") + ("_curved" if args.curved else "")
     print("wrote", write_json(name, out, args.out))
+
+
+def resecant(name, model, loss, data, beta1):
+    """A stored file's correction re-derived with the secant ratio re-measured at the same
+    warmed states (`adam_linearized.secant_at_warmed_states`, the crossing along D^{1/2}ũ
+    solved since session 47); its linearised thresholds are kept. The previous ratio and
+    correction stay in the file as "secant_ratio_grid" and "corrected_grid"."""
+    from nets.learning_rates.adam_linearized import secant_at_warmed_states, share_correction
+
+    out = json.loads((RESULTS / f"{name}.json").read_text())
+    lin = out["linearized"]
+    lam, ratio = secant_at_warmed_states(model, loss, data, out["batch_sizes"],
+                                         betas=(beta1, 0.999), warm_seed=out["seeds"][0])
+    lin.setdefault("secant_ratio_grid", lin["secant_ratio"])
+    lin.setdefault("corrected_grid", lin["corrected"])
+    q, corr = share_correction(lin["lr"], lam, beta1, ratio)
+    lin.update(lam_precond=lam, secant_ratio=ratio, share=q, correction=corr,
+               corrected=np.asarray(lin["lr"], float) * corr)
+    real = np.asarray(out["real"], float)
+    out["real_over_corrected"] = real / lin["corrected"]
+    tr = out["transfer_corrected"] = transfers(real, lin["corrected"])
+    out["worst_corrected"] = worst(tr)
+    print(f"{name}: secant ratio {np.round(lin['secant_ratio_grid'], 3)} -> {np.round(ratio, 3)}; "
+          f"worst corrected {np.round(worst(transfers(real, lin['corrected_grid'])), 2)} -> "
+          f"{np.round(out['worst_corrected'], 2)}", flush=True)
+    return out
 
 
 def scale(B):
