@@ -261,6 +261,11 @@ def summary():
         r = json.loads(f.read_text())
         if "net" not in r:
             continue
+        # the default's (corrected) column from its own file, which `bench_heldout_transfer
+        # --net summary [--resecant]` keeps current; the copy stored here is from the run
+        held = RESULTS / f"{output_name(r['net'], r['momentum'], r['nesterov'])}.json"
+        if held.exists():
+            r["worst_corrected"] = json.loads(held.read_text())["worst_corrected"]
         rows.append(r)
         print(f"{r['net']:12s} m={r['momentum']:<4g}{' N' if r['nesterov'] else '  '} "
               f"curved {r['worst_curved'][0]:.2f}–{r['worst_curved'][1]:.2f}  "
