@@ -272,10 +272,15 @@ def test_an_unused_parameter_changes_no_adam_threshold():
     np.testing.assert_allclose(b.per_seed, a.per_seed, rtol=1e-9)
 
 
-def test_an_uncorrected_batch_size_is_said():
+def test_an_uncorrected_batch_size_is_said(monkeypatch):
     """A secant ratio that is NaN (the linearised profile never reaches factor x its start)
     leaves the correction out at that B with a warning naming it; where it is finite and
-    at most 1 the correction is 1 − (1 − r)·q, q = min(1, α_lin·λ̃/F), as before."""
+    at most 1 the correction is 1 − (1 − r)·q, q = min(1, α_lin·λ̃/F), as before. On this
+    untrained net the linearised loss grows ~linearly along the direction and the profile's
+    grid ends short of 10× at B = 8 and 32 (6.7× and 8.4×): followed past the grid's end
+    (the default) every B gets its ratio and no warning."""
+    import nets.learning_rates.along_top as along_top
+
     g = torch.Generator().manual_seed(0)
     X = torch.randn(48, 6, generator=g, dtype=torch.float64)
     W = torch.randn(6, 3, generator=g, dtype=torch.float64)
@@ -290,15 +295,23 @@ def test_an_uncorrected_batch_size_is_said():
         opt.zero_grad()
         F.cross_entropy(net(X[idx]), y[idx]).backward()
         opt.step()
-    with pytest.warns(UserWarning, match=r"secant ratio r is NaN at B = \[8, 32\] \(") as rec:
-        res = linearized_adam_threshold(net, F.cross_entropy, (X, y), [8, 16, 32],
-                                        warmup_steps=20, steps=10, seeds=(0,), n_grid=8)
+    kw = dict(warmup_steps=20, steps=10, seeds=(0,), n_grid=8)
+    with monkeypatch.context() as mp:
+        mp.setattr(along_top, "BEYOND_GRID_DOUBLINGS", 0)      # the grid alone
+        with pytest.warns(UserWarning, match=r"secant ratio r is NaN at B = \[8, 32\] \(") as rec:
+            res = linearized_adam_threshold(net, F.cross_entropy, (X, y), [8, 16, 32], **kw)
     assert len([w for w in rec if "secant ratio" in str(w.message)]) == 1
     r = res.secant_ratio
     assert np.isnan(r[[0, 2]]).all() and 0 < r[1] < 1
     np.testing.assert_array_equal(res.correction[[0, 2]], 1.0)
     q = min(1.0, res.lr[1] * res.lam_precond[1] / 38.0)
     assert res.corrected[1] == pytest.approx(res.lr[1] * (1 - (1 - r[1]) * q), rel=1e-12)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*secant ratio")
+        full = linearized_adam_threshold(net, F.cross_entropy, (X, y), [8, 16, 32], **kw)
+    assert np.all((full.secant_ratio > 0) & (full.secant_ratio < 1))
+    assert full.secant_ratio[1] == r[1]
+    np.testing.assert_array_equal(full.lr, res.lr)
 
 
 def test_adam_transfer_takes_beta1_from_the_prediction():

@@ -164,6 +164,34 @@ def test_secant_ratio_is_unchanged_when_the_loss_is_multiplied(tiny_mlp):
         assert prof.secant_real == pytest.approx(ref.secant_real, rel=1e-7), c
 
 
+def test_a_profile_the_grid_does_not_reach_far_enough_is_followed_past_it(tiny_mlp):
+    """A tolerance the grid ends short of (the loss of an untrained net grows ~linearly
+    along u): the amplitude is doubled past the grid's end until max f(±x) > k·f(0), then
+    solved — against a dense oracle on the same direction; NaN only past 2⁴⁰× the end."""
+    import nets.learning_rates.along_top as along_top
+
+    model, X, y = tiny_mlp(seed=0, N=40)
+    k = 200.0
+    prof = loss_along_top(model, F.cross_entropy, (X, y), factor=k, n=12, span=(0.02, 2.0))
+    assert np.maximum(prof.real_plus, prof.real_minus).max() < k      # the grid falls short
+    assert prof.amplitude_real > prof.amplitudes[-1]
+    from dense_oracles import flat_state
+    net, Xd = model.double(), X.double()
+    flat, state = flat_state(net)
+    loss = lambda w: F.cross_entropy(torch.func.functional_call(net, state(w), (Xd,)), y)
+    u = torch.linalg.eigh(torch.func.hessian(loss)(flat))[1][:, -1]
+    f = lambda x: float(loss(flat + x * u))
+    A = prof.amplitude_real
+    assert max(f(A), f(-A)) / prof.L0 == pytest.approx(k, rel=1e-7)
+    along_top_doublings = along_top.BEYOND_GRID_DOUBLINGS
+    try:
+        along_top.BEYOND_GRID_DOUBLINGS = 0
+        short = loss_along_top(model, F.cross_entropy, (X, y), factor=k, n=12, span=(0.02, 2.0))
+    finally:
+        along_top.BEYOND_GRID_DOUBLINGS = along_top_doublings
+    assert np.isnan(short.amplitude_real) and np.isnan(short.secant_ratio)
+
+
 def test_refuses_bad_input(tiny_mlp):
     model, X, y = tiny_mlp()
     with pytest.raises(ValueError, match="factor"):

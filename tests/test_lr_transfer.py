@@ -256,10 +256,26 @@ def test_linearized_form_reanchors_and_checks_its_rank(tiny_mlp):
     with pytest.raises(ValueError, match="was this transfer's reference"):
         full.with_reference((16, 0.3))              # B0 = 16 anchored it, [4] was asked
     for bad, match in ((dict(factor=1.0), "factor"), (dict(rank=0), "rank"),
-                       (dict(n_seeds=0), "n_seeds"), (dict(steps=0), "steps"),
-                       (dict(factor=1e12), "never reaches")):
+                       (dict(n_seeds=0), "n_seeds"), (dict(steps=0), "steps")):
         with pytest.raises(ValueError, match=match):
             transfer_lr(model, loss, (X, y), [4], reference=(16, 0.3), **{**kw, **bad})
+
+
+def test_a_tolerance_the_loss_never_reaches_leaves_the_correction_out(tiny_mlp, monkeypatch):
+    """A loss bounded along u below factor × its start (here: a tolerance far beyond what
+    the profile is followed to): no secant ratio, so the uncorrected linearised threshold,
+    flagged and warned about — as with s_lin/s_real > 1 — not a refusal."""
+    import nets.learning_rates.along_top as along_top
+
+    monkeypatch.setattr(along_top, "BEYOND_GRID_DOUBLINGS", 2)
+    model, X, y = tiny_mlp(seed=2, N=48)
+    kw = dict(form="linearized", rank=8, steps=40, n_seeds=2, seed=0, factor=1e6)
+    with pytest.warns(UserWarning, match="never reaches"):
+        out = transfer_lr(model, torch.nn.functional.cross_entropy, (X, y), [4, 16],
+                          reference=(16, 0.3), **kw)
+    assert np.isnan(out.secant_ratio) and not out.correction_applied
+    np.testing.assert_array_equal(out.correction, 1.0)
+    np.testing.assert_allclose(out.shape, out.linearized_lr, rtol=1e-12)
 
 
 def test_curved_form_is_the_curved_threshold_uncorrected(tiny_mlp):

@@ -34,11 +34,13 @@ the directional mean-square limit 2/λ'(B), q is λ₁/λ'(B), the share `transf
 As there, it is applied only for r ≤ 1: with label smoothing the real loss along the
 direction is much flatter (r = 1.6–40 on two tabular MLPs, β₁ = 0) and the bracket moved
 the transfer from 0.41–2.42 to 0.13–9.88 on one of them (docs/real_training.md).
-r and λ̃ are measured at the first sequence's warmed state of each B. Where r is NaN (the
-linearised profile never reaches k·f(0) on its grid) or above 1, the correction is not
-applied (correction 1) and a UserWarning names those batch sizes: `corrected` then mixes
-corrected and uncorrected thresholds across B, and a transfer along it can jump between
-neighbouring batch sizes (5.5× on a small tanh MLP).
+r and λ̃ are measured at the first sequence's warmed state of each B. Where r is NaN (a
+loss along the direction bounded below k·f(0): `loss_along_top` follows a profile past its
+grid's end, up to 2⁴⁰×) or above 1, the correction is not applied (correction 1) and a
+UserWarning names those batch sizes: `corrected` then mixes corrected and uncorrected
+thresholds across B, and a transfer along it can jump between neighbouring batch sizes
+(5.5× on a small untrained tanh MLP when the profile stopped at its grid's end, which left
+r NaN at two of three B).
 
 Cost: per (B, sequence) a warm-up and, per step and learning rate, J·e on the batch and
 on the data and Jᵀ·c on the batch — products with the stored Jacobians (N·K·P numbers
@@ -245,8 +247,8 @@ def _warn_uncorrected(ratio, batch_sizes, factor):
         return
     parts = []
     if nan.any():
-        parts.append(f"NaN at B = {bs[nan].tolist()} (the linearised loss along ũ never reaches "
-                     f"factor = {factor:g} x its start on the profile's grid)")
+        parts.append(f"NaN at B = {bs[nan].tolist()} (a loss along ũ that never reaches "
+                     f"factor = {factor:g} x its start, followed to 2^40 x the profile's grid)")
     if flat.any():
         parts.append(f"above 1 at B = {bs[flat].tolist()} (the real loss along ũ is flatter "
                      f"than the linearised one: r = {np.round(ratio[flat], 4).tolist()})")

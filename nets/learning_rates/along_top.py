@@ -23,7 +23,10 @@ otherwise never gets there on the plain span), float64, both signs; u from
 Lanczos (k = 1, tol 1e-8) in eval mode. Cost: 2n + 1 full-data forward passes per
 profile plus one Jacobian-vector product.
 
-Resolution: the grid only brackets A_k. Between the last grid point at or below k·f(0)
+Resolution: the grid only brackets A_k (where a profile has not reached k·f(0) by the
+grid's end — a loss that grows only linearly, as a cross-entropy far from a confident
+checkpoint — the amplitude is doubled past it, up to 2⁴⁰ times, until it has; A_k is NaN
+only for a loss bounded below k·f(0) along u). Between the last point at or below k·f(0)
 and the first above it, A_k is solved to relative precision 1e-9 (Brent's method on
 max f(±x)/f(0) − k, two full-data forward passes per evaluation, ~20–30 more passes per
 profile) and s(A_k) is evaluated there, so A_k·√λ₁ and the secant ratio do not depend on
@@ -58,8 +61,8 @@ class LossAlongTop(Result):
     lam : λ₁; L0 : f(0); amplitudes (n,) the grid x; real_plus, real_minus,
     linearized_plus, linearized_minus (n,) f(±x)/f(0) of each model; real_secant,
     linearized_secant (n,) s(x)/λ₁; factor k; amplitude_real, amplitude_linearized A_k
-    of each model, solved between the grid points that bracket it (NaN where the profile
-    never exceeds k·f(0) on the grid); secant_real, secant_linearized s(A_k)/λ₁; secant_ratio s_lin(A_k)/s_real(A_k)."""
+    of each model, solved between the grid points that bracket it, or past the grid's end
+    (NaN where the profile never exceeds k·f(0): a bounded loss); secant_real, secant_linearized s(A_k)/λ₁; secant_ratio s_lin(A_k)/s_real(A_k)."""
 
     lam: float
     L0: float
@@ -79,8 +82,8 @@ class LossAlongTop(Result):
 
     def at(self, factor) -> dict:
         """{"real": (A_k, s(A_k)/λ₁), "linearized": (...)} for another tolerance k (NaN
-        where the grid never reaches k·f(0)): the profile's own values at k = `factor`,
-        else interpolated on the grid (module docstring)."""
+        where the grid never reaches k·f(0); not followed past it): the profile's own
+        values at k = `factor`, else interpolated on the grid (module docstring)."""
         k = as_float("factor", factor, positive=True)
         if k == self.factor:
             return {name: (getattr(self, f"amplitude_{name}"), getattr(self, f"secant_{name}"))
@@ -140,18 +143,37 @@ def _interpolated(xs, plus, minus, secant, k):
     return A, float((1 - t) * secant[j - 1] + t * secant[j])
 
 
+#: doublings of the amplitude tried past the grid's end before a profile is declared never
+#: to reach k·f(0) (2⁴⁰ ≈ 10¹²: a bounded loss, e.g. along a scale-invariant direction)
+BEYOND_GRID_DOUBLINGS = 40
+
+
 def _crossing(xs, plus, minus, k, loss_at, L0, lam):
-    """(A_k, s(A_k)/λ₁): the grid brackets the first crossing of max f(±x) = k·f(0); Brent's
-    method solves it inside the bracket (from 0 when the first grid point is already above,
-    f(0)/f(0) = 1 < k) with the exact loss `loss_at(x)`, and the secant is evaluated there."""
+    """(A_k, s(A_k)/λ₁): the grid brackets the first crossing of max f(±x) = k·f(0) (from 0
+    when the first grid point is already above, f(0)/f(0) = 1 < k; past the grid's end by
+    doubling the amplitude up to `BEYOND_GRID_DOUBLINGS` times when the profile has not got
+    there yet); Brent's method solves it inside the bracket with the exact loss
+    `loss_at(x)`, and the secant is evaluated there. NaN if it is never reached."""
     from scipy.optimize import brentq
 
+    def excess(x):
+        return max(loss_at(x), loss_at(-x)) / L0 - k if x > 0 else 1.0 - k
+
     j = _bracket(plus, minus, k)
-    if j is None:
-        return float("nan"), float("nan")
-    lo = 0.0 if j == 0 else float(xs[j - 1])
-    A = brentq(lambda x: max(loss_at(x), loss_at(-x)) / L0 - k if x > 0 else 1.0 - k,
-               lo, float(xs[j]), xtol=1e-300, rtol=1e-9)
+    if j is not None:
+        lo, hi = (0.0 if j == 0 else float(xs[j - 1])), float(xs[j])
+    else:
+        lo = hi = float(xs[-1])
+        for _ in range(BEYOND_GRID_DOUBLINGS):
+            lo, hi = hi, 2.0 * hi
+            e = excess(hi)
+            if not math.isfinite(e):
+                return float("nan"), float("nan")
+            if e > 0:
+                break
+        else:
+            return float("nan"), float("nan")
+    A = brentq(excess, lo, hi, xtol=1e-300, rtol=1e-9)
     fp, fm = loss_at(A), loss_at(-A)
     return float(A), float((fp + fm - 2 * L0) / A ** 2 / lam)
 

@@ -139,7 +139,8 @@ class LRTransfer(Result):
     and "curved" only (None otherwise): linearized_lr α_lin(B) (n_B,), the linearised (or
     curved) network's threshold; correction the bracket 1 − (1 − s_lin/s_real)·λ/λ'_ρ(B)
     (n_B,; ones where not applied, and for "curved"); correction_applied (False where
-    s_lin/s_real > 1, module docstring, and for "curved"); secant_ratio s_lin/s_real (NaN
+    s_lin/s_real > 1, module docstring, where it is NaN — a loss along u bounded below the
+    tolerance, with a warning — and for "curved"); secant_ratio s_lin/s_real (NaN
     for "curved"); rank; factor and
     steps of the threshold; rank_change (n_B,) the anchored shape at 2·rank over the one
     at rank (`rank_check=True`)."""
@@ -550,16 +551,17 @@ def _linearized_shape(model, loss_fn, data, batch_sizes, lam, eff, *, momentum, 
     else:
         prof = loss_along_top(model, loss_fn, data, factor=factor, seed=seed)    # cheap: first
         ratio = prof.secant_ratio
-        if not np.isfinite(ratio):
-            raise ValueError(f"the loss along the top eigenvector never reaches {factor:g}× its "
-                             f"start ({prof.L0:.4g}) on the profile's grid (up to "
-                             f"{prof.amplitudes[-1]:.4g} along u, λ₁ = {prof.lam:.4g}); the "
-                             "correction is undefined (use form='directional' or a smaller "
-                             "factor)")
         lin = threshold(rank)
         corr = secant_correction(lam, eff, ratio)
         applied = bool(correction_applies(ratio))
-        if not applied:
+        if not np.isfinite(ratio):
+            warnings.warn(f"transfer_lr: the {'real' if np.isnan(prof.amplitude_real) else 'linearised'}"
+                          f" loss along the top eigenvector never reaches {factor:g}× its start "
+                          f"({prof.L0:.4g}; a loss bounded along u, followed to 2⁴⁰× the profile's "
+                          "grid), so the secant correction is undefined; the uncorrected "
+                          "linearised threshold is used (correction_applied=False). Compare "
+                          "form='directional', or a smaller factor", stacklevel=3)
+        elif not applied:
             warnings.warn(f"transfer_lr: the real loss along the top eigenvector is flatter than "
                           f"the linearised network's (s_lin/s_real = {ratio:.4g} > 1), where the "
                           "secant correction does not apply; the uncorrected linearised threshold "
