@@ -495,6 +495,13 @@ def test_seed_none_means_fresh_entropy_at_every_entry_point():
                                             hessian_samples=4, seed=s),
         "transfer_lr": lambda s: nets.transfer_lr(model, CE, d, [4], reference=(4, 0.1),
                                                   form="directional", seed=s),
+        # the Adam paths went through gradient_noise, which passed None on to int()
+        "gradient_noise": lambda s: nets.gradient_noise(
+            model, CE, d, hessian_samples=4, seed=s),
+        "predict_adam_max_lr": lambda s: nets.predict_adam_max_lr(model, CE, d, [4], seed=s),
+        "adam_transfer_lr": lambda s: nets.transfer_lr(
+            model, CE, d, [4], reference=(4, 0.1), optimizer="adam", form="mean_square",
+            seed=s),
     }
     for name, call in calls.items():
         out = call(None)
@@ -505,7 +512,9 @@ def test_seed_none_means_fresh_entropy_at_every_entry_point():
         assert isinstance(seed, int) and seed >= 0, name
         again = call(seed)
         key = {"predict_batch_top_eigenvalue": "directional", "transfer_lr": "lr",
-               "measure_batch_top_eigenvalue": "values", "lr_table": "sgd_measured"}[name]
+               "measure_batch_top_eigenvalue": "values", "lr_table": "sgd_measured",
+               "gradient_noise": "tr_HSigma", "predict_adam_max_lr": "lr",
+               "adam_transfer_lr": "predicted"}[name]
         np.testing.assert_array_equal(np.asarray(out[key]), np.asarray(again[key]), name)
 
 

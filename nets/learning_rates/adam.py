@@ -81,6 +81,7 @@ from nets.learning_rates.lr_search import (
 from nets.utils.data_source import as_data_source, tensors_for
 from nets.utils.progress import progress_bar
 from nets.utils.results import Result, result
+from nets.utils.seeding import resolved_seed
 from rmt.lr import adam_ms_max_lr, momentum_noise_gain
 from rmt.sampling import batch_noise_factor
 from rmt.validation import as_float, as_int, as_seed
@@ -393,7 +394,9 @@ class AdamPrediction(Result):
     s2 (s̃²(B)), lam_batch (λ̃'(B) = λ̃ + c·s̃²/λ̃), beta1, eps, N, preconditioner
     ("noise_model" or "given"); form ("mean_square" or "deterministic"),
     lr_mean_square (F/λ̃'_β(B), λ̃'_β = λ̃ + G·c·s̃²/λ̃, G = (1+β₁)/(1−β₁),
-    `rmt.lr.adam_ms_max_lr`), lr_deterministic (F/λ̃'(B)), noise_gain G."""
+    `rmt.lr.adam_ms_max_lr`), lr_deterministic (F/λ̃'(B)), noise_gain G; seed (the int
+    the Lanczos starts and noise passes were seeded with: drawn from fresh entropy for
+    seed=None, so that passing it back repeats the prediction)."""
 
     batch_sizes: np.ndarray
     lr: np.ndarray
@@ -408,6 +411,7 @@ class AdamPrediction(Result):
     lr_mean_square: np.ndarray
     lr_deterministic: np.ndarray
     noise_gain: float
+    seed: int | None = None
 
 
 ADAM_FORMS = ("mean_square", "deterministic")
@@ -487,6 +491,7 @@ def predict_adam_max_lr(model, loss_fn, data, batch_sizes, *, betas=None, eps=No
                              f"eps={own.eps} (leave eps out to use the optimizer's)")
         eps = own.eps
     eps = 1e-8 if eps is None else as_float("eps", eps, nonnegative=True)
+    seed = resolved_seed("seed", seed)          # None: one int from fresh entropy, recorded
     F = adam_factor(b1)
     kind = "given"
     if preconditioner is None:
@@ -515,7 +520,8 @@ def predict_adam_max_lr(model, loss_fn, data, batch_sizes, *, betas=None, eps=No
     ms = np.array([adam_ms_max_lr(int(B), lm, sv, N, b1) for B, lm, sv in zip(bs, lam, s2)])
     return AdamPrediction(bs, ms if form == "mean_square" else det, lam, s2, lam_b, b1,
                           float(eps), N, kind, form=form, lr_mean_square=ms,
-                          lr_deterministic=det, noise_gain=momentum_noise_gain(b1))
+                          lr_deterministic=det, noise_gain=momentum_noise_gain(b1),
+                          seed=seed if isinstance(seed, int) else None)
 
 
 def adam_noise_floor_lr(grad_mean, grad_var, batch_sizes, N, *, excess_loss, eps=1e-8) -> np.ndarray:
@@ -554,7 +560,9 @@ class AdamTransfer(Result):
     batch_sizes, lr (α₀·α_pred(B)/α_pred(B₀)), reference (B₀, α₀), predicted (the
     AdamPrediction's absolute stability limits; for form "linearized" the corrected
     linearised-Adam thresholds), sqrt_rule (α₀√(B/B₀)), linear_rule (α₀·B/B₀), form,
-    beta1 (β₁ of the transfer; NaN if not recorded)."""
+    beta1 (β₁ of the transfer; NaN if not recorded), seed (the int the prediction was
+    seeded with, drawn from fresh entropy for seed=None; None when a given `prediction`
+    did not record one)."""
 
     batch_sizes: np.ndarray
     lr: np.ndarray
@@ -564,6 +572,7 @@ class AdamTransfer(Result):
     linear_rule: np.ndarray
     form: str
     beta1: float = float("nan")
+    seed: int | None = None
 
     def with_reference(self, reference) -> "AdamTransfer":
         """The same transfer anchored at another (B₀, α₀), B₀ one of `batch_sizes`: the
@@ -638,6 +647,9 @@ def adam_transfer_lr(model, loss_fn, data, batch_sizes, *, reference, betas=None
                          f"replacement), got {B0}")
     bs = np.array([as_int("batch_sizes", b, minimum=1) for b in np.atleast_1d(batch_sizes)])
     allb = np.unique(np.r_[bs, B0])
+    given_prediction = prediction is not None
+    if not given_prediction:
+        seed = resolved_seed("seed", seed)      # None: one int from fresh entropy, recorded
     if prediction is None and form in ADAM_MODEL_FORMS:
         from nets.learning_rates.adam_linearized import linearized_adam_threshold
         from nets.learning_rates.transfer import refuse_params_for_linearized
@@ -674,7 +686,9 @@ def adam_transfer_lr(model, loss_fn, data, batch_sizes, *, reference, betas=None
     b1 = _beta1_of(prediction)                               # the prediction's own β₁
     b1 = float(betas[0]) if b1 is None else b1
     warn_adam_transfer(form, b1, bs, B0, who="adam_transfer_lr")
-    return AdamTransfer(bs, lr, (B0, a0), pred, a0 * np.sqrt(bs / B0), a0 * bs / B0, form, b1)
+    used = getattr(prediction, "seed", None) if given_prediction else seed
+    return AdamTransfer(bs, lr, (B0, a0), pred, a0 * np.sqrt(bs / B0), a0 * bs / B0, form, b1,
+                        seed=used if isinstance(used, int) else None)
 
 
 def _beta1_of(prediction):

@@ -49,8 +49,9 @@ from nets.utils.data_source import as_data_source, check_indices
 from nets.utils.memory import product_chunk
 from nets.utils.progress import progress_bar
 from nets.utils.results import Result, result
+from nets.utils.seeding import resolved_seed
 from nets.utils.vmapping import vmap_or_loop
-from rmt.validation import as_int, as_seed
+from rmt.validation import as_int
 
 __all__ = ["GradientNoise", "per_sample_gradients", "gradient_noise"]
 
@@ -171,7 +172,7 @@ def gradient_noise(model, loss_fn, data, *, hessian_samples=32, hessian=True, pa
     """
     src = _source(data)
     N = src.N
-    seed = as_seed("seed", seed)
+    seed = resolved_seed("seed", seed)
     ps = _PerSample(model, loss_fn, params, device, dtype, policy)
     chunk_size = _chunk(chunk_size, memory, ps, src)
     P = ps.layout.P
