@@ -412,3 +412,17 @@ def test_another_run_on_the_same_file_is_refused(tmp_path):
     assert same.recorded_steps() == [1, 6, 11, 16]
     for a, b in zip(first.records, same.records):
         assert a.to_dict() == b.to_dict()
+
+
+def test_summed_and_weighted_losses_warn_at_construction():
+    # with n_batches=0 nothing warned, and a summed loss gave a max_lr at B=1 54× too low
+    X, y = _data()
+    model = _model()
+    summed = lambda out, t: CE(out, t, reduction="sum")
+    weighted = lambda out, t: CE(out, t, weight=torch.tensor([1.0, 4.0, 0.2], dtype=torch.float64))
+    for loss, what in [(summed, "summed"), (weighted, "weighted mean")]:
+        with pytest.warns(UserWarning, match=what):
+            CurvatureMonitor(model, loss, (X, y), batch_size=8, n_batches=0, lr=0.1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*loss_fn")
+        CurvatureMonitor(model, CE, (X, y), batch_size=8, n_batches=0, lr=0.1)

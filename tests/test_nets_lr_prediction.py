@@ -470,3 +470,40 @@ def test_acceptance_adam_exponent_on_noisy_regression():
                  adam_batches=[1, 4, 16, 64], n_naive=2, rel_tol=0.05)
     f = r["adam_exponent"]
     assert 0.35 <= f.exponent <= 0.7, f
+
+
+def test_lr_table_plot_labels_the_fixed_batch_column_apart_from_the_momentum_limit(small_ls):
+    # sgd_measured is F/E λ_max(H_B) with F = 2(1+ρ)/(1−τ): no (1+ρ)/(1−ρ) gain on the batch
+    # noise, unlike sgd_momentum; it was drawn as "SGD, from measured batch curvature" next to
+    # "SGD with momentum"
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    p, model, loss_fn, data, bs, t = small_ls
+    np.testing.assert_allclose(t.sgd_measured, 2 * 1.5 / t.lam_batch_mean, rtol=1e-12)  # ρ = .5
+    fig = plt.figure()
+    try:
+        labels = {ln.get_label(): ln for ln in t.plot().get_lines()}
+    finally:
+        plt.close(fig)
+    fixed = [k for k in labels if "fixed-batch" in k]
+    assert len(fixed) == 1 and "no momentum noise gain" in fixed[0]
+    assert not fixed[0].startswith("SGD")
+    np.testing.assert_array_equal(labels[fixed[0]].get_ydata(), t.sgd_measured)
+    momentum = [k for k in labels if "momentum" in k and k not in fixed]
+    assert momentum == ["SGD with momentum (mean-square limit)"]
+    np.testing.assert_array_equal(labels[momentum[0]].get_ydata(), t.sgd_momentum)
+    assert "fixed-batch limit" in LRTable.__doc__
+
+
+def test_fit_scaling_exponent_refuses_bad_batch_sizes_and_levels():
+    # B = 0 printed LAPACK messages and raised LinAlgError; level = 2 gave a NaN interval
+    lrs = [0.1, 0.2, 0.3]
+    for bs in ([0, 2, 4], [-1, 2, 4]):
+        with pytest.raises(ValueError, match="batch_sizes must be > 0"):
+            fit_scaling_exponent(bs, lrs)
+    for level in (2.0, 1.0, 0.0, -0.5, float("nan")):
+        with pytest.raises(ValueError, match="level"):
+            fit_scaling_exponent([1, 2, 4], lrs, level=level)
+    f = fit_scaling_exponent([1, 2, 4, 8], [0.1, 0.2, 0.4, 0.7], level=0.5)
+    assert f.ci_low < f.exponent < f.ci_high and f.level == 0.5

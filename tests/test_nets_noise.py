@@ -152,3 +152,23 @@ def test_bad_input():
     with pytest.raises(ValueError, match="train_batch_stats"):
         directional_noise(bn, loss_fn, (X, y), torch.ones(47, dtype=torch.float64),
                           policy="train_batch_stats")
+
+
+def test_summed_and_weighted_losses_warn():
+    # a summed loss multiplied s_u² by the samples per evaluation (0.85 → 646 on a
+    # 120-sample MLP) and a class-weighted mean changed it, both without a word
+    import warnings
+    model, X, y, _ = make("classifier", N=15)
+    u = torch.ones(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    summed = lambda out, t: nn.functional.cross_entropy(out, t, reduction="sum")
+    weighted = lambda out, t: nn.functional.cross_entropy(
+        out, t, weight=torch.tensor([1.0, 4.0, 0.2], dtype=torch.float64))
+    for loss, what in [(summed, "summed"), (weighted, "weighted mean")]:
+        with pytest.warns(UserWarning, match=what):
+            directional_noise(model, loss, (X, y), u, exact=True)
+        with pytest.warns(UserWarning, match=what):
+            isotropic_noise(model, loss, (X, y), num_probes=2, exact=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*loss_fn")
+        directional_noise(model, CE, (X, y), u, exact=True)
+        isotropic_noise(model, CE, (X, y), num_probes=2, exact=True)

@@ -269,8 +269,13 @@ def test_max_lr_nondecreasing_in_B_and_exact_at_B_equals_N(lam, s2, N, momentum,
     assert all(a <= b * (1 + 1e-12) for a, b in zip(sgd, sgd[1:]))
     assert sgd[-1] == pytest.approx(2 * (1 + momentum) / lam, rel=1e-12)   # c(N, N) = 0
     assert math.isfinite(sgd[0]) and sgd[0] > 0
-    adam = [L.adam_max_lr(int(B), lam, s2, g2, gv, N=N) for B in Bs]
-    assert all(math.isfinite(a) and a >= 0 for a in adam)
+    for B in Bs:            # eps = 0: D = 1/√v is infinite where v = ḡ² + c·var is 0
+        if g2 + rmt.batch_noise_factor(int(B), N) * gv > 0:
+            a = L.adam_max_lr(int(B), lam, s2, g2, gv, N=N)
+            assert math.isfinite(a) and a > 0
+        else:
+            with pytest.raises(ValueError, match="eps"):
+                L.adam_max_lr(int(B), lam, s2, g2, gv, N=N)
 
 
 def test_rng_and_seed_arguments_are_checked():

@@ -101,3 +101,96 @@ def test_bad_inputs(small):
         stochastic_sharpness_gap(0.1, 8, {"sharpening": 1.0})
     with pytest.raises(ValueError):
         stochastic_sharpness_gap(-0.1, 8, SharpnessGapTerms(1.0, 1.0, 1.0, 1.0, 1.0, 10))
+
+
+class _Chans(nn.Module):
+    """(n, 6) -> (n, 2, 3) -> InstanceNorm1d(2) -> (n, 6)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.InstanceNorm1d(2, affine=True)
+
+    def forward(self, h):
+        return self.norm(h.reshape(-1, 2, 3)).reshape(-1, 6)
+
+
+def _hand_norm(kind, h, w, b, eps=1e-5):
+    """The oracle's normalisation, written out (no torch norm kernel): LayerNorm over the
+    6 features, or InstanceNorm over 3 features in each of 2 channels."""
+    z = h if kind.startswith("layer") else h.reshape(-1, 2, 3)
+    mu = z.mean(-1, keepdim=True)
+    var = ((z - mu) ** 2).mean(-1, keepdim=True)
+    z = (z - mu) / torch.sqrt(var + eps)
+    if kind == "instance":
+        z = (z * w[:, None] + b[:, None]).reshape(-1, 6)
+    elif w is not None:
+        z = z * w + b
+    return z
+
+
+@pytest.mark.parametrize("kind", ["layer_affine", "layer_plain", "instance"])
+def test_terms_with_norm_layers_match_finite_differences(kind):
+    # torch's LayerNorm / InstanceNorm kernels have a wrong third derivative (β was 4-6 %
+    # low, α 6-7 % high): the oracle is a hand-written network without them, ∇S by central
+    # differences of uᵀHu with H·u by double backward of that network
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(30, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (30,), generator=g)
+    torch.manual_seed(2)
+    norm = {"layer_affine": lambda: nn.LayerNorm(6),
+            "layer_plain": lambda: nn.LayerNorm(6, elementwise_affine=False),
+            "instance": _Chans}[kind]()
+    model = nn.Sequential(nn.Linear(4, 6), norm, nn.Tanh(), nn.Linear(6, 3)).double()
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=torch.float64))
+    shapes = [p.shape for p in model.parameters()]
+    theta0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    P = theta0.numel()
+
+    def flat_loss(theta):
+        parts, i = [], 0
+        for s in shapes:
+            k = int(np.prod(s))
+            parts.append(theta[i:i + k].reshape(s))
+            i += k
+        W1, b1, *mid, W2, b2 = parts
+        h = _hand_norm(kind, X @ W1.T + b1, *(mid or [None, None]))
+        return F.cross_entropy(torch.tanh(h) @ W2.T + b2, y)
+
+    def hvp(theta, v):
+        th = theta.clone().requires_grad_(True)
+        gr = torch.autograd.grad(flat_loss(th), th, create_graph=True)[0]
+        return torch.autograd.grad(gr @ v, th)[0]
+
+    H = torch.stack([hvp(theta0, e) for e in torch.eye(P, dtype=torch.float64)])
+    u = torch.linalg.eigh((H + H.T) / 2)[1][:, -1]
+    h = 1e-4
+    gS = torch.stack([(u @ hvp(theta0 + h * e, u) - u @ hvp(theta0 - h * e, u)) / (2 * h)
+                      for e in torch.eye(P, dtype=torch.float64)])
+    th = theta0.clone().requires_grad_(True)
+    gL = torch.autograd.grad(flat_loss(th), th)[0]
+    g_perp = gL - (gL @ u) * u
+    t = sharpness_gap_terms(model, F.cross_entropy, (X, y), u)
+    assert t.S == pytest.approx(float(u @ hvp(theta0, u)), rel=1e-10)
+    assert t.stabilisation == pytest.approx(float(gS @ gS), rel=1e-5)
+    assert t.sharpening == pytest.approx(float(-(g_perp @ gS)), rel=1e-5)
+    assert t.sharpening_raw == pytest.approx(float(-(gL @ gS)), rel=1e-4)   # h² error
+    # the third-order pass leaves torch's own layer in place
+    assert type(model[1]).forward is type(norm).forward
+    assert torch.equal(torch.cat([p.detach().reshape(-1) for p in model.parameters()]), theta0)
+
+
+def test_summed_and_weighted_losses_warn(small):
+    import warnings
+    model, X, y, *_, u = small
+    summed = lambda out, t: F.cross_entropy(out, t, reduction="sum")
+    weighted = lambda out, t: F.cross_entropy(
+        out, t, weight=torch.tensor([1.0, 4.0, 0.2], dtype=torch.float64))
+    with pytest.warns(UserWarning, match="summed"):
+        sharpness_gap_terms(model, summed, (X, y), u)
+    with pytest.warns(UserWarning, match="weighted mean"):
+        sharpness_gap_terms(model, weighted, (X, y), u)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*loss_fn")
+        sharpness_gap_terms(model, F.cross_entropy, (X, y), u)

@@ -401,9 +401,10 @@ _COLUMNS = ("sgd_iso_clipped", "sgd_iso_unclipped", "sgd_directional", "sgd_mome
             "sgd_measured", "lam_batch_mean", "lam_batch_std", "adam_closed", "adam_measured",
             "adam_lam_mean", "adam_lam_std", "greedy_optimal", "min_damping")
 #: the learning-rate columns `LRTable.plot` draws, with their labels
-_LR_COLUMNS = {"sgd_directional": "SGD, directional", "sgd_momentum": "SGD with momentum",
+_LR_COLUMNS = {"sgd_directional": "SGD, directional",
+               "sgd_momentum": "SGD with momentum (mean-square limit)",
                "sgd_iso_clipped": "SGD, isotropic (clipped)",
-               "sgd_measured": "SGD, from measured batch curvature",
+               "sgd_measured": "fixed-batch limit F/E λ_max(H_B) (no momentum noise gain)",
                "adam_closed": "Adam, closed form",
                "adam_measured": "Adam, from measured batch curvature",
                "greedy_optimal": "greedy optimum (McCandlish)"}
@@ -422,7 +423,12 @@ class LRTable(Result):
     2(1+ρ)/((1−τ)·λ'_ρ(B)), λ'_ρ = λ_1 + (1+ρ)/(1−ρ)·c·s_u²/λ_1,
     `rmt.lr.sgd_momentum_ms_max_lr`; Nesterov: its mean-square limit
     `rmt.lr.sgd_nesterov_ms_max_lr`),
-    sgd_measured (F/E λ_max(H_B); NaN if not measured), lam_batch_mean/std,
+    sgd_measured (F/E λ_max(H_B), F = `OptimizerSettings.sgd_factor`; NaN if not
+    measured: the fixed-batch limit — the momentum factor applied to the measured mean
+    batch sharpness, with no (1+ρ)/(1−ρ) gain on the batch noise — so with momentum it is
+    NOT the momentum limit `sgd_momentum` and can lie far above it at small B: ρ = 0.9,
+    τ = 0.5, N = 150 gave 14× at B = 2; without momentum the two agree up to the
+    measurement), lam_batch_mean/std,
     adam_closed, adam_measured (F/E λ_max(D^{1/2}H_BD^{1/2})), adam_lam_mean/std — the
     "measured" columns are limits from measured batch curvature, not measured training
     thresholds (those: `nets.lr_search.training_threshold`, `adam_threshold`),
@@ -719,9 +725,15 @@ def fit_scaling_exponent(batch_sizes, lrs, max_batch=None, level=0.95) -> Scalin
     lrs: array (n_B,) or (n_B, n_seeds) (each seed a separate point; NaNs are missing
     measurements and are dropped; a non-positive lr raises ValueError).
     The confidence interval is the t-interval k ± t_{level, n−2}·se(k); with exactly two
-    points the slope is returned with an infinite interval.
+    points the slope is returned with an infinite interval. batch_sizes must be > 0 and
+    level in (0, 1) (ValueError otherwise).
     """
     bs = as_array("batch_sizes", batch_sizes, ndim=1)
+    if np.any(bs <= 0):
+        raise ValueError(f"batch_sizes must be > 0 (log B is fitted), got {bs.tolist()}")
+    level = as_float("level", level, positive=True)
+    if not level < 1:
+        raise ValueError(f"level must be a confidence level in (0, 1), got {level}")
     a = np.asarray(lrs, dtype=float)
     if a.shape[0] != bs.shape[0]:
         raise ValueError(f"lrs must have {bs.shape[0]} rows (one per batch size), got {a.shape[0]}")

@@ -68,6 +68,7 @@ import numpy as np
 import torch
 
 from nets.algorithms.lanczos import eigsh
+from nets.curvature.loss_check import check_mean_reduced
 from nets.curvature.operators import check_policy, curvature_operator
 from nets.curvature.params import ParamLayout
 from nets.learning_rates.lr_prediction import optimizer_settings, warn_partial_optimizer
@@ -219,7 +220,8 @@ class CurvatureMonitor:
     Parameters
     ----------
     model, loss_fn, data : the network, the mean-reduced loss and the training data in any
-        form of `nets.utils.data_source` (pair, Dataset, non-shuffling DataLoader).
+        form of `nets.utils.data_source` (pair, Dataset, non-shuffling DataLoader); a summed
+        or weighted-mean loss warns once, at construction (`check_mean_reduced`).
     batch_size : the training batch B.
     every : record every `every` steps (None: as often as the budget allows).
     budget : the largest fraction of wall time the monitor may use (default 0.1).
@@ -267,6 +269,7 @@ class CurvatureMonitor:
         self.tracker = CurvatureTracker(model, loss_fn, data, kind=kind, tol=tol, params=params,
                                         policy=policy, chunk_size=chunk_size, device=device,
                                         dtype=dtype, seed=self.seed)
+        check_mean_reduced(model, loss_fn, source)      # once: a summed / weighted loss warns
         self._clock = time.perf_counter if clock is None else clock
         layout = ParamLayout.from_module(model, params)
         model_dtype = model_place(model)[1]

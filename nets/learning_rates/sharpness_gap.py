@@ -31,6 +31,25 @@ oscillation (on the digits MLP at the edge it was negative at most checkpoints).
 ∇L⊥ = ∇L − (∇L·u)u, as the estimate of ∇L(θ†) (`sharpening_raw` keeps −∇L·∇S); β and
 ∇S are taken at the iterate (their change over one oscillation is second order).
 
+Normalisation layers. torch's own LayerNorm kernel (and InstanceNorm's, which runs
+through the batch-norm kernel) has a wrong third derivative (torch 2.13, CPU, float64:
+triple backward and forward-over-reverse alike): on a small MLP with an nn.LayerNorm
+β came out 4-6 % low and α 6-7 % high against central finite differences of uᵀHu
+(ΔS about 10 % low); the first and second derivatives are right. The third-order pass
+therefore computes `F.layer_norm`, `torch.layer_norm` and `F.instance_norm` (with input
+statistics) through a decomposed implementation — mean, centred variance, division by
+√(var + ε), then the affine weight and bias, the same function in plain tensor
+operations — intercepted with a `torch.overrides.TorchFunctionMode` while that pass
+runs, so the model is never modified and a custom module that calls `F.layer_norm`
+is covered too. (Instance norm's running-statistics update is skipped there: the pass
+works on copies of the buffers.) GroupNorm, RMSNorm and BatchNorm in eval mode were
+checked the same way and are right (relative error ≤ 1e-6) and are left as they are.
+
+Loss. `loss_fn` must be the plain mean of per-sample losses; `check_mean_reduced`
+warns on a summed loss (every term then scales with the chunk size) and on a weighted
+mean (class weights, ignore_index), for which L is taken as the size-weighted mean of
+the chunk losses, so S, α and β depend on `chunk_size` and v_u ignores the weights.
+
 Cost: one pass over the data with a third-order product (forward, backward,
 forward-over-backward and its backward: a few gradient costs; ∇L is that pass's primal,
 not a pass of its own) and one forward-mode pass
@@ -43,8 +62,11 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.func import grad, jvp
+from torch.overrides import TorchFunctionMode
 
+from nets.curvature.loss_check import check_mean_reduced
 from nets.curvature.operators import check_policy, policy_mode, resolve_device_dtype
 from nets.curvature.params import ParamLayout, functional_loss, make_functional
 from nets.utils.data_source import as_data_source
@@ -73,12 +95,57 @@ class SharpnessGapTerms(Result):
     sharpening_raw: float = float("nan")
 
 
+def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *_, **__):
+    """F.layer_norm in plain tensor operations (biased variance over the last dims)."""
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    dims = tuple(range(-len(normalized_shape), 0))
+    centred = input - input.mean(dims, keepdim=True)
+    out = centred / torch.sqrt((centred * centred).mean(dims, keepdim=True) + eps)
+    if weight is not None:
+        out = out * weight
+    return out if bias is None else out + bias
+
+
+def _instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
+                   use_input_stats=True, momentum=0.1, eps=1e-5):
+    """F.instance_norm with input statistics in plain tensor operations (per sample and
+    channel over the spatial dims; the running statistics are not updated)."""
+    dims = tuple(range(2, input.ndim))
+    centred = input - input.mean(dims, keepdim=True)
+    out = centred / torch.sqrt((centred * centred).mean(dims, keepdim=True) + eps)
+    shape = (1, -1) + (1,) * (input.ndim - 2)
+    if weight is not None:
+        out = out * weight.reshape(shape)
+    return out if bias is None else out + bias.reshape(shape)
+
+
+class _DecomposedNorms(TorchFunctionMode):
+    """Layer and instance norm through `_layer_norm` / `_instance_norm` (module docstring:
+    torch's kernels have a wrong third derivative); every other call as it is."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.layer_norm or func is torch.layer_norm:
+            return _layer_norm(*args, **kwargs)
+        if func is F.instance_norm:
+            bound = dict(zip(("input", "running_mean", "running_var", "weight", "bias",
+                              "use_input_stats", "momentum", "eps"), args), **kwargs)
+            if bound.get("use_input_stats", True):
+                return _instance_norm(**bound)
+        return func(*args, **kwargs)
+
+
 def sharpness_gap_terms(model, loss_fn, data, u, *, params=None, policy=None, chunk_size=256,
                         device=None, dtype=torch.float64) -> SharpnessGapTerms:
     """α, β and v_u at the model's current weights for the unit direction u (P,), e.g. the
     top eigenvector of the full-data Hessian. data : any form of `nets.utils.data_source`
-    (the mean loss over it is L); loss_fn(outputs, targets) must return the batch mean.
-    chunk_size : samples per chunk (the full-data quantities are sums over chunks)."""
+    (the mean loss over it is L); loss_fn(outputs, targets) must return the batch mean
+    (a summed or weighted-mean loss warns, `nets.curvature.loss_check.check_mean_reduced`;
+    module docstring). chunk_size : samples per chunk (the full-data quantities are sums
+    over chunks). LayerNorm and InstanceNorm are differentiated through a decomposed
+    implementation in the third-order pass (module docstring: torch's own third derivative
+    of them is wrong)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(loss_fn):
@@ -89,6 +156,7 @@ def sharpness_gap_terms(model, loss_fn, data, u, *, params=None, policy=None, ch
     if N < 2:
         raise ValueError("data must hold at least 2 samples")
     chunk = as_int("chunk_size", chunk_size, minimum=1)
+    check_mean_reduced(model, loss_fn, src)
     layout = ParamLayout.from_module(model, params)
     dev, dt = resolve_device_dtype(model, layout.names, device, dtype)
     prim, frozen = make_functional(model, layout.names, device=dev, dtype=dt)
@@ -122,7 +190,8 @@ def sharpness_gap_terms(model, loss_fn, data, u, *, params=None, policy=None, ch
         for X, Y in src.batches(chunk, device=dev, dtype=dt):
             w = X.shape[0] / N
             try:
-                gs, (s, g) = torch.func.grad_and_value(s_along_u, has_aux=True)(prim, X, Y)
+                with _DecomposedNorms():
+                    gs, (s, g) = torch.func.grad_and_value(s_along_u, has_aux=True)(prim, X, Y)
             except NotImplementedError as exc:
                 raise ValueError(
                     "the third-order pass (forward mode over reverse mode) needs every layer "

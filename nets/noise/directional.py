@@ -66,6 +66,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from nets.curvature.loss_check import check_mean_reduced
 from nets.curvature.operators import ModelCurvatureOperator, curvature_operator
 from nets.utils.memory import product_chunk
 from nets.utils.progress import progress_bar
@@ -395,9 +396,13 @@ def directional_noise(model, loss_fn, data, u, *, micro_batch=1, kind="hessian",
     rel_error, max_samples : the sampled estimate stops at this relative standard error
     or this many samples; exact=True: every sample (the exhaustive pass).
     Samples are fetched chunk by chunk by random access, never all at once.
+    loss_fn must be the plain mean of per-sample losses: a summed loss (s_u² off by the
+    number of samples in each evaluation) or a weighted mean (class weights, ignore_index)
+    warns (`nets.curvature.loss_check.check_mean_reduced`).
     """
     op = curvature_operator(model, loss_fn, data, kind=kind, params=params, device=device,
                             dtype=dtype, policy=policy, cache_graph=False)
+    check_mean_reduced(model, loss_fn, op.source)       # warns on a summed / weighted loss
     return directional_noise_from_operator(op, u, micro_batch=micro_batch, chunk_size=chunk_size,
                                            seed=seed, progress=progress, rel_error=rel_error,
                                            max_samples=max_samples, exact=exact, memory=memory)
@@ -408,9 +413,10 @@ def isotropic_noise(model, loss_fn, data, *, num_probes=10, micro_batch=1, kind=
                     progress=None, rel_error=DEFAULT_REL_ERROR, max_samples=None, exact=False,
                     memory=None) -> NoiseEstimate:
     """Isotropic-model noise P·σ²_avg = E_v[s_v²] (random unit v) on `data`; sampling
-    options as `directional_noise`."""
+    options and the loss check as `directional_noise`."""
     op = curvature_operator(model, loss_fn, data, kind=kind, params=params, device=device,
                             dtype=dtype, policy=policy, cache_graph=False)
+    check_mean_reduced(model, loss_fn, op.source)       # warns on a summed / weighted loss
     return isotropic_noise_from_operator(op, num_probes=num_probes, micro_batch=micro_batch,
                                          chunk_size=chunk_size, seed=seed, progress=progress,
                                          rel_error=rel_error, max_samples=max_samples,
