@@ -130,6 +130,35 @@ def secant_ratio_now(name):
     return loss_along_top(model, loss_fn, data, factor=10.0, seed=0).secant_ratio
 
 
+def adam_resecant(name, row, beta1):
+    """A stored linearised-Adam row (`run_adam(form="linearized")`) with its secant ratios
+    re-measured at the same warmed states (`adam_linearized.secant_at_warmed_states`) and
+    its corrected shape, transfer and as-derived columns re-derived; the linearised
+    thresholds are kept (old values as "secant_ratio_grid", "worst_grid")."""
+    from nets.learning_rates.adam_linearized import secant_at_warmed_states, share_correction
+    from nets.learning_rates.along_top import rescaling_as_derived
+
+    base, _, seed = name.partition("_seed")
+    model, loss_fn, data = trained_tabular_mlp(**VARIANTS[base], seed=int(seed or 0))
+    lam, r = secant_at_warmed_states(model, loss_fn, data, BATCH_SIZES, betas=(beta1, 0.999),
+                                     warm_seed=SEEDS[0])
+    lin, real = np.asarray(row["linearized"], float), np.asarray(row["real"], float)
+    q, corr = share_correction(lin, lam, beta1, r)
+    shape = lin * corr
+    out = dict(row)
+    out.setdefault("secant_ratio_grid", row["secant_ratio"])
+    out.setdefault("worst_grid", row["worst"])
+    t = transfers(real, shape)
+    B = np.asarray(BATCH_SIZES)
+    out.update(secant_ratio=r, share=q, predicted_shape=shape, transfer=t, worst=worst(t),
+               predicted_exponent=float(np.polyfit(np.log(B[B <= 128]),
+                                                   np.log(shape[B <= 128]), 1)[0]),
+               worst_as_derived=worst(transfers(real, lin * rescaling_as_derived(r, q))))
+    print(f"{name} Adam β₁ = {beta1:g}: r {np.round(row['secant_ratio'], 3)} -> {np.round(r, 3)}; "
+          f"worst {np.round(row['worst'], 2)} -> {np.round(out['worst'], 2)}", flush=True)
+    return out
+
+
 def rederive(row, momentum):
     """A stored SGD row (m = 0 or "m0.9") with every form re-derived from its stored
     thresholds (pure arithmetic, `bench_heldout_transfer.rows`), the default as
@@ -390,6 +419,8 @@ def main():
                     if r is not None and "secant_ratio" in r:
                         r.setdefault("secant_ratio_grid", r["secant_ratio"])
                         r["secant_ratio"] = ratio
+                for key in [k for k in row if k.startswith("adam_b") and k.endswith("_linearized")]:
+                    row[key] = adam_resecant(name, row[key], float(key[6:].split("_")[0]))
             if "real" in row:
                 row.update(rederive({k: v for k, v in row.items() if k in SGD_KEYS}, 0.0))
             if "m0.9" in row:
