@@ -70,7 +70,7 @@ ROWS = ("directional", "resolved", "resolved_ggn", "resolved_gn", "resolved_smal
         "resolved_5000", "resolved_5000_ggn", "resolved_5000_gn", "resolved_5000_sampled",
         "resolved_cnn", "resolved_cnn_gn", "resolved_cnn_chance", "resolved_cnn_diagnosis",
         "resolved_cnn_spikes", "lr_table", "preresnet",
-        "scaling", "transfer", "transfer_momentum")
+        "scaling", "transfer", "transfer_momentum", "transfer_resecant")
 GiB = 2**30
 BATCH_SIZES = (8, 32, 128, 512)
 
@@ -581,6 +581,32 @@ def row_transfer(quick, device, momentum=0.0):
 
 def row_transfer_momentum(quick, device):
     return row_transfer(quick, device, momentum=0.9)
+
+
+def row_transfer_resecant(quick, device):
+    """The stored rows "transfer" and "transfer_momentum" (results/bench_scale.json)
+    re-derived with the 301k MLP's secant ratio re-measured (`loss_along_top`, the crossing
+    solved since session 47; they were run with it read on the grid): the correction
+    1 − (1 − r)·λ₁/λ'_m(B) keeps its share λ₁/λ'_m(B) = (1 − c_old)/(1 − r_old), the
+    measured and linearised thresholds are kept."""
+    import numpy as np
+    from bench_heldout_transfer import transfers, worst
+
+    from nets.learning_rates.along_top import loss_along_top
+    stored = json.loads((Path(__file__).resolve().parent / "results" / "bench_scale.json")
+                        .read_text())
+    model, data = wide_digits_mlp()
+    r_new = loss_along_top(model, F.cross_entropy, data, factor=10.0, seed=0).secant_ratio
+    out = dict(row="transfer_resecant", secant_ratio=_r(r_new))
+    for key in ("transfer", "transfer_momentum"):
+        old = stored[key]
+        share = (1 - np.asarray(old["correction"], float)) / (1 - old["secant_ratio"])
+        corr = 1 - (1 - r_new) * share
+        t = transfers(old["measured"], np.asarray(old["linearized"], float) * corr)
+        out[key] = dict(secant_ratio_grid=old["secant_ratio"], correction=[_r(x) for x in corr],
+                        worst_transfer=[_r(x, 3) for x in worst(t)],
+                        upward_32_to_512=_r(t["B32"][3], 3), downward_512_to_8=_r(t["B512"][0], 3))
+    return out
 
 
 def row_preresnet(quick, device):
