@@ -200,3 +200,31 @@ def test_refuses_bad_input(tiny_mlp):
         loss_along_top(model, F.cross_entropy, (X, y), span=(2.0, 1.0))
     with pytest.raises(TypeError, match="model"):
         loss_along_top(lambda x: x, F.cross_entropy, (X, y))
+
+
+def test_crossing_with_non_finite_losses():
+    """A non-finite loss counts as above k·f(0) (as divergence does in lr_search): on the
+    grid, inside the bracket and past the grid's end; the crossing is still solved where the
+    loss is finite, and the secant is NaN, not a number, where it is not."""
+    from nets.learning_rates.along_top import _crossing
+
+    lam, L0, k = 2.0, 1.0, 10.0
+    parabola = lambda x: L0 + 0.5 * lam * x * x                        # noqa: E731
+    A_true = np.sqrt(2 * (k - 1) * L0 / lam)
+    xs = np.geomspace(0.1, 10.0, 12)
+
+    def profile(f):
+        plus = np.array([f(x) for x in xs]) / L0
+        return plus, plus.copy()
+
+    blows = lambda x: parabola(x) if abs(x) < 3.2 else float("nan")   # noqa: E731
+    plus, minus = profile(blows)       # NaN on the grid past 3.2: the first "hit" (4.04)
+    A, s = _crossing(xs, plus, minus, k, blows, L0, lam)
+    assert A == pytest.approx(A_true, rel=1e-8) and s == pytest.approx(1.0, rel=1e-8)
+    early = lambda x: parabola(x) if abs(x) < 2.9 else float("inf")   # noqa: E731
+    A, s = _crossing(xs, *profile(early), 5.0 * k, early, L0, lam)
+    assert A == pytest.approx(2.9, rel=1e-6) and np.isnan(s)          # reached by blowing up
+    short = np.geomspace(0.01, 0.5, 6)                                 # past the grid's end
+    plus = np.array([parabola(x) for x in short]) / L0
+    A, s = _crossing(short, plus, plus, k, blows, L0, lam)
+    assert A == pytest.approx(A_true, rel=1e-8) and s == pytest.approx(1.0, rel=1e-8)

@@ -21,20 +21,25 @@ max(1, 4·√(2(k−1)·f(0))/20) so that it reaches 4× the amplitude at which 
 curvature λ₁ gets to k·f(0) (a loss of order 100, as with unscaled regression targets,
 otherwise never gets there on the plain span), float64, both signs; u from
 Lanczos (k = 1, tol 1e-8) in eval mode. Cost: 2n + 1 full-data forward passes per
-profile plus one Jacobian-vector product.
+profile plus one Jacobian-vector product, and per model the crossing's solve (~20–30
+passes) and, where the grid falls short, up to 2 × 40 passes past its end.
 
 Resolution: the grid only brackets A_k (where a profile has not reached k·f(0) by the
 grid's end — a loss that grows only linearly, as a cross-entropy far from a confident
 checkpoint — the amplitude is doubled past it, up to 2⁴⁰ times, until it has; A_k is NaN
-only for a loss bounded below k·f(0) along u). Between the last point at or below k·f(0)
-and the first above it, A_k is solved to relative precision 1e-9 (Brent's method on
-max f(±x)/f(0) − k, two full-data forward passes per evaluation, ~20–30 more passes per
-profile) and s(A_k) is evaluated there, so A_k·√λ₁ and the secant ratio do not depend on
-the grid: they are unchanged when the loss is multiplied by a constant (which rescales
-λ₁ and so moves the grid). Read at the first grid point above k·f(0) instead, as before
-session 47, the ratio carried a discretisation error of up to ~4 % at n = 60 (points
-12 % apart) and `transfer_lr`'s default lr moved by 1–9 % under loss × 3 (an outside
-sweep). `LossAlongTop.at(k)` for another tolerance has only the grid: it interpolates
+only for a loss bounded below k·f(0) along u). A non-finite loss counts as above k·f(0)
+(as a non-finite loss counts as divergence in `lr_search`). Between the last point at or
+below k·f(0) and the first above it, A_k is solved to relative precision 1e-9 (Brent's
+method on max f(±x)/f(0) − k, two full-data forward passes per evaluation; bisection in
+log x first while the upper end's loss is not finite) and s(A_k) is evaluated there (NaN
+if f(±A_k) is not finite), so A_k·√λ₁ and the secant ratio do not depend on the grid:
+they are unchanged when the loss is multiplied by a constant (which rescales λ₁ and so
+moves the grid). Read at the first grid point above k·f(0) instead, as before session 47,
+the ratio carried a discretisation error of up to 7 % on the stored SGD rows (n = 60,
+points 12 % apart) and up to 13.5 % along Adam's preconditioned direction (0.863 read,
+0.980 solved, a ReLU MLP at B = 32), which also flipped whether the correction applies
+(r read 1.11, solved 0.99 on a BatchNorm CNN at B = 512); `transfer_lr`'s default lr moved
+by 1–9 % under loss × 3 (an outside sweep). `LossAlongTop.at(k)` for another tolerance has only the grid: it interpolates
 the crossing linearly in log x and log f between the two grid points that bracket it,
 and the secant linearly in log x (errors second order in the spacing).
 """
@@ -124,8 +129,10 @@ def _rayleigh(net, loss_fn, data, direction):
 
 
 def _bracket(plus, minus, k):
-    """Index j of the first grid point with max f(±x)/f(0) > k (None if none)."""
-    hit = np.maximum(plus, minus) > k
+    """Index j of the first grid point with max f(±x)/f(0) > k or not finite (None if
+    none)."""
+    top = np.maximum(plus, minus)
+    hit = (top > k) | ~np.isfinite(top)
     return int(np.argmax(hit)) if hit.any() else None
 
 
@@ -152,30 +159,42 @@ def _crossing(xs, plus, minus, k, loss_at, L0, lam):
     """(A_k, s(A_k)/λ₁): the grid brackets the first crossing of max f(±x) = k·f(0) (from 0
     when the first grid point is already above, f(0)/f(0) = 1 < k; past the grid's end by
     doubling the amplitude up to `BEYOND_GRID_DOUBLINGS` times when the profile has not got
-    there yet); Brent's method solves it inside the bracket with the exact loss
-    `loss_at(x)`, and the secant is evaluated there. NaN if it is never reached."""
+    there yet); a non-finite loss counts as above. Bisection in log x narrows the bracket
+    while its upper end's loss is not finite, then Brent's method solves it with the exact
+    loss `loss_at(x)`, and the secant is evaluated there. NaN if it is never reached."""
     from scipy.optimize import brentq
 
     def excess(x):
-        return max(loss_at(x), loss_at(-x)) / L0 - k if x > 0 else 1.0 - k
+        if x <= 0:
+            return 1.0 - k
+        e = max(loss_at(x), loss_at(-x)) / L0 - k
+        return e if math.isfinite(e) else math.inf          # NaN or inf: above
 
     j = _bracket(plus, minus, k)
     if j is not None:
         lo, hi = (0.0 if j == 0 else float(xs[j - 1])), float(xs[j])
+        e_hi = excess(hi)
     else:
         lo = hi = float(xs[-1])
         for _ in range(BEYOND_GRID_DOUBLINGS):
             lo, hi = hi, 2.0 * hi
-            e = excess(hi)
-            if not math.isfinite(e):
-                return float("nan"), float("nan")
-            if e > 0:
+            e_hi = excess(hi)
+            if e_hi > 0:
                 break
         else:
             return float("nan"), float("nan")
-    A = brentq(excess, lo, hi, xtol=1e-300, rtol=1e-9)
-    fp, fm = loss_at(A), loss_at(-A)
-    return float(A), float((fp + fm - 2 * L0) / A ** 2 / lam)
+    for _ in range(200):                  # the upper end's loss not finite: narrow first
+        if math.isfinite(e_hi) or hi <= lo * (1 + 1e-9):
+            break
+        mid = math.sqrt(lo * hi) if lo > 0 else 0.5 * hi
+        e_mid = excess(mid)
+        if e_mid > 0:
+            hi, e_hi = mid, e_mid
+        else:
+            lo = mid
+    A = brentq(excess, lo, hi, xtol=1e-300, rtol=1e-9) if math.isfinite(e_hi) else hi
+    secant = (loss_at(A) + loss_at(-A) - 2 * L0) / A ** 2 / lam
+    return float(A), float(secant) if math.isfinite(secant) else float("nan")
 
 
 def loss_along_top(model, loss_fn, data, *, factor=10.0, n=60, span=(0.02, 20.0),
