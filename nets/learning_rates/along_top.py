@@ -39,9 +39,10 @@ the ratio carried a discretisation error of up to 7 % on the stored SGD rows (n 
 points 12 % apart) and up to 13.5 % along Adam's preconditioned direction (0.863 read,
 0.980 solved, a ReLU MLP at B = 32), which also flipped whether the correction applies
 (r read 1.11, solved 0.99 on a BatchNorm CNN at B = 512); `transfer_lr`'s default lr moved
-by 1–9 % under loss × 3 (an outside sweep). `LossAlongTop.at(k)` for another tolerance has only the grid: it interpolates
-the crossing linearly in log x and log f between the two grid points that bracket it,
-and the secant linearly in log x (errors second order in the spacing).
+by 1–9 % under loss × 3 (an outside sweep). `LossAlongTop.at(k)` for another tolerance
+has only the grid: it interpolates the crossing linearly in log x and log f between the
+two grid points that bracket it, and the secant linearly in log x (errors second order
+in the spacing).
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ class LossAlongTop(Result):
     linearized_plus, linearized_minus (n,) f(±x)/f(0) of each model; real_secant,
     linearized_secant (n,) s(x)/λ₁; factor k; amplitude_real, amplitude_linearized A_k
     of each model, solved between the grid points that bracket it, or past the grid's end
-    (NaN where the profile never exceeds k·f(0): a bounded loss); secant_real, secant_linearized s(A_k)/λ₁; secant_ratio s_lin(A_k)/s_real(A_k)."""
+    (NaN where the profile never exceeds k·f(0): a bounded loss); secant_real,
+    secant_linearized s(A_k)/λ₁; secant_ratio s_lin(A_k)/s_real(A_k)."""
 
     lam: float
     L0: float
