@@ -278,6 +278,31 @@ def test_optimizer_preconditioner_goes_through_the_optimizer_checks():
             run(wd)
 
 
+def test_optimizers_from_a_callable_preconditioner_are_checked_too():
+    """preconditioner=lambda B: optimizer (one warmed state per B): each optimizer goes
+    through the same checks as a directly given one, and the prediction takes β₁ and ε
+    from them (it used 0.9 and 1e-8, and accepted maximize, silently)."""
+    model, X, y = _tiny(4, N=16)
+    mk = lambda **kw: torch.optim.Adam(model.parameters(), **kw)            # noqa: E731
+    entries = (lambda f: A.preconditioned_batch_sharpness(model, _mse, (X, y), [4, 8],
+                                                          preconditioner=f, n_batches=1),
+               lambda f: A.predict_adam_max_lr(model, _mse, (X, y), [4, 8], preconditioner=f))
+    for run in entries:
+        with pytest.raises(ValueError, match="maximize"):
+            run(lambda B: mk(maximize=True))
+        with pytest.raises(ValueError, match="differ in betas or eps"):
+            run(lambda B: mk(betas=(0.0, 0.999)) if B == 4 else mk())
+    opt = mk(betas=(0.0, 0.999), eps=1e-3)
+    _steps(model, opt, X, y, 3)
+    pred = A.predict_adam_max_lr(model, _mse, (X, y), [4, 8], preconditioner=lambda B: opt)
+    direct = A.predict_adam_max_lr(model, _mse, (X, y), [4, 8], preconditioner=opt)
+    assert pred.beta1 == 0.0 and pred.eps == 1e-3
+    np.testing.assert_allclose(pred.lr, direct.lr, rtol=1e-12)
+    ps = A.preconditioned_batch_sharpness(model, _mse, (X, y), [8], n_batches=1,
+                                          preconditioner=lambda B: opt)
+    assert ps.to_dict()["beta1"] == 0.0
+
+
 def test_amsgrad_preconditioner_reads_max_exp_avg_sq():
     """amsgrad=True: D from max_exp_avg_sq (what torch divides by), not refused."""
     model, X, y = _tiny(5, N=16)

@@ -273,6 +273,34 @@ def _beta1_from(preconditioner, beta1, default=0.9) -> float:
     return b
 
 
+def _per_batch_optimizers(preconditioner, batch_sizes, model, params):
+    """(preconditioner, representative, its settings): a callable B -> optimizer or D is
+    evaluated once per batch size; when it gives optimizers, each is checked as a directly
+    given one (`lr_prediction.adam_state_settings`), they must agree on betas and eps (one
+    factor F, one ε), and the first is returned as the representative whose settings the
+    prediction takes; the callable is replaced by the table of its values. Anything else is
+    returned as it is, with None for the other two (a directly given optimizer is checked
+    by the caller)."""
+    if isinstance(preconditioner, torch.optim.Optimizer) or not callable(preconditioner):
+        return preconditioner, None, None
+    table = {int(B): preconditioner(int(B)) for B in batch_sizes}
+    opts = [o for o in table.values() if isinstance(o, torch.optim.Optimizer)]
+    if not opts:
+        return (lambda B: table[int(B)]), None, None
+    if len(opts) != len(table):
+        raise ValueError("preconditioner: the callable gives an optimizer for some batch sizes "
+                         "and a D for others; give one kind")
+    settings = [adam_state_settings(model, o, params) for o in opts]
+    first = settings[0]
+    for B, st in zip(table, settings):
+        if (st.beta1, st.beta2, st.eps) != (first.beta1, first.beta2, first.eps):
+            raise ValueError(f"preconditioner: the optimizers of the callable differ in betas or "
+                             f"eps (B = {B}: {(st.beta1, st.beta2, st.eps)} against "
+                             f"{(first.beta1, first.beta2, first.eps)}); the prediction is for one "
+                             "β₁ and one ε")
+    return (lambda B: table[int(B)]), opts[0], first
+
+
 def _precond_for(preconditioner, model, B, params):
     if callable(preconditioner) and not isinstance(preconditioner, torch.optim.Optimizer):
         preconditioner = preconditioner(int(B))
@@ -298,14 +326,15 @@ def preconditioned_batch_sharpness(model, loss_fn, data, batch_sizes, *, precond
     are warned about; with amsgrad D is read from max_exp_avg_sq. A UserWarning says when
     coordinates whose D sits at its ceiling 1/ε (√v̂ ≤ ε: no state, a fresh optimizer)
     carry the top eigenvector or a gradient (`adam_preconditioner`)."""
-    given = isinstance(preconditioner, torch.optim.Optimizer)
-    if given:
-        adam_state_settings(model, preconditioner, params)
-    beta1 = _beta1_from(preconditioner, beta1)
     src = as_data_source(data)
     bs = np.array([as_int("batch_sizes", b, minimum=1) for b in np.atleast_1d(batch_sizes)])
     if bs.max() > src.N:
         raise ValueError(f"batch_sizes must be <= N={src.N}")
+    given = isinstance(preconditioner, torch.optim.Optimizer)
+    if given:
+        adam_state_settings(model, preconditioner, params)
+    preconditioner, rep, _ = _per_batch_optimizers(preconditioner, bs, model, params)
+    beta1 = _beta1_from(rep if rep is not None else preconditioner, beta1)
     n_batches = as_int("n_batches", n_batches, minimum=1)
     seed = as_seed("seed", seed)
     rng = np.random.default_rng(seed)
@@ -481,8 +510,11 @@ def predict_adam_max_lr(model, loss_fn, data, batch_sizes, *, betas=None, eps=No
         betas = _as_betas(betas)
     given = isinstance(preconditioner, torch.optim.Optimizer)
     own = adam_state_settings(model, preconditioner, params) if given else None
-    b1 = _beta1_from(preconditioner, None if betas is None else betas[0])
-    if given:
+    preconditioner, rep, rep_settings = _per_batch_optimizers(preconditioner, bs, model, params)
+    own = rep_settings if own is None else own         # optimizers from a callable, checked
+    b1 = _beta1_from(rep if rep is not None else preconditioner,
+                     None if betas is None else betas[0])
+    if own is not None:
         if betas is not None and betas[1] != own.beta2:
             raise ValueError(f"betas[1]={betas[1]} disagrees with the preconditioner optimizer's "
                              f"betas[1]={own.beta2} (leave betas out to use the optimizer's)")
