@@ -224,3 +224,24 @@ def test_onset_counts_a_run_that_blew_up_as_unstable():
     div = training_threshold(net, F.cross_entropy, (X, y), [4, 16], criterion="divergence", **kw)
     onset = training_threshold(net, F.cross_entropy, (X, y), [4, 16], criterion="onset", **kw)
     assert np.all(onset.per_seed <= div.per_seed * (1 + 0.05))
+
+
+def test_sweep_key_settings_are_written_exactly_and_stably():
+    """The trial settings in lr_sweep's key: 0 and 0.0 one setting (an int where the default
+    is a float re-measured before), arrays element by element (their repr rounds: 0.999
+    and 0.99900001 were one key), tensors like the tuple they hold, a callable by name (a
+    memory address would never match in another process)."""
+    import torch
+
+    from nets.learning_rates.lr_search import _model_tag, _trial_settings
+
+    assert _trial_settings("sgd", {"momentum": 0}) == _trial_settings("sgd", {"momentum": 0.0})
+    assert (_trial_settings("adam", {"betas": np.array([0.9, 0.99900001])})
+            != _trial_settings("adam", {"betas": np.array([0.9, 0.999])}))
+    assert (_trial_settings("adam", {"betas": torch.tensor([0.9, 0.999], dtype=torch.float64)})
+            == _trial_settings("adam", {"betas": (0.9, 0.999)}))
+    assert "0x" not in _trial_settings("sgd", {"extra": np.linalg.norm})
+    # the model tag takes bfloat16 weights (it went through .numpy(), which refuses them)
+    net = torch.nn.Linear(3, 2).to(torch.bfloat16)
+    X, y = torch.randn(4, 3, dtype=torch.bfloat16), torch.zeros(4, dtype=torch.long)
+    assert len(_model_tag(net, torch.nn.functional.cross_entropy, X, y)) == 12

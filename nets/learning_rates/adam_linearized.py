@@ -275,7 +275,7 @@ def secant_at_warmed_states(model, loss_fn, data, batch_sizes, *, betas=(0.9, 0.
     linearised runs: for re-deriving a stored correction (`share_correction`) after the
     secant measurement changed."""
 
-    b1, b2 = (as_float("betas", b) for b in betas)
+    b1, b2 = _as_betas(betas)
     k = as_growth_factor(factor)
     X, y = tensors_for(model, data)
     bs = as_batch_sizes(batch_sizes, len(X)).tolist()

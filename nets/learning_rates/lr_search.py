@@ -353,8 +353,11 @@ def lr_sweep(model, loss_fn, dataset, state_dict, batch_sizes, seeds=(0,), steps
 def _trial_settings(optimizer, trial_kwargs) -> str:
     """Every keyword setting of `run_trial` but the per-trial ones (lr, batch size, steps,
     seed) — its defaults updated by `trial_kwargs`, the criterion resolved as `run_trial`
-    does — as "name=value|…" in name order, for `lr_sweep`'s store key. Floats are written
-    exactly (repr), so 0.9 and 0.9000001 are two settings."""
+    does — as "name=value|…" in name order, for `lr_sweep`'s store key. Numbers are written
+    exactly as floats (repr of float(v)), so 0 and 0.0 are one setting and 0.9 and 0.9000001
+    two; arrays and tensors element by element the same way (their repr rounds); a callable
+    by its module and qualified name (two different closures of one name are not told
+    apart: give them their own `tag`)."""
     import inspect
 
     per_trial = {"model", "loss_fn", "dataset", "state_dict", "lr", "batch_size", "steps",
@@ -368,12 +371,15 @@ def _trial_settings(optimizer, trial_kwargs) -> str:
     def text(v):
         if isinstance(v, (bool, np.bool_, str)) or v is None:
             return str(v)
-        if isinstance(v, (int, np.integer)):
-            return str(int(v))
-        if isinstance(v, (float, np.floating)):
+        if isinstance(v, (int, float, np.integer, np.floating)):
             return repr(float(v))
+        if isinstance(v, (torch.Tensor, np.ndarray)):
+            return text(np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v)
+                        .tolist())
         if isinstance(v, (tuple, list)):
             return "(" + ",".join(text(x) for x in v) + ")"
+        if callable(v):
+            return f"{getattr(v, '__module__', '')}.{getattr(v, '__qualname__', type(v).__name__)}"
         return repr(v)
 
     return "|".join(f"{k}={text(v)}" for k, v in sorted(out.items()))
@@ -657,15 +663,15 @@ def _model_tag(model, loss_fn, X, y) -> str:
     (their first MiB and their float64 sum and sum of squares)."""
     import hashlib
 
-    from nets.utils.fingerprints import code_fingerprint
+    from nets.utils.fingerprints import code_fingerprint, raw_bytes
 
-    h = hashlib.sha1()
+    h = hashlib.sha1()       # raw_bytes: the bytes .numpy().tobytes() gave, bfloat16 too
     for p in model.state_dict().values():
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
-    h.update(X.detach().cpu().contiguous().numpy().tobytes()[:1 << 20])
+        h.update(raw_bytes(p))
+    h.update(raw_bytes(X)[:1 << 20])
     Xd = X.detach().cpu().double() if X.is_floating_point() else X.detach().cpu().long().double()
     h.update(f"{float(Xd.sum()):.10e}|{float((Xd * Xd).sum()):.10e}".encode())
-    h.update(y.detach().cpu().contiguous().numpy().tobytes())
+    h.update(raw_bytes(y))
     h.update(str(len(X)).encode())
     h.update(code_fingerprint(model, loss_fn).encode())
     h.update(",".join(n for n, p in model.named_parameters() if p.requires_grad).encode())

@@ -33,7 +33,7 @@ def _describe(obj, depth=0) -> str:
                 f"{sorted((k, _describe(v, depth + 1)) for k, v in obj.keywords.items())})")
     if isinstance(obj, torch.Tensor):
         t = obj.detach()
-        return f"tensor{tuple(t.shape)}{t.dtype}:{hashlib.sha1(_raw(t)).hexdigest()[:12]}"
+        return f"tensor{tuple(t.shape)}{t.dtype}:{hashlib.sha1(raw_bytes(t)).hexdigest()[:12]}"
     if isinstance(obj, np.ndarray):
         a = np.ascontiguousarray(obj)
         return f"ndarray{a.shape}{a.dtype}:{hashlib.sha1(a.tobytes()).hexdigest()[:12]}"
@@ -99,14 +99,14 @@ def code_fingerprint(model: torch.nn.Module, loss_fn) -> str:
     return h.hexdigest()[:16]
 
 
-def _raw(t: torch.Tensor) -> bytes:
+def raw_bytes(t: torch.Tensor) -> bytes:
     """The tensor's exact bytes (any dtype, bfloat16 included)."""
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
     """dtype, shape and exact bytes of a tensor, for hashing."""
-    return repr((str(t.dtype), tuple(t.shape))).encode() + _raw(t)
+    return repr((str(t.dtype), tuple(t.shape))).encode() + raw_bytes(t)
 
 
 def digest(*chunks) -> str:
