@@ -400,3 +400,45 @@ def test_twice_differentiable_nests_and_restores_once():
             assert not torch.backends.mha.get_fastpath_enabled()
         assert not torch.backends.mha.get_fastpath_enabled()
     assert torch.backends.mha.get_fastpath_enabled() == fast
+
+
+def test_a_submodule_used_twice_is_left_as_it_was(dense_hessian):
+    """nn.ModuleList([l, l]) (weight sharing by reuse): every product leaves the user's
+    Parameters in both places (torch's functional_call put plain tensors back into the
+    second occurrence; after a Gauss–Newton product the shared layer then had no
+    requires_grad and later operators dropped it: P 42 → 12) and the numbers stay the dense
+    oracle's."""
+    import torch.nn as nn
+
+    import nets
+
+    class Reused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            lin = nn.Linear(5, 5)
+            self.layers, self.out = nn.ModuleList([lin, lin]), nn.Linear(5, 2)
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = torch.tanh(layer(x))
+            return self.out(x)
+
+    torch.manual_seed(7)
+    X, y = torch.randn(20, 5, dtype=torch.float64), torch.randn(20, 2, dtype=torch.float64)
+    model = Reused().double()
+    loss = nn.MSELoss()
+    import copy
+
+    # the oracle on a copy: torch's functional_call, which it uses, corrupts such a model
+    want = torch.linalg.eigvalsh(dense_hessian(copy.deepcopy(model), loss, X, y)).flip(0)[:2]
+    before = [(n, p) for n, p in model.named_parameters(remove_duplicate=False)]
+    for kind in ("hessian", "ggn", "hessian"):
+        nets.top_eigenvalues(model, loss, (X, y), k=2, kind=kind)
+        after = list(model.named_parameters(remove_duplicate=False))
+        assert [n for n, _ in after] == [n for n, _ in before]
+        assert all(a is b and isinstance(a, nn.Parameter) and a.requires_grad
+                   for (_, a), (_, b) in zip(after, before)), kind
+    op = nets.hessian_operator(model, loss, (X, y))
+    assert op.P == 42
+    np.testing.assert_allclose(nets.top_eigenvalues(model, loss, (X, y), k=2), want.numpy(),
+                               rtol=1e-8)

@@ -177,9 +177,32 @@ def twice_differentiable():
 
 def call_model(model: nn.Module, state: dict, x) -> torch.Tensor:
     """`torch.func.functional_call(model, state, (x,))` inside `twice_differentiable`:
-    the forward every curvature product differentiates."""
-    with twice_differentiable():
-        return torch.func.functional_call(model, state, (x,))
+    the forward every curvature product differentiates.
+
+    A model holding one submodule at two places (`nn.ModuleList([l, l])`, weight sharing by
+    reuse) is restored afterwards: torch 2.13's functional_call puts the swapped-in plain
+    tensors back into the second occurrence's slots instead of the user's Parameters, so
+    the model lost its Parameters (an optimizer built before stopped training that layer)
+    and, after a Gauss–Newton product left them without requires_grad, every later
+    operator dropped the shared layer (P 42 → 12, λ₁ 1.17 for 1.89; an outside sweep)."""
+    slots = _shared_module_slots(model)
+    try:
+        with twice_differentiable():
+            return torch.func.functional_call(model, state, (x,))
+    finally:
+        for module, params, buffers in slots:
+            module._parameters.update(params)
+            module._buffers.update(buffers)
+
+
+def _shared_module_slots(model: nn.Module) -> list:
+    """[(module, its parameters, its buffers)] for every module when some module appears
+    at more than one place in `model` (empty otherwise: nothing to restore)."""
+    mods = [m for _, m in model.named_modules(remove_duplicate=False)]
+    unique = {id(m): m for m in mods}
+    if len(unique) == len(mods):
+        return []
+    return [(m, dict(m._parameters), dict(m._buffers)) for m in unique.values()]
 
 
 def map_output_leaves(out, fn):
