@@ -377,3 +377,32 @@ def test_eigenvalues_short_of_the_tolerance_are_said():
         np.testing.assert_array_equal(_values(short, 1e-10), short.values)
     _, said = _quiet(lambda: top_eigenvalues(model, F.cross_entropy, (X, y), k=1, kind="ggn"))
     assert said == []
+
+
+def test_hand_built_operators_check_the_loss():
+    """The public operator factories check the loss as the entry points do: outputs (N, 1)
+    against targets (N,) under a hand-written squared error (every output paired with every
+    target) are refused — the operators took them silently, λ₁ 3.43 for 3.46 and moving with
+    chunk_size — and a summed loss warns (it gave ~N × λ₁)."""
+    from nets.curvature.operators import (batch_ggn_operator, batch_hessian_operator,
+                                          ggn_operator, hessian_operator)
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(40, generator=g, dtype=torch.float64)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    mse = lambda out, t: ((out - t) ** 2).mean()                      # noqa: E731
+    summed = lambda out, t: ((out - t) ** 2).sum()                    # noqa: E731
+    idx = np.arange(10)
+    makers = (lambda f, t: hessian_operator(model, f, (X, t)),
+              lambda f, t: ggn_operator(model, f, (X, t)),
+              lambda f, t: batch_hessian_operator(model, f, (X, t), idx),
+              lambda f, t: batch_ggn_operator(model, f, (X, t), idx))
+    for make in makers:
+        with pytest.raises(ValueError, match="broadcast"):
+            make(mse, y)
+        with pytest.warns(UserWarning, match="summed"):
+            make(summed, y[:, None])
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*loss_fn")
+            make(mse, y[:, None])

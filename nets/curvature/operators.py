@@ -47,6 +47,7 @@ import torch
 from torch import nn
 from torch.func import grad, jvp, vjp, vmap
 
+from nets.curvature.loss_check import check_mean_reduced
 from nets.curvature.params import ParamLayout, call_model, make_functional, output_tensors
 from nets.utils.data_source import as_data_source
 from nets.utils.modes import kept_modes, kept_rng
@@ -853,20 +854,31 @@ def hessian_operator(model: nn.Module, loss_fn: Callable, data, *, params=None, 
         the measured graph bytes per sample fits half the default memory budget
         (`_graph_fits`, `nets.utils.memory`). Parameters are frozen
         copies, so the cache stays valid for the operator's lifetime.
+
+    The loss is checked as every entry point checks it
+    (`nets.curvature.loss_check.check_mean_reduced`: outputs and targets that broadcast
+    across samples refused, a summed or weighted-mean loss warned about), once, on up to
+    64 samples of `data`: a hand-built operator got neither (an (N, 1) output against (N,)
+    targets gave λ₁ 3.43 for 3.46, moving with chunk_size; an outside sweep).
     """
-    return ModelCurvatureOperator(model, loss_fn, data, "hessian", params=params, policy=policy,
-                                  chunk_size=chunk_size, device=device, dtype=dtype,
-                                  cache_graph=cache_graph)
+    op = ModelCurvatureOperator(model, loss_fn, data, "hessian", params=params, policy=policy,
+                                chunk_size=chunk_size, device=device, dtype=dtype,
+                                cache_graph=cache_graph)
+    check_mean_reduced(model, loss_fn, op.source)
+    return op
 
 
 def ggn_operator(model: nn.Module, loss_fn: Callable, data, *, params=None, policy=None,
                  chunk_size=None, device=None, dtype=None,
                  cache_graph="auto") -> ModelCurvatureOperator:
     """Generalised Gauss–Newton G = (1/N) Σ_i J_iᵀ Λ_i J_i (PSD for convex losses),
-    applied as vjp(Λ · jvp(v)) without forming Jacobians. Arguments as `hessian_operator`."""
-    return ModelCurvatureOperator(model, loss_fn, data, "ggn", params=params, policy=policy,
-                                  chunk_size=chunk_size, device=device, dtype=dtype,
-                                  cache_graph=cache_graph)
+    applied as vjp(Λ · jvp(v)) without forming Jacobians. Arguments, and the loss check, as
+    `hessian_operator`."""
+    op = ModelCurvatureOperator(model, loss_fn, data, "ggn", params=params, policy=policy,
+                                chunk_size=chunk_size, device=device, dtype=dtype,
+                                cache_graph=cache_graph)
+    check_mean_reduced(model, loss_fn, op.source)
+    return op
 
 
 def batch_hessian_operator(model, loss_fn, data, indices, *, params=None, policy=None,
@@ -891,5 +903,6 @@ def batch_ggn_operator(model, loss_fn, data, indices, *, params=None, policy=Non
 
 
 def curvature_operator(model, loss_fn, data, *, kind="hessian", **kwargs) -> ModelCurvatureOperator:
-    """`hessian_operator` or `ggn_operator` chosen by `kind`."""
+    """`hessian_operator` or `ggn_operator` chosen by `kind`, without their loss check (for
+    the package's own loops, whose entry point has checked the loss once)."""
     return ModelCurvatureOperator(model, loss_fn, data, kind, **kwargs)

@@ -67,7 +67,7 @@ import torch
 
 from nets.algorithms.lanczos import eigsh
 from nets.curvature.loss_check import check_mean_reduced
-from nets.curvature.operators import batch_hessian_operator, hessian_operator
+from nets.curvature.operators import curvature_operator
 from nets.learning_rates.lr_prediction import DiagonalScaledOperator, adam_state_settings
 from nets.learning_rates.lr_search import (
     Trial,
@@ -189,8 +189,8 @@ def _warn_saturated(who, model, loss_fn, src, optimizer, mask, top_weight, *, pa
     n = int(mask.sum())
     if n == 0:
         return
-    g = hessian_operator(model, loss_fn, src, params=params, policy=policy, device=device,
-                         dtype=dtype).gradient().detach().to(torch.float64).cpu()
+    g = curvature_operator(model, loss_fn, src, params=params, policy=policy, device=device,
+                           dtype=dtype).gradient().detach().to(torch.float64).cpu()
     eps = float(optimizer.param_groups[0]["eps"])
     n_grad = int((g[mask].abs() > eps).sum())
     if top_weight < 0.01 and n_grad == 0:
@@ -230,10 +230,9 @@ def preconditioned_operator(model, loss_fn, data, preconditioner, *, indices=Non
     opts = dict(params=params, policy=policy, chunk_size=chunk_size, device=device, dtype=dtype)
     if isinstance(preconditioner, torch.optim.Optimizer):
         preconditioner = adam_preconditioner(model, preconditioner, params=params)
-    if indices is None:
-        base = hessian_operator(model, loss_fn, data, **opts)
-    else:
-        base = batch_hessian_operator(model, loss_fn, data, np.asarray(indices), **opts)
+    if indices is not None:
+        data = as_data_source(data).take(np.asarray(indices))
+    base = curvature_operator(model, loss_fn, data, **opts)
     return DiagonalScaledOperator(base, torch.as_tensor(preconditioner).to(base.device))
 
 
@@ -391,8 +390,8 @@ def preconditioned_noise(model, loss_fn, data, preconditioner, *, tol=1e-8, para
     if isinstance(preconditioner, torch.optim.Optimizer):
         preconditioner = adam_preconditioner(model, preconditioner, params=params)
     d = torch.as_tensor(preconditioner, dtype=torch.float64)
-    H = hessian_operator(model, loss_fn, data, params=params, policy=policy, device=device,
-                         dtype=dtype)
+    H = curvature_operator(model, loss_fn, data, params=params, policy=policy, device=device,
+                           dtype=dtype)
     A = DiagonalScaledOperator(H, d.to(H.device))
     top = eigsh(A, k=1, which="LA", tol=tol, seed=as_seed("seed", seed))
     lam = float(top.values[0])

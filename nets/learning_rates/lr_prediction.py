@@ -67,7 +67,7 @@ from scipy import stats
 import rmt.lr as rlr
 from nets.algorithms.lanczos import eigsh
 from nets.curvature.loss_check import check_mean_reduced
-from nets.curvature.operators import CurvatureOperator, batch_hessian_operator, hessian_operator
+from nets.curvature.operators import CurvatureOperator, curvature_operator
 from nets.noise.batch_spectra import measure_batch_top_eigenvalue
 from nets.noise.directional import directional_noise_from_operator, isotropic_noise_from_operator
 from nets.noise.gradient_noise import gradient_noise
@@ -516,7 +516,7 @@ class LRTable(Result):
 def _noise_pass(model, loss_fn, src, *, num_probes, hessian_samples, mccandlish, tol, opts,
                 chunk_size, seed, progress, micro_batch):
     """The one measurement pass: H, λ_1, u, s_u², Pσ² and the gradient statistics."""
-    H = hessian_operator(model, loss_fn, src, chunk_size=chunk_size, **opts)
+    H = curvature_operator(model, loss_fn, src, chunk_size=chunk_size, **opts)
     top = eigsh(H, k=1, which="LA", tol=tol, seed=seed, progress=progress)
     lam = float(top.values[0])
     if not lam > 0 or top.is_zero(0):
@@ -548,8 +548,8 @@ def _adam_batch_tops(model, loss_fn, src, bs, indices, gbar2, var, eps, *, tol, 
         tops = []
         for idx in idx_B:
             next(it, None)
-            HB = batch_hessian_operator(model, loss_fn, src, np.asarray(idx), chunk_size=chunk_size,
-                                        **opts)
+            HB = curvature_operator(model, loss_fn, src.take(np.asarray(idx)),
+                                    chunk_size=chunk_size, **opts)
             tops.append(float(eigsh(DiagonalScaledOperator(HB, Dg), k=1, which="LA", tol=tol,
                                     seed=int(next(seeds)), return_vectors=False).values[0]))
         means[i] = np.mean(tops)

@@ -40,7 +40,7 @@ from torch.func import grad
 from nets.curvature.operators import (
     _scalar_loss,
     check_policy,
-    hessian_operator,
+    curvature_operator,
     policy_mode,
     resolve_device_dtype,
 )
@@ -202,8 +202,8 @@ def gradient_noise(model, loss_fn, data, *, hessian_samples=32, hessian=True, pa
     m = 0
     if hessian:
         m = N if hessian_samples is None else min(as_int("hessian_samples", hessian_samples, minimum=1), N)
-        H = hessian_operator(model, loss_fn, src, params=params, device=ps.device,
-                             dtype=ps.dtype, policy=policy, chunk_size=chunk_size)
+        H = curvature_operator(model, loss_fn, src, params=params, device=ps.device,
+                               dtype=ps.dtype, policy=policy, chunk_size=chunk_size)
         gbar = mean.to(ps.dtype)
         gHg = float(gbar.to(acc) @ H.matvec(gbar).to(acc))
         if m == N:
