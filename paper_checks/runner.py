@@ -290,7 +290,7 @@ def _run_parallel(groups, ctx, jobs, threads, finish, bar) -> None:
     spawn = mp.get_context("spawn")
     lock = spawn.RLock()
     tqdm.set_lock(lock)
-    with _thread_env(threads), ProcessPoolExecutor(
+    with _thread_env(threads), _sigterm_raises(), ProcessPoolExecutor(
             max_workers=jobs, mp_context=spawn, initializer=_init_worker,
             initargs=(threads, lock, spawn.Value("i", 0))) as pool:
         running = {pool.submit(_run_group, [c.NAME for c in g], ctx): g for g in groups}
@@ -311,8 +311,36 @@ def _run_parallel(groups, ctx, jobs, threads, finish, bar) -> None:
                 if bar is not None:
                     bar.set_postfix_str(", ".join(c.NAME for g in running.values() for c in g)[:60])
         except BaseException:
+            # interrupted (Ctrl-C, SIGTERM, an error here): stop the workers now — left
+            # alone they finished the running groups and started the queued ones, whose
+            # results were then thrown away (Ctrl-C returned only after ~the whole run),
+            # and after a SIGTERM they lived on as orphans
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                proc.terminate()
             pool.shutdown(wait=False, cancel_futures=True)
             raise
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM raises SystemExit(143) in the main thread while worker processes run, so
+    that `_run_parallel` stops them on the way out (a plain SIGTERM killed the parent and
+    left them running); elsewhere, or off the main thread, nothing changes."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 @contextlib.contextmanager

@@ -278,3 +278,45 @@ def test_report_text_is_utf8_in_an_ascii_locale(tmp_path):
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "r.md")], env=env, check=True,
                    cwd=ROOT)
     assert (tmp_path / "r.md").read_bytes().decode("utf-8") == "λ₁ ≈ 0.27"
+
+
+def _sleep_in_worker(names, ctx):
+    """A worker's group that would take a minute (the interrupt test below)."""
+    time.sleep(60)
+    return []
+
+
+def test_sigterm_during_a_parallel_run_stops_the_workers(monkeypatch):
+    """SIGTERM (a timeout wrapper, a CI cancel) to a run with worker processes: they are
+    stopped at once (they lived on as orphans) and the parent exits with 128 + 15; the
+    same path serves Ctrl-C, which used to wait for the running and queued groups."""
+    import multiprocessing
+    import signal
+    import threading
+    import types
+
+    import paper_checks.runner as runner
+
+    monkeypatch.setattr(runner, "_run_group", _sleep_in_worker)
+    groups = [[types.SimpleNamespace(NAME=f"c{i}")] for i in range(3)]
+
+    def unhandled(signum, frame):    # without the runner's own handler: fail, don't die
+        raise RuntimeError("SIGTERM reached the test's handler: the runner set none")
+
+    before = signal.signal(signal.SIGTERM, unhandled)
+    timer = threading.Timer(4.0, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    try:
+        start = time.perf_counter()
+        timer.start()
+        with pytest.raises(SystemExit) as exc:
+            runner._run_parallel(groups, None, 2, 1, lambda *a: None, None)
+        assert exc.value.code == 128 + signal.SIGTERM
+        assert time.perf_counter() - start < 30      # not the 60 s the workers would take
+        deadline = time.time() + 10
+        while multiprocessing.active_children() and time.time() < deadline:
+            time.sleep(0.2)
+        assert not multiprocessing.active_children()
+        assert signal.getsignal(signal.SIGTERM) is unhandled     # the handler restored
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGTERM, before)

@@ -130,6 +130,23 @@ def test_ggn_wishart_verdict_follows_rule(results):
     assert r.verdict == ("pass" if ok.all() else "fail") == "pass"
 
 
+def test_ggn_wishart_fails_without_the_finite_population_factor(monkeypatch):
+    """c = 1/B below N (exact at B = N only): rejected at B = 3N/4, 7N/8 — it passed when
+    the check's batch sizes stopped at N/2 and N (an outside review's injection)."""
+    import rmt
+
+    monkeypatch.setattr(rmt, "batch_noise_factor",
+                        lambda B, N=None: 0.0 if N is not None and B >= N else 1.0 / B)
+    assert _rerun("ggn_wishart").verdict == "fail"
+
+
+def test_a_nan_alternative_is_not_a_rejection():
+    """The alternative model "must fail somewhere": a NaN prediction does not count (within()
+    is False for it, which passed the requirement for a broken alternative)."""
+    rej = mc.rejected([1.0, 1.0, 2.0], [0.1, 0.1, 0.1], [np.nan, 1.0, 1.0], 0.0, 4.0, 0.05)
+    np.testing.assert_array_equal(rej, [False, False, True])
+
+
 # ------------------------------------------------------------ learning rates (least squares)
 def test_sgd_least_squares_verdict_follows_rule(results, monkeypatch):
     r = results["sgd_scaling_least_squares"]
@@ -310,6 +327,27 @@ def test_lr_transfer_verdict_follows_its_bands(results):
                                        / r.array(f"measured_m{m:g}"), rtol=1e-12)
             ok &= bool(np.all(np.abs(ratio - 1.0) <= tol))
     assert r.verdict == ("pass" if ok else "fail")
+
+
+def test_stability_onset_fails_when_its_prediction_is_nan(monkeypatch):
+    """A NaN predicted limit (a failed curvature estimate) made every ratio NaN, which the
+    band skipped: the check passed with 'no onset found' (an outside review)."""
+    import dataclasses
+
+    import nets.learning_rates.lr_search as lr_search
+    import nets.learning_rates.transfer as transfer
+
+    real, real_tt = transfer.transfer_lr, lr_search.training_threshold
+
+    def nan_limit(*a, **k):
+        r = real(*a, **k)
+        return dataclasses.replace(r, stability_limit=np.full(len(r.stability_limit), np.nan))
+
+    monkeypatch.setattr(transfer, "transfer_lr", nan_limit)
+    monkeypatch.setattr(lr_search, "training_threshold",
+                        lambda *a, lr0=None, **k: real_tt(*a, lr0=lambda B: 0.5, **k))
+    r = _rerun("stability_onset")
+    assert r.verdict == "fail" and "nan" in r.reason.lower()
 
 
 def test_stability_onset_verdict_follows_its_band(results):

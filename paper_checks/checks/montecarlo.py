@@ -35,6 +35,15 @@ def within(mean, se, predicted, reference, z: float, rel: float) -> np.ndarray:
     return np.abs(mean - predicted) <= allow + FLOOR * np.maximum(1.0, np.abs(predicted))
 
 
+def rejected(mean, se, predicted, reference, z: float, rel: float) -> np.ndarray:
+    """Where an alternative model is *shown* wrong: finite prediction and measurement
+    outside `within`'s tolerance. A NaN prediction is not a rejection (`within` is False
+    for it, so "the alternative must fail somewhere" passed for a broken alternative)."""
+    predicted, mean = np.asarray(predicted, dtype=float), np.asarray(mean, dtype=float)
+    return (np.isfinite(predicted) & np.isfinite(mean)
+            & ~within(mean, se, predicted, reference, z, rel))
+
+
 def zscore(mean, se, predicted) -> np.ndarray:
     """(mean − predicted)/SE, inf where SE = 0 and they differ, 0 where both agree."""
     mean, se, predicted = (np.asarray(a, dtype=float) for a in (mean, se, predicted))

@@ -87,7 +87,7 @@ def run(ctx):
         details[f"onset_over_deterministic_{key}"] = found / det
         failures += [f"m={m:g}, B={int(B)}: onset {a:.4g} vs 2(1+m)/λ'_m {p:.4g} (ratio {r:.2f})"
                      for B, a, p, r in zip(Bs, found, local.stability_limit, ratio)
-                     if np.isfinite(r) and not abs(r - 1.0) <= TOL]
+                     if np.isfinite(a) and not abs(r - 1.0) <= TOL]   # NaN/inf ratio: fails
         ok = np.isfinite(ratio)
         summary.append(f"m={m:g}: " + (f"{np.min(ratio[ok]):.2f}–{np.max(ratio[ok]):.2f}"
                                        if ok.any() else "no onset found")
