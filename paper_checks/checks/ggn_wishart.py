@@ -41,7 +41,7 @@ def _predict(ell, s2, P, B, N):
 
 def run(ctx):
     rng = ctx.rng(NAME)
-    P = ctx.pick(300, 60)
+    P = ctx.pick(300, 120)
     N = ctx.pick(4096, 512)
     ell_pop = 10.0
     # 3N/4 and 7N/8: where the finite-population factor differs most from 1/B short of
