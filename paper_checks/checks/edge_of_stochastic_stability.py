@@ -7,7 +7,7 @@ at small B. The batch-curvature shift λ'(B) = λ₁ + c(B, N)·s_u²/λ₁ (doc
 turns this into a prediction of the plateau: λ₁* solving λ'(B; λ₁*) = 2/η
 (`nets.learning_rates.monitor.eoss_plateau`), with s_u² measured along the way.
 
-Run: the digits MLP (64→32→10, tanh, N = 1437 training samples) and the digits CNN (the
+Run: the digits MLP (64→32→10, tanh, N = 1438 training samples) and the digits CNN (the
 learner comparison's SmallCNN, 8×8 images, ReLU) trained with plain SGD
 on the half squared error to one-hot targets (the loss of Cohen et al.; with cross-entropy
 on digits λ₁ falls as the loss flattens and no run reaches the edge: measured, 240 steps,
