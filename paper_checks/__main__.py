@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run only these checks (repeatable, or a comma-separated list)")
     p.add_argument("--quick", action="store_true", help="small sizes (for tests; minutes → seconds)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="device for network_batch_spectra and on_the_fly_learner (default cpu; the real-training checks run on the CPU)")
+                   help="device for network_batch_spectra and on_the_fly_learner (default "
+                        "cpu; the real-training checks run on the CPU)")
     p.add_argument("--out", default="report", metavar="DIR", help="report folder (default: report)")
     p.add_argument("--seed", type=int, default=0, help="run seed (default 0)")
     p.add_argument("--fresh", action="store_true",
