@@ -85,7 +85,7 @@ def check_profile(block_variances, block_fractions):
         raise ValueError(f"block_variances must be a square matrix, got shape {S.shape}")
     if np.any(S < 0):
         raise ValueError("block_variances must be non-negative")
-    if not np.allclose(S, S.T, rtol=1e-12, atol=1e-14):
+    if not np.allclose(S, S.T, rtol=1e-12, atol=1e-14 * np.max(np.abs(S))):   # scale-free
         raise ValueError("block_variances must be symmetric")
     if not np.any(S > 0):
         raise ValueError("block_variances must not be identically zero")
@@ -134,6 +134,8 @@ def profile_wigner(P, block_variances, block_fractions, rng=None, *, seed=None) 
 def spiked_additive(H, spike, vector=None) -> np.ndarray:
     """Return H + θ·u uᵀ (u unit, default e₁); ``H`` is not modified."""
     H = as_array("H", H, ndim=2)
+    if H.shape[0] != H.shape[1]:
+        raise ValueError(f"H must be a square matrix, got shape {H.shape}")
     theta = as_float("spike", spike)
     n = H.shape[0]
     if vector is None:
@@ -148,6 +150,12 @@ def spiked_additive(H, spike, vector=None) -> np.ndarray:
     return H + theta * np.outer(u, u)
 
 
+def _symmetric(M) -> bool:
+    """M ≈ Mᵀ entrywise to rtol 1e-5 and atol 1e-8·max|M| (numpy's allclose defaults with
+    the absolute part relative to M's scale, so that the check does not depend on units)."""
+    return bool(np.allclose(M, M.T, rtol=1e-5, atol=1e-8 * np.max(np.abs(M))))
+
+
 def spiked_multiplicative(G, W) -> np.ndarray:
     """Return G^{1/2} W G^{1/2} for symmetric PSD G (e.g. a population covariance with a
     spike) and symmetric W (e.g. a white Wishart matrix): the multiplicative model of
@@ -156,8 +164,9 @@ def spiked_multiplicative(G, W) -> np.ndarray:
     W = as_array("W", W, ndim=2)
     if G.shape != W.shape or G.shape[0] != G.shape[1]:
         raise ValueError("G and W must be square matrices of equal shape")
-    if not np.allclose(G, G.T):
-        raise ValueError("G must be symmetric")
+    for name, M in (("G", G), ("W", W)):
+        if not _symmetric(M):
+            raise ValueError(f"{name} must be symmetric")
     w, v = np.linalg.eigh(G)
     if w.min() < -1e-10 * max(1.0, abs(w).max()):
         raise ValueError("G must be positive semi-definite")

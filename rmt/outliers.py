@@ -50,7 +50,11 @@ def find_outlier(spike, stieltjes, support, stieltjes_derivative=None,
 
     ``stieltjes(z)`` returns g at real z outside the support (package convention);
     ``stieltjes_derivative`` returns g'(z) (central difference if omitted).  The edge
-    value g(edge⁺) is evaluated at edge ± ``edge_offset``·scale.
+    value g(edge⁺) is evaluated at edge ± ``edge_offset``·scale, scale the bulk's own
+    size: its half-width (right − left)/2 (for a point mass |edge|, or |θ| for δ₀), the
+    offset at least 4 ulps of the edge.  The problem is homogeneous (support, θ, z → s·…
+    and g → g/s give location → s·location, the same overlap), and so is the answer at
+    every scale.
     """
     theta = as_float("spike", spike)
     if isinstance(support, (str, bytes)) or np.ndim(support) != 1 or len(support) != 2:
@@ -63,7 +67,11 @@ def find_outlier(spike, stieltjes, support, stieltjes_derivative=None,
         raise ValueError(f"edge_offset must be a small relative offset (<= 1e-3), got {edge_offset}")
     if lo > hi:
         raise ValueError("support must be (left edge, right edge) with left <= right")
-    scale = max(1.0, abs(lo), abs(hi), abs(theta))
+    # the bulk's own scale, never an absolute floor: with max(1, |edges|, |θ|) a bulk of
+    # width 1e-12 was tested at edge + 1e-12, past the outlier (θ = 2√v at v = 1e-24
+    # returned the edge and overlap 0 instead of 2.5·√v and 0.75)
+    half = 0.5 * hi - 0.5 * lo
+    scale = half if half > 0 else max(abs(lo), abs(hi)) or abs(theta)
     if theta == 0.0:
         return Outlier(hi, 0.0, False, 1.0)
     if theta > 0:
@@ -71,12 +79,13 @@ def find_outlier(spike, stieltjes, support, stieltjes_derivative=None,
     else:
         edge, sgn = lo, -1.0
     h = lambda z: 1.0 + theta * _real_g(stieltjes, z)  # noqa: E731
-    z_in = edge + sgn * edge_offset * scale
+    off = max(edge_offset * scale, 4 * np.finfo(float).eps * abs(edge))
+    z_in = edge + sgn * off
     if h(z_in) >= 0.0:
         return Outlier(edge, 0.0, False, 0.0)
-    z_out = edge + sgn * (abs(theta) * (1.0 + 1e-9) + edge_offset * scale)
+    z_out = edge + sgn * (abs(theta) * (1.0 + 1e-9) + off)
     a, b = (z_in, z_out) if sgn > 0 else (z_out, z_in)
-    z = brentq(h, a, b, xtol=1e-14 * scale, rtol=4 * np.finfo(float).eps, maxiter=500)
+    z = brentq(h, a, b, xtol=1e-14 * max(scale, off), rtol=4 * np.finfo(float).eps, maxiter=500)
     if not abs(h(z)) <= 1e-6:
         raise ValueError(f"spike={theta:g}: the outlier equation could not be solved to "
                          f"precision (residual {abs(h(z)):.3g}; g is not resolved in floating "
@@ -87,7 +96,7 @@ def find_outlier(spike, stieltjes, support, stieltjes_derivative=None,
     else:
         # 1/(θ² g') = g²/g' = 1/(d/dz (−1/g)) at the root (g = −1/θ there): the derivative
         # of −1/g ≈ z − mean stays O(1) where g' itself underflows (|θ| ≳ 1e150)
-        d = 1e-6 * max(abs(z - edge), 1e-8)
+        d = 1e-6 * max(abs(z - edge), 1e-8 * scale)
         slope = (1.0 / _real_g(stieltjes, z - d) - 1.0 / _real_g(stieltjes, z + d)) / (2 * d)
         overlap = 1.0 / slope if slope > 0 else 0.0
     return Outlier(float(z), float(min(max(overlap, 0.0), 1.0)), True, abs(h(z)))

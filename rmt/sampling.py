@@ -25,7 +25,9 @@ def batch_noise_factor(B, N=None, replacement: bool = False, *, name: str = "B")
     ----------
     B : batch size, > 0 (need not be an integer, so that formulas can be evaluated on a
         continuum of batch sizes).
-    N : data-set size, or None for an infinite population (then c = 1/B).
+    N : data-set size >= 1, or None (or inf) for an infinite population (then c = 1/B).
+        Like B it need not be an integer: c(B, N) is evaluated on a continuum of data-set
+        sizes too (N = 2.5, B = 2 gives 1/2 − 1/2.5 = 0.1).
     replacement : sample with replacement (c = (1 − 1/N)/B, which tends to 1/B as N grows).
     name : the name of B in error messages (for callers whose own argument is, e.g.,
         ``B_from``), so that every message names the argument the user passed.

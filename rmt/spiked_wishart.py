@@ -61,9 +61,12 @@ def spiked_wishart_overlap(spike, ratio, noise_var=1.0) -> float:
 
 
 def spiked_wishart_outlier_variance(spike, ratio, n, noise_var=1.0, beta=1.0) -> float:
-    """Variance of the top eigenvalue at sample size n: σ⁴(2/β)L²(1 − q/(L − 1)²)/n."""
+    """Variance of the top eigenvalue at sample size n >= 1 (need not be an integer):
+    σ⁴(2/β)L²(1 − q/(L − 1)²)/n."""
     ell, q, s2 = _args(spike, ratio, noise_var)
     n = as_float("n", n, positive=True)
+    if n < 1:                    # as spiked_wigner_outlier_variance: a sample size is >= 1
+        raise ValueError(f"n (the sample size) must be >= 1, got {n}")
     beta = as_float("beta", beta, positive=True)
     L = ell / s2
     if L <= 1.0 + math.sqrt(q):

@@ -96,11 +96,13 @@ def tridiagonal_eigvals(diag, off, which: str = "top") -> float:
     diag = as_array("diag", diag, ndim=1)
     off = as_array("off", off, ndim=1, allow_empty=True)
     n = diag.shape[0]
+    idx = {"top": n - 1, "bottom": 0}.get(which) if isinstance(which, str) else None
+    if idx is None:                  # checked before the n = 1 shortcut, which skipped it
+        raise ValueError(f"which must be 'top' or 'bottom', got {which!r}")
+    if off.shape[0] != n - 1:
+        raise ValueError(f"off must have length len(diag) - 1 = {n - 1}, got {off.shape[0]}")
     if n == 1:
         return float(diag[0])
-    idx = {"top": n - 1, "bottom": 0}.get(which)
-    if idx is None:
-        raise ValueError(f"which must be 'top' or 'bottom', got {which!r}")
     vals = eigvalsh_tridiagonal(diag, off, select="i", select_range=(idx, idx))
     if vals.size != 1:   # LAPACK's bisection gave up (entries near the float64 limit)
         raise ValueError("diag and off are too large in magnitude for the tridiagonal "

@@ -94,13 +94,21 @@ def solve_qve_real(z, block_variances, block_fractions) -> RealQVESolution:
     S, f = check_profile(block_variances, block_fractions)
     z = as_float("z", z)
     sgn = 1.0 if z > 0 else -1.0
-    out = _solve_real(abs(z), S, f)
+    a = _unit(S)                     # solved at scale 1: z/a, S/a², then m = m₁/a
+    with np.errstate(over="ignore"):
+        zu = abs(z) / a
+    if not math.isfinite(zu):        # |z| beyond 1e308 × the scale: m = −1/z to (a/z)²
+        m = np.full(f.shape, -1.0 / z)
+        res = np.max(np.abs(1.0 + m * (z + (S * f[None, :]) @ m)))
+        return RealQVESolution(z, m, 0.0, float(res), 0)
+    Su = S / a**2
+    out = _solve_real(zu, Su, f)
     if out is None:
         raise ValueError(f"z={z} is inside the support: no real solution of the QVE")
     u, rho, it = out
-    m = -sgn * u
-    res = np.max(np.abs(1.0 + m * (z + (S * f[None, :]) @ m)))
-    return RealQVESolution(z, m, float(rho), float(res), it)
+    mu = -sgn * u
+    res = np.max(np.abs(1.0 + mu * (sgn * zu + (Su * f[None, :]) @ mu)))
+    return RealQVESolution(z, mu / a, float(rho), float(res), it)
 
 
 @dataclass(frozen=True)
@@ -128,7 +136,13 @@ def solve_qve(z, block_variances, block_fractions, tol=1e-13, maxiter=2000) -> Q
     if np.any(z.imag <= 0):
         raise ValueError("z must have positive imaginary part (use solve_qve_real on the real axis)")
     shape = z.shape
-    zz = z.ravel()
+    a = _unit(S)                     # solved at scale 1 (z/a, S/a²; m = m₁/a): homogeneous
+    with np.errstate(over="ignore"):
+        zz = z.ravel() / a
+    if not np.all(np.isfinite(zz)):
+        raise ValueError("z is beyond 1e308 × the profile's scale √max(block_variances): "
+                         "the rescaled problem overflows")
+    S = S / a**2
     SF = S * f[None, :]
     K = f.shape[0]
     m = np.tile((-1.0 / zz)[:, None], (1, K))
@@ -152,16 +166,22 @@ def solve_qve(z, block_variances, block_fractions, tol=1e-13, maxiter=2000) -> Q
         new = np.where(ok[:, None], cand, fp)
         m[act] = new
         F[act] = resid(new, zc)
+    m = m / a
     g = m @ f
     return QVESolution(m.reshape(shape + (K,)), g.reshape(shape),
                        np.max(np.abs(F), axis=1).reshape(shape), it)
 
 
-def profile_density(x, block_variances, block_fractions, eta=1e-9) -> np.ndarray:
-    """Density of the spectral law, Im g(x + iη)/π with g = Σ_a f_a m_a."""
+def profile_density(x, block_variances, block_fractions, eta=None) -> np.ndarray:
+    """Density of the spectral law, Im g(x + iη)/π with g = Σ_a f_a m_a.
+
+    ``eta`` = η, by default 10⁻⁹·√max S (the profile's scale), so that the density is
+    homogeneous (S → c²S, x → c·x give density/c); an absolute default 10⁻⁹ smeared it
+    by 16 % at c = 1e-8. A given ``eta`` is used as is."""
     x = as_array("x", x, allow_empty=True)
-    eta = as_float("eta", eta, positive=True)
-    sol = solve_qve(x + 1j * eta, block_variances, block_fractions)
+    S, f = check_profile(block_variances, block_fractions)
+    eta = 1e-9 * _unit(S) if eta is None else as_float("eta", eta, positive=True)
+    sol = solve_qve(x + 1j * eta, S, f)
     return np.clip(sol.g.imag, 0.0, None) / np.pi
 
 
@@ -210,7 +230,9 @@ def _unit(S) -> float:
     """√max S: the profile's scale. The edge and outlier are homogeneous (S → a²S, θ → aθ
     scales them by a; overlaps are unchanged), and the solvers' tolerances are set for
     O(1) inputs — at 1e-20 or 1e40 they returned the edge for the outlier or stopped 20 %
-    short — so every public function solves the rescaled problem."""
+    short — so every public function solves the rescaled problem (S/a², z/a, θ/a; m and
+    g come back as m₁/a, densities as density₁/a, with profile_density's default η =
+    1e-9·a)."""
     return float(np.sqrt(np.max(S)))
 
 

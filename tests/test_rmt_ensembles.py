@@ -150,3 +150,37 @@ def test_bad_input_names_argument():
         spiked_additive(np.eye(3), float("nan"))
     with pytest.raises(ValueError, match="G"):
         spiked_multiplicative(-np.eye(3), np.eye(3))
+
+
+def test_spiked_models_refuse_non_square_or_non_symmetric_input():
+    """spiked_additive(ones((2, 3))) failed inside numpy's broadcasting; a non-symmetric W
+    was multiplied silently; symmetry is judged relative to the matrices' own scale."""
+    with pytest.raises(ValueError, match="H"):
+        spiked_additive(np.ones((2, 3)), 1.0)
+    for s in (1.0, 1e-12, 1e12):
+        with pytest.raises(ValueError, match="W"):
+            spiked_multiplicative(np.eye(2), s * np.array([[1.0, 2.0], [0.0, 1.0]]))
+        with pytest.raises(ValueError, match="G"):
+            spiked_multiplicative(s * np.array([[1.0, 0.5], [0.0, 1.0]]), np.eye(2))
+        W = s * np.array([[2.0, 1.0], [1.0, 3.0]])
+        assert np.allclose(spiked_multiplicative(4 * np.eye(2), W), 4 * W)
+    from rmt.ensembles import check_profile
+    with pytest.raises(ValueError, match="block_variances"):
+        check_profile(1e-20 * np.array([[1.0, 2.0], [0.5, 1.0]]), [0.5, 0.5])
+
+
+def test_tridiagonal_eigvals_checks_which_and_lengths_at_every_size():
+    from rmt.tridiagonal import tridiagonal_eigvals
+
+    with pytest.raises(ValueError, match="which"):
+        tridiagonal_eigvals([1.0], [], "middle")            # n = 1 skipped the check
+    with pytest.raises(ValueError, match="which"):
+        tridiagonal_eigvals([1.0, 2.0], [0.5], "middle")
+    with pytest.raises(ValueError, match="off"):
+        tridiagonal_eigvals([1.0, 2.0], [0.5, 1.0])
+    with pytest.raises(ValueError, match="off"):
+        tridiagonal_eigvals([1.0], [0.5])
+    assert tridiagonal_eigvals([1.5], [], "bottom") == 1.5
+    # [[1, 2], [2, 1]]: eigenvalues −1 and 3
+    assert tridiagonal_eigvals([1.0, 1.0], [2.0], "top") == pytest.approx(3.0, rel=1e-14)
+    assert tridiagonal_eigvals([1.0, 1.0], [2.0], "bottom") == pytest.approx(-1.0, rel=1e-14)

@@ -235,3 +235,104 @@ def test_sc_mp_edge_vs_sampled_matrix():
     tops = [eigvalsh(np.sqrt(s2) * goe(p, rng) + wishart(p, n, rng), subset_by_index=[p - 1, p - 1])[0]
             for _ in range(3)]
     assert abs(np.mean(tops) - sc_mp_edges(s2, p / n)[1]) < 0.05  # docs/references.md sample: 3.29
+
+
+# ---- scale and refusals (an outside audit) -------------------------------------------
+
+def _mp_quad(z, q, deriv):
+    """∫ dμ(x)/(x − z)^(1 + deriv) for MP(q, 1) by mpmath quadrature, atom included."""
+    import mpmath as mpm
+
+    mpm.mp.dps = 30
+    lo, hi = (1 - mpm.sqrt(q)) ** 2, (1 + mpm.sqrt(q)) ** 2
+    dens = lambda x: mpm.sqrt((hi - x) * (x - lo)) / (2 * mpm.pi * q * x)  # noqa: E731
+    k = 1 + deriv
+    atom = max(0, 1 - 1 / mpm.mpf(q))
+    return float(mpm.quad(lambda x: dens(x) / (x - z) ** k, [lo, hi]) + atom / (0 - mpm.mpf(z)) ** k)
+
+
+@pytest.mark.parametrize("s", [1e-20, 1e-10, 1.0, 1e10])
+def test_stieltjes_derivatives_accept_every_point_off_the_edges_at_any_scale(s):
+    """The singular-point test was absolute (4·eps·(1 + |edge|) ≈ 8.9e-16): at v = 1e-40
+    semicircle_stieltjes_derivative(1e-19) — five times the edge — was refused, as were
+    mp_stieltjes_derivative(±1e-19, 0.5, 1e-20). Oracles: g'(z) = (z/√(z² − 4v) − 1)/(2v)
+    (mpmath) and MP quadrature; g'(s·z; s²·v) = g'(z; v)/s²."""
+    import mpmath as mpm
+
+    mpm.mp.dps = 30
+    v = s * s
+    for t in (5.0, -2.5, 2.0 * (1 + 1e-12)):
+        z = t * 2 * s                       # t × the edge
+        zz, vv = mpm.mpf(z), mpm.mpf(v)
+        want = float((zz / (mpm.sign(zz) * mpm.sqrt(zz * zz - 4 * vv)) - 1) / (2 * vv))
+        assert semicircle_stieltjes_derivative(z, v).real == pytest.approx(want, rel=1e-9 if t < 2.1 else 1e-12)
+    for z in (-10.0, 10.0, 0.05):           # MP(0.5): support (0.0858, 2.914), σ² = s
+        got = mp_stieltjes_derivative(z * s, 0.5, s).real * s * s
+        assert got == pytest.approx(_mp_quad(z, 0.5, 1), rel=1e-10)
+    with pytest.raises(ValueError, match=r"z=2e-20 is a singular point"):
+        semicircle_stieltjes_derivative(2e-20, 1e-40)
+    with pytest.raises(ValueError, match=r"z=4e-20 is a singular point"):
+        mp_stieltjes_derivative([1e-19, 4e-20], 1.0, 1e-20)
+
+
+def test_stieltjes_near_a_pole_or_hard_edge_at_zero():
+    """z = 0 exactly is refused; |z| <= 8.9e-16 was refused too (absolute tolerance). Near
+    the atom (q > 1) −2/(b + root) cancelled: g(1e-17; q = 2) came out 9.0e15, not −5e16."""
+    assert semicircle_stieltjes(1e-17, 0.0) == pytest.approx(-1e17, rel=1e-15)
+    with pytest.raises(ValueError, match="z=0 is a singular point"):
+        semicircle_stieltjes(0.0, 0.0)
+    for q in (2.0, 2.5):
+        for z in (1e-17, 1e-10, -1e-8, 1e-3):
+            # atom (1 − 1/q) at 0 plus the continuous part, whose g(0) = 1/(q − 1) ... by quadrature
+            want = _mp_quad(z, q, 0)
+            assert mp_stieltjes(z, q).real == pytest.approx(want, rel=1e-10)
+            assert mp_stieltjes(z * 1e-20, q, 1e-20).real * 1e-20 == pytest.approx(want, rel=1e-10)
+        for z in (1e-10, -1e-5):
+            assert mp_stieltjes_derivative(z, q).real == pytest.approx(_mp_quad(z, q, 1), rel=1e-8)
+    # q = 1: hard edge at 0, g(z) = (−z − √(z² − 4z))/(2z) for z < 0
+    for z in (-1e-17, -1e-10):
+        assert mp_stieltjes(z, 1.0).real == pytest.approx((-z - np.sqrt(z * z - 4 * z)) / (2 * z), rel=1e-12)
+    with pytest.raises(ValueError, match="z=0 is a singular point"):
+        mp_stieltjes(0.0, 1.0)
+
+
+def test_free_convolution_without_noise_refuses_a_real_z_on_an_atom():
+    """v = 0: g = g_A, a real z on an atom is its pole (it returned −0.5 + 2.5e9j)."""
+    with pytest.raises(ValueError, match="z=1.0 is an atom"):
+        semicircle_free_convolution(1.0, [0.0, 1.0], None, 0.0)
+    r = semicircle_free_convolution([0.5, 3.0, 1.0 + 1j], [0.0, 1.0], None, 0.0)
+    assert np.allclose(r.g, [0.5 / -0.5 + 0.5 / 0.5, 0.5 / -3 + 0.5 / -2, 0.5 / (-1 - 1j) + 0.5 / -1j])
+    # with noise the same point is on the support: the boundary value
+    assert semicircle_free_convolution(1.0, [0.0, 1.0], None, 0.5).g.imag > 0
+
+
+@pytest.mark.parametrize("s", [1e-12, 1e-8, 1e-4, 1e8])
+def test_free_convolution_is_homogeneous(s):
+    """atoms, z → s·…, v → s²v: g → g/s, density → density/s. The absolute tolerances
+    and η made g 2–50 % wrong at s = 1e-12 and the density 11–16 % off at s = 1e-8 with
+    mass outside the support."""
+    a, v = np.array([-1.5, 1.5]), 1.0
+    z = np.array([3.2, 0.7 + 0.05j, -1.0 + 1e-3j, 0.2, -3.5])
+    g1 = semicircle_free_convolution(z, a, None, v).g
+    np.testing.assert_allclose(semicircle_free_convolution(s * z, s * a, None, s * s * v).g * s, g1, rtol=1e-12)
+    x = np.linspace(-3.2, 3.2, 9)
+    d1 = semicircle_free_convolution_density(x, a, None, v)
+    np.testing.assert_allclose(semicircle_free_convolution_density(s * x, s * a, None, s * s * v) * s, d1,
+                               rtol=1e-12, atol=1e-12)
+    # one atom at c: the semicircle of variance v centred at c (closed form)
+    c, var = 0.3 * s, 0.04 * s * s
+    xs = c + np.linspace(-0.45, 0.45, 7) * s
+    want = np.sqrt(np.clip(4 * var - (xs - c) ** 2, 0, None)) / (2 * np.pi * var)
+    np.testing.assert_allclose(semicircle_free_convolution_density(xs, [c], None, var), want, rtol=1e-6,
+                               atol=1e-6 * want.max())
+
+
+def test_sc_mp_density_keeps_the_shape_of_x():
+    """A scalar x gave shape (1,); the other densities give ()."""
+    d = sc_mp_density(1.0, 0.0, 0.25)
+    assert np.shape(d) == () and np.shape(mp_density(1.0, 0.25)) == ()
+    # s² = 0 is MP(0.25): √((2.25 − 1)(1 − 0.25))/(2π·0.25)
+    assert float(d) == pytest.approx(np.sqrt(1.25 * 0.75) / (2 * np.pi * 0.25), rel=1e-12)
+    assert sc_mp_density([1.0], 0.5, 0.5).shape == (1,)
+    assert sc_mp_density(np.ones((2, 3)), 0.5, 0.5).shape == (2, 3)
+    assert sc_mp_density([], 0.5, 0.5).shape == (0,)

@@ -317,3 +317,52 @@ def test_spiked_wishart_at_ratio_zero_is_the_population():
     assert rmt.spiked_wishart_outlier(0.5, 0.0, 1.0) == 1.0
     assert rmt.spiked_wishart_overlap(0.5, 0.0, 1.0) == 0.0
     assert rmt.spiked_wishart_outlier(0.5, 0.0, 1.0, side="bottom") == 0.5
+
+
+# ---- scale: the outlier of a bulk of any size (an outside audit) ---------------------
+
+@pytest.mark.parametrize("v", [1e-30, 1e-24, 1e-16, 1.0, 1e24])
+@pytest.mark.parametrize("with_derivative", [True, False])
+def test_find_outlier_on_a_semicircle_of_any_scale(v, with_derivative):
+    """Closed form θ + v/θ, overlap 1 − v/θ² at every scale: the edge was probed at
+    edge + 1e-12·max(1, |edges|, |θ|), past the outlier of a bulk of width ≲ 1e-12, so
+    v = 1e-24, θ = 2√v gave the edge 2√v, overlap 0, is_outlier False (vs 2.5√v, 0.75)."""
+    r = math.sqrt(v)
+    deriv = (lambda z: semicircle_stieltjes_derivative(z, v)) if with_derivative else None
+    for t in (2.0, -3.0, 1.2):
+        o = find_outlier(t * r, lambda z: semicircle_stieltjes(z, v), semicircle_edges(v), deriv)
+        assert o.is_outlier
+        assert o.location / r == pytest.approx(t + 1.0 / t, rel=1e-12)
+        assert o.squared_overlap == pytest.approx(1.0 - 1.0 / t**2, rel=1e-6)
+    below = find_outlier(0.5 * r, lambda z: semicircle_stieltjes(z, v), semicircle_edges(v), deriv)
+    assert not below.is_outlier and below.location == semicircle_edges(v)[1] and below.squared_overlap == 0
+
+
+@pytest.mark.parametrize("s2", [1e-14, 1e-12, 1.0, 1e12])
+@pytest.mark.parametrize("q", [0.5, 0.2])
+def test_additive_spike_on_marchenko_pastur_of_any_scale(s2, q):
+    """1 + θ g = 0 with θ = 2σ², g = −1/(2σ²) in MP's quadratic q w g² + (w − 1 + q) g + 1
+    = 0 (w = z/σ², g in σ² = 1 units): w = 2(3 − q)/(2 − q), and g' = (1 − q/2)/((1 − q)(w − 1))
+    gives the overlap 1/(θ² g') = (1 − q)(w − 1)/(2 − q). At σ² = 1e-12, q = 0.5 the edge
+    2.914σ² came back instead of 3.333σ² (overlap 0 instead of 0.778)."""
+    w = 2 * (3 - q) / (2 - q)
+    for deriv in (None, lambda z: mp_stieltjes_derivative(z, q, s2)):
+        o = find_outlier(2 * s2, lambda z: mp_stieltjes(z, q, s2), mp_edges(q, s2), deriv)
+        assert o.is_outlier
+        assert o.location / s2 == pytest.approx(w, rel=1e-12)
+        assert o.squared_overlap == pytest.approx((1 - q) * (w - 1) / (2 - q), rel=1e-6)
+
+
+def test_find_outlier_on_a_point_mass():
+    """δ_c (support (c, c)): g = 1/(c − z), the outlier c + θ for every θ ≠ 0, overlap 1."""
+    for c, t in ((0.0, 1e-20), (0.0, -3.0), (1e-30, 2e-30), (5.0, 1e-3)):
+        o = find_outlier(t, lambda z: 1.0 / (c - z), (c, c), lambda z: 1.0 / (c - z) ** 2)
+        assert o.location == pytest.approx(c + t, rel=1e-12)
+        assert o.squared_overlap == pytest.approx(1.0, rel=1e-9)
+
+
+def test_spiked_wishart_outlier_variance_refuses_a_sample_size_below_one():
+    """n = 0.5 returned 31.5 (spiked_wigner_outlier_variance refuses n < 1)."""
+    with pytest.raises(ValueError, match="n"):
+        spiked_wishart_outlier_variance(3.0, 0.5, 0.5)
+    assert spiked_wishart_outlier_variance(3.0, 0.5, 1.0) == pytest.approx(2 * 9 * (1 - 0.5 / 4))

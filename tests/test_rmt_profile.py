@@ -196,3 +196,26 @@ def test_profile_functions_with_a_spike_far_beyond_the_bulk():
     assert profile_outlier_overlap(1e160, [[1.0]], [1.0], [1.0]) == pytest.approx(1.0, rel=1e-12)
     np.testing.assert_allclose(profile_outlier_overlap(3.0, [[1.0]], [1.0], [1.0]),
                                rmt.spiked_wigner_overlap(3.0, 1.0), rtol=1e-12)
+
+
+@pytest.mark.parametrize("a", [1e-12, 1e-8, 1e12, 1e150])
+def test_profile_density_and_qve_solutions_are_homogeneous(a):
+    """S → a²S, x, z → a·…: density → density/a, m → m/a. profile_density's absolute
+    default η = 1e-9 put 16 % of the peak outside the support at a = 1e-8 (34 % at
+    1e-12); solve_qve_real's absolute stopping rule left m 1.6 % off at a = 1e150."""
+    S, f = np.array([[2.0, 0.5], [0.5, 1.0]]), [0.3, 0.7]
+    x = np.linspace(-1.9, 1.9, 7)
+    d1 = profile_density(x, S, f)
+    np.testing.assert_allclose(profile_density(a * x, S * a * a, f) * a, d1, rtol=1e-10, atol=1e-12)
+    m1 = solve_qve_real(3.0, S, f).m
+    np.testing.assert_allclose(solve_qve_real(3.0 * a, S * a * a, f).m * a, m1, rtol=1e-13)
+    np.testing.assert_allclose(solve_qve_real(-3.0 * a, S * a * a, f).m * a, -m1, rtol=1e-13)
+    zq = np.array([0.5 + 0.01j, 2.5 + 1e-3j, 1.0 + 0.2j])
+    np.testing.assert_allclose(solve_qve(a * zq, S * a * a, f).g * a, solve_qve(zq, S, f).g, rtol=1e-12)
+    # flat profile (row sums of S·F all 1): the semicircle of variance a², closed forms
+    flat = np.array([[0.5, 1.5], [1.5, 0.5]]) * a * a
+    xs = np.array([-1.9, -1.0, 0.0, 0.7, 1.99]) * a
+    want = np.sqrt(np.clip(4 * a * a - xs * xs, 0, None)) / (2 * np.pi * a * a)
+    np.testing.assert_allclose(profile_density(xs, flat, [0.5, 0.5]), want, rtol=1e-6)
+    z = 2.5 * a                       # m = (−z + √(z² − 4a²))/(2a²) = −2/(z + √(z² − 4a²))
+    np.testing.assert_allclose(solve_qve_real(z, flat, [0.5, 0.5]).m * a, -2.0 / (2.5 + 1.5), rtol=1e-14)

@@ -52,3 +52,13 @@ def test_batch_mean_variance_matches_monte_carlo(replacement):
 def test_batch_noise_factor_bad_input(kw, exc):
     with pytest.raises(exc, match="B|N"):
         rmt.batch_noise_factor(**kw)
+
+
+def test_batch_noise_factor_takes_a_continuum_of_data_set_sizes():
+    """Like B (documented: need not be an integer), N is a real >= 1: c(2, 2.5) =
+    1/2 − 1/2.5, with replacement (1 − 1/2.5)/2 (was silently accepted, now documented)."""
+    assert rmt.batch_noise_factor(2, 2.5) == pytest.approx(0.5 - 0.4, rel=1e-14)
+    assert rmt.batch_noise_factor(2, 2.5, replacement=True) == pytest.approx(0.6 / 2, rel=1e-14)
+    assert "integer" in rmt.batch_noise_factor.__doc__.split("N :")[1].split("replacement")[0]
+    with pytest.raises(ValueError, match="N"):
+        rmt.batch_noise_factor(1, 0.5)
