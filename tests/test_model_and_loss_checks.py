@@ -384,8 +384,7 @@ def test_hand_built_operators_check_the_loss():
     against targets (N,) under a hand-written squared error (every output paired with every
     target) are refused — the operators took them silently, λ₁ 3.43 for 3.46 and moving with
     chunk_size — and a summed loss warns (it gave ~N × λ₁)."""
-    from nets.curvature.operators import (batch_ggn_operator, batch_hessian_operator,
-                                          ggn_operator, hessian_operator)
+    from nets.curvature.operators import batch_ggn_operator, batch_hessian_operator, ggn_operator, hessian_operator
 
     g = torch.Generator().manual_seed(3)
     X = torch.randn(40, 3, generator=g, dtype=torch.float64)
