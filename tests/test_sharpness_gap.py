@@ -128,6 +128,39 @@ def _hand_norm(kind, h, w, b, eps=1e-5):
     return z
 
 
+def _finite_difference_oracle(model, hand_loss, h=1e-4):
+    """For a hand-written copy of `model` — hand_loss(the model's parameters, in order) →
+    loss, no torch norm kernel — θ₀, its H·v by double backward, the top eigenvector u
+    of its dense Hessian, ∇S = ∇(uᵀHu) by central differences of step h, and ∇L."""
+    import types
+
+    shapes = [p.shape for p in model.parameters()]
+    theta0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    P = theta0.numel()
+
+    def flat_loss(theta):
+        parts, i = [], 0
+        for sh in shapes:
+            k = int(np.prod(sh))
+            parts.append(theta[i:i + k].reshape(sh))
+            i += k
+        return hand_loss(parts)
+
+    def hvp(theta, v):
+        th = theta.clone().requires_grad_(True)
+        gr = torch.autograd.grad(flat_loss(th), th, create_graph=True)[0]
+        return torch.autograd.grad(gr @ v, th)[0]
+
+    eye = torch.eye(P, dtype=torch.float64)
+    H = torch.stack([hvp(theta0, e) for e in eye])
+    u = torch.linalg.eigh((H + H.T) / 2)[1][:, -1]
+    gS = torch.stack([(u @ hvp(theta0 + h * e, u) - u @ hvp(theta0 - h * e, u)) / (2 * h)
+                      for e in eye])
+    th = theta0.clone().requires_grad_(True)
+    gL = torch.autograd.grad(flat_loss(th), th)[0]
+    return types.SimpleNamespace(theta0=theta0, hvp=hvp, u=u, gS=gS, gL=gL)
+
+
 @pytest.mark.parametrize("kind", ["layer_affine", "layer_plain", "instance"])
 def test_terms_with_norm_layers_match_finite_differences(kind):
     # torch's LayerNorm / InstanceNorm kernels have a wrong third derivative (β was 4-6 %
@@ -144,32 +177,14 @@ def test_terms_with_norm_layers_match_finite_differences(kind):
     with torch.no_grad():
         for p in norm.parameters():
             p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=torch.float64))
-    shapes = [p.shape for p in model.parameters()]
-    theta0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    P = theta0.numel()
 
-    def flat_loss(theta):
-        parts, i = [], 0
-        for s in shapes:
-            k = int(np.prod(s))
-            parts.append(theta[i:i + k].reshape(s))
-            i += k
+    def hand_loss(parts):
         W1, b1, *mid, W2, b2 = parts
         h = _hand_norm(kind, X @ W1.T + b1, *(mid or [None, None]))
         return F.cross_entropy(torch.tanh(h) @ W2.T + b2, y)
 
-    def hvp(theta, v):
-        th = theta.clone().requires_grad_(True)
-        gr = torch.autograd.grad(flat_loss(th), th, create_graph=True)[0]
-        return torch.autograd.grad(gr @ v, th)[0]
-
-    H = torch.stack([hvp(theta0, e) for e in torch.eye(P, dtype=torch.float64)])
-    u = torch.linalg.eigh((H + H.T) / 2)[1][:, -1]
-    h = 1e-4
-    gS = torch.stack([(u @ hvp(theta0 + h * e, u) - u @ hvp(theta0 - h * e, u)) / (2 * h)
-                      for e in torch.eye(P, dtype=torch.float64)])
-    th = theta0.clone().requires_grad_(True)
-    gL = torch.autograd.grad(flat_loss(th), th)[0]
+    o = _finite_difference_oracle(model, hand_loss)
+    theta0, hvp, u, gS, gL = o.theta0, o.hvp, o.u, o.gS, o.gL
     g_perp = gL - (gL @ u) * u
     t = sharpness_gap_terms(model, F.cross_entropy, (X, y), u)
     assert t.S == pytest.approx(float(u @ hvp(theta0, u)), rel=1e-10)
@@ -195,16 +210,8 @@ def test_batch_norm_on_batch_statistics_matches_finite_differences():
     with torch.no_grad():
         for p in bn.parameters():
             p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=torch.float64))
-    shapes = [p.shape for p in model.parameters()]
-    theta0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    P = theta0.numel()
 
-    def flat_loss(theta):
-        parts, i = [], 0
-        for sh in shapes:
-            k = int(np.prod(sh))
-            parts.append(theta[i:i + k].reshape(sh))
-            i += k
+    def hand_loss(parts):
         Wc, bc, w, b, W2, b2 = parts
         h = F.conv2d(X, Wc, bc, padding=1)
         mu = h.mean((0, 2, 3), keepdim=True)
@@ -212,16 +219,8 @@ def test_batch_norm_on_batch_statistics_matches_finite_differences():
         h = (h - mu) / torch.sqrt(var + 1e-5) * w[None, :, None, None] + b[None, :, None, None]
         return F.cross_entropy(torch.tanh(h).reshape(len(X), -1) @ W2.T + b2, y)
 
-    def hvp(theta, v):
-        th = theta.clone().requires_grad_(True)
-        gr = torch.autograd.grad(flat_loss(th), th, create_graph=True)[0]
-        return torch.autograd.grad(gr @ v, th)[0]
-
-    H = torch.stack([hvp(theta0, e) for e in torch.eye(P, dtype=torch.float64)])
-    u = torch.linalg.eigh((H + H.T) / 2)[1][:, -1]
-    h = 1e-4
-    gS = torch.stack([(u @ hvp(theta0 + h * e, u) - u @ hvp(theta0 - h * e, u)) / (2 * h)
-                      for e in torch.eye(P, dtype=torch.float64)])
+    o = _finite_difference_oracle(model, hand_loss)
+    theta0, hvp, u, gS = o.theta0, o.hvp, o.u, o.gS
     running = (bn.running_mean.clone(), bn.running_var.clone())
     t = sharpness_gap_terms(model, F.cross_entropy, (X, y), u, policy="train_batch_stats",
                             chunk_size=len(X))
