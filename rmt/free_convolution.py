@@ -203,7 +203,7 @@ def semicircle_free_convolution_edges(atoms, weights=None, noise_var=1.0) -> tup
     v = as_float("noise_var", noise_var, positive=True)
     # homogeneous (atoms → s·atoms, v → s²v scales the edges by s): solved at scale 1, the
     # root finder's tolerances being absolute (at s = 1e-16 the edge came out 2.5 % off)
-    scale = max(float(np.max(np.abs(a))), math.sqrt(v))
+    scale = _scale(a, v)
     a, v = a / scale, v / scale**2
     out = []
     for side in (-1, 1):

@@ -32,7 +32,7 @@ import math
 import numpy as np
 
 from .sampling import batch_noise_factor
-from .validation import as_array, as_float, as_int, as_seed, guard_module
+from .validation import SEED_BOUND, as_array, as_float, as_int, as_seed, guard_module, resolved_seed
 
 __all__ = [
     "noise_factor",
@@ -434,11 +434,11 @@ def sgd_momentum_as_max_lr(B, lam, s2, N=None, momentum=0.0, *, replacement: boo
 
 
 def _path_seed(seed):
-    """The seed of the path: `as_seed`'s check (errors name ``seed``), then a fixed int
-    for None or a BitGenerator, so that every α of one call sees the same h_t."""
-    seed = as_seed("seed", seed)
-    if seed is None or isinstance(seed, np.random.BitGenerator):
-        seed = int(np.random.default_rng(seed).integers(0, 2**63 - 1))
+    """The seed of the path: `resolved_seed` (errors name ``seed``; None → fresh entropy),
+    a BitGenerator drawn once, so that every α of one call sees the same h_t."""
+    seed = resolved_seed("seed", seed)
+    if isinstance(seed, np.random.BitGenerator):
+        seed = int(np.random.default_rng(seed).integers(0, SEED_BOUND))
     return seed
 
 

@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .semicircle import _refuse_singular
-from .validation import as_array, as_float, guard_module
+from .validation import as_array, as_float, guard_module, refuse_singular_points
 
 
 def _check(ratio, variance):
@@ -65,7 +64,7 @@ def mp_stieltjes(z, ratio, variance=1.0) -> np.ndarray:
     q, s2 = _check(ratio, variance)
     z = as_array("z", z, dtype=complex, allow_empty=True)
     if q >= 1:          # exactly 0 only: beside it g is finite (or overflows: the guard says so)
-        _refuse_singular(z, (0.0,), "g(z) (the atom or hard edge at 0)")
+        refuse_singular_points("z", z, (0.0,), "g(z) (the atom or hard edge at 0)")
     z = z / s2
     lo, hi = mp_edges(q, 1.0)
     z = np.where((z.imag == 0) & (z.real >= lo) & (z.real <= hi), z + 1e-300j, z)
@@ -89,7 +88,8 @@ def mp_stieltjes_derivative(z, ratio, variance=1.0) -> np.ndarray:
     z = as_array("z", z, dtype=complex, allow_empty=True)
     # tolerance relative to each point (4 ulps of it): at σ² = 1e-20 an absolute one
     # refused every |z| below 1e-15, legitimate points 5× beyond the edge included
-    _refuse_singular(z, mp_edges(q, s2) + ((0.0,) if q > 1 else ()), "g'(z) (an edge or the atom)")
+    refuse_singular_points("z", z, mp_edges(q, s2) + ((0.0,) if q > 1 else ()),
+                           "g'(z) (an edge or the atom)")
     w = z / s2
     g = mp_stieltjes(w, q, 1.0)
     with np.errstate(over="ignore", invalid="ignore"):     # g² overflowing: the guard refuses

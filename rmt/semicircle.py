@@ -13,31 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .validation import as_array, as_float, guard_module
-
-
-def _num(x: float) -> str:
-    """Shortest repr of a float, without a trailing '.0' (2.0 → '2', 4e-20 → '4e-20')."""
-    t = repr(float(x))
-    return t[:-2] if t.endswith(".0") else t
-
-
-def _refuse_singular(z: np.ndarray, points, what: str) -> None:
-    """ValueError naming the caller's ``z`` if a real entry of the complex array `z`
-    sits on one of the real `points` where the function is infinite, to within the
-    rounding of the point itself: |z − p| <= 4·eps·|p| (relative to the point, so a
-    law of scale 1e-20 keeps every legitimate z; a point at 0 — a pole or the hard
-    edge — is refused only exactly, the value beside it being representable or an
-    overflow that the guard reports)."""
-    real = z.real[z.imag == 0]
-    for p in points:
-        hit = np.abs(real - p) <= 4 * np.finfo(float).eps * abs(p)
-        if hit.any():
-            zz = float(real[np.argmax(hit)])
-            at = "" if zz == p else f" (within rounding of {_num(p)})"
-            raise ValueError(f"z={_num(zz)} is a singular point of {what}{at}: it is infinite "
-                             "there (evaluate off the real axis or away from it)")
-
+from .validation import as_array, as_float, guard_module, refuse_singular_points
 
 
 def semicircle_edges(variance=1.0) -> tuple[float, float]:
@@ -63,7 +39,7 @@ def semicircle_stieltjes(z, variance=1.0) -> np.ndarray:
     v = as_float("variance", variance, nonnegative=True)
     z = as_array("z", z, dtype=complex, allow_empty=True)
     if v == 0.0:
-        _refuse_singular(z, (0.0,), "g(z) = −1/z (the pole of variance 0)")
+        refuse_singular_points("z", z, (0.0,), "g(z) = −1/z (the pole of variance 0)")
         return -1.0 / z
     r = 2.0 * np.sqrt(v)
     # on the real support give the upper boundary value (add +i0)
@@ -81,7 +57,7 @@ def semicircle_stieltjes_derivative(z, variance=1.0) -> np.ndarray:
     g = semicircle_stieltjes(z, v)
     z = as_array("z", z, dtype=complex, allow_empty=True)
     r = 2.0 * np.sqrt(v)
-    _refuse_singular(z, (-r, r), "g'(z) (an edge)")
+    refuse_singular_points("z", z, (-r, r), "g'(z) (an edge)")
     return -g / (2.0 * v * g + z)
 
 

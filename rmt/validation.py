@@ -222,16 +222,29 @@ def as_array(name: str, value, *, ndim: int | None = None, nonnegative: bool = F
     return arr
 
 
+def _num(x: float) -> str:
+    """Shortest repr of a float, without a trailing '.0' (2.0 → '2', 4e-20 → '4e-20')."""
+    t = repr(float(x))
+    return t[:-2] if t.endswith(".0") else t
+
+
 def refuse_singular_points(name: str, z: np.ndarray, points, what: str) -> None:
-    """ValueError if a real entry of the complex array `z` sits (to a few ulps) on one of
-    the real `points` where the function being evaluated is infinite (an edge or pole of
-    a Stieltjes transform); `what` says which function."""
+    """ValueError naming the caller's `name` and its value if a real entry of the complex
+    array `z` sits on one of the real `points` where the function being evaluated is
+    infinite (an edge or pole of a Stieltjes transform; `what` says which function), to
+    within the rounding of the point itself: |z − p| <= 4·eps·|p|. Relative to the point,
+    so a law of scale 1e-20 keeps every legitimate z (an absolute 4·eps·(1 + |p|) refused
+    every |z| below 1e-15); a point at 0 — a pole or the hard edge — is refused only
+    exactly, the value beside it being representable or an overflow that the guard
+    reports."""
     real = z.real[z.imag == 0]
     for p in points:
-        hit = np.abs(real - p) <= 4 * np.finfo(float).eps * (1.0 + abs(p))
+        hit = np.abs(real - p) <= 4 * np.finfo(float).eps * abs(p)
         if hit.any():
-            raise ValueError(f"{name}={p:.17g} is a singular point of {what}: it is infinite "
-                             "there (evaluate off the real axis or away from it)")
+            zz = float(real[np.argmax(hit)])
+            at = "" if zz == p else f" (within rounding of {_num(p)})"
+            raise ValueError(f"{name}={_num(zz)} is a singular point of {what}{at}: it is "
+                             "infinite there (evaluate off the real axis or away from it)")
 
 
 def check_finite_result(names: str, value) -> None:
@@ -242,6 +255,17 @@ def check_finite_result(names: str, value) -> None:
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{names} are too large: the quantity computed from them overflows "
                          f"(got {arr if arr.ndim else float(arr)})")
+
+
+def resolved_seed(name: str, seed):
+    """`seed` checked (`as_seed`: errors name `name`) and, when None, one int in
+    [0, 2**63 - 1) drawn from fresh entropy (so that a result can record it and be
+    repeated); an int >= 0 and a Generator's draw are returned as ints, other accepted
+    seeds (a SeedSequence, a BitGenerator) as they are."""
+    seed = as_seed(name, seed)
+    if seed is None:
+        return int(np.random.default_rng().integers(0, SEED_BOUND))
+    return seed
 
 
 def as_seed(name: str, seed):
