@@ -259,6 +259,14 @@ def check_policy(model: nn.Module, policy) -> None:
             "would be random; pass policy='eval' or call model.eval()")
 
 
+def describe_layers(found) -> str:
+    """"'name' (Type), …" for up to three (name, module, kind) of `train_mode_layers`, and
+    how many more — the list the warnings about such layers print."""
+    found = list(found)
+    names = [f"{name!r} ({type(m).__name__})" for name, m, _ in found[:3]]
+    return ", ".join(names) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+
+
 def train_mode_layers(model: nn.Module):
     """(name, module, kind) for every layer that acts differently in train mode, in
     `named_modules` order: kind "norm" (BatchNorm, or another norm with running
@@ -861,11 +869,9 @@ def hessian_operator(model: nn.Module, loss_fn: Callable, data, *, params=None, 
     64 samples of `data`: a hand-built operator got neither (an (N, 1) output against (N,)
     targets gave λ₁ 3.43 for 3.46, moving with chunk_size; an outside sweep).
     """
-    op = ModelCurvatureOperator(model, loss_fn, data, "hessian", params=params, policy=policy,
-                                chunk_size=chunk_size, device=device, dtype=dtype,
-                                cache_graph=cache_graph)
-    check_mean_reduced(model, loss_fn, op.source)
-    return op
+    return _loss_checked(model, loss_fn, data, "hessian", params=params, policy=policy,
+                         chunk_size=chunk_size, device=device, dtype=dtype,
+                         cache_graph=cache_graph)
 
 
 def ggn_operator(model: nn.Module, loss_fn: Callable, data, *, params=None, policy=None,
@@ -874,9 +880,15 @@ def ggn_operator(model: nn.Module, loss_fn: Callable, data, *, params=None, poli
     """Generalised Gauss–Newton G = (1/N) Σ_i J_iᵀ Λ_i J_i (PSD for convex losses),
     applied as vjp(Λ · jvp(v)) without forming Jacobians. Arguments, and the loss check, as
     `hessian_operator`."""
-    op = ModelCurvatureOperator(model, loss_fn, data, "ggn", params=params, policy=policy,
-                                chunk_size=chunk_size, device=device, dtype=dtype,
-                                cache_graph=cache_graph)
+    return _loss_checked(model, loss_fn, data, "ggn", params=params, policy=policy,
+                         chunk_size=chunk_size, device=device, dtype=dtype,
+                         cache_graph=cache_graph)
+
+
+def _loss_checked(model, loss_fn, data, kind, **options) -> ModelCurvatureOperator:
+    """The operator of `kind`, its loss checked once (`check_mean_reduced`) as the public
+    factories promise."""
+    op = ModelCurvatureOperator(model, loss_fn, data, kind, **options)
     check_mean_reduced(model, loss_fn, op.source)
     return op
 

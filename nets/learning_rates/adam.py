@@ -272,15 +272,16 @@ def _beta1_from(preconditioner, beta1, default=0.9) -> float:
     return b
 
 
-def _per_batch_optimizers(preconditioner, batch_sizes, model, params):
-    """(preconditioner, representative, its settings): a callable B -> optimizer or D is
-    evaluated once per batch size; when it gives optimizers, each is checked as a directly
-    given one (`lr_prediction.adam_state_settings`), they must agree on betas and eps (one
-    factor F, one ε), and the first is returned as the representative whose settings the
-    prediction takes; the callable is replaced by the table of its values. Anything else is
-    returned as it is, with None for the other two (a directly given optimizer is checked
-    by the caller)."""
-    if isinstance(preconditioner, torch.optim.Optimizer) or not callable(preconditioner):
+def _checked_preconditioner(preconditioner, batch_sizes, model, params):
+    """(preconditioner, representative optimizer, its settings) with every optimizer in
+    it checked (`lr_prediction.adam_state_settings`): a given optimizer is its own
+    representative; a callable B -> optimizer or D is evaluated once per batch size and
+    replaced by the table of its values, its optimizers must agree on betas and eps (one
+    factor F, one ε) and the first represents them. A D, a callable of D's or None: (it,
+    None, None)."""
+    if isinstance(preconditioner, torch.optim.Optimizer):
+        return preconditioner, preconditioner, adam_state_settings(model, preconditioner, params)
+    if not callable(preconditioner):
         return preconditioner, None, None
     table = {int(B): preconditioner(int(B)) for B in batch_sizes}
     opts = [o for o in table.values() if isinstance(o, torch.optim.Optimizer)]
@@ -330,10 +331,8 @@ def preconditioned_batch_sharpness(model, loss_fn, data, batch_sizes, *, precond
     if bs.max() > src.N:
         raise ValueError(f"batch_sizes must be <= N={src.N}")
     given = isinstance(preconditioner, torch.optim.Optimizer)
-    if given:
-        adam_state_settings(model, preconditioner, params)
-    preconditioner, rep, _ = _per_batch_optimizers(preconditioner, bs, model, params)
-    beta1 = _beta1_from(rep if rep is not None else preconditioner, beta1)
+    preconditioner, rep, _ = _checked_preconditioner(preconditioner, bs, model, params)
+    beta1 = _beta1_from(rep, beta1)
     n_batches = as_int("n_batches", n_batches, minimum=1)
     seed = as_seed("seed", seed)
     rng = np.random.default_rng(seed)
@@ -508,11 +507,8 @@ def predict_adam_max_lr(model, loss_fn, data, batch_sizes, *, betas=None, eps=No
     if betas is not None:
         betas = _as_betas(betas)
     given = isinstance(preconditioner, torch.optim.Optimizer)
-    own = adam_state_settings(model, preconditioner, params) if given else None
-    preconditioner, rep, rep_settings = _per_batch_optimizers(preconditioner, bs, model, params)
-    own = rep_settings if own is None else own         # optimizers from a callable, checked
-    b1 = _beta1_from(rep if rep is not None else preconditioner,
-                     None if betas is None else betas[0])
+    preconditioner, rep, own = _checked_preconditioner(preconditioner, bs, model, params)
+    b1 = _beta1_from(rep, None if betas is None else betas[0])
     if own is not None:
         if betas is not None and betas[1] != own.beta2:
             raise ValueError(f"betas[1]={betas[1]} disagrees with the preconditioner optimizer's "
@@ -714,8 +710,7 @@ def adam_transfer_lr(model, loss_fn, data, batch_sizes, *, reference, betas=None
         raise ValueError(f"prediction has no value for batch sizes {missing}")
     pred = np.array([table[int(b)] for b in bs])
     lr = a0 * pred / table[B0]
-    b1 = _beta1_of(prediction)                               # the prediction's own β₁
-    b1 = float(betas[0]) if b1 is None else b1
+    b1 = float(betas[0]) if own is None else own             # a given prediction's own β₁
     warn_adam_transfer(form, b1, bs, B0, who="adam_transfer_lr")
     used = getattr(prediction, "seed", None) if given_prediction else seed
     return AdamTransfer(bs, lr, (B0, a0), pred, a0 * np.sqrt(bs / B0), a0 * bs / B0, form, b1,

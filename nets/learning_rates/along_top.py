@@ -255,9 +255,8 @@ def loss_along_top(model, loss_fn, data, *, factor=10.0, n=60, span=(0.02, 20.0)
             with torch.no_grad():
                 return float(loss_fn(outputs(float(x)), yd))
 
-        with torch.no_grad():
-            fp = np.array([float(loss_fn(outputs(float(x)), yd)) for x in xs])
-            fm = np.array([float(loss_fn(outputs(-float(x)), yd)) for x in xs])
+        fp = np.array([loss_at(x) for x in xs])
+        fm = np.array([loss_at(-x) for x in xs])
         fields[f"{name}_plus"], fields[f"{name}_minus"] = fp / L0, fm / L0
         fields[f"{name}_secant"] = (fp + fm - 2 * L0) / xs ** 2 / lam
         crossings[name] = _crossing(xs, fields[f"{name}_plus"], fields[f"{name}_minus"], k,

@@ -210,7 +210,7 @@ from torch import nn
 from nets.algorithms.lanczos import lanczos, lanczos_batch, rademacher_vectors
 from nets.curvature.loss_check import check_mean_reduced
 from nets.curvature.operators import CurvatureOperator, check_policy, curvature_operator
-from nets.curvature.params import ParamLayout
+from nets.curvature.params import ParamLayout, refuse_changed_params
 from nets.curvature.side_by_side import ColumnCountError, SideBySideHessians
 from nets.learning_rates.monitor import CurvatureTracker
 from nets.noise.directional import directional_noise_from_operator
@@ -405,17 +405,16 @@ def _warn_eval_mode_layers(model: nn.Module) -> None:
     in train mode (BatchNorm, Dropout, RReLU) and no policy was given: the curvature
     products follow the model's mode, so a later ``model.train()`` makes the next update
     raise mid-training (module docstring). The modes are flipped to read them and restored."""
-    from nets.curvature.operators import train_mode_layers
+    from nets.curvature.operators import describe_layers, train_mode_layers
     from nets.utils.modes import kept_modes
 
     with kept_modes(model):                  # every flag restored on exit
         model.train()
-        found = [f"{name!r} ({type(m).__name__})" for name, m, _ in train_mode_layers(model)]
+        found = list(train_mode_layers(model))
     if found:
-        more = f" and {len(found) - 3} more" if len(found) > 3 else ""
         warnings.warn(
             f"CurvatureAdaptiveSGD: the model is in eval mode and has layers that act "
-            f"differently in train mode ({', '.join(found[:3])}{more}) and policy=None: the "
+            f"differently in train mode ({describe_layers(found)}) and policy=None: the "
             "curvature follows the model's mode, so training it after model.train() makes "
             "the next curvature update raise inside opt.step(); pass policy='eval' (running "
             "statistics, no dropout: what is measured now) or policy='train_batch_stats'",
@@ -653,19 +652,15 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
         """Measure the curvature now and set α, ρ (normally called by `step`)."""
         t0 = time.perf_counter()
         wd = self.param_groups[0]["weight_decay"]
-        now = ParamLayout.from_module(self.model).names
-        if list(now) != list(self.layout.names):
-            # the operators are built over what is trainable now, the steps update the
-            # construction-time set: a layer frozen or unfrozen since then made the saved
-            # warm-start vectors the wrong size (a Lanczos shape error), or silently set α
-            # from the curvature of a layer the learner never updates
-            added = sorted(set(now) - set(self.layout.names))
-            removed = sorted(set(self.layout.names) - set(now))
-            raise ValueError(
-                "the model's trainable parameters changed since the learner was built "
-                f"(requires_grad now on: {added or 'none'}; now off: {removed or 'none'}): "
-                "the learner measures and updates the set it was built with — build a new "
-                "CurvatureAdaptiveSGD after freezing or unfreezing layers")
+        # the operators are built over what is trainable now, the steps update the
+        # construction-time set: a layer frozen or unfrozen since then made the saved
+        # warm-start vectors the wrong size (a Lanczos shape error), or silently set α
+        # from the curvature of a layer the learner never updates
+        refuse_changed_params(self.layout.names, ParamLayout.from_module(self.model).names,
+                              "the learner",
+                              "the learner measures and updates the set it was built with — "
+                              "build a new CurvatureAdaptiveSGD after freezing or unfreezing "
+                              "layers")
         for group in self.param_groups:
             for p in group["params"]:
                 if not bool(torch.isfinite(p).all()):

@@ -387,11 +387,11 @@ def flat_adam_state(optimizer):
         raise ValueError(f"optimizer: its parameters' states have different step counts {steps} "
                          "(some were frozen or got no gradient for part of the steps); the "
                          "linearised Adam run bias-corrects all coordinates with one count")
-    m = torch.cat([(s["exp_avg"] if "exp_avg" in s else torch.zeros_like(p)).detach().reshape(-1)
-                   for p, s in zip(params, st)])
-    v = torch.cat([(s["exp_avg_sq"] if "exp_avg" in s else torch.zeros_like(p)).detach()
-                   .reshape(-1) for p, s in zip(params, st)])
-    return m.clone(), v.clone(), steps[0] if steps else 0
+    def flat(key):
+        return torch.cat([(s[key] if "exp_avg" in s else torch.zeros_like(p)).detach().reshape(-1)
+                          for p, s in zip(params, st)]).clone()
+
+    return flat("exp_avg"), flat("exp_avg_sq"), steps[0] if steps else 0
 
 
 def linearized_adam_max_loss(J, z0, y, loss_fn, batch_size, lrs, steps, batch_seed, *,

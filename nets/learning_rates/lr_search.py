@@ -499,13 +499,12 @@ def warn_train_mode_layers(model, who: str) -> None:
     """One UserWarning naming the model's layers that act differently in train mode
     (BatchNorm / InstanceNorm with running statistics, active Dropout, RReLU) when any is
     in train mode: the trials run a copy in eval mode, not the model as it would train."""
-    from nets.curvature.operators import train_mode_layers
+    from nets.curvature.operators import describe_layers, train_mode_layers
 
-    found = [f"{name!r} ({type(m).__name__})" for name, m, _ in train_mode_layers(model)]
+    found = list(train_mode_layers(model))
     if found:
-        more = f" and {len(found) - 3} more" if len(found) > 3 else ""
         warnings.warn(
-            f"{who}: the model has layers in train mode ({', '.join(found[:3])}{more}); the "
+            f"{who}: the model has layers in train mode ({describe_layers(found)}); the "
             "trials run it in eval mode (BatchNorm on its running statistics, no dropout), "
             "not as it would train. Call model.eval() first to run those thresholds "
             "knowingly; a train-mode threshold needs your own training runs",

@@ -70,7 +70,7 @@ import torch
 from nets.algorithms.lanczos import eigsh
 from nets.curvature.loss_check import check_mean_reduced
 from nets.curvature.operators import check_policy, curvature_operator
-from nets.curvature.params import ParamLayout
+from nets.curvature.params import ParamLayout, refuse_changed_params
 from nets.learning_rates.lr_prediction import optimizer_settings, warn_partial_optimizer
 from nets.noise.batch_spectra import measure_batch_top_eigenvalue
 from nets.noise.directional import directional_noise_from_operator
@@ -374,18 +374,13 @@ class CurvatureMonitor:
     def _check_params(self) -> None:
         """Refuse a record over another parameter set than the monitor was built for (a
         layer frozen or unfrozen since: module docstring), as the learner does."""
-        now = list(ParamLayout.from_module(self.tracker.model, self.tracker.params).names)
-        built = list(self.config["params"])
-        if now != built:
-            added = sorted(set(now) - set(built))
-            removed = sorted(set(built) - set(now))
-            raise ValueError(
-                "the model's trainable parameters changed since the CurvatureMonitor was "
-                f"built (requires_grad now on: {added or 'none'}; now off: "
-                f"{removed or 'none'}): its records measure the set it was built with "
-                f"(P = {self.config['P']}, written in its file's settings) — build a new "
-                "CurvatureMonitor (with its own path) after freezing or unfreezing layers, "
-                "or pass params= to name a fixed set")
+        refuse_changed_params(
+            self.config["params"],
+            ParamLayout.from_module(self.tracker.model, self.tracker.params).names,
+            "the CurvatureMonitor",
+            f"its records measure the set it was built with (P = {self.config['P']}, written "
+            "in its file's settings) — build a new CurvatureMonitor (with its own path) after "
+            "freezing or unfreezing layers, or pass params= to name a fixed set")
 
     def maybe_record(self, step: int, *, loss=None, lr=None):
         """Record at `step` if due (module docstring); returns the record or None. At the
