@@ -155,7 +155,7 @@ def main(argv=None) -> int:
         try:
             with report_lock(out):
                 redraw(out)
-                write_readme(load_results(out), out)
+                write_readme(load_results(out), out, redrawn=True)
         except ReportFolderInUse as exc:
             parser.error(f"--redraw: {exc}")
         return 0

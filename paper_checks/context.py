@@ -57,10 +57,26 @@ class Context:
 
     def config_key(self) -> str:
         """What makes results of two runs interchangeable (used as the resume key): the
-        settings, and the package's source (a result computed by other code is never
-        served: any edit to rmt/, nets/ or paper_checks/ recomputes)."""
+        settings, the package's source (a result computed by other code is never
+        served: any edit to rmt/, nets/ or paper_checks/ recomputes) and the versions of
+        the numerical libraries underneath (another torch gives other round-off, and
+        thresholds found by bisection can move by a step)."""
         return (f"seed={self.seed},quick={int(self.quick)},scale={self.scale},"
-                f"device={self.device},code={source_fingerprint()}")
+                f"device={self.device},code={source_fingerprint()},libs={library_versions()}")
+
+
+@functools.lru_cache(maxsize=1)
+def library_versions() -> str:
+    """'torch-X;numpy-Y;scipy-Z;sympy-W' of the installed distributions (read from their
+    metadata, nothing imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def one(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "absent"
+    return ";".join(f"{name}-{one(name)}" for name in ("torch", "numpy", "scipy", "sympy"))
 
 
 @functools.lru_cache(maxsize=1)

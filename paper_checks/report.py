@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import platform
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -53,15 +54,42 @@ def summary_counts(results: Sequence[CheckResult]) -> dict[str, int]:
     return counts
 
 
+_RUN_LINE = re.compile(r"^Command: `(?P<command>.*)` — (?P<rest>.*)\.$")
+
+
+def run_line(out_dir: str | Path) -> str | None:
+    """The 'Command: … wall time … s' line of the report already in `out_dir` (None when
+    there is none): `--redraw` keeps it, since the figures it redraws are that run's."""
+    path = Path(out_dir) / "README.md"
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return next((line for line in lines[:6] if _RUN_LINE.match(line)), None)
+
+
 def write_readme(results: Sequence[CheckResult], out_dir: str | Path, *,
                  title: str = "Paper checks", wall_seconds: float | None = None,
-                 command: str = "python -m paper_checks") -> Path:
+                 command: str = "python -m paper_checks", redrawn: bool = False) -> Path:
+    """The report `out_dir/README.md`. With `redrawn=True` (`--redraw`) the run line of
+    the report already there (the command that computed the results, its date and wall
+    time) is kept and the redraw noted under it."""
     out_dir = Path(out_dir)
     counts = summary_counts(results)
     parts = [f"# {title}", ""]
-    parts.append(f"Command: `{command}` — {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M UTC}, "
-                 f"Python {platform.python_version()} on {platform.machine()}"
-                 + (f", wall time {wall_seconds:.0f} s" if wall_seconds is not None else "") + ".")
+    now = f"{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M UTC}"
+    kept = run_line(out_dir) if redrawn else None
+    if kept is not None:
+        parts.append(kept)
+    elif redrawn:
+        parts.append("Command: unknown (the folder had no report to take it from).")
+    else:
+        parts.append(f"Command: `{command}` — {now}, "
+                     f"Python {platform.python_version()} on {platform.machine()}"
+                     + (f", wall time {wall_seconds:.0f} s" if wall_seconds is not None else "") + ".")
+    if redrawn:
+        parts.append(f"Figures and this page redrawn from the JSON files {now} "
+                     f"(`python -m paper_checks --redraw`), nothing recomputed.")
     parts.append("")
     parts.append(", ".join(f"**{v}** {k}" for k, v in counts.items()) + ".")
     parts.append("")

@@ -129,6 +129,43 @@ def test_runner_resumes_without_recomputing_and_fresh_recomputes(tmp_path):
     assert ok.calls == 3
 
 
+def test_resume_key_holds_library_versions(tmp_path, monkeypatch):
+    """A result computed under another torch/numpy is not served (bisection thresholds
+    can move by a step with the round-off)."""
+    from paper_checks import context
+
+    ok = _CountingCheck("ok")
+    run_checks([ok], Context(progress=False), tmp_path, progress=False)
+    key = Context(progress=False).config_key()
+    assert "torch-" in key and "numpy-" in key
+    monkeypatch.setattr(context, "library_versions", lambda: "torch-0.0;numpy-0.0")
+    assert Context(progress=False).config_key() != key
+    run_checks([ok], Context(progress=False), tmp_path, progress=False)
+    assert ok.calls == 2
+
+
+class _SeedSeen(Exception):
+    pass
+
+
+@pytest.mark.parametrize("name", ["adam_real_training", "lr_transfer", "stability_onset",
+                                  "sgd_scaling_mlp", "network_batch_spectra"])
+def test_network_checks_train_their_model_with_the_run_seed(name, monkeypatch):
+    """`--seed` reaches the trained network of every check that trains one."""
+    import importlib
+
+    import nets.training.loops as loops
+
+    def spy(seed=0, *args, **kwargs):
+        raise _SeedSeen(seed)
+
+    monkeypatch.setattr(loops, "trained_digits_mlp", spy)
+    check = importlib.import_module(f"paper_checks.checks.{name}")
+    with pytest.raises(_SeedSeen) as seen:
+        check.run(Context(seed=7, quick=True, progress=False))
+    assert seen.value.args == (7,)
+
+
 def test_interrupted_run_resumes_with_finished_checks_kept(tmp_path):
     done, later = _CountingCheck("done"), _CountingCheck("later")
     killer = _CountingCheck("killer", raises=KeyboardInterrupt())

@@ -263,8 +263,15 @@ def test_fresh_resume_and_redraw_keep_the_folder_honest(tmp_path, capsys):
     assert "resumed from" in capsys.readouterr().out
     assert oct(png.stat().st_mode & 0o777) != oct(0o600)        # the umask's mode
     (out / "notes.json").write_text('{"mine": 1}')
+    ran = (out / "README.md").read_text().splitlines()[2]
+    assert ran.startswith("Command: `python -m paper_checks --quick") and "wall time" in ran
     assert main(["--redraw", str(out)]) == 0
     assert "notes.json is not a check result" in capsys.readouterr().err
+    page = (out / "README.md").read_text().splitlines()
+    assert page[2] == ran                      # the run that computed them, not "--redraw"
+    assert page[3].startswith("Figures and this page redrawn")
+    assert main(["--redraw", str(out)]) == 0   # twice: still that run's line
+    assert (out / "README.md").read_text().splitlines()[2] == ran
     with pytest.raises(SystemExit):
         main(run[:-1] + [str(tmp_path / "never" / "made"), "--only", "nope"])
     assert not (tmp_path / "never").exists()

@@ -70,14 +70,14 @@ def run(ctx):
     from nets.learning_rates.transfer import momentum_caveat_silenced
     from nets.training.loops import trained_digits_mlp
 
-    model, (X, y) = trained_digits_mlp(seed=0)
+    model, (X, y) = trained_digits_mlp(seed=ctx.seed)
     loss_fn = torch.nn.functional.cross_entropy
     Bs = np.array(ctx.pick([8, 32, 128, 512], [8, 32, 128]))
-    seeds = ctx.pick(tuple(range(8)), (0,))       # transfer_lr's n_seeds default
+    seeds = ctx.pick(tuple(range(ctx.seed, ctx.seed + 8)), (ctx.seed,))   # transfer_lr's n_seeds
     pred = predict_adam_max_lr(model, loss_fn, (X, y), Bs, betas=BETAS, eps=EPS, seed=ctx.seed)
     warm = adam_threshold(model, loss_fn, (X, y), Bs, betas=BETAS, eps=EPS, warmup_steps=WARMUP,
                           warmup_lr=WARMUP_LR, steps=STEPS, criterion=CRITERION, seeds=seeds,
-                          seed=ctx.seed, progress=ctx.progress if hasattr(ctx, "progress") else None)
+                          seed=ctx.seed, progress=ctx.progress)
     lin = linearized_adam_threshold(model, loss_fn, (X, y), Bs, betas=BETAS, eps=EPS,
                                     warmup_steps=WARMUP, warmup_lr=WARMUP_LR, steps=STEPS,
                                     factor=10.0, seeds=seeds, seed=ctx.seed)
