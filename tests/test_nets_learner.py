@@ -354,6 +354,16 @@ def test_state_dict_round_trip_continues_identically(kw):
     other = CurvatureAdaptiveSGD(_linear(5), half_mse, (X, y), **dict(kw, seed=5))
     with pytest.raises(ValueError, match="curvature_indices"):
         other.load_state_dict(sd_opt)
+    # same indices on other data (a re-generated or re-normalised data set): refused
+    X2 = X.clone()
+    X2[opt_a.curvature_indices[0], 0] += 1.0
+    moved = CurvatureAdaptiveSGD(_linear(5), half_mse, (X2, y), **kw)
+    assert np.array_equal(moved.curvature_indices, opt_a.curvature_indices)
+    with pytest.raises(ValueError, match="other data"):
+        moved.load_state_dict(sd_opt)
+    same = CurvatureAdaptiveSGD(_linear(5), half_mse, (X.clone(), y.clone()), **kw)
+    same.load_state_dict(sd_opt)            # equal data in other tensors: accepted
+    assert same.steps_taken == 7
 
 
 # ----------------------------------------------------------------------------- digits

@@ -912,7 +912,7 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
-        sd["learner"] = dict(batch_size=self.batch_size,
+        sd["learner"] = dict(batch_size=self.batch_size, curvature_data=self._curvature_data_hash(),
                              steps_taken=self.steps_taken, next_update=self._next_update,
                              interval=self._interval, curvature_time=self.curvature_time,
                              wall_time=self._wall,
@@ -921,6 +921,11 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
                              chunk_vectors={str(j): v.clone() for j, v in
                                             self._chunk_vectors.items()})
         return sd
+
+    def _curvature_data_hash(self) -> str:
+        """16 hex digits of the curvature batch's exact inputs and targets."""
+        Xc, Yc = self._curv_data
+        return digest(tensor_bytes(Xc), tensor_bytes(Yc))
 
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
@@ -936,6 +941,11 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
         if not np.array_equal(idx, self.curvature_indices):
             raise ValueError("state_dict was saved with a different curvature batch "
                              "(curvature_indices differ: other seed or dataset)")
+        saved_data = extra.get("curvature_data")  # absent in states saved before it was kept
+        if saved_data is not None and saved_data != self._curvature_data_hash():
+            raise ValueError("state_dict was saved on other data: the samples of the curvature "
+                             "batch (same indices) differ, so its measurements and warm-start "
+                             "vectors are not this dataset's")
         super().load_state_dict(state_dict)
         self.steps_taken = int(extra["steps_taken"])
         self._next_update = int(extra["next_update"])
