@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from nets import predict_max_lr, top_eigenvalues
+from nets import linearized_threshold, predict_max_lr, top_eigenvalues
 from nets.curvature.loss_check import check_mean_reduced
 from nets.learning_rates.lr_search import training_threshold
 
@@ -59,6 +59,8 @@ def test_a_weighted_mean_loss_is_said(loss):
     assert not any("nan×" in str(w.message) for w in rec)       # an ignored sample: NaN
     with pytest.warns(UserWarning, match="weighted mean"):
         predict_max_lr(model, loss, (X, y), [8])
+    with pytest.warns(UserWarning, match="weighted mean"):
+        linearized_threshold(model, loss, (X, y), [8], rank=4, seeds=(0,), steps=5)
     _, said = _quiet(lambda: check_mean_reduced(model, F.cross_entropy, (X, y)))
     assert said == []                            # the plain mean passes quietly
 
@@ -80,7 +82,9 @@ def test_targets_that_broadcast_across_samples_are_refused():
     for call in (lambda: check_mean_reduced(model, F.mse_loss, (X, y)),
                  lambda: top_eigenvalues(model, F.mse_loss, (X, y)),
                  lambda: predict_max_lr(model, F.mse_loss, (X, y), [8]),
-                 lambda: training_threshold(model, F.mse_loss, (X, y), [8], seeds=(0,))):
+                 lambda: training_threshold(model, F.mse_loss, (X, y), [8], seeds=(0,)),
+                 lambda: linearized_threshold(model, F.mse_loss, (X, y), [8], rank=4,
+                                              seeds=(0,), steps=5)):
         with pytest.raises(ValueError, match=r"broadcast to \(64, 64\).*y.reshape\(-1, 1\)"):
             call()
     _, said = _quiet(lambda: check_mean_reduced(model, F.mse_loss, (X, y[:, None])))

@@ -507,6 +507,15 @@ def test_seed_none_means_fresh_entropy_at_every_entry_point():
         "adam_transfer_lr": lambda s: nets.transfer_lr(
             model, CE, d, [4], reference=(4, 0.1), optimizer="adam", form="mean_square",
             seed=s),
+        # these three recorded None and could not be repeated (an outside sweep)
+        "isotropic_noise": lambda s: nets.isotropic_noise(model, CE, d, seed=s),
+        "directional_noise": lambda s: nets.directional_noise(
+            model, CE, d, torch.ones(sum(p.numel() for p in model.parameters())),
+            micro_batch=2, seed=s),
+        "preconditioned_batch_sharpness": lambda s: nets.preconditioned_batch_sharpness(
+            model, CE, d, [4], preconditioner=torch.ones(sum(p.numel() for p in
+                                                             model.parameters())),
+            n_batches=2, seed=s),
     }
     for name, call in calls.items():
         out = call(None)
@@ -519,7 +528,8 @@ def test_seed_none_means_fresh_entropy_at_every_entry_point():
         key = {"predict_batch_top_eigenvalue": "directional", "transfer_lr": "lr",
                "measure_batch_top_eigenvalue": "values", "lr_table": "sgd_measured",
                "gradient_noise": "tr_HSigma", "predict_adam_max_lr": "lr",
-               "adam_transfer_lr": "predicted"}[name]
+               "adam_transfer_lr": "predicted", "isotropic_noise": "s2",
+               "directional_noise": "s2", "preconditioned_batch_sharpness": "mean"}[name]
         np.testing.assert_array_equal(np.asarray(out[key]), np.asarray(again[key]), name)
 
 

@@ -200,6 +200,56 @@ def test_monitor_ignores_an_enclosing_autocast():
     assert rec.lam == pytest.approx(ref, rel=1e-6)
 
 
+def _public_functions():
+    import importlib
+    import inspect
+
+    seen = {}
+    for mod in map(importlib.import_module, ("nets", "nets.learning_rates.lr_search",
+                                             "nets.noise.gradient_noise")):
+        for name in mod.__all__:
+            obj = getattr(mod, name)
+            if inspect.isfunction(obj):
+                seen[name] = obj
+    return seen
+
+
+def test_every_entry_point_that_computes_runs_outside_autocast():
+    """A user's mixed-precision region reached the noise passes and the training trials
+    (predict_max_lr 4e-4 off, isotropic_noise 0.5 %, training_threshold failing to find
+    a divergent lr inside torch.autocast bf16): every public function that takes a model
+    or an operator is wrapped."""
+    import inspect
+
+    computing = {n: f for n, f in _public_functions().items()
+                 if list(inspect.signature(f).parameters)[:2] in (["model", "loss_fn"],)
+                 or list(inspect.signature(f).parameters)[:1] in (["op"], ["batch_op"])}
+    assert {"predict_max_lr", "training_threshold", "isotropic_noise", "eigsh",
+            "gradient_noise", "hessian_operator"} <= set(computing)
+    missing = sorted(n for n, f in computing.items()
+                     if not getattr(f, "runs_outside_autocast", False))
+    assert missing == []
+
+
+def test_noise_predictions_and_trials_ignore_an_enclosing_autocast():
+    from nets import isotropic_noise
+
+    X, y = _data()
+    model = _model().float()
+    data = (X.float(), y)
+
+    def calls():
+        return (float(predict_max_lr(model, CE, data, [8, 32], seed=1)[0]),
+                float(isotropic_noise(model, CE, data, seed=1).s2),
+                float(training_threshold(model, CE, data, [16], steps=8, seeds=(0,)).lr[0]))
+
+    ref = calls()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = calls()
+    assert all(np.isfinite(ref))
+    assert inside == ref
+
+
 def test_monitor_plot_draws_on_the_current_axes():
     import matplotlib
     matplotlib.use("Agg")

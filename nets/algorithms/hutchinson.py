@@ -14,6 +14,7 @@ import math
 import numpy as np
 import torch
 
+from nets.utils.autocast import outside_autocast
 from nets.utils.results import Result, result
 from nets.utils.seeding import resolved_seed
 from rmt.validation import as_int
@@ -34,6 +35,7 @@ class TraceEstimate(Result):
     per_probe: np.ndarray
 
 
+@outside_autocast
 def hutchinson_trace(op, num_probes=32, *, seed=0, block_size=None) -> TraceEstimate:
     """Estimate of tr(op) and its standard error from `num_probes` Rademacher probes
     drawn from `numpy.random.default_rng(seed)`; `block_size` probes per matmat

@@ -37,7 +37,7 @@ import torch
 from scipy.linalg import eigh_tridiagonal
 
 from nets.curvature.operators import CurvatureOperator
-from nets.utils.autocast import no_autocast
+from nets.utils.autocast import outside_autocast
 from nets.utils.progress import wants_progress
 from nets.utils.results import Result, result
 from nets.utils.seeding import resolved_seed
@@ -192,7 +192,7 @@ def _start_vectors(op, k: int, v0, seed, kind: str) -> torch.Tensor:
     return V
 
 
-@no_autocast()
+@outside_autocast
 def lanczos(op, num_steps, v0=None, seed=0, reorth: str = "full", tol: float = 1e-8) -> LanczosResult:
     """Run `num_steps` Lanczos steps on the symmetric operator `op` (module docstring).
 
@@ -206,7 +206,7 @@ def lanczos(op, num_steps, v0=None, seed=0, reorth: str = "full", tol: float = 1
     return lanczos_batch(op, num_steps, num_vectors=1, v0=v0, seed=seed, reorth=reorth, tol=tol)[0]
 
 
-@no_autocast()
+@outside_autocast
 def lanczos_batch(op, num_steps, num_vectors=1, v0=None, seed=0, reorth: str = "full",
                   tol: float = 1e-8) -> list[LanczosResult]:
     """`num_vectors` independent Lanczos recurrences run side by side, each step one
@@ -447,7 +447,7 @@ def _beats(a: float, b: float, which: str, margin: float) -> bool:
     return abs(a) > abs(b) + margin
 
 
-@no_autocast()
+@outside_autocast
 def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-10, max_steps: int | None = None,
           seed=0, return_vectors: bool = True, krylov_dim: int | None = None,
           v0=None, *, check_multiplicity: bool = False, progress=None) -> EigenResult:

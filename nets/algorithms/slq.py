@@ -21,6 +21,7 @@ import math
 import numpy as np
 
 from nets.algorithms.lanczos import LanczosResult, check_operator, lanczos_batch
+from nets.utils.autocast import outside_autocast
 from nets.utils.memory import chunk_count, memory_budget, product_bytes
 from nets.utils.results import Result, result
 from nets.utils.seeding import resolved_seed
@@ -95,6 +96,7 @@ class SpectralDensity(Result):
         return ax
 
 
+@outside_autocast
 def slq_density(op, num_probes=10, num_steps=50, seed=0, probe_block=None,
                 memory=None) -> SpectralDensity:
     """SLQ spectral density of `op` (module docstring).

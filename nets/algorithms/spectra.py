@@ -14,6 +14,7 @@ import numpy as np
 from nets.algorithms.lanczos import EigenResult, eigsh
 from nets.curvature.loss_check import check_mean_reduced
 from nets.curvature.operators import curvature_operator
+from nets.utils.autocast import outside_autocast
 from rmt.validation import as_int
 
 __all__ = ["top_eigenvalues", "bottom_eigenvalues", "extremal_eigenpairs"]
@@ -36,6 +37,7 @@ def extremal_eigenpairs(model, loss_fn, data, k=1, *, which="LA", kind="hessian"
                  check_multiplicity=check_multiplicity, progress=progress)
 
 
+@outside_autocast
 def top_eigenvalues(model, loss_fn, data, k=1, *, kind="hessian", tol=1e-10, params=None,
                     policy=None, chunk_size=None, device=None, dtype=None, seed=0,
                     check_multiplicity=True, progress=None) -> np.ndarray:
@@ -65,6 +67,7 @@ def top_eigenvalues(model, loss_fn, data, k=1, *, kind="hessian", tol=1e-10, par
                                        progress=progress), tol)
 
 
+@outside_autocast
 def bottom_eigenvalues(model, loss_fn, data, k=1, *, kind="hessian", tol=1e-10, params=None,
                        policy=None, chunk_size=None, device=None, dtype=None, seed=0,
                        check_multiplicity=True, progress=None) -> np.ndarray:

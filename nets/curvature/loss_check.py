@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from nets.curvature.params import map_output_leaves, output_tensors
+from nets.utils.autocast import outside_autocast
 from nets.utils.data_source import as_data_source, model_place
 from nets.utils.modes import kept_rng
 
@@ -160,6 +161,7 @@ def _cross_sample_broadcast(shapes) -> bool:
     return math.prod(full) > max(math.prod(shapes[0]), math.prod(shapes[1]))
 
 
+@outside_autocast
 def check_mean_reduced(model, loss_fn, data, *, sample: int = 64) -> float:
     """Warn (UserWarning) when `loss_fn` looks summed over the batch instead of averaged,
     or is a weighted mean (class weights, ignore_index, padding; module docstring).

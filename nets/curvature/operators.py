@@ -49,6 +49,7 @@ from torch.func import grad, jvp, vjp, vmap
 
 from nets.curvature.loss_check import check_mean_reduced
 from nets.curvature.params import ParamLayout, call_model, make_functional, output_tensors
+from nets.utils.autocast import no_autocast, outside_autocast
 from nets.utils.data_source import as_data_source
 from nets.utils.modes import kept_modes, kept_rng
 from nets.utils.vmapping import vmap_or_loop
@@ -142,7 +143,7 @@ class CurvatureOperator:
         """H v for one vector v of shape (P,)."""
         v, out_dtype = self._coerce(v, 1, "v")
         self.num_matvecs += 1
-        with _explained_missing_derivatives():
+        with no_autocast(), _explained_missing_derivatives():
             return self._matvec(v).to(out_dtype)
 
     def matmat(self, V) -> torch.Tensor:
@@ -151,7 +152,7 @@ class CurvatureOperator:
         if V.shape[1] == 0:
             return V.clone().to(out_dtype)
         self.num_matvecs += V.shape[1]
-        with _explained_missing_derivatives():
+        with no_autocast(), _explained_missing_derivatives():
             return self._matmat(V).to(out_dtype)
 
     def __matmul__(self, other):
@@ -222,6 +223,7 @@ class LinearCombinationOperator(CurvatureOperator):
         return value
 
 
+@outside_autocast
 def fluctuation_operator(batch_op: CurvatureOperator, full_op: CurvatureOperator) -> CurvatureOperator:
     """ε = H_B − H (docs/theory.md §1) as the operator difference `batch_op − full_op`."""
     return LinearCombinationOperator([batch_op, full_op], [1.0, -1.0])
@@ -839,6 +841,7 @@ class ModelCurvatureOperator(CurvatureOperator):
         return self.source.tensors(device=self.device, dtype=self.dtype)
 
 
+@outside_autocast
 def hessian_operator(model: nn.Module, loss_fn: Callable, data, *, params=None, policy=None,
                      chunk_size=None, device=None, dtype=None,
                      cache_graph="auto") -> ModelCurvatureOperator:
@@ -874,6 +877,7 @@ def hessian_operator(model: nn.Module, loss_fn: Callable, data, *, params=None, 
                          cache_graph=cache_graph)
 
 
+@outside_autocast
 def ggn_operator(model: nn.Module, loss_fn: Callable, data, *, params=None, policy=None,
                  chunk_size=None, device=None, dtype=None,
                  cache_graph="auto") -> ModelCurvatureOperator:
@@ -893,6 +897,7 @@ def _loss_checked(model, loss_fn, data, kind, **options) -> ModelCurvatureOperat
     return op
 
 
+@outside_autocast
 def batch_hessian_operator(model, loss_fn, data, indices, *, params=None, policy=None,
                            chunk_size=None, device=None, dtype=None,
                            cache_graph="auto") -> ModelCurvatureOperator:
@@ -904,6 +909,7 @@ def batch_hessian_operator(model, loss_fn, data, indices, *, params=None, policy
                             cache_graph=cache_graph)
 
 
+@outside_autocast
 def batch_ggn_operator(model, loss_fn, data, indices, *, params=None, policy=None,
                        chunk_size=None, device=None, dtype=None,
                        cache_graph="auto") -> ModelCurvatureOperator:

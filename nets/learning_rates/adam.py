@@ -78,6 +78,7 @@ from nets.learning_rates.lr_search import (
     plot_thresholds,
     seed_mean_stderr,
 )
+from nets.utils.autocast import outside_autocast
 from nets.utils.data_source import as_data_source, tensors_for
 from nets.utils.progress import progress_bar
 from nets.utils.results import Result, result
@@ -309,6 +310,7 @@ def _precond_for(preconditioner, model, B, params):
     return torch.as_tensor(preconditioner, dtype=torch.float64)
 
 
+@outside_autocast
 def preconditioned_batch_sharpness(model, loss_fn, data, batch_sizes, *, preconditioner,
                                    n_batches=5, beta1=None, tol=1e-6, params=None, policy=None,
                                    chunk_size=None, device=None, dtype=None, seed=0,
@@ -334,7 +336,7 @@ def preconditioned_batch_sharpness(model, loss_fn, data, batch_sizes, *, precond
     preconditioner, rep, _ = _checked_preconditioner(preconditioner, bs, model, params)
     beta1 = _beta1_from(rep, beta1)
     n_batches = as_int("n_batches", n_batches, minimum=1)
-    seed = as_seed("seed", seed)
+    seed = resolved_seed("seed", seed)          # None: one int from fresh entropy, recorded
     rng = np.random.default_rng(seed)
     vals = np.empty((len(bs), n_batches))
     sat = _saturated(model, preconditioner, params) if given else None
@@ -469,6 +471,7 @@ def warn_adam_transfer(form, beta1, batch_sizes, reference_batch_size, *, who):
                       MomentumCaveat, stacklevel=3)
 
 
+@outside_autocast
 def predict_adam_max_lr(model, loss_fn, data, batch_sizes, *, betas=None, eps=None,
                         form="mean_square", preconditioner=None, tol=1e-8, params=None,
                         policy=None, chunk_size=256, device=None, dtype=None, seed=0,
@@ -633,6 +636,7 @@ class AdamTransfer(Result):
         return finish_lr_axes(ax, self.reference, "Adam learning rate")
 
 
+@outside_autocast
 def adam_transfer_lr(model, loss_fn, data, batch_sizes, *, reference, betas=None,
                      eps=1e-8, form=None, prediction=None, params=None, policy=None,
                      chunk_size=256, device=None, dtype=None, seed=0,
@@ -968,6 +972,7 @@ class AdamThresholds(Result):
                                               f"β₁={self.betas[0]:g})")
 
 
+@outside_autocast
 def adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 0.999), eps=1e-8,
                    warmup_steps=500, warmup_lr=1e-4, steps=100, criterion="divergence",
                    seeds=tuple(range(8)), factor=10.0, growth_factor=10.0, second_moment="adaptive",

@@ -83,6 +83,7 @@ from nets.learning_rates.linearized import (
     warn_unbracketed,
 )
 from nets.learning_rates.lr_search import as_growth_factor, as_seeds, seed_mean_stderr
+from nets.utils.autocast import outside_autocast
 from nets.utils.data_source import tensors_for
 from nets.utils.progress import progress_bar
 from nets.utils.results import Result, result
@@ -142,6 +143,7 @@ def share_correction(lr_linearized, lam_precond, beta1, secant_ratio):
     return q, rescaling(secant_ratio, q)
 
 
+@outside_autocast
 def linearized_adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 0.999),
                               eps=1e-8, warmup_steps=500, warmup_lr=1e-4, steps=100,
                               factor=10.0, seeds=tuple(range(8)), lr_range=(1e-4, 10.0),

@@ -76,6 +76,7 @@ from nets.learning_rates.linear_outputs import (
     as_linear_outputs,
     second_derivative_along,
 )
+from nets.utils.autocast import outside_autocast
 from nets.utils.results import Result, result
 from rmt.validation import as_batch_sizes, as_float, as_int, as_range, as_seed
 
@@ -425,6 +426,7 @@ def linearized_adam_max_loss(J, z0, y, loss_fn, batch_size, lrs, steps, batch_se
                         stop_above)
 
 
+@outside_autocast
 def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", momentum=None,
                          nesterov=None, factor=10.0, steps=200, seeds=tuple(range(8)), extra_factors=(),
                          lr_range=None, n_grid=48, chunk_size=256, max_bytes=4 << 30,
@@ -452,6 +454,7 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
     (`linear_outputs.CurvedOutputs`; in the subspace form along u's projection on the
     span, renormalised): the linearised network plus the change of its Jacobian along u,
     one forward-over-forward pass over the data more (module docstring)."""
+    from nets.curvature.loss_check import check_mean_reduced
     from nets.learning_rates.lr_search import (
         _read_momentum,
         _top_direction,
@@ -474,6 +477,7 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
     X, y = tensors_for(model, data, device=device)
     if device is not None:
         model = copy.deepcopy(model).to(device)
+    check_mean_reduced(model, loss_fn, (X, y))
     N = len(X)
     bs = as_batch_sizes(batch_sizes, N).tolist()
     P = sum(p.numel() for p in model.parameters() if p.requires_grad)

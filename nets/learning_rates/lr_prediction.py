@@ -71,6 +71,7 @@ from nets.curvature.operators import CurvatureOperator, curvature_operator
 from nets.noise.batch_spectra import measure_batch_top_eigenvalue
 from nets.noise.directional import directional_noise_from_operator, isotropic_noise_from_operator
 from nets.noise.gradient_noise import gradient_noise
+from nets.utils.autocast import outside_autocast
 from nets.utils.data_source import as_data_source
 from nets.utils.jsonio import from_jsonable
 from nets.utils.progress import progress_bar, wants_progress
@@ -558,6 +559,7 @@ def _adam_batch_tops(model, loss_fn, src, bs, indices, gbar2, var, eps, *, tol, 
     return means, stds
 
 
+@outside_autocast
 def lr_table(model, loss_fn, data, batch_sizes, *, optimizer="sgd", momentum=None, betas=None,
              eps=None, nesterov=None, n_batches=4, measure=True, num_probes=4, hessian_samples=32,
              mccandlish=True, tol=1e-8, micro_batch="auto", params=None, policy=None,
@@ -653,6 +655,7 @@ def lr_table(model, loss_fn, data, batch_sizes, *, optimizer="sgd", momentum=Non
         batch_indices=indices)
 
 
+@outside_autocast
 def predict_max_lr(model, loss_fn, data, batch_sizes, *, optimizer="sgd", momentum=None,
                    nesterov=None, num_probes=1, micro_batch="auto", params=None, policy=None,
                    chunk_size=None, device=None, dtype=None, seed=0,

@@ -54,10 +54,11 @@ import numpy as np
 import torch
 
 from nets.curvature.loss_check import check_mean_reduced
+from nets.utils.autocast import outside_autocast
 from nets.utils.data_source import tensors_for
 from nets.utils.jsonl_store import JsonlStore
 from nets.utils.results import Result, result
-from rmt.validation import as_batch_sizes, as_float, as_int, as_seed
+from rmt.validation import as_batch_sizes, as_float, as_int, as_seed, resolved_seed
 
 __all__ = ["TrialResult", "run_trial", "bisect_max_lr", "BisectionResult", "lr_sweep",
            "fit_growth_rate", "TRAINING_CRITERIA", "Trial", "TrainingTrial", "training_trial",
@@ -126,6 +127,7 @@ def _check_trial_inputs(dataset, state_dict):
     return X, y
 
 
+@outside_autocast
 def run_trial(model, loss_fn, dataset, state_dict, lr, batch_size, steps, optimizer="sgd",
               momentum=0.0, betas=(0.9, 0.999), eps=1e-8, seed=0, replacement=False,
               criterion=None, window=0.5, growth_threshold=None, n_loss_evals=20,
@@ -282,6 +284,7 @@ def bisect_max_lr(is_diverged, alpha0, rel_tol=0.02, max_expand=_MAX_EXPAND) -> 
     return BisectionResult(lo, hi, math.sqrt(lo * hi), len(hist), tuple(hist))
 
 
+@outside_autocast
 def lr_sweep(model, loss_fn, dataset, state_dict, batch_sizes, seeds=(0,), steps=1000,
              optimizer="sgd", alpha0=None, rel_tol=0.02, store=None, tag="",
              trial_fn=None, **trial_kwargs) -> dict:
@@ -519,6 +522,7 @@ def check_start_loss(L0) -> None:
                          f"criteria compare the loss with multiples of its start), got {L0}")
 
 
+@outside_autocast
 def training_trial(model, loss_fn, X, y, lr, batch_size, *, steps, momentum=0.0, seed=0,
                    criterion="divergence", factor=10.0, direction=None,
                    growth_threshold=None, chunk_size=4096, nesterov=False) -> TrainingTrial:
@@ -677,6 +681,7 @@ def _model_tag(model, loss_fn, X, y) -> str:
     return h.hexdigest()[:12]
 
 
+@outside_autocast
 def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergence",
                        optimizer="sgd", momentum=None, nesterov=None, steps=200, seeds=tuple(range(8)),
                        factor=10.0, lr0=None, rel_tol=0.03, growth_threshold=None,
@@ -875,6 +880,7 @@ class SelfStabilisation(Result):
     trace_distance: np.ndarray | None = None
 
 
+@outside_autocast
 def self_stabilisation(model, loss_fn, data, *, factor=4.0, batch_size=512, steps=200,
                        momentum=0.0, seed=0, every=None) -> SelfStabilisation:
     """Run SGD at α = factor/λ₁ (above the deterministic limit 2/λ₁ when factor > 2) from
@@ -896,7 +902,7 @@ def self_stabilisation(model, loss_fn, data, *, factor=4.0, batch_size=512, step
     momentum = as_float("momentum", momentum, nonnegative=True)
     if momentum >= 1:
         raise ValueError(f"momentum must be < 1, got {momentum}")
-    seed = as_seed("seed", seed)
+    seed = resolved_seed("seed", seed)          # None: one int from fresh entropy, recorded
     lam0 = float(top_eigenvalues(model, loss_fn, (X, y), k=1, seed=seed, policy="eval")[0])
     net = copy.deepcopy(model).eval()
     params = _flat_params(net)

@@ -82,7 +82,7 @@ from nets.utils.jsonl_store import JsonlStore
 from nets.utils.modes import kept_modes, kept_rng
 from nets.utils.results import Result, result
 from rmt.lr import batch_curvature, momentum_effective_curvature, momentum_factor, noise_factor
-from rmt.validation import as_float, as_int, as_seed
+from rmt.validation import as_float, as_int, resolved_seed
 
 __all__ = ["CurvatureMonitor", "MonitorRecord", "CurvatureTracker", "eoss_plateau"]
 
@@ -188,7 +188,7 @@ class CurvatureTracker:
         self.kind, self.params, self.policy = kind, params, policy
         self.chunk_size, self.device, self.dtype = chunk_size, device, dtype
         self.tol = as_float("tol", tol, positive=True)
-        self.seed = as_seed("seed", seed)
+        self.seed = resolved_seed("seed", seed)     # None: one int from fresh entropy, recorded
         self.v0 = None
 
     def operator(self, data=None):

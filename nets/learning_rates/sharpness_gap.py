@@ -72,6 +72,7 @@ from torch.overrides import TorchFunctionMode
 from nets.curvature.loss_check import check_mean_reduced
 from nets.curvature.operators import check_policy, policy_mode, resolve_device_dtype
 from nets.curvature.params import ParamLayout, functional_loss, make_functional
+from nets.utils.autocast import outside_autocast
 from nets.utils.data_source import as_data_source
 from nets.utils.results import Result, result
 from nets.utils.vmapping import vmap_or_loop
@@ -157,6 +158,7 @@ class _DecomposedNorms(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+@outside_autocast
 def sharpness_gap_terms(model, loss_fn, data, u, *, params=None, policy=None, chunk_size=256,
                         device=None, dtype=torch.float64) -> SharpnessGapTerms:
     """α, β and v_u at the model's current weights for the unit direction u (P,), e.g. the

@@ -102,6 +102,7 @@ import numpy as np
 from nets.learning_rates.along_top import correction_applies, rescaling
 from nets.learning_rates.lr_prediction import optimizer_settings, warn_partial_optimizer
 from nets.learning_rates.lr_search import as_growth_factor
+from nets.utils.autocast import outside_autocast
 from nets.utils.data_source import as_data_source
 from nets.utils.results import Result, result
 from nets.utils.seeding import resolved_seed
@@ -354,6 +355,7 @@ def _anchor(shape, spread, i0, lr0, *, coherent):
     return lr, se
 
 
+@outside_autocast
 def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd",
                 momentum=None, nesterov=None, form=None, kind="hessian", num_probes=10,
                 n_batches_mc=2000, micro_batch="auto", rank=_LINEARIZED_RANK, factor=10.0,

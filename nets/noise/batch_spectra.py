@@ -32,6 +32,7 @@ from nets.algorithms.lanczos import eigsh
 from nets.curvature.loss_check import check_mean_reduced
 from nets.curvature.operators import curvature_operator
 from nets.noise.directional import directional_noise_from_operator, isotropic_noise_from_operator
+from nets.utils.autocast import outside_autocast
 from nets.utils.fingerprints import code_fingerprint, data_fingerprint, digest, tensor_bytes
 from nets.utils.jsonl_store import JsonlStore
 from nets.utils.progress import progress_bar
@@ -189,6 +190,7 @@ def _store_key(tag, op, B, *, n_batches, seed, replacement, tol, params_used, po
             f"|policy={policy}|chunk={chunk_size}|model={model_fp}|data={data_fp}")
 
 
+@outside_autocast
 def measure_batch_top_eigenvalue(model, loss_fn, data, batch_sizes, *, n_batches=10,
                                  kind="hessian", replacement=False, tol=1e-8, store=None,
                                  tag="", params=None, policy=None, chunk_size=None, device=None,
@@ -372,6 +374,7 @@ def _subspace_dim(model, op, subspace_dim) -> int:
     return k
 
 
+@outside_autocast
 def predict_batch_top_eigenvalue(model, loss_fn, data, batch_sizes, *, form="directional",
                                  kind="hessian", num_probes=10, subspace_dim=None,
                                  n_batches_mc=2000, micro_batch="auto", replacement=False,

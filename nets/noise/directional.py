@@ -68,10 +68,11 @@ import torch
 
 from nets.curvature.loss_check import check_mean_reduced
 from nets.curvature.operators import ModelCurvatureOperator, curvature_operator
+from nets.utils.autocast import outside_autocast
 from nets.utils.memory import product_chunk
 from nets.utils.progress import progress_bar
 from nets.utils.results import Result, result
-from rmt.validation import as_float, as_int, as_seed
+from rmt.validation import as_float, as_int, resolved_seed
 
 __all__ = ["NoiseEstimate", "directional_noise", "isotropic_noise",
            "directional_noise_from_operator", "isotropic_noise_from_operator",
@@ -333,7 +334,7 @@ def directional_noise_from_operator(op: ModelCurvatureOperator, u, *, micro_batc
     min_samples, exact : the sampled estimate (module docstring); exact=True visits
     every group."""
     check_noise_operator(op)
-    seed = as_seed("seed", seed)
+    seed = resolved_seed("seed", seed)          # None: one int from fresh entropy, recorded
     rel_error, max_samples, min_samples = _check_sampling(rel_error, max_samples, min_samples,
                                                           exact)
     u = _as_direction(u, op.P, op.device)
@@ -361,7 +362,7 @@ def isotropic_noise_from_operator(op: ModelCurvatureOperator, *, num_probes=10, 
     check_noise_operator(op)
     k = as_int("num_probes", num_probes, minimum=1)
     micro_batch = resolve_micro_batch(micro_batch, op.N, op.P)
-    seed = as_seed("seed", seed)
+    seed = resolved_seed("seed", seed)          # None: one int from fresh entropy, recorded
     rel_error, max_samples, min_samples = _check_sampling(rel_error, max_samples, min_samples,
                                                           exact)
     rng = np.random.default_rng(seed)
@@ -381,6 +382,7 @@ def isotropic_noise_from_operator(op: ModelCurvatureOperator, *, num_probes=10, 
                          exact=r.n_used == r.n_groups, full_products=r.full_products)
 
 
+@outside_autocast
 def directional_noise(model, loss_fn, data, u, *, micro_batch=1, kind="hessian", params=None,
                       policy=None, chunk_size=None, device=None, dtype=None, seed=0,
                       progress=None, rel_error=DEFAULT_REL_ERROR, max_samples=None,
@@ -408,6 +410,7 @@ def directional_noise(model, loss_fn, data, u, *, micro_batch=1, kind="hessian",
                                            max_samples=max_samples, exact=exact, memory=memory)
 
 
+@outside_autocast
 def isotropic_noise(model, loss_fn, data, *, num_probes=10, micro_batch=1, kind="hessian",
                     params=None, policy=None, chunk_size=None, device=None, dtype=None, seed=0,
                     progress=None, rel_error=DEFAULT_REL_ERROR, max_samples=None, exact=False,

@@ -45,6 +45,7 @@ from nets.curvature.operators import (
     resolve_device_dtype,
 )
 from nets.curvature.params import ParamLayout, functional_loss, make_functional
+from nets.utils.autocast import outside_autocast
 from nets.utils.data_source import as_data_source, check_indices
 from nets.utils.memory import product_chunk
 from nets.utils.progress import progress_bar
@@ -107,6 +108,7 @@ def _chunk(chunk_size, memory, ps, src) -> int:
                          torch.finfo(ps.dtype).bits // 8, memory=memory, device=ps.device)
 
 
+@outside_autocast
 def per_sample_gradients(model, loss_fn, data, *, indices=None, params=None, policy=None,
                          chunk_size=None, device=None, dtype=None,
                          memory=None) -> torch.Tensor:
@@ -156,6 +158,7 @@ class GradientNoise(Result):
         return self.eps_max / (1.0 + self.B_noise / float(B))
 
 
+@outside_autocast
 def gradient_noise(model, loss_fn, data, *, hessian_samples=32, hessian=True, params=None,
                    policy=None, chunk_size=None, device=None, dtype=None, seed=0,
                    progress=None, memory=None) -> GradientNoise:

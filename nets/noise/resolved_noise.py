@@ -135,6 +135,7 @@ from nets.noise.subspace_noise import (
     stratified_rows,
     subspace_pass,
 )
+from nets.utils.autocast import outside_autocast
 from nets.utils.memory import chunk_count, lanczos_chunk_budget, product_bytes
 from nets.utils.results import Result, result
 from nets.utils.seeding import torch_generator
@@ -443,6 +444,7 @@ DEFAULT_MAX_SAMPLES = 512
 EXACT_CROSS_MAX = 32
 
 
+@outside_autocast
 def resolved_noise_from_operator(op: ModelCurvatureOperator, U, *, min_batch, steps=None, seed=0,
                                  chunk_size=None, max_candidates=DEFAULT_MAX_CANDIDATES,
                                  max_samples=None, cross="auto", exact=False,

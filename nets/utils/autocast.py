@@ -11,10 +11,11 @@ chose (the model's, or the requested one).
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
-__all__ = ["no_autocast"]
+__all__ = ["no_autocast", "outside_autocast"]
 
 
 @contextlib.contextmanager
@@ -25,3 +26,14 @@ def no_autocast():
             if torch.is_autocast_enabled(dev):
                 stack.enter_context(torch.autocast(dev, enabled=False))
         yield
+
+
+def outside_autocast(fn):
+    """Decorator for the public entry points: `fn` runs inside `no_autocast()`, and is
+    marked (`runs_outside_autocast`) so a test can find an entry point without it."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with no_autocast():
+            return fn(*args, **kwargs)
+    wrapper.runs_outside_autocast = True
+    return wrapper
