@@ -1,0 +1,163 @@
+"""Held out, found by an outside check: SGD transfer on a 1-D convolutional SiLU network.
+
+A network of a kind the transfer forms were never developed on, trained the way a user
+might: the 24 features of a synthetic 4-class problem (`sklearn.datasets.
+make_classification`, 1200 samples, 10 informative and 6 redundant features, two
+clusters per class, 2 % flipped labels, `random_state=3`, standardised) read as a
+sequence by Conv1d(1→8, k5) – SiLU – Conv1d(8→8, k5) – SiLU – AvgPool(4) – Linear(48→32)
+– SiLU – Linear(32→4) (2,076 parameters), trained by a plain torch loop with Adam
+(lr 3e-3, 400 steps of B = 64 drawn as `randperm(N)[:64]` from a generator seeded
+`seed`, init from `torch.manual_seed(seed)`): a lightly trained checkpoint (loss ≈ 0.56,
+≈ 80 % accuracy), far above the deterministic limit's regime — the real thresholds are
+several times 2/λ₁.
+
+Measured and predicted as in `bench_heldout_tabular.py`: the real divergence threshold
+(loss ever > 10× start within 200 steps, `training_threshold` with its defaults: eight
+seeds, bisection from 1/λ₁) at B = 8, 32, 128, 512; `transfer_lr`'s default form
+anchored at B₀ = 32 and 512, the correction as derived, the uncorrected linearised
+network and the directional form; worst transfer ratio over both anchors, secant ratio,
+real ÷ linearised per B. `--momentum 0.9`: heavy ball (key "m0.9").
+
+`--part start` (B = 32 and 512, seeds 0–3): the same bisections started at lr0 = 1 instead
+of 1/λ₁ — how far the threshold's definition depends on where its bisection starts when
+the outcome is not monotone in α (stable runs above diverging ones).
+
+    python benchmarks/bench_heldout_conv1d.py                  # ~10 min on one thread
+    python benchmarks/bench_heldout_conv1d.py --momentum 0.9
+    python benchmarks/bench_heldout_conv1d.py --part start     # ~3 min
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from _common import RESULTS, base_parser, environment, peak_rss_mb, setup_torch, write_json
+from bench_heldout_transfer import rows, transfers, worst
+
+BATCH_SIZES = (8, 32, 128, 512)
+SEEDS = tuple(range(8))
+
+
+def conv1d_silu(n_features=24, n_classes=4):
+    """The network (module docstring), untrained."""
+    from torch import nn
+
+    class Conv1dSiLU(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv1d(1, 8, 5, padding=2)
+            self.c2 = nn.Conv1d(8, 8, 5, padding=2)
+            self.pool = nn.AvgPool1d(4)
+            self.f1 = nn.Linear(8 * (n_features // 4), 32)
+            self.f2 = nn.Linear(32, n_classes)
+            self.act = nn.SiLU()
+
+        def forward(self, x):
+            h = self.act(self.c2(self.act(self.c1(x.unsqueeze(1)))))
+            return self.f2(self.act(self.f1(self.pool(h).flatten(1))))
+
+    return Conv1dSiLU()
+
+
+def synthetic_sequences():
+    """(X, y): the standardised make_classification data (module docstring), float32 / int64."""
+    import torch
+    from sklearn.datasets import make_classification
+
+    Xn, yn = make_classification(n_samples=1200, n_features=24, n_informative=10,
+                                 n_redundant=6, n_classes=4, n_clusters_per_class=2,
+                                 class_sep=1.0, flip_y=0.02, random_state=3)
+    Xn = (Xn - Xn.mean(0)) / Xn.std(0)
+    return torch.tensor(Xn, dtype=torch.float32), torch.tensor(yn)
+
+
+def trained_conv1d(seed=0, steps=400):
+    """(model in eval mode, loss_fn, (X, y)) at the checkpoint (module docstring)."""
+    import torch
+
+    X, y = synthetic_sequences()
+    torch.manual_seed(seed)
+    model = conv1d_silu()
+    loss_fn = torch.nn.CrossEntropyLoss()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randperm(len(X), generator=gen)[:64]
+        opt.zero_grad()
+        loss_fn(model(X[idx]), y[idx]).backward()
+        opt.step()
+    return model.eval(), loss_fn, (X, y)
+
+
+def run_transfer(*, momentum=0.0, progress=False):
+    from nets import transfer_lr
+    from nets.learning_rates.lr_search import training_threshold
+
+    model, loss_fn, data = trained_conv1d()
+    t0 = time.perf_counter()
+    real = training_threshold(model, loss_fn, data, BATCH_SIZES, seeds=SEEDS, steps=200,
+                              momentum=momentum, progress=progress)
+    t1 = time.perf_counter()
+    default = transfer_lr(model, loss_fn, data, BATCH_SIZES, reference=(32, float(real.lr[1])),
+                          momentum=momentum, n_seeds=len(SEEDS), progress=progress)
+    t2 = time.perf_counter()
+    out = rows(real.lr, default.lam, default.effective_curvature, default.linearized_lr,
+               default.secant_ratio, momentum)
+    t = transfers(real.lr, default.shape)
+    out.update(real_stderr=real.stderr, real_per_seed=real.per_seed, transfer_default=t,
+               worst_default=worst(t), default_correction=default.correction,
+               correction_applied=default.correction_applied, seconds_real=t1 - t0,
+               seconds_forms=t2 - t1, momentum=momentum, deterministic_limit=2.0 / default.lam)
+    print(f"conv1d, m = {momentum:g}: real {np.round(real.lr, 4)} ± {np.round(real.stderr, 4)}  "
+          f"2/λ₁ {2 / default.lam:.3f}  s_lin/s_real {default.secant_ratio:.3f}  "
+          f"real/lin {np.round(real.lr / default.linearized_lr, 2)}\n"
+          f"   transfer (default) from 32: {np.round(t['B32'], 2)}, from 512: {np.round(t['B512'], 2)}\n"
+          f"   worst: default {np.round(out['worst_default'], 2)}, corrected as derived "
+          f"{np.round(out['worst_corrected'], 2)}, linearised {np.round(out['worst_linearized'], 2)}, "
+          f"directional {np.round(out['worst_directional'], 2)}  ({t1 - t0:.0f} s + {t2 - t1:.0f} s)",
+          flush=True)
+    return out
+
+
+def run_start(progress=False):
+    """Thresholds at B = 32, 512, seeds 0–3, bisection from 1/λ₁ (the default) and from 1."""
+    from nets.learning_rates.lr_search import training_threshold
+
+    model, loss_fn, data = trained_conv1d()
+    out = {}
+    for name, lr0 in (("from_inverse_lambda", None), ("from_1", 1.0)):
+        r = training_threshold(model, loss_fn, data, (32, 512), seeds=(0, 1, 2, 3), steps=200,
+                               lr0=lr0, progress=progress)
+        out[name] = {"lr": r.lr, "per_seed": r.per_seed}
+    ratio = np.asarray(out["from_1"]["per_seed"]) / np.asarray(out["from_inverse_lambda"]["per_seed"])
+    out["per_seed_ratio"] = ratio
+    print(f"per-seed threshold from lr0 = 1 ÷ from 1/λ₁ (rows B = 32, 512):\n{np.round(ratio, 2)}\n"
+          f"means: {np.round(out['from_inverse_lambda']['lr'], 3)} vs {np.round(out['from_1']['lr'], 3)}",
+          flush=True)
+    return out
+
+
+def main():
+    p = base_parser(__doc__.splitlines()[0], quick=False)
+    p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--part", choices=("transfer", "start"), default="transfer")
+    args = p.parse_args()
+    setup_torch(args)
+    t0 = time.perf_counter()
+    if args.part == "start":
+        result = {"start": run_start()}
+    else:
+        result = {"m0" if args.momentum == 0 else f"m{args.momentum:g}":
+                  run_transfer(momentum=args.momentum)}
+    result.update(environment=environment(), seconds=time.perf_counter() - t0,
+                  peak_rss_mb=peak_rss_mb())
+    path = Path(args.out) if args.out else RESULTS / "bench_heldout_conv1d.json"
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    write_json("bench_heldout_conv1d", {**stored, **result}, str(path))   # parts merge
+
+
+if __name__ == "__main__":
+    main()
