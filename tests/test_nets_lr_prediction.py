@@ -373,6 +373,51 @@ def test_lr_table_result_json_repr_and_plot(small_ls):
         plt.close(fig)
 
 
+def test_predict_max_lr_measures_only_what_its_limit_reads(small_ls, monkeypatch):
+    """predict_max_lr ran the whole table pass — isotropic probes and a per-sample
+    gradient pass in chunks of 256 × P (4.4 GiB and 20× the time on a 670k-parameter MLP)
+    — of which its limit reads λ₁ and s_u² only. The oracle: lr_table's sgd_momentum
+    column with the same seed, to the last bit; num_probes, unused, is warned about."""
+    import nets.learning_rates.lr_prediction as lp
+    p, model, loss_fn, data, bs, t = small_ls
+
+    def forbidden(*a, **kw):
+        raise AssertionError("not needed by the SGD limit")
+
+    monkeypatch.setattr(lp, "gradient_noise", forbidden)
+    monkeypatch.setattr(lp, "_isotropic_s2", forbidden)
+    pred = predict_max_lr(model, loss_fn, data, bs, momentum=0.5, seed=7)
+    np.testing.assert_array_equal(pred, t.sgd_momentum)
+    with pytest.warns(UserWarning, match="num_probes is not used"):
+        again = predict_max_lr(model, loss_fn, data, bs, momentum=0.5, seed=7, num_probes=3)
+    np.testing.assert_array_equal(again, pred)
+
+
+def test_lr_table_sizes_its_gradient_pass_to_the_memory_budget(small_ls, monkeypatch):
+    """The gradient-statistics pass ran in chunks of 256 samples whatever P (a 1.9M-
+    parameter MLP passed 6 GiB): now at most 256, fewer when the budget says so; a given
+    chunk_size is passed on."""
+    import nets.learning_rates.lr_prediction as lp
+    p, model, loss_fn, data, bs, t = small_ls
+    seen = []
+    real = lp.gradient_noise
+
+    def spy(*a, **kw):
+        seen.append(kw["chunk_size"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(lp, "gradient_noise", spy)
+    kw = dict(measure=False, num_probes=None, hessian_samples=None, seed=7)
+    lr_table(model, loss_fn, data, bs, **kw)
+    lr_table(model, loss_fn, data, bs, chunk_size=7, **kw)
+    from nets.utils.memory import product_bytes
+    per_sample = product_bytes(t.P, 1, 1, 12, 8)           # float64, 12 features
+    monkeypatch.setattr(lp, "memory_budget", lambda memory, device: 3 * per_sample + 1)
+    small = lr_table(model, loss_fn, data, bs, **kw)
+    assert seen == [120, 7, 3]                 # N = 120 ≤ 256; given; a 3-sample budget
+    assert small.B_simple == pytest.approx(t.B_simple, rel=1e-9)
+
+
 def test_progress_is_forwarded_to_every_inner_call(small_ls, monkeypatch):
     import nets.learning_rates.lr_prediction as lp
     p, model, loss_fn, data, bs, t = small_ls

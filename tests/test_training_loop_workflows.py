@@ -323,3 +323,57 @@ def test_drop_last_is_said_and_the_numbers_are_those_of_the_kept_samples():
         lam = top_eigenvalues(_model(), CE, loader, k=1, seed=2, tol=1e-10)[0]
     ref = top_eigenvalues(_model(), CE, (X[:96], y[:96]), k=1, seed=2, tol=1e-10)[0]
     assert lam == pytest.approx(ref, rel=1e-9)
+
+
+class _Terminal:
+    """A standard error that says it is a terminal and keeps what is written to it."""
+
+    def __init__(self):
+        self.text = []
+
+    def isatty(self):
+        return True
+
+    def write(self, s):
+        self.text.append(s)
+
+    def flush(self):
+        pass
+
+
+def test_a_slow_call_on_a_small_network_shows_a_bar_and_a_fast_one_does_not(monkeypatch):
+    """progress=None used to decide from the network's size (P > 200,000 for Lanczos), so a
+    CNN whose products take a second each ran for minutes without a bar. Now a bar is
+    created on a terminal and drawn once the call has run AUTO_SECONDS (tqdm's delay;
+    a total changed mid-run is redrawn only after that too)."""
+    import sys
+    import time
+
+    import nets.utils.progress as progress
+    from nets import eigsh
+    from nets.curvature.operators import CurvatureOperator
+
+    class Dense(CurvatureOperator):          # a small operator, products slow or fast
+        def __init__(self, A, pause):
+            super().__init__(A.shape[0], A.dtype, "cpu")
+            self.A, self.pause = A, pause
+
+        def _matmat(self, V):
+            time.sleep(self.pause)
+            return self.A @ V
+
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(30, 30, generator=g, dtype=torch.float64)
+    A = M @ M.T
+    monkeypatch.setattr(progress, "AUTO_SECONDS", 0.5)
+    term = _Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    fast = eigsh(Dense(A, 0.0), k=2, seed=0, return_vectors=False).values
+    assert "".join(term.text) == ""
+    slow = eigsh(Dense(A, 0.03), k=2, seed=0, return_vectors=False).values   # ~1 s
+    assert "eigsh: products" in "".join(term.text)
+    np.testing.assert_allclose(slow, fast, rtol=1e-12)
+    np.testing.assert_allclose(fast, torch.linalg.eigvalsh(A).flip(0)[:2].numpy(), rtol=1e-9)
+    term.text.clear()
+    eigsh(Dense(A, 0.03), k=2, seed=0, return_vectors=False, progress=False)
+    assert "".join(term.text) == ""

@@ -30,15 +30,13 @@ space cannot hold.
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import torch
 from scipy.linalg import eigh_tridiagonal
 
 from nets.curvature.operators import CurvatureOperator
 from nets.utils.autocast import outside_autocast
-from nets.utils.progress import wants_progress
+from nets.utils.progress import progress_counter, redraw
 from nets.utils.results import Result, result
 from nets.utils.seeding import resolved_seed
 from rmt.validation import as_float, as_int
@@ -401,12 +399,9 @@ def _recurrence_batch(op, Q0: torch.Tensor, m: int, reorth: str):
 
 # ----------------------------------------------------------------------------------
 
-def _bar(progress, total: int, P: int):
+def _bar(progress, total: int):
     """A tqdm bar over operator products, or None (`nets.utils.progress`)."""
-    if not wants_progress(progress, expected_s=None if P > 200_000 else 0.0):
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc="eigsh: products", leave=False, file=sys.stderr)
+    return progress_counter(progress, total=total, desc="eigsh: products")
 
 
 def _order(theta: np.ndarray, which: str) -> np.ndarray:
@@ -504,7 +499,7 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-10, max_steps: int 
     if float(torch.linalg.vector_norm(q)) == 0.0:
         raise ValueError("v0 must be non-zero")
     check = bool(check_multiplicity) and 1 < k < P
-    bar = _bar(progress, min(m, max_mv), P)      # one cycle; grown at each restart
+    bar = _bar(progress, min(m, max_mv))      # one cycle; grown at each restart
     try:
         values, vectors, resid, ok, matvecs, restarts, anorm = _krylov_schur(
             op, k, which, tol, max_mv, m, rng, q, bar, return_vectors or check)
@@ -523,7 +518,7 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-10, max_steps: int 
     finally:
         if bar is not None:
             bar.total = bar.n
-            bar.refresh()
+            redraw(bar)
             bar.close()
     return EigenResult(values=values, vectors=vectors if return_vectors else None,
                        residuals=resid, converged=ok, num_matvecs=matvecs,
@@ -685,7 +680,7 @@ def _krylov_schur(op, k, which, tol, max_mv, m, rng, q, bar, want_vectors, stop=
         restarts += 1
         if bar is not None:
             bar.total = min(bar.n + m - l, bar.n + max_mv - matvecs)
-            bar.refresh()
+            redraw(bar)
     vectors = None
     if want_vectors:
         vectors = (V[:size].T @ torch.from_numpy(S[:, want]).to(dev)).contiguous()

@@ -198,7 +198,7 @@ def linearized_adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 
     ratio = np.full(len(bs), np.nan)
     jobs = [(i, j) for i in range(len(bs)) for j in range(len(seeds))]
     for i, j in progress_bar(jobs, progress=progress, total=len(jobs),
-                             desc=f"linearised Adam threshold (β₁={b1:g})", expected_s=15):
+                             desc=f"linearised Adam threshold (β₁={b1:g})"):
         B, s = bs[i], seeds[j]
         warm = warm_adam_state(model, loss_fn, X, y, B, warmup_steps=warmup_steps,
                                warmup_lr=warmup_lr, betas=(b1, b2), eps=eps, seed=s)

@@ -513,7 +513,7 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
     top = max((k, *extras))
     jobs = list(range(len(bs)))
     for i in progress_bar(jobs, progress=progress, total=len(jobs),
-                          desc=f"linearised threshold (m={m:g})", expected_s=10):
+                          desc=f"linearised threshold (m={m:g})"):
         runs = [lambda g, B=bs[i], s=s: linearized_max_loss(lin, None, y, loss_fn, B, m, g, K, s,
                                                             out_shape=out_shape,
                                                             stop_above=top, nesterov=nest)

@@ -74,6 +74,7 @@ from nets.noise.gradient_noise import gradient_noise
 from nets.utils.autocast import outside_autocast
 from nets.utils.data_source import as_data_source
 from nets.utils.jsonio import from_jsonable
+from nets.utils.memory import chunk_count, memory_budget, product_bytes
 from nets.utils.progress import progress_bar, wants_progress
 from nets.utils.results import Result, result
 from nets.utils.seeding import resolved_seed
@@ -514,9 +515,13 @@ class LRTable(Result):
         return ax
 
 
-def _noise_pass(model, loss_fn, src, *, num_probes, hessian_samples, mccandlish, tol, opts,
-                chunk_size, seed, progress, micro_batch):
-    """The one measurement pass: H, λ_1, u, s_u², Pσ² and the gradient statistics."""
+#: the largest chunk of lr_table's gradient-statistics pass (module `_noise_pass`)
+GRADIENT_CHUNK = 256
+
+
+def _directional_pass(model, loss_fn, src, *, tol, opts, chunk_size, seed, progress,
+                      micro_batch):
+    """H, λ_1, u and s_u²: everything the SGD limits need."""
     H = curvature_operator(model, loss_fn, src, chunk_size=chunk_size, **opts)
     top = eigsh(H, k=1, which="LA", tol=tol, seed=seed, progress=progress)
     lam = float(top.values[0])
@@ -526,12 +531,37 @@ def _noise_pass(model, loss_fn, src, *, num_probes, hessian_samples, mccandlish,
     u = top.vectors[:, 0]
     s2_dir = directional_noise_from_operator(H, u, chunk_size=chunk_size, progress=progress,
                                              micro_batch=micro_batch, seed=seed).s2
+    return H, lam, u, s2_dir
+
+
+def _noise_pass(model, loss_fn, src, *, num_probes, hessian_samples, mccandlish, tol, opts,
+                chunk_size, seed, progress, micro_batch):
+    """The table's measurement pass: `_directional_pass`, Pσ² and the gradient statistics
+    (per-sample gradients, chunked within the memory budget unless chunk_size is given)."""
+    H, lam, u, s2_dir = _directional_pass(model, loss_fn, src, tol=tol, opts=opts,
+                                          chunk_size=chunk_size, seed=seed, progress=progress,
+                                          micro_batch=micro_batch)
     s2_iso = _isotropic_s2(H, num_probes, chunk_size=chunk_size, seed=seed, progress=progress,
                            micro_batch=micro_batch)
+    if chunk_size is None:
+        # at most GRADIENT_CHUNK samples per pass (its 32 Hessian products on gradients run
+        # 6× slower in the operator's own CPU-sized chunks on a 670k-parameter MLP), and no
+        # more than the memory budget holds (a fixed 256 took 4.4 GiB there, > 6 GiB at 1.9M)
+        item = torch.finfo(H.dtype).bits // 8
+        chunk_size = chunk_count(src.N, product_bytes(H.P, 1, 1, src.first_sample_numel(), item),
+                                 memory_budget(None, H.device), cap=GRADIENT_CHUNK)
     gn = gradient_noise(model, loss_fn, src, hessian_samples=hessian_samples, hessian=mccandlish,
-                        chunk_size=256 if chunk_size is None else chunk_size, seed=seed,
-                        progress=progress, **opts)
+                        chunk_size=chunk_size, seed=seed, progress=progress, **opts)
     return H, lam, u, s2_dir, s2_iso, gn
+
+
+def _sgd_limit(opt, Bf, lam, s2_dir, N) -> np.ndarray:
+    """The SGD column `predict_max_lr` returns: heavy ball's mean-square limit (dampening
+    τ: step α(1−τ)), or Nesterov's (`rmt.symbolic.derive_nesterov_mean_square`)."""
+    if opt.nesterov:
+        return np.asarray(rlr.sgd_nesterov_ms_max_lr(Bf, lam, s2_dir, N, opt.momentum))
+    return (np.asarray(rlr.sgd_momentum_ms_max_lr(Bf, lam, s2_dir, N, opt.momentum))
+            / (1.0 - opt.dampening))
 
 
 def _adam_batch_tops(model, loss_fn, src, bs, indices, gbar2, var, eps, *, tol, opts,
@@ -615,11 +645,7 @@ def lr_table(model, loss_fn, data, batch_sizes, *, optimizer="sgd", momentum=Non
     iso_c = rlr.sgd_max_lr_isotropic(Bf, lam, s2_iso / P, P, N, clip=True)
     iso_u = rlr.sgd_max_lr_isotropic(Bf, lam, s2_iso / P, P, N, clip=False)
     sgd_dir = np.asarray(rlr.sgd_max_lr(Bf, lam, s2_dir, N))
-    if opt.nesterov:      # Nesterov's mean-square limit (rmt.symbolic.derive_nesterov_mean_square)
-        sgd_mom = np.asarray(rlr.sgd_nesterov_ms_max_lr(Bf, lam, s2_dir, N, opt.momentum))
-    else:                 # heavy ball, dampening τ = step α(1−τ): mean-square limit
-        sgd_mom = (np.asarray(rlr.sgd_momentum_ms_max_lr(Bf, lam, s2_dir, N, opt.momentum))
-                   / (1.0 - opt.dampening))
+    sgd_mom = _sgd_limit(opt, Bf, lam, s2_dir, N)
     adam_closed = rlr.adam_max_lr(Bf, lam, s2_dir, g2u, vu, N, eps=opt.eps, beta1=opt.beta1)
     greedy = (rlr.mccandlish_optimal_lr(Bf, gn.eps_max, gn.B_noise, N)
               if math.isfinite(gn.eps_max) and gn.eps_max > 0 and math.isfinite(gn.B_noise)
@@ -657,8 +683,8 @@ def lr_table(model, loss_fn, data, batch_sizes, *, optimizer="sgd", momentum=Non
 
 @outside_autocast
 def predict_max_lr(model, loss_fn, data, batch_sizes, *, optimizer="sgd", momentum=None,
-                   nesterov=None, num_probes=1, micro_batch="auto", params=None, policy=None,
-                   chunk_size=None, device=None, dtype=None, seed=0,
+                   nesterov=None, num_probes=None, micro_batch="auto", params=None,
+                   policy=None, chunk_size=None, device=None, dtype=None, seed=0,
                    progress=None) -> np.ndarray:
     """Predicted maximal stable learning rate per batch size (directional, mean-square).
 
@@ -681,8 +707,10 @@ def predict_max_lr(model, loss_fn, data, batch_sizes, *, optimizer="sgd", moment
     A **stability limit** of the local model, not a greedy optimum or SDE-matching rule:
     real networks sit above it by a factor (1.1–2.6 for SGD, 1.8–4 for Adam on the digits
     nets, docs/real_training.md), which `transfer_lr` / `adam_transfer_lr` carry from a measured anchor.
-    Other options as `lr_table` (run with measure=False, mccandlish=False). Returns a numpy
-    array aligned with `batch_sizes`.
+    Other options as `lr_table`; the result is its `sgd_momentum` column (same seed, same
+    numbers), from λ_1 and s_u² only — none of the table's other measurements
+    (`num_probes` is not used: given, it is warned about). Returns a numpy array aligned
+    with `batch_sizes`.
     """
     opt = optimizer_settings(optimizer, momentum=momentum, nesterov=nesterov)
     warn_partial_optimizer(model, optimizer, params)
@@ -697,11 +725,24 @@ def predict_max_lr(model, loss_fn, data, batch_sizes, *, optimizer="sgd", moment
                                    device=device, dtype=dtype,
                                    seed=seed, progress=progress)
         return np.asarray(pred.lr, dtype=float).copy()
-    t = lr_table(model, loss_fn, data, batch_sizes, optimizer=opt, measure=False,
-                 num_probes=num_probes, mccandlish=False, micro_batch=micro_batch,
-                 params=params, policy=policy,
-                 chunk_size=chunk_size, device=device, dtype=dtype, seed=seed, progress=progress)
-    return t.sgd_momentum.copy()
+    if num_probes is not None:
+        warnings.warn("predict_max_lr: num_probes is not used (the SGD limits need λ₁ and s_u² "
+                      "only; the isotropic probes are lr_table's) and is ignored",
+                      UserWarning, stacklevel=3)
+    # lr_table's checks and its λ₁, s_u² pass — not its isotropic probes and per-sample
+    # gradients, which the limit does not read (they cost 13–40× the call's time and a
+    # 256 × P float64 block on a 670k-parameter MLP)
+    src = as_data_source(data)
+    bs = as_batch_sizes(batch_sizes, src.N)
+    tol = 1e-8
+    seed = resolved_seed("seed", seed)
+    wants_progress(progress)
+    check_mean_reduced(model, loss_fn, src)
+    opts = dict(params=params, policy=policy, device=device, dtype=dtype)
+    _, lam, _, s2_dir = _directional_pass(model, loss_fn, src, tol=tol, opts=opts,
+                                          chunk_size=chunk_size, seed=seed, progress=progress,
+                                          micro_batch=micro_batch)
+    return _sgd_limit(opt, bs.astype(float), lam, s2_dir, src.N).copy()
 
 
 # ----------------------------------------------------------------- scaling exponents

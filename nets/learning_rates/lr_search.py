@@ -751,7 +751,7 @@ def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergen
     Ks, keys, n_trials = [], [], 0
     jobs = [(i, j) for i in range(len(bs)) for j in range(len(seeds))]
     for i, j in progress_bar(jobs, progress=progress, total=len(jobs),
-                             desc=f"lr threshold ({criterion}, m={momentum:g})", expected_s=10):
+                             desc=f"lr threshold ({criterion}, m={momentum:g})"):
         ntag = "|nesterov" if nesterov else ""           # heavy-ball keys as before
         B, s = bs[i], seeds[j]
         K = as_int("steps", steps(B) if callable(steps) else steps, minimum=8)

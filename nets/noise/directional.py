@@ -70,7 +70,7 @@ from nets.curvature.loss_check import check_mean_reduced
 from nets.curvature.operators import ModelCurvatureOperator, curvature_operator
 from nets.utils.autocast import outside_autocast
 from nets.utils.memory import product_chunk
-from nets.utils.progress import progress_bar
+from nets.utils.progress import progress_bar, redraw
 from nets.utils.results import Result, result
 from rmt.validation import as_float, as_int, resolved_seed
 
@@ -239,8 +239,7 @@ def _noise_columns(op: ModelCurvatureOperator, U: torch.Tensor, micro_batch: int
     target = G if exact else min(cap_groups, max(2, -(-min_samples // m)))
     sq: list[np.ndarray] = []
     done = 0
-    bar = progress_bar(None, progress=progress, desc="per-sample products", total=cap_groups,
-                       expected_s=None if cap_groups * m * P * k > 10**9 else 0.0)
+    bar = progress_bar(None, progress=progress, desc="per-sample products", total=cap_groups)
     try:
         while True:
             for a in range(done, target, chunk):
@@ -274,7 +273,7 @@ def _noise_columns(op: ModelCurvatureOperator, U: torch.Tensor, micro_batch: int
     finally:
         if bar is not None:
             bar.total = bar.n               # stopped early at the target precision: done
-            bar.refresh()
+            redraw(bar)
             bar.close()
     lam = (U.to(torch.float64) * shift).sum(dim=0).cpu().numpy()
     cost = (G * m) / N * (k + done * m * k / (G * m))

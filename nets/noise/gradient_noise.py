@@ -184,8 +184,7 @@ def gradient_noise(model, loss_fn, data, *, hessian_samples=32, hessian=True, pa
     mean = torch.zeros(P, dtype=acc, device=ps.device)
     M2 = torch.zeros(P, dtype=acc, device=ps.device)
     sq = np.empty(N)                                   # |g_i|²: the importance weights
-    for s in progress_bar(range(0, N, chunk_size), progress=progress, desc="per-sample gradients",
-                          expected_s=None if N * P > 10**9 else 0.0):
+    for s in progress_bar(range(0, N, chunk_size), progress=progress, desc="per-sample gradients"):
         G = ps(*src.take(np.arange(s, min(s + chunk_size, N)))).detach().to(acc)
         nb = G.shape[0]
         sq[s:s + nb] = (G * G).sum(1).cpu().numpy()

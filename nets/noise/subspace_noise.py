@@ -260,8 +260,7 @@ def subspace_pass(op: ModelCurvatureOperator, U, *, chunk_size=None, progress=No
     D = torch.zeros(k, k, dtype=torch.float64, device=U.device)
     a_list = []
     order = np.arange(N) if rows is None else rows
-    for s in progress_bar(range(0, n, chunk), progress=progress, desc="per-sample projections",
-                          expected_s=None if n * P * k > 10**9 else 0.0):
+    for s in progress_bar(range(0, n, chunk), progress=progress, desc="per-sample projections"):
         X, Y = op.source.take(order[s:s + chunk], device=op.device, dtype=op.dtype)
         Dl = op.group_products(X[:, None], Y[:, None], Uo)                # groups of 1
         Dl -= HU_lo                                                        # (H_i − H) U, (g, P, k)
