@@ -412,7 +412,8 @@ def test_lr_table_sizes_its_gradient_pass_to_the_memory_budget(small_ls, monkeyp
     lr_table(model, loss_fn, data, bs, chunk_size=7, **kw)
     from nets.utils.memory import product_bytes
     per_sample = product_bytes(t.P, 1, 1, 12, 8)           # float64, 12 features
-    monkeypatch.setattr(lp, "memory_budget", lambda memory, device: 3 * per_sample + 1)
+    import nets.utils.memory as memory
+    monkeypatch.setattr(memory, "memory_budget", lambda memory, device: 3 * per_sample + 1)
     small = lr_table(model, loss_fn, data, bs, **kw)
     assert seen == [120, 7, 3]                 # N = 120 ≤ 256; given; a 3-sample budget
     assert small.B_simple == pytest.approx(t.B_simple, rel=1e-9)

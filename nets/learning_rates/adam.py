@@ -80,6 +80,7 @@ from nets.learning_rates.lr_search import (
 )
 from nets.utils.autocast import outside_autocast
 from nets.utils.data_source import as_data_source, tensors_for
+from nets.utils.memory import capped_sample_chunk
 from nets.utils.progress import progress_bar
 from nets.utils.results import Result, result
 from nets.utils.seeding import resolved_seed
@@ -383,11 +384,13 @@ class PreconditionedNoise(Result):
 
 
 def preconditioned_noise(model, loss_fn, data, preconditioner, *, tol=1e-8, params=None,
-                         policy=None, chunk_size=256, device=None, dtype=None,
+                         policy=None, chunk_size=None, device=None, dtype=None,
                          seed=0) -> PreconditionedNoise:
     """One pass: λ̃, ũ of D^{1/2} H D^{1/2} (Lanczos) and s̃² from per-sample Hessian-vector
-    products H_i(D^{1/2}ũ), vmapped in chunks of `chunk_size` samples, scaled by D^{1/2}
-    (float64 sums; H ũ' recomputed as the mean of the per-sample products)."""
+    products H_i(D^{1/2}ũ), vmapped in chunks of `chunk_size` samples (None: at most 256,
+    fewer where the memory budget says so, `nets.utils.memory.capped_sample_chunk`),
+    scaled by D^{1/2} (float64 sums; H ũ' recomputed as the mean of the per-sample
+    products)."""
     if isinstance(preconditioner, torch.optim.Optimizer):
         preconditioner = adam_preconditioner(model, preconditioner, params=params)
     d = torch.as_tensor(preconditioner, dtype=torch.float64)
@@ -401,7 +404,9 @@ def preconditioned_noise(model, loss_fn, data, preconditioner, *, tol=1e-8, para
     w = sq * u
     X, Y = H.source.tensors(device=H.device, dtype=H.dtype)
     N = len(X)
-    chunk = as_int("chunk_size", chunk_size or N, minimum=1)
+    chunk = (capped_sample_chunk(N, H.P, H.source.first_sample_numel(),
+                                 torch.finfo(H.dtype).bits // 8, device=H.device)
+             if chunk_size is None else as_int("chunk_size", chunk_size, minimum=1))
     tot = torch.zeros(H.P, dtype=torch.float64, device=H.device)
     ss = 0.0
     for s in range(0, N, chunk):
@@ -474,7 +479,7 @@ def warn_adam_transfer(form, beta1, batch_sizes, reference_batch_size, *, who):
 @outside_autocast
 def predict_adam_max_lr(model, loss_fn, data, batch_sizes, *, betas=None, eps=None,
                         form="mean_square", preconditioner=None, tol=1e-8, params=None,
-                        policy=None, chunk_size=256, device=None, dtype=None, seed=0,
+                        policy=None, chunk_size=None, device=None, dtype=None, seed=0,
                         progress=None) -> AdamPrediction:
     """Adam's stability limit α_max(B) for every B (module docstring).
 
@@ -639,7 +644,7 @@ class AdamTransfer(Result):
 @outside_autocast
 def adam_transfer_lr(model, loss_fn, data, batch_sizes, *, reference, betas=None,
                      eps=1e-8, form=None, prediction=None, params=None, policy=None,
-                     chunk_size=256, device=None, dtype=None, seed=0,
+                     chunk_size=None, device=None, dtype=None, seed=0,
                      linearized=None, progress=None) -> AdamTransfer:
     """Transfer (B₀, α₀) to every B: α(B) = α₀·α_pred(B)/α_pred(B₀), with α_pred, for
     form="linearized" (the default), the corrected thresholds of Adam on the linearised

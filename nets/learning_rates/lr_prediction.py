@@ -74,7 +74,7 @@ from nets.noise.gradient_noise import gradient_noise
 from nets.utils.autocast import outside_autocast
 from nets.utils.data_source import as_data_source
 from nets.utils.jsonio import from_jsonable
-from nets.utils.memory import chunk_count, memory_budget, product_bytes
+from nets.utils.memory import capped_sample_chunk
 from nets.utils.progress import progress_bar, wants_progress
 from nets.utils.results import Result, result
 from nets.utils.seeding import resolved_seed
@@ -515,10 +515,6 @@ class LRTable(Result):
         return ax
 
 
-#: the largest chunk of lr_table's gradient-statistics pass (module `_noise_pass`)
-GRADIENT_CHUNK = 256
-
-
 def _directional_pass(model, loss_fn, src, *, tol, opts, chunk_size, seed, progress,
                       micro_batch):
     """H, λ_1, u and s_u²: everything the SGD limits need."""
@@ -543,13 +539,10 @@ def _noise_pass(model, loss_fn, src, *, num_probes, hessian_samples, mccandlish,
                                           micro_batch=micro_batch)
     s2_iso = _isotropic_s2(H, num_probes, chunk_size=chunk_size, seed=seed, progress=progress,
                            micro_batch=micro_batch)
-    if chunk_size is None:
-        # at most GRADIENT_CHUNK samples per pass (its 32 Hessian products on gradients run
-        # 6× slower in the operator's own CPU-sized chunks on a 670k-parameter MLP), and no
-        # more than the memory budget holds (a fixed 256 took 4.4 GiB there, > 6 GiB at 1.9M)
-        item = torch.finfo(H.dtype).bits // 8
-        chunk_size = chunk_count(src.N, product_bytes(H.P, 1, 1, src.first_sample_numel(), item),
-                                 memory_budget(None, H.device), cap=GRADIENT_CHUNK)
+    if chunk_size is None:      # its 32 Hessian products on gradients: 6× slower in the
+        # operator's own CPU-sized chunks (670k-parameter MLP); a fixed 256 passed 6 GiB at 1.9M
+        chunk_size = capped_sample_chunk(src.N, H.P, src.first_sample_numel(),
+                                         torch.finfo(H.dtype).bits // 8, device=H.device)
     gn = gradient_noise(model, loss_fn, src, hessian_samples=hessian_samples, hessian=mccandlish,
                         chunk_size=chunk_size, seed=seed, progress=progress, **opts)
     return H, lam, u, s2_dir, s2_iso, gn
@@ -721,7 +714,7 @@ def predict_max_lr(model, loss_fn, data, batch_sizes, *, optimizer="sgd", moment
         bs = as_batch_sizes(batch_sizes, src.N)
         pred = predict_adam_max_lr(model, loss_fn, src, bs, betas=(opt.beta1, opt.beta2),
                                    eps=opt.eps, form="mean_square", params=params,
-                                   policy=policy, chunk_size=256 if chunk_size is None else chunk_size,
+                                   policy=policy, chunk_size=chunk_size,
                                    device=device, dtype=dtype,
                                    seed=seed, progress=progress)
         return np.asarray(pred.lr, dtype=float).copy()

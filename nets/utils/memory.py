@@ -41,10 +41,12 @@ import re
 import torch
 
 __all__ = ["memory_budget", "chunk_count", "product_bytes", "lanczos_chunk_budget",
-           "product_chunk", "DEFAULT_FRACTION", "CPU_CAP", "CPU_LANCZOS_BYTES",
-           "CPU_PRODUCT_BYTES"]
+           "product_chunk", "capped_sample_chunk", "DEFAULT_FRACTION", "CPU_CAP",
+           "CPU_LANCZOS_BYTES", "CPU_PRODUCT_BYTES", "SAMPLE_CHUNK_CAP"]
 
 DEFAULT_FRACTION = 0.25
+#: the largest chunk of the per-sample passes that take `capped_sample_chunk`
+SAMPLE_CHUNK_CAP = 256
 CPU_CAP = 4 << 30
 CPU_LANCZOS_BYTES = 128 << 20
 CPU_PRODUCT_BYTES = 64 << 20
@@ -135,3 +137,14 @@ def chunk_count(total: int, per_item_bytes: int, budget: int, cap: int | None = 
     n = max(1, int(budget // max(int(per_item_bytes), 1)))
     n = min(n, max(int(total), 1))
     return n if cap is None else max(1, min(n, int(cap)))
+
+
+def capped_sample_chunk(total: int, P: int, sample_numel: int, itemsize: int = 4, *,
+                        device=None, cap: int = SAMPLE_CHUNK_CAP) -> int:
+    """Samples per call of a per-sample pass that holds about `product_bytes(P, 1, 1, ...)`
+    per sample (per-sample gradients and their float64 moments; per-sample products along
+    one vector): at most `cap` — larger calls gain little, and a chunk of the operator's
+    CPU-sized `product_chunk` is several times slower for these passes on large P — and no
+    more than the default `memory_budget` holds (a fixed 256 took 4.4 GiB at P = 670k)."""
+    return chunk_count(total, product_bytes(P, 1, 1, sample_numel, itemsize),
+                       memory_budget(None, device), cap)
