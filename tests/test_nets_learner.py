@@ -364,6 +364,12 @@ def test_state_dict_round_trip_continues_identically(kw):
     same = CurvatureAdaptiveSGD(_linear(5), half_mse, (X.clone(), y.clone()), **kw)
     same.load_state_dict(sd_opt)            # equal data in other tensors: accepted
     assert same.steps_taken == 7
+    # a state saved with float32 data resumes on the same samples moved to float64
+    X32, y32 = X.float(), y.float()
+    narrow = CurvatureAdaptiveSGD(_linear(5).float(), half_mse, (X32, y32), **kw)
+    wide = CurvatureAdaptiveSGD(_linear(5), half_mse, (X32.double(), y32.double()), **kw)
+    wide.load_state_dict(narrow.state_dict())
+    assert wide.steps_taken == 0 and len(wide.history) == len(narrow.history)
 
 
 # ----------------------------------------------------------------------------- digits

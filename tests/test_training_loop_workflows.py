@@ -200,16 +200,32 @@ def test_monitor_ignores_an_enclosing_autocast():
     assert rec.lam == pytest.approx(ref, rel=1e-6)
 
 
+#: public functions that take a model or operator but compute nothing curvature-like: the
+#: training loop and checkpoints (a user's own autocast applies there), helpers that size
+#: chunks, fetch samples or describe a model
+NOT_ENTRY_POINTS = {"fetch_groups", "group_chunk", "default_subspace_dim", "code_fingerprint",
+                    "kept_modes"}
+
+
 def _public_functions():
+    """Every function in the `__all__` of a `nets` module (outside nets.training) whose
+    first two parameters name a model, an operator or a shard."""
     import importlib
     import inspect
+    import pkgutil
+
+    import nets
 
     seen = {}
-    for mod in map(importlib.import_module, ("nets", "nets.learning_rates.lr_search",
-                                             "nets.noise.gradient_noise")):
-        for name in mod.__all__:
-            obj = getattr(mod, name)
-            if inspect.isfunction(obj):
+    for info in pkgutil.walk_packages(nets.__path__, "nets."):
+        if info.name.startswith("nets.training"):
+            continue
+        mod = importlib.import_module(info.name)
+        for name in getattr(mod, "__all__", []):
+            obj = getattr(mod, name, None)
+            if (inspect.isfunction(obj) and name not in NOT_ENTRY_POINTS
+                    and {"model", "op", "batch_op", "shard"}
+                    & set(list(inspect.signature(obj).parameters)[:2])):
                 seen[name] = obj
     return seen
 
@@ -217,15 +233,13 @@ def _public_functions():
 def test_every_entry_point_that_computes_runs_outside_autocast():
     """A user's mixed-precision region reached the noise passes and the training trials
     (predict_max_lr 4e-4 off, isotropic_noise 0.5 %, training_threshold failing to find
-    a divergent lr inside torch.autocast bf16): every public function that takes a model
-    or an operator is wrapped."""
-    import inspect
-
-    computing = {n: f for n, f in _public_functions().items()
-                 if list(inspect.signature(f).parameters)[:2] in (["model", "loss_fn"],)
-                 or list(inspect.signature(f).parameters)[:1] in (["op"], ["batch_op"])}
+    a divergent lr inside torch.autocast bf16), then (a review) preconditioned_noise,
+    warm_adam_state and output_jacobians: every public function of a nets module that
+    takes a model or an operator is wrapped."""
+    computing = _public_functions()
     assert {"predict_max_lr", "training_threshold", "isotropic_noise", "eigsh",
-            "gradient_noise", "hessian_operator"} <= set(computing)
+            "gradient_noise", "hessian_operator", "preconditioned_noise", "warm_adam_state",
+            "output_jacobians", "distributed_hessian_operator"} <= set(computing)
     missing = sorted(n for n, f in computing.items()
                      if not getattr(f, "runs_outside_autocast", False))
     assert missing == []
@@ -238,10 +252,16 @@ def test_noise_predictions_and_trials_ignore_an_enclosing_autocast():
     model = _model().float()
     data = (X.float(), y)
 
+    from nets.learning_rates.adam import preconditioned_noise, warm_adam_state
+    P = sum(p.numel() for p in model.parameters())
+
     def calls():
+        warm = warm_adam_state(model, CE, *data, 16, warmup_steps=3, warmup_lr=1e-2)
         return (float(predict_max_lr(model, CE, data, [8, 32], seed=1)[0]),
                 float(isotropic_noise(model, CE, data, seed=1).s2),
-                float(training_threshold(model, CE, data, [16], steps=8, seeds=(0,)).lr[0]))
+                float(training_threshold(model, CE, data, [16], steps=8, seeds=(0,)).lr[0]),
+                float(preconditioned_noise(model, CE, data, torch.ones(P)).s2),
+                float(sum(p.double().sum() for p in warm.model.parameters())))
 
     ref = calls()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -277,7 +297,7 @@ def test_learner_undoes_a_schedulers_change_and_says_so():
                                first_update_every=2, curvature_batch_size=32)
     sched = torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)
     used = []
-    with pytest.warns(UserWarning, match="changed from outside"):
+    with pytest.warns(UserWarning, match="changed from outside") as rec:
         for k in range(8):
             idx = torch.arange(k * 16, (k + 1) * 16) % X.shape[0]
             opt.zero_grad()
@@ -285,6 +305,8 @@ def test_learner_undoes_a_schedulers_change_and_says_so():
             opt.step()
             used.append(opt.param_groups[0]["lr"])       # the lr of the step just taken
             sched.step()
+    # named at the opt.step() line here, past torch's step wrappers
+    assert {w.filename for w in rec if "changed from outside" in str(w.message)} == {__file__}
     learned = {h.lr for h in opt.history}
     assert set(used) <= learned                          # every step used a learned lr
     with pytest.raises(ValueError, match="one parameter group"):
@@ -377,3 +399,59 @@ def test_a_slow_call_on_a_small_network_shows_a_bar_and_a_fast_one_does_not(monk
     term.text.clear()
     eigsh(Dense(A, 0.03), k=2, seed=0, return_vectors=False, progress=False)
     assert "".join(term.text) == ""
+
+
+def test_warnings_name_the_users_line_whatever_the_call_path():
+    """Every entry point is wrapped (outside_autocast), which moved each fixed-stacklevel
+    warning one frame into the package (a review: the summed-loss warning of
+    isotropic_noise named nets/noise/directional.py). Warnings now name the first frame
+    outside nets and torch: this file, for a direct call, a call through another entry
+    point, and a learner warning raised inside optimizer.step's torch wrappers."""
+    import warnings
+
+    from nets import isotropic_noise
+
+    X, y = _data()
+    model = _model()
+    summed = (lambda o, t: CE(o, t, reduction="sum"))
+
+    def where(call):
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            call()
+        mine = [w for w in rec if "summed" in str(w.message) or "num_probes" in str(w.message)]
+        assert mine
+        return {w.filename for w in mine}
+
+    assert where(lambda: isotropic_noise(model, summed, (X, y), num_probes=2)) == {__file__}
+    assert where(lambda: predict_max_lr(model, summed, (X, y), [8])) == {__file__}
+    assert where(lambda: predict_max_lr(model, CE, (X, y), [8], num_probes=3)) == {__file__}
+    assert where(lambda: top_eigenvalues(model, summed, (X, y))) == {__file__}
+
+
+def test_progress_false_silences_the_inner_solves_and_a_disabled_bar_is_left_alone(monkeypatch):
+    """(A review.) With the delayed bar, inner Lanczos solves that did not receive the
+    caller's progress drew bars under progress=False (batch spectra, the Adam batch
+    solves, every monitor record); and redraw() crashed on a bar tqdm had disabled
+    (TQDM_DISABLE=1: no clock)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    import nets.utils.progress as progress
+    from nets import measure_batch_top_eigenvalue
+
+    X, y = _data()
+    model = _model()
+    monkeypatch.setattr(progress, "AUTO_SECONDS", 0.0)
+    term = _Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    measure_batch_top_eigenvalue(model, CE, (X, y), [8, 32], n_batches=2, progress=False)
+    mon = CurvatureMonitor(model, CE, (X, y), batch_size=16, n_batches=0, lr=0.1)
+    mon.record(1)
+    assert "".join(term.text) == ""
+    measure_batch_top_eigenvalue(model, CE, (X, y), [8, 32], n_batches=2, progress=True)
+    assert "batch top eigenvalues" in "".join(term.text)
+    off = tqdm(total=3, disable=True)
+    progress.redraw(off)                      # no clock: nothing to draw, no error
+    off.close()

@@ -15,11 +15,13 @@ from nets.algorithms.lanczos import EigenResult, eigsh
 from nets.curvature.loss_check import check_mean_reduced
 from nets.curvature.operators import curvature_operator
 from nets.utils.autocast import outside_autocast
+from nets.utils.callers import caller_stacklevel
 from rmt.validation import as_int
 
 __all__ = ["top_eigenvalues", "bottom_eigenvalues", "extremal_eigenpairs"]
 
 
+@outside_autocast
 def extremal_eigenpairs(model, loss_fn, data, k=1, *, which="LA", kind="hessian", tol=1e-10,
                         max_steps=None, params=None, policy=None, chunk_size=None, device=None,
                         dtype=None, seed=0, check_multiplicity=True,
@@ -89,5 +91,5 @@ def _values(res: EigenResult, tol) -> np.ndarray:
             f"{bad.size} eigenvalues short of the tolerance tol={tol:g} (largest residual "
             f"{float(np.max(np.asarray(res.residuals)[bad])):.3g}; an eigenvalue at 0, where a "
             "relative tolerance cannot be met, does this): they are approximate; "
-            "extremal_eigenpairs gives the residuals and flags", UserWarning, stacklevel=3)
+            "extremal_eigenpairs gives the residuals and flags", UserWarning, stacklevel=caller_stacklevel())
     return res.values

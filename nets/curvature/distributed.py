@@ -42,7 +42,6 @@ Use backend "gloo" on CPU and "nccl" with CUDA tensors (`device=f"cuda:{local_ra
 
 from __future__ import annotations
 
-import sys
 import warnings
 from typing import Callable
 
@@ -52,6 +51,8 @@ import torch.distributed as dist
 from torch import nn
 
 from nets.curvature.operators import CurvatureOperator, ModelCurvatureOperator, curvature_operator
+from nets.utils.autocast import outside_autocast
+from nets.utils.callers import caller_stacklevel
 from nets.utils.data_source import as_data_source
 from rmt.validation import as_int
 
@@ -111,16 +112,6 @@ def shard_dataset(dataset, rank=None, world_size=None):
 _OK, _EMPTY, _FAILED = 0.0, 1.0, 2.0        # status codes in the exchanged table
 _DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 _META_LEN = 8                               # status, P, dtype code, N_r, Σx, Σx², Σc·x, Σ|x|
-
-
-def _caller_stacklevel() -> int:
-    """`stacklevel` naming the first frame outside this module, for a warning raised
-    in the function that calls this (the constructor, whether called by the user or
-    through `distributed_hessian_operator`)."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename == __file__:
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def _meta_device(group):
@@ -264,7 +255,7 @@ class DistributedCurvatureOperator(CurvatureOperator):
                 "is the average of the shards' chunk curvatures, not the single-process "
                 "train-mode curvature (eigenvalues a few % apart); use policy='eval' for "
                 "the same operator on any number of ranks", UserWarning,
-                stacklevel=_caller_stacklevel())
+                stacklevel=caller_stacklevel())
 
     def min_over_ranks(self, value: int) -> int:
         """The minimum of the int `value` over the ranks (collective: call on every
@@ -337,6 +328,7 @@ def _distributed(kind, model, loss_fn, shard, params, device, dtype, policy, chu
     return DistributedCurvatureOperator(local, group=group, root=root, sync_inputs=sync_inputs)
 
 
+@outside_autocast
 def distributed_hessian_operator(model: nn.Module, loss_fn: Callable, shard, *, params=None,
                                  policy=None, chunk_size=None, device=None, dtype=None,
                                  cache_graph="auto", group=None, root: int = 0,
@@ -349,6 +341,7 @@ def distributed_hessian_operator(model: nn.Module, loss_fn: Callable, shard, *, 
                         chunk_size, cache_graph, group, root, sync_inputs)
 
 
+@outside_autocast
 def distributed_ggn_operator(model: nn.Module, loss_fn: Callable, shard, *, params=None,
                              policy=None, chunk_size=None, device=None, dtype=None,
                              cache_graph="auto", group=None, root: int = 0,

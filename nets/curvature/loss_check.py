@@ -41,6 +41,7 @@ import torch
 
 from nets.curvature.params import map_output_leaves, output_tensors
 from nets.utils.autocast import outside_autocast
+from nets.utils.callers import caller_stacklevel
 from nets.utils.data_source import as_data_source, model_place
 from nets.utils.modes import kept_rng
 
@@ -193,7 +194,7 @@ def check_mean_reduced(model, loss_fn, data, *, sample: int = 64) -> float:
             "of samples in each evaluation, which depends on chunk_size and on the form of "
             "data, so they are neither right nor consistent. Use the loss's reduction=\"mean\" "
             "(the default of torch's losses).",
-            UserWarning, stacklevel=3)
+            UserWarning, stacklevel=caller_stacklevel())
     elif per is not None and math.isfinite(batch) and (
             not all(math.isfinite(v) for v in per)
             or (math.isfinite(ratio) and abs(ratio - 1.0) > RTOL)):
@@ -209,5 +210,5 @@ def check_mean_reduced(model, loss_fn, data, *, sample: int = 64) -> float:
             "(each chunk's weighted mean is averaged by chunk size, so they move slightly with "
             "chunk_size: 0.1 % in a test). Use an unweighted mean-reduced loss for the "
             "predictions.",
-            UserWarning, stacklevel=3)
+            UserWarning, stacklevel=caller_stacklevel())
     return ratio

@@ -50,6 +50,7 @@ from torch.func import grad, jvp, vjp, vmap
 from nets.curvature.loss_check import check_mean_reduced
 from nets.curvature.params import ParamLayout, call_model, make_functional, output_tensors
 from nets.utils.autocast import no_autocast, outside_autocast
+from nets.utils.callers import caller_stacklevel
 from nets.utils.data_source import as_data_source
 from nets.utils.modes import kept_modes, kept_rng
 from nets.utils.vmapping import vmap_or_loop
@@ -296,7 +297,7 @@ def _warn_weight_norm(model: nn.Module) -> None:
                 warnings.warn(
                     f"module {name!r} uses weight_norm: torch's second derivative of its fused "
                     "kernel is not symmetric, so Hessian products are off by a few per cent; "
-                    "use kind='ggn', or write w = g·v/‖v‖ in the forward", stacklevel=3)
+                    "use kind='ggn', or write w = g·v/‖v‖ in the forward", stacklevel=caller_stacklevel())
                 return
 
 
@@ -672,7 +673,7 @@ class ModelCurvatureOperator(CurvatureOperator):
                 "kind='ggn': the loss is linear in the model's outputs (its second derivative "
                 "in them is zero), so the Gauss–Newton matrix is zero — e.g. a model ending in "
                 "log_softmax with nll_loss. Return logits and use F.cross_entropy (the same "
-                "loss), or use kind='hessian'", UserWarning, stacklevel=4)
+                "loss), or use kind='hessian'", UserWarning, stacklevel=caller_stacklevel())
 
     def _forward(self, prim, x):
         state = dict(self.frozen)
@@ -920,6 +921,7 @@ def batch_ggn_operator(model, loss_fn, data, indices, *, params=None, policy=Non
                         cache_graph=cache_graph)
 
 
+@outside_autocast
 def curvature_operator(model, loss_fn, data, *, kind="hessian", **kwargs) -> ModelCurvatureOperator:
     """`hessian_operator` or `ggn_operator` chosen by `kind`, without their loss check (for
     the package's own loops, whose entry point has checked the loss once)."""

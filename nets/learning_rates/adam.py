@@ -79,6 +79,7 @@ from nets.learning_rates.lr_search import (
     seed_mean_stderr,
 )
 from nets.utils.autocast import outside_autocast
+from nets.utils.callers import caller_stacklevel
 from nets.utils.data_source import as_data_source, tensors_for
 from nets.utils.memory import capped_sample_chunk
 from nets.utils.progress import progress_bar
@@ -126,6 +127,7 @@ def _trainable(model, params=None):
     return layout, [named[n] for n in layout.names]
 
 
+@outside_autocast
 def adam_preconditioner(model, optimizer, *, params=None) -> torch.Tensor:
     """D = 1/(√v̂ + ε) as a flat float64 vector in the parameter order of the curvature
     operators, from a `torch.optim.Adam`/`AdamW` `optimizer` stepping `model`'s parameters.
@@ -205,7 +207,7 @@ def _warn_saturated(who, model, loss_fn, src, optimizer, mask, top_weight, *, pa
                   "limit is set by ε. It is not the fresh-state limit: a fresh Adam's first step "
                   "is lr·sign(g), not lr·g/ε. Warm the optimizer on this model (in the mode it "
                   "is measured in), or freeze the parameters that get no gradient",
-                  UserWarning, stacklevel=3)
+                  UserWarning, stacklevel=caller_stacklevel())
 
 
 def noise_model_preconditioner(grad_mean, grad_var, batch_size, N, *, eps=1e-8) -> torch.Tensor:
@@ -224,6 +226,7 @@ def noise_model_preconditioner(grad_mean, grad_var, batch_size, N, *, eps=1e-8) 
     return 1.0 / (torch.sqrt(v) + eps)
 
 
+@outside_autocast
 def preconditioned_operator(model, loss_fn, data, preconditioner, *, indices=None, params=None,
                             policy=None, chunk_size=None, device=None, dtype=None):
     """The composed operator D^{1/2} H_S D^{1/2} (H_S: Hessian of the samples `indices`,
@@ -350,7 +353,7 @@ def preconditioned_batch_sharpness(model, loss_fn, data, batch_sizes, *, precond
                                      policy=policy, chunk_size=chunk_size, device=device,
                                      dtype=dtype)
         top = eigsh(op, k=1, which="LA", tol=tol, seed=int(rng.integers(2**31)),
-                    return_vectors=vectors)
+                    return_vectors=vectors, progress=False)      # under the batches' bar
         vals[i, k] = float(top.values[0])
         if vectors:
             u = torch.as_tensor(np.asarray(top.vectors[:, 0]), dtype=torch.float64)
@@ -383,6 +386,7 @@ class PreconditionedNoise(Result):
     direction: np.ndarray
 
 
+@outside_autocast
 def preconditioned_noise(model, loss_fn, data, preconditioner, *, tol=1e-8, params=None,
                          policy=None, chunk_size=None, device=None, dtype=None,
                          seed=0) -> PreconditionedNoise:
@@ -397,7 +401,7 @@ def preconditioned_noise(model, loss_fn, data, preconditioner, *, tol=1e-8, para
     H = curvature_operator(model, loss_fn, data, params=params, policy=policy, device=device,
                            dtype=dtype)
     A = DiagonalScaledOperator(H, d.to(H.device))
-    top = eigsh(A, k=1, which="LA", tol=tol, seed=as_seed("seed", seed))
+    top = eigsh(A, k=1, which="LA", tol=tol, seed=as_seed("seed", seed), progress=False)
     lam = float(top.values[0])
     u = torch.as_tensor(np.asarray(top.vectors[:, 0]), dtype=H.dtype, device=H.device)
     sq = A.sqrt_d
@@ -466,14 +470,14 @@ def warn_adam_transfer(form, beta1, batch_sizes, reference_batch_size, *, who):
     if not math.isfinite(beta1):
         return
     if form in ADAM_MODEL_FORMS:
-        warn_momentum_upward(beta1, batch_sizes, reference_batch_size, who=who, stacklevel=4)
+        warn_momentum_upward(beta1, batch_sizes, reference_batch_size, who=who)
     elif beta1 > 0 and np.any(np.asarray(batch_sizes) != reference_batch_size):
         warnings.warn(f"{who}: with beta1 = {beta1:g} the transfer along Adam's stability limit "
                       "missed the real warmed-state threshold by more than 20 % on 7 of 8 "
                       "measured networks (0.30-2.49x), in either direction; the linearised "
                       "form (the default) anchored at the largest batch size you will use errs "
                       "low instead, or measure (nets.learning_rates.adam.adam_threshold)",
-                      MomentumCaveat, stacklevel=3)
+                      MomentumCaveat, stacklevel=caller_stacklevel())
 
 
 @outside_autocast
@@ -805,6 +809,7 @@ def restored_adam(net, warm, lr):
     return opt
 
 
+@outside_autocast
 def warm_adam_state(model, loss_fn, X, y, batch_size, *, warmup_steps, warmup_lr,
                     betas=(0.9, 0.999), eps=1e-8, seed=0) -> WarmState:
     """Run `warmup_steps` Adam steps at `warmup_lr` (batch size B, batches from

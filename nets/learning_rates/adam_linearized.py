@@ -84,6 +84,7 @@ from nets.learning_rates.linearized import (
 )
 from nets.learning_rates.lr_search import as_growth_factor, as_seeds, seed_mean_stderr
 from nets.utils.autocast import outside_autocast
+from nets.utils.callers import caller_stacklevel
 from nets.utils.data_source import tensors_for
 from nets.utils.progress import progress_bar
 from nets.utils.results import Result, result
@@ -258,7 +259,7 @@ def _warn_uncorrected(ratio, batch_sizes, factor):
                   + "; the correction is not applied there (correction 1), so `corrected` mixes "
                   "corrected and uncorrected thresholds across batch sizes and a transfer along "
                   "it can jump between them (compare `lr`, or a smaller factor)",
-                  UserWarning, stacklevel=3)
+                  UserWarning, stacklevel=caller_stacklevel())
 
 
 def _secant_along_preconditioned_top(model, loss_fn, data, opt, factor, seed):
@@ -295,7 +296,7 @@ def _preconditioned_top(model, loss_fn, data, opt, seed):
     """(λ̃, D^{1/2}ũ): the top eigenvalue of the preconditioned Hessian at the optimizer's
     state and its eigenvector as a weight-space direction (float64, P)."""
     A = preconditioned_operator(model, loss_fn, data, opt, dtype=torch.float64)
-    top = eigsh(A, k=1, which="LA", tol=1e-8, seed=as_seed("seed", seed))
+    top = eigsh(A, k=1, which="LA", tol=1e-8, seed=as_seed("seed", seed), progress=False)
     d = A.sqrt_d.cpu() * torch.as_tensor(np.asarray(top.vectors[:, 0]), dtype=torch.float64)
     return float(top.values[0]), d
 

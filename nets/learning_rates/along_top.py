@@ -53,6 +53,7 @@ import math
 import numpy as np
 import torch
 
+from nets.utils.autocast import outside_autocast
 from nets.utils.results import Result, result
 from rmt.validation import as_float, as_int, as_range, as_seed
 
@@ -199,6 +200,7 @@ def _crossing(xs, plus, minus, k, loss_at, L0, lam):
     return float(A), float(secant) if math.isfinite(secant) else float("nan")
 
 
+@outside_autocast
 def loss_along_top(model, loss_fn, data, *, factor=10.0, n=60, span=(0.02, 20.0),
                    seed=0, direction=None) -> LossAlongTop:
     """The real and linearised loss profiles along the top Hessian eigenvector and their

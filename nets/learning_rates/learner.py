@@ -215,7 +215,8 @@ from nets.curvature.side_by_side import ColumnCountError, SideBySideHessians
 from nets.learning_rates.monitor import CurvatureTracker
 from nets.noise.directional import directional_noise_from_operator
 from nets.training.data import check_dataset
-from nets.utils.autocast import no_autocast
+from nets.utils.autocast import no_autocast, outside_autocast
+from nets.utils.callers import caller_stacklevel
 from nets.utils.data_source import as_data_source
 from nets.utils.fingerprints import digest, tensor_bytes
 from nets.utils.jsonio import to_jsonable
@@ -338,6 +339,7 @@ def choose_mu(ritz_values, ritz_weights, lam_max, mu_rule="weighted", weight_thr
     return min(mu, lam_max), source
 
 
+@outside_autocast
 def micro_batch_directional_noise(op, u, micro_batch_size=1) -> float:
     """ŝ_u² = b/(n − 1)·Σ_j ‖H_j u − m̄‖² over n = B_c/b micro-batches of op's data.
 
@@ -357,7 +359,7 @@ def micro_batch_directional_noise(op, u, micro_batch_size=1) -> float:
         raise ValueError(f"micro_batch_size={b} must divide the curvature batch size {Bc}")
     if Bc // b < 2:
         raise ValueError(f"need at least 2 micro-batches, got B_c/micro_batch_size = {Bc // b}")
-    return directional_noise_from_operator(op, u, micro_batch=b, seed=0).s2
+    return directional_noise_from_operator(op, u, micro_batch=b, seed=0, progress=False).s2
 
 
 def _stderr(values) -> float:
@@ -418,7 +420,7 @@ def _warn_eval_mode_layers(model: nn.Module) -> None:
             "curvature follows the model's mode, so training it after model.train() makes "
             "the next curvature update raise inside opt.step(); pass policy='eval' (running "
             "statistics, no dropout: what is measured now) or policy='train_batch_stats'",
-            UserWarning, stacklevel=3)
+            UserWarning, stacklevel=caller_stacklevel())
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -880,7 +882,7 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
                         f"{g['lr']!r}/{g['momentum']!r}, e.g. by an lr scheduler); the learner "
                         f"sets them itself and uses its own ({last.lr:.4g}/{last.momentum:.4g}): "
                         "cap it with max_lr or scale it with safety instead", UserWarning,
-                        stacklevel=5)    # step ← torch.no_grad ← the optimizer's hook wrapper
+                        stacklevel=caller_stacklevel())    # step ← torch.no_grad ← the optimizer's hook wrapper
                 g["lr"], g["momentum"] = last.lr, last.momentum
 
     def add_param_group(self, param_group) -> None:
@@ -923,9 +925,13 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
         return sd
 
     def _curvature_data_hash(self) -> str:
-        """16 hex digits of the curvature batch's exact inputs and targets."""
+        """16 hex digits of the curvature batch's inputs and targets, as float64 / int64
+        values (the same samples in another precision or integer width are the same data)."""
+        def canonical(t):
+            t = t.detach().cpu()
+            return t.to(torch.float64) if t.is_floating_point() else t.to(torch.int64)
         Xc, Yc = self._curv_data
-        return digest(tensor_bytes(Xc), tensor_bytes(Yc))
+        return digest(tensor_bytes(canonical(Xc)), tensor_bytes(canonical(Yc)))
 
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)

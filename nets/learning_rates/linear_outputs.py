@@ -42,6 +42,7 @@ import torch
 from torch.func import jvp, vjp, vmap
 
 from nets.curvature.params import call_model, unflatten_to_dict
+from nets.utils.autocast import outside_autocast
 from rmt.validation import as_float, as_int
 
 __all__ = ["StoredOutputs", "TangentOutputs", "CurvedOutputs", "as_linear_outputs",
@@ -164,6 +165,7 @@ class CurvedOutputs:
         return self.base.full(E) + self._bend(self.q, E)
 
 
+@outside_autocast
 def second_derivative_along(model, X, direction, *, chunk_size=256, step=1e-4,
                             check_samples=16):
     """q (N, K): d²/dt² z_i(w₀ + t·u) at t = 0 for every sample — the second directional

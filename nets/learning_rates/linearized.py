@@ -77,6 +77,7 @@ from nets.learning_rates.linear_outputs import (
     second_derivative_along,
 )
 from nets.utils.autocast import outside_autocast
+from nets.utils.callers import caller_stacklevel
 from nets.utils.results import Result, result
 from rmt.validation import as_batch_sizes, as_float, as_int, as_range, as_seed
 
@@ -150,6 +151,7 @@ def first_crossing(grid, max_loss, factor) -> float:
     return float(np.sqrt(grid[j] * grid[j - 1]))
 
 
+@outside_autocast
 def output_jacobians(model, X, *, chunk_size=256, dtype=torch.float32, basis=None):
     """Per-sample output Jacobians J (N, K, P) and outputs z (N, K) of `model` (eval mode,
     its trainable parameters in `named_parameters()` order; K = outputs per sample).
@@ -198,6 +200,7 @@ def output_jacobians(model, X, *, chunk_size=256, dtype=torch.float32, basis=Non
 JACOBIANS = ("auto", "tangent", "stored")
 
 
+@outside_autocast
 def linear_model_outputs(model, X, *, jacobians="auto", chunk_size=256, max_bytes=4 << 30,
                          dtype=torch.float32):
     """(outputs, choice): the linearised network's products at `model`'s weights
@@ -241,7 +244,8 @@ def linear_model_outputs(model, X, *, jacobians="auto", chunk_size=256, max_byte
     return (tangent, "tangent") if best(tangent) < best(stored) else (stored, "stored")
 
 
-def ggn_top_basis(model, loss_fn, data, rank, *, seed=0, tol=1e-4):
+@outside_autocast
+def ggn_top_basis(model, loss_fn, data, rank, *, seed=0, tol=1e-4, progress=False):
     """(V, values): the top-`rank` eigenvectors V (P, rank, float64, orthonormal) and
     eigenvalues of the full-data Gauss–Newton matrix of `model` (eval mode) by
     thick-restart Lanczos to relative residual `tol`."""
@@ -249,7 +253,8 @@ def ggn_top_basis(model, loss_fn, data, rank, *, seed=0, tol=1e-4):
     from nets.curvature.operators import curvature_operator
 
     op = curvature_operator(model, loss_fn, data, kind="ggn", policy="eval")
-    top = eigsh(op, k=as_int("rank", rank, minimum=1), which="LA", tol=tol, seed=seed)
+    top = eigsh(op, k=as_int("rank", rank, minimum=1), which="LA", tol=tol, seed=seed,
+                progress=progress)
     V, _ = torch.linalg.qr(torch.as_tensor(np.asarray(top.vectors), dtype=torch.float64))
     return V, np.asarray(top.values)
 
@@ -489,7 +494,7 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
                                      dtype=dtype, max_bytes=max_bytes, smaller=", a smaller rank")
     lam, u = math.nan, None
     if lr_range is None or curved:
-        u, lam = _top_direction(model, loss_fn, (X, y), as_seed("seed", seed))
+        u, lam = _top_direction(model, loss_fn, (X, y), as_seed("seed", seed), progress=progress)
     if lr_range is None:
         if not (math.isfinite(lam) and lam > 0):
             raise ValueError(f"the top Hessian eigenvalue is {lam}; give lr_range=(lo, hi)")
@@ -498,7 +503,8 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
         lo, hi = as_range("lr_range", lr_range)
     basis = None
     if r < P:
-        basis, _ = ggn_top_basis(model, loss_fn, (X, y), r, seed=as_seed("seed", seed))
+        basis, _ = ggn_top_basis(model, loss_fn, (X, y), r, seed=as_seed("seed", seed),
+                                 progress=progress)
     chunk_size = as_int("chunk_size", chunk_size, minimum=1)
     if full:
         lin, _ = linear_model_outputs(model, X, jacobians=jacobians, chunk_size=chunk_size,
@@ -554,7 +560,7 @@ def _curved(lin, model, X, u, basis, chunk_size):
             warnings.warn(f"linearized_threshold: the top Hessian eigenvector lies mostly outside "
                           f"the rank-{basis.shape[1]} Gauss–Newton span (|Vᵀu| = {overlap:.3g}); "
                           "the curved term is taken along its projection (raise rank)",
-                          UserWarning, stacklevel=3)
+                          UserWarning, stacklevel=caller_stacklevel())
         t = t / t.norm()
         u = basis @ t
     else:
@@ -573,7 +579,7 @@ def warn_unbracketed(who, per, batch_sizes, advice):
                       f"{np.asarray(batch_sizes)[miss].tolist()} for {int(np.isnan(per).sum())} "
                       f"of {per.size} sequences (stable at its top, or already above the "
                       f"tolerance at its bottom); those thresholds and their means are NaN: "
-                      f"{advice}", UserWarning, stacklevel=3)
+                      f"{advice}", UserWarning, stacklevel=caller_stacklevel())
 
 
 def refuse_container_output(out) -> None:

@@ -72,6 +72,7 @@ from nets.noise.batch_spectra import measure_batch_top_eigenvalue
 from nets.noise.directional import directional_noise_from_operator, isotropic_noise_from_operator
 from nets.noise.gradient_noise import gradient_noise
 from nets.utils.autocast import outside_autocast
+from nets.utils.callers import caller_stacklevel
 from nets.utils.data_source import as_data_source
 from nets.utils.jsonio import from_jsonable
 from nets.utils.memory import capped_sample_chunk
@@ -203,7 +204,7 @@ def warn_partial_optimizer(model, optimizer, params=None, *, group_lrs=True) -> 
                       f"({', '.join(f'{v:g}' for v in lrs)}); the limits and transfers here are "
                       "for one learning rate applied to every parameter (a per-group lr "
                       "rescales that group's curvature, which is not modelled)",
-                      UserWarning, stacklevel=3)
+                      UserWarning, stacklevel=caller_stacklevel())
     if params is not None:
         return
     trained = {id(p) for g in optimizer.param_groups for p in g["params"]}
@@ -213,13 +214,13 @@ def warn_partial_optimizer(model, optimizer, params=None, *, group_lrs=True) -> 
         warnings.warn("optimizer: it updates none of the model's trainable parameters — is it "
                       "another model's optimizer (or one built before the model was copied)? "
                       "Its settings are read, but it does not train this model",
-                      UserWarning, stacklevel=3)
+                      UserWarning, stacklevel=caller_stacklevel())
     elif missing and len(trained & {id(p) for p in free}):
         total = sum(p.numel() for p in free)
         warnings.warn(f"optimizer: it updates only {total - missing} of the model's {total} "
                       "trainable parameters, but the limits here are for all of them; freeze "
                       "the others (requires_grad=False) or pass params= (the curvature forms)",
-                      UserWarning, stacklevel=3)
+                      UserWarning, stacklevel=caller_stacklevel())
 
 
 def _check_unmodelled(hp: dict, cls, *, amsgrad_state=False) -> None:
@@ -238,12 +239,12 @@ def _check_unmodelled(hp: dict, cls, *, amsgrad_state=False) -> None:
         warnings.warn(f"optimizer: weight_decay={wd:g} is not modelled; the limits are those of "
                       "the loss without it (coupled L2 decay adds it to every curvature, so "
                       f"they are too high by at most the factor {bound})",
-                      UserWarning, stacklevel=3)
+                      UserWarning, stacklevel=caller_stacklevel())
     if hp.get("amsgrad") and not amsgrad_state:
         warnings.warn("optimizer: amsgrad=True is not modelled; the Adam limits use a "
                       "second moment without a running maximum (the noise model from the "
                       "per-sample gradients at the current weights, or a warmed Adam state)",
-                      UserWarning, stacklevel=3)
+                      UserWarning, stacklevel=caller_stacklevel())
 
 
 def _override(hp: dict, key: str, value, fixed: bool, what: str) -> None:
@@ -515,6 +516,22 @@ class LRTable(Result):
         return ax
 
 
+#: lr_table's default Lanczos tolerance, the one predict_max_lr uses
+LANCZOS_TOL = 1e-8
+
+
+def _checked_call(model, loss_fn, data, batch_sizes, *, seed, progress, params, policy, device,
+                  dtype):
+    """The data source, batch sizes, resolved seed and operator options of an lr_table /
+    predict_max_lr call, after the checks both make (progress's type, the loss's reduction)."""
+    src = as_data_source(data)
+    bs = as_batch_sizes(batch_sizes, src.N)
+    seed = resolved_seed("seed", seed)
+    wants_progress(progress)
+    check_mean_reduced(model, loss_fn, src)
+    return src, bs, seed, dict(params=params, policy=policy, device=device, dtype=dtype)
+
+
 def _directional_pass(model, loss_fn, src, *, tol, opts, chunk_size, seed, progress,
                       micro_batch):
     """H, λ_1, u and s_u²: everything the SGD limits need."""
@@ -575,7 +592,8 @@ def _adam_batch_tops(model, loss_fn, src, bs, indices, gbar2, var, eps, *, tol, 
             HB = curvature_operator(model, loss_fn, src.take(np.asarray(idx)),
                                     chunk_size=chunk_size, **opts)
             tops.append(float(eigsh(DiagonalScaledOperator(HB, Dg), k=1, which="LA", tol=tol,
-                                    seed=int(next(seeds)), return_vectors=False).values[0]))
+                                    seed=int(next(seeds)), return_vectors=False,
+                                    progress=False).values[0]))   # under the batches' bar
         means[i] = np.mean(tops)
         stds[i] = np.std(tops, ddof=1) if len(tops) > 1 else 0.0
     next(it, None)
@@ -585,7 +603,7 @@ def _adam_batch_tops(model, loss_fn, src, bs, indices, gbar2, var, eps, *, tol, 
 @outside_autocast
 def lr_table(model, loss_fn, data, batch_sizes, *, optimizer="sgd", momentum=None, betas=None,
              eps=None, nesterov=None, n_batches=4, measure=True, num_probes=4, hessian_samples=32,
-             mccandlish=True, tol=1e-8, micro_batch="auto", params=None, policy=None,
+             mccandlish=True, tol=LANCZOS_TOL, micro_batch="auto", params=None, policy=None,
              chunk_size=None, device=None, dtype=None, seed=0, progress=None) -> LRTable:
     """Predicted learning rates for every B in `batch_sizes` from one measurement pass.
 
@@ -612,19 +630,16 @@ def lr_table(model, loss_fn, data, batch_sizes, *, optimizer="sgd", momentum=Non
     """
     opt = optimizer_settings(optimizer, momentum=momentum, betas=betas, eps=eps,
                              nesterov=nesterov)
-    warn_partial_optimizer(model, optimizer, params)     # (quiet for the settings predict_max_lr passes)
-    src = as_data_source(data)
-    N = src.N
-    bs = as_batch_sizes(batch_sizes, N)
+    warn_partial_optimizer(model, optimizer, params)
     n_batches = as_int("n_batches", n_batches, minimum=1)
     if not isinstance(measure, bool) or not isinstance(mccandlish, bool):
         raise TypeError("measure and mccandlish must be bools")
     num_probes = None if num_probes is None else as_int("num_probes", num_probes, minimum=1)
     tol = as_float("tol", tol, positive=True)
-    seed = resolved_seed("seed", seed)
-    wants_progress(progress)
-    check_mean_reduced(model, loss_fn, src)
-    opts = dict(params=params, policy=policy, device=device, dtype=dtype)
+    src, bs, seed, opts = _checked_call(model, loss_fn, data, batch_sizes, seed=seed,
+                                        progress=progress, params=params, policy=policy,
+                                        device=device, dtype=dtype)
+    N = src.N
     H, lam, u, s2_dir, s2_iso, gn = _noise_pass(
         model, loss_fn, src, num_probes=num_probes, hessian_samples=hessian_samples,
         mccandlish=mccandlish, tol=tol, opts=opts, chunk_size=chunk_size, seed=seed,
@@ -721,18 +736,14 @@ def predict_max_lr(model, loss_fn, data, batch_sizes, *, optimizer="sgd", moment
     if num_probes is not None:
         warnings.warn("predict_max_lr: num_probes is not used (the SGD limits need λ₁ and s_u² "
                       "only; the isotropic probes are lr_table's) and is ignored",
-                      UserWarning, stacklevel=3)
+                      UserWarning, stacklevel=caller_stacklevel())
     # lr_table's checks and its λ₁, s_u² pass — not its isotropic probes and per-sample
     # gradients, which the limit does not read (they cost 13–40× the call's time and a
     # 256 × P float64 block on a 670k-parameter MLP)
-    src = as_data_source(data)
-    bs = as_batch_sizes(batch_sizes, src.N)
-    tol = 1e-8
-    seed = resolved_seed("seed", seed)
-    wants_progress(progress)
-    check_mean_reduced(model, loss_fn, src)
-    opts = dict(params=params, policy=policy, device=device, dtype=dtype)
-    _, lam, _, s2_dir = _directional_pass(model, loss_fn, src, tol=tol, opts=opts,
+    src, bs, seed, opts = _checked_call(model, loss_fn, data, batch_sizes, seed=seed,
+                                        progress=progress, params=params, policy=policy,
+                                        device=device, dtype=dtype)
+    _, lam, _, s2_dir = _directional_pass(model, loss_fn, src, tol=LANCZOS_TOL, opts=opts,
                                           chunk_size=chunk_size, seed=seed, progress=progress,
                                           micro_batch=micro_batch)
     return _sgd_limit(opt, bs.astype(float), lam, s2_dir, src.N).copy()

@@ -55,6 +55,7 @@ import torch
 
 from nets.curvature.loss_check import check_mean_reduced
 from nets.utils.autocast import outside_autocast
+from nets.utils.callers import caller_stacklevel
 from nets.utils.data_source import tensors_for
 from nets.utils.jsonl_store import JsonlStore
 from nets.utils.results import Result, result
@@ -486,14 +487,14 @@ def _full_data_loss(net, loss_fn, X, y, chunk):
     return tot / len(X)
 
 
-def _top_direction(model, loss_fn, data, seed):
+def _top_direction(model, loss_fn, data, seed, progress=False):
     """Unit top eigenvector of the full-data Hessian (k=1 Lanczos), as a flat tensor; in
     eval mode, as the trials train (a model left in train mode is not refused)."""
     from nets.algorithms.lanczos import eigsh
     from nets.curvature.operators import curvature_operator
 
     op = curvature_operator(model, loss_fn, data, kind="hessian", policy="eval")
-    top = eigsh(op, k=1, which="LA", tol=1e-8, seed=seed)
+    top = eigsh(op, k=1, which="LA", tol=1e-8, seed=seed, progress=progress)
     u = torch.as_tensor(np.asarray(top.vectors[:, 0]), dtype=torch.float64)
     return u / u.norm(), float(top.values[0])
 
@@ -511,7 +512,7 @@ def warn_train_mode_layers(model, who: str) -> None:
             "trials run it in eval mode (BatchNorm on its running statistics, no dropout), "
             "not as it would train. Call model.eval() first to run those thresholds "
             "knowingly; a train-mode threshold needs your own training runs",
-            UserWarning, stacklevel=3)
+            UserWarning, stacklevel=caller_stacklevel())
 
 
 def check_start_loss(L0) -> None:
@@ -742,7 +743,8 @@ def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergen
         store = JsonlStore(store)
     direction, lam = None, None
     if criterion == "onset" or lr0 is None:
-        direction, lam = _top_direction(model, loss_fn, (X, y), as_seed("seed", seed))
+        direction, lam = _top_direction(model, loss_fn, (X, y), as_seed("seed", seed),
+                                        progress=progress)
     if lr0 is None:
         lr0 = 1.0 / lam
     mtag = _model_tag(model, loss_fn, X, y)
@@ -831,7 +833,7 @@ def _read_momentum(optimizer, momentum, nesterov=None) -> tuple[float, bool]:
         if wd > 0:
             warnings.warn(f"optimizer: weight_decay={wd:g} is not applied; the trials train "
                           "without it (its coupled decay adds weight_decay to every curvature)",
-                          UserWarning, stacklevel=3)
+                          UserWarning, stacklevel=caller_stacklevel())
         m = float(g.get("momentum", 0.0))
         nest = bool(g.get("nesterov", False))
         if momentum is not None and as_float("momentum", momentum, nonnegative=True) != m:

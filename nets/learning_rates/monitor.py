@@ -75,6 +75,7 @@ from nets.learning_rates.lr_prediction import optimizer_settings, warn_partial_o
 from nets.noise.batch_spectra import measure_batch_top_eigenvalue
 from nets.noise.directional import directional_noise_from_operator
 from nets.utils.autocast import no_autocast
+from nets.utils.callers import caller_stacklevel
 from nets.utils.data_source import as_data_source, model_place
 from nets.utils.fingerprints import code_fingerprint, data_fingerprint, digest, tensor_bytes
 from nets.utils.jsonio import to_jsonable
@@ -200,13 +201,14 @@ class CurvatureTracker:
     def top(self, op):
         """EigenResult of the top eigenpair of `op`, warm-started; keeps the vector."""
         v0 = self.v0 if self.v0 is not None and self.v0.shape[0] == op.P else None
-        res = eigsh(op, k=1, which="LA", tol=self.tol, seed=self.seed, v0=v0)
+        res = eigsh(op, k=1, which="LA", tol=self.tol, seed=self.seed, v0=v0,
+                    progress=False)                     # inside a training loop: never a bar
         self.v0 = res.vectors[:, 0].detach().clone()
         return res
 
     def noise(self, op, u, *, rel_error=0.1, seed=0, micro_batch=1):
         return directional_noise_from_operator(op, u, micro_batch=micro_batch, seed=seed,
-                                               rel_error=rel_error)
+                                               rel_error=rel_error, progress=False)
 
 
 def _default_batch_sizes(N: int, B: int) -> tuple:
@@ -415,22 +417,22 @@ class CurvatureMonitor:
                           "steps are counted from start_step=0: if this run resumes from a "
                           "checkpoint, pass the step it restarts at (start_step=), or its "
                           "records are labelled with the wrong steps and those already "
-                          "stored skipped", UserWarning, stacklevel=2)
+                          "stored skipped", UserWarning, stacklevel=caller_stacklevel())
         warn_partial_optimizer(self.tracker.model, optimizer, self.tracker.params,
                                group_lrs=False)     # said below, with what is recorded
-        self._read_settings(stacklevel=3)
+        self._read_settings()
 
         def hook(opt, args, kwargs):
             self._steps += 1
             if len(opt.param_groups) != self._n_groups:     # add_param_group since
-                self._read_settings(stacklevel=4)
+                self._read_settings()
             self.maybe_record(self._steps)
 
         self._hook = optimizer.register_step_post_hook(hook)
         self.start()
         return self._hook
 
-    def _read_settings(self, *, stacklevel):
+    def _read_settings(self):
         """The attached optimizer's stability settings (torch's SGD / Adam / RMSprop: their
         factor; the package's learner: heavy ball with its momentum; otherwise none, with
         a warning saying why)."""
@@ -450,13 +452,13 @@ class CurvatureMonitor:
                           f"{type(optimizer).__name__} ({err}); supported: SGD, Adam/AdamW, "
                           "RMSprop without momentum, the package's learner, with one setting "
                           "over the parameter groups; its lr table and plateau are nan",
-                          UserWarning, stacklevel=stacklevel)
+                          UserWarning, stacklevel=caller_stacklevel())
             return
         lrs = {float(g["lr"]) for g in optimizer.param_groups}
         if len(lrs) > 1:
             warnings.warn(f"CurvatureMonitor: the parameter groups train at different learning "
                           f"rates ({sorted(lrs)}); the recorded lr, edge, plateau and transfer "
-                          "use the first group's", UserWarning, stacklevel=stacklevel)
+                          "use the first group's", UserWarning, stacklevel=caller_stacklevel())
 
     def _lr_momentum(self, lr):
         """(α, ρ, F, nesterov): the training lr, its momentum, the factor F of the SGD
@@ -509,7 +511,7 @@ class CurvatureMonitor:
                 m = measure_batch_top_eigenvalue(
                     model, tr.loss_fn, tr.data, [B], n_batches=self.n_batches, kind=tr.kind,
                     tol=tr.tol, params=tr.params, policy=tr.policy, chunk_size=tr.chunk_size,
-                    device=tr.device, dtype=tr.dtype, seed=self.seed + step)
+                    device=tr.device, dtype=tr.dtype, seed=self.seed + step, progress=False)
                 bs_mean, bs_std, bs_se = (float(m["mean"][0]), float(m["std"][0]),
                                           float(m["stderr"][0]))
             elif self.n_batches:

@@ -103,6 +103,7 @@ from nets.learning_rates.along_top import correction_applies, rescaling
 from nets.learning_rates.lr_prediction import optimizer_settings, warn_partial_optimizer
 from nets.learning_rates.lr_search import as_growth_factor
 from nets.utils.autocast import outside_autocast
+from nets.utils.callers import caller_stacklevel
 from nets.utils.data_source import as_data_source
 from nets.utils.results import Result, result
 from nets.utils.seeding import resolved_seed
@@ -311,7 +312,7 @@ def momentum_caveat_silenced():
 
 
 def warn_momentum_upward(momentum, batch_sizes, reference_batch_size, *, who="transfer_lr",
-                         nesterov=False, stacklevel=3):
+                         nesterov=False):
     """Warn when a linearised-form transfer with momentum (heavy ball ρ, or Adam's β₁) is
     asked for batch sizes above the reference B₀. Measured (docs/real_training.md, 26 network/optimizer
     cases with ρ or β₁ = 0.9, SGD and Adam): the transfer from B₀ = 32 to B = 512
@@ -329,7 +330,7 @@ def warn_momentum_upward(momentum, batch_sizes, reference_batch_size, *, who="tr
                       "networks (0.64-1.79x), mostly too high (9 of 13 misses) and from "
                       "either anchor; measure at the batch size you will use "
                       "(nets.lr_search.training_threshold(..., nesterov=True))",
-                      MomentumCaveat, stacklevel=stacklevel)
+                      MomentumCaveat, stacklevel=caller_stacklevel())
         return
     if momentum > 0 and np.any(Bs > reference_batch_size):
         warnings.warn(f"{who}: {MOMENTUM_CAVEAT} ({momentum:g}) the transfer to batch sizes above "
@@ -338,7 +339,7 @@ def warn_momentum_upward(momentum, batch_sizes, reference_batch_size, *, who="tr
                       "B = 512 from B0 = 32), while the transfer to smaller B erred low; "
                       "anchor at the largest batch size you will use, or measure "
                       "(nets.lr_search.training_threshold / adam_threshold)",
-                      MomentumCaveat, stacklevel=stacklevel)
+                      MomentumCaveat, stacklevel=caller_stacklevel())
 
 
 def _anchor(shape, spread, i0, lr0, *, coherent):
@@ -423,7 +424,7 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
             warnings.warn(f"transfer_lr: with an Adam optimizer and form={form!r} "
                           f"{', '.join(unused)} are not used (they are options of the SGD forms"
                           + (" and of Adam's model forms" if form in ADAM_FORMS else "")
-                          + ")", UserWarning, stacklevel=2)
+                          + ")", UserWarning, stacklevel=caller_stacklevel())
         return _adam_transfer(model, loss_fn, data, batch_sizes, (B0, lr0), opt, form=form,
                               factor=factor, steps=steps, n_seeds=n_seeds, params=params,
                               policy=policy, chunk_size=chunk_size, device=device,
@@ -562,13 +563,13 @@ def _linearized_shape(model, loss_fn, data, batch_sizes, lam, eff, *, momentum, 
                           f"({prof.L0:.4g}; a loss bounded along u, followed to 2⁴⁰× the profile's "
                           "grid), so the secant correction is undefined; the uncorrected "
                           "linearised threshold is used (correction_applied=False). Compare "
-                          "form='directional', or a smaller factor", stacklevel=3)
+                          "form='directional', or a smaller factor", stacklevel=caller_stacklevel())
         elif not applied:
             warnings.warn(f"transfer_lr: the real loss along the top eigenvector is flatter than "
                           f"the linearised network's (s_lin/s_real = {ratio:.4g} > 1), where the "
                           "secant correction does not apply; the uncorrected linearised threshold "
                           "is used (correction_applied=False). Its transfer is less tested there: "
-                          "compare form='directional'", stacklevel=3)
+                          "compare form='directional'", stacklevel=caller_stacklevel())
     alpha = np.asarray(lin.lr, dtype=float)
     stderr = np.nan_to_num(np.asarray(lin.stderr, dtype=float))
     fields = {"linearized_lr": alpha, "correction": corr, "secant_ratio": float(ratio),

@@ -242,7 +242,7 @@ def measure_batch_top_eigenvalue(model, loss_fn, data, batch_sizes, *, n_batches
         idx = idx_B[r] = rng.choice(full.N, size=B, replace=replacement)
         op = full.subset(idx, cache_graph="auto")
         res = eigsh(op, k=1, which="LA", tol=tol, seed=int(rng.integers(2**31)),
-                    return_vectors=False)
+                    return_vectors=False, progress=False)        # under the batches' bar
         vals[r], oks[r] = res.values[0], res.converged[0]
         if r == n_batches - 1:
             done[B] = (vals, oks, idx_B)
@@ -433,7 +433,8 @@ def predict_batch_top_eigenvalue(model, loss_fn, data, batch_sizes, *, form="dir
             raise ValueError(f"form {sampled[0]!r} needs micro_batch=1 (per-sample projections), "
                              f"got micro_batch={micro_batch}")
         k_sub = _subspace_dim(model, op, subspace_dim)
-    top = eigsh(op, k=1 if k_sub is None else k_sub, which="LA", tol=1e-8, seed=seed)
+    top = eigsh(op, k=1 if k_sub is None else k_sub, which="LA", tol=1e-8, seed=seed,
+                progress=progress)
     lam = float(top.values[0])
     if not lam > 0 or top.is_zero(0):
         raise ValueError(f"the top eigenvalue is {lam:.3g}, not positive (zero to precision "

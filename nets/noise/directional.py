@@ -70,7 +70,7 @@ from nets.curvature.loss_check import check_mean_reduced
 from nets.curvature.operators import ModelCurvatureOperator, curvature_operator
 from nets.utils.autocast import outside_autocast
 from nets.utils.memory import product_chunk
-from nets.utils.progress import progress_bar, redraw
+from nets.utils.progress import progress_counter, redraw
 from nets.utils.results import Result, result
 from rmt.validation import as_float, as_int, resolved_seed
 
@@ -239,7 +239,7 @@ def _noise_columns(op: ModelCurvatureOperator, U: torch.Tensor, micro_batch: int
     target = G if exact else min(cap_groups, max(2, -(-min_samples // m)))
     sq: list[np.ndarray] = []
     done = 0
-    bar = progress_bar(None, progress=progress, desc="per-sample products", total=cap_groups)
+    bar = progress_counter(progress, total=cap_groups, desc="per-sample products")
     try:
         while True:
             for a in range(done, target, chunk):
@@ -321,6 +321,7 @@ def _as_direction(u, P, device, name="u") -> torch.Tensor:
     return u / n
 
 
+@outside_autocast
 def directional_noise_from_operator(op: ModelCurvatureOperator, u, *, micro_batch=1,
                                     chunk_size=None, seed=0, progress=None,
                                     rel_error=DEFAULT_REL_ERROR, max_samples=None,
@@ -349,6 +350,7 @@ def directional_noise_from_operator(op: ModelCurvatureOperator, u, *, micro_batc
                          full_products=r.full_products)
 
 
+@outside_autocast
 def isotropic_noise_from_operator(op: ModelCurvatureOperator, *, num_probes=10, micro_batch=1,
                                   chunk_size=None, seed=0, progress=None,
                                   rel_error=DEFAULT_REL_ERROR, max_samples=None,

@@ -43,6 +43,7 @@ from torch.func import hessian
 
 from nets.curvature.operators import ModelCurvatureOperator
 from nets.curvature.sample_jacobians import SampleJacobians
+from nets.utils.autocast import outside_autocast
 from nets.utils.memory import chunk_count, memory_budget
 from nets.utils.vmapping import vmap_or_loop
 
@@ -142,6 +143,7 @@ def _grams_and_loss_hessians(jac, lam_of, X, Y):
     return K, 0.5 * (Lam + Lam.transpose(1, 2))
 
 
+@outside_autocast
 def ggn_spike_pass(op: ModelCurvatureOperator, jac: SampleJacobians | None = None, *,
                    chunk_size=None, memory=None) -> GGNSamplePass:
     """K_i, Λ_i and the top eigenpair (γ_i, c_i) of every per-sample Gauss–Newton term
@@ -155,6 +157,7 @@ def ggn_spike_pass(op: ModelCurvatureOperator, jac: SampleJacobians | None = Non
     return GGNSamplePass(gamma=gamma.cpu().numpy(), coef=coef, Lam=Lam, K=K, jac=jac)
 
 
+@outside_autocast
 def ggn_sample_pass(op: ModelCurvatureOperator, U: torch.Tensor, *, chunk_size=None,
                     memory=None, jac: SampleJacobians | None = None) -> GGNSamplePass:
     """The per-sample Gauss–Newton statistics on span(U) for every sample (module

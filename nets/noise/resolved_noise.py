@@ -136,6 +136,7 @@ from nets.noise.subspace_noise import (
     subspace_pass,
 )
 from nets.utils.autocast import outside_autocast
+from nets.utils.callers import caller_stacklevel
 from nets.utils.memory import chunk_count, lanczos_chunk_budget, product_bytes
 from nets.utils.results import Result, result
 from nets.utils.seeding import torch_generator
@@ -185,6 +186,7 @@ def _tridiagonal(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     return torch.diag_embed(alpha) + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
 
 
+@outside_autocast
 def per_sample_top_eigenpairs(op: ModelCurvatureOperator, *, steps=None, seed=0, keep_above=None,
                               chunk_size=None, tol=None, max_keep=None,
                               memory=None) -> SampleSpikes:
@@ -332,6 +334,7 @@ class _SpikePool:
                             products=products)
 
 
+@outside_autocast
 def per_sample_ggn_top_eigenpairs(op: ModelCurvatureOperator, *, seed=0, keep_above=None,
                                   chunk_size=None, max_keep=None, memory=None) -> SampleSpikes:
     """Top eigenpair of each per-sample Gauss–Newton curvature G_i = J_iᵀ Λ_i J_i, exactly,
@@ -637,7 +640,7 @@ def _gauss_newton_subspace(op, U, jac, *, auto, seed, chunk_size, memory):
             raise
         warnings.warn("per_sample='auto': the Gauss–Newton per-sample pass failed "
                       f"({str(exc).splitlines()[0][:200]}); using per-sample products",
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=caller_stacklevel())
         return None, HU, None, None
     H_U = (Uo.T @ HU).cpu().numpy()
     H_U = 0.5 * (H_U + H_U.T)
@@ -652,7 +655,7 @@ def _gauss_newton_subspace(op, U, jac, *, auto, seed, chunk_size, memory):
             f"noise s_u² = {check['s2_ggn']:.3g} along the top eigenvector against the "
             f"Hessian's {check['s2_hessian']:.3g} ± {check['s2_hessian_stderr']:.2g} (the "
             "residual term dominates the fluctuations: a network far from a minimum); "
-            "using per-sample products", RuntimeWarning, stacklevel=3)
+            "using per-sample products", RuntimeWarning, stacklevel=caller_stacklevel())
         return None, HU, None, check
     return sub, HU, gp, check
 

@@ -82,6 +82,7 @@ from nets.noise.directional import (
     group_chunk,
     micro_batch_partition,
 )
+from nets.utils.autocast import outside_autocast
 from nets.utils.data_source import as_data_source
 from nets.utils.progress import progress_bar
 from nets.utils.results import Result, result
@@ -212,6 +213,7 @@ def _orthonormal(U, P: int, device) -> torch.Tensor:
     return U
 
 
+@outside_autocast
 def subspace_noise_from_operator(op: ModelCurvatureOperator, U, *, chunk_size=None,
                                  progress=None, memory=None, samples=None) -> SubspaceNoise:
     """Per-sample projections a_i = Uᵀ(H_i − H)U and complement noise D (module docstring)
@@ -320,6 +322,7 @@ class Moments:
     score: np.ndarray
 
 
+@outside_autocast
 def micro_batch_moments(op: ModelCurvatureOperator, U: torch.Tensor, HU: torch.Tensor, *,
                         micro_batch="auto", seed=0, chunk_size=None,
                         memory=None) -> Moments:
@@ -411,6 +414,7 @@ def _as_samples(samples, N: int) -> np.ndarray | None:
     return None if rows.size == N else rows
 
 
+@outside_autocast
 def subspace_noise(model, loss_fn, data, *, k=None, kind="hessian", tol=1e-8, params=None,
                    policy=None, chunk_size=None, device=None, dtype=None, seed=0,
                    progress=None) -> SubspaceNoise:

@@ -40,6 +40,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from nets.utils.callers import caller_stacklevel
+
 __all__ = ["DataSource", "as_data_source", "is_pair"]
 
 
@@ -201,7 +203,7 @@ class DataSource:
                     warnings.warn(f"{name}: the DataLoader has drop_last=True, so {full - self.N} "
                                   f"of its dataset's {full} samples are left out (N = {self.N}); "
                                   "build it with drop_last=False to use them all", UserWarning,
-                                  stacklevel=3)
+                                  stacklevel=caller_stacklevel())
         if self.N == 0:
             raise ValueError(f"{name} is empty")
         if self._dataset is not None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from nets.utils.atomic import atomic_write
+from nets.utils.callers import caller_stacklevel
 from nets.utils.jsonio import to_jsonable
 
 _jsonable = to_jsonable
@@ -63,7 +64,7 @@ class JsonlStore:
                 bad.append(number)
         if bad:
             warnings.warn(f"{self.path}: line(s) {bad[:10]} are not records and were skipped "
-                          f"({len(self._records)} records read)", UserWarning, stacklevel=3)
+                          f"({len(self._records)} records read)", UserWarning, stacklevel=caller_stacklevel())
         if good_end < len(raw):  # drop the damaged tail so later appends stay parseable
             with open(self.path, "r+b") as fh:
                 fh.truncate(good_end)

@@ -50,6 +50,7 @@ def progress_counter(progress, *, total, desc, leave: bool = False):
 
 def redraw(bar) -> None:
     """`bar.refresh()` (after its total was changed), unless its delay has not passed:
-    refresh() draws regardless of tqdm's delay, which showed a bar for a fast call."""
-    if bar is not None and bar._time() >= bar.start_t + bar.delay:
+    refresh() draws regardless of tqdm's delay, which showed a bar for a fast call (a bar
+    disabled by TQDM_DISABLE has no clock and is left alone)."""
+    if bar is not None and not bar.disable and bar._time() >= bar.start_t + bar.delay:
         bar.refresh()
