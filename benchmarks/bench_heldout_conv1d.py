@@ -16,7 +16,8 @@ Measured and predicted as in `bench_heldout_tabular.py`: the real divergence thr
 seeds, bisection from 1/λ₁) at B = 8, 32, 128, 512; `transfer_lr`'s default form
 anchored at B₀ = 32 and 512, the correction as derived, the uncorrected linearised
 network and the directional form; worst transfer ratio over both anchors, secant ratio,
-real ÷ linearised per B. `--momentum 0.9`: heavy ball (key "m0.9").
+real ÷ linearised per B. `--momentum 0.9`: heavy ball (key "m0.9"). `--adam β₁`: Adam
+from a warmed state against `transfer_lr(optimizer=torch.optim.Adam(...))` (`run_adam`).
 
 `--part start` (B = 32 and 512, seeds 0–3): the same bisections started at lr0 = 1 instead
 of 1/λ₁ — how far the threshold's definition depends on where its bisection starts when
@@ -25,6 +26,7 @@ the outcome is not monotone in α (stable runs above diverging ones).
     python benchmarks/bench_heldout_conv1d.py                  # ~10 min on one thread
     python benchmarks/bench_heldout_conv1d.py --momentum 0.9
     python benchmarks/bench_heldout_conv1d.py --part start     # ~3 min
+    python benchmarks/bench_heldout_conv1d.py --adam 0.9       # Adam, β₁ = 0.9 (and 0)
 """
 
 from __future__ import annotations
@@ -122,6 +124,43 @@ def run_transfer(*, momentum=0.0, progress=False):
     return out
 
 
+def run_adam(beta1, progress=False):
+    """Adam (β₂ = 0.999, ε = 1e-8): the warmed-state divergence threshold (`adam_threshold`:
+    500 steps at 1e-4 with batches of B, then 100 steps at α, eight seeds) against
+    `transfer_lr(optimizer=torch.optim.Adam(...))`'s default form, both anchors; the
+    small-B exponent of the measured threshold (B ≤ 128, bootstrap over seeds)."""
+    import torch
+    from bench_adam import small_b_exponent
+
+    from nets import adam_threshold, transfer_lr
+    from nets.learning_rates.transfer import momentum_caveat_silenced
+
+    model, loss_fn, data = trained_conv1d()
+    t0 = time.perf_counter()
+    real = adam_threshold(model, loss_fn, data, BATCH_SIZES, betas=(beta1, 0.999), eps=1e-8,
+                          warmup_steps=500, warmup_lr=1e-4, steps=100, criterion="divergence",
+                          seeds=SEEDS, progress=progress)
+    t1 = time.perf_counter()
+    opt = torch.optim.Adam(model.parameters(), betas=(beta1, 0.999), eps=1e-8)
+    with momentum_caveat_silenced():          # the caveat is what this part measures
+        pred = transfer_lr(model, loss_fn, data, BATCH_SIZES, reference=(32, float(real.lr[1])),
+                           optimizer=opt, n_seeds=len(SEEDS), progress=progress)
+    shape = np.asarray(pred.lr, float)
+    t = transfers(real.lr, shape)
+    B = np.asarray(BATCH_SIZES)
+    e = small_b_exponent(B, np.asarray(real.per_seed), np.random.default_rng(0))
+    out = {"real": real.lr, "real_stderr": real.stderr, "real_per_seed": real.per_seed,
+           "first_step_fraction": real.first_step,
+           "exponent": e, "predicted_shape": shape, "form": pred.form, "transfer": t,
+           "worst": worst(t), "seconds_real": t1 - t0, "seconds_forms": time.perf_counter() - t1}
+    print(f"conv1d, Adam β₁ = {beta1:g}: real {np.round(real.lr, 5)} ± {np.round(real.stderr, 5)}\n"
+          f"   transfer ({pred.form}) from 32: {np.round(t['B32'], 2)}, from 512: "
+          f"{np.round(t['B512'], 2)}; exponent B ≤ 128 {e['exponent']:.2f} "
+          f"[{e['ci_low']:.2f}, {e['ci_high']:.2f}]  ({t1 - t0:.0f} s + {out['seconds_forms']:.0f} s)",
+          flush=True)
+    return out
+
+
 def run_start(progress=False):
     """Thresholds at B = 32, 512, seeds 0–3, bisection from 1/λ₁ (the default) and from 1."""
     from nets.learning_rates.lr_search import training_threshold
@@ -144,10 +183,14 @@ def main():
     p = base_parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--momentum", type=float, default=0.0)
     p.add_argument("--part", choices=("transfer", "start"), default="transfer")
+    p.add_argument("--adam", type=float, default=None, metavar="BETA1",
+                   help="Adam with this β₁ instead of SGD (key adam_b<β₁>)")
     args = p.parse_args()
     setup_torch(args)
     t0 = time.perf_counter()
-    if args.part == "start":
+    if args.adam is not None:
+        result = {f"adam_b{args.adam:g}": run_adam(args.adam)}
+    elif args.part == "start":
         result = {"start": run_start()}
     else:
         result = {"m0" if args.momentum == 0 else f"m{args.momentum:g}":
