@@ -309,6 +309,12 @@ def test_learner_undoes_a_schedulers_change_and_says_so():
     assert {w.filename for w in rec if "changed from outside" in str(w.message)} == {__file__}
     learned = {h.lr for h in opt.history}
     assert set(used) <= learned                          # every step used a learned lr
+    # between the scheduler's step and the next opt.step() (where a loop logs or saves),
+    # opt.lr and the saved param_groups are the learner's, not the scheduler's
+    assert sched.get_last_lr()[0] != opt.history[-1].lr
+    assert opt.lr == opt.history[-1].lr and opt.momentum == opt.history[-1].momentum
+    saved = opt.state_dict()["param_groups"][0]
+    assert (saved["lr"], saved["momentum"]) == (opt.lr, opt.momentum)
     with pytest.raises(ValueError, match="one parameter group"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))]})
 

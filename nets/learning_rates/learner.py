@@ -893,11 +893,14 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
 
     @property
     def lr(self) -> float:
-        return float(self.param_groups[0]["lr"])
+        """The learning rate the learner set (its last update's): what the next step uses,
+        also between a scheduler's change of param_groups and the step that undoes it."""
+        return float(self.history[-1].lr)
 
     @property
     def momentum(self) -> float:
-        return float(self.param_groups[0]["momentum"])
+        """The momentum the learner set (its last update's; see `lr`)."""
+        return float(self.history[-1].momentum)
 
     @property
     def wall_time(self) -> float:
@@ -914,6 +917,8 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
+        for g in sd["param_groups"]:        # the learner's own values, not a scheduler's
+            g["lr"], g["momentum"] = self.lr, self.momentum
         sd["learner"] = dict(batch_size=self.batch_size, curvature_data=self._curvature_data_hash(),
                              steps_taken=self.steps_taken, next_update=self._next_update,
                              interval=self._interval, curvature_time=self.curvature_time,
