@@ -417,7 +417,9 @@ class CurvatureMonitor:
                           "steps are counted from start_step=0: if this run resumes from a "
                           "checkpoint, pass the step it restarts at (start_step=), or its "
                           "records are labelled with the wrong steps and those already "
-                          "stored skipped", UserWarning, stacklevel=caller_stacklevel())
+                          "stored skipped; if it is a new run, give it a new path (a run whose "
+                          "weights at a stored step differ is refused at that step)",
+                          UserWarning, stacklevel=caller_stacklevel())
         warn_partial_optimizer(self.tracker.model, optimizer, self.tracker.params,
                                group_lrs=False)     # said below, with what is recorded
         self._read_settings()
