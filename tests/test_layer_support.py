@@ -184,6 +184,44 @@ def test_dict_and_sequence_outputs_set_the_subspace_size():
     assert default_subspace_dim(seq, (torch.randn(4, 6, 5), torch.zeros(4)), 1000) == 7
 
 
+class _Dense(nn.Module):
+    """Per-position logits over 5 classes on a length-3 signal, channels first (N, C, L) as
+    F.cross_entropy takes them, or channels last (N, L, C) with the loss permuting."""
+
+    def __init__(self, last):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.last = nn.Conv1d(2, 5, 3, padding=1).double(), last
+
+    def forward(self, x):
+        o = self.conv(x)
+        return o.transpose(1, 2) if self.last else o
+
+
+def test_subspace_dim_is_the_number_of_classes_in_either_layout():
+    """The k rule read the outputs' last dimension, so dense logits (N, C, L) got k = L
+    (an outside sweep: at L = 1, k = 1 and the subspace form 21 % low against a Monte-Carlo
+    oracle, 1.057 for 1.344). k is now the dimension the integer class targets lack, in
+    either layout, and the two layouts give the same predictions; regression targets keep
+    the last dimension."""
+    from nets.noise.subspace_noise import default_subspace_dim
+
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(40, 2, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 5, (40, 3), generator=g)
+    first, last = _Dense(False), _Dense(True)
+    ce_first = F.cross_entropy
+    ce_last = (lambda o, t: F.cross_entropy(o.transpose(1, 2), t))
+    assert default_subspace_dim(first, (X, y), 1000) == 5
+    assert default_subspace_dim(last, (X, y), 1000) == 5
+    assert default_subspace_dim(first, (X, y), 4) == 4                     # capped at P
+    assert default_subspace_dim(first, (X, torch.randn(40, 5, 3, dtype=torch.float64)),
+                                1000) == 3                                 # regression: last
+    a = nets.predict_batch_top_eigenvalue(first, ce_first, (X, y), [4, 16], form="subspace")
+    b = nets.predict_batch_top_eigenvalue(last, ce_last, (X, y), [4, 16], form="subspace")
+    np.testing.assert_allclose(a["subspace"], b["subspace"], rtol=1e-9)
+
+
 def test_monitor_reads_nesterov_and_refuses_sgd_limits_for_adam():
     from rmt.lr import momentum_effective_curvature
 

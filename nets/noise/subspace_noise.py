@@ -179,19 +179,40 @@ class SubspaceNoise(Result):
         return np.diag(self.S) + np.diag(self.D)
 
 
+def _class_dim_size(out: torch.Tensor, y: torch.Tensor) -> int:
+    """The number of classes (or outputs) per position of one output tensor: the size of
+    the dimension the integer targets lack — class maps (1, H, W) against logits
+    (1, C, H, W) give C, token labels (1, T) against (1, T, C) give C — checking the last
+    dimension first; otherwise (regression targets, other layouts) the last dimension."""
+    if out.ndim < 2:
+        return 1
+    if not y.is_floating_point() and y.ndim == out.ndim - 1:
+        for d in [out.ndim - 1, *range(1, out.ndim - 1)]:
+            if tuple(out.shape[:d]) + tuple(out.shape[d + 1:]) == tuple(y.shape):
+                return int(out.shape[d])
+    return int(out.shape[-1])
+
+
 def default_subspace_dim(model, data, P: int) -> int:
-    """The fixed rule for k: the number of model outputs C per sample (the class outliers
-    of cross-entropy Hessians, Papyan 2019/2020), capped at P. One forward pass on one
-    sample of `data` (any form of `nets.utils.data_source`). C is the size of the last
-    dimension of the output — for per-token outputs (1, T, C) the number of classes, not
-    T·C — summed over the tensors of a dict / tuple output."""
-    X, _ = as_data_source(data).take([0])
+    """The fixed rule for k: the number of classes C per output position (the class
+    outliers of cross-entropy Hessians, Papyan 2019/2020), capped at P. One forward pass on
+    one sample of `data` (any form of `nets.utils.data_source`). C is the size of the output
+    dimension that integer class targets lack — per-token outputs (1, T, C) against (1, T)
+    and dense logits (1, C, H, W) against class maps (1, H, W) both give the number of
+    classes, not T·C or the width — and otherwise the size of the last dimension (a
+    regression's outputs); summed over the tensors of a dict / tuple output (last
+    dimensions). A flattened output (1, T·C) cannot be told apart: pass `subspace_dim`."""
+    X, Y = as_data_source(data).take([0])
     dev = next((p.device for p in model.parameters()), X.device)
     dt = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     X = X.to(device=dev, dtype=dt) if X.is_floating_point() and dt is not None else X.to(dev)
     with torch.no_grad(), policy_mode(model, "eval"):
         out = model(X)
-    C = sum(int(t.shape[-1]) if t.ndim >= 2 else 1 for t in output_tensors(out))
+    tensors = output_tensors(out)
+    if len(tensors) == 1 and isinstance(out, torch.Tensor):
+        C = _class_dim_size(out, Y)
+    else:
+        C = sum(int(t.shape[-1]) if t.ndim >= 2 else 1 for t in tensors)
     return max(1, min(C, P))
 
 
