@@ -322,6 +322,30 @@ def test_a_forward_that_squeezes_the_sample_dimension_is_refused_clearly():
         top_eigenvalues(Binary(), F.binary_cross_entropy_with_logits, (X, (y % 2).double()), k=1)
 
 
+def test_a_time_major_output_is_named_as_such():
+    """A model returning (T, N, C) (an RNN without batch_first) with T = 2 maps two samples
+    to (2, 2, C) and one to (2, 1, C): the check blamed a squeeze() (an outside sweep);
+    it now names the time-major layout. With T ≠ 2 the first-dimension check says it."""
+    g = torch.Generator().manual_seed(0)
+
+    class TimeMajor(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin = nn.Linear(4, 3).double()
+
+        def forward(self, x):                          # x (N, T, 4) → (T, N, 3)
+            return self.lin(x).transpose(0, 1)
+
+    loss = (lambda o, t: F.cross_entropy(o.transpose(0, 1).reshape(-1, 3), t.reshape(-1)))
+    for T, match in ((2, "time-major output"), (5, "first dimension must be the batch")):
+        X = torch.randn(20, T, 4, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 3, (20, T), generator=g)
+        with pytest.raises(ValueError, match=match) as err:
+            top_eigenvalues(TimeMajor(), loss, (X, y), k=1)
+        assert "squeeze" not in str(err.value)
+
+
 def test_a_layer_without_a_second_derivative_is_named():
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 20, (40, 5), generator=g)

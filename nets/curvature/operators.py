@@ -582,6 +582,15 @@ class ModelCurvatureOperator(CurvatureOperator):
                     one = self._forward(self.primals, x[:1])
             except (RuntimeError, ValueError, TypeError, IndexError):
                 one = None
+            if (isinstance(one, torch.Tensor) and one.ndim == a.ndim and a.ndim > 1
+                    and one.shape[0] == a.shape[0] and one.shape[1] == 1
+                    and a.shape[1] == x.shape[0]):
+                raise ValueError(       # e.g. an RNN without batch_first: (T, N, C)
+                    f"the model maps {x.shape[0]} samples to an output of shape "
+                    f"{tuple(a.shape)} and one sample to {tuple(one.shape)}: the samples run "
+                    "along its second dimension, but the first must be the batch dimension "
+                    "(a time-major output, e.g. nn.RNN/GRU/LSTM without batch_first=True: "
+                    "use batch_first=True or transpose the output)")
             if isinstance(one, torch.Tensor) and tuple(one.shape) != (1, *a.shape[1:]):
                 raise ValueError(
                     f"the model maps 2 samples to an output of shape {tuple(a.shape)} but one "
