@@ -37,9 +37,8 @@ from pathlib import Path
 
 import numpy as np
 from _common import RESULTS, base_parser, environment, peak_rss_mb, setup_torch, write_json
-from bench_heldout_transfer import rows, transfers, worst
+from bench_heldout_transfer import BATCH_SIZES, default_form_row, transfers, worst
 
-BATCH_SIZES = (8, 32, 128, 512)
 SEEDS = tuple(range(8))
 
 
@@ -95,32 +94,18 @@ def trained_conv1d(seed=0, steps=400):
 
 
 def run_transfer(*, momentum=0.0, progress=False):
-    from nets import transfer_lr
-    from nets.learning_rates.lr_search import training_threshold
-
-    model, loss_fn, data = trained_conv1d()
-    t0 = time.perf_counter()
-    real = training_threshold(model, loss_fn, data, BATCH_SIZES, seeds=SEEDS, steps=200,
-                              momentum=momentum, progress=progress)
-    t1 = time.perf_counter()
-    default = transfer_lr(model, loss_fn, data, BATCH_SIZES, reference=(32, float(real.lr[1])),
-                          momentum=momentum, n_seeds=len(SEEDS), progress=progress)
-    t2 = time.perf_counter()
-    out = rows(real.lr, default.lam, default.effective_curvature, default.linearized_lr,
-               default.secant_ratio, momentum)
-    t = transfers(real.lr, default.shape)
-    out.update(real_stderr=real.stderr, real_per_seed=real.per_seed, transfer_default=t,
-               worst_default=worst(t), default_correction=default.correction,
-               correction_applied=default.correction_applied, seconds_real=t1 - t0,
-               seconds_forms=t2 - t1, momentum=momentum, deterministic_limit=2.0 / default.lam)
+    out, real, default = default_form_row(*trained_conv1d(), momentum=momentum, seeds=SEEDS,
+                                          progress=progress)
+    out.update(real_per_seed=real.per_seed, deterministic_limit=2.0 / default.lam)
+    t = out["transfer_default"]
     print(f"conv1d, m = {momentum:g}: real {np.round(real.lr, 4)} ± {np.round(real.stderr, 4)}  "
           f"2/λ₁ {2 / default.lam:.3f}  s_lin/s_real {default.secant_ratio:.3f}  "
           f"real/lin {np.round(real.lr / default.linearized_lr, 2)}\n"
           f"   transfer (default) from 32: {np.round(t['B32'], 2)}, from 512: {np.round(t['B512'], 2)}\n"
           f"   worst: default {np.round(out['worst_default'], 2)}, corrected as derived "
           f"{np.round(out['worst_corrected'], 2)}, linearised {np.round(out['worst_linearized'], 2)}, "
-          f"directional {np.round(out['worst_directional'], 2)}  ({t1 - t0:.0f} s + {t2 - t1:.0f} s)",
-          flush=True)
+          f"directional {np.round(out['worst_directional'], 2)}  "
+          f"({out['seconds_real']:.0f} s + {out['seconds_forms']:.0f} s)", flush=True)
     return out
 
 

@@ -64,9 +64,8 @@ import time
 import numpy as np
 from _common import base_parser, environment, setup_torch, trained_breast_cancer_mlp, write_json
 from bench_adam import small_b_exponent
-from bench_heldout_transfer import rows, transfers, worst
+from bench_heldout_transfer import BATCH_SIZES, default_form_row, rows, transfers, worst
 
-BATCH_SIZES = (8, 32, 128, 512)
 SEEDS = tuple(range(8))
 #: the fields of an SGD row (`run_variant`); a variant's m = 0 row sits at its top level
 #: beside the other parts' keys
@@ -91,30 +90,15 @@ def trained_tabular_mlp(*, layer_norm, smoothing, seed=0, epochs=30):
 
 
 def run_variant(name, *, momentum=0.0, train_seed=0, progress=False):
-    from nets import transfer_lr
-    from nets.learning_rates.lr_search import training_threshold
-
-    model, loss_fn, data = trained_tabular_mlp(**VARIANTS[name], seed=train_seed)
-    t0 = time.perf_counter()
-    real = training_threshold(model, loss_fn, data, BATCH_SIZES, seeds=SEEDS, steps=200,
-                              momentum=momentum, progress=progress)
-    t1 = time.perf_counter()
-    default = transfer_lr(model, loss_fn, data, BATCH_SIZES, reference=(32, float(real.lr[1])),
-                          momentum=momentum, n_seeds=len(SEEDS), progress=progress)
-    t2 = time.perf_counter()
-    out = rows(real.lr, default.lam, default.effective_curvature, default.linearized_lr,
-               default.secant_ratio, momentum)
-    t = transfers(real.lr, default.shape)
-    out.update(real_stderr=real.stderr, transfer_default=t, worst_default=worst(t),
-               default_correction=default.correction, correction_applied=default.correction_applied,
-               seconds_real=t1 - t0, seconds_forms=t2 - t1, momentum=momentum,
-               lam_prime_effective=True)
+    out, real, default = default_form_row(*trained_tabular_mlp(**VARIANTS[name], seed=train_seed),
+                                          momentum=momentum, seeds=SEEDS, progress=progress)
+    out["lam_prime_effective"] = True
     print(f"{name}, m = {momentum:g}: real {np.round(real.lr, 4)}  s_lin/s_real {default.secant_ratio:.3f}  "
           f"real/lin {np.round(real.lr / default.linearized_lr, 2)}\n"
           f"   worst transfer: default {np.round(out['worst_default'], 2)}, corrected as derived "
           f"{np.round(out['worst_corrected'], 2)}, linearised {np.round(out['worst_linearized'], 2)}, "
-          f"directional {np.round(out['worst_directional'], 2)}  ({t1 - t0:.0f} s + {t2 - t1:.0f} s)",
-          flush=True)
+          f"directional {np.round(out['worst_directional'], 2)}  "
+          f"({out['seconds_real']:.0f} s + {out['seconds_forms']:.0f} s)", flush=True)
     return out
 
 

@@ -58,6 +58,7 @@ seeds) and, held out, "mse_gelu" and "mse_tabular" (HELD_OUT_MSE), each run with
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 from _common import (
@@ -254,6 +255,33 @@ def worst(transfer):
     """[smallest, largest] ratio of a `transfers` dict over both anchors."""
     return [float(min(v.min() for v in transfer.values())),
             float(max(v.max() for v in transfer.values()))]
+
+
+def default_form_row(model, loss_fn, data, *, momentum=0.0, seeds=tuple(range(8)),
+                     progress=False):
+    """(row, real, default) of a held-out network: the real divergence thresholds
+    (`training_threshold`, 200 steps, `seeds`) at `BATCH_SIZES`, `transfer_lr`'s default
+    form anchored at the measured threshold at B₀ = 32 over the same sequences, and the
+    row — every form's shape and transfers (`rows`), the default's transfers and worst
+    ratio, its correction, and the seconds of both parts."""
+    from nets import transfer_lr
+    from nets.learning_rates.lr_search import training_threshold
+
+    t0 = time.perf_counter()
+    real = training_threshold(model, loss_fn, data, BATCH_SIZES, seeds=seeds, steps=200,
+                              momentum=momentum, progress=progress)
+    t1 = time.perf_counter()
+    default = transfer_lr(model, loss_fn, data, BATCH_SIZES,
+                          reference=(32, float(real.lr[BATCH_SIZES.index(32)])),
+                          momentum=momentum, n_seeds=len(seeds), progress=progress)
+    t2 = time.perf_counter()
+    out = rows(real.lr, default.lam, default.effective_curvature, default.linearized_lr,
+               default.secant_ratio, momentum)
+    t = transfers(real.lr, default.shape)
+    out.update(real_stderr=real.stderr, transfer_default=t, worst_default=worst(t),
+               default_correction=default.correction, correction_applied=default.correction_applied,
+               seconds_real=t1 - t0, seconds_forms=t2 - t1, momentum=momentum)
+    return out, real, default
 
 
 def share_q(lam, lin, momentum=0.0, nesterov=False):

@@ -589,19 +589,18 @@ def row_transfer_resecant(quick, device):
     solved since session 47; they were run with it read on the grid): the correction
     1 − (1 − r)·λ₁/λ'_m(B) keeps its share λ₁/λ'_m(B) = (1 − c_old)/(1 − r_old), the
     measured and linearised thresholds are kept."""
-    import numpy as np
+    from _common import RESULTS
     from bench_heldout_transfer import transfers, worst
 
-    from nets.learning_rates.along_top import loss_along_top
-    stored = json.loads((Path(__file__).resolve().parent / "results" / "bench_scale.json")
-                        .read_text())
+    from nets.learning_rates.along_top import loss_along_top, rescaling_as_derived
+    stored = json.loads((RESULTS / "bench_scale.json").read_text())
     model, data = wide_digits_mlp()
     r_new = loss_along_top(model, F.cross_entropy, data, factor=10.0, seed=0).secant_ratio
     out = dict(row="transfer_resecant", secant_ratio=_r(r_new))
     for key in ("transfer", "transfer_momentum"):
         old = stored[key]
         share = (1 - np.asarray(old["correction"], float)) / (1 - old["secant_ratio"])
-        corr = 1 - (1 - r_new) * share
+        corr = rescaling_as_derived(r_new, share)
         t = transfers(old["measured"], np.asarray(old["linearized"], float) * corr)
         out[key] = dict(secant_ratio_grid=old["secant_ratio"], correction=[_r(x) for x in corr],
                         worst_transfer=[_r(x, 3) for x in worst(t)],

@@ -85,7 +85,7 @@ def check_profile(block_variances, block_fractions):
         raise ValueError(f"block_variances must be a square matrix, got shape {S.shape}")
     if np.any(S < 0):
         raise ValueError("block_variances must be non-negative")
-    if not np.allclose(S, S.T, rtol=1e-12, atol=1e-14 * np.max(np.abs(S))):   # scale-free
+    if not _symmetric(S, rtol=1e-12, atol=1e-14):
         raise ValueError("block_variances must be symmetric")
     if not np.any(S > 0):
         raise ValueError("block_variances must not be identically zero")
@@ -150,10 +150,10 @@ def spiked_additive(H, spike, vector=None) -> np.ndarray:
     return H + theta * np.outer(u, u)
 
 
-def _symmetric(M) -> bool:
-    """M ≈ Mᵀ entrywise to rtol 1e-5 and atol 1e-8·max|M| (numpy's allclose defaults with
+def _symmetric(M, rtol=1e-5, atol=1e-8) -> bool:
+    """M ≈ Mᵀ entrywise to `rtol` and `atol`·max|M| (by default numpy's allclose defaults,
     the absolute part relative to M's scale, so that the check does not depend on units)."""
-    return bool(np.allclose(M, M.T, rtol=1e-5, atol=1e-8 * np.max(np.abs(M))))
+    return bool(np.allclose(M, M.T, rtol=rtol, atol=atol * np.max(np.abs(M))))
 
 
 def spiked_multiplicative(G, W) -> np.ndarray:

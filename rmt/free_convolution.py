@@ -45,11 +45,16 @@ def _atoms(atoms, weights):
     return a[keep], w[keep]
 
 
+def _g_atoms(z, a, w):
+    """g_A(z) = Σ_k w_k/(a_k − z) for an array z of any shape (atoms a, weights w; no checks)."""
+    return np.sum(w / (a - z[..., None]), axis=-1)
+
+
 def discrete_stieltjes(z, atoms, weights=None):
     """g_A(z) = Σ_k w_k/(a_k − z) (uniform weights by default)."""
     a, w = _atoms(atoms, weights)
     z = as_array("z", z, dtype=complex, allow_empty=True)
-    return np.sum(w / (a - z[..., None]), axis=-1)
+    return _g_atoms(z, a, w)
 
 
 @dataclass(frozen=True)
@@ -114,10 +119,8 @@ def semicircle_free_convolution(z, atoms, weights=None, noise_var=1.0, tol=1e-13
     near = np.flatnonzero(~far)
     g, om, r = (np.empty(zf.shape, complex), np.empty(zf.shape, complex), np.empty(zf.shape))
     if far.any():
-        def gA(o):
-            return np.sum(w / (a - o[:, None]), axis=1)
-        om[far] = zf[far] + v * gA(zf[far])
-        g[far] = gA(om[far])
+        om[far] = zf[far] + v * _g_atoms(zf[far], a, w)
+        g[far] = _g_atoms(om[far], a, w)
         r[far] = np.abs(om[far] - zf[far] - v * g[far])
     au, vu, zu = a / s, v / s**2, zu[near]
     with np.errstate(divide="ignore", invalid="ignore"):      # a real z on an atom
@@ -142,7 +145,7 @@ def _subordinate(z, a, w, v, tol, maxiter) -> SubordinationResult:
     om = np.where(real, z, z + 1j * (np.sqrt(v) + np.abs(z.imag)))
 
     def gA(o):
-        return np.sum(w / (a - o[:, None]), axis=1)
+        return _g_atoms(o, a, w)
 
     def gA1(o):
         return np.sum(w / (a - o[:, None]) ** 2, axis=1)

@@ -342,6 +342,14 @@ def momentum_effective_curvature(lam, batch_curvature, momentum=0.0, *, nesterov
 MAX_LYAPUNOV_STEPS = 10**7
 
 
+def _lyapunov_steps(steps) -> int:
+    """The path length of the almost-sure limits: an int in [10, MAX_LYAPUNOV_STEPS]."""
+    steps = as_int("steps", steps, minimum=10)
+    if steps > MAX_LYAPUNOV_STEPS:
+        raise ValueError(f"steps must be at most {MAX_LYAPUNOV_STEPS}, got {steps}")
+    return steps
+
+
 def heavy_ball_lyapunov_exponent(lr, lam, var, momentum=0.0, *, steps=20000, seed=0):
     """Top Lyapunov exponent γ(α) of heavy ball along one direction with Gaussian
     multiplicative noise: ``x_{t+1} = (1 + ρ − α h_t) x_t − ρ x_{t−1}``, h_t i.i.d.
@@ -353,9 +361,7 @@ def heavy_ball_lyapunov_exponent(lr, lam, var, momentum=0.0, *, steps=20000, see
     m = _momentum("momentum", momentum)
     lam = as_float("lam", lam)
     var = as_float("var", var, nonnegative=True)
-    steps = as_int("steps", steps, minimum=10)
-    if steps > MAX_LYAPUNOV_STEPS:
-        raise ValueError(f"steps must be at most {MAX_LYAPUNOV_STEPS}, got {steps}")
+    steps = _lyapunov_steps(steps)
     scalar = _is_scalar(lr)
     a = np.atleast_1d(as_float("lr", lr, positive=True) if scalar else as_array("lr", lr))
     if np.any(a <= 0):
@@ -403,9 +409,7 @@ def sgd_momentum_as_max_lr(B, lam, s2, N=None, momentum=0.0, *, replacement: boo
     m = _momentum("momentum", momentum)
     lam = as_float("lam", lam, positive=True)
     s2 = as_float("s2", s2, nonnegative=True)
-    steps = as_int("steps", steps, minimum=10)
-    if steps > MAX_LYAPUNOV_STEPS:
-        raise ValueError(f"steps must be at most {MAX_LYAPUNOV_STEPS}, got {steps}")
+    steps = _lyapunov_steps(steps)
     seed = _path_seed(seed)
     scalar = _is_scalar(B)
     cs = np.atleast_1d(noise_factor(B, N, replacement)).ravel()

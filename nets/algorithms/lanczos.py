@@ -399,11 +399,6 @@ def _recurrence_batch(op, Q0: torch.Tensor, m: int, reorth: str):
 
 # ----------------------------------------------------------------------------------
 
-def _bar(progress, total: int):
-    """A tqdm bar over operator products, or None (`nets.utils.progress`)."""
-    return progress_counter(progress, total=total, desc="eigsh: products")
-
-
 def _order(theta: np.ndarray, which: str) -> np.ndarray:
     if which == "LA":
         return np.argsort(-theta, kind="stable")
@@ -499,7 +494,8 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-10, max_steps: int 
     if float(torch.linalg.vector_norm(q)) == 0.0:
         raise ValueError("v0 must be non-zero")
     check = bool(check_multiplicity) and 1 < k < P
-    bar = _bar(progress, min(m, max_mv))      # one cycle; grown at each restart
+    bar = progress_counter(progress, total=min(m, max_mv),     # one cycle; grown at
+                           desc="eigsh: products")                # each restart
     try:
         values, vectors, resid, ok, matvecs, restarts, anorm = _krylov_schur(
             op, k, which, tol, max_mv, m, rng, q, bar, return_vectors or check)

@@ -78,10 +78,10 @@ from nets.learning_rates.lr_search import (
     plot_thresholds,
     seed_mean_stderr,
 )
+from nets.noise.directional import sample_chunk
 from nets.utils.autocast import outside_autocast
 from nets.utils.callers import caller_stacklevel
 from nets.utils.data_source import as_data_source, tensors_for
-from nets.utils.memory import capped_sample_chunk
 from nets.utils.progress import progress_bar
 from nets.utils.results import Result, result
 from nets.utils.seeding import resolved_seed
@@ -392,7 +392,7 @@ def preconditioned_noise(model, loss_fn, data, preconditioner, *, tol=1e-8, para
                          seed=0) -> PreconditionedNoise:
     """One pass: λ̃, ũ of D^{1/2} H D^{1/2} (Lanczos) and s̃² from per-sample Hessian-vector
     products H_i(D^{1/2}ũ), vmapped in chunks of `chunk_size` samples (None: at most 256,
-    fewer where the memory budget says so, `nets.utils.memory.capped_sample_chunk`),
+    fewer where the memory budget says so, `nets.noise.directional.sample_chunk`),
     scaled by D^{1/2} (float64 sums; H ũ' recomputed as the mean of the per-sample
     products)."""
     if isinstance(preconditioner, torch.optim.Optimizer):
@@ -408,9 +408,7 @@ def preconditioned_noise(model, loss_fn, data, preconditioner, *, tol=1e-8, para
     w = sq * u
     X, Y = H.source.tensors(device=H.device, dtype=H.dtype)
     N = len(X)
-    chunk = (capped_sample_chunk(N, H.P, H.source.first_sample_numel(),
-                                 torch.finfo(H.dtype).bits // 8, device=H.device)
-             if chunk_size is None else as_int("chunk_size", chunk_size, minimum=1))
+    chunk = sample_chunk(H, chunk_size)
     tot = torch.zeros(H.P, dtype=torch.float64, device=H.device)
     ss = 0.0
     for s in range(0, N, chunk):

@@ -882,7 +882,7 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
                         f"{g['lr']!r}/{g['momentum']!r}, e.g. by an lr scheduler); the learner "
                         f"sets them itself and uses its own ({last.lr:.4g}/{last.momentum:.4g}): "
                         "cap it with max_lr or scale it with safety instead", UserWarning,
-                        stacklevel=caller_stacklevel())    # step ← torch.no_grad ← the optimizer's hook wrapper
+                        stacklevel=caller_stacklevel())
                 g["lr"], g["momentum"] = last.lr, last.momentum
 
     def add_param_group(self, param_group) -> None:

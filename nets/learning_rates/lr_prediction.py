@@ -69,13 +69,16 @@ from nets.algorithms.lanczos import eigsh
 from nets.curvature.loss_check import check_mean_reduced
 from nets.curvature.operators import CurvatureOperator, curvature_operator
 from nets.noise.batch_spectra import measure_batch_top_eigenvalue
-from nets.noise.directional import directional_noise_from_operator, isotropic_noise_from_operator
+from nets.noise.directional import (
+    directional_noise_from_operator,
+    isotropic_noise_from_operator,
+    sample_chunk,
+)
 from nets.noise.gradient_noise import gradient_noise
 from nets.utils.autocast import outside_autocast
 from nets.utils.callers import caller_stacklevel
 from nets.utils.data_source import as_data_source
 from nets.utils.jsonio import from_jsonable
-from nets.utils.memory import capped_sample_chunk
 from nets.utils.progress import progress_bar, wants_progress
 from nets.utils.results import Result, result
 from nets.utils.seeding import resolved_seed
@@ -556,12 +559,11 @@ def _noise_pass(model, loss_fn, src, *, num_probes, hessian_samples, mccandlish,
                                           micro_batch=micro_batch)
     s2_iso = _isotropic_s2(H, num_probes, chunk_size=chunk_size, seed=seed, progress=progress,
                            micro_batch=micro_batch)
-    if chunk_size is None:      # its 32 Hessian products on gradients: 6× slower in the
-        # operator's own CPU-sized chunks (670k-parameter MLP); a fixed 256 passed 6 GiB at 1.9M
-        chunk_size = capped_sample_chunk(src.N, H.P, src.first_sample_numel(),
-                                         torch.finfo(H.dtype).bits // 8, device=H.device)
+    # sized here, not by gradient_noise's own rule: its 32 Hessian products on gradients
+    # run 6× slower in the operator's CPU-sized chunks (670k-parameter MLP)
     gn = gradient_noise(model, loss_fn, src, hessian_samples=hessian_samples, hessian=mccandlish,
-                        chunk_size=chunk_size, seed=seed, progress=progress, **opts)
+                        chunk_size=sample_chunk(H, chunk_size), seed=seed, progress=progress,
+                        **opts)
     return H, lam, u, s2_dir, s2_iso, gn
 
 
@@ -746,7 +748,7 @@ def predict_max_lr(model, loss_fn, data, batch_sizes, *, optimizer="sgd", moment
     _, lam, _, s2_dir = _directional_pass(model, loss_fn, src, tol=LANCZOS_TOL, opts=opts,
                                           chunk_size=chunk_size, seed=seed, progress=progress,
                                           micro_batch=micro_batch)
-    return _sgd_limit(opt, bs.astype(float), lam, s2_dir, src.N).copy()
+    return _sgd_limit(opt, bs.astype(float), lam, s2_dir, src.N)
 
 
 # ----------------------------------------------------------------- scaling exponents

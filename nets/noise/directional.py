@@ -69,7 +69,7 @@ import torch
 from nets.curvature.loss_check import check_mean_reduced
 from nets.curvature.operators import ModelCurvatureOperator, curvature_operator
 from nets.utils.autocast import outside_autocast
-from nets.utils.memory import product_chunk
+from nets.utils.memory import capped_sample_chunk, product_chunk
 from nets.utils.progress import progress_counter, redraw
 from nets.utils.results import Result, result
 from rmt.validation import as_float, as_int, resolved_seed
@@ -171,6 +171,17 @@ def group_chunk(op: ModelCurvatureOperator, total: int, k: int, m: int = 1, *,
     return product_chunk(total, op.P, k, m, op.source.first_sample_numel(),
                          torch.finfo(op.dtype).bits // 8, memory=memory, device=op.device,
                          cap=cap)
+
+
+def sample_chunk(op: ModelCurvatureOperator, chunk_size=None) -> int:
+    """Samples per call of a per-sample pass over op's data holding about one P-vector
+    per sample (per-sample gradients, products along one vector): `chunk_size` if given,
+    else `nets.utils.memory.capped_sample_chunk` for op's parameters, sample size, dtype
+    and device (at most 256, fewer where the memory budget says so)."""
+    if chunk_size is not None:
+        return as_int("chunk_size", chunk_size, minimum=1)
+    return capped_sample_chunk(op.N, op.P, op.source.first_sample_numel(),
+                               torch.finfo(op.dtype).bits // 8, device=op.device)
 
 
 def fetch_groups(op: ModelCurvatureOperator, rows: np.ndarray):
