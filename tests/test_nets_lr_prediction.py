@@ -1,6 +1,8 @@
 """Learning rates from spectra: predicted vs exact vs measured (nets.learning_rates.lr_prediction,
 nets.noise.gradient_noise, nets.learning_rates.least_squares), including the issue's acceptance numbers."""
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -397,16 +399,16 @@ def test_lr_table_sizes_its_gradient_pass_to_the_memory_budget(small_ls, monkeyp
     """The gradient-statistics pass ran in chunks of 256 samples whatever P (a 1.9M-
     parameter MLP passed 6 GiB): now at most 256, fewer when the budget says so; a given
     chunk_size is passed on."""
-    import nets.learning_rates.lr_prediction as lp
+    gnm = importlib.import_module("nets.noise.gradient_noise")   # the package attribute is the function
     p, model, loss_fn, data, bs, t = small_ls
     seen = []
-    real = lp.gradient_noise
+    real = gnm._chunk
 
     def spy(*a, **kw):
-        seen.append(kw["chunk_size"])
-        return real(*a, **kw)
+        seen.append(real(*a, **kw))
+        return seen[-1]
 
-    monkeypatch.setattr(lp, "gradient_noise", spy)
+    monkeypatch.setattr(gnm, "_chunk", spy)
     kw = dict(measure=False, num_probes=None, hessian_samples=None, seed=7)
     lr_table(model, loss_fn, data, bs, **kw)
     lr_table(model, loss_fn, data, bs, chunk_size=7, **kw)
@@ -417,6 +419,34 @@ def test_lr_table_sizes_its_gradient_pass_to_the_memory_budget(small_ls, monkeyp
     small = lr_table(model, loss_fn, data, bs, **kw)
     assert seen == [120, 7, 3]                 # N = 120 ≤ 256; given; a 3-sample budget
     assert small.B_simple == pytest.approx(t.B_simple, rel=1e-9)
+
+
+def test_gradient_noise_default_chunk_is_not_the_cache_sized_product_chunk(small_ls,
+                                                                           monkeypatch):
+    """Called directly, gradient_noise sized its per-sample pass (and the Hessian products
+    on the gradients) by the operators' CPU cache cap, a few samples per call at P ~ 10⁵–
+    10⁶ (3.3× slower at 543k parameters than lr_table's chunks): with the default budget
+    it now takes lr_table's `capped_sample_chunk`; an explicit `memory` still sizes it."""
+    gnm = importlib.import_module("nets.noise.gradient_noise")   # the package attribute is the function
+    import nets.utils.memory as memory
+    from nets.utils.memory import product_bytes
+    p, model, loss_fn, data, bs, t = small_ls
+    per_sample = product_bytes(t.P, 1, 1, 12, 8)
+    monkeypatch.setattr(memory, "CPU_PRODUCT_BYTES", 3 * per_sample + 1)
+    seen = []
+    real = gnm._chunk
+
+    def spy(*a, **kw):
+        seen.append(real(*a, **kw))
+        return seen[-1]
+
+    monkeypatch.setattr(gnm, "_chunk", spy)
+    a = gradient_noise(model, loss_fn, data, hessian_samples=None, progress=False)
+    b = gradient_noise(model, loss_fn, data, hessian_samples=None, progress=False,
+                       memory=3 * per_sample + 1)
+    assert seen == [120, 3]
+    assert a.B_noise == pytest.approx(b.B_noise, rel=1e-9)
+    assert a.B_simple == pytest.approx(t.B_simple, rel=1e-9)
 
 
 def test_progress_is_forwarded_to_every_inner_call(small_ls, monkeypatch):

@@ -72,7 +72,6 @@ from nets.noise.batch_spectra import measure_batch_top_eigenvalue
 from nets.noise.directional import (
     directional_noise_from_operator,
     isotropic_noise_from_operator,
-    sample_chunk,
 )
 from nets.noise.gradient_noise import gradient_noise
 from nets.utils.autocast import outside_autocast
@@ -559,11 +558,8 @@ def _noise_pass(model, loss_fn, src, *, num_probes, hessian_samples, mccandlish,
                                           micro_batch=micro_batch)
     s2_iso = _isotropic_s2(H, num_probes, chunk_size=chunk_size, seed=seed, progress=progress,
                            micro_batch=micro_batch)
-    # sized here, not by gradient_noise's own rule: its 32 Hessian products on gradients
-    # run 6× slower in the operator's CPU-sized chunks (670k-parameter MLP)
     gn = gradient_noise(model, loss_fn, src, hessian_samples=hessian_samples, hessian=mccandlish,
-                        chunk_size=sample_chunk(H, chunk_size), seed=seed, progress=progress,
-                        **opts)
+                        chunk_size=chunk_size, seed=seed, progress=progress, **opts)
     return H, lam, u, s2_dir, s2_iso, gn
 
 
