@@ -268,6 +268,12 @@ def test_monitor_user_loop_edge_cases(tmp_path):
     rec = mon.records[-1]
     assert np.isnan(rec.max_lr).all() and np.isnan(rec.edge) and np.isnan(rec.plateau)
     json.dumps(mon.to_dict(), allow_nan=False)
+    # RMSprop has a limit here, not SGD's: its nan SGD table was said in a docstring only
+    rms = torch.optim.RMSprop(model.parameters(), lr=1e-3)
+    with pytest.warns(UserWarning, match="attached to RMSprop, whose stability limit is not"):
+        mon.attach(rms, start_step=1)
+    _train_steps(model, rms, X, y, 1)
+    assert np.isnan(mon.records[-1].max_lr).all() and np.isfinite(mon.records[-1].lam)
 
     mon2 = CurvatureMonitor(model, CE, (X, y), every=10, **kw)
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -423,6 +423,13 @@ class CurvatureMonitor:
         warn_partial_optimizer(self.tracker.model, optimizer, self.tracker.params,
                                group_lrs=False)     # said below, with what is recorded
         self._read_settings()
+        if self._settings is not None and self._settings.name != "sgd":
+            warnings.warn(f"CurvatureMonitor: attached to {type(optimizer).__name__}, whose "
+                          "stability limit is not SGD's: λ₁ and the noise are recorded, the "
+                          "SGD lr table (max_lr, transfer_lr), edge and plateau are nan; the "
+                          "adaptive optimizer's limit is nets.predict_adam_max_lr / "
+                          "nets.preconditioned_batch_sharpness", UserWarning,
+                          stacklevel=caller_stacklevel())
 
         def hook(opt, args, kwargs):
             self._steps += 1
