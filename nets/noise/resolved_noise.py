@@ -106,8 +106,9 @@ does; uniform rows without the moments of step 1 put λ'(512) of a 301k-paramete
 with N = 5000 at 1.38 against 1.06 for the exhaustive subspace form.) The resolved rule
 γ_i > B·λ_1 is applied to the rows' own γ_i. What is lost: the Monte-Carlo mean carries
 the subset's sampling error, which the reported standard error (over batches) does not
-include — digits MLP, n = 512 of 1797: 0.99–1.07 × measured over three subsets (the
-exhaustive form 0.99–1.01); a model whose 15 of 240 samples are heavy (×6 inputs),
+include — digits MLP, n = 512 of 1797: 0.96–1.10 × measured in the stored run
+(`benchmarks/bench_scale.py --rows resolved_sampled`; 0.99–1.07 over three subsets in an
+earlier, unstored one; the exhaustive form 0.99–1.01); a model whose 15 of 240 samples are heavy (×6 inputs),
 n = 120: 0.89–1.31 × the exhaustive form (0.67–1.88 with uniform rows; tests). Where
 that matters use `max_samples=None`. Measured on
 the digits MLP (561 candidates at min_batch 8; 1000 batches per B = 8/32/128/512): the
