@@ -180,11 +180,15 @@ def main():
     else:
         result = {"m0" if args.momentum == 0 else f"m{args.momentum:g}":
                   run_transfer(momentum=args.momentum)}
-    result.update(environment=environment(), seconds=time.perf_counter() - t0,
-                  peak_rss_mb=peak_rss_mb())
+    # each part keeps its own wall time and peak RSS (a file-level pair was the last
+    # part's); the parts merge into one file
+    (part,) = result.values()
+    part.update(seconds=time.perf_counter() - t0, peak_rss_mb=peak_rss_mb())
+    result["environment"] = environment()
     path = Path(args.out) if args.out else RESULTS / "bench_heldout_conv1d.json"
     stored = json.loads(path.read_text()) if path.exists() else {}
-    write_json("bench_heldout_conv1d", {**stored, **result}, str(path))   # parts merge
+    stored = {k: v for k, v in stored.items() if k not in ("seconds", "peak_rss_mb")}
+    write_json("bench_heldout_conv1d", {**stored, **result}, str(path))
 
 
 if __name__ == "__main__":
