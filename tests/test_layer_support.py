@@ -484,3 +484,34 @@ def test_a_submodule_used_twice_is_left_as_it_was(dense_hessian):
     assert op.P == 42
     np.testing.assert_allclose(nets.top_eigenvalues(model, loss, (X, y), k=2), want.numpy(),
                                rtol=1e-8)
+
+
+def test_entry_points_leave_a_max_norm_embedding_as_it_was():
+    """nn.Embedding(max_norm=...) renormalises the rows it looks up in place: the loss
+    check's and the subspace form's forwards on the caller's own module rewrote the
+    caller's weights (max |ΔW| 3.4 from building a Hessian operator; an outside sweep).
+    Every entry point now leaves the module's parameters and buffers bit for bit."""
+    from nets.curvature.loss_check import check_mean_reduced
+    from nets.noise.subspace_noise import subspace_noise
+
+    torch.manual_seed(0)
+    X, y = torch.randint(0, 20, (48, 5)), torch.randint(0, 4, (48,))
+
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(20, 6, max_norm=0.5)
+            self.fc = nn.Linear(6, 4)
+
+        def forward(self, x):
+            return self.fc(torch.tanh(self.emb(x).mean(1)))
+
+    model = Bag().double()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert (before["emb.weight"].norm(dim=1) > 0.5).any()      # rows a forward would rescale
+    nets.hessian_operator(model, F.cross_entropy, (X, y))
+    check_mean_reduced(model, F.cross_entropy, (X, y))
+    subspace_noise(model, F.cross_entropy, (X, y), seed=0, progress=False)      # default k
+    nets.predict_max_lr(model, F.cross_entropy, (X, y), [4, 16], progress=False)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -43,7 +43,7 @@ from nets.curvature.params import map_output_leaves, output_tensors
 from nets.utils.autocast import outside_autocast
 from nets.utils.callers import caller_stacklevel
 from nets.utils.data_source import as_data_source, model_place
-from nets.utils.modes import kept_rng
+from nets.utils.modes import kept_rng, kept_tensors
 
 __all__ = ["check_mean_reduced", "loss_name"]
 
@@ -125,11 +125,13 @@ def _batch_and_samples(model, loss_fn, data, *, sample: int):
     device, dtype = model_place(model)
     idx = np.unique(np.linspace(0, src.N - 1, n).round().astype(np.int64))   # spread out
     X, Y = src.take(idx, device=device, dtype=dtype)
-    saved = {k: b.detach().clone() for k, b in model.named_buffers()}
     shapes = None
     try:
-        with torch.no_grad(), kept_rng(device):     # active dropout must not draw from the
-            out = model(X)                          # caller's random stream
+        # active dropout must not draw from the caller's random stream; the forward runs
+        # on the caller's module, whose parameters and buffers it may write (max_norm
+        # embeddings, train-mode BatchNorm): both restored
+        with torch.no_grad(), kept_rng(device), kept_tensors(model):
+            out = model(X)
             with warnings.catch_warnings():     # torch's own broadcast warning: said below
                 warnings.filterwarnings("ignore", message=".*target size.*different to the input size")
                 if isinstance(Y, torch.Tensor):
@@ -142,10 +144,6 @@ def _batch_and_samples(model, loss_fn, data, *, sample: int):
                        for i in range(len(idx))]
     except (RuntimeError, ValueError, TypeError, IndexError):
         return math.nan, None, shapes
-    finally:
-        with torch.no_grad():
-            for k, b in model.named_buffers():
-                b.copy_(saved[k])
     return batch, per, shapes
 
 

@@ -8,6 +8,11 @@ back to train mode (and its next forward would move the running statistics).
 `kept_rng(device)` restores torch's global random state (and that of a CUDA device) on
 exit, so that a forward pass with active dropout inside a measurement does not change
 the random draws of the caller's training run.
+
+`kept_tensors(model)` restores the values of every parameter and buffer on exit: a
+forward pass the package runs on the caller's own module (not on copied parameters) can
+write to them — `nn.Embedding(max_norm=...)` renormalises the rows it looks up in place,
+a train-mode BatchNorm moves its running statistics.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import contextlib
 
 import torch
 
-__all__ = ["kept_modes", "kept_rng"]
+__all__ = ["kept_modes", "kept_rng", "kept_tensors"]
 
 
 @contextlib.contextmanager
@@ -35,3 +40,18 @@ def kept_rng(device=None):
     dev = torch.device("cpu") if device is None else torch.device(device)
     devices = [dev.index or 0] if dev.type == "cuda" else []
     return torch.random.fork_rng(devices=devices)
+
+
+@contextlib.contextmanager
+def kept_tensors(model: torch.nn.Module):
+    """Every parameter's and buffer's values as they were on entry, written back on exit
+    (in place, so references the caller holds stay valid; only tensors that changed)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    saved = [t.detach().clone() for t in tensors]
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for t, s in zip(tensors, saved):
+                if not torch.equal(t, s):
+                    t.copy_(s)
