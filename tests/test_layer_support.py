@@ -515,3 +515,39 @@ def test_entry_points_leave_a_max_norm_embedding_as_it_was():
     nets.predict_max_lr(model, F.cross_entropy, (X, y), [4, 16], progress=False)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_a_tied_parameter_is_selected_by_any_of_its_names():
+    """`dec.weight = emb.weight` registers one tensor under two names; named_parameters()
+    lists the first only, so params=["dec.weight"] was refused as 'not in the model' and
+    a predicate on "dec." silently dropped the tied weight (P = 30 of 270)."""
+    from nets.curvature.params import select_parameter_names
+
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(30, 8)
+            self.dec = nn.Linear(8, 30)
+            self.dec.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.dec(torch.tanh(self.emb(x).mean(1)))
+
+    torch.manual_seed(0)
+    model = TiedLM().double()
+    X, y = torch.randint(0, 30, (24, 4)), torch.randint(0, 30, (24,))
+    assert select_parameter_names(model, ["dec.weight"]) == ["emb.weight"]
+    assert select_parameter_names(model, "dec.weight") == ["emb.weight"]
+    assert select_parameter_names(model, lambda n, p: n.startswith("dec.")) == \
+        ["emb.weight", "dec.bias"]
+    with pytest.raises(ValueError, match="'dec.weight' is tied to 'emb.weight'"):
+        select_parameter_names(model, ["emb.weight", "dec.weight"])
+    with pytest.raises(ValueError, match="not in the model"):
+        select_parameter_names(model, ["enc.weight"])
+    # the operator on the tied weight: its dense float64 Hessian from double backward
+    op = hessian_operator(model, F.cross_entropy, (X, y), params=["dec.weight"])
+    w = model.emb.weight
+    g = torch.autograd.grad(F.cross_entropy(model(X), y), w, create_graph=True)[0].reshape(-1)
+    H = torch.stack([torch.autograd.grad(g[i], w, retain_graph=True)[0].reshape(-1)
+                     for i in range(g.numel())])
+    np.testing.assert_allclose(op.to_dense().numpy(), H.detach().numpy(), rtol=1e-9, atol=1e-12)

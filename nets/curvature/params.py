@@ -24,26 +24,32 @@ def select_parameter_names(model: nn.Module, params=None) -> list[str]:
     """Names of the parameters that make up w, in `named_parameters()` order.
 
     params : None (every parameter with `requires_grad`), a sequence of parameter names,
-        a single name, or a predicate `params(name, tensor) -> bool`.
+        a single name, or a predicate `params(name, tensor) -> bool`. A tied parameter
+        (one tensor registered under several names, `dec.weight = emb.weight`) counts once,
+        under its first name: any of its names selects it, and a predicate selects it when
+        it accepts any of them.
 
     Raises TypeError for another kind of `params`, ValueError for unknown names,
-    duplicates, or an empty selection.
+    duplicates (two names of one tied parameter included), or an empty selection.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     named = dict(model.named_parameters())
+    aliases = _tied_aliases(model, named)          # canonical name -> its other names
+    canonical = {a: n for n, names in aliases.items() for a in names}
     if params is None:
         names = [n for n, p in named.items() if p.requires_grad]
     elif isinstance(params, str):
-        names = _check_names([params], named)
+        names = [canonical.get(n, n) for n in _check_names([params], named, canonical)]
     elif callable(params):
-        names = [n for n, p in named.items() if params(n, p)]
+        names = [n for n, p in named.items()
+                 if any(params(a, p) for a in (n, *aliases.get(n, ())))]
     elif isinstance(params, Iterable):
         wanted = list(params)
         if not all(isinstance(n, str) for n in wanted):
             raise TypeError("params must be a sequence of parameter names (str)")
-        _check_names(wanted, named)
-        wanted_set = set(wanted)
+        _check_names(wanted, named, canonical)
+        wanted_set = {canonical.get(n, n) for n in wanted}
         names = [n for n in named if n in wanted_set]     # canonical order
     else:
         raise TypeError("params must be None, a list of parameter names or a predicate "
@@ -53,13 +59,28 @@ def select_parameter_names(model: nn.Module, params=None) -> list[str]:
     return names
 
 
-def _check_names(wanted: Sequence[str], named: dict) -> list[str]:
-    unknown = [n for n in wanted if n not in named]
+def _tied_aliases(model: nn.Module, named: dict) -> dict[str, tuple[str, ...]]:
+    """For each parameter registered under more than one name, its further names."""
+    first = {id(p): n for n, p in named.items()}
+    out: dict[str, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if n not in named:
+            out.setdefault(first[id(p)], []).append(n)
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def _check_names(wanted: Sequence[str], named: dict, canonical: dict | None = None) -> list[str]:
+    canonical = canonical or {}
+    unknown = [n for n in wanted if n not in named and n not in canonical]
     if unknown:
         raise ValueError(f"params names not in the model: {unknown}; "
                          f"available: {list(named)}")
-    if len(set(wanted)) != len(wanted):
-        raise ValueError("params contains duplicate names")
+    resolved = [canonical.get(n, n) for n in wanted]
+    if len(set(resolved)) != len(resolved):
+        tied = [n for n in wanted if n in canonical]
+        raise ValueError("params contains duplicate names"
+                         + (f" ({', '.join(f'{a!r} is tied to {canonical[a]!r}' for a in tied)})"
+                            if tied else ""))
     return list(wanted)
 
 
