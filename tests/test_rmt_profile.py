@@ -149,6 +149,36 @@ def test_non_flat_exact_edges(f1):
     assert rmt.profile_outlier(5.0, [[1.0, 0.0], [0.0, 0.0]], f, [0.0, 1.0]) == pytest.approx(5.0, rel=1e-10)
 
 
+def _chiral_u2(z, f1):
+    """Block 2's u = −m₂(z) of the bipartite profile [[0, 1], [1, 0]] in closed form: from
+    u₁ = 1/(z − f₂u₂), u₂ = 1/(z − f₁u₁), z f₂ u₂² − (z² − f₁ + f₂) u₂ + z = 0, the root
+    with u₂ ~ 1/z at large z."""
+    f2 = 1.0 - f1
+    b = z * z - f1 + f2
+    return (b - math.sqrt(b * b - 4 * z * z * f2)) / (2 * z * f2)
+
+
+@pytest.mark.parametrize("f1", [1e-2, 1e-3, 1e-4])
+def test_a_small_block_keeps_the_edge_and_the_outliers_exact(f1):
+    """With one block holding ≲ 10⁻³ of the coordinates |u| reaches 20–60 and the real
+    solver's fixed 1e-15 residual test could not be met: the edge came out 0.94 % high at
+    f₁ = 1e-4, z just above it was refused as 'inside the support', a spike's outlier in
+    between was missed (overlap 0 for 0.748) or raised RuntimeError (an outside sweep)."""
+    S, f = [[0.0, 1.0], [1.0, 0.0]], [f1, 1 - f1]
+    edge = math.sqrt(f1) + math.sqrt(1 - f1)
+    assert rmt.profile_edge(S, f) == pytest.approx(edge, rel=1e-6)
+    for z in edge * np.array([1.0005, 1.001, 1.01, 1.05]):
+        sol = solve_qve_real(z, S, f)
+        assert -sol.m[1] == pytest.approx(_chiral_u2(z, f1), rel=1e-8)
+    z_star = edge + 0.005                    # a spike on block 2 with its outlier at z_star
+    theta = 1.0 / _chiral_u2(z_star, f1)
+    assert rmt.profile_outlier(theta, S, f, [0.0, 1.0]) == pytest.approx(z_star, rel=1e-8)
+    h = 1e-7 * z_star                        # overlap 1/(θ² m₂'(z*)), m₂' from the closed form
+    dm = -(_chiral_u2(z_star + h, f1) - _chiral_u2(z_star - h, f1)) / (2 * h)
+    assert profile_outlier_overlap(theta, S, f, [0.0, 1.0]) == pytest.approx(
+        1.0 / (theta**2 * dm), rel=1e-5)
+
+
 @pytest.mark.parametrize("a", [1e-150, 1e-20, 1e-10, 1e10, 1e40, 1e150])
 def test_profile_functions_are_homogeneous_at_every_scale(a):
     """S → a²S, θ → aθ scales the edge and the outlier by a and leaves the overlap; the
