@@ -55,7 +55,8 @@ def gue(n, rng=None, normalization: str = "semicircle", *, seed=None) -> np.ndar
 def wishart(p, n, rng=None, variance=1.0, population=None, *, seed=None) -> np.ndarray:
     """Real sample covariance S = X Xᵀ/n with X p×n, columns N(0, σ²·Σ).
 
-    ``population`` (optional, length p, positive) gives Σ = diag(population); the
+    ``population`` (optional, length p, nonnegative: a zero is a direction without noise)
+    gives Σ = diag(population); the
     spiked Wishart model is population = (ℓ, 1, …, 1).  E tr S² = p(n + p + 1)/n for
     Σ = I, σ² = 1.  Spectrum → MP(q = p/n, σ²).
     """

@@ -32,7 +32,8 @@ def _check(ratio, variance):
 
 
 def mp_edges(ratio, variance=1.0) -> tuple[float, float]:
-    """Return (λ₋, λ₊) = σ²(1 ∓ √q)² (the continuous part; atom at 0 when q > 1).
+    """Return (λ₋, λ₊) = σ²(1 ∓ √q)² (the continuous part; atom at 0 when q > 1, so
+    for q > 1 the support is (0, λ₊) — what `rmt.outliers.find_outlier` needs).
     q = 0 is allowed (the degenerate law δ_{σ²}: no sampling noise, e.g. B = N)."""
     q = as_float("ratio", ratio, nonnegative=True)
     s2 = as_float("variance", variance, positive=True)

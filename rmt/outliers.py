@@ -48,6 +48,12 @@ def find_outlier(spike, stieltjes, support, stieltjes_derivative=None,
                  edge_offset: float = 1e-12) -> Outlier:
     """Solve 1 + θ g(z) = 0 outside ``support`` = (left edge, right edge) by brentq.
 
+    ``support`` must hold the whole law, atoms included: g has a pole at an atom, and an
+    atom outside the pair hides every outlier beyond it. For Marchenko–Pastur with q > 1
+    (atom at 0) pass (0, λ₊), not `mp_edges(q)` = (λ₋, λ₊), its continuous part only
+    (q = 2, θ = −0.5: the bottom outlier −0.30 is found with (0, λ₊), missed with
+    (λ₋, λ₊)).
+
     ``stieltjes(z)`` returns g at real z outside the support (package convention);
     ``stieltjes_derivative`` returns g'(z) (central difference if omitted).  The edge
     value g(edge⁺) is evaluated at edge ± ``edge_offset``·scale, scale the bulk's own

@@ -324,7 +324,8 @@ def as_rng(rng, name: str = "rng") -> np.random.Generator:
         raise TypeError(f"{name} must be a numpy.random.Generator, an int seed or None, "
                         f"got {_describe(rng)}")
     if int(rng) < 0:
-        raise ValueError(f"{name} seed must be >= 0, got {int(rng)}")
+        what = name if name == "seed" else f"{name} seed"    # not "seed seed"
+        raise ValueError(f"{what} must be >= 0, got {int(rng)}")
     return np.random.default_rng(int(rng))
 
 

@@ -184,3 +184,13 @@ def test_tridiagonal_eigvals_checks_which_and_lengths_at_every_size():
     # [[1, 2], [2, 1]]: eigenvalues −1 and 3
     assert tridiagonal_eigvals([1.0, 1.0], [2.0], "top") == pytest.approx(3.0, rel=1e-14)
     assert tridiagonal_eigvals([1.0, 1.0], [2.0], "bottom") == pytest.approx(-1.0, rel=1e-14)
+
+
+def test_a_negative_seed_is_named_once():
+    """`goe(3, seed=-1)` said 'seed seed must be >= 0'."""
+    from rmt.ensembles import goe
+
+    with pytest.raises(ValueError, match=r"^seed must be >= 0, got -1$"):
+        goe(3, seed=-1)
+    with pytest.raises(ValueError, match=r"^rng seed must be >= 0, got -2$"):
+        goe(3, -2)

@@ -249,3 +249,4 @@ def test_profile_density_and_qve_solutions_are_homogeneous(a):
     np.testing.assert_allclose(profile_density(xs, flat, [0.5, 0.5]), want, rtol=1e-6)
     z = 2.5 * a                       # m = (−z + √(z² − 4a²))/(2a²) = −2/(z + √(z² − 4a²))
     np.testing.assert_allclose(solve_qve_real(z, flat, [0.5, 0.5]).m * a, -2.0 / (2.5 + 1.5), rtol=1e-14)
+
