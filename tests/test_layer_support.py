@@ -551,3 +551,23 @@ def test_a_tied_parameter_is_selected_by_any_of_its_names():
     H = torch.stack([torch.autograd.grad(g[i], w, retain_graph=True)[0].reshape(-1)
                      for i in range(g.numel())])
     np.testing.assert_allclose(op.to_dense().numpy(), H.detach().numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_a_forward_that_casts_between_dtypes_is_named():
+    """A model with a float64 and a float32 layer (the forward casting between them) was
+    told 'pass dtype=', and with dtype= that the data layout was wrong ('Samples are the
+    rows of X'): both messages now name the casts."""
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(10, 16).double()
+            self.b = nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x.double())).float())
+
+    X, y = torch.randn(12, 10, dtype=torch.float64), torch.randint(0, 4, (12,))
+    with pytest.raises(ValueError, match="mixed dtypes.*casts between dtypes"):
+        hessian_operator(Mixed(), F.cross_entropy, (X, y))
+    with pytest.raises(TypeError, match="casts between dtypes itself.*one dtype"):
+        hessian_operator(Mixed(), F.cross_entropy, (X, y), dtype=torch.float64)

@@ -374,7 +374,9 @@ def resolve_device_dtype(model: nn.Module, names, device, dtype):
     if dtype is None:
         dts = {p.dtype for p in sel}
         if len(dts) > 1:
-            raise ValueError(f"selected parameters have mixed dtypes {dts}; pass dtype=")
+            raise ValueError(f"selected parameters have mixed dtypes {dts}; pass dtype= (every "
+                             "selected parameter then runs in it: a forward that casts "
+                             "between dtypes itself needs its layers in one dtype)")
         dtype = next(iter(dts))
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
@@ -565,6 +567,14 @@ class ModelCurvatureOperator(CurvatureOperator):
                     f"data inputs have dtype {x.dtype} but the model does not accept them "
                     f"({first}); integer inputs are passed as they are (token ids), so convert "
                     "images or features to floating point first, e.g. X.float()") from None
+            low = first.lower()
+            if any(k in low for k in ("dtype", "scalar type", "input type")):
+                raise TypeError(
+                    f"the model's forward fails with its parameters as {self.dtype} "
+                    f"({first}): the operator runs every selected parameter in one dtype, so "
+                    "a forward that casts between dtypes itself (x.double() into one layer, "
+                    ".float() into the next) cannot run; give the layers one dtype "
+                    "(model.double() or model.float()) and drop the casts") from None
             raise ValueError(
                 f"the model cannot run on {x.shape[0]} samples of shape {tuple(x.shape[1:])} "
                 f"({first}). Samples are the rows of X; a list is read as "
