@@ -702,7 +702,10 @@ def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergen
     `steps` steps, fitted slope of log|·| > `growth_threshold`, default 3/steps, or the
     run diverges by the "divergence" rule — the full-data loss is evaluated every step).
     Bisection (`bisect_max_lr`) starts at `lr0` (float, callable B -> float, or None:
-    1/λ₁ from a k=1 Lanczos) and stops at hi/lo ≤ 1 + rel_tol.
+    1/λ₁ from a k=1 Lanczos) and stops at hi/lo ≤ 1 + rel_tol. Outcomes need not be
+    monotone in α near the edge, so a start that differs in its last digit (λ₁ from
+    another BLAS, thread count or dtype) can move a seed's threshold by tens of per cent:
+    pass an explicit, rounded lr0 for a measurement that must repeat across machines.
 
     optimizer: "sgd" or a `torch.optim.SGD` instance whose momentum and nesterov flag are
     read (dampening is refused); momentum, nesterov: None (the optimizer's; 0 and False for
