@@ -142,6 +142,13 @@ def test_mean_square_and_deterministic_forms():
         assert quiet.beta1 == 0.0
         with pytest.warns(UserWarning, match="with_reference: with beta1 = 0.9"):
             tr.with_reference((32, 0.02))
+    # form=None follows a given prediction's own form: a deterministic prediction was
+    # transferred along its mean-square column and recorded as "mean_square" (api.md says
+    # "the form of a given prediction"; an outside sweep: 3× apart at B = 64)
+    with pytest.warns(UserWarning, match="beta1 = 0.9"):
+        own = A.adam_transfer_lr(model, _mse, (X, y), Bs, reference=(8, 0.01), prediction=det)
+    assert own.form == "deterministic"
+    np.testing.assert_allclose(own.lr, 0.01 * det.lr / det.lr[1], rtol=1e-12)
     with pytest.raises(ValueError, match="form"):
         A.predict_adam_max_lr(model, _mse, (X, y), Bs, form="exact")
     with pytest.raises(ValueError, match="form"):

@@ -128,7 +128,8 @@ def test_adam_transfer_along_the_linearised_form():
     assert tr.lr[1] == pytest.approx(0.2) and tr.form == "linearized"
     with pytest.warns(UserWarning, match="with momentum"):    # β₁ = 0.9 and B = 16 > B0
         again = adam_transfer_lr(model, F.cross_entropy, (X, y), [16, 4], reference=(8, 0.2),
-                                 form="linearized", prediction=lin)
+                                 prediction=lin)          # form=None: the prediction's own
+    assert again.form == "linearized"
     np.testing.assert_allclose(again.lr, tr.lr[[2, 0]])
     assert again.beta1 == 0.9
     with pytest.warns(UserWarning, match="with_reference: with momentum"):   # upward again

@@ -658,8 +658,9 @@ def adam_transfer_lr(model, loss_fn, data, batch_sizes, *, reference, betas=None
     curved=True)`: the outputs' second derivative along D^{1/2}ũ kept, no correction), or
     the "mean_square" or "deterministic" limit of `predict_adam_max_lr` (seconds; or of a
     given `prediction`, an AdamPrediction whose batch sizes include B₀ and every B).
-    form=None: "mean_square" when `prediction` is an AdamPrediction, "linearized"
-    otherwise. Which form transferred on which network: docs/real_training.md (the
+    form=None: a given `prediction`'s own form (an AdamPrediction's `form`; "curved" or
+    "linearized" for a `linearized_adam_threshold` result, by its `curved` flag),
+    "linearized" without one. Which form transferred on which network: docs/real_training.md (the
     linearised one within 20 % on five of twelve network/β₁ pairs, the mean-square one on
     three; neither on every one with β₁ = 0.9). betas : None — a given `prediction`'s
     (its β₁ is recorded and sets the momentum caveat), else (0.9, 0.999); given together
@@ -672,8 +673,13 @@ def adam_transfer_lr(model, loss_fn, data, batch_sizes, *, reference, betas=None
             raise ValueError(f"betas[0]={betas[0]} disagrees with the prediction's beta1={own} "
                              "(leave betas out to use the prediction's)")
     betas = (0.9, 0.999) if betas is None else betas
-    if form is None:
-        form = "mean_square" if isinstance(prediction, AdamPrediction) else "linearized"
+    if form is None:        # a given prediction's own form (its `lr` is that form's)
+        if isinstance(prediction, AdamPrediction):
+            form = prediction.form
+        elif prediction is not None and hasattr(prediction, "curved"):
+            form = "curved" if prediction.curved else "linearized"
+        else:
+            form = "linearized"
     if form not in forms:
         raise ValueError(f"form must be one of {forms}, got {form!r}")
     from nets.learning_rates.transfer import _reference
