@@ -414,3 +414,33 @@ def test_betas_and_eps_are_validated():
     fresh = torch.optim.Adam(net.parameters(), eps=0.0)
     with pytest.raises(ValueError, match="eps=0 and 41 coordinate"):
         A.adam_preconditioner(net, fresh)
+
+
+def test_warm_state_and_low_level_entry_points_check_their_inputs():
+    """From an outside sweep: warm_adam_state took batch_size = -5 as N − 5 and 1000 > N as
+    N (recording the value given), and eps = 0 surfaced as 'model parameter contains NaN';
+    preconditioned_noise took maximize=True and a fresh optimizer (D = 1/ε everywhere)
+    without a word; a NaN second moment was 'diag must be finite'."""
+    model, X, y = _tiny(3, N=32)
+    kw = dict(warmup_steps=2, warmup_lr=1e-3)
+    for bad in (-5, 0, 33):
+        with pytest.raises(ValueError, match="batch_size"):
+            A.warm_adam_state(model, _mse, X, y, bad, **kw)
+    with pytest.raises(ValueError, match="eps"):
+        A.warm_adam_state(model, _mse, X, y, 8, eps=-1.0, **kw)
+    dead = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1)).double()
+    Xd = torch.cat([X[:, :2], torch.zeros(len(X), 1, dtype=X.dtype)], 1)  # a dead input
+    with pytest.raises(ValueError, match="eps=0 and a coordinate whose gradient stayed zero"):
+        A.warm_adam_state(dead, _mse, Xd, y, 8, eps=0.0, **kw)
+    with pytest.raises(ValueError, match="maximize"):
+        A.preconditioned_noise(model, _mse, (X, y),
+                               torch.optim.Adam(model.parameters(), maximize=True))
+    with pytest.warns(UserWarning, match="sits at its ceiling 1/ε"):
+        A.preconditioned_noise(model, _mse, (X, y), torch.optim.Adam(model.parameters()))
+    opt = torch.optim.Adam(model.parameters())
+    opt.zero_grad()
+    _mse(model(X), y).backward()
+    opt.step()
+    next(iter(opt.state.values()))["exp_avg_sq"].view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match="exp_avg_sq"):
+        A.adam_preconditioner(model, opt)

@@ -162,13 +162,18 @@ def _adam_second_moment(model, optimizer, params=None):
     for p in plist:
         if id(p) not in group_of:
             raise ValueError("optimizer does not step every selected parameter of model "
-                             "(build it on this model's parameters)")
+                             "(build it on this model's parameters, or, for an optimizer over "
+                             "part of them, pass params= naming the parameters it steps)")
         g = group_of[id(p)]
         st = optimizer.state.get(p, {})
         if "exp_avg_sq" in st:
             t = float(st["step"])
             v = st["max_exp_avg_sq"] if g.get("amsgrad") else st["exp_avg_sq"]
             vhat = v.detach().to(torch.float64) / (1.0 - float(g["betas"][1]) ** t)
+            if not bool(torch.isfinite(vhat).all()):
+                raise ValueError("optimizer: its second-moment state (exp_avg_sq) holds NaN or "
+                                 "inf for a parameter of shape "
+                                 f"{tuple(p.shape)} (a diverged step?); restore a finite state")
         else:
             vhat = torch.zeros_like(p, dtype=torch.float64)
         vs.append(vhat.reshape(-1).cpu())
@@ -394,9 +399,15 @@ def preconditioned_noise(model, loss_fn, data, preconditioner, *, tol=1e-8, para
     products H_i(D^{1/2}ũ), vmapped in chunks of `chunk_size` samples (None: at most 256,
     fewer where the memory budget says so, `nets.noise.directional.sample_chunk`),
     scaled by D^{1/2} (float64 sums; H ũ' recomputed as the mean of the per-sample
-    products)."""
+    products). A given optimizer is checked as by the entry points (maximize and other
+    optimizers refused, `lr_prediction.adam_state_settings`), with their warning when
+    coordinates at D = 1/ε (no state: a fresh optimizer) carry the top direction."""
+    optimizer = sat = None
     if isinstance(preconditioner, torch.optim.Optimizer):
-        preconditioner = adam_preconditioner(model, preconditioner, params=params)
+        optimizer = preconditioner
+        adam_state_settings(model, optimizer, params)
+        sat = _saturated(model, optimizer, params)
+        preconditioner = adam_preconditioner(model, optimizer, params=params)
     d = torch.as_tensor(preconditioner, dtype=torch.float64)
     H = curvature_operator(model, loss_fn, data, params=params, policy=policy, device=device,
                            dtype=dtype)
@@ -419,6 +430,10 @@ def preconditioned_noise(model, loss_fn, data, preconditioner, *, tol=1e-8, para
     mean = tot / N
     s2 = max(ss - N * float(mean @ mean), 0.0) / (N - 1)
     un = u.to(torch.float64).cpu()
+    if sat is not None and bool(sat.any()):
+        _warn_saturated("preconditioned_noise", model, loss_fn, H.source, optimizer, sat,
+                        float((un[sat] ** 2).sum()), params=params, policy=policy,
+                        device=device, dtype=dtype)
     return PreconditionedNoise(lam, s2, s2 / lam ** 2, N, H.P, un.numpy(),
                                (un / sq.to(torch.float64).cpu()).numpy())
 
@@ -817,17 +832,31 @@ def restored_adam(net, warm, lr):
 def warm_adam_state(model, loss_fn, X, y, batch_size, *, warmup_steps, warmup_lr,
                     betas=(0.9, 0.999), eps=1e-8, seed=0) -> WarmState:
     """Run `warmup_steps` Adam steps at `warmup_lr` (batch size B, batches from
-    torch.Generator(seed)) on a copy of `model` (eval mode); return the warmed pair."""
+    torch.Generator(seed)) on a copy of `model` (eval mode); return the warmed pair.
+    Refuses (ValueError) a batch size outside 1…N (a negative one drew N − |B| samples, one
+    above N drew N, both recorded as given) and a warm-up that leaves a non-finite weight
+    (eps = 0 with a coordinate whose gradient stays zero: Adam's 0/0)."""
+    N = len(X)
+    batch_size = as_int("batch_size", batch_size, minimum=1, maximum=N)
+    warmup_steps = as_int("warmup_steps", warmup_steps, minimum=0)
+    warmup_lr = as_float("warmup_lr", warmup_lr, positive=True)
+    betas, eps = _as_betas(betas), as_float("eps", eps, nonnegative=True)
+    seed = as_int("seed", seed, minimum=0)
     net = copy.deepcopy(model)
     net.train(False)
     opt = _adam(net, warmup_lr, betas, eps)
-    for idx in _batches(len(X), int(batch_size), int(warmup_steps), seed):
+    for idx in _batches(N, batch_size, warmup_steps, seed):
         opt.zero_grad(set_to_none=True)
         loss_fn(net(X[idx]), y[idx]).backward()
         opt.step()
-    return WarmState(net, copy.deepcopy(opt.state_dict()), int(batch_size), int(warmup_steps),
-                     float(warmup_lr), tuple(betas), float(eps), int(seed),
-                     _full_loss(net, loss_fn, X, y))
+    bad = [n for n, p in net.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        why = ("eps=0 and a coordinate whose gradient stayed zero (Adam's step is 0/0 there); "
+               "use eps > 0" if eps == 0 else f"the warm-up diverged at warmup_lr={warmup_lr:g}")
+        raise ValueError(f"warm_adam_state: parameter {bad[0]!r} is not finite after "
+                         f"{warmup_steps} warm-up steps: {why}")
+    return WarmState(net, copy.deepcopy(opt.state_dict()), batch_size, warmup_steps,
+                     warmup_lr, tuple(betas), eps, seed, _full_loss(net, loss_fn, X, y))
 
 
 class _FrozenAdam:
@@ -1021,6 +1050,7 @@ def adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 0.999), eps
     if lr0 is not None and not callable(lr0):
         lr0 = as_float("lr0", lr0, positive=True)
     betas = _as_betas(betas)
+    eps = as_float("eps", eps, nonnegative=True)
     F = adam_factor(betas[0])
     shape = (len(bs), len(seeds))
     per, lo, hi, first, lam, s2, pst, pms = (np.full(shape, np.nan) for _ in range(8))

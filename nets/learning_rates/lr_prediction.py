@@ -144,8 +144,9 @@ def _group_settings(opt: torch.optim.Optimizer) -> dict:
         other = {k: g[k] for k in _KEYS if k in g}
         if other != first:
             raise ValueError(f"optimizer: param groups differ in {sorted(set(first.items()) ^ set(other.items()))}; "
-                             "the stability limit needs one setting (pass optimizer_settings "
-                             "for the group you want)")
+                             "the stability limit needs one setting (build the optimizer with "
+                             "one setting for every group; where settings are taken instead "
+                             "of an optimizer, pass optimizer_settings for the group you want)")
     return first
 
 
