@@ -133,6 +133,13 @@ def test_isotropic_noise_estimates_trace_of_the_noise_covariance():
     # each probe value is the directional noise along that (unit Rademacher) probe
     z = np.random.default_rng(3).choice([-1.0, 1.0], size=(P, 40))[:, 0] / np.sqrt(P)
     assert est.per_probe[0] == pytest.approx(dense_s2(C, torch.from_numpy(z)), rel=1e-8)
+    # one probe: stderr NaN, written "nan" as by every result (a bare NaN was written: not
+    # JSON, and json.dumps(..., allow_nan=False) raised; an outside sweep)
+    import json
+
+    one = isotropic_noise(model, loss_fn, (X, y), num_probes=1, seed=3)
+    d = json.loads(json.dumps(one.to_dict(), allow_nan=False))
+    assert d["stderr"] == "nan" and d["s2"] == pytest.approx(one.s2)
 
 
 def test_bad_input():

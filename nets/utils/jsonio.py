@@ -34,7 +34,7 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, float):
         return _float(obj)
     if hasattr(obj, "to_dict") and callable(obj.to_dict):
-        return obj.to_dict()
+        return to_jsonable(obj.to_dict())     # a nested object's own dict, made strict too
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, dict):
