@@ -158,3 +158,26 @@ def test_bit_identical_in_a_fresh_process(reference, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     fresh = json.loads(proc.stdout.strip().splitlines()[-1])
     assert fresh == ref
+
+
+def test_forward_mode_entry_points_run_with_warnings_as_errors(tmp_path):
+    """torch loads its forward-mode decompositions on the first jvp, and they call the
+    deprecated torch.jit.script: under `-W error` every forward-mode entry point (GGN
+    products, the linearised forms) failed with that DeprecationWarning in a fresh
+    process (an outside sweep). The package loads them quietly on import."""
+    script = textwrap.dedent(f"""
+        import sys, warnings
+        sys.path.insert(0, {ROOT!r})
+        warnings.simplefilter("error")
+        import torch
+        import torch.nn.functional as F
+        from torch import nn
+        import nets
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+        X, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
+        print(nets.top_eigenvalues(model, F.cross_entropy, (X, y), 2, kind="ggn"))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -55,6 +55,24 @@ from nets.utils.data_source import as_data_source
 from nets.utils.modes import kept_modes, kept_rng
 from nets.utils.vmapping import vmap_or_loop
 
+
+def _load_jvp_decompositions() -> None:
+    """Load torch's forward-mode decompositions now, quietly: torch loads them on the first
+    forward-mode product (under the same condition) and they call the deprecated
+    `torch.jit.script`, whose DeprecationWarning made every forward-mode entry point (GGN
+    products, the linearised forms) fail under `warnings.simplefilter("error")` or
+    `pytest -W error` (an outside sweep). 0.2 s, once per process."""
+    import os
+
+    if os.environ.get("PYTORCH_JIT", "1") == "1" and __debug__:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*",
+                                    category=DeprecationWarning)
+            from torch._decomp import decompositions_for_jvp  # noqa: F401
+
+
+_load_jvp_decompositions()
+
 POLICIES = (None, "eval", "train_batch_stats")
 #: cache_graph="auto" keeps the per-batch gradient graphs when the inputs held total at
 #: most this many numbers (e.g. the full digits set, 1797×64), where the graph memory is
