@@ -83,7 +83,10 @@ class EigenResult(Result):
     """Extremal eigenpairs from `eigsh`.
 
     values : (k,) ordered by `which` ("LA": descending, "SA": ascending, "LM":
-    descending |λ|); vectors : torch (P, k) float64 unit eigenvectors or None;
+    descending |λ|); vectors : torch (P, k) float64 unit eigenvectors or None, each
+    signed so that its entry of largest magnitude is positive (an eigenvector's sign is
+    arbitrary: without a convention a float32 copy of a model gave the opposite sign to
+    float64, and signed products of it — subspace_noise's off-diagonals — flipped);
     residuals : ‖A y − θ y‖; converged : bool per pair; num_matvecs : operator
     products used; num_restarts; seed; which; tol; norm_estimate : the run's estimate of
     ‖A‖ (a lower bound: the largest |Ritz value| and |α_j| + β_j seen); zero_tol :
@@ -516,7 +519,7 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-10, max_steps: int 
             bar.total = bar.n
             redraw(bar)
             bar.close()
-    return EigenResult(values=values, vectors=vectors if return_vectors else None,
+    return EigenResult(values=values, vectors=_signed(vectors) if return_vectors else None,
                        residuals=resid, converged=ok, num_matvecs=matvecs,
                        num_restarts=restarts, seed=None if v0 is not None else seed,
                        which=which, tol=tol, norm_estimate=anorm,
@@ -529,6 +532,15 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-10, max_steps: int 
 # check costs +38 / +34 / +26 / +11 % products at 1e-3 against +103 / +91 / +75 / +50 %
 # when run to convergence
 _SETTLE = 1e-3
+
+
+def _signed(vectors):
+    """Each column multiplied by the sign of its entry of largest magnitude."""
+    if vectors is None or vectors.numel() == 0:
+        return vectors
+    idx = vectors.abs().argmax(0)
+    sign = torch.sign(vectors[idx, torch.arange(vectors.shape[1], device=vectors.device)])
+    return vectors * torch.where(sign == 0, torch.ones_like(sign), sign)
 
 
 def _missed_pairs(op, values, vectors, which, tol, anorm, rng, bar, budget):
@@ -560,13 +572,28 @@ def _missed_pairs(op, values, vectors, which, tol, anorm, rng, bar, budget):
     if not _beats(theta, last, which, margin):
         # absent if the run settled or converged; the budget ran out before it could say
         return ("absent" if bool(first[3][0]) or settled(theta, r) else "undecided"), None, used
-    if used >= budget:          # a missed eigenvalue seen, no products left: its Ritz pair
-        return "found", (first[0], first[1], first[2], np.zeros(1, bool)), used
     kc = min(k, P - k)
+    if budget - used <= kc:     # a missed eigenvalue seen, too few products left to find
+        # the complement's pairs and measure them on A: its Ritz pair, unconfirmed
+        return "found", (first[0], first[1], first[2], np.zeros(1, bool)), used
     mc = min(P, max(2 * kc + 10, 20))
     q = torch.from_numpy(rng.standard_normal(P)).to(vectors.device)
-    out = _krylov_schur(defl, kc, which, tol, budget - used, mc, rng, q, bar, True)
-    return "found", out[:4], used + out[4]
+    out = _krylov_schur(defl, kc, which, tol, budget - used - kc, mc, rng, q, bar, True)
+    return "found", _true_pairs(op, out[1], tol, anorm, bar), used + out[4] + kc
+
+
+def _true_pairs(op, Y, tol, anorm, bar):
+    """(θ, Y, ‖A y − θ y‖, converged) for vectors found on the deflated operator, measured
+    on `op` itself (one product per vector): the deflated run's residuals are those of the
+    shifted projection, not of A (a pair reported at 3.5e-17 had 3.1e-4, 31× its target,
+    and was flagged converged; an outside sweep)."""
+    AY = op.matmat(Y.to(op.dtype)).to(torch.float64)
+    if bar is not None:
+        bar.update(Y.shape[1])
+    theta = (Y * AY).sum(0)
+    r = torch.linalg.vector_norm(AY - Y * theta, dim=0).cpu().numpy()
+    theta = theta.cpu().numpy()
+    return theta, Y, r, r <= _tolerance(theta, tol, op, anorm)
 
 
 def _merge(values, vectors, resid, found, which, k):
@@ -597,6 +624,18 @@ def _stop_now(stop, Tj, beta, which) -> bool:
     return bool(stop(float(theta[i]), abs(beta * S[-1, i])))
 
 
+def _live_block_settled(theta, S, resid, blk, size, which, tol, op, anorm) -> bool:
+    """After an invariant subspace: whether the best Ritz pair of the live block (the one
+    still growing, holding basis vector `size`) has converged, so that the rest of the
+    space holds nothing beyond it. Each Ritz vector lies in one block (T is block
+    diagonal across a breakdown); the live block may have no pair yet."""
+    live = [i for i in range(size) if blk[int(np.abs(S[:, i]).argmax())] == blk[size]]
+    if not live:
+        return False
+    best = live[int(_order(theta[live], which)[0])]
+    return bool(resid[best] <= _tolerance(theta[best], tol, op, anorm))
+
+
 def _krylov_schur(op, k, which, tol, max_mv, m, rng, q, bar, want_vectors, stop=None):
     """The thick-restart iteration of `eigsh` from the start vector q: (values, vectors
     or None, residuals, converged, products, restarts, ‖A‖ estimate). `stop(θ, r)` (k = 1;
@@ -611,6 +650,9 @@ def _krylov_schur(op, k, which, tol, max_mv, m, rng, q, bar, want_vectors, stop=
     V[0] = q / torch.linalg.vector_norm(q)
     T = np.zeros((m, m))
     l, matvecs, restarts, anorm, halted, broke = 0, 0, 0, 0.0, False, False
+    # blk[i]: which Krylov block basis vector i belongs to; a fresh random direction after
+    # an invariant subspace starts a new block (uncoupled in T), the live one is blk[size]
+    blk, n_blocks = np.zeros(m + 1, dtype=np.int64), 1
     if stop is None and k == 1:
         # one wanted pair: test convergence after every product, so that a warm start
         # (v0 near the answer) or a well-separated top ends before the cycle is full
@@ -643,8 +685,10 @@ def _krylov_schur(op, k, which, tol, max_mv, m, rng, q, bar, want_vectors, stop=
                 V[j + 1] = r / torch.linalg.vector_norm(r)
                 beta = 0.0
                 broke = True    # the space held only part of the spectrum: no early stop
+                blk[j + 1], n_blocks = n_blocks, n_blocks + 1
             else:
                 V[j + 1] = w / beta
+                blk[j + 1] = blk[j]
             beta_last = beta
             if (stop is not None and not broke and matvecs >= _MIN_EARLY
                     and _stop_now(stop, T[: j + 1, : j + 1], beta, which)):
@@ -660,6 +704,12 @@ def _krylov_schur(op, k, which, tol, max_mv, m, rng, q, bar, want_vectors, stop=
         order = _order(theta, which)
         want = order[:k]
         ok = resid[want] <= _tolerance(theta[want], tol, op, anorm)
+        if broke and size < P and not _live_block_settled(theta, S, resid, blk, size, which,
+                                                         tol, op, anorm):
+            # the pairs of an invariant block have zero residuals whether or not they are
+            # the wanted end (a warm start on another eigenvector returned 9.98 for 10,
+            # 'converged'): until the live block's own best pair converges, none counts
+            ok = np.zeros(len(want), bool)
         if bool(ok.all()) or halted or matvecs >= max_mv or size == P:
             break
         # thick restart: keep the best l Ritz vectors and the residual direction
@@ -671,6 +721,9 @@ def _krylov_schur(op, k, which, tol, max_mv, m, rng, q, bar, want_vectors, stop=
         V.zero_()
         V[:l] = newV
         V[l] = resid_vec
+        live = blk[size]
+        blk = np.concatenate([blk[np.abs(S[:, keep]).argmax(0)], [live],
+                              np.full(m - l, live)])
         T = np.zeros((m, m))
         T[np.arange(l), np.arange(l)] = theta[keep]
         restarts += 1
