@@ -91,5 +91,6 @@ def _values(res: EigenResult, tol) -> np.ndarray:
             f"{bad.size} eigenvalues short of the tolerance tol={tol:g} (largest residual "
             f"{float(np.max(np.asarray(res.residuals)[bad])):.3g}; an eigenvalue at 0, where a "
             "relative tolerance cannot be met, does this): they are approximate; "
-            "extremal_eigenpairs gives the residuals and flags", UserWarning, stacklevel=caller_stacklevel())
+            "nets.algorithms.extremal_eigenpairs gives the residuals and flags", UserWarning,
+            stacklevel=caller_stacklevel())
     return res.values

@@ -251,8 +251,8 @@ def preconditioned_operator(model, loss_fn, data, preconditioner, *, indices=Non
 @result
 class PreconditionedSharpness(Result):
     """E_S λ_max(D^{1/2} H_S D^{1/2}) over random batches S: batch_sizes, mean, std
-    (ddof=1), values (n_B, n_batches), lr = F/mean (the stability limit it implies),
-    beta1, n_batches, seed."""
+    (ddof=1; NaN for one batch), values (n_B, n_batches), lr = F/mean (the stability
+    limit it implies), beta1, n_batches, seed."""
 
     batch_sizes: np.ndarray
     mean: np.ndarray
@@ -368,7 +368,7 @@ def preconditioned_batch_sharpness(model, loss_fn, data, batch_sizes, *, precond
                         sat, top_weight, params=params, policy=policy, device=device,
                         dtype=dtype)
     mean = vals.mean(1)
-    std = vals.std(1, ddof=1) if n_batches > 1 else np.zeros(len(bs))
+    std = vals.std(1, ddof=1) if n_batches > 1 else np.full(len(bs), np.nan)   # one batch: unknown
     return PreconditionedSharpness(bs, mean, std, vals, adam_factor(beta1) / mean,
                                    float(beta1), n_batches, seed)
 

@@ -56,7 +56,8 @@ FORMS = ("isotropic", "directional", "subspace", "resolved")
 class BatchTopEigenvalues(Result):
     """Measured top eigenvalue of H_B (or G_B) per batch size.
 
-    batch_sizes : (n_B,); mean, std (ddof=1; 0 for one batch), stderr = std/√n_batches :
+    batch_sizes : (n_B,); mean, std (ddof=1; NaN for one batch, as for one probe of a
+    trace: 0 was a zero-width error bar on one random draw), stderr = std/√n_batches :
     (n_B,); values, converged : one (n_batches,) array per B; indices : one
     (n_batches, B) sample-index array per B; n_batches; kind; seed (the int seed used)."""
 
@@ -251,7 +252,7 @@ def measure_batch_top_eigenvalue(model, loss_fn, data, batch_sizes, *, n_batches
                                     "converged": [bool(o) for o in oks], "indices": idx_B})
     values, conv, indices = zip(*(done[int(B)] for B in Bs))
     mean = np.array([v.mean() for v in values])
-    std = np.array([v.std(ddof=1) if len(v) > 1 else 0.0 for v in values])
+    std = np.array([v.std(ddof=1) if len(v) > 1 else np.nan for v in values])   # one batch: unknown
     return BatchTopEigenvalues(batch_sizes=Bs, mean=mean, std=std, stderr=std / np.sqrt(n_batches),
                                values=list(values), converged=list(conv), indices=list(indices),
                                n_batches=n_batches, kind=full.kind, seed=seed)
