@@ -108,8 +108,10 @@ def test_parameter_subset_and_layers_that_mix_samples():
     Xm = torch.randn(6, 3, dtype=torch.float64)
     op = hessian_operator(mixed, CE, (Xm, torch.randint(0, 2, (6,))), dtype=torch.float64,
                           policy="train_batch_stats")
-    sj = SampleJacobians(op)
-    assert not sj.batched and sj.ghost == () and len(sj.formed) == 6
+    # a sample's Jacobian under batch statistics depends on its batch (the Grams, one sample
+    # alone, and the products, the chunk's statistics, disagreed by 33 %): refused
+    with pytest.raises(ValueError, match="train_batch_stats"):
+        SampleJacobians(op)
 
 
 @pytest.mark.parametrize("T,din,dout", [(1, 5, 2), (3, 60, 40), (40, 5, 2)])
@@ -195,3 +197,87 @@ def test_grams_inside_a_callers_no_grad_or_inference_mode(mode):
     with mode():
         got = SampleJacobians(op).grams(X)[1]
     np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-12)
+
+
+class _Clipped(nn.Module):
+    """A Linear whose output is clipped in place (Hardtanh(inplace=True) style)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(self.a(x).clamp_(-0.5, 0.5))
+
+
+class _Keyword(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(input=torch.tanh(self.a(input=x)))
+
+
+class _Flattened(nn.Module):
+    """A token MLP that flattens (N, T, d) to (N·T, d) before its Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 5), nn.Linear(5 * 4, 3)
+
+    def forward(self, x):
+        n = x.shape[0]
+        h = torch.tanh(self.a(x.reshape(n * 4, 3)))
+        return self.b(h.reshape(n, 20))
+
+
+@pytest.mark.parametrize("cls", [_Clipped, _Keyword, _Flattened])
+def test_layers_the_per_layer_path_cannot_read_take_the_formed_path(cls):
+    """From an outside sweep: an in-place clip after a Linear gave K_i 3.4× too large on
+    the samples it clipped (the two-sample check used unclipped ones); a layer called
+    with a keyword raised IndexError; a Linear on (N·T, d) rows raised an einsum error.
+    Each now takes the formed path, exactly."""
+    torch.manual_seed(1)
+    model = cls().double()
+    shape = (8, 4, 3) if cls is _Flattened else (8, 4)
+    X = torch.randn(*shape, dtype=torch.float64)
+    if cls is _Clipped:
+        X[:2] *= 0.05                     # the check's two samples stay inside the clip
+        X[2:] *= 4.0
+    op = hessian_operator(model, CE, (X, torch.randint(0, 3, (8,))), dtype=torch.float64)
+    sj = SampleJacobians(op)
+    J = output_jacobians(model, X)
+    np.testing.assert_allclose(sj.grams(X)[1].numpy(), (J @ J.transpose(1, 2)).numpy(),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_an_embedding_padding_row_is_no_direction():
+    """nn.Embedding(padding_idx=…): backward gives the padding row no gradient but forward
+    mode carried its tangent, so J v disagreed with the Grams and the Gauss–Newton
+    operator was not symmetric (uᵀGv 0.2234, vᵀGu 0.2316)."""
+    from nets.curvature.operators import ggn_operator
+
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4, padding_idx=0)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(torch.tanh(self.emb(x).mean(1)))
+
+    torch.manual_seed(2)
+    model = Bag().double()
+    X = torch.randint(0, 10, (12, 5))
+    X[:, -1] = 0                                      # every sample holds padding
+    y = torch.randint(0, 3, (12,))
+    G = ggn_operator(model, CE, (X, y))
+    g = torch.Generator().manual_seed(0)
+    u, v = (torch.randn(G.P, generator=g, dtype=torch.float64) for _ in range(2))
+    assert float(u @ G.matvec(v)) == pytest.approx(float(v @ G.matvec(u)), rel=1e-12)
+    sj = SampleJacobians(G)
+    J = output_jacobians(model, X)                    # reverse mode: padding row zero
+    V = torch.randn(G.P, 2, generator=g, dtype=torch.float64)
+    np.testing.assert_allclose(sj.jvp(X, V).numpy(), (J @ V).numpy(), rtol=1e-10, atol=1e-12)
+

@@ -428,6 +428,18 @@ def _graph_fits(N: int, graph_bytes_per_sample: float, device) -> bool:
     return N * GRAPH_PRODUCT_FACTOR * graph_bytes_per_sample <= memory_budget(None, device) / 2
 
 
+def _padding_rows(model: nn.Module, names) -> list[tuple[int, int]]:
+    """(position in `names`, row) of each selected `nn.Embedding` weight's padding row."""
+    index = {n: j for j, n in enumerate(names)}
+    rows = []
+    for mname, mod in model.named_modules():
+        if isinstance(mod, nn.Embedding) and mod.padding_idx is not None:
+            j = index.get(f"{mname}.weight" if mname else "weight")
+            if j is not None:
+                rows.append((j, int(mod.padding_idx) % mod.num_embeddings))
+    return rows
+
+
 def default_chunk_size(N: int, graph_bytes_per_sample: float, device) -> int:
     """Samples per chunk when none is given: as many as keep one product's working memory
     (GRAPH_PRODUCT_FACTOR × the measured graph bytes per sample) below the memory budget,
@@ -752,6 +764,7 @@ class ModelCurvatureOperator(CurvatureOperator):
         double-vjp identity (z ↦ Jᵀz is linear, so its pullback at z = 0 along v is Jv;
         one more backward pass). out_pull : (f(primals), its vjp pullback) if already
         built."""
+        vt = self._live_tangent(vt)
         if not self._no_forward_ad:
             try:
                 return jvp(f, self.primals, vt)[1]
@@ -759,6 +772,22 @@ class ModelCurvatureOperator(CurvatureOperator):
                 self._no_forward_ad = True
         out, pull = vjp(f, *self.primals) if out_pull is None else out_pull
         return vjp(pull, torch.zeros_like(out))[1](tuple(vt))[0]
+
+    def _live_tangent(self, vt):
+        """The tangent with the padding rows of `nn.Embedding(padding_idx=…)` weights zeroed:
+        torch's backward gives those rows no gradient, but forward mode carries their
+        tangent, so J v and Jᵀ disagreed there and the Gauss–Newton operator was not
+        symmetric (uᵀGv 0.2234 against vᵀGu 0.2316; an outside sweep)."""
+        dead = getattr(self, "_dead_rows", None)
+        if dead is None:
+            dead = self._dead_rows = _padding_rows(self.model, self.layout.names)
+        if not dead:
+            return vt
+        vt = list(vt)
+        for j, row in dead:
+            vt[j] = vt[j].clone()
+            vt[j][row] = 0
+        return tuple(vt)
 
     def _pullbacks(self):
         """Per-batch product maps: built lazily one batch at a time (only one batch's

@@ -65,26 +65,51 @@ class SampleJacobians:
     def __init__(self, op: ModelCurvatureOperator, *, max_outputs: int = 1024):
         if not isinstance(op, ModelCurvatureOperator):
             raise TypeError(f"op must be a ModelCurvatureOperator, got {type(op).__name__}")
+        if op.policy == "train_batch_stats":
+            # a sample's Jacobian under batch statistics depends on its batch: the per-sample
+            # Grams (one sample alone) and the products (the chunk's statistics) disagreed
+            # by 33 % on a BatchNorm CNN (an outside sweep)
+            raise ValueError("per-sample Jacobians are undefined with policy="
+                             "'train_batch_stats' (batch statistics couple the samples); use "
+                             "policy='eval'")
         self.op = op
         x0, _ = op.source.take([0, min(1, op.N - 1)], device=op.device, dtype=op.dtype)
         calls: dict[str, int] = {}
         sizes: dict[str, int] = {}             # module: output numbers per sample
+        seen: dict[str, tuple] = {}            # module: (input, its version, output, version)
 
         def count(m, i, o, n):
             calls[n] = calls.get(n, 0) + 1
             if isinstance(o, torch.Tensor):
                 sizes[n] = o.numel() // x0.shape[0]
+            a = i[0] if i and isinstance(i[0], torch.Tensor) else None
+            seen[n] = (a, None if a is None else a._version, o,
+                       o._version if isinstance(o, torch.Tensor) else None)
 
         hooks = [m.register_forward_hook(lambda m, i, o, n=n: count(m, i, o, n))
                  for n, m in op.model.named_modules()]
         try:
-            with torch.no_grad(), policy_mode(op.model, op.policy):
-                out = op._forward(op.primals, x0)
+            # outside a caller's inference mode: its tensors keep no version counter
+            with torch.inference_mode(False), torch.no_grad(), policy_mode(op.model, op.policy):
+                xv = x0.clone() if x0.is_inference() else x0
+                prim = tuple(p.clone() if p.is_inference() else p for p in op.primals)
+                out = op._forward(prim, xv)
                 self.batched = not any(isinstance(m, nn.modules.batchnorm._BatchNorm)
                                        and m.training for m in op.model.modules())
         finally:
             for h in hooks:
                 h.remove()
+        # a layer's share reads its input and output as the forward left them: one written
+        # in place afterwards (h.mul_(mask), Hardtanh(inplace=True)) or not a (samples, …)
+        # tensor — a keyword-only call, a sequence-first or flattened (N·T, d) input — cannot
+        # take the per-layer path (a clip after a Linear gave K_i 3.4× too large on the
+        # samples it clipped, which the two-sample check did not see; an outside sweep)
+        n0 = x0.shape[0]
+        plain = {n for n, (a, va, o, vo) in seen.items()
+                 if a is not None and isinstance(o, torch.Tensor) and a._version == va
+                 and o._version == vo and a.ndim >= 1 and o.ndim >= 1
+                 and a.shape[0] == n0 and o.shape[0] == n0}
+        seen.clear()
         if not isinstance(out, torch.Tensor):
             raise TypeError("per-sample Jacobians need a model whose output is one tensor per "
                             f"sample, got {type(out).__name__}")
@@ -100,7 +125,8 @@ class SampleJacobians:
             for mname, mod in op.model.named_modules():
                 pre = f"{mname}." if mname else ""
                 wname = pre + "weight"
-                if calls.get(mname, 0) != 1 or wname not in index or not _supported(mod):
+                if (calls.get(mname, 0) != 1 or wname not in index or not _supported(mod)
+                        or mname not in plain):
                     continue
                 bname = pre + "bias"
                 bpos = index.get(bname) if getattr(mod, "bias", None) is not None else None
@@ -133,7 +159,9 @@ class SampleJacobians:
         JTr = self.vjp_each(x0, r).to(torch.float64)                        # (2, P)
         offsets = op.layout.offsets
         numels = op.layout.numels
-        tol = 1e-8 if op.dtype == torch.float64 else 1e-3
+        # float32: 1e-5 (at 1e-3 a weight also read outside its layer with a factor 1e-4
+        # passed with K_i off by 3e-5, where float32 rounding is ~5e-8)
+        tol = {torch.float64: 1e-8, torch.float32: 1e-5}.get(op.dtype, 1e-3)
         keep = []
         for (entry, Kl) in zip(self._ghost, shares):
             cols = [j for j in entry[2:] if j is not None]
