@@ -154,6 +154,13 @@ def test_bad_inputs():
         linearized_threshold(model, F.cross_entropy, data, [8], jacobians="dense")
     with pytest.raises(ValueError, match="rank"):
         linearized_threshold(model, F.cross_entropy, data, [8], rank=0, lr_range=(0.1, 1.0))
+    # as for the real thresholds: factor and every extra factor > 1 (1.0 gave a number
+    # training_threshold refuses, 0.5 all NaN); seeds=None a TypeError naming seeds
+    for kw in (dict(factor=1.0), dict(factor=0.5), dict(extra_factors=(0.5,))):
+        with pytest.raises(ValueError, match="factor"):
+            linearized_threshold(model, F.cross_entropy, data, [8], lr_range=(0.1, 1.0), **kw)
+    with pytest.raises(TypeError, match="seeds"):
+        linearized_threshold(model, F.cross_entropy, data, [8], seeds=None, lr_range=(0.1, 1.0))
 
 
 @pytest.mark.parametrize("warm", [0, 20])

@@ -463,6 +463,7 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
     from nets.learning_rates.lr_search import (
         _read_momentum,
         _top_direction,
+        as_growth_factor,
         as_seeds,
         seed_mean_stderr,
     )
@@ -474,8 +475,10 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
     if not callable(loss_fn):
         raise TypeError("loss_fn must be callable")
     m, nest = _read_momentum(optimizer, momentum, nesterov)
-    k = as_float("factor", factor, positive=True)
-    extras = tuple(as_float("extra_factors", f, positive=True) for f in np.atleast_1d(extra_factors))
+    # > 1, as for the real thresholds it models (factor=1 gave a number training_threshold
+    # refuses; 0.5 an all-NaN result; an extra factor ≤ 1 widened the grid; an outside sweep)
+    k = as_growth_factor(factor)
+    extras = tuple(as_growth_factor(f, "extra_factors") for f in np.atleast_1d(extra_factors))
     K = as_int("steps", steps, minimum=1)
     n_grid = as_int("n_grid", n_grid, minimum=4)
     seeds = as_seeds(seeds)

@@ -636,7 +636,12 @@ def as_seeds(seeds) -> tuple:
     """The batch-sequence seeds: one int or a sequence of them, not empty and without
     repeats (a repeated seed repeats its batches, so the standard error would count one
     measurement twice — (0, 0, 0) reported a standard error of 0)."""
+    if seeds is None:
+        raise TypeError("seeds must be an int or a sequence of ints >= 0 (one batch sequence "
+                        "each), got None")
     out = tuple(as_seed("seeds", s) for s in np.atleast_1d(seeds).tolist())
+    if not all(isinstance(s, int) for s in out):
+        raise TypeError(f"seeds must be ints >= 0 (one batch sequence each), got {seeds!r}")
     if not out:
         raise ValueError("seeds must not be empty")
     if len(set(out)) < len(out):
@@ -644,11 +649,11 @@ def as_seeds(seeds) -> tuple:
     return out
 
 
-def as_growth_factor(factor) -> float:
+def as_growth_factor(factor, name: str = "factor") -> float:
     """The divergence criterion's k (loss ever > k× its start): a float > 1."""
-    k = as_float("factor", factor, positive=True)
+    k = as_float(name, factor, positive=True)
     if not k > 1:
-        raise ValueError(f"factor must be > 1 (loss ever > factor × its start), got {factor}")
+        raise ValueError(f"{name} must be > 1 (loss ever > factor × its start), got {factor}")
     return k
 
 
