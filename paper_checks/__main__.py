@@ -89,6 +89,17 @@ def validate(args, parser: argparse.ArgumentParser) -> None:
         parser.error("--data is only used with --scale paper")
     if args.device == "cuda" and not _cuda_available():
         parser.error("--device cuda requested but no CUDA GPU is available")
+    _check_numbers(args, parser)
+    out = check_out_dir(args.out, parser, "--out")
+    from .report import readme_is_ours
+
+    if not readme_is_ours(out):
+        parser.error(f"--out {args.out!r} holds a README.md that is not a paper_checks "
+                     "report (it would be overwritten): choose another --out")
+
+
+def _check_numbers(args, parser) -> None:
+    """--seed, --threads and --jobs in range (sets the default --jobs)."""
     if not 0 <= args.seed <= MAX_SEED:
         parser.error(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
     if not 1 <= args.threads <= MAX_THREADS:
@@ -97,7 +108,6 @@ def validate(args, parser: argparse.ArgumentParser) -> None:
         args.jobs = args.threads
     if not 1 <= args.jobs <= args.threads:
         parser.error(f"--jobs must be in [1, --threads = {args.threads}], got {args.jobs}")
-    check_out_dir(args.out, parser, "--out")
 
 
 def check_out_dir(value: str, parser: argparse.ArgumentParser, option: str) -> Path:
@@ -141,23 +151,36 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from .checks import all_names, load
 
+    _check_numbers(args, parser)        # --list and --redraw too (they ignored bad values)
     if args.list:
         for mod in load(all_names(args.scale)):
             print(f"{mod.NAME:28s} {mod.CLAIM}")
         return 0
     if args.redraw is not None:
-        from .report import load_results, redraw, write_readme
+        from .report import is_report, redraw, report_results, write_readme
         from .runner import ReportFolderInUse, report_lock
 
+        ignored = [opt for opt, given in (("--only", args.only), ("--quick", args.quick),
+                                          ("--fresh", args.fresh), ("--seed", args.seed != 0),
+                                          ("--scale", args.scale != "default"),
+                                          ("--data", args.data), ("--out", args.out != "report"))
+                   if given]
+        if ignored:
+            parser.error(f"--redraw recomputes nothing, so {', '.join(ignored)} would be "
+                         "ignored: leave them out")
         if not args.redraw.strip() or not Path(args.redraw).is_dir():
             parser.error(f"--redraw {args.redraw!r} is not a folder")
+        if not is_report(args.redraw):
+            # it rewrote README.md of any folder (a project's own, with --redraw .)
+            parser.error(f"--redraw {args.redraw!r} holds no paper_checks report (no check "
+                         "results, or a README.md written by something else)")
         out = check_out_dir(args.redraw, parser, "--redraw")
         try:
             with report_lock(out):
                 redraw(out)
-                write_readme(load_results(out), out, redrawn=True)
+                write_readme(report_results(out), out, redrawn=True)
         except ReportFolderInUse as exc:
-            parser.error(f"--redraw: {exc}")
+            parser.error(f"--redraw: {str(exc).replace('or choose another --out', 'then redraw')}")
         return 0
     names = _selected(args, parser)        # before validate creates the --out folder
     validate(args, parser)
@@ -192,10 +215,20 @@ def main(argv=None) -> int:
             results = run_checks(load(names), ctx, out, fresh=args.fresh,
                                  progress=not args.no_progress, on_result=refresh, lock=False,
                                  jobs=args.jobs, threads=max(1, args.threads // args.jobs))
-        except KeyboardInterrupt:
-            print(f"\ninterrupted: {len(done)} finished check(s) are stored in {out}; run the "
-                  "same command again to resume", file=sys.stderr)
-            return 130
+        except (KeyboardInterrupt, SystemExit) as exc:
+            # Ctrl-C; SIGTERM or SIGHUP during a parallel run (SystemExit 143 / 129)
+            code = 130 if isinstance(exc, KeyboardInterrupt) else exc.code
+            if not isinstance(code, int) or code < 128:
+                raise
+            kept = [r for r in done if r.verdict in ("pass", "fail")]
+            missing = [n for n in names if n not in {r.name for r in done}]
+            write_readme(done, out, wall_seconds=time.perf_counter() - t0,
+                         command=command.strip(),
+                         note=f"Interrupted: {len(missing)} check(s) not run "
+                              f"({', '.join(missing)}); run the same command to resume.")
+            print(f"\ninterrupted: {len(kept)} finished check(s) are stored in {out} (errors "
+                  "and skips are not); run the same command again to resume", file=sys.stderr)
+            return code
         wall = time.perf_counter() - t0
         write_readme(results, out, wall_seconds=wall, command=command.strip())
     print()

@@ -61,7 +61,8 @@ class Context:
         served: any edit to rmt/, nets/ or paper_checks/ recomputes) and the versions of
         the numerical libraries underneath (another torch gives other round-off, and
         thresholds found by bisection can move by a step)."""
-        return (f"seed={self.seed},quick={int(self.quick)},scale={self.scale},"
+        data = f",data={Path(self.data).resolve()}" if self.data is not None else ""
+        return (f"seed={self.seed},quick={int(self.quick)},scale={self.scale}{data},"
                 f"device={self.device},code={source_fingerprint()},libs={library_versions()}")
 
 

@@ -70,10 +70,12 @@ def run_line(out_dir: str | Path) -> str | None:
 
 def write_readme(results: Sequence[CheckResult], out_dir: str | Path, *,
                  title: str = "Paper checks", wall_seconds: float | None = None,
-                 command: str = "python -m paper_checks", redrawn: bool = False) -> Path:
+                 command: str = "python -m paper_checks", redrawn: bool = False,
+                 note: str | None = None) -> Path:
     """The report `out_dir/README.md`. With `redrawn=True` (`--redraw`) the run line of
     the report already there (the command that computed the results, its date and wall
-    time) is kept and the redraw noted under it."""
+    time) is kept and the redraw noted under it. `note`: a line under the run line (an
+    interrupted run says so, and which checks it did not reach)."""
     out_dir = Path(out_dir)
     counts = summary_counts(results)
     parts = [f"# {title}", ""]
@@ -90,6 +92,9 @@ def write_readme(results: Sequence[CheckResult], out_dir: str | Path, *,
     if redrawn:
         parts.append(f"Figures and this page redrawn from the JSON files {now} "
                      f"(`python -m paper_checks --redraw`), nothing recomputed.")
+    if note:
+        parts.append("")
+        parts.append(f"**{note}**")
     parts.append("")
     parts.append(", ".join(f"**{v}** {k}" for k, v in counts.items()) + ".")
     parts.append("")
@@ -154,12 +159,58 @@ def load_results(out_dir: str | Path) -> list[CheckResult]:
 
     results = []
     for js in sorted(Path(out_dir).glob("*.json")):
+        if not js.is_file():                # a folder named *.json crashed --redraw
+            continue
         try:
             results.append(CheckResult.load(js))
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, OSError) as exc:
             print(f"note: {js.name} is not a check result, skipped ({type(exc).__name__})",
                   file=sys.stderr)
     return results
+
+
+def reported_names(out_dir: str | Path) -> list[str] | None:
+    """The checks the report in `out_dir` lists (its '## name' sections), None when there
+    is no report: a run with --only writes a report of its own checks and leaves the other
+    checks' files of an earlier run in the folder, which --redraw must not mix in (it did:
+    a seed-0 fail shown under the seed-1 run's command line; an outside sweep)."""
+    path = Path(out_dir) / "README.md"
+    if not path.exists() or not readme_is_ours(out_dir):
+        return None
+    text = path.read_text(encoding="utf-8")
+    return [line[3:].strip() for line in text.splitlines() if line.startswith("## ")]
+
+
+def readme_is_ours(out_dir: str | Path) -> bool:
+    """Whether `out_dir/README.md` is absent or a paper_checks report (its title or run
+    line), i.e. safe to rewrite."""
+    path = Path(out_dir) / "README.md"
+    if not path.exists():
+        return True
+    try:
+        first = path.read_text(encoding="utf-8").splitlines()[:1]
+    except (OSError, UnicodeDecodeError):
+        return False
+    return first == ["# Paper checks"] or run_line(out_dir) is not None
+
+
+def is_report(out_dir: str | Path) -> bool:
+    """Whether `out_dir` holds a paper_checks report: a README of ours with at least one
+    check result beside it."""
+    return readme_is_ours(out_dir) and bool(load_results(out_dir))
+
+
+def report_results(out_dir: str | Path) -> list[CheckResult]:
+    """The results of the report in `out_dir`, in the order of the checks' registry: those
+    its README lists (`reported_names`), or every check result when it lists none."""
+    from .checks import all_names
+
+    results = load_results(out_dir)
+    names = reported_names(out_dir)
+    if names:
+        results = [r for r in results if r.name in names]
+    order = {n: i for i, n in enumerate(all_names("paper"))}
+    return sorted(results, key=lambda r: (order.get(r.name, len(order)), r.name))
 
 
 def redraw(out_dir: str | Path) -> list[Path]:
@@ -169,7 +220,7 @@ def redraw(out_dir: str | Path) -> list[Path]:
 
     out_dir = Path(out_dir)
     written = []
-    for result in load_results(out_dir):
+    for result in report_results(out_dir):
         try:
             check = by_name(result.name)
         except KeyError:

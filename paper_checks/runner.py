@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import sys
 import tempfile
 import time
 import traceback
@@ -212,17 +213,25 @@ def _run_locked(checks, ctx, out_dir: Path, fresh: bool, progress: bool, on_resu
 
     def finish(check, result, resumed):
         png = out_dir / f"{check.NAME}.png"
+        details = result.details if isinstance(result.details, dict) else {}
+        if "figure_error" in details:       # a stored record of an earlier release
+            result = result.with_(details={k: v for k, v in details.items()
+                                           if k != "figure_error"})
+        clean = result                      # stored: the numbers, not how drawing went
         err = draw(check, result, png)      # also when resumed: the folder's figure may
-        if err:                             # be another seed's
+        drawn = err is None and result.verdict in ("pass", "fail") and bool(result.series)
+        if not drawn and png.exists():      # be another seed's; with no figure of its own
+            png.unlink()                    # (an error, a skip, a failed plot) none stands
+        if err:                             # for this result
             result = result.with_(details={**result.details, "figure_error": err})
         result.save(out_dir / f"{check.NAME}.json")
         if not resumed and result.verdict in ("pass", "fail"):
-            store.put(keys[check.NAME], result.to_dict())
+            store.put(keys[check.NAME], clean.to_dict())
         results[check.NAME] = result
         if bar is not None:
             bar.update(1)
             bar.write(f"  {result.verdict.upper():7s} {check.NAME} ({result.seconds:.1f}s)"
-                      + (" [resumed]" if resumed else ""))
+                      + (" [resumed]" if resumed else "") + (f" [{err}]" if err else ""))
         if on_result is not None:
             on_result(result, resumed)
 
@@ -271,6 +280,25 @@ def _init_worker(threads: int, lock, slots) -> None:
     with slots.get_lock():
         _BAR_POSITION = 1 + slots.value
         slots.value += 1
+    _exit_with_parent()
+
+
+def _exit_with_parent(period: float = 1.0) -> None:
+    """End this worker when the process that started it is gone: a SIGKILLed or hung-up
+    parent left its workers to finish their checks, throw the results away and then sleep
+    for good, holding the caller's output pipe open (an outside sweep: alive after 600 s,
+    a `| tee` waiting on them)."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(period)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="paper-checks-parent-watch", daemon=True).start()
 
 
 def _run_group(names: list[str], ctx: Context) -> list[dict]:
@@ -281,15 +309,22 @@ def _run_group(names: list[str], ctx: Context) -> list[dict]:
     return [run_one(check, ctx).to_dict() for check in load(names)]
 
 
-def _run_parallel(groups, ctx, jobs, threads, finish, bar) -> None:
+def _run_parallel(groups, ctx, jobs, threads, finish, bar, *, retry: bool = True) -> None:
+    """Run the groups in `jobs` spawned workers. A worker that dies (killed, out of
+    memory) breaks the pool, and every group not finished then failed with it — the
+    queued ones included (an outside sweep: four checks reported as errors for one
+    killed worker); those groups are run once more, each in a worker of its own, and only
+    a group whose worker dies again is reported as an error."""
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
 
     from tqdm.auto import tqdm
 
     spawn = mp.get_context("spawn")
     lock = spawn.RLock()
     tqdm.set_lock(lock)
+    broken = []
     with _thread_env(threads), _sigterm_raises(), ProcessPoolExecutor(
             max_workers=jobs, mp_context=spawn, initializer=_init_worker,
             initargs=(threads, lock, spawn.Value("i", 0))) as pool:
@@ -301,11 +336,13 @@ def _run_parallel(groups, ctx, jobs, threads, finish, bar) -> None:
                     group = running.pop(fut)
                     try:
                         done_results = [CheckResult.from_dict(d) for d in fut.result()]
-                    except Exception as exc:  # noqa: BLE001 - a worker died: report, go on
-                        tb = traceback.format_exc()
-                        done_results = [_outcome(c, "error", f"worker process failed: "
-                                                 f"{type(exc).__name__}: {exc}",
-                                                 details={"traceback": tb}) for c in group]
+                    except BrokenProcessPool:
+                        if retry:
+                            broken.append(group)
+                            continue
+                        done_results = _worker_failed(group, twice=True)
+                    except Exception:  # noqa: BLE001 - the worker's call failed: report
+                        done_results = _worker_failed(group, twice=False)
                     for check, result in zip(group, done_results):
                         finish(check, result, False)
                 if bar is not None:
@@ -319,6 +356,16 @@ def _run_parallel(groups, ctx, jobs, threads, finish, bar) -> None:
                 proc.terminate()
             pool.shutdown(wait=False, cancel_futures=True)
             raise
+    for group in broken:
+        _run_parallel([group], ctx, 1, threads, finish, bar, retry=False)
+
+
+def _worker_failed(group, *, twice: bool) -> list[CheckResult]:
+    tb = traceback.format_exc()
+    why = ("its worker process died twice" if twice else "worker process failed")
+    exc = sys.exc_info()[1]
+    return [_outcome(c, "error", f"{why}: {type(exc).__name__}: {exc}",
+                     details={"traceback": tb}) for c in group]
 
 
 @contextlib.contextmanager
@@ -336,11 +383,13 @@ def _sigterm_raises():
     def handler(signum, frame):
         raise SystemExit(128 + signum)
 
-    old = signal.signal(signal.SIGTERM, handler)
+    sigs = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    old = {sig: signal.signal(sig, handler) for sig in sigs}   # a closed terminal as well
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 @contextlib.contextmanager

@@ -327,3 +327,132 @@ def test_sigterm_during_a_parallel_run_stops_the_workers(monkeypatch):
     finally:
         timer.cancel()
         signal.signal(signal.SIGTERM, before)
+
+
+class _Failing(_Check):
+    """A check that raises (mode "run") or whose figure fails (mode "plot")."""
+
+    mode = None
+
+    def run(self, ctx):
+        if self.mode == "run":
+            raise RuntimeError("injected")
+        return super().run(ctx)
+
+    def plot(self, result):
+        if self.mode == "plot":
+            raise RuntimeError("no figure")
+        return super().plot(result)
+
+
+def test_no_figure_of_an_earlier_run_stands_for_a_result_without_one(tmp_path):
+    """From a sweep of the CLI: a check that errored, or whose plot failed, kept the
+    previous run's PNG, and the report embedded it under the new numbers; the figure error
+    was stored with the numbers and outlived a later successful drawing."""
+    check = _Failing()
+    png = tmp_path / "fake.png"
+    run_checks([check], Context(progress=False), tmp_path, progress=False)
+    assert png.exists()
+    check.mode = "plot"
+    (r,) = run_checks([check], Context(progress=False, seed=1), tmp_path, progress=False)
+    assert not png.exists() and "no figure" in r.details["figure_error"]
+    stored = [json.loads(line) for line in (tmp_path / STORE_NAME).read_text().splitlines()]
+    assert all("figure_error" not in rec["value"]["details"] for rec in stored)
+    check.mode = None                        # resumed (same seed), drawn again
+    (r,) = run_checks([check], Context(progress=False, seed=1), tmp_path, progress=False)
+    assert png.exists() and "figure_error" not in r.details
+    check.mode = "run"
+    (r,) = run_checks([check], Context(progress=False, seed=2), tmp_path, progress=False)
+    assert r.verdict == "error" and not png.exists()
+
+
+def test_redraw_and_out_leave_other_folders_alone(tmp_path, capsys):
+    """--redraw rewrote the README.md of any folder (a project's own) and mixed in the
+    results of an earlier run that the folder's report does not list; --out overwrote a
+    foreign README; --redraw and --list ignored options they do not use."""
+    from paper_checks.report import report_results, write_readme
+    from paper_checks.result import CheckResult
+
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "README.md").write_text("# My project\n")
+    (proj / "x.json").write_text(json.dumps(CheckResult(
+        name="ggn_wishart", claim="c", predicted="", measured="", tolerance="",
+        verdict="pass").to_dict()))
+    for argv, option in ((["--redraw", str(proj)], "--redraw"),
+                         (["--quick", "--only", "ggn_wishart", "--out", str(proj)], "--out"),
+                         (["--redraw", str(proj), "--seed", "3"], "--redraw"),
+                         (["--list", "--threads", "0"], "--threads")):
+        with pytest.raises(SystemExit) as info:
+            main(argv + ["--no-progress"])
+        assert info.value.code == 2 and option in capsys.readouterr().err, argv
+    assert (proj / "README.md").read_text() == "# My project\n"
+    rep = tmp_path / "rep"
+    rep.mkdir()
+    mk = lambda name, v: CheckResult(name=name, claim="c", predicted="", measured="",
+                                     tolerance="", verdict=v)
+    old, new = mk("stability_onset", "fail"), mk("ggn_wishart", "pass")
+    for r in (old, new):
+        r.save(rep / f"{r.name}.json")
+    write_readme([new], rep)                 # this run's report: one check
+    assert [r.name for r in report_results(rep)] == ["ggn_wishart"]
+    assert main(["--redraw", str(rep), "--no-progress"]) == 0
+    page = (rep / "README.md").read_text()
+    assert "## ggn_wishart" in page and "stability_onset" not in page
+
+
+def _dies_once(names, ctx):
+    """A worker's group: the first call for c0 kills its worker (marker file), the others
+    return a result."""
+    from paper_checks.result import CheckResult
+
+    marker = Path(os.environ["PC_TEST_MARKER"])
+    if names == ["c0"] and not marker.exists():
+        marker.write_text("died")
+        os._exit(1)
+    time.sleep(0.5)
+    return [CheckResult(name=n, claim="c", predicted="", measured="", tolerance="",
+                        verdict="pass").to_dict() for n in names]
+
+
+def test_a_dead_worker_costs_only_its_own_group_a_retry(tmp_path, monkeypatch):
+    """A killed worker broke the pool and every unfinished group — the queued ones
+    included — was reported as an error; they are now run once more."""
+    import types
+
+    import paper_checks.runner as runner
+
+    monkeypatch.setenv("PC_TEST_MARKER", str(tmp_path / "marker"))
+    monkeypatch.setattr(runner, "_run_group", _dies_once)
+    groups = [[types.SimpleNamespace(NAME=f"c{i}")] for i in range(4)]
+    got = {}
+    runner._run_parallel(groups, None, 2, 1, lambda c, r, resumed: got.__setitem__(c.NAME, r),
+                         None)
+    assert (tmp_path / "marker").exists()
+    assert {n: r.verdict for n, r in got.items()} == {f"c{i}": "pass" for i in range(4)}
+
+
+def test_a_worker_ends_when_its_parent_is_killed(tmp_path):
+    """Workers of a SIGKILLed parent lived on for good (holding the caller's pipe)."""
+    child = ("import sys, time; sys.path.insert(0, %r); "
+             "from paper_checks.runner import _exit_with_parent; "
+             "_exit_with_parent(0.1); print('ready', flush=True); time.sleep(60)" % str(ROOT))
+    parent = ("import subprocess, sys; "
+              f"p = subprocess.Popen([sys.executable, '-c', {child!r}], stdout=subprocess.PIPE); "
+              "line = p.stdout.readline().decode().strip(); print(p.pid, line, flush=True)")
+    out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT)
+    pid, ready = out.stdout.split()
+    pid = int(pid)
+    assert ready == "ready"                  # the watch started before the parent died
+
+    def alive():
+        try:
+            state = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return False
+        return "\nState:\tZ" not in state
+    deadline = time.time() + 15
+    while alive() and time.time() < deadline:
+        time.sleep(0.2)
+    assert not alive()
