@@ -395,20 +395,25 @@ def test_predict_max_lr_measures_only_what_its_limit_reads(small_ls, monkeypatch
     np.testing.assert_array_equal(again, pred)
 
 
-def test_lr_table_sizes_its_gradient_pass_to_the_memory_budget(small_ls, monkeypatch):
-    """The gradient-statistics pass ran in chunks of 256 samples whatever P (a 1.9M-
-    parameter MLP passed 6 GiB): now at most 256, fewer when the budget says so; a given
-    chunk_size is passed on."""
+def _spy_gradient_chunks(monkeypatch) -> list:
+    """The chunk sizes gradient_noise's per-sample pass takes, appended as it runs."""
     gnm = importlib.import_module("nets.noise.gradient_noise")   # the package attribute is the function
-    p, model, loss_fn, data, bs, t = small_ls
-    seen = []
-    real = gnm._chunk
+    seen, real = [], gnm._chunk
 
     def spy(*a, **kw):
         seen.append(real(*a, **kw))
         return seen[-1]
 
     monkeypatch.setattr(gnm, "_chunk", spy)
+    return seen
+
+
+def test_lr_table_sizes_its_gradient_pass_to_the_memory_budget(small_ls, monkeypatch):
+    """The gradient-statistics pass ran in chunks of 256 samples whatever P (a 1.9M-
+    parameter MLP passed 6 GiB): now at most 256, fewer when the budget says so; a given
+    chunk_size is passed on."""
+    p, model, loss_fn, data, bs, t = small_ls
+    seen = _spy_gradient_chunks(monkeypatch)
     kw = dict(measure=False, num_probes=None, hessian_samples=None, seed=7)
     lr_table(model, loss_fn, data, bs, **kw)
     lr_table(model, loss_fn, data, bs, chunk_size=7, **kw)
@@ -427,20 +432,12 @@ def test_gradient_noise_default_chunk_is_not_the_cache_sized_product_chunk(small
     on the gradients) by the operators' CPU cache cap, a few samples per call at P ~ 10⁵–
     10⁶ (3.3× slower at 543k parameters than lr_table's chunks): with the default budget
     it now takes lr_table's `capped_sample_chunk`; an explicit `memory` still sizes it."""
-    gnm = importlib.import_module("nets.noise.gradient_noise")   # the package attribute is the function
     import nets.utils.memory as memory
     from nets.utils.memory import product_bytes
     p, model, loss_fn, data, bs, t = small_ls
     per_sample = product_bytes(t.P, 1, 1, 12, 8)
     monkeypatch.setattr(memory, "CPU_PRODUCT_BYTES", 3 * per_sample + 1)
-    seen = []
-    real = gnm._chunk
-
-    def spy(*a, **kw):
-        seen.append(real(*a, **kw))
-        return seen[-1]
-
-    monkeypatch.setattr(gnm, "_chunk", spy)
+    seen = _spy_gradient_chunks(monkeypatch)
     a = gradient_noise(model, loss_fn, data, hessian_samples=None, progress=False)
     b = gradient_noise(model, loss_fn, data, hessian_samples=None, progress=False,
                        memory=3 * per_sample + 1)
