@@ -703,7 +703,10 @@ def row_scaling(quick, device):
 # ------------------------------------------------------------------------ driver
 def _child(args):
     cmd = [sys.executable, "-m", "benchmarks.bench_scale", "--inline", *args]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    # from the repository root whatever the caller's directory (started from benchmarks/,
+    # every row was recorded as an import error and the script still exited 0)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), cwd=root)
     if res.returncode != 0:
         return dict(error=res.stderr[-2000:])
     return json.loads(res.stdout.strip().splitlines()[-1])
