@@ -324,8 +324,41 @@ def _mismatch_checks(rank, out_dir):
                         memory=[SLQ_PROBES, 2][rank] * per_probe)
         return d.nodes.tolist()
 
+    def diff_kind():                 # rank 0 a Hessian, rank 1 a Gauss–Newton operator
+        build = distributed_hessian_operator if rank == 0 else distributed_ggn_operator
+        return build(model, F.cross_entropy, shard).P
+
+    def diff_activation():           # the same weights through another activation
+        m = MLP(64, (8,), 10, activation="tanh" if rank == 0 else "gelu", seed=3).double()
+        return distributed_hessian_operator(m.eval(), F.cross_entropy, shard).P
+
+    def diff_root():
+        return distributed_hessian_operator(model, F.cross_entropy, shard, root=rank).P
+
+    def small_perturb():             # one weight 2e-8 off on rank 1 (1e-9 let it through)
+        m = MLP(64, (8,), 10, activation="tanh", seed=3).double().eval()
+        if rank == 1:
+            with torch.no_grad():
+                m.net[0].weight.view(-1)[5] += 2e-8
+        return distributed_hessian_operator(m, F.cross_entropy, shard).P
+
+    def diff_seed_trace():           # seeds differ per rank (seed=None draws one each)
+        from nets.algorithms.hutchinson import hutchinson_trace
+        op = distributed_hessian_operator(model, F.cross_entropy, shard)
+        return hutchinson_trace(op, 4, seed=5 + rank).trace
+
+    def summed_loss():               # the single-process loss check, on every rank
+        loss = lambda o, t: F.cross_entropy(o, t, reduction="sum")   # noqa: E731
+        return distributed_hessian_operator(model, loss, shard).P
+
     record("same_model", lambda: distributed_hessian_operator(model, F.cross_entropy,
                                                               shard).N)
+    record("diff_kind", diff_kind)
+    record("diff_activation", diff_activation)
+    record("diff_root", diff_root)
+    record("small_perturb", small_perturb)
+    record("diff_seed_trace", diff_seed_trace)
+    record("summed_loss", summed_loss)
     record("perturbed", perturbed)
     record("bn_eval", batch_stats("eval"))
     record("bn_train_batch_stats", batch_stats("train_batch_stats"))
@@ -437,3 +470,23 @@ def test_any_failure_on_one_rank_stops_every_rank(mismatch_results):
     r0, r1 = _both(mismatch_results, "local_runtime_error")
     assert not r1["ok"] and r1["error"] == "RuntimeError" and "disk read" in r1["message"], r1
     assert not r0["ok"] and "rank(s) [1] could not build" in r0["message"], r0
+
+
+@pytest.mark.parametrize("name, says", [
+    ("diff_kind", "curvature kind"), ("diff_activation", "model's modules"),
+    ("diff_root", "different root"), ("small_perturb", "differ from rank 0"),
+    ("diff_seed_trace", "passed an input vector that differs")])
+def test_ranks_that_disagree_are_refused_on_every_rank(mismatch_results, name, says):
+    """From an outside sweep, each of these gave every rank the same wrong number (a kind,
+    an activation, one weight 2e-8 off: eigenvalues 5e-10 to 0.32 off), a hang until the
+    timeout (root), or wrong traces on every rank but root (per-rank seeds)."""
+    for o in _both(mismatch_results, name):
+        assert not o["ok"] and o["error"] == "ValueError" and says in o["message"], o
+
+
+def test_a_summed_loss_is_warned_about_on_every_rank(mismatch_results):
+    """The sharded operators skipped the single-process loss check (λ₁ 133.8 with a summed
+    loss, depending on the sharding, without a word)."""
+    for o in _both(mismatch_results, "summed_loss"):
+        assert o["ok"] and any("summed" in w for w in o["warnings"]), o
+

@@ -16,11 +16,15 @@ each chunk, and a chunk never crosses a shard: the operator is then the average 
 shards' chunk curvatures (what data-parallel training without SyncBatchNorm sees), not
 the single-process one (eigenvalues a few % apart); the constructor warns.
 
-At construction every rank learns every rank's sample count, P, dtype and a
-fingerprint of the parameters and floating buffers (sums of x, x², and position-weighted
-x in float64) in one `all_gather`, and all ranks raise the same ValueError when a shard
-is empty or when ranks differ in P, dtype or parameters (e.g. each rank initialised
-its own model: the products would silently mix different Hessians).
+At construction every rank runs the single-process loss checks on its shard (a summed
+loss warns) and learns every rank's sample count, P, dtype, a fingerprint of the
+parameters and floating buffers (sums of x, x², and position-weighted x in float64,
+compared to their round-off), the curvature kind, a checksum of the model's module
+structure (`str(model)`: layers and activation modules) and of the selected parameter
+names, and `root` / `sync_inputs`, in one `all_gather`; all ranks raise the same
+ValueError when a shard is empty or when ranks differ in any of these (e.g. each rank
+initialised its own model: the products would silently mix different Hessians). A loss
+that differs per rank (its options) is not seen by this check.
 
 How the eigensolver runs: **replicated**. Every rank runs the same algorithm
 (`nets.algorithms.lanczos.eigsh`, `lanczos`, scipy's `eigsh` through `to_scipy()`, ...) with the
@@ -29,7 +33,10 @@ same seed, in lock-step: each product is a collective call, so all ranks must ca
 the input vector is broadcast from rank `root` (P numbers, cheap next to the product),
 so round-off differences between ranks' copies of the Krylov basis (different BLAS,
 different hardware) can never mix different vectors into one sum; results on rank
-`root` are the reference and the others agree with them to round-off.
+`root` are the reference and the others agree with them to round-off. An input that
+differs from root's beyond round-off (ranks seeded differently: seed=None draws a seed
+per rank) makes every rank raise the same ValueError at that product, its flag carried
+in one extra row of the product's own all-reduce.
 
 Launch with `torchrun` (one process per GPU or per CPU worker), e.g.
 
@@ -43,6 +50,7 @@ Use backend "gloo" on CPU and "nccl" with CUDA tensors (`device=f"cuda:{local_ra
 from __future__ import annotations
 
 import warnings
+import zlib
 from typing import Callable
 
 import numpy as np
@@ -50,6 +58,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from nets.curvature.loss_check import check_mean_reduced
 from nets.curvature.operators import CurvatureOperator, ModelCurvatureOperator, curvature_operator
 from nets.utils.autocast import outside_autocast
 from nets.utils.callers import caller_stacklevel
@@ -111,7 +120,10 @@ def shard_dataset(dataset, rank=None, world_size=None):
 # -- the constructor's consistency check ------------------------------------------------
 _OK, _EMPTY, _FAILED = 0.0, 1.0, 2.0        # status codes in the exchanged table
 _DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-_META_LEN = 8                               # status, P, dtype code, N_r, Σx, Σx², Σc·x, Σ|x|
+#: status, P, dtype code, N_r, Σx, Σx², Σc·x, Σ|x|, kind code, CRC of the model's module
+#: structure (str(model)), CRC of the parameter names, root, sync_inputs
+_META_LEN = 13
+_KINDS = {"hessian": 1.0, "ggn": 2.0}
 
 
 def _meta_device(group):
@@ -153,9 +165,16 @@ def _fingerprint(local_op) -> list[float]:
     return out.tolist()
 
 
-def _local_meta(local_op) -> list[float]:
+def _crc(text: str) -> float:
+    return float(zlib.crc32(text.encode("utf-8")))
+
+
+def _local_meta(local_op, root: int, sync_inputs: bool) -> list[float]:
+    model = getattr(local_op, "model", None)
     return [_OK, float(local_op.P), _dtype_code(local_op.dtype), float(local_op.N),
-            *_fingerprint(local_op)]
+            *_fingerprint(local_op), _KINDS.get(getattr(local_op, "kind", None), 0.0),
+            _crc(str(model)) if model is not None else 0.0,
+            _crc("|".join(local_op.param_names or ())), float(root), float(bool(sync_inputs))]
 
 
 def _failed_meta(status: float) -> list[float]:
@@ -185,6 +204,11 @@ def _check_meta(table: np.ndarray, root: int) -> None:
                          f"rank needs at least one sample (shard_dataset gives each rank one "
                          f"when N >= world_size); sample counts per rank: "
                          f"{[int(n) for n in table[:, 3]]} (0 for an empty shard)")
+    for col, what in ((11, "root"), (12, "sync_inputs")):
+        if np.any(table[:, col] != table[0, col]):
+            raise ValueError(f"ranks passed different {what} (per rank: "
+                             f"{[int(v) for v in table[:, col]]}): every rank must pass the "
+                             "same (they waited in the first product until the timeout)")
     P = table[:, 1]
     if np.any(P != P[root]):
         raise ValueError(f"ranks hold operators of different sizes P (per rank: "
@@ -195,9 +219,20 @@ def _check_meta(table: np.ndarray, root: int) -> None:
         names = [str(_DTYPES[int(c) - 1]) if c > 0 else "other" for c in codes]
         raise ValueError(f"ranks hold operators of different dtypes (per rank: {names}): pass "
                          "the same dtype (and a model of the same precision) on every rank")
-    fp = table[:, 4:]
+    for col, what in ((8, "the curvature kind (Hessian / Gauss–Newton)"),
+                      (9, "the model's modules (str(model): layers or activations)"),
+                      (10, "the selected parameters' names")):
+        if np.any(table[:, col] != table[root, col]):
+            bad = ranks[table[:, col] != table[root, col]].tolist()
+            raise ValueError(f"rank(s) {bad} differ from rank {root} in {what}: every rank "
+                             "must build the same operator from the same model (the "
+                             "products silently mixed different curvatures)")
+    fp = table[:, 4:8]
     scale = np.maximum(fp[:, 3], fp[root, 3])           # Σ|x| ≥ |Σx|, 2Σ|x| ≥ |Σc·x|
-    tol = 1e-9 * np.stack([scale, fp[:, 1], 2 * scale], axis=1) + 1e-300
+    # round-off of the float64 sums (≈ P·eps relative) is all two equal states may differ
+    # by: 1e-9 let a weight off by 2e-8 through (eigenvalues 5e-10 off)
+    rel = max(1e-12, 4.0 * float(table[root, 1]) * np.finfo(np.float64).eps)
+    tol = rel * np.stack([scale, fp[:, 1], 2 * scale], axis=1) + 1e-300
     differ = np.any(np.abs(fp[:, :3] - fp[root, :3]) > tol, axis=1)
     if differ.any():
         raise ValueError(f"rank(s) {ranks[differ].tolist()} hold model parameters or buffers "
@@ -244,7 +279,7 @@ class DistributedCurvatureOperator(CurvatureOperator):
         self.local_N = int(local_N)
         # one collective: every rank's status, P, dtype, N_r and parameter fingerprint;
         # every rank then runs the same checks on the same table and raises the same error
-        table = _exchange_meta(_local_meta(local_op), group)
+        table = _exchange_meta(_local_meta(local_op, self.root, self.sync_inputs), group)
         _check_meta(table, self.root)
         self.N = int(round(float(table[:, 3].sum())))
         self.weight = self.local_N / self.N          # N_r / N
@@ -273,24 +308,46 @@ class DistributedCurvatureOperator(CurvatureOperator):
         dist.all_reduce(t, op=op, group=self.group)
         return t
 
-    def _sync(self, t: torch.Tensor) -> torch.Tensor:
+    def _sync(self, t: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(root's copy of t, 1.0 if this rank's own differed beyond round-off else 0.0)."""
         if not self.sync_inputs or self.world_size == 1:
-            return t
-        t = t.contiguous().clone()
+            return t, 0.0
+        own = t.contiguous()
+        t = own.clone()
         src = self.root if self.group is None else dist.get_global_rank(self.group, self.root)
         dist.broadcast(t, src=src, group=self.group)
-        return t
+        # replicated use means equal inputs up to round-off; ranks seeded differently
+        # (seed=None draws a seed per rank) ran their own probes against root's products
+        # and got silently wrong traces on every rank but root (an outside sweep)
+        tol = max(1e-6, 100 * torch.finfo(t.dtype).eps) * float(torch.linalg.vector_norm(
+            t.to(torch.float64))) + 1e-300
+        return t, float(float(torch.linalg.vector_norm((own - t).to(torch.float64))) > tol)
+
+    def _reduced(self, out: torch.Tensor, mismatch: float) -> torch.Tensor:
+        """All-reduce the weighted local product with this rank's input-mismatch flag in
+        one extra row, so that every rank raises the same error when any rank's input
+        differed from root's (instead of one rank raising and the others hanging)."""
+        flat = out.reshape(out.shape[0], -1)
+        flag = torch.full((1, flat.shape[1]), mismatch, dtype=flat.dtype, device=flat.device)
+        buf = self._all_reduce(torch.cat([flat, flag]).contiguous())
+        if float(buf[-1, 0]) > 0:
+            raise ValueError(f"{int(round(float(buf[-1, 0])))} rank(s) passed an input vector "
+                             f"that differs from rank {self.root}'s beyond round-off: the "
+                             "algorithms run replicated, so every rank must call them with "
+                             "the same seed and arguments (seed=None draws one per rank: "
+                             "pass an int)")
+        return buf[:-1].reshape(out.shape)
 
     # -- products ----------------------------------------------------------------
     def _matvec(self, v):
-        v = self._sync(v)
+        v, bad = self._sync(v)
         out = self.local_op.matvec(v).to(self.dtype) * self.weight
-        return self._all_reduce(out.contiguous())
+        return self._reduced(out, bad)
 
     def _matmat(self, V):
-        V = self._sync(V)
+        V, bad = self._sync(V)
         out = self.local_op.matmat(V).to(self.dtype) * self.weight
-        return self._all_reduce(out.contiguous())
+        return self._reduced(out, bad)
 
     # -- full-data extras ----------------------------------------------------------
     def gradient(self) -> torch.Tensor:
@@ -310,6 +367,9 @@ def _distributed(kind, model, loss_fn, shard, params, device, dtype, policy, chu
     _require_initialized(group)
     try:
         source = as_data_source(shard, name="shard")
+        # the loss checks of hessian_operator / ggn_operator (a summed loss gave a λ₁ that
+        # depended on the sharding, without a warning; an outside sweep)
+        check_mean_reduced(model, loss_fn, source)
         local, failure = curvature_operator(model, loss_fn, source, kind=kind, params=params,
                                             device=device, dtype=dtype, policy=policy,
                                             chunk_size=chunk_size, cache_graph=cache_graph), None
