@@ -222,6 +222,8 @@ def test_bad_input():
         shard_bounds(10, 2, 2)
     with pytest.raises(TypeError, match="dataset"):
         shard_dataset([1, 2, 3], rank=0, world_size=1)
+    with pytest.raises(ValueError, match="first dimension"):       # 0-d: an IndexError
+        shard_dataset((torch.tensor(1.0), torch.tensor(2.0)), rank=0, world_size=1)
     model, data = _problem()
     op = hessian_operator(model, F.cross_entropy, data, dtype=torch.float64)
     if not dist.is_initialized():

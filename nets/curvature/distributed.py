@@ -107,6 +107,9 @@ def shard_dataset(dataset, rank=None, world_size=None):
             and all(isinstance(t, (torch.Tensor, np.ndarray)) for t in dataset)):
         raise TypeError("dataset must be a pair (X, y) of tensors or arrays")
     X, y = dataset
+    if X.ndim == 0 or y.ndim == 0:        # a bare IndexError before
+        raise ValueError("dataset inputs and targets must have the samples along their first "
+                         f"dimension, got shapes {tuple(X.shape)} and {tuple(y.shape)}")
     if X.shape[0] != y.shape[0]:
         raise ValueError(f"dataset inputs and targets differ in length: {X.shape[0]} vs {y.shape[0]}")
     if rank is None or world_size is None:
