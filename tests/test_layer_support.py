@@ -571,3 +571,95 @@ def test_a_forward_that_casts_between_dtypes_is_named():
         hessian_operator(Mixed(), F.cross_entropy, (X, y))
     with pytest.raises(TypeError, match="casts between dtypes itself.*one dtype"):
         hessian_operator(Mixed(), F.cross_entropy, (X, y), dtype=torch.float64)
+
+
+class _Base(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.l1, self.l2 = nn.Linear(6, 16), nn.Linear(16, 3)
+
+
+class _WeightCache(_Base):
+    """Caches its output weight on the first call (read 0.42 for 0.71, silently)."""
+
+    def __init__(self):
+        super().__init__()
+        self._w = None
+
+    def forward(self, x):
+        if self._w is None:
+            self._w = self.l2.weight * 1.0
+        return F.linear(torch.tanh(self.l1(x)), self._w, self.l2.bias)
+
+
+class _ShapeCache(_Base):
+    """Caches a constant table keyed by the input width: harmless."""
+
+    def __init__(self):
+        super().__init__()
+        self._table = None
+
+    def forward(self, x):
+        if self._table is None:
+            self._table = torch.ones(x.shape[1], dtype=x.dtype)
+        return self.l2(torch.tanh(self.l1(x * self._table)))
+
+
+class _Counter(_Base):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.l2(torch.tanh(self.l1(x)))
+
+
+class _Checkpointed(_Base):
+    reentrant = False
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+        h = checkpoint(lambda t: torch.tanh(self.l1(t)), x, use_reentrant=self.reentrant)
+        return self.l2(h)
+
+
+class _Reentrant(_Checkpointed):
+    reentrant = True
+
+
+def test_models_torch_func_cannot_run_are_refused_with_their_cause():
+    """From a sweep of wrapped and modified models: a forward caching a weight-derived
+    tensor gave a silently wrong curvature (fresh) or torch's 'Can't call numpy()' (after a
+    user call); a step counter buffer, activation checkpointing and TorchScript failed
+    with torch.func's own messages or blamed the data layout."""
+    import warnings
+
+    X = torch.randn(20, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (20,))
+    data = (X, y)
+    fresh = _WeightCache().double()
+    with pytest.raises(ValueError, match=r"stores tensor\(s\) computed from the parameters"):
+        hessian_operator(fresh, F.cross_entropy, data)
+    assert fresh._w is None                             # the trial left no cache
+    primed = _WeightCache().double()
+    primed(X)
+    with pytest.raises(ValueError, match="earlier forward"):
+        hessian_operator(primed, F.cross_entropy, data)
+    for cls, says in ((_Counter, "in place"), (_Checkpointed, "checkpointing"),
+                      (_Reentrant, "checkpointing")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")             # checkpoint's own requires_grad note
+            with pytest.raises(ValueError, match=says):
+                hessian_operator(cls().double().eval(), F.cross_entropy, data)
+    scripted = torch.jit.script(nn.Sequential(nn.Linear(6, 3)).double())
+    assert scripted(X).shape == (20, 3)                 # it runs; the package cannot use it
+    with pytest.raises(TypeError, match="is a TorchScript module"):
+        hessian_operator(scripted, F.cross_entropy, data)
+    ok = _ShapeCache().double()
+    plain = _Base().double()
+    plain.forward = lambda x: plain.l2(torch.tanh(plain.l1(x)))
+    a = nets.top_eigenvalues(ok, F.cross_entropy, data, 1, seed=0)
+    b = nets.top_eigenvalues(plain, F.cross_entropy, data, 1, seed=0)
+    np.testing.assert_allclose(a, b, rtol=1e-10)

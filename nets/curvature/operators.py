@@ -428,6 +428,55 @@ def _graph_fits(N: int, graph_bytes_per_sample: float, device) -> bool:
     return N * GRAPH_PRODUCT_FACTOR * graph_bytes_per_sample <= memory_budget(None, device) / 2
 
 
+def _tensor_attributes(model: nn.Module) -> dict:
+    """{(module name, attribute): tensor} of plain tensor attributes (not parameters or
+    buffers) on every submodule."""
+    return {(mname, k): v for mname, mod in model.named_modules()
+            for k, v in vars(mod).items() if isinstance(v, torch.Tensor)
+            and not isinstance(v, nn.Parameter)}
+
+
+_MISSING = object()
+
+
+def _attribute_snapshot(model: nn.Module) -> dict:
+    """{module name: a shallow copy of its attribute dict}."""
+    return {m: dict(vars(mod)) for m, mod in model.named_modules()}
+
+
+def _changed_attributes(before: dict, after: dict) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the plain tensor attributes in `after` that are new or replaced
+    since the snapshot `before`."""
+    return [(f"{m}.{k}" if m else k, v) for (m, k), v in after.items()
+            if before.get(m, {}).get(k, _MISSING) is not v]
+
+
+def _restore_attributes(model: nn.Module, before: dict) -> None:
+    """Plain tensor attributes as in the snapshot `before`: one that is new is removed,
+    one that replaced another value (a tensor, or None before a cache was filled) gets
+    that value back."""
+    modules = dict(model.named_modules())
+    for (m, k), v in _tensor_attributes(model).items():
+        old = before.get(m, {}).get(k, _MISSING)
+        if old is _MISSING:
+            delattr(modules[m], k)
+        elif old is not v:
+            setattr(modules[m], k, old)
+
+
+def _refuse_derived_attributes(model: nn.Module) -> None:
+    """A plain tensor attribute with a grad_fn was computed from the parameters in an
+    earlier forward (a cache): the products would reuse it — silently wrong curvature,
+    or torch's 'Can't call numpy() on Tensor that requires grad' inside Lanczos."""
+    bad = [f"{m}.{k}" if m else k for (m, k), v in _tensor_attributes(model).items()
+           if v.grad_fn is not None]
+    if bad:
+        raise ValueError(f"module attribute(s) {bad} hold tensors computed from the parameters "
+                         "by an earlier forward (a cache): the curvature products would reuse "
+                         "them and miss those parameters; clear the cache (set it to None) "
+                         "and compute it inside forward")
+
+
 def _padding_rows(model: nn.Module, names) -> list[tuple[int, int]]:
     """(position in `names`, row) of each selected `nn.Embedding` weight's padding row."""
     index = {n: j for j, n in enumerate(names)}
@@ -534,6 +583,10 @@ class ModelCurvatureOperator(CurvatureOperator):
                  chunk_size=None, device=None, dtype=None, cache_graph="auto"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(model, torch.jit.ScriptModule):      # was blamed on the data layout
+            raise TypeError("model is a TorchScript module (torch.jit.script / trace), which "
+                            "torch.func cannot call with substituted parameters: pass the "
+                            "eager nn.Module it was made from")
         if not callable(loss_fn):
             raise TypeError("loss_fn must be callable: loss_fn(outputs, targets) -> scalar mean loss")
         if kind not in ("hessian", "ggn"):
@@ -587,6 +640,9 @@ class ModelCurvatureOperator(CurvatureOperator):
         nn.BatchNorm — except under policy="train_batch_stats", which asks for exactly that."""
         x, y = self.source.take(list(range(min(2, self.N))), device=self.device,
                                 dtype=self.dtype)
+        _refuse_derived_attributes(self.model)
+        before = _attribute_snapshot(self.model)
+        self._refuse_parameter_caches(x, before)
         try:
             with torch.no_grad(), self._trial_mode():
                 a, b = (self._forward(self.primals, x) for _ in range(2))
@@ -644,12 +700,17 @@ class ModelCurvatureOperator(CurvatureOperator):
         if self.kind == "ggn" and isinstance(a, torch.Tensor) and a.is_floating_point():
             self._check_output_curvature(a, y)
         if not same:
+            training = any(m.training for m in self.model.modules())
             raise ValueError(
                 "the model's forward is not repeatable (two calls on the same input differ): "
                 "dropout called as a function, e.g. F.dropout(x, p, self.training), another "
                 "random layer, or a layer that updates its state on every forward in train "
                 "mode (spectral_norm's power iteration); curvature products would change "
-                "from call to call. Call model.eval() or pass policy='eval'")
+                "from call to call. " + ("Call model.eval() or pass policy='eval'" if training
+                                         else "The model is in eval mode, so its forward "
+                                         "itself changes state (a buffer or attribute updated "
+                                         "in forward, e.g. a running average it then uses): "
+                                         "make that update conditional on self.training"))
         if x.shape[0] > 1 and self.policy != "train_batch_stats":
             try:
                 with torch.no_grad(), self._trial_mode():
@@ -658,6 +719,59 @@ class ModelCurvatureOperator(CurvatureOperator):
                 alone = None
             if alone is not None:
                 _check_samples_independent(a, alone)
+        _restore_attributes(self.model, before)      # the trial calls leave no cache
+        self._check_transforms(x)
+        _restore_attributes(self.model, before)
+
+    def _refuse_parameter_caches(self, x, before: dict) -> None:
+        """One forward with parameters that require grad: a tensor attribute it stores on
+        a module that depends on them is a cache of weights, which every later product
+        would reuse — the curvature then misses those weights (a net caching its output
+        weight read 0.42 for 0.71, silently; an outside sweep). Refused; a cache of shapes
+        or constants (no grad) is fine. The attributes are restored afterwards."""
+        try:
+            with torch.enable_grad(), self._trial_mode():
+                prim = tuple(p.detach().requires_grad_(True) for p in self.primals)
+                self._forward(prim, x[:1])
+        except Exception:  # noqa: BLE001 - the checks below say what is wrong with it
+            return
+        finally:
+            after = _tensor_attributes(self.model)
+            _restore_attributes(self.model, before)
+        derived = [name for name, v in _changed_attributes(before, after) if v.requires_grad]
+        if derived:
+            raise ValueError(f"the model's forward stores tensor(s) computed from the parameters "
+                             f"on its modules ({derived}: a cache): the curvature products "
+                             "would reuse them and miss those parameters; compute them inside "
+                             "forward on every call")
+
+    def _check_transforms(self, x) -> None:
+        """One reverse-mode product on one sample, so that a forward torch.func cannot
+        transform fails here with a message that names the cause, not deep inside the
+        first product with torch's own (activation checkpointing: 'saved tensor hooks' or
+        an autograd.Function without setup_context; a buffer updated in place in forward:
+        'mutate a captured Tensor')."""
+        try:
+            with self._trial_mode():
+                out, pull = vjp(lambda *p: self._forward(p, x[:1]), *self.primals)
+                if isinstance(out, torch.Tensor) and out.is_floating_point():
+                    pull(torch.ones_like(out))
+        except RuntimeError as exc:
+            msg = str(exc)
+            first = msg.splitlines()[0]
+            if "saved tensor hooks" in msg or "setup_context" in msg:
+                raise ValueError(
+                    "the model's forward cannot be differentiated by torch.func, which every "
+                    f"curvature product uses ({first[:160]}): activation checkpointing "
+                    "(torch.utils.checkpoint) or a custom autograd.Function without "
+                    "setup_context; call the model without checkpointing for the "
+                    "curvature (e.g. a flag that turns it off)") from None
+            if "mutate a captured Tensor" in msg or "captured tensor" in msg.lower():
+                raise ValueError(
+                    "the model's forward updates a tensor in place that torch.func sees as "
+                    f"captured ({first[:160]}): a buffer or attribute changed in forward "
+                    "(a step counter, a running average) even in eval mode; make the update "
+                    "conditional on self.training, or keep it out of forward") from None
 
     def _graph_bytes_per_sample(self) -> float:
         """Bytes the forward pass and loss save for the backward, per sample, measured on
