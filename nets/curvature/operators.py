@@ -751,12 +751,16 @@ class ModelCurvatureOperator(CurvatureOperator):
         first product with torch's own (activation checkpointing: 'saved tensor hooks' or
         an autograd.Function without setup_context; a buffer updated in place in forward:
         'mutate a captured Tensor')."""
+        if self.policy == "train_batch_stats":      # batch statistics: one sample is no batch
+            return
         try:
             with self._trial_mode():
                 out, pull = vjp(lambda *p: self._forward(p, x[:1]), *self.primals)
                 if isinstance(out, torch.Tensor) and out.is_floating_point():
                     pull(torch.ones_like(out))
-        except RuntimeError as exc:
+        except Exception as exc:  # noqa: BLE001 - only the causes named below are refused here
+            if not isinstance(exc, RuntimeError):
+                return
             msg = str(exc)
             first = msg.splitlines()[0]
             if "saved tensor hooks" in msg or "setup_context" in msg:
