@@ -204,7 +204,7 @@ def test_monitor_ignores_an_enclosing_autocast():
 #: training loop and checkpoints (a user's own autocast applies there), helpers that size
 #: chunks, fetch samples or describe a model
 NOT_ENTRY_POINTS = {"fetch_groups", "group_chunk", "default_subspace_dim", "code_fingerprint",
-                    "kept_modes", "kept_tensors"}
+                    "kept_modes", "kept_tensors", "kept_attributes", "tensor_attributes"}
 
 
 def _public_functions():

@@ -322,9 +322,9 @@ class DistributedCurvatureOperator(CurvatureOperator):
         # replicated use means equal inputs up to round-off; ranks seeded differently
         # (seed=None draws a seed per rank) ran their own probes against root's products
         # and got silently wrong traces on every rank but root (an outside sweep)
-        tol = max(1e-6, 100 * torch.finfo(t.dtype).eps) * float(torch.linalg.vector_norm(
-            t.to(torch.float64))) + 1e-300
-        return t, float(float(torch.linalg.vector_norm((own - t).to(torch.float64))) > tol)
+        tol = max(1e-6, 100 * torch.finfo(t.dtype).eps) * float(
+            torch.linalg.vector_norm(t, dtype=torch.float64)) + 1e-300
+        return t, float(float(torch.linalg.vector_norm(own - t, dtype=torch.float64)) > tol)
 
     def _reduced(self, out: torch.Tensor, mismatch: float) -> torch.Tensor:
         """All-reduce the weighted local product with this rank's input-mismatch flag in

@@ -52,7 +52,7 @@ from nets.curvature.params import ParamLayout, call_model, make_functional, outp
 from nets.utils.autocast import no_autocast, outside_autocast
 from nets.utils.callers import caller_stacklevel
 from nets.utils.data_source import as_data_source
-from nets.utils.modes import kept_modes, kept_rng
+from nets.utils.modes import kept_attributes, kept_modes, kept_rng, tensor_attributes
 from nets.utils.vmapping import vmap_or_loop
 
 
@@ -428,47 +428,11 @@ def _graph_fits(N: int, graph_bytes_per_sample: float, device) -> bool:
     return N * GRAPH_PRODUCT_FACTOR * graph_bytes_per_sample <= memory_budget(None, device) / 2
 
 
-def _tensor_attributes(model: nn.Module) -> dict:
-    """{(module name, attribute): tensor} of plain tensor attributes (not parameters or
-    buffers) on every submodule."""
-    return {(mname, k): v for mname, mod in model.named_modules()
-            for k, v in vars(mod).items() if isinstance(v, torch.Tensor)
-            and not isinstance(v, nn.Parameter)}
-
-
-_MISSING = object()
-
-
-def _attribute_snapshot(model: nn.Module) -> dict:
-    """{module name: a shallow copy of its attribute dict}."""
-    return {m: dict(vars(mod)) for m, mod in model.named_modules()}
-
-
-def _changed_attributes(before: dict, after: dict) -> list[tuple[str, torch.Tensor]]:
-    """(name, tensor) of the plain tensor attributes in `after` that are new or replaced
-    since the snapshot `before`."""
-    return [(f"{m}.{k}" if m else k, v) for (m, k), v in after.items()
-            if before.get(m, {}).get(k, _MISSING) is not v]
-
-
-def _restore_attributes(model: nn.Module, before: dict) -> None:
-    """Plain tensor attributes as in the snapshot `before`: one that is new is removed,
-    one that replaced another value (a tensor, or None before a cache was filled) gets
-    that value back."""
-    modules = dict(model.named_modules())
-    for (m, k), v in _tensor_attributes(model).items():
-        old = before.get(m, {}).get(k, _MISSING)
-        if old is _MISSING:
-            delattr(modules[m], k)
-        elif old is not v:
-            setattr(modules[m], k, old)
-
-
 def _refuse_derived_attributes(model: nn.Module) -> None:
     """A plain tensor attribute with a grad_fn was computed from the parameters in an
     earlier forward (a cache): the products would reuse it — silently wrong curvature,
     or torch's 'Can't call numpy() on Tensor that requires grad' inside Lanczos."""
-    bad = [f"{m}.{k}" if m else k for (m, k), v in _tensor_attributes(model).items()
+    bad = [f"{m}.{k}" if m else k for (m, k), v in tensor_attributes(model).items()
            if v.grad_fn is not None]
     if bad:
         raise ValueError(f"module attribute(s) {bad} hold tensors computed from the parameters "
@@ -599,6 +563,7 @@ class ModelCurvatureOperator(CurvatureOperator):
         super().__init__(layout.P, dtype, device, layout.names)
         self.model, self.loss_fn, self.kind, self.policy = model, loss_fn, kind, policy
         self.layout = layout
+        self._dead_rows = _padding_rows(model, layout.names)     # tangents zeroed there (_jv)
         self.primals, self.frozen = make_functional(model, layout.names, device=device, dtype=dtype)
         self.chunk_size = _as_chunk_size(chunk_size)
         self.source = as_data_source(data)
@@ -637,12 +602,20 @@ class ModelCurvatureOperator(CurvatureOperator):
         active nn.Dropout; a forward whose output for a sample depends on the other
         samples of its batch (statistics over the batch, `h - h.mean(0)`: model(x[[0, 1]])[0]
         differs from model(x[[0, 0]])[0] beyond round-off), as for a train-mode
-        nn.BatchNorm — except under policy="train_batch_stats", which asks for exactly that."""
+        nn.BatchNorm — except under policy="train_batch_stats", which asks for exactly that.
+        Also refused: a forward that caches weight-derived tensors on its modules, and one
+        torch.func cannot transform (`_refuse_parameter_caches`, `_check_transforms`); the
+        trial calls leave no attribute behind (`kept_attributes`)."""
         x, y = self.source.take(list(range(min(2, self.N))), device=self.device,
                                 dtype=self.dtype)
         _refuse_derived_attributes(self.model)
-        before = _attribute_snapshot(self.model)
-        self._refuse_parameter_caches(x, before)
+        with kept_attributes(self.model):
+            self._refuse_parameter_caches(x)
+            self._trial_forwards(x, y)
+            self._check_transforms(x)
+
+    def _trial_forwards(self, x, y) -> None:
+        """The forward checks of `_check_inputs` on the samples x (targets y)."""
         try:
             with torch.no_grad(), self._trial_mode():
                 a, b = (self._forward(self.primals, x) for _ in range(2))
@@ -719,26 +692,22 @@ class ModelCurvatureOperator(CurvatureOperator):
                 alone = None
             if alone is not None:
                 _check_samples_independent(a, alone)
-        _restore_attributes(self.model, before)      # the trial calls leave no cache
-        self._check_transforms(x)
-        _restore_attributes(self.model, before)
 
-    def _refuse_parameter_caches(self, x, before: dict) -> None:
+    def _refuse_parameter_caches(self, x) -> None:
         """One forward with parameters that require grad: a tensor attribute it stores on
         a module that depends on them is a cache of weights, which every later product
         would reuse — the curvature then misses those weights (a net caching its output
         weight read 0.42 for 0.71, silently; an outside sweep). Refused; a cache of shapes
-        or constants (no grad) is fine. The attributes are restored afterwards."""
+        or constants (no grad) is fine (the caller restores the attributes)."""
+        before = tensor_attributes(self.model)
         try:
             with torch.enable_grad(), self._trial_mode():
                 prim = tuple(p.detach().requires_grad_(True) for p in self.primals)
                 self._forward(prim, x[:1])
         except Exception:  # noqa: BLE001 - the checks below say what is wrong with it
             return
-        finally:
-            after = _tensor_attributes(self.model)
-            _restore_attributes(self.model, before)
-        derived = [name for name, v in _changed_attributes(before, after) if v.requires_grad]
+        derived = [f"{m}.{k}" if m else k for (m, k), v in tensor_attributes(self.model).items()
+                   if before.get((m, k)) is not v and v.requires_grad]
         if derived:
             raise ValueError(f"the model's forward stores tensor(s) computed from the parameters "
                              f"on its modules ({derived}: a cache): the curvature products "
@@ -896,13 +865,10 @@ class ModelCurvatureOperator(CurvatureOperator):
         torch's backward gives those rows no gradient, but forward mode carries their
         tangent, so J v and Jᵀ disagreed there and the Gauss–Newton operator was not
         symmetric (uᵀGv 0.2234 against vᵀGu 0.2316; an outside sweep)."""
-        dead = getattr(self, "_dead_rows", None)
-        if dead is None:
-            dead = self._dead_rows = _padding_rows(self.model, self.layout.names)
-        if not dead:
+        if not self._dead_rows:
             return vt
         vt = list(vt)
-        for j, row in dead:
+        for j, row in self._dead_rows:
             vt[j] = vt[j].clone()
             vt[j][row] = 0
         return tuple(vt)

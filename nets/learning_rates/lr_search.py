@@ -636,9 +636,6 @@ def as_seeds(seeds) -> tuple:
     """The batch-sequence seeds: one int or a sequence of them, not empty and without
     repeats (a repeated seed repeats its batches, so the standard error would count one
     measurement twice — (0, 0, 0) reported a standard error of 0)."""
-    if seeds is None:
-        raise TypeError("seeds must be an int or a sequence of ints >= 0 (one batch sequence "
-                        "each), got None")
     out = tuple(as_seed("seeds", s) for s in np.atleast_1d(seeds).tolist())
     if not all(isinstance(s, int) for s in out):
         raise TypeError(f"seeds must be ints >= 0 (one batch sequence each), got {seeds!r}")

@@ -72,7 +72,6 @@ import torch
 from nets.curvature.loss_check import check_mean_reduced
 from nets.curvature.operators import ModelCurvatureOperator, curvature_operator
 from nets.utils.autocast import outside_autocast
-from nets.utils.jsonio import to_jsonable
 from nets.utils.memory import capped_sample_chunk, product_chunk
 from nets.utils.progress import progress_counter, redraw
 from nets.utils.results import Result, result
@@ -139,14 +138,6 @@ class NoiseEstimate(Result):
     n_used: int | None = None
     exact: bool = True
     full_products: float | None = None
-
-    def to_dict(self) -> dict:
-        """Plain JSON (NaN/inf as "nan"/"inf": a single probe's stderr is NaN)."""
-        return to_jsonable({"s2": self.s2, "stderr": self.stderr, "n_groups": self.n_groups,
-                            "micro_batch": self.micro_batch, "lam": self.lam,
-                            "num_probes": self.num_probes, "per_probe": self.per_probe,
-                            "seed": self.seed, "n_used": self.n_used, "exact": self.exact,
-                            "full_products": self.full_products})
 
 
 def _groups(N: int, m: int, seed) -> np.ndarray:

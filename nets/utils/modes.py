@@ -13,6 +13,10 @@ the random draws of the caller's training run.
 forward pass the package runs on the caller's own module (not on copied parameters) can
 write to them — `nn.Embedding(max_norm=...)` renormalises the rows it looks up in place,
 a train-mode BatchNorm moves its running statistics.
+
+`kept_attributes(model)` puts every submodule's plain tensor attributes (not parameters or
+buffers) back on exit: a forward that fills a cache on its first call (`self._w = …`) must
+keep no value the package's trial calls computed.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import contextlib
 
 import torch
 
-__all__ = ["kept_modes", "kept_rng", "kept_tensors"]
+__all__ = ["kept_modes", "kept_rng", "kept_tensors", "kept_attributes", "tensor_attributes"]
 
 
 @contextlib.contextmanager
@@ -55,3 +59,32 @@ def kept_tensors(model: torch.nn.Module):
             for t, s in zip(tensors, saved):
                 if not torch.equal(t, s):
                     t.copy_(s)
+
+
+def tensor_attributes(model: torch.nn.Module) -> dict:
+    """{(module name, attribute): tensor} of the plain tensor attributes (not parameters
+    or buffers) of every submodule."""
+    return {(mname, k): v for mname, mod in model.named_modules()
+            for k, v in vars(mod).items() if isinstance(v, torch.Tensor)
+            and not isinstance(v, torch.nn.Parameter)}
+
+
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def kept_attributes(model: torch.nn.Module):
+    """Every submodule's plain tensor attributes as on entry, restored on exit: one that
+    is new is removed, one that replaced another value (a tensor, or the None a cache
+    held before it was filled) gets that value back."""
+    before = {m: dict(vars(mod)) for m, mod in model.named_modules()}
+    try:
+        yield model
+    finally:
+        modules = dict(model.named_modules())
+        for (m, k), v in tensor_attributes(model).items():
+            old = before.get(m, {}).get(k, _MISSING)
+            if old is _MISSING:
+                delattr(modules[m], k)
+            elif old is not v:
+                setattr(modules[m], k, old)
