@@ -416,8 +416,7 @@ def summarize(results):
     """Bars: faster than PyHessian and hessian-eigenthings, no slower than curvlinops."""
     bars = {}
     for res in results:
-        for kind, rows, ours in (("top5", res["top_k"], "ours eigsh (cache_graph)"),
-                                 ("slq", res["slq"], "ours slq_density (vmap probes)")):
+        for kind, rows in (("top5", res["top_k"]), ("slq", res["slq"])):
             for r in rows:
                 if r["method"].startswith(("ours", "nets.")) or "ratio_vs_ours" not in r:
                     continue

@@ -152,7 +152,7 @@ def _subordinate(z, a, w, v, tol, maxiter) -> SubordinationResult:
 
     F = om - z - v * gA(om)
     it = 0
-    for it in range(1, maxiter + 1):
+    for it in range(1, maxiter + 1):  # noqa: B007 (read after the loop)
         res = np.abs(F)
         active = res > tol * (1.0 + np.abs(om))
         if not active.any():

@@ -172,7 +172,7 @@ def solve_qve(z, block_variances, block_fractions, tol=1e-13, maxiter=2000) -> Q
 
     F = resid(m, zz)
     it = 0
-    for it in range(1, maxiter + 1):
+    for it in range(1, maxiter + 1):  # noqa: B007 (read after the loop)
         err = np.max(np.abs(F), axis=1)
         act = err > tol
         if not act.any():

@@ -45,7 +45,7 @@ def _warm_optimizer(model, X, y, steps=7, lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
     """Adam on `model` for `steps` full-batch steps, and v̂ by a hand EMA of g²."""
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=betas, eps=eps)
     v = torch.zeros(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
-    for t in range(1, steps + 1):
+    for _ in range(steps):
         opt.zero_grad()
         _mse(model(X), y).backward()
         g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])

@@ -167,10 +167,12 @@ def test_lr_sweep_refuses_bad_data_state_and_seeds():
     X, y = _torch.randn(10, 3), _torch.randn(10, 1)
     sd = model.state_dict()
     mse = _torch.nn.functional.mse_loss
-    Xbad = X.clone(); Xbad[2, 1] = float("nan")
+    Xbad = X.clone()
+    Xbad[2, 1] = float("nan")
     with _pytest.raises(ValueError, match="NaN"):
         run_trial(model, mse, (Xbad, y), sd, 0.1, 4, 10)
-    sdbad = {k: v.clone() for k, v in sd.items()}; sdbad["weight"][0, 0] = float("inf")
+    sdbad = {k: v.clone() for k, v in sd.items()}
+    sdbad["weight"][0, 0] = float("inf")
     with _pytest.raises(ValueError, match="weight"):
         lr_sweep(model, mse, (X, y), sdbad, [2], steps=10)
     with _pytest.raises(ValueError, match="empty"):

@@ -68,7 +68,7 @@ def _wrn_count(depth, k, n_classes):
     total = 3 * 16 * 9
     c = 16
     for w in (16 * k, 32 * k, 64 * k):
-        for i in range(n):
+        for _ in range(n):
             total += 2 * c + c * w * 9 + 2 * w + w * w * 9 + (c * w if c != w else 0)
             c = w
     return total + 2 * c + c * n_classes + n_classes

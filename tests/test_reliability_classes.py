@@ -176,7 +176,7 @@ def test_the_table_covers_every_public_rmt_function():
 def _args(kind):
     """(function name, argument) pairs whose valid value is of `kind`."""
     out = []
-    for fname, (fn, kw) in RMT.items():
+    for fname, (_fn, kw) in RMT.items():
         for a, v in kw.items():
             if a in SEEDS or callable(v) or a == "support":
                 continue

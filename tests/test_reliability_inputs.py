@@ -94,7 +94,7 @@ INTEGER_ARGS = {"n"}   # integer-valued: NaN/inf are refused as "not an integer"
 
 
 def _bad_value_cases():
-    for fname, (fn, kw, scalars, arrays, nullable, inf_ok) in API.items():
+    for fname, (_fn, kw, scalars, arrays, nullable, inf_ok) in API.items():
         for a in scalars:
             nonfinite = TypeError if a in INTEGER_ARGS else ValueError  # "not an integer"
             yield fname, a, NAN, nonfinite
@@ -695,7 +695,8 @@ def test_no_unrestricted_deserialisation_in_the_package():
                 offenders.append(f"{rel}:{node.lineno} {base}.{name}")
             if base == "np" and name == "load":
                 ap = kw.get("allow_pickle")
-                if isinstance(ap, ast.Constant) and ap.value is True or (ap is not None and not isinstance(ap, ast.Constant)):
+                literal_true = isinstance(ap, ast.Constant) and ap.value is True
+                if literal_true or (ap is not None and not isinstance(ap, ast.Constant)):
                     offenders.append(f"{rel}:{node.lineno} np.load(allow_pickle=...)")
         for node in ast.walk(tree):
             if isinstance(node, ast.ClassDef) and any(

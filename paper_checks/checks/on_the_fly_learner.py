@@ -63,7 +63,7 @@ def run(ctx):
         if runs:
             L = min(len(r.loss_history) for r in runs)
             series[f"loss_{method}"] = np.mean([r.loss_history[:L] for r in runs], axis=0)
-    for k, r in enumerate(res.select("mlp", "learner")):
+    for r in res.select("mlp", "learner"):
         if r.updates:
             series[f"learner_lr_seed{r.seed}"] = [u["lr"] for u in r.updates]
             series[f"learner_momentum_seed{r.seed}"] = [u["momentum"] for u in r.updates]
