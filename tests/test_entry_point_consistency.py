@@ -258,6 +258,62 @@ def test_a_loss_reading_a_global_setting_is_told_apart(monkeypatch):
     assert code_fingerprint(model, _smoothed_by_a_global) == before
 
 
+class _ActNet(torch.nn.Module):
+    """A model keeping its activation and a scale as plain attributes."""
+
+    def __init__(self, act, scale=1.0):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
+        self.act, self.scale, self.note = act, scale, object()   # note: a repr with an address
+
+    def forward(self, x):
+        return self.act(self.lin(x)) * self.scale
+
+
+def _edited_forwards():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            return torch.tanh(self.lin(x))
+    first = Net
+
+    class Net(torch.nn.Module):      # the same class name, its forward edited
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            return torch.relu(self.lin(x))
+    return first(), Net()
+
+
+def test_a_model_attribute_or_an_edited_forward_is_told_apart(tmp_path):
+    """The structure fingerprint read only submodules' classes and reprs: a model keeping
+    its activation or a scale as a plain attribute, or whose forward was edited under the
+    same class name, shared a resumable store with the original (a training threshold
+    6.7x too high was served from it, and a monitor reopened another model's file)."""
+    from nets.utils.fingerprints import code_fingerprint
+
+    loss = F.cross_entropy
+    base = code_fingerprint(_ActNet(torch.tanh), loss)
+    assert code_fingerprint(_ActNet(torch.tanh), loss) == base     # another instance: same
+    assert code_fingerprint(_ActNet(torch.relu), loss) != base
+    assert code_fingerprint(_ActNet(torch.tanh, 3.0), loss) != base
+    a, b = _edited_forwards()
+    assert code_fingerprint(a, loss) != code_fingerprint(b, loss)
+    X = torch.randn(12, 3, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 2, (12,), generator=torch.Generator().manual_seed(1))
+    path = tmp_path / "mon.jsonl"
+    nets.CurvatureMonitor(_ActNet(torch.tanh), loss, (X, y), batch_size=4, n_batches=0,
+                          path=path).record(0)
+    relu = _ActNet(torch.relu)
+    with pytest.raises(ValueError, match="structure"):
+        nets.CurvatureMonitor(relu, loss, (X, y), batch_size=4, n_batches=0, path=path)
+
+
 def test_threshold_seeds_and_factor_are_checked(tiny_mlp):
     """Repeated seeds repeat one batch sequence ((0, 0, 0) reported a standard error of
     0), no seeds gave NaN, and factor ≤ 1 bisected 41 trials before failing."""

@@ -4,7 +4,8 @@ given: the model's structure and the loss function (`code_fingerprint`), and the
 
 Parameters and data are hashed by the stores themselves; two models with the same weights
 but another activation, or one loss with another label smoothing, must not share stored
-results. Hashed here: every submodule's class and `extra_repr`, the model's `repr`, and
+results. Hashed here: every submodule's class, `extra_repr`, plain attributes and the code
+of its `forward`, the model's `repr`, and
 for the loss — a function's qualified name, bytecode, constants, names, closure values
 and the module-level data (and same-module functions) it reads, a `functools.partial`'s
 function, arguments and keywords (recursively), or a loss module's class and its plain
@@ -88,12 +89,26 @@ def _has_contents(cell) -> bool:
     return True
 
 
+def _stable(obj) -> str:
+    """`_describe(obj)`, or the type's name where that is a repr holding a memory address
+    (such an attribute is not told apart, as before it was read at all, rather than make
+    every key differ between processes)."""
+    d = _describe(obj)
+    return type(obj).__qualname__ if " at 0x" in d else d
+
+
 def code_fingerprint(model: torch.nn.Module, loss_fn) -> str:
-    """16 hex digits of the model's structure (each submodule's class and extra_repr, and
-    its repr) and of the loss function (module docstring)."""
+    """16 hex digits of the model's structure — each submodule's class, extra_repr, plain
+    attributes (an activation or a scale kept as `self.act = torch.relu`, `self.scale =
+    3.0`) and the code of its class's `forward` (bytecode, constants, the module-level
+    settings it reads: an edited forward under the same class name), and the model's repr —
+    and of the loss function (module docstring)."""
     h = hashlib.sha1()
     for name, m in model.named_modules():
         h.update(f"{name}:{type(m).__module__}.{type(m).__qualname__}({m.extra_repr()})".encode())
+        plain = sorted((k, _stable(v)) for k, v in vars(m).items()
+                       if not k.startswith("_") and k != "training")
+        h.update(f"{plain}|{_stable(getattr(type(m), 'forward', None))}".encode())
     h.update(repr(model).encode())
     h.update(_describe(loss_fn).encode())
     return h.hexdigest()[:16]
