@@ -357,3 +357,21 @@ def test_merged_pairs_report_their_residuals_on_the_operator():
         allowed = np.maximum(tol * np.abs(th), 1e-12)
         assert not np.any(r.converged & (true > allowed))
     assert merged > 0
+
+
+def test_largest_magnitude_needs_a_basis_of_2k_plus_1():
+    """which="LM" with a basis under 2k + 1 converged to a wrong set — the other end's
+    eigenvalue in place of the k-th, flagged converged — from most start vectors (k = 5
+    in a basis of 6: 15 of 15 on a small MLP Hessian); it is refused now, and from 2k + 1
+    on the set is the dense one's."""
+    op = mlp_hessian(seed=3)
+    ev = np.linalg.eigvalsh(op.to_dense().numpy())
+    for k in (1, 3, 5):
+        with pytest.raises(ValueError, match="2k \\+ 1"):
+            eigsh(op, k=k, which="LM", krylov_dim=2 * k)
+        want = ev[np.argsort(-np.abs(ev))][:k]
+        for seed in range(5):
+            r = eigsh(op, k=k, which="LM", krylov_dim=2 * k + 1, seed=seed, max_steps=5000)
+            assert r.converged.all()
+            np.testing.assert_allclose(r.values, want, rtol=1e-8, atol=1e-10)
+    eigsh(op, k=2, which="LA", krylov_dim=3)        # one end: a small basis stays allowed

