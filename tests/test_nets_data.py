@@ -290,6 +290,41 @@ def test_malicious_cifar_pickle_is_refused_without_side_effect(tmp_path, capfd):
     assert "PWNED" not in capfd.readouterr().out
 
 
+class _HostileDtype:
+    """A dtype built from allowed globals whose pickled state hides an object field (its
+    flags cleared, so numpy's object checks pass)."""
+
+    def __reduce__(self):
+        return (np.dtype, ("V8", False, True),
+                (3, "|", None, ("a",), {"a": (np.dtype("O"), 0)}, 8, 1, 0))
+
+
+class _PointersFromBytes:
+    def __init__(self, route):
+        self.route = route
+
+    def __reduce__(self):
+        if self.route == "frombuffer":     # numpy >= 2's protocol-5 array
+            from numpy._core.numeric import _frombuffer
+            return (_frombuffer, (b"A" * 16, _HostileDtype(), (2,), "C"))
+        from numpy._core.multiarray import _reconstruct
+        return (_reconstruct, (np.ndarray, (0,), b"b"),
+                (1, (2,), _HostileDtype(), False, b"A" * 16))
+
+
+def test_a_dtype_state_hiding_objects_is_refused(tmp_path):
+    """A file naming only the allowed globals rebuilt a dtype with a hidden object field
+    through its pickled state, so that raw bytes were read as object pointers: the
+    interpreter crashed (SIGSEGV; this test's process, run against that code). The states
+    given to dtypes and arrays are checked now."""
+    folder = write_fake_cifar(tmp_path, "cifar10", n_train=5, n_test=2)
+    for route in ("reconstruct", "frombuffer"):
+        payload = {b"data": _PointersFromBytes(route), b"labels": [1, 1]}
+        (folder / "test_batch").write_bytes(pickle.dumps(payload, protocol=4))
+        with pytest.raises(pickle.UnpicklingError, match="dtype"):
+            load_cifar(tmp_path, "cifar10", train=False)
+
+
 @pytest.mark.parametrize("protocol", [3, 4, 5])
 def test_cifar_resaved_by_python3_numpy2_still_loads(tmp_path, protocol):
     """A batch re-saved today (numpy._core names, BINBYTES keys; at protocol 5 numpy's

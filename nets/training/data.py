@@ -237,11 +237,20 @@ def _numpy_reconstruct():
     return _reconstruct
 
 
+def _plain_dtype(dtype) -> bool:
+    """A numeric dtype without fields or sub-arrays (bool, integers, floats): raw bytes
+    read as such are numbers, never object pointers."""
+    return (isinstance(dtype, np.dtype) and dtype.kind in "biuf" and dtype.fields is None
+            and dtype.subdtype is None and not dtype.hasobject)
+
+
 def _array_from_buffer(buf, dtype, shape, order):
     """An ndarray from a pickled buffer — what numpy ≥ 2 names as
     `numpy._core.numeric._frombuffer` in pickles of protocol 5 — rebuilt here with
     `np.frombuffer` (a copy that owns its memory) instead of importing numpy's private
-    function: it reads bytes, never code."""
+    function: it reads bytes, never code, and only as a plain numeric dtype."""
+    if not _plain_dtype(dtype) or not isinstance(buf, (bytes, bytearray)):
+        raise RefusedPickleError("an array of a non-numeric dtype is not part of the CIFAR format")
     return np.frombuffer(buf, dtype=dtype).reshape(shape, order=order).copy()
 
 
@@ -249,7 +258,7 @@ class RefusedPickleError(pickle.UnpicklingError):
     """A CIFAR file names a global outside the format's minimal set (possibly hostile)."""
 
 
-class _CifarUnpickler(pickle.Unpickler):
+class _CifarUnpickler(pickle._Unpickler):
     """Unpickler for the CIFAR python files that can construct nothing dangerous.
 
     The real files (cPickle protocol 2, written by Python 2 with numpy 1.x) hold a dict
@@ -259,7 +268,13 @@ class _CifarUnpickler(pickle.Unpickler):
     `numpy.core.multiarray._reconstruct` (spelled `numpy._core.multiarray` by
     numpy ≥ 2), `numpy.ndarray` and `numpy.dtype`. Every other global is refused with
     `RefusedPickleError` (a `pickle.UnpicklingError`) before it is imported, so no code
-    outside that set runs. (Files re-saved by Python 3 at protocol 2 name
+    outside that set runs, and the states those objects are given (pickle's BUILD) are
+    checked before they are applied: a dtype state must describe a plain number (no
+    fields, sub-arrays or objects: a hidden object field would let raw bytes be read as
+    pointers and crash the interpreter) and an array state must hold such a dtype and its
+    bytes. (The pure-Python unpickler is used, whose BUILD can be intercepted; the
+    files' few hundred thousand small objects take well under a second.)
+    (Files re-saved by Python 3 at protocol 2 name
     `_codecs.encode` for byte strings; they are refused too — re-save at protocol ≥ 3.
     Arrays pickled at protocol 5 by numpy ≥ 2 name `numpy._core.numeric._frombuffer`,
     which is rebuilt by `_array_from_buffer` without importing it.)
@@ -286,6 +301,28 @@ class _CifarUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         raise RefusedPickleError("persistent ids are not part of the CIFAR format")
+
+    def load_build(self):
+        state, inst = self.stack[-1], self.stack[-2]
+        if isinstance(inst, np.dtype):
+            # (version, byte order, sub-array, names, fields, itemsize, alignment, flags)
+            ok = (isinstance(state, tuple) and len(state) >= 5 and state[2] is None
+                  and state[3] is None and state[4] is None)
+        elif isinstance(inst, np.ndarray):
+            # (version, shape, dtype, Fortran order, raw bytes)
+            ok = (isinstance(state, tuple) and len(state) == 5 and _plain_dtype(state[2])
+                  and isinstance(state[4], (bytes, bytearray)))
+        else:
+            ok = False
+        if not ok:
+            what = "dtype" if isinstance(inst, np.dtype) else type(inst).__name__
+            raise RefusedPickleError(f"refusing to set the state of a {what}: "
+                                     "only plain numeric dtypes and arrays are part of the "
+                                     "CIFAR format")
+        super().load_build()
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch[pickle.BUILD[0]] = load_build
 
 
 def _restricted_load(path: Path):
