@@ -7,6 +7,7 @@ after the data are read, so any difference is a data-handling bug (order, weight
 uneven batches, dropped or duplicated samples)."""
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -220,3 +221,67 @@ def test_options_after_the_data_are_keyword_only(problem):
         nets.directional_noise(model, F.cross_entropy, (X, y), np.ones(57), 2)
     with pytest.raises(TypeError):
         nets.hessian_operator(model, F.cross_entropy, (X, y), None)
+
+
+def _dense_top(model, X, y):
+    """λ_max of the mean-loss Hessian on (X, y) by torch.func (the oracle)."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    names = list(params)
+    flat = torch.cat([params[k].reshape(-1) for k in names])
+
+    def loss(w):
+        out, i = {}, 0
+        for k in names:
+            n = params[k].numel()
+            out[k] = w[i:i + n].reshape(params[k].shape)
+            i += n
+        return F.cross_entropy(torch.func.functional_call(model, out, (X,)), y)
+    return float(torch.linalg.eigvalsh(torch.func.hessian(loss)(flat))[-1])
+
+
+def test_loaders_reading_part_of_their_dataset(problem):
+    """A sequential sampler over fewer samples than the dataset, and a BatchSampler with
+    drop_last=True given as batch_sampler, were accepted with N = len(dataset): the
+    products added up the samples read and divided by the dataset's length (λ₁ 23 % low),
+    while the per-sample passes read every sample. The first is refused now, the second
+    read as the samples it yields (with the drop_last warning); a user's own batch
+    sampler that yields every index once in order works (it raised AttributeError)."""
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    model, X, y = problem
+    ds = TensorDataset(X, y)
+    with pytest.raises(ValueError, match="covers 30 of its dataset's 37"):
+        nets.top_eigenvalues(model, F.cross_entropy,
+                             DataLoader(ds, sampler=SequentialSampler(range(30)), batch_size=8))
+    dropping = DataLoader(ds, batch_sampler=BatchSampler(SequentialSampler(ds), 8, drop_last=True))
+    with pytest.warns(UserWarning, match="drop_last=True, so 5"):
+        top = nets.top_eigenvalues(model, F.cross_entropy, dropping)[0]
+    np.testing.assert_allclose(top, _dense_top(model, X[:32], y[:32]), rtol=1e-8)
+    own = [list(range(i, min(i + 8, len(X)))) for i in range(0, len(X), 8)]
+    top = nets.top_eigenvalues(model, F.cross_entropy, DataLoader(ds, batch_sampler=own))[0]
+    np.testing.assert_allclose(top, _dense_top(model, X, y), rtol=1e-8)
+    with pytest.raises(ValueError, match="batch_sampler"):
+        nets.top_eigenvalues(model, F.cross_entropy, DataLoader(ds, batch_sampler=own[::-1]))
+
+
+def test_random_augmentation_in_collate_is_refused(problem):
+    """Noise added in a DataLoader's collate_fn (a MixUp-style recipe) was not seen:
+    three identical calls gave three top eigenvalues. Refused now, like random
+    augmentation in a Dataset's __getitem__, and torch's generator is left as it was."""
+    from torch.utils.data import default_collate
+
+    model, X, y = problem
+
+    def noisy(batch):
+        x, t = default_collate(batch)
+        return x + 0.1 * torch.randn_like(x), t
+
+    state = torch.random.get_rng_state()
+    with pytest.raises(ValueError, match="collate_fn gives other batches"):
+        nets.top_eigenvalues(model, F.cross_entropy,
+                             DataLoader(TensorDataset(X, y), batch_size=8, collate_fn=noisy))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    with pytest.raises(ValueError, match="first batch differs"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")              # the drop_last warning
+        nets.top_eigenvalues(model, F.cross_entropy, DataLoader(
+            TensorDataset(X, y), batch_size=8, collate_fn=noisy, drop_last=True))

@@ -42,6 +42,10 @@ def test_summed_loss_is_warned_on_every_path(tiny_mlp):
                                                      unbracketed="nan"))
     assert _warned_summed(lambda: predict_adam_max_lr(model, _summed, (X, y), [8]))
     assert not _warned_summed(lambda: predict_adam_max_lr(model, F.cross_entropy, (X, y), [8]))
+    # gradient_noise was silent, and its numbers then moved with chunk_size (eps_max 0.16
+    # to 2.12 between the default chunk and chunk_size=1)
+    assert _warned_summed(lambda: nets.gradient_noise(model, _summed, (X, y)))
+    assert not _warned_summed(lambda: nets.gradient_noise(model, F.cross_entropy, (X, y)))
 
 
 def test_adam_path_gives_the_package_messages(tiny_mlp):

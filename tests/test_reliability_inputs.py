@@ -677,7 +677,7 @@ def test_no_unrestricted_deserialisation_in_the_package():
     """Every torch.load passes weights_only=True; no pickle.load(s)/np.load with
     allow_pickle=True/marshal/shelve anywhere in rmt, nets, paper_checks, benchmarks;
     the only Unpickler subclass is the restricted CIFAR one (which overrides
-    find_class)."""
+    find_class, and load_build: the states given to the objects it builds)."""
     offenders, unpicklers = [], []
     files = [p for d in ("rmt", "nets", "paper_checks", "benchmarks") for p in (ROOT / d).rglob("*.py")]
     assert len(files) > 20
@@ -700,8 +700,10 @@ def test_no_unrestricted_deserialisation_in_the_package():
                     offenders.append(f"{rel}:{node.lineno} np.load(allow_pickle=...)")
         for node in ast.walk(tree):
             if isinstance(node, ast.ClassDef) and any(
-                    (isinstance(b, ast.Attribute) and b.attr == "Unpickler") for b in node.bases):
+                    (isinstance(b, ast.Attribute) and b.attr in ("Unpickler", "_Unpickler"))
+                    for b in node.bases):
                 methods = {n.name for n in node.body if isinstance(n, ast.FunctionDef)}
-                unpicklers.append((str(rel), node.name, "find_class" in methods))
+                unpicklers.append((str(rel), node.name, "find_class" in methods,
+                                   "load_build" in methods))
     assert offenders == []
-    assert unpicklers == [("nets/training/data.py", "_CifarUnpickler", True)]
+    assert unpicklers == [("nets/training/data.py", "_CifarUnpickler", True, True)]

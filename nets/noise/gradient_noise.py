@@ -44,6 +44,7 @@ from nets.curvature.operators import (
     policy_mode,
     resolve_device_dtype,
 )
+from nets.curvature.loss_check import check_mean_reduced
 from nets.curvature.params import ParamLayout, functional_loss, make_functional
 from nets.utils.autocast import outside_autocast
 from nets.utils.data_source import as_data_source, check_indices
@@ -185,6 +186,7 @@ def gradient_noise(model, loss_fn, data, *, hessian_samples=32, hessian=True, pa
     N = src.N
     seed = resolved_seed("seed", seed)
     ps = _PerSample(model, loss_fn, params, device, dtype, policy)
+    check_mean_reduced(model, loss_fn, src)      # a summed loss: every number chunk-dependent
     chunk_size = _chunk(chunk_size, memory, ps, src)
     P = ps.layout.P
     acc = torch.float64

@@ -107,17 +107,47 @@ def tensors_for(model, data, *, name: str = "data", device=None, dtype=None):
 
 
 def _check_sampler(loader, name: str) -> None:
-    from torch.utils.data import DataLoader, SequentialSampler
-    if not isinstance(loader, DataLoader):
+    """Refuse a DataLoader that does not read its whole (map-style) dataset once, in the
+    dataset's order: a shuffling or custom sampler, a sequential one over fewer samples
+    than the dataset holds (the products would add up the samples read and divide by the
+    dataset's length), or a batch sampler yielding other indices."""
+    from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
+    if not isinstance(loader, DataLoader) or _is_iterable_dataset(loader.dataset):
         return
-    sampler = loader.batch_sampler.sampler if loader.batch_sampler is not None else loader.sampler
-    if not isinstance(sampler, SequentialSampler) and not _is_iterable_dataset(loader.dataset):
+    n = len(loader.dataset) if hasattr(loader.dataset, "__len__") else None
+    bs = loader.batch_sampler
+    if bs is not None and not isinstance(bs, BatchSampler):
+        # the user's own batch sampler: fine if its indices are 0, 1, …, n − 1 in order
+        order = [int(i) for b in _iter_keeping_rng(bs) for i in b]
+        if order != list(range(len(order))) or (n is not None and len(order) != n):
+            raise ValueError(
+                f"{name} is a DataLoader whose batch_sampler ({type(bs).__name__}) does not "
+                f"yield every sample of its dataset once in order (it yields {len(order)} "
+                f"indices{'' if n is None else f' for {n} samples'}): the package reads every "
+                "sample once in the dataset's own order; build the loader with shuffle=False "
+                "and no sampler — pass a torch.utils.data.Subset for a subset")
+        return
+    sampler = bs.sampler if bs is not None else loader.sampler
+    if not isinstance(sampler, SequentialSampler):
         raise ValueError(
             f"{name} is a DataLoader with a {type(sampler).__name__}: the package reads every "
             "sample once in the dataset's own order, so a loader with any other sampler (a "
             "shuffling one, or a custom order or subset) is refused; build it with "
             "shuffle=False and no sampler — pass a torch.utils.data.Subset for a subset (the "
             "package draws its own random batches where it needs them)")
+    if n is not None and len(sampler) != n:
+        raise ValueError(
+            f"{name} is a DataLoader whose SequentialSampler covers {len(sampler)} of its "
+            f"dataset's {n} samples: the package reads the whole dataset; pass a "
+            "torch.utils.data.Subset for a subset")
+
+
+def _drops_last(loader) -> bool:
+    """Whether a DataLoader leaves out its last partial batch (its own drop_last, or that
+    of a BatchSampler it was given as batch_sampler, where its own reads False)."""
+    from torch.utils.data import BatchSampler
+    return bool(loader.drop_last) or (isinstance(loader.batch_sampler, BatchSampler)
+                                      and bool(loader.batch_sampler.drop_last))
 
 
 def _is_iterable_dataset(ds) -> bool:
@@ -191,13 +221,13 @@ class DataSource:
             _check_sampler(data, name)
             self._iterable, self.form = data, "batches"
             if (isinstance(data, DataLoader) and not _is_iterable_dataset(data.dataset)
-                    and not data.drop_last and hasattr(data.dataset, "__len__")):
+                    and not _drops_last(data) and hasattr(data.dataset, "__len__")):
                 self._dataset, self._collate = data.dataset, data.collate_fn
                 self.N = len(data.dataset)
             else:
                 self.N = sum(int(self._check_item(item, j)[0].shape[0])
                              for j, item in self._items())
-                full = len(data.dataset) if (isinstance(data, DataLoader) and data.drop_last
+                full = len(data.dataset) if (isinstance(data, DataLoader) and _drops_last(data)
                                              and hasattr(data.dataset, "__len__")) else None
                 if full is not None and self.N < full:
                     warnings.warn(f"{name}: the DataLoader has drop_last=True, so {full - self.N} "
@@ -206,21 +236,49 @@ class DataSource:
                                   stacklevel=caller_stacklevel())
         if self.N == 0:
             raise ValueError(f"{name} is empty")
-        if self._dataset is not None:
+        if self._dataset is not None or isinstance(self._iterable, DataLoader):
             self._check_fixed()
 
     def _check_fixed(self) -> None:
-        """Refuse a Dataset whose items change from one read to the next (random
-        augmentation in `__getitem__`): curvature is an average over fixed samples, and
-        every pass over such data would see other ones."""
-        for i in sorted({0, self.N - 1}):
-            a = self._check_item(self._dataset[i], i, sample=True)
-            b = self._check_item(self._dataset[i], i, sample=True)
-            if not all(u.shape == v.shape and torch.equal(u, v) for u, v in zip(a, b)):
-                raise ValueError(
-                    f"{self.name}: item {i} of the dataset differs between two reads (random "
-                    "augmentation in __getitem__?); curvature is an average over fixed "
-                    "samples, so pass the data without random transforms")
+        """Refuse data whose samples change from one read to the next — random
+        augmentation in a Dataset's `__getitem__` or in a DataLoader's `collate_fn` (a
+        MixUp-style recipe): curvature is an average over fixed samples, and every pass
+        over such data would see other ones. Torch's global generator is left as it was."""
+        def same(a, b):            # NaN equal to NaN (bad data are refused elsewhere)
+            return all(u.shape == v.shape and u.dtype == v.dtype
+                       and (torch.equal(u, v) if not u.is_floating_point() else
+                            bool(torch.isclose(u, v, rtol=0.0, atol=0.0, equal_nan=True).all()))
+                       for u, v in zip(a, b))
+
+        state = torch.random.get_rng_state()
+        try:
+            if self._dataset is None:         # a loader read as batches (drop_last)
+                first = [self._check_item(next(_iter_keeping_rng(self._iterable)), 0)
+                         for _ in range(2)]
+                if not same(*first):
+                    raise ValueError(
+                        f"{self.name}: the DataLoader's first batch differs between two reads "
+                        "(random augmentation in its dataset or collate_fn?); curvature is an "
+                        "average over fixed samples, so pass the data without random transforms")
+                return
+            for i in sorted({0, self.N - 1}):
+                a = self._check_item(self._dataset[i], i, sample=True)
+                b = self._check_item(self._dataset[i], i, sample=True)
+                if not same(a, b):
+                    raise ValueError(
+                        f"{self.name}: item {i} of the dataset differs between two reads (random "
+                        "augmentation in __getitem__?); curvature is an average over fixed "
+                        "samples, so pass the data without random transforms")
+            if self._collate is not None:
+                idx = np.arange(min(self.N, 4))
+                if not same(self._stack_samples(idx), self._stack_samples(idx)):
+                    raise ValueError(
+                        f"{self.name}: the DataLoader's collate_fn gives other batches on two "
+                        "reads of the same samples (random augmentation in collate_fn?); "
+                        "curvature is an average over fixed samples, so pass the data without "
+                        "random transforms")
+        finally:
+            torch.random.set_rng_state(state)
 
     # -- pieces ---------------------------------------------------------------------
     def _items(self):
