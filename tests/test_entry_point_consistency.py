@@ -207,6 +207,41 @@ def test_an_optimizer_over_part_of_the_model_is_said(tiny_mlp):
     assert len(partial_warnings()) == 1                    # and unfrozen again: it warns
 
 
+def test_optimizer_groups_settings_and_ignored_options(tiny_mlp):
+    """Found by an outside sweep: param groups with betas as a list (from a config file)
+    raised a bare TypeError; SGD groups differing only in a dampening torch ignores (no
+    momentum) were refused; with params= an optimizer of another model was not warned
+    about; the Adam path dropped num_probes and micro_batch silently; a settings object
+    with an unknown family raised KeyError; RMSprop's weight-decay note used SGD's factor."""
+    import copy
+
+    from nets.learning_rates.lr_prediction import OptimizerSettings, optimizer_settings
+
+    model, X, y = tiny_mlp(seed=1, N=24)
+    p = list(model.parameters())
+    listed = torch.optim.Adam([{"params": p[:2], "betas": [0.9, 0.999]}, {"params": p[2:]}])
+    assert optimizer_settings(listed).beta1 == 0.9
+    other = torch.optim.Adam([{"params": p[:2], "betas": [0.5, 0.999]}, {"params": p[2:]}])
+    with pytest.raises(ValueError, match=r"param groups differ in betas \(\(0.5, 0.999\)"):
+        optimizer_settings(other)
+    damp = torch.optim.SGD([{"params": p[:2], "dampening": 0.3}, {"params": p[2:]}], lr=0.1)
+    assert optimizer_settings(damp).dampening == 0.0
+    with pytest.raises(ValueError, match="dampening"):
+        optimizer_settings(torch.optim.SGD([{"params": p[:2], "dampening": 0.3},
+                                            {"params": p[2:]}], lr=0.1, momentum=0.9))
+    foreign = torch.optim.SGD(copy.deepcopy(model).parameters(), lr=0.1)
+    names = [n for n, _ in model.named_parameters()][:2]
+    with pytest.warns(UserWarning, match="updates none of the model's"):
+        nets.predict_max_lr(model, F.cross_entropy, (X, y), [8], optimizer=foreign, params=names)
+    for kw in (dict(num_probes=4), dict(micro_batch=4)):
+        with pytest.warns(UserWarning, match=f"{next(iter(kw))} is not used"):
+            nets.predict_max_lr(model, F.cross_entropy, (X, y), [8], optimizer="adam", **kw)
+    with pytest.raises(ValueError, match="family"):
+        OptimizerSettings("adamw", 0.0, 0.0, False, 0.9, 0.999, 1e-8)
+    with pytest.warns(UserWarning, match="weight_decay·max_i D_i"):
+        optimizer_settings(torch.optim.RMSprop(p, weight_decay=0.01))
+
+
 def test_stores_never_serve_another_loss_model_or_labels(tiny_mlp, tmp_path):
     """The resumable stores key on the loss, the model's structure and the targets too:
     the same weights and inputs with another loss, activation or labels are recomputed."""

@@ -114,6 +114,11 @@ class OptimizerSettings(Result):
     beta2: float
     eps: float
 
+    def __post_init__(self):
+        if self.name not in ("sgd", "adam", "rmsprop"):
+            raise ValueError("OptimizerSettings: name must be the family 'sgd', 'adam' "
+                             f"(Adam, AdamW) or 'rmsprop', got {self.name!r}")
+
     @property
     def sgd_factor(self) -> float:
         """F in α_max = F/λ' for the SGD columns: 2(1+ρ)/(1−τ), or 2(1+ρ)/(1+2ρ) (Nesterov)."""
@@ -137,13 +142,24 @@ _KEYS = ("momentum", "dampening", "nesterov", "betas", "eps", "alpha", "centered
 
 
 def _group_settings(opt: torch.optim.Optimizer) -> dict:
-    """Hyper-parameters of the first param group (all groups must agree on them)."""
+    """Hyper-parameters of the first param group (all groups must agree on them; betas
+    given as a list, as from a config file, read as the tuple; dampening, which torch
+    ignores without momentum, only where the momentum is not 0)."""
+    def read(g):
+        out = {k: (tuple(g[k]) if isinstance(g[k], list) else g[k]) for k in _KEYS if k in g}
+        if "dampening" in out and "momentum" in out and _same(out["momentum"], 0.0):
+            out["dampening"] = 0.0
+        return out
+
     groups = opt.param_groups
-    first = {k: groups[0][k] for k in _KEYS if k in groups[0]}
+    first = read(groups[0])
     for g in groups[1:]:
-        other = {k: g[k] for k in _KEYS if k in g}
-        if other != first:
-            raise ValueError(f"optimizer: param groups differ in {sorted(set(first.items()) ^ set(other.items()))}; "
+        other = read(g)
+        differ = sorted(k for k in set(first) | set(other)
+                        if k not in first or k not in other or not _same(first[k], other[k]))
+        if differ:
+            said = ", ".join(f"{k} ({first.get(k)!r} and {other.get(k)!r})" for k in differ)
+            raise ValueError(f"optimizer: param groups differ in {said}; "
                              "the stability limit needs one setting (build the optimizer with "
                              "one setting for every group; where settings are taken instead "
                              "of an optimizer, pass optimizer_settings for the group you want)")
@@ -208,17 +224,16 @@ def warn_partial_optimizer(model, optimizer, params=None, *, group_lrs=True) -> 
                       "for one learning rate applied to every parameter (a per-group lr "
                       "rescales that group's curvature, which is not modelled)",
                       UserWarning, stacklevel=caller_stacklevel())
-    if params is not None:
-        return
     trained = {id(p) for g in optimizer.param_groups for p in g["params"]}
     free = [p for p in model.parameters() if p.requires_grad]
     missing = sum(p.numel() for p in free if id(p) not in trained)
     if trained and free and not trained & {id(p) for p in free}:
+        # (whatever params= selects: an optimizer of another model trains none of them)
         warnings.warn("optimizer: it updates none of the model's trainable parameters — is it "
                       "another model's optimizer (or one built before the model was copied)? "
                       "Its settings are read, but it does not train this model",
                       UserWarning, stacklevel=caller_stacklevel())
-    elif missing and len(trained & {id(p) for p in free}):
+    elif params is None and missing and len(trained & {id(p) for p in free}):
         total = sum(p.numel() for p in free)
         warnings.warn(f"optimizer: it updates only {total - missing} of the model's {total} "
                       "trainable parameters, but the limits here are for all of them; freeze "
@@ -236,13 +251,16 @@ def _check_unmodelled(hp: dict, cls, *, amsgrad_state=False) -> None:
     wd = float(hp.get("weight_decay") or 0.0)
     decoupled = issubclass(cls, torch.optim.AdamW) or bool(hp.get("decoupled_weight_decay"))
     if wd > 0 and not decoupled:        # AdamW's decay only contracts the weights
+        adaptive = issubclass(cls, (torch.optim.Adam, torch.optim.RMSprop))
         bound = ("(λ̃ + weight_decay·max_i D_i)/λ̃, D = 1/(√v̂ + ε) the preconditioner and λ̃ the "
-                 "preconditioned sharpness" if issubclass(cls, torch.optim.Adam)
-                 else "(λ₁ + weight_decay)/λ₁")
+                 "preconditioned sharpness" if adaptive else "(λ₁ + weight_decay)/λ₁")
+        # the factor is the top curvature's rise (Weyl); the noise term of a mean-square
+        # limit is read along the top direction, which the decay can turn (RMSprop on a
+        # small MLP: 1.077 against (λ₁ + wd)/λ₁ = 1.066), so it is not a strict bound
         warnings.warn(f"optimizer: weight_decay={wd:g} is not modelled; the limits are those of "
                       "the loss without it (coupled L2 decay adds it to every curvature, so "
-                      f"they are too high by at most the factor {bound})",
-                      UserWarning, stacklevel=caller_stacklevel())
+                      f"they are too high, by about the factor {bound} — the top curvature's "
+                      "rise)", UserWarning, stacklevel=caller_stacklevel())
     if hp.get("amsgrad") and not amsgrad_state:
         warnings.warn("optimizer: amsgrad=True is not modelled; the Adam limits use a "
                       "second moment without a running maximum (the noise model from the "
@@ -721,8 +739,18 @@ def predict_max_lr(model, loss_fn, data, batch_sizes, *, optimizer="sgd", moment
     """
     opt = optimizer_settings(optimizer, momentum=momentum, nesterov=nesterov)
     warn_partial_optimizer(model, optimizer, params)
+    if num_probes is not None:
+        warnings.warn("predict_max_lr: num_probes is not used (the limits need the top "
+                      "curvature and its noise only; the isotropic probes are lr_table's) and "
+                      "is ignored", UserWarning, stacklevel=caller_stacklevel())
     if opt.name != "sgd":
         from nets.learning_rates.adam import predict_adam_max_lr
+
+        if not (isinstance(micro_batch, str) and micro_batch == "auto"):
+            warnings.warn(f"predict_max_lr: micro_batch is not used by the {opt.name} limit "
+                          "(its per-sample passes take every sample, chunked by chunk_size) "
+                          "and is ignored", UserWarning,
+                          stacklevel=caller_stacklevel())
 
         src = as_data_source(data)
         bs = as_batch_sizes(batch_sizes, src.N)
@@ -732,10 +760,6 @@ def predict_max_lr(model, loss_fn, data, batch_sizes, *, optimizer="sgd", moment
                                    device=device, dtype=dtype,
                                    seed=seed, progress=progress)
         return np.asarray(pred.lr, dtype=float).copy()
-    if num_probes is not None:
-        warnings.warn("predict_max_lr: num_probes is not used (the SGD limits need λ₁ and s_u² "
-                      "only; the isotropic probes are lr_table's) and is ignored",
-                      UserWarning, stacklevel=caller_stacklevel())
     # lr_table's checks and its λ₁, s_u² pass — not its isotropic probes and per-sample
     # gradients, which the limit does not read (on a 670k-parameter MLP they made the call
     # 5.8× slower and took 4.4 GiB where it needs 0.70)
