@@ -449,8 +449,9 @@ def _path_seed(seed):
 def critical_batch_size(lam, s2) -> float:
     """Critical batch size ``B* = s²/λ²`` of the stability-limit law (docs/theory.md §5).
 
-    At ``B = B*`` (with replacement / N = ∞) the SGD stability limit is half its
-    saturated value ``2/λ``; below B* it grows linearly in B, above it saturates.
+    At ``B = B*`` (N = ∞) the SGD stability limit is half its saturated value ``2/λ``
+    (with replacement at finite N at ``B*(1 − 1/N)``, without at ``B*N/(N + B*)``); below
+    it the limit grows linearly in B, above it saturates.
     Analogous to (but not the same quantity as) McCandlish's ``B_noise``.
     """
     lam = as_float("lam", lam, positive=True)
