@@ -375,3 +375,19 @@ def test_largest_magnitude_needs_a_basis_of_2k_plus_1():
             assert r.converged.all()
             np.testing.assert_allclose(r.values, want, rtol=1e-8, atol=1e-10)
     eigsh(op, k=2, which="LA", krylov_dim=3)        # one end: a small basis stays allowed
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_an_operator_of_low_rank_converges(k):
+    """A one-sample Hessian (rank ≪ P): every fresh direction after the first invariant
+    subspace lies in the null space and breaks down at once, so the cycle always ended on
+    a fresh block without pairs — the run spent its whole budget (1000 products) and said
+    'not converged' with residual 0. The latest fresh block with pairs settles it now;
+    a warm start's own block still does not (test above)."""
+    A, _ = with_spectrum([3.0, 2.0, 1.5] + [0.0] * 57, seed=4)
+    r = eigsh(DenseOperator(A), k=k, which="LA", seed=0)
+    assert r.converged.all() and r.num_matvecs < 100
+    np.testing.assert_allclose(r.values, [3.0, 2.0, 1.5][:k], rtol=1e-10)
+    r = eigsh(DenseOperator(-A), k=k, which="SA", seed=1)
+    assert r.converged.all() and r.num_matvecs < 100
+    np.testing.assert_allclose(r.values, [-3.0, -2.0, -1.5][:k], rtol=1e-10)

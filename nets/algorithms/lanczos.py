@@ -638,9 +638,18 @@ def _live_block_settled(theta, S, resid, blk, size, which, tol, op, anorm) -> bo
     still growing, holding basis vector `size`) has converged, so that the rest of the
     space holds nothing beyond it. Each Ritz vector lies in one block (T is block
     diagonal across a breakdown); the live block may have no pair yet."""
-    live = [i for i in range(size) if blk[int(np.abs(S[:, i]).argmax())] == blk[size]]
+    ids = [int(blk[int(np.abs(S[:, i]).argmax())]) for i in range(size)]
+    live = [i for i in range(size) if ids[i] == blk[size]]
     if not live:
-        return False
+        # the fresh direction was drawn at the cycle's end (an operator of low rank breaks
+        # down again at once: a one-sample Hessian ran out its budget, 'not converged' with
+        # residual 0): the latest block with pairs answers the same question when it too
+        # began from a fresh random direction (id ≥ 1) — not the start vector's block, which
+        # may be a warm start inside an invariant subspace
+        latest = max(ids, default=0)
+        if latest < 1:
+            return False
+        live = [i for i in range(size) if ids[i] == latest]
     best = live[int(_order(theta[live], which)[0])]
     return bool(resid[best] <= _tolerance(theta[best], tol, op, anorm))
 
