@@ -389,6 +389,41 @@ def test_a_loss_linear_in_the_outputs_has_a_zero_ggn_and_is_said():
     np.testing.assert_allclose(h_lp, h_lg, rtol=1e-8)
 
 
+def test_a_piecewise_loss_linear_on_the_first_samples_is_not_called_zero():
+    """Smooth L1 is linear in the outputs where |residual| > beta: with the first two
+    samples there, the check warned "the Gauss–Newton matrix is zero" for one whose top
+    eigenvalue is not (the dense float64 GGN's, below)."""
+    X, _ = _data()
+    model = _mlp()
+    with torch.no_grad():
+        out = model(X)
+    # targets: the first two samples far off (linear zone), the rest within beta
+    t = out.clone()
+    t[:2] += 5.0
+    t[2:] += 0.1
+
+    def loss(o, tt):
+        return F.smooth_l1_loss(o, tt, beta=0.5)
+
+    top, said = _quiet(lambda: top_eigenvalues(model, loss, (X, t), k=1, kind="ggn"))
+    assert said == []
+    params = dict(model.named_parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in params.values()])
+
+    def outputs(w):
+        i, d = 0, {}
+        for k, p in params.items():
+            d[k] = w[i:i + p.numel()].reshape(p.shape)
+            i += p.numel()
+        return torch.func.functional_call(model, d, (X,))
+    J = torch.func.jacrev(outputs)(flat).reshape(-1, flat.numel())
+    o = outputs(flat).detach()
+    lam = torch.autograd.functional.hessian(lambda u: loss(u, t), o).reshape(o.numel(), o.numel())
+    G = J.T @ lam @ J
+    assert top[0] > 1e-3
+    np.testing.assert_allclose(top[0], float(torch.linalg.eigvalsh(G)[-1]), rtol=1e-8)
+
+
 def test_eigenvalues_short_of_the_tolerance_are_said():
     """The plain arrays of top/bottom_eigenvalues carry no convergence flags: a value short
     of the tolerance is said (forced here by a product budget too small to converge)."""

@@ -795,21 +795,34 @@ class ModelCurvatureOperator(CurvatureOperator):
     def _check_output_curvature(self, out, y) -> None:
         """Warn when the loss is linear in the model's outputs (its Hessian in the outputs
         Λ vanishes on a random direction): the Gauss–Newton matrix JᵀΛJ is then zero,
-        as for a model ending in log_softmax with nll_loss."""
-        try:
+        as for a model ending in log_softmax with nll_loss. Zero on the two trial samples
+        is checked again on the first 64 (a piecewise loss — Huber, smooth L1 — is linear
+        in the outputs of some samples only: it warned with a Gauss–Newton matrix that
+        was not zero)."""
+        def vanishes(o, t) -> bool:
             with torch.enable_grad():
-                lam = vjp(grad(lambda o: _scalar_loss(self.loss_fn(o, y))), out.detach())[1]
+                lam = vjp(grad(lambda u: _scalar_loss(self.loss_fn(u, t))), o.detach())[1]
                 g = torch.Generator(device="cpu").manual_seed(0)
-                d = torch.randn(out.shape, generator=g, dtype=out.dtype).to(out.device)
-                zero = not bool(lam(d)[0].abs().gt(0).any())
+                d = torch.randn(o.shape, generator=g, dtype=o.dtype).to(o.device)
+                return not bool(lam(d)[0].abs().gt(0).any())
+
+        n = min(64, self.N)
+        try:
+            zero = vanishes(out, y)
+            if zero and n > out.shape[0]:
+                x, t = self.source.take(np.arange(n), device=self.device, dtype=self.dtype)
+                with torch.no_grad(), self._trial_mode():
+                    o = self._forward(self.primals, x)
+                zero = isinstance(o, torch.Tensor) and vanishes(o, t)
         except (RuntimeError, ValueError, TypeError, NotImplementedError):
             return
         if zero:
             warnings.warn(
-                "kind='ggn': the loss is linear in the model's outputs (its second derivative "
-                "in them is zero), so the Gauss–Newton matrix is zero — e.g. a model ending in "
-                "log_softmax with nll_loss. Return logits and use F.cross_entropy (the same "
-                "loss), or use kind='hessian'", UserWarning, stacklevel=caller_stacklevel())
+                f"kind='ggn': the loss is linear in the model's outputs on the first {n} "
+                "samples (its second derivative in them is zero), so the Gauss–Newton matrix "
+                "is zero there — e.g. a model ending in log_softmax with nll_loss. Return "
+                "logits and use F.cross_entropy (the same loss), or use kind='hessian'",
+                UserWarning, stacklevel=caller_stacklevel())
 
     def _forward(self, prim, x):
         state = dict(self.frozen)
