@@ -294,6 +294,10 @@ def test_column_cross_entropy_fast_path_only_for_plain_cross_entropy():
     assert not _is_plain_cross_entropy(F.cross_entropy, torch.tensor([0, -100, 1]), (3,))
     assert not _is_plain_cross_entropy(F.cross_entropy, torch.rand(3, 3), (3,))       # soft targets
     assert not _is_plain_cross_entropy(F.cross_entropy, y, (3, 4))                    # sequences
+    # an ignored class among the targets: the fast path judged plain cross-entropy runs
+    # against the loss without that class (a threshold 15 % low); absent, it is plain
+    assert not _is_plain_cross_entropy(nn.CrossEntropyLoss(ignore_index=0), y, (3,))
+    assert _is_plain_cross_entropy(nn.CrossEntropyLoss(ignore_index=0), y + 3 * (y == 0), (4,))
 
 
 def test_curved_threshold_is_the_linear_one_for_a_linear_network_and_differs_otherwise(tiny_mlp):

@@ -276,6 +276,31 @@ def test_a_tolerance_the_loss_never_reaches_leaves_the_correction_out(tiny_mlp, 
     assert np.isnan(out.secant_ratio) and not out.correction_applied
     np.testing.assert_array_equal(out.correction, 1.0)
     np.testing.assert_allclose(out.shape, out.linearized_lr, rtol=1e-12)
+    assert "no secant ratio" in out.rule and "s_lin/s_real > 1" not in out.rule
+
+
+def test_one_sequence_leaves_the_error_unknown_and_seeds_are_bounded(tiny_mlp):
+    """From an outside sweep: n_seeds=1 reported lr_stderr = 0 (the seed spread is
+    unknown: NaN, 0 only at B₀), a seed within n_seeds of 2⁶³ crashed with a float-seed
+    TypeError or an overflow, and the plot drew its line in the order B was given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model, X, y = tiny_mlp(seed=2, N=48)
+    loss = torch.nn.functional.cross_entropy
+    kw = dict(form="linearized", rank=8, steps=20, seed=0)
+    one = transfer_lr(model, loss, (X, y), [16, 4, 8], reference=(16, 0.3), n_seeds=1, **kw)
+    assert one.lr_stderr[0] == 0 and np.isnan(one.lr_stderr[1:]).all()
+    assert np.isnan(one.shape_stderr).all()
+    json.dumps(one.to_dict())
+    ax = one.plot()
+    np.testing.assert_array_equal(ax.lines[0].get_xdata(), [4, 8, 16])
+    plt.close("all")
+    with pytest.raises(ValueError, match="2\\*\\*63"):
+        transfer_lr(model, loss, (X, y), [4], reference=(16, 0.3), n_seeds=2,
+                    **{**kw, "seed": 2 ** 63 - 1})
 
 
 def test_curved_form_is_the_curved_threshold_uncorrected(tiny_mlp):

@@ -327,6 +327,8 @@ def _is_plain_cross_entropy(loss_fn, y, shape) -> bool:
         if type(loss_fn) is not torch.nn.CrossEntropyLoss or loss_fn.weight is not None or \
                 loss_fn.reduction != "mean" or loss_fn.label_smoothing != 0.0:
             return False
+        if bool((y == loss_fn.ignore_index).any()):      # a class index it ignores (was
+            return False                                 # read as plain: 15 % low)
     return (len(shape) == 1 and y.ndim == 1 and not y.is_floating_point()
             and not y.is_complex() and bool(((y >= 0) & (y < shape[0])).all()))
 

@@ -126,7 +126,8 @@ class LRTransfer(Result):
     """Learning rate per batch size, transferred from a reference (B₀, α₀).
 
     batch_sizes (n_B,); lr (n_B,) and lr_stderr (propagated from the noise estimate, or
-    from the seed spread of the linearised thresholds); form (the shape used); rule (the
+    from the seed spread of the linearised thresholds: NaN from one batch sequence, where
+    it is unknown; 0 at B₀); form (the shape used); rule (the
     equation, text); shape a(B) (n_B,) the unanchored threshold shape, lr = α₀·a/a(B₀);
     shape_stderr (n_B,): for "linearized"/"curved" the seed standard error of a(B), independent
     across B; for the curvature forms |a(B) − a⁺(B)| with a⁺ the shape at the noise
@@ -204,9 +205,10 @@ class LRTransfer(Result):
         import matplotlib.pyplot as plt
 
         ax = plt.gca() if ax is None else ax
-        B = self.batch_sizes
-        ax.errorbar(B, self.lr, yerr=self.lr_stderr, fmt="-", color="C0", capsize=2,
-                    label=f"transfer_lr ({self.form}, m={self.momentum:g})")
+        o = np.argsort(self.batch_sizes, kind="stable")       # a line in B order
+        B = np.asarray(self.batch_sizes)[o]
+        ax.errorbar(B, np.asarray(self.lr)[o], yerr=np.asarray(self.lr_stderr)[o], fmt="-",
+                    color="C0", capsize=2, label=f"transfer_lr ({self.form}, m={self.momentum:g})")
         ref = (self.reference_batch_size, self.reference_lr)
         for k, r in enumerate(rules):
             ax.plot(B, scaling_rule(B, reference=ref, rule=r), ":", color=f"C{k + 1}", label=r)
@@ -342,6 +344,16 @@ def warn_momentum_upward(momentum, batch_sizes, reference_batch_size, *, who="tr
                       MomentumCaveat, stacklevel=caller_stacklevel())
 
 
+def _check_seed_range(seed, n_seeds) -> int:
+    """The batch sequences are seeds seed … seed + n_seeds − 1, each a torch generator
+    seed: they must stay below 2⁶³ (2⁶³ − 1 crashed with a float-seed error, 2⁶⁴ − 1 with
+    an overflow). Returns n_seeds."""
+    if seed is not None and seed + n_seeds - 1 >= 2 ** 63:
+        raise ValueError(f"seed + n_seeds - 1 must be below 2**63 (the batch sequences use seeds "
+                         f"seed … seed + n_seeds - 1), got seed={seed}, n_seeds={n_seeds}")
+    return n_seeds
+
+
 def _anchor(shape, spread, i0, lr0, *, coherent):
     """lr = α₀·a/a(B₀) and its standard error (`LRTransfer.shape_stderr` for `spread`):
     coherent, |α₀·a⁺/a⁺(B₀) − lr| with a⁺ = a − spread; independent, lr·√(r² + r(B₀)²)
@@ -350,7 +362,7 @@ def _anchor(shape, spread, i0, lr0, *, coherent):
     if coherent:
         hi = shape - spread
         return lr, np.abs(lr0 * hi / hi[i0] - lr)
-    rel = np.nan_to_num(spread / shape)
+    rel = spread / shape            # NaN (one seed: unknown) stays NaN, not a zero error
     se = lr * np.sqrt(rel ** 2 + rel[i0] ** 2)
     se[i0] = 0.0
     return lr, se
@@ -447,6 +459,7 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
         factor = as_growth_factor(factor)
         steps = as_int("steps", steps, minimum=1)
         n_seeds = as_int("n_seeds", n_seeds, minimum=1)
+        _check_seed_range(seed, n_seeds)
     allB = np.unique(np.append(Bs, B0))
     curv = "directional" if linear else form
     pred = predict_batch_top_eigenvalue(model, loss_fn, data, allB, form=curv, kind=kind,
@@ -480,8 +493,13 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
             shape_text = ("α_curved(B) the threshold of the linearised network plus its "
                           "outputs' second derivative along u")
         else:
-            bracket = ("[1 − (1 − s_lin/s_real)·λ/λ'_ρ(B)]" if extra["correction_applied"] else
-                       "1 (s_lin/s_real > 1: correction not applied)")
+            if extra["correction_applied"]:
+                bracket = "[1 − (1 − s_lin/s_real)·λ/λ'_ρ(B)]"
+            elif np.isfinite(extra["secant_ratio"]):
+                bracket = "1 (s_lin/s_real > 1: correction not applied)"
+            else:       # the loss along u never reaches the criterion: no secant ratio
+                bracket = ("1 (no secant ratio: the loss along u stays below the criterion; "
+                           "correction not applied)")
             shape_text = f"α_lin(B)·{bracket}, α_lin the linearised network's threshold"
         rule = (f"lr(B) = lr0·a(B)/a(B0), a(B) = {shape_text} (loss ever > {factor:g}× start "
                 f"within {steps} steps), rank {extra['rank']}")
@@ -523,7 +541,8 @@ def _adam_transfer(model, loss_fn, data, batch_sizes, reference, opt, *, form, f
     if form in (None, *MODEL_FORMS):
         seed = resolved_seed("seed", seed)
         linearized = {"factor": factor, "steps": 100 if steps is None else steps,
-                      "seeds": tuple(range(seed, seed + as_int("n_seeds", n_seeds, minimum=1)))}
+                      "seeds": tuple(range(seed, seed + _check_seed_range(
+                          seed, as_int("n_seeds", n_seeds, minimum=1))))}
     extra = {} if chunk_size is None else {"chunk_size": chunk_size}
     return adam_transfer_lr(model, loss_fn, data, batch_sizes, reference=reference,
                             betas=(opt.beta1, opt.beta2), eps=opt.eps, form=form,
@@ -571,7 +590,7 @@ def _linearized_shape(model, loss_fn, data, batch_sizes, lam, eff, *, momentum, 
                           "is used (correction_applied=False). Its transfer is less tested there: "
                           "compare form='directional'", stacklevel=caller_stacklevel())
     alpha = np.asarray(lin.lr, dtype=float)
-    stderr = np.nan_to_num(np.asarray(lin.stderr, dtype=float))
+    stderr = np.asarray(lin.stderr, dtype=float)    # NaN with one sequence: unknown
     fields = {"linearized_lr": alpha, "correction": corr, "secant_ratio": float(ratio),
               "correction_applied": applied,
               "rank": int(lin.rank), "factor": float(factor), "steps": int(steps)}
