@@ -206,3 +206,57 @@ def test_isotropic_gaussian_reference_value():
     a = ms_stability_threshold(X, 1, replacement=True).alpha
     assert a == pytest.approx(2 / 52, rel=0.03)
     assert a == pytest.approx(0.0384, rel=0.03)
+
+
+def test_rank_deficient_data_every_method_and_momentum():
+    """The same span rule for brentq, heavy ball and Nesterov: on the full space the frozen
+    directions hold ρ(T_α) at 1 for every α, and brentq (Nesterov's only method) followed
+    round-off — 30× to 10⁶× too small, with check reading 1. The enumerated oracle on the
+    span's coordinates is the truth."""
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((4, 6))
+    Q, _ = np.linalg.qr(X.T)
+    Xs = X @ Q                                                # (4, 4): the span's basis
+    Hs = np.einsum("ni,nj->nij", Xs, Xs)
+    for kw in (dict(method="brentq"), dict(momentum=0.5, method="brentq"),
+               dict(momentum=0.5)):
+        got = ms_stability_threshold(X, 2, check=True, **kw)
+        want = _dense_threshold(Hs, 2, False, kw.get("momentum", 0.0))
+        assert got.alpha == pytest.approx(want, rel=1e-8)
+        assert got.rho_check == pytest.approx(1.0, abs=1e-6)
+    nest = ms_stability_threshold(X, 2, momentum=0.5, nesterov=True).alpha
+    assert nest == pytest.approx(ms_stability_threshold(Xs, 2, momentum=0.5, nesterov=True).alpha,
+                                 rel=1e-8)
+
+
+def test_curve_takes_each_batch_size_as_given_and_tiny_curvature_is_kept():
+    """ms_threshold_curve read B = 2.7 as 2 (the scalar path refuses it); a positive
+    definite H whose smallest eigenvalue (2e-13 of the largest) comes from one sample's
+    tiny feature was refused as 'not positive definite'."""
+    from nets.learning_rates.stability import ms_threshold_curve
+
+    X = _tiny(seed=1)
+    with pytest.raises(TypeError, match="integer"):
+        ms_threshold_curve(X, [2.7, 3])
+    np.testing.assert_allclose(ms_threshold_curve(X, [2.0, 3]),
+                               [ms_stability_threshold(X, B).alpha for B in (2, 3)])
+    rng = np.random.default_rng(0)
+    Y = np.column_stack([rng.standard_normal(100), np.zeros(100)])
+    Y[7, 1] = 5e-6
+    base = ms_stability_threshold(Y[:, :1], 4).alpha
+    assert ms_stability_threshold(Y, 4).alpha == pytest.approx(base, rel=1e-8)
+    # per-sample curvature of both signs cancelling in the mean: still refused
+    bad = PerSampleHessians.from_dense(np.stack([np.diag([1.0, 1.0]), np.diag([1.0, -1.0])]))
+    with pytest.raises(ValueError, match="not positive definite"):
+        ms_stability_threshold(bad, 1)
+
+
+def test_a_stack_of_symmetric_matrices_read_as_factors_is_said():
+    """(N, d, d) arrays are factors F_i (H_i = F_i F_iᵀ); per-sample Hessians passed as
+    such gave a threshold 6× too low without a word. A warning names from_dense."""
+    X = _tiny(seed=2, N=7, d=3)
+    Hs = np.einsum("ni,nj->nij", X, X)
+    with pytest.warns(UserWarning, match="from_dense"):
+        ms_stability_threshold(Hs, 7)
+    right = ms_stability_threshold(PerSampleHessians.from_dense(Hs), 7).alpha
+    assert right == pytest.approx(2 / np.linalg.eigvalsh(Hs.mean(0))[-1], rel=1e-10)

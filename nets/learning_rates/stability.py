@@ -41,10 +41,13 @@ somewhat larger α (`nets.learning_rates.lr_search` measures it).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy.optimize import brentq
 from scipy.sparse.linalg import LinearOperator, eigs, eigsh
 
+from nets.utils.callers import caller_stacklevel
 from nets.utils.results import Result, result
 from rmt.lr import momentum_factor
 from rmt.sampling import batch_noise_factor
@@ -142,7 +145,17 @@ def _as_hessians(hessians) -> PerSampleHessians:
         return hessians
     if hasattr(hessians, "per_sample_factors"):  # LeastSquaresProblem
         return PerSampleHessians(hessians.per_sample_factors())
-    return PerSampleHessians(hessians)
+    hs = PerSampleHessians(hessians)
+    A = hs.A
+    if A.ndim == 3 and A.shape[1] == A.shape[2] and A.shape[1] > 1 and \
+            np.allclose(A, np.swapaxes(A, 1, 2), rtol=1e-10, atol=1e-12 * np.abs(A).max()):
+        # a stack of symmetric (d, d) arrays is read as factors F_i (H_i = F_i F_iᵀ); the
+        # per-sample Hessians themselves, passed as factors, gave a threshold 6× too low
+        warnings.warn("ms_stability_threshold: the (N, d, d) array holds symmetric matrices and "
+                      "is read as factors F_i with H_i = F_i F_iᵀ; if they are the per-sample "
+                      "Hessians themselves, pass PerSampleHessians.from_dense(H)", UserWarning,
+                      stacklevel=caller_stacklevel())
+    return hs
 
 
 def _check_B(B, N, replacement):
@@ -248,11 +261,15 @@ def _range_basis(hs: PerSampleHessians, H, rel_tol):
         raise ValueError("H has no positive eigenvalue: no mean-square threshold")
     keep = lam > rel_tol * top
     if np.any(~keep):
-        # directions outside the kept span must carry no per-sample curvature
+        # directions outside the kept span must carry no more per-sample curvature than
+        # positive semi-definite terms of a mean below the cut can: |A_iᵀv|² ≤ N·cut (more
+        # means terms of both signs cancelling in the mean: no threshold). An entrywise test
+        # against 1e-6·max|A| refused a positive definite H whose smallest eigenvalue,
+        # 2.4e-13 of its largest, came from one sample's tiny feature.
         Vd = V[:, ~keep]
         Aw = hs.A if hs.w is None else hs.A * np.sqrt(np.abs(hs.w))[:, None, :]
-        leak = np.abs(np.einsum("dj,ndk->njk", Vd, Aw)).max()
-        if leak > 1e-6 * np.abs(Aw).max():
+        leak2 = float(np.max(np.sum(np.einsum("dj,ndk->njk", Vd, Aw) ** 2, axis=2)))
+        if leak2 > 10.0 * hs.N * rel_tol * top + 1e-12 * float(np.abs(Aw).max()) ** 2:
             raise ValueError("H is not positive definite on the span of the per-sample "
                              "Hessians: no mean-square threshold exists")
     return lam[keep], V[:, keep]
@@ -298,9 +315,12 @@ def ms_stability_threshold(hessians, B, replacement=False, momentum=0.0, method=
     kappa = batch_variance_weight(B, hs.N, replacement)
     H = hs.mean()
     lam, V = _range_basis(hs, H, 1e-12)
+    # every method works in the range of H: the directions outside it are frozen, and on
+    # the full space they hold ρ(T_α) at 1 for every α (brentq then followed round-off:
+    # 30× to 10⁶× too small on a rank-deficient problem; check read 1 whatever α)
+    hr = hs.rotated(V)
     mu = mode = None
     if method == "pencil":
-        hr = hs.rotated(V)
         Hr = np.diag(lam)
         W = 1.0 / np.sqrt((1.0 - rho) * (lam[:, None] + lam[None, :]))
         m = lam.size
@@ -334,7 +354,7 @@ def ms_stability_threshold(hessians, B, replacement=False, momentum=0.0, method=
             mode = -mode
     else:
         hi = momentum_factor(rho, "nesterov" if nesterov else "heavy_ball") / lam[-1]
-        f = lambda a: ms_spectral_radius(hs, B, a, replacement, rho, tol,
+        f = lambda a: ms_spectral_radius(hr, B, a, replacement, rho, tol,
                                          nesterov=nesterov) - 1.0
         if f(hi) < 0:  # only possible through round-off at B = N
             alpha = hi
@@ -347,7 +367,7 @@ def ms_stability_threshold(hessians, B, replacement=False, momentum=0.0, method=
             else:
                 raise RuntimeError("could not bracket the mean-square threshold")
             alpha = brentq(f, lo, hi, xtol=1e-12 * hi, rtol=1e-10)
-    rho_check = (ms_spectral_radius(hs, B, alpha, replacement, rho, tol, nesterov=nesterov)
+    rho_check = (ms_spectral_radius(hr, B, alpha, replacement, rho, tol, nesterov=nesterov)
                  if check else None)
     return StabilityThreshold(float(alpha), B, hs.N, replacement, rho, method, mu, mode, rho_check,
                               nesterov)
@@ -358,5 +378,6 @@ def ms_threshold_curve(hessians, batch_sizes, replacement=False, momentum=0.0,
     """α*(B) for each B in `batch_sizes` (numpy array, same order)."""
     hs = _as_hessians(hessians)
     bs = as_array("batch_sizes", batch_sizes, ndim=1)
-    return np.array([ms_stability_threshold(hs, int(b), replacement, momentum, method,
+    # each B as given (int(b) read 2.7 as 2; the scalar path refuses a non-integer)
+    return np.array([ms_stability_threshold(hs, b.item(), replacement, momentum, method,
                                             nesterov=nesterov).alpha for b in bs])
