@@ -77,7 +77,7 @@ F_N/λ'_ρ(B) (`rmt.lr.sgd_nesterov_ms_max_lr`, F_N = 2(1+ρ)/(1+2ρ); the same 
 ball where the noise dominates, 2.8× lower at ρ = 0.9 where it does not) sets λ'_ρ(B) and
 the stability limit, and the linearised network runs Nesterov's update. Measured on seven
 digits networks at ρ = 0.9 (docs/real_training.md) the default form met 20 % on one (the CNN, 0.88–1.10)
-and missed on six (0.64–1.79; closer than heavy ball's default on six of the seven), the
+and missed on six (0.64–1.78; closer than heavy ball's default on six of the seven), the
 directional form met on one other (the tanh MLP, 0.92–1.06); `warn_momentum_upward` warns
 for any B ≠ B₀ with Nesterov.
 
@@ -323,13 +323,13 @@ def warn_momentum_upward(momentum, batch_sizes, reference_batch_size, *, who="tr
     transfer from B₀ = 512 to B = 8 erred low on 23 (0.29–0.94×).
 
     With `nesterov` (ρ > 0) it warns for any B ≠ B₀: measured on seven digits networks
-    (docs/real_training.md, ρ = 0.9) the Nesterov transfer missed 20 % on six (0.64–1.79×; 9 of the 13
+    (docs/real_training.md, ρ = 0.9) the Nesterov transfer missed 20 % on six (0.64–1.78×; 9 of the 13
     misses too high, most of them at B = 128 from either anchor)."""
     Bs = np.asarray(batch_sizes)
     if nesterov and momentum > 0 and np.any(Bs != reference_batch_size):
         warnings.warn(f"{who}: {MOMENTUM_CAVEAT} ({momentum:g}, Nesterov) the transfer missed "
                       "the real divergence threshold by more than 20 % on 6 of 7 measured "
-                      "networks (0.64-1.79x), mostly too high (9 of 13 misses) and from "
+                      "networks (0.64-1.78x), mostly too high (9 of 13 misses) and from "
                       "either anchor; measure at the batch size you will use "
                       "(nets.lr_search.training_threshold(..., nesterov=True))",
                       MomentumCaveat, stacklevel=caller_stacklevel())
