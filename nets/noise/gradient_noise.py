@@ -197,9 +197,11 @@ def gradient_noise(model, loss_fn, data, *, hessian_samples=32, hessian=True, pa
     for s in progress_bar(range(0, N, chunk_size), progress=progress, desc="per-sample gradients"):
         G = ps(*src.take(np.arange(s, min(s + chunk_size, N)))).detach().to(acc)
         nb = G.shape[0]
-        sq[s:s + nb] = (G * G).sum(1).cpu().numpy()
+        # in place: three chunk × P float64 temporaries made this update 2-3× the cost of
+        # the per-sample gradients themselves at P = 1M
+        sq[s:s + nb] = torch.linalg.vecdot(G, G, dim=1).cpu().numpy()
         mb = G.mean(0)
-        M2b = ((G - mb) ** 2).sum(0)
+        M2b = G.sub_(mb).square_().sum(0)
         delta = mb - mean
         tot = n + nb
         mean = mean + delta * (nb / tot)
