@@ -580,3 +580,50 @@ def test_fit_scaling_exponent_refuses_bad_batch_sizes_and_levels():
             fit_scaling_exponent([1, 2, 4], lrs, level=level)
     f = fit_scaling_exponent([1, 2, 4, 8], [0.1, 0.2, 0.4, 0.7], level=0.5)
     assert f.ci_low < f.exponent < f.ci_high and f.level == 0.5
+
+
+def test_progress_reaches_the_per_sample_passes(monkeypatch):
+    """Found at scale by an outside sweep: Adam's prediction ran its gradient pass and
+    its preconditioned per-sample products without a bar (minutes at P = 1M, silent with
+    progress=True), and the resolved and subspace forms drew one only for their Lanczos
+    run. Every inner pass receives the caller's progress now."""
+    import torch
+    import torch.nn.functional as F
+
+    import nets
+    import nets.learning_rates.adam as adam
+    import importlib
+    gnm = importlib.import_module("nets.noise.gradient_noise")   # (nets.noise's function
+                                                                 # shadows the module name)
+    import nets.noise.resolved_noise as rn
+    import nets.noise.subspace_noise as sn
+
+    seen = {}
+
+    def spy(module, name):
+        fn = getattr(module, name)
+
+        def wrapped(*a, **kw):
+            seen.setdefault(name, []).append(kw.get("progress", "missing"))
+            return fn(*a, **kw)
+        monkeypatch.setattr(module, name, wrapped)
+
+    for module, name in ((gnm, "gradient_noise"), (adam, "preconditioned_noise"),
+                         (rn, "subspace_pass"), (rn, "per_sample_top_eigenpairs"),
+                         (sn, "subspace_noise_from_operator")):
+        spy(module, name)
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (40,), generator=g)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(),
+                                torch.nn.Linear(5, 3)).double()
+    nets.predict_max_lr(model, F.cross_entropy, (X, y), [4, 16], optimizer="adam",
+                        progress=False)
+    for form in ("resolved", "subspace"):
+        nets.predict_batch_top_eigenvalue(model, F.cross_entropy, (X, y), [4, 16], form=form,
+                                          progress=False)
+    assert set(seen) == {"gradient_noise", "preconditioned_noise", "subspace_pass",
+                         "per_sample_top_eigenpairs", "subspace_noise_from_operator"}
+    for name, got in seen.items():
+        assert got == [False] * len(got), (name, got)

@@ -394,14 +394,15 @@ class PreconditionedNoise(Result):
 @outside_autocast
 def preconditioned_noise(model, loss_fn, data, preconditioner, *, tol=1e-8, params=None,
                          policy=None, chunk_size=None, device=None, dtype=None,
-                         seed=0) -> PreconditionedNoise:
+                         seed=0, progress=None) -> PreconditionedNoise:
     """One pass: λ̃, ũ of D^{1/2} H D^{1/2} (Lanczos) and s̃² from per-sample Hessian-vector
     products H_i(D^{1/2}ũ), vmapped in chunks of `chunk_size` samples (None: at most 256,
     fewer where the memory budget says so, `nets.noise.directional.sample_chunk`),
     scaled by D^{1/2} (float64 sums; H ũ' recomputed as the mean of the per-sample
     products). A given optimizer is checked as by the entry points (maximize and other
     optimizers refused, `lr_prediction.adam_state_settings`), with their warning when
-    coordinates at D = 1/ε (no state: a fresh optimizer) carry the top direction."""
+    coordinates at D = 1/ε (no state: a fresh optimizer) carry the top direction.
+    progress: bars over the Lanczos products and the per-sample chunks."""
     optimizer = sat = None
     if isinstance(preconditioner, torch.optim.Optimizer):
         optimizer = preconditioner
@@ -412,7 +413,7 @@ def preconditioned_noise(model, loss_fn, data, preconditioner, *, tol=1e-8, para
     H = curvature_operator(model, loss_fn, data, params=params, policy=policy, device=device,
                            dtype=dtype)
     A = DiagonalScaledOperator(H, d.to(H.device))
-    top = eigsh(A, k=1, which="LA", tol=tol, seed=as_seed("seed", seed), progress=False)
+    top = eigsh(A, k=1, which="LA", tol=tol, seed=as_seed("seed", seed), progress=progress)
     lam = float(top.values[0])
     u = torch.as_tensor(np.asarray(top.vectors[:, 0]), dtype=H.dtype, device=H.device)
     sq = A.sqrt_d
@@ -422,7 +423,8 @@ def preconditioned_noise(model, loss_fn, data, preconditioner, *, tol=1e-8, para
     chunk = sample_chunk(H, chunk_size)
     tot = torch.zeros(H.P, dtype=torch.float64, device=H.device)
     ss = 0.0
-    for s in range(0, N, chunk):
+    for s in progress_bar(range(0, N, chunk), progress=progress,
+                          desc="preconditioned per-sample products"):
         R = H.group_products(X[s:s + chunk, None], Y[s:s + chunk, None], w[:, None])[:, :, 0]
         R = (R * sq).to(torch.float64)
         tot += R.sum(0)
@@ -549,7 +551,8 @@ def predict_adam_max_lr(model, loss_fn, data, batch_sizes, *, betas=None, eps=No
     if preconditioner is None:
         kind = "noise_model"
         gn = gradient_noise(model, loss_fn, src, hessian=False, params=params, policy=policy,
-                            device=device, seed=seed)
+                            chunk_size=chunk_size, device=device, seed=seed,
+                            progress=progress)      # (minutes at P = 1M: it had no bar)
 
         def preconditioner(B):
             return noise_model_preconditioner(gn.mean, gn.var, B, N, eps=eps)
@@ -559,7 +562,8 @@ def predict_adam_max_lr(model, loss_fn, data, batch_sizes, *, betas=None, eps=No
     for i, B in enumerate(progress_bar(list(bs), progress=progress, desc="Adam prediction")):
         d = _precond_for(preconditioner, model, B, params)
         pn = preconditioned_noise(model, loss_fn, src, d, tol=tol, params=params, policy=policy,
-                                  chunk_size=chunk_size, device=device, dtype=dtype, seed=seed)
+                                  chunk_size=chunk_size, device=device, dtype=dtype, seed=seed,
+                                  progress=progress)
         lam[i], s2[i] = pn.lam, pn.s2
         if sat is not None and bool(sat.any()):
             top_weight = max(top_weight, float((torch.as_tensor(pn.vector)[sat] ** 2).sum()))

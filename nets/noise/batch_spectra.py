@@ -461,18 +461,19 @@ def predict_batch_top_eigenvalue(model, loss_fn, data, batch_sizes, *, form="dir
                    s2_isotropic_stderr=iso.stderr, micro_batch=iso.micro_batch)
     if sampled:
         out.update(_sampled_forms(op, top.vectors, Bs, sampled, n_batches_mc=n_batches_mc,
-                                  replacement=replacement, seed=seed, per_sample=per_sample))
+                                  replacement=replacement, seed=seed, per_sample=per_sample,
+                                  progress=progress))
     return BatchTopEigenvaluePrediction(**out)
 
 
 def _sampled_forms(op, U, Bs, forms, *, n_batches_mc, replacement, seed,
-                   per_sample="products") -> dict:
+                   per_sample="products", progress=None) -> dict:
     """The subspace and/or resolved forms on the span of U (one per-sample pass)."""
     out = {}
     if "resolved" in forms:
         from nets.noise.resolved_noise import resolved_noise_from_operator
         rn = resolved_noise_from_operator(op, U, min_batch=int(Bs.min()), seed=seed,
-                                          per_sample=per_sample)
+                                          per_sample=per_sample, progress=progress)
         curve = resolved_form(rn, Bs, n_batches=_mc_batches(n_batches_mc, "resolved"),
                               replacement=replacement, seed=seed)
         sn = rn.subspace
@@ -485,7 +486,7 @@ def _sampled_forms(op, U, Bs, forms, *, n_batches_mc, replacement, seed,
         # complement noise is dominated by a few heavy samples, and a sampled population
         # of 512 of the digits MLP's 1797 moved its B = 8 value by +15 % to +38 %
         from nets.noise.subspace_noise import subspace_noise_from_operator
-        sn = subspace_noise_from_operator(op, U)
+        sn = subspace_noise_from_operator(op, U, progress=progress)
     out.update(subspace_k=int(sn.k), subspace_lams=sn.lam)
     if "subspace" in forms:
         curve = subspace_form(sn, Bs, n_batches=_mc_batches(n_batches_mc, "subspace"),

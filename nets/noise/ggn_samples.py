@@ -45,6 +45,7 @@ from nets.curvature.operators import ModelCurvatureOperator
 from nets.curvature.sample_jacobians import SampleJacobians
 from nets.utils.autocast import outside_autocast
 from nets.utils.memory import chunk_count, memory_budget
+from nets.utils.progress import progress_bar
 from nets.utils.vmapping import vmap_or_loop
 
 __all__ = ["ggn_sample_pass", "ggn_spike_pass", "ggn_spikes", "priority_keep", "GGNSamplePass"]
@@ -159,11 +160,12 @@ def ggn_spike_pass(op: ModelCurvatureOperator, jac: SampleJacobians | None = Non
 
 @outside_autocast
 def ggn_sample_pass(op: ModelCurvatureOperator, U: torch.Tensor, *, chunk_size=None,
-                    memory=None, jac: SampleJacobians | None = None) -> GGNSamplePass:
+                    memory=None, jac: SampleJacobians | None = None,
+                    progress=None) -> GGNSamplePass:
     """The per-sample Gauss–Newton statistics on span(U) for every sample (module
     docstring). U : (P, k) orthonormal, float64. chunk_size : samples per batched pass
     (None: from the memory budget `memory`). jac : the `SampleJacobians` of op if already
-    built."""
+    built. progress : a bar over the chunks of the first pass."""
     jac = SampleJacobians(op) if jac is None else jac
     N, k = op.N, U.shape[1]
     f64 = torch.float64
@@ -171,7 +173,8 @@ def ggn_sample_pass(op: ModelCurvatureOperator, U: torch.Tensor, *, chunk_size=N
     lam_of = _loss_hessians(op, jac.shape)
     Ks, Lams, JUs = [], [], []
     GU = torch.zeros(op.P, k, dtype=f64, device=op.device)
-    for X, Y in _chunks(op, step):
+    for X, Y in progress_bar(_chunks(op, step), progress=progress,
+                             total=-(-op.N // step), desc="per-sample Gauss-Newton pass"):
         K, Lam = _grams_and_loss_hessians(jac, lam_of, X, Y)
         JU = jac.jvp(X, U).to(f64)                                         # (g, C, k)
         GU += jac.vjp_sum(X, Lam @ JU).to(f64)

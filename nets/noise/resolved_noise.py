@@ -139,6 +139,7 @@ from nets.noise.subspace_noise import (
 from nets.utils.autocast import outside_autocast
 from nets.utils.callers import caller_stacklevel
 from nets.utils.memory import chunk_count, lanczos_chunk_budget, product_bytes
+from nets.utils.progress import progress_bar
 from nets.utils.results import Result, result
 from nets.utils.seeding import torch_generator
 from nets.utils.vmapping import vmap_or_loop
@@ -190,7 +191,7 @@ def _tridiagonal(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
 @outside_autocast
 def per_sample_top_eigenpairs(op: ModelCurvatureOperator, *, steps=None, seed=0, keep_above=None,
                               chunk_size=None, tol=None, max_keep=None,
-                              memory=None) -> SampleSpikes:
+                              memory=None, progress=None) -> SampleSpikes:
     """Top eigenpair of each per-sample curvature C_i = ∇²ℓ_i (or its GGN term).
 
     Lanczos with full reorthogonalisation (two classical Gram–Schmidt passes), run for all
@@ -219,6 +220,7 @@ def per_sample_top_eigenpairs(op: ModelCurvatureOperator, *, steps=None, seed=0,
     chunk_size : samples per vmapped chunk (None: from the memory budget `memory`,
     `nets.utils.memory.lanczos_chunk_budget` — on CPU at most CPU_LANCZOS_BYTES by
     default — with the float64 Lanczos bases (steps + 2)·P·8 bytes per sample).
+    progress : a bar over the chunks.
     """
     check_noise_operator(op)
     P = op.P
@@ -244,7 +246,8 @@ def per_sample_top_eigenpairs(op: ModelCurvatureOperator, *, steps=None, seed=0,
     prod = _per_sample_product(op)
     f64 = torch.float64
     resids = []
-    for s in range(0, N, chunk):
+    for s in progress_bar(range(0, N, chunk), progress=progress,
+                          desc="per-sample top eigenpairs"):
         Xc, Yc = op.source.take(np.arange(s, min(s + chunk, N)), device=op.device, dtype=op.dtype)
         g = Xc.shape[0]
         q = torch.randn(g, P, generator=gen, dtype=f64).to(op.device)
@@ -453,7 +456,7 @@ def resolved_noise_from_operator(op: ModelCurvatureOperator, U, *, min_batch, st
                                  chunk_size=None, max_candidates=DEFAULT_MAX_CANDIDATES,
                                  max_samples=None, cross="auto", exact=False,
                                  memory=None, spikes="lanczos",
-                                 per_sample="auto") -> ResolvedNoise:
+                                 per_sample="auto", progress=None) -> ResolvedNoise:
     """Per-sample spikes and subspace statistics for `resolved_batch_top_eigenvalue`.
 
     U : (P, k) orthonormal (the top-k eigenvectors of the full-data curvature);
@@ -502,6 +505,8 @@ def resolved_noise_from_operator(op: ModelCurvatureOperator, U, *, min_batch, st
         74–116 full-data products with "ggn" (two runs) against
         ≈1,800 for the per-sample passes alone with "products", both within 6 % of the
         measured λ'(B) (benchmarks/README.md). `spikes` is not used with "ggn".
+    progress : bars over the per-sample passes (the subspace pass, the per-sample
+        Lanczos runs or the Gauss–Newton pass).
     """
     check_noise_operator(op)
     min_batch = as_int("min_batch", min_batch, minimum=1)
@@ -535,7 +540,8 @@ def resolved_noise_from_operator(op: ModelCurvatureOperator, U, *, min_batch, st
     if per_sample == "ggn":
         max_samples = None
         sub, HU, gp, check = _gauss_newton_subspace(op, U, jac, auto=auto, seed=seed,
-                                                    chunk_size=chunk_size, memory=memory)
+                                                    chunk_size=chunk_size, memory=memory,
+                                                    progress=progress)
     if gp is None and max_samples is not None and op.N > max_samples:
         Uo = _orthonormal(U, op.P, op.device)
         HU = op.matmat(Uo.to(op.dtype)).to(torch.float64)
@@ -544,7 +550,8 @@ def resolved_noise_from_operator(op: ModelCurvatureOperator, U, *, min_batch, st
         rows, row_weight = stratified_rows(moments, op.N, max_samples, seed)
     if gp is None:
         sub, HU = subspace_pass(op, U, chunk_size=chunk_size, memory=memory, samples=rows,
-                                moments=moments, seed=seed, HU=HU, row_weight=row_weight)
+                                moments=moments, seed=seed, HU=HU, row_weight=row_weight,
+                                progress=progress)
     lam1 = float(np.linalg.eigvalsh(sub.H_U)[-1])
     if not lam1 > 0:
         raise ValueError(f"the top eigenvalue {lam1:.3g} must be positive")
@@ -558,7 +565,8 @@ def resolved_noise_from_operator(op: ModelCurvatureOperator, U, *, min_batch, st
     else:
         spikes = per_sample_top_eigenpairs(op_rows, steps=steps, seed=seed,
                                            keep_above=min_batch * lam1, chunk_size=chunk_size,
-                                           max_keep=max_candidates, memory=memory)
+                                           max_keep=max_candidates, memory=memory,
+                                           progress=progress)
     Uo = sub.vectors                                             # (P, k) float64
     k = Uo.shape[1]
     V = spikes.vectors                                           # (P, m) float64
@@ -626,7 +634,7 @@ def resolved_noise_from_operator(op: ModelCurvatureOperator, U, *, min_batch, st
 GGN_NOISE_FRACTION = 0.5
 
 
-def _gauss_newton_subspace(op, U, jac, *, auto, seed, chunk_size, memory):
+def _gauss_newton_subspace(op, U, jac, *, auto, seed, chunk_size, memory, progress=None):
     """(sub, HU, gp, check) for per_sample="ggn": HU by k full-data products, the
     Gauss–Newton pass `gp` and its `SubspaceNoise` `sub` (the centre H_U the operator's).
     With auto=True, a pass that raises or fails `_gauss_newton_noise_check` gives a
@@ -635,7 +643,8 @@ def _gauss_newton_subspace(op, U, jac, *, auto, seed, chunk_size, memory):
     Uo = _orthonormal(U, op.P, op.device)
     HU = op.matmat(Uo.to(op.dtype)).to(torch.float64)
     try:
-        gp = ggn_sample_pass(op, Uo, chunk_size=chunk_size, memory=memory, jac=jac)
+        gp = ggn_sample_pass(op, Uo, chunk_size=chunk_size, memory=memory, jac=jac,
+                             progress=progress)
     except (RuntimeError, NotImplementedError) as exc:
         if not auto:
             raise
