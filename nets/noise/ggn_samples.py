@@ -72,15 +72,15 @@ class GGNSamplePass:
         """(P, m) the spike vectors v_i = J_iᵀc_i of the samples `index`, float64."""
         op = self.jac.op
         index = np.asarray(index, dtype=np.int64)
-        out = []
+        # filled in place and normalised in place: the list of chunks, their concatenation
+        # and the normalised copy held three P × m float64 arrays at once (6.9 GB peak RSS
+        # on a 1M-parameter MLP at m = 256, where P × m is 2.1 GB)
+        V = torch.empty(op.P, index.size, dtype=torch.float64, device=op.device)
         for s in range(0, index.size, chunk):
             X, _ = op.source.take(index[s:s + chunk], device=op.device, dtype=op.dtype)
-            out.append(self.jac.vjp_each(X, self.coef[index[s:s + chunk]].to(op.device))
-                       .to(torch.float64))
-        if not out:
-            return torch.zeros(op.P, 0, dtype=torch.float64, device=op.device)
-        V = torch.cat(out).T
-        return V / torch.linalg.vector_norm(V, dim=0, keepdim=True).clamp_min(1e-300)
+            V[:, s:s + chunk] = self.jac.vjp_each(X, self.coef[index[s:s + chunk]]
+                                                  .to(op.device)).T
+        return V.div_(torch.linalg.vector_norm(V, dim=0, keepdim=True).clamp_min(1e-300))
 
 
 def _loss_hessians(op: ModelCurvatureOperator, shape):
