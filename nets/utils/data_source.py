@@ -118,7 +118,12 @@ def _check_sampler(loader, name: str) -> None:
     bs = loader.batch_sampler
     if bs is not None and not isinstance(bs, BatchSampler):
         # the user's own batch sampler: fine if its indices are 0, 1, …, n − 1 in order
-        order = [int(i) for b in _iter_keeping_rng(bs) for i in b]
+        # (read with torch's global generator left as it was, as for the data)
+        state = torch.random.get_rng_state()
+        try:
+            order = [int(i) for b in bs for i in b]
+        finally:
+            torch.random.set_rng_state(state)
         if order != list(range(len(order))) or (n is not None and len(order) != n):
             raise ValueError(
                 f"{name} is a DataLoader whose batch_sampler ({type(bs).__name__}) does not "
