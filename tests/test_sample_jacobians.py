@@ -281,3 +281,37 @@ def test_an_embedding_padding_row_is_no_direction():
     V = torch.randn(G.P, 2, generator=g, dtype=torch.float64)
     np.testing.assert_allclose(sj.jvp(X, V).numpy(), (J @ V).numpy(), rtol=1e-10, atol=1e-12)
 
+
+
+def test_a_padding_row_tied_to_a_decoder_keeps_its_decoder_path():
+    """The padding row's tangent was zeroed for the lookup; tied to a decoder (the same
+    weight read by F.linear) that also dropped its decoder path from J v alone: the
+    Gauss–Newton operator was asymmetric (1.7 % of its norm) with negative eigenvalues.
+    J v now comes from the pullback of Jᵀ; against the dense JᵀΛJ of reverse-mode J."""
+    from nets.curvature.operators import ggn_operator
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(6, 4, padding_idx=0)
+
+        def forward(self, x):
+            h = torch.tanh(self.emb(x).mean(1))
+            return nn.functional.linear(h, self.emb.weight)     # logits over the 6 tokens
+
+    torch.manual_seed(3)
+    model = Tied().double()
+    X = torch.randint(0, 6, (10, 4))
+    X[:, -1] = 0
+    y = torch.randint(0, 6, (10,))
+    G = ggn_operator(model, CE, (X, y))
+    dense = G.to_dense()
+    J = output_jacobians(model, X)                              # (N, C, P), reverse mode
+    with torch.no_grad():
+        p = torch.softmax(model(X), 1)
+    Lam = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) / len(X)
+    want = torch.einsum("ncp,ncd,ndq->pq", J, Lam, J)
+    np.testing.assert_allclose(dense.numpy(), want.numpy(), rtol=1e-10, atol=1e-13)
+    sj = SampleJacobians(G)
+    V = torch.randn(G.P, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    np.testing.assert_allclose(sj.jvp(X, V).numpy(), (J @ V).numpy(), rtol=1e-10, atol=1e-12)

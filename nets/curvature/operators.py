@@ -563,7 +563,7 @@ class ModelCurvatureOperator(CurvatureOperator):
         super().__init__(layout.P, dtype, device, layout.names)
         self.model, self.loss_fn, self.kind, self.policy = model, loss_fn, kind, policy
         self.layout = layout
-        self._dead_rows = _padding_rows(model, layout.names)     # tangents zeroed there (_jv)
+        self._dead_rows = _padding_rows(model, layout.names)     # J v by double vjp (_jv)
         self.primals, self.frozen = make_functional(model, layout.names, device=device, dtype=dtype)
         self.chunk_size = _as_chunk_size(chunk_size)
         self.source = as_data_source(data)
@@ -863,28 +863,21 @@ class ModelCurvatureOperator(CurvatureOperator):
         mode, or, once a layer has shown it has no forward-mode derivative, the
         double-vjp identity (z ↦ Jᵀz is linear, so its pullback at z = 0 along v is Jv;
         one more backward pass). out_pull : (f(primals), its vjp pullback) if already
-        built."""
-        vt = self._live_tangent(vt)
-        if not self._no_forward_ad:
+        built. With an `nn.Embedding(padding_idx=…)` weight selected the double-vjp identity
+        is always used: torch's backward gives the padding row no gradient through the
+        lookup, but forward mode carries its tangent, so J v and Jᵀ disagreed and the
+        Gauss–Newton operator was not symmetric (uᵀGv 0.2234 against vᵀGu 0.2316); zeroing
+        the row's tangent mended that only while the weight fed nothing else — tied to a
+        decoder, the row's other path was dropped from J v alone (‖G − Gᵀ‖ 1.7 % of ‖G‖,
+        negative eigenvalues −0.0076; outside sweeps). The pullback of Jᵀ is Jᵀ's exact
+        transpose whatever the weight feeds."""
+        if not self._no_forward_ad and not self._dead_rows:
             try:
                 return jvp(f, self.primals, vt)[1]
             except NotImplementedError:
                 self._no_forward_ad = True
         out, pull = vjp(f, *self.primals) if out_pull is None else out_pull
         return vjp(pull, torch.zeros_like(out))[1](tuple(vt))[0]
-
-    def _live_tangent(self, vt):
-        """The tangent with the padding rows of `nn.Embedding(padding_idx=…)` weights zeroed:
-        torch's backward gives those rows no gradient, but forward mode carries their
-        tangent, so J v and Jᵀ disagreed there and the Gauss–Newton operator was not
-        symmetric (uᵀGv 0.2234 against vᵀGu 0.2316; an outside sweep)."""
-        if not self._dead_rows:
-            return vt
-        vt = list(vt)
-        for j, row in self._dead_rows:
-            vt[j] = vt[j].clone()
-            vt[j][row] = 0
-        return tuple(vt)
 
     def _pullbacks(self):
         """Per-batch product maps: built lazily one batch at a time (only one batch's
