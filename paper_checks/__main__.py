@@ -151,9 +151,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from .checks import all_names, load
 
+    jobs_given = args.jobs is not None  # (_check_numbers fills in the default)
     _check_numbers(args, parser)        # --list and --redraw too (they ignored bad values)
-    if args.list:
-        for mod in load(all_names(args.scale)):
+    if args.list:                       # --only narrows the list (an unknown name is an error)
+        for mod in load(_selected(args, parser)):
             print(f"{mod.NAME:28s} {mod.CLAIM}")
         return 0
     if args.redraw is not None:
@@ -163,7 +164,9 @@ def main(argv=None) -> int:
         ignored = [opt for opt, given in (("--only", args.only), ("--quick", args.quick),
                                           ("--fresh", args.fresh), ("--seed", args.seed != 0),
                                           ("--scale", args.scale != "default"),
-                                          ("--data", args.data), ("--out", args.out != "report"))
+                                          ("--data", args.data), ("--out", args.out != "report"),
+                                          ("--device", args.device != "cpu"),
+                                          ("--jobs", jobs_given))
                    if given]
         if ignored:
             parser.error(f"--redraw recomputes nothing, so {', '.join(ignored)} would be "

@@ -382,6 +382,9 @@ def test_redraw_and_out_leave_other_folders_alone(tmp_path, capsys):
     for argv, option in ((["--redraw", str(proj)], "--redraw"),
                          (["--quick", "--only", "ggn_wishart", "--out", str(proj)], "--out"),
                          (["--redraw", str(proj), "--seed", "3"], "--redraw"),
+                         (["--redraw", str(proj), "--device", "cuda"], "--device"),
+                         (["--redraw", str(proj), "--jobs", "2"], "--jobs"),
+                         (["--list", "--only", "nosuch"], "nosuch"),
                          (["--list", "--threads", "0"], "--threads")):
         with pytest.raises(SystemExit) as info:
             main(argv + ["--no-progress"])
@@ -456,3 +459,9 @@ def test_a_worker_ends_when_its_parent_is_killed(tmp_path):
     while alive() and time.time() < deadline:
         time.sleep(0.2)
     assert not alive()
+
+
+def test_list_with_only_lists_those_checks(capsys):
+    assert main(["--list", "--only", "ggn_wishart,batch_hessian_top"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert names == ["batch_hessian_top", "ggn_wishart"]       # registry order

@@ -38,7 +38,8 @@ from ._quadratic_runs import GROWTH_TOL, growth_rates, steps_for, threshold_from
 
 NAME = "damping_inverse_batch"
 CLAIM = ("Damped second-order steps (Ĥ + δI)⁻¹g need δ > α·λ'_noise/2 with noise curvature "
-         "λ'_noise ∝ 1/B, so δ_min ∝ α/B (keep δ·B fixed at fixed α).")
+         "λ'_noise ∝ 1/B, so δ_min ∝ α/B (keep δ·B fixed at fixed α; run at α = 1, the B "
+         "dependence judged).")
 REQUIRES = ("rmt.lr:min_damping", "rmt.lr:min_damping_at_batch",
             "rmt.marchenko_pastur:mp_edges", "nets.learning_rates.least_squares:spiked_regression")
 TOL_EXPONENT, RATIO_BAND = 0.2, (0.5, 1.1)

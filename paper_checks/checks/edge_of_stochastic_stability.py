@@ -50,7 +50,8 @@ from ..result import judged
 
 NAME = "edge_of_stochastic_stability"
 CLAIM = ("SGD's batch sharpness settles at 2/η while λ₁ settles lower, at the λ₁* solving "
-         "λ₁* + c(B,N)·s_u²/λ₁* = 2/η (edge of stochastic stability).")
+         "λ₁* + c(B,N)·s_u²/λ₁* = 2/η (edge of stochastic stability; judged on the runs whose "
+         "batch sharpness reaches 0.75·2/η, the others counted and reported).")
 REQUIRES = ("nets.learning_rates.monitor:CurvatureMonitor",
             "nets.learning_rates.monitor:eoss_plateau")
 COST = 410   # typical seconds on one thread (orders the parallel run only)

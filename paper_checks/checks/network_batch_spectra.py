@@ -33,7 +33,8 @@ The full run averages hundreds of batches, so its allowance is close to 20 %; --
 averages 8 (per-batch λ'_1 is heavy-tailed, std ≈ 0.6× the mean at B = 8), and its
 verdict must reflect that noise, not a tolerance meant for the full run. The plain directional form is reported with its
 errors and not judged: it is second order in every sample and misses by 20–30% around
-the critical batch size. The isotropic form is reported side by side, not judged.
+the critical batch size. The isotropic form is judged only on the claim's parenthesis: it
+must fall short of the measured mean by more than the same allowance at some B.
 """
 
 from __future__ import annotations
@@ -146,6 +147,11 @@ def run(ctx):
                 f"{r:+.1%}, beyond {REL:.0%} + {zz:.2f} SE"
                 for B, p, ps, m, s, r, zz, good in zip(Bs, resolved, resolved_se, mean, se, rel_res,
                                                        z, ok) if not good]
+    # the claim's parenthesis, judged too: the isotropic form falls short of the measured
+    # mean beyond the same tolerance at some B
+    if not np.any(isotropic < mean * (1.0 - REL) - np.asarray(z) * se):
+        failures.append("the isotropic form does not underestimate the measured mean beyond "
+                        f"{REL:.0%} + t·SE at any B")
     nb = ", ".join(f"{n_batches[int(B)]}@B={B}" for B in Bs)
     return judged(
         name=NAME, claim=CLAIM,
@@ -155,7 +161,8 @@ def run(ctx):
         measured=", ".join(f"{m:.3g}±{s:.1g}" for m, s in zip(mean, se))
                  + f" (λ₁ full data {lam:.3g})",
         tolerance=f"|sample-resolved − measured| ≤ {REL:.0%}·measured + t·SE (of the difference, "
-                  f"t the 95% Student-t quantile) at every B (batches: {nb})",
+                  f"t the 95% Student-t quantile) at every B (batches: {nb}); isotropic below "
+                  f"measured by more than {REL:.0%} + t·SE at some B",
         failures=failures,
         details={"N": N, "P": int(pred["P"]), "lambda1": lam,
                  "s2_directional": float(pred["s2_directional"]),

@@ -27,7 +27,9 @@ from . import _plotting as pl
 
 NAME = "on_the_fly_learner"
 CLAIM = ("The on-the-fly learner (Lanczos batch sharpness → Polyak α, ρ, held while stable) "
-         "trains without tuning, matching tuned SGD+momentum and tuned Adam.")
+         "trains without tuning, matching the test accuracy of the better of tuned "
+         "SGD+momentum and tuned Adam and the final training loss of tuned SGD+momentum "
+         "(Adam's, lower, is reported, not judged).")
 REQUIRES = ("nets.learning_rates.learner:CurvatureAdaptiveSGD", "paper_checks.experiments.learner_comparison:compare")
 ACC_MARGIN = 0.03
 LOSS_RATIO = 2.0
@@ -52,6 +54,7 @@ def run(ctx):
         failures.append(f"learner test accuracy {learner['test_acc_mean']:.3f} is {gap:.3f} below "
                         f"tuned {best} ({baselines[best]['test_acc_mean']:.3f})")
     loss_ratio = learner["loss_mean"] / rows["sgd"]["loss_mean"]
+    adam_ratio = learner["loss_mean"] / rows["adam"]["loss_mean"]     # reported, not judged
     if not loss_ratio <= LOSS_RATIO:
         failures.append(f"learner final training loss {loss_ratio:.3g}× tuned SGD+momentum's "
                         f"(allowed {LOSS_RATIO:g}×)")
@@ -76,7 +79,7 @@ def run(ctx):
                  f"{learner['runs']}), SGD {rows['sgd']['test_acc_mean']:.3f} "
                  f"(lr {rows['sgd']['lr']:.3g}), Adam {rows['adam']['test_acc_mean']:.3f} "
                  f"(lr {rows['adam']['lr']:.3g}); final training loss learner/SGD "
-                 f"{loss_ratio:.3g}× (tuning grid, seed {res.config.get('tuning_seed', 0)}: "
+                 f"{loss_ratio:.3g}×, learner/Adam {adam_ratio:.3g}× (tuning grid, seed {res.config.get('tuning_seed', 0)}: "
                  + ", ".join(f"{k} {v:.3g}×" for k, v in grid.items())
                  + f"), learner curvature overhead {learner['overhead_mean']:.0%} of wall time",
         tolerance=f"0 learner divergences; accuracy gap to the better tuned baseline ≤ {ACC_MARGIN}; "

@@ -32,7 +32,8 @@ from ._quadratic_runs import GROWTH_TOL, growth_rates, steps_for, threshold_from
 
 NAME = "sgd_scaling_least_squares"
 CLAIM = ("SGD: the largest stable learning rate grows linearly with B for B ≪ B* and "
-         "saturates at 2/λ₁ (least squares: prediction vs exact mean-square oracle vs measured).")
+         "saturates at 2/λ₁ (least squares: prediction vs exact mean-square oracle at every B "
+         "up to N, vs measured up to a few B*).")
 REQUIRES = ("rmt.lr:sgd_max_lr", "nets.learning_rates.least_squares:spiked_regression",
             "nets.learning_rates.stability:ms_threshold_curve")
 TOL_MEASURED, TOL_ORACLE, RATIO_BAND, MS_FLOOR = 0.2, 0.15, (0.6, 1.1), 0.95

@@ -21,7 +21,9 @@ from . import _plotting as pl
 
 NAME = "symbolic_derivations"
 CLAIM = ("Sympy derivations give α_max ∝ B (SGD) and ∝ √B (Adam) at small B, saturation at "
-         "large B, and outlier/overlap/lr formulas identical to the numeric functions.")
+         "large B (for Adam where ḡ² > 0 or ε > 0: with both zero, as at an exact minimiser, "
+         "its limit falls as B^(-1/2) there), and outlier/overlap/lr formulas identical to the "
+         "numeric functions.")
 REQUIRES = ("rmt.symbolic:lr_scaling_exponent", "rmt.symbolic:derive_spiked_wigner",
             "rmt.symbolic:derive_spiked_wishart", "rmt.symbolic:derive_lr_laws",
             "rmt.lr:sgd_max_lr", "rmt.lr:adam_max_lr")
