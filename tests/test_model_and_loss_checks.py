@@ -468,3 +468,27 @@ def test_hand_built_operators_check_the_loss():
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message=".*loss_fn")
             make(mse, y[:, None])
+
+
+def test_ggn_of_an_output_with_non_tensor_leaves_is_refused_by_name():
+    """An HF-style output {"logits": t, "loss": None} works with kind="hessian"; the
+    Gauss–Newton operator, which differentiates the output itself, failed in its first
+    product with torch.func's "expected f(*primals) to return only tensors"."""
+    X, y = _data()
+
+    class Dict(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _mlp()
+
+        def forward(self, x):
+            return {"logits": self.net(x), "loss": None}
+
+    def loss(out, t):
+        return F.cross_entropy(out["logits"], t)
+
+    h, _ = _quiet(lambda: top_eigenvalues(Dict(), loss, (X, y), k=1))
+    np.testing.assert_allclose(h, top_eigenvalues(_mlp(), F.cross_entropy, (X, y), k=1),
+                               rtol=1e-8)
+    with pytest.raises(TypeError, match=r"output\['loss'\] = NoneType.*kind='hessian'"):
+        top_eigenvalues(Dict(), loss, (X, y), k=1, kind="ggn")

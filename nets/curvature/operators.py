@@ -441,6 +441,21 @@ def _refuse_derived_attributes(model: nn.Module) -> None:
                          "and compute it inside forward")
 
 
+def _non_tensor_leaves(out, found: list, path: str = "output") -> None:
+    """Append a description of each leaf of a dict / tuple / list output that is not a
+    tensor (the containers `map_output_leaves` walks)."""
+    if isinstance(out, torch.Tensor):
+        return
+    if isinstance(out, dict):
+        for k, v in out.items():
+            _non_tensor_leaves(v, found, f"{path}[{k!r}]")
+    elif isinstance(out, (tuple, list)):
+        for i, v in enumerate(out):
+            _non_tensor_leaves(v, found, f"{path}[{i}]")
+    else:
+        found.append(f"{path} = {type(out).__name__}")
+
+
 def _padding_rows(model: nn.Module, names) -> list[tuple[int, int]]:
     """(position in `names`, row) of each selected `nn.Embedding` weight's padding row."""
     index = {n: j for j, n in enumerate(names)}
@@ -670,6 +685,17 @@ class ModelCurvatureOperator(CurvatureOperator):
         same = all(torch.allclose(u.nan_to_num(), v.nan_to_num(), rtol=1e-4, atol=1e-6)
                    if u.is_floating_point() else torch.equal(u, v)
                    for u, v in zip(output_tensors(a), output_tensors(b)))
+        if self.kind == "ggn" and not isinstance(a, torch.Tensor):
+            # J is taken of the output itself: a None / number leaf (an HF-style
+            # {"logits": t, "loss": None}) failed in the first product with torch.func's
+            # "expected f(*primals) to return only tensors"
+            other = []
+            _non_tensor_leaves(a, other)
+            if other:
+                raise TypeError(
+                    f"kind='ggn' differentiates the model's output, which holds non-tensor "
+                    f"leaves ({', '.join(other[:3])}); return only tensors from forward (drop "
+                    "or wrap them) or use kind='hessian', which takes such outputs")
         if self.kind == "ggn" and isinstance(a, torch.Tensor) and a.is_floating_point():
             self._check_output_curvature(a, y)
         if not same:
