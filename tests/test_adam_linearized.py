@@ -339,3 +339,18 @@ def test_adam_transfer_takes_beta1_from_the_prediction():
     with pytest.warns(UserWarning, match="with momentum"):
         assert adam_transfer_lr(model, F.cross_entropy, (X, y), [16], reference=(8, 0.3),
                                 prediction=b9).beta1 == 0.9
+
+
+def test_adam_transfer_linearized_dict_refuses_its_own_arguments(tiny_mlp):
+    """betas / eps / seed in the `linearized` options dict raised raw
+    "got multiple values for keyword argument" TypeErrors; they are adam_transfer_lr's own
+    arguments and are refused by name (so is 'curved', a form)."""
+    import torch.nn.functional as F
+
+    from nets.learning_rates.adam import adam_transfer_lr
+
+    model, X, y = tiny_mlp(seed=1, N=24)
+    for key, value in (("betas", (0.9, 0.999)), ("eps", 1e-8), ("seed", 0), ("curved", True)):
+        with pytest.raises(ValueError, match=key):
+            adam_transfer_lr(model, F.cross_entropy, (X, y), [8, 24], reference=(8, 1e-3),
+                             form="linearized", linearized={key: value})
