@@ -415,3 +415,72 @@ def test_torch_scalar_tensors_are_numbers_like_numpy_ones():
         L.sgd_max_lr(8, torch.tensor(1 + 2j), 1.0)
     with pytest.raises(ValueError, match="NaN"):
         L.sgd_max_lr(8, torch.tensor(float("nan")), 1.0)
+
+
+_SETTINGS = {"smoothing": 0.0}
+
+
+def test_stores_tell_apart_settings_in_containers_helpers_and_data_order(tmp_path):
+    """From an outside sweep of the stores: a loss reading CFG["smoothing"] or args.scale
+    (a dict, an argparse Namespace), and a forward's helper method edited, kept the code
+    fingerprint; two samples or two labels swapped kept the data fingerprint (8 rows and
+    the sums were hashed); training_threshold's key rounded lr0 to 6 digits; a file that
+    is no store (a json.dump'd results file) was cut to zero bytes."""
+    import argparse
+
+    from nets.utils.data_source import as_data_source
+    from nets.utils.fingerprints import code_fingerprint, data_fingerprint
+    from nets.utils.jsonl_store import JsonlStore
+
+    args = argparse.Namespace(scale=1.0)
+
+    def loss(o, t):
+        return args.scale * F.cross_entropy(o, t, label_smoothing=_SETTINGS["smoothing"])
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 2)
+
+        def act(self, h):
+            return torch.tanh(h)
+
+        def forward(self, x):
+            return self.act(self.lin(x))
+
+    net = Net()
+    base = code_fingerprint(net, loss)
+    args.scale = 3.0
+    assert code_fingerprint(net, loss) != base
+    args.scale = 1.0
+    _SETTINGS["smoothing"] = 0.3
+    try:
+        assert code_fingerprint(net, loss) != base
+    finally:
+        _SETTINGS["smoothing"] = 0.0
+    assert code_fingerprint(net, loss) == base
+    Net.act = lambda self, h: torch.relu(h)
+    assert code_fingerprint(net, loss) != base
+
+    X = torch.randn(40, 3, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(40) % 2
+    fp = data_fingerprint(as_data_source((X, y)))
+    from torch.utils.data import DataLoader, TensorDataset
+    assert data_fingerprint(as_data_source(DataLoader(TensorDataset(X, y), batch_size=7))) == fp
+    Xs, ys = X.clone(), y.clone()
+    Xs[[5, 6]], ys[[5, 6]] = X[[6, 5]], y[[6, 5]]
+    assert data_fingerprint(as_data_source((Xs, ys))) != fp           # two samples swapped
+    assert data_fingerprint(as_data_source((X, ys))) != fp            # two labels swapped
+
+    from nets.learning_rates.lr_search import training_threshold
+    model = torch.nn.Linear(3, 2)
+    kw = dict(steps=10, seeds=(0,), rel_tol=0.5, unbracketed="nan", store=tmp_path / "t.jsonl")
+    a = training_threshold(model, F.cross_entropy, (X, y), [8], lr0=0.05, **kw)
+    b = training_threshold(model, F.cross_entropy, (X, y), [8], lr0=0.05000004, **kw)
+    assert a.store_keys[0] != b.store_keys[0]
+
+    path = tmp_path / "results.json"
+    path.write_text('{"a": 1}')
+    with pytest.raises(ValueError, match="not a JSON-lines store"):
+        JsonlStore(path)
+    assert path.read_text() == '{"a": 1}'

@@ -665,8 +665,8 @@ def seed_mean_stderr(per):
 
 def _model_tag(model, loss_fn, X, y) -> str:
     """12 hex digits of the weights and buffers, the model's structure and the loss
-    (`nets.utils.fingerprints`), which parameters train, the targets, and the inputs
-    (their first MiB and their float64 sum and sum of squares)."""
+    (`nets.utils.fingerprints`), which parameters train, the targets and the inputs (all
+    their bytes: the first MiB and the sums missed rows permuted beyond it)."""
     import hashlib
 
     from nets.utils.fingerprints import code_fingerprint, raw_bytes
@@ -674,9 +674,7 @@ def _model_tag(model, loss_fn, X, y) -> str:
     h = hashlib.sha1()       # raw_bytes: the bytes .numpy().tobytes() gave, bfloat16 too
     for p in model.state_dict().values():
         h.update(raw_bytes(p))
-    h.update(raw_bytes(X)[:1 << 20])
-    Xd = X.detach().cpu().double() if X.is_floating_point() else X.detach().cpu().long().double()
-    h.update(f"{float(Xd.sum()):.10e}|{float((Xd * Xd).sum()):.10e}".encode())
+    h.update(raw_bytes(X))
     h.update(raw_bytes(y))
     h.update(str(len(X)).encode())
     h.update(code_fingerprint(model, loss_fn).encode())
@@ -770,8 +768,10 @@ def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergen
         # '|div': onset trials count a diverging run (records of the slope-only rule,
         # written before, are not reused)
         gtag = f"|growth={growth_threshold}|div" if criterion == "onset" else ""
-        key = (f"{tag}|{mtag}|{criterion}|m={momentum:g}{ntag}|B={B}|seed={s}|K={K}"
-               f"|factor={factor:g}|tol={rel_tol:g}|lr0={a0:.6g}{gtag}")
+        # settings by repr (":g" and ".6g" rounded: lr0 = 0.05000004 reused 0.05's rows,
+        # where the last digit of lr0 can move a seed's threshold)
+        key = (f"{tag}|{mtag}|{criterion}|m={float(momentum)!r}{ntag}|B={B}|seed={s}|K={K}"
+               f"|factor={float(factor)!r}|tol={float(rel_tol)!r}|lr0={float(a0)!r}{gtag}")
         keys.append(key)
         if store is not None and key in store:
             rec = store[key]

@@ -16,8 +16,10 @@ a store is not reused across processes: never stale, at worst recomputed).
 
 from __future__ import annotations
 
+import argparse
 import functools
 import hashlib
+import types
 
 import numpy as np
 import torch
@@ -62,6 +64,9 @@ def _describe(obj, depth=0) -> str:
 
 _PLAIN = (int, float, str, bool, type(None), bytes, tuple, list, torch.Tensor, np.ndarray,
           np.generic)
+#: containers of settings a loss or forward reads by name (CFG["smoothing"], args.scale):
+#: described by their repr (an address in it makes a store unreusable, never stale)
+_SETTINGS = (dict, types.SimpleNamespace, argparse.Namespace)
 
 
 def _globals_read(fn, code, depth) -> list:
@@ -75,8 +80,8 @@ def _globals_read(fn, code, depth) -> list:
         if name not in g:
             continue
         v = g[name]
-        if isinstance(v, _PLAIN) or (getattr(v, "__code__", None) is not None
-                                     and getattr(v, "__module__", None) == fn.__module__):
+        if isinstance(v, _PLAIN + _SETTINGS) or (getattr(v, "__code__", None) is not None
+                                                 and getattr(v, "__module__", None) == fn.__module__):
             out.append((name, _describe(v, depth + 1)))
     return out
 
@@ -97,18 +102,31 @@ def _stable(obj) -> str:
     return type(obj).__qualname__ if " at 0x" in d else d
 
 
+def _class_code(cls) -> list:
+    """The code of every function the user's classes in cls's MRO define — forward and the
+    helpers it calls (self.act(), edited from tanh to relu, kept the fingerprint when only
+    forward was read); torch's own classes are told apart by their extra_repr."""
+    out = []
+    for c in cls.__mro__:
+        if c is object or (c.__module__ or "").split(".")[0] == "torch":
+            continue
+        out += [(c.__qualname__, k, _stable(v)) for k, v in sorted(vars(c).items())
+                if getattr(v, "__code__", None) is not None]
+    return out
+
+
 def code_fingerprint(model: torch.nn.Module, loss_fn) -> str:
     """16 hex digits of the model's structure — each submodule's class, extra_repr, plain
     attributes (an activation or a scale kept as `self.act = torch.relu`, `self.scale =
-    3.0`) and the code of its class's `forward` (bytecode, constants, the module-level
-    settings it reads: an edited forward under the same class name), and the model's repr —
-    and of the loss function (module docstring)."""
+    3.0`) and the code of its class's own functions (`_class_code`: bytecode, constants,
+    the module-level settings they read — an edited forward under the same class name),
+    and the model's repr — and of the loss function (module docstring)."""
     h = hashlib.sha1()
     for name, m in model.named_modules():
         h.update(f"{name}:{type(m).__module__}.{type(m).__qualname__}({m.extra_repr()})".encode())
         plain = sorted((k, _stable(v)) for k, v in vars(m).items()
                        if not k.startswith("_") and k != "training")
-        h.update(f"{plain}|{_stable(getattr(type(m), 'forward', None))}".encode())
+        h.update(f"{plain}|{_class_code(type(m))}".encode())
     h.update(repr(model).encode())
     h.update(_describe(loss_fn).encode())
     return h.hexdigest()[:16]
@@ -133,14 +151,12 @@ def digest(*chunks) -> str:
 
 
 def data_fingerprint(source) -> str:
-    """16 hex digits of a `nets.utils.data_source.DataSource`: N, the exact bytes of 8
-    samples spread over the data, and the float64 sums and sums of squares of inputs and
-    targets (to 10 digits). One pass over the data."""
-    N = source.N
-    idx = np.unique(np.linspace(0, N - 1, 8).astype(np.int64))
-    X, Y = source.take(idx)
-    s = torch.zeros(4, dtype=torch.float64)
-    for x, y in source.batches(device="cpu", dtype=torch.float64):
-        x, y = x.to(torch.float64), y.to(torch.float64)
-        s += torch.stack([x.sum(), (x * x).sum(), y.sum(), (y * y).sum()])
-    return digest(N, tensor_bytes(X), tensor_bytes(Y), [f"{v:.10e}" for v in s.tolist()])
+    """16 hex digits of a `nets.utils.data_source.DataSource`: N and the exact bytes of
+    every sample's inputs and targets, in order (one pass over the data). It hashed 8
+    samples and the sums before: two samples swapped, or two labels, reused a store."""
+    hx, hy, kinds = hashlib.sha256(), hashlib.sha256(), set()
+    for x, y in source.batches():       # the same bytes whatever the batching (data form)
+        hx.update(raw_bytes(x))
+        hy.update(raw_bytes(y))
+        kinds.add((str(x.dtype), tuple(x.shape[1:]), str(y.dtype), tuple(y.shape[1:])))
+    return digest(int(source.N), sorted(kinds), hx.hexdigest(), hy.hexdigest())

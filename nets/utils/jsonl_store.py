@@ -62,6 +62,13 @@ class JsonlStore:
                 self._records[str(rec["key"])] = rec["value"]
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
                 bad.append(number)
+        tail = raw[good_end:]
+        if raw.strip() and not self._records and (bad or not tail.lstrip().startswith(b'{"key"')
+                                                  or _complete_json(tail)):
+            # not a store: a json.dump'd results file (one line, no newline) was cut to
+            # zero bytes as a "damaged tail", a checkpoint had records appended to it
+            raise ValueError(f"{self.path} is not a JSON-lines store (no line of it is a "
+                             "record): pass another path, or remove the file")
         if bad:
             warnings.warn(f"{self.path}: line(s) {bad[:10]} are not records and were skipped "
                           f"({len(self._records)} records read)", UserWarning, stacklevel=caller_stacklevel())
@@ -133,3 +140,13 @@ class JsonlStore:
         if key not in self:
             self.put(key, fn())
         return self[key]
+
+
+def _complete_json(raw: bytes) -> bool:
+    """Whether `raw` parses as one JSON value (a whole file written by json.dump, not a
+    record cut short by an interrupted write)."""
+    try:
+        json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return True
