@@ -149,7 +149,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("MPLBACKEND", "Agg")
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .checks import all_names, load
+    from .checks import load
 
     jobs_given = args.jobs is not None  # (_check_numbers fills in the default)
     _check_numbers(args, parser)        # --list and --redraw too (they ignored bad values)

@@ -295,9 +295,10 @@ def test_one_sequence_leaves_the_error_unknown_and_seeds_are_bounded(tiny_mlp):
     assert one.lr_stderr[0] == 0 and np.isnan(one.lr_stderr[1:]).all()
     assert np.isnan(one.shape_stderr).all()
     json.dumps(one.to_dict())
-    ax = one.plot()
+    fig, ax = plt.subplots()
+    one.plot(ax=ax)
     np.testing.assert_array_equal(ax.lines[0].get_xdata(), [4, 8, 16])
-    plt.close("all")
+    plt.close(fig)
     with pytest.raises(ValueError, match="2\\*\\*63"):
         transfer_lr(model, loss, (X, y), [4], reference=(16, 0.3), n_seeds=2,
                     **{**kw, "seed": 2 ** 63 - 1})

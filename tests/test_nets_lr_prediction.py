@@ -587,12 +587,13 @@ def test_progress_reaches_the_per_sample_passes(monkeypatch):
     its preconditioned per-sample products without a bar (minutes at P = 1M, silent with
     progress=True), and the resolved and subspace forms drew one only for their Lanczos
     run. Every inner pass receives the caller's progress now."""
+    import importlib
+
     import torch
     import torch.nn.functional as F
 
     import nets
     import nets.learning_rates.adam as adam
-    import importlib
     gnm = importlib.import_module("nets.noise.gradient_noise")   # (nets.noise's function
                                                                  # shadows the module name)
     import nets.noise.resolved_noise as rn

@@ -722,9 +722,9 @@ def adam_transfer_lr(model, loss_fn, data, batch_sizes, *, reference, betas=None
         if "curved" in opts:
             raise ValueError("linearized: pass the model as form='curved' or 'linearized', "
                              "not as the option 'curved'")
-        own = sorted(k for k in ("betas", "eps", "seed", "progress") if k in opts)
-        if own:     # (a raw "got multiple values for keyword argument" TypeError before)
-            raise ValueError(f"linearized: {', '.join(own)} are adam_transfer_lr's own "
+        clash = sorted(k for k in ("betas", "eps", "seed", "progress") if k in opts)
+        if clash:   # (a raw "got multiple values for keyword argument" TypeError before)
+            raise ValueError(f"linearized: {', '.join(clash)} are adam_transfer_lr's own "
                              "arguments (they set the linearised runs too); pass them there, "
                              "not in the linearized dict")
         prediction = linearized_adam_threshold(model, loss_fn, data, allb, betas=betas,

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch.func import grad
 
+from nets.curvature.loss_check import check_mean_reduced
 from nets.curvature.operators import (
     _scalar_loss,
     check_policy,
@@ -44,7 +45,6 @@ from nets.curvature.operators import (
     policy_mode,
     resolve_device_dtype,
 )
-from nets.curvature.loss_check import check_mean_reduced
 from nets.curvature.params import ParamLayout, functional_loss, make_functional
 from nets.utils.autocast import outside_autocast
 from nets.utils.data_source import as_data_source, check_indices

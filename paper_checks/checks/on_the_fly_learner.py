@@ -79,7 +79,8 @@ def run(ctx):
                  f"{learner['runs']}), SGD {rows['sgd']['test_acc_mean']:.3f} "
                  f"(lr {rows['sgd']['lr']:.3g}), Adam {rows['adam']['test_acc_mean']:.3f} "
                  f"(lr {rows['adam']['lr']:.3g}); final training loss learner/SGD "
-                 f"{loss_ratio:.3g}×, learner/Adam {adam_ratio:.3g}× (tuning grid, seed {res.config.get('tuning_seed', 0)}: "
+                 f"{loss_ratio:.3g}×, learner/Adam {adam_ratio:.3g}× "
+                 f"(tuning grid, seed {res.config.get('tuning_seed', 0)}: "
                  + ", ".join(f"{k} {v:.3g}×" for k, v in grid.items())
                  + f"), learner curvature overhead {learner['overhead_mean']:.0%} of wall time",
         tolerance=f"0 learner divergences; accuracy gap to the better tuned baseline ≤ {ACC_MARGIN}; "
