@@ -73,7 +73,8 @@ def _cuda_available() -> bool:
 
 
 def validate(args, parser: argparse.ArgumentParser) -> None:
-    """Argument checks that argparse cannot express; errors name the option."""
+    """Argument checks that argparse cannot express (the numeric ones, `_check_numbers`,
+    ran first in `main`); errors name the option."""
     if args.scale == "paper":
         if not args.data:
             parser.error("--scale paper needs --data DIR (a folder holding CIFAR-100 in the "
@@ -89,7 +90,6 @@ def validate(args, parser: argparse.ArgumentParser) -> None:
         parser.error("--data is only used with --scale paper")
     if args.device == "cuda" and not _cuda_available():
         parser.error("--device cuda requested but no CUDA GPU is available")
-    _check_numbers(args, parser)
     out = check_out_dir(args.out, parser, "--out")
     from .report import readme_is_ours
 

@@ -428,11 +428,15 @@ def _graph_fits(N: int, graph_bytes_per_sample: float, device) -> bool:
     return N * GRAPH_PRODUCT_FACTOR * graph_bytes_per_sample <= memory_budget(None, device) / 2
 
 
+def _dotted(module_name: str, attribute: str) -> str:
+    return f"{module_name}.{attribute}" if module_name else attribute
+
+
 def _refuse_derived_attributes(model: nn.Module) -> None:
     """A plain tensor attribute with a grad_fn was computed from the parameters in an
     earlier forward (a cache): the products would reuse it — silently wrong curvature,
     or torch's 'Can't call numpy() on Tensor that requires grad' inside Lanczos."""
-    bad = [f"{m}.{k}" if m else k for (m, k), v in tensor_attributes(model).items()
+    bad = [_dotted(m, k) for (m, k), v in tensor_attributes(model).items()
            if v.grad_fn is not None]
     if bad:
         raise ValueError(f"module attribute(s) {bad} hold tensors computed from the parameters "
@@ -732,7 +736,7 @@ class ModelCurvatureOperator(CurvatureOperator):
                 self._forward(prim, x[:1])
         except Exception:  # noqa: BLE001 - the checks below say what is wrong with it
             return
-        derived = [f"{m}.{k}" if m else k for (m, k), v in tensor_attributes(self.model).items()
+        derived = [_dotted(m, k) for (m, k), v in tensor_attributes(self.model).items()
                    if before.get((m, k)) is not v and v.requires_grad]
         if derived:
             raise ValueError(f"the model's forward stores tensor(s) computed from the parameters "

@@ -635,12 +635,18 @@ def plot_thresholds(ax, batch_sizes, lr, stderr, *, fmt, color, label):
 def as_seeds(seeds) -> tuple:
     """The batch-sequence seeds: one int or a sequence of them, not empty and without
     repeats (a repeated seed repeats its batches, so the standard error would count one
-    measurement twice — (0, 0, 0) reported a standard error of 0)."""
-    out = tuple(as_seed("seeds", s) for s in np.atleast_1d(seeds).tolist())
+    measurement twice — (0, 0, 0) reported a standard error of 0). Each below 2⁶³ (the
+    generators' int64); a Python sequence is read as it is (numpy made ints straddling
+    2⁶³ floats: a transfer's seeds seed … seed + n_seeds − 1 crashed with a float-seed
+    TypeError)."""
+    items = seeds if isinstance(seeds, (range, list, tuple)) else np.atleast_1d(seeds).tolist()
+    out = tuple(as_seed("seeds", s) for s in items)
     if not all(isinstance(s, int) for s in out):
         raise TypeError(f"seeds must be ints >= 0 (one batch sequence each), got {seeds!r}")
     if not out:
         raise ValueError("seeds must not be empty")
+    if max(out) >= 2 ** 63:
+        raise ValueError(f"seeds must be below 2**63 (one batch sequence each), got {max(out)}")
     if len(set(out)) < len(out):
         raise ValueError(f"seeds must not repeat (each is one batch sequence), got {out}")
     return out

@@ -101,7 +101,7 @@ import numpy as np
 
 from nets.learning_rates.along_top import correction_applies, rescaling
 from nets.learning_rates.lr_prediction import optimizer_settings, warn_partial_optimizer
-from nets.learning_rates.lr_search import as_growth_factor
+from nets.learning_rates.lr_search import as_growth_factor, as_seeds
 from nets.utils.autocast import outside_autocast
 from nets.utils.callers import caller_stacklevel
 from nets.utils.data_source import as_data_source
@@ -344,16 +344,6 @@ def warn_momentum_upward(momentum, batch_sizes, reference_batch_size, *, who="tr
                       MomentumCaveat, stacklevel=caller_stacklevel())
 
 
-def _check_seed_range(seed, n_seeds) -> int:
-    """The batch sequences are seeds seed … seed + n_seeds − 1, each a torch generator
-    seed: they must stay below 2⁶³ (2⁶³ − 1 crashed with a float-seed error, 2⁶⁴ − 1 with
-    an overflow). Returns n_seeds."""
-    if seed is not None and seed + n_seeds - 1 >= 2 ** 63:
-        raise ValueError(f"seed + n_seeds - 1 must be below 2**63 (the batch sequences use seeds "
-                         f"seed … seed + n_seeds - 1), got seed={seed}, n_seeds={n_seeds}")
-    return n_seeds
-
-
 def _anchor(shape, spread, i0, lr0, *, coherent):
     """lr = α₀·a/a(B₀) and its standard error (`LRTransfer.shape_stderr` for `spread`):
     coherent, |α₀·a⁺/a⁺(B₀) − lr| with a⁺ = a − spread; independent, lr·√(r² + r(B₀)²)
@@ -459,7 +449,7 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
         factor = as_growth_factor(factor)
         steps = as_int("steps", steps, minimum=1)
         n_seeds = as_int("n_seeds", n_seeds, minimum=1)
-        _check_seed_range(seed, n_seeds)
+        as_seeds(range(seed, seed + n_seeds))       # the batch sequences, checked up front
     allB = np.unique(np.append(Bs, B0))
     curv = "directional" if linear else form
     pred = predict_batch_top_eigenvalue(model, loss_fn, data, allB, form=curv, kind=kind,
@@ -541,8 +531,7 @@ def _adam_transfer(model, loss_fn, data, batch_sizes, reference, opt, *, form, f
     if form in (None, *MODEL_FORMS):
         seed = resolved_seed("seed", seed)
         linearized = {"factor": factor, "steps": 100 if steps is None else steps,
-                      "seeds": tuple(range(seed, seed + _check_seed_range(
-                          seed, as_int("n_seeds", n_seeds, minimum=1))))}
+                      "seeds": as_seeds(range(seed, seed + as_int("n_seeds", n_seeds, minimum=1)))}
     extra = {} if chunk_size is None else {"chunk_size": chunk_size}
     return adam_transfer_lr(model, loss_fn, data, batch_sizes, reference=reference,
                             betas=(opt.beta1, opt.beta2), eps=opt.eps, form=form,

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from nets.utils.callers import caller_stacklevel
+from nets.utils.modes import kept_rng
 
 __all__ = ["DataSource", "as_data_source", "is_pair"]
 
@@ -119,11 +120,8 @@ def _check_sampler(loader, name: str) -> None:
     if bs is not None and not isinstance(bs, BatchSampler):
         # the user's own batch sampler: fine if its indices are 0, 1, …, n − 1 in order
         # (read with torch's global generator left as it was, as for the data)
-        state = torch.random.get_rng_state()
-        try:
+        with kept_rng():
             order = [int(i) for b in bs for i in b]
-        finally:
-            torch.random.set_rng_state(state)
         if order != list(range(len(order))) or (n is not None and len(order) != n):
             raise ValueError(
                 f"{name} is a DataLoader whose batch_sampler ({type(bs).__name__}) does not "
@@ -249,41 +247,31 @@ class DataSource:
         augmentation in a Dataset's `__getitem__` or in a DataLoader's `collate_fn` (a
         MixUp-style recipe): curvature is an average over fixed samples, and every pass
         over such data would see other ones. Torch's global generator is left as it was."""
-        def same(a, b):            # NaN equal to NaN (bad data are refused elsewhere)
-            return all(u.shape == v.shape and u.dtype == v.dtype
-                       and (torch.equal(u, v) if not u.is_floating_point() else
-                            bool(torch.isclose(u, v, rtol=0.0, atol=0.0, equal_nan=True).all()))
-                       for u, v in zip(a, b))
+        def differs(read) -> bool:          # two reads; NaN equal to NaN (refused elsewhere)
+            a, b = read(), read()
+            return not all(u.shape == v.shape and u.dtype == v.dtype
+                           and (bool(torch.isclose(u, v, rtol=0.0, atol=0.0, equal_nan=True).all())
+                                if u.is_floating_point() else torch.equal(u, v))
+                           for u, v in zip(a, b))
 
-        state = torch.random.get_rng_state()
-        try:
+        fixed = ("; curvature is an average over fixed samples, so pass the data without "
+                 "random transforms")
+        with kept_rng():
             if self._dataset is None:         # a loader read as batches (drop_last)
-                first = [self._check_item(next(_iter_keeping_rng(self._iterable)), 0)
-                         for _ in range(2)]
-                if not same(*first):
-                    raise ValueError(
-                        f"{self.name}: the DataLoader's first batch differs between two reads "
-                        "(random augmentation in its dataset or collate_fn?); curvature is an "
-                        "average over fixed samples, so pass the data without random transforms")
+                if differs(lambda: self._check_item(next(_iter_keeping_rng(self._iterable)), 0)):
+                    raise ValueError(f"{self.name}: the DataLoader's first batch differs between "
+                                     "two reads (random augmentation in its dataset or "
+                                     "collate_fn?)" + fixed)
                 return
             for i in sorted({0, self.N - 1}):
-                a = self._check_item(self._dataset[i], i, sample=True)
-                b = self._check_item(self._dataset[i], i, sample=True)
-                if not same(a, b):
-                    raise ValueError(
-                        f"{self.name}: item {i} of the dataset differs between two reads (random "
-                        "augmentation in __getitem__?); curvature is an average over fixed "
-                        "samples, so pass the data without random transforms")
-            if self._collate is not None:
-                idx = np.arange(min(self.N, 4))
-                if not same(self._stack_samples(idx), self._stack_samples(idx)):
-                    raise ValueError(
-                        f"{self.name}: the DataLoader's collate_fn gives other batches on two "
-                        "reads of the same samples (random augmentation in collate_fn?); "
-                        "curvature is an average over fixed samples, so pass the data without "
-                        "random transforms")
-        finally:
-            torch.random.set_rng_state(state)
+                if differs(lambda: self._check_item(self._dataset[i], i, sample=True)):
+                    raise ValueError(f"{self.name}: item {i} of the dataset differs between two "
+                                     "reads (random augmentation in __getitem__?)" + fixed)
+            idx = np.arange(min(self.N, 4))
+            if self._collate is not None and differs(lambda: self._stack_samples(idx)):
+                raise ValueError(f"{self.name}: the DataLoader's collate_fn gives other batches "
+                                 "on two reads of the same samples (random augmentation in "
+                                 "collate_fn?)" + fixed)
 
     # -- pieces ---------------------------------------------------------------------
     def _items(self):

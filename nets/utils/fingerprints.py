@@ -5,7 +5,7 @@ given: the model's structure and the loss function (`code_fingerprint`), and the
 Parameters and data are hashed by the stores themselves; two models with the same weights
 but another activation, or one loss with another label smoothing, must not share stored
 results. Hashed here: every submodule's class, `extra_repr`, plain attributes and the code
-of its `forward`, the model's `repr`, and
+of the functions its (user-defined) classes define, the model's `repr`, and
 for the loss — a function's qualified name, bytecode, constants, names, closure values
 and the module-level data (and same-module functions) it reads, a `functools.partial`'s
 function, arguments and keywords (recursively), or a loss module's class and its plain
@@ -41,8 +41,7 @@ def _describe(obj, depth=0) -> str:
         a = np.ascontiguousarray(obj)
         return f"ndarray{a.shape}{a.dtype}:{hashlib.sha1(a.tobytes()).hexdigest()[:12]}"
     if isinstance(obj, torch.nn.Module):
-        plain = sorted((k, _describe(v, depth + 1)) for k, v in vars(obj).items()
-                       if not k.startswith("_") and k != "training")
+        plain = _plain_attributes(obj, lambda v: _describe(v, depth + 1))
         buffers = sorted((k, _describe(v, depth + 1)) for k, v in obj.named_buffers())
         return f"{type(obj).__module__}.{type(obj).__qualname__}{plain}{buffers}"
     code = getattr(obj, "__code__", None)
@@ -94,6 +93,13 @@ def _has_contents(cell) -> bool:
     return True
 
 
+def _plain_attributes(module: torch.nn.Module, describe) -> list:
+    """[(name, describe(value))] of a module's public plain attributes (reduction, label
+    smoothing, an activation or scale kept as self.act / self.scale), sorted."""
+    return sorted((k, describe(v)) for k, v in vars(module).items()
+                  if not k.startswith("_") and k != "training")
+
+
 def _stable(obj) -> str:
     """`_describe(obj)`, or the type's name where that is a repr holding a memory address
     (such an attribute is not told apart, as before it was read at all, rather than make
@@ -122,11 +128,13 @@ def code_fingerprint(model: torch.nn.Module, loss_fn) -> str:
     the module-level settings they read — an edited forward under the same class name),
     and the model's repr — and of the loss function (module docstring)."""
     h = hashlib.sha1()
+    code = {}                                   # each class's functions described once
     for name, m in model.named_modules():
-        h.update(f"{name}:{type(m).__module__}.{type(m).__qualname__}({m.extra_repr()})".encode())
-        plain = sorted((k, _stable(v)) for k, v in vars(m).items()
-                       if not k.startswith("_") and k != "training")
-        h.update(f"{plain}|{_class_code(type(m))}".encode())
+        cls = type(m)
+        if cls not in code:
+            code[cls] = _class_code(cls)
+        h.update(f"{name}:{cls.__module__}.{cls.__qualname__}({m.extra_repr()})".encode())
+        h.update(f"{_plain_attributes(m, _stable)}|{code[cls]}".encode())
     h.update(repr(model).encode())
     h.update(_describe(loss_fn).encode())
     return h.hexdigest()[:16]

@@ -63,10 +63,11 @@ class JsonlStore:
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
                 bad.append(number)
         tail = raw[good_end:]
-        if raw.strip() and not self._records and (bad or not tail.lstrip().startswith(b'{"key"')
-                                                  or _complete_json(tail)):
-            # not a store: a json.dump'd results file (one line, no newline) was cut to
-            # zero bytes as a "damaged tail", a checkpoint had records appended to it
+        first_record_cut = tail.lstrip().startswith(b'{"key"') and not _complete_json(tail)
+        if raw.strip() and not self._records and (bad or not first_record_cut):
+            # not a store (nothing in it is a record, or the start of one cut short by a
+            # kill): a json.dump'd results file (one line, no newline) was cut to zero bytes
+            # as a "damaged tail", a checkpoint had records appended to it
             raise ValueError(f"{self.path} is not a JSON-lines store (no line of it is a "
                              "record): pass another path, or remove the file")
         if bad:
