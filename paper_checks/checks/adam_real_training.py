@@ -182,11 +182,11 @@ def run(ctx):
 
 
 def plot(result):
-    import matplotlib.pyplot as plt
+    from ._plotting import lr_vs_batch_axes, new_figure
 
     s = result.series
     B = np.asarray(s["batch_sizes"], float)
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, (ax,) = new_figure(width=6.0, height=4.4)
     ax.errorbar(B, s["measured"], yerr=np.nan_to_num(np.asarray(s["measured_stderr"], float)),
                 fmt="o", color="k", capsize=3, label="measured (warmed state)")
     ax.plot(B, s["fresh"], "x", color="r", label="fresh state (first steps)")
@@ -196,15 +196,18 @@ def plot(result):
     if "predicted_deterministic" in s:
         ax.plot(B, s["predicted_deterministic"], "-", lw=0.8, color="C4",
                 label="deterministic F/λ̃'(B)")
-    ax.plot(B, s["transfer_32"], "--", color="C2" if "linearized" in s else "C0",
-            label="transfer from B=32")
+    # the two judged transfers: from B0 = 32 and from the largest B
+    for key, ls in _transfer_keys(s):
+        ax.plot(B, s[key], ls=ls, color="C2" if "linearized" in s else "C0",
+                label=f"transfer from B={key.split('_')[1]}")
     ax.plot(B, s["noise_floor"], "-.", color="C1", label="noise-floor limit (loss 10× start)")
-    ax.plot(B, s["sqrt_rule"], ":", color="C5", label="√B rule")
-    ax.plot(B, s["linear_rule"], ":", color="C3", label="linear rule")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("batch size B")
-    ax.set_ylabel("learning rate α")
-    ax.set_title("Adam on the digits MLP")
-    ax.legend(fontsize="small")
+    ax.plot(B, s["sqrt_rule"], ":", color="C5", label="√B rule (B0=32)")
+    ax.plot(B, s["linear_rule"], ":", color="C3", label="linear rule (B0=32)")
+    lr_vs_batch_axes(ax, result, "Adam on the digits MLP (β₁ = 0.9)")
     return fig
+
+
+def _transfer_keys(series):
+    """(series key, line style) of each anchored transfer, in anchor order."""
+    keys = sorted((k for k in series if k.startswith("transfer_")), key=lambda k: int(k.split("_")[1]))
+    return [(k, ls) for k, ls in zip(keys, ("--", (0, (5, 1, 1, 1))))]
