@@ -180,11 +180,13 @@ def main(argv=None) -> int:
         out = check_out_dir(args.redraw, parser, "--redraw")
         try:
             with report_lock(out):
-                redraw(out)
+                _, failed = redraw(out)
                 write_readme(report_results(out), out, redrawn=True)
         except ReportFolderInUse as exc:
             parser.error(f"--redraw: {str(exc).replace('or choose another --out', 'then redraw')}")
-        return 0
+        for name, err in failed.items():        # the README says so too
+            print(f"--redraw: {name}: {err}", file=sys.stderr)
+        return 1 if failed else 0
     names = _selected(args, parser)        # before validate creates the --out folder
     validate(args, parser)
     from .runner import limit_threads

@@ -114,7 +114,11 @@ def write_readme(results: Sequence[CheckResult], out_dir: str | Path, *,
                      f"*Tolerance:* {r.tolerance or '—'}.")
         parts.append("")
         png = out_dir / f"{r.name}.png"
-        if png.exists():
+        error = r.details.get("figure_error") if isinstance(r.details, dict) else None
+        if error:
+            parts.append(f"*No figure: {_cell(str(error))}.* Data: [`{r.name}.json`]({r.name}.json).")
+            parts.append("")
+        elif png.exists():
             caption = r.details.get("caption", r.claim) if isinstance(r.details, dict) else r.claim
             parts.append(f"![{_cell(r.name)}]({r.name}.png)")
             parts.append("")
@@ -213,18 +217,37 @@ def report_results(out_dir: str | Path) -> list[CheckResult]:
     return sorted(results, key=lambda r: (order.get(r.name, len(order)), r.name))
 
 
-def redraw(out_dir: str | Path) -> list[Path]:
-    """Rebuild every `<check>.png` in `out_dir` from its JSON (no recomputation)."""
+def redraw(out_dir: str | Path) -> tuple[list[Path], dict[str, str]]:
+    """Rebuild every `<check>.png` in `out_dir` from its JSON (no recomputation).
+
+    Returns (figures written, {check: error} for the figures that failed). A figure that
+    fails is handled as in a run: its old PNG is removed (it was drawn by other code, so
+    it no longer stands for the JSON) and the error is kept in the JSON's
+    `details["figure_error"]`, which the README shows; a figure that draws again drops an
+    earlier error."""
     from .checks import by_name
     from .runner import draw
 
     out_dir = Path(out_dir)
-    written = []
+    written, failed = [], {}
     for result in report_results(out_dir):
         try:
             check = by_name(result.name)
         except KeyError:
             continue
-        if draw(check, result, out_dir / f"{result.name}.png") is None and result.series:
-            written.append(out_dir / f"{result.name}.png")
-    return written
+        png = out_dir / f"{result.name}.png"
+        details = result.details if isinstance(result.details, dict) else None
+        clean = result if details is None or "figure_error" not in details else result.with_(
+            details={k: v for k, v in details.items() if k != "figure_error"})
+        err = draw(check, clean, png)
+        if err is None and result.series:
+            written.append(png)
+        if err is not None:
+            failed[result.name] = err
+            if png.exists():
+                png.unlink()
+        if details is not None and details.get("figure_error") != err:
+            kept = clean if err is None else clean.with_(
+                details={**clean.details, "figure_error": err})
+            kept.save(out_dir / f"{result.name}.json")
+    return written, failed

@@ -231,9 +231,47 @@ def test_redraw_rebuilds_figures_from_json_only(tmp_path, monkeypatch):
         raise AssertionError("recomputed")
 
     monkeypatch.setattr(ggn_wishart, "run", no_recompute)
-    written = redraw(tmp_path)
-    assert written == [tmp_path / "ggn_wishart.png"]
+    written, failed = redraw(tmp_path)
+    assert written == [tmp_path / "ggn_wishart.png"] and failed == {}
     assert written[0].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_redraw_reports_a_figure_that_fails_and_drops_its_old_png(tmp_path, monkeypatch, capsys):
+    """--redraw swallowed plot errors: it exited 0, kept the PNG an earlier plot() had drawn
+    (so the folder showed a figure the JSON's code no longer draws) and the README said
+    nothing; a failure is now handled as in a run, and a figure that draws again drops it."""
+    from paper_checks.checks import ggn_wishart
+
+    r = ggn_wishart.run(Context(quick=True, progress=False))
+    r.save(tmp_path / f"{r.name}.json")
+    write_readme([r], tmp_path)
+    assert main(["--redraw", str(tmp_path)]) == 0
+    png = tmp_path / "ggn_wishart.png"
+    assert png.exists()
+    before = json.loads((tmp_path / "ggn_wishart.json").read_text())
+
+    def broken(result):
+        raise ValueError("no such series")
+
+    monkeypatch.setattr(ggn_wishart, "plot", broken)
+    capsys.readouterr()
+    assert main(["--redraw", str(tmp_path)]) == 1
+    assert "ggn_wishart: figure failed: ValueError: no such series" in capsys.readouterr().err
+    assert not png.exists()
+    stored = CheckResult.load(tmp_path / "ggn_wishart.json")
+    assert stored.details["figure_error"] == "figure failed: ValueError: no such series"
+    page = (tmp_path / "README.md").read_text()
+    assert "No figure: figure failed: ValueError: no such series" in page
+    assert "ggn_wishart.png" not in page
+    after = json.loads((tmp_path / "ggn_wishart.json").read_text())
+    del after["details"]["figure_error"]
+    assert after == before                                     # the numbers are kept
+
+    monkeypatch.undo()
+    assert main(["--redraw", str(tmp_path)]) == 0
+    assert png.exists()
+    assert "figure_error" not in CheckResult.load(tmp_path / "ggn_wishart.json").details
+    assert "No figure" not in (tmp_path / "README.md").read_text()
 
 
 # ----------------------------------------------------------------------------- CLI
