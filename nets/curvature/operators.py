@@ -49,7 +49,7 @@ from torch.func import grad, jvp, vjp, vmap
 
 from nets.curvature.loss_check import check_mean_reduced
 from nets.curvature.params import ParamLayout, call_model, make_functional, output_tensors
-from nets.utils.autocast import no_autocast, outside_autocast
+from nets.utils.autocast import outside_autocast, outside_caller_contexts
 from nets.utils.callers import caller_stacklevel
 from nets.utils.data_source import as_data_source
 from nets.utils.modes import kept_attributes, kept_modes, kept_rng, tensor_attributes
@@ -162,7 +162,7 @@ class CurvatureOperator:
         """H v for one vector v of shape (P,)."""
         v, out_dtype = self._coerce(v, 1, "v")
         self.num_matvecs += 1
-        with no_autocast(), _explained_missing_derivatives():
+        with outside_caller_contexts(), _explained_missing_derivatives():
             return self._matvec(v).to(out_dtype)
 
     def matmat(self, V) -> torch.Tensor:
@@ -171,7 +171,7 @@ class CurvatureOperator:
         if V.shape[1] == 0:
             return V.clone().to(out_dtype)
         self.num_matvecs += V.shape[1]
-        with no_autocast(), _explained_missing_derivatives():
+        with outside_caller_contexts(), _explained_missing_derivatives():
             return self._matmat(V).to(out_dtype)
 
     def __matmul__(self, other):

@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from nets.utils.autocast import no_autocast
+from nets.utils.autocast import outside_caller_contexts
 
 
 def select_parameter_names(model: nn.Module, params=None) -> list[str]:
@@ -179,6 +179,7 @@ def make_functional(model: nn.Module, names: Sequence[str], *, device=None, dtyp
 _TWICE_DIFFERENTIABLE_DEPTH = 0        # how many twice_differentiable contexts are open
 
 
+
 @contextlib.contextmanager
 def twice_differentiable():
     """Kernels that curvature products can differentiate twice and in forward mode.
@@ -191,7 +192,9 @@ def twice_differentiable():
     restored afterwards. The math kernel computes the same function. Entered again
     inside itself it does nothing (the settings are already in force), so a loop of many
     `call_model` calls can be wrapped once — or decorated, `@twice_differentiable()` —
-    and pay for the switch once (about 20 µs a call otherwise)."""
+    and pay for the switch once (about 20 µs a call otherwise). Autocast and the parametrization
+    cache of `torch.nn.utils.parametrize.cached()` are off inside it too
+    (`nets.utils.autocast.outside_caller_contexts`)."""
     global _TWICE_DIFFERENTIABLE_DEPTH
     if _TWICE_DIFFERENTIABLE_DEPTH:
         yield
@@ -202,7 +205,7 @@ def twice_differentiable():
     torch.backends.mha.set_fastpath_enabled(False)
     _TWICE_DIFFERENTIABLE_DEPTH += 1
     try:
-        with sdpa_kernel(SDPBackend.MATH), no_autocast():
+        with sdpa_kernel(SDPBackend.MATH), outside_caller_contexts():
             yield
     finally:
         _TWICE_DIFFERENTIABLE_DEPTH -= 1

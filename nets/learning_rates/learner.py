@@ -215,7 +215,7 @@ from nets.curvature.side_by_side import ColumnCountError, SideBySideHessians
 from nets.learning_rates.monitor import CurvatureTracker
 from nets.noise.directional import directional_noise_from_operator
 from nets.training.data import check_dataset
-from nets.utils.autocast import no_autocast, outside_autocast
+from nets.utils.autocast import outside_autocast, outside_caller_contexts
 from nets.utils.callers import caller_stacklevel
 from nets.utils.data_source import as_data_source
 from nets.utils.fingerprints import digest, tensor_bytes
@@ -672,7 +672,7 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
         lseed = self.seed + len(self.history)
         s2 = float("nan")
         tops = ()
-        with torch.enable_grad(), no_autocast():
+        with torch.enable_grad(), outside_caller_contexts():
             if self._chunks_only:
                 # step 2 on the chunks only: no B_c run is needed (module docstring)
                 theta, weights, resid, tops, nmv = self._batch_tops(lseed, wd, None)

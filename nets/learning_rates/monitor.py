@@ -74,7 +74,7 @@ from nets.curvature.params import ParamLayout, refuse_changed_params
 from nets.learning_rates.lr_prediction import optimizer_settings, warn_partial_optimizer
 from nets.noise.batch_spectra import measure_batch_top_eigenvalue
 from nets.noise.directional import directional_noise_from_operator
-from nets.utils.autocast import no_autocast
+from nets.utils.autocast import outside_caller_contexts
 from nets.utils.callers import caller_stacklevel
 from nets.utils.data_source import as_data_source, model_place
 from nets.utils.fingerprints import code_fingerprint, data_fingerprint, digest, tensor_bytes
@@ -503,7 +503,7 @@ class CurvatureMonitor:
         t0 = self._clock()
         tr = self.tracker
         model = tr.model
-        with (torch.enable_grad(), no_autocast(), kept_modes(model),
+        with (torch.enable_grad(), outside_caller_contexts(), kept_modes(model),
               kept_rng(model_place(model)[0])):
             op = tr.operator()
             eig = tr.top(op)
