@@ -43,7 +43,7 @@ from nets.curvature.params import map_output_leaves, output_tensors
 from nets.utils.autocast import outside_autocast
 from nets.utils.callers import caller_stacklevel
 from nets.utils.data_source import as_data_source, model_place
-from nets.utils.modes import kept_rng, kept_tensors
+from nets.utils.modes import kept_attributes, kept_rng, kept_tensors
 
 __all__ = ["check_mean_reduced", "loss_name"]
 
@@ -130,7 +130,7 @@ def _batch_and_samples(model, loss_fn, data, *, sample: int):
         # active dropout must not draw from the caller's random stream; the forward runs
         # on the caller's module, whose parameters and buffers it may write (max_norm
         # embeddings, train-mode BatchNorm): both restored
-        with torch.no_grad(), kept_rng(device), kept_tensors(model):
+        with torch.no_grad(), kept_rng(device), kept_tensors(model), kept_attributes(model):
             out = model(X)
             with warnings.catch_warnings():     # torch's own broadcast warning: said below
                 warnings.filterwarnings("ignore", message=".*target size.*different to the input size")

@@ -305,18 +305,24 @@ def train_mode_layers(model: nn.Module):
 
 
 def _warn_weight_norm(model: nn.Module) -> None:
-    """torch.nn.utils.parametrizations.weight_norm runs the fused `_weight_norm_interface`
-    kernel, whose second derivative is not symmetric in torch (dense Hessian of a small
-    weight-normed MLP: max |H − Hᵀ| = 0.035; its top eigenvalues 1–4 % below those of the
-    same network with w = g·v/‖v‖ written out). Warn: the Hessian is unreliable there."""
+    """weight_norm runs the fused `_weight_norm_interface` kernel, whose second derivative
+    is not symmetric in torch (dense Hessian of a small weight-normed MLP: max |H − Hᵀ| =
+    0.035; its top eigenvalues 1–4 % below those of the same network with w = g·v/‖v‖
+    written out). Warn: the Hessian is unreliable there — for the parametrization
+    (`torch.nn.utils.parametrizations.weight_norm`) and for the older hook
+    (`torch.nn.utils.weight_norm`: λ₁ 0.5375 for 0.5385, an outside sweep)."""
+    from torch.nn.utils.weight_norm import WeightNorm
+
     for name, m in model.named_modules():
-        for plist in getattr(m, "parametrizations", {}).values():
-            if any(type(p).__name__ == "_WeightNorm" for p in plist):
-                warnings.warn(
-                    f"module {name!r} uses weight_norm: torch's second derivative of its fused "
-                    "kernel is not symmetric, so Hessian products are off by a few per cent; "
-                    "use kind='ggn', or write w = g·v/‖v‖ in the forward", stacklevel=caller_stacklevel())
-                return
+        hooked = any(isinstance(h, WeightNorm) for h in m._forward_pre_hooks.values())
+        if hooked or any(type(p).__name__ == "_WeightNorm"
+                         for plist in getattr(m, "parametrizations", {}).values() for p in plist):
+            warnings.warn(
+                f"module {name!r} uses weight_norm: torch's second derivative of its fused "
+                "kernel is not symmetric, so Hessian products are off by a few per cent; "
+                "write w = g·v/‖v‖ in the forward, or use the Gauss–Newton matrix where the "
+                "function offers it (kind='ggn')", stacklevel=caller_stacklevel())
+            return
 
 
 @contextlib.contextmanager
@@ -430,19 +436,6 @@ def _graph_fits(N: int, graph_bytes_per_sample: float, device) -> bool:
 
 def _dotted(module_name: str, attribute: str) -> str:
     return f"{module_name}.{attribute}" if module_name else attribute
-
-
-def _refuse_derived_attributes(model: nn.Module) -> None:
-    """A plain tensor attribute with a grad_fn was computed from the parameters in an
-    earlier forward (a cache): the products would reuse it — silently wrong curvature,
-    or torch's 'Can't call numpy() on Tensor that requires grad' inside Lanczos."""
-    bad = [_dotted(m, k) for (m, k), v in tensor_attributes(model).items()
-           if v.grad_fn is not None]
-    if bad:
-        raise ValueError(f"module attribute(s) {bad} hold tensors computed from the parameters "
-                         "by an earlier forward (a cache): the curvature products would reuse "
-                         "them and miss those parameters; clear the cache (set it to None) "
-                         "and compute it inside forward")
 
 
 def _non_tensor_leaves(out, found: list, path: str = "output") -> None:
@@ -622,12 +615,11 @@ class ModelCurvatureOperator(CurvatureOperator):
         samples of its batch (statistics over the batch, `h - h.mean(0)`: model(x[[0, 1]])[0]
         differs from model(x[[0, 0]])[0] beyond round-off), as for a train-mode
         nn.BatchNorm — except under policy="train_batch_stats", which asks for exactly that.
-        Also refused: a forward that caches weight-derived tensors on its modules, and one
-        torch.func cannot transform (`_refuse_parameter_caches`, `_check_transforms`); the
+        Also refused: a forward that reads back weight-derived tensors cached on its modules,
+        and one torch.func cannot transform (`_refuse_parameter_caches`, `_check_transforms`); the
         trial calls leave no attribute behind (`kept_attributes`)."""
         x, y = self.source.take(list(range(min(2, self.N))), device=self.device,
                                 dtype=self.dtype)
-        _refuse_derived_attributes(self.model)
         with kept_attributes(self.model):
             self._refuse_parameter_caches(x)
             self._trial_forwards(x, y)
@@ -703,46 +695,87 @@ class ModelCurvatureOperator(CurvatureOperator):
         if self.kind == "ggn" and isinstance(a, torch.Tensor) and a.is_floating_point():
             self._check_output_curvature(a, y)
         if not same:
-            training = any(m.training for m in self.model.modules())
-            raise ValueError(
-                "the model's forward is not repeatable (two calls on the same input differ): "
-                "dropout called as a function, e.g. F.dropout(x, p, self.training), another "
-                "random layer, or a layer that updates its state on every forward in train "
-                "mode (spectral_norm's power iteration); curvature products would change "
-                "from call to call. " + ("Call model.eval() or pass policy='eval'" if training
-                                         else "The model is in eval mode, so its forward "
-                                         "itself changes state (a buffer or attribute updated "
-                                         "in forward, e.g. a running average it then uses): "
-                                         "make that update conditional on self.training"))
+            raise self._not_repeatable()
         if x.shape[0] > 1 and self.policy != "train_batch_stats":
             try:
                 with torch.no_grad(), self._trial_mode():
                     alone = self._forward(self.primals, x[[0, 0]])
+                    # a change below the tolerance above, from call to call, read as
+                    # coupling: a train-mode parametrizations.spectral_norm's power
+                    # iteration (2.6e-5) was blamed on batch statistics
+                    again = self._forward(self.primals, x[[0, 0]]) if _coupling(a, alone) else None
             except (RuntimeError, ValueError, TypeError, IndexError):
-                alone = None
+                alone = again = None
+            if again is not None and _coupling(again, alone):
+                raise self._not_repeatable()
             if alone is not None:
                 _check_samples_independent(a, alone)
 
+    def _not_repeatable(self) -> ValueError:
+        training = any(m.training for m in self.model.modules())
+        return ValueError(
+            "the model's forward is not repeatable (two calls on the same input differ): "
+            "dropout called as a function, e.g. F.dropout(x, p, self.training), another "
+            "random layer, or a layer that updates its state on every forward in train "
+            "mode (spectral_norm's power iteration); curvature products would change "
+            "from call to call. " + ("Call model.eval() or pass policy='eval'" if training
+                                     else "The model is in eval mode, so its forward "
+                                     "itself changes state (a buffer or attribute updated "
+                                     "in forward, e.g. a running average it then uses): "
+                                     "make that update conditional on self.training"))
+
     def _refuse_parameter_caches(self, x) -> None:
-        """One forward with parameters that require grad: a tensor attribute it stores on
-        a module that depends on them is a cache of weights, which every later product
-        would reuse — the curvature then misses those weights (a net caching its output
-        weight read 0.42 for 0.71, silently; an outside sweep). Refused; a cache of shapes
-        or constants (no grad) is fine (the caller restores the attributes)."""
+        """Refuse a forward that reads back a tensor computed from the parameters by an
+        earlier forward — a cache on a module, `if self._w is None: self._w = f(W)`. Every
+        later product would reuse it and miss those parameters (a net caching its output
+        weight read 0.42 for 0.71, silently; primed by the user's own call, torch's "Can't
+        call numpy() on Tensor that requires grad" inside Lanczos; outside sweeps).
+
+        Told by what the output depends on: two forwards on one sample, each with its own
+        parameter leaves; the second's output must reach neither the first's leaves (a cache
+        kept where `call_model`'s restoring of the modules' attributes does not reach, e.g. a
+        class attribute) nor the model's own parameters (a cache filled by the user's call
+        before: every product substitutes them). A cache a forward fills in an instance
+        attribute is put back after each forward, so every product recomputes it. A tensor
+        a forward writes and does not read back is fine: an activation kept for logging,
+        `weight` recomputed from `weight_orig` by the hook-based
+        `torch.nn.utils.spectral_norm`/`weight_norm` before each forward (all three were
+        refused as caches before), and a cache of shapes or constants."""
+        names = self.layout.names
+        real = dict(self.model.named_parameters())
+        own = [(n, real[n]) for n in names if n in real and real[n].requires_grad]
         before = tensor_attributes(self.model)
         try:
             with torch.enable_grad(), self._trial_mode():
-                prim = tuple(p.detach().requires_grad_(True) for p in self.primals)
-                self._forward(prim, x[:1])
-        except Exception:  # noqa: BLE001 - the checks below say what is wrong with it
+                first = tuple(p.detach().requires_grad_(True) for p in self.primals)
+                self._forward(first, x[:1])
+                stored = [_dotted(m, k) for (m, k), v in tensor_attributes(self.model).items()
+                          if before.get((m, k)) is not v and v.requires_grad]
+                second = tuple(p.detach().clone().requires_grad_(True) for p in self.primals)
+                roots = [t for t in output_tensors(self._forward(second, x[:1]))
+                         if t.is_floating_point() and t.requires_grad]
+                if not roots:
+                    return
+                reached = torch.autograd.grad(roots, (*first, *(p for _, p in own)),
+                                              [torch.ones_like(t) for t in roots],
+                                              allow_unused=True)
+        except Exception:  # noqa: BLE001 - the checks after this one say what is wrong with it
             return
-        derived = [_dotted(m, k) for (m, k), v in tensor_attributes(self.model).items()
-                   if before.get((m, k)) is not v and v.requires_grad]
-        if derived:
+        this_call = [n for n, g in zip(names, reached[:len(first)]) if g is not None]
+        earlier = [n for (n, _), g in zip(own, reached[len(first):]) if g is not None]
+        attrs = sorted({_dotted(m, k) for (m, k), v in before.items() if v.grad_fn is not None})
+        if earlier:
+            raise ValueError(f"module attribute(s) {attrs or '(not found)'} hold tensors computed "
+                             f"from the parameters {earlier[:4]} by an earlier forward (a cache) "
+                             "that the forward reads back: the curvature products would reuse "
+                             "them and miss those parameters; clear the cache (set it to None) "
+                             "and compute it inside forward")
+        if this_call:
             raise ValueError(f"the model's forward stores tensor(s) computed from the parameters "
-                             f"on its modules ({derived}: a cache): the curvature products "
-                             "would reuse them and miss those parameters; compute them inside "
-                             "forward on every call")
+                             f"{this_call[:4]} ({stored or 'outside its modules, e.g. a class attribute'}: a cache) "
+                             "and reads them back in later calls: the curvature products would "
+                             "reuse them and miss those parameters; compute them inside forward "
+                             "on every call")
 
     def _check_transforms(self, x) -> None:
         """One reverse-mode product on one sample, so that a forward torch.func cannot

@@ -221,10 +221,17 @@ def call_model(model: nn.Module, state: dict, x) -> torch.Tensor:
     tensors back into the second occurrence's slots instead of the user's Parameters, so
     the model lost its Parameters (an optimizer built before stopped training that layer)
     and, after a Gauss–Newton product left them without requires_grad, every later
-    operator dropped the shared layer (P 42 → 12, λ₁ 1.17 for 1.89; an outside sweep)."""
+    operator dropped the shared layer (P 42 → 12, λ₁ 1.17 for 1.89; an outside sweep).
+
+    Plain tensor attributes a forward writes (an activation kept for logging, `self.feat =
+    h`; `weight` recomputed by the hook-based `spectral_norm`) are put back as they were
+    (`kept_attributes`): the package's tensors — inside vmap, tensors that escaped it —
+    would otherwise be left on the caller's modules, and reading them failed later."""
+    from nets.utils.modes import kept_attributes
+
     slots = [(m, dict(m._parameters), dict(m._buffers)) for m in _shared_modules(model)]
     try:
-        with twice_differentiable():
+        with twice_differentiable(), kept_attributes(model):
             return torch.func.functional_call(model, state, (x,))
     finally:
         for module, params, buffers in slots:

@@ -82,6 +82,7 @@ from nets.noise.directional import sample_chunk
 from nets.utils.autocast import outside_autocast
 from nets.utils.callers import caller_stacklevel
 from nets.utils.data_source import as_data_source, tensors_for
+from nets.utils.modes import model_copy
 from nets.utils.progress import progress_bar
 from nets.utils.results import Result, result
 from nets.utils.seeding import resolved_seed
@@ -851,7 +852,7 @@ def warm_adam_state(model, loss_fn, X, y, batch_size, *, warmup_steps, warmup_lr
     warmup_lr = as_float("warmup_lr", warmup_lr, positive=True)
     betas, eps = _as_betas(betas), as_float("eps", eps, nonnegative=True)
     seed = as_int("seed", seed, minimum=0)
-    net = copy.deepcopy(model)
+    net = model_copy(model)
     net.train(False)
     opt = _adam(net, warmup_lr, betas, eps)
     for idx in _batches(N, batch_size, warmup_steps, seed):
@@ -931,7 +932,7 @@ def adam_trial(warm: WarmState, loss_fn, X, y, lr, *, steps, criterion="onset",
         raise ValueError(f"criterion must be one of {ADAM_CRITERIA}, got {criterion!r}")
     if criterion == "onset" and direction is None:
         raise ValueError("criterion='onset' needs direction= (PreconditionedNoise.direction)")
-    net = copy.deepcopy(warm.model)
+    net = model_copy(warm.model)
     opt = restored_adam(net, warm, lr)
     params = [p for p in net.parameters() if p.requires_grad]
     if second_moment not in ("adaptive", "frozen"):
@@ -1046,7 +1047,7 @@ def adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 0.999), eps
     check_mean_reduced(model, loss_fn, data)
     X, y = tensors_for(model, data, device=device, dtype=dtype)
     if device is not None or dtype is not None:     # the trials train copies: cast one
-        model = copy.deepcopy(model).to(device=device, dtype=dtype)
+        model = model_copy(model).to(device=device, dtype=dtype)
     N = len(X)
     bs = np.array([as_int("batch_sizes", b, minimum=1) for b in np.atleast_1d(batch_sizes)])
     if bs.max() > N:

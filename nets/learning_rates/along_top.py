@@ -47,13 +47,13 @@ in the spacing).
 
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
 import torch
 
 from nets.utils.autocast import outside_autocast
+from nets.utils.modes import model_copy
 from nets.utils.results import Result, result
 from rmt.validation import as_float, as_int, as_range, as_seed
 
@@ -225,7 +225,7 @@ def loss_along_top(model, loss_fn, data, *, factor=10.0, n=60, span=(0.02, 20.0)
     n = as_int("n", n, minimum=2)
     lo, hi = as_range("span", span)
     X, y = as_data_source(data, name="data").tensors()
-    net = copy.deepcopy(model).double().eval()
+    net = model_copy(model).double().eval()
     Xd = X.double() if X.is_floating_point() else X
     yd = y.double() if y.is_floating_point() else y
     w0 = {name: p.detach() for name, p in net.named_parameters() if p.requires_grad}

@@ -36,13 +36,12 @@ off), as the real trials of `lr_search` run.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch.func import jvp, vjp, vmap
 
 from nets.curvature.params import call_model, unflatten_to_dict
 from nets.utils.autocast import outside_autocast
+from nets.utils.modes import model_copy
 from rmt.validation import as_float, as_int
 
 __all__ = ["StoredOutputs", "TangentOutputs", "CurvedOutputs", "as_linear_outputs",
@@ -79,7 +78,7 @@ class TangentOutputs:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.chunk = as_int("chunk_size", chunk_size, minimum=1)
-        self.net = copy.deepcopy(model).eval()
+        self.net = model_copy(model).eval()
         self.params = {k: v.detach() for k, v in self.net.named_parameters() if v.requires_grad}
         self.shapes = [(k, v.shape, v.numel()) for k, v in self.params.items()]
         self.X = X
@@ -181,7 +180,7 @@ def second_derivative_along(model, X, direction, *, chunk_size=256, step=1e-4,
     of a layer's derivative at all (e.g. SiLU's), every sample's q is the central
     difference instead. The median keeps a sample whose unit switches within ±h (a ReLU
     kink, where the difference is not a derivative) from deciding."""
-    net = copy.deepcopy(model).eval()
+    net = model_copy(model).eval()
     params = {k: v.detach() for k, v in net.named_parameters() if v.requires_grad}
     u = torch.as_tensor(direction).reshape(-1)
     P = sum(v.numel() for v in params.values())
@@ -191,7 +190,7 @@ def second_derivative_along(model, X, direction, *, chunk_size=256, step=1e-4,
     step = as_float("step", step, positive=True)
     n_check = as_int("check_samples", check_samples, minimum=1)
     dtype = next(iter(params.values())).dtype
-    wide = copy.deepcopy(net).double()
+    wide = model_copy(net).double()
     wide_params = {k: v.detach() for k, v in wide.named_parameters() if v.requires_grad}
     X64 = X.double() if X.is_floating_point() else X
 

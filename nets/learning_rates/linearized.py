@@ -61,7 +61,6 @@ projection on the span. Every other direction stays linear.
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 
@@ -78,6 +77,7 @@ from nets.learning_rates.linear_outputs import (
 )
 from nets.utils.autocast import outside_autocast
 from nets.utils.callers import caller_stacklevel
+from nets.utils.modes import model_copy
 from nets.utils.results import Result, result
 from rmt.validation import as_batch_sizes, as_float, as_int, as_range, as_seed
 
@@ -162,7 +162,7 @@ def output_jacobians(model, X, *, chunk_size=256, dtype=torch.float32, basis=Non
 
     from nets.curvature.params import call_model
 
-    net = copy.deepcopy(model).eval()
+    net = model_copy(model).eval()
     params = {k: v.detach() for k, v in net.named_parameters() if v.requires_grad}
     if basis is not None:
         basis = torch.as_tensor(basis)
@@ -486,7 +486,7 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
     seeds = as_seeds(seeds)
     X, y = tensors_for(model, data, device=device)
     if device is not None:
-        model = copy.deepcopy(model).to(device)
+        model = model_copy(model).to(device)
     check_mean_reduced(model, loss_fn, (X, y))
     N = len(X)
     bs = as_batch_sizes(batch_sizes, N).tolist()
@@ -606,7 +606,7 @@ def checked_output_shape(model, X, directions, *, dtype, max_bytes, smaller=""):
     samples along `directions` directions fit in `max_bytes` (ValueError otherwise;
     `smaller` names a further way out in the message)."""
     with torch.no_grad():
-        out = copy.deepcopy(model).eval()(X[:1])
+        out = model_copy(model).eval()(X[:1])
     refuse_container_output(out)
     out_shape = tuple(out.shape[1:])
     need = (len(X) * max(1, int(np.prod(out_shape))) * directions

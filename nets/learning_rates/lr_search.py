@@ -45,7 +45,6 @@ with the mean over seeds, standard errors and per-seed values; resumable the sam
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from dataclasses import asdict, dataclass
@@ -58,6 +57,7 @@ from nets.utils.autocast import outside_autocast
 from nets.utils.callers import caller_stacklevel
 from nets.utils.data_source import tensors_for
 from nets.utils.jsonl_store import JsonlStore
+from nets.utils.modes import model_copy
 from nets.utils.results import Result, result
 from rmt.validation import as_batch_sizes, as_float, as_int, as_seed, resolved_seed
 
@@ -161,7 +161,7 @@ def run_trial(model, loss_fn, dataset, state_dict, lr, batch_size, steps, optimi
     thr = 3.0 / steps if growth_threshold is None else as_float("growth_threshold", growth_threshold)
     loss_factor = as_float("loss_factor", loss_factor, positive=True)
 
-    net = copy.deepcopy(model)
+    net = model_copy(model)
     net.load_state_dict(state_dict)
     net.train(False)
     params = [p for p in net.parameters() if p.requires_grad]
@@ -322,7 +322,7 @@ def lr_sweep(model, loss_fn, dataset, state_dict, batch_sizes, seeds=(0,), steps
     rel_tol = as_float("rel_tol", rel_tol, positive=True)
     # what the stored results depend on besides (B, seed, K, α₀): the checkpoint, model,
     # loss and data (training_threshold's tag) and every setting of the trials
-    net = copy.deepcopy(model)
+    net = model_copy(model)
     net.load_state_dict(state_dict)
     mtag = _model_tag(net, loss_fn, X, y)
     del net
@@ -542,7 +542,7 @@ def training_trial(model, loss_fn, X, y, lr, batch_size, *, steps, momentum=0.0,
         raise ValueError(f"criterion must be one of {TRAINING_CRITERIA}, got {criterion!r}")
     if criterion == "onset" and direction is None:
         raise ValueError("criterion='onset' needs the top eigenvector (direction=)")
-    net = copy.deepcopy(model)
+    net = model_copy(model)
     net.train(False)
     params = _flat_params(net)
     w0 = torch.cat([p.detach().reshape(-1) for p in params]).double()
@@ -740,7 +740,7 @@ def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergen
     if device is not None or dtype is not None:
         # the trials train copies of the model: cast it with the data (floating
         # parameters and buffers only), never the caller's module
-        model = copy.deepcopy(model).to(device=device, dtype=dtype)
+        model = model_copy(model).to(device=device, dtype=dtype)
     N = len(X)
     bs = as_batch_sizes(batch_sizes, N).tolist()
     seeds = as_seeds(seeds)
@@ -917,7 +917,7 @@ def self_stabilisation(model, loss_fn, data, *, factor=4.0, batch_size=512, step
         raise ValueError(f"momentum must be < 1, got {momentum}")
     seed = resolved_seed("seed", seed)          # None: one int from fresh entropy, recorded
     lam0 = float(top_eigenvalues(model, loss_fn, (X, y), k=1, seed=seed, policy="eval")[0])
-    net = copy.deepcopy(model).eval()
+    net = model_copy(model).eval()
     params = _flat_params(net)
     bufs = [torch.zeros_like(p) for p in params]
     every = None if every is None else as_int("every", every, minimum=1)

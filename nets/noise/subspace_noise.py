@@ -84,7 +84,7 @@ from nets.noise.directional import (
 )
 from nets.utils.autocast import outside_autocast
 from nets.utils.data_source import as_data_source
-from nets.utils.modes import kept_tensors
+from nets.utils.modes import kept_attributes, kept_tensors
 from nets.utils.progress import progress_bar
 from nets.utils.results import Result, result
 from rmt.sampling import batch_noise_factor
@@ -207,7 +207,8 @@ def default_subspace_dim(model, data, P: int) -> int:
     dev = next((p.device for p in model.parameters()), X.device)
     dt = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     X = X.to(device=dev, dtype=dt) if X.is_floating_point() and dt is not None else X.to(dev)
-    with torch.no_grad(), policy_mode(model, "eval"), kept_tensors(model):   # the caller's module
+    with (torch.no_grad(), policy_mode(model, "eval"), kept_tensors(model),   # the caller's
+          kept_attributes(model)):                                           # module
         out = model(X)
     tensors = output_tensors(out)
     if len(tensors) == 1 and isinstance(out, torch.Tensor):

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 import os
@@ -30,7 +29,7 @@ from nets.training.data import check_dataset, load_digits
 from nets.training.models import MLP
 from nets.utils.atomic import atomic_write
 from nets.utils.data_source import as_data_source
-from nets.utils.modes import kept_modes, kept_rng
+from nets.utils.modes import kept_modes, kept_rng, model_copy
 from nets.utils.results import Result, result
 from rmt.validation import as_float, as_int
 
@@ -276,7 +275,7 @@ def trained_digits_mlp(seed: int = 0, hidden=(32,), epochs: int = DIGITS_RECIPE[
     momentum = as_float("momentum", momentum, nonnegative=True)
     model, data, result = _trained_digits_mlp_cached(seed, hidden, epochs, lr, batch_size,
                                                      momentum, activation)
-    out = (copy.deepcopy(model), (data[0].clone(), data[1].clone()))
+    out = (model_copy(model), (data[0].clone(), data[1].clone()))
     return out + (result,) if return_result else out
 
 

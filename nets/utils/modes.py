@@ -17,15 +17,20 @@ a train-mode BatchNorm moves its running statistics.
 `kept_attributes(model)` puts every submodule's plain tensor attributes (not parameters or
 buffers) back on exit: a forward that fills a cache on its first call (`self._w = …`) must
 keep no value the package's trial calls computed.
+
+`model_copy(model)` is `copy.deepcopy(model)` for a model whose forward left tensors with
+a grad_fn on its modules, which deepcopy refuses.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 
-__all__ = ["kept_modes", "kept_rng", "kept_tensors", "kept_attributes", "tensor_attributes"]
+__all__ = ["kept_modes", "kept_rng", "kept_tensors", "kept_attributes", "tensor_attributes",
+           "model_copy"]
 
 
 @contextlib.contextmanager
@@ -88,3 +93,21 @@ def kept_attributes(model: torch.nn.Module):
                 delattr(modules[m], k)
             elif old is not v:
                 setattr(modules[m], k, old)
+
+
+def model_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """`copy.deepcopy(model)`, with each plain tensor attribute or buffer that has a
+    grad_fn copied detached. A user's training forward leaves such tensors behind (an
+    activation kept for logging, `self.feat = h`; the `weight` that the hook-based
+    `torch.nn.utils.spectral_norm` computes before each forward), and deepcopy refuses
+    them ("Only Tensors created explicitly by the user (graph leaves) support the
+    deepcopy protocol"): every entry point that trains a copy failed on such a model (an
+    outside sweep). The values are kept; only the graph is dropped."""
+    memo = {}
+    for t in [*tensor_attributes(model).values(), *model.buffers()]:
+        try:
+            if t.grad_fn is not None:
+                memo[id(t)] = t.detach().clone()
+        except RuntimeError:        # a tensor that escaped a torch.func transform: unusable
+            memo[id(t)] = None
+    return copy.deepcopy(model, memo)
