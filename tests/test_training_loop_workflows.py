@@ -205,7 +205,8 @@ def test_monitor_ignores_an_enclosing_autocast():
 #: training loop and checkpoints (a user's own autocast applies there), helpers that size
 #: chunks, fetch samples or describe a model
 NOT_ENTRY_POINTS = {"fetch_groups", "group_chunk", "default_subspace_dim", "code_fingerprint",
-                    "kept_modes", "kept_tensors", "kept_attributes", "tensor_attributes"}
+                    "kept_modes", "kept_tensors", "kept_attributes", "tensor_attributes",
+                    "model_copy"}
 
 
 def _public_functions():
@@ -329,6 +330,21 @@ def test_entry_points_ignore_an_enclosing_parametrization_cache():
 
     plain = monitored(False)
     assert len(plain) == 3 and monitored(True) == pytest.approx(plain, rel=1e-10)
+
+
+def test_monitor_built_on_an_eval_model_with_train_mode_layers_warns():
+    """As the learner does: the usual model.train() afterwards makes opt.step() raise."""
+    X, y = _data()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(),
+                          nn.Linear(8, 3)).double().eval()
+    with pytest.warns(UserWarning, match="CurvatureMonitor: the model is in eval mode"):
+        CurvatureMonitor(model, CE, (X, y), batch_size=16)
+    assert not any(m.training for m in model.modules())        # modes restored
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CurvatureMonitor(model, CE, (X, y), batch_size=16, policy="eval")
+        CurvatureMonitor(_model().eval(), CE, (X, y), batch_size=16)   # nothing to switch
 
 
 def test_monitor_plot_draws_on_the_current_axes():

@@ -212,7 +212,7 @@ from nets.curvature.loss_check import check_mean_reduced
 from nets.curvature.operators import CurvatureOperator, check_policy, curvature_operator
 from nets.curvature.params import ParamLayout, refuse_changed_params
 from nets.curvature.side_by_side import ColumnCountError, SideBySideHessians
-from nets.learning_rates.monitor import CurvatureTracker
+from nets.learning_rates.monitor import CurvatureTracker, warn_eval_mode_layers
 from nets.noise.directional import directional_noise_from_operator
 from nets.training.data import check_dataset
 from nets.utils.autocast import outside_autocast, outside_caller_contexts
@@ -402,27 +402,6 @@ class _RecordingOperator(CurvatureOperator):
         return self.base.matmat(V)
 
 
-def _warn_eval_mode_layers(model: nn.Module) -> None:
-    """One UserWarning when the model is in eval mode but has layers that act differently
-    in train mode (BatchNorm, Dropout, RReLU) and no policy was given: the curvature
-    products follow the model's mode, so a later ``model.train()`` makes the next update
-    raise mid-training (module docstring). The modes are flipped to read them and restored."""
-    from nets.curvature.operators import describe_layers, train_mode_layers
-    from nets.utils.modes import kept_modes
-
-    with kept_modes(model):                  # every flag restored on exit
-        model.train()
-        found = list(train_mode_layers(model))
-    if found:
-        warnings.warn(
-            f"CurvatureAdaptiveSGD: the model is in eval mode and has layers that act "
-            f"differently in train mode ({describe_layers(found)}) and policy=None: the "
-            "curvature follows the model's mode, so training it after model.train() makes "
-            "the next curvature update raise inside opt.step(); pass policy='eval' (running "
-            "statistics, no dropout: what is measured now) or policy='train_batch_stats'",
-            UserWarning, stacklevel=caller_stacklevel())
-
-
 # ----------------------------------------------------------------------------- optimizer
 
 class CurvatureAdaptiveSGD(torch.optim.Optimizer):
@@ -605,7 +584,7 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
                     f"(torch: {err}); use policy='eval' (running statistics), "
                     "batch_correction=False, or a batch_size of at least 2") from None
         if policy is None:
-            _warn_eval_mode_layers(model)
+            warn_eval_mode_layers(model, "CurvatureAdaptiveSGD")
 
         self.model, self.loss_fn = model, loss_fn
         self.layout = ParamLayout.from_module(model)

@@ -216,6 +216,30 @@ def _default_batch_sizes(N: int, B: int) -> tuple:
     return tuple(sorted(s for s in sizes if s >= 2 or s in (B, N)))
 
 
+def warn_eval_mode_layers(model: torch.nn.Module, who: str) -> None:
+    """One UserWarning when the model is in eval mode but has layers that act differently
+    in train mode (BatchNorm, Dropout, RReLU) and no policy was given: the curvature
+    products follow the model's mode, so a later ``model.train()`` makes the next
+    curvature update raise inside ``opt.step()``. The modes are flipped to read them and
+    restored. (`who`: the object built, named in the message; the monitor did not warn,
+    an outside sweep.)"""
+    from nets.curvature.operators import describe_layers, train_mode_layers
+
+    if any(m.training for m in model.modules()):
+        return
+    with kept_modes(model):                  # every flag restored on exit
+        model.train()
+        found = list(train_mode_layers(model))
+    if found:
+        warnings.warn(
+            f"{who}: the model is in eval mode and has layers that act "
+            f"differently in train mode ({describe_layers(found)}) and policy=None: the "
+            "curvature follows the model's mode, so training it after model.train() makes "
+            "the next curvature update raise inside opt.step(); pass policy='eval' (running "
+            "statistics, no dropout: what is measured now) or policy='train_batch_stats'",
+            UserWarning, stacklevel=caller_stacklevel())
+
+
 class CurvatureMonitor:
     """Records λ₁, s_u², B*, batch sharpness and the lr table during training.
 
@@ -268,6 +292,8 @@ class CurvatureMonitor:
                              "use policy='eval'")
         self.noise_rel_error = as_float("noise_rel_error", noise_rel_error, positive=True)
         self.seed = as_int("seed", seed, minimum=0)
+        if policy is None:
+            warn_eval_mode_layers(model, "CurvatureMonitor")
         self.tracker = CurvatureTracker(model, loss_fn, data, kind=kind, tol=tol, params=params,
                                         policy=policy, chunk_size=chunk_size, device=device,
                                         dtype=dtype, seed=self.seed)
