@@ -48,7 +48,7 @@ def main(argv=None):
     from bench_criterion import network
 
     from nets.learning_rates.lr_search import self_stabilisation, training_threshold
-    from nets.learning_rates.transfer import transfer_lr
+    from nets.learning_rates.transfer import momentum_caveat_silenced, transfer_lr
     from nets.utils.atomic import atomic_write
     from nets.utils.jsonl_store import JsonlStore
     from paper_checks.checks.lr_transfer import transfer_study
@@ -78,8 +78,9 @@ def main(argv=None):
             if crit == "divergence":
                 continue
             for m in (0.0, 0.9):
-                local = transfer_lr(model, loss, data, Bs, reference=(Bs[0], 1.0), momentum=m,
-                                    form="directional")
+                with momentum_caveat_silenced():    # only its local limit is used
+                    local = transfer_lr(model, loss, data, Bs, reference=(Bs[0], 1.0),
+                                        momentum=m, form="directional")
                 thr = training_threshold(   # NaN where the criterion never fires (onset)
                     model, loss, data, Bs, criterion=crit, momentum=m,
                     steps=args.steps if crit != "onset" else 60, seeds=seeds, store=store,

@@ -502,6 +502,36 @@ def test_momentum_upward_transfer_warns():
     assert not [x for x in w if issubclass(x.category, UserWarning)]
 
 
+def test_one_pass_transfer_with_momentum_warns_both_ways(tiny_mlp):
+    """The directional form with momentum gave no caveat although it missed the real
+    threshold by more than 20 % on 17 of 20 measured instances, in both directions (an
+    outside check: 1.79× too high from B0 = 32, 0.53× too low from 512)."""
+    import warnings
+
+    from nets.learning_rates.transfer import MomentumCaveat, momentum_caveat_silenced
+
+    model, X, y = tiny_mlp(seed=2, N=48)
+    loss = torch.nn.functional.cross_entropy
+    for B0 in (4, 16):                                    # upward and downward alike
+        with pytest.warns(MomentumCaveat, match="directional form's transfer.*17 of 20"):
+            r = transfer_lr(model, loss, (X, y), [4, 16], reference=(B0, 0.1),
+                            form="directional", momentum=0.5)
+    with pytest.warns(MomentumCaveat, match="Nesterov.*6 of 7"):
+        transfer_lr(model, loss, (X, y), [4, 16], reference=(16, 0.1), form="directional",
+                    optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5,
+                                              nesterov=True))
+    with pytest.warns(MomentumCaveat, match="with_reference"):
+        r.with_reference((4, 0.2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        transfer_lr(model, loss, (X, y), [4, 16], reference=(16, 0.1), form="directional")
+        transfer_lr(model, loss, (X, y), [16], reference=(16, 0.1), form="directional",
+                    momentum=0.5)                         # at B0 only: nothing transferred
+        with momentum_caveat_silenced():
+            transfer_lr(model, loss, (X, y), [4, 16], reference=(16, 0.1),
+                        form="directional", momentum=0.5)
+
+
 def test_linearized_transfer_with_momentum_warns_only_upward(tiny_mlp):
     import warnings
 

@@ -111,6 +111,7 @@ from rmt.lr import momentum_effective_curvature, momentum_factor, momentum_noise
 from rmt.validation import as_batch_sizes, as_float, as_int
 
 __all__ = ["transfer_lr", "LRTransfer", "scaling_rule", "secant_correction", "warn_momentum_upward",
+           "warn_momentum_one_pass",
            "refuse_params_for_linearized",
            "momentum_caveat_silenced", "TRANSFER_FORMS",
            "CLASSICAL_RULES"]
@@ -194,6 +195,9 @@ class LRTransfer(Result):
         if measured:                            # the caveats of transfer_lr itself
             warn_momentum_upward(self.momentum, self.batch_sizes, B0, nesterov=self.nesterov,
                                  who="with_reference")
+        else:
+            warn_momentum_one_pass(self.momentum, self.batch_sizes, B0, self.form,
+                                   nesterov=self.nesterov, who="with_reference")
         lr, se = _anchor(self.shape, self.shape_stderr, i0, lr0, coherent=not measured)
         return dataclasses.replace(self, lr=lr, lr_stderr=se, reference_batch_size=B0,
                                    reference_lr=lr0, reference_shape=float(self.shape[i0]),
@@ -342,6 +346,27 @@ def warn_momentum_upward(momentum, batch_sizes, reference_batch_size, *, who="tr
                       "anchor at the largest batch size you will use, or measure "
                       "(nets.lr_search.training_threshold / adam_threshold)",
                       MomentumCaveat, stacklevel=caller_stacklevel())
+
+
+def warn_momentum_one_pass(momentum, batch_sizes, reference_batch_size, form, *,
+                           who="transfer_lr", nesterov=False):
+    """Warn when a one-pass form (directional, resolved, subspace, isotropic) transfers
+    with momentum to any B ≠ B₀. Measured for the directional form (docs/real_training.md;
+    `benchmarks/results/bench_heldout_transfer_*_m0.9*.json`, `bench_heldout_tabular_*`;
+    ρ = 0.9): with heavy ball it missed the real divergence threshold by more than 20 % on
+    17 of 20 network instances (0.12–6.6×), with Nesterov on 6 of 7 (0.37–2.7×), too high
+    and too low, from either anchor; the other one-pass forms share its momentum model
+    λ'_ρ(B). The linearised forms have their own caveat (`warn_momentum_upward`)."""
+    if not (momentum > 0 and np.any(np.asarray(batch_sizes) != reference_batch_size)):
+        return
+    measured = ("6 of 7 measured networks (0.37-2.7x)" if nesterov else
+                "17 of 20 measured network instances (0.12-6.6x)")
+    warnings.warn(f"{who}: {MOMENTUM_CAVEAT} ({momentum:g}{', Nesterov' if nesterov else ''}) "
+                  f"the {form} form's transfer (measured for the directional form) missed the "
+                  f"real divergence threshold by more than 20 % on {measured}, too high and "
+                  "too low, from either anchor; measure at the batch size you will use "
+                  "(nets.lr_search.training_threshold)", MomentumCaveat,
+                  stacklevel=caller_stacklevel())
 
 
 def _anchor(shape, spread, i0, lr0, *, coherent):
@@ -501,6 +526,7 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
         shape = limit
         spread = shape - F / momentum_effective_curvature(lam, lam + shift * (1.0 + r), rho,
                                                           nesterov=nest)
+        warn_momentum_one_pass(rho, Bs, B0, form, nesterov=nest)
         rule = ("lr(B) = lr0·λ'_ρ(B0)/λ'_ρ(B), " + (
             "λ'_ρ = F_N/α*_N the Nesterov mean-square limit's" if nest else
             "λ'_ρ = λ + (1+ρ)/(1−ρ)·(λ'(B) − λ)") + f", λ'(B) {form} form")

@@ -88,9 +88,9 @@ def transfer_study(model, loss_fn, data, batch_sizes, *, momenta=(0.0, 0.9), anc
     it = momenta if bar is None else bar(list(momenta), "momentum")
     for m in it:
         key = f"m{m:g}"
-        local = transfer_lr(model, loss_fn, data, Bs, reference=(int(Bs[0]), 1.0),
-                            momentum=m, form="directional", seed=seed)
-        with momentum_caveat_silenced():    # the caveat this check measures; only the shape is used
+        with momentum_caveat_silenced():    # the caveats this check measures; only the shape is used
+            local = transfer_lr(model, loss_fn, data, Bs, reference=(int(Bs[0]), 1.0),
+                                momentum=m, form="directional", seed=seed)
             shape = local if form == "directional" else transfer_lr(
                 model, loss_fn, data, Bs, reference=(int(Bs[0]), 1.0), momentum=m, form=form,
                 steps=steps, factor=10.0, n_seeds=len(seeds), rank=rank, seed=seed)

@@ -58,7 +58,7 @@ def run(ctx):
     import torch.nn.functional as F
 
     from nets.learning_rates.lr_search import self_stabilisation, training_threshold
-    from nets.learning_rates.transfer import transfer_lr
+    from nets.learning_rates.transfer import momentum_caveat_silenced, transfer_lr
     from nets.training.loops import trained_digits_mlp
 
     model, data = trained_digits_mlp(ctx.seed)
@@ -68,8 +68,9 @@ def run(ctx):
                                                                "seeds": [ctx.seed]}, [], []
     for m in ctx.bar(list(MOMENTA), "momentum"):
         key = f"m{m:g}"
-        local = transfer_lr(model, loss_fn, data, Bs, reference=(int(Bs[0]), 1.0), momentum=m,
-                            form="directional", seed=ctx.seed)
+        with momentum_caveat_silenced():    # only its local limit is used, not a transfer
+            local = transfer_lr(model, loss_fn, data, Bs, reference=(int(Bs[0]), 1.0),
+                                momentum=m, form="directional", seed=ctx.seed)
         guess = lambda B, local=local: float(np.interp(B, local.batch_sizes, local.stability_limit))
         found = training_threshold(model, loss_fn, data, Bs, criterion="onset", momentum=m,
                                    steps=STEPS, seeds=(ctx.seed,), lr0=guess,
