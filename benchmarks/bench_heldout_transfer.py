@@ -45,6 +45,7 @@ seeds) and, held out, "mse_gelu" and "mse_tabular" (HELD_OUT_MSE), each run with
     python benchmarks/bench_heldout_transfer.py --net ln_mlp --momentum 0.9   # ~4.5 min
     python benchmarks/bench_heldout_transfer.py --net attn       # attention (HELD_OUT_ATTN)
     python benchmarks/bench_heldout_transfer.py --net attn --momentum 0.9
+    python benchmarks/bench_heldout_transfer.py --net synth_silu [--momentum 0.9]   # other data
     python benchmarks/bench_heldout_transfer.py --net mlp        # a development net (~5 min)
     python benchmarks/bench_heldout_transfer.py --net mlp --momentum 0.9   # its m = 0.9 forms (~5 min)
     python benchmarks/bench_heldout_transfer.py --net mse_tabular --momentum 0.9   # ~4 min
@@ -97,8 +98,12 @@ OTHER_LOSS = ("mse",)
 #: GELU digits MLP of HELD_OUT trained on it, and the breast-cancer MLP 30-48-32-2 (GELU,
 #: SiLU) of bench_heldout_tabular.py trained on it (SGD lr 0.05, m = 0.9, B = 32, 30 epochs)
 HELD_OUT_MSE = ("mse_gelu", "mse_tabular")
+#: a network on data no form has seen (session 51, first measured by an outside check):
+#: sklearn's make_classification (3,000 samples, 24 features, 4 classes), MLP 24-64-64-4
+#: with SiLU and dropout 0.1, trained the way a user would (SGD lr 0.05, m = 0.9, B = 64)
+HELD_OUT_SYNTH = ("synth_silu",)
 ALL_NETS = (*DEVELOPMENT, *HELD_OUT, *HELD_OUT_CNN, *HELD_OUT_USER, *HELD_OUT_ATTN, *OTHER_LOSS,
-            *HELD_OUT_MSE)
+            *HELD_OUT_MSE, *HELD_OUT_SYNTH)
 #: batch sequences of the linearised threshold: the measured thresholds' eight (seeds 0–7),
 #: so model and measurement see the same batches (`transfer_lr`'s default)
 LIN_SEEDS = 8
@@ -213,6 +218,31 @@ def trained_row_attention(seed=0, epochs=60):
     return net.eval(), (X, y)
 
 
+def trained_synth_silu(seed=0, epochs=20):
+    """(model in eval mode, (X, y)): the "synth_silu" network of HELD_OUT_SYNTH —
+    make_classification(n_samples=3000, n_features=24, n_informative=12, n_classes=4,
+    n_clusters_per_class=2, class_sep=1.0, random_state=7), standardised; MLP 24 → 64
+    (SiLU) → dropout 0.1 → 64 (SiLU) → 4; SGD lr 0.05, m = 0.9, B = 64, `epochs` epochs
+    with dropout active (`nets.training.loops.train`)."""
+    import torch
+    import torch.nn.functional as F
+    from sklearn.datasets import make_classification
+    from torch import nn
+
+    from nets.training.loops import train
+
+    Xn, yn = make_classification(n_samples=3000, n_features=24, n_informative=12, n_classes=4,
+                                 n_clusters_per_class=2, class_sep=1.0, random_state=7)
+    Xn = (Xn - Xn.mean(0)) / Xn.std(0)
+    X, y = torch.tensor(Xn, dtype=torch.float32), torch.tensor(yn)
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(24, 64), nn.SiLU(), nn.Dropout(0.1), nn.Linear(64, 64),
+                        nn.SiLU(), nn.Linear(64, 4))
+    train(net, F.cross_entropy, (X, y), epochs=epochs, lr=0.05, batch_size=64, momentum=0.9,
+          seed=seed)
+    return net.eval(), (X, y)
+
+
 def trained_mse_tabular(seed=0, epochs=30):
     """(model in eval mode, (X, y), loss_fn): the "mse_tabular" network of HELD_OUT_MSE,
     the plain breast-cancer MLP of bench_heldout_tabular.py trained on ½‖f − e_y‖²."""
@@ -228,6 +258,8 @@ def held_out_network(name):
         return trained_user_style(name)
     if name in HELD_OUT_ATTN:
         return trained_row_attention()
+    if name in HELD_OUT_SYNTH:
+        return trained_synth_silu()
     return trained_bn_cnn() if name == "bn_cnn" else trained_digits_mlp(**HELD_OUT[name])
 
 

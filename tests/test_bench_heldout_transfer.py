@@ -58,3 +58,15 @@ def test_mse_tabular_network_is_trained_on_half_mse(bench):
         assert float(loss_fn(out, y)) == pytest.approx(float(by_hand), rel=1e-6)
         assert float(by_hand) < 0.25      # below predicting 0.5 for both classes: ½(0.5² + 0.5²)
     assert {"mse_gelu", "mse_tabular"} <= set(bench.HELD_OUT_MSE)
+
+
+def test_synthetic_data_network_is_built_as_documented(bench):
+    import torch
+
+    model, (X, y) = bench.trained_synth_silu(epochs=1)
+    assert X.shape == (3000, 24) and set(y.tolist()) == {0, 1, 2, 3} and not model.training
+    np.testing.assert_allclose(X.mean(0).numpy(), 0.0, atol=1e-5)      # standardised
+    np.testing.assert_allclose(X.std(0, unbiased=False).numpy(), 1.0, atol=1e-4)
+    assert sum(p.numel() for p in model.parameters()) == 24 * 64 + 64 + 64 * 64 + 64 + 64 * 4 + 4
+    assert any(isinstance(m, torch.nn.Dropout) for m in model.modules())
+    assert "synth_silu" in bench.ALL_NETS and "synth_silu" in bench.HELD_OUT_SYNTH
