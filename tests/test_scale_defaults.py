@@ -62,6 +62,38 @@ def test_a_large_pair_is_chunked_by_default_with_the_same_numbers(monkeypatch):
     assert train.chunk_size is None                       # one chunk: the full-batch statistics
 
 
+def test_gradient_noise_keeps_within_an_explicit_memory_budget():
+    """memory= below the default gave a *larger* per-sample chunk (500 MB: 1,265 samples
+    against 256) and the Hessian pass held 32 products at once whatever the budget (8 GB,
+    then out of memory, on a 14k-parameter CNN). The chunk is now capped as the default's
+    is, the products per call fit the budget, and the numbers do not move."""
+    import importlib
+
+    gn = importlib.import_module("nets.noise.gradient_noise")   # the name is the function
+    from nets.utils.data_source import as_data_source
+    from nets.utils.memory import SAMPLE_CHUNK_CAP
+
+    X, y = _images(300)
+    model = _conv(4)
+    ps = gn._PerSample(model, F.cross_entropy, None, None, None, None)
+    src = as_data_source((X, y))
+    default = gn._chunk(None, None, ps, src)
+    for budget in (1 << 20, 50 << 20, 1 << 40):        # 1 MiB, 50 MiB, 1 TiB
+        assert 1 <= gn._chunk(None, budget, ps, src) <= SAMPLE_CHUNK_CAP
+    assert gn._chunk(None, 1 << 40, ps, src) == min(SAMPLE_CHUNK_CAP, 300) >= default
+    H = nets.hessian_operator(model, F.cross_entropy, (X, y), chunk_size=50)
+    per = ops.GRAPH_PRODUCT_FACTOR * H._graph_bytes_per_sample() * 50
+    small = int(3.5 * per)
+    assert gn._columns(H, 50, small, None) == 3        # three products' graphs fit
+    assert gn._columns(H, 50, 1, None) == 1 and gn._columns(H, 50, 1 << 40, None) == 32
+    ref = nets.gradient_noise(model, F.cross_entropy, (X, y), hessian_samples=40, seed=1,
+                              chunk_size=50)
+    tight = nets.gradient_noise(model, F.cross_entropy, (X, y), hessian_samples=40, seed=1,
+                                chunk_size=50, memory=small)
+    assert tight.tr_HSigma == pytest.approx(ref.tr_HSigma, rel=1e-10)
+    assert tight.gHg == pytest.approx(ref.gHg, rel=1e-10)
+
+
 def test_small_data_stay_one_chunk():
     X, y = _images(40)
     assert nets.hessian_operator(_conv(2), F.cross_entropy, (X, y)).chunk_size is None

@@ -484,6 +484,34 @@ def test_a_slow_call_on_a_small_network_shows_a_bar_and_a_fast_one_does_not(monk
     assert "".join(term.text) == ""
 
 
+def test_slq_and_the_gradient_noise_hessian_pass_draw_bars(monkeypatch):
+    """An outside sweep at scale: slq_density had no progress option (280 s silent on a
+    14k-parameter CNN) and gradient_noise's Hessian products (95 s of a 101 s call, and
+    lr_table's longest silent stretch) drew no bar. Numbers unchanged by the bars."""
+    import sys
+
+    import nets.utils.progress as progress
+    from nets import gradient_noise, hessian_operator, slq_density
+
+    X, y = _data()
+    model = _model()
+    monkeypatch.setattr(progress, "AUTO_SECONDS", 0.0)
+    term = _Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    op = hessian_operator(model, CE, (X, y))
+    quiet = slq_density(op, num_probes=3, num_steps=6, seed=1, probe_block=2, progress=False)
+    assert "".join(term.text) == ""
+    shown = slq_density(op, num_probes=3, num_steps=6, seed=1, probe_block=2)
+    assert "SLQ Lanczos steps" in "".join(term.text)
+    np.testing.assert_array_equal(quiet.nodes, shown.nodes)
+    np.testing.assert_array_equal(quiet.weights, shown.weights)
+    term.text.clear()
+    gradient_noise(model, CE, (X, y), hessian_samples=8, progress=False)
+    assert "".join(term.text) == ""
+    gradient_noise(model, CE, (X, y), hessian_samples=8)
+    assert "Hessian products" in "".join(term.text)
+
+
 def test_warnings_name_the_users_line_whatever_the_call_path():
     """Every entry point is wrapped (outside_autocast), which moved each fixed-stacklevel
     warning one frame into the package (a review: the summed-loss warning of

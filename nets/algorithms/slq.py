@@ -23,6 +23,7 @@ import numpy as np
 from nets.algorithms.lanczos import LanczosResult, check_operator, lanczos_batch
 from nets.utils.autocast import outside_autocast
 from nets.utils.memory import chunk_count, memory_budget, product_bytes
+from nets.utils.progress import progress_counter
 from nets.utils.results import Result, result
 from nets.utils.seeding import resolved_seed
 from rmt.validation import as_array, as_float, as_int
@@ -97,8 +98,30 @@ class SpectralDensity(Result):
 
 
 @outside_autocast
+class _Stepped:
+    """`op` whose products advance a progress bar by one Lanczos step each (a batched
+    `matmat` on a block of probes is one step for all of them); everything else is the
+    operator's own."""
+
+    def __init__(self, op, bar):
+        self._op, self._bar = op, bar
+
+    def __getattr__(self, name):
+        return getattr(self._op, name)
+
+    def matvec(self, v):
+        out = self._op.matvec(v)
+        self._bar.update(1)
+        return out
+
+    def matmat(self, V):
+        out = self._op.matmat(V)
+        self._bar.update(1)
+        return out
+
+
 def slq_density(op, num_probes=10, num_steps=50, seed=0, probe_block=None,
-                memory=None) -> SpectralDensity:
+                memory=None, *, progress=None) -> SpectralDensity:
     """SLQ spectral density of `op` (module docstring).
 
     num_probes Rademacher probes: the columns of
@@ -111,6 +134,9 @@ def slq_density(op, num_probes=10, num_steps=50, seed=0, probe_block=None,
     one product, per probe; the products themselves are split further by the operator).
     On a sharded operator (`nets.curvature.distributed`) the block is the smallest over
     the ranks, so that every rank makes the same collective products.
+    progress : a bar over the Lanczos steps (`nets.utils.progress`; None: on a terminal
+    after a few seconds). The defaults ran 280 s silently on a 14k-parameter CNN with
+    2,000 samples (an outside sweep).
     """
     op = check_operator(op)
     k = as_int("num_probes", num_probes, minimum=1)
@@ -130,9 +156,15 @@ def slq_density(op, num_probes=10, num_steps=50, seed=0, probe_block=None,
     rng = np.random.default_rng(seed)
     Z = rng.choice(np.array([-1.0, 1.0]), size=(P, k))
     results = []
-    for a in range(0, k, blk):
-        V0 = Z[:, a:a + blk]
-        results += lanczos_batch(op, m, num_vectors=V0.shape[1], v0=V0)
+    bar = progress_counter(progress, total=m * -(-k // blk), desc="SLQ Lanczos steps")
+    counted = op if bar is None else _Stepped(op, bar)
+    try:
+        for a in range(0, k, blk):
+            V0 = Z[:, a:a + blk]
+            results += lanczos_batch(counted, m, num_vectors=V0.shape[1], v0=V0)
+    finally:
+        if bar is not None:
+            bar.close()
     nodes = np.zeros((k, m))
     weights = np.zeros((k, m))
     for i, r in enumerate(results):
