@@ -301,7 +301,7 @@ def _nesterov_alpha(lam, sig2, m):
         x = np.asarray(sig2, dtype=float) / lam / lam
         a = m * (1.0 + 2.0 * m) * (1.0 + x)
         b = (1.0 + m) * x + (1.0 - m - 4.0 * m * m)
-        c = 2.0 * (1.0 - m * m)
+        c = 2.0 * (1.0 - m) * (1.0 + m)      # not 1 − m·m: ρ within 1e-8 of 1 lost 1 − ρ
         root = np.sqrt(b * b + 4.0 * a * c)
         neg = b < 0                          # only for ρ > 0, where a > 0
         u = np.where(neg, (root - b) / np.where(neg, 2.0 * a, 1.0),

@@ -177,3 +177,24 @@ def test_extreme_scales_keep_the_noise_dominated_limit():
         expect = 2 * (1 - 0.5) * lam / (c * s2)
         assert sgd_nesterov_ms_max_lr(8, lam, s2, 100, 0.5) == pytest.approx(expect, rel=1e-9)
         assert sgd_momentum_ms_max_lr(8, lam, s2, 100, 0.5) == pytest.approx(expect, rel=1e-9)
+
+
+def test_nesterov_limit_keeps_its_digits_as_momentum_approaches_one():
+    """c = 2(1 − ρ²) was formed as 1 − ρ·ρ, which loses 1 − ρ's last digits for ρ within
+    ~1e-8 of 1 (5e-10 relative at ρ = 1 − 1e-9; an outside audit). The reference is the
+    boundary's positive root, a·u² + b·u − c = 0 (`rmt.lr._nesterov_alpha`'s docstring),
+    in 60-digit arithmetic."""
+    from mpmath import mp, mpf, sqrt
+
+    from rmt.lr import sgd_nesterov_ms_max_lr
+
+    mp.dps = 60
+    for rho in (1 - 1e-6, 1 - 1e-9, 1 - 1e-12):
+        for s2 in (1e3, 1e50):
+            r, x = mpf(rho), mpf(s2)                  # λ = 1, B = 1, N = ∞: x = σ²/λ² = s²
+            a = r * (1 + 2 * r) * (1 + x)
+            b = (1 + r) * x + (1 - r - 4 * r * r)
+            c = 2 * (1 - r) * (1 + r)
+            exact = (sqrt(b * b + 4 * a * c) - b) / (2 * a) if b < 0 else 2 * c / (b + sqrt(b * b + 4 * a * c))
+            got = float(sgd_nesterov_ms_max_lr(1, 1.0, s2, None, rho))
+            assert abs(got - float(exact)) <= 4e-16 * float(exact), (rho, s2, got, float(exact))
