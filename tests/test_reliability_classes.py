@@ -517,3 +517,52 @@ def test_as_range_takes_an_increasing_positive_pair():
     for bad in [3.0, (1.0, 2.0, 3.0), ("a", 2.0), None]:
         with pytest.raises((TypeError, ValueError), match="span"):
             V.as_range("span", bad)
+
+
+def test_every_line_against_b_is_drawn_in_b_order():
+    """Batch sizes keep the caller's order, and five plot() methods joined the points in
+    it: [60, 4, 16] drew a chord 60 → 4 → 16 (an outside sweep). Every line with more than
+    one point must run in increasing B, and through the same points as before."""
+    import warnings
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch.nn.functional as F
+
+    import nets
+    from nets.learning_rates.adam_linearized import linearized_adam_threshold
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(60, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (60,), generator=g)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(),
+                                torch.nn.Linear(8, 3)).double()
+    data, Bs = (X, y), [60, 4, 16]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        results = [
+            nets.predict_batch_top_eigenvalue(model, F.cross_entropy, data, Bs),
+            nets.lr_table(model, F.cross_entropy, data, Bs, measure=False, mccandlish=False),
+            nets.adam_transfer_lr(model, F.cross_entropy, data, Bs, reference=(16, 0.01),
+                                  form="mean_square"),
+            nets.linearized_threshold(model, F.cross_entropy, data, Bs, steps=10, seeds=(0,),
+                                      n_grid=8, dtype=torch.float64),
+            linearized_adam_threshold(model, F.cross_entropy, data, Bs, warmup_steps=3,
+                                      steps=8, seeds=(0,)),
+            nets.transfer_lr(model, F.cross_entropy, data, Bs, reference=(16, 0.5),
+                             form="directional"),
+        ]
+    for r in results:
+        fig, ax = plt.subplots()
+        try:
+            r.plot(ax=ax)
+            lines = [ln for ln in ax.get_lines() if len(ln.get_xdata()) > 1
+                     and ln.get_linestyle() not in ("None", "")]
+            assert lines, type(r).__name__
+            for ln in lines:
+                x = np.asarray(ln.get_xdata(), float)
+                assert np.all(np.diff(x) >= 0), (type(r).__name__, ln.get_label(), x)
+        finally:
+            plt.close(fig)

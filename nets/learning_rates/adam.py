@@ -83,6 +83,7 @@ from nets.utils.autocast import outside_autocast
 from nets.utils.callers import caller_stacklevel
 from nets.utils.data_source import as_data_source, tensors_for
 from nets.utils.modes import model_copy
+from nets.utils.plotting import in_b_order
 from nets.utils.progress import progress_bar
 from nets.utils.results import Result, result
 from nets.utils.seeding import resolved_seed
@@ -653,10 +654,11 @@ class AdamTransfer(Result):
         from nets.learning_rates.transfer import finish_lr_axes
 
         ax = plt.gca() if ax is None else ax
-        B = self.batch_sizes
-        ax.plot(B, self.lr, "-", color="C0", label=f"adam_transfer_lr ({self.form})")
-        ax.plot(B, self.sqrt_rule, ":", color="C1", label="√B rule")
-        ax.plot(B, self.linear_rule, ":", color="C2", label="linear rule")
+        B, lr, sqrt_rule, linear_rule = in_b_order(self.batch_sizes, self.lr, self.sqrt_rule,
+                                                   self.linear_rule)
+        ax.plot(B, lr, "-", color="C0", label=f"adam_transfer_lr ({self.form})")
+        ax.plot(B, sqrt_rule, ":", color="C1", label="√B rule")
+        ax.plot(B, linear_rule, ":", color="C2", label="linear rule")
         if measured is not None:
             ax.errorbar(measured.batch_sizes, measured.lr, yerr=measured.stderr, fmt="o",
                         color="k", capsize=2, label="measured (warmed state)")

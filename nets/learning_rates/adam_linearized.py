@@ -86,6 +86,7 @@ from nets.learning_rates.lr_search import as_growth_factor, as_seeds, seed_mean_
 from nets.utils.autocast import outside_autocast
 from nets.utils.callers import caller_stacklevel
 from nets.utils.data_source import tensors_for
+from nets.utils.plotting import in_b_order
 from nets.utils.progress import progress_bar
 from nets.utils.results import Result, result
 from rmt.validation import as_batch_sizes, as_float, as_int, as_range, as_seed
@@ -129,7 +130,8 @@ class LinearizedAdamThresholds(Result):
 
         ax = plot_thresholds(ax, self.batch_sizes, self.lr, self.stderr, fmt="s", color=color,
                              label=f"linearised Adam (β₁={self.betas[0]:g})")
-        ax.plot(self.batch_sizes, self.corrected, "-", color=color, label="corrected along ũ")
+        ax.plot(*in_b_order(self.batch_sizes, self.corrected), "-", color=color,
+                label="corrected along ũ")
         ax.legend(fontsize=7)
         return ax
 

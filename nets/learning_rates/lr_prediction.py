@@ -78,6 +78,7 @@ from nets.utils.autocast import outside_autocast
 from nets.utils.callers import caller_stacklevel
 from nets.utils.data_source import as_data_source
 from nets.utils.jsonio import from_jsonable
+from nets.utils.plotting import in_b_order
 from nets.utils.progress import progress_bar, wants_progress
 from nets.utils.results import Result, result
 from nets.utils.seeding import resolved_seed
@@ -519,10 +520,10 @@ class LRTable(Result):
         if ax is None:
             import matplotlib.pyplot as plt
             ax = plt.gca()
-        B = np.asarray(self.batch_sizes, dtype=float)
         for key, label in _LR_COLUMNS.items():
-            y = np.asarray(getattr(self, key), dtype=float)
-            if key == "sgd_momentum" and np.allclose(y, self.sgd_directional, equal_nan=True):
+            B, y, directional = in_b_order(self.batch_sizes, getattr(self, key),
+                                           self.sgd_directional)
+            if key == "sgd_momentum" and np.allclose(y, directional, equal_nan=True):
                 continue
             if not np.any(np.isfinite(y) & (y > 0)):
                 continue

@@ -35,6 +35,7 @@ from nets.noise.directional import directional_noise_from_operator, isotropic_no
 from nets.utils.autocast import outside_autocast
 from nets.utils.fingerprints import code_fingerprint, data_fingerprint, digest, tensor_bytes
 from nets.utils.jsonl_store import JsonlStore
+from nets.utils.plotting import in_b_order
 from nets.utils.progress import progress_bar
 from nets.utils.results import Result, result
 from nets.utils.seeding import resolved_seed
@@ -150,9 +151,9 @@ class BatchTopEigenvaluePrediction(Result):
                   "subspace": ("C1", ":"), "isotropic": ("C3", "-.")}
         for form in self.forms:
             color, ls = styles[form]
-            ax.plot(self.batch_sizes, self[form], ls, color=color, label=form)
+            ax.plot(*in_b_order(self.batch_sizes, self[form]), ls, color=color, label=form)
         if self.isotropic_clipped is not None:
-            ax.plot(self.batch_sizes, self.isotropic_clipped, ":", color="C3",
+            ax.plot(*in_b_order(self.batch_sizes, self.isotropic_clipped), ":", color="C3",
                     label="isotropic (clipped)")
         if measured is not None:
             if not isinstance(measured, BatchTopEigenvalues):
