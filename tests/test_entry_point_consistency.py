@@ -484,3 +484,21 @@ def test_stores_tell_apart_settings_in_containers_helpers_and_data_order(tmp_pat
     with pytest.raises(ValueError, match="not a JSON-lines store"):
         JsonlStore(path)
     assert path.read_text() == '{"a": 1}'
+
+
+def test_one_greedy_optimum_whichever_object_gives_it(tiny_mlp):
+    """GradientNoise.greedy_optimal_lr used the infinite-N ε_max/(1 + B_noise/B) while
+    lr_table's column and docs/theory.md use ε_max/(1 + c(B, N)·B_noise): 2.4× apart at
+    B = N on one set of statistics (an outside sweep). The oracle is the formula itself,
+    from the stored ε_max, B_noise and N."""
+    model, X, y = tiny_mlp(seed=1, N=60)
+    Bs = [1, 8, 60]
+    gn = nets.gradient_noise(model, F.cross_entropy, (X, y), hessian_samples=None)
+    table = nets.lr_table(model, F.cross_entropy, (X, y), Bs, hessian_samples=None, measure=False)
+    by_hand = np.array([gn.eps_max / (1 + gn.B_noise * (1 / B - 1 / 60)) for B in Bs])
+    np.testing.assert_allclose(gn.greedy_optimal_lr(Bs), by_hand, rtol=1e-12)
+    np.testing.assert_allclose(table.greedy_optimal, by_hand, rtol=1e-9)
+    assert gn.greedy_optimal_lr(60) == pytest.approx(gn.eps_max, rel=1e-12)
+    assert isinstance(gn.greedy_optimal_lr(8), float)
+    with_repl = gn.greedy_optimal_lr(8, replacement=True)
+    assert with_repl == pytest.approx(gn.eps_max / (1 + gn.B_noise * (1 - 1 / 60) / 8), rel=1e-12)

@@ -179,9 +179,18 @@ class GradientNoise(Result):
     tr_HSigma_stderr: float = float("nan")
     B_noise_stderr: float = float("nan")
 
-    def greedy_optimal_lr(self, B) -> float:
-        """McCandlish's ε_opt(B) = ε_max/(1 + B_noise/B) (greedy optimal, not a limit)."""
-        return self.eps_max / (1.0 + self.B_noise / float(B))
+    def greedy_optimal_lr(self, B, *, replacement: bool = False):
+        """McCandlish's greedy optimum (not a limit) at finite N, as `lr_table` gives it:
+        ε_opt(B) = ε_max/(1 + c(B, N)·B_noise), c = 1/B − 1/N for batches drawn without
+        replacement ((1 − 1/N)/B with `replacement`; `rmt.lr.noise_factor`), so that
+        ε_opt(N) = ε_max. B a number (float back) or a sequence (array). It used McCandlish's infinite-N
+        ε_max/(1 + B_noise/B), up to 2.4× below the table's column at B = N (an outside
+        sweep)."""
+        from rmt.lr import noise_factor
+
+        c = noise_factor(B, self.N, replacement)
+        out = self.eps_max / (1.0 + self.B_noise * np.asarray(c, dtype=float))
+        return float(out) if np.ndim(out) == 0 else out
 
 
 @outside_autocast
