@@ -246,6 +246,14 @@ def test_linearized_form_reanchors_and_checks_its_rank(tiny_mlp):
     back = b.with_reference((16, 0.3))
     np.testing.assert_allclose(back.lr, a.lr, rtol=1e-12)
     np.testing.assert_allclose(back.lr_stderr, a.lr_stderr, rtol=1e-12)
+    # rank_change, a ratio of shapes anchored at B0, is re-anchored too (it kept the old
+    # anchor: [1, 1.03, 0.98] after re-anchoring at the last B; an outside sweep)
+    assert b.rank_change[2] == pytest.approx(1.0)
+    np.testing.assert_allclose(b.rank_change, a.rank_change / a.rank_change[2], rtol=1e-12)
+    np.testing.assert_allclose(back.rank_change, a.rank_change, rtol=1e-12)
+    fresh = transfer_lr(model, loss, (X, y), [4, 16, 48], reference=(48, 2.0), rank_check=True,
+                        **kw)
+    np.testing.assert_allclose(b.rank_change, fresh.rank_change, rtol=1e-9)
     json.dumps(a.to_dict())
     full = transfer_lr(model, loss, (X, y), [4], reference=(16, 0.3), rank_check=True,
                        **{**kw, "rank": 500})

@@ -105,6 +105,7 @@ from nets.learning_rates.lr_search import as_growth_factor, as_seeds
 from nets.utils.autocast import outside_autocast
 from nets.utils.callers import caller_stacklevel
 from nets.utils.data_source import as_data_source
+from nets.utils.plotting import in_b_order
 from nets.utils.results import Result, result
 from nets.utils.seeding import resolved_seed
 from rmt.lr import momentum_effective_curvature, momentum_factor, momentum_noise_gain
@@ -199,9 +200,12 @@ class LRTransfer(Result):
             warn_momentum_one_pass(self.momentum, self.batch_sizes, B0, self.form,
                                    nesterov=self.nesterov, who="with_reference")
         lr, se = _anchor(self.shape, self.shape_stderr, i0, lr0, coherent=not measured)
+        # rank_change is a ratio of anchored shapes: re-anchored too (it kept the old B0)
+        change = None if self.rank_change is None else self.rank_change / self.rank_change[i0]
         return dataclasses.replace(self, lr=lr, lr_stderr=se, reference_batch_size=B0,
                                    reference_lr=lr0, reference_shape=float(self.shape[i0]),
-                                   reference_curvature=float(self.effective_curvature[i0]))
+                                   reference_curvature=float(self.effective_curvature[i0]),
+                                   rank_change=change)
 
     def plot(self, ax=None, *, rules=CLASSICAL_RULES, measured=None):
         """lr(B) ± stderr (log-log), the reference point, the classical `rules` through it,
@@ -209,9 +213,8 @@ class LRTransfer(Result):
         import matplotlib.pyplot as plt
 
         ax = plt.gca() if ax is None else ax
-        o = np.argsort(self.batch_sizes, kind="stable")       # a line in B order
-        B = np.asarray(self.batch_sizes)[o]
-        ax.errorbar(B, np.asarray(self.lr)[o], yerr=np.asarray(self.lr_stderr)[o], fmt="-",
+        B, lr, lr_stderr = in_b_order(self.batch_sizes, self.lr, self.lr_stderr)
+        ax.errorbar(B, lr, yerr=lr_stderr, fmt="-",
                     color="C0", capsize=2, label=f"transfer_lr ({self.form}, m={self.momentum:g})")
         ref = (self.reference_batch_size, self.reference_lr)
         for k, r in enumerate(rules):
