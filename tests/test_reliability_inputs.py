@@ -475,7 +475,7 @@ def test_nets_entry_points_refuse_bad_input(entry, case, exc, pattern):
     (lambda m, d: nets.measure_batch_top_eigenvalue(m, CE, d, [0]), "batch_sizes", ValueError),
     (lambda m, d: nets.measure_batch_top_eigenvalue(m, CE, d, [2.5]), "batch_sizes", TypeError),
     (lambda m, d: nets.predict_batch_top_eigenvalue(m, CE, d, [21]), "batch_sizes", ValueError),
-    (lambda m, d: nets.predict_batch_top_eigenvalue(m, CE, (d[0][:1], d[1][:1]), [1]), "micro_batch", ValueError),
+    (lambda m, d: nets.predict_batch_top_eigenvalue(m, CE, (d[0][:1], d[1][:1]), [1]), "N=1 sample", ValueError),
 ])
 def test_nets_scalar_arguments_are_checked(call, arg, exc):
     model, X, y = tiny()
@@ -707,3 +707,73 @@ def test_no_unrestricted_deserialisation_in_the_package():
                                    "load_build" in methods))
     assert offenders == []
     assert unpicklers == [("nets/training/data.py", "_CifarUnpickler", True, True)]
+
+
+# ------------------------------------------------ degenerate curvature (an outside sweep)
+
+def _concave(seed=0, N=6, P=10):
+    """A linear model with the loss −½(o − t)²: H = −XᵀX/N of rank N < P, so the top
+    eigenvalue is exactly 0 and comes out of Lanczos as round-off of either sign."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(N, P, generator=g, dtype=torch.float64)
+    y = torch.randn(N, 1, generator=g, dtype=torch.float64)
+    torch.manual_seed(seed)
+    lin = nn.Linear(P, 1, bias=False).double()
+    return lin, (lambda o, t: -0.5 * ((o - t) ** 2).mean()), (X, y)
+
+
+def test_a_round_off_top_eigenvalue_sets_no_learning_rate_anywhere():
+    """predict_max_lr refused λ₁ at round-off; the monitor turned it into max_lr of
+    0.67–17.8 at B = 1 (by seed) and 3e29 at B = N, Adam's prediction into 1e13–1e31, and
+    the learner set lr ≈ 1e16 (one step took ‖w‖ from 0.56 to 1.7e16)."""
+    import warnings
+
+    lin, loss, data = _concave()
+    with pytest.raises(ValueError, match="not positive"):
+        nets.predict_max_lr(lin, loss, data, [1, 3, 6])
+    with pytest.raises(ValueError, match="not positive"):
+        nets.predict_max_lr(lin, loss, data, [1, 3, 6], optimizer="adam")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rec = nets.CurvatureMonitor(lin, loss, data, batch_size=3, lr=0.1, n_batches=0,
+                                    batch_sizes=[1, 3, 6]).measure(0)
+    assert abs(rec.lam) < 1e-12                       # measured, and kept as measured
+    assert all(math.isnan(v) for v in rec.max_lr)
+    assert math.isnan(rec.plateau) and math.isnan(rec.lam_prime)
+    lin2, loss2, data2 = _concave(N=16, P=40)
+    with pytest.raises(FloatingPointError, match="no positive curvature"):
+        nets.CurvatureAdaptiveSGD(lin2, loss2, data2, batch_size=4, curvature_batch_size=16)
+
+
+def test_zero_over_zero_noise_scales_are_nan_and_negative_batch_curvature_gives_no_limit():
+    """At an exact interpolating minimum every per-sample gradient is 0, and B_simple,
+    B_noise, ε_max read inf ("noise-dominated at every B"); a mean batch top eigenvalue
+    below 0 gave lr_table "maximal learning rates" of −2.78 and −34.5; N = 1 was refused
+    for a micro_batch the caller never set."""
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    X = torch.randn(12, 3, dtype=torch.float64)
+    fit = (X, net(X).detach())                        # zero residuals
+    g = nets.gradient_noise(net, torch.nn.functional.mse_loss, fit)
+    assert g.trace_cov == 0 and g.mean_sq_norm == 0 and g.gHg == 0
+    assert math.isnan(g.B_simple) and math.isnan(g.B_noise) and math.isnan(g.eps_max)
+
+    class One(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Parameter(torch.tensor(0.7, dtype=torch.float64))
+
+        def forward(self, x):
+            return torch.tanh(self.a * x)
+
+    torch.manual_seed(5)
+    X1 = torch.randn(10, 1, dtype=torch.float64)
+    t = nets.lr_table(One(), torch.nn.functional.mse_loss, (X1, torch.sin(2 * X1)), [1, 5, 10],
+                      n_batches=3)
+    neg = t.lam_batch_mean <= 0
+    assert neg.any() and (~neg).any()
+    assert np.isnan(t.sgd_measured[neg]).all() and np.isnan(t.adam_measured[neg]).all()
+    np.testing.assert_allclose(t.sgd_measured[~neg], 2.0 / t.lam_batch_mean[~neg], rtol=1e-12)
+
+    with pytest.raises(ValueError, match="N=1 sample.*at least 2"):
+        nets.predict_max_lr(net, torch.nn.functional.mse_loss, (X[:1], fit[1][:1]), [1])

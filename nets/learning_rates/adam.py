@@ -382,7 +382,8 @@ class PreconditionedNoise(Result):
     """Top eigenpair of A = D^{1/2} H D^{1/2} and its per-sample noise along it:
     lam (λ̃), s2 (s̃² = (1/(N−1)) Σ_i ‖(A_i − A)ũ‖²), B_star (s̃²/λ̃²), N, P,
     vector (ũ, float64 numpy), direction (D^{-1/2}ũ: ⟨direction, Δw⟩ is the component of
-    a weight change along ũ in the preconditioned coordinates z = D^{-1/2}w)."""
+    a weight change along ũ in the preconditioned coordinates z = D^{-1/2}w), zero_tol
+    (|λ̃| at or below it is round-off; `positive`)."""
 
     lam: float
     s2: float
@@ -391,6 +392,13 @@ class PreconditionedNoise(Result):
     P: int
     vector: np.ndarray
     direction: np.ndarray
+    zero_tol: float = 0.0
+
+    @property
+    def positive(self) -> bool:
+        """Whether λ̃ is positive beyond the products' round-off (`EigenResult.is_zero`):
+        only then is there a stability limit F/λ̃'."""
+        return bool(self.lam > 0 and abs(self.lam) > self.zero_tol)
 
 
 @outside_autocast
@@ -439,7 +447,8 @@ def preconditioned_noise(model, loss_fn, data, preconditioner, *, tol=1e-8, para
                         float((un[sat] ** 2).sum()), params=params, policy=policy,
                         device=device, dtype=dtype)
     return PreconditionedNoise(lam, s2, s2 / lam ** 2, N, H.P, un.numpy(),
-                               (un / sq.to(torch.float64).cpu()).numpy())
+                               (un / sq.to(torch.float64).cpu()).numpy(),
+                               zero_tol=float(top.zero_tol))
 
 
 @result
@@ -566,6 +575,10 @@ def predict_adam_max_lr(model, loss_fn, data, batch_sizes, *, betas=None, eps=No
         pn = preconditioned_noise(model, loss_fn, src, d, tol=tol, params=params, policy=policy,
                                   chunk_size=chunk_size, device=device, dtype=dtype, seed=seed,
                                   progress=progress)
+        if not pn.positive:       # round-off λ̃ (1e-15) gave limits of 1e13-1e31 (a sweep)
+            raise ValueError(f"the top eigenvalue of D^1/2 H D^1/2 at B = {int(B)} is not "
+                             f"positive ({pn.lam:.3g}, zero to precision below "
+                             f"{pn.zero_tol:.2g}); no stability limit")
         lam[i], s2[i] = pn.lam, pn.s2
         if sat is not None and bool(sat.any()):
             top_weight = max(top_weight, float((torch.as_tensor(pn.vector)[sat] ** 2).sum()))
@@ -1077,8 +1090,9 @@ def adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 0.999), eps
             opt = restored_adam(warm.model, warm, warmup_lr)
             pn = preconditioned_noise(warm.model, loss_fn, (X, y), opt, seed=seed)
             lam[i, j], s2[i, j] = pn.lam, pn.s2
-            pst[i, j] = F / (pn.lam + batch_noise_factor(B, N) * pn.s2 / pn.lam)
-            pms[i, j] = adam_ms_max_lr(B, pn.lam, pn.s2, N, betas[0])
+            if pn.positive:     # else no limit of that state (NaN; the bisection starts at 1e-2)
+                pst[i, j] = F / (pn.lam + batch_noise_factor(B, N) * pn.s2 / pn.lam)
+                pms[i, j] = adam_ms_max_lr(B, pn.lam, pn.s2, N, betas[0])
             direction = pn.direction
         elif criterion == "onset":
             raise ValueError("criterion='onset' needs a warmed state (warmup_steps > 0)")

@@ -662,7 +662,7 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
                 res = lanczos(op, self.lanczos_steps, seed=lseed)
                 theta, weights, resid = res.ritz_values + wd, res.ritz_weights, res.residual_norms
                 lam = lam_train = float(theta[-1])
-                self._check_positive(lam)
+                self._check_positive(lam, res.ritz_values, base.dtype)
                 if self.batch_correction is not None:
                     u = _top_ritz_vector(res, op.inputs)
                 chunk_matvecs = 0
@@ -675,7 +675,7 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
                                                         self.batch_size, s2, N=self.N,
                                                         strict=False))
                 nmv = int(base.num_matvecs) + chunk_matvecs
-            self._check_positive(lam_train)
+            self._check_positive(lam_train, np.atleast_1d(theta) - wd, self._dtype())
         mu, source = choose_mu(theta, weights, lam_train, self.mu_rule,
                                self.weight_threshold, self.kappa_max)
         lr, rho = heavy_ball(lam_train, mu, variant=self.variant)
@@ -717,12 +717,23 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
         return prev, True
 
     @staticmethod
-    def _check_positive(lam) -> None:
-        if not (math.isfinite(lam) and lam > 0):   # e.g. a dead ReLU network
+    def _check_positive(lam, values=(), dtype=torch.float64) -> None:
+        """Refuse a top Ritz value that is not positive (a dead ReLU network), or positive
+        only at the products' round-off: |λ| ≤ 100·eps(dtype)·max|values| (the Ritz values
+        of the run, `EigenResult.is_zero`'s scale). A concave loss gave 1.1e-16, the
+        learner set lr = 1e16 and one step took ‖w‖ from 0.56 to 1.7e16 (an outside sweep)."""
+        scale = max((abs(float(v)) for v in values), default=0.0)
+        zero = abs(lam) <= 100 * torch.finfo(dtype).eps * scale
+        if not (math.isfinite(lam) and lam > 0) or zero:
             raise FloatingPointError(
-                f"no positive curvature found (top Ritz value {lam}); the learner cannot "
-                "set a learning rate (lower the initial scale, add weight_decay, or use "
-                "kind='ggn')")
+                f"no positive curvature found (top Ritz value {lam:.3g}"
+                + (", zero to the products' precision" if zero and lam > 0 else "")
+                + "); the learner cannot set a learning rate (lower the initial scale, add "
+                "weight_decay, or use kind='ggn')")
+
+    def _dtype(self) -> torch.dtype:
+        """The dtype the curvature products run in: the trained parameters'."""
+        return next(p.dtype for g in self.param_groups for p in g["params"])
 
     def _batch_tops(self, lseed, wd, u):
         """Top Ritz values of the ⌊B_c/B⌋ disjoint chunks of B consecutive curvature

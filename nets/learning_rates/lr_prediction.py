@@ -449,7 +449,7 @@ class LRTable(Result):
     `rmt.lr.sgd_momentum_ms_max_lr`; Nesterov: its mean-square limit
     `rmt.lr.sgd_nesterov_ms_max_lr`),
     sgd_measured (F/E λ_max(H_B), F = `OptimizerSettings.sgd_factor`; NaN if not
-    measured: the fixed-batch limit — the momentum factor applied to the measured mean
+    measured or where E λ_max(H_B) ≤ 0: the fixed-batch limit — the momentum factor applied to the measured mean
     batch sharpness, with no (1+ρ)/(1−ρ) gain on the batch noise — so with momentum it is
     NOT the momentum limit `sgd_momentum` and can lie far above it at small B: ρ = 0.9,
     τ = 0.5, N = 150 gave 14× at B = 2; without momentum the two agree up to the
@@ -583,6 +583,16 @@ def _noise_pass(model, loss_fn, src, *, num_probes, hessian_samples, mccandlish,
     return H, lam, u, s2_dir, s2_iso, gn
 
 
+def _limit(factor, mean_top) -> np.ndarray:
+    """F / E λ_max(H_B) where the mean batch top eigenvalue is positive, NaN elsewhere: a
+    batch Hessian with no positive curvature has no such limit (a one-parameter tanh net at
+    B = 1 had E λ_max = −0.72, and the columns read −2.78 and −34.5 as "maximal learning
+    rates"; an outside sweep)."""
+    top = np.asarray(mean_top, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(top > 0, factor / top, np.nan)
+
+
 def _sgd_limit(opt, Bf, lam, s2_dir, N) -> np.ndarray:
     """The SGD column `predict_max_lr` returns: heavy ball's mean-square limit (dampening
     τ: step α(1−τ)), or Nesterov's (`rmt.symbolic.derive_nesterov_mean_square`)."""
@@ -699,8 +709,8 @@ def lr_table(model, loss_fn, data, batch_sizes, *, optimizer="sgd", momentum=Non
         beta1=opt.beta1, eps=opt.eps, grad_mean_sq_u=g2u, grad_var_u=vu,
         sgd_iso_clipped=np.asarray(iso_c), sgd_iso_unclipped=np.asarray(iso_u),
         sgd_directional=sgd_dir, sgd_momentum=sgd_mom,
-        sgd_measured=opt.sgd_factor / lam_m, lam_batch_mean=lam_m, lam_batch_std=lam_s,
-        adam_closed=np.asarray(adam_closed), adam_measured=opt.adam_factor / alam_m,
+        sgd_measured=_limit(opt.sgd_factor, lam_m), lam_batch_mean=lam_m, lam_batch_std=lam_s,
+        adam_closed=np.asarray(adam_closed), adam_measured=_limit(opt.adam_factor, alam_m),
         adam_lam_mean=alam_m, adam_lam_std=alam_s, greedy_optimal=np.asarray(greedy),
         min_damping=np.asarray(damping), n_batches=n_batches, seed=seed,
         optimizer=opt.name, dampening=opt.dampening, nesterov=opt.nesterov, beta2=opt.beta2,

@@ -534,8 +534,12 @@ class CurvatureMonitor:
             op = tr.operator()
             eig = tr.top(op)
             lam = float(eig.values[0])
+            # a top eigenvalue at round-off (a concave loss: 5e-30 of either sign) is no
+            # curvature: its limits read 0.67-17.8 at B = 1 by seed, 3e29 at B = N, where
+            # predict_max_lr refuses it (an outside sweep)
+            positive = lam > 0 and not eig.is_zero(0)
             u = tr.v0
-            if lam > 0:
+            if positive:
                 nz = tr.noise(op, u, rel_error=self.noise_rel_error, seed=self.seed + step)
                 s2, s2_se = float(nz.s2), float(nz.stderr)
             else:
@@ -554,7 +558,7 @@ class CurvatureMonitor:
         a, rho, F, nesterov = self._lr_momentum(lr)
         # an lr of 0 (a warm-up's first step) is recorded, but has no edge or transfer
         known = a is not None and a > 0 and math.isfinite(F)
-        ok = lam > 0 and math.isfinite(s2)
+        ok = positive and math.isfinite(s2)
         Bs = np.asarray(self.batch_sizes)
         nanv = tuple(float("nan") for _ in Bs)
         lam_prime = float(batch_curvature(B, lam, s2, N)) if ok else float("nan")

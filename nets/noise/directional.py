@@ -143,6 +143,10 @@ class NoiseEstimate(Result):
 def _groups(N: int, m: int, seed) -> np.ndarray:
     """(G, m) sample indices: identity order for m = 1, else a seeded random partition."""
     G = N // m
+    if N < 2:       # the option was not the cause (it read as if the caller had set it)
+        raise ValueError(f"the data hold N={N} sample: the noise across samples (s², the "
+                         "batch-noise forms) needs at least 2; at B = N = 1 there is no batch "
+                         "noise and the limit is F/λ₁ (nets.top_eigenvalues)")
     if G < 2:
         raise ValueError(f"micro_batch={m} leaves fewer than 2 groups of the N={N} samples")
     if m == 1:

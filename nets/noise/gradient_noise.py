@@ -10,6 +10,8 @@ For per-sample gradients g_i = ∇ℓ_i(w), i = 1..N (computed with
     tr(HΣ) = (1/(N−1)) Σ_i (g_i − ḡ)ᵀ H (g_i − ḡ),   ḡᵀHḡ,   B_noise = tr(HΣ)/(ḡᵀHḡ)
     ε_max  = |ḡ|² / (ḡᵀHḡ)
 
+(a ratio 0/0 — every per-sample gradient zero, at an exact interpolating minimum — is NaN;
+x/0 with x ≠ 0 is inf.)
 (McCandlish, Kaplan, Amodei et al. 2018, "An empirical model of large-batch training";
 their Σ is the per-example covariance; we use the unbiased 1/(N−1) form, so that a
 batch mean has covariance c(B, N)·Σ with c = 1/B − 1/N.) tr(HΣ) needs one full-data
@@ -236,7 +238,7 @@ def gradient_noise(model, loss_fn, data, *, hessian_samples=32, hessian=True, pa
     var = M2 / (N - 1)
     trace_cov = float(var.sum())
     gsq = float(mean @ mean)
-    B_simple = trace_cov / gsq if gsq > 0 else float("inf")
+    B_simple = _ratio(trace_cov, gsq)
 
     tr_hs = gHg = B_noise = eps_max = tr_se = B_se = float("nan")
     m = 0
@@ -260,12 +262,22 @@ def gradient_noise(model, loss_fn, data, *, hessian_samples=32, hessian=True, pa
             tr_se = 0.0                                         # every sample: exact
         elif m > 1:
             tr_se = float(terms.std(ddof=1) / np.sqrt(m)) * N / (N - 1)
-        B_noise = tr_hs / gHg if gHg != 0 else float("inf")
+        B_noise = _ratio(tr_hs, gHg)
         B_se = tr_se / abs(gHg) if gHg != 0 else float("nan")
-        eps_max = gsq / gHg if gHg != 0 else float("inf")
+        eps_max = _ratio(gsq, gHg)
     return GradientNoise(N, P, mean.cpu().numpy(), var.cpu().numpy(), trace_cov, gsq, B_simple,
                          float(tr_hs), float(gHg), float(B_noise), float(eps_max), m, int(seed),
                          tr_HSigma_stderr=tr_se, B_noise_stderr=B_se)
+
+
+def _ratio(num: float, den: float) -> float:
+    """num/den for the noise scales: inf for x/0 with x ≠ 0, NaN for 0/0 — at an exact
+    interpolating minimum every per-sample gradient is 0, and B_simple, B_noise and ε_max
+    read inf ("noise-dominated at every B") where there is no gradient noise at all (an
+    outside sweep; `rmt.lr.mccandlish_b_simple` refuses 0/0)."""
+    if den != 0:
+        return num / den
+    return float("nan") if num == 0 else float("inf")
 
 
 def _quadratic_forms(ps, src, H, gbar, idx, acc, cols=32, progress=None) -> np.ndarray:
