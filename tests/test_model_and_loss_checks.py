@@ -492,3 +492,47 @@ def test_ggn_of_an_output_with_non_tensor_leaves_is_refused_by_name():
                                rtol=1e-8)
     with pytest.raises(TypeError, match=r"output\['loss'\] = NoneType.*kind='hessian'"):
         top_eigenvalues(Dict(), loss, (X, y), k=1, kind="ggn")
+
+
+def test_a_saturated_softmax_in_float32_is_warned_about():
+    """A fitted cross-entropy net whose softmax saturates (1 − p_y below float32's eps):
+    torch's second derivative drops p_y(1 − p_y), and λ₁ came out 48 % low, flagged
+    converged, with nothing said (an outside sweep). The float64 copy is right (dense
+    oracle) and says nothing."""
+    import warnings
+
+    import torch.nn.functional as F
+
+    import nets
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(400, 5, generator=g)
+    torch.manual_seed(0)
+    net = torch.nn.Linear(5, 3)
+    with torch.no_grad():
+        net.weight.mul_(200.0)
+        net.bias.zero_()
+        top2 = net(X).topk(2, dim=1).values
+        X = X[(top2[:, 0] - top2[:, 1]) > 25][:40]     # margins far beyond float32's ~17
+        y = net(X).argmax(1)
+    assert len(X) == 40 and float(F.cross_entropy(net(X), y)) < 1e-7
+    with pytest.warns(UserWarning, match="lost to torch.float32 round-off"):
+        nets.hessian_operator(net, F.cross_entropy, (X, y))
+    wide = torch.nn.Linear(5, 3).double()
+    wide.load_state_dict(net.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        op = nets.hessian_operator(wide, F.cross_entropy, (X.double(), y))
+    flat = torch.cat([wide.weight.detach().reshape(-1), wide.bias.detach()])
+
+    def loss(w):
+        return F.cross_entropy(X.double() @ w[:15].view(3, 5).T + w[15:], y)
+
+    dense = torch.func.hessian(loss)(flat)
+    top = float(torch.linalg.eigvalsh(dense)[-1])
+    assert float(torch.linalg.eigvalsh(op.to_dense())[-1]) == pytest.approx(top, rel=1e-4)
+    low = nets.hessian_operator(net, F.cross_entropy, (X, y))     # what float32 gives
+    assert float(torch.linalg.eigvalsh(low.to_dense().double())[-1]) < 0.9 * top
+    with warnings.catch_warnings():                    # an ordinary float32 net: silent
+        warnings.simplefilter("error", UserWarning)
+        nets.hessian_operator(torch.nn.Linear(5, 3), F.cross_entropy, (X, y))
