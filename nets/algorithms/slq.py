@@ -97,7 +97,6 @@ class SpectralDensity(Result):
         return ax
 
 
-@outside_autocast
 class _Stepped:
     """`op` whose products advance a progress bar by one Lanczos step each (a batched
     `matmat` on a block of probes is one step for all of them); everything else is the
@@ -120,6 +119,7 @@ class _Stepped:
         return out
 
 
+@outside_autocast
 def slq_density(op, num_probes=10, num_steps=50, seed=0, probe_block=None,
                 memory=None, *, progress=None) -> SpectralDensity:
     """SLQ spectral density of `op` (module docstring).
