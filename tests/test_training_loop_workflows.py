@@ -490,6 +490,7 @@ def test_slq_and_the_gradient_noise_hessian_pass_draw_bars(monkeypatch):
     lr_table's longest silent stretch) drew no bar. Numbers unchanged by the bars."""
     import sys
 
+    import nets
     import nets.utils.progress as progress
     from nets import gradient_noise, hessian_operator, slq_density
 
@@ -510,6 +511,9 @@ def test_slq_and_the_gradient_noise_hessian_pass_draw_bars(monkeypatch):
     assert "".join(term.text) == ""
     gradient_noise(model, CE, (X, y), hessian_samples=8)
     assert "Hessian products" in "".join(term.text)
+    term.text.clear()                   # the subspace Jacobians of the linearised form
+    nets.linearized_threshold(model, CE, (X, y), [16], rank=4, steps=4, seeds=(0,), n_grid=4)
+    assert "output Jacobians along 4 directions" in "".join(term.text)
 
 
 def test_warnings_name_the_users_line_whatever_the_call_path():
