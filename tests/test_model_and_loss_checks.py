@@ -536,3 +536,77 @@ def test_a_saturated_softmax_in_float32_is_warned_about():
     with warnings.catch_warnings():                    # an ordinary float32 net: silent
         warnings.simplefilter("error", UserWarning)
         nets.hessian_operator(torch.nn.Linear(5, 3), F.cross_entropy, (X, y))
+
+
+def test_a_weighted_mean_or_broadcast_is_told_by_its_gradient_even_where_values_agree():
+    """The check compared loss values only: on an untrained net (nearly equal per-sample
+    losses) class weights [1, 1, 1, 10] read a ratio of 1.0004 and nothing was said, with
+    λ₁ 2× the per-sample mean's; outputs all equal (a zero head) made a broadcast MSE equal
+    to the per-sample one, and λ₁ then moved with chunk_size (an outside sweep). The
+    oracle: the dense Hessian of the batch loss against the mean of the per-sample ones."""
+    X, y = _data(N=24)
+    model = _mlp()
+    with torch.no_grad():                          # small logits: equal per-sample losses
+        model[2].weight.mul_(1e-3)
+        model[2].bias.zero_()
+    weighted = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 1, 1, 10], dtype=torch.float64))
+    with torch.no_grad():
+        out = model(X)
+        per = torch.stack([weighted(out[i:i + 1], y[i:i + 1]) for i in range(len(X))])
+        assert float(weighted(out, y)) == pytest.approx(float(per.mean()), rel=1e-2)
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    shapes = [(n, p.shape) for n, p in model.named_parameters()]
+
+    def loss_on(idx, fn):
+        def f(w):
+            parts, i = {}, 0
+            for n, s in shapes:
+                parts[n] = w[i:i + s.numel()].view(s)
+                i += s.numel()
+            return fn(torch.func.functional_call(model, parts, (X[idx],)), y[idx])
+        return f
+
+    H = torch.func.hessian(loss_on(slice(None), weighted))(flat)
+    H_mean = sum(torch.func.hessian(loss_on([i], weighted))(flat) for i in range(len(X))) / len(X)
+    assert float((H - H_mean).norm()) > 0.5 * float(H_mean.norm())    # not a per-sample mean
+    with pytest.warns(UserWarning, match="not the plain mean.*gradient in the outputs"):
+        check_mean_reduced(model, weighted, (X, y))
+
+    zero = _mlp(out=1)
+    with torch.no_grad():
+        zero[2].weight.zero_()
+        zero[2].bias.fill_(0.3)
+    t = torch.sin(X[:, 0])                          # (N,) against outputs (N, 1)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        o = zero(X)
+        assert float(F.mse_loss(o, t)) == pytest.approx(float(F.mse_loss(o, t[:, None])), rel=1e-12)
+    with pytest.raises(ValueError, match=r"broadcast to \(24, 24\).*gradient in the outputs"):
+        top_eigenvalues(zero, F.mse_loss, (X, t))
+    _, said = _quiet(lambda: check_mean_reduced(model, F.cross_entropy, (X, y)))
+    assert said == []                              # the plain mean, small logits: quiet
+
+
+def test_a_loss_with_state_of_its_own_is_named_and_left_as_it_was():
+    """A loss module updating a buffer in place got torch's raw functorch error (naming
+    neither loss_fn nor the cause), after the checks had moved its buffer 1.0 → 1.26."""
+    X, y = _data(N=12)
+    model = _mlp()
+
+    class Running(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("scale", torch.ones((), dtype=torch.float64))
+
+        def forward(self, o, t):
+            value = F.cross_entropy(o, t)
+            with torch.no_grad():
+                self.scale.mul_(0.9).add_(0.1 * value)
+            return value / self.scale
+
+    loss = Running()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="'Running' updates a tensor of its own in place"):
+            top_eigenvalues(model, loss, (X, y))
+    assert float(loss.scale) == 1.0

@@ -23,7 +23,10 @@ gives an n × n matrix of every output against every target; for a container out
 tensor leaves the loss depends on) are refused with a ValueError when the ratio then
 differs from 1 by more than float rounding. It also warns
 when the ratio is more than 1 % from 1 (or a per-sample value is not finite while the
-batch value is): the loss is then a weighted mean — class weights, `ignore_index`,
+batch value is), or when the batch loss's gradient in a tensor output differs by more
+than 1 % from (1/n) × the per-sample losses' gradients (`_gradient_gap`: the values alone
+miss a weighted mean whose per-sample losses happen to be equal, and a broadcast whose
+outputs are; both are told by the gradient): the loss is then a weighted mean — class weights, `ignore_index`,
 padded tokens — whose per-sample decomposition the noise-based predictions do not model
 (and whose full-data value, assembled from chunks as the chunk-size-weighted mean of the
 chunks' weighted means, depends slightly on the chunking).
@@ -32,6 +35,7 @@ The model's buffers (BatchNorm running statistics) are restored afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
@@ -72,7 +76,7 @@ def mean_reduction_ratio(model, loss_fn, data, *, sample: int = 8) -> float:
     """L_batch / mean_i ℓ_i on the first min(sample, N) samples (module docstring);
     NaN when it cannot be told (one sample, a zero mean, a loss that fails on one
     sample, a per-sample value that is not finite)."""
-    batch, per, _ = _batch_and_samples(model, loss_fn, data, sample=sample)
+    batch, per, _, _ = _batch_and_samples(model, loss_fn, data, sample=sample)
     return _ratio(batch, per)
 
 
@@ -114,14 +118,15 @@ def _leaves_read(out, loss_fn, Y) -> list:
 
 
 def _batch_and_samples(model, loss_fn, data, *, sample: int):
-    """(L_batch, [ℓ_i], (output shape, target shape)) on min(sample, N) samples spread over
-    the data, from one forward pass; (nan, None, shapes or None) when it cannot be told."""
+    """(L_batch, [ℓ_i], (output shape, target shape), gradient gap) on min(sample, N)
+    samples spread over the data, from one forward pass (`_gradient_gap`); (nan, None,
+    shapes or None, nan) when it cannot be told."""
     if not isinstance(sample, (int, np.integer)) or isinstance(sample, bool) or sample < 2:
         raise ValueError(f"sample must be an int >= 2, got {sample!r}")
     src = as_data_source(data)
     n = min(int(sample), src.N)
     if n < 2:
-        return math.nan, None, None
+        return math.nan, None, None, math.nan
     device, dtype = model_place(model)
     idx = np.unique(np.linspace(0, src.N - 1, n).round().astype(np.int64))   # spread out
     X, Y = src.take(idx, device=device, dtype=dtype)
@@ -130,7 +135,8 @@ def _batch_and_samples(model, loss_fn, data, *, sample: int):
         # active dropout must not draw from the caller's random stream; the forward runs
         # on the caller's module, whose parameters and buffers it may write (max_norm
         # embeddings, train-mode BatchNorm): both restored
-        with torch.no_grad(), kept_rng(device), kept_tensors(model), kept_attributes(model):
+        with (torch.no_grad(), kept_rng(device), kept_tensors(model), kept_attributes(model),
+              _kept_loss_state(loss_fn)):
             out = model(X)
             with warnings.catch_warnings():     # torch's own broadcast warning: said below
                 warnings.filterwarnings("ignore", message=".*target size.*different to the input size")
@@ -142,9 +148,49 @@ def _batch_and_samples(model, loss_fn, data, *, sample: int):
                 batch = _scalar(loss_fn(out, Y))
                 per = [_scalar(loss_fn(_sample_of(out, i, len(idx)), Y[i:i + 1]))
                        for i in range(len(idx))]
+                gap = _gradient_gap(out, loss_fn, Y)
     except (RuntimeError, ValueError, TypeError, IndexError):
-        return math.nan, None, shapes
-    return batch, per, shapes
+        return math.nan, None, shapes, math.nan
+    return batch, per, shapes, gap
+
+
+def _gradient_gap(out, loss_fn, Y) -> float:
+    """‖∂L_batch/∂o − (1/n)·(∂ℓ_i/∂o_i)_i‖ / ‖(1/n)·(∂ℓ_i/∂o_i)_i‖ for a floating tensor
+    output o of n samples: 0 for a mean of per-sample losses, whatever their values; NaN
+    when it cannot be told (a container output, a loss torch cannot differentiate here).
+    The values alone miss a weighted mean whose per-sample losses happen to be nearly
+    equal (an untrained net: class weights [1, 1, 1, 10] gave a ratio of 1.0004, while
+    λ₁ was 2× the per-sample mean's), and a broadcast across samples whose outputs are
+    all equal (a zero-initialised head: ratio exactly 1, λ₁ depending on chunk_size;
+    an outside sweep)."""
+    if not (isinstance(out, torch.Tensor) and out.is_floating_point()
+            and isinstance(Y, torch.Tensor) and out.ndim > 0 and out.shape[0] >= 2):
+        return math.nan
+    n = out.shape[0]
+    try:
+        with torch.enable_grad():
+            o = out.detach().to(torch.float64).requires_grad_(True)
+            wide = Y.to(torch.float64) if Y.is_floating_point() else Y
+            whole = torch.autograd.grad(loss_fn(o, wide).reshape(()), o)[0]
+            rows = []
+            for i in range(n):
+                oi = o.detach()[i:i + 1].requires_grad_(True)
+                rows.append(torch.autograd.grad(loss_fn(oi, wide[i:i + 1]).reshape(()), oi)[0])
+            each = torch.cat(rows) / n
+    except (RuntimeError, ValueError, TypeError, IndexError):
+        return math.nan
+    scale = float(each.norm())
+    diff = float((whole - each).norm())
+    if not (math.isfinite(scale) and math.isfinite(diff)):
+        return math.nan
+    return diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf)
+
+
+def _kept_loss_state(loss_fn):
+    """A loss given as an nn.Module keeps its parameters and buffers as they were: one
+    that updates its own state (a running scale) was moved from 1.0 to 1.26 by the ~13
+    evaluations of this check (an outside sweep)."""
+    return kept_tensors(loss_fn) if isinstance(loss_fn, torch.nn.Module) else contextlib.nullcontext()
 
 
 def _cross_sample_broadcast(shapes) -> bool:
@@ -172,17 +218,19 @@ def check_mean_reduced(model, loss_fn, data, *, sample: int = 64) -> float:
     """
     src = as_data_source(data)
     n = min(int(sample), src.N) if isinstance(sample, (int, np.integer)) else sample
-    batch, per, shapes = _batch_and_samples(model, loss_fn, src, sample=sample)
+    batch, per, shapes, gap = _batch_and_samples(model, loss_fn, src, sample=sample)
     ratio = _ratio(batch, per)
-    if (_cross_sample_broadcast(shapes) and math.isfinite(ratio)
-            and abs(ratio - 1.0) > BROADCAST_RTOL):
+    if _cross_sample_broadcast(shapes) and ((math.isfinite(ratio)
+                                             and abs(ratio - 1.0) > BROADCAST_RTOL)
+                                            or gap > RTOL):
         out_shape, y_shape = shapes
         raise ValueError(
             f"data: the targets (shape {y_shape} for {y_shape[0]} samples) and the model's "
             f"outputs (shape {out_shape}) broadcast to {tuple(torch.broadcast_shapes(*shapes))} "
             f"in loss_fn {loss_name(loss_fn)!r}, which then pairs each output with every "
             "sample's target (it is not a per-sample loss: on these samples it returns "
-            f"{ratio:.4g}× the mean of the per-sample values). Give the targets the outputs' "
+            f"{ratio:.4g}× the mean of the per-sample values, and its gradient in the outputs "
+            f"differs from their mean's by {gap:.0%}). Give the targets the outputs' "
             f"shape (e.g. y.reshape({', '.join(['-1'] + [str(d) for d in out_shape[1:]])})).")
     if isinstance(n, int) and n >= 2 and math.isfinite(ratio) and abs(ratio - n) <= RTOL * n:
         warnings.warn(
@@ -195,10 +243,11 @@ def check_mean_reduced(model, loss_fn, data, *, sample: int = 64) -> float:
             UserWarning, stacklevel=caller_stacklevel())
     elif per is not None and math.isfinite(batch) and (
             not all(math.isfinite(v) for v in per)
-            or (math.isfinite(ratio) and abs(ratio - 1.0) > RTOL)):
-        how = (f"on {n} samples it returns {ratio:.4g}× their mean" if math.isfinite(ratio)
-               else f"on {n} samples a sample's own value is not finite (e.g. a sample whose "
-                    "every target is ignored)")
+            or (math.isfinite(ratio) and abs(ratio - 1.0) > RTOL) or gap > RTOL):
+        how = (f"on {n} samples a sample's own value is not finite (e.g. a sample whose "
+               "every target is ignored)" if not all(math.isfinite(v) for v in per)
+               else f"on {n} samples it returns {ratio:.4g}× their mean and its gradient in "
+                    f"the outputs differs from their mean's by {gap:.0%}")
         warnings.warn(
             f"loss_fn {loss_name(loss_fn)!r} is not the plain mean of its per-sample values: "
             f"{how} — a weighted mean, as with class weights, ignore_index or padded "

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 from torch.func import grad, jvp, vjp, vmap
 
-from nets.curvature.loss_check import check_mean_reduced
+from nets.curvature.loss_check import _kept_loss_state, check_mean_reduced, loss_name
 from nets.curvature.params import ParamLayout, call_model, make_functional, output_tensors
 from nets.utils.autocast import outside_autocast, outside_caller_contexts
 from nets.utils.callers import caller_stacklevel
@@ -624,7 +624,7 @@ class ModelCurvatureOperator(CurvatureOperator):
         with kept_attributes(self.model):
             self._refuse_parameter_caches(x)
             self._trial_forwards(x, y)
-            self._check_transforms(x)
+            self._check_transforms(x, y)
 
     def _trial_forwards(self, x, y) -> None:
         """The forward checks of `_check_inputs` on the samples x (targets y)."""
@@ -780,7 +780,7 @@ class ModelCurvatureOperator(CurvatureOperator):
                              "reuse them and miss those parameters; compute them inside forward "
                              "on every call")
 
-    def _check_transforms(self, x) -> None:
+    def _check_transforms(self, x, y=None) -> None:
         """One reverse-mode product on one sample, so that a forward torch.func cannot
         transform fails here with a message that names the cause, not deep inside the
         first product with torch's own (activation checkpointing: 'saved tensor hooks' or
@@ -811,6 +811,21 @@ class ModelCurvatureOperator(CurvatureOperator):
                     f"captured ({first[:160]}): a buffer or attribute changed in forward "
                     "(a step counter, a running average) even in eval mode; make the update "
                     "conditional on self.training, or keep it out of forward") from None
+        if y is None:
+            return
+        try:                    # the same through the loss: one with state of its own
+            with self._trial_mode(), _kept_loss_state(self.loss_fn):
+                grad(lambda *p: self._loss(p, x[:1], y[:1]))(*self.primals)
+        except RuntimeError as exc:
+            if "mutate a captured Tensor" in str(exc) or "captured tensor" in str(exc).lower():
+                raise ValueError(
+                    f"loss_fn {loss_name(self.loss_fn)!r} updates a tensor of its own in place "
+                    f"({str(exc).splitlines()[0][:120]}): a loss with state (a running scale "
+                    "or count) that changes on every call; the curvature needs a loss that "
+                    "is a fixed function of the outputs — keep the update out of it (the "
+                    "model and its forward are fine)") from None
+        except Exception:  # noqa: BLE001 - the products say what else is wrong with it
+            return
 
     def _graph_bytes_per_sample(self) -> float:
         """Bytes the forward pass and loss save for the backward, per sample, measured on
