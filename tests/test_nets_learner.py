@@ -708,3 +708,57 @@ def test_scheduler_last_lr_is_documented_as_not_the_lr_used():
     assert opt.lr in used and sched.get_last_lr()[0] not in used
     doc = " ".join(learner_module.__doc__.split())
     assert "get_last_lr()" in doc and "training never used" in doc
+
+
+# ------------------------------------------------------ from an outside audit (session 51)
+
+def test_a_cut_of_the_hold_rule_never_raises_the_learning_rate():
+    """With safety above (κ+1)/κ the target exceeds α_prev, and a cut (sharpness
+    significantly past the edge) returned the target: α rose on evidence of instability
+    (2.38 → 2.66 at safety 1.5, 5.4 → 9.2 → 14.4 at 3). No warm-up here, so α may only
+    hold or fall."""
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(200, 6, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 3, (200,), generator=g)
+    ce = nn.functional.cross_entropy
+    for safety in (1.5, 3.0):
+        model = MLP(6, (8,), 3, activation="tanh", seed=1).double()
+        opt = CurvatureAdaptiveSGD(model, ce, (X, y), batch_size=8, curvature_batch_size=64,
+                                   update_every=4, first_update_every=None, safety=safety,
+                                   max_lr_growth=None, seed=5)
+        rng = np.random.default_rng(2)
+        try:
+            for _ in range(60):
+                idx = torch.as_tensor(rng.choice(200, 8, replace=False))
+                opt.zero_grad()
+                ce(model(X[idx]), y[idx]).backward()
+                opt.step()
+        except FloatingPointError:
+            pass                                   # a large safety may end the run
+        lrs = [h.lr for h in opt.history]
+        assert len(lrs) >= 3 and all(b <= a * (1 + 1e-12) for a, b in zip(lrs, lrs[1:])), lrs
+
+
+def test_directional_correction_is_independent_of_weight_decay_and_uses_every_sample():
+    """Weight decay δ shifts every eigenvalue by δ and leaves s² alone, so λ'(B) − δ must
+    not depend on δ (it went into the spike formula: lr 6–8 % high at δ = 0.2–0.5); and
+    ŝ_u² is the exact sample variance of the per-sample products (it stopped at 256 of
+    512: 3.8 % high). Oracle: dense per-sample Hessians of a linear least-squares model."""
+    X, y = _regression(N=320, d=5)
+    model = _linear(5)
+    lams = []
+    for wd in (0.0, 0.3):
+        opt = CurvatureAdaptiveSGD(model, half_mse, (X, y), batch_size=4, curvature_batch_size=320,
+                                   batch_correction="directional", weight_decay=wd)
+        lams.append(opt.history[0].lam_max - wd)
+    assert lams[1] == pytest.approx(lams[0], rel=1e-9)
+    # per-sample Hessians of ½(wᵀx + b − y)²: x̃x̃ᵀ with x̃ = (x, 1)
+    Xt = torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype)], 1)
+    H = Xt.T @ Xt / len(X)
+    u = torch.linalg.eigh(H).eigenvectors[:, -1]
+    prods = (Xt @ u)[:, None] * Xt                     # H_i u, (N, P)
+    exact = float(((prods - prods.mean(0)) ** 2).sum() / (len(X) - 1))
+    op = curvature_operator(model, half_mse, (X, y))
+    # the operator's parameter order is (weight, bias): that of x̃
+    got = micro_batch_directional_noise(op, u.to(op.dtype))
+    assert got == pytest.approx(exact, rel=1e-9)
