@@ -364,6 +364,7 @@ def run_adam_state():
 
 def main():
     import json
+    import os
 
     from _common import RESULTS
 
@@ -383,9 +384,13 @@ def main():
     args = p.parse_args()
     setup_torch(args)
     names = [v for v in args.variants.split(",") if v]
-    path = RESULTS / "bench_heldout_tabular.json" if args.out is None else args.out
+    default = RESULTS / "bench_heldout_tabular.json"
+    path = default if args.out is None else args.out
+    # the file accumulates every part's rows: a new --out starts from the stored results
+    # (`--part rederive --out NEW` re-derived nothing and wrote an empty file; an audit)
+    source = path if args.out is None or os.path.exists(path) else default
     try:
-        stored = json.loads(open(path).read())
+        stored = json.loads(open(source).read())
     except (OSError, ValueError):
         stored = {}
     res = stored.get("variants", {})

@@ -13,7 +13,8 @@ it goes), plus `summary.json` after every stage, so a time-out still leaves resu
    on small nets: operators, Lanczos/eigsh, SLQ, directional noise, λ'(B),
    predicted max lr, CurvatureAdaptiveSGD); counts from its JUnit XML.
 2. timing — on WideResNet-16-4 and PreResNet-110 with CIFAR-shaped synthetic data
-   (N = 10,000, 3×32×32, chunks of `--chunk` samples), in float32 and bfloat16: one
+   (N = 10,000, 3×32×32, chunks of each stage's `chunk` samples, set in the plans
+   below), in float32 and bfloat16: one
    full-data gradient (plain autograd, the unit), one HVP, one Lanczos step (m steps
    ÷ m), top-5 eigenvalues (restarted Lanczos, product budget capped) and an SLQ
    density; every cost as a ratio to one gradient; PyHessian's HVP (and its top
