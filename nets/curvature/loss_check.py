@@ -26,8 +26,8 @@ when the ratio is more than 1 % from 1 (or a per-sample value is not finite whil
 batch value is), or when the batch loss's gradient in a tensor output differs by more
 than 1 % from (1/n) × the per-sample losses' gradients (`_gradient_gap`: the values alone
 miss a weighted mean whose per-sample losses happen to be equal, and a broadcast whose
-outputs are; both are told by the gradient): the loss is then a weighted mean — class weights, `ignore_index`,
-padded tokens — whose per-sample decomposition the noise-based predictions do not model
+outputs are; both are told by the gradient): the loss is then a weighted mean — class
+weights, `ignore_index`, padded tokens — whose per-sample decomposition the noise-based predictions do not model
 (and whose full-data value, assembled from chunks as the chunk-size-weighted mean of the
 chunks' weighted means, depends slightly on the chunking).
 The model's buffers (BatchNorm running statistics) are restored afterwards.

@@ -774,8 +774,9 @@ class ModelCurvatureOperator(CurvatureOperator):
                              "them and miss those parameters; clear the cache (set it to None) "
                              "and compute it inside forward")
         if this_call:
+            where = stored or "outside its modules, e.g. a class attribute"
             raise ValueError(f"the model's forward stores tensor(s) computed from the parameters "
-                             f"{this_call[:4]} ({stored or 'outside its modules, e.g. a class attribute'}: a cache) "
+                             f"{this_call[:4]} ({where}: a cache) "
                              "and reads them back in later calls: the curvature products would "
                              "reuse them and miss those parameters; compute them inside forward "
                              "on every call")

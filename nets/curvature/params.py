@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from nets.utils.autocast import outside_caller_contexts
+from nets.utils.modes import kept_attributes
 
 
 def select_parameter_names(model: nn.Module, params=None) -> list[str]:
@@ -179,7 +180,6 @@ def make_functional(model: nn.Module, names: Sequence[str], *, device=None, dtyp
 _TWICE_DIFFERENTIABLE_DEPTH = 0        # how many twice_differentiable contexts are open
 
 
-
 @contextlib.contextmanager
 def twice_differentiable():
     """Kernels that curvature products can differentiate twice and in forward mode.
@@ -192,8 +192,8 @@ def twice_differentiable():
     restored afterwards. The math kernel computes the same function. Entered again
     inside itself it does nothing (the settings are already in force), so a loop of many
     `call_model` calls can be wrapped once — or decorated, `@twice_differentiable()` —
-    and pay for the switch once (about 20 µs a call otherwise). Autocast and the parametrization
-    cache of `torch.nn.utils.parametrize.cached()` are off inside it too
+    and pay for the switch once (about 20 µs a call otherwise). Autocast and the
+    parametrization cache of `torch.nn.utils.parametrize.cached()` are off inside it too
     (`nets.utils.autocast.outside_caller_contexts`)."""
     global _TWICE_DIFFERENTIABLE_DEPTH
     if _TWICE_DIFFERENTIABLE_DEPTH:
@@ -227,8 +227,6 @@ def call_model(model: nn.Module, state: dict, x) -> torch.Tensor:
     h`; `weight` recomputed by the hook-based `spectral_norm`) are put back as they were
     (`kept_attributes`): the package's tensors — inside vmap, tensors that escaped it —
     would otherwise be left on the caller's modules, and reading them failed later."""
-    from nets.utils.modes import kept_attributes
-
     slots = [(m, dict(m._parameters), dict(m._buffers)) for m in _shared_modules(model)]
     try:
         with twice_differentiable(), kept_attributes(model):
