@@ -390,7 +390,11 @@ def predict_batch_top_eigenvalue(model, loss_fn, data, batch_sizes, *, form="dir
         and `isotropic_form` … `resolved_form` give the equations):
         isotropic   — λ (k=1 Lanczos) and `num_probes` Rademacher noise probes; also
                       returns the clipped spiked-Wigner variant as isotropic_clipped;
-        directional — λ, u (k=1 Lanczos) and one per-sample pass along u;
+        directional — λ, u (k=1 Lanczos) and one per-sample pass along u (beyond a few
+                      hundred samples over seeded sample groups until s_u²'s standard
+                      error is 5 % of it, `nets.noise.directional`: a seed or a row
+                      permutation moves it by a few per cent; `directional_noise(...,
+                      exact=True)` sums every sample);
         subspace    — the top-k eigenpairs (k = `subspace_dim`; None: the number of model
                       outputs, `nets.noise.subspace_noise.default_subspace_dim`) and one
                       per-sample pass of k products; λ and u are then the first pair;
