@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from _common import write_json
 
-MODELS = ("mlp", "mlp_relu", "cnn", "mse", "gelu", "bn_cnn", "res_gn", "ln_mlp", "attn")
+MODELS = ("mlp", "mlp_relu", "cnn", "mse", "gelu", "bn_cnn", "res_gn", "ln_mlp", "attn",
+          "synth_silu")
 
 
 def _model(name):
@@ -42,9 +43,10 @@ def _model(name):
         from _common import trained_mse_mlp
         model, data, _ = trained_mse_mlp(0)
         return model, data
-    if name in ("gelu", "bn_cnn", "res_gn", "ln_mlp", "attn"):   # held out from every Adam form
-        # (bench_heldout_transfer; res_gn and ln_mlp: user-style nets added in session 39;
-        # attn, the row-token attention network, in session 44)
+    if name in ("gelu", "bn_cnn", "res_gn", "ln_mlp", "attn", "synth_silu"):
+        # held out from every Adam form (bench_heldout_transfer; res_gn and ln_mlp:
+        # user-style nets added in session 39; attn, the row-token attention network, in
+        # session 44; synth_silu, an MLP on make_classification data, in session 51)
         from bench_heldout_transfer import held_out_network
         return held_out_network(name)
     model, (X, y) = trained_digits_mlp(seed=0)
