@@ -12,6 +12,7 @@ For per-sample gradients g_i = ∇ℓ_i(w), i = 1..N (computed with
 
 (a ratio 0/0 — every per-sample gradient zero, at an exact interpolating minimum — is NaN;
 x/0 with x ≠ 0 is inf.)
+
 (McCandlish, Kaplan, Amodei et al. 2018, "An empirical model of large-batch training";
 their Σ is the per-example covariance; we use the unbiased 1/(N−1) form, so that a
 batch mean has covariance c(B, N)·Σ with c = 1/B − 1/N.) tr(HΣ) needs one full-data
@@ -27,7 +28,8 @@ gradient norms (on a trained digits MLP its coefficient of variation is 6, so a 
 subset of 128 samples was 53 % uncertain), while q_i/p_i varies only with the Rayleigh
 quotient (0.50 there: 9 % from 32 draws). The uniform 0.1/N share bounds the weights.
 
-Which "learning rate": McCandlish's ε_opt(B) = ε_max/(1 + B_noise/B) is the **greedy
+Which "learning rate": McCandlish's ε_opt(B) = ε_max/(1 + B_noise/B) (at finite N
+ε_max/(1 + c(B, N)·B_noise), `GradientNoise.greedy_optimal_lr`) is the **greedy
 optimal** step (largest one-step loss decrease), not a stability limit; B_simple and
 B_noise are reported beside our critical batch size B* = s_u²/λ_1² (a stability
 quantity, `nets.learning_rates.lr_prediction`).
