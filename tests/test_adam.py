@@ -136,12 +136,12 @@ def test_mean_square_and_deterministic_forms():
                                     prediction=ms, form=form)
         assert tr.form == form and tr.beta1 == 0.9
         np.testing.assert_allclose(tr.lr, 0.01 * curve / curve[1], rtol=1e-12)
-    with warnings.catch_warnings():                  # β₁ = 0 (the prediction's): quiet
-        warnings.simplefilter("error")
-        quiet = A.adam_transfer_lr(model, _mse, (X, y), Bs, reference=(8, 0.01), prediction=b0)
-        assert quiet.beta1 == 0.0
-        with pytest.warns(UserWarning, match="with_reference: with beta1 = 0.9"):
-            tr.with_reference((32, 0.02))
+    # β₁ = 0 (the prediction's) has its own measured caveat (15 of 17 instances missed)
+    with pytest.warns(UserWarning, match="beta1 = 0 the transfer along Adam's stability"):
+        b0_tr = A.adam_transfer_lr(model, _mse, (X, y), Bs, reference=(8, 0.01), prediction=b0)
+    assert b0_tr.beta1 == 0.0
+    with pytest.warns(UserWarning, match="with_reference: with beta1 = 0.9"):
+        tr.with_reference((32, 0.02))
     # form=None follows a given prediction's own form: a deterministic prediction was
     # transferred along its mean-square column and recorded as "mean_square" (api.md says
     # "the form of a given prediction"; an outside sweep: 3× apart at B = 64)

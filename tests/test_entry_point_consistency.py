@@ -394,6 +394,18 @@ def test_adam_transfer_reanchors_and_checks_its_prediction(tiny_mlp):
         warnings.simplefilter("error")
         with momentum_caveat_silenced():
             tr.with_reference((24, 0.05))
+    # with β₁ = 0 too: the mean-square form missed 20 % on 15 of 17 measured instances
+    # (up to 4.2×) and said nothing (an outside check: 2.2× on a held-out MLP)
+    pred0 = predict_adam_max_lr(model, F.cross_entropy, (X, y), [4, 8, 24], betas=(0.0, 0.999))
+    with pytest.warns(UserWarning, match="beta1 = 0 .*15 of 17"):
+        adam_transfer_lr(model, F.cross_entropy, (X, y), [4, 8, 24], reference=(8, 0.01),
+                         prediction=pred0, form="mean_square")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adam_transfer_lr(model, F.cross_entropy, (X, y), [8], reference=(8, 0.01),
+                         prediction=predict_adam_max_lr(model, F.cross_entropy, (X, y), [8],
+                                                        betas=(0.0, 0.999)),
+                         form="mean_square")          # at B0 only: nothing transferred
     with pytest.raises(TypeError, match="corrected"):
         adam_transfer_lr(model, F.cross_entropy, (X, y), [4, 8], reference=(8, 0.01),
                          prediction=pred, form="linearized")

@@ -306,9 +306,9 @@ MOMENTUM_CAVEAT = "with momentum"
 
 
 class MomentumCaveat(UserWarning):
-    """The measured momentum caveats of a transfer (`warn_momentum_upward`, and the Adam
-    limit forms' β₁ caveat `adam.warn_adam_transfer`): one category, so that code which
-    measures those transfers itself can silence exactly them."""
+    """The measured caveats of a transfer (`warn_momentum_upward`, `warn_momentum_one_pass`,
+    and the Adam limit forms' caveat `adam.warn_adam_transfer`, at any β₁): one category,
+    so that code which measures those transfers itself can silence exactly them."""
 
 
 @contextlib.contextmanager
