@@ -776,5 +776,7 @@ def test_the_hook_based_weight_norm_warns_too():
         warnings.simplefilter("ignore", FutureWarning)
         model = nn.Sequential(nn.utils.weight_norm(nn.Linear(4, 5)), nn.Tanh(), nn.Linear(5, 3))
     X, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
-    with pytest.warns(UserWarning, match="uses weight_norm.*g·v/‖v‖"):
-        nets.hessian_operator(model, F.cross_entropy, (X, y))
+    with pytest.warns(UserWarning, match="uses weight_norm.*g·v/‖v‖") as record:
+        op = nets.hessian_operator(model, F.cross_entropy, (X, y))
+    assert sum("uses weight_norm" in str(w.message) for w in record) == 1    # warned once
+    assert op.P == sum(p.numel() for p in model.parameters())          # and still built

@@ -582,14 +582,13 @@ def test_fit_scaling_exponent_refuses_bad_batch_sizes_and_levels():
     assert f.ci_low < f.exponent < f.ci_high and f.level == 0.5
 
 
-def test_progress_reaches_the_per_sample_passes(monkeypatch):
+def test_progress_reaches_the_per_sample_passes(monkeypatch, tiny_mlp):
     """Found at scale by an outside sweep: Adam's prediction ran its gradient pass and
     its preconditioned per-sample products without a bar (minutes at P = 1M, silent with
     progress=True), and the resolved and subspace forms drew one only for their Lanczos
     run. Every inner pass receives the caller's progress now."""
     import importlib
 
-    import torch
     import torch.nn.functional as F
 
     import nets
@@ -613,12 +612,7 @@ def test_progress_reaches_the_per_sample_passes(monkeypatch):
                          (rn, "subspace_pass"), (rn, "per_sample_top_eigenpairs"),
                          (sn, "subspace_noise_from_operator")):
         spy(module, name)
-    g = torch.Generator().manual_seed(0)
-    X = torch.randn(40, 4, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 3, (40,), generator=g)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(),
-                                torch.nn.Linear(5, 3)).double()
+    model, X, y = tiny_mlp(seed=0, N=40)
     nets.predict_max_lr(model, F.cross_entropy, (X, y), [4, 16], optimizer="adam",
                         progress=False)
     for form in ("resolved", "subspace"):

@@ -519,7 +519,7 @@ def test_as_range_takes_an_increasing_positive_pair():
             V.as_range("span", bad)
 
 
-def test_every_line_against_b_is_drawn_in_b_order():
+def test_every_line_against_b_is_drawn_in_b_order(tiny_mlp):
     """Batch sizes keep the caller's order, and five plot() methods joined the points in
     it: [60, 4, 16] drew a chord 60 → 4 → 16 (an outside sweep). Every line with more than
     one point must run in increasing B, and through the same points as before."""
@@ -533,12 +533,7 @@ def test_every_line_against_b_is_drawn_in_b_order():
     import nets
     from nets.learning_rates.adam_linearized import linearized_adam_threshold
 
-    g = torch.Generator().manual_seed(0)
-    X = torch.randn(60, 5, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 3, (60,), generator=g)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(),
-                                torch.nn.Linear(8, 3)).double()
+    model, X, y = tiny_mlp(seed=0, N=60)
     data, Bs = (X, y), [60, 4, 16]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

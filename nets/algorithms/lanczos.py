@@ -140,6 +140,15 @@ def _op_eps(op) -> float:
     return float(torch.finfo(dt).eps)
 
 
+def zero_tolerance(op_or_dtype, norm: float) -> float:
+    """|θ| at or below which an eigenvalue is zero to the precision of products in the
+    operator's dtype (or the dtype given): 100·eps·‖A‖ for a norm estimate ‖A‖
+    (`EigenResult.zero_tol`)."""
+    dt = op_or_dtype if isinstance(op_or_dtype, torch.dtype) else getattr(op_or_dtype, "dtype",
+                                                                          torch.float64)
+    return 100.0 * float(torch.finfo(dt).eps) * float(norm)
+
+
 def _breakdown_eps(op) -> float:
     """Unit round-off used in the invariant-subspace test: the operator's, but never
     coarser than float32's. With bfloat16/float16 products (eps ≈ 1e-2..1e-3) the
@@ -532,7 +541,7 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-10, max_steps: int 
                        residuals=resid, converged=ok, num_matvecs=matvecs,
                        num_restarts=restarts, seed=None if v0 is not None else seed,
                        which=which, tol=tol, norm_estimate=anorm,
-                       zero_tol=100.0 * _op_eps(op) * anorm)
+                       zero_tol=zero_tolerance(op, anorm))
 
 
 # the check's Ritz pair counts as settled behind the k-th value once its residual is

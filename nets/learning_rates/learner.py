@@ -207,7 +207,7 @@ import torch
 from scipy.linalg import eigh_tridiagonal
 from torch import nn
 
-from nets.algorithms.lanczos import lanczos, lanczos_batch, rademacher_vectors
+from nets.algorithms.lanczos import lanczos, lanczos_batch, rademacher_vectors, zero_tolerance
 from nets.curvature.loss_check import check_mean_reduced
 from nets.curvature.operators import CurvatureOperator, check_policy, curvature_operator
 from nets.curvature.params import ParamLayout, refuse_changed_params
@@ -681,7 +681,7 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
                                                         self.batch_size, s2, N=self.N,
                                                         strict=False)) + wd
                 nmv = int(base.num_matvecs) + chunk_matvecs
-            self._check_positive(lam_train, np.atleast_1d(theta) - wd, self._dtype())
+            self._check_positive(lam_train, np.atleast_1d(theta) - wd, self._products_dtype)
         mu, source = choose_mu(theta, weights, lam_train, self.mu_rule,
                                self.weight_threshold, self.kappa_max)
         lr, rho = heavy_ball(lam_train, mu, variant=self.variant)
@@ -726,13 +726,13 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
         return prev, True
 
     @staticmethod
-    def _check_positive(lam, values=(), dtype=torch.float64) -> None:
+    def _check_positive(lam, values=(), dtype=None) -> None:
         """Refuse a top Ritz value that is not positive (a dead ReLU network), or positive
-        only at the products' round-off: |λ| ≤ 100·eps(dtype)·max|values| (the Ritz values
-        of the run, `EigenResult.is_zero`'s scale). A concave loss gave 1.1e-16, the
+        only at the products' round-off (in `dtype`): |λ| ≤ `zero_tolerance` of max|values|,
+        the Ritz values of the run (`EigenResult.is_zero`'s test). A concave loss gave 1.1e-16, the
         learner set lr = 1e16 and one step took ‖w‖ from 0.56 to 1.7e16 (an outside sweep)."""
         scale = max((abs(float(v)) for v in values), default=0.0)
-        zero = abs(lam) <= 100 * torch.finfo(dtype).eps * scale
+        zero = dtype is not None and abs(lam) <= zero_tolerance(dtype, scale)
         if not (math.isfinite(lam) and lam > 0) or zero:
             raise FloatingPointError(
                 f"no positive curvature found (top Ritz value {lam:.3g}"
@@ -740,8 +740,12 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
                 + "); the learner cannot set a learning rate (lower the initial scale, add "
                 "weight_decay, or use kind='ggn')")
 
-    def _dtype(self) -> torch.dtype:
-        """The dtype the curvature products run in: the trained parameters'."""
+    @property
+    def _products_dtype(self) -> torch.dtype:
+        """The dtype the curvature products run in: `curvature_dtype`, else the trained
+        parameters'."""
+        if self.curvature_dtype is not None:
+            return self.curvature_dtype
         return next(p.dtype for g in self.param_groups for p in g["params"])
 
     def _batch_tops(self, lseed, wd, u):
