@@ -494,6 +494,25 @@ def test_ggn_of_an_output_with_non_tensor_leaves_is_refused_by_name():
         top_eigenvalues(Dict(), loss, (X, y), k=1, kind="ggn")
 
 
+def _saturated_linear_net():
+    """A linear 5 → 3 classifier fitted far beyond float32's softmax (margins > 25, where
+    1 − p_y < eps₃₂ for margins above ~17) on 40 samples, with their labels."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(400, 5, generator=g)
+    torch.manual_seed(0)
+    net = torch.nn.Linear(5, 3)
+    with torch.no_grad():
+        net.weight.mul_(200.0)
+        net.bias.zero_()
+        top2 = net(X).topk(2, dim=1).values
+        X = X[(top2[:, 0] - top2[:, 1]) > 25][:40]
+        y = net(X).argmax(1)
+    assert len(X) == 40 and float(F.cross_entropy(net(X), y)) < 1e-7
+    return net, X, y
+
+
 def test_a_saturated_softmax_in_float32_is_warned_about():
     """A fitted cross-entropy net whose softmax saturates (1 − p_y below float32's eps):
     torch's second derivative drops p_y(1 − p_y), and λ₁ came out 48 % low, flagged
@@ -505,17 +524,7 @@ def test_a_saturated_softmax_in_float32_is_warned_about():
 
     import nets
 
-    g = torch.Generator().manual_seed(0)
-    X = torch.randn(400, 5, generator=g)
-    torch.manual_seed(0)
-    net = torch.nn.Linear(5, 3)
-    with torch.no_grad():
-        net.weight.mul_(200.0)
-        net.bias.zero_()
-        top2 = net(X).topk(2, dim=1).values
-        X = X[(top2[:, 0] - top2[:, 1]) > 25][:40]     # margins far beyond float32's ~17
-        y = net(X).argmax(1)
-    assert len(X) == 40 and float(F.cross_entropy(net(X), y)) < 1e-7
+    net, X, y = _saturated_linear_net()
     with pytest.warns(UserWarning, match="lost to torch.float32 round-off"):
         nets.hessian_operator(net, F.cross_entropy, (X, y))
     wide = torch.nn.Linear(5, 3).double()
@@ -536,6 +545,37 @@ def test_a_saturated_softmax_in_float32_is_warned_about():
     with warnings.catch_warnings():                    # an ordinary float32 net: silent
         warnings.simplefilter("error", UserWarning)
         nets.hessian_operator(torch.nn.Linear(5, 3), F.cross_entropy, (X, y))
+
+
+def test_gradient_noise_warns_where_float32_loses_the_saturated_gradient():
+    """With hessian=False no operator is built, so its curvature check never ran, and on a
+    saturated float32 net torch's gradient drops the true class's term (p_y rounds to 1):
+    tr Σ came out half the float64 value with nothing said (an outside sweep read 15–78 %
+    off). The oracle: per-sample float64 gradients of the same linear map, written out."""
+    import warnings
+
+    import torch.nn.functional as F
+
+    import nets
+
+    net, X, y = _saturated_linear_net()
+    with pytest.warns(UserWarning, match="gradient in the model's outputs is lost to torch.float32"):
+        low = nets.gradient_noise(net, F.cross_entropy, (X, y), hessian=False)
+    wide = torch.nn.Linear(5, 3).double()
+    wide.load_state_dict(net.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        right = nets.gradient_noise(wide, F.cross_entropy, (X.double(), y), hessian=False)
+    W, b, Xd = wide.weight.detach(), wide.bias.detach(), X.double()
+    p = torch.softmax(Xd @ W.T + b, dim=1)
+    r = p - F.one_hot(y, 3).double()                      # ∂ℓ_i/∂z_i, exact in float64
+    G = torch.cat([(r[:, :, None] * Xd[:, None, :]).reshape(len(X), -1), r], dim=1)
+    oracle = float(G.var(0, unbiased=True).sum())
+    assert right.trace_cov == pytest.approx(oracle, rel=1e-9)
+    assert abs(low.trace_cov / oracle - 1) > 0.15          # what float32 gives, unwarned before
+    with warnings.catch_warnings():                    # an ordinary float32 net: silent
+        warnings.simplefilter("error", UserWarning)
+        nets.gradient_noise(torch.nn.Linear(5, 3), F.cross_entropy, (X, y), hessian=False)
 
 
 def test_a_weighted_mean_or_broadcast_is_told_by_its_gradient_even_where_values_agree():

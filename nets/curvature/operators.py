@@ -545,6 +545,56 @@ def _check_samples_independent(mixed, alone) -> None:
 # model operators
 # ----------------------------------------------------------------------------------
 
+def output_precision_error(outputs, targets, loss_fn, *, order: int) -> float:
+    """Relative error, ‖a − a₆₄‖/‖a₆₄‖, of the loss's derivative in the model's outputs as
+    computed in the outputs' dtype (a) against float64 (a₆₄), the outputs and floating
+    targets widened: order 1 the gradient ∂L/∂z, order 2 the curvature Λ·d along a seeded
+    Gaussian d. NaN where there is nothing to compare (non-floating outputs, a loss that
+    runs in one dtype only, a zero reference)."""
+    if not (isinstance(outputs, torch.Tensor) and outputs.is_floating_point()):
+        return math.nan
+    g = torch.Generator(device="cpu").manual_seed(0)
+    d = torch.randn(outputs.shape, generator=g, dtype=torch.float64)
+
+    def derivative(out, target):
+        with torch.enable_grad():
+            if order == 1:
+                return grad(lambda u: _scalar_loss(loss_fn(u, target)))(out.detach()).double().cpu()
+            pull = vjp(grad(lambda u: _scalar_loss(loss_fn(u, target))), out.detach())[1]
+            return pull(d.to(device=out.device, dtype=out.dtype))[0].double().cpu()
+
+    try:
+        low = derivative(outputs, targets)
+        wide = (targets.double() if isinstance(targets, torch.Tensor)
+                and targets.is_floating_point() else targets)
+        ref = derivative(outputs.double(), wide)
+    except (RuntimeError, ValueError, TypeError, NotImplementedError):
+        return math.nan
+    scale = float(ref.norm())
+    if not (scale > 0 and math.isfinite(scale)):
+        return math.nan
+    return float((low - ref).norm()) / scale
+
+
+def warn_output_precision(outputs, targets, loss_fn, *, order: int, n: int,
+                          consequence: str) -> None:
+    """Warn (UserWarning) when `output_precision_error` exceeds 5 % in a dtype narrower than
+    float64: the loss's gradient (order 1) or curvature (order 2) in the outputs is then
+    lost to round-off — e.g. a fitted cross-entropy net whose softmax saturates (1 − p_y
+    below the dtype's eps), where torch's float32 gradient drops the true class's term."""
+    if not isinstance(outputs, torch.Tensor) or outputs.dtype == torch.float64:
+        return
+    err = output_precision_error(outputs, targets, loss_fn, order=order)
+    if err > 0.05:
+        what = "gradient" if order == 1 else "curvature"
+        warnings.warn(
+            f"the loss's {what} in the model's outputs is lost to {outputs.dtype} "
+            f"round-off (on the first {n} samples it differs from float64 by {err:.0%}): "
+            "e.g. a fitted cross-entropy net whose softmax saturates (1 − p_y below the "
+            f"dtype's eps). {consequence}; pass dtype=torch.float64",
+            UserWarning, stacklevel=caller_stacklevel())
+
+
 class ModelCurvatureOperator(CurvatureOperator):
     """Full-data H or G of `loss_fn(model(x), y)` over a fixed list of batches.
 
@@ -907,43 +957,23 @@ class ModelCurvatureOperator(CurvatureOperator):
                 UserWarning, stacklevel=caller_stacklevel())
 
     def _check_output_precision(self) -> None:
-        """Warn when the loss's second derivative in the outputs, Λ·d on a random d over the
-        first 64 samples, differs in the operator's dtype from the same in float64 by more
-        than 5 %: its curvature is then lost to round-off. The case met: a fitted
-        cross-entropy net, where 1 − p_y falls below float32's eps (margins above ~17,
-        loss ~1e-7) and torch's second derivative of the softmax loses p_y(1 − p_y); λ₁
-        came out 48 % low and predict_max_lr 48–93 % high, flagged converged, with nothing
-        said (an outside sweep). dtype=torch.float64 computes it right (to margins ~37)."""
+        """Warn when the loss's second derivative in the outputs is lost to the operator's
+        dtype (`output_precision_error`, order 2, on the first 64 samples, > 5 %). The case
+        met: a fitted cross-entropy net, where 1 − p_y falls below float32's eps (margins
+        above ~17, loss ~1e-7) and torch's second derivative of the softmax loses
+        p_y(1 − p_y); λ₁ came out 48 % low and predict_max_lr 48–93 % high, flagged
+        converged, with nothing said (an outside sweep). dtype=torch.float64 computes it
+        right (to margins ~37)."""
         n = min(64, self.N)
         try:
             x, t = self.source.take(np.arange(n), device=self.device, dtype=self.dtype)
             with torch.no_grad(), self._trial_mode():
                 o = self._forward(self.primals, x)
-            if not (isinstance(o, torch.Tensor) and o.is_floating_point()):
-                return
-            g = torch.Generator(device="cpu").manual_seed(0)
-            d = torch.randn(o.shape, generator=g, dtype=torch.float64)
-
-            def curvature(out, target):
-                with torch.enable_grad():
-                    pull = vjp(grad(lambda u: _scalar_loss(self.loss_fn(u, target))),
-                               out.detach())[1]
-                    return pull(d.to(device=out.device, dtype=out.dtype))[0].double().cpu()
-
-            low = curvature(o, t)
-            wide = t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-            ref = curvature(o.double(), wide)
         except (RuntimeError, ValueError, TypeError, NotImplementedError):
-            return              # a loss that runs in one dtype only: nothing to compare
-        scale = float(ref.norm())
-        if scale > 0 and math.isfinite(scale) and float((low - ref).norm()) > 0.05 * scale:
-            warnings.warn(
-                f"the loss's curvature in the model's outputs is lost to {self.dtype} "
-                f"round-off (on the first {n} samples it differs from float64 by "
-                f"{float((low - ref).norm()) / scale:.0%}): e.g. a fitted cross-entropy net "
-                "whose softmax saturates (1 − p_y below the dtype's eps). Curvatures and "
-                "learning rates are then off by up to 2×; pass dtype=torch.float64",
-                UserWarning, stacklevel=caller_stacklevel())
+            return
+        warn_output_precision(o, t, self.loss_fn, order=2, n=n,
+                              consequence="Curvatures and learning rates are then off by up "
+                                          "to 2×")
 
     def _forward(self, prim, x):
         state = dict(self.frozen)

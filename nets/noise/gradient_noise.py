@@ -49,8 +49,9 @@ from nets.curvature.operators import (
     curvature_operator,
     policy_mode,
     resolve_device_dtype,
+    warn_output_precision,
 )
-from nets.curvature.params import ParamLayout, functional_loss, make_functional
+from nets.curvature.params import ParamLayout, call_model, functional_loss, make_functional
 from nets.utils.autocast import outside_autocast
 from nets.utils.data_source import as_data_source, check_indices
 from nets.utils.memory import SAMPLE_CHUNK_CAP, capped_sample_chunk, memory_budget, product_chunk
@@ -104,6 +105,28 @@ class _PerSample:
     def __call__(self, X, y):
         with policy_mode(self.model, self.policy):
             return self._vg(self._cast(X), self._cast(y))
+
+    def warn_precision(self, src) -> None:
+        """Warn when the loss's gradient in the outputs is lost to this dtype's round-off
+        on the first 64 samples (`warn_output_precision`). The case met: a fitted
+        cross-entropy net in float32 whose softmax saturates, where torch's gradient
+        drops the true class's term (p_y rounds to 1), and tr Σ and B_simple came out
+        15–78 % off with nothing said (the operator's own check, on the curvature, runs
+        only with hessian=True)."""
+        if self.dtype == torch.float64:
+            return
+        n = min(64, src.N)
+        try:
+            x, t = src.take(np.arange(n))
+            state = dict(self.frozen)
+            state.update(zip(self.layout.names, self.primals))
+            with torch.no_grad(), policy_mode(self.model, self.policy):
+                out = call_model(self.model, state, self._cast(x))
+        except (RuntimeError, ValueError, TypeError, NotImplementedError):
+            return
+        warn_output_precision(out, self._cast(t), self.loss_fn, order=1, n=n,
+                              consequence="Per-sample gradients, tr Σ and the noise scales "
+                                          "are then off")
 
 
 def _chunk(chunk_size, memory, ps, src) -> int:
@@ -217,6 +240,7 @@ def gradient_noise(model, loss_fn, data, *, hessian_samples=32, hessian=True, pa
     seed = resolved_seed("seed", seed)
     ps = _PerSample(model, loss_fn, params, device, dtype, policy)
     check_mean_reduced(model, loss_fn, src)      # a summed loss: every number chunk-dependent
+    ps.warn_precision(src)
     chunk_size = _chunk(chunk_size, memory, ps, src)
     P = ps.layout.P
     acc = torch.float64
