@@ -247,3 +247,65 @@ def test_sweep_key_settings_are_written_exactly_and_stably():
     net = torch.nn.Linear(3, 2).to(torch.bfloat16)
     X, y = torch.randn(4, 3, dtype=torch.bfloat16), torch.zeros(4, dtype=torch.long)
     assert len(_model_tag(net, torch.nn.functional.cross_entropy, X, y)) == 12
+
+
+def test_a_growth_window_of_fewer_than_three_steps_is_refused():
+    """fit_growth_rate reads fewer than 3 points as "no growth", so a window of 2 steps of
+    20 judged a run that left w₀ by 1e10 (α = 4/λ on least squares) stable, and lr_sweep
+    returned 2e7 × 2/λ (an outside check). The oracle: gradient descent at α = 4/λ
+    multiplies the top component by |1 − αλ| = 3 a step."""
+    p, model, loss, data, lam = _quadratic(1)
+    with pytest.raises(ValueError, match="at least 3 steps"):
+        run_trial(model, loss, data, model.state_dict(), 4 / lam, p.N, 20, window=0.1)
+    r = run_trial(model, loss, data, model.state_dict(), 4 / lam, p.N, 20, window=0.15)
+    assert r.diverged and r.growth_rate == pytest.approx(math.log(3.0), rel=0.02)
+
+
+def test_bisection_ends_when_the_bracket_is_one_float_wide():
+    """rel_tol below float64 resolution (1 + 1e-16 == 1) looped forever, a training run
+    per turn; it now stops at adjacent floats around the edge."""
+    res = bisect_max_lr(lambda a: a > 1.0, 0.3, rel_tol=1e-16)
+    assert res.lo <= 1.0 < res.hi and res.hi / res.lo - 1 < 1e-15
+    assert res.n_trials < 80
+
+
+def test_training_threshold_trains_past_a_parameter_the_loss_does_not_use(tiny_mlp):
+    """An auxiliary head the loss never reaches got no gradient and the SGD trial raised
+    torch's "appears to not have been used in the graph", where torch.optim.SGD skips it.
+    The oracle: the same network without the head, on the same batches, gives the same
+    thresholds to the last bit (heavy ball, so the momentum buffers are in it too)."""
+    import torch
+    import torch.nn.functional as F
+
+    from nets.learning_rates.lr_search import training_threshold
+
+    model, X, y = tiny_mlp(N=40)
+
+    class WithAux(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+            self.aux = torch.nn.Linear(6, 2).double()
+
+        def forward(self, x):
+            return self.net(x)
+
+    opts = dict(steps=12, seeds=(0, 1), lr0=1.0, momentum=0.9, progress=False)
+    with_aux = training_threshold(WithAux(), F.cross_entropy, (X, y), [8], **opts)
+    plain = training_threshold(model, F.cross_entropy, (X, y), [8], **opts)
+    np.testing.assert_array_equal(with_aux.per_seed, plain.per_seed)
+
+
+def test_adam_threshold_warns_about_train_mode_layers_as_the_sgd_one_does(tiny_mlp):
+    """adam_threshold runs its trials in eval mode, as training_threshold does, but said
+    nothing about a model left in train mode with dropout (an outside check)."""
+    import torch
+    import torch.nn.functional as F
+
+    import nets
+
+    model, X, y = tiny_mlp(N=40)
+    drop = torch.nn.Sequential(model, torch.nn.Dropout(0.1)).train()
+    with pytest.warns(UserWarning, match="adam_threshold: the model has layers in train mode"):
+        nets.adam_threshold(drop, F.cross_entropy, (X, y), [8], warmup_steps=2, steps=8,
+                            seeds=(0,), lr0=0.1, rel_tol=0.5)

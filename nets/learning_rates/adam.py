@@ -77,6 +77,7 @@ from nets.learning_rates.lr_search import (
     check_start_loss,
     plot_thresholds,
     seed_mean_stderr,
+    warn_train_mode_layers,
 )
 from nets.noise.directional import sample_chunk
 from nets.utils.autocast import outside_autocast
@@ -1064,6 +1065,7 @@ def adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 0.999), eps
     """
     if criterion not in ADAM_CRITERIA:
         raise ValueError(f"criterion must be one of {ADAM_CRITERIA}, got {criterion!r}")
+    warn_train_mode_layers(model, "adam_threshold")
     check_mean_reduced(model, loss_fn, data)
     X, y = tensors_for(model, data, device=device, dtype=dtype)
     if device is not None or dtype is not None:     # the trials train copies: cast one

@@ -159,6 +159,11 @@ def run_trial(model, loss_fn, dataset, state_dict, lr, batch_size, steps, optimi
     window = as_float("window", window, positive=True)
     if window > 1:
         raise ValueError(f"window must be in (0, 1], got {window}")
+    if steps - int(steps * (1.0 - window)) < 3:
+        # fit_growth_rate reads fewer than 3 points as "no growth": a window of 2 steps
+        # judged a run that left w₀ by 1e10 stable, and lr_sweep returned 2e7 × 2/λ
+        raise ValueError(f"window × steps must hold at least 3 steps (the growth fit's "
+                         f"points), got window={window:g} of steps={steps}")
     thr = 3.0 / steps if growth_threshold is None else as_float("growth_threshold", growth_threshold)
     loss_factor = as_float("loss_factor", loss_factor, positive=True)
 
@@ -279,6 +284,8 @@ def bisect_max_lr(is_diverged, alpha0, rel_tol=0.02, max_expand=_MAX_EXPAND) -> 
         lo = a / 2.0
     while hi / lo > 1.0 + rel_tol:
         mid = math.sqrt(lo * hi)
+        if not lo < mid < hi:       # the bracket is one float wide: a rel_tol below float
+            break                   # resolution (1e-16) looped forever
         if div(mid):
             hi = mid
         else:
@@ -470,9 +477,14 @@ def _sgd_step(net, params, bufs, loss_fn, X, y, batch_size, gen, lr, momentum, n
     `batch_size` distinct samples drawn with `gen`; returns the batch loss (a tensor)."""
     idx = torch.randperm(len(X), generator=gen)[:batch_size]
     loss = loss_fn(net(X[idx]), y[idx])
-    grads = torch.autograd.grad(loss, params)
+    # a parameter the loss does not reach (an auxiliary head) gets no gradient and is left
+    # as torch's optimizers leave it, momentum buffer included; without allow_unused it
+    # raised where a training run with torch.optim.SGD goes on
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
     with torch.no_grad():
         for p, g, b in zip(params, grads, bufs):
+            if g is None:
+                continue
             if momentum:
                 b.mul_(momentum).add_(g)
                 g = g.add(b, alpha=momentum) if nesterov else b
