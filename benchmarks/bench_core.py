@@ -10,7 +10,7 @@ chunk, this measures the median wall time of
               cache_graph=False: forward + backward + pullback every product
   hvp_cached  the same with cache_graph=True (the gradient graph is kept; a product
               is one pullback through it)
-  lanczos     `nets.algorithms.lanczos.lanczos(op, m)` (full reorthogonalisation), per step
+  lanczos     `nets.lanczos(op, m)` (full reorthogonalisation), per step
   eigsh       `nets.algorithms.lanczos.eigsh(op, k=5)`, per operator product
   matmat_k    `op.matmat(V)` with k columns (torch.func.vmap) vs k sequential matvecs
   bfloat16    error of bfloat16 products and what nets.algorithms.lanczos does with them

@@ -25,7 +25,7 @@ Two further parts say where the sharpening comes from:
       E‖Δw_t‖²_noise = α²·c(B, N)·tr Σ · Σ_{j=1..t} ((1 − m^j)/(1 − m))²
 
   (each ξ_k enters with weight α·(1 − m^{t−k+1})/(1 − m)). Compared with ‖w₁₀ − w₀‖ of
-  the traced runs above (tr Σ from `nets.noise.gradient_noise.gradient_noise`).
+  the traced runs above (tr Σ from `nets.gradient_noise`).
 
 * ``--part curvature``: does the drift sharpen the network beyond its linearisation? At the
   measured B = 512 threshold α of each net (m = 0.9, and m = 0 on the GELU net), random

@@ -86,7 +86,7 @@ def render_summary() -> str:
         L += ["## Core primitives (bench_core)", "",
               "Ratios of best-of-repeats times; 'c' = operator with `cache_graph=True` "
               "(what `cache_graph=\"auto\"` picks for these data); HVP without 'c' = from "
-              "scratch (forward + backward + pullback). Lz/HVP = m `nets.algorithms.lanczos.lanczos` "
+              "scratch (forward + backward + pullback). Lz/HVP = m `nets.lanczos` "
               "steps (full reorthogonalisation) against m bare products, both long runs, so "
               "noisy (±20 % on this shared machine); 'Lz bookkeeping' = the recurrence's "
               "own cost per step, timed on a diagonal operator, and 'est' = 1 + bookkeeping/"
@@ -116,7 +116,7 @@ def render_summary() -> str:
             L.append("| " + " | ".join(cells) + " |")
         for b in core.get("bfloat16", []):
             L.append(f"\nbfloat16 products, {b['model']}: relative error {_f(b['hvp_rel_err'])} against "
-                     f"float64; `nets.algorithms.lanczos.lanczos(op, 30)` on the raw bfloat16 operator stops after "
+                     f"float64; `nets.lanczos(op, 30)` on the raw bfloat16 operator stops after "
                      f"{b['raw_bf16_steps']} step(s) with top Ritz value {b['raw_bf16_top']:.4g} (false "
                      f"breakdown, float64: {b['top_float64']:.4g}); through `paper_scale."
                      f"LowPrecisionProducts` {b['wrapped_bf16_steps']} steps, top {b['wrapped_bf16_top']:.4g} "

@@ -55,9 +55,12 @@ from nets.learning_rates.lr_prediction import (
 from nets.learning_rates.monitor import CurvatureMonitor, eoss_plateau
 from nets.learning_rates.sharpness_gap import sharpness_gap_terms, stochastic_sharpness_gap
 from nets.learning_rates.transfer import transfer_lr
-from nets.noise import batch_spectra, gradient_noise, resolved_noise, subspace_noise  # noqa: F401
+from nets.noise import batch_spectra, resolved_noise, subspace_noise  # noqa: F401
 from nets.noise.batch_spectra import measure_batch_top_eigenvalue, predict_batch_top_eigenvalue
 from nets.noise.directional import directional_noise, isotropic_noise
+
+# the function, not its module (which `nets.noise` shadows with it): `nets.gradient_noise(...)`
+from nets.noise.gradient_noise import gradient_noise
 from nets.noise.resolved_noise import resolved_noise_from_operator
 from nets.training import data, models  # noqa: F401
 from nets.training.data import load_cifar, load_digits
@@ -78,6 +81,7 @@ __all__ = [
     "hutchinson_trace",
     "directional_noise",
     "isotropic_noise",
+    "gradient_noise",
     "top_eigenvalues",
     "bottom_eigenvalues",
     "measure_batch_top_eigenvalue",

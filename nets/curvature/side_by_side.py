@@ -16,7 +16,7 @@ and one Hessian-vector product of L̃ with (v_1, …, v_k) is (H_1 v_1, …, H_k
 gradient graph of L̃ is built once at construction; every product is one pullback
 through it (`torch.autograd.grad` with `retain_graph`), exactly as for a cached-graph
 `ModelCurvatureOperator`. Column j of the (P, k) argument of `matmat` is multiplied by
-H_j, so `nets.algorithms.lanczos.lanczos_batch(op, m, num_vectors=k, v0=V0)` runs the
+H_j, so `nets.algorithms.lanczos_batch(op, m, num_vectors=k, v0=V0)` runs the
 k recurrences (one per chunk) as one.
 
 Measured on the digits MLP 64-32-10 (k = 2 chunks of 32 samples, 20 updates of

@@ -54,7 +54,7 @@ parameter group (`add_param_group` is refused). The curvature products go throug
    chosen once, without replacement, by `numpy.random.default_rng(seed)` (or given as
    `curvature_indices`), and kept fixed for the whole run.
 2. **Lanczos.** At the current weights, `lanczos_steps` = m steps of Lanczos with full
-   reorthogonalisation (:func:`nets.algorithms.lanczos.lanczos`) on the Hessian (or GGN,
+   reorthogonalisation (:func:`nets.lanczos`) on the Hessian (or GGN,
    `kind="ggn"`) of the mean loss over the curvature batch, H_{B_c}, from a Rademacher
    start vector seeded by `seed + update index`. Weight decay δ adds δ·I, so every Ritz
    value is shifted by δ.
