@@ -257,6 +257,96 @@ def test_a_model_that_mixes_samples_is_refused():
         top_eigenvalues(ComplexMix().double(), cplx, (X, torch.randn(len(X), 2, dtype=X.dtype)), k=1)
 
 
+def test_a_recurrent_net_returning_its_hidden_state_is_not_read_as_mixing_samples():
+    """nn.GRU's h_n is (layers × directions, n, H), the batch second: with a bidirectional
+    layer its first dimension is 2, the probe's batch size, and a model returning
+    (logits, h_n) was refused as mixing samples though the loss reads the logits alone (an
+    outside sweep). The oracle: the dense Hessian of the loss written on the logits, and a
+    mixing leaf that the loss reads is still refused."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(24, 4, 3, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 3, (24,), generator=g)
+
+    class BiGRU(nn.Module):
+        def __init__(self, mix=False):
+            super().__init__()
+            torch.manual_seed(0)
+            self.rnn = nn.GRU(3, 4, bidirectional=True, batch_first=True).double()
+            self.fc = nn.Linear(8, 3).double()
+            self.mix = mix
+
+        def forward(self, x):
+            o, h = self.rnn(x)
+            logits = self.fc(o[:, -1])
+            if self.mix:
+                logits = logits - logits.mean(0)
+            return logits, h
+
+    def on_logits(out, t):
+        return F.cross_entropy(out[0], t)
+
+    model = BiGRU()
+    with torch.no_grad():
+        assert tuple(model(X)[1].shape) == (2, 24, 4)
+    got = top_eigenvalues(model, on_logits, (X, y), k=1)
+    names = [n for n, _ in model.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def loss(w):
+        state, i = {}, 0
+        for n, p in model.named_parameters():
+            state[n] = w[i:i + p.numel()].view_as(p)
+            i += p.numel()
+        assert list(state) == names
+        return on_logits(torch.func.functional_call(model, state, (X,)), y)
+
+    dense = torch.func.hessian(loss)(flat)
+    assert got[0] == pytest.approx(float(torch.linalg.eigvalsh(dense)[-1]), rel=1e-8)
+    with pytest.raises(ValueError, match="depends on the other samples in its batch"):
+        top_eigenvalues(BiGRU(mix=True), on_logits, (X, y), k=1)
+
+
+def test_a_sparse_embedding_is_measured_with_dense_gradients_and_left_sparse():
+    """nn.Embedding(sparse=True) made every entry point raise torch's "reshape is not
+    implemented for sparse tensors" (an outside sweep); sparse=True only changes how the
+    weight's gradient is stored, so the products now run it dense. The oracle: the dense
+    Hessian of the same lookup written with the weight as a plain tensor; the user's
+    module keeps sparse=True."""
+    import nets
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randint(0, 12, (40, 5), generator=g)
+    y = torch.randint(0, 3, (40,), generator=g)
+    torch.manual_seed(0)
+
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(12, 4, sparse=True).double()
+            self.fc = nn.Linear(4, 3).double()
+
+        def forward(self, x):
+            return self.fc(self.emb(x).mean(1))
+
+    model = Bag()
+    got = nets.top_eigenvalues(model, F.cross_entropy, (X, y), k=1)
+    noise = nets.gradient_noise(model, F.cross_entropy, (X, y), hessian=False)
+    assert model.emb.sparse is True
+    E0, W0, b0 = (t.detach() for t in (model.emb.weight, model.fc.weight, model.fc.bias))
+
+    def loss(w):
+        E, W, b = w[:48].view(12, 4), w[48:60].view(3, 4), w[60:]
+        return F.cross_entropy(E[X].mean(1) @ W.T + b, y)
+
+    flat = torch.cat([E0.reshape(-1), W0.reshape(-1), b0])
+    dense = torch.func.hessian(loss)(flat)
+    assert got[0] == pytest.approx(float(torch.linalg.eigvalsh(dense)[-1]), rel=1e-8)
+    per = torch.stack([torch.func.grad(lambda w: F.cross_entropy(
+        w[:48].view(12, 4)[X[i:i + 1]].mean(1) @ w[48:60].view(3, 4).T + w[60:], y[i:i + 1]))(flat)
+        for i in range(len(X))])
+    assert noise.trace_cov == pytest.approx(float(per.var(0).sum()), rel=1e-9)
+
+
 def test_training_threshold_says_it_runs_train_mode_layers_in_eval_mode():
     """A model with train-mode BatchNorm or active Dropout is measured in eval mode (the
     oracle: the same threshold as model.eval()); one warning per call says so, none for an
@@ -320,6 +410,45 @@ def test_a_forward_that_squeezes_the_sample_dimension_is_refused_clearly():
 
     with pytest.raises(ValueError, match="squeeze"):
         top_eigenvalues(Binary(), F.binary_cross_entropy_with_logits, (X, (y % 2).double()), k=1)
+    # gradient_noise's per-sample pass gave torch's raw "Target size ... must be the same
+    # as input size" (an outside sweep): it checks the outputs first now
+    from nets import gradient_noise
+
+    with pytest.raises(ValueError, match="squeeze"):
+        gradient_noise(Binary(), F.binary_cross_entropy_with_logits, (X, (y % 2).double()),
+                       hessian=False)
+
+
+def test_a_packed_sequence_is_named_where_torch_func_cannot_run_it():
+    """An RNN fed a PackedSequence raised torch's "Cannot access data pointer of Tensor that
+    doesn't have storage" from inside the products and the per-sample pass (an outside
+    sweep); the error now names the layer and what to do. (Plain autograd can run it;
+    torch.func, which every product uses, cannot.)"""
+    from nets import gradient_noise
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 5, (16,), generator=g)
+    X = torch.zeros(16, 4, dtype=torch.long)
+    for i, n in enumerate(lengths.tolist()):
+        X[i, :n] = torch.randint(1, 9, (n,), generator=g)
+    y = torch.randint(0, 3, (16,), generator=g)
+
+    class Packed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb, self.rnn = nn.Embedding(9, 3), nn.GRU(3, 4, batch_first=True)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            p = nn.utils.rnn.pack_padded_sequence(self.emb(x), (x != 0).sum(1).cpu(),
+                                                  batch_first=True, enforce_sorted=False)
+            return self.fc(self.rnn(p)[1][-1])
+
+    for call in (lambda: top_eigenvalues(Packed().double(), F.cross_entropy, (X, y), k=1),
+                 lambda: gradient_noise(Packed().double(), F.cross_entropy, (X, y), hessian=False)):
+        with pytest.raises(RuntimeError, match="PackedSequence"):
+            call()
 
 
 def test_a_time_major_output_is_named_as_such():

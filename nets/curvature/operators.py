@@ -48,7 +48,7 @@ import torch
 from torch import nn
 from torch.func import grad, jvp, vjp, vmap
 
-from nets.curvature.loss_check import _kept_loss_state, check_mean_reduced, loss_name
+from nets.curvature.loss_check import _kept_loss_state, _leaves_read, check_mean_reduced, loss_name
 from nets.curvature.params import ParamLayout, call_model, make_functional, output_tensors
 from nets.utils.autocast import outside_autocast, outside_caller_contexts
 from nets.utils.callers import caller_stacklevel
@@ -92,7 +92,9 @@ _RANDOM_TYPES = (nn.RReLU,)
 @contextlib.contextmanager
 def _explained_missing_derivatives():
     """torch's "the derivative for 'X' is not implemented" from a layer whose backward
-    cannot itself be differentiated (nn.EmbeddingBag, some fused kernels), said in the
+    cannot itself be differentiated (nn.EmbeddingBag, some fused kernels), and its "Cannot
+    access data pointer of Tensor that doesn't have storage" from a kernel that reads raw
+    memory under torch.func's transforms (an RNN run on a PackedSequence), said in the
     package's terms."""
     try:
         yield
@@ -105,6 +107,17 @@ def _explained_missing_derivatives():
             "layer's backward has no derivative in torch (e.g. nn.EmbeddingBag: use "
             "nn.Embedding followed by the mean/sum over the bag). Curvature products need "
             "second derivatives") from None
+    except RuntimeError as err:
+        text = str(err)
+        if "doesn't have storage" not in text:
+            raise
+        raise RuntimeError(
+            f"a layer of the model cannot run under torch.func's transforms, which every "
+            f"curvature product and per-sample pass uses ({text.splitlines()[0]}): a kernel "
+            "that reads raw tensor memory, e.g. nn.GRU/LSTM/RNN fed a PackedSequence "
+            "(pack_padded_sequence). Run the recurrent layer on the padded batch and pick "
+            "each sequence's last valid step by index (or mask the padding) instead: for a "
+            "one-directional layer the same function of the weights") from None
 
 
 class CurvatureOperator:
@@ -501,14 +514,18 @@ def _coupling_rtol(t: torch.Tensor) -> float:
     return 5e-2
 
 
-def _coupling(mixed, alone) -> float:
+def _coupling(mixed, alone, leaves=None) -> float:
     """The largest relative difference (to the leaf's scale) between sample 0's output in a
     batch with sample 1 (`mixed`, first row) and in a batch with a copy of itself (`alone`,
     first row) over the floating and complex leaves with the sample dimension first,
     where it exceeds `_coupling_rtol`; 0 if none does. Both batches have two rows, so the
-    same kernels run on both: only a forward that mixes samples separates them."""
+    same kernels run on both: only a forward that mixes samples separates them.
+    leaves : positions (in `output_tensors` order) of the leaves to compare, or None for
+    every leaf (`_sample_leaves`)."""
     worst = 0.0
-    for u, v in zip(output_tensors(mixed), output_tensors(alone)):
+    for i, (u, v) in enumerate(zip(output_tensors(mixed), output_tensors(alone))):
+        if leaves is not None and i not in leaves:
+            continue
         if not ((u.is_floating_point() or u.is_complex()) and u.ndim > 0 and u.shape[0] == 2
                 and v.shape == u.shape):
             continue
@@ -520,14 +537,14 @@ def _coupling(mixed, alone) -> float:
     return worst
 
 
-def _check_samples_independent(mixed, alone) -> None:
+def _check_samples_independent(mixed, alone, leaves=None) -> None:
     """Refuse (ValueError) a forward whose output on sample 0 depends on the other sample
     of its batch: model(x[[0, 1]])[0] against model(x[[0, 0]])[0] beyond round-off, on
     every floating (or complex) leaf with the sample dimension first — the curvature of a
     per-sample mean loss would then depend on how the data are chunked. (Comparing a
     batch of one with a batch of two instead refused float32 models whose kernels differ
     by batch size: a LayerNorm after a large bias, 1.2e-5 of the output.)"""
-    worst = _coupling(mixed, alone)
+    worst = _coupling(mixed, alone, leaves)
     if not worst:
         return
     raise ValueError(
@@ -544,6 +561,30 @@ def _check_samples_independent(mixed, alone) -> None:
 # ----------------------------------------------------------------------------------
 # model operators
 # ----------------------------------------------------------------------------------
+
+def check_batch_dimension(many, one, n: int) -> None:
+    """Refuse (ValueError) a model whose output on n > 1 samples (`many`) and on one sample
+    (`one`, None when it cannot run on one) do not share the batch as their first
+    dimension: a time-major output (an RNN without batch_first), or a squeeze() at the end
+    of forward that drops the sample dimension of a batch of one — which the per-sample
+    passes need. Tensor outputs only."""
+    if not (isinstance(many, torch.Tensor) and isinstance(one, torch.Tensor) and many.ndim > 0):
+        return
+    if (one.ndim == many.ndim and many.ndim > 1 and one.shape[0] == many.shape[0]
+            and one.shape[1] == 1 and many.shape[1] == n):
+        raise ValueError(       # e.g. an RNN without batch_first: (T, N, C)
+            f"the model maps {n} samples to an output of shape "
+            f"{tuple(many.shape)} and one sample to {tuple(one.shape)}: the samples run "
+            "along its second dimension, but the first must be the batch dimension "
+            "(a time-major output, e.g. nn.RNN/GRU/LSTM without batch_first=True: "
+            "use batch_first=True or transpose the output)")
+    if tuple(one.shape) != (1, *many.shape[1:]):
+        raise ValueError(
+            f"the model maps {n} samples to an output of shape {tuple(many.shape)} but one "
+            f"sample to {tuple(one.shape)}: the per-sample passes need the sample "
+            "dimension kept for a batch of one (a squeeze() at the end of forward "
+            "drops it; use squeeze(-1) or flatten())")
+
 
 def output_precision_error(outputs, targets, loss_fn, *, order: int) -> float:
     """Relative error, ‖a − a₆₄‖/‖a₆₄‖, of the loss's derivative in the model's outputs as
@@ -713,21 +754,7 @@ class ModelCurvatureOperator(CurvatureOperator):
                     one = self._forward(self.primals, x[:1])
             except (RuntimeError, ValueError, TypeError, IndexError):
                 one = None
-            if (isinstance(one, torch.Tensor) and one.ndim == a.ndim and a.ndim > 1
-                    and one.shape[0] == a.shape[0] and one.shape[1] == 1
-                    and a.shape[1] == x.shape[0]):
-                raise ValueError(       # e.g. an RNN without batch_first: (T, N, C)
-                    f"the model maps {x.shape[0]} samples to an output of shape "
-                    f"{tuple(a.shape)} and one sample to {tuple(one.shape)}: the samples run "
-                    "along its second dimension, but the first must be the batch dimension "
-                    "(a time-major output, e.g. nn.RNN/GRU/LSTM without batch_first=True: "
-                    "use batch_first=True or transpose the output)")
-            if isinstance(one, torch.Tensor) and tuple(one.shape) != (1, *a.shape[1:]):
-                raise ValueError(
-                    f"the model maps 2 samples to an output of shape {tuple(a.shape)} but one "
-                    f"sample to {tuple(one.shape)}: the per-sample passes need the sample "
-                    "dimension kept for a batch of one (a squeeze() at the end of forward "
-                    "drops it; use squeeze(-1) or flatten())")
+            check_batch_dimension(a, one, x.shape[0])
         # a tolerance, not bitwise: some GPU kernels are not bitwise reproducible
         same = all(torch.allclose(u.nan_to_num(), v.nan_to_num(), rtol=1e-4, atol=1e-6)
                    if u.is_floating_point() else torch.equal(u, v)
@@ -750,19 +777,43 @@ class ModelCurvatureOperator(CurvatureOperator):
         if not same:
             raise self._not_repeatable()
         if x.shape[0] > 1 and self.policy != "train_batch_stats":
+            leaves = self._sample_leaves(a, x, y)
             try:
                 with torch.no_grad(), self._trial_mode():
                     alone = self._forward(self.primals, x[[0, 0]])
                     # a change below the tolerance above, from call to call, read as
                     # coupling: a train-mode parametrizations.spectral_norm's power
                     # iteration (2.6e-5) was blamed on batch statistics
-                    again = self._forward(self.primals, x[[0, 0]]) if _coupling(a, alone) else None
+                    again = (self._forward(self.primals, x[[0, 0]])
+                             if _coupling(a, alone, leaves) else None)
             except (RuntimeError, ValueError, TypeError, IndexError):
                 alone = again = None
-            if again is not None and _coupling(again, alone):
+            if again is not None and _coupling(again, alone, leaves):
                 raise self._not_repeatable()
             if alone is not None:
-                _check_samples_independent(a, alone)
+                _check_samples_independent(a, alone, leaves)
+
+    def _sample_leaves(self, out, x, y):
+        """Positions of a container output's leaves that the sample-coupling check compares:
+        those the loss reads (`loss_check._leaves_read`) whose first dimension is the
+        sample's (1 in the model's output on one sample, when it runs on one). None for a
+        tensor output (compared whole). A recurrent net returning (logits, h_n) — h_n
+        (layers × directions, n, H), the batch second — was refused as mixing samples
+        whenever layers × directions = 2, h_n's first dimension then matching the two-row
+        probe (an outside sweep), though the loss reads the logits alone."""
+        if isinstance(out, torch.Tensor):
+            return None
+        leaves = output_tensors(out)
+        read = {id(t) for t in _leaves_read(out, self.loss_fn, y)}
+        try:
+            with torch.no_grad(), self._trial_mode():
+                ones = output_tensors(self._forward(self.primals, x[:1]))
+        except (RuntimeError, ValueError, TypeError, IndexError):
+            ones = None
+        if ones is not None and len(ones) != len(leaves):
+            ones = None
+        return {i for i, t in enumerate(leaves) if id(t) in read
+                and (ones is None or (ones[i].ndim > 0 and ones[i].shape[0] == 1))}
 
     def _not_repeatable(self) -> ValueError:
         training = any(m.training for m in self.model.modules())

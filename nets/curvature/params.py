@@ -231,6 +231,9 @@ def call_model(model: nn.Module, state: dict, x) -> torch.Tensor:
     the scan costs ~4 ms on a 900-module network, on every product."""
     slots = [(m, dict(m._parameters), dict(m._buffers)) for m in _shared_modules(model)]
     writes = _WRITES_ATTRIBUTES.get(model)          # None: not called yet
+    sparse = [(m, m.sparse) for m in _sparse_lookups(model)]
+    for module, _ in sparse:
+        module.sparse = False
     try:
         if writes is False:
             with twice_differentiable():
@@ -245,9 +248,32 @@ def call_model(model: nn.Module, state: dict, x) -> torch.Tensor:
         for module, params, buffers in slots:
             module._parameters.update(params)
             module._buffers.update(buffers)
+        for module, flag in sparse:
+            module.sparse = flag
 
 
 _SHARED_MODULES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SPARSE_LOOKUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _sparse_lookups(model: nn.Module) -> tuple:
+    """The model's `nn.Embedding`/`nn.EmbeddingBag` layers built with sparse=True, which
+    `call_model` runs with dense gradients: the same numbers (sparse=True only changes how
+    the weight's gradient is stored), but a sparse gradient cannot be reshaped or
+    differentiated again by torch.func, and every entry point raised torch's "reshape is
+    not implemented for sparse tensors" (an outside sweep). Found once per model and kept,
+    like `_shared_modules`."""
+    try:
+        return _SPARSE_LOOKUPS[model]
+    except (KeyError, TypeError):
+        pass
+    found = tuple(m for m in model.modules()
+                  if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse)
+    try:
+        _SPARSE_LOOKUPS[model] = found
+    except TypeError:
+        pass
+    return found
 _WRITES_ATTRIBUTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 

@@ -44,7 +44,9 @@ from torch.func import grad
 from nets.curvature.loss_check import check_mean_reduced
 from nets.curvature.operators import (
     GRAPH_PRODUCT_FACTOR,
+    _explained_missing_derivatives,
     _scalar_loss,
+    check_batch_dimension,
     check_policy,
     curvature_operator,
     policy_mode,
@@ -103,30 +105,43 @@ class _PerSample:
         return t.to(self.dtype) if t.is_floating_point() else t
 
     def __call__(self, X, y):
-        with policy_mode(self.model, self.policy):
+        with policy_mode(self.model, self.policy), _explained_missing_derivatives():
             return self._vg(self._cast(X), self._cast(y))
 
-    def warn_precision(self, src) -> None:
-        """Warn when the loss's gradient in the outputs is lost to this dtype's round-off
-        on the first 64 samples (`warn_output_precision`). The case met: a fitted
-        cross-entropy net in float32 whose softmax saturates, where torch's gradient
-        drops the true class's term (p_y rounds to 1), and tr Σ and B_simple came out
-        15–78 % off with nothing said (the operator's own check, on the curvature, runs
-        only with hessian=True)."""
-        if self.dtype == torch.float64:
-            return
+    def check_outputs(self, src) -> None:
+        """The model's outputs on the first samples, checked before the per-sample pass:
+        the batch must be their first dimension for one sample as for two
+        (`check_batch_dimension`: a squeeze() at the end of forward gave torch's raw
+        "Target size ... must be the same as input size" here, where the operators explain
+        it), and the loss's gradient in them must not be lost to this dtype's round-off on
+        the first 64 samples (`warn_output_precision`; a fitted cross-entropy net in
+        float32 whose softmax saturates, where torch's gradient drops the true class's term
+        as p_y rounds to 1: tr Σ and B_simple came out 15–78 % off with nothing said — the
+        operator's own check, on the curvature, runs only with hessian=True)."""
         n = min(64, src.N)
+        state = dict(self.frozen)
+        state.update(zip(self.layout.names, self.primals))
+
+        def outputs(x):
+            with torch.no_grad(), policy_mode(self.model, self.policy):
+                return call_model(self.model, state, self._cast(x))
+
+        errors = (RuntimeError, ValueError, TypeError, NotImplementedError)
         try:
             x, t = src.take(np.arange(n))
-            state = dict(self.frozen)
-            state.update(zip(self.layout.names, self.primals))
-            with torch.no_grad(), policy_mode(self.model, self.policy):
-                out = call_model(self.model, state, self._cast(x))
-        except (RuntimeError, ValueError, TypeError, NotImplementedError):
+            out = outputs(x)
+        except errors:
             return
-        warn_output_precision(out, self._cast(t), self.loss_fn, order=1, n=n,
-                              consequence="Per-sample gradients, tr Σ and the noise scales "
-                                          "are then off")
+        if n > 1:
+            try:
+                one = outputs(x[:1])
+            except errors:
+                one = None
+            check_batch_dimension(out, one, n)
+        if self.dtype != torch.float64:
+            warn_output_precision(out, self._cast(t), self.loss_fn, order=1, n=n,
+                                  consequence="Per-sample gradients, tr Σ and the noise "
+                                              "scales are then off")
 
 
 def _chunk(chunk_size, memory, ps, src) -> int:
@@ -240,7 +255,7 @@ def gradient_noise(model, loss_fn, data, *, hessian_samples=32, hessian=True, pa
     seed = resolved_seed("seed", seed)
     ps = _PerSample(model, loss_fn, params, device, dtype, policy)
     check_mean_reduced(model, loss_fn, src)      # a summed loss: every number chunk-dependent
-    ps.warn_precision(src)
+    ps.check_outputs(src)
     chunk_size = _chunk(chunk_size, memory, ps, src)
     P = ps.layout.P
     acc = torch.float64
