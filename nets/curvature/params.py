@@ -228,7 +228,9 @@ def call_model(model: nn.Module, state: dict, x) -> torch.Tensor:
     (`kept_attributes`): the package's tensors — inside vmap, tensors that escaped it —
     would otherwise be left on the caller's modules, and reading them failed later. Whether
     a model's forward writes any is learnt on its first call and kept (`_writes_attributes`):
-    the scan costs ~4 ms on a 900-module network, on every product."""
+    the scan costs ~4 ms on a 900-module network, on every product. Embedding layers built
+    with sparse=True run with dense gradients inside it (`_sparse_lookups`), and are put
+    back as they were."""
     slots = [(m, dict(m._parameters), dict(m._buffers)) for m in _shared_modules(model)]
     writes = _WRITES_ATTRIBUTES.get(model)          # None: not called yet
     sparse = [(m, m.sparse) for m in _sparse_lookups(model)]
@@ -253,6 +255,7 @@ def call_model(model: nn.Module, state: dict, x) -> torch.Tensor:
 
 
 _SHARED_MODULES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_WRITES_ATTRIBUTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _SPARSE_LOOKUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -274,7 +277,6 @@ def _sparse_lookups(model: nn.Module) -> tuple:
     except TypeError:
         pass
     return found
-_WRITES_ATTRIBUTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _writes_attributes(model: nn.Module, before: dict) -> None:
