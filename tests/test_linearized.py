@@ -373,3 +373,46 @@ def test_curved_subspace_warns_when_the_top_eigenvector_is_mostly_outside_it():
     assert 1e-3 < overlap < 0.5
     assert not any("mostly outside" in str(w.message) for w in high)
     assert thin.curved and thin.rank == 1 and wide.curved and wide.rank == 40
+
+
+def test_a_loss_vmap_cannot_run_is_run_one_column_at_a_time():
+    """A loss with a data-dependent check (`if not torch.isfinite(z).all(): raise`) made
+    every linearised form raise functorch's "vmap: ... .item()" while the real trials ran
+    it (an outside sweep). The oracle: on softmax regression the linearised network is the
+    network, so its running maxima are the real trials' (label smoothing: not the fast
+    cross-entropy path)."""
+    model, X, y = softmax_regression()
+
+    def checked(z, t):
+        if not torch.isfinite(z).all():
+            raise FloatingPointError("non-finite outputs")
+        return F.cross_entropy(z, t, label_smoothing=0.1)
+
+    J, z0 = output_jacobians(model, X, dtype=torch.float64)
+    lrs = [0.3, 3.0, 30.0]
+    worst = linearized_max_loss(J, z0, y, checked, 8, 0.9, lrs, 40, 5)
+    for lr, w in zip(lrs, worst):
+        real = training_trial(model, checked, X, y, lr, 8, steps=40, momentum=0.9, seed=5,
+                              criterion="divergence", factor=1e12)
+        assert w == pytest.approx(real.max_loss / real.initial_loss, rel=1e-7)
+
+
+def test_linearized_thresholds_warn_as_the_real_ones_do():
+    """A head-only optimizer was modelled as training every parameter (10× off on a test
+    net) and a train-mode dropout net was run in eval mode, both without the warnings
+    training_threshold and adam_threshold give (an outside sweep)."""
+    from nets import linearized_adam_threshold
+
+    model, X, y = softmax_regression()
+    net = nn.Sequential(model, nn.Dropout(0.1)).train()
+    opts = dict(steps=10, seeds=(0,), lr_range=(0.3, 30.0), n_grid=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.warns(UserWarning, match="updates only 3 of the model's 21"):
+            linearized_threshold(model, F.cross_entropy, (X, y), [8],
+                                 optimizer=torch.optim.SGD([model.bias], lr=0.1), **opts)
+        with pytest.warns(UserWarning, match="linearized_threshold: the model has layers in train"):
+            linearized_threshold(net, F.cross_entropy, (X, y), [8], **opts)
+        with pytest.warns(UserWarning, match="linearized_adam_threshold: the model has layers"):
+            linearized_adam_threshold(net, F.cross_entropy, (X, y), [8], steps=10, warmup_steps=2,
+                                      seeds=(0,), correct=False)

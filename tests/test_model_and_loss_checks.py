@@ -65,6 +65,28 @@ def test_a_weighted_mean_loss_is_said(loss):
     assert said == []                            # the plain mean passes quietly
 
 
+def test_a_weighted_loss_with_float32_weights_reports_its_gradient_gap():
+    """nn.CrossEntropyLoss(weight=float32) cannot run on the float64 copy of the outputs
+    the gradient comparison makes, so the warning read "differs ... by nan%" (an outside
+    sweep); it now compares in the outputs' own dtype. The oracle: the gap computed here
+    from the batch gradient and the per-sample gradients, written out."""
+    X, y = _data(N=64)                       # the check reads up to 64 samples: all of them
+    model = _mlp().float()
+    loss = nn.CrossEntropyLoss(weight=torch.tensor([5.0, 1, 1, 0.2]))
+    with pytest.warns(UserWarning, match="not the plain mean") as rec:
+        check_mean_reduced(model, loss, (X.float(), y))
+    text = " ".join(str(w.message) for w in rec)
+    assert "nan%" not in text
+    with torch.no_grad():
+        out = model(X.float())
+    o = out.detach().requires_grad_(True)
+    whole = torch.autograd.grad(loss(o, y), o)[0]
+    each = torch.cat([torch.autograd.grad(loss(o[i:i + 1], y[i:i + 1]), o)[0][i:i + 1]
+                      for i in range(64)]) / 64
+    gap = float((whole - each).norm() / each.norm())
+    assert gap > 0.1 and f"by {gap:.0%}" in text
+
+
 def test_targets_that_broadcast_across_samples_are_refused():
     """Outputs (N, 1) against targets (N,): F.mse_loss broadcasts them to N × N, every
     output against every target. The oracle: that loss equals the mean over all pairs

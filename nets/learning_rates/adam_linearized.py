@@ -82,7 +82,12 @@ from nets.learning_rates.linearized import (
     refined_runs,
     warn_unbracketed,
 )
-from nets.learning_rates.lr_search import as_growth_factor, as_seeds, seed_mean_stderr
+from nets.learning_rates.lr_search import (
+    as_growth_factor,
+    as_seeds,
+    seed_mean_stderr,
+    warn_train_mode_layers,
+)
 from nets.utils.autocast import outside_autocast
 from nets.utils.callers import caller_stacklevel
 from nets.utils.data_source import tensors_for
@@ -185,6 +190,7 @@ def linearized_adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 
     n_grid = as_int("n_grid", n_grid, minimum=4)
     lo, hi = as_range("lr_range", lr_range)
     seeds = as_seeds(seeds)
+    warn_train_mode_layers(model, "linearized_adam_threshold")     # as adam_threshold does
     check_mean_reduced(model, loss_fn, data)
     X, y = tensors_for(model, data)
     N = len(X)

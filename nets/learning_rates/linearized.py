@@ -290,6 +290,13 @@ def _run_columns(lin, y, loss_fn, batch_size, n_cols, steps, seed, step, out_sha
     else:
         batch_grad = vmap(grad(col_loss), in_dims=(2, None), out_dims=2)
         full_loss = vmap(col_loss, in_dims=(2, None))
+        try:                           # a loss vmap cannot run: one column at a time
+            probe = lin.z[:2, :, None]
+            with torch.no_grad():
+                full_loss(probe, y[:2])
+            batch_grad(probe, y[:2])
+        except RuntimeError:
+            batch_grad, full_loss = _looped_columns(col_loss)
     gen = torch.Generator().manual_seed(int(seed))
     with torch.no_grad():
         L0 = float(col_loss(lin.z, y))
@@ -323,6 +330,28 @@ def _run_columns(lin, y, loss_fn, batch_size, n_cols, steps, seed, step, out_sha
         live &= ~dead & (worst <= cap)
     worst[dead] = math.inf
     return worst.numpy()
+
+
+def _looped_columns(col_loss):
+    """(batch gradient, full loss) of `_run_columns` one column at a time with
+    torch.autograd: for a loss that vmap cannot run — a data-dependent check such as `if
+    not torch.isfinite(z).all(): raise`, `.item()`, an old-style autograd.Function — which
+    raised functorch's "vmap: It looks like you're calling .item()" from every linearised
+    form while the real trials ran it (an outside sweep). The same numbers, slower by
+    the number of columns."""
+
+    def batch_grad(Z, t):
+        cols = []
+        for g in range(Z.shape[2]):
+            z = Z[:, :, g].detach().requires_grad_(True)
+            with torch.enable_grad():
+                cols.append(torch.autograd.grad(col_loss(z, t), z)[0])
+        return torch.stack(cols, 2)
+
+    def full_loss(Z, t):
+        return torch.stack([col_loss(Z[:, :, g], t).detach() for g in range(Z.shape[2])])
+
+    return batch_grad, full_loss
 
 
 def _is_plain_cross_entropy(loss_fn, y, shape) -> bool:
@@ -468,12 +497,14 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
     span, renormalised): the linearised network plus the change of its Jacobian along u,
     one forward-over-forward pass over the data more (module docstring)."""
     from nets.curvature.loss_check import check_mean_reduced
+    from nets.learning_rates.lr_prediction import warn_partial_optimizer
     from nets.learning_rates.lr_search import (
         _read_momentum,
         _top_direction,
         as_growth_factor,
         as_seeds,
         seed_mean_stderr,
+        warn_train_mode_layers,
     )
     from nets.utils.data_source import tensors_for
     from nets.utils.progress import progress_bar
@@ -483,6 +514,10 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
     if not callable(loss_fn):
         raise TypeError("loss_fn must be callable")
     m, nest = _read_momentum(optimizer, momentum, nesterov)
+    # as training_threshold does: the run trains every trainable parameter in eval mode
+    # (a head-only optimizer was modelled as training all 460 parameters, 10× off, silently)
+    warn_partial_optimizer(model, optimizer)
+    warn_train_mode_layers(model, "linearized_threshold")
     # > 1, as for the real thresholds it models (factor=1 gave a number training_threshold
     # refuses; 0.5 an all-NaN result; an extra factor ≤ 1 widened the grid; an outside sweep)
     k = as_growth_factor(factor)
