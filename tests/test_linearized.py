@@ -161,6 +161,10 @@ def test_bad_inputs():
             linearized_threshold(model, F.cross_entropy, data, [8], lr_range=(0.1, 1.0), **kw)
     with pytest.raises(TypeError, match="seeds"):
         linearized_threshold(model, F.cross_entropy, data, [8], seeds=None, lr_range=(0.1, 1.0))
+    # the Jacobians' dtype: an integer one raised a log_softmax kernel error mid-run
+    with pytest.raises(TypeError, match="dtype must be a floating"):
+        linearized_threshold(model, F.cross_entropy, data, [8], dtype=torch.int32,
+                             lr_range=(0.1, 1.0))
 
 
 @pytest.mark.parametrize("warm", [0, 20])

@@ -513,6 +513,9 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(loss_fn):
         raise TypeError("loss_fn must be callable")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        # the Jacobians' storage dtype: an integer one raised a kernel error deep in the run
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     m, nest = _read_momentum(optimizer, momentum, nesterov)
     # as training_threshold does: the run trains every trainable parameter in eval mode
     # (a head-only optimizer was modelled as training all 460 parameters, 10× off, silently)
