@@ -444,3 +444,68 @@ def test_warm_state_and_low_level_entry_points_check_their_inputs():
     next(iter(opt.state.values()))["exp_avg_sq"].view(-1)[0] = float("nan")
     with pytest.raises(ValueError, match="exp_avg_sq"):
         A.adam_preconditioner(model, opt)
+
+
+def test_a_concave_preconditioned_state_has_no_limit_and_bad_state_is_named():
+    """preconditioned_batch_sharpness returned α = F/mean < 0 (−31 on a concave state; an
+    outside sweep) where predict_adam_max_lr refuses and lr_table reads NaN. The oracle:
+    the one-parameter net's loss, written out, is concave at the weight (second
+    derivative < 0), so every batch's top eigenvalue is its negative curvature × D."""
+    N = 20
+    X = torch.linspace(-2, 2, N, dtype=torch.float64)[:, None]
+    y = -torch.sign(X[:, 0]) * 0.9
+    model = nn.Sequential(nn.Linear(1, 1, bias=False), nn.Tanh()).double()
+    with torch.no_grad():
+        model[0].weight.fill_(1.5)
+
+    def lf(out, t):
+        return ((out[:, 0] - t) ** 2).mean()
+
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    for _ in range(3):
+        opt.zero_grad()
+        lf(model(X), y).backward()
+        opt.step()
+    w = model[0].weight.detach().reshape(())
+    curv = torch.func.hessian(lambda a: (((torch.tanh(a * X[:, 0])) - y) ** 2).mean())(w)
+    assert float(curv) < 0
+    r = A.preconditioned_batch_sharpness(model, lf, (X, y), [1, 20], preconditioner=opt,
+                                         n_batches=3)
+    assert (r.mean < 0).all() and np.isnan(r.lr).all()
+    # a state at step 0 (moments initialised, never stepped) and amsgrad switched on after
+    # stepping: named (they read "holds NaN or inf (a diverged step?)" and a raw KeyError)
+    fresh = torch.optim.Adam(model.parameters())
+    for p in model.parameters():
+        fresh.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                          "exp_avg_sq": torch.zeros_like(p)}
+    with pytest.raises(ValueError, match="at step 0"):
+        A.adam_preconditioner(model, fresh)
+    opt.param_groups[0]["amsgrad"] = True
+    with pytest.raises(ValueError, match="amsgrad was switched on after it stepped"):
+        A.adam_preconditioner(model, opt)
+
+
+def test_noise_floor_refuses_variances_it_cannot_use():
+    """A NaN, negative or infinite grad_var read as "no noise floor" (inf), the answer
+    for a zero one; a fractional N was truncated (an outside sweep)."""
+    g = np.array([0.1, -0.2])
+    assert A.adam_noise_floor_lr(g, np.zeros(2), [8], 100, excess_loss=0.01)[0] == np.inf
+    for bad in ([np.nan, 1.0], [-1.0, 1.0], [np.inf, 1.0]):
+        with pytest.raises(ValueError, match="finite and >= 0"):
+            A.adam_noise_floor_lr(g, np.array(bad), [8], 100, excess_loss=0.01)
+    with pytest.raises((TypeError, ValueError), match="N"):
+        A.adam_noise_floor_lr(g, np.ones(2), [8], 5.5, excess_loss=0.01)
+
+
+def test_a_callable_of_fresh_optimizers_is_warned_about_as_the_optimizer_is():
+    """A fresh Adam (every D = 1/ε) passed as `lambda B: opt` gave the same ε-set limits
+    as the optimizer itself, which is warned about, with no warning (an outside sweep).
+    The oracle: the numbers are the instance's, and so are the warnings."""
+    model, X, y = _tiny(3, N=32)
+    opt = torch.optim.Adam(model.parameters())
+    for fn in (A.predict_adam_max_lr, A.preconditioned_batch_sharpness):
+        got = {}
+        for name, pre in (("instance", opt), ("callable", lambda B: opt)):
+            with pytest.warns(UserWarning, match="sits at its ceiling 1/ε"):
+                got[name] = fn(model, _mse, (X, y), [8], preconditioner=pre, seed=0).lr
+        np.testing.assert_allclose(got["callable"], got["instance"], rtol=1e-12)

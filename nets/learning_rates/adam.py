@@ -68,7 +68,7 @@ import torch
 from nets.algorithms.lanczos import eigsh
 from nets.curvature.loss_check import check_mean_reduced
 from nets.curvature.operators import curvature_operator
-from nets.learning_rates.lr_prediction import DiagonalScaledOperator, adam_state_settings
+from nets.learning_rates.lr_prediction import DiagonalScaledOperator, _limit, adam_state_settings
 from nets.learning_rates.lr_search import (
     Trial,
     as_growth_factor,
@@ -171,6 +171,15 @@ def _adam_second_moment(model, optimizer, params=None):
         st = optimizer.state.get(p, {})
         if "exp_avg_sq" in st:
             t = float(st["step"])
+            if t <= 0:          # 1 − β₂⁰ = 0: read as "holds NaN or inf (a diverged step?)"
+                raise ValueError("optimizer: its state for a parameter of shape "
+                                 f"{tuple(p.shape)} is at step 0 (moments initialised, never "
+                                 "stepped), where the bias-corrected v̂ is 0/0; take a step "
+                                 "first, or pass a fresh optimizer (no state)")
+            if g.get("amsgrad") and "max_exp_avg_sq" not in st:
+                raise ValueError("optimizer: amsgrad=True but its state has no max_exp_avg_sq "
+                                 "(amsgrad was switched on after it stepped); torch's next step "
+                                 "will fail on it too — set amsgrad as it was stepped")
             v = st["max_exp_avg_sq"] if g.get("amsgrad") else st["exp_avg_sq"]
             vhat = v.detach().to(torch.float64) / (1.0 - float(g["betas"][1]) ** t)
             if not bool(torch.isfinite(vhat).all()):
@@ -314,6 +323,26 @@ def _checked_preconditioner(preconditioner, batch_sizes, model, params):
     return (lambda B: table[int(B)]), opts[0], first
 
 
+def _saturation_masks(preconditioner, rep, batch_sizes, model, params):
+    """{B: `_saturated` mask} for the optimizer(s) of a checked preconditioner (one given
+    optimizer, or a callable's table of them, `_checked_preconditioner`), else None. A
+    callable of optimizers skipped the check, and a fresh Adam (every D = 1/ε) gave its
+    ε-set limits unwarned where the optimizer itself was warned about (an outside sweep)."""
+    if rep is None:
+        return None
+    return {int(B): _saturated(model, preconditioner if isinstance(preconditioner,
+                                                                   torch.optim.Optimizer)
+                               else preconditioner(int(B)), params) for B in batch_sizes}
+
+
+def _any_mask(masks):
+    """The coordinates saturated at some batch size of `_saturation_masks`."""
+    out = None
+    for m in masks.values():
+        out = m.clone() if out is None else out | m
+    return out
+
+
 def _precond_for(preconditioner, model, B, params):
     if callable(preconditioner) and not isinstance(preconditioner, torch.optim.Optimizer):
         preconditioner = preconditioner(int(B))
@@ -344,15 +373,14 @@ def preconditioned_batch_sharpness(model, loss_fn, data, batch_sizes, *, precond
     bs = np.array([as_int("batch_sizes", b, minimum=1) for b in np.atleast_1d(batch_sizes)])
     if bs.max() > src.N:
         raise ValueError(f"batch_sizes must be <= N={src.N}")
-    given = isinstance(preconditioner, torch.optim.Optimizer)
     preconditioner, rep, _ = _checked_preconditioner(preconditioner, bs, model, params)
     beta1 = _beta1_from(rep, beta1)
     n_batches = as_int("n_batches", n_batches, minimum=1)
     seed = resolved_seed("seed", seed)          # None: one int from fresh entropy, recorded
     rng = np.random.default_rng(seed)
     vals = np.empty((len(bs), n_batches))
-    sat = _saturated(model, preconditioner, params) if given else None
-    vectors, top_weight = sat is not None and bool(sat.any()), 0.0
+    masks = _saturation_masks(preconditioner, rep, bs, model, params)
+    vectors, top_weight = masks is not None and any(bool(m.any()) for m in masks.values()), 0.0
     jobs = [(i, k) for i in range(len(bs)) for k in range(n_batches)]
     for i, k in progress_bar(jobs, progress=progress, total=len(jobs), desc="preconditioned λ_max"):
         d = _precond_for(preconditioner, model, bs[i], params)
@@ -365,14 +393,16 @@ def preconditioned_batch_sharpness(model, loss_fn, data, batch_sizes, *, precond
         vals[i, k] = float(top.values[0])
         if vectors:
             u = torch.as_tensor(np.asarray(top.vectors[:, 0]), dtype=torch.float64)
-            top_weight = max(top_weight, float((u[sat] ** 2).sum()))
+            top_weight = max(top_weight, float((u[masks[int(bs[i])]] ** 2).sum()))
     if vectors:
-        _warn_saturated("preconditioned_batch_sharpness", model, loss_fn, src, preconditioner,
-                        sat, top_weight, params=params, policy=policy, device=device,
-                        dtype=dtype)
+        _warn_saturated("preconditioned_batch_sharpness", model, loss_fn, src, rep,
+                        _any_mask(masks), top_weight, params=params, policy=policy,
+                        device=device, dtype=dtype)
     mean = vals.mean(1)
     std = vals.std(1, ddof=1) if n_batches > 1 else np.full(len(bs), np.nan)   # one batch: unknown
-    return PreconditionedSharpness(bs, mean, std, vals, adam_factor(beta1) / mean,
+    # NaN where the mean batch top eigenvalue is ≤ 0: no such limit (it returned −31 as a
+    # "maximal learning rate" on a concave state; an outside sweep), as lr_table's columns
+    return PreconditionedSharpness(bs, mean, std, vals, _limit(adam_factor(beta1), mean),
                                    float(beta1), n_batches, seed)
 
 
@@ -550,7 +580,6 @@ def predict_adam_max_lr(model, loss_fn, data, batch_sizes, *, betas=None, eps=No
         raise ValueError(f"form must be one of {ADAM_FORMS}, got {form!r}")
     if betas is not None:
         betas = _as_betas(betas)
-    given = isinstance(preconditioner, torch.optim.Optimizer)
     preconditioner, rep, own = _checked_preconditioner(preconditioner, bs, model, params)
     b1 = _beta1_from(rep, None if betas is None else betas[0])
     if own is not None:
@@ -574,7 +603,7 @@ def predict_adam_max_lr(model, loss_fn, data, batch_sizes, *, betas=None, eps=No
         def preconditioner(B):
             return noise_model_preconditioner(gn.mean, gn.var, B, N, eps=eps)
     lam, s2 = np.empty(len(bs)), np.empty(len(bs))
-    sat = _saturated(model, preconditioner, params) if given else None
+    masks = _saturation_masks(preconditioner, rep, bs, model, params)
     top_weight = 0.0
     for i, B in enumerate(progress_bar(list(bs), progress=progress, desc="Adam prediction")):
         d = _precond_for(preconditioner, model, B, params)
@@ -586,10 +615,11 @@ def predict_adam_max_lr(model, loss_fn, data, batch_sizes, *, betas=None, eps=No
                              f"positive ({pn.lam:.3g}, zero to precision below "
                              f"{pn.zero_tol:.2g}); no stability limit")
         lam[i], s2[i] = pn.lam, pn.s2
-        if sat is not None and bool(sat.any()):
-            top_weight = max(top_weight, float((torch.as_tensor(pn.vector)[sat] ** 2).sum()))
-    if sat is not None:
-        _warn_saturated("predict_adam_max_lr", model, loss_fn, src, preconditioner, sat,
+        if masks is not None and bool(masks[int(B)].any()):
+            top_weight = max(top_weight,
+                             float((torch.as_tensor(pn.vector)[masks[int(B)]] ** 2).sum()))
+    if masks is not None:
+        _warn_saturated("predict_adam_max_lr", model, loss_fn, src, rep, _any_mask(masks),
                         top_weight, params=params, policy=policy, device=device, dtype=dtype)
     c = np.array([batch_noise_factor(int(B), N) for B in bs])
     lam_b = lam + c * s2 / lam
@@ -616,11 +646,17 @@ def adam_noise_floor_lr(grad_mean, grad_var, batch_sizes, N, *, excess_loss, eps
     vanishes (B = N, or Σ = 0) there is no noise floor: α_floor = inf, the formula's limit.
     grad_mean and grad_var: per-coordinate arrays of one length."""
     bs = np.array([as_int("batch_sizes", b, minimum=1) for b in np.atleast_1d(batch_sizes)])
+    N = as_int("N", N, minimum=1)               # 5.5 was truncated to 5
     mean = np.asarray(grad_mean, dtype=float)
     var = np.asarray(grad_var, dtype=float)
     if mean.shape != var.shape or mean.ndim != 1:
         raise ValueError(f"grad_mean and grad_var must be 1-D arrays of one length (one entry per "
                          f"parameter), got shapes {mean.shape} and {var.shape}")
+    # a NaN, negative or infinite variance read as "no noise floor" (inf), the answer for
+    # a zero one (an outside sweep)
+    if not (np.isfinite(mean).all() and np.isfinite(var).all() and (var >= 0).all()):
+        raise ValueError("grad_mean must be finite and grad_var finite and >= 0 (per-coordinate "
+                         "variances)")
     excess_loss = as_float("excess_loss", excess_loss, positive=True)
     out = np.empty(len(bs))
     for i, B in enumerate(bs):
