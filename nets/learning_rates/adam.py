@@ -217,13 +217,15 @@ def _warn_saturated(who, model, loss_fn, src, optimizer, mask, top_weight, *, pa
     if top_weight < 0.01 and n_grad == 0:
         return
     warnings.warn(f"{who}: {n} of the {mask.numel()} coordinates have √v̂ ≤ ε in the optimizer's "
-                  f"state (no state yet, or a gradient that vanished while it was accumulated, "
-                  f"e.g. a bias before a BatchNorm warmed in train mode), so D = 1/(√v̂ + ε) sits "
+                  f"state (no state yet, a gradient that vanished while it was accumulated, "
+                  f"e.g. a bias before a BatchNorm warmed in train mode, or an ε above the "
+                  f"gradients' scale), so D = 1/(√v̂ + ε) sits "
                   f"at its ceiling 1/ε = {1 / eps:.3g} there; they carry {top_weight:.1%} of the "
                   f"top preconditioned eigenvector and {n_grad} of them a gradient above ε, so the "
                   "limit is set by ε. It is not the fresh-state limit: a fresh Adam's first step "
                   "is lr·sign(g), not lr·g/ε. Warm the optimizer on this model (in the mode it "
-                  "is measured in), or freeze the parameters that get no gradient",
+                  "is measured in), freeze the parameters that get no gradient, or, if ε was "
+                  "chosen this large, read the limit as that of SGD with step lr/ε",
                   UserWarning, stacklevel=caller_stacklevel())
 
 
@@ -531,7 +533,7 @@ def warn_adam_transfer(form, beta1, batch_sizes, reference_batch_size, *, who):
     if form in ADAM_MODEL_FORMS:
         warn_momentum_upward(beta1, batch_sizes, reference_batch_size, who=who)
     elif np.any(np.asarray(batch_sizes) != reference_batch_size):
-        measured = ("8 of 9 measured networks (0.30-2.49x)" if beta1 > 0 else
+        measured = ("8 of 9 networks measured at beta1 = 0.9 (0.30-2.49x)" if beta1 > 0 else
                     "15 of 17 measured network instances (0.24-4.22x; it met only on the two "
                     "digits networks it was developed on)")
         warnings.warn(f"{who}: with beta1 = {beta1:g} the transfer along Adam's stability limit "
