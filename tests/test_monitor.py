@@ -434,3 +434,83 @@ def test_summed_and_weighted_losses_warn_at_construction():
         warnings.simplefilter("always")
         CurvatureMonitor(model, CE, (X, y), batch_size=8, n_batches=0, lr=0.1)
     assert not [w for w in rec if "loss_fn" in str(w.message)]
+
+
+def test_an_explicit_lr_keeps_the_attached_optimizers_momentum():
+    """With SGD(momentum=0.9) attached, `measure(lr=...)` recorded momentum 0 and the
+    limits of plain SGD (max_lr 5.7× high, an outside sweep): the lr given replaces α
+    only. The oracle: the same measurement without the lr, at the same step (same seed)."""
+    X, y = _data(seed=2)
+    model = _model(2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    mon = CurvatureMonitor(model, CE, (X, y), batch_size=16, n_batches=0)
+    mon.attach(opt)
+    read = mon.measure(3)
+    given = mon.measure(3, lr=0.1)
+    assert (given.lr, given.momentum) == (0.1, 0.9)
+    # (the second Lanczos run starts from the first's vector: equal to its tolerance)
+    np.testing.assert_allclose(given.max_lr, read.max_lr, rtol=1e-5)
+    assert given.edge == pytest.approx(read.edge, rel=1e-5)
+
+
+def test_a_subset_monitor_uses_the_training_sets_size_in_the_batch_noise():
+    """docs advise giving the monitor a few hundred samples of the training set; c(B, N)
+    then used the subset's N (the noise term 0.38× its value for 200 of 3,000) and refused
+    B above the subset. With train_size the limits use the training N. The oracle: the
+    closed form λ' = λ + (1/B − 1/N)·s²/λ from the recorded λ and s²."""
+    X, y = _data(N=120, seed=5)
+    model = _model(5)
+    sub = (X[:40], y[:40])
+    mon = CurvatureMonitor(model, CE, sub, batch_size=64, n_batches=2, lr=0.1, train_size=120)
+    r = mon.record(0)
+    assert r.lam_prime == pytest.approx(float(batch_curvature(64, r.lam, r.s2, 120)), rel=1e-12)
+    assert max(mon.batch_sizes) == 120 and math.isnan(r.batch_sharpness)    # B > len(data)
+    small = CurvatureMonitor(model, CE, sub, batch_size=16, lr=0.1, train_size=120).record(0)
+    assert small.lam_prime == pytest.approx(float(batch_curvature(16, small.lam, small.s2, 120)),
+                                            rel=1e-12)
+    assert math.isfinite(small.batch_sharpness)
+    with pytest.raises(ValueError, match="train_size"):
+        CurvatureMonitor(model, CE, sub, batch_size=16, train_size=20)
+    with pytest.raises(ValueError, match="batch_size must be <= N = 40"):
+        CurvatureMonitor(model, CE, sub, batch_size=64)
+
+
+def test_the_learners_weight_decay_is_said_and_a_loss_tensor_is_read_quietly():
+    """The learner adds its weight decay to its own curvature; the monitor's limits are
+    without it and said nothing (torch's SGD with weight decay is warned about; an outside
+    sweep). A loss passed as the training step's tensor (requires grad) raised torch's
+    'Converting a tensor with requires_grad=True to a scalar' warning."""
+    from nets import CurvatureAdaptiveSGD
+
+    X, y = _data(seed=6)
+    model = _model(6)
+    mon = CurvatureMonitor(model, CE, (X, y), batch_size=16, n_batches=0)
+    learner = CurvatureAdaptiveSGD(model, CE, (X, y), batch_size=16, weight_decay=0.5)
+    with pytest.warns(UserWarning, match="weight_decay=0.5 is not in the monitor's curvature"):
+        mon.attach(learner)
+    loss = CE(model(X), y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = mon.measure(1, loss=loss)
+    assert r.loss == pytest.approx(float(loss.detach()))
+
+
+def test_policy_eval_on_a_training_batch_norm_net_is_said():
+    """A BatchNorm net trained in train mode can only be monitored with policy='eval',
+    which measures the running-statistics function: its λ₁ was 2.8× the train-mode one on
+    a small CNN after 6 steps, silently (an outside sweep). The oracle: the package's
+    own batch-statistics Hessian (policy='train_batch_stats') differs from the eval one
+    here too; a BatchNorm held in eval mode (fine-tuning) is not warned about."""
+    X, y = _data(seed=3)
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).double()
+    net.train()
+    with pytest.warns(UserWarning, match="policy='eval' measures the model on its running"):
+        mon = CurvatureMonitor(net, CE, (X, y), batch_size=16, policy="eval", n_batches=0)
+    lam_eval = mon.record(0).lam
+    lam_train = top_eigenvalues(net, CE, (X, y), k=1, policy="train_batch_stats")[0]
+    assert abs(lam_eval / lam_train - 1) > 0.05
+    net[1].eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CurvatureMonitor(net, CE, (X, y), batch_size=16, policy="eval")

@@ -36,7 +36,8 @@ record is always taken. `overhead()` reports the measured fraction.
 first line holds the settings — with the number of parameters, the model's dtype, a
 fingerprint of its structure and the loss, and one of the data — and a monitor opened on
 the same file with other settings, or for another model, loss or data, is refused, as is
-a second monitor writing to a file another one writes to. A run killed and restarted
+a second monitor writing a step the file already holds (two runs writing different steps
+are not told apart, e.g. one resumed at a later step than the other's). A run killed and restarted
 from a checkpoint re-reads its records: steps already recorded are skipped (nothing
 duplicated) and none is lost. The warm-start
 vector is not stored: the first record after a restart starts cold. Each record also
@@ -240,6 +241,27 @@ def warn_eval_mode_layers(model: torch.nn.Module, who: str) -> None:
             UserWarning, stacklevel=caller_stacklevel())
 
 
+def _warn_batch_norm_in_training(model) -> None:
+    """With policy="eval" on a model in train mode whose BatchNorm layers normalise by the
+    batch's statistics, the monitor measures the eval-mode function (running statistics),
+    not the loss the optimizer trains, and the per-sample noise has no train-mode version
+    (policy='train_batch_stats' is refused): said once. On a small BatchNorm CNN after 6
+    steps the eval-mode λ₁ was 2.8× the train-mode one, and max_lr as much too low, with
+    nothing said (an outside sweep)."""
+    from nets.curvature.operators import describe_layers
+
+    norms = [(name, m, "batch") for name, m in model.named_modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
+             and m.track_running_stats]
+    if norms:
+        warnings.warn(
+            f"CurvatureMonitor: policy='eval' measures the model on its running statistics "
+            f"({describe_layers(norms)} are in train mode), not the batch-normalised loss "
+            "the optimizer trains; the two can differ several-fold early in training (λ₁ "
+            "2.8× on a small BatchNorm CNN after 6 steps), and the records say nothing of "
+            "the train-mode curvature", UserWarning, stacklevel=caller_stacklevel())
+
+
 class CurvatureMonitor:
     """Records λ₁, s_u², B*, batch sharpness and the lr table during training.
 
@@ -253,6 +275,11 @@ class CurvatureMonitor:
     budget : the largest fraction of wall time the monitor may use (default 0.1).
     n_batches : batches of size B for the measured batch sharpness (0: skip).
     batch_sizes : B' of the lr table (default powers of 2 up to N, with B and N).
+    train_size : N, the size of the training set, when `data` is a subset of it (a few
+        hundred samples keep each record to seconds): the batch noise c(B, N) = 1/B − 1/N of
+        every limit and the table's range use it (default: len(data); with a 200-sample
+        subset of 3,000 the noise term read 0.38× its value). λ₁ and s_u² are estimated on
+        `data`, and the measured batch sharpness draws its batches from `data` (B < len(data)).
     lr, momentum : the training α and heavy-ball ρ if no optimizer is attached.
     path : JSON-lines file for resumable records (None: in memory only).
     tol : Lanczos relative residual for λ₁ and the batch sharpness; noise_rel_error :
@@ -261,14 +288,17 @@ class CurvatureMonitor:
     """
 
     def __init__(self, model, loss_fn, data, *, batch_size, every=None, budget=0.1,
-                 n_batches=4, batch_sizes=None, lr=None, momentum=0.0, path=None, tol=1e-6,
-                 noise_rel_error=0.1, kind="hessian", params=None, policy=None,
-                 chunk_size=None, device=None, dtype=None, seed=0, clock: Callable = None):
+                 n_batches=4, batch_sizes=None, train_size=None, lr=None, momentum=0.0,
+                 path=None, tol=1e-6, noise_rel_error=0.1, kind="hessian", params=None,
+                 policy=None, chunk_size=None, device=None, dtype=None, seed=0,
+                 clock: Callable = None):
         source = as_data_source(data, name="data")
-        self.N = int(source.N)
-        if self.N < 2:
+        self.n_data = int(source.N)
+        if self.n_data < 2:
             raise ValueError(f"data: the monitor needs at least 2 samples (s_u² is a variance "
-                             f"across samples), got N={self.N}")
+                             f"across samples), got N={self.n_data}")
+        self.N = (self.n_data if train_size is None
+                  else as_int("train_size", train_size, minimum=self.n_data))
         self.batch_size = as_int("batch_size", batch_size, minimum=1)
         if self.batch_size > self.N:
             raise ValueError(f"batch_size must be <= N = {self.N}, got {self.batch_size}")
@@ -294,6 +324,8 @@ class CurvatureMonitor:
         self.seed = as_int("seed", seed, minimum=0)
         if policy is None:
             warn_eval_mode_layers(model, "CurvatureMonitor")
+        elif policy == "eval":
+            _warn_batch_norm_in_training(model)
         self.tracker = CurvatureTracker(model, loss_fn, data, kind=kind, tol=tol, params=params,
                                         policy=policy, chunk_size=chunk_size, device=device,
                                         dtype=dtype, seed=self.seed)
@@ -478,6 +510,13 @@ class CurvatureMonitor:
         self._unsupported = False
         self._settings = None
         if isinstance(optimizer, CurvatureAdaptiveSGD):
+            wd = float(optimizer.param_groups[0].get("weight_decay") or 0.0)
+            if wd > 0:          # said for torch's SGD, silent for the learner (a sweep)
+                warnings.warn(f"CurvatureMonitor: the learner's weight_decay={wd:g} is not in "
+                              "the monitor's curvature (the learner adds it to its own, λ + "
+                              "weight_decay); the recorded limits are those of the loss "
+                              f"without it, too high by about (λ₁ + {wd:g})/λ₁",
+                              UserWarning, stacklevel=caller_stacklevel())
             return
         try:
             self._settings = optimizer_settings(optimizer)
@@ -502,24 +541,25 @@ class CurvatureMonitor:
         attached torch SGD (Nesterov, dampening); nan for an attached Adam/RMSprop, whose
         limit is not SGD's (`nets.adam`), or an optimizer with no limit here: the lr table
         (max_lr and transfer_lr), edge and plateau are then nan."""
-        if lr is not None:
-            return (as_float("lr", lr, nonnegative=True), self.momentum,
-                    momentum_factor(self.momentum), False)
-        if self._optimizer is not None:
-            g = self._optimizer.param_groups[0]
-            mom = g.get("momentum", 0.0)
-            rho = float(mom if mom else 0.0)
-            s = self._settings
-            if self._unsupported:
-                return float(g["lr"]), rho, float("nan"), False
-            if s is None:
-                return float(g["lr"]), rho, momentum_factor(rho), False
-            if s.name != "sgd":
-                return float(g["lr"]), 0.0, float("nan"), False
-            s = dataclasses.replace(s, momentum=rho, dampening=s.dampening if rho else 0.0,
-                                    nesterov=bool(s.nesterov) and rho > 0)
-            return float(g["lr"]), rho, s.sgd_factor, s.nesterov
-        return self.lr, self.momentum, momentum_factor(self.momentum), False
+        if self._optimizer is None:
+            alpha = self.lr if lr is None else as_float("lr", lr, nonnegative=True)
+            return alpha, self.momentum, momentum_factor(self.momentum), False
+        # an explicit lr replaces the attached optimizer's lr only: it replaced its
+        # momentum too (with the constructor's 0), and max_lr read 5.7× high (a sweep)
+        g = self._optimizer.param_groups[0]
+        alpha = float(g["lr"]) if lr is None else as_float("lr", lr, nonnegative=True)
+        mom = g.get("momentum", 0.0)
+        rho = float(mom if mom else 0.0)
+        s = self._settings
+        if self._unsupported:
+            return alpha, rho, float("nan"), False
+        if s is None:
+            return alpha, rho, momentum_factor(rho), False
+        if s.name != "sgd":
+            return alpha, 0.0, float("nan"), False
+        s = dataclasses.replace(s, momentum=rho, dampening=s.dampening if rho else 0.0,
+                                nesterov=bool(s.nesterov) and rho > 0)
+        return alpha, rho, s.sgd_factor, s.nesterov
 
     # -- measurement --------------------------------------------------------------------
     def measure(self, step: int = 0, *, loss=None, lr=None) -> MonitorRecord:
@@ -546,14 +586,14 @@ class CurvatureMonitor:
                 s2, s2_se = float("nan"), float("nan")
             B, N = self.batch_size, self.N
             bs_mean = bs_std = bs_se = float("nan")
-            if self.n_batches and B < N:
+            if self.n_batches and B < self.n_data:
                 m = measure_batch_top_eigenvalue(
                     model, tr.loss_fn, tr.data, [B], n_batches=self.n_batches, kind=tr.kind,
                     tol=tr.tol, params=tr.params, policy=tr.policy, chunk_size=tr.chunk_size,
                     device=tr.device, dtype=tr.dtype, seed=self.seed + step, progress=False)
                 bs_mean, bs_std, bs_se = (float(m["mean"][0]), float(m["std"][0]),
                                           float(m["stderr"][0]))
-            elif self.n_batches:
+            elif self.n_batches and B == N:
                 bs_mean, bs_std, bs_se = lam, 0.0, 0.0
         a, rho, F, nesterov = self._lr_momentum(lr)
         # an lr of 0 (a warm-up's first step) is recorded, but has no edge or transfer
@@ -571,7 +611,8 @@ class CurvatureMonitor:
         plateau = eoss_plateau(a, B, s2, N, factor=F) if ok and known else float("nan")
         cost = self._clock() - t0
         return MonitorRecord(
-            step=int(step), time=self.elapsed(), loss=float("nan") if loss is None else float(loss),
+            step=int(step), time=self.elapsed(),
+            loss=float("nan") if loss is None else float(torch.as_tensor(loss).detach()),
             lr=float("nan") if a is None else float(a), momentum=float(rho), lam=lam,
             lam_residual=float(eig.residuals[0]), lam_converged=bool(eig.converged[0]),
             s2=s2, s2_stderr=s2_se, b_star=s2 / lam ** 2 if ok else float("nan"),
