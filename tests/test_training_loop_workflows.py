@@ -516,6 +516,39 @@ def test_slq_and_the_gradient_noise_hessian_pass_draw_bars(monkeypatch):
     assert "output Jacobians along 4 directions" in "".join(term.text)
 
 
+def test_the_secant_profile_and_the_hessian_samples_report_as_they_go(monkeypatch):
+    """Scale sweep: transfer_lr's first stage, the loss along the top eigenvector (a
+    Lanczos run and 4n full-data losses), was 91 s silent at N = 5,000 on a 134k-parameter
+    CNN, and gradient_noise's 32 default Hessian samples ran as one call under a bar of
+    total 1, drawn only when done (44 s silent). The oracle for the numbers: the same
+    calls without bars."""
+    import re
+    import sys
+
+    import nets.utils.progress as progress
+    from nets import gradient_noise
+    from nets.learning_rates.along_top import loss_along_top
+
+    X, y = _data()
+    model = _model()
+    monkeypatch.setattr(progress, "AUTO_SECONDS", 0.0)
+    term = _Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    quiet = loss_along_top(model, CE, (X, y), n=8, progress=False)
+    assert "".join(term.text) == ""
+    shown = loss_along_top(model, CE, (X, y), n=8)
+    assert "loss along the top eigenvector" in "".join(term.text)
+    assert shown.secant_ratio == quiet.secant_ratio
+    term.text.clear()
+    a = gradient_noise(model, CE, (X, y), hessian_samples=8, progress=False)
+    b = gradient_noise(model, CE, (X, y), hessian_samples=8)
+    text = "".join(term.text)
+    # a bar over the samples (tqdm skips redraws under 0.1 s, so the steps themselves
+    # show only on a slow call), no longer one of total 1
+    assert re.search(r"Hessian products: +0%.*\| 0/[2-8] ", text)
+    assert b.tr_HSigma == pytest.approx(a.tr_HSigma, rel=1e-12)
+
+
 def test_warnings_name_the_users_line_whatever_the_call_path():
     """Every entry point is wrapped (outside_autocast), which moved each fixed-stacklevel
     warning one frame into the package (a review: the summed-loss warning of

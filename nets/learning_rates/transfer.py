@@ -589,7 +589,9 @@ def _linearized_shape(model, loss_fn, data, batch_sizes, lam, eff, *, momentum, 
         ratio, applied = float("nan"), False
         corr = np.ones(len(lin.lr))
     else:
-        prof = loss_along_top(model, loss_fn, data, factor=factor, seed=seed)    # cheap: first
+        prof = loss_along_top(model, loss_fn, data, factor=factor, seed=seed,
+                              progress=progress)     # before the linearised runs: a minute or
+        #                                              more at N = 5,000, P = 134k
         ratio = prof.secant_ratio
         lin = threshold(rank)
         corr = secant_correction(lam, eff, ratio)
