@@ -4,9 +4,10 @@ An architecture none of the forms was developed on, with the recipe written down
 any threshold was measured: the 8×8 digit images (`nets.load_digits(as_images=True)`,
 standardised, all 1,797) through Conv2d(1→6, 3×3, pad 1) – ELU – AvgPool(2) –
 Conv2d(6→12, 3×3, pad 1) – ELU – AvgPool(2) – Linear(48→32) – ELU – Linear(32→10)
-(2,618 parameters; no max-pool, normalisation or dropout), trained by a plain torch loop
-(init from `torch.manual_seed(seed)`, SGD lr 0.05, momentum 0.9, B = 64, 20 epochs
-reshuffled by a generator seeded `seed`, cross-entropy) and measured in eval mode.
+(2,618 parameters; no max-pool, normalisation or dropout), trained as the outside check
+did (init from `torch.manual_seed(seed)`, SGD lr 0.05, momentum 0.9, B = 64, 20 epochs
+reshuffled by a generator seeded `seed`, cross-entropy: `nets.training.loops.train`, the
+same weights bit for bit) and measured in eval mode.
 
 Measured and predicted as in `bench_heldout_transfer.py` (`default_form_row`): the real
 divergence threshold (loss ever > 10× start within 200 steps, `training_threshold`,
@@ -49,19 +50,15 @@ def trained_elu_cnn(seed=0, epochs=20):
     import torch.nn.functional as F
 
     from nets import load_digits
+    from nets.training.loops import train
 
     X, y = load_digits(as_images=True)
     torch.manual_seed(seed)
     model = elu_avg_cnn()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        perm = torch.randperm(len(X), generator=gen)
-        for i in range(0, len(X), 64):
-            idx = perm[i:i + 64]
-            opt.zero_grad()
-            F.cross_entropy(model(X[idx]), y[idx]).backward()
-            opt.step()
+    # the outside check's own loop (a fresh randperm per epoch from a generator seeded
+    # `seed`, torch SGD) is this one: the same weights, bit for bit
+    train(model, F.cross_entropy, (X, y), epochs=epochs, lr=0.05, batch_size=64,
+          momentum=0.9, seed=seed)
     return model.eval(), F.cross_entropy, (X, y)
 
 
