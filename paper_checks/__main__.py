@@ -158,7 +158,14 @@ def main(argv=None) -> int:
             print(f"{mod.NAME:28s} {mod.CLAIM}")
         return 0
     if args.redraw is not None:
-        from .report import is_report, redraw, report_results, write_readme
+        from .report import (
+            interrupted_note,
+            is_report,
+            redraw,
+            report_results,
+            reported_names,
+            write_readme,
+        )
         from .runner import ReportFolderInUse, report_lock
 
         ignored = [opt for opt, given in (("--only", args.only), ("--quick", args.quick),
@@ -181,7 +188,17 @@ def main(argv=None) -> int:
         try:
             with report_lock(out):
                 _, failed = redraw(out)
-                write_readme(report_results(out), out, redrawn=True)
+                results = report_results(out)
+                # a listed check whose JSON no longer loads vanished from the page, with
+                # exit 0 (an outside sweep): named here and in the report, exit 1
+                unread = [n for n in (reported_names(out) or [])
+                          if n not in {r.name for r in results}]
+                failed.update({n: "its JSON file is missing or damaged" for n in unread})
+                note = interrupted_note(out)
+                if unread:
+                    note = ((note + " " if note else "")
+                            + f"Not redrawn (JSON missing or damaged): {', '.join(unread)}.")
+                write_readme(results, out, redrawn=True, note=note)
         except ReportFolderInUse as exc:
             parser.error(f"--redraw: {str(exc).replace('or choose another --out', 'then redraw')}")
         for name, err in failed.items():        # the README says so too

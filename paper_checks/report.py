@@ -68,6 +68,18 @@ def run_line(out_dir: str | Path) -> str | None:
     return next((line for line in lines[:6] if _RUN_LINE.match(line)), None)
 
 
+def interrupted_note(out_dir: str | Path) -> str | None:
+    """The 'Interrupted: …' note of the report in `out_dir` (None when there is none):
+    `--redraw` keeps it, so a redrawn partial report still says which checks never ran."""
+    path = Path(out_dir) / "README.md"
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    hit = next((line for line in lines[:10] if line.startswith("**Interrupted:")), None)
+    return hit.strip("*") if hit else None
+
+
 def write_readme(results: Sequence[CheckResult], out_dir: str | Path, *,
                  title: str = "Paper checks", wall_seconds: float | None = None,
                  command: str = "python -m paper_checks", redrawn: bool = False,
@@ -81,6 +93,8 @@ def write_readme(results: Sequence[CheckResult], out_dir: str | Path, *,
     parts = [f"# {title}", ""]
     now = f"{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M UTC}"
     kept = run_line(out_dir) if redrawn else None
+    if redrawn and note is None:
+        note = interrupted_note(out_dir)   # an interrupted run stays one (it was dropped)
     if kept is not None:
         parts.append(kept)
     elif redrawn:
@@ -211,7 +225,10 @@ def report_results(out_dir: str | Path) -> list[CheckResult]:
 
     results = load_results(out_dir)
     names = reported_names(out_dir)
-    if names:
+    if names is not None:
+        # a report that lists no check (a run interrupted before any finished) redraws
+        # none: every JSON in the folder, from an earlier run, was shown under this run's
+        # command line (an outside sweep)
         results = [r for r in results if r.name in names]
     order = {n: i for i, n in enumerate(all_names("paper"))}
     return sorted(results, key=lambda r: (order.get(r.name, len(order)), r.name))

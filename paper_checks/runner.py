@@ -246,10 +246,14 @@ def _run_locked(checks, ctx, out_dir: Path, fresh: bool, progress: bool, on_resu
         if jobs > 1 and len(groups) > 1:
             _run_parallel(groups, ctx, min(jobs, len(groups)), threads, finish, bar)
         else:
-            for check in pending:
-                if bar is not None:
-                    bar.set_postfix_str(check.NAME)
-                finish(check, run_one(check, ctx), False)
+            # SIGTERM/SIGHUP as SystemExit here too, so the CLI writes its "Interrupted"
+            # note: a plain SIGTERM ended a one-process run with a report that read as
+            # complete (8 pass, 0 fail, 8 checks never reached; an outside sweep)
+            with _sigterm_raises():
+                for check in pending:
+                    if bar is not None:
+                        bar.set_postfix_str(check.NAME)
+                    finish(check, run_one(check, ctx), False)
     finally:
         if bar is not None:
             bar.close()
@@ -370,9 +374,10 @@ def _worker_failed(group, *, twice: bool) -> list[CheckResult]:
 
 @contextlib.contextmanager
 def _sigterm_raises():
-    """SIGTERM raises SystemExit(143) in the main thread while worker processes run, so
-    that `_run_parallel` stops them on the way out (a plain SIGTERM killed the parent and
-    left them running); elsewhere, or off the main thread, nothing changes."""
+    """SIGTERM raises SystemExit(143) in the main thread while checks run, so that
+    `_run_parallel` stops its workers on the way out (a plain SIGTERM killed the parent
+    and left them running) and the CLI reports the run as interrupted; off the main
+    thread nothing changes."""
     import signal
     import threading
 

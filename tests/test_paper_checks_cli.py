@@ -465,3 +465,49 @@ def test_list_with_only_lists_those_checks(capsys):
     assert main(["--list", "--only", "ggn_wishart,batch_hessian_top"]) == 0
     names = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert names == ["batch_hessian_top", "ggn_wishart"]       # registry order
+
+
+def test_an_interrupted_one_process_run_and_its_redraw_say_what_never_ran(tmp_path, monkeypatch,
+                                                                          capsys):
+    """From a sweep of the report folder: (1) SIGTERM to a one-process run (--jobs 1, the
+    shared-machine setting) ended it with a report that read as complete; (2) --redraw
+    dropped an interrupted report's note; (3) --redraw of a report that lists no check
+    (interrupted before any finished) showed an earlier run's JSON files under its command
+    line; (4) a listed check whose JSON was damaged vanished from the page, exit 0."""
+    import signal
+
+    import paper_checks.runner as runner
+
+    out = tmp_path / "rep"
+    run = ["--quick", "--no-progress", "--jobs", "1", "--out", str(out),
+           "--only", "ggn_wishart,batch_hessian_top"]
+    real = runner.run_one
+
+    def killed_at(name):
+        def run_one(check, ctx):
+            if check.NAME == name:
+                os.kill(os.getpid(), signal.SIGTERM)     # as a timeout wrapper would
+            return real(check, ctx)
+        return run_one
+
+    monkeypatch.setattr(runner, "run_one", killed_at("ggn_wishart"))    # the second
+    assert main(run) == 143
+    page = (out / "README.md").read_text()
+    assert "Interrupted: 1 check(s) not run (ggn_wishart)" in page
+    assert main(["--redraw", str(out)]) == 0
+    assert "Interrupted: 1 check(s) not run" in (out / "README.md").read_text()
+    # a later run (another seed) killed before its first check finished
+    monkeypatch.setattr(runner, "run_one", killed_at("batch_hessian_top"))
+    assert main(run + ["--seed", "1"]) == 143
+    assert (out / "batch_hessian_top.json").exists()             # the seed-0 run's
+    assert main(["--redraw", str(out)]) == 0
+    page = (out / "README.md").read_text()
+    assert "## batch_hessian_top" not in page and "--seed 1" in page
+    # the first run again, complete; then its JSON damaged
+    monkeypatch.setattr(runner, "run_one", real)
+    assert main(run) in (0, 1)
+    (out / "ggn_wishart.json").write_text('{"name": "ggn_w')
+    capsys.readouterr()
+    assert main(["--redraw", str(out)]) == 1
+    assert "ggn_wishart: its JSON file is missing or damaged" in capsys.readouterr().err
+    assert "Not redrawn (JSON missing or damaged): ggn_wishart" in (out / "README.md").read_text()
