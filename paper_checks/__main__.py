@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "random matrices, sklearn digits), < 10 min on 2 CPU cores.")
     p.add_argument("--only", action="append", metavar="NAME",
                    help="run only these checks (repeatable, or a comma-separated list)")
-    p.add_argument("--quick", action="store_true", help="small sizes (for tests; minutes → seconds)")
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes, for tests (about 2-3 minutes instead of 5-8; verdicts "
+                        "of the small sizes)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="device for network_batch_spectra and on_the_fly_learner (default "
                         "cpu; the real-training checks run on the CPU)")
