@@ -404,19 +404,29 @@ def test_a_loss_vmap_cannot_run_is_run_one_column_at_a_time():
 def test_linearized_thresholds_warn_as_the_real_ones_do():
     """A head-only optimizer was modelled as training every parameter (10× off on a test
     net) and a train-mode dropout net was run in eval mode, both without the warnings
-    training_threshold and adam_threshold give (an outside sweep)."""
+    training_threshold and adam_threshold give (an outside sweep). The oracle for what
+    the warnings say is done: the same numbers as for every parameter trained (plain
+    "sgd") and as for the net in eval mode."""
     from nets import linearized_adam_threshold
 
     model, X, y = softmax_regression()
     net = nn.Sequential(model, nn.Dropout(0.1)).train()
     opts = dict(steps=10, seeds=(0,), lr_range=(0.3, 30.0), n_grid=4)
+    adam = dict(steps=10, warmup_steps=2, seeds=(0,), correct=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        everything = linearized_threshold(model, F.cross_entropy, (X, y), [8], **opts)
         with pytest.warns(UserWarning, match="updates only 3 of the model's 21"):
-            linearized_threshold(model, F.cross_entropy, (X, y), [8],
-                                 optimizer=torch.optim.SGD([model.bias], lr=0.1), **opts)
+            head = linearized_threshold(model, F.cross_entropy, (X, y), [8],
+                                        optimizer=torch.optim.SGD([model.bias], lr=0.1), **opts)
         with pytest.warns(UserWarning, match="linearized_threshold: the model has layers in train"):
-            linearized_threshold(net, F.cross_entropy, (X, y), [8], **opts)
+            trained = linearized_threshold(net, F.cross_entropy, (X, y), [8], **opts)
         with pytest.warns(UserWarning, match="linearized_adam_threshold: the model has layers"):
-            linearized_adam_threshold(net, F.cross_entropy, (X, y), [8], steps=10, warmup_steps=2,
-                                      seeds=(0,), correct=False)
+            adam_trained = linearized_adam_threshold(net, F.cross_entropy, (X, y), [8], **adam)
+        net.eval()
+        evaluated = linearized_threshold(net, F.cross_entropy, (X, y), [8], **opts)
+        adam_evaluated = linearized_adam_threshold(net, F.cross_entropy, (X, y), [8], **adam)
+    np.testing.assert_array_equal(head.per_seed, everything.per_seed)
+    np.testing.assert_array_equal(trained.per_seed, evaluated.per_seed)
+    np.testing.assert_array_equal(adam_trained.per_seed, adam_evaluated.per_seed)
+    assert np.isfinite(np.asarray(everything.per_seed)).all()

@@ -339,10 +339,7 @@ def _saturation_masks(preconditioner, rep, batch_sizes, model, params):
 
 def _any_mask(masks):
     """The coordinates saturated at some batch size of `_saturation_masks`."""
-    out = None
-    for m in masks.values():
-        out = m.clone() if out is None else out | m
-    return out
+    return torch.stack(list(masks.values())).any(0)
 
 
 def _precond_for(preconditioner, model, B, params):

@@ -854,6 +854,8 @@ class _StandIns:
 #: the smallest part of a resolved spike direction outside span(U), ‖(I − UUᵀ)v‖, below
 #: which the resolved form is warned about (`_warn_spikes_inside_subspace`)
 SPIKE_OUTSIDE_MIN = 0.25
+#: the pencil's Gram eigenvalues below this fraction of the largest are dropped (`_top_pencil`)
+GRAM_CUTOFF = 1e-10
 
 
 def _warn_spikes_inside_subspace(T, Gv) -> None:
@@ -869,9 +871,9 @@ def _warn_spikes_inside_subspace(T, Gv) -> None:
     if T.shape[1] == 0:
         return
     outside = np.sqrt(np.maximum(np.diag(Gv) - (T ** 2).sum(0), 0.0))
-    # a spike inside span(U) to round-off (k = P) is dropped by `_top_pencil`'s cutoff
-    # (Gram eigenvalues below 1e-10 of the largest): the model is then the U-block alone
-    outside = outside[outside > 1e-5]
+    # a spike inside span(U) to round-off (k = P) is dropped by `_top_pencil`'s cutoff on
+    # the Gram eigenvalues (its outside part squared): the model is then the U-block alone
+    outside = outside[outside > math.sqrt(GRAM_CUTOFF)]
     if outside.size == 0:
         return
     worst = float(outside.min())
@@ -887,9 +889,9 @@ def _warn_spikes_inside_subspace(T, Gv) -> None:
 
 def _top_pencil(A: np.ndarray, Gram: np.ndarray) -> float:
     """Largest eigenvalue of the pencil (A, Gram), Gram PSD: restricted to the range of
-    Gram (eigenvalues above 1e-10 of the largest)."""
+    Gram (eigenvalues above GRAM_CUTOFF of the largest)."""
     g, E = np.linalg.eigh(Gram)
-    keep = g > 1e-10 * g[-1]
+    keep = g > GRAM_CUTOFF * g[-1]
     Xm = E[:, keep] / np.sqrt(g[keep])
     M = Xm.T @ A @ Xm
     return float(np.linalg.eigvalsh(0.5 * (M + M.T))[-1])
