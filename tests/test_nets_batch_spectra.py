@@ -406,8 +406,12 @@ def test_resolved_form_vs_dense_batches(dense_problem, pred_all):
     rng = np.random.default_rng(13)
     true = np.array([np.mean([np.linalg.eigvalsh(Hs[rng.choice(N, B, replace=False)].mean(0))[-1]
                               for _ in range(2000)]) for B in FORM_BS[:2]])
+    # (B = 2 of N = 30 is the form's worst case: half the batch resolved, c ≈ 0.47; it
+    # reads +9 % / +6 % at B = 2 / 4 — the consistent basis [U, (I − UUᵀ)v_h] drops the
+    # resolved sample's R_i v_i = 0 on v_i's part in U; the earlier, inconsistent basis
+    # read about +2 % here and 3–40× where v_h lies nearly inside U)
     err = np.abs(pred_all.resolved[:2] / true - 1)
-    assert np.all(err < 0.08), err
+    assert np.all(err < np.array([0.12, 0.08])), err
     assert err[1] < np.abs(pred_all.directional[1] / true[1] - 1)
     single = predict_batch_top_eigenvalue(model, CE, (X, y), FORM_BS, form="resolved",
                                           subspace_dim=3, seed=0)
