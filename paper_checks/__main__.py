@@ -147,6 +147,15 @@ def _selected(args, parser) -> list[str]:
     return [n for n in names if n in wanted]
 
 
+def _ignored_options(args, jobs_given, *more) -> list[str]:
+    """The options given that neither --list nor --redraw uses (computation and output
+    options), plus the (name, given) pairs in `more`."""
+    pairs = (("--quick", args.quick), ("--fresh", args.fresh), ("--seed", args.seed != 0),
+             ("--data", args.data), ("--out", args.out != "report"),
+             ("--device", args.device != "cpu"), ("--jobs", jobs_given), *more)
+    return [opt for opt, given in pairs if given]
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("MPLBACKEND", "Agg")
     parser = build_parser()
@@ -156,6 +165,11 @@ def main(argv=None) -> int:
     jobs_given = args.jobs is not None  # (_check_numbers fills in the default)
     _check_numbers(args, parser)        # --list and --redraw too (they ignored bad values)
     if args.list:                       # --only narrows the list (an unknown name is an error)
+        # --list ran nothing and said so nowhere: `--list --quick --out x` printed the list
+        ignored = _ignored_options(args, jobs_given, ("--redraw", args.redraw is not None))
+        if ignored:
+            parser.error(f"--list runs nothing, so {', '.join(ignored)} would be ignored: "
+                         "leave them out (--only and --scale choose what is listed)")
         for mod in load(_selected(args, parser)):
             print(f"{mod.NAME:28s} {mod.CLAIM}")
         return 0
@@ -170,13 +184,8 @@ def main(argv=None) -> int:
         )
         from .runner import ReportFolderInUse, report_lock
 
-        ignored = [opt for opt, given in (("--only", args.only), ("--quick", args.quick),
-                                          ("--fresh", args.fresh), ("--seed", args.seed != 0),
-                                          ("--scale", args.scale != "default"),
-                                          ("--data", args.data), ("--out", args.out != "report"),
-                                          ("--device", args.device != "cpu"),
-                                          ("--jobs", jobs_given))
-                   if given]
+        ignored = _ignored_options(args, jobs_given, ("--only", args.only),
+                                   ("--scale", args.scale != "default"))
         if ignored:
             parser.error(f"--redraw recomputes nothing, so {', '.join(ignored)} would be "
                          "ignored: leave them out")

@@ -385,7 +385,9 @@ def test_redraw_and_out_leave_other_folders_alone(tmp_path, capsys):
                          (["--redraw", str(proj), "--device", "cuda"], "--device"),
                          (["--redraw", str(proj), "--jobs", "2"], "--jobs"),
                          (["--list", "--only", "nosuch"], "nosuch"),
-                         (["--list", "--threads", "0"], "--threads")):
+                         (["--list", "--threads", "0"], "--threads"),
+                         (["--list", "--quick", "--out", str(proj)], "--quick, --out"),
+                         (["--list", "--redraw", str(proj)], "--redraw")):
         with pytest.raises(SystemExit) as info:
             main(argv + ["--no-progress"])
         assert info.value.code == 2 and option in capsys.readouterr().err, argv
