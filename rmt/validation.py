@@ -379,7 +379,8 @@ def guarded(fn):
     * a result holding NaN or inf (a product that overflowed) is a ValueError naming
       the parameters, never returned.
     """
-    params = tuple(inspect.signature(fn).parameters)
+    sig = inspect.signature(fn)
+    params = tuple(sig.parameters)
     label = f"{fn.__name__}({', '.join(params)})"
 
     @functools.wraps(fn)
@@ -390,7 +391,7 @@ def guarded(fn):
             raise ValueError(f"{label}: the arguments are beyond the numerically representable "
                              f"range ({type(exc).__name__}: {exc})") from exc
         except (ValueError, TypeError) as exc:
-            if _names_any(str(exc), params):
+            if _names_any(str(exc), params + _renamed(sig, args, kwargs)):
                 raise
             raise type(exc)(f"{label}: {exc}") from exc
         if not _finite(out):
@@ -400,6 +401,18 @@ def guarded(fn):
 
     wrapper.__guarded__ = True
     return wrapper
+
+
+def _renamed(sig, args, kwargs) -> tuple:
+    """The caller's name for an argument, where `fn` takes one (`name=`, e.g. "batch_size"
+    for `batch_noise_factor`'s B): a message naming it names the caller's argument."""
+    if "name" not in sig.parameters:
+        return ()
+    try:
+        given = sig.bind_partial(*args, **kwargs).arguments.get("name")
+    except TypeError:
+        return ()
+    return (given,) if isinstance(given, str) and given.isidentifier() else ()
 
 
 def guard_module(namespace: dict) -> None:

@@ -419,9 +419,16 @@ def _non_scalar_loss():
     return m, (lambda o, t: CE(o, t, reduction="none")), (X, y), {}
 
 
-def _nan_curvature_loss():
+def _nan_loss_value():
     m, X, y = tiny()
     return m, (lambda o, t: torch.sqrt(o).mean()), (X, y), {}   # sqrt of negative outputs
+
+
+def _nan_curvature_loss():
+    """A finite loss whose derivatives are NaN: the sqrt branch of a torch.where is
+    differentiated on the outputs where it is not taken."""
+    m, X, y = tiny()
+    return m, (lambda o, t: torch.where(o > 0, torch.sqrt(o), 0.0 * o).mean()), (X, y), {}
 
 
 NETS_CASES = [
@@ -443,6 +450,7 @@ NETS_CASES = [
     (_unknown_device, ValueError, names("device")),
     (_integer_dtype_requested, TypeError, names("dtype")),
     (_non_scalar_loss, ValueError, names("loss_fn")),
+    (_nan_loss_value, ValueError, r"loss_fn .* is NaN or inf"),
     (_nan_curvature_loss, ValueError, r"NaN or inf"),
 ]
 
@@ -544,10 +552,12 @@ def test_rmsprop_settings_are_refused_under_their_own_names():
 
 
 def test_nan_curvature_is_refused_by_every_algorithm():
-    """A loss with NaN curvature (sqrt of negative outputs) reaches the algorithms only
-    through products: each refuses it instead of returning NaN."""
+    """A loss with a finite value but NaN curvature (the sqrt branch of a torch.where,
+    differentiated on outputs where it is not taken) reaches the algorithms only through
+    products: each refuses it instead of returning NaN."""
     model, X, y = tiny()
-    bad = lambda o, t: torch.sqrt(o).mean()   # noqa: E731
+    bad = lambda o, t: torch.where(o > 0, torch.sqrt(o), 0.0 * o).mean()   # noqa: E731
+    assert torch.isfinite(bad(model(X), y))
     op = hessian_operator(model, bad, (X, y))
     for call in (lambda: slq_density(op, 2, 5), lambda: hutchinson_trace(op, 3),
                  lambda: lanczos(op, 5), lambda: directional_noise(model, bad, (X, y), np.ones(op.P))):
@@ -777,3 +787,84 @@ def test_zero_over_zero_noise_scales_are_nan_and_negative_batch_curvature_gives_
 
     with pytest.raises(ValueError, match="N=1 sample.*at least 2"):
         nets.predict_max_lr(net, torch.nn.functional.mse_loss, (X[:1], fit[1][:1]), [1])
+
+
+def test_entry_points_refuse_what_an_api_audit_found_them_accepting(tmp_path):
+    """An outside audit of the bad-input rules (every public function refuses bad input
+    with a TypeError/ValueError naming the argument, never a silent NaN): each call below
+    returned NaN or a result, or raised an AttributeError / a message naming an internal
+    argument, before."""
+    import math
+
+    from nets.utils.jsonl_store import JsonlStore
+
+    model, X, y = tiny()
+    data = (X, y)
+    # check_mean_reduced returned NaN for all four
+    with pytest.raises(TypeError, match=names("loss_fn")):
+        nets.check_mean_reduced(model, "loss", data)
+    with pytest.raises(ValueError, match=r"loss_fn .* is NaN or inf"):
+        nets.check_mean_reduced(model, lambda o, t: float("nan") * CE(o, t), data)
+    with pytest.raises(ValueError, match=r"loss_fn 'CrossEntropyLoss' returned a tensor of shape"):
+        nets.check_mean_reduced(model, nn.CrossEntropyLoss(reduction="none"), data)
+    bad = tiny()[0]
+    with torch.no_grad():
+        bad[0].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"parameter '0.weight' contains NaN"):
+        nets.check_mean_reduced(bad, CE, data)
+    # a loss that cannot run on one sample: NaN, now with a warning saying so
+    def batch_only(o, t):
+        if o.shape[0] < 2:
+            raise RuntimeError("needs a batch")
+        return CE(o, t)
+    with pytest.warns(UserWarning, match="cannot tell whether loss_fn"):
+        assert math.isnan(nets.check_mean_reduced(model, batch_only, data))
+    # AttributeError: 'str' object has no attribute 'named_modules' / 'modules'
+    with pytest.raises(TypeError, match=names("model")):
+        nets.adam_threshold("m", CE, data, [4], warmup_steps=2, steps=2, seeds=(0,))
+    with pytest.raises(TypeError, match=names("model")):
+        nets.CurvatureMonitor("m", CE, data, batch_size=4)
+    # [True, 8] read as B = 1 by the Adam entry points
+    for call in (lambda: nets.predict_adam_max_lr(model, CE, data, [True, 8]),
+                 lambda: nets.adam_noise_floor_lr(np.ones(3), np.ones(3), [True, 8], 20,
+                                                  excess_loss=0.1)):
+        with pytest.raises(TypeError, match=names("batch_sizes")):
+            call()
+    with pytest.raises(ValueError, match="grad_mean and grad_var must be non-empty"):
+        nets.adam_noise_floor_lr(np.ones(0), np.ones(0), [2, 8], 20, excess_loss=0.1)
+    # momentum=False was taken as 0, True refused as "got 1.0"
+    for m in (True, False):
+        with pytest.raises(TypeError, match=names("momentum")):
+            nets.predict_max_lr(model, CE, data, [4], momentum=m)
+    # messages that named an internal argument ("diag", "B") or none
+    P = sum(p.numel() for p in model.parameters())
+    with pytest.raises(ValueError, match=names("preconditioner")):
+        nets.preconditioned_batch_sharpness(model, CE, data, [4], preconditioner=-torch.ones(P),
+                                            n_batches=1)
+    with pytest.raises(ValueError, match=names("batch_size")):
+        nets.eoss_plateau(0.1, 0, 0.5, 100)
+    with pytest.raises(TypeError, match=names("batch_size")):
+        nets.eoss_plateau(0.1, True, 0.5, 100)
+    with pytest.raises(TypeError, match=names("store")):
+        JsonlStore(5)
+    with pytest.raises(TypeError, match=names("path")):
+        nets.CurvatureMonitor(model, CE, data, batch_size=4, path=5)
+    with pytest.raises(TypeError, match=names("root")):
+        nets.load_cifar(5)
+    with pytest.raises(ValueError, match=names("device")):
+        nets.load_digits(device="foo")
+    assert not list(tmp_path.iterdir())
+
+
+def test_gradient_noise_refuses_a_non_finite_sample_gradient():
+    """A loss finite on the samples the loss check reads but not on another one: the
+    per-sample gradient pass gave mean, trace_cov and B_simple all NaN, silently."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.Linear(5, 1).double()
+    X = torch.randn(200, 5, generator=g, dtype=torch.float64)
+    t = torch.full((200,), 50.0, dtype=torch.float64)
+    t[150] = -100.0                     # not among the 64 samples the loss check reads
+    loss = lambda o, t: torch.sqrt(o[:, 0] + t).mean()   # noqa: E731
+    assert torch.isfinite(loss(model(X[:150]), t[:150]))
+    with pytest.raises(ValueError, match="per-sample gradient .* is NaN or inf"):
+        nets.gradient_noise(model, loss, (X, t), hessian=False)

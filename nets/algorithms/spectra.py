@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 
 from nets.algorithms.lanczos import EigenResult, eigsh
-from nets.curvature.loss_check import check_mean_reduced
+from nets.curvature.loss_check import mean_reduction_check
 from nets.curvature.operators import curvature_operator
 from nets.utils.autocast import outside_autocast
 from nets.utils.callers import caller_stacklevel
@@ -34,7 +34,7 @@ def extremal_eigenpairs(model, loss_fn, data, k=1, *, which="LA", kind="hessian"
     k = as_int("k", k, minimum=1)
     op = curvature_operator(model, loss_fn, data, kind=kind, params=params, device=device,
                             dtype=dtype, policy=policy, chunk_size=chunk_size)
-    check_mean_reduced(model, loss_fn, op.source)
+    mean_reduction_check(model, loss_fn, op.source)
     return eigsh(op, k=k, which=which, tol=tol, max_steps=max_steps, seed=seed,
                  check_multiplicity=check_multiplicity, progress=progress)
 

@@ -58,7 +58,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from nets.curvature.loss_check import check_mean_reduced
+from nets.curvature.loss_check import mean_reduction_check
 from nets.curvature.operators import CurvatureOperator, ModelCurvatureOperator, curvature_operator
 from nets.utils.autocast import outside_autocast
 from nets.utils.callers import caller_stacklevel
@@ -372,7 +372,7 @@ def _distributed(kind, model, loss_fn, shard, params, device, dtype, policy, chu
         source = as_data_source(shard, name="shard")
         # the loss checks of hessian_operator / ggn_operator (a summed loss gave a λ₁ that
         # depended on the sharding, without a warning; an outside sweep)
-        check_mean_reduced(model, loss_fn, source)
+        mean_reduction_check(model, loss_fn, source)
         local, failure = curvature_operator(model, loss_fn, source, kind=kind, params=params,
                                             device=device, dtype=dtype, policy=policy,
                                             chunk_size=chunk_size, cache_graph=cache_graph), None

@@ -43,13 +43,13 @@ import warnings
 import numpy as np
 import torch
 
-from nets.curvature.params import map_output_leaves, output_tensors
+from nets.curvature.params import check_model, map_output_leaves, output_tensors
 from nets.utils.autocast import outside_autocast
 from nets.utils.callers import caller_stacklevel
 from nets.utils.data_source import as_data_source, model_place
 from nets.utils.modes import kept_attributes, kept_rng, kept_tensors
 
-__all__ = ["check_mean_reduced", "loss_name"]
+__all__ = ["check_mean_reduced", "loss_name", "mean_reduction_check"]
 
 #: relative tolerance for "the batch loss is n × the mean of the per-sample losses"
 RTOL = 1e-2
@@ -145,13 +145,25 @@ def _batch_and_samples(model, loss_fn, data, *, sample: int):
                     shapes = next(((o, tuple(Y.shape)) for o in read
                                    if _cross_sample_broadcast((o, tuple(Y.shape)))),
                                   (read[0], tuple(Y.shape)) if read else None)
-                batch = _scalar(loss_fn(out, Y))
+                value = loss_fn(out, Y)
+                if isinstance(value, torch.Tensor) and value.numel() != 1:
+                    raise _NotOneNumber(tuple(value.shape))
+                batch = _scalar(value)
                 per = [_scalar(loss_fn(_sample_of(out, i, len(idx)), Y[i:i + 1]))
                        for i in range(len(idx))]
                 gap = _gradient_gap(out, loss_fn, Y)
+    except _NotOneNumber as exc:
+        raise ValueError(f"loss_fn {loss_name(loss_fn)!r} returned a tensor of shape "
+                         f"{exc.args[0]} on a batch of {len(idx)} samples: it must return "
+                         "one number (a scalar), the mean of the per-sample losses "
+                         "(reduction=\"mean\", the default of torch's losses)") from None
     except (RuntimeError, ValueError, TypeError, IndexError):
         return math.nan, None, shapes, math.nan
     return batch, per, shapes, gap
+
+
+class _NotOneNumber(Exception):
+    """loss_fn returned more than one number on a batch (reduction="none")."""
 
 
 def _gradient_gap(out, loss_fn, Y) -> float:
@@ -224,12 +236,40 @@ def check_mean_reduced(model, loss_fn, data, *, sample: int = 64) -> float:
 
     Returns the ratio L_batch / mean_i ℓ_i on n = min(`sample`, N) samples spread over
     `data` (any form of `nets.utils.data_source`): ≈ 1 for a mean-reduced loss, ≈ n for
-    a summed one, NaN when it cannot be told. Costs one forward pass on n samples and n
-    one-sample loss evaluations; never raises for a loss it cannot evaluate per sample.
+    a summed one, NaN when it cannot be told — with a UserWarning saying so (a loss that
+    fails on a single sample or returns more than one number, one sample, a zero mean).
+    Costs one forward pass on n samples and n one-sample loss evaluations. Raises
+    TypeError for a model that is not an nn.Module or a loss_fn that is not callable,
+    ValueError for NaN or inf in the model's parameters or buffers, or in the loss of the
+    n samples.
     """
+    ratio = mean_reduction_check(model, loss_fn, data, sample=sample)
+    if not math.isfinite(ratio):
+        warnings.warn(
+            f"check_mean_reduced: cannot tell whether loss_fn {loss_name(loss_fn)!r} is "
+            "mean-reduced (it could not be evaluated on the batch and on each sample alone "
+            "as one number each, or the per-sample values average to 0); the package's "
+            "curvatures assume the mean of per-sample losses", UserWarning,
+            stacklevel=caller_stacklevel())
+    return ratio
+
+
+@outside_autocast
+def mean_reduction_check(model, loss_fn, data, *, sample: int = 64) -> float:
+    """`check_mean_reduced` as every entry point runs it first: the same refusals and
+    warnings, but a loss whose reduction cannot be told (NaN) passes without a word —
+    the entry point's own computation then names what is wrong with it."""
+    check_model(model)
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable: loss_fn(outputs, targets) -> scalar mean "
+                        f"loss, got {type(loss_fn).__name__}")
     src = as_data_source(data)
     n = min(int(sample), src.N) if isinstance(sample, (int, np.integer)) else sample
     batch, per, shapes, gap = _batch_and_samples(model, loss_fn, src, sample=sample)
+    if per is not None and not math.isfinite(batch):
+        raise ValueError(f"loss_fn {loss_name(loss_fn)!r} is NaN or inf ({batch}) on {n} "
+                         "samples of data at the model's parameters: no curvature or "
+                         "learning rate can be computed there")
     ratio = _ratio(batch, per)
     if _cross_sample_broadcast(shapes) and ((math.isfinite(ratio)
                                              and abs(ratio - 1.0) > BROADCAST_RTOL)

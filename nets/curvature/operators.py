@@ -48,8 +48,8 @@ import torch
 from torch import nn
 from torch.func import grad, jvp, vjp, vmap
 
-from nets.curvature.loss_check import _kept_loss_state, _leaves_read, check_mean_reduced, loss_name
-from nets.curvature.params import ParamLayout, call_model, make_functional, output_tensors
+from nets.curvature.loss_check import _kept_loss_state, _leaves_read, loss_name, mean_reduction_check
+from nets.curvature.params import ParamLayout, call_model, check_model, make_functional, output_tensors
 from nets.utils.autocast import outside_autocast, outside_caller_contexts
 from nets.utils.callers import caller_stacklevel
 from nets.utils.data_source import as_data_source
@@ -418,12 +418,7 @@ def resolve_device_dtype(model: nn.Module, names, device, dtype):
         dtype = next(iter(dts))
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    for n, p in model.named_parameters():
-        if p.is_floating_point() and not bool(torch.isfinite(p.detach()).all()):
-            raise ValueError(f"model parameter {n!r} contains NaN or inf")
-    for n, b in model.named_buffers():
-        if b.is_floating_point() and not bool(torch.isfinite(b.detach()).all()):
-            raise ValueError(f"model buffer {n!r} contains NaN or inf")
+    check_model(model)
     return device, dtype
 
 
@@ -1252,7 +1247,7 @@ def _loss_checked(model, loss_fn, data, kind, **options) -> ModelCurvatureOperat
     """The operator of `kind`, its loss checked once (`check_mean_reduced`) as the public
     factories promise."""
     op = ModelCurvatureOperator(model, loss_fn, data, kind, **options)
-    check_mean_reduced(model, loss_fn, op.source)
+    mean_reduction_check(model, loss_fn, op.source)
     return op
 
 

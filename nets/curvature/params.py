@@ -21,6 +21,19 @@ from nets.utils.autocast import outside_caller_contexts
 from nets.utils.modes import kept_attributes, tensor_attributes
 
 
+def check_model(model) -> None:
+    """Raise TypeError unless `model` is a `torch.nn.Module`, ValueError when one of its
+    floating parameters or buffers holds NaN or inf (every entry point that takes a model
+    refuses both before it computes anything)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for what, named in (("parameter", model.named_parameters()),
+                        ("buffer", model.named_buffers())):
+        for n, t in named:
+            if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all()):
+                raise ValueError(f"model {what} {n!r} contains NaN or inf")
+
+
 def select_parameter_names(model: nn.Module, params=None) -> list[str]:
     """Names of the parameters that make up w, in `named_parameters()` order.
 

@@ -66,8 +66,9 @@ import numpy as np
 import torch
 
 from nets.algorithms.lanczos import eigsh
-from nets.curvature.loss_check import check_mean_reduced
+from nets.curvature.loss_check import mean_reduction_check
 from nets.curvature.operators import curvature_operator
+from nets.curvature.params import check_model
 from nets.learning_rates.lr_prediction import DiagonalScaledOperator, _limit, adam_state_settings
 from nets.learning_rates.lr_search import (
     Trial,
@@ -90,7 +91,7 @@ from nets.utils.results import Result, result
 from nets.utils.seeding import resolved_seed
 from rmt.lr import adam_ms_max_lr, momentum_noise_gain
 from rmt.sampling import batch_noise_factor
-from rmt.validation import as_float, as_int, as_seed
+from rmt.validation import as_batch_sizes, as_float, as_int, as_seed
 
 __all__ = ["adam_factor", "adam_preconditioner", "preconditioned_operator",
            "PreconditionedSharpness", "preconditioned_batch_sharpness",
@@ -257,7 +258,8 @@ def preconditioned_operator(model, loss_fn, data, preconditioner, *, indices=Non
     if indices is not None:
         data = as_data_source(data).take(np.asarray(indices))
     base = curvature_operator(model, loss_fn, data, **opts)
-    return DiagonalScaledOperator(base, torch.as_tensor(preconditioner).to(base.device))
+    return DiagonalScaledOperator(base, torch.as_tensor(preconditioner).to(base.device),
+                                  name="preconditioner")
 
 
 # ------------------------------------------------------------------ batch sharpness
@@ -369,7 +371,7 @@ def preconditioned_batch_sharpness(model, loss_fn, data, batch_sizes, *, precond
     coordinates whose D sits at its ceiling 1/ε (√v̂ ≤ ε: no state, a fresh optimizer)
     carry the top eigenvector or a gradient (`adam_preconditioner`)."""
     src = as_data_source(data)
-    bs = np.array([as_int("batch_sizes", b, minimum=1) for b in np.atleast_1d(batch_sizes)])
+    bs = as_batch_sizes(batch_sizes)
     if bs.max() > src.N:
         raise ValueError(f"batch_sizes must be <= N={src.N}")
     preconditioner, rep, _ = _checked_preconditioner(preconditioner, bs, model, params)
@@ -452,7 +454,7 @@ def preconditioned_noise(model, loss_fn, data, preconditioner, *, tol=1e-8, para
     d = torch.as_tensor(preconditioner, dtype=torch.float64)
     H = curvature_operator(model, loss_fn, data, params=params, policy=policy, device=device,
                            dtype=dtype)
-    A = DiagonalScaledOperator(H, d.to(H.device))
+    A = DiagonalScaledOperator(H, d.to(H.device), name="preconditioner")
     top = eigsh(A, k=1, which="LA", tol=tol, seed=as_seed("seed", seed), progress=progress)
     lam = float(top.values[0])
     u = torch.as_tensor(np.asarray(top.vectors[:, 0]), dtype=H.dtype, device=H.device)
@@ -570,9 +572,9 @@ def predict_adam_max_lr(model, loss_fn, data, batch_sizes, *, betas=None, eps=No
     from nets.noise.gradient_noise import gradient_noise
 
     src = as_data_source(data)
-    check_mean_reduced(model, loss_fn, src)
+    mean_reduction_check(model, loss_fn, src)
     N = src.N
-    bs = np.array([as_int("batch_sizes", b, minimum=1) for b in np.atleast_1d(batch_sizes)])
+    bs = as_batch_sizes(batch_sizes)
     if bs.max() > N:
         raise ValueError(f"batch_sizes must be <= N={N}")
     if form not in ADAM_FORMS:
@@ -644,13 +646,13 @@ def adam_noise_floor_lr(grad_mean, grad_var, batch_sizes, N, *, excess_loss, eps
     ±20 % for B = 8…128 at about 0.25× its absolute value. Where the batch noise c·tr(DΣ)
     vanishes (B = N, or Σ = 0) there is no noise floor: α_floor = inf, the formula's limit.
     grad_mean and grad_var: per-coordinate arrays of one length."""
-    bs = np.array([as_int("batch_sizes", b, minimum=1) for b in np.atleast_1d(batch_sizes)])
+    bs = as_batch_sizes(batch_sizes)
     N = as_int("N", N, minimum=1)               # 5.5 was truncated to 5
     mean = np.asarray(grad_mean, dtype=float)
     var = np.asarray(grad_var, dtype=float)
-    if mean.shape != var.shape or mean.ndim != 1:
-        raise ValueError(f"grad_mean and grad_var must be 1-D arrays of one length (one entry per "
-                         f"parameter), got shapes {mean.shape} and {var.shape}")
+    if mean.shape != var.shape or mean.ndim != 1 or mean.size == 0:
+        raise ValueError(f"grad_mean and grad_var must be non-empty 1-D arrays of one length "
+                         f"(one entry per parameter), got shapes {mean.shape} and {var.shape}")
     # a NaN, negative or infinite variance read as "no noise floor" (inf), the answer for
     # a zero one (an outside sweep)
     if not (np.isfinite(mean).all() and np.isfinite(var).all() and (var >= 0).all()):
@@ -765,7 +767,7 @@ def adam_transfer_lr(model, loss_fn, data, batch_sizes, *, reference, betas=None
     if B0 > N:
         raise ValueError(f"reference[0] (B0) must be <= N={N} (batches are drawn without "
                          f"replacement), got {B0}")
-    bs = np.array([as_int("batch_sizes", b, minimum=1) for b in np.atleast_1d(batch_sizes)])
+    bs = as_batch_sizes(batch_sizes)
     allb = np.unique(np.r_[bs, B0])
     given_prediction = prediction is not None
     if not given_prediction:
@@ -1098,15 +1100,16 @@ def adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 0.999), eps
         (float, callable B -> float, or None: the warmed state's own prediction
         F/(λ̃ + c·s̃²/λ̃)). The model is not modified.
     """
+    check_model(model)
     if criterion not in ADAM_CRITERIA:
         raise ValueError(f"criterion must be one of {ADAM_CRITERIA}, got {criterion!r}")
     warn_train_mode_layers(model, "adam_threshold")
-    check_mean_reduced(model, loss_fn, data)
+    mean_reduction_check(model, loss_fn, data)
     X, y = tensors_for(model, data, device=device, dtype=dtype)
     if device is not None or dtype is not None:     # the trials train copies: cast one
         model = model_copy(model).to(device=device, dtype=dtype)
     N = len(X)
-    bs = np.array([as_int("batch_sizes", b, minimum=1) for b in np.atleast_1d(batch_sizes)])
+    bs = as_batch_sizes(batch_sizes)
     if bs.max() > N:
         raise ValueError(f"batch_sizes must be <= N={N}")
     warmup_steps = as_int("warmup_steps", warmup_steps, minimum=0)

@@ -62,7 +62,7 @@ import numpy as np
 import torch
 
 from nets.algorithms.lanczos import eigsh
-from nets.curvature.loss_check import check_mean_reduced
+from nets.curvature.loss_check import mean_reduction_check
 from nets.learning_rates.adam import (
     _as_betas,
     adam_factor,
@@ -191,7 +191,7 @@ def linearized_adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 
     lo, hi = as_range("lr_range", lr_range)
     seeds = as_seeds(seeds)
     warn_train_mode_layers(model, "linearized_adam_threshold")     # as adam_threshold does
-    check_mean_reduced(model, loss_fn, data)
+    mean_reduction_check(model, loss_fn, data)
     X, y = tensors_for(model, data)
     N = len(X)
     bs = as_batch_sizes(batch_sizes, N).tolist()

@@ -208,7 +208,7 @@ from scipy.linalg import eigh_tridiagonal
 from torch import nn
 
 from nets.algorithms.lanczos import lanczos, lanczos_batch, rademacher_vectors, zero_tolerance
-from nets.curvature.loss_check import check_mean_reduced
+from nets.curvature.loss_check import mean_reduction_check
 from nets.curvature.operators import CurvatureOperator, check_policy, curvature_operator
 from nets.curvature.params import ParamLayout, refuse_changed_params
 from nets.curvature.side_by_side import ColumnCountError, SideBySideHessians
@@ -530,7 +530,7 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
         self.kind = kind
         check_policy(model, policy)
         self.policy = policy
-        check_mean_reduced(model, loss_fn, dataset)      # warns on a summed loss
+        mean_reduction_check(model, loss_fn, dataset)      # warns on a summed loss
         if curvature_dtype is not None and (not isinstance(curvature_dtype, torch.dtype)
                                             or not curvature_dtype.is_floating_point):
             raise TypeError(f"curvature_dtype must be a floating torch.dtype, got {curvature_dtype!r}")

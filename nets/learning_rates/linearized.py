@@ -496,7 +496,7 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
     (`linear_outputs.CurvedOutputs`; in the subspace form along u's projection on the
     span, renormalised): the linearised network plus the change of its Jacobian along u,
     one forward-over-forward pass over the data more (module docstring)."""
-    from nets.curvature.loss_check import check_mean_reduced
+    from nets.curvature.loss_check import mean_reduction_check
     from nets.learning_rates.lr_prediction import warn_partial_optimizer
     from nets.learning_rates.lr_search import (
         _read_momentum,
@@ -531,7 +531,7 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
     X, y = tensors_for(model, data, device=device)
     if device is not None:
         model = model_copy(model).to(device)
-    check_mean_reduced(model, loss_fn, (X, y))
+    mean_reduction_check(model, loss_fn, (X, y))
     N = len(X)
     bs = as_batch_sizes(batch_sizes, N).tolist()
     P = sum(p.numel() for p in model.parameters() if p.requires_grad)

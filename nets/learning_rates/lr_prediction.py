@@ -66,7 +66,7 @@ from scipy import stats
 
 import rmt.lr as rlr
 from nets.algorithms.lanczos import eigsh
-from nets.curvature.loss_check import check_mean_reduced
+from nets.curvature.loss_check import mean_reduction_check
 from nets.curvature.operators import CurvatureOperator, curvature_operator
 from nets.noise.batch_spectra import measure_batch_top_eigenvalue
 from nets.noise.directional import (
@@ -287,6 +287,8 @@ def _same(a, b) -> bool:
 
 
 def _unit_interval(name: str, value) -> float:
+    if isinstance(value, (bool, np.bool_)):          # float(True) read momentum=True as 1.0
+        raise TypeError(f"{name} must be a real number in [0, 1), got bool {value}")
     v = as_float(name, float(value), nonnegative=True)
     if v >= 1:
         raise ValueError(f"{name} must be in [0, 1), got {v}")
@@ -384,14 +386,16 @@ def adam_state_settings(model, optimizer, params=None) -> OptimizerSettings:
 # ----------------------------------------------------------------- operators
 
 class DiagonalScaledOperator(CurvatureOperator):
-    """D^{1/2} A D^{1/2} for a diagonal D = diag(d) ≥ 0 and a curvature operator A."""
+    """D^{1/2} A D^{1/2} for a diagonal D = diag(d) ≥ 0 and a curvature operator A; `name`
+    is d's name in error messages (the caller's argument, e.g. "preconditioner")."""
 
-    def __init__(self, base: CurvatureOperator, diag):
+    def __init__(self, base: CurvatureOperator, diag, *, name: str = "diag"):
         d = torch.as_tensor(diag, dtype=base.dtype, device=base.device)
         if d.ndim != 1 or d.shape[0] != base.P:
-            raise ValueError(f"diag must have shape ({base.P},), got {tuple(d.shape)}")
+            raise ValueError(f"{name} must have shape ({base.P},), got {tuple(d.shape)}")
         if not bool(torch.isfinite(d).all()) or bool((d < 0).any()):
-            raise ValueError("diag must be finite and non-negative")
+            raise ValueError(f"{name} must be finite and non-negative (a diagonal "
+                             "preconditioner D, e.g. 1/(√v̂ + ε))")
         super().__init__(base.P, base.dtype, base.device, base.param_names)
         self.base = base
         self.sqrt_d = torch.sqrt(d)
@@ -550,7 +554,7 @@ def _checked_call(model, loss_fn, data, batch_sizes, *, seed, progress, params, 
     bs = as_batch_sizes(batch_sizes, src.N)
     seed = resolved_seed("seed", seed)
     wants_progress(progress)
-    check_mean_reduced(model, loss_fn, src)
+    mean_reduction_check(model, loss_fn, src)
     return src, bs, seed, dict(params=params, policy=policy, device=device, dtype=dtype)
 
 

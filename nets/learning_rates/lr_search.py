@@ -52,7 +52,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from nets.curvature.loss_check import check_mean_reduced
+from nets.curvature.loss_check import mean_reduction_check
 from nets.utils.autocast import outside_autocast
 from nets.utils.callers import caller_stacklevel
 from nets.utils.data_source import tensors_for
@@ -324,7 +324,7 @@ def lr_sweep(model, loss_fn, dataset, state_dict, batch_sizes, seeds=(0,), steps
     trial_fn = run_trial if trial_fn is None else trial_fn
     if store is not None and not isinstance(store, JsonlStore):
         store = JsonlStore(store)
-    bs = [as_int("batch_sizes", b, minimum=1) for b in np.atleast_1d(batch_sizes)]
+    bs = as_batch_sizes(batch_sizes).tolist()
     seeds = as_seeds(seeds)
     X, y = _check_trial_inputs(dataset, state_dict)
     rel_tol = as_float("rel_tol", rel_tol, positive=True)
@@ -749,7 +749,7 @@ def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergen
     from nets.learning_rates.lr_prediction import warn_partial_optimizer
     warn_partial_optimizer(model, optimizer)
     warn_train_mode_layers(model, "training_threshold")
-    check_mean_reduced(model, loss_fn, data)
+    mean_reduction_check(model, loss_fn, data)
     X, y = tensors_for(model, data, device=device, dtype=dtype)
     if device is not None or dtype is not None:
         # the trials train copies of the model: cast it with the data (floating

@@ -69,9 +69,9 @@ import numpy as np
 import torch
 
 from nets.algorithms.lanczos import eigsh
-from nets.curvature.loss_check import check_mean_reduced
+from nets.curvature.loss_check import mean_reduction_check
 from nets.curvature.operators import check_policy, curvature_operator
-from nets.curvature.params import ParamLayout, refuse_changed_params
+from nets.curvature.params import ParamLayout, check_model, refuse_changed_params
 from nets.learning_rates.lr_prediction import optimizer_settings, warn_partial_optimizer
 from nets.noise.batch_spectra import measure_batch_top_eigenvalue
 from nets.noise.directional import directional_noise_from_operator
@@ -105,7 +105,7 @@ def eoss_plateau(lr, batch_size, s2, N=None, *, momentum=0.0, factor=None) -> fl
         raise ValueError(f"momentum must be in [0, 1), got {momentum}")
     F = momentum_factor(momentum) if factor is None else as_float("factor", factor, positive=True)
     a = F / as_float("lr", lr, positive=True)
-    c = float(noise_factor(batch_size, N))
+    c = float(noise_factor(batch_size, N, name="batch_size"))
     s2 = as_float("s2", s2, nonnegative=True)
     disc = a * a - 4.0 * c * s2
     return float("nan") if disc < 0 else 0.5 * (a + math.sqrt(disc))
@@ -292,6 +292,7 @@ class CurvatureMonitor:
                  path=None, tol=1e-6, noise_rel_error=0.1, kind="hessian", params=None,
                  policy=None, chunk_size=None, device=None, dtype=None, seed=0,
                  clock: Callable = None):
+        check_model(model)
         source = as_data_source(data, name="data")
         self.n_data = int(source.N)
         if self.n_data < 2:
@@ -329,7 +330,7 @@ class CurvatureMonitor:
         self.tracker = CurvatureTracker(model, loss_fn, data, kind=kind, tol=tol, params=params,
                                         policy=policy, chunk_size=chunk_size, device=device,
                                         dtype=dtype, seed=self.seed)
-        check_mean_reduced(model, loss_fn, source)      # once: a summed / weighted loss warns
+        mean_reduction_check(model, loss_fn, source)      # once: a summed / weighted loss warns
         self._clock = time.perf_counter if clock is None else clock
         layout = ParamLayout.from_module(model, params)
         model_dtype = model_place(model)[1]
@@ -348,7 +349,7 @@ class CurvatureMonitor:
         self.store = None
         self._run_start = None          # (step, weights fingerprint) of the file's first record
         if path is not None:
-            self.store = JsonlStore(path)
+            self.store = JsonlStore(path, name="path")
             if "config" in self.store:
                 stored = self.store["config"]      # a file written before a key existed
                 differ = [k for k, v in self.config.items() if k in stored and stored[k] != v]

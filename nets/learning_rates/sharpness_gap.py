@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from torch.func import grad, jvp
 from torch.overrides import TorchFunctionMode
 
-from nets.curvature.loss_check import check_mean_reduced
+from nets.curvature.loss_check import mean_reduction_check
 from nets.curvature.operators import check_policy, policy_mode, resolve_device_dtype
 from nets.curvature.params import ParamLayout, functional_loss, make_functional
 from nets.utils.autocast import outside_autocast
@@ -179,7 +179,7 @@ def sharpness_gap_terms(model, loss_fn, data, u, *, params=None, policy=None, ch
     if N < 2:
         raise ValueError("data must hold at least 2 samples")
     chunk = as_int("chunk_size", chunk_size, minimum=1)
-    check_mean_reduced(model, loss_fn, src)
+    mean_reduction_check(model, loss_fn, src)
     layout = ParamLayout.from_module(model, params)
     dev, dt = resolve_device_dtype(model, layout.names, device, dtype)
     prim, frozen = make_functional(model, layout.names, device=dev, dtype=dt)
@@ -239,7 +239,7 @@ def stochastic_sharpness_gap(lr, batch_size, terms: SharpnessGapTerms) -> float:
     if not isinstance(terms, SharpnessGapTerms):
         raise TypeError("terms must be a SharpnessGapTerms (from sharpness_gap_terms)")
     eta = as_float("lr", lr, positive=True)
-    c = float(noise_factor(as_int("batch_size", batch_size, minimum=1), terms.N))
+    c = float(noise_factor(as_int("batch_size", batch_size, minimum=1), terms.N, name="batch_size"))
     if not terms.sharpening > 0:
         return float("nan")
     return eta * terms.stabilisation * c * terms.v_u / (4.0 * terms.sharpening)

@@ -29,7 +29,7 @@ import math
 import numpy as np
 
 from nets.algorithms.lanczos import eigsh
-from nets.curvature.loss_check import check_mean_reduced
+from nets.curvature.loss_check import mean_reduction_check
 from nets.curvature.operators import curvature_operator
 from nets.noise.directional import directional_noise_from_operator, isotropic_noise_from_operator
 from nets.utils.autocast import outside_autocast
@@ -221,7 +221,7 @@ def measure_batch_top_eigenvalue(model, loss_fn, data, batch_sizes, *, n_batches
     tol = as_float("tol", tol, positive=True)
     full = curvature_operator(model, loss_fn, data, kind=kind, params=params, policy=policy,
                               chunk_size=chunk_size, device=device, dtype=dtype)
-    check_mean_reduced(model, loss_fn, full.source)
+    mean_reduction_check(model, loss_fn, full.source)
     Bs = as_batch_sizes(batch_sizes, full.N, replacement)
     seed = resolved_seed("seed", seed)
     if store is not None and not isinstance(store, JsonlStore):
@@ -430,7 +430,7 @@ def predict_batch_top_eigenvalue(model, loss_fn, data, batch_sizes, *, form="dir
         micro_batch = as_int("micro_batch", micro_batch, minimum=1)
     op = curvature_operator(model, loss_fn, data, kind=kind, params=params, policy=policy,
                             chunk_size=chunk_size, device=device, dtype=dtype)
-    check_mean_reduced(model, loss_fn, op.source)
+    mean_reduction_check(model, loss_fn, op.source)
     Bs = as_batch_sizes(batch_sizes, op.N, replacement)
     sampled = [f for f in forms if f in ("subspace", "resolved")]
     k_sub = None

@@ -69,7 +69,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from nets.curvature.loss_check import check_mean_reduced
+from nets.curvature.loss_check import mean_reduction_check
 from nets.curvature.operators import ModelCurvatureOperator, curvature_operator
 from nets.utils.autocast import outside_autocast
 from nets.utils.memory import capped_sample_chunk, product_chunk
@@ -423,7 +423,7 @@ def directional_noise(model, loss_fn, data, u, *, micro_batch=1, kind="hessian",
     """
     op = curvature_operator(model, loss_fn, data, kind=kind, params=params, device=device,
                             dtype=dtype, policy=policy, cache_graph=False)
-    check_mean_reduced(model, loss_fn, op.source)       # warns on a summed / weighted loss
+    mean_reduction_check(model, loss_fn, op.source)       # warns on a summed / weighted loss
     return directional_noise_from_operator(op, u, micro_batch=micro_batch, chunk_size=chunk_size,
                                            seed=seed, progress=progress, rel_error=rel_error,
                                            max_samples=max_samples, exact=exact, memory=memory)
@@ -438,7 +438,7 @@ def isotropic_noise(model, loss_fn, data, *, num_probes=10, micro_batch=1, kind=
     options and the loss check as `directional_noise`."""
     op = curvature_operator(model, loss_fn, data, kind=kind, params=params, device=device,
                             dtype=dtype, policy=policy, cache_graph=False)
-    check_mean_reduced(model, loss_fn, op.source)       # warns on a summed / weighted loss
+    mean_reduction_check(model, loss_fn, op.source)       # warns on a summed / weighted loss
     return isotropic_noise_from_operator(op, num_probes=num_probes, micro_batch=micro_batch,
                                          chunk_size=chunk_size, seed=seed, progress=progress,
                                          rel_error=rel_error, max_samples=max_samples,

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch.func import grad
 
-from nets.curvature.loss_check import check_mean_reduced
+from nets.curvature.loss_check import loss_name, mean_reduction_check
 from nets.curvature.operators import (
     GRAPH_PRODUCT_FACTOR,
     _explained_missing_derivatives,
@@ -254,7 +254,7 @@ def gradient_noise(model, loss_fn, data, *, hessian_samples=32, hessian=True, pa
     N = src.N
     seed = resolved_seed("seed", seed)
     ps = _PerSample(model, loss_fn, params, device, dtype, policy)
-    check_mean_reduced(model, loss_fn, src)      # a summed loss: every number chunk-dependent
+    mean_reduction_check(model, loss_fn, src)      # a summed loss: every number chunk-dependent
     ps.check_outputs(src)
     chunk_size = _chunk(chunk_size, memory, ps, src)
     P = ps.layout.P
@@ -276,6 +276,11 @@ def gradient_noise(model, loss_fn, data, *, hessian_samples=32, hessian=True, pa
         mean = mean + delta * (nb / tot)
         M2 = M2 + M2b + delta ** 2 * (n * nb / tot)
         n = tot
+    if not bool(torch.isfinite(mean).all() & torch.isfinite(M2).all()):
+        # the loss check above sees 64 samples; a sample elsewhere can still be non-finite
+        raise ValueError(f"a per-sample gradient of loss_fn {loss_name(loss_fn)!r} is NaN or "
+                         "inf at the model's parameters (some sample's loss is not finite or "
+                         "not differentiable there)")
     var = M2 / (N - 1)
     trace_cov = float(var.sum())
     gsq = float(mean @ mean)

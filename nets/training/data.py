@@ -95,6 +95,12 @@ def load_digits(standardize: bool = True, dtype: torch.dtype = torch.float32, de
     if not isinstance(as_images, bool):
         raise TypeError(f"as_images must be a bool, got {type(as_images).__name__}")
     dtype = _check_dtype(dtype)
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device must name a torch device (e.g. 'cpu', 'cuda'), got "
+                             f"{device!r}: {exc}") from None
     raw = _sk_load_digits()
     data = np.asarray(raw.data, dtype=np.float64)
     target = np.asarray(raw.target, dtype=np.int64)
@@ -375,6 +381,8 @@ def load_cifar(root, name: str = "cifar100", train: bool = True, *,
     `ValueError` naming `name` for an unknown name; `ValueError` for content that is
     not a well-formed CIFAR batch.
     """
+    if not isinstance(root, (str, os.PathLike)):
+        raise TypeError(f"root must be a folder path (str or os.PathLike), got {type(root).__name__}")
     if not isinstance(name, str) or name.lower() not in _CIFAR_LAYOUT:
         raise ValueError(f"name must be one of {sorted(_CIFAR_LAYOUT)}, got {name!r}")
     name = name.lower()

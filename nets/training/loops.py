@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from nets.curvature.operators import canonical_device, policy_mode
+from nets.curvature.params import check_model
 from nets.training.data import check_dataset, load_digits
 from nets.training.models import MLP
 from nets.utils.atomic import atomic_write
@@ -79,14 +80,6 @@ def _resolve_device(device, model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _check_model(model):
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    for name, p in model.named_parameters():
-        if not bool(torch.isfinite(p).all()):
-            raise ValueError(f"model parameter {name!r} contains NaN or inf")
-
-
 def _check_dataset_arg(data):
     """`data` in any form of `nets.utils.data_source` as one validated (X, y) pair (the
     training loop draws random batches from it)."""
@@ -103,7 +96,7 @@ def evaluate(model: nn.Module, loss_fn: Callable, data, *, chunk_size: int | Non
     uneven chunks. The model is evaluated in eval mode and its mode restored.
     `chunk_size=None` evaluates in one chunk. Returns (loss, accuracy or None).
     """
-    _check_model(model)
+    check_model(model)
     X, y = _check_dataset_arg(data)
     n = X.shape[0]
     bs = n if chunk_size is None else as_int("chunk_size", chunk_size, minimum=1)
@@ -155,7 +148,7 @@ def train(model: nn.Module, loss_fn: Callable, data, *, epochs: int, lr: float,
     train mode and left in the mode it had before.
     With `stop_on_divergence`, a non-finite loss ends training (result.diverged).
     """
-    _check_model(model)
+    check_model(model)
     X, y = _check_dataset_arg(data)
     epochs = as_int("epochs", epochs, minimum=1)
     lr = as_float("lr", lr, positive=True)

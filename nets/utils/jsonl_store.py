@@ -39,7 +39,12 @@ class JsonlStore:
     ...     store.put(key, compute(key))
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, name: str = "store"):
+        # `name`: the caller's argument in the message (Path(5) said only "expected str,
+        # bytes or os.PathLike object, not int")
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"{name} must be a file path (str or os.PathLike), got "
+                            f"{type(path).__name__}")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._records: dict[str, Any] = {}
