@@ -237,11 +237,11 @@ def check_mean_reduced(model, loss_fn, data, *, sample: int = 64) -> float:
     Returns the ratio L_batch / mean_i ℓ_i on n = min(`sample`, N) samples spread over
     `data` (any form of `nets.utils.data_source`): ≈ 1 for a mean-reduced loss, ≈ n for
     a summed one, NaN when it cannot be told — with a UserWarning saying so (a loss that
-    fails on a single sample or returns more than one number, one sample, a zero mean).
-    Costs one forward pass on n samples and n one-sample loss evaluations. Raises
-    TypeError for a model that is not an nn.Module or a loss_fn that is not callable,
-    ValueError for NaN or inf in the model's parameters or buffers, or in the loss of the
-    n samples.
+    fails on a single sample, one sample, a zero mean). Costs one forward pass on n
+    samples and n one-sample loss evaluations. Raises TypeError for a model that is not
+    an nn.Module or a loss_fn that is not callable, ValueError for NaN or inf in the
+    model's parameters or buffers, for a loss that returns more than one number on a
+    batch (reduction="none"), or one that is NaN or inf on the n samples.
     """
     ratio = mean_reduction_check(model, loss_fn, data, sample=sample)
     if not math.isfinite(ratio):
