@@ -404,15 +404,18 @@ def guarded(fn):
 
 
 def _renamed(sig, args, kwargs) -> tuple:
-    """The caller's name for an argument, where `fn` takes one (`name=`, e.g. "batch_size"
-    for `batch_noise_factor`'s B): a message naming it names the caller's argument."""
-    if "name" not in sig.parameters:
+    """The caller's names for arguments, where `fn` takes them (`name=` or `B_name=`, e.g.
+    "batch_size" for `batch_noise_factor`'s B): a message naming one names the caller's
+    argument."""
+    keys = [p for p in sig.parameters if p == "name" or p.endswith("_name")]
+    if not keys:
         return ()
     try:
-        given = sig.bind_partial(*args, **kwargs).arguments.get("name")
+        bound = sig.bind_partial(*args, **kwargs).arguments
     except TypeError:
         return ()
-    return (given,) if isinstance(given, str) and given.isidentifier() else ()
+    given = [bound.get(k) for k in keys]
+    return tuple(g for g in given if isinstance(g, str) and g.isidentifier())
 
 
 def guard_module(namespace: dict) -> None:

@@ -458,17 +458,11 @@ def test_per_sample_auto_keeps_the_products_where_the_residual_term_dominates(mo
     assert forced.subspace.directional_s2.max() < 0.1 * rn.subspace.directional_s2.max()
 
 
-def test_spikes_almost_inside_the_subspace_keep_the_form_right():
-    """A resolved spike v_h nearly inside span(U): the pencil's basis is [U, (I − UUᵀ)v_h],
-    one operator on one space, so it stays well posed. The earlier basis [U, v_h] mixed
-    the U-block's batch fluctuation with the mean field on v_h's part inside U and read
-    43× the dense Monte Carlo here (a 9-parameter logistic regression, an outside check).
-    Oracle: the dense per-sample Hessians (torch.func.hessian), E λ_max(H_B) over random
-    batches, and the spikes' parts outside the top-k span of the dense H."""
-
+def _softmax_regression():
+    """(model, X, y, Hs): a 9-parameter softmax regression (2 inputs, 3 classes, 150
+    samples) trained 100 full-batch steps, float64, and its dense per-sample Hessians
+    (torch.func.hessian of each sample's loss in the flat weights)."""
     import torch.nn.functional as F
-
-    import nets
 
     torch.manual_seed(0)
     N, d, C = 150, 2, 3
@@ -485,7 +479,50 @@ def test_spikes_almost_inside_the_subspace_keep_the_form_right():
     def one(w, i):
         return F.cross_entropy(X[i:i + 1] @ w[:C * d].reshape(C, d).T + w[C * d:], y[i:i + 1])
 
-    Hs = torch.stack([torch.func.hessian(one)(w0, i) for i in range(N)])
+    return m, X, y, torch.stack([torch.func.hessian(one)(w0, i) for i in range(N)])
+
+
+def test_spikes_almost_inside_a_float32_subspace_keep_the_form_right():
+    """The same regression in float32 with a float32 U: the spikes' parts outside U
+    (≈1e-4) are below what float32 resolves (U orthonormal to ~1e-7, products to ~1e-7),
+    and the pencil's Gram floor treats them as inside U. Without it the form read 2.4×
+    the dense Monte Carlo at k = 6–9 (an outside review), silently."""
+    import torch.nn.functional as F
+
+    import nets
+    from nets.noise.resolved_noise import resolved_noise_from_operator
+
+    m, X, y, Hs = _softmax_regression()
+    rng = np.random.default_rng(1)
+    idx = np.stack([rng.choice(len(X), 4, replace=False) for _ in range(500)])
+    true = np.mean([float(torch.linalg.eigvalsh(Hs[i].mean(0))[-1]) for i in idx])
+    E = torch.linalg.eigh(Hs.mean(0))[1].flip(1)
+    m32 = torch.nn.Linear(2, 3)
+    m32.load_state_dict({k: v.float() for k, v in m.state_dict().items()})
+    op = nets.hessian_operator(m32, F.cross_entropy, (X.float(), y))
+    for k in (4, 6, 9):
+        for cross in ("exact", "nystrom"):
+            rn = resolved_noise_from_operator(op, E[:, :k].float().contiguous(), min_batch=2,
+                                              seed=0, cross=cross)
+            assert rn.gram_floor > 1e-6                       # float32: above GRAM_CUTOFF
+            res = resolved_batch_top_eigenvalue(rn, [4], indices=[idx])
+            assert abs(res["mean"][0] / true - 1) < 0.01, (k, cross, res["mean"][0], true)
+
+
+def test_spikes_almost_inside_the_subspace_keep_the_form_right():
+    """A resolved spike v_h nearly inside span(U): the pencil's basis is [U, (I − UUᵀ)v_h],
+    one operator on one space, so it stays well posed. The earlier basis [U, v_h] mixed
+    the U-block's batch fluctuation with the mean field on v_h's part inside U and read
+    43× the dense Monte Carlo here (a 9-parameter logistic regression, an outside check).
+    Oracle: the dense per-sample Hessians (torch.func.hessian), E λ_max(H_B) over random
+    batches, and the spikes' parts outside the top-k span of the dense H."""
+
+    import torch.nn.functional as F
+
+    import nets
+
+    m, X, y, Hs = _softmax_regression()
+    N = len(X)
     H = Hs.mean(0)
     g, v = torch.linalg.eigh(Hs)
     spiked = g[:, -1] > 2 * float(torch.linalg.eigvalsh(H)[-1])

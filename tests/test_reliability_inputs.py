@@ -854,6 +854,28 @@ def test_entry_points_refuse_what_an_api_audit_found_them_accepting(tmp_path):
     with pytest.raises(ValueError, match=names("device")):
         nets.load_digits(device="foo")
     assert not list(tmp_path.iterdir())
+    # (a review of the above) training_threshold ran the model before checking it
+    from nets.learning_rates.lr_search import training_threshold
+    with pytest.raises(TypeError, match=names("model")):
+        training_threshold("m", CE, data, [4], steps=2, seeds=(0,))
+    # ... and a −inf additive mask registered as a buffer is a legitimate model: the loss
+    # check (run first by every entry point) and training accept it
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(5, 3).double()
+            self.register_buffer("mask", torch.tensor([0.0, 0.0, float("-inf")]))
+
+        def forward(self, x):
+            return self.lin(x) + torch.where(torch.isinf(self.mask), 0.0, self.mask)
+
+    masked = Masked()
+    assert nets.check_mean_reduced(masked, CE, data) == pytest.approx(1.0, abs=1e-6)
+    nets.training.loops.train(masked, CE, data, epochs=1, lr=0.01, batch_size=10)
+    # rmt's guard takes a function's B_name= as the caller's name for B (it prefixed the
+    # inner function's signature to "B_from must be > 0")
+    with pytest.raises(ValueError, match=r"^B_from must be > 0"):
+        rmt.lr.rescale_curvature(1.0, 0, 4, 1.0)
 
 
 def test_gradient_noise_refuses_a_non_finite_sample_gradient():

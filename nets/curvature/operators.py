@@ -418,7 +418,7 @@ def resolve_device_dtype(model: nn.Module, names, device, dtype):
         dtype = next(iter(dts))
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    check_model(model)
+    check_model(model, buffers=True)
     return device, dtype
 
 

@@ -21,15 +21,19 @@ from nets.utils.autocast import outside_caller_contexts
 from nets.utils.modes import kept_attributes, tensor_attributes
 
 
-def check_model(model) -> None:
+def check_model(model, *, buffers: bool = False) -> None:
     """Raise TypeError unless `model` is a `torch.nn.Module`, ValueError when one of its
-    floating parameters or buffers holds NaN or inf (every entry point that takes a model
-    refuses both before it computes anything)."""
+    floating parameters (with `buffers`, also buffers) holds NaN or inf. Every entry point
+    that takes a model refuses both before it computes anything; buffers only where the
+    curvature operators read them (a −inf additive attention mask registered as a buffer
+    is a legitimate model, which training and the loss check must accept)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    for what, named in (("parameter", model.named_parameters()),
-                        ("buffer", model.named_buffers())):
-        for n, t in named:
+    named = [("parameter", model.named_parameters())]
+    if buffers:
+        named.append(("buffer", model.named_buffers()))
+    for what, tensors in named:
+        for n, t in tensors:
             if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all()):
                 raise ValueError(f"model {what} {n!r} contains NaN or inf")
 

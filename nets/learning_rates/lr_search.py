@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from nets.curvature.loss_check import mean_reduction_check
+from nets.curvature.params import check_model
 from nets.utils.autocast import outside_autocast
 from nets.utils.callers import caller_stacklevel
 from nets.utils.data_source import tensors_for
@@ -741,6 +742,7 @@ def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergen
     """
     from nets.utils.progress import progress_bar
 
+    check_model(model)
     if criterion not in TRAINING_CRITERIA:
         raise ValueError(f"criterion must be one of {TRAINING_CRITERIA}, got {criterion!r}")
     if unbracketed not in ("raise", "nan"):

@@ -37,7 +37,9 @@ evaluated exactly from k-dimensional per-sample quantities (`_complement_noise`)
 sampled over batches S (Monte-Carlo, no curvature products). Limits: with no resolved
 samples (B ≥ max γ_i/λ_1) it is exactly the subspace form; with U the whole space
 (k = P: no complement, no Q_h) it is exactly the batch Hessian's top eigenvalue; a spike
-inside span(U) is the rank-one term of the U-block alone (Q_h → 0 continuously).
+inside span(U) is the rank-one term of the U-block alone (Q_h → 0 continuously). "Inside"
+is to the inputs' precision: parts with ‖(I − UUᵀ)v‖² below `ResolvedNoise.gram_floor`
+(10⁻¹⁰ in float64; ~10⁻⁵ with float32 products or a float32 U) are treated as inside.
 
 Why this basis. The form until session 53 used W = [U, v_h] with the mean field on all
 of v_h: on v_h's part inside span(U) the remainder was then the fluctuating subspace model
@@ -452,7 +454,10 @@ class ResolvedNoise(Result):
     per_sample : "products" or "ggn" (where the per-sample quantities came from);
     ggn_check : with per_sample="auto" where the Gauss–Newton form was tried, its
     directional noise s2_ggn against the Hessian's s2_hessian (± s2_hessian_stderr) along
-    the top eigenvector (`resolved_noise_from_operator`), else None."""
+    the top eigenvector (`resolved_noise_from_operator`), else None; gram_floor : the
+    smallest squared part of a spike outside span(U), ‖(I − UUᵀ)v‖², the batch pencil
+    keeps as a direction of its own (`_precision_floor`: below it, that part is round-off
+    and the spike counts as inside U)."""
 
     subspace: SubspaceNoise
     gamma: np.ndarray
@@ -472,6 +477,7 @@ class ResolvedNoise(Result):
     full_products: float | None = None
     per_sample: str = "products"
     ggn_check: dict | None = None
+    gram_floor: float = 1e-10
 
 
 #: default cap on the candidate spike vectors kept (memory P × DEFAULT_MAX_CANDIDATES)
@@ -657,7 +663,8 @@ def resolved_noise_from_operator(op: ModelCurvatureOperator, U, *, min_batch, st
                          full_products=float(cost),
                          per_sample="products" if gp is None else "ggn",
                          ggn_check=None if check is None else
-                         {k: check[k] for k in ("s2_ggn", "s2_hessian", "s2_hessian_stderr")})
+                         {k: check[k] for k in ("s2_ggn", "s2_hessian", "s2_hessian_stderr")},
+                         gram_floor=_precision_floor(Uo, op.dtype))
 
 
 #: per_sample="auto" keeps the Gauss–Newton form only if its directional noise along the
@@ -885,6 +892,20 @@ class _StandIns:
 GRAM_CUTOFF = 1e-10
 
 
+def _precision_floor(Uo: torch.Tensor, dtype: torch.dtype) -> float:
+    """The Gram cutoff of the batch pencil for these inputs: GRAM_CUTOFF, or more where
+    the inputs cannot resolve smaller outside parts ‖q‖² = ‖(I − UUᵀ)v‖² — 10× U's
+    departure from orthonormality ‖UᵀU − I‖ (a float32 U: ~1e-7, which Gv − TᵀT carries)
+    and 100× the products' machine epsilon (q's curvature qᵀHq is a difference of O(λ)
+    products). An outside sweep: a 9-parameter softmax regression in float32 with spikes
+    1e-4 outside a float32 U read 2.4× the dense Monte Carlo (Q-block ratios qᵀHq/‖q‖² of
+    −432 to 122 against λ₁ = 2.8) with GRAM_CUTOFF alone; 1.00 with this floor."""
+    k = Uo.shape[1]
+    eye = torch.eye(k, dtype=Uo.dtype, device=Uo.device)
+    orth = float(torch.linalg.matrix_norm(Uo.T @ Uo - eye, ord=2))
+    return max(GRAM_CUTOFF, 10.0 * orth, 100.0 * torch.finfo(dtype).eps)
+
+
 def _batch_pencil(rn: ResolvedNoise, p: np.ndarray, sp: np.ndarray, A_UU: np.ndarray,
                   f: float) -> tuple[np.ndarray, np.ndarray]:
     """(A, Gram) of one batch on W = [U, Q_h], Q_h = (I − UUᵀ)v_h the resolved spikes'
@@ -919,11 +940,11 @@ def _batch_pencil(rn: ResolvedNoise, p: np.ndarray, sp: np.ndarray, A_UU: np.nda
     return A, Gram
 
 
-def _top_pencil(A: np.ndarray, Gram: np.ndarray) -> float:
+def _top_pencil(A: np.ndarray, Gram: np.ndarray, floor: float = GRAM_CUTOFF) -> float:
     """Largest eigenvalue of the pencil (A, Gram), Gram PSD: restricted to the range of
-    Gram (eigenvalues above GRAM_CUTOFF of the largest)."""
+    Gram (eigenvalues above `floor` times the largest)."""
     g, E = np.linalg.eigh(Gram)
-    keep = g > GRAM_CUTOFF * g[-1]
+    keep = g > floor * g[-1]
     Xm = E[:, keep] / np.sqrt(g[keep])
     M = Xm.T @ A @ Xm
     return float(np.linalg.eigvalsh(0.5 * (M + M.T))[-1])
@@ -1005,7 +1026,8 @@ def resolved_batch_top_eigenvalue(rn: ResolvedNoise, batch_sizes, *, n_batches=2
             hs = idx[resolved[idx]]                            # resolved, with repeats
             p, inv = np.unique(stand_ins(hs), return_inverse=True)   # kept stand-ins
             sp = np.bincount(inv.reshape(-1), weights=rn.gamma[hs], minlength=p.size) / B
-            z[r] = _top_pencil(*_batch_pencil(rn, p, sp, base + aS[r], 1.0 - hs.size / B))
+            z[r] = _top_pencil(*_batch_pencil(rn, p, sp, base + aS[r], 1.0 - hs.size / B),
+                               rn.gram_floor)
         values.append(z)
         nres.append(counts.mean())
         means.append(z.mean())
