@@ -878,6 +878,48 @@ def test_entry_points_refuse_what_an_api_audit_found_them_accepting(tmp_path):
         rmt.lr.rescale_curvature(1.0, 0, 4, 1.0)
 
 
+def test_a_causal_mask_buffer_with_minus_inf_is_a_legitimate_model():
+    """A causal attention mask registered as a buffer (−inf above the diagonal, added to
+    the scores) was refused by every curvature operator as 'buffer contains NaN or inf';
+    its top Hessian eigenvalues now match the dense torch.func.hessian."""
+    from torch.func import functional_call, hessian
+
+    torch.manual_seed(0)
+
+    class Causal(nn.Module):
+        def __init__(self, T=6, d=8):
+            super().__init__()
+            self.emb, self.q, self.k, self.v = (nn.Linear(3, d), nn.Linear(d, d),
+                                                nn.Linear(d, d), nn.Linear(d, d))
+            self.head = nn.Linear(d, 2)
+            self.register_buffer("mask", torch.triu(torch.full((T, T), float("-inf")), 1))
+
+        def forward(self, x):
+            h = self.emb(x)
+            s = self.q(h) @ self.k(h).transpose(1, 2) / 8 ** 0.5 + self.mask
+            return self.head((s.softmax(-1) @ self.v(h))[:, -1])
+
+    m = Causal().double()
+    X = torch.randn(64, 6, 3, dtype=torch.float64)
+    y = torch.randint(0, 2, (64,))
+    names = [n for n, _ in m.named_parameters()]
+    shapes = [p.shape for p in m.parameters()]
+    w0 = torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+
+    def loss(w):
+        ps = dict(zip(names, (t.reshape(s) for t, s in
+                              zip(torch.split(w, [s.numel() for s in shapes]), shapes))))
+        return CE(functional_call(m, ps, (X,)), y)
+
+    dense = torch.linalg.eigvalsh(hessian(loss)(w0)).flip(0)[:2].numpy()
+    np.testing.assert_allclose(nets.top_eigenvalues(m, CE, (X, y), k=2), dense, rtol=1e-6)
+    assert np.isfinite(nets.predict_max_lr(m, CE, (X, y), [8])).all()
+    # a NaN in a buffer, or inf in BatchNorm's running statistics, is still refused
+    m.mask[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"buffer 'mask' contains NaN"):
+        nets.top_eigenvalues(m, CE, (X, y))
+
+
 def test_gradient_noise_refuses_a_non_finite_sample_gradient():
     """A loss finite on the samples the loss check reads but not on another one: the
     per-sample gradient pass gave mean, trace_cov and B_simple all NaN, silently."""

@@ -20,22 +20,33 @@ from torch import nn
 from nets.utils.autocast import outside_caller_contexts
 from nets.utils.modes import kept_attributes, tensor_attributes
 
+#: buffers that must be finite, not only free of NaN: normalisation layers' running statistics
+RUNNING_STATISTICS = ("running_mean", "running_var")
+
 
 def check_model(model, *, buffers: bool = False) -> None:
     """Raise TypeError unless `model` is a `torch.nn.Module`, ValueError when one of its
-    floating parameters (with `buffers`, also buffers) holds NaN or inf. Every entry point
-    that takes a model refuses both before it computes anything; buffers only where the
-    curvature operators read them (a −inf additive attention mask registered as a buffer
-    is a legitimate model, which training and the loss check must accept)."""
+    floating parameters holds NaN or inf, and with `buffers` when a floating buffer holds
+    NaN or a normalisation layer's running statistic (`RUNNING_STATISTICS`) holds inf.
+    Every entry point that takes a model refuses these before it computes anything,
+    buffers where the curvature operators read them. Other buffers may hold ±inf: an
+    additive attention mask (−inf on the masked positions) is a legitimate model; the
+    operators refused it until a review found it (session 53)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    named = [("parameter", model.named_parameters())]
-    if buffers:
-        named.append(("buffer", model.named_buffers()))
-    for what, tensors in named:
-        for n, t in tensors:
-            if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all()):
-                raise ValueError(f"model {what} {n!r} contains NaN or inf")
+    for n, t in model.named_parameters():
+        if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all()):
+            raise ValueError(f"model parameter {n!r} contains NaN or inf")
+    if not buffers:
+        return
+    for n, t in model.named_buffers():
+        if not t.is_floating_point():
+            continue
+        t = t.detach()
+        bad = (bool(torch.isnan(t).any()) or (n.rsplit(".", 1)[-1] in RUNNING_STATISTICS
+                                              and not bool(torch.isfinite(t).all())))
+        if bad:
+            raise ValueError(f"model buffer {n!r} contains NaN or inf")
 
 
 def select_parameter_names(model: nn.Module, params=None) -> list[str]:
