@@ -872,6 +872,11 @@ def test_entry_points_refuse_what_an_api_audit_found_them_accepting(tmp_path):
     masked = Masked()
     assert nets.check_mean_reduced(masked, CE, data) == pytest.approx(1.0, abs=1e-6)
     nets.training.loops.train(masked, CE, data, epochs=1, lr=0.01, batch_size=10)
+    # the linearised forms' options given to a one-pass form were accepted without a word
+    with pytest.warns(UserWarning, match=r"form='directional' does not use rank, factor, n_seeds"):
+        r = nets.transfer_lr(model, CE, data, [4, 8], reference=(8, 0.1), form="directional",
+                             rank=0, n_seeds=0, factor=-1)
+    assert r.lr[1] == pytest.approx(0.1)
     # rmt's guard takes a function's B_name= as the caller's name for B (it prefixed the
     # inner function's signature to "B_from must be > 0")
     with pytest.raises(ValueError, match=r"^B_from must be > 0"):

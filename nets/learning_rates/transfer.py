@@ -463,9 +463,20 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
                               dtype=dtype, seed=seed, progress=progress)
     rho = _momentum_of(opt)
     form = "linearized" if form is None else form
-    steps = 200 if steps is None else steps
     if form not in TRANSFER_FORMS:
         raise ValueError(f"form must be one of {TRANSFER_FORMS}, got {form!r}")
+    if form not in MODEL_FORMS:
+        # an outside audit: rank=0, n_seeds=0, factor=-1 passed without a word here
+        unused = [name for name, given in (("rank", rank != _LINEARIZED_RANK),
+                                           ("factor", factor != 10.0),
+                                           ("steps", steps is not None),
+                                           ("n_seeds", n_seeds != 8),
+                                           ("rank_check", rank_check is not False)) if given]
+        if unused:
+            warnings.warn(f"transfer_lr: form={form!r} does not use {', '.join(unused)} (options "
+                          f"of the linearised forms {MODEL_FORMS})", UserWarning,
+                          stacklevel=caller_stacklevel())
+    steps = 200 if steps is None else steps
     seed = resolved_seed("seed", seed)
     N = as_data_source(data).N
     Bs = as_batch_sizes(batch_sizes, N)
