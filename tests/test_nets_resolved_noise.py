@@ -80,15 +80,11 @@ def test_spike_quantities_match_dense(dense):
     np.testing.assert_allclose(rn.w, w, atol=1e-8)
 
 
-@pytest.mark.parametrize("B", [2, 5, 12])
-def test_complement_noise_with_spikes_removed_matches_dense(dense, B):
-    from nets.noise.resolved_noise import _complement_noise
-    model, X, y, Hs, H, ev, V = dense
-    k = 3
-    rn = _resolved(dense, k=k)
-    U = V[:, :k]
+def _dense_complement_noise(Hs, U, resolved):
+    """D_h = (1/(N−1)) Σ (x_i − x̄)ᵀ(x_i − x̄), x_i = Q(H_i − 1[resolved]·γ_i v_i v_iᵀ − H)U
+    with Q = I − UUᵀ, from dense per-sample Hessians and their own top eigenpairs."""
     N, P = Hs.shape[:2]
-    resolved = rn.gamma > B * rn.lam1
+    H = Hs.mean(axis=0)
     Q = np.eye(P) - U @ U.T
     x = []
     for i in range(N):
@@ -99,9 +95,19 @@ def test_complement_noise_with_spikes_removed_matches_dense(dense, B):
         x.append(Q @ (Hi - H) @ U)
     x = np.stack(x)
     x -= x.mean(axis=0)
-    D_dense = np.einsum("npi,npj->ij", x, x) / (N - 1)
+    return np.einsum("npi,npj->ij", x, x) / (N - 1)
+
+
+@pytest.mark.parametrize("B", [2, 5, 12])
+def test_complement_noise_with_spikes_removed_matches_dense(dense, B):
+    from nets.noise.resolved_noise import _complement_noise
+    model, X, y, Hs, H, ev, V = dense
+    k = 3
+    rn = _resolved(dense, k=k)
+    resolved = rn.gamma > B * rn.lam1
     sel = np.flatnonzero(resolved[rn.index])
-    np.testing.assert_allclose(_complement_noise(rn, sel), D_dense, atol=1e-10)
+    np.testing.assert_allclose(_complement_noise(rn, sel), _dense_complement_noise(Hs, V[:, :k], resolved),
+                               atol=1e-10)
 
 
 def test_without_resolved_samples_it_is_the_subspace_form(dense):
@@ -192,12 +198,13 @@ def test_single_resolved_sample_outside_the_subspace_is_its_spike_plus_mean_fiel
     q = v - u * (u @ v)
     Xo = X[others].numpy()
     # the remainder along u: the batch without sample 7, plus the complement term c·D/λ_1
-    # (second order, from every sample's x_i: D = cov of Q(H_i − H)u with the spike of
-    # the resolved sample 7 taken out)
-    from nets.noise.resolved_noise import _complement_noise
-    sel = np.flatnonzero(rn.gamma[rn.index] > B * rn.lam1)
+    # (second order, from every sample's x_i: D = cov of Q(H_i − H)u with the spikes of
+    # the samples resolved at B taken out; H_i = x_i x_iᵀ, its own top eigenpair)
+    Xn = X.numpy()
+    Hs = np.einsum("ni,nj->nij", Xn, Xn)
+    D = _dense_complement_noise(Hs, u[:, None], (Xn ** 2).sum(1) > B * rn.lam1)
     c = 1 / B - 1 / N                     # without replacement
-    rem_uu = u @ (Xo.T @ Xo / B) @ u + c * float(_complement_noise(rn, sel)[0, 0]) / rn.lam1
+    rem_uu = u @ (Xo.T @ Xo / B) @ u + c * float(D[0, 0]) / rn.lam1
     f = 1 - 1 / B
     W = np.stack([u, q], axis=1)
     A = np.array([[rem_uu, f * u @ H @ q], [f * u @ H @ q, f * q @ H @ q]])
@@ -281,8 +288,7 @@ def test_with_replacement_and_seeded(dense):
     g, E = np.linalg.eigh(Hs[i])
     v, U = E[:, -1], V[:, :3]
     Ri = Hs[i] - g[-1] * np.outer(v, v)
-    from nets.noise.resolved_noise import _complement_noise
-    D = _complement_noise(rn, np.flatnonzero(rn.gamma[rn.index] > 3 * rn.lam1))
+    D = _dense_complement_noise(Hs, U, np.linalg.eigvalsh(Hs)[:, -1] > 3 * rn.lam1)
     c = (1 - 1 / len(X)) / 3                                    # with replacement
     M = U @ (U.T @ Ri @ U + c * D / rn.lam1) @ U.T + g[-1] * np.outer(v, v)
     assert dup["values"][0][0] == pytest.approx(np.linalg.eigvalsh(M)[-1], rel=1e-6)

@@ -119,10 +119,11 @@ def transfer_study(model, loss_fn, data, batch_sizes, *, momenta=(0.0, 0.9), anc
         for B0 in anchors:
             i0 = list(Bs).index(B0)
             a0 = float(meas.lr[i0])
-            with momentum_caveat_silenced():    # the caveat this check measures
+            with momentum_caveat_silenced():    # the caveats this check measures
                 tr = shape.with_reference((B0, a0))
+                local_tr = local.with_reference((B0, a0))
             if form != "directional":
-                out[f"ratio_directional_B{B0}_{key}"] = local.with_reference((B0, a0)).lr / meas.lr
+                out[f"ratio_directional_B{B0}_{key}"] = local_tr.lr / meas.lr
             out[f"transfer_B{B0}_{key}"] = tr.lr
             out[f"transfer_stderr_B{B0}_{key}"] = tr.lr_stderr
             out[f"ratio_B{B0}_{key}"] = tr.lr / meas.lr
