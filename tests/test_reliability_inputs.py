@@ -925,6 +925,21 @@ def test_a_causal_mask_buffer_with_minus_inf_is_a_legitimate_model():
         nets.top_eigenvalues(m, CE, (X, y))
 
 
+def test_lazy_modules_are_named_until_their_first_forward():
+    """An uninitialised LazyLinear failed with torch's message about load_state_dict (the
+    operators) or 'uninitialized parameter in detach' (the loss check)."""
+    model = nn.Sequential(nn.LazyLinear(3)).double()
+    X = torch.randn(20, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (20,))
+    for call in (lambda: nets.top_eigenvalues(model, CE, (X, y)),
+                 lambda: nets.check_mean_reduced(model, CE, (X, y)),
+                 lambda: nets.predict_max_lr(model, CE, (X, y), [4])):
+        with pytest.raises(ValueError, match=r"uninitialised \(lazy\) parameters.*forward"):
+            call()
+    model(X)
+    assert nets.top_eigenvalues(model, CE, (X, y))[0] > 0
+
+
 def test_gradient_noise_refuses_a_non_finite_sample_gradient():
     """A loss finite on the samples the loss check reads but not on another one: the
     per-sample gradient pass gave mean, trace_cov and B_simple all NaN, silently."""

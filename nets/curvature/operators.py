@@ -652,6 +652,7 @@ class ModelCurvatureOperator(CurvatureOperator):
                             "eager nn.Module it was made from")
         if not callable(loss_fn):
             raise TypeError("loss_fn must be callable: loss_fn(outputs, targets) -> scalar mean loss")
+        check_model(model, buffers=True)            # lazy parameters before their shapes are read
         if kind not in ("hessian", "ggn"):
             raise ValueError(f"kind must be 'hessian' or 'ggn', got {kind!r}")
         check_policy(model, policy)

@@ -34,13 +34,18 @@ def check_model(model, *, buffers: bool = False) -> None:
     operators refused it until a review found it (session 53)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    for n, t in model.named_parameters():
-        if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all()):
+    lazy = [n for n, t in model.named_parameters()
+            if isinstance(t, nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise ValueError(f"model has uninitialised (lazy) parameters {lazy[:3]}: run one forward "
+                         "pass on a batch of your data first, so that they get their shapes")
+    for n, t in model.named_parameters():           # meta tensors hold no values to check
+        if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t.detach()).all()):
             raise ValueError(f"model parameter {n!r} contains NaN or inf")
     if not buffers:
         return
     for n, t in model.named_buffers():
-        if not t.is_floating_point():
+        if not t.is_floating_point() or t.is_meta:
             continue
         t = t.detach()
         bad = (bool(torch.isnan(t).any()) or (n.rsplit(".", 1)[-1] in RUNNING_STATISTICS
