@@ -20,6 +20,7 @@ import copy
 import math
 import pathlib
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -877,6 +878,10 @@ def test_entry_points_refuse_what_an_api_audit_found_them_accepting(tmp_path):
         r = nets.transfer_lr(model, CE, data, [4, 8], reference=(8, 0.1), form="directional",
                              rank=0, n_seeds=0, factor=-1)
     assert r.lr[1] == pytest.approx(0.1)
+    with warnings.catch_warnings():                        # their defaults, spelled out: quiet
+        warnings.simplefilter("error", UserWarning)
+        nets.transfer_lr(model, CE, data, [4, 8], reference=(8, 0.1), form="directional",
+                         steps=200, factor=10, n_seeds=np.int64(8), rank_check=0)
     # rmt's guard takes a function's B_name= as the caller's name for B (it prefixed the
     # inner function's signature to "B_from must be > 0")
     with pytest.raises(ValueError, match=r"^B_from must be > 0"):
@@ -919,10 +924,16 @@ def test_a_causal_mask_buffer_with_minus_inf_is_a_legitimate_model():
     dense = torch.linalg.eigvalsh(hessian(loss)(w0)).flip(0)[:2].numpy()
     np.testing.assert_allclose(nets.top_eigenvalues(m, CE, (X, y), k=2), dense, rtol=1e-6)
     assert np.isfinite(nets.predict_max_lr(m, CE, (X, y), [8])).all()
-    # a NaN in a buffer, or inf in BatchNorm's running statistics, is still refused
+    # a NaN in a buffer, or inf in BatchNorm's running statistics, is still refused —
+    # by the loss check and training too (a review: they let a NaN running_mean through)
     m.mask[0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"buffer 'mask' contains NaN"):
         nets.top_eigenvalues(m, CE, (X, y))
+    bn, _, data, _ = _inf_buffer()
+    for call in (lambda: nets.check_mean_reduced(bn, CE, data),
+                 lambda: nets.training.loops.train(bn, CE, data, epochs=1, lr=0.01, batch_size=10)):
+        with pytest.raises(ValueError, match=r"buffer '1.running_var' contains NaN or inf"):
+            call()
 
 
 def test_lazy_modules_are_named_until_their_first_forward():
@@ -931,13 +942,21 @@ def test_lazy_modules_are_named_until_their_first_forward():
     model = nn.Sequential(nn.LazyLinear(3)).double()
     X = torch.randn(20, 5, dtype=torch.float64)
     y = torch.randint(0, 3, (20,))
+    lazy_bn = nn.Sequential(nn.Linear(5, 4), nn.LazyBatchNorm1d(affine=False), nn.Linear(4, 3))
     for call in (lambda: nets.top_eigenvalues(model, CE, (X, y)),
                  lambda: nets.check_mean_reduced(model, CE, (X, y)),
-                 lambda: nets.predict_max_lr(model, CE, (X, y), [4])):
+                 lambda: nets.predict_max_lr(model, CE, (X, y), [4]),
+                 lambda: nets.gradient_noise(model, CE, (X, y), hessian=False),
+                 lambda: nets.top_eigenvalues(lazy_bn.double().eval(), CE, (X, y))):
         with pytest.raises(ValueError, match=r"uninitialised \(lazy\) parameters.*forward"):
             call()
     model(X)
     assert nets.top_eigenvalues(model, CE, (X, y))[0] > 0
+    # a buffer on the meta device holds no values (torch's "Cannot copy out of meta tensor")
+    meta = tiny()[0]
+    meta.register_buffer("scale", torch.ones(3, device="meta"))
+    with pytest.raises(ValueError, match=r"buffer 'scale' is on the meta device"):
+        nets.hessian_operator(meta, CE, (X, y))
 
 
 def test_gradient_noise_refuses_a_non_finite_sample_gradient():

@@ -418,7 +418,7 @@ def resolve_device_dtype(model: nn.Module, names, device, dtype):
         dtype = next(iter(dts))
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    check_model(model, buffers=True)
+    check_model(model)
     return device, dtype
 
 
@@ -652,7 +652,7 @@ class ModelCurvatureOperator(CurvatureOperator):
                             "eager nn.Module it was made from")
         if not callable(loss_fn):
             raise TypeError("loss_fn must be callable: loss_fn(outputs, targets) -> scalar mean loss")
-        check_model(model, buffers=True)            # lazy parameters before their shapes are read
+        check_model(model)            # lazy parameters before their shapes are read
         if kind not in ("hessian", "ggn"):
             raise ValueError(f"kind must be 'hessian' or 'ggn', got {kind!r}")
         check_policy(model, policy)

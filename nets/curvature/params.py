@@ -24,28 +24,32 @@ from nets.utils.modes import kept_attributes, tensor_attributes
 RUNNING_STATISTICS = ("running_mean", "running_var")
 
 
-def check_model(model, *, buffers: bool = False) -> None:
-    """Raise TypeError unless `model` is a `torch.nn.Module`, ValueError when one of its
-    floating parameters holds NaN or inf, and with `buffers` when a floating buffer holds
-    NaN or a normalisation layer's running statistic (`RUNNING_STATISTICS`) holds inf.
-    Every entry point that takes a model refuses these before it computes anything,
-    buffers where the curvature operators read them. Other buffers may hold ±inf: an
-    additive attention mask (−inf on the masked positions) is a legitimate model; the
-    operators refused it until a review found it (session 53)."""
+def check_model(model) -> None:
+    """Raise TypeError unless `model` is a `torch.nn.Module`; ValueError when one of its
+    parameters or buffers is lazy and still uninitialised, a floating parameter holds NaN
+    or inf, a floating buffer holds NaN, a normalisation layer's running statistic
+    (`RUNNING_STATISTICS`) holds inf, or a buffer sits on the meta device (no values).
+    Other buffers may hold ±inf: an additive attention mask (−inf on the masked
+    positions) is a legitimate model; the curvature operators refused it until a review
+    found it (session 53). Parameters on the meta device are left to the device checks.
+    Every entry point that takes a model runs this before it computes anything."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    lazy = [n for n, t in model.named_parameters()
-            if isinstance(t, nn.parameter.UninitializedParameter)]
+    lazy = [n for n, t in (*model.named_parameters(), *model.named_buffers())
+            if isinstance(t, (nn.parameter.UninitializedParameter,
+                              nn.parameter.UninitializedBuffer))]
     if lazy:
-        raise ValueError(f"model has uninitialised (lazy) parameters {lazy[:3]}: run one forward "
-                         "pass on a batch of your data first, so that they get their shapes")
+        raise ValueError(f"model has uninitialised (lazy) parameters or buffers {lazy[:3]}: run "
+                         "one forward pass on a batch of your data first, so that they get "
+                         "their shapes")
     for n, t in model.named_parameters():           # meta tensors hold no values to check
         if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t.detach()).all()):
             raise ValueError(f"model parameter {n!r} contains NaN or inf")
-    if not buffers:
-        return
     for n, t in model.named_buffers():
-        if not t.is_floating_point() or t.is_meta:
+        if t.is_meta:
+            raise ValueError(f"model buffer {n!r} is on the meta device: it holds no values "
+                             "(load or initialise it, e.g. model.to_empty(...) and a state dict)")
+        if not t.is_floating_point():
             continue
         t = t.detach()
         bad = (bool(torch.isnan(t).any()) or (n.rsplit(".", 1)[-1] in RUNNING_STATISTICS

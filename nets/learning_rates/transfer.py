@@ -469,9 +469,9 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
         # an outside audit: rank=0, n_seeds=0, factor=-1 passed without a word here
         unused = [name for name, given in (("rank", rank != _LINEARIZED_RANK),
                                            ("factor", factor != 10.0),
-                                           ("steps", steps is not None),
+                                           ("steps", steps not in (None, 200)),
                                            ("n_seeds", n_seeds != 8),
-                                           ("rank_check", rank_check is not False)) if given]
+                                           ("rank_check", bool(rank_check))) if given]
         if unused:
             warnings.warn(f"transfer_lr: form={form!r} does not use {', '.join(unused)} (options "
                           f"of the linearised forms {MODEL_FORMS})", UserWarning,

@@ -53,7 +53,13 @@ from nets.curvature.operators import (
     resolve_device_dtype,
     warn_output_precision,
 )
-from nets.curvature.params import ParamLayout, call_model, functional_loss, make_functional
+from nets.curvature.params import (
+    ParamLayout,
+    call_model,
+    check_model,
+    functional_loss,
+    make_functional,
+)
 from nets.utils.autocast import outside_autocast
 from nets.utils.data_source import as_data_source, check_indices
 from nets.utils.memory import SAMPLE_CHUNK_CAP, capped_sample_chunk, memory_budget, product_chunk
@@ -77,8 +83,7 @@ class _PerSample:
     """vmap(grad) of the per-sample loss ℓ_i(w) = loss_fn(model(x_i[None]), y_i[None])."""
 
     def __init__(self, model, loss_fn, params, device, dtype, policy):
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_model(model)                 # (lazy parameters before the layout reads shapes)
         if not callable(loss_fn):
             raise TypeError("loss_fn must be callable")
         check_policy(model, policy)
