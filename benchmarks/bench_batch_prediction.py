@@ -17,6 +17,10 @@ and the accuracy of each form against that measurement. Run:
 `python benchmarks/bench_batch_prediction.py [--device cuda] [--quick] [--large]`;
 `--large` measures with 2000 / 1000 / 400 / 200 batches (the README's "large
 measurement", one timed repeat) and writes `bench_batch_prediction_large.json`.
+`--variants`: accuracy only (no timing), the forms against 320 / 160 / 80 / 80 measured
+batches on five other digits MLPs — seeds 1 and 2, ReLU, one hidden layer of 64, three
+epochs (`trained_digits_mlp`'s recipe otherwise) — written to
+`bench_batch_prediction_variants.json` (~3 min on one thread).
 """
 
 from __future__ import annotations
@@ -39,8 +43,12 @@ def main(argv=None):
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--large", action="store_true",
                    help="measure with 2000/1000/400/200 batches (one timed repeat)")
+    p.add_argument("--variants", action="store_true",
+                   help="accuracy of the forms on five other digits MLPs (no timing)")
     args = p.parse_args(argv)
     device = setup_torch(args)
+    if args.variants:
+        return variants(device, args.out)
     model, (X, y) = trained_digits_mlp(seed=0)
     model = model.to(device)
     data = (X.to(device), y.to(device))
@@ -84,6 +92,33 @@ def main(argv=None):
     write_json(name, {"environment": environment(device), "times": times,
                                           "rows": rows, "measured": meas,
                                           "n_batches": nb, "quick": args.quick}, args.out)
+
+
+VARIANTS = {"seed1": dict(seed=1), "seed2": dict(seed=2), "relu": dict(activation="relu"),
+            "width64": dict(hidden=(64,)), "epochs3": dict(epochs=3)}
+
+
+def variants(device, out=None):
+    """predicted ÷ measured λ'_1(B) of every form on the VARIANTS digits MLPs."""
+    rows, res = [], {}
+    for name, kw in VARIANTS.items():
+        model, (X, y) = trained_digits_mlp(**kw)
+        model, data = model.to(device), (X.to(device), y.to(device))
+        pred = predict_batch_top_eigenvalue(model, F.cross_entropy, data, BATCHES, form="all",
+                                            seed=0, device=device)
+        meas = np.array([measure_batch_top_eigenvalue(model, F.cross_entropy, data, [B],
+                                                      n_batches=N_BATCHES[B], seed=1,
+                                                      device=device)["mean"][0]
+                         for B in BATCHES])
+        res[name] = {"measured": meas, **{f: pred[f] / meas for f in
+                                          ("directional", "subspace", "resolved")}}
+        rows.append({"net": name, **{f: " / ".join(f"{r:.2f}" for r in res[name][f])
+                                     for f in ("resolved", "directional", "subspace")}})
+    print_table(rows, [("net", "digits MLP"), ("resolved", "resolved ÷ measured"),
+                       ("directional", "directional"), ("subspace", "subspace")])
+    write_json("bench_batch_prediction_variants", {"environment": environment(device),
+                                                   "variants": VARIANTS, "results": res,
+                                                   "n_batches": N_BATCHES}, out)
 
 
 if __name__ == "__main__":
