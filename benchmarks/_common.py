@@ -157,6 +157,20 @@ def write_json(name: str, payload: dict, out: str | None = None) -> Path:
     return path
 
 
+def stored_parts(name: str, out: str | None = None) -> tuple[Path, dict]:
+    """(path, its JSON) of a benchmark that stores one part per run in one file
+    (`out`, or RESULTS/<name>.json; {} when there is none yet)."""
+    path = Path(out) if out else RESULTS / f"{name}.json"
+    return path, (json.loads(path.read_text()) if path.exists() else {})
+
+
+def write_part(name: str, path: Path, stored: dict, key: str, part: dict, t0: float) -> Path:
+    """Merge one run's `part` into `stored` under `key`, with its own wall seconds (since
+    `t0`, `time.perf_counter`) and this process's peak RSS, and write the file."""
+    part.update(seconds=time.perf_counter() - t0, peak_rss_mb=peak_rss_mb())
+    return write_json(name, {**stored, key: part, "environment": environment()}, str(path))
+
+
 def fmt_time(t) -> str:
     if t is None:
         return "-"

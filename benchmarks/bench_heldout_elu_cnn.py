@@ -23,13 +23,11 @@ saw, and the stored default shape re-anchored at them — the out-of-sample chec
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import numpy as np
-from _common import RESULTS, base_parser, environment, peak_rss_mb, setup_torch, write_json
-from bench_heldout_transfer import BATCH_SIZES, default_form_row, transfers, worst
+from _common import base_parser, setup_torch, stored_parts, write_part
+from bench_heldout_transfer import BATCH_SIZES, default_form_row, rule_ratios, transfers, worst
 
 SEEDS = tuple(range(8))
 OUT_OF_SAMPLE_SEEDS = tuple(range(8, 16))
@@ -60,11 +58,6 @@ def trained_elu_cnn(seed=0, epochs=20):
     train(model, F.cross_entropy, (X, y), epochs=epochs, lr=0.05, batch_size=64,
           momentum=0.9, seed=seed)
     return model.eval(), F.cross_entropy, (X, y)
-
-
-def rule_ratios(real, exponent):
-    """lr ∝ B^exponent anchored at the measured threshold at B₀ = 32 and 512, ÷ measured."""
-    return transfers(real, np.asarray(BATCH_SIZES, float) ** exponent)
 
 
 def run_transfer(seed, progress=False):
@@ -120,8 +113,7 @@ def main():
     p.add_argument("--part", choices=("transfer", "oos"), default="transfer")
     args = p.parse_args()
     setup_torch(args)
-    path = Path(args.out) if args.out else RESULTS / "bench_heldout_elu_cnn.json"
-    stored = json.loads(path.read_text()) if path.exists() else {}
+    path, stored = stored_parts("bench_heldout_elu_cnn", args.out)
     t0 = time.perf_counter()
     key = f"seed{args.seed}"
     if args.part == "oos":
@@ -129,9 +121,7 @@ def main():
         key += "_oos"
     else:
         part = run_transfer(args.seed)
-    part.update(seconds=time.perf_counter() - t0, peak_rss_mb=peak_rss_mb())
-    write_json("bench_heldout_elu_cnn", {**stored, key: part, "environment": environment()},
-               str(path))
+    write_part("bench_heldout_elu_cnn", path, stored, key, part, t0)
 
 
 if __name__ == "__main__":

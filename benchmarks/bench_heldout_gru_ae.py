@@ -28,14 +28,12 @@ from it and the linear, √B and constant rules anchored the same way.
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from pathlib import Path
 
 import numpy as np
-from _common import RESULTS, base_parser, environment, peak_rss_mb, setup_torch, write_json
-from bench_heldout_transfer import BATCH_SIZES, default_form_row, transfers, worst
+from _common import base_parser, setup_torch, stored_parts, write_part
+from bench_heldout_transfer import default_form_row, rule_ratios, worst
 
 SEEDS = tuple(range(8))
 
@@ -116,8 +114,7 @@ def run(net, momentum, seed=0, progress=False):
         acc = float((out_.argmax(1) == y).float().mean()) if net == "gru" else float("nan")
     out, real, default = default_form_row(model, loss_fn, data, momentum=momentum, seeds=SEEDS,
                                           progress=progress)
-    Bf = np.asarray(BATCH_SIZES, float)
-    rules = {name: transfers(real.lr, Bf ** e) for name, e in
+    rules = {name: rule_ratios(real.lr, e) for name, e in
              (("linear", 1.0), ("sqrt", 0.5), ("constant", 0.0))}
     out.update(checkpoint_loss=loss, checkpoint_accuracy=acc, real_per_seed=real.per_seed,
                default_shape=default.shape, deterministic_limit=2.0 / default.lam,
@@ -144,14 +141,11 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="training seed of the checkpoint")
     args = p.parse_args()
     setup_torch(args)
-    path = Path(args.out) if args.out else RESULTS / "bench_heldout_gru_ae.json"
-    stored = json.loads(path.read_text()) if path.exists() else {}
+    path, stored = stored_parts("bench_heldout_gru_ae", args.out)
     t0 = time.perf_counter()
-    key = f"{args.net}_m{args.momentum:g}_seed{args.seed}"
     part = run(args.net, args.momentum, args.seed)
-    part.update(seconds=time.perf_counter() - t0, peak_rss_mb=peak_rss_mb())
-    write_json("bench_heldout_gru_ae", {**stored, key: part, "environment": environment()},
-               str(path))
+    write_part("bench_heldout_gru_ae", path, stored, f"{args.net}_m{args.momentum:g}_seed{args.seed}",
+               part, t0)
 
 
 if __name__ == "__main__":

@@ -283,6 +283,12 @@ def transfers(real, shape):
     return {f"B{B0}": transfer_ratios(real, shape, B0) for B0 in (32, 512)}
 
 
+def rule_ratios(real, exponent):
+    """lr ∝ B^exponent anchored at the measured threshold at B₀ = 32 and 512, ÷ measured
+    (the linear rule: 1, the square-root rule: ½, a constant lr: 0)."""
+    return transfers(real, np.asarray(BATCH_SIZES, float) ** exponent)
+
+
 def worst(transfer):
     """[smallest, largest] ratio of a `transfers` dict over both anchors."""
     return [float(min(v.min() for v in transfer.values())),

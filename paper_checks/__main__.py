@@ -205,9 +205,10 @@ def main(argv=None) -> int:
                 unread = [n for n in (reported_names(out) or [])
                           if n not in {r.name for r in results}]
                 failed.update({n: "its JSON file is missing or damaged" for n in unread})
-                note = interrupted_note(out)
+                note = None                 # write_readme keeps an interrupted run's note
                 if unread:
-                    note = ((note + " " if note else "")
+                    prior = interrupted_note(out)
+                    note = ((prior + " " if prior else "")
                             + f"Not redrawn (JSON missing or damaged): {', '.join(unread)}.")
                 write_readme(results, out, redrawn=True, note=note)
         except ReportFolderInUse as exc:

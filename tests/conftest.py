@@ -49,6 +49,12 @@ def flat_dense_hessian(model, loss_fn, X, y):
         lambda w: loss_fn(torch.func.functional_call(model, state(w), (X,)), y))(flat)
 
 
+def same_weights(a, b) -> bool:
+    """Whether two modules hold bit-for-bit equal parameters (a benchmark's training,
+    run twice, is reproducible)."""
+    return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
 def per_sample_dense_hessians(model, loss_fn, X, y):
     """(Hs, H, ev, V): Hs[i] = ∇²ℓ_i (N, P, P) as numpy float64, H = mean_i Hs[i], and
     its eigenvalues `ev` in descending order with eigenvectors as the columns of `V`."""

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 import torch
-from conftest import import_benchmark
+from conftest import import_benchmark, same_weights
 
 
 def test_network_is_built_trained_and_reproducible():
@@ -23,8 +23,7 @@ def test_network_is_built_trained_and_reproducible():
         loss = float(loss_fn(model(X), y))
     assert loss < 0.5 * math.log(10)
     again, _, _ = bench.trained_elu_cnn(epochs=2)
-    for a, b in zip(model.parameters(), again.parameters()):
-        assert torch.equal(a, b)
+    assert same_weights(model, again)
 
 
 def test_rule_ratios_by_hand():

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import import_benchmark
+from conftest import import_benchmark, same_weights
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +26,7 @@ def test_variants_are_built_trained_and_reproducible(bench, name):
         loss = float(loss_fn(model(X), y))
     assert loss < 0.5 * math.log(2) + spec["smoothing"]
     again, _, _ = bench.trained_tabular_mlp(**spec, epochs=5)
-    for a, b in zip(model.parameters(), again.parameters()):
-        assert torch.equal(a, b)
+    assert same_weights(model, again)
 
 
 def test_layer_norm_block_is_a_symmetry_of_the_jacobian(bench):

@@ -418,7 +418,6 @@ def resolve_device_dtype(model: nn.Module, names, device, dtype):
         dtype = next(iter(dts))
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    check_model(model)
     return device, dtype
 
 
@@ -644,15 +643,13 @@ class ModelCurvatureOperator(CurvatureOperator):
 
     def __init__(self, model, loss_fn, data, kind="hessian", *, params=None, policy=None,
                  chunk_size=None, device=None, dtype=None, cache_graph="auto"):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_model(model)            # lazy parameters before their shapes are read
         if isinstance(model, torch.jit.ScriptModule):      # was blamed on the data layout
             raise TypeError("model is a TorchScript module (torch.jit.script / trace), which "
                             "torch.func cannot call with substituted parameters: pass the "
                             "eager nn.Module it was made from")
         if not callable(loss_fn):
             raise TypeError("loss_fn must be callable: loss_fn(outputs, targets) -> scalar mean loss")
-        check_model(model)            # lazy parameters before their shapes are read
         if kind not in ("hessian", "ggn"):
             raise ValueError(f"kind must be 'hessian' or 'ggn', got {kind!r}")
         check_policy(model, policy)

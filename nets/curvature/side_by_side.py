@@ -40,7 +40,7 @@ from nets.curvature.operators import (
     policy_mode,
     resolve_device_dtype,
 )
-from nets.curvature.params import ParamLayout, call_model, make_functional
+from nets.curvature.params import ParamLayout, call_model, check_model, make_functional
 
 __all__ = ["SideBySideHessians", "ColumnCountError"]
 
@@ -62,8 +62,7 @@ class SideBySideHessians(CurvatureOperator):
 
     def __init__(self, model: nn.Module, loss_fn, X: torch.Tensor, Y: torch.Tensor, *,
                  policy=None, dtype=None, device=None):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_model(model)          # its values: resolve_device_dtype reads devices and dtypes
         if not callable(loss_fn):
             raise TypeError("loss_fn must be callable: loss_fn(outputs, targets) -> scalar mean loss")
         if not (isinstance(X, torch.Tensor) and isinstance(Y, torch.Tensor)):

@@ -371,9 +371,7 @@ def preconditioned_batch_sharpness(model, loss_fn, data, batch_sizes, *, precond
     coordinates whose D sits at its ceiling 1/ε (√v̂ ≤ ε: no state, a fresh optimizer)
     carry the top eigenvector or a gradient (`adam_preconditioner`)."""
     src = as_data_source(data)
-    bs = as_batch_sizes(batch_sizes)
-    if bs.max() > src.N:
-        raise ValueError(f"batch_sizes must be <= N={src.N}")
+    bs = as_batch_sizes(batch_sizes, src.N)
     preconditioner, rep, _ = _checked_preconditioner(preconditioner, bs, model, params)
     beta1 = _beta1_from(rep, beta1)
     n_batches = as_int("n_batches", n_batches, minimum=1)
@@ -574,9 +572,7 @@ def predict_adam_max_lr(model, loss_fn, data, batch_sizes, *, betas=None, eps=No
     src = as_data_source(data)
     mean_reduction_check(model, loss_fn, src)
     N = src.N
-    bs = as_batch_sizes(batch_sizes)
-    if bs.max() > N:
-        raise ValueError(f"batch_sizes must be <= N={N}")
+    bs = as_batch_sizes(batch_sizes, N)
     if form not in ADAM_FORMS:
         raise ValueError(f"form must be one of {ADAM_FORMS}, got {form!r}")
     if betas is not None:
@@ -1109,9 +1105,7 @@ def adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 0.999), eps
     if device is not None or dtype is not None:     # the trials train copies: cast one
         model = model_copy(model).to(device=device, dtype=dtype)
     N = len(X)
-    bs = as_batch_sizes(batch_sizes)
-    if bs.max() > N:
-        raise ValueError(f"batch_sizes must be <= N={N}")
+    bs = as_batch_sizes(batch_sizes, N)
     warmup_steps = as_int("warmup_steps", warmup_steps, minimum=0)
     steps = as_int("steps", steps, minimum=8)
     warmup_lr = as_float("warmup_lr", warmup_lr, positive=True)

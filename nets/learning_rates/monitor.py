@@ -248,11 +248,10 @@ def _warn_batch_norm_in_training(model) -> None:
     (policy='train_batch_stats' is refused): said once. On a small BatchNorm CNN after 6
     steps the eval-mode λ₁ was 2.8× the train-mode one, and max_lr as much too low, with
     nothing said (an outside sweep)."""
-    from nets.curvature.operators import describe_layers
+    from nets.curvature.operators import describe_layers, train_mode_layers
 
-    norms = [(name, m, "batch") for name, m in model.named_modules()
-             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
-             and m.track_running_stats]
+    norms = [(name, m, kind) for name, m, kind in train_mode_layers(model)
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if norms:
         warnings.warn(
             f"CurvatureMonitor: policy='eval' measures the model on its running statistics "

@@ -466,12 +466,11 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
     if form not in TRANSFER_FORMS:
         raise ValueError(f"form must be one of {TRANSFER_FORMS}, got {form!r}")
     if form not in MODEL_FORMS:
-        # an outside audit: rank=0, n_seeds=0, factor=-1 passed without a word here
-        unused = [name for name, given in (("rank", rank != _LINEARIZED_RANK),
-                                           ("factor", factor != 10.0),
-                                           ("steps", steps not in (None, 200)),
-                                           ("n_seeds", n_seeds != 8),
-                                           ("rank_check", bool(rank_check))) if given]
+        # an outside audit: rank=0, n_seeds=0, factor=-1 passed without a word here;
+        # steps=200 is what steps=None means for these forms
+        given = {"rank": rank, "factor": factor, "steps": None if steps == 200 else steps,
+                 "n_seeds": n_seeds, "rank_check": rank_check}
+        unused = [k for k, v in given.items() if v != _TRANSFER_DEFAULTS[k]]
         if unused:
             warnings.warn(f"transfer_lr: form={form!r} does not use {', '.join(unused)} (options "
                           f"of the linearised forms {MODEL_FORMS})", UserWarning,

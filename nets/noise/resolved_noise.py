@@ -906,32 +906,41 @@ def _precision_floor(Uo: torch.Tensor, dtype: torch.dtype) -> float:
     return max(GRAM_CUTOFF, 10.0 * orth, 100.0 * torch.finfo(dtype).eps)
 
 
-def _batch_pencil(rn: ResolvedNoise, p: np.ndarray, sp: np.ndarray, A_UU: np.ndarray,
+def _outside_blocks(rn: ResolvedNoise) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(QᵀQ, UᵀHQ, QᵀHQ) for every kept spike, Q = (I − UUᵀ)V — derived once per call of
+    `resolved_batch_top_eigenvalue` from T, Gv, UHV, VHV and H_U; each batch takes its
+    stand-ins' rows and columns (`_batch_pencil`):
+
+        QᵀQ = Gv − TᵀT,   UᵀHQ = UᵀHV − H_U T,   QᵀHQ = VᵀHV − TᵀUᵀHV − (·)ᵀ + TᵀH_U T."""
+    T, UHV, H_U = rn.T, rn.UHV, rn.subspace.H_U
+    Gq = rn.Gv - T.T @ T
+    TUHV = T.T @ UHV
+    QHQ = rn.VHV - TUHV - TUHV.T + T.T @ H_U @ T
+    return 0.5 * (Gq + Gq.T), UHV - H_U @ T, 0.5 * (QHQ + QHQ.T)
+
+
+def _batch_pencil(rn: ResolvedNoise, blocks, p: np.ndarray, sp: np.ndarray, A_UU: np.ndarray,
                   f: float) -> tuple[np.ndarray, np.ndarray]:
     """(A, Gram) of one batch on W = [U, Q_h], Q_h = (I − UUᵀ)v_h the resolved spikes'
-    parts outside span(U) (kept stand-ins p, spike weights sp = Σγ_i/B per stand-in):
+    parts outside span(U) (kept stand-ins p, spike weights sp = Σγ_i/B per stand-in;
+    `blocks` from `_outside_blocks`):
 
         A = blocks of the remainder R_S + Σ_h sp_j (Wᵀv_j)(Wᵀv_j)ᵀ,   Wᵀv_j = [t_j; Q_hᵀv_j],
         UᵀR_S U = A_UU − Σ_h sp_j t_j t_jᵀ,   UᵀR_S Q_h = f·UᵀH Q_h,   Q_hᵀR_S Q_h = f·Q_hᵀH Q_h,
-        Gram = WᵀW = diag(I_k, Q_hᵀQ_h),   Q_hᵀQ_h = (Gv − TᵀT)_h,
-        UᵀH Q_h = UᵀHV_h − H_U T_h,   Q_hᵀH Q_h = V_hᵀHV_h − T_hᵀUᵀHV_h − (·)ᵀ + T_hᵀH_U T_h.
+        Gram = WᵀW = diag(I_k, Q_hᵀQ_h),   Q_hᵀv_j = Q_hᵀq_j.
 
     One operator on one space: inside span(U) the remainder is the subspace model (its
     fluctuation included), outside it the mean field f·H. A spike inside span(U) (Q_h → 0)
     is then the rank-one term in the U-block alone, continuously."""
+    Gq_all, UHQ_all, QHQ_all = blocks
     k = A_UU.shape[0]
     T = rn.T[:, p]
-    UHV = rn.UHV[:, p]
-    Gq = rn.Gv[np.ix_(p, p)] - T.T @ T
-    Gq = 0.5 * (Gq + Gq.T)
-    UHQ = UHV - rn.subspace.H_U @ T
-    TUHV = T.T @ UHV
-    QHQ = rn.VHV[np.ix_(p, p)] - TUHV - TUHV.T + T.T @ rn.subspace.H_U @ T
+    Gq = Gq_all[np.ix_(p, p)]
     A = np.empty((k + p.size,) * 2)
     A[:k, :k] = A_UU - (T * sp) @ T.T
-    A[:k, k:] = f * UHQ
+    A[:k, k:] = f * UHQ_all[:, p]
     A[k:, :k] = A[:k, k:].T
-    A[k:, k:] = f * 0.5 * (QHQ + QHQ.T)
+    A[k:, k:] = f * QHQ_all[np.ix_(p, p)]
     WV = np.vstack([T, Gq])                                    # Wᵀ v_h
     A += (WV * sp) @ WV.T
     Gram = np.zeros_like(A)
@@ -990,6 +999,7 @@ def resolved_batch_top_eigenvalue(rn: ResolvedNoise, batch_sizes, *, n_batches=2
         pos = np.full(n_rows, -1, dtype=np.int64)
         pos[rn.index] = np.arange(rn.index.size)
     stand_ins = _StandIns(rn, pos)
+    blocks = _outside_blocks(rn)
     lam1 = rn.lam1
     means, ses, values, nres, cs = [], [], [], [], []
     for j, B in enumerate(Bs):
@@ -1026,8 +1036,8 @@ def resolved_batch_top_eigenvalue(rn: ResolvedNoise, batch_sizes, *, n_batches=2
             hs = idx[resolved[idx]]                            # resolved, with repeats
             p, inv = np.unique(stand_ins(hs), return_inverse=True)   # kept stand-ins
             sp = np.bincount(inv.reshape(-1), weights=rn.gamma[hs], minlength=p.size) / B
-            z[r] = _top_pencil(*_batch_pencil(rn, p, sp, base + aS[r], 1.0 - hs.size / B),
-                               rn.gram_floor)
+            z[r] = _top_pencil(*_batch_pencil(rn, blocks, p, sp, base + aS[r],
+                                              1.0 - hs.size / B), rn.gram_floor)
         values.append(z)
         nres.append(counts.mean())
         means.append(z.mean())
