@@ -285,3 +285,56 @@ def test_random_augmentation_in_collate_is_refused(problem):
         warnings.simplefilter("ignore")              # the drop_last warning
         nets.top_eigenvalues(model, F.cross_entropy, DataLoader(
             TensorDataset(X, y), batch_size=8, collate_fn=noisy, drop_last=True))
+
+
+def test_dict_inputs_are_refused_with_what_to_wrap():
+    """Several inputs per sample as a dict: given as an (inputs, y) pair (read as a list of
+    batches) or as a Dataset's samples, the message says to wrap the model."""
+    from torch.utils.data import Dataset
+
+    import nets
+
+    N = 12
+    X1, X2, y = torch.randn(N, 3), torch.randn(N, 2), torch.randint(0, 2, (N,))
+
+    class DictNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(3, 2), torch.nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.a(x["a"]) + self.b(x["b"])
+
+    class Samples(Dataset):
+        def __len__(self):
+            return N
+
+        def __getitem__(self, i):
+            return {"a": X1[i], "b": X2[i]}, y[i]
+
+    for data in (({"a": X1, "b": X2}, y), Samples()):
+        with pytest.raises(TypeError, match="wrap the model so that it takes one tensor"):
+            nets.top_eigenvalues(DictNet(), torch.nn.functional.cross_entropy, data)
+
+
+def test_train_batch_stats_is_one_chunk_for_every_form():
+    """Under policy="train_batch_stats" the default is one chunk whose statistics are the
+    full data's: a DataLoader's own batches and a Dataset's reading chunks (1,024 samples)
+    gave other eigenvalues than the (X, y) pair (1.3 % apart on a BatchNorm MLP)."""
+    g = torch.Generator().manual_seed(0)
+    N = 1100
+    X, y = torch.randn(N, 5, generator=g), torch.randint(0, 3, (N,), generator=g)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8),
+                                torch.nn.Tanh(), torch.nn.Linear(8, 3)).double().train()
+    forms = {"pair": (X, y), "dataset": TensorDataset(X, y),
+             "loader": DataLoader(TensorDataset(X, y), batch_size=50)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        top = {k: nets.top_eigenvalues(model, F.cross_entropy, d, policy="train_batch_stats",
+                                       dtype=torch.float64)[0] for k, d in forms.items()}
+        chunked = nets.top_eigenvalues(model, F.cross_entropy, (X, y), chunk_size=50,
+                                       policy="train_batch_stats", dtype=torch.float64)[0]
+    assert abs(top["dataset"] / top["pair"] - 1) < 1e-10
+    assert abs(top["loader"] / top["pair"] - 1) < 1e-10
+    assert abs(chunked / top["pair"] - 1) > 1e-4        # chunks of 50 do differ: asked for

@@ -801,3 +801,44 @@ def test_a_loss_with_state_of_its_own_is_named_and_left_as_it_was():
         with pytest.raises(ValueError, match="'Running' updates a tensor of its own in place"):
             top_eigenvalues(model, loss, (X, y))
     assert float(loss.scale) == 1.0
+
+
+@pytest.mark.parametrize("case", ["label out of range", "float class targets",
+                                  "one target per sample as (1,)"])
+def test_targets_the_loss_cannot_take_are_named(case):
+    """A loss that raises on the data's own targets is named with the outputs' and
+    targets' shapes and dtypes, the loss's message kept (torch's IndexError and
+    RuntimeErrors reached the user from inside the curvature code)."""
+    from torch.utils.data import Dataset
+
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(40, 5, generator=g), torch.randint(0, 3, (40,), generator=g)
+    model = nn.Linear(5, 3)
+    if case == "label out of range":
+        data, what = (X, torch.full((40,), 5)), "out of bounds"
+    elif case == "float class targets":
+        data, what = (X, y.float()), "float32"
+    else:
+        class OneEach(Dataset):
+            def __len__(self):
+                return 40
+
+            def __getitem__(self, i):
+                return X[i], y[i:i + 1]
+        data, what = OneEach(), r"\(\d+, 1\) int64"
+    for call in (lambda: predict_max_lr(model, F.cross_entropy, data, [8]),
+                 lambda: top_eigenvalues(model, F.cross_entropy, data),
+                 lambda: check_mean_reduced(model, F.cross_entropy, data)):
+        with pytest.raises(ValueError, match=f"loss_fn 'cross_entropy' cannot be evaluated on data.*{what}"):
+            call()
+
+
+def test_a_model_with_every_parameter_frozen_is_named_as_such():
+    model = nn.Sequential(nn.Linear(4, 3))
+    model.requires_grad_(False)
+    X, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
+    for call in (lambda: top_eigenvalues(model, F.cross_entropy, (X, y)),
+                 lambda: training_threshold(model, F.cross_entropy, (X, y), [4], seeds=(0,),
+                                            steps=5)):
+        with pytest.raises(ValueError, match="no trainable parameters"):
+            call()

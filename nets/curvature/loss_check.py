@@ -145,7 +145,10 @@ def _batch_and_samples(model, loss_fn, data, *, sample: int):
                     shapes = next(((o, tuple(Y.shape)) for o in read
                                    if _cross_sample_broadcast((o, tuple(Y.shape)))),
                                   (read[0], tuple(Y.shape)) if read else None)
-                value = loss_fn(out, Y)
+                try:
+                    value = loss_fn(out, Y)
+                except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+                    raise _LossFailed(exc) from exc
                 if isinstance(value, torch.Tensor) and value.numel() != 1:
                     raise _NotOneNumber(tuple(value.shape))
                 batch = _scalar(value)
@@ -157,6 +160,8 @@ def _batch_and_samples(model, loss_fn, data, *, sample: int):
                          f"{exc.args[0]} on a batch of {len(idx)} samples: it must return "
                          "one number (a scalar), the mean of the per-sample losses "
                          "(reduction=\"mean\", the default of torch's losses)") from None
+    except _LossFailed as exc:
+        raise loss_failure(loss_fn, out, Y, exc.args[0]) from exc.args[0]
     except (RuntimeError, ValueError, TypeError, IndexError):
         return math.nan, None, shapes, math.nan
     return batch, per, shapes, gap
@@ -164,6 +169,38 @@ def _batch_and_samples(model, loss_fn, data, *, sample: int):
 
 class _NotOneNumber(Exception):
     """loss_fn returned more than one number on a batch (reduction="none")."""
+
+
+class _LossFailed(Exception):
+    """loss_fn raised on a batch of the data (args[0]: its exception)."""
+
+
+def loss_failure(loss_fn, out, Y, cause) -> ValueError:
+    """The error for a loss_fn that raised `cause` on the model's outputs `out` for a batch
+    of the data's targets `Y`: torch's own message kept, the shapes and dtypes named."""
+    n = out.shape[0] if isinstance(out, torch.Tensor) and out.ndim else "some"
+    return ValueError(
+        f"loss_fn {loss_name(loss_fn)!r} cannot be evaluated on data: on a batch of {n} of "
+        f"its samples (model outputs {_described(out)}, targets {_described(Y)}) it raised "
+        f"{type(cause).__name__}: {cause}. Check that the targets are what loss_fn expects "
+        "(class indices in range and of integer dtype for cross-entropy, one target per "
+        "sample in the outputs' shape for a regression loss)")
+
+
+def checked_loss_value(loss_fn, out, Y):
+    """loss_fn(out, Y), with `loss_failure` in place of the exceptions torch raises for
+    targets a loss cannot take (IndexError, RuntimeError, ValueError, TypeError)."""
+    try:
+        return loss_fn(out, Y)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise loss_failure(loss_fn, out, Y, exc) from exc
+
+
+def _described(value) -> str:
+    """'shape (n, K) float32' for a tensor, the type's name otherwise."""
+    if isinstance(value, torch.Tensor):
+        return f"shape {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+    return type(value).__name__
 
 
 def _gradient_gap(out, loss_fn, Y) -> float:

@@ -93,6 +93,10 @@ def select_parameter_names(model: nn.Module, params=None) -> list[str]:
         raise TypeError("params must be None, a list of parameter names or a predicate "
                         f"(name, tensor) -> bool, got {type(params).__name__}")
     if not names:
+        if params is None:
+            raise ValueError("model has no trainable parameters (requires_grad is False on "
+                             f"all {len(named)} of them); set requires_grad=True on the "
+                             "ones the curvature or training is about")
         raise ValueError("params selects no parameters")
     return names
 

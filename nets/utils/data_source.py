@@ -71,7 +71,12 @@ def _as_tensor(t, name: str) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(t) if t.ndim else np.array(t))
     if isinstance(t, (bool, int, float, np.number)):
         return torch.as_tensor(t)
-    raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(t).__name__}")
+    hint = ""
+    if isinstance(t, (dict, tuple, list)) and name.endswith("inputs"):
+        hint = ("; one input tensor per sample is the data contract: for a model that takes "
+                "several inputs or a dict, wrap the model so that it takes one tensor (e.g. "
+                "the inputs concatenated, split again in forward)")
+    raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(t).__name__}{hint}")
 
 
 def _place(t: torch.Tensor, name: str, device, dtype) -> torch.Tensor:
@@ -287,7 +292,9 @@ class DataSource:
             hint = ""
             if isinstance(item, dict):
                 hint = (f" (keys {sorted(map(str, item))}); wrap the dataset so that it returns "
-                        "(x, y)")
+                        "(x, y) — and if these are several inputs of one model (an (inputs, y) "
+                        "pair whose inputs are a dict is read as a list of batches), wrap the "
+                        "model so that it takes one tensor x per sample")
             elif not sample and torch.is_tensor(item):
                 hint = ("; the data were read as a re-iterable of (x, y) batches because they "
                         "are not an (X, y) pair of exactly two tensors/arrays")
