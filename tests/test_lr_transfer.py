@@ -377,6 +377,41 @@ def test_secant_correction_only_where_the_real_loss_is_sharper(tiny_mlp, monkeyp
     assert "not applied" in flat.rule and "not applied" not in sharp.rule
 
 
+def test_secant_correction_left_out_where_it_would_reverse_the_order(tiny_mlp, monkeypatch):
+    """A correction so strong (r = s_lin/s_real = 0.02) that the corrected shape falls with B
+    while the linearised thresholds rise is not applied: the uncorrected linearised shape,
+    with a warning that says why and the rule naming it (an untrained multi-label net had
+    r = 0.15 and gave a lr at B = 8 above the anchor's at 32)."""
+    import types
+
+    import nets.learning_rates.along_top as along_top
+    from nets.learning_rates.transfer import falls_with_batch_size
+
+    model, X, y = tiny_mlp(seed=2, N=48)
+    loss = torch.nn.functional.cross_entropy
+    monkeypatch.setattr(along_top, "loss_along_top",
+                        lambda *a, **k: types.SimpleNamespace(secant_ratio=0.02))
+    with pytest.warns(UserWarning, match="would make the threshold fall"):
+        out = transfer_lr(model, loss, (X, y), [4, 16, 48], reference=(16, 0.3),
+                          form="linearized", rank=8, steps=40, n_seeds=2, seed=0)
+    corrected = out.linearized_lr * (1 - 0.98 * out.lam / out.effective_curvature)
+    assert falls_with_batch_size(corrected) and not falls_with_batch_size(out.linearized_lr)
+    assert not out.correction_applied and out.secant_ratio == 0.02
+    np.testing.assert_array_equal(out.correction, 1.0)
+    np.testing.assert_allclose(out.shape, out.linearized_lr, rtol=1e-12)
+    assert "would make a(B) fall" in out.rule
+    assert np.all(np.diff(out.lr) >= 0)
+
+
+def test_falls_with_batch_size():
+    from nets.learning_rates.transfer import falls_with_batch_size
+    assert not falls_with_batch_size([1.0, 2.0, 2.0, 3.0])
+    assert not falls_with_batch_size([1.0, 2.0, 1.96, 3.0])       # within 5 %
+    assert falls_with_batch_size([1.0, 2.0, 1.8, 3.0])
+    assert falls_with_batch_size([2.0, 1.0], tolerance=0.4)
+    assert not falls_with_batch_size([2.0, 1.0], tolerance=0.6)
+
+
 def test_default_form_scales_exactly_with_the_loss(tiny_mlp):
     """loss × c on the same weights: every curvature × c, every threshold ÷ c, so the
     lr transferred from (B₀, α₀/c) is the original ÷ c — the secant ratio included (read on

@@ -525,8 +525,11 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
         else:
             if extra["correction_applied"]:
                 bracket = "[1 − (1 − s_lin/s_real)·λ/λ'_ρ(B)]"
-            elif np.isfinite(extra["secant_ratio"]):
+            elif np.isfinite(extra["secant_ratio"]) and extra["secant_ratio"] > 1.0 + 1e-3:
                 bracket = "1 (s_lin/s_real > 1: correction not applied)"
+            elif np.isfinite(extra["secant_ratio"]):
+                bracket = ("1 (the correction would make a(B) fall with B: correction not "
+                           "applied)")
             else:       # the loss along u never reaches the criterion: no secant ratio
                 bracket = ("1 (no secant ratio: the loss along u stays below the criterion; "
                            "correction not applied)")
@@ -580,6 +583,16 @@ def _adam_transfer(model, loss_fn, data, batch_sizes, reference, opt, *, form, f
                             seed=seed, linearized=linearized, progress=progress, **extra)
 
 
+def falls_with_batch_size(shape, *, tolerance=0.05) -> bool:
+    """Whether a threshold shape over increasing batch sizes drops more than `tolerance`
+    (relative) below its running maximum — the seed-averaged grid resolution of the
+    linearised thresholds is a few per cent. Real SGD thresholds, with and without momentum,
+    rose with B on every network measured for docs/real_training.md (one flat pair: a
+    0.4 % dip on an autoencoder's linearised shape)."""
+    a = np.asarray(shape, dtype=float)
+    return bool(np.any(a < (1.0 - tolerance) * np.maximum.accumulate(a)))
+
+
 def _linearized_shape(model, loss_fn, data, batch_sizes, lam, eff, *, momentum, nesterov, rank,
                       factor, steps, n_seeds, rank_check, device, seed, progress, i0,
                       curved=False):
@@ -608,6 +621,21 @@ def _linearized_shape(model, loss_fn, data, batch_sizes, lam, eff, *, momentum, 
         lin = threshold(rank)
         corr = secant_correction(lam, eff, ratio)
         applied = bool(correction_applies(ratio))
+        alpha = np.asarray(lin.lr, dtype=float)
+        if applied and np.isfinite(ratio) and falls_with_batch_size(alpha * corr) \
+                and not falls_with_batch_size(alpha):
+            warnings.warn(f"transfer_lr: with s_lin/s_real = {ratio:.4g} the secant correction "
+                          "would make the threshold fall as the batch size grows (a(B) = "
+                          f"{np.array2string(alpha * corr, precision=3)} at B = {[int(b) for b in batch_sizes]}),"
+                          " which the linearised network's own thresholds do not and no SGD "
+                          "threshold measured here does: the correction is outside the range "
+                          "of a first-order change along u, and the uncorrected linearised "
+                          "threshold is used (correction_applied=False). Measured on such a "
+                          "case (an untrained multi-label net, s_lin/s_real = 0.15) the "
+                          "uncorrected transfer was still 1.7x too high at B = 8: measure the "
+                          "threshold at the batch sizes you will use "
+                          "(nets.lr_search.training_threshold)", stacklevel=caller_stacklevel())
+            applied, corr = False, np.ones_like(alpha)
         if not np.isfinite(ratio):
             warnings.warn(f"transfer_lr: the {'real' if np.isnan(prof.amplitude_real) else 'linearised'}"
                           f" loss along the top eigenvector never reaches {factor:g}× its start "
@@ -615,7 +643,7 @@ def _linearized_shape(model, loss_fn, data, batch_sizes, lam, eff, *, momentum, 
                           "grid), so the secant correction is undefined; the uncorrected "
                           "linearised threshold is used (correction_applied=False). Compare "
                           "form='directional', or a smaller factor", stacklevel=caller_stacklevel())
-        elif not applied:
+        elif not applied and not correction_applies(ratio):
             warnings.warn(f"transfer_lr: the real loss along the top eigenvector is flatter than "
                           f"the linearised network's (s_lin/s_real = {ratio:.4g} > 1), where the "
                           "secant correction does not apply; the uncorrected linearised threshold "
@@ -626,6 +654,13 @@ def _linearized_shape(model, loss_fn, data, batch_sizes, lam, eff, *, momentum, 
                           "the threshold at the batch sizes you will use "
                           "(nets.lr_search.training_threshold)", stacklevel=caller_stacklevel())
     alpha = np.asarray(lin.lr, dtype=float)
+    if falls_with_batch_size(alpha * corr):
+        warnings.warn("transfer_lr: the model's threshold falls as the batch size grows "
+                      f"(a(B) = {np.array2string(alpha * corr, precision=3)} at B = "
+                      f"{[int(b) for b in batch_sizes]}), which no SGD threshold measured here does; a "
+                      "transfer to a smaller B would then raise the lr. Measure the threshold "
+                      "at the batch sizes you will use (nets.lr_search.training_threshold)",
+                      stacklevel=caller_stacklevel())
     stderr = np.asarray(lin.stderr, dtype=float)    # NaN with one sequence: unknown
     fields = {"linearized_lr": alpha, "correction": corr, "secant_ratio": float(ratio),
               "correction_applied": applied,
