@@ -430,3 +430,76 @@ def test_linearized_thresholds_warn_as_the_real_ones_do():
     np.testing.assert_array_equal(trained.per_seed, evaluated.per_seed)
     np.testing.assert_array_equal(adam_trained.per_seed, adam_evaluated.per_seed)
     assert np.isfinite(np.asarray(everything.per_seed)).all()
+
+
+# ------------------------------------------------ quadratic losses: the exact quadratic form
+def _stored_linear_model(seed=0, N=60, K=4, D=12):
+    from nets.learning_rates.linear_outputs import StoredOutputs
+    g = torch.Generator().manual_seed(seed)
+    J = torch.randn(N, K, D, generator=g, dtype=torch.float64)
+    z = torch.randn(N, K, generator=g, dtype=torch.float64)
+    y = torch.randn(N, K, generator=g, dtype=torch.float64)
+    return StoredOutputs(J, z), y
+
+
+def _columns(loss):
+    from torch.func import vmap
+    return vmap(loss, in_dims=(2, None))
+
+
+def test_quadratic_form_of_mse_is_the_closed_form():
+    """For the mean squared error over N·K entries, L(E) = L₀ + bᵀE + ½EᵀAE with
+    A = 2/(NK)·Σ_i J_iᵀJ_i and b = 2/(NK)·Σ_i J_iᵀ(z_i − y_i): the form built from the
+    loss's own derivatives equals these, and reproduces the loss of the outputs."""
+    from nets.learning_rates.linearized import _quadratic_loss
+    lin, y = _stored_linear_model()
+    N, K, D = lin.J.shape
+    form = _quadratic_loss(lin, y, F.mse_loss, _columns(F.mse_loss), seed=0)
+    assert form is not None
+    A = 2.0 / (N * K) * torch.einsum("nkp,nkq->pq", lin.J, lin.J)
+    b = 2.0 / (N * K) * torch.einsum("nkp,nk->p", lin.J, lin.z - y)
+    L0 = float(F.mse_loss(lin.z, y))
+    E = torch.randn(D, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 3
+    want = L0 + b @ E + 0.5 * (E * (A @ E)).sum(0)
+    direct = torch.stack([F.mse_loss(lin.z + lin.J @ E[:, g], y) for g in range(5)])
+    np.testing.assert_allclose(form(E).numpy(), want.numpy(), rtol=1e-10)
+    np.testing.assert_allclose(form(E).numpy(), direct.numpy(), rtol=1e-10)
+
+
+def test_quadratic_form_refused_where_the_loss_is_not_quadratic():
+    """Huber (quadratic near zero, linear far out), cross-entropy and the curved outputs
+    (not linear in E) keep the direct full-data evaluation."""
+    from nets.learning_rates.linear_outputs import CurvedOutputs
+    from nets.learning_rates.linearized import _quadratic_loss
+    lin, y = _stored_linear_model()
+    assert _quadratic_loss(lin, y, F.huber_loss, _columns(F.huber_loss), seed=0) is None
+    labels = y.argmax(1)
+    assert _quadratic_loss(lin, labels, F.cross_entropy, _columns(F.cross_entropy),
+                           seed=0) is None
+    u = torch.zeros(lin.D, dtype=torch.float64)
+    u[0] = 1.0
+    curved = CurvedOutputs(lin, u, torch.ones(lin.N, lin.K, dtype=torch.float64))
+    assert _quadratic_loss(curved, y, F.mse_loss, _columns(F.mse_loss), seed=0) is None
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_quadratic_form_gives_the_direct_runs(monkeypatch, momentum):
+    """The heavy-ball runs' running maxima with the quadratic form equal those that
+    evaluate the full-data outputs at every step (a weighted MSE, float32 as the default
+    runs are), including which learning rates blew up."""
+    import nets.learning_rates.linearized as lz
+    lin64, y = _stored_linear_model(seed=1, N=80, K=3, D=10)
+    J, z, y = lin64.J.float(), lin64.z.float(), y.float()
+    w = torch.linspace(0.5, 2.0, 3)
+
+    def weighted(out, t):
+        return ((out - t) ** 2 * w).mean()
+
+    lrs = np.geomspace(1e-3, 3.0, 14)
+    fast = linearized_max_loss(J, z, y, weighted, 16, momentum, lrs, 60, 0)
+    monkeypatch.setattr(lz, "_quadratic_loss", lambda *a, **k: None)
+    slow = linearized_max_loss(J, z, y, weighted, 16, momentum, lrs, 60, 0)
+    assert np.isinf(slow).any() and np.isfinite(slow).any()
+    np.testing.assert_array_equal(np.isinf(fast), np.isinf(slow))
+    ok = np.isfinite(slow)
+    np.testing.assert_allclose(fast[ok], slow[ok], rtol=1e-5)
