@@ -49,7 +49,7 @@ from nets.utils.callers import caller_stacklevel
 from nets.utils.data_source import as_data_source, model_place
 from nets.utils.modes import kept_attributes, kept_rng, kept_tensors
 
-__all__ = ["check_mean_reduced", "loss_name", "mean_reduction_check"]
+__all__ = ["check_mean_reduced", "checked_loss_value", "loss_name", "mean_reduction_check"]
 
 #: relative tolerance for "the batch loss is n × the mean of the per-sample losses"
 RTOL = 1e-2
@@ -70,14 +70,6 @@ def _scalar(v) -> float:
     if not isinstance(v, torch.Tensor) or v.numel() != 1:
         raise TypeError("loss_fn must return a scalar")
     return float(v.detach().reshape(()))
-
-
-def mean_reduction_ratio(model, loss_fn, data, *, sample: int = 8) -> float:
-    """L_batch / mean_i ℓ_i on the first min(sample, N) samples (module docstring);
-    NaN when it cannot be told (one sample, a zero mean, a loss that fails on one
-    sample, a per-sample value that is not finite)."""
-    batch, per, _, _ = _batch_and_samples(model, loss_fn, data, sample=sample)
-    return _ratio(batch, per)
 
 
 def _ratio(batch, per) -> float:
