@@ -345,7 +345,7 @@ def warn_momentum_upward(momentum, batch_sizes, reference_batch_size, *, who="tr
     if momentum > 0 and np.any(Bs > reference_batch_size):
         warnings.warn(f"{who}: {MOMENTUM_CAVEAT} ({momentum:g}) the transfer to batch sizes above "
                       f"the reference B0 = {reference_batch_size} overestimated the real "
-                      "divergence threshold in 25 of 28 measured cases (up to 3.4x at "
+                      "divergence threshold in 26 of 29 measured cases (up to 3.4x at "
                       "B = 512 from B0 = 32 on digits-like nets, 9.9x on a GRU), while the "
                       "transfer to smaller B erred low; "
                       "anchor at the largest batch size you will use, or measure "
