@@ -410,6 +410,8 @@ def test_falls_with_batch_size():
     assert falls_with_batch_size([1.0, 2.0, 1.8, 3.0])
     assert falls_with_batch_size([2.0, 1.0], tolerance=0.4)
     assert not falls_with_batch_size([2.0, 1.0], tolerance=0.6)
+    assert falls_with_batch_size([1.0, np.nan, 0.5]) and falls_with_batch_size([np.nan, 1.0, 0.5])
+    assert not falls_with_batch_size([np.nan, 1.0, 2.0])
 
 
 def test_default_form_scales_exactly_with_the_loss(tiny_mlp):

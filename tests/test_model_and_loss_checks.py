@@ -842,3 +842,31 @@ def test_a_model_with_every_parameter_frozen_is_named_as_such():
                                             steps=5)):
         with pytest.raises(ValueError, match="no trainable parameters"):
             call()
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_losses_that_need_more_than_two_samples_still_run(kind):
+    """The operators' trial evaluates the loss on two samples; a loss that needs more (a
+    top-k mean, groups of four, one that raises below three samples) is tried on 64 before
+    it is refused — such losses ran before the named-targets check and still do."""
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(64, 5, generator=g), torch.randn(64, 1, generator=g)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    def topk(o, t):
+        return ((o - t) ** 2).flatten().topk(8).values.mean()
+
+    def groups(o, t):
+        return ((o - t) ** 2).view(-1, 4).mean(1).mean()
+
+    def needs_three(o, t):
+        if len(t) < 3:
+            raise ValueError("needs three samples")
+        return F.mse_loss(o, t)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for loss in (topk, groups, needs_three):
+            top = top_eigenvalues(model, loss, (X, y), kind=kind)
+            assert np.isfinite(top).all() and top[0] > 0

@@ -176,7 +176,9 @@ def loss_failure(loss_fn, out, Y, cause) -> ValueError:
         f"its samples (model outputs {_described(out)}, targets {_described(Y)}) it raised "
         f"{type(cause).__name__}: {cause}. Check that the targets are what loss_fn expects "
         "(class indices in range and of integer dtype for cross-entropy, one target per "
-        "sample in the outputs' shape for a regression loss)")
+        "sample in the outputs' shape for a regression loss), and that loss_fn runs on any "
+        "number of samples: it is evaluated on chunks, batches and single samples, as the "
+        "mean of per-sample losses")
 
 
 def checked_loss_value(loss_fn, out, Y):
@@ -269,8 +271,9 @@ def check_mean_reduced(model, loss_fn, data, *, sample: int = 64) -> float:
     fails on a single sample, one sample, a zero mean). Costs one forward pass on n
     samples and n one-sample loss evaluations. Raises TypeError for a model that is not
     an nn.Module or a loss_fn that is not callable, ValueError for NaN or inf in the
-    model's parameters or buffers, for a loss that returns more than one number on a
-    batch (reduction="none"), or one that is NaN or inf on the n samples.
+    model's parameters or buffers, for a loss that raises on the batch of n samples (its
+    error kept: targets it cannot take, or a loss that needs all N samples), returns more
+    than one number on it (reduction="none"), or is NaN or inf on it.
     """
     ratio = mean_reduction_check(model, loss_fn, data, sample=sample)
     if not math.isfinite(ratio):
@@ -286,8 +289,9 @@ def check_mean_reduced(model, loss_fn, data, *, sample: int = 64) -> float:
 @outside_autocast
 def mean_reduction_check(model, loss_fn, data, *, sample: int = 64) -> float:
     """`check_mean_reduced` as every entry point runs it first: the same refusals and
-    warnings, but a loss whose reduction cannot be told (NaN) passes without a word —
-    the entry point's own computation then names what is wrong with it."""
+    warnings, but a loss whose reduction cannot be told (NaN: a model that cannot run on
+    the batch, a loss that fails on single samples) passes without a word — the entry
+    point's own computation then names what is wrong with it."""
     check_model(model)
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable: loss_fn(outputs, targets) -> scalar mean "

@@ -716,6 +716,28 @@ class ModelCurvatureOperator(CurvatureOperator):
             self._trial_forwards(x, y)
             self._check_transforms(x, y)
 
+    def _check_loss_runs(self, out, y) -> None:
+        """loss_fn on the trial samples' outputs; where it raises there and again on the
+        first 64 samples (a loss may need more than two: a top-k mean, groups of four), the
+        error names loss_fn, the shapes and dtypes (`loss_failure`) instead of torch's
+        error from inside a product (targets it cannot take: a label out of range, float
+        class targets, one (1,) target per sample)."""
+        try:
+            with torch.no_grad(), _kept_loss_state(self.loss_fn):
+                self.loss_fn(out, y)
+            return
+        except (RuntimeError, ValueError, TypeError, IndexError):
+            pass
+        n = min(self.N, 64)
+        if n <= len(y):
+            out_n, y_n = out, y
+        else:
+            x_n, y_n = self.source.take(list(range(n)), device=self.device, dtype=self.dtype)
+            with torch.no_grad(), self._trial_mode():
+                out_n = self._forward(self.primals, x_n)
+        with torch.no_grad(), _kept_loss_state(self.loss_fn):
+            checked_loss_value(self.loss_fn, out_n, y_n)
+
     def _trial_forwards(self, x, y) -> None:
         """The forward checks of `_check_inputs` on the samples x (targets y)."""
         try:
@@ -769,8 +791,7 @@ class ModelCurvatureOperator(CurvatureOperator):
                     f"kind='ggn' differentiates the model's output, which holds non-tensor "
                     f"leaves ({', '.join(other[:3])}); return only tensors from forward (drop "
                     "or wrap them) or use kind='hessian', which takes such outputs")
-        with torch.no_grad(), _kept_loss_state(self.loss_fn):   # targets it cannot take:
-            checked_loss_value(self.loss_fn, a, y)                 # named, not torch's error
+        self._check_loss_runs(a, y)
         if self.kind == "ggn" and isinstance(a, torch.Tensor) and a.is_floating_point():
             self._check_output_curvature(a, y)
         if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != torch.float64:

@@ -42,7 +42,8 @@ output directions out to 10⁴ times their spread, not assumed from its name), t
 full-data loss after a step is the exact quadratic form L₀ + bᵀe + ½·eᵀAe in the D
 coordinates of e (b and A = Σ_i J_iᵀ(∂²L/∂z_i²)J_i formed once: D Hessian-vector products
 in the outputs), D² numbers per step and learning rate instead of the N·K·D of the
-full-data outputs (`_quadratic_loss`; used where D ≤ N·K/4 and D ≤ 4,096). On the digits
+full-data outputs (`_quadratic_loss`; used with stored Jacobians where D ≤ N·K/4 and
+D ≤ 4,096). On the digits
 autoencoder of benchmarks/bench_heldout_gru_ae.py (64 outputs, rank 200) the thresholds at
 B = 8…512 came out identical, in 0.28–0.30× the time, and `transfer_lr`'s default in
 0.21–0.28× (two runs of each, alternating, one thread).
@@ -313,11 +314,16 @@ def _run_columns(lin, y, loss_fn, batch_size, n_cols, steps, seed, step, out_sha
         L0 = float(col_loss(lin.z, y))
     if not (math.isfinite(L0) and L0 > 0):
         raise ValueError(f"the loss at the checkpoint must be finite and positive, got {L0}")
-    forms = lin.__dict__.setdefault("_quadratic_forms", {})   # once per linear model,
-    key = (id(loss_fn), id(y), shape)                        # loss and targets
-    if key not in forms:
-        forms[key] = _quadratic_loss(lin, y, col_loss, full_loss, seed)
-    form = forms[key]
+    # once per linear model, loss and targets: the entries hold the loss and the targets
+    # themselves (an id alone is reused once its object is freed) and the targets'
+    # in-place version
+    forms = lin.__dict__.setdefault("_quadratic_forms", [])
+    key = (loss_fn, y, getattr(y, "_version", None), shape)
+    form = next((f for k, f in forms if k[0] is key[0] and k[1] is key[1] and k[2:] == key[2:]),
+                False)
+    if form is False:
+        form = _quadratic_loss(lin, y, col_loss, full_loss, seed)
+        forms.append((key, form))
     if form is None:
         def full_value(E_on):
             return full_loss(lin.full(E_on), y).double().cpu()
@@ -362,8 +368,11 @@ def _quadratic_loss(lin, y, col_loss, full_loss, seed, *, rtol=1e-4):
 
     both at z = z₀, so that a step's full-data loss costs D² numbers per column instead of
     the full-data outputs (N·K·D). Returns a function E (D, G) → (G,) float64, or None
-    where it does not apply: curved outputs (not linear in E), D > N·K/4 or D > 4096 (no
-    saving, or A too large), a loss whose Hessian in the outputs torch.func cannot take,
+    where it does not apply: outputs other than stored Jacobians (`TangentOutputs` would
+    form A by products through the network over all N samples at once: 4.95 GB against
+    0.42 GB for the direct runs on an N = 8,000 MLP; curved outputs are not linear in E),
+    D > N·K/4 or D > 4096 (no saving, or A too large), a loss whose Hessian in the outputs
+    torch.func cannot take,
     or a loss that is not quadratic — read, not assumed: the form must reproduce the loss
     of the outputs themselves (relative `rtol`) along random directions whose outputs move
     from 0.1 to 10⁴ times their spread, which a Huber or cross-entropy loss fails (it
@@ -371,7 +380,7 @@ def _quadratic_loss(lin, y, col_loss, full_loss, seed, *, rtol=1e-4):
     from torch.func import grad, vmap
 
     N, K, D = lin.N, lin.K, lin.D
-    if isinstance(lin, CurvedOutputs) or D > min(N * K // 4, 4096):
+    if not isinstance(lin, StoredOutputs) or D > min(N * K // 4, 4096):
         return None
     z0 = lin.z
     everyone = torch.arange(N, device=lin.device)

@@ -589,8 +589,8 @@ def falls_with_batch_size(shape, *, tolerance=0.05) -> bool:
     linearised thresholds is a few per cent. Real SGD thresholds, with and without momentum,
     rose with B on every network measured for docs/real_training.md (one flat pair: a
     0.4 % dip on an autoencoder's linearised shape)."""
-    a = np.asarray(shape, dtype=float)
-    return bool(np.any(a < (1.0 - tolerance) * np.maximum.accumulate(a)))
+    a = np.asarray(shape, dtype=float)      # (fmax: a NaN entry, unbracketed, is skipped)
+    return bool(np.any(a < (1.0 - tolerance) * np.fmax.accumulate(a)))
 
 
 def _linearized_shape(model, loss_fn, data, batch_sizes, lam, eff, *, momentum, nesterov, rank,
