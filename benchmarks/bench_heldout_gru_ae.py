@@ -31,9 +31,8 @@ from __future__ import annotations
 import math
 import time
 
-import numpy as np
 from _common import base_parser, setup_torch, stored_parts, write_part
-from bench_heldout_transfer import default_form_row, rule_ratios, worst
+from bench_heldout_transfer import default_form_row, rules_row
 
 SEEDS = tuple(range(8))
 
@@ -114,24 +113,8 @@ def run(net, momentum, seed=0, progress=False):
         acc = float((out_.argmax(1) == y).float().mean()) if net == "gru" else float("nan")
     out, real, default = default_form_row(model, loss_fn, data, momentum=momentum, seeds=SEEDS,
                                           progress=progress)
-    rules = {name: rule_ratios(real.lr, e) for name, e in
-             (("linear", 1.0), ("sqrt", 0.5), ("constant", 0.0))}
-    out.update(checkpoint_loss=loss, checkpoint_accuracy=acc, real_per_seed=real.per_seed,
-               default_shape=default.shape, deterministic_limit=2.0 / default.lam,
-               lam=default.lam, secant_ratio=default.secant_ratio,
-               linearized_lr=default.linearized_lr,
-               **{f"transfer_{k}_rule": v for k, v in rules.items()},
-               **{f"worst_{k}_rule": worst(v) for k, v in rules.items()})
-    t = out["transfer_default"]
-    print(f"{net} m = {momentum}: loss {loss:.4f}, accuracy {acc:.4f}, λ₁ {default.lam:.3f}\n"
-          f"   real {np.round(real.lr, 4)} ± {np.round(real.stderr, 4)}  s_lin/s_real "
-          f"{default.secant_ratio:.3f}  real/lin {np.round(real.lr / default.linearized_lr, 2)}\n"
-          f"   transfer (default) from 32: {np.round(t['B32'], 3)}, from 512: {np.round(t['B512'], 3)}\n"
-          f"   worst: default {np.round(out['worst_default'], 3)}, directional "
-          f"{np.round(out['worst_directional'], 3)}, rules linear / √B / constant "
-          f"{[np.round(out[f'worst_{k}_rule'], 2).tolist() for k in rules]}  "
-          f"({out['seconds_real']:.0f} s + {out['seconds_forms']:.0f} s)", flush=True)
-    return out
+    return rules_row(f"{net} m = {momentum}: loss {loss:.4f}, accuracy {acc:.4f}", out, real,
+                     default, checkpoint_loss=loss, checkpoint_accuracy=acc)
 
 
 def main():

@@ -29,9 +29,8 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 from _common import base_parser, setup_torch, stored_parts, write_part
-from bench_heldout_transfer import default_form_row, rule_ratios, worst
+from bench_heldout_transfer import default_form_row, rules_row
 
 SEEDS = tuple(range(8))
 
@@ -70,24 +69,8 @@ def run(momentum, seed=0, progress=False):
         loss = float(loss_fn(model(X), y))
     out, real, default = default_form_row(model, loss_fn, data, momentum=momentum, seeds=SEEDS,
                                           progress=progress)
-    rules = {name: rule_ratios(real.lr, e) for name, e in
-             (("linear", 1.0), ("sqrt", 0.5), ("constant", 0.0))}
-    out.update(checkpoint_loss=loss, real_per_seed=real.per_seed,
-               default_shape=default.shape, deterministic_limit=2.0 / default.lam,
-               lam=default.lam, secant_ratio=default.secant_ratio,
-               linearized_lr=default.linearized_lr,
-               **{f"transfer_{k}_rule": v for k, v in rules.items()},
-               **{f"worst_{k}_rule": worst(v) for k, v in rules.items()})
-    t = out["transfer_default"]
-    print(f"digit_value m = {momentum}: loss {loss:.4f}, λ₁ {default.lam:.3f}\n"
-          f"   real {np.round(real.lr, 4)} ± {np.round(real.stderr, 4)}  s_lin/s_real "
-          f"{default.secant_ratio:.3f}  real/lin {np.round(real.lr / default.linearized_lr, 2)}\n"
-          f"   transfer (default) from 32: {np.round(t['B32'], 3)}, from 512: {np.round(t['B512'], 3)}\n"
-          f"   worst: default {np.round(out['worst_default'], 3)}, directional "
-          f"{np.round(out['worst_directional'], 3)}, rules linear / √B / constant "
-          f"{[np.round(out[f'worst_{k}_rule'], 2).tolist() for k in rules]}  "
-          f"({out['seconds_real']:.0f} s + {out['seconds_forms']:.0f} s)", flush=True)
-    return out
+    return rules_row(f"digit_value m = {momentum}: loss {loss:.4f}", out, real, default,
+                     checkpoint_loss=loss)
 
 
 def main():

@@ -322,6 +322,31 @@ def default_form_row(model, loss_fn, data, *, momentum=0.0, seeds=tuple(range(8)
     return out, real, default
 
 
+def rules_row(label, out, real, default, **fields):
+    """`default_form_row`'s row completed for a held-out bench: the linear, √B and constant
+    rules anchored like the forms, the default's shape, λ₁, 2/λ₁, s_lin/s_real, the
+    linearised thresholds, the real per-seed thresholds and `fields`; prints a summary
+    headed `label` and returns the row."""
+    rules = {name: rule_ratios(real.lr, e) for name, e in
+             (("linear", 1.0), ("sqrt", 0.5), ("constant", 0.0))}
+    out.update(real_per_seed=real.per_seed, default_shape=default.shape,
+               deterministic_limit=2.0 / default.lam, lam=default.lam,
+               secant_ratio=default.secant_ratio, linearized_lr=default.linearized_lr,
+               **fields,
+               **{f"transfer_{k}_rule": v for k, v in rules.items()},
+               **{f"worst_{k}_rule": worst(v) for k, v in rules.items()})
+    t = out["transfer_default"]
+    print(f"{label}, λ₁ {default.lam:.3f}\n"
+          f"   real {np.round(real.lr, 4)} ± {np.round(real.stderr, 4)}  s_lin/s_real "
+          f"{default.secant_ratio:.3f}  real/lin {np.round(real.lr / default.linearized_lr, 2)}\n"
+          f"   transfer (default) from 32: {np.round(t['B32'], 3)}, from 512: {np.round(t['B512'], 3)}\n"
+          f"   worst: default {np.round(out['worst_default'], 3)}, directional "
+          f"{np.round(out['worst_directional'], 3)}, rules linear / √B / constant "
+          f"{[np.round(out[f'worst_{k}_rule'], 2).tolist() for k in rules]}  "
+          f"({out['seconds_real']:.0f} s + {out['seconds_forms']:.0f} s)", flush=True)
+    return out
+
+
 def share_q(lam, lin, momentum=0.0, nesterov=False):
     """q(B) = min(1, α_lin(B)·λ₁/(2(1+m))) (module docstring: tried, not kept; Nesterov:
     its edge 2(1+m)/(1+2m))."""
