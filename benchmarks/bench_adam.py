@@ -28,7 +28,7 @@ import torch
 from _common import write_json
 
 MODELS = ("mlp", "mlp_relu", "cnn", "mse", "gelu", "bn_cnn", "res_gn", "ln_mlp", "attn",
-          "synth_silu")
+          "synth_silu", "digit_value")
 
 
 def _model(name):
@@ -42,6 +42,11 @@ def _model(name):
     if name == "mse":
         from _common import trained_mse_mlp
         model, data, _ = trained_mse_mlp(0)
+        return model, data
+    if name == "digit_value":
+        # the scalar regression MLP of bench_heldout_regression (held out, session 54)
+        from bench_heldout_regression import trained
+        model, _, data = trained(0)
         return model, data
     if name in ("gelu", "bn_cnn", "res_gn", "ln_mlp", "attn", "synth_silu"):
         # held out from every Adam form (bench_heldout_transfer; res_gn and ln_mlp:
@@ -58,9 +63,12 @@ def _model(name):
 
 
 def _loss(name):
-    """The training loss of `_model(name)`: ½‖f − e_y‖² for "mse", cross-entropy otherwise."""
+    """The training loss of `_model(name)`: ½‖f − e_y‖² for "mse", the mean squared error
+    for "digit_value", cross-entropy otherwise."""
     from _common import half_mse_onehot
 
+    if name == "digit_value":
+        return torch.nn.functional.mse_loss
     return half_mse_onehot if name == "mse" else torch.nn.functional.cross_entropy
 
 
