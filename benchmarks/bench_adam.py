@@ -6,7 +6,8 @@ trained on ½‖f − e_y‖² (`mse`), and — held out from every Adam form, m
 the linearised form became the default — the GELU digits MLP (`gelu`) and the BatchNorm
 CNN (`bn_cnn`, eval mode) of bench_heldout_transfer.py, and later its two user-style nets
 (`res_gn`, a residual CNN with GroupNorm; `ln_mlp`, an MLP with LayerNorm) and its
-attention network (`attn`, nn.MultiheadAttention over the images' rows), and for
+attention network (`attn`, nn.MultiheadAttention over the images' rows), and the scalar
+regression MLP of bench_heldout_regression.py (`digit_value`, session 54), and for
 β₁ ∈ {0.9, 0} (β₂ = 0.999, ε = 1e-8): the
 warmed-state threshold (`nets.learning_rates.adam.adam_threshold`, `--criterion`,
 default "divergence"), the fresh-state first-step limit, the noise-model prediction
