@@ -514,3 +514,37 @@ def test_policy_eval_on_a_training_batch_norm_net_is_said():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         CurvatureMonitor(net, CE, (X, y), batch_size=16, policy="eval")
+
+
+def test_bad_inputs_are_refused_up_front_and_leave_the_monitor_as_it_was(tmp_path):
+    """From an outside audit: a failed attach (a string for the optimizer) stored it and
+    every later record failed with AttributeError; chunk_size=0 was refused only inside the
+    first step's hook, after the weights had moved; record(loss="abc") failed after the
+    measurement had moved the warm start; a directory or an impossible path gave the OS's
+    error; trace() of an unknown field an AttributeError."""
+    X, y = _data()
+    model = _model()
+    lf = nn.functional.cross_entropy
+    with pytest.raises(ValueError, match="chunk_size"):
+        CurvatureMonitor(model, lf, (X, y), batch_size=16, chunk_size=0)
+    with pytest.raises(TypeError, match="chunk_size"):
+        CurvatureMonitor(model, lf, (X, y), batch_size=16, chunk_size=True)
+    for path in (tmp_path, tmp_path / "f.jsonl" / "x.jsonl"):
+        if path != tmp_path:
+            (tmp_path / "f.jsonl").write_text("")          # a file where a folder is needed
+        with pytest.raises(ValueError, match="path: cannot use"):
+            CurvatureMonitor(model, lf, (X, y), batch_size=16, path=path)
+    mon = CurvatureMonitor(model, lf, (X, y), batch_size=16, n_batches=2, lr=0.1)
+    clean = CurvatureMonitor(model, lf, (X, y), batch_size=16, n_batches=2, lr=0.1)
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+        mon.attach("sgd")
+    with pytest.raises(TypeError, match="loss must be a real number"):
+        mon.record(0, loss="abc")
+    for m in (mon, clean):
+        m.record(0, loss=torch.tensor(1.5))
+        m.record(1)
+    assert mon.recorded_steps() == clean.recorded_steps() == [0, 1]
+    np.testing.assert_array_equal(mon.trace("lam"), clean.trace("lam"))
+    assert mon.trace("loss")[0] == 1.5
+    with pytest.raises(ValueError, match="key must be a field"):
+        mon.trace("nope")

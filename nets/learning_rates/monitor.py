@@ -173,6 +173,20 @@ class MonitorRecord(Result):
         return cls(**kw)
 
 
+def _as_loss_value(loss) -> float:
+    """The training loss a record carries: a real number or a one-element tensor (NaN or
+    inf kept: it is what the run had), TypeError naming `loss` otherwise."""
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1 or loss.is_complex():
+            raise TypeError(f"loss must be a number or a one-element real tensor, got a tensor "
+                            f"of shape {tuple(loss.shape)}")
+        return float(loss.detach())
+    if isinstance(loss, (bool, np.bool_)) or not isinstance(loss, (int, float, np.integer,
+                                                                     np.floating)):
+        raise TypeError(f"loss must be a real number, got {type(loss).__name__}")
+    return float(loss)
+
+
 class CurvatureTracker:
     """The curvature machinery shared by :class:`CurvatureMonitor` and the learner.
 
@@ -186,6 +200,8 @@ class CurvatureTracker:
         if kind not in ("hessian", "ggn"):
             raise ValueError(f"kind must be 'hessian' or 'ggn', got {kind!r}")
         check_policy(model, policy)
+        if chunk_size is not None:      # refused here, not in the first step's hook
+            chunk_size = as_int("chunk_size", chunk_size, minimum=1)
         self.model, self.loss_fn, self.data = model, loss_fn, data
         self.kind, self.params, self.policy = kind, params, policy
         self.chunk_size, self.device, self.dtype = chunk_size, device, dtype
@@ -462,6 +478,12 @@ class CurvatureMonitor:
         of 0, a warm-up's first step, is recorded with no edge, plateau or transfer); steps are counted
         from `start_step` (pass the step a resumed run restarts at). Returns the hook
         handle (``.remove()`` detaches)."""
+        if not (hasattr(optimizer, "param_groups")
+                and hasattr(optimizer, "register_step_post_hook")):
+            # refused before anything is kept: a failed attach left the monitor unusable
+            raise TypeError("optimizer must be a torch.optim.Optimizer (param_groups and "
+                            f"register_step_post_hook), got {type(optimizer).__name__}")
+        start_step = as_int("start_step", start_step, minimum=0)
         if self._hook is not None:        # attached before: one hook, one count per step
             self._hook.remove()
         self._optimizer = optimizer
@@ -566,6 +588,8 @@ class CurvatureMonitor:
         """Measure at the current weights (module docstring) without storing; refused
         (ValueError) when the trainable parameters changed since the monitor was built."""
         self._check_params()
+        if loss is not None:            # checked before the measurement moves any state
+            loss = _as_loss_value(loss)
         t0 = self._clock()
         tr = self.tracker
         model = tr.model
@@ -612,7 +636,7 @@ class CurvatureMonitor:
         cost = self._clock() - t0
         return MonitorRecord(
             step=int(step), time=self.elapsed(),
-            loss=float("nan") if loss is None else float(torch.as_tensor(loss).detach()),
+            loss=float("nan") if loss is None else loss,
             lr=float("nan") if a is None else float(a), momentum=float(rho), lam=lam,
             lam_residual=float(eig.residuals[0]), lam_converged=bool(eig.converged[0]),
             s2=s2, s2_stderr=s2_se, b_star=s2 / lam ** 2 if ok else float("nan"),
@@ -657,6 +681,10 @@ class CurvatureMonitor:
     # -- reading ------------------------------------------------------------------------
     def trace(self, key: str) -> np.ndarray:
         """One field over the records, in step order (numpy array)."""
+        fields = [f.name for f in dataclasses.fields(MonitorRecord)]
+        if key not in fields:
+            raise ValueError(f"key must be a field of the records ({', '.join(fields)}), "
+                             f"got {key!r}")
         return np.asarray([getattr(r, key) for r in self.records])
 
     def to_dict(self) -> dict:

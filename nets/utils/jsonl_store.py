@@ -46,10 +46,16 @@ class JsonlStore:
             raise TypeError(f"{name} must be a file path (str or os.PathLike), got "
                             f"{type(path).__name__}")
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._records: dict[str, Any] = {}
         self._size = 0                 # the file's size as this store last saw it
-        self._load()
+        try:                           # the OS's errors, with the argument named
+            if self.path.is_dir():
+                raise IsADirectoryError(f"{self.path} is a directory")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._load()
+        except OSError as exc:
+            raise ValueError(f"{name}: cannot use {str(path)!r} as a results file "
+                             f"({type(exc).__name__}: {exc})") from exc
 
     def _load(self) -> None:
         if not self.path.exists():
