@@ -137,10 +137,7 @@ def _batch_and_samples(model, loss_fn, data, *, sample: int):
                     shapes = next(((o, tuple(Y.shape)) for o in read
                                    if _cross_sample_broadcast((o, tuple(Y.shape)))),
                                   (read[0], tuple(Y.shape)) if read else None)
-                try:
-                    value = loss_fn(out, Y)
-                except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-                    raise _LossFailed(exc) from exc
+                value = checked_loss_value(loss_fn, out, Y)
                 if isinstance(value, torch.Tensor) and value.numel() != 1:
                     raise _NotOneNumber(tuple(value.shape))
                 batch = _scalar(value)
@@ -152,8 +149,8 @@ def _batch_and_samples(model, loss_fn, data, *, sample: int):
                          f"{exc.args[0]} on a batch of {len(idx)} samples: it must return "
                          "one number (a scalar), the mean of the per-sample losses "
                          "(reduction=\"mean\", the default of torch's losses)") from None
-    except _LossFailed as exc:
-        raise loss_failure(loss_fn, out, Y, exc.args[0]) from exc.args[0]
+    except _LossRefused:
+        raise                                   # the loss cannot take the data's targets
     except (RuntimeError, ValueError, TypeError, IndexError):
         return math.nan, None, shapes, math.nan
     return batch, per, shapes, gap
@@ -163,15 +160,15 @@ class _NotOneNumber(Exception):
     """loss_fn returned more than one number on a batch (reduction="none")."""
 
 
-class _LossFailed(Exception):
-    """loss_fn raised on a batch of the data (args[0]: its exception)."""
+class _LossRefused(ValueError):
+    """`loss_failure`'s error: kept apart from the errors that mean "cannot be told"."""
 
 
 def loss_failure(loss_fn, out, Y, cause) -> ValueError:
     """The error for a loss_fn that raised `cause` on the model's outputs `out` for a batch
     of the data's targets `Y`: torch's own message kept, the shapes and dtypes named."""
     n = out.shape[0] if isinstance(out, torch.Tensor) and out.ndim else "some"
-    return ValueError(
+    return _LossRefused(
         f"loss_fn {loss_name(loss_fn)!r} cannot be evaluated on data: on a batch of {n} of "
         f"its samples (model outputs {_described(out)}, targets {_described(Y)}) it raised "
         f"{type(cause).__name__}: {cause}. Check that the targets are what loss_fn expects "

@@ -314,16 +314,13 @@ def _run_columns(lin, y, loss_fn, batch_size, n_cols, steps, seed, step, out_sha
         L0 = float(col_loss(lin.z, y))
     if not (math.isfinite(L0) and L0 > 0):
         raise ValueError(f"the loss at the checkpoint must be finite and positive, got {L0}")
-    # once per linear model, loss and targets: the entries hold the loss and the targets
-    # themselves (an id alone is reused once its object is freed) and the targets'
-    # in-place version
-    forms = lin.__dict__.setdefault("_quadratic_forms", [])
-    key = (loss_fn, y, getattr(y, "_version", None), shape)
-    form = next((f for k, f in forms if k[0] is key[0] and k[1] is key[1] and k[2:] == key[2:]),
-                False)
-    if form is False:
-        form = _quadratic_loss(lin, y, col_loss, full_loss, seed)
-        forms.append((key, form))
+    # once per linear model, loss and targets (with the targets' in-place version); each
+    # entry holds the loss and the targets, so their ids cannot be reused while it lives
+    forms = lin.__dict__.setdefault("_quadratic_forms", {})
+    key = (id(loss_fn), id(y), getattr(y, "_version", None), shape)
+    if key not in forms:
+        forms[key] = (loss_fn, y, _quadratic_loss(lin, y, col_loss, full_loss, seed))
+    form = forms[key][2]
     if form is None:
         def full_value(E_on):
             return full_loss(lin.full(E_on), y).double().cpu()

@@ -525,7 +525,7 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
         else:
             if extra["correction_applied"]:
                 bracket = "[1 − (1 − s_lin/s_real)·λ/λ'_ρ(B)]"
-            elif np.isfinite(extra["secant_ratio"]) and extra["secant_ratio"] > 1.0 + 1e-3:
+            elif np.isfinite(extra["secant_ratio"]) and not correction_applies(extra["secant_ratio"]):
                 bracket = "1 (s_lin/s_real > 1: correction not applied)"
             elif np.isfinite(extra["secant_ratio"]):
                 bracket = ("1 (the correction would make a(B) fall with B: correction not "
@@ -603,6 +603,8 @@ def _linearized_shape(model, loss_fn, data, batch_sizes, lam, eff, *, momentum, 
     from nets.learning_rates.along_top import loss_along_top
     from nets.learning_rates.linearized import linearized_threshold
 
+    shown = [int(b) for b in batch_sizes]              # the batch sizes, as warnings say them
+
     def threshold(r):
         return linearized_threshold(model, loss_fn, data, batch_sizes, momentum=momentum,
                                     nesterov=nesterov, factor=factor, steps=steps,
@@ -620,13 +622,13 @@ def _linearized_shape(model, loss_fn, data, batch_sizes, lam, eff, *, momentum, 
         ratio = prof.secant_ratio
         lin = threshold(rank)
         corr = secant_correction(lam, eff, ratio)
-        applied = bool(correction_applies(ratio))
+        applied = premise = bool(correction_applies(ratio))
         alpha = np.asarray(lin.lr, dtype=float)
         if applied and np.isfinite(ratio) and falls_with_batch_size(alpha * corr) \
                 and not falls_with_batch_size(alpha):
             warnings.warn(f"transfer_lr: with s_lin/s_real = {ratio:.4g} the secant correction "
                           "would make the threshold fall as the batch size grows (a(B) = "
-                          f"{np.array2string(alpha * corr, precision=3)} at B = {[int(b) for b in batch_sizes]}),"
+                          f"{np.array2string(alpha * corr, precision=3)} at B = {shown}),"
                           " which the linearised network's own thresholds do not and no SGD "
                           "threshold measured here does: the correction is outside the range "
                           "of a first-order change along u, and the uncorrected linearised "
@@ -643,7 +645,7 @@ def _linearized_shape(model, loss_fn, data, batch_sizes, lam, eff, *, momentum, 
                           "grid), so the secant correction is undefined; the uncorrected "
                           "linearised threshold is used (correction_applied=False). Compare "
                           "form='directional', or a smaller factor", stacklevel=caller_stacklevel())
-        elif not applied and not correction_applies(ratio):
+        elif not premise:
             warnings.warn(f"transfer_lr: the real loss along the top eigenvector is flatter than "
                           f"the linearised network's (s_lin/s_real = {ratio:.4g} > 1), where the "
                           "secant correction does not apply; the uncorrected linearised threshold "
@@ -657,7 +659,7 @@ def _linearized_shape(model, loss_fn, data, batch_sizes, lam, eff, *, momentum, 
     if falls_with_batch_size(alpha * corr):
         warnings.warn("transfer_lr: the model's threshold falls as the batch size grows "
                       f"(a(B) = {np.array2string(alpha * corr, precision=3)} at B = "
-                      f"{[int(b) for b in batch_sizes]}), which no SGD threshold measured here does; a "
+                      f"{shown}), which no SGD threshold measured here does; a "
                       "transfer to a smaller B would then raise the lr. Measure the threshold "
                       "at the batch sizes you will use (nets.lr_search.training_threshold)",
                       stacklevel=caller_stacklevel())

@@ -48,9 +48,7 @@ class JsonlStore:
         self.path = Path(path)
         self._records: dict[str, Any] = {}
         self._size = 0                 # the file's size as this store last saw it
-        try:                           # the OS's errors, with the argument named
-            if self.path.is_dir():
-                raise IsADirectoryError(f"{self.path} is a directory")
+        try:                           # the OS's errors (a folder, no such place), named
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._load()
         except OSError as exc:
