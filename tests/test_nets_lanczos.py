@@ -391,3 +391,16 @@ def test_an_operator_of_low_rank_converges(k):
     r = eigsh(DenseOperator(-A), k=k, which="SA", seed=1)
     assert r.converged.all() and r.num_matvecs < 100
     np.testing.assert_allclose(r.values, [-3.0, -2.0, -1.5][:k], rtol=1e-10)
+
+
+@pytest.mark.parametrize("scale", [1e-165, 1e-300])
+def test_a_tiny_operator_is_not_taken_for_an_invariant_subspace(scale):
+    # entries below ~1e-154 square to zero in a plain float64 norm: the recurrence read
+    # that as an exact stop and reported a random Rayleigh quotient as converged
+    eigs = np.sort(np.random.default_rng(5).uniform(-1.0, 1.0, 200))
+    A, _ = with_spectrum(eigs)
+    op = DenseOperator(A * scale)
+    res = eigsh(op, 2, "LA")
+    np.testing.assert_allclose(res.values / scale, eigs[::-1][:2], rtol=1e-10)
+    assert not lanczos(op, 30, seed=0).breakdown
+    assert [r.num_steps for r in lanczos_batch(op, 30, num_vectors=2, seed=0)] == [30, 30]

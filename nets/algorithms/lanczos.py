@@ -131,6 +131,21 @@ def _check_finite_step(a, b) -> None:
                          "(check loss_fn, the model outputs and the data)")
 
 
+def _norm(w: torch.Tensor, dim=None) -> torch.Tensor:
+    """‖w‖₂ (along `dim`), recomputed as s·‖w/s‖ with s = max|wᵢ| where the plain norm
+    is below 1e-140: float64 entries below ~1e-154 square to zero, and torch's norm of a
+    vector of 1e-166 entries is exactly 0, which Lanczos would read as an exact invariant
+    subspace (an operator scaled by 1e-165 gave a wrong top eigenvalue flagged converged).
+    Norms above the cut are the plain ones, bit for bit."""
+    n = torch.linalg.vector_norm(w, dim=dim)
+    if not bool((n < 1e-140).any()):
+        return n
+    s = w.abs().amax() if dim is None else w.abs().amax(dim=dim, keepdim=True)
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    scaled = torch.linalg.vector_norm(w / s, dim=dim) * (s if dim is None else s.squeeze(dim))
+    return torch.where(n < 1e-140, scaled, n)
+
+
 def _op_device(op):
     return getattr(op, "device", torch.device("cpu"))
 
@@ -298,12 +313,12 @@ def _orthogonalise(Qj: torch.Tensor, w: torch.Tensor, local: int = 2
         c = tail @ w
         w = w - tail.T @ c
         h[-local:] += c
-    n0 = float(torch.linalg.vector_norm(w))
+    n0 = float(_norm(w))
     for _ in range(2):
         c = Qj @ w
         w = w - Qj.T @ c
         h += c
-        if float(torch.linalg.vector_norm(w)) >= 0.7 * n0:
+        if float(_norm(w)) >= 0.7 * n0:
             break
     return w, h
 
@@ -327,7 +342,7 @@ def _recurrence_single(op, q0: torch.Tensor, m: int, reorth: str):
             w = w - a * q
             if j > 0:
                 w = w - b_prev * Q[j - 1]
-        b = float(torch.linalg.vector_norm(w))
+        b = float(_norm(w))
         _check_finite_step(a, b)
         alpha[0, j], beta[0, j] = a, b
         scale = max(scale, abs(a) + b)
@@ -376,18 +391,18 @@ def _recurrence_batch(op, Q0: torch.Tensor, m: int, reorth: str):
                 # classical Gram–Schmidt; the second pass only where the first removed
                 # much of w (‖w_after‖ < 0.7‖w_before‖: Kahan–Parlett "twice is enough" /
                 # DGKS criterion), otherwise one pass already leaves w orthogonal to ~eps
-                n0 = torch.linalg.vector_norm(W, dim=1).tolist()
+                n0 = _norm(W, dim=1).tolist()
                 for i, c in enumerate(active.tolist()):
                     Qc, w = Q[c, : j + 1], W[i]                 # views: (j+1, P), (P,)
                     w.addmv_(Qc.T, Qc @ w, alpha=-1.0)          # w −= Qcᵀ (Qc w), in place
-                    if float(torch.linalg.vector_norm(w)) < 0.7 * n0[i]:
+                    if float(_norm(w)) < 0.7 * n0[i]:
                         w.addmv_(Qc.T, Qc @ w, alpha=-1.0)
             else:
                 Qa = Q[:, : j + 1] if all_active else Q[act_t, : j + 1]   # (ka, j+1, P)
                 for _ in range(2):
                     h = torch.bmm(Qa, W[:, :, None])             # (ka, j+1, 1)
                     W = W - torch.bmm(Qa.transpose(1, 2), h)[:, :, 0]
-        b = torch.linalg.vector_norm(W, dim=1)
+        b = _norm(W, dim=1)
         a_np, b_np = a.cpu().numpy(), b.cpu().numpy()
         _check_finite_step(a_np, b_np)
         alpha[active, j] = a_np
@@ -609,7 +624,7 @@ def _true_pairs(op, Y, tol, anorm, bar):
     if bar is not None:
         bar.update(Y.shape[1])
     theta = (Y * AY).sum(0)
-    r = torch.linalg.vector_norm(AY - Y * theta, dim=0).cpu().numpy()
+    r = _norm(AY - Y * theta, dim=0).cpu().numpy()
     theta = theta.cpu().numpy()
     return theta, Y, r, r <= _tolerance(theta, tol, op, anorm)
 
@@ -698,7 +713,7 @@ def _krylov_schur(op, k, which, tol, max_mv, m, rng, q, bar, want_vectors, stop=
             h = h.cpu().numpy()
             T[: j + 1, j] = h
             T[j, : j + 1] = h
-            beta = float(torch.linalg.vector_norm(w))
+            beta = float(_norm(w))
             _check_finite_step(h, beta)
             anorm = max(anorm, abs(h[j]) + beta)
             if j + 1 == P:                      # the basis spans the whole space
