@@ -4,6 +4,7 @@ Oracles: dense float64 Hessians from torch.func.hessian (never the package's pro
 a hand-rolled second-moment EMA, and closed forms."""
 
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -509,3 +510,32 @@ def test_a_callable_of_fresh_optimizers_is_warned_about_as_the_optimizer_is():
             with pytest.warns(UserWarning, match="sits at its ceiling 1/ε"):
                 got[name] = fn(model, _mse, (X, y), [8], preconditioner=pre, seed=0).lr
         np.testing.assert_allclose(got["callable"], got["instance"], rtol=1e-12)
+
+
+def test_an_unbracketed_adam_threshold_is_nan_or_raises(monkeypatch):
+    """A (B, seed) whose criterion never fires raises by default (the message's advice,
+    unbracketed="nan", is an option of adam_threshold too) or is NaN with the others kept;
+    an error of another kind propagates either way."""
+    model, X, y = _least_squares()
+    lf = nn.functional.mse_loss
+    real = A.adam_trial
+
+    def never_at_16(warm, loss_fn, X, y, a, **k):
+        r = real(warm, loss_fn, X, y, a, **k)
+        return dataclasses.replace(r, unstable=False) if warm.batch_size == 16 else r
+
+    monkeypatch.setattr(A, "adam_trial", never_at_16)
+    kw = dict(warmup_steps=2, steps=8, seeds=(0,), rel_tol=0.2)
+    with pytest.raises(RuntimeError, match="unbracketed='nan'"):
+        A.adam_threshold(model, lf, (X, y), [4, 16], **kw)
+    thr = A.adam_threshold(model, lf, (X, y), [4, 16], unbracketed="nan", **kw)
+    assert np.isfinite(thr.lr[0]) and np.isnan(thr.lr[1])
+    with pytest.raises(ValueError, match="unbracketed"):
+        A.adam_threshold(model, lf, (X, y), [4], unbracketed="skip", **kw)
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("out of memory (simulated)")
+
+    monkeypatch.setattr(A, "adam_trial", oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        A.adam_threshold(model, lf, (X, y), [4], unbracketed="nan", **kw)

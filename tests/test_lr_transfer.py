@@ -203,6 +203,40 @@ def test_unbracketed_threshold_is_nan_or_raises(tmp_path, monkeypatch):
         training_threshold(model, loss, (X, y), [4], unbracketed="skip")
 
 
+def test_an_error_inside_a_trial_is_not_stored_as_unbracketed(tmp_path, monkeypatch):
+    """Only a missing bracket becomes NaN under unbracketed="nan": another error of a
+    trial (out of memory here) propagates and leaves nothing in the store, so a resumed
+    run measures that entry instead of reusing a NaN."""
+    model, loss, X, y = _problem()
+
+    def oom(model, loss_fn, X, y, a, B, **k):
+        if B == 16:
+            raise torch.OutOfMemoryError("out of memory (simulated)")
+        return a > 0.5
+
+    monkeypatch.setattr(lr_search, "training_trial", oom)
+    path = tmp_path / "thr.jsonl"
+    kw = dict(criterion="divergence", steps=40, seeds=(0,), lr0=0.1, rel_tol=0.01,
+              unbracketed="nan", store=path)
+    with pytest.raises(torch.OutOfMemoryError):
+        training_threshold(model, loss, (X, y), [4, 16], **kw)
+    monkeypatch.setattr(lr_search, "training_trial",
+                        lambda model, loss_fn, X, y, a, B, **k: a > 0.5)
+    thr = training_threshold(model, loss, (X, y), [4, 16], **kw)
+    np.testing.assert_allclose(thr.lr, 0.5, rtol=0.01)
+
+
+@pytest.mark.parametrize("form", ["directional", "resolved"])
+def test_the_anchor_batch_size_gets_the_anchor_lr_exactly(form):
+    """α(B₀) = α₀ to the last bit, for any α₀ (α₀·a/a(B₀) evaluated left to right was one
+    ulp off for about one α₀ in six)."""
+    model, loss, X, y = _problem()
+    res = transfer_lr(model, loss, (X, y), [2, 8, 32], reference=(8, 0.1), form=form)
+    lrs = np.random.default_rng(0).uniform(0.01, 1.0, 200)
+    assert all(res.with_reference((8, float(a))).lr[1] == a for a in lrs)
+    assert all(scaling_rule([2, 8, 32], reference=(8, float(a)))[1] == a for a in lrs)
+
+
 def test_linearized_form_on_a_linear_model_is_real_training():
     """For a model linear in its parameters the linearised network is the network and the
     two secant profiles coincide (correction ≡ 1), so the linearised transfer anchored at

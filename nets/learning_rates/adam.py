@@ -72,6 +72,7 @@ from nets.curvature.params import check_model
 from nets.learning_rates.lr_prediction import DiagonalScaledOperator, _limit, adam_state_settings
 from nets.learning_rates.lr_search import (
     Trial,
+    Unbracketed,
     as_growth_factor,
     as_seeds,
     bisect_max_lr,
@@ -695,8 +696,8 @@ class AdamTransfer(Result):
         pred = np.asarray(self.predicted, dtype=float)
         warn_adam_transfer(self.form, self.beta1, self.batch_sizes, B0,
                            who="AdamTransfer.with_reference")         # adam_transfer_lr's caveat
-        return dataclasses.replace(self, lr=a0 * pred / pred[i0], reference=(B0, a0),
-                                   sqrt_rule=a0 * np.sqrt(bs / B0), linear_rule=a0 * bs / B0)
+        return dataclasses.replace(self, lr=a0 * (pred / pred[i0]), reference=(B0, a0),
+                                   sqrt_rule=a0 * np.sqrt(bs / B0), linear_rule=a0 * (bs / B0))
 
     def plot(self, ax=None, *, measured=None):
         """lr(B) (log-log) with the √B and linear rules through the reference and
@@ -805,11 +806,11 @@ def adam_transfer_lr(model, loss_fn, data, batch_sizes, *, reference, betas=None
     if missing:
         raise ValueError(f"prediction has no value for batch sizes {missing}")
     pred = np.array([table[int(b)] for b in bs])
-    lr = a0 * pred / table[B0]
+    lr = a0 * (pred / table[B0])         # x/x is exactly 1: lr at B₀ is a0 itself
     b1 = float(betas[0]) if own is None else own             # a given prediction's own β₁
     warn_adam_transfer(form, b1, bs, B0, who="adam_transfer_lr")
     used = getattr(prediction, "seed", None) if given_prediction else seed
-    return AdamTransfer(bs, lr, (B0, a0), pred, a0 * np.sqrt(bs / B0), a0 * bs / B0, form, b1,
+    return AdamTransfer(bs, lr, (B0, a0), pred, a0 * np.sqrt(bs / B0), a0 * (bs / B0), form, b1,
                         seed=used if isinstance(used, int) else None)
 
 
@@ -1083,7 +1084,7 @@ class AdamThresholds(Result):
 def adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 0.999), eps=1e-8,
                    warmup_steps=500, warmup_lr=1e-4, steps=100, criterion="divergence",
                    seeds=tuple(range(8)), factor=10.0, growth_factor=10.0, second_moment="adaptive",
-                   rel_tol=0.05, lr0=None,
+                   rel_tol=0.05, lr0=None, unbracketed="raise",
                    device=None, dtype=None, seed=0, progress=None) -> AdamThresholds:
     """Largest stable Adam lr per batch size from a warmed state (module comment), by
     bisection in log α (`nets.learning_rates.lr_search.bisect_max_lr`, to hi/lo ≤ 1+rel_tol).
@@ -1094,11 +1095,16 @@ def adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 0.999), eps
         `transfer_lr` model), "final" or "onset". seeds : the batch sequences (default
         0–7, as theirs). steps : run length at α. lr0 : bisection start
         (float, callable B -> float, or None: the warmed state's own prediction
-        F/(λ̃ + c·s̃²/λ̃)). The model is not modified.
+        F/(λ̃ + c·s̃²/λ̃)). unbracketed : "raise" (the default) or "nan", as for
+        `training_threshold`: a (B, seed) whose bisection finds no bracket (a bounded loss
+        that never reaches `factor` × its start) is NaN, and so is the mean at that B,
+        while the other entries are still measured. The model is not modified.
     """
     check_model(model)
     if criterion not in ADAM_CRITERIA:
         raise ValueError(f"criterion must be one of {ADAM_CRITERIA}, got {criterion!r}")
+    if unbracketed not in ("raise", "nan"):
+        raise ValueError(f"unbracketed must be 'raise' or 'nan', got {unbracketed!r}")
     warn_train_mode_layers(model, "adam_threshold")
     mean_reduction_check(model, loss_fn, data)
     X, y = tensors_for(model, data, device=device, dtype=dtype)
@@ -1148,7 +1154,13 @@ def adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 0.999), eps
             trials.append(r)
             return r
 
-        res = bisect_max_lr(is_unstable, float(a0), rel_tol=rel_tol)
+        try:
+            res = bisect_max_lr(is_unstable, float(a0), rel_tol=rel_tol)
+        except Unbracketed:
+            if unbracketed == "raise":
+                raise
+            n_trials += len(trials)             # the entry stays NaN
+            continue
         per[i, j], lo[i, j], hi[i, j] = res.alpha, res.lo, res.hi
         bad = [r for r in trials if r.unstable]
         first[i, j] = np.mean([r.first_step_blowup for r in bad]) if bad else np.nan

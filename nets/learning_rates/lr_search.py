@@ -237,6 +237,13 @@ class BisectionResult:
 _MAX_EXPAND = 40          # doublings/halvings before a bisection gives up
 
 
+class Unbracketed(RuntimeError):
+    """A bisection found no stable/unstable bracket: the predicate never fired while α
+    was doubled, or always fired while it was halved. `unbracketed="nan"` catches this
+    class only; any other error of a trial (out of memory, a shape error) propagates and
+    is never stored."""
+
+
 def bisect_max_lr(is_diverged, alpha0, rel_tol=0.02, max_expand=_MAX_EXPAND) -> BisectionResult:
     """Bisection in log α for the stability edge of a monotone-in-α predicate.
 
@@ -264,7 +271,7 @@ def bisect_max_lr(is_diverged, alpha0, rel_tol=0.02, max_expand=_MAX_EXPAND) -> 
                 break
             hi = a                  # the bracket's top: the last unstable α seen
         else:
-            raise RuntimeError(f"no stable learning rate found while halving from {alpha0:.3g} "
+            raise Unbracketed(f"no stable learning rate found while halving from {alpha0:.3g} "
                                f"to {a:.3g} ({max_expand} halvings)")
         lo = a
     else:
@@ -274,13 +281,14 @@ def bisect_max_lr(is_diverged, alpha0, rel_tol=0.02, max_expand=_MAX_EXPAND) -> 
             if div(a):
                 break
         else:
-            raise RuntimeError(
+            raise Unbracketed(
                 f"no divergent learning rate found while doubling from {alpha0:.3g} to "
                 f"{a:.3g} ({max_expand} doublings). In lr_sweep with a bounded-gradient loss "
                 "(cross-entropy, BCE) the 'growth' criterion may never fire: use "
-                "criterion='loss' or training_threshold; in training_threshold the loss never "
-                "left its tolerance (a 'final' or 'onset' criterion that cannot fire, or a "
-                "loss at its floor): pass unbracketed='nan' to keep the other batch sizes")
+                "criterion='loss' or training_threshold; in training_threshold or "
+                "adam_threshold the loss never left its tolerance (a 'final' or 'onset' "
+                "criterion that cannot fire, a bounded loss, or a loss at its floor): pass "
+                "unbracketed='nan' to keep the other batch sizes")
         hi = a
         lo = a / 2.0
     while hi / lo > 1.0 + rel_tol:
@@ -733,8 +741,9 @@ def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergen
     "sgd") or values, which must agree with an instance's.
     unbracketed: what a (B, seed) whose bisection finds no stable/unstable bracket (the
     criterion never fires while doubling α, or always fires while halving) gives:
-    "raise" (RuntimeError, the default) or "nan" (that entry is NaN, so is the mean over
-    seeds at that B; the other B are still measured — e.g. for the "onset" criterion).
+    "raise" (`Unbracketed`, a RuntimeError; the default) or "nan" (that entry is NaN, so
+    is the mean over seeds at that B; the other B are still measured — e.g. for the
+    "onset" criterion). Any other error of a trial propagates and is not stored.
     steps: an int or a callable B -> int. store: a `JsonlStore`, a path or None; every
     finished (B, seed) is written at once and re-runs skip stored keys (resumable).
     seed: seeds the Lanczos start of the onset direction and the default lr0.
@@ -809,7 +818,7 @@ def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergen
                                              chunk_size=chunk_size, nesterov=nesterov),
                     a0, rel_tol=rel_tol, max_expand=_MAX_EXPAND)
                 rec.update(lo=res.lo, hi=res.hi, alpha=res.alpha, n_trials=res.n_trials)
-            except RuntimeError as err:
+            except Unbracketed as err:
                 if unbracketed == "raise":
                     raise
                 # the first trial and every doubling/halving ran: 1 + _MAX_EXPAND trials

@@ -241,7 +241,7 @@ def scaling_rule(batch_sizes, *, reference, rule="linear") -> np.ndarray:
     B0, lr0 = _reference(reference)
     B = np.asarray(batch_sizes, dtype=float)
     if rule == "linear":
-        return lr0 * B / B0
+        return lr0 * (B / B0)
     if rule == "sqrt":
         return lr0 * np.sqrt(B / B0)
     if rule == "constant":
@@ -378,10 +378,10 @@ def _anchor(shape, spread, i0, lr0, *, coherent):
     """lr = α₀·a/a(B₀) and its standard error (`LRTransfer.shape_stderr` for `spread`):
     coherent, |α₀·a⁺/a⁺(B₀) − lr| with a⁺ = a − spread; independent, lr·√(r² + r(B₀)²)
     with r = spread/a (zero at B₀ itself)."""
-    lr = lr0 * shape / shape[i0]
+    lr = lr0 * (shape / shape[i0])         # x/x is exactly 1: lr at B₀ is lr0 itself
     if coherent:
         hi = shape - spread
-        return lr, np.abs(lr0 * hi / hi[i0] - lr)
+        return lr, np.abs(lr0 * (hi / hi[i0]) - lr)
     rel = spread / shape            # NaN (one seed: unknown) stays NaN, not a zero error
     se = lr * np.sqrt(rel ** 2 + rel[i0] ** 2)
     se[i0] = 0.0
