@@ -223,6 +223,28 @@ def test_damping_verdict_follows_rule_and_fails_if_perturbed(results, monkeypatc
     assert _rerun("damping_inverse_batch").verdict == "fail"
 
 
+def test_a_run_outside_its_grid_is_a_miss_not_left_out(monkeypatch):
+    """threshold_from_grid gives NaN only for a threshold outside the grid, far outside
+    the band: one such run at the largest B must fail the check (nanmean over the
+    remaining run passed it)."""
+    from paper_checks.checks import _quadratic_runs, damping_inverse_batch
+
+    calls = []
+
+    def one_nan(grid, rates, tol, unstable_high=True):
+        calls.append(1)
+        if len(calls) == 9:                     # quick: 5 batch sizes × 2 runs, B = 16's first
+            return float("nan")
+        return _quadratic_runs.threshold_from_grid(grid, rates, tol, unstable_high)
+
+    monkeypatch.setattr(damping_inverse_batch, "threshold_from_grid", one_nan)
+    r = _rerun("damping_inverse_batch")
+    assert len(calls) == 10 and np.isnan(r.array("measured_runs")[-1]).sum() == 1
+    assert r.verdict == "fail"
+    assert "B=16: 1 of 2 runs' threshold outside the grid" in r.reason
+    assert _quadratic_runs.outside_grid_failures([4, 8], np.ones((2, 3)), (0.5, 3.0)) == []
+
+
 def test_symbolic_exponents_and_perturbation(results, monkeypatch):
     r = results["symbolic_derivations"]
     assert r.verdict == "pass", r.reason
@@ -371,6 +393,7 @@ def test_edge_of_stochastic_stability_verdict_follows_its_rule_per_network(resul
                   and float(row["batch_sharpness"]) >= (1 - EDGE_TOL) * row["edge"]]
         assert [row["at_edge"] for row in mine] == [row in judged for row in mine]
         ok &= len(judged) >= 2
+        ok &= 2 * len(judged) >= len([row for row in mine if not row["diverged"]])
         if judged:
             ok &= np.median([abs(float(row["batch_sharpness"]) / row["edge"] - 1)
                              for row in judged]) <= EDGE_TOL

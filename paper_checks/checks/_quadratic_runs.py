@@ -106,3 +106,13 @@ def threshold_from_grid(grid: np.ndarray, rates: np.ndarray, tol: float,
         return float(np.sqrt(g[j - 1] * g[j]))
     t = -a / (b - a)
     return float(np.exp(np.log(g[j - 1]) + t * (np.log(g[j]) - np.log(g[j - 1]))))
+
+
+def outside_grid_failures(batch_sizes, runs: np.ndarray, span: tuple) -> list:
+    """One failure per B whose runs (rows of `runs`, from `threshold_from_grid`) include a
+    NaN: that run's threshold lies outside its grid, `span` × the prediction, so far
+    outside any band the check allows — a miss to report, not a run to average away."""
+    bad = ~np.isfinite(np.asarray(runs, float))
+    return [f"B={B}: {int(n)} of {bad.shape[1]} runs' threshold outside the grid "
+            f"[{span[0]:g}, {span[1]:g}]× predicted" for B, n in zip(batch_sizes, bad.sum(1)) if n]
+

@@ -34,7 +34,13 @@ import numpy as np
 from ..result import judged
 from . import _plotting as pl
 from . import montecarlo as mc
-from ._quadratic_runs import GROWTH_TOL, growth_rates, steps_for, threshold_from_grid
+from ._quadratic_runs import (
+    GROWTH_TOL,
+    growth_rates,
+    outside_grid_failures,
+    steps_for,
+    threshold_from_grid,
+)
 
 NAME = "damping_inverse_batch"
 CLAIM = ("Damped second-order steps (Ĥ + δI)⁻¹g need δ > α·λ'_noise/2 with noise curvature "
@@ -91,6 +97,9 @@ def run(ctx):
     failures += [f"B={B}: measured δ_min {m:.4g} vs predicted {p:.4g} (ratio {m / p:.3f})"
                  for B, m, p in zip(Bs, mean, pred)
                  if not RATIO_BAND[0] <= m / p <= RATIO_BAND[1]]
+    # a run whose threshold lies outside the grid is NaN and far outside the band: a miss,
+    # never left out of the mean (nanmean alone would pass on the other runs)
+    failures += outside_grid_failures(Bs, meas, (0.25, 2.0))
     return judged(
         name=NAME, claim=CLAIM,
         predicted=f"exponent −1 (edge-based local fit {k_pred:.3f}); "

@@ -27,7 +27,13 @@ import numpy as np
 
 from ..result import judged
 from . import montecarlo as mc
-from ._quadratic_runs import GROWTH_TOL, growth_rates, steps_for, threshold_from_grid
+from ._quadratic_runs import (
+    GROWTH_TOL,
+    growth_rates,
+    outside_grid_failures,
+    steps_for,
+    threshold_from_grid,
+)
 from .sgd_scaling_least_squares import plot_scaling
 
 NAME = "sgd_scaling_mlp"
@@ -145,6 +151,7 @@ def run(ctx):
     failures += [f"B={B}: predicted {p:.4g} vs measured {m:.4g} (ratio {r:.3f})"
                  for B, p, m, r in zip(Bs, pred, mean, ratio)
                  if not RATIO_BAND[0] <= r <= RATIO_BAND[1]]
+    failures += outside_grid_failures(Bs, meas, (0.5, 3.0))    # misses, not left out
     grid_B = np.geomspace(1, N, 200)
     k_pred = mc.fit_power_law(Bs[cut], pred[cut])[0]
     return judged(
