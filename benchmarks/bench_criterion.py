@@ -200,7 +200,7 @@ def after_runs(model, X, y, R):
 
     import torch.nn.functional as F
 
-    from nets.learning_rates.lr_search import _full_data_loss
+    from nets.curvature.chunk_shares import full_data_loss
     from nets.noise.batch_spectra import predict_batch_top_eigenvalue
     from paper_checks.checks.sgd_scaling_mlp import ggn_factors
     from rmt.lr import momentum_noise_gain
@@ -214,7 +214,7 @@ def after_runs(model, X, y, R):
         growth = float(growth_rates(R_net, B, m, [lr], 400, 0)[0])
         return lam, lp, lr * (lam + momentum_noise_gain(m) * (lp - lam)) / (2 * (1 + m)), growth
 
-    L0 = _full_data_loss(model, F.cross_entropy, X, y, 4096)
+    L0 = full_data_loss(model, F.cross_entropy, X, y, 4096)
     at_start = {B: curvature(model, B) for B in {B for B, _, _ in AFTER_RUNS}}
     rows = []
     for B, m, lrs in AFTER_RUNS:
@@ -225,7 +225,7 @@ def after_runs(model, X, y, R):
             row = {"batch_size": B, "momentum": m, "lr": lr, "lam": [before[0], after[0]],
                    "batch_curvature": [before[1], after[1]], "margin": [before[2], after[2]],
                    "linear_growth_rate": [before[3], after[3]],
-                   "loss_over_start": _full_data_loss(net, F.cross_entropy, X, y, 4096) / L0}
+                   "loss_over_start": full_data_loss(net, F.cross_entropy, X, y, 4096) / L0}
             rows.append(row)
             print(f"after 200 steps, B={B} m={m:g} lr={lr:g}: λ₁ {before[0]:.3g} → "
                   f"{after[0]:.3g}, λ'(B) {before[1]:.3g} → {after[1]:.3g}, margin "

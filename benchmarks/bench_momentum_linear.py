@@ -101,18 +101,18 @@ def sgd_run(model, X, y, lr, B, m, seed, steps):
 
 def trajectory(model, X, y, lr, B, m, seed):
     from nets.algorithms.spectra import top_eigenvalues
-    from nets.learning_rates.lr_search import _full_data_loss
+    from nets.curvature.chunk_shares import full_data_loss
 
     F = torch.nn.functional.cross_entropy
     rows = []
     for t, net, params in sgd_run(model, X, y, lr, B, m, seed, max(CHECKPOINTS)):
         w = torch.cat([p.detach().reshape(-1) for p in params])
         if t == 0:
-            w0, L0 = w.clone(), _full_data_loss(net, F, X, y, 4096)
+            w0, L0 = w.clone(), full_data_loss(net, F, X, y, 4096)
         elif t in CHECKPOINTS:
             lam = float(top_eigenvalues(net, F, (X, y), k=1, seed=0, policy="eval")[0])
             rows.append({"step": t, "lam1": lam, "displacement": float((w - w0).norm()),
-                         "loss_over_start": _full_data_loss(net, F, X, y, 4096) / L0})
+                         "loss_over_start": full_data_loss(net, F, X, y, 4096) / L0})
     return rows
 
 

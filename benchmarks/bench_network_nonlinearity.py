@@ -42,9 +42,9 @@ from bench_criterion import network
 from bench_momentum_linear import sgd_run
 
 from nets import eigsh, ggn_operator, hessian_operator
+from nets.curvature.chunk_shares import full_data_loss
 from nets.curvature.operators import CurvatureOperator
 from nets.learning_rates.linearized import linearized_max_loss, output_jacobians
-from nets.learning_rates.lr_search import _full_data_loss
 
 XS = (-2.0, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 2.0)
 SETTINGS = ((512, 0.9), (512, 0.0), (32, 0.9))
@@ -86,14 +86,14 @@ def along_top_direction(model, data, J, z0):
     w0 = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
     res = eigsh(hessian_operator(model, F.cross_entropy, data), k=1, which="LA", tol=1e-8, progress=False)
     u = res.vectors[:, 0].to(w0.dtype)
-    L0 = _full_data_loss(model, F.cross_entropy, X, y, 4096)
+    L0 = full_data_loss(model, F.cross_entropy, X, y, 4096)
     rows = []
     for x in XS:
         net = shifted(model, w0 + x * u)
         e = (x * u).to(J.dtype)
         rows.append({
             "x": x,
-            "loss_real": _full_data_loss(net, F.cross_entropy, X, y, 4096) / L0,
+            "loss_real": full_data_loss(net, F.cross_entropy, X, y, 4096) / L0,
             "loss_linearized": float(F.cross_entropy(z0 + J @ e, y)) / L0,
             "lam_real_hessian": top(hessian_operator(net, F.cross_entropy, data)),
             "lam_real_ggn": top(ggn_operator(net, F.cross_entropy, data)),
@@ -109,7 +109,7 @@ def real_run(model, data, B, m, lr, seed):
     X, y = data
     worst, at, lams = 1.0, 0, {}
     for t, net, _ in sgd_run(model, X, y, lr, B, m, seed, STEPS):
-        L = _full_data_loss(net, F.cross_entropy, X, y, 4096)
+        L = full_data_loss(net, F.cross_entropy, X, y, 4096)
         if t == 0:
             L0 = L
             continue

@@ -334,9 +334,8 @@ def mean_reduction_check(model, loss_fn, data, *, sample: int = 64) -> float:
             f"{how} — a weighted mean, as with class weights, ignore_index or padded "
             "tokens. The per-sample curvature noise, the batch-size predictions and the "
             "learning rates assume L = (1/N)·Σ ℓ_i and are off for it (by 10-70 % in tests); "
-            "the plain curvatures (top_eigenvalues, measured batch spectra) are nearly right "
-            "(each chunk's weighted mean is averaged by chunk size, so they move slightly with "
-            "chunk_size: 0.1 % in a test). Use an unweighted mean-reduced loss for the "
-            "predictions.",
+            "the plain curvatures (top_eigenvalues, measured batch spectra) are exact, in "
+            "chunks too (each chunk enters with its share of the loss's weights, read from "
+            "the loss). Use an unweighted mean-reduced loss for the predictions.",
             UserWarning, stacklevel=caller_stacklevel())
     return ratio

@@ -48,6 +48,7 @@ import torch
 from torch import nn
 from torch.func import grad, jvp, vjp, vmap
 
+from nets.curvature.chunk_shares import loss_shares
 from nets.curvature.loss_check import (
     _kept_loss_state,
     _leaves_read,
@@ -692,6 +693,7 @@ class ModelCurvatureOperator(CurvatureOperator):
         if self.source.form == "pair" or cache_graph:
             self._batch_list = list(self._stream())
         self._cached = None
+        self._shares = None             # each batch's share of the loss (_weighted_batches)
         self._no_forward_ad = False
         self._check_inputs()
 
@@ -1000,8 +1002,20 @@ class ModelCurvatureOperator(CurvatureOperator):
         return iter(self._batch_list) if self._batch_list is not None else self._stream()
 
     def _weighted_batches(self):
-        for x, y in self.iter_batches():
-            yield x, y, x.shape[0] / self.N          # batch b enters with weight n_b / N
+        """(x, y, ω_b): batch b enters with its share ω_b of the loss — n_b/N for a plain
+        mean, W_b/W for a target-weighted one (`nets.curvature.chunk_shares`); a batch
+        whose every target is ignored (ω_b = 0, its own loss 0/0) is left out."""
+        if self._batch_list is not None and len(self._batch_list) == 1:
+            yield (*self._batch_list[0], 1.0)
+            return
+        if self._shares is None:
+            with torch.no_grad(), policy_mode(self.model, self.policy):
+                self._shares = loss_shares(
+                    self.loss_fn, ((self._forward(self.primals, x), y)
+                                   for x, y in self.iter_batches()), self.N)
+        for (x, y), w in zip(self.iter_batches(), self._shares, strict=True):
+            if w > 0:
+                yield x, y, w
 
     # -- functional pieces (pure functions of tensors) -----------------------------
     def _check_output_curvature(self, out, y) -> None:
@@ -1213,6 +1227,7 @@ class ModelCurvatureOperator(CurvatureOperator):
         new.__dict__.update(self.__dict__)
         new.num_matvecs = 0
         new._cached = None
+        new._shares = None
         new.source = as_data_source((Xs, Ys))
         new.N = new.source.N
         if cache_graph == "auto":

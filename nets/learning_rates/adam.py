@@ -66,6 +66,7 @@ import numpy as np
 import torch
 
 from nets.algorithms.lanczos import eigsh
+from nets.curvature.chunk_shares import data_shares, full_data_loss
 from nets.curvature.loss_check import mean_reduction_check
 from nets.curvature.operators import curvature_operator
 from nets.curvature.params import check_model
@@ -868,12 +869,6 @@ def _batches(N, B, steps, seed):
         yield torch.randperm(N, generator=gen)[:B]
 
 
-def _full_loss(net, loss_fn, X, y, chunk=4096):
-    with torch.no_grad():
-        return sum(float(loss_fn(net(X[i:i + chunk]), y[i:i + chunk])) * len(X[i:i + chunk])
-                   for i in range(0, len(X), chunk)) / len(X)
-
-
 def _adam(net, lr, betas, eps):
     return torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=lr,
                             betas=tuple(betas), eps=eps)
@@ -921,7 +916,8 @@ def warm_adam_state(model, loss_fn, X, y, batch_size, *, warmup_steps, warmup_lr
         raise ValueError(f"warm_adam_state: parameter {bad[0]!r} is not finite after "
                          f"{warmup_steps} warm-up steps: {why}")
     return WarmState(net, copy.deepcopy(opt.state_dict()), batch_size, warmup_steps,
-                     warmup_lr, tuple(betas), eps, seed, _full_loss(net, loss_fn, X, y))
+                     warmup_lr, tuple(betas), eps, seed,
+                     full_data_loss(net, loss_fn, X, y, 4096, data_shares(net, loss_fn, X, y, 4096)))
 
 
 class _FrozenAdam:
@@ -998,6 +994,7 @@ def adam_trial(warm: WarmState, loss_fn, X, y, lr, *, steps, criterion="onset",
     q = None if direction is None else torch.as_tensor(np.asarray(direction), dtype=torch.float64)
     L0 = warm.loss
     check_start_loss(L0)
+    shares = data_shares(net, loss_fn, X, y, 4096)          # each chunk's share of the loss
     max_loss = loss_t = L0
     proj, unstable, reason, first, t = [], False, "stable", False, 0
     for t, idx in enumerate(_batches(len(X), warm.batch_size, int(steps), seed + 7919), start=1):
@@ -1016,7 +1013,7 @@ def adam_trial(warm: WarmState, loss_fn, X, y, lr, *, steps, criterion="onset",
                 break
             proj.append(abs(c))
         if criterion == "divergence" or t == steps or t == 1:
-            loss_t = _full_loss(net, loss_fn, X, y)
+            loss_t = full_data_loss(net, loss_fn, X, y, 4096, shares)
             if not math.isfinite(loss_t):
                 unstable, reason, max_loss = True, f"non-finite loss at step {t}", math.inf
                 break

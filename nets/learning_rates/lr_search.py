@@ -52,6 +52,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from nets.curvature.chunk_shares import data_shares, full_data_loss
 from nets.curvature.loss_check import mean_reduction_check
 from nets.curvature.params import check_model
 from nets.utils.autocast import outside_autocast
@@ -104,15 +105,6 @@ def fit_growth_rate(distances, window=0.5) -> float:
     if ok.sum() < 3:
         return 0.0
     return float(np.polyfit(t[ok], np.log(d[ok]), 1)[0])
-
-
-def _full_loss(model, loss_fn, X, y, chunk=4096):
-    with torch.no_grad():
-        tot = 0.0
-        for i in range(0, len(X), chunk):
-            xb, yb = X[i:i + chunk], y[i:i + chunk]
-            tot += float(loss_fn(model(xb), yb)) * len(xb)
-        return tot / len(X)
 
 
 def _check_trial_inputs(dataset, state_dict):
@@ -178,7 +170,8 @@ def run_trial(model, loss_fn, dataset, state_dict, lr, batch_size, steps, optimi
     else:
         opt = torch.optim.Adam(params, lr=lr, betas=betas, eps=eps)
     gen = torch.Generator().manual_seed(int(seed))
-    init_loss = _full_loss(net, loss_fn, X, y) if criterion == "loss" else math.nan
+    shares = data_shares(net, loss_fn, X, y, 4096) if criterion == "loss" else None
+    init_loss = full_data_loss(net, loss_fn, X, y, 4096, shares) if criterion == "loss" else math.nan
     start = int(steps * (1.0 - window))
     eval_at = set(np.linspace(start, steps - 1, max(1, n_loss_evals)).astype(int).tolist())
     dist = np.empty(steps)
@@ -206,7 +199,7 @@ def run_trial(model, loss_fn, dataset, state_dict, lr, batch_size, steps, optimi
             dist[t:] = math.inf
             break
         if criterion == "loss" and t in eval_at:
-            losses.append(_full_loss(net, loss_fn, X, y))
+            losses.append(full_data_loss(net, loss_fn, X, y, 4096, shares))
     rate = fit_growth_rate(dist, window)
     final_loss = float(np.mean(losses)) if losses and not diverged else math.nan
     if not diverged:
@@ -501,14 +494,6 @@ def _sgd_step(net, params, bufs, loss_fn, X, y, batch_size, gen, lr, momentum, n
     return loss
 
 
-def _full_data_loss(net, loss_fn, X, y, chunk):
-    with torch.no_grad():
-        tot = 0.0
-        for i in range(0, len(X), chunk):
-            tot += float(loss_fn(net(X[i:i + chunk]), y[i:i + chunk])) * len(X[i:i + chunk])
-    return tot / len(X)
-
-
 def _top_direction(model, loss_fn, data, seed, progress=False):
     """Unit top eigenvector of the full-data Hessian (k=1 Lanczos), as a flat tensor; in
     eval mode, as the trials train (a model left in train mode is not refused)."""
@@ -570,7 +555,8 @@ def training_trial(model, loss_fn, X, y, lr, batch_size, *, steps, momentum=0.0,
     w0 = torch.cat([p.detach().reshape(-1) for p in params]).double()
     bufs = [torch.zeros_like(p) for p in params]
     gen = torch.Generator().manual_seed(int(seed))
-    L0 = _full_data_loss(net, loss_fn, X, y, chunk_size)
+    shares = data_shares(net, loss_fn, X, y, chunk_size)     # each chunk's share of the loss
+    L0 = full_data_loss(net, loss_fn, X, y, chunk_size, shares)
     check_start_loss(L0)
     max_loss, loss_t, proj = L0, L0, []
     unstable, reason, t = False, "stable", 0
@@ -584,7 +570,7 @@ def training_trial(model, loss_fn, X, y, lr, batch_size, *, steps, momentum=0.0,
                 break
             proj.append(abs(c))
         if criterion in ("divergence", "onset") or t == steps:
-            loss_t = _full_data_loss(net, loss_fn, X, y, chunk_size)
+            loss_t = full_data_loss(net, loss_fn, X, y, chunk_size, shares)
             if not math.isfinite(loss_t):
                 unstable, reason, max_loss = True, "non-finite loss", math.inf
                 break
@@ -950,10 +936,11 @@ def self_stabilisation(model, loss_fn, data, *, factor=4.0, batch_size=512, step
     gen = torch.Generator().manual_seed(seed)
     w0 = [p.detach().clone() for p in params]
     trace = []
+    shares = data_shares(net, loss_fn, X, y, 4096)
 
     def read(t):
         with torch.no_grad():
-            L = float(_full_data_loss(net, loss_fn, X, y, 4096))
+            L = full_data_loss(net, loss_fn, X, y, 4096, shares)
             dist = math.sqrt(sum(float(((p - q) ** 2).sum()) for p, q in zip(params, w0)))
         lam = (float(top_eigenvalues(net, loss_fn, (X, y), k=1, seed=seed, policy="eval")[0])
                if math.isfinite(L) else math.nan)

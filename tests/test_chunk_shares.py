@@ -1,0 +1,104 @@
+"""Each chunk's share of a weighted-mean loss (nets.curvature.chunk_shares).
+
+Oracles: dense float64 `torch.func.hessian` of the loss on all samples at once (one
+evaluation, no chunks), the loss itself on all samples, and the shares written out from
+the targets (class weights summed per chunk)."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import flat_dense_hessian
+from torch import nn
+
+from nets import hessian_operator, top_eigenvalues
+from nets.curvature.chunk_shares import data_shares, full_data_loss, loss_shares
+from nets.lr_search import training_threshold
+
+
+def _sorted_problem(N=48, seed=0):
+    """A float64 4-class MLP; targets sorted by class so chunks differ in their weights."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 4)).double().eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    X = torch.randn(N, 5, dtype=torch.float64, generator=g)
+    y = torch.sort(torch.randint(0, 4, (N,), generator=g)).values
+    return model, X, y
+
+
+WEIGHT = torch.tensor([4.0, 1.0, 0.5, 2.0], dtype=torch.float64)
+
+
+def _class_weighted(o, t):
+    return F.cross_entropy(o, t, weight=WEIGHT)
+
+
+def _quiet(fn):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn()
+
+
+def test_shares_of_class_weights_are_the_weights_summed_per_chunk():
+    model, X, y = _sorted_problem()
+    with torch.no_grad():
+        chunks = [(model(X[i:i + 10]), y[i:i + 10]) for i in range(0, len(X), 10)]
+    got = loss_shares(_class_weighted, chunks, len(X))
+    W = np.array([float(WEIGHT[y[i:i + 10]].sum()) for i in range(0, len(X), 10)])
+    np.testing.assert_allclose(got, W / W.sum(), rtol=1e-12)
+    # the loss put back together from its chunks is the loss on all samples
+    with torch.no_grad():
+        whole = float(_class_weighted(model(X), y))
+    shares = data_shares(model, _class_weighted, X, y, 10)
+    assert full_data_loss(model, _class_weighted, X, y, 10, shares) == pytest.approx(whole, rel=1e-12)
+
+
+def test_a_plain_mean_keeps_the_sample_counts_exactly():
+    model, X, y = _sorted_problem()
+    with torch.no_grad():
+        chunks = [(model(X[i:i + 10]), y[i:i + 10]) for i in range(0, len(X), 10)]
+    assert loss_shares(F.cross_entropy, chunks, len(X)) == [10 / 48] * 4 + [8 / 48]
+    assert data_shares(model, F.cross_entropy, X, y, 10) is None
+    # a loss that couples the samples is not a target-weighted mean: the counts are kept
+    coupled = lambda o, t: F.cross_entropy(o - o.mean(0), t)
+    assert loss_shares(coupled, chunks, len(X)) == [10 / 48] * 4 + [8 / 48]
+
+
+@pytest.mark.parametrize("chunk", [7, 16])
+def test_chunked_curvature_of_a_weighted_mean_is_exact(chunk):
+    """Class weights on class-sorted data: chunks weighted by sample counts moved λ₁ by a
+    few per cent (n_b/N is not the chunk's share of the loss); the dense Hessian of the
+    loss on all samples is the oracle, for chunk_size and a DataLoader alike."""
+    model, X, y = _sorted_problem()
+    lam = float(torch.linalg.eigvalsh(flat_dense_hessian(model, _class_weighted, X, y))[-1])
+    by_chunk = _quiet(lambda: top_eigenvalues(model, _class_weighted, (X, y), k=1,
+                                              chunk_size=chunk))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=chunk)
+    by_loader = _quiet(lambda: top_eigenvalues(model, _class_weighted, loader, k=1))
+    assert float(by_chunk[0]) == pytest.approx(lam, rel=1e-8)
+    assert float(by_loader[0]) == pytest.approx(lam, rel=1e-8)
+    # the counts' weighting, the earlier behaviour, is measurably off here
+    op = _quiet(lambda: hessian_operator(model, _class_weighted, (X, y), chunk_size=chunk))
+    assert op._shares != pytest.approx([len(b[0]) / len(X) for b in op.iter_batches()], rel=1e-3)
+
+
+def test_a_chunk_whose_every_target_is_ignored_drops_out():
+    """The first 10 targets ignored, chunks of 8: the first chunk's own loss is 0/0. It
+    was counted as 8 of 48 samples (λ₁ low by 8/48) and made training_threshold refuse a
+    NaN start loss; it now adds nothing, as in the loss on all samples."""
+    model, X, y = _sorted_problem()
+    yi = torch.where(torch.arange(len(y)) < 10, -100, y)
+    loss = lambda o, t: F.cross_entropy(o, t, ignore_index=-100)
+    lam = float(torch.linalg.eigvalsh(flat_dense_hessian(model, loss, X, yi))[-1])
+    got = _quiet(lambda: top_eigenvalues(model, loss, (X, yi), k=1, chunk_size=8))
+    assert float(got[0]) == pytest.approx(lam, rel=1e-8)
+    with torch.no_grad():
+        whole = float(loss(model(X), yi))
+    assert full_data_loss(model, loss, X, yi, 8, data_shares(model, loss, X, yi, 8)) == \
+        pytest.approx(whole, rel=1e-12)
+    kw = dict(steps=10, seeds=(0,), lr0=0.5, rel_tol=0.1)
+    one = _quiet(lambda: training_threshold(model, loss, (X, yi), [8], **kw))
+    chunked = _quiet(lambda: training_threshold(model, loss, (X, yi), [8], chunk_size=8, **kw))
+    np.testing.assert_allclose(chunked.lr, one.lr, rtol=1e-12)
