@@ -4,6 +4,7 @@ Oracles: dense float64 Hessians from torch.func.hessian (never the package's pro
 a hand-rolled second-moment EMA, and closed forms."""
 
 
+import copy
 import dataclasses
 import warnings
 
@@ -539,3 +540,49 @@ def test_an_unbracketed_adam_threshold_is_nan_or_raises(monkeypatch):
     monkeypatch.setattr(A, "adam_trial", oom)
     with pytest.raises(torch.OutOfMemoryError):
         A.adam_threshold(model, lf, (X, y), [4], unbracketed="nan", **kw)
+
+
+def test_frozen_second_moment_trial_follows_a_hand_written_update():
+    """second_moment='frozen' against a hand-written loop: D = 1/(√(v/(1 − β₂^t₀)) + ε) from
+    the warmed state's exp_avg_sq (t₀ its step count), held fixed; m ← β₁m + (1 − β₁)g from
+    its exp_avg; w ← w − α·m/(1 − β₁^t)·D with t counted on from t₀. Full batch (B = N), so
+    the batches are the whole data set. Both bias corrections matter here: t₀ = 4 makes
+    1 − β₂^t₀ ≈ 0.004 and 1 − β₁^t ≈ 0.41–0.52."""
+    model, X, y = _tiny(seed=3)
+    N, lr, steps, (b1, b2), eps = len(X), 2e-3, 3, (0.9, 0.999), 1e-8
+    warm = A.warm_adam_state(model, _mse, X, y, N, warmup_steps=4, warmup_lr=1e-3,
+                             betas=(b1, b2), eps=eps, seed=0)
+    # the hand reference, from torch's saved state only
+    names = [n for n, _ in warm.model.named_parameters()]
+    w = {n: p.detach().clone() for n, p in warm.model.named_parameters()}
+    st = warm.optimizer_state["state"]
+    m = {n: st[i]["exp_avg"].clone() for i, n in enumerate(names)}
+    t0 = float(st[0]["step"])
+    assert t0 == 4
+    D = {n: 1.0 / ((st[i]["exp_avg_sq"] / (1 - b2 ** t0)).sqrt() + eps) for i, n in enumerate(names)}
+    for k in range(1, steps + 1):
+        wg = {n: v.clone().requires_grad_(True) for n, v in w.items()}
+        loss = _mse(functional_call(warm.model, wg, (X,)), y)
+        g = torch.autograd.grad(loss, [wg[n] for n in names])
+        t = t0 + k
+        for n, gn in zip(names, g):
+            m[n] = b1 * m[n] + (1 - b1) * gn
+            w[n] = w[n] - lr * (m[n] / (1 - b1 ** t)) * D[n]
+    with torch.no_grad():
+        final_ref = float(_mse(functional_call(warm.model, w, (X,)), y))
+    # through the public trial (criterion 'final': the full loss after `steps` steps)
+    trial = A.adam_trial(warm, _mse, X, y, lr, steps=steps, criterion="final",
+                         second_moment="frozen", seed=0)
+    assert trial.steps_run == steps
+    assert trial.final_loss == pytest.approx(final_ref, rel=1e-10)
+    assert abs(final_ref - warm.loss) > 1e-3 * warm.loss       # the steps moved the loss
+    # and the package's frozen optimizer on a restored copy, step by step
+    net = copy.deepcopy(warm.model)
+    params = list(net.parameters())
+    opt = A._FrozenAdam(params, A.restored_adam(net, warm, lr), lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        _mse(net(X), y).backward()
+        opt.step()
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(p.detach(), w[n], rtol=1e-10, atol=1e-13)

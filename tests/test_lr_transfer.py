@@ -71,6 +71,9 @@ def test_transfer_matches_dense_closed_form(m):
     assert res.lr[1] == pytest.approx(0.1, rel=1e-12)
     assert res.lam == pytest.approx(lam, rel=1e-6)
     assert res.critical_batch_size == pytest.approx(s2 / lam ** 2, rel=1e-5)
+    # with momentum the noise term is amplified by the gain, so B* moves up by it
+    assert res.noise_gain == pytest.approx(gain, rel=1e-12)
+    assert res.critical_batch_size_momentum == pytest.approx(gain * s2 / lam ** 2, rel=1e-5)
     np.testing.assert_allclose(res.stability_limit, [2 * (1 + m) / eff(B) for B in Bs], rtol=1e-5)
     assert np.all(res.lr_stderr >= 0)
     # lr_stderr (coherent, `_anchor`): the anchored rule at s_u² raised by one standard
@@ -699,6 +702,11 @@ def test_nesterov_transfer_matches_dense_closed_form():
     np.testing.assert_allclose(res.lr, [0.1 * alpha(B) / alpha(4) for B in Bs], rtol=1e-5)
     np.testing.assert_allclose(res.stability_limit, [alpha(B) for B in Bs], rtol=1e-5)
     assert res.nesterov and "Nesterov" in res.rule
+    # Nesterov's small-noise gain (1 + ρ)(1 + 2ρ)/(1 + 3ρ) = 1.4378 scales B*
+    gain_n = (1 + m) * (1 + 2 * m) / (1 + 3 * m)
+    assert res.noise_gain == pytest.approx(gain_n, rel=1e-12)
+    assert res.critical_batch_size == pytest.approx(s2 / lam ** 2, rel=1e-5)
+    assert res.critical_batch_size_momentum == pytest.approx(gain_n * s2 / lam ** 2, rel=1e-5)
     by_flag = transfer_lr(model, loss, (X, y), Bs, reference=(4, 0.1), momentum=m, nesterov=True,
                           form="directional")
     np.testing.assert_allclose(by_flag.lr, res.lr, rtol=1e-12)

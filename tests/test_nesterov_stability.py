@@ -18,6 +18,7 @@ from nets.learning_rates.stability import ms_stability_threshold
 from rmt.lr import (
     momentum_effective_curvature,
     momentum_factor,
+    momentum_noise_gain,
     sgd_max_lr,
     sgd_momentum_ms_max_lr,
     sgd_nesterov_ms_max_lr,
@@ -198,3 +199,31 @@ def test_nesterov_limit_keeps_its_digits_as_momentum_approaches_one():
             exact = (sqrt(b * b + 4 * a * c) - b) / (2 * a) if b < 0 else 2 * c / (b + sqrt(b * b + 4 * a * c))
             got = float(sgd_nesterov_ms_max_lr(1, 1.0, s2, None, rho))
             assert abs(got - float(exact)) <= 4e-16 * float(exact), (rho, s2, got, float(exact))
+
+
+def test_nesterov_noise_gain_is_the_small_noise_slope_of_the_closed_form():
+    """momentum_noise_gain(ρ, nesterov=True) = (1 + ρ)(1 + 2ρ)/(1 + 3ρ) (1.4378 at ρ = 0.9,
+    the docstring's 1.44), and it is the slope g_N of λ'_N = F_N/α*(σ²) ≈ λ + g_N·σ²/λ at
+    σ² → 0, α* the Nesterov limit written out here in 50-digit mpmath (derivative by
+    mpmath.diff); heavy ball's (1 + ρ)/(1 − ρ) for comparison."""
+    import mpmath as mp
+    with mp.workdps(50):
+        lam = mp.mpf("1.7")
+        for rho in (0.3, 0.6, 0.9):
+            r = mp.mpf(rho)
+            F = 2 * (1 + r) / (1 + 2 * r)
+
+            def eff(sig2):
+                b = (1 + r) * sig2 + (1 - r - 4 * r * r) * lam ** 2
+                alpha = 4 * lam * (1 - r * r) / (b + mp.sqrt(b * b + 8 * r * (1 + 2 * r) * (1 - r * r)
+                                                             * lam ** 2 * (lam ** 2 + sig2)))
+                return F / alpha
+
+            assert abs(eff(mp.mpf(0)) - lam) < mp.mpf("1e-40")
+            slope = float(mp.diff(eff, mp.mpf(0)) * lam)
+            got = momentum_noise_gain(rho, nesterov=True)
+            assert got == pytest.approx(slope, rel=1e-12)
+            assert got == pytest.approx((1 + rho) * (1 + 2 * rho) / (1 + 3 * rho), rel=1e-14)
+            assert momentum_noise_gain(rho) == pytest.approx((1 + rho) / (1 - rho), rel=1e-14)
+    assert round(momentum_noise_gain(0.9, nesterov=True), 2) == 1.44
+    assert momentum_noise_gain(0.0, nesterov=True) == 1.0

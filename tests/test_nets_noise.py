@@ -182,3 +182,30 @@ def test_summed_and_weighted_losses_warn():
                  isotropic_noise(model, CE, (X, y), num_probes=2, exact=True)]
     assert not [w for w in rec if "loss_fn" in str(w.message)]
     assert all(np.isfinite(e.s2) and e.s2 > 0 for e in plain)
+
+
+def test_isotropic_stderr_combines_probe_spread_and_micro_batch_error():
+    """With k > 1 probes and micro-batches (m = 3, N = 15: G = 5 groups, none left over),
+    the documented stderr is √(std_v(s_v²)²/k + se_groups²): the spread over probes plus
+    the groups' error of the probe mean, se_groups = std_g(mean_v t_gv)/√G with
+    t_gv = m·G/(G−1)·‖(C̄_g − C̄)v‖². Everything by hand from the dense per-sample Hessians,
+    the documented partition default_rng(seed).permutation(N) and the documented probes
+    v = z/√P (z the rows of default_rng(seed).choice([−1, 1], (P, k)))."""
+    m, N, k, seed = 3, 15, 6, 4
+    model, X, y, loss_fn = make("classifier", seed=2, N=N)
+    C = per_sample_curvatures(model, loss_fn, X, y).numpy()
+    P, G = C.shape[1], N // m
+    V = np.random.default_rng(seed).choice([-1.0, 1.0], size=(P, k)) / np.sqrt(P)
+    groups = np.random.default_rng(seed).permutation(N)[: G * m].reshape(G, m)
+    Cg = np.stack([C[g].mean(0) for g in groups])                   # (G, P, P)
+    D = np.einsum("gij,jv->giv", Cg - Cg.mean(0), V)                 # (G, P, k)
+    t = m * G / (G - 1) * (D ** 2).sum(1)                           # (G, k)
+    s2_v = t.mean(0)
+    se_probes = s2_v.std(ddof=1) / np.sqrt(k)
+    se_groups = t.mean(1).std(ddof=1) / np.sqrt(G)
+    est = isotropic_noise(model, loss_fn, (X, y), num_probes=k, micro_batch=m, seed=seed,
+                          exact=True)
+    np.testing.assert_allclose(est.per_probe, s2_v, rtol=1e-8)
+    assert est.s2 == pytest.approx(s2_v.mean(), rel=1e-8)
+    assert np.hypot(se_probes, se_groups) > 1.02 * max(se_probes, se_groups)   # both matter
+    assert est.stderr == pytest.approx(np.hypot(se_probes, se_groups), rel=1e-8)

@@ -163,3 +163,44 @@ def test_generator_seed_is_recorded_as_the_int_drawn(mlp):
     again = slq_density(op, num_probes=2, num_steps=5, seed=d.seed)
     np.testing.assert_array_equal(again.nodes, d.nodes)
     assert slq_density(op, num_probes=1, num_steps=3, seed=4).seed == 4
+
+
+def test_hutchinson_stderr_squared_is_the_rademacher_variance_over_num_probes():
+    """stderr² must estimate Var(zᵀAz)/k without bias. Oracle: for Rademacher z,
+    Var(zᵀAz) = 2(‖A‖_F² − Σ_i A_ii²) exactly (dense numpy). Over R = 800 seeds with k = 4
+    probes each, k·stderr² is the ddof=1 sample variance, unbiased for it; the z-score
+    uses the spread of k·stderr² over the seeds (dropping the 1/√k would give a ratio k,
+    ddof=0 a ratio (k − 1)/k = 0.75, > 7 standard errors off here)."""
+    rng = np.random.default_rng(123)
+    P, k, R = 12, 4, 800
+    M = rng.standard_normal((P, P))
+    A = (M + M.T) / 2
+    var = 2.0 * (np.sum(A * A) - np.sum(np.diag(A) ** 2))
+    op = _Dense(A, torch.float64)
+    s2 = np.array([k * hutchinson_trace(op, num_probes=k, seed=s).stderr ** 2 for s in range(R)])
+    z = (s2.mean() - var) / (s2.std(ddof=1) / np.sqrt(R))
+    assert abs(z) < 4, (s2.mean() / var, z)
+    # one run with many probes: stderr ≈ √(Var/k), to the sampling error of a variance
+    big = hutchinson_trace(op, num_probes=4000, seed=7)
+    assert big.stderr ** 2 * 4000 == pytest.approx(var, rel=0.15)
+    assert abs(big.estimate - np.trace(A)) < 4 * np.sqrt(var / 4000)
+
+
+def test_slq_moment_stderr_squared_is_the_rademacher_variance_over_num_probes():
+    """moment(j)'s standard error² must estimate Var(zᵀA^jz/P)/k without bias (ddof = 1).
+    Oracle: Var(zᵀBz) = 2(‖B‖_F² − Σ_i B_ii²) for Rademacher z and symmetric B = A^j (dense
+    numpy); the per-probe moments are exact for j < 2·num_steps. Over R = 600 seeds with
+    k = 4 probes, the mean of k·se² against it, as a z-score from its spread over seeds
+    (ddof = 0 would give a ratio 0.75, > 7 standard errors off)."""
+    rng = np.random.default_rng(321)
+    P, k, R = 10, 4, 600
+    M = rng.standard_normal((P, P))
+    A = (M + M.T) / 2
+    op = _Dense(A, torch.float64)
+    ds = [slq_density(op, num_probes=k, num_steps=3, seed=s) for s in range(R)]
+    for j in (1, 2):
+        Bj = np.linalg.matrix_power(A, j)
+        var = 2.0 * (np.sum(Bj * Bj) - np.sum(np.diag(Bj) ** 2)) / P ** 2
+        s2 = np.array([k * d.moment(j)[1] ** 2 for d in ds])
+        z = (s2.mean() - var) / (s2.std(ddof=1) / np.sqrt(R))
+        assert abs(z) < 4, (j, s2.mean() / var, z)
