@@ -44,7 +44,7 @@ def _quiet(fn):
 def test_shares_of_class_weights_are_the_weights_summed_per_chunk():
     model, X, y = _sorted_problem()
     with torch.no_grad():
-        chunks = [(model(X[i:i + 10]), y[i:i + 10]) for i in range(0, len(X), 10)]
+        chunks = [(len(y[i:i + 10]), model(X[i:i + 10]), y[i:i + 10]) for i in range(0, len(X), 10)]
     got = loss_shares(_class_weighted, chunks, len(X))
     W = np.array([float(WEIGHT[y[i:i + 10]].sum()) for i in range(0, len(X), 10)])
     np.testing.assert_allclose(got, W / W.sum(), rtol=1e-12)
@@ -58,12 +58,52 @@ def test_shares_of_class_weights_are_the_weights_summed_per_chunk():
 def test_a_plain_mean_keeps_the_sample_counts_exactly():
     model, X, y = _sorted_problem()
     with torch.no_grad():
-        chunks = [(model(X[i:i + 10]), y[i:i + 10]) for i in range(0, len(X), 10)]
+        chunks = [(len(y[i:i + 10]), model(X[i:i + 10]), y[i:i + 10]) for i in range(0, len(X), 10)]
     assert loss_shares(F.cross_entropy, chunks, len(X)) == [10 / 48] * 4 + [8 / 48]
     assert data_shares(model, F.cross_entropy, X, y, 10) is None
-    # a loss that couples the samples is not a target-weighted mean: the counts are kept
+    # a loss that couples the samples or is not a mean: the counts, with a warning that
+    # chunked numbers of it are not exact (the root mean square passes the gradient's
+    # parallel test on one output per sample; its value gives it away)
     coupled = lambda o, t: F.cross_entropy(o - o.mean(0), t)
-    assert loss_shares(coupled, chunks, len(X)) == [10 / 48] * 4 + [8 / 48]
+    rmse = lambda o, t: F.mse_loss(o[:, 0], t.double()).sqrt()
+    for loss in (coupled, rmse):
+        with pytest.warns(UserWarning, match="share of the loss could not be read"):
+            assert loss_shares(loss, chunks, len(X)) == [10 / 48] * 4 + [8 / 48]
+
+
+def test_tuple_outputs_keep_the_counts_and_chunking_stays_exact():
+    """Outputs given as a tuple are not split here: the shares are the sample counts (a
+    tuple's len() is its number of items: chunks weighted 2/N each gave λ₁ −63 %)."""
+    model, X, y = _sorted_problem()
+
+    class Pair(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            z = self.inner(x)
+            return z, z.detach()
+
+    net = Pair(model)
+    loss = lambda out, t: F.cross_entropy(out[0], t)
+    lam = float(torch.linalg.eigvalsh(flat_dense_hessian(model, F.cross_entropy, X, y))[-1])
+    got = _quiet(lambda: top_eigenvalues(net, loss, (X, y), k=1, chunk_size=7))
+    assert float(got[0]) == pytest.approx(lam, rel=1e-10)
+
+
+def test_a_reference_is_found_past_a_chunks_first_ignored_samples():
+    """Only the last two targets of each chunk of 10 count: the reference must be looked
+    for beyond the first eight samples (it fell back to the counts: λ₁ +31 %)."""
+    model, X, y = _sorted_problem(N=30)
+    yi = torch.where(torch.arange(30) % 10 < 8, -100, y)
+    loss = lambda o, t: F.cross_entropy(o, t, ignore_index=-100)
+    lam = float(torch.linalg.eigvalsh(flat_dense_hessian(model, loss, X, yi))[-1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)            # no fallback warning
+        warnings.filterwarnings("ignore", message=".*not the plain mean")
+        got = top_eigenvalues(model, loss, (X, yi), k=1, chunk_size=10)
+    assert float(got[0]) == pytest.approx(lam, rel=1e-10)
 
 
 @pytest.mark.parametrize("chunk", [7, 16])

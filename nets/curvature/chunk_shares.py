@@ -10,26 +10,40 @@ tagger), and a chunk whose every target is ignored (W_b = 0, L_b = 0/0) must dro
 
 W_b is read from the loss itself, whatever the weighting, with one reference sample r
 (outputs z_r, target y_r, weight w_r > 0) appended to the chunk: the gradient of
-L(b ∪ r) in z_r is w_r/(W_b + w_r) times the gradient of r's own loss ℓ_r, so with
-t_b that ratio, W_b/w_r = 1/t_b − 1. Only the loss runs (on outputs already computed),
-in float64. Where the loss is not of this form (the gradient in z_r not parallel to r's
-own, a loss that fails on one sample, outputs that are not one tensor) or the shares
-equal n_b/N to 1e-8 (a plain mean), the plain shares n_b/N are returned, exactly.
+L(b ∪ r) in z_r is t_b = w_r/(W_b + w_r) times the gradient of r's own loss ℓ_r, so
+W_b/w_r = 1/t_b − 1. Two checks that the loss is of this form: that gradient is parallel
+to ℓ_r's, and the value L(b ∪ r) = (1 − t_b)·L_b + t_b·ℓ_r (a loss whose weights depend on
+the outputs — a focal loss normalised by its own factors — or that is not a mean at all —
+a root mean square — fails the second by 1–4 %, where the first can hold). Only the loss
+runs, on the outputs of one forward pass, in float64 where the loss accepts it.
+
+The plain shares n_b/N are returned exactly where they are right: a plain mean (shares
+within 1e-8 of them), or outputs that are not one tensor (a tuple or dict: not split
+here). Where they may be wrong — a loss that fails either check, chunks that cannot be
+joined with the reference (sequences padded per batch to their own length), no sample
+with a loss of its own — they are returned with a warning that the chunked numbers of
+this loss are not exact and one chunk (chunk_size ≥ N) is.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
 from nets.curvature.loss_check import _kept_loss_state
+from nets.utils.callers import caller_stacklevel
 
 __all__ = ["data_shares", "full_data_loss", "loss_shares"]
 
-_REF_CANDIDATES = 8         # samples of a chunk tried as the reference
+_REF_WANTED = 8             # references compared (the largest gradient is kept) ...
+_REF_SCAN = 256             # ... among at most this many samples of a chunk
 _PLAIN_RTOL = 1e-8          # shares this close to n_b/N are the plain mean's
-_PARALLEL_RTOL = 1e-6       # the gradient in z_r must be a multiple of r's own
+
+
+class _NotWeighted(Exception):
+    """The loss failed a check of the target-weighted form (its reason)."""
 
 
 def _cast(t, wide):
@@ -39,10 +53,11 @@ def _cast(t, wide):
 
 
 def _reference(loss_fn, out, y, wide):
-    """(z_r, y_r, g_r): the sample among the first of the chunk whose own loss has the
-    largest gradient in its outputs (a zero gradient carries no information)."""
-    best, best_norm = None, 0.0
-    for i in range(min(len(out), _REF_CANDIDATES)):
+    """(z_r, y_r, g_r, ℓ_r): among the chunk's first samples with a finite loss of their
+    own, the one whose gradient in its outputs is largest (a zero gradient carries no
+    information; an ignored target has no loss of its own)."""
+    best, best_norm, found = None, 0.0, 0
+    for i in range(min(len(out), _REF_SCAN)):
         z = _cast(out[i:i + 1], wide).requires_grad_(True)
         yi = _cast(y[i:i + 1], wide)
         loss = loss_fn(z, yi)
@@ -50,38 +65,70 @@ def _reference(loss_fn, out, y, wide):
             continue
         g = torch.autograd.grad(loss.reshape(()), z)[0]
         norm = float(torch.linalg.vector_norm(g))
-        if math.isfinite(norm) and norm > best_norm:
-            best, best_norm = (z.detach(), yi, g), norm
+        if not (math.isfinite(norm) and norm > 0):
+            continue
+        found += 1
+        if norm > best_norm:
+            best, best_norm = (z.detach(), yi, g, float(loss)), norm
+        if found == _REF_WANTED:
+            break
     return best
 
 
 def _chunk_weight(loss_fn, out, y, ref, wide) -> float:
-    """W_b/w_r for one chunk (NaN where the loss is not a target-weighted mean)."""
-    z_r, y_r, g_r = ref
+    """W_b/w_r for one chunk; _NotWeighted where the loss fails a check of the form."""
+    z_r, y_r, g_r, l_r = ref
+    tol = 1e-9 if wide else 1e-4
     zr = z_r.clone().requires_grad_(True)
-    loss = loss_fn(torch.cat([_cast(out, wide), zr]), torch.cat([_cast(y, wide), y_r]))
+    zb, yb = _cast(out, wide), _cast(y, wide)
+    loss = loss_fn(torch.cat([zb, zr]), torch.cat([yb, y_r]))
     g = torch.autograd.grad(loss.reshape(()), zr)[0]
     t = float((g * g_r).sum() / (g_r * g_r).sum())
-    off = float(torch.linalg.vector_norm(g - t * g_r))
-    if not (math.isfinite(t) and 0.0 < t <= 1.0 + 1e-6
-            and off <= (_PARALLEL_RTOL if wide else 1e-3) * float(torch.linalg.vector_norm(g))):
-        return math.nan
+    if not (math.isfinite(t) and 0.0 < t <= 1.0 + 100 * tol):
+        raise _NotWeighted(f"the reference's share of a chunk read {t:.4g}, not in (0, 1]")
+    if float(torch.linalg.vector_norm(g - t * g_r)) > 1e3 * tol * float(torch.linalg.vector_norm(g)):
+        raise _NotWeighted("its gradient in a sample's outputs is not a multiple of that "
+                           "sample's own loss gradient")
+    joined = float(loss)
+    if t >= 1.0 - 100 * tol:                        # W_b = 0: every target ignored
+        expected, scale = l_r, abs(l_r)
+    else:
+        with torch.no_grad():
+            l_b = float(loss_fn(zb, yb))
+        expected, scale = (1.0 - t) * l_b + t * l_r, max(abs(l_b), abs(l_r))
+    if not abs(joined - expected) <= 1e3 * tol * max(scale, abs(joined), 1e-300):
+        raise _NotWeighted(f"its value on a chunk joined with one sample is {joined:.6g}, "
+                           f"not the weighted mean of the two, {expected:.6g}: its weights "
+                           "depend on the outputs, or it is not a mean")
     return max(1.0 / t - 1.0, 0.0)
 
 
+def _warn(loss_fn, why):
+    from nets.curvature.loss_check import loss_name
+
+    warnings.warn(
+        f"loss_fn {loss_name(loss_fn)!r} on data in chunks: each chunk's share of the loss "
+        f"could not be read ({why}), so chunks are weighted by their sample counts — exact "
+        "for a plain mean, not for a weighted one (class weights, ignore_index, padded "
+        "tokens) or a loss that is not a mean. Pass all data as one chunk (chunk_size ≥ N, "
+        "or one batch) for exact curvatures of this loss.",
+        UserWarning, stacklevel=caller_stacklevel())
+
+
 def loss_shares(loss_fn, chunks, N: int) -> list[float]:
-    """ω_b for the chunks (outputs, targets) in order, so that the full-data loss is
-    Σ_b ω_b L_b (module docstring); n_b/N where the loss is a plain mean or not a
-    target-weighted one. An all-ignored chunk gets ω_b = 0. The loss runs in float64
-    where it accepts float64 outputs (a loss module with float32 class weights does not:
-    then in the outputs' own precision, and shares within 1e-4 of n_b/N count as plain)."""
-    sizes, weights, ref, plain_only, wide, pending = [], [], None, False, True, []
-    for out, y in chunks:
-        sizes.append(len(out))
-        if plain_only:
+    """ω_b for the chunks (n_b, outputs, targets) in order, so that the full-data loss is
+    Σ_b ω_b L_b (module docstring); n_b/N where the loss is a plain mean, exactly, and
+    with a warning where the shares could not be read. An all-ignored chunk gets 0. The
+    loss runs in float64 where it accepts float64 outputs (a loss module with float32
+    class weights does not: then in the outputs' own precision, and shares within 1e-4
+    of n_b/N count as plain)."""
+    sizes, weights, ref, why, wide, pending, tensors = [], [], None, None, True, [], True
+    for n, out, y in chunks:
+        sizes.append(int(n))
+        if why is not None or not tensors:
             continue
-        if not (torch.is_tensor(out) and torch.is_tensor(y) and len(y) == len(out)):
-            plain_only = True
+        if not (torch.is_tensor(out) and torch.is_tensor(y) and len(y) == len(out) == n):
+            tensors = False                 # a tuple or dict of outputs: not split here
             continue
         try:
             with torch.enable_grad(), _kept_loss_state(loss_fn):
@@ -98,21 +145,25 @@ def loss_shares(loss_fn, chunks, N: int) -> list[float]:
                     pending = []
                 else:
                     weights.append(_chunk_weight(loss_fn, out, y, ref, wide))
-        except (RuntimeError, ValueError, TypeError, IndexError):
-            plain_only = True           # a loss that cannot take one sample or a concatenation
-    if ref is None:
-        plain_only = True
+        except _NotWeighted as err:
+            why = f"it is not a target-weighted mean: {err}"
+        except (RuntimeError, ValueError, TypeError, IndexError) as err:
+            why = f"a chunk joined with one sample failed in the loss: {type(err).__name__}"
     plain = [n / N for n in sizes]
-    if plain_only or len(sizes) < 2 or not all(math.isfinite(w) for w in weights):
+    if len(sizes) < 2 or not tensors:
         return plain
-    total = sum(weights)
-    if not total > 0:
-        return plain
-    shares = [w / total for w in weights]
-    tol = _PLAIN_RTOL if wide else 1e-4
-    if all(abs(s - p) <= tol * p for s, p in zip(shares, plain)):
-        return plain
-    return shares
+    if why is None and ref is None:
+        why = "no sample has a finite loss with a nonzero gradient of its own"
+    if why is None:
+        total = sum(weights)
+        shares = [w / total for w in weights] if total > 0 else None
+        if shares is None:
+            why = "the chunks' weights sum to zero"
+        else:
+            tol = _PLAIN_RTOL if wide else 1e-4
+            return plain if all(abs(s - p) <= tol * p for s, p in zip(shares, plain)) else shares
+    _warn(loss_fn, why)
+    return plain
 
 
 def data_shares(model, loss_fn, X, y, chunk: int):
@@ -122,7 +173,7 @@ def data_shares(model, loss_fn, X, y, chunk: int):
     if N <= chunk:
         return None
     with torch.no_grad():
-        shares = loss_shares(loss_fn, ((model(X[i:i + chunk]), y[i:i + chunk])
+        shares = loss_shares(loss_fn, ((len(X[i:i + chunk]), model(X[i:i + chunk]), y[i:i + chunk])
                                        for i in range(0, N, chunk)), N)
     return None if shares == [len(X[i:i + chunk]) / N for i in range(0, N, chunk)] else shares
 

@@ -1011,7 +1011,7 @@ class ModelCurvatureOperator(CurvatureOperator):
         if self._shares is None:
             with torch.no_grad(), policy_mode(self.model, self.policy):
                 self._shares = loss_shares(
-                    self.loss_fn, ((self._forward(self.primals, x), y)
+                    self.loss_fn, ((x.shape[0], self._forward(self.primals, x), y)
                                    for x, y in self.iter_batches()), self.N)
         for (x, y), w in zip(self.iter_batches(), self._shares, strict=True):
             if w > 0:
@@ -1130,9 +1130,10 @@ class ModelCurvatureOperator(CurvatureOperator):
         if self._cached is not None:
             return self._cached
         if self.cache_graph:
-            self._cached = [(self._pullback(x, y), w) for x, y, w in self._weighted_batches()]
+            self._cached = [(self._pullback(x, y), w, x.shape[0])
+                            for x, y, w in self._weighted_batches()]
             return self._cached
-        return ((self._pullback(x, y), w) for x, y, w in self._weighted_batches())
+        return ((self._pullback(x, y), w, x.shape[0]) for x, y, w in self._weighted_batches())
 
     def batch_product(self, x, y, v):
         """(curvature of loss_fn(model(x), y)) · v for one batch; flat v of length P.
@@ -1167,7 +1168,7 @@ class ModelCurvatureOperator(CurvatureOperator):
         vt = self.layout.unflatten(v)
         out = None
         with policy_mode(self.model, self.policy):
-            for pb, w in self._pullbacks():
+            for pb, w, _n in self._pullbacks():
                 term = self.layout.flatten(pb(vt)) * w
                 out = term if out is None else out + term
         return out
@@ -1177,11 +1178,11 @@ class ModelCurvatureOperator(CurvatureOperator):
             return self._matvec(V[:, 0])[:, None]
         out = None
         with policy_mode(self.model, self.policy):
-            for pb, w in self._pullbacks():
+            for pb, w, n in self._pullbacks():
                 prod = vmap(lambda v: self.layout.flatten(pb(self.layout.unflatten(v))),
                             in_dims=1)       # (k, P); see group_products for why not out_dims=1
                 # columns split so one vmapped call fits the memory budget (nets.utils.memory)
-                blk = self._column_block(V.shape[1], max(1, round(w * self.N)))
+                blk = self._column_block(V.shape[1], n)
                 term = torch.cat([prod(V[:, a:a + blk]) for a in range(0, V.shape[1], blk)])
                 term = term.transpose(0, 1) * w
                 out = term if out is None else out + term
