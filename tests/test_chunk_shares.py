@@ -142,3 +142,37 @@ def test_a_chunk_whose_every_target_is_ignored_drops_out():
     one = _quiet(lambda: training_threshold(model, loss, (X, yi), [8], **kw))
     chunked = _quiet(lambda: training_threshold(model, loss, (X, yi), [8], chunk_size=8, **kw))
     np.testing.assert_allclose(chunked.lr, one.lr, rtol=1e-12)
+
+
+def test_one_chunk_matching_its_count_does_not_turn_the_others_plain():
+    """Class weights 4, 1, ½, 2: chunk 0 weighs 20 of 60 (its share is its count, ⅓),
+    chunks 1 and 2 weigh 10 and 30: every share must still be its weight's (a check of
+    'all chunks plain' read as 'any' would put every chunk back on the counts)."""
+    model, X, y = _sorted_problem(N=30)
+    y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0, 1] + [1] * 10 + [3] * 5 + [0] * 5)
+    with torch.no_grad():
+        chunks = [(10, model(X[i:i + 10]), y[i:i + 10]) for i in range(0, 30, 10)]
+    W = np.array([float(WEIGHT[y[i:i + 10]].sum()) for i in range(0, 30, 10)])
+    got = loss_shares(_class_weighted, chunks, 30)
+    np.testing.assert_allclose(W, [20, 10, 30])
+    np.testing.assert_allclose(got, W / W.sum(), rtol=1e-12)
+
+
+def test_full_data_loss_by_counts_over_a_ragged_last_chunk():
+    """The plain path Σ_b n_b·L_b / N against the loss on all samples (chunks of 7 over
+    48 samples: a last chunk of 6)."""
+    model, X, y = _sorted_problem()
+    with torch.no_grad():
+        whole = float(F.cross_entropy(model(X), y))
+    assert full_data_loss(model, F.cross_entropy, X, y, 7) == pytest.approx(whole, rel=1e-13)
+
+
+def test_a_share_above_one_is_refused_with_the_counts():
+    """A 'loss' in which the appended sample's gradient grows with the chunk (t > 1) is
+    not a weighted mean: the counts, with a warning, never a zero share."""
+    model, X, y = _sorted_problem()
+    grows = lambda o, t: F.cross_entropy(o, t, reduction="sum") / 4.0
+    with torch.no_grad():
+        chunks = [(len(y[i:i + 10]), model(X[i:i + 10]), y[i:i + 10]) for i in range(0, 48, 10)]
+    with pytest.warns(UserWarning, match="could not be read"):
+        assert loss_shares(grows, chunks, 48) == [10 / 48] * 4 + [8 / 48]

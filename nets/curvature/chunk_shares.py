@@ -69,7 +69,7 @@ def _reference(loss_fn, out, y, wide):
             continue
         found += 1
         if norm > best_norm:
-            best, best_norm = (z.detach(), yi, g, float(loss)), norm
+            best, best_norm = (z.detach(), yi, g, float(loss.detach())), norm
         if found == _REF_WANTED:
             break
     return best
@@ -89,7 +89,7 @@ def _chunk_weight(loss_fn, out, y, ref, wide) -> float:
     if float(torch.linalg.vector_norm(g - t * g_r)) > 1e3 * tol * float(torch.linalg.vector_norm(g)):
         raise _NotWeighted("its gradient in a sample's outputs is not a multiple of that "
                            "sample's own loss gradient")
-    joined = float(loss)
+    joined = float(loss.detach())
     if t >= 1.0 - 100 * tol:                        # W_b = 0: every target ignored
         expected, scale = l_r, abs(l_r)
     else:
