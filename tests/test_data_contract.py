@@ -78,6 +78,26 @@ def test_data_source_reads_every_form_in_order(problem):
         np.testing.assert_array_equal(got.numpy(), X.numpy(), err_msg=name)
 
 
+
+def test_an_index_equal_to_N_is_refused_with_the_argument_named(problem):
+    """Sample positions lie in [0, N): N itself (one past the end) is refused by the
+    package's own ValueError naming the argument, in every form, before any read; N − 1
+    and 0 are accepted."""
+    from nets.utils.data_source import check_indices
+    _, X, y = problem
+    N = len(X)
+    for name, data in _forms(X, y).items():
+        src = as_data_source(data)
+        with pytest.raises(ValueError, match=rf"indices must lie in \[0, {N}\)"):
+            src.take([0, N])
+        Xt, _ = src.take([N - 1, 0])
+        np.testing.assert_array_equal(Xt.numpy(), X[[N - 1, 0]].numpy(), err_msg=name)
+    with pytest.raises(ValueError, match=r"rows must lie in \[0, 5\), got range \[2, 5\]"):
+        check_indices(np.array([2, 5]), 5, name="rows")
+    with pytest.raises(ValueError, match="rows must lie"):
+        check_indices([-1, 0], 5, name="rows")
+    assert check_indices([4, 0, 4], 5).tolist() == [4, 0, 4]
+
 class NumpySampleDataset(Dataset):
     """A Dataset returning numpy samples, the target a 0-d array (arr[i] of a numpy-backed
     dataset after .numpy())."""

@@ -250,6 +250,18 @@ def test_attach_says_when_a_resumed_store_and_start_step_disagree(tmp_path):
                                  n_batches=0).batch_sizes
 
 
+
+def test_default_lr_table_batch_sizes_are_powers_of_two_from_2_with_B_and_N():
+    """Default B' of the lr table: powers of 2 from 2 up to N, with B and N added; B' = 1
+    (a single sample, far outside the batch model) only when B or N is 1."""
+    X, y = _data()                                              # N = 120
+    mon = CurvatureMonitor(_model(), CE, (X, y), batch_size=16, n_batches=0)
+    assert mon.batch_sizes == (2, 4, 8, 16, 32, 64, 120)
+    mon = CurvatureMonitor(_model(), CE, (X, y), batch_size=12, n_batches=0)
+    assert mon.batch_sizes == (2, 4, 8, 12, 16, 32, 64, 120)
+    mon = CurvatureMonitor(_model(), CE, (X[:2], y[:2]), batch_size=2, n_batches=0)
+    assert mon.batch_sizes == (2,)
+
 def test_monitor_user_loop_edge_cases(tmp_path):
     """From a sweep of user loops: an optimizer with no limit here is said and gets nan
     limits (not heavy ball's); attaching twice counts each step once; to_dict is strict

@@ -534,6 +534,43 @@ def test_acceptance_digits_features_naive_batch_spectrum_is_far_off():
     assert full == pytest.approx(2 / lam, rel=1e-9)
 
 
+
+def test_naive_batch_lr_is_the_written_out_formula_below_and_above_the_dimension():
+    """2/mean_S λ_max(X_SᵀX_S/B) over the seeded batches, written out with numpy's SVD
+    (λ_max = σ_max(X_S)²/B, whichever of X_SX_Sᵀ or X_SᵀX_S the code forms), for B < d,
+    B = d, d < B < N and B = N (one batch: exactly 2/λ_max(XᵀX/N))."""
+    p = spiked_regression(40, 6, 5.0, rng=1)
+    Bs = [3, 6, 10, 40]
+    got = naive_batch_lr(p, Bs, n_batches=7, rng=2)
+    rng = np.random.default_rng(2)
+    want = []
+    for b in Bs:
+        tops = []
+        for _ in range(1 if b == p.N else 7):
+            idx = rng.choice(p.N, b, replace=False)
+            tops.append(np.linalg.svd(p.X[idx], compute_uv=False)[0] ** 2 / b)
+        want.append(2 / np.mean(tops))
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+    assert got[-1] == pytest.approx(2 / np.linalg.eigvalsh(p.X.T @ p.X / p.N)[-1], rel=1e-10)
+
+
+@pytest.mark.parametrize("n_samples", [None, 300])
+def test_digits_features_are_standardised_pixels(n_samples):
+    """Each kept pixel is centred and scaled to unit variance over the samples used
+    (population std), constant pixels dropped; targets y = X w* (noise_std 0)."""
+    from sklearn.datasets import load_digits
+    p = digits_feature_regression(n_samples=n_samples, rng=0)
+    raw = load_digits().data.astype(np.float64)
+    if n_samples is not None:
+        raw = raw[np.sort(np.random.default_rng(0).choice(raw.shape[0], n_samples, replace=False))]
+    keep = raw.std(axis=0) > 0
+    want = (raw[:, keep] - raw[:, keep].mean(axis=0)) / raw[:, keep].std(axis=0)
+    np.testing.assert_array_equal(p.info["kept_pixels"], np.flatnonzero(keep))
+    np.testing.assert_allclose(p.X, want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(p.X.mean(axis=0), 0.0, atol=1e-12)
+    np.testing.assert_allclose(p.X.std(axis=0), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(p.y, p.X @ p.w_star, rtol=1e-12, atol=1e-12)
+
 @pytest.mark.slow
 def test_acceptance_adam_exponent_on_noisy_regression():
     """Adam (β = (0.9, 0.999)), loss criterion of nets.learning_rates.lr_search, label noise 0.5: the

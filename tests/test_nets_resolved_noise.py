@@ -297,6 +297,56 @@ def test_with_replacement_and_seeded(dense):
     assert 1.0 < dup["values"][0][0] / g[-1] < 1.2
 
 
+
+def test_reported_stderr_is_the_standard_error_of_the_values(dense):
+    """"stderr" is the Monte-Carlo standard error of "mean": sample std (ddof 1) of the
+    per-batch values over √n, written out with a loop."""
+    rn = _resolved(dense)
+    res = resolved_batch_top_eigenvalue(rn, [3, 6], n_batches=40, replacement=True, seed=5)
+    for j, z in enumerate(res["values"]):
+        z = [float(v) for v in z]
+        n = len(z)
+        m = sum(z) / n
+        assert res["mean"][j] == pytest.approx(m, rel=1e-12)
+        se = (sum((v - m) ** 2 for v in z) / (n - 1)) ** 0.5 / n ** 0.5
+        assert res["stderr"][j] == pytest.approx(se, rel=1e-10)
+
+
+def test_unresolved_part_of_a_sampled_batch_has_the_unresolved_samples_covariance():
+    """The Gaussian stand-in for the B − h unresolved samples of a batch
+    (`_population_fluctuation`, exhaustive rows of weight 1): mean (B − h)μ_u and covariance
+    (B − h)(1 − B/N)Σ_u, with μ_u, Σ_u the mean and the covariance (ddof 1, i.e. N_u − 1)
+    of vec(a_i) over the unresolved samples — np.mean / np.cov of those rows. The draws g
+    are the seeded generator's, so L (L Lᵀ = Σ_u) is read back by least squares."""
+    from types import SimpleNamespace
+
+    from nets.noise.resolved_noise import _population_fluctuation
+    N, k, B, n = 40, 2, 6, 60
+    r = np.random.default_rng(0)
+    a = r.standard_normal((N, k, k)) * r.lognormal(0, 1, N)[:, None, None]
+    a = 0.5 * (a + a.transpose(0, 2, 1))
+    a -= a.mean(axis=0)                                 # centred on the full-data mean
+    flat = a.reshape(N, k * k)
+    sub = SimpleNamespace(N=N, n_rows=N, k=k, a=a, weights=np.ones(N),
+                          a_covariance=lambda: flat.T @ flat / (N - 1))
+    resolved = np.zeros(N, dtype=bool)
+    resolved[[3, 11, 20, 27, 33]] = True
+    idx_all = np.stack([r.choice(N, B, replace=False) for _ in range(n)])
+    counts = resolved[idx_all].sum(axis=1).astype(float)
+    assert 0 < np.count_nonzero(counts) < n
+    out = _population_fluctuation(sub, resolved, idx_all, counts, B, False,
+                                  np.random.default_rng(9)).reshape(n, k * k) * B
+    mu_u = flat[~resolved].mean(axis=0)
+    cov_u = np.cov(flat[~resolved].T, ddof=1)
+    m_un = B - counts
+    res_sum = np.array([flat[row[resolved[row]]].sum(axis=0) for row in idx_all])
+    scale = np.sqrt((1.0 - B / N) * m_un)[:, None]       # √((B − h)(1 − B/N))
+    Y = (out - res_sum - m_un[:, None] * mu_u) / scale
+    g = np.random.default_rng(9).standard_normal((n, k * k))
+    Lt = np.linalg.lstsq(g, Y, rcond=None)[0]
+    np.testing.assert_allclose(g @ Lt, Y, rtol=1e-9, atol=1e-9)   # Y is linear in g
+    np.testing.assert_allclose(Lt.T @ Lt, cov_u, rtol=1e-9, atol=1e-10)
+
 def test_per_sample_top_eigenpairs_float32_is_accurate(dense):
     """float32 products: the default tolerance (1e-5 relative residual) is reached and γ_i
     agree with the dense float64 values to ~1e-5."""

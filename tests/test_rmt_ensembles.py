@@ -80,6 +80,57 @@ def test_wishart_second_moment_dense_and_tridiagonal(p, n):
     assert abs(zscore(tri, expected)) < Z_MAX
 
 
+
+def _complex_wishart(p, n, beta, rng):
+    """X Xᴴ/n for X p×n with i.i.d. entries of E|x|² = 1: complex (β = 2), or quaternion
+    (β = 4, each entry as the 2×2 complex block [[z, w], [−w̄, z̄]], so every eigenvalue of
+    the 2p×2p matrix appears twice): its p eigenvalues, ascending, by numpy alone."""
+    if beta == 2:
+        X = (rng.standard_normal((p, n)) + 1j * rng.standard_normal((p, n))) / np.sqrt(2)
+        return np.linalg.eigvalsh(X @ X.conj().T / n)
+    z = (rng.standard_normal((p, n)) + 1j * rng.standard_normal((p, n))) / 2
+    w = (rng.standard_normal((p, n)) + 1j * rng.standard_normal((p, n))) / 2
+    X = np.block([[z, w], [-w.conj(), z.conj()]])
+    return np.linalg.eigvalsh(X @ X.conj().T / n)[::2]
+
+
+@pytest.mark.parametrize("beta", [2, 4])
+@pytest.mark.parametrize("p,n", [(6, 10), (12, 5)])
+def test_laguerre_tridiagonal_at_beta_2_and_4_is_the_complex_and_quaternion_wishart(beta, p, n):
+    """β ≠ 1: E tr S = p and E tr S² = p(p + n − 1 + 2/β)/n for S = X Xᴴ/n (β = 2:
+    p(p + n)/n; β = 4: p(p + n − 1/2)/n), with z-scores; and λ_max against dense complex /
+    quaternion Wishart matrices (two-sample z)."""
+    rng = np.random.default_rng(11 + beta)
+    k = min(p, n)
+    t1, t2, top = [], [], []
+    for _ in range(REPS):
+        d, e = laguerre_tridiagonal(p, n, beta, rng)
+        assert d.shape == (k,) and e.shape == (k - 1,)
+        t1.append(d.sum())
+        t2.append(np.sum(d ** 2) + 2 * np.sum(e ** 2))
+        top.append(np.linalg.eigvalsh(tridiag_dense(d, e))[-1])
+    assert abs(zscore(t1, p)) < Z_MAX
+    assert abs(zscore(t2, p * (p + n - 1 + 2 / beta) / n)) < Z_MAX
+    dense = np.array([_complex_wishart(p, n, beta, rng)[-1] for _ in range(REPS)])
+    top = np.array(top)
+    z = (top.mean() - dense.mean()) / np.sqrt(top.var(ddof=1) / REPS + dense.var(ddof=1) / REPS)
+    assert abs(z) < Z_MAX, (top.mean(), dense.mean())
+
+
+@pytest.mark.parametrize("beta", [1, 2, 4])
+def test_laguerre_tridiagonal_spectrum_is_marchenko_pastur_at_every_beta(beta):
+    """One large draw (p = 400, n = 1000, γ = 0.4): the eigenvalues fill the
+    Marchenko–Pastur support [(1 − √γ)², (1 + √γ)²], with mean 1 and second moment 1 + γ."""
+    from scipy.linalg import eigvalsh_tridiagonal
+    p, n = 400, 1000
+    g = p / n
+    d, e = laguerre_tridiagonal(p, n, beta, seed=3)
+    ev = eigvalsh_tridiagonal(d, e)
+    assert ev.mean() == pytest.approx(1.0, abs=0.02)
+    assert np.mean(ev ** 2) == pytest.approx(1 + g, abs=0.04)
+    assert ev[-1] == pytest.approx((1 + np.sqrt(g)) ** 2, abs=0.06)
+    assert ev[0] == pytest.approx((1 - np.sqrt(g)) ** 2, abs=0.03)
+
 def test_spiked_laguerre_matches_dense_spiked_wishart_trace():
     # E tr S = (ℓ + p − 1)·σ² for Σ = diag(ℓ, 1, …): the spike enters only b₁₁
     rng = np.random.default_rng(5)

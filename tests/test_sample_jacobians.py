@@ -173,6 +173,40 @@ def test_a_weight_also_read_outside_its_layer_is_formed():
                                rtol=1e-10, atol=1e-12)
 
 
+
+class _SmallLeak(nn.Module):
+    """An encoder whose weight is also read outside its module, with a small factor `eps`
+    (a functional side path): its per-layer share of K_i misses a relative ~eps·|x|² part."""
+
+    def __init__(self, eps):
+        super().__init__()
+        self.enc = nn.Linear(5, 4)
+        self.dec = nn.Linear(4, 3)
+        self.eps = eps
+
+    def forward(self, x):
+        return self.dec(torch.tanh(self.enc(x))) + self.eps * F.linear(x, self.enc.weight)[:, :3]
+
+
+@pytest.mark.parametrize("dtype,eps,rtol", [(torch.float64, 1e-6, 1e-12),
+                                            (torch.float32, 1e-4, 3e-6)])
+def test_a_weight_read_outside_its_layer_with_a_small_factor_is_formed(dtype, eps, rtol):
+    """The construction check's tolerance is tight enough for a small side use: a weight read
+    outside its layer with factor 1e-6 (float64; K_i of the per-layer path off by ~1e-6)
+    or 1e-4 (float32; off by ~1e-4, float32 rounding ~1e-7) still moves the layer to the
+    formed path, and K_i matches dense jacrev Jacobians (float64) to rounding."""
+    torch.manual_seed(3)
+    model = _SmallLeak(eps).double()
+    X = torch.randn(6, 5, dtype=torch.float64)
+    op = hessian_operator(model, F.mse_loss, (X, torch.randn(6, 3, dtype=torch.float64)),
+                          dtype=dtype)
+    sj = SampleJacobians(op)
+    assert sj.ghost == ("dec",) and sj.formed == ("enc.weight", "enc.bias")
+    J = output_jacobians(model, X)
+    K = (J @ J.transpose(1, 2)).numpy()
+    got = sj.grams(X.to(dtype))[1].numpy()
+    assert np.abs(got - K).max() <= rtol * np.abs(K).max()
+
 def test_gauss_newton_pass_does_not_depend_on_the_chunking():
     from nets.noise.ggn_samples import _chunk, ggn_sample_pass
     model, X, y = _case("conv")

@@ -89,6 +89,19 @@ def test_gap_closed_form_and_limits():
     assert math.isnan(stochastic_sharpness_gap(eta, B, flat))            # outside the theory
 
 
+
+@pytest.mark.parametrize("alpha", [0.0, -0.0, float("nan")])
+def test_gap_without_sharpening_is_nan_not_an_error(alpha):
+    """α = 0 exactly (no progressive sharpening; e.g. ∇L ∥ u so ∇L⊥ = 0) is outside the
+    theory like α < 0: nan, not a division by zero; a tiny α > 0 gives the finite formula."""
+    t = SharpnessGapTerms(sharpening=alpha, stabilisation=8.0, v_u=0.5, S=1.0, grad_norm=1.0,
+                          N=100)
+    assert math.isnan(stochastic_sharpness_gap(0.1, 10, t))
+    tiny = SharpnessGapTerms(sharpening=1e-300, stabilisation=8.0, v_u=0.5, S=1.0,
+                             grad_norm=1.0, N=100)
+    want = 0.1 * 8.0 * (1 / 10 - 1 / 100) * 0.5 / (4 * 1e-300)
+    assert stochastic_sharpness_gap(0.1, 10, tiny) == pytest.approx(want, rel=1e-14)
+
 def test_bad_inputs(small):
     model, X, y, *_ , u = small
     with pytest.raises(ValueError, match="entries"):

@@ -289,7 +289,7 @@ class CurvatureMonitor:
     every : record every `every` steps (None: as often as the budget allows).
     budget : the largest fraction of wall time the monitor may use (default 0.1).
     n_batches : batches of size B for the measured batch sharpness (0: skip).
-    batch_sizes : B' of the lr table (default powers of 2 up to N, with B and N).
+    batch_sizes : B' of the lr table (default powers of 2 from 2 up to N, with B and N; 1 only where B is 1).
     train_size : N, the size of the training set, when `data` is a subset of it (a few
         hundred samples keep each record to seconds): the batch noise c(B, N) = 1/B − 1/N of
         every limit and the table's range use it (default: len(data); with a 200-sample
