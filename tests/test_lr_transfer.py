@@ -200,7 +200,7 @@ def test_unbracketed_threshold_is_nan_or_raises(tmp_path, monkeypatch):
     assert thr.n_trials > 41                       # the unbracketed search ran 1 + 40 trials
     with pytest.raises(RuntimeError, match="no divergent learning rate"):
         training_threshold(model, loss, (X, y), [4, 16], **kw)
-    with pytest.raises(RuntimeError, match="stored"):
+    with pytest.raises(lr_search.Unbracketed, match="stored"):
         training_threshold(model, loss, (X, y), [4, 16], store=path, **kw)
     with pytest.raises(ValueError, match="unbracketed"):
         training_threshold(model, loss, (X, y), [4], unbracketed="skip")

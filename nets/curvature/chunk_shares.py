@@ -27,6 +27,7 @@ this loss are not exact and one chunk (chunk_size ≥ N) is.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -47,9 +48,17 @@ class _NotWeighted(Exception):
 
 
 def _cast(t, wide):
-    """Detached; floating tensors in float64 when `wide`."""
-    t = t.detach()
+    """A detached copy (a normal tensor even when made under inference mode); floating
+    tensors in float64 when `wide`."""
+    t = t.detach().clone()
     return t.to(torch.float64) if wide and t.is_floating_point() else t
+
+
+def _slack(wide) -> float:
+    """Relative slack of the two checks: round-off of a loss over a few thousand samples
+    (a genuine weighted mean passes at 6e-8 in float32), far below the 1–4 % by which
+    output-dependent weights or a non-mean fail."""
+    return 1e-6 if wide else 1e-4
 
 
 def _reference(loss_fn, out, y, wide):
@@ -78,25 +87,25 @@ def _reference(loss_fn, out, y, wide):
 def _chunk_weight(loss_fn, out, y, ref, wide) -> float:
     """W_b/w_r for one chunk; _NotWeighted where the loss fails a check of the form."""
     z_r, y_r, g_r, l_r = ref
-    tol = 1e-9 if wide else 1e-4
+    tol = _slack(wide)
     zr = z_r.clone().requires_grad_(True)
     zb, yb = _cast(out, wide), _cast(y, wide)
     loss = loss_fn(torch.cat([zb, zr]), torch.cat([yb, y_r]))
     g = torch.autograd.grad(loss.reshape(()), zr)[0]
     t = float((g * g_r).sum() / (g_r * g_r).sum())
-    if not (math.isfinite(t) and 0.0 < t <= 1.0 + 100 * tol):
+    if not (math.isfinite(t) and 0.0 < t <= 1.0 + tol):
         raise _NotWeighted(f"the reference's share of a chunk read {t:.4g}, not in (0, 1]")
-    if float(torch.linalg.vector_norm(g - t * g_r)) > 1e3 * tol * float(torch.linalg.vector_norm(g)):
+    if float(torch.linalg.vector_norm(g - t * g_r)) > tol * float(torch.linalg.vector_norm(g)):
         raise _NotWeighted("its gradient in a sample's outputs is not a multiple of that "
                            "sample's own loss gradient")
     joined = float(loss.detach())
-    if t >= 1.0 - 100 * tol:                        # W_b = 0: every target ignored
+    if t >= 1.0 - tol:                              # W_b = 0: every target ignored
         expected, scale = l_r, abs(l_r)
     else:
         with torch.no_grad():
             l_b = float(loss_fn(zb, yb))
         expected, scale = (1.0 - t) * l_b + t * l_r, max(abs(l_b), abs(l_r))
-    if not abs(joined - expected) <= 1e3 * tol * max(scale, abs(joined), 1e-300):
+    if not abs(joined - expected) <= tol * max(scale, abs(joined), 1e-300):
         raise _NotWeighted(f"its value on a chunk joined with one sample is {joined:.6g}, "
                            f"not the weighted mean of the two, {expected:.6g}: its weights "
                            "depend on the outputs, or it is not a mean")
@@ -115,36 +124,49 @@ def _warn(loss_fn, why):
         UserWarning, stacklevel=caller_stacklevel())
 
 
+def _wide_loss(loss_fn):
+    """A loss module in float64 (a copy: its float32 class weights would refuse float64
+    outputs), any other loss as it is."""
+    if isinstance(loss_fn, torch.nn.Module):
+        return copy.deepcopy(loss_fn).double()
+    return loss_fn
+
+
 def loss_shares(loss_fn, chunks, N: int) -> list[float]:
     """ω_b for the chunks (n_b, outputs, targets) in order, so that the full-data loss is
     Σ_b ω_b L_b (module docstring); n_b/N where the loss is a plain mean, exactly, and
-    with a warning where the shares could not be read. An all-ignored chunk gets 0. The
-    loss runs in float64 where it accepts float64 outputs (a loss module with float32
-    class weights does not: then in the outputs' own precision, and shares within 1e-4
-    of n_b/N count as plain)."""
+    with a warning where the shares could not be read. An all-ignored chunk gets 0.
+    `outputs` may be a zero-argument callable returning them (not called once the counts
+    are settled on). The loss runs in float64 (a loss module on a float64 copy); a loss
+    that refuses float64 outputs (a function holding float32 class weights) runs in the
+    outputs' precision, with slack 1e-4 in the checks and shares within 1e-4 of n_b/N
+    taken as plain."""
     sizes, weights, ref, why, wide, pending, tensors = [], [], None, None, True, [], True
+    wide_fn = _wide_loss(loss_fn)
     for n, out, y in chunks:
         sizes.append(int(n))
         if why is not None or not tensors:
             continue
+        out = out() if callable(out) else out
         if not (torch.is_tensor(out) and torch.is_tensor(y) and len(y) == len(out) == n):
             tensors = False                 # a tuple or dict of outputs: not split here
             continue
         try:
-            with torch.enable_grad(), _kept_loss_state(loss_fn):
+            with torch.inference_mode(False), torch.enable_grad(), _kept_loss_state(loss_fn):
+                fn = wide_fn if wide else loss_fn
                 if ref is None:
                     try:
-                        ref = _reference(loss_fn, out, y, wide)
-                    except RuntimeError:            # e.g. float32 class weights
-                        wide = False
-                        ref = _reference(loss_fn, out, y, wide)
+                        ref = _reference(fn, out, y, wide)
+                    except RuntimeError:            # e.g. float32 class weights in a function
+                        wide, fn = False, loss_fn
+                        ref = _reference(fn, out, y, wide)
                     pending.append((out, y))
                     if ref is None:     # no sample here with a loss of its own (all ignored)
                         continue
-                    weights += [_chunk_weight(loss_fn, o, t, ref, wide) for o, t in pending]
+                    weights += [_chunk_weight(fn, o, t, ref, wide) for o, t in pending]
                     pending = []
                 else:
-                    weights.append(_chunk_weight(loss_fn, out, y, ref, wide))
+                    weights.append(_chunk_weight(fn, out, y, ref, wide))
         except _NotWeighted as err:
             why = f"it is not a target-weighted mean: {err}"
         except (RuntimeError, ValueError, TypeError, IndexError) as err:
@@ -173,7 +195,8 @@ def data_shares(model, loss_fn, X, y, chunk: int):
     if N <= chunk:
         return None
     with torch.no_grad():
-        shares = loss_shares(loss_fn, ((len(X[i:i + chunk]), model(X[i:i + chunk]), y[i:i + chunk])
+        shares = loss_shares(loss_fn, ((len(X[i:i + chunk]),
+                                        lambda i=i: model(X[i:i + chunk]), y[i:i + chunk])
                                        for i in range(0, N, chunk)), N)
     return None if shares == [len(X[i:i + chunk]) / N for i in range(0, N, chunk)] else shares
 

@@ -335,7 +335,8 @@ def mean_reduction_check(model, loss_fn, data, *, sample: int = 64) -> float:
             "tokens. The per-sample curvature noise, the batch-size predictions and the "
             "learning rates assume L = (1/N)·Σ ℓ_i and are off for it (by 10-70 % in tests); "
             "the plain curvatures (top_eigenvalues, measured batch spectra) are exact, in "
-            "chunks too (each chunk enters with its share of the loss's weights, read from "
-            "the loss). Use an unweighted mean-reduced loss for the predictions.",
+            "chunks too where each chunk's share of the loss's weights can be read from the "
+            "loss (a warning says where it cannot). Use an unweighted mean-reduced loss for "
+            "the predictions.",
             UserWarning, stacklevel=caller_stacklevel())
     return ratio

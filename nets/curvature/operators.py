@@ -12,7 +12,9 @@ losses ℓ_i(w), i = 1..N, the operators here apply, without ever forming a P×P
 contract (`nets.utils.data_source`: an (X, y) pair, a torch Dataset, or a re-iterable
 of (x, y) batches such as a non-shuffling DataLoader), split into memory chunks of at
 most `chunk_size` samples; batch b of size n_b contributes with weight n_b/N, so uneven
-batches are averaged exactly (a peer defect is to weight them equally).
+batches are averaged exactly (a peer defect is to weight them equally) — or, for a
+weighted mean (class weights, ignore_index, padding), with its share of the loss's
+weights, read from the loss (`nets.curvature.chunk_shares`).
 
 Products use `torch.func`: Hessian-vector products are forward-over-reverse
 (`jvp` of `grad`), GGN-vector products are `vjp ∘ (loss Hessian) ∘ jvp`; several
@@ -1011,7 +1013,7 @@ class ModelCurvatureOperator(CurvatureOperator):
         if self._shares is None:
             with torch.no_grad(), policy_mode(self.model, self.policy):
                 self._shares = loss_shares(
-                    self.loss_fn, ((x.shape[0], self._forward(self.primals, x), y)
+                    self.loss_fn, ((x.shape[0], lambda x=x: self._forward(self.primals, x), y)
                                    for x, y in self.iter_batches()), self.N)
         for (x, y), w in zip(self.iter_batches(), self._shares, strict=True):
             if w > 0:
@@ -1200,7 +1202,8 @@ class ModelCurvatureOperator(CurvatureOperator):
 
     # -- extras ------------------------------------------------------------------
     def gradient(self) -> torch.Tensor:
-        """Full-data gradient ∇L(w) = Σ_b (n_b/N) ∇L_b(w) as a flat vector."""
+        """Full-data gradient ∇L(w) = Σ_b ω_b ∇L_b(w) as a flat vector (ω_b each batch's
+        share of the loss, n_b/N for a plain mean: `_weighted_batches`)."""
         n = len(self.primals)
         out = None
         with policy_mode(self.model, self.policy):
@@ -1211,7 +1214,7 @@ class ModelCurvatureOperator(CurvatureOperator):
         return out
 
     def loss(self) -> float:
-        """Full-data mean loss Σ_b (n_b/N) L_b(w)."""
+        """Full-data loss Σ_b ω_b L_b(w) (ω_b = n_b/N for a plain mean)."""
         total = 0.0
         with torch.no_grad(), policy_mode(self.model, self.policy):
             for x, y, w in self._weighted_batches():
@@ -1249,14 +1252,15 @@ class ModelCurvatureOperator(CurvatureOperator):
 def hessian_operator(model: nn.Module, loss_fn: Callable, data, *, params=None, policy=None,
                      chunk_size=None, device=None, dtype=None,
                      cache_graph="auto") -> ModelCurvatureOperator:
-    """Full-data Hessian H = Σ_b (n_b/N) ∇²L_b(w) = (1/N) Σ_i ∇²ℓ_i(w).
+    """Full-data Hessian H = Σ_b ω_b ∇²L_b(w) = (1/N) Σ_i ∇²ℓ_i(w), ω_b = n_b/N (for a
+    weighted mean, each batch's share of the weights: `nets.curvature.chunk_shares`).
 
     data : an (X, y) pair, a torch Dataset of (x, y) samples, or a re-iterable of (x, y)
         batches such as a non-shuffling DataLoader (`nets.utils.data_source`).
     params : None (all trainable parameters), names, or a predicate (name, tensor) -> bool.
     policy : None | "eval" | "train_batch_stats" (module docstring).
     chunk_size : at most this many samples per forward/backward pass (memory); the
-        product is the exact n_b/N-weighted average whatever the chunking (except with
+        product is the exact ω_b-weighted average whatever the chunking (except with
         policy="train_batch_stats", where each chunk normalises by its own statistics).
     device, dtype : where/in what precision products run (default: the model's).
         dtype=torch.float64 gives products exact to round-off.

@@ -975,10 +975,12 @@ class AdamTrial(Trial):
 
 def adam_trial(warm: WarmState, loss_fn, X, y, lr, *, steps, criterion="onset",
                direction=None, factor=10.0, growth_factor=10.0, second_moment="adaptive",
-               seed=0) -> AdamTrial:
+               seed=0, chunk_shares="auto") -> AdamTrial:
     """Restore `warm`, set the lr to α = `lr`, run `steps` steps and judge by `criterion`
     (module section comment). direction: flat D^{-1/2}ũ (`PreconditionedNoise.direction`)
-    for "onset". Batches: torch.Generator(seed + 7919), the same for every α."""
+    for "onset". Batches: torch.Generator(seed + 7919), the same for every α.
+    chunk_shares: each 4,096-sample chunk's share of the full-data loss (None: the plain
+    n_b/N; "auto": read here, `nets.curvature.chunk_shares.data_shares`)."""
     if criterion not in ADAM_CRITERIA:
         raise ValueError(f"criterion must be one of {ADAM_CRITERIA}, got {criterion!r}")
     if criterion == "onset" and direction is None:
@@ -994,7 +996,8 @@ def adam_trial(warm: WarmState, loss_fn, X, y, lr, *, steps, criterion="onset",
     q = None if direction is None else torch.as_tensor(np.asarray(direction), dtype=torch.float64)
     L0 = warm.loss
     check_start_loss(L0)
-    shares = data_shares(net, loss_fn, X, y, 4096)          # each chunk's share of the loss
+    shares = (data_shares(net, loss_fn, X, y, 4096) if isinstance(chunk_shares, str)
+              else chunk_shares)                    # each chunk's share of the loss
     max_loss = loss_t = L0
     proj, unstable, reason, first, t = [], False, "stable", False, 0
     for t, idx in enumerate(_batches(len(X), warm.batch_size, int(steps), seed + 7919), start=1):
@@ -1119,6 +1122,9 @@ def adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 0.999), eps
     betas = _as_betas(betas)
     eps = as_float("eps", eps, nonnegative=True)
     F = adam_factor(betas[0])
+    # each chunk's share of the loss, read once for every trial (a copy in eval mode)
+    shares = (data_shares(model_copy(model).train(False), loss_fn, X, y, 4096)
+              if len(X) > 4096 else None)
     shape = (len(bs), len(seeds))
     per, lo, hi, first, lam, s2, pst, pms = (np.full(shape, np.nan) for _ in range(8))
     n_trials = 0
@@ -1147,7 +1153,7 @@ def adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 0.999), eps
             r = adam_trial(warm, loss_fn, X, y, a, steps=steps, criterion=criterion,
                            direction=direction, factor=factor,
                            growth_factor=growth_factor, second_moment=second_moment,
-                           seed=s)
+                           seed=s, chunk_shares=shares)
             trials.append(r)
             return r
 

@@ -533,7 +533,8 @@ def check_start_loss(L0) -> None:
 @outside_autocast
 def training_trial(model, loss_fn, X, y, lr, batch_size, *, steps, momentum=0.0, seed=0,
                    criterion="divergence", factor=10.0, direction=None,
-                   growth_threshold=None, chunk_size=4096, nesterov=False) -> TrainingTrial:
+                   growth_threshold=None, chunk_size=4096, nesterov=False,
+                   chunk_shares="auto") -> TrainingTrial:
     """Train `steps` SGD steps from the model's parameters at constant lr; judge stability.
 
     Update (torch's heavy-ball convention): v ← m·v + g_B, w ← w − α·v (`nesterov`:
@@ -543,7 +544,10 @@ def training_trial(model, loss_fn, X, y, lr, batch_size, *, steps, momentum=0.0,
     the full data tensors; the model is not modified (a deep copy is trained, eval mode).
     criterion: "divergence" (loss ever > factor × start, or non-finite), "final" (loss at
     the end > start), "onset" (growth of ⟨w_t − w_0, direction⟩, or divergence;
-    `direction` is the flat unit top eigenvector).
+    `direction` is the flat unit top eigenvector). chunk_shares: each `chunk_size` chunk's
+    share of the full-data loss (`nets.curvature.chunk_shares.data_shares`: None for the
+    plain n_b/N), or "auto" to read them here (one forward pass; `training_threshold`
+    reads them once for all its trials).
     """
     if criterion not in TRAINING_CRITERIA:
         raise ValueError(f"criterion must be one of {TRAINING_CRITERIA}, got {criterion!r}")
@@ -555,7 +559,8 @@ def training_trial(model, loss_fn, X, y, lr, batch_size, *, steps, momentum=0.0,
     w0 = torch.cat([p.detach().reshape(-1) for p in params]).double()
     bufs = [torch.zeros_like(p) for p in params]
     gen = torch.Generator().manual_seed(int(seed))
-    shares = data_shares(net, loss_fn, X, y, chunk_size)     # each chunk's share of the loss
+    shares = (data_shares(net, loss_fn, X, y, chunk_size) if isinstance(chunk_shares, str)
+              else chunk_shares)                     # each chunk's share of the loss
     L0 = full_data_loss(net, loss_fn, X, y, chunk_size, shares)
     check_start_loss(L0)
     max_loss, loss_t, proj = L0, L0, []
@@ -768,6 +773,9 @@ def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergen
     if lr0 is None:
         lr0 = 1.0 / lam
     mtag = _model_tag(model, loss_fn, X, y)
+    # each chunk's share of the loss, read once for every trial (a copy in eval mode)
+    shares = (data_shares(model_copy(model).train(False), loss_fn, X, y, chunk_size)
+              if len(X) > chunk_size else None)
     shape = (len(bs), len(seeds))
     per, lo, hi = np.full(shape, np.nan), np.full(shape, np.nan), np.full(shape, np.nan)
     Ks, keys, n_trials = [], [], 0
@@ -801,7 +809,8 @@ def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergen
                                              momentum=momentum, seed=s, criterion=criterion,
                                              factor=factor, direction=direction,
                                              growth_threshold=growth_threshold,
-                                             chunk_size=chunk_size, nesterov=nesterov),
+                                             chunk_size=chunk_size, nesterov=nesterov,
+                                             chunk_shares=shares),
                     a0, rel_tol=rel_tol, max_expand=_MAX_EXPAND)
                 rec.update(lo=res.lo, hi=res.hi, alpha=res.alpha, n_trials=res.n_trials)
             except Unbracketed as err:
@@ -813,7 +822,7 @@ def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergen
             if store is not None:
                 store.put(key, rec)
         if "unbracketed" in rec and unbracketed == "raise":
-            raise RuntimeError(f"{rec['unbracketed']} (stored for {key})")
+            raise Unbracketed(f"{rec['unbracketed']} (stored for {key})")
         per[i, j], lo[i, j], hi[i, j] = (float(rec["alpha"]), float(rec["lo"]),
                                          float(rec["hi"]))
         n_trials += int(rec["n_trials"])

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from nets.curvature.chunk_shares import loss_shares
 from nets.curvature.operators import canonical_device, policy_mode
 from nets.curvature.params import check_model
 from nets.training.data import check_dataset, load_digits
@@ -93,7 +94,9 @@ def evaluate(model: nn.Module, loss_fn: Callable, data, *, chunk_size: int | Non
     """Full-data mean loss and (for int64 class targets) accuracy of `model`.
 
     The loss is Σ_b |b|·loss_fn(f(X_b), y_b) / N, exact for a mean-reduced loss with
-    uneven chunks. The model is evaluated in eval mode and its mode restored.
+    uneven chunks; for a weighted mean (class weights, ignore_index) each chunk enters with
+    its share of the weights instead (`nets.curvature.chunk_shares`). The model is
+    evaluated in eval mode and its mode restored.
     `chunk_size=None` evaluates in one chunk. Returns (loss, accuracy or None).
     """
     check_model(model)
@@ -103,14 +106,20 @@ def evaluate(model: nn.Module, loss_fn: Callable, data, *, chunk_size: int | Non
     dev = _resolve_device(device, model)
     classify = _is_classification(y)
     with policy_mode(model, "eval"):
-        total, correct = 0.0, 0
+        total, correct, losses, chunks = 0.0, 0, [], []
         for i in range(0, n, bs):
             xb, yb = X[i:i + bs].to(dev), y[i:i + bs].to(dev)
             out = model(xb)
-            total += float(loss_fn(out, yb)) * xb.shape[0]
+            losses.append(float(loss_fn(out, yb)))
+            total += losses[-1] * xb.shape[0]
+            if bs < n:
+                chunks.append((xb.shape[0], out, yb))
             if classify:
                 correct += int((out.argmax(dim=1) == yb).sum())
-    return total / n, (correct / n if classify else None)
+    plain = [c[0] / n for c in chunks]
+    shares = loss_shares(loss_fn, chunks, n) if chunks else plain
+    loss = total / n if shares == plain else sum(w * v for w, v in zip(shares, losses) if w > 0)
+    return loss, (correct / n if classify else None)
 
 
 def accuracy(model: nn.Module, data, *, chunk_size: int | None = 1024, device=None) -> float:
