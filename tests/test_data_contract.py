@@ -358,3 +358,34 @@ def test_train_batch_stats_is_one_chunk_for_every_form():
     assert abs(top["dataset"] / top["pair"] - 1) < 1e-10
     assert abs(top["loader"] / top["pair"] - 1) < 1e-10
     assert abs(chunked / top["pair"] - 1) > 1e-4        # chunks of 50 do differ: asked for
+
+
+# ------------------------------------------------ mutation audit, round 3 (data_source)
+
+def test_integer_targets_of_any_width_become_int64():
+    X = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2, 1, 0, 2])
+    for dt in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
+        src = as_data_source((X, y.to(dt)))
+        _, yt = src.take([0, 3, 5])
+        assert yt.dtype == torch.int64 and yt.tolist() == [0, 1, 2]
+        assert all(yb.dtype == torch.int64 for _, yb in src.batches(chunk_size=4))
+
+
+class _LastItemAugmented(Dataset):
+    """Fixed samples except the last, which is drawn afresh on every read."""
+
+    def __init__(self, n=5):
+        self.X = torch.arange(2.0 * n, dtype=torch.float64).reshape(n, 2)
+
+    def __len__(self):
+        return len(self.X)
+
+    def __getitem__(self, i):
+        x = self.X[i] + (torch.rand(2, dtype=torch.float64) if i == len(self) - 1 else 0.0)
+        return x, torch.tensor(i % 2)
+
+
+def test_random_augmentation_in_the_last_item_is_refused():
+    with pytest.raises(ValueError, match=r"item 4 of the dataset differs"):
+        as_data_source(_LastItemAugmented(5))

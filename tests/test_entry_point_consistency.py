@@ -514,3 +514,31 @@ def test_one_greedy_optimum_whichever_object_gives_it(tiny_mlp):
     assert isinstance(gn.greedy_optimal_lr(8), float)
     with_repl = gn.greedy_optimal_lr(8, replacement=True)
     assert with_repl == pytest.approx(gn.eps_max / (1 + gn.B_noise * (1 - 1 / 60) / 8), rel=1e-12)
+
+
+# ------------------------------------------------- mutation audit, round 3 (fingerprints)
+
+def test_loss_partials_and_loss_module_buffers_are_told_apart():
+    """A functools.partial's keywords and a loss module's buffers (CrossEntropyLoss keeps
+    its class weights as a buffer, not a plain attribute) are part of the loss."""
+    import functools
+
+    from nets.utils.fingerprints import code_fingerprint
+
+    model = torch.nn.Linear(3, 2)
+    smooth = [code_fingerprint(model, functools.partial(F.cross_entropy, label_smoothing=s))
+              for s in (0.1, 0.1, 0.2)]
+    assert smooth[0] == smooth[1] != smooth[2]
+    w = torch.tensor([1.0, 2.0])
+    weighted = [code_fingerprint(model, torch.nn.CrossEntropyLoss(weight=v))
+                for v in (w, w.clone(), 2 * w)]
+    assert weighted[0] == weighted[1] != weighted[2]
+
+
+def test_tensor_bytes_tell_apart_shapes_with_the_same_bytes():
+    from nets.utils.fingerprints import digest, tensor_bytes
+
+    t = torch.arange(6, dtype=torch.float64)
+    assert tensor_bytes(t) != tensor_bytes(t.reshape(2, 3)) != tensor_bytes(t.reshape(3, 2))
+    assert digest(tensor_bytes(t)) != digest(tensor_bytes(t.reshape(2, 3)))
+    assert digest(tensor_bytes(t.reshape(2, 3))) == digest(tensor_bytes(t.reshape(2, 3).clone()))

@@ -78,3 +78,15 @@ def test_sigkill_midway_then_resume_loses_and_duplicates_nothing(tmp_path):
     keys = [json.loads(l)["key"] for l in p.read_text().splitlines()]
     assert keys == [str(i) for i in range(40)]
     assert JsonlStore(p)["39"] == 39 * 39
+
+
+def test_a_second_writer_on_the_same_file_is_seen_before_a_put(tmp_path):
+    """Store b appends "x" after store a read the file: a's put of "x" is refused
+    (a duplicate), and a's put of a new key keeps b's record readable."""
+    p = tmp_path / "s.jsonl"
+    a, b = JsonlStore(p), JsonlStore(p)
+    b.put("x", 1)
+    with pytest.raises(KeyError, match="another writer"):
+        a.put("x", 2)
+    a.put("y", 3)
+    assert a["x"] == 1 and dict(JsonlStore(p).items()) == {"x": 1, "y": 3}

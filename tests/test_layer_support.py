@@ -780,3 +780,16 @@ def test_the_hook_based_weight_norm_warns_too():
         op = nets.hessian_operator(model, F.cross_entropy, (X, y))
     assert sum("uses weight_norm" in str(w.message) for w in record) == 1    # warned once
     assert op.P == sum(p.numel() for p in model.parameters())          # and still built
+
+
+def test_param_layout_offsets_and_unflatten_follow_named_parameters():
+    """offsets[i] = Σ_{j<i} numels[j]: each name's slice of the flat vector, by hand."""
+    from nets.curvature.params import ParamLayout
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    lay = ParamLayout.from_module(model)
+    assert lay.numels == (12, 4, 8, 2) and lay.offsets == (0, 12, 16, 24) and lay.P == 26
+    vec = torch.arange(26, dtype=torch.float64)
+    for (name, p), off, t in zip(model.named_parameters(), lay.offsets, lay.unflatten(vec)):
+        assert t.shape == p.shape
+        assert torch.equal(t.reshape(-1), vec[off:off + p.numel()]), name

@@ -560,3 +560,67 @@ def test_bad_inputs_are_refused_up_front_and_leave_the_monitor_as_it_was(tmp_pat
     assert mon.trace("loss")[0] == 1.5
     with pytest.raises(ValueError, match="key must be a field"):
         mon.trace("nope")
+
+
+# ------------------------------------------------------ mutation audit, round 3 (monitor)
+
+class _ScaledNet(nn.Module):
+    """An MLP whose output is multiplied by a buffer: a buffer the weights fingerprint
+    must see (a state_dict entry that is not a parameter)."""
+
+    def __init__(self, scale):
+        super().__init__()
+        self.net = _model(0)
+        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.net(x) * self.scale
+
+
+def test_another_run_differing_only_in_a_buffer_is_refused(tmp_path):
+    X, y = _data(seed=3)
+    kw = dict(batch_size=16, n_batches=0, budget=1.0, path=tmp_path / "mon.jsonl")
+    CurvatureMonitor(_ScaledNet(1.0), CE, (X, y), **kw).record(0)
+    with pytest.raises(ValueError, match="another run"):
+        CurvatureMonitor(_ScaledNet(2.0), CE, (X, y), **kw).record(0)
+    assert CurvatureMonitor(_ScaledNet(1.0), CE, (X, y), **kw).recorded_steps() == [0]
+
+
+def test_lr_table_and_transfer_by_hand_without_momentum():
+    """Without momentum: max_lr(B') = 2/λ'(B'), transfer(B') = α·λ'(B)/λ'(B'), with
+    λ'(B') = λ₁ + (1/B' − 1/N)·s²/λ₁ written out from the record's λ₁ and s²."""
+    X, y = _data(seed=5)
+    N, B, a = X.shape[0], 16, 0.3
+    mon = CurvatureMonitor(_model(5), CE, (X, y), batch_size=B, n_batches=0, lr=a,
+                           batch_sizes=(2, 16, 60))
+    r = mon.record(0)
+    lp = lambda b: r.lam + (1.0 / b - 1.0 / N) * r.s2 / r.lam  # noqa: E731
+    np.testing.assert_allclose(r.max_lr, [2.0 / lp(b) for b in (2, 16, 60)], rtol=1e-12)
+    np.testing.assert_allclose(r.transfer_lr, [a * lp(B) / lp(b) for b in (2, 16, 60)],
+                               rtol=1e-12)
+    assert r.transfer_lr[1] == pytest.approx(a, rel=1e-12)
+
+
+def test_dampening_without_momentum_does_not_change_the_limit():
+    """torch's SGD ignores dampening when momentum is 0 — also when a momentum schedule
+    sets it to 0 after the monitor was attached: the limit is then 2/λ'(B')."""
+    X, y = _data(seed=6)
+    model = _model(6)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5, dampening=0.5)
+    mon = CurvatureMonitor(model, CE, (X, y), batch_size=16, n_batches=0, batch_sizes=(4, 16))
+    mon.attach(opt)
+    opt.param_groups[0]["momentum"] = 0.0             # e.g. a momentum warm-up's first step
+    r = mon.measure(0)
+    N = X.shape[0]
+    lp = [r.lam + (1.0 / b - 1.0 / N) * r.s2 / r.lam for b in (4, 16)]
+    np.testing.assert_allclose(r.max_lr, [2.0 / v for v in lp], rtol=1e-12)
+    assert r.edge == pytest.approx(2.0 / 0.1, rel=1e-12)
+
+
+def test_records_taken_out_of_order_are_kept_in_step_order():
+    X, y = _data(seed=7)
+    mon = CurvatureMonitor(_model(7), CE, (X, y), batch_size=16, n_batches=0, budget=1.0)
+    for s in (10, 3, 7):
+        mon.record(s)
+    assert mon.recorded_steps() == [3, 7, 10]
+    assert list(mon.trace("step")) == [3, 7, 10]

@@ -762,3 +762,77 @@ def test_directional_correction_is_independent_of_weight_decay_and_uses_every_sa
     # the operator's parameter order is (weight, bias): that of x̃
     got = micro_batch_directional_noise(op, u.to(op.dtype))
     assert got == pytest.approx(exact, rel=1e-9)
+
+
+# ------------------------------------------------------ mutation audit, round 3 (learner)
+
+def test_choose_mu_is_capped_at_lam_max():
+    """μ ≤ λ (κ ≥ 1) also when the weighted candidate or the median lies above the λ the
+    rule is given (λ'(B) after a batch correction can be below the B_c Ritz values)."""
+    theta, w = [1.0, 2.0, 3.0], [0.5, 0.3, 0.2]
+    assert choose_mu(theta, w, 0.5, "weighted", kappa_max=10.0) == (0.5, "weighted")
+    assert choose_mu(theta, w, 0.5, "median", kappa_max=10.0) == (0.5, "median")
+
+
+def test_hold_rule_keeps_an_lr_at_the_edge_within_two_standard_errors(dense_hessian):
+    """α_p at the edge 2(1 + ρ)/L exactly: α_p·(L − 2se) is below the edge, so nothing is
+    significantly unstable and α is kept (a cut needs α_p·(L − 2se) > 2(1 + ρ))."""
+    opt, L, se, target, edge = _hold_setup(dense_hessian)
+    assert se > 0 and edge > 1.2 * target            # the oracle's premises
+    r = _with_previous(opt, edge, 5, 55)             # interval = update_every: no warm-up
+    assert r.held and r.lr == pytest.approx(edge, rel=1e-12)
+
+
+def test_pooled_chunk_ritz_weights_sum_to_one():
+    """With the default chunks-only update the recorded weights are every chunk run's
+    Gauss weights divided by k: a distribution (each run's weights sum to 1)."""
+    X, y = _regression(N=60, d=5, seed=3)
+    opt = CurvatureAdaptiveSGD(_linear(5), half_mse, (X, y), batch_size=10,
+                               curvature_batch_size=40, lanczos_steps=4)
+    rec = opt.history[0]
+    assert len(rec.ritz_values) == 4 * 4                         # k = 4 chunks of 4 steps
+    assert sum(rec.ritz_weights) == pytest.approx(1.0, abs=1e-10)
+
+
+def test_weight_decay_step_is_a_hand_written_heavy_ball_step():
+    """d ← ρd − α(g + δθ), θ ← θ + d, from zero velocity, checked by hand over two steps."""
+    X, y = _regression(N=40, d=3, seed=4)
+    model = _linear(3)
+    wd = 0.3
+    opt = CurvatureAdaptiveSGD(model, half_mse, (X, y), batch_size=8, curvature_batch_size=16,
+                               weight_decay=wd, update_every=100, first_update_every=None)
+    lr, rho = opt.lr, opt.momentum
+    theta = [p.detach().clone() for p in model.parameters()]
+    d = [torch.zeros_like(t) for t in theta]
+    for i in range(2):
+        xb, yb = X[8 * i:8 * i + 8], y[8 * i:8 * i + 8]
+        w, b = theta
+        r = xb @ w.T + b - yb                         # ∇ of ½ mean (wᵀx + b − y)²
+        grads = [r.T @ xb / len(xb), r.sum(0) / len(xb)]
+        d = [rho * dk - lr * (g + wd * t) for dk, g, t in zip(d, grads, theta)]
+        theta = [t + dk for t, dk in zip(theta, d)]
+        _step(opt, model, xb, yb)
+    for p, t in zip(model.parameters(), theta):
+        np.testing.assert_allclose(p.detach().numpy(), t.numpy(), rtol=1e-12, atol=1e-14)
+
+
+def test_momentum_changed_from_outside_is_restored():
+    X, y = _regression(N=40, d=3, seed=5)
+    model = _linear(3)
+    opt = CurvatureAdaptiveSGD(model, half_mse, (X, y), batch_size=8, curvature_batch_size=16)
+    rho = opt.momentum
+    assert rho > 0
+    opt.param_groups[0]["momentum"] = 0.0             # the lr left alone
+    with pytest.warns(UserWarning, match="changed from outside"):
+        _step(opt, model, X[:8], y[:8])
+    assert opt.param_groups[0]["momentum"] == rho
+
+
+def test_state_saved_on_other_labels_is_refused():
+    """Same inputs and curvature indices, other targets: the curvature batch differs."""
+    X, y = _regression(N=40, d=3, seed=6)
+    kw = dict(batch_size=8, curvature_batch_size=16, seed=1)
+    sd = CurvatureAdaptiveSGD(_linear(3), half_mse, (X, y), **kw).state_dict()
+    other = CurvatureAdaptiveSGD(_linear(3), half_mse, (X, y + 1.0), **kw)
+    with pytest.raises(ValueError, match="other data"):
+        other.load_state_dict(sd)

@@ -366,3 +366,21 @@ def test_spiked_wishart_outlier_variance_refuses_a_sample_size_below_one():
     with pytest.raises(ValueError, match="n"):
         spiked_wishart_outlier_variance(3.0, 0.5, 0.5)
     assert spiked_wishart_outlier_variance(3.0, 0.5, 1.0) == pytest.approx(2 * 9 * (1 - 0.5 / 4))
+
+
+def test_deformed_wigner_spike_absorbed_below_the_atoms_gives_the_left_edge():
+    """A = ±1 (symmetric), v = 1: θ = ∓1.1 lies outside ω's range on both sides
+    (v Σ w/(θ − a)² ≈ 50 > 1), so the outlier is absorbed into the bulk edge on the spike's
+    side; by symmetry the left result is minus the right one."""
+    atoms, w = [-1.0, 1.0], [0.5, 0.5]
+    right = semicircle_free_convolution_outlier(1.1, atoms, w, 1.0)
+    left = semicircle_free_convolution_outlier(-1.1, atoms, w, 1.0)
+    assert right > 1.1 and left == pytest.approx(-right, rel=1e-10)
+
+
+def test_atoms_of_zero_weight_do_not_move_the_edges():
+    """An atom of weight 0 is no part of the law: edges as without it (it sat beyond the
+    others, so reading it as the outermost atom moved the right edge)."""
+    with_zero = semicircle_free_convolution_edges([0.0, 1.0, 5.0], [0.5, 0.5, 0.0], 1.0)
+    without = semicircle_free_convolution_edges([0.0, 1.0], [0.5, 0.5], 1.0)
+    np.testing.assert_allclose(with_zero, without, rtol=1e-12)

@@ -107,3 +107,11 @@ def test_unused_parameter_and_train_mode_policy():
         np.testing.assert_allclose(out[:, j].numpy(), (Hj @ V[:, j]).numpy(), rtol=1e-9,
                                    atol=1e-12)
     assert model.training and model.bn.training
+
+
+def test_chunks_of_other_sizes_in_inputs_and_targets_are_refused(tiny_mlp):
+    """(k, B) must agree in both: same k but another B is named, not left to the loss."""
+    model, X, y = tiny_mlp(seed=1, N=24)
+    with pytest.raises(ValueError, match="same k and B"):
+        SideBySideHessians(model, F.cross_entropy, X[:24].reshape(3, 8, -1),
+                           y[:18].reshape(3, 6))
