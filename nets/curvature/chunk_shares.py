@@ -34,6 +34,7 @@ import warnings
 import torch
 
 from nets.curvature.loss_check import _kept_loss_state
+from nets.utils.autocast import outside_autocast
 from nets.utils.callers import caller_stacklevel
 
 __all__ = ["data_shares", "full_data_loss", "loss_shares"]
@@ -188,6 +189,7 @@ def loss_shares(loss_fn, chunks, N: int) -> list[float]:
     return plain
 
 
+@outside_autocast
 def data_shares(model, loss_fn, X, y, chunk: int):
     """The shares of the row chunks X[i:i + chunk] (`loss_shares`, one forward pass), or
     None where they are the plain n_b/N (one chunk, or a plain mean)."""
@@ -201,6 +203,7 @@ def data_shares(model, loss_fn, X, y, chunk: int):
     return None if shares == [len(X[i:i + chunk]) / N for i in range(0, N, chunk)] else shares
 
 
+@outside_autocast
 def full_data_loss(model, loss_fn, X, y, chunk: int = 4096, shares=None) -> float:
     """Full-data loss over row chunks of `chunk`: Σ_b (n_b/N)·L_b, or Σ_b ω_b L_b with
     the chunks' `shares` from `data_shares` (chunks with ω_b = 0 left out)."""

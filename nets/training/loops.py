@@ -89,7 +89,7 @@ def _check_dataset_arg(data):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loss_fn: Callable, data, *, chunk_size: int | None = 1024,
+def evaluate(model: nn.Module, loss_fn: Callable | None, data, *, chunk_size: int | None = 1024,
              device=None) -> tuple[float, float | None]:
     """Full-data mean loss and (for int64 class targets) accuracy of `model`.
 
@@ -97,7 +97,8 @@ def evaluate(model: nn.Module, loss_fn: Callable, data, *, chunk_size: int | Non
     uneven chunks; for a weighted mean (class weights, ignore_index) each chunk enters with
     its share of the weights instead (`nets.curvature.chunk_shares`). The model is
     evaluated in eval mode and its mode restored.
-    `chunk_size=None` evaluates in one chunk. Returns (loss, accuracy or None).
+    `chunk_size=None` evaluates in one chunk. `loss_fn=None` skips the loss (NaN).
+    Returns (loss, accuracy or None).
     """
     check_model(model)
     X, y = _check_dataset_arg(data)
@@ -110,15 +111,17 @@ def evaluate(model: nn.Module, loss_fn: Callable, data, *, chunk_size: int | Non
         for i in range(0, n, bs):
             xb, yb = X[i:i + bs].to(dev), y[i:i + bs].to(dev)
             out = model(xb)
-            losses.append(float(loss_fn(out, yb)))
-            total += losses[-1] * xb.shape[0]
-            if bs < n:
-                chunks.append((xb.shape[0], out, yb))
+            if loss_fn is not None:
+                losses.append(float(loss_fn(out, yb)))
+                total += losses[-1] * xb.shape[0]
+                if bs < n:
+                    chunks.append((xb.shape[0], out, yb))
             if classify:
                 correct += int((out.argmax(dim=1) == yb).sum())
     plain = [c[0] / n for c in chunks]
     shares = loss_shares(loss_fn, chunks, n) if chunks else plain
-    loss = total / n if shares == plain else sum(w * v for w, v in zip(shares, losses) if w > 0)
+    loss = (math.nan if loss_fn is None else total / n if shares == plain
+            else sum(w * v for w, v in zip(shares, losses) if w > 0))
     return loss, (correct / n if classify else None)
 
 
@@ -127,8 +130,7 @@ def accuracy(model: nn.Module, data, *, chunk_size: int | None = 1024, device=No
     X, y = _check_dataset_arg(data)
     if not _is_classification(y):
         raise ValueError("data: accuracy needs int64 class labels y of shape (N,)")
-    return evaluate(model, lambda o, t: o.new_zeros(()), (X, y), chunk_size=chunk_size,
-                    device=device)[1]
+    return evaluate(model, None, (X, y), chunk_size=chunk_size, device=device)[1]
 
 
 def _make_optimizer(name, params, lr, momentum, weight_decay):
