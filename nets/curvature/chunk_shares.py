@@ -36,6 +36,7 @@ import torch
 from nets.curvature.loss_check import _kept_loss_state
 from nets.utils.autocast import outside_autocast
 from nets.utils.callers import caller_stacklevel
+from nets.utils.modes import kept_modes
 
 __all__ = ["data_shares", "full_data_loss", "loss_shares"]
 
@@ -191,12 +192,14 @@ def loss_shares(loss_fn, chunks, N: int) -> list[float]:
 
 @outside_autocast
 def data_shares(model, loss_fn, X, y, chunk: int):
-    """The shares of the row chunks X[i:i + chunk] (`loss_shares`, one forward pass), or
-    None where they are the plain n_b/N (one chunk, or a plain mean)."""
+    """The shares of the row chunks X[i:i + chunk] (`loss_shares`, one forward pass in
+    eval mode, the model's flags restored: no running statistics move), or None where they
+    are the plain n_b/N (one chunk, or a plain mean)."""
     N = len(X)
     if N <= chunk:
         return None
-    with torch.no_grad():
+    with torch.no_grad(), kept_modes(model):
+        model.train(False)
         shares = loss_shares(loss_fn, ((len(X[i:i + chunk]),
                                         lambda i=i: model(X[i:i + chunk]), y[i:i + chunk])
                                        for i in range(0, N, chunk)), N)

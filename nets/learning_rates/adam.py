@@ -869,6 +869,11 @@ def _batches(N, B, steps, seed):
         yield torch.randperm(N, generator=gen)[:B]
 
 
+def _shares(chunk_shares, net, loss_fn, X, y):
+    """`chunk_shares` as given, or read ("auto") for 4,096-sample chunks."""
+    return data_shares(net, loss_fn, X, y, 4096) if isinstance(chunk_shares, str) else chunk_shares
+
+
 def _adam(net, lr, betas, eps):
     return torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=lr,
                             betas=tuple(betas), eps=eps)
@@ -890,12 +895,13 @@ def restored_adam(net, warm, lr):
 
 @outside_autocast
 def warm_adam_state(model, loss_fn, X, y, batch_size, *, warmup_steps, warmup_lr,
-                    betas=(0.9, 0.999), eps=1e-8, seed=0) -> WarmState:
+                    betas=(0.9, 0.999), eps=1e-8, seed=0, chunk_shares="auto") -> WarmState:
     """Run `warmup_steps` Adam steps at `warmup_lr` (batch size B, batches from
     torch.Generator(seed)) on a copy of `model` (eval mode); return the warmed pair.
     Refuses (ValueError) a batch size outside 1…N (a negative one drew N − |B| samples, one
     above N drew N, both recorded as given) and a warm-up that leaves a non-finite weight
-    (eps = 0 with a coordinate whose gradient stays zero: Adam's 0/0)."""
+    (eps = 0 with a coordinate whose gradient stays zero: Adam's 0/0). chunk_shares: as
+    for `adam_trial`, for the warmed state's full-data loss."""
     N = len(X)
     batch_size = as_int("batch_size", batch_size, minimum=1, maximum=N)
     warmup_steps = as_int("warmup_steps", warmup_steps, minimum=0)
@@ -917,7 +923,7 @@ def warm_adam_state(model, loss_fn, X, y, batch_size, *, warmup_steps, warmup_lr
                          f"{warmup_steps} warm-up steps: {why}")
     return WarmState(net, copy.deepcopy(opt.state_dict()), batch_size, warmup_steps,
                      warmup_lr, tuple(betas), eps, seed,
-                     full_data_loss(net, loss_fn, X, y, 4096, data_shares(net, loss_fn, X, y, 4096)))
+                     full_data_loss(net, loss_fn, X, y, 4096, _shares(chunk_shares, net, loss_fn, X, y)))
 
 
 class _FrozenAdam:
@@ -996,8 +1002,7 @@ def adam_trial(warm: WarmState, loss_fn, X, y, lr, *, steps, criterion="onset",
     q = None if direction is None else torch.as_tensor(np.asarray(direction), dtype=torch.float64)
     L0 = warm.loss
     check_start_loss(L0)
-    shares = (data_shares(net, loss_fn, X, y, 4096) if isinstance(chunk_shares, str)
-              else chunk_shares)                    # each chunk's share of the loss
+    shares = _shares(chunk_shares, net, loss_fn, X, y)      # each chunk's share of the loss
     max_loss = loss_t = L0
     proj, unstable, reason, first, t = [], False, "stable", False, 0
     for t, idx in enumerate(_batches(len(X), warm.batch_size, int(steps), seed + 7919), start=1):
@@ -1122,9 +1127,7 @@ def adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 0.999), eps
     betas = _as_betas(betas)
     eps = as_float("eps", eps, nonnegative=True)
     F = adam_factor(betas[0])
-    # each chunk's share of the loss, read once for every trial (a copy in eval mode)
-    shares = (data_shares(model_copy(model).train(False), loss_fn, X, y, 4096)
-              if len(X) > 4096 else None)
+    shares = data_shares(model, loss_fn, X, y, 4096)       # once for every warm-up and trial
     shape = (len(bs), len(seeds))
     per, lo, hi, first, lam, s2, pst, pms = (np.full(shape, np.nan) for _ in range(8))
     n_trials = 0
@@ -1132,7 +1135,8 @@ def adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 0.999), eps
     for i, j in progress_bar(jobs, progress=progress, total=len(jobs), desc="Adam threshold"):
         B, s = int(bs[i]), seeds[j]
         warm = warm_adam_state(model, loss_fn, X, y, B, warmup_steps=warmup_steps,
-                               warmup_lr=warmup_lr, betas=betas, eps=eps, seed=s)
+                               warmup_lr=warmup_lr, betas=betas, eps=eps, seed=s,
+                               chunk_shares=shares)
         direction = None
         if warmup_steps > 0:
             opt = restored_adam(warm.model, warm, warmup_lr)

@@ -773,9 +773,7 @@ def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergen
     if lr0 is None:
         lr0 = 1.0 / lam
     mtag = _model_tag(model, loss_fn, X, y)
-    # each chunk's share of the loss, read once for every trial (a copy in eval mode)
-    shares = (data_shares(model_copy(model).train(False), loss_fn, X, y, chunk_size)
-              if len(X) > chunk_size else None)
+    shares = data_shares(model, loss_fn, X, y, chunk_size)    # once for every trial
     shape = (len(bs), len(seeds))
     per, lo, hi = np.full(shape, np.nan), np.full(shape, np.nan), np.full(shape, np.nan)
     Ks, keys, n_trials = [], [], 0

@@ -613,8 +613,9 @@ def _linearized_shape(model, loss_fn, data, batch_sizes, lam, eff, *, momentum, 
 
     if curved:
         lin = threshold(rank)
+        alpha = np.asarray(lin.lr, dtype=float)
         ratio, applied = float("nan"), False
-        corr = np.ones(len(lin.lr))
+        corr = np.ones_like(alpha)
     else:
         prof = loss_along_top(model, loss_fn, data, factor=factor, seed=seed,
                               progress=progress)     # before the linearised runs: a minute or
@@ -622,9 +623,9 @@ def _linearized_shape(model, loss_fn, data, batch_sizes, lam, eff, *, momentum, 
         ratio = prof.secant_ratio
         lin = threshold(rank)
         corr = secant_correction(lam, eff, ratio)
-        applied = premise = bool(correction_applies(ratio))
+        applied = premise = bool(correction_applies(ratio))     # False for a NaN ratio
         alpha = np.asarray(lin.lr, dtype=float)
-        if applied and np.isfinite(ratio) and falls_with_batch_size(alpha * corr) \
+        if applied and falls_with_batch_size(alpha * corr) \
                 and not falls_with_batch_size(alpha):
             warnings.warn(f"transfer_lr: with s_lin/s_real = {ratio:.4g} the secant correction "
                           "would make the threshold fall as the batch size grows (a(B) = "
@@ -655,7 +656,6 @@ def _linearized_shape(model, loss_fn, data, batch_sizes, lam, eff, *, momentum, 
                           "2-5x its linearisation at B = 8 (the other forms missed more). Measure "
                           "the threshold at the batch sizes you will use "
                           "(nets.lr_search.training_threshold)", stacklevel=caller_stacklevel())
-    alpha = np.asarray(lin.lr, dtype=float)
     if falls_with_batch_size(alpha * corr):
         warnings.warn("transfer_lr: the model's threshold falls as the batch size grows "
                       f"(a(B) = {np.array2string(alpha * corr, precision=3)} at B = "
