@@ -253,6 +253,20 @@ def _outcome(fn):
         return dict(ok=False, error=type(e).__name__, message=str(e))
 
 
+def _weighted_loss(out, y):
+    """Class weights and ignore_index: a weighted mean, whose shards weigh W_r/W, not N_r/N
+    (here they differ by 1 %, a thousand times the products' tolerance)."""
+    w = torch.linspace(0.3, 2.0, 10, dtype=out.dtype)
+    return F.cross_entropy(out, y, weight=w, ignore_index=3)
+
+
+def _focal_loss(out, y):
+    """Weights that depend on the outputs: no share of it can be read."""
+    p = torch.softmax(out, -1).gather(1, y[:, None]).squeeze(1)
+    w = (1 - p) ** 2
+    return (w * -torch.log(p)).sum() / w.sum()
+
+
 def _mismatch_checks(rank, out_dir):
     out, path = {}, os.path.join(out_dir, f"checks{rank}.json")
 
@@ -264,6 +278,15 @@ def _mismatch_checks(rank, out_dir):
     model, (X, y) = _problem()
     lo, hi = (0, SPLIT) if rank == 0 else (SPLIT, N_SAMPLES)
     shard = (X[lo:hi], y[lo:hi])
+
+    def weighted(loss_fn):
+        def run():
+            op = distributed_hessian_operator(model, loss_fn, shard, dtype=torch.float64,
+                                              chunk_size=CHUNKS[rank])
+            return dict(matvec=op.matvec(_probes(op.P)[:, 0]).tolist(), loss=op.loss(),
+                        gradient=op.gradient().tolist(), weight=op.weight,
+                        counts=op.local_N / op.N)
+        return run
 
     def perturbed():                         # each rank "initialised its own model"
         m = MLP(64, (8,), 10, activation="tanh", seed=3 + rank).double().eval()
@@ -373,6 +396,9 @@ def _mismatch_checks(rank, out_dir):
     record("slq_uneven_memory_wrapped", lambda: slq_uneven_memory(wrapped=True))
     record("mixed_dtypes", mixed_dtypes)
     record("empty_shard", empty_shard)
+    record("weighted_loss", weighted(_weighted_loss))
+    record("plain_loss", weighted(F.cross_entropy))
+    record("focal_loss", weighted(_focal_loss))
     record("after", lambda: distributed_hessian_operator(model, F.cross_entropy, shard).N)
 
 
@@ -492,3 +518,34 @@ def test_a_summed_loss_is_warned_about_on_every_rank(mismatch_results):
     for o in _both(mismatch_results, "summed_loss"):
         assert o["ok"] and any("summed" in w for w in o["warnings"]), o
 
+
+
+def test_a_weighted_mean_loss_weighs_each_rank_by_its_share_of_the_weights(mismatch_results):
+    """Shards of a class-weighted, ignore_index loss were weighted N_r/N (the products off
+    by O(1 %)); each rank's W_r/W, read from the loss with one reference sample of root's,
+    gives the single-process unchunked operator to round-off on every rank."""
+    model, (X, y) = _problem()
+    ref = hessian_operator(model, _weighted_loss, (X, y), dtype=torch.float64)
+    v = _probes(ref.P)[:, 0]
+    outs = _both(mismatch_results, "weighted_loss")
+    for o in outs:
+        assert o["ok"], o
+        r = o["value"]
+        assert _rel(r["matvec"], ref.matvec(v).numpy()) < 1e-10
+        assert _rel(r["gradient"], ref.gradient().numpy()) < 1e-10
+        assert abs(r["loss"] - ref.loss()) < 1e-12 * ref.loss()
+        assert abs(r["weight"] - r["counts"]) > 1e-3            # not the sample counts
+    assert abs(sum(o["value"]["weight"] for o in outs) - 1.0) < 1e-12
+
+
+def test_a_plain_mean_keeps_the_sample_count_weights_exactly(mismatch_results):
+    for o in _both(mismatch_results, "plain_loss"):
+        assert o["ok"] and o["value"]["weight"] == o["value"]["counts"], o
+        assert not any("share" in w for w in o["warnings"]), o
+
+
+def test_a_loss_whose_ranks_shares_cannot_be_read_warns_on_every_rank(mismatch_results):
+    for o in _both(mismatch_results, "focal_loss"):
+        assert o["ok"] and o["value"]["weight"] == o["value"]["counts"], o
+        assert any("sharded operator" in w and "sample counts" in w
+                   for w in o["warnings"]), o

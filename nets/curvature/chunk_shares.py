@@ -38,7 +38,7 @@ from nets.utils.autocast import outside_autocast
 from nets.utils.callers import caller_stacklevel
 from nets.utils.modes import kept_modes
 
-__all__ = ["data_shares", "full_data_loss", "loss_shares"]
+__all__ = ["data_shares", "full_data_loss", "loss_shares", "shard_reference", "shard_weight"]
 
 _REF_WANTED = 8             # references compared (the largest gradient is kept) ...
 _REF_SCAN = 256             # ... among at most this many samples of a chunk
@@ -114,6 +114,54 @@ def _chunk_weight(loss_fn, out, y, ref, wide) -> float:
     return max(1.0 / t - 1.0, 0.0)
 
 
+def shard_reference(loss_fn, chunks):
+    """The reference sample of this process's chunks (n_b, outputs, targets), for
+    `shard_weight` on every rank of a sharded operator: (z_r, y_r, g_r, ℓ_r, wide), with
+    `wide` whether the loss runs in float64; None when no chunk has a sample with a loss
+    of its own; "counts" when the outputs are not one tensor (weighted by counts, as
+    `loss_shares` does)."""
+    wide_fn = _wide_loss(loss_fn)
+    for n, out, y in chunks:
+        out = out() if callable(out) else out
+        if not (torch.is_tensor(out) and torch.is_tensor(y) and len(y) == len(out) == n):
+            return "counts"
+        with torch.inference_mode(False), torch.enable_grad(), _kept_loss_state(loss_fn):
+            try:
+                ref, wide = _reference(wide_fn, out, y, True), True
+            except RuntimeError:                # e.g. float32 class weights in a function
+                ref, wide = _reference(loss_fn, out, y, False), False
+        if ref is not None:
+            return (*ref, wide)
+    return None
+
+
+def shard_weight(loss_fn, chunks, reference) -> float:
+    """W/w_r for this process's chunks: the total weight of its samples in units of the
+    `reference` sample's (`shard_reference`, read on one rank and sent to all, so that
+    the ranks' totals share a unit and W_r/W is each rank's share of the full-data
+    loss). Raises ValueError with the reason where the loss fails a check of the
+    target-weighted form or a chunk cannot be joined with the reference."""
+    *ref, wide = reference
+    fn = _wide_loss(loss_fn) if wide else loss_fn
+    total = 0.0
+    try:
+        with torch.inference_mode(False), torch.enable_grad(), _kept_loss_state(loss_fn):
+            for _, out, y in chunks:
+                out = out() if callable(out) else out
+                total += _chunk_weight(fn, out, y, tuple(ref), wide)
+    except _NotWeighted as err:
+        raise ValueError(f"it is not a target-weighted mean: {err}") from None
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        raise ValueError("a chunk joined with the reference sample failed in the loss: "
+                         f"{type(err).__name__}") from None
+    return total
+
+
+def plain_tolerance(wide: bool) -> float:
+    """Relative distance from n_b/N within which shares are taken as the plain mean's."""
+    return _PLAIN_RTOL if wide else 1e-4
+
+
 def _warn(loss_fn, why):
     from nets.curvature.loss_check import loss_name
 
@@ -184,7 +232,7 @@ def loss_shares(loss_fn, chunks, N: int) -> list[float]:
         if shares is None:
             why = "the chunks' weights sum to zero"
         else:
-            tol = _PLAIN_RTOL if wide else 1e-4
+            tol = plain_tolerance(wide)
             return plain if all(abs(s - p) <= tol * p for s, p in zip(shares, plain)) else shares
     _warn(loss_fn, why)
     return plain

@@ -9,7 +9,14 @@ so each rank computes its local product H_r v with an ordinary operator of
 `nets.curvature.operators` (itself exact over uneven batches inside the shard), scales it by
 N_r/N and an `all_reduce(SUM)` leaves H v on every rank. Weighting by shard size
 makes uneven shards exact (averaging the R shard products with equal weight, a peer
-defect, would be biased). The GGN works the same way. This is the single-process
+defect, would be biased). The GGN works the same way. A target-weighted mean (class
+weights, ignore_index, padded tokens) is Σ_r (W_r/W)·L_r instead, W_r the total weight of
+the shard's samples; each rank measures W_r in units of one reference sample of root's,
+sent to every rank at construction (one forward pass over each shard;
+`nets.curvature.chunk_shares`), and weighs its
+products by W_r/W (N_r/N exactly when the two agree to round-off, and with a warning on
+every rank when some rank's share cannot be read: a loss whose weights depend on the
+outputs, or shards padded to different lengths). This is the single-process
 operator whenever each sample's loss depends on that sample alone (policy None or
 "eval"). Under policy="train_batch_stats" normalisation layers use the statistics of
 each chunk, and a chunk never crosses a shard: the operator is then the average of the
@@ -58,8 +65,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from nets.curvature.chunk_shares import plain_tolerance, shard_reference, shard_weight
 from nets.curvature.loss_check import mean_reduction_check
-from nets.curvature.operators import CurvatureOperator, ModelCurvatureOperator, curvature_operator
+from nets.curvature.operators import (
+    CurvatureOperator,
+    ModelCurvatureOperator,
+    curvature_operator,
+    policy_mode,
+)
 from nets.utils.autocast import outside_autocast
 from nets.utils.callers import caller_stacklevel
 from nets.utils.data_source import as_data_source
@@ -248,7 +261,8 @@ def _check_meta(table: np.ndarray, root: int) -> None:
 
 class DistributedCurvatureOperator(CurvatureOperator):
     """Σ_r (N_r/N) A_r over the ranks of a process group, A_r = this rank's local
-    operator (a `ModelCurvatureOperator` over its shard of N_r samples).
+    operator (a `ModelCurvatureOperator` over its shard of N_r samples); Σ_r (W_r/W) A_r
+    for a target-weighted mean loss (module docstring). `weight` is this rank's share.
 
     Same interface as `CurvatureOperator` (`P`, `dtype`, `device`, `matvec`, `matmat`,
     `to_scipy`, `num_matvecs`), so `nets.algorithms.lanczos` runs on it unchanged; every product is
@@ -284,8 +298,9 @@ class DistributedCurvatureOperator(CurvatureOperator):
         # every rank then runs the same checks on the same table and raises the same error
         table = _exchange_meta(_local_meta(local_op, self.root, self.sync_inputs), group)
         _check_meta(table, self.root)
-        self.N = int(round(float(table[:, 3].sum())))
-        self.weight = self.local_N / self.N          # N_r / N
+        self._sizes = [int(round(float(n))) for n in table[:, 3]]     # every rank's N_r
+        self.N = sum(self._sizes)
+        self.weight = self._rank_weight()            # N_r/N, or W_r/W for a weighted mean
         if world > 1 and getattr(local_op, "policy", None) == "train_batch_stats":
             warnings.warn(
                 "policy='train_batch_stats' on a sharded operator: each shard (and each "
@@ -294,6 +309,66 @@ class DistributedCurvatureOperator(CurvatureOperator):
                 "train-mode curvature (eigenvalues a few % apart); use policy='eval' for "
                 "the same operator on any number of ranks", UserWarning,
                 stacklevel=caller_stacklevel())
+
+    def _rank_weight(self) -> float:
+        """This rank's share of the full-data loss (collective). N_r/N for a plain mean;
+        for a target-weighted one (class weights, ignore_index, padded tokens) W_r/W, the
+        ranks' total weights W_r read from the loss with one reference sample of root's
+        sent to every rank (`nets.curvature.chunk_shares.shard_weight`), so they share a
+        unit. N_r/N exactly where every W_r/W is within round-off of it, and with a warning
+        on every rank where some rank's weight could not be read."""
+        plain = self.local_N / self.N
+        local = self.local_op
+        if self.world_size == 1 or not isinstance(local, ModelCurvatureOperator):
+            return plain
+        src = self.root if self.group is None else dist.get_global_rank(self.group, self.root)
+        payload = [None]
+        if self.rank == self.root:
+            try:
+                with torch.no_grad(), policy_mode(local.model, local.policy):
+                    ref = shard_reference(local.loss_fn, local.output_chunks())
+                payload = [ref if ref is None or isinstance(ref, str) else
+                           tuple(t.cpu() if torch.is_tensor(t) else t for t in ref)]
+            except Exception as err:        # noqa: BLE001 -- every rank must get a payload
+                payload = [f"failed: root could not read a reference sample "
+                           f"({type(err).__name__})"]
+        dist.broadcast_object_list(payload, src=src, group=self.group)
+        ref = payload[0]
+        if ref == "counts":                 # tuple or dict outputs, as in one process
+            return plain
+        world, why = self.world_size, None
+        row = torch.zeros(2 * world, dtype=torch.float64, device=_meta_device(self.group))
+        if ref is None:
+            why = f"no sample on rank {self.root} has a finite loss with a nonzero gradient"
+        elif isinstance(ref, str):
+            why = ref
+        else:
+            ref = tuple(t.to(self.device) if torch.is_tensor(t) else t for t in ref)
+            try:
+                with torch.no_grad(), policy_mode(local.model, local.policy):
+                    row[self.rank] = shard_weight(local.loss_fn, local.output_chunks(), ref)
+            except Exception as err:        # noqa: BLE001 -- every rank must reach the sum
+                why = str(err) if isinstance(err, ValueError) else type(err).__name__
+                row[world + self.rank] = 1.0
+        dist.all_reduce(row, group=self.group)
+        totals, failed = row[:world].tolist(), row[world:].tolist()
+        if why is None and any(failed):
+            why = f"rank(s) {[r for r in range(world) if failed[r]]} could not read theirs"
+        total = sum(totals)
+        if why is None and not total > 0:
+            why = "the ranks' weights sum to zero"
+        if why is not None:
+            warnings.warn(
+                f"loss_fn on a sharded operator: each rank's share of the loss could not be "
+                f"read ({why}), so ranks are weighted by their sample counts N_r/N — exact "
+                "for a plain mean, not for a weighted one (class weights, ignore_index, "
+                "padded tokens) or a loss that is not a mean", UserWarning,
+                stacklevel=caller_stacklevel())
+            return plain
+        shares, tol = [w / total for w in totals], plain_tolerance(ref[-1])
+        if all(abs(w - n / self.N) <= tol * n / self.N for w, n in zip(shares, self._sizes)):
+            return plain
+        return shares[self.rank]
 
     def min_over_ranks(self, value: int) -> int:
         """The minimum of the int `value` over the ranks (collective: call on every

@@ -1003,6 +1003,13 @@ class ModelCurvatureOperator(CurvatureOperator):
         """The operator's data as (x, y) batches on its device, in sample order."""
         return iter(self._batch_list) if self._batch_list is not None else self._stream()
 
+    def output_chunks(self):
+        """(n_b, outputs, y_b) for each batch in order, the outputs a zero-argument callable
+        (the forward pass at the current parameters, run when called; under the caller's
+        no_grad and policy mode): the form `nets.curvature.chunk_shares` reads."""
+        return ((x.shape[0], lambda x=x: self._forward(self.primals, x), y)
+                for x, y in self.iter_batches())
+
     def _weighted_batches(self):
         """(x, y, ω_b): batch b enters with its share ω_b of the loss — n_b/N for a plain
         mean, W_b/W for a target-weighted one (`nets.curvature.chunk_shares`); a batch
@@ -1012,9 +1019,7 @@ class ModelCurvatureOperator(CurvatureOperator):
             return
         if self._shares is None:
             with torch.no_grad(), policy_mode(self.model, self.policy):
-                self._shares = loss_shares(
-                    self.loss_fn, ((x.shape[0], lambda x=x: self._forward(self.primals, x), y)
-                                   for x, y in self.iter_batches()), self.N)
+                self._shares = loss_shares(self.loss_fn, self.output_chunks(), self.N)
         for (x, y), w in zip(self.iter_batches(), self._shares, strict=True):
             if w > 0:
                 yield x, y, w
