@@ -389,3 +389,30 @@ class _LastItemAugmented(Dataset):
 def test_random_augmentation_in_the_last_item_is_refused():
     with pytest.raises(ValueError, match=r"item 4 of the dataset differs"):
         as_data_source(_LastItemAugmented(5))
+
+
+def test_an_iterable_readable_once_or_running_dry_is_refused_clearly(problem):
+    """An object whose __iter__ hands back one stored generator failed inside zip ("not
+    enough values to unpack") after the count used the batches up (an outside trial); a
+    stream that gives fewer samples on a later read was read as it came."""
+    model, X, y = problem
+
+    class Once:
+        def __init__(self):
+            self.gen = ((X[i:i + 8], y[i:i + 8]) for i in range(0, len(X), 8))
+
+        def __iter__(self):
+            return self.gen
+
+    class Dry:                      # full on the first two reads (count, check), then short
+        reads = 0
+
+        def __iter__(self):
+            Dry.reads += 1
+            n = len(X) if Dry.reads <= 2 else len(X) - 8
+            return iter([(X[i:i + 8], y[i:i + 8]) for i in range(0, n, 8)])
+
+    with pytest.raises(TypeError, match="one-shot"):
+        nets.top_eigenvalues(model, F.cross_entropy, Once())
+    with pytest.raises(ValueError, match=f"samples on this read and {len(X)} on the first"):
+        nets.top_eigenvalues(model, F.cross_entropy, Dry())

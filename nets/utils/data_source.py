@@ -235,6 +235,12 @@ class DataSource:
             else:
                 self.N = sum(int(self._check_item(item, j)[0].shape[0])
                              for j, item in self._items())
+                if self.N and next(self._items(), None) is None:
+                    # __iter__ handing back one stored generator: the count used it up
+                    raise TypeError(f"{name} is a one-shot iterator ({type(data).__name__}'s "
+                                    "__iter__ returns batches once, then none); pass a "
+                                    "re-iterable such as a list of (x, y) batches or a "
+                                    "DataLoader")
                 full = len(data.dataset) if (isinstance(data, DataLoader) and _drops_last(data)
                                              and hasattr(data.dataset, "__len__")) else None
                 if full is not None and self.N < full:
@@ -283,6 +289,20 @@ class DataSource:
         """(j, batch) over the iterable, the global generator untouched (`_iter_keeping_rng`)."""
         return enumerate(_iter_keeping_rng(self._iterable))
 
+    def _read(self):
+        """The iterable's checked (x, y) batches, and a ValueError at the end where this
+        read held another number of samples than the first (data that is not the same on
+        every read: a stream running dry, samples added or dropped)."""
+        n = 0
+        for j, item in self._items():
+            x, y = self._check_item(item, j)
+            n += int(x.shape[0])
+            yield x, y
+        if n != self.N:
+            raise ValueError(f"{self.name} held {n} samples on this read and {self.N} on the "
+                             "first: curvature needs data that gives the same samples on every "
+                             "read (a list of (x, y) batches or a non-shuffling DataLoader)")
+
     def _check_item(self, item, j, *, sample=False):
         what = f"{self.name}[{j}]"
         if not isinstance(item, (tuple, list)) or len(item) != 2:
@@ -327,7 +347,7 @@ class DataSource:
             if self._dataset is not None:
                 self._cached_pair = self._stack_samples(np.arange(self.N))
             else:
-                xs, ys = zip(*(self._check_item(b, j) for j, b in self._items()))
+                xs, ys = zip(*self._read())
                 self._cached_pair = (torch.cat(xs), torch.cat(ys))
         return self._cached_pair
 
@@ -351,8 +371,7 @@ class DataSource:
                 yield (_place(x, f"{self.name} inputs", device, dtype),
                        _place(y, f"{self.name} targets", device, dtype))
             return
-        for j, item in self._items():
-            x, y = self._check_item(item, j)
+        for j, (x, y) in enumerate(self._read()):
             if x.shape[0] == 0:
                 continue
             step = x.shape[0] if chunk_size is None else chunk_size
