@@ -222,6 +222,50 @@ def test_subspace_dim_is_the_number_of_classes_in_either_layout():
     np.testing.assert_allclose(a["subspace"], b["subspace"], rtol=1e-9)
 
 
+def test_subspace_dim_counts_only_the_outputs_the_loss_reads():
+    """A model returning (logits, features) with the loss on the logits got k = classes +
+    feature width (22 for 10 + 12; an outside trial: the subspace and resolved forms moved
+    1–3 % with an output the loss never reads). k is now the logits' own, by the class rule,
+    and the predictions are the plain model's."""
+    from nets.noise.subspace_noise import default_subspace_dim
+
+    torch.manual_seed(0)
+    a, b = nn.Linear(6, 12).double(), nn.Linear(12, 4).double()
+
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = a, b
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+    class WithFeatures(Plain):
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            return self.b(h), {"features": h}
+
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(60, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (60,), generator=g)
+
+    def on_logits(o, t):
+        return F.cross_entropy(o[0], t)
+
+    def on_both(o, t):
+        return F.cross_entropy(o[0], t) + 0.1 * o[1]["features"].pow(2).mean()
+    assert default_subspace_dim(WithFeatures(), (X, y), 1000, on_logits) == 4
+    assert default_subspace_dim(WithFeatures(), (X, y), 1000, on_both) == 4 + 12
+    assert default_subspace_dim(WithFeatures(), (X, y), 1000) == 4 + 12     # no loss: all
+    p = nets.predict_batch_top_eigenvalue(Plain(), F.cross_entropy, (X, y), [4, 16],
+                                          form=["subspace", "resolved"])
+    w = nets.predict_batch_top_eigenvalue(WithFeatures(), on_logits, (X, y), [4, 16],
+                                          form=["subspace", "resolved"])
+    assert p["subspace_k"] == w["subspace_k"] == 4
+    np.testing.assert_allclose(w["subspace"], p["subspace"], rtol=1e-9)
+    np.testing.assert_allclose(w["resolved"], p["resolved"], rtol=1e-9)
+
+
 def test_monitor_reads_nesterov_and_refuses_sgd_limits_for_adam():
     from rmt.lr import momentum_effective_curvature
 

@@ -369,7 +369,7 @@ def _subspace_dim(model, op, subspace_dim) -> int:
     if subspace_dim is None:
         from nets.noise.subspace_noise import default_subspace_dim
         return default_subspace_dim(model, op.source.take([0], device=op.device, dtype=op.dtype),
-                                    op.P)
+                                    op.P, op.loss_fn)
     k = as_int("subspace_dim", subspace_dim, minimum=1)
     if k > op.P:
         raise ValueError(f"subspace_dim must be <= P={op.P}, got {k}")

@@ -74,6 +74,7 @@ import numpy as np
 import torch
 
 from nets.algorithms.lanczos import eigsh
+from nets.curvature.loss_check import _leaves_read
 from nets.curvature.operators import ModelCurvatureOperator, curvature_operator, policy_mode
 from nets.curvature.params import output_tensors
 from nets.noise.directional import (
@@ -194,15 +195,18 @@ def _class_dim_size(out: torch.Tensor, y: torch.Tensor) -> int:
     return int(out.shape[-1])
 
 
-def default_subspace_dim(model, data, P: int) -> int:
+def default_subspace_dim(model, data, P: int, loss_fn=None) -> int:
     """The fixed rule for k: the number of classes C per output position (the class
     outliers of cross-entropy Hessians, Papyan 2019/2020), capped at P. One forward pass on
     one sample of `data` (any form of `nets.utils.data_source`). C is the size of the output
     dimension that integer class targets lack — per-token outputs (1, T, C) against (1, T)
     and dense logits (1, C, H, W) against class maps (1, H, W) both give the number of
     classes, not T·C or the width — and otherwise the size of the last dimension (a
-    regression's outputs); summed over the tensors of a dict / tuple output (last
-    dimensions). A flattened output (1, T·C) cannot be told apart: pass `subspace_dim`."""
+    regression's outputs). For a dict / tuple output only the tensors `loss_fn` reads
+    count (all of them without `loss_fn`): one such tensor by the rule above, several
+    summed over their last dimensions (a model returning (logits, features) with a loss on
+    the logits has the logits' k, not k + the width of the features). A flattened output
+    (1, T·C) cannot be told apart: pass `subspace_dim`."""
     X, Y = as_data_source(data).take([0])
     dev = next((p.device for p in model.parameters()), X.device)
     dt = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
@@ -210,11 +214,14 @@ def default_subspace_dim(model, data, P: int) -> int:
     with (torch.no_grad(), policy_mode(model, "eval"), kept_tensors(model),   # the caller's
           kept_attributes(model)):                                           # module
         out = model(X)
-    tensors = output_tensors(out)
-    if len(tensors) == 1 and isinstance(out, torch.Tensor):
+    if isinstance(out, torch.Tensor):
         C = _class_dim_size(out, Y)
     else:
-        C = sum(int(t.shape[-1]) if t.ndim >= 2 else 1 for t in tensors)
+        tensors = output_tensors(out) if loss_fn is None else _leaves_read(out, loss_fn, Y)
+        if len(tensors) == 1:
+            C = _class_dim_size(tensors[0], Y)
+        else:
+            C = sum(int(t.shape[-1]) if t.ndim >= 2 else 1 for t in tensors)
     return max(1, min(C, P))
 
 
@@ -446,7 +453,8 @@ def subspace_noise(model, loss_fn, data, *, k=None, kind="hessian", tol=1e-8, pa
     data: any form of `nets.utils.data_source`; samples are read chunk by chunk."""
     op = curvature_operator(model, loss_fn, data, kind=kind, params=params, device=device,
                             dtype=dtype, policy=policy)
-    k = default_subspace_dim(model, data, op.P) if k is None else as_int("k", k, minimum=1)
+    k = (default_subspace_dim(model, data, op.P, loss_fn) if k is None
+         else as_int("k", k, minimum=1))
     if k > op.P:
         raise ValueError(f"k must be <= P={op.P}, got {k}")
     top = eigsh(op, k=k, which="LA", tol=tol, seed=seed, progress=progress)
