@@ -92,7 +92,9 @@ def check_profile(block_variances, block_fractions):
         raise ValueError("block_variances must not be identically zero")
     f = as_array("block_fractions", block_fractions, ndim=1)
     if f.shape[0] != S.shape[0]:
-        raise ValueError(f"block_fractions must have length {S.shape[0]} (one per block), got {f.shape[0]}")
+        raise ValueError(f"block_fractions must have length {S.shape[0]}, one per block of "
+                         f"block_variances (shape {S.shape}; a scalar is one block), got "
+                         f"{f.shape[0]}")
     if np.any(f <= 0):
         raise ValueError("block_fractions must be positive")
     if abs(f.sum() - 1.0) > 1e-9:

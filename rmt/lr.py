@@ -32,7 +32,7 @@ import math
 import numpy as np
 
 from .sampling import batch_noise_factor
-from .validation import SEED_BOUND, as_array, as_float, as_int, as_seed, guard_module, resolved_seed
+from .validation import SEED_BOUND, as_array, as_bool, as_float, as_int, as_seed, guard_module, resolved_seed
 
 __all__ = [
     "noise_factor",
@@ -133,8 +133,7 @@ def isotropic_batch_curvature(B, lam, sigma2, P, N=None, clip: bool = True,
     lam = as_float("lam", lam, positive=True)
     sigma2 = as_float("sigma2", sigma2, nonnegative=True)
     P = as_float("P", P, positive=True)
-    if not isinstance(clip, bool):
-        raise TypeError("clip must be a bool")
+    clip = as_bool("clip", clip)
     scalar = _is_scalar(B)
     v = P * sigma2 * noise_factor(B, N, replacement)
     top = lam + v / lam
@@ -144,6 +143,14 @@ def isotropic_batch_curvature(B, lam, sigma2, P, N=None, clip: bool = True,
 
 
 # --------------------------------------------------------------------------- momentum
+
+def _momentum_factor_of(momentum, momentum_kind) -> float:
+    """`momentum_factor` for the sgd_max_lr functions, its errors naming their arguments."""
+    if momentum_kind not in ("heavy_ball", "ema", "nesterov"):
+        raise ValueError("momentum_kind must be 'heavy_ball', 'ema' or 'nesterov', got "
+                         f"{momentum_kind!r}")
+    return momentum_factor(_momentum("momentum", momentum), momentum_kind)
+
 
 def momentum_factor(beta=0.0, kind: str = "heavy_ball") -> float:
     """Numerator ``F`` of the quadratic stability limit ``α·λ < F``.
@@ -194,7 +201,7 @@ def sgd_max_lr(B, lam, s2, N=None, momentum=0.0, *, momentum_kind: str = "heavy_
     (Nesterov); e.g. at B = 1, λ = 1, s² = 100, ρ = 0.9 this function gives 0.0376 and the
     heavy-ball mean-square limit 0.0020 (18.8× lower). At momentum 0 the two coincide.
     """
-    F = momentum_factor(_momentum("momentum", momentum), momentum_kind)
+    F = _momentum_factor_of(momentum, momentum_kind)
     return F / batch_curvature(B, lam, s2, N, replacement)
 
 
@@ -210,7 +217,7 @@ def sgd_max_lr_isotropic(B, lam, sigma2, P, N=None, momentum=0.0, clip: bool = T
     ``momentum > 0`` this is, like :func:`sgd_max_lr`, the fixed-batch deterministic limit,
     not the mean-square one.
     """
-    F = momentum_factor(_momentum("momentum", momentum), momentum_kind)
+    F = _momentum_factor_of(momentum, momentum_kind)
     return F / isotropic_batch_curvature(B, lam, sigma2, P, N, clip, replacement)
 
 
@@ -324,8 +331,7 @@ def momentum_effective_curvature(lam, batch_curvature, momentum=0.0, *, nesterov
     a curvature below λ, or a negative one."""
     m = _momentum("momentum", momentum)
     lam = as_float("lam", lam, positive=True)
-    if not isinstance(nesterov, (bool, np.bool_)):
-        raise TypeError(f"nesterov must be a bool, got {type(nesterov).__name__}")
+    nesterov = as_bool("nesterov", nesterov)
     scalar = _is_scalar(batch_curvature)
     curve = (as_float("batch_curvature", batch_curvature) if scalar
              else as_array("batch_curvature", batch_curvature))
@@ -607,6 +613,7 @@ def underlying_curvature(lam_measured, B, s2, N=None, replacement: bool = False,
     """
     lam_m = as_float("lam_measured", lam_measured, positive=True)
     s2 = as_float("s2", s2, nonnegative=True)
+    strict = as_bool("strict", strict)
     c = batch_noise_factor(B, N, replacement, name=B_name)
     # λ = λ'/2·(1 + √(1 − r)), r = 4c·s²/λ'² (computed without squaring λ', which overflows)
     r = 4.0 * c * s2 / lam_m / lam_m

@@ -15,7 +15,7 @@ Hence every entry of the fluctuation ε = H_B − H has variance c(B, N)·σ²_j
 
 from __future__ import annotations
 
-from .validation import as_float, guard_module
+from .validation import as_bool, as_float, guard_module
 
 
 def batch_noise_factor(B, N=None, replacement: bool = False, *, name: str = "B") -> float:
@@ -36,8 +36,7 @@ def batch_noise_factor(B, N=None, replacement: bool = False, *, name: str = "B")
     when sampling without replacement.
     """
     B = as_float(name, B, positive=True)
-    if not isinstance(replacement, bool):
-        raise TypeError("replacement must be a bool")
+    replacement = as_bool("replacement", replacement)
     if N is None:
         return 1.0 / B
     N = as_float("N", N, positive=True, allow_inf=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-from .validation import as_float, guard_module
+from .validation import as_bool, as_float, guard_module
 
 
 def spiked_wigner_outlier(spike, noise_var, clip=True) -> float:
@@ -29,8 +29,7 @@ def spiked_wigner_outlier(spike, noise_var, clip=True) -> float:
     """
     theta = as_float("spike", spike)
     v = as_float("noise_var", noise_var, nonnegative=True)
-    if not isinstance(clip, bool):
-        raise TypeError("clip must be a bool")
+    clip = as_bool("clip", clip)
     if v == 0.0:
         return theta
     if clip and theta * theta <= v:

@@ -25,6 +25,8 @@ from typing import Mapping
 
 import sympy as sp
 
+from .validation import as_bool
+
 __all__ = [
     "Derivation",
     "derive_spiked_wigner",
@@ -307,8 +309,7 @@ def lr_scaling_exponent(optimizer: str, *, finite_N: bool = False, regime: str =
     key = optimizer.lower()
     if key not in _OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {_OPTIMIZERS}, got {optimizer!r}")
-    if not isinstance(finite_N, bool):
-        raise TypeError("finite_N must be a bool")
+    finite_N = as_bool("finite_N", finite_N)
     if regime not in ("small", "large"):
         raise ValueError(f"regime must be 'small' or 'large', got {regime!r}")
     if regime == "large" and finite_N:

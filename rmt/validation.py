@@ -84,6 +84,16 @@ def as_float(name: str, value, *, positive: bool = False, nonnegative: bool = Fa
     return x
 
 
+def as_bool(name: str, value) -> bool:
+    """Return `value` as a Python bool: a bool, a numpy bool or a 0-d array of one (what
+    numpy comparisons give). Refuse everything else with a TypeError naming `name`: 1,
+    "yes" and None are not flags (a truthiness test would take "no" for True)."""
+    value = _unwrap_0d(value)
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {_describe(value)}")
+
+
 def as_int(name: str, value, *, minimum: int | None = None, maximum: int | None = INT64_MAX) -> int:
     """Return `value` as an int (integral floats such as 8.0 are accepted); refuse bools,
     non-numbers and non-integral or non-finite floats (TypeError), and values below

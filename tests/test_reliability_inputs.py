@@ -492,6 +492,58 @@ def test_nets_scalar_arguments_are_checked(call, arg, exc):
         call(model, (X, y))
 
 
+def _threshold(m, d, **kw):
+    from nets.lr_search import training_threshold
+    return training_threshold(m, CE, d, [4, 8], steps=10, seeds=(0,), **kw)
+
+
+@pytest.mark.parametrize("call, arg, exc", [
+    # options a form does not use were not checked (num_probes=-1 ran transfer_lr whole)
+    (lambda m, d: nets.predict_batch_top_eigenvalue(m, CE, d, [4], num_probes=-1), "num_probes", ValueError),
+    (lambda m, d: nets.predict_batch_top_eigenvalue(m, CE, d, [4], n_batches_mc=0), "n_batches_mc", ValueError),
+    (lambda m, d: nets.predict_batch_top_eigenvalue(m, CE, d, [4], subspace_dim=0), "subspace_dim", ValueError),
+    (lambda m, d: nets.transfer_lr(m, CE, d, [4, 8], reference=(8, 0.5), form="directional",
+                                   num_probes=-1), "num_probes", ValueError),
+    (lambda m, d: nets.transfer_lr(m, CE, d, [4, 8], reference=(8, 0.5), rank_check="yes"), "rank_check", TypeError),
+    # a string momentum or beta was read by float() ("0.9" -> 0.9); a list met float()'s own message
+    (lambda m, d: nets.predict_max_lr(m, CE, d, [4], momentum="0.9"), "momentum", TypeError),
+    (lambda m, d: nets.predict_max_lr(m, CE, d, [4], momentum=[0.9]), "momentum", TypeError),
+    (lambda m, d: nets.optimizer_settings("adam", betas=(0.9, "0.999")), "betas[1]", TypeError),
+    # flags: truthiness took "yes" (and would take "no") for True
+    (lambda m, d: nets.top_eigenvalues(m, CE, d, k=2, check_multiplicity="yes"), "check_multiplicity", TypeError),
+    (lambda m, d: nets.gradient_noise(m, CE, d, hessian="yes"), "hessian", TypeError),
+    # training_threshold: device, chunk_size and growth_threshold reached torch or range()
+    (lambda m, d: _threshold(m, d, device="nope"), "device", ValueError),
+    (lambda m, d: _threshold(m, d, chunk_size=0), "chunk_size", ValueError),
+    (lambda m, d: _threshold(m, d, chunk_size=2.5), "chunk_size", TypeError),
+    (lambda m, d: _threshold(m, d, chunk_size=True), "chunk_size", TypeError),
+    (lambda m, d: _threshold(m, d, criterion="onset", growth_threshold=float("nan")), "growth_threshold", ValueError),
+    (lambda m, d: nets.predict_adam_max_lr(m, CE, d, [4], preconditioner="foo"), "preconditioner", TypeError),
+])
+def test_options_are_checked_whichever_path_uses_them(call, arg, exc):
+    model, X, y = tiny()
+    with pytest.raises(exc, match=names(arg)):
+        call(model, (X, y))
+
+
+def test_flags_take_numpy_bools_and_refuse_other_values():
+    """np.bool_ (what numpy comparisons give) was refused as 'not a bool' by most flags
+    ('train must be a bool, got bool'), accepted by one; 1, "yes" and None are refused."""
+    assert rmt.batch_noise_factor(4, 100, replacement=np.bool_(True)) == \
+        rmt.batch_noise_factor(4, 100, replacement=True)
+    assert rmt.spiked_wigner_outlier(0.5, 1.0, clip=np.bool_(False)) == \
+        rmt.spiked_wigner_outlier(0.5, 1.0, clip=False)
+    assert L.underlying_curvature(5.0, 8, 2.0, 1000, strict=np.array(True)) == \
+        L.underlying_curvature(5.0, 8, 2.0, 1000)
+    for bad in (1, "yes", None, [True]):
+        with pytest.raises(TypeError, match=names("replacement")):
+            rmt.batch_noise_factor(4, 100, replacement=bad)
+        with pytest.raises(TypeError, match=names("strict")):
+            L.underlying_curvature(5.0, 8, 2.0, 1000, strict=bad)
+    with pytest.raises(ValueError, match=names("momentum_kind")):
+        L.sgd_max_lr(8, 2.0, 50.0, 1000, momentum_kind="nope")
+
+
 def test_seed_none_means_fresh_entropy_at_every_entry_point():
     """seed=None (accepted by rmt.validation.as_seed) is accepted everywhere: one int is
     drawn from fresh entropy and recorded where a result records its seed; passing that
@@ -881,7 +933,7 @@ def test_entry_points_refuse_what_an_api_audit_found_them_accepting(tmp_path):
     with warnings.catch_warnings():                        # their defaults, spelled out: quiet
         warnings.simplefilter("error", UserWarning)
         nets.transfer_lr(model, CE, data, [4, 8], reference=(8, 0.1), form="directional",
-                         steps=200, factor=10, n_seeds=np.int64(8), rank_check=0)
+                         steps=200, factor=10, n_seeds=np.int64(8), rank_check=False)
     # rmt's guard takes a function's B_name= as the caller's name for B (it prefixed the
     # inner function's signature to "B_from must be > 0")
     with pytest.raises(ValueError, match=r"^B_from must be > 0"):

@@ -39,7 +39,7 @@ from nets.utils.autocast import outside_autocast
 from nets.utils.progress import progress_counter, redraw
 from nets.utils.results import Result, result
 from nets.utils.seeding import resolved_seed
-from rmt.validation import as_float, as_int
+from rmt.validation import as_bool, as_float, as_int
 
 __all__ = ["LanczosResult", "EigenResult", "lanczos", "lanczos_batch", "eigsh"]
 
@@ -529,7 +529,7 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-10, max_steps: int 
         q = _start_vectors(op, 1, v0, seed, "gaussian")[0]
     if float(torch.linalg.vector_norm(q)) == 0.0:
         raise ValueError("v0 must be non-zero")
-    check = bool(check_multiplicity) and 1 < k < P
+    check = as_bool("check_multiplicity", check_multiplicity) and 1 < k < P
     bar = progress_counter(progress, total=min(m, max_mv),     # one cycle; grown at
                            desc="eigsh: products")                # each restart
     try:

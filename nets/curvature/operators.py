@@ -62,6 +62,7 @@ from nets.curvature.params import ParamLayout, call_model, check_model, make_fun
 from nets.utils.autocast import outside_autocast, outside_caller_contexts
 from nets.utils.callers import caller_stacklevel
 from nets.utils.data_source import as_data_source
+from nets.utils.devices import as_device, canonical_device
 from nets.utils.modes import kept_attributes, kept_modes, kept_rng, tensor_attributes
 from nets.utils.vmapping import vmap_or_loop
 
@@ -384,13 +385,6 @@ def _as_chunk_size(chunk_size):
     return int(chunk_size)
 
 
-def canonical_device(device) -> torch.device:
-    """torch.device(device), with a CPU index dropped: 'cpu:0' is the CPU, whose tensors
-    report no index (so a device comparison with them would fail)."""
-    device = torch.device(device)
-    return torch.device("cpu") if device.type == "cpu" else device
-
-
 def resolve_device_dtype(model: nn.Module, names, device, dtype):
     named = dict(model.named_parameters())
     sel = [named[n] for n in names]
@@ -399,25 +393,7 @@ def resolve_device_dtype(model: nn.Module, names, device, dtype):
         if len(devs) > 1:
             raise ValueError(f"model parameters live on several devices {sorted(map(str, devs))}; pass device=")
         device = next(iter(devs)) if devs else torch.device("cpu")
-    try:
-        device = canonical_device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device must name a torch device (e.g. 'cpu', 'cuda'), got {device!r}: "
-                         f"{exc}") from None
-    if device.type == "meta":
-        raise ValueError("device='meta' holds no numbers: curvature needs a real device "
-                         "('cpu' or 'cuda'); move the model with model.to('cpu') or pass device=")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device='cuda' requested but CUDA is not available")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-    elif device.type != "cpu":
-        try:
-            torch.empty(0, device=device)
-        except (RuntimeError, AssertionError):
-            raise ValueError(f"device={str(device)!r} is not available here (torch cannot "
-                             "allocate on it): use 'cpu' or an available 'cuda' device") from None
+    device = as_device(device)
     if dtype is None:
         dts = {p.dtype for p in sel}
         if len(dts) > 1:

@@ -257,6 +257,9 @@ def preconditioned_operator(model, loss_fn, data, preconditioner, *, indices=Non
     opts = dict(params=params, policy=policy, chunk_size=chunk_size, device=device, dtype=dtype)
     if isinstance(preconditioner, torch.optim.Optimizer):
         preconditioner = adam_preconditioner(model, preconditioner, params=params)
+    elif _as_diagonal(preconditioner) is None:
+        raise TypeError("preconditioner must be a torch Adam optimizer or a flat vector D, "
+                        "got None")
     if indices is not None:
         data = as_data_source(data).take(np.asarray(indices))
     base = curvature_operator(model, loss_fn, data, **opts)
@@ -300,6 +303,22 @@ def _beta1_from(preconditioner, beta1, default=0.9) -> float:
     return b
 
 
+def _as_diagonal(preconditioner):
+    """A given D (a flat tensor, numpy array or sequence of numbers) as it is, None as
+    None; anything else a TypeError naming `preconditioner` (a string reached torch's
+    "new(): invalid data type 'str'")."""
+    if preconditioner is None or torch.is_tensor(preconditioner):
+        return preconditioner
+    try:
+        if np.asarray(preconditioner).dtype.kind in "biuf":
+            return preconditioner
+    except (TypeError, ValueError):
+        pass
+    raise TypeError("preconditioner must be a torch Adam optimizer stepping the model, a flat "
+                    "vector D = 1/(√v̂ + ε), a callable B -> either, or None, got "
+                    f"{type(preconditioner).__name__}")
+
+
 def _checked_preconditioner(preconditioner, batch_sizes, model, params):
     """(preconditioner, representative optimizer, its settings) with every optimizer in
     it checked (`lr_prediction.adam_state_settings`): a given optimizer is its own
@@ -310,7 +329,7 @@ def _checked_preconditioner(preconditioner, batch_sizes, model, params):
     if isinstance(preconditioner, torch.optim.Optimizer):
         return preconditioner, preconditioner, adam_state_settings(model, preconditioner, params)
     if not callable(preconditioner):
-        return preconditioner, None, None
+        return _as_diagonal(preconditioner), None, None
     table = {int(B): preconditioner(int(B)) for B in batch_sizes}
     opts = [o for o in table.values() if isinstance(o, torch.optim.Optimizer)]
     if not opts:
@@ -644,8 +663,8 @@ def adam_noise_floor_lr(grad_mean, grad_var, batch_sizes, N, *, excess_loss, eps
     ±20 % for B = 8…128 at about 0.25× its absolute value. Where the batch noise c·tr(DΣ)
     vanishes (B = N, or Σ = 0) there is no noise floor: α_floor = inf, the formula's limit.
     grad_mean and grad_var: per-coordinate arrays of one length."""
-    bs = as_batch_sizes(batch_sizes)
     N = as_int("N", N, minimum=1)               # 5.5 was truncated to 5
+    bs = as_batch_sizes(batch_sizes, N)
     mean = np.asarray(grad_mean, dtype=float)
     var = np.asarray(grad_var, dtype=float)
     if mean.shape != var.shape or mean.ndim != 1 or mean.size == 0:

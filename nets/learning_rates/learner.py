@@ -222,7 +222,7 @@ from nets.utils.fingerprints import digest, tensor_bytes
 from nets.utils.jsonio import to_jsonable
 from nets.utils.results import Result, result
 from rmt.lr import heavy_ball, rescale_curvature
-from rmt.validation import as_float, as_int
+from rmt.validation import as_bool, as_float, as_int
 
 __all__ = ["CurvatureUpdate", "CurvatureAdaptiveSGD", "micro_batch_directional_noise",
            "choose_mu", "ROBUST_SETTINGS", "PAPER_SETTINGS"]
@@ -516,8 +516,7 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
                 "batch_correction='micro_batch' (or 'auto'), or policy='eval'")
         self.batch_correction = batch_correction
         self.safety = as_float("safety", safety, positive=True)
-        if not isinstance(hold_lr, bool):
-            raise TypeError(f"hold_lr must be a bool, got {type(hold_lr).__name__}")
+        hold_lr = as_bool("hold_lr", hold_lr)
         self.hold_lr = hold_lr
         self.max_lr = None if max_lr is None else as_float("max_lr", max_lr, positive=True)
         self.max_lr_growth = None if max_lr_growth is None else as_float(

@@ -289,7 +289,7 @@ def _same(a, b) -> bool:
 def _unit_interval(name: str, value) -> float:
     if isinstance(value, (bool, np.bool_)):          # float(True) read momentum=True as 1.0
         raise TypeError(f"{name} must be a real number in [0, 1), got bool {value}")
-    v = as_float(name, float(value), nonnegative=True)
+    v = as_float(name, value, nonnegative=True)         # a string "0.9" is not a number
     if v >= 1:
         raise ValueError(f"{name} must be in [0, 1), got {v}")
     return v
@@ -827,8 +827,9 @@ def fit_scaling_exponent(batch_sizes, lrs, max_batch=None, level=0.95) -> Scalin
         a = a[:, None]
     x = np.repeat(bs, a.shape[1]).astype(float)
     yv = a.reshape(-1)
-    if np.any(np.isfinite(yv) & (yv <= 0)):
-        raise ValueError("lrs must be > 0 (NaN marks a missing measurement and is dropped)")
+    if np.any(np.isinf(yv)) or np.any(np.isfinite(yv) & (yv <= 0)):
+        raise ValueError("lrs must be finite and > 0 (NaN marks a missing measurement and is "
+                         "dropped)")
     keep = np.isfinite(yv)
     if max_batch is not None:
         keep &= x <= as_float("max_batch", max_batch, positive=True)

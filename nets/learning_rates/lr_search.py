@@ -587,7 +587,8 @@ def training_trial(model, loss_fn, X, y, lr, batch_size, *, steps, momentum=0.0,
     if criterion == "final" and not unstable and loss_t > L0:
         unstable, reason = True, f"final loss {loss_t:.4g} > start {L0:.4g}"
     if criterion == "onset" and not unstable:
-        thr = 3.0 / steps if growth_threshold is None else float(growth_threshold)
+        thr = (3.0 / steps if growth_threshold is None
+               else as_float("growth_threshold", growth_threshold))
         rate = fit_growth_rate(proj, 0.5)
         if rate > thr:
             unstable, reason = True, f"growth rate along u {rate:.3g} > {thr:.3g}"
@@ -764,6 +765,9 @@ def training_threshold(model, loss_fn, data, batch_sizes, *, criterion="divergen
     rel_tol = as_float("rel_tol", rel_tol, positive=True)
     if lr0 is not None and not callable(lr0):
         lr0 = as_float("lr0", lr0, positive=True)
+    chunk_size = as_int("chunk_size", chunk_size, minimum=1)
+    if growth_threshold is not None:
+        growth_threshold = as_float("growth_threshold", growth_threshold)
     if store is not None and not isinstance(store, JsonlStore):
         store = JsonlStore(store)
     direction, lam = None, None

@@ -109,7 +109,7 @@ from nets.utils.plotting import in_b_order
 from nets.utils.results import Result, result
 from nets.utils.seeding import resolved_seed
 from rmt.lr import momentum_effective_curvature, momentum_factor, momentum_noise_gain
-from rmt.validation import as_batch_sizes, as_float, as_int
+from rmt.validation import as_batch_sizes, as_bool, as_float, as_int
 
 __all__ = ["transfer_lr", "LRTransfer", "scaling_rule", "secant_correction", "warn_momentum_upward",
            "warn_momentum_one_pass",
@@ -465,6 +465,7 @@ def transfer_lr(model, loss_fn, data, batch_sizes, *, reference, optimizer="sgd"
     form = "linearized" if form is None else form
     if form not in TRANSFER_FORMS:
         raise ValueError(f"form must be one of {TRANSFER_FORMS}, got {form!r}")
+    rank_check = as_bool("rank_check", rank_check)
     if form not in MODEL_FORMS:
         # an outside audit: rank=0, n_seeds=0, factor=-1 passed without a word here;
         # steps=200 is what steps=None means for these forms

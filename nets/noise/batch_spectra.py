@@ -41,7 +41,7 @@ from nets.utils.results import Result, result
 from nets.utils.seeding import resolved_seed
 from rmt.sampling import batch_noise_factor
 from rmt.spiked_wigner import spiked_wigner_outlier
-from rmt.validation import as_batch_sizes, as_float, as_int
+from rmt.validation import as_batch_sizes, as_bool, as_float, as_int
 
 __all__ = ["measure_batch_top_eigenvalue", "predict_batch_top_eigenvalue", "BatchTopEigenvalues",
            "BatchTopEigenvaluePrediction", "FormCurve", "isotropic_form", "directional_form",
@@ -216,8 +216,7 @@ def measure_batch_top_eigenvalue(model, loss_fn, data, batch_sizes, *, n_batches
     `tag` adds a free label. progress : a bar over batches (`nets.utils.progress`).
     """
     n_batches = as_int("n_batches", n_batches, minimum=1)
-    if not isinstance(replacement, bool):
-        raise TypeError("replacement must be a bool")
+    replacement = as_bool("replacement", replacement)
     tol = as_float("tol", tol, positive=True)
     full = curvature_operator(model, loss_fn, data, kind=kind, params=params, policy=policy,
                               chunk_size=chunk_size, device=device, dtype=dtype)
@@ -423,11 +422,17 @@ def predict_batch_top_eigenvalue(model, loss_fn, data, batch_sizes, *, form="dir
     forms = _as_forms(form)
     if per_sample not in ("products", "ggn", "auto"):
         raise ValueError(f"per_sample must be 'products', 'ggn' or 'auto', got {per_sample!r}")
-    if not isinstance(replacement, bool):
-        raise TypeError("replacement must be a bool")
+    replacement = as_bool("replacement", replacement)
     seed = resolved_seed("seed", seed)
     if not (isinstance(micro_batch, str) and micro_batch == "auto"):
         micro_batch = as_int("micro_batch", micro_batch, minimum=1)
+    # every option is checked whichever forms use it (a num_probes=-1 passed silently
+    # with the default form, and transfer_lr ran its whole computation on it)
+    as_int("num_probes", num_probes, minimum=1)
+    for f in ("subspace", "resolved"):
+        _mc_batches(n_batches_mc, f)
+    if subspace_dim is not None:
+        as_int("subspace_dim", subspace_dim, minimum=1)
     op = curvature_operator(model, loss_fn, data, kind=kind, params=params, policy=policy,
                             chunk_size=chunk_size, device=device, dtype=dtype)
     mean_reduction_check(model, loss_fn, op.source)

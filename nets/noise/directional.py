@@ -75,7 +75,7 @@ from nets.utils.autocast import outside_autocast
 from nets.utils.memory import capped_sample_chunk, product_chunk
 from nets.utils.progress import progress_counter, redraw
 from nets.utils.results import Result, result
-from rmt.validation import as_float, as_int, resolved_seed
+from rmt.validation import as_bool, as_float, as_int, resolved_seed
 
 __all__ = ["NoiseEstimate", "directional_noise", "isotropic_noise",
            "directional_noise_from_operator", "isotropic_noise_from_operator",
@@ -212,8 +212,7 @@ class _Columns:
 
 
 def _check_sampling(rel_error, max_samples, min_samples, exact):
-    if not isinstance(exact, bool):
-        raise TypeError(f"exact must be a bool, got {exact!r}")
+    exact = as_bool("exact", exact)
     rel_error = as_float("rel_error", rel_error, positive=True)
     if max_samples is not None:
         max_samples = as_int("max_samples", max_samples, minimum=2)

@@ -67,7 +67,7 @@ from nets.utils.progress import progress_bar, progress_counter
 from nets.utils.results import Result, result
 from nets.utils.seeding import resolved_seed
 from nets.utils.vmapping import vmap_or_loop
-from rmt.validation import as_int
+from rmt.validation import as_bool, as_int
 
 __all__ = ["GradientNoise", "per_sample_gradients", "gradient_noise"]
 
@@ -258,6 +258,7 @@ def gradient_noise(model, loss_fn, data, *, hessian_samples=32, hessian=True, pa
     src = _source(data)
     N = src.N
     seed = resolved_seed("seed", seed)
+    hessian = as_bool("hessian", hessian)
     ps = _PerSample(model, loss_fn, params, device, dtype, policy)
     mean_reduction_check(model, loss_fn, src)      # a summed loss: every number chunk-dependent
     ps.check_outputs(src)

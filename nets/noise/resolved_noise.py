@@ -177,7 +177,7 @@ from nets.utils.results import Result, result
 from nets.utils.seeding import torch_generator
 from nets.utils.vmapping import vmap_or_loop
 from rmt.sampling import batch_noise_factor
-from rmt.validation import as_batch_sizes, as_float, as_int, as_rng
+from rmt.validation import as_batch_sizes, as_bool, as_float, as_int, as_rng
 
 __all__ = ["SampleSpikes", "ResolvedNoise", "per_sample_top_eigenpairs",
            "per_sample_ggn_top_eigenpairs",
@@ -547,8 +547,7 @@ def resolved_noise_from_operator(op: ModelCurvatureOperator, U, *, min_batch, st
     """
     check_noise_operator(op)
     min_batch = as_int("min_batch", min_batch, minimum=1)
-    if not isinstance(exact, bool):
-        raise TypeError(f"exact must be a bool, got {exact!r}")
+    exact = as_bool("exact", exact)
     if cross not in ("auto", "nystrom", "exact"):
         raise ValueError(f"cross must be 'auto', 'nystrom' or 'exact', got {cross!r}")
     if spikes not in ("lanczos", "ggn"):
@@ -975,8 +974,7 @@ def resolved_batch_top_eigenvalue(rn: ResolvedNoise, batch_sizes, *, n_batches=2
     """
     if not isinstance(rn, ResolvedNoise):
         raise TypeError("rn must be a ResolvedNoise")
-    if not isinstance(replacement, bool):
-        raise TypeError("replacement must be a bool")
+    replacement = as_bool("replacement", replacement)
     n_batches = as_int("n_batches", n_batches, minimum=1)
     rng = as_rng(seed)
     Bs = as_batch_sizes(batch_sizes, rn.subspace.N, replacement)

@@ -89,7 +89,7 @@ from nets.utils.modes import kept_attributes, kept_tensors
 from nets.utils.progress import progress_bar
 from nets.utils.results import Result, result
 from rmt.sampling import batch_noise_factor
-from rmt.validation import as_batch_sizes, as_int, as_rng
+from rmt.validation import as_batch_sizes, as_bool, as_int, as_rng
 
 __all__ = ["SubspaceNoise", "subspace_noise_from_operator", "subspace_noise",
            "subspace_batch_top_eigenvalue", "default_subspace_dim", "micro_batch_moments",
@@ -503,9 +503,8 @@ def subspace_batch_top_eigenvalue(noise: SubspaceNoise, batch_sizes, *, n_batche
         raise TypeError("noise must be a SubspaceNoise")
     if method not in ("resample", "gaussian"):
         raise ValueError(f"method must be 'resample' or 'gaussian', got {method!r}")
-    for name, v in (("self_consistent", self_consistent), ("replacement", replacement)):
-        if not isinstance(v, bool):
-            raise TypeError(f"{name} must be a bool")
+    self_consistent = as_bool("self_consistent", self_consistent)
+    replacement = as_bool("replacement", replacement)
     n_batches = as_int("n_batches", n_batches, minimum=1)
     rng = as_rng(seed)
     Bs = as_batch_sizes(batch_sizes, noise.N, replacement)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from nets.utils.seeding import torch_generator
-from rmt.validation import as_float, as_int
+from rmt.validation import as_bool, as_float, as_int
 
 __all__ = [
     "check_dataset",
@@ -90,10 +90,8 @@ def load_digits(standardize: bool = True, dtype: torch.dtype = torch.float32, de
     """
     from sklearn.datasets import load_digits as _sk_load_digits
 
-    if not isinstance(standardize, bool):
-        raise TypeError(f"standardize must be a bool, got {type(standardize).__name__}")
-    if not isinstance(as_images, bool):
-        raise TypeError(f"as_images must be a bool, got {type(as_images).__name__}")
+    standardize = as_bool("standardize", standardize)
+    as_images = as_bool("as_images", as_images)
     dtype = _check_dtype(dtype)
     if device is not None:
         try:
@@ -386,8 +384,8 @@ def load_cifar(root, name: str = "cifar100", train: bool = True, *,
     if not isinstance(name, str) or name.lower() not in _CIFAR_LAYOUT:
         raise ValueError(f"name must be one of {sorted(_CIFAR_LAYOUT)}, got {name!r}")
     name = name.lower()
-    if not isinstance(train, bool):
-        raise TypeError(f"train must be a bool, got {type(train).__name__}")
+    train = as_bool("train", train)
+    normalize = as_bool("normalize", normalize)
     dtype = _check_dtype(dtype)
     directory = _cifar_dir(root, name)
     _, train_files, test_files, label_key = _CIFAR_LAYOUT[name]

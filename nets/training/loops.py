@@ -25,12 +25,13 @@ import torch
 from torch import nn
 
 from nets.curvature.chunk_shares import loss_shares
-from nets.curvature.operators import canonical_device, policy_mode
+from nets.curvature.operators import policy_mode
 from nets.curvature.params import check_model
 from nets.training.data import check_dataset, load_digits
 from nets.training.models import MLP
 from nets.utils.atomic import atomic_write
 from nets.utils.data_source import as_data_source
+from nets.utils.devices import as_device
 from nets.utils.modes import kept_modes, kept_rng, model_copy
 from nets.utils.results import Result, result
 from rmt.validation import as_float, as_int
@@ -75,7 +76,7 @@ def _is_classification(y: torch.Tensor) -> bool:
 
 def _resolve_device(device, model: nn.Module) -> torch.device:
     if device is not None:
-        return canonical_device(device)
+        return as_device(device)
     for p in model.parameters():
         return p.device
     return torch.device("cpu")

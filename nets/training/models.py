@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from nets.utils.seeding import torch_generator
-from rmt.validation import as_float, as_int
+from rmt.validation import as_bool, as_float, as_int
 
 __all__ = [
     "MLP",
@@ -121,8 +121,7 @@ class MLP(nn.Module):
         except TypeError:
             raise TypeError(f"hidden must be a sequence of positive ints, got {hidden!r}") from None
         act = _activation(activation)
-        if not isinstance(bias, bool):
-            raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
+        bias = as_bool("bias", bias)
         self.in_dim, self.hidden, self.out_dim = in_dim, hidden, out_dim
         self.activation = activation.lower()
 

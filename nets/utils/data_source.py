@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from nets.utils.callers import caller_stacklevel
+from nets.utils.devices import as_device
 from nets.utils.modes import kept_rng
 
 __all__ = ["DataSource", "as_data_source", "is_pair"]
@@ -109,6 +110,7 @@ def tensors_for(model, data, *, name: str = "data", device=None, dtype=None):
     so numpy float64 data work with a float32 model and the other way round, as on the
     curvature paths."""
     target = dtype if dtype is not None else model_place(model)[1]
+    device = None if device is None else as_device(device)
     return as_data_source(data, name=name).tensors(device=device, dtype=target)
 
 
