@@ -526,6 +526,94 @@ def test_options_are_checked_whichever_path_uses_them(call, arg, exc):
         call(model, (X, y))
 
 
+def _trial(m, d, **kw):
+    from nets.lr_search import training_trial
+    args = dict(lr=0.1, batch_size=4, steps=5)
+    args.update(kw)
+    return training_trial(m, CE, d[0], d[1], args.pop("lr"), args.pop("batch_size"), **args)
+
+
+def _stepped_adam(m, d):
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    CE(m(d[0]), d[1]).backward()
+    opt.step()
+    opt.zero_grad()
+    return opt
+
+
+@pytest.mark.parametrize("call, arg, exc", [
+    # a second sweep, of the entry points the first left out
+    (lambda m, d: _trial(m, d, batch_size=41), "batch_size", ValueError),
+    (lambda m, d: _trial(m, d, lr=float("nan")), "lr", ValueError),
+    (lambda m, d: _trial(m, d, lr=-1.0), "lr", ValueError),
+    (lambda m, d: _trial(m, d, steps=0), "steps", ValueError),
+    (lambda m, d: _trial(m, d, momentum=1.0), "momentum", ValueError),
+    (lambda m, d: _trial(m, d, nesterov="yes", momentum=0.5), "nesterov", TypeError),
+    (lambda m, d: _trial(m, d, seed=2.5), "seed", TypeError),
+    (lambda m, d: _trial(m, d, factor=0.5), "factor", ValueError),
+    (lambda m, d: _trial(m, d, chunk_shares="bogus"), "chunk_shares", ValueError),
+    (lambda m, d: _trial(m, (d[0][:0], d[1][:0])), "X", ValueError),
+    (lambda m, d: _trial(m, d, criterion="onset", direction=torch.ones(3)), "direction", ValueError),
+    (lambda m, d: nets.lr_search.self_stabilisation(m, CE, d, batch_size=4, steps=2, seed=[0]),
+     "seed", TypeError),
+    (lambda m, d: nets.lr_search.self_stabilisation("abc", CE, d), "model", TypeError),
+    (lambda m, d: nets.linearized_threshold(m, CE, d, [4], steps=5, seeds=(0,), n_grid=4,
+                                            lr_range=(0.1, 10.0), seed="abc"), "seed", TypeError),
+    (lambda m, d: nets.linearized_threshold(m, CE, d, [4], steps=5, seeds=(0,), n_grid=4,
+                                            lr_range=(0.1, 10.0), curved="yes"), "curved", TypeError),
+    (lambda m, d: nets.linearized_threshold(m, CE, d, [4], steps=5, seeds=(0,), n_grid=4,
+                                            lr_range=(0.1, 10.0), max_bytes=0), "max_bytes", ValueError),
+    (lambda m, d: nets.linearized_adam_threshold(m, CE, d, [4], warmup_steps=2, steps=5, seeds=(0,),
+                                                 n_grid=4, correct="yes"), "correct", TypeError),
+    (lambda m, d: nets.adam_threshold(m, CE, d, [4], warmup_steps=2, steps=8, seeds=(0,),
+                                      growth_factor="abc"), "growth_factor", TypeError),
+    (lambda m, d: nets.adam_threshold(m, CE, d, [4], warmup_steps=2, steps=8, seeds=(0,),
+                                      rel_tol=float("nan")), "rel_tol", ValueError),
+    (lambda m, d: nets.adam_threshold(m, CE, d, [4], warmup_steps=2, steps=8, seeds=(0,),
+                                      second_moment="bogus"), "second_moment", ValueError),
+    (lambda m, d: nets.preconditioned_batch_sharpness("abc", CE, d, [4], preconditioner=None),
+     "model", TypeError),
+    (lambda m, d: nets.preconditioned_batch_sharpness(
+        m, CE, (torch.where(torch.arange(len(d[0]))[:, None] == 7, float("nan"), d[0]), d[1]),
+        [4], preconditioner=_stepped_adam(m, d), n_batches=1), "inputs", ValueError),
+    (lambda m, d: nets.sharpness_gap_terms(m, CE, d, None), "u", TypeError),
+    (lambda m, d: nets.resolved_noise_from_operator(nets.hessian_operator(m, CE, d), torch.eye(
+        sum(p.numel() for p in m.parameters()), 1, dtype=torch.float64), min_batch=41),
+     "min_batch", ValueError),
+    (lambda m, d: nets.eigsh(nets.hessian_operator(m, CE, d), k=1, return_vectors="yes"),
+     "return_vectors", TypeError),
+    (lambda m, d: nets.CurvatureMonitor(m, CE, d, batch_size=4, clock="abc"), "clock", TypeError),
+    (lambda m, d: nets.CurvatureAdaptiveSGD(m, CE, d, batch_size=4, batch_correction=None),
+     "batch_correction", TypeError),
+])
+def test_lower_level_entry_points_check_their_options(call, arg, exc):
+    model, X, y = tiny()
+    with pytest.raises(exc, match=names(arg)):
+        call(model, (X, y))
+
+
+def test_numpy_scalars_and_bools_are_valid_everywhere():
+    """np.bool_ for progress and batch_correction, numpy integers for memory and
+    chunk_size, and a float32 β₁ equal to the optimizer's were refused."""
+    model, X, y = tiny()
+    op = nets.hessian_operator(model, CE, (X, y))
+    a = nets.eigsh(op, k=1, progress=np.False_, seed=0).values
+    assert np.array_equal(a, nets.eigsh(op, k=1, progress=False, seed=0).values)
+    d1 = slq_density(op, 2, 4, seed=0, memory=np.int64(2 ** 26))
+    d2 = slq_density(op, 2, 4, seed=0, memory=2 ** 26)
+    assert np.array_equal(d1.nodes, d2.nodes)
+    opt = _stepped_adam(model, (X, y))
+    r1 = nets.preconditioned_batch_sharpness(model, CE, (X, y), [4], preconditioner=opt,
+                                             n_batches=1, beta1=np.float32(0.9),
+                                             chunk_size=np.int64(8))
+    r2 = nets.preconditioned_batch_sharpness(model, CE, (X, y), [4], preconditioner=opt,
+                                             n_batches=1)
+    assert np.array_equal(r1["lr"], r2["lr"])
+    nets.CurvatureAdaptiveSGD(model, CE, (X, y), batch_size=4, batch_correction=np.True_,
+                              curvature_batch_size=16, noise_micro_batch_size=4)
+    nets.CurvatureMonitor(model, CE, (X, y), batch_size=4, batch_sizes=np.int64(8))
+
+
 def test_flags_take_numpy_bools_and_refuse_other_values():
     """np.bool_ (what numpy comparisons give) was refused as 'not a bool' by most flags
     ('train must be a bool, got bool'), accepted by one; 1, "yes" and None are refused."""

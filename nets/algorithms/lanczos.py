@@ -529,6 +529,7 @@ def eigsh(op, k: int = 1, which: str = "LA", tol: float = 1e-10, max_steps: int 
         q = _start_vectors(op, 1, v0, seed, "gaussian")[0]
     if float(torch.linalg.vector_norm(q)) == 0.0:
         raise ValueError("v0 must be non-zero")
+    return_vectors = as_bool("return_vectors", return_vectors)
     check = as_bool("check_multiplicity", check_multiplicity) and 1 < k < P
     bar = progress_counter(progress, total=min(m, max_mv),     # one cycle; grown at
                            desc="eigsh: products")                # each restart

@@ -65,6 +65,7 @@ from nets.utils.data_source import as_data_source
 from nets.utils.devices import as_device, canonical_device
 from nets.utils.modes import kept_attributes, kept_modes, kept_rng, tensor_attributes
 from nets.utils.vmapping import vmap_or_loop
+from rmt.validation import as_int
 
 
 def _load_jvp_decompositions() -> None:
@@ -376,13 +377,8 @@ def policy_mode(model: nn.Module, policy):
 # ----------------------------------------------------------------------------------
 
 def _as_chunk_size(chunk_size):
-    if chunk_size is None:
-        return None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)):
-        raise TypeError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-    if int(chunk_size) <= 0:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return int(chunk_size)
+    """None or an int >= 1 (integral numpy values and 0-d tensors too, as every count)."""
+    return None if chunk_size is None else as_int("chunk_size", chunk_size, minimum=1)
 
 
 def resolve_device_dtype(model: nn.Module, names, device, dtype):

@@ -68,7 +68,7 @@ import torch
 from nets.algorithms.lanczos import eigsh
 from nets.curvature.chunk_shares import data_shares, full_data_loss
 from nets.curvature.loss_check import mean_reduction_check
-from nets.curvature.operators import curvature_operator
+from nets.curvature.operators import _as_chunk_size, curvature_operator
 from nets.curvature.params import check_model
 from nets.learning_rates.lr_prediction import DiagonalScaledOperator, _limit, adam_state_settings
 from nets.learning_rates.lr_search import (
@@ -297,6 +297,8 @@ def _beta1_from(preconditioner, beta1, default=0.9) -> float:
     if beta1 is None:
         return default if own is None else own
     b = as_float("beta1", beta1, nonnegative=True)
+    if own is not None and abs(b - own) <= 1e-6:       # a float32 0.9 is the optimizer's 0.9
+        return own
     if own is not None and b != own:
         raise ValueError(f"beta1={b} disagrees with the preconditioner optimizer's betas[0]={own}"
                          " (leave beta1 out to use the optimizer's)")
@@ -391,8 +393,12 @@ def preconditioned_batch_sharpness(model, loss_fn, data, batch_sizes, *, precond
     are warned about; with amsgrad D is read from max_exp_avg_sq. A UserWarning says when
     coordinates whose D sits at its ceiling 1/ε (√v̂ ≤ ε: no state, a fresh optimizer)
     carry the top eigenvector or a gradient (`adam_preconditioner`)."""
+    check_model(model)
     src = as_data_source(data)
     bs = as_batch_sizes(batch_sizes, src.N)
+    mean_reduction_check(model, loss_fn, src)       # a summed loss: warned, as elsewhere
+    for _ in src.batches(_as_chunk_size(chunk_size)):   # NaN or inf anywhere in the data
+        pass                                            # (the batches read their samples)
     preconditioner, rep, _ = _checked_preconditioner(preconditioner, bs, model, params)
     beta1 = _beta1_from(rep, beta1)
     n_batches = as_int("n_batches", n_batches, minimum=1)
@@ -476,6 +482,10 @@ def preconditioned_noise(model, loss_fn, data, preconditioner, *, tol=1e-8, para
     A = DiagonalScaledOperator(H, d.to(H.device), name="preconditioner")
     top = eigsh(A, k=1, which="LA", tol=tol, seed=as_seed("seed", seed), progress=progress)
     lam = float(top.values[0])
+    if not lam * lam > 0:           # s²/λ² below: a ZeroDivisionError at eps = 1e300
+        raise ValueError(f"the preconditioned top eigenvalue is {lam:.3g}: zero, or so small "
+                         "that its square underflows (an eps or a preconditioner far too "
+                         "large for the curvature)")
     u = torch.as_tensor(np.asarray(top.vectors[:, 0]), dtype=H.dtype, device=H.device)
     sq = A.sqrt_d
     w = sq * u
@@ -1141,6 +1151,10 @@ def adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 0.999), eps
     warmup_lr = as_float("warmup_lr", warmup_lr, positive=True)
     seeds = as_seeds(seeds)
     factor = as_growth_factor(factor)
+    growth_factor = as_growth_factor(growth_factor, "growth_factor")    # never checked
+    rel_tol = as_float("rel_tol", rel_tol, positive=True)               # (an outside sweep)
+    if second_moment not in ("adaptive", "frozen"):
+        raise ValueError(f"second_moment must be 'adaptive' or 'frozen', got {second_moment!r}")
     if lr0 is not None and not callable(lr0):
         lr0 = as_float("lr0", lr0, positive=True)
     betas = _as_betas(betas)

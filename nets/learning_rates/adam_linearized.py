@@ -94,7 +94,7 @@ from nets.utils.data_source import tensors_for
 from nets.utils.plotting import in_b_order
 from nets.utils.progress import progress_bar
 from nets.utils.results import Result, result
-from rmt.validation import as_batch_sizes, as_float, as_int, as_range, as_seed
+from rmt.validation import as_batch_sizes, as_bool, as_float, as_int, as_range, as_seed
 
 __all__ = ["LinearizedAdamThresholds", "linearized_adam_threshold", "share_correction"]
 
@@ -190,6 +190,9 @@ def linearized_adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 
     n_grid = as_int("n_grid", n_grid, minimum=4)
     lo, hi = as_range("lr_range", lr_range)
     seeds = as_seeds(seeds)
+    correct, curved = as_bool("correct", correct), as_bool("curved", curved)
+    seed = as_seed("seed", seed)
+    max_bytes = as_int("max_bytes", max_bytes, minimum=1)
     warn_train_mode_layers(model, "linearized_adam_threshold")     # as adam_threshold does
     mean_reduction_check(model, loss_fn, data)
     X, y = tensors_for(model, data)

@@ -496,11 +496,11 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
             raise ValueError(f"kappa_max must be > 1, got {self.kappa_max}")
         if mu_rule == "floor" and not math.isfinite(self.kappa_max):
             raise ValueError("kappa_max must be finite with mu_rule='floor' (mu = lam_max/kappa_max)")
-        if batch_correction is True:
-            batch_correction = "directional"
+        if isinstance(batch_correction, (bool, np.bool_)):
+            batch_correction = "directional" if batch_correction else False
         if batch_correction is False:
             batch_correction = None
-        if batch_correction is not None and not isinstance(batch_correction, str):
+        elif not isinstance(batch_correction, str):     # None was taken for False
             raise TypeError("batch_correction must be a bool, 'directional' or 'micro_batch', "
                             f"got {type(batch_correction).__name__}")
         if batch_correction not in CORRECTIONS:

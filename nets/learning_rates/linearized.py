@@ -89,7 +89,7 @@ from nets.utils.autocast import outside_autocast
 from nets.utils.callers import caller_stacklevel
 from nets.utils.modes import model_copy
 from nets.utils.results import Result, result
-from rmt.validation import as_batch_sizes, as_float, as_int, as_range, as_seed
+from rmt.validation import as_batch_sizes, as_bool, as_float, as_int, as_range, as_seed
 
 __all__ = ["LinearizedThresholds", "linearized_threshold", "output_jacobians", "ggn_top_basis",
            "linear_model_outputs",
@@ -629,6 +629,12 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
     K = as_int("steps", steps, minimum=1)
     n_grid = as_int("n_grid", n_grid, minimum=4)
     seeds = as_seeds(seeds)
+    # checked whichever path reads them (seed='abc' passed when lr_range was given,
+    # curved='yes' ran the curved model, max_bytes=nan and 0 were never looked at)
+    curved = as_bool("curved", curved)
+    seed = as_seed("seed", seed)
+    max_bytes = as_int("max_bytes", max_bytes, minimum=1)
+    chunk_size = as_int("chunk_size", chunk_size, minimum=1)
     X, y = tensors_for(model, data, device=device)
     if device is not None:
         model = model_copy(model).to(device)
@@ -644,7 +650,7 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
                                      dtype=dtype, max_bytes=max_bytes, smaller=", a smaller rank")
     lam, u = math.nan, None
     if lr_range is None or curved:
-        u, lam = _top_direction(model, loss_fn, (X, y), as_seed("seed", seed), progress=progress)
+        u, lam = _top_direction(model, loss_fn, (X, y), seed, progress=progress)
     if lr_range is None:
         if not (math.isfinite(lam) and lam > 0):
             raise ValueError(f"the top Hessian eigenvalue is {lam}; give lr_range=(lo, hi)")
@@ -653,7 +659,7 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
         lo, hi = as_range("lr_range", lr_range)
     basis = None
     if r < P:
-        basis, _ = ggn_top_basis(model, loss_fn, (X, y), r, seed=as_seed("seed", seed),
+        basis, _ = ggn_top_basis(model, loss_fn, (X, y), r, seed=seed,
                                  progress=progress)
     chunk_size = as_int("chunk_size", chunk_size, minimum=1)
     if full:

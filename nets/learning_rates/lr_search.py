@@ -62,7 +62,7 @@ from nets.utils.jsonl_store import JsonlStore
 from nets.utils.modes import model_copy
 from nets.utils.plotting import in_b_order
 from nets.utils.results import Result, result
-from rmt.validation import as_batch_sizes, as_float, as_int, as_seed, resolved_seed
+from rmt.validation import as_batch_sizes, as_bool, as_float, as_int, as_seed, resolved_seed
 
 __all__ = ["TrialResult", "run_trial", "bisect_max_lr", "BisectionResult", "lr_sweep",
            "fit_growth_rate", "TRAINING_CRITERIA", "Trial", "TrainingTrial", "training_trial",
@@ -553,12 +553,42 @@ def training_trial(model, loss_fn, X, y, lr, batch_size, *, steps, momentum=0.0,
         raise ValueError(f"criterion must be one of {TRAINING_CRITERIA}, got {criterion!r}")
     if criterion == "onset" and direction is None:
         raise ValueError("criterion='onset' needs the top eigenvector (direction=)")
+    # every option checked here too (an outside sweep: B > N, lr = -1 or NaN, momentum 1,
+    # nesterov='yes' ran; empty data met a ZeroDivisionError)
+    check_model(model)
+    if not (torch.is_tensor(X) and torch.is_tensor(y)) or X.ndim == 0 or y.ndim == 0 \
+            or len(X) != len(y) or len(X) == 0:
+        raise ValueError("X and y must be tensors holding the same number (>= 1) of samples "
+                         "(all the data; training_threshold takes any data form)")
+    if X.is_floating_point() and not bool(torch.isfinite(X).all()):
+        raise ValueError("X contains NaN or inf")
+    lr = as_float("lr", lr, positive=True)
+    batch_size = as_int("batch_size", batch_size, minimum=1, maximum=len(X))
+    steps = as_int("steps", steps, minimum=1)
+    momentum = as_float("momentum", momentum, nonnegative=True)
+    if momentum >= 1:
+        raise ValueError(f"momentum must be < 1, got {momentum}")
+    nesterov = as_bool("nesterov", nesterov)
+    seed = as_int("seed", seed, minimum=0)
+    factor = as_growth_factor(factor)
+    chunk_size = as_int("chunk_size", chunk_size, minimum=1)
+    if isinstance(chunk_shares, str) and chunk_shares != "auto":
+        raise ValueError(f"chunk_shares must be 'auto', None or a list of shares, got "
+                         f"{chunk_shares!r}")
+    if growth_threshold is not None:
+        growth_threshold = as_float("growth_threshold", growth_threshold)
+    if criterion == "onset":
+        P = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if not (torch.is_tensor(direction) and direction.numel() == P
+                and bool(torch.isfinite(direction).all())):
+            raise ValueError(f"direction must be a finite tensor of the P={P} trainable "
+                             "parameters' entries (the flat top eigenvector)")
     net = model_copy(model)
     net.train(False)
     params = _flat_params(net)
     w0 = torch.cat([p.detach().reshape(-1) for p in params]).double()
     bufs = [torch.zeros_like(p) for p in params]
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = torch.Generator().manual_seed(seed)
     shares = (data_shares(net, loss_fn, X, y, chunk_size) if isinstance(chunk_shares, str)
               else chunk_shares)                     # each chunk's share of the loss
     L0 = full_data_loss(net, loss_fn, X, y, chunk_size, shares)
@@ -587,8 +617,7 @@ def training_trial(model, loss_fn, X, y, lr, batch_size, *, steps, momentum=0.0,
     if criterion == "final" and not unstable and loss_t > L0:
         unstable, reason = True, f"final loss {loss_t:.4g} > start {L0:.4g}"
     if criterion == "onset" and not unstable:
-        thr = (3.0 / steps if growth_threshold is None
-               else as_float("growth_threshold", growth_threshold))
+        thr = 3.0 / steps if growth_threshold is None else growth_threshold
         rate = fit_growth_rate(proj, 0.5)
         if rate > thr:
             unstable, reason = True, f"growth rate along u {rate:.3g} > {thr:.3g}"
@@ -930,6 +959,8 @@ def self_stabilisation(model, loss_fn, data, *, factor=4.0, batch_size=512, step
     above 10⁶× its start)."""
     from nets.algorithms.spectra import top_eigenvalues
 
+    check_model(model)
+    warn_train_mode_layers(model, "self_stabilisation")     # as the threshold searches do
     X, y = tensors_for(model, data)
     factor = as_float("factor", factor, positive=True)
     B = as_int("batch_size", batch_size, minimum=1, maximum=len(X))
@@ -937,7 +968,8 @@ def self_stabilisation(model, loss_fn, data, *, factor=4.0, batch_size=512, step
     momentum = as_float("momentum", momentum, nonnegative=True)
     if momentum >= 1:
         raise ValueError(f"momentum must be < 1, got {momentum}")
-    seed = resolved_seed("seed", seed)          # None: one int from fresh entropy, recorded
+    # None: one int from fresh entropy, recorded; an int (torch.Generator seeds the batches)
+    seed = as_int("seed", resolved_seed("seed", seed), minimum=0)
     lam0 = float(top_eigenvalues(model, loss_fn, (X, y), k=1, seed=seed, policy="eval")[0])
     net = model_copy(model).eval()
     params = _flat_params(net)

@@ -84,7 +84,7 @@ from nets.utils.jsonl_store import JsonlStore
 from nets.utils.modes import kept_modes, kept_rng
 from nets.utils.results import Result, result
 from rmt.lr import batch_curvature, momentum_effective_curvature, momentum_factor, noise_factor
-from rmt.validation import as_float, as_int, resolved_seed
+from rmt.validation import as_batch_sizes, as_float, as_int, resolved_seed
 
 __all__ = ["CurvatureMonitor", "MonitorRecord", "CurvatureTracker", "eoss_plateau"]
 
@@ -325,9 +325,7 @@ class CurvatureMonitor:
         self.n_batches = as_int("n_batches", n_batches, minimum=0)
         if batch_sizes is None:
             batch_sizes = _default_batch_sizes(self.N, self.batch_size)
-        self.batch_sizes = tuple(as_int("batch_sizes", b, minimum=1) for b in batch_sizes)
-        if not self.batch_sizes or max(self.batch_sizes) > self.N:
-            raise ValueError(f"batch_sizes must be non-empty, each in [1, N = {self.N}]")
+        self.batch_sizes = tuple(int(b) for b in as_batch_sizes(batch_sizes, self.N))
         self.lr = None if lr is None else as_float("lr", lr, positive=True)
         self.momentum = as_float("momentum", momentum, nonnegative=True)
         if not self.momentum < 1:
@@ -346,6 +344,9 @@ class CurvatureMonitor:
                                         policy=policy, chunk_size=chunk_size, device=device,
                                         dtype=dtype, seed=self.seed)
         mean_reduction_check(model, loss_fn, source)      # once: a summed / weighted loss warns
+        if clock is not None and not callable(clock):   # it failed at the first record()
+            raise TypeError(f"clock must be a zero-argument callable returning seconds (like "
+                            f"time.perf_counter) or None, got {type(clock).__name__}")
         self._clock = time.perf_counter if clock is None else clock
         layout = ParamLayout.from_module(model, params)
         model_dtype = model_place(model)[1]

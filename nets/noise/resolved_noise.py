@@ -547,6 +547,9 @@ def resolved_noise_from_operator(op: ModelCurvatureOperator, U, *, min_batch, st
     """
     check_noise_operator(op)
     min_batch = as_int("min_batch", min_batch, minimum=1)
+    if min_batch > op.N:                # no batch that small exists: it returned no spikes
+        raise ValueError(f"min_batch must be <= N={op.N} (the smallest batch size to be "
+                         f"evaluated), got {min_batch}")
     exact = as_bool("exact", exact)
     if cross not in ("auto", "nystrom", "exact"):
         raise ValueError(f"cross must be 'auto', 'nystrom' or 'exact', got {cross!r}")

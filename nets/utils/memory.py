@@ -40,6 +40,8 @@ import re
 
 import torch
 
+from rmt.validation import as_float
+
 __all__ = ["memory_budget", "chunk_count", "product_bytes", "lanczos_chunk_budget",
            "product_chunk", "capped_sample_chunk", "DEFAULT_FRACTION", "CPU_CAP",
            "CPU_LANCZOS_BYTES", "CPU_PRODUCT_BYTES", "SAMPLE_CHUNK_CAP"]
@@ -86,10 +88,13 @@ def memory_budget(memory=None, device=None) -> int:
         if m is None or m.group(2).lower() not in _UNITS:
             raise ValueError(f"memory must look like '512MB' or '2GiB', got {memory!r}")
         memory = float(m.group(1)) * _UNITS[m.group(2).lower()]
-    if not isinstance(memory, (int, float)):
-        raise TypeError(f"memory must be bytes (int), a string like '2GB', or None, got {memory!r}")
-    if not memory > 0 or memory != memory or memory == float("inf"):
-        raise ValueError(f"memory must be a positive finite number of bytes, got {memory!r}")
+    try:                                # numpy integers and 0-d tensors count as numbers
+        memory = as_float("memory", memory, positive=True)
+    except TypeError:
+        raise TypeError(f"memory must be bytes (int), a string like '2GB', or None, got "
+                        f"{memory!r}") from None
+    except ValueError:
+        raise ValueError(f"memory must be a positive finite number of bytes, got {memory!r}") from None
     return int(memory)
 
 

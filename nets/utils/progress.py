@@ -12,6 +12,8 @@ from __future__ import annotations
 import sys
 from typing import Iterable
 
+import numpy as np
+
 __all__ = ["progress_bar", "progress_counter", "redraw", "wants_progress"]
 
 #: with progress=None a bar is drawn once a call has run this many seconds
@@ -23,9 +25,9 @@ def wants_progress(progress) -> bool:
     (checks the type: True, False or None)."""
     if progress is None:
         return bool(getattr(sys.stderr, "isatty", lambda: False)())
-    if not isinstance(progress, bool):
+    if not isinstance(progress, (bool, np.bool_)):
         raise TypeError(f"progress must be True, False or None, got {progress!r}")
-    return progress
+    return bool(progress)
 
 
 def _tqdm(progress, **kwargs):
