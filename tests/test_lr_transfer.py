@@ -449,6 +449,13 @@ def test_falls_with_batch_size():
     assert not falls_with_batch_size([2.0, 1.0], tolerance=0.6)
     assert falls_with_batch_size([1.0, np.nan, 0.5]) and falls_with_batch_size([np.nan, 1.0, 0.5])
     assert not falls_with_batch_size([np.nan, 1.0, 2.0])
+    # with standard errors: a dip must also exceed two standard errors of the difference
+    # (three sequences put a 6 % dip at 1.2 of them, and eight showed the shape rising)
+    shape = [0.328, 0.403, 0.464, 0.436]
+    assert falls_with_batch_size(shape)
+    assert not falls_with_batch_size(shape, stderr=[0.01, 0.01, 0.011, 0.021])
+    assert falls_with_batch_size(shape, stderr=[0.01, 0.01, 0.004, 0.004])
+    assert falls_with_batch_size(shape, stderr=[np.nan] * 4)            # unknown: as without
 
 
 def test_default_form_scales_exactly_with_the_loss(tiny_mlp):
