@@ -535,6 +535,105 @@ def test_loss_partials_and_loss_module_buffers_are_told_apart():
     assert weighted[0] == weighted[1] != weighted[2]
 
 
+class _WrappedCE(torch.nn.Module):
+    def __init__(self, smoothing):
+        super().__init__()
+        self.ce = torch.nn.CrossEntropyLoss(label_smoothing=smoothing)
+
+    def forward(self, outputs, targets):
+        return self.ce(outputs, targets)
+
+
+class _TemperatureCE(torch.nn.Module):
+    def __init__(self, T):
+        super().__init__()
+        self.T = torch.nn.Parameter(torch.tensor(T))
+
+    def forward(self, outputs, targets):
+        return F.cross_entropy(outputs / self.T, targets)
+
+
+class _SmoothedCall:
+    def __init__(self, smoothing):
+        self.smoothing = smoothing
+
+    def __call__(self, outputs, targets):
+        return F.cross_entropy(outputs, targets, label_smoothing=self.smoothing)
+
+
+CRITERION = torch.nn.CrossEntropyLoss()
+LOSS_FUNCTION = F.cross_entropy
+ACTIVATION = torch.tanh
+
+
+def _reads_a_global_criterion(outputs, targets):
+    return CRITERION(outputs, targets)
+
+
+def _reads_a_global_function(outputs, targets):
+    return LOSS_FUNCTION(outputs, targets)
+
+
+class _GlobalActNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.lin(ACTIVATION(x))
+
+
+def test_losses_that_differ_beyond_class_names_and_plain_attributes_are_told_apart(monkeypatch):
+    """Each pair kept one fingerprint while the loss value changed, so training_threshold,
+    lr_sweep, measure_batch_top_eigenvalue and CurvatureMonitor reused stored results (an
+    outside audit): a loss module holding a loss module, one with a parameter (a learned
+    temperature), a global loss module or torch function read by a loss, a callable object
+    changed in place, and a forward reading a global activation. Equal ones stay equal."""
+    from nets.utils.fingerprints import code_fingerprint
+
+    model = torch.nn.Linear(3, 2)
+    assert code_fingerprint(model, _WrappedCE(0.0)) == code_fingerprint(model, _WrappedCE(0.0))
+    assert code_fingerprint(model, _WrappedCE(0.0)) != code_fingerprint(model, _WrappedCE(0.3))
+    assert code_fingerprint(model, _TemperatureCE(1.0)) == code_fingerprint(model, _TemperatureCE(1.0))
+    assert code_fingerprint(model, _TemperatureCE(1.0)) != code_fingerprint(model, _TemperatureCE(2.0))
+    call = _SmoothedCall(0.0)
+    before = code_fingerprint(model, call)
+    assert code_fingerprint(model, _SmoothedCall(0.0)) == before
+    call.smoothing = 0.3
+    assert code_fingerprint(model, call) != before
+    for name, fn, other in [("CRITERION", _reads_a_global_criterion,
+                             torch.nn.CrossEntropyLoss(label_smoothing=0.3)),
+                            ("LOSS_FUNCTION", _reads_a_global_function, F.multi_margin_loss)]:
+        before = code_fingerprint(model, fn)
+        assert code_fingerprint(model, fn) == before
+        monkeypatch.setattr(f"{__name__}.{name}", other)
+        assert code_fingerprint(model, fn) != before, name
+    net = _GlobalActNet()
+    before = code_fingerprint(net, F.cross_entropy)
+    monkeypatch.setattr(f"{__name__}.ACTIVATION", torch.relu)
+    assert code_fingerprint(net, F.cross_entropy) != before
+
+
+def test_a_non_persistent_buffer_is_part_of_the_threshold_store_key(tmp_path):
+    """A buffer registered with persistent=False is not in the state dict, and a scale
+    changed from 1 to 2 reused the stored thresholds (an outside audit)."""
+    from nets.learning_rates.lr_search import _model_tag
+
+    class Scaled(torch.nn.Module):
+        def __init__(self, scale):
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin = torch.nn.Linear(3, 2)
+            self.register_buffer("scale", torch.tensor(scale), persistent=False)
+
+        def forward(self, x):
+            return self.lin(x * self.scale)
+
+    X, y = torch.randn(20, 3), torch.randint(0, 2, (20,))
+    assert _model_tag(Scaled(1.0), F.cross_entropy, X, y) == _model_tag(Scaled(1.0), F.cross_entropy, X, y)
+    assert _model_tag(Scaled(1.0), F.cross_entropy, X, y) != _model_tag(Scaled(2.0), F.cross_entropy, X, y)
+
+
 def test_tensor_bytes_tell_apart_shapes_with_the_same_bytes():
     from nets.utils.fingerprints import digest, tensor_bytes
 

@@ -624,3 +624,37 @@ def test_records_taken_out_of_order_are_kept_in_step_order():
         mon.record(s)
     assert mon.recorded_steps() == [3, 7, 10]
     assert list(mon.trace("step")) == [3, 7, 10]
+
+
+def test_another_run_differing_only_in_its_lr_or_momentum_is_refused(tmp_path):
+    """A run at lr 1.0 on the file of a run at lr 0.1 got the old records back (edge 20
+    for 2), and so did momentum 0.9 after 0: lr and momentum were not in the file's
+    settings, and the weights check of the first record cannot see them when that record
+    is taken before any step (an outside audit). The constructor's lr and momentum are now
+    settings, and an attached optimizer's are compared with each stored record's."""
+    X, y = _data(seed=2)
+    path = tmp_path / "mon.jsonl"
+    kw = dict(batch_size=16, n_batches=0, path=path)
+    first = CurvatureMonitor(_model(0), CE, (X, y), lr=0.1, **kw).record(0)
+    assert first.lr == 0.1
+    with pytest.raises(ValueError, match=r"lr \(0.1 there, 1.0 here\)"):
+        CurvatureMonitor(_model(0), CE, (X, y), lr=1.0, **kw)
+    with pytest.raises(ValueError, match=r"momentum \(0.0 there, 0.9 here\)"):
+        CurvatureMonitor(_model(0), CE, (X, y), lr=0.1, momentum=0.9, **kw)
+    again = CurvatureMonitor(_model(0), CE, (X, y), lr=0.1, **kw).record(0)
+    assert again.to_dict() == first.to_dict()                  # the same run reads it back
+
+    opt_path = tmp_path / "opt.jsonl"
+
+    def attached(lr, momentum=0.0):
+        model = _model(0)
+        mon = CurvatureMonitor(model, CE, (X, y), batch_size=16, n_batches=0, path=opt_path)
+        mon.attach(torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum))
+        return mon.record(0)
+
+    assert attached(0.1).lr == 0.1
+    with pytest.raises(ValueError, match="recorded at lr = 0.1 and this run has 1"):
+        attached(1.0)
+    with pytest.raises(ValueError, match="recorded at momentum = 0 and this run has 0.9"):
+        attached(0.1, 0.9)
+    assert attached(0.1).lr == 0.1

@@ -254,3 +254,8 @@ def test_learner_comparison_interrupted_resumes(tmp_path, monkeypatch):
     ran.clear()
     lc.compare(**LEARNER_CFG, store=path)
     assert ran == []
+    # one more seed: only its runs are new (every stored run was recomputed when the
+    # settings' fingerprint held the seeds; an outside audit)
+    more = dict(LEARNER_CFG, seeds=tuple(LEARNER_CFG["seeds"]) + (max(LEARNER_CFG["seeds"]) + 1,))
+    lc.compare(**more, store=path)
+    assert sorted(seed for _, seed, _ in ran) == [more["seeds"][-1]] * 3   # SGD, Adam, learner

@@ -722,8 +722,15 @@ def _model_tag(model, loss_fn, X, y) -> str:
     from nets.utils.fingerprints import code_fingerprint, raw_bytes
 
     h = hashlib.sha1()       # raw_bytes: the bytes .numpy().tobytes() gave, bfloat16 too
-    for p in model.state_dict().values():
+    state = model.state_dict()
+    for p in state.values():
         h.update(raw_bytes(p))
+    # buffers registered with persistent=False are not in the state dict (a scale changed
+    # from 1 to 2 reused the stored thresholds); hashed only where there are any, so the
+    # keys of every other model are as before
+    for name, b in model.named_buffers():
+        if name not in state:
+            h.update(name.encode() + raw_bytes(b))
     h.update(raw_bytes(X))
     h.update(raw_bytes(y))
     h.update(str(len(X)).encode())

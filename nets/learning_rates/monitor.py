@@ -354,6 +354,9 @@ class CurvatureMonitor:
                            batch_sizes=list(self.batch_sizes), tol=self.tracker.tol,
                            noise_rel_error=self.noise_rel_error, kind=kind, policy=policy,
                            seed=self.seed, N=self.N, params=list(layout.names),
+                           # the records' edge, plateau and limits use them: a file written
+                           # at lr 0.1 was handed back to a run at lr 1.0 (an outside audit)
+                           lr=self.lr, momentum=self.momentum,
                            dtype=None if dtype is None else str(dtype),
                            chunk_size=chunk_size,
                            device=None if device is None else str(torch.device(device)),
@@ -447,6 +450,21 @@ class CurvatureMonitor:
                 "initialisation, checkpoint, learning rate or batch order), and its records "
                 "would be mixed with this run's; give each run its own path")
         self._run_start = None           # the same run: checked once
+
+    def _check_same_lr(self, rec, lr) -> None:
+        """Refuse to hand back a stored record measured at another learning rate or
+        momentum than this run has now (where both are known): the weights check of the
+        first record cannot see a run that differs only in its lr (an outside audit)."""
+        a, rho, _, _ = self._lr_momentum(lr)
+        pairs = [("lr", rec.lr, a), ("momentum", rec.momentum, rho)]
+        for name, was, now in pairs:
+            if was is None or now is None or not (math.isfinite(was) and math.isfinite(now)):
+                continue
+            if not math.isclose(was, now, rel_tol=1e-9, abs_tol=0.0):
+                raise ValueError(
+                    f"{self.store.path if self.store is not None else 'the records'}: step "
+                    f"{rec.step} was recorded at {name} = {was:g} and this run has {now:g}: "
+                    "the file holds records of another run; give each run its own path")
 
     def _check_params(self) -> None:
         """Refuse a record over another parameter set than the monitor was built for (a
@@ -656,6 +674,7 @@ class CurvatureMonitor:
         self._check_same_run(step)
         for r in self.records:
             if r.step == step:
+                self._check_same_lr(r, lr)
                 return r
         self.start()
         t0 = self._clock()

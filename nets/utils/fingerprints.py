@@ -7,11 +7,15 @@ but another activation, or one loss with another label smoothing, must not share
 results. Hashed here: every submodule's class, `extra_repr`, plain attributes and the code
 of the functions its (user-defined) classes define, the model's `repr`, and
 for the loss — a function's qualified name, bytecode, constants, names, closure values
-and the module-level data (and same-module functions) it reads, a `functools.partial`'s
-function, arguments and keywords (recursively), or a loss module's class and its plain
-attributes (reduction, label smoothing, weights, ...).
+and the module-level data it reads (settings, its module's functions, and in the user's
+code every other callable: a global loss module, partial or torch function), a
+`functools.partial`'s function, arguments and keywords (recursively), a loss module's
+class and its plain attributes and buffers (reduction, label smoothing, weights, ...) —
+with, where it has any, the code of the user's classes, its submodules and its
+parameters — or a callable object's class code and attributes.
 A callable it cannot read falls back to its `repr` (which may include an address, so such
-a store is not reused across processes: never stale, at worst recomputed).
+a store is not reused across processes: never stale, at worst recomputed). The
+fingerprints of torch's own losses and of models without such globals are as before.
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ def _describe(obj, depth=0) -> str:
     if isinstance(obj, torch.nn.Module):
         plain = _plain_attributes(obj, lambda v: _describe(v, depth + 1))
         buffers = sorted((k, _describe(v, depth + 1)) for k, v in obj.named_buffers())
-        return f"{type(obj).__module__}.{type(obj).__qualname__}{plain}{buffers}"
+        return (f"{type(obj).__module__}.{type(obj).__qualname__}{plain}{buffers}"
+                f"{_module_extras(obj, depth)}")
     code = getattr(obj, "__code__", None)
     if code is not None:
         cells = [_describe(c.cell_contents, depth + 1) for c in (obj.__closure__ or ())
@@ -58,7 +63,33 @@ def _describe(obj, depth=0) -> str:
         return f"{type(obj).__name__}{[_describe(v, depth + 1) for v in obj]}"
     if callable(obj) and hasattr(obj, "__qualname__"):      # builtins, torch functions
         return f"{getattr(obj, '__module__', '')}.{obj.__qualname__}"
+    if callable(obj) and hasattr(obj, "__dict__") and not isinstance(obj, type):
+        # a callable object (a loss class with __call__): its class's code and its
+        # attributes, which its repr leaves out (an attribute changed in place kept it)
+        cls = type(obj)
+        return (f"{cls.__module__}.{cls.__qualname__}:{_class_code(cls, depth + 1)}:"
+                f"{_plain_attributes(obj, lambda v: _describe(v, depth + 1))}")
     return repr(obj)
+
+
+def _module_extras(module: torch.nn.Module, depth) -> str:
+    """What a loss module's class name, plain attributes and buffers leave out — the code
+    of the user's classes, its submodules' classes and attributes, its parameters (a
+    learned temperature) — as a suffix that is empty for a torch loss with neither (so
+    their fingerprints are as before)."""
+    extras = []
+    code = _class_code(type(module), depth + 1)
+    if code:
+        extras.append(f"code{code}")
+    subs = [(n, f"{type(m).__module__}.{type(m).__qualname__}({m.extra_repr()})",
+             _plain_attributes(m, lambda v: _describe(v, depth + 1)), _class_code(type(m), depth + 1))
+            for n, m in module.named_modules() if n]
+    if subs:
+        extras.append(f"modules{subs}")
+    params = sorted((k, _describe(v, depth + 1)) for k, v in module.named_parameters())
+    if params:
+        extras.append(f"parameters{params}")
+    return "|".join(extras)
 
 
 _PLAIN = (int, float, str, bool, type(None), bytes, tuple, list, torch.Tensor, np.ndarray,
@@ -70,10 +101,14 @@ _SETTINGS = (dict, types.SimpleNamespace, argparse.Namespace)
 
 def _globals_read(fn, code, depth) -> list:
     """The module-level values a function reads by name — plain data (numbers, strings,
-    tensors, arrays, tuples) and the user's own functions, not modules or classes — so
-    that a loss reading a global setting (e.g. LABEL_SMOOTHING = 0.1) is told apart
-    when the setting changes."""
+    tensors, arrays, tuples), the functions of its own module, and, for the user's code
+    (not torch's own functions), every other callable it reads: a loss module, a partial,
+    a torch function (LOSS = F.cross_entropy edited to F.multi_margin_loss, ACT = torch.tanh
+    to torch.relu kept the fingerprint), a function of another module by its name — not
+    modules or classes — so that a loss reading a global setting (e.g. LABEL_SMOOTHING =
+    0.1) is told apart when the setting changes."""
     g = getattr(fn, "__globals__", {})
+    user = not (getattr(fn, "__module__", None) or "").startswith("torch")
     out = []
     for name in code.co_names:
         if name not in g:
@@ -82,6 +117,11 @@ def _globals_read(fn, code, depth) -> list:
         if isinstance(v, _PLAIN + _SETTINGS) or (getattr(v, "__code__", None) is not None
                                                  and getattr(v, "__module__", None) == fn.__module__):
             out.append((name, _describe(v, depth + 1)))
+        elif user and callable(v) and not isinstance(v, (type, types.ModuleType)):
+            if getattr(v, "__code__", None) is not None:     # another module's function
+                out.append((name, f"{getattr(v, '__module__', '')}.{v.__qualname__}"))
+            else:
+                out.append((name, _stable(v, depth + 1)))
     return out
 
 
@@ -100,15 +140,15 @@ def _plain_attributes(module: torch.nn.Module, describe) -> list:
                   if not k.startswith("_") and k != "training")
 
 
-def _stable(obj) -> str:
+def _stable(obj, depth=0) -> str:
     """`_describe(obj)`, or the type's name where that is a repr holding a memory address
     (such an attribute is not told apart, as before it was read at all, rather than make
     every key differ between processes)."""
-    d = _describe(obj)
+    d = _describe(obj, depth)
     return type(obj).__qualname__ if " at 0x" in d else d
 
 
-def _class_code(cls) -> list:
+def _class_code(cls, depth=0) -> list:
     """The code of every function the user's classes in cls's MRO define — forward and the
     helpers it calls (self.act(), edited from tanh to relu, kept the fingerprint when only
     forward was read); torch's own classes are told apart by their extra_repr."""
@@ -116,7 +156,7 @@ def _class_code(cls) -> list:
     for c in cls.__mro__:
         if c is object or (c.__module__ or "").split(".")[0] == "torch":
             continue
-        out += [(c.__qualname__, k, _stable(v)) for k, v in sorted(vars(c).items())
+        out += [(c.__qualname__, k, _stable(v, depth)) for k, v in sorted(vars(c).items())
                 if getattr(v, "__code__", None) is not None]
     return out
 

@@ -322,7 +322,10 @@ def _one_run(model_name, method, seed, lr, cfg, train, test, make_model, device)
 
 
 def _fingerprint(cfg: dict) -> str:
-    return hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    """The settings every stored run depends on; not the models and seeds, which each run's
+    own key names (adding a third seed recomputed the nine runs already stored)."""
+    shared = {k: v for k, v in cfg.items() if k not in ("models", "seeds")}
+    return hashlib.sha1(json.dumps(shared, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def _run_comparison(cfg, data_for, make_model, store, progress):
