@@ -7,7 +7,8 @@ the linearised form became the default — the GELU digits MLP (`gelu`) and the 
 CNN (`bn_cnn`, eval mode) of bench_heldout_transfer.py, and later its two user-style nets
 (`res_gn`, a residual CNN with GroupNorm; `ln_mlp`, an MLP with LayerNorm) and its
 attention network (`attn`, nn.MultiheadAttention over the images' rows), and the scalar
-regression MLP of bench_heldout_regression.py (`digit_value`, session 54), and for
+regression MLP of bench_heldout_regression.py (`digit_value`, session 54) and the token
+transformer of bench_heldout_token.py (`token`, session 56), and for
 β₁ ∈ {0.9, 0} (β₂ = 0.999, ε = 1e-8): the
 warmed-state threshold (`nets.learning_rates.adam.adam_threshold`, `--criterion`,
 default "divergence"), the fresh-state first-step limit, the noise-model prediction
@@ -29,7 +30,7 @@ import torch
 from _common import write_json
 
 MODELS = ("mlp", "mlp_relu", "cnn", "mse", "gelu", "bn_cnn", "res_gn", "ln_mlp", "attn",
-          "synth_silu", "digit_value")
+          "synth_silu", "digit_value", "token")
 
 
 def _model(name):
@@ -47,6 +48,11 @@ def _model(name):
     if name == "digit_value":
         # the scalar regression MLP of bench_heldout_regression (held out, session 54)
         from bench_heldout_regression import trained
+        model, _, data = trained(0)
+        return model, data
+    if name == "token":
+        # the token transformer of bench_heldout_token (held out, session 56)
+        from bench_heldout_token import trained
         model, _, data = trained(0)
         return model, data
     if name in ("gelu", "bn_cnn", "res_gn", "ln_mlp", "attn", "synth_silu"):
