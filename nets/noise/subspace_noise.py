@@ -211,6 +211,7 @@ def default_subspace_dim(model, data, P: int, loss_fn=None) -> int:
     dev = next((p.device for p in model.parameters()), X.device)
     dt = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     X = X.to(device=dev, dtype=dt) if X.is_floating_point() and dt is not None else X.to(dev)
+    Y = Y.to(device=dev, dtype=dt) if Y.is_floating_point() and dt is not None else Y.to(dev)
     with (torch.no_grad(), policy_mode(model, "eval"), kept_tensors(model),   # the caller's
           kept_attributes(model)):                                           # module
         out = model(X)
