@@ -563,7 +563,7 @@ def test_adam_linearized_form_through_transfer_lr():
 
 def test_momentum_upward_transfer_warns():
     """With momentum, a linearised-form transfer to B above B0 warns (it overestimated the
-    real threshold in 26 of 29 measured cases); without momentum, or downward only, it
+    real threshold in 28 of 31 measured cases); without momentum, or downward only, it
     does not."""
     import warnings
 

@@ -323,12 +323,12 @@ def momentum_caveat_silenced():
 def warn_momentum_upward(momentum, batch_sizes, reference_batch_size, *, who="transfer_lr",
                          nesterov=False):
     """Warn when a linearised-form transfer with momentum (heavy ball ρ, or Adam's β₁) is
-    asked for batch sizes above the reference B₀. Measured (docs/real_training.md, 29 network/optimizer
+    asked for batch sizes above the reference B₀. Measured (docs/real_training.md, 31 network/optimizer
     cases with ρ or β₁ = 0.9, SGD and Adam): the transfer from B₀ = 32 to B = 512
-    overestimated the real divergence threshold on 26 (by up to 3.4× on the digits-like
+    overestimated the real divergence threshold on 28 (by up to 3.4× on the digits-like
     nets, 9.9× on a held-out GRU) — the real network sharpens along the momentum drift at
     large B, its linearisation does not — and the transfer from B₀ = 512 to B = 8 erred
-    low on 26 (0.078–0.94×).
+    low on 28 (0.078–0.94×).
 
     With `nesterov` (ρ > 0) it warns for any B ≠ B₀: measured on seven digits networks
     (docs/real_training.md, ρ = 0.9) the Nesterov transfer missed 20 % on six (0.64–1.78×; 9 of the 13
@@ -345,7 +345,7 @@ def warn_momentum_upward(momentum, batch_sizes, reference_batch_size, *, who="tr
     if momentum > 0 and np.any(Bs > reference_batch_size):
         warnings.warn(f"{who}: {MOMENTUM_CAVEAT} ({momentum:g}) the transfer to batch sizes above "
                       f"the reference B0 = {reference_batch_size} overestimated the real "
-                      "divergence threshold in 26 of 29 measured cases (up to 3.4x at "
+                      "divergence threshold in 28 of 31 measured cases (up to 3.4x at "
                       "B = 512 from B0 = 32 on digits-like nets, 9.9x on a GRU), while the "
                       "transfer to smaller B erred low; "
                       "anchor at the largest batch size you will use, or measure "
