@@ -636,3 +636,33 @@ def test_uncorrected_batch_sizes_are_named_for_nan_and_for_ratios_above_one():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _warn_uncorrected(np.array([0.5, 1.0]), [4, 8], 10.0)
+
+
+def test_preconditioned_top_direction_is_d_half_times_the_eigenvector(tiny_mlp, dense_hessian):
+    """`_preconditioned_top` returns (λ̃, D^{1/2}ũ): ũ the top eigenvector of
+    D^{1/2} H D^{1/2} with D = 1/(√v̂ + ε) from the Adam state, written out here from the
+    optimizer's exp_avg_sq and step (a returned ũ itself, or D·ũ, is another direction)."""
+    import torch.nn.functional as F
+
+    from nets.learning_rates.adam_linearized import _preconditioned_top
+
+    model, X, y = tiny_mlp(seed=3, N=40)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.99), eps=1e-8)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(7):
+        idx = torch.randperm(40, generator=g)[:8]
+        opt.zero_grad()
+        F.cross_entropy(model(X[idx]), y[idx]).backward()
+        opt.step()
+    opt.zero_grad()
+    b2 = opt.param_groups[0]["betas"][1]
+    D = torch.cat([1.0 / ((opt.state[p]["exp_avg_sq"] / (1 - b2 ** int(opt.state[p]["step"])))
+                          .sqrt() + 1e-8).reshape(-1) for p in model.parameters()]).double()
+    H = dense_hessian(model, F.cross_entropy, X, y)
+    s = D.sqrt()
+    ev, V = torch.linalg.eigh(s[:, None] * H * s[None, :])
+    lam, d = _preconditioned_top(model, F.cross_entropy, (X, y), opt, 0)
+    assert lam == pytest.approx(float(ev[-1]), rel=1e-8)
+    want = s * V[:, -1]
+    cos = float(torch.dot(d, want) / (d.norm() * want.norm()))
+    assert abs(cos) > 1 - 1e-8, f"the direction is not D^1/2 u (|cos| = {abs(cos):.6f})"
