@@ -666,3 +666,25 @@ def test_preconditioned_top_direction_is_d_half_times_the_eigenvector(tiny_mlp, 
     want = s * V[:, -1]
     cos = float(torch.dot(d, want) / (d.norm() * want.norm()))
     assert abs(cos) > 1 - 1e-8, f"the direction is not D^1/2 u (|cos| = {abs(cos):.6f})"
+
+
+def test_curved_adam_model_takes_its_second_derivative_along_a_unit_direction(tiny_mlp,
+                                                                              monkeypatch):
+    """The curved Adam model keeps ½(dᵀe)²·q with q = d²z(w + t·d)/dt²: both factors scale
+    with |d|², so the direction must be the unit D^{1/2}ũ (without the normalisation the
+    term is |d|⁴ times too large). Checked on what reaches the second-derivative pass."""
+    import torch.nn.functional as F
+
+    import nets.learning_rates.adam_linearized as al
+
+    seen = []
+    real = al.second_derivative_along
+
+    def recording(model, X, d, **kw):
+        seen.append(float(d.norm()))
+        return real(model, X, d, **kw)
+    monkeypatch.setattr(al, "second_derivative_along", recording)
+    model, X, y = tiny_mlp(seed=4, N=40)
+    al.linearized_adam_threshold(model, F.cross_entropy, (X, y), [8], warmup_steps=3, steps=5,
+                                 seeds=(0,), n_grid=4, curved=True, lr_range=(1e-3, 1.0))
+    assert seen and all(abs(n - 1.0) < 1e-10 for n in seen), seen
