@@ -11,6 +11,8 @@ user-style models; each case failed or was silent before its fix):
 * `nesterov=` is a keyword of `predict_max_lr` and `lr_table` as of `transfer_lr`.
 """
 
+import os
+import pathlib
 import warnings
 
 import numpy as np
@@ -612,6 +614,53 @@ def test_losses_that_differ_beyond_class_names_and_plain_attributes_are_told_apa
     before = code_fingerprint(net, F.cross_entropy)
     monkeypatch.setattr(f"{__name__}.ACTIVATION", torch.relu)
     assert code_fingerprint(net, F.cross_entropy) != before
+
+
+REGULARISED = torch.nn.Linear(3, 2)
+
+
+def _l2_on_the_global_model(outputs, targets):
+    return F.cross_entropy(outputs, targets) + 1e-4 * sum(
+        (p ** 2).sum() for p in REGULARISED.parameters())
+
+
+class _TokenWeightedCE:
+    def __init__(self, seed):
+        self.tokens = frozenset({"alpha", "beta", "gamma", "delta", "epsilon", "zeta"})
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, outputs, targets):
+        return F.cross_entropy(outputs, targets)
+
+
+def test_loss_fingerprints_hold_across_training_steps_and_processes():
+    """A loss reading the global model for an L2 term hashed that model's weights, so a
+    CurvatureMonitor refused its own file when resumed at a later step; a callable loss
+    holding a torch.Generator or a set got a fingerprint that differed between processes
+    (an address, the set's order), so no store keyed on it was ever reused (a review)."""
+    import subprocess
+    import sys
+
+    from nets.utils.fingerprints import code_fingerprint
+
+    model = REGULARISED
+    before = code_fingerprint(model, _l2_on_the_global_model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)                              # a training step
+    assert code_fingerprint(model, _l2_on_the_global_model) == before
+    assert code_fingerprint(model, _TokenWeightedCE(0)) == code_fingerprint(model, _TokenWeightedCE(1))
+    script = ("import torch; from nets.utils.fingerprints import code_fingerprint; "
+              "from test_entry_point_consistency import _TokenWeightedCE; "
+              "print(code_fingerprint(torch.nn.Linear(3, 2), _TokenWeightedCE(0)))")
+    here = str(pathlib.Path(__file__).parent)
+    prints = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             check=True, cwd=here,
+                             env={**os.environ, "PYTHONHASHSEED": seed,
+                                  "PYTHONPATH": os.pathsep.join(filter(None, [
+                                      here, os.environ.get("PYTHONPATH", "")]))}).stdout
+              for seed in ("1", "2")}
+    assert len(prints) == 1, prints
 
 
 def test_a_non_persistent_buffer_is_part_of_the_threshold_store_key(tmp_path):

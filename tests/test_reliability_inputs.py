@@ -614,6 +614,35 @@ def test_numpy_scalars_and_bools_are_valid_everywhere():
     nets.CurvatureMonitor(model, CE, (X, y), batch_size=4, batch_sizes=np.int64(8))
 
 
+def test_byte_caps_take_floats_and_inf_and_a_dataset_is_not_read_whole_for_a_nan_check():
+    """max_bytes is a byte count compared with a need: a fraction of free memory or inf
+    (no cap) worked before the sweep made it an integer; preconditioned_batch_sharpness's
+    NaN check read a whole Dataset (20,000 items: 20x the measurement) — now only a pair's
+    tensors, already in memory, are scanned (a review)."""
+    model, X, y = tiny()
+    kw = dict(steps=5, seeds=(0,), n_grid=4, lr_range=(0.1, 10.0))
+    a = nets.linearized_threshold(model, CE, (X, y), [4], max_bytes=float("inf"), **kw)
+    b = nets.linearized_threshold(model, CE, (X, y), [4], max_bytes=2.0 ** 32 + 0.5, **kw)
+    assert np.array_equal(a.lr, b.lr)
+
+    Xs, ys = X.repeat(100, 1), y.repeat(100)                  # 2,000 samples
+
+    class Counting(torch.utils.data.Dataset):
+        reads = 0
+
+        def __len__(self):
+            return len(Xs)
+
+        def __getitem__(self, i):
+            Counting.reads += 1
+            return Xs[i], ys[i]
+    opt = _stepped_adam(model, (X, y))
+    Counting.reads = 0
+    nets.preconditioned_batch_sharpness(model, CE, Counting(), [4], preconditioner=opt,
+                                        n_batches=1)
+    assert Counting.reads < len(Xs) // 10, Counting.reads
+
+
 def test_flags_take_numpy_bools_and_refuse_other_values():
     """np.bool_ (what numpy comparisons give) was refused as 'not a bool' by most flags
     ('train must be a bool, got bool'), accepted by one; 1, "yes" and None are refused."""

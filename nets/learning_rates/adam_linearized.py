@@ -192,7 +192,7 @@ def linearized_adam_threshold(model, loss_fn, data, batch_sizes, *, betas=(0.9, 
     seeds = as_seeds(seeds)
     correct, curved = as_bool("correct", correct), as_bool("curved", curved)
     seed = as_seed("seed", seed)
-    max_bytes = as_int("max_bytes", max_bytes, minimum=1)
+    max_bytes = as_float("max_bytes", max_bytes, positive=True, allow_inf=True)  # inf: no cap
     warn_train_mode_layers(model, "linearized_adam_threshold")     # as adam_threshold does
     mean_reduction_check(model, loss_fn, data)
     X, y = tensors_for(model, data)

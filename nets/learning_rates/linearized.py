@@ -633,7 +633,7 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
     # curved='yes' ran the curved model, max_bytes=nan and 0 were never looked at)
     curved = as_bool("curved", curved)
     seed = as_seed("seed", seed)
-    max_bytes = as_int("max_bytes", max_bytes, minimum=1)
+    max_bytes = as_float("max_bytes", max_bytes, positive=True, allow_inf=True)  # inf: no cap
     chunk_size = as_int("chunk_size", chunk_size, minimum=1)
     X, y = tensors_for(model, data, device=device)
     if device is not None:

@@ -61,6 +61,8 @@ def _describe(obj, depth=0) -> str:
         return repr(obj)
     if isinstance(obj, (tuple, list)):
         return f"{type(obj).__name__}{[_describe(v, depth + 1) for v in obj]}"
+    if isinstance(obj, (set, frozenset)):       # iteration order varies between processes
+        return f"{type(obj).__name__}{sorted(_describe(v, depth + 1) for v in obj)}"
     if callable(obj) and hasattr(obj, "__qualname__"):      # builtins, torch functions
         return f"{getattr(obj, '__module__', '')}.{obj.__qualname__}"
     if callable(obj) and hasattr(obj, "__dict__") and not isinstance(obj, type):
@@ -68,8 +70,21 @@ def _describe(obj, depth=0) -> str:
         # attributes, which its repr leaves out (an attribute changed in place kept it)
         cls = type(obj)
         return (f"{cls.__module__}.{cls.__qualname__}:{_class_code(cls, depth + 1)}:"
-                f"{_plain_attributes(obj, lambda v: _describe(v, depth + 1))}")
+                f"{_plain_attributes(obj, lambda v: _stable(v, depth + 1))}")
     return repr(obj)
+
+
+def _module_structure(module: torch.nn.Module, depth) -> str:
+    """A module read as a global (the model itself in an L2 term, a criterion): its
+    classes, their code, settings and the names, shapes and dtypes of its tensors — not
+    their values, which training changes at every step (hashing them refused a monitor's
+    own file on resume); a store that depends on the weights hashes them itself."""
+    parts = [(n, f"{type(m).__module__}.{type(m).__qualname__}({m.extra_repr()})",
+              _plain_attributes(m, lambda v: _stable(v, depth + 1)), _class_code(type(m), depth + 1))
+             for n, m in module.named_modules()]
+    tensors = [(n, tuple(t.shape), str(t.dtype))
+               for n, t in (*module.named_parameters(), *module.named_buffers())]
+    return f"module{parts}{tensors}"
 
 
 def _module_extras(module: torch.nn.Module, depth) -> str:
@@ -120,6 +135,8 @@ def _globals_read(fn, code, depth) -> list:
         elif user and callable(v) and not isinstance(v, (type, types.ModuleType)):
             if getattr(v, "__code__", None) is not None:     # another module's function
                 out.append((name, f"{getattr(v, '__module__', '')}.{v.__qualname__}"))
+            elif isinstance(v, torch.nn.Module):
+                out.append((name, _module_structure(v, depth + 1)))
             else:
                 out.append((name, _stable(v, depth + 1)))
     return out
