@@ -8,7 +8,8 @@ results. Hashed here: every submodule's class, `extra_repr`, plain attributes an
 of the functions its (user-defined) classes define, the model's `repr`, and
 for the loss — a function's qualified name, bytecode, constants, names, closure values
 and the module-level data it reads (settings, its module's functions, and in the user's
-code every other callable: a global loss module, partial or torch function), a
+code every other callable: a global partial or torch function, and a global module by
+its structure and settings, not its weights, which training changes), a
 `functools.partial`'s function, arguments and keywords (recursively), a loss module's
 class and its plain attributes and buffers (reduction, label smoothing, weights, ...) —
 with, where it has any, the code of the user's classes, its submodules and its
