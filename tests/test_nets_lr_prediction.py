@@ -371,6 +371,14 @@ def test_lr_table_result_json_repr_and_plot(small_ls):
         assert ax.get_xscale() == ax.get_yscale() == "log"
         assert len(ax.get_lines()) == 7
         np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), t.sgd_directional)
+        # batch sizes labelled as plain integers at powers of two, minor ticks unlabelled
+        # (the base-10 axis printed 2×10¹, 3×10¹, ... over each other; an outside trial)
+        fig.canvas.draw()
+        lo, hi = ax.get_xlim()
+        major = [x.get_text() for x, at in zip(ax.get_xticklabels(), ax.get_xticks())
+                 if lo <= at <= hi]
+        assert major and all(lab.isdigit() and int(lab) & (int(lab) - 1) == 0 for lab in major)
+        assert not any(x.get_text() for x in ax.get_xticklabels(minor=True))
     finally:
         plt.close(fig)
 

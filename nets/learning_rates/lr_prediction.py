@@ -78,7 +78,7 @@ from nets.utils.autocast import outside_autocast
 from nets.utils.callers import caller_stacklevel
 from nets.utils.data_source import as_data_source
 from nets.utils.jsonio import from_jsonable
-from nets.utils.plotting import in_b_order
+from nets.utils.plotting import batch_size_axis, in_b_order
 from nets.utils.progress import progress_bar, wants_progress
 from nets.utils.results import Result, result
 from nets.utils.seeding import resolved_seed
@@ -533,9 +533,8 @@ class LRTable(Result):
                 continue
             style = "o" if key.endswith("measured") else "-"
             ax.plot(B, y, style, label=label)
-        ax.set_xscale("log")
+        batch_size_axis(ax)
         ax.set_yscale("log")
-        ax.set_xlabel("batch size B")
         ax.set_ylabel("learning rate α")
         ax.set_title(f"stability limits ({self.optimizer}; B* = {self.B_star:.3g})")
         ax.legend(fontsize="small")

@@ -60,7 +60,7 @@ from nets.utils.callers import caller_stacklevel
 from nets.utils.data_source import tensors_for
 from nets.utils.jsonl_store import JsonlStore
 from nets.utils.modes import model_copy
-from nets.utils.plotting import in_b_order
+from nets.utils.plotting import batch_size_axis, in_b_order
 from nets.utils.results import Result, result
 from rmt.validation import as_batch_sizes, as_bool, as_float, as_int, as_seed, resolved_seed
 
@@ -669,9 +669,8 @@ def plot_thresholds(ax, batch_sizes, lr, stderr, *, fmt, color, label):
     B, lr, stderr = in_b_order(batch_sizes, lr, stderr)     # "s-" draws a line through them
     ax.errorbar(B, lr, yerr=np.nan_to_num(stderr), fmt=fmt, color=color, capsize=3,
                 label=label)
-    ax.set_xscale("log")
+    batch_size_axis(ax)
     ax.set_yscale("log")
-    ax.set_xlabel("batch size B")
     ax.set_ylabel("learning rate")
     return ax
 

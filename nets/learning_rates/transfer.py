@@ -105,7 +105,7 @@ from nets.learning_rates.lr_search import as_growth_factor, as_seeds
 from nets.utils.autocast import outside_autocast
 from nets.utils.callers import caller_stacklevel
 from nets.utils.data_source import as_data_source
-from nets.utils.plotting import in_b_order
+from nets.utils.plotting import batch_size_axis, in_b_order
 from nets.utils.results import Result, result
 from nets.utils.seeding import resolved_seed
 from rmt.lr import momentum_effective_curvature, momentum_factor, momentum_noise_gain
@@ -228,9 +228,8 @@ def finish_lr_axes(ax, reference, ylabel="learning rate"):
     """Mark the reference (B₀, α₀), log-log axes, labels and legend; returns `ax`."""
     ax.plot([reference[0]], [reference[1]], "s", color="C3", mfc="none", ms=10,
             label="reference")
-    ax.set_xscale("log")
+    batch_size_axis(ax)
     ax.set_yscale("log")
-    ax.set_xlabel("batch size B")
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
     return ax

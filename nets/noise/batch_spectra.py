@@ -35,7 +35,7 @@ from nets.noise.directional import directional_noise_from_operator, isotropic_no
 from nets.utils.autocast import outside_autocast
 from nets.utils.fingerprints import code_fingerprint, data_fingerprint, digest, tensor_bytes
 from nets.utils.jsonl_store import JsonlStore
-from nets.utils.plotting import in_b_order
+from nets.utils.plotting import batch_size_axis, in_b_order
 from nets.utils.progress import progress_bar
 from nets.utils.results import Result, result
 from nets.utils.seeding import resolved_seed
@@ -78,9 +78,8 @@ class BatchTopEigenvalues(Result):
         ax = _axes(ax)
         ax.errorbar(self.batch_sizes, self.mean, yerr=self.stderr, fmt="o", color=color,
                     capsize=3, label=label)
-        ax.set_xscale("log")
+        batch_size_axis(ax)
         ax.set_yscale("log")
-        ax.set_xlabel("batch size B")
         ax.set_ylabel("top eigenvalue λ'₁(B)")
         return ax
 
@@ -160,9 +159,8 @@ class BatchTopEigenvaluePrediction(Result):
                 raise TypeError("measured must be a BatchTopEigenvalues "
                                 "(from measure_batch_top_eigenvalue)")
             measured.plot(ax)
-        ax.set_xscale("log")
+        batch_size_axis(ax)
         ax.set_yscale("log")
-        ax.set_xlabel("batch size B")
         ax.set_ylabel("top eigenvalue λ'₁(B)")
         ax.legend()
         return ax
