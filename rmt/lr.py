@@ -32,7 +32,17 @@ import math
 import numpy as np
 
 from .sampling import batch_noise_factor
-from .validation import SEED_BOUND, as_array, as_bool, as_float, as_int, as_seed, guard_module, resolved_seed
+from .validation import (
+    SEED_BOUND,
+    as_array,
+    as_bool,
+    as_float,
+    as_int,
+    as_seed,
+    as_unit_interval,
+    guard_module,
+    resolved_seed,
+)
 
 __all__ = [
     "noise_factor",
@@ -93,10 +103,7 @@ def noise_factor(B, N=None, replacement: bool = False, *, name: str = "B"):
 
 
 def _momentum(name: str, value) -> float:
-    m = as_float(name, value, nonnegative=True)
-    if not m < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {m}")
-    return m
+    return as_unit_interval(name, value)
 
 
 # --------------------------------------------------------------------------- curvature

@@ -94,6 +94,14 @@ def as_bool(name: str, value) -> bool:
     raise TypeError(f"{name} must be a bool, got {_describe(value)}")
 
 
+def as_unit_interval(name: str, value) -> float:
+    """`as_float` in [0, 1): a momentum or an EMA factor (ValueError from 1 on)."""
+    v = as_float(name, value, nonnegative=True)
+    if not v < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {v}")
+    return v
+
+
 def as_int(name: str, value, *, minimum: int | None = None, maximum: int | None = INT64_MAX) -> int:
     """Return `value` as an int (integral floats such as 8.0 are accepted); refuse bools,
     non-numbers and non-integral or non-finite floats (TypeError), and values below

@@ -38,7 +38,8 @@ from nets.utils.autocast import outside_autocast
 from nets.utils.callers import caller_stacklevel
 from nets.utils.modes import kept_modes
 
-__all__ = ["data_shares", "full_data_loss", "loss_shares", "shard_reference", "shard_weight"]
+__all__ = ["data_shares", "full_data_loss", "given_or_read_shares", "loss_shares",
+           "shard_reference", "shard_weight", "shares_from_weights"]
 
 _REF_WANTED = 8             # references compared (the largest gradient is kept) ...
 _REF_SCAN = 256             # ... among at most this many samples of a chunk
@@ -86,6 +87,25 @@ def _reference(loss_fn, out, y, wide):
     return best
 
 
+def _reference_in(loss_fn, wide_fn, out, y, wide):
+    """(`_reference`, wide): in float64 (`wide_fn`) while `wide`, falling back to the
+    outputs' precision where the loss refuses float64 (float32 class weights held by a
+    function)."""
+    if wide:
+        try:
+            return _reference(wide_fn, out, y, True), True
+        except RuntimeError:
+            pass
+    return _reference(loss_fn, out, y, False), False
+
+
+def _reason(err) -> str:
+    """Why the shares could not be read, from the error a chunk's check raised."""
+    if isinstance(err, _NotWeighted):
+        return f"it is not a target-weighted mean: {err}"
+    return f"a chunk joined with the reference sample failed in the loss: {type(err).__name__}"
+
+
 def _chunk_weight(loss_fn, out, y, ref, wide) -> float:
     """W_b/w_r for one chunk; _NotWeighted where the loss fails a check of the form."""
     z_r, y_r, g_r, l_r = ref
@@ -126,10 +146,7 @@ def shard_reference(loss_fn, chunks):
         if not (torch.is_tensor(out) and torch.is_tensor(y) and len(y) == len(out) == n):
             return "counts"
         with torch.inference_mode(False), torch.enable_grad(), _kept_loss_state(loss_fn):
-            try:
-                ref, wide = _reference(wide_fn, out, y, True), True
-            except RuntimeError:                # e.g. float32 class weights in a function
-                ref, wide = _reference(loss_fn, out, y, False), False
+            ref, wide = _reference_in(loss_fn, wide_fn, out, y, True)
         if ref is not None:
             return (*ref, wide)
     return None
@@ -149,17 +166,23 @@ def shard_weight(loss_fn, chunks, reference) -> float:
             for _, out, y in chunks:
                 out = out() if callable(out) else out
                 total += _chunk_weight(fn, out, y, tuple(ref), wide)
-    except _NotWeighted as err:
-        raise ValueError(f"it is not a target-weighted mean: {err}") from None
-    except (RuntimeError, ValueError, TypeError, IndexError) as err:
-        raise ValueError("a chunk joined with the reference sample failed in the loss: "
-                         f"{type(err).__name__}") from None
+    except (_NotWeighted, RuntimeError, ValueError, TypeError, IndexError) as err:
+        raise ValueError(_reason(err)) from None
     return total
 
 
-def plain_tolerance(wide: bool) -> float:
-    """Relative distance from n_b/N within which shares are taken as the plain mean's."""
-    return _PLAIN_RTOL if wide else 1e-4
+def shares_from_weights(weights, sizes, N: int, wide: bool):
+    """The shares W_b/W of weights W_b, or the plain n_b/N of the sizes — exactly — where
+    every share is within round-off of it (1e-8 relative; 1e-4 for a loss run in its
+    outputs' float32); None where the weights sum to zero. Chunks in one process and the
+    ranks of a sharded operator alike."""
+    total = sum(weights)
+    if not total > 0:
+        return None
+    plain = [n / N for n in sizes]
+    shares = [w / total for w in weights]
+    tol = _PLAIN_RTOL if wide else 1e-4
+    return plain if all(abs(s - p) <= tol * p for s, p in zip(shares, plain)) else shares
 
 
 def _warn(loss_fn, why):
@@ -203,37 +226,28 @@ def loss_shares(loss_fn, chunks, N: int) -> list[float]:
             continue
         try:
             with torch.inference_mode(False), torch.enable_grad(), _kept_loss_state(loss_fn):
-                fn = wide_fn if wide else loss_fn
                 if ref is None:
-                    try:
-                        ref = _reference(fn, out, y, wide)
-                    except RuntimeError:            # e.g. float32 class weights in a function
-                        wide, fn = False, loss_fn
-                        ref = _reference(fn, out, y, wide)
+                    ref, wide = _reference_in(loss_fn, wide_fn, out, y, wide)
                     pending.append((out, y))
                     if ref is None:     # no sample here with a loss of its own (all ignored)
                         continue
+                    fn = wide_fn if wide else loss_fn
                     weights += [_chunk_weight(fn, o, t, ref, wide) for o, t in pending]
                     pending = []
                 else:
-                    weights.append(_chunk_weight(fn, out, y, ref, wide))
-        except _NotWeighted as err:
-            why = f"it is not a target-weighted mean: {err}"
-        except (RuntimeError, ValueError, TypeError, IndexError) as err:
-            why = f"a chunk joined with one sample failed in the loss: {type(err).__name__}"
+                    weights.append(_chunk_weight(wide_fn if wide else loss_fn, out, y, ref, wide))
+        except (_NotWeighted, RuntimeError, ValueError, TypeError, IndexError) as err:
+            why = _reason(err)
     plain = [n / N for n in sizes]
     if len(sizes) < 2 or not tensors:
         return plain
     if why is None and ref is None:
         why = "no sample has a finite loss with a nonzero gradient of its own"
     if why is None:
-        total = sum(weights)
-        shares = [w / total for w in weights] if total > 0 else None
-        if shares is None:
-            why = "the chunks' weights sum to zero"
-        else:
-            tol = plain_tolerance(wide)
-            return plain if all(abs(s - p) <= tol * p for s, p in zip(shares, plain)) else shares
+        shares = shares_from_weights(weights, sizes, N, wide)
+        if shares is not None:
+            return shares
+        why = "the chunks' weights sum to zero"
     _warn(loss_fn, why)
     return plain
 
@@ -252,6 +266,18 @@ def data_shares(model, loss_fn, X, y, chunk: int):
                                         lambda i=i: model(X[i:i + chunk]), y[i:i + chunk])
                                        for i in range(0, N, chunk)), N)
     return None if shares == [len(X[i:i + chunk]) / N for i in range(0, N, chunk)] else shares
+
+
+def given_or_read_shares(chunk_shares, model, loss_fn, X, y, chunk: int):
+    """A trial's `chunk_shares` option: the shares as given (None: the plain n_b/N), or,
+    for "auto", read here (`data_shares`, one forward pass) — a caller running many trials
+    reads them once and passes them on."""
+    if isinstance(chunk_shares, str):
+        if chunk_shares != "auto":
+            raise ValueError(f"chunk_shares must be 'auto', None or a list of shares, got "
+                             f"{chunk_shares!r}")
+        return data_shares(model, loss_fn, X, y, chunk)
+    return chunk_shares
 
 
 @outside_autocast

@@ -65,7 +65,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from nets.curvature.chunk_shares import plain_tolerance, shard_reference, shard_weight
+from nets.curvature.chunk_shares import shard_reference, shard_weight, shares_from_weights
 from nets.curvature.loss_check import mean_reduction_check
 from nets.curvature.operators import (
     CurvatureOperator,
@@ -354,8 +354,8 @@ class DistributedCurvatureOperator(CurvatureOperator):
         totals, failed = row[:world].tolist(), row[world:].tolist()
         if why is None and any(failed):
             why = f"rank(s) {[r for r in range(world) if failed[r]]} could not read theirs"
-        total = sum(totals)
-        if why is None and not total > 0:
+        shares = shares_from_weights(totals, self._sizes, self.N, ref[-1]) if why is None else None
+        if why is None and shares is None:
             why = "the ranks' weights sum to zero"
         if why is not None:
             warnings.warn(
@@ -364,9 +364,6 @@ class DistributedCurvatureOperator(CurvatureOperator):
                 "for a plain mean, not for a weighted one (class weights, ignore_index, "
                 "padded tokens) or a loss that is not a mean", UserWarning,
                 stacklevel=caller_stacklevel())
-            return plain
-        shares, tol = [w / total for w in totals], plain_tolerance(ref[-1])
-        if all(abs(w - n / self.N) <= tol * n / self.N for w, n in zip(shares, self._sizes)):
             return plain
         return shares[self.rank]
 

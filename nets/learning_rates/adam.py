@@ -66,7 +66,7 @@ import numpy as np
 import torch
 
 from nets.algorithms.lanczos import eigsh
-from nets.curvature.chunk_shares import data_shares, full_data_loss
+from nets.curvature.chunk_shares import data_shares, full_data_loss, given_or_read_shares
 from nets.curvature.loss_check import mean_reduction_check
 from nets.curvature.operators import _as_chunk_size, curvature_operator
 from nets.curvature.params import check_model
@@ -93,7 +93,7 @@ from nets.utils.results import Result, result
 from nets.utils.seeding import resolved_seed
 from rmt.lr import adam_ms_max_lr, momentum_noise_gain
 from rmt.sampling import batch_noise_factor
-from rmt.validation import as_batch_sizes, as_float, as_int, as_seed
+from rmt.validation import as_array, as_batch_sizes, as_float, as_int, as_seed
 
 __all__ = ["adam_factor", "adam_preconditioner", "preconditioned_operator",
            "PreconditionedSharpness", "preconditioned_batch_sharpness",
@@ -307,18 +307,11 @@ def _beta1_from(preconditioner, beta1, default=0.9) -> float:
 
 def _as_diagonal(preconditioner):
     """A given D (a flat tensor, numpy array or sequence of numbers) as it is, None as
-    None; anything else a TypeError naming `preconditioner` (a string reached torch's
-    "new(): invalid data type 'str'")."""
-    if preconditioner is None or torch.is_tensor(preconditioner):
-        return preconditioner
-    try:
-        if np.asarray(preconditioner).dtype.kind in "biuf":
-            return preconditioner
-    except (TypeError, ValueError):
-        pass
-    raise TypeError("preconditioner must be a torch Adam optimizer stepping the model, a flat "
-                    "vector D = 1/(√v̂ + ε), a callable B -> either, or None, got "
-                    f"{type(preconditioner).__name__}")
+    None; anything else refused by `rmt.validation.as_array`, naming `preconditioner` (a
+    string reached torch's "new(): invalid data type 'str'")."""
+    if preconditioner is not None and not torch.is_tensor(preconditioner):
+        as_array("preconditioner", preconditioner)
+    return preconditioner
 
 
 def _checked_preconditioner(preconditioner, batch_sizes, model, params):
@@ -902,11 +895,6 @@ def _batches(N, B, steps, seed):
         yield torch.randperm(N, generator=gen)[:B]
 
 
-def _shares(chunk_shares, net, loss_fn, X, y):
-    """`chunk_shares` as given, or read ("auto") for 4,096-sample chunks."""
-    return data_shares(net, loss_fn, X, y, 4096) if isinstance(chunk_shares, str) else chunk_shares
-
-
 def _adam(net, lr, betas, eps):
     return torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=lr,
                             betas=tuple(betas), eps=eps)
@@ -956,7 +944,8 @@ def warm_adam_state(model, loss_fn, X, y, batch_size, *, warmup_steps, warmup_lr
                          f"{warmup_steps} warm-up steps: {why}")
     return WarmState(net, copy.deepcopy(opt.state_dict()), batch_size, warmup_steps,
                      warmup_lr, tuple(betas), eps, seed,
-                     full_data_loss(net, loss_fn, X, y, 4096, _shares(chunk_shares, net, loss_fn, X, y)))
+                     full_data_loss(net, loss_fn, X, y, 4096,
+                                    given_or_read_shares(chunk_shares, net, loss_fn, X, y, 4096)))
 
 
 class _FrozenAdam:
@@ -1035,7 +1024,7 @@ def adam_trial(warm: WarmState, loss_fn, X, y, lr, *, steps, criterion="onset",
     q = None if direction is None else torch.as_tensor(np.asarray(direction), dtype=torch.float64)
     L0 = warm.loss
     check_start_loss(L0)
-    shares = _shares(chunk_shares, net, loss_fn, X, y)      # each chunk's share of the loss
+    shares = given_or_read_shares(chunk_shares, net, loss_fn, X, y, 4096)
     max_loss = loss_t = L0
     proj, unstable, reason, first, t = [], False, "stable", False, 0
     for t, idx in enumerate(_batches(len(X), warm.batch_size, int(steps), seed + 7919), start=1):

@@ -497,9 +497,7 @@ class CurvatureAdaptiveSGD(torch.optim.Optimizer):
         if mu_rule == "floor" and not math.isfinite(self.kappa_max):
             raise ValueError("kappa_max must be finite with mu_rule='floor' (mu = lam_max/kappa_max)")
         if isinstance(batch_correction, (bool, np.bool_)):
-            batch_correction = "directional" if batch_correction else False
-        if batch_correction is False:
-            batch_correction = None
+            batch_correction = "directional" if batch_correction else None
         elif not isinstance(batch_correction, str):     # None was taken for False
             raise TypeError("batch_correction must be a bool, 'directional' or 'micro_batch', "
                             f"got {type(batch_correction).__name__}")

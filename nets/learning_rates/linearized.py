@@ -661,7 +661,6 @@ def linearized_threshold(model, loss_fn, data, batch_sizes, *, optimizer="sgd", 
     if r < P:
         basis, _ = ggn_top_basis(model, loss_fn, (X, y), r, seed=seed,
                                  progress=progress)
-    chunk_size = as_int("chunk_size", chunk_size, minimum=1)
     if full:
         lin, _ = linear_model_outputs(model, X, jacobians=jacobians, chunk_size=chunk_size,
                                       max_bytes=max_bytes, dtype=dtype)

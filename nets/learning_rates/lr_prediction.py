@@ -83,7 +83,7 @@ from nets.utils.progress import progress_bar, wants_progress
 from nets.utils.results import Result, result
 from nets.utils.seeding import resolved_seed
 from rmt.sampling import batch_noise_factor
-from rmt.validation import as_array, as_batch_sizes, as_float, as_int
+from rmt.validation import as_array, as_batch_sizes, as_float, as_int, as_unit_interval
 
 __all__ = ["LRTable", "lr_table", "predict_max_lr", "OptimizerSettings", "optimizer_settings",
            "ScalingFit", "fit_scaling_exponent", "DiagonalScaledOperator"]
@@ -289,10 +289,7 @@ def _same(a, b) -> bool:
 def _unit_interval(name: str, value) -> float:
     if isinstance(value, (bool, np.bool_)):          # float(True) read momentum=True as 1.0
         raise TypeError(f"{name} must be a real number in [0, 1), got bool {value}")
-    v = as_float(name, value, nonnegative=True)         # a string "0.9" is not a number
-    if v >= 1:
-        raise ValueError(f"{name} must be in [0, 1), got {v}")
-    return v
+    return as_unit_interval(name, value)                # a string "0.9" is not a number
 
 
 def optimizer_settings(optimizer="sgd", *, momentum=None, betas=None, eps=None,

@@ -52,7 +52,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from nets.curvature.chunk_shares import data_shares, full_data_loss
+from nets.curvature.chunk_shares import data_shares, full_data_loss, given_or_read_shares
 from nets.curvature.loss_check import mean_reduction_check
 from nets.curvature.params import check_model
 from nets.utils.autocast import outside_autocast
@@ -62,7 +62,15 @@ from nets.utils.jsonl_store import JsonlStore
 from nets.utils.modes import model_copy
 from nets.utils.plotting import batch_size_axis, in_b_order
 from nets.utils.results import Result, result
-from rmt.validation import as_batch_sizes, as_bool, as_float, as_int, as_seed, resolved_seed
+from rmt.validation import (
+    as_batch_sizes,
+    as_bool,
+    as_float,
+    as_int,
+    as_seed,
+    as_unit_interval,
+    resolved_seed,
+)
 
 __all__ = ["TrialResult", "run_trial", "bisect_max_lr", "BisectionResult", "lr_sweep",
            "fit_growth_rate", "TRAINING_CRITERIA", "Trial", "TrainingTrial", "training_trial",
@@ -565,16 +573,11 @@ def training_trial(model, loss_fn, X, y, lr, batch_size, *, steps, momentum=0.0,
     lr = as_float("lr", lr, positive=True)
     batch_size = as_int("batch_size", batch_size, minimum=1, maximum=len(X))
     steps = as_int("steps", steps, minimum=1)
-    momentum = as_float("momentum", momentum, nonnegative=True)
-    if momentum >= 1:
-        raise ValueError(f"momentum must be < 1, got {momentum}")
+    momentum = as_unit_interval("momentum", momentum)
     nesterov = as_bool("nesterov", nesterov)
     seed = as_int("seed", seed, minimum=0)
     factor = as_growth_factor(factor)
     chunk_size = as_int("chunk_size", chunk_size, minimum=1)
-    if isinstance(chunk_shares, str) and chunk_shares != "auto":
-        raise ValueError(f"chunk_shares must be 'auto', None or a list of shares, got "
-                         f"{chunk_shares!r}")
     if growth_threshold is not None:
         growth_threshold = as_float("growth_threshold", growth_threshold)
     if criterion == "onset":
@@ -589,8 +592,7 @@ def training_trial(model, loss_fn, X, y, lr, batch_size, *, steps, momentum=0.0,
     w0 = torch.cat([p.detach().reshape(-1) for p in params]).double()
     bufs = [torch.zeros_like(p) for p in params]
     gen = torch.Generator().manual_seed(seed)
-    shares = (data_shares(net, loss_fn, X, y, chunk_size) if isinstance(chunk_shares, str)
-              else chunk_shares)                     # each chunk's share of the loss
+    shares = given_or_read_shares(chunk_shares, net, loss_fn, X, y, chunk_size)
     L0 = full_data_loss(net, loss_fn, X, y, chunk_size, shares)
     check_start_loss(L0)
     max_loss, loss_t, proj = L0, L0, []
@@ -971,9 +973,7 @@ def self_stabilisation(model, loss_fn, data, *, factor=4.0, batch_size=512, step
     factor = as_float("factor", factor, positive=True)
     B = as_int("batch_size", batch_size, minimum=1, maximum=len(X))
     steps = as_int("steps", steps, minimum=1)
-    momentum = as_float("momentum", momentum, nonnegative=True)
-    if momentum >= 1:
-        raise ValueError(f"momentum must be < 1, got {momentum}")
+    momentum = as_unit_interval("momentum", momentum)
     # None: one int from fresh entropy, recorded; an int (torch.Generator seeds the batches)
     seed = as_int("seed", resolved_seed("seed", seed), minimum=0)
     lam0 = float(top_eigenvalues(model, loss_fn, (X, y), k=1, seed=seed, policy="eval")[0])

@@ -84,7 +84,7 @@ from nets.utils.jsonl_store import JsonlStore
 from nets.utils.modes import kept_modes, kept_rng
 from nets.utils.results import Result, result
 from rmt.lr import batch_curvature, momentum_effective_curvature, momentum_factor, noise_factor
-from rmt.validation import as_batch_sizes, as_float, as_int, resolved_seed
+from rmt.validation import as_batch_sizes, as_float, as_int, as_unit_interval, resolved_seed
 
 __all__ = ["CurvatureMonitor", "MonitorRecord", "CurvatureTracker", "eoss_plateau"]
 
@@ -100,9 +100,7 @@ def eoss_plateau(lr, batch_size, s2, N=None, *, momentum=0.0, factor=None) -> fl
     the full-batch edge of stability (Cohen et al. 2021). factor : F itself, overriding
     2(1 + ρ) (Nesterov momentum or dampening, `OptimizerSettings.sgd_factor`).
     """
-    momentum = as_float("momentum", momentum, nonnegative=True)
-    if not momentum < 1:          # rmt.lr would name it "beta", a name not given here
-        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    momentum = as_unit_interval("momentum", momentum)  # rmt.lr would name it "beta"
     F = momentum_factor(momentum) if factor is None else as_float("factor", factor, positive=True)
     a = F / as_float("lr", lr, positive=True)
     c = float(noise_factor(batch_size, N, name="batch_size"))
@@ -327,9 +325,7 @@ class CurvatureMonitor:
             batch_sizes = _default_batch_sizes(self.N, self.batch_size)
         self.batch_sizes = tuple(int(b) for b in as_batch_sizes(batch_sizes, self.N))
         self.lr = None if lr is None else as_float("lr", lr, positive=True)
-        self.momentum = as_float("momentum", momentum, nonnegative=True)
-        if not self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        self.momentum = as_unit_interval("momentum", momentum)
         if policy == "train_batch_stats":        # refused now, not at the first record
             raise ValueError("CurvatureMonitor: per-sample curvature noise is undefined with "
                              "policy='train_batch_stats' (batch statistics couple the samples); "

@@ -77,7 +77,7 @@ from nets.utils.data_source import as_data_source
 from nets.utils.results import Result, result
 from nets.utils.vmapping import vmap_or_loop
 from rmt.lr import noise_factor
-from rmt.validation import as_float, as_int
+from rmt.validation import as_array, as_float, as_int
 
 __all__ = ["SharpnessGapTerms", "sharpness_gap_terms", "stochastic_sharpness_gap"]
 
@@ -184,13 +184,7 @@ def sharpness_gap_terms(model, loss_fn, data, u, *, params=None, policy=None, ch
     dev, dt = resolve_device_dtype(model, layout.names, device, dtype)
     prim, frozen = make_functional(model, layout.names, device=dev, dtype=dt)
     if not torch.is_tensor(u):          # None reached torch ("Could not infer dtype")
-        try:
-            u = np.asarray(u)
-        except (TypeError, ValueError):
-            u = None
-        if u is None or u.dtype.kind not in "iuf":
-            raise TypeError("u must be a vector of P numbers (a tensor or array, e.g. the top "
-                            "eigenvector)")
+        u = as_array("u", u)
     u = torch.as_tensor(u).to(device=dev, dtype=dt).reshape(-1)
     if u.numel() != layout.P:
         raise ValueError(f"u must have {layout.P} entries (the selected parameters), got {u.numel()}")

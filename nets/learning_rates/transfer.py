@@ -599,9 +599,8 @@ def falls_with_batch_size(shape, *, tolerance=0.05, stderr=None) -> bool:
     if stderr is None or not np.any(drop):
         return bool(np.any(drop))
     se = np.nan_to_num(np.asarray(stderr, dtype=float), nan=0.0)
-    where = [int(np.nanargmax(np.where(np.arange(len(a)) <= i, a, -np.inf)))
-             for i in range(len(a))]                     # the running maximum's position
-    gap = np.sqrt(se ** 2 + se[where] ** 2)
+    at = np.maximum.accumulate(np.where(a == top, np.arange(len(a)), 0))   # where top was set
+    gap = np.sqrt(se ** 2 + se[at] ** 2)
     return bool(np.any(drop & (top - a > 2.0 * gap)))
 
 

@@ -75,14 +75,19 @@ def _describe(obj, depth=0) -> str:
     return repr(obj)
 
 
+def _module_rows(named_modules, describe, depth) -> list:
+    """[(name, class(extra_repr), plain attributes by `describe`, class code)] of modules."""
+    return [(n, f"{type(m).__module__}.{type(m).__qualname__}({m.extra_repr()})",
+             _plain_attributes(m, describe), _class_code(type(m), depth + 1))
+            for n, m in named_modules]
+
+
 def _module_structure(module: torch.nn.Module, depth) -> str:
     """A module read as a global (the model itself in an L2 term, a criterion): its
     classes, their code, settings and the names, shapes and dtypes of its tensors — not
     their values, which training changes at every step (hashing them refused a monitor's
     own file on resume); a store that depends on the weights hashes them itself."""
-    parts = [(n, f"{type(m).__module__}.{type(m).__qualname__}({m.extra_repr()})",
-              _plain_attributes(m, lambda v: _stable(v, depth + 1)), _class_code(type(m), depth + 1))
-             for n, m in module.named_modules()]
+    parts = _module_rows(module.named_modules(), lambda v: _stable(v, depth + 1), depth)
     tensors = [(n, tuple(t.shape), str(t.dtype))
                for n, t in (*module.named_parameters(), *module.named_buffers())]
     return f"module{parts}{tensors}"
@@ -97,9 +102,8 @@ def _module_extras(module: torch.nn.Module, depth) -> str:
     code = _class_code(type(module), depth + 1)
     if code:
         extras.append(f"code{code}")
-    subs = [(n, f"{type(m).__module__}.{type(m).__qualname__}({m.extra_repr()})",
-             _plain_attributes(m, lambda v: _describe(v, depth + 1)), _class_code(type(m), depth + 1))
-            for n, m in module.named_modules() if n]
+    subs = _module_rows(((n, m) for n, m in module.named_modules() if n),
+                        lambda v: _describe(v, depth + 1), depth)
     if subs:
         extras.append(f"modules{subs}")
     params = sorted((k, _describe(v, depth + 1)) for k, v in module.named_parameters())
