@@ -34,10 +34,7 @@ excess over the linearised network seen on the GRU, the autoencoder and the 1-D 
 
 from __future__ import annotations
 
-import time
-
-from _common import base_parser, setup_torch, stored_parts, write_part
-from bench_heldout_transfer import default_form_row, rules_row
+from bench_heldout_transfer import default_form_row, heldout_main, rules_row
 
 SEEDS = tuple(range(8))
 
@@ -109,16 +106,7 @@ def run(momentum, seed=0, progress=False):
 
 
 def main():
-    p = base_parser(__doc__.splitlines()[0], quick=False)
-    p.add_argument("--momentum", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0, help="training seed of the checkpoint")
-    args = p.parse_args()
-    setup_torch(args)
-    path, stored = stored_parts("bench_heldout_token", args.out)
-    t0 = time.perf_counter()
-    part = run(args.momentum, args.seed)
-    write_part("bench_heldout_token", path, stored,
-               f"token_m{args.momentum:g}_seed{args.seed}", part, t0)
+    heldout_main(__doc__, "bench_heldout_token", "token", run)
 
 
 if __name__ == "__main__":

@@ -68,9 +68,11 @@ from _common import (
     environment,
     half_mse_onehot,
     setup_torch,
+    stored_parts,
     trained_breast_cancer_mlp,
     trained_mse_mlp,
     write_json,
+    write_part,
 )
 from bench_criterion import BATCH_SIZES, network, study, transfer_ratios
 
@@ -320,6 +322,22 @@ def default_form_row(model, loss_fn, data, *, momentum=0.0, seeds=tuple(range(8)
                default_correction=default.correction, correction_applied=default.correction_applied,
                seconds_real=t1 - t0, seconds_forms=t2 - t1, momentum=momentum)
     return out, real, default
+
+
+def heldout_main(doc, name, tag, run):
+    """The command line of a one-network held-out bench (bench_heldout_regression,
+    bench_heldout_token): --momentum and --seed (the checkpoint's training seed); the row
+    `run(momentum, seed)` is written to benchmarks/results/<name>.json as the part
+    "<tag>_m<momentum>_seed<seed>"."""
+    p = base_parser(doc.splitlines()[0], quick=False)
+    p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0, help="training seed of the checkpoint")
+    args = p.parse_args()
+    setup_torch(args)
+    path, stored = stored_parts(name, args.out)
+    t0 = time.perf_counter()
+    part = run(args.momentum, args.seed)
+    write_part(name, path, stored, f"{tag}_m{args.momentum:g}_seed{args.seed}", part, t0)
 
 
 def rules_row(label, out, real, default, **fields):
