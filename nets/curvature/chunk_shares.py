@@ -268,6 +268,7 @@ def data_shares(model, loss_fn, X, y, chunk: int):
     return None if shares == [len(X[i:i + chunk]) / N for i in range(0, N, chunk)] else shares
 
 
+@outside_autocast
 def given_or_read_shares(chunk_shares, model, loss_fn, X, y, chunk: int):
     """A trial's `chunk_shares` option: the shares as given (None: the plain n_b/N), or,
     for "auto", read here (`data_shares`, one forward pass) — a caller running many trials
